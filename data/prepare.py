@@ -1,0 +1,389 @@
+"""
+Corpus preparation: documents -> tokens (+ eot after each document) -> uint16 shards.
+
+    python -m data.prepare --source builtin --tokenizer gpt2 --out data/cache/kjv-gpt2
+    python -m data.prepare --source files:'corpus/*.txt' --tokenizer bytes --out data/cache/mine
+    python -m data.prepare --source hf:json --data-files 'dump/*.jsonl' --out data/cache/dump
+    python -m data.prepare --source hf:HuggingFaceFW/fineweb-edu:sample-10BT --streaming \
+        --out data/cache/fineweb-edu-10BT
+
+Output folder: train_000000.bin, ..., val_000000.bin, ... (format in data/shards.py) and
+meta.json (tokenizer, source, and per split: tokens, documents, UTF-8 bytes of the text
+for bits-per-byte, shard names). The folder is built under <out>.tmp-<pid> and renamed
+into place at the end, so an interrupted run never leaves a folder that looks prepared.
+"""
+
+import argparse
+import glob
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from collections import deque
+
+import numpy as np
+
+from data.builtin import iter_builtin_documents
+from data.shards import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES, read_shard_header, write_shard
+from data.tokenizer import TOKENIZER_NAMES, get_tokenizer
+
+META_FORMAT_VERSION = 1
+DOCS_PER_TASK = 64  # documents a pool worker encodes per task (amortises pickling)
+DEFAULT_VAL_FRACTION = 0.02  # KJV: ~24 of 1,189 chapters, ~20k GPT-2 tokens of validation
+
+
+# ----------------------------------------------------------------------------------------
+# sources
+
+
+def _expand_glob(pattern: str, what: str) -> list[str]:
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise FileNotFoundError(f"{what} {pattern!r} matches no files")
+    return paths
+
+
+def _iter_local_files(paths: list[str], text_field: str):
+    for path in paths:
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8") as f:
+                yield f.read()
+        elif path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for line_number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{line_number} is not valid JSON: {e.msg}") from None
+                    yield _text_of_row(row, text_field, f"{path}:{line_number}")
+        else:
+            raise ValueError(f"unsupported file {path}: files: sources take .txt (one document) or .jsonl (one per line)")
+
+
+def _text_of_row(row, text_field: str, where: str) -> str:
+    if not isinstance(row, dict) or text_field not in row:
+        columns = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"{where} has no field {text_field!r} (has: {columns}); set --text-field")
+    text = row[text_field]
+    if not isinstance(text, str):
+        raise ValueError(f"{where} field {text_field!r} is {type(text).__name__}, expected a string")
+    return text
+
+
+def _iter_hf_rows(dataset, text_field: str):
+    for index, row in enumerate(dataset):
+        yield _text_of_row(row, text_field, f"row {index}")
+
+
+def open_source(source: str, data_files=None, text_field="text", split="train", streaming=False, quiet=False):
+    """Return (iterator of document strings, number of documents or None when unknown)."""
+    if source == "builtin":
+        return iter_builtin_documents(), None
+    if source.startswith("files:"):
+        paths = _expand_glob(source[len("files:"):], "files: glob")
+        return _iter_local_files(paths, text_field), None
+    if source.startswith("hf:"):
+        name, _, config = source[len("hf:"):].partition(":")
+        if not name:
+            raise ValueError(f"source {source!r} names no dataset; use hf:<dataset>[:<config>]")
+        if name in ("json", "text", "csv", "parquet") and not data_files:
+            raise ValueError(f"source hf:{name} reads local files: pass --data-files GLOB")
+        files = _expand_glob(data_files, "--data-files glob") if data_files else None
+        import datasets  # lazy: heavy, and absent on the GPU machines
+
+        if quiet:
+            datasets.disable_progress_bars()
+
+        try:
+            dataset = datasets.load_dataset(name, config or None, split=split, data_files=files, streaming=streaming)
+        except Exception as e:  # the hub raises many types; keep the CLI's one-line error
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            raise ValueError(f"could not load HF dataset {name!r} (config {config or None!r}, split {split!r}): "
+                             f"{type(e).__name__}: {first_line}") from None
+        total = None if streaming else len(dataset)
+        return _iter_hf_rows(dataset, text_field), total
+    raise ValueError(f"unknown source {source!r}; valid: builtin, files:<glob>, hf:<dataset>[:<config>]")
+
+
+# ----------------------------------------------------------------------------------------
+# tokenization (in a process pool)
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_name: str, bpe_dir):
+    global _worker_tokenizer
+    _worker_tokenizer = get_tokenizer(tokenizer_name, bpe_dir)
+
+
+def _encode_documents(texts: list[str]) -> list[tuple[np.ndarray, int]]:
+    """Each document -> (uint16 tokens followed by eot, UTF-8 byte count of its text)."""
+    tok = _worker_tokenizer
+    out = []
+    for text in texts:
+        ids = tok.encode(text)
+        tokens = np.empty(len(ids) + 1, dtype=np.uint16)
+        tokens[:-1] = ids
+        tokens[-1] = tok.eot_id
+        out.append((tokens, len(text.encode("utf-8"))))
+    return out
+
+
+def _encoded_stream(documents, tokenizer_name: str, bpe_dir, num_workers: int):
+    """Yield (tokens, n_bytes) per document, in order. With workers, at most 2*workers
+    tasks are in flight: Pool.imap would read a streaming source to its end into memory."""
+    chunks = iter(lambda: list(itertools.islice(documents, DOCS_PER_TASK)), [])
+    if num_workers <= 1:
+        _init_worker(tokenizer_name, bpe_dir)
+        for chunk in chunks:
+            yield from _encode_documents(chunk)
+        return
+    with multiprocessing.get_context().Pool(num_workers, _init_worker, (tokenizer_name, bpe_dir)) as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_documents, (chunk,)))
+            if len(pending) >= 2 * num_workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+# ----------------------------------------------------------------------------------------
+# writing
+
+
+def is_val_document(index: int, seed: int, val_fraction: float) -> bool:
+    """Per-document split: a hash of (seed, document index) mapped to [0, 1). Independent
+    of worker count, shard size and streaming, so the split is reproducible."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64 < val_fraction
+
+
+class _SplitWriter:
+    """Appends documents to a split and cuts it into shards of shard_tokens tokens."""
+
+    def __init__(self, out_dir: str, split: str, shard_tokens: int, vocab_size: int):
+        self.out_dir, self.split, self.shard_tokens, self.vocab_size = out_dir, split, shard_tokens, vocab_size
+        self.pending, self.pending_tokens = [], 0
+        self.tokens = self.documents = self.bytes = 0
+        self.shards = []
+
+    def add(self, tokens: np.ndarray, n_bytes: int):
+        self.pending.append(tokens)
+        self.pending_tokens += len(tokens)
+        self.tokens += len(tokens)
+        self.documents += 1
+        self.bytes += n_bytes
+        while self.pending_tokens >= self.shard_tokens:
+            joined = np.concatenate(self.pending)
+            self._write(joined[: self.shard_tokens])
+            rest = joined[self.shard_tokens:]
+            self.pending, self.pending_tokens = [rest], len(rest)
+
+    def close(self):
+        if self.pending_tokens:
+            self._write(np.concatenate(self.pending))
+        self.pending, self.pending_tokens = [], 0
+
+    def _write(self, tokens: np.ndarray):
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        write_shard(os.path.join(self.out_dir, name), tokens, self.vocab_size)
+        self.shards.append(name)
+
+    def summary(self) -> dict:
+        return {"tokens": self.tokens, "documents": self.documents, "bytes": self.bytes, "shards": self.shards}
+
+
+def _check_out_dir(out_dir: str):
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise ValueError(f"output {out_dir} exists and is not a directory")
+        if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "meta.json")):
+            raise ValueError(f"output {out_dir} exists, is not empty and holds no meta.json: refusing to overwrite it")
+
+
+def _progress(total, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="doc", desc="tokenizing", disable=quiet or not sys.stderr.isatty())
+
+
+def prepare(source: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: float = DEFAULT_VAL_FRACTION,
+            shard_tokens: int = 100_000_000, num_workers: int = 0, text_field: str = "text", split: str = "train",
+            streaming: bool = False, max_docs=None, seed: int = 0, data_files=None, bpe_dir=None,
+            quiet: bool = False) -> dict:
+    """Tokenize a source into train/val shards under out_dir; return the meta dict."""
+    if tokenizer not in TOKENIZER_NAMES:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; valid names: {', '.join(TOKENIZER_NAMES)}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    if max_docs is not None and max_docs < 2:
+        raise ValueError(f"max_docs must be at least 2 (one train and one val document), got {max_docs}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (0 = all cores), got {num_workers}")
+    num_workers = num_workers or os.cpu_count() or 1
+    out_dir = os.path.normpath(out_dir)
+    _check_out_dir(out_dir)
+    tok = get_tokenizer(tokenizer, bpe_dir)  # fail fast on missing BPE files, before reading data
+    if tok.vocab_size > MAX_VOCAB:
+        raise ValueError(f"vocab of {tok.vocab_size} does not fit uint16 shards")
+    documents, total = open_source(source, data_files, text_field, split, streaming, quiet)
+    if max_docs is not None:
+        documents = itertools.islice(documents, max_docs)
+        total = max_docs if total is None else min(total, max_docs)
+
+    skipped_empty = 0
+
+    def nonempty(docs):
+        nonlocal skipped_empty
+        for text in docs:
+            if text:
+                yield text
+            else:  # an empty document would add a lone eot and nothing to learn
+                skipped_empty += 1
+
+    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    try:
+        writers = {name: _SplitWriter(tmp_dir, name, shard_tokens, tok.vocab_size) for name in ("train", "val")}
+        # The latest train document is held back one step: if no document hashed to val,
+        # the last one becomes the val split, so any corpus of >= 2 documents has both.
+        held_train = None
+        num_documents = 0
+        with _progress(total, quiet) as bar:
+            for tokens, n_bytes in _encoded_stream(nonempty(documents), tokenizer, bpe_dir, num_workers):
+                if is_val_document(num_documents, seed, val_fraction):
+                    writers["val"].add(tokens, n_bytes)
+                else:
+                    if held_train is not None:
+                        writers["train"].add(*held_train)
+                    held_train = (tokens, n_bytes)
+                num_documents += 1
+                bar.update(1)
+        if num_documents < 2:
+            raise ValueError(f"source {source!r} gave {num_documents} non-empty document(s); "
+                             "need at least 2 for train and val")
+        if held_train is None:
+            raise ValueError(f"all {num_documents} documents fell into val: lower val_fraction ({val_fraction})")
+        writers["val" if writers["val"].documents == 0 else "train"].add(*held_train)
+        for writer in writers.values():
+            writer.close()
+        meta = {
+            "format_version": META_FORMAT_VERSION,
+            "shard_format": {"magic": SHARD_MAGIC, "version": SHARD_VERSION, "header_bytes": HEADER_BYTES,
+                             "dtype": "uint16"},
+            "tokenizer": tok.name,
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "source": source,
+            "recipe": _recipe(source, tok.name, data_files, text_field, split, max_docs, val_fraction, seed),
+            "shard_tokens": shard_tokens,
+            "skipped_empty_documents": skipped_empty,
+            "splits": {name: writer.summary() for name, writer in writers.items()},
+        }
+        with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _swap_into_place(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return meta
+
+
+def _swap_into_place(tmp_dir: str, out_dir: str):
+    """Rename the finished tmp_dir to out_dir; an old prepared out_dir is moved aside first
+    (a directory cannot be renamed over a non-empty one) and deleted after."""
+    old_dir = None
+    if os.path.exists(out_dir):
+        old_dir = f"{out_dir}.old-{os.getpid()}"
+        shutil.rmtree(old_dir, ignore_errors=True)
+        os.replace(out_dir, old_dir)
+    os.replace(tmp_dir, out_dir)
+    if old_dir is not None:
+        shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def _recipe(source, tokenizer, data_files, text_field, split, max_docs, val_fraction, seed) -> dict:
+    return {"source": source, "tokenizer": tokenizer, "data_files": data_files, "text_field": text_field,
+            "split": split, "max_docs": max_docs, "val_fraction": val_fraction, "seed": seed}
+
+
+def ensure_prepared(source: str, out_dir: str, tokenizer: str = "gpt2", **kwargs) -> dict:
+    """Return out_dir's meta when it was prepared from the same recipe (source, tokenizer,
+    split choice, ...) and its shards are intact; otherwise (re)prepare it. Under torchrun,
+    call it on one rank and barrier: concurrent preparers would race on the final rename."""
+    recipe = _recipe(source, tokenizer, kwargs.get("data_files"), kwargs.get("text_field", "text"),
+                     kwargs.get("split", "train"), kwargs.get("max_docs"),
+                     kwargs.get("val_fraction", DEFAULT_VAL_FRACTION), kwargs.get("seed", 0))
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if meta.get("format_version") == META_FORMAT_VERSION and meta.get("recipe") == recipe:
+                for info in meta["splits"].values():
+                    for name in info["shards"]:
+                        read_shard_header(os.path.join(out_dir, name))
+                return meta
+        except (ValueError, KeyError, TypeError, OSError):
+            pass  # unreadable or damaged: prepare again
+    return prepare(source, out_dir, tokenizer, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None):
+    parser = _ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--source", required=True, help="builtin | files:<glob> | hf:<dataset>[:<config>]")
+    parser.add_argument("--out", required=True, help="output folder, e.g. data/cache/kjv-gpt2")
+    parser.add_argument("--tokenizer", default="gpt2", choices=TOKENIZER_NAMES)
+    parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                        help="share of documents in the val split")
+    parser.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = all cores)")
+    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    parser.add_argument("--streaming", action="store_true", help="stream the HF dataset instead of downloading it")
+    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    parser.add_argument("--data-files", default=None, help="glob of local files for hf:json / hf:text / ...")
+    parser.add_argument("--text-field", default="text", help="field holding the text in jsonl / HF rows")
+    parser.add_argument("--split", default="train", help="HF split to read")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-document val split")
+    parser.add_argument("--bpe-dir", default=None, help="folder with GPT-2 vocab.bpe and encoder.json")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    args = parser.parse_args(argv)
+    try:
+        meta = prepare(args.source, args.out, args.tokenizer, val_fraction=args.val_fraction,
+                       shard_tokens=args.shard_tokens, num_workers=args.workers, text_field=args.text_field,
+                       split=args.split, streaming=args.streaming, max_docs=args.max_docs, seed=args.seed,
+                       data_files=args.data_files, bpe_dir=args.bpe_dir, quiet=args.quiet)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(2)
+    if not args.quiet:
+        for name, info in meta["splits"].items():
+            print(f"{name}: {info['tokens']:,} tokens, {info['documents']:,} documents, {info['bytes']:,} bytes, "
+                  f"{len(info['shards'])} shard(s)")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
