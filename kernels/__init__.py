@@ -1,0 +1,116 @@
+"""The two scan primitives every memory update reduces to (DESIGN §3.2), with dispatch.
+
+    delta_rule     S_t = S_{t-1} (alpha_t I - eta_t k_t k_t^T) + u_t k_t^T ; o_t = S_t q_t
+    momentum_rule  Z_t = beta_t Z_{t-1} + u_t k_t^T ; S_t = alpha_t S_{t-1} + Z_t ; o_t = S_t q_t
+
+shapes: q, k [B,T,H,K]; u [B,T,H,V]; alpha, eta, beta [B,T,H]; S, Z [B,H,V,K]; o [B,T,H,V].
+
+Backends (fla's triad, DESIGN §4):
+    "reference"  kernels/reference.py, sequential over tokens (the oracle)
+    "torch"      kernels/chunked.py, chunked PyTorch (the CPU path)
+    "triton"     kernels/triton_scans.py, fused Triton kernels (the CUDA path)
+    "auto"       triton when the inputs are on CUDA and Triton imports, else torch
+"""
+import importlib
+
+import torch
+
+from . import chunked
+from .reference import delta_rule_reference, momentum_rule_reference
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+__all__ = ["delta_rule", "momentum_rule", "delta_rule_reference", "momentum_rule_reference",
+           "select_backend", "BACKENDS"]
+
+
+def _triton_scans():
+    """Import the Triton kernels lazily, so the CPU path never imports triton."""
+    return importlib.import_module(".triton_scans", __name__)
+
+
+def _triton_scans_or_error():
+    try:
+        return _triton_scans()
+    except ImportError as e:
+        raise ImportError(f"backend='triton' needs kernels.triton_scans and triton: {e}") from e
+
+
+def select_backend(backend, device):
+    """Resolve `backend` ("auto" included) to the concrete backend used for `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend != "auto":
+        return backend
+    if torch.device(device).type != "cuda":
+        return "torch"
+    try:
+        _triton_scans()
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
+def _shape(t):
+    return list(t.shape)
+
+
+def _validate(q, k, u, gates, states, chunk_size):
+    """One-line ValueErrors naming the argument and the expected shape. `gates` and
+    `states` are dicts name -> tensor (states may be None)."""
+    named = {"q": q, "k": k, "u": u, **gates, **{n: s for n, s in states.items() if s is not None}}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor; got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B,T,H,K]; got {_shape(q)}")
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must be [B,T,H,K] = q's shape {_shape(q)}; got {_shape(k)}")
+    if u.dim() != 4 or u.shape[:3] != q.shape[:3]:
+        raise ValueError(f"u must be [B,T,H,V] with B,T,H matching q {_shape(q)}; "
+                         f"got {_shape(u)}")
+    V = u.shape[3]
+    for name, g in gates.items():
+        if g.shape != (B, T, H):
+            raise ValueError(f"{name} must be [B,T,H] = {[B, T, H]}; got {_shape(g)}")
+    for name, s in states.items():
+        if s is not None and s.shape != (B, H, V, K):
+            raise ValueError(f"{name} must be [B,H,V,K] = {[B, H, V, K]}; got {_shape(s)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
+
+
+def delta_rule(q, k, u, alpha, eta, initial_state=None, chunk_size=64, backend="auto"):
+    """Gated delta rule / DGD step (NL Eq. 57/88). Returns (o [B,T,H,V], S_T [B,H,V,K]).
+    `chunk_size` changes speed, never the result (beyond float rounding)."""
+    _validate(q, k, u, {"alpha": alpha, "eta": eta}, {"initial_state": initial_state},
+              chunk_size)
+    backend = select_backend(backend, q.device)
+    if backend == "reference":
+        return delta_rule_reference(q, k, u, alpha, eta, initial_state)
+    if backend == "torch":
+        return chunked.delta_rule_chunked(q, k, u, alpha, eta, initial_state, chunk_size)
+    return _triton_scans_or_error().delta_rule_triton(q, k, u, alpha, eta, initial_state,
+                                                      chunk_size)
+
+
+def momentum_rule(q, k, u, alpha, beta, initial_state=None, initial_momentum=None,
+                  chunk_size=64, backend="auto"):
+    """GD with momentum (Titans Eq. 13-14). Returns (o [B,T,H,V], S_T, Z_T [B,H,V,K]).
+    `chunk_size` changes speed, never the result (beyond float rounding)."""
+    _validate(q, k, u, {"alpha": alpha, "beta": beta},
+              {"initial_state": initial_state, "initial_momentum": initial_momentum},
+              chunk_size)
+    backend = select_backend(backend, q.device)
+    if backend == "reference":
+        return momentum_rule_reference(q, k, u, alpha, beta, initial_state, initial_momentum)
+    if backend == "torch":
+        return chunked.momentum_rule_chunked(q, k, u, alpha, beta, initial_state,
+                                             initial_momentum, chunk_size)
+    return _triton_scans_or_error().momentum_rule_triton(q, k, u, alpha, beta, initial_state,
+                                                         initial_momentum, chunk_size)

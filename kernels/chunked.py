@@ -1,0 +1,169 @@
+"""Chunked PyTorch implementations of the two scan primitives (DESIGN §3.2, §4).
+
+Same maths as `kernels/reference.py`, but the T-step recurrence is cut into chunks of
+`chunk_size` tokens: everything inside a chunk is a handful of batched matmuls over all
+chunks at once, and only the (S, Z) state is carried across chunks by a Python loop over
+chunks (never over tokens). The last chunk may be shorter than `chunk_size`; it is run
+as its own group, so results are exact for any T and do not depend on `chunk_size`
+(beyond float rounding). Gradients of every input, the initial states included, come
+from plain autograd.
+
+Notation inside one chunk of L tokens (local times t = 1..L, t = 0 is the chunk start,
+S_0 / Z_0 the incoming states, rows of Q, K [L,K] and U [L,V] are q_t, k_t, u_t):
+    P[t, j] = prod_{s=j+1..t} g_s     for 0 <= j <= t <= L (P[t, t] = 1), 0 above,
+the "segment products" of a gate g. They are the ratios a_t / a_j of cumulative gate
+products that the chunked forms need, but built as products of the gates between j and
+t (one cumprod per column) instead of a quotient: nothing can overflow, gates may be
+exactly 0 or exactly 1, and the result matches the sequential product the reference
+computes. (fla builds the same matrix as exp of a difference of cumulative log gates and
+clamps; the direct product needs no clamp and keeps gradients exact at gate = 0.)
+The models use gates in (0, 1]; any real gates work, as long as their products do not
+overflow (true of the reference too).
+
+Computation runs in float32 at least (bf16/fp16 are upcast, float64 stays float64);
+o comes back in q's dtype, the states in the compute dtype (as in the reference).
+"""
+import torch
+
+
+def _segment_products(gates):
+    """gates [..., L] -> P [..., L+1, L+1] with P[t, j] = prod_{s=j+1..t} gates_s (gate
+    index s = 1..L), 1 on the diagonal and 0 above it. O(L^2) per chunk."""
+    L = gates.shape[-1]
+    g = torch.nn.functional.pad(gates, (1, 0), value=1.0)          # g[0] is never used
+    rows = g.unsqueeze(-1).expand(*g.shape, L + 1)                  # rows[t, j] = g_t
+    ones = torch.ones(L + 1, L + 1, dtype=torch.bool, device=gates.device)
+    strictly_lower = torch.tril(ones, diagonal=-1)                  # t > j
+    factors = torch.where(strictly_lower, rows, torch.ones_like(rows))
+    # cumprod down each column j multiplies g_{j+1} .. g_t; rows t <= j stay 1
+    products = torch.cumprod(factors, dim=-2)
+    return products * torch.tril(ones).to(products.dtype)
+
+
+def _split_into_chunks(x, chunk_size):
+    """x [B,H,T,...] -> list of (group [B,H,N,L,...]) covering T in order: the full
+    chunks of length chunk_size, then the short tail chunk if T is not a multiple."""
+    B, H, T = x.shape[:3]
+    n_full, tail = divmod(T, chunk_size)
+    groups = []
+    if n_full:
+        head = x[:, :, : n_full * chunk_size]
+        groups.append(head.reshape(B, H, n_full, chunk_size, *x.shape[3:]))
+    if tail:
+        groups.append(x[:, :, n_full * chunk_size:].unsqueeze(2))
+    return groups
+
+
+def _prepare(q, k, u, gates, initial_states, chunk_size):
+    """Upcast to the compute dtype, move heads before time ([B,T,H,..] -> [B,H,T,..]) and
+    cut into chunk groups. Returns compute dtype, the grouped tensors and the states."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    per_token = [t.to(dtype).transpose(1, 2) for t in (q, k, u)]
+    per_token += [g.to(dtype).transpose(1, 2) for g in gates]
+    grouped = [_split_into_chunks(t, chunk_size) for t in per_token]
+    states = [q.new_zeros(B, H, V, K, dtype=dtype) if s is None else s.to(dtype)
+              for s in initial_states]
+    return dtype, list(zip(*grouped)), states
+
+
+def _finish(outputs, q, u):
+    """Concatenate per-group outputs [B,H,N,L,V] back to o [B,T,H,V] in q's dtype."""
+    B, T, H, _ = q.shape
+    if not outputs:
+        return u.new_zeros(u.shape, dtype=q.dtype)
+    o = torch.cat([x.flatten(2, 3) for x in outputs], dim=2)        # [B,H,T,V]
+    return o.transpose(1, 2).to(q.dtype)
+
+
+def momentum_rule_chunked(q, k, u, alpha, beta, initial_state=None, initial_momentum=None,
+                          chunk_size=64):
+    """Z_t = beta_t Z_{t-1} + u_t k_t^T ; S_t = alpha_t S_{t-1} + Z_t ; o_t = S_t q_t
+    (Titans Eq. 13-14), chunked. Returns (o [B,T,H,V], S_T, Z_T [B,H,V,K]).
+
+    Unrolling one chunk from (S_0, Z_0), with A = P(alpha), Bm = P(beta) (module doc):
+        Z_t = b_t Z_0 + sum_{i<=t} Bm[t,i] u_i k_i^T                  (b_t = Bm[t,0])
+        S_t = a_t S_0 + sum_{j=1..t} A[t,j] Z_j                       (a_t = A[t,0])
+            = a_t S_0 + c_t Z_0 + sum_{i<=t} W[t,i] u_i k_i^T
+    with c_t = sum_{j=1..t} A[t,j] b_j and W[t,i] = sum_{j=i..t} A[t,j] Bm[j,i], i.e.
+    c = A b and W = A Bm (both lower-triangular products, O(L^3) per chunk, tiny).
+    Reading with the queries: O = diag(a) Q S_0^T + diag(c) Q Z_0^T + (W ∘ Q K^T) U.
+    The state carry needs only the last row: S_L, Z_L from W[L,:], Bm[L,:].
+    """
+    _, groups, (S, Z) = _prepare(q, k, u, (alpha, beta), (initial_state, initial_momentum),
+                                 chunk_size)
+    outputs = []
+    for Q, Kc, U, alpha_c, beta_c in groups:                        # [B,H,N,L,...]
+        A = _segment_products(alpha_c)                              # [B,H,N,L+1,L+1]
+        Bm = _segment_products(beta_c)
+        a, b = A[..., 1:, 0], Bm[..., 1:, 0]                        # [B,H,N,L]
+        A, Bm = A[..., 1:, 1:], Bm[..., 1:, 1:]                     # [B,H,N,L,L]
+        W = A @ Bm
+        c = (A @ b.unsqueeze(-1)).squeeze(-1)
+        # Everything that does not involve the incoming states, for all chunks at once.
+        intra = ((Q @ Kc.transpose(-1, -2)) * W) @ U                # [B,H,N,L,V]
+        write_S = (W[..., -1, :, None] * U).transpose(-1, -2) @ Kc  # [B,H,N,V,K]
+        write_Z = (Bm[..., -1, :, None] * U).transpose(-1, -2) @ Kc
+        a_last, b_last, c_last = (x[..., -1, None, None] for x in (a, b, c))
+        # The only sequential part: the states entering each chunk (elementwise updates).
+        S_starts, Z_starts = [], []
+        for n in range(Q.shape[2]):
+            S_starts.append(S)
+            Z_starts.append(Z)
+            S, Z = (a_last[:, :, n] * S + c_last[:, :, n] * Z + write_S[:, :, n],
+                    b_last[:, :, n] * Z + write_Z[:, :, n])
+        S0, Z0 = torch.stack(S_starts, dim=2), torch.stack(Z_starts, dim=2)
+        outputs.append(intra + a.unsqueeze(-1) * (Q @ S0.transpose(-1, -2))
+                       + c.unsqueeze(-1) * (Q @ Z0.transpose(-1, -2)))
+    return _finish(outputs, q, u), S, Z
+
+
+def delta_rule_chunked(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
+    """S_t = S_{t-1} (alpha_t I - eta_t k_t k_t^T) + u_t k_t^T ; o_t = S_t q_t
+    (DGD, NL Eq. 57/88), chunked with the WY/UT form. Returns (o [B,T,H,V], S_T).
+
+    Rewrite one step as S_t = alpha_t S_{t-1} + r_t k_t^T with the "residual write"
+        r_t = u_t - eta_t S_{t-1} k_t.
+    Unrolled over a chunk from S_0 with D = P(alpha) (module doc), gamma_t = D[t,0]:
+        S_t = gamma_t S_0 + sum_{i<=t} D[t,i] r_i k_i^T.
+    Substituting S_{t-1} into r_t gives a unit lower-triangular system for R = [r_t]:
+        r_t + eta_t sum_{i<t} D[t-1,i] (k_t . k_i) r_i = u_t - eta_t gamma_{t-1} S_0 k_t
+        (I + L) R = U - diag(eta gamma_prev) K S_0^T,   L = tril(diag(eta) (D_prev ∘ K K^T), -1)
+    so with T = (I + L)^{-1} (a triangular solve, batched over all chunks):
+        R = U' - W S_0^T,    U' = T U,    W = T diag(eta gamma_prev) K.
+    This is fla's WY/UT form of the gated delta rule (beta' = eta/alpha, v' = u alpha/eta
+    folded back), written without any division, so eta = 0 (then r_t = u_t) and alpha = 0
+    are exact. Per chunk the sequential pass only computes R from S_0 and
+        S_L = gamma_L S_0 + R^T diag(D[L,:]) K,
+    and the readout is O = diag(gamma) Q S_0^T + (D ∘ Q K^T) R for all chunks at once.
+    """
+    _, groups, (S,) = _prepare(q, k, u, (alpha, eta), (initial_state,), chunk_size)
+    outputs = []
+    for Q, Kc, U, alpha_c, eta_c in groups:                         # [B,H,N,L,...]
+        P = _segment_products(alpha_c)                              # [B,H,N,L+1,L+1]
+        L = Q.shape[3]
+        gamma, gamma_prev = P[..., 1:, 0], P[..., :-1, 0]           # gamma_t, gamma_{t-1}
+        D, D_prev = P[..., 1:, 1:], P[..., :-1, 1:]                 # D[t,i], D[t-1,i]
+        # D_prev is zero on and above the diagonal, so this is already strictly lower.
+        lower = eta_c.unsqueeze(-1) * D_prev * (Kc @ Kc.transpose(-1, -2))
+        unit_lower = lower + torch.eye(L, dtype=lower.dtype, device=lower.device)
+        rhs = torch.cat([U, (eta_c * gamma_prev).unsqueeze(-1) * Kc], dim=-1)
+        solved = torch.linalg.solve_triangular(unit_lower, rhs, upper=False,
+                                               unitriangular=True)
+        U_prime, W = solved[..., : U.shape[-1]], solved[..., U.shape[-1]:]
+        decay_to_end = D[..., -1, :, None] * Kc                     # D[L,i] k_i
+        gamma_last = gamma[..., -1, None, None]
+        # The only sequential part: R needs the state entering its chunk.
+        S_starts, residuals = [], []
+        for n in range(Q.shape[2]):
+            R = U_prime[:, :, n] - W[:, :, n] @ S.transpose(-1, -2)    # [B,H,L,V]
+            S_starts.append(S)
+            residuals.append(R)
+            S = gamma_last[:, :, n] * S + R.transpose(-1, -2) @ decay_to_end[:, :, n]
+        S0, R = torch.stack(S_starts, dim=2), torch.stack(residuals, dim=2)
+        readout = (Q @ Kc.transpose(-1, -2)) * D
+        outputs.append(gamma.unsqueeze(-1) * (Q @ S0.transpose(-1, -2)) + readout @ R)
+    return _finish(outputs, q, u), S

@@ -1,0 +1,222 @@
+"""Chunked PyTorch scans vs the sequential reference (DESIGN §3.2, §4): outputs, final
+states and gradients of every input, any T, any chunk size, edge-case gates, dispatch and
+input validation. Triton kernels are tested elsewhere."""
+import pytest
+import torch
+
+import kernels
+from kernels import chunked
+from kernels.reference import delta_rule_reference, momentum_rule_reference
+
+OPS = ("delta", "momentum")
+
+
+def make_inputs(op, B=2, T=7, H=2, K=4, V=3, dtype=torch.float64, seed=0, states=True,
+                gate_floor=0.0):
+    """Random inputs for `op` as a dict of leaf tensors. Gates lie in (gate_floor, 1] with
+    some exactly 1; for delta some eta are exactly 0. Delta keys are not unit-norm: eta is
+    the DGD proximal step eta/(1 + eta |k|^2) (DESIGN §3.3), which keeps the recurrence
+    stable for any key norm."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def gate():
+        x = gate_floor + (1 - gate_floor) * rand(B, T, H)
+        return torch.where(rand(B, T, H) < 0.2, torch.ones_like(x), x)
+
+    x = {"q": randn(B, T, H, K), "k": randn(B, T, H, K), "u": randn(B, T, H, V),
+         "alpha": gate()}
+    if op == "delta":
+        eta = torch.where(rand(B, T, H) < 0.2, torch.zeros(B, T, H, dtype=torch.float64),
+                          rand(B, T, H))
+        x["eta"] = eta / (1 + eta * x["k"].pow(2).sum(-1))
+        if states:
+            x["initial_state"] = randn(B, H, V, K)
+    else:
+        x["beta"] = gate()
+        if states:
+            x["initial_state"] = randn(B, H, V, K)
+            x["initial_momentum"] = randn(B, H, V, K)
+    return {n: t.to(dtype).requires_grad_() for n, t in x.items()}
+
+
+def run(op, x, backend, chunk_size=64):
+    fn = kernels.delta_rule if op == "delta" else kernels.momentum_rule
+    return fn(**x, chunk_size=chunk_size, backend=backend)
+
+
+def outputs_and_grads(op, x, backend, chunk_size=64, seed=1):
+    """Outputs plus the gradient of every input under a random cotangent on all outputs."""
+    outs = run(op, x, backend, chunk_size)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum()
+               for o in outs)
+    grads = torch.autograd.grad(loss, list(x.values()))
+    return list(outs), dict(zip(x, grads))
+
+
+def assert_close(actual, expected, rel, what):
+    scale = expected.abs().max().item() + 1e-30
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert err <= rel * scale, f"{what}: max abs err {err:.3g} > {rel:g} * {scale:.3g}"
+
+
+def compare_with_reference(op, x, chunk_size, rel):
+    ref_outs, ref_grads = outputs_and_grads(op, x, "reference")
+    outs, grads = outputs_and_grads(op, x, "torch", chunk_size)
+    names = ["o", "S_T", "Z_T"]
+    for name, a, e in zip(names, outs, ref_outs):
+        assert a.shape == e.shape, f"{name}: shape {list(a.shape)} != {list(e.shape)}"
+        assert_close(a, e, rel, name)
+    for name in x:
+        assert_close(grads[name], ref_grads[name], rel, f"grad {name}")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("T", [1, 7, 33, 64])
+@pytest.mark.parametrize("chunk_size", [1, 4, 16, 64])
+@pytest.mark.parametrize("states", [True, False])
+def test_matches_reference_float64(op, T, chunk_size, states):
+    x = make_inputs(op, T=T, states=states, seed=T * 100 + chunk_size)
+    compare_with_reference(op, x, chunk_size, rel=1e-10)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("T,chunk_size", [(33, 16), (64, 64), (7, 4)])
+def test_matches_reference_float32(op, T, chunk_size):
+    x = make_inputs(op, T=T, dtype=torch.float32, seed=7)
+    compare_with_reference(op, x, chunk_size, rel=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_batch_heads_and_value_dim(op):
+    """B>1, H>1 and V != K (both ways) with each (batch, head) independent."""
+    for K, V in [(4, 6), (6, 2)]:
+        x = make_inputs(op, B=3, T=9, H=3, K=K, V=V, seed=K)
+        compare_with_reference(op, x, chunk_size=4, rel=1e-10)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_chunk_size_changes_nothing(op):
+    x = make_inputs(op, T=33, seed=3)
+    base_outs, base_grads = outputs_and_grads(op, x, "torch", chunk_size=1)
+    for chunk_size in (2, 5, 16, 32, 33, 100):
+        outs, grads = outputs_and_grads(op, x, "torch", chunk_size=chunk_size)
+        for a, e in zip(outs, base_outs):
+            assert_close(a, e, 1e-12, f"chunk_size={chunk_size} output")
+        for name in x:
+            assert_close(grads[name], base_grads[name], 1e-12,
+                         f"chunk_size={chunk_size} grad {name}")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck_chunked(op):
+    x = make_inputs(op, B=1, T=5, H=2, K=3, V=2, seed=11, gate_floor=0.1)
+    names = list(x)
+    fn = chunked.delta_rule_chunked if op == "delta" else chunked.momentum_rule_chunked
+
+    def f(*tensors):
+        return fn(**dict(zip(names, tensors)), chunk_size=2)
+
+    assert torch.autograd.gradcheck(f, tuple(x.values()), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gates_near_and_at_zero(op, dtype):
+    """Gates of 1e-6 (and exact zeros) underflow cumulative products; results and gradients
+    must stay finite and equal to the reference."""
+    x = make_inputs(op, T=20, seed=5, dtype=dtype)
+    with torch.no_grad():
+        for name in ("alpha", "beta"):
+            if name in x:
+                x[name].fill_(1e-6)
+                x[name][:, 3] = 0.0
+                x[name][:, 10:13] = 1.0
+    rel = 1e-10 if dtype == torch.float64 else 1e-4
+    compare_with_reference(op, x, chunk_size=8, rel=rel)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_half_precision_inputs_upcast(op):
+    x = {n: t.detach().to(torch.bfloat16) for n, t in make_inputs(op, T=10, seed=2).items()}
+    outs = run(op, x, "torch", chunk_size=4)
+    ref = run(op, x, "reference")
+    assert outs[0].dtype == torch.bfloat16, "o must come back in q's dtype"
+    assert all(s.dtype == torch.float32 for s in outs[1:]), "states are computed in fp32"
+    for a, e in zip(outs, ref):
+        assert_close(a.float(), e.float(), 2e-2, "bf16")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_empty_sequence_returns_initial_state(op):
+    x = make_inputs(op, T=0, seed=4)
+    outs = run(op, x, "torch", chunk_size=4)
+    assert outs[0].shape == (2, 0, 2, 3)
+    assert torch.equal(outs[1], x["initial_state"])
+    if op == "momentum":
+        assert torch.equal(outs[2], x["initial_momentum"])
+
+
+def test_auto_backend_on_cpu_uses_chunked_torch(monkeypatch):
+    assert kernels.select_backend("auto", "cpu") == "torch"
+    assert kernels.select_backend("reference", "cpu") == "reference"
+    calls = []
+    for name in ("delta_rule_chunked", "momentum_rule_chunked"):
+        original = getattr(chunked, name)
+
+        def spy(*args, _original=original, _name=name, **kw):
+            calls.append(_name)
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(chunked, name, spy)
+    for op in OPS:
+        x = {n: t.detach() for n, t in make_inputs(op, T=6, seed=9).items()}
+        auto, torch_path = run(op, x, "auto", 4), run(op, x, "torch", 4)
+        for a, e in zip(auto, torch_path):
+            assert torch.equal(a, e)
+    assert calls == ["delta_rule_chunked"] * 2 + ["momentum_rule_chunked"] * 2
+
+
+def _bad(op, **changes):
+    x = {n: t.detach() for n, t in make_inputs(op, B=2, T=5, H=3, K=8, V=4, seed=0).items()}
+    x.update(changes)
+    return x
+
+
+@pytest.mark.parametrize("op,changes,message", [
+    ("delta", {"q": torch.zeros(2, 5, 3)}, r"q must be \[B,T,H,K\]; got \[2, 5, 3\]"),
+    ("delta", {"k": torch.zeros(2, 5, 3, 7)}, r"k must be \[B,T,H,K\] = q's shape"),
+    ("delta", {"u": torch.zeros(2, 5, 3)},
+     r"u must be \[B,T,H,V\] with B,T,H matching q \[2, 5, 3, 8\]; got \[2, 5, 3\]"),
+    ("momentum", {"u": torch.zeros(2, 4, 3, 4)}, r"u must be \[B,T,H,V\]"),
+    ("delta", {"alpha": torch.ones(2, 5)}, r"alpha must be \[B,T,H\] = \[2, 5, 3\]"),
+    ("delta", {"eta": torch.ones(2, 5, 3, 1)}, r"eta must be \[B,T,H\]"),
+    ("momentum", {"beta": torch.ones(5, 3)}, r"beta must be \[B,T,H\]"),
+    ("delta", {"initial_state": torch.zeros(2, 3, 8, 4)},
+     r"initial_state must be \[B,H,V,K\] = \[2, 3, 4, 8\]; got \[2, 3, 8, 4\]"),
+    ("momentum", {"initial_momentum": torch.zeros(2, 3, 4)}, r"initial_momentum must be"),
+    ("delta", {"q": torch.zeros(2, 5, 3, 8, dtype=torch.long)},
+     r"q must be a floating-point tensor; got torch.int64"),
+    ("momentum", {"alpha": [1.0]}, r"alpha must be a torch.Tensor; got list"),
+])
+def test_shape_and_dtype_errors(op, changes, message):
+    with pytest.raises(ValueError, match=message):
+        run(op, _bad(op, **changes), "auto")
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3, 2.5, True])
+def test_bad_chunk_size(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+        run("delta", _bad("delta"), "torch", chunk_size=chunk_size)
+
+
+def test_unknown_backend_lists_valid_ones():
+    with pytest.raises(ValueError, match="backend must be one of auto, reference, torch, triton"):
+        run("momentum", _bad("momentum"), "cuda")
