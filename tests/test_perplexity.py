@@ -1,0 +1,376 @@
+"""eval/perplexity.py against toy models whose probabilities are known in closed form."""
+
+import json
+import math
+import os
+import re
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+from data.tokenizer import get_tokenizer
+from eval import perplexity as ppl
+
+SHARED_DATA = "/work/shared/data"
+WIKITEXT_RAW = os.path.join(SHARED_DATA, "wikitext", "wiki.test.raw")
+LAMBADA_JSONL = os.path.join(SHARED_DATA, "lambada", "lambada_test.jsonl")
+needs_wikitext = pytest.mark.skipif(not os.path.isfile(WIKITEXT_RAW), reason="offline WikiText copy not present")
+needs_lambada = pytest.mark.skipif(not os.path.isfile(LAMBADA_JSONL), reason="offline LAMBADA copy not present")
+
+
+# -----------------------------------------------------------------------------
+# toy models (same interface as model.py: logits, loss, state = model(idx, targets, state))
+
+class FixedDistributionLM(nn.Module):
+    """Ignores its input: every position predicts the distribution `probs`."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.log_probs = nn.Parameter(torch.as_tensor(probs, dtype=torch.float32).log(), requires_grad=False)
+
+    def forward(self, idx, targets=None, state=None):
+        return self.log_probs.expand(*idx.shape, -1), None, state
+
+
+class BigramLM(nn.Module):
+    """p(next | current) = table[current, next]."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.log_table = nn.Parameter(torch.as_tensor(table, dtype=torch.float32).log(), requires_grad=False)
+
+    def forward(self, idx, targets=None, state=None):
+        return self.log_table[idx], None, state
+
+
+class DecayingPrefixLM(nn.Module):
+    """Causal and sensitive to every token of its input and their order:
+    logits_t = sum_{s<=t} 0.7^(t-s) E[idx_s] + P[t]. Records every row it reads."""
+
+    def __init__(self, vocab_size, max_positions=64, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed = nn.Parameter(torch.randn(vocab_size, vocab_size, generator=g), requires_grad=False)
+        self.pos = nn.Parameter(torch.randn(max_positions, vocab_size, generator=g), requires_grad=False)
+        self.rows_seen = []
+
+    def forward(self, idx, targets=None, state=None):
+        self.rows_seen += [row.tolist() for row in idx]
+        T = idx.shape[1]
+        t = torch.arange(T)
+        decay = torch.where(t[:, None] >= t[None, :], 0.7 ** (t[:, None] - t[None, :]).float(), torch.zeros(()))
+        return decay @ self.embed[idx] + self.pos[:T], None, state
+
+    def next_token_log_probs(self, context):
+        """log p(. | context) from one unbatched call: the oracle."""
+        logits = self(torch.tensor([context]))[0]
+        return logits[0, -1].log_softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    return get_tokenizer("bytes")
+
+
+# -----------------------------------------------------------------------------
+# evaluate_split
+
+class FakeDataset:
+    def __init__(self, tokens, n_bytes):
+        self.tokens = tokens
+        self.meta = {"splits": {"val": {"tokens": len(tokens), "bytes": n_bytes, "documents": 1}}}
+
+
+def fake_iter_eval_batches(dataset, split, batch_size, seq_len, max_batches=None):
+    """The loader's contract: consecutive non-overlapping windows x = t[i:i+T], y = t[i+1:i+T+1]."""
+    tokens = torch.tensor(dataset.tokens)
+    n_windows = (len(tokens) - 1) // seq_len
+    windows = [(tokens[i * seq_len:(i + 1) * seq_len], tokens[i * seq_len + 1:(i + 1) * seq_len + 1])
+               for i in range(n_windows)]
+    for n, start in enumerate(range(0, n_windows, batch_size)):
+        if max_batches is not None and n >= max_batches:
+            return
+        chunk = windows[start:start + batch_size]
+        yield torch.stack([x for x, _ in chunk]), torch.stack([y for _, y in chunk])
+
+
+@pytest.fixture
+def fake_loader(monkeypatch):
+    module = types.ModuleType("data.loader")
+    module.iter_eval_batches = fake_iter_eval_batches
+    monkeypatch.setitem(sys.modules, "data.loader", module)
+
+
+def test_evaluate_split_matches_hand_computed_bigram_nll(fake_loader):
+    table = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1], [0.05, 0.05, 0.1, 0.8]])
+    tokens = [0, 3, 3, 2, 0, 1, 2, 0, 0, 3, 1, 1, 0, 2, 2, 3, 0, 1, 3, 3, 2]  # 21 tokens -> 5 windows of 4
+    model = BigramLM(table)
+    result = ppl.evaluate_split(model, FakeDataset(tokens, n_bytes=42), "val", batch_size=2, seq_len=4)
+    pairs = list(zip(tokens[:20], tokens[1:21]))
+    nll = -sum(math.log(table[a, b]) for a, b in pairs)
+    assert result["tokens"] == 20
+    assert result["loss"] == pytest.approx(nll / 20, rel=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(nll / 20), rel=1e-6)
+    # 20 of 21 tokens scored -> 20/21 of the split's 42 bytes
+    assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / 40, rel=1e-6)
+
+    first = ppl.evaluate_split(model, FakeDataset(tokens, n_bytes=42), "val", batch_size=2, seq_len=4, max_batches=1)
+    nll_first = -sum(math.log(table[a, b]) for a, b in pairs[:8])
+    assert first["tokens"] == 8
+    assert first["loss"] == pytest.approx(nll_first / 8, rel=1e-6)
+    assert first["bits_per_byte"] == pytest.approx(nll_first / math.log(2) / (8 / 21 * 42), rel=1e-6)
+
+
+def test_evaluate_split_rejects_bad_split_and_short_data(fake_loader):
+    model = FixedDistributionLM([0.5, 0.5])
+    with pytest.raises(ValueError, match="split 'test'"):
+        ppl.evaluate_split(model, FakeDataset([0, 1, 0], 3), "test", batch_size=1, seq_len=2)
+    with pytest.raises(ValueError, match="no full window"):
+        ppl.evaluate_split(model, FakeDataset([0, 1, 0], 3), "val", batch_size=1, seq_len=8)
+
+
+def test_evaluate_split_restores_training_mode(fake_loader):
+    model = FixedDistributionLM([0.5, 0.5]).train()
+    ppl.evaluate_split(model, FakeDataset([0, 1, 0, 1, 1], 5), "val", batch_size=1, seq_len=2)
+    assert model.training
+
+
+# -----------------------------------------------------------------------------
+# rolling windows (lm-eval get_rolling_token_windows + make_disjoint_window, context_len=1)
+
+def test_rolling_windows_worked_example():
+    P = 99
+    tokens = [10, 11, 12, 13, 14, 15, 16, 17]
+    assert ppl.rolling_windows(tokens, P, 3) == [
+        ([P], [10, 11, 12]),        # model reads P 10 11
+        ([12], [13, 14, 15]),       # reads 12 13 14
+        ([14, 15], [16, 17]),       # reads 14 15 16: the last window keeps a full context
+    ]
+    assert ppl.rolling_windows([], P, 3) == []
+    assert ppl.rolling_windows([5, 6], P, 4) == [([P], [5, 6])]
+
+
+def expected_context(tokens, i, max_len, prefix):
+    """Context lm-eval gives token i: the first max_len tokens follow [prefix] + all earlier
+    tokens; token i of a later window [start, end) follows tokens[end - max_len - 1 : i]."""
+    if i < max_len:
+        return [prefix] + tokens[:i]
+    start = (i // max_len) * max_len
+    end = min(start + max_len, len(tokens))
+    return tokens[end - max_len - 1:i]
+
+
+@pytest.mark.parametrize("n_tokens", [1, 2, 5, 6, 7, 13, 20])
+@pytest.mark.parametrize("max_len", [1, 3, 6])
+def test_rolling_windows_score_every_token_once_with_lm_eval_contexts(n_tokens, max_len):
+    P = 1000
+    tokens = list(range(n_tokens))
+    windows = ppl.rolling_windows(tokens, P, max_len)
+    assert [t for _, cont in windows for t in cont] == tokens  # each token exactly once, in order
+    i = 0
+    for context, cont in windows:
+        model_input = (context + cont)[:-1]
+        assert len(model_input) <= max_len
+        for j, token in enumerate(cont):
+            seen = model_input[:len(model_input) - len(cont) + j + 1]
+            assert seen == expected_context(tokens, i, max_len, P)
+            i += 1
+
+
+# -----------------------------------------------------------------------------
+# loglikelihood_tokens: batching with right padding equals one request at a time
+
+def test_loglikelihood_tokens_batched_equals_oracle():
+    model = DecayingPrefixLM(vocab_size=7)
+    requests = [([1, 2, 3], [4, 5]), ([6], [0]), ([2, 2, 2, 2, 2], [1, 3, 4]), ([5, 4], [3])]
+    results = ppl.loglikelihood_tokens(model, requests, batch_size=3)
+    for (context, cont), (ll, greedy) in zip(requests, results):
+        seq = context + cont
+        expected, expected_greedy = 0.0, True
+        for k in range(len(context), len(seq)):
+            log_probs = model.next_token_log_probs(seq[:k])
+            expected += log_probs[seq[k]].item()
+            expected_greedy &= log_probs.argmax().item() == seq[k]
+        assert ll == pytest.approx(expected, abs=1e-5)
+        assert greedy == expected_greedy
+
+
+def test_loglikelihood_tokens_left_truncates_to_max_len():
+    model = DecayingPrefixLM(vocab_size=7)
+    ll, _ = ppl.loglikelihood_tokens(model, [([1, 2, 3, 4, 5], [6, 0])], max_len=4)[0]
+    # the model reads the last 4 tokens of (context + continuation)[:-1]: 3 4 5 6
+    expected = model.next_token_log_probs([3, 4, 5])[6].item() + model.next_token_log_probs([3, 4, 5, 6])[0].item()
+    assert ll == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        ppl.loglikelihood_tokens(model, [([1], [2, 3, 4])], max_len=2)
+    with pytest.raises(ValueError, match="empty context"):
+        ppl.loglikelihood_tokens(model, [([], [2])])
+
+
+# -----------------------------------------------------------------------------
+# WikiText
+
+def test_wikitext_detokenizer_on_lines_of_the_test_set():
+    du_fu = " Du Fu ( Wade – Giles : Tu Fu ; Chinese : 杜甫 ; 712 – 770 ) was a prominent Chinese poet ."
+    assert ppl.wikitext_detokenizer(du_fu) == " Du Fu (Wade – Giles: Tu Fu; Chinese: 杜甫; 712 – 770) was a prominent Chinese poet ."
+    boulter = (' In 2000 Boulter had a guest @-@ starring role on the television series The Bill ; '
+               'he portrayed " Scott Parry " in the episode , " In Safe Hands " . Boulter')
+    assert ppl.wikitext_detokenizer(boulter) == (' In 2000 Boulter had a guest-starring role on the television series '
+                                                 'The Bill; he portrayed "Scott Parry" in the episode, "In Safe Hands". Boulter')
+    assert ppl.wikitext_detokenizer(" Most of what is known of Du Fu 's life") == " Most of what is known of Du Fu's life"
+    assert ppl.wikitext_detokenizer("a 1 @,@ 000 @.@ 5 km road ") == "a 1,000.5 km road "
+    assert ppl.wikitext_detokenizer(" = = Career = = \n = = = 2000 – 2005 = = = \n") == " == Career ==\n=== 2000 – 2005 ===\n"
+    # lm-eval drops both spaces around a degree sign
+    assert ppl.wikitext_detokenizer("the players ' union , 40 ° north") == "the players' union, 40°north"
+
+
+def test_split_documents_at_top_level_titles_only():
+    raw = " = A = \r\n text a . \r\n = = Sub = = \r\n more a \r\n = B = \r\n text b \r\n"
+    assert ppl.split_wikitext_documents(raw) == [" = A = \n text a . \n = = Sub = = \n more a ",
+                                                 " = B = \n text b \n"]
+
+
+@needs_wikitext
+def test_offline_wikitext_has_62_articles_and_lm_eval_word_counts():
+    docs = ppl.load_wikitext_documents(WIKITEXT_RAW)
+    assert len(docs) == 62
+    assert docs[0].startswith(" = Robert Boulter = \n") and docs[1].startswith(" = Du Fu = \n")
+    assert sum(len(d.split()) for d in docs) == 241_211  # whitespace-separated tokens (MANIFEST)
+    # lm-eval's count, len(re.split(r"\s+", page)), adds the empty strings before the leading
+    # and after the trailing whitespace of each article: 241,211 + 2 * 62
+    assert sum(len(re.split(r"\s+", d)) for d in docs) == 241_211 + 2 * 62
+
+
+@needs_wikitext
+def test_wikitext_uniform_model_gives_closed_form_perplexities(byte_tok):
+    model = FixedDistributionLM(torch.full((257,), 1 / 257))
+    result = ppl.wikitext_word_perplexity(model, byte_tok, WIKITEXT_RAW, max_len=64, limit_docs=2, batch_size=16)
+    docs = ppl.load_wikitext_documents(WIKITEXT_RAW)[:2]
+    n_tokens = sum(len(ppl.wikitext_detokenizer(d).encode("utf-8")) for d in docs)
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    words = sum(len(re.split(r"\s+", d)) for d in docs)
+    nll = n_tokens * math.log(257)  # every byte costs ln 257
+    assert (result["docs"], result["tokens"], result["words"], result["max_len"]) == (2, n_tokens, words, 64)
+    assert result["word_perplexity"] == pytest.approx(math.exp(nll / words), rel=1e-5)
+    assert result["byte_perplexity"] == pytest.approx(math.exp(nll / n_bytes), rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(nll / n_bytes / math.log(2), rel=1e-5)
+
+
+def test_wikitext_scores_each_token_with_its_lm_eval_context(tmp_path, byte_tok):
+    raw = " = Alpha = \r\n One @-@ two , ( three ) . \r\n = = Sub = = \r\n Four 's five \r\n = Be = \r\n Hi \r\n"
+    path = tmp_path / "wiki.test.raw"
+    path.write_bytes(raw.encode("utf-8"))
+    model = DecayingPrefixLM(vocab_size=257)
+    max_len = 7
+    result = ppl.wikitext_word_perplexity(model, byte_tok, str(path), max_len=max_len, batch_size=3)
+
+    docs = ppl.split_wikitext_documents(raw)
+    total_ll, words = 0.0, 0
+    for doc in docs:
+        tokens = list(ppl.wikitext_detokenizer(doc).encode("utf-8"))
+        for i, token in enumerate(tokens):
+            context = expected_context(tokens, i, max_len, byte_tok.eot_id)
+            total_ll += model.next_token_log_probs(context)[token].item()
+        words += len(re.split(r"\s+", doc))
+    assert result["docs"] == 2 and result["words"] == words
+    assert result["word_perplexity"] == pytest.approx(math.exp(-total_ll / words), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# LAMBADA
+
+def test_lambada_context_target_and_encode_pair():
+    assert ppl.lambada_context_target("He said to Bob") == ("He said to", " Bob")
+    assert ppl.lambada_context_target("Bob") == ("", " Bob")
+
+    class GreedyVocabTokenizer:
+        """Longest match over a small vocabulary: ' world' is one token, 'hello ' is two."""
+        vocab = ["hello", " world", " ", "world", "x"]
+        eot_id = 99
+
+        def encode(self, text):
+            ids = []
+            while text:
+                piece = max((v for v in self.vocab if text.startswith(v)), key=len)
+                ids.append(self.vocab.index(piece))
+                text = text[len(piece):]
+            return ids
+
+    tok = GreedyVocabTokenizer()
+    # the trailing space moves to the continuation, which then encodes as the single " world"
+    assert ppl.encode_pair(tok, "hello ", "world") == ([0], [1])
+    assert ppl.encode_pair(tok, "hello", " world") == ([0], [1])
+    assert ppl.encode_pair(tok, "", " x") == ([99], [2, 4])
+
+
+def _preferred_bigram_table():
+    """p = 0.5 for the preferred next byte ('a'->'b', 'b'->' ', ' '->'b'), the rest uniform."""
+    table = torch.full((257, 257), 0.5 / 256)
+    for current, preferred in (("a", "b"), ("b", " "), (" ", "b")):
+        table[ord(current), ord(preferred)] = 0.5
+    return table
+
+
+def test_lambada_three_handmade_examples(tmp_path, byte_tok):
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["ab ba", "a b", "ab b"]))
+    result = ppl.lambada(BigramLM(_preferred_bigram_table()), byte_tok, str(path), batch_size=2)
+    hi, lo = math.log(0.5), math.log(0.5 / 256)
+    lls = [
+        hi + hi + lo,  # "ab" -> " ba": b->' ' (preferred), ' '->b (preferred), b->a: not greedy
+        lo + hi,       # "a"  -> " b":  a->' ' is not the argmax
+        hi + hi,       # "ab" -> " b":  both preferred: greedy
+    ]
+    assert result["n"] == 3
+    assert result["accuracy"] == pytest.approx(1 / 3)
+    assert result["perplexity"] == pytest.approx(math.exp(-sum(lls) / 3), rel=1e-5)
+
+
+@needs_lambada
+def test_lambada_first_five_passages_uniform_model(byte_tok):
+    model = FixedDistributionLM(torch.full((257,), 1 / 257))
+    result = ppl.lambada(model, byte_tok, LAMBADA_JSONL, limit=5, max_len=128)
+    last_words = ["signs", "Shane", "insurance", "Helen", "chains"]  # read off the file
+    n_target_bytes = [len(" " + w) for w in last_words]
+    assert result["n"] == 5
+    assert result["accuracy"] == 0.0  # uniform logits: argmax is byte 0, never a target byte
+    assert result["perplexity"] == pytest.approx(math.exp(sum(n_target_bytes) / 5 * math.log(257)), rel=1e-5)
+
+
+def test_lambada_bad_file(tmp_path, byte_tok):
+    model = FixedDistributionLM(torch.full((257,), 1 / 257))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ppl.lambada(model, byte_tok, str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        ppl.lambada(model, byte_tok, str(bad))
+
+
+# -----------------------------------------------------------------------------
+# CLI errors: one line, exit 2
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "/nonexistent/ckpt", "--tasks", "val,piqa"], "unknown task"),
+    (["--checkpoint", "/nonexistent/ckpt", "--tasks", "wikitext", "--wikitext", "/nonexistent/wiki.raw"], "not found"),
+    (["--checkpoint", "/nonexistent/ckpt", "--tasks", "lambada", "--lambada", "/nonexistent/l.jsonl"], "not found"),
+    (["--checkpoint", "/nonexistent/ckpt", "--tasks", "val"], "checkpoint /nonexistent/ckpt not found"),
+    (["--checkpoint", "/nonexistent/ckpt", "--tasks", "val", "--limit", "0"], "--limit"),
+])
+def test_cli_errors_exit_2(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv(ppl.DATA_DIR_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        ppl.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_cli_wikitext_needs_a_path(capsys, monkeypatch):
+    monkeypatch.delenv(ppl.DATA_DIR_ENV, raising=False)
+    with pytest.raises(SystemExit):
+        ppl.main(["--checkpoint", "/nonexistent/ckpt", "--tasks", "wikitext"])
+    assert "needs --wikitext" in capsys.readouterr().err
