@@ -367,11 +367,14 @@ def _default_path(flag_value, relative_path):
 
 
 def _format_table(results: dict) -> str:
-    lines = [f"{'task':<10} {'metric':<16} {'value':>14}", "-" * 42]
+    lines = [f"{'task':<10} {'metric':<16} {'value':>12}", "-" * 40]
     for task, metrics in results.items():
         for metric, value in metrics.items():
-            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-            lines.append(f"{task:<10} {metric:<16} {shown:>14}")
+            if isinstance(value, float):  # an untrained model's perplexities are huge
+                shown = f"{value:.4f}" if abs(value) < 1e7 else f"{value:.4e}"
+            else:
+                shown = str(value)
+            lines.append(f"{task:<10} {metric:<16} {shown:>12}")
     return "\n".join(lines)
 
 
@@ -415,7 +418,8 @@ def run(args) -> dict:
     results = {}
     if "val" in tasks:
         from data.loader import TokenDataset
-        dataset = TokenDataset(cfg.data.data_dir)
+        from train import resolve_data_dir  # the folder train.py prepared and validated on
+        dataset = TokenDataset(resolve_data_dir(cfg))
         results["val"] = evaluate_split(model, dataset, "val", args.batch_size, max_len,
                                         max_batches=args.limit, device=device)
     if "wikitext" in tasks:

@@ -138,6 +138,31 @@ def test_evaluate_split_restores_training_mode(fake_loader):
     assert model.training
 
 
+def test_evaluate_split_on_a_prepared_dataset_scores_every_val_token_once(tmp_path):
+    """With the real loader (data/loader.py), tail window included: every val token after
+    the first is a target once, and bits per byte use the split's byte count."""
+    from data.loader import TokenDataset
+    from data.prepare import prepare
+
+    docs = [f"Document {i}: the cat sat on mat number {i * 7}." for i in range(8)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "prepared"
+    prepare(f"files:{tmp_path / 'docs.jsonl'}", str(out), tokenizer="bytes", val_fraction=0.4,
+            num_workers=1, quiet=True)
+    dataset = TokenDataset(str(out))
+    n = dataset.num_tokens("val")
+    val_tokens = dataset.tokens("val", 0, n).tolist()
+    table = torch.softmax(torch.randn(257, 257, generator=torch.Generator().manual_seed(1)), -1)
+    nll = -sum(math.log(table[a, b]) for a, b in zip(val_tokens[:-1], val_tokens[1:]))
+
+    result = ppl.evaluate_split(BigramLM(table), dataset, "val", batch_size=2, seq_len=16)
+    assert (n - 1) % 16 != 0  # so the loader's shorter tail batch is exercised
+    assert result["tokens"] == n - 1
+    assert result["loss"] == pytest.approx(nll / (n - 1), rel=1e-5)
+    n_bytes = dataset.meta["splits"]["val"]["bytes"]
+    assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / ((n - 1) / n * n_bytes), rel=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # rolling windows (lm-eval get_rolling_token_windows + make_disjoint_window, context_len=1)
 
@@ -374,3 +399,36 @@ def test_cli_wikitext_needs_a_path(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         ppl.main(["--checkpoint", "/nonexistent/ckpt", "--tasks", "wikitext"])
     assert "needs --wikitext" in capsys.readouterr().err
+
+
+def test_cli_end_to_end_with_a_stub_checkpoint_loader(tmp_path, monkeypatch, capsys, byte_tok):
+    """The CLI wiring: tasks, paths, --limit, table and JSON, with checkpoint.load_model
+    replaced by a toy model so the test needs no training run."""
+    import checkpoint
+    from data.loader import TokenDataset
+    from data.prepare import prepare
+
+    docs = [f"Line {i} of a small corpus, with words." for i in range(8)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare(f"files:{tmp_path / 'docs.jsonl'}", str(tmp_path / "prepared"), tokenizer="bytes", val_fraction=0.4,
+            num_workers=1, quiet=True)
+    wiki = tmp_path / "wiki.test.raw"
+    wiki.write_text(" = A = \n Some text , here . \n = B = \n More @-@ text \n")
+    lam = tmp_path / "lambada.jsonl"
+    lam.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["ab ba", "a b", "ab b"]))
+    model = BigramLM(_preferred_bigram_table())
+    cfg = types.SimpleNamespace(data=types.SimpleNamespace(tokenizer="bytes", data_dir=str(tmp_path / "prepared"),
+                                                           dataset="unused"),
+                                train=types.SimpleNamespace(seq_len=16))
+    monkeypatch.setattr(checkpoint, "load_model", lambda path, device: (model, cfg))
+    (tmp_path / "ckpt").mkdir()
+    out = tmp_path / "results.json"
+    ppl.main(["--checkpoint", str(tmp_path / "ckpt"), "--wikitext", str(wiki), "--lambada", str(lam),
+              "--limit", "2", "--device", "cpu", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert "word_perplexity" in capsys.readouterr().out
+    dataset = TokenDataset(str(tmp_path / "prepared"))
+    assert results["val"] == pytest.approx(ppl.evaluate_split(model, dataset, "val", 8, 16, max_batches=2))
+    assert results["wikitext"] == pytest.approx(ppl.wikitext_word_perplexity(model, byte_tok, str(wiki), 16, limit_docs=2))
+    assert results["lambada"] == pytest.approx(ppl.lambada(model, byte_tok, str(lam), limit=2, max_len=16))
+    assert results["lambada"]["n"] == 2 and results["wikitext"]["docs"] == 2
