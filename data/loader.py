@@ -107,11 +107,13 @@ class BatchSampler:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
         self.local_batch_size = batch_size // world_size
-        self.arrays = [a for a in dataset.shards[split] if len(a) >= seq_len + 1]
-        if not self.arrays:
+        self.arrays = dataset.shards[split]
+        # shards shorter than a window hold no window (a split's last shard may be tiny)
+        self.usable_shards = [i for i, a in enumerate(self.arrays) if len(a) >= seq_len + 1]
+        if not self.usable_shards:
             raise ValueError(f"no shard of split {split!r} holds seq_len + 1 = {seq_len + 1} tokens; "
                              "prepare with a larger --shard-tokens")
-        windows_per_shard = np.array([len(a) - seq_len for a in self.arrays], dtype=np.int64)
+        windows_per_shard = np.array([len(self.arrays[i]) - seq_len for i in self.usable_shards], dtype=np.int64)
         self.window_ends = np.cumsum(windows_per_shard)  # global window index -> shard via searchsorted
         self.step = 0
 
@@ -123,9 +125,9 @@ class BatchSampler:
         """(shard index, start offset) of every row of the global batch at `step`."""
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step])))
         windows = rng.integers(0, self.num_windows, size=self.batch_size)
-        shard_ids = np.searchsorted(self.window_ends, windows, side="right")
-        shard_firsts = np.concatenate([[0], self.window_ends[:-1]])
-        return [(int(s), int(w - shard_firsts[s])) for s, w in zip(shard_ids, windows)]
+        usable = np.searchsorted(self.window_ends, windows, side="right")
+        first_window = np.concatenate([[0], self.window_ends[:-1]])
+        return [(self.usable_shards[u], int(w - first_window[u])) for u, w in zip(usable, windows)]
 
     def next_batch(self, device=None):
         """This rank's (x, y), int64 [batch_size // world_size, seq_len]; advances the step."""

@@ -1,0 +1,325 @@
+"""Shards, corpus preparation (files / HF local loaders / built-in) and the loader."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data.builtin import iter_builtin_documents
+from data.loader import BatchSampler, TokenDataset, iter_eval_batches
+from data.prepare import ensure_prepared, is_val_document, prepare
+from data.shards import HEADER_BYTES, read_shard, write_shard
+from data.tokenizer import get_tokenizer
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DOCS = [
+    "In the beginning was the shard.",
+    "Второй документ: unicode ✓ and emoji 🚀.",
+    "third\n\nwith blank lines\n",
+    "short",
+    "A somewhat longer fifth document " * 5,
+    "sixth: 東京",
+    "seventh <|endoftext|> literal",
+    "eighth and last.",
+]
+
+
+# ----------------------------------------------------------------------------------------
+# shards
+
+
+def test_shard_roundtrip(tmp_path):
+    path = str(tmp_path / "s.bin")
+    tokens = np.array([0, 1, 50256, 65535, 7], dtype=np.int64)
+    write_shard(path, tokens, vocab_size=65536)
+    back = read_shard(path)
+    assert isinstance(back, np.memmap) and back.dtype == np.uint16 and not back.flags.writeable
+    np.testing.assert_array_equal(back, tokens)
+    assert os.path.getsize(path) == HEADER_BYTES + 2 * len(tokens)
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert list(header[:4]) == [20251231, 1, 5, 65536] and not header[4:].any()
+    assert os.listdir(tmp_path) == ["s.bin"]  # no tmp file left behind
+    write_shard(path, [], vocab_size=257)
+    assert len(read_shard(path)) == 0
+
+
+def _corrupt_header(path, index, value):
+    header = np.fromfile(path, dtype="<i4", count=256)
+    header[index] = value
+    with open(path, "r+b") as f:
+        f.write(header.tobytes())
+
+
+def test_shard_errors(tmp_path):
+    path = str(tmp_path / "s.bin")
+    write_shard(path, np.arange(100), vocab_size=257)
+    with open(path, "r+b") as f:
+        f.truncate(HEADER_BYTES + 2 * 60)
+    with pytest.raises(ValueError, match=r"is truncated: header says 100 tokens, file holds 60"):
+        read_shard(path)
+
+    write_shard(path, np.arange(10), vocab_size=257)
+    _corrupt_header(path, 0, 12345)
+    with pytest.raises(ValueError, match="magic 12345, expected 20251231"):
+        read_shard(path)
+
+    write_shard(path, np.arange(10), vocab_size=257)
+    _corrupt_header(path, 1, 2)
+    with pytest.raises(ValueError, match="format version 2"):
+        read_shard(path)
+
+    write_shard(path, np.arange(10), vocab_size=257)
+    _corrupt_header(path, 3, 100277)
+    with pytest.raises(ValueError, match="vocab 100277"):
+        read_shard(path)
+
+    with open(path, "wb") as f:
+        f.write(b"tiny")
+    with pytest.raises(ValueError, match="smaller than its 1024-byte header"):
+        read_shard(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_shard(str(tmp_path / "missing.bin"))
+
+    with pytest.raises(ValueError, match="vocab of 100277 does not fit uint16 shards"):
+        write_shard(path, [1, 2], vocab_size=100277)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 257\)"):
+        write_shard(path, [1, 257], vocab_size=257)
+
+
+# ----------------------------------------------------------------------------------------
+# prepare
+
+
+def _split_tokens(out_dir, split):
+    meta = json.load(open(os.path.join(out_dir, "meta.json")))
+    shards = [read_shard(os.path.join(out_dir, name)) for name in meta["splits"][split]["shards"]]
+    return np.concatenate(shards) if shards else np.zeros(0, np.uint16)
+
+
+def _decoded_documents(out_dir, split, tok):
+    """Split the token stream at eot and decode each document."""
+    tokens = _split_tokens(out_dir, split).tolist()
+    assert tokens and tokens[-1] == tok.eot_id  # every document ends with eot
+    docs, current = [], []
+    for t in tokens:
+        if t == tok.eot_id:
+            docs.append(tok.decode(current))
+            current = []
+        else:
+            current.append(t)
+    return docs
+
+
+def _check_prepared(out_dir, meta, documents, tok, val_fraction=0.25, seed=0):
+    """meta counts and bytes agree with the documents; decoding the shards gives them back."""
+    expected = {"train": [], "val": []}
+    for index, doc in enumerate(documents):
+        expected["val" if is_val_document(index, seed, val_fraction) else "train"].append(doc)
+    if not expected["val"]:  # prepare moves the last document to val
+        expected["val"].append(expected["train"].pop())
+    assert meta["tokenizer"] == tok.name and meta["vocab_size"] == tok.vocab_size and meta["eot_id"] == tok.eot_id
+    for split, docs in expected.items():
+        info = meta["splits"][split]
+        assert info["documents"] == len(docs) > 0
+        assert info["bytes"] == sum(len(d.encode("utf-8")) for d in docs)
+        assert info["tokens"] == sum(len(tok.encode(d)) + 1 for d in docs) == len(_split_tokens(out_dir, split))
+        assert _decoded_documents(out_dir, split, tok) == docs
+
+
+def test_prepare_from_txt_and_jsonl_files(tmp_path):
+    tok = get_tokenizer("bytes")
+    txt_dir = tmp_path / "txt"
+    txt_dir.mkdir()
+    for i, doc in enumerate(DOCS):
+        (txt_dir / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    (txt_dir / "empty.txt").write_text("")  # skipped, counted
+    out = str(tmp_path / "out_txt")
+    # tiny shards so the train split spans several files
+    meta = prepare(f"files:{txt_dir}/*.txt", out, "bytes", val_fraction=0.25, shard_tokens=64, num_workers=1,
+                   quiet=True)
+    _check_prepared(out, meta, DOCS, tok)  # sorted glob: doc00..doc07, then empty.txt
+    assert meta["skipped_empty_documents"] == 1
+    assert len(meta["splits"]["train"]["shards"]) > 1
+    assert all(len(read_shard(os.path.join(out, n))) == 64 for n in meta["splits"]["train"]["shards"][:-1])
+    assert sorted(os.listdir(tmp_path)) == ["out_txt", "txt"]  # the tmp build folder is gone
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": d, "id": i}) for i, d in enumerate(DOCS)) + "\n", encoding="utf-8")
+    out = str(tmp_path / "out_jsonl")
+    meta = prepare(f"files:{jsonl}", out, "bytes", val_fraction=0.25, num_workers=2, text_field="body", quiet=True)
+    _check_prepared(out, meta, DOCS, tok)
+
+    with pytest.raises(ValueError, match="has no field 'text'"):
+        prepare(f"files:{jsonl}", str(tmp_path / "bad"), "bytes", num_workers=1, quiet=True)
+    assert not os.path.exists(tmp_path / "bad")  # a failed prepare leaves nothing that looks prepared
+    with pytest.raises(FileNotFoundError, match="matches no files"):
+        prepare(f"files:{tmp_path}/*.nothing", str(tmp_path / "bad"), "bytes", quiet=True)
+
+
+def test_prepare_from_hf_json_loader(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    for part in range(2):
+        rows = DOCS[part * 4:(part + 1) * 4]
+        (tmp_path / f"part{part}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in rows),
+                                                    encoding="utf-8")
+    out = str(tmp_path / "out")
+    meta = prepare("hf:json", out, "bytes", val_fraction=0.25, num_workers=1, data_files=str(tmp_path / "part*.jsonl"),
+                   quiet=True)
+    _check_prepared(out, meta, DOCS, get_tokenizer("bytes"))
+    assert meta["recipe"]["data_files"] == str(tmp_path / "part*.jsonl")
+    with pytest.raises(ValueError, match="pass --data-files"):
+        prepare("hf:json", str(tmp_path / "bad"), "bytes", quiet=True)
+
+
+def test_prepare_builtin_gpt2_and_ensure_prepared(tmp_path):
+    tok = get_tokenizer("gpt2")
+    documents = []
+    for doc in iter_builtin_documents():
+        documents.append(doc)
+        if len(documents) == 6:
+            break
+    assert documents[0].startswith("Genesis 1\n\nIn the beginning God created the heaven and the earth.\n")
+    out = str(tmp_path / "kjv")
+    meta = prepare("builtin", out, "gpt2", val_fraction=0.25, max_docs=6, num_workers=1, quiet=True)
+    _check_prepared(out, meta, documents, tok)
+
+    # same recipe: reused untouched; different recipe: rebuilt in place
+    mtime = os.path.getmtime(os.path.join(out, "meta.json"))
+    assert ensure_prepared("builtin", out, "gpt2", val_fraction=0.25, max_docs=6, num_workers=1, quiet=True) == meta
+    assert os.path.getmtime(os.path.join(out, "meta.json")) == mtime
+    rebuilt = ensure_prepared("builtin", out, "bytes", val_fraction=0.25, max_docs=6, num_workers=1, quiet=True)
+    assert rebuilt["tokenizer"] == "bytes" and TokenDataset(out).vocab_size == 257
+
+
+def test_prepare_refuses_foreign_directory_and_bad_args(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        prepare("builtin", str(tmp_path), "bytes", max_docs=2, quiet=True)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="unknown source 'nope'"):
+        prepare("nope", str(tmp_path / "x"), "bytes", quiet=True)
+    with pytest.raises(ValueError, match="val_fraction"):
+        prepare("builtin", str(tmp_path / "x"), "bytes", val_fraction=1.5, quiet=True)
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        prepare("builtin", str(tmp_path / "x"), "llama", quiet=True)
+
+
+def test_prepare_cli_errors_are_one_line(tmp_path):
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "data.prepare", "--source", f"files:{tmp_path}/*.txt",
+                             "--out", str(tmp_path / "out"), "--tokenizer", "bytes"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: files: glob '{tmp_path}/*.txt' matches no files"
+
+
+# ----------------------------------------------------------------------------------------
+# loader
+
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory):
+    """A synthetic prepared folder: train split in 3 uneven shards, val in one."""
+    out = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    train = [rng.integers(0, 257, size=n) for n in (300, 40, 500)]
+    val = rng.integers(0, 257, size=203)
+    splits = {}
+    for name, shards in (("train", train), ("val", [val])):
+        names = [f"{name}_{i:06d}.bin" for i in range(len(shards))]
+        for file_name, tokens in zip(names, shards):
+            write_shard(str(out / file_name), tokens, 257)
+        splits[name] = {"tokens": int(sum(len(s) for s in shards)), "documents": 1, "bytes": 1, "shards": names}
+    meta = {"format_version": 1, "tokenizer": "bytes", "vocab_size": 257, "eot_id": 256, "source": "synthetic",
+            "splits": splits}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return str(out)
+
+
+def test_sampler_batches_are_deterministic_and_shifted(token_dir):
+    dataset = TokenDataset(token_dir)
+    a = BatchSampler(dataset, "train", batch_size=8, seq_len=50, seed=3)
+    b = BatchSampler(dataset, "train", batch_size=8, seq_len=50, seed=3)
+    other = BatchSampler(dataset, "train", batch_size=8, seq_len=50, seed=4)
+    shard_seen = set()
+    for _ in range(4):
+        (xa, ya), (xb, yb), (xo, _) = a.next_batch(), b.next_batch(), other.next_batch()
+        assert xa.shape == ya.shape == (8, 50) and xa.dtype == torch.int64
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert not torch.equal(xa, xo)
+        assert torch.equal(xa[:, 1:], ya[:, :-1])
+        shard_seen.update(s for s, _ in a.global_window_starts(a.step - 1))
+    # windows stay inside one shard: the 40-token shard is too short for seq_len 50
+    assert shard_seen <= {0, 2} and a.num_windows == (300 - 50) + (500 - 50)
+    # every row is a real window of the data
+    flat = [np.asarray(s) for s in dataset.shards["train"]]
+    row = np.concatenate([xa[0].numpy(), ya[0, -1:].numpy()])
+    assert any(np.array_equal(f[o:o + 51], row) for f in flat for o in range(len(f) - 50))
+
+
+def test_sampler_resume_exact(token_dir):
+    dataset = TokenDataset(token_dir)
+    sampler = BatchSampler(dataset, "train", batch_size=4, seq_len=32, seed=7)
+    for _ in range(5):
+        sampler.next_batch()
+    state = sampler.state_dict()
+    assert state["step"] == 5 and state["seed"] == 7
+    expected = [sampler.next_batch() for _ in range(3)]
+    resumed = BatchSampler(dataset, "train", batch_size=4, seq_len=32, seed=0)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
+    for x, y in expected:
+        rx, ry = resumed.next_batch()
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    wrong = BatchSampler(dataset, "train", batch_size=8, seq_len=32, seed=7)
+    with pytest.raises(ValueError, match="batch_size=4"):
+        wrong.load_state_dict(state)
+
+
+def test_ranks_slice_the_same_global_batch(token_dir):
+    dataset = TokenDataset(token_dir)
+    single = BatchSampler(dataset, "train", batch_size=6, seq_len=16, seed=1)
+    ranks = [BatchSampler(dataset, "train", batch_size=6, seq_len=16, seed=1, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        x, y = single.next_batch()
+        parts = [r.next_batch() for r in ranks]
+        assert parts[0][0].shape == (3, 16)
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    with pytest.raises(ValueError, match="not divisible by world_size 4"):
+        BatchSampler(dataset, "train", batch_size=6, seq_len=16, seed=1, rank=0, world_size=4)
+
+
+def test_eval_batches_cover_split_once(token_dir):
+    dataset = TokenDataset(token_dir)
+    tokens = dataset.tokens("train", 0, dataset.num_tokens("train"))  # crosses shard boundaries
+    batches = list(iter_eval_batches(dataset, "train", batch_size=4, seq_len=32))
+    xs = torch.cat([x.flatten() for x, _ in batches])
+    ys = torch.cat([y.flatten() for _, y in batches])
+    # every token after the first is a target exactly once, in order
+    assert torch.equal(ys, torch.from_numpy(tokens[1:].astype(np.int64)))
+    assert torch.equal(xs, torch.from_numpy(tokens[:-1].astype(np.int64)))
+    assert all(x.shape[1] == 32 for x, _ in batches[:-1]) and batches[-1][0].shape == (1, (840 - 1) % 32)
+    assert len(list(iter_eval_batches(dataset, "train", 4, 32, max_batches=2))) == 2
+    full_only = list(iter_eval_batches(dataset, "train", 4, 32, drop_tail=True))
+    assert sum(x.shape[0] for x, _ in full_only) == (840 - 1) // 32
+    # two ranks split the batches between them without overlap
+    by_rank = [list(iter_eval_batches(dataset, "train", 4, 32, rank=r, world_size=2)) for r in range(2)]
+    assert sum(len(b) for b in by_rank) == len(batches)
+    assert torch.equal(by_rank[1][0][0], batches[1][0])
+
+
+def test_loader_errors(tmp_path, token_dir):
+    with pytest.raises(FileNotFoundError, match=r"no prepared data in .*: run python -m data.prepare"):
+        TokenDataset(str(tmp_path / "nothing"))
+    dataset = TokenDataset(token_dir)
+    with pytest.raises(ValueError, match=r"split 'val' .* has 203 tokens, fewer than seq_len \+ 1 = 301"):
+        BatchSampler(dataset, "val", batch_size=2, seq_len=300, seed=0)
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        list(iter_eval_batches(dataset, "val", 2, 300))
+    with pytest.raises(ValueError, match="split 'test' not in"):
+        dataset.num_tokens("test")
