@@ -1,0 +1,149 @@
+"""Checkpoints: DCP (torch.distributed.checkpoint) directories, saved atomically.
+
+    <out_dir>/checkpoints/step_000100/   DCP shards of {"model", "optim"} + trainer_state.pt + config.yaml
+    <out_dir>/checkpoints/latest         the name of the newest complete checkpoint
+
+A save writes into `.tmp-step_N`, then renames it and rewrites `latest` (temp file + fsync
++ rename), so a process killed mid-save leaves the previous checkpoint untouched and
+`latest` pointing at it. DCP works with or without a process group: the same code saves
+one shard per rank under torchrun and one file in a single process, and a checkpoint can
+be loaded on any number of ranks.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+from config import Config, config_from_dict, dump_yaml, read_yaml
+
+# DCP warns on every single-process save/load that no process group exists: that is intended.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_tree(path):
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg: Config, keep=2):
+    """Collective under torchrun: every rank calls it. Returns the checkpoint directory."""
+    name = f"step_{step:06d}"
+    final, tmp = os.path.join(ckpt_root, name), os.path.join(ckpt_root, f".tmp-{name}")
+    if _rank0():
+        os.makedirs(ckpt_root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    if _rank0():
+        torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
+        dump_yaml(cfg, os.path.join(tmp, "config.yaml"))
+        _fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)     # re-saving the same step replaces it
+        os.replace(tmp, final)
+        _write_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
+        _prune(ckpt_root, keep, name)
+    _barrier()
+    return final
+
+
+def _prune(ckpt_root, keep, newest):
+    done = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
+    for d in done[:-keep] if keep > 0 else []:
+        if d != newest:
+            shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+    for d in os.listdir(ckpt_root):                  # leftovers of killed saves
+        if d.startswith(".tmp-") and d != f".tmp-{newest}":
+            shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+
+
+def find_checkpoint(path) -> str | None:
+    """A checkpoint dir, a checkpoints/ root, or a training out_dir -> the checkpoint dir."""
+    for root in (path, os.path.join(path, "checkpoints")):
+        if os.path.isfile(os.path.join(root, TRAINER_STATE)):
+            return root
+        latest = os.path.join(root, LATEST)
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                name = f.read().strip()
+            ckpt = os.path.join(root, name)
+            if not os.path.isfile(os.path.join(ckpt, TRAINER_STATE)):
+                raise FileNotFoundError(f"{latest} names {name}, which is missing or incomplete")
+            return ckpt
+    return None
+
+
+def resolve_checkpoint(path) -> str:
+    ckpt = find_checkpoint(path) if os.path.exists(path) else None
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint found at {path} (expected a step_N directory or an out_dir "
+                                "with checkpoints/latest)")
+    return ckpt
+
+
+def load_training_state(ckpt, model, optimizer) -> dict:
+    """Load model + optimiser in place (any rank count) and return the trainer state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=ckpt)
+    except Exception as e:  # shape/key mismatch: a checkpoint of another model
+        raise ValueError(f"checkpoint {ckpt} does not match this model/optimiser: {str(e).splitlines()[0]}") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return torch.load(os.path.join(ckpt, TRAINER_STATE), weights_only=False)
+
+
+def load_config_of(ckpt) -> Config:
+    return config_from_dict(read_yaml(os.path.join(ckpt, "config.yaml")))
+
+
+def load_model(path, device="cpu"):
+    """For inference and evals: (model in eval mode, full Config) from a checkpoint or out_dir."""
+    from model import build_model
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config_of(ckpt)
+    model = build_model(cfg.model)
+    sd = get_model_state_dict(model, options=StateDictOptions())
+    state = {"model": sd}
+    try:
+        dcp.load(state, checkpoint_id=ckpt)
+    except Exception as e:
+        raise ValueError(f"checkpoint {ckpt} is unreadable or does not match its config: "
+                         f"{str(e).splitlines()[0]}") from None
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg

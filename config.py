@@ -1,0 +1,352 @@
+"""Typed configuration: YAML files map onto nested dataclasses, `--section.key=value` overrides.
+
+    cfg = load_config("configs/quickstart.yaml", ["--train.max_steps=10"])
+
+Config files are data (yaml.safe_load, never exec). Unknown keys and values of the wrong
+type or outside a field's choices raise ConfigError naming the key and listing what is
+valid. Every section is a dataclass below; their fields are the documentation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value. The message is one line, fit to print as `error: ...`."""
+
+
+def choice(default, choices, help=""):
+    return field(default=default, metadata={"choices": tuple(choices), "help": help})
+
+
+# ----------------------------------------------------------------------------------------
+# sections
+
+@dataclass
+class TitansConfig:
+    """Titans neural long-term memory (arXiv 2501.00663; DESIGN §3.4)."""
+    variant: str = choice("lmm", ["lmm", "mac", "mag", "mal"])
+    memory_depth: int = 2            # 1 = linear memory W x; 2 = residual MLP x + W1 s(W2 x)
+    memory_expansion: int = 2        # hidden width E = expansion * head_dim for depth 2
+    activation: str = choice("silu", ["silu", "gelu"])
+    chunk_size: int = 16             # C: gradients at the chunk-start weights (Titans §3.2)
+    theta_max: float = 1.0           # inner learning rate theta_t = theta_max * sigmoid(.)
+    inner_lr_fixed: Optional[float] = None  # set (e.g. 0.0) to replace theta_t by a constant
+    momentum: bool = True            # False: beta_t = 0 (Titans Table 5 "w/o momentum")
+    weight_decay: bool = True        # False: forget_t = 0, alpha_t = 1 ("w/o weight decay")
+    conv_size: int = 4               # causal depthwise conv on q, k, v (Titans §4.4); 0 = off
+    n_persistent: int = 4            # N_p learned tokens prepended (Titans §4.3)
+    segment_size: int = 64           # MAC: attention segment length C_seg
+    window_size: int = 64            # MAG/MAL: sliding-window attention width
+    n_memory_tokens: int = 0         # MAC: memory readout tokens per segment (0 = segment length)
+    detach_targets: bool = False
+    detach_chunks_older_than: int = 0  # 0 = full backprop through the inner loop
+
+
+@dataclass
+class CMSConfig:
+    """Continuum Memory System (NL §7, Eq. 70-71; DESIGN §3.5)."""
+    chunk_sizes: list = field(default_factory=lambda: [None])  # one per level; null = static level
+    hidden_mult: float = 4.0         # each level is a pre-norm residual SwiGLU/GELU MLP
+    inner_lr: float = 1e-2           # lr_l of the fast levels (same for all unless per-level list)
+    inner_lrs: Optional[list] = None  # per-level override of inner_lr
+
+
+@dataclass
+class HopeConfig:
+    """Self-modifying Titans (NL §8, Eq. 83-97; DESIGN §3.5)."""
+    chunk_mem: int = 16              # C_mem: chunk size of M_memory
+    chunk_other: int = 8             # C_other: chunk size of M_k, M_v, M_eta, M_alpha
+    memory_expansion: int = 1        # hidden width of every memory MLP = expansion * head_dim
+    activation: str = choice("silu", ["silu", "gelu"])
+    eta_max: float = 1.0             # eta_t = eta_max * sigmoid(w_eta . M_eta(x))
+    inner_lr_fixed: Optional[float] = None
+    inner_opt: str = choice("dgd", ["dgd", "gd"])
+    retention: bool = True           # False: alpha_t = 1
+    adaptive_k: bool = True
+    adaptive_v: bool = True
+    adaptive_q: bool = False         # NL: "q_t = x_t W_q is the only non-adaptive projection"
+    conv_size: int = 4
+    cms: bool = True                 # False: plain FFN instead of the CMS chain
+    detach_targets: bool = False
+    detach_chunks_older_than: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = choice("transformer", ["transformer", "titans", "hope", "hope_attention"])
+    vocab_size: int = 0              # 0 = take it from the tokenizer
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    ffn_mult: float = 8 / 3          # SwiGLU hidden = ffn_mult * d_model, rounded to ffn_multiple_of
+    ffn_multiple_of: int = 32
+    max_seq_len: int = 4096          # RoPE table length; KV caches may grow past it (RoPE extends)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    attention: str = choice("auto", ["auto", "sdpa", "flash"])
+    titans: TitansConfig = field(default_factory=TitansConfig)
+    hope: HopeConfig = field(default_factory=HopeConfig)
+    cms: CMSConfig = field(default_factory=CMSConfig)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "builtin"         # builtin | files:GLOB | hf:NAME[:CONFIG] | a prepared dir
+    tokenizer: str = choice("gpt2", ["gpt2", "bytes"])
+    data_dir: str = ""               # where shards live; "" = data/cache/<dataset>-<tokenizer>
+    val_fraction: float = 0.01
+    num_workers: int = 0             # tokenization processes; 0 = all cores
+    hf_split: str = "train"
+    hf_streaming: bool = False
+    hf_data_files: str = ""
+    text_field: str = "text"
+    max_docs: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = choice("adamw", ["adamw"])
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0           # 0 = off
+    schedule: str = choice("cosine", ["cosine", "wsd", "constant"])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1        # final lr = min_lr_ratio * train.lr
+    decay_fraction: float = 0.2      # WSD: the last fraction of steps decays linearly
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 8              # sequences per optimiser step (global, all ranks)
+    grad_accum: int = 1              # micro-batches per step; batch_size % grad_accum == 0
+    seq_len: int = 256
+    lr: float = 1e-3
+    seed: int = 1337
+    out_dir: str = "out"
+    eval_every: int = 100
+    eval_batches: int = 20
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str = "auto"             # auto | never | PATH to a checkpoint
+    device: str = choice("auto", ["auto", "cpu", "cuda"])
+    dtype: str = choice("auto", ["auto", "float32", "bfloat16"])  # auto: bf16 autocast on CUDA
+    compile: bool = False
+    log_every: int = 10
+    max_bad_steps: int = 5           # consecutive NaN/inf steps before stopping
+    sample_tokens: int = 100         # text sampled at the end of training (0 = none)
+    sample_prompt: str = "And God said"
+
+
+@dataclass
+class EvalConfig:
+    final: bool = True               # evaluate val loss / ppl / bits-per-byte after training
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = choice("disabled", ["disabled", "offline", "online"])
+    wandb_project: str = "nested-learning"
+    run_name: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------------------
+# dict <-> dataclass with checking
+
+def _coerce(value, tp, key):
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:                      # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):          # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+    raise ConfigError(f"{key} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _from_dict(cls, data, prefix=""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{full}'; valid keys in "
+                              f"'{prefix[:-1] or 'top level'}': {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _from_dict(tp, value or {}, full + ".")
+            continue
+        value = _coerce(value, tp, full)
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{full}={value!r} is not one of: {', '.join(map(str, choices))}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_path(data: dict, dotted: str, value):
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--train.lr=3e-4', '--model.arch', 'hope'] -> nested dict; values parsed as YAML."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument '{arg}'; overrides look like --section.key=value")
+        body = arg[2:]
+        if "=" in body:
+            key, raw = body.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{arg}' has no value; use --{body}=VALUE")
+            key, raw = body, args[i + 1]
+            i += 1
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict,)):
+            value = raw
+        _set_path(out, key.replace("-", "_"), value)
+        i += 1
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    data = read_yaml(path) if path else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def model_config_from(obj) -> ModelConfig:
+    """build_model accepts a ModelConfig, a full Config, a dict (either shape) or a YAML path."""
+    if isinstance(obj, ModelConfig):
+        return obj
+    if isinstance(obj, Config):
+        return obj.model
+    if isinstance(obj, str):
+        obj = read_yaml(obj)
+    if isinstance(obj, dict):
+        if "model" in obj and isinstance(obj["model"], dict):
+            obj = obj["model"]
+        return _from_dict(ModelConfig, obj, "model.")
+    raise ConfigError(f"cannot build a model config from {type(obj).__name__}")
+
+
+def validate(cfg: Config):
+    """Cross-field checks that a type check cannot see."""
+    t, m = cfg.train, cfg.model
+    positive = {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
+                "train.seq_len": t.seq_len, "train.grad_accum": t.grad_accum,
+                "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    if m.d_model % m.n_head:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
+    if (m.d_model // m.n_head) % 2:
+        raise ConfigError(f"head dim d_model/n_head={m.d_model // m.n_head} must be even for RoPE")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+
+
+def dump_yaml(cfg: Config, path: str):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

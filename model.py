@@ -1,0 +1,252 @@
+"""The language models: Transformer++, Titans, HOPE and HOPE-attention (DESIGN §3).
+
+Every architecture is the same stack, chosen by `model.arch`:
+
+    tokens -> embedding -> n_layer x Block -> RMSNorm -> LM head (tied to the embedding)
+    Block(x) = x + mixer(RMSNorm(x));  x + ffn(RMSNorm(x))
+
+and differs only in the block's sequence mixer (softmax attention, a Titans memory, a
+self-modifying HOPE memory) and channel mixer (SwiGLU FFN or the Continuum Memory System).
+This file says *what* each architecture computes; `kernels/` says how fast.
+
+    logits, loss, state = model(idx, targets=None, state=None)
+
+`state` carries everything a later segment needs (KV caches, conv buffers, fast weights),
+so feeding a sequence in one call or in consecutive segments gives the same logits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ModelConfig, model_config_from
+
+try:  # flash-attn is optional and CUDA-only; SDPA is the fallback everywhere
+    from flash_attn import flash_attn_func
+except Exception:  # ImportError, or a broken CUDA build
+    flash_attn_func = None
+
+
+# ----------------------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_cos_sin(positions, head_dim, theta, device):
+    """Rotary embedding tables for absolute `positions` (a 1-D int tensor)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = positions.to(device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()                                   # [T, head_dim/2]
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, H, D]; rotate pairs (x1, x2) of the two halves of the head dim."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class SwiGLU(nn.Module):
+    """Llama FFN: W_down (SiLU(W_gate x) * W_up x), no biases."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+        self.w_down.is_residual_proj = True
+
+    def forward(self, x, state=None):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)), None
+
+
+def ffn_hidden(cfg: ModelConfig):
+    hidden = int(cfg.ffn_mult * cfg.d_model)
+    return cfg.ffn_multiple_of * math.ceil(hidden / cfg.ffn_multiple_of)
+
+
+# ----------------------------------------------------------------------------------------
+# softmax attention (Transformer++; also the attention inside Titans and HOPE-attention)
+
+def causal_attention(q, k, v, q_pos, k_pos, window=None, backend="auto"):
+    """Softmax attention of queries at absolute positions q_pos over keys at k_pos.
+
+    q [B, Tq, H, D], k/v [B, Tk, H, D]. A query sees keys with k_pos <= q_pos (and, with a
+    sliding `window`, k_pos > q_pos - window). Uses flash-attn when available on CUDA for
+    the plain causal case, PyTorch SDPA otherwise.
+    """
+    Tq, Tk = q.shape[1], k.shape[1]
+    plain_causal = window is None and Tq == Tk and bool((q_pos == k_pos).all())
+    if (backend in ("auto", "flash") and flash_attn_func is not None and q.is_cuda
+            and plain_causal and q.dtype in (torch.float16, torch.bfloat16)):
+        return flash_attn_func(q, k, v, causal=True)
+    if backend == "flash" and flash_attn_func is None:
+        raise RuntimeError("model.attention=flash but flash-attn is not installed")
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))                    # [B, H, T, D]
+    if plain_causal:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            allowed &= k_pos[None, :] > q_pos[:, None] - window
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with RoPE and a KV cache (`state = {"k", "v"}`).
+
+    With `window` set it is sliding-window attention and the cache keeps only the last
+    `window - 1` keys, so memory stays flat while streaming (Titans MAG/MAL).
+    """
+
+    def __init__(self, cfg: ModelConfig, window=None):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
+        self.rope_theta, self.window, self.backend = cfg.rope_theta, window, cfg.attention
+        self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wo.is_residual_proj = True
+
+    def forward(self, x, state=None, pos=0):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        q_pos = torch.arange(pos, pos + T, device=x.device)
+        cos, sin = rope_cos_sin(q_pos, self.head_dim, self.rope_theta, x.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if state is not None:
+            k = torch.cat([state["k"], k], dim=1)
+            v = torch.cat([state["v"], v], dim=1)
+        k_pos = torch.arange(pos + T - k.shape[1], pos + T, device=x.device)
+        y = causal_attention(q, k, v, q_pos, k_pos, self.window, self.backend)
+        keep = k.shape[1] if self.window is None else min(k.shape[1], self.window - 1)
+        new_state = {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:]}
+        return self.wo(y.reshape(B, T, -1)), new_state
+
+
+# ----------------------------------------------------------------------------------------
+# the block and the model
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, mixer: nn.Module, ffn: nn.Module):
+        super().__init__()
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = mixer
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x, state=None, pos=0):
+        state = state or {}
+        h, mixer_state = self.mixer(self.mixer_norm(x), state.get("mixer"), pos=pos)
+        x = x + h
+        h, ffn_state = self.ffn(self.ffn_norm(x), state.get("ffn"))
+        return x + h, {"mixer": mixer_state, "ffn": ffn_state}
+
+
+def make_block(cfg: ModelConfig, layer: int) -> Block:
+    """model.arch -> (sequence mixer, channel mixer) of one block."""
+    if cfg.arch == "transformer":
+        return Block(cfg, Attention(cfg), SwiGLU(cfg.d_model, ffn_hidden(cfg)))
+    raise NotImplementedError(f"model.arch={cfg.arch!r} is not implemented yet")
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("model.vocab_size must be set (build_model fills it from the tokenizer)")
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList([make_block(cfg, i) for i in range(cfg.n_layer)])
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2/nanoGPT init: N(0, 0.02), residual output projections scaled by 1/sqrt(2L).
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            scale = 1 / math.sqrt(2 * self.config.n_layer) if getattr(module, "is_residual_proj", False) else 1.0
+            nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if hasattr(module, "reset_memory_parameters"):    # memories own their init
+            module.reset_memory_parameters()
+
+    def forward(self, idx, targets=None, state=None):
+        """idx [B, T] int64 -> (logits [B, T, vocab], loss or None, state)."""
+        pos = 0 if state is None else state["pos"]
+        layer_states = [None] * len(self.blocks) if state is None else state["layers"]
+        x = self.embed(idx)
+        new_layer_states = []
+        for block, layer_state in zip(self.blocks, layer_states):
+            x, layer_state = block(x, layer_state, pos=pos)
+            new_layer_states.append(layer_state)
+        logits = self.head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss, {"pos": pos + idx.shape[1], "layers": new_layer_states}
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None, generator=None):
+        """Sample `max_new_tokens` after `idx` [B, T], reusing the state (KV cache, fast weights)."""
+        logits, _, state = self(idx, state=state)
+        out = [idx]
+        for _ in range(max_new_tokens):
+            next_logits = logits[:, -1, :].float()
+            if temperature <= 0:
+                nxt = next_logits.argmax(-1, keepdim=True)
+            else:
+                next_logits = next_logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(next_logits, min(top_k, next_logits.size(-1)))
+                    next_logits[next_logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(next_logits, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            out.append(nxt)
+            logits, _, state = self(nxt, state=state)
+        return torch.cat(out, dim=1)
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T.
+
+        N counts non-embedding parameters plus the LM head; the attention term uses the
+        full context (causal masking is not discounted, as in nanoGPT/PaLM). Memory-update
+        FLOPs of Titans/HOPE layers are added by `memory_flops_per_token`, reported apart.
+        """
+        cfg = self.config
+        n = self.num_params(non_embedding=True)
+        if cfg.tie_embeddings:
+            n += self.head.weight.numel()
+        attn_layers = sum(isinstance(b.mixer, Attention) for b in self.blocks)
+        return 6 * n + 12 * attn_layers * cfg.d_model * seq_len
+
+
+def build_model(cfg) -> LanguageModel:
+    """cfg: a ModelConfig, a full Config, a dict or a YAML path (DESIGN §2)."""
+    return LanguageModel(model_config_from(cfg))

@@ -1,0 +1,20 @@
+"""Test environment: offline, no wandb, the Triton interpreter when there is no GPU."""
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Offline data for tests and evals (CI lays shared/ beside the checkout).
+SHARED_DATA = os.environ.setdefault("NL_SHARED_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
+
+import torch  # noqa: E402  (torch does not import triton at import time)
+
+# TRITON_INTERPRET must be set before triton is first imported: Triton kernels then run
+# on CPU tensors in the interpreter (fp32 only, slow: tests use tiny shapes).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -1,0 +1,80 @@
+import subprocess
+import sys
+
+import pytest
+
+from config import Config, ConfigError, config_from_dict, load_config, model_config_from, parse_overrides
+from conftest import REPO
+
+
+def test_defaults_and_yaml_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  arch: transformer\n  d_model: 64\ntrain:\n  lr: 1.0e-3\n")
+    cfg = load_config(str(path), ["--train.lr=3e-4", "--model.n_layer", "3", "--logging.wandb=offline",
+                                  "--train.resume=never"])
+    assert isinstance(cfg, Config)
+    assert cfg.model.d_model == 64 and cfg.model.n_layer == 3
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.logging.wandb == "offline" and cfg.train.resume == "never"
+
+
+def test_int_accepted_for_float_and_nested_sections():
+    cfg = config_from_dict({"train": {"lr": 1}, "model": {"titans": {"variant": "mac"}}})
+    assert cfg.train.lr == 1.0 and cfg.model.titans.variant == "mac"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"trian": {}}, "unknown config key 'trian'; valid keys in 'top level': model, data"),
+    ({"train": {"max_step": 3}}, "unknown config key 'train.max_step'; valid keys in 'train': max_steps"),
+    ({"train": {"max_steps": "ten"}}, "train.max_steps must be int, got 'ten'"),
+    ({"train": {"max_steps": 1.5}}, "train.max_steps must be int"),
+    ({"model": {"arch": "rnn"}}, "model.arch='rnn' is not one of: transformer, titans, hope, hope_attention"),
+    ({"train": {"batch_size": 6, "grad_accum": 4}}, "not divisible by train.grad_accum"),
+    ({"model": {"d_model": 100, "n_head": 3}}, "model.d_model=100 is not divisible by model.n_head=3"),
+    ({"data": {"tokenizer": "llama"}}, "data.tokenizer='llama' is not one of: gpt2, bytes"),
+])
+def test_bad_values_name_the_key(data, message):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_override_parsing_errors():
+    with pytest.raises(ConfigError, match="overrides look like --section.key=value"):
+        parse_overrides(["train.lr=3"])
+    with pytest.raises(ConfigError, match="has no value"):
+        parse_overrides(["--train.lr"])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_model_config_from_accepts_many_shapes(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("model:\n  d_model: 96\n  n_head: 3\n")
+    assert model_config_from(str(path)).d_model == 96
+    assert model_config_from({"d_model": 32}).d_model == 32
+    assert model_config_from({"model": {"d_model": 48}}).d_model == 48
+    assert model_config_from(Config()).d_model == Config().model.d_model
+
+
+def test_every_config_file_parses():
+    import glob
+    files = sorted(glob.glob(f"{REPO}/configs/*.yaml"))
+    assert files
+    for path in files:
+        load_config(path)
+
+
+def test_cli_error_is_one_line_and_exit_2():
+    r = subprocess.run([sys.executable, "train.py", "--train.max_stepz=3"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: unknown config key 'train.max_stepz'")
+    assert len(r.stderr.strip().splitlines()) == 1

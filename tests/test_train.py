@@ -1,0 +1,123 @@
+"""End-to-end training on a tiny byte-level corpus: loss falls, exact resume after SIGKILL,
+NaN steps are skipped, metrics/config files are written."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, SHARED_DATA
+
+TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.d_model=32", "--data.tokenizer=bytes",
+        "--train.batch_size=4", "--train.seq_len=32", "--train.lr=3e-3", "--optim.warmup_steps=5",
+        "--train.eval_batches=2", "--train.sample_tokens=0", "--logging.wandb=disabled"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A prepared byte-level dataset from tiny-shakespeare (first 200 KB split into documents)."""
+    from data.prepare import prepare
+    root = tmp_path_factory.mktemp("corpus")
+    with open(os.path.join(SHARED_DATA, "shakespeare", "tinyshakespeare.txt")) as f:
+        text = f.read()[:200_000]
+    for i, doc in enumerate(text.split("\n\n")[:400]):
+        (root / f"doc{i:04d}.txt").write_text(doc)
+    out = str(root / "prepared")
+    prepare(f"files:{root}/*.txt", out, tokenizer="bytes", val_fraction=0.1, num_workers=1, quiet=True)
+    return out
+
+
+def run_train(args, **kw):
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, **kw)
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_run_loss_falls_and_writes_files(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    r = run_train([*TINY, f"--data.dataset={corpus}", f"--train.out_dir={out}", "--train.max_steps=60",
+                   "--train.eval_every=30", "--train.ckpt_every=30", "--train.log_every=10"])
+    assert r.returncode == 0, r.stderr
+    assert "training done" in r.stdout
+    rows = read_metrics(out)
+    for key in ("step", "tokens", "loss", "lr", "tokens_per_s"):
+        assert key in rows[0]
+    evals = [row for row in rows if "val_loss" in row]
+    assert [row["step"] for row in evals] == [30, 60]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0          # ln(257) = 5.55 at init
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert os.path.isfile(os.path.join(out, "config.yaml"))
+    with open(os.path.join(out, "checkpoints", "latest")) as f:
+        assert f.read().strip() == "step_000060"
+    final = json.load(open(os.path.join(out, "final_eval.json")))
+    assert final["val_bpb"] < 8.0 and final["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
+
+
+def test_sigkill_and_resume_is_bit_exact(corpus, tmp_path):
+    common = [*TINY, f"--data.dataset={corpus}", "--train.max_steps=40", "--train.eval_every=0",
+              "--train.ckpt_every=5", "--train.log_every=1", "--eval.final=false"]
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
+    assert run_train([*common, f"--train.out_dir={ref_dir}"]).returncode == 0
+    # start a run, SIGKILL it once it has logged past a checkpoint, then resume it
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "train.py", *common, f"--train.out_dir={run_dir}"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 17/"):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    r = run_train([*common, f"--train.out_dir={run_dir}"])
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and "step_000015" in r.stdout
+    ref, resumed = read_metrics(ref_dir), read_metrics(run_dir)
+    assert [x["step"] for x in resumed] == [x["step"] for x in ref] == list(range(1, 41))
+    assert [x["loss"] for x in resumed] == [x["loss"] for x in ref]       # bit-identical
+
+
+def test_nan_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch, capsys):
+    import model as model_mod
+    import train as train_mod
+    from config import load_config
+    real_forward = model_mod.LanguageModel.forward
+    calls = {"n": 0}
+
+    def flaky_forward(self, idx, targets=None, state=None):
+        logits, loss, st = real_forward(self, idx, targets, state)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] in (3, 4) or calls["n"] >= 8:          # two isolated bad steps, then forever
+                loss = loss * float("nan")
+        return logits, loss, st
+
+    monkeypatch.setattr(model_mod.LanguageModel, "forward", flaky_forward)
+    cfg = load_config(None, [*TINY, f"--data.dataset={corpus}", f"--train.out_dir={tmp_path}/nan",
+                             "--train.max_steps=30", "--train.eval_every=0", "--train.ckpt_every=5",
+                             "--train.log_every=1", "--train.max_bad_steps=3"])
+    assert train_mod.train(cfg) == 1
+    err = capsys.readouterr()
+    assert "step skipped" in err.out and "3 non-finite steps in a row; stopping" in err.err
+    rows = read_metrics(f"{tmp_path}/nan")
+    assert [r["step"] for r in rows] == [1, 2, 5, 6, 7]                  # steps 3, 4 skipped
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    with open(f"{tmp_path}/nan/checkpoints/latest") as f:                  # last good checkpoint kept
+        assert f.read().strip() == "step_000005"
+
+
+def test_bad_resume_path_and_data_errors(corpus, tmp_path):
+    r = run_train([*TINY, f"--data.dataset={corpus}", f"--train.out_dir={tmp_path}/x",
+                   f"--train.resume={tmp_path}/missing"])
+    assert r.returncode == 2 and r.stderr.startswith("error: no checkpoint found at")
+    r = run_train([*TINY, "--data.dataset=files:/nonexistent/*.txt", f"--train.out_dir={tmp_path}/y",
+                   f"--data.data_dir={tmp_path}/y-data"])
+    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
