@@ -24,6 +24,7 @@ import os
 import re
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -97,6 +98,23 @@ def evaluate_split(model, dataset, split="val", batch_size=8, seq_len=256, max_b
         "bits_per_byte": total_nll / LN2 / bytes_scored,
         "tokens": tokens_scored,
     }
+
+
+def unigram_baseline(dataset, split="val", smoothing=1.0) -> dict:
+    """The reference point a trained model must beat: a unigram model fitted on the train
+    split (add-`smoothing` counts over the vocabulary) scored on `split` like evaluate_split
+    (every token after the first is a target). Returns {loss, perplexity, bits_per_byte, tokens}."""
+    counts = np.full(dataset.vocab_size, smoothing, dtype=np.float64)
+    for shard in dataset.shards["train"]:
+        counts += np.bincount(np.asarray(shard), minlength=dataset.vocab_size)[:dataset.vocab_size]
+    log_p = np.log(counts / counts.sum())
+    n = dataset.num_tokens(split)
+    targets = np.asarray(dataset.tokens(split, 1, n)).astype(np.int64)
+    total_nll = float(-log_p[targets].sum())
+    bytes_scored = len(targets) / n * dataset.num_bytes(split)
+    loss = total_nll / len(targets)
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total_nll / LN2 / bytes_scored,
+            "tokens": len(targets)}
 
 
 # -----------------------------------------------------------------------------
@@ -386,7 +404,7 @@ def _resolve_device(name: str) -> str:
     return name
 
 
-TASKS = ("val", "wikitext", "lambada")
+TASKS = ("val", "unigram", "wikitext", "lambada")
 
 
 def run(args) -> dict:
@@ -422,6 +440,10 @@ def run(args) -> dict:
         dataset = TokenDataset(resolve_data_dir(cfg))
         results["val"] = evaluate_split(model, dataset, "val", args.batch_size, max_len,
                                         max_batches=args.limit, device=device)
+    if "unigram" in tasks:
+        from data.loader import TokenDataset
+        from train import resolve_data_dir
+        results["unigram_val"] = unigram_baseline(TokenDataset(resolve_data_dir(cfg)), "val")
     if "wikitext" in tasks:
         results["wikitext"] = wikitext_word_perplexity(model, tokenizer, wikitext_path, max_len, device=device,
                                                        limit_docs=args.limit, batch_size=args.batch_size,

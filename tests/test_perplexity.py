@@ -163,6 +163,28 @@ def test_evaluate_split_on_a_prepared_dataset_scores_every_val_token_once(tmp_pa
     assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / ((n - 1) / n * n_bytes), rel=1e-5)
 
 
+def test_unigram_baseline_by_hand(tmp_path):
+    from collections import Counter
+
+    from data.loader import TokenDataset
+    from data.prepare import prepare
+
+    docs = ["aaab", "abba", "bbbbc", "cab", "aaaa"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare(f"files:{tmp_path / 'd.jsonl'}", str(tmp_path / "p"), tokenizer="bytes", val_fraction=0.4,
+            num_workers=1, quiet=True)
+    ds = TokenDataset(str(tmp_path / "p"))
+    train = ds.tokens("train", 0, ds.num_tokens("train")).tolist()
+    val = ds.tokens("val", 0, ds.num_tokens("val")).tolist()
+    counts = Counter(train)
+    total = len(train) + 257 * 0.5
+    nll = -sum(math.log((counts[t] + 0.5) / total) for t in val[1:])
+    r = ppl.unigram_baseline(ds, "val", smoothing=0.5)
+    assert r["tokens"] == len(val) - 1
+    assert r["loss"] == pytest.approx(nll / (len(val) - 1), rel=1e-9)
+    assert r["bits_per_byte"] == pytest.approx(nll / math.log(2) / ((len(val) - 1) / len(val) * ds.num_bytes("val")))
+
+
 # -----------------------------------------------------------------------------
 # rolling windows (lm-eval get_rolling_token_windows + make_disjoint_window, context_len=1)
 
