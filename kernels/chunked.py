@@ -113,8 +113,9 @@ def momentum_rule_chunked(q, k, u, alpha, beta, initial_state=None, initial_mome
         for n in range(Q.shape[2]):
             S_starts.append(S)
             Z_starts.append(Z)
-            S, Z = (a_last[:, :, n] * S + c_last[:, :, n] * Z + write_S[:, :, n],
-                    b_last[:, :, n] * Z + write_Z[:, :, n])
+            S, Z = (torch.addcmul(torch.addcmul(write_S[:, :, n], a_last[:, :, n], S),
+                                  c_last[:, :, n], Z),         # a_L S + c_L Z + write_S
+                    torch.addcmul(write_Z[:, :, n], b_last[:, :, n], Z))   # b_L Z + write_Z
         S0, Z0 = torch.stack(S_starts, dim=2), torch.stack(Z_starts, dim=2)
         outputs.append(intra + a.unsqueeze(-1) * (Q @ S0.transpose(-1, -2))
                        + c.unsqueeze(-1) * (Q @ Z0.transpose(-1, -2)))
@@ -136,9 +137,9 @@ def delta_rule_chunked(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
         R = U' - W S_0^T,    U' = T U,    W = T diag(eta gamma_prev) K.
     This is fla's WY/UT form of the gated delta rule (beta' = eta/alpha, v' = u alpha/eta
     folded back), written without any division, so eta = 0 (then r_t = u_t) and alpha = 0
-    are exact. Per chunk the sequential pass only computes R from S_0 and
-        S_L = gamma_L S_0 + R^T diag(D[L,:]) K,
-    and the readout is O = diag(gamma) Q S_0^T + (D ∘ Q K^T) R for all chunks at once.
+    are exact. The state carry is S_L = gamma_L S_0 + R^T diag(D[L,:]) K, an affine map
+    of S_0 (one matmul per chunk in the sequential pass); afterwards R and the readout
+    O = diag(gamma) Q S_0^T + (D ∘ Q K^T) R are computed for all chunks at once.
     """
     _, groups, (S,) = _prepare(q, k, u, (alpha, eta), (initial_state,), chunk_size)
     outputs = []
@@ -154,16 +155,22 @@ def delta_rule_chunked(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
         solved = torch.linalg.solve_triangular(unit_lower, rhs, upper=False,
                                                unitriangular=True)
         U_prime, W = solved[..., : U.shape[-1]], solved[..., U.shape[-1]:]
-        decay_to_end = D[..., -1, :, None] * Kc                     # D[L,i] k_i
-        gamma_last = gamma[..., -1, None, None]
-        # The only sequential part: R needs the state entering its chunk.
-        S_starts, residuals = [], []
-        for n in range(Q.shape[2]):
-            R = U_prime[:, :, n] - W[:, :, n] @ S.transpose(-1, -2)    # [B,H,L,V]
+        # S_L = gamma_L S_0 + (U' - W S_0^T)^T Kd = S_0 (gamma_L I - W^T Kd) + U'^T Kd with
+        # Kd = diag(D[L,:]) K: an affine map of S_0 per chunk, built for all chunks at once.
+        decay_to_end = D[..., -1, :, None] * Kc                     # rows D[L,i] k_i
+        eye = torch.eye(Kc.shape[-1], dtype=Kc.dtype, device=Kc.device)
+        transition = gamma[..., -1, None, None] * eye - W.transpose(-1, -2) @ decay_to_end
+        write = U_prime.transpose(-1, -2) @ decay_to_end            # [B,H,N,V,K]
+        # The only sequential part: the state entering each chunk, one matmul per chunk.
+        B, H, N, V, K = write.shape
+        write, transition = write.flatten(0, 1), transition.flatten(0, 1)  # [B*H,N,..]
+        S_starts, S = [], S.flatten(0, 1)
+        for n in range(N):
             S_starts.append(S)
-            residuals.append(R)
-            S = gamma_last[:, :, n] * S + R.transpose(-1, -2) @ decay_to_end[:, :, n]
-        S0, R = torch.stack(S_starts, dim=2), torch.stack(residuals, dim=2)
+            S = torch.baddbmm(write[:, n], S, transition[:, n])    # write + S @ transition
+        S0 = torch.stack(S_starts, dim=1).view(B, H, N, V, K)
+        S = S.view(B, H, V, K)
+        R = U_prime - W @ S0.transpose(-1, -2)                      # [B,H,N,L,V]
         readout = (Q @ Kc.transpose(-1, -2)) * D
         outputs.append(gamma.unsqueeze(-1) * (Q @ S0.transpose(-1, -2)) + readout @ R)
     return _finish(outputs, q, u), S
