@@ -162,6 +162,21 @@ class LoggingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-device training under torchrun (DESIGN §5; docs/DISTRIBUTED.md). The speed
+    switches (activation_checkpointing, and train.compile) apply to one process as well."""
+    fsdp: str = choice("auto", ["auto", "on", "off"])  # auto: FSDP2 when WORLD_SIZE > 1; off: DDP on > 1 rank;
+                                     # on: FSDP2 even on 1 device (a 1-rank process group is made if needed)
+    reshard_after_forward: bool = True  # free gathered block weights after forward (ZeRO-3); False keeps
+                                     # them to backward (ZeRO-2: fewer all-gathers, more memory)
+    mixed_precision: str = choice("auto", ["auto", "bf16", "fp32"])  # FSDP2 parameter dtype in forward and
+                                     # backward; gradients are always reduced in fp32. auto: bf16 when the
+                                     # run computes in bf16 (train.dtype), else fp32
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    timeout_s: int = 1800            # collective timeout before a stuck rank aborts the job
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -169,6 +184,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # ----------------------------------------------------------------------------------------
@@ -341,6 +357,8 @@ def validate(cfg: Config):
         raise ConfigError(f"head dim d_model/n_head={m.d_model // m.n_head} must be even for RoPE")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if cfg.distributed.timeout_s < 1:
+        raise ConfigError(f"distributed.timeout_s must be >= 1, got {cfg.distributed.timeout_s}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
 
