@@ -1,0 +1,412 @@
+"""Triton forward+backward kernels for `delta_rule` (DESIGN §3.2, §4), plus the tile helpers
+that `triton_momentum.py` shares. Public entry points live in `kernels/triton_scans.py`.
+
+    S_t = S_{t-1} (alpha_t I - eta_t k_t k_t^T) + u_t k_t^T ;   o_t = S_t q_t
+
+The kernels hold the state transposed, h = S^T [K, V], so every update is a plain matmul.
+Within a chunk of C tokens starting from h, with g_t = sum_{s<=t} log alpha_s (chunk-local),
+gp_t = g_{t-1}, and delta_t = u_t - eta_t S_{t-1} k_t (the write that actually lands):
+
+    S_t = e^{g_t} S_0 + sum_{i<=t} e^{g_t - g_i} delta_i k_i^T                   (unrolled)
+    (I + A) Delta = U - diag(eta e^{gp}) K h,   A_ti = eta_t e^{gp_t - g_i} k_t.k_i  (i < t)
+    => Delta = U' - W h  with  Tm = (I + A)^{-1},  U' = Tm U,  W = Tm diag(eta e^{gp}) K
+    O = diag(e^g) Q h + (Gamma o Q K^T) Delta,   Gamma_ti = e^{g_t - g_i}  (i <= t)
+    h_next = e^{g_L} h + (diag(e^{g_L - g}) K)^T Delta                     (L = last token)
+
+This is the WY/UT form of the gated delta rule (fla `gated_delta_rule`), written directly in
+(alpha, eta, u). Every exponent above is a sum of log-gates over a forward range, so it is
+<= 0 for 0 < alpha <= 1: no ratio can overflow, and masked entries are exp(-inf) = 0.
+
+Kernels (all state math in fp32; grid axes: chunks or V-blocks x batch*heads):
+    _delta_prep_kernel        parallel over chunks: Tm by forward substitution, W, U'
+    _delta_fwd_scan_kernel    sequential over chunks: Delta, O, h; saves chunk-start h, Delta
+    _delta_bwd_scan_kernel    sequential, reversed: dDelta and the carried dh (h's gradient)
+    _delta_bwd_grads_kernel   parallel over chunks: dq, dk, du, dalpha, deta (reduces over V)
+"""
+import torch
+import triton
+import triton.language as tl
+
+# log(alpha) is clamped here so that alpha == 0 gives a huge negative number instead of -inf
+# (-inf - -inf = nan in the ratios); e^-69 is already far below fp32 resolution of a sum.
+LOG_GATE_FLOOR = tl.constexpr(-69.0)
+
+
+# ----------------------------------------------------------------------------- tile helpers
+
+@triton.jit
+def _load_rows(ptr, base, t0, T, stride_t, c0, D, BT: tl.constexpr, BD: tl.constexpr):
+    """[BT, BD] fp32 tile: tokens t0.. (row stride stride_t), features c0..; zero outside."""
+    rows = t0 + tl.arange(0, BT)
+    cols = c0 + tl.arange(0, BD)
+    mask = (rows[:, None] < T) & (cols[None, :] < D)
+    ptrs = ptr + base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, base, t0, T, stride_t, c0, D, x, BT: tl.constexpr, BD: tl.constexpr):
+    rows = t0 + tl.arange(0, BT)
+    cols = c0 + tl.arange(0, BD)
+    mask = (rows[:, None] < T) & (cols[None, :] < D)
+    ptrs = ptr + base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_gate(ptr, base, t0, T, stride_t, other, BT: tl.constexpr):
+    rows = t0 + tl.arange(0, BT)
+    ptrs = ptr + base + rows.to(tl.int64) * stride_t
+    return tl.load(ptrs, mask=rows < T, other=other).to(tl.float32)
+
+
+@triton.jit
+def _store_gate(ptr, base, t0, T, stride_t, x, BT: tl.constexpr):
+    rows = t0 + tl.arange(0, BT)
+    tl.store(ptr + base + rows.to(tl.int64) * stride_t, x.to(ptr.dtype.element_ty), mask=rows < T)
+
+
+@triton.jit
+def _log_cumsum(gate):
+    """Chunk-local inclusive cumsum of log(gate). Padding rows carry gate 1, i.e. log 0."""
+    return tl.cumsum(tl.maximum(tl.log(gate), LOG_GATE_FLOOR), 0)
+
+
+@triton.jit
+def _decay(g_row, g_col, mask):
+    """e^{g_row[t] - g_col[i]} where mask[t, i], else 0 (exp(-inf); never forms inf - inf)."""
+    return tl.exp(tl.where(mask, g_row[:, None] - g_col[None, :], float("-inf")))
+
+
+@triton.jit
+def _pick(x, rows, L):
+    """x[L] of a 1-D [BT] tile as a scalar."""
+    return tl.sum(tl.where(rows == L, x, 0.0), 0)
+
+
+@triton.jit
+def _reverse_cumsum(x, rows):
+    """y[s] = sum_{t >= s} x[t] over the chunk (gradients of chunk-local cumsums)."""
+    return tl.sum(tl.where(rows[None, :] >= rows[:, None], x[None, :], 0.0), 1)
+
+
+@triton.jit
+def _load_state(ptr, base, K, V, v0, BK: tl.constexpr, BV: tl.constexpr):
+    """[BK, BV] tile of h = S^T from a state S [.., V, K] (row-major, K fastest)."""
+    rk = tl.arange(0, BK)
+    rv = v0 + tl.arange(0, BV)
+    mask = (rk[:, None] < K) & (rv[None, :] < V)
+    return tl.load(ptr + base + rv[None, :] * K + rk[:, None], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_state(ptr, base, K, V, v0, h, BK: tl.constexpr, BV: tl.constexpr):
+    rk = tl.arange(0, BK)
+    rv = v0 + tl.arange(0, BV)
+    mask = (rk[:, None] < K) & (rv[None, :] < V)
+    tl.store(ptr + base + rv[None, :] * K + rk[:, None], h.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_kv(ptr, base, K, V, v0, BK: tl.constexpr, BV: tl.constexpr):
+    """[BK, BV] tile of a saved per-chunk state, stored [K, V] (V fastest)."""
+    rk = tl.arange(0, BK)
+    rv = v0 + tl.arange(0, BV)
+    mask = (rk[:, None] < K) & (rv[None, :] < V)
+    return tl.load(ptr + base + rk[:, None] * V + rv[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_kv(ptr, base, K, V, v0, h, BK: tl.constexpr, BV: tl.constexpr):
+    rk = tl.arange(0, BK)
+    rv = v0 + tl.arange(0, BV)
+    mask = (rk[:, None] < K) & (rv[None, :] < V)
+    tl.store(ptr + base + rk[:, None] * V + rv[None, :], h, mask=mask)
+
+
+# ----------------------------------------------------------------------------- delta rule
+
+@triton.jit
+def _delta_chunk_gates(alpha_ptr, eta_ptr, g_base, t0, T, H, BT: tl.constexpr):
+    """Per-chunk gate vectors: g (inclusive log-cumsum), gp = g - log alpha, eta, alpha."""
+    alpha = _load_gate(alpha_ptr, g_base, t0, T, H, 1.0, BT)
+    eta = _load_gate(eta_ptr, g_base, t0, T, H, 0.0, BT)
+    g = _log_cumsum(alpha)
+    gp = g - tl.maximum(tl.log(alpha), LOG_GATE_FLOOR)
+    return g, gp, eta, alpha
+
+
+@triton.jit
+def _ut_inverse(a, BT: tl.constexpr):
+    """Tm = (I + A)^{-1} for strictly lower-triangular A [BT, BT], by forward substitution:
+    row i of Tm is e_i - sum_{j<i} A_ij Tm_j (rows j < i are final when row i is formed)."""
+    rows = tl.arange(0, BT)
+    tm = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    for i in range(1, BT):
+        a_i = tl.sum(tl.where(rows[:, None] == i, a, 0.0), 0)                # A[i, :]
+        tm = tl.where(rows[:, None] == i, tm - tl.sum(a_i[:, None] * tm, 0)[None, :], tm)
+    return tm
+
+
+@triton.jit
+def _delta_ut_system(kc, g, gp, eta, BT: tl.constexpr, PREC: tl.constexpr):
+    """A (strictly lower), K K^T, the decay mask of A, and Tm = (I + A)^{-1}."""
+    rows = tl.arange(0, BT)
+    strict = rows[:, None] > rows[None, :]
+    kk = tl.dot(kc, tl.trans(kc), input_precision=PREC)                       # [BT, BT]
+    decay_a = _decay(gp, g, strict)                                           # e^{gp_t - g_i}
+    a = eta[:, None] * decay_a * kk
+    return a, kk, decay_a, _ut_inverse(a, BT)
+
+
+@triton.jit
+def _delta_prep_kernel(k_ptr, u_ptr, alpha_ptr, eta_ptr, w_ptr, u2_ptr, T, H, K, V,
+                       WITH_U2: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, PREC: tl.constexpr):
+    """W = Tm diag(eta e^{gp}) K and (WITH_U2) U' = Tm U for one chunk (fp32, [B*H, T, .])."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_t * BT
+    g_base = i_b.to(tl.int64) * T * H + i_h
+    kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)            # [BT, BK]
+    g, gp, eta, alpha = _delta_chunk_gates(alpha_ptr, eta_ptr, g_base, t0, T, H, BT)
+    a, kk, decay_a, tm = _delta_ut_system(kc, g, gp, eta, BT, PREC)
+    w = tl.dot(tm, (eta * tl.exp(gp))[:, None] * kc, input_precision=PREC)     # [BT, BK]
+    _store_rows(w_ptr, i_bh.to(tl.int64) * T * K, t0, T, K, 0, K, w, BT, BK)
+    if WITH_U2:
+        for v0 in range(0, V, BV):
+            uc = _load_rows(u_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)    # [BT, BV]
+            u2 = tl.dot(tm, uc, input_precision=PREC)
+            _store_rows(u2_ptr, i_bh.to(tl.int64) * T * V, t0, T, V, v0, V, u2, BT, BV)
+
+
+@triton.jit
+def _delta_fwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_ptr,
+                           d_ptr, sT_ptr, T, H, K, V, NT, HAS_S0: tl.constexpr,
+                           SAVE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           PREC: tl.constexpr):
+    """One program per (V-block, batch*head): the chunks in order, h [BK, BV] in registers.
+    V-columns of the state never mix in this recurrence, so V-blocks run independently.
+    SAVE keeps each chunk's start h and Delta for the backward (skipped for inference)."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    v0 = i_v * BV
+    rows = tl.arange(0, BT)
+    incl = rows[:, None] >= rows[None, :]
+    g_base = i_b.to(tl.int64) * T * H + i_h
+    bh64 = i_bh.to(tl.int64)
+    if HAS_S0:
+        h = _load_state(s0_ptr, bh64 * V * K, K, V, v0, BK, BV)
+    else:
+        h = tl.zeros([BK, BV], dtype=tl.float32)
+    for i_t in range(NT):
+        t0 = i_t * BT
+        if SAVE:
+            _store_kv(hc_ptr, (bh64 * NT + i_t) * K * V, K, V, v0, h, BK, BV)
+        q = _load_rows(q_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
+        kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
+        w = _load_rows(w_ptr, bh64 * T * K, t0, T, K, 0, K, BT, BK)
+        u2 = _load_rows(u2_ptr, bh64 * T * V, t0, T, V, v0, V, BT, BV)
+        g = _log_cumsum(_load_gate(alpha_ptr, g_base, t0, T, H, 1.0, BT))
+        L = tl.minimum(T - t0, BT) - 1
+        g_last = _pick(g, rows, L)
+        d = u2 - tl.dot(w, h, input_precision=PREC)                           # Delta [BT, BV]
+        if SAVE:
+            _store_rows(d_ptr, bh64 * T * V, t0, T, V, v0, V, d, BT, BV)
+        mq = _decay(g, g, incl) * tl.dot(q, tl.trans(kc), input_precision=PREC)
+        o = (tl.exp(g)[:, None] * tl.dot(q, h, input_precision=PREC)
+             + tl.dot(mq, d, input_precision=PREC))
+        _store_rows(o_ptr, g_base * V, t0, T, H * V, v0, V, o, BT, BV)
+        kt = tl.where(rows <= L, tl.exp(g_last - g), 0.0)[:, None] * kc
+        h = tl.exp(g_last) * h + tl.dot(tl.trans(kt), d, input_precision=PREC)
+    _store_state(sT_ptr, bh64 * V * K, K, V, v0, h, BK, BV)
+
+
+@triton.jit
+def _delta_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dhc_ptr, dd_ptr,
+                           ds0_ptr, T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,
+                           BV: tl.constexpr, PREC: tl.constexpr):
+    """Chunks in reverse, carrying dh = dL/dh_next. Per chunk:
+        dDelta = (Gamma o Q K^T)^T dO + diag(e^{g_L - g}) K dh
+        dh    <- e^{g_L} dh + Q^T diag(e^g) dO - W^T dDelta
+    Saves dh at each chunk's end and dDelta for the parallel gradient kernel."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    v0 = i_v * BV
+    rows = tl.arange(0, BT)
+    incl = rows[:, None] >= rows[None, :]
+    g_base = i_b.to(tl.int64) * T * H + i_h
+    bh64 = i_bh.to(tl.int64)
+    dh = _load_state(dsT_ptr, bh64 * V * K, K, V, v0, BK, BV)
+    for i_r in range(NT):
+        i_t = NT - 1 - i_r
+        t0 = i_t * BT
+        _store_kv(dhc_ptr, (bh64 * NT + i_t) * K * V, K, V, v0, dh, BK, BV)
+        q = _load_rows(q_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
+        kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
+        w = _load_rows(w_ptr, bh64 * T * K, t0, T, K, 0, K, BT, BK)
+        do = _load_rows(do_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
+        g = _log_cumsum(_load_gate(alpha_ptr, g_base, t0, T, H, 1.0, BT))
+        L = tl.minimum(T - t0, BT) - 1
+        g_last = _pick(g, rows, L)
+        mq = _decay(g, g, incl) * tl.dot(q, tl.trans(kc), input_precision=PREC)
+        kt = tl.where(rows <= L, tl.exp(g_last - g), 0.0)[:, None] * kc
+        dd = (tl.dot(tl.trans(mq), do, input_precision=PREC)
+              + tl.dot(kt, dh, input_precision=PREC))                           # [BT, BV]
+        _store_rows(dd_ptr, bh64 * T * V, t0, T, V, v0, V, dd, BT, BV)
+        dh = (tl.exp(g_last) * dh
+              + tl.dot(tl.trans(q * tl.exp(g)[:, None]), do, input_precision=PREC)
+              - tl.dot(tl.trans(w), dd, input_precision=PREC))
+    _store_state(ds0_ptr, bh64 * V * K, K, V, v0, dh, BK, BV)
+
+
+@triton.jit
+def _delta_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, do_ptr, d_ptr, dd_ptr,
+                            hc_ptr, dhc_ptr, dq_ptr, dk_ptr, du_ptr, dalpha_ptr, deta_ptr,
+                            T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,
+                            BV: tl.constexpr, PREC: tl.constexpr):
+    """Everything that sums over V, for one chunk: the chain rule through O, h_next, Delta =
+    U' - W h, and the UT solve (dTm = dU' U^T + dW B^T, dA = -Tm^T dTm Tm^T)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_t * BT
+    rows = tl.arange(0, BT)
+    incl = rows[:, None] >= rows[None, :]
+    strict = rows[:, None] > rows[None, :]
+    g_base = i_b.to(tl.int64) * T * H + i_h
+    bh64 = i_bh.to(tl.int64)
+    kv_base = (bh64 * NT + i_t) * K * V
+    q = _load_rows(q_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
+    kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
+    g, gp, eta, alpha = _delta_chunk_gates(alpha_ptr, eta_ptr, g_base, t0, T, H, BT)
+    L = tl.minimum(T - t0, BT) - 1
+    g_last = _pick(g, rows, L)
+    a, kk, decay_a, tm = _delta_ut_system(kc, g, gp, eta, BT, PREC)
+    gamma = _decay(g, g, incl)
+    mq = gamma * tl.dot(q, tl.trans(kc), input_precision=PREC)
+    kt_scale = tl.where(rows <= L, tl.exp(g_last - g), 0.0)
+    b_scale = eta * tl.exp(gp)                                                # B = diag(.) K
+
+    d_mq = tl.zeros([BT, BT], dtype=tl.float32)     # dO Delta^T
+    d_qh = tl.zeros([BT, BK], dtype=tl.float32)     # dO h^T
+    d_w = tl.zeros([BT, BK], dtype=tl.float32)      # -dDelta h^T
+    d_kt = tl.zeros([BT, BK], dtype=tl.float32)     # Delta dh_next^T
+    dd_u = tl.zeros([BT, BT], dtype=tl.float32)     # dDelta U^T
+    h_dh = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)   # <h, dh_next>, fp32 scalar
+    for v0 in range(0, V, BV):
+        do = _load_rows(do_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
+        d = _load_rows(d_ptr, bh64 * T * V, t0, T, V, v0, V, BT, BV)
+        dd = _load_rows(dd_ptr, bh64 * T * V, t0, T, V, v0, V, BT, BV)
+        uc = _load_rows(u_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
+        h = _load_kv(hc_ptr, kv_base, K, V, v0, BK, BV)
+        dh = _load_kv(dhc_ptr, kv_base, K, V, v0, BK, BV)
+        d_mq += tl.dot(do, tl.trans(d), input_precision=PREC)
+        d_qh += tl.dot(do, tl.trans(h), input_precision=PREC)
+        d_w -= tl.dot(dd, tl.trans(h), input_precision=PREC)
+        d_kt += tl.dot(d, tl.trans(dh), input_precision=PREC)
+        dd_u += tl.dot(dd, tl.trans(uc), input_precision=PREC)
+        h_dh += tl.sum(tl.sum(h * dh, 1), 0)
+        du = tl.dot(tl.trans(tm), dd, input_precision=PREC)                   # dU = Tm^T dU'
+        _store_rows(du_ptr, g_base * V, t0, T, H * V, v0, V, du, BT, BV)
+
+    # O = diag(e^g) Q h + (Gamma o Q K^T) Delta
+    d_mq = tl.where(incl, d_mq, 0.0)
+    dq = tl.exp(g)[:, None] * d_qh + tl.dot(d_mq * gamma, kc, input_precision=PREC)
+    dk = tl.dot(tl.trans(d_mq * gamma), q, input_precision=PREC)
+    e_mq = d_mq * mq
+    dg = tl.sum(e_mq, 1) - tl.sum(e_mq, 0) + tl.exp(g) * tl.sum(q * d_qh, 1)
+    # h_next = e^{g_L} h + (diag(e^{g_L - g}) K)^T Delta
+    dk += kt_scale[:, None] * d_kt
+    s_kt = kt_scale * tl.sum(kc * d_kt, 1)
+    dg += tl.where(rows == L, tl.sum(s_kt, 0) + tl.exp(g_last) * h_dh, 0.0) - s_kt
+    # W = Tm B, U' = Tm U, Tm = (I + A)^{-1}
+    d_b = tl.dot(tl.trans(tm), d_w, input_precision=PREC)
+    d_tm = dd_u + tl.dot(d_w, tl.trans(b_scale[:, None] * kc), input_precision=PREC)
+    d_a = -tl.dot(tl.dot(tl.trans(tm), d_tm, input_precision=PREC), tl.trans(tm),
+                  input_precision=PREC)
+    d_a = tl.where(strict, d_a, 0.0)
+    dk += b_scale[:, None] * d_b
+    r_b = tl.sum(kc * d_b, 1)
+    deta = tl.exp(gp) * r_b
+    dgp = b_scale * r_b
+    # A_ti = eta_t e^{gp_t - g_i} k_t.k_i
+    f = d_a * decay_a
+    deta += tl.sum(f * kk, 1)
+    e_a = eta[:, None] * f * kk
+    dgp += tl.sum(e_a, 1)
+    dg -= tl.sum(e_a, 0)
+    f = eta[:, None] * f
+    dk += tl.dot(f, kc, input_precision=PREC) + tl.dot(tl.trans(f), kc, input_precision=PREC)
+    # g_t = sum_{s<=t} log alpha_s and gp_t = g_t - log alpha_t (chunk-local)
+    dg = tl.where(rows <= L, dg, 0.0)
+    dgp = tl.where(rows <= L, dgp, 0.0)
+    dlog_alpha = _reverse_cumsum(dg + dgp, rows) - dgp
+    _store_rows(dq_ptr, g_base * K, t0, T, H * K, 0, K, dq, BT, BK)
+    _store_rows(dk_ptr, g_base * K, t0, T, H * K, 0, K, dk, BT, BK)
+    _store_gate(deta_ptr, g_base, t0, T, H, deta, BT)
+    _store_gate(dalpha_ptr, g_base, t0, T, H, dlog_alpha / alpha, BT)
+
+
+# ----------------------------------------------------------------------------- host side
+
+# The sequential scans keep one state tile per program; the chunk-parallel kernels hold a
+# dozen [BT, BT] / [BT, BK] tiles, so they get more warps (fewer registers per thread).
+SCAN_WARPS = 4
+CHUNK_WARPS = 8
+
+
+def dot_precision(dtype):
+    """fp32 inputs get exact fp32 products (the CPU-equivalent path); 16-bit inputs, whose
+    own rounding is coarser, get tf32 tensor cores. Accumulation is fp32 either way."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def delta_forward(q, k, u, alpha, eta, initial_state, save, BT, BK, BV):
+    """Launch the forward kernels on contiguous inputs. Returns (o, S_T fp32, h per chunk
+    start [B*H, NT, K, V] fp32, Delta [B*H, T, V] fp32); the last two feed the backward and
+    are empty unless `save`."""
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    NT = triton.cdiv(T, BT)
+    tiles = dict(BT=BT, BK=BK, BV=BV, PREC=dot_precision(q.dtype))
+    f32 = dict(device=q.device, dtype=torch.float32)
+    w = torch.empty(B * H, T, K, **f32)
+    u2 = torch.empty(B * H, T, V, **f32)
+    if NT > 0:
+        _delta_prep_kernel[(NT, B * H)](k, u, alpha, eta, w, u2, T, H, K, V, WITH_U2=True,
+                                        **tiles, num_warps=CHUNK_WARPS)
+    o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    h_chunks = torch.empty((B * H, NT, K, V) if save else (0,), **f32)
+    d = torch.empty((B * H, T, V) if save else (0,), **f32)
+    s_final = torch.empty(B, H, V, K, **f32)
+    has_s0 = initial_state is not None
+    _delta_fwd_scan_kernel[(triton.cdiv(V, BV), B * H)](
+        q, k, alpha, w, u2, initial_state if has_s0 else s_final, o, h_chunks, d, s_final,
+        T, H, K, V, NT, HAS_S0=has_s0, SAVE=save, **tiles, num_warps=SCAN_WARPS)
+    return o, s_final, h_chunks, d
+
+
+def delta_backward(q, k, u, alpha, eta, h_chunks, d, grad_o, grad_state, BT, BK, BV):
+    """Launch the backward kernels. Returns (dq, dk, du, dalpha, deta, dS_0 fp32)."""
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    NT = triton.cdiv(T, BT)
+    tiles = dict(BT=BT, BK=BK, BV=BV, PREC=dot_precision(q.dtype))
+    f32 = dict(device=q.device, dtype=torch.float32)
+    w = torch.empty(B * H, T, K, **f32)
+    dh_chunks = torch.empty(B * H, NT, K, V, **f32)
+    dd = torch.empty(B * H, T, V, **f32)
+    ds0 = torch.empty(B, H, V, K, **f32)
+    dq, dk, du = torch.empty_like(q), torch.empty_like(k), torch.empty_like(u)
+    dalpha, deta = torch.empty_like(alpha), torch.empty_like(eta)
+    if NT > 0:   # W again (cheaper than keeping it); U' is not needed
+        _delta_prep_kernel[(NT, B * H)](k, u, alpha, eta, w, w, T, H, K, V, WITH_U2=False,
+                                        **tiles, num_warps=CHUNK_WARPS)
+    _delta_bwd_scan_kernel[(triton.cdiv(V, BV), B * H)](
+        q, k, alpha, w, grad_o, grad_state, dh_chunks, dd, ds0, T, H, K, V, NT,
+        **tiles, num_warps=SCAN_WARPS)
+    if NT > 0:
+        _delta_bwd_grads_kernel[(NT, B * H)](
+            q, k, u, alpha, eta, grad_o, d, dd, h_chunks, dh_chunks, dq, dk, du, dalpha, deta,
+            T, H, K, V, NT, **tiles, num_warps=CHUNK_WARPS)
+    return dq, dk, du, dalpha, deta, ds0

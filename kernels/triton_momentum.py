@@ -1,0 +1,257 @@
+"""Triton forward+backward kernels for `momentum_rule` (DESIGN §3.2, §4; Titans Eq. 13-14).
+Public entry points live in `kernels/triton_scans.py`.
+
+    Z_t = beta_t Z_{t-1} + u_t k_t^T ;   S_t = alpha_t S_{t-1} + Z_t ;   o_t = S_t q_t
+
+The recurrence is linear in the writes, so within a chunk starting from (S_0, Z_0), with
+chunk-local la_t = sum_{s<=t} log alpha_s and lb_t = sum_{s<=t} log beta_s (DESIGN §4 hint):
+
+    S_t = e^{la_t} S_0 + c_t Z_0 + sum_{i<=t} W_ti u_i k_i^T
+    P_tj = e^{la_t - la_j}, R_ji = e^{lb_j - lb_i}   (lower triangular, entries <= 1)
+    W = P R   (W_ti = sum_{j=i..t} (a_t/a_j)(b_j/b_i)),    c = P e^{lb}
+    O      = diag(e^{la}) Q h + diag(c) Q z + (W o Q K^T) U        (h = S_0^T, z = Z_0^T)
+    z_next = e^{lb_L} z + (diag(R_L.) K)^T U
+    h_next = e^{la_L} h + c_L z + (diag(W_L.) K)^T U                (L = last token of chunk)
+
+Padding rows of a ragged last chunk cannot be made no-ops here (S keeps absorbing Z), so the
+end-of-chunk quantities are read from row L explicitly.
+
+Kernels (grid axes: V-blocks or chunks x batch*heads; all state math in fp32):
+    _momentum_fwd_scan_kernel    sequential over chunks: O, saves chunk-start (h, z)
+    _momentum_bwd_scan_kernel    reversed: dU and the carried (dh, dz); saves them per chunk
+    _momentum_bwd_grads_kernel   parallel over chunks: dq, dk, dalpha, dbeta (reduces over V)
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _decay, _load_gate, _load_kv, _load_rows,
+                           _load_state, _log_cumsum, _pick, _reverse_cumsum, _store_gate,
+                           _store_kv, _store_rows, _store_state, dot_precision)
+
+
+@triton.jit
+def _momentum_chunk_gates(alpha_ptr, beta_ptr, g_base, t0, T, H, BT: tl.constexpr,
+                          PREC: tl.constexpr):
+    """The chunk's gate matrices and the row-L quantities of the closed form above."""
+    rows = tl.arange(0, BT)
+    incl = rows[:, None] >= rows[None, :]
+    alpha = _load_gate(alpha_ptr, g_base, t0, T, H, 1.0, BT)
+    beta = _load_gate(beta_ptr, g_base, t0, T, H, 1.0, BT)
+    la = _log_cumsum(alpha)
+    lb = _log_cumsum(beta)
+    L = tl.minimum(T - t0, BT) - 1
+    p = _decay(la, la, incl)                                                  # [BT, BT]
+    r = _decay(lb, lb, incl)
+    w = tl.dot(p, r, input_precision=PREC)
+    a = tl.exp(la)
+    b = tl.exp(lb)
+    c = tl.sum(p * b[None, :], 1)
+    w_last = tl.sum(tl.where(rows[:, None] == L, w, 0.0), 0)                  # W[L, :]
+    r_last = tl.where(rows <= L, tl.exp(_pick(lb, rows, L) - lb), 0.0)        # R[L, :]
+    return alpha, beta, L, p, r, w, a, b, c, w_last, r_last
+
+
+@triton.jit
+def _momentum_fwd_scan_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, s0_ptr, z0_ptr, o_ptr,
+                              hc_ptr, zc_ptr, sT_ptr, zT_ptr, T, H, K, V, NT,
+                              HAS_S0: tl.constexpr, HAS_Z0: tl.constexpr, SAVE: tl.constexpr,
+                              BT: tl.constexpr,
+                              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """One program per (V-block, batch*head), chunks in order, (h, z) [BK, BV] in registers;
+    SAVE keeps each chunk's start (h, z) for the backward (skipped for inference)."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    v0 = i_v * BV
+    rows = tl.arange(0, BT)
+    g_base = i_b.to(tl.int64) * T * H + i_h
+    bh64 = i_bh.to(tl.int64)
+    if HAS_S0:
+        h = _load_state(s0_ptr, bh64 * V * K, K, V, v0, BK, BV)
+    else:
+        h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_Z0:
+        z = _load_state(z0_ptr, bh64 * V * K, K, V, v0, BK, BV)
+    else:
+        z = tl.zeros([BK, BV], dtype=tl.float32)
+    for i_t in range(NT):
+        t0 = i_t * BT
+        kv_base = (bh64 * NT + i_t) * K * V
+        if SAVE:
+            _store_kv(hc_ptr, kv_base, K, V, v0, h, BK, BV)
+            _store_kv(zc_ptr, kv_base, K, V, v0, z, BK, BV)
+        q = _load_rows(q_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
+        kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
+        uc = _load_rows(u_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
+        alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
+            alpha_ptr, beta_ptr, g_base, t0, T, H, BT, PREC)
+        wqk = w * tl.dot(q, tl.trans(kc), input_precision=PREC)
+        o = (a[:, None] * tl.dot(q, h, input_precision=PREC)
+             + c[:, None] * tl.dot(q, z, input_precision=PREC)
+             + tl.dot(wqk, uc, input_precision=PREC))
+        _store_rows(o_ptr, g_base * V, t0, T, H * V, v0, V, o, BT, BV)
+        z_next = (_pick(b, rows, L) * z
+                  + tl.dot(tl.trans(r_last[:, None] * kc), uc, input_precision=PREC))
+        h = (_pick(a, rows, L) * h + _pick(c, rows, L) * z
+             + tl.dot(tl.trans(w_last[:, None] * kc), uc, input_precision=PREC))
+        z = z_next
+    _store_state(sT_ptr, bh64 * V * K, K, V, v0, h, BK, BV)
+    _store_state(zT_ptr, bh64 * V * K, K, V, v0, z, BK, BV)
+
+
+@triton.jit
+def _momentum_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, beta_ptr, do_ptr, dsT_ptr, dzT_ptr,
+                              dhc_ptr, dzc_ptr, du_ptr, ds0_ptr, dz0_ptr, T, H, K, V, NT,
+                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                              PREC: tl.constexpr):
+    """Chunks in reverse, carrying (dh, dz) = gradients of the chunk-end state. Per chunk:
+        dU  = (W o Q K^T)^T dO + diag(R_L.) K dz + diag(W_L.) K dh      (V-local: stored here)
+        dh <- e^{la_L} dh + Q^T diag(e^{la}) dO
+        dz <- e^{lb_L} dz + c_L dh + Q^T diag(c) dO"""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    v0 = i_v * BV
+    rows = tl.arange(0, BT)
+    g_base = i_b.to(tl.int64) * T * H + i_h
+    bh64 = i_bh.to(tl.int64)
+    dh = _load_state(dsT_ptr, bh64 * V * K, K, V, v0, BK, BV)
+    dz = _load_state(dzT_ptr, bh64 * V * K, K, V, v0, BK, BV)
+    for i_r in range(NT):
+        i_t = NT - 1 - i_r
+        t0 = i_t * BT
+        kv_base = (bh64 * NT + i_t) * K * V
+        _store_kv(dhc_ptr, kv_base, K, V, v0, dh, BK, BV)
+        _store_kv(dzc_ptr, kv_base, K, V, v0, dz, BK, BV)
+        q = _load_rows(q_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
+        kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
+        do = _load_rows(do_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
+        alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
+            alpha_ptr, beta_ptr, g_base, t0, T, H, BT, PREC)
+        wqk = w * tl.dot(q, tl.trans(kc), input_precision=PREC)
+        du = (tl.dot(tl.trans(wqk), do, input_precision=PREC)
+              + tl.dot(r_last[:, None] * kc, dz, input_precision=PREC)
+              + tl.dot(w_last[:, None] * kc, dh, input_precision=PREC))
+        _store_rows(du_ptr, g_base * V, t0, T, H * V, v0, V, du, BT, BV)
+        dz = (_pick(b, rows, L) * dz + _pick(c, rows, L) * dh
+              + tl.dot(tl.trans(q * c[:, None]), do, input_precision=PREC))
+        dh = (_pick(a, rows, L) * dh
+              + tl.dot(tl.trans(q * a[:, None]), do, input_precision=PREC))
+    _store_state(ds0_ptr, bh64 * V * K, K, V, v0, dh, BK, BV)
+    _store_state(dz0_ptr, bh64 * V * K, K, V, v0, dz, BK, BV)
+
+
+@triton.jit
+def _momentum_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, do_ptr, hc_ptr, zc_ptr,
+                               dhc_ptr, dzc_ptr, dq_ptr, dk_ptr, dalpha_ptr, dbeta_ptr,
+                               T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,
+                               BV: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk and the gate gradients of one chunk (they sum over V): the chain rule through
+    O, z_next, h_next, then W = P R, c = P b, a = e^{la}, b = e^{lb} down to log-gates."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_t * BT
+    rows = tl.arange(0, BT)
+    incl = rows[:, None] >= rows[None, :]
+    is_last = rows == tl.minimum(T - t0, BT) - 1
+    g_base = i_b.to(tl.int64) * T * H + i_h
+    bh64 = i_bh.to(tl.int64)
+    kv_base = (bh64 * NT + i_t) * K * V
+    q = _load_rows(q_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
+    kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
+    alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
+        alpha_ptr, beta_ptr, g_base, t0, T, H, BT, PREC)
+    qk = tl.dot(q, tl.trans(kc), input_precision=PREC)
+
+    d_wqk = tl.zeros([BT, BT], dtype=tl.float32)    # dO U^T
+    do_h = tl.zeros([BT, BK], dtype=tl.float32)     # dO h^T
+    do_z = tl.zeros([BT, BK], dtype=tl.float32)     # dO z^T
+    u_dh = tl.zeros([BT, BK], dtype=tl.float32)     # U dh_next^T
+    u_dz = tl.zeros([BT, BK], dtype=tl.float32)     # U dz_next^T
+    h_dh = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)   # <h, dh_next>
+    z_dh = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)   # <z, dh_next>
+    z_dz = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)   # <z, dz_next>
+    for v0 in range(0, V, BV):
+        do = _load_rows(do_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
+        uc = _load_rows(u_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
+        h = _load_kv(hc_ptr, kv_base, K, V, v0, BK, BV)
+        z = _load_kv(zc_ptr, kv_base, K, V, v0, BK, BV)
+        dh = _load_kv(dhc_ptr, kv_base, K, V, v0, BK, BV)
+        dz = _load_kv(dzc_ptr, kv_base, K, V, v0, BK, BV)
+        d_wqk += tl.dot(do, tl.trans(uc), input_precision=PREC)
+        do_h += tl.dot(do, tl.trans(h), input_precision=PREC)
+        do_z += tl.dot(do, tl.trans(z), input_precision=PREC)
+        u_dh += tl.dot(uc, tl.trans(dh), input_precision=PREC)
+        u_dz += tl.dot(uc, tl.trans(dz), input_precision=PREC)
+        h_dh += tl.sum(tl.sum(h * dh, 1), 0)
+        z_dh += tl.sum(tl.sum(z * dh, 1), 0)
+        z_dz += tl.sum(tl.sum(z * dz, 1), 0)
+
+    gw = d_wqk * w
+    dq = a[:, None] * do_h + c[:, None] * do_z + tl.dot(gw, kc, input_precision=PREC)
+    dk = (tl.dot(tl.trans(gw), q, input_precision=PREC)
+          + w_last[:, None] * u_dh + r_last[:, None] * u_dz)
+    # gradients of the gate quantities; the row-L ones come from h_next and z_next
+    d_w = tl.where(incl, d_wqk * qk, 0.0) + tl.where(is_last[:, None],
+                                                     tl.sum(kc * u_dh, 1)[None, :], 0.0)
+    d_r = tl.where(is_last[:, None], tl.sum(kc * u_dz, 1)[None, :], 0.0)
+    d_a = tl.sum(q * do_h, 1) + tl.where(is_last, h_dh, 0.0)
+    d_c = tl.sum(q * do_z, 1) + tl.where(is_last, z_dh, 0.0)
+    d_b = tl.where(is_last, z_dz, 0.0) + tl.sum(p * d_c[:, None], 0)          # c = P b
+    d_p = tl.dot(d_w, tl.trans(r), input_precision=PREC) + d_c[:, None] * b[None, :]
+    d_r += tl.dot(tl.trans(p), d_w, input_precision=PREC)                      # W = P R
+    e_p = tl.where(incl, d_p, 0.0) * p
+    e_r = tl.where(incl, d_r, 0.0) * r
+    d_la = tl.where(rows <= L, a * d_a + tl.sum(e_p, 1) - tl.sum(e_p, 0), 0.0)
+    d_lb = tl.where(rows <= L, b * d_b + tl.sum(e_r, 1) - tl.sum(e_r, 0), 0.0)
+    _store_rows(dq_ptr, g_base * K, t0, T, H * K, 0, K, dq, BT, BK)
+    _store_rows(dk_ptr, g_base * K, t0, T, H * K, 0, K, dk, BT, BK)
+    _store_gate(dalpha_ptr, g_base, t0, T, H, _reverse_cumsum(d_la, rows) / alpha, BT)
+    _store_gate(dbeta_ptr, g_base, t0, T, H, _reverse_cumsum(d_lb, rows) / beta, BT)
+
+
+# ----------------------------------------------------------------------------- host side
+
+def momentum_forward(q, k, u, alpha, beta, initial_state, initial_momentum, save, BT, BK, BV):
+    """Returns (o, S_T fp32, Z_T fp32, chunk-start h and z [B*H, NT, K, V] fp32); the last
+    two feed the backward and are empty unless `save`."""
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    NT = triton.cdiv(T, BT)
+    tiles = dict(BT=BT, BK=BK, BV=BV, PREC=dot_precision(q.dtype))
+    f32 = dict(device=q.device, dtype=torch.float32)
+    o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    h_chunks = torch.empty((B * H, NT, K, V) if save else (0,), **f32)
+    z_chunks = torch.empty((B * H, NT, K, V) if save else (0,), **f32)
+    s_final = torch.empty(B, H, V, K, **f32)
+    z_final = torch.empty(B, H, V, K, **f32)
+    has_s0, has_z0 = initial_state is not None, initial_momentum is not None
+    _momentum_fwd_scan_kernel[(triton.cdiv(V, BV), B * H)](
+        q, k, u, alpha, beta, initial_state if has_s0 else s_final,
+        initial_momentum if has_z0 else z_final, o, h_chunks, z_chunks, s_final, z_final,
+        T, H, K, V, NT, HAS_S0=has_s0, HAS_Z0=has_z0, SAVE=save, **tiles,
+        num_warps=SCAN_WARPS)
+    return o, s_final, z_final, h_chunks, z_chunks
+
+
+def momentum_backward(q, k, u, alpha, beta, h_chunks, z_chunks, grad_o, grad_state,
+                      grad_momentum, BT, BK, BV):
+    """Returns (dq, dk, du, dalpha, dbeta, dS_0 fp32, dZ_0 fp32)."""
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    NT = triton.cdiv(T, BT)
+    tiles = dict(BT=BT, BK=BK, BV=BV, PREC=dot_precision(q.dtype))
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dh_chunks = torch.empty(B * H, NT, K, V, **f32)
+    dz_chunks = torch.empty(B * H, NT, K, V, **f32)
+    ds0 = torch.empty(B, H, V, K, **f32)
+    dz0 = torch.empty(B, H, V, K, **f32)
+    dq, dk, du = torch.empty_like(q), torch.empty_like(k), torch.empty_like(u)
+    dalpha, dbeta = torch.empty_like(alpha), torch.empty_like(beta)
+    _momentum_bwd_scan_kernel[(triton.cdiv(V, BV), B * H)](
+        q, k, alpha, beta, grad_o, grad_state, grad_momentum, dh_chunks, dz_chunks, du, ds0,
+        dz0, T, H, K, V, NT, **tiles, num_warps=SCAN_WARPS)
+    if NT > 0:
+        _momentum_bwd_grads_kernel[(NT, B * H)](
+            q, k, u, alpha, beta, grad_o, h_chunks, z_chunks, dh_chunks, dz_chunks, dq, dk,
+            dalpha, dbeta, T, H, K, V, NT, **tiles, num_warps=CHUNK_WARPS)
+    return dq, dk, du, dalpha, dbeta, ds0, dz0

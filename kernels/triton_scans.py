@@ -1,0 +1,263 @@
+"""Fused Triton forward+backward kernels for the two scan primitives (DESIGN §3.2, §4).
+
+    delta_rule_triton(q, k, u, alpha, eta, initial_state=None, chunk_size=64) -> (o, S_T)
+    momentum_rule_triton(q, k, u, alpha, beta, initial_state=None, initial_momentum=None,
+                         chunk_size=64) -> (o, S_T, Z_T)
+
+shapes: q, k [B,T,H,K]; u [B,T,H,V]; alpha, eta, beta [B,T,H]; S, Z [B,H,V,K]; o [B,T,H,V].
+Inputs may be fp32, bf16 or fp16; the state is accumulated in fp32, `o` comes back in q's
+dtype and S_T, Z_T in fp32. Gradients flow to every input, initial states included.
+Gates are assumed in range: 0 < alpha, beta <= 1 and eta >= 0 (log-space ratios rely on it).
+
+Each primitive is a pair of `torch.library` custom ops (forward, backward) joined by
+`register_autograd`, with fake implementations, so `torch.compile` traces through them
+without graph breaks. The kernels are in `triton_delta.py` and `triton_momentum.py`.
+
+The kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is
+imported (Triton's interpreter; what the CPU tests use).
+"""
+import os
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from .triton_delta import delta_backward, delta_forward
+from .triton_momentum import momentum_backward, momentum_forward
+
+__all__ = ["delta_rule_triton", "momentum_rule_triton"]
+
+MAX_HEAD_DIM_K = 128      # the whole key dimension of the state sits in one register tile
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _tiles(K, V, chunk_size):
+    """(BT, BK, BV). The chunk length BT is chunk_size rounded to a power of two in
+    [16, 64] (tl.dot needs >= 16; 32 when K > 64 to bound registers): like chunk_size itself it
+    changes speed, never the result. V is split into blocks of <= 64 columns."""
+    BK = max(16, triton.next_power_of_2(K))
+    BV = min(64, max(16, triton.next_power_of_2(V)))
+    BT = min(64 if BK <= 64 else 32, max(16, triton.next_power_of_2(chunk_size)))
+    return BT, BK, BV
+
+
+def _check_inputs(q, k, u, gates, states, chunk_size):
+    """One-line ValueErrors naming what is wrong. `gates`, `states`: dicts name -> tensor."""
+    named = {"q": q, "k": k, "u": u, **gates, **{n: s for n, s in states.items() if s is not None}}
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16 for the Triton kernels; "
+                             f"got {t.dtype} (backend='torch' handles other dtypes)")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         f"importing triton); got device {q.device}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B,T,H,K]; got shape {list(q.shape)}")
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must be [B,T,H,K] = {list(q.shape)} like q; got {list(k.shape)}")
+    if u.dim() != 4 or u.shape[:3] != q.shape[:3]:
+        raise ValueError(f"u must be [B,T,H,V] with B,T,H = {[B, T, H]} as in q; "
+                         f"got {list(u.shape)}")
+    V = u.shape[3]
+    for name, g in gates.items():
+        if g.shape != (B, T, H):
+            raise ValueError(f"{name} must be [B,T,H] = {[B, T, H]}; got {list(g.shape)}")
+    for name, s in states.items():
+        if s is not None and s.shape != (B, H, V, K):
+            raise ValueError(f"{name} must be [B,H,V,K] = {[B, H, V, K]}; got {list(s.shape)}")
+    if K > MAX_HEAD_DIM_K:
+        raise ValueError(f"key head dim K={K} exceeds {MAX_HEAD_DIM_K}, the most the Triton "
+                         f"kernels hold in one tile (backend='torch' has no limit)")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _zeros_if_none(grad, shape, like, dtype):
+    return like.new_zeros(shape, dtype=dtype) if grad is None else grad.contiguous()
+
+
+def _saved_shapes(q, u, chunk_size, save):
+    """Shapes of the per-chunk states (and of Delta) the forward keeps for the backward."""
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    BT = _tiles(K, V, chunk_size)[0]
+    if not save:
+        return (0,), (0,)
+    return (B * H, (T + BT - 1) // BT, K, V), (B * H, T, V)
+
+
+# ----------------------------------------------------------------------------- delta rule
+
+@torch.library.custom_op("nested_learning::delta_rule_fwd", mutates_args=())
+def _delta_rule_fwd(q: Tensor, k: Tensor, u: Tensor, alpha: Tensor, eta: Tensor,
+                    initial_state: Optional[Tensor], chunk_size: int,
+                    save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    q, k, u, alpha, eta, initial_state = _contiguous(q, k, u, alpha, eta, initial_state)
+    return tuple(delta_forward(q, k, u, alpha, eta, initial_state, save,
+                               *_tiles(q.shape[-1], u.shape[-1], chunk_size)))
+
+
+@_delta_rule_fwd.register_fake
+def _(q, k, u, alpha, eta, initial_state, chunk_size, save):
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    chunk_states, deltas = _saved_shapes(q, u, chunk_size, save)
+    return (q.new_empty(B, T, H, V), q.new_empty(B, H, V, K, dtype=torch.float32),
+            q.new_empty(chunk_states, dtype=torch.float32),
+            q.new_empty(deltas, dtype=torch.float32))
+
+
+@torch.library.custom_op("nested_learning::delta_rule_bwd", mutates_args=())
+def _delta_rule_bwd(q: Tensor, k: Tensor, u: Tensor, alpha: Tensor, eta: Tensor,
+                    h_chunks: Tensor, delta: Tensor, grad_o: Tensor, grad_state: Tensor,
+                    chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, u, alpha, eta, grad_o, grad_state = _contiguous(q, k, u, alpha, eta, grad_o, grad_state)
+    return tuple(delta_backward(q, k, u, alpha, eta, h_chunks, delta, grad_o, grad_state,
+                                *_tiles(q.shape[-1], u.shape[-1], chunk_size)))
+
+
+@_delta_rule_bwd.register_fake
+def _(q, k, u, alpha, eta, h_chunks, delta, grad_o, grad_state, chunk_size):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(u),
+            torch.empty_like(alpha), torch.empty_like(eta),
+            torch.empty_like(grad_state, dtype=torch.float32))
+
+
+def _delta_setup_context(ctx, inputs, output):
+    q, k, u, alpha, eta, initial_state, chunk_size, save = inputs
+    ctx.save_for_backward(q, k, u, alpha, eta, output[2], output[3])
+    ctx.chunk_size = chunk_size
+    ctx.state_dtype = None if initial_state is None else initial_state.dtype
+    ctx.mark_non_differentiable(output[2], output[3])
+
+
+def _delta_rule_backward(ctx, grad_o, grad_state, _grad_h_chunks, _grad_delta):
+    q, k, u, alpha, eta, h_chunks, delta = ctx.saved_tensors
+    if h_chunks.dim() != 4:
+        raise RuntimeError("delta_rule_triton: backward through a forward run without grad "
+                           "tracking (no chunk states were saved)")
+    B, T, H, K = q.shape
+    grad_o = _zeros_if_none(grad_o, (B, T, H, u.shape[-1]), q, q.dtype)
+    grad_state = _zeros_if_none(grad_state, (B, H, u.shape[-1], K), q, torch.float32)
+    dq, dk, du, dalpha, deta, ds0 = torch.ops.nested_learning.delta_rule_bwd(
+        q, k, u, alpha, eta, h_chunks, delta, grad_o, grad_state, ctx.chunk_size)
+    ds0 = None if ctx.state_dtype is None else ds0.to(ctx.state_dtype)
+    return dq, dk, du, dalpha, deta, ds0, None, None
+
+
+_delta_rule_fwd.register_autograd(_delta_rule_backward, setup_context=_delta_setup_context)
+
+
+def delta_rule_triton(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
+    """S_t = S_{t-1} (alpha_t I - eta_t k_t k_t^T) + u_t k_t^T ;  o_t = S_t q_t  (NL Eq. 57/88,
+    the DGD transition). Returns (o [B,T,H,V] in q's dtype, S_T [B,H,V,K] fp32)."""
+    _check_inputs(q, k, u, {"alpha": alpha, "eta": eta}, {"initial_state": initial_state},
+                  chunk_size)
+    save = _needs_grad(q, k, u, alpha, eta, initial_state)
+    o, s_final, _, _ = torch.ops.nested_learning.delta_rule_fwd(
+        q, k, u, alpha, eta, initial_state, chunk_size, save)
+    return o, s_final
+
+
+# ----------------------------------------------------------------------------- momentum rule
+
+@torch.library.custom_op("nested_learning::momentum_rule_fwd", mutates_args=())
+def _momentum_rule_fwd(q: Tensor, k: Tensor, u: Tensor, alpha: Tensor, beta: Tensor,
+                       initial_state: Optional[Tensor], initial_momentum: Optional[Tensor],
+                       chunk_size: int,
+                       save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, u, alpha, beta, initial_state, initial_momentum = _contiguous(
+        q, k, u, alpha, beta, initial_state, initial_momentum)
+    return tuple(momentum_forward(q, k, u, alpha, beta, initial_state, initial_momentum, save,
+                                  *_tiles(q.shape[-1], u.shape[-1], chunk_size)))
+
+
+@_momentum_rule_fwd.register_fake
+def _(q, k, u, alpha, beta, initial_state, initial_momentum, chunk_size, save):
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    chunk_states, _ = _saved_shapes(q, u, chunk_size, save)
+    return (q.new_empty(B, T, H, V), q.new_empty(B, H, V, K, dtype=torch.float32),
+            q.new_empty(B, H, V, K, dtype=torch.float32),
+            q.new_empty(chunk_states, dtype=torch.float32),
+            q.new_empty(chunk_states, dtype=torch.float32))
+
+
+@torch.library.custom_op("nested_learning::momentum_rule_bwd", mutates_args=())
+def _momentum_rule_bwd(q: Tensor, k: Tensor, u: Tensor, alpha: Tensor, beta: Tensor,
+                       h_chunks: Tensor, z_chunks: Tensor, grad_o: Tensor, grad_state: Tensor,
+                       grad_momentum: Tensor, chunk_size: int
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, u, alpha, beta, grad_o, grad_state, grad_momentum = _contiguous(
+        q, k, u, alpha, beta, grad_o, grad_state, grad_momentum)
+    return tuple(momentum_backward(q, k, u, alpha, beta, h_chunks, z_chunks, grad_o, grad_state,
+                                   grad_momentum, *_tiles(q.shape[-1], u.shape[-1], chunk_size)))
+
+
+@_momentum_rule_bwd.register_fake
+def _(q, k, u, alpha, beta, h_chunks, z_chunks, grad_o, grad_state, grad_momentum, chunk_size):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(u),
+            torch.empty_like(alpha), torch.empty_like(beta),
+            torch.empty_like(grad_state, dtype=torch.float32),
+            torch.empty_like(grad_momentum, dtype=torch.float32))
+
+
+def _momentum_setup_context(ctx, inputs, output):
+    q, k, u, alpha, beta, initial_state, initial_momentum, chunk_size, save = inputs
+    ctx.save_for_backward(q, k, u, alpha, beta, output[3], output[4])
+    ctx.chunk_size = chunk_size
+    ctx.state_dtypes = [None if s is None else s.dtype for s in (initial_state, initial_momentum)]
+    ctx.mark_non_differentiable(output[3], output[4])
+
+
+def _momentum_rule_backward(ctx, grad_o, grad_state, grad_momentum, _grad_h, _grad_z):
+    q, k, u, alpha, beta, h_chunks, z_chunks = ctx.saved_tensors
+    if h_chunks.dim() != 4:
+        raise RuntimeError("momentum_rule_triton: backward through a forward run without grad "
+                           "tracking (no chunk states were saved)")
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    grad_o = _zeros_if_none(grad_o, (B, T, H, V), q, q.dtype)
+    grad_state = _zeros_if_none(grad_state, (B, H, V, K), q, torch.float32)
+    grad_momentum = _zeros_if_none(grad_momentum, (B, H, V, K), q, torch.float32)
+    dq, dk, du, dalpha, dbeta, ds0, dz0 = torch.ops.nested_learning.momentum_rule_bwd(
+        q, k, u, alpha, beta, h_chunks, z_chunks, grad_o, grad_state, grad_momentum,
+        ctx.chunk_size)
+    ds0, dz0 = [None if dtype is None else g.to(dtype)
+                for g, dtype in zip((ds0, dz0), ctx.state_dtypes)]
+    return dq, dk, du, dalpha, dbeta, ds0, dz0, None, None
+
+
+_momentum_rule_fwd.register_autograd(_momentum_rule_backward,
+                                     setup_context=_momentum_setup_context)
+
+
+def momentum_rule_triton(q, k, u, alpha, beta, initial_state=None, initial_momentum=None,
+                         chunk_size=64):
+    """Z_t = beta_t Z_{t-1} + u_t k_t^T ;  S_t = alpha_t S_{t-1} + Z_t ;  o_t = S_t q_t
+    (Titans Eq. 13-14). Returns (o [B,T,H,V] in q's dtype, S_T, Z_T [B,H,V,K] fp32)."""
+    _check_inputs(q, k, u, {"alpha": alpha, "beta": beta},
+                  {"initial_state": initial_state, "initial_momentum": initial_momentum},
+                  chunk_size)
+    save = _needs_grad(q, k, u, alpha, beta, initial_state, initial_momentum)
+    o, s_final, z_final, _, _ = torch.ops.nested_learning.momentum_rule_fwd(
+        q, k, u, alpha, beta, initial_state, initial_momentum, chunk_size, save)
+    return o, s_final, z_final

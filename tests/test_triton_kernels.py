@@ -1,0 +1,227 @@
+"""The Triton scan kernels (kernels/triton_scans.py) against the float64 sequential reference.
+
+Without a GPU the kernels run in Triton's interpreter on CPU: TRITON_INTERPRET=1 must be set
+before triton is first imported (tests/conftest.py does it; so does the top of this file), the
+interpreter computes bf16 wrongly, so those runs are fp32 and tiny. With a GPU the same small
+cases run natively, plus realistic sizes in fp32 and bf16, a 16K-token run and torch.compile.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from kernels import triton_delta, triton_scans  # noqa: E402
+from kernels.reference import delta_rule_reference, momentum_rule_reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRETED = type(triton_delta._delta_prep_kernel).__name__ == "InterpretedFunction"
+needs_kernels = pytest.mark.skipif(
+    not CUDA and not INTERPRETED,
+    reason="no GPU, and triton was imported before TRITON_INTERPRET=1 was set")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+OPS = {  # name -> (Triton function, reference, second gate, initial-state args, outputs)
+    "delta": (triton_scans.delta_rule_triton, delta_rule_reference, "eta",
+              ("initial_state",), ("o", "S_T")),
+    "momentum": (triton_scans.momentum_rule_triton, momentum_rule_reference, "beta",
+                 ("initial_state", "initial_momentum"), ("o", "S_T", "Z_T")),
+}
+
+
+def make_inputs(op, B, T, H, K, V, with_states, gates="typical", dtype=torch.float32, seed=0):
+    """Random inputs in the kernels' operating range: unit keys (so the delta rule is a
+    contraction), 0 < alpha, beta <= 1, 0 <= eta < 1."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=gen)          # noqa: E731
+    randn = lambda *shape: torch.randn(*shape, generator=gen)        # noqa: E731
+    lowest_gate = {"typical": 0.5, "strong_decay": 1e-3}[gates]
+    inputs = {"q": randn(B, T, H, K), "k": F.normalize(randn(B, T, H, K), dim=-1),
+              "u": randn(B, T, H, V), "alpha": lowest_gate + (1 - lowest_gate) * rand(B, T, H)}
+    if op == "delta":
+        inputs["eta"] = rand(B, T, H)
+    else:
+        inputs["beta"] = lowest_gate + (1 - lowest_gate) * rand(B, T, H)
+    for name in OPS[op][3]:
+        inputs[name] = randn(B, H, V, K) if with_states else None
+    return {n: None if t is None else t.to(DEVICE, dtype) for n, t in inputs.items()}
+
+
+def run_op(op, fn, inputs, **kwargs):
+    _, _, gate, state_names, _ = OPS[op]
+    args = [inputs[n] for n in ("q", "k", "u", "alpha", gate)]
+    return fn(*args, **{n: inputs[n] for n in state_names}, **kwargs)
+
+
+def relative_error(x, ref):
+    """max |x - ref| over max(1, max |ref|): one tolerance for outputs and gradients alike."""
+    if ref.numel() == 0:
+        return 0.0
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+
+
+def compare_with_reference(op, inputs, chunk_size, loss_on="all"):
+    """Outputs and gradients of every input, Triton vs the float64 reference, for the loss
+    sum_i <out_i, c_i> with random cotangents c_i (loss_on="o": the output o only)."""
+    fn, reference, _, _, out_names = OPS[op]
+    given = {n: t for n, t in inputs.items() if t is not None}
+    ref_in = {n: t.detach().double().requires_grad_() for n, t in given.items()}
+    tri_in = {n: t.detach().clone().requires_grad_() for n, t in given.items()}
+    ref_out = run_op(op, reference, {**inputs, **ref_in})
+    tri_out = run_op(op, fn, {**inputs, **tri_in}, chunk_size=chunk_size)
+    gen = torch.Generator().manual_seed(1)
+    cotangents = [torch.randn(r.shape, generator=gen, dtype=torch.float64).to(r.device)
+                  for r in ref_out]
+    used = len(out_names) if loss_on == "all" else 1
+    ref_grads = torch.autograd.grad(
+        sum((r * c).sum() for r, c in zip(ref_out[:used], cotangents)), list(ref_in.values()))
+    tri_grads = torch.autograd.grad(
+        sum((t.double() * c).sum() for t, c in zip(tri_out[:used], cotangents)),
+        list(tri_in.values()))
+    errors = {n: relative_error(t, r) for n, t, r in zip(out_names, tri_out, ref_out)}
+    errors.update({"d" + n: relative_error(t, r)
+                   for n, t, r in zip(ref_in, tri_grads, ref_grads)})
+    dtypes_ok = (tri_out[0].dtype == inputs["q"].dtype
+                 and all(s.dtype == torch.float32 for s in tri_out[1:])
+                 and all(g.dtype == tri_in[n].dtype for n, g in zip(tri_in, tri_grads)))
+    return errors, dtypes_ok
+
+
+def assert_close(errors, tol, what):
+    bad = {n: f"{e:.2e}" for n, e in errors.items() if not e <= tol}
+    assert not bad, f"{what}: relative errors above {tol:g}: {bad}"
+
+
+# Small cases: run in the interpreter on CPU (fp32) or natively on a GPU.
+# (B, T, H, K, V, chunk_size, with initial states, gates)
+SMALL_CASES = [
+    (1, 19, 1, 16, 16, 16, True, "typical"),        # two chunks, ragged tail
+    (2, 5, 2, 12, 20, 16, False, "typical"),        # K, V not powers of two; one short chunk
+    (1, 1, 1, 16, 16, 8, True, "typical"),          # a single token; chunk 8 runs as 16
+    (1, 37, 1, 16, 16, 32, True, "strong_decay"),   # gates down to 1e-3: log-space ratios
+    (1, 19, 1, 16, 80, 16, True, "typical"),        # V = 80: two V-blocks of 64 columns
+]
+
+
+def small_id(case):
+    B, T, H, K, V, C, states, gates = case
+    return f"B{B}-T{T}-H{H}-K{K}-V{V}-C{C}-{'S0' if states else 'noS0'}-{gates}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", SMALL_CASES, ids=small_id)
+@pytest.mark.parametrize("op", OPS)
+def test_matches_reference_small(op, case):
+    B, T, H, K, V, C, states, gates = case
+    errors, dtypes_ok = compare_with_reference(
+        op, make_inputs(op, B, T, H, K, V, states, gates), C)
+    assert dtypes_ok, "o must come back in q's dtype, states in fp32, gradients in inputs' dtypes"
+    assert_close(errors, 1e-4, f"{op} {small_id(case)}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", OPS)
+def test_gradients_when_only_o_is_used(op):
+    """The final states get no gradient: the backward must treat them as zero."""
+    errors, _ = compare_with_reference(op, make_inputs(op, 1, 19, 1, 16, 16, True), 16,
+                                       loss_on="o")
+    assert_close({n: e for n, e in errors.items() if n.startswith("d")}, 1e-4, op)
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", OPS)
+def test_no_grad_forward_matches_and_saves_nothing(op):
+    fn = OPS[op][0]
+    inputs = make_inputs(op, 1, 19, 1, 16, 16, True)
+    with_grad = run_op(op, fn, {n: None if t is None else t.clone().requires_grad_()
+                                for n, t in inputs.items()}, chunk_size=16)
+    with torch.no_grad():
+        without_grad = run_op(op, fn, inputs, chunk_size=16)
+    for a, b in zip(with_grad, without_grad):
+        assert torch.equal(a.detach(), b)
+    assert not any(t.requires_grad for t in without_grad)
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", OPS)
+def test_custom_ops_pass_opcheck(op):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch: what
+    torch.compile relies on to trace through the kernels."""
+    inputs = make_inputs(op, 1, 5, 1, 16, 16, True)
+    args = [inputs[n].requires_grad_() for n in ("q", "k", "u", "alpha", OPS[op][2])]
+    states = [inputs[n].requires_grad_() for n in OPS[op][3]]
+    custom_op = getattr(torch.ops.nested_learning, f"{op}_rule_fwd").default
+    torch.library.opcheck(custom_op, (*args, *states, 16, True))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(q=torch.zeros(1, 4, 1)), "q must be [B,T,H,K]"),
+    (dict(k=torch.zeros(1, 5, 1, 16)), "k must be [B,T,H,K]"),
+    (dict(u=torch.zeros(1, 4, 2, 16)), "u must be [B,T,H,V]"),
+    (dict(alpha=torch.zeros(1, 4)), "alpha must be [B,T,H]"),
+    (dict(initial_state=torch.zeros(1, 1, 16, 8)), "initial_state must be [B,H,V,K]"),
+    (dict(q=torch.zeros(1, 4, 1, 16, dtype=torch.float64)), "q must be float32, bfloat16"),
+    (dict(eta=[0.5] * 4), "eta must be a torch.Tensor"),
+    (dict(chunk_size=0), "chunk_size must be a positive int"),
+    (dict(q=torch.zeros(1, 4, 1, 256), k=torch.zeros(1, 4, 1, 256)), "exceeds 128"),
+])
+def test_bad_inputs_raise_one_line_errors(change, message):
+    inputs = {"q": torch.zeros(1, 4, 1, 16), "k": torch.zeros(1, 4, 1, 16),
+              "u": torch.zeros(1, 4, 1, 16), "alpha": torch.ones(1, 4, 1),
+              "eta": torch.zeros(1, 4, 1), "initial_state": None, "chunk_size": 16}
+    inputs = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in inputs.items()}
+    change = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in change.items()}
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        triton_scans.delta_rule_triton(**{**inputs, **change})
+
+
+# ----------------------------------------------------------------------------- CUDA only
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_realistic_size_matches_float64_reference(op, dtype, tol):
+    """B=2, T=1000 (not a multiple of the chunk), H=4, K=V=64: bf16 inputs (the reference
+    sees the same rounded values) run with fp32 states, so only output rounding and tf32
+    products separate them."""
+    inputs = make_inputs(op, 2, 1000, 4, 64, 64, True, dtype=dtype)
+    errors, dtypes_ok = compare_with_reference(op, inputs, 64)
+    assert dtypes_ok
+    assert_close(errors, tol, f"{op} {dtype}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_long_sequence_bf16_is_finite(op):
+    inputs = make_inputs(op, 2, 16384, 4, 64, 64, True, dtype=torch.bfloat16)
+    inputs = {n: t.requires_grad_() for n, t in inputs.items()}
+    outputs = run_op(op, OPS[op][0], inputs)
+    sum(out.float().square().mean() for out in outputs).backward()
+    for name, t in [*zip(OPS[op][4], outputs), *[("d" + n, t.grad) for n, t in inputs.items()]]:
+        assert torch.isfinite(t).all(), f"{op}: {name} has non-finite values at T=16384"
+
+
+@needs_cuda
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_torch_compile_fullgraph_matches_eager(op):
+    fn = OPS[op][0]
+
+    def loss_fn(inputs):
+        return sum(out.float().square().sum() for out in run_op(op, fn, inputs, chunk_size=64))
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    inputs = make_inputs(op, 2, 200, 4, 64, 64, True)
+    eager_in = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    compiled_in = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    eager_loss, compiled_loss = loss_fn(eager_in), compiled(compiled_in)
+    eager_loss.backward()
+    compiled_loss.backward()
+    assert torch.allclose(eager_loss, compiled_loss, rtol=1e-5)
+    for n in inputs:
+        assert torch.allclose(eager_in[n].grad, compiled_in[n].grad, rtol=1e-4, atol=1e-5), n
