@@ -51,11 +51,58 @@ class TitansConfig:
 
 @dataclass
 class CMSConfig:
-    """Continuum Memory System (NL §7, Eq. 70-71; DESIGN §3.5)."""
-    chunk_sizes: list = field(default_factory=lambda: [None])  # one per level; null = static level
-    hidden_mult: float = 4.0         # each level is a pre-norm residual SwiGLU/GELU MLP
-    inner_lr: float = 1e-2           # lr_l of the fast levels (same for all unless per-level list)
-    inner_lrs: Optional[list] = None  # per-level override of inner_lr
+    """Continuum Memory System (NL §7, Eq. 70-71; DESIGN §3.5), implemented in cms.py.
+
+    A chain of levels, each z <- z + MLP_l(RMSNorm_l(z)) with the 2-layer MLP
+    MLP_l(a) = W_out act(W_in a) (hidden = hidden_mult * d_model, rounded up to
+    model.ffn_multiple_of). Level l is static when chunk_sizes[l] is null (a plain FFN,
+    trained by the outer optimiser only) and fast otherwise: per-sequence weights start from
+    the outer-learned ones and take one GD step on ||MLP_l(a_t) - W_v,l a_t||^2, summed over
+    the chunk, every chunk_sizes[l] tokens. The default (one fast level, one static level,
+    hidden 2 d each) has about the parameters of one SwiGLU FFN plus d^2 for W_v.
+    """
+    chunk_sizes: list = field(default_factory=lambda: [16, None])  # C_l per level, first applied first; null = static
+    hidden_mult: float = 2.0         # hidden width of every level's MLP = hidden_mult * d_model
+    activation: str = choice("gelu", ["gelu", "silu"])
+    inner_lr: Any = 1e-3             # lr_l: one number for all fast levels, or a list with one per level
+                                     # (entries of static levels are ignored and may be null). The step
+                                     # sums the gradients of C_l tokens: larger chunks want smaller lr_l.
+
+    def __post_init__(self):
+        # Checked here (not in validate) so that a ModelConfig built anywhere is checked too.
+        if not isinstance(self.chunk_sizes, list) or not self.chunk_sizes:
+            raise ConfigError(f"model.cms.chunk_sizes must be a non-empty list (null = static level), "
+                              f"got {self.chunk_sizes!r}")
+        for c in self.chunk_sizes:
+            if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+                raise ConfigError(f"model.cms.chunk_sizes entries must be integers >= 1 or null, got {c!r}")
+        if not self.hidden_mult > 0:
+            raise ConfigError(f"model.cms.hidden_mult must be > 0, got {self.hidden_mult}")
+        if isinstance(self.inner_lr, list):
+            if len(self.inner_lr) != len(self.chunk_sizes):
+                raise ConfigError(f"model.cms.inner_lr has {len(self.inner_lr)} entries but "
+                                  f"model.cms.chunk_sizes has {len(self.chunk_sizes)} levels")
+            self.inner_lr = [None if (lr is None and c is None) else _nonnegative_lr(lr, f"model.cms.inner_lr[{i}]")
+                             for i, (lr, c) in enumerate(zip(self.inner_lr, self.chunk_sizes))]
+        else:
+            self.inner_lr = _nonnegative_lr(self.inner_lr, "model.cms.inner_lr")
+
+    def level_lrs(self) -> list:
+        """The inner learning rate of every level (None for static levels)."""
+        lrs = self.inner_lr if isinstance(self.inner_lr, list) else [self.inner_lr] * len(self.chunk_sizes)
+        return [None if c is None else lr for c, lr in zip(self.chunk_sizes, lrs)]
+
+
+def _nonnegative_lr(value, key):
+    """A learning rate from YAML: a number >= 0 (YAML 1.1 reads '1e-3' as a string)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(f"{key} must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 @dataclass

@@ -1,0 +1,192 @@
+"""Continuum Memory System (NL §7, Eq. 70-71; DESIGN §3.5): the channel mixer of HOPE.
+
+A chain of MLP levels replaces the FFN of a block (NL Eq. 70):
+
+    z_0 = h                                   (the block's pre-normed input)
+    z_l = z_{l-1} + MLP_l(a_t),   a_t = RMSNorm_l(z_{l-1})        l = 1..k
+    output = z_k - z_0 = sum_l MLP_l(a_t)      (Block adds its own residual: x + output)
+
+Every level is the same 2-layer MLP, MLP_l(a) = W_out act(W_in a) (no biases); its chunk
+size C_l decides how it learns:
+
+* static (C_l = null): W_in, W_out are plain parameters, learned by the outer optimiser only.
+* fast (C_l = C): each sequence has its own copy theta = (W_in, W_out), initialised from the
+  outer-learned parameters at the start of the sequence and updated every C tokens by one
+  step of gradient descent on a local reconstruction objective (NL Eq. 71, TTT-style target):
+
+      l_l(theta; a_t) = || MLP_l(a_t; theta) - W_v,l a_t ||^2          (W_v,l outer-learned)
+      theta_{c+1}     = theta_c - lr_l * sum_{t in chunk c} grad l_l(theta_c; a_t)
+
+  Tokens of chunk c are read with theta_c, the weights at the start of their chunk, so no
+  token sees an update its own chunk contributed to (causal), and within a chunk all reads
+  and all gradients are parallel. Chunks are aligned to absolute positions from the start
+  of the sequence (chunk c = tokens [c C, (c+1) C)).
+
+The inner gradient is written in closed form (`local_objective_grads`) with differentiable
+torch ops, so outer gradients flow through every update into the initial weights and W_v
+(the "meta" parameters, NL §7.1: initial states learned by the outer level).
+
+State (what a later segment needs; `None` = start of a sequence, fast weights reset):
+
+    state = {"levels": [level_state or None for each level]}    None for static levels
+    level_state = {
+        "w_in":     [B, hidden, D]  fast W_in at the start of the current chunk (theta_c)
+        "w_out":    [B, D, hidden]  fast W_out at the start of the current chunk
+        "grad_in":  [B, hidden, D]  sum of grad l over the tokens seen so far of the current
+        "grad_out": [B, D, hidden]  chunk (None while that partial chunk is empty)
+        "pos":      int             tokens seen since the sequence start (chunk offset = pos % C)
+    }
+
+Because the update is a sum of per-token gradients at the fixed theta_c, accumulating the
+partial chunk's gradient is exact: one call on a sequence == consecutive segments of any
+lengths with the state carried.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ModelConfig
+from model import RMSNorm
+
+ACTIVATIONS = ("gelu", "silu")
+
+
+def activation_and_derivative(pre: torch.Tensor, name: str):
+    """act(pre) and act'(pre) for the closed-form inner gradient (exact erf GELU or SiLU)."""
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(pre * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * pre * pre) * (1.0 / math.sqrt(2.0 * math.pi))
+        return F.gelu(pre), cdf + pre * pdf
+    if name == "silu":
+        sig = torch.sigmoid(pre)
+        return F.silu(pre), sig * (1.0 + pre * (1.0 - sig))
+    raise ValueError(f"unknown CMS activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
+
+
+def local_objective_grads(a, target, w_in, w_out, activation="gelu"):
+    """Read the MLP and take the gradient of its local objective, both at (w_in, w_out).
+
+    a, target [B, n, D]; w_in [B, hidden, D]; w_out [B, D, hidden] (row-vector convention:
+    MLP(a) = act(a W_in^T) W_out^T). Returns (y, grad_in, grad_out): y = MLP(a) [B, n, D] and
+    the gradients of sum_t ||MLP(a_t) - target_t||^2 over the n tokens. Closed form (the
+    backward of a 2-layer MLP written out), so it costs 5 batched matmuls and autograd can
+    differentiate through it for the outer gradients.
+    """
+    pre = torch.matmul(a, w_in.transpose(-1, -2))                 # [B, n, hidden]
+    hidden, act_grad = activation_and_derivative(pre, activation)
+    y = torch.matmul(hidden, w_out.transpose(-1, -2))             # [B, n, D]
+    err = 2.0 * (y - target)                                       # d l / d y
+    grad_out = torch.matmul(err.transpose(-1, -2), hidden)         # [B, D, hidden]
+    grad_pre = torch.matmul(err, w_out) * act_grad                 # [B, n, hidden]
+    grad_in = torch.matmul(grad_pre.transpose(-1, -2), a)          # [B, hidden, D]
+    return y, grad_in, grad_out
+
+
+def fast_level_scan(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, lr, activation="gelu"):
+    """Run one fast level over a segment (NL Eq. 71), chunk by chunk.
+
+    a, target [B, T, D]: the level's normed inputs a_t and targets W_v a_t. (w_in, w_out) are
+    the weights at the start of the chunk containing absolute position `pos`; (grad_in,
+    grad_out) the gradient already accumulated over that chunk's first pos % C tokens (None
+    when there are none). Returns y [B, T, D] and the same five state values after the segment.
+    The Python loop is over chunk pieces only: a piece is the rest of a partial chunk, a full
+    chunk, or the start of the last chunk.
+    """
+    T = a.shape[1]
+    outputs, start = [], 0
+    while start < T:
+        end = min(T, start + chunk_size - pos % chunk_size)
+        y, g_in, g_out = local_objective_grads(a[:, start:end], target[:, start:end], w_in, w_out, activation)
+        outputs.append(y)
+        grad_in = g_in if grad_in is None else grad_in + g_in
+        grad_out = g_out if grad_out is None else grad_out + g_out
+        pos += end - start
+        start = end
+        if pos % chunk_size == 0:                                  # chunk complete: theta_{c+1}
+            w_in = w_in - lr * grad_in
+            w_out = w_out - lr * grad_out
+            grad_in = grad_out = None
+    y = torch.cat(outputs, dim=1) if outputs else a.new_zeros(a.shape)
+    return y, w_in, w_out, grad_in, grad_out, pos
+
+
+class CMSLevel(nn.Module):
+    """One level: z -> z + MLP(RMSNorm(z)); static (chunk_size None) or fast (see module doc)."""
+
+    def __init__(self, dim, hidden, chunk_size, inner_lr, activation, norm_eps):
+        super().__init__()
+        self.chunk_size, self.inner_lr, self.activation = chunk_size, inner_lr, activation
+        self.norm = RMSNorm(dim, norm_eps)
+        # Static weights, or the outer-learned initial fast weights theta_0 (NL §7.1).
+        self.w_in = nn.Linear(dim, hidden, bias=False)
+        self.w_out = nn.Linear(hidden, dim, bias=False)
+        self.w_out.is_residual_proj = True
+        # W_v of the local objective ||MLP(a) - W_v a||^2: only fast levels have one.
+        self.w_target = nn.Linear(dim, dim, bias=False) if chunk_size is not None else None
+
+    @property
+    def is_fast(self):
+        return self.chunk_size is not None
+
+    def initial_state(self, batch_size):
+        """Fast weights at the start of a sequence: theta_0 for every sequence (differentiable)."""
+        return {"w_in": self.w_in.weight.expand(batch_size, -1, -1),
+                "w_out": self.w_out.weight.expand(batch_size, -1, -1),
+                "grad_in": None, "grad_out": None, "pos": 0}
+
+    def forward(self, z, state=None):
+        """z [B, T, D] -> (MLP output [B, T, D] to add to z, new level state or None)."""
+        a = self.norm(z)
+        if not self.is_fast:
+            act = F.gelu if self.activation == "gelu" else F.silu
+            return self.w_out(act(self.w_in(a))), None
+        B = z.shape[0]
+        if state is None:
+            state = self.initial_state(B)
+        elif state["w_in"].shape[0] != B:
+            raise ValueError(f"CMS state holds fast weights for batch size {state['w_in'].shape[0]}, "
+                             f"but the input has batch size {B}")
+        y, w_in, w_out, grad_in, grad_out, pos = fast_level_scan(
+            a, self.w_target(a), state["w_in"], state["w_out"], state["grad_in"], state["grad_out"],
+            state["pos"], self.chunk_size, self.inner_lr, self.activation)
+        return y, {"w_in": w_in, "w_out": w_out, "grad_in": grad_in, "grad_out": grad_out, "pos": pos}
+
+
+class ContinuumMemory(nn.Module):
+    """The CMS chain as a block's channel mixer: forward(h, state=None) -> (y, new_state).
+
+    Reads cfg.cms (levels, see CMSConfig) and cfg.d_model. Depends on nothing but RMSNorm, so
+    any block (HOPE, HOPE-attention, Titans) can use it in place of the FFN.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cms = cfg.cms
+        if cms.activation not in ACTIVATIONS:
+            raise ValueError(f"model.cms.activation={cms.activation!r} is not one of: {', '.join(ACTIVATIONS)}")
+        hidden = int(cms.hidden_mult * cfg.d_model)
+        hidden = cfg.ffn_multiple_of * math.ceil(hidden / cfg.ffn_multiple_of)
+        self.levels = nn.ModuleList([
+            CMSLevel(cfg.d_model, hidden, chunk, lr, cms.activation, cfg.norm_eps)
+            for chunk, lr in zip(cms.chunk_sizes, cms.level_lrs())])
+
+    def forward(self, h, state=None):
+        """h [B, T, D] (already normed by the block) -> (z_k - h [B, T, D], new state)."""
+        if h.dim() != 3:
+            raise ValueError(f"ContinuumMemory expects [B, T, D] inputs, got shape {tuple(h.shape)}")
+        level_states = [None] * len(self.levels) if state is None else state["levels"]
+        if len(level_states) != len(self.levels):
+            raise ValueError(f"CMS state has {len(level_states)} levels, the module has {len(self.levels)}")
+        # Sum the level outputs apart from the stream: z_k - h computed as a difference would
+        # lose the small outputs to rounding in bf16.
+        z, out, new_states = h, None, []
+        for level, level_state in zip(self.levels, level_states):
+            y, level_state = level(z, level_state)
+            z = z + y                                              # NL Eq. 70: the next level reads this one
+            out = y if out is None else out + y
+            new_states.append(level_state)
+        return out, {"levels": new_states}

@@ -1,0 +1,248 @@
+"""Continuum Memory System (cms.py; NL Eq. 70-71, DESIGN §3.5) against its definition."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from cms import ContinuumMemory, local_objective_grads
+from config import CMSConfig, ConfigError, ModelConfig, config_from_dict
+
+D = 8
+
+
+def make_cms(chunk_sizes, inner_lr=0.05, activation="gelu", seed=0, dtype=torch.float32):
+    cfg = ModelConfig(d_model=D, ffn_multiple_of=4,
+                      cms=CMSConfig(chunk_sizes=chunk_sizes, hidden_mult=1.5, inner_lr=inner_lr,
+                                    activation=activation))
+    torch.manual_seed(seed)
+    cms = ContinuumMemory(cfg).to(dtype)
+    with torch.no_grad():   # non-trivial norm gains, so a test would notice a skipped norm
+        for level in cms.levels:
+            level.norm.weight.uniform_(0.5, 1.5)
+    return cms
+
+
+def inputs(B=2, T=23, seed=1, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.randn(B, T, D, dtype=dtype)
+
+
+def act_fn(name):
+    return F.gelu if name == "gelu" else F.silu
+
+
+def rms(z, weight, eps):
+    return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def reference_chain(cms, h):
+    """NL Eq. 70-71 token by token, straight from the definition, inner gradients by autograd.
+
+    Returns (output, per-level fast weights at the end as [(w_in, w_out)] per sequence).
+    """
+    outputs, final = [], []
+    for b in range(h.shape[0]):
+        z = h[b]                                                       # [T, D]
+        out = torch.zeros_like(z)
+        seq_final = []
+        for level in cms.levels:
+            a = rms(z, level.norm.weight, level.norm.eps)
+            act = act_fn(level.activation)
+            w_in, w_out = level.w_in.weight.detach().clone(), level.w_out.weight.detach().clone()
+            if level.chunk_size is None:
+                y = act(a @ w_in.T) @ w_out.T
+            else:
+                target = a @ level.w_target.weight.T
+                ys, acc_in, acc_out = [], torch.zeros_like(w_in), torch.zeros_like(w_out)
+                for t in range(a.shape[0]):
+                    with torch.enable_grad():
+                        wi, wo = w_in.clone().requires_grad_(), w_out.clone().requires_grad_()
+                        y_t = act(a[t] @ wi.T) @ wo.T                  # read with theta_c (chunk start)
+                        g_in, g_out = torch.autograd.grad((y_t - target[t].detach()).pow(2).sum(), (wi, wo))
+                    ys.append(y_t.detach())
+                    acc_in, acc_out = acc_in + g_in, acc_out + g_out
+                    if (t + 1) % level.chunk_size == 0:                # end of chunk: one GD step
+                        w_in, w_out = w_in - level.inner_lr * acc_in, w_out - level.inner_lr * acc_out
+                        acc_in, acc_out = torch.zeros_like(w_in), torch.zeros_like(w_out)
+                y = torch.stack(ys)
+                seq_final.append((w_in, w_out))
+            z = (z + y).detach()
+            out = out + y
+        outputs.append(out)
+        final.append(seq_final)
+    return torch.stack(outputs), final
+
+
+@torch.no_grad()
+def test_all_static_equals_stack_of_ffns():
+    cms = make_cms([None, None, None])
+    h = inputs()
+    z = h
+    for level in cms.levels:                                           # the reference stack, explicitly
+        a = rms(z, level.norm.weight, level.norm.eps)
+        z = z + F.linear(F.gelu(F.linear(a, level.w_in.weight)), level.w_out.weight)
+    y, state = cms(h)
+    torch.testing.assert_close(y, z - h, rtol=1e-5, atol=1e-6)
+    assert state == {"levels": [None, None, None]}
+    assert all(level.w_target is None for level in cms.levels)       # static levels have no W_v
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_inner_lr_zero_equals_static(activation):
+    fast = make_cms([3, None, 5], inner_lr=0.0, activation=activation)
+    static = make_cms([None, None, None], activation=activation)
+    static.load_state_dict({k: v for k, v in fast.state_dict().items() if "w_target" not in k})
+    h = inputs()
+    torch.testing.assert_close(fast(h)[0], static(h)[0], rtol=1e-5, atol=1e-6)
+    assert (fast(h)[0] - make_cms([3, None, 5], inner_lr=0.1, activation=activation)(h)[0]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_updates_happen_exactly_at_chunk_boundaries():
+    C, lr = 4, 0.1
+    fast = make_cms([C], inner_lr=lr)
+    static = make_cms([None])
+    static.load_state_dict({k: v for k, v in fast.state_dict().items() if "w_target" not in k})
+    h = inputs(T=10)
+    y_fast, state = fast(h)
+    y_static = static(h)[0]
+    torch.testing.assert_close(y_fast[:, :C], y_static[:, :C], rtol=1e-5, atol=1e-6)  # chunk 0: theta_0
+    assert (y_fast[:, C:2 * C] - y_static[:, C:2 * C]).abs().amin(-1).min() > 0  # every token of chunk 1 differs
+
+    # Fast weights after exactly one chunk == one hand-computed GD step (autograd) on chunk 0.
+    level = fast.levels[0]
+    _, one_chunk = fast(h[:, :C])
+    a = level.norm(h[:, :C])
+    target = level.w_target(a)
+    for b in range(h.shape[0]):
+        w_in = level.w_in.weight.clone().requires_grad_()
+        w_out = level.w_out.weight.clone().requires_grad_()
+        with torch.enable_grad():
+            loss = (F.linear(F.gelu(F.linear(a[b], w_in)), w_out) - target[b]).pow(2).sum()
+            g_in, g_out = torch.autograd.grad(loss, (w_in, w_out))
+        s = one_chunk["levels"][0]
+        torch.testing.assert_close(s["w_in"][b], level.w_in.weight - lr * g_in, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s["w_out"][b], level.w_out.weight - lr * g_out, rtol=1e-5, atol=1e-6)
+    assert one_chunk["levels"][0]["grad_in"] is None and one_chunk["levels"][0]["pos"] == C
+    # After 10 tokens: two updates applied, 2 tokens of chunk 2 accumulated.
+    assert state["levels"][0]["pos"] == 10 and state["levels"][0]["grad_in"] is not None
+
+
+@torch.no_grad()
+def test_chain_equals_token_by_token_definition():
+    """Three levels (fast, static, fast), T = 23 not a multiple of C, batch of 2."""
+    cms = make_cms([4, None, 3], inner_lr=[0.05, None, 0.08])
+    h = inputs(T=23)
+    y, state = cms(h)
+    y_ref, final_ref = reference_chain(cms, h)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    for b in range(h.shape[0]):
+        for fast_index, level_index in enumerate([0, 2]):
+            s = state["levels"][level_index]
+            # The state holds theta_c of the current (partial) chunk: T=23 -> 5 updates for C=4, 7 for C=3.
+            torch.testing.assert_close(s["w_in"][b], final_ref[b][fast_index][0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(s["w_out"][b], final_ref[b][fast_index][1], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_segments_with_carried_state_equal_one_call():
+    cms = make_cms([4, None, 3, 5], inner_lr=[0.05, None, 0.08, 0.03])
+    h = inputs(T=23)
+    y_full, state_full = cms(h)
+    state, parts = None, []
+    for length in [3, 5, 1, 7, 0, 2, 5]:                                # never aligned to any C
+        start = sum(p.shape[1] for p in parts)
+        y, state = cms(h[:, start:start + length], state)
+        parts.append(y)
+    torch.testing.assert_close(torch.cat(parts, 1), y_full, rtol=1e-5, atol=1e-6)
+    for s, s_full in zip(state["levels"], state_full["levels"]):
+        if s_full is None:
+            assert s is None
+            continue
+        assert s["pos"] == s_full["pos"] == 23
+        for key in ("w_in", "w_out", "grad_in", "grad_out"):
+            torch.testing.assert_close(s[key], s_full[key], rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_causality():
+    cms = make_cms([4, None, 3], inner_lr=0.1)
+    h = inputs(B=1, T=20)
+    t = 9
+    other = h.clone()
+    other[:, t] += 1.0
+    a, b = cms(h)[0], cms(other)[0]
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=0)
+    assert (a[:, t] - b[:, t]).abs().max() > 1e-3
+    assert (a[:, 12:] - b[:, 12:]).abs().amin(-1).min() > 0           # later chunks read the update
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_closed_form_gradient_equals_autograd(activation):
+    torch.manual_seed(0)
+    B, n, H = 3, 5, 12
+    a, target = torch.randn(B, n, D, dtype=torch.float64), torch.randn(B, n, D, dtype=torch.float64)
+    w_in = torch.randn(B, H, D, dtype=torch.float64, requires_grad=True)
+    w_out = torch.randn(B, D, H, dtype=torch.float64, requires_grad=True)
+    y, g_in, g_out = local_objective_grads(a, target, w_in, w_out, activation)
+    y_auto = torch.matmul(act_fn(activation)(torch.matmul(a, w_in.transpose(1, 2))), w_out.transpose(1, 2))
+    ref_in, ref_out = torch.autograd.grad((y_auto - target).pow(2).sum(), (w_in, w_out))
+    torch.testing.assert_close(y, y_auto)
+    torch.testing.assert_close(g_in, ref_in)
+    torch.testing.assert_close(g_out, ref_out)
+
+
+def test_outer_gradients_flow_through_fast_updates():
+    """d(outputs)/d(theta_0, W_v) through the chunked updates == finite differences (float64)."""
+    cms = make_cms([3], inner_lr=0.2, dtype=torch.float64)
+    level = cms.levels[0]
+    h = inputs(B=2, T=7, dtype=torch.float64)
+    names = ["levels.0.w_in.weight", "levels.0.w_out.weight", "levels.0.w_target.weight"]
+    params = {k: v.detach() for k, v in cms.named_parameters()}
+
+    def outputs(w_in, w_out, w_target):
+        return functional_call(cms, {**params, names[0]: w_in, names[1]: w_out, names[2]: w_target}, (h,))[0]
+
+    leaves = tuple(params[k].clone().requires_grad_() for k in names)
+    assert torch.autograd.gradcheck(outputs, leaves, eps=1e-6, atol=1e-6)
+
+    # W_v acts only through the updates: it cannot touch chunk 0 and must reach chunk 1.
+    y, _ = cms(h)
+    grad_chunk0 = torch.autograd.grad(y[:, :3].sum(), level.w_target.weight, allow_unused=True)[0]
+    assert grad_chunk0 is None or grad_chunk0.abs().max() == 0
+    y, _ = cms(h)
+    assert torch.autograd.grad(y[:, 3:].sum(), level.w_target.weight)[0].abs().max() > 0
+
+
+@torch.no_grad()
+def test_batch_has_per_sequence_fast_weights():
+    cms = make_cms([4, None, 3], inner_lr=0.1)
+    h = inputs(B=2, T=13)
+    y, state = cms(h)
+    for b in range(2):
+        y_b, state_b = cms(h[b:b + 1])
+        torch.testing.assert_close(y[b:b + 1], y_b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state["levels"][0]["w_in"][b:b + 1], state_b["levels"][0]["w_in"],
+                                   rtol=1e-5, atol=1e-6)
+    assert (state["levels"][0]["w_in"][0] - state["levels"][0]["w_in"][1]).abs().max() > 0
+
+
+def test_bad_inputs_have_clear_errors():
+    for bad, words in [({"chunk_sizes": []}, "non-empty"), ({"chunk_sizes": [0]}, ">= 1"),
+                       ({"chunk_sizes": [4, "x"]}, "integers"), ({"hidden_mult": 0.0}, "hidden_mult"),
+                       ({"inner_lr": -1.0}, ">= 0"), ({"inner_lr": "fast"}, "inner_lr"),
+                       ({"chunk_sizes": [4, None], "inner_lr": [0.1]}, "2 levels"),
+                       ({"chunk_sizes": [4, None], "inner_lr": [None, None]}, "inner_lr[0]")]:
+        with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            CMSConfig(**bad)
+    cfg = config_from_dict({"model": {"cms": {"chunk_sizes": [4, None], "inner_lr": ["1e-3", None]}}})
+    assert cfg.model.cms.level_lrs() == [1e-3, None]
+    with pytest.raises(ConfigError, match="activation"):
+        config_from_dict({"model": {"cms": {"activation": "relu"}}})
+    cms = make_cms([4])
+    _, state = cms(inputs(B=2, T=5))
+    with pytest.raises(ValueError, match="batch size 2"):
+        cms(inputs(B=3, T=5), state)
+    with pytest.raises(ValueError, match=r"\[B, T, D\]"):
+        cms(torch.randn(5, D))
