@@ -1,0 +1,334 @@
+"""The neural memory layer shared by Titans and HOPE (DESIGN §3.3).
+
+A memory M maps a head-dim vector to a head-dim vector, per (sequence, head):
+
+    depth 1 (linear):        M(x) = W x
+    depth 2 (residual MLP):  M(x) = x + W_out s(W_in x)      W_in [E, d], W_out [d, E], s = SiLU/GELU
+
+(the paper writes the MLP as x + W1 s(W2 x): W_in = W2 is applied first, W_out = W1 second).
+Its weights are *fast weights*: per sequence, shape [B, H, out, in], initialised from
+outer-learned ("meta") parameters [H, out, in] and trained inside the forward pass on the
+inner loss l_t = ||M(k_t) - v_t||^2 (Titans Eq. 12; NL Eq. 85). The inner optimisation is
+chunked (Titans §3.2 / TTT mini-batch GD / NL Eq. 90): absolute positions are cut into
+chunks of C tokens, and for each token t of the chunk that starts at B(t) = C*floor(t/C):
+
+  1. write, in closed form at the chunk-start weights W_B (no autograd):
+        z = W_in,B k,  h = s(z),  pred = k + W_out,B h,  e = 2 (pred - v) = dl/dpred
+        layer W_out: input a_t = h,  gradient g_t = e
+        layer W_in:  input a_t = k,  gradient g_t = (W_out,B^T e) * s'(z)
+     (linear memory: one layer, input k, g_t = 2 (W_B k - v)), so dl_t/dW = g_t a_t^T.
+  2. transition, per token, each layer a scan over the chunk (`kernels`, DESIGN §3.2):
+        "momentum"  GD with momentum (Titans Eq. 13-14):
+                    Z_t = beta_t Z_{t-1} - lr_t g_t a_t^T ;  W_t = alpha_t W_{t-1} + Z_t
+                    = kernels.momentum_rule with writes u_t = -lr_t g_t, alpha = 1 - forget
+        "dgd"       delta gradient descent (NL Eq. 57/88, exact proximal step):
+                    W_t = W_{t-1} (alpha_t I - eta'_t a_t a_t^T) - eta'_t g_t a_t^T,
+                    eta'_t = lr_t / (1 + lr_t ||a_t||^2)  (each layer with its own input a_t)
+                    = kernels.delta_rule with writes u_t = -eta'_t g_t
+        "gd"        plain GD with retention: W_t = alpha_t W_{t-1} - lr_t g_t a_t^T
+                    = kernels.delta_rule with eta = 0
+  3. readout after the write, per token: y_t = M_t(q_t), layer by layer from the scans'
+     outputs (the W_in scan reads q_t, the W_out scan reads s(W_in,t q_t); then + q_t).
+The scans' final states are the next chunk's W_B. With C = 1 this is the exact online
+learner; a larger C only moves the point where gradients are taken. Outer gradients flow
+through everything: writes, gates, targets and the meta-learned initial weights.
+
+API (all tensors per head; q, k, v [B, T, H, d]; gates lr, alpha, beta [B, T, H]):
+
+    mem = NeuralMemory(n_head, head_dim, depth=2, expansion=2, activation="silu",
+                       chunk_size=16, update_rule="momentum")
+    y, state = mem(q, k, v, lr, alpha, beta, state=None)       # beta only for "momentum"
+    out = mem.scan(q, k, v, lr, alpha, beta, state, reads=(x,))  # + reads M_B(x) at W_B
+    out.y, out.state, out.reads
+
+State (a dict; `mem.initial_state(B)` builds a fresh one from the meta parameters):
+    "weights"      list per layer [B, H, out, in]: the current fast weights W_t
+    "chunk_start"  list per layer: W_B of the chunk the next token belongs to
+    "momenta"      list per layer: Z_t ("momentum" rule), else None
+    "pos"          int, tokens consumed; chunks are aligned to multiples of C from 0
+Because a token's write depends only on W_B and its own inputs, the state after any
+prefix is exact (mid-chunk included): feeding a sequence in one call or in any segments,
+down to single tokens, gives the same outputs and final state (no buffering needed).
+
+Building blocks for layers that interleave several memories (HOPE: k_t = M_k,B(x_t) is
+read at the chunk-start weights before any memory is updated, with different chunk sizes):
+    chunk_pieces(pos, T, *chunk_sizes)   split [0, T) at absolute chunk boundaries
+    mem.read(weights, x)                 M(x) with given per-sequence weights
+    mem.update_piece(q, k, v, lr, alpha, beta, state)   one piece inside one chunk
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+UPDATE_RULES = ("momentum", "dgd", "gd")
+ACTIVATIONS = ("silu", "gelu")
+
+
+def chunk_pieces(pos: int, T: int, *chunk_sizes: int) -> list[tuple[int, int]]:
+    """Split the token range [0, T) that starts at absolute position `pos` into pieces
+    that never cross a multiple of any of `chunk_sizes` (absolute chunk boundaries).
+    Returns (lo, hi) offsets relative to the start, covering [0, T) in order."""
+    if T < 0 or pos < 0:
+        raise ValueError(f"pos and T must be >= 0; got pos={pos}, T={T}")
+    for c in chunk_sizes:
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"chunk sizes must be integers >= 1; got {c!r}")
+    cuts = {0, T}
+    for c in chunk_sizes:
+        first = (c - pos % c) % c                 # offset of the first boundary after pos
+        cuts.update(range(first, T, c))
+    cuts = sorted(x for x in cuts if 0 <= x <= T)
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _activation(name):
+    """s and s' (closed-form derivative, for the inner gradient without autograd)."""
+    if name == "silu":
+        def deriv(z):
+            sig = torch.sigmoid(z)
+            return sig * (1 + z * (1 - sig))
+        return F.silu, deriv
+    if name == "gelu":                            # exact (erf) GELU
+        def deriv(z):
+            return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+        return F.gelu, deriv
+    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
+
+
+class MemoryOutput(NamedTuple):
+    y: torch.Tensor          # [B, T, H, d] readouts after the write, M_t(q_t)
+    state: dict              # the state after the last token
+    reads: list              # per requested input x: [B, T, H, d] reads M_B(t)(x_t) at W_B
+
+
+class NeuralMemory(nn.Module):
+    """Per-head fast-weight memory trained in-context by chunked inner GD (module doc).
+
+    n_head, head_dim   H memories of width d (queries, keys, values are [B, T, H, d])
+    depth              1 = linear W x; 2 = residual MLP x + W_out s(W_in x)
+    expansion          hidden width E = expansion * head_dim (depth 2)
+    chunk_size         C, gradients at the chunk-start weights
+    update_rule        "momentum" (Titans) | "dgd" (HOPE) | "gd"
+    detach_targets     stop outer gradients through the targets v in the inner loss
+    detach_chunks_older_than   n > 0: truncated backprop through the inner loop: the fast
+                       weights (and momenta) are detached at every absolute chunk boundary
+                       that is a multiple of n chunks, so outer gradients reach back at
+                       most n chunks (forward values are unchanged); 0 = full backprop
+    backend            kernels backend ("auto" | "reference" | "torch" | "triton")
+    """
+
+    def __init__(self, n_head: int, head_dim: int, depth: int = 2, expansion: int = 2,
+                 activation: str = "silu", chunk_size: int = 16, update_rule: str = "momentum",
+                 detach_targets: bool = False, detach_chunks_older_than: int = 0,
+                 backend: str = "auto"):
+        super().__init__()
+        if depth not in (1, 2):
+            raise ValueError(f"memory depth must be 1 (linear) or 2 (residual MLP); got {depth}")
+        if update_rule not in UPDATE_RULES:
+            raise ValueError(f"update_rule must be one of {', '.join(UPDATE_RULES)}; got {update_rule!r}")
+        for name, value, low in (("n_head", n_head, 1), ("head_dim", head_dim, 1),
+                                 ("expansion", expansion, 1), ("chunk_size", chunk_size, 1),
+                                 ("detach_chunks_older_than", detach_chunks_older_than, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"memory {name} must be an integer >= {low}; got {value!r}")
+        if backend not in kernels.BACKENDS:
+            raise ValueError(f"memory backend must be one of {', '.join(kernels.BACKENDS)}; got {backend!r}")
+        self.n_head, self.head_dim, self.depth = n_head, head_dim, depth
+        self.hidden_dim = expansion * head_dim
+        self.activation = activation
+        self.act, self.act_deriv = _activation(activation)
+        self.chunk_size, self.update_rule, self.backend = chunk_size, update_rule, backend
+        self.detach_targets = detach_targets
+        self.detach_chunks_older_than = detach_chunks_older_than
+        # Meta-learned initial fast weights, in application order: [W] or [W_in, W_out].
+        shapes = [(head_dim, head_dim)] if depth == 1 else [(self.hidden_dim, head_dim),
+                                                            (head_dim, self.hidden_dim)]
+        self.init_weights = nn.ParameterList([nn.Parameter(torch.empty(n_head, o, i)) for o, i in shapes])
+        self.reset_memory_parameters()
+
+    def reset_memory_parameters(self):
+        # N(0, 1/fan_in): the memory's layers start as variance-preserving random maps
+        # (Titans does not state an init; the outer optimiser learns it, DESIGN §3.3).
+        for w in self.init_weights:
+            nn.init.normal_(w, mean=0.0, std=w.shape[-1] ** -0.5)
+
+    def extra_repr(self):
+        return (f"n_head={self.n_head}, head_dim={self.head_dim}, depth={self.depth}, "
+                f"hidden={self.hidden_dim if self.depth == 2 else '-'}, chunk_size={self.chunk_size}, "
+                f"update_rule={self.update_rule}")
+
+    # ------------------------------------------------------------------------------------
+    # state
+
+    def _dtype(self):
+        return torch.promote_types(self.init_weights[0].dtype, torch.float32)
+
+    def initial_state(self, batch_size: int) -> dict:
+        """Fresh per-sequence state: every sequence's fast weights = the meta parameters."""
+        dtype = self._dtype()
+        weights = [w.to(dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.init_weights]
+        momenta = None
+        if self.update_rule == "momentum":
+            momenta = [w.new_zeros(w.shape) for w in weights]
+        return {"weights": weights, "chunk_start": list(weights), "momenta": momenta, "pos": 0}
+
+    # ------------------------------------------------------------------------------------
+    # the memory as a function of given weights
+
+    def read(self, weights, x):
+        """M(x) with per-sequence weights (a list per layer, [B, H, out, in]); x [B, T, H, d]."""
+        dtype = self._dtype()
+        with _no_autocast(x):
+            x = x.to(dtype)
+            if self.depth == 1:
+                return torch.einsum("bhoi,bthi->btho", weights[0], x)
+            hidden = self.act(torch.einsum("bhoi,bthi->btho", weights[0], x))
+            return x + torch.einsum("bhoi,bthi->btho", weights[1], hidden)
+
+    def _inputs_and_gradients(self, weights, k, v):
+        """Per layer, the input a_t and the gradient g_t = dl_t/d(W a_t) of the inner loss
+        l_t = ||M(k_t) - v_t||^2 at `weights` (the chunk-start W_B), in closed form."""
+        if self.depth == 1:
+            error = 2 * (torch.einsum("bhoi,bthi->btho", weights[0], k) - v)
+            return [k], [error]
+        w_in, w_out = weights
+        pre = torch.einsum("bhoi,bthi->btho", w_in, k)                   # z = W_in k
+        hidden = self.act(pre)                                            # h = s(z)
+        error = 2 * (k + torch.einsum("bhoi,bthi->btho", w_out, hidden) - v)    # dl/dpred
+        grad_pre = torch.einsum("bhoi,btho->bthi", w_out, error) * self.act_deriv(pre)
+        return [k, hidden], [grad_pre, error]
+
+    # ------------------------------------------------------------------------------------
+    # the inner optimisation
+
+    def update_piece(self, q, k, v, lr, alpha, beta=None, state=None):
+        """Consume L tokens that lie inside one chunk (pos % C + L <= C): writes at the
+        chunk-start weights, per-token transitions, readout after the write.
+        Returns (y [B, L, H, d], new state)."""
+        B, L = q.shape[:2]
+        state = self.initial_state(B) if state is None else state
+        C, pos = self.chunk_size, state["pos"]
+        if pos % C + L > C:
+            raise ValueError(f"update_piece got {L} tokens at position {pos}, crossing the "
+                             f"chunk boundary at {pos + C - pos % C} (chunk_size={C}); use chunk_pieces")
+        dtype = self._dtype()
+        if L == 0:
+            return q.new_zeros(q.shape, dtype=dtype), state
+        with _no_autocast(q):
+            q, k, v, lr, alpha = (t.to(dtype) for t in (q, k, v, lr, alpha))
+            beta = beta.to(dtype) if beta is not None else None
+            if self.detach_targets:
+                v = v.detach()
+            inputs, grads = self._inputs_and_gradients(state["chunk_start"], k, v)
+            new_weights, new_momenta = [], ([] if self.update_rule == "momentum" else None)
+            query = q
+            for layer, (a, g) in enumerate(zip(inputs, grads)):
+                W = state["weights"][layer]
+                if self.update_rule == "momentum":
+                    out, W, Z = kernels.momentum_rule(
+                        query, a, -lr.unsqueeze(-1) * g, alpha, beta, W, state["momenta"][layer],
+                        chunk_size=C, backend=self.backend)
+                    new_momenta.append(Z)
+                elif self.update_rule == "dgd":
+                    eta = lr / (1 + lr * a.pow(2).sum(-1))                 # eta' (NL Eq. 57)
+                    out, W = kernels.delta_rule(query, a, -eta.unsqueeze(-1) * g, alpha, eta, W,
+                                                chunk_size=C, backend=self.backend)
+                else:                                                      # "gd"
+                    out, W = kernels.delta_rule(query, a, -lr.unsqueeze(-1) * g, alpha,
+                                                torch.zeros_like(lr), W, chunk_size=C,
+                                                backend=self.backend)
+                new_weights.append(W)
+                if layer + 1 < len(inputs):
+                    query = self.act(out)                  # W_out reads s(W_in,t q_t)
+            y = out + q if self.depth == 2 else out
+        new_pos = pos + L
+        chunk_start = state["chunk_start"]
+        if new_pos % C == 0:                     # the chunk is complete: new W_B
+            n = self.detach_chunks_older_than
+            if n and (new_pos // C) % n == 0:
+                new_weights = [w.detach() for w in new_weights]
+                new_momenta = None if new_momenta is None else [z.detach() for z in new_momenta]
+            chunk_start = new_weights
+        return y, {"weights": new_weights, "chunk_start": list(chunk_start),
+                   "momenta": new_momenta, "pos": new_pos}
+
+    def scan(self, q, k, v, lr, alpha, beta=None, state=None, reads=()) -> MemoryOutput:
+        """Run the chunked inner optimisation over T tokens (any T, any starting position).
+        `reads`: extra inputs x [B, T, H, d] to read at the chunk-start weights, M_B(t)(x_t)
+        (HOPE's k_t = M_k,B(x_t)). Returns MemoryOutput(y, state, reads)."""
+        self._check_inputs(q, k, v, lr, alpha, beta, reads)
+        B, T = q.shape[:2]
+        state = self.initial_state(B) if state is None else state
+        ys, read_parts = [], [[] for _ in reads]
+        for lo, hi in chunk_pieces(state["pos"], T, self.chunk_size):
+            for parts, x in zip(read_parts, reads):
+                parts.append(self.read(state["chunk_start"], x[:, lo:hi]))
+            y, state = self.update_piece(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], lr[:, lo:hi],
+                                         alpha[:, lo:hi], None if beta is None else beta[:, lo:hi],
+                                         state)
+            ys.append(y)
+        dtype = self._dtype()
+        y = torch.cat(ys, 1) if ys else q.new_zeros(q.shape, dtype=dtype)
+        reads_out = [torch.cat(p, 1) if p else x.new_zeros(x.shape, dtype=dtype)
+                     for p, x in zip(read_parts, reads)]
+        return MemoryOutput(y, state, reads_out)
+
+    def forward(self, q, k, v, lr, alpha, beta=None, state=None):
+        """(y [B, T, H, d], state): readouts after the write, M_t(q_t)."""
+        out = self.scan(q, k, v, lr, alpha, beta, state)
+        return out.y, out.state
+
+    def _check_inputs(self, q, k, v, lr, alpha, beta, reads):
+        shape = (self.n_head, self.head_dim)
+        for name, t in (("q", q), ("k", k), ("v", v)) + tuple((f"reads[{i}]", x) for i, x in enumerate(reads)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[2:]) != shape:
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"memory {name} must be [B, T, {shape[0]}, {shape[1]}]; got {got}")
+            if t.shape[:2] != q.shape[:2]:
+                raise ValueError(f"memory {name} must have q's batch and length {list(q.shape[:2])}; got {list(t.shape[:2])}")
+        gates = {"lr": lr, "alpha": alpha}
+        if self.update_rule == "momentum":
+            if beta is None:
+                raise ValueError("memory update_rule='momentum' needs the momentum gate beta")
+            gates["beta"] = beta
+        elif beta is not None:
+            raise ValueError(f"memory update_rule={self.update_rule!r} takes no momentum gate beta")
+        for name, g in gates.items():
+            if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(q.shape[:3]):
+                got = list(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                raise ValueError(f"memory gate {name} must be [B, T, H] = {list(q.shape[:3])}; got {got}")
+
+    def flops_per_token(self, backward: bool = True) -> int:
+        """Estimated FLOPs per token of the inner loop (all heads): closed-form writes at
+        W_B, plus per layer (V x K) the chunked scan's work per token (kernels/chunked.py:
+        intra-chunk C x C products, state reads and writes). x3 for forward + backward."""
+        d, E, C = self.head_dim, self.hidden_dim, self.chunk_size
+        layers = [(d, d)] if self.depth == 1 else [(E, d), (d, E)]
+        writes = 2 * d * d if self.depth == 1 else 3 * 2 * d * E            # z, pred, W_out^T e
+        scans = 0
+        for V, K in layers:
+            scans += 2 * C * (K + V) + 2 * C * C + 8 * V * K                 # intra, A@B, S/Z reads+writes
+        per_head = writes + scans
+        return (3 if backward else 1) * self.n_head * per_head
+
+
+class _no_autocast:
+    """Fast-weight math runs in float32 (at least) even under bf16 autocast: the inner
+    loop accumulates many small writes into the same weights."""
+
+    def __init__(self, like):
+        self.device_type = like.device.type if like.device.type in ("cuda", "cpu") else "cpu"
+
+    def __enter__(self):
+        self.ctx = torch.autocast(self.device_type, enabled=False)
+        return self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc)

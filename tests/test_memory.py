@@ -1,0 +1,225 @@
+"""memory.NeuralMemory (DESIGN §3.3) against a token-by-token oracle written from the
+definition: a Python loop over tokens whose inner gradients come from torch.autograd at
+the chunk-start weights (no closed forms, no scans)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memory import NeuralMemory, chunk_pieces
+
+B, H, D = 2, 2, 4
+
+
+def apply_memory(weights, x, act):
+    """M(x) for per-sequence weights [B, H, out, in] and x [B, H, d] (DESIGN §3.3)."""
+    if len(weights) == 1:
+        return torch.einsum("bhoi,bhi->bho", weights[0], x)
+    hidden = act(torch.einsum("bhoi,bhi->bho", weights[0], x))
+    return x + torch.einsum("bhoi,bhi->bho", weights[1], hidden)
+
+
+def oracle(mem, q, k, v, lr, alpha, beta=None, reads=()):
+    """Token by token: l_t = ||M_B(k_t) - v_t||^2 differentiated by autograd at W_B, then
+    GD with momentum (Titans Eq. 13-14) / DGD (NL Eq. 57) / GD, then y_t = M_t(q_t)."""
+    act = F.silu if mem.activation == "silu" else F.gelu
+    Bn, T = q.shape[:2]
+    weights = [w.unsqueeze(0).expand(Bn, *w.shape) for w in mem.init_weights]
+    momenta = [torch.zeros_like(w) for w in weights]
+    ys, read_outs = [], [[] for _ in reads]
+    for t in range(T):
+        if t % mem.chunk_size == 0:
+            start = list(weights)
+        for out, x in zip(read_outs, reads):
+            out.append(apply_memory(start, x[:, t], act))
+        k_t, v_t, q_t = k[:, t], v[:, t], q[:, t]
+        loss = (apply_memory(start, k_t, act) - v_t).pow(2).sum()
+        grads = torch.autograd.grad(loss, start, create_graph=True)
+        layer_inputs = [k_t] if mem.depth == 1 else [k_t, act(torch.einsum("bhoi,bhi->bho", start[0], k_t))]
+        lr_t, al_t = lr[:, t, :, None, None], alpha[:, t, :, None, None]
+        for i, (grad, a) in enumerate(zip(grads, layer_inputs)):
+            if mem.update_rule == "momentum":
+                momenta[i] = beta[:, t, :, None, None] * momenta[i] - lr_t * grad
+                weights[i] = al_t * weights[i] + momenta[i]
+            elif mem.update_rule == "dgd":
+                eta = lr_t / (1 + lr_t * a.pow(2).sum(-1)[..., None, None])
+                Wa = torch.einsum("bhoi,bhi->bho", weights[i], a)
+                weights[i] = al_t * weights[i] - eta * Wa[..., None] * a[..., None, :] - eta * grad
+            else:
+                weights[i] = al_t * weights[i] - lr_t * grad
+        ys.append(apply_memory(weights, q_t, act))
+    return torch.stack(ys, 1), weights, momenta, [torch.stack(r, 1) for r in read_outs]
+
+
+def make_inputs(T, rule, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, D, generator=g, dtype=dtype), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, D, generator=g, dtype=dtype), dim=-1)
+    v = torch.randn(B, T, H, D, generator=g, dtype=dtype)
+    lr = 0.6 * torch.rand(B, T, H, generator=g, dtype=dtype)
+    alpha = 0.7 + 0.3 * torch.rand(B, T, H, generator=g, dtype=dtype)
+    beta = 0.9 * torch.rand(B, T, H, generator=g, dtype=dtype) if rule == "momentum" else None
+    tensors = {"q": q, "k": k, "v": v, "lr": lr, "alpha": alpha, "beta": beta}
+    return {n: (t.requires_grad_() if t is not None else None) for n, t in tensors.items()}
+
+
+def make_memory(rule, depth, chunk, activation="silu", **kw):
+    torch.manual_seed(1)
+    return NeuralMemory(H, D, depth=depth, expansion=2, activation=activation, chunk_size=chunk,
+                        update_rule=rule, **kw).double()
+
+
+def test_chunk_pieces():
+    assert chunk_pieces(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_pieces(6, 7, 4) == [(0, 2), (2, 6), (6, 7)]       # absolute boundaries 8, 12
+    assert chunk_pieces(3, 1, 4) == [(0, 1)]
+    assert chunk_pieces(0, 0, 4) == []
+    assert chunk_pieces(2, 8, 4, 3) == [(0, 1), (1, 2), (2, 4), (4, 6), (6, 7), (7, 8)]  # 3,4,6,8,9
+    with pytest.raises(ValueError, match="chunk sizes"):
+        chunk_pieces(0, 4, 0)
+
+
+@pytest.mark.parametrize("rule", ["momentum", "dgd", "gd"])
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_chunked_memory_equals_token_by_token_oracle(rule, depth, chunk):
+    """Outputs, final weights/momenta and gradients w.r.t. the meta init weights, q, k, v
+    and every gate; T = 11 is not a multiple of the chunk size."""
+    mem = make_memory(rule, depth, chunk)
+    x = make_inputs(11, rule)
+    gates = (x["lr"], x["alpha"], x["beta"])
+    y, state = mem(x["q"], x["k"], x["v"], *gates)
+    y_ref, w_ref, z_ref, _ = oracle(mem, x["q"], x["k"], x["v"], *gates)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    for w, w_r in zip(state["weights"], w_ref):
+        torch.testing.assert_close(w, w_r, rtol=1e-9, atol=1e-9)
+    if rule == "momentum":
+        for z, z_r in zip(state["momenta"], z_ref):
+            torch.testing.assert_close(z, z_r, rtol=1e-9, atol=1e-9)
+    assert state["pos"] == 11
+
+    # one outer loss touching the readouts and the final fast weights
+    g = torch.Generator().manual_seed(2)
+    cot = torch.randn(y.shape, generator=g, dtype=y.dtype)
+    cot_w = [torch.randn(w.shape, generator=g, dtype=w.dtype) for w in w_ref]
+    wrt = list(mem.init_weights) + [t for t in x.values() if t is not None]
+
+    def outer(y_, ws):
+        return (y_ * cot).sum() + sum((w * c).sum() for w, c in zip(ws, cot_w))
+
+    grads = torch.autograd.grad(outer(y, state["weights"]), wrt)
+    grads_ref = torch.autograd.grad(outer(y_ref, w_ref), wrt)
+    for got, want in zip(grads, grads_ref):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+
+
+def test_gelu_memory_equals_oracle():
+    mem = make_memory("momentum", 2, 3, activation="gelu")
+    x = make_inputs(7, "momentum", seed=3)
+    y, _ = mem(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"])
+    y_ref = oracle(mem, x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"])[0]
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    g, g_ref = (torch.autograd.grad(out.sum(), x["k"])[0] for out in (y, y_ref))
+    torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("rule", ["momentum", "dgd"])
+def test_reads_at_chunk_start(rule):
+    """scan(reads=(x,)) returns M_B(t)(x_t) at the chunk-start weights (HOPE's k_t)."""
+    mem = make_memory(rule, 2, 4)
+    x = make_inputs(10, rule, seed=4)
+    extra = torch.randn(B, 10, H, D, dtype=torch.float64)
+    out = mem.scan(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"], reads=(extra,))
+    ref = oracle(mem, x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"], reads=(extra,))
+    torch.testing.assert_close(out.reads[0], ref[3][0], rtol=1e-9, atol=1e-9)
+    # first chunk reads the meta init weights
+    init = mem.initial_state(B)["weights"]
+    torch.testing.assert_close(out.reads[0][:, :4], mem.read(init, extra[:, :4]))
+
+
+@pytest.mark.parametrize("rule", ["momentum", "dgd", "gd"])
+@pytest.mark.parametrize("splits", [[3, 1, 5, 4], [1] * 13])
+def test_streaming_segments_equal_one_call(rule, splits):
+    """Any segmentation (mid-chunk boundaries, single tokens) gives the same outputs and state."""
+    mem = make_memory(rule, 2, 4)
+    x = make_inputs(13, rule, seed=5)
+    names = ("q", "k", "v", "lr", "alpha", "beta")
+    y_full, s_full = mem(*(x[n] for n in names))
+    state, ys, lo = None, [], 0
+    for n in splits:
+        part = [None if x[name] is None else x[name][:, lo:lo + n] for name in names]
+        y, state = mem(*part, state=state)
+        ys.append(y)
+        lo += n
+    torch.testing.assert_close(torch.cat(ys, 1), y_full, rtol=1e-10, atol=1e-10)
+    assert state["pos"] == s_full["pos"] == 13
+    for a, b in zip(state["weights"] + state["chunk_start"], s_full["weights"] + s_full["chunk_start"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_zero_lr_keeps_the_initial_memory():
+    mem = make_memory("momentum", 2, 4)
+    x = make_inputs(6, "momentum")
+    zero, one = torch.zeros_like(x["lr"]), torch.ones_like(x["alpha"])
+    y, state = mem(x["q"], x["k"], x["v"], zero, one, x["beta"])
+    torch.testing.assert_close(y, mem.read(mem.initial_state(B)["weights"], x["q"]))
+
+
+def test_detach_targets_blocks_outer_gradient_through_v():
+    x = make_inputs(6, "momentum")
+    args = (x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"])
+    plain, detached = make_memory("momentum", 2, 2), make_memory("momentum", 2, 2, detach_targets=True)
+    y_plain, _ = plain(*args)
+    y_det, _ = detached(*args)
+    torch.testing.assert_close(y_plain, y_det)
+    assert torch.autograd.grad(y_plain.sum(), x["v"])[0].abs().max() > 0
+    assert torch.autograd.grad(y_det.sum(), x["v"], allow_unused=True)[0] is None
+
+
+def test_detach_chunks_older_than_truncates_backprop():
+    """n = 1: tokens of chunk c get no gradient path to the keys of earlier chunks."""
+    x = make_inputs(12, "momentum")
+    args = (x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"])
+    full, cut = make_memory("momentum", 2, 4), make_memory("momentum", 2, 4, detach_chunks_older_than=1)
+    y_full, _ = full(*args)
+    y_cut, _ = cut(*args)
+    torch.testing.assert_close(y_full, y_cut)
+    g_full = torch.autograd.grad(y_full[:, 8:].sum(), x["k"])[0]
+    g_cut = torch.autograd.grad(y_cut[:, 8:].sum(), x["k"])[0]
+    assert g_full[:, :8].abs().max() > 0
+    assert g_cut[:, :8].abs().max() == 0 and g_cut[:, 8:].abs().max() > 0
+    # n = 2: detached only at boundaries 8, 16, ...: chunk 1 (tokens 4..7) still reaches chunk 0
+    two = make_memory("momentum", 2, 4, detach_chunks_older_than=2)
+    y_two, _ = two(*args)
+    g_two = torch.autograd.grad(y_two[:, 4:8].sum(), x["k"])[0]
+    assert g_two[:, :4].abs().max() > 0
+
+
+def test_float32_and_meta_init_gradient():
+    """Default float32 path runs and the meta init weights receive gradients."""
+    torch.manual_seed(0)
+    mem = NeuralMemory(H, D, depth=2, chunk_size=4)
+    x = {n: (t.float().detach() if t is not None else None) for n, t in make_inputs(9, "momentum").items()}
+    y, state = mem(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"])
+    assert y.dtype == torch.float32 and state["weights"][0].shape == (B, H, 2 * D, D)
+    y.sum().backward()
+    assert all(w.grad is not None and w.grad.abs().max() > 0 for w in mem.init_weights)
+
+
+def test_bad_inputs_raise_clear_errors():
+    mem = make_memory("momentum", 2, 4)
+    x = make_inputs(5, "momentum")
+    with pytest.raises(ValueError, match="beta"):
+        mem(x["q"], x["k"], x["v"], x["lr"], x["alpha"])
+    with pytest.raises(ValueError, match=r"memory k must be"):
+        mem(x["q"], x["k"][..., :3], x["v"], x["lr"], x["alpha"], x["beta"])
+    with pytest.raises(ValueError, match="gate lr"):
+        mem(x["q"], x["k"], x["v"], x["lr"][:, :4], x["alpha"], x["beta"])
+    with pytest.raises(ValueError, match="crossing the chunk boundary"):
+        mem.update_piece(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"])
+    with pytest.raises(ValueError, match="depth"):
+        NeuralMemory(H, D, depth=3)
+    with pytest.raises(ValueError, match="update_rule"):
+        NeuralMemory(H, D, update_rule="adam")
+    with pytest.raises(ValueError, match="takes no momentum gate"):
+        make_memory("dgd", 1, 4)(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"])
