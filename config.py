@@ -212,8 +212,8 @@ class LoggingConfig:
 class DistributedConfig:
     """Multi-device training under torchrun (DESIGN §5; docs/DISTRIBUTED.md). The speed
     switches (activation_checkpointing, and train.compile) apply to one process as well."""
-    fsdp: str = choice("auto", ["auto", "on", "off"])  # auto: FSDP2 when WORLD_SIZE > 1; off: DDP on > 1 rank;
-                                     # on: FSDP2 even on 1 device (a 1-rank process group is made if needed)
+    data_parallel: str = choice("auto", ["auto", "fsdp", "ddp"])  # auto: FSDP2 on > 1 rank, plain on 1;
+                                     # fsdp: FSDP2 even on 1 device (throughput checks); ddp: DDP on > 1 rank
     reshard_after_forward: bool = True  # free gathered block weights after forward (ZeRO-3); False keeps
                                      # them to backward (ZeRO-2: fewer all-gathers, more memory)
     mixed_precision: str = choice("auto", ["auto", "bf16", "fp32"])  # FSDP2 parameter dtype in forward and
