@@ -1,0 +1,244 @@
+"""Self-modifying Titans: the sequence mixer of HOPE (NL §8, Eq. 83-97; DESIGN §3.5).
+
+Every projection of a Titans layer is itself a memory that learns in context, and every
+memory generates its own training target (NL Eq. 84-88). Per layer, with H heads of width d:
+
+    x~_t  = SiLU(conv4(W_in x_t))           split into heads         (W_in static; NL §8.3)
+    k_t   = L2norm(M_k,B(x~_t))                                       (NL Eq. 90, read at the
+    v_t   = M_v,B(x~_t)                                                 chunk start B = B(t))
+    eta_t = eta_max * sigmoid(w_eta . M_eta,B(x~_t) + b_eta)          one scalar per head
+    alpha_t = sigmoid(w_alpha . M_alpha,B(x~_t) + b_alpha)            one scalar per head
+    q_t   = L2norm(W_q x_t)                 static ("the only non-adaptive projection", §8.1);
+                                            adaptive_q: L2norm(M_q,B(x~_t))
+    v^_[]t = M_[],B(v_t)                    each memory's own target (NL Eq. 87)
+    l_[]   = ||M_[](k_t) - v^_[]t||^2       learned by DGD with the shared eta_t, alpha_t
+                                            (NL Eq. 88/90; the layer update in memory.py)
+    o_t   = M_mem,t(q_t)                    readout after the write
+    y_t   = W_o (RMSNorm(o_t) * SiLU(W_g x_t))                        (Titans §4.4 output)
+
+Every M_[] is a per-head residual 2-layer MLP x + W1 s(W2 x) (NL Eq. 89/91) whose initial
+weights are outer-learned, held as per-sequence fast weights by `memory.NeuralMemory`
+(DESIGN §3.3: chunked inner gradients at the chunk-start weights, per-token DGD
+transitions W(alpha I - eta' a a^T) on each layer with that layer's input a, readout after
+the write). Two chunk sizes (NL §8.2): C_other for the projection memories M_k, M_v, M_eta,
+M_alpha (and M_q), C_mem for M_mem.
+
+Order of computation. The projection memories never read M_mem, so a segment runs in two
+stages, each exact for any segment boundaries:
+  1. the projection memories, chunk piece by chunk piece (C_other): read k, v, eta, alpha
+     at the chunk-start weights, generate the targets, write (one DGD scan per layer);
+  2. M_mem over the whole segment, chunk piece by chunk piece (C_mem), with the keys,
+     values and gates of stage 1.
+The projection memories share keys, gates and chunk size and differ only in weights and
+targets, so they run as ONE NeuralMemory with n_memories * H heads (memory-major: head
+m*H + h is memory m's head h): one scan per layer instead of one per memory.
+
+Ablations (NL Table 6; config `model.hope`): inner_opt gd (no k k^T term), retention false
+(alpha = 1, no M_alpha), adaptive_k/v false (a static linear W_k x~ / W_v x~ instead of the
+memory), adaptive_q, inner_lr_fixed (eta_t = constant, no M_eta; 0 = no in-context learning).
+
+State (`None` = start of a sequence; fast weights are per sequence):
+    {"conv": [B, conv_size-1, D] last inputs of the conv (None if conv_size <= 1),
+     "projections": the stacked projection memories' state (None if there are none),
+     "memory": M_mem's state, "pos": tokens consumed}
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ModelConfig
+from memory import NeuralMemory, chunk_pieces
+from model import RMSNorm
+
+# Initial gate biases (the outer optimiser learns them; the paper states no init):
+# eta starts at eta_max * sigmoid(0) = eta_max / 2; alpha starts at sigmoid(4) = 0.982,
+# a slow forgetting that keeps a few hundred tokens (cf. the slow decay gates of GDN).
+ETA_BIAS_INIT = 0.0
+ALPHA_BIAS_INIT = 4.0
+
+
+class CausalDepthwiseConv(nn.Module):
+    """y_t = sum_{j<K} w_j * x_{t-j} per channel (Titans §4.4 / NL §8.3 "local convolutions
+    with window size of 4"). Streaming state: the last K-1 inputs."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        # nn.Conv1d's default init (uniform, fan_in = K), so the conv starts as a blur.
+        bound = kernel_size ** -0.5
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x, buffer=None):
+        """x [B, T, C] -> (y [B, T, C], the last K-1 inputs [B, K-1, C])."""
+        B, T, C = x.shape
+        if buffer is None:
+            buffer = x.new_zeros(B, self.kernel_size - 1, C)
+        elif tuple(buffer.shape) != (B, self.kernel_size - 1, C):
+            raise ValueError(f"HOPE conv state must be {[B, self.kernel_size - 1, C]}; got {list(buffer.shape)}")
+        padded = torch.cat([buffer.to(x.dtype), x], dim=1)                  # [B, K-1+T, C]
+        y = F.conv1d(padded.transpose(1, 2), self.weight.to(x.dtype), groups=C).transpose(1, 2)
+        return y, padded[:, padded.shape[1] - (self.kernel_size - 1):]
+
+
+class SelfModifyingTitans(nn.Module):
+    """The HOPE sequence mixer (module doc): forward(x, state=None, pos=0) -> (y, state)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hc = cfg.hope
+        D, H = cfg.d_model, cfg.n_head
+        if D % H:
+            raise ValueError(f"model.d_model={D} is not divisible by model.n_head={H}")
+        self.n_head, self.head_dim, self.d_model = H, D // H, D
+        self.chunk_other, self.chunk_mem = hc.chunk_other, hc.chunk_mem
+        self.eta_max, self.inner_lr_fixed = hc.eta_max, hc.inner_lr_fixed
+        self.retention = hc.retention
+        self.adaptive_k, self.adaptive_v, self.adaptive_q = hc.adaptive_k, hc.adaptive_v, hc.adaptive_q
+        rule = hc.inner_opt          # "dgd" | "gd" (memory.py update rules of the same name)
+
+        def memory(n_memories, chunk_size):
+            return NeuralMemory(n_memories * H, self.head_dim, depth=2, expansion=hc.memory_expansion,
+                                activation=hc.activation, chunk_size=chunk_size, update_rule=rule,
+                                detach_targets=hc.detach_targets,
+                                detach_chunks_older_than=hc.detach_chunks_older_than)
+
+        self.w_in = nn.Linear(D, D, bias=False)
+        self.conv = CausalDepthwiseConv(D, hc.conv_size) if hc.conv_size > 1 else None
+        # The projection memories present in this configuration, in stacking order.
+        names = []
+        if self.adaptive_k:
+            names.append("k")
+        if self.adaptive_v:
+            names.append("v")
+        if self.adaptive_q:
+            names.append("q")
+        if self.inner_lr_fixed is None:
+            names.append("eta")
+        if self.retention:
+            names.append("alpha")
+        self.projection_names = tuple(names)
+        self.projections = memory(len(names), hc.chunk_other) if names else None
+        self.memory = memory(1, hc.chunk_mem)                                 # M_mem
+        # Static projections (NL Table 6 "w/o inner-projection": moved to the lowest level).
+        self.w_k = None if self.adaptive_k else nn.Linear(D, D, bias=False)
+        self.w_v = None if self.adaptive_v else nn.Linear(D, D, bias=False)
+        self.w_q = None if self.adaptive_q else nn.Linear(D, D, bias=False)
+        # Scalar gates per head from the d-dim outputs of M_eta and M_alpha (paper-digest §6.3).
+        if self.inner_lr_fixed is None:
+            self.eta_weight = nn.Parameter(torch.empty(H, self.head_dim))
+            self.eta_bias = nn.Parameter(torch.empty(H))
+        if self.retention:
+            self.alpha_weight = nn.Parameter(torch.empty(H, self.head_dim))
+            self.alpha_bias = nn.Parameter(torch.empty(H))
+        self.reset_gate_parameters()
+        self.out_norm = RMSNorm(self.head_dim, cfg.norm_eps)               # per head
+        self.w_gate = nn.Linear(D, D, bias=False)
+        self.w_out = nn.Linear(D, D, bias=False)
+        self.w_out.is_residual_proj = True
+
+    def reset_gate_parameters(self):
+        for name, bias in (("eta", ETA_BIAS_INIT), ("alpha", ALPHA_BIAS_INIT)):
+            if hasattr(self, f"{name}_weight"):
+                nn.init.normal_(getattr(self, f"{name}_weight"), std=self.head_dim ** -0.5)
+                nn.init.constant_(getattr(self, f"{name}_bias"), bias)
+
+    def extra_repr(self):
+        return (f"projection memories={self.projection_names}, chunk_other={self.chunk_other}, "
+                f"chunk_mem={self.chunk_mem}, inner_opt={self.memory.update_rule}")
+
+    # ------------------------------------------------------------------------------------
+
+    def _heads(self, x):
+        return x.view(*x.shape[:2], self.n_head, self.head_dim)
+
+    def _projection_piece(self, features, state):
+        """Stage 1 on one piece inside one C_other chunk: read k, v, q, eta, alpha at the
+        chunk-start weights, then each projection memory learns its own target v^ = M_B(v)."""
+        H, d = self.n_head, self.head_dim
+        reads = {}
+        if self.projections is not None:
+            n = len(self.projection_names)
+            stacked = self.projections.read(state["chunk_start"], features.repeat(1, 1, n, 1))
+            reads = dict(zip(self.projection_names, stacked.split(H, dim=2)))
+        k = F.normalize(reads["k"] if self.adaptive_k else self._heads(self.w_k(features.flatten(2))), dim=-1)
+        v = reads["v"] if self.adaptive_v else self._heads(self.w_v(features.flatten(2)))
+        q = F.normalize(reads["q"], dim=-1) if self.adaptive_q else None
+        if self.inner_lr_fixed is None:
+            eta = self.eta_max * torch.sigmoid(torch.einsum("bthd,hd->bth", reads["eta"], self.eta_weight)
+                                               + self.eta_bias)
+        else:
+            eta = k.new_full(k.shape[:3], self.inner_lr_fixed)
+        if self.retention:
+            alpha = torch.sigmoid(torch.einsum("bthd,hd->bth", reads["alpha"], self.alpha_weight)
+                                  + self.alpha_bias)
+        else:
+            alpha = k.new_ones(k.shape[:3])
+        if self.projections is not None:
+            n = len(self.projection_names)
+            keys = k.repeat(1, 1, n, 1)
+            targets = self.projections.read(state["chunk_start"], v.repeat(1, 1, n, 1))  # NL Eq. 87
+            # The readouts of the projection memories are not used (they are read at chunk
+            # starts); the keys stand in as queries.
+            _, state = self.projections.update_piece(keys, keys, targets, eta.repeat(1, 1, n),
+                                                     alpha.repeat(1, 1, n), None, state)
+        return k, v, q, eta, alpha, state
+
+    def forward(self, x, state=None, pos=0):
+        """x [B, T, D] (the block's normed input) -> (y [B, T, D], new state)."""
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"SelfModifyingTitans expects [B, T, {self.d_model}] inputs; got {list(x.shape)}")
+        B, T, _ = x.shape
+        if T == 0:
+            raise ValueError("SelfModifyingTitans needs at least one token")
+        if state is None:
+            state = {"conv": None, "pos": pos,
+                     "projections": None if self.projections is None else self.projections.initial_state(B),
+                     "memory": self.memory.initial_state(B)}
+        elif state["pos"] != pos:
+            raise ValueError(f"HOPE state is at position {state['pos']} but the input starts at {pos}")
+        elif state["memory"]["weights"][0].shape[0] != B:
+            raise ValueError(f"HOPE state holds fast weights for batch size "
+                             f"{state['memory']['weights'][0].shape[0]}; the input has batch size {B}")
+        features = self.w_in(x)
+        conv_state = None
+        if self.conv is not None:
+            features, conv_state = self.conv(features, state["conv"])
+        features = self._heads(F.silu(features))                                # x~ [B, T, H, d]
+
+        # Stage 1: projection memories (chunk C_other).
+        proj_state, parts = state["projections"], []
+        proj_pos = pos if proj_state is None else proj_state["pos"]
+        for lo, hi in chunk_pieces(proj_pos, T, self.chunk_other):
+            *outs, proj_state = self._projection_piece(features[:, lo:hi], proj_state)
+            parts.append(outs)
+        k, v, q, eta, alpha = (torch.cat(p, 1) if p[0] is not None else None for p in zip(*parts))
+        if q is None:
+            q = F.normalize(self._heads(self.w_q(x)), dim=-1)
+
+        # Stage 2: M_mem (chunk C_mem) learns its own target and is read after the write.
+        mem_state, outputs = state["memory"], []
+        for lo, hi in chunk_pieces(mem_state["pos"], T, self.chunk_mem):
+            target = self.memory.read(mem_state["chunk_start"], v[:, lo:hi])            # NL Eq. 87
+            o, mem_state = self.memory.update_piece(q[:, lo:hi], k[:, lo:hi], target,
+                                                    eta[:, lo:hi], alpha[:, lo:hi], None, mem_state)
+            outputs.append(o)
+        o = torch.cat(outputs, 1).to(x.dtype)
+        y = self.out_norm(o).flatten(2) * F.silu(self.w_gate(x))
+        new_state = {"conv": conv_state, "projections": proj_state, "memory": mem_state, "pos": pos + T}
+        return self.w_out(y), new_state
+
+    def memory_flops_per_token(self, seq_len: int = 0, backward: bool = True) -> int:
+        """Estimated training FLOPs per token of the inner loops (the memories' reads,
+        targets, closed-form gradients and scans; the static projections are in the
+        model's 6N). Independent of seq_len (a recurrence)."""
+        total = self.memory.flops_per_token(backward)
+        reads = 2 * 2 * self.head_dim * self.memory.hidden_dim          # one M(x): two matmuls
+        total += (3 if backward else 1) * self.n_head * reads            # the target M_mem,B(v)
+        if self.projections is not None:
+            n = len(self.projection_names)
+            total += self.projections.flops_per_token(backward)
+            total += (3 if backward else 1) * 2 * n * self.n_head * reads  # read x~ and v
+        return total
