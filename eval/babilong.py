@@ -1,0 +1,1020 @@
+"""
+BABILong (Kuratov et al., arXiv 2406.10149): bAbI facts hidden in long public-domain text,
+built locally or loaded from the Hugging Face Hub, scored two ways, fine-tuned with a length
+curriculum. Protocol: reference/evals.md §1.2-1.9.
+
+    samples = build_babilong("qa1", "4k", n_samples=100)            # local construction (§1.2)
+    samples = load_babilong_hf("qa1", "4k", limit=100)              # RMT-team/babilong (§1.4)
+    result  = evaluate(model, tokenizer, samples, max_len=None)     # official + label-ranking scores
+
+Construction (§1.2). Facts of one bAbI question (its story's statements before it) are
+hidden at random sentence boundaries of background text, in their original order. The
+background comes from public-domain books with disjoint train/test books: Austen's novels
+(offline, shared/data/austen), the built-in KJV corpus (`data.builtin`: Old Testament =
+train, New Testament = test) or PG19 (HF streaming; its own train/test split). Lengths are
+GPT-2 tokens as in BABILong ("1k" = 1000 tokens, "1M" = 10^6), of which 300 are reserved
+for the prompt; "0k" is the facts alone. Sentences come from NLTK's untrained Punkt
+splitter when nltk is installed, else from the regex splitter below; each background
+sentence has >= 10 GPT-2 tokens and the last one is cut to hit the budget exactly.
+
+Scores (§1.3), both reported and labelled:
+  official       greedy generation, then BABILong's `compare_answers`: the target must be
+                 the only task label in the first sentence of the output (labels named in
+                 the question do not count);
+  label_ranking  argmax over the task's labels of log p(" " + label | prompt).
+The prompt is the official template (instruction / examples / post_prompt switchable) with
+ANSWER_PREFIX ("\\nAnswer:") appended, for both scores and for fine-tuning.
+
+Long inputs. The model interface `logits, loss, state = model(idx, state=state)` is exact
+when a sequence is fed in segments with the state carried. Recurrent models (Titans, HOPE)
+read any length that way, in segments of `segment_len` tokens with constant memory.
+Attention models (Transformer, HOPE-attention) keep a growing KV cache: inputs longer than
+`max_len` are truncated to their last tokens or skipped (`overflow`), and the result
+says which and how many.
+
+CLI (docs/BABILONG.md):
+    python -m eval.babilong eval --checkpoint DIR --tasks qa1,qa2 --lengths 0k,1k --samples N --out DIR
+    python -m eval.babilong finetune --checkpoint DIR --tasks qa1 --lengths 0k,1k,2k --steps N --out DIR
+    python -m eval.babilong build --tasks qa1 --lengths 4k --samples N --out FILE.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
+LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M")
+PROMPT_RESERVE = 300            # create_tasks.py: every length minus 300 tokens for the prompt
+MIN_SENTENCE_TOKENS = 10        # SentenceSampler(min_sentence_len=10)
+ANSWER_PREFIX = "\nAnswer:"
+OFFICIAL_MAX_NEW_TOKENS = 20    # run_model_on_babilong.py: greedy, max_new_tokens=20
+
+HF_DATASETS = {"hf": "RMT-team/babilong", "hf-1k": "RMT-team/babilong-1k-samples"}
+# The Hub repos changed layout once (an early revision had config = task, split = length), so
+# a revision is passed explicitly and the loaded schema is checked. The commit hashes could
+# not be looked up offline: "main" is used until they are filled in, and every result
+# records the revision it asked for.
+HF_REVISIONS = {"RMT-team/babilong": "main", "RMT-team/babilong-1k-samples": "main"}
+PG19_HF = "emozilla/pg19"       # parquet copy of deepmind/pg19 (the original needs a loading script)
+
+AUSTEN_BOOKS = {
+    "train": ("emma", "mansfieldpark", "northangerabbey", "persuasion"),
+    "test": ("prideprejudice", "sensesensibility"),
+}
+BACKGROUNDS = ("austen", "builtin", "pg19")
+
+# Official prompt texts of qa1-qa5 (booydar/babilong `babilong/prompts.py`, Apache-2.0):
+# reproduced character for character, because the official score depends on them.
+PROMPT_TEMPLATE = ("{instruction}\n\n{examples}\n\n{post_prompt}\n\n"
+                   "<context>\n{context}\n</context>\n\nQuestion: {question}")
+TASK_PROMPTS = {
+    "qa1": {
+        "instruction":
+            "I will give you context with the facts about positions of different persons hidden in some random text "
+            "and a question. You need to answer the question based only on the information from the facts. "
+            "If a person was in different locations, use the latest location to answer the question.",
+        "examples":
+            "<example>\n"
+            "Charlie went to the hallway. Judith come back to the kitchen. Charlie travelled to balcony. "
+            "Where is Charlie?\n"
+            "Answer: The most recent location of Charlie is balcony.\n"
+            "</example>\n\n"
+            "<example>\n"
+            "Alan moved to the garage. Charlie went to the beach. Alan went to the shop. Rouse "
+            "travelled to balcony. Where is Alan?\n"
+            "Answer: The most recent location of Alan is shop.\n"
+            "</example>",
+        "post_prompt":
+            "Always return your answer in the following format: "
+            "The most recent location of \u2019person\u2019 is \u2019location\u2019. "
+            "Do not write anything else after that.",
+    },
+    "qa2": {
+        "instruction":
+            "I give you context with the facts about locations and actions of different persons "
+            "hidden in some random text and a question."
+            "You need to answer the question based only on the information from the facts.\n"
+            "If a person got an item in the first location and travelled to the second location "
+            "the item is also in the second location. "
+            "If a person dropped an item in the first location and moved to the second location "
+            "the item remains in the first location.",
+        "examples":
+            "<example>\n"
+            "Charlie went to the kitchen. Charlie got a bottle. Charlie moved to the balcony. "
+            "Where is the bottle?\n"
+            "Answer: The bottle is in the balcony.\n"
+            "</example>\n"
+            "<example>\n"
+            "Alan moved to the garage. Alan got a screw driver. Alan moved to the kitchen. Where "
+            "is the screw driver?\n"
+            "Answer: The screw driver is in the kitchen.\n"
+            "</example>",
+        "post_prompt":
+            "Always return your answer in the following format: The \u2019item\u2019 is in \u2019location\u2019. "
+            "Do not write anything else after that.",
+    },
+    "qa3": {
+        "instruction":
+            "I give you context with the facts about locations and actions of different persons "
+            "hidden in some random text and a question. "
+            "You need to answer the question based only on the information from the facts.\n"
+            "If a person got an item in the first location and travelled to the second location "
+            "the item is also in the second location. "
+            "If a person dropped an item in the first location and moved to the second location "
+            "the item remains in the first location.",
+        "examples":
+            "<example>\n"
+            "John journeyed to the bedroom. Mary grabbed the apple. Mary went back to the bathroom. "
+            "Daniel journeyed to the bedroom. Daniel moved to the garden. Mary travelled to the kitchen. "
+            "Where was the apple before the kitchen?\n"
+            "Answer: Before the kitchen the apple was in the bathroom.\n"
+            "</example>\n"
+            "<example>\n"
+            "John went back to the bedroom. John went back to the garden. John went back to the kitchen. "
+            "Sandra took the football. Sandra travelled to the garden. Sandra journeyed to the bedroom. "
+            "Where was the football before the bedroom?\n"
+            "Answer: Before the bedroom the football was in the garden.\n"
+            "</example>",
+        "post_prompt":
+            "Always return your answer in the following format: "
+            "Before the $location_1$ the $item$ was in the $location_2$. Do not write anything else after that.",
+    },
+    "qa4": {
+        "instruction":
+            "I will give you context with the facts about different people, their location and actions, hidden in "
+            "some random text and a question. "
+            "You need to answer the question based only on the information from the facts.",
+        "examples":
+            "<example>\n"
+            "The hallway is south of the kitchen. The bedroom is north of the kitchen. "
+            "What is the kitchen south of?\n"
+            "Answer: bedroom\n"
+            "</example>\n"
+            "<example>\n"
+            "The garden is west of the bedroom. The bedroom is west of the kitchen. What is west of the bedroom?\n"
+            "Answer: garden\n"
+            "</example>",
+        "post_prompt":
+            "Your answer should contain only one word - location. Do not write anything else after that.",
+    },
+    "qa5": {
+        "instruction":
+            "I will give you context with the facts about locations and their relations hidden in some random text "
+            "and a question. You need to answer the question based only on the information from the facts.",
+        "examples":
+            "<example>\n"
+            "Mary picked up the apple there. Mary gave the apple to Fred. Mary moved to the bedroom. "
+            "Bill took the milk there. Who did Mary give the apple to?\n"
+            "Answer: Fred\n"
+            "</example>\n"
+            "<example>\n"
+            "Jeff took the football there. Jeff passed the football to Fred. Jeff got the milk there. "
+            "Bill travelled to the bedroom. Who gave the football?\n"
+            "Answer: Jeff\n"
+            "</example>\n"
+            "<example>\n"
+            "Fred picked up the apple there. Fred handed the apple to Bill. Bill journeyed to the bedroom. "
+            "Jeff went back to the garden. What did Fred give to Bill?\n"
+            "Answer: apple\n"
+            "</example>",
+        "post_prompt":
+            "Your answer should contain only one word. Do not write anything else after that. "
+            "Do not explain your answer.",
+    },
+}
+
+
+# -----------------------------------------------------------------------------
+# names, lengths, paths
+
+def parse_task(task) -> str:
+    return f"qa{task_number(task)}"
+
+
+def length_tokens(label: str) -> int:
+    """'0k' -> 0, '4k' -> 4000, '1M' -> 1_000_000 (BABILong's decimal lengths)."""
+    match = re.fullmatch(r"(\d+)([kKM])", str(label).strip())
+    if not match:
+        raise ValueError(f"bad BABILong length {label!r}; use e.g. 0k, 1k, 4k, 128k, 1M")
+    return int(match.group(1)) * (1_000_000 if match.group(2) == "M" else 1000)
+
+
+def parse_list(text: str, kind: str) -> list[str]:
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"--{kind} is empty")
+    if kind == "tasks":
+        return [parse_task(x) for x in items]
+    for x in items:
+        length_tokens(x)
+    return items
+
+
+def default_data_dir() -> str | None:
+    """A copy of shared/data: $NL_DATA_DIR, $NL_SHARED_DATA, or ../shared/data beside the repo."""
+    for candidate in (os.environ.get("NL_DATA_DIR"), os.environ.get("NL_SHARED_DATA"),
+                      os.path.join(os.path.dirname(REPO), "shared", "data")):
+        if candidate and os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def _require_data_dir(data_dir: str | None, what: str) -> str:
+    data_dir = data_dir or default_data_dir()
+    if not data_dir or not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"{what} needs the offline data folder: pass --data-dir or set $NL_DATA_DIR "
+                                "to a copy of shared/data")
+    return data_dir
+
+
+def length_tokenizer(data_dir: str | None = None):
+    """GPT-2 BPE, the unit of BABILong lengths, whatever the model's own tokenizer is."""
+    from data.tokenizer import get_tokenizer
+    try:
+        return get_tokenizer("gpt2")
+    except FileNotFoundError:
+        data_dir = data_dir or default_data_dir()
+        bpe_dir = os.path.join(data_dir, "tokenizers", "gpt2") if data_dir else None
+        if bpe_dir and os.path.isdir(bpe_dir):
+            return get_tokenizer("gpt2", bpe_dir=bpe_dir)
+        raise
+
+
+# -----------------------------------------------------------------------------
+# background text
+
+def _nltk_punkt():
+    try:
+        import nltk
+    except ImportError:
+        return None
+    return nltk.PunktSentenceTokenizer()       # untrained, as BABILong: needs no nltk_data
+
+
+# Fallback splitter: a sentence ends at . ! or ? (plus closing quotes/brackets) followed by
+# whitespace and an upper-case letter or an opening quote, unless the word before the
+# period is a title abbreviation ("Mr. Darcy").
+_SENTENCE_END = re.compile(r"[.!?][\"'\u2019\u201d)\]]*\s+(?=[\"'\u2018\u201c(\[]?[A-Z])")
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "col", "capt", "gen", "rev", "messrs", "esq", "sr", "jr", "lt"}
+
+
+def split_sentences(text: str) -> list[str]:
+    text = re.sub(r"\s+", " ", text).strip()
+    punkt = _nltk_punkt()
+    if punkt is not None:
+        return [s for s in punkt.tokenize(text) if s]
+    sentences, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        words = text[start:match.start()].rsplit(" ", 1)
+        if text[match.start()] == "." and words[-1].lower().strip("\"'(") in _ABBREVIATIONS:
+            continue
+        sentences.append(text[start:match.end()].strip())
+        start = match.end()
+    if start < len(text):
+        sentences.append(text[start:].strip())
+    return [s for s in sentences if s]
+
+
+@functools.lru_cache(maxsize=8)
+def _austen_books(data_dir: str, split: str) -> tuple:
+    books = []
+    for name in AUSTEN_BOOKS[split]:
+        path = os.path.join(data_dir, "austen", f"{name}.txt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Austen novel {path} not found (expected shared/data/austen/)")
+        with open(path, encoding="utf-8") as f:
+            books.append((name, f.read()))
+    return tuple(books)
+
+
+@functools.lru_cache(maxsize=4)
+def _kjv_books(split: str) -> tuple:
+    """The built-in KJV corpus by biblical book: Old Testament = train, New Testament = test."""
+    from data.builtin import iter_builtin_documents
+    books: dict[str, list[str]] = {}
+    for chapter in iter_builtin_documents():
+        title, _, verses = chapter.partition("\n\n")
+        books.setdefault(title.rsplit(" ", 1)[0], []).append(verses)
+    names = list(books)
+    if "Matthew" not in names:
+        raise ValueError("the built-in corpus has no book 'Matthew': cannot split Old/New Testament")
+    first_new = names.index("Matthew")
+    chosen = names[:first_new] if split == "train" else names[first_new:]
+    return tuple((name, "\n".join(books[name])) for name in chosen)
+
+
+def _pg19_books(split: str, n_books: int) -> tuple:
+    """The first `n_books` books of a PG19 split, streamed from the Hub."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("the pg19 background needs the package 'datasets' (pip install datasets)") from None
+    hf_split = {"train": "train", "test": "test"}[split]
+    try:
+        stream = datasets.load_dataset(PG19_HF, split=hf_split, streaming=True)
+        books = []
+        for row in stream:
+            books.append((row.get("short_book_title") or f"pg19-{len(books)}", row["text"]))
+            if len(books) >= n_books:
+                break
+    except Exception as e:  # offline, hub errors: one clear line
+        raise ConnectionError(f"cannot stream {PG19_HF} ({hf_split}) from the Hugging Face Hub: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                              "offline, use --background austen or builtin") from None
+    return tuple(books)
+
+
+def load_books(background: str, split: str, data_dir: str | None = None, n_pg19_books: int = 20) -> tuple:
+    """((name, text), ...) of one background source and split ('train' | 'test')."""
+    if split not in ("train", "test"):
+        raise ValueError(f"background split must be 'train' or 'test', got {split!r}")
+    if background == "austen":
+        return _austen_books(_require_data_dir(data_dir, "the austen background"), split)
+    if background == "builtin":
+        return _kjv_books(split)
+    if background == "pg19":
+        return _pg19_books(split, n_pg19_books)
+    raise ValueError(f"unknown background {background!r}; choose from {', '.join(BACKGROUNDS)}")
+
+
+class BackgroundSampler:
+    """BABILong's SentenceSampler: random book, random start, whole sentences of at least
+    MIN_SENTENCE_TOKENS GPT-2 tokens, the last one cut so the total is exact."""
+
+    def __init__(self, books, gpt2, rng: random.Random):
+        if not books:
+            raise ValueError("no background books")
+        self.books, self.gpt2, self.rng = books, gpt2, rng
+        self.used_books: set[str] = set()
+
+    def sample(self, n_tokens: int) -> list[list[int]]:
+        """Token lists of ' ' + sentence, n_tokens in total."""
+        pieces, total = [], 0
+        while total < n_tokens:
+            name, text = self.books[self.rng.randrange(len(self.books))]
+            # a window of about 6 characters per missing token (sentences dropped below included)
+            start = self.rng.randrange(len(text))
+            window = text[start:start + max(4000, 6 * (n_tokens - total))]
+            sentences = split_sentences(window)[1:-1]          # the cut first and last ones go
+            if not sentences:
+                continue
+            self.used_books.add(name)
+            for ids in self.gpt2.encode_batch([" " + s for s in sentences]):
+                if len(ids) < MIN_SENTENCE_TOKENS:
+                    continue
+                take = min(len(ids), n_tokens - total)
+                pieces.append(ids[:take])
+                total += take
+                if total == n_tokens:
+                    break
+        return pieces
+
+
+def hide_facts(fact_ids: list[list[int]], background: list[list[int]], rng: random.Random) -> tuple:
+    """Insert the facts at random sentence boundaries, order kept (NoiseInjectionDataset):
+    one uniform draw per fact among len(background)+1 gaps, sorted. -> (token ids, gaps)."""
+    gaps = sorted(rng.randrange(len(background) + 1) for _ in fact_ids)
+    ids, next_fact = [], 0
+    for gap in range(len(background) + 1):
+        while next_fact < len(fact_ids) and gaps[next_fact] == gap:
+            ids += fact_ids[next_fact]
+            next_fact += 1
+        if gap < len(background):
+            ids += background[gap]
+    return ids, gaps
+
+
+# -----------------------------------------------------------------------------
+# samples: local construction and the Hub
+
+def make_sample(item: dict, task: str, length: str, gpt2, sampler, rng: random.Random, split: str) -> dict | None:
+    """One bAbI question (facts, question, answer) -> a BABILong sample of `length`, or None
+    when its facts do not fit. Keys: task, length, input (the context), question, target,
+    facts, n_tokens (GPT-2 tokens of the context), books (background used), split."""
+    budget = length_tokens(length) - PROMPT_RESERVE if length_tokens(length) > 0 else 0
+    sample = {"task": task, "length": length, "question": item["question"], "target": item["answer"],
+              "facts": item["facts"], "split": split}
+    if budget == 0:                                  # "0k": the facts alone
+        context = " ".join(item["facts"])
+        return {**sample, "input": context, "n_tokens": len(gpt2.encode(context)), "books": []}
+    if len(item["facts"]) > budget // 8:             # create_tasks.py: max_n_facts = length // 8
+        return None
+    fact_ids = gpt2.encode_batch([" " + fact for fact in item["facts"]])
+    n_fact_tokens = sum(map(len, fact_ids))
+    if n_fact_tokens >= budget:
+        return None
+    sampler.used_books = set()
+    ids, _ = hide_facts(fact_ids, sampler.sample(budget - n_fact_tokens), rng)
+    return {**sample, "input": gpt2.decode(ids).strip(), "n_tokens": len(ids), "books": sorted(sampler.used_books)}
+
+
+def _check_length(length: str):
+    if 0 < length_tokens(length) <= PROMPT_RESERVE:
+        raise ValueError(f"length {length} leaves no room after the {PROMPT_RESERVE} prompt tokens")
+
+
+def build_babilong(task, length: str, n_samples: int, split: str = "test", background: str = "austen",
+                   babi: str = "file", seed: int = 0, data_dir: str | None = None, gpt2=None) -> list[dict]:
+    """BABILong samples built locally (evals.md §1.2): the first `n_samples` questions of the
+    bAbI `split` (released file or generator) whose facts fit, each hidden in background
+    text from the books of the same split. Same arguments, same samples."""
+    task = parse_task(task)
+    _check_length(length)
+    if n_samples < 0:
+        raise ValueError(f"n_samples must be >= 0, got {n_samples}")
+    gpt2 = gpt2 or length_tokenizer(data_dir)
+    if babi == "file":
+        questions = babi_samples(read_babi(babi_path(task, split, _require_data_dir(data_dir, "the bAbI files"))))
+    elif babi == "generated":
+        # qa4 has one question per story, the others five; a few spare for those that do not fit
+        n_stories = n_samples if task == "qa4" else math.ceil(n_samples / 5)
+        questions = babi_samples(generate_babi(task, n_stories + 8, seed=seed + (10**6 if split == "test" else 0)))
+    else:
+        raise ValueError(f"unknown bAbI source {babi!r}; choose 'file' or 'generated'")
+    rng = random.Random(f"babilong-{task}-{length}-{split}-{background}-{seed}")
+    sampler = BackgroundSampler(load_books(background, split, data_dir), gpt2, rng) if length_tokens(length) else None
+    out = []
+    for item in questions:
+        if len(out) == n_samples:
+            break
+        sample = make_sample(item, task, length, gpt2, sampler, rng, split)
+        if sample is not None:
+            out.append(sample)
+    if len(out) < n_samples:
+        raise ValueError(f"only {len(out)} {task} questions of the bAbI {split} data fit in {length}; "
+                         f"asked for {n_samples}")
+    return out
+
+
+def training_questions(task: str, babi: str, data_dir: str | None, seed: int):
+    """Endless bAbI training questions of a task: the en train file reshuffled every pass,
+    or fresh generated stories (never the test split)."""
+    rng = random.Random(f"babilong-train-{task}-{seed}")
+    if babi == "file":
+        pool = babi_samples(read_babi(babi_path(task, "train", _require_data_dir(data_dir, "the bAbI files"))))
+    elif babi != "generated":
+        raise ValueError(f"unknown bAbI source {babi!r}; choose 'file' or 'generated'")
+    for round_index in range(10**9):
+        if babi == "generated":
+            pool = babi_samples(generate_babi(task, 50, seed=seed * 100_003 + round_index))
+        order = list(range(len(pool)))
+        rng.shuffle(order)
+        for i in order:
+            yield pool[i]
+
+
+def load_babilong_hf(task, length: str, limit: int | None = None, dataset: str = "hf",
+                     revision: str | None = None) -> list[dict]:
+    """RMT-team/babilong[-1k-samples] from the Hub: config = length, split = task (§1.4)."""
+    task = parse_task(task)
+    length_tokens(length)
+    name = HF_DATASETS.get(dataset, dataset)
+    revision = revision or HF_REVISIONS.get(name, "main")
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("loading BABILong from the Hub needs the package 'datasets' (pip install datasets)") from None
+    try:
+        # streaming: the 1M configs hold ~4 MB per sample, so read only what is asked for
+        stream = datasets.load_dataset(name, length, split=task, revision=revision, streaming=True)
+        rows = []
+        for row in stream:
+            if limit is not None and len(rows) >= limit:
+                break
+            rows.append(row)
+    except Exception as e:
+        raise ConnectionError(f"cannot load {name} (config {length}, split {task}, revision {revision}) from the "
+                              f"Hugging Face Hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                              "offline, use --source local") from None
+    if rows and not {"input", "question", "target"} <= set(rows[0]):
+        raise ValueError(f"{name}@{revision} rows have fields {sorted(rows[0])}, expected input/question/target "
+                         "(an old revision with config = task and split = length?)")
+    return [{"task": task, "length": length, "input": row["input"], "question": row["question"],
+             "target": row["target"], "source": f"{name}@{revision}"} for row in rows]
+
+
+# -----------------------------------------------------------------------------
+# prompt and scoring
+
+def format_prompt(context: str, question: str, task, instruction: bool = False, examples: bool = False,
+                  post_prompt: bool = False) -> str:
+    """The official template, each part switchable as in run_model_on_babilong.py."""
+    parts = TASK_PROMPTS[parse_task(task)]
+    text = PROMPT_TEMPLATE.format(instruction=parts["instruction"] if instruction else "",
+                                  examples=parts["examples"] if examples else "",
+                                  post_prompt=parts["post_prompt"] if post_prompt else "",
+                                  context=context.strip(), question=question)
+    return text.strip()
+
+
+def prompt_setting_name(instruction: bool, examples: bool, post_prompt: bool) -> str:
+    """The official result-file naming, e.g. 'instruction_no_examples_no_post_prompt_no'."""
+    yes = {True: "yes", False: "no"}
+    return f"instruction_{yes[instruction]}_examples_{yes[examples]}_post_prompt_{yes[post_prompt]}"
+
+
+def _preprocess_output(output: str) -> str:
+    output = output.lower()
+    output = output.split(".")[0]                        # the first sentence only
+    # cut where the model starts a new example. The official code also splits on 'Question'
+    # after lower-casing, which never matches: kept as is, so the score stays the official one.
+    for marker in ("<context>", "<example>", "Question"):
+        output = output.split(marker)[0]
+    return output
+
+
+def compare_answers(target: str, output: str, question: str, task_labels) -> bool:
+    """BABILong's official rule (metrics.py): correct iff the target is the only task label
+    in the output's first sentence, ignoring labels that occur in the question. A target
+    'a,b' (qa8) needs every part found and nothing else."""
+    output = _preprocess_output(output)
+    labels = {label.lower() for label in task_labels}
+    in_question = {label for label in labels if label in question.lower()}
+    found = {label for label in labels if label in output} - in_question
+    targets = {t.strip() for t in target.lower().split(",")}
+    return found == targets
+
+
+# -----------------------------------------------------------------------------
+# running a model on long inputs
+
+RECURRENT_ARCHS = ("titans", "hope")
+
+
+def is_recurrent(model) -> bool:
+    """Constant-size state (fast weights, windowed caches): any length streams in flat memory."""
+    config = getattr(model, "config", None)
+    return getattr(config, "arch", None) in RECURRENT_ARCHS
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _clone_state(state):
+    """A copy of a state tree, so several continuations can start from one prefix."""
+    if torch.is_tensor(state):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: _clone_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_clone_state(v) for v in state)
+    return state
+
+
+def prefill(model, ids: list[int], segment_len: int, device, state=None) -> tuple:
+    """Feed `ids` in segments with the state carried -> (logits after the last token [V], state).
+    Only one segment's activations and logits live at a time."""
+    if not ids:
+        raise ValueError("cannot run a model on an empty input")
+    last = None
+    for start in range(0, len(ids), segment_len):
+        segment = torch.tensor([ids[start:start + segment_len]], dtype=torch.long, device=device)
+        logits, _, state = model(segment, state=state)
+        last = logits[0, -1].float()
+        del logits
+    return last, state
+
+
+def continuation_logprob(model, last_logits, state, continuation: list[int], device) -> float:
+    """log p(continuation | prefix) from the prefix's last logits and state (not modified)."""
+    logprob = torch.log_softmax(last_logits, -1)[continuation[0]].item()
+    if len(continuation) > 1:
+        idx = torch.tensor([continuation[:-1]], dtype=torch.long, device=device)
+        logits, _, _ = model(idx, state=_clone_state(state))
+        logprobs = torch.log_softmax(logits[0].float(), -1)
+        logprob += logprobs.gather(-1, torch.tensor(continuation[1:], device=device)[:, None]).sum().item()
+    return logprob
+
+
+def greedy_generate(model, tokenizer, last_logits, state, max_new_tokens: int, device) -> str:
+    """Greedy decoding from a prefilled state. Stops at end-of-text, or once the text holds a
+    '.', after which compare_answers ignores everything (so the score is unchanged)."""
+    out: list[int] = []
+    logits = last_logits
+    for _ in range(max_new_tokens):
+        token = int(logits.argmax())
+        if token == tokenizer.eot_id:
+            break
+        out.append(token)
+        if "." in tokenizer.decode(out):
+            break
+        step_logits, _, state = model(torch.tensor([[token]], dtype=torch.long, device=device), state=state)
+        logits = step_logits[0, -1].float()
+    return tokenizer.decode(out)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len: int = 2048, device=None,
+             max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS, overflow: str = "truncate", instruction: bool = False,
+             examples: bool = False, post_prompt: bool = False, answer_prefix: str = ANSWER_PREFIX,
+             streaming: bool | None = None, dtype: str = "auto", progress: bool = False) -> dict:
+    """Both scores on `samples` (dicts with task, input, question, target).
+
+    Recurrent models (or streaming=True) read the whole input in segments of `segment_len`.
+    Attention models read at most `max_len` tokens: longer prompts are cut to their last
+    max_len - max_new_tokens tokens (overflow='truncate') or left out (overflow='skip').
+    Returns accuracies, counts, how long inputs were handled, and one record per sample.
+    """
+    if overflow not in ("truncate", "skip"):
+        raise ValueError(f"overflow must be 'truncate' or 'skip', got {overflow!r}")
+    if segment_len < 1 or max_new_tokens < 1:
+        raise ValueError("segment_len and max_new_tokens must be >= 1")
+    streaming = is_recurrent(model) if streaming is None else streaming
+    if not streaming and max_len is None:
+        raise ValueError("an attention model needs max_len (its context, e.g. cfg.train.seq_len); "
+                         "pass streaming=True to read any length with a growing KV cache")
+    device = device or _model_device(model)
+    was_training = model.training
+    model.eval()
+    use_bf16 = torch.device(device).type == "cuda" and dtype in ("auto", "bfloat16")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    label_ids_cache: dict = {}
+    records, n_truncated, n_skipped = [], 0, 0
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.time()
+    try:
+        for i, sample in enumerate(samples):
+            task = parse_task(sample["task"])
+            prompt = format_prompt(sample["input"], sample["question"], task, instruction, examples, post_prompt)
+            ids = tokenizer.encode(prompt + answer_prefix)
+            record = {"task": task, "length": sample.get("length"), "question": sample["question"],
+                      "target": sample["target"], "n_input_tokens": len(ids), "truncated": False}
+            if not streaming and len(ids) > max_len:
+                if overflow == "skip":
+                    n_skipped += 1
+                    records.append({**record, "skipped": True})
+                    continue
+                ids = ids[-max(1, max_len - max_new_tokens):]
+                record["truncated"] = True
+                n_truncated += 1
+            with autocast:
+                last_logits, state = prefill(model, ids, segment_len, device)
+                labels = TASK_LABELS[task]
+                if task not in label_ids_cache:
+                    label_ids_cache[task] = [tokenizer.encode(" " + label) for label in labels]
+                scores = [continuation_logprob(model, last_logits, state, label_ids, device)
+                          for label_ids in label_ids_cache[task]]
+                output = greedy_generate(model, tokenizer, last_logits, state, max_new_tokens, device)
+            ranked = labels[max(range(len(labels)), key=scores.__getitem__)]
+            record.update({"output": output, "official_correct": compare_answers(sample["target"], output,
+                                                                                 sample["question"], labels),
+                           "label_ranking_prediction": ranked, "label_ranking_correct": ranked == sample["target"],
+                           "label_logprobs": dict(zip(labels, scores))})
+            records.append(record)
+            if progress and (i + 1) % 10 == 0:
+                print(f"  {i + 1}/{len(samples)} samples, {time.time() - started:.0f}s", file=sys.stderr)
+    finally:
+        model.train(was_training)
+    scored = [r for r in records if not r.get("skipped")]
+    accuracy = (lambda key: sum(r[key] for r in scored) / len(scored) if scored else None)
+    if streaming:
+        handling = f"streamed: whole input in segments of {segment_len} tokens with the state carried"
+    elif overflow == "truncate":
+        handling = f"attention: inputs over {max_len} tokens truncated to their last {max(1, max_len - max_new_tokens)}"
+    else:
+        handling = f"attention: inputs over {max_len} tokens skipped"
+    return {
+        "official": accuracy("official_correct"), "label_ranking": accuracy("label_ranking_correct"),
+        "n": len(records), "n_scored": len(scored), "n_truncated": n_truncated, "n_skipped": n_skipped,
+        "context_handling": handling,
+        "mean_input_tokens": sum(r["n_input_tokens"] for r in records) / len(records) if records else 0,
+        "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
+                           if torch.device(device).type == "cuda" else None),
+        "seconds": time.time() - started, "records": records,
+    }
+
+
+# -----------------------------------------------------------------------------
+# results: JSON and heatmap
+
+def _length_order(lengths):
+    return sorted(lengths, key=length_tokens)
+
+
+def plot_heatmap(results: dict, path: str, title: str = "BABILong accuracy (%)") -> str:
+    """One panel per score: tasks x lengths, cells annotated with accuracy in %."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scores = [s for s in ("official", "label_ranking") if results.get(s)]
+    if not scores:
+        raise ValueError("no scores to plot")
+    tasks = sorted(results[scores[0]], key=task_number)
+    lengths = _length_order({length for s in scores for t in tasks for length in results[s][t]})
+    fig, axes = plt.subplots(1, len(scores), figsize=(1.1 * len(lengths) * len(scores) + 2, 0.6 * len(tasks) + 1.6),
+                             squeeze=False)
+    for ax, score in zip(axes[0], scores):
+        grid = [[results[score][t].get(length) for length in lengths] for t in tasks]
+        values = [[float("nan") if v is None else 100 * v for v in row] for row in grid]
+        image = ax.imshow(values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), lengths)
+        ax.set_yticks(range(len(tasks)), tasks)
+        ax.set_title(score.replace("_", " "))
+        for r, row in enumerate(values):
+            for c, v in enumerate(row):
+                if not math.isnan(v):
+                    ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _summarise(per_cell: dict) -> dict:
+    """{(task, length): evaluate() result} -> the JSON tables."""
+    table = {"official": {}, "label_ranking": {}, "counts": {}}
+    for (task, length), r in per_cell.items():
+        for score in ("official", "label_ranking"):
+            table[score].setdefault(task, {})[length] = r[score]
+        table["counts"].setdefault(task, {})[length] = {
+            k: r[k] for k in ("n", "n_scored", "n_truncated", "n_skipped", "mean_input_tokens", "peak_memory_mb",
+                              "seconds")}
+    lengths = _length_order({length for _, length in per_cell})
+    # the leaderboard number: mean over tasks (qa1-qa5) per length
+    table["mean_over_tasks"] = {}
+    for score in ("official", "label_ranking"):
+        means = {}
+        for length in lengths:
+            values = [cells[length] for cells in table[score].values() if cells.get(length) is not None]
+            means[length] = sum(values) / len(values) if values else None
+        table["mean_over_tasks"][score] = means
+    return table
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning with a length curriculum (BABILong protocol: small models are fine-tuned first)
+
+def training_example(tokenizer, sample: dict, max_len: int | None = None, instruction=False, examples=False,
+                     post_prompt=False, answer_prefix: str = ANSWER_PREFIX) -> tuple[list[int], list[int]]:
+    """(input ids, targets): prompt + ' ' + answer + end-of-text, loss only on the answer and
+    end-of-text tokens (targets -1 elsewhere). Attention models keep the last max_len tokens."""
+    prompt = format_prompt(sample["input"], sample["question"], sample["task"], instruction, examples, post_prompt)
+    prompt_ids = tokenizer.encode(prompt + answer_prefix)
+    answer_ids = tokenizer.encode(" " + sample["target"]) + [tokenizer.eot_id]
+    ids = prompt_ids + answer_ids
+    targets = [-1] * (len(prompt_ids) - 1) + answer_ids + [-1]    # position t predicts ids[t + 1]
+    if max_len is not None and len(ids) > max_len:
+        ids, targets = ids[-max_len:], targets[-max_len:]
+    return ids, targets
+
+
+def curriculum_stage(step: int, total_steps: int, n_stages: int) -> int:
+    """Equal shares of the steps per length, shortest first."""
+    return min(n_stages - 1, step * n_stages // max(1, total_steps))
+
+
+def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr: float = 1e-4,
+             batch_size: int = 4, weight_decay: float = 0.01, grad_clip: float = 1.0, babi: str = "generated",
+             background: str = "austen", seed: int = 0, data_dir: str | None = None, max_len: int | None = None,
+             device=None, log_every: int = 1) -> str:
+    """AdamW on bAbI-train facts in train-book background, lengths in increasing order;
+    saves a checkpoint that checkpoint.load_model reads. Returns its directory."""
+    from checkpoint import save_checkpoint
+    if steps < 1 or batch_size < 1:
+        raise ValueError("--steps and --batch-size must be >= 1")
+    device = device or _model_device(model)
+    lengths = _length_order(lengths)
+    for length in lengths:
+        _check_length(length)
+    gpt2 = length_tokenizer(data_dir)
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    questions = {t: training_questions(t, babi, data_dir, seed) for t in tasks}
+    books = load_books(background, "train", data_dir)
+    rng = random.Random(f"babilong-finetune-{seed}")
+    sampler = BackgroundSampler(books, gpt2, rng)
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "finetune_log.jsonl")
+    with open(log_path, "w") as log:
+        for step in range(steps):
+            length = lengths[curriculum_stage(step, steps, len(lengths))]
+            optimizer.zero_grad(set_to_none=True)
+            total_loss, n_answer_tokens = 0.0, 0
+            batch = []
+            while len(batch) < batch_size:
+                task = rng.choice(tasks)
+                sample = make_sample(next(questions[task]), task, length, gpt2, sampler, rng, "train")
+                if sample is not None:                   # None: too many facts for this length
+                    batch.append(training_example(tokenizer, sample, max_len=max_len))
+            batch_answer_tokens = sum(sum(t != -1 for t in targets) for _, targets in batch)
+            for ids, targets in batch:
+                idx = torch.tensor([ids], dtype=torch.long, device=device)
+                tgt = torch.tensor([targets], dtype=torch.long, device=device)
+                logits, _, _ = model(idx)
+                # sum over this example's answer tokens, normalised by the whole batch's count
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.view(-1), ignore_index=-1,
+                                       reduction="sum") / batch_answer_tokens
+                loss.backward()
+                total_loss += loss.item()
+                n_answer_tokens += sum(t != -1 for t in targets)
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            entry = {"step": step + 1, "length": length, "loss": total_loss, "answer_tokens": n_answer_tokens}
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+            if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
+                print(f"step {step + 1}/{steps}  length {length}  answer loss {total_loss:.4f}")
+    cfg.train.out_dir = out_dir
+    trainer_state = {"step": steps, "finetune": {"tasks": list(tasks), "lengths": list(lengths), "lr": lr,
+                                                 "batch_size": batch_size, "babi": babi, "background": background}}
+    model.eval()
+    return save_checkpoint(os.path.join(out_dir, "checkpoints"), steps, model, optimizer, trainer_state, cfg)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def _resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return name
+
+
+def _get_samples(args, task, length, gpt2):
+    if args.source == "local":
+        return build_babilong(task, length, args.samples, split=args.split, background=args.background,
+                              babi=args.babi, seed=args.seed, data_dir=args.data_dir, gpt2=gpt2)
+    return load_babilong_hf(task, length, limit=args.samples, dataset=args.source, revision=args.revision)
+
+
+def run_eval(args) -> dict:
+    tasks, lengths = parse_list(args.tasks, "tasks"), parse_list(args.lengths, "lengths")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
+    device = _resolve_device(args.device)
+    from checkpoint import load_model
+    from data.tokenizer import get_tokenizer
+    model, cfg = load_model(args.checkpoint, device)
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    recurrent = is_recurrent(model)
+    max_len = None if recurrent else (args.max_len or cfg.train.seq_len)
+    gpt2 = length_tokenizer(args.data_dir) if args.source == "local" else None
+    per_cell, samples_out = {}, []
+    for task in tasks:
+        for length in lengths:
+            samples = _get_samples(args, task, length, gpt2)
+            result = evaluate(model, tokenizer, samples, max_len=max_len, segment_len=args.segment_len, device=device,
+                              max_new_tokens=args.max_new_tokens, overflow=args.overflow,
+                              instruction=args.instruction, examples=args.examples, post_prompt=args.post_prompt,
+                              answer_prefix=args.answer_prefix)
+            per_cell[(task, length)] = result
+            samples_out += result["records"]
+            fmt = (lambda v: "  n/a" if v is None else f"{100 * v:5.1f}")
+            print(f"{task:>4} {length:>5}  official {fmt(result['official'])}  label-ranking "
+                  f"{fmt(result['label_ranking'])}  (n={result['n_scored']}, truncated {result['n_truncated']}, "
+                  f"skipped {result['n_skipped']})")
+    source = ("local: bAbI " + ("en " + args.split + " files" if args.babi == "file" else "generator")
+              + f" + {args.background} {args.split} books" if args.source == "local"
+              else f"{HF_DATASETS[args.source]}@{args.revision or HF_REVISIONS[HF_DATASETS[args.source]]}")
+    results = {
+        "benchmark": "babilong", "checkpoint": os.path.abspath(args.checkpoint), "arch": cfg.model.arch,
+        "tokenizer": cfg.data.tokenizer, "source": source,
+        "lengths_are": "GPT-2 tokens of the context, 300 reserved for the prompt",
+        "prompt": prompt_setting_name(args.instruction, args.examples, args.post_prompt),
+        "answer_prefix": args.answer_prefix,
+        "scores": {"official": "greedy generation (max_new_tokens=%d), BABILong compare_answers" % args.max_new_tokens,
+                   "label_ranking": "argmax over TASK_LABELS of log p(' ' + label | prompt)"},
+        "context_handling": next(iter(per_cell.values()))["context_handling"],
+        **_summarise(per_cell),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "babilong.json")
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(args.out, "babilong_samples.jsonl"), "w") as f:
+        for record in samples_out:
+            f.write(json.dumps(record) + "\n")
+    png = plot_heatmap(results, os.path.join(args.out, "babilong_heatmap.png"),
+                       title=f"BABILong accuracy (%), {cfg.model.arch}")
+    print(f"wrote {json_path} and {png}")
+    return results
+
+
+def run_finetune(args) -> str:
+    tasks, lengths = parse_list(args.tasks, "tasks"), parse_list(args.lengths, "lengths")
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    device = _resolve_device(args.device)
+    from checkpoint import load_model
+    from data.tokenizer import get_tokenizer
+    model, cfg = load_model(args.checkpoint, device)
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    max_len = None if is_recurrent(model) else (args.max_len or cfg.train.seq_len)
+    path = finetune(model, cfg, tokenizer, tasks, lengths, args.steps, args.out, lr=args.lr,
+                    batch_size=args.batch_size, weight_decay=args.weight_decay, babi=args.babi,
+                    background=args.background, seed=args.seed, data_dir=args.data_dir, max_len=max_len,
+                    device=device, log_every=args.log_every)
+    print(f"saved {path}")
+    return path
+
+
+def run_build(args) -> str:
+    tasks, lengths = parse_list(args.tasks, "tasks"), parse_list(args.lengths, "lengths")
+    gpt2 = length_tokenizer(args.data_dir)
+    n = 0
+    with open(args.out, "w") as f:
+        for task in tasks:
+            for length in lengths:
+                for sample in build_babilong(task, length, args.samples, split=args.split, background=args.background,
+                                             babi=args.babi, seed=args.seed, data_dir=args.data_dir, gpt2=gpt2):
+                    f.write(json.dumps(sample) + "\n")
+                    n += 1
+    print(f"wrote {n} samples to {args.out}")
+    return args.out
+
+
+def _add_common(p, babi_default):
+    p.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="comma list of qa1..qa5")
+    p.add_argument("--lengths", default="0k,1k,2k,4k", help="comma list, e.g. 0k,1k,4k,128k,1M (GPT-2 tokens)")
+    p.add_argument("--background", default="austen", choices=BACKGROUNDS, help="background books")
+    p.add_argument("--babi", default=babi_default, choices=("file", "generated"),
+                   help="bAbI questions: the released en files or the generator")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m eval.babilong", description="BABILong: build, evaluate, fine-tune.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_eval = sub.add_parser("eval", help="evaluate a checkpoint; writes babilong.json + babilong_heatmap.png")
+    p_eval.add_argument("--checkpoint", required=True)
+    _add_common(p_eval, babi_default="file")
+    p_eval.add_argument("--samples", type=int, default=100, help="samples per task and length")
+    p_eval.add_argument("--out", required=True, help="output folder")
+    p_eval.add_argument("--source", default="local", choices=("local",) + tuple(HF_DATASETS),
+                        help="local construction, or RMT-team/babilong (hf) / babilong-1k-samples (hf-1k)")
+    p_eval.add_argument("--revision", help="Hub revision (default: HF_REVISIONS in eval/babilong.py)")
+    p_eval.add_argument("--split", default="test", choices=("train", "test"), help="local: bAbI and book split")
+    p_eval.add_argument("--segment-len", type=int, default=2048, help="tokens per streamed segment")
+    p_eval.add_argument("--max-len", type=int, help="attention models: context (default cfg.train.seq_len)")
+    p_eval.add_argument("--overflow", default="truncate", choices=("truncate", "skip"),
+                        help="attention models: inputs over --max-len")
+    p_eval.add_argument("--max-new-tokens", type=int, default=OFFICIAL_MAX_NEW_TOKENS)
+    p_eval.add_argument("--instruction", action="store_true", help="official prompt: include the instruction")
+    p_eval.add_argument("--examples", action="store_true", help="official prompt: include the examples")
+    p_eval.add_argument("--post-prompt", action="store_true", help="official prompt: include the post prompt")
+    p_eval.add_argument("--answer-prefix", default=ANSWER_PREFIX, help="text after the prompt (default '\\nAnswer:')")
+    p_eval.add_argument("--device", default="auto")
+
+    p_ft = sub.add_parser("finetune", help="fine-tune with a length curriculum; saves a checkpoint")
+    p_ft.add_argument("--checkpoint", required=True)
+    _add_common(p_ft, babi_default="generated")
+    p_ft.add_argument("--steps", type=int, required=True)
+    p_ft.add_argument("--out", required=True, help="output folder (checkpoints/ inside)")
+    p_ft.add_argument("--lr", type=float, default=1e-4)
+    p_ft.add_argument("--batch-size", type=int, default=4)
+    p_ft.add_argument("--weight-decay", type=float, default=0.01)
+    p_ft.add_argument("--max-len", type=int, help="attention models: context (default cfg.train.seq_len)")
+    p_ft.add_argument("--log-every", type=int, default=10)
+    p_ft.add_argument("--device", default="auto")
+
+    p_build = sub.add_parser("build", help="write locally built samples as JSON lines")
+    _add_common(p_build, babi_default="file")
+    p_build.add_argument("--samples", type=int, default=100)
+    p_build.add_argument("--split", default="test", choices=("train", "test"))
+    p_build.add_argument("--out", required=True, help="output .jsonl file")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "eval":
+            return run_eval(args)
+        if args.command == "finetune":
+            return run_finetune(args)
+        return run_build(args)
+    except (FileNotFoundError, ValueError, ConnectionError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

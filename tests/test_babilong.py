@@ -1,0 +1,254 @@
+"""BABILong: construction, official + label-ranking scores, streaming evaluation, CLI."""
+import json
+import os
+import re
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+
+from eval.babilong import (AUSTEN_BOOKS, PROMPT_RESERVE, build_babilong, compare_answers, evaluate, format_prompt,
+                           length_tokenizer, length_tokens, load_babilong_hf, load_books, main, plot_heatmap,
+                           split_sentences, training_example)
+
+needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "austen")),
+                                reason=f"offline data not at {SHARED_DATA}")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return length_tokenizer(SHARED_DATA)
+
+
+def _collapse(text):
+    return re.sub(r"\s+", " ", text)
+
+
+def test_length_labels():
+    assert [length_tokens(x) for x in ("0k", "1k", "128k", "1M")] == [0, 1000, 128000, 1_000_000]
+    for bad in ("4", "k4", "4g", ""):
+        with pytest.raises(ValueError, match="bad BABILong length"):
+            length_tokens(bad)
+
+
+def test_sentence_splitter_keeps_titles():
+    assert split_sentences('Mr. Darcy bowed.  "Indeed!" said\nshe. Was it so? yes.') == \
+        ['Mr. Darcy bowed.', '"Indeed!" said she.', 'Was it so? yes.']
+
+
+@needs_data
+@pytest.mark.parametrize("task,length", [("qa1", "1k"), ("qa2", "4k"), ("qa5", "2k")])
+def test_construction_length_and_fact_order(gpt2, task, length):
+    samples = build_babilong(task, length, 3, data_dir=SHARED_DATA, gpt2=gpt2)
+    assert len(samples) == 3
+    for sample in samples:
+        budget = length_tokens(length) - PROMPT_RESERVE
+        assert sample["n_tokens"] == budget
+        assert abs(len(gpt2.encode(sample["input"])) - budget) <= 3     # re-tokenised text
+        position = 0                                                   # facts present, in order
+        for fact in sample["facts"]:
+            found = sample["input"].find(fact, position)
+            assert found >= 0, fact
+            position = found + len(fact)
+        assert set(sample["books"]) <= set(AUSTEN_BOOKS["test"])
+    # a different sample draws different background
+    assert samples[0]["input"][:200] != samples[1]["input"][:200]
+
+
+@needs_data
+def test_zero_k_is_the_facts_alone_and_construction_is_deterministic(gpt2):
+    first = build_babilong("qa1", "0k", 2, data_dir=SHARED_DATA, gpt2=gpt2)
+    assert first[0]["input"] == "John travelled to the hallway. Mary journeyed to the bathroom."   # qa1 test story 1
+    assert first[0]["target"] == "hallway"
+    assert build_babilong("qa3", "1k", 2, data_dir=SHARED_DATA, gpt2=gpt2) == \
+        build_babilong("qa3", "1k", 2, data_dir=SHARED_DATA, gpt2=gpt2)
+
+
+@needs_data
+def test_train_and_test_books_are_disjoint(gpt2):
+    for background in ("austen", "builtin"):
+        train = dict(load_books(background, "train", SHARED_DATA))
+        test = dict(load_books(background, "test", SHARED_DATA))
+        assert train and test and not set(train) & set(test)
+    train_books = [_collapse(t) for _, t in load_books("austen", "train", SHARED_DATA)]
+    test_books = [_collapse(t) for _, t in load_books("austen", "test", SHARED_DATA)]
+    sample = build_babilong("qa1", "1k", 1, split="train", data_dir=SHARED_DATA, gpt2=gpt2)[0]
+    assert set(sample["books"]) <= set(AUSTEN_BOOKS["train"])
+    background = max(split_sentences(sample["input"])[1:-1], key=len)[:60]
+    assert any(background in book for book in train_books)
+    assert not any(background in book for book in test_books)
+
+
+def test_compare_answers_documented_rule():
+    labels = ["bathroom", "bedroom", "garden", "hallway", "kitchen", "office"]
+    q = "Where is Mary?"
+    assert compare_answers("bathroom", "The most recent location of Mary is bathroom.", q, labels)
+    assert compare_answers("bathroom", "Bathroom", q, labels)                       # case-insensitive
+    assert not compare_answers("bathroom", "bathroom or kitchen", q, labels)        # two labels
+    assert compare_answers("bathroom", "bathroom. Then the kitchen.", q, labels)    # first sentence only
+    assert not compare_answers("bathroom", "<example> bathroom", q, labels)          # a new example starts
+    assert not compare_answers("bathroom", "I do not know", q, labels)
+    # labels named in the question never count
+    q3 = "Where was the apple before the kitchen?"
+    assert compare_answers("bathroom", "Before the kitchen the apple was in the bathroom.", q3, labels)
+    qa5 = ["Bill", "Fred", "Jeff", "Mary", "apple", "football", "milk"]
+    assert compare_answers("Fred", "Fred gave it to Jeff", "Who gave the football to Jeff?", qa5)
+    assert not compare_answers("Fred", "Jeff", "Who gave the football to Jeff?", qa5)
+
+
+def test_official_prompt_template():
+    bare = format_prompt(" A. B. ", "Where is Mary?", "qa1")
+    assert bare == "<context>\nA. B.\n</context>\n\nQuestion: Where is Mary?"
+    full = format_prompt("A.", "Where is Mary?", "qa1", instruction=True, examples=True, post_prompt=True)
+    assert full.startswith("I will give you context") and "<example>" in full
+    assert full.endswith("</context>\n\nQuestion: Where is Mary?")
+
+
+class RiggedByteModel(torch.nn.Module):
+    """A stateless byte-level 'model' that always continues the text ': kitchen.'."""
+
+    def __init__(self, text=": kitchen."):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+        self.next_byte = {ord(a): ord(b) for a, b in zip(text, text[1:])}
+
+    def forward(self, idx, targets=None, state=None):
+        logits = torch.zeros(*idx.shape, 257)
+        for b in range(idx.shape[0]):
+            for t in range(idx.shape[1]):
+                nxt = self.next_byte.get(int(idx[b, t]))
+                if nxt is not None:
+                    logits[b, t, nxt] = 10.0
+        pos = (state or {"pos": 0})["pos"] + idx.shape[1]
+        return logits, None, {"pos": pos}
+
+
+def _samples():
+    facts = ["Mary went to the kitchen.", "John moved to the office."]
+    return [{"task": "qa1", "input": " ".join(facts), "question": "Where is Mary?", "target": "kitchen"},
+            {"task": "qa1", "input": " ".join(facts), "question": "Where is John?", "target": "office"}]
+
+
+def test_both_scores_follow_a_rigged_model():
+    from data.tokenizer import get_tokenizer
+    result = evaluate(RiggedByteModel(), get_tokenizer("bytes"), _samples(), streaming=True, segment_len=16)
+    first, second = result["records"]
+    assert first["label_ranking_prediction"] == second["label_ranking_prediction"] == "kitchen"
+    assert first["output"] == " kitchen."
+    assert (first["official_correct"], second["official_correct"]) == (True, False)
+    assert result["official"] == result["label_ranking"] == 0.5
+
+
+def _tiny_transformer(seed=0):
+    from model import build_model
+    torch.manual_seed(seed)
+    return build_model({"arch": "transformer", "vocab_size": 257, "d_model": 32, "n_layer": 2, "n_head": 2})
+
+
+def test_streaming_matches_one_call():
+    from data.tokenizer import get_tokenizer
+    model, tok = _tiny_transformer(), get_tokenizer("bytes")
+    kwargs = dict(streaming=True, max_new_tokens=6)
+    streamed = evaluate(model, tok, _samples(), segment_len=13, **kwargs)
+    whole = evaluate(model, tok, _samples(), segment_len=10**6, **kwargs)
+    for a, b in zip(streamed["records"], whole["records"]):
+        assert a["output"] == b["output"]
+        for label, value in a["label_logprobs"].items():
+            assert value == pytest.approx(b["label_logprobs"][label], abs=1e-4)
+    assert "streamed" in streamed["context_handling"]
+
+
+def test_attention_models_truncate_or_skip_beyond_max_len():
+    from data.tokenizer import get_tokenizer
+    model, tok = _tiny_transformer(), get_tokenizer("bytes")
+    with pytest.raises(ValueError, match="max_len"):
+        evaluate(model, tok, _samples())
+    truncated = evaluate(model, tok, _samples(), max_len=40, max_new_tokens=4)
+    assert truncated["n_truncated"] == 2 and "truncated" in truncated["context_handling"]
+    skipped = evaluate(model, tok, _samples(), max_len=40, overflow="skip", max_new_tokens=4)
+    assert skipped["n_skipped"] == 2 and skipped["official"] is None
+    fits = evaluate(model, tok, _samples(), max_len=4096, max_new_tokens=4)
+    assert fits["n_truncated"] == fits["n_skipped"] == 0
+
+
+def test_heatmap_written(tmp_path):
+    results = {"official": {"qa1": {"0k": 0.5, "1k": 0.25}, "qa2": {"0k": 1.0, "1k": None}},
+               "label_ranking": {"qa1": {"0k": 0.75, "1k": 0.5}, "qa2": {"0k": 0.5, "1k": 0.0}}}
+    path = plot_heatmap(results, str(tmp_path / "heat.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hub_loader_fails_clearly_offline(monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConnectionError, match="RMT-team/babilong.*use --source local"):
+        load_babilong_hf("qa1", "0k", limit=2)
+    with pytest.raises(ValueError, match="unknown bAbI task"):
+        load_babilong_hf("qa9x", "0k")
+
+
+def test_training_example_puts_loss_on_the_answer_only():
+    from data.tokenizer import get_tokenizer
+    tok = get_tokenizer("bytes")
+    sample = {"task": "qa1", "input": "Mary went to the kitchen.", "question": "Where is Mary?", "target": "kitchen"}
+    ids, targets = training_example(tok, sample)
+    answer = tok.encode(" kitchen") + [tok.eot_id]
+    assert ids[-len(answer):] == answer and len(ids) == len(targets)
+    assert [t for t in targets if t != -1] == answer
+    # targets[t] is the token after ids[t]
+    assert all(targets[i] == ids[i + 1] for i in range(len(ids) - 1) if targets[i] != -1)
+    short_ids, short_targets = training_example(tok, sample, max_len=20)
+    assert len(short_ids) == 20 and [t for t in short_targets if t != -1] == answer
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from checkpoint import save_checkpoint
+    from config import Config, DataConfig, ModelConfig, TrainConfig
+    cfg = Config(model=ModelConfig(arch="transformer", vocab_size=257, d_model=32, n_layer=1, n_head=2),
+                 data=DataConfig(tokenizer="bytes"), train=TrainConfig(seq_len=256))
+    from model import build_model
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    out = tmp_path_factory.mktemp("babilong_ckpt")
+    save_checkpoint(str(out / "checkpoints"), 0, model, optimizer, {"step": 0}, cfg)
+    return str(out)
+
+
+@needs_data
+def test_finetune_cli_runs_two_steps(tiny_checkpoint, tmp_path, monkeypatch):
+    from checkpoint import load_model
+    monkeypatch.setenv("NL_DATA_DIR", SHARED_DATA)
+    out = str(tmp_path / "ft")
+    main(["finetune", "--checkpoint", tiny_checkpoint, "--tasks", "qa1,qa2", "--lengths", "1k,0k", "--steps", "2",
+          "--batch-size", "2", "--out", out, "--device", "cpu"])
+    before, _ = load_model(tiny_checkpoint)
+    after, cfg = load_model(out)
+    assert cfg.train.out_dir == out
+    with open(os.path.join(out, "finetune_log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    assert [entry["length"] for entry in log] == ["0k", "1k"]          # curriculum: shortest first
+    assert all(entry["answer_tokens"] > 0 and entry["loss"] > 0 for entry in log)
+    changed = any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    assert changed
+
+
+@needs_data
+def test_eval_cli_writes_json_and_heatmap(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NL_DATA_DIR", SHARED_DATA)
+    out = str(tmp_path / "eval")
+    main(["eval", "--checkpoint", tiny_checkpoint, "--tasks", "qa1,qa4", "--lengths", "0k,1k", "--samples", "2",
+          "--out", out, "--device", "cpu", "--max-new-tokens", "3"])
+    with open(os.path.join(out, "babilong.json")) as f:
+        results = json.load(f)
+    assert set(results["official"]) == {"qa1", "qa4"} and set(results["official"]["qa1"]) == {"0k", "1k"}
+    assert all(0 <= v <= 1 for cells in results["label_ranking"].values() for v in cells.values())
+    assert results["counts"]["qa1"]["1k"]["n_truncated"] == 2             # 1k GPT-2 tokens > 256 bytes
+    assert "truncated" in results["context_handling"]
+    assert os.path.getsize(os.path.join(out, "babilong_heatmap.png")) > 1000
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--checkpoint", tiny_checkpoint, "--lengths", "3x", "--out", out])
+    assert exit_info.value.code == 2 and "error: bad BABILong length" in capsys.readouterr().err
