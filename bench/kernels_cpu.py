@@ -1,7 +1,7 @@
 """CPU benchmark: chunked PyTorch scans vs the sequential reference (DESIGN §4).
 
     python bench/kernels_cpu.py [--B 1] [--T 2048] [--H 4] [--d 64] [--chunk 64]
-                                [--repeats 7] [--ref-repeats 3]
+                                [--repeats 7] [--ref-repeats 3] [--threads N]
 
 Times forward and forward+backward of `kernels.delta_rule` and `kernels.momentum_rule`
 (fp32, K = V = d): the median of --repeats runs of backend="torch" (after one warm-up)
@@ -80,7 +80,11 @@ def main(argv=None):
     p.add_argument("--chunk", type=positive_int, default=64)
     p.add_argument("--repeats", type=positive_int, default=7, help="chunked runs")
     p.add_argument("--ref-repeats", type=positive_int, default=3, help="reference runs")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {platform.node()} {platform.machine()} {platform.processor() or ''}, "

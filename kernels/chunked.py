@@ -11,14 +11,16 @@ from plain autograd.
 Notation inside one chunk of L tokens (local times t = 1..L, t = 0 is the chunk start,
 S_0 / Z_0 the incoming states, rows of Q, K [L,K] and U [L,V] are q_t, k_t, u_t):
     P[t, j] = prod_{s=j+1..t} g_s     for 0 <= j <= t <= L (P[t, t] = 1), 0 above,
-the "segment products" of a gate g. They are the ratios a_t / a_j of cumulative gate
-products that the chunked forms need, but built as products of the gates between j and
-t (one cumprod per column) instead of a quotient: nothing can overflow, gates may be
-exactly 0 or exactly 1, and the result matches the sequential product the reference
-computes. (fla builds the same matrix as exp of a difference of cumulative log gates and
-clamps; the direct product needs no clamp and keeps gradients exact at gate = 0.)
-The models use gates in (0, 1]; any real gates work, as long as their products do not
-overflow (true of the reference too).
+the "segment products" of a gate g: the ratios a_t / a_j of cumulative gate products
+that the chunked forms need. A quotient of cumulative products overflows once gates get
+small (a_j underflows), so P is built in log space as exp of the segment sums
+sum_{s=j+1..t} log g_s, each summed only over its own segment (a masked cumsum), so no
+large cumulative logs are subtracted and nothing cancels, overflows or becomes NaN
+(fla builds the same matrix from chunk-local cumulative log gates). log g is clamped
+at log(float tiny): a gate of exactly 0 gives exactly 0 products, like the reference,
+but zero gradient with respect to that gate (the reference's gradient there is the
+product of the other gates). Gates must be >= 0: the models' gates are sigmoids in
+(0, 1], and exactly 0 or 1 are fine; gates above 1 work while their products fit.
 
 Computation runs in float32 at least (bf16/fp16 are upcast, float64 stays float64);
 o comes back in q's dtype, the states in the compute dtype (as in the reference).
@@ -30,14 +32,12 @@ def _segment_products(gates):
     """gates [..., L] -> P [..., L+1, L+1] with P[t, j] = prod_{s=j+1..t} gates_s (gate
     index s = 1..L), 1 on the diagonal and 0 above it. O(L^2) per chunk."""
     L = gates.shape[-1]
-    g = torch.nn.functional.pad(gates, (1, 0), value=1.0)          # g[0] is never used
-    rows = g.unsqueeze(-1).expand(*g.shape, L + 1)                  # rows[t, j] = g_t
-    ones = torch.ones(L + 1, L + 1, dtype=torch.bool, device=gates.device)
-    strictly_lower = torch.tril(ones, diagonal=-1)                  # t > j
-    factors = torch.where(strictly_lower, rows, torch.ones_like(rows))
-    # cumprod down each column j multiplies g_{j+1} .. g_t; rows t <= j stay 1
-    products = torch.cumprod(factors, dim=-2)
-    return products * torch.tril(ones).to(products.dtype)
+    log_gates = torch.log(gates.clamp_min(torch.finfo(gates.dtype).tiny))
+    log_gates = torch.nn.functional.pad(log_gates, (1, 0))        # index 0 is never used
+    rows = log_gates.unsqueeze(-1).expand(*log_gates.shape, L + 1)  # rows[t, j] = log g_t
+    # keep rows t > j, then cumsum down each column j: sum_{s=j+1..t} log g_s
+    segment_sums = torch.cumsum(torch.tril(rows, diagonal=-1), dim=-2)
+    return torch.tril(torch.exp(segment_sums))
 
 
 def _split_into_chunks(x, chunk_size):
@@ -62,8 +62,9 @@ def _prepare(q, k, u, gates, initial_states, chunk_size):
     dtype = torch.promote_types(q.dtype, torch.float32)
     B, T, H, K = q.shape
     V = u.shape[-1]
-    per_token = [t.to(dtype).transpose(1, 2) for t in (q, k, u)]
-    per_token += [g.to(dtype).transpose(1, 2) for g in gates]
+    # One contiguous copy up front, instead of one hidden copy in every matmul that reads it.
+    per_token = [t.to(dtype).transpose(1, 2).contiguous() for t in (q, k, u)]
+    per_token += [g.to(dtype).transpose(1, 2).contiguous() for g in gates]
     grouped = [_split_into_chunks(t, chunk_size) for t in per_token]
     states = [q.new_zeros(B, H, V, K, dtype=dtype) if s is None else s.to(dtype)
               for s in initial_states]
@@ -163,11 +164,13 @@ def delta_rule_chunked(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
         write = U_prime.transpose(-1, -2) @ decay_to_end            # [B,H,N,V,K]
         # The only sequential part: the state entering each chunk, one matmul per chunk.
         B, H, N, V, K = write.shape
-        write, transition = write.flatten(0, 1), transition.flatten(0, 1)  # [B*H,N,..]
-        S_starts, S = [], S.flatten(0, 1)
+        # chunk-major [N, B*H, ...] so that every step reads contiguous matrices
+        write = write.permute(2, 0, 1, 3, 4).reshape(N, B * H, V, K)
+        transition = transition.permute(2, 0, 1, 3, 4).reshape(N, B * H, K, K)
+        S_starts, S = [], S.reshape(B * H, V, K)
         for n in range(N):
             S_starts.append(S)
-            S = torch.baddbmm(write[:, n], S, transition[:, n])    # write + S @ transition
+            S = torch.baddbmm(write[n], S, transition[n])          # write + S @ transition
         S0 = torch.stack(S_starts, dim=1).view(B, H, N, V, K)
         S = S.view(B, H, V, K)
         R = U_prime - W @ S0.transpose(-1, -2)                      # [B,H,N,L,V]

