@@ -8,10 +8,18 @@ A save writes into `.tmp-step_N`, then renames it and rewrites `latest` (temp fi
 `latest` pointing at it. DCP works with or without a process group: the same code saves
 one shard per rank under torchrun and one file in a single process, and a checkpoint can
 be loaded on any number of ranks.
+
+For inference and sharing, export one consolidated safetensors file (one process):
+
+    python -m checkpoint export out/run/checkpoints/step_001000 model.safetensors [--dtype bf16]
+    model, cfg = load_exported("model.safetensors")   # or build_model + safetensors.torch.load_model
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
 import shutil
 import warnings
 
@@ -21,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from config import Config, config_from_dict, dump_yaml, read_yaml
+from config import Config, ConfigError, config_from_dict, dump_yaml, read_yaml, to_dict
 
 # DCP warns on every single-process save/load that no process group exists: that is intended.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -147,3 +155,77 @@ def load_model(path, device="cpu"):
                          f"{str(e).splitlines()[0]}") from None
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg
+
+
+# ----------------------------------------------------------------------------------------
+# consolidated safetensors export
+
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_safetensors(ckpt, out_path, dtype="fp32") -> str:
+    """Gather a (possibly sharded, any rank count) DCP checkpoint into one safetensors file.
+
+    Tensors are named as in `build_model(cfg.model).state_dict()`; a tied head weight is
+    stored once (under embed.weight), which `safetensors.torch.load_model` restores. The
+    file's metadata holds the full training config (JSON) and the step, so the file alone
+    rebuilds the model (`load_exported`). Run it in one process, not under torchrun."""
+    from safetensors.torch import save_model
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of: {', '.join(EXPORT_DTYPES)}")
+    if not str(out_path).endswith(".safetensors"):
+        raise ValueError(f"output file {out_path} must end in .safetensors")
+    ckpt = resolve_checkpoint(ckpt)
+    model, cfg = load_model(ckpt)
+    model = model.to(EXPORT_DTYPES[dtype])
+    step = torch.load(os.path.join(ckpt, TRAINER_STATE), weights_only=False)["step"]
+    metadata = {"format": "pt", "config": json.dumps(to_dict(cfg)), "step": str(step), "arch": cfg.model.arch}
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    save_model(model, tmp, metadata=metadata)
+    os.replace(tmp, out_path)           # no half-written file under the final name
+    return out_path
+
+
+def load_exported(path, device="cpu"):
+    """(model in eval mode, Config) from a file written by export_safetensors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model as load_safetensors_into
+    from model import build_model
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no exported model at {path}")
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "config" not in metadata:
+        raise ValueError(f"{path} has no config in its metadata: not written by export_safetensors")
+    cfg = config_from_dict(json.loads(metadata["config"]))
+    model = build_model(cfg.model)
+    load_safetensors_into(model, path, device=str(device))
+    return model.to(device).eval(), cfg
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None):
+    parser = _ArgumentParser(prog="python -m checkpoint", description="Checkpoint tools.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    export = commands.add_parser("export", help="write one consolidated safetensors file from a DCP checkpoint")
+    export.add_argument("checkpoint", help="a step_N directory, a checkpoints/ root, or a training out_dir")
+    export.add_argument("out", help="output file, e.g. model.safetensors")
+    export.add_argument("--dtype", default="fp32", choices=sorted(EXPORT_DTYPES))
+    args = parser.parse_args(argv)
+    try:
+        path = export_safetensors(args.checkpoint, args.out, dtype=args.dtype)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

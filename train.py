@@ -2,10 +2,13 @@
 
     python train.py                                  # configs/quickstart.yaml on the built-in corpus
     python train.py configs/hope_tiny.yaml --train.max_steps=200 --model.d_model=256
+    torchrun --standalone --nproc_per_node=8 train.py CONFIG   # FSDP2 over 8 GPUs (docs/DISTRIBUTED.md)
 
 Reads a YAML config (DESIGN §2), prepares token shards if needed, trains with AdamW and a
 warmup + cosine/WSD schedule, evaluates, checkpoints atomically and resumes exactly
 (`train.resume=auto`). Writes <out_dir>/config.yaml and <out_dir>/metrics.jsonl.
+Under torchrun every rank runs this file; rank 0 alone prints and writes logs, and
+`train.batch_size` stays the global batch, so N ranks reproduce the 1-process losses.
 """
 from __future__ import annotations
 
@@ -19,10 +22,13 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 
+import distributed
 from checkpoint import find_checkpoint, load_training_state, resolve_checkpoint, save_checkpoint
 from config import Config, ConfigError, dump_yaml, load_config, to_dict
+from distributed import DistEnv, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier, full_value, gradient_sync
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.yaml")
 # dense bf16 peak FLOP/s for MFU (H100/H200 SXM; A100); other GPUs report MFU as n/a
@@ -90,8 +96,53 @@ def set_rng_state(s):
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
-    if s.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s.get("cuda") and torch.cuda.is_available():   # the saving node may have had more GPUs
+        for i, cuda_state in enumerate(s["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
+
+
+def peak_memory_gib(device_type) -> float:
+    """Peak memory of this process: CUDA tensors allocated, or the CPU resident set size."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20   # bytes on macOS, KiB on Linux
+
+
+@torch.no_grad()
+def evaluate_sharded(model, dataset, batch_size, seq_len, max_batches, env: DistEnv) -> dict:
+    """eval.perplexity.evaluate_split on the same windows (batches of `batch_size` rows, at
+    most `max_batches`), each batch's rows spread over the ranks: the numbers do not depend
+    on the rank count. A rank left without rows (a short last batch) still runs a forward,
+    unscored, because FSDP2 needs every rank in each forward's all-gathers."""
+    from data.loader import iter_eval_batches
+    split = dataset.meta["splits"]["val"] if "val" in dataset.meta.get("splits", {}) else None
+    if not split or not split.get("tokens") or not split.get("bytes"):
+        raise ValueError(f"{dataset.data_dir} has no val split with token and byte counts in meta.json")
+    rows_per_rank = -(-batch_size // env.world_size)
+    nll = torch.zeros((), dtype=torch.float64, device=env.device)
+    tokens = torch.zeros((), dtype=torch.float64, device=env.device)
+    for x, y in iter_eval_batches(dataset, "val", batch_size, seq_len, max_batches=max_batches):
+        lo = env.rank * rows_per_rank
+        hi = min(lo + rows_per_rank, x.shape[0])
+        scored = hi > lo
+        xs, ys = (x[lo:hi], y[lo:hi]) if scored else (x[:1], y[:1])
+        logits = model(xs.to(env.device))[0]
+        if scored:
+            nll += F.cross_entropy(logits.float().flatten(0, 1), ys.to(env.device).flatten(), reduction="sum").double()
+            tokens += ys.numel()
+    nll, tokens = all_reduce_sum(torch.stack([nll, tokens])).tolist()
+    if tokens == 0:
+        raise ValueError(f"split 'val' has no full window of seq_len={seq_len} + 1 tokens to score")
+    loss = nll / tokens
+    bytes_scored = tokens / split["tokens"] * split["bytes"]   # as evaluate_split
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nll / math.log(2) / bytes_scored,
+            "tokens": int(tokens)}
+
+
+def _silent(*args, **kwargs):
+    pass
 
 
 class MetricsLog:
@@ -132,18 +183,34 @@ def init_wandb(cfg: Config):
 # ----------------------------------------------------------------------------------------
 
 def train(cfg: Config):
+    """Train per `cfg`; under torchrun every rank calls this. Returns the exit code."""
+    env = distributed.setup(cfg)
+    finished = False
+    try:
+        code = _train(cfg, env)
+        finished = True      # also code 1 (NaN stop): every rank decides it on the same global numbers
+        return code
+    finally:
+        distributed.teardown(env, clean=finished)
+
+
+def _train(cfg: Config, env: DistEnv):
     from data.loader import BatchSampler, TokenDataset
     from data.tokenizer import get_tokenizer
     from eval.perplexity import evaluate_split
     from model import build_model
 
     t = cfg.train
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if t.device == "auto" else t.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
-    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device == "cuda")
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    torch.manual_seed(t.seed)
+    device, device_type = env.device, env.device_type
+    say = print if env.is_main else _silent          # rank 0 alone prints and writes files
+    if t.batch_size % (env.world_size * t.grad_accum):
+        raise ConfigError(f"train.batch_size={t.batch_size} is the global batch: it must be divisible by "
+                          f"{env.world_size} ranks x train.grad_accum={t.grad_accum}")
+    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device_type == "cuda")
+    # FSDP2 with bf16 parameters already computes in bf16: autocast on top would be redundant
+    use_autocast = use_bf16 and not distributed.uses_bf16_params(cfg, env)
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_autocast else nullcontext()
+    torch.manual_seed(t.seed)          # the same seed on every rank: identical initial weights
     random.seed(t.seed)
     np.random.seed(t.seed)
 
@@ -154,26 +221,46 @@ def train(cfg: Config):
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                           f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size}")
     data_dir = resolve_data_dir(cfg)
-    prepare_data(cfg, data_dir)
+    if env.is_main:                   # one preparer: concurrent ones would race on the final rename
+        prepare_data(cfg, data_dir)
+    barrier()
     dataset = TokenDataset(data_dir)
     if dataset.meta["tokenizer"] != cfg.data.tokenizer:
         raise ConfigError(f"{data_dir} was prepared with tokenizer {dataset.meta['tokenizer']!r}, "
                           f"but data.tokenizer={cfg.data.tokenizer!r}")
 
-    os.makedirs(t.out_dir, exist_ok=True)
-    print("config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
-    dump_yaml(cfg, os.path.join(t.out_dir, "config.yaml"))
+    if env.is_main:
+        os.makedirs(t.out_dir, exist_ok=True)
+        print("config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+        dump_yaml(cfg, os.path.join(t.out_dir, "config.yaml"))
 
     model = build_model(cfg.model).to(device)
     n_params = model.num_params()
-    print(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters "
-          f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding)")
-    optimizer = make_optimizer(model, cfg, device)
-    step_model = torch.compile(model) if t.compile else model
-    micro_bs = t.batch_size // t.grad_accum
-    sampler = BatchSampler(dataset, "train", t.batch_size, t.seq_len, seed=t.seed)
+    flops_per_token = model.flops_per_token(t.seq_len)
+    # Titans/HOPE memory updates (inner gradients, scans) are counted apart from the 6N rule
+    memory_flops_per_token = (model.memory_flops_per_token(t.seq_len)
+                              if hasattr(model, "memory_flops_per_token") else 0)
+    say(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters "
+        f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding)")
+    # `model` keeps its parameter names (checkpoints, eval, sampling); `train_model` is what
+    # forward/backward run through: the FSDP2 model itself or a DDP wrapper
+    train_model = distributed.parallelize(model, cfg, env)
+    optimizer = make_optimizer(model, cfg, device_type)
+    local_bs = t.batch_size // env.world_size
+    micro_bs = local_bs // t.grad_accum
+    param_dtype = distributed.mixed_precision_dtype(cfg, env) if env.data_parallel == "fsdp" else None
+    say(f"parallel: {env.data_parallel if env.world_size > 1 or env.data_parallel == 'fsdp' else 'single process'}"
+        f" on {env.world_size} rank(s), {device_type}"
+        + (f", fsdp params {str(param_dtype).removeprefix('torch.')}" if param_dtype else "")
+        + f", compute {'bf16' if use_bf16 else 'fp32'}"
+        f", activation checkpointing {'on' if cfg.distributed.activation_checkpointing else 'off'}"
+        f", compile {'on' if t.compile else 'off'} | global batch {t.batch_size} = {env.world_size} rank(s) "
+        f"x {t.grad_accum} micro-batch(es) x {micro_bs} sequences of {t.seq_len}")
+    # every rank reads its slice of the same global batch (data/loader.py)
+    sampler = BatchSampler(dataset, "train", t.batch_size, t.seq_len, seed=t.seed,
+                           rank=env.rank, world_size=env.world_size)
 
-    # ---- resume
+    # ---- resume (a checkpoint of any rank count: DCP reshards on load)
     ckpt_root = os.path.join(t.out_dir, "checkpoints")
     start_step, stats, resume_from = 0, {"skipped_steps": 0, "tokens": 0}, None
     if t.resume == "auto":
@@ -185,25 +272,32 @@ def train(cfg: Config):
         start_step, stats = state["step"], state["stats"]
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
-        print(f"resumed from {resume_from} at step {start_step}")
-    metrics = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), resume_step=start_step if resume_from else None)
-    run = init_wandb(cfg)
+        say(f"resumed from {resume_from} at step {start_step}")
+    metrics, run = None, None
+    if env.is_main:
+        metrics = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"),
+                             resume_step=start_step if resume_from else None)
+        run = init_wandb(cfg)
 
-    def checkpoint(step):
+    def checkpoint(step):   # collective: every rank writes its shards
         trainer_state = {"step": step, "stats": stats, "sampler": sampler.state_dict(), "rng": rng_state()}
         path = save_checkpoint(ckpt_root, step, model, optimizer, trainer_state, cfg, keep=t.keep_checkpoints)
-        print(f"saved checkpoint {path}")
+        say(f"saved checkpoint {path}")
 
     def evaluate():
+        # the windows of a 1-process run (batches of batch_size / grad_accum rows), whatever
+        # the rank count; with several ranks each scores its rows of every batch
         model.eval()
         with autocast:
-            r = evaluate_split(model, dataset, "val", batch_size=micro_bs, seq_len=t.seq_len,
-                               max_batches=t.eval_batches, device=device)
+            if env.world_size == 1:
+                r = evaluate_split(model, dataset, "val", batch_size=micro_bs, seq_len=t.seq_len,
+                                   max_batches=t.eval_batches, device=device)
+            else:
+                r = evaluate_sharded(model, dataset, micro_bs * env.world_size, t.seq_len, t.eval_batches, env)
         model.train()
         return r
 
-    peak = next((v for k, v in PEAK_FLOPS.items() if device == "cuda" and k in torch.cuda.get_device_name()), None)
-    flops_per_token = model.flops_per_token(t.seq_len)
+    peak = next((v for k, v in PEAK_FLOPS.items() if device_type == "cuda" and k in torch.cuda.get_device_name()), None)
     model.train()
     bad_in_a_row, t_last, tokens_since = 0, time.time(), 0
     tokens_per_step = t.batch_size * t.seq_len
@@ -212,26 +306,29 @@ def train(cfg: Config):
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = sampler.next_batch()
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro in range(t.grad_accum):
             xb = x[micro * micro_bs:(micro + 1) * micro_bs].to(device, non_blocking=True)
             yb = y[micro * micro_bs:(micro + 1) * micro_bs].to(device, non_blocking=True)
-            with autocast:
-                _, loss, _ = step_model(xb, yb)
-            (loss / t.grad_accum).backward()
-            loss_sum += loss.item() / t.grad_accum
+            # gradients cross ranks once per step, in the last micro-batch's backward
+            with gradient_sync(train_model, env, sync=micro == t.grad_accum - 1):
+                with autocast:
+                    _, loss, _ = train_model(xb, yb)
+                (loss / t.grad_accum).backward()
+            loss_sum += loss.detach().double() / t.grad_accum
+        loss_sum = all_reduce_mean(loss_sum).item()       # equal local batches: the global mean
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)   # also the total norm
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm.item())):
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)).item()  # total norm
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             # NaN/inf loss or gradient: skip the update, count it, stop if it persists
             optimizer.zero_grad(set_to_none=True)
             stats["skipped_steps"] += 1
             bad_in_a_row += 1
-            print(f"step {step + 1}: non-finite loss/grad ({loss_sum}, {grad_norm.item()}), step skipped "
-                  f"({bad_in_a_row} in a row)")
+            say(f"step {step + 1}: non-finite loss/grad ({loss_sum}, {grad_norm}), step skipped "
+                f"({bad_in_a_row} in a row)")
             if bad_in_a_row >= t.max_bad_steps:
-                print(f"error: {bad_in_a_row} non-finite steps in a row; stopping. The last good checkpoint "
-                      f"is kept in {ckpt_root}", file=sys.stderr)
+                say(f"error: {bad_in_a_row} non-finite steps in a row; stopping. The last good checkpoint "
+                    f"is kept in {ckpt_root}", file=sys.stderr)
                 return 1
             continue
         bad_in_a_row = 0
@@ -243,26 +340,34 @@ def train(cfg: Config):
 
         record = None
         if done % t.log_every == 0 or done == t.max_steps or done == start_step + 1:
-            if device == "cuda":
+            if device_type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t_last
             tok_s = tokens_since / max(dt, 1e-9)
+            tok_s_device = tok_s / env.world_size
+            peak_mem = all_reduce_max(peak_memory_gib(device_type), device)   # the fullest rank
             record = {"step": done, "tokens": stats["tokens"], "loss": loss_sum, "lr": lr,
-                      "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "skipped_steps": stats["skipped_steps"]}
-            line = f"step {done}/{t.max_steps} | loss {loss_sum:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
+                      "grad_norm": grad_norm, "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s_device,
+                      "peak_mem_gib": peak_mem, "skipped_steps": stats["skipped_steps"]}
+            line = (f"step {done}/{t.max_steps} | loss {loss_sum:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
+                    + (f" ({tok_s_device:,.0f}/device)" if env.world_size > 1 else "")
+                    + f" | mem {peak_mem:.2f} GiB")
             if peak:
-                record["mfu"] = tok_s * flops_per_token / peak
+                record["mfu"] = tok_s_device * flops_per_token / peak
                 line += f" | mfu {100 * record['mfu']:.1f}%"
-            print(line, flush=True)
+                if memory_flops_per_token:
+                    record["mfu_memory"] = tok_s_device * memory_flops_per_token / peak
+                    line += f" (+{100 * record['mfu_memory']:.1f}% memory updates)"
+            say(line, flush=True)
             t_last, tokens_since = time.time(), 0
         if t.eval_every and (done % t.eval_every == 0 or done == t.max_steps):
             r = evaluate()
             record = record or {"step": done, "tokens": stats["tokens"], "loss": loss_sum, "lr": lr}
             record.update(val_loss=r["loss"], val_ppl=r["perplexity"], val_bpb=r["bits_per_byte"])
-            print(f"eval step {done} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.2f} | "
-                  f"bits/byte {r['bits_per_byte']:.4f}", flush=True)
+            say(f"eval step {done} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.2f} | "
+                f"bits/byte {r['bits_per_byte']:.4f}", flush=True)
             t_last = time.time()
-        if record:
+        if record and metrics:
             metrics.write(record)
             if run:
                 run.log(record, step=done)
@@ -274,19 +379,20 @@ def train(cfg: Config):
         r = evaluate()
         summary = {"val_loss": r["loss"], "val_ppl": r["perplexity"], "val_bpb": r["bits_per_byte"],
                    "tokens": stats["tokens"], "skipped_steps": stats["skipped_steps"], "params": n_params}
-        with open(os.path.join(t.out_dir, "final_eval.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        print(f"final: val loss {r['loss']:.4f} | ppl {r['perplexity']:.2f} | bits/byte {r['bits_per_byte']:.4f}")
-    if t.sample_tokens:
+        if env.is_main:
+            with open(os.path.join(t.out_dir, "final_eval.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+        say(f"final: val loss {r['loss']:.4f} | ppl {r['perplexity']:.2f} | bits/byte {r['bits_per_byte']:.4f}")
+    if t.sample_tokens and (env.is_main or env.data_parallel == "fsdp"):   # FSDP2: all ranks run the forwards
         model.eval()
         ids = torch.tensor([tokenizer.encode(t.sample_prompt) or [tokenizer.eot_id]], device=device)
         g = torch.Generator(device=device).manual_seed(t.seed)
         with autocast:
             out = model.generate(ids, t.sample_tokens, temperature=0.8, top_k=50, generator=g)
-        print("sample:\n" + tokenizer.decode(out[0].tolist()))
+        say("sample:\n" + tokenizer.decode(out[0].tolist()))
     if run:
         run.finish()
-    print("training done")
+    say("training done")
     return 0
 
 
