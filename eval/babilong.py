@@ -561,7 +561,7 @@ def is_recurrent(model) -> bool:
     return getattr(config, "arch", None) in RECURRENT_ARCHS
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -603,9 +603,15 @@ def continuation_logprob(model, last_logits, state, continuation: list[int], dev
     return logprob
 
 
-def greedy_generate(model, tokenizer, last_logits, state, max_new_tokens: int, device) -> str:
-    """Greedy decoding from a prefilled state. Stops at end-of-text, or once the text holds a
-    '.', after which compare_answers ignores everything (so the score is unchanged)."""
+def first_sentence_done(text: str) -> bool:
+    """compare_answers reads only the text before the first '.': nothing after it can matter."""
+    return "." in text
+
+
+def greedy_generate(model, tokenizer, last_logits, state, max_new_tokens: int, device,
+                    stop=first_sentence_done) -> str:
+    """Greedy decoding from a prefilled state, up to max_new_tokens or end-of-text. `stop(text)`
+    ends it early once further tokens cannot change the score (the default: a '.' is out)."""
     out: list[int] = []
     logits = last_logits
     for _ in range(max_new_tokens):
@@ -613,7 +619,7 @@ def greedy_generate(model, tokenizer, last_logits, state, max_new_tokens: int, d
         if token == tokenizer.eot_id:
             break
         out.append(token)
-        if "." in tokenizer.decode(out):
+        if stop is not None and stop(tokenizer.decode(out)):
             break
         step_logits, _, state = model(torch.tensor([[token]], dtype=torch.long, device=device), state=state)
         logits = step_logits[0, -1].float()
@@ -640,7 +646,7 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
     if not streaming and max_len is None:
         raise ValueError("an attention model needs max_len (its context, e.g. cfg.train.seq_len); "
                          "pass streaming=True to read any length with a growing KV cache")
-    device = device or _model_device(model)
+    device = device or model_device(model)
     was_training = model.training
     model.eval()
     use_bf16 = torch.device(device).type == "cuda" and dtype in ("auto", "bfloat16")
@@ -791,7 +797,7 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
     from checkpoint import save_checkpoint
     if steps < 1 or batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
-    device = device or _model_device(model)
+    device = device or model_device(model)
     lengths = _length_order(lengths)
     for length in lengths:
         _check_length(length)
@@ -845,7 +851,7 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
 # -----------------------------------------------------------------------------
 # CLI
 
-def _resolve_device(name: str) -> str:
+def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -868,7 +874,7 @@ def run_eval(args) -> dict:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     from checkpoint import load_model
     from data.tokenizer import get_tokenizer
     model, cfg = load_model(args.checkpoint, device)
@@ -923,7 +929,7 @@ def run_finetune(args) -> str:
         raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     from checkpoint import load_model
     from data.tokenizer import get_tokenizer
     model, cfg = load_model(args.checkpoint, device)

@@ -1,0 +1,316 @@
+"""
+S-NIAH: RULER's single-needle retrieval tasks (Hsieh et al., arXiv 2404.06654), as in the
+Nested Learning Table 1 and Titans Table 2 (reference/paper-digest.md §5.3).
+
+    niah_single_1  pass-key: a 7-digit number hidden in repeated noise sentences
+    niah_single_2  number:   a 7-digit number hidden in an essay (book text)
+    niah_single_3  UUID:     a UUID hidden in an essay
+
+One needle "One of the special magic {numbers|uuids} for {key} is: {value}." is placed at a
+sentence boundary at the requested depth (0 = start, 1 = end of the haystack), with RULER's
+template around it, and the model completes RULER's answer prefix. Lengths are GPT-2 tokens
+of the whole prompt plus the RULER_TOKENS_TO_GENERATE (128) that RULER keeps free for the
+answer; "4k" = 4096 as in RULER. Keys are "adjective-noun" words as in RULER (our own word
+lists; RULER draws from the `wonderwords` package). RULER's essays are Paul Graham's, which
+are not available offline: the essay haystack here is contiguous text of a public-domain
+book (Austen or KJV test books, PG19 through the Hub), which the results record.
+
+Scores, both labelled in the output:
+  accuracy          RULER's string_match_all for one needle: the value occurs in the greedy
+                    output (case-insensitive);
+  ranking_accuracy  the value has the highest log-likelihood after the answer prefix among
+                    itself and `n_distractors` random values of the same kind.
+Long inputs are handled as in eval.babilong: recurrent models stream in segments with the
+state carried, attention models truncate or skip beyond max_len.
+
+CLI:
+    python -m eval.niah --checkpoint DIR --tasks 1,2,3 --lengths 1k,2k,4k --samples N --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import time
+import uuid
+from contextlib import nullcontext
+
+import torch
+
+from eval.babilong import (BACKGROUNDS, continuation_logprob, greedy_generate, is_recurrent, length_tokenizer,
+                           load_books, model_device, prefill, resolve_device, split_sentences)
+
+# RULER scripts/data/synthetic/constants.py and niah.py
+NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
+                 "I will quiz you about the {type_needle_v} afterwards.\n{context}\n"
+                 "What are all the special magic {type_needle_v} for {query} mentioned in the provided text?")
+NIAH_ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
+NIAH_NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
+NOISE_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                   "There and back again.")
+RULER_TOKENS_TO_GENERATE = 128
+
+# RULER synthetic.yaml: niah_single_{1,2,3}
+TASKS = {
+    "niah_single_1": {"haystack": "noise", "value": "numbers"},
+    "niah_single_2": {"haystack": "essay", "value": "numbers"},
+    "niah_single_3": {"haystack": "essay", "value": "uuids"},
+}
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+_ADJECTIVES = ("ancient", "bitter", "brave", "calm", "clever", "crooked", "curious", "damp", "eager", "faint",
+               "fearless", "fierce", "gentle", "gleaming", "hollow", "humble", "icy", "jolly", "lively", "lonely",
+               "misty", "noisy", "odd", "pale", "proud", "quiet", "rapid", "rusty", "shy", "silent", "sleepy",
+               "smooth", "steady", "sturdy", "tender", "tidy", "vast", "wandering", "wise", "young")
+_NOUNS = ("anchor", "apricot", "badge", "banjo", "barrel", "beacon", "bucket", "candle", "canyon", "cellar",
+          "comet", "compass", "cottage", "crayon", "dragon", "engine", "falcon", "feather", "fountain", "glacier",
+          "harbor", "helmet", "island", "kettle", "lantern", "meadow", "mirror", "orchard", "pebble", "pepper",
+          "quilt", "saddle", "shovel", "spindle", "teapot", "thimble", "tunnel", "violin", "walnut", "window")
+
+
+def parse_task(task) -> str:
+    """'niah_single_2' | 's-niah-2' | '2' -> 'niah_single_2'."""
+    text = str(task).strip().lower()
+    match = re.fullmatch(r"(?:niah_single_|s-niah-)?([123])", text)
+    if not match:
+        raise ValueError(f"unknown S-NIAH task {task!r}; valid: niah_single_1, niah_single_2, niah_single_3 (or 1,2,3)")
+    return f"niah_single_{match.group(1)}"
+
+
+def parse_length(label) -> int:
+    """'4k' -> 4096 (RULER's powers of two), '16k' -> 16384, '3000' -> 3000."""
+    text = str(label).strip()
+    match = re.fullmatch(r"(\d+)([kK]?)", text)
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"bad S-NIAH length {label!r}; use e.g. 1k, 4k, 16k or a token count")
+    return int(match.group(1)) * (1024 if match.group(2) else 1)
+
+
+def _random_value(kind: str, rng: random.Random) -> str:
+    if kind == "numbers":
+        return str(rng.randint(10**6, 10**7 - 1))                  # RULER: 7 digits
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _random_key(rng: random.Random) -> str:
+    return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
+
+
+def _haystack_sentences(kind: str, books, rng: random.Random, gpt2, n_tokens: int) -> list[tuple[str, int]]:
+    """(sentence, GPT-2 tokens of ' ' + sentence) until n_tokens are filled (never more)."""
+    if kind == "noise":
+        cycle = [(s, len(gpt2.encode(" " + s))) for s in NOISE_SENTENCES]
+        out, total, i = [], 0, 0
+        while total + cycle[i % len(cycle)][1] <= n_tokens:
+            out.append(cycle[i % len(cycle)])
+            total += cycle[i % len(cycle)][1]
+            i += 1
+        return out
+    out, total = [], 0
+    while True:
+        # contiguous text of a random book from a random place, like an essay
+        _, text = books[rng.randrange(len(books))]
+        start = rng.randrange(len(text))
+        sentences = split_sentences(text[start:start + max(4000, 6 * (n_tokens - total))])[1:-1]
+        if not sentences:
+            continue
+        for sentence, ids in zip(sentences, gpt2.encode_batch([" " + s for s in sentences])):
+            if total + len(ids) > n_tokens:
+                return out
+            out.append((sentence, len(ids)))
+            total += len(ids)
+
+
+def build_niah(task, length, n_samples: int, depths=DEFAULT_DEPTHS, background: str = "austen", seed: int = 0,
+               n_distractors: int = 4, data_dir: str | None = None, gpt2=None) -> list[dict]:
+    """S-NIAH samples of `length` GPT-2 tokens (prompt + answer prefix + 128 reserved).
+    Sample i puts its needle at depths[i % len(depths)]. Same arguments, same samples."""
+    task = parse_task(task)
+    total = parse_length(length) if not isinstance(length, int) else length
+    if n_samples < 0:
+        raise ValueError(f"n_samples must be >= 0, got {n_samples}")
+    depths = [float(d) for d in depths]
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths must be in [0, 1], got {depths}")
+    spec = TASKS[task]
+    gpt2 = gpt2 or length_tokenizer(data_dir)
+    books = load_books(background, "test", data_dir) if spec["haystack"] == "essay" else None
+    rng = random.Random(f"niah-{task}-{total}-{background}-{seed}")
+    samples = []
+    for i in range(n_samples):
+        key, value = _random_key(rng), _random_value(spec["value"], rng)
+        needle = NIAH_NEEDLE.format(type_needle_v=spec["value"], key=key, value=value)
+        answer_prefix = NIAH_ANSWER_PREFIX.format(type_needle_v=spec["value"], query=key)
+        frame = NIAH_TEMPLATE.format(type_needle_v=spec["value"], context="", query=key) + answer_prefix
+        budget = total - RULER_TOKENS_TO_GENERATE - len(gpt2.encode(frame)) - len(gpt2.encode(" " + needle))
+        if budget < 0:
+            raise ValueError(f"length {length} is too short for the S-NIAH template and the 128 answer tokens")
+        haystack = _haystack_sentences(spec["haystack"], books, rng, gpt2, budget)
+        # the needle goes at the sentence boundary where the token fraction first reaches the depth
+        depth = depths[i % len(depths)]
+        target, cumulative, gap = depth * sum(n for _, n in haystack), 0, len(haystack)
+        for j, (_, n) in enumerate(haystack):
+            if cumulative >= target:
+                gap = j
+                break
+            cumulative += n
+        sentences = [s for s, _ in haystack]
+        context = " ".join(sentences[:gap] + [needle] + sentences[gap:])
+        distractors = []
+        while len(distractors) < n_distractors:
+            candidate = _random_value(spec["value"], rng)
+            if candidate != value and candidate not in distractors:
+                distractors.append(candidate)
+        samples.append({
+            "task": task, "length": total, "depth": depth,
+            "depth_actual": cumulative / max(1, sum(n for _, n in haystack)),
+            "input": NIAH_TEMPLATE.format(type_needle_v=spec["value"], context=context, query=key),
+            "answer_prefix": answer_prefix, "needle": needle, "key": key, "value": value,
+            "distractors": distractors, "haystack": spec["haystack"] if books is None else background,
+        })
+    return samples
+
+
+def string_match(value: str, output: str) -> bool:
+    """RULER string_match_all with one reference."""
+    return value.lower() in output.lower()
+
+
+@torch.no_grad()
+def evaluate_niah(model, tokenizer, samples, max_len: int | None = None, segment_len: int = 2048, device=None,
+                  max_new_tokens: int = RULER_TOKENS_TO_GENERATE, overflow: str = "truncate",
+                  streaming: bool | None = None, dtype: str = "auto") -> dict:
+    """Greedy accuracy and ranking accuracy of `samples`; long inputs as in eval.babilong.evaluate."""
+    if overflow not in ("truncate", "skip"):
+        raise ValueError(f"overflow must be 'truncate' or 'skip', got {overflow!r}")
+    streaming = is_recurrent(model) if streaming is None else streaming
+    if not streaming and max_len is None:
+        raise ValueError("an attention model needs max_len (its context); pass streaming=True to read any length")
+    device = device or model_device(model)
+    use_bf16 = torch.device(device).type == "cuda" and dtype in ("auto", "bfloat16")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    was_training = model.training
+    model.eval()
+    records, started = [], time.time()
+    try:
+        for sample in samples:
+            ids = tokenizer.encode(sample["input"] + sample["answer_prefix"])
+            record = {k: sample[k] for k in ("task", "length", "depth", "key", "value")}
+            record.update(n_input_tokens=len(ids), truncated=False)
+            if not streaming and len(ids) > max_len:
+                if overflow == "skip":
+                    records.append({**record, "skipped": True})
+                    continue
+                ids = ids[-max(1, max_len - max_new_tokens):]
+                record["truncated"] = True
+            value = sample["value"]
+            with autocast:
+                last_logits, state = prefill(model, ids, segment_len, device)
+                candidates = [value] + list(sample.get("distractors", []))
+                scores = [continuation_logprob(model, last_logits, state, tokenizer.encode(" " + c), device)
+                          for c in candidates]
+                # once the value is out, more tokens cannot change string_match: stop there
+                output = greedy_generate(model, tokenizer, last_logits, state, max_new_tokens, device,
+                                         stop=lambda text: string_match(value, text))
+            record.update(output=output, correct=string_match(value, output),
+                          ranking_correct=max(range(len(scores)), key=scores.__getitem__) == 0)
+            records.append(record)
+    finally:
+        model.train(was_training)
+    scored = [r for r in records if not r.get("skipped")]
+    mean = (lambda key: sum(r[key] for r in scored) / len(scored) if scored else None)
+    return {"accuracy": mean("correct"), "ranking_accuracy": mean("ranking_correct"), "n": len(records),
+            "n_scored": len(scored), "n_truncated": sum(r["truncated"] for r in records),
+            "n_skipped": len(records) - len(scored), "seconds": time.time() - started, "records": records}
+
+
+def _by_depth(records) -> dict:
+    groups: dict = {}
+    for r in records:
+        if not r.get("skipped"):
+            groups.setdefault(str(r["depth"]), []).append(r["correct"])
+    return {depth: sum(v) / len(v) for depth, v in sorted(groups.items(), key=lambda kv: float(kv[0]))}
+
+
+def run(args) -> dict:
+    tasks = [parse_task(t) for t in args.tasks.split(",") if t.strip()]
+    lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
+    depths = [float(d) for d in args.depths.split(",") if d.strip()]
+    if not tasks or not lengths:
+        raise ValueError("--tasks and --lengths must name at least one task and one length")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
+    device = resolve_device(args.device)
+    from checkpoint import load_model
+    from data.tokenizer import get_tokenizer
+    model, cfg = load_model(args.checkpoint, device)
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    streaming = is_recurrent(model)
+    max_len = None if streaming else (args.max_len or cfg.train.seq_len)
+    gpt2 = length_tokenizer(args.data_dir)
+    results = {"benchmark": "s-niah (RULER niah_single_1/2/3)", "checkpoint": os.path.abspath(args.checkpoint),
+               "arch": cfg.model.arch, "lengths_are": "GPT-2 tokens, prompt + 128 reserved for the answer",
+               "background": args.background, "depths": depths,
+               "scores": {"accuracy": "greedy output contains the value (RULER string_match_all)",
+                          "ranking_accuracy": f"value ranked first by log-likelihood among itself and "
+                                              f"{args.distractors} random values"},
+               "context_handling": ("streamed in segments of %d tokens with the state carried" % args.segment_len
+                                    if streaming else f"attention: inputs over {max_len} tokens {args.overflow}"),
+               "accuracy": {}, "ranking_accuracy": {}, "by_depth": {}, "counts": {}}
+    for task in tasks:
+        for length in lengths:
+            samples = build_niah(task, length, args.samples, depths=depths, background=args.background,
+                                 seed=args.seed, n_distractors=args.distractors, data_dir=args.data_dir, gpt2=gpt2)
+            r = evaluate_niah(model, tokenizer, samples, max_len=max_len, segment_len=args.segment_len, device=device,
+                              max_new_tokens=args.max_new_tokens, overflow=args.overflow)
+            key = str(length)
+            results["accuracy"].setdefault(task, {})[key] = r["accuracy"]
+            results["ranking_accuracy"].setdefault(task, {})[key] = r["ranking_accuracy"]
+            results["by_depth"].setdefault(task, {})[key] = _by_depth(r["records"])
+            results["counts"].setdefault(task, {})[key] = {k: r[k] for k in ("n", "n_scored", "n_truncated",
+                                                                             "n_skipped", "seconds")}
+            fmt = (lambda v: "  n/a" if v is None else f"{100 * v:5.1f}")
+            print(f"{task} {length:>6}  accuracy {fmt(r['accuracy'])}  ranking {fmt(r['ranking_accuracy'])}  "
+                  f"(n={r['n_scored']}, truncated {r['n_truncated']}, skipped {r['n_skipped']})")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "niah.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {path}")
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m eval.niah", description="RULER S-NIAH-1/2/3 accuracy.")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--tasks", default="1,2,3", help="niah_single_1,niah_single_2,niah_single_3 or 1,2,3")
+    parser.add_argument("--lengths", default="1k,2k,4k", help="GPT-2 tokens: 4k = 4096, or a number")
+    parser.add_argument("--samples", type=int, default=50, help="samples per task and length")
+    parser.add_argument("--depths", default=",".join(map(str, DEFAULT_DEPTHS)), help="needle depths in [0, 1]")
+    parser.add_argument("--background", default="austen", choices=BACKGROUNDS, help="essay haystack books")
+    parser.add_argument("--distractors", type=int, default=4, help="random values ranked against the needle's")
+    parser.add_argument("--segment-len", type=int, default=2048)
+    parser.add_argument("--max-len", type=int, help="attention models: context (default cfg.train.seq_len)")
+    parser.add_argument("--overflow", default="truncate", choices=("truncate", "skip"))
+    parser.add_argument("--max-new-tokens", type=int, default=RULER_TOKENS_TO_GENERATE)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", required=True, help="output folder (niah.json)")
+    args = parser.parse_args(argv)
+    try:
+        if args.distractors < 0 or args.segment_len < 1 or args.max_new_tokens < 1:
+            raise ValueError("--distractors must be >= 0, --segment-len and --max-new-tokens >= 1")
+        return run(args)
+    except (FileNotFoundError, ValueError, ConnectionError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

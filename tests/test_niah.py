@@ -1,0 +1,115 @@
+"""S-NIAH (RULER niah_single_1/2/3): sample construction, scoring, CLI."""
+import json
+import os
+import re
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+
+from eval.niah import (NOISE_SENTENCES, RULER_TOKENS_TO_GENERATE, build_niah, evaluate_niah, main, parse_length,
+                       parse_task)
+
+needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "austen")),
+                                reason=f"offline data not at {SHARED_DATA}")
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    from eval.babilong import length_tokenizer
+    return length_tokenizer(SHARED_DATA)
+
+
+def test_names_and_lengths():
+    assert parse_task("2") == parse_task("s-niah-2") == parse_task("niah_single_2") == "niah_single_2"
+    assert parse_length("4k") == 4096 and parse_length("3000") == 3000
+    for bad in ("niah_single_4", "mk"):
+        with pytest.raises(ValueError, match="unknown S-NIAH task"):
+            parse_task(bad)
+    with pytest.raises(ValueError, match="bad S-NIAH length"):
+        parse_length("4M")
+
+
+@needs_data
+@pytest.mark.parametrize("task", ["niah_single_1", "niah_single_2", "niah_single_3"])
+def test_needle_and_answer_at_the_requested_depth(gpt2, task):
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    samples = build_niah(task, "2k", 5, depths=depths, data_dir=SHARED_DATA, gpt2=gpt2)
+    assert samples == build_niah(task, "2k", 5, depths=depths, data_dir=SHARED_DATA, gpt2=gpt2)
+    for sample, depth in zip(samples, depths):
+        text = sample["input"]
+        assert text.count(sample["needle"]) == 1 and sample["value"] in sample["needle"]
+        assert sample["key"] in sample["needle"] and text.endswith(f"for {sample['key']} mentioned in the provided text?")
+        if task == "niah_single_3":
+            assert UUID.match(sample["value"])
+        else:
+            assert re.fullmatch(r"\d{7}", sample["value"])
+        # the haystack is the text between the first and last line of the template
+        start, end = text.index("\n") + 1, text.rindex("\n")
+        assert sample["depth"] == depth
+        assert abs((text.index(sample["needle"]) - start) / (end - start) - depth) < 0.05
+        n_tokens = len(gpt2.encode(text + sample["answer_prefix"]))
+        assert 2048 - RULER_TOKENS_TO_GENERATE - 150 <= n_tokens <= 2048 - RULER_TOKENS_TO_GENERATE
+        haystack = text[start:end].replace(sample["needle"], "")
+        if task == "niah_single_1":
+            assert set(s for s in re.split(r"(?<=\.)\s+", haystack.strip()) if s) <= set(NOISE_SENTENCES)
+        else:
+            assert "The grass is green." not in haystack
+
+
+class RiggedByteModel(torch.nn.Module):
+    """Stateless byte 'model' that continues '...are 8142.' whatever came before."""
+
+    def __init__(self, text="e 8142."):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+        self.next_byte = {ord(a): ord(b) for a, b in zip(text, text[1:])}
+
+    def forward(self, idx, targets=None, state=None):
+        logits = torch.zeros(*idx.shape, 257)
+        for b in range(idx.shape[0]):
+            for t in range(idx.shape[1]):
+                if int(idx[b, t]) in self.next_byte:
+                    logits[b, t, self.next_byte[int(idx[b, t])]] = 10.0
+        return logits, None, {"pos": (state or {"pos": 0})["pos"] + idx.shape[1]}
+
+
+def test_scores_follow_a_rigged_model():
+    from data.tokenizer import get_tokenizer
+    base = {"task": "niah_single_1", "length": 100, "depth": 0.5, "key": "calm-anchor",
+            "input": "Some text. One of the special magic numbers for calm-anchor is: 8142. More text.",
+            "answer_prefix": " The special magic numbers for calm-anchor mentioned in the provided text are"}
+    samples = [{**base, "value": "8142", "distractors": ["5555", "9090"]},
+               {**base, "value": "5555", "distractors": ["8142", "9090"]}]
+    result = evaluate_niah(RiggedByteModel(), get_tokenizer("bytes"), samples, streaming=True, segment_len=32)
+    first, second = result["records"]
+    assert first["output"] == " 8142" and first["correct"] and first["ranking_correct"]
+    assert not second["correct"] and not second["ranking_correct"]
+    assert result["accuracy"] == result["ranking_accuracy"] == 0.5
+
+
+@needs_data
+def test_cli_writes_accuracy_json(tmp_path, monkeypatch, capsys):
+    from checkpoint import save_checkpoint
+    from config import Config, DataConfig, ModelConfig, TrainConfig
+    from model import build_model
+    cfg = Config(model=ModelConfig(arch="transformer", vocab_size=257, d_model=32, n_layer=1, n_head=2),
+                 data=DataConfig(tokenizer="bytes"), train=TrainConfig(seq_len=256))
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    save_checkpoint(str(tmp_path / "ckpt" / "checkpoints"), 0, model, torch.optim.AdamW(model.parameters()),
+                    {"step": 0}, cfg)
+    monkeypatch.setenv("NL_DATA_DIR", SHARED_DATA)
+    out = str(tmp_path / "niah")
+    main(["--checkpoint", str(tmp_path / "ckpt"), "--tasks", "1,3", "--lengths", "512", "--samples", "2",
+          "--depths", "0,1", "--max-new-tokens", "4", "--device", "cpu", "--out", out])
+    with open(os.path.join(out, "niah.json")) as f:
+        results = json.load(f)
+    assert set(results["accuracy"]) == {"niah_single_1", "niah_single_3"}
+    assert 0 <= results["ranking_accuracy"]["niah_single_3"]["512"] <= 1
+    assert set(results["by_depth"]["niah_single_1"]["512"]) == {"0.0", "1.0"}
+    assert results["counts"]["niah_single_1"]["512"]["n_truncated"] == 2     # 512 GPT-2 tokens > 256 bytes
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "ckpt"), "--depths", "1.5", "--out", out])
+    assert exit_info.value.code == 2 and "error: depths must be in [0, 1]" in capsys.readouterr().err
