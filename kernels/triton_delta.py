@@ -350,7 +350,10 @@ def _delta_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, do_ptr, d_p
 # ----------------------------------------------------------------------------- host side
 
 # The sequential scans keep one state tile per program; the chunk-parallel kernels hold a
-# dozen [BT, BT] / [BT, BK] tiles, so they get more warps (fewer registers per thread).
+# dozen [BT, BT] / [BT, BK] tiles, so they get more warps (fewer registers per thread) and
+# no software pipelining of their V-block loop (num_stages=1: with the default 3 stages the
+# prefetched fp32 tiles of the delta gradient kernel need 256 KiB of shared memory on an
+# H100, which has 227 KiB).
 SCAN_WARPS = 4
 CHUNK_WARPS = 8
 
@@ -374,7 +377,7 @@ def delta_forward(q, k, u, alpha, eta, initial_state, save, BT, BK, BV):
     u2 = torch.empty(B * H, T, V, **f32)
     if NT > 0:
         _delta_prep_kernel[(NT, B * H)](k, u, alpha, eta, w, u2, T, H, K, V, WITH_U2=True,
-                                        **tiles, num_warps=CHUNK_WARPS)
+                                        **tiles, num_warps=CHUNK_WARPS, num_stages=1)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     h_chunks = torch.empty((B * H, NT, K, V) if save else (0,), **f32)
     d = torch.empty((B * H, T, V) if save else (0,), **f32)
@@ -401,12 +404,12 @@ def delta_backward(q, k, u, alpha, eta, h_chunks, d, grad_o, grad_state, BT, BK,
     dalpha, deta = torch.empty_like(alpha), torch.empty_like(eta)
     if NT > 0:   # W again (cheaper than keeping it); U' is not needed
         _delta_prep_kernel[(NT, B * H)](k, u, alpha, eta, w, w, T, H, K, V, WITH_U2=False,
-                                        **tiles, num_warps=CHUNK_WARPS)
+                                        **tiles, num_warps=CHUNK_WARPS, num_stages=1)
     _delta_bwd_scan_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, alpha, w, grad_o, grad_state, dh_chunks, dd, ds0, T, H, K, V, NT,
         **tiles, num_warps=SCAN_WARPS)
     if NT > 0:
         _delta_bwd_grads_kernel[(NT, B * H)](
             q, k, u, alpha, eta, grad_o, d, dd, h_chunks, dh_chunks, dq, dk, du, dalpha, deta,
-            T, H, K, V, NT, **tiles, num_warps=CHUNK_WARPS)
+            T, H, K, V, NT, **tiles, num_warps=CHUNK_WARPS, num_stages=1)
     return dq, dk, du, dalpha, deta, ds0

@@ -253,5 +253,5 @@ def momentum_backward(q, k, u, alpha, beta, h_chunks, z_chunks, grad_o, grad_sta
     if NT > 0:
         _momentum_bwd_grads_kernel[(NT, B * H)](
             q, k, u, alpha, beta, grad_o, h_chunks, z_chunks, dh_chunks, dz_chunks, dq, dk,
-            dalpha, dbeta, T, H, K, V, NT, **tiles, num_warps=CHUNK_WARPS)
+            dalpha, dbeta, T, H, K, V, NT, **tiles, num_warps=CHUNK_WARPS, num_stages=1)
     return dq, dk, du, dalpha, dbeta, ds0, dz0
