@@ -36,13 +36,14 @@ def _triton_scans_or_error():
         raise ImportError(f"backend='triton' needs kernels.triton_scans and triton: {e}") from e
 
 
-def select_backend(backend, device):
-    """Resolve `backend` ("auto" included) to the concrete backend used for `device`."""
+def select_backend(backend, device, dtype=torch.float32):
+    """Resolve `backend` ("auto" included) to the concrete backend used for `device`.
+    float64 always takes the chunked PyTorch path: the Triton kernels are fp32/bf16/fp16."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend != "auto":
         return backend
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or dtype == torch.float64:
         return "torch"
     try:
         _triton_scans()
@@ -90,7 +91,7 @@ def delta_rule(q, k, u, alpha, eta, initial_state=None, chunk_size=64, backend="
     `chunk_size` changes speed, never the result (beyond float rounding)."""
     _validate(q, k, u, {"alpha": alpha, "eta": eta}, {"initial_state": initial_state},
               chunk_size)
-    backend = select_backend(backend, q.device)
+    backend = select_backend(backend, q.device, q.dtype)
     if backend == "reference":
         return delta_rule_reference(q, k, u, alpha, eta, initial_state)
     if backend == "torch":
@@ -106,7 +107,7 @@ def momentum_rule(q, k, u, alpha, beta, initial_state=None, initial_momentum=Non
     _validate(q, k, u, {"alpha": alpha, "beta": beta},
               {"initial_state": initial_state, "initial_momentum": initial_momentum},
               chunk_size)
-    backend = select_backend(backend, q.device)
+    backend = select_backend(backend, q.device, q.dtype)
     if backend == "reference":
         return momentum_rule_reference(q, k, u, alpha, beta, initial_state, initial_momentum)
     if backend == "torch":
