@@ -1,0 +1,719 @@
+"""
+Continual learning (reference/evals.md §2): does a model keep what it learned earlier?
+
+Two protocols, one result shape: a matrix R with R[i][j] = score on task j after training
+(or adapting) through task i, plus the standard summaries of evals.md §2.2:
+
+    ACC         (1/T) sum_j R[T, j]                                   (GEM, arXiv 1706.08840)
+    BWT         (1/(T-1)) sum_{j<T} (R[T, j] - R[j, j])  negative = forgetting
+    forgetting  (1/(T-1)) sum_{j<T} max_{l<T} (R[l, j] - R[T, j])     (Chaudhry et al., 1801.10112)
+
+1. Class-incremental intent classification (`intents`): CLINC150 as 10 tasks x 15 intents
+   (one task per domain, domains.json order) or Banking77 as 7 tasks x 11 intents (a fixed
+   seeded order of the 77 categories). Generative classification with no task id: the
+   prompt "Query: <utterance>\\nIntent:" is scored against " <label name>" for the names of
+   ALL labels seen so far; the prediction is the argmax total log-likelihood. Arms:
+     sequential         fine-tune on each task's examples in turn (the lower bound);
+     joint              fine-tune once on every task's examples (the upper bound); its
+                        row i is scored over the labels of tasks 1..i like the others;
+     icl                frozen weights; k demonstrations per seen label in the context;
+     in_context_memory  frozen outer weights; the examples of each task are streamed through
+                        the model with the state carried across tasks, and queries are
+                        classified from that state. HOPE / CMS / Titans adapt fast weights
+                        in context (NL §7-8); for a Transformer the state is the KV cache,
+                        so this arm is ICL over the whole stream.
+   R[i][j] for j > i is undefined (classes not yet seen) and stored as None.
+
+2. Sequential-domain language modelling (`domains`): train A -> B -> C ... and evaluate the
+   held-out loss of every domain after every stage (continual domain-adaptive pretraining,
+   Yildiz et al., arXiv 2402.17400). L[i][j] = mean token NLL, P = exp(L); reported:
+   final mean perplexity, per-domain forgetting P[T, j] - P[j, j] (absolute and relative),
+   BWT in loss mean_{j<T} (L[T, j] - L[j, j]) (positive = forgetting), and the row of the
+   starting model (b_j) for forward transfer.
+
+CLI (docs/CONTINUAL.md):
+    python -m eval.continual intents --checkpoint DIR --dataset clinc --arms sequential,icl,in_context_memory,joint --out DIR
+    python -m eval.continual domains --checkpoint DIR --domains builtin,austen,shakespeare,babi --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import glob
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from eval.babilong import (_clone_state, continuation_logprob, default_data_dir, is_recurrent, model_device, prefill,
+                           resolve_device)
+from eval.perplexity import encode_pair, loglikelihood_tokens
+
+ARMS = ("sequential", "icl", "in_context_memory", "joint")
+INTENT_DATASETS = ("clinc", "banking")
+DOMAINS = ("builtin", "austen", "shakespeare", "babi")
+CLINC_TASKS, CLINC_INTENTS_PER_TASK = 10, 15
+BANKING_TASKS, BANKING_INTENTS_PER_TASK = 7, 11
+BANKING_ORDER_SEED = 0  # the fixed class order of Banking77's 7 x 11 split
+
+
+# -----------------------------------------------------------------------------
+# metrics (evals.md §2.2)
+
+def _check_square(R, what="R"):
+    T = len(R)
+    if T == 0 or any(len(row) != T for row in R):
+        raise ValueError(f"{what} must be a non-empty T x T matrix, got row lengths {[len(r) for r in R]}")
+    for i in range(T):
+        if R[i][i] is None:
+            raise ValueError(f"{what}[{i}][{i}] is missing: every task is scored right after it is learned")
+    return T
+
+
+def continual_metrics(R, baseline=None) -> dict:
+    """ACC, BWT, forgetting (and FWT when `baseline` b_j is given) of an accuracy matrix
+    R[i][j] (score on task j after task i; None where task j is not seen yet). Scores are
+    higher-is-better. With T = 1, BWT and forgetting are None (nothing to forget)."""
+    T = _check_square(R)
+    last = R[T - 1]
+    if any(v is None for v in last):
+        raise ValueError("the last row of R must score every task")
+    result = {"ACC": sum(last) / T, "BWT": None, "forgetting": None, "FWT": None,
+              # mean over t of the accuracy on the tasks seen up to t (CIL "average incremental")
+              "average_incremental_accuracy": sum(sum(R[t][:t + 1]) / (t + 1) for t in range(T)) / T}
+    if T > 1:
+        result["BWT"] = sum(last[j] - R[j][j] for j in range(T - 1)) / (T - 1)
+        # max over earlier stages l (from j on: before j the task was not learned) of the drop
+        result["forgetting"] = sum(max(R[l][j] - last[j] for l in range(j, T - 1) if R[l][j] is not None)
+                                   for j in range(T - 1)) / (T - 1)
+        if baseline is not None:
+            if len(baseline) != T:
+                raise ValueError(f"baseline has {len(baseline)} entries, R has {T} tasks")
+            if all(R[j - 1][j] is not None for j in range(1, T)):
+                result["FWT"] = sum(R[j - 1][j] - baseline[j] for j in range(1, T)) / (T - 1)
+    return result
+
+
+def domain_metrics(L) -> dict:
+    """Sequential-domain LM summaries from a loss matrix L[i][j] (mean NLL on domain j after
+    stage i): final mean perplexity, forgetting_j = P[T, j] - P[j, j] and its relative form
+    P[T, j] / P[j, j] - 1, and BWT in loss (positive = forgetting: loss went up)."""
+    T = _check_square(L, "L")
+    P = [[math.exp(v) for v in row] for row in L]
+    last = P[T - 1]
+    result = {"final_mean_perplexity": sum(last) / T, "final_mean_loss": sum(L[T - 1]) / T,
+              "forgetting": {}, "relative_forgetting": {}, "BWT_loss": None, "mean_forgetting": None,
+              "mean_relative_forgetting": None}
+    if T > 1:
+        result["forgetting"] = [last[j] - P[j][j] for j in range(T - 1)]
+        result["relative_forgetting"] = [last[j] / P[j][j] - 1 for j in range(T - 1)]
+        result["BWT_loss"] = sum(L[T - 1][j] - L[j][j] for j in range(T - 1)) / (T - 1)
+        result["mean_forgetting"] = sum(result["forgetting"]) / (T - 1)
+        result["mean_relative_forgetting"] = sum(result["relative_forgetting"]) / (T - 1)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# intent tasks: CLINC150 10 x 15 by domain, Banking77 7 x 11 seeded
+
+def label_name(intent: str) -> str:
+    """'card_arrival' -> 'card arrival': the text the model scores after 'Intent:'."""
+    return intent.replace("_", " ")
+
+
+def _require_dir(data_dir: str | None, sub: str) -> str:
+    data_dir = data_dir or default_data_dir()
+    if not data_dir:
+        raise FileNotFoundError(f"no offline data folder for {sub}: pass --data-dir or set $NL_DATA_DIR")
+    path = os.path.join(data_dir, sub)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} not found (a copy of shared/data has {sub}/)")
+    return path
+
+
+def clinc_tasks(data_dir: str | None = None) -> list[dict]:
+    """CLINC150 (data_full.json, in-scope only) as 10 tasks, one per domain of domains.json,
+    in that file's order; each task has its 15 intents with their train and test examples."""
+    root = _require_dir(data_dir, "clinc150")
+    with open(os.path.join(root, "domains.json")) as f:
+        domains = json.load(f)
+    with open(os.path.join(root, "data_full.json")) as f:
+        data = json.load(f)
+    by_intent = {}
+    for split in ("train", "test"):
+        for text, intent in data[split]:
+            by_intent.setdefault(intent, {"train": [], "test": []})[split].append(text)
+    tasks = []
+    for domain, intents in domains.items():
+        missing = [i for i in intents if i not in by_intent]
+        if missing:
+            raise ValueError(f"clinc150: intents {missing} of domain {domain} have no examples")
+        tasks.append(_make_task(domain, intents, by_intent))
+    return tasks
+
+
+def banking_tasks(data_dir: str | None = None, seed: int = BANKING_ORDER_SEED) -> list[dict]:
+    """Banking77 as 7 tasks x 11 intents: the 77 categories (categories.json order) shuffled
+    by random.Random(seed), then cut in consecutive groups of 11."""
+    root = _require_dir(data_dir, "banking77")
+    with open(os.path.join(root, "categories.json")) as f:
+        categories = json.load(f)
+    by_intent = {c: {"train": [], "test": []} for c in categories}
+    for split in ("train", "test"):
+        # quoted texts contain line breaks: csv module, newline="" (MANIFEST.md)
+        with open(os.path.join(root, f"{split}.csv"), newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if row["category"] not in by_intent:
+                    raise ValueError(f"banking77/{split}.csv: unknown category {row['category']!r}")
+                by_intent[row["category"]][split].append(row["text"].strip())
+    order = list(categories)
+    random.Random(seed).shuffle(order)
+    n = BANKING_INTENTS_PER_TASK
+    return [_make_task(f"banking_{t + 1}", order[t * n:(t + 1) * n], by_intent) for t in range(len(order) // n)]
+
+
+def _make_task(name, intents, by_intent) -> dict:
+    return {"name": name, "labels": [label_name(i) for i in intents],
+            "train": [(text, label_name(i)) for i in intents for text in by_intent[i]["train"]],
+            "test": [(text, label_name(i)) for i in intents for text in by_intent[i]["test"]]}
+
+
+def intent_tasks(dataset: str, data_dir: str | None = None) -> list[dict]:
+    if dataset == "clinc":
+        return clinc_tasks(data_dir)
+    if dataset == "banking":
+        return banking_tasks(data_dir)
+    raise ValueError(f"unknown intent dataset {dataset!r}; choose from {', '.join(INTENT_DATASETS)}")
+
+
+def shrink_tasks(tasks, n_tasks=None, labels_per_task=None, train_per_label=None, test_per_label=None,
+                 seed: int = 0) -> list[dict]:
+    """A smaller copy for quick runs: the first n_tasks tasks, their first labels_per_task
+    labels, and a seeded sample of train_per_label / test_per_label examples per label."""
+    for name, v in (("n_tasks", n_tasks), ("labels_per_task", labels_per_task),
+                    ("train_per_label", train_per_label), ("test_per_label", test_per_label)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    rng = random.Random(f"continual-shrink-{seed}")
+    out = []
+    for task in tasks[:n_tasks]:
+        labels = task["labels"][:labels_per_task]
+        small = {"name": task["name"], "labels": labels}
+        for split, limit in (("train", train_per_label), ("test", test_per_label)):
+            examples = []
+            for label in labels:
+                of_label = [ex for ex in task[split] if ex[1] == label]
+                if limit is not None and len(of_label) > limit:
+                    of_label = rng.sample(of_label, limit)
+                examples += of_label
+            small[split] = examples
+        out.append(small)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# generative classification
+
+PROMPT = "Query: {text}\nIntent:"
+
+
+def demonstration(text: str, label: str) -> str:
+    """One labelled example as the model reads it in context and is fine-tuned on."""
+    return PROMPT.format(text=text) + " " + label + "\n\n"
+
+
+@torch.no_grad()
+def classify(model, tokenizer, queries, label_names, state=None, batch_size: int = 16, segment_len: int = 2048,
+             device=None) -> list[str]:
+    """The label name with the highest log p(" " + name | "Query: <q>\\nIntent:") per query.
+
+    Without a state every (query, label) pair is one request of eval.perplexity's batched
+    loglikelihood_tokens (lm-eval semantics). With a state (the icl / in_context_memory
+    arms), each query is read on top of a copy of that state and the labels are scored
+    from there (eval.babilong.continuation_logprob), so the context is read once."""
+    if not label_names:
+        raise ValueError("classify needs at least one candidate label")
+    device = device or model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        if state is None:
+            requests = [encode_pair(tokenizer, PROMPT.format(text=q), " " + name)
+                        for q in queries for name in label_names]
+            lls = [ll for ll, _ in loglikelihood_tokens(model, requests, device=device, batch_size=batch_size)]
+            n = len(label_names)
+            return [label_names[max(range(n), key=lambda k: lls[i * n + k])] for i in range(len(queries))]
+        label_ids = [tokenizer.encode(" " + name) for name in label_names]
+        predictions = []
+        for q in queries:
+            last, query_state = prefill(model, tokenizer.encode(PROMPT.format(text=q)), segment_len, device,
+                                        state=_clone_state(state))
+            scores = [continuation_logprob(model, last, query_state, ids, device) for ids in label_ids]
+            predictions.append(label_names[max(range(len(scores)), key=scores.__getitem__)])
+        return predictions
+    finally:
+        model.train(was_training)
+
+
+def accuracy(model, tokenizer, examples, label_names, state=None, **kw) -> float:
+    if not examples:
+        raise ValueError("no test examples to score")
+    predicted = classify(model, tokenizer, [text for text, _ in examples], label_names, state=state, **kw)
+    return sum(p == label for p, (_, label) in zip(predicted, examples)) / len(examples)
+
+
+# -----------------------------------------------------------------------------
+# the arms
+
+@dataclass
+class IntentSettings:
+    steps_per_task: int = 50          # optimiser steps per task (sequential); joint: steps_per_task * T
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    icl_shots: int = 1                # icl: demonstrations per seen label
+    stream_per_label: int | None = None  # in_context_memory: examples per label streamed (None = all train)
+    segment_len: int = 2048
+    eval_batch_size: int = 16
+    seed: int = 0
+
+
+def _label_target_example(tokenizer, text, label):
+    """(input ids, targets) for fine-tuning: the loss is on the label tokens only."""
+    context_ids, label_ids = encode_pair(tokenizer, PROMPT.format(text=text), " " + label)
+    ids = context_ids + label_ids + [tokenizer.eot_id]
+    targets = [-1] * (len(context_ids) - 1) + label_ids + [tokenizer.eot_id]
+    return ids[:-1], targets
+
+
+def finetune_on(model, tokenizer, examples, steps: int, settings: IntentSettings, device, rng) -> list[float]:
+    """AdamW on `examples` (label-token loss), `steps` steps of batch_size sampled examples."""
+    if steps < 1:
+        return []
+    if not examples:
+        raise ValueError("no training examples")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+                                  betas=(0.9, 0.95))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        batch = [_label_target_example(tokenizer, *rng.choice(examples)) for _ in range(settings.batch_size)]
+        width = max(len(ids) for ids, _ in batch)
+        x = torch.zeros(len(batch), width, dtype=torch.long)
+        y = torch.full((len(batch), width), -1, dtype=torch.long)
+        for b, (ids, targets) in enumerate(batch):       # right padding sits after every target
+            x[b, :len(ids)] = torch.tensor(ids)
+            y[b, :len(targets)] = torch.tensor(targets)
+        _, loss, _ = model(x.to(device), targets=y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def _seen_labels(tasks, i):
+    return [label for task in tasks[:i + 1] for label in task["labels"]]
+
+
+def run_arm(arm: str, model, tokenizer, tasks, settings: IntentSettings, device=None) -> dict:
+    """One arm on a task sequence -> {"R": T x T (None above the diagonal), metrics..., seconds}.
+    The model passed in is never modified (training arms work on a deep copy)."""
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    if not tasks:
+        raise ValueError("no tasks")
+    device = device or model_device(model)
+    rng = random.Random(f"continual-{arm}-{settings.seed}")
+    torch.manual_seed(settings.seed)
+    T = len(tasks)
+    R = [[None] * T for _ in range(T)]
+    kw = {"batch_size": settings.eval_batch_size, "segment_len": settings.segment_len, "device": device}
+    started = time.time()
+    train_losses = []
+    if arm in ("sequential", "joint"):
+        model = copy.deepcopy(model)
+    if arm == "joint":
+        everything = [ex for task in tasks for ex in task["train"]]
+        train_losses = finetune_on(model, tokenizer, everything, settings.steps_per_task * T, settings, device, rng)
+    state = None
+    was_training = model.training
+    model.eval()
+    try:
+        for i, task in enumerate(tasks):
+            if arm == "sequential":
+                train_losses += finetune_on(model, tokenizer, task["train"], settings.steps_per_task, settings,
+                                            device, rng)
+            elif arm == "icl":
+                state = _icl_state(model, tokenizer, tasks[:i + 1], settings, rng, device)
+            elif arm == "in_context_memory":
+                state = _stream(model, tokenizer, task, settings, rng, device, state)
+            labels = _seen_labels(tasks, i)
+            for j in range(i + 1):
+                R[i][j] = accuracy(model, tokenizer, tasks[j]["test"], labels, state=state, **kw)
+    finally:
+        model.train(was_training)
+    result = {"arm": arm, "tasks": [t["name"] for t in tasks], "R": R, **continual_metrics(R),
+              "seconds": time.time() - started}
+    if train_losses:
+        result["train_loss_first"], result["train_loss_last"] = train_losses[0], train_losses[-1]
+    return result
+
+
+@torch.no_grad()
+def _icl_state(model, tokenizer, seen_tasks, settings, rng, device):
+    """The state after reading icl_shots demonstrations of every seen label, shuffled."""
+    demos = []
+    for task in seen_tasks:
+        for label in task["labels"]:
+            pool = [ex for ex in task["train"] if ex[1] == label]
+            demos += rng.sample(pool, min(settings.icl_shots, len(pool)))
+    rng.shuffle(demos)
+    if not demos:
+        raise ValueError("icl: the seen tasks have no training examples to show")
+    text = "".join(demonstration(*ex) for ex in demos)
+    return prefill(model, [tokenizer.eot_id] + tokenizer.encode(text), settings.segment_len, device)[1]
+
+
+@torch.no_grad()
+def _stream(model, tokenizer, task, settings, rng, device, state):
+    """Carry the state through this task's examples (stream_per_label per label, shuffled)."""
+    examples = []
+    for label in task["labels"]:
+        pool = [ex for ex in task["train"] if ex[1] == label]
+        n = len(pool) if settings.stream_per_label is None else min(settings.stream_per_label, len(pool))
+        examples += rng.sample(pool, n)
+    rng.shuffle(examples)
+    if not examples:
+        raise ValueError(f"in_context_memory: task {task['name']} has no training examples to stream")
+    ids = tokenizer.encode("".join(demonstration(*ex) for ex in examples))
+    if state is None:
+        ids = [tokenizer.eot_id] + ids
+    return prefill(model, ids, settings.segment_len, device, state=state)[1]
+
+
+def run_intents(model, tokenizer, tasks, arms=ARMS, settings: IntentSettings | None = None, device=None,
+                log=print) -> dict:
+    settings = settings or IntentSettings()
+    results = {"protocol": "class-incremental intent classification (generative, no task id)",
+               "prompt": PROMPT, "tasks": [{"name": t["name"], "labels": t["labels"], "n_train": len(t["train"]),
+                                            "n_test": len(t["test"])} for t in tasks],
+               "settings": asdict(settings), "recurrent_state": is_recurrent(model), "arms": {}}
+    for arm in arms:
+        r = run_arm(arm, model, tokenizer, tasks, settings, device=device)
+        results["arms"][arm] = r
+        if log:
+            log(f"{arm:>18}  ACC {r['ACC']:.3f}  BWT {_fmt(r['BWT'])}  forgetting {_fmt(r['forgetting'])}  "
+                f"({r['seconds']:.0f}s)")
+    return results
+
+
+def _fmt(v, digits=3):
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+# -----------------------------------------------------------------------------
+# sequential-domain language modelling
+
+@dataclass
+class DomainSettings:
+    steps_per_domain: int = 200
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    train_chars: int = 2_000_000      # characters of each domain used for training
+    eval_tokens: int = 16_384         # held-out tokens scored per domain
+    seed: int = 0
+
+
+def _read(paths) -> str:
+    texts = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            texts.append(f.read().replace("\r\n", "\n"))
+    return "\n\n".join(texts)
+
+
+def domain_text(name: str, data_dir: str | None = None) -> tuple[str, str]:
+    """(train text, held-out text) of a built-in domain. Held-out text is disjoint:
+    builtin: KJV Old Testament / New Testament; austen: five novels / Persuasion;
+    shakespeare: the first 90% / the last 10% of tiny-shakespeare; babi: the qa1-qa5
+    train stories / test stories (statements only, one per line)."""
+    if name == "builtin":
+        from data.builtin import iter_builtin_documents
+        docs = list(iter_builtin_documents())
+        split = next(i for i, d in enumerate(docs) if d.startswith("Matthew "))
+        return "\n".join(docs[:split]), "\n".join(docs[split:])
+    if name == "austen":
+        paths = sorted(glob.glob(os.path.join(_require_dir(data_dir, "austen"), "*.txt")))
+        held = [p for p in paths if os.path.basename(p) == "persuasion.txt"]
+        if not held:
+            raise FileNotFoundError("austen/persuasion.txt not found (the held-out novel)")
+        return _read([p for p in paths if p not in held]), _read(held)
+    if name == "shakespeare":
+        text = _read([os.path.join(_require_dir(data_dir, "shakespeare"), "tinyshakespeare.txt")])
+        cut = int(0.9 * len(text))
+        return text[:cut], text[cut:]
+    if name == "babi":
+        root = os.path.join(_require_dir(data_dir, "babi"), "en")
+
+        def stories(split):
+            lines = []
+            for path in sorted(glob.glob(os.path.join(root, f"qa[1-5]_*_{split}.txt"))):
+                with open(path, encoding="utf-8") as f:
+                    for line in f:
+                        number, _, sentence = line.strip().partition(" ")
+                        if "\t" not in sentence:            # statements; questions carry tab fields
+                            lines.append(("\n" if number == "1" else "") + sentence)
+            return "\n".join(lines)
+        return stories("train"), stories("test")
+    raise ValueError(f"unknown domain {name!r}; choose from {', '.join(DOMAINS)} or pass files")
+
+
+def domain_from_files(name: str, train_glob: str, eval_glob: str) -> dict:
+    train, held = sorted(glob.glob(train_glob)), sorted(glob.glob(eval_glob))
+    if not train or not held:
+        raise FileNotFoundError(f"domain {name}: no files match {train_glob if not train else eval_glob}")
+    return {"name": name, "train": _read(train), "eval": _read(held)}
+
+
+def load_domains(names, data_dir: str | None = None) -> list[dict]:
+    out = []
+    for name in names:
+        train, held = domain_text(name, data_dir)
+        out.append({"name": name, "train": train, "eval": held})
+    return out
+
+
+@torch.no_grad()
+def held_out_loss(model, eval_ids, seq_len: int, batch_size: int, device) -> float:
+    """Mean next-token NLL over consecutive windows of seq_len + 1 tokens (fresh state each)."""
+    windows = [eval_ids[s:s + seq_len + 1] for s in range(0, len(eval_ids) - seq_len, seq_len)]
+    if not windows:
+        raise ValueError(f"held-out text has {len(eval_ids)} tokens: fewer than seq_len + 1 = {seq_len + 1}")
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(windows), batch_size):
+            chunk = torch.tensor(windows[start:start + batch_size], dtype=torch.long, device=device)
+            logits = model(chunk[:, :-1])[0]
+            total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+            count += chunk[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def run_domains(model, tokenizer, domains, settings: DomainSettings | None = None, device=None, log=print) -> dict:
+    """Train a copy of `model` on each domain in turn; after each stage score every domain.
+    Returns the loss and perplexity matrices (rows: stages, columns: domains), the starting
+    model's row, and domain_metrics."""
+    settings = settings or DomainSettings()
+    if len(domains) < 1:
+        raise ValueError("no domains")
+    device = device or model_device(model)
+    model = copy.deepcopy(model)
+    torch.manual_seed(settings.seed)
+    rng = random.Random(f"continual-domains-{settings.seed}")
+    train_ids, eval_ids = [], []
+    for d in domains:
+        ids = tokenizer.encode(d["train"][:settings.train_chars])
+        if len(ids) < settings.seq_len + 1:
+            raise ValueError(f"domain {d['name']}: {len(ids)} training tokens, fewer than seq_len + 1")
+        train_ids.append(torch.tensor(ids, dtype=torch.long))
+        # enough characters for eval_tokens of any tokenizer (>= 1 byte per token)
+        eval_ids.append(tokenizer.encode(d["eval"][:8 * settings.eval_tokens])[:settings.eval_tokens + 1])
+    score = (lambda: [held_out_loss(model, ids, settings.seq_len, settings.batch_size, device) for ids in eval_ids])
+    started = time.time()
+    initial = score()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+                                  betas=(0.9, 0.95))
+    L, train_loss = [], []
+    for i, d in enumerate(domains):
+        model.train()
+        ids = train_ids[i]
+        for _ in range(settings.steps_per_domain):
+            starts = [rng.randrange(len(ids) - settings.seq_len) for _ in range(settings.batch_size)]
+            batch = torch.stack([ids[s:s + settings.seq_len + 1] for s in starts]).to(device)
+            _, loss, _ = model(batch[:, :-1], targets=batch[:, 1:])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        train_loss.append(loss.item() if settings.steps_per_domain else None)
+        L.append(score())
+        if log:
+            log(f"after {d['name']:>12}: " + "  ".join(f"{dd['name']} ppl {math.exp(v):.2f}"
+                                                       for dd, v in zip(domains, L[-1])))
+    return {"protocol": "sequential-domain language modelling", "domains": [d["name"] for d in domains],
+            "settings": asdict(settings), "loss": L, "perplexity": [[math.exp(v) for v in row] for row in L],
+            "initial_loss": initial, "initial_perplexity": [math.exp(v) for v in initial],
+            "final_train_loss": train_loss, **domain_metrics(L), "seconds": time.time() - started}
+
+
+# -----------------------------------------------------------------------------
+# plots (matplotlib, imported only here)
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_matrix(M, rows, cols, path: str, title: str, value_format="{:.0f}", scale=1.0, cmap="RdYlGn",
+                xlabel="evaluated on", ylabel="after training on") -> str:
+    """A heatmap of a matrix (None cells left blank), each cell annotated."""
+    plt = _pyplot()
+    values = [[float("nan") if v is None else scale * v for v in row] for row in M]
+    fig, ax = plt.subplots(figsize=(0.7 * len(cols) + 2.5, 0.5 * len(rows) + 1.8))
+    image = ax.imshow(values, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    for r, row in enumerate(values):
+        for c, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(c, r, value_format.format(v), ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_title(title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_over_tasks(intents: dict, path: str, title: str = "accuracy on all seen classes") -> str:
+    """Per arm: mean accuracy over the tasks seen so far, after each task."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, r in intents["arms"].items():
+        R = r["R"]
+        curve = [100 * sum(R[t][:t + 1]) / (t + 1) for t in range(len(R))]
+        ax.plot(range(1, len(R) + 1), curve, marker="o", label=arm)
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.set_title(title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_intents(results: dict, out_dir: str, prefix: str = "continual_intents") -> list[str]:
+    paths = [plot_accuracy_over_tasks(results, os.path.join(out_dir, f"{prefix}_accuracy.png"))]
+    for arm, r in results["arms"].items():
+        paths.append(plot_matrix(r["R"], r["tasks"], r["tasks"], os.path.join(out_dir, f"{prefix}_R_{arm}.png"),
+                                 f"R matrix, {arm} (accuracy %)", scale=100))
+    return paths
+
+
+def plot_domains(results: dict, out_dir: str, prefix: str = "continual_domains") -> list[str]:
+    names = results["domains"]
+    return [plot_matrix(results["perplexity"], names, names, os.path.join(out_dir, f"{prefix}_perplexity.png"),
+                        "held-out perplexity", value_format="{:.1f}", cmap="RdYlGn_r")]
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def _parse_arms(text: str) -> list[str]:
+    arms = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        raise ValueError(f"--arms {text!r}: unknown arm(s) {bad}; choose from {','.join(ARMS)}")
+    return arms
+
+
+def _load(args):
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
+    from checkpoint import load_model
+    from data.tokenizer import get_tokenizer
+    device = resolve_device(args.device)
+    model, cfg = load_model(args.checkpoint, device)
+    return model, cfg, get_tokenizer(cfg.data.tokenizer), device
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m eval.continual", description="Continual-learning evals.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("intents", help="class-incremental CLINC150 / Banking77")
+    p.add_argument("--dataset", default="clinc", choices=INTENT_DATASETS)
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {','.join(ARMS)}")
+    p.add_argument("--tasks", type=int, help="use the first N tasks (default all)")
+    p.add_argument("--labels-per-task", type=int, help="use the first N labels of each task (default all)")
+    p.add_argument("--train-per-label", type=int, help="training examples per label (default all)")
+    p.add_argument("--test-per-label", type=int, help="test examples per label (default all)")
+    defaults = IntentSettings()
+    p.add_argument("--steps", type=int, default=defaults.steps_per_task, help="fine-tuning steps per task")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--icl-shots", type=int, default=defaults.icl_shots)
+    p.add_argument("--stream-per-label", type=int, help="in_context_memory: examples per label streamed")
+    q = sub.add_parser("domains", help="sequential-domain language modelling")
+    q.add_argument("--domains", default=",".join(DOMAINS), help=f"comma list of {','.join(DOMAINS)}")
+    dd = DomainSettings()
+    q.add_argument("--steps", type=int, default=dd.steps_per_domain, help="training steps per domain")
+    q.add_argument("--batch-size", type=int, default=dd.batch_size)
+    q.add_argument("--seq-len", type=int, help="training / scoring window (default the checkpoint's seq_len)")
+    q.add_argument("--lr", type=float, default=dd.lr)
+    q.add_argument("--train-chars", type=int, default=dd.train_chars)
+    q.add_argument("--eval-tokens", type=int, default=dd.eval_tokens)
+    for sp in (p, q):
+        sp.add_argument("--checkpoint", required=True)
+        sp.add_argument("--out", required=True, help="output folder")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
+        sp.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        if args.steps < 0 or args.batch_size < 1 or args.lr <= 0:
+            raise ValueError("--steps must be >= 0, --batch-size >= 1 and --lr > 0")
+        if args.command == "intents":
+            arms = _parse_arms(args.arms)
+            tasks = shrink_tasks(intent_tasks(args.dataset, args.data_dir), args.tasks, args.labels_per_task,
+                                 args.train_per_label, args.test_per_label, seed=args.seed)
+            model, cfg, tokenizer, device = _load(args)
+            settings = IntentSettings(steps_per_task=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                      icl_shots=args.icl_shots, stream_per_label=args.stream_per_label,
+                                      seed=args.seed)
+            results = run_intents(model, tokenizer, tasks, arms, settings, device)
+            results.update(dataset=args.dataset, arch=cfg.model.arch, checkpoint=os.path.abspath(args.checkpoint))
+            plot = plot_intents
+        else:
+            names = [n.strip() for n in args.domains.split(",") if n.strip()]
+            domains = load_domains(names, args.data_dir)
+            model, cfg, tokenizer, device = _load(args)
+            settings = DomainSettings(steps_per_domain=args.steps, batch_size=args.batch_size,
+                                      seq_len=args.seq_len or cfg.train.seq_len, lr=args.lr,
+                                      train_chars=args.train_chars, eval_tokens=args.eval_tokens, seed=args.seed)
+            results = run_domains(model, tokenizer, domains, settings, device)
+            results.update(arch=cfg.model.arch, checkpoint=os.path.abspath(args.checkpoint))
+            plot = plot_domains
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"continual_{args.command}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    pngs = plot(results, args.out)
+    print(f"wrote {path} and {len(pngs)} plot(s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

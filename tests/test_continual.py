@@ -1,0 +1,218 @@
+"""Continual learning: metrics on hand-written matrices, CLINC/Banking task splits, the
+generative classifier on rigged toy models, every arm on a tiny model, the domains protocol."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import REPO, SHARED_DATA
+from data.tokenizer import ByteTokenizer
+from eval import continual as cl
+from model import build_model
+
+TINY = {"n_layer": 2, "n_head": 2, "d_model": 32, "vocab_size": 257}
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+def test_continual_metrics_on_hand_written_matrix():
+    R = [[0.9, None, None],
+         [0.6, 0.8, None],
+         [0.5, 0.4, 0.7]]
+    m = cl.continual_metrics(R, baseline=[0.1, 0.2, 0.3])
+    assert m["ACC"] == pytest.approx((0.5 + 0.4 + 0.7) / 3)
+    assert m["BWT"] == pytest.approx(((0.5 - 0.9) + (0.4 - 0.8)) / 2)
+    # task 0: best earlier 0.9 -> 0.5 (0.4); task 1: 0.8 -> 0.4 (0.4)
+    assert m["forgetting"] == pytest.approx(0.4)
+    assert m["FWT"] is None                     # no R[j-1][j] in class-incremental matrices
+    assert m["average_incremental_accuracy"] == pytest.approx((0.9 + 0.7 + (0.5 + 0.4 + 0.7) / 3) / 3)
+
+
+def test_forgetting_uses_the_best_earlier_score_and_fwt_with_full_matrix():
+    R = [[0.5, 0.2, 0.1],
+         [0.9, 0.6, 0.3],
+         [0.7, 0.5, 0.8]]
+    m = cl.continual_metrics(R, baseline=[0.1, 0.1, 0.1])
+    assert m["forgetting"] == pytest.approx(((0.9 - 0.7) + (0.6 - 0.5)) / 2)
+    assert m["BWT"] == pytest.approx(((0.7 - 0.5) + (0.5 - 0.6)) / 2)
+    assert m["FWT"] == pytest.approx(((0.2 - 0.1) + (0.3 - 0.1)) / 2)
+    single = cl.continual_metrics([[0.4]])
+    assert single["ACC"] == 0.4 and single["BWT"] is None and single["forgetting"] is None
+
+
+def test_metrics_reject_bad_matrices():
+    with pytest.raises(ValueError, match="T x T"):
+        cl.continual_metrics([[0.1, 0.2]])
+    with pytest.raises(ValueError, match=r"R\[1\]\[1\]"):
+        cl.continual_metrics([[0.1, None], [0.2, None]])
+
+
+def test_domain_metrics_on_hand_written_losses():
+    L = [[1.0, 3.0], [2.0, 1.5]]
+    m = cl.domain_metrics(L)
+    assert m["final_mean_perplexity"] == pytest.approx((math.exp(2.0) + math.exp(1.5)) / 2)
+    assert m["forgetting"] == [pytest.approx(math.exp(2.0) - math.exp(1.0))]
+    assert m["relative_forgetting"] == [pytest.approx(math.exp(1.0) - 1)]
+    assert m["BWT_loss"] == pytest.approx(1.0)
+
+
+# -----------------------------------------------------------------------------
+# task splits
+
+def test_clinc_is_10_domains_of_15_intents():
+    tasks = cl.clinc_tasks(SHARED_DATA)
+    assert len(tasks) == 10 and all(len(t["labels"]) == 15 for t in tasks)
+    labels = [label for t in tasks for label in t["labels"]]
+    assert len(set(labels)) == 150
+    assert tasks[0]["name"] == "banking" and "freeze account" in tasks[0]["labels"]
+    for t in tasks:
+        assert len(t["train"]) == 15 * 100 and len(t["test"]) == 15 * 30
+        assert {label for _, label in t["train"]} == set(t["labels"])
+
+
+def test_banking_is_7_seeded_tasks_of_11_and_stable():
+    tasks = cl.banking_tasks(SHARED_DATA)
+    assert len(tasks) == 7 and all(len(t["labels"]) == 11 for t in tasks)
+    assert len({label for t in tasks for label in t["labels"]}) == 77
+    assert sum(len(t["train"]) for t in tasks) == 10003 and sum(len(t["test"]) for t in tasks) == 3080
+    # the order is random.Random(0).shuffle of categories.json: stable across runs
+    with open(os.path.join(SHARED_DATA, "banking77", "categories.json")) as f:
+        order = json.load(f)
+    random.Random(0).shuffle(order)
+    assert tasks[0]["labels"] == [cl.label_name(c) for c in order[:11]]
+    assert [t["labels"] for t in cl.banking_tasks(SHARED_DATA)] == [t["labels"] for t in tasks]
+    assert [t["labels"] for t in cl.banking_tasks(SHARED_DATA, seed=1)] != [t["labels"] for t in tasks]
+    # multi-line quoted texts were parsed as one example each
+    assert all("text,category" not in text for t in tasks for text, _ in t["train"])
+
+
+def test_shrink_tasks_sizes():
+    small = cl.shrink_tasks(cl.clinc_tasks(SHARED_DATA), n_tasks=3, labels_per_task=2, train_per_label=4,
+                            test_per_label=1)
+    assert len(small) == 3 and all(len(t["labels"]) == 2 and len(t["train"]) == 8 and len(t["test"]) == 2
+                                   for t in small)
+    with pytest.raises(ValueError, match="train_per_label"):
+        cl.shrink_tasks(small, train_per_label=0)
+
+
+# -----------------------------------------------------------------------------
+# the classifier on rigged toy models
+
+class CopyModel(nn.Module):
+    """Rigged LM over bytes: the logit of token v is 3 x (how often v occurred so far),
+    the state carrying the counts, so it prefers labels made of the query's letters."""
+
+    def __init__(self, vocab=257):
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, idx, targets=None, state=None):
+        counts = nn.functional.one_hot(idx, self.vocab).float().cumsum(1)
+        if state is not None:
+            counts = counts + state["counts"][:, None]
+        logits = 3 * counts + self.dummy
+        return logits, None, {"counts": counts[:, -1], "pos": idx.shape[1]}
+
+
+def test_classifier_picks_the_label_the_rigged_model_prefers():
+    model, tok = CopyModel(), ByteTokenizer()
+    labels = ["xxx", "qqq", "zzz"]
+    queries = ["zz zz", "qq q", "x"]
+    assert cl.classify(model, tok, queries, labels) == ["zzz", "qqq", "xxx"]
+    # from a carried state: the context already holds many q's, so q wins unless the query outweighs it
+    _, state = cl.prefill(model, tok.encode("q" * 5), 16, torch.device("cpu"))
+    assert cl.classify(model, tok, ["x", "xxxxxxxxxxxx"], labels, state=state) == ["qqq", "xxx"]
+    assert cl.accuracy(model, tok, [("zz", "zzz"), ("x", "qqq")], labels) == 0.5
+
+
+# -----------------------------------------------------------------------------
+# each arm on a tiny model
+
+@pytest.fixture(scope="module")
+def tiny_tasks():
+    return cl.shrink_tasks(cl.clinc_tasks(SHARED_DATA), n_tasks=2, labels_per_task=2, train_per_label=3,
+                           test_per_label=2)
+
+
+@pytest.mark.parametrize("arch,arms", [("transformer", cl.ARMS), ("hope_attention", ("in_context_memory",))])
+def test_every_arm_runs_and_fills_the_lower_triangle(arch, arms, tiny_tasks):
+    """All arms on a Transformer; the in-context-memory arm on a model with CMS fast weights."""
+    torch.manual_seed(0)
+    model, tok = build_model({**TINY, "arch": arch}), ByteTokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = cl.IntentSettings(steps_per_task=2, batch_size=2, lr=1e-3, stream_per_label=2, segment_len=64)
+    results = cl.run_intents(model, tok, tiny_tasks, arms, settings, log=None)
+    assert list(results["arms"]) == list(arms)
+    for arm, r in results["arms"].items():
+        R = r["R"]
+        assert R[0][1] is None and all(0.0 <= v <= 1.0 for v in (R[0][0], R[1][0], R[1][1])), arm
+        assert r["ACC"] == pytest.approx((R[1][0] + R[1][1]) / 2)
+        assert r["BWT"] == pytest.approx(R[1][0] - R[0][0])
+    if "sequential" in arms:
+        assert "train_loss_last" in results["arms"]["sequential"] and "train_loss_last" in results["arms"]["joint"]
+    for k, v in model.state_dict().items():       # training arms work on a copy
+        assert torch.equal(v, before[k]), k
+
+
+def test_sequential_finetuning_learns_the_task():
+    """Enough steps on one tiny task: its accuracy beats chance (2 labels, 4 test examples)."""
+    tasks = [{"name": "toy", "labels": ["yes", "no"],
+              "train": [("sunny", "yes"), ("rainy", "no")] * 4,
+              "test": [("sunny", "yes"), ("rainy", "no")] * 2}]
+    torch.manual_seed(0)
+    model, tok = build_model({**TINY, "arch": "transformer"}), ByteTokenizer()
+    r = cl.run_arm("sequential", model, tok, tasks, cl.IntentSettings(steps_per_task=20, batch_size=4, lr=5e-3))
+    assert r["R"][0][0] == 1.0 and r["train_loss_last"] < r["train_loss_first"]
+
+
+def test_unknown_arm_is_an_error(tiny_tasks):
+    with pytest.raises(ValueError, match="unknown arm"):
+        cl.run_arm("ewc", CopyModel(), ByteTokenizer(), tiny_tasks, cl.IntentSettings())
+
+
+# -----------------------------------------------------------------------------
+# sequential-domain language modelling
+
+def test_domains_protocol_shows_forgetting_on_tiny_texts():
+    rng = random.Random(0)
+    domains = [{"name": name, "train": "".join(rng.choice(alphabet) for _ in range(4000)),
+                "eval": "".join(rng.choice(alphabet) for _ in range(600))}
+               for name, alphabet in (("ab", "ab"), ("cd", "cd"))]
+    torch.manual_seed(0)
+    model = build_model({**TINY, "arch": "transformer"})
+    settings = cl.DomainSettings(steps_per_domain=25, batch_size=4, seq_len=32, lr=5e-3, eval_tokens=256)
+    r = cl.run_domains(model, ByteTokenizer(), domains, settings, log=None)
+    L = r["loss"]
+    assert len(L) == 2 and all(len(row) == 2 for row in L)
+    assert L[0][0] < r["initial_loss"][0] - 2.0          # learned domain ab (ln 257 -> about ln 2)
+    assert L[1][0] > L[0][0]                             # training on cd raised ab's loss
+    assert r["BWT_loss"] > 0 and r["forgetting"][0] > 0
+    assert r["perplexity"][1][1] == pytest.approx(math.exp(L[1][1]))
+
+
+@pytest.mark.parametrize("name", cl.DOMAINS)
+def test_builtin_domains_have_disjoint_train_and_held_out_text(name):
+    train, held = cl.domain_text(name, SHARED_DATA)
+    assert len(train) > 10_000 and len(held) > 10_000
+    assert held[:2000] not in train
+
+
+def test_plots_are_written(tmp_path, tiny_tasks):
+    results = {"arms": {"icl": {"R": [[0.5, None], [0.25, 1.0]], "tasks": ["a", "b"]}}}
+    paths = cl.plot_intents(results, str(tmp_path))
+    paths += cl.plot_domains({"domains": ["a", "b"], "perplexity": [[2.0, 9.0], [3.0, 2.5]]}, str(tmp_path))
+    assert len(paths) == 3 and all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_cli_bad_arm_exits_2():
+    r = subprocess.run([sys.executable, "-m", "eval.continual", "intents", "--checkpoint", "nowhere", "--arms", "ewc",
+                        "--out", "x"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
