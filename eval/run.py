@@ -1,0 +1,415 @@
+"""
+The whole evaluation suite in one command (DESIGN §7):
+
+    python -m eval.run --suite quick|paper --checkpoint DIR --out DIR [--device auto] [--data-dir DIR]
+        [--sections perplexity,babilong,niah,continual]
+
+writes <out>/results.json (sections `perplexity`, `babilong`, `niah`, `continual`, plus the
+suite's settings), <out>/results.md (the tables) and the plots (BABILong heatmap, continual
+R matrices, accuracy over tasks, domain perplexity matrix). A section whose offline data
+is missing is recorded as {"skipped": reason} and the command still finishes.
+
+Suites (every setting is in SUITES below and copied into results.json):
+  quick  minutes on a CPU for a tiny model: a few val batches, 1 WikiText article, 20
+         LAMBADA passages; BABILong qa1-qa2 at 0k/1k, 3 samples; S-NIAH pass-key at 1k,
+         2 samples; CLINC 2 tasks x 3 intents with every arm and 3 fine-tuning steps;
+         3 domains (Austen -> Shakespeare -> bAbI) with 5 steps each.
+  paper  the papers' settings: the full val split, WikiText-2 test (62 articles, rolling
+         windows of the training context) and LAMBADA (5,153 passages) as lm-eval
+         (Titans Table 1, NL Table 2); BABILong qa1-qa5, 100 samples per cell (the size of
+         RMT-team/babilong), 0k..128k locally (longer lengths: python -m eval.babilong);
+         S-NIAH 1-3 at 4k/8k/16k (NL Table 1) with 100 samples; CLINC150 10 x 15 and Banking77
+         7 x 11 with every arm (all train/test examples, 200 steps per task, 1 shot per label,
+         10 streamed examples per label); domains KJV -> Austen -> Shakespeare -> bAbI,
+         1000 steps each. BABILong results are only meaningful after fine-tuning
+         (python -m eval.babilong finetune; evals.md §1.6).
+
+During training, `run_during_training(model, tokenizer, names, device, ...)` returns flat
+metrics (names from DURING_TRAINING) for metrics.jsonl / wandb.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+SECTIONS = ("perplexity", "babilong", "niah", "continual")
+
+SUITES = {
+    "quick": {
+        "perplexity": {"val_batches": 4, "wikitext_docs": 1, "lambada_passages": 20, "batch_size": 8},
+        "babilong": {"tasks": ["qa1", "qa2"], "lengths": ["0k", "1k"], "samples": 3, "max_new_tokens": 20,
+                     "segment_len": 2048},
+        "niah": {"tasks": ["niah_single_1"], "lengths": ["1k"], "samples": 2, "depths": [0.0, 1.0],
+                 "max_new_tokens": 16, "segment_len": 2048},
+        "continual": {
+            "intents": [{"dataset": "clinc", "tasks": 2, "labels_per_task": 3, "train_per_label": 4,
+                         "test_per_label": 2}],
+            "arms": ["sequential", "icl", "in_context_memory", "joint"],
+            "intent_settings": {"steps_per_task": 3, "batch_size": 4, "lr": 1e-4, "icl_shots": 1,
+                                "stream_per_label": 2},
+            "domains": ["austen", "shakespeare", "babi"],
+            "domain_settings": {"steps_per_domain": 5, "batch_size": 4, "lr": 3e-4, "train_chars": 200_000,
+                                "eval_tokens": 1024},
+        },
+    },
+    "paper": {
+        "perplexity": {"val_batches": None, "wikitext_docs": None, "lambada_passages": None, "batch_size": 8},
+        "babilong": {"tasks": ["qa1", "qa2", "qa3", "qa4", "qa5"],
+                     "lengths": ["0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k"], "samples": 100,
+                     "max_new_tokens": 20, "segment_len": 2048},
+        "niah": {"tasks": ["niah_single_1", "niah_single_2", "niah_single_3"], "lengths": ["4k", "8k", "16k"],
+                 "samples": 100, "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "max_new_tokens": 128,
+                 "segment_len": 2048},
+        "continual": {
+            "intents": [{"dataset": "clinc"}, {"dataset": "banking"}],
+            "arms": ["sequential", "icl", "in_context_memory", "joint"],
+            "intent_settings": {"steps_per_task": 200, "batch_size": 16, "lr": 1e-4, "icl_shots": 1,
+                                "stream_per_label": 10},
+            "domains": ["builtin", "austen", "shakespeare", "babi"],
+            "domain_settings": {"steps_per_domain": 1000, "batch_size": 8, "lr": 3e-4,
+                                "train_chars": 2_000_000, "eval_tokens": 16_384},
+        },
+    },
+}
+
+# during-training evals: name -> (section, suite whose settings it uses)
+DURING_TRAINING = ("perplexity", "babilong_quick", "niah_quick", "continual_quick")
+
+
+def _max_len(model, seq_len):
+    """Attention models read at most their training context; recurrent ones stream."""
+    from eval.babilong import is_recurrent
+    return None if is_recurrent(model) else seq_len
+
+
+# -----------------------------------------------------------------------------
+# sections: each takes a model and returns a JSON-able dict (and writes its plots)
+
+def perplexity_section(model, tokenizer, settings, seq_len, device, data_dir=None, dataset_dir=None) -> dict:
+    from eval import perplexity as ppl
+    out = {"window": seq_len}
+    if dataset_dir is not None:
+        from data.loader import TokenDataset
+        out["val"] = ppl.evaluate_split(model, TokenDataset(dataset_dir), "val", settings["batch_size"], seq_len,
+                                        max_batches=settings["val_batches"], device=device)
+    else:
+        out["val"] = {"skipped": "the training data of this checkpoint is not prepared here"}
+    root = data_dir or _data_dir()
+    wikitext = os.path.join(root, "wikitext", "wiki.test.raw") if root else None
+    lambada_path = os.path.join(root, "lambada", "lambada_test.jsonl") if root else None
+    if wikitext and os.path.isfile(wikitext):
+        out["wikitext"] = ppl.wikitext_word_perplexity(model, tokenizer, wikitext, seq_len, device=device,
+                                                       limit_docs=settings["wikitext_docs"],
+                                                       batch_size=settings["batch_size"])
+    else:
+        out["wikitext"] = {"skipped": "wikitext/wiki.test.raw not found in the data folder"}
+    if lambada_path and os.path.isfile(lambada_path):
+        out["lambada"] = ppl.lambada(model, tokenizer, lambada_path, device=device,
+                                     limit=settings["lambada_passages"], max_len=seq_len,
+                                     batch_size=settings["batch_size"])
+    else:
+        out["lambada"] = {"skipped": "lambada/lambada_test.jsonl not found in the data folder"}
+    return out
+
+
+def babilong_section(model, tokenizer, settings, seq_len, device, data_dir=None, out_dir=None, gpt2=None) -> dict:
+    from eval import babilong as bl
+    gpt2 = gpt2 or bl.length_tokenizer(data_dir)
+    per_cell = {}
+    for task in settings["tasks"]:
+        for length in settings["lengths"]:
+            samples = bl.build_babilong(task, length, settings["samples"], split="test", background="austen",
+                                        babi="file", data_dir=data_dir, gpt2=gpt2)
+            per_cell[(task, length)] = bl.evaluate(model, tokenizer, samples, max_len=_max_len(model, seq_len),
+                                                   segment_len=settings["segment_len"], device=device,
+                                                   max_new_tokens=settings["max_new_tokens"])
+    result = {"source": "local: bAbI en test files + Austen test books",
+              "scores": {"official": "greedy generation, BABILong compare_answers",
+                         "label_ranking": "argmax over the task labels of log p(' ' + label | prompt)"},
+              "context_handling": next(iter(per_cell.values()))["context_handling"], **bl._summarise(per_cell)}
+    if out_dir:
+        result["plot"] = os.path.basename(bl.plot_heatmap(result, os.path.join(out_dir, "babilong_heatmap.png")))
+    return result
+
+
+def niah_section(model, tokenizer, settings, seq_len, device, data_dir=None, gpt2=None) -> dict:
+    from eval import babilong as bl
+    from eval import niah
+    gpt2 = gpt2 or bl.length_tokenizer(data_dir)
+    out = {"scores": {"accuracy": "greedy output contains the value (RULER string_match_all)",
+                      "ranking_accuracy": "value ranked first among itself and 4 random values"},
+           "accuracy": {}, "ranking_accuracy": {}, "counts": {}}
+    for task in settings["tasks"]:
+        for length in settings["lengths"]:
+            samples = niah.build_niah(task, length, settings["samples"], depths=settings["depths"],
+                                      background="austen", data_dir=data_dir, gpt2=gpt2)
+            r = niah.evaluate_niah(model, tokenizer, samples, max_len=_max_len(model, seq_len),
+                                   segment_len=settings["segment_len"], device=device,
+                                   max_new_tokens=settings["max_new_tokens"])
+            task_name = niah.parse_task(task)
+            out["accuracy"].setdefault(task_name, {})[length] = r["accuracy"]
+            out["ranking_accuracy"].setdefault(task_name, {})[length] = r["ranking_accuracy"]
+            out["counts"].setdefault(task_name, {})[length] = {k: r[k] for k in ("n", "n_scored", "n_truncated",
+                                                                                 "n_skipped", "seconds")}
+    return out
+
+
+def continual_section(model, tokenizer, settings, seq_len, device, data_dir=None, out_dir=None, arms=None,
+                      domains=True) -> dict:
+    from eval import continual as cl
+    out = {"intents": {}}
+    intent_settings = cl.IntentSettings(**settings["intent_settings"])
+    for spec in settings["intents"]:
+        tasks = cl.shrink_tasks(cl.intent_tasks(spec["dataset"], data_dir), spec.get("tasks"),
+                                spec.get("labels_per_task"), spec.get("train_per_label"), spec.get("test_per_label"))
+        r = cl.run_intents(model, tokenizer, tasks, arms or settings["arms"], intent_settings, device, log=None)
+        if out_dir:
+            r["plots"] = [os.path.basename(p) for p in cl.plot_intents(r, out_dir, f"continual_{spec['dataset']}")]
+        out["intents"][spec["dataset"]] = r
+    if domains and settings.get("domains"):
+        ds = cl.DomainSettings(seq_len=seq_len, **settings["domain_settings"])
+        r = cl.run_domains(model, tokenizer, cl.load_domains(settings["domains"], data_dir), ds, device, log=None)
+        if out_dir:
+            r["plots"] = [os.path.basename(p) for p in cl.plot_domains(r, out_dir)]
+        out["domains"] = r
+    return out
+
+
+def _data_dir():
+    from eval.babilong import default_data_dir
+    return default_data_dir()
+
+
+# -----------------------------------------------------------------------------
+# the suite
+
+def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", data_dir: str | None = None,
+              sections=SECTIONS, log=print) -> dict:
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad or not sections:
+        raise ValueError(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found")
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data-dir {data_dir} is not a folder")
+    from checkpoint import load_model
+    from data.tokenizer import get_tokenizer
+    from eval.babilong import resolve_device
+    device = resolve_device(device)
+    model, cfg = load_model(checkpoint, device)
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    seq_len = cfg.train.seq_len
+    settings = SUITES[suite]
+    os.makedirs(out_dir, exist_ok=True)
+    results = {"suite": suite, "checkpoint": os.path.abspath(checkpoint), "arch": cfg.model.arch,
+               "tokenizer": cfg.data.tokenizer, "context": seq_len, "device": str(device),
+               "settings": {s: settings[s] for s in sections}, "seconds": {}}
+    gpt2 = None
+    for section in sections:
+        started = time.time()
+        try:
+            if section == "perplexity":
+                results[section] = perplexity_section(model, tokenizer, settings[section], seq_len, device,
+                                                      data_dir, _dataset_dir(cfg))
+            elif section == "continual":
+                results[section] = continual_section(model, tokenizer, settings[section], seq_len, device, data_dir,
+                                                     out_dir)
+            else:
+                if gpt2 is None:
+                    from eval.babilong import length_tokenizer
+                    gpt2 = length_tokenizer(data_dir)
+                if section == "babilong":
+                    results[section] = babilong_section(model, tokenizer, settings[section], seq_len, device,
+                                                        data_dir, out_dir, gpt2)
+                else:
+                    results[section] = niah_section(model, tokenizer, settings[section], seq_len, device, data_dir,
+                                                    gpt2)
+        except (FileNotFoundError, ImportError) as e:     # offline data or optional package missing
+            results[section] = {"skipped": str(e)}
+        results["seconds"][section] = time.time() - started
+        if log:
+            state = "skipped: " + results[section]["skipped"] if "skipped" in results[section] else "done"
+            log(f"{section}: {state} ({results['seconds'][section]:.0f}s)")
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(results_markdown(results))
+    return results
+
+
+def _dataset_dir(cfg):
+    """The prepared data the checkpoint trained on, or None when it is not here."""
+    try:
+        from data.loader import TokenDataset
+        from train import resolve_data_dir
+        path = resolve_data_dir(cfg)
+        TokenDataset(path)
+        return path
+    except (FileNotFoundError, ValueError, ImportError):
+        return None
+
+
+# -----------------------------------------------------------------------------
+# results.md
+
+def _cell(v, percent=False):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if percent:
+            return f"{100 * v:.1f}"
+        return f"{v:.4f}" if abs(v) < 1e6 else f"{v:.3e}"
+    return str(v)
+
+
+def _table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _grid(title, table: dict, percent=True) -> str:
+    """{row: {col: value}} -> a markdown table (values in % when percent)."""
+    cols = list(dict.fromkeys(c for row in table.values() for c in row))
+    rows = [[r] + [_cell(table[r].get(c), percent) for c in cols] for r in table]
+    return f"{title}\n\n" + _table([""] + cols, rows)
+
+
+def results_markdown(results: dict) -> str:
+    md = [f"# Evaluation: {results['arch']} ({results['suite']} suite)\n",
+          f"checkpoint `{results['checkpoint']}`, tokenizer {results['tokenizer']}, context {results['context']}\n"]
+    p = results.get("perplexity")
+    if p is not None:
+        md.append("## Perplexity\n")
+        if "skipped" in p:
+            md.append(f"skipped: {p['skipped']}\n")
+        else:
+            rows = [[task, metric, value] for task in ("val", "wikitext", "lambada")
+                    for metric, value in p[task].items()]
+            md.append(_table(["task", "metric", "value"], rows))
+    b = results.get("babilong")
+    if b is not None:
+        md.append("## BABILong (accuracy %)\n")
+        if "skipped" in b:
+            md.append(f"skipped: {b['skipped']}\n")
+        else:
+            md.append(f"{b['source']}; {b['context_handling']}\n")
+            for score in ("official", "label_ranking"):
+                md.append(_grid(f"**{score}**: {b['scores'][score]}", b[score]))
+    n = results.get("niah")
+    if n is not None:
+        md.append("## S-NIAH (accuracy %)\n")
+        if "skipped" in n:
+            md.append(f"skipped: {n['skipped']}\n")
+        else:
+            for score in ("accuracy", "ranking_accuracy"):
+                md.append(_grid(f"**{score}**: {n['scores'][score]}", n[score]))
+    c = results.get("continual")
+    if c is not None:
+        md.append("## Continual learning\n")
+        if "skipped" in c:
+            md.append(f"skipped: {c['skipped']}\n")
+        else:
+            for dataset, r in c["intents"].items():
+                md.append(f"### Class-incremental {dataset}: {len(r['tasks'])} tasks\n")
+                md.append(_table(["arm", "ACC %", "BWT %", "forgetting %", "avg incremental %"],
+                                 [[arm, _cell(a["ACC"], True), _cell(a["BWT"], True), _cell(a["forgetting"], True),
+                                   _cell(a["average_incremental_accuracy"], True)] for arm, a in r["arms"].items()]))
+                for arm, a in r["arms"].items():
+                    grid = {f"after {a['tasks'][i]}": {a["tasks"][j]: v for j, v in enumerate(row)}
+                            for i, row in enumerate(a["R"])}
+                    md.append(_grid(f"R matrix, {arm} (accuracy %)", grid))
+            d = c.get("domains")
+            if d:
+                md.append("### Sequential domains: held-out perplexity\n")
+                grid = {"initial": dict(zip(d["domains"], d["initial_perplexity"]))}
+                grid.update({f"after {name}": dict(zip(d["domains"], row))
+                             for name, row in zip(d["domains"], d["perplexity"])})
+                md.append(_grid("rows: training stage; columns: evaluated domain", grid, percent=False))
+                md.append(_table(["final mean ppl", "BWT (loss)", "mean forgetting (ppl)", "mean relative forgetting"],
+                                 [[d["final_mean_perplexity"], d["BWT_loss"], d["mean_forgetting"],
+                                   d["mean_relative_forgetting"]]]))
+    return "\n".join(md)
+
+
+# -----------------------------------------------------------------------------
+# during training
+
+def run_during_training(model, tokenizer, names, device=None, seq_len: int = 256, data_dir: str | None = None,
+                        gpt2=None) -> dict:
+    """Cheap evals for train.py's eval steps -> flat {metric name: float} for metrics.jsonl.
+
+    names from DURING_TRAINING:
+      perplexity       WikiText word ppl (1 article) and LAMBADA ppl/acc (50 passages)
+      babilong_quick   BABILong qa1-qa2 at 0k/1k, 3 samples: mean official and label-ranking
+                       accuracy per length
+      niah_quick       S-NIAH pass-key at 1k, 2 samples: accuracy and ranking accuracy
+      continual_quick  the icl and in_context_memory arms on CLINC 2 x 3 (no training): ACC, BWT
+    The model's train/eval mode is restored; no parameter changes."""
+    bad = [n for n in names if n not in DURING_TRAINING]
+    if bad:
+        raise ValueError(f"unknown during-training eval(s) {bad}; choose from {', '.join(DURING_TRAINING)}")
+    from eval.babilong import model_device
+    device = device or model_device(model)
+    quick = SUITES["quick"]
+    metrics = {}
+    if ("babilong_quick" in names or "niah_quick" in names) and gpt2 is None:
+        from eval.babilong import length_tokenizer
+        gpt2 = length_tokenizer(data_dir)
+    if "perplexity" in names:
+        p = perplexity_section(model, tokenizer, {**quick["perplexity"], "lambada_passages": 50}, seq_len, device,
+                               data_dir)
+        if "skipped" not in p["wikitext"]:
+            metrics["wikitext_word_ppl"] = p["wikitext"]["word_perplexity"]
+        if "skipped" not in p["lambada"]:
+            metrics["lambada_ppl"], metrics["lambada_acc"] = p["lambada"]["perplexity"], p["lambada"]["accuracy"]
+    if "babilong_quick" in names:
+        b = babilong_section(model, tokenizer, quick["babilong"], seq_len, device, data_dir, gpt2=gpt2)
+        for score in ("official", "label_ranking"):
+            for length, v in b["mean_over_tasks"][score].items():
+                metrics[f"babilong_{score}_{length}"] = v
+    if "niah_quick" in names:
+        n = niah_section(model, tokenizer, quick["niah"], seq_len, device, data_dir, gpt2=gpt2)
+        for score in ("accuracy", "ranking_accuracy"):
+            for task, per_length in n[score].items():
+                for length, v in per_length.items():
+                    metrics[f"niah_{score}_{task}_{length}"] = v
+    if "continual_quick" in names:
+        c = continual_section(model, tokenizer, quick["continual"], seq_len, device, data_dir,
+                              arms=["icl", "in_context_memory"], domains=False)
+        for arm, r in c["intents"]["clinc"]["arms"].items():
+            metrics[f"continual_{arm}_ACC"], metrics[f"continual_{arm}_BWT"] = r["ACC"], r["BWT"]
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m eval.run", description="Run the evaluation suite.")
+    parser.add_argument("--suite", default="quick", help="quick | paper")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint dir or a training out_dir")
+    parser.add_argument("--out", required=True, help="output folder (results.json, results.md, plots)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
+    parser.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = parser.parse_args(argv)
+    try:
+        sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+        results = run_suite(args.checkpoint, args.suite, args.out, args.device, args.data_dir, sections)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")
+    return results
+
+
+if __name__ == "__main__":
+    main()

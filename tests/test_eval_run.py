@@ -1,0 +1,95 @@
+"""eval.run: the quick suite on a tiny trained checkpoint writes results.json (all four
+sections) and results.md; during-training metrics; CLI errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+
+TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.d_model=32", "--data.tokenizer=bytes",
+        "--train.batch_size=4", "--train.seq_len=64", "--train.lr=3e-3", "--optim.warmup_steps=2",
+        "--train.eval_batches=1", "--train.sample_tokens=0", "--logging.wandb=disabled"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny byte-level Transformer trained for a few steps on tiny-shakespeare documents."""
+    from data.prepare import prepare
+    root = tmp_path_factory.mktemp("run")
+    with open(os.path.join(SHARED_DATA, "shakespeare", "tinyshakespeare.txt")) as f:
+        text = f.read()[:60_000]
+    for i, doc in enumerate(text.split("\n\n")[:150]):
+        (root / f"doc{i:04d}.txt").write_text(doc)
+    prepared = str(root / "prepared")
+    prepare(f"files:{root}/*.txt", prepared, tokenizer="bytes", val_fraction=0.1, num_workers=1, quiet=True)
+    out = str(root / "train")
+    env = dict(os.environ, WANDB_MODE="disabled")
+    r = subprocess.run([sys.executable, "train.py", *TINY, f"--data.dataset={prepared}", f"--train.out_dir={out}",
+                        "--train.max_steps=6", "--train.eval_every=0", "--train.ckpt_every=6", "--eval.final=false"],
+                       cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_quick_suite_writes_all_sections(checkpoint, tmp_path):
+    out = str(tmp_path / "eval")
+    env = dict(os.environ, NL_DATA_DIR=SHARED_DATA)
+    r = subprocess.run([sys.executable, "-m", "eval.run", "--suite", "quick", "--checkpoint", checkpoint,
+                        "--out", out, "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.load(open(os.path.join(out, "results.json")))
+    for section in ("perplexity", "babilong", "niah", "continual"):
+        assert "skipped" not in results[section], (section, results[section])
+    p = results["perplexity"]
+    assert p["val"]["loss"] > 0 and p["wikitext"]["word_perplexity"] > 1 and 0 <= p["lambada"]["accuracy"] <= 1
+    assert p["lambada"]["n"] == 20 and p["wikitext"]["docs"] == 1
+    b = results["babilong"]
+    assert set(b["label_ranking"]) == {"qa1", "qa2"} and set(b["label_ranking"]["qa1"]) == {"0k", "1k"}
+    assert results["niah"]["accuracy"]["niah_single_1"]["1k"] is not None
+    c = results["continual"]
+    arms = c["intents"]["clinc"]["arms"]
+    assert set(arms) == {"sequential", "icl", "in_context_memory", "joint"}
+    assert len(arms["icl"]["R"]) == 2 and arms["icl"]["R"][0][1] is None
+    assert c["domains"]["domains"] == ["austen", "shakespeare", "babi"] and len(c["domains"]["perplexity"]) == 3
+    md = open(os.path.join(out, "results.md")).read()
+    for heading in ("## Perplexity", "## BABILong", "## S-NIAH", "## Continual learning", "R matrix, sequential",
+                    "Sequential domains"):
+        assert heading in md
+    for png in ("babilong_heatmap.png", "continual_clinc_accuracy.png", "continual_clinc_R_icl.png",
+                "continual_domains_perplexity.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000, png
+
+
+def test_run_during_training_returns_flat_metrics(checkpoint):
+    from checkpoint import load_model
+    from data.tokenizer import get_tokenizer
+    from eval.run import run_during_training
+    model, cfg = load_model(checkpoint)
+    model.train()
+    metrics = run_during_training(model, get_tokenizer("bytes"), ["perplexity", "continual_quick"],
+                                  seq_len=cfg.train.seq_len, data_dir=SHARED_DATA)
+    assert model.training                                  # mode restored
+    assert metrics["wikitext_word_ppl"] > 1 and 0 <= metrics["lambada_acc"] <= 1
+    assert 0 <= metrics["continual_icl_ACC"] <= 1 and "continual_in_context_memory_BWT" in metrics
+    assert all(isinstance(v, float) for v in metrics.values())
+    with pytest.raises(ValueError, match="unknown during-training"):
+        run_during_training(model, get_tokenizer("bytes"), ["mmlu"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--suite", "huge"], "unknown suite"),
+    (["--sections", "perplexity,mmlu"], "unknown section"),
+])
+def test_cli_errors_exit_2(checkpoint, tmp_path, args, message):
+    r = subprocess.run([sys.executable, "-m", "eval.run", "--checkpoint", checkpoint, "--out", str(tmp_path), *args],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and message in r.stderr
+
+
+def test_missing_checkpoint_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "eval.run", "--checkpoint", str(tmp_path / "none"), "--out",
+                        str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "not found" in r.stderr
