@@ -1,0 +1,122 @@
+"""eval.lm_eval_adapter: request handling through Instance-like objects (no lm-eval needed),
+numbers equal to our own WikiText / LAMBADA evaluator, and lm-eval parity when installed."""
+import importlib.util
+import math
+import os
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import SHARED_DATA
+from data.tokenizer import ByteTokenizer
+from eval import perplexity as ppl
+from eval.lm_eval_adapter import INSTALL_HINT, LMAdapter
+from model import build_model
+
+HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = build_model({"arch": "transformer", "n_layer": 2, "n_head": 2, "d_model": 32, "vocab_size": 257})
+    return model.eval(), ByteTokenizer()
+
+
+def instance(*args):
+    return SimpleNamespace(args=args)
+
+
+def test_loglikelihood_equals_our_lambada(tiny, tmp_path):
+    model, tok = tiny
+    texts = ["the cat sat on the mat", "a dog ran far away", "she sells sea shells"]
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("".join('{"text": "%s"}\n' % t for t in texts))
+    ours = ppl.lambada(model, tok, str(path), max_len=16, batch_size=2)
+    lm = LMAdapter(model, tok, max_len=16, batch_size=2)
+    results = lm.loglikelihood([instance(*ppl.lambada_context_target(t)) for t in texts])
+    mean_ll = sum(ll for ll, _ in results) / len(results)
+    assert math.exp(-mean_ll) == pytest.approx(ours["perplexity"], rel=1e-6)
+    assert sum(g for _, g in results) / len(results) == ours["accuracy"]
+
+
+def test_loglikelihood_rolling_equals_our_wikitext(tiny):
+    model, tok = tiny
+    raw = os.path.join(SHARED_DATA, "wikitext", "wiki.test.raw")
+    docs = ppl.load_wikitext_documents(raw)[:1]
+    docs = [docs[0][:1500]]                              # a slice keeps the test fast
+    lm = LMAdapter(model, tok, max_len=64, batch_size=8)
+    total = sum(lm.loglikelihood_rolling([instance(ppl.wikitext_detokenizer(d)) for d in docs]))
+    windows = ppl.rolling_windows(tok.encode(ppl.wikitext_detokenizer(docs[0])), tok.eot_id, 64)
+    expected = math.fsum(ll for ll, _ in ppl.loglikelihood_tokens(model, windows, max_len=64))
+    assert total == pytest.approx(expected, rel=1e-6)
+    words = len(re.split(r"\s+", docs[0]))
+    assert math.exp(-total / words) > 1
+
+
+class FixedTextModel(nn.Module):
+    """Rigged LM: after a prompt of prompt_len tokens it always predicts TEXT, byte by byte
+    (the position read with the state tells it where it is)."""
+    TEXT = b"Paris. And then more"
+
+    def __init__(self, prompt_len):
+        super().__init__()
+        self.prompt_len = prompt_len
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, idx, targets=None, state=None):
+        start = 0 if state is None else state["pos"]
+        logits = torch.zeros(idx.shape[0], idx.shape[1], 257)
+        for t in range(idx.shape[1]):
+            k = start + t - self.prompt_len + 1        # index in TEXT of the token position t predicts
+            logits[:, t, self.TEXT[min(k, len(self.TEXT) - 1)] if k >= 0 else 0] = 10.0
+        return logits + self.dummy, None, {"pos": start + idx.shape[1]}
+
+
+def test_generate_until_is_greedy_and_stops_at_the_first_stop_string():
+    tok = ByteTokenizer()
+    context = "Q: capital of France?\nA: "
+    model = FixedTextModel(len(tok.encode(context)))
+    lm = LMAdapter(model, tok, max_len=256)
+    out = lm.generate_until([instance(context, {"until": ["."], "max_gen_toks": 10}),
+                             instance(context, {"until": "\n", "max_gen_toks": 4})])
+    assert out == ["Paris", "Pari"]
+    with pytest.raises(ValueError, match="greedy"):
+        lm.generate_until([instance(context, {"do_sample": True, "temperature": 1.0})])
+
+
+def test_bad_arguments_are_errors(tiny):
+    with pytest.raises(ValueError, match="max_len"):
+        LMAdapter(tiny[0], tiny[1], max_len=0)
+
+
+@pytest.mark.skipif(HAS_LM_EVAL, reason="lm-eval is installed")
+def test_our_lm_without_lm_eval_names_the_install_command():
+    import eval.lm_eval_adapter as adapter
+    with pytest.raises(ImportError, match="requirements-eval.txt"):
+        adapter.OurLM
+    assert "pip install" in INSTALL_HINT
+
+
+@pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval not installed (pip install -r requirements-eval.txt)")
+def test_parity_with_lm_eval(tiny):
+    """lm-eval's own rolling windows give the same tokens as ours, and OurLM is an lm-eval LM
+    whose rolling log-likelihood gives our WikiText word perplexity."""
+    from lm_eval.api.model import LM
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from eval.lm_eval_adapter import OurLM
+    model, tok = tiny
+    tokens = tok.encode("Some text for rolling windows, long enough to need several of them.")
+    theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(tokens, prefix_token=tok.eot_id,
+                                                                         max_seq_len=16, context_len=1)]
+    assert [(list(c), list(t)) for c, t in theirs] == ppl.rolling_windows(tokens, tok.eot_id, 16)
+    lm = OurLM(model, tok, max_len=64)
+    assert isinstance(lm, LM)
+    raw = os.path.join(SHARED_DATA, "wikitext", "wiki.test.raw")
+    doc = ppl.load_wikitext_documents(raw)[0][:1500]
+    total = lm.loglikelihood_rolling([instance(ppl.wikitext_detokenizer(doc))])[0]
+    windows = ppl.rolling_windows(tok.encode(ppl.wikitext_detokenizer(doc)), tok.eot_id, 64)
+    assert total == pytest.approx(math.fsum(ll for ll, _ in ppl.loglikelihood_tokens(model, windows, max_len=64)))
