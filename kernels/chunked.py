@@ -34,10 +34,12 @@ def _segment_products(gates):
     L = gates.shape[-1]
     log_gates = torch.log(gates.clamp_min(torch.finfo(gates.dtype).tiny))
     log_gates = torch.nn.functional.pad(log_gates, (1, 0))        # index 0 is never used
-    rows = log_gates.unsqueeze(-1).expand(*log_gates.shape, L + 1)  # rows[t, j] = log g_t
-    # keep rows t > j, then cumsum down each column j: sum_{s=j+1..t} log g_s
-    segment_sums = torch.cumsum(torch.tril(rows, diagonal=-1), dim=-2)
-    return torch.tril(torch.exp(segment_sums))
+    upper = torch.ones(L + 1, L + 1, dtype=gates.dtype, device=gates.device).triu()
+    strictly_upper = upper - torch.eye(L + 1, dtype=gates.dtype, device=gates.device)
+    # Built transposed, P^T[j, t], so the cumsum runs along the contiguous last dim:
+    # cols[j, t] = log g_t kept where t > j; the cumsum along t gives sum_{s=j+1..t} log g_s.
+    cols = log_gates.unsqueeze(-2) * strictly_upper
+    return (torch.exp(torch.cumsum(cols, dim=-1)) * upper).transpose(-1, -2)
 
 
 def _split_into_chunks(x, chunk_size):
@@ -76,8 +78,9 @@ def _finish(outputs, q, u):
     B, T, H, _ = q.shape
     if not outputs:
         return u.new_zeros(u.shape, dtype=q.dtype)
-    o = torch.cat([x.flatten(2, 3) for x in outputs], dim=2)        # [B,H,T,V]
-    return o.transpose(1, 2).to(q.dtype)
+    o = torch.cat([x.flatten(2, 3) for x in outputs], dim=2) if len(outputs) > 1 \
+        else outputs[0].flatten(2, 3)                               # [B,H,T,V]
+    return o.transpose(1, 2).to(q.dtype).contiguous()
 
 
 def momentum_rule_chunked(q, k, u, alpha, beta, initial_state=None, initial_momentum=None,
@@ -106,20 +109,30 @@ def momentum_rule_chunked(q, k, u, alpha, beta, initial_state=None, initial_mome
         c = (A @ b.unsqueeze(-1)).squeeze(-1)
         # Everything that does not involve the incoming states, for all chunks at once.
         intra = ((Q @ Kc.transpose(-1, -2)) * W) @ U                # [B,H,N,L,V]
-        write_S = (W[..., -1, :, None] * U).transpose(-1, -2) @ Kc  # [B,H,N,V,K]
-        write_Z = (Bm[..., -1, :, None] * U).transpose(-1, -2) @ Kc
-        a_last, b_last, c_last = (x[..., -1, None, None] for x in (a, b, c))
-        # The only sequential part: the states entering each chunk (elementwise updates).
-        S_starts, Z_starts = [], []
-        for n in range(Q.shape[2]):
-            S_starts.append(S)
-            Z_starts.append(Z)
-            S, Z = (torch.addcmul(torch.addcmul(write_S[:, :, n], a_last[:, :, n], S),
-                                  c_last[:, :, n], Z),         # a_L S + c_L Z + write_S
-                    torch.addcmul(write_Z[:, :, n], b_last[:, :, n], Z))   # b_L Z + write_Z
-        S0, Z0 = torch.stack(S_starts, dim=2), torch.stack(Z_starts, dim=2)
-        outputs.append(intra + a.unsqueeze(-1) * (Q @ S0.transpose(-1, -2))
-                       + c.unsqueeze(-1) * (Q @ Z0.transpose(-1, -2)))
+        # Chunk-end update of the stacked state X = [S; Z]:
+        #   S_L = a_L S_0 + c_L Z_0 + sum_i W[L,i] u_i k_i^T,  Z_L = b_L Z_0 + sum_i Bm[L,i] u_i k_i^T
+        # i.e. X_L = M X_0 + write with the 2 x 2 mixing M = [[a_L, c_L], [0, b_L]].
+        B, H, N, L, V = U.shape
+        K = Kc.shape[-1]
+        last_rows = torch.stack([W[..., -1, :], Bm[..., -1, :]], dim=-2)   # [B,H,N,2,L]
+        weighted = last_rows.unsqueeze(-2) * U.transpose(-1, -2).unsqueeze(-3)  # [..,2,V,L]
+        write = weighted.reshape(B, H, N, 2 * V, L) @ Kc                        # [..,2V,K]
+        mixing = torch.stack([torch.stack([a[..., -1], c[..., -1]], dim=-1),
+                              torch.stack([torch.zeros_like(b[..., -1]), b[..., -1]], dim=-1)],
+                             dim=-2)                                      # [B,H,N,2,2]
+        # chunk-major [N, B*H, ...] so that every step reads contiguous blocks
+        write = write.permute(2, 0, 1, 3, 4).reshape(N, B * H, 2, V * K)
+        mixing = mixing.permute(2, 0, 1, 3, 4).reshape(N, B * H, 2, 2)
+        # The only sequential part: the states entering each chunk, one tiny bmm per chunk.
+        X = torch.stack([S, Z], dim=2).reshape(B * H, 2, V * K)
+        X_starts = []
+        for n in range(N):
+            X_starts.append(X)
+            X = torch.baddbmm(write[n], mixing[n], X)                # write + M X
+        S, Z = X.view(B, H, 2, V, K).unbind(2)
+        S0, Z0 = torch.stack(X_starts, dim=1).view(B, H, N, 2, V, K).unbind(3)
+        o = torch.addcmul(intra, a.unsqueeze(-1), Q @ S0.transpose(-1, -2))
+        outputs.append(torch.addcmul(o, c.unsqueeze(-1), Q @ Z0.transpose(-1, -2)))
     return _finish(outputs, q, u), S, Z
 
 
@@ -175,5 +188,6 @@ def delta_rule_chunked(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
         S = S.view(B, H, V, K)
         R = U_prime - W @ S0.transpose(-1, -2)                      # [B,H,N,L,V]
         readout = (Q @ Kc.transpose(-1, -2)) * D
-        outputs.append(gamma.unsqueeze(-1) * (Q @ S0.transpose(-1, -2)) + readout @ R)
+        outputs.append(torch.addcmul(readout @ R, gamma.unsqueeze(-1),
+                                     Q @ S0.transpose(-1, -2)))
     return _finish(outputs, q, u), S
