@@ -110,7 +110,8 @@ def momentum_rule_chunked(q, k, u, alpha, beta, initial_state=None, initial_mome
         # Everything that does not involve the incoming states, for all chunks at once.
         intra = ((Q @ Kc.transpose(-1, -2)) * W) @ U                # [B,H,N,L,V]
         # Chunk-end update of the stacked state X = [S; Z]:
-        #   S_L = a_L S_0 + c_L Z_0 + sum_i W[L,i] u_i k_i^T,  Z_L = b_L Z_0 + sum_i Bm[L,i] u_i k_i^T
+        #   S_L = a_L S_0 + c_L Z_0 + sum_i W[L,i] u_i k_i^T
+        #   Z_L = b_L Z_0 + sum_i Bm[L,i] u_i k_i^T
         # i.e. X_L = M X_0 + write with the 2 x 2 mixing M = [[a_L, c_L], [0, b_L]].
         B, H, N, L, V = U.shape
         K = Kc.shape[-1]
@@ -129,7 +130,7 @@ def momentum_rule_chunked(q, k, u, alpha, beta, initial_state=None, initial_mome
         for n in range(N):
             X_starts.append(X)
             X = torch.baddbmm(write[n], mixing[n], X)                # write + M X
-        S, Z = X.view(B, H, 2, V, K).unbind(2)
+        S, Z = (x.contiguous() for x in X.view(B, H, 2, V, K).unbind(2))
         S0, Z0 = torch.stack(X_starts, dim=1).view(B, H, N, 2, V, K).unbind(3)
         o = torch.addcmul(intra, a.unsqueeze(-1), Q @ S0.transpose(-1, -2))
         outputs.append(torch.addcmul(o, c.unsqueeze(-1), Q @ Z0.transpose(-1, -2)))

@@ -206,6 +206,22 @@ def test_auto_backend_on_cpu_uses_chunked_torch(monkeypatch):
     assert calls == ["delta_rule_chunked"] * 2 + ["momentum_rule_chunked"] * 2
 
 
+def test_auto_backend_on_cuda_picks_triton_when_it_imports(monkeypatch):
+    """Resolution only (no GPU needed): CUDA + a Triton dtype + importable kernels."""
+    monkeypatch.setattr(kernels, "_triton_scans", lambda: None)
+    assert kernels.select_backend("auto", "cuda", torch.bfloat16) == "triton"
+    assert kernels.select_backend("auto", "cuda", torch.float64) == "torch"
+    assert kernels.select_backend("auto", "cpu", torch.float32) == "torch"
+
+    def missing():
+        raise ImportError("No module named 'triton'")
+
+    monkeypatch.setattr(kernels, "_triton_scans", missing)
+    assert kernels.select_backend("auto", "cuda", torch.float32) == "torch"
+    with pytest.raises(ImportError, match="backend='triton' needs kernels.triton_scans"):
+        run("delta", _bad("delta"), "triton")
+
+
 def _bad(op, **changes):
     x = {n: t.detach() for n, t in make_inputs(op, B=2, T=5, H=3, K=8, V=4, seed=0).items()}
     x.update(changes)
