@@ -68,6 +68,9 @@ def setup(cfg: Config) -> DistEnv:
     world_size = _env_int("WORLD_SIZE", 1) if under_torchrun else 1
     local_rank = _env_int("LOCAL_RANK", 0) if under_torchrun else 0
 
+    if t.batch_size % (world_size * t.grad_accum):
+        raise ConfigError(f"train.batch_size={t.batch_size} is the global batch: it must be divisible by "
+                          f"{world_size} ranks x train.grad_accum={t.grad_accum}")
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if t.device == "auto" else t.device
     if device_type == "cuda":
         if not torch.cuda.is_available():

@@ -203,9 +203,6 @@ def _train(cfg: Config, env: DistEnv):
     t = cfg.train
     device, device_type = env.device, env.device_type
     say = print if env.is_main else _silent          # rank 0 alone prints and writes files
-    if t.batch_size % (env.world_size * t.grad_accum):
-        raise ConfigError(f"train.batch_size={t.batch_size} is the global batch: it must be divisible by "
-                          f"{env.world_size} ranks x train.grad_accum={t.grad_accum}")
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device_type == "cuda")
     # FSDP2 with bf16 parameters already computes in bf16: autocast on top would be redundant
     use_autocast = use_bf16 and not distributed.uses_bf16_params(cfg, env)
