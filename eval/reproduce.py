@@ -1,0 +1,569 @@
+"""
+Reproduce the papers' tables (docs/REPRODUCE.md): the training and evaluation commands for
+every row, and a markdown table with our numbers next to the paper's.
+
+    python -m eval.reproduce TABLE [--run] [--nproc N] [--results-root DIR] [--out DIR]
+                             [--train-args "--train.compile=true ..."] [--ablation-base CONFIG]
+    python -m eval.reproduce zeroshot --checkpoint DIR --out DIR [--device auto] [--limit N]
+
+TABLE is one of
+    nl_table2      NL Table 2: Transformer++ / Titans (LMM) / Hope at 760M-30B and 1.3B-100B
+    nl_table6      NL Table 6: Hope ablations (the paper's scale is inferred as 1.3B-100B)
+    titans_table1  Titans Table 1: Transformer++ and Titans LMM / MAC / MAG / MAL at 340M and 760M
+    nl_niah        NL Table 1 (S-NIAH, 50B tokens) and Titans Table 2 (S-NIAH pass-key / number)
+    babilong       BABILong after the fine-tuning curriculum (figure only in the papers)
+    continual      class-incremental CLINC / Banking77 and sequential domains (figure only)
+
+Without --run the commands are printed as a shell script (each step marked done or todo);
+with --run they are executed one after the other, skipping every step whose output already
+exists, so an interrupted reproduction continues where it stopped (training itself resumes
+from its last checkpoint: train.resume=auto). Either way the eval JSONs found under the
+results root are then collected into <out>/<TABLE>.md (and printed). Each cell reads
+"ours / paper"; "—" marks a number we do not have (not run yet, or not run by this repo).
+
+Layout under the results root (default out/reproduce): runs/<run>/ is a training out_dir
+(checkpoints, metrics.jsonl); runs/<run>/eval/<kind>/ holds one evaluation. Runs have names
+(config name plus the ablation or token-count suffix) and are shared between tables: the
+Hope-1.3B run serves NL Table 2 and Table 6, the 760M runs serve BABILong and continual.
+
+`zeroshot` runs lm-evaluation-harness (pip install -r requirements-eval.txt) on the seven
+zero-shot tasks of the tables that eval.run does not compute (PIQA, HellaSwag, WinoGrande,
+ARC-e, ARC-c, SIQA, BoolQ; WikiText and LAMBADA come from eval.run's perplexity section,
+which follows lm-eval's definitions) and writes <out>/zeroshot.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from eval.paper_numbers import (ACCURACY_COLUMNS, FIGURE_ONLY, NL_TABLE1_SNIAH, NL_TABLE2, NL_TABLE6, TITANS_TABLE1,
+                                TITANS_TABLE2, average_accuracy)
+
+TABLES = ("nl_table2", "nl_table6", "titans_table1", "nl_niah", "babilong", "continual")
+DEFAULT_RESULTS_ROOT = os.path.join("out", "reproduce")
+BATCH_TOKENS = 524_288                 # 128 x 4096, the papers' 0.5M-token batch
+NIAH_STEPS = round(50e9 / BATCH_TOKENS)   # NL §9.2: long-context models trained on 50B tokens
+
+# lm-eval task -> (metric the papers report, our column). HellaSwag and ARC-c are acc_norm
+# (NL Table 2 / Titans Table 1 headers).
+ZERO_SHOT_TASKS = {
+    "piqa": ("acc", "piqa"),
+    "hellaswag": ("acc_norm", "hellaswag"),
+    "winogrande": ("acc", "winogrande"),
+    "arc_easy": ("acc", "arc_easy"),
+    "arc_challenge": ("acc_norm", "arc_challenge"),
+    "social_iqa": ("acc", "siqa"),
+    "boolq": ("acc", "boolq"),
+}
+
+# BABILong (Kuratov et al. 2024, evals.md §1.6): fine-tune small models with a length
+# curriculum up to 16K on qa1-qa5, then evaluate far beyond it (NL Fig. 9 goes to 10M).
+BABILONG_TASKS = "qa1,qa2,qa3,qa4,qa5"
+BABILONG_FINETUNE_LENGTHS = "0k,1k,2k,4k,8k,16k"
+BABILONG_EVAL_LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "512k", "1M")
+
+EVAL_FILES = {                         # eval kind -> its output under runs/<run>/
+    "perplexity": "eval/perplexity/results.json",
+    "zeroshot": "eval/zeroshot/zeroshot.json",
+    "niah": "eval/niah/results.json",
+    "niah_titans": "eval/niah_titans/niah.json",
+    "babilong": "eval/babilong/babilong.json",
+    "continual": "eval/continual/results.json",
+}
+
+
+class ReproduceError(ValueError):
+    """A bad table name or option; the message is one line for `error: ...`."""
+
+
+# -----------------------------------------------------------------------------
+# what each table needs: runs (training jobs), rows (a run or nothing, plus the paper's row)
+
+@dataclass(frozen=True)
+class Run:
+    """One training job: a config file plus overrides, trained into runs/<name>/."""
+    name: str
+    config: str
+    overrides: tuple = ()
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str                         # the row label in our table
+    group: str                         # the table group (e.g. "760M / 30B")
+    run: Run | None = None             # None: the paper's row only (a model this repo lacks)
+    paper: str | None = None           # the paper's row name in that group (None: our extra row)
+    note: str = ""
+
+
+def _run(config: str, suffix: str = "", *overrides: str) -> Run:
+    return Run(config + (f"-{suffix}" if suffix else ""), os.path.join("configs", f"{config}.yaml"), overrides)
+
+
+def _paper_rows(table, group, ours: dict, notes: dict | None = None) -> list[Row]:
+    """Every row of a paper group, in the paper's order, with our run where we have one."""
+    notes = notes or {}
+    return [Row(model, group, ours.get(model), model, notes.get(model, "" if model in ours else "paper only"))
+            for model in table.groups[group]]
+
+
+# NL Table 6: each ablation is one switch of model.hope (DESIGN §3.5 mirrors the table).
+ABLATIONS = (
+    ("w/o DGD (plain GD)", "gd", ("--model.hope.inner_opt=gd",), ""),
+    ("w/o weight decay (α)", "noretention", ("--model.hope.retention=false",), ""),
+    ("w/o CMS", "nocms", ("--model.hope.cms=false",), ""),
+    ("w/o inner-projection k", "statick", ("--model.hope.adaptive_k=false",), ""),
+    ("w/o inner-projection v", "staticv", ("--model.hope.adaptive_v=false",), ""),
+)
+ABLATION_BASES = ("hope_1.3b", "hope_760m", "hope_340m")
+
+
+def table_rows(table: str, ablation_base: str = "hope_1.3b") -> list[Row]:
+    if table not in TABLES:
+        raise ReproduceError(f"unknown table {table!r}; choose from {', '.join(TABLES)}")
+    if table == "nl_table2":
+        return (_paper_rows(NL_TABLE2, "760M / 30B", {"Transformer++": _run("transformer_760m"),
+                                                       "Titans": _run("titans_lmm_760m"), "Hope": _run("hope_760m")})
+                + _paper_rows(NL_TABLE2, "1.3B / 100B", {"Transformer++": _run("transformer_1.3b"),
+                                                          "Titans": _run("titans_lmm_1.3b"), "Hope": _run("hope_1.3b")}))
+    if table == "nl_table6":
+        if ablation_base not in ABLATION_BASES:
+            raise ReproduceError(f"unknown --ablation-base {ablation_base!r}; choose from {', '.join(ABLATION_BASES)}")
+        group = next(iter(NL_TABLE6.groups))
+        base = _run(ablation_base)
+        by_label = {label: (Row(label, group, _run(ablation_base, suffix, *overrides), label, note))
+                    for label, suffix, overrides, note in ABLATIONS}
+        rows = []
+        for label in NL_TABLE6.groups[group]:
+            if label == "Hope":
+                rows.append(Row(label, group, base, label))
+            elif label == "w/o Momentum":
+                rows.append(Row(label, group, None, label, "our Hope has no inner momentum to remove (DESIGN §3.5)"))
+            elif label == "w/o inner-projection q":
+                rows.append(Row(label, group, base, label, "= our Hope: q is static by default (NL §8.1)"))
+            else:
+                rows.append(by_label[label])
+        rows.append(Row("Hope + adaptive q (ours)", group, _run(ablation_base, "adaptiveq", "--model.hope.adaptive_q=true"),
+                        None, "q made a memory too: the inverse of the q row"))
+        return rows
+    if table == "titans_table1":
+        rows = []
+        for size, group in (("340m", "340M / 15B"), ("400m", "400M / 15B"), ("760m", "760M / 30B")):
+            if size == "400m":        # no 400M configs: how the Titans paper's 400M models differ is not stated
+                rows += _paper_rows(TITANS_TABLE1, group, {})
+                continue
+            star = "*" if size == "340m" else ""
+            ours = {"Transformer++": _run(f"transformer_{size}")}
+            ours.update({f"{v.upper()}{star if v != 'lmm' else ''}": _run(f"titans_{v}_{size}")
+                         for v in ("lmm", "mac", "mag", "mal")})
+            rows += _paper_rows(TITANS_TABLE1, group, ours)
+        return rows
+    if table == "nl_niah":
+        tokens50 = f"--train.max_steps={NIAH_STEPS}"
+        rows = _paper_rows(NL_TABLE1_SNIAH, "50B tokens", {
+            "Transformer": _run("transformer_760m", "50b", tokens50),
+            "Hope-Attention": _run("hope_attention_760m", "50b", tokens50),
+            "Titans": _run("titans_lmm_760m", "50b", tokens50),
+            "Hope": _run("hope_760m", "50b", tokens50)})
+        rows += _paper_rows(TITANS_TABLE2, "Titans S-NIAH",
+                            {v.upper(): _run(f"titans_{v}_760m") for v in ("lmm", "mac", "mag", "mal")},
+                            {v.upper(): "760M / 30B run (the paper's size is not stated)"
+                             for v in ("lmm", "mac", "mag", "mal")})
+        return rows
+    group = "760M / 30B (ours)"
+    if table == "babilong":
+        return [Row("Titans (MAC)", group, _run("titans_mac_760m")), Row("Hope", group, _run("hope_760m")),
+                Row("Transformer++", group, _run("transformer_760m"), note="attention: reads its last 4K tokens")]
+    return [Row("Hope", group, _run("hope_760m")), Row("Hope-Attention", group, _run("hope_attention_760m")),
+            Row("Titans (LMM)", group, _run("titans_lmm_760m")), Row("Transformer++", group, _run("transformer_760m"))]
+
+
+def eval_kinds(table: str, row: Row) -> tuple:
+    """The evaluations a row of a table needs."""
+    if table in ("nl_table2", "nl_table6", "titans_table1"):
+        return ("perplexity", "zeroshot")
+    if table == "nl_niah":
+        return ("niah_titans",) if row.group == "Titans S-NIAH" else ("niah",)
+    return (table,)                     # babilong, continual
+
+
+# -----------------------------------------------------------------------------
+# commands
+
+@dataclass
+class Step:
+    """One command and the file whose existence means it is done."""
+    title: str
+    argv: list
+    marker: str
+    run: Run | None = field(default=None, compare=False)
+
+
+def run_dir(root: str, run: Run) -> str:
+    return os.path.join(root, "runs", run.name)
+
+
+def train_step(run: Run, root: str, nproc: int = 1, train_args: tuple = ()) -> Step:
+    """torchrun command for a run. The global batch stays 128 x 4096; with N ranks the
+    micro-batch per rank stays the config's (batch_size / grad_accum sequences, sized for
+    one GPU) and grad_accum shrinks by N (docs/DISTRIBUTED.md)."""
+    from config import ConfigError, load_config
+    if not os.path.isfile(run.config):
+        raise ReproduceError(f"config {run.config} not found (run from the repository root)")
+    try:
+        cfg = load_config(run.config, list(run.overrides) + list(train_args))
+    except ConfigError as e:
+        raise ReproduceError(f"{run.name}: {e}") from None
+    t = cfg.train
+    micro = t.batch_size // t.grad_accum
+    if t.batch_size % nproc:
+        raise ReproduceError(f"--nproc {nproc} does not divide {run.name}'s train.batch_size={t.batch_size}")
+    per_rank = t.batch_size // nproc
+    accum = max(1, per_rank // micro)
+    while per_rank % accum:
+        accum -= 1
+    out = run_dir(root, run)
+    argv = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "train.py", run.config,
+            f"--train.out_dir={out}", *run.overrides]
+    if accum != t.grad_accum:
+        argv.append(f"--train.grad_accum={accum}")
+    argv += list(train_args)
+    from checkpoint import TRAINER_STATE
+    marker = os.path.join(out, "checkpoints", f"step_{t.max_steps:06d}", TRAINER_STATE)
+    return Step(f"train {run.name}", argv, marker, run)
+
+
+def eval_steps(kind: str, run: Run, root: str) -> list[Step]:
+    ckpt = run_dir(root, run)
+    out = os.path.join(ckpt, os.path.dirname(EVAL_FILES[kind]))
+    marker = os.path.join(ckpt, EVAL_FILES[kind])
+    title = f"{kind} {run.name}"
+    if kind in ("perplexity", "niah", "continual"):
+        return [Step(title, ["python", "-m", "eval.run", "--suite", "paper", "--sections", kind,
+                             "--checkpoint", ckpt, "--out", out], marker, run)]
+    if kind == "zeroshot":
+        return [Step(title, ["python", "-m", "eval.reproduce", "zeroshot", "--checkpoint", ckpt, "--out", out],
+                     marker, run)]
+    if kind == "niah_titans":          # Titans Table 2: pass-key and number at 2K-16K (no word-needle task here)
+        return [Step(title, ["python", "-m", "eval.niah", "--checkpoint", ckpt, "--tasks", "1,2",
+                             "--lengths", "2k,4k,8k,16k", "--samples", "100", "--out", out], marker, run)]
+    finetuned = os.path.join(ckpt, "babilong_ft")
+    return [Step(f"babilong fine-tune {run.name}",
+                 ["python", "-m", "eval.babilong", "finetune", "--checkpoint", ckpt, "--tasks", BABILONG_TASKS,
+                  "--lengths", BABILONG_FINETUNE_LENGTHS, "--steps", "2000", "--batch-size", "8", "--lr", "1e-4",
+                  "--out", finetuned], os.path.join(finetuned, "checkpoints", "latest"), run),
+            Step(title, ["python", "-m", "eval.babilong", "eval", "--checkpoint", finetuned, "--tasks", BABILONG_TASKS,
+                         "--lengths", ",".join(BABILONG_EVAL_LENGTHS), "--samples", "100", "--out", out], marker, run)]
+
+
+def plan(table: str, root: str = DEFAULT_RESULTS_ROOT, nproc: int = 1, train_args: tuple = (),
+         ablation_base: str = "hope_1.3b") -> list[Step]:
+    """Training steps first (each run once), then the evaluations, in row order."""
+    if nproc < 1:
+        raise ReproduceError(f"--nproc must be >= 1, got {nproc}")
+    rows = [r for r in table_rows(table, ablation_base) if r.run is not None]
+    trains, evals, seen = [], [], set()
+    for row in rows:
+        if row.run.name not in seen:
+            trains.append(train_step(row.run, root, nproc, train_args))
+        for kind in eval_kinds(table, row):
+            if (row.run.name, kind) not in seen:
+                evals += eval_steps(kind, row.run, root)
+                seen.add((row.run.name, kind))
+        seen.add(row.run.name)
+    return trains + evals
+
+
+def script(table: str, steps: list[Step], root: str) -> str:
+    """The plan as a shell script; `python` stands for the interpreter running this."""
+    runs = sum(s.title.startswith("train ") for s in steps)
+    lines = [f"# {table}: {runs} training runs, {len(steps) - runs} evaluation steps; results under {root}"]
+    for s in steps:
+        lines.append(f"# [{'done' if os.path.exists(s.marker) else 'todo'}] {s.title}")
+        lines.append(shlex.join(s.argv))
+    return "\n".join(lines) + "\n"
+
+
+def execute(steps: list[Step], runner=subprocess.run, log=print) -> int:
+    """Run every step whose marker is missing, in order; stop at the first failure.
+    Returns the number of steps run."""
+    ran = 0
+    for s in steps:
+        if os.path.exists(s.marker):
+            log(f"skip (done): {s.title}")
+            continue
+        argv = [sys.executable if a == "python" and i == 0 else a for i, a in enumerate(s.argv)]
+        log(f"run: {shlex.join(s.argv)}")
+        code = runner(argv).returncode
+        if code != 0:
+            raise RuntimeError(f"step '{s.title}' failed with exit code {code}: {shlex.join(s.argv)}")
+        if not os.path.exists(s.marker):
+            raise RuntimeError(f"step '{s.title}' finished but did not write {s.marker}")
+        ran += 1
+    return ran
+
+
+# -----------------------------------------------------------------------------
+# collecting our numbers
+
+def _load(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _get(data, *keys):
+    """data[k1][k2]...; None when any level is missing or was skipped."""
+    for k in keys:
+        if not isinstance(data, dict) or k not in data or (isinstance(data[k], dict) and "skipped" in data[k]):
+            return None
+        data = data[k]
+    return data
+
+
+def _percent(v):
+    return None if v is None else 100.0 * v
+
+
+def lm_metrics(run_path: str) -> dict:
+    """NL Table 2 / Titans Table 1 columns from eval.run (WikiText, LAMBADA) and zeroshot.json."""
+    res = _load(os.path.join(run_path, EVAL_FILES["perplexity"]))
+    zs = _load(os.path.join(run_path, EVAL_FILES["zeroshot"]))
+    row = {"wiki_ppl": _get(res, "perplexity", "wikitext", "word_perplexity"),
+           "lmb_ppl": _get(res, "perplexity", "lambada", "perplexity"),
+           "lmb_acc": _percent(_get(res, "perplexity", "lambada", "accuracy"))}
+    for task, (_, column) in ZERO_SHOT_TASKS.items():
+        row[column] = _percent(_get(zs, "accuracy", task))
+    row["avg"] = average_accuracy(row)
+    # NL Table 6: ppl = mean(Wiki, LMB) and acc = Avg (paper-digest §5.7)
+    row["ppl"] = None if None in (row["wiki_ppl"], row["lmb_ppl"]) else (row["wiki_ppl"] + row["lmb_ppl"]) / 2
+    row["acc"] = row["avg"]
+    return row
+
+
+def _niah_cell(accuracy: dict, task: int, length: str):
+    """eval.run labels lengths '4k'; eval.niah writes token counts ('4096')."""
+    cells = (accuracy or {}).get(f"niah_single_{task}", {})
+    tokens = str(int(length[:-1]) * 1024)
+    value = cells.get(length, cells.get(tokens))
+    return _percent(value)
+
+
+def niah_metrics(run_path: str, titans: bool) -> dict:
+    if titans:
+        acc = _get(_load(os.path.join(run_path, EVAL_FILES["niah_titans"])), "accuracy")
+        row = {f"{name}_{length}": _niah_cell(acc, task, length)
+               for task, name in ((1, "pk"), (2, "n")) for length in ("2k", "4k", "8k", "16k")}
+        row.update({f"w_{length}": None for length in ("2k", "4k", "8k", "16k")})   # no word-needle task
+        return row
+    acc = _get(_load(os.path.join(run_path, EVAL_FILES["niah"])), "niah", "accuracy")
+    return {f"s_niah_{task}_{length}": _niah_cell(acc, task, length)
+            for task in (1, 2, 3) for length in ("4k", "8k", "16k")}
+
+
+def babilong_metrics(run_path: str) -> dict:
+    """Official accuracy, mean over qa1-qa5, per length."""
+    means = _get(_load(os.path.join(run_path, EVAL_FILES["babilong"])), "mean_over_tasks", "official") or {}
+    return {length: _percent(means.get(length)) for length in BABILONG_EVAL_LENGTHS}
+
+
+CONTINUAL_ARMS = ("sequential", "in_context_memory")
+
+
+def continual_metrics(run_path: str) -> dict:
+    res = _get(_load(os.path.join(run_path, EVAL_FILES["continual"])), "continual")
+    row = {}
+    for dataset in ("clinc", "banking"):
+        for arm in CONTINUAL_ARMS:
+            arm_result = _get(res, "intents", dataset, "arms", arm)
+            row[f"{dataset}_{arm}_acc"] = _percent(_get(arm_result, "ACC"))
+            row[f"{dataset}_{arm}_bwt"] = _percent(_get(arm_result, "BWT"))
+    row["domains_forgetting"] = _get(res, "domains", "mean_forgetting")
+    return row
+
+
+# -----------------------------------------------------------------------------
+# markdown
+
+@dataclass(frozen=True)
+class Layout:
+    title: str
+    columns: tuple                     # (key, header, decimals)
+    paper: object = None               # PaperTable, or None for figure-only results
+    metrics: object = None             # run_path -> {key: value}
+
+
+_LM_HEADERS = {"wiki_ppl": "Wiki ppl↓", "lmb_ppl": "LMB ppl↓", "lmb_acc": "LMB acc", "piqa": "PIQA",
+               "hellaswag": "Hella acc_n", "winogrande": "Wino", "arc_easy": "ARC-e", "arc_challenge": "ARC-c acc_n",
+               "siqa": "SIQA", "boolq": "BoolQ", "avg": "Avg", "ppl": "ppl↓ (mean Wiki, LMB)", "acc": "acc (Avg)"}
+
+
+def _lm_columns(keys):
+    return tuple((k, _LM_HEADERS[k], 2 if k in ("wiki_ppl", "lmb_ppl", "ppl", "avg") else 1) for k in keys)
+
+
+def layouts(table: str, ablation_base: str = "hope_1.3b") -> list[tuple[Layout, list[Row]]]:
+    """The markdown tables of TABLE: (layout, rows) pairs."""
+    rows = table_rows(table, ablation_base)
+    if table in ("nl_table2", "titans_table1", "nl_table6"):
+        paper = {"nl_table2": NL_TABLE2, "titans_table1": TITANS_TABLE1, "nl_table6": NL_TABLE6}[table]
+        layout = Layout(paper.source, _lm_columns(paper.columns), paper, lm_metrics)
+        return [(layout, rows)]
+    if table == "nl_niah":
+        nl = Layout(NL_TABLE1_SNIAH.source, tuple((c, c.replace("s_niah_", "S-NIAH-").replace("_", " "), 1)
+                                                   for c in NL_TABLE1_SNIAH.columns),
+                    NL_TABLE1_SNIAH, lambda p: niah_metrics(p, titans=False))
+        titans = Layout(TITANS_TABLE2.source + "; W (word needle) has no counterpart in eval/niah.py",
+                        tuple((c, c.replace("_", " ").upper(), 1) for c in TITANS_TABLE2.columns),
+                        TITANS_TABLE2, lambda p: niah_metrics(p, titans=True))
+        return [(nl, [r for r in rows if r.group != "Titans S-NIAH"]),
+                (titans, [r for r in rows if r.group == "Titans S-NIAH"])]
+    if table == "babilong":
+        layout = Layout("BABILong after fine-tuning: official accuracy %, mean over qa1-qa5 (paper: "
+                        + FIGURE_ONLY["babilong"] + ")",
+                        tuple((length, length, 1) for length in BABILONG_EVAL_LENGTHS), None, babilong_metrics)
+        return [(layout, rows)]
+    arms = {"sequential": "seq", "in_context_memory": "ICM"}
+    columns = tuple((f"{d}_{arm}_{m}", f"{d.upper() if d == 'clinc' else 'Banking'} {m.upper()} {arms[arm]}", 1)
+                    for d in ("clinc", "banking") for arm in CONTINUAL_ARMS for m in ("acc", "bwt"))
+    columns += (("domains_forgetting", "domains forgetting (ppl)", 2),)
+    layout = Layout("Continual learning, % (paper: " + FIGURE_ONLY["continual"] + "; seq = sequential "
+                    "fine-tuning, ICM = in-context memory, eval/continual.py)", columns, None, continual_metrics)
+    return [(layout, rows)]
+
+
+def _fmt(value, decimals) -> str:
+    return "—" if value is None else f"{value:.{decimals}f}"
+
+
+def markdown(table: str, root: str = DEFAULT_RESULTS_ROOT, ablation_base: str = "hope_1.3b") -> str:
+    """Our numbers next to the paper's for every row; '—' where we have none."""
+    out = [f"# {table}: ours vs the paper\n",
+           f"Results under `{root}`. Each cell: ours / paper; — = no number "
+           "(not run yet, or a model this repository does not implement).\n"]
+    for layout, rows in layouts(table, ablation_base):
+        out.append(f"## {layout.title}\n")
+        if layout.paper is not None and layout.paper.note:
+            out.append(f"{layout.paper.note}\n")
+        header = ["group", "model", "run"] + [h for _, h, _ in layout.columns] + ["note"]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "---|" * len(header))
+        for r in rows:
+            ours = layout.metrics(run_dir(root, r.run)) if r.run else {}
+            paper = layout.paper.row(r.group, r.paper) if (layout.paper is not None and r.paper) else {}
+            cells = []
+            for key, _, decimals in layout.columns:
+                mine = _fmt(ours.get(key), decimals)
+                cells.append(f"{mine} / {_fmt(paper.get(key), decimals)}" if layout.paper is not None else mine)
+            run_name = f"`{r.run.name}`" if r.run else "—"
+            out.append("| " + " | ".join([r.group, r.label, run_name] + cells + [r.note]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+# -----------------------------------------------------------------------------
+# lm-eval zero-shot step
+
+def zero_shot_scores(lm_eval_results: dict) -> dict:
+    """simple_evaluate's output -> {task: accuracy in [0, 1]} with the papers' metric per task."""
+    per_task = lm_eval_results.get("results", {})
+    scores = {}
+    for task, (metric, _) in ZERO_SHOT_TASKS.items():
+        entry = per_task.get(task, {})
+        key = next((k for k in (f"{metric},none", metric) if k in entry), None)
+        if key is None:
+            raise ValueError(f"lm-eval results have no {metric} for task {task}")
+        scores[task] = float(entry[key])
+    return scores
+
+
+def run_zero_shot(checkpoint: str, out_dir: str, device: str = "auto", limit: int | None = None,
+                  batch_size: int = 8) -> dict:
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    try:
+        import lm_eval
+    except ImportError:
+        raise ImportError("lm-eval is not installed: pip install -r requirements-eval.txt") from None
+    from eval.babilong import resolve_device
+    from eval.lm_eval_adapter import OurLM
+    lm = OurLM.from_checkpoint(checkpoint, device=str(resolve_device(device)), batch_size=batch_size)
+    raw = lm_eval.simple_evaluate(model=lm, tasks=list(ZERO_SHOT_TASKS), num_fewshot=0, limit=limit)
+    result = {"checkpoint": os.path.abspath(checkpoint), "num_fewshot": 0, "limit": limit,
+              "metrics": {task: metric for task, (metric, _) in ZERO_SHOT_TASKS.items()},
+              "lm_eval_version": getattr(lm_eval, "__version__", "unknown"), "accuracy": zero_shot_scores(raw)}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "zeroshot.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return result
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def _zero_shot_main(argv):
+    parser = argparse.ArgumentParser(prog="python -m eval.reproduce zeroshot",
+                                     description="Zero-shot accuracies of the papers' tables with lm-eval.")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint dir or a training out_dir")
+    parser.add_argument("--out", required=True, help="output folder (zeroshot.json)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--limit", type=int, help="examples per task (default all; for smoke tests)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args(argv)
+    try:
+        return run_zero_shot(args.checkpoint, args.out, args.device, args.limit, args.batch_size)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["zeroshot"]:
+        return _zero_shot_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m eval.reproduce",
+                                     description="Commands and side-by-side tables for the papers' results.")
+    parser.add_argument("table", help=" | ".join(TABLES) + " (or: zeroshot --checkpoint DIR --out DIR)")
+    parser.add_argument("--run", action="store_true", help="execute the missing steps (default: print them)")
+    parser.add_argument("--nproc", type=int, default=1, help="GPUs per training run (torchrun --nproc_per_node)")
+    parser.add_argument("--results-root", default=DEFAULT_RESULTS_ROOT, help="where runs/ and their evals live")
+    parser.add_argument("--out", help="folder for TABLE.md (default: the results root)")
+    parser.add_argument("--train-args", default="", help="extra overrides for every training command, one string")
+    parser.add_argument("--ablation-base", default="hope_1.3b", help="nl_table6: " + " | ".join(ABLATION_BASES))
+    args = parser.parse_args(argv)
+    try:
+        train_args = tuple(shlex.split(args.train_args))
+        bad = [a for a in train_args if not a.startswith("--")]
+        if bad:
+            raise ReproduceError(f"--train-args must be overrides like --train.compile=true, got {bad[0]!r}")
+        steps = plan(args.table, args.results_root, args.nproc, train_args, args.ablation_base)
+        if args.run:
+            execute(steps)
+        else:
+            print(script(args.table, steps, args.results_root))
+        text = markdown(args.table, args.results_root, args.ablation_base)
+    except (ReproduceError, RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    out_dir = args.out or args.results_root
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{args.table}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

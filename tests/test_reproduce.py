@@ -1,0 +1,326 @@
+"""eval.reproduce (commands per table, execution with skipping, markdown next to the paper's
+numbers) and eval.paper_numbers (the tables as transcribed from paper-digest §5)."""
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+
+import pytest
+
+from config import load_config
+from eval import reproduce as rp
+from eval.paper_numbers import NL_TABLE1_SNIAH, NL_TABLE2, NL_TABLE6, PAPER, TITANS_TABLE1, TITANS_TABLE2
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGEST = os.path.join(os.path.dirname(REPO), "shared", "reference", "paper-digest.md")
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)             # commands name configs/ relative to the repository
+
+
+def _write(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+# -----------------------------------------------------------------------------
+# commands
+
+@pytest.mark.parametrize("table", rp.TABLES)
+def test_every_table_plans_valid_commands(table, tmp_path):
+    steps = rp.plan(table, str(tmp_path))
+    trains = [s for s in steps if s.argv[0] == "torchrun"]
+    evals = [s for s in steps if s.argv[0] == "python"]
+    assert trains and evals and len(trains) + len(evals) == len(steps)
+    out_dirs = set()
+    for s in trains:
+        config, overrides = s.argv[4], [a for a in s.argv[5:] if not a.startswith("--train.out_dir=")]
+        assert os.path.isfile(config), config
+        cfg = load_config(config, overrides)           # every override is a valid config key and value
+        out_dir = next(a.split("=", 1)[1] for a in s.argv if a.startswith("--train.out_dir="))
+        assert out_dir == os.path.join(str(tmp_path), "runs", s.run.name)
+        assert s.marker.endswith(os.path.join(f"step_{cfg.train.max_steps:06d}", "trainer_state.pt"))
+        out_dirs.add(out_dir)
+    assert len(out_dirs) == len(trains), "a run is trained twice"
+    for s in evals:                                    # every eval reads a run this plan trains
+        assert s.argv[1] == "-m" and s.argv[2].startswith("eval.")
+        ckpt = s.argv[s.argv.index("--checkpoint") + 1]
+        assert ckpt.split(os.sep + "babilong_ft")[0] in out_dirs
+    assert len({s.marker for s in steps}) == len(steps)
+    text = rp.script(table, steps, str(tmp_path))
+    assert text.count("# [todo]") == len(steps) and "torchrun --standalone --nproc_per_node=1 train.py" in text
+
+
+def test_table_rows_use_the_right_configs():
+    runs = {r.label: r.run for r in rp.table_rows("nl_table2") if r.group == "1.3B / 100B" and r.run}
+    assert {k: v.config for k, v in runs.items()} == {
+        "Transformer++": "configs/transformer_1.3b.yaml", "Titans": "configs/titans_lmm_1.3b.yaml",
+        "Hope": "configs/hope_1.3b.yaml"}
+    t1 = {(r.group, r.label): r.run.name for r in rp.table_rows("titans_table1") if r.run}
+    assert t1[("340M / 15B", "MAC*")] == "titans_mac_340m" and t1[("760M / 30B", "MAL")] == "titans_mal_760m"
+    assert not any(g == "400M / 15B" for g, _ in t1)
+    niah = {r.label: r.run for r in rp.table_rows("nl_niah") if r.group == "50B tokens" and r.run}
+    for run in niah.values():
+        assert load_config(run.config, list(run.overrides)).train.max_steps == round(50e9 / 524288)
+
+
+def test_ablations_switch_what_table6_names():
+    rows = {r.label: r for r in rp.table_rows("nl_table6")}
+    expect = {"w/o DGD (plain GD)": ("inner_opt", "gd"), "w/o weight decay (α)": ("retention", False),
+              "w/o CMS": ("cms", False), "w/o inner-projection k": ("adaptive_k", False),
+              "w/o inner-projection v": ("adaptive_v", False), "Hope + adaptive q (ours)": ("adaptive_q", True)}
+    base = load_config("configs/hope_1.3b.yaml").model.hope
+    for label, (key, value) in expect.items():
+        run = rows[label].run
+        hope = load_config(run.config, list(run.overrides)).model.hope
+        assert getattr(hope, key) == value != getattr(base, key), label
+    assert rows["w/o Momentum"].run is None and "momentum" in rows["w/o Momentum"].note
+    assert rows["w/o inner-projection q"].run == rows["Hope"].run          # our Hope has a static q
+    assert base.adaptive_q is False
+    small = {r.label: r.run.name for r in rp.table_rows("nl_table6", "hope_760m") if r.run}
+    assert small["w/o CMS"] == "hope_760m-nocms"
+    with pytest.raises(rp.ReproduceError, match="ablation-base"):
+        rp.table_rows("nl_table6", "hope_9b")
+
+
+def test_runs_are_shared_between_rows_and_tables(tmp_path):
+    t6 = rp.plan("nl_table6", str(tmp_path))
+    assert sum(s.title == "train hope_1.3b" for s in t6) == 1          # Hope and w/o q rows share it
+    assert sum(s.title == "perplexity hope_1.3b" for s in t6) == 1
+    t2 = rp.plan("nl_table2", str(tmp_path))
+    assert {s.marker for s in t6 if s.title == "train hope_1.3b"} <= {s.marker for s in t2}
+
+
+def test_nproc_keeps_the_global_batch(tmp_path):
+    one = rp.train_step(rp._run("hope_760m"), str(tmp_path), nproc=1)
+    assert not any(a.startswith("--train.grad_accum") for a in one.argv)
+    eight = rp.train_step(rp._run("hope_760m"), str(tmp_path), nproc=8)
+    assert "--nproc_per_node=8" in eight.argv and "--train.grad_accum=2" in eight.argv   # 128 = 8 ranks x 2 x 8
+    many = rp.train_step(rp._run("hope_760m"), str(tmp_path), nproc=64)
+    assert "--train.grad_accum=1" in many.argv
+    with pytest.raises(rp.ReproduceError, match="does not divide"):
+        rp.train_step(rp._run("hope_760m"), str(tmp_path), nproc=3)
+    with pytest.raises(rp.ReproduceError, match="nproc"):
+        rp.plan("nl_table2", str(tmp_path), nproc=0)
+    extra = rp.train_step(rp._run("hope_760m"), str(tmp_path), 1, ("--train.compile=true",))
+    assert extra.argv[-1] == "--train.compile=true"
+    with pytest.raises(rp.ReproduceError, match="train.nonsense"):
+        rp.train_step(rp._run("hope_760m"), str(tmp_path), 1, ("--train.nonsense=1",))
+
+
+def test_execute_skips_done_steps_and_stops_on_failure(tmp_path):
+    markers = [str(tmp_path / f"m{i}") for i in range(3)]
+    steps = [rp.Step(f"s{i}", ["python", "-c", "pass"], m) for i, m in enumerate(markers)]
+    open(markers[1], "w").close()
+    calls = []
+
+    def runner(argv):
+        calls.append(argv)
+        open(markers[len(calls) * 2 - 2], "w").close()          # steps 0 and 2 write their markers
+        return types.SimpleNamespace(returncode=0)
+
+    assert rp.execute(steps, runner, log=lambda *_: None) == 2
+    assert [c[0] for c in calls] == [sys.executable] * 2        # "python" is this interpreter
+    assert rp.execute(steps, runner, log=lambda *_: None) == 0  # everything done: nothing runs
+    fail = [rp.Step("bad", ["python", "-c", "x"], str(tmp_path / "never"))]
+    with pytest.raises(RuntimeError, match="exit code 3"):
+        rp.execute(fail, lambda argv: types.SimpleNamespace(returncode=3), log=lambda *_: None)
+    with pytest.raises(RuntimeError, match="did not write"):
+        rp.execute(fail, lambda argv: types.SimpleNamespace(returncode=0), log=lambda *_: None)
+
+
+# -----------------------------------------------------------------------------
+# our numbers next to the paper's
+
+def _fake_lm_results(root, run, wiki, lmb, lmb_acc, zero_shot=None):
+    d = os.path.join(root, "runs", run)
+    _write(os.path.join(d, "eval", "perplexity", "results.json"),
+           {"perplexity": {"wikitext": {"word_perplexity": wiki}, "lambada": {"perplexity": lmb, "accuracy": lmb_acc},
+                           "val": {"skipped": "not prepared here"}}})
+    if zero_shot is not None:
+        _write(os.path.join(d, "eval", "zeroshot", "zeroshot.json"), {"accuracy": zero_shot})
+
+
+ZS = {"piqa": 0.70, "hellaswag": 0.50, "winogrande": 0.55, "arc_easy": 0.65, "arc_challenge": 0.35,
+      "social_iqa": 0.40, "boolq": 0.60}
+
+
+def _cells(md, label, group=None):
+    line = next(l for l in md.splitlines() if f"| {label} |" in l and (group is None or l.startswith(f"| {group} |")))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_markdown_puts_ours_next_to_the_paper(tmp_path):
+    root = str(tmp_path)
+    _fake_lm_results(root, "hope_1.3b", 15.0, 11.0, 0.5, ZS)
+    _fake_lm_results(root, "hope_760m", 19.5, 21.25, 0.375)                # no zero-shot yet
+    md = rp.markdown("nl_table2", root)
+    hope13 = _cells(md, "Hope", "1.3B / 100B")
+    assert hope13[2] == "`hope_1.3b`"
+    assert hope13[3:6] == ["15.00 / 14.39", "11.00 / 10.08", "50.0 / 51.0"]
+    assert hope13[6] == "70.0 / 73.9" and hope13[12] == "60.0 / 61.4"
+    ours_avg = (50 + 70 + 50 + 55 + 65 + 35 + 40 + 60) / 8
+    assert hope13[13] == f"{ours_avg:.2f} / 58.04"
+    hope760 = _cells(md, "Hope", "760M / 30B")
+    assert hope760[3] == "19.50 / 18.68" and hope760[5] == "37.5 / 38.8"
+    assert hope760[6] == "— / 69.2" and hope760[13] == "— / 52.28"             # missing zero-shot -> no Avg
+    assert _cells(md, "Transformer++", "1.3B / 100B")[3] == "— / 17.92"     # not run yet
+    samba = _cells(md, "Samba*", "760M / 30B")
+    assert samba[2] == "—" and samba[3] == "— / 21.07" and samba[-1] == "paper only"
+    t6 = rp.markdown("nl_table6", root)
+    assert _cells(t6, "Hope")[3:5] == ["13.00 / 12.24", f"{ours_avg:.1f} / 58.1"]   # ppl = mean(Wiki, LMB)
+    assert _cells(t6, "w/o inner-projection q")[3] == "13.00 / 12.19"
+    assert _cells(t6, "w/o CMS")[3] == "— / 13.04"
+
+
+def test_markdown_niah_babilong_continual(tmp_path):
+    root = str(tmp_path)
+    _write(os.path.join(root, "runs", "hope_760m-50b", "eval", "niah", "results.json"),
+           {"niah": {"accuracy": {"niah_single_1": {"4k": 1.0, "8k": 0.9}, "niah_single_3": {"16k": 0.25}}}})
+    _write(os.path.join(root, "runs", "titans_mac_760m", "eval", "niah_titans", "niah.json"),
+           {"accuracy": {"niah_single_1": {"2048": 0.99}, "niah_single_2": {"16384": 0.5}}})
+    md = rp.markdown("nl_niah", root)
+    hope = _cells(md, "Hope", "50B tokens")
+    assert hope[3:5] == ["100.0 / 100.0", "90.0 / 100.0"] and hope[11] == "25.0 / 24.8" and hope[6] == "— / 99.2"
+    mac = _cells(md, "MAC", "Titans S-NIAH")
+    assert mac[3] == "99.0 / 99.2" and mac[10] == "50.0 / 97.4" and mac[11] == "— / 98.2"   # W: no task here
+
+    _write(os.path.join(root, "runs", "hope_760m", "eval", "babilong", "babilong.json"),
+           {"mean_over_tasks": {"official": {"0k": 0.8, "1M": 0.4, "4k": None}}})
+    bl = _cells(rp.markdown("babilong", root), "Hope")
+    assert bl[3] == "80.0" and bl[13] == "40.0" and bl[6] == "—"
+    assert "figure only" in rp.markdown("babilong", root)
+
+    arms = {"sequential": {"ACC": 0.3, "BWT": -0.5}, "in_context_memory": {"ACC": 0.6, "BWT": None}}
+    _write(os.path.join(root, "runs", "hope_760m", "eval", "continual", "results.json"),
+           {"continual": {"intents": {"clinc": {"arms": arms}}, "domains": {"mean_forgetting": 1.25}}})
+    cl = _cells(rp.markdown("continual", root), "Hope")
+    assert cl[3:7] == ["30.0", "-50.0", "60.0", "—"] and cl[7] == "—" and cl[11] == "1.25"
+
+
+def test_cli_prints_commands_and_writes_the_table(tmp_path, capsys):
+    root = str(tmp_path / "results")
+    path = rp.main(["titans_table1", "--results-root", root, "--out", str(tmp_path / "tables"), "--nproc", "4"])
+    out = capsys.readouterr().out
+    assert path == str(tmp_path / "tables" / "titans_table1.md") and os.path.isfile(path)
+    assert "torchrun --standalone --nproc_per_node=4 train.py configs/titans_mag_340m.yaml" in out
+    assert "python -m eval.run --suite paper --sections perplexity" in out
+    assert "| 400M / 15B | MAG |" in open(path).read()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "eval.reproduce", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_errors(tmp_path):
+    bad = _cli("nl_table99", "--results-root", str(tmp_path))
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown table 'nl_table99'")
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    for args, message in ((["--nproc", "0"], "--nproc must be >= 1"),
+                          (["--train-args", "train.compile=true"], "--train-args must be overrides"),
+                          (["--train-args", "--train.max_stepz=3"], "train.max_stepz")):
+        with pytest.raises(SystemExit) as e:
+            rp.main(["nl_table2", "--results-root", str(tmp_path), *args])
+        assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        rp.main(["zeroshot", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path)])
+
+
+def test_zeroshot_without_lm_eval_or_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        rp.main(["zeroshot", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    assert e.value.code == 2 and "not found" in capsys.readouterr().err
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        os.makedirs(tmp_path / "ckpt")
+        with pytest.raises(SystemExit):
+            rp.main(["zeroshot", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path)])
+        assert "pip install -r requirements-eval.txt" in capsys.readouterr().err
+
+
+def test_zero_shot_scores_read_the_papers_metrics():
+    raw = {"results": {task: {"acc,none": 0.1, "acc_norm,none": 0.9, "acc_stderr,none": 0.01} for task in rp.ZERO_SHOT_TASKS}}
+    scores = rp.zero_shot_scores(raw)
+    assert scores["hellaswag"] == scores["arc_challenge"] == 0.9                 # acc_norm
+    assert scores["piqa"] == scores["arc_easy"] == scores["social_iqa"] == 0.1   # acc
+    del raw["results"]["boolq"]
+    with pytest.raises(ValueError, match="boolq"):
+        rp.zero_shot_scores(raw)
+
+
+# -----------------------------------------------------------------------------
+# the paper's numbers
+
+def test_paper_numbers_spot_checks():
+    assert NL_TABLE2.value("1.3B / 100B", "Hope", "wiki_ppl") == 14.39
+    assert NL_TABLE2.value("1.3B / 100B", "Hope", "avg") == 58.04
+    assert NL_TABLE2.value("760M / 30B", "Transformer++", "lmb_ppl") == 24.27
+    assert NL_TABLE2.value("760M / 30B", "Titans", "arc_challenge") == 35.7
+    assert NL_TABLE6.value("1.3B / 100B (inferred)", "w/o CMS", "ppl") == 13.04
+    assert TITANS_TABLE1.value("400M / 15B", "MAG", "wiki_ppl") == 23.59
+    assert TITANS_TABLE1.value("760M / 30B", "MAC", "avg") == 52.51
+    assert NL_TABLE1_SNIAH.value("50B tokens", "Hope", "s_niah_3_16k") == 24.8
+    assert TITANS_TABLE2.value("Titans S-NIAH", "LMM", "n_16k") == 80.2
+    with pytest.raises(KeyError, match="rows"):
+        NL_TABLE2.row("760M / 30B", "Mamba")
+
+
+def test_paper_avg_is_the_mean_of_the_accuracies():
+    """Avg = mean of the 8 accuracy columns in every row of NL Table 2 but two, whose Avg the
+    paper itself prints inconsistently (the digest copies them verbatim): a check on the transcription."""
+    from eval.paper_numbers import average_accuracy
+    off = {(group, model) for group, rows in NL_TABLE2.groups.items() for model in rows
+           if abs(average_accuracy(NL_TABLE2.row(group, model)) - NL_TABLE2.value(group, model, "avg")) > 0.011}
+    assert off == {("760M / 30B", "TTT"), ("1.3B / 100B", "Comba")}
+    # Table 6 Hope = mean(Wiki, LMB) and Avg of the 1.3B Hope row
+    hope = NL_TABLE2.row("1.3B / 100B", "Hope")
+    assert abs((hope["wiki_ppl"] + hope["lmb_ppl"]) / 2 - NL_TABLE6.value("1.3B / 100B (inferred)", "Hope", "ppl")) < 0.0051
+    assert abs(hope["avg"] - NL_TABLE6.value("1.3B / 100B (inferred)", "Hope", "acc")) <= 0.1   # 58.04 vs 58.1
+
+
+def _digest_tables():
+    with open(DIGEST) as f:
+        text = f.read()
+
+    def rows_after(marker):
+        lines = text[text.index(marker):].splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("|")) + 2
+        rows = []
+        for line in lines[start:]:
+            if not line.startswith("|"):
+                break
+            rows.append([c.strip().replace("**", "") for c in line.strip().strip("|").split("|")])
+        return rows
+    return text, rows_after
+
+
+@pytest.mark.skipif(not os.path.isfile(DIGEST), reason="../shared/reference/paper-digest.md not here")
+def test_every_cell_matches_the_digest():
+    text, rows_after = _digest_tables()
+    group = None
+    for cells in rows_after("### 5.2"):
+        if not cells[1]:
+            group = cells[0]
+            continue
+        assert NL_TABLE2.groups[group][cells[0]] == tuple(float(c) for c in cells[1:]), cells[0]
+    for marker, table in (("### 5.3", NL_TABLE1_SNIAH), ("**Titans Table 2**", TITANS_TABLE2),
+                          ("**HOPE Table 6.**", NL_TABLE6)):
+        rows = next(iter(table.groups.values()))
+        digest = {cells[0]: tuple(float(c) for c in cells[1:]) for cells in rows_after(marker)}
+        assert rows == digest, table.name
+    line = next(l for l in text.splitlines() if l.startswith("**Titans Table 1**"))
+    groups = re.findall(r"(\d+M)/(?:15|30)B: (.*?)(?=\. \d+M/|\.$)", line)
+    assert [g for g, _ in groups] == ["340M", "400M", "760M"]
+    for group, body in groups:
+        rows = next(rows for name, rows in TITANS_TABLE1.groups.items() if name.startswith(group))
+        digest = {m.group(1): tuple(float(x) for x in m.group(2, 3, 4))
+                  for m in re.finditer(r"([\w+*\- ]+?) ([\d.]+)/([\d.]+)/([\d.]+)", body)}
+        assert {k.strip(): v for k, v in digest.items()} == rows, group
+    assert set(PAPER) == {"nl_table2", "nl_table6", "titans_table1", "nl_table1_sniah", "titans_table2"}
