@@ -116,6 +116,11 @@ class NeuralMemory(nn.Module):
     expansion          hidden width E = expansion * head_dim (depth 2)
     chunk_size         C, gradients at the chunk-start weights
     update_rule        "momentum" (Titans) | "dgd" (HOPE) | "gd"
+    max_grad_norm      None = off (the paper's update); tau > 0: each token's inner gradient
+                       (all layers together, Frobenius norm) is rescaled to norm <= tau
+                       before the transition: g_t <- g_t * tau / max(tau, ||dl_t/dW||).
+                       Bounds every write, so a deep memory whose inner GD turns unstable
+                       grows linearly instead of exponentially (our choice, docs/FIDELITY.md)
     detach_targets     stop outer gradients through the targets v in the inner loss
     detach_chunks_older_than   n > 0: truncated backprop through the inner loop: the fast
                        weights (and momenta) are detached at every absolute chunk boundary
@@ -126,8 +131,8 @@ class NeuralMemory(nn.Module):
 
     def __init__(self, n_head: int, head_dim: int, depth: int = 2, expansion: int = 2,
                  activation: str = "silu", chunk_size: int = 16, update_rule: str = "momentum",
-                 detach_targets: bool = False, detach_chunks_older_than: int = 0,
-                 backend: str = "auto"):
+                 max_grad_norm: Optional[float] = None, detach_targets: bool = False,
+                 detach_chunks_older_than: int = 0, backend: str = "auto"):
         super().__init__()
         if depth not in (1, 2):
             raise ValueError(f"memory depth must be 1 (linear) or 2 (residual MLP); got {depth}")
@@ -138,6 +143,8 @@ class NeuralMemory(nn.Module):
                                  ("detach_chunks_older_than", detach_chunks_older_than, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"memory {name} must be an integer >= {low}; got {value!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"memory max_grad_norm must be > 0 or None; got {max_grad_norm!r}")
         if backend not in kernels.BACKENDS:
             raise ValueError(f"memory backend must be one of {', '.join(kernels.BACKENDS)}; got {backend!r}")
         self.n_head, self.head_dim, self.depth = n_head, head_dim, depth
@@ -145,7 +152,7 @@ class NeuralMemory(nn.Module):
         self.activation = activation
         self.act, self.act_deriv = _activation(activation)
         self.chunk_size, self.update_rule, self.backend = chunk_size, update_rule, backend
-        self.detach_targets = detach_targets
+        self.max_grad_norm, self.detach_targets = max_grad_norm, detach_targets
         self.detach_chunks_older_than = detach_chunks_older_than
         # Meta-learned initial fast weights, in application order: [W] or [W_in, W_out].
         shapes = [(head_dim, head_dim)] if depth == 1 else [(self.hidden_dim, head_dim),
@@ -162,7 +169,7 @@ class NeuralMemory(nn.Module):
     def extra_repr(self):
         return (f"n_head={self.n_head}, head_dim={self.head_dim}, depth={self.depth}, "
                 f"hidden={self.hidden_dim if self.depth == 2 else '-'}, chunk_size={self.chunk_size}, "
-                f"update_rule={self.update_rule}")
+                f"update_rule={self.update_rule}, max_grad_norm={self.max_grad_norm}")
 
     # ------------------------------------------------------------------------------------
     # state
@@ -227,6 +234,10 @@ class NeuralMemory(nn.Module):
             if self.detach_targets:
                 v = v.detach()
             inputs, grads = self._inputs_and_gradients(state["chunk_start"], k, v)
+            if self.max_grad_norm is not None:        # ||g a^T||_F = ||g|| ||a||, summed over layers
+                norm = sum(g.pow(2).sum(-1) * a.pow(2).sum(-1) for a, g in zip(inputs, grads)).sqrt()
+                scale = self.max_grad_norm / norm.clamp(min=self.max_grad_norm)
+                grads = [g * scale.unsqueeze(-1) for g in grads]
             new_weights, new_momenta = [], ([] if self.update_rule == "momentum" else None)
             query = q
             for layer, (a, g) in enumerate(zip(inputs, grads)):

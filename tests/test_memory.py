@@ -10,6 +10,16 @@ from memory import NeuralMemory, chunk_pieces
 B, H, D = 2, 2, 4
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The memory layer runs many tiny ops; a second intra-op thread only adds
+    synchronisation (and stalls badly on a loaded machine: 2 threads were 5-25x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def apply_memory(weights, x, act):
     """M(x) for per-sequence weights [B, H, out, in] and x [B, H, d] (DESIGN §3.3)."""
     if len(weights) == 1:
@@ -34,6 +44,9 @@ def oracle(mem, q, k, v, lr, alpha, beta=None, reads=()):
         k_t, v_t, q_t = k[:, t], v[:, t], q[:, t]
         loss = (apply_memory(start, k_t, act) - v_t).pow(2).sum()
         grads = torch.autograd.grad(loss, start, create_graph=True)
+        if mem.max_grad_norm is not None:                          # per-token clip, all layers
+            norm = sum(g.pow(2).sum((-1, -2)) for g in grads).sqrt()[..., None, None]
+            grads = [g * mem.max_grad_norm / norm.clamp(min=mem.max_grad_norm) for g in grads]
         layer_inputs = [k_t] if mem.depth == 1 else [k_t, act(torch.einsum("bhoi,bhi->bho", start[0], k_t))]
         lr_t, al_t = lr[:, t, :, None, None], alpha[:, t, :, None, None]
         for i, (grad, a) in enumerate(zip(grads, layer_inputs)):
@@ -111,6 +124,23 @@ def test_chunked_memory_equals_token_by_token_oracle(rule, depth, chunk):
     for got, want in zip(grads, grads_ref):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("rule", ["momentum", "dgd"])
+def test_max_grad_norm_equals_oracle(rule):
+    """Per-token inner-gradient clipping (tau = 0.5 binds on most tokens here)."""
+    mem = make_memory(rule, 2, 3, max_grad_norm=0.5)
+    x = make_inputs(8, rule, seed=6)
+    gates = (x["lr"], x["alpha"], x["beta"])
+    y, state = mem(x["q"], x["k"], x["v"], *gates)
+    y_ref, w_ref, _, _ = oracle(mem, x["q"], x["k"], x["v"], *gates)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(state["weights"][1], w_ref[1], rtol=1e-9, atol=1e-9)
+    g, g_ref = (torch.autograd.grad(out.sum(), [x["v"], x["lr"]]) for out in (y, y_ref))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+    unclipped, _ = make_memory(rule, 2, 3)(x["q"], x["k"], x["v"], *gates)
+    assert (unclipped - y).abs().max() > 1e-3
 
 
 def test_gelu_memory_equals_oracle():
@@ -221,5 +251,7 @@ def test_bad_inputs_raise_clear_errors():
         NeuralMemory(H, D, depth=3)
     with pytest.raises(ValueError, match="update_rule"):
         NeuralMemory(H, D, update_rule="adam")
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        NeuralMemory(H, D, max_grad_norm=0.0)
     with pytest.raises(ValueError, match="takes no momentum gate"):
         make_memory("dgd", 1, 4)(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"])
