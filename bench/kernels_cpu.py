@@ -89,7 +89,9 @@ def main(argv=None):
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {platform.node()} {platform.machine()} {platform.processor() or ''}, "
           f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads), date {datetime.datetime.now().isoformat(timespec='seconds')}")
+          f"threads), date {datetime.datetime.now().isoformat(timespec='seconds')}, "
+          f"load average {os.getloadavg()[0]:.2f} (timings are wall-clock: a busy machine "
+          f"inflates them)")
     print(f"shape: B={args.B} T={args.T} H={args.H} K=V={args.d} chunk={args.chunk} fp32 CPU")
     header = f"{'op':<14}{'pass':<9}{'reference s':>12}{'chunked s':>12}{'speedup':>9}" \
              f"{'max abs err':>13}"

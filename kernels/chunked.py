@@ -121,19 +121,19 @@ def momentum_rule_chunked(q, k, u, alpha, beta, initial_state=None, initial_mome
         mixing = torch.stack([torch.stack([a[..., -1], c[..., -1]], dim=-1),
                               torch.stack([torch.zeros_like(b[..., -1]), b[..., -1]], dim=-1)],
                              dim=-2)                                      # [B,H,N,2,2]
-        # chunk-major [N, B*H, ...] so that every step reads contiguous blocks
-        write = write.permute(2, 0, 1, 3, 4).reshape(N, B * H, 2, V * K)
-        mixing = mixing.permute(2, 0, 1, 3, 4).reshape(N, B * H, 2, 2)
+        write = write.view(B * H, N, 2, V * K)
+        mixing = mixing.view(B * H, N, 2, 2)
         # The only sequential part: the states entering each chunk, one tiny bmm per chunk.
         X = torch.stack([S, Z], dim=2).reshape(B * H, 2, V * K)
         X_starts = []
         for n in range(N):
             X_starts.append(X)
-            X = torch.baddbmm(write[n], mixing[n], X)                # write + M X
+            X = torch.baddbmm(write[:, n], mixing[:, n], X)          # write + M X
         S, Z = (x.contiguous() for x in X.view(B, H, 2, V, K).unbind(2))
-        S0, Z0 = torch.stack(X_starts, dim=1).view(B, H, N, 2, V, K).unbind(3)
-        o = torch.addcmul(intra, a.unsqueeze(-1), Q @ S0.transpose(-1, -2))
-        outputs.append(torch.addcmul(o, c.unsqueeze(-1), Q @ Z0.transpose(-1, -2)))
+        X0 = torch.stack(X_starts, dim=1).view(B, H, N, 2 * V, K)   # [S_0; Z_0] per chunk
+        QS0, QZ0 = (Q @ X0.transpose(-1, -2)).split(V, dim=-1)      # Q S_0^T, Q Z_0^T
+        outputs.append(torch.addcmul(torch.addcmul(intra, a.unsqueeze(-1), QS0),
+                                     c.unsqueeze(-1), QZ0))
     return _finish(outputs, q, u), S, Z
 
 
@@ -169,18 +169,19 @@ def delta_rule_chunked(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
         rhs = torch.cat([U, (eta_c * gamma_prev).unsqueeze(-1) * Kc], dim=-1)
         solved = torch.linalg.solve_triangular(unit_lower, rhs, upper=False,
                                                unitriangular=True)
-        U_prime, W = solved[..., : U.shape[-1]], solved[..., U.shape[-1]:]
+        B, H, N, _, V = U.shape
+        K = Kc.shape[-1]
+        U_prime, W = solved.split([V, K], dim=-1)
         # S_L = gamma_L S_0 + (U' - W S_0^T)^T Kd = S_0 (gamma_L I - W^T Kd) + U'^T Kd with
         # Kd = diag(D[L,:]) K: an affine map of S_0 per chunk, built for all chunks at once.
         decay_to_end = D[..., -1, :, None] * Kc                     # rows D[L,i] k_i
-        eye = torch.eye(Kc.shape[-1], dtype=Kc.dtype, device=Kc.device)
-        transition = gamma[..., -1, None, None] * eye - W.transpose(-1, -2) @ decay_to_end
-        write = U_prime.transpose(-1, -2) @ decay_to_end            # [B,H,N,V,K]
-        # The only sequential part: the state entering each chunk, one matmul per chunk.
-        B, H, N, V, K = write.shape
+        write, W_T_Kd = (solved.transpose(-1, -2) @ decay_to_end).split([V, K], dim=-2)
+        eye = torch.eye(K, dtype=Kc.dtype, device=Kc.device)
+        transition = gamma[..., -1, None, None] * eye - W_T_Kd     # [B,H,N,K,K]
         # chunk-major [N, B*H, ...] so that every step reads contiguous matrices
         write = write.permute(2, 0, 1, 3, 4).reshape(N, B * H, V, K)
         transition = transition.permute(2, 0, 1, 3, 4).reshape(N, B * H, K, K)
+        # The only sequential part: the state entering each chunk, one matmul per chunk.
         S_starts, S = [], S.reshape(B * H, V, K)
         for n in range(N):
             S_starts.append(S)
