@@ -126,7 +126,9 @@ class NeuralMemory(nn.Module):
                        weights (and momenta) are detached at every absolute chunk boundary
                        that is a multiple of n chunks, so outer gradients reach back at
                        most n chunks (forward values are unchanged); 0 = full backprop
-    backend            kernels backend ("auto" | "reference" | "torch" | "triton")
+    backend            kernels backend ("auto" | "reference" | "torch" | "triton"); where the
+                       scans run in Triton, a linear memory runs as one fused kernel per layer
+                       (kernels/triton_memory.py, `_use_fused_kernel`)
     """
 
     def __init__(self, n_head: int, head_dim: int, depth: int = 2, expansion: int = 2,
@@ -277,6 +279,8 @@ class NeuralMemory(nn.Module):
         self._check_inputs(q, k, v, lr, alpha, beta, reads)
         B, T = q.shape[:2]
         state = self.initial_state(B) if state is None else state
+        if T > 0 and self._use_fused_kernel(q, reads):
+            return self._fused_scan(q, k, v, lr, alpha, beta, state)
         ys, read_parts = [], [[] for _ in reads]
         for lo, hi in chunk_pieces(state["pos"], T, self.chunk_size):
             for parts, x in zip(read_parts, reads):
@@ -290,6 +294,54 @@ class NeuralMemory(nn.Module):
         reads_out = [torch.cat(p, 1) if p else x.new_zeros(x.shape, dtype=dtype)
                      for p, x in zip(read_parts, reads)]
         return MemoryOutput(y, state, reads_out)
+
+    def _use_fused_kernel(self, q, reads) -> bool:
+        """The fused Triton layer (kernels/triton_memory.py) runs when the scans would run in
+        Triton (backend "triton", or "auto" on CUDA) and it covers the configuration: a linear
+        memory in fp32 state, C <= 64, d <= 128, no extra reads, no clipping, full backprop.
+        Everything else, and the CPU, takes the per-chunk path above (the oracle)."""
+        if (self.depth != 1 or reads or self.max_grad_norm is not None
+                or self.detach_chunks_older_than or self._dtype() != torch.float32):
+            return False
+        if kernels.select_backend(self.backend, q.device, self._dtype()) != "triton":
+            return False
+        from kernels import triton_memory
+        return triton_memory.fusable(self.head_dim, self.chunk_size)
+
+    def _fused_scan(self, q, k, v, lr, alpha, beta, state) -> MemoryOutput:
+        """scan() through the fused kernel: a chunk begun in an earlier call is finished by
+        update_piece, then every remaining chunk (aligned to t = 0 of the rest) in one launch."""
+        from kernels import triton_memory
+        C, ys = self.chunk_size, []
+        head = min((C - state["pos"] % C) % C, q.shape[1])
+        if head:
+            y, state = self.update_piece(q[:, :head], k[:, :head], v[:, :head], lr[:, :head],
+                                         alpha[:, :head], None if beta is None else beta[:, :head],
+                                         state)
+            ys.append(y)
+            q, k, v, lr, alpha = (t[:, head:] for t in (q, k, v, lr, alpha))
+            beta = None if beta is None else beta[:, head:]
+        if q.shape[1]:
+            with _no_autocast(q):
+                q, k, v, lr, alpha = (t.float() for t in (q, k, v, lr, alpha))
+                v = v.detach() if self.detach_targets else v
+                weights, momenta = state["weights"][0], None
+                if self.update_rule == "momentum":
+                    y, weights, z, start = triton_memory.fused_linear_memory_momentum(
+                        q, k, v, alpha, beta.float(), lr, weights, state["momenta"][0], C)
+                    momenta = [z]
+                else:
+                    if self.update_rule == "dgd":
+                        eta = write_lr = lr / (1 + lr * k.pow(2).sum(-1))    # eta' (NL Eq. 57)
+                    else:
+                        eta, write_lr = torch.zeros_like(lr), lr
+                    y, weights, start = triton_memory.fused_linear_memory_delta(
+                        q, k, v, alpha, eta, write_lr, weights, C)
+            ys.append(y)
+            pos = state["pos"] + q.shape[1]
+            state = {"weights": [weights], "chunk_start": [weights if pos % C == 0 else start],
+                     "momenta": momenta, "pos": pos}
+        return MemoryOutput(torch.cat(ys, 1), state, [])
 
     def forward(self, q, k, v, lr, alpha, beta=None, state=None):
         """(y [B, T, H, d], state): readouts after the write, M_t(q_t)."""

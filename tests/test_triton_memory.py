@@ -1,0 +1,206 @@
+"""The fused memory-layer kernels (kernels/triton_memory.py) against the torch path of
+memory.py (the oracle, run in float64): outputs, final states (weights, chunk-start weights,
+momenta) and the gradients of every input, on random data with T not a multiple of C.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported): fp32, tiny sizes. With a GPU the same cases
+run natively, plus a realistic size.
+"""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from kernels import triton_delta, triton_memory  # noqa: E402
+from memory import NeuralMemory  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRETED = type(triton_delta._delta_prep_kernel).__name__ == "InterpretedFunction"
+needs_kernels = pytest.mark.skipif(
+    not CUDA and not INTERPRETED,
+    reason="no GPU, and triton was imported before TRITON_INTERPRET=1 was set")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+RULES = ("dgd", "gd", "momentum")
+
+
+def make_memory(rule, H, d, C, seed=0):
+    torch.manual_seed(seed)
+    return NeuralMemory(H, d, depth=1, chunk_size=C, update_rule=rule, backend="triton").to(DEVICE)
+
+
+def make_inputs(rule, B, T, H, d, seed=1):
+    """Unit keys and queries (as Titans and HOPE feed them), gates in their ranges."""
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=gen)      # noqa: E731
+    rand = lambda *s: torch.rand(*s, generator=gen)        # noqa: E731
+    inputs = {"q": F.normalize(randn(B, T, H, d), dim=-1), "k": F.normalize(randn(B, T, H, d), dim=-1),
+              "v": randn(B, T, H, d), "lr": 0.5 * rand(B, T, H), "alpha": 0.6 + 0.4 * rand(B, T, H),
+              "beta": 0.5 + 0.5 * rand(B, T, H) if rule == "momentum" else None}
+    return {n: None if t is None else t.to(DEVICE) for n, t in inputs.items()}
+
+
+def run_segments(mem, inputs, segments, dtype):
+    """Feed the inputs in consecutive segments (lengths), carrying the state. Returns the
+    leaf inputs, y and the final state."""
+    leaves = {n: t.detach().to(dtype).requires_grad_() for n, t in inputs.items() if t is not None}
+    args = {n: leaves.get(n) for n in inputs}
+    state, ys, lo = None, [], 0
+    for length in segments:
+        piece = {n: None if t is None else t[:, lo:lo + length] for n, t in args.items()}
+        y, state = mem(piece["q"], piece["k"], piece["v"], piece["lr"], piece["alpha"],
+                       piece["beta"], state)
+        ys.append(y)
+        lo += length
+    return leaves, torch.cat(ys, 1), state
+
+
+def outputs_of(y, state):
+    outs = {"y": y, "weights": state["weights"][0], "chunk_start": state["chunk_start"][0]}
+    if state["momenta"] is not None:
+        outs["momenta"] = state["momenta"][0]
+    return outs
+
+
+def compare_with_torch_path(rule, B, T, H, d, C, segments=None):
+    """Relative errors (max |diff| / max(1, max |ref|)) of every output and every gradient
+    (inputs and the meta-learned initial weights) for the loss sum <out, random cotangent>."""
+    segments = segments or [T]
+    fused = make_memory(rule, H, d, C)
+    oracle = copy.deepcopy(fused).double()
+    oracle.backend = "torch"
+    inputs = make_inputs(rule, B, T, H, d)
+    ref_leaves, ref_y, ref_state = run_segments(oracle, inputs, segments, torch.float64)
+    tri_leaves, tri_y, tri_state = run_segments(fused, inputs, segments, torch.float32)
+    ref_out, tri_out = outputs_of(ref_y, ref_state), outputs_of(tri_y, tri_state)
+    assert tri_state["pos"] == ref_state["pos"] == T
+    gen = torch.Generator().manual_seed(2)
+    cot = {n: torch.randn(r.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+           for n, r in ref_out.items()}
+    ref_params, tri_params = list(oracle.init_weights), list(fused.init_weights)
+    ref_grads = torch.autograd.grad(sum((r * cot[n]).sum() for n, r in ref_out.items()),
+                                    list(ref_leaves.values()) + ref_params)
+    tri_grads = torch.autograd.grad(sum((t.double() * cot[n]).sum() for n, t in tri_out.items()),
+                                    list(tri_leaves.values()) + tri_params)
+    err = lambda x, ref: ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()  # noqa: E731
+    errors = {n: err(tri_out[n], ref_out[n]) for n in ref_out}
+    names = list(ref_leaves) + ["init_weight"]
+    errors.update({"d" + n: err(t, r) for n, t, r in zip(names, tri_grads, ref_grads)})
+    return errors
+
+
+def assert_close(errors, tol, what):
+    bad = {n: f"{e:.2e}" for n, e in errors.items() if not e <= tol}
+    assert not bad, f"{what}: relative errors above {tol:g}: {bad}"
+
+
+# (B, T, H, d, C): odd T, several chunks, a ragged last chunk, H = 2, d not a power of two
+SMALL_CASES = [(1, 19, 1, 8, 4), (1, 5, 2, 16, 8), (1, 19, 2, 12, 8)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: "B{}-T{}-H{}-d{}-C{}".format(*c))
+@pytest.mark.parametrize("rule", RULES)
+def test_fused_layer_matches_torch_path(rule, case):
+    assert_close(compare_with_torch_path(rule, *case), 2e-5, f"{rule} {case}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rule", ("dgd", "momentum"))
+def test_segments_mid_chunk_match_one_call(rule):
+    """Segments ending mid-chunk: the next call finishes the chunk on the torch path and the
+    write point W_B (the kernel's returned chunk-start state) carries gradients across."""
+    assert_close(compare_with_torch_path(rule, 1, 19, 1, 8, 4, segments=[6, 7, 6]), 2e-5, rule)
+
+
+@needs_kernels
+def test_dispatch_uses_the_fused_kernel_only_where_it_applies(monkeypatch):
+    calls = []
+    real = triton_memory.fused_linear_memory_delta
+    monkeypatch.setattr(triton_memory, "fused_linear_memory_delta",
+                        lambda *a: calls.append(1) or real(*a))
+    inputs = make_inputs("dgd", 1, 5, 1, 8)
+    args = [inputs[n] for n in ("q", "k", "v", "lr", "alpha")]
+    make_memory("dgd", 1, 8, 4)(*args)
+    assert len(calls) == 1
+    for changes in (dict(backend="torch"), dict(depth=2), dict(max_grad_norm=1.0),
+                    dict(detach_chunks_older_than=1)):
+        options = {**dict(depth=1, chunk_size=4, update_rule="dgd", backend="triton"), **changes}
+        NeuralMemory(1, 8, **options).to(DEVICE)(*args)
+        assert len(calls) == 1, f"fused kernel used with {changes}"
+    if not CUDA:   # "auto" keeps the CPU on the torch path
+        NeuralMemory(1, 8, depth=1, chunk_size=4, update_rule="dgd")(*args)
+        assert len(calls) == 1
+
+
+@needs_kernels
+def test_no_grad_forward_matches_and_saves_no_chunk_states():
+    mem = make_memory("momentum", 1, 8, 4)
+    inputs = make_inputs("momentum", 1, 9, 1, 8)
+    args = [inputs[n] for n in ("q", "k", "v", "lr", "alpha", "beta")]
+    y_grad, state_grad = mem(*args)
+    with torch.no_grad():
+        y, state = mem(*args)
+        out = triton_memory._memory_momentum_fwd(*[a.float() for a in args[:3]], args[4], args[5],
+                                                 args[3], state["weights"][0], state["momenta"][0], 4, False)
+    assert torch.equal(y, y_grad.detach()) and not y.requires_grad
+    assert torch.equal(state["weights"][0], state_grad["weights"][0].detach())
+    assert out[4].numel() == 0 and out[5].numel() == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", ("delta", "momentum"))
+def test_custom_ops_pass_opcheck(op):
+    """Schema, fake implementation, autograd registration: what torch.compile relies on."""
+    inputs = make_inputs("momentum", 1, 5, 1, 8)
+    gates = [inputs["alpha"], inputs["beta"], inputs["lr"]]
+    states = [torch.randn(1, 1, 8, 8, device=DEVICE) for _ in range(2 if op == "momentum" else 1)]
+    args = [t.requires_grad_() for t in [inputs["q"], inputs["k"], inputs["v"], *gates, *states]]
+    custom_op = getattr(torch.ops.nested_learning, f"memory_linear_{op}_fwd").default
+    torch.library.opcheck(custom_op, (*args, 4, True))
+
+
+def _delta_args(**changes):
+    args = {"q": torch.zeros(1, 4, 1, 8), "k": torch.zeros(1, 4, 1, 8), "v": torch.zeros(1, 4, 1, 8),
+            "alpha": torch.ones(1, 4, 1), "eta": torch.zeros(1, 4, 1), "lr_write": torch.zeros(1, 4, 1),
+            "initial_state": torch.zeros(1, 1, 8, 8), "chunk_size": 4}
+    args.update(changes)
+    return {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in args.items()}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(q=torch.zeros(1, 4, 8)), r"q must be \[B,T,H,d\]"),
+    (dict(v=torch.zeros(1, 4, 1, 6)), r"v must be \[B,T,H,d\]"),
+    (dict(eta=torch.zeros(1, 4)), r"eta must be \[B,T,H\]"),
+    (dict(initial_state=torch.zeros(1, 1, 8, 4)), r"initial_state must be \[B,H,d,d\]"),
+    (dict(q=torch.zeros(1, 4, 1, 8, dtype=torch.float64)), "q must be float32, bfloat16"),
+    (dict(lr_write=0.1), "lr_write must be a torch.Tensor"),
+    (dict(chunk_size=65), r"chunk_size must be an int in \[1, 64\]"),
+    (dict(q=torch.zeros(1, 0, 1, 8), k=torch.zeros(1, 0, 1, 8), v=torch.zeros(1, 0, 1, 8),
+          alpha=torch.zeros(1, 0, 1), eta=torch.zeros(1, 0, 1), lr_write=torch.zeros(1, 0, 1)),
+     "needs T >= 1"),
+])
+def test_bad_inputs_raise_one_line_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        triton_memory.fused_linear_memory_delta(**_delta_args(**change))
+
+
+# ----------------------------------------------------------------------------- CUDA only
+
+@needs_cuda
+@pytest.mark.parametrize("rule", RULES)
+def test_cuda_realistic_size_matches_torch_path(rule):
+    """B=2, T=1000 (not a multiple of C), H=4, d=64, C=64: the Titans/HOPE operating point."""
+    assert_close(compare_with_torch_path(rule, 2, 1000, 4, 64, 64), 1e-4, rule)
+
+
+@needs_cuda
+@pytest.mark.parametrize("rule", ("dgd", "momentum"))
+def test_cuda_head_dim_128_chunk_16(rule):
+    assert_close(compare_with_torch_path(rule, 1, 300, 2, 128, 16), 1e-4, rule)
