@@ -1,0 +1,275 @@
+"""Kernel benchmark (issue 5 item 5): the scan primitives and the fused memory layer.
+
+    python bench/kernels.py                 # GPU: B=4, T in {2048,4096,8192}, H=16, d in {64,128}, bf16
+    python bench/kernels.py --quick         # tiny sizes, fp32: a smoke test (CPU: Triton interpreter)
+    python bench/kernels.py --T 4096 --d 64 --ops delta_rule --json out.json
+
+Part 1, `kernels.delta_rule` and `kernels.momentum_rule`: forward and forward+backward time
+of backend "torch" (chunked PyTorch) and "triton", of backend "reference" (the sequential
+loop; only with --reference: it is slow) and of fla's `chunk_gated_delta_rule` when `fla`
+imports. Error: max |x - ref| / max(1, max |ref|) over the outputs (o and the final states;
+fwd+bwd: also every input's gradient) against a float64 reference = the chunked path run in
+float64 on the same (rounded) inputs (tests/test_kernels.py checks it against the sequential
+oracle).
+
+fla mapping (DESIGN §3.2 reparameterisation). fla's gated delta rule is
+    S_t = S_{t-1} alpha_t (I - b_t k_t k_t^T) + b_t v_t k_t^T,   o_t = scale * S_t q_t
+(fla keeps h = S^T [K, V] and takes g = log alpha). Ours, S_t = S_{t-1} (alpha_t I - eta_t k_t
+k_t^T) + u_t k_t^T, is that with b_t = eta_t / alpha_t and v_t = u_t / b_t = u_t alpha_t /
+eta_t, so we call chunk_gated_delta_rule(q, k, v=u*alpha/eta, g=log(alpha), beta=eta/alpha,
+scale=1, initial_state=S_0^T, output_final_state=True). The bench keeps eta >= 0.05 so v
+stays bounded; fla's error column checks the mapping.
+
+Part 2, the memory layer (memory.NeuralMemory, linear, C=64): backend "torch" (per-chunk
+PyTorch, the CPU path) vs "triton" (one fused kernel, kernels/triton_memory.py), for the DGD
+and momentum rules, fp32 state; error of y and the final weights vs the float64 torch path.
+
+Times: CUDA: triton.testing.do_bench (median, after warm-up); CPU: median wall time.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not torch.cuda.is_available():                 # the Triton kernels run interpreted on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import kernels  # noqa: E402
+from memory import NeuralMemory  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OPS = ("delta_rule", "momentum_rule")
+
+
+def load_fla():
+    """fla's chunk_gated_delta_rule, or None (with the reason) when it does not import."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        return chunk_gated_delta_rule, ""
+    except Exception as e:        # ImportError, or a broken install (triton/torch mismatch)
+        return None, f"{type(e).__name__}: {e}".splitlines()[0][:120]
+
+
+def timer(fn, device, repeats):
+    """Median seconds of fn() (fn runs to completion; CUDA: do_bench synchronises)."""
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    fn()                                                   # warm-up (and interpreter tracing)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def scan_inputs(op, B, T, H, d, device, dtype, seed=0):
+    """Unit-norm q, k; gates in (0.8, 1]; DGD step eta in [0.05, 0.5]; states ~ 0.1 N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda: F.normalize(torch.randn(B, T, H, d, generator=g), dim=-1)    # noqa: E731
+    gate = lambda: 0.8 + 0.2 * torch.rand(B, T, H, generator=g)                  # noqa: E731
+    x = {"q": unit(), "k": unit(), "u": torch.randn(B, T, H, d, generator=g), "alpha": gate()}
+    if op == "delta_rule":
+        x["eta"] = 0.05 + 0.45 * torch.rand(B, T, H, generator=g)
+        x["initial_state"] = 0.1 * torch.randn(B, H, d, d, generator=g)
+    else:
+        x["beta"] = gate()
+        x["initial_state"] = 0.1 * torch.randn(B, H, d, d, generator=g)
+        x["initial_momentum"] = 0.1 * torch.randn(B, H, d, d, generator=g)
+    return {n: t.to(device=device, dtype=dtype) for n, t in x.items()}
+
+
+def fla_delta_rule(fla_fn):
+    """Our delta_rule signature on top of fla (module docstring: the mapping)."""
+    def run(q, k, u, alpha, eta, initial_state, chunk_size=64, backend=None):
+        beta = eta / alpha
+        v = u * (alpha / eta).unsqueeze(-1)
+        g = torch.log(alpha.float())
+        o, h_final = fla_fn(q, k, v, g, beta, scale=1.0,
+                            initial_state=initial_state.float().transpose(-1, -2).contiguous(),
+                            output_final_state=True)
+        return o, h_final.transpose(-1, -2)
+    return run
+
+
+def relative_error(xs, refs):
+    return max(((x.double() - r).abs().max() / r.abs().max().clamp_min(1.0)).item()
+                for x, r in zip(xs, refs))
+
+
+def measure(fn, x, backward, device, repeats, cotangent_seed=1):
+    """(seconds, outputs, grads) of fn(**x) [+ backward of sum <out, fixed random c>]."""
+    leaves = {n: t.detach().requires_grad_(backward) for n, t in x.items()}
+    gen = torch.Generator().manual_seed(cotangent_seed)
+    state = {}
+
+    def once():
+        with torch.set_grad_enabled(backward):
+            outs = fn(**leaves)
+            if backward:
+                if "cot" not in state:
+                    state["cot"] = [torch.randn(o.shape, generator=gen).to(o.device) for o in outs]
+                loss = sum((o.float() * c).sum() for o, c in zip(outs, state["cot"]))
+                state["grads"] = torch.autograd.grad(loss, list(leaves.values()))
+            state["outs"] = [o.detach() for o in outs]
+
+    seconds = timer(once, device, repeats)
+    return seconds, state["outs"], state.get("grads"), state.get("cot")
+
+
+def reference_grads(fn, x, cot):
+    leaves = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+    outs = fn(**leaves)
+    loss = sum((o * c.double()).sum() for o, c in zip(outs, cot))
+    return [o.detach() for o in outs], torch.autograd.grad(loss, list(leaves.values()))
+
+
+def bench_scans(args, device, dtype, fla_fn, rows):
+    for op in args.ops:
+        for d in args.d:
+            for T in args.T:
+                x = scan_inputs(op, args.B, T, args.H, d, device, dtype)
+                impls = {"torch": "torch", "triton": "triton"}
+                if args.reference:
+                    impls["reference"] = "reference"
+                fns = {name: (lambda b: lambda **kw: getattr(kernels, op)(**kw, chunk_size=args.chunk, backend=b))(b)
+                       for name, b in impls.items()}
+                if op == "delta_rule" and fla_fn is not None:
+                    fns["fla"] = fla_delta_rule(fla_fn)
+                ref64 = lambda **kw: getattr(kernels, op)(**kw, chunk_size=args.chunk, backend="torch")  # noqa: E731
+                for backward in (False, True):
+                    for name, fn in fns.items():
+                        try:
+                            sec, outs, grads, cot = measure(fn, x, backward, device, args.repeats)
+                            if backward:
+                                ref_outs, ref_grads = reference_grads(ref64, x, cot)
+                                err = max(relative_error(outs, ref_outs), relative_error(grads, ref_grads))
+                            else:
+                                with torch.no_grad():
+                                    ref_outs = ref64(**{n: t.double() for n, t in x.items()})
+                                err = relative_error(outs, ref_outs)
+                            note = ""
+                        except Exception as e:       # one failing implementation must not end the bench
+                            sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
+                        rows.append(dict(part="scan", op=op, impl=name, pass_="fwd+bwd" if backward else "fwd",
+                                         B=args.B, T=T, H=args.H, d=d, ms=sec * 1e3, rel_err=err, note=note))
+                        print_row(rows[-1])
+
+
+def bench_memory_layer(args, device, rows):
+    """NeuralMemory linear, chunk C: backend torch (per-chunk scans) vs triton (fused layer)."""
+    for rule in ("dgd", "momentum"):
+        for d in args.d:
+            for T in args.T:
+                torch.manual_seed(0)
+                B, H = args.B, args.H
+                g = torch.Generator().manual_seed(1)
+                x = {"q": F.normalize(torch.randn(B, T, H, d, generator=g), dim=-1),
+                     "k": F.normalize(torch.randn(B, T, H, d, generator=g), dim=-1),
+                     "v": torch.randn(B, T, H, d, generator=g),
+                     "lr": 0.5 * torch.rand(B, T, H, generator=g),
+                     "alpha": 0.8 + 0.2 * torch.rand(B, T, H, generator=g)}
+                if rule == "momentum":
+                    x["beta"] = 0.8 + 0.2 * torch.rand(B, T, H, generator=g)
+                x = {n: t.to(device) for n, t in x.items()}
+                mem = NeuralMemory(H, d, depth=1, chunk_size=args.mem_chunk, update_rule=rule).to(device)
+                oracle = NeuralMemory(H, d, depth=1, chunk_size=args.mem_chunk, update_rule=rule,
+                                      backend="torch").to(device).double()
+                oracle.load_state_dict(mem.state_dict())
+                with torch.no_grad():
+                    y64, s64 = oracle(**{n: t.double() for n, t in x.items()})
+                for impl in ("torch", "triton"):
+                    mem.backend = impl
+
+                    def layer(**kw):
+                        y, state = mem(**kw)
+                        return y, state["weights"][0]
+                    for backward in (False, True):
+                        try:
+                            sec, outs, _, _ = measure(layer, x, backward, device, args.repeats)
+                            err, note = relative_error(outs, [y64, s64["weights"][0]]), ""
+                        except Exception as e:
+                            sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
+                        rows.append(dict(part="memory", op=f"memory/{rule}", impl=impl,
+                                         pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=H, d=d,
+                                         ms=sec * 1e3, rel_err=err, note=note))
+                        print_row(rows[-1])
+
+
+HEADER = f"{'op':<17}{'impl':<10}{'pass':<9}{'B':>3}{'T':>6}{'H':>4}{'d':>5}{'ms':>11}{'rel err':>10}  note"
+
+
+def print_row(r):
+    print(f"{r['op']:<17}{r['impl']:<10}{r['pass_']:<9}{r['B']:>3}{r['T']:>6}{r['H']:>4}{r['d']:>5}"
+          f"{r['ms']:>11.3f}{r['rel_err']:>10.1e}  {r['note']}", flush=True)
+
+
+def print_speedups(rows):
+    """Per (op, shape, pass): triton vs torch, and triton vs fla where measured."""
+    print("\nspeedups (time of the other / time of triton):")
+    key = lambda r: (r["op"], r["T"], r["d"], r["pass_"])      # noqa: E731
+    by = {}
+    for r in rows:
+        by.setdefault(key(r), {})[r["impl"]] = r["ms"]
+    for (op, T, d, p), t in by.items():
+        if "triton" in t and t["triton"] == t["triton"]:
+            parts = [f"vs {o} {t[o] / t['triton']:.2f}x" for o in ("torch", "fla", "reference") if o in t]
+            print(f"  {op:<17}T={T:<6}d={d:<4}{p:<8} " + ", ".join(parts))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny fp32 sizes (a smoke test; CPU ok)")
+    p.add_argument("--B", type=int, default=4)
+    p.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--H", type=int, default=16)
+    p.add_argument("--d", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--chunk", type=int, default=64, help="scan chunk_size")
+    p.add_argument("--mem-chunk", type=int, default=64, help="memory layer chunk C")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    p.add_argument("--reference", action="store_true", help="also time the sequential reference")
+    p.add_argument("--no-memory", action="store_true", help="skip part 2 (the memory layer)")
+    p.add_argument("--repeats", type=int, default=3, help="CPU timing repeats")
+    p.add_argument("--json", default="", help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.B, args.T, args.H, args.d, args.dtype = 1, [37], 2, [16], "fp32"
+        args.chunk, args.mem_chunk, args.reference, args.repeats = 16, 8, True, 1
+    for name in ("B", "H", "chunk", "mem_chunk", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if min(args.T) < 1 or min(args.d) < 1:
+        p.error("--T and --d values must be >= 1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[args.dtype]
+    if device == "cpu" and dtype != torch.float32:
+        p.error(f"--dtype {args.dtype} needs a GPU (the Triton interpreter computes 16-bit wrongly); use --dtype fp32")
+    fla_fn, fla_why = load_fla()
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU (Triton interpreter)"
+    print(f"command: python bench/kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"device: {name}; torch {torch.__version__}; date {datetime.date.today().isoformat()}; "
+          f"dtype {args.dtype}; fla: {'yes' if fla_fn else 'not available (' + fla_why + ')'}")
+    print(HEADER)
+    rows = []
+    bench_scans(args, device, dtype, fla_fn, rows)
+    if not args.no_memory:
+        bench_memory_layer(args, device, rows)
+    print_speedups(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
+    failed = [r for r in rows if r["note"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
