@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# One GPU check (issue 5): CUDA kernel tests, the kernel bench, and training throughput of
+# Transformer++ vs Titans vs HOPE at 4K context (bench/step.py, and a 1-GPU FSDP2 train.py
+# run per architecture on byte-tokenised synthetic text). Installs nothing; needs torch,
+# triton, numpy, pyyaml, pytest (the GPU image has them). Every stage has a time cap inside
+# a total budget (default 450 s, under 8 minutes on one H100); a failing or timed-out stage
+# is recorded and the script goes on. Ends with a summary table; the full logs are kept.
+#
+#   bash bench/gpu_check.sh                    # on the GPU machine, from the repo root
+#   GPU_CHECK_DRY=1 bash bench/gpu_check.sh    # the same commands at tiny sizes on CPU
+#
+# Environment: GPU_CHECK_BUDGET (s, default 450), GPU_CHECK_OUT (default /tmp/gpu_check),
+# PYTHON (default: .venv/bin/python if present, else python3), BATCH (step.py sequences per
+# step, default 4), SEQ (context, default 4096), FSDP_STEPS (default 30).
+set -u
+cd "$(dirname "$0")/.."
+DRY=${GPU_CHECK_DRY:-0}
+BUDGET=${GPU_CHECK_BUDGET:-450}
+OUT=${GPU_CHECK_OUT:-/tmp/gpu_check}
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+export WANDB_MODE=disabled HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+mkdir -p "$OUT/logs"
+: > "$OUT/summary.tsv"
+
+if [ "$DRY" = 1 ]; then
+    DEVICE=cpu; BATCH=${BATCH:-2}; SEQ=${SEQ:-64}; FSDP_STEPS=${FSDP_STEPS:-2}
+    CONFIGS="configs/transformer_tiny.yaml configs/titans_lmm_tiny.yaml configs/hope_tiny.yaml"
+    PYTEST_ARGS="-k dispatch or bad_inputs"
+    KERNEL_ARGS="--quick --no-memory --ops momentum_rule"
+    CAP_TEST=120; CAP_KERNELS=120; CAP_STEP=120; CAP_FSDP=120
+else
+    DEVICE=cuda; BATCH=${BATCH:-4}; SEQ=${SEQ:-4096}; FSDP_STEPS=${FSDP_STEPS:-30}
+    CONFIGS="configs/transformer_760m.yaml configs/titans_lmm_760m.yaml configs/hope_760m.yaml"
+    PYTEST_ARGS=""
+    KERNEL_ARGS="--json $OUT/kernels.json"
+    CAP_TEST=100; CAP_KERNELS=150; CAP_STEP=40; CAP_FSDP=45
+fi
+START=$SECONDS
+
+# run NAME CAP CMD...: run CMD with the smaller of CAP and the budget left; log + summary row.
+run() {
+    local name=$1 cap=$2; shift 2
+    local left=$((BUDGET - (SECONDS - START)))
+    [ "$left" -lt "$cap" ] && cap=$left
+    if [ "$cap" -lt 5 ]; then
+        printf '%s\tSKIPPED (budget spent)\t0\t\n' "$name" >> "$OUT/summary.tsv"; return
+    fi
+    local log="$OUT/logs/$name.log" t0=$SECONDS status
+    echo "=== $name (cap ${cap}s): $*" | tee "$log"
+    timeout --kill-after=10 "$cap" "$@" >> "$log" 2>&1
+    status=$?
+    tail -n 25 "$log"
+    case $status in
+        0) status=ok ;; 124|137) status="TIMEOUT (${cap}s)" ;; *) status="FAIL (rc $status)" ;;
+    esac
+    printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" "$(result_of "$name" "$log")" >> "$OUT/summary.tsv"
+}
+
+# The headline number of a stage's log, for the summary table.
+result_of() {
+    case $1 in
+        tests) grep -E '[0-9]+ (passed|failed)' "$2" | tail -n 1 ;;
+        kernels) grep -c -E '^(delta_rule|momentum_rule|memory/)' "$2" | sed 's/$/ rows (see kernels.log)/' ;;
+        step_*) grep -o -E '[0-9,]+ tok/s' "$2" | tail -n 1 ;;
+        fsdp_*) "$PY" - "$OUT/runs/$1/metrics.jsonl" <<'PYEOF' 2>/dev/null
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+tail = [r["tokens_per_s"] for r in rows[len(rows) // 2:] if "tokens_per_s" in r] or [0]
+print(f"{sorted(tail)[len(tail) // 2]:,.0f} tok/s (median of the last half), loss {rows[-1]['loss']:.3f}")
+PYEOF
+        ;;
+    esac
+}
+
+echo "gpu_check: dry=$DRY device=$DEVICE python=$PY out=$OUT budget=${BUDGET}s"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+if [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "error: no CUDA device (use GPU_CHECK_DRY=1 for the CPU dry run)" >&2; exit 2
+fi
+
+# 1. kernel tests: the interpreter cases run natively, plus the CUDA-only realistic sizes.
+if [ -n "$PYTEST_ARGS" ]; then
+    run tests "$CAP_TEST" "$PY" -m pytest -q -x tests/test_triton_memory.py tests/test_triton_kernels.py -k "$(echo "$PYTEST_ARGS" | sed 's/^-k //')"
+else
+    run tests "$CAP_TEST" "$PY" -m pytest -q tests/test_triton_memory.py tests/test_triton_kernels.py
+fi
+
+# 2. kernel bench (scans: torch / triton / fla; memory layer: per-chunk torch / fused triton).
+# shellcheck disable=SC2086
+run kernels "$CAP_KERNELS" "$PY" bench/kernels.py $KERNEL_ARGS
+
+# 3. training throughput: one optimiser step (fwd + bwd + AdamW) on synthetic tokens.
+for cfg in $CONFIGS; do
+    name=$(basename "$cfg" .yaml)
+    run "step_$name" "$CAP_STEP" "$PY" bench/step.py "$cfg" --device "$DEVICE" --steps 3 --warmup 1 \
+        --train.batch_size="$BATCH" --train.grad_accum=1 --train.seq_len="$SEQ"
+done
+
+# 4. 1-GPU FSDP2 training through train.py on a small byte-tokenised text (no `datasets`).
+mkdir -p "$OUT/text" "$OUT/runs"
+"$PY" - "$OUT/text" <<'PYEOF'
+import os, random, sys
+words = ("memory layer chunk gradient state token sequence model learns fast weights the of "
+         "and to in a is that with for as on continuum nested learning optimiser").split()
+rng = random.Random(0)
+for i in range(8):
+    with open(os.path.join(sys.argv[1], f"doc{i}.txt"), "w") as f:
+        f.write(" ".join(rng.choice(words) for _ in range(60000)))
+PYEOF
+for cfg in $CONFIGS; do
+    name=$(basename "$cfg" .yaml)
+    rm -rf "$OUT/runs/fsdp_$name"
+    run "fsdp_$name" "$CAP_FSDP" "$PY" train.py "$cfg" --distributed.data_parallel=fsdp \
+        --train.max_steps="$FSDP_STEPS" --train.eval_every=0 --train.ckpt_every=0 --eval.final=false \
+        --train.sample_tokens=0 --train.batch_size="$BATCH" --train.grad_accum=1 --train.seq_len="$SEQ" \
+        --train.device="$DEVICE" --data.tokenizer=bytes --data.dataset="files:$OUT/text/*.txt" \
+        --data.data_dir="$OUT/data" --train.out_dir="$OUT/runs/fsdp_$name"
+done
+
+echo
+echo "== gpu_check summary ($( [ "$DRY" = 1 ] && echo "DRY RUN, CPU" || "$PY" -c 'import torch; print(torch.cuda.get_device_name())'), $(date -u +%Y-%m-%d), $((SECONDS - START)) s of ${BUDGET} s)"
+printf '%-28s %-18s %6s  %s\n' stage status seconds result
+while IFS=$'\t' read -r name status secs result; do
+    printf '%-28s %-18s %6s  %s\n' "$name" "$status" "$secs" "$result"
+done < "$OUT/summary.tsv"
+echo "logs: $OUT/logs/"
+grep -q -v -P '\tok\t' "$OUT/summary.tsv" && exit 1
+exit 0
