@@ -204,3 +204,19 @@ def test_cuda_realistic_size_matches_torch_path(rule):
 @pytest.mark.parametrize("rule", ("dgd", "momentum"))
 def test_cuda_head_dim_128_chunk_16(rule):
     assert_close(compare_with_torch_path(rule, 1, 300, 2, 128, 16), 1e-4, rule)
+
+
+@needs_kernels
+def test_kernel_bench_quick_mode_runs(capsys):
+    """bench/kernels.py --quick at its smallest: every row measured, errors at fp32 level."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--ops", "momentum_rule", "--no-memory", "--T", "5"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("momentum_rule ")]
+    assert {(r[1], r[2]) for r in rows} == {(i, p) for i in ("torch", "triton", "reference")
+                                            for p in ("fwd", "fwd+bwd")}
+    assert all(float(r[8]) < 1e-5 for r in rows), rows
