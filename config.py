@@ -41,12 +41,15 @@ class TitansConfig:
     momentum: bool = True            # False: beta_t = 0 (Titans Table 5 "w/o momentum")
     weight_decay: bool = True        # False: forget_t = 0, alpha_t = 1 ("w/o weight decay")
     conv_size: int = 4               # causal depthwise conv on q, k, v (Titans §4.4); 0 = off
-    n_persistent: int = 4            # N_p learned tokens prepended (Titans §4.3)
+    n_persistent: int = 4            # N_p learned tokens (Titans §3.3): an always-visible attention
+                                     # prefix in mac/mag/mal; lmm has no attention and ignores it
     segment_size: int = 64           # MAC: attention segment length C_seg
-    window_size: int = 64            # MAG/MAL: sliding-window attention width
-    n_memory_tokens: int = 0         # MAC: memory readout tokens per segment (0 = segment length)
-    detach_targets: bool = False
-    detach_chunks_older_than: int = 0  # 0 = full backprop through the inner loop
+    window_size: int = 64            # MAG/MAL: sliding-window attention width (keys incl. the query's own)
+    max_grad_norm: Optional[float] = 10.0  # per-token inner-gradient clip (null = off, the paper's
+                                     # Eq. 13-14); bounds writes of an unstable deep memory
+    detach_targets: bool = False     # stop outer gradients through the targets v of the inner loss
+    detach_chunks_older_than: int = 0  # n > 0: detach the fast weights every n chunks (truncated
+                                     # backprop through the inner loop); 0 = full backprop
 
 
 @dataclass

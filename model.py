@@ -161,6 +161,9 @@ def make_block(cfg: ModelConfig, layer: int) -> Block:
     """model.arch -> (sequence mixer, channel mixer) of one block."""
     if cfg.arch == "transformer":
         return Block(cfg, Attention(cfg), SwiGLU(cfg.d_model, ffn_hidden(cfg)))
+    if cfg.arch == "titans":                   # titans.py imports this module: import late
+        from titans import make_titans_mixer
+        return Block(cfg, make_titans_mixer(cfg), SwiGLU(cfg.d_model, ffn_hidden(cfg)))
     raise NotImplementedError(f"model.arch={cfg.arch!r} is not implemented yet")
 
 
@@ -244,7 +247,16 @@ class LanguageModel(nn.Module):
         if cfg.tie_embeddings:
             n += self.head.weight.numel()
         attn_layers = sum(isinstance(b.mixer, Attention) for b in self.blocks)
-        return 6 * n + 12 * attn_layers * cfg.d_model * seq_len
+        # mixers with their own attention (Titans MAC/MAG/MAL: windows, segments, prefixes)
+        mixer_attention = sum(b.mixer.attention_flops_per_token(seq_len) for b in self.blocks
+                              if hasattr(b.mixer, "attention_flops_per_token"))
+        return 6 * n + 12 * attn_layers * cfg.d_model * seq_len + mixer_attention
+
+    def memory_flops_per_token(self, seq_len):
+        """Training FLOPs per token of the memories' inner loops (writes, scans, reads),
+        which 6N does not see; reported separately from `flops_per_token`. 0 without memories."""
+        return sum(b.mixer.memory_flops_per_token(seq_len) for b in self.blocks
+                   if hasattr(b.mixer, "memory_flops_per_token"))
 
 
 def build_model(cfg) -> LanguageModel:

@@ -1,0 +1,103 @@
+"""CPU benchmark: Titans-LMM training-step time vs Transformer++ at about equal parameters.
+
+    python bench/titans_cpu.py [--T 1024] [--batch 1] [--d-model 256] [--n-layer 4]
+                               [--n-head 4] [--vocab 512] [--chunk 16] [--depth 2]
+                               [--steps 3] [--threads N]
+
+One training step = forward + backward + AdamW on random tokens (fp32, eager). The
+Transformer++ gets the same d_model, heads and vocabulary, and as many layers as brings
+its parameter count closest to the Titans model's (a Titans-LMM block has ~13 d^2
+parameters, a Transformer++ block ~12 d^2). A small vocabulary keeps the LM head from
+dominating. Prints a table with the median of --steps timed steps (after one warm-up)
+plus the command, machine and date, ready for BENCHMARKS.md.
+"""
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import build_model  # noqa: E402
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
+    return value
+
+
+def step_times(model, batch, T, vocab, steps):
+    """Median seconds of one forward + backward + AdamW step on random tokens."""
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, vocab, (batch, T + 1), generator=gen)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        _, loss, _ = model(idx[:, :-1], targets=idx[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i:                                          # the first step is a warm-up
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--T", type=positive_int, default=1024)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--d-model", type=positive_int, default=256)
+    p.add_argument("--n-layer", type=positive_int, default=4)
+    p.add_argument("--n-head", type=positive_int, default=4)
+    p.add_argument("--vocab", type=positive_int, default=512)
+    p.add_argument("--chunk", type=positive_int, default=16, help="Titans memory chunk size C")
+    p.add_argument("--depth", type=int, choices=(1, 2), default=2, help="memory depth")
+    p.add_argument("--steps", type=positive_int, default=3)
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.d_model % args.n_head:
+        p.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
+
+    common = {"vocab_size": args.vocab, "n_head": args.n_head, "d_model": args.d_model,
+              "max_seq_len": args.T}
+    torch.manual_seed(0)
+    titans = build_model({**common, "arch": "titans", "n_layer": args.n_layer,
+                          "titans": {"variant": "lmm", "chunk_size": args.chunk,
+                                     "memory_depth": args.depth}})
+    target = titans.num_params()
+    candidates = [build_model({**common, "arch": "transformer", "n_layer": n})
+                  for n in range(max(1, args.n_layer - 2), args.n_layer + 3)]
+    transformer = min(candidates, key=lambda m: abs(m.num_params() - target))
+
+    rows = []
+    for name, model in (("Transformer++", transformer), ("Titans-LMM", titans)):
+        seconds = step_times(model, args.batch, args.T, args.vocab, args.steps)
+        rows.append((name, model.config.n_layer, model.num_params(), seconds,
+                     args.batch * args.T / seconds, model.memory_flops_per_token(args.T)))
+    print(f"{'model':<14} {'layers':>6} {'params':>9} {'s/step':>8} {'tok/s':>8} {'mem GFLOP/tok':>13}")
+    for name, layers, n, seconds, tok_s, mem_flops in rows:
+        print(f"{name:<14} {layers:>6} {n / 1e6:>8.2f}M {seconds:>8.3f} {tok_s:>8.0f} {mem_flops / 1e9:>13.4f}")
+    print(f"Titans-LMM / Transformer++ step time: {rows[1][3] / rows[0][3]:.2f}x")
+    print(f"command: python bench/titans_cpu.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, fp32 eager")
+    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"settings: T={args.T} batch={args.batch} d_model={args.d_model} heads={args.n_head} "
+          f"vocab={args.vocab} memory depth={args.depth} chunk={args.chunk}")
+
+
+if __name__ == "__main__":
+    main()
