@@ -20,7 +20,7 @@ eta_t, so we call chunk_gated_delta_rule(q, k, v=u*alpha/eta, g=log(alpha), beta
 scale=1, initial_state=S_0^T, output_final_state=True). The bench keeps eta >= 0.05 so v
 stays bounded; fla's error column checks the mapping.
 
-Part 2, the memory layer (memory.NeuralMemory, linear, C=64): backend "torch" (per-chunk
+Part 2, the memory layer (memory.NeuralMemory, linear, C=64; 32 at d=128, the fused limit): backend "torch" (per-chunk
 PyTorch, the CPU path) vs "triton" (one fused kernel, kernels/triton_memory.py), for the DGD
 and momentum rules, fp32 state; error of y and the final weights vs the float64 torch path.
 
@@ -180,8 +180,10 @@ def bench_memory_layer(args, device, rows):
                 if rule == "momentum":
                     x["beta"] = 0.8 + 0.2 * torch.rand(B, T, H, generator=g)
                 x = {n: t.to(device) for n, t in x.items()}
-                mem = NeuralMemory(H, d, depth=1, chunk_size=args.mem_chunk, update_rule=rule).to(device)
-                oracle = NeuralMemory(H, d, depth=1, chunk_size=args.mem_chunk, update_rule=rule,
+                from kernels.triton_memory import max_chunk
+                C = min(args.mem_chunk, max_chunk(d))      # the fused kernel's limit at this d
+                mem = NeuralMemory(H, d, depth=1, chunk_size=C, update_rule=rule).to(device)
+                oracle = NeuralMemory(H, d, depth=1, chunk_size=C, update_rule=rule,
                                       backend="torch").to(device).double()
                 oracle.load_state_dict(mem.state_dict())
                 with torch.no_grad():
@@ -198,17 +200,17 @@ def bench_memory_layer(args, device, rows):
                             err, note = relative_error(outs, [y64, s64["weights"][0]]), ""
                         except Exception as e:
                             sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
-                        rows.append(dict(part="memory", op=f"memory/{rule}", impl=impl,
+                        rows.append(dict(part="memory", op=f"memory/{rule}/C{C}", impl=impl,
                                          pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=H, d=d,
                                          ms=sec * 1e3, rel_err=err, note=note))
                         print_row(rows[-1])
 
 
-HEADER = f"{'op':<17}{'impl':<10}{'pass':<9}{'B':>3}{'T':>6}{'H':>4}{'d':>5}{'ms':>11}{'rel err':>10}  note"
+HEADER = f"{'op':<21}{'impl':<10}{'pass':<9}{'B':>3}{'T':>6}{'H':>4}{'d':>5}{'ms':>11}{'rel err':>10}  note"
 
 
 def print_row(r):
-    print(f"{r['op']:<17}{r['impl']:<10}{r['pass_']:<9}{r['B']:>3}{r['T']:>6}{r['H']:>4}{r['d']:>5}"
+    print(f"{r['op']:<21}{r['impl']:<10}{r['pass_']:<9}{r['B']:>3}{r['T']:>6}{r['H']:>4}{r['d']:>5}"
           f"{r['ms']:>11.3f}{r['rel_err']:>10.1e}  {r['note']}", flush=True)
 
 
@@ -222,7 +224,7 @@ def print_speedups(rows):
     for (op, T, d, p), t in by.items():
         if "triton" in t and t["triton"] == t["triton"]:
             parts = [f"vs {o} {t[o] / t['triton']:.2f}x" for o in ("torch", "fla", "reference") if o in t]
-            print(f"  {op:<17}T={T:<6}d={d:<4}{p:<8} " + ", ".join(parts))
+            print(f"  {op:<21}T={T:<6}d={d:<4}{p:<8} " + ", ".join(parts))
 
 
 def main(argv=None):

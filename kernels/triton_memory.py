@@ -31,7 +31,7 @@ U~', Delta and U from them chunk by chunk.
 Gradients flow to every input (queries, keys, targets, gates, initial weights and momenta)
 and from every output. chunk_size C <= 64 (a chunk is one [BT, BT] tile, BT = max(16,
 next_pow2(C)); the rows past C are no-op padding); head dim <= 128. Outputs: y in q's dtype,
-states fp32. The 2-layer MLP memory and the CMS fast levels are not fused here yet.
+states fp32 (C <= 32 when d > 64, see max_chunk). The 2-layer MLP memory and the CMS fast levels are not fused here yet.
 """
 import os
 from typing import Optional
@@ -48,7 +48,7 @@ from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _decay, _delta_chunk_gates, 
 from .triton_momentum import _momentum_chunk_gates
 
 __all__ = ["fused_linear_memory_delta", "fused_linear_memory_momentum", "MAX_CHUNK",
-           "MAX_HEAD_DIM", "fusable"]
+           "MAX_HEAD_DIM", "fusable", "max_chunk"]
 
 MAX_CHUNK = 64           # one memory chunk = one tile of rows
 MAX_HEAD_DIM = 128       # the whole key dimension of the state sits in one register tile
@@ -441,9 +441,15 @@ def _tiles(d, chunk_size):
             min(64, max(16, triton.next_power_of_2(d))))
 
 
+def max_chunk(d):
+    """Largest chunk C the fused kernels take at head dim d: 64, or 32 when d > 64 (as in
+    triton_scans._tiles: a [64, 128] fp32 tile set would overflow registers/shared memory)."""
+    return MAX_CHUNK if d <= 64 else MAX_CHUNK // 2
+
+
 def fusable(d, chunk_size):
     """Whether the fused kernels cover a linear memory of head dim d with chunk C."""
-    return d <= MAX_HEAD_DIM and 1 <= chunk_size <= MAX_CHUNK
+    return d <= MAX_HEAD_DIM and 1 <= chunk_size <= max_chunk(d)
 
 
 def _check_inputs(tensors, states, chunk_size):
@@ -476,9 +482,9 @@ def _check_inputs(tensors, states, chunk_size):
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} exceeds {MAX_HEAD_DIM}, the most the fused kernels hold "
                          f"in one tile")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK:
-        raise ValueError(f"chunk_size must be an int in [1, {MAX_CHUNK}] for the fused memory "
-                         f"kernels; got {chunk_size!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= max_chunk(d):
+        raise ValueError(f"chunk_size must be an int in [1, {max_chunk(d)}] for the fused memory "
+                         f"kernels at head dim {d}; got {chunk_size!r}")
 
 
 def _contiguous(*tensors):

@@ -182,6 +182,8 @@ def _delta_args(**changes):
     (dict(q=torch.zeros(1, 4, 1, 8, dtype=torch.float64)), "q must be float32, bfloat16"),
     (dict(lr_write=0.1), "lr_write must be a torch.Tensor"),
     (dict(chunk_size=65), r"chunk_size must be an int in \[1, 64\]"),
+    (dict(q=torch.zeros(1, 4, 1, 80), k=torch.zeros(1, 4, 1, 80), v=torch.zeros(1, 4, 1, 80),
+          initial_state=torch.zeros(1, 1, 80, 80), chunk_size=64), r"in \[1, 32\] .* head dim 80"),
     (dict(q=torch.zeros(1, 0, 1, 8), k=torch.zeros(1, 0, 1, 8), v=torch.zeros(1, 0, 1, 8),
           alpha=torch.zeros(1, 0, 1), eta=torch.zeros(1, 0, 1), lr_write=torch.zeros(1, 0, 1)),
      "needs T >= 1"),
