@@ -29,7 +29,6 @@ The choices where the paper is silent are listed in docs/FIDELITY.md.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
