@@ -5,10 +5,10 @@
 
 Times forward and forward+backward of `kernels.delta_rule` and `kernels.momentum_rule`
 (fp32, K = V = d): the median of --repeats runs of backend="torch" (after one warm-up)
-and of --ref-repeats runs of backend="reference" (slow: a Python loop over tokens), and
-prints speedups and the max abs error of the outputs / final states (forward) and of the
-gradients of every input (fwd+bwd). Medians of several runs keep the numbers stable on a
-shared machine.
+and of --ref-repeats runs of backend="reference" (slow: a Python loop over tokens), the
+two interleaved so that changes in machine load hit both alike. Prints the speedups and
+the max abs error of the outputs and final states (fwd) and of the gradients of every
+input (fwd+bwd).
 """
 import argparse
 import datetime
@@ -100,13 +100,17 @@ def main(argv=None):
     for op in ("delta_rule", "momentum_rule"):
         x = make_inputs(op, args.B, args.T, args.H, args.d)
         for backward in (False, True):
-            ref_runs = [run_once(op, x, "reference", args.chunk, backward)
-                        for _ in range(args.ref_repeats)]
-            ref_s = statistics.median(r[0] for r in ref_runs)
-            _, ref_outs, ref_grads = ref_runs[-1]
             run_once(op, x, "torch", args.chunk, backward)                    # warm-up
-            runs = [run_once(op, x, "torch", args.chunk, backward) for _ in range(args.repeats)]
+            # interleaved, so that a change in machine load hits both sides alike
+            ref_runs, runs = [], []
+            for i in range(max(args.repeats, args.ref_repeats)):
+                if i < args.ref_repeats:
+                    ref_runs.append(run_once(op, x, "reference", args.chunk, backward))
+                if i < args.repeats:
+                    runs.append(run_once(op, x, "torch", args.chunk, backward))
+            ref_s = statistics.median(r[0] for r in ref_runs)
             chunk_s = statistics.median(r[0] for r in runs)
+            _, ref_outs, ref_grads = ref_runs[-1]
             _, outs, grads = runs[-1]
             err = max_abs_err(outs, ref_outs)
             if backward:
