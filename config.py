@@ -164,7 +164,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = choice("adamw", ["adamw"])
+    """AdamW or a deep optimiser from NL §4 (optim.py, docs/OPTIMIZERS.md). The deep rules
+    act on hidden matrices; embeddings, the LM head and vectors always use AdamW."""
+    name: str = choice("adamw", ["adamw", "muon", "m3", "dmgd", "delta_momentum", "preconditioned_momentum"])
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -174,6 +176,18 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1        # final lr = min_lr_ratio * train.lr
     decay_fraction: float = 0.2      # WSD: the last fraction of steps decays linearly
+    momentum: Optional[float] = None  # muon/dmgd/delta_momentum; None = the rule's default
+    nesterov: bool = True            # muon
+    ns_steps: int = 5                # Newton-Schulz iterations (muon, m3)
+    muon_scale: str = choice("match_adamw", ["match_adamw", "spectral"])
+    m3_frequency: int = 10           # M3: slow momentum refreshed every f steps (NL Alg. 1)
+    m3_alpha: float = 1.0            # M3: weight of the slow orthogonalised momentum
+    m3_beta3: float = 0.9            # M3: EMA of the slow accumulator (the paper's does not decay)
+    m3_update_rms: float = 0.2       # M3: rescale each step to this RMS; 0 = literal Algorithm 1
+    dmgd_hidden: int = 8             # DMGD: hidden width of the momentum MLP memory (NL Eq. 50)
+    dmgd_inner_lr: float = 0.05
+    delta_strength: float = 1.0      # delta momentum: scale of the erase term (NL Eq. 48-49)
+    delta_preconditioner: str = choice("adam", ["adam", "none"])
 
 
 @dataclass
@@ -202,6 +216,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     final: bool = True               # evaluate val loss / ppl / bits-per-byte after training
+    # evals run at every train.eval_every step and logged to metrics.jsonl / wandb, from
+    # eval.run.DURING_TRAINING: perplexity, babilong_quick, niah_quick, continual_quick
+    during_training: list = field(default_factory=list)
 
 
 @dataclass

@@ -57,15 +57,15 @@ def lr_at(step, cfg: Config):
 
 
 def make_optimizer(model, cfg: Config, device_type):
-    """AdamW; weight decay on matrices only (norm gains, biases, scalars are not decayed)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = dict(lr=cfg.train.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    if device_type == "cuda":
-        kwargs["fused"] = True
-    return torch.optim.AdamW(groups, **kwargs)
+    """`optim.name`: AdamW or a deep optimiser (optim.py). Weight decay on matrices only;
+    embeddings, the LM head and vectors use AdamW whatever the rule (optim.split_param_groups)."""
+    from optim import build_optimizer, optimizer_options, split_param_groups
+    o = cfg.optim
+    options = optimizer_options(o.name, o)
+    if o.name == "adamw" and device_type == "cuda":
+        options["fused"] = True
+    return build_optimizer(o.name, split_param_groups(model, o.weight_decay), lr=cfg.train.lr,
+                           weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps, **options)
 
 
 def resolve_data_dir(cfg: Config) -> str:
@@ -211,6 +211,11 @@ def _train(cfg: Config, env: DistEnv):
     random.seed(t.seed)
     np.random.seed(t.seed)
 
+    if cfg.eval.during_training:
+        from eval.run import DURING_TRAINING
+        unknown = [n for n in cfg.eval.during_training if n not in DURING_TRAINING]
+        if unknown:
+            raise ConfigError(f"eval.during_training has unknown eval(s) {unknown}; valid: {', '.join(DURING_TRAINING)}")
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size
@@ -363,6 +368,14 @@ def _train(cfg: Config, env: DistEnv):
             record.update(val_loss=r["loss"], val_ppl=r["perplexity"], val_bpb=r["bits_per_byte"])
             say(f"eval step {done} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.2f} | "
                 f"bits/byte {r['bits_per_byte']:.4f}", flush=True)
+            if cfg.eval.during_training:   # collective under FSDP: every rank runs it
+                from eval.run import run_during_training
+                model.eval()
+                extra = run_during_training(model, tokenizer, cfg.eval.during_training, device,
+                                            seq_len=t.seq_len)   # offline eval data: $NL_DATA_DIR or ../shared/data
+                model.train()
+                record.update(extra)
+                say("eval step %d | %s" % (done, " | ".join(f"{k} {v:.4f}" for k, v in extra.items())), flush=True)
             t_last = time.time()
         if record and metrics:
             metrics.write(record)

@@ -121,3 +121,30 @@ def test_bad_resume_path_and_data_errors(corpus, tmp_path):
     r = run_train([*TINY, "--data.dataset=files:/nonexistent/*.txt", f"--train.out_dir={tmp_path}/y",
                    f"--data.data_dir={tmp_path}/y-data"])
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "delta_momentum"])
+def test_deep_optimiser_via_config_and_exact_resume(corpus, tmp_path, optimizer):
+    """optim.name selects a deep optimiser; its state round-trips through the checkpoint."""
+    common = [*TINY, f"--data.dataset={corpus}", f"--optim.name={optimizer}", "--train.max_steps=8",
+              "--train.eval_every=0", "--train.log_every=1", "--eval.final=false"]
+    ref, split = str(tmp_path / "ref"), str(tmp_path / "split")
+    assert run_train([*common, f"--train.out_dir={ref}", "--train.ckpt_every=0"]).returncode == 0
+    r = run_train([*common, f"--train.out_dir={split}", "--train.ckpt_every=4", "--train.max_steps=4"])
+    assert r.returncode == 0, r.stderr
+    r = run_train([*common, f"--train.out_dir={split}", "--train.ckpt_every=4"])
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    assert [x["loss"] for x in read_metrics(split)] == [x["loss"] for x in read_metrics(ref)]
+    assert read_metrics(ref)[-1]["loss"] < read_metrics(ref)[0]["loss"]
+
+
+def test_evals_during_training_are_logged(corpus, tmp_path):
+    out = str(tmp_path / "ev")
+    r = run_train([*TINY, f"--data.dataset={corpus}", f"--train.out_dir={out}", "--train.max_steps=4",
+                   "--train.eval_every=4", "--train.ckpt_every=0", "--eval.final=false",
+                   "--eval.during_training=[perplexity]"])
+    assert r.returncode == 0, r.stderr
+    row = read_metrics(out)[-1]
+    assert {"wikitext_word_ppl", "lambada_ppl", "lambada_acc"} <= set(row), row
+    r = run_train([*TINY, f"--data.dataset={corpus}", f"--train.out_dir={out}", "--eval.during_training=[bogus]"])
+    assert r.returncode == 2 and "eval.during_training has unknown eval(s) ['bogus']" in r.stderr
