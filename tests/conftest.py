@@ -17,4 +17,6 @@ import torch  # noqa: E402  (torch does not import triton at import time)
 # on CPU tensors in the interpreter (fp32 only, slow: tests use tiny shapes).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: the test models are tiny, and extra threads only add spin-wait
+# overhead (5-25x slower for the memory layers on a busy 2-core machine).
+torch.set_num_threads(1)
