@@ -2,6 +2,7 @@
 
     python bench/kernels_cpu.py [--B 1] [--T 2048] [--H 4] [--d 64] [--chunk 64]
                                 [--repeats 7] [--ref-repeats 3] [--threads N]
+                                [--clock wall|cpu]
 
 Times forward and forward+backward of `kernels.delta_rule` and `kernels.momentum_rule`
 (fp32, K = V = d): the median of --repeats runs of backend="torch" (after one warm-up)
@@ -52,18 +53,21 @@ def make_inputs(op, B, T, H, d, seed=0):
     return x
 
 
-def run_once(op, x, backend, chunk, backward):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def run_once(op, x, backend, chunk, backward, clock=time.perf_counter):
     """One call; returns (seconds, outputs, grads or None)."""
     fn = getattr(kernels, op)
     leaves = {n: t.detach().requires_grad_(backward) for n, t in x.items()}
-    start = time.perf_counter()
+    start = clock()
     outs = fn(**leaves, chunk_size=chunk, backend=backend)
     grads = None
     if backward:
         loss = sum((o * torch.cos(torch.arange(o.numel(), dtype=o.dtype)).view_as(o)).sum()
                    for o in outs)
         grads = torch.autograd.grad(loss, list(leaves.values()))
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     return seconds, [o.detach() for o in outs], grads
 
 
@@ -82,16 +86,19 @@ def main(argv=None):
     p.add_argument("--ref-repeats", type=positive_int, default=3, help="reference runs")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time, or this process's CPU time (with --threads 1: the work "
+                        "done, which other jobs on a busy machine barely change)")
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
 
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {platform.node()} {platform.machine()} {platform.processor() or ''}, "
           f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads), date {datetime.datetime.now().isoformat(timespec='seconds')}, "
-          f"load average {os.getloadavg()[0]:.2f} (timings are wall-clock: a busy machine "
-          f"inflates them)")
+          f"load average {os.getloadavg()[0]:.2f}, {args.clock} clock")
     print(f"shape: B={args.B} T={args.T} H={args.H} K=V={args.d} chunk={args.chunk} fp32 CPU")
     header = f"{'op':<14}{'pass':<9}{'reference s':>12}{'chunked s':>12}{'speedup':>9}" \
              f"{'max abs err':>13}"
@@ -105,9 +112,9 @@ def main(argv=None):
             ref_runs, runs = [], []
             for i in range(max(args.repeats, args.ref_repeats)):
                 if i < args.ref_repeats:
-                    ref_runs.append(run_once(op, x, "reference", args.chunk, backward))
+                    ref_runs.append(run_once(op, x, "reference", args.chunk, backward, clock))
                 if i < args.repeats:
-                    runs.append(run_once(op, x, "torch", args.chunk, backward))
+                    runs.append(run_once(op, x, "torch", args.chunk, backward, clock))
             ref_s = statistics.median(r[0] for r in ref_runs)
             chunk_s = statistics.median(r[0] for r in runs)
             _, ref_outs, ref_grads = ref_runs[-1]
