@@ -252,3 +252,39 @@ def test_eval_cli_writes_json_and_heatmap(tiny_checkpoint, tmp_path, monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--checkpoint", tiny_checkpoint, "--lengths", "3x", "--out", out])
     assert exit_info.value.code == 2 and "error: bad BABILong length" in capsys.readouterr().err
+
+
+def _state_numel(state):
+    if torch.is_tensor(state):
+        return state.numel()
+    if isinstance(state, dict):
+        return sum(_state_numel(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_numel(v) for v in state)
+    return 0
+
+
+def test_recurrent_models_stream_with_flat_state():
+    """Titans-LMM: any length is streamed (no max_len needed), streaming equals one call,
+    and the carried state does not grow with the length (flat memory to 1M tokens)."""
+    from data.tokenizer import get_tokenizer
+    from eval.babilong import is_recurrent
+    from model import build_model
+    torch.manual_seed(0)
+    model = build_model({"arch": "titans", "vocab_size": 257, "d_model": 32, "n_layer": 2, "n_head": 2,
+                         "titans": {"variant": "lmm", "chunk_size": 4}}).eval()
+    tok = get_tokenizer("bytes")
+    assert is_recurrent(model)
+    streamed = evaluate(model, tok, _samples(), segment_len=7, max_new_tokens=3)
+    whole = evaluate(model, tok, _samples(), segment_len=10**6, max_new_tokens=3)
+    assert "streamed" in streamed["context_handling"]
+    for a, b in zip(streamed["records"], whole["records"]):
+        assert a["output"] == b["output"]
+        for label, value in a["label_logprobs"].items():
+            assert value == pytest.approx(b["label_logprobs"][label], abs=1e-4)
+    sizes = []
+    with torch.no_grad():
+        for length in (40, 400):
+            _, _, state = model(torch.randint(0, 257, (1, length)))
+            sizes.append(_state_numel(state))
+    assert sizes[0] == sizes[1]
