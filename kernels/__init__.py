@@ -36,14 +36,20 @@ def _triton_scans_or_error():
         raise ImportError(f"backend='triton' needs kernels.triton_scans and triton: {e}") from e
 
 
-def select_backend(backend, device, dtype=torch.float32):
+TRITON_MAX_KEY_DIM = 128
+
+
+def select_backend(backend, device, dtype=torch.float32, key_dim=None):
     """Resolve `backend` ("auto" included) to the concrete backend used for `device`.
-    float64 always takes the chunked PyTorch path: the Triton kernels are fp32/bf16/fp16."""
+    "auto" takes the chunked PyTorch path where the Triton kernels do not apply: off CUDA,
+    float64 (they are fp32/bf16/fp16) and key dims above TRITON_MAX_KEY_DIM."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend != "auto":
         return backend
     if torch.device(device).type != "cuda" or dtype == torch.float64:
+        return "torch"
+    if key_dim is not None and key_dim > TRITON_MAX_KEY_DIM:
         return "torch"
     try:
         _triton_scans()
@@ -91,7 +97,7 @@ def delta_rule(q, k, u, alpha, eta, initial_state=None, chunk_size=64, backend="
     `chunk_size` changes speed, never the result (beyond float rounding)."""
     _validate(q, k, u, {"alpha": alpha, "eta": eta}, {"initial_state": initial_state},
               chunk_size)
-    backend = select_backend(backend, q.device, q.dtype)
+    backend = select_backend(backend, q.device, q.dtype, q.shape[-1])
     if backend == "reference":
         return delta_rule_reference(q, k, u, alpha, eta, initial_state)
     if backend == "torch":
@@ -107,7 +113,7 @@ def momentum_rule(q, k, u, alpha, beta, initial_state=None, initial_momentum=Non
     _validate(q, k, u, {"alpha": alpha, "beta": beta},
               {"initial_state": initial_state, "initial_momentum": initial_momentum},
               chunk_size)
-    backend = select_backend(backend, q.device, q.dtype)
+    backend = select_backend(backend, q.device, q.dtype, q.shape[-1])
     if backend == "reference":
         return momentum_rule_reference(q, k, u, alpha, beta, initial_state, initial_momentum)
     if backend == "torch":

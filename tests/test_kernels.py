@@ -211,6 +211,8 @@ def test_auto_backend_on_cuda_picks_triton_when_it_imports(monkeypatch):
     monkeypatch.setattr(kernels, "_triton_scans", lambda: None)
     assert kernels.select_backend("auto", "cuda", torch.bfloat16) == "triton"
     assert kernels.select_backend("auto", "cuda", torch.float64) == "torch"
+    assert kernels.select_backend("auto", "cuda", torch.bfloat16, key_dim=256) == "torch"   # Triton: K <= 128
+    assert kernels.select_backend("auto", "cuda", torch.bfloat16, key_dim=128) == "triton"
     assert kernels.select_backend("auto", "cpu", torch.float32) == "torch"
 
     def missing():
