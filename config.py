@@ -110,22 +110,50 @@ def _nonnegative_lr(value, key):
 
 @dataclass
 class HopeConfig:
-    """Self-modifying Titans (NL §8, Eq. 83-97; DESIGN §3.5)."""
-    chunk_mem: int = 16              # C_mem: chunk size of M_memory
-    chunk_other: int = 8             # C_other: chunk size of M_k, M_v, M_eta, M_alpha
+    """Self-modifying Titans, the HOPE sequence mixer (NL §8, Eq. 83-97; DESIGN §3.5), in hope.py.
+
+    Memories M_k, M_v, M_eta, M_alpha (chunk size chunk_other) and M_mem (chunk_mem) are
+    per-head residual MLPs x + W1 s(W2 x) with hidden memory_expansion * head_dim; each learns
+    its self-generated target M_B(v_t) by DGD (NL Eq. 88) with the shared gates
+    eta_t = eta_max * sigmoid(.) and alpha_t = sigmoid(.). The switches are NL Table 6's
+    ablations; `cms` also applies to hope_attention.
+    """
+    chunk_mem: int = 64              # C_mem: chunk size of M_mem (gradients at its chunk-start weights)
+    chunk_other: int = 16            # C_other: chunk size of M_k, M_v, M_eta, M_alpha (and M_q)
     memory_expansion: int = 1        # hidden width of every memory MLP = expansion * head_dim
-    activation: str = choice("silu", ["silu", "gelu"])
-    eta_max: float = 1.0             # eta_t = eta_max * sigmoid(w_eta . M_eta(x))
-    inner_lr_fixed: Optional[float] = None
-    inner_opt: str = choice("dgd", ["dgd", "gd"])
-    retention: bool = True           # False: alpha_t = 1
-    adaptive_k: bool = True
-    adaptive_v: bool = True
-    adaptive_q: bool = False         # NL: "q_t = x_t W_q is the only non-adaptive projection"
-    conv_size: int = 4
-    cms: bool = True                 # False: plain FFN instead of the CMS chain
-    detach_targets: bool = False
-    detach_chunks_older_than: int = 0
+    activation: str = choice("silu", ["silu", "gelu"])   # s in x + W1 s(W2 x)
+    eta_max: float = 1.0             # eta_t = eta_max * sigmoid(w_eta . M_eta(x~) + b_eta)
+    inner_lr_fixed: Optional[float] = None  # set: eta_t = this constant and no M_eta (0 = no in-context learning)
+    inner_opt: str = choice("dgd", ["dgd", "gd"])        # gd: W(alpha I) - eta g a^T, no a a^T term ("w/o DGD")
+    max_grad_norm: Optional[float] = 10.0  # each token's inner gradient rescaled to norm <= this
+                                     # (memory.py; null = the paper's update): with self-generated
+                                     # targets M(v) an unclipped write can grow the memories
+                                     # super-exponentially across chunks (docs/FIDELITY.md)
+    retention: bool = True           # False: alpha_t = 1 and no M_alpha ("w/o weight decay")
+    adaptive_k: bool = True          # False: k = L2norm(W_k x~), a static projection ("w/o inner-projection k")
+    adaptive_v: bool = True          # False: v = W_v x~
+    adaptive_q: bool = False         # NL §8.1: "q_t = x_t W_q is the only non-adaptive projection";
+                                     # True: q = L2norm(M_q(x~)), a memory too
+    conv_size: int = 4               # causal depthwise conv on W_in x (NL §8.3 "window size of 4"); 0 or 1 = off
+    cms: bool = True                 # False: a SwiGLU FFN instead of the CMS chain ("w/o CMS")
+    detach_targets: bool = False     # stop outer gradients through the self-generated targets
+    detach_chunks_older_than: int = 0  # >0: truncated backprop through the inner loops (memory.py)
+
+    def __post_init__(self):
+        for key in ("chunk_mem", "chunk_other", "memory_expansion"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.hope.{key} must be an integer >= 1, got {value!r}")
+        for key in ("conv_size", "detach_chunks_older_than"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"model.hope.{key} must be an integer >= 0, got {value!r}")
+        if isinstance(self.eta_max, bool) or not isinstance(self.eta_max, (int, float)) or not self.eta_max > 0:
+            raise ConfigError(f"model.hope.eta_max must be a number > 0, got {self.eta_max!r}")
+        if self.inner_lr_fixed is not None:
+            self.inner_lr_fixed = _nonnegative_lr(self.inner_lr_fixed, "model.hope.inner_lr_fixed")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"model.hope.max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
 
 
 @dataclass

@@ -167,6 +167,13 @@ def make_block(cfg: ModelConfig, layer: int) -> Block:
     if cfg.arch == "titans":                   # titans.py imports this module: import late
         from titans import make_titans_mixer
         return Block(cfg, make_titans_mixer(cfg), SwiGLU(cfg.d_model, ffn_hidden(cfg)))
+    if cfg.arch in ("hope", "hope_attention"):  # hope.py and cms.py import this module: import late
+        from cms import ContinuumMemory
+        from hope import SelfModifyingTitans
+        mixer = SelfModifyingTitans(cfg) if cfg.arch == "hope" else Attention(cfg)
+        # HOPE block (NL Eq. 94-97) / HOPE-attention: the CMS chain replaces the FFN.
+        ffn = ContinuumMemory(cfg) if cfg.hope.cms else SwiGLU(cfg.d_model, ffn_hidden(cfg))
+        return Block(cfg, mixer, ffn)
     raise NotImplementedError(f"model.arch={cfg.arch!r} is not implemented yet")
 
 

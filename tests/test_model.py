@@ -3,7 +3,7 @@ import torch
 
 from model import build_model
 
-ARCHS = ["transformer"]
+ARCHS = ["transformer", "hope", "hope_attention"]
 
 
 def tiny(arch, **kw):

@@ -1,0 +1,135 @@
+"""HOPE vs Transformer++ training-step time on CPU at (about) equal parameters.
+
+    python bench/hope_cpu.py                       # the quickstart shapes: d128, 4 layers, T128, batch 16
+    python bench/hope_cpu.py --vocab 257 --profile-rows 20
+
+Both models have the same width, depth, vocabulary and batch; HOPE's CMS levels use
+hidden 1.75 d (two levels + W_v = 8 d^2, a SwiGLU FFN's 8 d^2) so the parameter counts
+match to a few percent (printed). Each step is forward + backward + AdamW on random tokens
+(bench/step.py). Then one HOPE step runs under torch.profiler: a table of the top ops by
+self CPU time, and the forward time of each part of the model (records placed by hooks).
+"""
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.step import bench_step, machine  # noqa: E402
+from config import ConfigError, load_config  # noqa: E402
+
+
+def make_config(arch, args):
+    overrides = [f"--model.arch={arch}", f"--model.d_model={args.d_model}", f"--model.n_layer={args.n_layer}",
+                 f"--model.n_head={args.n_head}", f"--model.vocab_size={args.vocab}",
+                 f"--train.seq_len={args.seq_len}", f"--train.batch_size={args.batch_size}"]
+    if arch == "hope":
+        overrides += ["--model.cms.hidden_mult=1.75"]
+    return load_config(None, overrides)
+
+
+def label_forwards(model):
+    """Wrap the forward of each block's mixer and ffn, the HOPE stages and the LM head in
+    profiler records, so the profile says which part of the model the time belongs to."""
+    from hope import SelfModifyingTitans
+    records = []
+
+    def wrap(module, name):
+        def enter(mod, inputs):
+            rec = torch.profiler.record_function(name)
+            rec.__enter__()
+            records.append(rec)
+
+        def leave(mod, inputs, output):
+            records.pop().__exit__(None, None, None)
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+
+    def wrap_method(obj, attr, name):
+        inner = getattr(obj, attr)
+
+        def labelled(*args, **kwargs):
+            with torch.profiler.record_function(name):
+                return inner(*args, **kwargs)
+        setattr(obj, attr, labelled)
+
+    for block in model.blocks:
+        wrap(block.mixer, "forward: mixer (" + type(block.mixer).__name__ + ")")
+        wrap(block.ffn, "forward: ffn (" + type(block.ffn).__name__ + ")")
+        if isinstance(block.mixer, SelfModifyingTitans):
+            wrap_method(block.mixer, "_projection_piece", "forward: mixer stage 1 (projection memories)")
+            wrap_method(block.mixer.memory, "update_piece", "forward: mixer stage 2 (M_mem scans)")
+    wrap(model.head, "forward: LM head")
+
+
+def profile_step(cfg, rows):
+    from model import build_model
+    from train import make_optimizer
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = make_optimizer(model, cfg, "cpu")
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1))
+
+    def step():
+        _, loss, _ = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()                                                            # warm-up
+    label_forwards(model)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    table = prof.key_averages()
+    parts = sorted((e for e in table if e.key.startswith("forward:")), key=lambda e: -e.cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in table)
+    ops = table.table(sort_by="self_cpu_time_total", row_limit=rows)
+    return parts, total, ops
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=50257, help="vocabulary size (50257 = GPT-2, 257 = bytes)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile-rows", type=int, default=15, help="rows of the op table (0 = no profile)")
+    args = p.parse_args(argv)
+    for name in ("d_model", "n_layer", "n_head", "seq_len", "batch_size", "vocab", "steps"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    try:
+        configs = {arch: make_config(arch, args) for arch in ("transformer", "hope")}
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    results = {arch: bench_step(cfg, args.steps, args.warmup, "cpu") for arch, cfg in configs.items()}
+    print(f"| model | params | ms/step | tokens/s |\n|---|---:|---:|---:|")
+    for arch, r in results.items():
+        print(f"| {arch} | {r['params'] / 1e6:.2f}M | {r['sec_per_step'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} |")
+    ratio = results["hope"]["sec_per_step"] / results["transformer"]["sec_per_step"]
+    print(f"HOPE / Transformer++ step time: {ratio:.2f}x (goal <= 2x)")
+    if args.profile_rows:
+        parts, total, ops = profile_step(configs["hope"], args.profile_rows)
+        print(f"\nHOPE step, forward time by part (CPU total incl. children; whole step self time "
+              f"{total / 1e3:.0f} ms):")
+        for e in parts:
+            print(f"  {e.key:<60} {e.cpu_time_total / 1e3:8.1f} ms  ({e.count} calls)")
+        print("\nHOPE step, top ops by self CPU time (forward + backward + AdamW):")
+        print(ops)
+    print(f"command: python bench/hope_cpu.py {' '.join(argv)}\nmachine: {machine()}\n"
+          f"date: {datetime.date.today().isoformat()}, torch {torch.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
