@@ -237,8 +237,10 @@ class NeuralMemory(nn.Module):
                 v = v.detach()
             inputs, grads = self._inputs_and_gradients(state["chunk_start"], k, v)
             if self.max_grad_norm is not None:        # ||g a^T||_F = ||g|| ||a||, summed over layers
-                norm = sum(g.pow(2).sum(-1) * a.pow(2).sum(-1) for a, g in zip(inputs, grads)).sqrt()
-                scale = self.max_grad_norm / norm.clamp(min=self.max_grad_norm)
+                squared = sum(g.pow(2).sum(-1) * a.pow(2).sum(-1) for a, g in zip(inputs, grads))
+                # tau / max(tau, norm), clamped before the root: sqrt's backward at a zero
+                # gradient (an underflowed SiLU) would be 0 / 0 = NaN
+                scale = self.max_grad_norm * squared.clamp(min=self.max_grad_norm ** 2).rsqrt()
                 grads = [g * scale.unsqueeze(-1) for g in grads]
             new_weights, new_momenta = [], ([] if self.update_rule == "momentum" else None)
             query = q

@@ -156,6 +156,20 @@ def test_dgd_and_gd_differ_and_both_reduce_the_inner_loss():
     assert (results["dgd"][0] - results["gd"][0]).abs().max() > 1e-2
 
 
+def test_clipped_inner_gradient_is_differentiable_where_it_is_zero():
+    """memory.py's max_grad_norm at a token whose inner gradient is exactly 0 (its target
+    is the memory's own prediction; in a model: an underflowed SiLU): the outer gradient
+    must stay finite (a sqrt of the squared norm has a 0/0 backward there)."""
+    memory = make_mixer(d_model=4, n_head=1, max_grad_norm=1.0).memory
+    k = F.normalize(torch.randn(1, 3, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9)), dim=-1)
+    k.requires_grad_()
+    v = memory.read(memory.initial_state(1)["weights"], k).detach()          # l_t = 0 exactly
+    lr = torch.full((1, 3, 1), 0.5, dtype=torch.float64)
+    y, _ = memory(k, k, v, lr, torch.ones_like(lr))
+    y.sum().backward()
+    assert torch.isfinite(k.grad).all() and all(torch.isfinite(w.grad).all() for w in memory.init_weights)
+
+
 # ----------------------------------------------------------------------------------------
 # streaming, generation, causality
 
