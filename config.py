@@ -125,9 +125,9 @@ class HopeConfig:
     eta_max: float = 1.0             # eta_t = eta_max * sigmoid(w_eta . M_eta(x~) + b_eta)
     inner_lr_fixed: Optional[float] = None  # set: eta_t = this constant and no M_eta (0 = no in-context learning)
     inner_opt: str = choice("dgd", ["dgd", "gd"])        # gd: W(alpha I) - eta g a^T, no a a^T term ("w/o DGD")
-    max_grad_norm: Optional[float] = 10.0  # each token's inner gradient rescaled to norm <= this
+    max_grad_norm: Optional[float] = 3.0  # each token's inner gradient rescaled to norm <= this
                                      # (memory.py; null = the paper's update): with self-generated
-                                     # targets M(v) an unclipped write can grow the memories
+                                     # targets M(v) unclipped writes can grow the memories
                                      # super-exponentially across chunks (docs/FIDELITY.md)
     retention: bool = True           # False: alpha_t = 1 and no M_alpha ("w/o weight decay")
     adaptive_k: bool = True          # False: k = L2norm(W_k x~), a static projection ("w/o inner-projection k")
