@@ -177,21 +177,23 @@ _QUESTION_PATTERNS = [
 ]
 
 
-def parse_statement(text: str) -> tuple:
-    """'John went to the hallway.' -> ('move', 'John', 'hallway'); ValueError if unknown."""
-    for kind, pattern in _STATEMENT_PATTERNS:
+def _parse(text: str, patterns, what: str) -> tuple:
+    """(kind, *captured groups) of the first pattern that matches `text`; ValueError if none does."""
+    for kind, pattern in patterns:
         match = pattern.match(text.strip())
         if match:
             return (kind, *match.groups())
-    raise ValueError(f"not a qa1-qa5 statement: {text!r}")
+    raise ValueError(f"not a qa1-qa5 {what}: {text!r}")
+
+
+def parse_statement(text: str) -> tuple:
+    """'John went to the hallway.' -> ('move', 'John', 'hallway'); ValueError if unknown."""
+    return _parse(text, _STATEMENT_PATTERNS, "statement")
 
 
 def parse_question(text: str) -> tuple:
-    for kind, pattern in _QUESTION_PATTERNS:
-        match = pattern.match(text.strip())
-        if match:
-            return (kind, *match.groups())
-    raise ValueError(f"not a qa1-qa5 question: {text!r}")
+    """'Where is Mary?' -> ('where_actor', 'Mary'); ValueError if unknown."""
+    return _parse(text, _QUESTION_PATTERNS, "question")
 
 
 # -----------------------------------------------------------------------------
