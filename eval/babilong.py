@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
+from eval.common import eval_mode, is_recurrent, load_checkpoint, model_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
@@ -552,21 +553,6 @@ def compare_answers(target: str, output: str, question: str, task_labels) -> boo
 # -----------------------------------------------------------------------------
 # running a model on long inputs
 
-RECURRENT_ARCHS = ("titans", "hope")
-
-
-def is_recurrent(model) -> bool:
-    """Constant-size state (fast weights, windowed caches): any length streams in flat memory."""
-    config = getattr(model, "config", None)
-    return getattr(config, "arch", None) in RECURRENT_ARCHS
-
-
-def model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _clone_state(state):
     """A copy of a state tree, so several continuations can start from one prefix."""
     if torch.is_tensor(state):
@@ -626,6 +612,41 @@ def greedy_generate(model, tokenizer, last_logits, state, max_new_tokens: int, d
     return tokenizer.decode(out)
 
 
+def check_long_inputs(model, overflow: str, streaming: bool | None, max_len: int | None) -> bool:
+    """The long-input arguments of evaluate and eval.niah.evaluate_niah, checked -> whether the
+    model streams (recurrent, or streaming=True: the whole input in segments, state carried)."""
+    if overflow not in ("truncate", "skip"):
+        raise ValueError(f"overflow must be 'truncate' or 'skip', got {overflow!r}")
+    streaming = is_recurrent(model) if streaming is None else streaming
+    if not streaming and max_len is None:
+        raise ValueError("an attention model needs max_len (its context, e.g. cfg.train.seq_len); "
+                         "pass streaming=True to read any length with a growing KV cache")
+    return streaming
+
+
+def fit_prompt(ids: list[int], streaming: bool, max_len: int | None, max_new_tokens: int, overflow: str) -> tuple:
+    """-> (the prompt ids the model reads, truncated?). A streaming model reads them all; an
+    attention model reads a prompt over max_len as its last max_len - max_new_tokens tokens
+    (room for the answer; overflow='truncate') or not at all (None; overflow='skip')."""
+    if streaming or len(ids) <= max_len:
+        return ids, False
+    if overflow == "skip":
+        return None, False
+    return ids[-max(1, max_len - max_new_tokens):], True
+
+
+def bf16_autocast(device, dtype: str = "auto"):
+    """bf16 autocast on CUDA (dtype 'auto' or 'bfloat16'); a no-op context otherwise."""
+    if torch.device(device).type == "cuda" and dtype in ("auto", "bfloat16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def mean_over_scored(scored: list[dict], key: str) -> float | None:
+    """The fraction of scored records whose `key` is true (None when nothing was scored)."""
+    return sum(r[key] for r in scored) / len(scored) if scored else None
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len: int = 2048, device=None,
              max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS, overflow: str = "truncate", instruction: bool = False,
@@ -638,40 +659,29 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
     max_len - max_new_tokens tokens (overflow='truncate') or left out (overflow='skip').
     Returns accuracies, counts, how long inputs were handled, and one record per sample.
     """
-    if overflow not in ("truncate", "skip"):
-        raise ValueError(f"overflow must be 'truncate' or 'skip', got {overflow!r}")
+    streaming = check_long_inputs(model, overflow, streaming, max_len)
     if segment_len < 1 or max_new_tokens < 1:
         raise ValueError("segment_len and max_new_tokens must be >= 1")
-    streaming = is_recurrent(model) if streaming is None else streaming
-    if not streaming and max_len is None:
-        raise ValueError("an attention model needs max_len (its context, e.g. cfg.train.seq_len); "
-                         "pass streaming=True to read any length with a growing KV cache")
     device = device or model_device(model)
-    was_training = model.training
-    model.eval()
-    use_bf16 = torch.device(device).type == "cuda" and dtype in ("auto", "bfloat16")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     label_ids_cache: dict = {}
     records, n_truncated, n_skipped = [], 0, 0
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.time()
-    try:
+    with eval_mode(model):
         for i, sample in enumerate(samples):
             task = parse_task(sample["task"])
             prompt = format_prompt(sample["input"], sample["question"], task, instruction, examples, post_prompt)
             ids = tokenizer.encode(prompt + answer_prefix)
             record = {"task": task, "length": sample.get("length"), "question": sample["question"],
-                      "target": sample["target"], "n_input_tokens": len(ids), "truncated": False}
-            if not streaming and len(ids) > max_len:
-                if overflow == "skip":
-                    n_skipped += 1
-                    records.append({**record, "skipped": True})
-                    continue
-                ids = ids[-max(1, max_len - max_new_tokens):]
-                record["truncated"] = True
-                n_truncated += 1
-            with autocast:
+                      "target": sample["target"], "n_input_tokens": len(ids)}
+            ids, record["truncated"] = fit_prompt(ids, streaming, max_len, max_new_tokens, overflow)
+            if ids is None:
+                n_skipped += 1
+                records.append({**record, "skipped": True})
+                continue
+            n_truncated += record["truncated"]
+            with bf16_autocast(device, dtype):
                 last_logits, state = prefill(model, ids, segment_len, device)
                 labels = TASK_LABELS[task]
                 if task not in label_ids_cache:
@@ -687,10 +697,7 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
             records.append(record)
             if progress and (i + 1) % 10 == 0:
                 print(f"  {i + 1}/{len(samples)} samples, {time.time() - started:.0f}s", file=sys.stderr)
-    finally:
-        model.train(was_training)
     scored = [r for r in records if not r.get("skipped")]
-    accuracy = (lambda key: sum(r[key] for r in scored) / len(scored) if scored else None)
     if streaming:
         handling = f"streamed: whole input in segments of {segment_len} tokens with the state carried"
     elif overflow == "truncate":
@@ -698,7 +705,8 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
     else:
         handling = f"attention: inputs over {max_len} tokens skipped"
     return {
-        "official": accuracy("official_correct"), "label_ranking": accuracy("label_ranking_correct"),
+        "official": mean_over_scored(scored, "official_correct"),
+        "label_ranking": mean_over_scored(scored, "label_ranking_correct"),
         "n": len(records), "n_scored": len(scored), "n_truncated": n_truncated, "n_skipped": n_skipped,
         "context_handling": handling,
         "mean_input_tokens": sum(r["n_input_tokens"] for r in records) / len(records) if records else 0,
@@ -851,16 +859,6 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
 # -----------------------------------------------------------------------------
 # CLI
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return name
-
-
 def _get_samples(args, task, length, gpt2):
     if args.source == "local":
         return build_babilong(task, length, args.samples, split=args.split, background=args.background,
@@ -872,13 +870,7 @@ def run_eval(args) -> dict:
     tasks, lengths = parse_list(args.tasks, "tasks"), parse_list(args.lengths, "lengths")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    if not os.path.exists(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
-    device = resolve_device(args.device)
-    from checkpoint import load_model
-    from data.tokenizer import get_tokenizer
-    model, cfg = load_model(args.checkpoint, device)
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
     recurrent = is_recurrent(model)
     max_len = None if recurrent else (args.max_len or cfg.train.seq_len)
     gpt2 = length_tokenizer(args.data_dir) if args.source == "local" else None
@@ -925,15 +917,9 @@ def run_eval(args) -> dict:
 
 def run_finetune(args) -> str:
     tasks, lengths = parse_list(args.tasks, "tasks"), parse_list(args.lengths, "lengths")
-    if not os.path.exists(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
-    device = resolve_device(args.device)
-    from checkpoint import load_model
-    from data.tokenizer import get_tokenizer
-    model, cfg = load_model(args.checkpoint, device)
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
     max_len = None if is_recurrent(model) else (args.max_len or cfg.train.seq_len)
     path = finetune(model, cfg, tokenizer, tasks, lengths, args.steps, args.out, lr=args.lr,
                     batch_size=args.batch_size, weight_decay=args.weight_decay, babi=args.babi,

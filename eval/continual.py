@@ -47,13 +47,13 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from eval.babilong import (_clone_state, continuation_logprob, default_data_dir, is_recurrent, model_device, prefill,
-                           resolve_device)
+from eval.babilong import _clone_state, continuation_logprob, default_data_dir, prefill
+from eval.common import eval_mode, is_recurrent, load_checkpoint, model_device
 from eval.perplexity import encode_pair, loglikelihood_tokens
 
 ARMS = ("sequential", "icl", "in_context_memory", "joint")
@@ -241,9 +241,7 @@ def classify(model, tokenizer, queries, label_names, state=None, batch_size: int
     if not label_names:
         raise ValueError("classify needs at least one candidate label")
     device = device or model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if state is None:
             requests = [encode_pair(tokenizer, PROMPT.format(text=q), " " + name)
                         for q in queries for name in label_names]
@@ -258,8 +256,6 @@ def classify(model, tokenizer, queries, label_names, state=None, batch_size: int
             scores = [continuation_logprob(model, last, query_state, ids, device) for ids in label_ids]
             predictions.append(label_names[max(range(len(scores)), key=scores.__getitem__)])
         return predictions
-    finally:
-        model.train(was_training)
 
 
 def accuracy(model, tokenizer, examples, label_names, state=None, **kw) -> float:
@@ -346,9 +342,7 @@ def run_arm(arm: str, model, tokenizer, tasks, settings: IntentSettings, device=
         everything = [ex for task in tasks for ex in task["train"]]
         train_losses = finetune_on(model, tokenizer, everything, settings.steps_per_task * T, settings, device, rng)
     state = None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for i, task in enumerate(tasks):
             if arm == "sequential":
                 train_losses += finetune_on(model, tokenizer, task["train"], settings.steps_per_task, settings,
@@ -360,8 +354,6 @@ def run_arm(arm: str, model, tokenizer, tasks, settings: IntentSettings, device=
             labels = _seen_labels(tasks, i)
             for j in range(i + 1):
                 R[i][j] = accuracy(model, tokenizer, tasks[j]["test"], labels, state=state, **kw)
-    finally:
-        model.train(was_training)
     result = {"arm": arm, "tasks": [t["name"] for t in tasks], "R": R, **continual_metrics(R),
               "seconds": time.time() - started}
     if train_losses:
@@ -502,16 +494,12 @@ def held_out_loss(model, eval_ids, seq_len: int, batch_size: int, device) -> flo
     if not windows:
         raise ValueError(f"held-out text has {len(eval_ids)} tokens: fewer than seq_len + 1 = {seq_len + 1}")
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(windows), batch_size):
             chunk = torch.tensor(windows[start:start + batch_size], dtype=torch.long, device=device)
             logits = model(chunk[:, :-1])[0]
             total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
             count += chunk[:, 1:].numel()
-    finally:
-        model.train(was_training)
     return total / count
 
 
@@ -637,16 +625,6 @@ def _parse_arms(text: str) -> list[str]:
     return arms
 
 
-def _load(args):
-    if not os.path.exists(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
-    from checkpoint import load_model
-    from data.tokenizer import get_tokenizer
-    device = resolve_device(args.device)
-    model, cfg = load_model(args.checkpoint, device)
-    return model, cfg, get_tokenizer(cfg.data.tokenizer), device
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m eval.continual", description="Continual-learning evals.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -686,7 +664,7 @@ def main(argv=None):
             arms = _parse_arms(args.arms)
             tasks = shrink_tasks(intent_tasks(args.dataset, args.data_dir), args.tasks, args.labels_per_task,
                                  args.train_per_label, args.test_per_label, seed=args.seed)
-            model, cfg, tokenizer, device = _load(args)
+            model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
             settings = IntentSettings(steps_per_task=args.steps, batch_size=args.batch_size, lr=args.lr,
                                       icl_shots=args.icl_shots, stream_per_label=args.stream_per_label,
                                       seed=args.seed)
@@ -696,7 +674,7 @@ def main(argv=None):
         else:
             names = [n.strip() for n in args.domains.split(",") if n.strip()]
             domains = load_domains(names, args.data_dir)
-            model, cfg, tokenizer, device = _load(args)
+            model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
             settings = DomainSettings(steps_per_domain=args.steps, batch_size=args.batch_size,
                                       seq_len=args.seq_len or cfg.train.seq_len, lr=args.lr,
                                       train_chars=args.train_chars, eval_tokens=args.eval_tokens, seed=args.seed)

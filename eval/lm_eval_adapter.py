@@ -96,7 +96,8 @@ class LMAdapter:
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list:
-        from eval.babilong import greedy_generate, is_recurrent, prefill
+        from eval.babilong import greedy_generate, prefill
+        from eval.common import is_recurrent
         outputs = []
         for request in requests:
             context, gen_kwargs = _args(request)[:2]

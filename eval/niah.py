@@ -36,12 +36,12 @@ import re
 import sys
 import time
 import uuid
-from contextlib import nullcontext
 
 import torch
 
-from eval.babilong import (BACKGROUNDS, continuation_logprob, greedy_generate, is_recurrent, length_tokenizer,
-                           load_books, model_device, prefill, resolve_device, split_sentences)
+from eval.babilong import (BACKGROUNDS, bf16_autocast, check_long_inputs, continuation_logprob, fit_prompt,
+                           greedy_generate, length_tokenizer, load_books, mean_over_scored, prefill, split_sentences)
+from eval.common import eval_mode, is_recurrent, load_checkpoint, model_device
 
 # RULER scripts/data/synthetic/constants.py and niah.py
 NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
@@ -184,30 +184,20 @@ def evaluate_niah(model, tokenizer, samples, max_len: int | None = None, segment
                   max_new_tokens: int = RULER_TOKENS_TO_GENERATE, overflow: str = "truncate",
                   streaming: bool | None = None, dtype: str = "auto") -> dict:
     """Greedy accuracy and ranking accuracy of `samples`; long inputs as in eval.babilong.evaluate."""
-    if overflow not in ("truncate", "skip"):
-        raise ValueError(f"overflow must be 'truncate' or 'skip', got {overflow!r}")
-    streaming = is_recurrent(model) if streaming is None else streaming
-    if not streaming and max_len is None:
-        raise ValueError("an attention model needs max_len (its context); pass streaming=True to read any length")
+    streaming = check_long_inputs(model, overflow, streaming, max_len)
     device = device or model_device(model)
-    use_bf16 = torch.device(device).type == "cuda" and dtype in ("auto", "bfloat16")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    was_training = model.training
-    model.eval()
     records, started = [], time.time()
-    try:
+    with eval_mode(model):
         for sample in samples:
             ids = tokenizer.encode(sample["input"] + sample["answer_prefix"])
             record = {k: sample[k] for k in ("task", "length", "depth", "key", "value")}
-            record.update(n_input_tokens=len(ids), truncated=False)
-            if not streaming and len(ids) > max_len:
-                if overflow == "skip":
-                    records.append({**record, "skipped": True})
-                    continue
-                ids = ids[-max(1, max_len - max_new_tokens):]
-                record["truncated"] = True
+            record["n_input_tokens"] = len(ids)
+            ids, record["truncated"] = fit_prompt(ids, streaming, max_len, max_new_tokens, overflow)
+            if ids is None:
+                records.append({**record, "skipped": True})
+                continue
             value = sample["value"]
-            with autocast:
+            with bf16_autocast(device, dtype):
                 last_logits, state = prefill(model, ids, segment_len, device)
                 candidates = [value] + list(sample.get("distractors", []))
                 scores = [continuation_logprob(model, last_logits, state, tokenizer.encode(" " + c), device)
@@ -218,11 +208,9 @@ def evaluate_niah(model, tokenizer, samples, max_len: int | None = None, segment
             record.update(output=output, correct=string_match(value, output),
                           ranking_correct=max(range(len(scores)), key=scores.__getitem__) == 0)
             records.append(record)
-    finally:
-        model.train(was_training)
     scored = [r for r in records if not r.get("skipped")]
-    mean = (lambda key: sum(r[key] for r in scored) / len(scored) if scored else None)
-    return {"accuracy": mean("correct"), "ranking_accuracy": mean("ranking_correct"), "n": len(records),
+    return {"accuracy": mean_over_scored(scored, "correct"),
+            "ranking_accuracy": mean_over_scored(scored, "ranking_correct"), "n": len(records),
             "n_scored": len(scored), "n_truncated": sum(r["truncated"] for r in records),
             "n_skipped": len(records) - len(scored), "seconds": time.time() - started, "records": records}
 
@@ -243,13 +231,7 @@ def run(args) -> dict:
         raise ValueError("--tasks and --lengths must name at least one task and one length")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    if not os.path.exists(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
-    device = resolve_device(args.device)
-    from checkpoint import load_model
-    from data.tokenizer import get_tokenizer
-    model, cfg = load_model(args.checkpoint, device)
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
     streaming = is_recurrent(model)
     max_len = None if streaming else (args.max_len or cfg.train.seq_len)
     gpt2 = length_tokenizer(args.data_dir)

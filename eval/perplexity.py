@@ -28,31 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eval.common import eval_mode, load_checkpoint, model_device
+
 LN2 = math.log(2.0)
 DATA_DIR_ENV = "NL_DATA_DIR"  # a copy of shared/data: <dir>/wikitext/wiki.test.raw, <dir>/lambada/...
 HF_WIKITEXT = ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test")
 HF_LAMBADA = ("EleutherAI/lambada_openai", "default", "test")
-
-
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-class _EvalMode:
-    """model.eval() for the duration, then the previous train/eval mode again (train.py
-    calls evaluate_split in the middle of training)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
 
 
 # -----------------------------------------------------------------------------
@@ -76,11 +57,11 @@ def evaluate_split(model, dataset, split="val", batch_size=8, seq_len=256, max_b
     for key in ("tokens", "bytes"):
         if not split_meta.get(key):
             raise ValueError(f"meta.json of split {split!r} has no positive {key!r} count")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
 
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
     tokens_scored = 0
-    with _EvalMode(model):
+    with eval_mode(model):
         for x, y in iter_eval_batches(dataset, split, batch_size, seq_len, max_batches=max_batches):
             x, y = x.to(device), y.to(device)
             logits = model(x)[0]
@@ -130,7 +111,7 @@ def loglikelihood_tokens(model, requests, max_len=None, device=None, batch_size=
     right-padded into batches; padding sits after every scored position, so a causal model
     gives the same numbers as one request at a time.
     """
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     rows = []  # (request index, model input ids, continuation ids)
     for i, (context_ids, continuation_ids) in enumerate(requests):
         if len(context_ids) == 0:
@@ -148,7 +129,7 @@ def loglikelihood_tokens(model, requests, max_len=None, device=None, batch_size=
     if progress:
         from tqdm import tqdm
         batches = tqdm(batches, desc="scoring", unit="batch")
-    with _EvalMode(model):
+    with eval_mode(model):
         for start in batches:
             batch = rows[start:start + batch_size]
             width = len(batch[0][1])
@@ -222,14 +203,23 @@ def split_wikitext_documents(raw_text: str) -> list:
     return documents
 
 
+def _hf_column(dataset: tuple, column: str) -> list:
+    """One column of a (name, config, split) Hugging Face dataset, as a list."""
+    import datasets
+    name, config, split = dataset
+    return [row[column] for row in datasets.load_dataset(name, config, split=split)]
+
+
+def _require_file(path: str, what: str, want: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path} not found (want {want}, or 'hf')")
+
+
 def load_wikitext_documents(path: str) -> list:
     """Articles of a raw WikiText file, or of the HF document-level test split for path='hf'."""
     if path == "hf":
-        import datasets
-        name, config, split = HF_WIKITEXT
-        return [row["page"] for row in datasets.load_dataset(name, config, split=split)]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"WikiText file {path} not found (want wiki.test.raw, or 'hf')")
+        return _hf_column(HF_WIKITEXT, "page")
+    _require_file(path, "WikiText", "wiki.test.raw")
     with open(path, encoding="utf-8") as f:
         documents = split_wikitext_documents(f.read())
     if not documents:
@@ -309,11 +299,8 @@ def wikitext_word_perplexity(model, tokenizer, path, max_len, device=None, limit
 def load_lambada_texts(path: str) -> list:
     """The passages of a LAMBADA jsonl file ({"text": ...} per line), or the HF test split."""
     if path == "hf":
-        import datasets
-        name, config, split = HF_LAMBADA
-        return [row["text"] for row in datasets.load_dataset(name, config, split=split)]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LAMBADA file {path} not found (want lambada_test.jsonl, or 'hf')")
+        return _hf_column(HF_LAMBADA, "text")
+    _require_file(path, "LAMBADA", "lambada_test.jsonl")
     texts = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
@@ -396,14 +383,6 @@ def _format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return name
-
-
 TASKS = ("val", "unigram", "wikitext", "lambada")
 
 
@@ -423,15 +402,7 @@ def run(args) -> dict:
     for path in (wikitext_path if "wikitext" in tasks else None, lambada_path if "lambada" in tasks else None):
         if path is not None and path != "hf" and not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found")
-    if not os.path.exists(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
-    device = _resolve_device(args.device)
-
-    from checkpoint import load_model
-    from data.tokenizer import get_tokenizer
-
-    model, cfg = load_model(args.checkpoint, device)
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
     max_len = cfg.train.seq_len
     results = {}
     if "val" in tasks:

@@ -493,7 +493,7 @@ def run_zero_shot(checkpoint: str, out_dir: str, device: str = "auto", limit: in
         import lm_eval
     except ImportError:
         raise ImportError("lm-eval is not installed: pip install -r requirements-eval.txt") from None
-    from eval.babilong import resolve_device
+    from eval.common import resolve_device
     from eval.lm_eval_adapter import OurLM
     lm = OurLM.from_checkpoint(checkpoint, device=str(resolve_device(device)), batch_size=batch_size)
     raw = lm_eval.simple_evaluate(model=lm, tasks=list(ZERO_SHOT_TASKS), num_fewshot=0, limit=limit)

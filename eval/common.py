@@ -1,0 +1,61 @@
+"""
+What every eval module needs about the model it scores (DESIGN §7): its kind (recurrent
+state or attention context), its device, eval mode for the duration of a score, and, for
+the CLIs, a checkpoint loaded with the tokenizer it was trained with.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+RECURRENT_ARCHS = ("titans", "hope")
+
+
+def is_recurrent(model) -> bool:
+    """Constant-size state (fast weights, windowed caches): any length streams in flat memory."""
+    config = getattr(model, "config", None)
+    return getattr(config, "arch", None) in RECURRENT_ARCHS
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def resolve_device(name: str) -> str:
+    """--device auto|cpu|cuda[:N] -> a device name; auto picks CUDA when it is there."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return name
+
+
+@contextmanager
+def eval_mode(model):
+    """model.eval() for the duration, then its previous train/eval mode again (train.py runs
+    evals in the middle of training, so scoring must not leave dropout off)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def load_checkpoint(path: str, device: str = "auto") -> tuple:
+    """An eval CLI's model: (model, cfg, tokenizer, device) for a checkpoint dir or a training
+    out_dir, loaded on resolve_device(device), with the tokenizer named in its config."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    from checkpoint import load_model
+    from data.tokenizer import get_tokenizer
+    device = resolve_device(device)
+    model, cfg = load_model(path, device)
+    return model, cfg, get_tokenizer(cfg.data.tokenizer), device
