@@ -35,8 +35,6 @@ import os
 import sys
 import time
 
-import torch
-
 SECTIONS = ("perplexity", "babilong", "niah", "continual")
 
 SUITES = {
@@ -83,7 +81,7 @@ DURING_TRAINING = ("perplexity", "babilong_quick", "niah_quick", "continual_quic
 
 def _max_len(model, seq_len):
     """Attention models read at most their training context; recurrent ones stream."""
-    from eval.babilong import is_recurrent
+    from eval.common import is_recurrent
     return None if is_recurrent(model) else seq_len
 
 
@@ -195,16 +193,10 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
     bad = [s for s in sections if s not in SECTIONS]
     if bad or not sections:
         raise ValueError(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
-    if not os.path.exists(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint} not found")
     if data_dir is not None and not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data-dir {data_dir} is not a folder")
-    from checkpoint import load_model
-    from data.tokenizer import get_tokenizer
-    from eval.babilong import resolve_device
-    device = resolve_device(device)
-    model, cfg = load_model(checkpoint, device)
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    from eval.common import load_checkpoint
+    model, cfg, tokenizer, device = load_checkpoint(checkpoint, device)
     seq_len = cfg.train.seq_len
     settings = SUITES[suite]
     os.makedirs(out_dir, exist_ok=True)
@@ -282,60 +274,65 @@ def _grid(title, table: dict, percent=True) -> str:
     return f"{title}\n\n" + _table([""] + cols, rows)
 
 
+def _perplexity_md(p) -> list:
+    rows = [[task, metric, value] for task in ("val", "wikitext", "lambada") for metric, value in p[task].items()]
+    return [_table(["task", "metric", "value"], rows)]
+
+
+def _scores_md(r, scores) -> list:
+    """One grid of accuracies (%) per score, titled with the score's definition."""
+    return [_grid(f"**{score}**: {r['scores'][score]}", r[score]) for score in scores]
+
+
+def _babilong_md(b) -> list:
+    return [f"{b['source']}; {b['context_handling']}\n"] + _scores_md(b, ("official", "label_ranking"))
+
+
+def _niah_md(n) -> list:
+    return _scores_md(n, ("accuracy", "ranking_accuracy"))
+
+
+def _continual_md(c) -> list:
+    md = []
+    for dataset, r in c["intents"].items():
+        md.append(f"### Class-incremental {dataset}: {len(r['tasks'])} tasks\n")
+        metrics = ("ACC", "BWT", "forgetting", "average_incremental_accuracy")
+        md.append(_table(["arm", "ACC %", "BWT %", "forgetting %", "avg incremental %"],
+                         [[arm] + [_cell(a[k], True) for k in metrics] for arm, a in r["arms"].items()]))
+        for arm, a in r["arms"].items():
+            grid = {f"after {a['tasks'][i]}": {a["tasks"][j]: v for j, v in enumerate(row)}
+                    for i, row in enumerate(a["R"])}
+            md.append(_grid(f"R matrix, {arm} (accuracy %)", grid))
+    d = c.get("domains")
+    if d:
+        md.append("### Sequential domains: held-out perplexity\n")
+        grid = {"initial": dict(zip(d["domains"], d["initial_perplexity"]))}
+        grid.update({f"after {name}": dict(zip(d["domains"], row))
+                     for name, row in zip(d["domains"], d["perplexity"])})
+        md.append(_grid("rows: training stage; columns: evaluated domain", grid, percent=False))
+        md.append(_table(["final mean ppl", "BWT (loss)", "mean forgetting (ppl)", "mean relative forgetting"],
+                         [[d["final_mean_perplexity"], d["BWT_loss"], d["mean_forgetting"],
+                           d["mean_relative_forgetting"]]]))
+    return md
+
+
+# section -> (heading in results.md, its markdown lines when it was not skipped)
+SECTION_MARKDOWN = {
+    "perplexity": ("## Perplexity\n", _perplexity_md),
+    "babilong": ("## BABILong (accuracy %)\n", _babilong_md),
+    "niah": ("## S-NIAH (accuracy %)\n", _niah_md),
+    "continual": ("## Continual learning\n", _continual_md),
+}
+
+
 def results_markdown(results: dict) -> str:
     md = [f"# Evaluation: {results['arch']} ({results['suite']} suite)\n",
           f"checkpoint `{results['checkpoint']}`, tokenizer {results['tokenizer']}, context {results['context']}\n"]
-    p = results.get("perplexity")
-    if p is not None:
-        md.append("## Perplexity\n")
-        if "skipped" in p:
-            md.append(f"skipped: {p['skipped']}\n")
-        else:
-            rows = [[task, metric, value] for task in ("val", "wikitext", "lambada")
-                    for metric, value in p[task].items()]
-            md.append(_table(["task", "metric", "value"], rows))
-    b = results.get("babilong")
-    if b is not None:
-        md.append("## BABILong (accuracy %)\n")
-        if "skipped" in b:
-            md.append(f"skipped: {b['skipped']}\n")
-        else:
-            md.append(f"{b['source']}; {b['context_handling']}\n")
-            for score in ("official", "label_ranking"):
-                md.append(_grid(f"**{score}**: {b['scores'][score]}", b[score]))
-    n = results.get("niah")
-    if n is not None:
-        md.append("## S-NIAH (accuracy %)\n")
-        if "skipped" in n:
-            md.append(f"skipped: {n['skipped']}\n")
-        else:
-            for score in ("accuracy", "ranking_accuracy"):
-                md.append(_grid(f"**{score}**: {n['scores'][score]}", n[score]))
-    c = results.get("continual")
-    if c is not None:
-        md.append("## Continual learning\n")
-        if "skipped" in c:
-            md.append(f"skipped: {c['skipped']}\n")
-        else:
-            for dataset, r in c["intents"].items():
-                md.append(f"### Class-incremental {dataset}: {len(r['tasks'])} tasks\n")
-                md.append(_table(["arm", "ACC %", "BWT %", "forgetting %", "avg incremental %"],
-                                 [[arm, _cell(a["ACC"], True), _cell(a["BWT"], True), _cell(a["forgetting"], True),
-                                   _cell(a["average_incremental_accuracy"], True)] for arm, a in r["arms"].items()]))
-                for arm, a in r["arms"].items():
-                    grid = {f"after {a['tasks'][i]}": {a["tasks"][j]: v for j, v in enumerate(row)}
-                            for i, row in enumerate(a["R"])}
-                    md.append(_grid(f"R matrix, {arm} (accuracy %)", grid))
-            d = c.get("domains")
-            if d:
-                md.append("### Sequential domains: held-out perplexity\n")
-                grid = {"initial": dict(zip(d["domains"], d["initial_perplexity"]))}
-                grid.update({f"after {name}": dict(zip(d["domains"], row))
-                             for name, row in zip(d["domains"], d["perplexity"])})
-                md.append(_grid("rows: training stage; columns: evaluated domain", grid, percent=False))
-                md.append(_table(["final mean ppl", "BWT (loss)", "mean forgetting (ppl)", "mean relative forgetting"],
-                                 [[d["final_mean_perplexity"], d["BWT_loss"], d["mean_forgetting"],
-                                   d["mean_relative_forgetting"]]]))
+    for section, (heading, body) in SECTION_MARKDOWN.items():
+        r = results.get(section)
+        if r is not None:
+            md.append(heading)
+            md += [f"skipped: {r['skipped']}\n"] if "skipped" in r else body(r)
     return "\n".join(md)
 
 
@@ -356,7 +353,7 @@ def run_during_training(model, tokenizer, names, device=None, seq_len: int = 256
     bad = [n for n in names if n not in DURING_TRAINING]
     if bad:
         raise ValueError(f"unknown during-training eval(s) {bad}; choose from {', '.join(DURING_TRAINING)}")
-    from eval.babilong import model_device
+    from eval.common import model_device
     device = device or model_device(model)
     quick = SUITES["quick"]
     metrics = {}
