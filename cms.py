@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from config import ModelConfig
 from model import RMSNorm
 
@@ -115,11 +116,15 @@ def fast_level_scan(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, 
 
 
 class CMSLevel(nn.Module):
-    """One level: z -> z + MLP(RMSNorm(z)); static (chunk_size None) or fast (see module doc)."""
+    """One level: z -> z + MLP(RMSNorm(z)); static (chunk_size None) or fast (see module doc).
+    `backend` picks the fast level's scan as for the memories (kernels.select_backend)."""
 
-    def __init__(self, dim, hidden, chunk_size, inner_lr, activation, norm_eps):
+    def __init__(self, dim, hidden, chunk_size, inner_lr, activation, norm_eps, backend="auto"):
         super().__init__()
+        if backend not in kernels.BACKENDS:
+            raise ValueError(f"CMS backend must be one of {', '.join(kernels.BACKENDS)}; got {backend!r}")
         self.chunk_size, self.inner_lr, self.activation = chunk_size, inner_lr, activation
+        self.backend = backend
         self.norm = RMSNorm(dim, norm_eps)
         # Static weights, or the outer-learned initial fast weights theta_0 (NL §7.1).
         self.w_in = nn.Linear(dim, hidden, bias=False)
@@ -138,6 +143,18 @@ class CMSLevel(nn.Module):
                 "w_out": self.w_out.weight.expand(batch_size, -1, -1),
                 "grad_in": None, "grad_out": None, "pos": 0}
 
+    def uses_fused_kernel(self, a):
+        """The fused Triton fast level (kernels/triton_cms.py, DESIGN §4 (b)) runs where the
+        backend resolves to "triton" ("triton", or "auto" on CUDA) for fp32 fast weights it
+        covers; everything else, and the CPU, takes fast_level_scan (the oracle)."""
+        weight = self.w_in.weight
+        if not self.is_fast or weight.dtype != torch.float32:
+            return False
+        if kernels.select_backend(self.backend, a.device, weight.dtype) != "triton":
+            return False
+        from kernels import triton_cms
+        return triton_cms.fusable_cms(weight.shape[1], weight.shape[0], self.chunk_size)
+
     def forward(self, z, state=None):
         """z [B, T, D] -> (MLP output [B, T, D] to add to z, new level state or None)."""
         a = self.norm(z)
@@ -150,8 +167,12 @@ class CMSLevel(nn.Module):
         elif state["w_in"].shape[0] != B:
             raise ValueError(f"CMS state holds fast weights for batch size {state['w_in'].shape[0]}, "
                              f"but the input has batch size {B}")
-        y, w_in, w_out, grad_in, grad_out, pos = fast_level_scan(
-            a, self.w_target(a), state["w_in"], state["w_out"], state["grad_in"], state["grad_out"],
+        scan, target = fast_level_scan, self.w_target(a)
+        if a.shape[1] and self.uses_fused_kernel(a):               # one launch for the whole segment
+            from kernels import triton_cms
+            scan, a, target = triton_cms.fused_fast_level, a.float(), target.float()
+        y, w_in, w_out, grad_in, grad_out, pos = scan(
+            a, target, state["w_in"], state["w_out"], state["grad_in"], state["grad_out"],
             state["pos"], self.chunk_size, self.inner_lr, self.activation)
         return y, {"w_in": w_in, "w_out": w_out, "grad_in": grad_in, "grad_out": grad_out, "pos": pos}
 
