@@ -127,8 +127,9 @@ class NeuralMemory(nn.Module):
                        that is a multiple of n chunks, so outer gradients reach back at
                        most n chunks (forward values are unchanged); 0 = full backprop
     backend            kernels backend ("auto" | "reference" | "torch" | "triton"); where the
-                       scans run in Triton, a linear memory runs as one fused kernel per layer
-                       (kernels/triton_memory.py, `_use_fused_kernel`)
+                       scans run in Triton, a linear memory (and a DGD/GD MLP memory) runs as one fused
+                       kernel per layer (kernels/triton_memory.py, triton_mlp_memory.py,
+                       `_use_fused_kernel`)
     """
 
     def __init__(self, n_head: int, head_dim: int, depth: int = 2, expansion: int = 2,
@@ -298,22 +299,28 @@ class NeuralMemory(nn.Module):
         return MemoryOutput(y, state, reads_out)
 
     def _use_fused_kernel(self, q, reads) -> bool:
-        """The fused Triton layer (kernels/triton_memory.py) runs when the scans would run in
-        Triton (backend "triton", or "auto" on CUDA) and it covers the configuration: a linear
-        memory in fp32 state, C <= 64, d <= 128, no extra reads, no clipping, full backprop.
-        Everything else, and the CPU, takes the per-chunk path above (the oracle)."""
-        if (self.depth != 1 or reads or self.max_grad_norm is not None
-                or self.detach_chunks_older_than or self._dtype() != torch.float32):
+        """The fused Triton layer runs when the scans would run in Triton (backend "triton",
+        or "auto" on CUDA) and it covers the configuration: fp32 state, no extra reads, no
+        clipping, full backprop, and a linear memory with C <= 64, d <= 128
+        (kernels/triton_memory.py) or an MLP memory that `fusable_mlp` takes
+        (kernels/triton_mlp_memory.py). Everything else, and the CPU, takes the per-chunk
+        path above (the oracle)."""
+        if (reads or self.max_grad_norm is not None or self.detach_chunks_older_than
+                or self._dtype() != torch.float32):
             return False
         if kernels.select_backend(self.backend, q.device, self._dtype()) != "triton":
             return False
+        if self.depth == 2:
+            from kernels import triton_mlp_memory
+            return triton_mlp_memory.fusable_mlp(self.head_dim, self.hidden_dim // self.head_dim,
+                                                 self.chunk_size, self.update_rule)
         from kernels import triton_memory
         return triton_memory.fusable(self.head_dim, self.chunk_size)
 
     def _fused_scan(self, q, k, v, lr, alpha, beta, state) -> MemoryOutput:
         """scan() through the fused kernel: a chunk begun in an earlier call is finished by
         update_piece, then every remaining chunk (aligned to t = 0 of the rest) in one launch."""
-        from kernels import triton_memory
+        from kernels import triton_memory, triton_mlp_memory
         C, ys = self.chunk_size, []
         head = min((C - state["pos"] % C) % C, q.shape[1])
         if head:
@@ -328,10 +335,15 @@ class NeuralMemory(nn.Module):
                 q, k, v, lr, alpha = (t.float() for t in (q, k, v, lr, alpha))
                 v = v.detach() if self.detach_targets else v
                 weights, momenta = state["weights"][0], None
-                if self.update_rule == "momentum":
+                if self.depth == 2:
+                    y, weights, start = triton_mlp_memory.fused_mlp_memory_delta(
+                        q, k, v, alpha, lr, *state["weights"], C, dgd=self.update_rule == "dgd",
+                        activation=self.activation)
+                elif self.update_rule == "momentum":
                     y, weights, z, start = triton_memory.fused_linear_memory_momentum(
                         q, k, v, alpha, beta.float(), lr, weights, state["momenta"][0], C)
                     momenta = [z]
+                    weights, start = [weights], [start]
                 else:
                     if self.update_rule == "dgd":
                         eta = write_lr = lr / (1 + lr * k.pow(2).sum(-1))    # eta' (NL Eq. 57)
@@ -339,9 +351,10 @@ class NeuralMemory(nn.Module):
                         eta, write_lr = torch.zeros_like(lr), lr
                     y, weights, start = triton_memory.fused_linear_memory_delta(
                         q, k, v, alpha, eta, write_lr, weights, C)
+                    weights, start = [weights], [start]
             ys.append(y)
             pos = state["pos"] + q.shape[1]
-            state = {"weights": [weights], "chunk_start": [weights if pos % C == 0 else start],
+            state = {"weights": list(weights), "chunk_start": list(weights if pos % C == 0 else start),
                      "momenta": momenta, "pos": pos}
         return MemoryOutput(torch.cat(ys, 1), state, [])
 

@@ -1,0 +1,462 @@
+"""Fused Triton kernels for the residual 2-layer MLP memory layer, DGD and GD (DESIGN §3.3, §4).
+
+The memory M(x) = x + W_out s(W_in x) (W_in [E, d], W_out [d, E], s = SiLU or GELU) is
+trained per chunk of C tokens at the chunk-start weights W_B (memory.py's module docstring).
+Per (batch, head) one program walks all chunks with both layers' states in registers, as
+h1 = W_in^T [d, E] and h2 = W_out^T [E, d] (the delta-rule kernels' transposed layout):
+
+  1. inner forward at W_B, closed-form inner gradient (memory.py `_inputs_and_gradients`):
+        Z = K h1,  Hh = s(Z),  Err = 2 (K + Hh h2 - V),  G1 = (Err h2^T) o s'(Z)
+  2. write rates (NL Eq. 57/88, each layer with its own input a_t: K for W_in, Hh for W_out):
+        DGD: eta_t = lw_t = lr_t / (1 + lr_t ||a_t||^2);  GD: eta_t = 0, lw_t = lr_t
+     writes U1 = -diag(lw1) G1 (W_in), U2 = -diag(lw2) Err (W_out).
+  3. per layer, the delta rule's chunk algebra (triton_delta.py's module docstring):
+        Tm = (I + A)^{-1},  Delta = Tm (U - diag(eta e^gp) K_a h)
+        O = diag(e^g) Q h + (Gamma o Q K_a^T) Delta,   h_next = e^{g_L} h + (diag(e^{g_L-g}) K_a)^T Delta
+     the W_in scan reads Q = q and has K_a = K; the W_out scan reads Q = s(O1) (the readout
+     after the write, layer by layer) and has K_a = Hh.
+  4. y = q + O2.
+
+Unlike the linear memory, the writes are not linear in W_B, so the whole chunk (both layers,
+E and d) is one tile set per program and the chunk loop is sequential per (batch, head).
+The forward saves only the chunk-start states (T/C of each layer). The backward walks the
+chunks in reverse with (dh1, dh2) in registers: per chunk it recomputes step 1-3 from the
+saved states, steps back through layer 2 then layer 1 (`_chunk_delta_bwd`), then through the
+write rates and the inner gradient, which needs s''(Z) (closed forms in `_activation`).
+
+    fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation)
+        -> (y [B,T,H,d] in q's dtype, (W_in, W_out) at T, (W_in, W_out) at the start of the
+            last chunk); weights [B,H,E,d] and [B,H,d,E] fp32 like memory.py's.
+
+Gradients flow to q, k, v, alpha, lr and both initial weights, from every output. Limits
+(`fusable_mlp`): d <= 64, E <= 128, C <= 64, rules "dgd" and "gd". Titans' momentum rule on
+the MLP memory is not fused yet (it keeps the per-chunk torch path).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_delta import (CHUNK_WARPS, _decay, _delta_chunk_gates, _delta_ut_system,
+                           _load_gate, _load_kv, _load_rows, _load_state, _pick,
+                           _reverse_cumsum, _store_gate, _store_kv, _store_rows, _store_state,
+                           dot_precision)
+from .triton_memory import _contiguous, _grad_or_zeros, _interpreting, _needs_grad
+
+__all__ = ["fused_mlp_memory_delta", "fusable_mlp", "MAX_MLP_HEAD_DIM", "MAX_MLP_HIDDEN",
+           "MAX_MLP_CHUNK"]
+
+MAX_MLP_HEAD_DIM = 64     # d: both layers' states, their gradients and the chunk tiles
+MAX_MLP_HIDDEN = 128      # E: sit in one program's registers
+MAX_MLP_CHUNK = 64
+ACTIVATION_IDS = {"silu": 0, "gelu": 1}
+FUSED_RULES = ("dgd", "gd")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr):
+    """(s(z), s'(z), s''(z)): SiLU (ACT 0) or exact-erf GELU (ACT 1), closed form.
+    SiLU: s' = sig (1 + z (1 - sig)), s'' = sig (1 - sig) (2 + z (1 - 2 sig)).
+    GELU: s' = Phi + z phi,           s'' = phi (2 - z^2)."""
+    if ACT == 0:
+        sig = tl.sigmoid(z)
+        return z * sig, sig * (1.0 + z * (1.0 - sig)), sig * (1.0 - sig) * (2.0 + z * (1.0 - 2.0 * sig))
+    else:
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        return z * cdf, cdf + z * pdf, pdf * (2.0 - z * z)
+
+
+@triton.jit
+def _inner_write(kc, vc, lr, h1, h2, DGD: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
+    """Step 1-2 of the module docstring for one chunk at the chunk-start (h1, h2):
+    the inner forward, closed-form inner gradient, write rates and both layers' writes."""
+    z = tl.dot(kc, h1, input_precision=PREC)                                  # [BT, BE]
+    hh, s1, s2 = _activation(z, ACT)
+    err = 2.0 * (kc + tl.dot(hh, h2, input_precision=PREC) - vc)              # [BT, BD]
+    m = tl.dot(err, tl.trans(h2), input_precision=PREC)                       # W_out^T e
+    g1 = m * s1
+    if DGD:
+        eta1 = lr / (1.0 + lr * tl.sum(kc * kc, 1))                           # eta' (NL Eq. 57)
+        eta2 = lr / (1.0 + lr * tl.sum(hh * hh, 1))
+        lw1, lw2 = eta1, eta2
+    else:
+        eta1 = tl.zeros_like(lr)
+        eta2 = eta1
+        lw1, lw2 = lr, lr
+    u1 = -lw1[:, None] * g1
+    u2 = -lw2[:, None] * err
+    return z, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2
+
+
+@triton.jit
+def _chunk_delta_fwd(q, kc, u, eta, g, gp, h, rows, L, BT: tl.constexpr, PREC: tl.constexpr):
+    """One delta-rule chunk with all of V in registers (triton_delta.py's algebra):
+    Delta = Tm (U - diag(eta e^gp) K h), readout O after each write, next chunk-start h."""
+    a, kk, decay_a, tm = _delta_ut_system(kc, g, gp, eta, BT, PREC)
+    kh = tl.dot(kc, h, input_precision=PREC)
+    d = tl.dot(tm, u - (eta * tl.exp(gp))[:, None] * kh, input_precision=PREC)
+    mq = _decay(g, g, rows[:, None] >= rows[None, :]) * tl.dot(q, tl.trans(kc), input_precision=PREC)
+    o = tl.exp(g)[:, None] * tl.dot(q, h, input_precision=PREC) + tl.dot(mq, d, input_precision=PREC)
+    g_last = _pick(g, rows, L)
+    kt = tl.where(rows <= L, tl.exp(g_last - g), 0.0)[:, None] * kc
+    h_next = tl.exp(g_last) * h + tl.dot(tl.trans(kt), d, input_precision=PREC)
+    return o, h_next
+
+
+@triton.jit
+def _chunk_delta_bwd(q, kc, u, eta, g, gp, h, do, dh, rows, L, BT: tl.constexpr,
+                     PREC: tl.constexpr):
+    """The chain rule of `_chunk_delta_fwd` with all of V in registers: given dO and dh_next,
+    returns (dQ, dK, dU, deta, dlog_alpha, dh at the chunk start). The same steps as
+    triton_delta.py's _delta_bwd_scan_kernel + _delta_bwd_grads_kernel, without the V loop."""
+    incl = rows[:, None] >= rows[None, :]
+    strict = rows[:, None] > rows[None, :]
+    a, kk, decay_a, tm = _delta_ut_system(kc, g, gp, eta, BT, PREC)
+    g_last = _pick(g, rows, L)
+    gamma = _decay(g, g, incl)
+    mq = gamma * tl.dot(q, tl.trans(kc), input_precision=PREC)
+    kt_scale = tl.where(rows <= L, tl.exp(g_last - g), 0.0)
+    b_scale = eta * tl.exp(gp)                                               # B = diag(.) K
+    w = tl.dot(tm, b_scale[:, None] * kc, input_precision=PREC)              # W = Tm B
+    d = tl.dot(tm, u, input_precision=PREC) - tl.dot(w, h, input_precision=PREC)
+    # dDelta and the carried state gradient (the backward scan step)
+    dd = (tl.dot(tl.trans(mq), do, input_precision=PREC)
+          + tl.dot(kt_scale[:, None] * kc, dh, input_precision=PREC))
+    dh_prev = (tl.exp(g_last) * dh
+               + tl.dot(tl.trans(q * tl.exp(g)[:, None]), do, input_precision=PREC)
+               - tl.dot(tl.trans(w), dd, input_precision=PREC))
+    d_mq = tl.where(incl, tl.dot(do, tl.trans(d), input_precision=PREC), 0.0)
+    d_qh = tl.dot(do, tl.trans(h), input_precision=PREC)
+    d_w = -tl.dot(dd, tl.trans(h), input_precision=PREC)
+    d_kt = tl.dot(d, tl.trans(dh), input_precision=PREC)
+    dd_u = tl.dot(dd, tl.trans(u), input_precision=PREC)
+    h_dh = tl.sum(tl.sum(h * dh, 1), 0)
+    du = tl.dot(tl.trans(tm), dd, input_precision=PREC)                      # dU = Tm^T dU'
+    # O = diag(e^g) Q h + (Gamma o Q K^T) Delta
+    dq = tl.exp(g)[:, None] * d_qh + tl.dot(d_mq * gamma, kc, input_precision=PREC)
+    dk = tl.dot(tl.trans(d_mq * gamma), q, input_precision=PREC)
+    e_mq = d_mq * mq
+    dg = tl.sum(e_mq, 1) - tl.sum(e_mq, 0) + tl.exp(g) * tl.sum(q * d_qh, 1)
+    # h_next = e^{g_L} h + (diag(e^{g_L - g}) K)^T Delta
+    dk += kt_scale[:, None] * d_kt
+    s_kt = kt_scale * tl.sum(kc * d_kt, 1)
+    dg += tl.where(rows == L, tl.sum(s_kt, 0) + tl.exp(g_last) * h_dh, 0.0) - s_kt
+    # W = Tm B, U' = Tm U, Tm = (I + A)^{-1}
+    d_b = tl.dot(tl.trans(tm), d_w, input_precision=PREC)
+    d_tm = dd_u + tl.dot(d_w, tl.trans(b_scale[:, None] * kc), input_precision=PREC)
+    d_a = -tl.dot(tl.dot(tl.trans(tm), d_tm, input_precision=PREC), tl.trans(tm),
+                  input_precision=PREC)
+    d_a = tl.where(strict, d_a, 0.0)
+    dk += b_scale[:, None] * d_b
+    r_b = tl.sum(kc * d_b, 1)
+    deta = tl.exp(gp) * r_b
+    dgp = b_scale * r_b
+    # A_ti = eta_t e^{gp_t - g_i} k_t.k_i
+    f = d_a * decay_a
+    deta += tl.sum(f * kk, 1)
+    e_a = eta[:, None] * f * kk
+    dgp += tl.sum(e_a, 1)
+    dg -= tl.sum(e_a, 0)
+    f = eta[:, None] * f
+    dk += tl.dot(f, kc, input_precision=PREC) + tl.dot(tl.trans(f), kc, input_precision=PREC)
+    # g_t = sum_{s<=t} log alpha_s and gp_t = g_t - log alpha_t (chunk-local)
+    dg = tl.where(rows <= L, dg, 0.0)
+    dgp = tl.where(rows <= L, dgp, 0.0)
+    dlog_alpha = _reverse_cumsum(dg + dgp, rows) - dgp
+    return dq, dk, du, deta, dlog_alpha, dh_prev
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_ptr, y_ptr,
+                        h1c_ptr, h2c_ptr, winT_ptr, woutT_ptr, winB_ptr, woutB_ptr,
+                        T, H, D, E, C, NT, DGD: tl.constexpr, ACT: tl.constexpr,
+                        SAVE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                        BE: tl.constexpr, PREC: tl.constexpr):
+    """The chunk loop of one (batch, head), (h1, h2) in registers (module docstring 1-4).
+    SAVE keeps each chunk's start (h1, h2) for the backward."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    rows = tl.arange(0, BT)
+    g_base = i_b.to(tl.int64) * T * H + i_h
+    bh64 = i_bh.to(tl.int64)
+    h1 = _load_state(win_ptr, bh64 * E * D, D, E, 0, BD, BE)                  # W_in^T [D, E]
+    h2 = _load_state(wout_ptr, bh64 * D * E, E, D, 0, BE, BD)                 # W_out^T [E, D]
+    for i_t in range(NT):
+        t0 = i_t * C
+        end = tl.minimum(t0 + C, T)
+        L = end - t0 - 1
+        if SAVE:
+            _store_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, h1, BD, BE)
+            _store_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, h2, BE, BD)
+        if i_t == NT - 1:
+            _store_state(winB_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
+            _store_state(woutB_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
+        qc = _load_rows(q_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        kc = _load_rows(k_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
+        z, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
+            kc, vc, lr, h1, h2, DGD, ACT, PREC)
+        o1, h1 = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
+        q2, _, _ = _activation(o1, ACT)                                       # W_out reads s(W_in,t q_t)
+        o2, h2 = _chunk_delta_fwd(q2, hh, u2, eta2, g, gp, h2, rows, L, BT, PREC)
+        _store_rows(y_ptr, g_base * D, t0, end, H * D, 0, D, qc + o2, BT, BD)
+    _store_state(winT_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
+    _store_state(woutT_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
+
+
+@triton.jit
+def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr, dy_ptr,
+                        dwinT_ptr, dwoutT_ptr, dwinB_ptr, dwoutB_ptr, dq_ptr, dk_ptr, dv_ptr,
+                        dalpha_ptr, dlr_ptr, dwin_ptr, dwout_ptr, T, H, D, E, C, NT,
+                        DGD: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr,
+                        BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
+    """Chunks in reverse carrying (dh1, dh2) = dL/d(next chunk-start states): recompute the
+    chunk from its saved start, step back through layer 2, s(O1), layer 1, the write rates
+    and the closed-form inner gradient (module docstring)."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    rows = tl.arange(0, BT)
+    g_base = i_b.to(tl.int64) * T * H + i_h
+    bh64 = i_bh.to(tl.int64)
+    dh1 = _load_state(dwinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
+    dh2 = _load_state(dwoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
+    dh1_start = _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
+    dh2_start = _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
+    for i_r in range(NT):
+        i_t = NT - 1 - i_r
+        t0 = i_t * C
+        end = tl.minimum(t0 + C, T)
+        L = end - t0 - 1
+        h1 = _load_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
+        h2 = _load_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
+        qc = _load_rows(q_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        kc = _load_rows(k_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
+        z, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
+            kc, vc, lr, h1, h2, DGD, ACT, PREC)
+        o1, _ = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
+        q2, ds_o1, _ = _activation(o1, ACT)
+        # layer 2 (W_out: query s(O1), input Hh, writes U2), then layer 1 (W_in)
+        dq2, dhh, du2, deta2, dla, dh2 = _chunk_delta_bwd(q2, hh, u2, eta2, g, gp, h2, dy, dh2,
+                                                          rows, L, BT, PREC)
+        dq1, dk, du1, deta1, dla1, dh1 = _chunk_delta_bwd(qc, kc, u1, eta1, g, gp, h1,
+                                                          dq2 * ds_o1, dh1, rows, L, BT, PREC)
+        dla += dla1
+        # writes U1 = -lw1 G1, U2 = -lw2 Err; DGD rates eta = lw = lr / (1 + lr ||a||^2)
+        dlw1 = -tl.sum(du1 * g1, 1)
+        dlw2 = -tl.sum(du2 * err, 1)
+        if DGD:
+            t1 = deta1 + dlw1
+            t2 = deta2 + dlw2
+            n1 = tl.sum(kc * kc, 1)
+            n2 = tl.sum(hh * hh, 1)
+            dlr = t1 / ((1.0 + lr * n1) * (1.0 + lr * n1)) + t2 / ((1.0 + lr * n2) * (1.0 + lr * n2))
+            dk += (-2.0 * t1 * eta1 * eta1)[:, None] * kc
+            dhh += (-2.0 * t2 * eta2 * eta2)[:, None] * hh
+        else:
+            dlr = dlw1 + dlw2
+        # inner gradient: G1 = (Err h2^T) o s'(Z), Err = 2 (K + s(Z) h2 - V), Z = K h1
+        dg1 = -lw1[:, None] * du1
+        dm = dg1 * s1
+        dz = dg1 * m * s2
+        derr = -lw2[:, None] * du2 + tl.dot(dm, h2, input_precision=PREC)
+        dh2 += tl.dot(tl.trans(dm), err, input_precision=PREC)
+        dp = 2.0 * derr
+        dk += dp
+        dhh += tl.dot(dp, tl.trans(h2), input_precision=PREC)
+        dh2 += tl.dot(tl.trans(hh), dp, input_precision=PREC)
+        dz += dhh * s1
+        dk += tl.dot(dz, tl.trans(h1), input_precision=PREC)
+        dh1 += tl.dot(tl.trans(kc), dz, input_precision=PREC)
+        first = tl.where(i_r == 0, 1.0, 0.0)        # the returned W_B is the last chunk's start
+        dh1 += first * dh1_start
+        dh2 += first * dh2_start
+        _store_rows(dq_ptr, g_base * D, t0, end, H * D, 0, D, dy + dq1, BT, BD)
+        _store_rows(dk_ptr, g_base * D, t0, end, H * D, 0, D, dk, BT, BD)
+        _store_rows(dv_ptr, g_base * D, t0, end, H * D, 0, D, -dp, BT, BD)
+        _store_gate(dlr_ptr, g_base, t0, end, H, dlr, BT)
+        _store_gate(dalpha_ptr, g_base, t0, end, H, dla / alpha, BT)
+    _store_state(dwin_ptr, bh64 * E * D, D, E, 0, dh1, BD, BE)
+    _store_state(dwout_ptr, bh64 * D * E, E, D, 0, dh2, BE, BD)
+
+
+# ----------------------------------------------------------------------------- host side
+
+def fusable_mlp(head_dim, expansion, chunk_size, update_rule):
+    """Whether the fused kernels cover a 2-layer MLP memory with these settings."""
+    return (head_dim <= MAX_MLP_HEAD_DIM and expansion * head_dim <= MAX_MLP_HIDDEN
+            and 1 <= chunk_size <= MAX_MLP_CHUNK and update_rule in FUSED_RULES)
+
+
+def _tiles(d, E, chunk_size):
+    """(BT, BD, BE): one chunk per BT rows; tl.dot needs every tile side >= 16."""
+    p2 = lambda n: max(16, triton.next_power_of_2(n))        # noqa: E731
+    return p2(chunk_size), p2(d), p2(E)
+
+
+def _check_inputs(tensors, w_in, w_out, chunk_size, activation):
+    """One-line ValueErrors naming what is wrong."""
+    q = tensors["q"]
+    for name, t in {**tensors, "w_in": w_in, "w_out": w_out}.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16 for the fused MLP "
+                             f"memory kernels; got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the fused MLP memory kernels need CUDA tensors (or TRITON_INTERPRET=1 "
+                         f"set before importing triton); got device {q.device}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B,T,H,d]; got shape {list(q.shape)}")
+    B, T, H, d = q.shape
+    for name in ("k", "v"):
+        if tensors[name].shape != q.shape:
+            raise ValueError(f"{name} must be [B,T,H,d] = {list(q.shape)} like q; "
+                             f"got {list(tensors[name].shape)}")
+    for name in ("alpha", "lr"):
+        if tensors[name].shape != (B, T, H):
+            raise ValueError(f"{name} must be [B,T,H] = {[B, T, H]}; got {list(tensors[name].shape)}")
+    if w_in.dim() != 4 or w_in.shape[:2] != (B, H) or w_in.shape[3] != d:
+        raise ValueError(f"w_in must be [B,H,E,d] with B,H,d = {[B, H, d]}; got {list(w_in.shape)}")
+    E = w_in.shape[2]
+    if w_out.shape != (B, H, d, E):
+        raise ValueError(f"w_out must be [B,H,d,E] = {[B, H, d, E]}; got {list(w_out.shape)}")
+    if d > MAX_MLP_HEAD_DIM or E > MAX_MLP_HIDDEN:
+        raise ValueError(f"head dim {d} / hidden {E} exceed {MAX_MLP_HEAD_DIM} / {MAX_MLP_HIDDEN}, "
+                         f"the most the fused MLP memory kernels hold in registers")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_MLP_CHUNK:
+        raise ValueError(f"chunk_size must be an int in [1, {MAX_MLP_CHUNK}] for the fused MLP "
+                         f"memory kernels; got {chunk_size!r}")
+    if activation not in ACTIVATION_IDS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATION_IDS)}; got {activation!r}")
+    if T == 0:
+        raise ValueError("fused_mlp_memory_delta needs T >= 1 tokens")
+
+
+def _launch_args(q, w_in, chunk_size):
+    B, T, H, d = q.shape
+    E = w_in.shape[2]
+    BT, BD, BE = _tiles(d, E, chunk_size)
+    return B, T, H, d, E, triton.cdiv(T, chunk_size), dict(BT=BT, BD=BD, BE=BE,
+                                                            PREC=dot_precision(q.dtype))
+
+
+@torch.library.custom_op("nested_learning::memory_mlp_delta_fwd", mutates_args=())
+def _memory_mlp_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, w_in: Tensor,
+                    w_out: Tensor, chunk_size: int, dgd: bool, activation: str, save: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, v, alpha, lr, w_in, w_out = _contiguous(q, k, v, alpha, lr, w_in, w_out)
+    B, T, H, d, E, NT, tiles = _launch_args(q, w_in, chunk_size)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    y = torch.empty(B, T, H, d, device=q.device, dtype=q.dtype)
+    h1c = torch.empty((B * H, NT, d, E) if save else (0,), **f32)
+    h2c = torch.empty((B * H, NT, E, d) if save else (0,), **f32)
+    win_T, win_B = torch.empty(B, H, E, d, **f32), torch.empty(B, H, E, d, **f32)
+    wout_T, wout_B = torch.empty(B, H, d, E, **f32), torch.empty(B, H, d, E, **f32)
+    _mlp_mem_fwd_kernel[(B * H,)](q, k, v, alpha, lr, w_in, w_out, y, h1c, h2c, win_T, wout_T,
+                                  win_B, wout_B, T, H, d, E, chunk_size, NT, DGD=dgd,
+                                  ACT=ACTIVATION_IDS[activation], SAVE=save, **tiles,
+                                  num_warps=CHUNK_WARPS)
+    return y, win_T, wout_T, win_B, wout_B, h1c, h2c
+
+
+@_memory_mlp_fwd.register_fake
+def _(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, save):
+    B, T, H, d = q.shape
+    E = w_in.shape[2]
+    NT = (T + chunk_size - 1) // chunk_size
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(B, T, H, d), q.new_empty(B, H, E, d, **f32), q.new_empty(B, H, d, E, **f32),
+            q.new_empty(B, H, E, d, **f32), q.new_empty(B, H, d, E, **f32),
+            q.new_empty((B * H, NT, d, E) if save else (0,), **f32),
+            q.new_empty((B * H, NT, E, d) if save else (0,), **f32))
+
+
+@torch.library.custom_op("nested_learning::memory_mlp_delta_bwd", mutates_args=())
+def _memory_mlp_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, h1c: Tensor,
+                    h2c: Tensor, grad_y: Tensor, grad_win: Tensor, grad_wout: Tensor,
+                    grad_win_start: Tensor, grad_wout_start: Tensor, chunk_size: int, dgd: bool,
+                    activation: str
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, v, alpha, lr, grad_y, grad_win, grad_wout, grad_win_start, grad_wout_start = _contiguous(
+        q, k, v, alpha, lr, grad_y, grad_win, grad_wout, grad_win_start, grad_wout_start)
+    B, T, H, d = q.shape
+    E = h1c.shape[-1]
+    BT, BD, BE = _tiles(d, E, chunk_size)
+    NT = triton.cdiv(T, chunk_size)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dalpha, dlr = torch.empty_like(alpha), torch.empty_like(lr)
+    dwin, dwout = torch.empty(B, H, E, d, **f32), torch.empty(B, H, d, E, **f32)
+    _mlp_mem_bwd_kernel[(B * H,)](q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout,
+                                  grad_win_start, grad_wout_start, dq, dk, dv, dalpha, dlr,
+                                  dwin, dwout, T, H, d, E, chunk_size, NT, DGD=dgd,
+                                  ACT=ACTIVATION_IDS[activation], BT=BT, BD=BD, BE=BE,
+                                  PREC=dot_precision(q.dtype), num_warps=CHUNK_WARPS)
+    return dq, dk, dv, dalpha, dlr, dwin, dwout
+
+
+@_memory_mlp_bwd.register_fake
+def _(q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout, grad_win_start,
+      grad_wout_start, chunk_size, dgd, activation):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(alpha), torch.empty_like(lr),
+            torch.empty_like(grad_win, dtype=torch.float32),
+            torch.empty_like(grad_wout, dtype=torch.float32))
+
+
+def _memory_mlp_setup_context(ctx, inputs, output):
+    q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, save = inputs
+    ctx.save_for_backward(q, k, v, alpha, lr, output[5], output[6])
+    ctx.args = (chunk_size, dgd, activation)
+    ctx.state_dtypes = (w_in.dtype, w_out.dtype)
+    ctx.mark_non_differentiable(output[5], output[6])
+
+
+def _memory_mlp_backward(ctx, grad_y, grad_win, grad_wout, grad_win_start, grad_wout_start,
+                         _grad_h1c, _grad_h2c):
+    q, k, v, alpha, lr, h1c, h2c = ctx.saved_tensors
+    if h1c.dim() != 4:
+        raise RuntimeError("fused_mlp_memory_delta: backward through a forward run without "
+                           "grad tracking (no chunk-start states were saved)")
+    B, T, H, d = q.shape
+    E = h1c.shape[-1]
+    grad_y = _grad_or_zeros(grad_y, (B, T, H, d), q, q.dtype)
+    grad_win, grad_win_start = (_grad_or_zeros(g, (B, H, E, d), q) for g in (grad_win, grad_win_start))
+    grad_wout, grad_wout_start = (_grad_or_zeros(g, (B, H, d, E), q) for g in (grad_wout, grad_wout_start))
+    dq, dk, dv, dalpha, dlr, dwin, dwout = torch.ops.nested_learning.memory_mlp_delta_bwd(
+        q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout, grad_win_start,
+        grad_wout_start, *ctx.args)
+    return (dq, dk, dv, dalpha, dlr, dwin.to(ctx.state_dtypes[0]), dwout.to(ctx.state_dtypes[1]),
+            None, None, None, None)
+
+
+_memory_mlp_fwd.register_autograd(_memory_mlp_backward, setup_context=_memory_mlp_setup_context)
+
+
+def fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd=True,
+                           activation="silu"):
+    """A residual MLP memory layer M(x) = x + W_out s(W_in x) with the DGD (dgd=True, NL Eq.
+    57/88) or GD transition per layer, fused (module docstring). Chunks start at t = 0, every
+    chunk_size tokens; lr is the raw inner learning rate (DGD's eta' is formed per layer
+    inside). Returns (y [B,T,H,d] in q's dtype, (W_in, W_out) after the last token,
+    (W_in, W_out) at the start of the last chunk), fp32, laid out like memory.py's weights."""
+    _check_inputs({"q": q, "k": k, "v": v, "alpha": alpha, "lr": lr}, w_in, w_out, chunk_size,
+                  activation)
+    save = _needs_grad(q, k, v, alpha, lr, w_in, w_out)
+    y, win_T, wout_T, win_B, wout_B, _, _ = torch.ops.nested_learning.memory_mlp_delta_fwd(
+        q, k, v, alpha, lr, w_in, w_out, chunk_size, bool(dgd), activation, save)
+    return y, (win_T, wout_T), (win_B, wout_B)

@@ -1,0 +1,207 @@
+"""The fused MLP memory-layer kernels (kernels/triton_mlp_memory.py) against the torch path
+of memory.py (the oracle, run in float64): outputs, final states (both layers' weights and
+chunk-start weights) and the gradients of every input (q, k, v, lr, alpha and both
+meta-learned initial weights), on random data with T not a multiple of C.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported): fp32, tiny sizes. With a GPU the same cases
+run natively, plus a realistic size.
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from kernels import triton_delta, triton_mlp_memory  # noqa: E402
+from memory import NeuralMemory  # noqa: E402
+from test_triton_memory import assert_close, make_inputs, run_segments  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRETED = type(triton_delta._delta_prep_kernel).__name__ == "InterpretedFunction"
+needs_kernels = pytest.mark.skipif(
+    not CUDA and not INTERPRETED,
+    reason="no GPU, and triton was imported before TRITON_INTERPRET=1 was set")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def make_memory(rule, H, d, expansion, C, activation="silu", seed=0, **options):
+    torch.manual_seed(seed)
+    return NeuralMemory(H, d, depth=2, expansion=expansion, activation=activation, chunk_size=C,
+                        update_rule=rule, backend="triton", **options).to(DEVICE)
+
+
+def outputs_of(y, state):
+    return {"y": y, "w_in": state["weights"][0], "w_out": state["weights"][1],
+            "w_in_start": state["chunk_start"][0], "w_out_start": state["chunk_start"][1]}
+
+
+def compare_with_torch_path(rule, B, T, H, d, expansion, C, activation="silu", segments=None):
+    """Relative errors (max |diff| / max(1, max |ref|)) of every output and every gradient
+    for the loss sum <out, random cotangent>, fused (fp32) vs the torch path (float64)."""
+    segments = segments or [T]
+    fused = make_memory(rule, H, d, expansion, C, activation)
+    oracle = copy.deepcopy(fused).double()
+    oracle.backend = "torch"
+    inputs = make_inputs(rule, B, T, H, d)
+    ref_leaves, ref_y, ref_state = run_segments(oracle, inputs, segments, torch.float64)
+    tri_leaves, tri_y, tri_state = run_segments(fused, inputs, segments, torch.float32)
+    ref_out, tri_out = outputs_of(ref_y, ref_state), outputs_of(tri_y, tri_state)
+    assert tri_state["pos"] == ref_state["pos"] == T
+    gen = torch.Generator().manual_seed(2)
+    cot = {n: torch.randn(r.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+           for n, r in ref_out.items()}
+    ref_params, tri_params = list(oracle.init_weights), list(fused.init_weights)
+    ref_grads = torch.autograd.grad(sum((r * cot[n]).sum() for n, r in ref_out.items()),
+                                    list(ref_leaves.values()) + ref_params)
+    tri_grads = torch.autograd.grad(sum((t.double() * cot[n]).sum() for n, t in tri_out.items()),
+                                    list(tri_leaves.values()) + tri_params)
+    err = lambda x, ref: ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()  # noqa: E731
+    errors = {n: err(tri_out[n], ref_out[n]) for n in ref_out}
+    names = list(ref_leaves) + ["init_w_in", "init_w_out"]
+    errors.update({"d" + n: err(t, r) for n, t, r in zip(names, tri_grads, ref_grads)})
+    assert set(errors) >= {"dq", "dk", "dv", "dlr", "dalpha", "dinit_w_in", "dinit_w_out"}
+    return errors
+
+
+# (B, T, H, d, expansion, C, activation): several chunks with a ragged last one, H = 2,
+# B = 2, d and E = expansion * d not powers of two, both activations
+SMALL_CASES = [(1, 21, 2, 16, 2, 8, "silu"), (1, 21, 2, 16, 2, 8, "gelu"),
+               (2, 11, 1, 12, 3, 4, "silu")]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: "B{}-T{}-H{}-d{}-x{}-C{}-{}".format(*c))
+@pytest.mark.parametrize("rule", triton_mlp_memory.FUSED_RULES)
+def test_fused_mlp_layer_matches_torch_path(rule, case):
+    assert_close(compare_with_torch_path(rule, *case), 2e-5, f"{rule} {case}")
+
+
+@needs_kernels
+def test_segments_mid_chunk_match_one_call():
+    """Segments ending mid-chunk: the next call finishes the chunk on the torch path from the
+    kernel's returned chunk-start weights, whose gradients carry across the calls."""
+    assert_close(compare_with_torch_path("dgd", 1, 19, 1, 8, 2, 4, segments=[6, 7, 6]), 2e-5,
+                 "dgd segments")
+
+
+@needs_kernels
+def test_dispatch_uses_the_fused_kernel_only_where_it_applies(monkeypatch):
+    calls = []
+    real = triton_mlp_memory.fused_mlp_memory_delta
+    monkeypatch.setattr(triton_mlp_memory, "fused_mlp_memory_delta",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    inputs = make_inputs("momentum", 1, 5, 1, 8)
+    args = [inputs[n] for n in ("q", "k", "v", "lr", "alpha")]
+    for rule in triton_mlp_memory.FUSED_RULES:
+        make_memory(rule, 1, 8, 2, 4)(*args)
+    assert len(calls) == 2
+    for changes in (dict(backend="torch"), dict(max_grad_norm=1.0), dict(detach_chunks_older_than=1),
+                    dict(chunk_size=65)):
+        options = {**dict(depth=2, expansion=2, chunk_size=4, update_rule="dgd", backend="triton"),
+                   **changes}
+        NeuralMemory(1, 8, **options).to(DEVICE)(*args)
+        assert len(calls) == 2, f"fused MLP kernel used with {changes}"
+    NeuralMemory(1, 8, depth=2, chunk_size=4, update_rule="momentum", backend="triton").to(DEVICE)(
+        *args, inputs["beta"])
+    assert len(calls) == 2, "fused MLP kernel used for the momentum rule"
+    # E = 256 > 128 (not run: the per-chunk Triton scans hold at most 128 either)
+    assert not NeuralMemory(1, 8, depth=2, expansion=32, update_rule="dgd",
+                            backend="triton")._use_fused_kernel(args[0], ())
+    if not CUDA:   # "auto" keeps the CPU on the torch path
+        NeuralMemory(1, 8, depth=2, chunk_size=4, update_rule="dgd")(*args)
+        assert len(calls) == 2
+
+
+def test_fusable_mlp_limits():
+    assert triton_mlp_memory.fusable_mlp(64, 2, 64, "dgd")
+    assert triton_mlp_memory.fusable_mlp(16, 4, 1, "gd")
+    assert not triton_mlp_memory.fusable_mlp(128, 1, 16, "dgd")        # d > 64
+    assert not triton_mlp_memory.fusable_mlp(64, 4, 16, "dgd")         # E > 128
+    assert not triton_mlp_memory.fusable_mlp(64, 2, 65, "dgd")         # C > 64
+    assert not triton_mlp_memory.fusable_mlp(64, 2, 16, "momentum")
+
+
+def _kernel_args(B=1, T=5, H=1, d=8, E=16, seed=0):
+    inputs = make_inputs("dgd", B, T, H, d, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    w_in = (torch.randn(B, H, E, d, generator=gen) * d ** -0.5).to(DEVICE)
+    w_out = (torch.randn(B, H, d, E, generator=gen) * E ** -0.5).to(DEVICE)
+    return [inputs["q"], inputs["k"], inputs["v"], inputs["alpha"], inputs["lr"], w_in, w_out]
+
+
+@needs_kernels
+def test_no_grad_forward_matches_and_saves_no_chunk_states():
+    args = _kernel_args()
+    leaves = [a.clone().requires_grad_() for a in args]
+    y_grad, w_grad, b_grad = triton_mlp_memory.fused_mlp_memory_delta(*leaves, 4)
+    with torch.no_grad():
+        y, w, b = triton_mlp_memory.fused_mlp_memory_delta(*args, 4)
+        out = triton_mlp_memory._memory_mlp_fwd(*args, 4, True, "silu", False)
+    assert torch.equal(y, y_grad.detach()) and not y.requires_grad
+    assert all(torch.equal(x, r.detach()) for x, r in zip(w + b, w_grad + b_grad))
+    assert out[5].numel() == 0 and out[6].numel() == 0
+
+
+@needs_kernels
+def test_custom_op_passes_opcheck():
+    """Schema, fake implementation, autograd registration: what torch.compile relies on."""
+    args = [t.requires_grad_() for t in _kernel_args(T=5)]
+    torch.library.opcheck(torch.ops.nested_learning.memory_mlp_delta_fwd.default,
+                          (*args, 4, True, "gelu", True))
+
+
+@pytest.mark.parametrize("index, value, message", [
+    (0, torch.zeros(1, 5, 8), r"q must be \[B,T,H,d\]"),
+    (2, torch.zeros(1, 5, 1, 6), r"v must be \[B,T,H,d\]"),
+    (4, torch.zeros(1, 5), r"lr must be \[B,T,H\]"),
+    (5, torch.zeros(1, 1, 16, 4), r"w_in must be \[B,H,E,d\]"),
+    (6, torch.zeros(1, 1, 8, 12), r"w_out must be \[B,H,d,E\] = \[1, 1, 8, 16\]"),
+    (0, torch.zeros(1, 5, 1, 8, dtype=torch.float64), "q must be float32, bfloat16"),
+    (3, 0.9, "alpha must be a torch.Tensor"),
+    (5, torch.zeros(1, 1, 256, 8), r"hidden 256 exceed"),
+])
+def test_bad_inputs_raise_one_line_errors(index, value, message):
+    args = _kernel_args()
+    args[index] = value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+    if index == 5 and value.shape[2] == 256:
+        args[6] = torch.zeros(1, 1, 8, 256, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        triton_mlp_memory.fused_mlp_memory_delta(*args, 4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(chunk_size=65), r"chunk_size must be an int in \[1, 64\]"),
+    (dict(chunk_size=True), r"chunk_size must be an int"),
+    (dict(chunk_size=4, activation="relu"), "activation must be one of silu, gelu"),
+])
+def test_bad_options_raise_one_line_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        triton_mlp_memory.fused_mlp_memory_delta(*_kernel_args(), **kwargs)
+
+
+def test_empty_sequence_raises():
+    args = _kernel_args()
+    args[:5] = [t[:, :0] for t in args[:5]]
+    with pytest.raises(ValueError, match="needs T >= 1"):
+        triton_mlp_memory.fused_mlp_memory_delta(*args, 4)
+
+
+# ----------------------------------------------------------------------------- CUDA only
+
+@needs_cuda
+@pytest.mark.parametrize("rule", triton_mlp_memory.FUSED_RULES)
+def test_cuda_realistic_size_matches_torch_path(rule):
+    """B=2, T=1000 (not a multiple of C), H=4, d=64, E=128, C=64: HOPE's operating point."""
+    assert_close(compare_with_torch_path(rule, 2, 1000, 4, 64, 2, 64), 1e-4, rule)
+
+
+@needs_cuda
+def test_cuda_gelu_chunk_16_mid_chunk_segments():
+    assert_close(compare_with_torch_path("dgd", 1, 300, 2, 32, 4, 16, "gelu",
+                                         segments=[37, 200, 63]), 1e-4, "gelu")
