@@ -82,6 +82,12 @@ BACKGROUNDS = ("austen", "builtin", "pg19")
 # reproduced character for character, because the official score depends on them.
 PROMPT_TEMPLATE = ("{instruction}\n\n{examples}\n\n{post_prompt}\n\n"
                    "<context>\n{context}\n</context>\n\nQuestion: {question}")
+# qa2 and qa3 share their rules about carried items (qa2's instruction has no space before them, as upstream)
+_ITEM_RULES = ("You need to answer the question based only on the information from the facts.\n"
+               "If a person got an item in the first location and travelled to the second location "
+               "the item is also in the second location. "
+               "If a person dropped an item in the first location and moved to the second location "
+               "the item remains in the first location.")
 TASK_PROMPTS = {
     "qa1": {
         "instruction":
@@ -107,12 +113,7 @@ TASK_PROMPTS = {
     "qa2": {
         "instruction":
             "I give you context with the facts about locations and actions of different persons "
-            "hidden in some random text and a question."
-            "You need to answer the question based only on the information from the facts.\n"
-            "If a person got an item in the first location and travelled to the second location "
-            "the item is also in the second location. "
-            "If a person dropped an item in the first location and moved to the second location "
-            "the item remains in the first location.",
+            "hidden in some random text and a question." + _ITEM_RULES,
         "examples":
             "<example>\n"
             "Charlie went to the kitchen. Charlie got a bottle. Charlie moved to the balcony. "
@@ -131,12 +132,7 @@ TASK_PROMPTS = {
     "qa3": {
         "instruction":
             "I give you context with the facts about locations and actions of different persons "
-            "hidden in some random text and a question. "
-            "You need to answer the question based only on the information from the facts.\n"
-            "If a person got an item in the first location and travelled to the second location "
-            "the item is also in the second location. "
-            "If a person dropped an item in the first location and moved to the second location "
-            "the item remains in the first location.",
+            "hidden in some random text and a question. " + _ITEM_RULES,
         "examples":
             "<example>\n"
             "John journeyed to the bedroom. Mary grabbed the apple. Mary went back to the bathroom. "
