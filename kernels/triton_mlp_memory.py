@@ -22,7 +22,8 @@ E and d) is one tile set per program and the chunk loop is sequential per (batch
 The forward saves only the chunk-start states (T/C of each layer). The backward walks the
 chunks in reverse with (dh1, dh2) in registers: per chunk it recomputes step 1-3 from the
 saved states, steps back through layer 2 then layer 1 (`_chunk_delta_bwd`), then through the
-write rates and the inner gradient, which needs s''(Z) (closed forms in `_activation`).
+write rates and the inner gradient, which needs s''(Z)
+(closed forms: triton_cms.py's `_act`).
 
     fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation)
         -> (y [B,T,H,d] in q's dtype, (W_in, W_out) at T, (W_in, W_out) at the start of the
@@ -43,6 +44,7 @@ from .triton_delta import (CHUNK_WARPS, _decay, _delta_chunk_gates, _delta_ut_sy
                            _load_gate, _load_kv, _load_rows, _load_state, _pick,
                            _reverse_cumsum, _store_gate, _store_kv, _store_rows, _store_state,
                            dot_precision)
+from .triton_cms import ACT_IDS, _act
 from .triton_memory import _contiguous, _grad_or_zeros, _interpreting, _needs_grad
 
 __all__ = ["fused_mlp_memory_delta", "fusable_mlp", "MAX_MLP_HEAD_DIM", "MAX_MLP_HIDDEN",
@@ -51,7 +53,6 @@ __all__ = ["fused_mlp_memory_delta", "fusable_mlp", "MAX_MLP_HEAD_DIM", "MAX_MLP
 MAX_MLP_HEAD_DIM = 64     # d: both layers' states, their gradients and the chunk tiles
 MAX_MLP_HIDDEN = 128      # E: sit in one program's registers
 MAX_MLP_CHUNK = 64
-ACTIVATION_IDS = {"silu": 0, "gelu": 1}
 FUSED_RULES = ("dgd", "gd")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -59,25 +60,11 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ----------------------------------------------------------------------------- jit helpers
 
 @triton.jit
-def _activation(z, ACT: tl.constexpr):
-    """(s(z), s'(z), s''(z)): SiLU (ACT 0) or exact-erf GELU (ACT 1), closed form.
-    SiLU: s' = sig (1 + z (1 - sig)), s'' = sig (1 - sig) (2 + z (1 - 2 sig)).
-    GELU: s' = Phi + z phi,           s'' = phi (2 - z^2)."""
-    if ACT == 0:
-        sig = tl.sigmoid(z)
-        return z * sig, sig * (1.0 + z * (1.0 - sig)), sig * (1.0 - sig) * (2.0 + z * (1.0 - 2.0 * sig))
-    else:
-        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-        return z * cdf, cdf + z * pdf, pdf * (2.0 - z * z)
-
-
-@triton.jit
 def _inner_write(kc, vc, lr, h1, h2, DGD: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
     """Step 1-2 of the module docstring for one chunk at the chunk-start (h1, h2):
     the inner forward, closed-form inner gradient, write rates and both layers' writes."""
     z = tl.dot(kc, h1, input_precision=PREC)                                  # [BT, BE]
-    hh, s1, s2 = _activation(z, ACT)
+    hh, s1, s2 = _act(z, ACT, 2)                                              # s, s', s''
     err = 2.0 * (kc + tl.dot(hh, h2, input_precision=PREC) - vc)              # [BT, BD]
     m = tl.dot(err, tl.trans(h2), input_precision=PREC)                       # W_out^T e
     g1 = m * s1
@@ -206,7 +193,7 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
         z, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, DGD, ACT, PREC)
         o1, h1 = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
-        q2, _, _ = _activation(o1, ACT)                                       # W_out reads s(W_in,t q_t)
+        q2, _, _ = _act(o1, ACT, 1)                                       # W_out reads s(W_in,t q_t)
         o2, h2 = _chunk_delta_fwd(q2, hh, u2, eta2, g, gp, h2, rows, L, BT, PREC)
         _store_rows(y_ptr, g_base * D, t0, end, H * D, 0, D, qc + o2, BT, BD)
     _store_state(winT_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
@@ -246,7 +233,7 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
         z, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, DGD, ACT, PREC)
         o1, _ = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
-        q2, ds_o1, _ = _activation(o1, ACT)
+        q2, ds_o1, _ = _act(o1, ACT, 1)
         # layer 2 (W_out: query s(O1), input Hh, writes U2), then layer 1 (W_in)
         dq2, dhh, du2, deta2, dla, dh2 = _chunk_delta_bwd(q2, hh, u2, eta2, g, gp, h2, dy, dh2,
                                                           rows, L, BT, PREC)
@@ -340,8 +327,8 @@ def _check_inputs(tensors, w_in, w_out, chunk_size, activation):
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_MLP_CHUNK:
         raise ValueError(f"chunk_size must be an int in [1, {MAX_MLP_CHUNK}] for the fused MLP "
                          f"memory kernels; got {chunk_size!r}")
-    if activation not in ACTIVATION_IDS:
-        raise ValueError(f"activation must be one of {', '.join(ACTIVATION_IDS)}; got {activation!r}")
+    if activation not in ACT_IDS:
+        raise ValueError(f"activation must be one of {', '.join(ACT_IDS)}; got {activation!r}")
     if T == 0:
         raise ValueError("fused_mlp_memory_delta needs T >= 1 tokens")
 
@@ -368,7 +355,7 @@ def _memory_mlp_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
     wout_T, wout_B = torch.empty(B, H, d, E, **f32), torch.empty(B, H, d, E, **f32)
     _mlp_mem_fwd_kernel[(B * H,)](q, k, v, alpha, lr, w_in, w_out, y, h1c, h2c, win_T, wout_T,
                                   win_B, wout_B, T, H, d, E, chunk_size, NT, DGD=dgd,
-                                  ACT=ACTIVATION_IDS[activation], SAVE=save, **tiles,
+                                  ACT=ACT_IDS[activation], SAVE=save, **tiles,
                                   num_warps=CHUNK_WARPS)
     return y, win_T, wout_T, win_B, wout_B, h1c, h2c
 
@@ -404,7 +391,7 @@ def _memory_mlp_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
     _mlp_mem_bwd_kernel[(B * H,)](q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout,
                                   grad_win_start, grad_wout_start, dq, dk, dv, dalpha, dlr,
                                   dwin, dwout, T, H, d, E, chunk_size, NT, DGD=dgd,
-                                  ACT=ACTIVATION_IDS[activation], BT=BT, BD=BD, BE=BE,
+                                  ACT=ACT_IDS[activation], BT=BT, BD=BD, BE=BE,
                                   PREC=dot_precision(q.dtype), num_warps=CHUNK_WARPS)
     return dq, dk, dv, dalpha, dlr, dwin, dwout
 

@@ -178,7 +178,7 @@ def test_bad_inputs_raise_one_line_errors(index, value, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(chunk_size=65), r"chunk_size must be an int in \[1, 64\]"),
     (dict(chunk_size=True), r"chunk_size must be an int"),
-    (dict(chunk_size=4, activation="relu"), "activation must be one of silu, gelu"),
+    (dict(chunk_size=4, activation="relu"), "activation must be one of"),
 ])
 def test_bad_options_raise_one_line_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
