@@ -20,7 +20,7 @@ dimension is tiled (BH columns at a time): a first pass over hidden blocks sums 
 for E), a second takes G1, G2 block by block and steps theta block by block (each block of W1,
 W2 is read and written only by its own step, so no full weight matrix is ever in registers).
 When gradients are needed the chunk-start weights of every piece (T/C of them: slot i+1 =
-slot i - lr G) and E are saved; otherwise the weights are stepped in place.
+slot i - lr G) and E are saved; otherwise two weight slots are used in turn.
 
 Backward: the same program walks the pieces in reverse, carrying the adjoint of the weights at
 the start of the next piece, dtheta_next (initialised with the final weights' gradient). With
@@ -60,7 +60,6 @@ MAX_DIM = 128          # the whole model dim sits in one register tile
 MAX_HIDDEN = 4096      # hidden is tiled; the bound only keeps the saved weights reasonable
 MAX_CHUNK = 64
 ACT_IDS = {"gelu": 0, "silu": 1}
-WARPS = 4
 
 
 @triton.jit
@@ -91,15 +90,15 @@ def _cms_fwd_kernel(a_ptr, tg_ptr, w1_ptr, w2_ptr, g1c_ptr, g2c_ptr, y_ptr, e_pt
                     g2o_ptr, T, D, H, C, off, lr, NP, SLOTS, SAVE: tl.constexpr,
                     ACT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                     PREC: tl.constexpr):
-    """One sequence, every piece: y, (SAVE) E, the stepped weights (slot i -> slot i+1, or in
-    place) and the unfinished chunk's grads."""
+    """One sequence, every piece: y, (SAVE) E, the stepped weights (slot i -> slot i+1; without
+    SAVE two slots in turn) and the unfinished chunk's grads."""
     b = tl.program_id(0).to(tl.int64)
     tok = b * T * D
     hd = H * D
     for i in range(NP):
         s, e, complete = _piece(i, T, C, off)
-        src = b * SLOTS + (i if SAVE else 0)
-        dst = src + (1 if SAVE else 0)
+        src = b * SLOTS + (i if SAVE else i % 2)
+        dst = b * SLOTS + (i + 1 if SAVE else (i + 1) % 2)
         a = _load_rows(a_ptr, tok, s, e, D, 0, D, BT, BD)
         tg = _load_rows(tg_ptr, tok, s, e, D, 0, D, BT, BD)
         y = tl.zeros([BT, BD], dtype=tl.float32)
@@ -216,10 +215,15 @@ def fusable_cms(D, hidden, C):
 
 
 def _tiles(D, H, C):
-    """(BT, BD, BH): one piece per BT rows (tl.dot needs >= 16), hidden in blocks of BH."""
+    """(BT, BD, BH): one piece per BT rows (tl.dot needs >= 16), hidden in blocks of BH. The
+    backward holds six [BH, BD] weight-shaped tiles at once, so BH shrinks as D grows."""
     BD = max(16, triton.next_power_of_2(D))
     return (max(16, triton.next_power_of_2(C)), BD,
-            min(32 if BD > 64 else 64, max(16, triton.next_power_of_2(H))))
+            min(16 if BD > 64 else 32, max(16, triton.next_power_of_2(H))))
+
+
+def _warps(BD):
+    return 8 if BD > 64 else 4
 
 
 def _pieces(T, pos, C):
@@ -240,7 +244,7 @@ def _cms_fwd(a: Tensor, target: Tensor, w_in: Tensor, w_out: Tensor, grad_in: Te
     B, T, D = a.shape
     H, C = w_in.shape[1], chunk_size
     NP = _pieces(T, pos, C)
-    slots = NP + 1 if save else 1
+    slots = NP + 1 if save else 2
     w1s = a.new_empty(B, slots, H, D)
     w2s = a.new_empty(B, slots, D, H)
     w1s[:, 0].copy_(w_in)
@@ -250,8 +254,9 @@ def _cms_fwd(a: Tensor, target: Tensor, w_in: Tensor, w_out: Tensor, grad_in: Te
     BT, BD, BH = _tiles(D, H, C)
     _cms_fwd_kernel[(B,)](a, target, w1s, w2s, grad_in, grad_out, y, err, g1o, g2o, T, D, H, C,
                           pos % C, lr, NP, slots, SAVE=save, ACT=ACT_IDS[activation], BT=BT,
-                          BD=BD, BH=BH, PREC=dot_precision(a.dtype), num_warps=WARPS)
-    final = (NP - (0 if _completes(T, pos, C) else 1)) if save else 0
+                          BD=BD, BH=BH, PREC=dot_precision(a.dtype), num_warps=_warps(BD))
+    steps = NP - (0 if _completes(T, pos, C) else 1)          # theta updates in the segment
+    final = steps if save else steps % 2
     w1f, w2f = w1s[:, final].clone(), w2s[:, final].clone()
     if not save:
         w1s, w2s = a.new_empty(0), a.new_empty(0)
@@ -284,7 +289,7 @@ def _cms_bwd(a: Tensor, w1s: Tensor, w2s: Tensor, err: Tensor, grad_y: Tensor,
     BT, BD, BH = _tiles(D, H, C)
     _cms_bwd_kernel[(B,)](a, w1s, w2s, err, grad_y, grad_g_in, grad_g_out, dw1, dw2, da, dtg,
                           dg1c, dg2c, T, D, H, C, pos % C, lr, NP, ACT=ACT_IDS[activation],
-                          BT=BT, BD=BD, BH=BH, PREC=dot_precision(a.dtype), num_warps=WARPS)
+                          BT=BT, BD=BD, BH=BH, PREC=dot_precision(a.dtype), num_warps=_warps(BD))
     return da, dtg, dw1, dw2, dg1c, dg2c
 
 

@@ -93,20 +93,36 @@ def test_fused_matches_fast_level_scan(activation, segment):
 
 @needs_kernels
 def test_hidden_tiled_in_several_blocks_and_odd_dims():
-    """hidden = 80: two hidden blocks, the second partly masked; D = 12, C = 5 not powers of 2."""
+    """hidden = 80: three hidden blocks of 32, the last half masked; D = 12, C = 5 not powers of 2."""
     assert_close(errors_vs_oracle(B=1, T=13, D=12, hidden=80, C=5, pos=3, carry=True,
                                   activation="silu"), 2e-5, "hidden 80")
 
 
 @needs_kernels
-def test_no_grad_forward_steps_in_place_to_the_same_result():
-    x = make_inputs(2, 19, 16, 32, carry=True)
-    args = [None if x[n] is None else x[n].float() for n in ("a", "target") + STATE]
-    saved = triton_cms.fused_fast_level(*[t.requires_grad_() for t in args], 6, 4, 0.02)
+@pytest.mark.parametrize("pos, T", [(6, 19), (0, 16)], ids=["5-steps", "4-steps"])
+def test_no_grad_forward_matches_the_saving_forward(pos, T):
+    """Without grad tracking the weights alternate between two slots instead of one per chunk:
+    same outputs bit for bit, for an odd and an even number of steps."""
+    x = make_inputs(2, T, 16, 32, carry=True)
+    args = [x[n].float() for n in ("a", "target") + STATE]
+    saved = triton_cms.fused_fast_level(*[t.requires_grad_() for t in args], pos, 4, 0.02)
     with torch.no_grad():
-        in_place = triton_cms.fused_fast_level(*args, 6, 4, 0.02)
-    for s, p in zip(saved[:5], in_place[:5]):
-        torch.testing.assert_close(s, p, rtol=0, atol=0)
+        unsaved = triton_cms.fused_fast_level(*args, pos, 4, 0.02)
+    assert (saved[3] is None) == (unsaved[3] is None) == ((pos + T) % 4 == 0)
+    for s, p in zip(saved[:5], unsaved[:5]):
+        if s is not None:
+            torch.testing.assert_close(s, p, rtol=0, atol=0)
+
+
+@needs_kernels
+def test_custom_op_registration_is_consistent():
+    """torch.library.opcheck: schema, fake (meta) kernel and autograd registration agree with
+    the real op, which is what torch.compile relies on."""
+    x = make_inputs(1, 7, 16, 16, carry=True)
+    args = [x[n].float().requires_grad_() for n in ("a", "target") + STATE]
+    torch.library.opcheck(torch.ops.nested_learning.cms_fast_level_fwd.default,
+                          (*args, 3, 4, 0.02, "silu", True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 @needs_kernels
@@ -157,4 +173,25 @@ def test_bad_inputs_raise_one_line_errors():
 def test_realistic_size_on_gpu():
     """B=4, T=1000 (not a multiple of C), D=128, hidden=512, C=16, starting mid-chunk."""
     assert_close(errors_vs_oracle(B=4, T=1000, D=128, hidden=512, C=16, pos=5, carry=True,
-                                  lr=0.01), 1e-4, "realistic")
+                                  lr=0.001), 1e-4, "realistic")
+
+
+@needs_kernels
+def test_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) through fused_fast_level and its backward (aot_eager: the
+    graph capture and the custom ops' fake kernels, without codegen) == eager."""
+    x = make_inputs(2, 10, 16, 32, carry=False)
+
+    def loss(a, target, w_in, w_out):
+        y, w_in, w_out, grad_in, grad_out, _ = triton_cms.fused_fast_level(
+            a, target, w_in, w_out, None, None, 3, 4, 0.02, "gelu")
+        return (y * a).sum() + w_in.sum() + (grad_out * w_out).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (loss, compiled):
+        leaves = [x[n].float().requires_grad_() for n in ("a", "target", "w_in", "w_out")]
+        value = fn(*leaves)
+        results.append([value, *torch.autograd.grad(value, leaves)])
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6)
