@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
-from eval.common import eval_mode, is_recurrent, load_checkpoint, model_device
+from eval.common import eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
@@ -993,15 +993,12 @@ def main(argv=None):
     p_build.add_argument("--out", required=True, help="output .jsonl file")
 
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error(FileNotFoundError, ValueError, ConnectionError, ImportError):
         if args.command == "eval":
             return run_eval(args)
         if args.command == "finetune":
             return run_finetune(args)
         return run_build(args)
-    except (FileNotFoundError, ValueError, ConnectionError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

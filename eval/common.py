@@ -1,14 +1,19 @@
 """
 What every eval module needs about the model it scores (DESIGN §7): its kind (recurrent
 state or attention context), its device, eval mode for the duration of a score, and, for
-the CLIs, a checkpoint loaded with the tokenizer it was trained with.
+the CLIs, a checkpoint loaded with the tokenizer it was trained with, and their exit on bad
+input. torch is imported inside the functions that use it, so a CLI that only plans
+(eval.reproduce) starts without it.
 """
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 RECURRENT_ARCHS = ("titans", "hope")
 
@@ -21,6 +26,7 @@ def is_recurrent(model) -> bool:
 
 def model_device(model) -> torch.device:
     """The device of the model's first parameter (CPU for a model without parameters)."""
+    import torch
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -28,6 +34,7 @@ def model_device(model) -> torch.device:
 
 def resolve_device(name: str) -> str:
     """--device auto|cpu|cuda[:N] -> a device name; auto picks CUDA when it is there."""
+    import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -59,3 +66,14 @@ def load_checkpoint(path: str, device: str = "auto") -> tuple:
     device = resolve_device(device)
     model, cfg = load_model(path, device)
     return model, cfg, get_tokenizer(cfg.data.tokenizer), device
+
+
+@contextmanager
+def exit_on_error(*errors):
+    """An eval CLI's answer to bad input: any of `errors` raised inside prints one line
+    "error: ..." on stderr and exits with status 2 (no traceback)."""
+    try:
+        yield
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -45,7 +45,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -53,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.babilong import _clone_state, continuation_logprob, default_data_dir, prefill
-from eval.common import eval_mode, is_recurrent, load_checkpoint, model_device
+from eval.common import eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device
 from eval.perplexity import encode_pair, loglikelihood_tokens
 
 ARMS = ("sequential", "icl", "in_context_memory", "joint")
@@ -657,7 +656,7 @@ def main(argv=None):
         sp.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
         sp.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error(FileNotFoundError, ValueError, ImportError):
         if args.steps < 0 or args.batch_size < 1 or args.lr <= 0:
             raise ValueError("--steps must be >= 0, --batch-size >= 1 and --lr > 0")
         if args.command == "intents":
@@ -681,9 +680,6 @@ def main(argv=None):
             results = run_domains(model, tokenizer, domains, settings, device)
             results.update(arch=cfg.model.arch, checkpoint=os.path.abspath(args.checkpoint))
             plot = plot_domains
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"continual_{args.command}.json")
     with open(path, "w") as f:

@@ -33,7 +33,6 @@ import json
 import os
 import random
 import re
-import sys
 import time
 import uuid
 
@@ -41,7 +40,7 @@ import torch
 
 from eval.babilong import (BACKGROUNDS, bf16_autocast, check_long_inputs, continuation_logprob, fit_prompt,
                            greedy_generate, length_tokenizer, load_books, mean_over_scored, prefill, split_sentences)
-from eval.common import eval_mode, is_recurrent, load_checkpoint, model_device
+from eval.common import eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device
 
 # RULER scripts/data/synthetic/constants.py and niah.py
 NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
@@ -285,13 +284,10 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True, help="output folder (niah.json)")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error(FileNotFoundError, ValueError, ConnectionError, ImportError):
         if args.distractors < 0 or args.segment_len < 1 or args.max_new_tokens < 1:
             raise ValueError("--distractors must be >= 0, --segment-len and --max-new-tokens >= 1")
         return run(args)
-    except (FileNotFoundError, ValueError, ConnectionError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

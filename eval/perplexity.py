@@ -22,13 +22,12 @@ import json
 import math
 import os
 import re
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.common import eval_mode, load_checkpoint, model_device
+from eval.common import eval_mode, exit_on_error, load_checkpoint, model_device
 
 LN2 = math.log(2.0)
 DATA_DIR_ENV = "NL_DATA_DIR"  # a copy of shared/data: <dir>/wikitext/wiki.test.raw, <dir>/lambada/...
@@ -437,13 +436,10 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error(FileNotFoundError, ValueError):
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         results = run(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(_format_table(results))
     if args.out:
         with open(args.out, "w") as f:

@@ -41,6 +41,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from eval.common import exit_on_error, resolve_device
 from eval.paper_numbers import (ACCURACY_COLUMNS, FIGURE_ONLY, NL_TABLE1_SNIAH, NL_TABLE2, NL_TABLE6, TITANS_TABLE1,
                                 TITANS_TABLE2, average_accuracy)
 
@@ -493,7 +494,6 @@ def run_zero_shot(checkpoint: str, out_dir: str, device: str = "auto", limit: in
         import lm_eval
     except ImportError:
         raise ImportError("lm-eval is not installed: pip install -r requirements-eval.txt") from None
-    from eval.common import resolve_device
     from eval.lm_eval_adapter import OurLM
     lm = OurLM.from_checkpoint(checkpoint, device=str(resolve_device(device)), batch_size=batch_size)
     raw = lm_eval.simple_evaluate(model=lm, tasks=list(ZERO_SHOT_TASKS), num_fewshot=0, limit=limit)
@@ -520,11 +520,8 @@ def _zero_shot_main(argv):
     parser.add_argument("--limit", type=int, help="examples per task (default all; for smoke tests)")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error(FileNotFoundError, ValueError, ImportError):
         return run_zero_shot(args.checkpoint, args.out, args.device, args.limit, args.batch_size)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main(argv=None):
@@ -541,7 +538,7 @@ def main(argv=None):
     parser.add_argument("--train-args", default="", help="extra overrides for every training command, one string")
     parser.add_argument("--ablation-base", default="hope_1.3b", help="nl_table6: " + " | ".join(ABLATION_BASES))
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error(ReproduceError, RuntimeError, FileNotFoundError):
         train_args = tuple(shlex.split(args.train_args))
         bad = [a for a in train_args if not a.startswith("--")]
         if bad:
@@ -552,9 +549,6 @@ def main(argv=None):
         else:
             print(script(args.table, steps, args.results_root))
         text = markdown(args.table, args.results_root, args.ablation_base)
-    except (ReproduceError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     out_dir = args.out or args.results_root
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{args.table}.md")

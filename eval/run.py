@@ -32,8 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
+
+from eval.common import exit_on_error, is_recurrent, load_checkpoint, model_device
 
 SECTIONS = ("perplexity", "babilong", "niah", "continual")
 
@@ -81,7 +82,6 @@ DURING_TRAINING = ("perplexity", "babilong_quick", "niah_quick", "continual_quic
 
 def _max_len(model, seq_len):
     """Attention models read at most their training context; recurrent ones stream."""
-    from eval.common import is_recurrent
     return None if is_recurrent(model) else seq_len
 
 
@@ -195,7 +195,6 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
         raise ValueError(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
     if data_dir is not None and not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data-dir {data_dir} is not a folder")
-    from eval.common import load_checkpoint
     model, cfg, tokenizer, device = load_checkpoint(checkpoint, device)
     seq_len = cfg.train.seq_len
     settings = SUITES[suite]
@@ -353,7 +352,6 @@ def run_during_training(model, tokenizer, names, device=None, seq_len: int = 256
     bad = [n for n in names if n not in DURING_TRAINING]
     if bad:
         raise ValueError(f"unknown during-training eval(s) {bad}; choose from {', '.join(DURING_TRAINING)}")
-    from eval.common import model_device
     device = device or model_device(model)
     quick = SUITES["quick"]
     metrics = {}
@@ -398,12 +396,9 @@ def main(argv=None):
     parser.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error(FileNotFoundError, ValueError):
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]
         results = run_suite(args.checkpoint, args.suite, args.out, args.device, args.data_dir, sections)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")
     return results
 
