@@ -24,6 +24,10 @@ Part 2, the memory layer (memory.NeuralMemory, linear, C=64; 32 at d=128, the fu
 PyTorch, the CPU path) vs "triton" (one fused kernel, kernels/triton_memory.py), for the DGD
 and momentum rules, fp32 state; error of y and the final weights vs the float64 torch path.
 
+Part 3, a CMS fast level (cms.fast_level_scan, NL Eq. 71; op cms/fast_level/C16): the torch
+per-chunk scan vs the fused Triton level (kernels/triton_cms.py), hidden = 4 d, fp32, lr 1e-3,
+from a sequence start; error of y and the final fast weights vs the float64 torch scan.
+
 Times: CUDA: triton.testing.do_bench (median, after warm-up); CPU: median wall time.
 """
 import argparse
@@ -206,6 +210,38 @@ def bench_memory_layer(args, device, rows):
                         print_row(rows[-1])
 
 
+def bench_cms_level(args, device, rows):
+    """One CMS fast level (model dim d, hidden 4 d, chunk C): fast_level_scan (torch, per
+    chunk) vs triton_cms.fused_fast_level (one launch per pass)."""
+    from cms import fast_level_scan
+    from kernels import triton_cms
+    for d in args.d:
+        for T in args.T:
+            B, hidden = args.B, 4 * d
+            C = min(args.cms_chunk, triton_cms.max_cms_chunk(d))
+            g = torch.Generator().manual_seed(2)
+            a = torch.randn(B, T, d, generator=g)                      # unit RMS, like RMSNorm's output
+            x = {"a": a, "target": a @ torch.randn(d, d, generator=g) / d ** 0.5,
+                 "w_in": torch.randn(B, hidden, d, generator=g) / d ** 0.5,
+                 "w_out": torch.randn(B, d, hidden, generator=g) / hidden ** 0.5}
+            x = {n: t.to(device) for n, t in x.items()}
+            with torch.no_grad():
+                ref = fast_level_scan(*(t.double() for t in x.values()), None, None, 0, C, 1e-3)[:3]
+            for impl, scan in (("torch", fast_level_scan), ("triton", triton_cms.fused_fast_level)):
+                def level(a, target, w_in, w_out):
+                    return scan(a, target, w_in, w_out, None, None, 0, C, 1e-3)[:3]
+                for backward in (False, True):
+                    try:
+                        sec, outs, _, _ = measure(level, x, backward, device, args.repeats)
+                        err, note = relative_error(outs, ref), ""
+                    except Exception as e:
+                        sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
+                    rows.append(dict(part="cms", op=f"cms/fast_level/C{C}", impl=impl,
+                                     pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=1, d=d,
+                                     ms=sec * 1e3, rel_err=err, note=note))
+                    print_row(rows[-1])
+
+
 HEADER = f"{'op':<21}{'impl':<10}{'pass':<9}{'B':>3}{'T':>6}{'H':>4}{'d':>5}{'ms':>11}{'rel err':>10}  note"
 
 
@@ -237,6 +273,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--chunk", type=int, default=64, help="scan chunk_size")
     p.add_argument("--mem-chunk", type=int, default=64, help="memory layer chunk C")
+    p.add_argument("--cms-chunk", type=int, default=16, help="CMS fast level chunk C")
+    p.add_argument("--no-cms", action="store_true", help="skip part 3 (the CMS fast level)")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--reference", action="store_true", help="also time the sequential reference")
     p.add_argument("--no-memory", action="store_true", help="skip part 2 (the memory layer)")
@@ -244,12 +282,12 @@ def main(argv=None):
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.quick:        # tiny sizes for the options left at their defaults
-        quick = dict(B=1, T=[37], H=2, d=[16], dtype="fp32", chunk=16, mem_chunk=8,
+        quick = dict(B=1, T=[37], H=2, d=[16], dtype="fp32", chunk=16, mem_chunk=8, cms_chunk=4,
                      reference=True, repeats=1)
         for name, value in quick.items():
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
-    for name in ("B", "H", "chunk", "mem_chunk", "repeats"):
+    for name in ("B", "H", "chunk", "mem_chunk", "cms_chunk", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if min(args.T) < 1 or min(args.d) < 1:
@@ -268,6 +306,8 @@ def main(argv=None):
     bench_scans(args, device, dtype, fla_fn, rows)
     if not args.no_memory:
         bench_memory_layer(args, device, rows)
+    if not args.no_cms:
+        bench_cms_level(args, device, rows)
     print_speedups(rows)
     if args.json:
         with open(args.json, "w") as f:
