@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.step import bench_step, machine  # noqa: E402
+from bench.step import bench_step, machine, positive_int  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 
 
@@ -92,20 +92,16 @@ def profile_step(cfg, rows):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=50257, help="vocabulary size (50257 = GPT-2, 257 = bytes)")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--d-model", type=positive_int, default=128)
+    p.add_argument("--n-layer", type=positive_int, default=4)
+    p.add_argument("--n-head", type=positive_int, default=4)
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--vocab", type=positive_int, default=50257, help="vocabulary size (50257 = GPT-2, 257 = bytes)")
+    p.add_argument("--steps", type=positive_int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile-rows", type=int, default=15, help="rows of the op table (0 = no profile)")
     args = p.parse_args(argv)
-    for name in ("d_model", "n_layer", "n_head", "seq_len", "batch_size", "vocab", "steps"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
-            return 2
     try:
         configs = {arch: make_config(arch, args) for arch in ("transformer", "hope")}
     except ConfigError as e:
