@@ -126,9 +126,13 @@ def test_custom_op_registration_is_consistent():
 
 
 @needs_kernels
-def test_cms_level_dispatches_and_matches_the_torch_path_over_segments():
-    """CMSLevel(backend="triton") over segments [7, 6, 6] vs the torch path in float64 over
-    the same segments: outputs, the carried state and the parameters' gradients."""
+def test_cms_level_dispatches_and_matches_the_torch_path_over_segments(monkeypatch):
+    """CMSLevel(backend="triton") over segments [7, 6, 6] (one fused call each) vs the torch
+    path in float64 over the same segments: outputs, the carried state and the parameters'
+    gradients."""
+    calls = []
+    real = triton_cms.fused_fast_level
+    monkeypatch.setattr(triton_cms, "fused_fast_level", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     fused = CMSLevel(16, 32, 4, 0.1, "gelu", 1e-6, backend="triton").to(DEVICE)
     oracle = CMSLevel(16, 32, 4, 0.1, "gelu", 1e-6, backend="torch").to(DEVICE)
@@ -149,8 +153,19 @@ def test_cms_level_dispatches_and_matches_the_torch_path_over_segments():
         loss = (y.double() * z).sum() + state["w_in"].double().sum() + state["grad_out"].double().sum()
         outs[name] = [y, state["w_in"], state["grad_out"],
                       *torch.autograd.grad(loss, list(level.parameters()))]
+    assert len(calls) == 3
     for t, r in zip(outs["fused"], outs["oracle"]):
         assert ((t.double() - r).abs().max() / r.abs().max().clamp_min(1.0)).item() < 2e-5
+
+
+def test_cms_level_keeps_the_torch_path_where_the_kernel_does_not_apply():
+    x = torch.zeros(1, device=DEVICE)
+    assert not CMSLevel(16, 32, None, 0.1, "gelu", 1e-6, backend="triton").uses_fused_kernel(x)   # static
+    assert not CMSLevel(16, 32, 65, 0.1, "gelu", 1e-6, backend="triton").uses_fused_kernel(x)     # C > 64
+    assert not CMSLevel(256, 32, 4, 0.1, "gelu", 1e-6, backend="triton").uses_fused_kernel(x)     # D > 128
+    assert CMSLevel(16, 32, 4, 0.1, "gelu", 1e-6).uses_fused_kernel(x) == CUDA                    # "auto"
+    with pytest.raises(ValueError, match="CMS backend must be one of"):
+        CMSLevel(16, 32, 4, 0.1, "gelu", 1e-6, backend="cuda")
 
 
 @needs_kernels
