@@ -45,6 +45,7 @@ the dG of piece 0; to the initial weights, dtheta after piece 0.
 fp32 only (the state is fp32; callers cast), exact fp32 products ("ieee"). D <= 128,
 hidden <= 4096, C <= 64 (C <= 32 when D > 64): a piece is one [BT, BD] tile of rows.
 """
+import math
 import os
 
 import torch
@@ -362,6 +363,8 @@ def _check(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, lr, activ
                          f"C <= {max_cms_chunk(D)}; got D={D}, hidden={H}, C={chunk_size}")
     if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
         raise ValueError(f"pos must be an int >= 0; got {pos!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+        raise ValueError(f"lr must be a finite number (a constant, not a tensor); got {lr!r}")
     if activation not in ACT_IDS:
         raise ValueError(f"activation must be one of {', '.join(ACT_IDS)}; got {activation!r}")
 

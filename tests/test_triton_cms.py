@@ -99,6 +99,13 @@ def test_hidden_tiled_in_several_blocks_and_odd_dims():
 
 
 @needs_kernels
+def test_wide_model_dim_tiles():
+    """D = 100: the D > 64 tiles (BD = 128, hidden blocks of 16, 8 warps), 3 hidden blocks."""
+    assert_close(errors_vs_oracle(B=1, T=7, D=100, hidden=40, C=4, pos=2, carry=True, lr=0.005),
+                 2e-5, "D 100")
+
+
+@needs_kernels
 @pytest.mark.parametrize("pos, T", [(6, 19), (0, 16)], ids=["5-steps", "4-steps"])
 def test_no_grad_forward_matches_the_saving_forward(pos, T):
     """Without grad tracking the weights alternate between two slots instead of one per chunk:
@@ -178,7 +185,8 @@ def test_bad_inputs_raise_one_line_errors():
              (dict(w_out=args["w_out"][:, :, :7]), "w_out must be"),
              (dict(grad_in=torch.zeros_like(args["w_in"])), "both be tensors or both be None"),
              (dict(chunk_size=0), "chunk_size must be"), (dict(chunk_size=65), "C <= 64"),
-             (dict(pos=-1), "pos must be"), (dict(activation="relu"), "activation must be")]
+             (dict(pos=-1), "pos must be"), (dict(activation="relu"), "activation must be"),
+             (dict(lr="0.1"), "lr must be a finite number")]
     for kw, message in cases:
         with pytest.raises(ValueError, match=message):
             call(**kw)
