@@ -127,8 +127,8 @@ class NeuralMemory(nn.Module):
                        that is a multiple of n chunks, so outer gradients reach back at
                        most n chunks (forward values are unchanged); 0 = full backprop
     backend            kernels backend ("auto" | "reference" | "torch" | "triton"); where the
-                       scans run in Triton, a linear memory (and a DGD/GD MLP memory) runs as one fused
-                       kernel per layer (kernels/triton_memory.py, triton_mlp_memory.py,
+                       scans run in Triton, a linear or MLP memory runs as one fused kernel per
+                       layer (kernels/triton_memory.py, triton_mlp_memory.py,
                        `_use_fused_kernel`)
     """
 
@@ -335,7 +335,12 @@ class NeuralMemory(nn.Module):
                 q, k, v, lr, alpha = (t.float() for t in (q, k, v, lr, alpha))
                 v = v.detach() if self.detach_targets else v
                 weights, momenta = state["weights"][0], None
-                if self.depth == 2:
+                if self.depth == 2 and self.update_rule == "momentum":
+                    y, weights, momenta, start = triton_mlp_memory.fused_mlp_memory_momentum(
+                        q, k, v, alpha, beta.float(), lr, *state["weights"], *state["momenta"], C,
+                        activation=self.activation)
+                    momenta = list(momenta)
+                elif self.depth == 2:
                     y, weights, start = triton_mlp_memory.fused_mlp_memory_delta(
                         q, k, v, alpha, lr, *state["weights"], C, dgd=self.update_rule == "dgd",
                         activation=self.activation)

@@ -1,40 +1,45 @@
-"""Fused Triton kernels for the residual 2-layer MLP memory layer, DGD and GD (DESIGN §3.3, §4).
+"""Fused Triton kernels for the residual 2-layer MLP memory layer (DESIGN §3.3, §4 item (a)).
 
 The memory M(x) = x + W_out s(W_in x) (W_in [E, d], W_out [d, E], s = SiLU or GELU) is
 trained per chunk of C tokens at the chunk-start weights W_B (memory.py's module docstring).
 Per (batch, head) one program walks all chunks with both layers' states in registers, as
-h1 = W_in^T [d, E] and h2 = W_out^T [E, d] (the delta-rule kernels' transposed layout):
+h1 = W_in^T [d, E] and h2 = W_out^T [E, d] (the scan kernels' transposed layout):
 
   1. inner forward at W_B, closed-form inner gradient (memory.py `_inputs_and_gradients`):
         Z = K h1,  Hh = s(Z),  Err = 2 (K + Hh h2 - V),  G1 = (Err h2^T) o s'(Z)
   2. write rates (NL Eq. 57/88, each layer with its own input a_t: K for W_in, Hh for W_out):
-        DGD: eta_t = lw_t = lr_t / (1 + lr_t ||a_t||^2);  GD: eta_t = 0, lw_t = lr_t
+        DGD: eta_t = lw_t = lr_t / (1 + lr_t ||a_t||^2);  GD and momentum: eta_t = 0, lw_t = lr_t
      writes U1 = -diag(lw1) G1 (W_in), U2 = -diag(lw2) Err (W_out).
-  3. per layer, the delta rule's chunk algebra (triton_delta.py's module docstring):
+  3. per layer, one chunk of the transition with all of the state in registers:
+     DGD / GD, the delta rule's chunk algebra (triton_delta.py's module docstring):
         Tm = (I + A)^{-1},  Delta = Tm (U - diag(eta e^gp) K_a h)
         O = diag(e^g) Q h + (Gamma o Q K_a^T) Delta,   h_next = e^{g_L} h + (diag(e^{g_L-g}) K_a)^T Delta
+     momentum (Titans Eq. 13-14), the momentum rule's closed form (triton_momentum.py):
+        O = diag(e^la) Q h + diag(c) Q z + (W o Q K_a^T) U,  then (h, z) at the chunk's end
      the W_in scan reads Q = q and has K_a = K; the W_out scan reads Q = s(O1) (the readout
      after the write, layer by layer) and has K_a = Hh.
   4. y = q + O2.
 
 Unlike the linear memory, the writes are not linear in W_B, so the whole chunk (both layers,
-E and d) is one tile set per program and the chunk loop is sequential per (batch, head).
-The forward saves only the chunk-start states (T/C of each layer). The backward walks the
-chunks in reverse with (dh1, dh2) in registers: per chunk it recomputes step 1-3 from the
-saved states, steps back through layer 2 then layer 1 (`_chunk_delta_bwd`), then through the
-write rates and the inner gradient, which needs s''(Z)
-(closed forms: triton_cms.py's `_act`).
+all of E and d) is one tile set per program and the chunk loop is sequential per (batch,
+head): B*H programs. The forward saves only the chunk-start states (T/C per layer, and the
+momenta). The backward walks the chunks in reverse with the state gradients in registers:
+per chunk it recomputes steps 1-3 from the saved states, steps back through layer 2, s(O1)
+and layer 1 (`_chunk_delta_bwd` / `_chunk_momentum_bwd`), then through the write rates and
+the inner gradient (`_inner_write_bwd`), which needs s''(Z) (closed forms: triton_cms.py's
+`_act`).
 
     fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation)
         -> (y [B,T,H,d] in q's dtype, (W_in, W_out) at T, (W_in, W_out) at the start of the
             last chunk); weights [B,H,E,d] and [B,H,d,E] fp32 like memory.py's.
+    fused_mlp_memory_momentum(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size,
+                              activation) -> (y, (W_in, W_out), (Z_in, Z_out), last W_B pair)
 
-Gradients flow to q, k, v, alpha, lr and both initial weights, from every output. Limits
-(`fusable_mlp`): d <= 64, E <= 128, C <= 64, rules "dgd" and "gd". Titans' momentum rule on
-the MLP memory is not fused yet (it keeps the per-chunk torch path).
+Gradients flow to q, k, v, the gates and the initial weights (and momenta), from every
+output. Limits (`fusable_mlp`): d <= 64, E <= 128, C <= 64, every update rule: all of a
+program's tiles sit in registers (at d = 64, E = 128 the four state tiles alone are 128 KiB
+of fp32, so the largest shapes spill to local memory on a GPU; their speed is unmeasured).
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -45,15 +50,16 @@ from .triton_delta import (CHUNK_WARPS, _decay, _delta_chunk_gates, _delta_ut_sy
                            _reverse_cumsum, _store_gate, _store_kv, _store_rows, _store_state,
                            dot_precision)
 from .triton_cms import ACT_IDS, _act
+from .triton_momentum import _momentum_chunk_gates
 from .triton_memory import _contiguous, _grad_or_zeros, _interpreting, _needs_grad
 
-__all__ = ["fused_mlp_memory_delta", "fusable_mlp", "MAX_MLP_HEAD_DIM", "MAX_MLP_HIDDEN",
+__all__ = ["fused_mlp_memory_delta", "fused_mlp_memory_momentum", "fusable_mlp", "MAX_MLP_HEAD_DIM", "MAX_MLP_HIDDEN",
            "MAX_MLP_CHUNK"]
 
 MAX_MLP_HEAD_DIM = 64     # d: both layers' states, their gradients and the chunk tiles
 MAX_MLP_HIDDEN = 128      # E: sit in one program's registers
 MAX_MLP_CHUNK = 64
-FUSED_RULES = ("dgd", "gd")
+FUSED_RULES = ("dgd", "gd", "momentum")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -159,6 +165,96 @@ def _chunk_delta_bwd(q, kc, u, eta, g, gp, h, do, dh, rows, L, BT: tl.constexpr,
     return dq, dk, du, deta, dlog_alpha, dh_prev
 
 
+@triton.jit
+def _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2, lw1, lw2, h1, h2, du1, du2,
+                     deta1, deta2, dk, dhh, dh1, dh2, DGD: tl.constexpr, PREC: tl.constexpr):
+    """The chain rule of `_inner_write`, given the gradients of both layers' writes (du),
+    rates (deta) and inputs (dk from W_in's scan, dhh from W_out's): adds to dk and to the
+    chunk-start state gradients (dh1, dh2); returns (dk, dv, dlr, dh1, dh2)."""
+    # writes U1 = -lw1 G1, U2 = -lw2 Err; DGD rates eta = lw = lr / (1 + lr ||a||^2)
+    dlw1 = -tl.sum(du1 * g1, 1)
+    dlw2 = -tl.sum(du2 * err, 1)
+    if DGD:
+        t1 = deta1 + dlw1
+        t2 = deta2 + dlw2
+        den1 = 1.0 + lr * tl.sum(kc * kc, 1)
+        den2 = 1.0 + lr * tl.sum(hh * hh, 1)
+        dlr = t1 / (den1 * den1) + t2 / (den2 * den2)
+        dk += (-2.0 * t1 * eta1 * eta1)[:, None] * kc
+        dhh += (-2.0 * t2 * eta2 * eta2)[:, None] * hh
+    else:
+        dlr = dlw1 + dlw2
+    # G1 = (Err h2^T) o s'(Z), Err = 2 (K + s(Z) h2 - V), Z = K h1
+    dg1 = -lw1[:, None] * du1
+    dm = dg1 * s1
+    dz = dg1 * m * s2
+    derr = -lw2[:, None] * du2 + tl.dot(dm, h2, input_precision=PREC)
+    dh2 += tl.dot(tl.trans(dm), err, input_precision=PREC)
+    dp = 2.0 * derr
+    dk += dp
+    dhh += tl.dot(dp, tl.trans(h2), input_precision=PREC)
+    dh2 += tl.dot(tl.trans(hh), dp, input_precision=PREC)
+    dz += dhh * s1
+    dk += tl.dot(dz, tl.trans(h1), input_precision=PREC)
+    dh1 += tl.dot(tl.trans(kc), dz, input_precision=PREC)
+    return dk, -dp, dlr, dh1, dh2
+
+
+@triton.jit
+def _chunk_momentum_fwd(q, kc, u, h, z, p, r, w, a, b, c, w_last, r_last, rows, L,
+                        PREC: tl.constexpr):
+    """One momentum-rule chunk with all of V in registers (triton_momentum.py's closed form):
+    readout O after each write and the next chunk-start (h, z)."""
+    wqk = w * tl.dot(q, tl.trans(kc), input_precision=PREC)
+    o = (a[:, None] * tl.dot(q, h, input_precision=PREC)
+         + c[:, None] * tl.dot(q, z, input_precision=PREC)
+         + tl.dot(wqk, u, input_precision=PREC))
+    z_next = _pick(b, rows, L) * z + tl.dot(tl.trans(r_last[:, None] * kc), u, input_precision=PREC)
+    h_next = (_pick(a, rows, L) * h + _pick(c, rows, L) * z
+              + tl.dot(tl.trans(w_last[:, None] * kc), u, input_precision=PREC))
+    return o, h_next, z_next
+
+
+@triton.jit
+def _chunk_momentum_bwd(q, kc, u, h, z, do, dh, dz, p, r, w, a, b, c, w_last, r_last, rows, L,
+                        PREC: tl.constexpr):
+    """The chain rule of `_chunk_momentum_fwd` given dO and the chunk-end (dh, dz): returns
+    (dQ, dK, dU, dlog_alpha and dlog_beta before their reverse cumsum, chunk-start dh, dz).
+    The same steps as triton_momentum.py's backward scan + gradient kernels, without V loop."""
+    incl = rows[:, None] >= rows[None, :]
+    is_last = rows == L
+    qk = tl.dot(q, tl.trans(kc), input_precision=PREC)
+    wqk = w * qk
+    du = (tl.dot(tl.trans(wqk), do, input_precision=PREC)
+          + tl.dot(r_last[:, None] * kc, dz, input_precision=PREC)
+          + tl.dot(w_last[:, None] * kc, dh, input_precision=PREC))
+    dz_prev = (_pick(b, rows, L) * dz + _pick(c, rows, L) * dh
+               + tl.dot(tl.trans(q * c[:, None]), do, input_precision=PREC))
+    dh_prev = _pick(a, rows, L) * dh + tl.dot(tl.trans(q * a[:, None]), do, input_precision=PREC)
+    d_wqk = tl.dot(do, tl.trans(u), input_precision=PREC)
+    do_h = tl.dot(do, tl.trans(h), input_precision=PREC)
+    do_z = tl.dot(do, tl.trans(z), input_precision=PREC)
+    u_dh = tl.dot(u, tl.trans(dh), input_precision=PREC)
+    u_dz = tl.dot(u, tl.trans(dz), input_precision=PREC)
+    gw = d_wqk * w
+    dq = a[:, None] * do_h + c[:, None] * do_z + tl.dot(gw, kc, input_precision=PREC)
+    dk = (tl.dot(tl.trans(gw), q, input_precision=PREC)
+          + w_last[:, None] * u_dh + r_last[:, None] * u_dz)
+    d_w = tl.where(incl, d_wqk * qk, 0.0) + tl.where(is_last[:, None],
+                                                     tl.sum(kc * u_dh, 1)[None, :], 0.0)
+    d_r = tl.where(is_last[:, None], tl.sum(kc * u_dz, 1)[None, :], 0.0)
+    d_a = tl.sum(q * do_h, 1) + tl.where(is_last, tl.sum(tl.sum(h * dh, 1), 0), 0.0)
+    d_c = tl.sum(q * do_z, 1) + tl.where(is_last, tl.sum(tl.sum(z * dh, 1), 0), 0.0)
+    d_b = tl.where(is_last, tl.sum(tl.sum(z * dz, 1), 0), 0.0) + tl.sum(p * d_c[:, None], 0)
+    d_p = tl.dot(d_w, tl.trans(r), input_precision=PREC) + d_c[:, None] * b[None, :]  # c = P b
+    d_r += tl.dot(tl.trans(p), d_w, input_precision=PREC)                              # W = P R
+    e_p = tl.where(incl, d_p, 0.0) * p
+    e_r = tl.where(incl, d_r, 0.0) * r
+    d_la = tl.where(rows <= L, a * d_a + tl.sum(e_p, 1) - tl.sum(e_p, 0), 0.0)
+    d_lb = tl.where(rows <= L, b * d_b + tl.sum(e_r, 1) - tl.sum(e_r, 0), 0.0)
+    return dq, dk, du, d_la, d_lb, dh_prev, dz_prev
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -167,8 +263,8 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
                         T, H, D, E, C, NT, DGD: tl.constexpr, ACT: tl.constexpr,
                         SAVE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                         BE: tl.constexpr, PREC: tl.constexpr):
-    """The chunk loop of one (batch, head), (h1, h2) in registers (module docstring 1-4).
-    SAVE keeps each chunk's start (h1, h2) for the backward."""
+    """DGD / GD: the chunk loop of one (batch, head), (h1, h2) in registers (module
+    docstring 1-4). SAVE keeps each chunk's start (h1, h2) for the backward."""
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
     rows = tl.arange(0, BT)
@@ -190,7 +286,7 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
         kc = _load_rows(k_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
-        z, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
+        _, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, DGD, ACT, PREC)
         o1, h1 = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
         q2, _, _ = _act(o1, ACT, 1)                                       # W_out reads s(W_in,t q_t)
@@ -206,9 +302,9 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
                         dalpha_ptr, dlr_ptr, dwin_ptr, dwout_ptr, T, H, D, E, C, NT,
                         DGD: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr,
                         BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
-    """Chunks in reverse carrying (dh1, dh2) = dL/d(next chunk-start states): recompute the
-    chunk from its saved start, step back through layer 2, s(O1), layer 1, the write rates
-    and the closed-form inner gradient (module docstring)."""
+    """DGD / GD, chunks in reverse carrying (dh1, dh2) = dL/d(next chunk-start states):
+    recompute the chunk from its saved start, step back through layer 2, s(O1), layer 1, the
+    write rates and the closed-form inner gradient (module docstring)."""
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
     rows = tl.arange(0, BT)
@@ -230,7 +326,7 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
         vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
-        z, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
+        _, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, DGD, ACT, PREC)
         o1, _ = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
         q2, ds_o1, _ = _act(o1, ACT, 1)
@@ -239,43 +335,132 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
                                                           rows, L, BT, PREC)
         dq1, dk, du1, deta1, dla1, dh1 = _chunk_delta_bwd(qc, kc, u1, eta1, g, gp, h1,
                                                           dq2 * ds_o1, dh1, rows, L, BT, PREC)
-        dla += dla1
-        # writes U1 = -lw1 G1, U2 = -lw2 Err; DGD rates eta = lw = lr / (1 + lr ||a||^2)
-        dlw1 = -tl.sum(du1 * g1, 1)
-        dlw2 = -tl.sum(du2 * err, 1)
-        if DGD:
-            t1 = deta1 + dlw1
-            t2 = deta2 + dlw2
-            n1 = tl.sum(kc * kc, 1)
-            n2 = tl.sum(hh * hh, 1)
-            dlr = t1 / ((1.0 + lr * n1) * (1.0 + lr * n1)) + t2 / ((1.0 + lr * n2) * (1.0 + lr * n2))
-            dk += (-2.0 * t1 * eta1 * eta1)[:, None] * kc
-            dhh += (-2.0 * t2 * eta2 * eta2)[:, None] * hh
-        else:
-            dlr = dlw1 + dlw2
-        # inner gradient: G1 = (Err h2^T) o s'(Z), Err = 2 (K + s(Z) h2 - V), Z = K h1
-        dg1 = -lw1[:, None] * du1
-        dm = dg1 * s1
-        dz = dg1 * m * s2
-        derr = -lw2[:, None] * du2 + tl.dot(dm, h2, input_precision=PREC)
-        dh2 += tl.dot(tl.trans(dm), err, input_precision=PREC)
-        dp = 2.0 * derr
-        dk += dp
-        dhh += tl.dot(dp, tl.trans(h2), input_precision=PREC)
-        dh2 += tl.dot(tl.trans(hh), dp, input_precision=PREC)
-        dz += dhh * s1
-        dk += tl.dot(dz, tl.trans(h1), input_precision=PREC)
-        dh1 += tl.dot(tl.trans(kc), dz, input_precision=PREC)
+        dk, dv, dlr, dh1, dh2 = _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2,
+                                                 lw1, lw2, h1, h2, du1, du2, deta1, deta2, dk,
+                                                 dhh, dh1, dh2, DGD, PREC)
         first = tl.where(i_r == 0, 1.0, 0.0)        # the returned W_B is the last chunk's start
         dh1 += first * dh1_start
         dh2 += first * dh2_start
         _store_rows(dq_ptr, g_base * D, t0, end, H * D, 0, D, dy + dq1, BT, BD)
         _store_rows(dk_ptr, g_base * D, t0, end, H * D, 0, D, dk, BT, BD)
-        _store_rows(dv_ptr, g_base * D, t0, end, H * D, 0, D, -dp, BT, BD)
+        _store_rows(dv_ptr, g_base * D, t0, end, H * D, 0, D, dv, BT, BD)
         _store_gate(dlr_ptr, g_base, t0, end, H, dlr, BT)
-        _store_gate(dalpha_ptr, g_base, t0, end, H, dla / alpha, BT)
+        _store_gate(dalpha_ptr, g_base, t0, end, H, (dla + dla1) / alpha, BT)
     _store_state(dwin_ptr, bh64 * E * D, D, E, 0, dh1, BD, BE)
     _store_state(dwout_ptr, bh64 * D * E, E, D, 0, dh2, BE, BD)
+
+
+@triton.jit
+def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_ptr, win_ptr,
+                                 wout_ptr, zin_ptr, zout_ptr, y_ptr, h1c_ptr, h2c_ptr, z1c_ptr,
+                                 z2c_ptr, winT_ptr, woutT_ptr, zinT_ptr, zoutT_ptr, winB_ptr,
+                                 woutB_ptr, T, H, D, E, C, NT, ACT: tl.constexpr,
+                                 SAVE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                                 BE: tl.constexpr, PREC: tl.constexpr):
+    """Titans' momentum (Eq. 13-14): the chunk loop with (h, z) of both layers in registers;
+    writes U = -lr G (`_inner_write` with GD rates), then the momentum closed form."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    rows = tl.arange(0, BT)
+    g_base = i_b.to(tl.int64) * T * H + i_h
+    bh64 = i_bh.to(tl.int64)
+    h1 = _load_state(win_ptr, bh64 * E * D, D, E, 0, BD, BE)
+    h2 = _load_state(wout_ptr, bh64 * D * E, E, D, 0, BE, BD)
+    z1 = _load_state(zin_ptr, bh64 * E * D, D, E, 0, BD, BE)
+    z2 = _load_state(zout_ptr, bh64 * D * E, E, D, 0, BE, BD)
+    for i_t in range(NT):
+        t0 = i_t * C
+        end = tl.minimum(t0 + C, T)
+        if SAVE:
+            _store_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, h1, BD, BE)
+            _store_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, h2, BE, BD)
+            _store_kv(z1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, z1, BD, BE)
+            _store_kv(z2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, z2, BE, BD)
+        if i_t == NT - 1:
+            _store_state(winB_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
+            _store_state(woutB_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
+        qc = _load_rows(q_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        kc = _load_rows(k_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        lr = _load_gate(lr_ptr, g_base, t0, end, H, 0.0, BT)
+        alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
+            alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
+        _, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
+            kc, vc, lr, h1, h2, False, ACT, PREC)
+        o1, h1, z1 = _chunk_momentum_fwd(qc, kc, u1, h1, z1, p, r, w, a, b, c, w_last, r_last,
+                                         rows, L, PREC)
+        q2, _, _ = _act(o1, ACT, 1)
+        o2, h2, z2 = _chunk_momentum_fwd(q2, hh, u2, h2, z2, p, r, w, a, b, c, w_last, r_last,
+                                         rows, L, PREC)
+        _store_rows(y_ptr, g_base * D, t0, end, H * D, 0, D, qc + o2, BT, BD)
+    _store_state(winT_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
+    _store_state(woutT_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
+    _store_state(zinT_ptr, bh64 * E * D, D, E, 0, z1, BD, BE)
+    _store_state(zoutT_ptr, bh64 * D * E, E, D, 0, z2, BE, BD)
+
+
+@triton.jit
+def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_ptr, h1c_ptr,
+                                 h2c_ptr, z1c_ptr, z2c_ptr, dy_ptr, dwinT_ptr, dwoutT_ptr,
+                                 dzinT_ptr, dzoutT_ptr, dwinB_ptr, dwoutB_ptr, dq_ptr, dk_ptr,
+                                 dv_ptr, dalpha_ptr, dbeta_ptr, dlr_ptr, dwin_ptr, dwout_ptr,
+                                 dzin_ptr, dzout_ptr, T, H, D, E, C, NT, ACT: tl.constexpr,
+                                 BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+                                 PREC: tl.constexpr):
+    """Momentum, chunks in reverse carrying (dh, dz) of both layers: as _mlp_mem_bwd_kernel
+    with the momentum chunk's chain rule."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    rows = tl.arange(0, BT)
+    g_base = i_b.to(tl.int64) * T * H + i_h
+    bh64 = i_bh.to(tl.int64)
+    dh1 = _load_state(dwinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
+    dh2 = _load_state(dwoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
+    dz1 = _load_state(dzinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
+    dz2 = _load_state(dzoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
+    dh1_start = _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
+    dh2_start = _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
+    for i_r in range(NT):
+        i_t = NT - 1 - i_r
+        t0 = i_t * C
+        end = tl.minimum(t0 + C, T)
+        h1 = _load_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
+        h2 = _load_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
+        z1 = _load_kv(z1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
+        z2 = _load_kv(z2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
+        qc = _load_rows(q_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        kc = _load_rows(k_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        lr = _load_gate(lr_ptr, g_base, t0, end, H, 0.0, BT)
+        alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
+            alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
+        _, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
+            kc, vc, lr, h1, h2, False, ACT, PREC)
+        o1, _, _ = _chunk_momentum_fwd(qc, kc, u1, h1, z1, p, r, w, a, b, c, w_last, r_last,
+                                       rows, L, PREC)
+        q2, ds_o1, _ = _act(o1, ACT, 1)
+        dq2, dhh, du2, dla, dlb, dh2, dz2 = _chunk_momentum_bwd(
+            q2, hh, u2, h2, z2, dy, dh2, dz2, p, r, w, a, b, c, w_last, r_last, rows, L, PREC)
+        dq1, dk, du1, dla1, dlb1, dh1, dz1 = _chunk_momentum_bwd(
+            qc, kc, u1, h1, z1, dq2 * ds_o1, dh1, dz1, p, r, w, a, b, c, w_last, r_last, rows,
+            L, PREC)
+        dk, dv, dlr, dh1, dh2 = _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2,
+                                                 lw1, lw2, h1, h2, du1, du2, eta1, eta2, dk,
+                                                 dhh, dh1, dh2, False, PREC)   # (no deta: GD rates)
+        first = tl.where(i_r == 0, 1.0, 0.0)        # the returned W_B is the last chunk's start
+        dh1 += first * dh1_start
+        dh2 += first * dh2_start
+        _store_rows(dq_ptr, g_base * D, t0, end, H * D, 0, D, dy + dq1, BT, BD)
+        _store_rows(dk_ptr, g_base * D, t0, end, H * D, 0, D, dk, BT, BD)
+        _store_rows(dv_ptr, g_base * D, t0, end, H * D, 0, D, dv, BT, BD)
+        _store_gate(dlr_ptr, g_base, t0, end, H, dlr, BT)
+        _store_gate(dalpha_ptr, g_base, t0, end, H, _reverse_cumsum(dla + dla1, rows) / alpha, BT)
+        _store_gate(dbeta_ptr, g_base, t0, end, H, _reverse_cumsum(dlb + dlb1, rows) / beta, BT)
+    _store_state(dwin_ptr, bh64 * E * D, D, E, 0, dh1, BD, BE)
+    _store_state(dwout_ptr, bh64 * D * E, E, D, 0, dh2, BE, BD)
+    _store_state(dzin_ptr, bh64 * E * D, D, E, 0, dz1, BD, BE)
+    _store_state(dzout_ptr, bh64 * D * E, E, D, 0, dz2, BE, BD)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -292,10 +477,11 @@ def _tiles(d, E, chunk_size):
     return p2(chunk_size), p2(d), p2(E)
 
 
-def _check_inputs(tensors, w_in, w_out, chunk_size, activation):
-    """One-line ValueErrors naming what is wrong."""
+def _check_inputs(tensors, states, chunk_size, activation, caller):
+    """One-line ValueErrors naming what is wrong. tensors: q, k, v, then the [B,T,H] gates;
+    states: w_in [B,H,E,d], w_out [B,H,d,E] and (momentum) z_in, z_out of the same shapes."""
     q = tensors["q"]
-    for name, t in {**tensors, "w_in": w_in, "w_out": w_out}.items():
+    for name, t in {**tensors, **states}.items():
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES:
@@ -309,18 +495,20 @@ def _check_inputs(tensors, w_in, w_out, chunk_size, activation):
     if q.dim() != 4:
         raise ValueError(f"q must be [B,T,H,d]; got shape {list(q.shape)}")
     B, T, H, d = q.shape
-    for name in ("k", "v"):
-        if tensors[name].shape != q.shape:
-            raise ValueError(f"{name} must be [B,T,H,d] = {list(q.shape)} like q; "
-                             f"got {list(tensors[name].shape)}")
-    for name in ("alpha", "lr"):
-        if tensors[name].shape != (B, T, H):
-            raise ValueError(f"{name} must be [B,T,H] = {[B, T, H]}; got {list(tensors[name].shape)}")
+    for name, t in tensors.items():
+        want = list(q.shape) if name in ("q", "k", "v") else [B, T, H]
+        if list(t.shape) != want:
+            raise ValueError(f"{name} must be [B,T,H{',d' if len(want) == 4 else ''}] = {want}; "
+                             f"got {list(t.shape)}")
+    w_in = states["w_in"]
     if w_in.dim() != 4 or w_in.shape[:2] != (B, H) or w_in.shape[3] != d:
         raise ValueError(f"w_in must be [B,H,E,d] with B,H,d = {[B, H, d]}; got {list(w_in.shape)}")
     E = w_in.shape[2]
-    if w_out.shape != (B, H, d, E):
-        raise ValueError(f"w_out must be [B,H,d,E] = {[B, H, d, E]}; got {list(w_out.shape)}")
+    for name, s in states.items():
+        want = [B, H, E, d] if name.endswith("_in") else [B, H, d, E]
+        if list(s.shape) != want:
+            raise ValueError(f"{name} must be [B,H,{'E,d' if name.endswith('_in') else 'd,E'}] = "
+                             f"{want}; got {list(s.shape)}")
     if d > MAX_MLP_HEAD_DIM or E > MAX_MLP_HIDDEN:
         raise ValueError(f"head dim {d} / hidden {E} exceed {MAX_MLP_HEAD_DIM} / {MAX_MLP_HIDDEN}, "
                          f"the most the fused MLP memory kernels hold in registers")
@@ -330,46 +518,53 @@ def _check_inputs(tensors, w_in, w_out, chunk_size, activation):
     if activation not in ACT_IDS:
         raise ValueError(f"activation must be one of {', '.join(ACT_IDS)}; got {activation!r}")
     if T == 0:
-        raise ValueError("fused_mlp_memory_delta needs T >= 1 tokens")
+        raise ValueError(f"{caller} needs T >= 1 tokens")
 
 
-def _launch_args(q, w_in, chunk_size):
+def _launch_args(q, E, chunk_size, activation):
+    """(B, T, H, d, NT, the kernels' constexpr keyword arguments)."""
     B, T, H, d = q.shape
-    E = w_in.shape[2]
     BT, BD, BE = _tiles(d, E, chunk_size)
-    return B, T, H, d, E, triton.cdiv(T, chunk_size), dict(BT=BT, BD=BD, BE=BE,
-                                                            PREC=dot_precision(q.dtype))
+    return B, T, H, d, triton.cdiv(T, chunk_size), dict(
+        ACT=ACT_IDS[activation], BT=BT, BD=BD, BE=BE, PREC=dot_precision(q.dtype))
 
+
+def _state_buffers(B, H, d, E, NT, n_layers_states, save, device):
+    """Final/start state outputs (alternating [B,H,E,d] W_in-like and [B,H,d,E] W_out-like)
+    and the per-chunk saved starts ([B*H, NT, d, E] and [B*H, NT, E, d] alternating)."""
+    f32 = dict(device=device, dtype=torch.float32)
+    outs = [torch.empty((B, H, E, d) if i % 2 == 0 else (B, H, d, E), **f32)
+            for i in range(n_layers_states)]
+    chunks = [torch.empty(((B * H, NT, d, E) if i % 2 == 0 else (B * H, NT, E, d)) if save else (0,),
+                          **f32) for i in range(n_layers_states)]
+    return outs, chunks
+
+
+# DGD / GD -------------------------------------------------------------------------------
 
 @torch.library.custom_op("nested_learning::memory_mlp_delta_fwd", mutates_args=())
 def _memory_mlp_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, w_in: Tensor,
                     w_out: Tensor, chunk_size: int, dgd: bool, activation: str, save: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v, alpha, lr, w_in, w_out = _contiguous(q, k, v, alpha, lr, w_in, w_out)
-    B, T, H, d, E, NT, tiles = _launch_args(q, w_in, chunk_size)
-    f32 = dict(device=q.device, dtype=torch.float32)
+    E = w_in.shape[2]
+    B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation)
     y = torch.empty(B, T, H, d, device=q.device, dtype=q.dtype)
-    h1c = torch.empty((B * H, NT, d, E) if save else (0,), **f32)
-    h2c = torch.empty((B * H, NT, E, d) if save else (0,), **f32)
-    win_T, win_B = torch.empty(B, H, E, d, **f32), torch.empty(B, H, E, d, **f32)
-    wout_T, wout_B = torch.empty(B, H, d, E, **f32), torch.empty(B, H, d, E, **f32)
+    (win_T, wout_T, win_B, wout_B), _ = _state_buffers(B, H, d, E, NT, 4, False, q.device)
+    _, (h1c, h2c) = _state_buffers(B, H, d, E, NT, 2, save, q.device)
     _mlp_mem_fwd_kernel[(B * H,)](q, k, v, alpha, lr, w_in, w_out, y, h1c, h2c, win_T, wout_T,
-                                  win_B, wout_B, T, H, d, E, chunk_size, NT, DGD=dgd,
-                                  ACT=ACT_IDS[activation], SAVE=save, **tiles,
-                                  num_warps=CHUNK_WARPS)
+                                  win_B, wout_B, T, H, d, E, chunk_size, NT, DGD=dgd, SAVE=save,
+                                  **consts, num_warps=CHUNK_WARPS)
     return y, win_T, wout_T, win_B, wout_B, h1c, h2c
 
 
 @_memory_mlp_fwd.register_fake
 def _(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, save):
     B, T, H, d = q.shape
-    E = w_in.shape[2]
-    NT = (T + chunk_size - 1) // chunk_size
-    f32 = dict(dtype=torch.float32)
-    return (q.new_empty(B, T, H, d), q.new_empty(B, H, E, d, **f32), q.new_empty(B, H, d, E, **f32),
-            q.new_empty(B, H, E, d, **f32), q.new_empty(B, H, d, E, **f32),
-            q.new_empty((B * H, NT, d, E) if save else (0,), **f32),
-            q.new_empty((B * H, NT, E, d) if save else (0,), **f32))
+    E, NT = w_in.shape[2], (T + chunk_size - 1) // chunk_size
+    outs, _ = _state_buffers(B, H, d, E, NT, 4, False, "meta")
+    _, chunks = _state_buffers(B, H, d, E, NT, 2, save, "meta")
+    return (q.new_empty(B, T, H, d), *(q.new_empty(t.shape, dtype=torch.float32) for t in outs + chunks))
 
 
 @torch.library.custom_op("nested_learning::memory_mlp_delta_bwd", mutates_args=())
@@ -380,19 +575,15 @@ def _memory_mlp_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v, alpha, lr, grad_y, grad_win, grad_wout, grad_win_start, grad_wout_start = _contiguous(
         q, k, v, alpha, lr, grad_y, grad_win, grad_wout, grad_win_start, grad_wout_start)
-    B, T, H, d = q.shape
     E = h1c.shape[-1]
-    BT, BD, BE = _tiles(d, E, chunk_size)
-    NT = triton.cdiv(T, chunk_size)
-    f32 = dict(device=q.device, dtype=torch.float32)
+    B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dalpha, dlr = torch.empty_like(alpha), torch.empty_like(lr)
-    dwin, dwout = torch.empty(B, H, E, d, **f32), torch.empty(B, H, d, E, **f32)
+    (dwin, dwout), _ = _state_buffers(B, H, d, E, NT, 2, False, q.device)
     _mlp_mem_bwd_kernel[(B * H,)](q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout,
                                   grad_win_start, grad_wout_start, dq, dk, dv, dalpha, dlr,
-                                  dwin, dwout, T, H, d, E, chunk_size, NT, DGD=dgd,
-                                  ACT=ACT_IDS[activation], BT=BT, BD=BD, BE=BE,
-                                  PREC=dot_precision(q.dtype), num_warps=CHUNK_WARPS)
+                                  dwin, dwout, T, H, d, E, chunk_size, NT, DGD=dgd, **consts,
+                                  num_warps=CHUNK_WARPS)
     return dq, dk, dv, dalpha, dlr, dwin, dwout
 
 
@@ -413,20 +604,27 @@ def _memory_mlp_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[5], output[6])
 
 
+def _state_grads(grads, q, E):
+    """Zeros for the unused state outputs' gradients (alternating W_in-like / W_out-like)."""
+    B, _, H, d = q.shape
+    return [_grad_or_zeros(g, (B, H, E, d) if i % 2 == 0 else (B, H, d, E), q)
+            for i, g in enumerate(grads)]
+
+
+def _no_saved_states(h1c, caller):
+    if h1c.dim() != 4:
+        raise RuntimeError(f"{caller}: backward through a forward run without grad tracking "
+                           f"(no chunk-start states were saved)")
+
+
 def _memory_mlp_backward(ctx, grad_y, grad_win, grad_wout, grad_win_start, grad_wout_start,
                          _grad_h1c, _grad_h2c):
     q, k, v, alpha, lr, h1c, h2c = ctx.saved_tensors
-    if h1c.dim() != 4:
-        raise RuntimeError("fused_mlp_memory_delta: backward through a forward run without "
-                           "grad tracking (no chunk-start states were saved)")
-    B, T, H, d = q.shape
-    E = h1c.shape[-1]
-    grad_y = _grad_or_zeros(grad_y, (B, T, H, d), q, q.dtype)
-    grad_win, grad_win_start = (_grad_or_zeros(g, (B, H, E, d), q) for g in (grad_win, grad_win_start))
-    grad_wout, grad_wout_start = (_grad_or_zeros(g, (B, H, d, E), q) for g in (grad_wout, grad_wout_start))
+    _no_saved_states(h1c, "fused_mlp_memory_delta")
+    grad_y = _grad_or_zeros(grad_y, q.shape, q, q.dtype)
+    states = _state_grads((grad_win, grad_wout, grad_win_start, grad_wout_start), q, h1c.shape[-1])
     dq, dk, dv, dalpha, dlr, dwin, dwout = torch.ops.nested_learning.memory_mlp_delta_bwd(
-        q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout, grad_win_start,
-        grad_wout_start, *ctx.args)
+        q, k, v, alpha, lr, h1c, h2c, grad_y, *states, *ctx.args)
     return (dq, dk, dv, dalpha, dlr, dwin.to(ctx.state_dtypes[0]), dwout.to(ctx.state_dtypes[1]),
             None, None, None, None)
 
@@ -441,9 +639,114 @@ def fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd=True
     chunk_size tokens; lr is the raw inner learning rate (DGD's eta' is formed per layer
     inside). Returns (y [B,T,H,d] in q's dtype, (W_in, W_out) after the last token,
     (W_in, W_out) at the start of the last chunk), fp32, laid out like memory.py's weights."""
-    _check_inputs({"q": q, "k": k, "v": v, "alpha": alpha, "lr": lr}, w_in, w_out, chunk_size,
-                  activation)
+    _check_inputs({"q": q, "k": k, "v": v, "alpha": alpha, "lr": lr},
+                  {"w_in": w_in, "w_out": w_out}, chunk_size, activation, "fused_mlp_memory_delta")
     save = _needs_grad(q, k, v, alpha, lr, w_in, w_out)
     y, win_T, wout_T, win_B, wout_B, _, _ = torch.ops.nested_learning.memory_mlp_delta_fwd(
         q, k, v, alpha, lr, w_in, w_out, chunk_size, bool(dgd), activation, save)
     return y, (win_T, wout_T), (win_B, wout_B)
+
+
+# momentum -------------------------------------------------------------------------------
+
+@torch.library.custom_op("nested_learning::memory_mlp_momentum_fwd", mutates_args=())
+def _memory_mlp_momentum_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
+                             lr: Tensor, w_in: Tensor, w_out: Tensor, z_in: Tensor, z_out: Tensor,
+                             chunk_size: int, activation: str, save: bool
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                        Tensor, Tensor, Tensor, Tensor]:
+    q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out = _contiguous(
+        q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out)
+    E = w_in.shape[2]
+    B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation)
+    y = torch.empty(B, T, H, d, device=q.device, dtype=q.dtype)
+    outs, _ = _state_buffers(B, H, d, E, NT, 6, False, q.device)
+    _, chunks = _state_buffers(B, H, d, E, NT, 4, save, q.device)
+    win_T, wout_T, zin_T, zout_T, win_B, wout_B = outs
+    h1c, h2c, z1c, z2c = chunks
+    _mlp_mem_momentum_fwd_kernel[(B * H,)](
+        q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, y, h1c, h2c, z1c, z2c, win_T,
+        wout_T, zin_T, zout_T, win_B, wout_B, T, H, d, E, chunk_size, NT, SAVE=save, **consts,
+        num_warps=CHUNK_WARPS)
+    return (y, *outs, *chunks)
+
+
+@_memory_mlp_momentum_fwd.register_fake
+def _(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation, save):
+    B, T, H, d = q.shape
+    E, NT = w_in.shape[2], (T + chunk_size - 1) // chunk_size
+    outs, _ = _state_buffers(B, H, d, E, NT, 6, False, "meta")
+    _, chunks = _state_buffers(B, H, d, E, NT, 4, save, "meta")
+    return (q.new_empty(B, T, H, d), *(q.new_empty(t.shape, dtype=torch.float32) for t in outs + chunks))
+
+
+@torch.library.custom_op("nested_learning::memory_mlp_momentum_bwd", mutates_args=())
+def _memory_mlp_momentum_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
+                             lr: Tensor, h1c: Tensor, h2c: Tensor, z1c: Tensor, z2c: Tensor,
+                             grad_y: Tensor, grad_win: Tensor, grad_wout: Tensor,
+                             grad_zin: Tensor, grad_zout: Tensor, grad_win_start: Tensor,
+                             grad_wout_start: Tensor, chunk_size: int, activation: str
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                        Tensor, Tensor, Tensor]:
+    (q, k, v, alpha, beta, lr, grad_y, grad_win, grad_wout, grad_zin, grad_zout, grad_win_start,
+     grad_wout_start) = _contiguous(q, k, v, alpha, beta, lr, grad_y, grad_win, grad_wout,
+                                    grad_zin, grad_zout, grad_win_start, grad_wout_start)
+    E = h1c.shape[-1]
+    B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dalpha, dbeta, dlr = torch.empty_like(alpha), torch.empty_like(beta), torch.empty_like(lr)
+    (dwin, dwout, dzin, dzout), _ = _state_buffers(B, H, d, E, NT, 4, False, q.device)
+    _mlp_mem_momentum_bwd_kernel[(B * H,)](
+        q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c, grad_y, grad_win, grad_wout, grad_zin,
+        grad_zout, grad_win_start, grad_wout_start, dq, dk, dv, dalpha, dbeta, dlr, dwin, dwout,
+        dzin, dzout, T, H, d, E, chunk_size, NT, **consts, num_warps=CHUNK_WARPS)
+    return dq, dk, dv, dalpha, dbeta, dlr, dwin, dwout, dzin, dzout
+
+
+@_memory_mlp_momentum_bwd.register_fake
+def _(q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c, grad_y, grad_win, grad_wout, grad_zin,
+      grad_zout, grad_win_start, grad_wout_start, chunk_size, activation):
+    f32 = dict(dtype=torch.float32)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(alpha), torch.empty_like(beta), torch.empty_like(lr),
+            torch.empty_like(grad_win, **f32), torch.empty_like(grad_wout, **f32),
+            torch.empty_like(grad_zin, **f32), torch.empty_like(grad_zout, **f32))
+
+
+def _memory_mlp_momentum_setup_context(ctx, inputs, output):
+    q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation, save = inputs
+    ctx.save_for_backward(q, k, v, alpha, beta, lr, *output[7:])
+    ctx.args = (chunk_size, activation)
+    ctx.state_dtypes = (w_in.dtype, w_out.dtype, z_in.dtype, z_out.dtype)
+    ctx.mark_non_differentiable(*output[7:])
+
+
+def _memory_mlp_momentum_backward(ctx, grad_y, grad_win, grad_wout, grad_zin, grad_zout,
+                                  grad_win_start, grad_wout_start, *_grad_chunks):
+    q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c = ctx.saved_tensors
+    _no_saved_states(h1c, "fused_mlp_memory_momentum")
+    grad_y = _grad_or_zeros(grad_y, q.shape, q, q.dtype)
+    states = _state_grads((grad_win, grad_wout, grad_zin, grad_zout, grad_win_start,
+                           grad_wout_start), q, h1c.shape[-1])
+    grads = torch.ops.nested_learning.memory_mlp_momentum_bwd(
+        q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c, grad_y, *states, *ctx.args)
+    return (*grads[:6], *(g.to(t) for g, t in zip(grads[6:], ctx.state_dtypes)), None, None, None)
+
+
+_memory_mlp_momentum_fwd.register_autograd(_memory_mlp_momentum_backward,
+                                           setup_context=_memory_mlp_momentum_setup_context)
+
+
+def fused_mlp_memory_momentum(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size,
+                              activation="silu"):
+    """A residual MLP memory layer with Titans' momentum transition (Eq. 13-14) per layer:
+        Z_t = beta_t Z_{t-1} - lr_t g_t a_t^T ;  W_t = alpha_t W_{t-1} + Z_t
+    (g_t, a_t: the layer's closed-form inner gradient at W_B and its input). Returns
+    (y, (W_in, W_out) at T, (Z_in, Z_out) at T, (W_in, W_out) at the last chunk's start)."""
+    _check_inputs({"q": q, "k": k, "v": v, "alpha": alpha, "beta": beta, "lr": lr},
+                  {"w_in": w_in, "w_out": w_out, "z_in": z_in, "z_out": z_out}, chunk_size,
+                  activation, "fused_mlp_memory_momentum")
+    save = _needs_grad(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out)
+    y, win_T, wout_T, zin_T, zout_T, win_B, wout_B, *_ = torch.ops.nested_learning.memory_mlp_momentum_fwd(
+        q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation, save)
+    return y, (win_T, wout_T), (zin_T, zout_T), (win_B, wout_B)

@@ -37,8 +37,11 @@ def make_memory(rule, H, d, expansion, C, activation="silu", seed=0, **options):
 
 
 def outputs_of(y, state):
-    return {"y": y, "w_in": state["weights"][0], "w_out": state["weights"][1],
+    outs = {"y": y, "w_in": state["weights"][0], "w_out": state["weights"][1],
             "w_in_start": state["chunk_start"][0], "w_out_start": state["chunk_start"][1]}
+    if state["momenta"] is not None:
+        outs.update(z_in=state["momenta"][0], z_out=state["momenta"][1])
+    return outs
 
 
 def compare_with_torch_path(rule, B, T, H, d, expansion, C, activation="silu", segments=None):
@@ -66,6 +69,7 @@ def compare_with_torch_path(rule, B, T, H, d, expansion, C, activation="silu", s
     names = list(ref_leaves) + ["init_w_in", "init_w_out"]
     errors.update({"d" + n: err(t, r) for n, t, r in zip(names, tri_grads, ref_grads)})
     assert set(errors) >= {"dq", "dk", "dv", "dlr", "dalpha", "dinit_w_in", "dinit_w_out"}
+    assert rule != "momentum" or {"dbeta", "z_in", "z_out"} <= set(errors)
     return errors
 
 
@@ -83,39 +87,38 @@ def test_fused_mlp_layer_matches_torch_path(rule, case):
 
 
 @needs_kernels
-def test_segments_mid_chunk_match_one_call():
+@pytest.mark.parametrize("rule", ("dgd", "momentum"))
+def test_segments_mid_chunk_match_one_call(rule):
     """Segments ending mid-chunk: the next call finishes the chunk on the torch path from the
-    kernel's returned chunk-start weights, whose gradients carry across the calls."""
-    assert_close(compare_with_torch_path("dgd", 1, 19, 1, 8, 2, 4, segments=[6, 7, 6]), 2e-5,
-                 "dgd segments")
+    kernel's returned chunk-start weights (and momenta), whose gradients carry across calls."""
+    assert_close(compare_with_torch_path(rule, 1, 19, 1, 8, 2, 4, segments=[6, 7, 6]), 2e-5,
+                 f"{rule} segments")
 
 
 @needs_kernels
 def test_dispatch_uses_the_fused_kernel_only_where_it_applies(monkeypatch):
     calls = []
-    real = triton_mlp_memory.fused_mlp_memory_delta
-    monkeypatch.setattr(triton_mlp_memory, "fused_mlp_memory_delta",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for name in ("fused_mlp_memory_delta", "fused_mlp_memory_momentum"):
+        real = getattr(triton_mlp_memory, name)
+        monkeypatch.setattr(triton_mlp_memory, name,
+                            lambda *a, real=real, **kw: calls.append(1) or real(*a, **kw))
     inputs = make_inputs("momentum", 1, 5, 1, 8)
     args = [inputs[n] for n in ("q", "k", "v", "lr", "alpha")]
     for rule in triton_mlp_memory.FUSED_RULES:
-        make_memory(rule, 1, 8, 2, 4)(*args)
-    assert len(calls) == 2
+        make_memory(rule, 1, 8, 2, 4)(*args, inputs["beta"] if rule == "momentum" else None)
+    assert len(calls) == 3
     for changes in (dict(backend="torch"), dict(max_grad_norm=1.0), dict(detach_chunks_older_than=1),
                     dict(chunk_size=65)):
         options = {**dict(depth=2, expansion=2, chunk_size=4, update_rule="dgd", backend="triton"),
                    **changes}
         NeuralMemory(1, 8, **options).to(DEVICE)(*args)
-        assert len(calls) == 2, f"fused MLP kernel used with {changes}"
-    NeuralMemory(1, 8, depth=2, chunk_size=4, update_rule="momentum", backend="triton").to(DEVICE)(
-        *args, inputs["beta"])
-    assert len(calls) == 2, "fused MLP kernel used for the momentum rule"
+        assert len(calls) == 3, f"fused MLP kernel used with {changes}"
     # E = 256 > 128 (not run: the per-chunk Triton scans hold at most 128 either)
     assert not NeuralMemory(1, 8, depth=2, expansion=32, update_rule="dgd",
                             backend="triton")._use_fused_kernel(args[0], ())
     if not CUDA:   # "auto" keeps the CPU on the torch path
         NeuralMemory(1, 8, depth=2, chunk_size=4, update_rule="dgd")(*args)
-        assert len(calls) == 2
+        assert len(calls) == 3
 
 
 def test_fusable_mlp_limits():
@@ -124,7 +127,8 @@ def test_fusable_mlp_limits():
     assert not triton_mlp_memory.fusable_mlp(128, 1, 16, "dgd")        # d > 64
     assert not triton_mlp_memory.fusable_mlp(64, 4, 16, "dgd")         # E > 128
     assert not triton_mlp_memory.fusable_mlp(64, 2, 65, "dgd")         # C > 64
-    assert not triton_mlp_memory.fusable_mlp(64, 2, 16, "momentum")
+    assert triton_mlp_memory.fusable_mlp(64, 2, 16, "momentum")
+    assert not triton_mlp_memory.fusable_mlp(64, 2, 16, "sgd")
 
 
 def _kernel_args(B=1, T=5, H=1, d=8, E=16, seed=0):
@@ -149,11 +153,18 @@ def test_no_grad_forward_matches_and_saves_no_chunk_states():
 
 
 @needs_kernels
-def test_custom_op_passes_opcheck():
+@pytest.mark.parametrize("op", ("delta", "momentum"))
+def test_custom_ops_pass_opcheck(op):
     """Schema, fake implementation, autograd registration: what torch.compile relies on."""
-    args = [t.requires_grad_() for t in _kernel_args(T=5)]
-    torch.library.opcheck(torch.ops.nested_learning.memory_mlp_delta_fwd.default,
-                          (*args, 4, True, "gelu", True))
+    q, k, v, alpha, lr, w_in, w_out = _kernel_args(T=5)
+    if op == "delta":
+        args, options = [q, k, v, alpha, lr, w_in, w_out], (4, True, "gelu", True)
+    else:
+        beta = torch.rand(alpha.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        args = [q, k, v, alpha, beta, lr, w_in, w_out, 0.1 * w_in.flip(2), 0.1 * w_out.flip(3)]
+        options = (4, "silu", True)
+    custom_op = getattr(torch.ops.nested_learning, f"memory_mlp_{op}_fwd").default
+    torch.library.opcheck(custom_op, (*[t.clone().requires_grad_() for t in args], *options))
 
 
 @pytest.mark.parametrize("index, value, message", [
@@ -197,7 +208,8 @@ def test_empty_sequence_raises():
 @needs_cuda
 @pytest.mark.parametrize("rule", triton_mlp_memory.FUSED_RULES)
 def test_cuda_realistic_size_matches_torch_path(rule):
-    """B=2, T=1000 (not a multiple of C), H=4, d=64, E=128, C=64: HOPE's operating point."""
+    """B=2, T=1000 (not a multiple of C), H=4, d=64, E=128, C=64: the HOPE / Titans
+    operating point."""
     assert_close(compare_with_torch_path(rule, 2, 1000, 4, 64, 2, 64), 1e-4, rule)
 
 
