@@ -31,8 +31,8 @@ U~', Delta and U from them chunk by chunk.
 Gradients flow to every input (queries, keys, targets, gates, initial weights and momenta)
 and from every output. chunk_size C <= 64 (a chunk is one [BT, BT] tile, BT = max(16,
 next_pow2(C)); the rows past C are no-op padding); head dim <= 128. Outputs: y in q's dtype,
-states fp32 (C <= 32 when d > 64, see max_chunk). The 2-layer MLP memory with DGD / GD is
-fused in triton_mlp_memory.py (its momentum rule is not fused yet); the CMS fast levels are not.
+states fp32 (C <= 32 when d > 64, see max_chunk). The 2-layer MLP memory is fused in
+triton_mlp_memory.py, the CMS fast levels in triton_cms.py.
 """
 import os
 from typing import Optional
