@@ -42,6 +42,10 @@ the dG of piece 0; to the initial weights, dtheta after piece 0.
     fused_fast_level(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, lr, activation)
         -> (y, w_in, w_out, grad_in, grad_out, pos)     (cms.fast_level_scan's contract)
 
+Parallelism is B programs (a fast level has no heads): the piece loop is sequential and E
+needs Y summed over all of hidden, so hidden blocks stay in one program. Small batches leave
+most of a GPU idle; the gain over the torch scan is the ~15 launches per chunk it saves.
+
 fp32 only (the state is fp32; callers cast), exact fp32 products ("ieee"). D <= 128,
 hidden <= 4096, C <= 64 (C <= 32 when D > 64): a piece is one [BT, BD] tile of rows.
 """
