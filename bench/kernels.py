@@ -23,6 +23,8 @@ stays bounded; fla's error column checks the mapping.
 Part 2, the memory layer (memory.NeuralMemory, linear, C=64; 32 at d=128, the fused limit): backend "torch" (per-chunk
 PyTorch, the CPU path) vs "triton" (one fused kernel, kernels/triton_memory.py), for the DGD
 and momentum rules, fp32 state; error of y and the final weights vs the float64 torch path.
+Rows memory/mlp/*: the same for the 2-layer MLP memory (E = 2d, kernels/triton_mlp_memory.py),
+only at d <= 64 (the fused MLP kernel's limit; d = 128 would time the torch path alone).
 
 Part 3, a CMS fast level (cms.fast_level_scan, NL Eq. 71; op cms/fast_level/C16): the torch
 per-chunk scan vs the fused Triton level (kernels/triton_cms.py), hidden = 4 d, fp32, lr 1e-3,
@@ -169,45 +171,57 @@ def bench_scans(args, device, dtype, fla_fn, rows):
 
 
 def bench_memory_layer(args, device, rows):
-    """NeuralMemory linear, chunk C: backend torch (per-chunk scans) vs triton (fused layer)."""
-    for rule in ("dgd", "momentum"):
-        for d in args.d:
-            for T in args.T:
-                torch.manual_seed(0)
-                B, H = args.B, args.H
-                g = torch.Generator().manual_seed(1)
-                x = {"q": F.normalize(torch.randn(B, T, H, d, generator=g), dim=-1),
-                     "k": F.normalize(torch.randn(B, T, H, d, generator=g), dim=-1),
-                     "v": torch.randn(B, T, H, d, generator=g),
-                     "lr": 0.5 * torch.rand(B, T, H, generator=g),
-                     "alpha": 0.8 + 0.2 * torch.rand(B, T, H, generator=g)}
-                if rule == "momentum":
-                    x["beta"] = 0.8 + 0.2 * torch.rand(B, T, H, generator=g)
-                x = {n: t.to(device) for n, t in x.items()}
-                from kernels.triton_memory import max_chunk
-                C = min(args.mem_chunk, max_chunk(d))      # the fused kernel's limit at this d
-                mem = NeuralMemory(H, d, depth=1, chunk_size=C, update_rule=rule).to(device)
-                oracle = NeuralMemory(H, d, depth=1, chunk_size=C, update_rule=rule,
-                                      backend="torch").to(device).double()
-                oracle.load_state_dict(mem.state_dict())
-                with torch.no_grad():
-                    y64, s64 = oracle(**{n: t.double() for n, t in x.items()})
-                for impl in ("torch", "triton"):
-                    mem.backend = impl
+    """NeuralMemory, chunk C: backend torch (per-chunk scans) vs triton (fused layer), for the
+    linear memory (kernels/triton_memory.py) and the 2-layer MLP memory with E = 2d
+    (kernels/triton_mlp_memory.py; only at the d its fused kernel takes, d <= 64)."""
+    from kernels.triton_memory import max_chunk
+    from kernels.triton_mlp_memory import MAX_MLP_CHUNK, fusable_mlp
+    for depth, kind in ((1, ""), (2, "mlp/")):
+        for rule in ("dgd", "momentum"):
+            for d in args.d:
+                C = min(args.mem_chunk, max_chunk(d) if depth == 1 else MAX_MLP_CHUNK)
+                if depth == 2 and not fusable_mlp(d, 2, C, rule):
+                    continue
+                for T in args.T:
+                    bench_memory_case(args, device, rows, depth, kind, rule, d, T, C)
 
-                    def layer(**kw):
-                        y, state = mem(**kw)
-                        return y, state["weights"][0]
-                    for backward in (False, True):
-                        try:
-                            sec, outs, _, _ = measure(layer, x, backward, device, args.repeats)
-                            err, note = relative_error(outs, [y64, s64["weights"][0]]), ""
-                        except Exception as e:
-                            sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
-                        rows.append(dict(part="memory", op=f"memory/{rule}/C{C}", impl=impl,
-                                         pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=H, d=d,
-                                         ms=sec * 1e3, rel_err=err, note=note))
-                        print_row(rows[-1])
+
+def bench_memory_case(args, device, rows, depth, kind, rule, d, T, C):
+    """One memory-layer shape: fwd and fwd+bwd of both backends; error of y and the final
+    weights vs the float64 torch path."""
+    torch.manual_seed(0)
+    B, H = args.B, args.H
+    g = torch.Generator().manual_seed(1)
+    x = {"q": F.normalize(torch.randn(B, T, H, d, generator=g), dim=-1),
+         "k": F.normalize(torch.randn(B, T, H, d, generator=g), dim=-1),
+         "v": torch.randn(B, T, H, d, generator=g),
+         "lr": 0.5 * torch.rand(B, T, H, generator=g),
+         "alpha": 0.8 + 0.2 * torch.rand(B, T, H, generator=g)}
+    if rule == "momentum":
+        x["beta"] = 0.8 + 0.2 * torch.rand(B, T, H, generator=g)
+    x = {n: t.to(device) for n, t in x.items()}
+    options = dict(depth=depth, expansion=2, chunk_size=C, update_rule=rule)
+    mem = NeuralMemory(H, d, **options).to(device)
+    oracle = NeuralMemory(H, d, backend="torch", **options).to(device).double()
+    oracle.load_state_dict(mem.state_dict())
+    with torch.no_grad():
+        y64, s64 = oracle(**{n: t.double() for n, t in x.items()})
+    for impl in ("torch", "triton"):
+        mem.backend = impl
+
+        def layer(**kw):
+            y, state = mem(**kw)
+            return (y, *state["weights"])
+        for backward in (False, True):
+            try:
+                sec, outs, _, _ = measure(layer, x, backward, device, args.repeats)
+                err, note = relative_error(outs, [y64, *s64["weights"]]), ""
+            except Exception as e:
+                sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
+            rows.append(dict(part="memory", op=f"memory/{kind}{rule}/C{C}", impl=impl,
+                             pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=H, d=d,
+                             ms=sec * 1e3, rel_err=err, note=note))
+            print_row(rows[-1])
 
 
 def bench_cms_level(args, device, rows):
@@ -242,11 +256,11 @@ def bench_cms_level(args, device, rows):
                     print_row(rows[-1])
 
 
-HEADER = f"{'op':<21}{'impl':<10}{'pass':<9}{'B':>3}{'T':>6}{'H':>4}{'d':>5}{'ms':>11}{'rel err':>10}  note"
+HEADER = f"{'op':<25}{'impl':<10}{'pass':<9}{'B':>3}{'T':>6}{'H':>4}{'d':>5}{'ms':>11}{'rel err':>10}  note"
 
 
 def print_row(r):
-    print(f"{r['op']:<21}{r['impl']:<10}{r['pass_']:<9}{r['B']:>3}{r['T']:>6}{r['H']:>4}{r['d']:>5}"
+    print(f"{r['op']:<25}{r['impl']:<10}{r['pass_']:<9}{r['B']:>3}{r['T']:>6}{r['H']:>4}{r['d']:>5}"
           f"{r['ms']:>11.3f}{r['rel_err']:>10.1e}  {r['note']}", flush=True)
 
 
@@ -260,7 +274,7 @@ def print_speedups(rows):
     for (op, T, d, p), t in by.items():
         if "triton" in t and t["triton"] == t["triton"]:
             parts = [f"vs {o} {t[o] / t['triton']:.2f}x" for o in ("torch", "fla", "reference") if o in t]
-            print(f"  {op:<21}T={T:<6}d={d:<4}{p:<8} " + ", ".join(parts))
+            print(f"  {op:<25}T={T:<6}d={d:<4}{p:<8} " + ", ".join(parts))
 
 
 def main(argv=None):
