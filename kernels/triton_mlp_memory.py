@@ -312,8 +312,6 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
     bh64 = i_bh.to(tl.int64)
     dh1 = _load_state(dwinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
     dh2 = _load_state(dwoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
-    dh1_start = _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
-    dh2_start = _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         t0 = i_t * C
@@ -338,9 +336,9 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
         dk, dv, dlr, dh1, dh2 = _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2,
                                                  lw1, lw2, h1, h2, du1, du2, deta1, deta2, dk,
                                                  dhh, dh1, dh2, DGD, PREC)
-        first = tl.where(i_r == 0, 1.0, 0.0)        # the returned W_B is the last chunk's start
-        dh1 += first * dh1_start
-        dh2 += first * dh2_start
+        if i_r == 0:      # the returned W_B is the last chunk's start (loaded here: registers)
+            dh1 += _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
+            dh2 += _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
         _store_rows(dq_ptr, g_base * D, t0, end, H * D, 0, D, dy + dq1, BT, BD)
         _store_rows(dk_ptr, g_base * D, t0, end, H * D, 0, D, dk, BT, BD)
         _store_rows(dv_ptr, g_base * D, t0, end, H * D, 0, D, dv, BT, BD)
@@ -418,8 +416,6 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
     dh2 = _load_state(dwoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
     dz1 = _load_state(dzinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
     dz2 = _load_state(dzoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
-    dh1_start = _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
-    dh2_start = _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         t0 = i_t * C
@@ -448,9 +444,9 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
         dk, dv, dlr, dh1, dh2 = _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2,
                                                  lw1, lw2, h1, h2, du1, du2, eta1, eta2, dk,
                                                  dhh, dh1, dh2, False, PREC)   # (no deta: GD rates)
-        first = tl.where(i_r == 0, 1.0, 0.0)        # the returned W_B is the last chunk's start
-        dh1 += first * dh1_start
-        dh2 += first * dh2_start
+        if i_r == 0:      # the returned W_B is the last chunk's start (loaded here: registers)
+            dh1 += _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
+            dh2 += _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
         _store_rows(dq_ptr, g_base * D, t0, end, H * D, 0, D, dy + dq1, BT, BD)
         _store_rows(dk_ptr, g_base * D, t0, end, H * D, 0, D, dk, BT, BD)
         _store_rows(dv_ptr, g_base * D, t0, end, H * D, 0, D, dv, BT, BD)
