@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, HopeConfig, ModelConfig, load_config
+from helpers import assert_cached_generation_matches, assert_streaming_matches, train_recall_accuracy
 from hope import SelfModifyingTitans
 from model import build_model
 
@@ -202,19 +203,8 @@ def tiny_model(arch="hope", seed=0, **hope):
 def test_model_streaming_and_generation(arch):
     m = tiny_model(arch)
     idx = torch.randint(0, 53, (2, 19), generator=torch.Generator().manual_seed(5))
-    full = m(idx)[0]
-    state, parts = None, []
-    for lo, hi in [(0, 7), (7, 8), (8, 13), (13, 19)]:
-        logits, _, state = m(idx[:, lo:hi], state=state)
-        parts.append(logits)
-    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
-    # token-by-token generation with the carried state == greedy re-running the full prefix
-    prompt = idx[:, :6]
-    out = m.generate(prompt, 9, temperature=0)
-    seq = prompt
-    for _ in range(9):
-        seq = torch.cat([seq, m(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, seq)
+    assert_streaming_matches(m, idx, [(0, 7), (7, 8), (8, 13), (13, 19)], 1e-5)
+    assert_cached_generation_matches(m, idx[:, :6], 9)
 
 
 def test_causality():
@@ -361,20 +351,7 @@ def train_recall(inner_lr_fixed, steps=250, seed=0):
     cfg = {"arch": "hope", "vocab_size": VALUE0 + N_VALUES, "n_layer": 1, "n_head": 1, "d_model": 64,
            "hope": {"chunk_other": 8, "chunk_mem": 8, "inner_lr_fixed": inner_lr_fixed},
            "cms": {"chunk_sizes": [4, None], "inner_lr": 1e-3 if inner_lr_fixed is None else inner_lr_fixed}}
-    m = build_model(cfg)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        loss = m(*recall_batch(32, gen))[1]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-    idx, labels = recall_batch(512, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        pred = m(idx)[0].argmax(-1)
-    asked = labels >= 0
-    return (pred[asked] == labels[asked]).float().mean().item()
+    return train_recall_accuracy(build_model(cfg), recall_batch, steps, batch_size=32, eval_size=512, seed=seed)
 
 
 def test_in_context_recall_needs_the_inner_learning():

@@ -10,16 +10,6 @@ from memory import NeuralMemory, chunk_pieces
 B, H, D = 2, 2, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The memory layer runs many tiny ops; a second intra-op thread only adds
-    synchronisation (and stalls badly on a loaded machine: 2 threads were 5-25x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def apply_memory(weights, x, act):
     """M(x) for per-sequence weights [B, H, out, in] and x [B, H, d] (DESIGN §3.3)."""
     if len(weights) == 1:

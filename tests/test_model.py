@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from helpers import assert_cached_generation_matches, assert_streaming_matches
 from model import build_model
 
 ARCHS = ["transformer", "hope", "hope_attention"]
@@ -37,27 +38,13 @@ def test_causality(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_streaming_segments_equal_one_call(arch):
-    m = tiny(arch)
-    idx = torch.randint(0, 61, (2, 32))
-    full = m(idx)[0]
-    state, parts = None, []
-    for lo, hi in [(0, 16), (16, 24), (24, 32)]:
-        logits, _, state = m(idx[:, lo:hi], state=state)
-        parts.append(logits)
-    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
+    assert_streaming_matches(tiny(arch), torch.randint(0, 61, (2, 32)), [(0, 16), (16, 24), (24, 32)], 1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cached_generation_equals_full_forward(arch):
     """Greedy generation with the carried state == greedy decoding by re-running the full prefix."""
-    m = tiny(arch)
-    prompt = torch.randint(0, 61, (2, 9))
-    out = m.generate(prompt, 8, temperature=0)
-    seq = prompt
-    for _ in range(8):
-        nxt = m(seq)[0][:, -1].argmax(-1, keepdim=True)
-        seq = torch.cat([seq, nxt], 1)
-    assert torch.equal(out, seq)
+    assert_cached_generation_matches(tiny(arch), torch.randint(0, 61, (2, 9)), 8)
 
 
 def test_tied_embeddings_and_counts():

@@ -7,21 +7,12 @@ import pytest
 import torch
 
 from config import ConfigError, load_config
+from helpers import assert_cached_generation_matches, assert_streaming_matches, train_recall_accuracy
 from model import build_model
 
 VARIANTS = ["lmm", "mac", "mag", "mal"]
 V = 61
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The memory layer runs many tiny ops; a second intra-op thread only adds
-    synchronisation (and stalls badly on a loaded machine: 2 threads were 5-25x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(variant, n_layer=2, **titans):
@@ -47,28 +38,13 @@ def test_shapes_loss_and_every_parameter_gets_gradient(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_streaming_segments_equal_one_call(variant):
     """Segments of 5, 1, 11, 6 tokens (not multiples of chunk 4 / segment 8) == one call."""
-    m = tiny(variant)
-    idx = torch.randint(0, V, (2, 23))
-    with torch.no_grad():
-        full = m(idx)[0]
-        state, parts = None, []
-        for lo, hi in [(0, 5), (5, 6), (6, 17), (17, 23)]:
-            logits, _, state = m(idx[:, lo:hi], state=state)
-            parts.append(logits)
-    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+    assert_streaming_matches(tiny(variant), torch.randint(0, V, (2, 23)), [(0, 5), (5, 6), (6, 17), (17, 23)], 1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_token_by_token_generation_equals_full_forward(variant):
     """Greedy generation with the carried state == greedy decoding re-running the prefix."""
-    m = tiny(variant)
-    prompt = torch.randint(0, V, (2, 7))
-    out = m.generate(prompt, 11, temperature=0)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(11):
-            seq = torch.cat([seq, m(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, seq)
+    assert_cached_generation_matches(tiny(variant), torch.randint(0, V, (2, 7)), 11)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -196,19 +172,7 @@ def train_recall(inner_lr_fixed, steps=200):
     m = build_model({"arch": "titans", "vocab_size": N_KEYS + N_VALUES, "n_layer": 1, "n_head": 1,
                      "d_model": 64, "titans": {"variant": "lmm", "memory_depth": 1, "chunk_size": 8,
                                                "inner_lr_fixed": inner_lr_fixed}})
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        loss = m(*recall_batch(64, gen))[1]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-    idx, targets = recall_batch(256, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        pred = m(idx)[0].argmax(-1)
-    answered = targets >= 0
-    return (pred[answered] == targets[answered]).float().mean().item()
+    return train_recall_accuracy(m, recall_batch, steps, batch_size=64, eval_size=256)
 
 
 def test_associative_recall_needs_the_inner_learning_rate():

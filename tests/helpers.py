@@ -1,0 +1,130 @@
+"""Shared test code: small harnesses that several test files run the same way.
+
+    needs_data                      skip mark: the offline data folder is not here
+    triton_kernels_or_skip()          the Triton preamble: interpreter without a GPU, skip without triton
+    prepare_shakespeare(root, ...)    a prepared byte-level dataset of tiny-shakespeare documents
+    save_tiny_checkpoint(path)        an untrained 1-layer byte Transformer checkpoint for the eval CLIs
+    RiggedByteModel(text)             a stateless byte "model" that always continues `text`
+    assert_streaming_matches(...)     segments with the state carried == one call
+    assert_cached_generation_matches  greedy generation with the state == re-running the prefix
+    train_recall_accuracy(...)        train a tiny model on an associative-recall task, return its accuracy
+
+Test files import it as `from helpers import ...` (tests/ is on sys.path, as for conftest).
+"""
+import os
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "austen")),
+                                  reason=f"offline data not at {SHARED_DATA}")
+
+
+def triton_kernels_or_skip():
+    """Call at the top of a Triton test module, before importing kernels.triton_*: without a
+    GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 must be set before triton
+    is first imported; tests/conftest.py does it, so does this), and the whole module is
+    skipped when triton is not installed. Returns the skip mark `needs_kernels` for the case
+    where triton was imported before TRITON_INTERPRET was set (no GPU and no interpreter)."""
+    if not CUDA:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from kernels import triton_delta
+    interpreted = type(triton_delta._delta_prep_kernel).__name__ == "InterpretedFunction"
+    return pytest.mark.skipif(not CUDA and not interpreted,
+                              reason="no GPU, and triton was imported before TRITON_INTERPRET=1 was set")
+
+
+def prepare_shakespeare(root, n_chars: int, n_docs: int) -> str:
+    """The first n_chars of tiny-shakespeare split at blank lines into at most n_docs documents
+    under `root` (a pathlib folder), prepared byte-level (10 % val) -> the prepared folder."""
+    from data.prepare import prepare
+    with open(os.path.join(SHARED_DATA, "shakespeare", "tinyshakespeare.txt")) as f:
+        text = f.read()[:n_chars]
+    for i, doc in enumerate(text.split("\n\n")[:n_docs]):
+        (root / f"doc{i:04d}.txt").write_text(doc)
+    out = str(root / "prepared")
+    prepare(f"files:{root}/*.txt", out, tokenizer="bytes", val_fraction=0.1, num_workers=1, quiet=True)
+    return out
+
+
+def save_tiny_checkpoint(out_dir) -> str:
+    """An untrained byte-level Transformer (d 32, 1 layer, context 256), seed 0, saved as a
+    training out_dir (out_dir/checkpoints/step 0) -> str(out_dir)."""
+    from checkpoint import save_checkpoint
+    from config import Config, DataConfig, ModelConfig, TrainConfig
+    from model import build_model
+    cfg = Config(model=ModelConfig(arch="transformer", vocab_size=257, d_model=32, n_layer=1, n_head=2),
+                 data=DataConfig(tokenizer="bytes"), train=TrainConfig(seq_len=256))
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    save_checkpoint(os.path.join(str(out_dir), "checkpoints"), 0, model, torch.optim.AdamW(model.parameters()),
+                    {"step": 0}, cfg)
+    return str(out_dir)
+
+
+class RiggedByteModel(torch.nn.Module):
+    """A stateless byte-level 'model' that continues `text` whatever came before: after a byte
+    of `text` it puts logit 10 on the byte that follows it there (0 elsewhere, 257 classes)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+        self.next_byte = {ord(a): ord(b) for a, b in zip(text, text[1:])}
+
+    def forward(self, idx, targets=None, state=None):
+        logits = torch.zeros(*idx.shape, 257)
+        for b in range(idx.shape[0]):
+            for t in range(idx.shape[1]):
+                nxt = self.next_byte.get(int(idx[b, t]))
+                if nxt is not None:
+                    logits[b, t, nxt] = 10.0
+        return logits, None, {"pos": (state or {"pos": 0})["pos"] + idx.shape[1]}
+
+
+def assert_streaming_matches(model, idx, bounds, tol: float):
+    """The logits of idx[:, lo:hi] for (lo, hi) in `bounds`, with the state carried from one
+    segment to the next, equal one call on the whole of idx (rtol = atol = tol)."""
+    with torch.no_grad():
+        full = model(idx)[0]
+        state, parts = None, []
+        for lo, hi in bounds:
+            logits, _, state = model(idx[:, lo:hi], state=state)
+            parts.append(logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=tol, atol=tol)
+
+
+def assert_cached_generation_matches(model, prompt, n_new: int):
+    """model.generate (greedy, the state carried token by token) == greedy decoding that
+    re-runs the full prefix for every new token."""
+    out = model.generate(prompt, n_new, temperature=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n_new):
+            seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
+def train_recall_accuracy(model, recall_batch, steps: int, batch_size: int, eval_size: int, seed: int = 0) -> float:
+    """Train `model` for `steps` AdamW steps (lr 3e-3, no weight decay, gradient clipping 1.0,
+    as train.py) on recall_batch(batch_size, generator seeded `seed`) -> (idx, labels with -1
+    where nothing is asked); then the argmax accuracy on the asked positions of
+    recall_batch(eval_size, generator seeded 1)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss = model(*recall_batch(batch_size, gen))[1]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    idx, labels = recall_batch(eval_size, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pred = model(idx)[0].argmax(-1)
+    asked = labels >= 0
+    return (pred[asked] == labels[asked]).float().mean().item()
