@@ -10,9 +10,7 @@ from conftest import SHARED_DATA
 from eval.babilong import (AUSTEN_BOOKS, PROMPT_RESERVE, build_babilong, compare_answers, evaluate, format_prompt,
                            length_tokenizer, length_tokens, load_babilong_hf, load_books, main, plot_heatmap,
                            split_sentences, training_example)
-
-needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "austen")),
-                                reason=f"offline data not at {SHARED_DATA}")
+from helpers import RiggedByteModel, needs_data, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -104,25 +102,6 @@ def test_official_prompt_template():
     assert full.endswith("</context>\n\nQuestion: Where is Mary?")
 
 
-class RiggedByteModel(torch.nn.Module):
-    """A stateless byte-level 'model' that always continues the text ': kitchen.'."""
-
-    def __init__(self, text=": kitchen."):
-        super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(1))
-        self.next_byte = {ord(a): ord(b) for a, b in zip(text, text[1:])}
-
-    def forward(self, idx, targets=None, state=None):
-        logits = torch.zeros(*idx.shape, 257)
-        for b in range(idx.shape[0]):
-            for t in range(idx.shape[1]):
-                nxt = self.next_byte.get(int(idx[b, t]))
-                if nxt is not None:
-                    logits[b, t, nxt] = 10.0
-        pos = (state or {"pos": 0})["pos"] + idx.shape[1]
-        return logits, None, {"pos": pos}
-
-
 def _samples():
     facts = ["Mary went to the kitchen.", "John moved to the office."]
     return [{"task": "qa1", "input": " ".join(facts), "question": "Where is Mary?", "target": "kitchen"},
@@ -131,7 +110,7 @@ def _samples():
 
 def test_both_scores_follow_a_rigged_model():
     from data.tokenizer import get_tokenizer
-    result = evaluate(RiggedByteModel(), get_tokenizer("bytes"), _samples(), streaming=True, segment_len=16)
+    result = evaluate(RiggedByteModel(": kitchen."), get_tokenizer("bytes"), _samples(), streaming=True, segment_len=16)
     first, second = result["records"]
     assert first["label_ranking_prediction"] == second["label_ranking_prediction"] == "kitchen"
     assert first["output"] == " kitchen."
@@ -205,17 +184,7 @@ def test_training_example_puts_loss_on_the_answer_only():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from checkpoint import save_checkpoint
-    from config import Config, DataConfig, ModelConfig, TrainConfig
-    cfg = Config(model=ModelConfig(arch="transformer", vocab_size=257, d_model=32, n_layer=1, n_head=2),
-                 data=DataConfig(tokenizer="bytes"), train=TrainConfig(seq_len=256))
-    from model import build_model
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters())
-    out = tmp_path_factory.mktemp("babilong_ckpt")
-    save_checkpoint(str(out / "checkpoints"), 0, model, optimizer, {"step": 0}, cfg)
-    return str(out)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("babilong_ckpt"))
 
 
 @needs_data

@@ -4,14 +4,12 @@ import os
 import re
 
 import pytest
-import torch
 from conftest import SHARED_DATA
 
 from eval.niah import (NOISE_SENTENCES, RULER_TOKENS_TO_GENERATE, build_niah, evaluate_niah, main, parse_length,
                        parse_task)
+from helpers import RiggedByteModel, needs_data, save_tiny_checkpoint
 
-needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "austen")),
-                                reason=f"offline data not at {SHARED_DATA}")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
@@ -58,23 +56,6 @@ def test_needle_and_answer_at_the_requested_depth(gpt2, task):
             assert "The grass is green." not in haystack
 
 
-class RiggedByteModel(torch.nn.Module):
-    """Stateless byte 'model' that continues '...are 8142.' whatever came before."""
-
-    def __init__(self, text="e 8142."):
-        super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(1))
-        self.next_byte = {ord(a): ord(b) for a, b in zip(text, text[1:])}
-
-    def forward(self, idx, targets=None, state=None):
-        logits = torch.zeros(*idx.shape, 257)
-        for b in range(idx.shape[0]):
-            for t in range(idx.shape[1]):
-                if int(idx[b, t]) in self.next_byte:
-                    logits[b, t, self.next_byte[int(idx[b, t])]] = 10.0
-        return logits, None, {"pos": (state or {"pos": 0})["pos"] + idx.shape[1]}
-
-
 def test_scores_follow_a_rigged_model():
     from data.tokenizer import get_tokenizer
     base = {"task": "niah_single_1", "length": 100, "depth": 0.5, "key": "calm-anchor",
@@ -82,7 +63,7 @@ def test_scores_follow_a_rigged_model():
             "answer_prefix": " The special magic numbers for calm-anchor mentioned in the provided text are"}
     samples = [{**base, "value": "8142", "distractors": ["5555", "9090"]},
                {**base, "value": "5555", "distractors": ["8142", "9090"]}]
-    result = evaluate_niah(RiggedByteModel(), get_tokenizer("bytes"), samples, streaming=True, segment_len=32)
+    result = evaluate_niah(RiggedByteModel("e 8142."), get_tokenizer("bytes"), samples, streaming=True, segment_len=32)
     first, second = result["records"]
     assert first["output"] == " 8142" and first["correct"] and first["ranking_correct"]
     assert not second["correct"] and not second["ranking_correct"]
@@ -91,15 +72,7 @@ def test_scores_follow_a_rigged_model():
 
 @needs_data
 def test_cli_writes_accuracy_json(tmp_path, monkeypatch, capsys):
-    from checkpoint import save_checkpoint
-    from config import Config, DataConfig, ModelConfig, TrainConfig
-    from model import build_model
-    cfg = Config(model=ModelConfig(arch="transformer", vocab_size=257, d_model=32, n_layer=1, n_head=2),
-                 data=DataConfig(tokenizer="bytes"), train=TrainConfig(seq_len=256))
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    save_checkpoint(str(tmp_path / "ckpt" / "checkpoints"), 0, model, torch.optim.AdamW(model.parameters()),
-                    {"step": 0}, cfg)
+    save_tiny_checkpoint(tmp_path / "ckpt")
     monkeypatch.setenv("NL_DATA_DIR", SHARED_DATA)
     out = str(tmp_path / "niah")
     main(["--checkpoint", str(tmp_path / "ckpt"), "--tasks", "1,3", "--lengths", "512", "--samples", "2",

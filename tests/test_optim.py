@@ -260,9 +260,10 @@ def test_fig4_delta_momentum_converges_faster_than_momentum(start):
 # ----------------------------------------------------------------------------------------
 # resume
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_state_dict_round_trip(name):
-    """Save after 3 steps, load into a fresh optimiser, continue: bit-identical to not stopping."""
+def assert_resumes_exactly(name, save, load):
+    """Train 3 steps, save, train 3 more == train 3 steps, save, restore into a fresh model and
+    optimiser, train 3 more: bit-identical parameters. save(model, opt) -> what load(that,
+    model, opt) restores both from."""
     torch.manual_seed(0)
     model = Regression()
     ids, target = regression_problem()
@@ -275,19 +276,31 @@ def test_state_dict_round_trip(name):
 
     opt = make(name, split_param_groups(model, 0.1), weight_decay=0.1)
     train(model, opt, 3)
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buffer)
+    saved = save(model, opt)
     train(model, opt, 3)
-
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
     resumed = Regression()
-    resumed.load_state_dict(saved["model"])
     resumed_opt = make(name, split_param_groups(resumed, 0.1), weight_decay=0.1)
-    resumed_opt.load_state_dict(saved["optim"])
+    load(saved, resumed, resumed_opt)
     train(resumed, resumed_opt, 3)
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_state_dict_round_trip(name):
+    """Save after 3 steps, load into a fresh optimiser, continue: bit-identical to not stopping."""
+    def save(model, opt):
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buffer)
+        return buffer
+
+    def load(buffer, model, opt):
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optim"])
+
+    assert_resumes_exactly(name, save, load)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -295,26 +308,8 @@ def test_dcp_checkpoint_round_trip(name, tmp_path):
     """The trainer's DCP checkpoints (checkpoint.py) resume every optimiser exactly."""
     from checkpoint import load_training_state, save_checkpoint
     from config import Config
-    torch.manual_seed(0)
-    model = Regression()
-    ids, target = regression_problem()
-
-    def train(model, opt, steps):
-        for _ in range(steps):
-            opt.zero_grad()
-            (model(ids) - target).square().mean().backward()
-            opt.step()
-
-    opt = make(name, split_param_groups(model, 0.1), weight_decay=0.1)
-    train(model, opt, 3)
-    path = save_checkpoint(str(tmp_path), 3, model, opt, {"step": 3}, Config())
-    train(model, opt, 3)
-    resumed = Regression()
-    resumed_opt = make(name, split_param_groups(resumed, 0.1), weight_decay=0.1)
-    load_training_state(path, resumed, resumed_opt)
-    train(resumed, resumed_opt, 3)
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b), name
+    save = (lambda model, opt: save_checkpoint(str(tmp_path), 3, model, opt, {"step": 3}, Config()))
+    assert_resumes_exactly(name, save, load_training_state)
 
 
 # ----------------------------------------------------------------------------------------
