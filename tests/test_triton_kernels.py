@@ -1,30 +1,21 @@
 """The Triton scan kernels (kernels/triton_scans.py) against the float64 sequential reference.
 
 Without a GPU the kernels run in Triton's interpreter on CPU: TRITON_INTERPRET=1 must be set
-before triton is first imported (tests/conftest.py does it; so does the top of this file), the
-interpreter computes bf16 wrongly, so those runs are fp32 and tiny. With a GPU the same small
-cases run natively, plus realistic sizes in fp32 and bf16, a 16K-token run and torch.compile.
+before triton is first imported (tests/conftest.py does it; so does
+helpers.triton_kernels_or_skip), the interpreter computes bf16 wrongly, so those runs are fp32
+and tiny. With a GPU the same small cases run natively, plus realistic sizes in fp32 and bf16,
+a 16K-token run and torch.compile.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from helpers import DEVICE, needs_cuda, triton_kernels_or_skip
 
-from kernels import triton_delta, triton_scans  # noqa: E402
+needs_kernels = triton_kernels_or_skip()
+
+from kernels import triton_scans  # noqa: E402
 from kernels.reference import delta_rule_reference, momentum_rule_reference  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-INTERPRETED = type(triton_delta._delta_prep_kernel).__name__ == "InterpretedFunction"
-needs_kernels = pytest.mark.skipif(
-    not CUDA and not INTERPRETED,
-    reason="no GPU, and triton was imported before TRITON_INTERPRET=1 was set")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 OPS = {  # name -> (Triton function, reference, second gate, initial-state args, outputs)
     "delta": (triton_scans.delta_rule_triton, delta_rule_reference, "eta",

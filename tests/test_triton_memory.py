@@ -13,20 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from helpers import CUDA, DEVICE, needs_cuda, triton_kernels_or_skip
 
-from kernels import triton_delta, triton_memory  # noqa: E402
+needs_kernels = triton_kernels_or_skip()
+
+from kernels import triton_memory  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-INTERPRETED = type(triton_delta._delta_prep_kernel).__name__ == "InterpretedFunction"
-needs_kernels = pytest.mark.skipif(
-    not CUDA and not INTERPRETED,
-    reason="no GPU, and triton was imported before TRITON_INTERPRET=1 was set")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 RULES = ("dgd", "gd", "momentum")
 
 
