@@ -300,13 +300,13 @@ class NeuralMemory(nn.Module):
 
     def _use_fused_kernel(self, q, reads) -> bool:
         """The fused Triton layer runs when the scans would run in Triton (backend "triton",
-        or "auto" on CUDA) and it covers the configuration: fp32 state, no extra reads, no
-        clipping, full backprop, and a linear memory with C <= 64, d <= 128
-        (kernels/triton_memory.py) or an MLP memory that `fusable_mlp` takes
+        or "auto" on CUDA) and it covers the configuration: fp32 state, no extra reads, full
+        backprop, and a linear memory with C <= 64, d <= 128 and no clipping
+        (kernels/triton_memory.py) or an MLP memory that `fusable_mlp` takes, clipped or not
         (kernels/triton_mlp_memory.py). Everything else, and the CPU, takes the per-chunk
         path above (the oracle)."""
-        if (reads or self.max_grad_norm is not None or self.detach_chunks_older_than
-                or self._dtype() != torch.float32):
+        if (reads or self.detach_chunks_older_than or self._dtype() != torch.float32
+                or (self.depth == 1 and self.max_grad_norm is not None)):
             return False
         if kernels.select_backend(self.backend, q.device, self._dtype()) != "triton":
             return False
@@ -338,12 +338,12 @@ class NeuralMemory(nn.Module):
                 if self.depth == 2 and self.update_rule == "momentum":
                     y, weights, momenta, start = triton_mlp_memory.fused_mlp_memory_momentum(
                         q, k, v, alpha, beta.float(), lr, *state["weights"], *state["momenta"], C,
-                        activation=self.activation)
+                        activation=self.activation, max_grad_norm=self.max_grad_norm)
                     momenta = list(momenta)
                 elif self.depth == 2:
                     y, weights, start = triton_mlp_memory.fused_mlp_memory_delta(
                         q, k, v, alpha, lr, *state["weights"], C, dgd=self.update_rule == "dgd",
-                        activation=self.activation)
+                        activation=self.activation, max_grad_norm=self.max_grad_norm)
                 elif self.update_rule == "momentum":
                     y, weights, z, start = triton_memory.fused_linear_memory_momentum(
                         q, k, v, alpha, beta.float(), lr, weights, state["momenta"][0], C)

@@ -40,6 +40,9 @@ output. Limits (`fusable_mlp`): d <= 64, E <= 128, C <= 64, every update rule: a
 program's tiles sit in registers (at d = 64, E = 128 the four state tiles alone are 128 KiB
 of fp32, so the largest shapes spill to local memory on a GPU; their speed is unmeasured).
 """
+import math
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -66,9 +69,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ----------------------------------------------------------------------------- jit helpers
 
 @triton.jit
-def _inner_write(kc, vc, lr, h1, h2, DGD: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
-    """Step 1-2 of the module docstring for one chunk at the chunk-start (h1, h2):
-    the inner forward, closed-form inner gradient, write rates and both layers' writes."""
+def _inner_write(kc, vc, lr, h1, h2, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
+                 ACT: tl.constexpr, PREC: tl.constexpr):
+    """Step 1-2 of the module docstring for one chunk at the chunk-start (h1, h2): the inner
+    forward, closed-form inner gradient, write rates and both layers' writes. CLIP: memory.py's
+    max_grad_norm tau, each token's gradient (both layers together) scaled by
+    c = tau / max(tau, ||dl/dW||), ||dl/dW||^2 = ||G1||^2 ||k||^2 + ||Err||^2 ||Hh||^2."""
     z = tl.dot(kc, h1, input_precision=PREC)                                  # [BT, BE]
     hh, s1, s2 = _act(z, ACT, 2)                                              # s, s', s''
     err = 2.0 * (kc + tl.dot(hh, h2, input_precision=PREC) - vc)              # [BT, BD]
@@ -82,9 +88,15 @@ def _inner_write(kc, vc, lr, h1, h2, DGD: tl.constexpr, ACT: tl.constexpr, PREC:
         eta1 = tl.zeros_like(lr)
         eta2 = eta1
         lw1, lw2 = lr, lr
-    u1 = -lw1[:, None] * g1
-    u2 = -lw2[:, None] * err
-    return z, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2
+    if CLIP:
+        squared = (tl.sum(g1 * g1, 1) * tl.sum(kc * kc, 1)
+                   + tl.sum(err * err, 1) * tl.sum(hh * hh, 1))
+        scale = tau / tl.sqrt(tl.maximum(squared, tau * tau))
+    else:
+        scale = tl.full(lr.shape, 1.0, tl.float32)
+    u1 = -(lw1 * scale)[:, None] * g1
+    u2 = -(lw2 * scale)[:, None] * err
+    return scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2
 
 
 @triton.jit
@@ -166,14 +178,31 @@ def _chunk_delta_bwd(q, kc, u, eta, g, gp, h, do, dh, rows, L, BT: tl.constexpr,
 
 
 @triton.jit
-def _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2, lw1, lw2, h1, h2, du1, du2,
-                     deta1, deta2, dk, dhh, dh1, dh2, DGD: tl.constexpr, PREC: tl.constexpr):
+def _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2, lw1, lw2, scale, tau, h1, h2,
+                     du1, du2, deta1, deta2, dk, dhh, dh1, dh2, DGD: tl.constexpr,
+                     CLIP: tl.constexpr, PREC: tl.constexpr):
     """The chain rule of `_inner_write`, given the gradients of both layers' writes (du),
     rates (deta) and inputs (dk from W_in's scan, dhh from W_out's): adds to dk and to the
     chunk-start state gradients (dh1, dh2); returns (dk, dv, dlr, dh1, dh2)."""
-    # writes U1 = -lw1 G1, U2 = -lw2 Err; DGD rates eta = lw = lr / (1 + lr ||a||^2)
-    dlw1 = -tl.sum(du1 * g1, 1)
+    # writes U1 = -lw1 c G1, U2 = -lw2 c Err (c: the clip scale, 1 without CLIP)
+    dlw1 = -tl.sum(du1 * g1, 1)                                               # d(lw1 c)
     dlw2 = -tl.sum(du2 * err, 1)
+    dg1 = -(lw1 * scale)[:, None] * du1
+    derr = -(lw2 * scale)[:, None] * du2
+    if CLIP:   # c = tau / sqrt(squared) where squared > tau^2 (else 1, no gradient)
+        n_k, n_h = tl.sum(kc * kc, 1), tl.sum(hh * hh, 1)
+        n_g, n_e = tl.sum(g1 * g1, 1), tl.sum(err * err, 1)
+        squared = n_g * n_k + n_e * n_h
+        dsq = tl.where(squared > tau * tau,
+                       -0.5 * (dlw1 * lw1 + dlw2 * lw2) * scale / tl.maximum(squared, tau * tau),
+                       0.0)
+        dg1 += (2.0 * dsq * n_k)[:, None] * g1
+        dk += (2.0 * dsq * n_g)[:, None] * kc
+        derr += (2.0 * dsq * n_h)[:, None] * err
+        dhh += (2.0 * dsq * n_e)[:, None] * hh
+        dlw1 = dlw1 * scale
+        dlw2 = dlw2 * scale
+    # DGD rates eta = lw = lr / (1 + lr ||a||^2)
     if DGD:
         t1 = deta1 + dlw1
         t2 = deta2 + dlw2
@@ -185,10 +214,9 @@ def _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2, lw1, lw2, h1, h
     else:
         dlr = dlw1 + dlw2
     # G1 = (Err h2^T) o s'(Z), Err = 2 (K + s(Z) h2 - V), Z = K h1
-    dg1 = -lw1[:, None] * du1
     dm = dg1 * s1
     dz = dg1 * m * s2
-    derr = -lw2[:, None] * du2 + tl.dot(dm, h2, input_precision=PREC)
+    derr += tl.dot(dm, h2, input_precision=PREC)
     dh2 += tl.dot(tl.trans(dm), err, input_precision=PREC)
     dp = 2.0 * derr
     dk += dp
@@ -260,7 +288,7 @@ def _chunk_momentum_bwd(q, kc, u, h, z, do, dh, dz, p, r, w, a, b, c, w_last, r_
 @triton.jit
 def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_ptr, y_ptr,
                         h1c_ptr, h2c_ptr, winT_ptr, woutT_ptr, winB_ptr, woutB_ptr,
-                        T, H, D, E, C, NT, DGD: tl.constexpr, ACT: tl.constexpr,
+                        T, H, D, E, C, NT, tau, DGD: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr,
                         SAVE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                         BE: tl.constexpr, PREC: tl.constexpr):
     """DGD / GD: the chunk loop of one (batch, head), (h1, h2) in registers (module
@@ -286,8 +314,8 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
         kc = _load_rows(k_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
-        _, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
-            kc, vc, lr, h1, h2, DGD, ACT, PREC)
+        scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
+            kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
         o1, h1 = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
         q2, _, _ = _act(o1, ACT, 1)                                       # W_out reads s(W_in,t q_t)
         o2, h2 = _chunk_delta_fwd(q2, hh, u2, eta2, g, gp, h2, rows, L, BT, PREC)
@@ -299,8 +327,8 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
 @triton.jit
 def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr, dy_ptr,
                         dwinT_ptr, dwoutT_ptr, dwinB_ptr, dwoutB_ptr, dq_ptr, dk_ptr, dv_ptr,
-                        dalpha_ptr, dlr_ptr, dwin_ptr, dwout_ptr, T, H, D, E, C, NT,
-                        DGD: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr,
+                        dalpha_ptr, dlr_ptr, dwin_ptr, dwout_ptr, T, H, D, E, C, NT, tau,
+                        DGD: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr,
                         BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
     """DGD / GD, chunks in reverse carrying (dh1, dh2) = dL/d(next chunk-start states):
     recompute the chunk from its saved start, step back through layer 2, s(O1), layer 1, the
@@ -324,8 +352,8 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
         vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
-        _, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
-            kc, vc, lr, h1, h2, DGD, ACT, PREC)
+        scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
+            kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
         o1, _ = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
         q2, ds_o1, _ = _act(o1, ACT, 1)
         # layer 2 (W_out: query s(O1), input Hh, writes U2), then layer 1 (W_in)
@@ -334,8 +362,8 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
         dq1, dk, du1, deta1, dla1, dh1 = _chunk_delta_bwd(qc, kc, u1, eta1, g, gp, h1,
                                                           dq2 * ds_o1, dh1, rows, L, BT, PREC)
         dk, dv, dlr, dh1, dh2 = _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2,
-                                                 lw1, lw2, h1, h2, du1, du2, deta1, deta2, dk,
-                                                 dhh, dh1, dh2, DGD, PREC)
+                                                 lw1, lw2, scale, tau, h1, h2, du1, du2, deta1,
+                                                 deta2, dk, dhh, dh1, dh2, DGD, CLIP, PREC)
         if i_r == 0:      # the returned W_B is the last chunk's start (loaded here: registers)
             dh1 += _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
             dh2 += _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
@@ -352,7 +380,7 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
 def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_ptr, win_ptr,
                                  wout_ptr, zin_ptr, zout_ptr, y_ptr, h1c_ptr, h2c_ptr, z1c_ptr,
                                  z2c_ptr, winT_ptr, woutT_ptr, zinT_ptr, zoutT_ptr, winB_ptr,
-                                 woutB_ptr, T, H, D, E, C, NT, ACT: tl.constexpr,
+                                 woutB_ptr, T, H, D, E, C, NT, tau, CLIP: tl.constexpr, ACT: tl.constexpr,
                                  SAVE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                                  BE: tl.constexpr, PREC: tl.constexpr):
     """Titans' momentum (Eq. 13-14): the chunk loop with (h, z) of both layers in registers;
@@ -383,8 +411,8 @@ def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
         lr = _load_gate(lr_ptr, g_base, t0, end, H, 0.0, BT)
         alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
             alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
-        _, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
-            kc, vc, lr, h1, h2, False, ACT, PREC)
+        scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
+            kc, vc, lr, h1, h2, tau, False, CLIP, ACT, PREC)
         o1, h1, z1 = _chunk_momentum_fwd(qc, kc, u1, h1, z1, p, r, w, a, b, c, w_last, r_last,
                                          rows, L, PREC)
         q2, _, _ = _act(o1, ACT, 1)
@@ -402,7 +430,7 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
                                  h2c_ptr, z1c_ptr, z2c_ptr, dy_ptr, dwinT_ptr, dwoutT_ptr,
                                  dzinT_ptr, dzoutT_ptr, dwinB_ptr, dwoutB_ptr, dq_ptr, dk_ptr,
                                  dv_ptr, dalpha_ptr, dbeta_ptr, dlr_ptr, dwin_ptr, dwout_ptr,
-                                 dzin_ptr, dzout_ptr, T, H, D, E, C, NT, ACT: tl.constexpr,
+                                 dzin_ptr, dzout_ptr, T, H, D, E, C, NT, tau, CLIP: tl.constexpr, ACT: tl.constexpr,
                                  BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
                                  PREC: tl.constexpr):
     """Momentum, chunks in reverse carrying (dh, dz) of both layers: as _mlp_mem_bwd_kernel
@@ -431,8 +459,8 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
         lr = _load_gate(lr_ptr, g_base, t0, end, H, 0.0, BT)
         alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
             alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
-        _, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
-            kc, vc, lr, h1, h2, False, ACT, PREC)
+        scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
+            kc, vc, lr, h1, h2, tau, False, CLIP, ACT, PREC)
         o1, _, _ = _chunk_momentum_fwd(qc, kc, u1, h1, z1, p, r, w, a, b, c, w_last, r_last,
                                        rows, L, PREC)
         q2, ds_o1, _ = _act(o1, ACT, 1)
@@ -442,8 +470,9 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
             qc, kc, u1, h1, z1, dq2 * ds_o1, dh1, dz1, p, r, w, a, b, c, w_last, r_last, rows,
             L, PREC)
         dk, dv, dlr, dh1, dh2 = _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2,
-                                                 lw1, lw2, h1, h2, du1, du2, eta1, eta2, dk,
-                                                 dhh, dh1, dh2, False, PREC)   # (no deta: GD rates)
+                                                 lw1, lw2, scale, tau, h1, h2, du1, du2, eta1,
+                                                 eta2, dk, dhh, dh1, dh2, False, CLIP,
+                                                 PREC)   # (eta1, eta2 = 0 as deta: GD rates)
         if i_r == 0:      # the returned W_B is the last chunk's start (loaded here: registers)
             dh1 += _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
             dh2 += _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
@@ -473,7 +502,7 @@ def _tiles(d, E, chunk_size):
     return p2(chunk_size), p2(d), p2(E)
 
 
-def _check_inputs(tensors, states, chunk_size, activation, caller):
+def _check_inputs(tensors, states, chunk_size, activation, max_grad_norm, caller):
     """One-line ValueErrors naming what is wrong. tensors: q, k, v, then the [B,T,H] gates;
     states: w_in [B,H,E,d], w_out [B,H,d,E] and (momentum) z_in, z_out of the same shapes."""
     q = tensors["q"]
@@ -513,16 +542,22 @@ def _check_inputs(tensors, states, chunk_size, activation, caller):
                          f"memory kernels; got {chunk_size!r}")
     if activation not in ACT_IDS:
         raise ValueError(f"activation must be one of {', '.join(ACT_IDS)}; got {activation!r}")
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
+                                      or not isinstance(max_grad_norm, (int, float))
+                                      or not 0 < max_grad_norm < math.inf):
+        raise ValueError(f"max_grad_norm must be None or a finite number > 0; got {max_grad_norm!r}")
     if T == 0:
         raise ValueError(f"{caller} needs T >= 1 tokens")
 
 
-def _launch_args(q, E, chunk_size, activation):
-    """(B, T, H, d, NT, the kernels' constexpr keyword arguments)."""
+def _launch_args(q, E, chunk_size, activation, max_grad_norm):
+    """(B, T, H, d, NT, the kernels' keyword arguments: clip tau and the constexprs)."""
     B, T, H, d = q.shape
     BT, BD, BE = _tiles(d, E, chunk_size)
+    clip = max_grad_norm is not None
     return B, T, H, d, triton.cdiv(T, chunk_size), dict(
-        ACT=ACT_IDS[activation], BT=BT, BD=BD, BE=BE, PREC=dot_precision(q.dtype))
+        tau=float(max_grad_norm) if clip else 1.0, CLIP=clip, ACT=ACT_IDS[activation], BT=BT,
+        BD=BD, BE=BE, PREC=dot_precision(q.dtype))
 
 
 def _state_buffers(B, H, d, E, NT, n_layers_states, save, device):
@@ -540,11 +575,12 @@ def _state_buffers(B, H, d, E, NT, n_layers_states, save, device):
 
 @torch.library.custom_op("nested_learning::memory_mlp_delta_fwd", mutates_args=())
 def _memory_mlp_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, w_in: Tensor,
-                    w_out: Tensor, chunk_size: int, dgd: bool, activation: str, save: bool
+                    w_out: Tensor, chunk_size: int, dgd: bool, activation: str,
+                    max_grad_norm: Optional[float], save: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v, alpha, lr, w_in, w_out = _contiguous(q, k, v, alpha, lr, w_in, w_out)
     E = w_in.shape[2]
-    B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation)
+    B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation, max_grad_norm)
     y = torch.empty(B, T, H, d, device=q.device, dtype=q.dtype)
     (win_T, wout_T, win_B, wout_B), _ = _state_buffers(B, H, d, E, NT, 4, False, q.device)
     _, (h1c, h2c) = _state_buffers(B, H, d, E, NT, 2, save, q.device)
@@ -555,7 +591,7 @@ def _memory_mlp_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
 
 
 @_memory_mlp_fwd.register_fake
-def _(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, save):
+def _(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, max_grad_norm, save):
     B, T, H, d = q.shape
     E, NT = w_in.shape[2], (T + chunk_size - 1) // chunk_size
     outs, _ = _state_buffers(B, H, d, E, NT, 4, False, "meta")
@@ -567,12 +603,12 @@ def _(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, save):
 def _memory_mlp_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, h1c: Tensor,
                     h2c: Tensor, grad_y: Tensor, grad_win: Tensor, grad_wout: Tensor,
                     grad_win_start: Tensor, grad_wout_start: Tensor, chunk_size: int, dgd: bool,
-                    activation: str
+                    activation: str, max_grad_norm: Optional[float]
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v, alpha, lr, grad_y, grad_win, grad_wout, grad_win_start, grad_wout_start = _contiguous(
         q, k, v, alpha, lr, grad_y, grad_win, grad_wout, grad_win_start, grad_wout_start)
     E = h1c.shape[-1]
-    B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation)
+    B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation, max_grad_norm)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dalpha, dlr = torch.empty_like(alpha), torch.empty_like(lr)
     (dwin, dwout), _ = _state_buffers(B, H, d, E, NT, 2, False, q.device)
@@ -585,7 +621,7 @@ def _memory_mlp_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
 
 @_memory_mlp_bwd.register_fake
 def _(q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout, grad_win_start,
-      grad_wout_start, chunk_size, dgd, activation):
+      grad_wout_start, chunk_size, dgd, activation, max_grad_norm):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(alpha), torch.empty_like(lr),
             torch.empty_like(grad_win, dtype=torch.float32),
@@ -593,9 +629,9 @@ def _(q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout, grad_win_start,
 
 
 def _memory_mlp_setup_context(ctx, inputs, output):
-    q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, save = inputs
+    q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, max_grad_norm, save = inputs
     ctx.save_for_backward(q, k, v, alpha, lr, output[5], output[6])
-    ctx.args = (chunk_size, dgd, activation)
+    ctx.args = (chunk_size, dgd, activation, max_grad_norm)
     ctx.state_dtypes = (w_in.dtype, w_out.dtype)
     ctx.mark_non_differentiable(output[5], output[6])
 
@@ -622,24 +658,27 @@ def _memory_mlp_backward(ctx, grad_y, grad_win, grad_wout, grad_win_start, grad_
     dq, dk, dv, dalpha, dlr, dwin, dwout = torch.ops.nested_learning.memory_mlp_delta_bwd(
         q, k, v, alpha, lr, h1c, h2c, grad_y, *states, *ctx.args)
     return (dq, dk, dv, dalpha, dlr, dwin.to(ctx.state_dtypes[0]), dwout.to(ctx.state_dtypes[1]),
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 _memory_mlp_fwd.register_autograd(_memory_mlp_backward, setup_context=_memory_mlp_setup_context)
 
 
 def fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd=True,
-                           activation="silu"):
+                           activation="silu", max_grad_norm=None):
     """A residual MLP memory layer M(x) = x + W_out s(W_in x) with the DGD (dgd=True, NL Eq.
     57/88) or GD transition per layer, fused (module docstring). Chunks start at t = 0, every
     chunk_size tokens; lr is the raw inner learning rate (DGD's eta' is formed per layer
-    inside). Returns (y [B,T,H,d] in q's dtype, (W_in, W_out) after the last token,
-    (W_in, W_out) at the start of the last chunk), fp32, laid out like memory.py's weights."""
+    inside; max_grad_norm: memory.py's per-token inner-gradient clip, None = off). Returns
+    (y [B,T,H,d] in q's dtype, (W_in, W_out) after the last token, (W_in, W_out) at the start
+    of the last chunk), fp32, laid out like memory.py's weights."""
     _check_inputs({"q": q, "k": k, "v": v, "alpha": alpha, "lr": lr},
-                  {"w_in": w_in, "w_out": w_out}, chunk_size, activation, "fused_mlp_memory_delta")
+                  {"w_in": w_in, "w_out": w_out}, chunk_size, activation, max_grad_norm,
+                  "fused_mlp_memory_delta")
     save = _needs_grad(q, k, v, alpha, lr, w_in, w_out)
     y, win_T, wout_T, win_B, wout_B, _, _ = torch.ops.nested_learning.memory_mlp_delta_fwd(
-        q, k, v, alpha, lr, w_in, w_out, chunk_size, bool(dgd), activation, save)
+        q, k, v, alpha, lr, w_in, w_out, chunk_size, bool(dgd), activation,
+        None if max_grad_norm is None else float(max_grad_norm), save)
     return y, (win_T, wout_T), (win_B, wout_B)
 
 
@@ -648,13 +687,14 @@ def fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd=True
 @torch.library.custom_op("nested_learning::memory_mlp_momentum_fwd", mutates_args=())
 def _memory_mlp_momentum_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
                              lr: Tensor, w_in: Tensor, w_out: Tensor, z_in: Tensor, z_out: Tensor,
-                             chunk_size: int, activation: str, save: bool
+                             chunk_size: int, activation: str, max_grad_norm: Optional[float],
+                             save: bool
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                         Tensor, Tensor, Tensor, Tensor]:
     q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out = _contiguous(
         q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out)
     E = w_in.shape[2]
-    B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation)
+    B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation, max_grad_norm)
     y = torch.empty(B, T, H, d, device=q.device, dtype=q.dtype)
     outs, _ = _state_buffers(B, H, d, E, NT, 6, False, q.device)
     _, chunks = _state_buffers(B, H, d, E, NT, 4, save, q.device)
@@ -668,7 +708,8 @@ def _memory_mlp_momentum_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bet
 
 
 @_memory_mlp_momentum_fwd.register_fake
-def _(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation, save):
+def _(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation,
+      max_grad_norm, save):
     B, T, H, d = q.shape
     E, NT = w_in.shape[2], (T + chunk_size - 1) // chunk_size
     outs, _ = _state_buffers(B, H, d, E, NT, 6, False, "meta")
@@ -681,14 +722,15 @@ def _memory_mlp_momentum_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bet
                              lr: Tensor, h1c: Tensor, h2c: Tensor, z1c: Tensor, z2c: Tensor,
                              grad_y: Tensor, grad_win: Tensor, grad_wout: Tensor,
                              grad_zin: Tensor, grad_zout: Tensor, grad_win_start: Tensor,
-                             grad_wout_start: Tensor, chunk_size: int, activation: str
+                             grad_wout_start: Tensor, chunk_size: int, activation: str,
+                             max_grad_norm: Optional[float]
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                         Tensor, Tensor, Tensor]:
     (q, k, v, alpha, beta, lr, grad_y, grad_win, grad_wout, grad_zin, grad_zout, grad_win_start,
      grad_wout_start) = _contiguous(q, k, v, alpha, beta, lr, grad_y, grad_win, grad_wout,
                                     grad_zin, grad_zout, grad_win_start, grad_wout_start)
     E = h1c.shape[-1]
-    B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation)
+    B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation, max_grad_norm)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dalpha, dbeta, dlr = torch.empty_like(alpha), torch.empty_like(beta), torch.empty_like(lr)
     (dwin, dwout, dzin, dzout), _ = _state_buffers(B, H, d, E, NT, 4, False, q.device)
@@ -701,7 +743,7 @@ def _memory_mlp_momentum_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bet
 
 @_memory_mlp_momentum_bwd.register_fake
 def _(q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c, grad_y, grad_win, grad_wout, grad_zin,
-      grad_zout, grad_win_start, grad_wout_start, chunk_size, activation):
+      grad_zout, grad_win_start, grad_wout_start, chunk_size, activation, max_grad_norm):
     f32 = dict(dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(alpha), torch.empty_like(beta), torch.empty_like(lr),
@@ -710,9 +752,10 @@ def _(q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c, grad_y, grad_win, grad_wout,
 
 
 def _memory_mlp_momentum_setup_context(ctx, inputs, output):
-    q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation, save = inputs
+    (q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation, max_grad_norm,
+     save) = inputs
     ctx.save_for_backward(q, k, v, alpha, beta, lr, *output[7:])
-    ctx.args = (chunk_size, activation)
+    ctx.args = (chunk_size, activation, max_grad_norm)
     ctx.state_dtypes = (w_in.dtype, w_out.dtype, z_in.dtype, z_out.dtype)
     ctx.mark_non_differentiable(*output[7:])
 
@@ -726,7 +769,8 @@ def _memory_mlp_momentum_backward(ctx, grad_y, grad_win, grad_wout, grad_zin, gr
                            grad_wout_start), q, h1c.shape[-1])
     grads = torch.ops.nested_learning.memory_mlp_momentum_bwd(
         q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c, grad_y, *states, *ctx.args)
-    return (*grads[:6], *(g.to(t) for g, t in zip(grads[6:], ctx.state_dtypes)), None, None, None)
+    return (*grads[:6], *(g.to(t) for g, t in zip(grads[6:], ctx.state_dtypes)), None, None, None,
+            None)
 
 
 _memory_mlp_momentum_fwd.register_autograd(_memory_mlp_momentum_backward,
@@ -734,15 +778,17 @@ _memory_mlp_momentum_fwd.register_autograd(_memory_mlp_momentum_backward,
 
 
 def fused_mlp_memory_momentum(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size,
-                              activation="silu"):
+                              activation="silu", max_grad_norm=None):
     """A residual MLP memory layer with Titans' momentum transition (Eq. 13-14) per layer:
         Z_t = beta_t Z_{t-1} - lr_t g_t a_t^T ;  W_t = alpha_t W_{t-1} + Z_t
-    (g_t, a_t: the layer's closed-form inner gradient at W_B and its input). Returns
-    (y, (W_in, W_out) at T, (Z_in, Z_out) at T, (W_in, W_out) at the last chunk's start)."""
+    (g_t, a_t: the layer's closed-form inner gradient at W_B, clipped as in
+    fused_mlp_memory_delta, and its input). Returns (y, (W_in, W_out) at T, (Z_in, Z_out) at
+    T, (W_in, W_out) at the last chunk's start)."""
     _check_inputs({"q": q, "k": k, "v": v, "alpha": alpha, "beta": beta, "lr": lr},
                   {"w_in": w_in, "w_out": w_out, "z_in": z_in, "z_out": z_out}, chunk_size,
-                  activation, "fused_mlp_memory_momentum")
+                  activation, max_grad_norm, "fused_mlp_memory_momentum")
     save = _needs_grad(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out)
     y, win_T, wout_T, zin_T, zout_T, win_B, wout_B, *_ = torch.ops.nested_learning.memory_mlp_momentum_fwd(
-        q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation, save)
+        q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation,
+        None if max_grad_norm is None else float(max_grad_norm), save)
     return y, (win_T, wout_T), (zin_T, zout_T), (win_B, wout_B)

@@ -44,11 +44,12 @@ def outputs_of(y, state):
     return outs
 
 
-def compare_with_torch_path(rule, B, T, H, d, expansion, C, activation="silu", segments=None):
+def compare_with_torch_path(rule, B, T, H, d, expansion, C, activation="silu", segments=None,
+                            **options):
     """Relative errors (max |diff| / max(1, max |ref|)) of every output and every gradient
     for the loss sum <out, random cotangent>, fused (fp32) vs the torch path (float64)."""
     segments = segments or [T]
-    fused = make_memory(rule, H, d, expansion, C, activation)
+    fused = make_memory(rule, H, d, expansion, C, activation, **options)
     oracle = copy.deepcopy(fused).double()
     oracle.backend = "torch"
     inputs = make_inputs(rule, B, T, H, d)
@@ -95,6 +96,27 @@ def test_segments_mid_chunk_match_one_call(rule):
                  f"{rule} segments")
 
 
+def clipped_fraction(rule, B, T, H, d, expansion, C, tau):
+    """Fraction of the first chunk's tokens whose inner gradient norm exceeds tau."""
+    mem = make_memory(rule, H, d, expansion, C).double()
+    inputs = {n: t.double() for n, t in make_inputs(rule, B, T, H, d).items() if t is not None}
+    a, g = mem._inputs_and_gradients(mem.initial_state(B)["weights"], inputs["k"][:, :C],
+                                     inputs["v"][:, :C])
+    norms = sum(x.pow(2).sum(-1) * y.pow(2).sum(-1) for x, y in zip(a, g)).sqrt()
+    return (norms > tau).double().mean().item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("rule", triton_mlp_memory.FUSED_RULES)
+def test_inner_gradient_clip_matches_torch_path(rule):
+    """max_grad_norm (memory.py's per-token clip, both layers together) inside the kernels,
+    at a tau that clips some of the tokens and not others (both branches of the gradient)."""
+    tau = 7.5
+    assert 0.2 < clipped_fraction(rule, 1, 21, 2, 16, 2, 8, tau) < 0.8
+    assert_close(compare_with_torch_path(rule, 1, 21, 2, 16, 2, 8, max_grad_norm=tau), 2e-5,
+                 f"{rule} clip")
+
+
 @needs_kernels
 def test_dispatch_uses_the_fused_kernel_only_where_it_applies(monkeypatch):
     calls = []
@@ -107,8 +129,7 @@ def test_dispatch_uses_the_fused_kernel_only_where_it_applies(monkeypatch):
     for rule in triton_mlp_memory.FUSED_RULES:
         make_memory(rule, 1, 8, 2, 4)(*args, inputs["beta"] if rule == "momentum" else None)
     assert len(calls) == 3
-    for changes in (dict(backend="torch"), dict(max_grad_norm=1.0), dict(detach_chunks_older_than=1),
-                    dict(chunk_size=65)):
+    for changes in (dict(backend="torch"), dict(detach_chunks_older_than=1), dict(chunk_size=65)):
         options = {**dict(depth=2, expansion=2, chunk_size=4, update_rule="dgd", backend="triton"),
                    **changes}
         NeuralMemory(1, 8, **options).to(DEVICE)(*args)
@@ -146,7 +167,7 @@ def test_no_grad_forward_matches_and_saves_no_chunk_states():
     y_grad, w_grad, b_grad = triton_mlp_memory.fused_mlp_memory_delta(*leaves, 4)
     with torch.no_grad():
         y, w, b = triton_mlp_memory.fused_mlp_memory_delta(*args, 4)
-        out = triton_mlp_memory._memory_mlp_fwd(*args, 4, True, "silu", False)
+        out = triton_mlp_memory._memory_mlp_fwd(*args, 4, True, "silu", None, False)
     assert torch.equal(y, y_grad.detach()) and not y.requires_grad
     assert all(torch.equal(x, r.detach()) for x, r in zip(w + b, w_grad + b_grad))
     assert out[5].numel() == 0 and out[6].numel() == 0
@@ -158,11 +179,11 @@ def test_custom_ops_pass_opcheck(op):
     """Schema, fake implementation, autograd registration: what torch.compile relies on."""
     q, k, v, alpha, lr, w_in, w_out = _kernel_args(T=5)
     if op == "delta":
-        args, options = [q, k, v, alpha, lr, w_in, w_out], (4, True, "gelu", True)
+        args, options = [q, k, v, alpha, lr, w_in, w_out], (4, True, "gelu", 2.0, True)
     else:
         beta = torch.rand(alpha.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
         args = [q, k, v, alpha, beta, lr, w_in, w_out, 0.1 * w_in.flip(2), 0.1 * w_out.flip(3)]
-        options = (4, "silu", True)
+        options = (4, "silu", None, True)
     custom_op = getattr(torch.ops.nested_learning, f"memory_mlp_{op}_fwd").default
     torch.library.opcheck(custom_op, (*[t.clone().requires_grad_() for t in args], *options))
 
@@ -190,6 +211,7 @@ def test_bad_inputs_raise_one_line_errors(index, value, message):
     (dict(chunk_size=65), r"chunk_size must be an int in \[1, 64\]"),
     (dict(chunk_size=True), r"chunk_size must be an int"),
     (dict(chunk_size=4, activation="relu"), "activation must be one of"),
+    (dict(chunk_size=4, max_grad_norm=0.0), "max_grad_norm must be None or a finite number > 0"),
 ])
 def test_bad_options_raise_one_line_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
