@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.step import bench_step, machine, positive_int  # noqa: E402
+from bench.step import add_model_shape_args, bench_step, machine, positive_int  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 
 
@@ -92,12 +92,9 @@ def profile_step(cfg, rows):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d-model", type=positive_int, default=128)
-    p.add_argument("--n-layer", type=positive_int, default=4)
-    p.add_argument("--n-head", type=positive_int, default=4)
+    add_model_shape_args(p, d_model=128, n_layer=4, n_head=4, vocab=50257)
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--vocab", type=positive_int, default=50257, help="vocabulary size (50257 = GPT-2, 257 = bytes)")
     p.add_argument("--steps", type=positive_int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile-rows", type=int, default=15, help="rows of the op table (0 = no profile)")

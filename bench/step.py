@@ -32,6 +32,15 @@ def positive_int(text):
     return value
 
 
+def add_model_shape_args(p, d_model: int, n_layer: int, n_head: int, vocab: int):
+    """--d-model, --n-layer, --n-head and --vocab (positive ints, these defaults) for the
+    benchmarks that build their models from a shape."""
+    p.add_argument("--d-model", type=positive_int, default=d_model)
+    p.add_argument("--n-layer", type=positive_int, default=n_layer)
+    p.add_argument("--n-head", type=positive_int, default=n_head)
+    p.add_argument("--vocab", type=positive_int, default=vocab, help="vocabulary size (50257 = GPT-2, 257 = bytes)")
+
+
 def machine():
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()

@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.step import positive_int  # noqa: E402
+from bench.step import add_model_shape_args, positive_int  # noqa: E402
 from model import build_model  # noqa: E402
 
 
@@ -47,10 +47,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=positive_int, default=1024)
     p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--d-model", type=positive_int, default=256)
-    p.add_argument("--n-layer", type=positive_int, default=4)
-    p.add_argument("--n-head", type=positive_int, default=4)
-    p.add_argument("--vocab", type=positive_int, default=512)
+    add_model_shape_args(p, d_model=256, n_layer=4, n_head=4, vocab=512)
     p.add_argument("--chunk", type=positive_int, default=16, help="Titans memory chunk size C")
     p.add_argument("--depth", type=int, choices=(1, 2), default=2, help="memory depth")
     p.add_argument("--steps", type=positive_int, default=3)
