@@ -22,6 +22,9 @@ Kernels (all state math in fp32; grid axes: chunks or V-blocks x batch*heads):
     _delta_fwd_scan_kernel    sequential over chunks: Delta, O, h; saves chunk-start h, Delta
     _delta_bwd_scan_kernel    sequential, reversed: dDelta and the carried dh (h's gradient)
     _delta_bwd_grads_kernel   parallel over chunks: dq, dk, du, dalpha, deta (reduces over V)
+Each kernel is a thin wrapper of one chunk-loop body (_delta_prep, _delta_fwd_scan,
+_delta_bwd_scan, _delta_bwd_grads) that triton_memory.py's linear memory layer runs too, in
+its MEMORY variant (chunk C <= BT, writes formed at the chunk-start state).
 """
 import torch
 import triton
@@ -124,6 +127,49 @@ def _store_kv(ptr, base, K, V, v0, h, BK: tl.constexpr, BV: tl.constexpr):
     tl.store(ptr + base + rk[:, None] * V + rv[None, :], h, mask=mask)
 
 
+@triton.jit
+def _program(T, H):
+    """(index on grid axis 0, batch*head as int64, offset of this (batch, head) in a
+    [B, T, H] gate tensor): every kernel's grid is (chunks or V-blocks, B*H)."""
+    i_x, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    return i_x, i_bh.to(tl.int64), i_b.to(tl.int64) * T * H + i_h
+
+
+@triton.jit
+def _chunk_span(i_t, C, T):
+    """Chunk i_t of length C: its first token t0, end = min(t0 + C, T) (rows from `end` on
+    are masked padding) and its last row L = end - t0 - 1 within the tile."""
+    t0 = i_t * C
+    end = tl.minimum(t0 + C, T)
+    return t0, end, end - t0 - 1
+
+
+@triton.jit
+def _load_qk(q_ptr, k_ptr, g_base, t0, end, H, K, BT: tl.constexpr, BK: tl.constexpr):
+    """The chunk's queries and keys, [BT, BK] fp32 each, from [B, T, H, K] tensors."""
+    q = _load_rows(q_ptr, g_base * K, t0, end, H * K, 0, K, BT, BK)
+    kc = _load_rows(k_ptr, g_base * K, t0, end, H * K, 0, K, BT, BK)
+    return q, kc
+
+
+@triton.jit
+def _load_state_or_zeros(ptr, base, K, V, v0, HAS: tl.constexpr, BK: tl.constexpr,
+                         BV: tl.constexpr):
+    """_load_state, or a zero tile where no initial state was given (HAS false)."""
+    if HAS:
+        h = _load_state(ptr, base, K, V, v0, BK, BV)
+    else:
+        h = tl.zeros([BK, BV], dtype=tl.float32)
+    return h
+
+
+@triton.jit
+def _scalar_zero(BT: tl.constexpr):
+    """An fp32 scalar 0 (the start of a loop-carried sum)."""
+    return tl.sum(tl.zeros([BT], dtype=tl.float32), 0)
+
+
 # ----------------------------------------------------------------------------- delta rule
 
 @triton.jit
@@ -159,147 +205,162 @@ def _delta_ut_system(kc, g, gp, eta, BT: tl.constexpr, PREC: tl.constexpr):
     return a, kk, decay_a, _ut_inverse(a, BT)
 
 
+# The chunk loops below serve the delta rule (triton_scans.py: chunk C = BT, writes U given)
+# and the fused linear memory layer (triton_memory.py, MEMORY: chunk C <= BT, writes formed
+# from targets V at the chunk-start state, U~ = 2 diag(lw) V and W~ = Tm diag(eta e^gp + 2 lw) K,
+# the chunk-start state of the last chunk W_B returned). One body each, called by the
+# kernels (thin wrappers that fix the variant) of both files.
+
 @triton.jit
-def _delta_prep_kernel(k_ptr, u_ptr, alpha_ptr, eta_ptr, w_ptr, u2_ptr, T, H, K, V,
-                       WITH_U2: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, PREC: tl.constexpr):
-    """W = Tm diag(eta e^{gp}) K and (WITH_U2) U' = Tm U for one chunk (fp32, [B*H, T, .])."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_t * BT
-    g_base = i_b.to(tl.int64) * T * H + i_h
-    kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)            # [BT, BK]
-    g, gp, eta, alpha = _delta_chunk_gates(alpha_ptr, eta_ptr, g_base, t0, T, H, BT)
+def _delta_prep(k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, w_ptr, u2_ptr, T, H, K, V, C,
+                WITH_U2: tl.constexpr, MEMORY: tl.constexpr, BT: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """One chunk: W = Tm diag(eta e^gp) K and (WITH_U2) U' = Tm U, fp32 [B*H, T, .]; for
+    MEMORY, W~ = Tm diag(eta e^gp + 2 lw) K and U~' = Tm diag(2 lw) V (u_ptr holds V)."""
+    i_t, bh64, g_base = _program(T, H)
+    t0, end, L = _chunk_span(i_t, C, T)
+    kc = _load_rows(k_ptr, g_base * K, t0, end, H * K, 0, K, BT, BK)            # [BT, BK]
+    g, gp, eta, alpha = _delta_chunk_gates(alpha_ptr, eta_ptr, g_base, t0, end, H, BT)
     a, kk, decay_a, tm = _delta_ut_system(kc, g, gp, eta, BT, PREC)
-    w = tl.dot(tm, (eta * tl.exp(gp))[:, None] * kc, input_precision=PREC)     # [BT, BK]
-    _store_rows(w_ptr, i_bh.to(tl.int64) * T * K, t0, T, K, 0, K, w, BT, BK)
+    b_scale = eta * tl.exp(gp)                                                # B = diag(.) K
+    if MEMORY:
+        lw2 = 2.0 * _load_gate(lw_ptr, g_base, t0, end, H, 0.0, BT)
+        b_scale += lw2
+    w = tl.dot(tm, b_scale[:, None] * kc, input_precision=PREC)               # [BT, BK]
+    _store_rows(w_ptr, bh64 * T * K, t0, end, K, 0, K, w, BT, BK)
     if WITH_U2:
         for v0 in range(0, V, BV):
-            uc = _load_rows(u_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)    # [BT, BV]
+            uc = _load_rows(u_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)  # [BT, BV]
+            if MEMORY:
+                uc = lw2[:, None] * uc                                        # U~ = 2 diag(lw) V
             u2 = tl.dot(tm, uc, input_precision=PREC)
-            _store_rows(u2_ptr, i_bh.to(tl.int64) * T * V, t0, T, V, v0, V, u2, BT, BV)
+            _store_rows(u2_ptr, bh64 * T * V, t0, end, V, v0, V, u2, BT, BV)
 
 
 @triton.jit
-def _delta_fwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_ptr,
-                           d_ptr, sT_ptr, T, H, K, V, NT, HAS_S0: tl.constexpr,
-                           SAVE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           PREC: tl.constexpr):
+def _delta_fwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_ptr, d_ptr,
+                    sT_ptr, sB_ptr, T, H, K, V, C, NT, HAS_S0: tl.constexpr,
+                    SAVE: tl.constexpr, MEMORY: tl.constexpr, BT: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """One program per (V-block, batch*head): the chunks in order, h [BK, BV] in registers.
     V-columns of the state never mix in this recurrence, so V-blocks run independently.
-    SAVE keeps each chunk's start h and Delta for the backward (skipped for inference)."""
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    SAVE keeps each chunk's start h, and Delta unless MEMORY (whose backward recomputes it),
+    for the backward (skipped for inference); MEMORY also stores the last chunk-start h."""
+    i_v, bh64, g_base = _program(T, H)
     v0 = i_v * BV
     rows = tl.arange(0, BT)
     incl = rows[:, None] >= rows[None, :]
-    g_base = i_b.to(tl.int64) * T * H + i_h
-    bh64 = i_bh.to(tl.int64)
-    if HAS_S0:
-        h = _load_state(s0_ptr, bh64 * V * K, K, V, v0, BK, BV)
-    else:
-        h = tl.zeros([BK, BV], dtype=tl.float32)
+    h = _load_state_or_zeros(s0_ptr, bh64 * V * K, K, V, v0, HAS_S0, BK, BV)
     for i_t in range(NT):
-        t0 = i_t * BT
+        t0, end, L = _chunk_span(i_t, C, T)
         if SAVE:
             _store_kv(hc_ptr, (bh64 * NT + i_t) * K * V, K, V, v0, h, BK, BV)
-        q = _load_rows(q_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
-        kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
-        w = _load_rows(w_ptr, bh64 * T * K, t0, T, K, 0, K, BT, BK)
-        u2 = _load_rows(u2_ptr, bh64 * T * V, t0, T, V, v0, V, BT, BV)
-        g = _log_cumsum(_load_gate(alpha_ptr, g_base, t0, T, H, 1.0, BT))
-        L = tl.minimum(T - t0, BT) - 1
+        if MEMORY:
+            if i_t == NT - 1:
+                _store_state(sB_ptr, bh64 * V * K, K, V, v0, h, BK, BV)
+        q, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, K, BT, BK)
+        w = _load_rows(w_ptr, bh64 * T * K, t0, end, K, 0, K, BT, BK)
+        u2 = _load_rows(u2_ptr, bh64 * T * V, t0, end, V, v0, V, BT, BV)
+        g = _log_cumsum(_load_gate(alpha_ptr, g_base, t0, end, H, 1.0, BT))
         g_last = _pick(g, rows, L)
         d = u2 - tl.dot(w, h, input_precision=PREC)                           # Delta [BT, BV]
-        if SAVE:
-            _store_rows(d_ptr, bh64 * T * V, t0, T, V, v0, V, d, BT, BV)
+        if SAVE and not MEMORY:
+            _store_rows(d_ptr, bh64 * T * V, t0, end, V, v0, V, d, BT, BV)
         mq = _decay(g, g, incl) * tl.dot(q, tl.trans(kc), input_precision=PREC)
         o = (tl.exp(g)[:, None] * tl.dot(q, h, input_precision=PREC)
              + tl.dot(mq, d, input_precision=PREC))
-        _store_rows(o_ptr, g_base * V, t0, T, H * V, v0, V, o, BT, BV)
+        _store_rows(o_ptr, g_base * V, t0, end, H * V, v0, V, o, BT, BV)
         kt = tl.where(rows <= L, tl.exp(g_last - g), 0.0)[:, None] * kc
         h = tl.exp(g_last) * h + tl.dot(tl.trans(kt), d, input_precision=PREC)
     _store_state(sT_ptr, bh64 * V * K, K, V, v0, h, BK, BV)
 
 
 @triton.jit
-def _delta_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dhc_ptr, dd_ptr,
-                           ds0_ptr, T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,
-                           BV: tl.constexpr, PREC: tl.constexpr):
+def _delta_bwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dsB_ptr, dhc_ptr, dd_ptr,
+                    ds0_ptr, T, H, K, V, C, NT, MEMORY: tl.constexpr, BT: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Chunks in reverse, carrying dh = dL/dh_next. Per chunk:
         dDelta = (Gamma o Q K^T)^T dO + diag(e^{g_L - g}) K dh
         dh    <- e^{g_L} dh + Q^T diag(e^g) dO - W^T dDelta
-    Saves dh at each chunk's end and dDelta for the parallel gradient kernel."""
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    Saves dh at each chunk's end and dDelta for the parallel gradient kernel. MEMORY: W is
+    W~ (so dh also collects the writes' dependence on W_B), and the gradient of the returned
+    last chunk-start state is added once the last chunk has been stepped back."""
+    i_v, bh64, g_base = _program(T, H)
     v0 = i_v * BV
     rows = tl.arange(0, BT)
     incl = rows[:, None] >= rows[None, :]
-    g_base = i_b.to(tl.int64) * T * H + i_h
-    bh64 = i_bh.to(tl.int64)
     dh = _load_state(dsT_ptr, bh64 * V * K, K, V, v0, BK, BV)
+    if MEMORY:
+        dh_start = _load_state(dsB_ptr, bh64 * V * K, K, V, v0, BK, BV)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
-        t0 = i_t * BT
+        t0, end, L = _chunk_span(i_t, C, T)
         _store_kv(dhc_ptr, (bh64 * NT + i_t) * K * V, K, V, v0, dh, BK, BV)
-        q = _load_rows(q_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
-        kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
-        w = _load_rows(w_ptr, bh64 * T * K, t0, T, K, 0, K, BT, BK)
-        do = _load_rows(do_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
-        g = _log_cumsum(_load_gate(alpha_ptr, g_base, t0, T, H, 1.0, BT))
-        L = tl.minimum(T - t0, BT) - 1
+        q, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, K, BT, BK)
+        w = _load_rows(w_ptr, bh64 * T * K, t0, end, K, 0, K, BT, BK)
+        do = _load_rows(do_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)
+        g = _log_cumsum(_load_gate(alpha_ptr, g_base, t0, end, H, 1.0, BT))
         g_last = _pick(g, rows, L)
         mq = _decay(g, g, incl) * tl.dot(q, tl.trans(kc), input_precision=PREC)
         kt = tl.where(rows <= L, tl.exp(g_last - g), 0.0)[:, None] * kc
         dd = (tl.dot(tl.trans(mq), do, input_precision=PREC)
               + tl.dot(kt, dh, input_precision=PREC))                           # [BT, BV]
-        _store_rows(dd_ptr, bh64 * T * V, t0, T, V, v0, V, dd, BT, BV)
+        _store_rows(dd_ptr, bh64 * T * V, t0, end, V, v0, V, dd, BT, BV)
         dh = (tl.exp(g_last) * dh
               + tl.dot(tl.trans(q * tl.exp(g)[:, None]), do, input_precision=PREC)
               - tl.dot(tl.trans(w), dd, input_precision=PREC))
+        if MEMORY:
+            dh += tl.where(i_r == 0, 1.0, 0.0) * dh_start
     _store_state(ds0_ptr, bh64 * V * K, K, V, v0, dh, BK, BV)
 
 
 @triton.jit
-def _delta_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, do_ptr, d_ptr, dd_ptr,
-                            hc_ptr, dhc_ptr, dq_ptr, dk_ptr, du_ptr, dalpha_ptr, deta_ptr,
-                            T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,
-                            BV: tl.constexpr, PREC: tl.constexpr):
+def _delta_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, do_ptr, d_ptr, dd_ptr,
+                     hc_ptr, dhc_ptr, dq_ptr, dk_ptr, du_ptr, dalpha_ptr, deta_ptr, dlw_ptr,
+                     T, H, K, V, C, NT, MEMORY: tl.constexpr, BT: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Everything that sums over V, for one chunk: the chain rule through O, h_next, Delta =
-    U' - W h, and the UT solve (dTm = dU' U^T + dW B^T, dA = -Tm^T dTm Tm^T)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_t * BT
+    U' - W h, and the UT solve (dTm = dU' U^T + dW B^T, dA = -Tm^T dTm Tm^T). MEMORY: u_ptr
+    holds V and du_ptr gets dV; W~, U~' and Delta are recomputed from the saved chunk-start
+    h, with B~ = diag(eta e^gp + 2 lw) K for B and U~ = diag(2 lw) V for U; dlw is stored."""
+    i_t, bh64, g_base = _program(T, H)
+    t0, end, L = _chunk_span(i_t, C, T)
     rows = tl.arange(0, BT)
     incl = rows[:, None] >= rows[None, :]
     strict = rows[:, None] > rows[None, :]
-    g_base = i_b.to(tl.int64) * T * H + i_h
-    bh64 = i_bh.to(tl.int64)
     kv_base = (bh64 * NT + i_t) * K * V
-    q = _load_rows(q_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
-    kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
-    g, gp, eta, alpha = _delta_chunk_gates(alpha_ptr, eta_ptr, g_base, t0, T, H, BT)
-    L = tl.minimum(T - t0, BT) - 1
+    q, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, K, BT, BK)
+    g, gp, eta, alpha = _delta_chunk_gates(alpha_ptr, eta_ptr, g_base, t0, end, H, BT)
     g_last = _pick(g, rows, L)
     a, kk, decay_a, tm = _delta_ut_system(kc, g, gp, eta, BT, PREC)
     gamma = _decay(g, g, incl)
     mq = gamma * tl.dot(q, tl.trans(kc), input_precision=PREC)
     kt_scale = tl.where(rows <= L, tl.exp(g_last - g), 0.0)
     b_scale = eta * tl.exp(gp)                                                # B = diag(.) K
+    if MEMORY:
+        lw2 = 2.0 * _load_gate(lw_ptr, g_base, t0, end, H, 0.0, BT)
+        b_scale += lw2                                                        # B~
+        w = tl.dot(tm, b_scale[:, None] * kc, input_precision=PREC)           # W~
+        du_v = tl.zeros([BT], dtype=tl.float32)     # rows of dU~ . V
 
     d_mq = tl.zeros([BT, BT], dtype=tl.float32)     # dO Delta^T
     d_qh = tl.zeros([BT, BK], dtype=tl.float32)     # dO h^T
     d_w = tl.zeros([BT, BK], dtype=tl.float32)      # -dDelta h^T
     d_kt = tl.zeros([BT, BK], dtype=tl.float32)     # Delta dh_next^T
     dd_u = tl.zeros([BT, BT], dtype=tl.float32)     # dDelta U^T
-    h_dh = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)   # <h, dh_next>, fp32 scalar
+    h_dh = _scalar_zero(BT)                         # <h, dh_next>
     for v0 in range(0, V, BV):
-        do = _load_rows(do_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
-        d = _load_rows(d_ptr, bh64 * T * V, t0, T, V, v0, V, BT, BV)
-        dd = _load_rows(dd_ptr, bh64 * T * V, t0, T, V, v0, V, BT, BV)
-        uc = _load_rows(u_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
+        do = _load_rows(do_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)
+        dd = _load_rows(dd_ptr, bh64 * T * V, t0, end, V, v0, V, BT, BV)
+        uc = _load_rows(u_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)
         h = _load_kv(hc_ptr, kv_base, K, V, v0, BK, BV)
         dh = _load_kv(dhc_ptr, kv_base, K, V, v0, BK, BV)
+        if MEMORY:
+            vc = uc
+            uc = lw2[:, None] * vc                                            # U~
+            d = tl.dot(tm, uc, input_precision=PREC) - tl.dot(w, h, input_precision=PREC)
+        else:
+            d = _load_rows(d_ptr, bh64 * T * V, t0, end, V, v0, V, BT, BV)
         d_mq += tl.dot(do, tl.trans(d), input_precision=PREC)
         d_qh += tl.dot(do, tl.trans(h), input_precision=PREC)
         d_w -= tl.dot(dd, tl.trans(h), input_precision=PREC)
@@ -307,7 +368,10 @@ def _delta_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, do_ptr, d_p
         dd_u += tl.dot(dd, tl.trans(uc), input_precision=PREC)
         h_dh += tl.sum(tl.sum(h * dh, 1), 0)
         du = tl.dot(tl.trans(tm), dd, input_precision=PREC)                   # dU = Tm^T dU'
-        _store_rows(du_ptr, g_base * V, t0, T, H * V, v0, V, du, BT, BV)
+        if MEMORY:
+            du_v += tl.sum(du * vc, 1)
+            du = lw2[:, None] * du                                            # dV
+        _store_rows(du_ptr, g_base * V, t0, end, H * V, v0, V, du, BT, BV)
 
     # O = diag(e^g) Q h + (Gamma o Q K^T) Delta
     d_mq = tl.where(incl, d_mq, 0.0)
@@ -326,9 +390,9 @@ def _delta_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, do_ptr, d_p
                   input_precision=PREC)
     d_a = tl.where(strict, d_a, 0.0)
     dk += b_scale[:, None] * d_b
-    r_b = tl.sum(kc * d_b, 1)
+    r_b = tl.sum(kc * d_b, 1)                                                 # d b_scale
     deta = tl.exp(gp) * r_b
-    dgp = b_scale * r_b
+    dgp = eta * tl.exp(gp) * r_b
     # A_ti = eta_t e^{gp_t - g_i} k_t.k_i
     f = d_a * decay_a
     deta += tl.sum(f * kk, 1)
@@ -341,10 +405,53 @@ def _delta_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, do_ptr, d_p
     dg = tl.where(rows <= L, dg, 0.0)
     dgp = tl.where(rows <= L, dgp, 0.0)
     dlog_alpha = _reverse_cumsum(dg + dgp, rows) - dgp
-    _store_rows(dq_ptr, g_base * K, t0, T, H * K, 0, K, dq, BT, BK)
-    _store_rows(dk_ptr, g_base * K, t0, T, H * K, 0, K, dk, BT, BK)
-    _store_gate(deta_ptr, g_base, t0, T, H, deta, BT)
-    _store_gate(dalpha_ptr, g_base, t0, T, H, dlog_alpha / alpha, BT)
+    _store_rows(dq_ptr, g_base * K, t0, end, H * K, 0, K, dq, BT, BK)
+    _store_rows(dk_ptr, g_base * K, t0, end, H * K, 0, K, dk, BT, BK)
+    _store_gate(deta_ptr, g_base, t0, end, H, deta, BT)
+    if MEMORY:
+        _store_gate(dlw_ptr, g_base, t0, end, H, 2.0 * r_b + 2.0 * du_v, BT)
+    _store_gate(dalpha_ptr, g_base, t0, end, H, dlog_alpha / alpha, BT)
+
+
+@triton.jit
+def _delta_prep_kernel(k_ptr, u_ptr, alpha_ptr, eta_ptr, w_ptr, u2_ptr, T, H, K, V,
+                       WITH_U2: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, PREC: tl.constexpr):
+    """W = Tm diag(eta e^{gp}) K and (WITH_U2) U' = Tm U for one chunk (fp32, [B*H, T, .])."""
+    _delta_prep(k_ptr, u_ptr, alpha_ptr, eta_ptr, eta_ptr, w_ptr, u2_ptr, T, H, K, V, BT,
+                WITH_U2, False, BT, BK, BV, PREC)
+
+
+@triton.jit
+def _delta_fwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_ptr,
+                           d_ptr, sT_ptr, T, H, K, V, NT, HAS_S0: tl.constexpr,
+                           SAVE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           PREC: tl.constexpr):
+    """The delta rule's forward scan (_delta_fwd_scan with chunk BT): O, S_T, and with SAVE
+    each chunk's start h and Delta."""
+    _delta_fwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_ptr, d_ptr,
+                    sT_ptr, sT_ptr, T, H, K, V, BT, NT, HAS_S0, SAVE, False, BT, BK, BV, PREC)
+
+
+@triton.jit
+def _delta_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dhc_ptr, dd_ptr,
+                           ds0_ptr, T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,
+                           BV: tl.constexpr, PREC: tl.constexpr):
+    """The delta rule's backward scan (_delta_bwd_scan with chunk BT): dDelta, dh per chunk, dS_0."""
+    _delta_bwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dsT_ptr, dhc_ptr, dd_ptr,
+                    ds0_ptr, T, H, K, V, BT, NT, False, BT, BK, BV, PREC)
+
+
+@triton.jit
+def _delta_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, do_ptr, d_ptr, dd_ptr,
+                            hc_ptr, dhc_ptr, dq_ptr, dk_ptr, du_ptr, dalpha_ptr, deta_ptr,
+                            T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,
+                            BV: tl.constexpr, PREC: tl.constexpr):
+    """The delta rule's chunk-parallel gradients (_delta_bwd_grads with chunk BT): dq, dk,
+    du, dalpha, deta."""
+    _delta_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, eta_ptr, do_ptr, d_ptr, dd_ptr,
+                     hc_ptr, dhc_ptr, dq_ptr, dk_ptr, du_ptr, dalpha_ptr, deta_ptr, deta_ptr,
+                     T, H, K, V, BT, NT, False, BT, BK, BV, PREC)
 
 
 # ----------------------------------------------------------------------------- host side

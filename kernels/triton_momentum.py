@@ -20,14 +20,17 @@ Kernels (grid axes: V-blocks or chunks x batch*heads; all state math in fp32):
     _momentum_fwd_scan_kernel    sequential over chunks: O, saves chunk-start (h, z)
     _momentum_bwd_scan_kernel    reversed: dU and the carried (dh, dz); saves them per chunk
     _momentum_bwd_grads_kernel   parallel over chunks: dq, dk, dalpha, dbeta (reduces over V)
+Each kernel is a thin wrapper of one chunk-loop body (_momentum_fwd_scan, _momentum_bwd_scan,
+_momentum_bwd_grads) that triton_memory.py's linear memory layer runs too (MEMORY variant).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _decay, _load_gate, _load_kv, _load_rows,
-                           _load_state, _log_cumsum, _pick, _reverse_cumsum, _store_gate,
-                           _store_kv, _store_rows, _store_state, dot_precision)
+from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _chunk_span, _decay, _load_gate, _load_kv,
+                           _load_qk, _load_rows, _load_state, _load_state_or_zeros, _log_cumsum,
+                           _pick, _program, _reverse_cumsum, _scalar_zero, _store_gate, _store_kv,
+                           _store_rows, _store_state, dot_precision)
 
 
 @triton.jit
@@ -52,44 +55,46 @@ def _momentum_chunk_gates(alpha_ptr, beta_ptr, g_base, t0, T, H, BT: tl.constexp
     return alpha, beta, L, p, r, w, a, b, c, w_last, r_last
 
 
+# The chunk loops below serve the momentum rule (triton_scans.py: chunk C = BT, writes U
+# given) and the fused linear memory layer (triton_memory.py, MEMORY: chunk C <= BT, u_ptr
+# holds the targets V and the writes are the inner gradient at the chunk-start state,
+# U = 2 diag(lw) (V - K h); the chunk-start state of the last chunk W_B is returned). One
+# body each, called by the kernels (thin wrappers that fix the variant) of both files.
+
 @triton.jit
-def _momentum_fwd_scan_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, s0_ptr, z0_ptr, o_ptr,
-                              hc_ptr, zc_ptr, sT_ptr, zT_ptr, T, H, K, V, NT,
-                              HAS_S0: tl.constexpr, HAS_Z0: tl.constexpr, SAVE: tl.constexpr,
-                              BT: tl.constexpr,
-                              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _momentum_fwd_scan(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, lw_ptr, s0_ptr, z0_ptr, o_ptr,
+                       hc_ptr, zc_ptr, sT_ptr, zT_ptr, sB_ptr, T, H, K, V, C, NT,
+                       HAS_S0: tl.constexpr, HAS_Z0: tl.constexpr, SAVE: tl.constexpr,
+                       MEMORY: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, PREC: tl.constexpr):
     """One program per (V-block, batch*head), chunks in order, (h, z) [BK, BV] in registers;
     SAVE keeps each chunk's start (h, z) for the backward (skipped for inference)."""
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_v, bh64, g_base = _program(T, H)
     v0 = i_v * BV
     rows = tl.arange(0, BT)
-    g_base = i_b.to(tl.int64) * T * H + i_h
-    bh64 = i_bh.to(tl.int64)
-    if HAS_S0:
-        h = _load_state(s0_ptr, bh64 * V * K, K, V, v0, BK, BV)
-    else:
-        h = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_Z0:
-        z = _load_state(z0_ptr, bh64 * V * K, K, V, v0, BK, BV)
-    else:
-        z = tl.zeros([BK, BV], dtype=tl.float32)
+    h = _load_state_or_zeros(s0_ptr, bh64 * V * K, K, V, v0, HAS_S0, BK, BV)
+    z = _load_state_or_zeros(z0_ptr, bh64 * V * K, K, V, v0, HAS_Z0, BK, BV)
     for i_t in range(NT):
-        t0 = i_t * BT
+        t0, end, L = _chunk_span(i_t, C, T)
         kv_base = (bh64 * NT + i_t) * K * V
         if SAVE:
             _store_kv(hc_ptr, kv_base, K, V, v0, h, BK, BV)
             _store_kv(zc_ptr, kv_base, K, V, v0, z, BK, BV)
-        q = _load_rows(q_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
-        kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
-        uc = _load_rows(u_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
+        if MEMORY:
+            if i_t == NT - 1:
+                _store_state(sB_ptr, bh64 * V * K, K, V, v0, h, BK, BV)
+        q, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, K, BT, BK)
+        uc = _load_rows(u_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)
+        if MEMORY:       # U = 2 diag(lw) (V - K h), V-local
+            lw = _load_gate(lw_ptr, g_base, t0, end, H, 0.0, BT)
+            uc = (2.0 * lw)[:, None] * (uc - tl.dot(kc, h, input_precision=PREC))
         alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
-            alpha_ptr, beta_ptr, g_base, t0, T, H, BT, PREC)
+            alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
         wqk = w * tl.dot(q, tl.trans(kc), input_precision=PREC)
         o = (a[:, None] * tl.dot(q, h, input_precision=PREC)
              + c[:, None] * tl.dot(q, z, input_precision=PREC)
              + tl.dot(wqk, uc, input_precision=PREC))
-        _store_rows(o_ptr, g_base * V, t0, T, H * V, v0, V, o, BT, BV)
+        _store_rows(o_ptr, g_base * V, t0, end, H * V, v0, V, o, BT, BV)
         z_next = (_pick(b, rows, L) * z
                   + tl.dot(tl.trans(r_last[:, None] * kc), uc, input_precision=PREC))
         h = (_pick(a, rows, L) * h + _pick(c, rows, L) * z
@@ -100,83 +105,97 @@ def _momentum_fwd_scan_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, s0_ptr, 
 
 
 @triton.jit
-def _momentum_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, beta_ptr, do_ptr, dsT_ptr, dzT_ptr,
-                              dhc_ptr, dzc_ptr, du_ptr, ds0_ptr, dz0_ptr, T, H, K, V, NT,
-                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                              PREC: tl.constexpr):
+def _momentum_bwd_scan(q_ptr, k_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr, dsT_ptr, dzT_ptr,
+                       dsB_ptr, dhc_ptr, dzc_ptr, du_ptr, dv_ptr, ds0_ptr, dz0_ptr, T, H, K, V,
+                       C, NT, MEMORY: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, PREC: tl.constexpr):
     """Chunks in reverse, carrying (dh, dz) = gradients of the chunk-end state. Per chunk:
         dU  = (W o Q K^T)^T dO + diag(R_L.) K dz + diag(W_L.) K dh      (V-local: stored here)
         dh <- e^{la_L} dh + Q^T diag(e^{la}) dO
-        dz <- e^{lb_L} dz + c_L dh + Q^T diag(c) dO"""
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+        dz <- e^{lb_L} dz + c_L dh + Q^T diag(c) dO
+    MEMORY adds the writes' dependence on the chunk-start state, dh += -2 K^T diag(lw) dU,
+    stores dV = 2 diag(lw) dU, and adds the gradient of the returned last chunk-start state."""
+    i_v, bh64, g_base = _program(T, H)
     v0 = i_v * BV
     rows = tl.arange(0, BT)
-    g_base = i_b.to(tl.int64) * T * H + i_h
-    bh64 = i_bh.to(tl.int64)
     dh = _load_state(dsT_ptr, bh64 * V * K, K, V, v0, BK, BV)
     dz = _load_state(dzT_ptr, bh64 * V * K, K, V, v0, BK, BV)
+    if MEMORY:
+        dh_start = _load_state(dsB_ptr, bh64 * V * K, K, V, v0, BK, BV)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
-        t0 = i_t * BT
+        t0, end, L = _chunk_span(i_t, C, T)
         kv_base = (bh64 * NT + i_t) * K * V
         _store_kv(dhc_ptr, kv_base, K, V, v0, dh, BK, BV)
         _store_kv(dzc_ptr, kv_base, K, V, v0, dz, BK, BV)
-        q = _load_rows(q_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
-        kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
-        do = _load_rows(do_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
+        q, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, K, BT, BK)
+        do = _load_rows(do_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)
         alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
-            alpha_ptr, beta_ptr, g_base, t0, T, H, BT, PREC)
+            alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
         wqk = w * tl.dot(q, tl.trans(kc), input_precision=PREC)
         du = (tl.dot(tl.trans(wqk), do, input_precision=PREC)
               + tl.dot(r_last[:, None] * kc, dz, input_precision=PREC)
               + tl.dot(w_last[:, None] * kc, dh, input_precision=PREC))
-        _store_rows(du_ptr, g_base * V, t0, T, H * V, v0, V, du, BT, BV)
-        dz = (_pick(b, rows, L) * dz + _pick(c, rows, L) * dh
-              + tl.dot(tl.trans(q * c[:, None]), do, input_precision=PREC))
+        _store_rows(du_ptr, g_base * V, t0, end, H * V, v0, V, du, BT, BV)
+        dz_prev = (_pick(b, rows, L) * dz + _pick(c, rows, L) * dh
+                   + tl.dot(tl.trans(q * c[:, None]), do, input_precision=PREC))
         dh = (_pick(a, rows, L) * dh
               + tl.dot(tl.trans(q * a[:, None]), do, input_precision=PREC))
+        if MEMORY:
+            lw2 = 2.0 * _load_gate(lw_ptr, g_base, t0, end, H, 0.0, BT)
+            _store_rows(dv_ptr, g_base * V, t0, end, H * V, v0, V, lw2[:, None] * du, BT, BV)
+            dh -= tl.dot(tl.trans(lw2[:, None] * kc), du, input_precision=PREC)
+            dh += tl.where(i_r == 0, 1.0, 0.0) * dh_start
+        dz = dz_prev
     _store_state(ds0_ptr, bh64 * V * K, K, V, v0, dh, BK, BV)
     _store_state(dz0_ptr, bh64 * V * K, K, V, v0, dz, BK, BV)
 
 
 @triton.jit
-def _momentum_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, do_ptr, hc_ptr, zc_ptr,
-                               dhc_ptr, dzc_ptr, dq_ptr, dk_ptr, dalpha_ptr, dbeta_ptr,
-                               T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,
-                               BV: tl.constexpr, PREC: tl.constexpr):
+def _momentum_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr, du_ptr,
+                        hc_ptr, zc_ptr, dhc_ptr, dzc_ptr, dq_ptr, dk_ptr, dalpha_ptr, dbeta_ptr,
+                        dlw_ptr, T, H, K, V, C, NT, MEMORY: tl.constexpr, BT: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """dq, dk and the gate gradients of one chunk (they sum over V): the chain rule through
-    O, z_next, h_next, then W = P R, c = P b, a = e^{la}, b = e^{lb} down to log-gates."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_t * BT
+    O, z_next, h_next, then W = P R, c = P b, a = e^{la}, b = e^{lb} down to log-gates.
+    MEMORY: U is recomputed from the saved chunk-start h (u_ptr holds V, du_ptr the scan's
+    dU), plus the chain rule through U = 2 diag(lw) (V - K h) into dk and dlw."""
+    i_t, bh64, g_base = _program(T, H)
+    t0, end, L = _chunk_span(i_t, C, T)
     rows = tl.arange(0, BT)
     incl = rows[:, None] >= rows[None, :]
-    is_last = rows == tl.minimum(T - t0, BT) - 1
-    g_base = i_b.to(tl.int64) * T * H + i_h
-    bh64 = i_bh.to(tl.int64)
+    is_last = rows == L
     kv_base = (bh64 * NT + i_t) * K * V
-    q = _load_rows(q_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
-    kc = _load_rows(k_ptr, g_base * K, t0, T, H * K, 0, K, BT, BK)
+    q, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, K, BT, BK)
     alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
-        alpha_ptr, beta_ptr, g_base, t0, T, H, BT, PREC)
+        alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
     qk = tl.dot(q, tl.trans(kc), input_precision=PREC)
+    if MEMORY:
+        lw2 = 2.0 * _load_gate(lw_ptr, g_base, t0, end, H, 0.0, BT)
+        du_h = tl.zeros([BT, BK], dtype=tl.float32)     # dU h^T (the write's K h)
+        du_e = tl.zeros([BT], dtype=tl.float32)         # rows of dU . (V - K h)
 
     d_wqk = tl.zeros([BT, BT], dtype=tl.float32)    # dO U^T
     do_h = tl.zeros([BT, BK], dtype=tl.float32)     # dO h^T
     do_z = tl.zeros([BT, BK], dtype=tl.float32)     # dO z^T
     u_dh = tl.zeros([BT, BK], dtype=tl.float32)     # U dh_next^T
     u_dz = tl.zeros([BT, BK], dtype=tl.float32)     # U dz_next^T
-    h_dh = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)   # <h, dh_next>
-    z_dh = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)   # <z, dh_next>
-    z_dz = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)   # <z, dz_next>
+    h_dh = _scalar_zero(BT)                         # <h, dh_next>
+    z_dh = _scalar_zero(BT)                         # <z, dh_next>
+    z_dz = _scalar_zero(BT)                         # <z, dz_next>
     for v0 in range(0, V, BV):
-        do = _load_rows(do_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
-        uc = _load_rows(u_ptr, g_base * V, t0, T, H * V, v0, V, BT, BV)
+        do = _load_rows(do_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)
+        uc = _load_rows(u_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)
         h = _load_kv(hc_ptr, kv_base, K, V, v0, BK, BV)
         z = _load_kv(zc_ptr, kv_base, K, V, v0, BK, BV)
         dh = _load_kv(dhc_ptr, kv_base, K, V, v0, BK, BV)
         dz = _load_kv(dzc_ptr, kv_base, K, V, v0, BK, BV)
+        if MEMORY:
+            du = _load_rows(du_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)
+            resid = uc - tl.dot(kc, h, input_precision=PREC)
+            uc = lw2[:, None] * resid
+            du_h += tl.dot(du, tl.trans(h), input_precision=PREC)
+            du_e += tl.sum(du * resid, 1)
         d_wqk += tl.dot(do, tl.trans(uc), input_precision=PREC)
         do_h += tl.dot(do, tl.trans(h), input_precision=PREC)
         do_z += tl.dot(do, tl.trans(z), input_precision=PREC)
@@ -190,6 +209,9 @@ def _momentum_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, do_ptr,
     dq = a[:, None] * do_h + c[:, None] * do_z + tl.dot(gw, kc, input_precision=PREC)
     dk = (tl.dot(tl.trans(gw), q, input_precision=PREC)
           + w_last[:, None] * u_dh + r_last[:, None] * u_dz)
+    if MEMORY:
+        dk -= lw2[:, None] * du_h
+        _store_gate(dlw_ptr, g_base, t0, end, H, 2.0 * du_e, BT)
     # gradients of the gate quantities; the row-L ones come from h_next and z_next
     d_w = tl.where(incl, d_wqk * qk, 0.0) + tl.where(is_last[:, None],
                                                      tl.sum(kc * u_dh, 1)[None, :], 0.0)
@@ -203,10 +225,47 @@ def _momentum_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, do_ptr,
     e_r = tl.where(incl, d_r, 0.0) * r
     d_la = tl.where(rows <= L, a * d_a + tl.sum(e_p, 1) - tl.sum(e_p, 0), 0.0)
     d_lb = tl.where(rows <= L, b * d_b + tl.sum(e_r, 1) - tl.sum(e_r, 0), 0.0)
-    _store_rows(dq_ptr, g_base * K, t0, T, H * K, 0, K, dq, BT, BK)
-    _store_rows(dk_ptr, g_base * K, t0, T, H * K, 0, K, dk, BT, BK)
-    _store_gate(dalpha_ptr, g_base, t0, T, H, _reverse_cumsum(d_la, rows) / alpha, BT)
-    _store_gate(dbeta_ptr, g_base, t0, T, H, _reverse_cumsum(d_lb, rows) / beta, BT)
+    _store_rows(dq_ptr, g_base * K, t0, end, H * K, 0, K, dq, BT, BK)
+    _store_rows(dk_ptr, g_base * K, t0, end, H * K, 0, K, dk, BT, BK)
+    _store_gate(dalpha_ptr, g_base, t0, end, H, _reverse_cumsum(d_la, rows) / alpha, BT)
+    _store_gate(dbeta_ptr, g_base, t0, end, H, _reverse_cumsum(d_lb, rows) / beta, BT)
+
+
+@triton.jit
+def _momentum_fwd_scan_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, s0_ptr, z0_ptr, o_ptr,
+                              hc_ptr, zc_ptr, sT_ptr, zT_ptr, T, H, K, V, NT,
+                              HAS_S0: tl.constexpr, HAS_Z0: tl.constexpr, SAVE: tl.constexpr,
+                              BT: tl.constexpr,
+                              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """The momentum rule's forward scan (_momentum_fwd_scan with chunk BT): O, S_T, Z_T, and
+    with SAVE each chunk's start (h, z)."""
+    _momentum_fwd_scan(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, alpha_ptr, s0_ptr, z0_ptr,
+                       o_ptr, hc_ptr, zc_ptr, sT_ptr, zT_ptr, sT_ptr, T, H, K, V, BT, NT,
+                       HAS_S0, HAS_Z0, SAVE, False, BT, BK, BV, PREC)
+
+
+@triton.jit
+def _momentum_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, beta_ptr, do_ptr, dsT_ptr, dzT_ptr,
+                              dhc_ptr, dzc_ptr, du_ptr, ds0_ptr, dz0_ptr, T, H, K, V, NT,
+                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                              PREC: tl.constexpr):
+    """The momentum rule's backward scan (_momentum_bwd_scan with chunk BT): dU, (dh, dz)
+    per chunk, dS_0, dZ_0."""
+    _momentum_bwd_scan(q_ptr, k_ptr, alpha_ptr, beta_ptr, alpha_ptr, do_ptr, dsT_ptr, dzT_ptr,
+                       dsT_ptr, dhc_ptr, dzc_ptr, du_ptr, du_ptr, ds0_ptr, dz0_ptr, T, H, K, V,
+                       BT, NT, False, BT, BK, BV, PREC)
+
+
+@triton.jit
+def _momentum_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, do_ptr, hc_ptr, zc_ptr,
+                               dhc_ptr, dzc_ptr, dq_ptr, dk_ptr, dalpha_ptr, dbeta_ptr,
+                               T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,
+                               BV: tl.constexpr, PREC: tl.constexpr):
+    """The momentum rule's chunk-parallel gradients (_momentum_bwd_grads with chunk BT): dq,
+    dk, dalpha, dbeta."""
+    _momentum_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, alpha_ptr, do_ptr, do_ptr,
+                        hc_ptr, zc_ptr, dhc_ptr, dzc_ptr, dq_ptr, dk_ptr, dalpha_ptr, dbeta_ptr,
+                        dalpha_ptr, T, H, K, V, BT, NT, False, BT, BK, BV, PREC)
 
 
 # ----------------------------------------------------------------------------- host side
