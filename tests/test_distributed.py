@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO
+from helpers import prepare_shakespeare
 
 TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.d_model=32", "--data.tokenizer=bytes",
         "--train.batch_size=4", "--train.grad_accum=2", "--train.seq_len=32", "--train.lr=3e-3",
@@ -42,15 +43,7 @@ ARCHS = [pytest.param(arch, marks=pytest.mark.skipif(not _builds(arch), reason=f
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A prepared byte-level dataset from tiny-shakespeare (first 200 KB split into documents)."""
-    from data.prepare import prepare
-    root = tmp_path_factory.mktemp("corpus")
-    with open(os.path.join(SHARED_DATA, "shakespeare", "tinyshakespeare.txt")) as f:
-        text = f.read()[:200_000]
-    for i, doc in enumerate(text.split("\n\n")[:400]):
-        (root / f"doc{i:04d}.txt").write_text(doc)
-    out = str(root / "prepared")
-    prepare(f"files:{root}/*.txt", out, tokenizer="bytes", val_fraction=0.1, num_workers=1, quiet=True)
-    return out
+    return prepare_shakespeare(tmp_path_factory.mktemp("corpus"), 200_000, 400)
 
 
 def _env():

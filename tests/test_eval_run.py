@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO, SHARED_DATA
+from helpers import prepare_shakespeare
 
 TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.d_model=32", "--data.tokenizer=bytes",
         "--train.batch_size=4", "--train.seq_len=64", "--train.lr=3e-3", "--optim.warmup_steps=2",
@@ -17,14 +18,8 @@ TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.d_model=32", "--data.t
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny byte-level Transformer trained for a few steps on tiny-shakespeare documents."""
-    from data.prepare import prepare
     root = tmp_path_factory.mktemp("run")
-    with open(os.path.join(SHARED_DATA, "shakespeare", "tinyshakespeare.txt")) as f:
-        text = f.read()[:60_000]
-    for i, doc in enumerate(text.split("\n\n")[:150]):
-        (root / f"doc{i:04d}.txt").write_text(doc)
-    prepared = str(root / "prepared")
-    prepare(f"files:{root}/*.txt", prepared, tokenizer="bytes", val_fraction=0.1, num_workers=1, quiet=True)
+    prepared = prepare_shakespeare(root, 60_000, 150)
     out = str(root / "train")
     env = dict(os.environ, WANDB_MODE="disabled")
     r = subprocess.run([sys.executable, "train.py", *TINY, f"--data.dataset={prepared}", f"--train.out_dir={out}",
