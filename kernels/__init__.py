@@ -16,6 +16,7 @@ import importlib
 import torch
 
 from . import chunked
+from .checks import MAX_KEY_DIM, check_scan_inputs
 from .reference import delta_rule_reference, momentum_rule_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -36,20 +37,17 @@ def _triton_scans_or_error():
         raise ImportError(f"backend='triton' needs kernels.triton_scans and triton: {e}") from e
 
 
-TRITON_MAX_KEY_DIM = 128
-
-
 def select_backend(backend, device, dtype=torch.float32, key_dim=None):
     """Resolve `backend` ("auto" included) to the concrete backend used for `device`.
     "auto" takes the chunked PyTorch path where the Triton kernels do not apply: off CUDA,
-    float64 (they are fp32/bf16/fp16) and key dims above TRITON_MAX_KEY_DIM."""
+    float64 (they are fp32/bf16/fp16) and key dims above checks.MAX_KEY_DIM."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend != "auto":
         return backend
     if torch.device(device).type != "cuda" or dtype == torch.float64:
         return "torch"
-    if key_dim is not None and key_dim > TRITON_MAX_KEY_DIM:
+    if key_dim is not None and key_dim > MAX_KEY_DIM:
         return "torch"
     try:
         _triton_scans()
@@ -58,45 +56,11 @@ def select_backend(backend, device, dtype=torch.float32, key_dim=None):
     return "triton"
 
 
-def _shape(t):
-    return list(t.shape)
-
-
-def _validate(q, k, u, gates, states, chunk_size):
-    """One-line ValueErrors naming the argument and the expected shape. `gates` and
-    `states` are dicts name -> tensor (states may be None)."""
-    named = {"q": q, "k": k, "u": u, **gates, **{n: s for n, s in states.items() if s is not None}}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor; got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B,T,H,K]; got {_shape(q)}")
-    B, T, H, K = q.shape
-    if k.shape != q.shape:
-        raise ValueError(f"k must be [B,T,H,K] = q's shape {_shape(q)}; got {_shape(k)}")
-    if u.dim() != 4 or u.shape[:3] != q.shape[:3]:
-        raise ValueError(f"u must be [B,T,H,V] with B,T,H matching q {_shape(q)}; "
-                         f"got {_shape(u)}")
-    V = u.shape[3]
-    for name, g in gates.items():
-        if g.shape != (B, T, H):
-            raise ValueError(f"{name} must be [B,T,H] = {[B, T, H]}; got {_shape(g)}")
-    for name, s in states.items():
-        if s is not None and s.shape != (B, H, V, K):
-            raise ValueError(f"{name} must be [B,H,V,K] = {[B, H, V, K]}; got {_shape(s)}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
-
-
 def delta_rule(q, k, u, alpha, eta, initial_state=None, chunk_size=64, backend="auto"):
     """Gated delta rule / DGD step (NL Eq. 57/88). Returns (o [B,T,H,V], S_T [B,H,V,K]).
     `chunk_size` changes speed, never the result (beyond float rounding)."""
-    _validate(q, k, u, {"alpha": alpha, "eta": eta}, {"initial_state": initial_state},
-              chunk_size)
+    check_scan_inputs(q, k, u, {"alpha": alpha, "eta": eta}, {"initial_state": initial_state},
+                      chunk_size)
     backend = select_backend(backend, q.device, q.dtype, q.shape[-1])
     if backend == "reference":
         return delta_rule_reference(q, k, u, alpha, eta, initial_state)
@@ -110,9 +74,9 @@ def momentum_rule(q, k, u, alpha, beta, initial_state=None, initial_momentum=Non
                   chunk_size=64, backend="auto"):
     """GD with momentum (Titans Eq. 13-14). Returns (o [B,T,H,V], S_T, Z_T [B,H,V,K]).
     `chunk_size` changes speed, never the result (beyond float rounding)."""
-    _validate(q, k, u, {"alpha": alpha, "beta": beta},
-              {"initial_state": initial_state, "initial_momentum": initial_momentum},
-              chunk_size)
+    check_scan_inputs(q, k, u, {"alpha": alpha, "beta": beta},
+                      {"initial_state": initial_state, "initial_momentum": initial_momentum},
+                      chunk_size)
     backend = select_backend(backend, q.device, q.dtype, q.shape[-1])
     if backend == "reference":
         return momentum_rule_reference(q, k, u, alpha, beta, initial_state, initial_momentum)

@@ -36,13 +36,13 @@ next_pow2(C)); the rows past C are no-op padding); head dim <= 128. Outputs: y i
 states fp32 (C <= 32 when d > 64, see max_chunk). The 2-layer MLP memory is fused in
 triton_mlp_memory.py, the CMS fast levels in triton_cms.py.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .checks import MAX_KEY_DIM, check_scan_inputs
+from .checks import SUPPORTED_DTYPES, interpreting as _interpreting  # noqa: F401  (importers' names)
 from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _delta_bwd_grads, _delta_bwd_scan,
                            _delta_fwd_scan, _delta_prep, dot_precision)
 from .triton_momentum import _momentum_bwd_grads, _momentum_bwd_scan, _momentum_fwd_scan
@@ -51,8 +51,7 @@ __all__ = ["fused_linear_memory_delta", "fused_linear_memory_momentum", "MAX_CHU
            "MAX_HEAD_DIM", "fusable", "max_chunk"]
 
 MAX_CHUNK = 64           # one memory chunk = one tile of rows
-MAX_HEAD_DIM = 128       # the whole key dimension of the state sits in one register tile
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_HEAD_DIM = MAX_KEY_DIM   # the whole key dimension of the state sits in one register tile
 
 
 # ----------------------------------------------------------------------------- DGD / GD
@@ -145,10 +144,6 @@ def _mem_momentum_bwd_grads_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lw_
 
 # ----------------------------------------------------------------------------- host side
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _tiles(d, chunk_size):
     """(BT, BK, BV): one memory chunk per BT rows (tl.dot needs >= 16), V in blocks of <= 64."""
     return (max(16, triton.next_power_of_2(chunk_size)), max(16, triton.next_power_of_2(d)),
@@ -167,38 +162,12 @@ def fusable(d, chunk_size):
 
 
 def _check_inputs(tensors, states, chunk_size):
-    """One-line ValueErrors naming what is wrong. tensors: q, k, v then gates (by name)."""
-    q = tensors["q"]
-    for name, t in {**tensors, **states}.items():
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for the fused memory "
-                             f"kernels; got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"the fused memory kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
-                         f"before importing triton); got device {q.device}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B,T,H,d]; got shape {list(q.shape)}")
-    B, T, H, d = q.shape
-    for name in ("k", "v"):
-        if tensors[name].shape != q.shape:
-            raise ValueError(f"{name} must be [B,T,H,d] = {list(q.shape)} like q; "
-                             f"got {list(tensors[name].shape)}")
-    for name, g in tensors.items():
-        if name not in ("q", "k", "v") and g.shape != (B, T, H):
-            raise ValueError(f"{name} must be [B,T,H] = {[B, T, H]}; got {list(g.shape)}")
-    for name, s in states.items():
-        if s.shape != (B, H, d, d):
-            raise ValueError(f"{name} must be [B,H,d,d] = {[B, H, d, d]}; got {list(s.shape)}")
-    if d > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {d} exceeds {MAX_HEAD_DIM}, the most the fused kernels hold "
-                         f"in one tile")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= max_chunk(d):
-        raise ValueError(f"chunk_size must be an int in [1, {max_chunk(d)}] for the fused memory "
-                         f"kernels at head dim {d}; got {chunk_size!r}")
+    """One-line ValueErrors naming what is wrong (kernels/checks.py, the check every scan
+    path shares). tensors: q, k, v [B,T,H,d] then gates [B,T,H] (by name); states [B,H,d,d]."""
+    gates = {n: t for n, t in tensors.items() if n not in ("q", "k", "v")}
+    check_scan_inputs(tensors["q"], tensors["k"], tensors["v"], gates, states, chunk_size,
+                      u_name="v", dims=("d", "d"), kernels="the fused memory kernels",
+                      max_chunk=max_chunk, states_optional=False)
 
 
 def _contiguous(*tensors):

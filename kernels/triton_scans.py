@@ -16,24 +16,19 @@ without graph breaks. The kernels are in `triton_delta.py` and `triton_momentum.
 The kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is
 imported (Triton's interpreter; what the CPU tests use).
 """
-import os
 from typing import Optional
 
 import torch
 import triton
 from torch import Tensor
 
+from .checks import check_scan_inputs
 from .triton_delta import delta_backward, delta_forward
 from .triton_momentum import momentum_backward, momentum_forward
 
 __all__ = ["delta_rule_triton", "momentum_rule_triton"]
 
-MAX_HEAD_DIM_K = 128      # the whole key dimension of the state sits in one register tile
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+KERNELS = "the Triton kernels"     # how the input check's messages name them
 
 
 def _tiles(K, V, chunk_size):
@@ -44,42 +39,6 @@ def _tiles(K, V, chunk_size):
     BV = min(64, max(16, triton.next_power_of_2(V)))
     BT = min(64 if BK <= 64 else 32, max(16, triton.next_power_of_2(chunk_size)))
     return BT, BK, BV
-
-
-def _check_inputs(q, k, u, gates, states, chunk_size):
-    """One-line ValueErrors naming what is wrong. `gates`, `states`: dicts name -> tensor."""
-    named = {"q": q, "k": k, "u": u, **gates, **{n: s for n, s in states.items() if s is not None}}
-    for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for the Triton kernels; "
-                             f"got {t.dtype} (backend='torch' handles other dtypes)")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before "
-                         f"importing triton); got device {q.device}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B,T,H,K]; got shape {list(q.shape)}")
-    B, T, H, K = q.shape
-    if k.shape != q.shape:
-        raise ValueError(f"k must be [B,T,H,K] = {list(q.shape)} like q; got {list(k.shape)}")
-    if u.dim() != 4 or u.shape[:3] != q.shape[:3]:
-        raise ValueError(f"u must be [B,T,H,V] with B,T,H = {[B, T, H]} as in q; "
-                         f"got {list(u.shape)}")
-    V = u.shape[3]
-    for name, g in gates.items():
-        if g.shape != (B, T, H):
-            raise ValueError(f"{name} must be [B,T,H] = {[B, T, H]}; got {list(g.shape)}")
-    for name, s in states.items():
-        if s is not None and s.shape != (B, H, V, K):
-            raise ValueError(f"{name} must be [B,H,V,K] = {[B, H, V, K]}; got {list(s.shape)}")
-    if K > MAX_HEAD_DIM_K:
-        raise ValueError(f"key head dim K={K} exceeds {MAX_HEAD_DIM_K}, the most the Triton "
-                         f"kernels hold in one tile (backend='torch' has no limit)")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
 
 
 def _needs_grad(*tensors):
@@ -169,8 +128,8 @@ _delta_rule_fwd.register_autograd(_delta_rule_backward, setup_context=_delta_set
 def delta_rule_triton(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
     """S_t = S_{t-1} (alpha_t I - eta_t k_t k_t^T) + u_t k_t^T ;  o_t = S_t q_t  (NL Eq. 57/88,
     the DGD transition). Returns (o [B,T,H,V] in q's dtype, S_T [B,H,V,K] fp32)."""
-    _check_inputs(q, k, u, {"alpha": alpha, "eta": eta}, {"initial_state": initial_state},
-                  chunk_size)
+    check_scan_inputs(q, k, u, {"alpha": alpha, "eta": eta}, {"initial_state": initial_state},
+                      chunk_size, kernels=KERNELS)
     save = _needs_grad(q, k, u, alpha, eta, initial_state)
     o, s_final, _, _ = torch.ops.nested_learning.delta_rule_fwd(
         q, k, u, alpha, eta, initial_state, chunk_size, save)
@@ -254,9 +213,9 @@ def momentum_rule_triton(q, k, u, alpha, beta, initial_state=None, initial_momen
                          chunk_size=64):
     """Z_t = beta_t Z_{t-1} + u_t k_t^T ;  S_t = alpha_t S_{t-1} + Z_t ;  o_t = S_t q_t
     (Titans Eq. 13-14). Returns (o [B,T,H,V] in q's dtype, S_T, Z_T [B,H,V,K] fp32)."""
-    _check_inputs(q, k, u, {"alpha": alpha, "beta": beta},
-                  {"initial_state": initial_state, "initial_momentum": initial_momentum},
-                  chunk_size)
+    check_scan_inputs(q, k, u, {"alpha": alpha, "beta": beta},
+                      {"initial_state": initial_state, "initial_momentum": initial_momentum},
+                      chunk_size, kernels=KERNELS)
     save = _needs_grad(q, k, u, alpha, beta, initial_state, initial_momentum)
     o, s_final, z_final, _, _ = torch.ops.nested_learning.momentum_rule_fwd(
         q, k, u, alpha, beta, initial_state, initial_momentum, chunk_size, save)

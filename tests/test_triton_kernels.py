@@ -14,6 +14,7 @@ from helpers import DEVICE, needs_cuda, triton_kernels_or_skip
 
 needs_kernels = triton_kernels_or_skip()
 
+import kernels  # noqa: E402
 from kernels import triton_scans  # noqa: E402
 from kernels.reference import delta_rule_reference, momentum_rule_reference  # noqa: E402
 
@@ -158,17 +159,34 @@ def test_custom_ops_pass_opcheck(op):
     (dict(initial_state=torch.zeros(1, 1, 16, 8)), "initial_state must be [B,H,V,K]"),
     (dict(q=torch.zeros(1, 4, 1, 16, dtype=torch.float64)), "q must be float32, bfloat16"),
     (dict(eta=[0.5] * 4), "eta must be a torch.Tensor"),
-    (dict(chunk_size=0), "chunk_size must be a positive int"),
+    (dict(chunk_size=0), "chunk_size must be an integer >= 1"),
     (dict(q=torch.zeros(1, 4, 1, 256), k=torch.zeros(1, 4, 1, 256)), "exceeds 128"),
 ])
 def test_bad_inputs_raise_one_line_errors(change, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        triton_scans.delta_rule_triton(**_delta_inputs(change))
+
+
+def _delta_inputs(change):
     inputs = {"q": torch.zeros(1, 4, 1, 16), "k": torch.zeros(1, 4, 1, 16),
               "u": torch.zeros(1, 4, 1, 16), "alpha": torch.ones(1, 4, 1),
-              "eta": torch.zeros(1, 4, 1), "initial_state": None, "chunk_size": 16}
-    inputs = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in inputs.items()}
-    change = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in change.items()}
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        triton_scans.delta_rule_triton(**{**inputs, **change})
+              "eta": torch.zeros(1, 4, 1), "initial_state": None, "chunk_size": 16, **change}
+    return {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in inputs.items()}
+
+
+@pytest.mark.parametrize("change", [
+    dict(q=torch.zeros(1, 4, 1)), dict(k=torch.zeros(1, 5, 1, 16)), dict(u=torch.zeros(1, 4, 2, 16)),
+    dict(alpha=torch.zeros(1, 4)), dict(initial_state=torch.zeros(1, 1, 16, 8)),
+    dict(eta=[0.5] * 4), dict(chunk_size=0), dict(chunk_size=2.5)])
+def test_dispatcher_and_triton_entry_share_one_input_check(change):
+    """kernels.delta_rule and delta_rule_triton both run kernels/checks.py: the same bad
+    input gets the same one-line message on either path."""
+    messages = []
+    for fn in (kernels.delta_rule, triton_scans.delta_rule_triton):
+        with pytest.raises(ValueError) as error:
+            fn(**_delta_inputs(change))
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and "\n" not in messages[0]
 
 
 # ----------------------------------------------------------------------------- CUDA only

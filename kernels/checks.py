@@ -1,0 +1,75 @@
+"""The one input check of the scan primitives (DESIGN §3.2 shapes), shared by the dispatcher
+(kernels/__init__.py) and the Triton entry points (triton_scans.py, triton_memory.py), so
+every path rejects the same bad input with the same one-line ValueError naming it.
+Imports no Triton: the CPU path uses it too."""
+import os
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # the Triton kernels' inputs
+MAX_KEY_DIM = 128      # the Triton kernels hold a state's whole key dimension in one tile
+
+
+def interpreting():
+    """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1, see PLATFORM.md)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _shape(t):
+    return list(t.shape)
+
+
+def check_scan_inputs(q, k, u, gates, states, chunk_size, *, u_name="u", dims=("K", "V"),
+                      kernels=None, max_chunk=None, states_optional=True):
+    """Raise a one-line ValueError naming the first bad argument and what it should be.
+
+    q, k [B,T,H,K]; u [B,T,H,V]; gates: dict name -> [B,T,H]; states: dict name ->
+    [B,H,V,K] (None allowed while states_optional); chunk_size an integer >= 1.
+    u_name, dims: how the messages call u and (K, V); one name for both, ("d", "d") for the
+    memory layers' square weights, also requires V == K.
+    kernels: the Triton kernels' name in messages; given, the inputs must also suit them:
+    SUPPORTED_DTYPES (else any floating dtype), CUDA or the interpreter, K <= MAX_KEY_DIM,
+    and chunk_size <= max_chunk(K) where max_chunk is given."""
+    key, value = dims
+    named = {"q": q, "k": k, u_name: u, **gates,
+             **{n: s for n, s in states.items() if s is not None or not states_optional}}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if kernels is None and not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor; got {t.dtype}")
+        if kernels is not None and t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16 for {kernels}; "
+                             f"got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
+    if kernels is not None and q.device.type != "cuda" and not interpreting():
+        raise ValueError(f"{kernels} need CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         f"importing triton); got device {q.device}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B,T,H,{key}]; got {_shape(q)}")
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must be [B,T,H,{key}] = q's shape {_shape(q)}; got {_shape(k)}")
+    square = key == value
+    if u.dim() != 4 or u.shape[:3] != q.shape[:3] or (square and u.shape[3] != K):
+        matching = f"B,T,H,{key}" if square else "B,T,H"
+        raise ValueError(f"{u_name} must be [B,T,H,{value}] with {matching} matching q "
+                         f"{_shape(q)}; got {_shape(u)}")
+    V = u.shape[3]
+    for name, g in gates.items():
+        if g.shape != (B, T, H):
+            raise ValueError(f"{name} must be [B,T,H] = {[B, T, H]}; got {_shape(g)}")
+    for name, s in states.items():
+        if s is not None and s.shape != (B, H, V, K):
+            raise ValueError(f"{name} must be [B,H,{value},{key}] = {[B, H, V, K]}; "
+                             f"got {_shape(s)}")
+    if kernels is not None and K > MAX_KEY_DIM:
+        raise ValueError(f"key head dim {key}={K} exceeds {MAX_KEY_DIM}, the most {kernels} "
+                         f"hold in one tile")
+    top = None if max_chunk is None else max_chunk(K)
+    if (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+            or (top is not None and chunk_size > top)):
+        allowed = ("an integer >= 1" if top is None else
+                   f"an integer in [1, {top}] for {kernels} at key head dim {K}")
+        raise ValueError(f"chunk_size must be {allowed}; got {chunk_size!r}")
