@@ -48,10 +48,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_delta import (CHUNK_WARPS, _decay, _delta_chunk_gates, _delta_ut_system,
-                           _load_gate, _load_kv, _load_rows, _load_state, _pick,
-                           _reverse_cumsum, _store_gate, _store_kv, _store_rows, _store_state,
-                           dot_precision)
+from .triton_delta import (CHUNK_WARPS, _chunk_span, _decay, _delta_chunk_gates,
+                           _delta_ut_system, _load_gate, _load_kv, _load_qk, _load_rows,
+                           _load_state, _pick, _program, _reverse_cumsum, _store_gate, _store_kv,
+                           _store_rows, _store_state, dot_precision)
 from .triton_cms import ACT_IDS, _act
 from .triton_momentum import _momentum_chunk_gates
 from .triton_memory import _contiguous, _grad_or_zeros, _interpreting, _needs_grad
@@ -293,25 +293,19 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
                         BE: tl.constexpr, PREC: tl.constexpr):
     """DGD / GD: the chunk loop of one (batch, head), (h1, h2) in registers (module
     docstring 1-4). SAVE keeps each chunk's start (h1, h2) for the backward."""
-    i_bh = tl.program_id(0)
-    i_b, i_h = i_bh // H, i_bh % H
+    _, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
-    g_base = i_b.to(tl.int64) * T * H + i_h
-    bh64 = i_bh.to(tl.int64)
     h1 = _load_state(win_ptr, bh64 * E * D, D, E, 0, BD, BE)                  # W_in^T [D, E]
     h2 = _load_state(wout_ptr, bh64 * D * E, E, D, 0, BE, BD)                 # W_out^T [E, D]
     for i_t in range(NT):
-        t0 = i_t * C
-        end = tl.minimum(t0 + C, T)
-        L = end - t0 - 1
+        t0, end, L = _chunk_span(i_t, C, T)
         if SAVE:
             _store_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, h1, BD, BE)
             _store_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, h2, BE, BD)
         if i_t == NT - 1:
             _store_state(winB_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
             _store_state(woutB_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
-        qc = _load_rows(q_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
-        kc = _load_rows(k_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        qc, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, D, BT, BD)
         vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
@@ -333,22 +327,16 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
     """DGD / GD, chunks in reverse carrying (dh1, dh2) = dL/d(next chunk-start states):
     recompute the chunk from its saved start, step back through layer 2, s(O1), layer 1, the
     write rates and the closed-form inner gradient (module docstring)."""
-    i_bh = tl.program_id(0)
-    i_b, i_h = i_bh // H, i_bh % H
+    _, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
-    g_base = i_b.to(tl.int64) * T * H + i_h
-    bh64 = i_bh.to(tl.int64)
     dh1 = _load_state(dwinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
     dh2 = _load_state(dwoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
-        t0 = i_t * C
-        end = tl.minimum(t0 + C, T)
-        L = end - t0 - 1
+        t0, end, L = _chunk_span(i_t, C, T)
         h1 = _load_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
         h2 = _load_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
-        qc = _load_rows(q_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
-        kc = _load_rows(k_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        qc, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, D, BT, BD)
         vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
@@ -385,18 +373,14 @@ def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
                                  BE: tl.constexpr, PREC: tl.constexpr):
     """Titans' momentum (Eq. 13-14): the chunk loop with (h, z) of both layers in registers;
     writes U = -lr G (`_inner_write` with GD rates), then the momentum closed form."""
-    i_bh = tl.program_id(0)
-    i_b, i_h = i_bh // H, i_bh % H
+    _, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
-    g_base = i_b.to(tl.int64) * T * H + i_h
-    bh64 = i_bh.to(tl.int64)
     h1 = _load_state(win_ptr, bh64 * E * D, D, E, 0, BD, BE)
     h2 = _load_state(wout_ptr, bh64 * D * E, E, D, 0, BE, BD)
     z1 = _load_state(zin_ptr, bh64 * E * D, D, E, 0, BD, BE)
     z2 = _load_state(zout_ptr, bh64 * D * E, E, D, 0, BE, BD)
     for i_t in range(NT):
-        t0 = i_t * C
-        end = tl.minimum(t0 + C, T)
+        t0, end, L = _chunk_span(i_t, C, T)
         if SAVE:
             _store_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, h1, BD, BE)
             _store_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, h2, BE, BD)
@@ -405,8 +389,7 @@ def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
         if i_t == NT - 1:
             _store_state(winB_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
             _store_state(woutB_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
-        qc = _load_rows(q_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
-        kc = _load_rows(k_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        qc, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, D, BT, BD)
         vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         lr = _load_gate(lr_ptr, g_base, t0, end, H, 0.0, BT)
         alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
@@ -435,25 +418,20 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
                                  PREC: tl.constexpr):
     """Momentum, chunks in reverse carrying (dh, dz) of both layers: as _mlp_mem_bwd_kernel
     with the momentum chunk's chain rule."""
-    i_bh = tl.program_id(0)
-    i_b, i_h = i_bh // H, i_bh % H
+    _, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
-    g_base = i_b.to(tl.int64) * T * H + i_h
-    bh64 = i_bh.to(tl.int64)
     dh1 = _load_state(dwinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
     dh2 = _load_state(dwoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
     dz1 = _load_state(dzinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
     dz2 = _load_state(dzoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
-        t0 = i_t * C
-        end = tl.minimum(t0 + C, T)
+        t0, end, L = _chunk_span(i_t, C, T)
         h1 = _load_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
         h2 = _load_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
         z1 = _load_kv(z1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
         z2 = _load_kv(z2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
-        qc = _load_rows(q_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
-        kc = _load_rows(k_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        qc, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, D, BT, BD)
         vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         lr = _load_gate(lr_ptr, g_base, t0, end, H, 0.0, BT)
@@ -584,7 +562,7 @@ def _memory_mlp_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
     y = torch.empty(B, T, H, d, device=q.device, dtype=q.dtype)
     (win_T, wout_T, win_B, wout_B), _ = _state_buffers(B, H, d, E, NT, 4, False, q.device)
     _, (h1c, h2c) = _state_buffers(B, H, d, E, NT, 2, save, q.device)
-    _mlp_mem_fwd_kernel[(B * H,)](q, k, v, alpha, lr, w_in, w_out, y, h1c, h2c, win_T, wout_T,
+    _mlp_mem_fwd_kernel[(1, B * H)](q, k, v, alpha, lr, w_in, w_out, y, h1c, h2c, win_T, wout_T,
                                   win_B, wout_B, T, H, d, E, chunk_size, NT, DGD=dgd, SAVE=save,
                                   **consts, num_warps=CHUNK_WARPS)
     return y, win_T, wout_T, win_B, wout_B, h1c, h2c
@@ -612,7 +590,7 @@ def _memory_mlp_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dalpha, dlr = torch.empty_like(alpha), torch.empty_like(lr)
     (dwin, dwout), _ = _state_buffers(B, H, d, E, NT, 2, False, q.device)
-    _mlp_mem_bwd_kernel[(B * H,)](q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout,
+    _mlp_mem_bwd_kernel[(1, B * H)](q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout,
                                   grad_win_start, grad_wout_start, dq, dk, dv, dalpha, dlr,
                                   dwin, dwout, T, H, d, E, chunk_size, NT, DGD=dgd, **consts,
                                   num_warps=CHUNK_WARPS)
@@ -700,7 +678,7 @@ def _memory_mlp_momentum_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bet
     _, chunks = _state_buffers(B, H, d, E, NT, 4, save, q.device)
     win_T, wout_T, zin_T, zout_T, win_B, wout_B = outs
     h1c, h2c, z1c, z2c = chunks
-    _mlp_mem_momentum_fwd_kernel[(B * H,)](
+    _mlp_mem_momentum_fwd_kernel[(1, B * H)](
         q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, y, h1c, h2c, z1c, z2c, win_T,
         wout_T, zin_T, zout_T, win_B, wout_B, T, H, d, E, chunk_size, NT, SAVE=save, **consts,
         num_warps=CHUNK_WARPS)
@@ -734,7 +712,7 @@ def _memory_mlp_momentum_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bet
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dalpha, dbeta, dlr = torch.empty_like(alpha), torch.empty_like(beta), torch.empty_like(lr)
     (dwin, dwout, dzin, dzout), _ = _state_buffers(B, H, d, E, NT, 4, False, q.device)
-    _mlp_mem_momentum_bwd_kernel[(B * H,)](
+    _mlp_mem_momentum_bwd_kernel[(1, B * H)](
         q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c, grad_y, grad_win, grad_wout, grad_zin,
         grad_zout, grad_win_start, grad_wout_start, dq, dk, dv, dalpha, dbeta, dlr, dwin, dwout,
         dzin, dzout, T, H, d, E, chunk_size, NT, **consts, num_warps=CHUNK_WARPS)

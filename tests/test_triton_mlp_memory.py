@@ -8,26 +8,17 @@ TRITON_INTERPRET=1 before triton is imported): fp32, tiny sizes. With a GPU the 
 run natively, plus a realistic size.
 """
 import copy
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from helpers import CUDA, DEVICE, needs_cuda, triton_kernels_or_skip
 
-from kernels import triton_delta, triton_mlp_memory  # noqa: E402
+needs_kernels = triton_kernels_or_skip()
+
+from kernels import triton_mlp_memory  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
 from test_triton_memory import assert_close, make_inputs, run_segments  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-INTERPRETED = type(triton_delta._delta_prep_kernel).__name__ == "InterpretedFunction"
-needs_kernels = pytest.mark.skipif(
-    not CUDA and not INTERPRETED,
-    reason="no GPU, and triton was imported before TRITON_INTERPRET=1 was set")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 def make_memory(rule, H, d, expansion, C, activation="silu", seed=0, **options):
