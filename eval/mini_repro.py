@@ -1,0 +1,291 @@
+"""
+CPU-scale mini-reproduction of the papers' comparisons (issue 8; results in docs/MINI_REPRO.md).
+
+    python -m eval.mini_repro [--out out/mini_repro] [--seeds 0,1] [--steps 150] [--jobs 2]
+                              [--plan] [--report-only]
+
+Every run trains a tiny model (2 layers, d_model 64, 2 heads, byte tokenizer) on the same
+tokens of the built-in corpus -- same data order per seed, same steps, batch and learning
+rate -- then the evaluations of the paper's tables run on it at a scale two CPU cores finish
+in under an hour:
+
+  language modelling   Transformer++, Titans (LMM), HOPE, HOPE-attention: validation bits per
+                       byte and per-byte perplexity (NL Table 2 / Titans Table 1 columns)
+  NL Table 6           HOPE with one switch flipped per row (eval/reproduce.py's ABLATIONS)
+  BABILong qa1         a short fine-tune on qa1 at "0k" (the facts alone), then qa1 accuracy
+                       at growing lengths of background text (NL Fig. 9 protocol in miniature)
+  forgetting           the sequential-domain protocol of eval/continual.py (train on each
+                       domain in turn; forgetting = perplexity on earlier domains going up)
+
+The same steps serve every seed; each step is skipped when its output exists, so an
+interrupted run continues where it stopped. `--jobs N` runs N steps at a time (each with
+cores / N torch threads). At the end <out>/mini_repro.json holds every number and
+<out>/MINI_REPRO.md the tables (mean over seeds with the min-max spread), headed by the
+command, date, machine and wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from eval.reproduce import ABLATIONS, ReproduceError, Run, Step, execute
+
+# One recipe for every run (overrides on top of each tiny config): the model size, the data
+# and the token budget are the same; each architecture keeps its own chunk sizes.
+MINI_MODEL = ("--model.n_layer=2", "--model.d_model=64", "--model.n_head=2")
+MINI_TRAIN = ("--data.dataset=builtin", "--data.tokenizer=bytes", "--train.batch_size=8",
+              "--train.grad_accum=1", "--train.seq_len=128", "--train.lr=3e-3", "--optim.warmup_steps=15",
+              "--train.eval_every=0", "--train.eval_batches=20", "--train.sample_tokens=0",
+              "--train.log_every=25", "--train.resume=never")
+MODELS = (                     # (row label, run name, config)
+    ("Transformer++", "transformer", "configs/transformer_tiny.yaml"),
+    ("Titans (LMM)", "titans_lmm", "configs/titans_lmm_tiny.yaml"),
+    ("HOPE", "hope", "configs/hope_tiny.yaml"),
+    ("HOPE-attention", "hope_attention", "configs/hope_attention_tiny.yaml"),
+)
+BABILONG_LENGTHS = "0k,1k,2k"
+CONTINUAL_DOMAINS = "builtin,austen,shakespeare"
+
+
+def runs(seeds, steps: int) -> list[tuple[str, str, Run]]:
+    """(table, row label, Run) for every training job: the four models, then the ablations."""
+    out = []
+    for seed in seeds:
+        common = MINI_MODEL + MINI_TRAIN + (f"--train.max_steps={steps}", f"--train.ckpt_every={steps}",
+                                            f"--train.seed={seed}")
+        for label, name, config in MODELS:
+            out.append(("models", label, Run(f"{name}-s{seed}", config, common)))
+        for label, suffix, overrides, _ in ABLATIONS:
+            out.append(("ablations", label, Run(f"hope-{suffix}-s{seed}", "configs/hope_tiny.yaml",
+                                                 common + tuple(overrides))))
+    return out
+
+
+def run_dir(root: str, run: Run) -> str:
+    return os.path.join(root, "runs", run.name)
+
+
+def train_step(root: str, run: Run) -> Step:
+    out = run_dir(root, run)
+    return Step(f"train {run.name}", ["python", "train.py", run.config, f"--train.out_dir={out}", *run.overrides],
+                os.path.join(out, "final_eval.json"), run)
+
+
+def eval_chain(root: str, run: Run, seed: int, ft_steps: int, samples: int, domain_steps: int) -> list[Step]:
+    """BABILong qa1 (fine-tune, then eval at growing lengths) and the forgetting protocol."""
+    ckpt = run_dir(root, run)
+    finetuned = os.path.join(ckpt, "babilong_ft")
+    return [
+        Step(f"babilong fine-tune {run.name}",
+             ["python", "-m", "eval.babilong", "finetune", "--checkpoint", ckpt, "--tasks", "qa1", "--lengths", "0k",
+              "--steps", str(ft_steps), "--batch-size", "8", "--lr", "1e-3", "--seed", str(seed),
+              "--log-every", "25", "--out", finetuned],
+             os.path.join(finetuned, "checkpoints", "latest"), run),
+        Step(f"babilong {run.name}",
+             ["python", "-m", "eval.babilong", "eval", "--checkpoint", finetuned, "--tasks", "qa1",
+              "--lengths", BABILONG_LENGTHS, "--samples", str(samples), "--seed", str(seed),
+              "--max-len", "16384", "--segment-len", "1024", "--out", os.path.join(ckpt, "babilong")],
+             os.path.join(ckpt, "babilong", "babilong.json"), run),
+        Step(f"forgetting {run.name}",
+             ["python", "-m", "eval.continual", "domains", "--checkpoint", ckpt, "--domains", CONTINUAL_DOMAINS,
+              "--steps", str(domain_steps), "--batch-size", "8", "--seq-len", "128", "--lr", "1e-3",
+              "--train-chars", "400000", "--eval-tokens", "4096", "--seed", str(seed),
+              "--out", os.path.join(ckpt, "continual")],
+             os.path.join(ckpt, "continual", "continual_domains.json"), run),
+    ]
+
+
+def plan(args) -> list[list[Step]]:
+    """Groups of steps: each group runs in order; groups run `--jobs` at a time. First every
+    training (HOPE-type runs first: they are the slowest), then the evaluation chains."""
+    root = args.out
+    trains = [[train_step(root, run)] for _, _, run in runs(args.seeds, args.steps)]
+    trains.sort(key=lambda group: "hope" not in group[0].run.name or "attention" in group[0].run.name)
+    evals = [eval_chain(root, run, int(run.name.rsplit("-s", 1)[1]), args.ft_steps, args.samples, args.domain_steps)
+             for table, _, run in runs(args.seeds, args.steps) if table == "models"]
+    return [trains, evals]
+
+
+def run_groups(groups: list[list[Step]], jobs: int, log=print) -> None:
+    """Run groups of steps, `jobs` groups at a time, each process with cores / jobs threads."""
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, WANDB_MODE="disabled")
+
+    def runner(argv):
+        started = time.time()
+        done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail = "\n".join(done.stdout.strip().splitlines()[-3:])
+        log(f"  [{time.time() - started:6.0f} s] {shlex.join(argv[1:4])} ...\n    " + tail.replace("\n", "\n    "))
+        return done
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for result in [pool.submit(execute, group, runner, log) for group in groups]:
+            result.result()                        # re-raise the first failure
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+def _load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def collect(root: str, seeds, steps: int) -> dict:
+    """{table: {row: {seed: {metric: value}}}} from the runs' JSON files."""
+    results: dict = {"models": {}, "ablations": {}}
+    for table, label, run in runs(seeds, steps):
+        seed = int(run.name.rsplit("-s", 1)[1])
+        d = run_dir(root, run)
+        final = _load(os.path.join(d, "final_eval.json")) or {}
+        cell = {"loss": final.get("val_loss"), "perplexity": final.get("val_ppl"),
+                "bits_per_byte": final.get("val_bpb"), "params": final.get("params")}
+        if table == "models":
+            babilong = _load(os.path.join(d, "babilong", "babilong.json")) or {}
+            for score in ("label_ranking", "official"):
+                for length, acc in (babilong.get(score, {}).get("qa1") or {}).items():
+                    cell[f"qa1_{score}_{length}"] = acc
+            domains = _load(os.path.join(d, "continual", "continual_domains.json")) or {}
+            cell["forgetting"] = domains.get("mean_forgetting")
+            cell["relative_forgetting"] = domains.get("mean_relative_forgetting")
+            cell["final_mean_ppl"] = (sum(domains["perplexity"][-1]) / len(domains["perplexity"][-1])
+                                      if domains.get("perplexity") else None)
+        results[table].setdefault(label, {})[seed] = cell
+    return results
+
+
+def spread(values, fmt="{:.3f}", scale=1.0) -> str:
+    """'mean (min-max)' over seeds; '—' when no seed has the number."""
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "—"
+    mean = fmt.format(sum(values) / len(values))
+    return mean if len(values) == 1 else f"{mean} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def _column(cells: dict, key):
+    return [c.get(key) for c in cells.values()]
+
+
+def markdown(results: dict, header: str = "") -> str:
+    n_seeds = max((len(c) for t in results.values() for c in t.values()), default=0)
+    lines = [header] if header else []
+    lines += [f"Each cell: mean over {n_seeds} seed(s), with the min–max range across seeds in brackets.", "",
+              "### Language modelling (validation, built-in corpus, bytes)", "",
+              "| model | params | bits/byte ↓ | perplexity/byte ↓ |", "|---|---:|---:|---:|"]
+    for label, cells in results["models"].items():
+        params = next((c["params"] for c in cells.values() if c.get("params")), None)
+        lines.append(f"| {label} | {params / 1e6:.2f}M |" if params else f"| {label} | — |")
+        lines[-1] += f" {spread(_column(cells, 'bits_per_byte'))} | {spread(_column(cells, 'perplexity'))} |"
+    hope = _column(results["models"].get("HOPE", {}), "bits_per_byte")
+    base = [v for v in hope if v is not None]
+    lines += ["", "### NL Table 6 ablations (HOPE, validation bits/byte)", "",
+              "| model | bits/byte ↓ | Δ vs HOPE |", "|---|---:|---:|",
+              f"| HOPE | {spread(hope)} | — |"]
+    for label, cells in results["ablations"].items():
+        values = _column(cells, "bits_per_byte")
+        have = [v for v in values if v is not None]
+        delta = f"{sum(have) / len(have) - sum(base) / len(base):+.3f}" if have and base else "—"
+        lines.append(f"| {label} | {spread(values)} | {delta} |")
+    lengths = BABILONG_LENGTHS.split(",")
+    for score, title in (("label_ranking", "label ranking"), ("official", "official (greedy generation)")):
+        lines += ["", f"### BABILong qa1 accuracy (%) vs context length, {title}", "",
+                  "| model | " + " | ".join(lengths) + " |", "|---|" + "---:|" * len(lengths)]
+        for label, cells in results["models"].items():
+            lines.append(f"| {label} | " + " | ".join(spread(_column(cells, f"qa1_{score}_{n}"), "{:.0f}", 100)
+                                                     for n in lengths) + " |")
+    lines += ["", f"### Forgetting, sequential domains ({CONTINUAL_DOMAINS.replace(',', ' → ')})", "",
+              "| model | mean forgetting (ppl ↑ on earlier domains) ↓ | relative ↓ | final mean ppl ↓ |",
+              "|---|---:|---:|---:|"]
+    for label, cells in results["models"].items():
+        lines.append(f"| {label} | {spread(_column(cells, 'forgetting'), '{:.3f}')} | "
+                     f"{spread(_column(cells, 'relative_forgetting'), '{:+.1f}%', 100)} | "
+                     f"{spread(_column(cells, 'final_mean_ppl'), '{:.2f}')} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m eval.mini_repro", description=__doc__.split("\n\n")[1])
+    p.add_argument("--out", default=os.path.join("out", "mini_repro"), help="results root")
+    p.add_argument("--seeds", default="0,1", help="comma list of training seeds (at least 2 for a spread)")
+    p.add_argument("--steps", type=int, default=150, help="training steps per run (8 x 128 bytes each)")
+    p.add_argument("--ft-steps", type=int, default=60, help="BABILong qa1 fine-tuning steps")
+    p.add_argument("--samples", type=int, default=25, help="BABILong samples per length")
+    p.add_argument("--domain-steps", type=int, default=30, help="forgetting protocol: steps per domain")
+    p.add_argument("--jobs", type=int, default=2, help="steps run at a time")
+    p.add_argument("--plan", action="store_true", help="print the commands and exit")
+    p.add_argument("--report-only", action="store_true", help="only collect existing results into the report")
+    args = p.parse_args(argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected a comma list of integers")
+    if not args.seeds:
+        p.error("--seeds: give at least one seed")
+    for key in ("steps", "ft_steps", "samples", "jobs"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.domain_steps < 0:
+        p.error(f"--domain-steps must be >= 0, got {args.domain_steps}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    groups = plan(args)
+    if args.plan:
+        for phase in groups:
+            for group in phase:
+                for s in group:
+                    print(f"# [{'done' if os.path.exists(s.marker) else 'todo'}] {s.title}\n{shlex.join(s.argv)}")
+        return 0
+    started = time.time()
+    if not args.report_only:
+        os.makedirs(args.out, exist_ok=True)
+        try:
+            for phase in groups:
+                run_groups(phase, args.jobs)
+        except (RuntimeError, ReproduceError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    wall = time.time() - started
+    command = "python -m eval.mini_repro " + shlex.join(argv if argv is not None else sys.argv[1:])
+    header = (f"Command: `{command.strip()}`  \nDate: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+              f"  \nMachine: {machine()}  \nWall time: {wall / 60:.1f} min"
+              + (" (report only: the runs were timed when they ran)" if args.report_only else "") + "\n")
+    results = collect(args.out, args.seeds, args.steps)
+    results["meta"] = {"command": command, "wall_seconds": wall, "machine": machine(), "steps": args.steps,
+                       "seeds": args.seeds, "tokens_per_run": args.steps * 8 * 128}
+    with open(os.path.join(args.out, "mini_repro.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    table = markdown({k: results[k] for k in ("models", "ablations")}, header)
+    with open(os.path.join(args.out, "MINI_REPRO.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

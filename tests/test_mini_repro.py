@@ -1,0 +1,103 @@
+"""eval/mini_repro.py: the plan (same recipe for every run), the parallel step runner, and
+the report built from the runs' JSON files. The real runs are docs/MINI_REPRO.md's."""
+import json
+import os
+import sys
+
+import pytest
+
+from eval import mini_repro
+from eval.reproduce import ABLATIONS, Step
+
+
+def args_for(tmp_path, *extra):
+    return mini_repro.parse_args(["--out", str(tmp_path), *extra])
+
+
+def test_every_run_shares_data_steps_and_seed(tmp_path):
+    args = args_for(tmp_path, "--steps", "7")
+    assert args.seeds == [0, 1]                                   # two seeds by default
+    trains, evals = mini_repro.plan(args)
+    steps = [group[0] for group in trains]
+    assert len(steps) == 2 * (len(mini_repro.MODELS) + len(ABLATIONS))
+    for seed in (0, 1):
+        argvs = [s.argv for s in steps if s.run.name.endswith(f"-s{seed}")]
+        assert len(argvs) == len(mini_repro.MODELS) + len(ABLATIONS)
+        for argv in argvs:
+            for shared in mini_repro.MINI_MODEL + mini_repro.MINI_TRAIN + ("--train.max_steps=7",
+                                                                            f"--train.seed={seed}"):
+                assert shared in argv, (argv, shared)
+    names = [s.run.name for s in steps]
+    assert len(set(names)) == len(names)
+    assert names[0].startswith("hope")                             # slowest first
+    ablation = next(s for s in steps if s.run.name == "hope-gd-s1")
+    assert ablation.argv[-1] == "--model.hope.inner_opt=gd" and ablation.run.config == "configs/hope_tiny.yaml"
+    # one eval chain per (model, seed): fine-tune -> BABILong eval -> forgetting
+    assert len(evals) == 2 * len(mini_repro.MODELS)
+    finetune, babilong, forgetting = evals[0]
+    assert finetune.argv[3:5] == ["finetune", "--checkpoint"] and "qa1" in finetune.argv
+    assert babilong.argv[babilong.argv.index("--checkpoint") + 1] == os.path.dirname(
+        os.path.dirname(finetune.marker))                          # evaluates the fine-tuned model
+    assert forgetting.argv[2:4] == ["eval.continual", "domains"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seeds", "a,b"], "--seeds"), (["--seeds", ","], "--seeds"), (["--steps", "0"], "--steps"),
+    (["--jobs", "0"], "--jobs"), (["--domain-steps", "-1"], "--domain-steps")])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        mini_repro.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_run_groups_runs_each_step_once_and_stops_on_failure(tmp_path):
+    def step(name, code="pass"):
+        marker = tmp_path / name
+        return Step(name, ["python", "-c", f"{code}; open({str(marker)!r}, 'w').write('x')"], str(marker))
+    groups = [[step("a"), step("b")], [step("c")]]
+    mini_repro.run_groups(groups, jobs=2, log=lambda *_: None)
+    assert all((tmp_path / n).exists() for n in "abc")
+    (tmp_path / "b").write_text("kept")
+    mini_repro.run_groups(groups, jobs=1, log=lambda *_: None)     # done steps are skipped
+    assert (tmp_path / "b").read_text() == "kept"
+    with pytest.raises(RuntimeError, match="bad"):
+        mini_repro.run_groups([[step("bad", "import sys; sys.exit(3)")]], jobs=1, log=lambda *_: None)
+
+
+def write_json(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def test_report_means_ranges_and_missing_cells(tmp_path):
+    root = str(tmp_path)
+    for seed, bpb in ((0, 2.0), (1, 2.5)):
+        run = os.path.join(root, "runs", f"hope-s{seed}")
+        write_json(os.path.join(run, "final_eval.json"),
+                   {"val_loss": 1.0, "val_ppl": 4.0 + seed, "val_bpb": bpb, "params": 170_000})
+        write_json(os.path.join(run, "babilong", "babilong.json"),
+                   {"label_ranking": {"qa1": {"0k": 0.5 + 0.1 * seed, "1k": 0.25}}, "official": {"qa1": {"0k": 0.0}}})
+        write_json(os.path.join(run, "continual", "continual_domains.json"),
+                   {"mean_forgetting": 1.5, "mean_relative_forgetting": 0.1, "perplexity": [[9, 9], [4, 6]]})
+    write_json(os.path.join(root, "runs", "hope-gd-s0", "final_eval.json"), {"val_bpb": 2.5, "params": 1})
+    results = mini_repro.collect(root, [0, 1], steps=5)
+    assert results["models"]["HOPE"][1]["bits_per_byte"] == 2.5
+    assert results["models"]["HOPE"][0]["final_mean_ppl"] == 5.0
+    text = mini_repro.markdown(results, "header line")
+    assert text.startswith("header line")
+    assert "| HOPE | 0.17M | 2.250 (2.000–2.500) | 4.500 (4.000–5.000) |" in text
+    assert "| Transformer++ | — | — | — |" in text
+    assert "| w/o DGD (plain GD) | 2.500 | +0.250 |" in text
+    assert "| HOPE | 55 (50–60) | 25 (25–25) | — |" in text        # label ranking, in %
+    assert "| HOPE | 1.500 (1.500–1.500) | +10.0% (+10.0%–+10.0%) | 5.00 (5.00–5.00) |" in text
+
+
+def test_report_only_writes_json_and_markdown(tmp_path, capsys):
+    write_json(os.path.join(tmp_path, "runs", "transformer-s0", "final_eval.json"), {"val_bpb": 3.0, "params": 10})
+    assert mini_repro.main(["--out", str(tmp_path), "--seeds", "0", "--report-only"]) == 0
+    data = json.load(open(tmp_path / "mini_repro.json"))
+    assert data["models"]["Transformer++"]["0"]["bits_per_byte"] == 3.0
+    assert data["meta"]["seeds"] == [0]
+    assert "Wall time" in (tmp_path / "MINI_REPRO.md").read_text()
+    assert sys.executable                                          # the runner substitutes it for "python"
