@@ -221,9 +221,11 @@ def test_empty_sequence_raises():
 @needs_cuda
 @pytest.mark.parametrize("rule", triton_mlp_memory.FUSED_RULES)
 def test_cuda_realistic_size_matches_torch_path(rule):
-    """B=2, T=1000 (not a multiple of C), H=4, d=64, E=128, C=64: the HOPE / Titans
-    operating point."""
-    assert_close(compare_with_torch_path(rule, 2, 1000, 4, 64, 2, 64), 1e-4, rule)
+    """B=2, T=1000 (not a multiple of C), H=4, d=64, E=128, C=64, clip 10 (Titans' default;
+    unclipped, this MLP memory's momentum run overflows to inf even in float64 on these
+    inputs). On CPU the fp32 torch path is within 2e-5 of float64 here."""
+    assert_close(compare_with_torch_path(rule, 2, 1000, 4, 64, 2, 64, max_grad_norm=10.0), 1e-4,
+                 rule)
 
 
 @needs_cuda
