@@ -192,7 +192,7 @@ class ContinuumMemory(nn.Module):
         hidden = int(cms.hidden_mult * cfg.d_model)
         hidden = cfg.ffn_multiple_of * math.ceil(hidden / cfg.ffn_multiple_of)
         self.levels = nn.ModuleList([
-            CMSLevel(cfg.d_model, hidden, chunk, lr, cms.activation, cfg.norm_eps)
+            CMSLevel(cfg.d_model, hidden, chunk, lr, cms.activation, cfg.norm_eps, backend=cfg.kernels)
             for chunk, lr in zip(cms.chunk_sizes, cms.level_lrs())])
 
     def forward(self, h, state=None):

@@ -171,6 +171,9 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     attention: str = choice("auto", ["auto", "sdpa", "flash"])
+    kernels: str = choice("auto", ["auto", "torch", "triton", "reference"])  # the memory layers' and
+                                     # CMS fast levels' backend (kernels/__init__.py): auto = the fused
+                                     # Triton kernels on CUDA where they cover the shape, else chunked torch
     titans: TitansConfig = field(default_factory=TitansConfig)
     hope: HopeConfig = field(default_factory=HopeConfig)
     cms: CMSConfig = field(default_factory=CMSConfig)

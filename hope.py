@@ -111,7 +111,7 @@ class SelfModifyingTitans(nn.Module):
             return NeuralMemory(n_memories * H, self.head_dim, depth=2, expansion=hc.memory_expansion,
                                 activation=hc.activation, chunk_size=chunk_size, update_rule=rule,
                                 max_grad_norm=hc.max_grad_norm, detach_targets=hc.detach_targets,
-                                detach_chunks_older_than=hc.detach_chunks_older_than)
+                                detach_chunks_older_than=hc.detach_chunks_older_than, backend=cfg.kernels)
 
         self.w_in = nn.Linear(D, D, bias=False)
         self.conv = CausalDepthwiseConv(D, hc.conv_size) if hc.conv_size > 1 else None

@@ -114,7 +114,8 @@ class LongTermMemory(nn.Module):
                                    expansion=t.memory_expansion, activation=t.activation,
                                    chunk_size=t.chunk_size, update_rule="momentum",
                                    max_grad_norm=t.max_grad_norm, detach_targets=t.detach_targets,
-                                   detach_chunks_older_than=t.detach_chunks_older_than)
+                                   detach_chunks_older_than=t.detach_chunks_older_than,
+                                   backend=cfg.kernels)
         self.reset_memory_parameters()
 
     # Gate biases at init (the paper gives none): theta = 0.12 theta_max, momentum 0.5,

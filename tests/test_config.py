@@ -78,3 +78,16 @@ def test_cli_error_is_one_line_and_exit_2():
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: unknown config key 'train.max_stepz'")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("arch", ["titans", "hope", "hope_attention"])
+def test_model_kernels_reaches_every_memory_and_cms_level(arch):
+    from cms import CMSLevel
+    from memory import NeuralMemory
+    from model import build_model
+    cfg = load_config(None, [f"--model.arch={arch}", "--model.kernels=torch", "--model.vocab_size=64",
+                             "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2"])
+    layers = [m for m in build_model(cfg.model).modules() if isinstance(m, (NeuralMemory, CMSLevel))]
+    assert layers and {m.backend for m in layers} == {"torch"}
+    with pytest.raises(ConfigError, match="model.kernels"):
+        load_config(None, ["--model.kernels=cuda"])
