@@ -87,6 +87,40 @@ def test_segments_mid_chunk_match_one_call(rule):
                  f"{rule} segments")
 
 
+@needs_kernels
+@pytest.mark.parametrize("rule", ("dgd", "momentum"))
+def test_random_per_sequence_initial_state(rule):
+    """Per-sequence initial weights (and momenta) that differ across batch and heads, as
+    leaves: outputs, final states and their gradients vs the torch path (the kernels'
+    per-(batch, head) state offsets, and the gradient to the initial momenta)."""
+    B, T, H, d, E, C = 2, 11, 2, 8, 16, 4
+    fused = make_memory(rule, H, d, E // d, C)
+    oracle = copy.deepcopy(fused).double()
+    oracle.backend = "torch"
+    inputs = make_inputs(rule, B, T, H, d)
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(B, H, E, d), (B, H, d, E)] * (2 if rule == "momentum" else 1)
+    init = [(0.3 * torch.randn(s, generator=gen, dtype=torch.float64)).to(DEVICE) for s in shapes]
+    results = []
+    for mem, dtype in ((oracle, torch.float64), (fused, torch.float32)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in init]
+        x = {n: t.to(dtype).requires_grad_() for n, t in inputs.items() if t is not None}
+        state = {"weights": leaves[:2], "chunk_start": leaves[:2],
+                 "momenta": leaves[2:] or None, "pos": 0}
+        y, state = mem(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x.get("beta"), state)
+        outs = outputs_of(y, state)
+        cot = torch.Generator().manual_seed(6)
+        loss = sum((o.double() * torch.randn(o.shape, generator=cot, dtype=torch.float64).to(DEVICE)).sum()
+                   for o in outs.values())
+        results.append((outs, torch.autograd.grad(loss, list(x.values()) + leaves)))
+    (ref_out, ref_grads), (tri_out, tri_grads) = results
+    err = lambda x, ref: ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()  # noqa: E731
+    errors = {n: err(tri_out[n], ref_out[n]) for n in ref_out}
+    errors.update({f"grad{i}": err(t, r) for i, (t, r) in enumerate(zip(tri_grads, ref_grads))})
+    assert len(tri_grads) == (10 if rule == "momentum" else 7)
+    assert_close(errors, 2e-5, f"{rule} random initial state")
+
+
 def clipped_fraction(rule, B, T, H, d, expansion, C, tau):
     """Fraction of the first chunk's tokens whose inner gradient norm exceeds tau."""
     mem = make_memory(rule, H, d, expansion, C).double()
