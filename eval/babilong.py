@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
-from eval.common import eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device
+from eval.common import context_limit, eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
@@ -867,8 +867,7 @@ def run_eval(args) -> dict:
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
-    recurrent = is_recurrent(model)
-    max_len = None if recurrent else (args.max_len or cfg.train.seq_len)
+    max_len = context_limit(model, args.max_len or cfg.train.seq_len)
     gpt2 = length_tokenizer(args.data_dir) if args.source == "local" else None
     per_cell, samples_out = {}, []
     for task in tasks:
@@ -916,7 +915,7 @@ def run_finetune(args) -> str:
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
-    max_len = None if is_recurrent(model) else (args.max_len or cfg.train.seq_len)
+    max_len = context_limit(model, args.max_len or cfg.train.seq_len)
     path = finetune(model, cfg, tokenizer, tasks, lengths, args.steps, args.out, lr=args.lr,
                     batch_size=args.batch_size, weight_decay=args.weight_decay, babi=args.babi,
                     background=args.background, seed=args.seed, data_dir=args.data_dir, max_len=max_len,

@@ -24,6 +24,12 @@ def is_recurrent(model) -> bool:
     return getattr(config, "arch", None) in RECURRENT_ARCHS
 
 
+def context_limit(model, max_len: int | None) -> int | None:
+    """The most tokens `model` reads at once: None for a recurrent model (it streams any
+    length with its state carried), else max_len (an attention model's context)."""
+    return None if is_recurrent(model) else max_len
+
+
 def model_device(model) -> torch.device:
     """The device of the model's first parameter (CPU for a model without parameters)."""
     import torch

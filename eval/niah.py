@@ -40,7 +40,7 @@ import torch
 
 from eval.babilong import (BACKGROUNDS, bf16_autocast, check_long_inputs, continuation_logprob, fit_prompt,
                            greedy_generate, length_tokenizer, load_books, mean_over_scored, prefill, split_sentences)
-from eval.common import eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device
+from eval.common import context_limit, eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device
 
 # RULER scripts/data/synthetic/constants.py and niah.py
 NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
@@ -232,7 +232,7 @@ def run(args) -> dict:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
     streaming = is_recurrent(model)
-    max_len = None if streaming else (args.max_len or cfg.train.seq_len)
+    max_len = context_limit(model, args.max_len or cfg.train.seq_len)
     gpt2 = length_tokenizer(args.data_dir)
     results = {"benchmark": "s-niah (RULER niah_single_1/2/3)", "checkpoint": os.path.abspath(args.checkpoint),
                "arch": cfg.model.arch, "lengths_are": "GPT-2 tokens, prompt + 128 reserved for the answer",

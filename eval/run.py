@@ -34,7 +34,7 @@ import json
 import os
 import time
 
-from eval.common import exit_on_error, is_recurrent, load_checkpoint, model_device
+from eval.common import context_limit, exit_on_error, load_checkpoint, model_device
 
 SECTIONS = ("perplexity", "babilong", "niah", "continual")
 
@@ -80,11 +80,6 @@ SUITES = {
 DURING_TRAINING = ("perplexity", "babilong_quick", "niah_quick", "continual_quick")
 
 
-def _max_len(model, seq_len):
-    """Attention models read at most their training context; recurrent ones stream."""
-    return None if is_recurrent(model) else seq_len
-
-
 # -----------------------------------------------------------------------------
 # sections: each takes a model and returns a JSON-able dict (and writes its plots)
 
@@ -123,7 +118,7 @@ def babilong_section(model, tokenizer, settings, seq_len, device, data_dir=None,
         for length in settings["lengths"]:
             samples = bl.build_babilong(task, length, settings["samples"], split="test", background="austen",
                                         babi="file", data_dir=data_dir, gpt2=gpt2)
-            per_cell[(task, length)] = bl.evaluate(model, tokenizer, samples, max_len=_max_len(model, seq_len),
+            per_cell[(task, length)] = bl.evaluate(model, tokenizer, samples, max_len=context_limit(model, seq_len),
                                                    segment_len=settings["segment_len"], device=device,
                                                    max_new_tokens=settings["max_new_tokens"])
     result = {"source": "local: bAbI en test files + Austen test books",
@@ -146,7 +141,7 @@ def niah_section(model, tokenizer, settings, seq_len, device, data_dir=None, gpt
         for length in settings["lengths"]:
             samples = niah.build_niah(task, length, settings["samples"], depths=settings["depths"],
                                       background="austen", data_dir=data_dir, gpt2=gpt2)
-            r = niah.evaluate_niah(model, tokenizer, samples, max_len=_max_len(model, seq_len),
+            r = niah.evaluate_niah(model, tokenizer, samples, max_len=context_limit(model, seq_len),
                                    segment_len=settings["segment_len"], device=device,
                                    max_new_tokens=settings["max_new_tokens"])
             task_name = niah.parse_task(task)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from eval.babilong import check_long_inputs, fit_prompt, mean_over_scored
-from eval.common import eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device, resolve_device
+from eval.common import (context_limit, eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device,
+                         resolve_device)
 
 
 def test_resolve_device():
@@ -33,9 +34,9 @@ def test_model_kind_and_device():
         arch = "titans"
     model = torch.nn.Linear(2, 2)
     assert model_device(model) == torch.device("cpu") and model_device(torch.nn.ReLU()) == torch.device("cpu")
-    assert not is_recurrent(model)
+    assert not is_recurrent(model) and context_limit(model, 256) == 256     # attention: its context
     model.config = Config()
-    assert is_recurrent(model)
+    assert is_recurrent(model) and context_limit(model, 256) is None        # recurrent: streams
 
 
 def test_exit_on_error_only_for_the_named_errors(capsys):
