@@ -237,7 +237,7 @@ def test_recurrent_models_stream_with_flat_state():
     """Titans-LMM: any length is streamed (no max_len needed), streaming equals one call,
     and the carried state does not grow with the length (flat memory to 1M tokens)."""
     from data.tokenizer import get_tokenizer
-    from eval.babilong import is_recurrent
+    from eval.common import is_recurrent
     from model import build_model
     torch.manual_seed(0)
     model = build_model({"arch": "titans", "vocab_size": 257, "d_model": 32, "n_layer": 2, "n_head": 2,
