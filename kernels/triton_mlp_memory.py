@@ -48,22 +48,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .checks import SUPPORTED_DTYPES, check_scan_inputs
+from .triton_cms import ACT_IDS, _act
 from .triton_delta import (CHUNK_WARPS, _chunk_span, _decay, _delta_chunk_gates,
                            _delta_ut_system, _load_gate, _load_kv, _load_qk, _load_rows,
                            _load_state, _pick, _program, _reverse_cumsum, _store_gate, _store_kv,
                            _store_rows, _store_state, dot_precision)
-from .triton_cms import ACT_IDS, _act
+from .triton_memory import _contiguous, _grad_or_zeros, _needs_grad
 from .triton_momentum import _momentum_chunk_gates
-from .triton_memory import _contiguous, _grad_or_zeros, _interpreting, _needs_grad
 
-__all__ = ["fused_mlp_memory_delta", "fused_mlp_memory_momentum", "fusable_mlp", "MAX_MLP_HEAD_DIM", "MAX_MLP_HIDDEN",
-           "MAX_MLP_CHUNK"]
+__all__ = ["fused_mlp_memory_delta", "fused_mlp_memory_momentum", "fusable_mlp",
+           "MAX_MLP_HEAD_DIM", "MAX_MLP_HIDDEN", "MAX_MLP_CHUNK"]
 
 MAX_MLP_HEAD_DIM = 64     # d: both layers' states, their gradients and the chunk tiles
 MAX_MLP_HIDDEN = 128      # E: sit in one program's registers
 MAX_MLP_CHUNK = 64
 FUSED_RULES = ("dgd", "gd", "momentum")
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -481,43 +481,32 @@ def _tiles(d, E, chunk_size):
 
 
 def _check_inputs(tensors, states, chunk_size, activation, max_grad_norm, caller):
-    """One-line ValueErrors naming what is wrong. tensors: q, k, v, then the [B,T,H] gates;
-    states: w_in [B,H,E,d], w_out [B,H,d,E] and (momentum) z_in, z_out of the same shapes."""
-    q = tensors["q"]
-    for name, t in {**tensors, **states}.items():
+    """One-line ValueErrors naming what is wrong. tensors: q, k, v, then the [B,T,H] gates
+    (kernels/checks.py's shared check of the scan inputs); states: w_in [B,H,E,d], w_out
+    [B,H,d,E] and (momentum) z_in, z_out of the same shapes."""
+    q, k, v, *_ = tensors.values()
+    gates = {n: t for n, t in tensors.items() if n not in ("q", "k", "v")}
+    check_scan_inputs(q, k, v, gates, {}, chunk_size, u_name="v", dims=("d", "d"),
+                      kernels="the fused MLP memory kernels", max_chunk=lambda d: MAX_MLP_CHUNK)
+    B, T, H, d = q.shape
+    for name, t in states.items():
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for the fused MLP "
-                             f"memory kernels; got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"the fused MLP memory kernels need CUDA tensors (or TRITON_INTERPRET=1 "
-                         f"set before importing triton); got device {q.device}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B,T,H,d]; got shape {list(q.shape)}")
-    B, T, H, d = q.shape
-    for name, t in tensors.items():
-        want = list(q.shape) if name in ("q", "k", "v") else [B, T, H]
-        if list(t.shape) != want:
-            raise ValueError(f"{name} must be [B,T,H{',d' if len(want) == 4 else ''}] = {want}; "
-                             f"got {list(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES or t.device != q.device:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16 on q's device "
+                             f"{q.device}; got {t.dtype} on {t.device}")
     w_in = states["w_in"]
     if w_in.dim() != 4 or w_in.shape[:2] != (B, H) or w_in.shape[3] != d:
         raise ValueError(f"w_in must be [B,H,E,d] with B,H,d = {[B, H, d]}; got {list(w_in.shape)}")
     E = w_in.shape[2]
-    for name, s in states.items():
+    for name, t in states.items():
         want = [B, H, E, d] if name.endswith("_in") else [B, H, d, E]
-        if list(s.shape) != want:
+        if list(t.shape) != want:
             raise ValueError(f"{name} must be [B,H,{'E,d' if name.endswith('_in') else 'd,E'}] = "
-                             f"{want}; got {list(s.shape)}")
+                             f"{want}; got {list(t.shape)}")
     if d > MAX_MLP_HEAD_DIM or E > MAX_MLP_HIDDEN:
         raise ValueError(f"head dim {d} / hidden {E} exceed {MAX_MLP_HEAD_DIM} / {MAX_MLP_HIDDEN}, "
                          f"the most the fused MLP memory kernels hold in registers")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_MLP_CHUNK:
-        raise ValueError(f"chunk_size must be an int in [1, {MAX_MLP_CHUNK}] for the fused MLP "
-                         f"memory kernels; got {chunk_size!r}")
     if activation not in ACT_IDS:
         raise ValueError(f"activation must be one of {', '.join(ACT_IDS)}; got {activation!r}")
     if max_grad_norm is not None and (isinstance(max_grad_norm, bool)

@@ -233,7 +233,7 @@ def test_bad_inputs_raise_one_line_errors(index, value, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(chunk_size=65), r"chunk_size must be an int in \[1, 64\]"),
+    (dict(chunk_size=65), r"chunk_size must be an integer in \[1, 64\]"),
     (dict(chunk_size=True), r"chunk_size must be an int"),
     (dict(chunk_size=4, activation="relu"), "activation must be one of"),
     (dict(chunk_size=4, max_grad_norm=0.0), "max_grad_norm must be None or a finite number > 0"),
