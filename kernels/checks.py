@@ -73,3 +73,11 @@ def check_scan_inputs(q, k, u, gates, states, chunk_size, *, u_name="u", dims=("
         allowed = ("an integer >= 1" if top is None else
                    f"an integer in [1, {top}] for {kernels} at key head dim {K}")
         raise ValueError(f"chunk_size must be {allowed}; got {chunk_size!r}")
+
+
+def check_saved_chunks(chunk_states, caller):
+    """The backward needs the chunk-start states that the forward saves only under grad
+    tracking (else an empty placeholder): a one-line RuntimeError naming `caller` if absent."""
+    if chunk_states.dim() != 4:
+        raise RuntimeError(f"{caller}: backward through a forward run without grad tracking "
+                           f"(no chunk-start states were saved)")

@@ -205,6 +205,52 @@ def _delta_ut_system(kc, g, gp, eta, BT: tl.constexpr, PREC: tl.constexpr):
     return a, kk, decay_a, _ut_inverse(a, BT)
 
 
+@triton.jit
+def _delta_grads_tail(q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt_scale, b_scale,
+                      d_mq, d_qh, d_w, d_kt, dd_u, h_dh, PREC: tl.constexpr):
+    """The delta rule's chain rule for one chunk, from the products that sum over V
+    (d_mq = dO Delta^T, d_qh = dO h^T, d_w = -dDelta h^T, d_kt = Delta dh_next^T,
+    dd_u = dDelta U^T, h_dh = <h, dh_next>) through O, h_next, W = Tm B, U' = Tm U and the UT
+    solve down to (dq, dk, deta, dlog_alpha, r_b). B = diag(b_scale) K with b_scale = eta e^gp
+    (+ 2 lw for the memory layer's B~, whose lw gradient is the caller's: it uses r_b)."""
+    incl = rows[:, None] >= rows[None, :]
+    strict = rows[:, None] > rows[None, :]
+    g_last = _pick(g, rows, L)
+    # O = diag(e^g) Q h + (Gamma o Q K^T) Delta
+    d_mq = tl.where(incl, d_mq, 0.0)
+    dq = tl.exp(g)[:, None] * d_qh + tl.dot(d_mq * gamma, kc, input_precision=PREC)
+    dk = tl.dot(tl.trans(d_mq * gamma), q, input_precision=PREC)
+    e_mq = d_mq * mq
+    dg = tl.sum(e_mq, 1) - tl.sum(e_mq, 0) + tl.exp(g) * tl.sum(q * d_qh, 1)
+    # h_next = e^{g_L} h + (diag(e^{g_L - g}) K)^T Delta
+    dk += kt_scale[:, None] * d_kt
+    s_kt = kt_scale * tl.sum(kc * d_kt, 1)
+    dg += tl.where(rows == L, tl.sum(s_kt, 0) + tl.exp(g_last) * h_dh, 0.0) - s_kt
+    # W = Tm B, U' = Tm U, Tm = (I + A)^{-1}
+    d_b = tl.dot(tl.trans(tm), d_w, input_precision=PREC)
+    d_tm = dd_u + tl.dot(d_w, tl.trans(b_scale[:, None] * kc), input_precision=PREC)
+    d_a = -tl.dot(tl.dot(tl.trans(tm), d_tm, input_precision=PREC), tl.trans(tm),
+                  input_precision=PREC)
+    d_a = tl.where(strict, d_a, 0.0)
+    dk += b_scale[:, None] * d_b
+    r_b = tl.sum(kc * d_b, 1)                                                 # d b_scale
+    deta = tl.exp(gp) * r_b
+    dgp = eta * tl.exp(gp) * r_b
+    # A_ti = eta_t e^{gp_t - g_i} k_t.k_i
+    f = d_a * decay_a
+    deta += tl.sum(f * kk, 1)
+    e_a = eta[:, None] * f * kk
+    dgp += tl.sum(e_a, 1)
+    dg -= tl.sum(e_a, 0)
+    f = eta[:, None] * f
+    dk += tl.dot(f, kc, input_precision=PREC) + tl.dot(tl.trans(f), kc, input_precision=PREC)
+    # g_t = sum_{s<=t} log alpha_s and gp_t = g_t - log alpha_t (chunk-local)
+    dg = tl.where(rows <= L, dg, 0.0)
+    dgp = tl.where(rows <= L, dgp, 0.0)
+    dlog_alpha = _reverse_cumsum(dg + dgp, rows) - dgp
+    return dq, dk, deta, dlog_alpha, r_b
+
+
 # The chunk loops below serve the delta rule (triton_scans.py: chunk C = BT, writes U given)
 # and the fused linear memory layer (triton_memory.py, MEMORY: chunk C <= BT, writes formed
 # from targets V at the chunk-start state, U~ = 2 diag(lw) V and W~ = Tm diag(eta e^gp + 2 lw) K,
@@ -290,8 +336,7 @@ def _delta_bwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dsB_ptr, dh
     rows = tl.arange(0, BT)
     incl = rows[:, None] >= rows[None, :]
     dh = _load_state(dsT_ptr, bh64 * V * K, K, V, v0, BK, BV)
-    if MEMORY:
-        dh_start = _load_state(dsB_ptr, bh64 * V * K, K, V, v0, BK, BV)
+    dh_start = _load_state_or_zeros(dsB_ptr, bh64 * V * K, K, V, v0, MEMORY, BK, BV)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         t0, end, L = _chunk_span(i_t, C, T)
@@ -327,7 +372,6 @@ def _delta_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, do_ptr, d_
     t0, end, L = _chunk_span(i_t, C, T)
     rows = tl.arange(0, BT)
     incl = rows[:, None] >= rows[None, :]
-    strict = rows[:, None] > rows[None, :]
     kv_base = (bh64 * NT + i_t) * K * V
     q, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, K, BT, BK)
     g, gp, eta, alpha = _delta_chunk_gates(alpha_ptr, eta_ptr, g_base, t0, end, H, BT)
@@ -373,38 +417,9 @@ def _delta_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, do_ptr, d_
             du = lw2[:, None] * du                                            # dV
         _store_rows(du_ptr, g_base * V, t0, end, H * V, v0, V, du, BT, BV)
 
-    # O = diag(e^g) Q h + (Gamma o Q K^T) Delta
-    d_mq = tl.where(incl, d_mq, 0.0)
-    dq = tl.exp(g)[:, None] * d_qh + tl.dot(d_mq * gamma, kc, input_precision=PREC)
-    dk = tl.dot(tl.trans(d_mq * gamma), q, input_precision=PREC)
-    e_mq = d_mq * mq
-    dg = tl.sum(e_mq, 1) - tl.sum(e_mq, 0) + tl.exp(g) * tl.sum(q * d_qh, 1)
-    # h_next = e^{g_L} h + (diag(e^{g_L - g}) K)^T Delta
-    dk += kt_scale[:, None] * d_kt
-    s_kt = kt_scale * tl.sum(kc * d_kt, 1)
-    dg += tl.where(rows == L, tl.sum(s_kt, 0) + tl.exp(g_last) * h_dh, 0.0) - s_kt
-    # W = Tm B, U' = Tm U, Tm = (I + A)^{-1}
-    d_b = tl.dot(tl.trans(tm), d_w, input_precision=PREC)
-    d_tm = dd_u + tl.dot(d_w, tl.trans(b_scale[:, None] * kc), input_precision=PREC)
-    d_a = -tl.dot(tl.dot(tl.trans(tm), d_tm, input_precision=PREC), tl.trans(tm),
-                  input_precision=PREC)
-    d_a = tl.where(strict, d_a, 0.0)
-    dk += b_scale[:, None] * d_b
-    r_b = tl.sum(kc * d_b, 1)                                                 # d b_scale
-    deta = tl.exp(gp) * r_b
-    dgp = eta * tl.exp(gp) * r_b
-    # A_ti = eta_t e^{gp_t - g_i} k_t.k_i
-    f = d_a * decay_a
-    deta += tl.sum(f * kk, 1)
-    e_a = eta[:, None] * f * kk
-    dgp += tl.sum(e_a, 1)
-    dg -= tl.sum(e_a, 0)
-    f = eta[:, None] * f
-    dk += tl.dot(f, kc, input_precision=PREC) + tl.dot(tl.trans(f), kc, input_precision=PREC)
-    # g_t = sum_{s<=t} log alpha_s and gp_t = g_t - log alpha_t (chunk-local)
-    dg = tl.where(rows <= L, dg, 0.0)
-    dgp = tl.where(rows <= L, dgp, 0.0)
-    dlog_alpha = _reverse_cumsum(dg + dgp, rows) - dgp
+    dq, dk, deta, dlog_alpha, r_b = _delta_grads_tail(
+        q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt_scale, b_scale, d_mq, d_qh,
+        d_w, d_kt, dd_u, h_dh, PREC)
     _store_rows(dq_ptr, g_base * K, t0, end, H * K, 0, K, dq, BT, BK)
     _store_rows(dk_ptr, g_base * K, t0, end, H * K, 0, K, dk, BT, BK)
     _store_gate(deta_ptr, g_base, t0, end, H, deta, BT)
@@ -437,7 +452,8 @@ def _delta_fwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr
 def _delta_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dhc_ptr, dd_ptr,
                            ds0_ptr, T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, PREC: tl.constexpr):
-    """The delta rule's backward scan (_delta_bwd_scan with chunk BT): dDelta, dh per chunk, dS_0."""
+    """The delta rule's backward scan (_delta_bwd_scan with chunk BT): dDelta and dh per
+    chunk, dS_0."""
     _delta_bwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dsT_ptr, dhc_ptr, dd_ptr,
                     ds0_ptr, T, H, K, V, BT, NT, False, BT, BK, BV, PREC)
 
@@ -471,15 +487,36 @@ def dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Entry-point glue shared by triton_scans.py and triton_memory.py (absent states are None).
+
+def _needs_grad(*tensors):
+    """Whether the forward must save what the backward needs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _grad_or_zeros(grad, shape, like, dtype=torch.float32):
+    """An output's incoming gradient as a contiguous tensor (zeros where autograd gives None)."""
+    return like.new_zeros(shape, dtype=dtype) if grad is None else grad.contiguous()
+
+
+def _launch_dims(q, u, C, BT, BK, BV):
+    """What every host launcher starts from: (B, T, H, K, V, NT = number of chunks of C
+    tokens, the kernels' tile constexprs, kwargs of an fp32 buffer on q's device)."""
+    B, T, H, K = q.shape
+    tiles = dict(BT=BT, BK=BK, BV=BV, PREC=dot_precision(q.dtype))
+    return (B, T, H, K, u.shape[-1], triton.cdiv(T, C), tiles,
+            dict(device=q.device, dtype=torch.float32))
+
+
 def delta_forward(q, k, u, alpha, eta, initial_state, save, BT, BK, BV):
     """Launch the forward kernels on contiguous inputs. Returns (o, S_T fp32, h per chunk
     start [B*H, NT, K, V] fp32, Delta [B*H, T, V] fp32); the last two feed the backward and
     are empty unless `save`."""
-    B, T, H, K = q.shape
-    V = u.shape[-1]
-    NT = triton.cdiv(T, BT)
-    tiles = dict(BT=BT, BK=BK, BV=BV, PREC=dot_precision(q.dtype))
-    f32 = dict(device=q.device, dtype=torch.float32)
+    B, T, H, K, V, NT, tiles, f32 = _launch_dims(q, u, BT, BT, BK, BV)
     w = torch.empty(B * H, T, K, **f32)
     u2 = torch.empty(B * H, T, V, **f32)
     if NT > 0:
@@ -498,11 +535,7 @@ def delta_forward(q, k, u, alpha, eta, initial_state, save, BT, BK, BV):
 
 def delta_backward(q, k, u, alpha, eta, h_chunks, d, grad_o, grad_state, BT, BK, BV):
     """Launch the backward kernels. Returns (dq, dk, du, dalpha, deta, dS_0 fp32)."""
-    B, T, H, K = q.shape
-    V = u.shape[-1]
-    NT = triton.cdiv(T, BT)
-    tiles = dict(BT=BT, BK=BK, BV=BV, PREC=dot_precision(q.dtype))
-    f32 = dict(device=q.device, dtype=torch.float32)
+    B, T, H, K, V, NT, tiles, f32 = _launch_dims(q, u, BT, BT, BK, BV)
     w = torch.empty(B * H, T, K, **f32)
     dh_chunks = torch.empty(B * H, NT, K, V, **f32)
     dd = torch.empty(B * H, T, V, **f32)

@@ -41,10 +41,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import MAX_KEY_DIM, check_scan_inputs
+from .checks import MAX_KEY_DIM, check_saved_chunks, check_scan_inputs
 from .checks import SUPPORTED_DTYPES, interpreting as _interpreting  # noqa: F401  (importers' names)
-from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _delta_bwd_grads, _delta_bwd_scan,
-                           _delta_fwd_scan, _delta_prep, dot_precision)
+from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _contiguous, _delta_bwd_grads,
+                           _delta_bwd_scan, _delta_fwd_scan, _delta_prep, _grad_or_zeros,
+                           _launch_dims, _needs_grad)
 from .triton_momentum import _momentum_bwd_grads, _momentum_bwd_scan, _momentum_fwd_scan
 
 __all__ = ["fused_linear_memory_delta", "fused_linear_memory_momentum", "MAX_CHUNK",
@@ -170,19 +171,9 @@ def _check_inputs(tensors, states, chunk_size):
                       max_chunk=max_chunk, states_optional=False)
 
 
-def _contiguous(*tensors):
-    return [t.contiguous() for t in tensors]
-
-
-def _grad_or_zeros(grad, shape, like, dtype=torch.float32):
-    return like.new_zeros(shape, dtype=dtype) if grad is None else grad.contiguous()
-
-
 def _launch_args(q, chunk_size):
-    B, T, H, d = q.shape
-    BT, BK, BV = _tiles(d, chunk_size)
-    NT = triton.cdiv(T, chunk_size)
-    return B, T, H, d, NT, dict(BT=BT, BK=BK, BV=BV, PREC=dot_precision(q.dtype))
+    B, T, H, d, _, NT, tiles, _ = _launch_dims(q, q, chunk_size, *_tiles(q.shape[-1], chunk_size))
+    return B, T, H, d, NT, tiles
 
 
 # DGD / GD -------------------------------------------------------------------------------
@@ -260,9 +251,7 @@ def _memory_delta_setup_context(ctx, inputs, output):
 
 def _memory_delta_backward(ctx, grad_o, grad_state, grad_start, _grad_h_chunks):
     q, k, v, alpha, eta, lr_write, h_chunks = ctx.saved_tensors
-    if h_chunks.dim() != 4:
-        raise RuntimeError("fused_linear_memory_delta: backward through a forward run without "
-                           "grad tracking (no chunk-start states were saved)")
+    check_saved_chunks(h_chunks, "fused_linear_memory_delta")
     B, T, H, d = q.shape
     grad_o = _grad_or_zeros(grad_o, (B, T, H, d), q, q.dtype)
     grad_state = _grad_or_zeros(grad_state, (B, H, d, d), q)
@@ -274,10 +263,6 @@ def _memory_delta_backward(ctx, grad_o, grad_state, grad_start, _grad_h_chunks):
 
 _memory_delta_fwd.register_autograd(_memory_delta_backward,
                                     setup_context=_memory_delta_setup_context)
-
-
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def fused_linear_memory_delta(q, k, v, alpha, eta, lr_write, initial_state, chunk_size):
@@ -374,9 +359,7 @@ def _memory_momentum_setup_context(ctx, inputs, output):
 
 def _memory_momentum_backward(ctx, grad_o, grad_state, grad_momentum, grad_start, _gh, _gz):
     q, k, v, alpha, beta, lr, h_chunks, z_chunks = ctx.saved_tensors
-    if h_chunks.dim() != 4:
-        raise RuntimeError("fused_linear_memory_momentum: backward through a forward run "
-                           "without grad tracking (no chunk-start states were saved)")
+    check_saved_chunks(h_chunks, "fused_linear_memory_momentum")
     B, T, H, d = q.shape
     grad_o = _grad_or_zeros(grad_o, (B, T, H, d), q, q.dtype)
     grad_state, grad_momentum, grad_start = (_grad_or_zeros(g, (B, H, d, d), q)

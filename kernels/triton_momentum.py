@@ -27,10 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _chunk_span, _decay, _load_gate, _load_kv,
-                           _load_qk, _load_rows, _load_state, _load_state_or_zeros, _log_cumsum,
-                           _pick, _program, _reverse_cumsum, _scalar_zero, _store_gate, _store_kv,
-                           _store_rows, _store_state, dot_precision)
+from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _chunk_span, _decay, _launch_dims, _load_gate,
+                           _load_kv, _load_qk, _load_rows, _load_state, _load_state_or_zeros,
+                           _log_cumsum, _pick, _program, _reverse_cumsum, _scalar_zero, _store_gate,
+                           _store_kv, _store_rows, _store_state)
 
 
 @triton.jit
@@ -53,6 +53,69 @@ def _momentum_chunk_gates(alpha_ptr, beta_ptr, g_base, t0, T, H, BT: tl.constexp
     w_last = tl.sum(tl.where(rows[:, None] == L, w, 0.0), 0)                  # W[L, :]
     r_last = tl.where(rows <= L, tl.exp(_pick(lb, rows, L) - lb), 0.0)        # R[L, :]
     return alpha, beta, L, p, r, w, a, b, c, w_last, r_last
+
+
+@triton.jit
+def _momentum_chunk_fwd(q, kc, u, h, z, w, a, b, c, w_last, r_last, rows, L, PREC: tl.constexpr):
+    """One chunk of the closed form above, given the writes U [BT, BV] and the chunk-start
+    (h, z): the readout O and the next chunk-start (h, z)."""
+    wqk = w * tl.dot(q, tl.trans(kc), input_precision=PREC)
+    o = (a[:, None] * tl.dot(q, h, input_precision=PREC)
+         + c[:, None] * tl.dot(q, z, input_precision=PREC)
+         + tl.dot(wqk, u, input_precision=PREC))
+    z_next = (_pick(b, rows, L) * z
+              + tl.dot(tl.trans(r_last[:, None] * kc), u, input_precision=PREC))
+    h_next = (_pick(a, rows, L) * h + _pick(c, rows, L) * z
+              + tl.dot(tl.trans(w_last[:, None] * kc), u, input_precision=PREC))
+    return o, h_next, z_next
+
+
+@triton.jit
+def _momentum_chunk_bwd(q, kc, do, dh, dz, w, a, b, c, w_last, r_last, rows, L,
+                        PREC: tl.constexpr):
+    """One chunk stepped back (the backward scan's step), given dO and the chunk-end (dh, dz):
+        dU  = (W o Q K^T)^T dO + diag(R_L.) K dz + diag(W_L.) K dh
+        dh <- e^{la_L} dh + Q^T diag(e^{la}) dO ;  dz <- e^{lb_L} dz + c_L dh + Q^T diag(c) dO
+    Returns (dU, chunk-start dh, chunk-start dz)."""
+    wqk = w * tl.dot(q, tl.trans(kc), input_precision=PREC)
+    du = (tl.dot(tl.trans(wqk), do, input_precision=PREC)
+          + tl.dot(r_last[:, None] * kc, dz, input_precision=PREC)
+          + tl.dot(w_last[:, None] * kc, dh, input_precision=PREC))
+    dz_prev = (_pick(b, rows, L) * dz + _pick(c, rows, L) * dh
+               + tl.dot(tl.trans(q * c[:, None]), do, input_precision=PREC))
+    dh_prev = (_pick(a, rows, L) * dh
+               + tl.dot(tl.trans(q * a[:, None]), do, input_precision=PREC))
+    return du, dh_prev, dz_prev
+
+
+@triton.jit
+def _momentum_grads_tail(q, kc, qk, p, r, w, a, b, c, w_last, r_last, rows, L, d_wqk, do_h, do_z,
+                         u_dh, u_dz, h_dh, z_dh, z_dz, PREC: tl.constexpr):
+    """The chain rule of one chunk from the products that sum over V (d_wqk = dO U^T,
+    do_h = dO h^T, do_z = dO z^T, u_dh = U dh_next^T, u_dz = U dz_next^T and the scalars
+    <h, dh_next>, <z, dh_next>, <z, dz_next>) through O, z_next, h_next, then W = P R,
+    c = P b, a = e^{la}, b = e^{lb}: returns (dq, dk, d_la, d_lb), the log-gate gradients
+    before their reverse cumsum. qk = Q K^T."""
+    incl = rows[:, None] >= rows[None, :]
+    is_last = rows == L
+    gw = d_wqk * w
+    dq = a[:, None] * do_h + c[:, None] * do_z + tl.dot(gw, kc, input_precision=PREC)
+    dk = (tl.dot(tl.trans(gw), q, input_precision=PREC)
+          + w_last[:, None] * u_dh + r_last[:, None] * u_dz)
+    # gradients of the gate quantities; the row-L ones come from h_next and z_next
+    d_w = tl.where(incl, d_wqk * qk, 0.0) + tl.where(is_last[:, None],
+                                                     tl.sum(kc * u_dh, 1)[None, :], 0.0)
+    d_r = tl.where(is_last[:, None], tl.sum(kc * u_dz, 1)[None, :], 0.0)
+    d_a = tl.sum(q * do_h, 1) + tl.where(is_last, h_dh, 0.0)
+    d_c = tl.sum(q * do_z, 1) + tl.where(is_last, z_dh, 0.0)
+    d_b = tl.where(is_last, z_dz, 0.0) + tl.sum(p * d_c[:, None], 0)          # c = P b
+    d_p = tl.dot(d_w, tl.trans(r), input_precision=PREC) + d_c[:, None] * b[None, :]
+    d_r += tl.dot(tl.trans(p), d_w, input_precision=PREC)                      # W = P R
+    e_p = tl.where(incl, d_p, 0.0) * p
+    e_r = tl.where(incl, d_r, 0.0) * r
+    d_la = tl.where(rows <= L, a * d_a + tl.sum(e_p, 1) - tl.sum(e_p, 0), 0.0)
+    d_lb = tl.where(rows <= L, b * d_b + tl.sum(e_r, 1) - tl.sum(e_r, 0), 0.0)
+    return dq, dk, d_la, d_lb
 
 
 # The chunk loops below serve the momentum rule (triton_scans.py: chunk C = BT, writes U
@@ -90,16 +153,8 @@ def _momentum_fwd_scan(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, lw_ptr, s0_ptr,
             uc = (2.0 * lw)[:, None] * (uc - tl.dot(kc, h, input_precision=PREC))
         alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
             alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
-        wqk = w * tl.dot(q, tl.trans(kc), input_precision=PREC)
-        o = (a[:, None] * tl.dot(q, h, input_precision=PREC)
-             + c[:, None] * tl.dot(q, z, input_precision=PREC)
-             + tl.dot(wqk, uc, input_precision=PREC))
+        o, h, z = _momentum_chunk_fwd(q, kc, uc, h, z, w, a, b, c, w_last, r_last, rows, L, PREC)
         _store_rows(o_ptr, g_base * V, t0, end, H * V, v0, V, o, BT, BV)
-        z_next = (_pick(b, rows, L) * z
-                  + tl.dot(tl.trans(r_last[:, None] * kc), uc, input_precision=PREC))
-        h = (_pick(a, rows, L) * h + _pick(c, rows, L) * z
-             + tl.dot(tl.trans(w_last[:, None] * kc), uc, input_precision=PREC))
-        z = z_next
     _store_state(sT_ptr, bh64 * V * K, K, V, v0, h, BK, BV)
     _store_state(zT_ptr, bh64 * V * K, K, V, v0, z, BK, BV)
 
@@ -120,8 +175,7 @@ def _momentum_bwd_scan(q_ptr, k_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr, dsT_pt
     rows = tl.arange(0, BT)
     dh = _load_state(dsT_ptr, bh64 * V * K, K, V, v0, BK, BV)
     dz = _load_state(dzT_ptr, bh64 * V * K, K, V, v0, BK, BV)
-    if MEMORY:
-        dh_start = _load_state(dsB_ptr, bh64 * V * K, K, V, v0, BK, BV)
+    dh_start = _load_state_or_zeros(dsB_ptr, bh64 * V * K, K, V, v0, MEMORY, BK, BV)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         t0, end, L = _chunk_span(i_t, C, T)
@@ -132,21 +186,14 @@ def _momentum_bwd_scan(q_ptr, k_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr, dsT_pt
         do = _load_rows(do_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)
         alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
             alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
-        wqk = w * tl.dot(q, tl.trans(kc), input_precision=PREC)
-        du = (tl.dot(tl.trans(wqk), do, input_precision=PREC)
-              + tl.dot(r_last[:, None] * kc, dz, input_precision=PREC)
-              + tl.dot(w_last[:, None] * kc, dh, input_precision=PREC))
+        du, dh, dz = _momentum_chunk_bwd(q, kc, do, dh, dz, w, a, b, c, w_last, r_last, rows, L,
+                                         PREC)
         _store_rows(du_ptr, g_base * V, t0, end, H * V, v0, V, du, BT, BV)
-        dz_prev = (_pick(b, rows, L) * dz + _pick(c, rows, L) * dh
-                   + tl.dot(tl.trans(q * c[:, None]), do, input_precision=PREC))
-        dh = (_pick(a, rows, L) * dh
-              + tl.dot(tl.trans(q * a[:, None]), do, input_precision=PREC))
         if MEMORY:
             lw2 = 2.0 * _load_gate(lw_ptr, g_base, t0, end, H, 0.0, BT)
             _store_rows(dv_ptr, g_base * V, t0, end, H * V, v0, V, lw2[:, None] * du, BT, BV)
             dh -= tl.dot(tl.trans(lw2[:, None] * kc), du, input_precision=PREC)
             dh += tl.where(i_r == 0, 1.0, 0.0) * dh_start
-        dz = dz_prev
     _store_state(ds0_ptr, bh64 * V * K, K, V, v0, dh, BK, BV)
     _store_state(dz0_ptr, bh64 * V * K, K, V, v0, dz, BK, BV)
 
@@ -163,8 +210,6 @@ def _momentum_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr
     i_t, bh64, g_base = _program(T, H)
     t0, end, L = _chunk_span(i_t, C, T)
     rows = tl.arange(0, BT)
-    incl = rows[:, None] >= rows[None, :]
-    is_last = rows == L
     kv_base = (bh64 * NT + i_t) * K * V
     q, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, K, BT, BK)
     alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
@@ -205,26 +250,12 @@ def _momentum_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr
         z_dh += tl.sum(tl.sum(z * dh, 1), 0)
         z_dz += tl.sum(tl.sum(z * dz, 1), 0)
 
-    gw = d_wqk * w
-    dq = a[:, None] * do_h + c[:, None] * do_z + tl.dot(gw, kc, input_precision=PREC)
-    dk = (tl.dot(tl.trans(gw), q, input_precision=PREC)
-          + w_last[:, None] * u_dh + r_last[:, None] * u_dz)
+    dq, dk, d_la, d_lb = _momentum_grads_tail(q, kc, qk, p, r, w, a, b, c, w_last, r_last, rows, L,
+                                              d_wqk, do_h, do_z, u_dh, u_dz, h_dh, z_dh, z_dz,
+                                              PREC)
     if MEMORY:
         dk -= lw2[:, None] * du_h
         _store_gate(dlw_ptr, g_base, t0, end, H, 2.0 * du_e, BT)
-    # gradients of the gate quantities; the row-L ones come from h_next and z_next
-    d_w = tl.where(incl, d_wqk * qk, 0.0) + tl.where(is_last[:, None],
-                                                     tl.sum(kc * u_dh, 1)[None, :], 0.0)
-    d_r = tl.where(is_last[:, None], tl.sum(kc * u_dz, 1)[None, :], 0.0)
-    d_a = tl.sum(q * do_h, 1) + tl.where(is_last, h_dh, 0.0)
-    d_c = tl.sum(q * do_z, 1) + tl.where(is_last, z_dh, 0.0)
-    d_b = tl.where(is_last, z_dz, 0.0) + tl.sum(p * d_c[:, None], 0)          # c = P b
-    d_p = tl.dot(d_w, tl.trans(r), input_precision=PREC) + d_c[:, None] * b[None, :]
-    d_r += tl.dot(tl.trans(p), d_w, input_precision=PREC)                      # W = P R
-    e_p = tl.where(incl, d_p, 0.0) * p
-    e_r = tl.where(incl, d_r, 0.0) * r
-    d_la = tl.where(rows <= L, a * d_a + tl.sum(e_p, 1) - tl.sum(e_p, 0), 0.0)
-    d_lb = tl.where(rows <= L, b * d_b + tl.sum(e_r, 1) - tl.sum(e_r, 0), 0.0)
     _store_rows(dq_ptr, g_base * K, t0, end, H * K, 0, K, dq, BT, BK)
     _store_rows(dk_ptr, g_base * K, t0, end, H * K, 0, K, dk, BT, BK)
     _store_gate(dalpha_ptr, g_base, t0, end, H, _reverse_cumsum(d_la, rows) / alpha, BT)
@@ -273,11 +304,7 @@ def _momentum_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, do_ptr,
 def momentum_forward(q, k, u, alpha, beta, initial_state, initial_momentum, save, BT, BK, BV):
     """Returns (o, S_T fp32, Z_T fp32, chunk-start h and z [B*H, NT, K, V] fp32); the last
     two feed the backward and are empty unless `save`."""
-    B, T, H, K = q.shape
-    V = u.shape[-1]
-    NT = triton.cdiv(T, BT)
-    tiles = dict(BT=BT, BK=BK, BV=BV, PREC=dot_precision(q.dtype))
-    f32 = dict(device=q.device, dtype=torch.float32)
+    B, T, H, K, V, NT, tiles, f32 = _launch_dims(q, u, BT, BT, BK, BV)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     h_chunks = torch.empty((B * H, NT, K, V) if save else (0,), **f32)
     z_chunks = torch.empty((B * H, NT, K, V) if save else (0,), **f32)
@@ -295,11 +322,7 @@ def momentum_forward(q, k, u, alpha, beta, initial_state, initial_momentum, save
 def momentum_backward(q, k, u, alpha, beta, h_chunks, z_chunks, grad_o, grad_state,
                       grad_momentum, BT, BK, BV):
     """Returns (dq, dk, du, dalpha, dbeta, dS_0 fp32, dZ_0 fp32)."""
-    B, T, H, K = q.shape
-    V = u.shape[-1]
-    NT = triton.cdiv(T, BT)
-    tiles = dict(BT=BT, BK=BK, BV=BV, PREC=dot_precision(q.dtype))
-    f32 = dict(device=q.device, dtype=torch.float32)
+    B, T, H, K, V, NT, tiles, f32 = _launch_dims(q, u, BT, BT, BK, BV)
     dh_chunks = torch.empty(B * H, NT, K, V, **f32)
     dz_chunks = torch.empty(B * H, NT, K, V, **f32)
     ds0 = torch.empty(B, H, V, K, **f32)

@@ -22,8 +22,8 @@ import torch
 import triton
 from torch import Tensor
 
-from .checks import check_scan_inputs
-from .triton_delta import delta_backward, delta_forward
+from .checks import check_saved_chunks, check_scan_inputs
+from .triton_delta import _contiguous, _grad_or_zeros, _needs_grad, delta_backward, delta_forward
 from .triton_momentum import momentum_backward, momentum_forward
 
 __all__ = ["delta_rule_triton", "momentum_rule_triton"]
@@ -39,18 +39,6 @@ def _tiles(K, V, chunk_size):
     BV = min(64, max(16, triton.next_power_of_2(V)))
     BT = min(64 if BK <= 64 else 32, max(16, triton.next_power_of_2(chunk_size)))
     return BT, BK, BV
-
-
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _contiguous(*tensors):
-    return [None if t is None else t.contiguous() for t in tensors]
-
-
-def _zeros_if_none(grad, shape, like, dtype):
-    return like.new_zeros(shape, dtype=dtype) if grad is None else grad.contiguous()
 
 
 def _saved_shapes(q, u, chunk_size, save):
@@ -110,12 +98,10 @@ def _delta_setup_context(ctx, inputs, output):
 
 def _delta_rule_backward(ctx, grad_o, grad_state, _grad_h_chunks, _grad_delta):
     q, k, u, alpha, eta, h_chunks, delta = ctx.saved_tensors
-    if h_chunks.dim() != 4:
-        raise RuntimeError("delta_rule_triton: backward through a forward run without grad "
-                           "tracking (no chunk states were saved)")
+    check_saved_chunks(h_chunks, "delta_rule_triton")
     B, T, H, K = q.shape
-    grad_o = _zeros_if_none(grad_o, (B, T, H, u.shape[-1]), q, q.dtype)
-    grad_state = _zeros_if_none(grad_state, (B, H, u.shape[-1], K), q, torch.float32)
+    grad_o = _grad_or_zeros(grad_o, (B, T, H, u.shape[-1]), q, q.dtype)
+    grad_state = _grad_or_zeros(grad_state, (B, H, u.shape[-1], K), q, torch.float32)
     dq, dk, du, dalpha, deta, ds0 = torch.ops.nested_learning.delta_rule_bwd(
         q, k, u, alpha, eta, h_chunks, delta, grad_o, grad_state, ctx.chunk_size)
     ds0 = None if ctx.state_dtype is None else ds0.to(ctx.state_dtype)
@@ -189,14 +175,12 @@ def _momentum_setup_context(ctx, inputs, output):
 
 def _momentum_rule_backward(ctx, grad_o, grad_state, grad_momentum, _grad_h, _grad_z):
     q, k, u, alpha, beta, h_chunks, z_chunks = ctx.saved_tensors
-    if h_chunks.dim() != 4:
-        raise RuntimeError("momentum_rule_triton: backward through a forward run without grad "
-                           "tracking (no chunk states were saved)")
+    check_saved_chunks(h_chunks, "momentum_rule_triton")
     B, T, H, K = q.shape
     V = u.shape[-1]
-    grad_o = _zeros_if_none(grad_o, (B, T, H, V), q, q.dtype)
-    grad_state = _zeros_if_none(grad_state, (B, H, V, K), q, torch.float32)
-    grad_momentum = _zeros_if_none(grad_momentum, (B, H, V, K), q, torch.float32)
+    grad_o = _grad_or_zeros(grad_o, (B, T, H, V), q, q.dtype)
+    grad_state = _grad_or_zeros(grad_state, (B, H, V, K), q, torch.float32)
+    grad_momentum = _grad_or_zeros(grad_momentum, (B, H, V, K), q, torch.float32)
     dq, dk, du, dalpha, dbeta, ds0, dz0 = torch.ops.nested_learning.momentum_rule_bwd(
         q, k, u, alpha, beta, h_chunks, z_chunks, grad_o, grad_state, grad_momentum,
         ctx.chunk_size)

@@ -151,6 +151,20 @@ def test_custom_ops_pass_opcheck(op):
     torch.library.opcheck(custom_op, (*args, *states, 16, True))
 
 
+@needs_kernels
+@pytest.mark.parametrize("op", OPS)
+def test_backward_through_a_forward_that_saved_nothing_raises(op):
+    """The forward op keeps the chunk states only when asked to (save=False is inference):
+    a backward through such a run gets one line naming the entry point."""
+    inputs = make_inputs(op, 1, 5, 1, 16, 16, True)
+    args = [inputs[n].requires_grad_() for n in ("q", "k", "u", "alpha", OPS[op][2])]
+    states = [inputs[n] for n in OPS[op][3]]
+    outputs = getattr(torch.ops.nested_learning, f"{op}_rule_fwd")(*args, *states, 16, False)
+    with pytest.raises(RuntimeError, match=f"{op}_rule_triton: backward through a forward run "
+                                           f"without grad tracking"):
+        outputs[0].sum().backward()
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(q=torch.zeros(1, 4, 1)), "q must be [B,T,H,K]"),
     (dict(k=torch.zeros(1, 5, 1, 16)), "k must be [B,T,H,K]"),
