@@ -288,9 +288,9 @@ def _chunk_momentum_bwd(q, kc, u, h, z, do, dh, dz, p, r, w, a, b, c, w_last, r_
 @triton.jit
 def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_ptr, y_ptr,
                         h1c_ptr, h2c_ptr, winT_ptr, woutT_ptr, winB_ptr, woutB_ptr,
-                        T, H, D, E, C, NT, tau, DGD: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr,
-                        SAVE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                        BE: tl.constexpr, PREC: tl.constexpr):
+                        T, H, D, E, C, NT, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
+                        ACT: tl.constexpr, SAVE: tl.constexpr, BT: tl.constexpr,
+                        BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
     """DGD / GD: the chunk loop of one (batch, head), (h1, h2) in registers (module
     docstring 1-4). SAVE keeps each chunk's start (h1, h2) for the backward."""
     _, bh64, g_base = _program(T, H)
@@ -368,9 +368,9 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
 def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_ptr, win_ptr,
                                  wout_ptr, zin_ptr, zout_ptr, y_ptr, h1c_ptr, h2c_ptr, z1c_ptr,
                                  z2c_ptr, winT_ptr, woutT_ptr, zinT_ptr, zoutT_ptr, winB_ptr,
-                                 woutB_ptr, T, H, D, E, C, NT, tau, CLIP: tl.constexpr, ACT: tl.constexpr,
-                                 SAVE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                                 BE: tl.constexpr, PREC: tl.constexpr):
+                                 woutB_ptr, T, H, D, E, C, NT, tau, CLIP: tl.constexpr,
+                                 ACT: tl.constexpr, SAVE: tl.constexpr, BT: tl.constexpr,
+                                 BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
     """Titans' momentum (Eq. 13-14): the chunk loop with (h, z) of both layers in registers;
     writes U = -lr G (`_inner_write` with GD rates), then the momentum closed form."""
     _, bh64, g_base = _program(T, H)
@@ -413,9 +413,9 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
                                  h2c_ptr, z1c_ptr, z2c_ptr, dy_ptr, dwinT_ptr, dwoutT_ptr,
                                  dzinT_ptr, dzoutT_ptr, dwinB_ptr, dwoutB_ptr, dq_ptr, dk_ptr,
                                  dv_ptr, dalpha_ptr, dbeta_ptr, dlr_ptr, dwin_ptr, dwout_ptr,
-                                 dzin_ptr, dzout_ptr, T, H, D, E, C, NT, tau, CLIP: tl.constexpr, ACT: tl.constexpr,
-                                 BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-                                 PREC: tl.constexpr):
+                                 dzin_ptr, dzout_ptr, T, H, D, E, C, NT, tau, CLIP: tl.constexpr,
+                                 ACT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                                 BE: tl.constexpr, PREC: tl.constexpr):
     """Momentum, chunks in reverse carrying (dh, dz) of both layers: as _mlp_mem_bwd_kernel
     with the momentum chunk's chain rule."""
     _, bh64, g_base = _program(T, H)
@@ -475,7 +475,9 @@ def fusable_mlp(head_dim, expansion, chunk_size, update_rule):
 
 
 def _tiles(d, E, chunk_size):
-    """(BT, BD, BE): one chunk per BT rows; tl.dot needs every tile side >= 16."""
+    """(BT, BD, BE): one chunk per BT rows; tl.dot needs every tile side >= 16. The launches
+    use num_stages=1: software pipelining would prefetch the saved [d, E] fp32 chunk states
+    into shared memory several chunks ahead (32 KiB each at d = 64, E = 128)."""
     p2 = lambda n: max(16, triton.next_power_of_2(n))        # noqa: E731
     return p2(chunk_size), p2(d), p2(E)
 
@@ -553,7 +555,7 @@ def _memory_mlp_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
     _, (h1c, h2c) = _state_buffers(B, H, d, E, NT, 2, save, q.device)
     _mlp_mem_fwd_kernel[(1, B * H)](q, k, v, alpha, lr, w_in, w_out, y, h1c, h2c, win_T, wout_T,
                                   win_B, wout_B, T, H, d, E, chunk_size, NT, DGD=dgd, SAVE=save,
-                                  **consts, num_warps=CHUNK_WARPS)
+                                  **consts, num_warps=CHUNK_WARPS, num_stages=1)
     return y, win_T, wout_T, win_B, wout_B, h1c, h2c
 
 
@@ -582,7 +584,7 @@ def _memory_mlp_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
     _mlp_mem_bwd_kernel[(1, B * H)](q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout,
                                   grad_win_start, grad_wout_start, dq, dk, dv, dalpha, dlr,
                                   dwin, dwout, T, H, d, E, chunk_size, NT, DGD=dgd, **consts,
-                                  num_warps=CHUNK_WARPS)
+                                  num_warps=CHUNK_WARPS, num_stages=1)
     return dq, dk, dv, dalpha, dlr, dwin, dwout
 
 
@@ -670,7 +672,7 @@ def _memory_mlp_momentum_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bet
     _mlp_mem_momentum_fwd_kernel[(1, B * H)](
         q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, y, h1c, h2c, z1c, z2c, win_T,
         wout_T, zin_T, zout_T, win_B, wout_B, T, H, d, E, chunk_size, NT, SAVE=save, **consts,
-        num_warps=CHUNK_WARPS)
+        num_warps=CHUNK_WARPS, num_stages=1)
     return (y, *outs, *chunks)
 
 
@@ -704,7 +706,7 @@ def _memory_mlp_momentum_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bet
     _mlp_mem_momentum_bwd_kernel[(1, B * H)](
         q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c, grad_y, grad_win, grad_wout, grad_zin,
         grad_zout, grad_win_start, grad_wout_start, dq, dk, dv, dalpha, dbeta, dlr, dwin, dwout,
-        dzin, dzout, T, H, d, E, chunk_size, NT, **consts, num_warps=CHUNK_WARPS)
+        dzin, dzout, T, H, d, E, chunk_size, NT, **consts, num_warps=CHUNK_WARPS, num_stages=1)
     return dq, dk, dv, dalpha, dbeta, dlr, dwin, dwout, dzin, dzout
 
 
