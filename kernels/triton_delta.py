@@ -38,21 +38,25 @@ LOG_GATE_FLOOR = tl.constexpr(-69.0)
 # ----------------------------------------------------------------------------- tile helpers
 
 @triton.jit
-def _load_rows(ptr, base, t0, T, stride_t, c0, D, BT: tl.constexpr, BD: tl.constexpr):
-    """[BT, BD] fp32 tile: tokens t0.. (row stride stride_t), features c0..; zero outside."""
+def _rows_tile(ptr, base, t0, T, stride_t, c0, D, BT: tl.constexpr, BD: tl.constexpr):
+    """Pointers and mask of a [BT, BD] tile: tokens t0.. (row stride stride_t, rows from T
+    on masked), features c0.. (from D on masked)."""
     rows = t0 + tl.arange(0, BT)
     cols = c0 + tl.arange(0, BD)
     mask = (rows[:, None] < T) & (cols[None, :] < D)
-    ptrs = ptr + base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    return ptr + base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], mask
+
+
+@triton.jit
+def _load_rows(ptr, base, t0, T, stride_t, c0, D, BT: tl.constexpr, BD: tl.constexpr):
+    """[BT, BD] fp32 tile: tokens t0.. (row stride stride_t), features c0..; zero outside."""
+    ptrs, mask = _rows_tile(ptr, base, t0, T, stride_t, c0, D, BT, BD)
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _store_rows(ptr, base, t0, T, stride_t, c0, D, x, BT: tl.constexpr, BD: tl.constexpr):
-    rows = t0 + tl.arange(0, BT)
-    cols = c0 + tl.arange(0, BD)
-    mask = (rows[:, None] < T) & (cols[None, :] < D)
-    ptrs = ptr + base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    ptrs, mask = _rows_tile(ptr, base, t0, T, stride_t, c0, D, BT, BD)
     tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=mask)
 
 
@@ -94,36 +98,36 @@ def _reverse_cumsum(x, rows):
 
 
 @triton.jit
-def _load_state(ptr, base, K, V, v0, BK: tl.constexpr, BV: tl.constexpr):
-    """[BK, BV] tile of h = S^T from a state S [.., V, K] (row-major, K fastest)."""
+def _state_tile(K, V, v0, BK: tl.constexpr, BV: tl.constexpr):
+    """Key indices [BK], value indices v0.. [BV] and the mask of a [BK, BV] state tile."""
     rk = tl.arange(0, BK)
     rv = v0 + tl.arange(0, BV)
-    mask = (rk[:, None] < K) & (rv[None, :] < V)
+    return rk, rv, (rk[:, None] < K) & (rv[None, :] < V)
+
+
+@triton.jit
+def _load_state(ptr, base, K, V, v0, BK: tl.constexpr, BV: tl.constexpr):
+    """[BK, BV] tile of h = S^T from a state S [.., V, K] (row-major, K fastest)."""
+    rk, rv, mask = _state_tile(K, V, v0, BK, BV)
     return tl.load(ptr + base + rv[None, :] * K + rk[:, None], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _store_state(ptr, base, K, V, v0, h, BK: tl.constexpr, BV: tl.constexpr):
-    rk = tl.arange(0, BK)
-    rv = v0 + tl.arange(0, BV)
-    mask = (rk[:, None] < K) & (rv[None, :] < V)
+    rk, rv, mask = _state_tile(K, V, v0, BK, BV)
     tl.store(ptr + base + rv[None, :] * K + rk[:, None], h.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _load_kv(ptr, base, K, V, v0, BK: tl.constexpr, BV: tl.constexpr):
     """[BK, BV] tile of a saved per-chunk state, stored [K, V] (V fastest)."""
-    rk = tl.arange(0, BK)
-    rv = v0 + tl.arange(0, BV)
-    mask = (rk[:, None] < K) & (rv[None, :] < V)
+    rk, rv, mask = _state_tile(K, V, v0, BK, BV)
     return tl.load(ptr + base + rk[:, None] * V + rv[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def _store_kv(ptr, base, K, V, v0, h, BK: tl.constexpr, BV: tl.constexpr):
-    rk = tl.arange(0, BK)
-    rv = v0 + tl.arange(0, BV)
-    mask = (rk[:, None] < K) & (rv[None, :] < V)
+    rk, rv, mask = _state_tile(K, V, v0, BK, BV)
     tl.store(ptr + base + rk[:, None] * V + rv[None, :], h, mask=mask)
 
 
