@@ -124,15 +124,32 @@ def resolve_checkpoint(path) -> str:
     return ckpt
 
 
+def _drop_unsaved_param_states(optim_sd: dict, ckpt) -> None:
+    """A parameter that never received a gradient (e.g. a CMS level's W_v when no chunk
+    completes inside seq_len) has no optimiser state in the saved run, while the template of a
+    fresh optimiser has one for every parameter. Drop those from the template so the resumed
+    optimiser, like the saved one, has no state for them; a parameter with part of its state
+    missing is still a mismatch and fails in dcp.load."""
+    saved = [key for key in dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+             if key.startswith("optim.state.")]
+    for fqn in list(optim_sd.get("state", {})):
+        if not any(key.startswith(f"optim.state.{fqn}.") for key in saved):
+            del optim_sd["state"][fqn]
+
+
 def load_training_state(ckpt, model, optimizer) -> dict:
     """Load model + optimiser in place (any rank count) and return the trainer state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
+        _drop_unsaved_param_states(optim_sd, ckpt)
         dcp.load(state, checkpoint_id=ckpt)
     except Exception as e:  # shape/key mismatch: a checkpoint of another model
         raise ValueError(f"checkpoint {ckpt} does not match this model/optimiser: {str(e).splitlines()[0]}") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # strict=False only lets the parameters dropped above stay without state: every entry of
+    # both templates was loaded (dcp.load fails on anything the checkpoint lacks)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
     return torch.load(os.path.join(ckpt, TRAINER_STATE), weights_only=False)
 
 
