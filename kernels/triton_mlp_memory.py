@@ -25,9 +25,9 @@ all of E and d) is one tile set per program and the chunk loop is sequential per
 head): B*H programs. The forward saves only the chunk-start states (T/C per layer, and the
 momenta). The backward walks the chunks in reverse with the state gradients in registers:
 per chunk it recomputes steps 1-3 from the saved states, steps back through layer 2, s(O1)
-and layer 1 (`_chunk_delta_bwd` / `_chunk_momentum_bwd`), then through the write rates and
-the inner gradient (`_inner_write_bwd`), which needs s''(Z) (closed forms: triton_cms.py's
-`_act`).
+and layer 1 (`_chunk_delta_bwd` / `_chunk_momentum_bwd`, built on triton_delta's and
+triton_momentum's per-chunk helpers), then through the write rates and the inner gradient
+(`_inner_write_bwd`), which needs s''(Z) (closed forms: triton_cms.py's `_act`).
 
     fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation)
         -> (y [B,T,H,d] in q's dtype, (W_in, W_out) at T, (W_in, W_out) at the start of the
@@ -50,12 +50,13 @@ from torch import Tensor
 
 from .checks import SUPPORTED_DTYPES, check_scan_inputs
 from .triton_cms import ACT_IDS, _act
-from .triton_delta import (CHUNK_WARPS, _chunk_span, _decay, _delta_chunk_gates,
-                           _delta_ut_system, _load_gate, _load_kv, _load_qk, _load_rows,
-                           _load_state, _pick, _program, _reverse_cumsum, _store_gate, _store_kv,
-                           _store_rows, _store_state, dot_precision)
-from .triton_memory import _contiguous, _grad_or_zeros, _needs_grad
-from .triton_momentum import _momentum_chunk_gates
+from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _decay, _delta_chunk_gates,
+                           _delta_grads_tail, _delta_ut_system, _grad_or_zeros, _load_gate,
+                           _load_kv, _load_qk, _load_rows, _load_state, _needs_grad, _pick,
+                           _program, _reverse_cumsum, _store_gate, _store_kv, _store_rows,
+                           _store_state, dot_precision)
+from .triton_momentum import (_momentum_chunk_bwd, _momentum_chunk_fwd, _momentum_chunk_gates,
+                              _momentum_grads_tail)
 
 __all__ = ["fused_mlp_memory_delta", "fused_mlp_memory_momentum", "fusable_mlp",
            "MAX_MLP_HEAD_DIM", "MAX_MLP_HIDDEN", "MAX_MLP_CHUNK"]
@@ -118,62 +119,27 @@ def _chunk_delta_fwd(q, kc, u, eta, g, gp, h, rows, L, BT: tl.constexpr, PREC: t
 def _chunk_delta_bwd(q, kc, u, eta, g, gp, h, do, dh, rows, L, BT: tl.constexpr,
                      PREC: tl.constexpr):
     """The chain rule of `_chunk_delta_fwd` with all of V in registers: given dO and dh_next,
-    returns (dQ, dK, dU, deta, dlog_alpha, dh at the chunk start). The same steps as
-    triton_delta.py's _delta_bwd_scan_kernel + _delta_bwd_grads_kernel, without the V loop."""
-    incl = rows[:, None] >= rows[None, :]
-    strict = rows[:, None] > rows[None, :]
+    returns (dQ, dK, dU, deta, dlog_alpha, dh at the chunk start): the delta rule's backward
+    scan step, then triton_delta._delta_grads_tail on the products that sum over V."""
     a, kk, decay_a, tm = _delta_ut_system(kc, g, gp, eta, BT, PREC)
     g_last = _pick(g, rows, L)
-    gamma = _decay(g, g, incl)
+    gamma = _decay(g, g, rows[:, None] >= rows[None, :])
     mq = gamma * tl.dot(q, tl.trans(kc), input_precision=PREC)
     kt_scale = tl.where(rows <= L, tl.exp(g_last - g), 0.0)
     b_scale = eta * tl.exp(gp)                                               # B = diag(.) K
     w = tl.dot(tm, b_scale[:, None] * kc, input_precision=PREC)              # W = Tm B
     d = tl.dot(tm, u, input_precision=PREC) - tl.dot(w, h, input_precision=PREC)
-    # dDelta and the carried state gradient (the backward scan step)
     dd = (tl.dot(tl.trans(mq), do, input_precision=PREC)
-          + tl.dot(kt_scale[:, None] * kc, dh, input_precision=PREC))
+          + tl.dot(kt_scale[:, None] * kc, dh, input_precision=PREC))       # dDelta
     dh_prev = (tl.exp(g_last) * dh
                + tl.dot(tl.trans(q * tl.exp(g)[:, None]), do, input_precision=PREC)
                - tl.dot(tl.trans(w), dd, input_precision=PREC))
-    d_mq = tl.where(incl, tl.dot(do, tl.trans(d), input_precision=PREC), 0.0)
-    d_qh = tl.dot(do, tl.trans(h), input_precision=PREC)
-    d_w = -tl.dot(dd, tl.trans(h), input_precision=PREC)
-    d_kt = tl.dot(d, tl.trans(dh), input_precision=PREC)
-    dd_u = tl.dot(dd, tl.trans(u), input_precision=PREC)
-    h_dh = tl.sum(tl.sum(h * dh, 1), 0)
+    dq, dk, deta, dlog_alpha, _ = _delta_grads_tail(
+        q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt_scale, b_scale,
+        tl.dot(do, tl.trans(d), input_precision=PREC), tl.dot(do, tl.trans(h), input_precision=PREC),
+        -tl.dot(dd, tl.trans(h), input_precision=PREC), tl.dot(d, tl.trans(dh), input_precision=PREC),
+        tl.dot(dd, tl.trans(u), input_precision=PREC), tl.sum(tl.sum(h * dh, 1), 0), PREC)
     du = tl.dot(tl.trans(tm), dd, input_precision=PREC)                      # dU = Tm^T dU'
-    # O = diag(e^g) Q h + (Gamma o Q K^T) Delta
-    dq = tl.exp(g)[:, None] * d_qh + tl.dot(d_mq * gamma, kc, input_precision=PREC)
-    dk = tl.dot(tl.trans(d_mq * gamma), q, input_precision=PREC)
-    e_mq = d_mq * mq
-    dg = tl.sum(e_mq, 1) - tl.sum(e_mq, 0) + tl.exp(g) * tl.sum(q * d_qh, 1)
-    # h_next = e^{g_L} h + (diag(e^{g_L - g}) K)^T Delta
-    dk += kt_scale[:, None] * d_kt
-    s_kt = kt_scale * tl.sum(kc * d_kt, 1)
-    dg += tl.where(rows == L, tl.sum(s_kt, 0) + tl.exp(g_last) * h_dh, 0.0) - s_kt
-    # W = Tm B, U' = Tm U, Tm = (I + A)^{-1}
-    d_b = tl.dot(tl.trans(tm), d_w, input_precision=PREC)
-    d_tm = dd_u + tl.dot(d_w, tl.trans(b_scale[:, None] * kc), input_precision=PREC)
-    d_a = -tl.dot(tl.dot(tl.trans(tm), d_tm, input_precision=PREC), tl.trans(tm),
-                  input_precision=PREC)
-    d_a = tl.where(strict, d_a, 0.0)
-    dk += b_scale[:, None] * d_b
-    r_b = tl.sum(kc * d_b, 1)
-    deta = tl.exp(gp) * r_b
-    dgp = b_scale * r_b
-    # A_ti = eta_t e^{gp_t - g_i} k_t.k_i
-    f = d_a * decay_a
-    deta += tl.sum(f * kk, 1)
-    e_a = eta[:, None] * f * kk
-    dgp += tl.sum(e_a, 1)
-    dg -= tl.sum(e_a, 0)
-    f = eta[:, None] * f
-    dk += tl.dot(f, kc, input_precision=PREC) + tl.dot(tl.trans(f), kc, input_precision=PREC)
-    # g_t = sum_{s<=t} log alpha_s and gp_t = g_t - log alpha_t (chunk-local)
-    dg = tl.where(rows <= L, dg, 0.0)
-    dgp = tl.where(rows <= L, dgp, 0.0)
-    dlog_alpha = _reverse_cumsum(dg + dgp, rows) - dgp
     return dq, dk, du, deta, dlog_alpha, dh_prev
 
 
@@ -229,57 +195,21 @@ def _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2, lw1, lw2, scale
 
 
 @triton.jit
-def _chunk_momentum_fwd(q, kc, u, h, z, p, r, w, a, b, c, w_last, r_last, rows, L,
-                        PREC: tl.constexpr):
-    """One momentum-rule chunk with all of V in registers (triton_momentum.py's closed form):
-    readout O after each write and the next chunk-start (h, z)."""
-    wqk = w * tl.dot(q, tl.trans(kc), input_precision=PREC)
-    o = (a[:, None] * tl.dot(q, h, input_precision=PREC)
-         + c[:, None] * tl.dot(q, z, input_precision=PREC)
-         + tl.dot(wqk, u, input_precision=PREC))
-    z_next = _pick(b, rows, L) * z + tl.dot(tl.trans(r_last[:, None] * kc), u, input_precision=PREC)
-    h_next = (_pick(a, rows, L) * h + _pick(c, rows, L) * z
-              + tl.dot(tl.trans(w_last[:, None] * kc), u, input_precision=PREC))
-    return o, h_next, z_next
-
-
-@triton.jit
 def _chunk_momentum_bwd(q, kc, u, h, z, do, dh, dz, p, r, w, a, b, c, w_last, r_last, rows, L,
                         PREC: tl.constexpr):
-    """The chain rule of `_chunk_momentum_fwd` given dO and the chunk-end (dh, dz): returns
-    (dQ, dK, dU, dlog_alpha and dlog_beta before their reverse cumsum, chunk-start dh, dz).
-    The same steps as triton_momentum.py's backward scan + gradient kernels, without V loop."""
-    incl = rows[:, None] >= rows[None, :]
-    is_last = rows == L
-    qk = tl.dot(q, tl.trans(kc), input_precision=PREC)
-    wqk = w * qk
-    du = (tl.dot(tl.trans(wqk), do, input_precision=PREC)
-          + tl.dot(r_last[:, None] * kc, dz, input_precision=PREC)
-          + tl.dot(w_last[:, None] * kc, dh, input_precision=PREC))
-    dz_prev = (_pick(b, rows, L) * dz + _pick(c, rows, L) * dh
-               + tl.dot(tl.trans(q * c[:, None]), do, input_precision=PREC))
-    dh_prev = _pick(a, rows, L) * dh + tl.dot(tl.trans(q * a[:, None]), do, input_precision=PREC)
-    d_wqk = tl.dot(do, tl.trans(u), input_precision=PREC)
-    do_h = tl.dot(do, tl.trans(h), input_precision=PREC)
-    do_z = tl.dot(do, tl.trans(z), input_precision=PREC)
-    u_dh = tl.dot(u, tl.trans(dh), input_precision=PREC)
-    u_dz = tl.dot(u, tl.trans(dz), input_precision=PREC)
-    gw = d_wqk * w
-    dq = a[:, None] * do_h + c[:, None] * do_z + tl.dot(gw, kc, input_precision=PREC)
-    dk = (tl.dot(tl.trans(gw), q, input_precision=PREC)
-          + w_last[:, None] * u_dh + r_last[:, None] * u_dz)
-    d_w = tl.where(incl, d_wqk * qk, 0.0) + tl.where(is_last[:, None],
-                                                     tl.sum(kc * u_dh, 1)[None, :], 0.0)
-    d_r = tl.where(is_last[:, None], tl.sum(kc * u_dz, 1)[None, :], 0.0)
-    d_a = tl.sum(q * do_h, 1) + tl.where(is_last, tl.sum(tl.sum(h * dh, 1), 0), 0.0)
-    d_c = tl.sum(q * do_z, 1) + tl.where(is_last, tl.sum(tl.sum(z * dh, 1), 0), 0.0)
-    d_b = tl.where(is_last, tl.sum(tl.sum(z * dz, 1), 0), 0.0) + tl.sum(p * d_c[:, None], 0)
-    d_p = tl.dot(d_w, tl.trans(r), input_precision=PREC) + d_c[:, None] * b[None, :]  # c = P b
-    d_r += tl.dot(tl.trans(p), d_w, input_precision=PREC)                              # W = P R
-    e_p = tl.where(incl, d_p, 0.0) * p
-    e_r = tl.where(incl, d_r, 0.0) * r
-    d_la = tl.where(rows <= L, a * d_a + tl.sum(e_p, 1) - tl.sum(e_p, 0), 0.0)
-    d_lb = tl.where(rows <= L, b * d_b + tl.sum(e_r, 1) - tl.sum(e_r, 0), 0.0)
+    """The chain rule of triton_momentum._momentum_chunk_fwd with all of V in registers,
+    given dO and the chunk-end (dh, dz): returns (dQ, dK, dU, dlog_alpha and dlog_beta before
+    their reverse cumsum, chunk-start dh, dz), from triton_momentum's step back
+    (_momentum_chunk_bwd) and chain rule (_momentum_grads_tail)."""
+    du, dh_prev, dz_prev = _momentum_chunk_bwd(q, kc, do, dh, dz, w, a, b, c, w_last, r_last,
+                                               rows, L, PREC)
+    dq, dk, d_la, d_lb = _momentum_grads_tail(
+        q, kc, tl.dot(q, tl.trans(kc), input_precision=PREC), p, r, w, a, b, c, w_last, r_last,
+        rows, L, tl.dot(do, tl.trans(u), input_precision=PREC),
+        tl.dot(do, tl.trans(h), input_precision=PREC), tl.dot(do, tl.trans(z), input_precision=PREC),
+        tl.dot(u, tl.trans(dh), input_precision=PREC), tl.dot(u, tl.trans(dz), input_precision=PREC),
+        tl.sum(tl.sum(h * dh, 1), 0), tl.sum(tl.sum(z * dh, 1), 0), tl.sum(tl.sum(z * dz, 1), 0),
+        PREC)
     return dq, dk, du, d_la, d_lb, dh_prev, dz_prev
 
 
@@ -396,11 +326,11 @@ def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
             alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, tau, False, CLIP, ACT, PREC)
-        o1, h1, z1 = _chunk_momentum_fwd(qc, kc, u1, h1, z1, p, r, w, a, b, c, w_last, r_last,
-                                         rows, L, PREC)
+        o1, h1, z1 = _momentum_chunk_fwd(qc, kc, u1, h1, z1, w, a, b, c, w_last, r_last, rows,
+                                         L, PREC)
         q2, _, _ = _act(o1, ACT, 1)
-        o2, h2, z2 = _chunk_momentum_fwd(q2, hh, u2, h2, z2, p, r, w, a, b, c, w_last, r_last,
-                                         rows, L, PREC)
+        o2, h2, z2 = _momentum_chunk_fwd(q2, hh, u2, h2, z2, w, a, b, c, w_last, r_last, rows,
+                                         L, PREC)
         _store_rows(y_ptr, g_base * D, t0, end, H * D, 0, D, qc + o2, BT, BD)
     _store_state(winT_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
     _store_state(woutT_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
@@ -439,8 +369,8 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
             alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, tau, False, CLIP, ACT, PREC)
-        o1, _, _ = _chunk_momentum_fwd(qc, kc, u1, h1, z1, p, r, w, a, b, c, w_last, r_last,
-                                       rows, L, PREC)
+        o1, _, _ = _momentum_chunk_fwd(qc, kc, u1, h1, z1, w, a, b, c, w_last, r_last, rows, L,
+                                       PREC)
         q2, ds_o1, _ = _act(o1, ACT, 1)
         dq2, dhh, du2, dla, dlb, dh2, dz2 = _chunk_momentum_bwd(
             q2, hh, u2, h2, z2, dy, dh2, dz2, p, r, w, a, b, c, w_last, r_last, rows, L, PREC)
