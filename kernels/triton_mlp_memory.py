@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import SUPPORTED_DTYPES, check_scan_inputs
+from .checks import SUPPORTED_DTYPES, check_saved_chunks, check_scan_inputs
 from .triton_cms import ACT_IDS, _act
 from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _decay, _delta_chunk_gates,
                            _delta_grads_tail, _delta_ut_system, _grad_or_zeros, _load_gate,
@@ -542,16 +542,10 @@ def _state_grads(grads, q, E):
             for i, g in enumerate(grads)]
 
 
-def _no_saved_states(h1c, caller):
-    if h1c.dim() != 4:
-        raise RuntimeError(f"{caller}: backward through a forward run without grad tracking "
-                           f"(no chunk-start states were saved)")
-
-
 def _memory_mlp_backward(ctx, grad_y, grad_win, grad_wout, grad_win_start, grad_wout_start,
                          _grad_h1c, _grad_h2c):
     q, k, v, alpha, lr, h1c, h2c = ctx.saved_tensors
-    _no_saved_states(h1c, "fused_mlp_memory_delta")
+    check_saved_chunks(h1c, "fused_mlp_memory_delta")
     grad_y = _grad_or_zeros(grad_y, q.shape, q, q.dtype)
     states = _state_grads((grad_win, grad_wout, grad_win_start, grad_wout_start), q, h1c.shape[-1])
     dq, dk, dv, dalpha, dlr, dwin, dwout = torch.ops.nested_learning.memory_mlp_delta_bwd(
@@ -662,7 +656,7 @@ def _memory_mlp_momentum_setup_context(ctx, inputs, output):
 def _memory_mlp_momentum_backward(ctx, grad_y, grad_win, grad_wout, grad_zin, grad_zout,
                                   grad_win_start, grad_wout_start, *_grad_chunks):
     q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c = ctx.saved_tensors
-    _no_saved_states(h1c, "fused_mlp_memory_momentum")
+    check_saved_chunks(h1c, "fused_mlp_memory_momentum")
     grad_y = _grad_or_zeros(grad_y, q.shape, q, q.dtype)
     states = _state_grads((grad_win, grad_wout, grad_zin, grad_zout, grad_win_start,
                            grad_wout_start), q, h1c.shape[-1])

@@ -199,6 +199,14 @@ def test_no_grad_forward_matches_and_saves_no_chunk_states():
 
 
 @needs_kernels
+def test_backward_without_saved_states_raises_one_line():
+    args = [t.clone().requires_grad_() for t in _kernel_args()]
+    y = torch.ops.nested_learning.memory_mlp_delta_fwd(*args, 4, True, "silu", None, False)[0]
+    with pytest.raises(RuntimeError, match="fused_mlp_memory_delta: backward through a forward"):
+        y.sum().backward()
+
+
+@needs_kernels
 @pytest.mark.parametrize("op", ("delta", "momentum"))
 def test_custom_ops_pass_opcheck(op):
     """Schema, fake implementation, autograd registration: what torch.compile relies on."""
