@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # One GPU check (issue 5): CUDA kernel tests, the kernel bench, and training throughput of
-# Transformer++ vs Titans vs HOPE at 4K context (bench/step.py, and a 1-GPU FSDP2 train.py
-# run per architecture on byte-tokenised synthetic text). Installs nothing; needs torch,
+# Transformer++ vs Titans vs HOPE at 4K context (bench/step.py; HOPE twice: with the fused
+# Triton memory/CMS kernels, model.kernels=auto, and with the chunked PyTorch path,
+# model.kernels=torch), and a 1-GPU FSDP2 train.py run of Transformer++ and HOPE on
+# byte-tokenised synthetic text. Installs nothing; needs torch,
 # triton, numpy, pyyaml, pytest (the GPU image has them). Every stage has a time cap inside
-# a total budget (default 450 s, under 8 minutes on one H100); a failing or timed-out stage
+# a total budget (default 520 s, under 9 minutes on one H100); a failing or timed-out stage
 # is recorded and the script goes on. Ends with a summary table; the full logs are kept.
 #
 #   bash bench/gpu_check.sh                    # on the GPU machine, from the repo root
 #   GPU_CHECK_DRY=1 bash bench/gpu_check.sh    # the same commands at tiny sizes on CPU
 #
-# Environment: GPU_CHECK_BUDGET (s, default 450), GPU_CHECK_OUT (default /tmp/gpu_check),
+# Environment: GPU_CHECK_BUDGET (s, default 520), GPU_CHECK_OUT (default /tmp/gpu_check),
 # PYTHON (default: .venv/bin/python if present, else python3), BATCH (step.py sequences per
 # step, default 4), SEQ (context, default 4096), FSDP_STEPS (default 30).
 set -u
 cd "$(dirname "$0")/.."
 DRY=${GPU_CHECK_DRY:-0}
-BUDGET=${GPU_CHECK_BUDGET:-450}
+BUDGET=${GPU_CHECK_BUDGET:-520}
 OUT=${GPU_CHECK_OUT:-/tmp/gpu_check}
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 export WANDB_MODE=disabled HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -24,17 +26,23 @@ mkdir -p "$OUT/logs"
 
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu; BATCH=${BATCH:-2}; SEQ=${SEQ:-64}; FSDP_STEPS=${FSDP_STEPS:-2}
-    CONFIGS="configs/transformer_tiny.yaml configs/titans_lmm_tiny.yaml configs/hope_tiny.yaml"
+    SIZE=tiny
     PYTEST_ARGS="-k dispatch or bad_inputs"
-    KERNEL_ARGS="--quick --no-memory --ops momentum_rule"
+    KERNEL_ARGS="--quick --no-memory --no-cms --ops momentum_rule"
     CAP_TEST=120; CAP_KERNELS=120; CAP_STEP=120; CAP_FSDP=120
 else
     DEVICE=cuda; BATCH=${BATCH:-4}; SEQ=${SEQ:-4096}; FSDP_STEPS=${FSDP_STEPS:-30}
-    CONFIGS="configs/transformer_760m.yaml configs/titans_lmm_760m.yaml configs/hope_760m.yaml"
+    SIZE=760m
     PYTEST_ARGS=""
-    KERNEL_ARGS="--json $OUT/kernels.json"
-    CAP_TEST=100; CAP_KERNELS=150; CAP_STEP=40; CAP_FSDP=45
+    KERNEL_ARGS="--json $OUT/kernels.json --T 4096 16384"
+    CAP_TEST=150; CAP_KERNELS=130; CAP_STEP=40; CAP_FSDP=30
 fi
+# step-bench runs: NAME CONFIG [overrides]; FSDP runs: CONFIG
+STEP_RUNS="transformer_$SIZE:configs/transformer_$SIZE.yaml
+titans_lmm_$SIZE:configs/titans_lmm_$SIZE.yaml
+hope_$SIZE:configs/hope_$SIZE.yaml
+hope_${SIZE}_torch:configs/hope_$SIZE.yaml:--model.kernels=torch"
+FSDP_CONFIGS="configs/transformer_$SIZE.yaml configs/hope_$SIZE.yaml"
 START=$SECONDS
 
 # run NAME CAP CMD...: run CMD with the smaller of CAP and the budget left; log + summary row.
@@ -60,7 +68,7 @@ run() {
 result_of() {
     case $1 in
         tests) grep -E '[0-9]+ (passed|failed)' "$2" | tail -n 1 ;;
-        kernels) grep -c -E '^(delta_rule|momentum_rule|memory/)' "$2" | sed 's/$/ rows (see kernels.log)/' ;;
+        kernels) grep -c -E '^(delta_rule|momentum_rule|memory/|cms/)' "$2" | sed 's/$/ rows (see kernels.log)/' ;;
         step_*) grep -o -E '[0-9,]+ tok/s' "$2" | tail -n 1 ;;
         fsdp_*) "$PY" - "$OUT/runs/$1/metrics.jsonl" <<'PYEOF' 2>/dev/null
 import json, sys
@@ -79,10 +87,13 @@ if [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_
 fi
 
 # 1. kernel tests: the interpreter cases run natively, plus the CUDA-only realistic sizes.
+KERNEL_TESTS="tests/test_triton_kernels.py tests/test_triton_memory.py tests/test_triton_mlp_memory.py
+tests/test_triton_cms.py tests/test_kernels.py"
+# shellcheck disable=SC2086
 if [ -n "$PYTEST_ARGS" ]; then
-    run tests "$CAP_TEST" "$PY" -m pytest -q -x tests/test_triton_memory.py tests/test_triton_kernels.py -k "$(echo "$PYTEST_ARGS" | sed 's/^-k //')"
+    run tests "$CAP_TEST" "$PY" -m pytest -q -x $KERNEL_TESTS -k "$(echo "$PYTEST_ARGS" | sed 's/^-k //')"
 else
-    run tests "$CAP_TEST" "$PY" -m pytest -q tests/test_triton_memory.py tests/test_triton_kernels.py
+    run tests "$CAP_TEST" "$PY" -m pytest -q $KERNEL_TESTS
 fi
 
 # 2. kernel bench (scans: torch / triton / fla; memory layer: per-chunk torch / fused triton).
@@ -90,10 +101,11 @@ fi
 run kernels "$CAP_KERNELS" "$PY" bench/kernels.py $KERNEL_ARGS
 
 # 3. training throughput: one optimiser step (fwd + bwd + AdamW) on synthetic tokens.
-for cfg in $CONFIGS; do
-    name=$(basename "$cfg" .yaml)
+for spec in $STEP_RUNS; do
+    IFS=: read -r name cfg extra <<< "$spec"
+    # shellcheck disable=SC2086
     run "step_$name" "$CAP_STEP" "$PY" bench/step.py "$cfg" --device "$DEVICE" --steps 3 --warmup 1 \
-        --train.batch_size="$BATCH" --train.grad_accum=1 --train.seq_len="$SEQ"
+        --train.batch_size="$BATCH" --train.grad_accum=1 --train.seq_len="$SEQ" $extra
 done
 
 # 4. 1-GPU FSDP2 training through train.py on a small byte-tokenised text (no `datasets`).
@@ -107,7 +119,7 @@ for i in range(8):
     with open(os.path.join(sys.argv[1], f"doc{i}.txt"), "w") as f:
         f.write(" ".join(rng.choice(words) for _ in range(60000)))
 PYEOF
-for cfg in $CONFIGS; do
+for cfg in $FSDP_CONFIGS; do
     name=$(basename "$cfg" .yaml)
     rm -rf "$OUT/runs/fsdp_$name"
     run "fsdp_$name" "$CAP_FSDP" "$PY" train.py "$cfg" --distributed.data_parallel=fsdp \
