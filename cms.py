@@ -144,11 +144,12 @@ class CMSLevel(nn.Module):
                 "grad_in": None, "grad_out": None, "pos": 0}
 
     def uses_fused_kernel(self, a):
-        """The fused Triton fast level (kernels/triton_cms.py, DESIGN §4 (b)) runs where the
-        backend resolves to "triton" ("triton", or "auto" on CUDA) for fp32 fast weights it
-        covers; everything else, and the CPU, takes fast_level_scan (the oracle)."""
+        """The fused Triton fast level (kernels/triton_cms.py, DESIGN §4 (b)) runs for fp32
+        fast weights it covers when the backend is "triton". It has not yet passed its tests
+        on a GPU (BENCHMARKS.md), so "auto" does not pick it yet; everything else, and the
+        CPU, takes fast_level_scan (the oracle)."""
         weight = self.w_in.weight
-        if not self.is_fast or weight.dtype != torch.float32:
+        if not self.is_fast or weight.dtype != torch.float32 or self.backend != "triton":
             return False
         if kernels.select_backend(self.backend, a.device, weight.dtype) != "triton":
             return False

@@ -213,11 +213,6 @@ def parallelize(model, cfg: Config, env: DistEnv):
     return model
 
 
-def uses_bf16_params(cfg: Config, env: DistEnv) -> bool:
-    """True when FSDP2 already runs the model in bf16, so autocast would be redundant."""
-    return env.data_parallel == "fsdp" and mixed_precision_dtype(cfg, env) == torch.bfloat16
-
-
 def gradient_sync(train_model, env: DistEnv, sync: bool):
     """Context for one micro-batch's backward: gradients are reduced across ranks only on the
     last micro-batch of a step (no redundant all-reduce / reduce-scatter while accumulating)."""

@@ -204,9 +204,10 @@ def _train(cfg: Config, env: DistEnv):
     device, device_type = env.device, env.device_type
     say = print if env.is_main else _silent          # rank 0 alone prints and writes files
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device_type == "cuda")
-    # FSDP2 with bf16 parameters already computes in bf16: autocast on top would be redundant
-    use_autocast = use_bf16 and not distributed.uses_bf16_params(cfg, env)
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_autocast else nullcontext()
+    # Autocast also under FSDP2 with bf16 parameters: the memory layers keep their fast weights
+    # and gates in fp32 (memory.py), and their outputs meet bf16 weights (measured on an H100:
+    # without autocast HOPE stopped at "expected scalar type Float but found BFloat16").
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     torch.manual_seed(t.seed)          # the same seed on every rank: identical initial weights
     random.seed(t.seed)
     np.random.seed(t.seed)
