@@ -11,6 +11,7 @@
 
 Test files import it as `from helpers import ...` (tests/ is on sys.path, as for conftest).
 """
+import copy
 import os
 
 import pytest
@@ -128,3 +129,28 @@ def train_recall_accuracy(model, recall_batch, steps: int, batch_size: int, eval
         pred = model(idx)[0].argmax(-1)
     asked = labels >= 0
     return (pred[asked] == labels[asked]).float().mean().item()
+
+
+def fused_vs_oracle_errors(fused, inputs, segments, run_segments, outputs_of, param_names, device) -> dict:
+    """Relative errors (max |diff| / max(1, max |ref|)) of every output and of the gradient of
+    every input and meta-learned initial weight, for the loss sum <out, random cotangent>:
+    the memory `fused` (fp32, fused kernels) against its float64 copy on the torch path (the
+    oracle). run_segments(memory, inputs, segments, dtype) -> (leaves, y, state) and
+    outputs_of(y, state) -> {name: tensor} come from the calling test file."""
+    oracle = copy.deepcopy(fused).double()
+    oracle.backend = "torch"
+    ref_leaves, ref_y, ref_state = run_segments(oracle, inputs, segments, torch.float64)
+    tri_leaves, tri_y, tri_state = run_segments(fused, inputs, segments, torch.float32)
+    ref_out, tri_out = outputs_of(ref_y, ref_state), outputs_of(tri_y, tri_state)
+    assert tri_state["pos"] == ref_state["pos"] == sum(segments)
+    gen = torch.Generator().manual_seed(2)
+    cot = {n: torch.randn(r.shape, generator=gen, dtype=torch.float64).to(device) for n, r in ref_out.items()}
+    ref_grads = torch.autograd.grad(sum((r * cot[n]).sum() for n, r in ref_out.items()),
+                                    list(ref_leaves.values()) + list(oracle.init_weights))
+    tri_grads = torch.autograd.grad(sum((t.double() * cot[n]).sum() for n, t in tri_out.items()),
+                                    list(tri_leaves.values()) + list(fused.init_weights))
+    err = lambda x, ref: ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()  # noqa: E731
+    errors = {n: err(tri_out[n], ref_out[n]) for n in ref_out}
+    names = list(ref_leaves) + list(param_names)
+    errors.update({"d" + n: err(t, r) for n, t, r in zip(names, tri_grads, ref_grads)})
+    return errors

@@ -6,14 +6,13 @@ Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported): fp32, tiny sizes. With a GPU the same cases
 run natively, plus a realistic size.
 """
-import copy
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import CUDA, DEVICE, needs_cuda, triton_kernels_or_skip
+from helpers import CUDA, DEVICE, fused_vs_oracle_errors, needs_cuda, triton_kernels_or_skip
 
 needs_kernels = triton_kernels_or_skip()
 
@@ -64,27 +63,8 @@ def compare_with_torch_path(rule, B, T, H, d, C, segments=None):
     """Relative errors (max |diff| / max(1, max |ref|)) of every output and every gradient
     (inputs and the meta-learned initial weights) for the loss sum <out, random cotangent>."""
     segments = segments or [T]
-    fused = make_memory(rule, H, d, C)
-    oracle = copy.deepcopy(fused).double()
-    oracle.backend = "torch"
-    inputs = make_inputs(rule, B, T, H, d)
-    ref_leaves, ref_y, ref_state = run_segments(oracle, inputs, segments, torch.float64)
-    tri_leaves, tri_y, tri_state = run_segments(fused, inputs, segments, torch.float32)
-    ref_out, tri_out = outputs_of(ref_y, ref_state), outputs_of(tri_y, tri_state)
-    assert tri_state["pos"] == ref_state["pos"] == T
-    gen = torch.Generator().manual_seed(2)
-    cot = {n: torch.randn(r.shape, generator=gen, dtype=torch.float64).to(DEVICE)
-           for n, r in ref_out.items()}
-    ref_params, tri_params = list(oracle.init_weights), list(fused.init_weights)
-    ref_grads = torch.autograd.grad(sum((r * cot[n]).sum() for n, r in ref_out.items()),
-                                    list(ref_leaves.values()) + ref_params)
-    tri_grads = torch.autograd.grad(sum((t.double() * cot[n]).sum() for n, t in tri_out.items()),
-                                    list(tri_leaves.values()) + tri_params)
-    err = lambda x, ref: ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()  # noqa: E731
-    errors = {n: err(tri_out[n], ref_out[n]) for n in ref_out}
-    names = list(ref_leaves) + ["init_weight"]
-    errors.update({"d" + n: err(t, r) for n, t, r in zip(names, tri_grads, ref_grads)})
-    return errors
+    return fused_vs_oracle_errors(make_memory(rule, H, d, C), make_inputs(rule, B, T, H, d), segments,
+                                  run_segments, outputs_of, ["init_weight"], DEVICE)
 
 
 def assert_close(errors, tol, what):
