@@ -134,7 +134,7 @@ def _chunk_delta_bwd(q, kc, u, eta, g, gp, h, do, dh, rows, L, BT: tl.constexpr,
     dh_prev = (tl.exp(g_last) * dh
                + tl.dot(tl.trans(q * tl.exp(g)[:, None]), do, input_precision=PREC)
                - tl.dot(tl.trans(w), dd, input_precision=PREC))
-    dq, dk, deta, dlog_alpha, _ = _delta_grads_tail(
+    dq, dk, deta, dlog_alpha, tail_unused = _delta_grads_tail(
         q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt_scale, b_scale,
         tl.dot(do, tl.trans(d), input_precision=PREC), tl.dot(do, tl.trans(h), input_precision=PREC),
         -tl.dot(dd, tl.trans(h), input_precision=PREC), tl.dot(d, tl.trans(dh), input_precision=PREC),
@@ -223,7 +223,7 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
                         BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
     """DGD / GD: the chunk loop of one (batch, head), (h1, h2) in registers (module
     docstring 1-4). SAVE keeps each chunk's start (h1, h2) for the backward."""
-    _, bh64, g_base = _program(T, H)
+    i_unused, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
     h1 = _load_state(win_ptr, bh64 * E * D, D, E, 0, BD, BE)                  # W_in^T [D, E]
     h2 = _load_state(wout_ptr, bh64 * D * E, E, D, 0, BE, BD)                 # W_out^T [E, D]
@@ -241,7 +241,7 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
         o1, h1 = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
-        q2, _, _ = _act(o1, ACT, 1)                                       # W_out reads s(W_in,t q_t)
+        q2, ds_unused, dds_unused = _act(o1, ACT, 1)                                       # W_out reads s(W_in,t q_t)
         o2, h2 = _chunk_delta_fwd(q2, hh, u2, eta2, g, gp, h2, rows, L, BT, PREC)
         _store_rows(y_ptr, g_base * D, t0, end, H * D, 0, D, qc + o2, BT, BD)
     _store_state(winT_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
@@ -257,7 +257,7 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
     """DGD / GD, chunks in reverse carrying (dh1, dh2) = dL/d(next chunk-start states):
     recompute the chunk from its saved start, step back through layer 2, s(O1), layer 1, the
     write rates and the closed-form inner gradient (module docstring)."""
-    _, bh64, g_base = _program(T, H)
+    i_unused, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
     dh1 = _load_state(dwinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
     dh2 = _load_state(dwoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
@@ -272,8 +272,8 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
         g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
-        o1, _ = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
-        q2, ds_o1, _ = _act(o1, ACT, 1)
+        o1, h1_unused = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
+        q2, ds_o1, dds_unused = _act(o1, ACT, 1)
         # layer 2 (W_out: query s(O1), input Hh, writes U2), then layer 1 (W_in)
         dq2, dhh, du2, deta2, dla, dh2 = _chunk_delta_bwd(q2, hh, u2, eta2, g, gp, h2, dy, dh2,
                                                           rows, L, BT, PREC)
@@ -303,7 +303,7 @@ def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
                                  BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
     """Titans' momentum (Eq. 13-14): the chunk loop with (h, z) of both layers in registers;
     writes U = -lr G (`_inner_write` with GD rates), then the momentum closed form."""
-    _, bh64, g_base = _program(T, H)
+    i_unused, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
     h1 = _load_state(win_ptr, bh64 * E * D, D, E, 0, BD, BE)
     h2 = _load_state(wout_ptr, bh64 * D * E, E, D, 0, BE, BD)
@@ -328,7 +328,7 @@ def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
             kc, vc, lr, h1, h2, tau, False, CLIP, ACT, PREC)
         o1, h1, z1 = _momentum_chunk_fwd(qc, kc, u1, h1, z1, w, a, b, c, w_last, r_last, rows,
                                          L, PREC)
-        q2, _, _ = _act(o1, ACT, 1)
+        q2, ds_unused, dds_unused = _act(o1, ACT, 1)
         o2, h2, z2 = _momentum_chunk_fwd(q2, hh, u2, h2, z2, w, a, b, c, w_last, r_last, rows,
                                          L, PREC)
         _store_rows(y_ptr, g_base * D, t0, end, H * D, 0, D, qc + o2, BT, BD)
@@ -348,7 +348,7 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
                                  BE: tl.constexpr, PREC: tl.constexpr):
     """Momentum, chunks in reverse carrying (dh, dz) of both layers: as _mlp_mem_bwd_kernel
     with the momentum chunk's chain rule."""
-    _, bh64, g_base = _program(T, H)
+    i_unused, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
     dh1 = _load_state(dwinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
     dh2 = _load_state(dwoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
@@ -369,9 +369,9 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
             alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, tau, False, CLIP, ACT, PREC)
-        o1, _, _ = _momentum_chunk_fwd(qc, kc, u1, h1, z1, w, a, b, c, w_last, r_last, rows, L,
+        o1, h1_unused, z1_unused = _momentum_chunk_fwd(qc, kc, u1, h1, z1, w, a, b, c, w_last, r_last, rows, L,
                                        PREC)
-        q2, ds_o1, _ = _act(o1, ACT, 1)
+        q2, ds_o1, dds_unused = _act(o1, ACT, 1)
         dq2, dhh, du2, dla, dlb, dh2, dz2 = _chunk_momentum_bwd(
             q2, hh, u2, h2, z2, dy, dh2, dz2, p, r, w, a, b, c, w_last, r_last, rows, L, PREC)
         dq1, dk, du1, dla1, dlb1, dh1, dz1 = _chunk_momentum_bwd(

@@ -1,0 +1,332 @@
+"""Compile every Triton kernel in kernels/ for an H100 (sm_90) without a GPU (DESIGN §4).
+
+The interpreter tests (TRITON_INTERPRET=1) run the kernels' Python on CPU tensors and never
+reach Triton's code generator, so they miss what only compilation catches: a loop-carried
+value whose type changes in the loop, constexpr branches that fail to type-check, layouts
+that cannot be lowered, PTX that ptxas rejects, shared memory over the H100's 227 KiB. Here
+each kernel goes through the CUDA backend's own stages (`make_backend(GPUTarget("cuda", 90,
+32)).add_stages`: TTIR -> TTGIR -> LLIR -> PTX -> cubin, what `triton.compile` runs) in a
+subprocess that unsets TRITON_INTERPRET before importing triton (conftest.py sets it for the
+test session), with the tiles, warps and stages its host launcher picks (`_launch_config`).
+
+Depth per case (`_cases`), to fit the CPU budget (at d=64/E=128 one MLP-memory backward
+takes over 10 minutes in LLVM + ptxas): the flag combinations to TTIR, the other shapes and
+the bf16/tf32 path to TTGIR plus the shared-memory allocation, the small all-flags-on
+cases to LLIR / cubin. NL_COMPILE_FULL=1 takes every case to cubin (slow). As a script,
+`python tests/test_triton_compile.py --regs [KERNEL ...]` prints registers and spills at
+each file's largest shape (ptxas -v).
+"""
+import functools
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMEM_LIMIT = 232448            # H100: the most dynamic shared memory a block may opt into
+FULL = os.environ.get("NL_COMPILE_FULL", "0") not in ("", "0")
+
+# Shapes per file; the tiles come from the host's own choice (`_tiles` / launch helpers).
+# The large shape of each file is its largest supported one (MAX_KEY_DIM = 128 with the
+# chunk cap 32 at d > 64; MLP d = 64, E = 128, C = 64; CMS D = 128, hidden 512, C = 32).
+SCAN_SHAPES = {"small": dict(K=16, V=16, C=16), "mid": dict(K=64, V=64, C=64),
+               "large": dict(K=128, V=128, C=32)}
+MEMORY_SHAPES = {"small": dict(d=16, C=16), "mid": dict(d=64, C=64), "large": dict(d=128, C=32)}
+MLP_SHAPES = {"small": dict(d=16, E=32, C=16), "large": dict(d=64, E=128, C=64)}
+CMS_SHAPES = {"small": dict(D=16, H=32, C=16), "mid": dict(D=64, H=256, C=64),
+              "large": dict(D=128, H=512, C=32)}
+BOOL = (True, False)
+
+
+def _flags(**choices):
+    """Every combination of the named constexpr flags, as dicts."""
+    names = list(choices)
+    return [dict(zip(names, vals)) for vals in itertools.product(*choices.values())]
+
+
+# One table per file: (kernel, flag combinations the host launches, warps, num_stages).
+# "chunk"/"scan" are triton_delta.CHUNK_WARPS / SCAN_WARPS; None = Triton's default stages.
+CASES = {
+    "triton_delta": (SCAN_SHAPES, [
+        ("_delta_prep_kernel", _flags(WITH_U2=BOOL), "chunk", 1),
+        ("_delta_fwd_scan_kernel", _flags(HAS_S0=BOOL, SAVE=BOOL), "scan", None),
+        ("_delta_bwd_scan_kernel", _flags(), "scan", None),
+        ("_delta_bwd_grads_kernel", _flags(), "chunk", 1),
+    ]),
+    "triton_momentum": (SCAN_SHAPES, [
+        ("_momentum_fwd_scan_kernel", _flags(HAS_S0=BOOL, HAS_Z0=BOOL, SAVE=BOOL), "scan", None),
+        ("_momentum_bwd_scan_kernel", _flags(), "scan", None),
+        ("_momentum_bwd_grads_kernel", _flags(), "chunk", 1),
+    ]),
+    "triton_memory": (MEMORY_SHAPES, [
+        ("_mem_delta_prep_kernel", _flags(WITH_U2=BOOL), "chunk", 1),
+        ("_mem_delta_fwd_kernel", _flags(SAVE=BOOL), "scan", None),
+        ("_mem_delta_bwd_scan_kernel", _flags(), "scan", None),
+        ("_mem_delta_bwd_grads_kernel", _flags(), "chunk", 1),
+        ("_mem_momentum_fwd_kernel", _flags(SAVE=BOOL), "scan", None),
+        ("_mem_momentum_bwd_scan_kernel", _flags(), "scan", None),
+        ("_mem_momentum_bwd_grads_kernel", _flags(), "chunk", 1),
+    ]),
+    "triton_mlp_memory": (MLP_SHAPES, [
+        ("_mlp_mem_fwd_kernel", _flags(DGD=BOOL, CLIP=BOOL, ACT=(0, 1), SAVE=BOOL), "chunk", 1),
+        ("_mlp_mem_bwd_kernel", _flags(DGD=BOOL, CLIP=BOOL, ACT=(0, 1)), "chunk", 1),
+        ("_mlp_mem_momentum_fwd_kernel", _flags(CLIP=BOOL, ACT=(0, 1), SAVE=BOOL), "chunk", 1),
+        ("_mlp_mem_momentum_bwd_kernel", _flags(CLIP=BOOL, ACT=(0, 1)), "chunk", 1),
+    ]),
+    "triton_cms": (CMS_SHAPES, [
+        ("_cms_fwd_kernel", _flags(SAVE=BOOL, ACT=(0, 1)), "cms", None),
+        ("_cms_bwd_kernel", _flags(ACT=(0, 1)), "cms", None),
+    ]),
+}
+# Pointers that carry the caller's dtype (bf16 on the tf32 path); the rest are fp32 buffers.
+INPUT_DTYPE_PTRS = {f"{n}_ptr" for n in (
+    "q k u v alpha eta beta lr lw o y do dy dq dk du dv dalpha deta dbeta dlr dlw".split())}
+FLOAT_ARGS = {"tau", "lr"}     # fp32 scalars; every other non-pointer argument is an i32
+
+
+def _cases(file):
+    """[(case id, kernel, shape name, flags, prec, stage)] for one file:
+      * every flag combination, small shape, fp32 ("ieee"), to TTIR (the code generator,
+        where type errors such as a loop-carried value changing type surface: they depend on
+        the flags, not on the tiles);
+      * the all-flags-on combination to TTGIR at every other shape, fp32 and, where the host
+        allows 16-bit inputs (CMS is fp32 only), bf16 ("tf32": tensor-core dots);
+      * the all-flags-on small cases further: fp32 to cubin (ptxas), bf16 to LLIR."""
+    shapes, table = CASES[file]
+    precs = ("ieee",) if file == "triton_cms" else ("ieee", "tf32")
+    out = []
+    for kernel, combos, _, _ in table:
+        todo = [("small", flags, "ieee", "cubin" if flags == combos[0] else "ttir")
+                for flags in combos]
+        todo += [(shape, combos[0], prec, "llir" if shape == "small" else "ttgir")
+                 for shape in shapes for prec in precs if (shape, prec) != ("small", "ieee")]
+        for shape, flags, prec, stage in todo:
+            cid = "-".join([kernel, shape, prec] + [f"{k}={int(v)}" for k, v in flags.items()])
+            out.append((cid, kernel, shape, flags, prec, "cubin" if FULL else stage))
+    return out
+
+
+# ----------------------------------------------------------------------------- worker side
+# Runs in the subprocess (no TRITON_INTERPRET): triton is imported only here.
+
+def _launch_config(file, shape, warps):
+    """(tile constexprs, num_warps) exactly as the host launcher computes them."""
+    from kernels import triton_cms, triton_delta, triton_memory, triton_mlp_memory, triton_scans
+    s = shape
+    if file in ("triton_delta", "triton_momentum"):
+        tiles = dict(zip(("BT", "BK", "BV"), triton_scans._tiles(s["K"], s["V"], s["C"])))
+    elif file == "triton_memory":
+        tiles = dict(zip(("BT", "BK", "BV"), triton_memory._tiles(s["d"], s["C"])))
+    elif file == "triton_mlp_memory":
+        tiles = dict(zip(("BT", "BD", "BE"), triton_mlp_memory._tiles(s["d"], s["E"], s["C"])))
+    else:
+        tiles = dict(zip(("BT", "BD", "BH"), triton_cms._tiles(s["D"], s["H"], s["C"])))
+    n_warps = {"chunk": triton_delta.CHUNK_WARPS, "scan": triton_delta.SCAN_WARPS,
+               "cms": triton_cms._warps(tiles.get("BD", 0))}[warps]
+    return tiles, n_warps
+
+
+def _compile_one(file, kernel, shape_name, flags, prec, stage, regs=False):
+    """Compile one case up to `stage`; returns a dict of what came out (or the error)."""
+    import importlib
+    import inspect
+    import time
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+    from triton._C.libtriton import ir
+
+    shapes, table = CASES[file]
+    warps, stages = next((w, st) for k, _, w, st in table if k == kernel)
+    tiles, n_warps = _launch_config(file, shapes[shape_name], warps)
+    kern = getattr(importlib.import_module(f"kernels.{file}"), kernel)
+    names = list(inspect.signature(kern.fn).parameters)
+    const = {**flags, **tiles, "PREC": prec}
+    low = "*bf16" if prec == "tf32" else "*fp32"
+    sig = {n: "constexpr" if n in const else
+           (low if n in INPUT_DTYPE_PTRS else "*fp32") if n.endswith("_ptr") else
+           "fp32" if n in FLOAT_ARGS else "i32" for n in names}
+    missing = [n for n in const if n not in names]
+    if missing:
+        return dict(ok=False, error=f"{kernel} has no constexpr {missing}")
+    src = ASTSource(kern, sig, constexprs={n: v for n, v in const.items()})
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    opts = dict(num_warps=n_warps, **({} if stages is None else dict(num_stages=stages)))
+    options = backend.parse_options(opts)
+    t0 = time.time()
+    res = dict(ok=True, stage=stage, tiles=tiles, num_warps=n_warps)
+    try:
+        ctx = ir.context()
+        ir.load_dialects(ctx)
+        backend.load_dialects(ctx)
+        module = src.make_ir(target, options, backend.get_codegen_implementation(options),
+                             backend.get_module_map(), ctx)
+        metadata = {"hash": "compile-check", "target": target, **options.__dict__}
+        all_stages = {}
+        backend.add_stages(all_stages, options, src.language)
+        for ext, lower in all_stages.items():
+            module = lower(module, metadata)
+            if ext == "ptx" and regs:
+                res.update(_ptxas_usage(module))
+            if ext == stage:
+                break
+        res["shared"] = metadata["shared"] if "shared" in metadata else (
+            _shared_bytes(module, options) if stage == "ttgir" else None)
+    except Exception as e:  # noqa: BLE001  (reported to the test, which fails naming the case)
+        res = dict(ok=False, error=f"{type(e).__name__}: {str(e)[-3000:]}")
+    res["seconds"] = round(time.time() - t0, 2)
+    return res
+
+
+def _shared_bytes(ttgir, options):
+    """Shared memory a TTGIR module will allocate: the first passes of the CUDA backend's
+    make_llir, up to its shared-memory allocation (cheap, unlike the LLVM lowering)."""
+    from triton._C.libtriton import ir, nvidia, passes
+    from triton.backends.nvidia.compiler import get_ptx_version_from_options
+    pm = ir.pass_manager(ttgir.context)
+    passes.ttgpuir.add_combine_tensor_select_and_if(pm)
+    passes.ttgpuir.add_allocate_warp_groups(pm)
+    passes.convert.add_scf_to_cf(pm)
+    passes.gluon.add_inliner(pm)
+    nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, 90, get_ptx_version_from_options(
+        options, 90))
+    pm.run(ttgir, "shared")
+    return ttgir.get_int_attr("ttg.shared")
+
+
+def _ptxas_usage(ptx):
+    """Registers and spill bytes per thread from `ptxas -v` (CompiledKernel.n_regs/n_spills
+    are only filled in when a CUDA driver loads the cubin)."""
+    import re
+
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", path, "-o",
+                              os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    log = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                      log)
+    return dict(n_regs=int(regs.group(1)) if regs else None,
+                stack=int(spill.group(1)) if spill else None,
+                spill_stores=int(spill.group(2)) if spill else None,
+                spill_loads=int(spill.group(3)) if spill else None)
+
+
+def _worker(file):
+    """Subprocess entry: compile every case of one file, one JSON line per case."""
+    for cid, kernel, shape, flags, prec, stage in _cases(file):
+        res = _compile_one(file, kernel, shape, flags, prec, stage)
+        print(json.dumps({"id": cid, **res}), flush=True)
+
+
+# ----------------------------------------------------------------------------- test side
+
+def _backend_missing():
+    """Why the CUDA code generator cannot run here (None when it can)."""
+    code = ("import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+            "from triton.backends.nvidia.compiler import get_ptxas; get_ptxas(90).path")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    return None if out.returncode == 0 else f"no Triton CUDA backend / ptxas: {out.stderr[-300:]}"
+
+
+@functools.lru_cache(maxsize=None)
+def _results():
+    """{file: {case id: result}}: one subprocess per file, two at a time (a fresh Triton cache
+    so that every case is really compiled)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO,
+               TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="triton_compile_check_"))
+
+    def run(file):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", file],
+                             capture_output=True, text=True, env=env, cwd=REPO)
+        got = {}
+        for line in out.stdout.splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                got[r.pop("id")] = r
+        got["__stderr__"] = out.stderr[-3000:]
+        return file, got
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(run, CASES))
+
+
+# Found by this check, not yet fixed: at the Titans configs' shape (d=64, E=128, C=64) the
+# MLP-memory backward kernels allocate 416 KiB of shared memory (dot operands of [64, 128]
+# fp32 tiles kept live across the chunk body), so on an H100 they would fail to launch.
+# strict: the case fails once the kernels fit, so that this list is kept honest.
+KNOWN_SMEM_OVERFLOW = {
+    f"{k}-large-{prec}-{flags}" for prec in ("ieee", "tf32") for k, flags in (
+        ("_mlp_mem_bwd_kernel", "DGD=1-CLIP=1-ACT=0"),
+        ("_mlp_mem_momentum_bwd_kernel", "CLIP=1-ACT=0"))}
+
+
+def _param(file, cid, *rest):
+    marks = [pytest.mark.xfail(strict=True, reason="shared memory over the H100's 227 KiB")
+             ] if cid in KNOWN_SMEM_OVERFLOW else []
+    return pytest.param(file, cid, *rest, id=f"{file}:{cid}", marks=marks)
+
+
+_ALL = [_param(file, *case) for file in CASES for case in _cases(file)]
+
+
+@pytest.mark.parametrize("file,cid,kernel,shape,flags,prec,stage", _ALL)
+def test_kernel_compiles_for_sm90(file, cid, kernel, shape, flags, prec, stage):
+    """Each (kernel, flags, shape, precision) lowers for sm_90 up to its stage; cubin cases
+    also fit the H100's shared memory."""
+    why = _backend_missing_cached()
+    if why:
+        pytest.skip(why)
+    res = _results()[file].get(cid)
+    assert res is not None, f"{file} worker died before {cid}: {_results()[file]['__stderr__']}"
+    assert res["ok"], f"{cid} failed to compile for sm_90: {res['error']}"
+    if res.get("shared") is not None:
+        assert res["shared"] <= SMEM_LIMIT, (
+            f"{cid} needs {res['shared']} B of shared memory, over the H100's {SMEM_LIMIT}")
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_missing_cached():
+    return _backend_missing()
+
+
+def _print_regs(only=()):
+    """Registers / spills of every kernel (or those named) at its file's largest shape, all
+    flags on, fp32 (ptxas -v on the PTX)."""
+    print(f"{'kernel':34s} {'shape':6s} {'tiles':26s} warps regs spill_st spill_ld shared  s")
+    for file, (shapes, table) in CASES.items():
+        for kernel, combos, _, _ in table:
+            if only and kernel not in only:
+                continue
+            r = _compile_one(file, kernel, "large", combos[0], "ieee", "ptx", regs=True)
+            if not r["ok"]:
+                print(f"{kernel:34s} FAILED {r['error'][:300]}", flush=True)
+                continue
+            tiles = ",".join(f"{k}={v}" for k, v in r["tiles"].items())
+            print(f"{kernel:34s} large  {tiles:26s} {r['num_warps']:5d} {r['n_regs']!s:4s} "
+                  f"{r['spill_stores']!s:8s} {r['spill_loads']!s:8s} {r.get('shared')!s:6s} "
+                  f"{r['seconds']}", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)       # before triton is imported anywhere
+    sys.path.insert(0, REPO)
+    if sys.argv[1:2] == ["--worker"]:
+        _worker(sys.argv[2])
+    elif sys.argv[1:2] == ["--regs"]:
+        _print_regs(sys.argv[2:])
+    else:
+        sys.exit("usage: test_triton_compile.py --worker FILE | --regs [KERNEL ...]")
