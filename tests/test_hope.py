@@ -297,10 +297,20 @@ def test_paper_scale_parameter_counts(path):
     assert abs(n / target - 1) < 0.05, f"{path}: {n / 1e6:.1f}M parameters"
 
 
-@pytest.mark.parametrize("path", ["configs/hope_tiny.yaml", "configs/hope_attention_tiny.yaml"])
+@pytest.mark.parametrize("path", ["configs/quickstart.yaml", "configs/hope_tiny.yaml", "configs/hope_attention_tiny.yaml"])
 def test_tiny_configs_load(path):
     cfg = load_config(os.path.join(ROOT, path))
     assert cfg.model.arch in ("hope", "hope_attention")
+
+
+def test_default_job_is_a_hope_whose_sequences_complete_memory_and_cms_chunks():
+    """The default job trains HOPE (issue 4), and every chunk size divides the sequence, so
+    each training sequence updates M_mem and the CMS fast level (their outer parameters get
+    gradients) and no chunk is cut short."""
+    cfg = load_config(os.path.join(ROOT, "configs/quickstart.yaml"))
+    assert cfg.model.arch == "hope" and cfg.data.tokenizer == "bytes"
+    chunks = [cfg.model.hope.chunk_other, cfg.model.hope.chunk_mem] + [c for c in cfg.model.cms.chunk_sizes if c]
+    assert all(cfg.train.seq_len % c == 0 and c < cfg.train.seq_len for c in chunks)
 
 
 def test_bad_config_and_inputs_raise_clear_errors():
