@@ -173,13 +173,16 @@ def bench_scans(args, device, dtype, fla_fn, rows):
 def bench_memory_layer(args, device, rows):
     """NeuralMemory, chunk C: backend torch (per-chunk scans) vs triton (fused layer), for the
     linear memory (kernels/triton_memory.py) and the 2-layer MLP memory with E = 2d
-    (kernels/triton_mlp_memory.py; only at the d its fused kernel takes, d <= 64)."""
+    (kernels/triton_mlp_memory.py; only at the d its fused kernel takes, d <= 64, with the
+    largest chunk <= --mem-chunk that `fusable_mlp` accepts)."""
     from kernels.triton_memory import max_chunk
     from kernels.triton_mlp_memory import MAX_MLP_CHUNK, fusable_mlp
     for depth, kind in ((1, ""), (2, "mlp/")):
         for rule in ("dgd", "momentum"):
             for d in args.d:
                 C = min(args.mem_chunk, max_chunk(d) if depth == 1 else MAX_MLP_CHUNK)
+                while depth == 2 and C > 1 and not fusable_mlp(d, 2, C, rule):
+                    C //= 2
                 if depth == 2 and not fusable_mlp(d, 2, C, rule):
                     continue
                 for T in args.T:

@@ -398,10 +398,20 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
 
 # ----------------------------------------------------------------------------- host side
 
+# The backward kernels keep about 44 dot-operand tiles live across a chunk: their shared
+# memory grows with BT * BD * BE and passes the H100's 227 KiB beyond 16 x 64 x 128 (fp32:
+# 228,352 B for momentum at C = 16, d = 64, E = 128; 425,984 B at C = 64), measured by
+# tests/test_triton_compile.py on the compiled sm_90 kernels. Larger shapes take the torch path.
+MAX_MLP_TILE_VOLUME = 16 * 64 * 128
+
+
 def fusable_mlp(head_dim, expansion, chunk_size, update_rule):
     """Whether the fused kernels cover a 2-layer MLP memory with these settings."""
-    return (head_dim <= MAX_MLP_HEAD_DIM and expansion * head_dim <= MAX_MLP_HIDDEN
-            and 1 <= chunk_size <= MAX_MLP_CHUNK and update_rule in FUSED_RULES)
+    if not (head_dim <= MAX_MLP_HEAD_DIM and expansion * head_dim <= MAX_MLP_HIDDEN
+            and 1 <= chunk_size <= MAX_MLP_CHUNK and update_rule in FUSED_RULES):
+        return False
+    BT, BD, BE = _tiles(head_dim, expansion * head_dim, chunk_size)
+    return BT * BD * BE <= MAX_MLP_TILE_VOLUME
 
 
 def _tiles(d, E, chunk_size):
