@@ -499,13 +499,19 @@ def _memory_mlp_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
     return y, win_T, wout_T, win_B, wout_B, h1c, h2c
 
 
-@_memory_mlp_fwd.register_fake
-def _(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, max_grad_norm, save):
+def _fake_forward(q, w_in, chunk_size, n_states, n_chunk_states, save):
+    """The forward ops' outputs for torch.compile's fake tensors: y, then n_states final /
+    chunk-start states and n_chunk_states saved per-chunk states (empty unless save), fp32."""
     B, T, H, d = q.shape
     E, NT = w_in.shape[2], (T + chunk_size - 1) // chunk_size
-    outs, _ = _state_buffers(B, H, d, E, NT, 4, False, "meta")
-    _, chunks = _state_buffers(B, H, d, E, NT, 2, save, "meta")
+    outs, _ = _state_buffers(B, H, d, E, NT, n_states, False, "meta")
+    _, chunks = _state_buffers(B, H, d, E, NT, n_chunk_states, save, "meta")
     return (q.new_empty(B, T, H, d), *(q.new_empty(t.shape, dtype=torch.float32) for t in outs + chunks))
+
+
+@_memory_mlp_fwd.register_fake
+def _(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, max_grad_norm, save):
+    return _fake_forward(q, w_in, chunk_size, 4, 2, save)
 
 
 @torch.library.custom_op("nested_learning::memory_mlp_delta_bwd", mutates_args=())
@@ -613,11 +619,7 @@ def _memory_mlp_momentum_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bet
 @_memory_mlp_momentum_fwd.register_fake
 def _(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation,
       max_grad_norm, save):
-    B, T, H, d = q.shape
-    E, NT = w_in.shape[2], (T + chunk_size - 1) // chunk_size
-    outs, _ = _state_buffers(B, H, d, E, NT, 6, False, "meta")
-    _, chunks = _state_buffers(B, H, d, E, NT, 4, save, "meta")
-    return (q.new_empty(B, T, H, d), *(q.new_empty(t.shape, dtype=torch.float32) for t in outs + chunks))
+    return _fake_forward(q, w_in, chunk_size, 6, 4, save)
 
 
 @torch.library.custom_op("nested_learning::memory_mlp_momentum_bwd", mutates_args=())
