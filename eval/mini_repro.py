@@ -36,7 +36,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from eval.reproduce import ABLATIONS, ReproduceError, Run, Step, execute
+from eval.reproduce import ABLATIONS, ReproduceError, Run, Step, execute, run_dir
 
 # One recipe for every run (overrides on top of each tiny config): the model size, the data
 # and the token budget are the same; each architecture keeps its own chunk sizes.
@@ -55,22 +55,18 @@ BABILONG_LENGTHS = "0k,1k,2k"
 CONTINUAL_DOMAINS = "builtin,austen,shakespeare"
 
 
-def runs(seeds, steps: int) -> list[tuple[str, str, Run]]:
-    """(table, row label, Run) for every training job: the four models, then the ablations."""
+def runs(seeds, steps: int) -> list[tuple[str, str, int, Run]]:
+    """(table, row label, seed, Run) for every training job: the four models, then the ablations."""
     out = []
     for seed in seeds:
         common = MINI_MODEL + MINI_TRAIN + (f"--train.max_steps={steps}", f"--train.ckpt_every={steps}",
                                             f"--train.seed={seed}")
         for label, name, config in MODELS:
-            out.append(("models", label, Run(f"{name}-s{seed}", config, common)))
+            out.append(("models", label, seed, Run(f"{name}-s{seed}", config, common)))
         for label, suffix, overrides, _ in ABLATIONS:
-            out.append(("ablations", label, Run(f"hope-{suffix}-s{seed}", "configs/hope_tiny.yaml",
-                                                 common + tuple(overrides))))
+            out.append(("ablations", label, seed, Run(f"hope-{suffix}-s{seed}", "configs/hope_tiny.yaml",
+                                                       common + tuple(overrides))))
     return out
-
-
-def run_dir(root: str, run: Run) -> str:
-    return os.path.join(root, "runs", run.name)
 
 
 def train_step(root: str, run: Run) -> Step:
@@ -107,10 +103,10 @@ def plan(args) -> list[list[Step]]:
     """Groups of steps: each group runs in order; groups run `--jobs` at a time. First every
     training (HOPE-type runs first: they are the slowest), then the evaluation chains."""
     root = args.out
-    trains = [[train_step(root, run)] for _, _, run in runs(args.seeds, args.steps)]
+    trains = [[train_step(root, run)] for _, _, _, run in runs(args.seeds, args.steps)]
     trains.sort(key=lambda group: "hope" not in group[0].run.name or "attention" in group[0].run.name)
-    evals = [eval_chain(root, run, int(run.name.rsplit("-s", 1)[1]), args.ft_steps, args.samples, args.domain_steps)
-             for table, _, run in runs(args.seeds, args.steps) if table == "models"]
+    evals = [eval_chain(root, run, seed, args.ft_steps, args.samples, args.domain_steps)
+             for table, _, seed, run in runs(args.seeds, args.steps) if table == "models"]
     return [trains, evals]
 
 
@@ -145,8 +141,7 @@ def _load(path):
 def collect(root: str, seeds, steps: int) -> dict:
     """{table: {row: {seed: {metric: value}}}} from the runs' JSON files."""
     results: dict = {"models": {}, "ablations": {}}
-    for table, label, run in runs(seeds, steps):
-        seed = int(run.name.rsplit("-s", 1)[1])
+    for table, label, seed, run in runs(seeds, steps):
         d = run_dir(root, run)
         final = _load(os.path.join(d, "final_eval.json")) or {}
         cell = {"loss": final.get("val_loss"), "perplexity": final.get("val_ppl"),
@@ -272,11 +267,12 @@ def main(argv=None):
             return 1
     wall = time.time() - started
     command = "python -m eval.mini_repro " + shlex.join(argv if argv is not None else sys.argv[1:])
+    where = machine()
     header = (f"Command: `{command.strip()}`  \nDate: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
-              f"  \nMachine: {machine()}  \nWall time: {wall / 60:.1f} min"
+              f"  \nMachine: {where}  \nWall time: {wall / 60:.1f} min"
               + (" (report only: the runs were timed when they ran)" if args.report_only else "") + "\n")
     results = collect(args.out, args.seeds, args.steps)
-    results["meta"] = {"command": command, "wall_seconds": wall, "machine": machine(), "steps": args.steps,
+    results["meta"] = {"command": command, "wall_seconds": wall, "machine": where, "steps": args.steps,
                        "seeds": args.seeds, "tokens_per_run": args.steps * 8 * 128}
     with open(os.path.join(args.out, "mini_repro.json"), "w") as f:
         json.dump(results, f, indent=1)
