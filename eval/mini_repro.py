@@ -34,15 +34,17 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from itertools import islice
 
 from eval.reproduce import ABLATIONS, ReproduceError, Run, Step, execute, run_dir
 
 # One recipe for every run (overrides on top of each tiny config): the model size, the data
 # and the token budget are the same; each architecture keeps its own chunk sizes.
+BATCH_SIZE, SEQ_LEN = 8, 128     # sequences per step and bytes per sequence, for every training run
 MINI_MODEL = ("--model.n_layer=2", "--model.d_model=64", "--model.n_head=2")
-MINI_TRAIN = ("--data.dataset=builtin", "--data.tokenizer=bytes", "--train.batch_size=8",
-              "--train.grad_accum=1", "--train.seq_len=128", "--train.lr=3e-3", "--optim.warmup_steps=15",
+MINI_TRAIN = ("--data.dataset=builtin", "--data.tokenizer=bytes", f"--train.batch_size={BATCH_SIZE}",
+              "--train.grad_accum=1", f"--train.seq_len={SEQ_LEN}", "--train.lr=3e-3", "--optim.warmup_steps=15",
               "--train.eval_every=0", "--train.eval_batches=20", "--train.sample_tokens=0",
               "--train.log_every=25", "--train.resume=never")
 MODELS = (                     # (row label, run name, config)
@@ -111,7 +113,8 @@ def plan(args) -> list[list[Step]]:
 
 
 def run_groups(groups: list[list[Step]], jobs: int, log=print) -> None:
-    """Run groups of steps, `jobs` groups at a time, each process with cores / jobs threads."""
+    """Run groups of steps, `jobs` groups at a time, each process with cores / jobs threads.
+    The first failure is re-raised as soon as it happens; the groups not yet started never start."""
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     env = dict(os.environ, OMP_NUM_THREADS=threads, WANDB_MODE="disabled")
 
@@ -122,9 +125,16 @@ def run_groups(groups: list[list[Step]], jobs: int, log=print) -> None:
         log(f"  [{time.time() - started:6.0f} s] {shlex.join(argv[1:4])} ...\n    " + tail.replace("\n", "\n    "))
         return done
 
+    # Submit a group only when a worker is free, so a failure leaves nothing queued to cancel
+    # (with all groups submitted up front, a free worker could start the next before we see it).
+    queued = iter(groups)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for result in [pool.submit(execute, group, runner, log) for group in groups]:
-            result.result()                        # re-raise the first failure
+        running = {pool.submit(execute, group, runner, log) for group in islice(queued, jobs)}
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                future.result()                    # re-raise the first failure (the running groups finish)
+                running |= {pool.submit(execute, group, runner, log) for group in islice(queued, 1)}
 
 
 # -----------------------------------------------------------------------------
@@ -154,8 +164,7 @@ def collect(root: str, seeds, steps: int) -> dict:
             domains = _load(os.path.join(d, "continual", "continual_domains.json")) or {}
             cell["forgetting"] = domains.get("mean_forgetting")
             cell["relative_forgetting"] = domains.get("mean_relative_forgetting")
-            cell["final_mean_ppl"] = (sum(domains["perplexity"][-1]) / len(domains["perplexity"][-1])
-                                      if domains.get("perplexity") else None)
+            cell["final_mean_ppl"] = domains.get("final_mean_perplexity")
         results[table].setdefault(label, {})[seed] = cell
     return results
 
@@ -225,7 +234,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.mini_repro", description=__doc__.split("\n\n")[1])
     p.add_argument("--out", default=os.path.join("out", "mini_repro"), help="results root")
     p.add_argument("--seeds", default="0,1", help="comma list of training seeds (at least 2 for a spread)")
-    p.add_argument("--steps", type=int, default=150, help="training steps per run (8 x 128 bytes each)")
+    p.add_argument("--steps", type=int, default=150, help=f"training steps per run ({BATCH_SIZE} x {SEQ_LEN} bytes each)")
     p.add_argument("--ft-steps", type=int, default=60, help="BABILong qa1 fine-tuning steps")
     p.add_argument("--samples", type=int, default=25, help="BABILong samples per length")
     p.add_argument("--domain-steps", type=int, default=30, help="forgetting protocol: steps per domain")
@@ -239,11 +248,15 @@ def parse_args(argv=None):
         p.error(f"--seeds {args.seeds!r}: expected a comma list of integers")
     if not args.seeds:
         p.error("--seeds: give at least one seed")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds {','.join(map(str, args.seeds))}: each seed at most once")
     for key in ("steps", "ft_steps", "samples", "jobs"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.domain_steps < 0:
         p.error(f"--domain-steps must be >= 0, got {args.domain_steps}")
+    if args.report_only and not os.path.isdir(args.out):
+        p.error(f"--report-only: results folder {args.out!r} does not exist")
     return args
 
 
@@ -273,7 +286,7 @@ def main(argv=None):
               + (" (report only: the runs were timed when they ran)" if args.report_only else "") + "\n")
     results = collect(args.out, args.seeds, args.steps)
     results["meta"] = {"command": command, "wall_seconds": wall, "machine": where, "steps": args.steps,
-                       "seeds": args.seeds, "tokens_per_run": args.steps * 8 * 128}
+                       "seeds": args.seeds, "tokens_per_run": args.steps * BATCH_SIZE * SEQ_LEN}
     with open(os.path.join(args.out, "mini_repro.json"), "w") as f:
         json.dump(results, f, indent=1)
     table = markdown({k: results[k] for k in ("models", "ablations")}, header)

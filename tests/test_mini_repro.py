@@ -2,7 +2,6 @@
 the report built from the runs' JSON files. The real runs are docs/MINI_REPRO.md's."""
 import json
 import os
-import sys
 
 import pytest
 
@@ -43,11 +42,13 @@ def test_every_run_shares_data_steps_and_seed(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--seeds", "a,b"], "--seeds"), (["--seeds", ","], "--seeds"), (["--steps", "0"], "--steps"),
-    (["--jobs", "0"], "--jobs"), (["--domain-steps", "-1"], "--domain-steps")])
+    (["--jobs", "0"], "--jobs"), (["--domain-steps", "-1"], "--domain-steps"), (["--seeds", "0,0"], "--seeds 0,0"),
+    (["--report-only", "--out", "/nonexistent/mini"], "/nonexistent/mini")])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         mini_repro.parse_args(argv)
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_run_groups_runs_each_step_once_and_stops_on_failure(tmp_path):
@@ -62,6 +63,11 @@ def test_run_groups_runs_each_step_once_and_stops_on_failure(tmp_path):
     assert (tmp_path / "b").read_text() == "kept"
     with pytest.raises(RuntimeError, match="bad"):
         mini_repro.run_groups([[step("bad", "import sys; sys.exit(3)")]], jobs=1, log=lambda *_: None)
+    # a failing group cancels the groups still queued behind it (one worker: "later" never starts)
+    with pytest.raises(RuntimeError, match="bad2"):
+        mini_repro.run_groups([[step("bad2", "import sys; sys.exit(3)")], [step("later")]], jobs=1,
+                              log=lambda *_: None)
+    assert not (tmp_path / "later").exists()
 
 
 def write_json(path, data):
@@ -79,7 +85,8 @@ def test_report_means_ranges_and_missing_cells(tmp_path):
         write_json(os.path.join(run, "babilong", "babilong.json"),
                    {"label_ranking": {"qa1": {"0k": 0.5 + 0.1 * seed, "1k": 0.25}}, "official": {"qa1": {"0k": 0.0}}})
         write_json(os.path.join(run, "continual", "continual_domains.json"),
-                   {"mean_forgetting": 1.5, "mean_relative_forgetting": 0.1, "perplexity": [[9, 9], [4, 6]]})
+                   {"mean_forgetting": 1.5, "mean_relative_forgetting": 0.1, "final_mean_perplexity": 5.0,
+                    "perplexity": [[9, 9], [1, 1]]})                # the report reads the stored mean
     write_json(os.path.join(root, "runs", "hope-gd-s0", "final_eval.json"), {"val_bpb": 2.5, "params": 1})
     results = mini_repro.collect(root, [0, 1], steps=5)
     assert results["models"]["HOPE"][1]["bits_per_byte"] == 2.5
