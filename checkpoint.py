@@ -124,25 +124,43 @@ def resolve_checkpoint(path) -> str:
     return ckpt
 
 
-def _drop_unsaved_param_states(optim_sd: dict, ckpt) -> None:
+def _saved_state_fqns(ckpt, fqns) -> set:
+    """The parameter FQNs among `fqns` with optimiser state in `ckpt`. Keys read
+    "optim.state.<fqn>.<leaf>" and a leaf may itself be dotted (nested state), so each dotted
+    prefix of a key is matched against the template's FQNs: O(keys + params), not their product.
+    An unreadable checkpoint is a one-line ValueError here, before any "does not match"."""
+    try:
+        keys = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise ValueError(f"checkpoint {ckpt} is unreadable: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    fqns, saved, head = set(fqns), set(), "optim.state."
+    for key in keys:
+        if key.startswith(head):
+            rest = key[len(head):]
+            dot = rest.find(".")
+            while dot != -1:
+                if rest[:dot] in fqns:
+                    saved.add(rest[:dot])
+                dot = rest.find(".", dot + 1)
+    return saved
+
+
+def _drop_unsaved_param_states(optim_sd: dict, saved: set) -> None:
     """A parameter that never received a gradient (e.g. a CMS level's W_v when no chunk
     completes inside seq_len) has no optimiser state in the saved run, while the template of a
     fresh optimiser has one for every parameter. Drop those from the template so the resumed
     optimiser, like the saved one, has no state for them; a parameter with part of its state
     missing is still a mismatch and fails in dcp.load."""
-    saved = [key for key in dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
-             if key.startswith("optim.state.")]
-    for fqn in list(optim_sd.get("state", {})):
-        if not any(key.startswith(f"optim.state.{fqn}.") for key in saved):
-            del optim_sd["state"][fqn]
+    for fqn in [fqn for fqn in optim_sd.get("state", {}) if fqn not in saved]:
+        del optim_sd["state"][fqn]
 
 
 def load_training_state(ckpt, model, optimizer) -> dict:
     """Load model + optimiser in place (any rank count) and return the trainer state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
+    _drop_unsaved_param_states(optim_sd, _saved_state_fqns(ckpt, optim_sd.get("state", {})))
     try:
-        _drop_unsaved_param_states(optim_sd, ckpt)
         dcp.load(state, checkpoint_id=ckpt)
     except Exception as e:  # shape/key mismatch: a checkpoint of another model
         raise ValueError(f"checkpoint {ckpt} does not match this model/optimiser: {str(e).splitlines()[0]}") from None

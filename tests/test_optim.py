@@ -312,23 +312,25 @@ def test_state_dict_round_trip(name):
     assert_resumes_exactly(name, save, load)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_dcp_checkpoint_round_trip(name, tmp_path):
-    """The trainer's DCP checkpoints (checkpoint.py) resume every optimiser exactly."""
+@pytest.mark.parametrize("name,model_class", [(name, Regression) for name in OPTIMIZERS]
+                         + [(name, RegressionWithUnusedWeight) for name in ("adamw", "muon")])
+def test_dcp_checkpoint_round_trip(name, model_class, tmp_path):
+    """The trainer's DCP checkpoints (checkpoint.py) resume every optimiser exactly, also with
+    a parameter that never had a gradient (RegressionWithUnusedWeight): the saved optimiser has
+    no state for it, a fresh one's template does, and the resumed one stays without state."""
     from checkpoint import load_training_state, save_checkpoint
     from config import Config
     save = (lambda model, opt: save_checkpoint(str(tmp_path), 3, model, opt, {"step": 3}, Config()))
-    assert_resumes_exactly(name, save, load_training_state)
+    assert_resumes_exactly(name, save, load_training_state, model_class)
 
 
-@pytest.mark.parametrize("name", ["adamw", "muon"])
-def test_dcp_resume_with_a_parameter_that_never_had_a_gradient(name, tmp_path):
-    """The saved optimiser has no state for it, a fresh one's template does: resume still
-    works and matches not stopping (the parameter stays without state)."""
-    from checkpoint import load_training_state, save_checkpoint
-    from config import Config
-    save = (lambda model, opt: save_checkpoint(str(tmp_path), 3, model, opt, {"step": 3}, Config()))
-    assert_resumes_exactly(name, save, load_training_state, RegressionWithUnusedWeight)
+def test_dcp_load_of_an_unreadable_checkpoint_is_a_one_line_error(tmp_path):
+    """No DCP metadata: reported as unreadable, not as a model/optimiser mismatch."""
+    from checkpoint import load_training_state
+    model = Regression()
+    opt = make("adamw", split_param_groups(model, 0.1))
+    with pytest.raises(ValueError, match=f"checkpoint {tmp_path} is unreadable: "):
+        load_training_state(str(tmp_path), model, opt)
 
 
 # ----------------------------------------------------------------------------------------
