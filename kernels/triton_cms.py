@@ -50,14 +50,15 @@ fp32 only (the state is fp32; callers cast), exact fp32 products ("ieee"). D <= 
 hidden <= 4096, C <= 64 (C <= 32 when D > 64): a piece is one [BT, BD] tile of rows.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_delta import _load_rows, _store_rows, dot_precision
+from .checks import check_saved_chunks, interpreting
+from .triton_delta import (_contiguous, _grad_or_zeros, _load_rows, _needs_grad, _store_rows,
+                           dot_precision)
 
 __all__ = ["fused_fast_level", "fusable_cms", "MAX_DIM", "MAX_HIDDEN", "max_cms_chunk"]
 
@@ -204,10 +205,6 @@ def _cms_bwd_kernel(a_ptr, w1_ptr, w2_ptr, e_ptr, dy_ptr, dg1f_ptr, dg2f_ptr, dw
 
 # ----------------------------------------------------------------------------- host side
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def max_cms_chunk(D):
     """Largest chunk the kernels take at model dim D: 64, or 32 when D > 64 (the [BT, BD]
     row tiles a, E, dE, dA, dY~ stay in registers)."""
@@ -245,7 +242,7 @@ def _completes(T, pos, C):
 def _cms_fwd(a: Tensor, target: Tensor, w_in: Tensor, w_out: Tensor, grad_in: Tensor,
              grad_out: Tensor, pos: int, chunk_size: int, lr: float, activation: str,
              save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    a, target, grad_in, grad_out = (t.contiguous() for t in (a, target, grad_in, grad_out))
+    a, target, grad_in, grad_out = _contiguous(a, target, grad_in, grad_out)
     B, T, D = a.shape
     H, C = w_in.shape[1], chunk_size
     NP = _pieces(T, pos, C)
@@ -283,7 +280,7 @@ def _cms_bwd(a: Tensor, w1s: Tensor, w2s: Tensor, err: Tensor, grad_y: Tensor,
              grad_w_in: Tensor, grad_w_out: Tensor, grad_g_in: Tensor, grad_g_out: Tensor,
              pos: int, chunk_size: int, lr: float, activation: str
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grad_y, grad_g_in, grad_g_out = (t.contiguous() for t in (grad_y, grad_g_in, grad_g_out))
+    grad_y, grad_g_in, grad_g_out = _contiguous(grad_y, grad_g_in, grad_g_out)
     B, T, D = a.shape
     H, C = w1s.shape[2], chunk_size
     NP = _pieces(T, pos, C)
@@ -314,15 +311,13 @@ def _cms_setup_context(ctx, inputs, output):
 
 def _cms_backward(ctx, grad_y, grad_w_in, grad_w_out, grad_g_in, grad_g_out, _g1s, _g2s, _gerr):
     a, w1s, w2s, err = ctx.saved_tensors
-    if w1s.dim() != 4:
-        raise RuntimeError("fused_fast_level: backward through a forward run without grad "
-                           "tracking (no chunk-start weights were saved)")
+    check_saved_chunks(w1s, "fused_fast_level")
     B, T, D = a.shape
     H = w1s.shape[2]
-    zeros = lambda g, *shape: a.new_zeros(shape) if g is None else g       # noqa: E731
     grads = torch.ops.nested_learning.cms_fast_level_bwd(
-        a, w1s, w2s, err, zeros(grad_y, B, T, D), zeros(grad_w_in, B, H, D),
-        zeros(grad_w_out, B, D, H), zeros(grad_g_in, B, H, D), zeros(grad_g_out, B, D, H),
+        a, w1s, w2s, err, _grad_or_zeros(grad_y, (B, T, D), a),
+        _grad_or_zeros(grad_w_in, (B, H, D), a), _grad_or_zeros(grad_w_out, (B, D, H), a),
+        _grad_or_zeros(grad_g_in, (B, H, D), a), _grad_or_zeros(grad_g_out, (B, D, H), a),
         *ctx.args)
     return (*grads, None, None, None, None, None)
 
@@ -343,7 +338,7 @@ def _check(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, lr, activ
             raise ValueError(f"{name} must be float32 for the fused CMS kernels; got {t.dtype}")
         if t.device != a.device:
             raise ValueError(f"{name} must be on a's device {a.device}; got {t.device}")
-    if a.device.type != "cuda" and not _interpreting():
+    if a.device.type != "cuda" and not interpreting():
         raise ValueError(f"the fused CMS kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
                          f"before importing triton); got device {a.device}")
     if a.dim() != 3 or a.shape[1] == 0:
@@ -384,7 +379,7 @@ def fused_fast_level(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size,
     if grad_in is None:
         grad_in, grad_out = a.new_zeros(w_in.shape), a.new_zeros(w_out.shape)
     tensors = (a, target, w_in, w_out, grad_in, grad_out)
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    save = _needs_grad(*tensors)
     y, w1, w2, g1, g2, _, _, _ = torch.ops.nested_learning.cms_fast_level_fwd(
         *tensors, pos, chunk_size, float(lr), activation, save)
     T = a.shape[1]
