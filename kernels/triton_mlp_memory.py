@@ -39,6 +39,9 @@ Gradients flow to q, k, v, the gates and the initial weights (and momenta), from
 output. Limits (`fusable_mlp`): d <= 64, E <= 128, C <= 64, every update rule: all of a
 program's tiles sit in registers (at d = 64, E = 128 the four state tiles alone are 128 KiB
 of fp32, so the largest shapes spill to local memory on a GPU; their speed is unmeasured).
+The backward's shared memory also caps the padded tile volume C * d * E at
+MAX_MLP_TILE_VOLUME = 16 * 64 * 128 (an H100's 227 KiB): d = 64, E = 128 fuses up to C = 16;
+larger chunks there take the torch path, and the entry points reject them.
 """
 import math
 from typing import Optional
@@ -410,7 +413,13 @@ def fusable_mlp(head_dim, expansion, chunk_size, update_rule):
     if not (head_dim <= MAX_MLP_HEAD_DIM and expansion * head_dim <= MAX_MLP_HIDDEN
             and 1 <= chunk_size <= MAX_MLP_CHUNK and update_rule in FUSED_RULES):
         return False
-    BT, BD, BE = _tiles(head_dim, expansion * head_dim, chunk_size)
+    return _fits_tile_volume(head_dim, expansion * head_dim, chunk_size)
+
+
+def _fits_tile_volume(d, E, chunk_size):
+    """Whether the backward's live tiles fit an H100's shared memory: the padded chunk
+    volume BT * BD * BE <= MAX_MLP_TILE_VOLUME (at d = 64, E = 128: C <= 16)."""
+    BT, BD, BE = _tiles(d, E, chunk_size)
     return BT * BD * BE <= MAX_MLP_TILE_VOLUME
 
 
@@ -449,6 +458,10 @@ def _check_inputs(tensors, states, chunk_size, activation, max_grad_norm, caller
     if d > MAX_MLP_HEAD_DIM or E > MAX_MLP_HIDDEN:
         raise ValueError(f"head dim {d} / hidden {E} exceed {MAX_MLP_HEAD_DIM} / {MAX_MLP_HIDDEN}, "
                          f"the most the fused MLP memory kernels hold in registers")
+    if not _fits_tile_volume(d, E, chunk_size):
+        raise ValueError(f"chunk_size {chunk_size} at head dim {d} / hidden {E} exceeds the fused MLP "
+                         f"memory kernels' tile volume (padded C*d*E <= {MAX_MLP_TILE_VOLUME}, "
+                         f"C <= 16 at d=64, E=128), the most their backward fits in shared memory")
     if activation not in ACT_IDS:
         raise ValueError(f"activation must be one of {', '.join(ACT_IDS)}; got {activation!r}")
     if max_grad_norm is not None and (isinstance(max_grad_norm, bool)

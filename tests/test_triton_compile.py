@@ -33,7 +33,9 @@ FULL = os.environ.get("NL_COMPILE_FULL", "0") not in ("", "0")
 
 # Shapes per file; the tiles come from the host's own choice (`_tiles` / launch helpers).
 # The large shape of each file is its largest supported one (MAX_KEY_DIM = 128 with the
-# chunk cap 32 at d > 64; MLP d = 64, E = 128, C = 64; CMS D = 128, hidden 512, C = 32).
+# chunk cap 32 at d > 64; CMS D = 128, hidden 512, C = 32), except MLP d = 64, E = 128, C = 64:
+# the kernel's largest tile shape, which fusable_mlp rejects (its backward's shared memory,
+# MAX_MLP_TILE_VOLUME) and which stays here as strict xfails (KNOWN_SMEM_OVERFLOW).
 SCAN_SHAPES = {"small": dict(K=16, V=16, C=16), "mid": dict(K=64, V=64, C=64),
                "large": dict(K=128, V=128, C=32)}
 MEMORY_SHAPES = {"small": dict(d=16, C=16), "mid": dict(d=64, C=64), "large": dict(d=128, C=32)}

@@ -225,15 +225,16 @@ def test_bad_inputs_raise_one_line_errors(index, value, message):
         triton_mlp_memory.fused_mlp_memory_delta(*args, 4)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(chunk_size=65), r"chunk_size must be an integer in \[1, 64\]"),
-    (dict(chunk_size=True), r"chunk_size must be an int"),
-    (dict(chunk_size=4, activation="relu"), "activation must be one of"),
-    (dict(chunk_size=4, max_grad_norm=0.0), "max_grad_norm must be None or a finite number > 0"),
+@pytest.mark.parametrize("dims, kwargs, message", [
+    ({}, dict(chunk_size=65), r"chunk_size must be an integer in \[1, 64\]"),
+    ({}, dict(chunk_size=True), r"chunk_size must be an int"),
+    ({}, dict(chunk_size=4, activation="relu"), "activation must be one of"),
+    ({}, dict(chunk_size=4, max_grad_norm=0.0), "max_grad_norm must be None or a finite number > 0"),
+    (dict(d=64, E=128), dict(chunk_size=17), "chunk_size 17 at head dim 64 / hidden 128 exceeds"),
 ])
-def test_bad_options_raise_one_line_errors(kwargs, message):
+def test_bad_options_raise_one_line_errors(dims, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        triton_mlp_memory.fused_mlp_memory_delta(*_kernel_args(), **kwargs)
+        triton_mlp_memory.fused_mlp_memory_delta(*_kernel_args(**dims), **kwargs)
 
 
 def test_empty_sequence_raises():
