@@ -117,7 +117,9 @@ def fast_level_scan(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, 
 
 class CMSLevel(nn.Module):
     """One level: z -> z + MLP(RMSNorm(z)); static (chunk_size None) or fast (see module doc).
-    `backend` picks the fast level's scan as for the memories (kernels.select_backend)."""
+    `backend` picks the fast level's scan: "triton" runs the fused kernel where it applies
+    (uses_fused_kernel); "auto" never picks it yet (not GPU-validated) and, like "torch" and
+    "reference", takes fast_level_scan."""
 
     def __init__(self, dim, hidden, chunk_size, inner_lr, activation, norm_eps, backend="auto"):
         super().__init__()
@@ -147,11 +149,10 @@ class CMSLevel(nn.Module):
         """The fused Triton fast level (kernels/triton_cms.py, DESIGN §4 (b)) runs for fp32
         fast weights it covers when the backend is "triton". It has not yet passed its tests
         on a GPU (BENCHMARKS.md), so "auto" does not pick it yet; everything else, and the
-        CPU, takes fast_level_scan (the oracle)."""
+        CPU, takes fast_level_scan (the oracle). `a` (the level's input) is not read yet: an
+        explicit "triton" off CUDA gets the kernel's own one-line device error."""
         weight = self.w_in.weight
         if not self.is_fast or weight.dtype != torch.float32 or self.backend != "triton":
-            return False
-        if kernels.select_backend(self.backend, a.device, weight.dtype) != "triton":
             return False
         from kernels import triton_cms
         return triton_cms.fusable_cms(weight.shape[1], weight.shape[0], self.chunk_size)

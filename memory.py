@@ -127,9 +127,10 @@ class NeuralMemory(nn.Module):
                        that is a multiple of n chunks, so outer gradients reach back at
                        most n chunks (forward values are unchanged); 0 = full backprop
     backend            kernels backend ("auto" | "reference" | "torch" | "triton"); where the
-                       scans run in Triton, a linear or MLP memory runs as one fused kernel per
-                       layer (kernels/triton_memory.py, triton_mlp_memory.py,
-                       `_use_fused_kernel`)
+                       scans run in Triton ("triton", or "auto" on CUDA) a linear memory runs
+                       as one fused kernel per layer (kernels/triton_memory.py); the MLP
+                       memory's kernel (triton_mlp_memory.py) runs only with backend
+                       "triton", not yet with "auto" (`_use_fused_kernel`)
     """
 
     def __init__(self, n_head: int, head_dim: int, depth: int = 2, expansion: int = 2,
