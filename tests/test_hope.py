@@ -1,7 +1,6 @@
 """HOPE (NL §8; DESIGN §3.5): the self-modifying Titans mixer against a token-by-token
 oracle written from the paper's definition, DGD vs GD, streaming, causality, ablations,
 in-context recall, and the paper-scale configs' sizes."""
-import glob
 import os
 
 import pytest
@@ -273,35 +272,6 @@ def test_cms_switch_and_hope_attention_blocks():
 
 # ----------------------------------------------------------------------------------------
 # configs and errors
-
-PAPER_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "hope*_*m.yaml")) +
-                       glob.glob(os.path.join(ROOT, "configs", "hope*_*b.yaml")))
-
-
-def test_paper_scale_configs_exist():
-    names = {os.path.basename(p) for p in PAPER_CONFIGS}
-    assert {"hope_340m.yaml", "hope_760m.yaml", "hope_1.3b.yaml", "hope_attention_760m.yaml"} <= names
-
-
-@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=os.path.basename)
-def test_paper_scale_parameter_counts(path):
-    """All parameters (tied embedding once) with the papers' 32K vocabulary within 5% of the
-    name (the count convention of docs/REPRODUCE.md), built on the meta device."""
-    cfg = load_config(path)
-    assert cfg.model.arch in ("hope", "hope_attention") and cfg.model.tie_embeddings
-    cfg.model.vocab_size = 32000
-    with torch.device("meta"):
-        n = build_model(cfg.model).num_params()
-    size = os.path.basename(path)[:-5].rsplit("_", 1)[1]
-    target = float(size[:-1]) * (1e6 if size.endswith("m") else 1e9)
-    assert abs(n / target - 1) < 0.05, f"{path}: {n / 1e6:.1f}M parameters"
-
-
-@pytest.mark.parametrize("path", ["configs/quickstart.yaml", "configs/hope_tiny.yaml", "configs/hope_attention_tiny.yaml"])
-def test_tiny_configs_load(path):
-    cfg = load_config(os.path.join(ROOT, path))
-    assert cfg.model.arch in ("hope", "hope_attention")
-
 
 def test_default_job_is_a_hope_whose_sequences_complete_memory_and_cms_chunks():
     """The default job trains HOPE (issue 4), and every chunk size divides the sequence, so
