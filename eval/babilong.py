@@ -48,13 +48,13 @@ import random
 import re
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
-from eval.common import context_limit, eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device
+from eval.common import (bf16_autocast, check_long_inputs, context_handling, context_limit, eval_mode, exit_on_error,
+                         fit_prompt, load_checkpoint, mean_over_scored, model_device)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
@@ -608,41 +608,6 @@ def greedy_generate(model, tokenizer, last_logits, state, max_new_tokens: int, d
     return tokenizer.decode(out)
 
 
-def check_long_inputs(model, overflow: str, streaming: bool | None, max_len: int | None) -> bool:
-    """The long-input arguments of evaluate and eval.niah.evaluate_niah, checked -> whether the
-    model streams (recurrent, or streaming=True: the whole input in segments, state carried)."""
-    if overflow not in ("truncate", "skip"):
-        raise ValueError(f"overflow must be 'truncate' or 'skip', got {overflow!r}")
-    streaming = is_recurrent(model) if streaming is None else streaming
-    if not streaming and max_len is None:
-        raise ValueError("an attention model needs max_len (its context, e.g. cfg.train.seq_len); "
-                         "pass streaming=True to read any length with a growing KV cache")
-    return streaming
-
-
-def fit_prompt(ids: list[int], streaming: bool, max_len: int | None, max_new_tokens: int, overflow: str) -> tuple:
-    """-> (the prompt ids the model reads, truncated?). A streaming model reads them all; an
-    attention model reads a prompt over max_len as its last max_len - max_new_tokens tokens
-    (room for the answer; overflow='truncate') or not at all (None; overflow='skip')."""
-    if streaming or len(ids) <= max_len:
-        return ids, False
-    if overflow == "skip":
-        return None, False
-    return ids[-max(1, max_len - max_new_tokens):], True
-
-
-def bf16_autocast(device, dtype: str = "auto"):
-    """bf16 autocast on CUDA (dtype 'auto' or 'bfloat16'); a no-op context otherwise."""
-    if torch.device(device).type == "cuda" and dtype in ("auto", "bfloat16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def mean_over_scored(scored: list[dict], key: str) -> float | None:
-    """The fraction of scored records whose `key` is true (None when nothing was scored)."""
-    return sum(r[key] for r in scored) / len(scored) if scored else None
-
-
 @torch.no_grad()
 def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len: int = 2048, device=None,
              max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS, overflow: str = "truncate", instruction: bool = False,
@@ -694,17 +659,11 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
             if progress and (i + 1) % 10 == 0:
                 print(f"  {i + 1}/{len(samples)} samples, {time.time() - started:.0f}s", file=sys.stderr)
     scored = [r for r in records if not r.get("skipped")]
-    if streaming:
-        handling = f"streamed: whole input in segments of {segment_len} tokens with the state carried"
-    elif overflow == "truncate":
-        handling = f"attention: inputs over {max_len} tokens truncated to their last {max(1, max_len - max_new_tokens)}"
-    else:
-        handling = f"attention: inputs over {max_len} tokens skipped"
     return {
         "official": mean_over_scored(scored, "official_correct"),
         "label_ranking": mean_over_scored(scored, "label_ranking_correct"),
         "n": len(records), "n_scored": len(scored), "n_truncated": n_truncated, "n_skipped": n_skipped,
-        "context_handling": handling,
+        "context_handling": context_handling(streaming, max_len, segment_len, overflow, max_new_tokens),
         "mean_input_tokens": sum(r["n_input_tokens"] for r in records) / len(records) if records else 0,
         "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                            if torch.device(device).type == "cuda" else None),

@@ -1,15 +1,16 @@
 """
 What every eval module needs about the model it scores (DESIGN §7): its kind (recurrent
-state or attention context), its device, eval mode for the duration of a score, and, for
-the CLIs, a checkpoint loaded with the tokenizer it was trained with, and their exit on bad
-input. torch is imported inside the functions that use it, so a CLI that only plans
-(eval.reproduce) starts without it.
+state or attention context), its device, eval mode for the duration of a score, how a
+prompt longer than an attention model's context is read (shared by eval.babilong and
+eval.niah), and, for the CLIs, a checkpoint loaded with the tokenizer it was trained with,
+and their exit on bad input. torch is imported inside the functions that use it, so a CLI
+that only plans (eval.reproduce) starts without it.
 """
 from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -49,6 +50,65 @@ def resolve_device(name: str) -> str:
         raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
     return name
 
+
+# -----------------------------------------------------------------------------
+# long inputs: recurrent models stream every token, attention models read their context
+
+def check_long_inputs(model, overflow: str, streaming: bool | None, max_len: int | None) -> bool:
+    """The long-input arguments of eval.babilong.evaluate and eval.niah.evaluate_niah, checked
+    -> whether the model streams (recurrent, or streaming=True: the whole input in segments,
+    state carried)."""
+    if overflow not in ("truncate", "skip"):
+        raise ValueError(f"overflow must be 'truncate' or 'skip', got {overflow!r}")
+    streaming = is_recurrent(model) if streaming is None else streaming
+    if not streaming and max_len is None:
+        raise ValueError("an attention model needs max_len (its context, e.g. cfg.train.seq_len); "
+                         "pass streaming=True to read any length with a growing KV cache")
+    return streaming
+
+
+def prompt_room(max_len: int, max_new_tokens: int) -> int:
+    """The most prompt tokens an attention model of context max_len keeps when it is to add
+    max_new_tokens: the rest of its context, at least one token."""
+    return max(1, max_len - max_new_tokens)
+
+
+def fit_prompt(ids: list[int], streaming: bool, max_len: int | None, max_new_tokens: int, overflow: str) -> tuple:
+    """-> (the prompt ids the model reads, truncated?). A streaming model reads them all; an
+    attention model reads a prompt over max_len as its last prompt_room tokens (room for the
+    answer; overflow='truncate') or not at all (None; overflow='skip')."""
+    if streaming or len(ids) <= max_len:
+        return ids, False
+    if overflow == "skip":
+        return None, False
+    return ids[-prompt_room(max_len, max_new_tokens):], True
+
+
+def context_handling(streaming: bool, max_len: int | None, segment_len: int, overflow: str,
+                     max_new_tokens: int) -> str:
+    """What fit_prompt does to long inputs, in words, for an eval's result file."""
+    if streaming:
+        return f"streamed: whole input in segments of {segment_len} tokens with the state carried"
+    if overflow == "truncate":
+        return f"attention: inputs over {max_len} tokens truncated to their last {prompt_room(max_len, max_new_tokens)}"
+    return f"attention: inputs over {max_len} tokens skipped"
+
+
+def bf16_autocast(device, dtype: str = "auto"):
+    """bf16 autocast on CUDA (dtype 'auto' or 'bfloat16'); a no-op context otherwise."""
+    import torch
+    if torch.device(device).type == "cuda" and dtype in ("auto", "bfloat16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def mean_over_scored(scored: list[dict], key: str) -> float | None:
+    """The fraction of scored records whose `key` is true (None when nothing was scored)."""
+    return sum(r[key] for r in scored) / len(scored) if scored else None
+
+
+# -----------------------------------------------------------------------------
+# running a score, and the CLIs
 
 @contextmanager
 def eval_mode(model):

@@ -20,8 +20,8 @@ Scores, both labelled in the output:
                     output (case-insensitive);
   ranking_accuracy  the value has the highest log-likelihood after the answer prefix among
                     itself and `n_distractors` random values of the same kind.
-Long inputs are handled as in eval.babilong: recurrent models stream in segments with the
-state carried, attention models truncate or skip beyond max_len.
+Long inputs are handled as in eval.babilong (eval.common.fit_prompt): recurrent models stream
+in segments with the state carried, attention models truncate or skip beyond max_len.
 
 CLI:
     python -m eval.niah --checkpoint DIR --tasks 1,2,3 --lengths 1k,2k,4k --samples N --out DIR
@@ -38,9 +38,10 @@ import uuid
 
 import torch
 
-from eval.babilong import (BACKGROUNDS, bf16_autocast, check_long_inputs, continuation_logprob, fit_prompt,
-                           greedy_generate, length_tokenizer, load_books, mean_over_scored, prefill, split_sentences)
-from eval.common import context_limit, eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device
+from eval.babilong import (BACKGROUNDS, continuation_logprob, greedy_generate, length_tokenizer, load_books, prefill,
+                           split_sentences)
+from eval.common import (bf16_autocast, check_long_inputs, context_handling, context_limit, eval_mode, exit_on_error,
+                         fit_prompt, is_recurrent, load_checkpoint, mean_over_scored, model_device)
 
 # RULER scripts/data/synthetic/constants.py and niah.py
 NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
@@ -231,7 +232,6 @@ def run(args) -> dict:
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
-    streaming = is_recurrent(model)
     max_len = context_limit(model, args.max_len or cfg.train.seq_len)
     gpt2 = length_tokenizer(args.data_dir)
     results = {"benchmark": "s-niah (RULER niah_single_1/2/3)", "checkpoint": os.path.abspath(args.checkpoint),
@@ -240,8 +240,8 @@ def run(args) -> dict:
                "scores": {"accuracy": "greedy output contains the value (RULER string_match_all)",
                           "ranking_accuracy": f"value ranked first by log-likelihood among itself and "
                                               f"{args.distractors} random values"},
-               "context_handling": ("streamed in segments of %d tokens with the state carried" % args.segment_len
-                                    if streaming else f"attention: inputs over {max_len} tokens {args.overflow}"),
+               "context_handling": context_handling(is_recurrent(model), max_len, args.segment_len, args.overflow,
+                                                    args.max_new_tokens),
                "accuracy": {}, "ranking_accuracy": {}, "by_depth": {}, "counts": {}}
     for task in tasks:
         for length in lengths:

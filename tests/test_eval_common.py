@@ -1,11 +1,10 @@
-"""eval/common.py and the long-input helpers every eval shares (eval.babilong): device names,
-eval mode restored, the CLIs' exit on bad input, and which prompt tokens a model reads."""
+"""eval/common.py: device names, eval mode restored, the CLIs' exit on bad input, and the
+long-input helpers eval.babilong and eval.niah share (which prompt tokens a model reads)."""
 import pytest
 import torch
 
-from eval.babilong import check_long_inputs, fit_prompt, mean_over_scored
-from eval.common import (context_limit, eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device,
-                         resolve_device)
+from eval.common import (bf16_autocast, check_long_inputs, context_handling, context_limit, eval_mode, exit_on_error,
+                         fit_prompt, is_recurrent, load_checkpoint, mean_over_scored, model_device, resolve_device)
 
 
 def test_resolve_device():
@@ -73,3 +72,23 @@ def test_check_long_inputs_and_mean_over_scored():
         check_long_inputs(model, "drop", True, 8)
     assert mean_over_scored([{"ok": True}, {"ok": False}, {"ok": True}, {"ok": True}], "ok") == 0.75
     assert mean_over_scored([], "ok") is None
+
+
+def test_context_handling_says_what_fit_prompt_does():
+    ids = list(range(10))
+    assert context_handling(True, None, 64, "skip", 2) == \
+        "streamed: whole input in segments of 64 tokens with the state carried"
+    kept = len(fit_prompt(ids, False, 6, 2, "truncate")[0])
+    assert context_handling(False, 6, 64, "truncate", 2) == \
+        f"attention: inputs over 6 tokens truncated to their last {kept}"
+    assert context_handling(False, 6, 64, "skip", 2) == "attention: inputs over 6 tokens skipped"
+
+
+def test_bf16_autocast_only_on_cuda():
+    with bf16_autocast("cpu"):
+        assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
+    if torch.cuda.is_available():
+        with bf16_autocast("cuda", "auto"):
+            assert torch.get_autocast_dtype("cuda") == torch.bfloat16 and torch.is_autocast_enabled("cuda")
+        with bf16_autocast("cuda", "float32"):
+            assert not torch.is_autocast_enabled("cuda")
