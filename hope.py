@@ -27,8 +27,10 @@ Order of computation. The projection memories never read M_mem, so a segment run
 stages, each exact for any segment boundaries:
   1. the projection memories, chunk piece by chunk piece (C_other): read k, v, eta, alpha
      at the chunk-start weights, generate the targets, write (one DGD scan per layer);
-  2. M_mem over the whole segment, chunk piece by chunk piece (C_mem), with the keys,
-     values and gates of stage 1.
+  2. M_mem over the whole segment in one `NeuralMemory.scan(..., self_target=True)` (chunk
+     C_mem) with the keys, values and gates of stage 1: per chunk piece it reads the target
+     M_mem,B(v_t) at the chunk-start weights, then writes (on CUDA the fused MLP kernel can
+     take the whole segment once it computes that target in-kernel, memory.py).
 The projection memories share keys, gates and chunk size and differ only in weights and
 targets, so they run as ONE NeuralMemory with n_memories * H heads (memory-major: head
 m*H + h is memory m's head h): one scan per layer instead of one per memory.
@@ -165,6 +167,12 @@ class SelfModifyingTitans(nn.Module):
     def _heads(self, x):
         return x.view(*x.shape[:2], self.n_head, self.head_dim)
 
+    @staticmethod
+    def _gate(read, weight, bias):
+        """sigmoid(w . M_B(x~) + b), one scalar per head, in the memory read's dtype (fp32:
+        a bf16 model's weights are cast up, so no autocast is needed)."""
+        return torch.sigmoid(torch.einsum("bthd,hd->bth", read, weight.to(read.dtype)) + bias.to(read.dtype))
+
     def _projection_piece(self, features, state):
         """Stage 1 on one piece inside one C_other chunk: read k, v, q, eta, alpha at the
         chunk-start weights, then each projection memory learns its own target v^ = M_B(v)."""
@@ -178,13 +186,11 @@ class SelfModifyingTitans(nn.Module):
         v = reads["v"] if self.adaptive_v else self._heads(self.w_v(features.flatten(2)))
         q = F.normalize(reads["q"], dim=-1) if self.adaptive_q else None
         if self.inner_lr_fixed is None:
-            eta = self.eta_max * torch.sigmoid(torch.einsum("bthd,hd->bth", reads["eta"], self.eta_weight)
-                                               + self.eta_bias)
+            eta = self.eta_max * self._gate(reads["eta"], self.eta_weight, self.eta_bias)
         else:
             eta = k.new_full(k.shape[:3], self.inner_lr_fixed)
         if self.retention:
-            alpha = torch.sigmoid(torch.einsum("bthd,hd->bth", reads["alpha"], self.alpha_weight)
-                                  + self.alpha_bias)
+            alpha = self._gate(reads["alpha"], self.alpha_weight, self.alpha_bias)
         else:
             alpha = k.new_ones(k.shape[:3])
         if self.projections is not None:
@@ -229,14 +235,10 @@ class SelfModifyingTitans(nn.Module):
         if q is None:
             q = F.normalize(self._heads(self.w_q(x)), dim=-1)
 
-        # Stage 2: M_mem (chunk C_mem) learns its own target and is read after the write.
-        mem_state, outputs = state["memory"], []
-        for lo, hi in chunk_pieces(mem_state["pos"], T, self.chunk_mem):
-            target = self.memory.read(mem_state["chunk_start"], v[:, lo:hi])            # NL Eq. 87
-            o, mem_state = self.memory.update_piece(q[:, lo:hi], k[:, lo:hi], target,
-                                                    eta[:, lo:hi], alpha[:, lo:hi], None, mem_state)
-            outputs.append(o)
-        o = torch.cat(outputs, 1).to(x.dtype)
+        # Stage 2: M_mem (chunk C_mem) learns its own target M_mem,B(v_t) (NL Eq. 87) and is
+        # read after the write; one scan (the fused kernel where it applies, memory.py).
+        mem = self.memory.scan(q, k, v, eta, alpha, state=state["memory"], self_target=True)
+        o, mem_state = mem.y.to(x.dtype), mem.state               # fp32 memory -> the model's dtype
         y = self.out_norm(o).flatten(2) * F.silu(self.w_gate(x))
         new_state = {"conv": conv_state, "projections": proj_state, "memory": mem_state, "pos": pos + T}
         return self.w_out(y), new_state

@@ -40,6 +40,7 @@ API (all tensors per head; q, k, v [B, T, H, d]; gates lr, alpha, beta [B, T, H]
     y, state = mem(q, k, v, lr, alpha, beta, state=None)       # beta only for "momentum"
     out = mem.scan(q, k, v, lr, alpha, beta, state, reads=(x,))  # + reads M_B(x) at W_B
     out.y, out.state, out.reads
+    mem.scan(..., self_target=True)     # target M_B(t)(v_t) instead of v_t (NL Eq. 87, HOPE)
 
 State (a dict; `mem.initial_state(B)` builds a fresh one from the meta parameters):
     "weights"      list per layer [B, H, out, in]: the current fast weights W_t
@@ -276,20 +277,31 @@ class NeuralMemory(nn.Module):
         return y, {"weights": new_weights, "chunk_start": list(chunk_start),
                    "momenta": new_momenta, "pos": new_pos}
 
-    def scan(self, q, k, v, lr, alpha, beta=None, state=None, reads=()) -> MemoryOutput:
+    def scan(self, q, k, v, lr, alpha, beta=None, state=None, reads=(), self_target=False) -> MemoryOutput:
         """Run the chunked inner optimisation over T tokens (any T, any starting position).
         `reads`: extra inputs x [B, T, H, d] to read at the chunk-start weights, M_B(t)(x_t)
-        (HOPE's k_t = M_k,B(x_t)). Returns MemoryOutput(y, state, reads)."""
+        (HOPE's k_t = M_k,B(x_t)). `self_target`: the memory generates its own target
+        (NL Eq. 87): token t learns l_t = ||M(k_t) - M_B(t)(v_t)||^2, its value read at the
+        chunk-start weights of its chunk, before the chunk's writes (HOPE's M_mem; outer
+        gradients flow through the read unless detach_targets). Returns
+        MemoryOutput(y, state, reads)."""
         self._check_inputs(q, k, v, lr, alpha, beta, reads)
+        if not isinstance(self_target, bool):
+            raise ValueError(f"memory self_target must be a bool; got {self_target!r}")
         B, T = q.shape[:2]
         state = self.initial_state(B) if state is None else state
-        if T > 0 and self._use_fused_kernel(q, reads):
-            return self._fused_scan(q, k, v, lr, alpha, beta, state)
+        if T > 0 and self._use_fused_kernel(q, reads, self_target):
+            return self._fused_scan(q, k, v, lr, alpha, beta, state, self_target)
+        return self._scan_pieces(q, k, v, lr, alpha, beta, state, reads, self_target)
+
+    def _scan_pieces(self, q, k, v, lr, alpha, beta, state, reads, self_target) -> MemoryOutput:
+        """scan() chunk piece by chunk piece with update_piece (the per-chunk path, the oracle)."""
         ys, read_parts = [], [[] for _ in reads]
-        for lo, hi in chunk_pieces(state["pos"], T, self.chunk_size):
+        for lo, hi in chunk_pieces(state["pos"], q.shape[1], self.chunk_size):
             for parts, x in zip(read_parts, reads):
                 parts.append(self.read(state["chunk_start"], x[:, lo:hi]))
-            y, state = self.update_piece(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], lr[:, lo:hi],
+            target = self.read(state["chunk_start"], v[:, lo:hi]) if self_target else v[:, lo:hi]
+            y, state = self.update_piece(q[:, lo:hi], k[:, lo:hi], target, lr[:, lo:hi],
                                          alpha[:, lo:hi], None if beta is None else beta[:, lo:hi],
                                          state)
             ys.append(y)
@@ -299,7 +311,7 @@ class NeuralMemory(nn.Module):
                      for p, x in zip(read_parts, reads)]
         return MemoryOutput(y, state, reads_out)
 
-    def _use_fused_kernel(self, q, reads) -> bool:
+    def _use_fused_kernel(self, q, reads, self_target=False) -> bool:
         """The fused Triton layer runs when the scans would run in Triton (backend "triton",
         or "auto" on CUDA) and it covers the configuration: fp32 state, no extra reads, full
         backprop, and a linear memory with C <= 64, d <= 128 and no clipping
@@ -307,9 +319,16 @@ class NeuralMemory(nn.Module):
         (kernels/triton_mlp_memory.py). The MLP kernel has not yet passed its tests on a GPU
         (BENCHMARKS.md), so only an explicit backend "triton" selects it; "auto" keeps the
         per-chunk path for MLP memories. Everything else, and the CPU, takes the per-chunk
-        path above (the oracle)."""
+        path above (the oracle). Self-generated targets (scan's self_target) are for the MLP
+        kernel's DGD/GD rules only, and not with detach_targets (the in-kernel target would
+        still pass gradients to W_B)."""
         if (reads or self.detach_chunks_older_than or self._dtype() != torch.float32
                 or (self.depth == 1 and self.max_grad_norm is not None)):
+            return False
+        if self_target:        # until kernels/triton_mlp_memory supports self_target
+            return False
+        # what stays once it does: the MLP kernel's DGD/GD only, and targets not detached
+        if self_target and (self.depth == 1 or self.update_rule == "momentum" or self.detach_targets):
             return False
         if kernels.select_backend(self.backend, q.device, self._dtype()) != "triton":
             return False
@@ -322,16 +341,17 @@ class NeuralMemory(nn.Module):
         from kernels import triton_memory
         return triton_memory.fusable(self.head_dim, self.chunk_size)
 
-    def _fused_scan(self, q, k, v, lr, alpha, beta, state) -> MemoryOutput:
+    def _fused_scan(self, q, k, v, lr, alpha, beta, state, self_target=False) -> MemoryOutput:
         """scan() through the fused kernel: a chunk begun in an earlier call is finished by
-        update_piece, then every remaining chunk (aligned to t = 0 of the rest) in one launch."""
+        the per-chunk path, then every remaining chunk (aligned to t = 0 of the rest) in one
+        launch."""
         from kernels import triton_memory, triton_mlp_memory
         C, ys = self.chunk_size, []
         head = min((C - state["pos"] % C) % C, q.shape[1])
         if head:
-            y, state = self.update_piece(q[:, :head], k[:, :head], v[:, :head], lr[:, :head],
-                                         alpha[:, :head], None if beta is None else beta[:, :head],
-                                         state)
+            y, state, _ = self._scan_pieces(q[:, :head], k[:, :head], v[:, :head], lr[:, :head],
+                                            alpha[:, :head], None if beta is None else beta[:, :head],
+                                            state, (), self_target)
             ys.append(y)
             q, k, v, lr, alpha = (t[:, head:] for t in (q, k, v, lr, alpha))
             beta = None if beta is None else beta[:, head:]
@@ -346,9 +366,12 @@ class NeuralMemory(nn.Module):
                         activation=self.activation, max_grad_norm=self.max_grad_norm)
                     momenta = list(momenta)
                 elif self.depth == 2:
+                    # self_target only when set: the kernel's keyword (default False)
+                    # arrives with kernels/triton_mlp_memory's self_target support
+                    target = {"self_target": True} if self_target else {}
                     y, weights, start = triton_mlp_memory.fused_mlp_memory_delta(
                         q, k, v, alpha, lr, *state["weights"], C, dgd=self.update_rule == "dgd",
-                        activation=self.activation, max_grad_norm=self.max_grad_norm)
+                        activation=self.activation, max_grad_norm=self.max_grad_norm, **target)
                 elif self.update_rule == "momentum":
                     y, weights, z, start = triton_memory.fused_linear_memory_momentum(
                         q, k, v, alpha, beta.float(), lr, weights, state["momenta"][0], C)
@@ -368,9 +391,9 @@ class NeuralMemory(nn.Module):
                      "momenta": momenta, "pos": pos}
         return MemoryOutput(torch.cat(ys, 1), state, [])
 
-    def forward(self, q, k, v, lr, alpha, beta=None, state=None):
-        """(y [B, T, H, d], state): readouts after the write, M_t(q_t)."""
-        out = self.scan(q, k, v, lr, alpha, beta, state)
+    def forward(self, q, k, v, lr, alpha, beta=None, state=None, self_target=False):
+        """(y [B, T, H, d], state): readouts after the write, M_t(q_t) (self_target: scan)."""
+        out = self.scan(q, k, v, lr, alpha, beta, state, self_target=self_target)
         return out.y, out.state
 
     def _check_inputs(self, q, k, v, lr, alpha, beta, reads):
