@@ -76,19 +76,17 @@ class CMSConfig:
         if not isinstance(self.chunk_sizes, list) or not self.chunk_sizes:
             raise ConfigError(f"model.cms.chunk_sizes must be a non-empty list (null = static level), "
                               f"got {self.chunk_sizes!r}")
-        for c in self.chunk_sizes:
-            if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
-                raise ConfigError(f"model.cms.chunk_sizes entries must be integers >= 1 or null, got {c!r}")
-        if not self.hidden_mult > 0:
-            raise ConfigError(f"model.cms.hidden_mult must be > 0, got {self.hidden_mult}")
+        for i, c in enumerate(self.chunk_sizes):
+            _check_range(c, f"model.cms.chunk_sizes[{i}]", 1, integer=True, null=True)
+        self.hidden_mult = _check_range(self.hidden_mult, "model.cms.hidden_mult", 0, strict=True)
         if isinstance(self.inner_lr, list):
             if len(self.inner_lr) != len(self.chunk_sizes):
                 raise ConfigError(f"model.cms.inner_lr has {len(self.inner_lr)} entries but "
                                   f"model.cms.chunk_sizes has {len(self.chunk_sizes)} levels")
-            self.inner_lr = [None if (lr is None and c is None) else _nonnegative_lr(lr, f"model.cms.inner_lr[{i}]")
+            self.inner_lr = [_check_range(lr, f"model.cms.inner_lr[{i}]", 0, null=c is None)
                              for i, (lr, c) in enumerate(zip(self.inner_lr, self.chunk_sizes))]
         else:
-            self.inner_lr = _nonnegative_lr(self.inner_lr, "model.cms.inner_lr")
+            self.inner_lr = _check_range(self.inner_lr, "model.cms.inner_lr", 0)
 
     def level_lrs(self) -> list:
         """The inner learning rate of every level (None for static levels)."""
@@ -96,16 +94,27 @@ class CMSConfig:
         return [None if c is None else lr for c, lr in zip(self.chunk_sizes, lrs)]
 
 
-def _nonnegative_lr(value, key):
-    """A learning rate from YAML: a number >= 0 (YAML 1.1 reads '1e-3' as a string)."""
-    if isinstance(value, str):
+def _check_range(value, key, low, *, integer=False, strict=False, below=None, null=False):
+    """The one range check of config values -> value (a float unless integer): an int
+    (integer=True; bools are not) or a number (YAML 1.1 reads '1e-3' as a string: read as a
+    float) that is >= low (> low when strict) and < below when given; None passes when null.
+    Else a one-line ConfigError naming the key, the range and the value, e.g.
+    "model.hope.chunk_mem must be an integer >= 1, got 0"."""
+    if value is None and null:
+        return None
+    if not integer and isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
             pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ConfigError(f"{key} must be a number >= 0, got {value!r}")
-    return float(value)
+    kind = int if integer else (int, float)
+    ok = (isinstance(value, kind) and not isinstance(value, bool)
+          and (value > low if strict else value >= low) and (below is None or value < below))  # NaN fails
+    if not ok:
+        bound = f"in [{low}, {below})" if below is not None else f"{'>' if strict else '>='} {low}"
+        raise ConfigError(f"{key} must be {'an integer' if integer else 'a number'} {bound}"
+                          f"{' or null' if null else ''}, got {value!r}")
+    return value if integer else float(value)
 
 
 @dataclass
@@ -141,19 +150,12 @@ class HopeConfig:
 
     def __post_init__(self):
         for key in ("chunk_mem", "chunk_other", "memory_expansion"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model.hope.{key} must be an integer >= 1, got {value!r}")
+            _check_range(getattr(self, key), f"model.hope.{key}", 1, integer=True)
         for key in ("conv_size", "detach_chunks_older_than"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"model.hope.{key} must be an integer >= 0, got {value!r}")
-        if isinstance(self.eta_max, bool) or not isinstance(self.eta_max, (int, float)) or not self.eta_max > 0:
-            raise ConfigError(f"model.hope.eta_max must be a number > 0, got {self.eta_max!r}")
-        if self.inner_lr_fixed is not None:
-            self.inner_lr_fixed = _nonnegative_lr(self.inner_lr_fixed, "model.hope.inner_lr_fixed")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"model.hope.max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
+            _check_range(getattr(self, key), f"model.hope.{key}", 0, integer=True)
+        self.eta_max = _check_range(self.eta_max, "model.hope.eta_max", 0, strict=True)
+        self.inner_lr_fixed = _check_range(self.inner_lr_fixed, "model.hope.inner_lr_fixed", 0, null=True)
+        self.max_grad_norm = _check_range(self.max_grad_norm, "model.hope.max_grad_norm", 0, strict=True, null=True)
 
 
 @dataclass
@@ -446,20 +448,16 @@ def validate(cfg: Config):
                 "train.seq_len": t.seq_len, "train.grad_accum": t.grad_accum,
                 "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model}
     for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
+        _check_range(value, key, 1, integer=True)
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
     if (m.d_model // m.n_head) % 2:
         raise ConfigError(f"head dim d_model/n_head={m.d_model // m.n_head} must be even for RoPE")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
-    if cfg.distributed.timeout_s < 1:
-        raise ConfigError(f"distributed.timeout_s must be >= 1, got {cfg.distributed.timeout_s}")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    _check_range(t.lr, "train.lr", 0, strict=True)
+    _check_range(cfg.distributed.timeout_s, "distributed.timeout_s", 1, integer=True)
+    _check_range(cfg.data.val_fraction, "data.val_fraction", 0, below=1)
 
 
 def dump_yaml(cfg: Config, path: str):

@@ -91,3 +91,50 @@ def test_model_kernels_reaches_every_memory_and_cms_level(arch):
     assert layers and {m.backend for m in layers} == {"torch"}
     with pytest.raises(ConfigError, match="model.kernels"):
         load_config(None, ["--model.kernels=cuda"])
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"train": {"max_steps": 0}}, "train.max_steps must be an integer >= 1, got 0"),
+    ({"model": {"n_head": -2}}, "model.n_head must be an integer >= 1, got -2"),
+    ({"train": {"lr": 0}}, "train.lr must be a number > 0, got 0"),
+    ({"train": {"lr": float("nan")}}, "train.lr must be a number > 0, got nan"),
+    ({"distributed": {"timeout_s": 0}}, "distributed.timeout_s must be an integer >= 1, got 0"),
+    ({"data": {"val_fraction": 1.0}}, "data.val_fraction must be a number in [0, 1), got 1.0"),
+    ({"data": {"val_fraction": -0.1}}, "data.val_fraction must be a number in [0, 1), got -0.1"),
+    ({"model": {"hope": {"chunk_mem": 0}}}, "model.hope.chunk_mem must be an integer >= 1, got 0"),
+    ({"model": {"hope": {"memory_expansion": True}}}, "model.hope.memory_expansion must be int, got True"),
+    ({"model": {"hope": {"conv_size": -1}}}, "model.hope.conv_size must be an integer >= 0, got -1"),
+    ({"model": {"hope": {"eta_max": 0}}}, "model.hope.eta_max must be a number > 0, got 0.0"),
+    ({"model": {"hope": {"inner_lr_fixed": -1}}}, "model.hope.inner_lr_fixed must be a number >= 0 or null, got -1.0"),
+    ({"model": {"hope": {"max_grad_norm": 0}}}, "model.hope.max_grad_norm must be a number > 0 or null, got 0.0"),
+    ({"model": {"cms": {"chunk_sizes": [8, 0]}}}, "model.cms.chunk_sizes[1] must be an integer >= 1 or null, got 0"),
+    ({"model": {"cms": {"chunk_sizes": [2.5]}}}, "model.cms.chunk_sizes[0] must be an integer >= 1 or null, got 2.5"),
+    ({"model": {"cms": {"chunk_sizes": []}}}, "model.cms.chunk_sizes must be a non-empty list"),
+    ({"model": {"cms": {"hidden_mult": -1}}}, "model.cms.hidden_mult must be a number > 0, got -1.0"),
+    ({"model": {"cms": {"inner_lr": "fast"}}}, "model.cms.inner_lr must be a number >= 0, got 'fast'"),
+    ({"model": {"cms": {"inner_lr": [None, None]}}}, "model.cms.inner_lr[0] must be a number >= 0, got None"),
+    ({"model": {"cms": {"inner_lr": [1e-3, -1]}}}, "model.cms.inner_lr[1] must be a number >= 0 or null, got -1"),
+    ({"model": {"cms": {"inner_lr": [1e-3]}}}, "model.cms.inner_lr has 1 entries but model.cms.chunk_sizes has 2"),
+])
+def test_range_checks_name_the_key_range_and_value(data, message):
+    """Every range check (config._check_range) gives one line: key, allowed range, value."""
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_range_checks_pass_edges_and_read_yaml_number_strings():
+    """The edges of each range pass; '1e-3' (a string to YAML 1.1) is read as a number;
+    a static level's inner_lr may be null; numbers come back as floats."""
+    cfg = config_from_dict({"data": {"val_fraction": 0.0}, "distributed": {"timeout_s": 1},
+                            "model": {"hope": {"conv_size": 0, "inner_lr_fixed": 0, "max_grad_norm": None},
+                                      "cms": {"chunk_sizes": [4, None], "inner_lr": ["1e-3", None]}}})
+    assert cfg.model.cms.inner_lr == [1e-3, None] and cfg.model.cms.level_lrs() == [1e-3, None]
+    assert cfg.model.hope.inner_lr_fixed == 0.0 and isinstance(cfg.model.hope.inner_lr_fixed, float)
+    assert cfg.model.hope.max_grad_norm is None
+    from config import CMSConfig, HopeConfig
+    assert CMSConfig(inner_lr="2e-3").inner_lr == 2e-3
+    with pytest.raises(ConfigError, match=r"^model.hope.chunk_other must be an integer >= 1, got 1.5$"):
+        HopeConfig(chunk_other=1.5)                 # built directly: no YAML type check before
+    with pytest.raises(ConfigError, match=r"^model.hope.memory_expansion must be an integer >= 1, got True$"):
+        HopeConfig(memory_expansion=True)
