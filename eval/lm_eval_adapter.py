@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from eval.common import is_recurrent, load_checkpoint, prompt_room
 from eval.perplexity import encode_pair, loglikelihood_tokens, rolling_windows
 
 INSTALL_HINT = "lm-eval is not installed: pip install -r requirements-eval.txt"
@@ -52,10 +53,11 @@ class LMAdapter:
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", **kwargs):
-        from checkpoint import load_model
-        from data.tokenizer import get_tokenizer
-        model, cfg = load_model(path, device)
-        return cls(model, get_tokenizer(cfg.data.tokenizer), cfg.train.seq_len, device=device, **kwargs)
+        """The adapter over a checkpoint dir or training out_dir, loaded as every eval CLI loads it
+        (eval.common.load_checkpoint): its own tokenizer, device auto|cpu|cuda[:N], the same
+        one-line errors for a missing checkpoint or a bad device."""
+        model, cfg, tokenizer, device = load_checkpoint(path, str(device))
+        return cls(model, tokenizer, cfg.train.seq_len, device=device, **kwargs)
 
     # lm-eval reads these
     @property
@@ -97,7 +99,6 @@ class LMAdapter:
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list:
         from eval.babilong import greedy_generate, prefill
-        from eval.common import is_recurrent
         outputs = []
         for request in requests:
             context, gen_kwargs = _args(request)[:2]
@@ -110,7 +111,7 @@ class LMAdapter:
             ids = self.tokenizer.encode(context) if context else []
             ids = ids or [self.tokenizer.eot_id]
             if not is_recurrent(self.model):       # attention: keep room for the answer in the context
-                ids = ids[-max(1, self.max_len - max_new):]
+                ids = ids[-prompt_room(self.max_len, max_new):]
             last, state = prefill(self.model, ids, self.segment_len, self.device)
             stop = (lambda text: any(s in text for s in until)) if until else None
             text = greedy_generate(self.model, self.tokenizer, last, state, max_new, self.device, stop=stop)

@@ -9,11 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from conftest import SHARED_DATA
 from data.tokenizer import ByteTokenizer
 from eval import perplexity as ppl
 from eval.lm_eval_adapter import INSTALL_HINT, LMAdapter
+from helpers import save_tiny_checkpoint
 from model import build_model
 
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
@@ -91,6 +93,36 @@ def test_generate_until_is_greedy_and_stops_at_the_first_stop_string():
 def test_bad_arguments_are_errors(tiny):
     with pytest.raises(ValueError, match="max_len"):
         LMAdapter(tiny[0], tiny[1], max_len=0)
+
+
+def test_from_checkpoint_loads_model_tokenizer_and_context(tmp_path):
+    """eval.common.load_checkpoint's model, tokenizer and device, and its one-line errors for a
+    missing path, a folder without a checkpoint and a bad device."""
+    from checkpoint import load_model
+    path = save_tiny_checkpoint(tmp_path / "run")
+    lm = LMAdapter.from_checkpoint(path, device="cpu", batch_size=2)
+    assert lm.max_length == 256 and lm.batch_size == 2 and lm.device == torch.device("cpu")
+    assert isinstance(lm.tokenizer, ByteTokenizer) and lm.eot_token_id == 256 and not lm.model.training
+    saved, _ = load_model(path)
+    for (name, p), q in zip(lm.model.named_parameters(), saved.parameters()):
+        assert torch.equal(p, q), name
+    with pytest.raises(FileNotFoundError, match="checkpoint .* not found"):
+        LMAdapter.from_checkpoint(str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint found at"):
+        LMAdapter.from_checkpoint(str(tmp_path))
+    with pytest.raises(ValueError, match="--device must be auto, cpu or cuda"):
+        LMAdapter.from_checkpoint(path, device="tpu")
+
+
+@pytest.mark.xfail(strict=True, raises=CheckpointException,
+                   reason="checkpoint.load_model turns only Exception into its one-line ValueError, "
+                          "but DCP raises CheckpointException, a BaseException")
+def test_from_checkpoint_of_an_unreadable_checkpoint_is_a_one_line_error(tmp_path):
+    path = save_tiny_checkpoint(tmp_path / "run")
+    os.remove(os.path.join(path, "checkpoints", "step_000000", ".metadata"))   # DCP's index: no weights
+    with pytest.raises(ValueError, match="is unreadable") as error:
+        LMAdapter.from_checkpoint(path)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.skipif(HAS_LM_EVAL, reason="lm-eval is installed")
