@@ -19,6 +19,27 @@ def _shape(t):
     return list(t.shape)
 
 
+def check_tensors(named, like, dtypes=None, kernels=None):
+    """Every value of `named` (name -> tensor) is a tensor of one of `dtypes` (None: any
+    floating dtype) on the device of named[like]; with `kernels` (their name in messages),
+    that device is CUDA or the interpreter runs. One-line ValueError naming the first bad one."""
+    device = named[like].device if isinstance(named[like], torch.Tensor) else None
+    names = [str(d).replace("torch.", "") for d in dtypes or ()]
+    allowed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if dtypes is None and not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor; got {t.dtype}")
+        if dtypes is not None and t.dtype not in dtypes:
+            raise ValueError(f"{name} must be {allowed} for {kernels}; got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on {like}'s device {device}; got {t.device}")
+    if kernels is not None and device.type != "cuda" and not interpreting():
+        raise ValueError(f"{kernels} need CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         f"importing triton); got device {device}")
+
+
 def check_scan_inputs(q, k, u, gates, states, chunk_size, *, u_name="u", dims=("K", "V"),
                       kernels=None, max_chunk=None, states_optional=True):
     """Raise a one-line ValueError naming the first bad argument and what it should be.
@@ -33,19 +54,7 @@ def check_scan_inputs(q, k, u, gates, states, chunk_size, *, u_name="u", dims=("
     key, value = dims
     named = {"q": q, "k": k, u_name: u, **gates,
              **{n: s for n, s in states.items() if s is not None or not states_optional}}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if kernels is None and not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor; got {t.dtype}")
-        if kernels is not None and t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for {kernels}; "
-                             f"got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
-    if kernels is not None and q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"{kernels} need CUDA tensors (or TRITON_INTERPRET=1 set before "
-                         f"importing triton); got device {q.device}")
+    check_tensors(named, "q", SUPPORTED_DTYPES if kernels else None, kernels)
     if q.dim() != 4:
         raise ValueError(f"q must be [B,T,H,{key}]; got {_shape(q)}")
     B, T, H, K = q.shape

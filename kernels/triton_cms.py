@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import check_saved_chunks, interpreting
+from .checks import check_saved_chunks, check_tensors
 from .triton_delta import (_contiguous, _grad_or_zeros, _load_rows, _needs_grad, _store_rows,
                            dot_precision)
 
@@ -329,18 +329,8 @@ def _check(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, lr, activ
     """One-line ValueErrors naming what is wrong."""
     named = {"a": a, "target": target, "w_in": w_in, "w_out": w_out, "grad_in": grad_in,
              "grad_out": grad_out}
-    for name, t in named.items():
-        if t is None and name.startswith("grad_"):
-            continue
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32 for the fused CMS kernels; got {t.dtype}")
-        if t.device != a.device:
-            raise ValueError(f"{name} must be on a's device {a.device}; got {t.device}")
-    if a.device.type != "cuda" and not interpreting():
-        raise ValueError(f"the fused CMS kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
-                         f"before importing triton); got device {a.device}")
+    check_tensors({n: t for n, t in named.items() if t is not None or not n.startswith("grad_")},
+                  "a", (torch.float32,), "the fused CMS kernels")
     if a.dim() != 3 or a.shape[1] == 0:
         raise ValueError(f"a must be [B, T, D] with T >= 1; got shape {list(a.shape)}")
     B, T, D = a.shape

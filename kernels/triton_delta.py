@@ -358,8 +358,8 @@ def _delta_bwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dsB_ptr, dh
         dh = (tl.exp(g_last) * dh
               + tl.dot(tl.trans(q * tl.exp(g)[:, None]), do, input_precision=PREC)
               - tl.dot(tl.trans(w), dd, input_precision=PREC))
-        if MEMORY:
-            dh += tl.where(i_r == 0, 1.0, 0.0) * dh_start
+        if MEMORY and i_r == 0:      # the returned last chunk-start state is this chunk's start
+            dh += dh_start
     _store_state(ds0_ptr, bh64 * V * K, K, V, v0, dh, BK, BV)
 
 
