@@ -37,7 +37,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import islice
 
-from eval.reproduce import ABLATIONS, ReproduceError, Run, Step, execute, run_dir
+from eval.reproduce import ABLATIONS, ReproduceError, Run, Step, babilong_steps, execute, run_dir
 
 # One recipe for every run (overrides on top of each tiny config): the model size, the data
 # and the token budget are the same; each architecture keeps its own chunk sizes.
@@ -80,18 +80,11 @@ def train_step(root: str, run: Run) -> Step:
 def eval_chain(root: str, run: Run, seed: int, ft_steps: int, samples: int, domain_steps: int) -> list[Step]:
     """BABILong qa1 (fine-tune, then eval at growing lengths) and the forgetting protocol."""
     ckpt = run_dir(root, run)
-    finetuned = os.path.join(ckpt, "babilong_ft")
-    return [
-        Step(f"babilong fine-tune {run.name}",
-             ["python", "-m", "eval.babilong", "finetune", "--checkpoint", ckpt, "--tasks", "qa1", "--lengths", "0k",
-              "--steps", str(ft_steps), "--batch-size", "8", "--lr", "1e-3", "--seed", str(seed),
-              "--log-every", "25", "--out", finetuned],
-             os.path.join(finetuned, "checkpoints", "latest"), run),
-        Step(f"babilong {run.name}",
-             ["python", "-m", "eval.babilong", "eval", "--checkpoint", finetuned, "--tasks", "qa1",
-              "--lengths", BABILONG_LENGTHS, "--samples", str(samples), "--seed", str(seed),
-              "--max-len", "16384", "--segment-len", "1024", "--out", os.path.join(ckpt, "babilong")],
-             os.path.join(ckpt, "babilong", "babilong.json"), run),
+    return babilong_steps(run, ckpt, os.path.join(ckpt, "babilong"), "qa1", "0k", BABILONG_LENGTHS,
+                          finetune=("--steps", str(ft_steps), "--batch-size", "8", "--lr", "1e-3", "--seed", str(seed),
+                                    "--log-every", "25"),
+                          evaluate=("--samples", str(samples), "--seed", str(seed), "--max-len", "16384",
+                                    "--segment-len", "1024")) + [
         Step(f"forgetting {run.name}",
              ["python", "-m", "eval.continual", "domains", "--checkpoint", ckpt, "--domains", CONTINUAL_DOMAINS,
               "--steps", str(domain_steps), "--batch-size", "8", "--seq-len", "128", "--lr", "1e-3",

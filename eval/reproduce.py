@@ -41,7 +41,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from eval.common import exit_on_error, resolve_device
+from eval.common import exit_on_error
 from eval.paper_numbers import (ACCURACY_COLUMNS, FIGURE_ONLY, NL_TABLE1_SNIAH, NL_TABLE2, NL_TABLE6, TITANS_TABLE1,
                                 TITANS_TABLE2, average_accuracy)
 
@@ -240,6 +240,8 @@ def train_step(run: Run, root: str, nproc: int = 1, train_args: tuple = ()) -> S
 
 
 def eval_steps(kind: str, run: Run, root: str) -> list[Step]:
+    """The steps of one evaluation `kind` of a run: runs/<run>/eval/<kind>/, marked done by
+    its EVAL_FILES entry."""
     ckpt = run_dir(root, run)
     out = os.path.join(ckpt, os.path.dirname(EVAL_FILES[kind]))
     marker = os.path.join(ckpt, EVAL_FILES[kind])
@@ -253,13 +255,24 @@ def eval_steps(kind: str, run: Run, root: str) -> list[Step]:
     if kind == "niah_titans":          # Titans Table 2: pass-key and number at 2K-16K (no word-needle task here)
         return [Step(title, ["python", "-m", "eval.niah", "--checkpoint", ckpt, "--tasks", "1,2",
                              "--lengths", "2k,4k,8k,16k", "--samples", "100", "--out", out], marker, run)]
+    return babilong_steps(run, ckpt, out, BABILONG_TASKS, BABILONG_FINETUNE_LENGTHS, ",".join(BABILONG_EVAL_LENGTHS),
+                          finetune=("--steps", "2000", "--batch-size", "8", "--lr", "1e-4"),
+                          evaluate=("--samples", "100"))
+
+
+def babilong_steps(run: Run, ckpt: str, out: str, tasks: str, finetune_lengths: str, eval_lengths: str,
+                   finetune: tuple = (), evaluate: tuple = ()) -> list[Step]:
+    """BABILong's protocol (evals.md §1.6) as two steps: fine-tune the checkpoint `ckpt` on
+    `tasks` over `finetune_lengths` into ckpt/babilong_ft, then evaluate that at `eval_lengths`
+    into out/babilong.json. `finetune` and `evaluate` are each command's further options."""
     finetuned = os.path.join(ckpt, "babilong_ft")
     return [Step(f"babilong fine-tune {run.name}",
-                 ["python", "-m", "eval.babilong", "finetune", "--checkpoint", ckpt, "--tasks", BABILONG_TASKS,
-                  "--lengths", BABILONG_FINETUNE_LENGTHS, "--steps", "2000", "--batch-size", "8", "--lr", "1e-4",
-                  "--out", finetuned], os.path.join(finetuned, "checkpoints", "latest"), run),
-            Step(title, ["python", "-m", "eval.babilong", "eval", "--checkpoint", finetuned, "--tasks", BABILONG_TASKS,
-                         "--lengths", ",".join(BABILONG_EVAL_LENGTHS), "--samples", "100", "--out", out], marker, run)]
+                 ["python", "-m", "eval.babilong", "finetune", "--checkpoint", ckpt, "--tasks", tasks,
+                  "--lengths", finetune_lengths, *finetune, "--out", finetuned],
+                 os.path.join(finetuned, "checkpoints", "latest"), run),
+            Step(f"babilong {run.name}",
+                 ["python", "-m", "eval.babilong", "eval", "--checkpoint", finetuned, "--tasks", tasks,
+                  "--lengths", eval_lengths, *evaluate, "--out", out], os.path.join(out, "babilong.json"), run)]
 
 
 def plan(table: str, root: str = DEFAULT_RESULTS_ROOT, nproc: int = 1, train_args: tuple = (),
@@ -495,7 +508,7 @@ def run_zero_shot(checkpoint: str, out_dir: str, device: str = "auto", limit: in
     except ImportError:
         raise ImportError("lm-eval is not installed: pip install -r requirements-eval.txt") from None
     from eval.lm_eval_adapter import OurLM
-    lm = OurLM.from_checkpoint(checkpoint, device=str(resolve_device(device)), batch_size=batch_size)
+    lm = OurLM.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
     raw = lm_eval.simple_evaluate(model=lm, tasks=list(ZERO_SHOT_TASKS), num_fewshot=0, limit=limit)
     result = {"checkpoint": os.path.abspath(checkpoint), "num_fewshot": 0, "limit": limit,
               "metrics": {task: metric for task, (metric, _) in ZERO_SHOT_TASKS.items()},

@@ -56,6 +56,21 @@ def test_every_table_plans_valid_commands(table, tmp_path):
     assert text.count("# [todo]") == len(steps) and "torchrun --standalone --nproc_per_node=1 train.py" in text
 
 
+def test_babilong_steps_evaluate_what_they_fine_tuned():
+    run = rp.Run("hope_760m", "configs/hope_760m.yaml")
+    finetune, evaluate = rp.babilong_steps(run, "ckpt", "res", "qa1,qa2", "0k,1k", "0k,4k",
+                                           finetune=("--steps", "5"), evaluate=("--samples", "3"))
+    finetuned = os.path.join("ckpt", "babilong_ft")
+    assert finetune.argv == ["python", "-m", "eval.babilong", "finetune", "--checkpoint", "ckpt", "--tasks", "qa1,qa2",
+                             "--lengths", "0k,1k", "--steps", "5", "--out", finetuned]
+    assert finetune.marker == os.path.join(finetuned, "checkpoints", "latest")
+    assert evaluate.argv == ["python", "-m", "eval.babilong", "eval", "--checkpoint", finetuned, "--tasks", "qa1,qa2",
+                             "--lengths", "0k,4k", "--samples", "3", "--out", "res"]
+    assert evaluate.marker == os.path.join("res", "babilong.json")
+    assert (finetune.title, evaluate.title, finetune.run, evaluate.run) == ("babilong fine-tune hope_760m",
+                                                                              "babilong hope_760m", run, run)
+
+
 def test_table_rows_use_the_right_configs():
     runs = {r.label: r.run for r in rp.table_rows("nl_table2") if r.group == "1.3B / 100B" and r.run}
     assert {k: v.config for k, v in runs.items()} == {
