@@ -10,14 +10,14 @@ match to a few percent (printed). Each step is forward + backward + AdamW on ran
 self CPU time, and the forward time of each part of the model (records placed by hooks).
 """
 import argparse
-import datetime
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.step import add_model_shape_args, bench_step, machine, positive_int  # noqa: E402
+from bench.common import add_model_shape_args, non_negative_int, positive_int, result_footer  # noqa: E402
+from bench.step import bench_step, build_train_step  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 
 
@@ -65,19 +65,9 @@ def label_forwards(model):
 
 
 def profile_step(cfg, rows):
-    from model import build_model
-    from train import make_optimizer
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    opt = make_optimizer(model, cfg, "cpu")
-    x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1))
-
-    def step():
-        _, loss, _ = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    """One HOPE training step (bench/step.py's, after one warm-up) under torch.profiler ->
+    (the forward records of label_forwards, the step's total self CPU time, the op table)."""
+    model, step = build_train_step(cfg, "cpu")
     step()                                                            # warm-up
     label_forwards(model)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -96,8 +86,8 @@ def main(argv=None):
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--steps", type=positive_int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--profile-rows", type=int, default=15, help="rows of the op table (0 = no profile)")
+    p.add_argument("--warmup", type=non_negative_int, default=2)
+    p.add_argument("--profile-rows", type=non_negative_int, default=15, help="rows of the op table (0 = no profile)")
     args = p.parse_args(argv)
     try:
         configs = {arch: make_config(arch, args) for arch in ("transformer", "hope")}
@@ -119,8 +109,7 @@ def main(argv=None):
             print(f"  {e.key:<60} {e.cpu_time_total / 1e3:8.1f} ms  ({e.count} calls)")
         print("\nHOPE step, top ops by self CPU time (forward + backward + AdamW):")
         print(ops)
-    print(f"command: python bench/hope_cpu.py {' '.join(argv)}\nmachine: {machine()}\n"
-          f"date: {datetime.date.today().isoformat()}, torch {torch.__version__}")
+    print(result_footer("hope_cpu.py", argv))
     return 0
 
 

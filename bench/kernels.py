@@ -36,7 +36,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if not torch.cuda.is_available():                 # the Triton kernels run interpreted on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import kernels  # noqa: E402
+from bench.common import machine, positive_int  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -283,19 +283,19 @@ def print_speedups(rows):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny fp32 sizes (a smoke test; CPU ok)")
-    p.add_argument("--B", type=int, default=4)
-    p.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192])
-    p.add_argument("--H", type=int, default=16)
-    p.add_argument("--d", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--B", type=positive_int, default=4)
+    p.add_argument("--T", type=positive_int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--H", type=positive_int, default=16)
+    p.add_argument("--d", type=positive_int, nargs="+", default=[64, 128])
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--chunk", type=int, default=64, help="scan chunk_size")
-    p.add_argument("--mem-chunk", type=int, default=64, help="memory layer chunk C")
-    p.add_argument("--cms-chunk", type=int, default=16, help="CMS fast level chunk C")
+    p.add_argument("--chunk", type=positive_int, default=64, help="scan chunk_size")
+    p.add_argument("--mem-chunk", type=positive_int, default=64, help="memory layer chunk C")
+    p.add_argument("--cms-chunk", type=positive_int, default=16, help="CMS fast level chunk C")
     p.add_argument("--no-cms", action="store_true", help="skip part 3 (the CMS fast level)")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--reference", action="store_true", help="also time the sequential reference")
     p.add_argument("--no-memory", action="store_true", help="skip part 2 (the memory layer)")
-    p.add_argument("--repeats", type=int, default=3, help="CPU timing repeats")
+    p.add_argument("--repeats", type=positive_int, default=3, help="CPU timing repeats")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.quick:        # tiny sizes for the options left at their defaults
@@ -304,17 +304,12 @@ def main(argv=None):
         for name, value in quick.items():
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
-    for name in ("B", "H", "chunk", "mem_chunk", "cms_chunk", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-    if min(args.T) < 1 or min(args.d) < 1:
-        p.error("--T and --d values must be >= 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
     if device == "cpu" and dtype != torch.float32:
         p.error(f"--dtype {args.dtype} needs a GPU (the Triton interpreter computes 16-bit wrongly); use --dtype fp32")
     fla_fn, fla_why = load_fla()
-    name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU (Triton interpreter)"
+    name = machine() + ("" if device == "cuda" else " (Triton interpreter)")
     print(f"command: python bench/kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"device: {name}; torch {torch.__version__}; date {datetime.date.today().isoformat()}; "
           f"dtype {args.dtype}; fla: {'yes' if fla_fn else 'not available (' + fla_why + ')'}")

@@ -12,9 +12,7 @@ the max abs error of the outputs and final states (fwd) and of the gradients of 
 input (fwd+bwd).
 """
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
-from bench.step import positive_int  # noqa: E402
+from bench.common import positive_int, result_footer  # noqa: E402
 
 
 def make_inputs(op, B, T, H, d, seed=0):
@@ -85,11 +83,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
 
-    print(f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {platform.node()} {platform.machine()} {platform.processor() or ''}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads), date {datetime.datetime.now().isoformat(timespec='seconds')}, "
-          f"load average {os.getloadavg()[0]:.2f}, {args.clock} clock")
+    print(result_footer("kernels_cpu.py", sys.argv[1:] if argv is None else argv))
+    print(f"load average {os.getloadavg()[0]:.2f}, {args.clock} clock")
     print(f"shape: B={args.B} T={args.T} H={args.H} K=V={args.d} chunk={args.chunk} fp32 CPU")
     header = f"{'op':<14}{'pass':<9}{'reference s':>12}{'chunked s':>12}{'speedup':>9}" \
              f"{'max abs err':>13}"

@@ -7,9 +7,7 @@ Uses synthetic random tokens (no data preparation, runs on a bare GPU image). Pr
 result line plus the command, machine and date, ready to paste into BENCHMARKS.md.
 """
 import argparse
-import datetime
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -18,37 +16,32 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import non_negative_int, positive_int, result_footer  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 
 
-def positive_int(text):
-    """argparse type for sizes and counts: an int >= 1, else a one-line usage error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
-    return value
+def make_train_step(model, opt, x, grad_accum=1, device="cpu", bf16=False):
+    """A closure running one training step on the tokens x (B, T + 1), as train.py does:
+    grad_accum micro-batches of forward (bf16 autocast when bf16) and backward of
+    loss / grad_accum, then opt.step() and zero_grad."""
+    micro = x.shape[0] // grad_accum
+
+    def step():
+        for m in range(grad_accum):
+            xb = x[m * micro:(m + 1) * micro]
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                _, loss, _ = model(xb[:, :-1], xb[:, 1:])
+            (loss / grad_accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
-def add_model_shape_args(p, d_model: int, n_layer: int, n_head: int, vocab: int):
-    """--d-model, --n-layer, --n-head and --vocab (positive ints, these defaults) for the
-    benchmarks that build their models from a shape."""
-    p.add_argument("--d-model", type=positive_int, default=d_model)
-    p.add_argument("--n-layer", type=positive_int, default=n_layer)
-    p.add_argument("--n-head", type=positive_int, default=n_head)
-    p.add_argument("--vocab", type=positive_int, default=vocab, help="vocabulary size (50257 = GPT-2, 257 = bytes)")
-
-
-def machine():
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def bench_step(cfg, steps=5, warmup=2, device="cpu", compile=False):
-    """Median seconds per optimiser step, tokens/s and peak memory (bytes) for `cfg`."""
+def build_train_step(cfg, device="cpu", compile=False):
+    """(model, step) for `cfg`: its model (seed 0) and optimiser (train.make_optimizer) on
+    `device`, and step() = one training step (make_train_step) on a fixed batch of
+    train.batch_size random sequences of train.seq_len + 1 tokens. Sets model.vocab_size
+    from the tokenizer when it is 0."""
     from model import build_model
     from train import make_optimizer
     t = cfg.train
@@ -58,28 +51,34 @@ def bench_step(cfg, steps=5, warmup=2, device="cpu", compile=False):
     model = build_model(cfg.model).to(device)
     opt = make_optimizer(model, cfg, device)
     step_model = torch.compile(model) if compile else model
-    use_bf16 = device == "cuda" and t.dtype != "float32"
-    micro = t.batch_size // t.grad_accum
     x = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    bf16 = device == "cuda" and t.dtype != "float32"
+    return model, make_train_step(step_model, opt, x, t.grad_accum, device, bf16)
+
+
+def median_seconds(step, steps, warmup, device="cpu"):
+    """Median wall seconds of `steps` calls of step() after `warmup` untimed ones (CUDA:
+    synchronised before and after each call)."""
     times = []
     for i in range(warmup + steps):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for m in range(t.grad_accum):
-            xb = x[m * micro:(m + 1) * micro]
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16):
-                _, loss, _ = step_model(xb[:, :-1], xb[:, 1:])
-            (loss / t.grad_accum).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step()
         if device == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    sec = statistics.median(times)
+    return statistics.median(times)
+
+
+def bench_step(cfg, steps=5, warmup=2, device="cpu", compile=False):
+    """Median seconds per optimiser step, tokens/s and peak memory (bytes) for `cfg`."""
+    t = cfg.train
+    model, step = build_train_step(cfg, device, compile)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sec = median_seconds(step, steps, warmup, device)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"arch": cfg.model.arch, "params": model.num_params(), "sec_per_step": sec,
@@ -92,7 +91,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default="configs/quickstart.yaml")
     p.add_argument("--steps", type=positive_int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=non_negative_int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true")
     args, overrides = p.parse_known_args(argv)
@@ -107,8 +106,7 @@ def main(argv=None):
     print(f"{r['arch']:>15} | {r['params'] / 1e6:8.2f}M params | batch {cfg.train.batch_size} x seq "
           f"{cfg.train.seq_len} | {r['sec_per_step'] * 1e3:9.1f} ms/step | {r['tokens_per_s']:10,.0f} tok/s | "
           f"{mem_kind} {r['peak_mem_bytes'] / 2**20:,.0f} MiB")
-    print(f"command: python bench/step.py {' '.join(argv)}\nmachine: {machine()}\n"
-          f"date: {datetime.date.today().isoformat()}, torch {torch.__version__}")
+    print(result_footer("step.py", argv))
     return 0
 
 

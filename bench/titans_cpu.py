@@ -12,35 +12,24 @@ dominating. Prints a table with the median of --steps timed steps (after one war
 plus the command, machine and date, ready for BENCHMARKS.md.
 """
 import argparse
-import datetime
 import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.step import add_model_shape_args, positive_int  # noqa: E402
+from bench.common import add_model_shape_args, positive_int, result_footer  # noqa: E402
+from bench.step import make_train_step, median_seconds  # noqa: E402
 from model import build_model  # noqa: E402
 
 
 def step_times(model, batch, T, vocab, steps):
-    """Median seconds of one forward + backward + AdamW step on random tokens."""
+    """Median seconds of one forward + backward + AdamW step on random tokens (bench/step.py's
+    training step), after one warm-up step."""
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, vocab, (batch, T + 1), generator=gen)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for i in range(steps + 1):
-        start = time.perf_counter()
-        _, loss, _ = model(idx[:, :-1], targets=idx[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i:                                          # the first step is a warm-up
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(make_train_step(model, opt, idx), steps, warmup=1)
 
 
 def main(argv=None):
@@ -79,12 +68,9 @@ def main(argv=None):
     for name, layers, n, seconds, tok_s, mem_flops in rows:
         print(f"{name:<14} {layers:>6} {n / 1e6:>8.2f}M {seconds:>8.3f} {tok_s:>8.0f} {mem_flops / 1e9:>13.4f}")
     print(f"Titans-LMM / Transformer++ step time: {rows[1][3] / rows[0][3]:.2f}x")
-    print(f"command: python bench/titans_cpu.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, fp32 eager")
-    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(result_footer("titans_cpu.py", sys.argv[1:] if argv is None else argv))
     print(f"settings: T={args.T} batch={args.batch} d_model={args.d_model} heads={args.n_head} "
-          f"vocab={args.vocab} memory depth={args.depth} chunk={args.chunk}")
+          f"vocab={args.vocab} memory depth={args.depth} chunk={args.chunk}, fp32 eager")
 
 
 if __name__ == "__main__":

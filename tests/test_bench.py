@@ -1,0 +1,102 @@
+"""bench/: bad count flags stop each CLI with argparse's one-line error, and tiny real runs
+of the CPU benchmarks print their result tables and the command / machine / date lines.
+(bench/kernels.py --quick runs in tests/test_triton_memory.py.)"""
+import re
+
+import pytest
+
+from bench import hope_cpu, kernels_cpu, step, titans_cpu
+from bench.common import machine
+
+
+def _kernels_main(argv):
+    from bench import kernels                     # imports the Triton kernels: only when needed
+    return kernels.main(argv)
+
+
+BAD_FLAGS = [
+    (step.main, ["--warmup", "-1"], "argument --warmup: expected an integer >= 0; got -1"),
+    (step.main, ["--steps", "0"], "argument --steps: expected a positive integer; got 0"),
+    (step.main, ["--steps", "two"], "argument --steps: expected a positive integer; got 'two'"),
+    (hope_cpu.main, ["--warmup", "-2"], "argument --warmup: expected an integer >= 0; got -2"),
+    (hope_cpu.main, ["--profile-rows", "-1"], "argument --profile-rows: expected an integer >= 0; got -1"),
+    (hope_cpu.main, ["--d-model", "0"], "argument --d-model: expected a positive integer; got 0"),
+    (titans_cpu.main, ["--chunk", "0"], "argument --chunk: expected a positive integer; got 0"),
+    (titans_cpu.main, ["--threads", "1.5"], "argument --threads: expected a positive integer; got '1.5'"),
+    (kernels_cpu.main, ["--ref-repeats", "0"], "argument --ref-repeats: expected a positive integer; got 0"),
+    (_kernels_main, ["--T", "16", "-3"], "argument --T: expected a positive integer; got -3"),
+    (_kernels_main, ["--mem-chunk", "0"], "argument --mem-chunk: expected a positive integer; got 0"),
+    (_kernels_main, ["--repeats", "x"], "argument --repeats: expected a positive integer; got 'x'"),
+]
+
+
+@pytest.mark.parametrize("main, argv, message", BAD_FLAGS, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_bad_count_flags_give_one_line_error(main, argv, message, capsys):
+    """Exit 2 before any work, and the error is one line naming the flag and the value."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert err[-1].endswith(f"error: {message}"), err
+
+
+def _footer_ok(out, script, argv):
+    assert f"command: python bench/{script} {' '.join(argv)}" in out
+    assert f"machine: {machine()}\n" in out and re.search(r"date: \d{4}-\d\d-\d\d, torch ", out)
+
+
+def test_step_bench_tiny_run(capsys):
+    argv = ["--steps", "1", "--warmup", "0", "--device", "cpu", "--model.arch=hope", "--model.d_model=32",
+            "--model.n_layer=1", "--model.n_head=2", "--model.vocab_size=64", "--train.batch_size=2",
+            "--train.seq_len=24", "--train.grad_accum=2"]
+    assert step.main(argv) == 0
+    out = capsys.readouterr().out
+    line = out.splitlines()[0]
+    assert line.split("|")[0].strip() == "hope" and "batch 2 x seq 24" in line, line
+    assert float(re.search(r"([\d,]+) tok/s", line).group(1).replace(",", "")) > 0
+    _footer_ok(out, "step.py", argv)
+
+
+def test_step_bench_bad_config_is_one_line(capsys):
+    assert step.main(["--device", "cpu", "--train.max_stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key 'train.max_stepz'") and err.count("\n") == 1
+
+
+def test_hope_cpu_tiny_run_with_profile(capsys):
+    argv = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "64", "--seq-len", "24",
+            "--batch-size", "2", "--steps", "1", "--warmup", "0", "--profile-rows", "3"]
+    assert hope_cpu.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {r.split("|")[1].strip(): r for r in out.splitlines() if r.startswith("| transformer") or r.startswith("| hope")}
+    assert set(rows) == {"transformer", "hope"}
+    assert re.search(r"HOPE / Transformer\+\+ step time: \d+\.\d\dx", out)
+    # the profile labels every part of the HOPE block's forward (label_forwards)
+    for part in ("forward: mixer (SelfModifyingTitans)", "forward: mixer stage 1", "forward: mixer stage 2",
+                 "forward: LM head"):
+        assert part in out, part
+    _footer_ok(out, "hope_cpu.py", argv)
+
+
+def test_titans_cpu_tiny_run(capsys):
+    argv = ["--T", "20", "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "64", "--chunk", "8",
+            "--depth", "1", "--steps", "1"]
+    titans_cpu.main(argv)
+    out = capsys.readouterr().out
+    rows = [r.split() for r in out.splitlines() if r.startswith(("Transformer++ ", "Titans-LMM "))]
+    assert [r[0] for r in rows[:2]] == ["Transformer++", "Titans-LMM"] and all(float(r[4]) > 0 for r in rows[:2])
+    assert re.search(r"Titans-LMM / Transformer\+\+ step time: \d+\.\d\dx", out)
+    assert "settings: T=20 batch=1 d_model=32 heads=2 vocab=64 memory depth=1 chunk=8, fp32 eager" in out
+    _footer_ok(out, "titans_cpu.py", argv)
+
+
+def test_kernels_cpu_tiny_run(capsys):
+    """T = 11 is not a multiple of the chunk (4): the chunked scans still match the reference."""
+    argv = ["--T", "11", "--H", "1", "--d", "4", "--chunk", "4", "--repeats", "1", "--ref-repeats", "1"]
+    kernels_cpu.main(argv)
+    out = capsys.readouterr().out
+    rows = [r.split() for r in out.splitlines() if r.startswith(("delta_rule ", "momentum_rule "))]
+    assert [(r[0], r[1]) for r in rows] == [(op, p) for op in ("delta_rule", "momentum_rule")
+                                            for p in ("fwd", "fwd+bwd")]
+    assert all(float(r[-1]) < 1e-4 for r in rows), rows
+    _footer_ok(out, "kernels_cpu.py", argv)
