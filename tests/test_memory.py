@@ -18,9 +18,11 @@ def apply_memory(weights, x, act):
     return x + torch.einsum("bhoi,bhi->bho", weights[1], hidden)
 
 
-def oracle(mem, q, k, v, lr, alpha, beta=None, reads=()):
+def oracle(mem, q, k, v, lr, alpha, beta=None, reads=(), self_target=False):
     """Token by token: l_t = ||M_B(k_t) - v_t||^2 differentiated by autograd at W_B, then
-    GD with momentum (Titans Eq. 13-14) / DGD (NL Eq. 57) / GD, then y_t = M_t(q_t)."""
+    GD with momentum (Titans Eq. 13-14) / DGD (NL Eq. 57) / GD, then y_t = M_t(q_t).
+    self_target: the target is the memory's own read M_B(v_t) (NL Eq. 87), held fixed in
+    the inner gradient (autograd differentiates a copy of W_B)."""
     act = F.silu if mem.activation == "silu" else F.gelu
     Bn, T = q.shape[:2]
     weights = [w.unsqueeze(0).expand(Bn, *w.shape) for w in mem.init_weights]
@@ -32,8 +34,11 @@ def oracle(mem, q, k, v, lr, alpha, beta=None, reads=()):
         for out, x in zip(read_outs, reads):
             out.append(apply_memory(start, x[:, t], act))
         k_t, v_t, q_t = k[:, t], v[:, t], q[:, t]
-        loss = (apply_memory(start, k_t, act) - v_t).pow(2).sum()
-        grads = torch.autograd.grad(loss, start, create_graph=True)
+        if self_target:
+            v_t = apply_memory(start, v_t, act)
+        at = [w.clone() for w in start]
+        loss = (apply_memory(at, k_t, act) - v_t).pow(2).sum()
+        grads = torch.autograd.grad(loss, at, create_graph=True)
         if mem.max_grad_norm is not None:                          # per-token clip, all layers
             norm = sum(g.pow(2).sum((-1, -2)) for g in grads).sqrt()[..., None, None]
             grads = [g * mem.max_grad_norm / norm.clamp(min=mem.max_grad_norm) for g in grads]
@@ -84,14 +89,19 @@ def test_chunk_pieces():
 @pytest.mark.parametrize("rule", ["momentum", "dgd", "gd"])
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("chunk", [1, 4])
-def test_chunked_memory_equals_token_by_token_oracle(rule, depth, chunk):
+@pytest.mark.parametrize("self_target", [False, True])
+def test_chunked_memory_equals_token_by_token_oracle(rule, depth, chunk, self_target):
     """Outputs, final weights/momenta and gradients w.r.t. the meta init weights, q, k, v
-    and every gate; T = 11 is not a multiple of the chunk size."""
+    and every gate; T = 11 is not a multiple of the chunk size. self_target: the targets
+    are the memory's own reads M_B(t)(v_t) (NL Eq. 87, HOPE's M_mem)."""
     mem = make_memory(rule, depth, chunk)
     x = make_inputs(11, rule)
-    gates = (x["lr"], x["alpha"], x["beta"])
-    y, state = mem(x["q"], x["k"], x["v"], *gates)
-    y_ref, w_ref, z_ref, _ = oracle(mem, x["q"], x["k"], x["v"], *gates)
+    # self_target at half the inner lr: at lr <= 0.6 its MLP momentum/GD runs overflow in 11 tokens
+    gates = (x["lr"] * 0.5 if self_target else x["lr"], x["alpha"], x["beta"])
+    y, state = mem(x["q"], x["k"], x["v"], *gates, self_target=self_target)
+    y_ref, w_ref, z_ref, _ = oracle(mem, x["q"], x["k"], x["v"], *gates, self_target=self_target)
+    if self_target:                     # the first token's target M_0(v_0) is not v_0
+        assert (y - mem(x["q"], x["k"], x["v"], *gates)[0])[:, 0].abs().max() > 1e-3
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
     for w, w_r in zip(state["weights"], w_ref):
         torch.testing.assert_close(w, w_r, rtol=1e-9, atol=1e-9)
@@ -109,7 +119,7 @@ def test_chunked_memory_equals_token_by_token_oracle(rule, depth, chunk):
     def outer(y_, ws):
         return (y_ * cot).sum() + sum((w * c).sum() for w, c in zip(ws, cot_w))
 
-    grads = torch.autograd.grad(outer(y, state["weights"]), wrt)
+    grads = torch.autograd.grad(outer(y, state["weights"]), wrt, retain_graph=True)   # shared lr * 0.5
     grads_ref = torch.autograd.grad(outer(y_ref, w_ref), wrt)
     for got, want in zip(grads, grads_ref):
         assert want.abs().max() > 0
@@ -175,6 +185,70 @@ def test_streaming_segments_equal_one_call(rule, splits):
     assert state["pos"] == s_full["pos"] == 13
     for a, b in zip(state["weights"] + state["chunk_start"], s_full["weights"] + s_full["chunk_start"]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["momentum", "dgd", "gd"])
+def test_self_target_segments_equal_read_then_update_loop(rule):
+    """scan(self_target=True) fed in segments that cut chunks mid-way ([3, 1, 5, 4], C = 4)
+    equals HOPE's explicit loop over one call: per chunk piece, target = read(W_B, v), then
+    update_piece. Outputs, final state and the gradients of every input and both initial
+    weights (the target's read at W_B passes gradients to W_B and v)."""
+    mem = make_memory(rule, 2, 4)
+    x = make_inputs(13, rule, seed=7)
+    names = ("q", "k", "v", "lr", "alpha", "beta")
+
+    def part(lo, hi):
+        return [None if x[n] is None else (0.5 * x[n] if n == "lr" else x[n])[:, lo:hi] for n in names]
+
+    state, ys, lo = None, [], 0
+    for n in (3, 1, 5, 4):
+        out = mem.scan(*part(lo, lo + n), state=state, self_target=True)
+        ys.append(out.y)
+        state, lo = out.state, lo + n
+    y = torch.cat(ys, 1)
+    ref_state, ref_ys = mem.initial_state(B), []
+    for lo, hi in chunk_pieces(0, 13, mem.chunk_size):
+        q, k, v, lr, alpha, beta = part(lo, hi)
+        target = mem.read(ref_state["chunk_start"], v)                               # NL Eq. 87
+        y_ref, ref_state = mem.update_piece(q, k, target, lr, alpha, beta, ref_state)
+        ref_ys.append(y_ref)
+    y_ref = torch.cat(ref_ys, 1)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    assert state["pos"] == ref_state["pos"] == 13
+    tensors = state["weights"] + state["chunk_start"] + (state["momenta"] or [])
+    tensors_ref = ref_state["weights"] + ref_state["chunk_start"] + (ref_state["momenta"] or [])
+    for a, b in zip(tensors, tensors_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    wrt = list(mem.init_weights) + [x[n] for n in names if x[n] is not None]
+    probe = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(8))
+
+    def outer(y_, s):
+        return (y_ * probe).sum() + sum(w.pow(2).sum() for w in s["weights"])
+
+    for got, want in zip(torch.autograd.grad(outer(y, state), wrt),
+                         torch.autograd.grad(outer(y_ref, ref_state), wrt)):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_self_target_detach_targets_and_fused_dispatch():
+    """detach_targets stops every outer gradient through the self-generated target (v and
+    the W_B it is read with) without changing the forward; and the fused kernels never
+    take self_target for a linear memory, the momentum rule, or detached targets."""
+    x = make_inputs(6, "dgd")
+    args = (x["q"], x["k"], x["v"], 0.5 * x["lr"], x["alpha"])
+    plain, detached = make_memory("dgd", 2, 2), make_memory("dgd", 2, 2, detach_targets=True)
+    y_plain, _ = plain(*args, self_target=True)
+    y_det, _ = detached(*args, self_target=True)
+    torch.testing.assert_close(y_plain, y_det)
+    assert torch.autograd.grad(y_det.sum(), x["v"], allow_unused=True)[0] is None
+    g_plain = torch.autograd.grad(y_plain.sum(), list(plain.init_weights))
+    g_det = torch.autograd.grad(y_det.sum(), list(detached.init_weights))
+    assert all((a - b).abs().max() > 1e-6 for a, b in zip(g_plain, g_det))
+    for options in (dict(depth=1, update_rule="dgd"), dict(depth=2, update_rule="momentum"),
+                    dict(depth=2, update_rule="dgd", detach_targets=True)):
+        mem = NeuralMemory(H, D, chunk_size=4, backend="triton", **options)
+        assert not mem._use_fused_kernel(x["q"], (), self_target=True), options
 
 
 def test_zero_lr_keeps_the_initial_memory():
@@ -243,5 +317,7 @@ def test_bad_inputs_raise_clear_errors():
         NeuralMemory(H, D, update_rule="adam")
     with pytest.raises(ValueError, match="max_grad_norm"):
         NeuralMemory(H, D, max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="self_target must be a bool"):
+        mem(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"], self_target="yes")
     with pytest.raises(ValueError, match="takes no momentum gate"):
         make_memory("dgd", 1, 4)(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"])
