@@ -36,6 +36,7 @@ State (what a later segment needs; `None` = start of a sequence, fast weights re
         "grad_out": [B, D, hidden]  chunk (None while that partial chunk is empty)
         "pos":      int             tokens seen since the sequence start (chunk offset = pos % C)
     }
+The four tensors are float32 at least, also in a bf16 model (`CMSLevel.initial_state`).
 
 Because the update is a sum of per-token gradients at the fixed theta_c, accumulating the
 partial chunk's gradient is exact: one call on a sequence == consecutive segments of any
@@ -75,8 +76,11 @@ def local_objective_grads(a, target, w_in, w_out, activation="gelu"):
     MLP(a) = act(a W_in^T) W_out^T). Returns (y, grad_in, grad_out): y = MLP(a) [B, n, D] and
     the gradients of sum_t ||MLP(a_t) - target_t||^2 over the n tokens. Closed form (the
     backward of a 2-layer MLP written out), so it costs 5 batched matmuls and autograd can
-    differentiate through it for the outer gradients.
+    differentiate through it for the outer gradients. The matmuls run at a's precision (the
+    weights are cast to it, as autocast would), so a bf16 model reads and differentiates its
+    fast weights in bf16 while fast_level_scan keeps them in float32.
     """
+    w_in, w_out = w_in.to(a.dtype), w_out.to(a.dtype)
     pre = torch.matmul(a, w_in.transpose(-1, -2))                 # [B, n, hidden]
     hidden, act_grad = activation_and_derivative(pre, activation)
     y = torch.matmul(hidden, w_out.transpose(-1, -2))             # [B, n, D]
@@ -102,6 +106,7 @@ def fast_level_scan(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, 
     while start < T:
         end = min(T, start + chunk_size - pos % chunk_size)
         y, g_in, g_out = local_objective_grads(a[:, start:end], target[:, start:end], w_in, w_out, activation)
+        g_in, g_out = g_in.to(w_in.dtype), g_out.to(w_out.dtype)   # sums and steps at the state's precision
         outputs.append(y)
         grad_in = g_in if grad_in is None else grad_in + g_in
         grad_out = g_out if grad_out is None else grad_out + g_out
@@ -140,14 +145,18 @@ class CMSLevel(nn.Module):
         return self.chunk_size is not None
 
     def initial_state(self, batch_size):
-        """Fast weights at the start of a sequence: theta_0 for every sequence (differentiable)."""
-        return {"w_in": self.w_in.weight.expand(batch_size, -1, -1),
-                "w_out": self.w_out.weight.expand(batch_size, -1, -1),
+        """Fast weights at the start of a sequence: theta_0 for every sequence (differentiable).
+        They are float32 at least, also in a bf16 model (docs/FIDELITY.md "Fast weights in
+        float32"): an update lr_l * G is far below bf16's resolution of the weights."""
+        dtype = torch.promote_types(self.w_in.weight.dtype, torch.float32)
+        return {"w_in": self.w_in.weight.to(dtype).expand(batch_size, -1, -1),
+                "w_out": self.w_out.weight.to(dtype).expand(batch_size, -1, -1),
                 "grad_in": None, "grad_out": None, "pos": 0}
 
     def uses_fused_kernel(self, a):
-        """The fused Triton fast level (kernels/triton_cms.py, DESIGN §4 (b)) runs for fp32
-        fast weights it covers when the backend is "triton". It has not yet passed its tests
+        """The fused Triton fast level (kernels/triton_cms.py, DESIGN §4 (b)) runs for the
+        shapes it covers in an fp32 model (a bf16 model keeps the torch path, whose output is
+        bf16) when the backend is "triton". It has not yet passed its tests
         on a GPU (BENCHMARKS.md), so "auto" does not pick it yet; everything else, and the
         CPU, takes fast_level_scan (the oracle). `a` (the level's input) is not read yet: an
         explicit "triton" off CUDA gets the kernel's own one-line device error."""
@@ -156,6 +165,23 @@ class CMSLevel(nn.Module):
             return False
         from kernels import triton_cms
         return triton_cms.fusable_cms(weight.shape[1], weight.shape[0], self.chunk_size)
+
+    def flops_per_token(self, backward=True):
+        """Estimated FLOPs per token of the fast level's inner loop beyond the model's 6N; 0
+        for a static level (a plain FFN, all in 6N). The reads MLP(a_t; theta_c) are in 6N
+        already: w_in and w_out are parameters and a read costs the same matmuls as a static
+        level's. What 6N does not see, per chunk of C tokens (local_objective_grads, NL
+        Eq. 71): the closed-form local gradient, 3 matmuls of 2 C D hidden FLOPs each
+        (grad_out, grad_pre, grad_in), and the update theta - lr_l G, 2 FLOPs per entry of
+        both weights; amortised over the C tokens. x3 for forward + backward: outer
+        gradients flow through every gradient and update (NL §7.1)."""
+        if not self.is_fast:
+            return 0
+        hidden, D = self.w_in.weight.shape
+        C = self.chunk_size
+        gradient = 3 * 2 * C * D * hidden                                  # per chunk
+        update = 2 * 2 * hidden * D                                        # per chunk
+        return (3 if backward else 1) * (gradient + update) // C
 
     def forward(self, z, state=None):
         """z [B, T, D] -> (MLP output [B, T, D] to add to z, new level state or None)."""
@@ -196,6 +222,14 @@ class ContinuumMemory(nn.Module):
         self.levels = nn.ModuleList([
             CMSLevel(cfg.d_model, hidden, chunk, lr, cms.activation, cfg.norm_eps, backend=cfg.kernels)
             for chunk, lr in zip(cms.chunk_sizes, cms.level_lrs())])
+
+    def memory_flops_per_token(self, seq_len=0, backward=True):
+        """Estimated training FLOPs per token of the fast levels' inner loops (the local
+        gradients and updates, `CMSLevel.flops_per_token`), which the model's 6N does not
+        see; 0 when every level is static. Chunks are amortised, so seq_len is not read: it
+        is there so that `LanguageModel.memory_flops_per_token` asks a block's CMS the same
+        way as its sequence mixer."""
+        return sum(level.flops_per_token(backward) for level in self.levels)
 
     def forward(self, h, state=None):
         """h [B, T, D] (already normed by the block) -> (z_k - h [B, T, D], new state)."""

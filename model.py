@@ -249,8 +249,9 @@ class LanguageModel(nn.Module):
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T.
 
         N counts non-embedding parameters plus the LM head; the attention term uses the
-        full context (causal masking is not discounted, as in nanoGPT/PaLM). Memory-update
-        FLOPs of Titans/HOPE layers are added by `memory_flops_per_token`, reported apart.
+        full context (causal masking is not discounted, as in nanoGPT/PaLM). The inner loops
+        of Titans/HOPE memories and CMS fast levels are counted by `memory_flops_per_token`,
+        reported apart.
         """
         cfg = self.config
         n = self.num_params(non_embedding=True)
@@ -263,10 +264,12 @@ class LanguageModel(nn.Module):
         return 6 * n + 12 * attn_layers * cfg.d_model * seq_len + mixer_attention
 
     def memory_flops_per_token(self, seq_len):
-        """Training FLOPs per token of the memories' inner loops (writes, scans, reads),
-        which 6N does not see; reported separately from `flops_per_token`. 0 without memories."""
-        return sum(b.mixer.memory_flops_per_token(seq_len) for b in self.blocks
-                   if hasattr(b.mixer, "memory_flops_per_token"))
+        """Training FLOPs per token of the inner loops that 6N does not see: every block's
+        sequence mixer (Titans/HOPE memories: writes, scans, reads) and channel mixer (the CMS
+        fast levels' local gradients and updates, HOPE and HOPE-attention); reported
+        separately from `flops_per_token`. 0 without memories or fast levels."""
+        return sum(part.memory_flops_per_token(seq_len) for b in self.blocks for part in (b.mixer, b.ffn)
+                   if hasattr(part, "memory_flops_per_token"))
 
 
 def build_model(cfg) -> LanguageModel:

@@ -25,6 +25,9 @@ exact with no special first segment; `lmm` has no attention and so no persistent
 Every mixer is `forward(x, state=None, pos=0) -> (y, state)`; the state holds conv
 buffers, the memory's fast weights / momenta / chunk-start weights, KV caches and (MAC)
 the current segment's cache and segment-start weights, so one call == any segmentation.
+The memory computes in float32 also in a bf16 model, with or without autocast
+(memory.py); its readouts are cast to the mixer input's dtype where they meet the model's
+weights (tests/test_model.py::test_bf16_weights_train_without_autocast).
 The choices where the paper is silent are listed in docs/FIDELITY.md.
 """
 from __future__ import annotations

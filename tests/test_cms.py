@@ -1,8 +1,11 @@
 """Continuum Memory System (cms.py; NL Eq. 70-71, DESIGN §3.5) against its definition."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 
 from cms import ContinuumMemory, local_objective_grads
 from config import CMSConfig, ConfigError, ModelConfig, config_from_dict
@@ -230,7 +233,7 @@ def test_batch_has_per_sequence_fast_weights():
 
 def test_bad_inputs_have_clear_errors():
     for bad, words in [({"chunk_sizes": []}, "non-empty"), ({"chunk_sizes": [0]}, ">= 1"),
-                       ({"chunk_sizes": [4, "x"]}, "integers"), ({"hidden_mult": 0.0}, "hidden_mult"),
+                       ({"chunk_sizes": [4, "x"]}, "integer"), ({"hidden_mult": 0.0}, "hidden_mult"),
                        ({"inner_lr": -1.0}, ">= 0"), ({"inner_lr": "fast"}, "inner_lr"),
                        ({"chunk_sizes": [4, None], "inner_lr": [0.1]}, "2 levels"),
                        ({"chunk_sizes": [4, None], "inner_lr": [None, None]}, "inner_lr[0]")]:
@@ -246,3 +249,85 @@ def test_bad_inputs_have_clear_errors():
         cms(inputs(B=3, T=5), state)
     with pytest.raises(ValueError, match=r"\[B, T, D\]"):
         cms(torch.randn(5, D))
+
+
+def relative_error(x, ref):
+    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def test_bf16_module_keeps_float32_fast_weights():
+    """A CMS cast to bf16 (no autocast) holds its fast weights in float32 (docs/FIDELITY.md):
+    its updates theta_c - theta_0 match the float32 module's within bf16 input rounding, where
+    bf16 fast weights lose 15-30 % of them at lr 1e-3 (an update is below bf16's resolution
+    of the weight). Outputs stay bf16; outputs and the gradients of the input and of every
+    parameter match the float32 module's loosely."""
+    cms32 = make_cms([4, None, 3], inner_lr=1e-3)
+    cms16 = copy.deepcopy(cms32).to(torch.bfloat16)
+    h32 = inputs(T=23).requires_grad_()                               # T: not a multiple of 4 or 3
+    h16 = h32.detach().bfloat16().requires_grad_()
+    (y32, state32), (y16, state16) = cms32(h32), cms16(h16)
+    assert y16.dtype == torch.bfloat16 and relative_error(y16, y32) < 0.03
+    for index in (0, 2):
+        for key in ("w_in", "w_out", "grad_in", "grad_out"):
+            assert state16["levels"][index][key].dtype == torch.float32, key
+        for key in ("w_in", "w_out"):
+            start32 = getattr(cms32.levels[index], key).weight
+            start16 = getattr(cms16.levels[index], key).weight.float()
+            update32 = state32["levels"][index][key] - start32
+            update16 = state16["levels"][index][key] - start16
+            assert relative_error(update16, update32) < 0.05, (index, key)
+    y32.pow(2).sum().backward()
+    y16.float().pow(2).sum().backward()
+    assert relative_error(h16.grad, h32.grad) < 0.03
+    for (name, p16), p32 in zip(cms16.named_parameters(), cms32.parameters()):
+        assert p16.grad.dtype == torch.bfloat16 and relative_error(p16.grad, p32.grad) < 0.03, name
+
+
+def cms_flops_by_hand(C, hidden, backward=True):
+    """One fast level's inner-loop FLOPs per token beyond 6N, from the shapes: per chunk of C
+    tokens the local gradient's three matmuls (grad_out = err^T act, grad_pre = err W_out,
+    grad_in = grad_pre^T a), each 2 C D hidden, and the update of both weights (a multiply
+    and a subtract per entry); x3 with the backward."""
+    gradient = 2 * C * D * hidden + 2 * C * D * hidden + 2 * C * hidden * D
+    update = 2 * hidden * D + 2 * D * hidden
+    return (3 if backward else 1) * (gradient + update) // C
+
+
+def test_memory_flops_per_token_is_the_hand_count():
+    """Levels (C 4, static, C 3) of hidden 12 (1.5 x 8): the two fast levels' hand counts, the
+    static level 0 (its FFN is in 6N)."""
+    cms = make_cms([4, None, 3])
+    hidden = 12
+    assert [level.w_in.weight.shape[0] for level in cms.levels] == [hidden] * 3
+    assert cms.levels[1].flops_per_token() == 0
+    assert cms.levels[0].flops_per_token() == cms_flops_by_hand(4, hidden) == 2016
+    assert cms.memory_flops_per_token() == cms_flops_by_hand(4, hidden) + cms_flops_by_hand(3, hidden)
+    assert cms.memory_flops_per_token(backward=False) == (cms_flops_by_hand(4, hidden, False)
+                                                          + cms_flops_by_hand(3, hidden, False))
+    assert make_cms([None, None]).memory_flops_per_token() == 0
+
+
+def matmul_flops(cms, h):
+    """Matmul FLOPs (torch's FlopCounterMode) of a forward and a backward that uses the
+    outputs and the whole final state, so every local gradient gets its backward."""
+    with FlopCounterMode(display=False) as counter:
+        y, state = cms(h)
+        loss = y.sum()
+        for level_state in state["levels"]:
+            if level_state is not None:
+                loss = loss + sum(level_state[k].sum() for k in ("w_in", "w_out", "grad_in", "grad_out"))
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def test_memory_flops_match_the_counted_matmuls():
+    """What a fast chain computes beyond the static chain of the same shapes, less the W_v
+    projections (in 6N), is the local gradients' matmuls of the count: forward + backward, T not
+    a multiple of C. The update is elementwise: FlopCounterMode does not see it."""
+    B, T, hidden = 2, 22, 12
+    h = inputs(B=B, T=T)
+    fast, static = make_cms([4, None, 3]), make_cms([None, None, None])
+    targets = 2 * 6 * D * D                                            # W_v of the two fast levels, 6N
+    extra = matmul_flops(fast, h) - matmul_flops(static, h) - B * T * targets
+    updates = sum(3 * 4 * hidden * D // C for C in (4, 3))
+    assert extra == B * T * (fast.memory_flops_per_token() - updates)
