@@ -1,6 +1,9 @@
-"""Test environment: offline, no wandb, the Triton interpreter when there is no GPU."""
+"""Test environment: offline, no wandb, the Triton interpreter when there is no GPU; and the
+fixtures that several test files share (`corpus`)."""
 import os
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -20,3 +23,11 @@ if not torch.cuda.is_available():
 # One intra-op thread: the test models are tiny, and extra threads only add spin-wait
 # overhead (5-25x slower for the memory layers on a busy 2-core machine).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A prepared byte-level dataset from tiny-shakespeare (first 200 KB split into 400
+    documents), made once per session: the training tests only read it."""
+    from helpers import prepare_shakespeare
+    return prepare_shakespeare(tmp_path_factory.mktemp("corpus"), 200_000, 400)

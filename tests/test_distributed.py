@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from conftest import REPO
-from helpers import prepare_shakespeare
 
 TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.d_model=32", "--data.tokenizer=bytes",
         "--train.batch_size=4", "--train.grad_accum=2", "--train.seq_len=32", "--train.lr=3e-3",
@@ -38,12 +37,6 @@ def _builds(arch):
 
 ARCHS = [pytest.param(arch, marks=pytest.mark.skipif(not _builds(arch), reason=f"{arch} not in model.py yet"))
          for arch in ("transformer", "titans", "hope", "hope_attention")]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A prepared byte-level dataset from tiny-shakespeare (first 200 KB split into documents)."""
-    return prepare_shakespeare(tmp_path_factory.mktemp("corpus"), 200_000, 400)
 
 
 def _env():

@@ -11,17 +11,10 @@ import pytest
 import torch
 
 from conftest import REPO
-from helpers import prepare_shakespeare
 
 TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.d_model=32", "--data.tokenizer=bytes",
         "--train.batch_size=4", "--train.seq_len=32", "--train.lr=3e-3", "--optim.warmup_steps=5",
         "--train.eval_batches=2", "--train.sample_tokens=0", "--logging.wandb=disabled"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A prepared byte-level dataset from tiny-shakespeare (first 200 KB split into documents)."""
-    return prepare_shakespeare(tmp_path_factory.mktemp("corpus"), 200_000, 400)
 
 
 def run_train(args, **kw):
