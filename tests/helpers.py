@@ -3,7 +3,7 @@
     needs_data                      skip mark: the offline data folder is not here
     triton_kernels_or_skip()          the Triton preamble: interpreter without a GPU, skip without triton
     prepare_shakespeare(root, ...)    a prepared byte-level dataset of tiny-shakespeare documents
-                                    (the shared `corpus` fixture of tests/conftest.py is one)
+                                      (the shared `corpus` fixture of tests/conftest.py is one)
     save_tiny_checkpoint(path)        an untrained 1-layer byte Transformer checkpoint for the eval CLIs
     RiggedByteModel(text)             a stateless byte "model" that always continues `text`
     assert_streaming_matches(...)     segments with the state carried == one call
