@@ -267,7 +267,8 @@ def test_cms_switch_and_hope_attention_blocks():
     assert isinstance(tiny_model(cms=False).blocks[0].ffn, SwiGLU)
     attention = tiny_model("hope_attention")
     assert isinstance(attention.blocks[0].mixer, Attention) and isinstance(attention.blocks[0].ffn, ContinuumMemory)
-    assert m.memory_flops_per_token(64) > 0 and attention.memory_flops_per_token(64) == 0
+    # HOPE-attention counts only its CMS fast level (model.py sums mixers and CMS)
+    assert m.memory_flops_per_token(64) > attention.memory_flops_per_token(64) > 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -357,3 +358,24 @@ def test_bf16_parameters_under_autocast(arch):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("hope", [{}, dict(adaptive_k=False, adaptive_v=False, adaptive_q=True)])
+def test_bf16_model_without_autocast_matches_float32(hope):
+    """`model.to(torch.bfloat16)` runs forward and backward with no autocast: the mixer
+    casts at its boundaries (the gates are formed in the fp32 memory reads' dtype, the
+    readout goes back to the model's dtype) while the memories compute in fp32. Logits and
+    loss are close to the fp32 model's (bf16 rounding: logit error std ~1.5 % of the logits'
+    std here; switching the mixers off moves them by ~120 %), every gradient finite."""
+    model = tiny_model(**hope).train()
+    idx = torch.randint(0, 53, (2, 17), generator=torch.Generator().manual_seed(9))
+    logits32, loss32, _ = model(idx[:, :-1], idx[:, 1:])
+    model.to(torch.bfloat16)
+    logits, loss, _ = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert (logits.float() - logits32).std() < 0.05 * logits32.std()
+    assert abs(loss.item() - loss32.item()) < 0.01 * loss32.item(), (loss.item(), loss32.item())
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
