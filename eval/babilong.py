@@ -25,12 +25,12 @@ Scores (§1.3), both reported and labelled:
 The prompt is the official template (instruction / examples / post_prompt switchable) with
 ANSWER_PREFIX ("\\nAnswer:") appended, for both scores and for fine-tuning.
 
-Long inputs. The model interface `logits, loss, state = model(idx, state=state)` is exact
-when a sequence is fed in segments with the state carried. Recurrent models (Titans, HOPE)
-read any length that way, in segments of `segment_len` tokens with constant memory.
-Attention models (Transformer, HOPE-attention) keep a growing KV cache: inputs longer than
-`max_len` are truncated to their last tokens or skipped (`overflow`), and the result
-says which and how many.
+Long inputs (eval.common, shared with eval.niah). The model interface
+`logits, loss, state = model(idx, state=state)` is exact when a sequence is fed in segments
+with the state carried. Recurrent models (Titans, HOPE) read any length that way, in
+segments of `segment_len` tokens with constant memory. Attention models (Transformer,
+HOPE-attention) keep a growing KV cache: inputs longer than `max_len` are truncated to
+their last tokens or skipped (`overflow`), and the result says which and how many.
 
 CLI (docs/BABILONG.md):
     python -m eval.babilong eval --checkpoint DIR --tasks qa1,qa2 --lengths 0k,1k --samples N --out DIR
@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
-from eval.common import (bf16_autocast, check_long_inputs, context_handling, context_limit, eval_mode, exit_on_error,
-                         fit_prompt, load_checkpoint, mean_over_scored, model_device)
+from eval.common import (bf16_autocast, check_long_inputs, context_handling, context_limit, continuation_logprob,
+                         eval_mode, exit_on_error, fit_prompt, greedy_generate, load_checkpoint, mean_over_scored,
+                         model_device, prefill)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
@@ -534,6 +535,12 @@ def _preprocess_output(output: str) -> str:
     return output
 
 
+def first_sentence_done(text: str) -> bool:
+    """compare_answers reads only the text before the first '.': nothing after it can matter,
+    so greedy generation stops there."""
+    return "." in text
+
+
 def compare_answers(target: str, output: str, question: str, task_labels) -> bool:
     """BABILong's official rule (metrics.py): correct iff the target is the only task label
     in the output's first sentence, ignoring labels that occur in the question. A target
@@ -547,66 +554,7 @@ def compare_answers(target: str, output: str, question: str, task_labels) -> boo
 
 
 # -----------------------------------------------------------------------------
-# running a model on long inputs
-
-def _clone_state(state):
-    """A copy of a state tree, so several continuations can start from one prefix."""
-    if torch.is_tensor(state):
-        return state.clone()
-    if isinstance(state, dict):
-        return {k: _clone_state(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_clone_state(v) for v in state)
-    return state
-
-
-def prefill(model, ids: list[int], segment_len: int, device, state=None) -> tuple:
-    """Feed `ids` in segments with the state carried -> (logits after the last token [V], state).
-    Only one segment's activations and logits live at a time."""
-    if not ids:
-        raise ValueError("cannot run a model on an empty input")
-    last = None
-    for start in range(0, len(ids), segment_len):
-        segment = torch.tensor([ids[start:start + segment_len]], dtype=torch.long, device=device)
-        logits, _, state = model(segment, state=state)
-        last = logits[0, -1].float()
-        del logits
-    return last, state
-
-
-def continuation_logprob(model, last_logits, state, continuation: list[int], device) -> float:
-    """log p(continuation | prefix) from the prefix's last logits and state (not modified)."""
-    logprob = torch.log_softmax(last_logits, -1)[continuation[0]].item()
-    if len(continuation) > 1:
-        idx = torch.tensor([continuation[:-1]], dtype=torch.long, device=device)
-        logits, _, _ = model(idx, state=_clone_state(state))
-        logprobs = torch.log_softmax(logits[0].float(), -1)
-        logprob += logprobs.gather(-1, torch.tensor(continuation[1:], device=device)[:, None]).sum().item()
-    return logprob
-
-
-def first_sentence_done(text: str) -> bool:
-    """compare_answers reads only the text before the first '.': nothing after it can matter."""
-    return "." in text
-
-
-def greedy_generate(model, tokenizer, last_logits, state, max_new_tokens: int, device,
-                    stop=first_sentence_done) -> str:
-    """Greedy decoding from a prefilled state, up to max_new_tokens or end-of-text. `stop(text)`
-    ends it early once further tokens cannot change the score (the default: a '.' is out)."""
-    out: list[int] = []
-    logits = last_logits
-    for _ in range(max_new_tokens):
-        token = int(logits.argmax())
-        if token == tokenizer.eot_id:
-            break
-        out.append(token)
-        if stop is not None and stop(tokenizer.decode(out)):
-            break
-        step_logits, _, state = model(torch.tensor([[token]], dtype=torch.long, device=device), state=state)
-        logits = step_logits[0, -1].float()
-    return tokenizer.decode(out)
-
+# evaluating a model (long inputs: eval.common)
 
 @torch.no_grad()
 def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len: int = 2048, device=None,
@@ -649,7 +597,8 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
                     label_ids_cache[task] = [tokenizer.encode(" " + label) for label in labels]
                 scores = [continuation_logprob(model, last_logits, state, label_ids, device)
                           for label_ids in label_ids_cache[task]]
-                output = greedy_generate(model, tokenizer, last_logits, state, max_new_tokens, device)
+                output = greedy_generate(model, tokenizer, last_logits, state, max_new_tokens, device,
+                                         stop=first_sentence_done)
             ranked = labels[max(range(len(labels)), key=scores.__getitem__)]
             record.update({"output": output, "official_correct": compare_answers(sample["target"], output,
                                                                                  sample["question"], labels),

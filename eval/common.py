@@ -108,6 +108,68 @@ def mean_over_scored(scored: list[dict], key: str) -> float | None:
 
 
 # -----------------------------------------------------------------------------
+# running a model on long inputs: `logits, loss, state = model(idx, state=state)` is exact when
+# a sequence is fed in segments with the state carried (DESIGN §3.6)
+
+def clone_state(state):
+    """A copy of a state tree, so several continuations can start from one prefix."""
+    import torch
+    if torch.is_tensor(state):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: clone_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(clone_state(v) for v in state)
+    return state
+
+
+def prefill(model, ids: list[int], segment_len: int, device, state=None) -> tuple:
+    """Feed `ids` in segments with the state carried -> (logits after the last token [V], state).
+    Only one segment's activations and logits live at a time."""
+    import torch
+    if not ids:
+        raise ValueError("cannot run a model on an empty input")
+    last = None
+    for start in range(0, len(ids), segment_len):
+        segment = torch.tensor([ids[start:start + segment_len]], dtype=torch.long, device=device)
+        logits, _, state = model(segment, state=state)
+        last = logits[0, -1].float()
+        del logits
+    return last, state
+
+
+def continuation_logprob(model, last_logits, state, continuation: list[int], device) -> float:
+    """log p(continuation | prefix) from the prefix's last logits and state (not modified)."""
+    import torch
+    logprob = torch.log_softmax(last_logits, -1)[continuation[0]].item()
+    if len(continuation) > 1:
+        idx = torch.tensor([continuation[:-1]], dtype=torch.long, device=device)
+        logits, _, _ = model(idx, state=clone_state(state))
+        logprobs = torch.log_softmax(logits[0].float(), -1)
+        logprob += logprobs.gather(-1, torch.tensor(continuation[1:], device=device)[:, None]).sum().item()
+    return logprob
+
+
+def greedy_generate(model, tokenizer, last_logits, state, max_new_tokens: int, device, stop=None) -> str:
+    """Greedy decoding from a prefilled state, up to max_new_tokens or end-of-text. `stop(text)`
+    ends it early once further tokens cannot change the score (eval.babilong: a '.' is out;
+    eval.niah: the needle's value is out)."""
+    import torch
+    out: list[int] = []
+    logits = last_logits
+    for _ in range(max_new_tokens):
+        token = int(logits.argmax())
+        if token == tokenizer.eot_id:
+            break
+        out.append(token)
+        if stop is not None and stop(tokenizer.decode(out)):
+            break
+        step_logits, _, state = model(torch.tensor([[token]], dtype=torch.long, device=device), state=state)
+        logits = step_logits[0, -1].float()
+    return tokenizer.decode(out)
+
+
+# -----------------------------------------------------------------------------
 # running a score, and the CLIs
 
 @contextmanager

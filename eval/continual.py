@@ -51,8 +51,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from eval.babilong import _clone_state, continuation_logprob, default_data_dir, prefill
-from eval.common import eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device
+from eval.babilong import default_data_dir
+from eval.common import (clone_state, continuation_logprob, eval_mode, exit_on_error, is_recurrent, load_checkpoint,
+                         model_device, prefill)
 from eval.perplexity import encode_pair, loglikelihood_tokens
 
 ARMS = ("sequential", "icl", "in_context_memory", "joint")
@@ -236,7 +237,7 @@ def classify(model, tokenizer, queries, label_names, state=None, batch_size: int
     Without a state every (query, label) pair is one request of eval.perplexity's batched
     loglikelihood_tokens (lm-eval semantics). With a state (the icl / in_context_memory
     arms), each query is read on top of a copy of that state and the labels are scored
-    from there (eval.babilong.continuation_logprob), so the context is read once."""
+    from there (eval.common.continuation_logprob), so the context is read once."""
     if not label_names:
         raise ValueError("classify needs at least one candidate label")
     device = device or model_device(model)
@@ -251,7 +252,7 @@ def classify(model, tokenizer, queries, label_names, state=None, batch_size: int
         predictions = []
         for q in queries:
             last, query_state = prefill(model, tokenizer.encode(PROMPT.format(text=q)), segment_len, device,
-                                        state=_clone_state(state))
+                                        state=clone_state(state))
             scores = [continuation_logprob(model, last, query_state, ids, device) for ids in label_ids]
             predictions.append(label_names[max(range(len(scores)), key=scores.__getitem__)])
         return predictions

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from eval.common import is_recurrent, load_checkpoint, prompt_room
+from eval.common import greedy_generate, is_recurrent, load_checkpoint, prefill, prompt_room
 from eval.perplexity import encode_pair, loglikelihood_tokens, rolling_windows
 
 INSTALL_HINT = "lm-eval is not installed: pip install -r requirements-eval.txt"
@@ -98,7 +98,6 @@ class LMAdapter:
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list:
-        from eval.babilong import greedy_generate, prefill
         outputs = []
         for request in requests:
             context, gen_kwargs = _args(request)[:2]

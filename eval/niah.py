@@ -38,10 +38,10 @@ import uuid
 
 import torch
 
-from eval.babilong import (BACKGROUNDS, continuation_logprob, greedy_generate, length_tokenizer, load_books, prefill,
-                           split_sentences)
-from eval.common import (bf16_autocast, check_long_inputs, context_handling, context_limit, eval_mode, exit_on_error,
-                         fit_prompt, is_recurrent, load_checkpoint, mean_over_scored, model_device)
+from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, split_sentences
+from eval.common import (bf16_autocast, check_long_inputs, context_handling, context_limit, continuation_logprob,
+                         eval_mode, exit_on_error, fit_prompt, greedy_generate, is_recurrent, load_checkpoint,
+                         mean_over_scored, model_device, prefill)
 
 # RULER scripts/data/synthetic/constants.py and niah.py
 NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "

@@ -1,10 +1,12 @@
 """eval/common.py: device names, eval mode restored, the CLIs' exit on bad input, and the
-long-input helpers eval.babilong and eval.niah share (which prompt tokens a model reads)."""
+long-input helpers the evals share (which prompt tokens a model reads, prefill in segments,
+continuation log-likelihoods and greedy generation from a carried state)."""
 import pytest
 import torch
 
-from eval.common import (bf16_autocast, check_long_inputs, context_handling, context_limit, eval_mode, exit_on_error,
-                         fit_prompt, is_recurrent, load_checkpoint, mean_over_scored, model_device, resolve_device)
+from eval.common import (bf16_autocast, check_long_inputs, clone_state, context_handling, context_limit,
+                         continuation_logprob, eval_mode, exit_on_error, fit_prompt, greedy_generate, is_recurrent,
+                         load_checkpoint, mean_over_scored, model_device, prefill, resolve_device)
 
 
 def test_resolve_device():
@@ -92,3 +94,36 @@ def test_bf16_autocast_only_on_cuda():
             assert torch.get_autocast_dtype("cuda") == torch.bfloat16 and torch.is_autocast_enabled("cuda")
         with bf16_autocast("cuda", "float32"):
             assert not torch.is_autocast_enabled("cuda")
+
+
+def test_prefill_and_continuation_logprob_equal_one_forward_pass():
+    """Prefix fed in segments (11 tokens, segments of 4), then a 3-token continuation scored from
+    the carried state: the same log-likelihood as one pass over prefix + continuation, and the
+    state is left as it was (a second continuation from it scores the same)."""
+    from model import build_model
+    torch.manual_seed(0)
+    model = build_model({"arch": "transformer", "vocab_size": 257, "d_model": 32, "n_layer": 2, "n_head": 2}).eval()
+    prefix, continuation = torch.randint(0, 257, (11,)).tolist(), [5, 77, 200]
+    with torch.no_grad():
+        last, state = prefill(model, prefix, 4, "cpu")
+        logits, _, _ = model(torch.tensor([prefix + continuation]))
+        logprobs = torch.log_softmax(logits[0].float(), -1)
+        expected = sum(logprobs[len(prefix) - 1 + i, t].item() for i, t in enumerate(continuation))
+        assert torch.allclose(last, logits[0, len(prefix) - 1].float(), atol=1e-5)
+        for _ in range(2):
+            assert continuation_logprob(model, last, state, continuation, "cpu") == pytest.approx(expected, abs=1e-4)
+    copy = clone_state({"a": [torch.ones(2)], "b": 3})
+    assert torch.equal(copy["a"][0], torch.ones(2)) and copy["b"] == 3
+    with pytest.raises(ValueError, match="empty input"):
+        prefill(model, [], 4, "cpu")
+
+
+def test_greedy_generate_stops_after_max_new_tokens_or_when_told():
+    from data.tokenizer import get_tokenizer
+    from helpers import RiggedByteModel
+    model, tok = RiggedByteModel("abcd.ef"), get_tokenizer("bytes")
+    with torch.no_grad():
+        last, state = prefill(model, tok.encode("xa"), 1, "cpu")
+        assert greedy_generate(model, tok, last, state, 6, "cpu") == "bcd.ef"
+        assert greedy_generate(model, tok, last, state, 3, "cpu") == "bcd"
+        assert greedy_generate(model, tok, last, state, 6, "cpu", stop=lambda text: "." in text) == "bcd."
