@@ -281,6 +281,20 @@ class IntentSettings:
     seed: int = 0
 
 
+def _adamw(model, settings):
+    """The fine-tuning optimiser of both protocols: AdamW with settings.lr and weight_decay,
+    betas (0.9, 0.95)."""
+    return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
+
+
+def _step(model, optimizer, loss):
+    """One optimiser step on `loss`, the gradient norm clipped to 1."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
 def _label_target_example(tokenizer, text, label):
     """(input ids, targets) for fine-tuning: the loss is on the label tokens only."""
     context_ids, label_ids = encode_pair(tokenizer, PROMPT.format(text=text), " " + label)
@@ -295,8 +309,7 @@ def finetune_on(model, tokenizer, examples, steps: int, settings: IntentSettings
         return []
     if not examples:
         raise ValueError("no training examples")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
-                                  betas=(0.9, 0.95))
+    optimizer = _adamw(model, settings)
     model.train()
     losses = []
     for _ in range(steps):
@@ -308,10 +321,7 @@ def finetune_on(model, tokenizer, examples, steps: int, settings: IntentSettings
             x[b, :len(ids)] = torch.tensor(ids)
             y[b, :len(targets)] = torch.tensor(targets)
         _, loss, _ = model(x.to(device), targets=y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        _step(model, optimizer, loss)
         losses.append(loss.item())
     model.eval()
     return losses
@@ -525,8 +535,7 @@ def run_domains(model, tokenizer, domains, settings: DomainSettings | None = Non
     score = (lambda: [held_out_loss(model, ids, settings.seq_len, settings.batch_size, device) for ids in eval_ids])
     started = time.time()
     initial = score()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
-                                  betas=(0.9, 0.95))
+    optimizer = _adamw(model, settings)
     L, train_loss = [], []
     for i, d in enumerate(domains):
         model.train()
@@ -535,10 +544,7 @@ def run_domains(model, tokenizer, domains, settings: DomainSettings | None = Non
             starts = [rng.randrange(len(ids) - settings.seq_len) for _ in range(settings.batch_size)]
             batch = torch.stack([ids[s:s + settings.seq_len + 1] for s in starts]).to(device)
             _, loss, _ = model(batch[:, :-1], targets=batch[:, 1:])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            _step(model, optimizer, loss)
         train_loss.append(loss.item() if settings.steps_per_domain else None)
         L.append(score())
         if log:
