@@ -1,10 +1,12 @@
 """
 What every eval module needs about the model it scores (DESIGN §7): its kind (recurrent
 state or attention context), its device, eval mode for the duration of a score, how a
-prompt longer than an attention model's context is read (shared by eval.babilong and
-eval.niah), and, for the CLIs, a checkpoint loaded with the tokenizer it was trained with,
-and their exit on bad input. torch is imported inside the functions that use it, so a CLI
-that only plans (eval.reproduce) starts without it.
+prompt longer than an attention model's context is read (eval.babilong, eval.niah), how a
+model reads any length in segments with its state carried and scores or generates from
+there (those two, eval.continual, eval.lm_eval_adapter), and, for the CLIs, a checkpoint
+loaded with the tokenizer it was trained with, and their exit on bad input. torch is
+imported inside the functions that use it, so a CLI that only plans (eval.reproduce)
+starts without it.
 """
 from __future__ import annotations
 
