@@ -29,8 +29,8 @@ stages, each exact for any segment boundaries:
      at the chunk-start weights, generate the targets, write (one DGD scan per layer);
   2. M_mem over the whole segment in one `NeuralMemory.scan(..., self_target=True)` (chunk
      C_mem) with the keys, values and gates of stage 1: per chunk piece it reads the target
-     M_mem,B(v_t) at the chunk-start weights, then writes (on CUDA the fused MLP kernel can
-     take the whole segment once it computes that target in-kernel, memory.py).
+     M_mem,B(v_t) at the chunk-start weights, then writes (the fused MLP kernel can take
+     the whole segment once it computes that target in-kernel: memory._use_fused_kernel).
 The projection memories share keys, gates and chunk size and differ only in weights and
 targets, so they run as ONE NeuralMemory with n_memories * H heads (memory-major: head
 m*H + h is memory m's head h): one scan per layer instead of one per memory.
@@ -171,7 +171,8 @@ class SelfModifyingTitans(nn.Module):
     def _gate(read, weight, bias):
         """sigmoid(w . M_B(x~) + b), one scalar per head, in the memory read's dtype (fp32:
         a bf16 model's weights are cast up, so no autocast is needed)."""
-        return torch.sigmoid(torch.einsum("bthd,hd->bth", read, weight.to(read.dtype)) + bias.to(read.dtype))
+        logit = torch.einsum("bthd,hd->bth", read, weight.to(read.dtype)) + bias.to(read.dtype)
+        return torch.sigmoid(logit)
 
     def _projection_piece(self, features, state):
         """Stage 1 on one piece inside one C_other chunk: read k, v, q, eta, alpha at the
