@@ -26,6 +26,7 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
@@ -36,6 +37,18 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
+
+# What DCP raises for a missing, truncated or mismatched checkpoint: CheckpointException is a
+# BaseException (it wraps the per-rank failures), so `except Exception` alone lets it escape.
+DCP_ERRORS = (Exception, CheckpointException)
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an error's message (of the first rank's failure for DCP's wrapper),
+    or its type name when the message is empty."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _rank0():
@@ -131,8 +144,8 @@ def _saved_state_fqns(ckpt, fqns) -> set:
     An unreadable checkpoint is a one-line ValueError here, before any "does not match"."""
     try:
         keys = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
-    except Exception as e:
-        raise ValueError(f"checkpoint {ckpt} is unreadable: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    except DCP_ERRORS as e:
+        raise ValueError(f"checkpoint {ckpt} is unreadable: {_first_line(e)}") from None
     fqns, saved, head = set(fqns), set(), "optim.state."
     for key in keys:
         if key.startswith(head):
@@ -162,8 +175,8 @@ def load_training_state(ckpt, model, optimizer) -> dict:
     _drop_unsaved_param_states(optim_sd, _saved_state_fqns(ckpt, optim_sd.get("state", {})))
     try:
         dcp.load(state, checkpoint_id=ckpt)
-    except Exception as e:  # shape/key mismatch: a checkpoint of another model
-        raise ValueError(f"checkpoint {ckpt} does not match this model/optimiser: {str(e).splitlines()[0]}") from None
+    except DCP_ERRORS as e:  # shape/key mismatch: a checkpoint of another model
+        raise ValueError(f"checkpoint {ckpt} does not match this model/optimiser: {_first_line(e)}") from None
     # strict=False only lets the parameters dropped above stay without state: every entry of
     # both templates was loaded (dcp.load fails on anything the checkpoint lacks)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -185,9 +198,9 @@ def load_model(path, device="cpu"):
     state = {"model": sd}
     try:
         dcp.load(state, checkpoint_id=ckpt)
-    except Exception as e:
+    except DCP_ERRORS as e:
         raise ValueError(f"checkpoint {ckpt} is unreadable or does not match its config: "
-                         f"{str(e).splitlines()[0]}") from None
+                         f"{_first_line(e)}") from None
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg
 
