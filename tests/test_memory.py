@@ -96,10 +96,12 @@ def test_chunked_memory_equals_token_by_token_oracle(rule, depth, chunk, self_ta
     are the memory's own reads M_B(t)(v_t) (NL Eq. 87, HOPE's M_mem)."""
     mem = make_memory(rule, depth, chunk)
     x = make_inputs(11, rule)
-    # self_target at half the inner lr: at lr <= 0.6 its MLP momentum/GD runs overflow in 11 tokens
-    gates = (x["lr"] * 0.5 if self_target else x["lr"], x["alpha"], x["beta"])
+    # inner lr <= 0.3: at lr <= 0.6 the MLP momentum/GD runs blow up within 11 tokens (|y| up
+    # to 1e254 at C = 1), where agreeing to 1e-9 relative says nothing; the bound checks it
+    gates = (x["lr"] * 0.5, x["alpha"], x["beta"])
     y, state = mem(x["q"], x["k"], x["v"], *gates, self_target=self_target)
     y_ref, w_ref, z_ref, _ = oracle(mem, x["q"], x["k"], x["v"], *gates, self_target=self_target)
+    assert y_ref.abs().max() < 10 and max(w.abs().max() for w in w_ref) < 10
     if self_target:                     # the first token's target M_0(v_0) is not v_0
         assert (y - mem(x["q"], x["k"], x["v"], *gates)[0])[:, 0].abs().max() > 1e-3
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
@@ -119,7 +121,7 @@ def test_chunked_memory_equals_token_by_token_oracle(rule, depth, chunk, self_ta
     def outer(y_, ws):
         return (y_ * cot).sum() + sum((w * c).sum() for w, c in zip(ws, cot_w))
 
-    grads = torch.autograd.grad(outer(y, state["weights"]), wrt, retain_graph=True)   # shared lr * 0.5
+    grads = torch.autograd.grad(outer(y, state["weights"]), wrt, retain_graph=True)
     grads_ref = torch.autograd.grad(outer(y_ref, w_ref), wrt)
     for got, want in zip(grads, grads_ref):
         assert want.abs().max() > 0
