@@ -72,6 +72,37 @@ FUSED_RULES = ("dgd", "gd", "momentum")
 
 # ----------------------------------------------------------------------------- jit helpers
 
+# Scratch slots per backward program (module docstring, "Shared memory"): one padded tile each.
+DELTA_SLOTS = tl.constexpr(15)
+MOMENTUM_SLOTS = tl.constexpr(14)
+
+
+@triton.jit
+def _spill(slot, x, R: tl.constexpr, Cc: tl.constexpr):
+    """Store a padded [R, Cc] fp32 tile row-major in a scratch slot. The barrier first: no
+    thread still reads the slot's previous tile (every read is a `_reload`, behind its own
+    barrier)."""
+    tl.debug_barrier()
+    tl.store(slot + tl.arange(0, R)[:, None] * Cc + tl.arange(0, Cc)[None, :], x)
+
+
+@triton.jit
+def _reload(slot, R: tl.constexpr, Cc: tl.constexpr):
+    """The [R, Cc] tile of a scratch slot, as a new value: the barrier makes every thread's
+    `_spill` visible and keeps the compiler from merging this load with an earlier one, so
+    that a dot operand read here gets a shared-memory copy of its own that dies at its dot."""
+    tl.debug_barrier()
+    return tl.load(slot + tl.arange(0, R)[:, None] * Cc + tl.arange(0, Cc)[None, :])
+
+
+@triton.jit
+def _reload_t(slot, R: tl.constexpr, Cc: tl.constexpr):
+    """The transpose [Cc, R] of a slot's [R, Cc] tile, read straight from memory (a dot
+    operand tl.trans(x) of a register tile x shares x's shared-memory copy instead)."""
+    tl.debug_barrier()
+    return tl.load(slot + tl.arange(0, Cc)[:, None] + tl.arange(0, R)[None, :] * Cc)
+
+
 @triton.jit
 def _inner_write(kc, vc, lr, h1, h2, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
                  ACT: tl.constexpr, PREC: tl.constexpr):
@@ -106,7 +137,8 @@ def _inner_write(kc, vc, lr, h1, h2, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
 @triton.jit
 def _chunk_delta_fwd(q, kc, u, eta, g, gp, h, rows, L, BT: tl.constexpr, PREC: tl.constexpr):
     """One delta-rule chunk with all of V in registers (triton_delta.py's algebra):
-    Delta = Tm (U - diag(eta e^gp) K h), readout O after each write, next chunk-start h."""
+    Delta = Tm (U - diag(eta e^gp) K h), readout O after each write, next chunk-start h.
+    Also returns the UT system's K K^T, decay mask and Tm, which the backward reuses."""
     a, kk, decay_a, tm = _delta_ut_system(kc, g, gp, eta, BT, PREC)
     kh = tl.dot(kc, h, input_precision=PREC)
     d = tl.dot(tm, u - (eta * tl.exp(gp))[:, None] * kh, input_precision=PREC)
@@ -115,44 +147,65 @@ def _chunk_delta_fwd(q, kc, u, eta, g, gp, h, rows, L, BT: tl.constexpr, PREC: t
     g_last = _pick(g, rows, L)
     kt = tl.where(rows <= L, tl.exp(g_last - g), 0.0)[:, None] * kc
     h_next = tl.exp(g_last) * h + tl.dot(tl.trans(kt), d, input_precision=PREC)
-    return o, h_next
+    return o, h_next, kk, decay_a, tm
 
 
 @triton.jit
-def _chunk_delta_bwd(q, kc, u, eta, g, gp, h, do, dh, rows, L, BT: tl.constexpr,
-                     PREC: tl.constexpr):
-    """The chain rule of `_chunk_delta_fwd` with all of V in registers: given dO and dh_next,
-    returns (dQ, dK, dU, deta, dlog_alpha, dh at the chunk start): the delta rule's backward
-    scan step, then triton_delta._delta_grads_tail on the products that sum over V."""
-    a, kk, decay_a, tm = _delta_ut_system(kc, g, gp, eta, BT, PREC)
+def _chunk_delta_bwd(sq, sk, su, sh, sdo, sdh, sw, sd, sdd, dh, kk, decay_a, tm, eta, g, gp, rows,
+                     L, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """The chain rule of `_chunk_delta_fwd` with all of V in registers: given dh_next (dh,
+    registers) and the chunk's tiles in scratch slots (Q, K [BT, BK], U, dO [BT, BV], h
+    [BK, BV]; sdh, sw, sd, sdd: slots for dh_next, W, Delta, dDelta), returns (dQ, dK, dU,
+    deta, dlog_alpha, dh at the chunk start): the delta rule's backward scan step, then
+    triton_delta._delta_grads_tail on the products that sum over V. (kk, decay_a, tm): the
+    chunk's UT system. Every dot reads its operands from scratch unless they were formed
+    just before it, so no operand's shared-memory copy outlives its dot (DESIGN §4 (a))."""
+    _spill(sdh, dh, BK, BV)
     g_last = _pick(g, rows, L)
     gamma = _decay(g, g, rows[:, None] >= rows[None, :])
-    mq = gamma * tl.dot(q, tl.trans(kc), input_precision=PREC)
+    mq = gamma * tl.dot(_reload(sq, BT, BK), _reload_t(sk, BT, BK), input_precision=PREC)
     kt_scale = tl.where(rows <= L, tl.exp(g_last - g), 0.0)
     b_scale = eta * tl.exp(gp)                                               # B = diag(.) K
-    w = tl.dot(tm, b_scale[:, None] * kc, input_precision=PREC)              # W = Tm B
-    d = tl.dot(tm, u, input_precision=PREC) - tl.dot(w, h, input_precision=PREC)
-    dd = (tl.dot(tl.trans(mq), do, input_precision=PREC)
-          + tl.dot(kt_scale[:, None] * kc, dh, input_precision=PREC))       # dDelta
+    w = tl.dot(tm, b_scale[:, None] * _reload(sk, BT, BK), input_precision=PREC)   # W = Tm B
+    _spill(sw, w, BT, BK)
+    d = (tl.dot(tm, _reload(su, BT, BV), input_precision=PREC)
+         - tl.dot(w, _reload(sh, BK, BV), input_precision=PREC))
+    _spill(sd, d, BT, BV)
+    dd = (tl.dot(tl.trans(mq), _reload(sdo, BT, BV), input_precision=PREC)
+          + tl.dot(kt_scale[:, None] * _reload(sk, BT, BK), _reload(sdh, BK, BV),
+                   input_precision=PREC))                                        # dDelta
+    _spill(sdd, dd, BT, BV)
     dh_prev = (tl.exp(g_last) * dh
-               + tl.dot(tl.trans(q * tl.exp(g)[:, None]), do, input_precision=PREC)
-               - tl.dot(tl.trans(w), dd, input_precision=PREC))
+               + tl.dot(_reload_t(sq, BT, BK) * tl.exp(g)[None, :], _reload(sdo, BT, BV),
+                        input_precision=PREC)
+               - tl.dot(_reload_t(sw, BT, BK), dd, input_precision=PREC))
+    do = _reload(sdo, BT, BV)
+    d_mq = tl.dot(do, _reload_t(sd, BT, BV), input_precision=PREC)
+    d_qh = tl.dot(do, _reload_t(sh, BK, BV), input_precision=PREC)
+    dd_r = _reload(sdd, BT, BV)
+    d_w = -tl.dot(dd_r, _reload_t(sh, BK, BV), input_precision=PREC)
+    dd_u = tl.dot(dd_r, _reload_t(su, BT, BV), input_precision=PREC)
+    d_kt = tl.dot(_reload(sd, BT, BV), _reload_t(sdh, BK, BV), input_precision=PREC)
+    h_dh = tl.sum(tl.sum(_reload(sh, BK, BV) * dh, 1), 0)
     dq, dk, deta, dlog_alpha, tail_unused = _delta_grads_tail(
-        q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt_scale, b_scale,
-        tl.dot(do, tl.trans(d), input_precision=PREC), tl.dot(do, tl.trans(h), input_precision=PREC),
-        -tl.dot(dd, tl.trans(h), input_precision=PREC), tl.dot(d, tl.trans(dh), input_precision=PREC),
-        tl.dot(dd, tl.trans(u), input_precision=PREC), tl.sum(tl.sum(h * dh, 1), 0), PREC)
-    du = tl.dot(tl.trans(tm), dd, input_precision=PREC)                      # dU = Tm^T dU'
+        _reload(sq, BT, BK), _reload(sk, BT, BK), g, gp, eta, rows, L, tm, kk, decay_a, gamma,
+        mq, kt_scale, b_scale, d_mq, d_qh, d_w, d_kt, dd_u, h_dh, PREC)
+    du = tl.dot(tl.trans(tm), _reload(sdd, BT, BV), input_precision=PREC)  # dU = Tm^T dU'
     return dq, dk, du, deta, dlog_alpha, dh_prev
 
 
 @triton.jit
-def _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2, lw1, lw2, scale, tau, h1, h2,
-                     du1, du2, deta1, deta2, dk, dhh, dh1, dh2, DGD: tl.constexpr,
-                     CLIP: tl.constexpr, PREC: tl.constexpr):
+def _inner_write_bwd(sk, shh, serr, sh1, sh2, s1, s2, m, g1, lr, eta1, eta2, lw1, lw2, scale,
+                     tau, du1, du2, deta1, deta2, dk, dhh, dh1, dh2, DGD: tl.constexpr,
+                     CLIP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+                     PREC: tl.constexpr):
     """The chain rule of `_inner_write`, given the gradients of both layers' writes (du),
     rates (deta) and inputs (dk from W_in's scan, dhh from W_out's): adds to dk and to the
-    chunk-start state gradients (dh1, dh2); returns (dk, dv, dlr, dh1, dh2)."""
+    chunk-start state gradients (dh1, dh2); returns (dk, dv, dlr, dh1, dh2). K, Hh, Err, h1,
+    h2 come from their scratch slots (sk, shh, serr, sh1, sh2), read afresh for each dot."""
+    kc = _reload(sk, BT, BD)
+    hh = _reload(shh, BT, BE)
+    err = _reload(serr, BT, BD)
     # writes U1 = -lw1 c G1, U2 = -lw2 c Err (c: the clip scale, 1 without CLIP)
     dlw1 = -tl.sum(du1 * g1, 1)                                               # d(lw1 c)
     dlw2 = -tl.sum(du2 * err, 1)
@@ -185,34 +238,47 @@ def _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2, lw1, lw2, scale
     # G1 = (Err h2^T) o s'(Z), Err = 2 (K + s(Z) h2 - V), Z = K h1
     dm = dg1 * s1
     dz = dg1 * m * s2
-    derr += tl.dot(dm, h2, input_precision=PREC)
-    dh2 += tl.dot(tl.trans(dm), err, input_precision=PREC)
+    derr += tl.dot(dm, _reload(sh2, BE, BD), input_precision=PREC)
+    dh2 += tl.dot(tl.trans(dm), _reload(serr, BT, BD), input_precision=PREC)
     dp = 2.0 * derr
     dk += dp
-    dhh += tl.dot(dp, tl.trans(h2), input_precision=PREC)
-    dh2 += tl.dot(tl.trans(hh), dp, input_precision=PREC)
+    dhh += tl.dot(dp, _reload_t(sh2, BE, BD), input_precision=PREC)
+    dh2 += tl.dot(_reload_t(shh, BT, BE), dp, input_precision=PREC)
     dz += dhh * s1
-    dk += tl.dot(dz, tl.trans(h1), input_precision=PREC)
-    dh1 += tl.dot(tl.trans(kc), dz, input_precision=PREC)
+    dk += tl.dot(dz, _reload_t(sh1, BD, BE), input_precision=PREC)
+    dh1 += tl.dot(_reload_t(sk, BT, BD), dz, input_precision=PREC)
     return dk, -dp, dlr, dh1, dh2
 
 
 @triton.jit
-def _chunk_momentum_bwd(q, kc, u, h, z, do, dh, dz, p, r, w, a, b, c, w_last, r_last, rows, L,
+def _chunk_momentum_bwd(sq, sk, su, sh, sz, sdo, sdh, sdz, dh, dz, p, r, w, a, b, c, w_last,
+                        r_last, rows, L, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         PREC: tl.constexpr):
     """The chain rule of triton_momentum._momentum_chunk_fwd with all of V in registers,
-    given dO and the chunk-end (dh, dz): returns (dQ, dK, dU, dlog_alpha and dlog_beta before
+    given the chunk-end (dh, dz) (registers) and the chunk's Q, K, U, dO, h, z in scratch
+    slots (sdh, sdz: slots for dh, dz): returns (dQ, dK, dU, dlog_alpha and dlog_beta before
     their reverse cumsum, chunk-start dh, dz), from triton_momentum's step back
-    (_momentum_chunk_bwd) and chain rule (_momentum_grads_tail)."""
-    du, dh_prev, dz_prev = _momentum_chunk_bwd(q, kc, do, dh, dz, w, a, b, c, w_last, r_last,
-                                               rows, L, PREC)
+    (_momentum_chunk_bwd) and chain rule (_momentum_grads_tail); operands as in
+    `_chunk_delta_bwd`."""
+    _spill(sdh, dh, BK, BV)
+    _spill(sdz, dz, BK, BV)
+    du, dh_prev, dz_prev = _momentum_chunk_bwd(
+        _reload(sq, BT, BK), _reload(sk, BT, BK), _reload(sdo, BT, BV), _reload(sdh, BK, BV),
+        _reload(sdz, BK, BV), w, a, b, c, w_last, r_last, rows, L, PREC)
+    do = _reload(sdo, BT, BV)
+    d_wqk = tl.dot(do, _reload_t(su, BT, BV), input_precision=PREC)
+    do_h = tl.dot(do, _reload_t(sh, BK, BV), input_precision=PREC)
+    do_z = tl.dot(do, _reload_t(sz, BK, BV), input_precision=PREC)
+    u = _reload(su, BT, BV)
+    u_dh = tl.dot(u, _reload_t(sdh, BK, BV), input_precision=PREC)
+    u_dz = tl.dot(u, _reload_t(sdz, BK, BV), input_precision=PREC)
+    h = _reload(sh, BK, BV)
+    z = _reload(sz, BK, BV)
+    qk = tl.dot(_reload(sq, BT, BK), _reload_t(sk, BT, BK), input_precision=PREC)
     dq, dk, d_la, d_lb = _momentum_grads_tail(
-        q, kc, tl.dot(q, tl.trans(kc), input_precision=PREC), p, r, w, a, b, c, w_last, r_last,
-        rows, L, tl.dot(do, tl.trans(u), input_precision=PREC),
-        tl.dot(do, tl.trans(h), input_precision=PREC), tl.dot(do, tl.trans(z), input_precision=PREC),
-        tl.dot(u, tl.trans(dh), input_precision=PREC), tl.dot(u, tl.trans(dz), input_precision=PREC),
-        tl.sum(tl.sum(h * dh, 1), 0), tl.sum(tl.sum(z * dh, 1), 0), tl.sum(tl.sum(z * dz, 1), 0),
-        PREC)
+        _reload(sq, BT, BK), _reload(sk, BT, BK), qk, p, r, w, a, b, c, w_last, r_last, rows,
+        L, d_wqk, do_h, do_z, u_dh, u_dz, tl.sum(tl.sum(h * dh, 1), 0),
+        tl.sum(tl.sum(z * dh, 1), 0), tl.sum(tl.sum(z * dz, 1), 0), PREC)
     return dq, dk, du, d_la, d_lb, dh_prev, dz_prev
 
 
@@ -243,9 +309,11 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
         g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
-        o1, h1 = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
+        o1, h1, kk_unused, decay_unused, tm_unused = _chunk_delta_fwd(
+            qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
         q2, ds_unused, dds_unused = _act(o1, ACT, 1)                                       # W_out reads s(W_in,t q_t)
-        o2, h2 = _chunk_delta_fwd(q2, hh, u2, eta2, g, gp, h2, rows, L, BT, PREC)
+        o2, h2, kk_unused, decay_unused, tm_unused = _chunk_delta_fwd(
+            q2, hh, u2, eta2, g, gp, h2, rows, L, BT, PREC)
         _store_rows(y_ptr, g_base * D, t0, end, H * D, 0, D, qc + o2, BT, BD)
     _store_state(winT_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
     _store_state(woutT_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
@@ -254,37 +322,65 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
 @triton.jit
 def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr, dy_ptr,
                         dwinT_ptr, dwoutT_ptr, dwinB_ptr, dwoutB_ptr, dq_ptr, dk_ptr, dv_ptr,
-                        dalpha_ptr, dlr_ptr, dwin_ptr, dwout_ptr, T, H, D, E, C, NT, tau,
-                        DGD: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr,
-                        BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
-    """DGD / GD, chunks in reverse carrying (dh1, dh2) = dL/d(next chunk-start states):
-    recompute the chunk from its saved start, step back through layer 2, s(O1), layer 1, the
-    write rates and the closed-form inner gradient (module docstring)."""
+                        dalpha_ptr, dlr_ptr, dwin_ptr, dwout_ptr, scr_ptr, T, H, D, E, C, NT, S,
+                        tau, DGD: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr,
+                        BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
+    """DGD / GD, chunks in reverse carrying (dh1, dh2) = dL/d(next chunk-start states), in
+    four phases per chunk (module docstring): recompute the chunk from its saved start
+    (leaving its tiles in this program's DELTA_SLOTS scratch slots of S floats), step back
+    through layer 2, s(O1) and layer 1, then the write rates and the inner gradient."""
     i_unused, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
+    slots = scr_ptr + bh64 * (DELTA_SLOTS * S)
+    sq1, sk1, su1, sh1, stm1 = slots, slots + S, slots + 2 * S, slots + 3 * S, slots + 4 * S
+    sq2, sk2, su2, sh2, serr = (slots + 5 * S, slots + 6 * S, slots + 7 * S, slots + 8 * S,
+                                slots + 9 * S)
+    sdo, sdh, sw, sd, sdd = (slots + 10 * S, slots + 11 * S, slots + 12 * S, slots + 13 * S,
+                             slots + 14 * S)
     dh1 = _load_state(dwinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
     dh2 = _load_state(dwoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         t0, end, L = _chunk_span(i_t, C, T)
+        g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
+        # 1. the chunk's forward from its saved start (layer 2's readout is not needed)
         h1 = _load_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
         h2 = _load_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
         qc, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, D, BT, BD)
         vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
-        g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
-        o1, h1_unused = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
+        o1, h1_unused, kk1, decay1, tm1 = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L,
+                                                           BT, PREC)
         q2, ds_o1, dds_unused = _act(o1, ACT, 1)
-        # layer 2 (W_out: query s(O1), input Hh, writes U2), then layer 1 (W_in)
-        dq2, dhh, du2, deta2, dla, dh2 = _chunk_delta_bwd(q2, hh, u2, eta2, g, gp, h2, dy, dh2,
-                                                          rows, L, BT, PREC)
-        dq1, dk, du1, deta1, dla1, dh1 = _chunk_delta_bwd(qc, kc, u1, eta1, g, gp, h1,
-                                                          dq2 * ds_o1, dh1, rows, L, BT, PREC)
-        dk, dv, dlr, dh1, dh2 = _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2,
-                                                 lw1, lw2, scale, tau, h1, h2, du1, du2, deta1,
-                                                 deta2, dk, dhh, dh1, dh2, DGD, CLIP, PREC)
+        _spill(sq1, qc, BT, BD)
+        _spill(sk1, kc, BT, BD)
+        _spill(su1, u1, BT, BE)
+        _spill(sh1, h1, BD, BE)
+        _spill(stm1, tm1, BT, BT)
+        _spill(sq2, q2, BT, BE)
+        _spill(sk2, hh, BT, BE)
+        _spill(su2, u2, BT, BD)
+        _spill(sh2, h2, BE, BD)
+        _spill(serr, err, BT, BD)
+        _spill(sdo, dy, BT, BD)
+        # 2. layer 2 (W_out: query s(O1), input Hh, writes U2)
+        a2_unused, kk2, decay2, tm2 = _delta_ut_system(_reload(sk2, BT, BE), g, gp, eta2, BT, PREC)
+        dq2, dhh, du2, deta2, dla, dh2 = _chunk_delta_bwd(sq2, sk2, su2, sh2, sdo, sdh, sw, sd,
+                                                          sdd, dh2, kk2, decay2, tm2, eta2, g,
+                                                          gp, rows, L, BT, BE, BD, PREC)
+        # 3. s(O1), then layer 1 (W_in: query q, input K, writes U1; its UT system from 1.)
+        _spill(sdo, dq2 * ds_o1, BT, BE)
+        dq1, dk, du1, deta1, dla1, dh1 = _chunk_delta_bwd(sq1, sk1, su1, sh1, sdo, sdh, sw, sd,
+                                                          sdd, dh1, kk1, decay1,
+                                                          _reload(stm1, BT, BT), eta1, g, gp,
+                                                          rows, L, BT, BD, BE, PREC)
+        # 4. the write rates and the inner gradient
+        dk, dv, dlr, dh1, dh2 = _inner_write_bwd(sk1, sk2, serr, sh1, sh2, s1, s2, m, g1, lr,
+                                                 eta1, eta2, lw1, lw2, scale, tau, du1, du2,
+                                                 deta1, deta2, dk, dhh, dh1, dh2, DGD, CLIP, BT,
+                                                 BD, BE, PREC)
         if i_r == 0:      # the returned W_B is the last chunk's start (loaded here: registers)
             dh1 += _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
             dh2 += _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
@@ -346,13 +442,18 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
                                  h2c_ptr, z1c_ptr, z2c_ptr, dy_ptr, dwinT_ptr, dwoutT_ptr,
                                  dzinT_ptr, dzoutT_ptr, dwinB_ptr, dwoutB_ptr, dq_ptr, dk_ptr,
                                  dv_ptr, dalpha_ptr, dbeta_ptr, dlr_ptr, dwin_ptr, dwout_ptr,
-                                 dzin_ptr, dzout_ptr, T, H, D, E, C, NT, tau, CLIP: tl.constexpr,
-                                 ACT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                                 BE: tl.constexpr, PREC: tl.constexpr):
+                                 dzin_ptr, dzout_ptr, scr_ptr, T, H, D, E, C, NT, S, tau,
+                                 CLIP: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr,
+                                 BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
     """Momentum, chunks in reverse carrying (dh, dz) of both layers: as _mlp_mem_bwd_kernel
-    with the momentum chunk's chain rule."""
+    with the momentum chunk's chain rule (MOMENTUM_SLOTS scratch slots of S floats)."""
     i_unused, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
+    slots = scr_ptr + bh64 * (MOMENTUM_SLOTS * S)
+    sq1, sk1, su1, sh1, sz1 = slots, slots + S, slots + 2 * S, slots + 3 * S, slots + 4 * S
+    sq2, sk2, su2, sh2, sz2 = (slots + 5 * S, slots + 6 * S, slots + 7 * S, slots + 8 * S,
+                               slots + 9 * S)
+    serr, sdo, sdh, sdz = slots + 10 * S, slots + 11 * S, slots + 12 * S, slots + 13 * S
     dh1 = _load_state(dwinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
     dh2 = _load_state(dwoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
     dz1 = _load_state(dzinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
@@ -360,30 +461,45 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         t0, end, L = _chunk_span(i_t, C, T)
-        h1 = _load_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
-        h2 = _load_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
-        z1 = _load_kv(z1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
-        z2 = _load_kv(z2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
-        qc, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, D, BT, BD)
-        vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
-        dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         lr = _load_gate(lr_ptr, g_base, t0, end, H, 0.0, BT)
         alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
             alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
+        # 1. the chunk's forward from its saved start, its tiles left in scratch
+        h1 = _load_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
+        h2 = _load_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
+        z1 = _load_kv(z1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
+        qc, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, D, BT, BD)
+        vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, tau, False, CLIP, ACT, PREC)
-        o1, h1_unused, z1_unused = _momentum_chunk_fwd(qc, kc, u1, h1, z1, w, a, b, c, w_last, r_last, rows, L,
-                                       PREC)
+        o1, h1_unused, z1_unused = _momentum_chunk_fwd(qc, kc, u1, h1, z1, w, a, b, c, w_last,
+                                                       r_last, rows, L, PREC)
         q2, ds_o1, dds_unused = _act(o1, ACT, 1)
+        _spill(sq1, qc, BT, BD)
+        _spill(sk1, kc, BT, BD)
+        _spill(su1, u1, BT, BE)
+        _spill(sh1, h1, BD, BE)
+        _spill(sz1, z1, BD, BE)
+        _spill(sq2, q2, BT, BE)
+        _spill(sk2, hh, BT, BE)
+        _spill(su2, u2, BT, BD)
+        _spill(sh2, h2, BE, BD)
+        _spill(sz2, _load_kv(z2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD), BE, BD)
+        _spill(serr, err, BT, BD)
+        _spill(sdo, dy, BT, BD)
+        # 2. layer 2, 3. s(O1) and layer 1, 4. the inner gradient (GD rates: deta = 0)
         dq2, dhh, du2, dla, dlb, dh2, dz2 = _chunk_momentum_bwd(
-            q2, hh, u2, h2, z2, dy, dh2, dz2, p, r, w, a, b, c, w_last, r_last, rows, L, PREC)
+            sq2, sk2, su2, sh2, sz2, sdo, sdh, sdz, dh2, dz2, p, r, w, a, b, c, w_last, r_last,
+            rows, L, BT, BE, BD, PREC)
+        _spill(sdo, dq2 * ds_o1, BT, BE)
         dq1, dk, du1, dla1, dlb1, dh1, dz1 = _chunk_momentum_bwd(
-            qc, kc, u1, h1, z1, dq2 * ds_o1, dh1, dz1, p, r, w, a, b, c, w_last, r_last, rows,
-            L, PREC)
-        dk, dv, dlr, dh1, dh2 = _inner_write_bwd(kc, hh, s1, s2, err, m, g1, lr, eta1, eta2,
-                                                 lw1, lw2, scale, tau, h1, h2, du1, du2, eta1,
-                                                 eta2, dk, dhh, dh1, dh2, False, CLIP,
-                                                 PREC)   # (eta1, eta2 = 0 as deta: GD rates)
+            sq1, sk1, su1, sh1, sz1, sdo, sdh, sdz, dh1, dz1, p, r, w, a, b, c, w_last, r_last,
+            rows, L, BT, BD, BE, PREC)
+        dk, dv, dlr, dh1, dh2 = _inner_write_bwd(sk1, sk2, serr, sh1, sh2, s1, s2, m, g1, lr,
+                                                 eta1, eta2, lw1, lw2, scale, tau, du1, du2,
+                                                 eta1, eta2, dk, dhh, dh1, dh2, False, CLIP, BT,
+                                                 BD, BE, PREC)
         if i_r == 0:      # the returned W_B is the last chunk's start (loaded here: registers)
             dh1 += _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
             dh2 += _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
@@ -482,6 +598,16 @@ def _launch_args(q, E, chunk_size, activation, max_grad_norm):
         BD=BD, BE=BE, PREC=dot_precision(q.dtype))
 
 
+def _scratch(q, E, chunk_size, n_slots):
+    """The backward's scratch (module docstring, "Shared memory"): n_slots padded tiles per
+    (batch, head) program, each of S fp32 (the largest of [BT, BT|BD|BE] and [BD, BE]).
+    Returns (buffer, S)."""
+    B, _, H, d = q.shape
+    BT, BD, BE = _tiles(d, E, chunk_size)
+    S = max(BT * max(BT, BD, BE), BD * BE)
+    return torch.empty(B * H, int(n_slots), S, device=q.device, dtype=torch.float32), S
+
+
 def _state_buffers(B, H, d, E, NT, n_layers_states, save, device):
     """Final/start state outputs (alternating [B,H,E,d] W_in-like and [B,H,d,E] W_out-like)
     and the per-chunk saved starts ([B*H, NT, d, E] and [B*H, NT, E, d] alternating)."""
@@ -540,10 +666,11 @@ def _memory_mlp_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dalpha, dlr = torch.empty_like(alpha), torch.empty_like(lr)
     (dwin, dwout), _ = _state_buffers(B, H, d, E, NT, 2, False, q.device)
+    scratch, S = _scratch(q, E, chunk_size, DELTA_SLOTS.value)
     _mlp_mem_bwd_kernel[(1, B * H)](q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout,
                                   grad_win_start, grad_wout_start, dq, dk, dv, dalpha, dlr,
-                                  dwin, dwout, T, H, d, E, chunk_size, NT, DGD=dgd, **consts,
-                                  num_warps=CHUNK_WARPS, num_stages=1)
+                                  dwin, dwout, scratch, T, H, d, E, chunk_size, NT, S, DGD=dgd,
+                                  **consts, num_warps=CHUNK_WARPS, num_stages=1)
     return dq, dk, dv, dalpha, dlr, dwin, dwout
 
 
@@ -652,10 +779,12 @@ def _memory_mlp_momentum_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bet
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dalpha, dbeta, dlr = torch.empty_like(alpha), torch.empty_like(beta), torch.empty_like(lr)
     (dwin, dwout, dzin, dzout), _ = _state_buffers(B, H, d, E, NT, 4, False, q.device)
+    scratch, S = _scratch(q, E, chunk_size, MOMENTUM_SLOTS.value)
     _mlp_mem_momentum_bwd_kernel[(1, B * H)](
         q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c, grad_y, grad_win, grad_wout, grad_zin,
         grad_zout, grad_win_start, grad_wout_start, dq, dk, dv, dalpha, dbeta, dlr, dwin, dwout,
-        dzin, dzout, T, H, d, E, chunk_size, NT, **consts, num_warps=CHUNK_WARPS, num_stages=1)
+        dzin, dzout, scratch, T, H, d, E, chunk_size, NT, S, **consts, num_warps=CHUNK_WARPS,
+        num_stages=1)
     return dq, dk, dv, dalpha, dbeta, dlr, dwin, dwout, dzin, dzout
 
 
