@@ -27,7 +27,21 @@ momenta). The backward walks the chunks in reverse with the state gradients in r
 per chunk it recomputes steps 1-3 from the saved states, steps back through layer 2, s(O1)
 and layer 1 (`_chunk_delta_bwd` / `_chunk_momentum_bwd`, built on triton_delta's and
 triton_momentum's per-chunk helpers), then through the write rates and the inner gradient
-(`_inner_write_bwd`), which needs s''(Z) (closed forms: triton_cms.py's `_act`).
+(`_inner_write_bwd`), which needs s''(Z) (closed forms: triton_cms.py's `_act`). Layer 1's
+UT system (Tm) comes from the recomputed forward, solved once per chunk.
+
+Shared memory (the backward). On a GPU every dot operand is staged in shared memory, and the
+compiler keeps one copy per value from its first dot to its last (it merges a value's copies,
+and places a loaded value's copy right after the load). A chunk body that reused its tiles
+across the phases above kept ~25 [64, 128] / [64, 64] copies live at once: 416 KiB at d = 64,
+E = 128, C = 64, over an H100's 227 KiB. So the backward leaves each chunk's tiles (q, K, V's
+writes, both layers' queries, inputs and states, Err, dO, dh, W, Delta, dDelta) in a per-
+program fp32 scratch buffer in global memory (DELTA_SLOTS / MOMENTUM_SLOTS padded tiles per
+(batch, head), L2-resident, `_scratch`) and re-reads them for each dot (`_reload`, `_reload_t`
+for a transposed operand straight from memory): each copy then dies at its dot, and the
+kernels take at most 192 KiB (`fusable_mlp` lists the measured bytes). Every scratch access
+sits behind a barrier (tl.debug_barrier), which also keeps the compiler from merging the
+re-reads into one load.
 
     fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation)
         -> (y [B,T,H,d] in q's dtype, (W_in, W_out) at T, (W_in, W_out) at the start of the
@@ -39,9 +53,9 @@ Gradients flow to q, k, v, the gates and the initial weights (and momenta), from
 output. Limits (`fusable_mlp`): d <= 64, E <= 128, C <= 64, every update rule: all of a
 program's tiles sit in registers (at d = 64, E = 128 the four state tiles alone are 128 KiB
 of fp32, so the largest shapes spill to local memory on a GPU; their speed is unmeasured).
-The backward's shared memory also caps the padded tile volume C * d * E at
-MAX_MLP_TILE_VOLUME = 16 * 64 * 128 (an H100's 227 KiB): d = 64, E = 128 fuses up to C = 16;
-larger chunks there take the torch path, and the entry points reject them.
+All of these shapes fit an H100's shared memory (above). The backward's scratch is
+15 (14 for momentum) * max(C, d, E) * max(C, d) fp32 per (batch, head): 480 KiB at d = 64,
+E = 128, C = 64.
 """
 import math
 from typing import Optional
@@ -517,26 +531,16 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
 
 # ----------------------------------------------------------------------------- host side
 
-# The backward kernels keep about 44 dot-operand tiles live across a chunk: their shared
-# memory grows with BT * BD * BE and passes the H100's 227 KiB beyond 16 x 64 x 128 (fp32:
-# 228,352 B for momentum at C = 16, d = 64, E = 128; 425,984 B at C = 64), measured by
-# tests/test_triton_compile.py on the compiled sm_90 kernels. Larger shapes take the torch path.
-MAX_MLP_TILE_VOLUME = 16 * 64 * 128
-
-
 def fusable_mlp(head_dim, expansion, chunk_size, update_rule):
-    """Whether the fused kernels cover a 2-layer MLP memory with these settings."""
-    if not (head_dim <= MAX_MLP_HEAD_DIM and expansion * head_dim <= MAX_MLP_HIDDEN
-            and 1 <= chunk_size <= MAX_MLP_CHUNK and update_rule in FUSED_RULES):
-        return False
-    return _fits_tile_volume(head_dim, expansion * head_dim, chunk_size)
-
-
-def _fits_tile_volume(d, E, chunk_size):
-    """Whether the backward's live tiles fit an H100's shared memory: the padded chunk
-    volume BT * BD * BE <= MAX_MLP_TILE_VOLUME (at d = 64, E = 128: C <= 16)."""
-    BT, BD, BE = _tiles(d, E, chunk_size)
-    return BT * BD * BE <= MAX_MLP_TILE_VOLUME
+    """Whether the fused kernels cover a 2-layer MLP memory with these settings: d <= 64,
+    E <= 128, C <= 64, a fused rule. Every such shape fits an H100's shared memory; the largest
+    tiles (d = 64, E = 128, C = 64) were measured on the compiled sm_90 kernels
+    (tests/test_triton_compile.py; fp32 / bf16 inputs, B of the 232,448 an H100 allows):
+    DGD/GD backward 131,072 / 163,840, momentum backward 196,608 / 172,032, forwards 114,688 /
+    163,840 (DGD) and 151,552 / 229,376 (momentum); at HOPE's d = 64, E = 64, C = 64 the
+    backwards take 81,920 / 114,688 (DGD) and 131,072 / 106,496 (momentum)."""
+    return (head_dim <= MAX_MLP_HEAD_DIM and expansion * head_dim <= MAX_MLP_HIDDEN
+            and 1 <= chunk_size <= MAX_MLP_CHUNK and update_rule in FUSED_RULES)
 
 
 def _tiles(d, E, chunk_size):
@@ -574,10 +578,6 @@ def _check_inputs(tensors, states, chunk_size, activation, max_grad_norm, caller
     if d > MAX_MLP_HEAD_DIM or E > MAX_MLP_HIDDEN:
         raise ValueError(f"head dim {d} / hidden {E} exceed {MAX_MLP_HEAD_DIM} / {MAX_MLP_HIDDEN}, "
                          f"the most the fused MLP memory kernels hold in registers")
-    if not _fits_tile_volume(d, E, chunk_size):
-        raise ValueError(f"chunk_size {chunk_size} at head dim {d} / hidden {E} exceeds the fused MLP "
-                         f"memory kernels' tile volume (padded C*d*E <= {MAX_MLP_TILE_VOLUME}, "
-                         f"C <= 16 at d=64, E=128), the most their backward fits in shared memory")
     if activation not in ACT_IDS:
         raise ValueError(f"activation must be one of {', '.join(ACT_IDS)}; got {activation!r}")
     if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
@@ -599,12 +599,12 @@ def _launch_args(q, E, chunk_size, activation, max_grad_norm):
 
 
 def _scratch(q, E, chunk_size, n_slots):
-    """The backward's scratch (module docstring, "Shared memory"): n_slots padded tiles per
-    (batch, head) program, each of S fp32 (the largest of [BT, BT|BD|BE] and [BD, BE]).
-    Returns (buffer, S)."""
+    """The backward's scratch (module docstring, "Shared memory"): n_slots slots per
+    (batch, head) program of S fp32 each, S = max(BT, BD) * max(BT, BD, BE) (room for the
+    largest padded tile: [BT, BT|BD|BE], [BD, BE] or [BE, BD]). Returns (buffer, S)."""
     B, _, H, d = q.shape
     BT, BD, BE = _tiles(d, E, chunk_size)
-    S = max(BT * max(BT, BD, BE), BD * BE)
+    S = max(BT, BD) * max(BT, BD, BE)
     return torch.empty(B * H, int(n_slots), S, device=q.device, dtype=torch.float32), S
 
 
