@@ -26,7 +26,8 @@ M_alpha (and M_q), C_mem for M_mem.
 Order of computation. The projection memories never read M_mem, so a segment runs in two
 stages, each exact for any segment boundaries:
   1. the projection memories, chunk piece by chunk piece (C_other): read k, v, eta, alpha
-     at the chunk-start weights, generate the targets, write (one DGD scan per layer);
+     at the chunk-start weights, then one `scan(..., self_target=True)` of the piece
+     generates the targets and writes (one DGD scan per layer, or one fused launch);
   2. M_mem over the whole segment in one `NeuralMemory.scan(..., self_target=True)` (chunk
      C_mem) with the keys, values and gates of stage 1: per chunk piece it reads the target
      M_mem,B(v_t) at the chunk-start weights, then writes (the fused MLP kernel can take
@@ -197,11 +198,12 @@ class SelfModifyingTitans(nn.Module):
         if self.projections is not None:
             n = len(self.projection_names)
             keys = k.repeat(1, 1, n, 1)
-            targets = self.projections.read(state["chunk_start"], v.repeat(1, 1, n, 1))  # NL Eq. 87
-            # The readouts of the projection memories are not used (they are read at chunk
-            # starts); the keys stand in as queries.
-            _, state = self.projections.update_piece(keys, keys, targets, eta.repeat(1, 1, n),
-                                                     alpha.repeat(1, 1, n), None, state)
+            # Each memory learns its own target M_B(v) (NL Eq. 87: scan's self_target). The
+            # readouts of the projection memories are not used (they are read at chunk
+            # starts); the keys stand in as queries. One piece lies inside one chunk, so on
+            # the fused path this is one kernel launch (memory._use_fused_kernel).
+            state = self.projections.scan(keys, keys, v.repeat(1, 1, n, 1), eta.repeat(1, 1, n),
+                                          alpha.repeat(1, 1, n), state=state, self_target=True).state
         return k, v, q, eta, alpha, state
 
     def forward(self, x, state=None, pos=0):
