@@ -118,6 +118,26 @@ def _reload_t(slot, R: tl.constexpr, Cc: tl.constexpr):
 
 
 @triton.jit
+def _load_chunk(q_ptr, k_ptr, v_ptr, g_base, t0, end, H, D, BT: tl.constexpr, BD: tl.constexpr):
+    """The chunk's q, k, v rows, [BT, BD] fp32 each (every kernel's chunk loop)."""
+    qc, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, D, BT, BD)
+    return qc, kc, _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+
+
+@triton.jit
+def _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr, h1, h2, bh64, i_t, NT, D, E,
+                      SAVE: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+    """The forwards' saves of a chunk's start (h1, h2): for the backward (SAVE, [B*H, NT, .]),
+    and the last chunk's as the returned W_B."""
+    if SAVE:
+        _store_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, h1, BD, BE)
+        _store_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, h2, BE, BD)
+    if i_t == NT - 1:
+        _store_state(winB_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
+        _store_state(woutB_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
+
+
+@triton.jit
 def _inner_write(kc, vc, lr, h1, h2, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
                  ACT: tl.constexpr, PREC: tl.constexpr):
     """Step 1-2 of the module docstring for one chunk at the chunk-start (h1, h2): the inner
@@ -312,14 +332,9 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
     h2 = _load_state(wout_ptr, bh64 * D * E, E, D, 0, BE, BD)                 # W_out^T [E, D]
     for i_t in range(NT):
         t0, end, L = _chunk_span(i_t, C, T)
-        if SAVE:
-            _store_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, h1, BD, BE)
-            _store_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, h2, BE, BD)
-        if i_t == NT - 1:
-            _store_state(winB_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
-            _store_state(woutB_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
-        qc, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, D, BT, BD)
-        vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr, h1, h2, bh64, i_t, NT, D, E,
+                          SAVE, BD, BE)
+        qc, kc, vc = _load_chunk(q_ptr, k_ptr, v_ptr, g_base, t0, end, H, D, BT, BD)
         g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
@@ -360,8 +375,7 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
         # 1. the chunk's forward from its saved start (layer 2's readout is not needed)
         h1 = _load_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
         h2 = _load_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
-        qc, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, D, BT, BD)
-        vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        qc, kc, vc = _load_chunk(q_ptr, k_ptr, v_ptr, g_base, t0, end, H, D, BT, BD)
         dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
@@ -424,16 +438,12 @@ def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
     z2 = _load_state(zout_ptr, bh64 * D * E, E, D, 0, BE, BD)
     for i_t in range(NT):
         t0, end, L = _chunk_span(i_t, C, T)
+        _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr, h1, h2, bh64, i_t, NT, D, E,
+                          SAVE, BD, BE)
         if SAVE:
-            _store_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, h1, BD, BE)
-            _store_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, h2, BE, BD)
             _store_kv(z1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, z1, BD, BE)
             _store_kv(z2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, z2, BE, BD)
-        if i_t == NT - 1:
-            _store_state(winB_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
-            _store_state(woutB_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
-        qc, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, D, BT, BD)
-        vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        qc, kc, vc = _load_chunk(q_ptr, k_ptr, v_ptr, g_base, t0, end, H, D, BT, BD)
         lr = _load_gate(lr_ptr, g_base, t0, end, H, 0.0, BT)
         alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
             alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
@@ -482,8 +492,7 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
         h1 = _load_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
         h2 = _load_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
         z1 = _load_kv(z1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
-        qc, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, D, BT, BD)
-        vc = _load_rows(v_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        qc, kc, vc = _load_chunk(q_ptr, k_ptr, v_ptr, g_base, t0, end, H, D, BT, BD)
         dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, tau, False, CLIP, ACT, PREC)
