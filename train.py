@@ -56,6 +56,18 @@ def lr_at(step, cfg: Config):
     return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * frac))
 
 
+def setup_precision(t, device_type: str) -> bool:
+    """Whether training computes in bf16 (autocast): train.dtype bfloat16, or auto on CUDA.
+    Computing in bf16 on CUDA also lets fp32 matmuls use TF32 tensor cores
+    (torch.set_float32_matmul_precision("high"), as nanoGPT and torchtitan do): the memory
+    layers keep fast weights and their inputs in fp32, and their Triton kernels follow this
+    setting (kernels.triton_delta.dot_precision; "highest", PyTorch's default, is exact fp32)."""
+    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device_type == "cuda")
+    if use_bf16 and device_type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    return use_bf16
+
+
 def make_optimizer(model, cfg: Config, device_type):
     """`optim.name`: AdamW or a deep optimiser (optim.py). Weight decay on matrices only;
     embeddings, the LM head and vectors use AdamW whatever the rule (optim.split_param_groups)."""
@@ -203,7 +215,7 @@ def _train(cfg: Config, env: DistEnv):
     t = cfg.train
     device, device_type = env.device, env.device_type
     say = print if env.is_main else _silent          # rank 0 alone prints and writes files
-    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device_type == "cuda")
+    use_bf16 = setup_precision(t, device_type)
     # Autocast also under FSDP2 with bf16 parameters: the memory layers keep their fast weights
     # and gates in fp32 (memory.py), and their outputs meet bf16 weights (measured on an H100:
     # without autocast HOPE stopped at "expected scalar type Float but found BFloat16").

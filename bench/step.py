@@ -43,7 +43,7 @@ def build_train_step(cfg, device="cpu", compile=False):
     train.batch_size random sequences of train.seq_len + 1 tokens. Sets model.vocab_size
     from the tokenizer when it is 0."""
     from model import build_model
-    from train import make_optimizer
+    from train import make_optimizer, setup_precision
     t = cfg.train
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 50257 if cfg.data.tokenizer == "gpt2" else 257
@@ -52,7 +52,7 @@ def build_train_step(cfg, device="cpu", compile=False):
     opt = make_optimizer(model, cfg, device)
     step_model = torch.compile(model) if compile else model
     x = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
-    bf16 = device == "cuda" and t.dtype != "float32"
+    bf16 = setup_precision(t, device)            # as train.py: bf16 autocast, TF32 on CUDA
     return model, make_train_step(step_model, opt, x, t.grad_accum, device, bf16)
 
 

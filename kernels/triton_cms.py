@@ -46,7 +46,8 @@ Parallelism is B programs (a fast level has no heads): the piece loop is sequent
 needs Y summed over all of hidden, so hidden blocks stay in one program. Small batches leave
 most of a GPU idle; the gain over the torch scan is the ~15 launches per chunk it saves.
 
-fp32 only (the state is fp32; callers cast), exact fp32 products ("ieee"). D <= 128,
+fp32 only (the state is fp32; callers cast); products as triton_delta.dot_precision says
+(exact fp32 at PyTorch's default matmul precision, tf32 at "high"). D <= 128,
 hidden <= 4096, C <= 64 (C <= 32 when D > 64): a piece is one [BT, BD] tile of rows.
 """
 import math

@@ -486,9 +486,15 @@ CHUNK_WARPS = 8
 
 
 def dot_precision(dtype):
-    """fp32 inputs get exact fp32 products (the CPU-equivalent path); 16-bit inputs, whose
-    own rounding is coarser, get tf32 tensor cores. Accumulation is fp32 either way."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """The products of the kernels' tl.dot tiles; accumulation is fp32 either way. 16-bit
+    inputs, whose own rounding is coarser, get tf32 tensor cores. fp32 inputs (the memory
+    layers' fast weights and the inputs memory.py casts up) follow PyTorch's fp32 matmul
+    setting, as torch.matmul does: "highest" (PyTorch's default; the tests) gives exact fp32
+    products (FMA, no tensor cores), "high" or "medium" tf32 tensor cores (train.py sets
+    "high" when it computes in bf16 on CUDA: train.setup_precision)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 # Entry-point glue shared by triton_scans.py and triton_memory.py (absent states are None).

@@ -134,3 +134,21 @@ def test_evals_during_training_are_logged(corpus, tmp_path):
     assert {"wikitext_word_ppl", "lambada_ppl", "lambada_acc"} <= set(row), row
     r = run_train([*TINY, f"--data.dataset={corpus}", f"--train.out_dir={out}", "--eval.during_training=[bogus]"])
     assert r.returncode == 2 and "eval.during_training has unknown eval(s) ['bogus']" in r.stderr
+
+
+@pytest.mark.parametrize("dtype, device_type, bf16, precision", [
+    ("auto", "cpu", False, "highest"), ("auto", "cuda", True, "high"),
+    ("float32", "cuda", False, "highest"), ("bfloat16", "cpu", True, "highest")])
+def test_setup_precision(dtype, device_type, bf16, precision):
+    """bf16 autocast for train.dtype bfloat16, or auto on CUDA; then, on CUDA only, fp32
+    matmuls (and the memory kernels' fp32 products, kernels.triton_delta.dot_precision) may
+    use TF32. Needs no GPU: it only sets torch's flag."""
+    from config import TrainConfig
+    from train import setup_precision
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        assert setup_precision(TrainConfig(dtype=dtype), device_type) is bf16
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(old)

@@ -6,6 +6,8 @@ helpers.triton_kernels_or_skip), the interpreter computes bf16 wrongly, so those
 and tiny. With a GPU the same small cases run natively, plus realistic sizes in fp32 and bf16,
 a 16K-token run and torch.compile.
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,6 +118,36 @@ def test_matches_reference_small(op, case):
     assert_close(errors, 1e-4, f"{op} {small_id(case)}")
 
 
+@contextlib.contextmanager
+def fp32_matmul_precision(setting):
+    """torch.set_float32_matmul_precision(setting) inside the block, the old one after it."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", OPS)
+def test_fp32_products_follow_torch_matmul_precision(op):
+    """fp32 inputs: exact products at PyTorch's default "highest", tf32 tensor cores at
+    "high"/"medium" (what train.setup_precision sets for bf16 training on CUDA); 16-bit
+    inputs always tf32. The "high" run still matches the float64 reference (to tf32's
+    rounding on a GPU; the interpreter computes every product in fp32)."""
+    from kernels.triton_delta import dot_precision
+    with fp32_matmul_precision("highest"):
+        assert dot_precision(torch.float32) == "ieee" and dot_precision(torch.bfloat16) == "tf32"
+    for setting in ("high", "medium"):
+        with fp32_matmul_precision(setting):
+            assert dot_precision(torch.float32) == "tf32"
+    with fp32_matmul_precision("high"):
+        errors, dtypes_ok = compare_with_reference(op, make_inputs(op, 1, 19, 1, 16, 16, True), 16)
+    assert dtypes_ok
+    assert_close(errors, 1e-2, f"{op} fp32 at matmul precision high")
+
+
 @needs_kernels
 @pytest.mark.parametrize("op", OPS)
 def test_gradients_when_only_o_is_used(op):
@@ -206,15 +238,19 @@ def test_dispatcher_and_triton_entry_share_one_input_check(change):
 # ----------------------------------------------------------------------------- CUDA only
 
 @needs_cuda
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
-                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype, tol, precision", [(torch.float32, 1e-4, "highest"),
+                                                   (torch.float32, 1e-2, "high"),
+                                                   (torch.bfloat16, 1e-2, "highest")],
+                         ids=["fp32", "fp32-tf32", "bf16"])
 @pytest.mark.parametrize("op", OPS)
-def test_cuda_realistic_size_matches_float64_reference(op, dtype, tol):
+def test_cuda_realistic_size_matches_float64_reference(op, dtype, tol, precision):
     """B=2, T=1000 (not a multiple of the chunk), H=4, K=V=64: bf16 inputs (the reference
     sees the same rounded values) run with fp32 states, so only output rounding and tf32
-    products separate them."""
+    products separate them; fp32 inputs at matmul precision "high" (bf16 training) take tf32
+    products too."""
     inputs = make_inputs(op, 2, 1000, 4, 64, 64, True, dtype=dtype)
-    errors, dtypes_ok = compare_with_reference(op, inputs, 64)
+    with fp32_matmul_precision(precision):
+        errors, dtypes_ok = compare_with_reference(op, inputs, 64)
     assert dtypes_ok
     assert_close(errors, tol, f"{op} {dtype}")
 
