@@ -23,6 +23,8 @@ stays bounded; fla's error column checks the mapping.
 Part 2, the memory layer (memory.NeuralMemory, linear, C=64; 32 at d=128, the fused limit): backend "torch" (per-chunk
 PyTorch, the CPU path) vs "triton" (one fused kernel, kernels/triton_memory.py), for the DGD
 and momentum rules, fp32 state; error of y and the final weights vs the float64 torch path.
+fp32 products follow --fp32-matmul-precision: high (the default, as train.py sets for bf16
+training on CUDA) = tf32 tensor cores, highest = exact fp32 (kernels.triton_delta.dot_precision).
 Rows memory/mlp/*: the same for the 2-layer MLP memory (E = 2d, kernels/triton_mlp_memory.py),
 only at d <= 64 (the fused MLP kernel's limit; d = 128 would time the torch path alone).
 
@@ -297,7 +299,11 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip part 2 (the memory layer)")
     p.add_argument("--repeats", type=positive_int, default=3, help="CPU timing repeats")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
+    p.add_argument("--fp32-matmul-precision", choices=("highest", "high"), default="high",
+                   help="torch.set_float32_matmul_precision for the run: the fp32 memory-layer and "
+                        "CMS kernels multiply in exact fp32 at highest, in tf32 at high (training)")
     args = p.parse_args(argv)
+    torch.set_float32_matmul_precision(args.fp32_matmul_precision)
     if args.quick:        # tiny sizes for the options left at their defaults
         quick = dict(B=1, T=[37], H=2, d=[16], dtype="fp32", chunk=16, mem_chunk=8, cms_chunk=4,
                      reference=True, repeats=1)
@@ -312,7 +318,7 @@ def main(argv=None):
     name = machine() + ("" if device == "cuda" else " (Triton interpreter)")
     print(f"command: python bench/kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"device: {name}; torch {torch.__version__}; date {datetime.date.today().isoformat()}; "
-          f"dtype {args.dtype}; fla: {'yes' if fla_fn else 'not available (' + fla_why + ')'}")
+          f"dtype {args.dtype}; fp32 matmul precision {args.fp32_matmul_precision}; fla: {'yes' if fla_fn else 'not available (' + fla_why + ')'}")
     print(HEADER)
     rows = []
     bench_scans(args, device, dtype, fla_fn, rows)
