@@ -27,8 +27,9 @@ momenta). The backward walks the chunks in reverse with the state gradients in r
 per chunk it recomputes steps 1-3 from the saved states, steps back through layer 2, s(O1)
 and layer 1 (`_chunk_delta_bwd` / `_chunk_momentum_bwd`, built on triton_delta's and
 triton_momentum's per-chunk helpers), then through the write rates and the inner gradient
-(`_inner_write_bwd`), which needs s''(Z) (closed forms: triton_cms.py's `_act`). Layer 1's
-UT system (Tm) comes from the recomputed forward, solved once per chunk.
+(`_inner_write_bwd`), which needs s''(Z) (closed forms: triton_cms.py's `_act`), and, with
+self-generated targets, through the target read (`_self_target_bwd`). Layer 1's UT system
+(Tm) comes from the recomputed forward, solved once per chunk.
 
 Shared memory (the backward). On a GPU every dot operand is staged in shared memory, and the
 compiler keeps one copy per value from its first dot to its last (it merges a value's copies,
@@ -43,9 +44,12 @@ kernels take at most 192 KiB (`fusable_mlp` lists the measured bytes). Every scr
 sits behind a barrier (tl.debug_barrier), which also keeps the compiler from merging the
 re-reads into one load.
 
-    fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation)
+    fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation,
+                           max_grad_norm, self_target)
         -> (y [B,T,H,d] in q's dtype, (W_in, W_out) at T, (W_in, W_out) at the start of the
-            last chunk); weights [B,H,E,d] and [B,H,d,E] fp32 like memory.py's.
+            last chunk); weights [B,H,E,d] and [B,H,d,E] fp32 like memory.py's. self_target
+            (HOPE's M_mem, NL Eq. 87): each chunk's targets are V~ = V + s(V h1) h2 at its
+            start weights (`_self_target`), and the backward steps back through them.
     fused_mlp_memory_momentum(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size,
                               activation) -> (y, (W_in, W_out), (Z_in, Z_out), last W_B pair)
 
@@ -54,7 +58,7 @@ output. Limits (`fusable_mlp`): d <= 64, E <= 128, C <= 64, every update rule: a
 program's tiles sit in registers (at d = 64, E = 128 the four state tiles alone are 128 KiB
 of fp32, so the largest shapes spill to local memory on a GPU; their speed is unmeasured).
 All of these shapes fit an H100's shared memory (above). The backward's scratch is
-15 (14 for momentum) * max(C, d, E) * max(C, d) fp32 per (batch, head): 480 KiB at d = 64,
+16 (14 for momentum) * max(C, d, E) * max(C, d) fp32 per (batch, head): 512 KiB at d = 64,
 E = 128, C = 64.
 """
 import math
@@ -87,7 +91,7 @@ FUSED_RULES = ("dgd", "gd", "momentum")
 # ----------------------------------------------------------------------------- jit helpers
 
 # Scratch slots per backward program (module docstring, "Shared memory"): one padded tile each.
-DELTA_SLOTS = tl.constexpr(15)
+DELTA_SLOTS = tl.constexpr(16)
 MOMENTUM_SLOTS = tl.constexpr(14)
 
 
@@ -135,6 +139,28 @@ def _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr, h1, h2, bh64, i_t, 
     if i_t == NT - 1:
         _store_state(winB_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
         _store_state(woutB_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
+
+
+@triton.jit
+def _self_target(vc, h1, h2, ACT: tl.constexpr, PREC: tl.constexpr):
+    """HOPE's self-generated target (NL Eq. 87), v^_t = M_B(v_t) = v_t + W_out s(W_in v_t) at
+    the chunk-start weights (row form: V + s(V h1) h2), before the chunk's writes."""
+    hv, ds_unused, dds_unused = _act(tl.dot(vc, h1, input_precision=PREC), ACT, 0)
+    return vc + tl.dot(hv, h2, input_precision=PREC)
+
+
+@triton.jit
+def _self_target_bwd(sv, sh1, sh2, dvt, dh1, dh2, ACT: tl.constexpr, BT: tl.constexpr,
+                     BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
+    """The chain rule of `_self_target`, given the target's gradient dvt: with A = V h1,
+    dM = (dvt h2^T) o s'(A):  dV = dvt + dM h1^T,  dh1 += V^T dM,  dh2 += s(A)^T dvt.
+    V, h1, h2 from their scratch slots. Returns (dV, dh1, dh2)."""
+    hv, ds, dds_unused = _act(tl.dot(_reload(sv, BT, BD), _reload(sh1, BD, BE),
+                                     input_precision=PREC), ACT, 1)
+    dm = tl.dot(dvt, _reload_t(sh2, BE, BD), input_precision=PREC) * ds
+    dh2 += tl.dot(tl.trans(hv), dvt, input_precision=PREC)
+    dh1 += tl.dot(_reload_t(sv, BT, BD), dm, input_precision=PREC)
+    return dvt + tl.dot(dm, _reload_t(sh1, BD, BE), input_precision=PREC), dh1, dh2
 
 
 @triton.jit
@@ -322,10 +348,12 @@ def _chunk_momentum_bwd(sq, sk, su, sh, sz, sdo, sdh, sdz, dh, dz, p, r, w, a, b
 def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_ptr, y_ptr,
                         h1c_ptr, h2c_ptr, winT_ptr, woutT_ptr, winB_ptr, woutB_ptr,
                         T, H, D, E, C, NT, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
-                        ACT: tl.constexpr, SAVE: tl.constexpr, BT: tl.constexpr,
-                        BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
+                        ACT: tl.constexpr, SELF_TARGET: tl.constexpr, SAVE: tl.constexpr,
+                        BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+                        PREC: tl.constexpr):
     """DGD / GD: the chunk loop of one (batch, head), (h1, h2) in registers (module
-    docstring 1-4). SAVE keeps each chunk's start (h1, h2) for the backward."""
+    docstring 1-4). SAVE keeps each chunk's start (h1, h2) for the backward; SELF_TARGET
+    writes toward M_B(v) instead of v (`_self_target`)."""
     i_unused, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
     h1 = _load_state(win_ptr, bh64 * E * D, D, E, 0, BD, BE)                  # W_in^T [D, E]
@@ -335,6 +363,8 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
         _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr, h1, h2, bh64, i_t, NT, D, E,
                           SAVE, BD, BE)
         qc, kc, vc = _load_chunk(q_ptr, k_ptr, v_ptr, g_base, t0, end, H, D, BT, BD)
+        if SELF_TARGET:
+            vc = _self_target(vc, h1, h2, ACT, PREC)
         g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
@@ -353,11 +383,13 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
                         dwinT_ptr, dwoutT_ptr, dwinB_ptr, dwoutB_ptr, dq_ptr, dk_ptr, dv_ptr,
                         dalpha_ptr, dlr_ptr, dwin_ptr, dwout_ptr, scr_ptr, T, H, D, E, C, NT, S,
                         tau, DGD: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr,
-                        BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
+                        SELF_TARGET: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                        BE: tl.constexpr, PREC: tl.constexpr):
     """DGD / GD, chunks in reverse carrying (dh1, dh2) = dL/d(next chunk-start states), in
     four phases per chunk (module docstring): recompute the chunk from its saved start
     (leaving its tiles in this program's DELTA_SLOTS scratch slots of S floats), step back
-    through layer 2, s(O1) and layer 1, then the write rates and the inner gradient."""
+    through layer 2, s(O1) and layer 1, then the write rates and the inner gradient (and,
+    SELF_TARGET, the target M_B(v))."""
     i_unused, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
     slots = scr_ptr + bh64 * (DELTA_SLOTS * S)
@@ -366,6 +398,7 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
                                 slots + 9 * S)
     sdo, sdh, sw, sd, sdd = (slots + 10 * S, slots + 11 * S, slots + 12 * S, slots + 13 * S,
                              slots + 14 * S)
+    sv = slots + 15 * S
     dh1 = _load_state(dwinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
     dh2 = _load_state(dwoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
     for i_r in range(NT):
@@ -377,6 +410,9 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
         h2 = _load_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
         qc, kc, vc = _load_chunk(q_ptr, k_ptr, v_ptr, g_base, t0, end, H, D, BT, BD)
         dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
+        if SELF_TARGET:
+            _spill(sv, vc, BT, BD)
+            vc = _self_target(vc, h1, h2, ACT, PREC)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
         o1, h1_unused, kk1, decay1, tm1 = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L,
@@ -409,6 +445,8 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
                                                  eta1, eta2, lw1, lw2, scale, tau, du1, du2,
                                                  deta1, deta2, dk, dhh, dh1, dh2, DGD, CLIP, BT,
                                                  BD, BE, PREC)
+        if SELF_TARGET:   # dv so far is the target's gradient
+            dv, dh1, dh2 = _self_target_bwd(sv, sh1, sh2, dv, dh1, dh2, ACT, BT, BD, BE, PREC)
         if i_r == 0:      # the returned W_B is the last chunk's start (loaded here: registers)
             dh1 += _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
             dh2 += _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
@@ -547,7 +585,9 @@ def fusable_mlp(head_dim, expansion, chunk_size, update_rule):
     (tests/test_triton_compile.py; fp32 / bf16 inputs, B of the 232,448 an H100 allows):
     DGD/GD backward 131,072 / 163,840, momentum backward 196,608 / 172,032, forwards 114,688 /
     163,840 (DGD) and 151,552 / 229,376 (momentum); at HOPE's d = 64, E = 64, C = 64 the
-    backwards take 81,920 / 114,688 (DGD) and 131,072 / 106,496 (momentum)."""
+    backwards take 98,304 / 114,688 (DGD, self_target) and 131,072 / 106,496 (momentum), the
+    DGD forward 81,920 / 98,304 (self_target). Every flag combination of the four kernels
+    was measured at both shapes and precisions: none takes more than the all-on one."""
     return (head_dim <= MAX_MLP_HEAD_DIM and expansion * head_dim <= MAX_MLP_HIDDEN
             and 1 <= chunk_size <= MAX_MLP_CHUNK and update_rule in FUSED_RULES)
 
@@ -633,7 +673,7 @@ def _state_buffers(B, H, d, E, NT, n_layers_states, save, device):
 @torch.library.custom_op("nested_learning::memory_mlp_delta_fwd", mutates_args=())
 def _memory_mlp_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, w_in: Tensor,
                     w_out: Tensor, chunk_size: int, dgd: bool, activation: str,
-                    max_grad_norm: Optional[float], save: bool
+                    max_grad_norm: Optional[float], self_target: bool, save: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v, alpha, lr, w_in, w_out = _contiguous(q, k, v, alpha, lr, w_in, w_out)
     E = w_in.shape[2]
@@ -643,6 +683,7 @@ def _memory_mlp_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
     _, (h1c, h2c) = _state_buffers(B, H, d, E, NT, 2, save, q.device)
     _mlp_mem_fwd_kernel[(1, B * H)](q, k, v, alpha, lr, w_in, w_out, y, h1c, h2c, win_T, wout_T,
                                   win_B, wout_B, T, H, d, E, chunk_size, NT, DGD=dgd, SAVE=save,
+                                  SELF_TARGET=self_target,
                                   **consts, num_warps=CHUNK_WARPS, num_stages=1)
     return y, win_T, wout_T, win_B, wout_B, h1c, h2c
 
@@ -658,7 +699,8 @@ def _fake_forward(q, w_in, chunk_size, n_states, n_chunk_states, save):
 
 
 @_memory_mlp_fwd.register_fake
-def _(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, max_grad_norm, save):
+def _(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, max_grad_norm, self_target,
+      save):
     return _fake_forward(q, w_in, chunk_size, 4, 2, save)
 
 
@@ -666,7 +708,7 @@ def _(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, max_grad_nor
 def _memory_mlp_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, h1c: Tensor,
                     h2c: Tensor, grad_y: Tensor, grad_win: Tensor, grad_wout: Tensor,
                     grad_win_start: Tensor, grad_wout_start: Tensor, chunk_size: int, dgd: bool,
-                    activation: str, max_grad_norm: Optional[float]
+                    activation: str, max_grad_norm: Optional[float], self_target: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v, alpha, lr, grad_y, grad_win, grad_wout, grad_win_start, grad_wout_start = _contiguous(
         q, k, v, alpha, lr, grad_y, grad_win, grad_wout, grad_win_start, grad_wout_start)
@@ -679,13 +721,14 @@ def _memory_mlp_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
     _mlp_mem_bwd_kernel[(1, B * H)](q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout,
                                   grad_win_start, grad_wout_start, dq, dk, dv, dalpha, dlr,
                                   dwin, dwout, scratch, T, H, d, E, chunk_size, NT, S, DGD=dgd,
+                                  SELF_TARGET=self_target,
                                   **consts, num_warps=CHUNK_WARPS, num_stages=1)
     return dq, dk, dv, dalpha, dlr, dwin, dwout
 
 
 @_memory_mlp_bwd.register_fake
 def _(q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout, grad_win_start,
-      grad_wout_start, chunk_size, dgd, activation, max_grad_norm):
+      grad_wout_start, chunk_size, dgd, activation, max_grad_norm, self_target):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(alpha), torch.empty_like(lr),
             torch.empty_like(grad_win, dtype=torch.float32),
@@ -693,9 +736,10 @@ def _(q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout, grad_win_start,
 
 
 def _memory_mlp_setup_context(ctx, inputs, output):
-    q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, max_grad_norm, save = inputs
+    (q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, max_grad_norm, self_target,
+     save) = inputs
     ctx.save_for_backward(q, k, v, alpha, lr, output[5], output[6])
-    ctx.args = (chunk_size, dgd, activation, max_grad_norm)
+    ctx.args = (chunk_size, dgd, activation, max_grad_norm, self_target)
     ctx.state_dtypes = (w_in.dtype, w_out.dtype)
     ctx.mark_non_differentiable(output[5], output[6])
 
@@ -716,27 +760,32 @@ def _memory_mlp_backward(ctx, grad_y, grad_win, grad_wout, grad_win_start, grad_
     dq, dk, dv, dalpha, dlr, dwin, dwout = torch.ops.nested_learning.memory_mlp_delta_bwd(
         q, k, v, alpha, lr, h1c, h2c, grad_y, *states, *ctx.args)
     return (dq, dk, dv, dalpha, dlr, dwin.to(ctx.state_dtypes[0]), dwout.to(ctx.state_dtypes[1]),
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _memory_mlp_fwd.register_autograd(_memory_mlp_backward, setup_context=_memory_mlp_setup_context)
 
 
 def fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd=True,
-                           activation="silu", max_grad_norm=None):
+                           activation="silu", max_grad_norm=None, self_target=False):
     """A residual MLP memory layer M(x) = x + W_out s(W_in x) with the DGD (dgd=True, NL Eq.
     57/88) or GD transition per layer, fused (module docstring). Chunks start at t = 0, every
     chunk_size tokens; lr is the raw inner learning rate (DGD's eta' is formed per layer
-    inside; max_grad_norm: memory.py's per-token inner-gradient clip, None = off). Returns
-    (y [B,T,H,d] in q's dtype, (W_in, W_out) after the last token, (W_in, W_out) at the start
-    of the last chunk), fp32, laid out like memory.py's weights."""
+    inside; max_grad_norm: memory.py's per-token inner-gradient clip, None = off).
+    self_target: HOPE's self-generated target (NL Eq. 87, memory.py's scan): token t learns
+    ||M(k_t) - M_B(v_t)||^2, v read at its chunk's start weights, gradients flowing through the
+    read to v and the weights. Returns (y [B,T,H,d] in q's dtype, (W_in, W_out) after the last
+    token, (W_in, W_out) at the start of the last chunk), fp32, laid out like memory.py's
+    weights."""
     _check_inputs({"q": q, "k": k, "v": v, "alpha": alpha, "lr": lr},
                   {"w_in": w_in, "w_out": w_out}, chunk_size, activation, max_grad_norm,
                   "fused_mlp_memory_delta")
+    if not isinstance(self_target, bool):
+        raise ValueError(f"self_target must be a bool; got {self_target!r}")
     save = _needs_grad(q, k, v, alpha, lr, w_in, w_out)
     y, win_T, wout_T, win_B, wout_B, _, _ = torch.ops.nested_learning.memory_mlp_delta_fwd(
         q, k, v, alpha, lr, w_in, w_out, chunk_size, bool(dgd), activation,
-        None if max_grad_norm is None else float(max_grad_norm), save)
+        None if max_grad_norm is None else float(max_grad_norm), self_target, save)
     return y, (win_T, wout_T), (win_B, wout_B)
 
 
@@ -834,12 +883,16 @@ _memory_mlp_momentum_fwd.register_autograd(_memory_mlp_momentum_backward,
 
 
 def fused_mlp_memory_momentum(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size,
-                              activation="silu", max_grad_norm=None):
+                              activation="silu", max_grad_norm=None, self_target=False):
     """A residual MLP memory layer with Titans' momentum transition (Eq. 13-14) per layer:
         Z_t = beta_t Z_{t-1} - lr_t g_t a_t^T ;  W_t = alpha_t W_{t-1} + Z_t
     (g_t, a_t: the layer's closed-form inner gradient at W_B, clipped as in
     fused_mlp_memory_delta, and its input). Returns (y, (W_in, W_out) at T, (Z_in, Z_out) at
-    T, (W_in, W_out) at the last chunk's start)."""
+    T, (W_in, W_out) at the last chunk's start). No self_target (HOPE's M_mem, which
+    generates its targets, uses DGD / GD: fused_mlp_memory_delta)."""
+    if self_target is not False:
+        raise ValueError("fused_mlp_memory_momentum has no self_target; self-generated targets "
+                         "are fused for DGD / GD only (fused_mlp_memory_delta)")
     _check_inputs({"q": q, "k": k, "v": v, "alpha": alpha, "beta": beta, "lr": lr},
                   {"w_in": w_in, "w_out": w_out, "z_in": z_in, "z_out": z_out}, chunk_size,
                   activation, max_grad_norm, "fused_mlp_memory_momentum")

@@ -75,8 +75,10 @@ CASES = {
         ("_mem_momentum_bwd_grads_kernel", _flags(), "chunk", 1),
     ]),
     "triton_mlp_memory": (MLP_SHAPES, [
-        ("_mlp_mem_fwd_kernel", _flags(DGD=BOOL, CLIP=BOOL, ACT=(0, 1), SAVE=BOOL), "chunk", 1),
-        ("_mlp_mem_bwd_kernel", _flags(DGD=BOOL, CLIP=BOOL, ACT=(0, 1)), "chunk", 1),
+        ("_mlp_mem_fwd_kernel", _flags(DGD=BOOL, CLIP=BOOL, ACT=(0, 1), SELF_TARGET=BOOL,
+                                       SAVE=BOOL), "chunk", 1),
+        ("_mlp_mem_bwd_kernel", _flags(DGD=BOOL, CLIP=BOOL, ACT=(0, 1), SELF_TARGET=BOOL), "chunk",
+         1),
         ("_mlp_mem_momentum_fwd_kernel", _flags(CLIP=BOOL, ACT=(0, 1), SAVE=BOOL), "chunk", 1),
         ("_mlp_mem_momentum_bwd_kernel", _flags(CLIP=BOOL, ACT=(0, 1)), "chunk", 1),
     ]),

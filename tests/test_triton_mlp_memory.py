@@ -8,6 +8,7 @@ TRITON_INTERPRET=1 before triton is imported): fp32, tiny sizes. With a GPU the 
 run natively, plus a realistic size.
 """
 import copy
+import functools
 
 import pytest
 import torch
@@ -127,6 +128,44 @@ def test_inner_gradient_clip_matches_torch_path(rule):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rule, case, segments, options", [
+    ("dgd", (1, 21, 2, 16, 2, 8, "silu"), None, {}),
+    ("gd", (2, 11, 1, 12, 3, 4, "gelu"), None, {}),
+    ("dgd", (1, 19, 1, 8, 2, 4, "silu"), [6, 7, 6], {}),
+    ("dgd", (1, 21, 2, 16, 2, 8, "gelu"), None, dict(max_grad_norm=7.5)),
+], ids=["dgd", "gd-gelu", "dgd-segments", "dgd-clip"])
+def test_self_target_matches_torch_path(monkeypatch, rule, case, segments, options):
+    """HOPE's self-generated target (NL Eq. 87): fused_mlp_memory_delta(self_target=True)
+    against memory.py's per-chunk path, which per chunk piece reads the target
+    M_B(v) = mem.read(chunk_start, v) and writes toward it (update_piece), in float64:
+    outputs, states and the gradients of q, k, v, lr, alpha and both initial weights, T not a
+    multiple of C, and segments ending mid-chunk. memory.py keeps self_target off the kernel
+    until it is wired (its dispatch check is bypassed here: the kernel must be called)."""
+    real_use, real_fused = NeuralMemory._use_fused_kernel, triton_mlp_memory.fused_mlp_memory_delta
+    monkeypatch.setattr(NeuralMemory, "_use_fused_kernel",
+                        lambda self, q, reads, self_target=False: real_use(self, q, reads))
+    calls = []
+    monkeypatch.setattr(triton_mlp_memory, "fused_mlp_memory_delta",
+                        lambda *a, **kw: calls.append(kw.get("self_target")) or real_fused(*a, **kw))
+    B, T, H, d, expansion, C, activation = case
+    errors = fused_vs_oracle_errors(
+        make_memory(rule, H, d, expansion, C, activation, **options),
+        make_inputs(rule, B, T, H, d), segments or [T],
+        lambda mem, *args: run_segments(functools.partial(mem, self_target=True), *args),
+        outputs_of, ["init_w_in", "init_w_out"], DEVICE)
+    assert calls and all(calls), f"the fused kernel ran without self_target: {calls}"
+    assert_close(errors, 2e-5, f"{rule} {case} self_target")
+
+
+def test_momentum_has_no_self_target():
+    args = _kernel_args()
+    beta, z_in, z_out = args[3], torch.zeros_like(args[5]), torch.zeros_like(args[6])
+    with pytest.raises(ValueError, match="fused_mlp_memory_momentum has no self_target"):
+        triton_mlp_memory.fused_mlp_memory_momentum(*args[:4], beta, *args[4:], z_in, z_out, 4,
+                                                    self_target=True)
+
+
+@needs_kernels
 def test_dispatch_uses_the_fused_kernel_only_where_it_applies(monkeypatch):
     calls = []
     for name in ("fused_mlp_memory_delta", "fused_mlp_memory_momentum"):
@@ -180,7 +219,7 @@ def test_no_grad_forward_matches_and_saves_no_chunk_states():
     y_grad, w_grad, b_grad = triton_mlp_memory.fused_mlp_memory_delta(*leaves, 4)
     with torch.no_grad():
         y, w, b = triton_mlp_memory.fused_mlp_memory_delta(*args, 4)
-        out = triton_mlp_memory._memory_mlp_fwd(*args, 4, True, "silu", None, False)
+        out = triton_mlp_memory._memory_mlp_fwd(*args, 4, True, "silu", None, False, False)
     assert torch.equal(y, y_grad.detach()) and not y.requires_grad
     assert all(torch.equal(x, r.detach()) for x, r in zip(w + b, w_grad + b_grad))
     assert out[5].numel() == 0 and out[6].numel() == 0
@@ -189,7 +228,8 @@ def test_no_grad_forward_matches_and_saves_no_chunk_states():
 @needs_kernels
 def test_backward_without_saved_states_raises_one_line():
     args = [t.clone().requires_grad_() for t in _kernel_args()]
-    y = torch.ops.nested_learning.memory_mlp_delta_fwd(*args, 4, True, "silu", None, False)[0]
+    y = torch.ops.nested_learning.memory_mlp_delta_fwd(*args, 4, True, "silu", None, False,
+                                                       False)[0]
     with pytest.raises(RuntimeError, match="fused_mlp_memory_delta: backward through a forward"):
         y.sum().backward()
 
@@ -200,7 +240,7 @@ def test_custom_ops_pass_opcheck(op):
     """Schema, fake implementation, autograd registration: what torch.compile relies on."""
     q, k, v, alpha, lr, w_in, w_out = _kernel_args(T=5)
     if op == "delta":
-        args, options = [q, k, v, alpha, lr, w_in, w_out], (4, True, "gelu", 2.0, True)
+        args, options = [q, k, v, alpha, lr, w_in, w_out], (4, True, "gelu", 2.0, True, True)
     else:
         beta = torch.rand(alpha.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
         args = [q, k, v, alpha, beta, lr, w_in, w_out, 0.1 * w_in.flip(2), 0.1 * w_out.flip(3)]
