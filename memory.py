@@ -325,9 +325,6 @@ class NeuralMemory(nn.Module):
         if (reads or self.detach_chunks_older_than or self._dtype() != torch.float32
                 or (self.depth == 1 and self.max_grad_norm is not None)):
             return False
-        if self_target:        # until kernels/triton_mlp_memory supports self_target
-            return False
-        # what stays once it does: the MLP kernel's DGD/GD only, and targets not detached
         if self_target and (self.depth == 1 or self.update_rule == "momentum" or self.detach_targets):
             return False
         if kernels.select_backend(self.backend, q.device, self._dtype()) != "triton":
@@ -366,12 +363,10 @@ class NeuralMemory(nn.Module):
                         activation=self.activation, max_grad_norm=self.max_grad_norm)
                     momenta = list(momenta)
                 elif self.depth == 2:
-                    # self_target only when set: the kernel's keyword (default False)
-                    # arrives with kernels/triton_mlp_memory's self_target support
-                    target = {"self_target": True} if self_target else {}
                     y, weights, start = triton_mlp_memory.fused_mlp_memory_delta(
                         q, k, v, alpha, lr, *state["weights"], C, dgd=self.update_rule == "dgd",
-                        activation=self.activation, max_grad_norm=self.max_grad_norm, **target)
+                        activation=self.activation, max_grad_norm=self.max_grad_norm,
+                        self_target=self_target)
                 elif self.update_rule == "momentum":
                     y, weights, z, start = triton_memory.fused_linear_memory_momentum(
                         q, k, v, alpha, beta.float(), lr, weights, state["momenta"][0], C)
