@@ -139,11 +139,9 @@ def test_self_target_matches_torch_path(monkeypatch, rule, case, segments, optio
     against memory.py's per-chunk path, which per chunk piece reads the target
     M_B(v) = mem.read(chunk_start, v) and writes toward it (update_piece), in float64:
     outputs, states and the gradients of q, k, v, lr, alpha and both initial weights, T not a
-    multiple of C, and segments ending mid-chunk. memory.py keeps self_target off the kernel
-    until it is wired (its dispatch check is bypassed here: the kernel must be called)."""
-    real_use, real_fused = NeuralMemory._use_fused_kernel, triton_mlp_memory.fused_mlp_memory_delta
-    monkeypatch.setattr(NeuralMemory, "_use_fused_kernel",
-                        lambda self, q, reads, self_target=False: real_use(self, q, reads))
+    multiple of C, and segments ending mid-chunk (memory.py's dispatch: the kernel must be
+    called, with self_target)."""
+    real_fused = triton_mlp_memory.fused_mlp_memory_delta
     calls = []
     monkeypatch.setattr(triton_mlp_memory, "fused_mlp_memory_delta",
                         lambda *a, **kw: calls.append(kw.get("self_target")) or real_fused(*a, **kw))
