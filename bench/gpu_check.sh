@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# One GPU check (issue 5): CUDA kernel tests, the kernel bench, and training throughput of
-# Transformer++ vs Titans vs HOPE at 4K context (bench/step.py; HOPE twice: with the fused
-# Triton memory/CMS kernels, model.kernels=auto, and with the chunked PyTorch path,
-# model.kernels=torch), and a 1-GPU FSDP2 train.py run of Transformer++ and HOPE on
-# byte-tokenised synthetic text. Installs nothing; needs torch,
-# triton, numpy, pyyaml, pytest (the GPU image has them). Every stage has a time cap inside
-# a total budget (default 560 s, under 10 minutes on one H100); a failing or timed-out stage
-# is recorded and the script goes on. Ends with a summary table; the full logs are kept.
+# One GPU check (issue 5): CUDA kernel tests, training throughput of Transformer++ vs Titans
+# vs HOPE at 4K context (bench/step.py; Titans and HOPE with the fused Triton memory kernels,
+# model.kernels=triton, and HOPE once more with model.kernels=auto: the Triton scans under the
+# per-chunk path), and the kernel bench; optionally (GPU_CHECK_FSDP=1) a 1-GPU FSDP2 train.py
+# run of Transformer++ and HOPE on byte-tokenised synthetic text. Installs nothing; needs
+# torch, triton, numpy, pyyaml, pytest (the GPU image has them). Every stage has a time cap
+# inside a total budget (default 560 s, under 10 minutes on one H100); a failing or timed-out
+# stage is recorded and the script goes on. Ends with a summary table; the full logs are kept.
+# The order puts what was never run on a GPU first: the MLP-memory / CMS kernels' CUDA tests,
+# then the step runs (their caps include compiling the fused kernels: ~80 s for one MLP
+# backward variant at d=64, E=128, C=64 with tf32 products on one core here).
 #
 #   bash bench/gpu_check.sh                    # on the GPU machine, from the repo root
 #   GPU_CHECK_DRY=1 bash bench/gpu_check.sh    # the same commands at tiny sizes on CPU
 #
 # Environment: GPU_CHECK_BUDGET (s, default 560), GPU_CHECK_OUT (default /tmp/gpu_check: the
 # summary, logs and kernels.json only, a handful of files), GPU_CHECK_WORK (default
-# /tmp/gpu_check_work: the FSDP runs' corpus, shards and checkpoints),
-# PYTHON (default: .venv/bin/python if present, else python3), BATCH (step.py sequences per
-# step, default 4), SEQ (context, default 4096), FSDP_STEPS (default 30).
+# /tmp/gpu_check_work: the FSDP runs' corpus, shards and checkpoints), GPU_CHECK_FSDP (1: also
+# the FSDP2 runs), PYTHON (default: .venv/bin/python if present, else python3), BATCH
+# (step.py sequences per step, default 4), SEQ (context, default 4096), FSDP_STEPS (default 30).
 set -u
 cd "$(dirname "$0")/.."
 DRY=${GPU_CHECK_DRY:-0}
@@ -27,25 +30,32 @@ export WANDB_MODE=disabled HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFER
 mkdir -p "$OUT/logs"
 : > "$OUT/summary.tsv"
 
+FSDP=${GPU_CHECK_FSDP:-0}
 if [ "$DRY" = 1 ]; then
-    DEVICE=cpu; BATCH=${BATCH:-2}; SEQ=${SEQ:-64}; FSDP_STEPS=${FSDP_STEPS:-2}
+    DEVICE=cpu; BATCH=${BATCH:-1}; SEQ=${SEQ:-16}; FSDP_STEPS=${FSDP_STEPS:-2}
     SIZE=tiny
     PYTEST_K="dispatch or bad_inputs"
     KERNEL_ARGS="--quick --no-memory --no-cms --ops momentum_rule"
-    CAP_CUDA_TESTS=0; CAP_TEST=120; CAP_TEST_NEW=120; CAP_KERNELS=120; CAP_STEP=120; CAP_FSDP=120
+    CAP_CUDA_TESTS=0; CAP_TEST=120; CAP_TEST_NEW=120; CAP_KERNELS=120; CAP_FSDP=120
+    CAP_STEP_PLAIN=120; CAP_STEP_FUSED=120
+    OLD_TESTS_K=""
+    export TRITON_INTERPRET=1          # the step runs' model.kernels=triton: Triton's interpreter
 else
     DEVICE=cuda; BATCH=${BATCH:-4}; SEQ=${SEQ:-4096}; FSDP_STEPS=${FSDP_STEPS:-30}
     SIZE=760m
     PYTEST_K=""
     KERNEL_ARGS="--json $OUT/kernels.json --T 4096 16384"
-    # 90 + 110 + 60 + 100 + 4 x 30 + 2 x 25 = 530 s: inside the 560 s budget with the setup
-    CAP_CUDA_TESTS=90; CAP_TEST=110; CAP_TEST_NEW=60; CAP_KERNELS=100; CAP_STEP=30; CAP_FSDP=25
+    # 120 (new kernels' CUDA tests) + 30 + 2 x 90 + 50 (steps) + 90 (bench) + 60 (older
+    # kernel tests, CUDA cases) + 20 (new files' small cases) = 530 s inside the 560 s budget
+    CAP_CUDA_TESTS=120; CAP_STEP_PLAIN=30; CAP_STEP_FUSED=90; CAP_KERNELS=90; CAP_TEST=60
+    CAP_TEST_NEW=20; CAP_FSDP=40
+    OLD_TESTS_K="cuda or gpu"
 fi
-# step-bench runs: NAME:CONFIG[:OVERRIDES], one a line; FSDP runs: CONFIG
-STEP_RUNS="transformer_$SIZE:configs/transformer_$SIZE.yaml
-titans_lmm_$SIZE:configs/titans_lmm_$SIZE.yaml
-hope_$SIZE:configs/hope_$SIZE.yaml
-hope_${SIZE}_torch:configs/hope_$SIZE.yaml:--model.kernels=torch"
+# step-bench runs: NAME:CAP:CONFIG[:OVERRIDES], one a line; FSDP runs: CONFIG
+STEP_RUNS="transformer_$SIZE:$CAP_STEP_PLAIN:configs/transformer_$SIZE.yaml
+titans_lmm_${SIZE}_fused:$CAP_STEP_FUSED:configs/titans_lmm_$SIZE.yaml:--model.kernels=triton
+hope_${SIZE}_fused:$CAP_STEP_FUSED:configs/hope_$SIZE.yaml:--model.kernels=triton
+hope_${SIZE}_auto:$((CAP_STEP_FUSED - 40)):configs/hope_$SIZE.yaml"
 FSDP_CONFIGS="configs/transformer_$SIZE.yaml configs/hope_$SIZE.yaml"
 START=$SECONDS
 
@@ -93,10 +103,11 @@ if [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_
 fi
 
 # 1. kernel tests, one test per log line (-v) so a stage cut by its cap still shows what
-# passed: first the realistic-size CUDA cases of the kernels never yet run on a GPU (the MLP
-# memory and the CMS level), then the older kernel test files whole, then the rest of the two
-# new files (compiling each parametrised kernel takes most of those stages' time). In the dry
-# run PYTEST_K narrows every stage and the CUDA-only one is skipped (cap 0).
+# passed: first the CUDA cases of the kernels never yet run on a GPU (the MLP memory, with
+# HOPE's self-generated targets, and the CMS level); the older kernel files' CUDA cases and
+# the new files' small cases come after the bench (stage 4; compiling each parametrised
+# kernel takes most of these stages' time). In the dry run PYTEST_K narrows every stage and
+# the CUDA-only ones are skipped (cap 0 / no CUDA selection).
 NEW_KERNEL_TESTS="tests/test_triton_mlp_memory.py tests/test_triton_cms.py"
 OLD_KERNEL_TESTS="tests/test_triton_kernels.py tests/test_triton_memory.py tests/test_kernels.py"
 PYTEST=("$PY" -m pytest -v --tb=short -p no:cacheprovider)
@@ -110,24 +121,29 @@ pytest_stage() {
 }
 # shellcheck disable=SC2086
 pytest_stage cuda_tests "$CAP_CUDA_TESTS" "cuda or gpu" $NEW_KERNEL_TESTS
-# shellcheck disable=SC2086
-pytest_stage tests "$CAP_TEST" "" $OLD_KERNEL_TESTS
-# shellcheck disable=SC2086
-pytest_stage tests_new "$CAP_TEST_NEW" "not cuda and not gpu" $NEW_KERNEL_TESTS
 
-# 2. kernel bench (scans: torch / triton / fla; memory layer: per-chunk torch / fused triton).
-# shellcheck disable=SC2086
-run kernels "$CAP_KERNELS" "$PY" bench/kernels.py $KERNEL_ARGS
-
-# 3. training throughput: one optimiser step (fwd + bwd + AdamW) on synthetic tokens.
+# 2. training throughput: one optimiser step (fwd + bwd + AdamW) on synthetic tokens.
 for spec in $STEP_RUNS; do
-    IFS=: read -r name cfg extra <<< "$spec"
+    IFS=: read -r name cap cfg extra <<< "$spec"
     # shellcheck disable=SC2086
-    run "step_$name" "$CAP_STEP" "$PY" bench/step.py "$cfg" --device "$DEVICE" --steps 3 --warmup 1 \
+    run "step_$name" "$cap" "$PY" bench/step.py "$cfg" --device "$DEVICE" --steps 3 --warmup 1 \
         --train.batch_size="$BATCH" --train.grad_accum=1 --train.seq_len="$SEQ" $extra
 done
 
-# 4. 1-GPU FSDP2 training through train.py on a small byte-tokenised text (no `datasets`).
+# 3. kernel bench (scans: torch / triton / fla; memory layer: per-chunk torch / fused triton).
+# shellcheck disable=SC2086
+run kernels "$CAP_KERNELS" "$PY" bench/kernels.py $KERNEL_ARGS
+
+# 4. the other kernel tests: the older kernel files' CUDA cases (the scan kernels
+# changed since their last GPU run), then the new files' small cases
+# shellcheck disable=SC2086
+pytest_stage tests "$CAP_TEST" "$OLD_TESTS_K" $OLD_KERNEL_TESTS
+# shellcheck disable=SC2086
+pytest_stage tests_new "$CAP_TEST_NEW" "not cuda and not gpu" $NEW_KERNEL_TESTS
+
+# 5. (GPU_CHECK_FSDP=1) 1-GPU FSDP2 training through train.py on a small byte-tokenised
+# text (no `datasets`).
+if [ "$FSDP" = 1 ]; then
 mkdir -p "$WORK/text" "$WORK/runs"
 "$PY" - "$WORK/text" <<'PYEOF'
 import os, random, sys
@@ -147,6 +163,7 @@ for cfg in $FSDP_CONFIGS; do
         --train.device="$DEVICE" --data.tokenizer=bytes --data.dataset="files:$WORK/text/*.txt" \
         --data.data_dir="$WORK/data" --train.out_dir="$WORK/runs/fsdp_$name"
 done
+fi
 
 echo
 echo "== gpu_check summary ($( [ "$DRY" = 1 ] && echo "DRY RUN, CPU" || "$PY" -c 'import torch; print(torch.cuda.get_device_name())'), $(date -u +%Y-%m-%d), $((SECONDS - START)) s of ${BUDGET} s)"

@@ -12,6 +12,7 @@
 
 Test files import it as `from helpers import ...` (tests/ is on sys.path, as for conftest).
 """
+import contextlib
 import copy
 import os
 
@@ -25,6 +26,18 @@ DEVICE = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "austen")),
                                   reason=f"offline data not at {SHARED_DATA}")
+
+
+@contextlib.contextmanager
+def fp32_matmul_precision(setting):
+    """torch.set_float32_matmul_precision(setting) inside the block, the old one after it
+    ("high": the fp32 products of the Triton kernels are tf32, as in bf16 training)."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def triton_kernels_or_skip():

@@ -6,13 +6,11 @@ helpers.triton_kernels_or_skip), the interpreter computes bf16 wrongly, so those
 and tiny. With a GPU the same small cases run natively, plus realistic sizes in fp32 and bf16,
 a 16K-token run and torch.compile.
 """
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DEVICE, needs_cuda, triton_kernels_or_skip
+from helpers import DEVICE, fp32_matmul_precision, needs_cuda, triton_kernels_or_skip
 
 needs_kernels = triton_kernels_or_skip()
 
@@ -116,17 +114,6 @@ def test_matches_reference_small(op, case):
         op, make_inputs(op, B, T, H, K, V, states, gates), C)
     assert dtypes_ok, "o must come back in q's dtype, states in fp32, gradients in inputs' dtypes"
     assert_close(errors, 1e-4, f"{op} {small_id(case)}")
-
-
-@contextlib.contextmanager
-def fp32_matmul_precision(setting):
-    """torch.set_float32_matmul_precision(setting) inside the block, the old one after it."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(setting)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
 
 
 @needs_kernels
