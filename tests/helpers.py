@@ -168,3 +168,46 @@ def fused_vs_oracle_errors(fused, inputs, segments, run_segments, outputs_of, pa
     names = list(ref_leaves) + list(param_names)
     errors.update({"d" + n: err(t, r) for n, t, r in zip(names, tri_grads, ref_grads)})
     return errors
+
+
+# ----------------------------------------------------------------------------------------
+# the memories' token-by-token oracle (tests/test_memory.py, tests/test_hope.py)
+
+def apply_memory(weights, x, act):
+    """M(x) for per-sequence weights [B, H, out, in] and x [B, H, d] (DESIGN §3.3): W x for
+    one layer, x + W_out s(W_in x) for [W_in, W_out]."""
+    if len(weights) == 1:
+        return torch.einsum("bhoi,bhi->bho", weights[0], x)
+    hidden = act(torch.einsum("bhoi,bhi->bho", weights[0], x))
+    return x + torch.einsum("bhoi,bhi->bho", weights[1], hidden)
+
+
+def oracle_write(weights, start, key, target, lr, alpha, rule, act, max_grad_norm=None,
+                 beta=None, momenta=None):
+    """One token's write from the definition: the gradient of ||M(k) - v||^2 by autograd at
+    the chunk-start weights `start` with the target held fixed (rescaled to Frobenius norm
+    <= max_grad_norm over all layers), then per layer, with a its input at `start`:
+      momentum  Z = beta Z - lr g,  W = alpha W + Z                    (Titans Eq. 13-14)
+      dgd       W = W (alpha I - eta' a a^T) - eta' g a^T, eta' = lr / (1 + lr ||a||^2)  (NL Eq. 57/88)
+      gd        W = alpha W - lr g a^T
+    lr, alpha, beta [B, H]. Returns (new weights, new momenta or None)."""
+    at = [w.clone() for w in start]            # a differentiable copy: d/d(at) holds v fixed
+    loss = (apply_memory(at, key, act) - target).pow(2).sum()
+    grads = torch.autograd.grad(loss, at, create_graph=True)
+    if max_grad_norm is not None:
+        norm = sum(g.pow(2).sum((-2, -1)) for g in grads).sqrt()[..., None, None]
+        grads = [g * max_grad_norm / norm.clamp(min=max_grad_norm) for g in grads]
+    layer_inputs = [key] if len(start) == 1 else [key, act(torch.einsum("bhoi,bhi->bho", start[0], key))]
+    lr, alpha = lr[..., None, None], alpha[..., None, None]
+    new, new_momenta = [], [] if rule == "momentum" else None
+    for i, (w, grad, a) in enumerate(zip(weights, grads, layer_inputs)):
+        if rule == "momentum":
+            new_momenta.append(beta[..., None, None] * momenta[i] - lr * grad)
+            new.append(alpha * w + new_momenta[i])
+        elif rule == "dgd":
+            eta = lr / (1 + lr * a.pow(2).sum(-1)[..., None, None])
+            wa = torch.einsum("bhoi,bhi->bho", w, a)
+            new.append(alpha * w - eta * wa[..., None] * a[..., None, :] - eta * grad)
+        else:
+            new.append(alpha * w - lr * grad)
+    return new, new_momenta

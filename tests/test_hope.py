@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, HopeConfig, ModelConfig, load_config
-from helpers import assert_cached_generation_matches, assert_streaming_matches, train_recall_accuracy
+from helpers import (apply_memory, assert_cached_generation_matches, assert_streaming_matches, oracle_write,
+                     train_recall_accuracy)
 from hope import SelfModifyingTitans
 from model import build_model
 
@@ -23,37 +24,6 @@ def make_mixer(seed=0, dtype=torch.float64, d_model=8, n_head=2, **hope):
 
 # ----------------------------------------------------------------------------------------
 # the oracle: NL Eq. 83-90 token by token, inner gradients by autograd
-
-def apply_memory(weights, x, act):
-    """M(x) = x + W1 s(W2 x) per head; weights [W2, W1] as [B, H, out, in], x [B, H, d]."""
-    hidden = act(torch.einsum("bhoi,bhi->bho", weights[0], x))
-    return x + torch.einsum("bhoi,bhi->bho", weights[1], hidden)
-
-
-def inner_step(weights, start, key, target, eta, alpha, rule, act, max_grad_norm):
-    """One token's write on memory `weights` (NL Eq. 88/90): the gradient of
-    ||M(k) - v^||^2 is taken by autograd at the chunk-start weights `start` with the target
-    held fixed (and rescaled to Frobenius norm <= max_grad_norm over both layers); each
-    layer then takes a DGD step W (alpha I - eta' a a^T) - eta' dl/dW with
-    eta' = eta / (1 + eta ||a||^2) and a its input at `start` (or plain GD with retention)."""
-    at = [w.clone() for w in start]            # a differentiable copy: d/d(at) holds v^ fixed
-    loss = (apply_memory(at, key, act) - target).pow(2).sum()
-    grads = torch.autograd.grad(loss, at, create_graph=True)
-    if max_grad_norm is not None:
-        norm = sum(g.pow(2).sum((-2, -1)) for g in grads).sqrt()[:, :, None, None]
-        grads = [g * max_grad_norm / norm.clamp(min=max_grad_norm) for g in grads]
-    layer_inputs = [key, act(torch.einsum("bhoi,bhi->bho", start[0], key))]
-    eta, alpha = eta[:, :, None, None], alpha[:, :, None, None]
-    new = []
-    for w, grad, a in zip(weights, grads, layer_inputs):
-        if rule == "dgd":
-            step = eta / (1 + eta * a.pow(2).sum(-1)[..., None, None])
-            wa = torch.einsum("bhoi,bhi->bho", w, a)
-            new.append(alpha * w - step * wa[..., None] * a[..., None, :] - step * grad)
-        else:
-            new.append(alpha * w - eta * grad)
-    return new
-
 
 def oracle(mixer, x):
     """The mixer's output computed token by token from its definition (hope.py docstring)."""
@@ -96,8 +66,8 @@ def oracle(mixer, x):
             alpha = torch.ones(B, H, dtype=x.dtype)
         for name in list(names) + ["mem"]:
             target = apply_memory(start[name], v, act)                      # v^ = M_B(v_t), NL Eq. 87
-            current[name] = inner_step(current[name], start[name], k, target, eta, alpha, rule, act,
-                                       mixer.memory.max_grad_norm)
+            current[name] = oracle_write(current[name], start[name], k, target, eta, alpha, rule, act,
+                                         mixer.memory.max_grad_norm)[0]
         outputs.append(apply_memory(current["mem"], q, act))                # o_t = M_mem,t(q_t)
     o = torch.stack(outputs, 1)                                             # [B, T, H, d]
     return mixer.w_out(mixer.out_norm(o).flatten(2) * F.silu(mixer.w_gate(x)))

@@ -5,17 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import apply_memory, oracle_write
 from memory import NeuralMemory, chunk_pieces
 
 B, H, D = 2, 2, 4
-
-
-def apply_memory(weights, x, act):
-    """M(x) for per-sequence weights [B, H, out, in] and x [B, H, d] (DESIGN §3.3)."""
-    if len(weights) == 1:
-        return torch.einsum("bhoi,bhi->bho", weights[0], x)
-    hidden = act(torch.einsum("bhoi,bhi->bho", weights[0], x))
-    return x + torch.einsum("bhoi,bhi->bho", weights[1], hidden)
 
 
 def oracle(mem, q, k, v, lr, alpha, beta=None, reads=(), self_target=False):
@@ -36,24 +29,10 @@ def oracle(mem, q, k, v, lr, alpha, beta=None, reads=(), self_target=False):
         k_t, v_t, q_t = k[:, t], v[:, t], q[:, t]
         if self_target:
             v_t = apply_memory(start, v_t, act)
-        at = [w.clone() for w in start]
-        loss = (apply_memory(at, k_t, act) - v_t).pow(2).sum()
-        grads = torch.autograd.grad(loss, at, create_graph=True)
-        if mem.max_grad_norm is not None:                          # per-token clip, all layers
-            norm = sum(g.pow(2).sum((-1, -2)) for g in grads).sqrt()[..., None, None]
-            grads = [g * mem.max_grad_norm / norm.clamp(min=mem.max_grad_norm) for g in grads]
-        layer_inputs = [k_t] if mem.depth == 1 else [k_t, act(torch.einsum("bhoi,bhi->bho", start[0], k_t))]
-        lr_t, al_t = lr[:, t, :, None, None], alpha[:, t, :, None, None]
-        for i, (grad, a) in enumerate(zip(grads, layer_inputs)):
-            if mem.update_rule == "momentum":
-                momenta[i] = beta[:, t, :, None, None] * momenta[i] - lr_t * grad
-                weights[i] = al_t * weights[i] + momenta[i]
-            elif mem.update_rule == "dgd":
-                eta = lr_t / (1 + lr_t * a.pow(2).sum(-1)[..., None, None])
-                Wa = torch.einsum("bhoi,bhi->bho", weights[i], a)
-                weights[i] = al_t * weights[i] - eta * Wa[..., None] * a[..., None, :] - eta * grad
-            else:
-                weights[i] = al_t * weights[i] - lr_t * grad
+        weights, new_momenta = oracle_write(weights, start, k_t, v_t, lr[:, t], alpha[:, t],
+                                            mem.update_rule, act, mem.max_grad_norm,
+                                            None if beta is None else beta[:, t], momenta)
+        momenta = new_momenta if new_momenta is not None else momenta
         ys.append(apply_memory(weights, q_t, act))
     return torch.stack(ys, 1), weights, momenta, [torch.stack(r, 1) for r in read_outs]
 
