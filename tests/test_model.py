@@ -7,6 +7,8 @@ from helpers import assert_cached_generation_matches, assert_streaming_matches
 from model import build_model
 
 ARCHS = ["transformer", "hope", "hope_attention"]
+# Streaming and cached generation of the memory archs run in their own files with chunk sizes
+# that every segment cuts (tests/test_hope.py, tests/test_titans.py); here the Transformer++'s.
 
 
 def tiny(arch, **kw):
@@ -38,12 +40,12 @@ def test_causality(arch):
     assert (a[:, t:] - b[:, t:]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ["transformer"])
 def test_streaming_segments_equal_one_call(arch):
     assert_streaming_matches(tiny(arch), torch.randint(0, 61, (2, 32)), [(0, 16), (16, 24), (24, 32)], 1e-4)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ["transformer"])
 def test_cached_generation_equals_full_forward(arch):
     """Greedy generation with the carried state == greedy decoding by re-running the full prefix."""
     assert_cached_generation_matches(tiny(arch), torch.randint(0, 61, (2, 9)), 8)
