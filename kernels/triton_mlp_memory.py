@@ -42,7 +42,10 @@ program fp32 scratch buffer in global memory (DELTA_SLOTS / MOMENTUM_SLOTS padde
 for a transposed operand straight from memory): each copy then dies at its dot, and the
 kernels take at most 192 KiB (`fusable_mlp` lists the measured bytes). Every scratch access
 sits behind a barrier (tl.debug_barrier), which also keeps the compiler from merging the
-re-reads into one load.
+re-reads into one load. The forwards do the same with fewer slots (DELTA_FWD_SLOTS /
+MOMENTUM_FWD_SLOTS: each chunk's start states, and the momentum forward's U2): the copies of
+the (h, z) states, live across the whole chunk, had taken the momentum forward to 224 KiB
+with tf32 products; now the forwards take at most 164,096 B.
 
     fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation,
                            max_grad_norm, self_target)
@@ -59,7 +62,7 @@ program's tiles sit in registers (at d = 64, E = 128 the four state tiles alone 
 of fp32, so the largest shapes spill to local memory on a GPU; their speed is unmeasured).
 All of these shapes fit an H100's shared memory (above). The backward's scratch is
 16 (14 for momentum) * max(C, d, E) * max(C, d) fp32 per (batch, head): 512 KiB at d = 64,
-E = 128, C = 64.
+E = 128, C = 64; the forward's 2 (5 for momentum) such slots: 64 KiB (160 KiB).
 """
 import math
 from typing import Optional
@@ -93,6 +96,10 @@ FUSED_RULES = ("dgd", "gd", "momentum")
 # Scratch slots per backward program (module docstring, "Shared memory"): one padded tile each.
 DELTA_SLOTS = tl.constexpr(16)
 MOMENTUM_SLOTS = tl.constexpr(14)
+# ... and per forward program: the chunk-start states (h1, h2; momentum: z1, z2 and layer 2's
+# writes U2 too).
+DELTA_FWD_SLOTS = tl.constexpr(2)
+MOMENTUM_FWD_SLOTS = tl.constexpr(5)
 
 
 @triton.jit
@@ -346,33 +353,39 @@ def _chunk_momentum_bwd(sq, sk, su, sh, sz, sdo, sdh, sdz, dh, dz, p, r, w, a, b
 
 @triton.jit
 def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_ptr, y_ptr,
-                        h1c_ptr, h2c_ptr, winT_ptr, woutT_ptr, winB_ptr, woutB_ptr,
-                        T, H, D, E, C, NT, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
+                        h1c_ptr, h2c_ptr, winT_ptr, woutT_ptr, winB_ptr, woutB_ptr, scr_ptr,
+                        T, H, D, E, C, NT, S, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
                         ACT: tl.constexpr, SELF_TARGET: tl.constexpr, SAVE: tl.constexpr,
                         BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
                         PREC: tl.constexpr):
     """DGD / GD: the chunk loop of one (batch, head), (h1, h2) in registers (module
     docstring 1-4). SAVE keeps each chunk's start (h1, h2) for the backward; SELF_TARGET
-    writes toward M_B(v) instead of v (`_self_target`)."""
+    writes toward M_B(v) instead of v (`_self_target`). Each chunk's start states go to this
+    program's DELTA_FWD_SLOTS scratch slots of S floats, and every helper gets them as fresh
+    `_reload`s (module docstring, "Shared memory")."""
     i_unused, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
+    slots = scr_ptr + bh64 * (DELTA_FWD_SLOTS * S)
+    sh1, sh2 = slots, slots + S
     h1 = _load_state(win_ptr, bh64 * E * D, D, E, 0, BD, BE)                  # W_in^T [D, E]
     h2 = _load_state(wout_ptr, bh64 * D * E, E, D, 0, BE, BD)                 # W_out^T [E, D]
     for i_t in range(NT):
         t0, end, L = _chunk_span(i_t, C, T)
         _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr, h1, h2, bh64, i_t, NT, D, E,
                           SAVE, BD, BE)
+        _spill(sh1, h1, BD, BE)
+        _spill(sh2, h2, BE, BD)
         qc, kc, vc = _load_chunk(q_ptr, k_ptr, v_ptr, g_base, t0, end, H, D, BT, BD)
         if SELF_TARGET:
-            vc = _self_target(vc, h1, h2, ACT, PREC)
+            vc = _self_target(vc, _reload(sh1, BD, BE), _reload(sh2, BE, BD), ACT, PREC)
         g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
-            kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
+            kc, vc, lr, _reload(sh1, BD, BE), _reload(sh2, BE, BD), tau, DGD, CLIP, ACT, PREC)
         o1, h1, kk_unused, decay_unused, tm_unused = _chunk_delta_fwd(
-            qc, kc, u1, eta1, g, gp, h1, rows, L, BT, PREC)
+            qc, kc, u1, eta1, g, gp, _reload(sh1, BD, BE), rows, L, BT, PREC)
         q2, ds_unused, dds_unused = _act(o1, ACT, 1)                                       # W_out reads s(W_in,t q_t)
         o2, h2, kk_unused, decay_unused, tm_unused = _chunk_delta_fwd(
-            q2, hh, u2, eta2, g, gp, h2, rows, L, BT, PREC)
+            q2, hh, u2, eta2, g, gp, _reload(sh2, BE, BD), rows, L, BT, PREC)
         _store_rows(y_ptr, g_base * D, t0, end, H * D, 0, D, qc + o2, BT, BD)
     _store_state(winT_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
     _store_state(woutT_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
@@ -463,13 +476,19 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
 def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_ptr, win_ptr,
                                  wout_ptr, zin_ptr, zout_ptr, y_ptr, h1c_ptr, h2c_ptr, z1c_ptr,
                                  z2c_ptr, winT_ptr, woutT_ptr, zinT_ptr, zoutT_ptr, winB_ptr,
-                                 woutB_ptr, T, H, D, E, C, NT, tau, CLIP: tl.constexpr,
-                                 ACT: tl.constexpr, SAVE: tl.constexpr, BT: tl.constexpr,
-                                 BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
+                                 woutB_ptr, scr_ptr, T, H, D, E, C, NT, S, tau,
+                                 CLIP: tl.constexpr, ACT: tl.constexpr, SAVE: tl.constexpr,
+                                 BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+                                 PREC: tl.constexpr):
     """Titans' momentum (Eq. 13-14): the chunk loop with (h, z) of both layers in registers;
-    writes U = -lr G (`_inner_write` with GD rates), then the momentum closed form."""
+    writes U = -lr G (`_inner_write` with GD rates), then the momentum closed form. Each
+    chunk's start states and layer 2's writes go to this program's MOMENTUM_FWD_SLOTS scratch
+    slots of S floats, and every helper gets them as fresh `_reload`s (module docstring,
+    "Shared memory")."""
     i_unused, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
+    slots = scr_ptr + bh64 * (MOMENTUM_FWD_SLOTS * S)
+    sh1, sh2, sz1, sz2, su2 = slots, slots + S, slots + 2 * S, slots + 3 * S, slots + 4 * S
     h1 = _load_state(win_ptr, bh64 * E * D, D, E, 0, BD, BE)
     h2 = _load_state(wout_ptr, bh64 * D * E, E, D, 0, BE, BD)
     z1 = _load_state(zin_ptr, bh64 * E * D, D, E, 0, BD, BE)
@@ -481,16 +500,22 @@ def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
         if SAVE:
             _store_kv(z1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, z1, BD, BE)
             _store_kv(z2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, z2, BE, BD)
+        _spill(sh1, h1, BD, BE)
+        _spill(sh2, h2, BE, BD)
+        _spill(sz1, z1, BD, BE)
+        _spill(sz2, z2, BE, BD)
         qc, kc, vc = _load_chunk(q_ptr, k_ptr, v_ptr, g_base, t0, end, H, D, BT, BD)
         lr = _load_gate(lr_ptr, g_base, t0, end, H, 0.0, BT)
         alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
             alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
-            kc, vc, lr, h1, h2, tau, False, CLIP, ACT, PREC)
-        o1, h1, z1 = _momentum_chunk_fwd(qc, kc, u1, h1, z1, w, a, b, c, w_last, r_last, rows,
-                                         L, PREC)
+            kc, vc, lr, _reload(sh1, BD, BE), _reload(sh2, BE, BD), tau, False, CLIP, ACT, PREC)
+        _spill(su2, u2, BT, BD)
+        o1, h1, z1 = _momentum_chunk_fwd(qc, kc, u1, _reload(sh1, BD, BE), _reload(sz1, BD, BE),
+                                         w, a, b, c, w_last, r_last, rows, L, PREC)
         q2, ds_unused, dds_unused = _act(o1, ACT, 1)
-        o2, h2, z2 = _momentum_chunk_fwd(q2, hh, u2, h2, z2, w, a, b, c, w_last, r_last, rows,
+        o2, h2, z2 = _momentum_chunk_fwd(q2, hh, _reload(su2, BT, BD), _reload(sh2, BE, BD),
+                                         _reload(sz2, BE, BD), w, a, b, c, w_last, r_last, rows,
                                          L, PREC)
         _store_rows(y_ptr, g_base * D, t0, end, H * D, 0, D, qc + o2, BT, BD)
     _store_state(winT_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
@@ -584,10 +609,11 @@ def fusable_mlp(head_dim, expansion, chunk_size, update_rule):
     tiles (d = 64, E = 128, C = 64) were measured on the compiled sm_90 kernels
     (tests/test_triton_compile.py; fp32 / bf16 inputs, B of the 232,448 an H100 allows):
     DGD/GD backward 131,072 / 163,840, momentum backward 196,608 / 172,032, forwards 114,688 /
-    163,840 (DGD) and 151,552 / 229,376 (momentum); at HOPE's d = 64, E = 64, C = 64 the
+    131,072 (DGD) and 164,096 / 147,456 (momentum); at HOPE's d = 64, E = 64, C = 64 the
     backwards take 98,304 / 114,688 (DGD, self_target) and 131,072 / 106,496 (momentum), the
-    DGD forward 81,920 / 98,304 (self_target). Every flag combination of the four kernels
-    was measured at both shapes and precisions: none takes more than the all-on one."""
+    forwards 81,920 / 81,920 (DGD, self_target) and 98,304 / 81,920 (momentum). Every flag
+    combination of the four kernels was measured at both shapes and precisions: none takes
+    more than the all-on one."""
     return (head_dim <= MAX_MLP_HEAD_DIM and expansion * head_dim <= MAX_MLP_HIDDEN
             and 1 <= chunk_size <= MAX_MLP_CHUNK and update_rule in FUSED_RULES)
 
@@ -681,9 +707,10 @@ def _memory_mlp_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
     y = torch.empty(B, T, H, d, device=q.device, dtype=q.dtype)
     (win_T, wout_T, win_B, wout_B), _ = _state_buffers(B, H, d, E, NT, 4, False, q.device)
     _, (h1c, h2c) = _state_buffers(B, H, d, E, NT, 2, save, q.device)
+    scratch, S = _scratch(q, E, chunk_size, DELTA_FWD_SLOTS.value)
     _mlp_mem_fwd_kernel[(1, B * H)](q, k, v, alpha, lr, w_in, w_out, y, h1c, h2c, win_T, wout_T,
-                                  win_B, wout_B, T, H, d, E, chunk_size, NT, DGD=dgd, SAVE=save,
-                                  SELF_TARGET=self_target,
+                                  win_B, wout_B, scratch, T, H, d, E, chunk_size, NT, S, DGD=dgd,
+                                  SAVE=save, SELF_TARGET=self_target,
                                   **consts, num_warps=CHUNK_WARPS, num_stages=1)
     return y, win_T, wout_T, win_B, wout_B, h1c, h2c
 
@@ -807,10 +834,11 @@ def _memory_mlp_momentum_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bet
     _, chunks = _state_buffers(B, H, d, E, NT, 4, save, q.device)
     win_T, wout_T, zin_T, zout_T, win_B, wout_B = outs
     h1c, h2c, z1c, z2c = chunks
+    scratch, S = _scratch(q, E, chunk_size, MOMENTUM_FWD_SLOTS.value)
     _mlp_mem_momentum_fwd_kernel[(1, B * H)](
         q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, y, h1c, h2c, z1c, z2c, win_T,
-        wout_T, zin_T, zout_T, win_B, wout_B, T, H, d, E, chunk_size, NT, SAVE=save, **consts,
-        num_warps=CHUNK_WARPS, num_stages=1)
+        wout_T, zin_T, zout_T, win_B, wout_B, scratch, T, H, d, E, chunk_size, NT, S, SAVE=save,
+        **consts, num_warps=CHUNK_WARPS, num_stages=1)
     return (y, *outs, *chunks)
 
 
