@@ -72,7 +72,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import SUPPORTED_DTYPES, check_saved_chunks, check_scan_inputs
+from .checks import SUPPORTED_DTYPES, check_saved_chunks, check_scan_inputs, check_tensors
 from .triton_cms import ACT_IDS, _act
 from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _decay, _delta_chunk_gates,
                            _delta_grads_tail, _delta_ut_system, _grad_or_zeros, _load_gate,
@@ -109,6 +109,17 @@ def _spill(slot, x, R: tl.constexpr, Cc: tl.constexpr):
     barrier)."""
     tl.debug_barrier()
     tl.store(slot + tl.arange(0, R)[:, None] * Cc + tl.arange(0, Cc)[None, :], x)
+
+
+@triton.jit
+def _spill_scan(sq, sk, su, sh, q, k, u, h, BT: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr):
+    """One layer's scan operands into their slots: queries and keys [BT, BK], writes
+    [BT, BV], chunk-start state [BK, BV] (layer 1: K = d, V = E; layer 2 the other way)."""
+    _spill(sq, q, BT, BK)
+    _spill(sk, k, BT, BK)
+    _spill(su, u, BT, BV)
+    _spill(sh, h, BK, BV)
 
 
 @triton.jit
@@ -431,15 +442,9 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
         o1, h1_unused, kk1, decay1, tm1 = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L,
                                                            BT, PREC)
         q2, ds_o1, dds_unused = _act(o1, ACT, 1)
-        _spill(sq1, qc, BT, BD)
-        _spill(sk1, kc, BT, BD)
-        _spill(su1, u1, BT, BE)
-        _spill(sh1, h1, BD, BE)
+        _spill_scan(sq1, sk1, su1, sh1, qc, kc, u1, h1, BT, BD, BE)
         _spill(stm1, tm1, BT, BT)
-        _spill(sq2, q2, BT, BE)
-        _spill(sk2, hh, BT, BE)
-        _spill(su2, u2, BT, BD)
-        _spill(sh2, h2, BE, BD)
+        _spill_scan(sq2, sk2, su2, sh2, q2, hh, u2, h2, BT, BE, BD)
         _spill(serr, err, BT, BD)
         _spill(sdo, dy, BT, BD)
         # 2. layer 2 (W_out: query s(O1), input Hh, writes U2)
@@ -562,15 +567,9 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
         o1, h1_unused, z1_unused = _momentum_chunk_fwd(qc, kc, u1, h1, z1, w, a, b, c, w_last,
                                                        r_last, rows, L, PREC)
         q2, ds_o1, dds_unused = _act(o1, ACT, 1)
-        _spill(sq1, qc, BT, BD)
-        _spill(sk1, kc, BT, BD)
-        _spill(su1, u1, BT, BE)
-        _spill(sh1, h1, BD, BE)
+        _spill_scan(sq1, sk1, su1, sh1, qc, kc, u1, h1, BT, BD, BE)
         _spill(sz1, z1, BD, BE)
-        _spill(sq2, q2, BT, BE)
-        _spill(sk2, hh, BT, BE)
-        _spill(su2, u2, BT, BD)
-        _spill(sh2, h2, BE, BD)
+        _spill_scan(sq2, sk2, su2, sh2, q2, hh, u2, h2, BT, BE, BD)
         _spill(sz2, _load_kv(z2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD), BE, BD)
         _spill(serr, err, BT, BD)
         _spill(sdo, dy, BT, BD)
@@ -635,12 +634,7 @@ def _check_inputs(tensors, states, chunk_size, activation, max_grad_norm, caller
     check_scan_inputs(q, k, v, gates, {}, chunk_size, u_name="v", dims=("d", "d"),
                       kernels="the fused MLP memory kernels", max_chunk=lambda d: MAX_MLP_CHUNK)
     B, T, H, d = q.shape
-    for name, t in states.items():
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES or t.device != q.device:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 on q's device "
-                             f"{q.device}; got {t.dtype} on {t.device}")
+    check_tensors({"q": q, **states}, "q", SUPPORTED_DTYPES, "the fused MLP memory kernels")
     w_in = states["w_in"]
     if w_in.dim() != 4 or w_in.shape[:2] != (B, H) or w_in.shape[3] != d:
         raise ValueError(f"w_in must be [B,H,E,d] with B,H,d = {[B, H, d]}; got {list(w_in.shape)}")

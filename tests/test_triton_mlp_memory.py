@@ -255,6 +255,8 @@ def test_custom_ops_pass_opcheck(op):
     (0, torch.zeros(1, 5, 1, 8, dtype=torch.float64), "q must be float32, bfloat16"),
     (3, 0.9, "alpha must be a torch.Tensor"),
     (5, torch.zeros(1, 1, 256, 8), r"hidden 256 exceed"),
+    (5, torch.zeros(1, 1, 16, 8, dtype=torch.float64), "w_in must be float32, bfloat16 or float16"),
+    (6, 0.5, "w_out must be a torch.Tensor"),
 ])
 def test_bad_inputs_raise_one_line_errors(index, value, message):
     args = _kernel_args()
