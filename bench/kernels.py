@@ -303,7 +303,16 @@ def main(argv=None):
                    help="torch.set_float32_matmul_precision for the run: the fp32 memory-layer and "
                         "CMS kernels multiply in exact fp32 at highest, in tf32 at high (training)")
     args = p.parse_args(argv)
+    previous = torch.get_float32_matmul_precision()      # a process setting: restored on return
     torch.set_float32_matmul_precision(args.fp32_matmul_precision)
+    try:
+        return _run(p, args, argv)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _run(p, args, argv):
+    """main() after parsing: the benchmark rows, printed (and written to --json)."""
     if args.quick:        # tiny sizes for the options left at their defaults
         quick = dict(B=1, T=[37], H=2, d=[16], dtype="fp32", chunk=16, mem_chunk=8, cms_chunk=4,
                      reference=True, repeats=1)

@@ -189,7 +189,9 @@ def test_kernel_bench_quick_mode_runs(capsys):
     spec = importlib.util.spec_from_file_location("bench_kernels", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    before = torch.get_float32_matmul_precision()
     assert bench.main(["--quick", "--ops", "momentum_rule", "--no-memory", "--T", "5"]) == 0
+    assert torch.get_float32_matmul_precision() == before      # its --fp32-matmul-precision is undone
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith("momentum_rule ")]
     assert {(r[1], r[2]) for r in rows} == {(i, p) for i in ("torch", "triton", "reference")
