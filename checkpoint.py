@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import shutil
@@ -41,6 +42,18 @@ TRAINER_STATE = "trainer_state.pt"
 # What DCP raises for a missing, truncated or mismatched checkpoint: CheckpointException is a
 # BaseException (it wraps the per-rank failures), so `except Exception` alone lets it escape.
 DCP_ERRORS = (Exception, CheckpointException)
+
+
+def _dcp_load(state, ckpt):
+    """dcp.load without DCP's own logging: on a missing or truncated checkpoint it logs each
+    failed metadata read with its traceback to the root logger (and the failure once more to
+    its dcp logger) before raising, so a user would see tracebacks above our one-line error."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        dcp.load(state, checkpoint_id=ckpt)
+    finally:
+        logging.disable(previous)
 
 
 def _first_line(e: BaseException) -> str:
@@ -174,7 +187,7 @@ def load_training_state(ckpt, model, optimizer) -> dict:
     state = {"model": model_sd, "optim": optim_sd}
     _drop_unsaved_param_states(optim_sd, _saved_state_fqns(ckpt, optim_sd.get("state", {})))
     try:
-        dcp.load(state, checkpoint_id=ckpt)
+        _dcp_load(state, ckpt)
     except DCP_ERRORS as e:  # shape/key mismatch: a checkpoint of another model
         raise ValueError(f"checkpoint {ckpt} does not match this model/optimiser: {_first_line(e)}") from None
     # strict=False only lets the parameters dropped above stay without state: every entry of
@@ -197,7 +210,7 @@ def load_model(path, device="cpu"):
     sd = get_model_state_dict(model, options=StateDictOptions())
     state = {"model": sd}
     try:
-        dcp.load(state, checkpoint_id=ckpt)
+        _dcp_load(state, ckpt)
     except DCP_ERRORS as e:
         raise ValueError(f"checkpoint {ckpt} is unreadable or does not match its config: "
                          f"{_first_line(e)}") from None

@@ -1,6 +1,7 @@
 """eval.lm_eval_adapter: request handling through Instance-like objects (no lm-eval needed),
 numbers equal to our own WikiText / LAMBADA evaluator, and lm-eval parity when installed."""
 import importlib.util
+import logging
 import math
 import os
 import re
@@ -113,13 +114,16 @@ def test_from_checkpoint_loads_model_tokenizer_and_context(tmp_path):
         LMAdapter.from_checkpoint(path, device="tpu")
 
 
-def test_from_checkpoint_of_an_unreadable_checkpoint_is_a_one_line_error(tmp_path):
-    """checkpoint.load_model's ValueError, also for DCP's CheckpointException (a BaseException)."""
+def test_from_checkpoint_of_an_unreadable_checkpoint_is_a_one_line_error(tmp_path, caplog):
+    """checkpoint.load_model's ValueError, also for DCP's CheckpointException (a BaseException),
+    and nothing else: DCP's own warnings with tracebacks (root logger) are silenced."""
     path = save_tiny_checkpoint(tmp_path / "run")
     os.remove(os.path.join(path, "checkpoints", "step_000000", ".metadata"))   # DCP's index: no weights
+    caplog.clear()
     with pytest.raises(ValueError, match="is unreadable") as error:
         LMAdapter.from_checkpoint(path)
     assert "\n" not in str(error.value)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 @pytest.mark.skipif(HAS_LM_EVAL, reason="lm-eval is installed")
