@@ -132,7 +132,7 @@ class HopeConfig:
     memory_expansion: int = 1        # hidden width of every memory MLP = expansion * head_dim
     activation: str = choice("silu", ["silu", "gelu"])   # s in x + W1 s(W2 x)
     eta_max: float = 1.0             # eta_t = eta_max * sigmoid(w_eta . M_eta(x~) + b_eta)
-    inner_lr_fixed: Optional[float] = None  # set: eta_t = this constant and no M_eta (0 = no in-context learning)
+    inner_lr_fixed: Optional[float] = None  # set: eta_t = this constant and no M_eta (0 = no writes)
     inner_opt: str = choice("dgd", ["dgd", "gd"])        # gd: W(alpha I) - eta g a^T, no a a^T term ("w/o DGD")
     max_grad_norm: Optional[float] = 3.0  # each token's inner gradient rescaled to norm <= this
                                      # (memory.py; null = the paper's update): with self-generated

@@ -38,7 +38,8 @@ m*H + h is memory m's head h): one scan per layer instead of one per memory.
 
 Ablations (NL Table 6; config `model.hope`): inner_opt gd (no k k^T term), retention false
 (alpha = 1, no M_alpha), adaptive_k/v false (a static linear W_k x~ / W_v x~ instead of the
-memory), adaptive_q, inner_lr_fixed (eta_t = constant, no M_eta; 0 = no in-context learning).
+memory), adaptive_q, inner_lr_fixed (eta_t = constant, no M_eta; 0 = no writes, though with
+retention the data-dependent decay alpha_t still passes context on: docs/FIDELITY.md).
 
 State (`None` = start of a sequence; fast weights are per sequence):
     {"conv": [B, conv_size-1, D] last inputs of the conv (None if conv_size <= 1),
