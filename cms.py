@@ -153,13 +153,14 @@ class CMSLevel(nn.Module):
                 "w_out": self.w_out.weight.to(dtype).expand(batch_size, -1, -1),
                 "grad_in": None, "grad_out": None, "pos": 0}
 
-    def uses_fused_kernel(self, a):
+    def uses_fused_kernel(self):
         """The fused Triton fast level (kernels/triton_cms.py, DESIGN §4 (b)) runs for the
         shapes it covers in an fp32 model (a bf16 model keeps the torch path, whose output is
-        bf16) when the backend is "triton". It has not yet passed its tests
-        on a GPU (BENCHMARKS.md), so "auto" does not pick it yet; everything else, and the
-        CPU, takes fast_level_scan (the oracle). `a` (the level's input) is not read yet: an
-        explicit "triton" off CUDA gets the kernel's own one-line device error."""
+        bf16) when the backend is "triton". It has not yet passed its tests on a GPU
+        (BENCHMARKS.md), so "auto" does not pick it yet; everything else takes
+        fast_level_scan (the oracle). The input's device is not consulted: an explicit
+        "triton" off CUDA (and outside Triton's interpreter) gets the kernel's own one-line
+        device error rather than a silent fall-back to the slow path."""
         weight = self.w_in.weight
         if not self.is_fast or weight.dtype != torch.float32 or self.backend != "triton":
             return False
@@ -196,7 +197,7 @@ class CMSLevel(nn.Module):
             raise ValueError(f"CMS state holds fast weights for batch size {state['w_in'].shape[0]}, "
                              f"but the input has batch size {B}")
         scan, target = fast_level_scan, self.w_target(a)
-        if a.shape[1] and self.uses_fused_kernel(a):               # one launch for the whole segment
+        if a.shape[1] and self.uses_fused_kernel():               # one launch for the whole segment
             from kernels import triton_cms
             scan, a, target = triton_cms.fused_fast_level, a.float(), target.float()
         y, w_in, w_out, grad_in, grad_out, pos = scan(

@@ -136,8 +136,8 @@ def test_cms_level_dispatches_and_matches_the_torch_path_over_segments(monkeypat
     oracle = CMSLevel(16, 32, 4, 0.1, "gelu", 1e-6, backend="torch").to(DEVICE)
     oracle.load_state_dict(fused.state_dict())
     oracle.double()
-    assert fused.uses_fused_kernel(torch.zeros(1, device=DEVICE))
-    assert not oracle.uses_fused_kernel(torch.zeros(1, device=DEVICE, dtype=torch.float64))
+    assert fused.uses_fused_kernel()
+    assert not oracle.uses_fused_kernel()
     z = torch.randn(2, 19, 16, device=DEVICE, dtype=torch.float64)
     outs = {}
     for name, level in (("fused", fused), ("oracle", oracle)):
@@ -157,11 +157,10 @@ def test_cms_level_dispatches_and_matches_the_torch_path_over_segments(monkeypat
 
 
 def test_cms_level_keeps_the_torch_path_where_the_kernel_does_not_apply():
-    x = torch.zeros(1, device=DEVICE)
-    assert not CMSLevel(16, 32, None, 0.1, "gelu", 1e-6, backend="triton").uses_fused_kernel(x)   # static
-    assert not CMSLevel(16, 32, 65, 0.1, "gelu", 1e-6, backend="triton").uses_fused_kernel(x)     # C > 64
-    assert not CMSLevel(256, 32, 4, 0.1, "gelu", 1e-6, backend="triton").uses_fused_kernel(x)     # D > 128
-    assert not CMSLevel(16, 32, 4, 0.1, "gelu", 1e-6).uses_fused_kernel(x)   # "auto": opt-in until GPU-validated
+    assert not CMSLevel(16, 32, None, 0.1, "gelu", 1e-6, backend="triton").uses_fused_kernel()   # static
+    assert not CMSLevel(16, 32, 65, 0.1, "gelu", 1e-6, backend="triton").uses_fused_kernel()     # C > 64
+    assert not CMSLevel(256, 32, 4, 0.1, "gelu", 1e-6, backend="triton").uses_fused_kernel()     # D > 128
+    assert not CMSLevel(16, 32, 4, 0.1, "gelu", 1e-6).uses_fused_kernel()   # "auto": opt-in until GPU-validated
     with pytest.raises(ValueError, match="CMS backend must be one of"):
         CMSLevel(16, 32, 4, 0.1, "gelu", 1e-6, backend="cuda")
 
