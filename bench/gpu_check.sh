@@ -124,7 +124,7 @@ pytest_stage() {
     run "$name" "$cap" "${PYTEST[@]}" ${k:+-k "$k"} "$@"
 }
 # shellcheck disable=SC2086
-pytest_stage cuda_tests "$CAP_CUDA_TESTS" "cuda or gpu" $NEW_KERNEL_TESTS
+pytest_stage cuda_tests "$CAP_CUDA_TESTS" "(cuda or gpu) and not wide" $NEW_KERNEL_TESTS
 
 # 2. training throughput: one optimiser step (fwd + bwd + AdamW) on synthetic tokens.
 for spec in $STEP_RUNS; do
@@ -139,11 +139,12 @@ done
 run kernels "$CAP_KERNELS" "$PY" bench/kernels.py $KERNEL_ARGS
 
 # 4. the other kernel tests: the older kernel files' CUDA cases (the scan kernels
-# changed since their last GPU run), then the new files' small cases
+# changed since their last GPU run), then the new files' small cases and the MLP memory's
+# widest head (d = E = 128)
 # shellcheck disable=SC2086
 pytest_stage tests "$CAP_TEST" "$OLD_TESTS_K" $OLD_KERNEL_TESTS
 # shellcheck disable=SC2086
-pytest_stage tests_new "$CAP_TEST_NEW" "not cuda and not gpu" $NEW_KERNEL_TESTS
+pytest_stage tests_new "$CAP_TEST_NEW" "wide or (not cuda and not gpu)" $NEW_KERNEL_TESTS
 
 # 5. (GPU_CHECK_FSDP=1) 1-GPU FSDP2 training through train.py on a small byte-tokenised
 # text (no `datasets`).

@@ -25,8 +25,10 @@ PyTorch, the CPU path) vs "triton" (one fused kernel, kernels/triton_memory.py),
 and momentum rules, fp32 state; error of y and the final weights vs the float64 torch path.
 fp32 products follow --fp32-matmul-precision: high (the default, as train.py sets for bf16
 training on CUDA) = tf32 tensor cores, highest = exact fp32 (kernels.triton_delta.dot_precision).
-Rows memory/mlp/*: the same for the 2-layer MLP memory (E = 2d, kernels/triton_mlp_memory.py),
-only at d <= 64 (the fused MLP kernel's limit; d = 128 would time the torch path alone).
+Rows memory/mlp/*: the same for the 2-layer MLP memory (kernels/triton_mlp_memory.py), E = 2d
+at d <= 64 (Titans' memories), E = d at d = 128 (the widest hidden the fused kernel holds; op
+memory/mlp/x1/..., timed after part 3), at the largest chunk <= --mem-chunk the kernel takes
+(max_mlp_chunk).
 
 Part 3, a CMS fast level (cms.fast_level_scan, NL Eq. 71; op cms/fast_level/C16): the torch
 per-chunk scan vs the fused Triton level (kernels/triton_cms.py), hidden = 4 d, fp32, lr 1e-3,
@@ -172,26 +174,29 @@ def bench_scans(args, device, dtype, fla_fn, rows):
                         print_row(rows[-1])
 
 
-def bench_memory_layer(args, device, rows):
+def bench_memory_layer(args, device, rows, wide=False):
     """NeuralMemory, chunk C: backend torch (per-chunk scans) vs triton (fused layer), for the
-    linear memory (kernels/triton_memory.py) and the 2-layer MLP memory with E = 2d
-    (kernels/triton_mlp_memory.py; only at the d its fused kernel takes, d <= 64, with the
-    largest chunk <= --mem-chunk that `fusable_mlp` accepts)."""
+    linear memory (kernels/triton_memory.py) and the 2-layer MLP memory
+    (kernels/triton_mlp_memory.py) with E = 2d; wide: only the MLP memories whose fused
+    kernel holds no more than E = d (d = 128; main runs them last, after the CMS level: their
+    compiles are the longest). Each at the largest chunk <= --mem-chunk its kernel takes."""
     from kernels.triton_memory import max_chunk
-    from kernels.triton_mlp_memory import MAX_MLP_CHUNK, fusable_mlp
-    for depth, kind in ((1, ""), (2, "mlp/")):
+    from kernels.triton_mlp_memory import fusable_mlp, max_mlp_chunk
+    for depth in ((2,) if wide else (1, 2)):
         for rule in ("dgd", "momentum"):
             for d in args.d:
-                C = min(args.mem_chunk, max_chunk(d) if depth == 1 else MAX_MLP_CHUNK)
-                while depth == 2 and C > 1 and not fusable_mlp(d, 2, C, rule):
-                    C //= 2
-                if depth == 2 and not fusable_mlp(d, 2, C, rule):
+                expansion = 2 if depth == 1 or fusable_mlp(d, 2, 1, rule) else 1
+                if wide != (expansion == 1):
+                    continue
+                kind = "" if depth == 1 else "mlp/" if expansion == 2 else "mlp/x1/"
+                C = min(args.mem_chunk, max_chunk(d) if depth == 1 else max_mlp_chunk(d, rule))
+                if depth == 2 and not fusable_mlp(d, expansion, C, rule):
                     continue
                 for T in args.T:
-                    bench_memory_case(args, device, rows, depth, kind, rule, d, T, C)
+                    bench_memory_case(args, device, rows, depth, kind, rule, d, T, C, expansion)
 
 
-def bench_memory_case(args, device, rows, depth, kind, rule, d, T, C):
+def bench_memory_case(args, device, rows, depth, kind, rule, d, T, C, expansion):
     """One memory-layer shape: fwd and fwd+bwd of both backends; error of y and the final
     weights vs the float64 torch path."""
     torch.manual_seed(0)
@@ -205,7 +210,7 @@ def bench_memory_case(args, device, rows, depth, kind, rule, d, T, C):
     if rule == "momentum":
         x["beta"] = 0.8 + 0.2 * torch.rand(B, T, H, generator=g)
     x = {n: t.to(device) for n, t in x.items()}
-    options = dict(depth=depth, expansion=2, chunk_size=C, update_rule=rule)
+    options = dict(depth=depth, expansion=expansion, chunk_size=C, update_rule=rule)
     mem = NeuralMemory(H, d, **options).to(device)
     oracle = NeuralMemory(H, d, backend="torch", **options).to(device).double()
     oracle.load_state_dict(mem.state_dict())
@@ -261,11 +266,11 @@ def bench_cms_level(args, device, rows):
                     print_row(rows[-1])
 
 
-HEADER = f"{'op':<25}{'impl':<10}{'pass':<9}{'B':>3}{'T':>6}{'H':>4}{'d':>5}{'ms':>11}{'rel err':>10}  note"
+HEADER = f"{'op':<28}{'impl':<10}{'pass':<9}{'B':>3}{'T':>6}{'H':>4}{'d':>5}{'ms':>11}{'rel err':>10}  note"
 
 
 def print_row(r):
-    print(f"{r['op']:<25}{r['impl']:<10}{r['pass_']:<9}{r['B']:>3}{r['T']:>6}{r['H']:>4}{r['d']:>5}"
+    print(f"{r['op']:<28}{r['impl']:<10}{r['pass_']:<9}{r['B']:>3}{r['T']:>6}{r['H']:>4}{r['d']:>5}"
           f"{r['ms']:>11.3f}{r['rel_err']:>10.1e}  {r['note']}", flush=True)
 
 
@@ -279,7 +284,7 @@ def print_speedups(rows):
     for (op, T, d, p), t in by.items():
         if "triton" in t and t["triton"] == t["triton"]:
             parts = [f"vs {o} {t[o] / t['triton']:.2f}x" for o in ("torch", "fla", "reference") if o in t]
-            print(f"  {op:<25}T={T:<6}d={d:<4}{p:<8} " + ", ".join(parts))
+            print(f"  {op:<28}T={T:<6}d={d:<4}{p:<8} " + ", ".join(parts))
 
 
 def main(argv=None):
@@ -335,6 +340,8 @@ def _run(p, args, argv):
         bench_memory_layer(args, device, rows)
     if not args.no_cms:
         bench_cms_level(args, device, rows)
+    if not args.no_memory:
+        bench_memory_layer(args, device, rows, wide=True)
     print_speedups(rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -57,12 +57,13 @@ with tf32 products; now the forwards take at most 164,096 B.
                               activation) -> (y, (W_in, W_out), (Z_in, Z_out), last W_B pair)
 
 Gradients flow to q, k, v, the gates and the initial weights (and momenta), from every
-output. Limits (`fusable_mlp`): d <= 64, E <= 128, C <= 64, every update rule: all of a
-program's tiles sit in registers (at d = 64, E = 128 the four state tiles alone are 128 KiB
-of fp32, so the largest shapes spill to local memory on a GPU; their speed is unmeasured).
-All of these shapes fit an H100's shared memory (above). The backward's scratch is
-16 (14 for momentum) * max(C, d, E) * max(C, d) fp32 per (batch, head): 512 KiB at d = 64,
-E = 128, C = 64; the forward's 2 (5 for momentum) such slots: 64 KiB (160 KiB).
+output. Limits (`fusable_mlp`): d <= 128, E <= 128, C <= 64 at d <= 64 and C <= 32 (DGD /
+GD) or 16 (momentum) at wider heads (`max_mlp_chunk`), every update rule: all of a program's
+tiles sit in registers (at d = 64, E = 128 the four state tiles alone are 128 KiB of fp32,
+256 KiB at d = E = 128, so the largest shapes spill to local memory on a GPU; their speed is
+unmeasured). All of these shapes fit an H100's shared memory (above). The backward's scratch
+is 16 (14 for momentum) * max(C, d, E) * max(C, d) fp32 per (batch, head): 512 KiB at
+d = 64, E = 128, C = 64, 1 MiB at d = E = 128; the forward's 2 (5 for momentum) such slots.
 """
 import math
 from typing import Optional
@@ -82,12 +83,12 @@ from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _decay, _delta
 from .triton_momentum import (_momentum_chunk_bwd, _momentum_chunk_fwd, _momentum_chunk_gates,
                               _momentum_grads_tail)
 
-__all__ = ["fused_mlp_memory_delta", "fused_mlp_memory_momentum", "fusable_mlp",
+__all__ = ["fused_mlp_memory_delta", "fused_mlp_memory_momentum", "fusable_mlp", "max_mlp_chunk",
            "MAX_MLP_HEAD_DIM", "MAX_MLP_HIDDEN", "MAX_MLP_CHUNK"]
 
-MAX_MLP_HEAD_DIM = 64     # d: both layers' states, their gradients and the chunk tiles
+MAX_MLP_HEAD_DIM = 128    # d: both layers' states, their gradients and the chunk tiles
 MAX_MLP_HIDDEN = 128      # E: sit in one program's registers
-MAX_MLP_CHUNK = 64
+MAX_MLP_CHUNK = 64        # C at d <= 64; wider heads take less (max_mlp_chunk)
 FUSED_RULES = ("dgd", "gd", "momentum")
 
 
@@ -602,19 +603,37 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
 
 # ----------------------------------------------------------------------------- host side
 
+def max_mlp_chunk(head_dim, update_rule):
+    """The largest chunk C the fused kernels take: 64 at d <= 64; at 64 < d <= 128 (the tiles
+    are [128, 128]) 32 for DGD / GD and 16 for momentum, whose backward also re-reads the
+    momenta's tiles. These are the largest powers of two whose kernels fit an H100's shared
+    memory in every product precision (fusable_mlp lists the bytes)."""
+    if head_dim <= 64:
+        return MAX_MLP_CHUNK
+    return MAX_MLP_CHUNK // (4 if update_rule == "momentum" else 2)
+
+
 def fusable_mlp(head_dim, expansion, chunk_size, update_rule):
-    """Whether the fused kernels cover a 2-layer MLP memory with these settings: d <= 64,
-    E <= 128, C <= 64, a fused rule. Every such shape fits an H100's shared memory; the largest
-    tiles (d = 64, E = 128, C = 64) were measured on the compiled sm_90 kernels
-    (tests/test_triton_compile.py; fp32 / bf16 inputs, B of the 232,448 an H100 allows):
-    DGD/GD backward 131,072 / 163,840, momentum backward 196,608 / 172,032, forwards 114,688 /
-    131,072 (DGD) and 164,096 / 147,456 (momentum); at HOPE's d = 64, E = 64, C = 64 the
-    backwards take 98,304 / 114,688 (DGD, self_target) and 131,072 / 106,496 (momentum), the
-    forwards 81,920 / 81,920 (DGD, self_target) and 98,304 / 81,920 (momentum). Every flag
-    combination of the four kernels was measured at both shapes and precisions: none takes
-    more than the all-on one."""
+    """Whether the fused kernels cover a 2-layer MLP memory with these settings: d <= 128,
+    E <= 128 (so E = d at d > 64: HOPE's memories with memory_expansion 1),
+    C <= max_mlp_chunk(d, rule), a fused rule. Every such shape fits an H100's shared memory
+    (232,448 B). Bytes of the compiled sm_90 kernels, all flags on, at the largest shapes
+    (tests/test_triton_compile.py; products / inputs: exact fp32 / fp32 (fp32 training, the
+    tests), tf32 / bf16 (16-bit callers), tf32 / fp32 (bf16 training: memory.py casts up)):
+
+        d, E, C:      64, 128, 64 (Titans)     64, 64, 64 (HOPE)   128, 128, 32 (momentum: C 16)
+        DGD fwd     114,688 131,072 147,456   81,920  81,920  98,304  180,224 196,608 229,376
+        DGD bwd     131,072 163,840 163,840   98,304 114,688 114,688  196,608 180,224 204,800
+        mom. fwd    164,096 147,456 163,840   98,304  81,920  98,304  163,840 196,608 212,992
+        mom. bwd    196,608 172,032 196,608  131,072 106,496 131,072  223,232 204,800 221,184
+
+    (DGD with self_target; at the d = 64 shapes every flag combination was measured, and
+    none takes more than the all-on one.) Over the
+    limit: the momentum backward at d = 128 with C = 32 (253,952 B exact), any kernel with
+    E = 256 (over 300,000)."""
     return (head_dim <= MAX_MLP_HEAD_DIM and expansion * head_dim <= MAX_MLP_HIDDEN
-            and 1 <= chunk_size <= MAX_MLP_CHUNK and update_rule in FUSED_RULES)
+            and update_rule in FUSED_RULES
+            and 1 <= chunk_size <= max_mlp_chunk(head_dim, update_rule))
 
 
 def _tiles(d, E, chunk_size):
@@ -631,8 +650,10 @@ def _check_inputs(tensors, states, chunk_size, activation, max_grad_norm, caller
     [B,H,d,E] and (momentum) z_in, z_out of the same shapes."""
     q, k, v, *_ = tensors.values()
     gates = {n: t for n, t in tensors.items() if n not in ("q", "k", "v")}
+    rule, rules = ("momentum", "momentum") if "z_in" in states else ("dgd", "DGD / GD")
     check_scan_inputs(q, k, v, gates, {}, chunk_size, u_name="v", dims=("d", "d"),
-                      kernels="the fused MLP memory kernels", max_chunk=lambda d: MAX_MLP_CHUNK)
+                      kernels=f"the fused MLP memory kernels ({rules})",
+                      max_chunk=lambda d: max_mlp_chunk(d, rule))
     B, T, H, d = q.shape
     check_tensors({"q": q, **states}, "q", SUPPORTED_DTYPES, "the fused MLP memory kernels")
     w_in = states["w_in"]
@@ -905,16 +926,13 @@ _memory_mlp_momentum_fwd.register_autograd(_memory_mlp_momentum_backward,
 
 
 def fused_mlp_memory_momentum(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size,
-                              activation="silu", max_grad_norm=None, self_target=False):
+                              activation="silu", max_grad_norm=None):
     """A residual MLP memory layer with Titans' momentum transition (Eq. 13-14) per layer:
         Z_t = beta_t Z_{t-1} - lr_t g_t a_t^T ;  W_t = alpha_t W_{t-1} + Z_t
     (g_t, a_t: the layer's closed-form inner gradient at W_B, clipped as in
     fused_mlp_memory_delta, and its input). Returns (y, (W_in, W_out) at T, (Z_in, Z_out) at
-    T, (W_in, W_out) at the last chunk's start). No self_target (HOPE's M_mem, which
-    generates its targets, uses DGD / GD: fused_mlp_memory_delta)."""
-    if self_target is not False:
-        raise ValueError("fused_mlp_memory_momentum has no self_target; self-generated targets "
-                         "are fused for DGD / GD only (fused_mlp_memory_delta)")
+    T, (W_in, W_out) at the last chunk's start). Self-generated targets (HOPE, NL Eq. 87)
+    are fused for DGD / GD only (fused_mlp_memory_delta): HOPE's memories learn by DGD."""
     _check_inputs({"q": q, "k": k, "v": v, "alpha": alpha, "beta": beta, "lr": lr},
                   {"w_in": w_in, "w_out": w_out, "z_in": z_in, "z_out": z_out}, chunk_size,
                   activation, max_grad_norm, "fused_mlp_memory_momentum")

@@ -34,15 +34,22 @@ FULL = os.environ.get("NL_COMPILE_FULL", "0") not in ("", "0")
 # Shapes per file; the tiles come from the host's own choice (`_tiles` / launch helpers).
 # The large shape of each file is its largest supported one (MAX_KEY_DIM = 128 with the
 # chunk cap 32 at d > 64; CMS D = 128, hidden 512, C = 32; MLP d = 64, E = 128, C = 64, the
-# Titans 760M memory). MLP "hope": HOPE 760M's M_mem (d = 64, E = 64, C = 64).
+# Titans 760M memory). MLP "hope": HOPE 760M's M_mem (d = 64, E = 64, C = 64); "wide": the
+# widest head, d = E = 128, at the largest chunk the host takes for the kernel's rule
+# (C = None: triton_mlp_memory.max_mlp_chunk, 32 for DGD / GD, 16 for momentum).
 SCAN_SHAPES = {"small": dict(K=16, V=16, C=16), "mid": dict(K=64, V=64, C=64),
                "large": dict(K=128, V=128, C=32)}
 MEMORY_SHAPES = {"small": dict(d=16, C=16), "mid": dict(d=64, C=64), "large": dict(d=128, C=32)}
 MLP_SHAPES = {"small": dict(d=16, E=32, C=16), "hope": dict(d=64, E=64, C=64),
-              "large": dict(d=64, E=128, C=64)}
+              "large": dict(d=64, E=128, C=64), "wide": dict(d=128, E=128, C=None)}
 CMS_SHAPES = {"small": dict(D=16, H=32, C=16), "mid": dict(D=64, H=256, C=64),
               "large": dict(D=128, H=512, C=32)}
 BOOL = (True, False)
+# Product precisions (the kernels' PREC, kernels/triton_delta.dot_precision) with the input
+# pointers' dtype: "ieee" exact fp32 products on fp32 inputs (fp32 training, the tests);
+# "tf32" tensor-core products on bf16 inputs (16-bit callers); "tf32_fp32" tensor-core
+# products on fp32 inputs: bf16 training, where memory.py casts the memory's inputs to fp32
+# and train.setup_precision sets PyTorch's fp32 matmuls to "high".
 
 
 def _flags(**choices):
@@ -98,19 +105,20 @@ def _cases(file):
       * every flag combination, small shape, fp32 ("ieee"), to TTIR (the code generator,
         where type errors such as a loop-carried value changing type surface: they depend on
         the flags, not on the tiles);
-      * the all-flags-on combination to TTGIR at every other shape, fp32 and, where the host
-        allows 16-bit inputs (CMS is fp32 only), bf16 ("tf32": tensor-core dots);
+      * the all-flags-on combination to TTGIR at every other shape, in every precision (above;
+        CMS takes fp32 inputs only: no "tf32");
       * the all-flags-on small cases further: fp32 to cubin (ptxas), bf16 to LLIR (to TTGIR
         for the MLP memory, whose bf16 LLVM lowering alone takes 5-13 s per kernel here)."""
     shapes, table = CASES[file]
-    precs = ("ieee",) if file == "triton_cms" else ("ieee", "tf32")
+    precs = ("ieee", "tf32_fp32") if file == "triton_cms" else ("ieee", "tf32", "tf32_fp32")
     out = []
     for kernel, combos, _, _ in table:
         todo = [("small", flags, "ieee", "cubin" if flags == combos[0] else "ttir")
                 for flags in combos]
         small_bf16 = "ttgir" if file == "triton_mlp_memory" else "llir"
         todo += [(shape, combos[0], prec, small_bf16 if shape == "small" else "ttgir")
-                 for shape in shapes for prec in precs if (shape, prec) != ("small", "ieee")]
+                 for shape in shapes for prec in precs
+                 if shape != "small" or prec == "tf32"]
         for shape, flags, prec, stage in todo:
             cid = "-".join([kernel, shape, prec] + [f"{k}={int(v)}" for k, v in flags.items()])
             out.append((cid, kernel, shape, flags, prec, "cubin" if FULL else stage))
@@ -120,7 +128,7 @@ def _cases(file):
 # ----------------------------------------------------------------------------- worker side
 # Runs in the subprocess (no TRITON_INTERPRET): triton is imported only here.
 
-def _launch_config(file, shape, warps):
+def _launch_config(file, kernel, shape, warps):
     """(tile constexprs, num_warps) exactly as the host launcher computes them."""
     from kernels import triton_cms, triton_delta, triton_memory, triton_mlp_memory, triton_scans
     s = shape
@@ -129,7 +137,9 @@ def _launch_config(file, shape, warps):
     elif file == "triton_memory":
         tiles = dict(zip(("BT", "BK", "BV"), triton_memory._tiles(s["d"], s["C"])))
     elif file == "triton_mlp_memory":
-        tiles = dict(zip(("BT", "BD", "BE"), triton_mlp_memory._tiles(s["d"], s["E"], s["C"])))
+        C = s["C"] or triton_mlp_memory.max_mlp_chunk(s["d"], "momentum" if "momentum" in kernel
+                                                       else "dgd")
+        tiles = dict(zip(("BT", "BD", "BE"), triton_mlp_memory._tiles(s["d"], s["E"], C)))
     else:
         tiles = dict(zip(("BT", "BD", "BH"), triton_cms._tiles(s["D"], s["H"], s["C"])))
     n_warps = {"chunk": triton_delta.CHUNK_WARPS, "scan": triton_delta.SCAN_WARPS,
@@ -150,11 +160,11 @@ def _compile_one(file, kernel, shape_name, flags, prec, stage, regs=False):
 
     shapes, table = CASES[file]
     warps, stages = next((w, st) for k, _, w, st in table if k == kernel)
-    tiles, n_warps = _launch_config(file, shapes[shape_name], warps)
+    tiles, n_warps = _launch_config(file, kernel, shapes[shape_name], warps)
     kern = getattr(importlib.import_module(f"kernels.{file}"), kernel)
     names = list(inspect.signature(kern.fn).parameters)
-    const = {**flags, **tiles, "PREC": prec}
-    low = "*bf16" if prec == "tf32" else "*fp32"
+    const = {**flags, **tiles, "PREC": prec.split("_")[0]}
+    low = "*bf16" if prec == "tf32" else "*fp32"     # PRECISIONS
     sig = {n: "constexpr" if n in const else
            (low if n in INPUT_DTYPE_PTRS else "*fp32") if n.endswith("_ptr") else
            "fp32" if n in FLOAT_ARGS else "i32" for n in names}

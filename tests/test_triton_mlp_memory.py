@@ -69,6 +69,16 @@ def test_fused_mlp_layer_matches_torch_path(rule, case):
 
 @needs_kernels
 @pytest.mark.parametrize("rule", ("dgd", "momentum"))
+def test_wide_head_matches_torch_path(rule):
+    """A head wider than 64 (d = E = 72: [128, 128] tiles, the scratch slots sized by BD = BE,
+    not BT) with self-generated targets for DGD (HOPE's memories at head dim 128)."""
+    options = dict(self_target=True) if rule == "dgd" else {}
+    assert_close(compare_with_torch_path(rule, 1, 11, 1, 72, 1, 8, **options), 2e-5,
+                 f"{rule} d=72")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rule", ("dgd", "momentum"))
 def test_segments_mid_chunk_match_one_call(rule):
     """Segments ending mid-chunk: the next call finishes the chunk on the torch path from the
     kernel's returned chunk-start weights (and momenta), whose gradients carry across calls."""
@@ -154,14 +164,6 @@ def test_self_target_matches_torch_path(monkeypatch, rule, case, segments, optio
     assert_close(errors, 2e-5, f"{rule} {case} self_target")
 
 
-def test_momentum_has_no_self_target():
-    args = _kernel_args()
-    beta, z_in, z_out = args[3], torch.zeros_like(args[5]), torch.zeros_like(args[6])
-    with pytest.raises(ValueError, match="fused_mlp_memory_momentum has no self_target"):
-        triton_mlp_memory.fused_mlp_memory_momentum(*args[:4], beta, *args[4:], z_in, z_out, 4,
-                                                    self_target=True)
-
-
 @needs_kernels
 def test_dispatch_uses_the_fused_kernel_only_where_it_applies(monkeypatch):
     calls = []
@@ -188,17 +190,25 @@ def test_dispatch_uses_the_fused_kernel_only_where_it_applies(monkeypatch):
 
 
 def test_fusable_mlp_limits():
-    assert triton_mlp_memory.fusable_mlp(64, 2, 64, "dgd")             # Titans 760M's memory
-    assert triton_mlp_memory.fusable_mlp(64, 1, 64, "dgd")             # HOPE 760M's M_mem
-    assert triton_mlp_memory.fusable_mlp(64, 2, 64, "momentum")
-    assert triton_mlp_memory.fusable_mlp(32, 2, 64, "dgd")
-    assert triton_mlp_memory.fusable_mlp(64, 2, 16, "dgd")
-    assert triton_mlp_memory.fusable_mlp(16, 4, 1, "gd")
-    assert not triton_mlp_memory.fusable_mlp(128, 1, 16, "dgd")        # d > 64
-    assert not triton_mlp_memory.fusable_mlp(64, 4, 16, "dgd")         # E > 128
-    assert not triton_mlp_memory.fusable_mlp(64, 2, 65, "dgd")         # C > 64
-    assert triton_mlp_memory.fusable_mlp(64, 2, 16, "momentum")
-    assert not triton_mlp_memory.fusable_mlp(64, 2, 16, "sgd")
+    fusable = triton_mlp_memory.fusable_mlp
+    assert fusable(64, 2, 64, "dgd")             # Titans 760M's memory
+    assert fusable(64, 1, 64, "dgd")             # HOPE 760M's M_mem
+    assert fusable(64, 2, 64, "momentum")
+    assert fusable(32, 2, 64, "dgd")
+    assert fusable(64, 2, 16, "dgd")
+    assert fusable(16, 4, 1, "gd")
+    assert fusable(128, 1, 32, "dgd") and fusable(128, 1, 32, "gd")     # the widest head
+    assert fusable(96, 1, 32, "dgd") and fusable(128, 1, 16, "momentum")
+    assert not fusable(128, 1, 33, "dgd")        # C > 32 at d > 64
+    assert not fusable(72, 1, 17, "momentum")    # C > 16 for momentum at d > 64
+    assert not fusable(128, 2, 16, "dgd")        # E = 256 > 128
+    assert not fusable(256, 1, 16, "dgd")        # d > 128
+    assert not fusable(64, 4, 16, "dgd")         # E > 128
+    assert not fusable(64, 2, 65, "dgd")         # C > 64
+    assert fusable(64, 2, 16, "momentum")
+    assert not fusable(64, 2, 16, "sgd")
+    assert [triton_mlp_memory.max_mlp_chunk(d, rule) for d, rule in
+            ((64, "dgd"), (64, "momentum"), (65, "gd"), (128, "dgd"), (128, "momentum"))] == [64, 64, 32, 32, 16]
 
 
 def _kernel_args(B=1, T=5, H=1, d=8, E=16, seed=0):
@@ -265,6 +275,18 @@ def test_bad_inputs_raise_one_line_errors(index, value, message):
         args[6] = torch.zeros(1, 1, 8, 256, device=DEVICE)
     with pytest.raises(ValueError, match=message):
         triton_mlp_memory.fused_mlp_memory_delta(*args, 4)
+
+
+def test_chunk_cap_of_wide_heads_raises_one_line():
+    """At d > 64 the kernels take C <= 32 (DGD / GD) and C <= 16 (momentum): max_mlp_chunk."""
+    q, k, v, alpha, lr, w_in, w_out = _kernel_args(d=72, E=72)
+    with pytest.raises(ValueError, match=r"chunk_size must be an integer in \[1, 32\] for the "
+                                          r"fused MLP memory kernels \(DGD / GD\) at key head dim 72"):
+        triton_mlp_memory.fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, 33)
+    with pytest.raises(ValueError, match=r"chunk_size must be an integer in \[1, 16\] for the "
+                                          r"fused MLP memory kernels \(momentum\)"):
+        triton_mlp_memory.fused_mlp_memory_momentum(q, k, v, alpha, alpha, lr, w_in, w_out,
+                                                    w_in, w_out, 17)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -340,17 +362,31 @@ def test_hope_mixer_through_the_fused_kernel_matches_torch_path(monkeypatch):
 # HOPE-760M's M_mem (d=64, E=64, C=64, DGD, its own targets M_B(v), clip 3). Exact fp32
 # products at these tiles take ptxas over 20 minutes per kernel (BENCHMARKS.md); the exact
 # path runs natively in the small cases above.
-PAPER_SHAPES = {"titans-momentum": ("momentum", 64, 2, dict(max_grad_norm=10.0)),
-                "titans-dgd": ("dgd", 64, 2, dict(max_grad_norm=10.0)),
-                "hope-mem-self-target": ("dgd", 64, 1, dict(max_grad_norm=3.0, self_target=True))}
+PAPER_SHAPES = {"titans-momentum": ("momentum", 64, 2, 64, dict(max_grad_norm=10.0)),
+                "titans-dgd": ("dgd", 64, 2, 64, dict(max_grad_norm=10.0)),
+                "hope-mem-self-target": ("dgd", 64, 1, 64, dict(max_grad_norm=3.0, self_target=True))}
+# The widest head the kernels take, d = E = 128 (a HOPE memory at head dim 128), at its
+# largest chunks (max_mlp_chunk). Separate from the paper shapes: bench/gpu_check.sh runs
+# these after the throughput runs.
+WIDE_SHAPES = {"wide-dgd-self-target": ("dgd", 128, 1, 32, dict(max_grad_norm=3.0, self_target=True)),
+               "wide-momentum": ("momentum", 128, 1, 16, dict(max_grad_norm=10.0))}
 
 
 @needs_cuda
 @pytest.mark.parametrize("shape", PAPER_SHAPES)
 def test_cuda_paper_shapes_match_torch_path_in_tf32(shape):
-    rule, d, expansion, options = PAPER_SHAPES[shape]
+    rule, d, expansion, C, options = PAPER_SHAPES[shape]
     with fp32_matmul_precision("high"):
-        errors = compare_with_torch_path(rule, 2, 1000, 4, d, expansion, 64, **options)
+        errors = compare_with_torch_path(rule, 2, 1000, 4, d, expansion, C, **options)
+    assert_close(errors, 2e-2, shape)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", WIDE_SHAPES)
+def test_cuda_wide_head_matches_torch_path_in_tf32(shape):
+    rule, d, expansion, C, options = WIDE_SHAPES[shape]
+    with fp32_matmul_precision("high"):
+        errors = compare_with_torch_path(rule, 2, 500, 2, d, expansion, C, **options)
     assert_close(errors, 2e-2, shape)
 
 
