@@ -330,6 +330,23 @@ def _inner_write_bwd(sk, shh, serr, sh1, sh2, s1, s2, m, g1, lr, eta1, eta2, lw1
 
 
 @triton.jit
+def _chunk_grads_out(dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dwinB_ptr, dwoutB_ptr, dq, dk, dv, dlr, dh1,
+                     dh2, i_r, bh64, g_base, t0, end, H, D, E, BT: tl.constexpr,
+                     BD: tl.constexpr, BE: tl.constexpr):
+    """The end of a backward chunk step: store the chunk's dq, dk, dv, dlr; at the last chunk
+    (i_r == 0, the first in reverse) add the gradient of the returned chunk-start weights W_B
+    to the state gradients (loaded there: registers). Returns (dh1, dh2)."""
+    if i_r == 0:
+        dh1 += _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
+        dh2 += _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
+    _store_rows(dq_ptr, g_base * D, t0, end, H * D, 0, D, dq, BT, BD)
+    _store_rows(dk_ptr, g_base * D, t0, end, H * D, 0, D, dk, BT, BD)
+    _store_rows(dv_ptr, g_base * D, t0, end, H * D, 0, D, dv, BT, BD)
+    _store_gate(dlr_ptr, g_base, t0, end, H, dlr, BT)
+    return dh1, dh2
+
+
+@triton.jit
 def _chunk_momentum_bwd(sq, sk, su, sh, sz, sdo, sdh, sdz, dh, dz, p, r, w, a, b, c, w_last,
                         r_last, rows, L, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         PREC: tl.constexpr):
@@ -466,13 +483,9 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
                                                  BD, BE, PREC)
         if SELF_TARGET:   # dv so far is the target's gradient
             dv, dh1, dh2 = _self_target_bwd(sv, sh1, sh2, dv, dh1, dh2, ACT, BT, BD, BE, PREC)
-        if i_r == 0:      # the returned W_B is the last chunk's start (loaded here: registers)
-            dh1 += _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
-            dh2 += _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
-        _store_rows(dq_ptr, g_base * D, t0, end, H * D, 0, D, dy + dq1, BT, BD)
-        _store_rows(dk_ptr, g_base * D, t0, end, H * D, 0, D, dk, BT, BD)
-        _store_rows(dv_ptr, g_base * D, t0, end, H * D, 0, D, dv, BT, BD)
-        _store_gate(dlr_ptr, g_base, t0, end, H, dlr, BT)
+        dh1, dh2 = _chunk_grads_out(dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dwinB_ptr, dwoutB_ptr,
+                                    dy + dq1, dk, dv, dlr, dh1, dh2, i_r, bh64, g_base, t0, end,
+                                    H, D, E, BT, BD, BE)
         _store_gate(dalpha_ptr, g_base, t0, end, H, (dla + dla1) / alpha, BT)
     _store_state(dwin_ptr, bh64 * E * D, D, E, 0, dh1, BD, BE)
     _store_state(dwout_ptr, bh64 * D * E, E, D, 0, dh2, BE, BD)
@@ -586,13 +599,9 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
                                                  eta1, eta2, lw1, lw2, scale, tau, du1, du2,
                                                  eta1, eta2, dk, dhh, dh1, dh2, False, CLIP, BT,
                                                  BD, BE, PREC)
-        if i_r == 0:      # the returned W_B is the last chunk's start (loaded here: registers)
-            dh1 += _load_state(dwinB_ptr, bh64 * E * D, D, E, 0, BD, BE)
-            dh2 += _load_state(dwoutB_ptr, bh64 * D * E, E, D, 0, BE, BD)
-        _store_rows(dq_ptr, g_base * D, t0, end, H * D, 0, D, dy + dq1, BT, BD)
-        _store_rows(dk_ptr, g_base * D, t0, end, H * D, 0, D, dk, BT, BD)
-        _store_rows(dv_ptr, g_base * D, t0, end, H * D, 0, D, dv, BT, BD)
-        _store_gate(dlr_ptr, g_base, t0, end, H, dlr, BT)
+        dh1, dh2 = _chunk_grads_out(dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dwinB_ptr, dwoutB_ptr,
+                                    dy + dq1, dk, dv, dlr, dh1, dh2, i_r, bh64, g_base, t0, end,
+                                    H, D, E, BT, BD, BE)
         _store_gate(dalpha_ptr, g_base, t0, end, H, _reverse_cumsum(dla + dla1, rows) / alpha, BT)
         _store_gate(dbeta_ptr, g_base, t0, end, H, _reverse_cumsum(dlb + dlb1, rows) / beta, BT)
     _store_state(dwin_ptr, bh64 * E * D, D, E, 0, dh1, BD, BE)

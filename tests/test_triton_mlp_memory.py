@@ -359,34 +359,27 @@ def test_hope_mixer_through_the_fused_kernel_matches_torch_path(monkeypatch):
 # The paper configs' memories at T = 1000 (not a multiple of C), with the fp32 products in
 # tf32 as bf16 training runs them (train.setup_precision): Titans-760M's (d=64, E=128, C=64,
 # momentum, clip 10; unclipped its momentum run overflows to inf even in float64) and
-# HOPE-760M's M_mem (d=64, E=64, C=64, DGD, its own targets M_B(v), clip 3). Exact fp32
-# products at these tiles take ptxas over 20 minutes per kernel (BENCHMARKS.md); the exact
-# path runs natively in the small cases above.
-PAPER_SHAPES = {"titans-momentum": ("momentum", 64, 2, 64, dict(max_grad_norm=10.0)),
-                "titans-dgd": ("dgd", 64, 2, 64, dict(max_grad_norm=10.0)),
-                "hope-mem-self-target": ("dgd", 64, 1, 64, dict(max_grad_norm=3.0, self_target=True))}
-# The widest head the kernels take, d = E = 128 (a HOPE memory at head dim 128), at its
-# largest chunks (max_mlp_chunk). Separate from the paper shapes: bench/gpu_check.sh runs
-# these after the throughput runs.
-WIDE_SHAPES = {"wide-dgd-self-target": ("dgd", 128, 1, 32, dict(max_grad_norm=3.0, self_target=True)),
-               "wide-momentum": ("momentum", 128, 1, 16, dict(max_grad_norm=10.0))}
+# HOPE-760M's M_mem (d=64, E=64, C=64, DGD, its own targets M_B(v), clip 3); then the widest
+# head the kernels take, d = E = 128 (a HOPE memory at head dim 128), at its largest chunks
+# (max_mlp_chunk), whose ids start "wide" (bench/gpu_check.sh runs them after the throughput
+# runs). Exact fp32 products at the paper tiles take ptxas over 20 minutes per kernel
+# (BENCHMARKS.md); the exact path runs natively in the small cases above.
+# id: (rule, B, T, H, d, expansion, C, options)
+CUDA_SHAPES = {
+    "titans-momentum": ("momentum", 2, 1000, 4, 64, 2, 64, dict(max_grad_norm=10.0)),
+    "titans-dgd": ("dgd", 2, 1000, 4, 64, 2, 64, dict(max_grad_norm=10.0)),
+    "hope-mem-self-target": ("dgd", 2, 1000, 4, 64, 1, 64, dict(max_grad_norm=3.0, self_target=True)),
+    "wide-dgd-self-target": ("dgd", 2, 500, 2, 128, 1, 32, dict(max_grad_norm=3.0, self_target=True)),
+    "wide-momentum": ("momentum", 2, 500, 2, 128, 1, 16, dict(max_grad_norm=10.0)),
+}
 
 
 @needs_cuda
-@pytest.mark.parametrize("shape", PAPER_SHAPES)
-def test_cuda_paper_shapes_match_torch_path_in_tf32(shape):
-    rule, d, expansion, C, options = PAPER_SHAPES[shape]
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+def test_cuda_shapes_match_torch_path_in_tf32(shape):
+    rule, *case, options = CUDA_SHAPES[shape]
     with fp32_matmul_precision("high"):
-        errors = compare_with_torch_path(rule, 2, 1000, 4, d, expansion, C, **options)
-    assert_close(errors, 2e-2, shape)
-
-
-@needs_cuda
-@pytest.mark.parametrize("shape", WIDE_SHAPES)
-def test_cuda_wide_head_matches_torch_path_in_tf32(shape):
-    rule, d, expansion, C, options = WIDE_SHAPES[shape]
-    with fp32_matmul_precision("high"):
-        errors = compare_with_torch_path(rule, 2, 500, 2, d, expansion, C, **options)
+        errors = compare_with_torch_path(rule, *case, **options)
     assert_close(errors, 2e-2, shape)
 
 
