@@ -27,7 +27,9 @@ Order of computation. The projection memories never read M_mem, so a segment run
 stages, each exact for any segment boundaries:
   1. the projection memories, chunk piece by chunk piece (C_other): read k, v, eta, alpha
      at the chunk-start weights, then one `scan(..., self_target=True)` of the piece
-     generates the targets and writes (one DGD scan per layer, or one fused launch);
+     generates the targets and writes (one DGD scan per layer, or one fused launch). At
+     inference with model.kernels=triton the whole stage is one launch per segment
+     (kernels/triton_hope.py: the reads and gates in-kernel; `_projection_stage`);
   2. M_mem over the whole segment in one `NeuralMemory.scan(..., self_target=True)` (chunk
      C_mem) with the keys, values and gates of stage 1: per chunk piece it reads the target
      M_mem,B(v_t) at the chunk-start weights, then writes (the fused MLP kernel can take
@@ -207,6 +209,42 @@ class SelfModifyingTitans(nn.Module):
                                           alpha.repeat(1, 1, n), state=state, self_target=True).state
         return k, v, q, eta, alpha, state
 
+    def _uses_fused_projections(self, features):
+        """Stage 1 in one launch per segment (kernels/triton_hope.py): inference only (the
+        kernel has no backward), the default projection set, and the settings under which the
+        fused MLP memory kernel would take the projection memories (memory._use_fused_kernel:
+        model.kernels=triton, fp32 state, a shape it fuses)."""
+        from kernels.triton_hope import PROJECTIONS
+        return (not torch.is_grad_enabled() and self.projection_names == PROJECTIONS
+                and self.projections._use_fused_kernel(features, (), self_target=True))
+
+    def _projection_stage(self, features, proj_state, pos):
+        """Stage 1 over the segment: (k, v, q or None, eta, alpha, new projections state).
+        Piece by piece; or, where _uses_fused_projections, the piece up to the first chunk
+        boundary so, then every whole chunk after it in one fused launch."""
+        T, C = features.shape[1], self.chunk_other
+        proj_pos = pos if proj_state is None else proj_state["pos"]
+        fused_from = (C - proj_pos % C) % C if self._uses_fused_projections(features) else T
+        parts = []
+        for lo, hi in chunk_pieces(proj_pos, fused_from, C) if fused_from else []:
+            *outs, proj_state = self._projection_piece(features[:, lo:hi], proj_state)
+            parts.append(outs)
+        if fused_from < T:
+            from kernels.triton_hope import fused_hope_projections
+            mem = self.projections
+            f32 = lambda t: t.float()  # noqa: E731
+            k, v, eta, alpha, weights, start = fused_hope_projections(
+                f32(features[:, fused_from:]), *proj_state["weights"], f32(self.eta_weight),
+                f32(self.eta_bias), f32(self.alpha_weight), f32(self.alpha_bias), self.eta_max, C,
+                dgd=mem.update_rule == "dgd", activation=mem.activation,
+                max_grad_norm=mem.max_grad_norm)
+            parts.append((k, v, None, eta, alpha))
+            new_pos = proj_state["pos"] + T - fused_from
+            proj_state = {"weights": list(weights), "chunk_start": list(weights if new_pos % C == 0 else start),
+                          "momenta": None, "pos": new_pos}
+        k, v, q, eta, alpha = (torch.cat(p, 1) if p[0] is not None else None for p in zip(*parts))
+        return k, v, q, eta, alpha, proj_state
+
     def forward(self, x, state=None, pos=0):
         """x [B, T, D] (the block's normed input) -> (y [B, T, D], new state)."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
@@ -230,12 +268,7 @@ class SelfModifyingTitans(nn.Module):
         features = self._heads(F.silu(features))                                # x~ [B, T, H, d]
 
         # Stage 1: projection memories (chunk C_other).
-        proj_state, parts = state["projections"], []
-        proj_pos = pos if proj_state is None else proj_state["pos"]
-        for lo, hi in chunk_pieces(proj_pos, T, self.chunk_other):
-            *outs, proj_state = self._projection_piece(features[:, lo:hi], proj_state)
-            parts.append(outs)
-        k, v, q, eta, alpha = (torch.cat(p, 1) if p[0] is not None else None for p in zip(*parts))
+        k, v, q, eta, alpha, proj_state = self._projection_stage(features, state["projections"], pos)
         if q is None:
             q = F.normalize(self._heads(self.w_q(x)), dim=-1)
 

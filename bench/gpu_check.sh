@@ -88,7 +88,7 @@ result_of() {
         # pytest's final "=== 3 passed, 1 failed in 9.87s ===" line; cut by the cap: count the -v lines
         *tests*) { grep -E '^=+ .* in [0-9.]+s( \([0-9:]+\))? =+$' "$2" | tail -n 1 | sed -E 's/^=+ | =+$//g' | grep . ||
                    echo "$(grep -c ' PASSED' "$2") passed, $(grep -c ' FAILED' "$2") failed before the cap"; } ;;
-        kernels) grep -c -E '^(delta_rule|momentum_rule|memory/|cms/)' "$2" | sed 's/$/ rows (see kernels.log)/' ;;
+        kernels) grep -c -E '^(delta_rule|momentum_rule|memory/|cms/|hope/)' "$2" | sed 's/$/ rows (see kernels.log)/' ;;
         step_*) grep -o -E '[0-9,]+ tok/s' "$2" | tail -n 1 ;;
         fsdp_*) "$PY" - "$WORK/runs/$1/metrics.jsonl" <<'PYEOF' 2>/dev/null
 import json, sys
@@ -108,11 +108,11 @@ fi
 
 # 1. kernel tests, one test per log line (-v) so a stage cut by its cap still shows what
 # passed: first the CUDA cases of the kernels never yet run on a GPU (the MLP memory, with
-# HOPE's self-generated targets, and the CMS level); the older kernel files' CUDA cases and
+# HOPE's self-generated targets, the CMS level and HOPE's fused stage 1); the older kernel files' CUDA cases and
 # the new files' small cases come after the bench (stage 4; compiling each parametrised
 # kernel takes most of these stages' time). In the dry run PYTEST_K narrows every stage and
 # the CUDA-only ones are skipped (cap 0 / no CUDA selection).
-NEW_KERNEL_TESTS="tests/test_triton_mlp_memory.py tests/test_triton_cms.py"
+NEW_KERNEL_TESTS="tests/test_triton_mlp_memory.py tests/test_triton_cms.py tests/test_triton_hope.py"
 OLD_KERNEL_TESTS="tests/test_triton_kernels.py tests/test_triton_memory.py tests/test_kernels.py"
 PYTEST=("$PY" -m pytest -v --tb=short -p no:cacheprovider)
 

@@ -34,6 +34,10 @@ Part 3, a CMS fast level (cms.fast_level_scan, NL Eq. 71; op cms/fast_level/C16)
 per-chunk scan vs the fused Triton level (kernels/triton_cms.py), hidden = 4 d, fp32, lr 1e-3,
 from a sequence start; error of y and the final fast weights vs the float64 torch scan.
 
+Part 4, HOPE's stage 1 at inference (op hope/stage1/C16): the projection memories of one
+layer (H heads of width d, memory hidden d, C_other 16, as hope_760m), hope.py's per-chunk
+path vs one fused launch (kernels/triton_hope.py; forward only, no training path yet).
+
 Times: CUDA: triton.testing.do_bench (median, after warm-up); CPU: median wall time.
 """
 import argparse
@@ -234,6 +238,46 @@ def bench_memory_case(args, device, rows, depth, kind, rule, d, T, C, expansion)
             print_row(rows[-1])
 
 
+def bench_hope_stage1(args, device, rows):
+    """HOPE's stage 1 (the projection memories, C_other 16, memory hidden = d: hope_760m's
+    layer at H heads of width d), inference: hope.py's per-chunk path vs the fused launch
+    (kernels/triton_hope.py); error of k, v, eta, alpha vs the float64 per-chunk path."""
+    from config import HopeConfig, ModelConfig
+    from hope import SelfModifyingTitans
+    from kernels.triton_mlp_memory import fusable_mlp
+    C = min(args.hope_chunk, 16)
+    for d in args.d:
+        if not fusable_mlp(d, 1, C, "dgd"):
+            continue
+        torch.manual_seed(0)
+        cfg = ModelConfig(d_model=args.H * d, n_head=args.H, kernels="triton",
+                          hope=HopeConfig(chunk_other=C, chunk_mem=64, memory_expansion=1))
+        mixer = SelfModifyingTitans(cfg).to(device)
+        oracle = SelfModifyingTitans(cfg).double()
+        oracle.load_state_dict(mixer.state_dict())
+        oracle.projections.backend = "torch"
+        for T in args.T:
+            g = torch.Generator().manual_seed(3)
+            x = torch.nn.functional.silu(torch.randn(args.B, T, args.H, d, generator=g))   # x~
+            with torch.no_grad():
+                ref = oracle._projection_stage(x.double(), oracle.projections.initial_state(args.B), 0)
+            x = x.to(device)
+            for impl in ("torch", "triton"):
+                mixer.projections.backend = impl
+                try:
+                    with torch.no_grad():
+                        state = mixer.projections.initial_state(args.B)
+                        sec, outs, _, _ = measure(lambda x: [t for t in mixer._projection_stage(x, state, 0)[:5]
+                                                             if t is not None], {"x": x}, False, device,
+                                                  args.repeats)
+                    err, note = relative_error(outs, [t for t in ref[:5] if t is not None]), ""
+                except Exception as e:
+                    sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
+                rows.append(dict(part="hope", op=f"hope/stage1/C{C}", impl=impl, pass_="fwd", B=args.B,
+                                 T=T, H=args.H, d=d, ms=sec * 1e3, rel_err=err, note=note))
+                print_row(rows[-1])
+
+
 def bench_cms_level(args, device, rows):
     """One CMS fast level (model dim d, hidden 4 d, chunk C): fast_level_scan (torch, per
     chunk) vs triton_cms.fused_fast_level (one launch per pass)."""
@@ -299,6 +343,8 @@ def main(argv=None):
     p.add_argument("--mem-chunk", type=positive_int, default=64, help="memory layer chunk C")
     p.add_argument("--cms-chunk", type=positive_int, default=16, help="CMS fast level chunk C")
     p.add_argument("--no-cms", action="store_true", help="skip part 3 (the CMS fast level)")
+    p.add_argument("--hope-chunk", type=positive_int, default=16, help="HOPE stage 1's C_other (<= 16)")
+    p.add_argument("--no-hope", action="store_true", help="skip part 4 (HOPE stage 1, inference)")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--reference", action="store_true", help="also time the sequential reference")
     p.add_argument("--no-memory", action="store_true", help="skip part 2 (the memory layer)")
@@ -319,7 +365,7 @@ def main(argv=None):
 def _run(p, args, argv):
     """main() after parsing: the benchmark rows, printed (and written to --json)."""
     if args.quick:        # tiny sizes for the options left at their defaults
-        quick = dict(B=1, T=[37], H=2, d=[16], dtype="fp32", chunk=16, mem_chunk=8, cms_chunk=4,
+        quick = dict(B=1, T=[37], H=2, d=[16], dtype="fp32", chunk=16, mem_chunk=8, cms_chunk=4, hope_chunk=4,
                      reference=True, repeats=1)
         for name, value in quick.items():
             if getattr(args, name) == p.get_default(name):
@@ -340,6 +386,8 @@ def _run(p, args, argv):
         bench_memory_layer(args, device, rows)
     if not args.no_cms:
         bench_cms_level(args, device, rows)
+    if not args.no_hope:
+        bench_hope_stage1(args, device, rows)
     if not args.no_memory:
         bench_memory_layer(args, device, rows, wide=True)
     print_speedups(rows)

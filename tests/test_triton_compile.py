@@ -44,6 +44,10 @@ MLP_SHAPES = {"small": dict(d=16, E=32, C=16), "hope": dict(d=64, E=64, C=64),
               "large": dict(d=64, E=128, C=64), "wide": dict(d=128, E=128, C=None)}
 CMS_SHAPES = {"small": dict(D=16, H=32, C=16), "mid": dict(D=64, H=256, C=64),
               "large": dict(D=128, H=512, C=32)}
+# HOPE stage 1 (triton_hope): "hope" is hope_760m's projection memories (C_other 16), "large"
+# the widest head the MLP kernels take for DGD at its largest chunk.
+HOPE_SHAPES = {"small": dict(d=16, E=16, C=16), "hope": dict(d=64, E=64, C=16),
+               "large": dict(d=128, E=128, C=32)}
 BOOL = (True, False)
 # Product precisions (the kernels' PREC, kernels/triton_delta.dot_precision) with the input
 # pointers' dtype: "ieee" exact fp32 products on fp32 inputs (fp32 training, the tests);
@@ -93,11 +97,15 @@ CASES = {
         ("_cms_fwd_kernel", _flags(SAVE=BOOL, ACT=(0, 1)), "cms", None),
         ("_cms_bwd_kernel", _flags(ACT=(0, 1)), "cms", None),
     ]),
+    "triton_hope": (HOPE_SHAPES, [
+        ("_hope_projections_fwd_kernel", _flags(DGD=BOOL, CLIP=BOOL, ACT=(0, 1)), "chunk", 1),
+    ]),
 }
+FP32_ONLY = ("triton_cms", "triton_hope")     # their hosts take fp32 inputs only: no "tf32"
 # Pointers that carry the caller's dtype (bf16 on the tf32 path); the rest are fp32 buffers.
 INPUT_DTYPE_PTRS = {f"{n}_ptr" for n in (
     "q k u v alpha eta beta lr lw o y do dy dq dk du dv dalpha deta dbeta dlr dlw".split())}
-FLOAT_ARGS = {"tau", "lr"}     # fp32 scalars; every other non-pointer argument is an i32
+FLOAT_ARGS = {"tau", "lr", "eta_max"}     # fp32 scalars; every other non-pointer argument is an i32
 
 
 def _cases(file):
@@ -106,11 +114,11 @@ def _cases(file):
         where type errors such as a loop-carried value changing type surface: they depend on
         the flags, not on the tiles);
       * the all-flags-on combination to TTGIR at every other shape, in every precision (above;
-        CMS takes fp32 inputs only: no "tf32");
+        FP32_ONLY files take fp32 inputs only: no "tf32");
       * the all-flags-on small cases further: fp32 to cubin (ptxas), bf16 to LLIR (to TTGIR
         for the MLP memory, whose bf16 LLVM lowering alone takes 5-13 s per kernel here)."""
     shapes, table = CASES[file]
-    precs = ("ieee", "tf32_fp32") if file == "triton_cms" else ("ieee", "tf32", "tf32_fp32")
+    precs = ("ieee", "tf32_fp32") if file in FP32_ONLY else ("ieee", "tf32", "tf32_fp32")
     out = []
     for kernel, combos, _, _ in table:
         todo = [("small", flags, "ieee", "cubin" if flags == combos[0] else "ttir")
@@ -136,6 +144,8 @@ def _launch_config(file, kernel, shape, warps):
         tiles = dict(zip(("BT", "BK", "BV"), triton_scans._tiles(s["K"], s["V"], s["C"])))
     elif file == "triton_memory":
         tiles = dict(zip(("BT", "BK", "BV"), triton_memory._tiles(s["d"], s["C"])))
+    elif file == "triton_hope":
+        tiles = dict(zip(("BT", "BD", "BE"), triton_mlp_memory._tiles(s["d"], s["E"], s["C"])))
     elif file == "triton_mlp_memory":
         C = s["C"] or triton_mlp_memory.max_mlp_chunk(s["d"], "momentum" if "momentum" in kernel
                                                        else "dgd")

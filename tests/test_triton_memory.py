@@ -192,8 +192,10 @@ def test_kernel_bench_quick_mode_runs(capsys):
     before = torch.get_float32_matmul_precision()
     assert bench.main(["--quick", "--ops", "momentum_rule", "--no-memory", "--T", "5"]) == 0
     assert torch.get_float32_matmul_precision() == before      # its --fp32-matmul-precision is undone
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()
-            if line.startswith("momentum_rule ")]
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in out if line.startswith("momentum_rule ")]
     assert {(r[1], r[2]) for r in rows} == {(i, p) for i in ("torch", "triton", "reference")
                                             for p in ("fwd", "fwd+bwd")}
     assert all(float(r[8]) < 1e-5 for r in rows), rows
+    hope = [line.split() for line in out if line.startswith("hope/stage1/C4 ")]   # part 4
+    assert sorted(r[1] for r in hope) == ["torch", "triton"] and all(float(r[8]) < 1e-5 for r in hope), hope
