@@ -330,6 +330,56 @@ def _inner_write_bwd(sk, shh, serr, sh1, sh2, s1, s2, m, g1, lr, eta1, eta2, lw1
 
 
 @triton.jit
+def _dgd_chunk_bwd(qc, kc, vc, dy, g, gp, lr, h1, h2, dh1, dh2, slots, S, rows, L, tau,
+                   DGD: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr,
+                   SELF_TARGET: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   BE: tl.constexpr, PREC: tl.constexpr):
+    """One DGD / GD chunk of the backward, in four phases (module docstring): recompute the
+    chunk from its start (h1, h2), leaving its tiles in the DELTA_SLOTS scratch slots of S
+    floats at `slots`; step back through layer 2, s(O1) and layer 1; then the write rates and
+    the inner gradient (and, SELF_TARGET, the target M_B(v)). dy: the readout's gradient;
+    (dh1, dh2): dL/d(the next chunk's start states). Returns (dq (with dy: y = q + O2), dk,
+    dv, dlr, dlog_alpha, dh1, dh2 at this chunk's start)."""
+    sq1, sk1, su1, sh1, stm1 = slots, slots + S, slots + 2 * S, slots + 3 * S, slots + 4 * S
+    sq2, sk2, su2, sh2, serr = (slots + 5 * S, slots + 6 * S, slots + 7 * S, slots + 8 * S,
+                                slots + 9 * S)
+    sdo, sdh, sw, sd, sdd = (slots + 10 * S, slots + 11 * S, slots + 12 * S, slots + 13 * S,
+                             slots + 14 * S)
+    sv = slots + 15 * S
+    # 1. the chunk's forward from its start (layer 2's readout is not needed)
+    if SELF_TARGET:
+        _spill(sv, vc, BT, BD)
+        vc = _self_target(vc, h1, h2, ACT, PREC)
+    scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
+        kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
+    o1, h1_unused, kk1, decay1, tm1 = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT,
+                                                       PREC)
+    q2, ds_o1, dds_unused = _act(o1, ACT, 1)
+    _spill_scan(sq1, sk1, su1, sh1, qc, kc, u1, h1, BT, BD, BE)
+    _spill(stm1, tm1, BT, BT)
+    _spill_scan(sq2, sk2, su2, sh2, q2, hh, u2, h2, BT, BE, BD)
+    _spill(serr, err, BT, BD)
+    _spill(sdo, dy, BT, BD)
+    # 2. layer 2 (W_out: query s(O1), input Hh, writes U2)
+    a2_unused, kk2, decay2, tm2 = _delta_ut_system(_reload(sk2, BT, BE), g, gp, eta2, BT, PREC)
+    dq2, dhh, du2, deta2, dla, dh2 = _chunk_delta_bwd(sq2, sk2, su2, sh2, sdo, sdh, sw, sd, sdd,
+                                                      dh2, kk2, decay2, tm2, eta2, g, gp, rows,
+                                                      L, BT, BE, BD, PREC)
+    # 3. s(O1), then layer 1 (W_in: query q, input K, writes U1; its UT system from 1.)
+    _spill(sdo, dq2 * ds_o1, BT, BE)
+    dq1, dk, du1, deta1, dla1, dh1 = _chunk_delta_bwd(sq1, sk1, su1, sh1, sdo, sdh, sw, sd, sdd,
+                                                      dh1, kk1, decay1, _reload(stm1, BT, BT),
+                                                      eta1, g, gp, rows, L, BT, BD, BE, PREC)
+    # 4. the write rates and the inner gradient
+    dk, dv, dlr, dh1, dh2 = _inner_write_bwd(sk1, sk2, serr, sh1, sh2, s1, s2, m, g1, lr, eta1,
+                                             eta2, lw1, lw2, scale, tau, du1, du2, deta1, deta2,
+                                             dk, dhh, dh1, dh2, DGD, CLIP, BT, BD, BE, PREC)
+    if SELF_TARGET:   # dv so far is the target's gradient
+        dv, dh1, dh2 = _self_target_bwd(sv, sh1, sh2, dv, dh1, dh2, ACT, BT, BD, BE, PREC)
+    return dy + dq1, dk, dv, dlr, dla + dla1, dh1, dh2
+
+
+@triton.jit
 def _chunk_grads_out(dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dwinB_ptr, dwoutB_ptr, dq, dk, dv, dlr, dh1,
                      dh2, i_r, bh64, g_base, t0, end, H, D, E, BT: tl.constexpr,
                      BD: tl.constexpr, BE: tl.constexpr):
@@ -427,66 +477,29 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
                         tau, DGD: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr,
                         SELF_TARGET: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                         BE: tl.constexpr, PREC: tl.constexpr):
-    """DGD / GD, chunks in reverse carrying (dh1, dh2) = dL/d(next chunk-start states), in
-    four phases per chunk (module docstring): recompute the chunk from its saved start
-    (leaving its tiles in this program's DELTA_SLOTS scratch slots of S floats), step back
-    through layer 2, s(O1) and layer 1, then the write rates and the inner gradient (and,
-    SELF_TARGET, the target M_B(v))."""
+    """DGD / GD, chunks in reverse carrying (dh1, dh2) = dL/d(next chunk-start states): per
+    chunk `_dgd_chunk_bwd` from the chunk's saved start states, with this program's
+    DELTA_SLOTS scratch slots of S floats."""
     i_unused, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
     slots = scr_ptr + bh64 * (DELTA_SLOTS * S)
-    sq1, sk1, su1, sh1, stm1 = slots, slots + S, slots + 2 * S, slots + 3 * S, slots + 4 * S
-    sq2, sk2, su2, sh2, serr = (slots + 5 * S, slots + 6 * S, slots + 7 * S, slots + 8 * S,
-                                slots + 9 * S)
-    sdo, sdh, sw, sd, sdd = (slots + 10 * S, slots + 11 * S, slots + 12 * S, slots + 13 * S,
-                             slots + 14 * S)
-    sv = slots + 15 * S
     dh1 = _load_state(dwinT_ptr, bh64 * E * D, D, E, 0, BD, BE)
     dh2 = _load_state(dwoutT_ptr, bh64 * D * E, E, D, 0, BE, BD)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         t0, end, L = _chunk_span(i_t, C, T)
         g, gp, lr, alpha = _delta_chunk_gates(alpha_ptr, lr_ptr, g_base, t0, end, H, BT)
-        # 1. the chunk's forward from its saved start (layer 2's readout is not needed)
         h1 = _load_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, BD, BE)
         h2 = _load_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD)
         qc, kc, vc = _load_chunk(q_ptr, k_ptr, v_ptr, g_base, t0, end, H, D, BT, BD)
         dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
-        if SELF_TARGET:
-            _spill(sv, vc, BT, BD)
-            vc = _self_target(vc, h1, h2, ACT, PREC)
-        scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
-            kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
-        o1, h1_unused, kk1, decay1, tm1 = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L,
-                                                           BT, PREC)
-        q2, ds_o1, dds_unused = _act(o1, ACT, 1)
-        _spill_scan(sq1, sk1, su1, sh1, qc, kc, u1, h1, BT, BD, BE)
-        _spill(stm1, tm1, BT, BT)
-        _spill_scan(sq2, sk2, su2, sh2, q2, hh, u2, h2, BT, BE, BD)
-        _spill(serr, err, BT, BD)
-        _spill(sdo, dy, BT, BD)
-        # 2. layer 2 (W_out: query s(O1), input Hh, writes U2)
-        a2_unused, kk2, decay2, tm2 = _delta_ut_system(_reload(sk2, BT, BE), g, gp, eta2, BT, PREC)
-        dq2, dhh, du2, deta2, dla, dh2 = _chunk_delta_bwd(sq2, sk2, su2, sh2, sdo, sdh, sw, sd,
-                                                          sdd, dh2, kk2, decay2, tm2, eta2, g,
-                                                          gp, rows, L, BT, BE, BD, PREC)
-        # 3. s(O1), then layer 1 (W_in: query q, input K, writes U1; its UT system from 1.)
-        _spill(sdo, dq2 * ds_o1, BT, BE)
-        dq1, dk, du1, deta1, dla1, dh1 = _chunk_delta_bwd(sq1, sk1, su1, sh1, sdo, sdh, sw, sd,
-                                                          sdd, dh1, kk1, decay1,
-                                                          _reload(stm1, BT, BT), eta1, g, gp,
-                                                          rows, L, BT, BD, BE, PREC)
-        # 4. the write rates and the inner gradient
-        dk, dv, dlr, dh1, dh2 = _inner_write_bwd(sk1, sk2, serr, sh1, sh2, s1, s2, m, g1, lr,
-                                                 eta1, eta2, lw1, lw2, scale, tau, du1, du2,
-                                                 deta1, deta2, dk, dhh, dh1, dh2, DGD, CLIP, BT,
-                                                 BD, BE, PREC)
-        if SELF_TARGET:   # dv so far is the target's gradient
-            dv, dh1, dh2 = _self_target_bwd(sv, sh1, sh2, dv, dh1, dh2, ACT, BT, BD, BE, PREC)
+        dq, dk, dv, dlr, dla, dh1, dh2 = _dgd_chunk_bwd(
+            qc, kc, vc, dy, g, gp, lr, h1, h2, dh1, dh2, slots, S, rows, L, tau, DGD, CLIP, ACT,
+            SELF_TARGET, BT, BD, BE, PREC)
         dh1, dh2 = _chunk_grads_out(dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dwinB_ptr, dwoutB_ptr,
-                                    dy + dq1, dk, dv, dlr, dh1, dh2, i_r, bh64, g_base, t0, end,
+                                    dq, dk, dv, dlr, dh1, dh2, i_r, bh64, g_base, t0, end,
                                     H, D, E, BT, BD, BE)
-        _store_gate(dalpha_ptr, g_base, t0, end, H, (dla + dla1) / alpha, BT)
+        _store_gate(dalpha_ptr, g_base, t0, end, H, dla / alpha, BT)
     _store_state(dwin_ptr, bh64 * E * D, D, E, 0, dh1, BD, BE)
     _store_state(dwout_ptr, bh64 * D * E, E, D, 0, dh2, BE, BD)
 
