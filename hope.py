@@ -27,9 +27,9 @@ Order of computation. The projection memories never read M_mem, so a segment run
 stages, each exact for any segment boundaries:
   1. the projection memories, chunk piece by chunk piece (C_other): read k, v, eta, alpha
      at the chunk-start weights, then one `scan(..., self_target=True)` of the piece
-     generates the targets and writes (one DGD scan per layer, or one fused launch). At
-     inference with model.kernels=triton the whole stage is one launch per segment
-     (kernels/triton_hope.py: the reads and gates in-kernel; `_projection_stage`);
+     generates the targets and writes (one DGD scan per layer, or one fused launch). With
+     model.kernels=triton the whole stage is one launch per segment (kernels/triton_hope.py:
+     the reads and gates in-kernel, with its backward; `_projection_stage`);
   2. M_mem over the whole segment in one `NeuralMemory.scan(..., self_target=True)` (chunk
      C_mem) with the keys, values and gates of stage 1: per chunk piece it reads the target
      M_mem,B(v_t) at the chunk-start weights, then writes (the fused MLP kernel can take
@@ -210,13 +210,15 @@ class SelfModifyingTitans(nn.Module):
         return k, v, q, eta, alpha, state
 
     def _uses_fused_projections(self, features):
-        """Stage 1 in one launch per segment (kernels/triton_hope.py): inference only (the
-        kernel has no backward), the default projection set, and the settings under which the
-        fused MLP memory kernel would take the projection memories (memory._use_fused_kernel:
-        model.kernels=triton, fp32 state, a shape it fuses)."""
-        from kernels.triton_hope import PROJECTIONS
-        return (not torch.is_grad_enabled() and self.projection_names == PROJECTIONS
-                and self.projections._use_fused_kernel(features, (), self_target=True))
+        """Stage 1 in one launch per segment (kernels/triton_hope.py): the default projection
+        set, under the settings in which the fused MLP memory kernel would take the projection
+        memories (memory._use_fused_kernel: model.kernels=triton, fp32 state, full backprop,
+        a shape it fuses)."""
+        from kernels.triton_hope import PROJECTIONS, fusable_projections
+        mem = self.projections
+        return (self.projection_names == PROJECTIONS
+                and fusable_projections(mem.head_dim, mem.hidden_dim // mem.head_dim, mem.chunk_size)
+                and mem._use_fused_kernel(features, (), self_target=True))
 
     def _projection_stage(self, features, proj_state, pos):
         """Stage 1 over the segment: (k, v, q or None, eta, alpha, new projections state).

@@ -35,9 +35,9 @@ if [ "$DRY" = 1 ]; then
     DEVICE=cpu; BATCH=${BATCH:-1}; SEQ=${SEQ:-16}; FSDP_STEPS=${FSDP_STEPS:-2}
     SIZE=tiny
     PYTEST_K="dispatch or bad_inputs"
-    KERNEL_ARGS="--quick --no-memory --no-cms --ops momentum_rule"
+    KERNEL_ARGS="--quick --no-memory --no-cms --ops momentum_rule --T 9"
     CAP_CUDA_TESTS=0; CAP_TEST=120; CAP_TEST_NEW=120; CAP_KERNELS=120; CAP_FSDP=120
-    CAP_STEP_PLAIN=120; CAP_STEP_TITANS=120; CAP_STEP_HOPE=120; CAP_STEP_AUTO=120
+    CAP_STEP_PLAIN=120; CAP_STEP_TITANS=120; CAP_STEP_HOPE=300; CAP_STEP_AUTO=120
     OLD_TESTS_K=""
     export TRITON_INTERPRET=1          # the step runs' model.kernels=triton: Triton's interpreter
 else

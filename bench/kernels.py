@@ -34,9 +34,9 @@ Part 3, a CMS fast level (cms.fast_level_scan, NL Eq. 71; op cms/fast_level/C16)
 per-chunk scan vs the fused Triton level (kernels/triton_cms.py), hidden = 4 d, fp32, lr 1e-3,
 from a sequence start; error of y and the final fast weights vs the float64 torch scan.
 
-Part 4, HOPE's stage 1 at inference (op hope/stage1/C16): the projection memories of one
-layer (H heads of width d, memory hidden d, C_other 16, as hope_760m), hope.py's per-chunk
-path vs one fused launch (kernels/triton_hope.py; forward only, no training path yet).
+Part 4, HOPE's stage 1 (op hope/stage1/C16): the projection memories of one layer (H heads
+of width d, memory hidden d, C_other 16, as hope_760m), hope.py's per-chunk path vs one fused
+launch (kernels/triton_hope.py), forward and forward+backward.
 
 Times: CUDA: triton.testing.do_bench (median, after warm-up); CPU: median wall time.
 """
@@ -239,15 +239,16 @@ def bench_memory_case(args, device, rows, depth, kind, rule, d, T, C, expansion)
 
 
 def bench_hope_stage1(args, device, rows):
-    """HOPE's stage 1 (the projection memories, C_other 16, memory hidden = d: hope_760m's
-    layer at H heads of width d), inference: hope.py's per-chunk path vs the fused launch
-    (kernels/triton_hope.py); error of k, v, eta, alpha vs the float64 per-chunk path."""
+    """HOPE's stage 1 (the projection memories, memory hidden = d, C_other <= 16: hope_760m's
+    layer at H heads of width d): hope.py's per-chunk path vs the fused launch
+    (kernels/triton_hope.py), forward and forward+backward; error of k, v, eta, alpha (and of
+    the gradient of x~) vs the float64 per-chunk path."""
     from config import HopeConfig, ModelConfig
     from hope import SelfModifyingTitans
-    from kernels.triton_mlp_memory import fusable_mlp
+    from kernels.triton_hope import fusable_projections
     C = min(args.hope_chunk, 16)
     for d in args.d:
-        if not fusable_mlp(d, 1, C, "dgd"):
+        if not fusable_projections(d, 1, C):
             continue
         torch.manual_seed(0)
         cfg = ModelConfig(d_model=args.H * d, n_head=args.H, kernels="triton",
@@ -256,26 +257,34 @@ def bench_hope_stage1(args, device, rows):
         oracle = SelfModifyingTitans(cfg).double()
         oracle.load_state_dict(mixer.state_dict())
         oracle.projections.backend = "torch"
+
+        def stage(model, B):
+            def outputs(x):
+                outs = model._projection_stage(x, model.projections.initial_state(B), 0)[:5]
+                return [t for t in outs if t is not None]
+            return outputs
         for T in args.T:
             g = torch.Generator().manual_seed(3)
-            x = torch.nn.functional.silu(torch.randn(args.B, T, args.H, d, generator=g))   # x~
+            x = {"x": torch.nn.functional.silu(torch.randn(args.B, T, args.H, d, generator=g))}  # x~
             with torch.no_grad():
-                ref = oracle._projection_stage(x.double(), oracle.projections.initial_state(args.B), 0)
-            x = x.to(device)
-            for impl in ("torch", "triton"):
-                mixer.projections.backend = impl
-                try:
-                    with torch.no_grad():
-                        state = mixer.projections.initial_state(args.B)
-                        sec, outs, _, _ = measure(lambda x: [t for t in mixer._projection_stage(x, state, 0)[:5]
-                                                             if t is not None], {"x": x}, False, device,
-                                                  args.repeats)
-                    err, note = relative_error(outs, [t for t in ref[:5] if t is not None]), ""
-                except Exception as e:
-                    sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
-                rows.append(dict(part="hope", op=f"hope/stage1/C{C}", impl=impl, pass_="fwd", B=args.B,
-                                 T=T, H=args.H, d=d, ms=sec * 1e3, rel_err=err, note=note))
-                print_row(rows[-1])
+                ref = stage(oracle, args.B)(x["x"].double())
+            x = {n: t.to(device) for n, t in x.items()}
+            for backward in (False, True):
+                for impl in ("torch", "triton"):
+                    mixer.projections.backend = impl
+                    try:
+                        sec, outs, grads, cot = measure(stage(mixer, args.B), x, backward, device,
+                                                        args.repeats)
+                        err = relative_error(outs, ref)
+                        if backward:
+                            err = max(err, relative_error(grads, reference_grads(stage(oracle, args.B), x, cot)[1]))
+                        note = ""
+                    except Exception as e:
+                        sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
+                    rows.append(dict(part="hope", op=f"hope/stage1/C{C}", impl=impl,
+                                     pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T, H=args.H,
+                                     d=d, ms=sec * 1e3, rel_err=err, note=note))
+                    print_row(rows[-1])
 
 
 def bench_cms_level(args, device, rows):
@@ -344,7 +353,7 @@ def main(argv=None):
     p.add_argument("--cms-chunk", type=positive_int, default=16, help="CMS fast level chunk C")
     p.add_argument("--no-cms", action="store_true", help="skip part 3 (the CMS fast level)")
     p.add_argument("--hope-chunk", type=positive_int, default=16, help="HOPE stage 1's C_other (<= 16)")
-    p.add_argument("--no-hope", action="store_true", help="skip part 4 (HOPE stage 1, inference)")
+    p.add_argument("--no-hope", action="store_true", help="skip part 4 (HOPE stage 1)")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--reference", action="store_true", help="also time the sequential reference")
     p.add_argument("--no-memory", action="store_true", help="skip part 2 (the memory layer)")

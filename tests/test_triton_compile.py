@@ -45,9 +45,9 @@ MLP_SHAPES = {"small": dict(d=16, E=32, C=16), "hope": dict(d=64, E=64, C=64),
 CMS_SHAPES = {"small": dict(D=16, H=32, C=16), "mid": dict(D=64, H=256, C=64),
               "large": dict(D=128, H=512, C=32)}
 # HOPE stage 1 (triton_hope): "hope" is hope_760m's projection memories (C_other 16), "large"
-# the widest head the MLP kernels take for DGD at its largest chunk.
+# the widest head at its largest chunk (triton_hope.fusable_projections).
 HOPE_SHAPES = {"small": dict(d=16, E=16, C=16), "hope": dict(d=64, E=64, C=16),
-               "large": dict(d=128, E=128, C=32)}
+               "large": dict(d=128, E=128, C=16)}
 BOOL = (True, False)
 # Product precisions (the kernels' PREC, kernels/triton_delta.dot_precision) with the input
 # pointers' dtype: "ieee" exact fp32 products on fp32 inputs (fp32 training, the tests);
@@ -98,7 +98,9 @@ CASES = {
         ("_cms_bwd_kernel", _flags(ACT=(0, 1)), "cms", None),
     ]),
     "triton_hope": (HOPE_SHAPES, [
-        ("_hope_projections_fwd_kernel", _flags(DGD=BOOL, CLIP=BOOL, ACT=(0, 1)), "chunk", 1),
+        ("_hope_projections_fwd_kernel", _flags(DGD=BOOL, CLIP=BOOL, ACT=(0, 1), SAVE=BOOL), "chunk",
+         1),
+        ("_hope_projections_bwd_kernel", _flags(DGD=BOOL, CLIP=BOOL, ACT=(0, 1)), "chunk", 1),
     ]),
 }
 FP32_ONLY = ("triton_cms", "triton_hope")     # their hosts take fp32 inputs only: no "tf32"

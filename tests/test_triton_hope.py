@@ -1,9 +1,10 @@
-"""The fused HOPE stage-1 kernel (kernels/triton_hope.py, inference only) against hope.py's
-per-chunk path run in float64: the whole mixer's output and every state (M_mem, the stacked
-projection memories' weights and chunk-start weights), over segments that cut C_other
-mid-chunk (the piece up to the boundary takes the per-chunk path, the rest the kernel).
+"""The fused HOPE stage-1 kernels (kernels/triton_hope.py) against hope.py's per-chunk path
+run in float64: the whole mixer's output, every state (M_mem, the stacked projection
+memories' weights and chunk-start weights) and the gradients of the input and of every
+parameter, over segments that cut C_other mid-chunk (the piece up to the boundary takes the
+per-chunk path, the rest the kernel).
 
-Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py), fp32, tiny sizes;
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py), fp32, tiny sizes;
 with one, also a paper-like shape in tf32.
 """
 import copy
@@ -34,25 +35,33 @@ def make_mixers(d_model=16, n_head=1, chunk_other=4, chunk_mem=8, seed=0, **hope
 
 
 def run(mixer, x, segments, dtype):
-    """The mixer over `segments` of x (streaming its state): (y, flat list of state tensors)."""
-    xs, state, ys, pos = x.to(dtype), None, [], 0
+    """The mixer over `segments` of x (streaming its state), then the gradients of
+    sum <outputs, fixed random cotangents> (y and every state) with respect to x and every
+    parameter: (outputs, gradients)."""
+    xs, state, ys, pos = x.to(dtype).requires_grad_(), None, [], 0
     for length in segments:
         y, state = mixer(xs[:, pos:pos + length], state, pos=pos)
         ys.append(y)
         pos += length
     proj, mem = state["projections"], state["memory"]
     assert proj["pos"] == mem["pos"] == pos
-    return torch.cat(ys, 1), [*proj["weights"], *proj["chunk_start"], *mem["weights"], *mem["chunk_start"]]
+    outs = [torch.cat(ys, 1), *proj["weights"], *proj["chunk_start"], *mem["weights"], *mem["chunk_start"]]
+    gen = torch.Generator().manual_seed(2)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE)).sum()
+               for o in outs)
+    return outs, torch.autograd.grad(loss, [xs, *mixer.parameters()])
 
 
 def compare(segments, B=1, d_model=16, n_head=1, tol=2e-5, **options):
     fused, oracle = make_mixers(d_model, n_head, **options)
     x = torch.randn(B, sum(segments), d_model, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    with torch.no_grad():
-        ref_y, ref_states = run(oracle, x, segments, torch.float64)
-        y, states = run(fused, x, segments, torch.float32)
+    ref_outs, ref_grads = run(oracle, x, segments, torch.float64)
+    outs, grads = run(fused, x, segments, torch.float32)
     err = lambda a, r: ((a.double() - r).abs().max() / r.abs().max().clamp_min(1.0)).item()  # noqa: E731
-    errors = {"y": err(y, ref_y), **{f"state{i}": err(a, r) for i, (a, r) in enumerate(zip(states, ref_states))}}
+    names = ["x"] + [n for n, _ in fused.named_parameters()]
+    errors = {f"out{i}": err(a, r) for i, (a, r) in enumerate(zip(outs, ref_outs))}
+    errors.update({"d" + n: err(a, r) for n, a, r in zip(names, grads, ref_grads)})
+    assert {"dx", "deta_weight", "dalpha_bias", "dprojections.init_weights.0"} <= set(errors)
     assert_close(errors, tol, f"HOPE stage 1 fused {segments} {options}")
 
 
@@ -70,7 +79,7 @@ def kernel_calls(monkeypatch):
     ([19], {}),                                              # from t = 0, a ragged last chunk
     ([7, 6, 6], {}),                                         # segments that start mid-chunk
     ([5, 9], dict(inner_opt="gd", activation="gelu")),
-    ([13], dict(max_grad_norm=0.5)),                         # the clip bites (tau small)
+    ([13], dict(max_grad_norm=0.5, eta_max=0.3)),            # the clip bites (tau small)
 ], ids=["whole", "segments", "gd-gelu", "clip"])
 def test_fused_stage1_matches_per_chunk_path(kernel_calls, segments, options):
     compare(segments, **options)
@@ -92,14 +101,11 @@ def test_two_heads_and_a_batch(kernel_calls):
 
 
 @needs_kernels
-def test_training_keeps_the_per_chunk_path(kernel_calls):
-    fused, _ = make_mixers()
-    fused(torch.randn(1, 9, 16, device=DEVICE))           # grad enabled: no backward in the kernel
-    assert not kernel_calls
-    for changes in (dict(adaptive_q=True), dict(retention=False), dict(inner_lr_fixed=0.1)):
+def test_other_projection_sets_keep_the_per_chunk_path(kernel_calls):
+    for changes in (dict(adaptive_q=True), dict(retention=False), dict(inner_lr_fixed=0.1),
+                    dict(detach_targets=True)):
         mixer, _ = make_mixers(**changes)
-        with torch.no_grad():
-            mixer(torch.randn(1, 9, 16, device=DEVICE))
+        mixer(torch.randn(1, 9, 16, device=DEVICE))
         assert not kernel_calls, f"fused stage 1 used with {changes}"
 
 
@@ -112,13 +118,24 @@ def _kernel_args(B=1, T=5, H=1, d=8):
 
 
 @needs_kernels
-def test_refuses_inputs_that_need_gradients():
+def test_no_grad_forward_matches_and_saves_no_chunk_states():
     args = _kernel_args()
-    args[1].requires_grad_()
-    with pytest.raises(RuntimeError, match="fused_hope_projections has no backward"):
-        triton_hope.fused_hope_projections(*args, 0.1, 4)
     with torch.no_grad():
-        assert triton_hope.fused_hope_projections(*args, 0.1, 4)[0].shape == args[0].shape
+        outs = triton_hope.fused_hope_projections(*args, 0.1, 4)
+        raw = torch.ops.nested_learning.hope_projections_fwd(*args, 0.1, 4, True, "silu", 0.0, False)
+    leaves = [a.clone().requires_grad_() for a in args]
+    with_grad = triton_hope.fused_hope_projections(*leaves, 0.1, 4)
+    flat = lambda o: [*o[:4], *o[4], *o[5]]  # noqa: E731
+    assert all(torch.equal(a, b.detach()) for a, b in zip(flat(outs), flat(with_grad)))
+    assert raw[-1].numel() == 0 and raw[-2].numel() == 0
+
+
+@needs_kernels
+def test_custom_ops_pass_opcheck():
+    """Schema, fake implementations, autograd registration: what torch.compile relies on."""
+    args = [a.clone().requires_grad_() for a in _kernel_args()]
+    torch.library.opcheck(torch.ops.nested_learning.hope_projections_fwd.default,
+                          (*args, 0.1, 4, True, "gelu", 2.0, True))
 
 
 @pytest.mark.parametrize("index, value, message", [
@@ -136,6 +153,12 @@ def test_bad_inputs_raise_one_line_errors(index, value, message):
         triton_hope.fused_hope_projections(*args, 0.1, 4)
 
 
+def test_fusable_projections_limits():
+    fusable = triton_hope.fusable_projections
+    assert fusable(64, 1, 16) and fusable(64, 1, 64) and fusable(64, 2, 64) and fusable(128, 1, 16)
+    assert not fusable(128, 1, 32) and not fusable(64, 1, 65) and not fusable(128, 2, 16)
+
+
 def test_bad_options_raise_one_line_errors():
     args = _kernel_args()
     with pytest.raises(ValueError, match="chunk_size 65"):
@@ -148,7 +171,8 @@ def test_bad_options_raise_one_line_errors():
 
 @needs_cuda
 def test_cuda_paper_like_shape_in_tf32(kernel_calls):
-    """hope_760m's head (d = E = 64, C_other 16, C_mem 64; 4 heads here) at T = 1000 in tf32."""
+    """hope_760m's head (d = E = 64, C_other 16, C_mem 64; 4 heads here) at T = 1000 in tf32:
+    outputs, states and every gradient."""
     with fp32_matmul_precision("high"):
         compare([1000], B=2, d_model=256, n_head=4, chunk_other=16, chunk_mem=64, max_grad_norm=3.0,
                 tol=2e-2)

@@ -311,10 +311,12 @@ def test_empty_sequence_raises():
 
 @needs_kernels
 def test_hope_mixer_through_the_fused_kernel_matches_torch_path(monkeypatch):
-    """model.kernels=triton: both HOPE stages take the fused MLP kernel with in-kernel
-    self-generated targets (stage 1 one launch per C_other piece, stage 2 M_mem per segment)
-    and match the per-chunk torch path run in float64: outputs, final states and the gradient
-    of every parameter and of the input, over segments that cut both chunk sizes."""
+    """model.kernels=triton: M_mem (stage 2) takes the fused MLP kernel with in-kernel
+    self-generated targets, one launch per segment, and so do stage 1's pieces up to the first
+    C_other boundary of a segment (the rest of stage 1 is kernels/triton_hope.py's launch,
+    tests/test_triton_hope.py); all match the per-chunk torch path run in float64: outputs,
+    final states and the gradient of every parameter and of the input, over segments that cut
+    both chunk sizes."""
     from config import HopeConfig, ModelConfig
     from hope import SelfModifyingTitans
     calls = []
