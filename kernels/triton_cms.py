@@ -281,7 +281,7 @@ def _cms_bwd(a: Tensor, w1s: Tensor, w2s: Tensor, err: Tensor, grad_y: Tensor,
              grad_w_in: Tensor, grad_w_out: Tensor, grad_g_in: Tensor, grad_g_out: Tensor,
              pos: int, chunk_size: int, lr: float, activation: str
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grad_y, grad_g_in, grad_g_out = _contiguous(grad_y, grad_g_in, grad_g_out)
+    a, grad_y, grad_g_in, grad_g_out = _contiguous(a, grad_y, grad_g_in, grad_g_out)
     B, T, D = a.shape
     H, C = w1s.shape[2], chunk_size
     NP = _pieces(T, pos, C)

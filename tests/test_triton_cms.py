@@ -33,20 +33,22 @@ def make_inputs(B, T, D, hidden, carry, seed=0):
     return {n: None if t is None else t.to(DEVICE) for n, t in x.items()}
 
 
-def run(fn, x, dtype, pos, C, lr, activation):
-    leaves = {n: t.detach().to(dtype).requires_grad_() for n, t in x.items() if t is not None}
+def run(fn, x, dtype, pos, C, lr, activation, strided=False):
+    """strided: every input with transposed strides (same values, not contiguous)."""
+    layout = (lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)) if strided else (lambda t: t)  # noqa: E731
+    leaves = {n: layout(t.detach().to(dtype)).requires_grad_() for n, t in x.items() if t is not None}
     y, *state, pos_out = fn(*(leaves.get(n) for n in ("a", "target") + STATE), pos, C, lr, activation)
     return leaves, dict(zip(("y",) + STATE, [y, *state])), pos_out
 
 
 def errors_vs_oracle(B=2, T=19, D=16, hidden=32, C=4, pos=0, carry=False, activation="gelu",
-                     lr=0.02):
+                     lr=0.02, strided=False):
     """Relative errors (max |diff| / max(1, max |ref|)) of every output and of the gradient of
     every input for the loss sum <out, random cotangent>: fused fp32 vs oracle fp64."""
     x = make_inputs(B, T, D, hidden, carry)
     ref_leaves, ref, ref_pos = run(fast_level_scan, x, torch.float64, pos, C, lr, activation)
     tri_leaves, tri, tri_pos = run(triton_cms.fused_fast_level, x, torch.float32, pos, C, lr,
-                                   activation)
+                                   activation, strided)
     assert tri_pos == ref_pos == pos + T
     assert {n for n, t in tri.items() if t is None} == {n for n, t in ref.items() if t is None}
     ref = {n: t for n, t in ref.items() if t is not None}
@@ -87,6 +89,12 @@ def test_hidden_tiled_in_several_blocks_and_odd_dims():
     """hidden = 80: three hidden blocks of 32, the last half masked; D = 12, C = 5 not powers of 2."""
     assert_close(errors_vs_oracle(B=1, T=13, D=12, hidden=80, C=5, pos=3, carry=True,
                                   activation="silu"), 2e-5, "hidden 80")
+
+
+@needs_kernels
+def test_non_contiguous_inputs():
+    """Inputs with transposed strides: the kernels read and write row-major buffers."""
+    assert_close(errors_vs_oracle(B=2, T=11, pos=1, carry=True, strided=True), 2e-5, "strided")
 
 
 @needs_kernels
