@@ -76,6 +76,26 @@ def _state_reload(ptr, base, K, V, BK: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
+def _copy_states(src_in_ptr, src_out_ptr, dst_in_ptr, dst_out_ptr, base0, step, D, E,
+                 BD: tl.constexpr, BE: tl.constexpr):
+    """Every memory's (W_in, W_out)-shaped pair of this program from src to dst: where the
+    forward's running states and the backward's carried state gradients start."""
+    for m in tl.static_range(N_MEMORIES):
+        base = base0 + m * step
+        _store_state(dst_in_ptr, base, D, E, 0, _load_state(src_in_ptr, base, D, E, 0, BD, BE), BD, BE)
+        _store_state(dst_out_ptr, base, E, D, 0, _load_state(src_out_ptr, base, E, D, 0, BE, BD), BE, BD)
+
+
+@triton.jit
+def _gate_params(weta_ptr, beta_ptr, walpha_ptr, balpha_ptr, i_h, cols, D):
+    """Head i_h's gate parameters: (w_eta [BD], b_eta, w_alpha [BD], b_alpha), fp32."""
+    w_eta = tl.load(weta_ptr + i_h * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    w_alpha = tl.load(walpha_ptr + i_h * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    return (w_eta, tl.load(beta_ptr + i_h).to(tl.float32), w_alpha,
+            tl.load(balpha_ptr + i_h).to(tl.float32))
+
+
+@triton.jit
 def _memory_read(x, win_ptr, wout_ptr, base, D, E, ACT: tl.constexpr, BD: tl.constexpr,
                  BE: tl.constexpr, PREC: tl.constexpr):
     """M(X) = X + s(X h1) h2 at the running (= chunk-start) weights of one memory."""
@@ -102,16 +122,11 @@ def _hope_projections_fwd_kernel(x_ptr, win_ptr, wout_ptr, weta_ptr, beta_ptr, w
     i_b, i_h = bh64 // H, bh64 % H
     rows = tl.arange(0, BT)
     cols = tl.arange(0, BD)
-    for m in tl.static_range(N_MEMORIES):            # running states start as the initial ones
-        base = ((i_b * N_MEMORIES + m) * H + i_h) * E * D
-        _store_state(winT_ptr, base, D, E, 0, _load_state(win_ptr, base, D, E, 0, BD, BE), BD, BE)
-        _store_state(woutT_ptr, base, E, D, 0, _load_state(wout_ptr, base, E, D, 0, BE, BD), BE, BD)
-    w_eta = tl.load(weta_ptr + i_h * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-    w_alpha = tl.load(walpha_ptr + i_h * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-    b_eta = tl.load(beta_ptr + i_h).to(tl.float32)
-    b_alpha = tl.load(balpha_ptr + i_h).to(tl.float32)
     base0 = (i_b * N_MEMORIES * H + i_h) * E * D     # memory m at base0 + m * H * E * D
     step = H * E * D
+    _copy_states(win_ptr, wout_ptr, winT_ptr, woutT_ptr, base0, step, D, E, BD, BE)   # running
+    w_eta, b_eta, w_alpha, b_alpha = _gate_params(weta_ptr, beta_ptr, walpha_ptr, balpha_ptr, i_h,
+                                                  cols, D)
     for i_t in range(NT):
         t0, end, L = _chunk_span(i_t, C, T)
         x = _load_rows(x_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
@@ -184,14 +199,9 @@ def _hope_projections_bwd_kernel(x_ptr, weta_ptr, beta_ptr, walpha_ptr, balpha_p
     sx, sh1, sh2 = slots + DELTA_SLOTS * S, slots + (DELTA_SLOTS + 1) * S, slots + (DELTA_SLOTS + 2) * S
     base0 = (i_b * N_MEMORIES * H + i_h) * E * D
     step = H * E * D
-    for m in tl.static_range(N_MEMORIES):
-        base = base0 + m * step
-        _store_state(dwin_ptr, base, D, E, 0, _load_state(dwinT_ptr, base, D, E, 0, BD, BE), BD, BE)
-        _store_state(dwout_ptr, base, E, D, 0, _load_state(dwoutT_ptr, base, E, D, 0, BE, BD), BE, BD)
-    w_eta = tl.load(weta_ptr + i_h * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-    w_alpha = tl.load(walpha_ptr + i_h * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-    b_eta = tl.load(beta_ptr + i_h).to(tl.float32)
-    b_alpha = tl.load(balpha_ptr + i_h).to(tl.float32)
+    _copy_states(dwinT_ptr, dwoutT_ptr, dwin_ptr, dwout_ptr, base0, step, D, E, BD, BE)   # carried
+    w_eta, b_eta, w_alpha, b_alpha = _gate_params(weta_ptr, beta_ptr, walpha_ptr, balpha_ptr, i_h,
+                                                  cols, D)
     dw_eta = tl.zeros([BD], dtype=tl.float32)
     dw_alpha = tl.zeros([BD], dtype=tl.float32)
     db_eta = tl.sum(dw_eta, 0)
