@@ -222,13 +222,13 @@ class SelfModifyingTitans(nn.Module):
 
     def _projection_stage(self, features, proj_state, pos):
         """Stage 1 over the segment: (k, v, q or None, eta, alpha, new projections state).
-        Piece by piece; or, where _uses_fused_projections, the piece up to the first chunk
-        boundary so, then every whole chunk after it in one fused launch."""
+        Piece by piece; or, where _uses_fused_projections, piece by piece only up to the first
+        chunk boundary, then everything after it in one fused launch."""
         T, C = features.shape[1], self.chunk_other
         proj_pos = pos if proj_state is None else proj_state["pos"]
         fused_from = (C - proj_pos % C) % C if self._uses_fused_projections(features) else T
         parts = []
-        for lo, hi in chunk_pieces(proj_pos, fused_from, C) if fused_from else []:
+        for lo, hi in chunk_pieces(proj_pos, min(fused_from, T), C):
             *outs, proj_state = self._projection_piece(features[:, lo:hi], proj_state)
             parts.append(outs)
         if fused_from < T:
@@ -241,9 +241,7 @@ class SelfModifyingTitans(nn.Module):
                 dgd=mem.update_rule == "dgd", activation=mem.activation,
                 max_grad_norm=mem.max_grad_norm)
             parts.append((k, v, None, eta, alpha))
-            new_pos = proj_state["pos"] + T - fused_from
-            proj_state = {"weights": list(weights), "chunk_start": list(weights if new_pos % C == 0 else start),
-                          "momenta": None, "pos": new_pos}
+            proj_state = mem.state_after_launch(weights, start, None, proj_state["pos"] + T - fused_from)
         k, v, q, eta, alpha = (torch.cat(p, 1) if p[0] is not None else None for p in zip(*parts))
         return k, v, q, eta, alpha, proj_state
 

@@ -381,10 +381,15 @@ class NeuralMemory(nn.Module):
                         q, k, v, alpha, eta, write_lr, weights, C)
                     weights, start = [weights], [start]
             ys.append(y)
-            pos = state["pos"] + q.shape[1]
-            state = {"weights": list(weights), "chunk_start": list(weights if pos % C == 0 else start),
-                     "momenta": momenta, "pos": pos}
+            state = self.state_after_launch(weights, start, momenta, state["pos"] + q.shape[1])
         return MemoryOutput(torch.cat(ys, 1), state, [])
+
+    def state_after_launch(self, weights, start, momenta, pos):
+        """The state a fused kernel leaves at position pos: its final weights (and momenta),
+        and the chunk-start weights, which are the final ones on a chunk boundary and else
+        the kernel's W_B (the last chunk's start)."""
+        return {"weights": list(weights), "chunk_start": list(weights if pos % self.chunk_size == 0 else start),
+                "momenta": momenta, "pos": pos}
 
     def forward(self, q, k, v, lr, alpha, beta=None, state=None, self_target=False):
         """(y [B, T, H, d], state): readouts after the write, M_t(q_t) (self_target: scan)."""
