@@ -46,7 +46,7 @@ from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _delta_chunk_g
                            dot_precision)
 from .triton_mlp_memory import (DELTA_SLOTS, _chunk_delta_fwd, _dgd_chunk_bwd, _inner_write,
                                 _save_chunk_start, _self_target, _self_target_bwd, _spill,
-                                _state_buffers, _tiles, fusable_mlp)
+                                _state_buffers, _tiles, check_options, fusable_mlp)
 
 __all__ = ["fused_hope_projections", "fusable_projections", "PROJECTIONS"]
 
@@ -416,10 +416,7 @@ def fused_hope_projections(x, w_in, w_out, eta_weight, eta_bias, alpha_weight, a
             or not fusable_projections(d, E // d, chunk_size)):
         raise ValueError(f"head dim {d}, hidden {E}, chunk_size {chunk_size!r}: not a shape the "
                          f"fused stage 1 takes (fusable_projections)")
-    if activation not in ACT_IDS:
-        raise ValueError(f"activation must be one of {', '.join(ACT_IDS)}; got {activation!r}")
-    if max_grad_norm is not None and not 0 < max_grad_norm < float("inf"):
-        raise ValueError(f"max_grad_norm must be None or a finite number > 0; got {max_grad_norm!r}")
+    check_options(activation, max_grad_norm)
     k, v, eta, alpha, win_T, wout_T, win_B, wout_B, *_ = torch.ops.nested_learning.hope_projections_fwd(
         x, w_in, w_out, eta_weight, eta_bias, alpha_weight, alpha_bias, float(eta_max), chunk_size,
         bool(dgd), activation, 0.0 if max_grad_norm is None else float(max_grad_norm),

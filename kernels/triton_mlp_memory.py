@@ -690,14 +690,19 @@ def _check_inputs(tensors, states, chunk_size, activation, max_grad_norm, caller
     if d > MAX_MLP_HEAD_DIM or E > MAX_MLP_HIDDEN:
         raise ValueError(f"head dim {d} / hidden {E} exceed {MAX_MLP_HEAD_DIM} / {MAX_MLP_HIDDEN}, "
                          f"the most the fused MLP memory kernels hold in registers")
+    check_options(activation, max_grad_norm)
+    if T == 0:
+        raise ValueError(f"{caller} needs T >= 1 tokens")
+
+
+def check_options(activation, max_grad_norm):
+    """One-line ValueErrors for the inner loop's options (shared with triton_hope.py)."""
     if activation not in ACT_IDS:
         raise ValueError(f"activation must be one of {', '.join(ACT_IDS)}; got {activation!r}")
     if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
                                       or not isinstance(max_grad_norm, (int, float))
                                       or not 0 < max_grad_norm < math.inf):
         raise ValueError(f"max_grad_norm must be None or a finite number > 0; got {max_grad_norm!r}")
-    if T == 0:
-        raise ValueError(f"{caller} needs T >= 1 tokens")
 
 
 def _launch_args(q, E, chunk_size, activation, max_grad_norm):

@@ -165,8 +165,9 @@ def test_bad_options_raise_one_line_errors():
         triton_hope.fused_hope_projections(*args, 0.1, 65)
     with pytest.raises(ValueError, match="activation must be one of"):
         triton_hope.fused_hope_projections(*args, 0.1, 4, activation="relu")
-    with pytest.raises(ValueError, match="max_grad_norm must be None or a finite number > 0"):
-        triton_hope.fused_hope_projections(*args, 0.1, 4, max_grad_norm=0.0)
+    for bad in (0.0, "3"):
+        with pytest.raises(ValueError, match="max_grad_norm must be None or a finite number > 0"):
+            triton_hope.fused_hope_projections(*args, 0.1, 4, max_grad_norm=bad)
 
 
 @needs_cuda
