@@ -139,6 +139,19 @@ def measure(fn, x, backward, device, repeats, cotangent_seed=1):
     return seconds, state["outs"], state.get("grads"), state.get("cot")
 
 
+def add_row(rows, run, **where):
+    """Time one implementation, run() -> (seconds, relative error), and record and print its
+    row (where: part, op, impl, pass_, B, T, H, d). One failing implementation must not end
+    the bench: its row gets NaNs and the first line of its error."""
+    try:
+        sec, err = run()
+        note = ""
+    except Exception as e:
+        sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
+    rows.append(dict(**where, ms=sec * 1e3, rel_err=err, note=note))
+    print_row(rows[-1])
+
+
 def reference_grads(fn, x, cot):
     leaves = {n: t.detach().double().requires_grad_() for n, t in x.items()}
     outs = fn(**leaves)
@@ -159,23 +172,21 @@ def bench_scans(args, device, dtype, fla_fn, rows):
                 if op == "delta_rule" and fla_fn is not None:
                     fns["fla"] = fla_delta_rule(fla_fn)
                 ref64 = lambda **kw: getattr(kernels, op)(**kw, chunk_size=args.chunk, backend="torch")  # noqa: E731
+                with torch.no_grad():
+                    ref_outs = ref64(**{n: t.double() for n, t in x.items()})
+                ref = {}             # the float64 gradients, once: every run draws the same cotangent
+
+                def run(fn, backward):
+                    sec, outs, grads, cot = measure(fn, x, backward, device, args.repeats)
+                    err = relative_error(outs, ref_outs)
+                    if backward:
+                        ref.setdefault("grads", reference_grads(ref64, x, cot)[1])
+                        err = max(err, relative_error(grads, ref["grads"]))
+                    return sec, err
                 for backward in (False, True):
                     for name, fn in fns.items():
-                        try:
-                            sec, outs, grads, cot = measure(fn, x, backward, device, args.repeats)
-                            if backward:
-                                ref_outs, ref_grads = reference_grads(ref64, x, cot)
-                                err = max(relative_error(outs, ref_outs), relative_error(grads, ref_grads))
-                            else:
-                                with torch.no_grad():
-                                    ref_outs = ref64(**{n: t.double() for n, t in x.items()})
-                                err = relative_error(outs, ref_outs)
-                            note = ""
-                        except Exception as e:       # one failing implementation must not end the bench
-                            sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
-                        rows.append(dict(part="scan", op=op, impl=name, pass_="fwd+bwd" if backward else "fwd",
-                                         B=args.B, T=T, H=args.H, d=d, ms=sec * 1e3, rel_err=err, note=note))
-                        print_row(rows[-1])
+                        add_row(rows, lambda: run(fn, backward), part="scan", op=op, impl=name,
+                                pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T, H=args.H, d=d)
 
 
 def bench_memory_layer(args, device, rows, wide=False):
@@ -226,16 +237,12 @@ def bench_memory_case(args, device, rows, depth, kind, rule, d, T, C, expansion)
         def layer(**kw):
             y, state = mem(**kw)
             return (y, *state["weights"])
+        def run(backward):
+            sec, outs, _, _ = measure(layer, x, backward, device, args.repeats)
+            return sec, relative_error(outs, [y64, *s64["weights"]])
         for backward in (False, True):
-            try:
-                sec, outs, _, _ = measure(layer, x, backward, device, args.repeats)
-                err, note = relative_error(outs, [y64, *s64["weights"]]), ""
-            except Exception as e:
-                sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
-            rows.append(dict(part="memory", op=f"memory/{kind}{rule}/C{C}", impl=impl,
-                             pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=H, d=d,
-                             ms=sec * 1e3, rel_err=err, note=note))
-            print_row(rows[-1])
+            add_row(rows, lambda: run(backward), part="memory", op=f"memory/{kind}{rule}/C{C}",
+                    impl=impl, pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=H, d=d)
 
 
 def bench_hope_stage1(args, device, rows):
@@ -269,22 +276,21 @@ def bench_hope_stage1(args, device, rows):
             with torch.no_grad():
                 ref = stage(oracle, args.B)(x["x"].double())
             x = {n: t.to(device) for n, t in x.items()}
+            ref_grads = {}       # once: both implementations draw the same cotangent
+
+            def run(impl, backward):
+                mixer.projections.backend = impl
+                sec, outs, grads, cot = measure(stage(mixer, args.B), x, backward, device, args.repeats)
+                err = relative_error(outs, ref)
+                if backward:
+                    ref_grads.setdefault("x", reference_grads(stage(oracle, args.B), x, cot)[1])
+                    err = max(err, relative_error(grads, ref_grads["x"]))
+                return sec, err
             for backward in (False, True):
                 for impl in ("torch", "triton"):
-                    mixer.projections.backend = impl
-                    try:
-                        sec, outs, grads, cot = measure(stage(mixer, args.B), x, backward, device,
-                                                        args.repeats)
-                        err = relative_error(outs, ref)
-                        if backward:
-                            err = max(err, relative_error(grads, reference_grads(stage(oracle, args.B), x, cot)[1]))
-                        note = ""
-                    except Exception as e:
-                        sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
-                    rows.append(dict(part="hope", op=f"hope/stage1/C{C}", impl=impl,
-                                     pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T, H=args.H,
-                                     d=d, ms=sec * 1e3, rel_err=err, note=note))
-                    print_row(rows[-1])
+                    add_row(rows, lambda: run(impl, backward), part="hope", op=f"hope/stage1/C{C}",
+                            impl=impl, pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T,
+                            H=args.H, d=d)
 
 
 def bench_cms_level(args, device, rows):
@@ -307,16 +313,12 @@ def bench_cms_level(args, device, rows):
             for impl, scan in (("torch", fast_level_scan), ("triton", triton_cms.fused_fast_level)):
                 def level(a, target, w_in, w_out):
                     return scan(a, target, w_in, w_out, None, None, 0, C, 1e-3)[:3]
+                def run(backward):
+                    sec, outs, _, _ = measure(level, x, backward, device, args.repeats)
+                    return sec, relative_error(outs, ref)
                 for backward in (False, True):
-                    try:
-                        sec, outs, _, _ = measure(level, x, backward, device, args.repeats)
-                        err, note = relative_error(outs, ref), ""
-                    except Exception as e:
-                        sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
-                    rows.append(dict(part="cms", op=f"cms/fast_level/C{C}", impl=impl,
-                                     pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=1, d=d,
-                                     ms=sec * 1e3, rel_err=err, note=note))
-                    print_row(rows[-1])
+                    add_row(rows, lambda: run(backward), part="cms", op=f"cms/fast_level/C{C}",
+                            impl=impl, pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=1, d=d)
 
 
 HEADER = f"{'op':<28}{'impl':<10}{'pass':<9}{'B':>3}{'T':>6}{'H':>4}{'d':>5}{'ms':>11}{'rel err':>10}  note"
