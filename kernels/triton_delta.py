@@ -211,23 +211,28 @@ def _delta_ut_system(kc, g, gp, eta, BT: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _delta_grads_tail(q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt_scale, b_scale,
-                      d_mq, d_qh, d_w, d_kt, dd_u, h_dh, PREC: tl.constexpr):
+                      d_mq, d_qh, d_w, d_kt, dd_u, h_dh, READOUT: tl.constexpr,
+                      PREC: tl.constexpr):
     """The delta rule's chain rule for one chunk, from the products that sum over V
     (d_mq = dO Delta^T, d_qh = dO h^T, d_w = -dDelta h^T, d_kt = Delta dh_next^T,
     dd_u = dDelta U^T, h_dh = <h, dh_next>) through O, h_next, W = Tm B, U' = Tm U and the UT
     solve down to (dq, dk, deta, dlog_alpha, r_b). B = diag(b_scale) K with b_scale = eta e^gp
-    (+ 2 lw for the memory layer's B~, whose lw gradient is the caller's: it uses r_b)."""
-    incl = rows[:, None] >= rows[None, :]
+    (+ 2 lw for the memory layer's B~, whose lw gradient is the caller's: it uses r_b).
+    READOUT False: the chunk's readout O is unused (HOPE's projection memories), so q, gamma,
+    mq, d_mq and d_qh are not read and dq is 0."""
     strict = rows[:, None] > rows[None, :]
     g_last = _pick(g, rows, L)
-    # O = diag(e^g) Q h + (Gamma o Q K^T) Delta
-    d_mq = tl.where(incl, d_mq, 0.0)
-    dq = tl.exp(g)[:, None] * d_qh + tl.dot(d_mq * gamma, kc, input_precision=PREC)
-    dk = tl.dot(tl.trans(d_mq * gamma), q, input_precision=PREC)
-    e_mq = d_mq * mq
-    dg = tl.sum(e_mq, 1) - tl.sum(e_mq, 0) + tl.exp(g) * tl.sum(q * d_qh, 1)
     # h_next = e^{g_L} h + (diag(e^{g_L - g}) K)^T Delta
-    dk += kt_scale[:, None] * d_kt
+    dk = kt_scale[:, None] * d_kt
+    if READOUT:   # O = diag(e^g) Q h + (Gamma o Q K^T) Delta
+        d_mq = tl.where(rows[:, None] >= rows[None, :], d_mq, 0.0)
+        dq = tl.exp(g)[:, None] * d_qh + tl.dot(d_mq * gamma, kc, input_precision=PREC)
+        dk += tl.dot(tl.trans(d_mq * gamma), q, input_precision=PREC)
+        e_mq = d_mq * mq
+        dg = tl.sum(e_mq, 1) - tl.sum(e_mq, 0) + tl.exp(g) * tl.sum(q * d_qh, 1)
+    else:
+        dq = 0.0
+        dg = tl.zeros_like(g)
     s_kt = kt_scale * tl.sum(kc * d_kt, 1)
     dg += tl.where(rows == L, tl.sum(s_kt, 0) + tl.exp(g_last) * h_dh, 0.0) - s_kt
     # W = Tm B, U' = Tm U, Tm = (I + A)^{-1}
@@ -423,7 +428,7 @@ def _delta_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, do_ptr, d_
 
     dq, dk, deta, dlog_alpha, r_b = _delta_grads_tail(
         q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt_scale, b_scale, d_mq, d_qh,
-        d_w, d_kt, dd_u, h_dh, PREC)
+        d_w, d_kt, dd_u, h_dh, True, PREC)
     _store_rows(dq_ptr, g_base * K, t0, end, H * K, 0, K, dq, BT, BK)
     _store_rows(dk_ptr, g_base * K, t0, end, H * K, 0, K, dk, BT, BK)
     _store_gate(deta_ptr, g_base, t0, end, H, deta, BT)

@@ -14,7 +14,8 @@ stacked NeuralMemory of hope.py: head m*H + h is memory m's head h) and, per chu
         eta = eta_max sigmoid(R_eta . w_eta + b_eta)      alpha = sigmoid(R_alpha . w_alpha + b_alpha)
   2. each memory's chunk step with its own target M_m,B(v) (NL Eq. 87) and the shared keys and
      gates: triton_mlp_memory's DGD / GD chunk (`_self_target`, `_inner_write`, one
-     `_chunk_delta_fwd` per layer). The projection memories' readouts are not used.
+     `_chunk_delta_fwd` per layer). The projection memories' readouts are not used, so the
+     chunk steps skip them (READOUT=False: no readout dots forward, no dO chain backward).
 
 The forward's running states live in its output buffers (re-read behind a barrier for every
 use, as triton_mlp_memory's scratch round-trips: no state tile stays live across the chunk);
@@ -22,7 +23,7 @@ with gradients it saves every chunk's start states. The backward walks the chunk
 carrying dL/d(state) of each memory in its output buffers; per chunk:
 
   a. each memory's chunk step backward from its saved start (triton_mlp_memory's
-     `_dgd_chunk_bwd`, zero readout gradient), summing the memories' dk, dv, deta (their lr)
+     `_dgd_chunk_bwd` without the readout chain), summing the memories' dk, dv, deta (their lr)
      and dalpha onto the gradients the outputs k, v, eta, alpha received (stage 2's);
   b. the reads backward: dR_k = (dk - k (k . dk)) / ||R_k|| (dk / 1e-12 below the floor),
      dR_v = dv, dR_eta = (deta eta (1 - eta / eta_max)) w_eta, dR_alpha = (dalpha alpha
@@ -61,8 +62,9 @@ def fusable_projections(head_dim, expansion, chunk_size):
     `fusable_mlp`'s, with C <= 16 above d = 64. Shared memory of the compiled sm_90 kernels,
     all flags on (tests/test_triton_compile.py; exact / tf32 products on fp32 inputs; of
     232,448 B): hope_760m's d = E = 64, C = 16: forward 49,152 / 49,152, backward 57,344 /
-    63,488; d = 64, E = 128, C = 64: backward 163,840 / 196,608; d = E = 128, C = 16: forward
-    163,840 / 163,840, backward 212,992 / 223,232 (at C = 32 the backward needs 253,952)."""
+    61,440; d = 64, E = 128, C = 64: forward 131,072 / 131,072, backward 147,456 / 163,840;
+    d = E = 128, C = 16: forward 163,840 / 163,840, backward 212,992 / 221,184 (at C = 32 the
+    tf32 backward needs 245,760)."""
     return (fusable_mlp(head_dim, expansion, chunk_size, "dgd")
             and (head_dim <= 64 or chunk_size <= 16))
 
@@ -153,12 +155,12 @@ def _hope_projections_fwd_kernel(x_ptr, win_ptr, wout_ptr, weta_ptr, beta_ptr, w
             scale, hh, s1, s2, err, m_err, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
                 k, vt, lr, _state_reload(winT_ptr, base, D, E, BD, BE),
                 _state_reload(woutT_ptr, base, E, D, BE, BD), tau, DGD, CLIP, ACT, PREC)
-            o1, h1, kk1, dc1, tm1 = _chunk_delta_fwd(
+            o1_unused, h1, kk1, dc1, tm1 = _chunk_delta_fwd(      # no readouts (q unread)
                 k, k, u1, eta1, g, gp, _state_reload(winT_ptr, base, D, E, BD, BE), rows, L,
-                BT, PREC)
-            o2, h2, kk2, dc2, tm2 = _chunk_delta_fwd(
+                False, BT, PREC)
+            o2_unused, h2, kk2, dc2, tm2 = _chunk_delta_fwd(
                 hh, hh, u2, eta2, g, gp, _state_reload(woutT_ptr, base, E, D, BE, BD), rows, L,
-                BT, PREC)
+                False, BT, PREC)
             tl.debug_barrier()                       # every read of the old state is done
             _store_state(winT_ptr, base, D, E, 0, h1, BD, BE)
             _store_state(woutT_ptr, base, E, D, 0, h2, BE, BD)
@@ -206,7 +208,6 @@ def _hope_projections_bwd_kernel(x_ptr, weta_ptr, beta_ptr, walpha_ptr, balpha_p
     dw_alpha = tl.zeros([BD], dtype=tl.float32)
     db_eta = tl.sum(dw_eta, 0)
     db_alpha = tl.sum(dw_alpha, 0)
-    no_readout = tl.zeros([BT, BD], dtype=tl.float32)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         t0, end, L = _chunk_span(i_t, C, T)
@@ -222,14 +223,14 @@ def _hope_projections_bwd_kernel(x_ptr, weta_ptr, beta_ptr, walpha_ptr, balpha_p
         for i_m in range(N_MEMORIES):                # a runtime loop: one copy of the step's code
             bhm = (i_b * N_MEMORIES + i_m) * H + i_h
             base = base0 + i_m * step
-            dq_m, dk_m, dv_m, dlr_m, dla_m, dh1, dh2 = _dgd_chunk_bwd(
-                kc, kc, vc, no_readout, g, gp, lr,
+            dq_unused, dk_m, dv_m, dlr_m, dla_m, dh1, dh2 = _dgd_chunk_bwd(   # no readouts
+                kc, kc, vc, 0.0, g, gp, lr,
                 _load_kv(h1c_ptr, (bhm * NT + i_t) * D * E, D, E, 0, BD, BE),
                 _load_kv(h2c_ptr, (bhm * NT + i_t) * E * D, E, D, 0, BE, BD),
                 _state_reload(dwin_ptr, base, D, E, BD, BE),
                 _state_reload(dwout_ptr, base, E, D, BE, BD), slots, S, rows, L, tau, DGD, CLIP,
-                ACT, True, BT, BD, BE, PREC)
-            dk += dk_m + dq_m                       # the step's queries are its keys
+                ACT, True, False, BT, BD, BE, PREC)
+            dk += dk_m
             dv += dv_m
             deta += dlr_m
             dalpha += dla_m / alpha

@@ -113,11 +113,9 @@ def _spill(slot, x, R: tl.constexpr, Cc: tl.constexpr):
 
 
 @triton.jit
-def _spill_scan(sq, sk, su, sh, q, k, u, h, BT: tl.constexpr, BK: tl.constexpr,
-                BV: tl.constexpr):
-    """One layer's scan operands into their slots: queries and keys [BT, BK], writes
-    [BT, BV], chunk-start state [BK, BV] (layer 1: K = d, V = E; layer 2 the other way)."""
-    _spill(sq, q, BT, BK)
+def _spill_scan(sk, su, sh, k, u, h, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """One layer's scan operands into their slots: keys [BT, BK], writes [BT, BV], chunk-start
+    state [BK, BV] (layer 1: K = d, V = E; layer 2 the other way)."""
     _spill(sk, k, BT, BK)
     _spill(su, u, BT, BV)
     _spill(sh, h, BK, BV)
@@ -214,15 +212,22 @@ def _inner_write(kc, vc, lr, h1, h2, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
 
 
 @triton.jit
-def _chunk_delta_fwd(q, kc, u, eta, g, gp, h, rows, L, BT: tl.constexpr, PREC: tl.constexpr):
+def _chunk_delta_fwd(q, kc, u, eta, g, gp, h, rows, L, READOUT: tl.constexpr, BT: tl.constexpr,
+                     PREC: tl.constexpr):
     """One delta-rule chunk with all of V in registers (triton_delta.py's algebra):
-    Delta = Tm (U - diag(eta e^gp) K h), readout O after each write, next chunk-start h.
-    Also returns the UT system's K K^T, decay mask and Tm, which the backward reuses."""
+    Delta = Tm (U - diag(eta e^gp) K h), readout O after each write (READOUT; else O = 0 and
+    q is not read), next chunk-start h. Also returns the UT system's K K^T, decay mask and Tm,
+    which the backward reuses."""
     a, kk, decay_a, tm = _delta_ut_system(kc, g, gp, eta, BT, PREC)
     kh = tl.dot(kc, h, input_precision=PREC)
     d = tl.dot(tm, u - (eta * tl.exp(gp))[:, None] * kh, input_precision=PREC)
-    mq = _decay(g, g, rows[:, None] >= rows[None, :]) * tl.dot(q, tl.trans(kc), input_precision=PREC)
-    o = tl.exp(g)[:, None] * tl.dot(q, h, input_precision=PREC) + tl.dot(mq, d, input_precision=PREC)
+    if READOUT:
+        mq = _decay(g, g, rows[:, None] >= rows[None, :]) * tl.dot(q, tl.trans(kc),
+                                                                   input_precision=PREC)
+        o = tl.exp(g)[:, None] * tl.dot(q, h, input_precision=PREC) + tl.dot(mq, d,
+                                                                             input_precision=PREC)
+    else:
+        o = 0.0
     g_last = _pick(g, rows, L)
     kt = tl.where(rows <= L, tl.exp(g_last - g), 0.0)[:, None] * kc
     h_next = tl.exp(g_last) * h + tl.dot(tl.trans(kt), d, input_precision=PREC)
@@ -231,18 +236,24 @@ def _chunk_delta_fwd(q, kc, u, eta, g, gp, h, rows, L, BT: tl.constexpr, PREC: t
 
 @triton.jit
 def _chunk_delta_bwd(sq, sk, su, sh, sdo, sdh, sw, sd, sdd, dh, kk, decay_a, tm, eta, g, gp, rows,
-                     L, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                     L, READOUT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, PREC: tl.constexpr):
     """The chain rule of `_chunk_delta_fwd` with all of V in registers: given dh_next (dh,
     registers) and the chunk's tiles in scratch slots (Q, K [BT, BK], U, dO [BT, BV], h
     [BK, BV]; sdh, sw, sd, sdd: slots for dh_next, W, Delta, dDelta), returns (dQ, dK, dU,
     deta, dlog_alpha, dh at the chunk start): the delta rule's backward scan step, then
     triton_delta._delta_grads_tail on the products that sum over V. (kk, decay_a, tm): the
     chunk's UT system. Every dot reads its operands from scratch unless they were formed
-    just before it, so no operand's shared-memory copy outlives its dot (DESIGN §4 (a))."""
+    just before it, so no operand's shared-memory copy outlives its dot (DESIGN §4 (a)).
+    READOUT False: the readout was unused (dO = 0), so sq and sdo are not read, every dO
+    product is skipped and dQ is 0."""
     _spill(sdh, dh, BK, BV)
     g_last = _pick(g, rows, L)
-    gamma = _decay(g, g, rows[:, None] >= rows[None, :])
-    mq = gamma * tl.dot(_reload(sq, BT, BK), _reload_t(sk, BT, BK), input_precision=PREC)
+    if READOUT:
+        gamma = _decay(g, g, rows[:, None] >= rows[None, :])
+        mq = gamma * tl.dot(_reload(sq, BT, BK), _reload_t(sk, BT, BK), input_precision=PREC)
+    else:
+        gamma, mq = 0.0, 0.0
     kt_scale = tl.where(rows <= L, tl.exp(g_last - g), 0.0)
     b_scale = eta * tl.exp(gp)                                               # B = diag(.) K
     w = tl.dot(tm, b_scale[:, None] * _reload(sk, BT, BK), input_precision=PREC)   # W = Tm B
@@ -250,25 +261,29 @@ def _chunk_delta_bwd(sq, sk, su, sh, sdo, sdh, sw, sd, sdd, dh, kk, decay_a, tm,
     d = (tl.dot(tm, _reload(su, BT, BV), input_precision=PREC)
          - tl.dot(w, _reload(sh, BK, BV), input_precision=PREC))
     _spill(sd, d, BT, BV)
-    dd = (tl.dot(tl.trans(mq), _reload(sdo, BT, BV), input_precision=PREC)
-          + tl.dot(kt_scale[:, None] * _reload(sk, BT, BK), _reload(sdh, BK, BV),
-                   input_precision=PREC))                                        # dDelta
+    dd = tl.dot(kt_scale[:, None] * _reload(sk, BT, BK), _reload(sdh, BK, BV),
+                input_precision=PREC)                                            # dDelta
+    if READOUT:
+        dd += tl.dot(tl.trans(mq), _reload(sdo, BT, BV), input_precision=PREC)
     _spill(sdd, dd, BT, BV)
-    dh_prev = (tl.exp(g_last) * dh
-               + tl.dot(_reload_t(sq, BT, BK) * tl.exp(g)[None, :], _reload(sdo, BT, BV),
-                        input_precision=PREC)
-               - tl.dot(_reload_t(sw, BT, BK), dd, input_precision=PREC))
-    do = _reload(sdo, BT, BV)
-    d_mq = tl.dot(do, _reload_t(sd, BT, BV), input_precision=PREC)
-    d_qh = tl.dot(do, _reload_t(sh, BK, BV), input_precision=PREC)
+    dh_prev = tl.exp(g_last) * dh - tl.dot(_reload_t(sw, BT, BK), dd, input_precision=PREC)
+    if READOUT:
+        dh_prev += tl.dot(_reload_t(sq, BT, BK) * tl.exp(g)[None, :], _reload(sdo, BT, BV),
+                          input_precision=PREC)
+        do = _reload(sdo, BT, BV)
+        d_mq = tl.dot(do, _reload_t(sd, BT, BV), input_precision=PREC)
+        d_qh = tl.dot(do, _reload_t(sh, BK, BV), input_precision=PREC)
+        q = _reload(sq, BT, BK)
+    else:
+        d_mq, d_qh, q = 0.0, 0.0, 0.0
     dd_r = _reload(sdd, BT, BV)
     d_w = -tl.dot(dd_r, _reload_t(sh, BK, BV), input_precision=PREC)
     dd_u = tl.dot(dd_r, _reload_t(su, BT, BV), input_precision=PREC)
     d_kt = tl.dot(_reload(sd, BT, BV), _reload_t(sdh, BK, BV), input_precision=PREC)
     h_dh = tl.sum(tl.sum(_reload(sh, BK, BV) * dh, 1), 0)
     dq, dk, deta, dlog_alpha, tail_unused = _delta_grads_tail(
-        _reload(sq, BT, BK), _reload(sk, BT, BK), g, gp, eta, rows, L, tm, kk, decay_a, gamma,
-        mq, kt_scale, b_scale, d_mq, d_qh, d_w, d_kt, dd_u, h_dh, PREC)
+        q, _reload(sk, BT, BK), g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt_scale,
+        b_scale, d_mq, d_qh, d_w, d_kt, dd_u, h_dh, READOUT, PREC)
     du = tl.dot(tl.trans(tm), _reload(sdd, BT, BV), input_precision=PREC)  # dU = Tm^T dU'
     return dq, dk, du, deta, dlog_alpha, dh_prev
 
@@ -332,14 +347,16 @@ def _inner_write_bwd(sk, shh, serr, sh1, sh2, s1, s2, m, g1, lr, eta1, eta2, lw1
 @triton.jit
 def _dgd_chunk_bwd(qc, kc, vc, dy, g, gp, lr, h1, h2, dh1, dh2, slots, S, rows, L, tau,
                    DGD: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr,
-                   SELF_TARGET: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                   BE: tl.constexpr, PREC: tl.constexpr):
+                   SELF_TARGET: tl.constexpr, READOUT: tl.constexpr, BT: tl.constexpr,
+                   BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
     """One DGD / GD chunk of the backward, in four phases (module docstring): recompute the
     chunk from its start (h1, h2), leaving its tiles in the DELTA_SLOTS scratch slots of S
     floats at `slots`; step back through layer 2, s(O1) and layer 1; then the write rates and
     the inner gradient (and, SELF_TARGET, the target M_B(v)). dy: the readout's gradient;
     (dh1, dh2): dL/d(the next chunk's start states). Returns (dq (with dy: y = q + O2), dk,
-    dv, dlr, dlog_alpha, dh1, dh2 at this chunk's start)."""
+    dv, dlr, dlog_alpha, dh1, dh2 at this chunk's start). READOUT False (HOPE's projection
+    memories, whose readouts are unused): qc and dy are not read, the readout chain (O1, s(O1)
+    and every dO product) is skipped, and dq is 0."""
     sq1, sk1, su1, sh1, stm1 = slots, slots + S, slots + 2 * S, slots + 3 * S, slots + 4 * S
     sq2, sk2, su2, sh2, serr = (slots + 5 * S, slots + 6 * S, slots + 7 * S, slots + 8 * S,
                                 slots + 9 * S)
@@ -352,31 +369,38 @@ def _dgd_chunk_bwd(qc, kc, vc, dy, g, gp, lr, h1, h2, dh1, dh2, slots, S, rows, 
         vc = _self_target(vc, h1, h2, ACT, PREC)
     scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
         kc, vc, lr, h1, h2, tau, DGD, CLIP, ACT, PREC)
-    o1, h1_unused, kk1, decay1, tm1 = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L, BT,
-                                                       PREC)
-    q2, ds_o1, dds_unused = _act(o1, ACT, 1)
-    _spill_scan(sq1, sk1, su1, sh1, qc, kc, u1, h1, BT, BD, BE)
+    o1, h1_unused, kk1, decay1, tm1 = _chunk_delta_fwd(qc, kc, u1, eta1, g, gp, h1, rows, L,
+                                                       READOUT, BT, PREC)
+    if READOUT:
+        q2, ds_o1, dds_unused = _act(o1, ACT, 1)
+        _spill(sq1, qc, BT, BD)
+        _spill(sq2, q2, BT, BE)
+        _spill(sdo, dy, BT, BD)
+    _spill_scan(sk1, su1, sh1, kc, u1, h1, BT, BD, BE)
     _spill(stm1, tm1, BT, BT)
-    _spill_scan(sq2, sk2, su2, sh2, q2, hh, u2, h2, BT, BE, BD)
+    _spill_scan(sk2, su2, sh2, hh, u2, h2, BT, BE, BD)
     _spill(serr, err, BT, BD)
-    _spill(sdo, dy, BT, BD)
     # 2. layer 2 (W_out: query s(O1), input Hh, writes U2)
     a2_unused, kk2, decay2, tm2 = _delta_ut_system(_reload(sk2, BT, BE), g, gp, eta2, BT, PREC)
     dq2, dhh, du2, deta2, dla, dh2 = _chunk_delta_bwd(sq2, sk2, su2, sh2, sdo, sdh, sw, sd, sdd,
                                                       dh2, kk2, decay2, tm2, eta2, g, gp, rows,
-                                                      L, BT, BE, BD, PREC)
+                                                      L, READOUT, BT, BE, BD, PREC)
     # 3. s(O1), then layer 1 (W_in: query q, input K, writes U1; its UT system from 1.)
-    _spill(sdo, dq2 * ds_o1, BT, BE)
+    if READOUT:
+        _spill(sdo, dq2 * ds_o1, BT, BE)
     dq1, dk, du1, deta1, dla1, dh1 = _chunk_delta_bwd(sq1, sk1, su1, sh1, sdo, sdh, sw, sd, sdd,
                                                       dh1, kk1, decay1, _reload(stm1, BT, BT),
-                                                      eta1, g, gp, rows, L, BT, BD, BE, PREC)
+                                                      eta1, g, gp, rows, L, READOUT, BT, BD, BE,
+                                                      PREC)
     # 4. the write rates and the inner gradient
     dk, dv, dlr, dh1, dh2 = _inner_write_bwd(sk1, sk2, serr, sh1, sh2, s1, s2, m, g1, lr, eta1,
                                              eta2, lw1, lw2, scale, tau, du1, du2, deta1, deta2,
                                              dk, dhh, dh1, dh2, DGD, CLIP, BT, BD, BE, PREC)
     if SELF_TARGET:   # dv so far is the target's gradient
         dv, dh1, dh2 = _self_target_bwd(sv, sh1, sh2, dv, dh1, dh2, ACT, BT, BD, BE, PREC)
-    return dy + dq1, dk, dv, dlr, dla + dla1, dh1, dh2
+    if READOUT:
+        dq1 += dy
+    return dq1, dk, dv, dlr, dla + dla1, dh1, dh2
 
 
 @triton.jit
@@ -461,10 +485,10 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
         scale, hh, s1, s2, err, m, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
             kc, vc, lr, _reload(sh1, BD, BE), _reload(sh2, BE, BD), tau, DGD, CLIP, ACT, PREC)
         o1, h1, kk_unused, decay_unused, tm_unused = _chunk_delta_fwd(
-            qc, kc, u1, eta1, g, gp, _reload(sh1, BD, BE), rows, L, BT, PREC)
+            qc, kc, u1, eta1, g, gp, _reload(sh1, BD, BE), rows, L, True, BT, PREC)
         q2, ds_unused, dds_unused = _act(o1, ACT, 1)                                       # W_out reads s(W_in,t q_t)
         o2, h2, kk_unused, decay_unused, tm_unused = _chunk_delta_fwd(
-            q2, hh, u2, eta2, g, gp, _reload(sh2, BE, BD), rows, L, BT, PREC)
+            q2, hh, u2, eta2, g, gp, _reload(sh2, BE, BD), rows, L, True, BT, PREC)
         _store_rows(y_ptr, g_base * D, t0, end, H * D, 0, D, qc + o2, BT, BD)
     _store_state(winT_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
     _store_state(woutT_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
@@ -495,7 +519,7 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
         dy = _load_rows(dy_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
         dq, dk, dv, dlr, dla, dh1, dh2 = _dgd_chunk_bwd(
             qc, kc, vc, dy, g, gp, lr, h1, h2, dh1, dh2, slots, S, rows, L, tau, DGD, CLIP, ACT,
-            SELF_TARGET, BT, BD, BE, PREC)
+            SELF_TARGET, True, BT, BD, BE, PREC)
         dh1, dh2 = _chunk_grads_out(dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dwinB_ptr, dwoutB_ptr,
                                     dq, dk, dv, dlr, dh1, dh2, i_r, bh64, g_base, t0, end,
                                     H, D, E, BT, BD, BE)
@@ -594,9 +618,11 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
         o1, h1_unused, z1_unused = _momentum_chunk_fwd(qc, kc, u1, h1, z1, w, a, b, c, w_last,
                                                        r_last, rows, L, PREC)
         q2, ds_o1, dds_unused = _act(o1, ACT, 1)
-        _spill_scan(sq1, sk1, su1, sh1, qc, kc, u1, h1, BT, BD, BE)
+        _spill(sq1, qc, BT, BD)
+        _spill_scan(sk1, su1, sh1, kc, u1, h1, BT, BD, BE)
         _spill(sz1, z1, BD, BE)
-        _spill_scan(sq2, sk2, su2, sh2, q2, hh, u2, h2, BT, BE, BD)
+        _spill(sq2, q2, BT, BE)
+        _spill_scan(sk2, su2, sh2, hh, u2, h2, BT, BE, BD)
         _spill(sz2, _load_kv(z2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, BE, BD), BE, BD)
         _spill(serr, err, BT, BD)
         _spill(sdo, dy, BT, BD)
@@ -645,7 +671,7 @@ def fusable_mlp(head_dim, expansion, chunk_size, update_rule):
 
         d, E, C:      64, 128, 64 (Titans)     64, 64, 64 (HOPE)   128, 128, 32 (momentum: C 16)
         DGD fwd     114,688 131,072 147,456   81,920  81,920  98,304  180,224 196,608 229,376
-        DGD bwd     131,072 163,840 163,840   98,304 114,688 114,688  196,608 180,224 204,800
+        DGD bwd     131,072 147,456 163,840   98,304  98,304 114,688  196,608 180,224 204,800
         mom. fwd    164,096 147,456 163,840   98,304  81,920  98,304  163,840 196,608 212,992
         mom. bwd    196,608 172,032 196,608  131,072 106,496 131,072  223,232 204,800 221,184
 
