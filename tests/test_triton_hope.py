@@ -1,4 +1,5 @@
-"""The fused HOPE stage-1 kernels (kernels/triton_hope.py) against hope.py's per-chunk path
+"""The fused HOPE stage-1 kernels (kernels/triton_hope.py), with M_mem on the fused MLP kernel
+(kernels/triton_mlp_memory.py, self-generated targets), against hope.py's per-chunk path
 run in float64: the whole mixer's output, every state (M_mem, the stacked projection
 memories' weights and chunk-start weights) and the gradients of the input and of every
 parameter, over segments that cut C_other mid-chunk (the piece up to the boundary takes the
@@ -16,7 +17,7 @@ from helpers import CUDA, DEVICE, fp32_matmul_precision, needs_cuda, triton_kern
 
 needs_kernels = triton_kernels_or_skip()
 
-from kernels import triton_hope  # noqa: E402
+from kernels import triton_hope, triton_mlp_memory  # noqa: E402
 from test_triton_memory import assert_close  # noqa: E402
 
 
@@ -67,10 +68,22 @@ def compare(segments, B=1, d_model=16, n_head=1, tol=2e-5, **options):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
+    """The lengths of the segments the fused stage 1 took."""
     calls = []
     real = triton_hope.fused_hope_projections
     monkeypatch.setattr(triton_hope, "fused_hope_projections",
                         lambda *a, **kw: calls.append(a[0].shape[1]) or real(*a, **kw))
+    return calls
+
+
+@pytest.fixture
+def memory_kernel_calls(monkeypatch):
+    """(dtype, self_target) of each launch of the fused MLP kernel (M_mem, stage 1's pieces
+    before a C_other boundary)."""
+    calls = []
+    real = triton_mlp_memory.fused_mlp_memory_delta
+    monkeypatch.setattr(triton_mlp_memory, "fused_mlp_memory_delta",
+                        lambda *a, **kw: calls.append((a[0].dtype, kw["self_target"])) or real(*a, **kw))
     return calls
 
 
@@ -81,8 +94,11 @@ def kernel_calls(monkeypatch):
     ([5, 9], dict(inner_opt="gd", activation="gelu")),
     ([13], dict(max_grad_norm=0.5, eta_max=0.3)),            # the clip bites (tau small)
 ], ids=["whole", "segments", "gd-gelu", "clip"])
-def test_fused_stage1_matches_per_chunk_path(kernel_calls, segments, options):
+def test_fused_stage1_matches_per_chunk_path(kernel_calls, memory_kernel_calls, segments, options):
     compare(segments, **options)
+    # M_mem (stage 2) took the fused MLP kernel with in-kernel self-generated targets; the
+    # float64 oracle (torch path) never reached a kernel
+    assert memory_kernel_calls and all(c == (torch.float32, True) for c in memory_kernel_calls)
     # the kernel took each segment's tokens after its first C_other boundary
     C, pos, expected = 4, 0, []
     for length in segments:

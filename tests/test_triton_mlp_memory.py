@@ -307,55 +307,6 @@ def test_empty_sequence_raises():
         triton_mlp_memory.fused_mlp_memory_delta(*args, 4)
 
 
-# ----------------------------------------------------------------------------- HOPE
-
-@needs_kernels
-def test_hope_mixer_through_the_fused_kernel_matches_torch_path(monkeypatch):
-    """model.kernels=triton: M_mem (stage 2) takes the fused MLP kernel with in-kernel
-    self-generated targets, one launch per segment, and so do stage 1's pieces up to the first
-    C_other boundary of a segment (the rest of stage 1 is kernels/triton_hope.py's launch,
-    tests/test_triton_hope.py); all match the per-chunk torch path run in float64: outputs,
-    final states and the gradient of every parameter and of the input, over segments that cut
-    both chunk sizes."""
-    from config import HopeConfig, ModelConfig
-    from hope import SelfModifyingTitans
-    calls = []
-    fused_delta = triton_mlp_memory.fused_mlp_memory_delta
-    monkeypatch.setattr(triton_mlp_memory, "fused_mlp_memory_delta",
-                        lambda *a, **kw: calls.append(kw["self_target"]) or fused_delta(*a, **kw))
-    torch.manual_seed(0)
-    cfg = ModelConfig(d_model=16, n_head=1, kernels="triton",
-                      hope=HopeConfig(chunk_other=4, chunk_mem=8, memory_expansion=1))
-    fused = SelfModifyingTitans(cfg).to(DEVICE)
-    oracle = copy.deepcopy(fused).double()
-    for mem in (oracle.projections, oracle.memory):
-        mem.backend = "torch"
-    x = torch.randn(1, 19, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-
-    def run(mixer, dtype):
-        xs = x.to(dtype).requires_grad_()
-        state, ys, pos = None, [], 0
-        for length in (7, 6, 6):                  # cuts chunk 4 and chunk 8 mid-chunk
-            y, state = mixer(xs[:, pos:pos + length], state, pos=pos)
-            ys.append(y)
-            pos += length
-        outs = [torch.cat(ys, 1), *state["memory"]["weights"], *state["projections"]["weights"]]
-        gen = torch.Generator().manual_seed(2)
-        loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE)).sum()
-                   for o in outs)
-        return outs, torch.autograd.grad(loss, [xs, *mixer.parameters()])
-
-    ref_outs, ref_grads = run(oracle, torch.float64)
-    assert not calls                              # the torch path never reaches the kernel
-    outs, grads = run(fused, torch.float32)
-    assert calls and all(calls), "the fused kernel with self_target=True must have run"
-    err = lambda a, r: ((a.double() - r).abs().max() / r.abs().max().clamp_min(1.0)).item()  # noqa: E731
-    names = ["x"] + [n for n, _ in fused.named_parameters()]
-    errors = {f"out{i}": err(a, r) for i, (a, r) in enumerate(zip(outs, ref_outs))}
-    errors.update({"d" + n: err(a, r) for n, a, r in zip(names, grads, ref_grads)})
-    assert_close(errors, 2e-4 if CUDA else 1e-4, "HOPE mixer fused vs torch")
-
-
 # ----------------------------------------------------------------------------- CUDA only
 
 # The paper configs' memories at T = 1000 (not a multiple of C), with the fp32 products in
