@@ -19,8 +19,11 @@ stacked NeuralMemory of hope.py: head m*H + h is memory m's head h) and, per chu
 
 The forward's running states live in its output buffers (re-read behind a barrier for every
 use, as triton_mlp_memory's scratch round-trips: no state tile stays live across the chunk);
-with gradients it saves every chunk's start states. The backward walks the chunks in reverse
-carrying dL/d(state) of each memory in its output buffers; per chunk:
+with gradients it saves every R-th chunk's start states (R = `save_interval`: every chunk up
+to 16 chunks, else ceil(sqrt(NT))). The backward walks the chunks in reverse
+carrying dL/d(state) of each memory in its output buffers (for R > 1, block by block of R
+chunks, last first: each block's forward is re-run from its saved start to get its chunk
+starts, and the state gradients carry over from block to block); per chunk:
 
   a. each memory's chunk step backward from its saved start (triton_mlp_memory's
      `_dgd_chunk_bwd` without the readout chain), summing the memories' dk, dv, deta (their lr)
@@ -47,7 +50,8 @@ from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _delta_chunk_g
                            dot_precision)
 from .triton_mlp_memory import (DELTA_SLOTS, _chunk_delta_fwd, _dgd_chunk_bwd, _inner_write,
                                 _save_chunk_start, _self_target, _self_target_bwd, _spill,
-                                _state_buffers, _tiles, check_options, fusable_mlp)
+                                _state_buffers, _tiles, backward_in_blocks, check_options,
+                                fusable_mlp, resolve_state_every, saved_weights)
 
 __all__ = ["fused_hope_projections", "fusable_projections", "PROJECTIONS"]
 
@@ -115,11 +119,12 @@ def _gate(r, w, b):
 def _hope_projections_fwd_kernel(x_ptr, win_ptr, wout_ptr, weta_ptr, beta_ptr, walpha_ptr,
                                  balpha_ptr, k_ptr, v_ptr, eta_ptr, alpha_ptr, winT_ptr,
                                  woutT_ptr, winB_ptr, woutB_ptr, h1c_ptr, h2c_ptr, T, H, D, E,
-                                 C, NT, eta_max, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
+                                 C, NT, EVERY, eta_max, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
                                  ACT: tl.constexpr, SAVE: tl.constexpr, BT: tl.constexpr,
                                  BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
     """One (batch, head): the chunk loop of the module docstring over the four memories
-    (SAVE: every chunk's start states, [B*4H, NT, .], for the backward)."""
+    (SAVE: every EVERY-th chunk's start states, [B*4H, cdiv(NT, EVERY), .], for the
+    backward)."""
     i_unused, bh64, g_base = _program(T, H)
     i_b, i_h = bh64 // H, bh64 % H
     rows = tl.arange(0, BT)
@@ -150,7 +155,8 @@ def _hope_projections_fwd_kernel(x_ptr, win_ptr, wout_ptr, weta_ptr, beta_ptr, w
             _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr,
                               _state_reload(winT_ptr, base, D, E, BD, BE),
                               _state_reload(woutT_ptr, base, E, D, BE, BD),
-                              (i_b * N_MEMORIES + i_m) * H + i_h, i_t, NT, D, E, SAVE, BD, BE)
+                              (i_b * N_MEMORIES + i_m) * H + i_h, i_t, NT, EVERY, D, E, SAVE, BD,
+                              BE)
             vt = _memory_read(v, winT_ptr, woutT_ptr, base, D, E, ACT, BD, BE, PREC)
             scale, hh, s1, s2, err, m_err, g1, eta1, eta2, lw1, lw2, u1, u2 = _inner_write(
                 k, vt, lr, _state_reload(winT_ptr, base, D, E, BD, BE),
@@ -296,7 +302,7 @@ def _launch_args(x, w_in, chunk_size, activation, max_grad_norm, dgd):
 def _hope_projections_fwd(x: Tensor, w_in: Tensor, w_out: Tensor, eta_weight: Tensor,
                           eta_bias: Tensor, alpha_weight: Tensor, alpha_bias: Tensor,
                           eta_max: float, chunk_size: int, dgd: bool, activation: str,
-                          max_grad_norm: float, save: bool) -> tuple[
+                          max_grad_norm: float, save_every: int) -> tuple[
                               Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                               Tensor, Tensor]:
     x, w_in, w_out, eta_weight, eta_bias, alpha_weight, alpha_bias = _contiguous(
@@ -305,20 +311,23 @@ def _hope_projections_fwd(x: Tensor, w_in: Tensor, w_out: Tensor, eta_weight: Te
     k, v = x.new_empty(x.shape), x.new_empty(x.shape)        # x and w_* are contiguous here
     eta, alpha = x.new_empty(B, T, H), x.new_empty(B, T, H)
     states = [w.new_empty(w.shape) for w in (w_in, w_out, w_in, w_out)]
-    _, (h1c, h2c) = _state_buffers(B, len(PROJECTIONS) * H, d, E, NT, 2, save, x.device)
+    every = max(save_every, 1)
+    _, (h1c, h2c) = _state_buffers(B, len(PROJECTIONS) * H, d, E, triton.cdiv(NT, every), 2,
+                                   save_every > 0, x.device)
     _hope_projections_fwd_kernel[(1, B * H)](
         x, w_in, w_out, eta_weight, eta_bias, alpha_weight, alpha_bias, k, v, eta, alpha, *states,
-        h1c, h2c, T, H, d, E, chunk_size, NT, float(eta_max), SAVE=save, **consts,
-        num_warps=CHUNK_WARPS, num_stages=1)
+        h1c, h2c, T, H, d, E, chunk_size, NT, every, float(eta_max), SAVE=save_every > 0,
+        **consts, num_warps=CHUNK_WARPS, num_stages=1)
     return (k, v, eta, alpha, *states, h1c, h2c)
 
 
 @_hope_projections_fwd.register_fake
 def _(x, w_in, w_out, eta_weight, eta_bias, alpha_weight, alpha_bias, eta_max, chunk_size, dgd,
-      activation, max_grad_norm, save):
+      activation, max_grad_norm, save_every):
     B, T, H, d = x.shape
-    NT = (T + chunk_size - 1) // chunk_size
-    _, chunks = _state_buffers(B, len(PROJECTIONS) * H, d, w_in.shape[2], NT, 2, save, "meta")
+    n_saved = triton.cdiv(triton.cdiv(T, chunk_size), max(save_every, 1))
+    _, chunks = _state_buffers(B, len(PROJECTIONS) * H, d, w_in.shape[2], n_saved, 2,
+                               save_every > 0, "meta")
     return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(B, T, H), x.new_empty(B, T, H),
             *(w.new_empty(w.shape) for w in (w_in, w_out, w_in, w_out)),
             *(x.new_empty(c.shape) for c in chunks))
@@ -362,10 +371,11 @@ def _(x, eta_weight, eta_bias, alpha_weight, alpha_bias, k, v, eta, alpha, h1c, 
 
 def _setup_context(ctx, inputs, output):
     (x, w_in, w_out, eta_weight, eta_bias, alpha_weight, alpha_bias, eta_max, chunk_size, dgd,
-     activation, max_grad_norm, save) = inputs
+     activation, max_grad_norm, save_every) = inputs
     k, v, eta, alpha, *_, h1c, h2c = output
     ctx.save_for_backward(x, eta_weight, eta_bias, alpha_weight, alpha_bias, k, v, eta, alpha, h1c, h2c)
     ctx.args = (eta_max, chunk_size, dgd, activation, max_grad_norm)
+    ctx.save_every = save_every
     ctx.mark_non_differentiable(h1c, h2c)
 
 
@@ -379,22 +389,46 @@ def _backward(ctx, grad_k, grad_v, grad_eta, grad_alpha, grad_win, grad_wout, gr
     gates = [_grad_or_zeros(g, (B, T, H), x) for g in (grad_eta, grad_alpha)]
     states = [_grad_or_zeros(g, (B, n * H, E, d) if i % 2 == 0 else (B, n * H, d, E), x)
               for i, g in enumerate((grad_win, grad_wout, grad_win_start, grad_wout_start))]
-    grads = torch.ops.nested_learning.hope_projections_bwd(
-        x, eta_weight, eta_bias, alpha_weight, alpha_bias, k, v, eta, alpha, h1c, h2c, *rows, *gates,
-        *states, *ctx.args)
-    return (*grads, None, None, None, None, None, None)
+    params = (eta_weight, eta_bias, alpha_weight, alpha_bias)
+    if ctx.save_every == 1:
+        grads = torch.ops.nested_learning.hope_projections_bwd(
+            x, *params, k, v, eta, alpha, h1c, h2c, *rows, *gates, *states, *ctx.args)
+        return (*grads, None, None, None, None, None, None)
+    # blocks of save_every chunks, last first, each re-run forward from its saved start
+    dx = x.new_empty(x.shape)
+    carried, param_grads = states[:2], [torch.zeros_like(p) for p in params]
+    no_start = [torch.zeros_like(g) for g in states[2:]]
+
+    def block_step(i_s, t0, t1, last):
+        nonlocal carried
+        xs = x[:, t0:t1]
+        k_b, v_b, eta_b, alpha_b, *_, h1_b, h2_b = torch.ops.nested_learning.hope_projections_fwd(
+            xs, saved_weights(h1c, i_s, B), saved_weights(h2c, i_s, B), *params, *ctx.args, 1)
+        dx_b, dwin, dwout, *grads = torch.ops.nested_learning.hope_projections_bwd(
+            xs, *params, k_b, v_b, eta_b, alpha_b, h1_b, h2_b, *(g[:, t0:t1] for g in rows + gates),
+            *carried, *(states[2:] if last else no_start), *ctx.args)
+        carried = [dwin, dwout]
+        for total, g in zip(param_grads, grads):
+            total += g
+        return (dx_b,)
+
+    backward_in_blocks(T, ctx.args[1], ctx.save_every, [dx], block_step)
+    return (dx, *carried, *param_grads, None, None, None, None, None, None)
 
 
 _hope_projections_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_hope_projections(x, w_in, w_out, eta_weight, eta_bias, alpha_weight, alpha_bias,
-                           eta_max, chunk_size, dgd=True, activation="silu", max_grad_norm=None):
+                           eta_max, chunk_size, dgd=True, activation="silu", max_grad_norm=None,
+                           state_every=None):
     """HOPE's stage 1 over a segment that starts at a chunk boundary (module docstring).
     x [B,T,H,d] fp32 (the features x~); w_in [B,4H,E,d], w_out [B,4H,d,E] fp32 (the stacked
     memories in PROJECTIONS order, memory-major); eta_weight, alpha_weight [H,d]; eta_bias,
     alpha_bias [H]. Returns (k, v [B,T,H,d], eta, alpha [B,T,H], (W_in, W_out) after the last
-    token, (W_in, W_out) at the last chunk's start); gradients flow to every tensor input."""
+    token, (W_in, W_out) at the last chunk's start); gradients flow to every tensor input.
+    state_every: the forward keeps every R-th chunk start for the backward, which re-runs the
+    forward per block of R chunks (triton_mlp_memory.save_interval; None = its choice)."""
     tensors = {"x": x, "w_in": w_in, "w_out": w_out, "eta_weight": eta_weight,
                "eta_bias": eta_bias, "alpha_weight": alpha_weight, "alpha_bias": alpha_bias}
     check_tensors(tensors, "x", SUPPORTED_DTYPES[:1], "fused_hope_projections")
@@ -418,8 +452,9 @@ def fused_hope_projections(x, w_in, w_out, eta_weight, eta_bias, alpha_weight, a
         raise ValueError(f"head dim {d}, hidden {E}, chunk_size {chunk_size!r}: not a shape the "
                          f"fused stage 1 takes (fusable_projections)")
     check_options(activation, max_grad_norm)
+    every = resolve_state_every(T, chunk_size, state_every)
     k, v, eta, alpha, win_T, wout_T, win_B, wout_B, *_ = torch.ops.nested_learning.hope_projections_fwd(
         x, w_in, w_out, eta_weight, eta_bias, alpha_weight, alpha_bias, float(eta_max), chunk_size,
         bool(dgd), activation, 0.0 if max_grad_norm is None else float(max_grad_norm),
-        _needs_grad(*tensors.values()))
+        every if _needs_grad(*tensors.values()) else 0)
     return k, v, eta, alpha, (win_T, wout_T), (win_B, wout_B)

@@ -89,6 +89,7 @@ __all__ = ["fused_mlp_memory_delta", "fused_mlp_memory_momentum", "fusable_mlp",
 MAX_MLP_HEAD_DIM = 128    # d: both layers' states, their gradients and the chunk tiles
 MAX_MLP_HIDDEN = 128      # E: sit in one program's registers
 MAX_MLP_CHUNK = 64        # C at d <= 64; wider heads take less (max_mlp_chunk)
+MAX_SAVED_CHUNKS = 16     # the forwards save every chunk's start up to this many (save_interval)
 FUSED_RULES = ("dgd", "gd", "momentum")
 
 
@@ -146,13 +147,23 @@ def _load_chunk(q_ptr, k_ptr, v_ptr, g_base, t0, end, H, D, BT: tl.constexpr, BD
 
 
 @triton.jit
-def _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr, h1, h2, bh64, i_t, NT, D, E,
+def _save_pair(c1_ptr, c2_ptr, x1, x2, bh64, i_t, NT, EVERY, D, E, BD: tl.constexpr,
+               BE: tl.constexpr):
+    """Chunk i_t's start pair (x1 [D, E], x2 [E, D]) into the saves [B*H, cdiv(NT, EVERY), .]
+    for the backward, if i_t is a multiple of EVERY (`save_interval`)."""
+    if i_t % EVERY == 0:
+        i_s = bh64 * ((NT + EVERY - 1) // EVERY) + i_t // EVERY
+        _store_kv(c1_ptr, i_s * D * E, D, E, 0, x1, BD, BE)
+        _store_kv(c2_ptr, i_s * E * D, E, D, 0, x2, BE, BD)
+
+
+@triton.jit
+def _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr, h1, h2, bh64, i_t, NT, EVERY, D, E,
                       SAVE: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
-    """The forwards' saves of a chunk's start (h1, h2): for the backward (SAVE, [B*H, NT, .]),
+    """The forwards' saves of a chunk's start (h1, h2): for the backward (SAVE, `_save_pair`),
     and the last chunk's as the returned W_B."""
     if SAVE:
-        _store_kv(h1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, h1, BD, BE)
-        _store_kv(h2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, h2, BE, BD)
+        _save_pair(h1c_ptr, h2c_ptr, h1, h2, bh64, i_t, NT, EVERY, D, E, BD, BE)
     if i_t == NT - 1:
         _store_state(winB_ptr, bh64 * E * D, D, E, 0, h1, BD, BE)
         _store_state(woutB_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
@@ -457,7 +468,7 @@ def _chunk_momentum_bwd(sq, sk, su, sh, sz, sdo, sdh, sdz, dh, dz, p, r, w, a, b
 @triton.jit
 def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_ptr, y_ptr,
                         h1c_ptr, h2c_ptr, winT_ptr, woutT_ptr, winB_ptr, woutB_ptr, scr_ptr,
-                        T, H, D, E, C, NT, S, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
+                        T, H, D, E, C, NT, EVERY, S, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
                         ACT: tl.constexpr, SELF_TARGET: tl.constexpr, SAVE: tl.constexpr,
                         BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
                         PREC: tl.constexpr):
@@ -474,8 +485,8 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
     h2 = _load_state(wout_ptr, bh64 * D * E, E, D, 0, BE, BD)                 # W_out^T [E, D]
     for i_t in range(NT):
         t0, end, L = _chunk_span(i_t, C, T)
-        _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr, h1, h2, bh64, i_t, NT, D, E,
-                          SAVE, BD, BE)
+        _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr, h1, h2, bh64, i_t, NT, EVERY, D,
+                          E, SAVE, BD, BE)
         _spill(sh1, h1, BD, BE)
         _spill(sh2, h2, BE, BD)
         qc, kc, vc = _load_chunk(q_ptr, k_ptr, v_ptr, g_base, t0, end, H, D, BT, BD)
@@ -532,7 +543,7 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
 def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_ptr, win_ptr,
                                  wout_ptr, zin_ptr, zout_ptr, y_ptr, h1c_ptr, h2c_ptr, z1c_ptr,
                                  z2c_ptr, winT_ptr, woutT_ptr, zinT_ptr, zoutT_ptr, winB_ptr,
-                                 woutB_ptr, scr_ptr, T, H, D, E, C, NT, S, tau,
+                                 woutB_ptr, scr_ptr, T, H, D, E, C, NT, EVERY, S, tau,
                                  CLIP: tl.constexpr, ACT: tl.constexpr, SAVE: tl.constexpr,
                                  BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
                                  PREC: tl.constexpr):
@@ -551,11 +562,10 @@ def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
     z2 = _load_state(zout_ptr, bh64 * D * E, E, D, 0, BE, BD)
     for i_t in range(NT):
         t0, end, L = _chunk_span(i_t, C, T)
-        _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr, h1, h2, bh64, i_t, NT, D, E,
-                          SAVE, BD, BE)
+        _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr, h1, h2, bh64, i_t, NT, EVERY, D,
+                          E, SAVE, BD, BE)
         if SAVE:
-            _store_kv(z1c_ptr, (bh64 * NT + i_t) * D * E, D, E, 0, z1, BD, BE)
-            _store_kv(z2c_ptr, (bh64 * NT + i_t) * E * D, E, D, 0, z2, BE, BD)
+            _save_pair(z1c_ptr, z2c_ptr, z1, z2, bh64, i_t, NT, EVERY, D, E, BD, BE)
         _spill(sh1, h1, BD, BE)
         _spill(sh2, h2, BE, BD)
         _spill(sz1, z1, BD, BE)
@@ -751,6 +761,51 @@ def _scratch(q, E, chunk_size, n_slots):
     return torch.empty(B * H, int(n_slots), S, device=q.device, dtype=torch.float32), S
 
 
+def save_interval(n_chunks):
+    """R: the fused forwards keep every R-th chunk-start state for the backward, which re-runs
+    the forward over each block of R chunks from the block's saved start (one extra forward)
+    to get the block's chunk starts, then walks the block in reverse (`reverse_blocks`): the
+    states kept between forward and backward are cdiv(NT, R) instead of NT, and R more live
+    while one block's backward runs. R = 1 (every chunk, no recompute) up to
+    MAX_SAVED_CHUNKS chunks, else ceil(sqrt(NT)), which minimises NT/R + R: at hope_760m
+    (T = 4096) stage 1's C_other = 16 keeps 16 of 256 and M_mem's C = 64 keeps 8 of 64."""
+    return 1 if n_chunks <= MAX_SAVED_CHUNKS else math.isqrt(n_chunks - 1) + 1
+
+
+def resolve_state_every(T, chunk_size, state_every):
+    """The fused functions' state_every argument: None = save_interval's choice; else the
+    positive int R (1 = save every chunk start, no recompute). One-line ValueError otherwise."""
+    if state_every is None:
+        return save_interval(triton.cdiv(T, chunk_size))
+    if isinstance(state_every, bool) or not isinstance(state_every, int) or state_every < 1:
+        raise ValueError(f"state_every must be None or a positive int; got {state_every!r}")
+    return state_every
+
+
+def reverse_blocks(T, chunk_size, every):
+    """(saved index, first token, end token) of each block of `every` chunks, last block
+    first: the backward's recompute order (`save_interval`)."""
+    span = every * chunk_size
+    return [(i, i * span, min(T, (i + 1) * span)) for i in reversed(range(triton.cdiv(T, span)))]
+
+
+def saved_weights(chunk_states, i_s, B):
+    """Saved chunk start i_s of [B*H, NS, K, V] states (h = W^T: h1 [d, E], h2 [E, d]) as
+    weights [B, H, V, K], the layout the forward ops take."""
+    return chunk_states[:, i_s].unflatten(0, (B, -1)).transpose(-1, -2)
+
+
+def backward_in_blocks(T, chunk_size, every, seq_grads, block_step):
+    """The backward of a forward that saved every `every`-th chunk start (`save_interval`):
+    for each block of chunks, last first, block_step(i_s, t0, t1, last) re-runs the forward
+    over tokens [t0, t1) from saved start i_s, then the backward over the block, carrying
+    the state gradients from block to block itself; the per-token gradients it returns land
+    in seq_grads[j][:, t0:t1]."""
+    for i_s, t0, t1 in reverse_blocks(T, chunk_size, every):
+        for out, grad in zip(seq_grads, block_step(i_s, t0, t1, t1 == T)):
+            out[:, t0:t1] = grad
+
+
 def _state_buffers(B, H, d, E, NT, n_layers_states, save, device):
     """Final/start state outputs (alternating [B,H,E,d] W_in-like and [B,H,d,E] W_out-like)
     and the per-chunk saved starts ([B*H, NT, d, E] and [B*H, NT, E, d] alternating)."""
@@ -767,36 +822,39 @@ def _state_buffers(B, H, d, E, NT, n_layers_states, save, device):
 @torch.library.custom_op("nested_learning::memory_mlp_delta_fwd", mutates_args=())
 def _memory_mlp_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, w_in: Tensor,
                     w_out: Tensor, chunk_size: int, dgd: bool, activation: str,
-                    max_grad_norm: Optional[float], self_target: bool, save: bool
+                    max_grad_norm: Optional[float], self_target: bool, save_every: int
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v, alpha, lr, w_in, w_out = _contiguous(q, k, v, alpha, lr, w_in, w_out)
     E = w_in.shape[2]
     B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation, max_grad_norm)
     y = torch.empty(B, T, H, d, device=q.device, dtype=q.dtype)
     (win_T, wout_T, win_B, wout_B), _ = _state_buffers(B, H, d, E, NT, 4, False, q.device)
-    _, (h1c, h2c) = _state_buffers(B, H, d, E, NT, 2, save, q.device)
+    every = max(save_every, 1)
+    _, (h1c, h2c) = _state_buffers(B, H, d, E, triton.cdiv(NT, every), 2, save_every > 0, q.device)
     scratch, S = _scratch(q, E, chunk_size, DELTA_FWD_SLOTS.value)
     _mlp_mem_fwd_kernel[(1, B * H)](q, k, v, alpha, lr, w_in, w_out, y, h1c, h2c, win_T, wout_T,
-                                  win_B, wout_B, scratch, T, H, d, E, chunk_size, NT, S, DGD=dgd,
-                                  SAVE=save, SELF_TARGET=self_target,
+                                  win_B, wout_B, scratch, T, H, d, E, chunk_size, NT, every, S,
+                                  DGD=dgd, SAVE=save_every > 0, SELF_TARGET=self_target,
                                   **consts, num_warps=CHUNK_WARPS, num_stages=1)
     return y, win_T, wout_T, win_B, wout_B, h1c, h2c
 
 
-def _fake_forward(q, w_in, chunk_size, n_states, n_chunk_states, save):
+def _fake_forward(q, w_in, chunk_size, n_states, n_chunk_states, save_every):
     """The forward ops' outputs for torch.compile's fake tensors: y, then n_states final /
-    chunk-start states and n_chunk_states saved per-chunk states (empty unless save), fp32."""
+    chunk-start states and n_chunk_states saved chunk-start states (every save_every-th;
+    empty for 0), fp32."""
     B, T, H, d = q.shape
-    E, NT = w_in.shape[2], (T + chunk_size - 1) // chunk_size
+    E, NT = w_in.shape[2], triton.cdiv(T, chunk_size)
     outs, _ = _state_buffers(B, H, d, E, NT, n_states, False, "meta")
-    _, chunks = _state_buffers(B, H, d, E, NT, n_chunk_states, save, "meta")
+    _, chunks = _state_buffers(B, H, d, E, triton.cdiv(NT, max(save_every, 1)), n_chunk_states,
+                               save_every > 0, "meta")
     return (q.new_empty(B, T, H, d), *(q.new_empty(t.shape, dtype=torch.float32) for t in outs + chunks))
 
 
 @_memory_mlp_fwd.register_fake
 def _(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, max_grad_norm, self_target,
-      save):
-    return _fake_forward(q, w_in, chunk_size, 4, 2, save)
+      save_every):
+    return _fake_forward(q, w_in, chunk_size, 4, 2, save_every)
 
 
 @torch.library.custom_op("nested_learning::memory_mlp_delta_bwd", mutates_args=())
@@ -832,9 +890,10 @@ def _(q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout, grad_win_start,
 
 def _memory_mlp_setup_context(ctx, inputs, output):
     (q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, max_grad_norm, self_target,
-     save) = inputs
+     save_every) = inputs
     ctx.save_for_backward(q, k, v, alpha, lr, output[5], output[6])
     ctx.args = (chunk_size, dgd, activation, max_grad_norm, self_target)
+    ctx.save_every = save_every
     ctx.state_dtypes = (w_in.dtype, w_out.dtype)
     ctx.mark_non_differentiable(output[5], output[6])
 
@@ -852,9 +911,28 @@ def _memory_mlp_backward(ctx, grad_y, grad_win, grad_wout, grad_win_start, grad_
     check_saved_chunks(h1c, "fused_mlp_memory_delta")
     grad_y = _grad_or_zeros(grad_y, q.shape, q, q.dtype)
     states = _state_grads((grad_win, grad_wout, grad_win_start, grad_wout_start), q, h1c.shape[-1])
-    dq, dk, dv, dalpha, dlr, dwin, dwout = torch.ops.nested_learning.memory_mlp_delta_bwd(
-        q, k, v, alpha, lr, h1c, h2c, grad_y, *states, *ctx.args)
-    return (dq, dk, dv, dalpha, dlr, dwin.to(ctx.state_dtypes[0]), dwout.to(ctx.state_dtypes[1]),
+    seq = (q, k, v, alpha, lr)
+    if ctx.save_every == 1:
+        *seq_grads, dwin, dwout = torch.ops.nested_learning.memory_mlp_delta_bwd(
+            *seq, h1c, h2c, grad_y, *states, *ctx.args)
+    else:      # blocks of save_every chunks, last first, each re-run forward from its saved start
+        seq_grads = [torch.empty_like(t) for t in seq]
+        dwin, dwout = states[:2]
+        no_start = [torch.zeros_like(g) for g in states[2:]]
+
+        def block_step(i_s, t0, t1, last):
+            nonlocal dwin, dwout
+            block = [t[:, t0:t1] for t in seq]
+            *_, h1_b, h2_b = torch.ops.nested_learning.memory_mlp_delta_fwd(
+                *block, saved_weights(h1c, i_s, q.shape[0]), saved_weights(h2c, i_s, q.shape[0]),
+                *ctx.args, 1)
+            *grads, dwin, dwout = torch.ops.nested_learning.memory_mlp_delta_bwd(
+                *block, h1_b, h2_b, grad_y[:, t0:t1], dwin, dwout,
+                *(states[2:] if last else no_start), *ctx.args)
+            return grads
+
+        backward_in_blocks(q.shape[1], ctx.args[0], ctx.save_every, seq_grads, block_step)
+    return (*seq_grads, dwin.to(ctx.state_dtypes[0]), dwout.to(ctx.state_dtypes[1]),
             None, None, None, None, None, None)
 
 
@@ -862,25 +940,28 @@ _memory_mlp_fwd.register_autograd(_memory_mlp_backward, setup_context=_memory_ml
 
 
 def fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd=True,
-                           activation="silu", max_grad_norm=None, self_target=False):
+                           activation="silu", max_grad_norm=None, self_target=False,
+                           state_every=None):
     """A residual MLP memory layer M(x) = x + W_out s(W_in x) with the DGD (dgd=True, NL Eq.
     57/88) or GD transition per layer, fused (module docstring). Chunks start at t = 0, every
     chunk_size tokens; lr is the raw inner learning rate (DGD's eta' is formed per layer
     inside; max_grad_norm: memory.py's per-token inner-gradient clip, None = off).
     self_target: HOPE's self-generated target (NL Eq. 87, memory.py's scan): token t learns
     ||M(k_t) - M_B(v_t)||^2, v read at its chunk's start weights, gradients flowing through the
-    read to v and the weights. Returns (y [B,T,H,d] in q's dtype, (W_in, W_out) after the last
-    token, (W_in, W_out) at the start of the last chunk), fp32, laid out like memory.py's
-    weights."""
+    read to v and the weights. state_every: the forward keeps every R-th chunk start for the
+    backward, which re-runs the forward per block of R chunks (`save_interval`; None = its
+    choice). Returns (y [B,T,H,d] in q's dtype, (W_in, W_out) after the last token, (W_in,
+    W_out) at the start of the last chunk), fp32, laid out like memory.py's weights."""
     _check_inputs({"q": q, "k": k, "v": v, "alpha": alpha, "lr": lr},
                   {"w_in": w_in, "w_out": w_out}, chunk_size, activation, max_grad_norm,
                   "fused_mlp_memory_delta")
     if not isinstance(self_target, bool):
         raise ValueError(f"self_target must be a bool; got {self_target!r}")
-    save = _needs_grad(q, k, v, alpha, lr, w_in, w_out)
+    every = resolve_state_every(q.shape[1], chunk_size, state_every)
+    save_every = every if _needs_grad(q, k, v, alpha, lr, w_in, w_out) else 0
     y, win_T, wout_T, win_B, wout_B, _, _ = torch.ops.nested_learning.memory_mlp_delta_fwd(
         q, k, v, alpha, lr, w_in, w_out, chunk_size, bool(dgd), activation,
-        None if max_grad_norm is None else float(max_grad_norm), self_target, save)
+        None if max_grad_norm is None else float(max_grad_norm), self_target, save_every)
     return y, (win_T, wout_T), (win_B, wout_B)
 
 
@@ -890,7 +971,7 @@ def fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd=True
 def _memory_mlp_momentum_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
                              lr: Tensor, w_in: Tensor, w_out: Tensor, z_in: Tensor, z_out: Tensor,
                              chunk_size: int, activation: str, max_grad_norm: Optional[float],
-                             save: bool
+                             save_every: int
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                         Tensor, Tensor, Tensor, Tensor]:
     q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out = _contiguous(
@@ -899,21 +980,22 @@ def _memory_mlp_momentum_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bet
     B, T, H, d, NT, consts = _launch_args(q, E, chunk_size, activation, max_grad_norm)
     y = torch.empty(B, T, H, d, device=q.device, dtype=q.dtype)
     outs, _ = _state_buffers(B, H, d, E, NT, 6, False, q.device)
-    _, chunks = _state_buffers(B, H, d, E, NT, 4, save, q.device)
+    every = max(save_every, 1)
+    _, chunks = _state_buffers(B, H, d, E, triton.cdiv(NT, every), 4, save_every > 0, q.device)
     win_T, wout_T, zin_T, zout_T, win_B, wout_B = outs
     h1c, h2c, z1c, z2c = chunks
     scratch, S = _scratch(q, E, chunk_size, MOMENTUM_FWD_SLOTS.value)
     _mlp_mem_momentum_fwd_kernel[(1, B * H)](
         q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, y, h1c, h2c, z1c, z2c, win_T,
-        wout_T, zin_T, zout_T, win_B, wout_B, scratch, T, H, d, E, chunk_size, NT, S, SAVE=save,
-        **consts, num_warps=CHUNK_WARPS, num_stages=1)
+        wout_T, zin_T, zout_T, win_B, wout_B, scratch, T, H, d, E, chunk_size, NT, every, S,
+        SAVE=save_every > 0, **consts, num_warps=CHUNK_WARPS, num_stages=1)
     return (y, *outs, *chunks)
 
 
 @_memory_mlp_momentum_fwd.register_fake
 def _(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation,
-      max_grad_norm, save):
-    return _fake_forward(q, w_in, chunk_size, 6, 4, save)
+      max_grad_norm, save_every):
+    return _fake_forward(q, w_in, chunk_size, 6, 4, save_every)
 
 
 @torch.library.custom_op("nested_learning::memory_mlp_momentum_bwd", mutates_args=())
@@ -954,9 +1036,10 @@ def _(q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c, grad_y, grad_win, grad_wout,
 
 def _memory_mlp_momentum_setup_context(ctx, inputs, output):
     (q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation, max_grad_norm,
-     save) = inputs
+     save_every) = inputs
     ctx.save_for_backward(q, k, v, alpha, beta, lr, *output[7:])
     ctx.args = (chunk_size, activation, max_grad_norm)
+    ctx.save_every = save_every
     ctx.state_dtypes = (w_in.dtype, w_out.dtype, z_in.dtype, z_out.dtype)
     ctx.mark_non_differentiable(*output[7:])
 
@@ -968,9 +1051,30 @@ def _memory_mlp_momentum_backward(ctx, grad_y, grad_win, grad_wout, grad_zin, gr
     grad_y = _grad_or_zeros(grad_y, q.shape, q, q.dtype)
     states = _state_grads((grad_win, grad_wout, grad_zin, grad_zout, grad_win_start,
                            grad_wout_start), q, h1c.shape[-1])
-    grads = torch.ops.nested_learning.memory_mlp_momentum_bwd(
-        q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c, grad_y, *states, *ctx.args)
-    return (*grads[:6], *(g.to(t) for g, t in zip(grads[6:], ctx.state_dtypes)), None, None, None,
+    seq = (q, k, v, alpha, beta, lr)
+    if ctx.save_every == 1:
+        grads = torch.ops.nested_learning.memory_mlp_momentum_bwd(
+            *seq, h1c, h2c, z1c, z2c, grad_y, *states, *ctx.args)
+        seq_grads, carried = grads[:6], grads[6:]
+    else:      # blocks of save_every chunks, last first, each re-run forward from its saved start
+        seq_grads = [torch.empty_like(t) for t in seq]
+        carried = states[:4]
+        no_start = [torch.zeros_like(g) for g in states[4:]]
+
+        def block_step(i_s, t0, t1, last):
+            nonlocal carried
+            block = [t[:, t0:t1] for t in seq]
+            starts = [saved_weights(c, i_s, q.shape[0]) for c in (h1c, h2c, z1c, z2c)]
+            *_, h1_b, h2_b, z1_b, z2_b = torch.ops.nested_learning.memory_mlp_momentum_fwd(
+                *block, *starts, *ctx.args, 1)
+            grads = torch.ops.nested_learning.memory_mlp_momentum_bwd(
+                *block, h1_b, h2_b, z1_b, z2_b, grad_y[:, t0:t1], *carried,
+                *(states[4:] if last else no_start), *ctx.args)
+            carried = grads[6:]
+            return grads[:6]
+
+        backward_in_blocks(q.shape[1], ctx.args[0], ctx.save_every, seq_grads, block_step)
+    return (*seq_grads, *(g.to(t) for g, t in zip(carried, ctx.state_dtypes)), None, None, None,
             None)
 
 
@@ -979,18 +1083,20 @@ _memory_mlp_momentum_fwd.register_autograd(_memory_mlp_momentum_backward,
 
 
 def fused_mlp_memory_momentum(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size,
-                              activation="silu", max_grad_norm=None):
+                              activation="silu", max_grad_norm=None, state_every=None):
     """A residual MLP memory layer with Titans' momentum transition (Eq. 13-14) per layer:
         Z_t = beta_t Z_{t-1} - lr_t g_t a_t^T ;  W_t = alpha_t W_{t-1} + Z_t
     (g_t, a_t: the layer's closed-form inner gradient at W_B, clipped as in
     fused_mlp_memory_delta, and its input). Returns (y, (W_in, W_out) at T, (Z_in, Z_out) at
-    T, (W_in, W_out) at the last chunk's start). Self-generated targets (HOPE, NL Eq. 87)
-    are fused for DGD / GD only (fused_mlp_memory_delta): HOPE's memories learn by DGD."""
+    T, (W_in, W_out) at the last chunk's start); state_every as in fused_mlp_memory_delta (the
+    momenta are saved and recomputed with the weights). Self-generated targets (HOPE, NL Eq.
+    87) are fused for DGD / GD only (fused_mlp_memory_delta): HOPE's memories learn by DGD."""
     _check_inputs({"q": q, "k": k, "v": v, "alpha": alpha, "beta": beta, "lr": lr},
                   {"w_in": w_in, "w_out": w_out, "z_in": z_in, "z_out": z_out}, chunk_size,
                   activation, max_grad_norm, "fused_mlp_memory_momentum")
-    save = _needs_grad(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out)
+    every = resolve_state_every(q.shape[1], chunk_size, state_every)
+    save_every = every if _needs_grad(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out) else 0
     y, win_T, wout_T, zin_T, zout_T, win_B, wout_B, *_ = torch.ops.nested_learning.memory_mlp_momentum_fwd(
         q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation,
-        None if max_grad_norm is None else float(max_grad_norm), save)
+        None if max_grad_norm is None else float(max_grad_norm), save_every)
     return y, (win_T, wout_T), (zin_T, zout_T), (win_B, wout_B)

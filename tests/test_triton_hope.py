@@ -138,7 +138,7 @@ def test_no_grad_forward_matches_and_saves_no_chunk_states():
     args = _kernel_args()
     with torch.no_grad():
         outs = triton_hope.fused_hope_projections(*args, 0.1, 4)
-        raw = torch.ops.nested_learning.hope_projections_fwd(*args, 0.1, 4, True, "silu", 0.0, False)
+        raw = torch.ops.nested_learning.hope_projections_fwd(*args, 0.1, 4, True, "silu", 0.0, 0)
     leaves = [a.clone().requires_grad_() for a in args]
     with_grad = triton_hope.fused_hope_projections(*leaves, 0.1, 4)
     flat = lambda o: [*o[:4], *o[4], *o[5]]  # noqa: E731
@@ -147,11 +147,62 @@ def test_no_grad_forward_matches_and_saves_no_chunk_states():
 
 
 @needs_kernels
-def test_custom_ops_pass_opcheck():
-    """Schema, fake implementations, autograd registration: what torch.compile relies on."""
-    args = [a.clone().requires_grad_() for a in _kernel_args()]
+@pytest.mark.parametrize("save_every", (1, 2))
+def test_custom_ops_pass_opcheck(save_every):
+    """Schema, fake implementations, autograd registration: what torch.compile relies on (with
+    save_every 2, the backward's per-block recompute too)."""
+    args = [a.clone().requires_grad_() for a in _kernel_args(T=5 if save_every == 1 else 9)]
     torch.library.opcheck(torch.ops.nested_learning.hope_projections_fwd.default,
-                          (*args, 0.1, 4, True, "gelu", 2.0, True))
+                          (*args, 0.1, 4, True, "gelu", 2.0, save_every))
+
+
+@pytest.fixture
+def recompute_blocks(monkeypatch):
+    """Every fused memory op keeps every 2nd chunk start (triton_mlp_memory.save_interval) and
+    recomputes the rest in its backward; yields the (op, t0, t1) blocks the backwards ran."""
+    seen = []
+    monkeypatch.setattr(triton_mlp_memory, "save_interval", lambda n_chunks: 2)
+    for module in (triton_hope, triton_mlp_memory):
+        real = module.backward_in_blocks
+
+        def spy(T, C, every, seq_grads, step, real=real, name=module.__name__):
+            real(T, C, every, seq_grads,
+                 lambda i_s, t0, t1, last: seen.append((name.split(".")[-1], t0, t1)) or step(i_s, t0, t1, last))
+        monkeypatch.setattr(module, "backward_in_blocks", spy)
+    return seen
+
+
+@needs_kernels
+def test_mixer_with_recomputed_chunk_starts_matches_per_chunk_path(kernel_calls, recompute_blocks):
+    """Stage 1 (C_other 4: chunks [0,4) .. [16,19), blocks of 2) and M_mem (C_mem 8: three
+    chunks) through the backward's per-block recompute, against the float64 per-chunk path."""
+    compare([19])
+    assert kernel_calls == [19]
+    assert [b for b in recompute_blocks if b[0] == "triton_hope"] == [
+        ("triton_hope", 16, 19), ("triton_hope", 8, 16), ("triton_hope", 0, 8)]
+    assert [b for b in recompute_blocks if b[0] == "triton_mlp_memory"] == [
+        ("triton_mlp_memory", 16, 19), ("triton_mlp_memory", 0, 16)]
+
+
+@needs_kernels
+def test_recomputed_chunk_starts_match_saving_every_chunk():
+    """fused_hope_projections with state_every 2 and 3 (4 chunks, the last ragged; blocks of 2
+    and 2, then 3 and 1): outputs and every gradient equal state_every 1's."""
+    args = _kernel_args(T=13)
+
+    def run(every):
+        leaves = [a.clone().requires_grad_() for a in args]
+        k, v, eta, alpha, final, start = triton_hope.fused_hope_projections(
+            *leaves, 0.5, 4, max_grad_norm=2.0, state_every=every)
+        outs = [k, v, eta, alpha, *final, *start]
+        gen = torch.Generator().manual_seed(3)
+        loss = sum((o * torch.randn(o.shape, generator=gen).to(DEVICE)).sum() for o in outs)
+        return outs + list(torch.autograd.grad(loss, leaves))
+
+    saved_all = run(1)
+    for every in (2, 3):
+        for a, b in zip(run(every), saved_all):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("index, value, message", [
@@ -184,6 +235,8 @@ def test_bad_options_raise_one_line_errors():
     for bad in (0.0, "3"):
         with pytest.raises(ValueError, match="max_grad_norm must be None or a finite number > 0"):
             triton_hope.fused_hope_projections(*args, 0.1, 4, max_grad_norm=bad)
+    with pytest.raises(ValueError, match="state_every must be None or a positive int; got 0"):
+        triton_hope.fused_hope_projections(*args, 0.1, 4, state_every=0)
 
 
 @needs_cuda

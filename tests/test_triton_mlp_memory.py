@@ -226,7 +226,7 @@ def test_no_grad_forward_matches_and_saves_no_chunk_states():
     y_grad, w_grad, b_grad = triton_mlp_memory.fused_mlp_memory_delta(*leaves, 4)
     with torch.no_grad():
         y, w, b = triton_mlp_memory.fused_mlp_memory_delta(*args, 4)
-        out = triton_mlp_memory._memory_mlp_fwd(*args, 4, True, "silu", None, False, False)
+        out = triton_mlp_memory._memory_mlp_fwd(*args, 4, True, "silu", None, False, 0)
     assert torch.equal(y, y_grad.detach()) and not y.requires_grad
     assert all(torch.equal(x, r.detach()) for x, r in zip(w + b, w_grad + b_grad))
     assert out[5].numel() == 0 and out[6].numel() == 0
@@ -235,25 +235,79 @@ def test_no_grad_forward_matches_and_saves_no_chunk_states():
 @needs_kernels
 def test_backward_without_saved_states_raises_one_line():
     args = [t.clone().requires_grad_() for t in _kernel_args()]
-    y = torch.ops.nested_learning.memory_mlp_delta_fwd(*args, 4, True, "silu", None, False,
-                                                       False)[0]
+    y = torch.ops.nested_learning.memory_mlp_delta_fwd(*args, 4, True, "silu", None, False, 0)[0]
     with pytest.raises(RuntimeError, match="fused_mlp_memory_delta: backward through a forward"):
         y.sum().backward()
 
 
+def _momentum_args(T=5):
+    q, k, v, alpha, lr, w_in, w_out = _kernel_args(T=T)
+    beta = torch.rand(alpha.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    return [q, k, v, alpha, beta, lr, w_in, w_out, 0.1 * w_in.flip(2), 0.1 * w_out.flip(3)]
+
+
 @needs_kernels
+@pytest.mark.parametrize("save_every", (1, 2))
 @pytest.mark.parametrize("op", ("delta", "momentum"))
-def test_custom_ops_pass_opcheck(op):
-    """Schema, fake implementation, autograd registration: what torch.compile relies on."""
-    q, k, v, alpha, lr, w_in, w_out = _kernel_args(T=5)
+def test_custom_ops_pass_opcheck(op, save_every):
+    """Schema, fake implementation, autograd registration: what torch.compile relies on (with
+    save_every 2, the backward's per-block recompute too)."""
+    T = 5 if save_every == 1 else 9
     if op == "delta":
-        args, options = [q, k, v, alpha, lr, w_in, w_out], (4, True, "gelu", 2.0, True, True)
+        args, options = _kernel_args(T=T), (4, True, "gelu", 2.0, True, save_every)
     else:
-        beta = torch.rand(alpha.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-        args = [q, k, v, alpha, beta, lr, w_in, w_out, 0.1 * w_in.flip(2), 0.1 * w_out.flip(3)]
-        options = (4, "silu", None, True)
+        args, options = _momentum_args(T=T), (4, "silu", None, save_every)
     custom_op = getattr(torch.ops.nested_learning, f"memory_mlp_{op}_fwd").default
     torch.library.opcheck(custom_op, (*[t.clone().requires_grad_() for t in args], *options))
+
+
+@needs_kernels
+@pytest.mark.parametrize("state_every, blocks", [
+    (2, [(16, 23), (8, 16), (0, 8)]),      # T = 23, C = 4: 6 chunks, the last ragged
+    (4, [(16, 23), (0, 16)]),              # a short last block
+])
+@pytest.mark.parametrize("rule", ("dgd", "momentum"))
+def test_recomputed_chunk_starts_match_saving_every_chunk(monkeypatch, rule, state_every, blocks):
+    """state_every R > 1 (save_interval): the forward keeps every R-th chunk start and the
+    backward re-runs each block of R chunks from its saved start, last block first. Outputs
+    and the gradients of every input equal those of R = 1 (which the tests above check
+    against the torch path), DGD with self-targets and the clip, momentum with the clip."""
+    seen, real = [], triton_mlp_memory.backward_in_blocks
+
+    def spy(T, C, every, seq_grads, step):
+        real(T, C, every, seq_grads, lambda i_s, t0, t1, last: seen.append((t0, t1)) or step(i_s, t0, t1, last))
+
+    monkeypatch.setattr(triton_mlp_memory, "backward_in_blocks", spy)
+    if rule == "dgd":
+        fn, args, options = triton_mlp_memory.fused_mlp_memory_delta, _kernel_args(T=23), dict(
+            self_target=True, max_grad_norm=1.0)
+    else:
+        fn, args, options = triton_mlp_memory.fused_mlp_memory_momentum, _momentum_args(T=23), dict(
+            max_grad_norm=1.0)
+
+    def run(every):
+        leaves = [a.clone().requires_grad_() for a in args]
+        y, *pairs = fn(*leaves, 4, state_every=every, **options)
+        outs = [y] + [t for pair in pairs for t in pair]
+        gen = torch.Generator().manual_seed(4)
+        loss = sum((o * torch.randn(o.shape, generator=gen).to(DEVICE)).sum() for o in outs)
+        return outs + list(torch.autograd.grad(loss, leaves))
+
+    saved_all = run(1)
+    assert not seen
+    recomputed = run(state_every)
+    assert seen == blocks
+    for a, b in zip(recomputed, saved_all):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_save_interval_policy_and_bad_state_every():
+    """Every chunk start up to 16 chunks, ceil(sqrt(NT)) above; state_every checked."""
+    assert [triton_mlp_memory.save_interval(n) for n in (1, 16, 17, 64, 256, 257)] == [1, 1, 5, 8, 16, 17]
+    assert triton_mlp_memory.reverse_blocks(10, 4, 2) == [(1, 8, 10), (0, 0, 8)]
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="state_every must be None or a positive int"):
+            triton_mlp_memory.fused_mlp_memory_delta(*_kernel_args(), 4, state_every=bad)
 
 
 @pytest.mark.parametrize("index, value, message", [
