@@ -2,7 +2,7 @@
 # One GPU check (issue 5): CUDA kernel tests, training throughput of Transformer++ vs Titans
 # vs HOPE at 4K context (bench/step.py; Titans and HOPE with the fused Triton memory kernels,
 # model.kernels=triton, and HOPE once more with model.kernels=auto: the Triton scans under the
-# per-chunk path), and the kernel bench; optionally (GPU_CHECK_FSDP=1) a 1-GPU FSDP2 train.py
+# per-chunk path, with activation checkpointing), and the kernel bench; optionally (GPU_CHECK_FSDP=1) a 1-GPU FSDP2 train.py
 # run of Transformer++ and HOPE on byte-tokenised synthetic text. Installs nothing; needs
 # torch, triton, numpy, pyyaml, pytest (the GPU image has them). Every stage has a time cap
 # inside a total budget (default 560 s, under 10 minutes on one H100); a failing or timed-out
@@ -18,7 +18,9 @@
 # summary, logs and kernels.json only, a handful of files), GPU_CHECK_WORK (default
 # /tmp/gpu_check_work: the FSDP runs' corpus, shards and checkpoints), GPU_CHECK_FSDP (1: also
 # the FSDP2 runs), PYTHON (default: .venv/bin/python if present, else python3), BATCH
-# (step.py sequences per step, default 4), SEQ (context, default 4096), FSDP_STEPS (default 30).
+# (step.py sequences per step, default 4), HOPE_BATCH (the fused HOPE run's, default 2: HOPE-760M
+# keeps ~2x Transformer++'s activations per token, so 4 x 4K would not fit 80 GB without
+# activation checkpointing; BENCHMARKS.md), SEQ (context, default 4096), FSDP_STEPS (default 30).
 set -u
 cd "$(dirname "$0")/.."
 DRY=${GPU_CHECK_DRY:-0}
@@ -32,7 +34,7 @@ mkdir -p "$OUT/logs"
 
 FSDP=${GPU_CHECK_FSDP:-0}
 if [ "$DRY" = 1 ]; then
-    DEVICE=cpu; BATCH=${BATCH:-1}; SEQ=${SEQ:-16}; FSDP_STEPS=${FSDP_STEPS:-2}
+    DEVICE=cpu; BATCH=${BATCH:-1}; HOPE_BATCH=${HOPE_BATCH:-1}; SEQ=${SEQ:-16}; FSDP_STEPS=${FSDP_STEPS:-2}
     SIZE=tiny
     PYTEST_K="dispatch or bad_inputs"
     KERNEL_ARGS="--quick --no-memory --no-cms --ops momentum_rule --T 9"
@@ -41,7 +43,7 @@ if [ "$DRY" = 1 ]; then
     OLD_TESTS_K=""
     export TRITON_INTERPRET=1          # the step runs' model.kernels=triton: Triton's interpreter
 else
-    DEVICE=cuda; BATCH=${BATCH:-4}; SEQ=${SEQ:-4096}; FSDP_STEPS=${FSDP_STEPS:-30}
+    DEVICE=cuda; BATCH=${BATCH:-4}; HOPE_BATCH=${HOPE_BATCH:-2}; SEQ=${SEQ:-4096}; FSDP_STEPS=${FSDP_STEPS:-30}
     SIZE=760m
     PYTEST_K=""
     KERNEL_ARGS="--json $OUT/kernels.json --T 4096 16384"
@@ -55,11 +57,13 @@ else
     CAP_STEP_AUTO=50; CAP_KERNELS=100; CAP_TEST=120; CAP_TEST_NEW=60; CAP_FSDP=40
     OLD_TESTS_K="cuda or gpu"
 fi
-# step-bench runs: NAME:CAP:CONFIG[:OVERRIDES], one a line; FSDP runs: CONFIG
+# step-bench runs: NAME:CAP:CONFIG[:OVERRIDES (space-separated, after the common ones, so they
+# win)], one a line; FSDP runs: CONFIG. The per-chunk HOPE run keeps every chunk's autograd
+# tensors (~1 GB per layer per 512 tokens, BENCHMARKS.md): activation checkpointing.
 STEP_RUNS="transformer_$SIZE:$CAP_STEP_PLAIN:configs/transformer_$SIZE.yaml
 titans_lmm_${SIZE}_fused:$CAP_STEP_TITANS:configs/titans_lmm_$SIZE.yaml:--model.kernels=triton
-hope_${SIZE}_fused:$CAP_STEP_HOPE:configs/hope_$SIZE.yaml:--model.kernels=triton
-hope_${SIZE}_auto:$CAP_STEP_AUTO:configs/hope_$SIZE.yaml"
+hope_${SIZE}_fused:$CAP_STEP_HOPE:configs/hope_$SIZE.yaml:--model.kernels=triton --train.batch_size=$HOPE_BATCH
+hope_${SIZE}_auto_ac:$CAP_STEP_AUTO:configs/hope_$SIZE.yaml:--distributed.activation_checkpointing=true"
 FSDP_CONFIGS="configs/transformer_$SIZE.yaml configs/hope_$SIZE.yaml"
 START=$SECONDS
 
@@ -89,7 +93,8 @@ result_of() {
         *tests*) { grep -E '^=+ .* in [0-9.]+s( \([0-9:]+\))? =+$' "$2" | tail -n 1 | sed -E 's/^=+ | =+$//g' | grep . ||
                    echo "$(grep -c ' PASSED' "$2") passed, $(grep -c ' FAILED' "$2") failed before the cap"; } ;;
         kernels) grep -c -E '^(delta_rule|momentum_rule|memory/|cms/|hope/)' "$2" | sed 's/$/ rows (see kernels.log)/' ;;
-        step_*) grep -o -E '[0-9,]+ tok/s' "$2" | tail -n 1 ;;
+        # step.py's result line: arch | params | batch B x seq T [(AC)] | ms/step | tok/s | peak memory
+        step_*) grep -E ' tok/s \| ' "$2" | tail -n 1 | awk -F' [|] ' '{gsub(/^ +/, "", $5); print $5 ", " $3 ", " $6}' ;;
         fsdp_*) "$PY" - "$WORK/runs/$1/metrics.jsonl" <<'PYEOF' 2>/dev/null
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
@@ -127,12 +132,11 @@ pytest_stage() {
 pytest_stage cuda_tests "$CAP_CUDA_TESTS" "(cuda or gpu) and not wide" $NEW_KERNEL_TESTS
 
 # 2. training throughput: one optimiser step (fwd + bwd + AdamW) on synthetic tokens.
-for spec in $STEP_RUNS; do
-    IFS=: read -r name cap cfg extra <<< "$spec"
+while IFS=: read -r name cap cfg extra <&3; do
     # shellcheck disable=SC2086
     run "step_$name" "$cap" "$PY" bench/step.py "$cfg" --device "$DEVICE" --steps 3 --warmup 1 \
         --train.batch_size="$BATCH" --train.grad_accum=1 --train.seq_len="$SEQ" $extra
-done
+done 3<<< "$STEP_RUNS"
 
 # 3. kernel bench (scans: torch / triton / fla; memory layer: per-chunk torch / fused triton).
 # shellcheck disable=SC2086

@@ -2,6 +2,7 @@
 
     python bench/step.py configs/quickstart.yaml --train.batch_size=8 --train.seq_len=256
     python bench/step.py configs/hope_tiny.yaml --steps 10 --device cuda
+    python bench/step.py configs/hope_760m.yaml --distributed.activation_checkpointing=true
 
 Uses synthetic random tokens (no data preparation, runs on a bare GPU image). Prints one
 result line plus the command, machine and date, ready to paste into BENCHMARKS.md.
@@ -40,8 +41,10 @@ def make_train_step(model, opt, x, grad_accum=1, device="cpu", bf16=False):
 def build_train_step(cfg, device="cpu", compile=False):
     """(model, step) for `cfg`: its model (seed 0) and optimiser (train.make_optimizer) on
     `device`, and step() = one training step (make_train_step) on a fixed batch of
-    train.batch_size random sequences of train.seq_len + 1 tokens. Sets model.vocab_size
-    from the tokenizer when it is 0."""
+    train.batch_size random sequences of train.seq_len + 1 tokens, with per-block activation
+    checkpointing when distributed.activation_checkpointing is on (as train.py). Sets
+    model.vocab_size from the tokenizer when it is 0."""
+    from distributed import apply_activation_checkpointing
     from model import build_model
     from train import make_optimizer, setup_precision
     t = cfg.train
@@ -49,6 +52,8 @@ def build_train_step(cfg, device="cpu", compile=False):
         cfg.model.vocab_size = 50257 if cfg.data.tokenizer == "gpt2" else 257
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
+    if cfg.distributed.activation_checkpointing:
+        apply_activation_checkpointing(model)
     opt = make_optimizer(model, cfg, device)
     step_model = torch.compile(model) if compile else model
     x = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
@@ -103,8 +108,9 @@ def main(argv=None):
         return 2
     r = bench_step(cfg, args.steps, args.warmup, device, args.compile)
     mem_kind = "peak CUDA allocated" if device == "cuda" else "peak process RSS"
+    ac = " (AC)" if cfg.distributed.activation_checkpointing else ""
     print(f"{r['arch']:>15} | {r['params'] / 1e6:8.2f}M params | batch {cfg.train.batch_size} x seq "
-          f"{cfg.train.seq_len} | {r['sec_per_step'] * 1e3:9.1f} ms/step | {r['tokens_per_s']:10,.0f} tok/s | "
+          f"{cfg.train.seq_len}{ac} | {r['sec_per_step'] * 1e3:9.1f} ms/step | {r['tokens_per_s']:10,.0f} tok/s | "
           f"{mem_kind} {r['peak_mem_bytes'] / 2**20:,.0f} MiB")
     print(result_footer("step.py", argv))
     return 0

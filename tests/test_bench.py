@@ -57,6 +57,22 @@ def test_step_bench_tiny_run(capsys):
     _footer_ok(out, "step.py", argv)
 
 
+def test_step_bench_activation_checkpointing(capsys, monkeypatch):
+    """distributed.activation_checkpointing=true: every block's forward runs under
+    torch.utils.checkpoint, as in train.py, and the result line says so."""
+    import distributed
+    wrapped = []
+    real = distributed.apply_activation_checkpointing
+    monkeypatch.setattr(distributed, "apply_activation_checkpointing",
+                        lambda model: wrapped.append(len(model.blocks)) or real(model))
+    argv = ["--steps", "1", "--warmup", "0", "--device", "cpu", "--model.d_model=32", "--model.n_layer=2",
+            "--model.n_head=2", "--model.vocab_size=64", "--train.batch_size=2", "--train.seq_len=16",
+            "--distributed.activation_checkpointing=true"]
+    assert step.main(argv) == 0
+    assert wrapped == [2]
+    assert "batch 2 x seq 16 (AC) |" in capsys.readouterr().out
+
+
 def test_step_bench_bad_config_is_one_line(capsys):
     assert step.main(["--device", "cpu", "--train.max_stepz=3"]) == 2
     err = capsys.readouterr().err
