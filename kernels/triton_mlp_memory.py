@@ -22,9 +22,12 @@ h1 = W_in^T [d, E] and h2 = W_out^T [E, d] (the scan kernels' transposed layout)
 
 Unlike the linear memory, the writes are not linear in W_B, so the whole chunk (both layers,
 all of E and d) is one tile set per program and the chunk loop is sequential per (batch,
-head): B*H programs. The forward saves only the chunk-start states (T/C per layer, and the
-momenta). The backward walks the chunks in reverse with the state gradients in registers:
-per chunk it recomputes steps 1-3 from the saved states, steps back through layer 2, s(O1)
+head): B*H programs. The forward saves only chunk-start states (and momenta), every R-th
+chunk's (`save_interval`: R = 1 up to 16 chunks, else ceil(sqrt(T/C))); for R > 1 the
+backward first re-runs the forward over each block of R chunks, last block first, from its
+saved start to get the block's chunk starts (`backward_in_blocks`). The backward walks the
+chunks in reverse with the state gradients in registers: per chunk it recomputes steps 1-3
+from the chunk's start states, steps back through layer 2, s(O1)
 and layer 1 (`_chunk_delta_bwd` / `_chunk_momentum_bwd`, built on triton_delta's and
 triton_momentum's per-chunk helpers), then through the write rates and the inner gradient
 (`_inner_write_bwd`), which needs s''(Z) (closed forms: triton_cms.py's `_act`), and, with
