@@ -3,6 +3,7 @@
     python bench/kernels.py                 # GPU: B=4, T in {2048,4096,8192}, H=16, d in {64,128}, bf16
     python bench/kernels.py --quick         # tiny sizes, fp32: a smoke test (CPU: Triton interpreter)
     python bench/kernels.py --T 4096 --d 64 --ops delta_rule --json out.json
+    python bench/kernels.py --parts hope memory --T 4096 --d 64    # parts in this order only
 
 Part 1, `kernels.delta_rule` and `kernels.momentum_rule`: forward and forward+backward time
 of backend "torch" (chunked PyTorch) and "triton", of backend "reference" (the sequential
@@ -36,11 +37,14 @@ from a sequence start; error of y and the final fast weights vs the float64 torc
 
 Part 4, HOPE's stage 1 (op hope/stage1/C16): the projection memories of one layer (H heads
 of width d, memory hidden d, C_other 16, as hope_760m), hope.py's per-chunk path vs one fused
-launch (kernels/triton_hope.py), forward and forward+backward.
+launch (kernels/triton_hope.py), forward and forward+backward; forward+backward also as
+impl "triton/all", the fused launch saving every chunk start (no recompute in the backward:
+triton_mlp_memory.save_interval), so "vs triton/all" prices the recompute.
 
 Times: CUDA: triton.testing.do_bench (median, after warm-up); CPU: median wall time.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -60,6 +64,7 @@ from memory import NeuralMemory  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPS = ("delta_rule", "momentum_rule")
+PARTS = ("scans", "memory", "cms", "hope", "wide")     # main's default order (module docstring)
 
 
 def load_fla():
@@ -279,18 +284,34 @@ def bench_hope_stage1(args, device, rows):
             ref_grads = {}       # once: both implementations draw the same cotangent
 
             def run(impl, backward):
-                mixer.projections.backend = impl
-                sec, outs, grads, cot = measure(stage(mixer, args.B), x, backward, device, args.repeats)
+                mixer.projections.backend = impl.split("/")[0]
+                with saving_every_chunk(impl == "triton/all"):
+                    sec, outs, grads, cot = measure(stage(mixer, args.B), x, backward, device,
+                                                    args.repeats)
                 err = relative_error(outs, ref)
                 if backward:
                     ref_grads.setdefault("x", reference_grads(stage(oracle, args.B), x, cot)[1])
                     err = max(err, relative_error(grads, ref_grads["x"]))
                 return sec, err
             for backward in (False, True):
-                for impl in ("torch", "triton"):
+                for impl in ("torch", "triton") + (("triton/all",) if backward else ()):
                     add_row(rows, lambda: run(impl, backward), part="hope", op=f"hope/stage1/C{C}",
                             impl=impl, pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T,
                             H=args.H, d=d)
+
+
+@contextlib.contextmanager
+def saving_every_chunk(on=True):
+    """Within: the fused forwards save every chunk start (save_interval returns 1), so their
+    backwards recompute nothing."""
+    from kernels import triton_mlp_memory
+    limit = triton_mlp_memory.MAX_SAVED_CHUNKS
+    if on:
+        triton_mlp_memory.MAX_SAVED_CHUNKS = float("inf")
+    try:
+        yield
+    finally:
+        triton_mlp_memory.MAX_SAVED_CHUNKS = limit
 
 
 def bench_cms_level(args, device, rows):
@@ -321,11 +342,11 @@ def bench_cms_level(args, device, rows):
                             impl=impl, pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=1, d=d)
 
 
-HEADER = f"{'op':<28}{'impl':<10}{'pass':<9}{'B':>3}{'T':>6}{'H':>4}{'d':>5}{'ms':>11}{'rel err':>10}  note"
+HEADER = f"{'op':<28}{'impl':<12}{'pass':<9}{'B':>3}{'T':>6}{'H':>4}{'d':>5}{'ms':>11}{'rel err':>10}  note"
 
 
 def print_row(r):
-    print(f"{r['op']:<28}{r['impl']:<10}{r['pass_']:<9}{r['B']:>3}{r['T']:>6}{r['H']:>4}{r['d']:>5}"
+    print(f"{r['op']:<28}{r['impl']:<12}{r['pass_']:<9}{r['B']:>3}{r['T']:>6}{r['H']:>4}{r['d']:>5}"
           f"{r['ms']:>11.3f}{r['rel_err']:>10.1e}  {r['note']}", flush=True)
 
 
@@ -338,7 +359,8 @@ def print_speedups(rows):
         by.setdefault(key(r), {})[r["impl"]] = r["ms"]
     for (op, T, d, p), t in by.items():
         if "triton" in t and t["triton"] == t["triton"]:
-            parts = [f"vs {o} {t[o] / t['triton']:.2f}x" for o in ("torch", "fla", "reference") if o in t]
+            parts = [f"vs {o} {t[o] / t['triton']:.2f}x" for o in ("torch", "fla", "reference", "triton/all")
+                     if o in t]
             print(f"  {op:<28}T={T:<6}d={d:<4}{p:<8} " + ", ".join(parts))
 
 
@@ -357,6 +379,8 @@ def main(argv=None):
     p.add_argument("--hope-chunk", type=positive_int, default=16, help="HOPE stage 1's C_other (<= 16)")
     p.add_argument("--no-hope", action="store_true", help="skip part 4 (HOPE stage 1)")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="the parts to run, in this order (the --no-* flags drop some)")
     p.add_argument("--reference", action="store_true", help="also time the sequential reference")
     p.add_argument("--no-memory", action="store_true", help="skip part 2 (the memory layer)")
     p.add_argument("--repeats", type=positive_int, default=3, help="CPU timing repeats")
@@ -392,15 +416,16 @@ def _run(p, args, argv):
           f"dtype {args.dtype}; fp32 matmul precision {args.fp32_matmul_precision}; fla: {'yes' if fla_fn else 'not available (' + fla_why + ')'}")
     print(HEADER)
     rows = []
-    bench_scans(args, device, dtype, fla_fn, rows)
-    if not args.no_memory:
-        bench_memory_layer(args, device, rows)
-    if not args.no_cms:
-        bench_cms_level(args, device, rows)
-    if not args.no_hope:
-        bench_hope_stage1(args, device, rows)
-    if not args.no_memory:
-        bench_memory_layer(args, device, rows, wide=True)
+    dropped = {"memory": args.no_memory, "wide": args.no_memory, "cms": args.no_cms,
+               "hope": args.no_hope}
+    run_part = {"scans": lambda: bench_scans(args, device, dtype, fla_fn, rows),
+                "memory": lambda: bench_memory_layer(args, device, rows),
+                "cms": lambda: bench_cms_level(args, device, rows),
+                "hope": lambda: bench_hope_stage1(args, device, rows),
+                "wide": lambda: bench_memory_layer(args, device, rows, wide=True)}
+    for part in args.parts:
+        if not dropped.get(part):
+            run_part[part]()
     print_speedups(rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -183,14 +183,16 @@ def test_cuda_head_dim_128_chunk_16(rule):
 
 @needs_kernels
 def test_kernel_bench_quick_mode_runs(capsys):
-    """bench/kernels.py --quick at its smallest: every row measured, errors at fp32 level."""
+    """bench/kernels.py --quick at its smallest: every row measured, errors at fp32 level;
+    --parts runs the parts in the order given."""
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "kernels.py")
     spec = importlib.util.spec_from_file_location("bench_kernels", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     before = torch.get_float32_matmul_precision()
-    assert bench.main(["--quick", "--ops", "momentum_rule", "--no-memory", "--T", "5"]) == 0
+    assert bench.main(["--quick", "--ops", "momentum_rule", "--no-memory", "--T", "5",
+                       "--parts", "hope", "scans", "cms", "memory"]) == 0
     assert torch.get_float32_matmul_precision() == before      # its --fp32-matmul-precision is undone
     out = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in out if line.startswith("momentum_rule ")]
@@ -198,5 +200,11 @@ def test_kernel_bench_quick_mode_runs(capsys):
                                             for p in ("fwd", "fwd+bwd")}
     assert all(float(r[8]) < 1e-5 for r in rows), rows
     hope = [line.split() for line in out if line.startswith("hope/stage1/C4 ")]   # part 4
-    assert sorted((r[1], r[2]) for r in hope) == [(i, p) for i in ("torch", "triton") for p in ("fwd", "fwd+bwd")]
+    assert sorted((r[1], r[2]) for r in hope) == [(i, p) for i in ("torch", "triton") for p in ("fwd", "fwd+bwd")
+                                                  ] + [("triton/all", "fwd+bwd")]
     assert all(float(r[8]) < 1e-5 for r in hope), hope
+    first = {name: next(i for i, line in enumerate(out) if line.startswith(name))
+             for name in ("hope/stage1/C4 ", "momentum_rule ", "cms/")}
+    assert first["hope/stage1/C4 "] < first["momentum_rule "] < first["cms/"]
+    assert not any(line.startswith("memory/") for line in out)           # --no-memory wins
+    assert any("vs triton/all" in line for line in out)
