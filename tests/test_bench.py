@@ -73,6 +73,29 @@ def test_step_bench_activation_checkpointing(capsys, monkeypatch):
     assert "batch 2 x seq 16 (AC) |" in capsys.readouterr().out
 
 
+def test_saved_memory_bench_tiny_run(capsys):
+    """bench/saved_memory.py: a HOPE block keeps more per token than a Transformer++ block,
+    the per-token growth is listed by place, and the footer is there."""
+    from bench import saved_memory
+    argv = ["configs/hope_tiny.yaml", "configs/transformer_tiny.yaml", "--T", "16", "32", "--top", "2"]
+    assert saved_memory.main(argv) == 0
+    out = capsys.readouterr().out
+    per_token = {m.group(1): float(m.group(2)) for m in
+                 re.finditer(r"^(\w+)\.yaml: one block keeps .*; ([\d.]+) MiB per token$", out, re.M)}
+    assert per_token["hope_tiny"] > per_token["transformer_tiny"] > 0, out
+    assert re.search(r"MiB per token  memory\.py:\w+", out), out
+    _footer_ok(out, "saved_memory.py", argv)
+
+
+def test_saved_memory_bench_bad_inputs_are_one_line(capsys):
+    from bench import saved_memory
+    with pytest.raises(SystemExit):
+        saved_memory.main(["configs/hope_tiny.yaml", "--T", "16"])
+    assert capsys.readouterr().err.strip().endswith("--T needs at least two different lengths")
+    assert saved_memory.main(["configs/hope_tiny.yaml", "--model.d_modl=8"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown config key 'model.d_modl'")
+
+
 def test_step_bench_bad_config_is_one_line(capsys):
     assert step.main(["--device", "cpu", "--train.max_stepz=3"]) == 2
     err = capsys.readouterr().err
