@@ -1,6 +1,7 @@
 """bench/: bad count flags stop each CLI with argparse's one-line error, and tiny real runs
 of the CPU benchmarks print their result tables and the command / machine / date lines.
 (bench/kernels.py --quick runs in tests/test_triton_memory.py.)"""
+import os
 import re
 
 import pytest
@@ -83,7 +84,11 @@ def test_saved_memory_bench_tiny_run(capsys):
     per_token = {m.group(1): float(m.group(2)) for m in
                  re.finditer(r"^(\w+)\.yaml: one block keeps .*; ([\d.]+) MiB per token$", out, re.M)}
     assert per_token["hope_tiny"] > per_token["transformer_tiny"] > 0, out
-    assert re.search(r"MiB per token  memory\.py:\w+", out), out
+    places = re.findall(r"^ +[\d.]+ MiB per token  (\w+\.py):\w+$", out, re.M)
+    assert len(places) == 4, out                  # --top 2, each a file of this repository
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert all(os.path.exists(os.path.join(repo, f)) or os.path.exists(os.path.join(repo, "kernels", f))
+               for f in places), places
     _footer_ok(out, "saved_memory.py", argv)
 
 
