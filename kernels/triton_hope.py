@@ -396,24 +396,22 @@ def _backward(ctx, grad_k, grad_v, grad_eta, grad_alpha, grad_win, grad_wout, gr
         return (*grads, None, None, None, None, None, None)
     # blocks of save_every chunks, last first, each re-run forward from its saved start
     dx = x.new_empty(x.shape)
-    carried, param_grads = states[:2], [torch.zeros_like(p) for p in params]
-    no_start = [torch.zeros_like(g) for g in states[2:]]
+    param_grads = [torch.zeros_like(p) for p in params]      # summed over the blocks
 
-    def block_step(i_s, t0, t1, last):
-        nonlocal carried
+    def block_step(i_s, t0, t1, carried, start_grads):
         xs = x[:, t0:t1]
         k_b, v_b, eta_b, alpha_b, *_, h1_b, h2_b = torch.ops.nested_learning.hope_projections_fwd(
             xs, saved_weights(h1c, i_s, B), saved_weights(h2c, i_s, B), *params, *ctx.args, 1)
         dx_b, dwin, dwout, *grads = torch.ops.nested_learning.hope_projections_bwd(
             xs, *params, k_b, v_b, eta_b, alpha_b, h1_b, h2_b, *(g[:, t0:t1] for g in rows + gates),
-            *carried, *(states[2:] if last else no_start), *ctx.args)
-        carried = [dwin, dwout]
+            *carried, *start_grads, *ctx.args)
         for total, g in zip(param_grads, grads):
             total += g
-        return (dx_b,)
+        return (dx_b,), (dwin, dwout)
 
-    backward_in_blocks(T, ctx.args[1], ctx.save_every, [dx], block_step)
-    return (dx, *carried, *param_grads, None, None, None, None, None, None)
+    dwin, dwout = backward_in_blocks(T, ctx.args[1], ctx.save_every, [dx], states[:2], states[2:],
+                                     block_step)
+    return (dx, dwin, dwout, *param_grads, None, None, None, None, None, None)
 
 
 _hope_projections_fwd.register_autograd(_backward, setup_context=_setup_context)

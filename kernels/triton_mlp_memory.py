@@ -798,15 +798,21 @@ def saved_weights(chunk_states, i_s, B):
     return chunk_states[:, i_s].unflatten(0, (B, -1)).transpose(-1, -2)
 
 
-def backward_in_blocks(T, chunk_size, every, seq_grads, block_step):
-    """The backward of a forward that saved every `every`-th chunk start (`save_interval`):
-    for each block of chunks, last first, block_step(i_s, t0, t1, last) re-runs the forward
-    over tokens [t0, t1) from saved start i_s, then the backward over the block, carrying
-    the state gradients from block to block itself; the per-token gradients it returns land
-    in seq_grads[j][:, t0:t1]."""
+def backward_in_blocks(T, chunk_size, every, seq_grads, carried, start_grads, block_step):
+    """The backward of a forward that saved every `every`-th chunk start (`save_interval`).
+    For each block of chunks, last first, block_step(i_s, t0, t1, carried, start_grads)
+    re-runs the forward over tokens [t0, t1) from saved start i_s, then the backward over the
+    block, given the state gradients at the block's end (carried: the final states' at first)
+    and the gradient of the returned last-chunk start W_B (start_grads for the last block,
+    zeros for the others). It returns (the block's per-token gradients, which land in
+    seq_grads[j][:, t0:t1], the state gradients at the block's start). Returns those at
+    t = 0."""
+    no_start = [torch.zeros_like(g) for g in start_grads]
     for i_s, t0, t1 in reverse_blocks(T, chunk_size, every):
-        for out, grad in zip(seq_grads, block_step(i_s, t0, t1, t1 == T)):
+        grads, carried = block_step(i_s, t0, t1, carried, start_grads if t1 == T else no_start)
+        for out, grad in zip(seq_grads, grads):
             out[:, t0:t1] = grad
+    return carried
 
 
 def _state_buffers(B, H, d, E, NT, n_layers_states, save, device):
@@ -920,21 +926,18 @@ def _memory_mlp_backward(ctx, grad_y, grad_win, grad_wout, grad_win_start, grad_
             *seq, h1c, h2c, grad_y, *states, *ctx.args)
     else:      # blocks of save_every chunks, last first, each re-run forward from its saved start
         seq_grads = [torch.empty_like(t) for t in seq]
-        dwin, dwout = states[:2]
-        no_start = [torch.zeros_like(g) for g in states[2:]]
 
-        def block_step(i_s, t0, t1, last):
-            nonlocal dwin, dwout
+        def block_step(i_s, t0, t1, carried, start_grads):
             block = [t[:, t0:t1] for t in seq]
             *_, h1_b, h2_b = torch.ops.nested_learning.memory_mlp_delta_fwd(
                 *block, saved_weights(h1c, i_s, q.shape[0]), saved_weights(h2c, i_s, q.shape[0]),
                 *ctx.args, 1)
             *grads, dwin, dwout = torch.ops.nested_learning.memory_mlp_delta_bwd(
-                *block, h1_b, h2_b, grad_y[:, t0:t1], dwin, dwout,
-                *(states[2:] if last else no_start), *ctx.args)
-            return grads
+                *block, h1_b, h2_b, grad_y[:, t0:t1], *carried, *start_grads, *ctx.args)
+            return grads, (dwin, dwout)
 
-        backward_in_blocks(q.shape[1], ctx.args[0], ctx.save_every, seq_grads, block_step)
+        dwin, dwout = backward_in_blocks(q.shape[1], ctx.args[0], ctx.save_every, seq_grads,
+                                         states[:2], states[2:], block_step)
     return (*seq_grads, dwin.to(ctx.state_dtypes[0]), dwout.to(ctx.state_dtypes[1]),
             None, None, None, None, None, None)
 
@@ -1061,22 +1064,19 @@ def _memory_mlp_momentum_backward(ctx, grad_y, grad_win, grad_wout, grad_zin, gr
         seq_grads, carried = grads[:6], grads[6:]
     else:      # blocks of save_every chunks, last first, each re-run forward from its saved start
         seq_grads = [torch.empty_like(t) for t in seq]
-        carried = states[:4]
-        no_start = [torch.zeros_like(g) for g in states[4:]]
 
-        def block_step(i_s, t0, t1, last):
-            nonlocal carried
+        def block_step(i_s, t0, t1, carried, start_grads):
             block = [t[:, t0:t1] for t in seq]
             starts = [saved_weights(c, i_s, q.shape[0]) for c in (h1c, h2c, z1c, z2c)]
             *_, h1_b, h2_b, z1_b, z2_b = torch.ops.nested_learning.memory_mlp_momentum_fwd(
                 *block, *starts, *ctx.args, 1)
             grads = torch.ops.nested_learning.memory_mlp_momentum_bwd(
-                *block, h1_b, h2_b, z1_b, z2_b, grad_y[:, t0:t1], *carried,
-                *(states[4:] if last else no_start), *ctx.args)
-            carried = grads[6:]
-            return grads[:6]
+                *block, h1_b, h2_b, z1_b, z2_b, grad_y[:, t0:t1], *carried, *start_grads,
+                *ctx.args)
+            return grads[:6], grads[6:]
 
-        backward_in_blocks(q.shape[1], ctx.args[0], ctx.save_every, seq_grads, block_step)
+        carried = backward_in_blocks(q.shape[1], ctx.args[0], ctx.save_every, seq_grads,
+                                     states[:4], states[4:], block_step)
     return (*seq_grads, *(g.to(t) for g, t in zip(carried, ctx.state_dtypes)), None, None, None,
             None)
 

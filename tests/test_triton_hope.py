@@ -166,9 +166,10 @@ def recompute_blocks(monkeypatch):
     for module in (triton_hope, triton_mlp_memory):
         real = module.backward_in_blocks
 
-        def spy(T, C, every, seq_grads, step, real=real, name=module.__name__):
-            real(T, C, every, seq_grads,
-                 lambda i_s, t0, t1, last: seen.append((name.split(".")[-1], t0, t1)) or step(i_s, t0, t1, last))
+        def spy(T, C, every, seq_grads, carried, start_grads, step, real=real, name=module.__name__):
+            return real(T, C, every, seq_grads, carried, start_grads,
+                        lambda i_s, t0, t1, *grads: seen.append((name.split(".")[-1], t0, t1))
+                        or step(i_s, t0, t1, *grads))
         monkeypatch.setattr(module, "backward_in_blocks", spy)
     return seen
 

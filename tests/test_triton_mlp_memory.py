@@ -274,8 +274,9 @@ def test_recomputed_chunk_starts_match_saving_every_chunk(monkeypatch, rule, sta
     against the torch path), DGD with self-targets and the clip, momentum with the clip."""
     seen, real = [], triton_mlp_memory.backward_in_blocks
 
-    def spy(T, C, every, seq_grads, step):
-        real(T, C, every, seq_grads, lambda i_s, t0, t1, last: seen.append((t0, t1)) or step(i_s, t0, t1, last))
+    def spy(T, C, every, seq_grads, carried, start_grads, step):
+        return real(T, C, every, seq_grads, carried, start_grads,
+                    lambda i_s, t0, t1, *grads: seen.append((t0, t1)) or step(i_s, t0, t1, *grads))
 
     monkeypatch.setattr(triton_mlp_memory, "backward_in_blocks", spy)
     if rule == "dgd":
