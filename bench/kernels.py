@@ -375,14 +375,11 @@ def main(argv=None):
     p.add_argument("--chunk", type=positive_int, default=64, help="scan chunk_size")
     p.add_argument("--mem-chunk", type=positive_int, default=64, help="memory layer chunk C")
     p.add_argument("--cms-chunk", type=positive_int, default=16, help="CMS fast level chunk C")
-    p.add_argument("--no-cms", action="store_true", help="skip part 3 (the CMS fast level)")
     p.add_argument("--hope-chunk", type=positive_int, default=16, help="HOPE stage 1's C_other (<= 16)")
-    p.add_argument("--no-hope", action="store_true", help="skip part 4 (HOPE stage 1)")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
-                   help="the parts to run, in this order (the --no-* flags drop some)")
+                   help="the parts to run, in this order")
     p.add_argument("--reference", action="store_true", help="also time the sequential reference")
-    p.add_argument("--no-memory", action="store_true", help="skip part 2 (the memory layer)")
     p.add_argument("--repeats", type=positive_int, default=3, help="CPU timing repeats")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     p.add_argument("--fp32-matmul-precision", choices=("highest", "high"), default="high",
@@ -416,16 +413,13 @@ def _run(p, args, argv):
           f"dtype {args.dtype}; fp32 matmul precision {args.fp32_matmul_precision}; fla: {'yes' if fla_fn else 'not available (' + fla_why + ')'}")
     print(HEADER)
     rows = []
-    dropped = {"memory": args.no_memory, "wide": args.no_memory, "cms": args.no_cms,
-               "hope": args.no_hope}
     run_part = {"scans": lambda: bench_scans(args, device, dtype, fla_fn, rows),
                 "memory": lambda: bench_memory_layer(args, device, rows),
                 "cms": lambda: bench_cms_level(args, device, rows),
                 "hope": lambda: bench_hope_stage1(args, device, rows),
                 "wide": lambda: bench_memory_layer(args, device, rows, wide=True)}
     for part in args.parts:
-        if not dropped.get(part):
-            run_part[part]()
+        run_part[part]()
     print_speedups(rows)
     if args.json:
         with open(args.json, "w") as f:
