@@ -154,18 +154,31 @@ class CMSLevel(nn.Module):
                 "grad_in": None, "grad_out": None, "pos": 0}
 
     def uses_fused_kernel(self):
-        """The fused Triton fast level (kernels/triton_cms.py, DESIGN §4 (b)) runs for the
-        shapes it covers in an fp32 model (a bf16 model keeps the torch path, whose output is
-        bf16) when the backend is "triton". It has not yet passed its tests on a GPU
-        (BENCHMARKS.md), so "auto" does not pick it yet; everything else takes
-        fast_level_scan (the oracle). The input's device is not consulted: an explicit
-        "triton" off CUDA (and outside Triton's interpreter) gets the kernel's own one-line
-        device error rather than a silent fall-back to the slow path."""
+        return self.is_fast and self.fused_kernel_blocker() is None
+
+    def fused_kernel_blocker(self):
+        """None where this fast level runs the fused Triton kernel (kernels/triton_cms.py,
+        DESIGN §4 (b)); else why it takes fast_level_scan (the oracle). The kernel covers the
+        shapes `fusable_cms` takes in an fp32 model (a bf16 model keeps the torch path,
+        whose output is bf16) with backend "triton". It has not yet passed its tests on a
+        GPU (BENCHMARKS.md), so "auto" does not pick it yet. The input's device is not
+        consulted: an explicit "triton" off CUDA (and outside Triton's interpreter) gets the
+        kernel's own one-line device error rather than a silent fall-back to the slow path."""
         weight = self.w_in.weight
-        if not self.is_fast or weight.dtype != torch.float32 or self.backend != "triton":
-            return False
+        if weight.dtype != torch.float32:
+            return f"the fused CMS kernel takes an fp32 model, this one is {str(weight.dtype).removeprefix('torch.')}"
+        if self.backend != "triton":
+            return "the fused CMS kernel runs only with model.kernels=triton until GPU-tested"
         from kernels import triton_cms
-        return triton_cms.fusable_cms(weight.shape[1], weight.shape[0], self.chunk_size)
+        hidden, D = weight.shape
+        if not triton_cms.fusable_cms(D, hidden, self.chunk_size):
+            return (f"the fused CMS kernel does not cover width {D}, hidden {hidden}, chunk "
+                    f"{self.chunk_size} (triton_cms.fusable_cms)")
+        return None
+
+    def kernel_paths(self, device):
+        """{part: None if it runs fused, else why not} (model.kernel_report); {} if static."""
+        return {f"CMS fast level (chunk {self.chunk_size})": self.fused_kernel_blocker()} if self.is_fast else {}
 
     def flops_per_token(self, backward=True):
         """Estimated FLOPs per token of the fast level's inner loop beyond the model's 6N; 0

@@ -50,6 +50,8 @@ State (`None` = start of a sequence; fast weights are per sequence):
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,8 +64,10 @@ from model import RMSNorm
 # N(0, 0.02) (GPT-2) and the memories from N(0, 1/fan_in) (memory.py), then calls
 # `reset_memory_parameters`, which rescales the two projections around the memories. With
 # N(0, 0.02) for them the tiny HOPE of the in-context recall test (tests/test_hope.py)
-# recalls 37 % after 250 steps; with these 94 % (48-96 % over 4 seeds). They rely on the
-# inner-gradient clip (model.hope.max_grad_norm) to keep the larger writes stable:
+# recalled 37 % after 250 steps at seed 0; with these, 37-96 % over seeds 0-5 at 250 steps
+# and 64-100 % at 500 (docs/FIDELITY.md, HOPE choice 11: that does not show this init is
+# better, only that it trains). They rely on the inner-gradient clip
+# (model.hope.max_grad_norm) to keep the larger writes stable:
 W_IN_STD = 3.0                 # x 1/sqrt(d_model): x~ = SiLU(conv(W_in x)) has O(1) entries, so the
                                # values v = M_v(x~) are larger than the unit-norm keys and the
                                # errors M_B(k) - M_B(v) of the writes carry the value, not -M_B(k)
@@ -209,24 +213,34 @@ class SelfModifyingTitans(nn.Module):
                                           alpha.repeat(1, 1, n), state=state, self_target=True).state
         return k, v, q, eta, alpha, state
 
-    def _uses_fused_projections(self, features):
-        """Stage 1 in one launch per segment (kernels/triton_hope.py): the default projection
-        set, under the settings in which the fused MLP memory kernel would take the projection
-        memories (memory._use_fused_kernel: model.kernels=triton, fp32 state, full backprop,
-        a shape it fuses)."""
+    def projections_blocker(self, device) -> Optional[str]:
+        """None where stage 1 runs as one launch per segment on `device` (kernels/
+        triton_hope.py): the default projection set, a shape `fusable_projections` takes, and
+        the settings in which the fused MLP memory kernel would take the projection memories
+        (memory.NeuralMemory.fused_kernel_blocker); else why stage 1 runs piece by piece."""
         from kernels.triton_hope import PROJECTIONS, fusable_projections
         mem = self.projections
-        return (self.projection_names == PROJECTIONS
-                and fusable_projections(mem.head_dim, mem.hidden_dim // mem.head_dim, mem.chunk_size)
-                and mem._use_fused_kernel(features, (), self_target=True))
+        if self.projection_names != PROJECTIONS:
+            return f"the fused stage 1 takes the projections {PROJECTIONS}, not {self.projection_names}"
+        if not fusable_projections(mem.head_dim, mem.hidden_dim // mem.head_dim, mem.chunk_size):
+            return (f"the fused stage 1 does not cover d={mem.head_dim}, hidden {mem.hidden_dim}, "
+                    f"chunk_other {mem.chunk_size} (triton_hope.fusable_projections)")
+        return mem.fused_kernel_blocker(device, self_target=True)
+
+    def kernel_paths(self, device) -> dict:
+        """{part: None if it runs fused on `device`, else why not} (model.kernel_report)."""
+        paths = {"HOPE M_mem": self.memory.fused_kernel_blocker(device, self_target=True)}
+        if self.projections is not None:
+            paths["HOPE stage 1 (projection memories)"] = self.projections_blocker(device)
+        return paths
 
     def _projection_stage(self, features, proj_state, pos):
         """Stage 1 over the segment: (k, v, q or None, eta, alpha, new projections state).
-        Piece by piece; or, where _uses_fused_projections, piece by piece only up to the first
+        Piece by piece; or, where projections_blocker finds nothing, piece by piece only up to the first
         chunk boundary, then everything after it in one fused launch."""
         T, C = features.shape[1], self.chunk_other
         proj_pos = pos if proj_state is None else proj_state["pos"]
-        fused_from = (C - proj_pos % C) % C if self._uses_fused_projections(features) else T
+        fused_from = (C - proj_pos % C) % C if self.projections_blocker(features.device) is None else T
         parts = []
         for lo, hi in chunk_pieces(proj_pos, min(fused_from, T), C):
             *outs, proj_state = self._projection_piece(features[:, lo:hi], proj_state)

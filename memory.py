@@ -312,31 +312,47 @@ class NeuralMemory(nn.Module):
         return MemoryOutput(y, state, reads_out)
 
     def _use_fused_kernel(self, q, reads, self_target=False) -> bool:
-        """The fused Triton layer runs when the scans would run in Triton (backend "triton",
-        or "auto" on CUDA) and it covers the configuration: fp32 state, no extra reads, full
-        backprop, and a linear memory with C <= 64, d <= 128 and no clipping
-        (kernels/triton_memory.py) or an MLP memory that `fusable_mlp` takes, clipped or not
-        (kernels/triton_mlp_memory.py). The MLP kernel has not yet passed its tests on a GPU
-        (BENCHMARKS.md), so only an explicit backend "triton" selects it; "auto" keeps the
-        per-chunk path for MLP memories. Everything else, and the CPU, takes the per-chunk
-        path above (the oracle). Self-generated targets (scan's self_target) are for the MLP
-        kernel's DGD/GD rules only, and not with detach_targets (the in-kernel target would
-        still pass gradients to W_B)."""
-        if (reads or self.detach_chunks_older_than or self._dtype() != torch.float32
-                or (self.depth == 1 and self.max_grad_norm is not None)):
-            return False
+        """scan() takes one fused Triton launch where `fused_kernel_blocker` finds nothing
+        in the way and no extra reads are asked for."""
+        return not reads and self.fused_kernel_blocker(q.device, self_target) is None
+
+    def fused_kernel_blocker(self, device, self_target=False) -> Optional[str]:
+        """None where scan() on `device` runs the fused Triton layer; else why it takes the
+        per-chunk path above (the oracle, and the CPU path). The fused layer needs the scans
+        in Triton (backend "triton", or "auto" on CUDA), fp32 state, full backprop, and a
+        linear memory with C <= 64, d <= 128 and no clipping (kernels/triton_memory.py) or an
+        MLP memory that `fusable_mlp` takes, clipped or not (kernels/triton_mlp_memory.py).
+        The MLP kernel has not yet passed its tests on a GPU (BENCHMARKS.md), so only an
+        explicit backend "triton" selects it; "auto" keeps the per-chunk path for MLP
+        memories. Self-generated targets (scan's self_target) are for the MLP kernel's DGD/GD
+        rules only, and not with detach_targets (the in-kernel target would still pass
+        gradients to W_B). train.py prints these reasons per model part at start-up
+        (model.LanguageModel.kernel_report)."""
+        if self.detach_chunks_older_than:
+            return "truncated backprop (detach_chunks_older_than) runs per chunk"
+        if self._dtype() != torch.float32:
+            return f"the fused kernels hold fp32 fast weights, these are {str(self._dtype()).removeprefix('torch.')}"
+        if self.depth == 1 and self.max_grad_norm is not None:
+            return "the fused linear kernel does not clip (max_grad_norm)"
         if self_target and (self.depth == 1 or self.update_rule == "momentum" or self.detach_targets):
-            return False
-        if kernels.select_backend(self.backend, q.device, self._dtype()) != "triton":
-            return False
+            return "self-generated targets are fused for MLP memories with DGD / GD, without detach_targets"
+        if kernels.select_backend(self.backend, device, self._dtype()) != "triton":
+            return f"backend {self.backend!r} on {torch.device(device).type} runs the chunked PyTorch path"
         if self.depth == 2:
             if self.backend != "triton":                 # opt-in until validated on a GPU
-                return False
+                return "the fused MLP memory kernel runs only with model.kernels=triton until GPU-tested"
             from kernels import triton_mlp_memory
-            return triton_mlp_memory.fusable_mlp(self.head_dim, self.hidden_dim // self.head_dim,
-                                                 self.chunk_size, self.update_rule)
+            E = self.hidden_dim
+            if not triton_mlp_memory.fusable_mlp(self.head_dim, E // self.head_dim, self.chunk_size,
+                                                 self.update_rule):
+                return (f"the fused MLP memory kernel does not cover d={self.head_dim}, hidden {E}, "
+                        f"chunk {self.chunk_size}, rule {self.update_rule} (triton_mlp_memory.fusable_mlp)")
+            return None
         from kernels import triton_memory
-        return triton_memory.fusable(self.head_dim, self.chunk_size)
+        if not triton_memory.fusable(self.head_dim, self.chunk_size):
+            return (f"the fused linear memory kernel does not cover d={self.head_dim}, chunk "
+                    f"{self.chunk_size} (triton_memory.fusable)")
+        return None
 
     def _fused_scan(self, q, k, v, lr, alpha, beta, state, self_target=False) -> MemoryOutput:
         """scan() through the fused kernel: a chunk begun in an earlier call is finished by

@@ -239,6 +239,20 @@ class LanguageModel(nn.Module):
             logits, _, state = self(nxt, state=state)
         return torch.cat(out, dim=1)
 
+    def kernel_report(self, device) -> list[str]:
+        """Which path each memory part's inner loop takes on `device`: one line per distinct
+        (part, path) with its number of layers, "fused Triton kernel" or "per-chunk path
+        (why not fused)" from the parts' `kernel_paths` (memory.NeuralMemory.
+        fused_kernel_blocker, hope.py, cms.py). train.py prints it at start-up; [] for a
+        model without memories or fast levels."""
+        paths = {}
+        for module in self.modules():
+            if module is not self and hasattr(module, "kernel_paths"):
+                for key in module.kernel_paths(device).items():
+                    paths[key] = paths.get(key, 0) + 1
+        return [f"{part} x{n}: " + ("fused Triton kernel" if why is None else f"per-chunk path ({why})")
+                for (part, why), n in paths.items()]
+
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:

@@ -164,6 +164,10 @@ class LongTermMemory(nn.Module):
         y, memory_state = self.memory(q, k, v, lr, alpha, beta, state["memory"])
         return y, {"conv": [conv_q, conv_k, conv_v], "memory": memory_state}
 
+    def kernel_paths(self, device):
+        """{part: None if it runs fused on `device`, else why not} (model.kernel_report)."""
+        return {"Titans memory": self.memory.fused_kernel_blocker(device)}
+
     def flops_per_token(self):
         """Inner-loop FLOPs (forward + backward) of the memory, beyond the 6N of the
         projections; the conv and gates are negligible."""

@@ -257,6 +257,8 @@ def _train(cfg: Config, env: DistEnv):
                               if hasattr(model, "memory_flops_per_token") else 0)
     say(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters "
         f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding)")
+    for line in model.kernel_report(device):      # which memory parts run fused (model.kernels)
+        say(f"kernels: {line}")
     # `model` keeps its parameter names (checkpoints, eval, sampling); `train_model` is what
     # forward/backward run through: the FSDP2 model itself or a DDP wrapper
     train_model = distributed.parallelize(model, cfg, env)

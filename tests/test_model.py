@@ -126,3 +126,31 @@ def test_memory_flops_count_every_block_and_its_cms():
     assert tiny("transformer").memory_flops_per_token(64) == 0
     hope = tiny("hope")
     assert hope.memory_flops_per_token(64) == sum(b.mixer.memory_flops_per_token(64) for b in hope.blocks) + 2 * by_hand
+
+
+def test_kernel_report_names_each_memory_parts_path():
+    """LanguageModel.kernel_report: one line per (part, path) with its layer count; the reason
+    a part is not fused is the same function that routes scan() (fused_kernel_blocker)."""
+    on_cpu = "per-chunk path (backend 'auto' on cpu runs the chunked PyTorch path)"
+    opt_in = "per-chunk path (the fused MLP memory kernel runs only with model.kernels=triton until GPU-tested)"
+    hope = tiny("hope")
+    assert hope.kernel_report("cpu") == [f"HOPE M_mem x2: {on_cpu}", f"HOPE stage 1 (projection memories) x2: {on_cpu}",
+                                         "CMS fast level (chunk 16) x2: per-chunk path (the fused CMS kernel "
+                                         "runs only with model.kernels=triton until GPU-tested)"]
+    assert hope.kernel_report("cuda")[:2] == [f"HOPE M_mem x2: {opt_in}", f"HOPE stage 1 (projection memories) x2: {opt_in}"]
+    fused = tiny("hope", kernels="triton").kernel_report("cuda")
+    assert all(line.endswith(": fused Triton kernel") for line in fused) and len(fused) == 3
+    assert tiny("titans", kernels="triton", titans={"memory_depth": 1, "max_grad_norm": None}
+                ).kernel_report("cuda") == ["Titans memory x2: fused Triton kernel"]
+    # head dim 128 with hidden 256: wider than the fused MLP kernel holds
+    wide = tiny("titans", kernels="triton", n_head=1, d_model=128, titans={"memory_expansion": 2})
+    assert wide.kernel_report("cuda") == [
+        "Titans memory x2: per-chunk path (the fused MLP memory kernel does not cover d=128, hidden 256, "
+        "chunk 16, rule momentum (triton_mlp_memory.fusable_mlp))"]
+    assert not wide.blocks[0].mixer.memory.memory._use_fused_kernel(torch.zeros(1, 1, 1, 128, device="meta"), ())
+    clipped = tiny("titans", kernels="triton", titans={"memory_depth": 1})        # clips by default
+    assert clipped.kernel_report("cuda") == [
+        "Titans memory x2: per-chunk path (the fused linear kernel does not clip (max_grad_norm))"]
+    assert tiny("hope", kernels="triton", hope={"adaptive_q": True}).kernel_report("cuda")[1].startswith(
+        "HOPE stage 1 (projection memories) x2: per-chunk path (the fused stage 1 takes the projections")
+    assert tiny("transformer").kernel_report("cuda") == []

@@ -152,3 +152,16 @@ def test_setup_precision(dtype, device_type, bf16, precision):
         assert torch.get_float32_matmul_precision() == precision
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+def test_start_up_says_which_memory_parts_run_fused(corpus, tmp_path, capsys):
+    """train.py prints model.kernel_report: for a Titans model on the CPU, the memory's
+    per-chunk path and why (so a GPU user sees whether model.kernels picked the fused kernel)."""
+    import train as train_mod
+    from config import load_config
+    cfg = load_config(None, [*TINY, "--model.arch=titans", f"--data.dataset={corpus}",
+                             f"--train.out_dir={tmp_path}/titans", "--train.max_steps=1",
+                             "--train.eval_every=0", "--train.ckpt_every=0"])
+    assert train_mod.train(cfg) == 0
+    assert ("kernels: Titans memory x2: per-chunk path (backend 'auto' on cpu runs the chunked "
+            "PyTorch path)") in capsys.readouterr().out.splitlines()
