@@ -54,10 +54,9 @@ import torch.nn.functional as F
 
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
 from eval.common import (bf16_autocast, check_long_inputs, context_handling, context_limit, continuation_logprob,
-                         eval_mode, exit_on_error, fit_prompt, greedy_generate, load_checkpoint, mean_over_scored,
+                         default_data_dir, eval_mode, exit_on_error, fit_prompt, greedy_generate, load_checkpoint, mean_over_scored,
                          model_device, prefill)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M")
 PROMPT_RESERVE = 300            # create_tasks.py: every length minus 300 tokens for the prompt
@@ -220,15 +219,6 @@ def parse_list(text: str, kind: str) -> list[str]:
     for x in items:
         length_tokens(x)
     return items
-
-
-def default_data_dir() -> str | None:
-    """A copy of shared/data: $NL_DATA_DIR, $NL_SHARED_DATA, or ../shared/data beside the repo."""
-    for candidate in (os.environ.get("NL_DATA_DIR"), os.environ.get("NL_SHARED_DATA"),
-                      os.path.join(os.path.dirname(REPO), "shared", "data")):
-        if candidate and os.path.isdir(candidate):
-            return candidate
-    return None
 
 
 def _require_data_dir(data_dir: str | None, what: str) -> str:

@@ -19,6 +19,17 @@ if TYPE_CHECKING:
     import torch
 
 RECURRENT_ARCHS = ("titans", "hope")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_data_dir() -> str | None:
+    """A copy of shared/data (the offline eval data): $NL_DATA_DIR, $NL_SHARED_DATA, or
+    ../shared/data beside the repo; None if none of them is a folder."""
+    for candidate in (os.environ.get("NL_DATA_DIR"), os.environ.get("NL_SHARED_DATA"),
+                      os.path.join(os.path.dirname(REPO), "shared", "data")):
+        if candidate and os.path.isdir(candidate):
+            return candidate
+    return None
 
 
 def is_recurrent(model) -> bool:

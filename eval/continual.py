@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from eval.babilong import default_data_dir
+from eval.common import default_data_dir
 from eval.common import (clone_state, continuation_logprob, eval_mode, exit_on_error, is_recurrent, load_checkpoint,
                          model_device, prefill)
 from eval.perplexity import encode_pair, loglikelihood_tokens
@@ -688,10 +688,11 @@ def main(argv=None):
             results.update(arch=cfg.model.arch, checkpoint=os.path.abspath(args.checkpoint))
             plot = plot_domains
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"continual_{args.command}.json")
+    name = f"continual_{args.dataset if args.command == 'intents' else 'domains'}"   # as eval.run names them
+    path = os.path.join(args.out, f"{name}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
-    pngs = plot(results, args.out)
+    pngs = plot(results, args.out, name)
     print(f"wrote {path} and {len(pngs)} plot(s)")
     return results
 

@@ -363,11 +363,13 @@ def lambada(model, tokenizer, path, device=None, limit=None, max_len=None, batch
 # CLI
 
 def _default_path(flag_value, relative_path):
+    """The flag's path, else the file in the offline data folder (eval.common.default_data_dir:
+    $NL_DATA_DIR, $NL_SHARED_DATA or ../shared/data), else None."""
     if flag_value:
         return flag_value
-    if os.environ.get(DATA_DIR_ENV):
-        return os.path.join(os.environ[DATA_DIR_ENV], relative_path)
-    return None
+    from eval.common import default_data_dir
+    data_dir = default_data_dir()
+    return os.path.join(data_dir, relative_path) if data_dir else None
 
 
 def _format_table(results: dict) -> str:
@@ -395,9 +397,9 @@ def run(args) -> dict:
     wikitext_path = _default_path(args.wikitext, os.path.join("wikitext", "wiki.test.raw"))
     lambada_path = _default_path(args.lambada, os.path.join("lambada", "lambada_test.jsonl"))
     if "wikitext" in tasks and wikitext_path is None:
-        raise ValueError(f"task wikitext needs --wikitext PATH|hf (or ${DATA_DIR_ENV} set)")
+        raise ValueError(f"task wikitext needs --wikitext PATH|hf (no offline data folder: ${DATA_DIR_ENV} or ../shared/data)")
     if "lambada" in tasks and lambada_path is None:
-        raise ValueError(f"task lambada needs --lambada PATH|hf (or ${DATA_DIR_ENV} set)")
+        raise ValueError(f"task lambada needs --lambada PATH|hf (no offline data folder: ${DATA_DIR_ENV} or ../shared/data)")
     for path in (wikitext_path if "wikitext" in tasks else None, lambada_path if "lambada" in tasks else None):
         if path is not None and path != "hf" and not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found")
@@ -429,8 +431,8 @@ def main(argv=None):
                                      description="Val loss / bits per byte, WikiText word perplexity, LAMBADA.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory written by train.py")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list from {','.join(TASKS)}")
-    parser.add_argument("--wikitext", help=f"wiki.test.raw path or 'hf' (default ${DATA_DIR_ENV}/wikitext/wiki.test.raw)")
-    parser.add_argument("--lambada", help=f"lambada_test.jsonl path or 'hf' (default ${DATA_DIR_ENV}/lambada/lambada_test.jsonl)")
+    parser.add_argument("--wikitext", help=f"wiki.test.raw path or 'hf' (default: wikitext/wiki.test.raw in ${DATA_DIR_ENV} or ../shared/data)")
+    parser.add_argument("--lambada", help=f"lambada_test.jsonl path or 'hf' (default: lambada/lambada_test.jsonl in ${DATA_DIR_ENV} or ../shared/data)")
     parser.add_argument("--limit", type=int, help="val batches / WikiText articles / LAMBADA passages to score")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")

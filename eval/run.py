@@ -174,7 +174,7 @@ def continual_section(model, tokenizer, settings, seq_len, device, data_dir=None
 
 
 def _data_dir():
-    from eval.babilong import default_data_dir
+    from eval.common import default_data_dir
     return default_data_dir()
 
 

@@ -216,3 +216,19 @@ def test_cli_bad_arm_exits_2():
     r = subprocess.run([sys.executable, "-m", "eval.continual", "intents", "--checkpoint", "nowhere", "--arms", "ewc",
                         "--out", "x"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_cli_names_its_files_by_dataset(tmp_path, monkeypatch):
+    """The intents CLI writes continual_<dataset>.json and continual_<dataset>_*.png (as
+    eval.run does), so a clinc and a banking run into one --out keep both."""
+    class Cfg:
+        class model:
+            arch = "hope"
+    monkeypatch.setattr(cl, "intent_tasks", lambda dataset, data_dir: [])
+    monkeypatch.setattr(cl, "shrink_tasks", lambda tasks, *a, **kw: tasks)
+    monkeypatch.setattr(cl, "load_checkpoint", lambda path, device: (None, Cfg, None, "cpu"))
+    monkeypatch.setattr(cl, "run_intents", lambda *a: {"arms": {"icl": {"R": [[0.5]], "tasks": ["a"]}}})
+    for dataset in ("clinc", "banking"):
+        cl.main(["intents", "--checkpoint", "ckpt", "--dataset", dataset, "--arms", "icl", "--out", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == sorted(f"continual_{d}{end}" for d in ("clinc", "banking")
+                                                  for end in (".json", "_accuracy.png", "_R_icl.png"))

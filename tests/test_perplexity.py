@@ -408,7 +408,7 @@ def test_lambada_bad_file(tmp_path, byte_tok):
     (["--checkpoint", "/nonexistent/ckpt", "--tasks", "val", "--limit", "0"], "--limit"),
 ])
 def test_cli_errors_exit_2(argv, message, capsys, monkeypatch):
-    monkeypatch.delenv(ppl.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr("eval.common.default_data_dir", lambda: None)
     with pytest.raises(SystemExit) as exit_info:
         ppl.main(argv)
     assert exit_info.value.code == 2
@@ -417,10 +417,25 @@ def test_cli_errors_exit_2(argv, message, capsys, monkeypatch):
 
 
 def test_cli_wikitext_needs_a_path(capsys, monkeypatch):
-    monkeypatch.delenv(ppl.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr("eval.common.default_data_dir", lambda: None)
     with pytest.raises(SystemExit):
         ppl.main(["--checkpoint", "/nonexistent/ckpt", "--tasks", "wikitext"])
     assert "needs --wikitext" in capsys.readouterr().err
+
+
+def test_cli_finds_the_offline_data_beside_the_repo(tmp_path, monkeypatch):
+    """Without flags the files come from $NL_DATA_DIR, else $NL_SHARED_DATA, else
+    ../shared/data beside the repo (eval.common.default_data_dir, as the other eval CLIs)."""
+    import eval.common as common
+    for name in ("NL_DATA_DIR", "NL_SHARED_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    monkeypatch.setattr(common, "REPO", str(tmp_path / "repo"))
+    wiki = os.path.join("wikitext", "wiki.test.raw")
+    assert ppl._default_path(None, wiki) == str(tmp_path / "shared" / "data" / wiki)
+    monkeypatch.setenv("NL_DATA_DIR", str(tmp_path))
+    assert ppl._default_path(None, wiki) == os.path.join(str(tmp_path), wiki)
+    assert ppl._default_path("given.raw", wiki) == "given.raw"
 
 
 def test_cli_end_to_end_with_a_stub_checkpoint_loader(tmp_path, monkeypatch, capsys, byte_tok):
