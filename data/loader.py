@@ -1,7 +1,7 @@
 """
 Reading prepared data (data/prepare.py): random training windows and ordered eval windows.
 
-    dataset = TokenDataset("data/cache/kjv-gpt2")
+    dataset = TokenDataset("data/cache/builtin-gpt2")
     sampler = BatchSampler(dataset, "train", batch_size=32, seq_len=1024, seed=0, rank, world_size)
     x, y = sampler.next_batch()              # [32 // world_size, 1024] int64, y = x shifted by one
     state = sampler.state_dict()             # saved with the checkpoint; load_state_dict resumes

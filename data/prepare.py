@@ -1,7 +1,7 @@
 """
 Corpus preparation: documents -> tokens (+ eot after each document) -> uint16 shards.
 
-    python -m data.prepare --source builtin --tokenizer gpt2 --out data/cache/kjv-gpt2
+    python -m data.prepare --source builtin --tokenizer gpt2 --out data/cache/builtin-gpt2
     python -m data.prepare --source files:'corpus/*.txt' --tokenizer bytes --out data/cache/mine
     python -m data.prepare --source hf:json --data-files 'dump/*.jsonl' --out data/cache/dump
     python -m data.prepare --source hf:HuggingFaceFW/fineweb-edu:sample-10BT --streaming \
@@ -32,7 +32,7 @@ from data.tokenizer import TOKENIZER_NAMES, get_tokenizer
 
 META_FORMAT_VERSION = 1
 DOCS_PER_TASK = 64  # documents a pool worker encodes per task (amortises pickling)
-DEFAULT_VAL_FRACTION = 0.02  # KJV: ~24 of 1,189 chapters, ~20k GPT-2 tokens of validation
+DEFAULT_VAL_FRACTION = 0.01  # = config.py's data.val_fraction (the trainer's recipe); KJV: ~30K bytes of validation
 
 
 # ----------------------------------------------------------------------------------------
@@ -352,7 +352,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 def main(argv=None):
     parser = _ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--source", required=True, help="builtin | files:<glob> | hf:<dataset>[:<config>]")
-    parser.add_argument("--out", required=True, help="output folder, e.g. data/cache/kjv-gpt2")
+    parser.add_argument("--out", required=True, help="output folder, e.g. data/cache/builtin-gpt2")
     parser.add_argument("--tokenizer", default="gpt2", choices=TOKENIZER_NAMES)
     parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                         help="share of documents in the val split")

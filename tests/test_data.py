@@ -323,3 +323,11 @@ def test_loader_errors(tmp_path, token_dir):
         list(iter_eval_batches(dataset, "val", 2, 300))
     with pytest.raises(ValueError, match="split 'test' not in"):
         dataset.num_tokens("test")
+
+
+def test_prepare_cli_default_split_is_the_trainers():
+    """A folder prepared by hand with `python -m data.prepare` defaults (README) has the recipe
+    train.py asks for, so the trainer reuses it instead of re-preparing it in place."""
+    from config import DataConfig
+    from data import prepare as prepare_mod
+    assert prepare_mod.DEFAULT_VAL_FRACTION == DataConfig().val_fraction
