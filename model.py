@@ -33,6 +33,11 @@ except Exception:  # ImportError, or a broken CUDA build
 # ----------------------------------------------------------------------------------------
 # building blocks
 
+def at_least_fp32(x):
+    """x in float32, or in its own dtype where that is wider (float64 tests stay exact)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -40,20 +45,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
+        x32 = at_least_fp32(x)
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_cos_sin(positions, head_dim, theta, device):
-    """Rotary embedding tables for absolute `positions` (a 1-D int tensor)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = positions.to(device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+def rope_cos_sin(positions, head_dim, theta, device, dtype=torch.float32):
+    """Rotary embedding tables for absolute `positions` (a 1-D int tensor), in float32 (or
+    the wider `dtype` of a float64 model)."""
+    dtype = torch.promote_types(dtype, torch.float32)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim))
+    angles = positions.to(device=device, dtype=dtype)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()                                   # [T, head_dim/2]
 
 
 def apply_rope(x, cos, sin):
     """x [B, T, H, D]; rotate pairs (x1, x2) of the two halves of the head dim."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = at_least_fp32(x).chunk(2, dim=-1)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -127,7 +134,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
         q_pos = torch.arange(pos, pos + T, device=x.device)
-        cos, sin = rope_cos_sin(q_pos, self.head_dim, self.rope_theta, x.device)
+        cos, sin = rope_cos_sin(q_pos, self.head_dim, self.rope_theta, x.device, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if state is not None:
             k = torch.cat([state["k"], k], dim=1)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from config import ModelConfig
 from memory import NeuralMemory, chunk_pieces
-from model import RMSNorm, apply_rope, causal_attention, rope_cos_sin
+from model import RMSNorm, apply_rope, at_least_fp32, causal_attention, rope_cos_sin
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
 
@@ -141,11 +141,11 @@ class LongTermMemory(nn.Module):
         """q = L2norm(SiLU(conv(W_q x))) [B, T, H, d] with its own conv buffer (MAC reads
         the memory with queries from the segment while its updates come from y)."""
         q, conv_state = self.conv_q(self.wq(x), conv_state)
-        return F.normalize(self._heads(F.silu(q)).float(), dim=-1), conv_state
+        return F.normalize(at_least_fp32(self._heads(F.silu(q))), dim=-1), conv_state
 
     def gates(self, x):
         """(lr = theta_t, alpha_t = 1 - forget_t, beta_t), each [B, T, H]."""
-        logits = self.w_gates(x).float().view(*x.shape[:2], 3, self.n_head)
+        logits = at_least_fp32(self.w_gates(x)).view(*x.shape[:2], 3, self.n_head)
         theta = self.theta_max * torch.sigmoid(logits[:, :, 0])
         if self.inner_lr_fixed is not None:
             theta = torch.full_like(theta, self.inner_lr_fixed)
@@ -158,8 +158,8 @@ class LongTermMemory(nn.Module):
         q, conv_q = self.queries(x, state["conv"][0])
         k, conv_k = self.conv_k(self.wk(x), state["conv"][1])
         v, conv_v = self.conv_v(self.wv(x), state["conv"][2])
-        k = F.normalize(self._heads(F.silu(k)).float(), dim=-1)
-        v = self._heads(F.silu(v)).float()
+        k = F.normalize(at_least_fp32(self._heads(F.silu(k))), dim=-1)
+        v = at_least_fp32(self._heads(F.silu(v)))
         lr, alpha, beta = self.gates(x)
         y, memory_state = self.memory(q, k, v, lr, alpha, beta, state["memory"])
         return y, {"conv": [conv_q, conv_k, conv_v], "memory": memory_state}
@@ -218,7 +218,7 @@ class PersistentAttention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
         cos, sin = rope_cos_sin(torch.arange(pos, pos + T, device=x.device), self.head_dim,
-                                self.rope_theta, x.device)
+                                self.rope_theta, x.device, x.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def prefix(self, dtype):

@@ -302,3 +302,60 @@ def test_bad_inputs_raise_clear_errors():
         mem(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"], self_target="yes")
     with pytest.raises(ValueError, match="takes no momentum gate"):
         make_memory("dgd", 1, 4)(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"])
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_dgd_step_size_solves_the_proximal_problem(depth):
+    """DGD as NL Eq. 56 defines it, one token at C = 1: per layer, with a its input, y = W a
+    its output and u = -dl/dy at W_t (autograd, no closed form),
+        W_{t+1} = argmin_W 1/2 ||W a - u||^2 + 1/(2 lr) ||W - W_t||^2,
+    solved from its normal equations W (a a^T + I / lr) = u a^T + W_t / lr with
+    torch.linalg.solve (no Sherman-Morrison, no eta'). The depth-2 memory takes this step
+    on each layer, both linearised at W_t (docs/FIDELITY.md, option b). Keys of norm 1.7 and
+    lr up to 1.5 make eta' = lr / (1 + lr ||a||^2) differ from lr / (1 + ||a||^2), lr / (1 + lr)
+    and lr. alpha < 1 adds Eq. 88's retention: W_t (alpha I - eta' a a^T) - eta' g a^T is the
+    proximal step minus (1 - alpha) W_t."""
+    mem = make_memory("dgd", depth, 1)
+    act = F.silu
+    g = torch.Generator().manual_seed(11)
+    k = 1.7 * F.normalize(torch.randn(B, 1, H, D, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, 1, H, D, generator=g, dtype=torch.float64)
+    q = torch.randn(B, 1, H, D, generator=g, dtype=torch.float64)
+    lr = 0.3 + 1.2 * torch.rand(B, 1, H, generator=g, dtype=torch.float64)
+    alpha = 0.5 + 0.4 * torch.rand(B, 1, H, generator=g, dtype=torch.float64)
+    w_t = [w.detach().unsqueeze(0).expand(B, *w.shape) for w in mem.init_weights]
+
+    # the layers' inputs a and outputs y at W_t, and u = -dl/dy by autograd
+    key, target = k[:, 0], v[:, 0]
+    if depth == 1:
+        inputs = [key]
+        outputs = [torch.einsum("bhoi,bhi->bho", w_t[0], key).requires_grad_()]
+        pred = outputs[0]
+    else:
+        z = torch.einsum("bhoi,bhi->bho", w_t[0], key).requires_grad_()
+        hidden = act(z)
+        inputs = [key, hidden.detach()]
+        outputs = [z, torch.einsum("bhoi,bhi->bho", w_t[1], hidden)]
+        pred = key + outputs[1]
+    u = [-du for du in torch.autograd.grad((pred - target).pow(2).sum(), outputs)]
+
+    proximal = []
+    for w, a, u_l in zip(w_t, inputs, u):
+        eye = torch.eye(a.shape[-1], dtype=torch.float64)
+        lhs = a[..., :, None] * a[..., None, :] + eye / lr[:, 0, :, None, None]        # symmetric
+        rhs = u_l[..., :, None] * a[..., None, :] + w / lr[:, 0, :, None, None]
+        proximal.append(torch.linalg.solve(lhs, rhs.transpose(-1, -2)).transpose(-1, -2))
+
+    _, state = mem(q, k, v, lr, torch.ones_like(alpha))
+    for w_new, w_prox, w, a, u_l in zip(state["weights"], proximal, w_t, inputs, u):
+        torch.testing.assert_close(w_new, w_prox, rtol=1e-12, atol=1e-12)
+        # the implicit ("gradient at the new weights") form of the same step: W' = W - lr (W' a - u) a^T
+        residual = torch.einsum("bhoi,bhi->bho", w_new, a) - u_l
+        implicit = w - lr[:, 0, :, None, None] * residual[..., None] * a[..., None, :]
+        torch.testing.assert_close(w_new, implicit, rtol=1e-12, atol=1e-12)
+        assert (w_new - w).abs().max() > 0.05                    # a real step
+
+    _, state = mem(q, k, v, lr, alpha)
+    for w_new, w_prox, w in zip(state["weights"], proximal, w_t):
+        retained = w_prox - (1 - alpha[:, 0, :, None, None]) * w
+        torch.testing.assert_close(w_new, retained, rtol=1e-12, atol=1e-12)

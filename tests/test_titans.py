@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from config import ConfigError, load_config
 from helpers import assert_cached_generation_matches, assert_streaming_matches, train_recall_accuracy
@@ -123,6 +124,209 @@ def test_bad_titans_settings_raise_clear_errors():
         tiny("mag", theta_max=0.0)
     with pytest.raises(ConfigError, match="variant"):
         load_config(None, ["--model.arch=titans", "--model.titans.variant=xyz"])
+
+
+# ----------------------------------------------------------------------------------------
+# a float64 reference of the mixers, written from the equations (Titans §3-4, docs/FIDELITY.md)
+
+def ref_rms(x, weight, eps):
+    """RMSNorm over the last dim with a learnable vector."""
+    return x * (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * weight
+
+
+def ref_l2(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def ref_rope(x, positions, theta):
+    """Rotary embedding of x [B, T, H, d] at absolute positions, in float64: channel i is
+    paired with i + d/2 and rotated by the angle p * theta^(-2i/d)."""
+    d = x.shape[-1]
+    angle = positions.double()[:, None] * theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    cos, sin = angle.cos()[None, :, None], angle.sin()[None, :, None]
+    x1, x2 = x[..., :d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+def ref_conv(x, conv):
+    """Causal depthwise conv over time (§4.4): y_t = sum_j w[:, j] x_{t - (w - 1) + j}."""
+    if conv.weight is None:
+        return x
+    w = conv.weight.shape[1]
+    return F.conv1d(F.pad(x.transpose(1, 2), (w - 1, 0)), conv.weight[:, None], groups=x.shape[2]).transpose(1, 2)
+
+
+def ref_memory_inputs(ltm, x):
+    """Titans Eq. 11-12, 15 and §4.4 on the stream x [B, T, D]: q, k, v = SiLU(conv(x W)) per
+    head, q and k l2-normalised; per token and head from x: theta = theta_max sigmoid,
+    momentum eta = sigmoid, forget a = sigmoid (alpha = 1 - a)."""
+    B, T, _ = x.shape
+    q, k, v = (F.silu(ref_conv(x @ lin.weight.T, conv)).view(B, T, ltm.n_head, -1)
+               for lin, conv in ((ltm.wq, ltm.conv_q), (ltm.wk, ltm.conv_k), (ltm.wv, ltm.conv_v)))
+    logits = (x @ ltm.w_gates.weight.T + ltm.w_gates.bias).view(B, T, 3, ltm.n_head)
+    theta = ltm.theta_max * torch.sigmoid(logits[:, :, 0])
+    momentum, forget = torch.sigmoid(logits[:, :, 1]), torch.sigmoid(logits[:, :, 2])
+    return ref_l2(q), ref_l2(k), v, theta, 1 - forget, momentum
+
+
+def ref_attention(attn, q, keys, values, allowed):
+    """Softmax attention of q [B, Tq, H, d] over [persistent | keys] [B, Tk, H, d], where
+    allowed [Tq, Tk] masks the keys and the persistent tokens (W_K p, W_V p: no RoPE) are
+    seen by every query."""
+    D = attn.wqkv.in_features
+    pk, pv = (attn.persistent @ attn.wqkv.weight[i * D:(i + 1) * D].T for i in (1, 2))
+    pk, pv = (t.view(1, -1, *q.shape[2:]).expand(q.shape[0], -1, -1, -1) for t in (pk, pv))
+    keys, values = torch.cat([pk, keys], 1), torch.cat([pv, values], 1)
+    allowed = torch.cat([torch.ones(q.shape[1], pk.shape[1], dtype=torch.bool), allowed], 1)
+    scores = torch.einsum("bihd,bjhd->bhij", q, keys) / q.shape[-1] ** 0.5
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("bhij,bjhd->bihd", weights, values)
+
+
+def ref_projections(attn, x, positions):
+    B, T, D = x.shape
+    q, k, v = (x @ attn.wqkv.weight[i * D:(i + 1) * D].T for i in range(3))
+    q, k, v = (t.view(B, T, attn.n_head, -1) for t in (q, k, v))
+    return ref_rope(q, positions, attn.rope_theta), ref_rope(k, positions, attn.rope_theta), v
+
+
+def ref_swa(attn, x):
+    """SW-Attn* (§4.2): RoPE'd causal attention over the last `window` tokens (the query's
+    own included) plus the persistent prefix."""
+    pos = torch.arange(x.shape[1])
+    q, k, v = ref_projections(attn, x, pos)
+    allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - attn.window)
+    return ref_attention(attn, q, k, v, allowed)
+
+
+def ref_lmm(mixer, x):
+    """LMM: o = W_o(RMSNorm_head(M_t(q_t)) * SiLU(W_g x)), M updated per token by Eq. 13-14."""
+    q, k, v, theta, alpha, momentum = ref_memory_inputs(mixer.memory, x)
+    y, _ = mixer.memory.memory(q, k, v, theta, alpha, momentum)
+    gate = F.silu(x @ mixer.w_gate.weight.T)
+    return (ref_rms(y, mixer.out_norm.weight, mixer.out_norm.eps).flatten(2) * gate) @ mixer.wo.weight.T
+
+
+def ref_mag(mixer, x):
+    """MAG (§4.2): o = W_o(RMSNorm_head(SW-Attn*(x)) * sigmoid(RMSNorm_head(M_t(q_t))))."""
+    q, k, v, theta, alpha, momentum = ref_memory_inputs(mixer.memory, x)
+    m, _ = mixer.memory.memory(q, k, v, theta, alpha, momentum)
+    a = ref_swa(mixer.attn, x)
+    o = ref_rms(a, mixer.attn_norm.weight, mixer.attn_norm.eps) * torch.sigmoid(
+        ref_rms(m, mixer.memory_norm.weight, mixer.memory_norm.eps))
+    return o.flatten(2) @ mixer.wo.weight.T
+
+
+def ref_mal(mixer, x):
+    """MAL (§4.3): m = LMM(x), o = m + W_o SW-Attn*(RMSNorm(x + m))."""
+    m = ref_lmm(mixer.lmm, x)
+    norm = mixer.attn_in_norm
+    return m + ref_swa(mixer.attn, ref_rms(x + m, norm.weight, norm.eps)).flatten(2) @ mixer.wo.weight.T
+
+
+def ref_mac(mixer, x):
+    """MAC (§4.1, Eq. 21-25) per segment [s, e) of the absolute positions:
+    h = RMSNorm(M*_{s}(q)) with q from the segment and the weights the segment starts
+    with; y = Attn over [persistent | h | segment], query i seeing h_j and x_j for s <= j <= i;
+    the memory learns from RMSNorm(y) (keys, values, gates, read-queries: Eq. 24);
+    o = W_o(RMSNorm_head(y) * sigmoid(RMSNorm_head(M*_t(y))))  (Eq. 25)."""
+    ltm, mem, attn = mixer.memory, mixer.memory.memory, mixer.attn
+    B, T, _ = x.shape
+    q_x = ref_memory_inputs(ltm, x)[0]               # read-queries from x, conv over the x stream
+    state, ys, outs = mem.initial_state(B), [], []
+    for s in range(0, T, mixer.segment_size):
+        e = min(s + mixer.segment_size, T)
+        pos = torch.arange(s, e)
+        h = ref_rms(mem.read(state["weights"], q_x[:, s:e]).flatten(2), mixer.h_norm.weight, mixer.h_norm.eps)
+        q, k_x, v_x = ref_projections(attn, x[:, s:e], pos)
+        _, k_h, v_h = ref_projections(attn, h, pos)
+        causal = pos[None, :] <= pos[:, None]
+        y = ref_attention(attn, q, torch.cat([k_h, k_x], 1), torch.cat([v_h, v_x], 1),
+                          torch.cat([causal, causal], 1))
+        ys.append(y)
+        stream = ref_rms(torch.cat(ys, 1).flatten(2), mixer.y_norm.weight, mixer.y_norm.eps)
+        q_y, k_y, v_y, theta, alpha, momentum = (t[:, s:e] for t in ref_memory_inputs(ltm, stream))
+        r, state = mem(q_y, k_y, v_y, theta, alpha, momentum, state)
+        o = ref_rms(y, mixer.attn_norm.weight, mixer.attn_norm.eps) * torch.sigmoid(
+            ref_rms(r, mixer.memory_norm.weight, mixer.memory_norm.eps))
+        outs.append(o.flatten(2) @ mixer.wo.weight.T)
+    return torch.cat(outs, 1)
+
+
+REFERENCES = {"lmm": ref_lmm, "mac": ref_mac, "mag": ref_mag, "mal": ref_mal}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_mixers_match_a_float64_reference_of_the_equations(variant):
+    """Each mixer (float64, B = 2, T = 11: chunks of 4, MAC segments of 8, window 6 all cut
+    mid-way) equals the reference above, which reads the module's parameters and shares
+    only the memory layer (NeuralMemory, tested against its own oracle in test_memory.py).
+    Tolerance 1e-12 on outputs of size ~2-4 (model.at_least_fp32 keeps a float64 module's
+    norms, RoPE and memory inputs in float64)."""
+    mixer = tiny(variant, n_layer=1, theta_max=0.7).blocks[0].mixer.double()
+    with torch.no_grad():   # O(1) activations (not the 0.02-std init): every nonlinearity matters
+        for name, p in mixer.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("w_gates.bias"):
+                p.uniform_(-2.0, 2.0)
+            elif p.dim() == 2 and "persistent" not in name:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    x = torch.randn(2, 11, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y, _ = mixer(x)
+        y_ref = REFERENCES[variant](mixer, x)
+    assert y.dtype == torch.float64 and y_ref.abs().max() > 0.5
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
+def test_persistent_tokens_are_seen_by_every_query(variant):
+    """Persistent memory (§3.3, SW-Attn* "with prefix"; docs/FIDELITY.md choice 5): N_p
+    learned tokens that every query sees, whatever its distance to them (window 6, MAC
+    segments of 8, T = 24, also streamed from position 1000), and whose keys W_K p carry
+    no RoPE. (1) With the memory frozen (lr 0, no forgetting) a token's output depends on
+    the persistent tokens only through its own attention: changing any one of them changes
+    the output at every position. (2) A single token at position P attends over the
+    persistent keys and itself: the output is softmax((R_P q) . W_K p_j, q . k) over the values
+    (W_V p_j, v), R_P the query's rotation only; at P = 0 no rotation at all. RoPE on the
+    persistent keys at any positions (absolute 0..N_p-1, or just before the query) or a window /
+    causal mask on them fails (1) or (2)."""
+    m = tiny(variant, n_layer=1, inner_lr_fixed=0.0, weight_decay=False)
+    mixer = m.blocks[0].mixer.double()
+    attn = mixer.attn
+    n_p = attn.persistent.shape[0]
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():                   # O(1) attention scores, not the 0.02-std init
+        attn.wqkv.weight.normal_(0.0, 32 ** -0.5, generator=g)
+    x = torch.randn(1, 24, 32, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        for pos in (0, 1000):
+            base = mixer(x, pos=pos)[0]
+            for j in range(n_p):
+                saved = attn.persistent[j].clone()
+                attn.persistent[j] += torch.randn(32, dtype=torch.float64, generator=g)
+                changed = (mixer(x, pos=pos)[0] - base).abs().amax(-1)[0]
+                attn.persistent[j] = saved
+                assert changed.min() > 1e-4, (pos, j, changed)
+
+        D, H = 32, attn.n_head
+        pk, pv = (attn.persistent @ attn.wqkv.weight[i * D:(i + 1) * D].T for i in (1, 2))
+        pk, pv = pk.view(n_p, H, -1), pv.view(n_p, H, -1)
+        c = torch.randn(1, 1, D, dtype=torch.float64, generator=g)
+        q, k, v = (c[0] @ attn.wqkv.weight[i * D:(i + 1) * D].T for i in range(3))
+        q, k, v = q.view(H, -1), k.view(H, -1), v.view(H, -1)
+        outs = {}
+        for pos in (0, 7, 1000):
+            y, _ = attn(c, None, pos)
+            q_rot = ref_rope(q[None, None], torch.tensor([pos]), attn.rope_theta)[0, 0] if pos else q
+            scores = torch.cat([torch.einsum("hd,phd->hp", q_rot, pk), (q * k).sum(-1, keepdim=True)], 1)
+            weights = (scores / q.shape[-1] ** 0.5).softmax(-1)
+            want = torch.einsum("hp,phd->hd", weights, torch.cat([pv, v[None]], 0))
+            torch.testing.assert_close(y[0, 0], want, rtol=1e-12, atol=1e-12)
+            outs[pos] = y[0, 0]
+        # the persistent scores follow the query's absolute position (its keys are fixed)
+        assert (outs[0] - outs[7]).abs().max() > 1e-3 and (outs[7] - outs[1000]).abs().max() > 1e-3
 
 
 # ----------------------------------------------------------------------------------------
