@@ -99,6 +99,42 @@ def prepare_data(cfg: Config, data_dir):
                     streaming=d.hf_streaming, max_docs=d.max_docs, data_files=d.hf_data_files or None)
 
 
+def check_out_dir(t):
+    """One-line ConfigErrors before anything is prepared, written or trained, so that a bad
+    train.out_dir / train.resume loses nothing: an out_dir that is a file; resume=never on
+    an out_dir that holds checkpoints (it would overwrite them and the metrics); resume=auto
+    on checkpoints without the `latest` file that names the one to resume (a run killed
+    during its first save), where starting over would overwrite them."""
+    import re
+    from checkpoint import LATEST
+    if not t.out_dir:
+        raise ConfigError("train.out_dir must name a folder, got ''")
+    if os.path.exists(t.out_dir) and not os.path.isdir(t.out_dir):
+        raise ConfigError(f"train.out_dir {t.out_dir} is a file, not a folder")
+    root = os.path.join(t.out_dir, "checkpoints")
+    steps = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else []) if re.fullmatch(r"step_\d+", n))
+    has_latest = os.path.isfile(os.path.join(root, LATEST))
+    if t.resume == "never" and (steps or has_latest):
+        raise ConfigError(f"train.out_dir {t.out_dir} already holds checkpoints ({', '.join(steps) or LATEST}); "
+                          "train.resume=never would overwrite them: choose another train.out_dir")
+    if t.resume == "auto" and steps and not has_latest:
+        raise ConfigError(f"{root} holds {', '.join(steps)} but no '{LATEST}' file: pass "
+                          f"--train.resume={os.path.join(root, steps[-1])} or choose another train.out_dir")
+
+
+def check_eval_split(cfg: Config, dataset, data_dir):
+    """The evals (train.eval_every, eval.final) score windows of seq_len + 1 val tokens:
+    checked before step 1, not after training."""
+    t = cfg.train
+    if not (t.eval_every or cfg.eval.final):
+        return
+    n = dataset.num_tokens("val")
+    if n < t.seq_len + 1:
+        raise ConfigError(f"the val split of {data_dir} has {n} tokens, fewer than train.seq_len + 1 = "
+                          f"{t.seq_len + 1}: lower train.seq_len, or turn the evals off "
+                          "(train.eval_every=0, eval.final=false)")
+
+
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -229,6 +265,7 @@ def _train(cfg: Config, env: DistEnv):
         unknown = [n for n in cfg.eval.during_training if n not in DURING_TRAINING]
         if unknown:
             raise ConfigError(f"eval.during_training has unknown eval(s) {unknown}; valid: {', '.join(DURING_TRAINING)}")
+    check_out_dir(t)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size
@@ -243,11 +280,10 @@ def _train(cfg: Config, env: DistEnv):
     if dataset.meta["tokenizer"] != cfg.data.tokenizer:
         raise ConfigError(f"{data_dir} was prepared with tokenizer {dataset.meta['tokenizer']!r}, "
                           f"but data.tokenizer={cfg.data.tokenizer!r}")
+    check_eval_split(cfg, dataset, data_dir)
 
     if env.is_main:
-        os.makedirs(t.out_dir, exist_ok=True)
         print("config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
-        dump_yaml(cfg, os.path.join(t.out_dir, "config.yaml"))
 
     model = build_model(cfg.model).to(device)
     n_params = model.num_params()
@@ -290,8 +326,15 @@ def _train(cfg: Config, env: DistEnv):
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         say(f"resumed from {resume_from} at step {start_step}")
+        if start_step > t.max_steps:
+            raise ConfigError(f"{resume_from} is at step {start_step}, past train.max_steps={t.max_steps}: "
+                              "raise train.max_steps to train on")
+        if start_step == t.max_steps:
+            say(f"already at train.max_steps={t.max_steps}: nothing to train")
     metrics, run = None, None
-    if env.is_main:
+    if env.is_main:     # written once the model, optimiser and resume checks have passed
+        os.makedirs(t.out_dir, exist_ok=True)
+        dump_yaml(cfg, os.path.join(t.out_dir, "config.yaml"))
         metrics = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"),
                              resume_step=start_step if resume_from else None)
         run = init_wandb(cfg)

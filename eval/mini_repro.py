@@ -46,7 +46,7 @@ MINI_MODEL = ("--model.n_layer=2", "--model.d_model=64", "--model.n_head=2")
 MINI_TRAIN = ("--data.dataset=builtin", "--data.tokenizer=bytes", f"--train.batch_size={BATCH_SIZE}",
               "--train.grad_accum=1", f"--train.seq_len={SEQ_LEN}", "--train.lr=3e-3", "--optim.warmup_steps=15",
               "--train.eval_every=0", "--train.eval_batches=20", "--train.sample_tokens=0",
-              "--train.log_every=25", "--train.resume=never")
+              "--train.log_every=25", "--train.resume=auto")   # a run killed in its final eval resumes there
 MODELS = (                     # (row label, run name, config)
     ("Transformer++", "transformer", "configs/transformer_tiny.yaml"),
     ("Titans (LMM)", "titans_lmm", "configs/titans_lmm_tiny.yaml"),

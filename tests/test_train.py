@@ -165,3 +165,37 @@ def test_start_up_says_which_memory_parts_run_fused(corpus, tmp_path, capsys):
     assert train_mod.train(cfg) == 0
     assert ("kernels: Titans memory x2: per-chunk path (backend 'auto' on cpu runs the chunked "
             "PyTorch path)") in capsys.readouterr().out.splitlines()
+
+
+def test_bad_out_dir_and_resume_lose_nothing(corpus, tmp_path, capsys):
+    """A finished run's out_dir under the settings that used to overwrite it: resume=never
+    refuses; checkpoints without `latest` refuse resume=auto (naming the one to pass); a
+    mismatched model fails at the resume without rewriting config.yaml; a checkpoint past
+    max_steps says so; an out_dir that is a file or empty, or a val split shorter than a
+    window, stop before anything is prepared or written. Each: one line, exit 2, files
+    untouched."""
+    import train as train_mod
+    out = tmp_path / "run"
+    common = [*TINY, f"--data.dataset={corpus}", "--train.eval_every=0", "--train.ckpt_every=2"]
+    assert train_mod.main([*common, f"--train.out_dir={out}", "--train.max_steps=2"]) == 0
+    capsys.readouterr()
+
+    def snapshot():
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    def fails(args, message):
+        before = snapshot()
+        assert train_mod.main([*common, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and message in err, err
+        assert snapshot() == before
+
+    fails([f"--train.out_dir={out}", "--train.resume=never"], "already holds checkpoints (step_000002)")
+    fails([f"--train.out_dir={out}", "--model.d_model=64"], "does not match")
+    fails([f"--train.out_dir={out}", "--train.max_steps=1"], "at step 2, past train.max_steps=1")
+    fails([f"--train.out_dir={out / 'metrics.jsonl'}"], "is a file, not a folder")
+    fails(["--train.out_dir="], "train.out_dir must name a folder")
+    fails([f"--train.out_dir={tmp_path / 'long'}", "--train.seq_len=100000"], "fewer than train.seq_len + 1")
+    (out / "checkpoints" / "latest").unlink()
+    fails([f"--train.out_dir={out}"], f"--train.resume={out / 'checkpoints' / 'step_000002'}")
+    assert not (tmp_path / "long").exists()
