@@ -227,6 +227,75 @@ def test_m3_literal_step_is_unscaled():
     torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-7)
 
 
+def test_muon_step_matches_a_hand_computed_update():
+    """Three Muon steps by hand from docs/OPTIMIZERS.md (NL Eq. 52 with the quintic NS):
+    buf <- b buf + (1 - b) g;  d = (1 - b) g + b buf;  X = d / ||d||_F on the wide side,
+    5 x  X <- a X + b' (X X^T) X + c (X X^T)^2 X with (a, b', c) = (3.4445, -4.7750, 2.0315);
+    p <- p (1 - lr wd) - lr 0.2 sqrt(max(rows, cols)) X.  Built as train.py builds it (the
+    OptimConfig defaults: momentum 0.95, nesterov, 5 steps, match_adamw). A tall and a wide
+    matrix, so the scale's max(rows, cols) is checked both ways."""
+    from config import OptimConfig
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(3)
+            self.tall = nn.Parameter(torch.randn(6, 4, generator=g, dtype=torch.float64))
+            self.wide = nn.Parameter(torch.randn(3, 5, generator=g, dtype=torch.float64))
+
+    def quintic_ns(d, steps=5):
+        a, b, c = 3.4445, -4.7750, 2.0315
+        x = d.T if d.shape[0] > d.shape[1] else d
+        x = x / x.norm()
+        for _ in range(steps):
+            gram = x @ x.T
+            x = a * x + b * gram @ x + c * gram @ gram @ x
+        return x.T if d.shape[0] > d.shape[1] else x
+
+    cfg = OptimConfig(name="muon")
+    lr, wd, beta = 0.3, cfg.weight_decay, 0.95      # cfg.momentum is None: Muon's default 0.95
+    model = Hidden()
+    groups = split_param_groups(model, cfg.weight_decay)
+    assert [g["use_muon"] for g in groups] == [True]
+    opt = build_optimizer("muon", groups, lr=lr, weight_decay=wd, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                          **optimizer_options("muon", cfg))
+    params = [model.tall, model.wide]
+    expected = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    grads = [_grads((6, 4), 3, seed=4), _grads((3, 5), 3, seed=5)]
+    for step in range(3):
+        before = [p.detach().clone() for p in params]
+        for p, gs in zip(params, grads):
+            p.grad = gs[step].to(torch.float64)
+        opt.step()
+        for i, p in enumerate(params):
+            g = grads[i][step].to(torch.float64)
+            bufs[i] = beta * bufs[i] + (1 - beta) * g
+            ortho = quintic_ns((1 - beta) * g + beta * bufs[i])
+            scale = 0.2 * max(p.shape) ** 0.5
+            expected[i] = expected[i] * (1 - lr * wd) - lr * scale * ortho
+            assert p.dtype == torch.float64
+            # NS runs in fp32 on CPU: agreement to fp32 precision, far below any change of rule
+            torch.testing.assert_close(p.detach(), expected[i], rtol=1e-5, atol=1e-6)
+            # the orthogonalised update the optimiser applied (weight decay undone)
+            applied = (before[i] * (1 - lr * wd) - p.detach()) / (lr * scale)
+            singular = torch.linalg.svdvals(applied)
+            assert len(singular) == min(p.shape)
+            # OPTIMIZERS.md's "about [0.7, 1.2]": exactly, f(s) = a s + b s^3 + c s^5 maps
+            # [f(1.050), f(0.5545)] = [0.682, 1.202] (its local min and max) into itself
+            assert singular.min() > 0.68 and singular.max() < 1.21, (step, i, singular)
+            # match_adamw: the update's RMS is 0.2 lr up to that band (RMS(NS) = rms(sv) / sqrt(max))
+            rms = (p.detach() - before[i] * (1 - lr * wd)).square().mean().sqrt() / lr
+            assert 0.2 * 0.68 < rms < 0.2 * 1.21, (step, i, rms)
+            # and it keeps the direction's singular vectors: with d = U S V^T, the update is
+            # U S' V^T, so (U V^T)^T update = V S' V^T (on the small side) is symmetric, eigenvalues S'
+            u, _, vh = torch.linalg.svd((1 - beta) * g + beta * bufs[i], full_matrices=False)
+            polar = u @ vh
+            small = polar.T @ applied if p.shape[0] > p.shape[1] else applied @ polar.T
+            torch.testing.assert_close(small, small.T, rtol=0, atol=1e-5)
+            torch.testing.assert_close(torch.linalg.eigvalsh(small).flip(0), singular, rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------
 # NL Fig. 4: psi(r, theta) = r^2 + k (r - theta + a sin(omega r))^2
 
