@@ -1,7 +1,7 @@
 """Data: tokenizers, uint16 token shards, corpus preparation and a resumable loader.
 
 See docs/DATA.md. The names below are the public interface; each lives in a submodule
-(data.tokenizer, data.shards, data.prepare, data.loader).
+(data.tokenizer, data.shards, data.meta, data.prepare, data.loader).
 """
 
 import importlib
@@ -10,6 +10,7 @@ _PUBLIC = {
     "get_tokenizer": "data.tokenizer",
     "write_shard": "data.shards",
     "read_shard": "data.shards",
+    "load_meta": "data.meta",
     "prepare": "data.prepare",
     "ensure_prepared": "data.prepare",
     "TokenDataset": "data.loader",

@@ -12,12 +12,12 @@ The global batch at step s is a pure function of (seed, s), and rank r takes row
 run (on any world size) continues the exact stream.
 """
 
-import json
 import os
 
 import numpy as np
 import torch
 
+from data.meta import check_shard, check_split_tokens, load_meta
 from data.shards import read_shard
 
 
@@ -31,21 +31,16 @@ class TokenDataset:
             raise FileNotFoundError(
                 f"no prepared data in {data_dir}: run python -m data.prepare --source builtin --out {data_dir}"
             )
-        with open(meta_path) as f:
-            try:
-                self.meta = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{meta_path} is not valid JSON ({e.msg}): prepare the data again") from None
-        self.vocab_size = int(self.meta["vocab_size"])
-        self.eot_id = int(self.meta["eot_id"])
+        self.meta = load_meta(data_dir)  # one-line ValueError naming meta.json and the field
+        self.vocab_size = self.meta["vocab_size"]
+        self.eot_id = self.meta["eot_id"]
         self.tokenizer_name = self.meta["tokenizer"]
         self.shards = {}  # split -> list of uint16 arrays
         for split, info in self.meta["splits"].items():
+            for index in range(len(info["shards"])):
+                check_shard(data_dir, self.meta, split, index)  # exists, valid, meta's vocab
             arrays = [read_shard(os.path.join(data_dir, name)) for name in info["shards"]]
-            held = sum(len(a) for a in arrays)
-            if held != info["tokens"]:
-                raise ValueError(f"split {split!r} of {data_dir}: meta.json says {info['tokens']} tokens, "
-                                 f"shards hold {held}")
+            check_split_tokens(data_dir, self.meta, split, sum(len(a) for a in arrays))
             self.shards[split] = arrays
 
     def _split_shards(self, split: str) -> list:

@@ -11,6 +11,8 @@ Output folder: train_000000.bin, ..., val_000000.bin, ... (format in data/shards
 meta.json (tokenizer, source, and per split: tokens, documents, UTF-8 bytes of the text
 for bits-per-byte, shard names). The folder is built under <out>.tmp-<pid> and renamed
 into place at the end, so an interrupted run never leaves a folder that looks prepared.
+An existing <out> is replaced only when it is a cache of the same source (see
+_check_out_dir); any other non-empty folder is refused before anything is written.
 """
 
 import argparse
@@ -20,6 +22,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 from collections import deque
@@ -27,10 +30,10 @@ from collections import deque
 import numpy as np
 
 from data.builtin import iter_builtin_documents
-from data.shards import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES, read_shard_header, write_shard
+from data.meta import META_FORMAT_VERSION, META_NAME, check_shards, load_meta, read_meta_json
+from data.shards import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES, write_shard
 from data.tokenizer import TOKENIZER_NAMES, get_tokenizer
 
-META_FORMAT_VERSION = 1
 DOCS_PER_TASK = 64  # documents a pool worker encodes per task (amortises pickling)
 DEFAULT_VAL_FRACTION = 0.01  # = config.py's data.val_fraction (the trainer's recipe); KJV: ~30K bytes of validation
 
@@ -49,11 +52,20 @@ def _expand_glob(pattern: str, what: str) -> list[str]:
 def _iter_local_files(paths: list[str], text_field: str):
     for path in paths:
         if path.endswith(".txt"):
-            with open(path, encoding="utf-8") as f:
-                yield f.read()
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except UnicodeDecodeError:
+                raise ValueError(_not_utf8(path)) from None
+            yield text
         elif path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for line_number, line in enumerate(f, 1):
+            with open(path, "rb") as f:  # bytes, so an undecodable line can be named
+                for line_number, raw in enumerate(f, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{path}:{line_number} is not UTF-8 (byte 0x{raw[e.start]:02x}); "
+                                         "convert the file to UTF-8 or leave it out of the glob") from None
                     if not line.strip():
                         continue
                     try:
@@ -63,6 +75,18 @@ def _iter_local_files(paths: list[str], text_field: str):
                     yield _text_of_row(row, text_field, f"{path}:{line_number}")
         else:
             raise ValueError(f"unsupported file {path}: files: sources take .txt (one document) or .jsonl (one per line)")
+
+
+def _not_utf8(path: str) -> str:
+    """One-line message for a .txt file that does not decode as UTF-8 (with the first bad byte)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as e:
+        where = f" (byte 0x{raw[e.start]:02x} at offset {e.start})"
+    return f"{path} is not UTF-8 text{where}; convert it to UTF-8 or leave it out of the glob"
 
 
 def _text_of_row(row, text_field: str, where: str) -> str:
@@ -199,12 +223,47 @@ class _SplitWriter:
         return {"tokens": self.tokens, "documents": self.documents, "bytes": self.bytes, "shards": self.shards}
 
 
-def _check_out_dir(out_dir: str):
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise ValueError(f"output {out_dir} exists and is not a directory")
-        if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "meta.json")):
-            raise ValueError(f"output {out_dir} exists, is not empty and holds no meta.json: refusing to overwrite it")
+_SHARD_FILE = re.compile(r"(train|val)_\d+\.bin")
+REFUSE_HINT = "choose another data.data_dir (or --out) or delete it"
+
+
+def _check_out_dir(out_dir: str, source: str, data_files=None):
+    """Raise a one-line ValueError unless out_dir may be (re)built by preparing `source`:
+    it is absent, empty, or this source's cache, i.e. its meta.json records the same source
+    (and data files) and it holds nothing but meta.json and shards. A cache of the same
+    source is derived data (a tokenizer or val_fraction change rebuilds it); a folder of
+    another source, or one that is not ours, is someone's data: never replaced."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"output {out_dir} exists and is not a directory: refusing to overwrite it; {REFUSE_HINT}")
+    entries = os.listdir(out_dir)
+    if not entries:
+        return
+
+    def refuse(what):
+        return ValueError(f"{out_dir} {what}: refusing to overwrite it; {REFUSE_HINT}")
+
+    meta_path = os.path.join(out_dir, META_NAME)
+    if not os.path.isfile(meta_path):
+        raise refuse(f"exists, is not empty and holds no {META_NAME}")
+    try:
+        meta = read_meta_json(meta_path)
+    except ValueError as e:
+        reason = str(e)[len(meta_path):].strip()  # "is not valid JSON (...)": out_dir is named already
+        raise refuse(f"holds a {META_NAME} that data.prepare did not write (it {reason})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("source"), str):
+        raise refuse(f"holds a {META_NAME} with no 'source' field, not one data.prepare wrote")
+    if meta["source"] != source:
+        raise refuse(f"already holds data prepared from {meta['source']!r} (this run prepares {source!r})")
+    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
+    if recipe.get("data_files") != data_files:
+        raise refuse(f"already holds data prepared from {source!r} with data files {recipe.get('data_files')!r} "
+                     f"(this run reads {data_files!r})")
+    unknown = sorted(e for e in entries if e != META_NAME and not _SHARD_FILE.fullmatch(e))
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise refuse(f"holds files data.prepare did not write ({shown})")
 
 
 def _progress(total, quiet: bool):
@@ -230,7 +289,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: fl
         raise ValueError(f"num_workers must be >= 0 (0 = all cores), got {num_workers}")
     num_workers = num_workers or os.cpu_count() or 1
     out_dir = os.path.normpath(out_dir)
-    _check_out_dir(out_dir)
+    _check_out_dir(out_dir, source, data_files)  # before anything is read, written or deleted
     tok = get_tokenizer(tokenizer, bpe_dir)  # fail fast on missing BPE files, before reading data
     if tok.vocab_size > MAX_VOCAB:
         raise ValueError(f"vocab of {tok.vocab_size} does not fit uint16 shards")
@@ -293,6 +352,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: fl
             json.dump(meta, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
+        _check_out_dir(out_dir, source, data_files)  # again: out_dir may have changed while we tokenized
         _swap_into_place(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -300,8 +360,9 @@ def prepare(source: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: fl
 
 
 def _swap_into_place(tmp_dir: str, out_dir: str):
-    """Rename the finished tmp_dir to out_dir; an old prepared out_dir is moved aside first
-    (a directory cannot be renamed over a non-empty one) and deleted after."""
+    """Rename the finished tmp_dir to out_dir; an old prepared out_dir (one _check_out_dir
+    allows to replace) is moved aside first (a directory cannot be renamed over a non-empty
+    one) and deleted after."""
     old_dir = None
     if os.path.exists(out_dir):
         old_dir = f"{out_dir}.old-{os.getpid()}"
@@ -319,28 +380,50 @@ def _recipe(source, tokenizer, data_files, text_field, split, max_docs, val_frac
 
 def ensure_prepared(source: str, out_dir: str, tokenizer: str = "gpt2", **kwargs) -> dict:
     """Return out_dir's meta when it was prepared from the same recipe (source, tokenizer,
-    split choice, ...) and its shards are intact; otherwise (re)prepare it. Under torchrun,
+    split choice, ...) and its meta.json and shards are intact; otherwise prepare it. A folder
+    of the same source is rebuilt in place; one of another source, or not data.prepare's,
+    is refused with a ValueError before anything is deleted (_check_out_dir). Under torchrun,
     call it on one rank and barrier: concurrent preparers would race on the final rename."""
     recipe = _recipe(source, tokenizer, kwargs.get("data_files"), kwargs.get("text_field", "text"),
                      kwargs.get("split", "train"), kwargs.get("max_docs"),
                      kwargs.get("val_fraction", DEFAULT_VAL_FRACTION), kwargs.get("seed", 0))
-    meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.isfile(meta_path):
+    if os.path.isfile(os.path.join(out_dir, META_NAME)):
         try:
-            with open(meta_path) as f:
-                meta = json.load(f)
+            meta = load_meta(out_dir)
             if meta.get("format_version") == META_FORMAT_VERSION and meta.get("recipe") == recipe:
-                for info in meta["splits"].values():
-                    for name in info["shards"]:
-                        read_shard_header(os.path.join(out_dir, name))
+                check_shards(out_dir, meta)
                 return meta
-        except (ValueError, KeyError, TypeError, OSError):
-            pass  # unreadable or damaged: prepare again
+        except (ValueError, OSError):
+            pass  # damaged: prepare() rebuilds it when it is this source's folder, refuses otherwise
     return prepare(source, out_dir, tokenizer, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------
 # CLI
+
+
+def _int_at_least(low: int, meaning: str = ""):
+    """argparse type: an integer >= low (argparse names the flag in its error)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}{meaning}, got {value}")
+        return value
+    return parse
+
+
+def _fraction(text):
+    """argparse type: a float strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -354,12 +437,14 @@ def main(argv=None):
     parser.add_argument("--source", required=True, help="builtin | files:<glob> | hf:<dataset>[:<config>]")
     parser.add_argument("--out", required=True, help="output folder, e.g. data/cache/builtin-gpt2")
     parser.add_argument("--tokenizer", default="gpt2", choices=TOKENIZER_NAMES)
-    parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+    parser.add_argument("--val-fraction", type=_fraction, default=DEFAULT_VAL_FRACTION,
                         help="share of documents in the val split")
-    parser.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = all cores)")
-    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    parser.add_argument("--workers", type=_int_at_least(0, " (0 = all cores)"), default=0,
+                        help="tokenizer processes (0 = all cores)")
+    parser.add_argument("--shard-tokens", type=_int_at_least(1), default=100_000_000, help="tokens per shard file")
     parser.add_argument("--streaming", action="store_true", help="stream the HF dataset instead of downloading it")
-    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    parser.add_argument("--max-docs", type=_int_at_least(2, " (one train and one val document)"), default=None,
+                        help="stop after this many documents")
     parser.add_argument("--data-files", default=None, help="glob of local files for hf:json / hf:text / ...")
     parser.add_argument("--text-field", default="text", help="field holding the text in jsonl / HF rows")
     parser.add_argument("--split", default="train", help="HF split to read")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import torch
 from data.builtin import iter_builtin_documents
 from data.loader import BatchSampler, TokenDataset, iter_eval_batches
 from data.prepare import ensure_prepared, is_val_document, prepare
+from data.prepare import main as prepare_main
 from data.shards import HEADER_BYTES, read_shard, write_shard
 from data.tokenizer import get_tokenizer
 
@@ -189,7 +191,7 @@ def test_prepare_builtin_gpt2_and_ensure_prepared(tmp_path):
     meta = prepare("builtin", out, "gpt2", val_fraction=0.25, max_docs=6, num_workers=1, quiet=True)
     _check_prepared(out, meta, documents, tok)
 
-    # same recipe: reused untouched; different recipe: rebuilt in place
+    # same recipe: reused untouched; another recipe of the same source: rebuilt in place
     mtime = os.path.getmtime(os.path.join(out, "meta.json"))
     assert ensure_prepared("builtin", out, "gpt2", val_fraction=0.25, max_docs=6, num_workers=1, quiet=True) == meta
     assert os.path.getmtime(os.path.join(out, "meta.json")) == mtime
@@ -217,6 +219,153 @@ def test_prepare_cli_errors_are_one_line(tmp_path):
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: files: glob '{tmp_path}/*.txt' matches no files"
+
+
+def _snapshot(folder):
+    """{relative path: bytes} of every file under folder (what a refusal must leave alone)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return out
+
+
+def _txt_corpus(folder, docs=DOCS):
+    folder.mkdir()
+    for i, doc in enumerate(docs):
+        (folder / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    return f"files:{folder}/*.txt"
+
+
+def _one_line(excinfo):
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_prepare_refuses_a_folder_of_another_source(tmp_path):
+    """Audit: pointing the trainer (dataset builtin) or the CLI at a folder prepared from
+    files:... deleted its shards and rebuilt it as builtin. Now: one-line refusal, nothing touched."""
+    source = _txt_corpus(tmp_path / "corpus")
+    out = str(tmp_path / "mine")
+    prepare(source, out, "bytes", val_fraction=0.25, num_workers=1, quiet=True)
+    before = _snapshot(out)
+    for call in (lambda: ensure_prepared("builtin", out, "bytes", max_docs=4, num_workers=1, quiet=True),
+                 lambda: ensure_prepared("builtin", out, "gpt2", max_docs=4, num_workers=1, quiet=True),
+                 lambda: prepare("builtin", out, "bytes", max_docs=4, num_workers=1, quiet=True)):
+        with pytest.raises(ValueError) as excinfo:
+            call()
+        message = _one_line(excinfo)
+        assert message == (f"{out} already holds data prepared from {source!r} (this run prepares 'builtin'): "
+                           "refusing to overwrite it; choose another data.data_dir (or --out) or delete it")
+        assert _snapshot(out) == before
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "mine"]  # no .tmp- / .old- folder left
+
+    # hf:<loader> reads --data-files: other files are another corpus, refused before loading anything
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    meta["source"] = meta["recipe"]["source"] = "hf:json"
+    meta["recipe"]["data_files"] = "a/*.jsonl"
+    (tmp_path / "mine" / "meta.json").write_text(json.dumps(meta))
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=r"from 'hf:json' with data files 'a/\*\.jsonl' \(this run reads "
+                                         r"'b/\*\.jsonl'\): refusing to overwrite it"):
+        prepare("hf:json", out, "bytes", data_files="b/*.jsonl", quiet=True)
+    assert _snapshot(out) == before
+
+
+def test_trainer_refuses_a_data_dir_of_another_source(tmp_path, capsys):
+    """The audited command: train.py <config> --data.data_dir=<folder prepared from files:...>."""
+    import train
+
+    source = _txt_corpus(tmp_path / "corpus")
+    out = str(tmp_path / "mine")
+    prepare(source, out, "gpt2", val_fraction=0.25, num_workers=1, quiet=True)
+    before = _snapshot(out)
+    rc = train.main([os.path.join(REPO_ROOT, "configs", "transformer_tiny.yaml"), f"--data.data_dir={out}",
+                     f"--train.out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert err.startswith(f"error: {out} already holds data prepared from {source!r}")
+    assert _snapshot(out) == before
+
+
+def test_same_source_recipe_change_rebuilds_in_place(tmp_path):
+    source = _txt_corpus(tmp_path / "corpus")
+    out = str(tmp_path / "mine")
+    first = ensure_prepared(source, out, "bytes", val_fraction=0.25, num_workers=1, quiet=True)
+    rebuilt = ensure_prepared(source, out, "bytes", val_fraction=0.5, num_workers=1, quiet=True)
+    assert first["recipe"]["val_fraction"] == 0.25 and rebuilt["recipe"]["val_fraction"] == 0.5
+    _check_prepared(out, rebuilt, DOCS, get_tokenizer("bytes"), val_fraction=0.5)
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "mine"]
+
+    # a damaged meta.json (same recipe) or shard of this source's folder: rebuilt, not a crash
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    meta["splits"] = "x"
+    (tmp_path / "mine" / "meta.json").write_text(json.dumps(meta))
+    assert ensure_prepared(source, out, "bytes", val_fraction=0.5, num_workers=1, quiet=True) == rebuilt
+    with open(os.path.join(out, rebuilt["splits"]["train"]["shards"][0]), "r+b") as f:
+        f.truncate(HEADER_BYTES + 2)
+    assert ensure_prepared(source, out, "bytes", val_fraction=0.5, num_workers=1, quiet=True) == rebuilt
+    assert TokenDataset(out).num_tokens("train") == rebuilt["splits"]["train"]["tokens"]
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda d: (d / "meta.json").write_text("{not json"),
+     r"holds a meta\.json that data\.prepare did not write \(it is not valid JSON \(Expecting .* column 2\)\)"),
+    (lambda d: (d / "meta.json").write_text('{"tokenizer": "bytes"}'),
+     r"holds a meta\.json with no 'source' field, not one data\.prepare wrote"),
+    (lambda d: (d / "notes.md").write_text("mine"), r"holds files data\.prepare did not write \(notes\.md\)"),
+    (lambda d: (d / "meta.json").unlink(), r"exists, is not empty and holds no meta\.json"),
+], ids=["meta-not-json", "meta-without-source", "extra-file", "no-meta"])
+def test_prepare_refuses_a_folder_that_is_not_ours(tmp_path, damage, reason):
+    """Even a folder of the same source is replaced only when it holds nothing but our meta and shards."""
+    source = _txt_corpus(tmp_path / "corpus")
+    out = tmp_path / "mine"
+    prepare(source, str(out), "bytes", val_fraction=0.25, num_workers=1, quiet=True)
+    damage(out)
+    before = _snapshot(out)
+    for call in (lambda: ensure_prepared(source, str(out), "gpt2", val_fraction=0.25, num_workers=1, quiet=True),
+                 lambda: prepare(source, str(out), "bytes", val_fraction=0.25, num_workers=1, quiet=True)):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(out))} {reason}: refusing to overwrite it; "
+                                             r"choose another data\.data_dir \(or --out\) or delete it$") as excinfo:
+            call()
+        _one_line(excinfo)
+        assert _snapshot(out) == before
+
+
+def test_prepare_names_a_file_that_is_not_utf8(tmp_path):
+    source = _txt_corpus(tmp_path / "corpus", DOCS[:3])
+    (tmp_path / "corpus" / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError) as excinfo:
+        prepare(source, str(tmp_path / "out"), "bytes", num_workers=1, quiet=True)
+    assert _one_line(excinfo) == (f"{tmp_path / 'corpus' / 'latin1.txt'} is not UTF-8 text (byte 0xe9 at offset 3); "
+                                  "convert it to UTF-8 or leave it out of the glob")
+    assert sorted(os.listdir(tmp_path)) == ["corpus"]
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_bytes(b'{"text": "fine"}\n{"text": "\xff"}\n')
+    with pytest.raises(ValueError) as excinfo:
+        prepare(f"files:{jsonl}", str(tmp_path / "out"), "bytes", num_workers=1, quiet=True)
+    assert _one_line(excinfo).startswith(f"{jsonl}:2 is not UTF-8 (byte 0xff)")
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-docs", "-5", "must be an integer >= 2 (one train and one val document), got -5"),
+    ("--max-docs", "1", "must be an integer >= 2 (one train and one val document), got 1"),
+    ("--workers", "-1", "must be an integer >= 0 (0 = all cores), got -1"),
+    ("--shard-tokens", "0", "must be an integer >= 1, got 0"),
+    ("--val-fraction", "1.5", "must lie in (0, 1), got 1.5"),
+    ("--workers", "two", "invalid int value: 'two'"),
+])
+def test_prepare_cli_rejects_bad_numbers_naming_the_flag(tmp_path, capsys, flag, value, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_main(["--source", "builtin", "--out", str(out), "--tokenizer", "bytes", flag, value])
+    assert excinfo.value.code == 2
+    assert capsys.readouterr().err == f"error: argument {flag}: {message}\n"
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------------------
@@ -323,6 +472,75 @@ def test_loader_errors(tmp_path, token_dir):
         list(iter_eval_batches(dataset, "val", 2, 300))
     with pytest.raises(ValueError, match="split 'test' not in"):
         dataset.num_tokens("test")
+
+
+def _copy_prepared(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return str(dst), json.loads((dst / "meta.json").read_text())
+
+
+def _without(meta, *path):
+    *parents, key = path
+    for p in parents:
+        meta = meta[p]
+    del meta[key]
+
+
+def _set(meta, *path_and_value):
+    *parents, key, value = path_and_value
+    for p in parents:
+        meta = meta[p]
+    meta[key] = value
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: _without(m, "tokenizer"), r"has no 'tokenizer' field"),
+    (lambda m: _without(m, "splits"), r"has no 'splits' field"),
+    (lambda m: _set(m, "splits", "x"), r": splits is a string, expected an object of splits"),
+    (lambda m: _set(m, "splits", {}), r": splits is empty"),
+    (lambda m: _set(m, "tokenizer", 7), r": tokenizer is 7, expected a tokenizer name"),
+    (lambda m: _set(m, "vocab_size", "257"), r": vocab_size is '257', expected an integer in 1\.\.65536"),
+    (lambda m: _set(m, "eot_id", 300), r": eot_id is 300, expected an integer in \[0, vocab_size=257\)"),
+    (lambda m: _set(m, "format_version", 2), r": format_version is 2; this code reads version 1"),
+    (lambda m: _set(m, "splits", "val", [1]), r": splits\.val is a list, expected an object"),
+    (lambda m: _set(m, "splits", "val", "tokens", -1), r": splits\.val\.tokens is -1, expected a non-negative"),
+    (lambda m: _without(m, "splits", "val", "bytes"), r" has no 'splits\.val\.bytes' field"),
+    (lambda m: _set(m, "splits", "val", "shards", "val_000000.bin"), r": splits\.val\.shards is a string, "
+                                                                     r"expected a list of shard file names"),
+    (lambda m: _set(m, "splits", "val", "shards", [None]),
+     r": splits\.val\.shards\[0\] is None, expected a file name"),
+    (lambda m: _set(m, "splits", "val", "shards", ["../val_000000.bin"]), r": splits\.val\.shards\[0\] is "
+                                                                          r"'\.\./val_000000\.bin', expected a file"),
+    (lambda m: m["splits"]["train"]["shards"].append("train_000009.bin"),
+     r": splits\.train\.shards\[3\] names train_000009\.bin, which is not a file in"),
+    (lambda m: _set(m, "vocab_size", 300), r": vocab_size is 300, but shard .*train_000000\.bin declares vocab 257"),
+    (lambda m: _set(m, "splits", "val", "tokens", 5), r": splits\.val\.tokens is 5, but its shards hold 203 tokens"),
+], ids=["no-tokenizer", "no-splits", "splits-string", "splits-empty", "tokenizer-int", "vocab-string", "eot-range",
+        "format-version", "split-list", "tokens-negative", "no-bytes", "shards-string", "shard-none", "shard-path",
+        "shard-missing", "vocab-mismatch", "tokens-mismatch"])
+def test_loader_rejects_malformed_meta_in_one_line(tmp_path, token_dir, edit, message):
+    data_dir, meta = _copy_prepared(token_dir, tmp_path / "d")
+    edit(meta)
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError) as excinfo:
+        TokenDataset(data_dir)
+    text = _one_line(excinfo)
+    assert text.startswith(os.path.join(data_dir, "meta.json")) and text.endswith("; prepare the data again"), text
+    assert re.search(message, text), text
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", r"meta\.json is not valid JSON \(Expecting property name enclosed in double quotes at line 1"),
+    (b"[1, 2]", r"meta\.json holds a list, expected a JSON object; prepare the data again"),
+    (b'{"tokenizer": "\xff"}', r"meta\.json is not UTF-8 \(byte 0xff at offset 15\)"),
+], ids=["not-json", "not-object", "not-utf8"])
+def test_loader_rejects_unparsable_meta(tmp_path, token_dir, content, message):
+    data_dir, _ = _copy_prepared(token_dir, tmp_path / "d")
+    (tmp_path / "d" / "meta.json").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as excinfo:
+        TokenDataset(data_dir)
+    assert _one_line(excinfo).startswith(os.path.join(data_dir, "meta.json"))
 
 
 def test_prepare_cli_default_split_is_the_trainers():
