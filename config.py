@@ -9,6 +9,7 @@ valid. Every section is a dataclass below; their fields are the documentation.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +51,19 @@ class TitansConfig:
     detach_targets: bool = False     # stop outer gradients through the targets v of the inner loss
     detach_chunks_older_than: int = 0  # n > 0: detach the fast weights every n chunks (truncated
                                      # backprop through the inner loop); 0 = full backprop
+
+    def __post_init__(self):
+        # titans.check_titans_config runs these again when a model is built
+        d = self.memory_depth
+        if not (isinstance(d, int) and not isinstance(d, bool) and d in (1, 2)):
+            raise ConfigError(f"model.titans.memory_depth must be 1 or 2, got {d!r}")
+        for key in ("memory_expansion", "chunk_size", "segment_size", "window_size"):
+            _check_range(getattr(self, key), f"model.titans.{key}", 1, integer=True)
+        for key in ("conv_size", "n_persistent", "detach_chunks_older_than"):
+            _check_range(getattr(self, key), f"model.titans.{key}", 0, integer=True)
+        self.theta_max = _check_range(self.theta_max, "model.titans.theta_max", 0, strict=True)
+        self.inner_lr_fixed = _check_range(self.inner_lr_fixed, "model.titans.inner_lr_fixed", 0, null=True)
+        self.max_grad_norm = _check_range(self.max_grad_norm, "model.titans.max_grad_norm", 0, strict=True, null=True)
 
 
 @dataclass
@@ -94,12 +108,16 @@ class CMSConfig:
         return [None if c is None else lr for c, lr in zip(self.chunk_sizes, lrs)]
 
 
-def _check_range(value, key, low, *, integer=False, strict=False, below=None, null=False):
+def _check_range(value, key, low, *, integer=False, strict=False, below=None, high=None, null=False,
+                 finite=True):
     """The one range check of config values -> value (a float unless integer): an int
     (integer=True; bools are not) or a number (YAML 1.1 reads '1e-3' as a string: read as a
-    float) that is >= low (> low when strict) and < below when given; None passes when null.
-    Else a one-line ConfigError naming the key, the range and the value, e.g.
-    "model.hope.chunk_mem must be an integer >= 1, got 0"."""
+    float) that is >= low (> low when strict), < below and <= high when given, and finite
+    (not inf or nan) unless finite=False; None passes when null. Else a one-line ConfigError
+    naming the key, the range and the value, e.g.
+    "model.hope.chunk_mem must be an integer >= 1, got 0",
+    "train.lr must be a finite number > 0, got inf",
+    "data.val_fraction must be a finite number in (0, 1), got 0.0"."""
     if value is None and null:
         return None
     if not integer and isinstance(value, str):
@@ -109,12 +127,25 @@ def _check_range(value, key, low, *, integer=False, strict=False, below=None, nu
             pass
     kind = int if integer else (int, float)
     ok = (isinstance(value, kind) and not isinstance(value, bool)
-          and (value > low if strict else value >= low) and (below is None or value < below))  # NaN fails
+          and (value > low if strict else value >= low)                 # NaN fails
+          and (below is None or value < below) and (high is None or value <= high)
+          and (integer or not finite or _is_finite(value)))
     if not ok:
-        bound = f"in [{low}, {below})" if below is not None else f"{'>' if strict else '>='} {low}"
-        raise ConfigError(f"{key} must be {'an integer' if integer else 'a number'} {bound}"
-                          f"{' or null' if null else ''}, got {value!r}")
+        if below is not None or high is not None:
+            bound = (f"in {'(' if strict else '['}{low}, "
+                     f"{below if below is not None else high}{')' if below is not None else ']'}")
+        else:
+            bound = f"{'>' if strict else '>='} {low}"
+        what = "an integer" if integer else ("a finite number" if finite else "a number")
+        raise ConfigError(f"{key} must be {what} {bound}{' or null' if null else ''}, got {value!r}")
     return value if integer else float(value)
+
+
+def _is_finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:                           # an int too large for a float
+        return False
 
 
 @dataclass
@@ -181,19 +212,32 @@ class ModelConfig:
     hope: HopeConfig = field(default_factory=HopeConfig)
     cms: CMSConfig = field(default_factory=CMSConfig)
 
+    def __post_init__(self):
+        # cross-field checks (d_model divisible by n_head, ...) are in validate()
+        for key in ("n_layer", "n_head", "d_model", "ffn_multiple_of", "max_seq_len"):
+            _check_range(getattr(self, key), f"model.{key}", 1, integer=True)
+        _check_range(self.vocab_size, "model.vocab_size", 0, integer=True)
+        for key in ("ffn_mult", "rope_theta", "norm_eps", "init_std"):
+            setattr(self, key, _check_range(getattr(self, key), f"model.{key}", 0, strict=True))
+
 
 @dataclass
 class DataConfig:
     dataset: str = "builtin"         # builtin | files:GLOB | hf:NAME[:CONFIG] | a prepared dir
     tokenizer: str = choice("gpt2", ["gpt2", "bytes"])
     data_dir: str = ""               # where shards live; "" = data/cache/<dataset>-<tokenizer>
-    val_fraction: float = 0.01
+    val_fraction: float = 0.01       # in (0, 1): every split needs documents
     num_workers: int = 0             # tokenization processes; 0 = all cores
     hf_split: str = "train"
     hf_streaming: bool = False
     hf_data_files: str = ""
     text_field: str = "text"
-    max_docs: Optional[int] = None
+    max_docs: Optional[int] = None   # null = all; else >= 2 (one train and one val document)
+
+    def __post_init__(self):
+        self.val_fraction = _check_range(self.val_fraction, "data.val_fraction", 0, strict=True, below=1)
+        _check_range(self.num_workers, "data.num_workers", 0, integer=True)
+        _check_range(self.max_docs, "data.max_docs", 2, integer=True, null=True)
 
 
 @dataclass
@@ -205,11 +249,11 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0           # 0 = off
+    grad_clip: float = 1.0           # max global gradient norm; 0 = off
     schedule: str = choice("cosine", ["cosine", "wsd", "constant"])
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1        # final lr = min_lr_ratio * train.lr
-    decay_fraction: float = 0.2      # WSD: the last fraction of steps decays linearly
+    min_lr_ratio: float = 0.1        # final lr = min_lr_ratio * train.lr, in [0, 1]
+    decay_fraction: float = 0.2      # WSD: the last fraction of steps decays linearly, in [0, 1]
     momentum: Optional[float] = None  # muon/dmgd/delta_momentum; None = the rule's default
     nesterov: bool = True            # muon
     ns_steps: int = 5                # Newton-Schulz iterations (muon, m3)
@@ -223,6 +267,20 @@ class OptimConfig:
     delta_strength: float = 1.0      # delta momentum: scale of the erase term (NL Eq. 48-49)
     delta_preconditioner: str = choice("adam", ["adam", "none"])
 
+    def __post_init__(self):
+        # the ranges optim.py checks again, here with the key named
+        _check_range(self.warmup_steps, "optim.warmup_steps", 0, integer=True)
+        for key in ("ns_steps", "m3_frequency", "dmgd_hidden"):
+            _check_range(getattr(self, key), f"optim.{key}", 1, integer=True)
+        for key in ("beta1", "beta2", "m3_beta3"):
+            setattr(self, key, _check_range(getattr(self, key), f"optim.{key}", 0, below=1))
+        self.momentum = _check_range(self.momentum, "optim.momentum", 0, below=1, null=True)
+        for key in ("min_lr_ratio", "decay_fraction"):
+            setattr(self, key, _check_range(getattr(self, key), f"optim.{key}", 0, high=1))
+        for key in ("weight_decay", "grad_clip", "m3_alpha", "m3_update_rms", "dmgd_inner_lr", "delta_strength"):
+            setattr(self, key, _check_range(getattr(self, key), f"optim.{key}", 0))
+        self.eps = _check_range(self.eps, "optim.eps", 0, strict=True)
+
 
 @dataclass
 class TrainConfig:
@@ -233,10 +291,10 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 1337
     out_dir: str = "out"
-    eval_every: int = 100
+    eval_every: int = 100            # 0 = no evals during training
     eval_batches: int = 20
-    ckpt_every: int = 100
-    keep_checkpoints: int = 2
+    ckpt_every: int = 100            # 0 = no checkpoints
+    keep_checkpoints: int = 2        # the newest n checkpoints are kept; 0 = keep all
     resume: str = "auto"             # auto | never | PATH to a checkpoint
     device: str = choice("auto", ["auto", "cpu", "cuda"])
     dtype: str = choice("auto", ["auto", "float32", "bfloat16"])  # auto: bf16 autocast on CUDA
@@ -245,6 +303,14 @@ class TrainConfig:
     max_bad_steps: int = 5           # consecutive NaN/inf steps before stopping
     sample_tokens: int = 100         # text sampled at the end of training (0 = none)
     sample_prompt: str = "And God said"
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every",
+                    "max_bad_steps"):
+            _check_range(getattr(self, key), f"train.{key}", 1, integer=True)
+        for key in ("eval_every", "ckpt_every", "keep_checkpoints", "sample_tokens"):
+            _check_range(getattr(self, key), f"train.{key}", 0, integer=True)
+        self.lr = _check_range(self.lr, "train.lr", 0, strict=True)
 
 
 @dataclass
@@ -275,6 +341,9 @@ class DistributedConfig:
                                      # run computes in bf16 (train.dtype), else fp32
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     timeout_s: int = 1800            # collective timeout before a stuck rank aborts the job
+
+    def __post_init__(self):
+        _check_range(self.timeout_s, "distributed.timeout_s", 1, integer=True)
 
 
 @dataclass
@@ -309,7 +378,10 @@ def _coerce(value, tp, key):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:               # an int too large for a float
+                raise ConfigError(f"{key} must be a finite number, got {value!r}") from None
         if isinstance(value, str):          # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
                 return float(value)
@@ -328,7 +400,7 @@ def _coerce(value, tp, key):
 
 def _from_dict(cls, data, prefix=""):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+        raise ConfigError(f"{prefix[:-1] or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -339,7 +411,7 @@ def _from_dict(cls, data, prefix=""):
                               f"'{prefix[:-1] or 'top level'}': {', '.join(fields)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _from_dict(tp, value or {}, full + ".")
+            kwargs[key] = _from_dict(tp, {} if value is None else value, full + ".")
             continue
         value = _coerce(value, tp, full)
         choices = fields[key].metadata.get("choices")
@@ -363,8 +435,20 @@ def _set_path(data: dict, dotted: str, value):
     node[parts[-1]] = value
 
 
+def _declared_type(dotted: str):
+    """The annotation of config field 'section.key' (None when there is no such field)."""
+    cls = Config
+    for part in dotted.split("."):
+        if not (dataclasses.is_dataclass(cls) and part in {f.name for f in dataclasses.fields(cls)}):
+            return None
+        cls = typing.get_type_hints(cls)[part]
+    return cls
+
+
 def parse_overrides(args: list[str]) -> dict:
-    """['--train.lr=3e-4', '--model.arch', 'hope'] -> nested dict; values parsed as YAML."""
+    """['--train.lr=3e-4', '--model.arch', 'hope'] -> nested dict; values parsed as YAML,
+    except for fields declared str, which keep the text as typed (--logging.run_name=010
+    is '010', not 8; --train.sample_prompt=yes is 'yes', not True)."""
     out: dict = {}
     i = 0
     while i < len(args):
@@ -379,13 +463,17 @@ def parse_overrides(args: list[str]) -> dict:
                 raise ConfigError(f"override '{arg}' has no value; use --{body}=VALUE")
             key, raw = body, args[i + 1]
             i += 1
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        key = key.replace("-", "_")
+        if _declared_type(key) is str:
             value = raw
-        if isinstance(value, (dict,)):
-            value = raw
-        _set_path(out, key.replace("-", "_"), value)
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
+            if isinstance(value, (dict,)):
+                value = raw
+        _set_path(out, key, value)
         i += 1
     return out
 
@@ -399,16 +487,57 @@ def _merge(base: dict, over: dict) -> dict:
     return base
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, mark):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.mark = key, mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (SafeLoader keeps the
+    last silently). Keys merged in with `<<: *anchor` may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:                   # unhashable: construct_mapping reports it
+                    continue
+                if duplicate:
+                    raise _DuplicateKey(key, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text (line {line})") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"config file {path} has the key {e.key!r} twice (again on line "
+                          f"{e.mark.line + 1})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        raise ConfigError(f"config file {path} is empty")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     return data
@@ -443,21 +572,13 @@ def model_config_from(obj) -> ModelConfig:
 
 def validate(cfg: Config):
     """Cross-field checks that a type check cannot see."""
-    t, m = cfg.train, cfg.model
-    positive = {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
-                "train.seq_len": t.seq_len, "train.grad_accum": t.grad_accum,
-                "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model}
-    for key, value in positive.items():
-        _check_range(value, key, 1, integer=True)
+    t, m = cfg.train, cfg.model      # single values are range-checked in each section's __post_init__
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
     if (m.d_model // m.n_head) % 2:
         raise ConfigError(f"head dim d_model/n_head={m.d_model // m.n_head} must be even for RoPE")
-    _check_range(t.lr, "train.lr", 0, strict=True)
-    _check_range(cfg.distributed.timeout_s, "distributed.timeout_s", 1, integer=True)
-    _check_range(cfg.data.val_fraction, "data.val_fraction", 0, below=1)
 
 
 def dump_yaml(cfg: Config, path: str):

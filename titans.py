@@ -44,23 +44,12 @@ VARIANTS = ("lmm", "mac", "mag", "mal")
 
 
 def check_titans_config(cfg: ModelConfig):
-    """One-line ValueErrors for Titans settings a type check cannot see."""
+    """One-line errors for Titans settings: TitansConfig's own range checks, run again here
+    for a config changed after it was built, and the variant (a choice of load_config)."""
     t = cfg.titans
     if t.variant not in VARIANTS:
         raise ValueError(f"model.titans.variant must be one of {', '.join(VARIANTS)}; got {t.variant!r}")
-    if t.memory_depth not in (1, 2):
-        raise ValueError(f"model.titans.memory_depth must be 1 or 2; got {t.memory_depth}")
-    for name, low in (("memory_expansion", 1), ("chunk_size", 1), ("segment_size", 1),
-                      ("window_size", 1), ("conv_size", 0), ("n_persistent", 0),
-                      ("detach_chunks_older_than", 0)):
-        if getattr(t, name) < low:
-            raise ValueError(f"model.titans.{name} must be >= {low}; got {getattr(t, name)}")
-    if t.theta_max <= 0:
-        raise ValueError(f"model.titans.theta_max must be > 0; got {t.theta_max}")
-    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
-        raise ValueError(f"model.titans.max_grad_norm must be > 0 or null; got {t.max_grad_norm}")
-    if t.inner_lr_fixed is not None and t.inner_lr_fixed < 0:
-        raise ValueError(f"model.titans.inner_lr_fixed must be >= 0 or null; got {t.inner_lr_fixed}")
+    t.__post_init__()
 
 
 # ----------------------------------------------------------------------------------------

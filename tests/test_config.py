@@ -96,24 +96,25 @@ def test_model_kernels_reaches_every_memory_and_cms_level(arch):
 @pytest.mark.parametrize("data, message", [
     ({"train": {"max_steps": 0}}, "train.max_steps must be an integer >= 1, got 0"),
     ({"model": {"n_head": -2}}, "model.n_head must be an integer >= 1, got -2"),
-    ({"train": {"lr": 0}}, "train.lr must be a number > 0, got 0"),
-    ({"train": {"lr": float("nan")}}, "train.lr must be a number > 0, got nan"),
+    ({"train": {"lr": 0}}, "train.lr must be a finite number > 0, got 0"),
+    ({"train": {"lr": float("nan")}}, "train.lr must be a finite number > 0, got nan"),
     ({"distributed": {"timeout_s": 0}}, "distributed.timeout_s must be an integer >= 1, got 0"),
-    ({"data": {"val_fraction": 1.0}}, "data.val_fraction must be a number in [0, 1), got 1.0"),
-    ({"data": {"val_fraction": -0.1}}, "data.val_fraction must be a number in [0, 1), got -0.1"),
+    ({"data": {"val_fraction": 1.0}}, "data.val_fraction must be a finite number in (0, 1), got 1.0"),
+    ({"data": {"val_fraction": -0.1}}, "data.val_fraction must be a finite number in (0, 1), got -0.1"),
+    ({"data": {"val_fraction": 0}}, "data.val_fraction must be a finite number in (0, 1), got 0.0"),
     ({"model": {"hope": {"chunk_mem": 0}}}, "model.hope.chunk_mem must be an integer >= 1, got 0"),
     ({"model": {"hope": {"memory_expansion": True}}}, "model.hope.memory_expansion must be int, got True"),
     ({"model": {"hope": {"conv_size": -1}}}, "model.hope.conv_size must be an integer >= 0, got -1"),
-    ({"model": {"hope": {"eta_max": 0}}}, "model.hope.eta_max must be a number > 0, got 0.0"),
-    ({"model": {"hope": {"inner_lr_fixed": -1}}}, "model.hope.inner_lr_fixed must be a number >= 0 or null, got -1.0"),
-    ({"model": {"hope": {"max_grad_norm": 0}}}, "model.hope.max_grad_norm must be a number > 0 or null, got 0.0"),
+    ({"model": {"hope": {"eta_max": 0}}}, "model.hope.eta_max must be a finite number > 0, got 0.0"),
+    ({"model": {"hope": {"inner_lr_fixed": -1}}}, "model.hope.inner_lr_fixed must be a finite number >= 0 or null, got -1.0"),
+    ({"model": {"hope": {"max_grad_norm": 0}}}, "model.hope.max_grad_norm must be a finite number > 0 or null, got 0.0"),
     ({"model": {"cms": {"chunk_sizes": [8, 0]}}}, "model.cms.chunk_sizes[1] must be an integer >= 1 or null, got 0"),
     ({"model": {"cms": {"chunk_sizes": [2.5]}}}, "model.cms.chunk_sizes[0] must be an integer >= 1 or null, got 2.5"),
     ({"model": {"cms": {"chunk_sizes": []}}}, "model.cms.chunk_sizes must be a non-empty list"),
-    ({"model": {"cms": {"hidden_mult": -1}}}, "model.cms.hidden_mult must be a number > 0, got -1.0"),
-    ({"model": {"cms": {"inner_lr": "fast"}}}, "model.cms.inner_lr must be a number >= 0, got 'fast'"),
-    ({"model": {"cms": {"inner_lr": [None, None]}}}, "model.cms.inner_lr[0] must be a number >= 0, got None"),
-    ({"model": {"cms": {"inner_lr": [1e-3, -1]}}}, "model.cms.inner_lr[1] must be a number >= 0 or null, got -1"),
+    ({"model": {"cms": {"hidden_mult": -1}}}, "model.cms.hidden_mult must be a finite number > 0, got -1.0"),
+    ({"model": {"cms": {"inner_lr": "fast"}}}, "model.cms.inner_lr must be a finite number >= 0, got 'fast'"),
+    ({"model": {"cms": {"inner_lr": [None, None]}}}, "model.cms.inner_lr[0] must be a finite number >= 0, got None"),
+    ({"model": {"cms": {"inner_lr": [1e-3, -1]}}}, "model.cms.inner_lr[1] must be a finite number >= 0 or null, got -1"),
     ({"model": {"cms": {"inner_lr": [1e-3]}}}, "model.cms.inner_lr has 1 entries but model.cms.chunk_sizes has 2"),
 ])
 def test_range_checks_name_the_key_range_and_value(data, message):
@@ -126,7 +127,7 @@ def test_range_checks_name_the_key_range_and_value(data, message):
 def test_range_checks_pass_edges_and_read_yaml_number_strings():
     """The edges of each range pass; '1e-3' (a string to YAML 1.1) is read as a number;
     a static level's inner_lr may be null; numbers come back as floats."""
-    cfg = config_from_dict({"data": {"val_fraction": 0.0}, "distributed": {"timeout_s": 1},
+    cfg = config_from_dict({"data": {"val_fraction": 1e-9}, "distributed": {"timeout_s": 1},
                             "model": {"hope": {"conv_size": 0, "inner_lr_fixed": 0, "max_grad_norm": None},
                                       "cms": {"chunk_sizes": [4, None], "inner_lr": ["1e-3", None]}}})
     assert cfg.model.cms.inner_lr == [1e-3, None] and cfg.model.cms.level_lrs() == [1e-3, None]
@@ -138,3 +139,204 @@ def test_range_checks_pass_edges_and_read_yaml_number_strings():
         HopeConfig(chunk_other=1.5)                 # built directly: no YAML type check before
     with pytest.raises(ConfigError, match=r"^model.hope.memory_expansion must be an integer >= 1, got True$"):
         HopeConfig(memory_expansion=True)
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    # train
+    ("train", "batch_size", 0, "train.batch_size must be an integer >= 1, got 0"),
+    ("train", "grad_accum", 0, "train.grad_accum must be an integer >= 1, got 0"),
+    ("train", "seq_len", -1, "train.seq_len must be an integer >= 1, got -1"),
+    ("train", "lr", INF, "train.lr must be a finite number > 0, got inf"),
+    ("train", "lr", "-inf", "train.lr must be a finite number > 0, got -inf"),
+    ("train", "lr", 10 ** 400, "train.lr must be a finite number, got 1000"),
+    ("train", "eval_every", -1, "train.eval_every must be an integer >= 0, got -1"),
+    ("train", "eval_batches", 0, "train.eval_batches must be an integer >= 1, got 0"),
+    ("train", "ckpt_every", -5, "train.ckpt_every must be an integer >= 0, got -5"),
+    ("train", "keep_checkpoints", -1, "train.keep_checkpoints must be an integer >= 0, got -1"),
+    ("train", "log_every", 0, "train.log_every must be an integer >= 1, got 0"),
+    ("train", "max_bad_steps", 0, "train.max_bad_steps must be an integer >= 1, got 0"),
+    ("train", "sample_tokens", -1, "train.sample_tokens must be an integer >= 0, got -1"),
+    # optim
+    ("optim", "warmup_steps", -1, "optim.warmup_steps must be an integer >= 0, got -1"),
+    ("optim", "grad_clip", -1, "optim.grad_clip must be a finite number >= 0, got -1.0"),
+    ("optim", "grad_clip", NAN, "optim.grad_clip must be a finite number >= 0, got nan"),
+    ("optim", "grad_clip", INF, "optim.grad_clip must be a finite number >= 0, got inf"),
+    ("optim", "min_lr_ratio", 1.5, "optim.min_lr_ratio must be a finite number in [0, 1], got 1.5"),
+    ("optim", "min_lr_ratio", -0.1, "optim.min_lr_ratio must be a finite number in [0, 1], got -0.1"),
+    ("optim", "decay_fraction", 1.01, "optim.decay_fraction must be a finite number in [0, 1], got 1.01"),
+    ("optim", "decay_fraction", NAN, "optim.decay_fraction must be a finite number in [0, 1], got nan"),
+    ("optim", "beta1", 1.0, "optim.beta1 must be a finite number in [0, 1), got 1.0"),
+    ("optim", "beta2", -0.5, "optim.beta2 must be a finite number in [0, 1), got -0.5"),
+    ("optim", "eps", 0, "optim.eps must be a finite number > 0, got 0.0"),
+    ("optim", "eps", INF, "optim.eps must be a finite number > 0, got inf"),
+    ("optim", "weight_decay", -0.1, "optim.weight_decay must be a finite number >= 0, got -0.1"),
+    ("optim", "momentum", 1.0, "optim.momentum must be a finite number in [0, 1) or null, got 1.0"),
+    ("optim", "ns_steps", 0, "optim.ns_steps must be an integer >= 1, got 0"),
+    ("optim", "m3_frequency", 0, "optim.m3_frequency must be an integer >= 1, got 0"),
+    ("optim", "m3_beta3", 1.0, "optim.m3_beta3 must be a finite number in [0, 1), got 1.0"),
+    ("optim", "m3_alpha", -1, "optim.m3_alpha must be a finite number >= 0, got -1.0"),
+    ("optim", "m3_update_rms", INF, "optim.m3_update_rms must be a finite number >= 0, got inf"),
+    ("optim", "dmgd_hidden", 0, "optim.dmgd_hidden must be an integer >= 1, got 0"),
+    ("optim", "dmgd_inner_lr", -1, "optim.dmgd_inner_lr must be a finite number >= 0, got -1.0"),
+    ("optim", "delta_strength", NAN, "optim.delta_strength must be a finite number >= 0, got nan"),
+    # model
+    ("model", "ffn_mult", 0, "model.ffn_mult must be a finite number > 0, got 0.0"),
+    ("model", "ffn_mult", INF, "model.ffn_mult must be a finite number > 0, got inf"),
+    ("model", "ffn_multiple_of", 0, "model.ffn_multiple_of must be an integer >= 1, got 0"),
+    ("model", "init_std", -0.02, "model.init_std must be a finite number > 0, got -0.02"),
+    ("model", "init_std", NAN, "model.init_std must be a finite number > 0, got nan"),
+    ("model", "rope_theta", 0, "model.rope_theta must be a finite number > 0, got 0.0"),
+    ("model", "rope_theta", INF, "model.rope_theta must be a finite number > 0, got inf"),
+    ("model", "norm_eps", 0, "model.norm_eps must be a finite number > 0, got 0.0"),
+    ("model", "norm_eps", NAN, "model.norm_eps must be a finite number > 0, got nan"),
+    ("model", "max_seq_len", 0, "model.max_seq_len must be an integer >= 1, got 0"),
+    ("model", "d_model", 0, "model.d_model must be an integer >= 1, got 0"),
+    ("model", "n_layer", 0, "model.n_layer must be an integer >= 1, got 0"),
+    ("model", "vocab_size", -1, "model.vocab_size must be an integer >= 0, got -1"),
+    # model.titans
+    ("model.titans", "theta_max", NAN, "model.titans.theta_max must be a finite number > 0, got nan"),
+    ("model.titans", "theta_max", INF, "model.titans.theta_max must be a finite number > 0, got inf"),
+    ("model.titans", "theta_max", 0, "model.titans.theta_max must be a finite number > 0, got 0.0"),
+    ("model.titans", "max_grad_norm", NAN, "model.titans.max_grad_norm must be a finite number > 0 or null, got nan"),
+    ("model.titans", "inner_lr_fixed", INF, "model.titans.inner_lr_fixed must be a finite number >= 0 or null, got inf"),
+    ("model.titans", "memory_depth", 3, "model.titans.memory_depth must be 1 or 2, got 3"),
+    ("model.titans", "chunk_size", 0, "model.titans.chunk_size must be an integer >= 1, got 0"),
+    ("model.titans", "window_size", 0, "model.titans.window_size must be an integer >= 1, got 0"),
+    ("model.titans", "n_persistent", -1, "model.titans.n_persistent must be an integer >= 0, got -1"),
+    # model.hope, model.cms
+    ("model.hope", "eta_max", INF, "model.hope.eta_max must be a finite number > 0, got inf"),
+    ("model.hope", "max_grad_norm", NAN, "model.hope.max_grad_norm must be a finite number > 0 or null, got nan"),
+    ("model.hope", "inner_lr_fixed", INF, "model.hope.inner_lr_fixed must be a finite number >= 0 or null, got inf"),
+    ("model.cms", "inner_lr", INF, "model.cms.inner_lr must be a finite number >= 0, got inf"),
+    ("model.cms", "inner_lr", [NAN, None], "model.cms.inner_lr[0] must be a finite number >= 0, got nan"),
+    ("model.cms", "hidden_mult", INF, "model.cms.hidden_mult must be a finite number > 0, got inf"),
+    # data
+    ("data", "max_docs", 1, "data.max_docs must be an integer >= 2 or null, got 1"),
+    ("data", "num_workers", -1, "data.num_workers must be an integer >= 0, got -1"),
+    ("data", "val_fraction", NAN, "data.val_fraction must be a finite number in (0, 1), got nan"),
+])
+def test_every_range_is_checked_at_load(section, key, value, message):
+    """Each value outside its range fails at config load with one line naming key, range and value."""
+    data: dict = {}
+    node = data
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[key] = value
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_range_edges_and_off_values_pass():
+    """The documented off values (0 = no evals / checkpoints / clipping / warmup / sample,
+    keep all checkpoints) and the closed ends of [0, 1] pass."""
+    cfg = config_from_dict({
+        "train": {"eval_every": 0, "ckpt_every": 0, "keep_checkpoints": 0, "sample_tokens": 0,
+                  "log_every": 1, "max_bad_steps": 1, "eval_batches": 1},
+        "optim": {"grad_clip": 0, "warmup_steps": 0, "min_lr_ratio": 1, "decay_fraction": 0,
+                  "beta1": 0, "weight_decay": 0, "momentum": 0.0, "m3_update_rms": 0},
+        "model": {"vocab_size": 0, "ffn_multiple_of": 1, "titans": {"memory_depth": 1, "inner_lr_fixed": 0,
+                                                                     "max_grad_norm": None}},
+        "data": {"max_docs": 2, "val_fraction": 0.999}})
+    assert cfg.optim.min_lr_ratio == 1.0 and isinstance(cfg.optim.min_lr_ratio, float)
+    assert cfg.train.keep_checkpoints == 0 and cfg.optim.grad_clip == 0.0
+    assert config_from_dict({"optim": {"min_lr_ratio": 0, "decay_fraction": 1}}).optim.decay_fraction == 1.0
+
+
+def test_sections_built_directly_are_checked():
+    """The checks live in each section's __post_init__: a section built in code is checked too."""
+    from config import DataConfig, ModelConfig, OptimConfig, TitansConfig, TrainConfig
+    for build, message in [(lambda: TrainConfig(log_every=0), r"^train.log_every must be an integer >= 1, got 0$"),
+                           (lambda: OptimConfig(beta1=1.0), r"^optim.beta1 must be a finite number in \[0, 1\), got 1.0$"),
+                           (lambda: ModelConfig(ffn_multiple_of=0), r"^model.ffn_multiple_of must be an integer >= 1"),
+                           (lambda: TitansConfig(memory_depth=True), r"^model.titans.memory_depth must be 1 or 2, got True$"),
+                           (lambda: DataConfig(val_fraction=0.0), r"^data.val_fraction must be a finite number in \(0, 1\)")]:
+        with pytest.raises(ConfigError, match=message):
+            build()
+    assert model_config_from({"titans": {"theta_max": 0.5}}).titans.theta_max == 0.5
+    with pytest.raises(ConfigError, match=r"^model.titans.theta_max must be a finite number > 0, got nan$"):
+        model_config_from({"titans": {"theta_max": float("nan")}})
+
+
+@pytest.mark.parametrize("override, section, key, expected", [
+    ("--logging.run_name=010", "logging", "run_name", "010"),
+    ("--train.out_dir=2024_01", "train", "out_dir", "2024_01"),
+    ("--train.sample_prompt=0.10", "train", "sample_prompt", "0.10"),
+    ("--train.sample_prompt=yes", "train", "sample_prompt", "yes"),
+    ("--train.sample_prompt=null", "train", "sample_prompt", "null"),
+    ("--train.sample_prompt=[a, b]", "train", "sample_prompt", "[a, b]"),
+    ("--train.sample_prompt=key: value", "train", "sample_prompt", "key: value"),
+    ("--train.sample_prompt=", "train", "sample_prompt", ""),
+    ("--data.hf_data_files=*.json", "data", "hf_data_files", "*.json"),
+    ("--train.resume=~/ckpt", "train", "resume", "~/ckpt"),
+])
+def test_str_overrides_keep_the_text_as_typed(override, section, key, expected):
+    """A CLI value for a field declared str is not parsed as YAML (010 would be the octal 8,
+    2024_01 the int 202401, yes a bool)."""
+    assert getattr(getattr(load_config(None, [override]), section), key) == expected
+
+
+def test_non_str_overrides_still_parse_as_yaml():
+    cfg = load_config(None, ["--train.max_steps=010", "--optim.grad_clip=0.5", "--model.cms.chunk_sizes=[8, null]",
+                             "--model.titans.max_grad_norm=null", "--train.compile=yes", "--logging.run-name", "007"])
+    assert cfg.train.max_steps == 8 and cfg.optim.grad_clip == 0.5 and cfg.model.cms.chunk_sizes == [8, None]
+    assert cfg.model.titans.max_grad_norm is None and cfg.train.compile is True
+    assert cfg.logging.run_name == "007"
+    with pytest.raises(ConfigError, match="unknown config key 'train.nope'"):
+        load_config(None, ["--train.nope=010"])
+
+
+def test_yaml_str_fields_unchanged(tmp_path):
+    """YAML files keep their YAML meaning: an unquoted 010 is the int 8, written as '8'."""
+    path = tmp_path / "c.yaml"
+    path.write_text("logging:\n  run_name: 010\ntrain:\n  out_dir: '2024_01'\n")
+    cfg = load_config(str(path))
+    assert cfg.logging.run_name == "8" and cfg.train.out_dir == "2024_01"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  max_steps: 2\n  max_steps: 5\n", "has the key 'max_steps' twice (again on line 3)"),
+    ("train:\n  lr: 1\ntrain:\n  seq_len: 8\n", "has the key 'train' twice (again on line 3)"),
+    ("", "is empty"),
+    ("# a comment only\n\n", "is empty"),
+    ("- train\n", "must hold a mapping of sections"),
+    ("model: [unclosed\n", "is not valid YAML (line 2)"),
+])
+def test_bad_config_files_name_the_file(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert str(e.value) == f"config file {path} {message}"
+
+
+def test_non_utf8_config_file_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train:\n  sample_prompt: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert str(e.value) == f"config file {path} is not UTF-8 text (line 2)"
+    bom = tmp_path / "bom.yaml"                  # a UTF-8 byte-order mark is fine
+    bom.write_bytes("\ufefftrain:\n  sample_prompt: café\n".encode("utf-8"))
+    assert load_config(str(bom)).train.sample_prompt == "café"
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    """`<<: *anchor` then the same key is an override, not a duplicate."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  <<: {lr: 0.5, seq_len: 32}\n  lr: 0.25\n")
+    cfg = load_config(str(path))
+    assert cfg.train.lr == 0.25 and cfg.train.seq_len == 32
+
+
+@pytest.mark.parametrize("value", [5, 0, "x", [1]])
+def test_non_mapping_section_message(value):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"train": value})
+    assert str(e.value) == f"train must be a mapping, got {value!r}"
+    with pytest.raises(ConfigError, match=r"^model.titans must be a mapping, got 3$"):
+        config_from_dict({"model": {"titans": 3}})
+    assert config_from_dict({"train": None}).train.max_steps == Config().train.max_steps

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from config import ConfigError, load_config
 from helpers import assert_cached_generation_matches, assert_streaming_matches, train_recall_accuracy
 from model import build_model
+import titans
 
 VARIANTS = ["lmm", "mac", "mag", "mal"]
 V = 61
@@ -116,8 +117,12 @@ def test_gate_switches():
 
 
 def test_bad_titans_settings_raise_clear_errors():
-    with pytest.raises(ValueError, match="model.titans.chunk_size must be >= 1"):
+    with pytest.raises(ValueError, match="model.titans.chunk_size must be an integer >= 1, got 0"):
         tiny("lmm", chunk_size=0)
+    cfg = load_config(None, ["--model.arch=titans"]).model
+    cfg.titans.window_size = 0                         # changed after the config was built
+    with pytest.raises(ValueError, match="model.titans.window_size must be an integer >= 1, got 0"):
+        titans.make_titans_mixer(cfg)
     with pytest.raises(ValueError, match="memory_depth"):
         tiny("lmm", memory_depth=3)
     with pytest.raises(ValueError, match="theta_max"):
