@@ -39,7 +39,6 @@ CLI (docs/BABILONG.md):
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -47,15 +46,18 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
-from eval.common import (bf16_autocast, check_long_inputs, context_handling, context_limit, continuation_logprob,
-                         default_data_dir, eval_mode, exit_on_error, fit_prompt, greedy_generate, load_checkpoint, mean_over_scored,
-                         model_device, prefill)
+from eval.common import (EvalArgumentParser, bf16_autocast, check_checkpoint_out, check_long_inputs, check_output_dir,
+                         check_output_file, context_handling, context_limit, continuation_logprob, default_data_dir,
+                         eval_mode, exit_on_error, fit_prompt, greedy_generate, holds_checkpoints, load_checkpoint,
+                         make_parent, mean_over_scored, model_device, non_negative_float, non_negative_int,
+                         positive_float, positive_int, prefill)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M")
@@ -695,10 +697,13 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
              background: str = "austen", seed: int = 0, data_dir: str | None = None, max_len: int | None = None,
              device=None, log_every: int = 1) -> str:
     """AdamW on bAbI-train facts in train-book background, lengths in increasing order;
-    saves a checkpoint that checkpoint.load_model reads. Returns its directory."""
+    saves a checkpoint that checkpoint.load_model reads. Returns its directory. out_dir must
+    hold no checkpoints (saving there would replace or prune them)."""
     from checkpoint import save_checkpoint
     if steps < 1 or batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
+    if os.path.isdir(out_dir) and holds_checkpoints(out_dir):
+        raise ValueError(f"--out {out_dir} already holds checkpoints; choose another folder")
     device = device or model_device(model)
     lengths = _length_order(lengths)
     for length in lengths:
@@ -764,8 +769,9 @@ def run_eval(args) -> dict:
     tasks, lengths = parse_list(args.tasks, "tasks"), parse_list(args.lengths, "lengths")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    check_output_dir(args.out)
     model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
-    max_len = context_limit(model, args.max_len or cfg.train.seq_len)
+    max_len = context_limit(model, args.max_len if args.max_len is not None else cfg.train.seq_len)
     gpt2 = length_tokenizer(args.data_dir) if args.source == "local" else None
     per_cell, samples_out = {}, []
     for task in tasks:
@@ -812,8 +818,9 @@ def run_finetune(args) -> str:
     tasks, lengths = parse_list(args.tasks, "tasks"), parse_list(args.lengths, "lengths")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    check_checkpoint_out(args.out, args.checkpoint)          # before loading: never into checkpoints
     model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
-    max_len = context_limit(model, args.max_len or cfg.train.seq_len)
+    max_len = context_limit(model, args.max_len if args.max_len is not None else cfg.train.seq_len)
     path = finetune(model, cfg, tokenizer, tasks, lengths, args.steps, args.out, lr=args.lr,
                     batch_size=args.batch_size, weight_decay=args.weight_decay, babi=args.babi,
                     background=args.background, seed=args.seed, data_dir=args.data_dir, max_len=max_len,
@@ -824,15 +831,26 @@ def run_finetune(args) -> str:
 
 def run_build(args) -> str:
     tasks, lengths = parse_list(args.tasks, "tasks"), parse_list(args.lengths, "lengths")
+    check_output_file(args.out)
     gpt2 = length_tokenizer(args.data_dir)
     n = 0
-    with open(args.out, "w") as f:
-        for task in tasks:
-            for length in lengths:
-                for sample in build_babilong(task, length, args.samples, split=args.split, background=args.background,
-                                             babi=args.babi, seed=args.seed, data_dir=args.data_dir, gpt2=gpt2):
-                    f.write(json.dumps(sample) + "\n")
-                    n += 1
+    # into a temporary file, renamed at the end: a failed build leaves an existing --out as it was
+    folder = os.path.dirname(os.path.abspath(make_parent(args.out)))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(args.out)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            for task in tasks:
+                for length in lengths:
+                    for sample in build_babilong(task, length, args.samples, split=args.split,
+                                                 background=args.background, babi=args.babi, seed=args.seed,
+                                                 data_dir=args.data_dir, gpt2=gpt2):
+                        f.write(json.dumps(sample) + "\n")
+                        n += 1
+        os.chmod(tmp, 0o644)                             # mkstemp's file is private
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"wrote {n} samples to {args.out}")
     return args.out
 
@@ -848,23 +866,23 @@ def _add_common(p, babi_default):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.babilong", description="BABILong: build, evaluate, fine-tune.")
+    parser = EvalArgumentParser(prog="python -m eval.babilong", description="BABILong: build, evaluate, fine-tune.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint; writes babilong.json + babilong_heatmap.png")
     p_eval.add_argument("--checkpoint", required=True)
     _add_common(p_eval, babi_default="file")
-    p_eval.add_argument("--samples", type=int, default=100, help="samples per task and length")
+    p_eval.add_argument("--samples", type=positive_int, default=100, help="samples per task and length")
     p_eval.add_argument("--out", required=True, help="output folder")
     p_eval.add_argument("--source", default="local", choices=("local",) + tuple(HF_DATASETS),
                         help="local construction, or RMT-team/babilong (hf) / babilong-1k-samples (hf-1k)")
     p_eval.add_argument("--revision", help="Hub revision (default: HF_REVISIONS in eval/babilong.py)")
     p_eval.add_argument("--split", default="test", choices=("train", "test"), help="local: bAbI and book split")
-    p_eval.add_argument("--segment-len", type=int, default=2048, help="tokens per streamed segment")
-    p_eval.add_argument("--max-len", type=int, help="attention models: context (default cfg.train.seq_len)")
+    p_eval.add_argument("--segment-len", type=positive_int, default=2048, help="tokens per streamed segment")
+    p_eval.add_argument("--max-len", type=positive_int, help="attention models: context (default cfg.train.seq_len)")
     p_eval.add_argument("--overflow", default="truncate", choices=("truncate", "skip"),
                         help="attention models: inputs over --max-len")
-    p_eval.add_argument("--max-new-tokens", type=int, default=OFFICIAL_MAX_NEW_TOKENS)
+    p_eval.add_argument("--max-new-tokens", type=positive_int, default=OFFICIAL_MAX_NEW_TOKENS)
     p_eval.add_argument("--instruction", action="store_true", help="official prompt: include the instruction")
     p_eval.add_argument("--examples", action="store_true", help="official prompt: include the examples")
     p_eval.add_argument("--post-prompt", action="store_true", help="official prompt: include the post prompt")
@@ -874,18 +892,19 @@ def main(argv=None):
     p_ft = sub.add_parser("finetune", help="fine-tune with a length curriculum; saves a checkpoint")
     p_ft.add_argument("--checkpoint", required=True)
     _add_common(p_ft, babi_default="generated")
-    p_ft.add_argument("--steps", type=int, required=True)
-    p_ft.add_argument("--out", required=True, help="output folder (checkpoints/ inside)")
-    p_ft.add_argument("--lr", type=float, default=1e-4)
-    p_ft.add_argument("--batch-size", type=int, default=4)
-    p_ft.add_argument("--weight-decay", type=float, default=0.01)
-    p_ft.add_argument("--max-len", type=int, help="attention models: context (default cfg.train.seq_len)")
-    p_ft.add_argument("--log-every", type=int, default=10)
+    p_ft.add_argument("--steps", type=positive_int, required=True)
+    p_ft.add_argument("--out", required=True,
+                      help="output folder (checkpoints/ inside); not one that already holds checkpoints")
+    p_ft.add_argument("--lr", type=positive_float, default=1e-4)
+    p_ft.add_argument("--batch-size", type=positive_int, default=4)
+    p_ft.add_argument("--weight-decay", type=non_negative_float, default=0.01)
+    p_ft.add_argument("--max-len", type=positive_int, help="attention models: context (default cfg.train.seq_len)")
+    p_ft.add_argument("--log-every", type=non_negative_int, default=10, help="steps between log lines (0: none)")
     p_ft.add_argument("--device", default="auto")
 
     p_build = sub.add_parser("build", help="write locally built samples as JSON lines")
     _add_common(p_build, babi_default="file")
-    p_build.add_argument("--samples", type=int, default=100)
+    p_build.add_argument("--samples", type=positive_int, default=100)
     p_build.add_argument("--split", default="test", choices=("train", "test"))
     p_build.add_argument("--out", required=True, help="output .jsonl file")
 

@@ -37,7 +37,6 @@ CLI (docs/CONTINUAL.md):
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import glob
@@ -52,8 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from eval.common import default_data_dir
-from eval.common import (clone_state, continuation_logprob, eval_mode, exit_on_error, is_recurrent, load_checkpoint,
-                         model_device, prefill)
+from eval.common import (EvalArgumentParser, check_output_dir, clone_state, continuation_logprob, eval_mode,
+                         exit_on_error, is_recurrent, load_checkpoint, model_device, non_negative_int, positive_float,
+                         positive_int, prefill)
 from eval.perplexity import encode_pair, loglikelihood_tokens
 
 ARMS = ("sequential", "icl", "in_context_memory", "joint")
@@ -406,6 +406,8 @@ def _stream(model, tokenizer, task, settings, rng, device, state):
 def run_intents(model, tokenizer, tasks, arms=ARMS, settings: IntentSettings | None = None, device=None,
                 log=print) -> dict:
     settings = settings or IntentSettings()
+    if settings.icl_shots < 1 or (settings.stream_per_label is not None and settings.stream_per_label < 1):
+        raise ValueError("icl_shots and stream_per_label must be >= 1")
     results = {"protocol": "class-incremental intent classification (generative, no task id)",
                "prompt": PROMPT, "tasks": [{"name": t["name"], "labels": t["labels"], "n_train": len(t["train"]),
                                             "n_test": len(t["test"])} for t in tasks],
@@ -520,6 +522,8 @@ def run_domains(model, tokenizer, domains, settings: DomainSettings | None = Non
     settings = settings or DomainSettings()
     if len(domains) < 1:
         raise ValueError("no domains")
+    if settings.seq_len < 1 or settings.batch_size < 1 or settings.steps_per_domain < 0:
+        raise ValueError("seq_len and batch_size must be >= 1, steps_per_domain >= 0")
     device = device or model_device(model)
     model = copy.deepcopy(model)
     torch.manual_seed(settings.seed)
@@ -632,30 +636,31 @@ def _parse_arms(text: str) -> list[str]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.continual", description="Continual-learning evals.")
+    parser = EvalArgumentParser(prog="python -m eval.continual", description="Continual-learning evals.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("intents", help="class-incremental CLINC150 / Banking77")
     p.add_argument("--dataset", default="clinc", choices=INTENT_DATASETS)
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {','.join(ARMS)}")
-    p.add_argument("--tasks", type=int, help="use the first N tasks (default all)")
-    p.add_argument("--labels-per-task", type=int, help="use the first N labels of each task (default all)")
-    p.add_argument("--train-per-label", type=int, help="training examples per label (default all)")
-    p.add_argument("--test-per-label", type=int, help="test examples per label (default all)")
+    p.add_argument("--tasks", type=positive_int, help="use the first N tasks (default all)")
+    p.add_argument("--labels-per-task", type=positive_int, help="use the first N labels of each task (default all)")
+    p.add_argument("--train-per-label", type=positive_int, help="training examples per label (default all)")
+    p.add_argument("--test-per-label", type=positive_int, help="test examples per label (default all)")
     defaults = IntentSettings()
-    p.add_argument("--steps", type=int, default=defaults.steps_per_task, help="fine-tuning steps per task")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--icl-shots", type=int, default=defaults.icl_shots)
-    p.add_argument("--stream-per-label", type=int, help="in_context_memory: examples per label streamed")
+    p.add_argument("--steps", type=non_negative_int, default=defaults.steps_per_task, help="fine-tuning steps per task")
+    p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    p.add_argument("--lr", type=positive_float, default=defaults.lr)
+    p.add_argument("--icl-shots", type=positive_int, default=defaults.icl_shots, help="icl: demonstrations per label")
+    p.add_argument("--stream-per-label", type=positive_int,
+                   help="in_context_memory: examples per label streamed (default all)")
     q = sub.add_parser("domains", help="sequential-domain language modelling")
     q.add_argument("--domains", default=",".join(DOMAINS), help=f"comma list of {','.join(DOMAINS)}")
     dd = DomainSettings()
-    q.add_argument("--steps", type=int, default=dd.steps_per_domain, help="training steps per domain")
-    q.add_argument("--batch-size", type=int, default=dd.batch_size)
-    q.add_argument("--seq-len", type=int, help="training / scoring window (default the checkpoint's seq_len)")
-    q.add_argument("--lr", type=float, default=dd.lr)
-    q.add_argument("--train-chars", type=int, default=dd.train_chars)
-    q.add_argument("--eval-tokens", type=int, default=dd.eval_tokens)
+    q.add_argument("--steps", type=non_negative_int, default=dd.steps_per_domain, help="training steps per domain")
+    q.add_argument("--batch-size", type=positive_int, default=dd.batch_size)
+    q.add_argument("--seq-len", type=positive_int, help="training / scoring window (default the checkpoint's seq_len)")
+    q.add_argument("--lr", type=positive_float, default=dd.lr)
+    q.add_argument("--train-chars", type=positive_int, default=dd.train_chars)
+    q.add_argument("--eval-tokens", type=positive_int, default=dd.eval_tokens)
     for sp in (p, q):
         sp.add_argument("--checkpoint", required=True)
         sp.add_argument("--out", required=True, help="output folder")
@@ -664,8 +669,7 @@ def main(argv=None):
         sp.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     with exit_on_error(FileNotFoundError, ValueError, ImportError):
-        if args.steps < 0 or args.batch_size < 1 or args.lr <= 0:
-            raise ValueError("--steps must be >= 0, --batch-size >= 1 and --lr > 0")
+        check_output_dir(args.out)
         if args.command == "intents":
             arms = _parse_arms(args.arms)
             tasks = shrink_tasks(intent_tasks(args.dataset, args.data_dir), args.tasks, args.labels_per_task,
@@ -682,8 +686,9 @@ def main(argv=None):
             domains = load_domains(names, args.data_dir)
             model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
             settings = DomainSettings(steps_per_domain=args.steps, batch_size=args.batch_size,
-                                      seq_len=args.seq_len or cfg.train.seq_len, lr=args.lr,
-                                      train_chars=args.train_chars, eval_tokens=args.eval_tokens, seed=args.seed)
+                                      seq_len=args.seq_len if args.seq_len is not None else cfg.train.seq_len,
+                                      lr=args.lr, train_chars=args.train_chars, eval_tokens=args.eval_tokens,
+                                      seed=args.seed)
             results = run_domains(model, tokenizer, domains, settings, device)
             results.update(arch=cfg.model.arch, checkpoint=os.path.abspath(args.checkpoint))
             plot = plot_domains

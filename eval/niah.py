@@ -28,7 +28,6 @@ CLI:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -39,9 +38,10 @@ import uuid
 import torch
 
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, split_sentences
-from eval.common import (bf16_autocast, check_long_inputs, context_handling, context_limit, continuation_logprob,
-                         eval_mode, exit_on_error, fit_prompt, greedy_generate, is_recurrent, load_checkpoint,
-                         mean_over_scored, model_device, prefill)
+from eval.common import (EvalArgumentParser, bf16_autocast, check_long_inputs, check_output_dir, context_handling,
+                         context_limit, continuation_logprob, eval_mode, exit_on_error, fit_prompt, fraction_list,
+                         greedy_generate, is_recurrent, load_checkpoint, mean_over_scored, model_device,
+                         non_negative_int, positive_int, prefill)
 
 # RULER scripts/data/synthetic/constants.py and niah.py
 NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
@@ -226,13 +226,14 @@ def _by_depth(records) -> dict:
 def run(args) -> dict:
     tasks = [parse_task(t) for t in args.tasks.split(",") if t.strip()]
     lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
-    depths = [float(d) for d in args.depths.split(",") if d.strip()]
+    depths = args.depths if isinstance(args.depths, list) else [float(d) for d in args.depths.split(",") if d.strip()]
     if not tasks or not lengths:
         raise ValueError("--tasks and --lengths must name at least one task and one length")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    check_output_dir(args.out)
     model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
-    max_len = context_limit(model, args.max_len or cfg.train.seq_len)
+    max_len = context_limit(model, args.max_len if args.max_len is not None else cfg.train.seq_len)
     gpt2 = length_tokenizer(args.data_dir)
     results = {"benchmark": "s-niah (RULER niah_single_1/2/3)", "checkpoint": os.path.abspath(args.checkpoint),
                "arch": cfg.model.arch, "lengths_are": "GPT-2 tokens, prompt + 128 reserved for the answer",
@@ -267,26 +268,26 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.niah", description="RULER S-NIAH-1/2/3 accuracy.")
+    parser = EvalArgumentParser(prog="python -m eval.niah", description="RULER S-NIAH-1/2/3 accuracy.")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--tasks", default="1,2,3", help="niah_single_1,niah_single_2,niah_single_3 or 1,2,3")
     parser.add_argument("--lengths", default="1k,2k,4k", help="GPT-2 tokens: 4k = 4096, or a number")
-    parser.add_argument("--samples", type=int, default=50, help="samples per task and length")
-    parser.add_argument("--depths", default=",".join(map(str, DEFAULT_DEPTHS)), help="needle depths in [0, 1]")
+    parser.add_argument("--samples", type=positive_int, default=50, help="samples per task and length")
+    parser.add_argument("--depths", type=fraction_list, default=",".join(map(str, DEFAULT_DEPTHS)),
+                        help="comma list of needle depths in [0, 1] (default %(default)s)")
     parser.add_argument("--background", default="austen", choices=BACKGROUNDS, help="essay haystack books")
-    parser.add_argument("--distractors", type=int, default=4, help="random values ranked against the needle's")
-    parser.add_argument("--segment-len", type=int, default=2048)
-    parser.add_argument("--max-len", type=int, help="attention models: context (default cfg.train.seq_len)")
+    parser.add_argument("--distractors", type=non_negative_int, default=4,
+                        help="random values ranked against the needle's")
+    parser.add_argument("--segment-len", type=positive_int, default=2048)
+    parser.add_argument("--max-len", type=positive_int, help="attention models: context (default cfg.train.seq_len)")
     parser.add_argument("--overflow", default="truncate", choices=("truncate", "skip"))
-    parser.add_argument("--max-new-tokens", type=int, default=RULER_TOKENS_TO_GENERATE)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=RULER_TOKENS_TO_GENERATE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True, help="output folder (niah.json)")
     args = parser.parse_args(argv)
     with exit_on_error(FileNotFoundError, ValueError, ConnectionError, ImportError):
-        if args.distractors < 0 or args.segment_len < 1 or args.max_new_tokens < 1:
-            raise ValueError("--distractors must be >= 0, --segment-len and --max-new-tokens >= 1")
         return run(args)
 
 

@@ -17,7 +17,6 @@ CLI (see docs/EVAL.md):
         [--batch-size N] [--out results.json]
 """
 
-import argparse
 import json
 import math
 import os
@@ -27,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.common import eval_mode, exit_on_error, load_checkpoint, model_device
+from eval.common import (EvalArgumentParser, check_output_file, eval_mode, exit_on_error, load_checkpoint, make_parent,
+                         model_device, positive_int)
 
 LN2 = math.log(2.0)
 DATA_DIR_ENV = "NL_DATA_DIR"  # a copy of shared/data: <dir>/wikitext/wiki.test.raw, <dir>/lambada/...
@@ -427,24 +427,27 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.perplexity",
-                                     description="Val loss / bits per byte, WikiText word perplexity, LAMBADA.")
+    parser = EvalArgumentParser(prog="python -m eval.perplexity",
+                                description="Val loss / bits per byte, WikiText word perplexity, LAMBADA.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory written by train.py")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list from {','.join(TASKS)}")
     parser.add_argument("--wikitext", help=f"wiki.test.raw path or 'hf' (default: wikitext/wiki.test.raw in ${DATA_DIR_ENV} or ../shared/data)")
     parser.add_argument("--lambada", help=f"lambada_test.jsonl path or 'hf' (default: lambada/lambada_test.jsonl in ${DATA_DIR_ENV} or ../shared/data)")
-    parser.add_argument("--limit", type=int, help="val batches / WikiText articles / LAMBADA passages to score")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=positive_int,
+                        help="val batches / WikiText articles / LAMBADA passages to score")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results as JSON here (a file; its folder is made)")
     args = parser.parse_args(argv)
     with exit_on_error(FileNotFoundError, ValueError):
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.out:
+            check_output_file(args.out)                  # before the eval, not after it
         results = run(args)
     print(_format_table(results))
     if args.out:
-        with open(args.out, "w") as f:
+        with open(make_parent(args.out), "w") as f:
             json.dump(results, f, indent=2)
         print(f"wrote {args.out}")
     return results

@@ -33,7 +33,6 @@ which follows lm-eval's definitions) and writes <out>/zeroshot.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -41,7 +40,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from eval.common import exit_on_error
+from eval.common import EvalArgumentParser, check_output_dir, exit_on_error, positive_int
 from eval.paper_numbers import (ACCURACY_COLUMNS, FIGURE_ONLY, NL_TABLE1_SNIAH, NL_TABLE2, NL_TABLE6, TITANS_TABLE1,
                                 TITANS_TABLE2, average_accuracy)
 
@@ -503,6 +502,7 @@ def run_zero_shot(checkpoint: str, out_dir: str, device: str = "auto", limit: in
         raise FileNotFoundError(f"checkpoint {checkpoint} not found")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    check_output_dir(out_dir)
     try:
         import lm_eval
     except ImportError:
@@ -525,13 +525,13 @@ def run_zero_shot(checkpoint: str, out_dir: str, device: str = "auto", limit: in
 # CLI
 
 def _zero_shot_main(argv):
-    parser = argparse.ArgumentParser(prog="python -m eval.reproduce zeroshot",
-                                     description="Zero-shot accuracies of the papers' tables with lm-eval.")
+    parser = EvalArgumentParser(prog="python -m eval.reproduce zeroshot",
+                                description="Zero-shot accuracies of the papers' tables with lm-eval.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint dir or a training out_dir")
     parser.add_argument("--out", required=True, help="output folder (zeroshot.json)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--limit", type=int, help="examples per task (default all; for smoke tests)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=positive_int, help="examples per task (default all; for smoke tests)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     args = parser.parse_args(argv)
     with exit_on_error(FileNotFoundError, ValueError, ImportError):
         return run_zero_shot(args.checkpoint, args.out, args.device, args.limit, args.batch_size)
@@ -541,22 +541,31 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["zeroshot"]:
         return _zero_shot_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m eval.reproduce",
-                                     description="Commands and side-by-side tables for the papers' results.")
+    parser = EvalArgumentParser(prog="python -m eval.reproduce",
+                                description="Commands and side-by-side tables for the papers' results.")
     parser.add_argument("table", help=" | ".join(TABLES) + " (or: zeroshot --checkpoint DIR --out DIR)")
     parser.add_argument("--run", action="store_true", help="execute the missing steps (default: print them)")
-    parser.add_argument("--nproc", type=int, default=1, help="GPUs per training run (torchrun --nproc_per_node)")
+    parser.add_argument("--nproc", type=positive_int, default=1,
+                        help="GPUs per training run (torchrun --nproc_per_node)")
     parser.add_argument("--results-root", default=DEFAULT_RESULTS_ROOT, help="where runs/ and their evals live")
     parser.add_argument("--out", help="folder for TABLE.md (default: the results root)")
     parser.add_argument("--train-args", default="", help="extra overrides for every training command, one string")
     parser.add_argument("--ablation-base", default="hope_1.3b", help="nl_table6: " + " | ".join(ABLATION_BASES))
     args = parser.parse_args(argv)
     with exit_on_error(ReproduceError, RuntimeError, FileNotFoundError):
-        train_args = tuple(shlex.split(args.train_args))
+        try:
+            train_args = tuple(shlex.split(args.train_args))
+        except ValueError as e:                          # an unclosed quote
+            raise ReproduceError(f"--train-args {args.train_args!r}: {e}") from None
         bad = [a for a in train_args if not a.startswith("--")]
         if bad:
             raise ReproduceError(f"--train-args must be overrides like --train.compile=true, got {bad[0]!r}")
         steps = plan(args.table, args.results_root, args.nproc, train_args, args.ablation_base)
+        flag, folder = ("--out", args.out) if args.out else ("--results-root", args.results_root)
+        try:                                             # before --run's steps, not after them
+            check_output_dir(folder, flag)
+        except ValueError as e:
+            raise ReproduceError(str(e)) from None
         if args.run:
             execute(steps)
         else:

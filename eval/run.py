@@ -29,12 +29,12 @@ metrics (names from DURING_TRAINING) for metrics.jsonl / wandb.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
-from eval.common import context_limit, exit_on_error, load_checkpoint, model_device
+from eval.common import (EvalArgumentParser, check_output_dir, context_limit, exit_on_error, load_checkpoint,
+                         model_device)
 
 SECTIONS = ("perplexity", "babilong", "niah", "continual")
 
@@ -190,6 +190,7 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
         raise ValueError(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
     if data_dir is not None and not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data-dir {data_dir} is not a folder")
+    check_output_dir(out_dir)
     model, cfg, tokenizer, device = load_checkpoint(checkpoint, device)
     seq_len = cfg.train.seq_len
     settings = SUITES[suite]
@@ -383,7 +384,7 @@ def run_during_training(model, tokenizer, names, device=None, seq_len: int = 256
 # CLI
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.run", description="Run the evaluation suite.")
+    parser = EvalArgumentParser(prog="python -m eval.run", description="Run the evaluation suite.")
     parser.add_argument("--suite", default="quick", help="quick | paper")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint dir or a training out_dir")
     parser.add_argument("--out", required=True, help="output folder (results.json, results.md, plots)")

@@ -8,7 +8,7 @@ import torch
 from conftest import SHARED_DATA
 
 from eval.babilong import (AUSTEN_BOOKS, PROMPT_RESERVE, build_babilong, compare_answers, evaluate, format_prompt,
-                           length_tokenizer, length_tokens, load_babilong_hf, load_books, main, plot_heatmap,
+                           finetune, length_tokenizer, length_tokens, load_babilong_hf, load_books, main, plot_heatmap,
                            split_sentences, training_example)
 from helpers import RiggedByteModel, needs_data, save_tiny_checkpoint
 
@@ -221,6 +221,90 @@ def test_eval_cli_writes_json_and_heatmap(tiny_checkpoint, tmp_path, monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--checkpoint", tiny_checkpoint, "--lengths", "3x", "--out", out])
     assert exit_info.value.code == 2 and "error: bad BABILong length" in capsys.readouterr().err
+
+
+def _tree(path):
+    """{relative path: (size, mtime)} of every file under path."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, path)] = (os.path.getsize(full), os.path.getmtime(full))
+    return out
+
+
+def test_finetune_refuses_an_out_that_holds_checkpoints(tmp_path, capsys):
+    """--out the pretraining run (or its checkpoints/ root, or a checkpoint) would have its
+    checkpoints replaced or pruned: refused in one line before anything is loaded or written."""
+    base = save_tiny_checkpoint(tmp_path / "base")
+    before = _tree(base)
+    for out in (base, os.path.join(base, "checkpoints"), os.path.join(base, "checkpoints", "step_000000")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["finetune", "--checkpoint", base, "--tasks", "qa1", "--lengths", "0k", "--steps", "2",
+                  "--out", out, "--device", "cpu"])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"error: --out {out} already holds checkpoints; choose another folder\n"
+    assert _tree(base) == before
+    with pytest.raises(ValueError, match="already holds checkpoints"):            # the library function too
+        finetune(None, None, None, ["qa1"], ["0k"], 2, base)
+    assert _tree(base) == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--max-len", "0"], "argument --max-len: must be >= 1, got 0"),
+    (["eval", "--max-len", "-5"], "argument --max-len: must be >= 1, got -5"),
+    (["eval", "--segment-len", "0"], "argument --segment-len: must be >= 1"),
+    (["eval", "--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1"),
+    (["eval", "--samples", "0"], "argument --samples: must be >= 1"),
+    (["finetune", "--steps", "2", "--max-len", "0"], "argument --max-len: must be >= 1, got 0"),
+    (["finetune", "--steps", "2", "--lr", "-1"], "argument --lr: must be > 0"),
+    (["finetune", "--steps", "2", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    (["finetune", "--steps", "-3"], "argument --steps: must be >= 1"),
+])
+def test_cli_bad_numbers_name_their_flag(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_cli_checks_out_before_loading(tmp_path, monkeypatch, capsys):
+    """A bad --out is found before the checkpoint is loaded (not after a long eval)."""
+    import eval.babilong as babilong
+    monkeypatch.setattr(babilong, "load_checkpoint", lambda *a: pytest.fail("loaded before checking --out"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for argv, message in ((["eval", "--out", str(a_file)], "is a file, not a folder"),
+                          (["finetune", "--steps", "2", "--out", str(a_file)], "is a file, not a folder"),
+                          (["finetune", "--steps", "2", "--out", str(a_file / "ft")], "is not a folder"),
+                          (["build", "--out", str(tmp_path)], "is a folder; give a file name"),
+                          (["build", "--out", str(a_file / "b.jsonl")], "is not a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv + ([] if argv[0] == "build" else ["--checkpoint", "ckpt"]))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("error: --out ") and message in err
+    assert a_file.read_text() == "keep me"
+
+
+def test_build_replaces_out_only_when_it_succeeds(tmp_path, monkeypatch, capsys):
+    import eval.babilong as babilong
+    monkeypatch.setattr(babilong, "length_tokenizer", lambda data_dir: None)
+
+    def build(task, length, n, **kw):
+        if length == "1k":
+            raise ValueError("only 0 qa1 questions of the bAbI test data fit in 1k; asked for 1")
+        return [{"task": task, "length": length}] * n
+    monkeypatch.setattr(babilong, "build_babilong", build)
+    out = tmp_path / "samples.jsonl"
+    out.write_text("earlier samples\n")
+    with pytest.raises(SystemExit):
+        main(["build", "--tasks", "qa1", "--lengths", "0k,1k", "--samples", "1", "--out", str(out)])
+    assert "error: only 0 qa1" in capsys.readouterr().err
+    assert out.read_text() == "earlier samples\n" and os.listdir(tmp_path) == ["samples.jsonl"]
+    new = tmp_path / "new" / "s.jsonl"                      # its folder is made
+    main(["build", "--tasks", "qa1,qa2", "--lengths", "0k", "--samples", "2", "--out", str(new)])
+    assert [json.loads(line)["task"] for line in new.read_text().splitlines()] == ["qa1", "qa1", "qa2", "qa2"]
+    assert os.listdir(new.parent) == ["s.jsonl"]
 
 
 def _state_numel(state):

@@ -232,3 +232,43 @@ def test_cli_names_its_files_by_dataset(tmp_path, monkeypatch):
         cl.main(["intents", "--checkpoint", "ckpt", "--dataset", dataset, "--arms", "icl", "--out", str(tmp_path)])
     assert sorted(os.listdir(tmp_path)) == sorted(f"continual_{d}{end}" for d in ("clinc", "banking")
                                                   for end in (".json", "_accuracy.png", "_R_icl.png"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["domains", "--seq-len", "0"], "argument --seq-len: must be >= 1, got 0"),     # not "the checkpoint's"
+    (["domains", "--seq-len", "-5"], "argument --seq-len: must be >= 1, got -5"),
+    (["domains", "--eval-tokens", "0"], "argument --eval-tokens: must be >= 1, got 0"),
+    (["domains", "--steps", "-1"], "argument --steps: must be >= 0, got -1"),
+    (["intents", "--icl-shots", "-1"], "argument --icl-shots: must be >= 1, got -1"),
+    (["intents", "--icl-shots", "0"], "argument --icl-shots: must be >= 1, got 0"),
+    (["intents", "--stream-per-label", "0"], "argument --stream-per-label: must be >= 1, got 0"),
+    (["intents", "--tasks", "0"], "argument --tasks: must be >= 1, got 0"),
+    (["intents", "--lr", "0"], "argument --lr: must be > 0, got 0"),
+    (["intents", "--batch-size", "x"], "argument --batch-size: expected an integer >= 1, got 'x'"),
+])
+def test_cli_bad_flags_are_one_line_errors_naming_the_flag(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cl.main([*argv, "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_checks_out_before_loading(tmp_path, monkeypatch, capsys):
+    """A file as --out is an error up front, not after the arms have run."""
+    monkeypatch.setattr(cl, "load_checkpoint", lambda *a: pytest.fail("loaded before checking --out"))
+    monkeypatch.setattr(cl, "intent_tasks", lambda *a: pytest.fail("read data before checking --out"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for command in ("intents", "domains"):
+        with pytest.raises(SystemExit) as exit_info:
+            cl.main([command, "--checkpoint", "ckpt", "--out", str(a_file)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"error: --out {a_file} is a file, not a folder; give a folder\n"
+    assert a_file.read_text() == "keep me"
+
+
+def test_settings_are_checked_by_the_library_functions_too():
+    with pytest.raises(ValueError, match="icl_shots"):
+        cl.run_intents(None, None, [], ["icl"], cl.IntentSettings(icl_shots=-1), log=None)
+    with pytest.raises(ValueError, match="seq_len"):
+        cl.run_domains(None, None, [{"name": "a"}], cl.DomainSettings(seq_len=0), device="cpu")

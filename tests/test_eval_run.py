@@ -88,3 +88,31 @@ def test_missing_checkpoint_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "eval.run", "--checkpoint", str(tmp_path / "none"), "--out",
                         str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_out_is_checked_before_loading(tmp_path, monkeypatch, capsys):
+    """--out an existing file (or a path through one) is a one-line error before the
+    checkpoint is loaded and the suite runs, not FileExistsError after loading."""
+    import eval.run as run
+    monkeypatch.setattr(run, "load_checkpoint", lambda *a: pytest.fail("loaded before checking --out"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for out, message in ((a_file, "is a file, not a folder"), (a_file / "eval", "a_file is not a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            run.main(["--checkpoint", "ckpt", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"error: --out {out}") and message in err
+        assert err.count("\n") == 1
+    assert a_file.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus"], "error: unrecognized arguments: --bogus\n"),
+    (["--device"], "error: argument --device: expected one argument\n"),
+])
+def test_flag_errors_are_one_line(tmp_path, capsys, args, message):
+    import eval.run as run
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--checkpoint", "ckpt", "--out", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == message
+    assert not (tmp_path / "out").exists()

@@ -86,4 +86,35 @@ def test_cli_writes_accuracy_json(tmp_path, monkeypatch, capsys):
     assert results["context_handling"] == "attention: inputs over 256 tokens truncated to their last 252"
     with pytest.raises(SystemExit) as exit_info:
         main(["--checkpoint", str(tmp_path / "ckpt"), "--depths", "1.5", "--out", out])
-    assert exit_info.value.code == 2 and "error: depths must be in [0, 1]" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error: argument --depths: expected numbers in [0, 1], got '1.5'" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-len", "0"], "argument --max-len: must be >= 1, got 0"),       # not "use seq_len"
+    (["--max-len", "-5"], "argument --max-len: must be >= 1, got -5"),     # not 1-token prompts
+    (["--depths", "x"], "argument --depths: expected numbers in [0, 1], got 'x'"),
+    (["--depths", "0,nan"], "argument --depths: expected numbers in [0, 1], got 'nan'"),
+    (["--samples", "0"], "argument --samples: must be >= 1, got 0"),
+    (["--distractors", "-1"], "argument --distractors: must be >= 0, got -1"),
+    (["--segment-len", "0"], "argument --segment-len: must be >= 1, got 0"),
+    (["--max-new-tokens", "x"], "argument --max-new-tokens: expected an integer >= 1, got 'x'"),
+])
+def test_cli_bad_flags_are_one_line_errors_naming_the_flag(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_checks_out_before_loading(tmp_path, monkeypatch, capsys):
+    import eval.niah as niah
+    monkeypatch.setattr(niah, "load_checkpoint", lambda *a: pytest.fail("loaded before checking --out"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for out, message in ((a_file, "is a file, not a folder"), (a_file / "sub", "a_file is not a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--checkpoint", "ckpt", "--lengths", "1k", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"error: --out {out}") and message in err
+    assert a_file.read_text() == "keep me"

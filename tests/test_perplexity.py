@@ -469,3 +469,34 @@ def test_cli_end_to_end_with_a_stub_checkpoint_loader(tmp_path, monkeypatch, cap
     assert results["wikitext"] == pytest.approx(ppl.wikitext_word_perplexity(model, byte_tok, str(wiki), 16, limit_docs=2))
     assert results["lambada"] == pytest.approx(ppl.lambada(model, byte_tok, str(lam), limit=2, max_len=16))
     assert results["lambada"]["n"] == 2 and results["wikitext"]["docs"] == 2
+
+
+def test_cli_checks_out_before_the_eval(tmp_path, monkeypatch, capsys):
+    """A folder as --out, or a path through a file, is a one-line error before anything is
+    scored (not a traceback after it); a missing folder on the way is made."""
+    monkeypatch.setattr(ppl, "run", lambda args: pytest.fail("evaluated before checking --out"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for out, message in ((tmp_path, "is a folder; give a file name"), (a_file / "r.json", "a_file is not a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            ppl.main(["--checkpoint", "ckpt", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"error: --out {out}") and message in err
+        assert err.count("\n") == 1
+    assert a_file.read_text() == "keep me"
+    monkeypatch.setattr(ppl, "run", lambda args: {"val": {"loss": 1.0}})
+    out = tmp_path / "missing" / "deeper" / "r.json"
+    ppl.main(["--checkpoint", "ckpt", "--out", str(out)])
+    assert json.loads(out.read_text()) == {"val": {"loss": 1.0}}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--limit", "-1"], "error: argument --limit: must be >= 1, got -1\n"),
+    (["--batch-size", "0"], "error: argument --batch-size: must be >= 1, got 0\n"),
+    (["--tasks"], "error: argument --tasks: expected one argument\n"),
+    ([], "error: the following arguments are required: --checkpoint\n"),
+])
+def test_cli_flag_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ppl.main((["--checkpoint", "ckpt"] if argv else []) + argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err == message
