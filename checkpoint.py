@@ -20,9 +20,11 @@ import argparse
 import json
 import logging
 import os
+import pickle
 import sys
 import shutil
 import warnings
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,10 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
+# What train.py reads back on resume (its checkpoint() writes them), checked by
+# load_training_state(required=RESUME_KEYS) before anything is loaded. Other callers (export,
+# a bAbI fine-tune's checkpoints, which have no sampler or RNG state) need `step` only.
+RESUME_KEYS = ("step", "stats", "sampler", "rng")
 
 # What DCP raises for a missing, truncated or mismatched checkpoint: CheckpointException is a
 # BaseException (it wraps the per-rank failures), so `except Exception` alone lets it escape.
@@ -58,10 +64,14 @@ def _dcp_load(state, ckpt):
 
 def _first_line(e: BaseException) -> str:
     """The first line of an error's message (of the first rank's failure for DCP's wrapper),
-    or its type name when the message is empty."""
+    or its type name when the message is empty; a long line is cut after its first sentence
+    (torch's "PytorchStreamReader failed ..." goes on for four)."""
     if isinstance(e, CheckpointException) and e.failures:
         e = next(iter(e.failures.values()))[0]
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if len(line) > 160 and ". " in line:
+        line = line[:line.index(". ")]
+    return line
 
 
 def _rank0():
@@ -133,8 +143,13 @@ def find_checkpoint(path) -> str | None:
             return root
         latest = os.path.join(root, LATEST)
         if os.path.isfile(latest):
-            with open(latest) as f:
-                name = f.read().strip()
+            try:
+                with open(latest) as f:
+                    name = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{latest} is unreadable: {_first_line(e)}") from None
+            if not name or os.sep in name or name in (".", ".."):
+                raise ValueError(f"{latest} does not name a checkpoint directory (it holds {name!r})")
             ckpt = os.path.join(root, name)
             if not os.path.isfile(os.path.join(ckpt, TRAINER_STATE)):
                 raise FileNotFoundError(f"{latest} names {name}, which is missing or incomplete")
@@ -150,15 +165,77 @@ def resolve_checkpoint(path) -> str:
     return ckpt
 
 
-def _saved_state_fqns(ckpt, fqns) -> set:
-    """The parameter FQNs among `fqns` with optimiser state in `ckpt`. Keys read
-    "optim.state.<fqn>.<leaf>" and a leaf may itself be dotted (nested state), so each dotted
-    prefix of a key is matched against the template's FQNs: O(keys + params), not their product.
-    An unreadable checkpoint is a one-line ValueError here, before any "does not match"."""
+def _read_metadata(ckpt):
+    """DCP's index of `ckpt`, after checking that every shard file it names is there and at
+    least as long as the index says: a truncated or missing shard is a one-line ValueError
+    naming the file, not a "does not match" (or EOFError) from inside dcp.load."""
     try:
-        keys = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+        metadata = dcp.FileSystemReader(ckpt).read_metadata()
     except DCP_ERRORS as e:
         raise ValueError(f"checkpoint {ckpt} is unreadable: {_first_line(e)}") from None
+    needed = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        path = getattr(info, "relative_path", None)
+        if path is not None:
+            needed[path] = max(needed.get(path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = os.path.join(ckpt, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"checkpoint {ckpt} is incomplete: its shard {path} is missing")
+        have = os.path.getsize(path)
+        if have < size:
+            raise ValueError(f"checkpoint {ckpt} is truncated: its shard {path} has {have:,} of "
+                             f"{size:,} bytes")
+    return metadata
+
+
+# What reading a damaged shard or torch.save file raises (a torch.save zip with a bad central
+# directory: RuntimeError "PytorchStreamReader failed ..."), as opposed to a template mismatch.
+_READ_ERRORS = (EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def _is_read_error(e: BaseException) -> bool:
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return isinstance(e, _READ_ERRORS) or "PytorchStreamReader" in str(e)
+
+
+def _dcp_load_checked(state, ckpt, mismatch: str):
+    """_dcp_load, with its failures as one-line ValueErrors: a shard that cannot be read is
+    "corrupt" (naming the checkpoint), anything else is `mismatch` (what the template and the
+    checkpoint disagree on)."""
+    try:
+        _dcp_load(state, ckpt)
+    except DCP_ERRORS as e:
+        if _is_read_error(e):
+            raise ValueError(f"checkpoint {ckpt} has a corrupt shard (cannot be read: "
+                             f"{_first_line(e)})") from None
+        raise ValueError(f"checkpoint {ckpt} {mismatch}: {_first_line(e)}") from None
+
+
+def read_trainer_state(ckpt, required=("step",)) -> dict:
+    """<ckpt>/trainer_state.pt, checked: a missing, truncated or corrupt file, one that holds
+    no dict, or one without a `required` key is a one-line error naming the file (and key)."""
+    path = os.path.join(ckpt, TRAINER_STATE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {ckpt} has no {TRAINER_STATE}")
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:          # a truncated zip, a bad pickle, a class that no longer exists
+        raise ValueError(f"{path} is truncated or corrupt (cannot be read: {_first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a trainer state dict")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"{path} has no {missing[0]!r} (it holds {', '.join(map(repr, state)) or 'nothing'})")
+    return state
+
+
+def _saved_state_fqns(metadata, fqns) -> set:
+    """The parameter FQNs among `fqns` with optimiser state in a checkpoint (its DCP `metadata`). Keys read
+    "optim.state.<fqn>.<leaf>" and a leaf may itself be dotted (nested state), so each dotted
+    prefix of a key is matched against the template's FQNs: O(keys + params), not their product."""
+    keys = metadata.state_dict_metadata
     fqns, saved, head = set(fqns), set(), "optim.state."
     for key in keys:
         if key.startswith(head):
@@ -181,24 +258,33 @@ def _drop_unsaved_param_states(optim_sd: dict, saved: set) -> None:
         del optim_sd["state"][fqn]
 
 
-def load_training_state(ckpt, model, optimizer) -> dict:
-    """Load model + optimiser in place (any rank count) and return the trainer state."""
+def load_training_state(ckpt, model, optimizer, required=("step",)) -> dict:
+    """Load model + optimiser in place (any rank count) and return the trainer state.
+
+    Everything is checked before the model and optimiser are touched: the trainer state reads
+    and has the `required` keys (train.py: RESUME_KEYS), the DCP index reads and no shard is
+    missing or truncated. A bad
+    checkpoint is a one-line ValueError (FileNotFoundError without trainer_state.pt)."""
+    metadata = _read_metadata(ckpt)     # unreadable: reported as such, before any "does not match"
+    trainer_state = read_trainer_state(ckpt, required)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    _drop_unsaved_param_states(optim_sd, _saved_state_fqns(ckpt, optim_sd.get("state", {})))
-    try:
-        _dcp_load(state, ckpt)
-    except DCP_ERRORS as e:  # shape/key mismatch: a checkpoint of another model
-        raise ValueError(f"checkpoint {ckpt} does not match this model/optimiser: {_first_line(e)}") from None
+    _drop_unsaved_param_states(optim_sd, _saved_state_fqns(metadata, optim_sd.get("state", {})))
+    # shape/key mismatch: a checkpoint of another model
+    _dcp_load_checked(state, ckpt, "does not match this model/optimiser")
     # strict=False only lets the parameters dropped above stay without state: every entry of
     # both templates was loaded (dcp.load fails on anything the checkpoint lacks)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
-    return torch.load(os.path.join(ckpt, TRAINER_STATE), weights_only=False)
+    return trainer_state
 
 
 def load_config_of(ckpt) -> Config:
-    return config_from_dict(read_yaml(os.path.join(ckpt, "config.yaml")))
+    path = os.path.join(ckpt, "config.yaml")
+    try:
+        return config_from_dict(read_yaml(path))
+    except ConfigError as e:
+        raise ConfigError(str(e) if path in str(e) else f"{path}: {e}") from None
 
 
 def load_model(path, device="cpu"):
@@ -209,11 +295,8 @@ def load_model(path, device="cpu"):
     model = build_model(cfg.model)
     sd = get_model_state_dict(model, options=StateDictOptions())
     state = {"model": sd}
-    try:
-        _dcp_load(state, ckpt)
-    except DCP_ERRORS as e:
-        raise ValueError(f"checkpoint {ckpt} is unreadable or does not match its config: "
-                         f"{_first_line(e)}") from None
+    _read_metadata(ckpt)                # unreadable index, missing or truncated shard: named
+    _dcp_load_checked(state, ckpt, "is unreadable or does not match its config")
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg
 
@@ -224,44 +307,83 @@ def load_model(path, device="cpu"):
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _output_file_problem(path) -> str | None:
+    """Why `path` cannot be written as a new file (None when it can): it is a directory, a
+    part of its parent path is a file, or the nearest existing parent is not writable."""
+    if os.path.isdir(path):
+        return "is a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created: {parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: no write permission in {parent}"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "exists and is not writable"
+    return None
+
+
 def export_safetensors(ckpt, out_path, dtype="fp32") -> str:
     """Gather a (possibly sharded, any rank count) DCP checkpoint into one safetensors file.
 
     Tensors are named as in `build_model(cfg.model).state_dict()`; a tied head weight is
     stored once (under embed.weight), which `safetensors.torch.load_model` restores. The
     file's metadata holds the full training config (JSON) and the step, so the file alone
-    rebuilds the model (`load_exported`). Run it in one process, not under torchrun."""
+    rebuilds the model (`load_exported`). Run it in one process, not under torchrun.
+
+    Bad input is a one-line ValueError (FileNotFoundError for a missing checkpoint) raised
+    before anything is written: the output path is checked first, then the checkpoint is read
+    in full; the file is written under a temporary name that is removed on any failure."""
     from safetensors.torch import save_model
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of: {', '.join(EXPORT_DTYPES)}")
     if not str(out_path).endswith(".safetensors"):
         raise ValueError(f"output file {out_path} must end in .safetensors")
+    problem = _output_file_problem(out_path)
+    if problem:
+        raise ValueError(f"output file {out_path} {problem}")
     ckpt = resolve_checkpoint(ckpt)
+    step = read_trainer_state(ckpt, required=("step",))["step"]
     model, cfg = load_model(ckpt)
     model = model.to(EXPORT_DTYPES[dtype])
-    step = torch.load(os.path.join(ckpt, TRAINER_STATE), weights_only=False)["step"]
     metadata = {"format": "pt", "config": json.dumps(to_dict(cfg)), "step": str(step), "arch": cfg.model.arch}
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = f"{out_path}.tmp-{os.getpid()}"
-    save_model(model, tmp, metadata=metadata)
-    os.replace(tmp, out_path)           # no half-written file under the final name
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        save_model(model, tmp, metadata=metadata)
+        os.replace(tmp, out_path)       # no half-written file under the final name
+    except OSError as e:                # disk full, permissions changed, a directory appeared
+        raise ValueError(f"cannot write {out_path}: {e.strerror or _first_line(e)}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return out_path
 
 
 def load_exported(path, device="cpu"):
     """(model in eval mode, Config) from a file written by export_safetensors."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model as load_safetensors_into
     from model import build_model
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no exported model at {path}")
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:          # truncated, or not a safetensors file
+        raise ValueError(f"{path} is not a readable safetensors file: {_first_line(e)}") from None
     if "config" not in metadata:
         raise ValueError(f"{path} has no config in its metadata: not written by export_safetensors")
-    cfg = config_from_dict(json.loads(metadata["config"]))
+    try:
+        cfg = config_from_dict(json.loads(metadata["config"]))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} has a config in its metadata that is not JSON: {e}") from None
     model = build_model(cfg.model)
-    load_safetensors_into(model, path, device=str(device))
+    try:
+        load_safetensors_into(model, path, device=str(device))
+    except (SafetensorError, RuntimeError) as e:     # truncated data, names or shapes of another model
+        raise ValueError(f"{path} does not load into the model of its config: {_first_line(e)}") from None
     return model.to(device).eval(), cfg
 
 

@@ -4,40 +4,87 @@
 
 The prompt is encoded once; generation then feeds one token at a time with the carried
 state (KV cache / fast weights), as in DESIGN §3.6.
+
+Bad input (a flag's value, --device cuda without CUDA, a missing or damaged checkpoint) is one
+line "error: ..." on stderr and exit status 2, before anything is generated.
 """
 import argparse
+import math
 import sys
 
 import torch
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block): "error: argument --top-k: ..."."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _int_at_least(low: int, what: str):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}; got {value}")
+        return value
+    parse.__name__ = what          # argparse names the type in its own messages
+    return parse
+
+
+def _temperature(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0; got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = greedy); got {text!r}")
+    return value
+
+
+def _seed(text):
+    """torch.Generator.manual_seed's range: -2**63 .. 2**64 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+    if not -2**63 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64); got {value}")
+    return value
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint dir or a training out_dir")
     p.add_argument("--prompt", default="\n")
-    p.add_argument("--tokens", type=int, default=100, help="new tokens per sample")
-    p.add_argument("--samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--tokens", type=_int_at_least(0, "an integer >= 0"), default=100, help="new tokens per sample")
+    p.add_argument("--samples", type=_int_at_least(1, "a positive integer"), default=1)
+    p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=_int_at_least(0, "an integer >= 0"), default=50,
+                   help="sample among the k most likely tokens (0 = all of them)")
+    p.add_argument("--seed", type=_seed, default=1337)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
-    if args.tokens < 0 or args.samples < 1:
-        p.error("--tokens must be >= 0 and --samples >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: cuda is not available on this machine (use --device cpu or auto)")
 
     from checkpoint import load_model
     from data.tokenizer import get_tokenizer
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         model, cfg = load_model(args.checkpoint, device)
-    except (FileNotFoundError, ValueError) as e:
+        tokenizer = get_tokenizer(cfg.data.tokenizer)
+    except (FileNotFoundError, ValueError) as e:       # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
     ids = tokenizer.encode(args.prompt) or [tokenizer.eot_id]
     idx = torch.tensor([ids] * args.samples, device=device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k, generator=g)
+    out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k or None, generator=g)
     for i, row in enumerate(out.tolist()):
         print(f"--- sample {i}\n{tokenizer.decode(row)}")
     return 0

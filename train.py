@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import yaml
 
 import distributed
-from checkpoint import find_checkpoint, load_training_state, resolve_checkpoint, save_checkpoint
+from checkpoint import RESUME_KEYS, find_checkpoint, load_training_state, resolve_checkpoint, save_checkpoint
 from config import Config, ConfigError, dump_yaml, load_config, to_dict
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier, full_value, gradient_sync
 
@@ -321,7 +321,7 @@ def _train(cfg: Config, env: DistEnv):
     elif t.resume != "never":
         resume_from = resolve_checkpoint(t.resume)
     if resume_from:
-        state = load_training_state(resume_from, model, optimizer)
+        state = load_training_state(resume_from, model, optimizer, required=RESUME_KEYS)
         start_step, stats = state["step"], state["stats"]
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])

@@ -16,9 +16,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import add_model_shape_args, non_negative_int, positive_int, result_footer  # noqa: E402
+from bench.common import (ArgumentParser, add_model_shape_args, non_negative_int, positive_int,  # noqa: E402
+                          report_error, result_footer)
 from bench.step import bench_step, build_train_step  # noqa: E402
-from config import ConfigError, load_config  # noqa: E402
+from config import load_config  # noqa: E402
 
 
 def make_config(arch, args):
@@ -81,7 +82,7 @@ def profile_step(cfg, rows):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_shape_args(p, d_model=128, n_layer=4, n_head=4, vocab=50257)
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--batch-size", type=positive_int, default=16)
@@ -89,13 +90,13 @@ def main(argv=None):
     p.add_argument("--warmup", type=non_negative_int, default=2)
     p.add_argument("--profile-rows", type=non_negative_int, default=15, help="rows of the op table (0 = no profile)")
     args = p.parse_args(argv)
-    try:
+    try:    # a bad shape (ConfigError), or a model it cannot build: one line, before any timing
         configs = {arch: make_config(arch, args) for arch in ("transformer", "hope")}
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    torch.manual_seed(0)
-    results = {arch: bench_step(cfg, args.steps, args.warmup, "cpu") for arch, cfg in configs.items()}
+        built = {arch: build_train_step(cfg, "cpu") for arch, cfg in configs.items()}
+    except ValueError as e:
+        return report_error(e)
+    results = {arch: bench_step(cfg, args.steps, args.warmup, "cpu", built=built.pop(arch))
+               for arch, cfg in configs.items()}
     print(f"| model | params | ms/step | tokens/s |\n|---|---:|---:|---:|")
     for arch, r in results.items():
         print(f"| {arch} | {r['params'] / 1e6:.2f}M | {r['sec_per_step'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} |")

@@ -43,7 +43,6 @@ triton_mlp_memory.save_interval), so "vs triton/all" prices the recompute.
 
 Times: CUDA: triton.testing.do_bench (median, after warm-up); CPU: median wall time.
 """
-import argparse
 import contextlib
 import datetime
 import json
@@ -59,7 +58,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if not torch.cuda.is_available():                 # the Triton kernels run interpreted on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import kernels  # noqa: E402
-from bench.common import machine, positive_int  # noqa: E402
+from bench.common import (ArgumentParser, machine, output_file_problem, positive_int,  # noqa: E402
+                          report_error, write_text_atomic)
 from memory import NeuralMemory  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -365,7 +365,7 @@ def print_speedups(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny fp32 sizes (a smoke test; CPU ok)")
     p.add_argument("--B", type=positive_int, default=4)
     p.add_argument("--T", type=positive_int, nargs="+", default=[2048, 4096, 8192])
@@ -386,6 +386,9 @@ def main(argv=None):
                    help="torch.set_float32_matmul_precision for the run: the fp32 memory-layer and "
                         "CMS kernels multiply in exact fp32 at highest, in tf32 at high (training)")
     args = p.parse_args(argv)
+    problem = args.json and output_file_problem(args.json)    # before the benchmark, not after it
+    if problem:
+        p.error(f"argument --json: {args.json} {problem}")
     previous = torch.get_float32_matmul_precision()      # a process setting: restored on return
     torch.set_float32_matmul_precision(args.fp32_matmul_precision)
     try:
@@ -422,8 +425,11 @@ def _run(p, args, argv):
         run_part[part]()
     print_speedups(rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
+        try:
+            write_text_atomic(args.json, json.dumps({"device": name, "date": datetime.date.today().isoformat(),
+                                                     "rows": rows}, indent=1))
+        except OSError as e:       # the path was checked first; it changed during the run
+            return report_error(f"cannot write --json {args.json}: {e.strerror or e}")
     failed = [r for r in rows if r["note"]]
     return 1 if failed else 0
 

@@ -11,7 +11,6 @@ two interleaved so that changes in machine load hit both alike. Prints the speed
 the max abs error of the outputs and final states (fwd) and of the gradients of every
 input (fwd+bwd).
 """
-import argparse
 import os
 import statistics
 import sys
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
-from bench.common import positive_int, result_footer  # noqa: E402
+from bench.common import ArgumentParser, positive_int, result_footer  # noqa: E402
 
 
 def make_inputs(op, B, T, H, d, seed=0):
@@ -65,7 +64,7 @@ def max_abs_err(a, b):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--B", type=positive_int, default=1)
     p.add_argument("--T", type=positive_int, default=2048)
     p.add_argument("--H", type=positive_int, default=4)

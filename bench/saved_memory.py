@@ -22,8 +22,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from bench.common import positive_int, result_footer  # noqa: E402
-from config import ConfigError, load_config  # noqa: E402
+from bench.common import ArgumentParser, positive_int, report_error, result_footer  # noqa: E402
+from config import load_config  # noqa: E402
 
 
 def saved_bytes(cfg, T):
@@ -54,7 +54,7 @@ def saved_bytes(cfg, T):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+")
     p.add_argument("--T", type=positive_int, nargs="+", default=[256, 512],
                    help="sequence lengths (at least two: the per-token figure is the growth)")
@@ -63,12 +63,17 @@ def main(argv=None):
     if len(set(args.T)) < 2:
         p.error("--T needs at least two different lengths")
     lengths = sorted(set(args.T))
-    try:
-        cfgs = [load_config(path, ["--model.n_layer=1", "--model.vocab_size=256", *overrides])
-                for path in args.configs]
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from model import build_model
+    cfgs = []
+    for path in args.configs:    # every config checked (and its model built) before any is measured
+        try:
+            cfgs.append(load_config(path, ["--model.n_layer=1", "--model.vocab_size=256", *overrides]))
+        except ValueError as e:  # ConfigError: names the file or the key
+            return report_error(e)
+        try:
+            build_model(cfgs[-1].model)
+        except ValueError as e:  # a model this config cannot build
+            return report_error(f"{path}: {e}")
     for path, cfg in zip(args.configs, cfgs):
         runs = {T: saved_bytes(cfg, T) for T in lengths}
         totals = {T: sum(r.values()) / 2**20 for T, r in runs.items()}

@@ -17,8 +17,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import non_negative_int, positive_int, result_footer  # noqa: E402
-from config import ConfigError, load_config  # noqa: E402
+from bench.common import (ArgumentParser, non_negative_int, positive_int, report_error,  # noqa: E402
+                          resolve_device, result_footer)
+from config import load_config  # noqa: E402
 
 
 def make_train_step(model, opt, x, grad_accum=1, device="cpu", bf16=False):
@@ -77,10 +78,11 @@ def median_seconds(step, steps, warmup, device="cpu"):
     return statistics.median(times)
 
 
-def bench_step(cfg, steps=5, warmup=2, device="cpu", compile=False):
-    """Median seconds per optimiser step, tokens/s and peak memory (bytes) for `cfg`."""
+def bench_step(cfg, steps=5, warmup=2, device="cpu", compile=False, built=None):
+    """Median seconds per optimiser step, tokens/s and peak memory (bytes) for `cfg`;
+    built = build_train_step's (model, step) when the caller built them already."""
     t = cfg.train
-    model, step = build_train_step(cfg, device, compile)
+    model, step = built or build_train_step(cfg, device, compile)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sec = median_seconds(step, steps, warmup, device)
@@ -93,20 +95,20 @@ def bench_step(cfg, steps=5, warmup=2, device="cpu", compile=False):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default="configs/quickstart.yaml")
     p.add_argument("--steps", type=positive_int, default=5)
     p.add_argument("--warmup", type=non_negative_int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true")
     args, overrides = p.parse_known_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
+    try:    # --device cuda without CUDA, a bad config (ConfigError), a model it cannot build
+        device = resolve_device(args.device)
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    r = bench_step(cfg, args.steps, args.warmup, device, args.compile)
+        built = build_train_step(cfg, device, args.compile)
+    except ValueError as e:
+        return report_error(e)
+    r = bench_step(cfg, args.steps, args.warmup, device, args.compile, built)
     mem_kind = "peak CUDA allocated" if device == "cuda" else "peak process RSS"
     ac = " (AC)" if cfg.distributed.activation_checkpointing else ""
     print(f"{r['arch']:>15} | {r['params'] / 1e6:8.2f}M params | batch {cfg.train.batch_size} x seq "

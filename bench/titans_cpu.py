@@ -11,14 +11,13 @@ parameters, a Transformer++ block ~12 d^2). A small vocabulary keeps the LM head
 dominating. Prints a table with the median of --steps timed steps (after one warm-up)
 plus the command, machine and date, ready for BENCHMARKS.md.
 """
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import add_model_shape_args, positive_int, result_footer  # noqa: E402
+from bench.common import ArgumentParser, add_model_shape_args, positive_int, report_error, result_footer  # noqa: E402
 from bench.step import make_train_step, median_seconds  # noqa: E402
 from model import build_model  # noqa: E402
 
@@ -33,7 +32,7 @@ def step_times(model, batch, T, vocab, steps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=positive_int, default=1024)
     p.add_argument("--batch", type=positive_int, default=1)
     add_model_shape_args(p, d_model=256, n_layer=4, n_head=4, vocab=512)
@@ -51,12 +50,15 @@ def main(argv=None):
     common = {"vocab_size": args.vocab, "n_head": args.n_head, "d_model": args.d_model,
               "max_seq_len": args.T}
     torch.manual_seed(0)
-    titans = build_model({**common, "arch": "titans", "n_layer": args.n_layer,
-                          "titans": {"variant": "lmm", "chunk_size": args.chunk,
-                                     "memory_depth": args.depth}})
+    try:    # a shape the models cannot be built with: one line (ConfigError is a ValueError)
+        titans = build_model({**common, "arch": "titans", "n_layer": args.n_layer,
+                              "titans": {"variant": "lmm", "chunk_size": args.chunk,
+                                         "memory_depth": args.depth}})
+        candidates = [build_model({**common, "arch": "transformer", "n_layer": n})
+                      for n in range(max(1, args.n_layer - 2), args.n_layer + 3)]
+    except ValueError as e:
+        return report_error(e)
     target = titans.num_params()
-    candidates = [build_model({**common, "arch": "transformer", "n_layer": n})
-                  for n in range(max(1, args.n_layer - 2), args.n_layer + 3)]
     transformer = min(candidates, key=lambda m: abs(m.num_params() - target))
 
     rows = []
@@ -71,7 +73,8 @@ def main(argv=None):
     print(result_footer("titans_cpu.py", sys.argv[1:] if argv is None else argv))
     print(f"settings: T={args.T} batch={args.batch} d_model={args.d_model} heads={args.n_head} "
           f"vocab={args.vocab} memory depth={args.depth} chunk={args.chunk}, fp32 eager")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

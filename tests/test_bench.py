@@ -1,10 +1,13 @@
-"""bench/: bad count flags stop each CLI with argparse's one-line error, and tiny real runs
-of the CPU benchmarks print their result tables and the command / machine / date lines.
+"""bench/: bad count flags stop each CLI with a one-line error (no usage block), as do
+--device cuda without CUDA, a config whose model cannot be built and a --json path that
+cannot be written (checked before the benchmark runs); tiny real runs of the CPU benchmarks
+print their result tables and the command / machine / date lines.
 (bench/kernels.py --quick runs in tests/test_triton_memory.py.)"""
 import os
 import re
 
 import pytest
+import torch
 
 from bench import hope_cpu, kernels_cpu, step, titans_cpu
 from bench.common import machine
@@ -36,9 +39,10 @@ def test_bad_count_flags_give_one_line_error(main, argv, message, capsys):
     """Exit 2 before any work, and the error is one line naming the flag and the value."""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
     assert exit_info.value.code == 2
-    assert err[-1].endswith(f"error: {message}"), err
+    assert captured.err.strip().splitlines() == [f"error: {message}"], captured.err
+    assert captured.out == ""
 
 
 def _footer_ok(out, script, argv):
@@ -144,3 +148,96 @@ def test_kernels_cpu_tiny_run(capsys):
                                             for p in ("fwd", "fwd+bwd")]
     assert all(float(r[-1]) < 1e-4 for r in rows), rows
     _footer_ok(out, "kernels_cpu.py", argv)
+
+
+# ----------------------------------------------------------------------------------------
+# bad input beyond the count flags: one line, exit 2, before any timing
+
+def _one_line(err, *parts):
+    err = err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for part in parts:
+        assert part in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_step_bench_device_cuda_without_cuda_is_one_line(capsys):
+    assert step.main(["--device", "cuda", "--model.d_model=32", "--model.n_layer=1"]) == 2
+    captured = capsys.readouterr()
+    _one_line(captured.err, "argument --device: cuda is not available")
+    assert captured.out == ""
+
+
+@pytest.fixture
+def unbuildable(monkeypatch):
+    """model.build_model raising the ValueError of a config it cannot build (as the memory
+    layers do for shapes config.py does not check)."""
+    import model
+
+    def build_model(cfg):
+        raise ValueError("memory chunk sizes must be integers >= 1; got 0")
+    monkeypatch.setattr(model, "build_model", build_model)
+
+
+def test_step_bench_model_construction_error_is_one_line(unbuildable, capsys):
+    assert step.main(["--device", "cpu", "--model.d_model=32", "--model.n_layer=1"]) == 2
+    captured = capsys.readouterr()
+    _one_line(captured.err, "memory chunk sizes must be integers >= 1; got 0")
+    assert captured.out == ""
+
+
+def test_saved_memory_bench_model_construction_error_names_the_config(unbuildable, capsys):
+    from bench import saved_memory
+    assert saved_memory.main(["configs/transformer_tiny.yaml", "configs/hope_tiny.yaml", "--T", "8", "16"]) == 2
+    captured = capsys.readouterr()
+    _one_line(captured.err, "configs/transformer_tiny.yaml: memory chunk sizes")
+    assert captured.out == ""                       # no config measured before the check
+
+
+def test_hope_and_titans_cpu_model_construction_errors_are_one_line(monkeypatch, unbuildable, capsys):
+    assert hope_cpu.main(["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "64"]) == 2
+    _one_line(capsys.readouterr().err, "memory chunk sizes")
+    import model
+    monkeypatch.setattr(titans_cpu, "build_model", model.build_model)    # the fake: imported by name there
+    assert titans_cpu.main(["--T", "16", "--d-model", "32", "--n-layer", "1", "--n-head", "2"]) == 2
+    _one_line(capsys.readouterr().err, "memory chunk sizes")
+
+
+@pytest.mark.parametrize("flag", ["--model.titans.chunk_size=0", "--model.ffn_multiple_of=0"])
+def test_step_bench_bad_model_values_are_one_line(flag, capsys):
+    """Whether config.py (ConfigError) or the model (ValueError) rejects them: one line, exit 2,
+    no traceback. (ffn_multiple_of=0 was a ZeroDivisionError in the model: config.py checks it.)"""
+    assert step.main(["--device", "cpu", "--model.arch=titans", "--model.d_model=32", "--model.n_layer=1",
+                      "--model.n_head=2", flag]) == 2
+    _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("where, problem", [("missing/k.json", "directory"), ("adir", "is a directory")])
+def test_kernels_bench_json_path_is_checked_before_the_benchmark(where, problem, tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    path = str(tmp_path / where)
+    with pytest.raises(SystemExit) as exit_info:
+        _kernels_main(["--quick", "--parts", "scans", "--json", path])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""           # nothing was measured
+    _one_line(captured.err, f"argument --json: {path}", problem)
+    assert sorted(os.listdir(tmp_path)) == ["adir"] and not os.listdir(tmp_path / "adir")
+
+
+def test_output_file_checks_and_atomic_write(tmp_path, monkeypatch):
+    from bench import common
+    assert common.output_file_problem(str(tmp_path / "ok.json")) is None
+    assert common.output_file_problem(str(tmp_path)) == "is a directory"
+    assert "does not exist" in common.output_file_problem(str(tmp_path / "no" / "k.json"))
+    (tmp_path / "afile").write_text("x")
+    assert "does not exist" in common.output_file_problem(str(tmp_path / "afile" / "k.json"))
+    path = tmp_path / "k.json"
+    common.write_text_atomic(str(path), "new")
+    assert path.read_text() == "new"
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(common.os, "replace", fail)
+    with pytest.raises(OSError):
+        common.write_text_atomic(str(path), "newer")
+    assert path.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["afile", "k.json"]

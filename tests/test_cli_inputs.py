@@ -1,0 +1,336 @@
+"""Bad input to checkpoint.py (resume, load, `python -m checkpoint export`) and sample.py: one
+line "error: ..." naming what is wrong, exit status 2, no traceback, and nothing lost (no file
+written or left behind, the model untouched when a check fails before loading).
+(bench/ CLIs: tests/test_bench.py.)"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+STEP = os.path.join("checkpoints", "step_000002")
+
+
+def _tiny_model():
+    from config import ModelConfig
+    from model import build_model
+    torch.manual_seed(0)
+    return build_model(ModelConfig(arch="transformer", vocab_size=257, d_model=32, n_layer=1, n_head=2))
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A training out_dir as train.py leaves it: a 1-layer byte Transformer after one AdamW
+    step (so the optimiser has state), saved at step 2 with train.py's trainer-state keys."""
+    from checkpoint import RESUME_KEYS, save_checkpoint
+    from config import Config, DataConfig, ModelConfig
+    out = tmp_path_factory.mktemp("cli_inputs") / "run"
+    cfg = Config(model=ModelConfig(arch="transformer", vocab_size=257, d_model=32, n_layer=1, n_head=2),
+                 data=DataConfig(tokenizer="bytes"))
+    model = _tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 257, (1, 9)))[0].float().square().mean().backward()
+    opt.step()
+    state = {"step": 2, "stats": {"skipped_steps": 0, "tokens": 16}, "sampler": {"pos": 0}, "rng": {}}
+    assert set(state) == set(RESUME_KEYS)
+    save_checkpoint(os.path.join(str(out), "checkpoints"), 2, model, opt, state, cfg)
+    return str(out)
+
+
+@pytest.fixture
+def run(saved_run, tmp_path):
+    """A fresh copy of saved_run to damage."""
+    return shutil.copytree(saved_run, str(tmp_path / "run"))
+
+
+def _shard(run):
+    (name,) = [n for n in os.listdir(os.path.join(run, STEP)) if n.endswith(".distcp")]
+    return os.path.join(run, STEP, name)
+
+
+def _truncate(path, keep_fraction=0.5):
+    with open(path, "r+b") as f:
+        f.truncate(int(os.path.getsize(path) * keep_fraction))
+
+
+def _edit_trainer_state(run, edit):
+    path = os.path.join(run, STEP, "trainer_state.pt")
+    state = torch.load(path, weights_only=False)
+    edit(state)
+    torch.save(state, path)
+    return path
+
+
+def _fresh():
+    model = _tiny_model()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def _export(argv, capsys):
+    """`python -m checkpoint export ...` in process -> (exit status, stderr)."""
+    import checkpoint
+    code = checkpoint.main(["export", *argv])
+    return code, capsys.readouterr().err
+
+
+def _one_line(err, *parts):
+    err = err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for part in parts:
+        assert part in err, err
+
+
+def _files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoint.py: damaged checkpoints
+
+def test_a_good_checkpoint_resumes_and_exports(run, tmp_path, capsys):
+    from checkpoint import RESUME_KEYS, load_training_state
+    model, opt = _fresh()
+    state = load_training_state(os.path.join(run, STEP), model, opt, required=RESUME_KEYS)
+    assert state["step"] == 2 and state["stats"]["tokens"] == 16
+    code, err = _export([run, str(tmp_path / "m.safetensors")], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors", "run"]        # no *.tmp-PID left
+
+
+def test_truncated_trainer_state_is_one_line_and_touches_nothing(run, tmp_path, capsys):
+    from checkpoint import load_training_state
+    path = os.path.join(run, STEP, "trainer_state.pt")
+    _truncate(path)
+    model, opt = _fresh()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="trainer_state.pt is truncated or corrupt") as e:
+        load_training_state(os.path.join(run, STEP), model, opt)
+    assert path in str(e.value) and "\n" not in str(e.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state                                            # nothing loaded
+    code, err = _export([run, str(tmp_path / "m.safetensors")], capsys)
+    assert code == 2
+    _one_line(err, path, "truncated or corrupt")
+    assert not os.path.exists(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("key", ["stats", "sampler", "rng"])
+def test_trainer_state_without_a_resume_key_names_it(run, key, capsys):
+    """required=RESUME_KEYS (train.py's call): a missing key is named before anything is
+    loaded."""
+    from checkpoint import RESUME_KEYS, load_training_state
+    path = _edit_trainer_state(run, lambda s: s.pop(key))
+    model, opt = _fresh()
+    with pytest.raises(ValueError, match=f"{path} has no '{key}'"):
+        load_training_state(os.path.join(run, STEP), model, opt, required=RESUME_KEYS)
+    assert load_training_state(os.path.join(run, STEP), model, opt)["step"] == 2   # export's check
+
+
+def test_trainer_state_without_step_or_not_a_dict(run, tmp_path, capsys):
+    from checkpoint import load_training_state
+    path = _edit_trainer_state(run, lambda s: s.pop("step"))
+    model, opt = _fresh()
+    with pytest.raises(ValueError, match=f"{path} has no 'step'"):
+        load_training_state(os.path.join(run, STEP), model, opt)
+    code, err = _export([run, str(tmp_path / "m.safetensors")], capsys)
+    assert code == 2
+    _one_line(err, path, "has no 'step'")
+    torch.save([1, 2], path)
+    with pytest.raises(ValueError, match="holds a list, not a trainer state dict"):
+        load_training_state(os.path.join(run, STEP), model, opt)
+
+
+def test_truncated_shard_is_named_not_a_mismatch(run, tmp_path, capsys):
+    from checkpoint import load_model, load_training_state
+    shard = _shard(run)
+    _truncate(shard)
+    model, opt = _fresh()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="is truncated: its shard") as e:
+        load_training_state(os.path.join(run, STEP), model, opt)
+    assert shard in str(e.value) and "does not match" not in str(e.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match=f"is truncated: its shard {shard} has"):
+        load_model(run)
+    code, err = _export([run, str(tmp_path / "m.safetensors")], capsys)
+    assert code == 2
+    _one_line(err, shard, "truncated")
+    assert os.listdir(tmp_path) == ["run"]
+
+
+def test_missing_and_corrupt_shards(run):
+    from checkpoint import load_training_state
+    shard = _shard(run)
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:                    # same length, garbage inside every tensor
+        for offset in range(0, size, 1000):
+            f.seek(offset)
+            f.write(b"\xff" * 40)
+    model, opt = _fresh()
+    with pytest.raises(ValueError, match="has a corrupt shard") as e:
+        load_training_state(os.path.join(run, STEP), model, opt)
+    assert "\n" not in str(e.value) and "does not match" not in str(e.value)
+    os.remove(shard)
+    with pytest.raises(ValueError, match=f"is incomplete: its shard {shard} is missing"):
+        load_training_state(os.path.join(run, STEP), model, opt)
+
+
+def test_a_checkpoint_of_another_model_still_says_does_not_match(run):
+    from checkpoint import load_training_state
+    from config import ModelConfig
+    from model import build_model
+    model = build_model(ModelConfig(arch="transformer", vocab_size=257, d_model=64, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="does not match this model/optimiser: .*[Ss]ize mismatch"):
+        load_training_state(os.path.join(run, STEP), model, torch.optim.AdamW(model.parameters()))
+
+
+@pytest.mark.parametrize("content", ["", "../elsewhere\n", b"\xff\xfe\x00"])
+def test_a_bad_latest_file_is_one_line(run, content):
+    from checkpoint import resolve_checkpoint
+    latest = os.path.join(run, "checkpoints", "latest")
+    with open(latest, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(ValueError, match=f"{latest} (does not name a checkpoint directory|is unreadable)") as e:
+        resolve_checkpoint(run)
+    assert "\n" not in str(e.value)
+
+
+def test_a_bad_config_yaml_names_the_file(run):
+    from checkpoint import load_model
+    from config import ConfigError
+    path = os.path.join(run, STEP, "config.yaml")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("d_model: 32", "d_model: -1"))
+    with pytest.raises(ConfigError, match=f"^{path}: .*d_model"):
+        load_model(run)
+
+
+# ----------------------------------------------------------------------------------------
+# python -m checkpoint export: the output path
+
+def test_export_to_a_directory_fails_first_and_leaves_nothing(run, tmp_path, capsys):
+    target = tmp_path / "out.safetensors"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    code, err = _export([run, str(target)], capsys)
+    assert code == 2
+    _one_line(err, str(target), "is a directory")
+    assert _files(target) == ["keep.txt"] and (target / "keep.txt").read_text() == "mine"
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_export_below_a_file_fails_first(run, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, err = _export([run, str(tmp_path / "afile" / "sub" / "m.safetensors")], capsys)
+    assert code == 2
+    _one_line(err, "is a file, not a directory")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_export_write_failure_removes_the_temporary_file(run, tmp_path, monkeypatch, capsys):
+    """Disk full (or any OSError) while writing: one line, no *.tmp-PID and no output file;
+    a file already at the output path is kept as it was."""
+    import safetensors.torch
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"old export")
+
+    def half_written(model, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_model", half_written)
+    code, err = _export([run, str(out)], capsys)
+    assert code == 2
+    _one_line(err, f"cannot write {out}: No space left on device")
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors", "run"]
+    assert out.read_bytes() == b"old export"
+
+
+def test_load_exported_of_a_truncated_file_is_one_line(run, tmp_path, capsys):
+    from checkpoint import load_exported
+    out = str(tmp_path / "m.safetensors")
+    assert _export([run, out], capsys)[0] == 0
+    _truncate(out, 0.6)
+    with pytest.raises(ValueError, match="m.safetensors (is not a readable safetensors file|does not load)") as e:
+        load_exported(out)
+    assert "\n" not in str(e.value)
+
+
+def test_export_cli_prints_no_traceback(run, tmp_path):
+    """The real command line, once: a truncated trainer state and a directory as output."""
+    _truncate(os.path.join(run, STEP, "trainer_state.pt"))
+    r = subprocess.run([sys.executable, "-m", "checkpoint", "export", run, str(tmp_path / "m.safetensors")],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2
+    _one_line(r.stderr, "trainer_state.pt is truncated or corrupt")
+    assert os.listdir(tmp_path) == ["run"]
+
+
+# ----------------------------------------------------------------------------------------
+# sample.py
+
+BAD_SAMPLE_FLAGS = [
+    (["--top-k", "-3"], "argument --top-k: expected an integer >= 0; got -3"),
+    (["--top-k", "two"], "argument --top-k: expected an integer >= 0; got 'two'"),
+    (["--temperature", "nan"], "argument --temperature: expected a finite number >= 0 (0 = greedy); got 'nan'"),
+    (["--temperature", "inf"], "argument --temperature: expected a finite number >= 0 (0 = greedy); got 'inf'"),
+    (["--temperature", "-0.5"], "argument --temperature: expected a finite number >= 0 (0 = greedy); got '-0.5'"),
+    (["--temperature", "hot"], "argument --temperature: expected a number >= 0; got 'hot'"),
+    (["--tokens", "-1"], "argument --tokens: expected an integer >= 0; got -1"),
+    (["--tokens", "1.5"], "argument --tokens: expected an integer >= 0; got '1.5'"),
+    (["--samples", "0"], "argument --samples: expected a positive integer; got 0"),
+    (["--seed", "x"], "argument --seed: expected an integer; got 'x'"),
+    (["--seed", str(2**64)], "argument --seed: expected an integer in [-2**63, 2**64)"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_SAMPLE_FLAGS, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_sample_bad_flags_are_one_line(argv, message, capsys):
+    """Before any checkpoint is read (the path does not exist): exit 2, one line, no usage."""
+    import sample
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--checkpoint", "/nonexistent", *argv])
+    assert e.value.code == 2
+    _one_line(capsys.readouterr().err, message)
+
+
+def test_sample_without_checkpoint_flag_is_one_line(capsys):
+    import sample
+    with pytest.raises(SystemExit) as e:
+        sample.main([])
+    assert e.value.code == 2
+    _one_line(capsys.readouterr().err, "the following arguments are required: --checkpoint")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_sample_device_cuda_without_cuda_is_one_line(saved_run, capsys):
+    import sample
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--checkpoint", saved_run, "--device", "cuda"])
+    assert e.value.code == 2
+    _one_line(capsys.readouterr().err, "argument --device: cuda is not available")
+
+
+def test_sample_top_k_0_samples_from_the_whole_vocabulary(saved_run, capsys):
+    import sample
+    assert sample.main(["--checkpoint", saved_run, "--top-k", "0", "--tokens", "3", "--device", "cpu",
+                        "--prompt", "ab"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("--- sample 0\nab")
+
+
+def test_sample_of_a_damaged_checkpoint_is_one_line(run, capsys):
+    import sample
+    shard = _shard(run)
+    _truncate(shard)
+    assert sample.main(["--checkpoint", run, "--tokens", "2", "--device", "cpu"]) == 2
+    _one_line(capsys.readouterr().err, shard, "truncated")
+    assert sample.main(["--checkpoint", os.path.join(run, "nothing"), "--device", "cpu"]) == 2
+    _one_line(capsys.readouterr().err, "no checkpoint found at")
