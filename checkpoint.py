@@ -16,7 +16,6 @@ For inference and sharing, export one consolidated safetensors file (one process
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from cli import OneLineArgumentParser, check_output_file, write_atomic
 from config import Config, ConfigError, config_from_dict, dump_yaml, read_yaml, to_dict
 
 # DCP warns on every single-process save/load that no process group exists: that is intended.
@@ -95,15 +95,6 @@ def _fsync_tree(path):
         os.close(fd)
 
 
-def _write_atomic(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg: Config, keep=2):
     """Collective under torchrun: every rank calls it. Returns the checkpoint directory."""
     name = f"step_{step:06d}"
@@ -120,7 +111,7 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
         _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)     # re-saving the same step replaces it
         os.replace(tmp, final)
-        _write_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
+        write_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
         _prune(ckpt_root, keep, name)
     _barrier()
     return final
@@ -307,23 +298,6 @@ def load_model(path, device="cpu"):
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _output_file_problem(path) -> str | None:
-    """Why `path` cannot be written as a new file (None when it can): it is a directory, a
-    part of its parent path is a file, or the nearest existing parent is not writable."""
-    if os.path.isdir(path):
-        return "is a directory"
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"cannot be created: {parent} is a file, not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be created: no write permission in {parent}"
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        return "exists and is not writable"
-    return None
-
-
 def export_safetensors(ckpt, out_path, dtype="fp32") -> str:
     """Gather a (possibly sharded, any rank count) DCP checkpoint into one safetensors file.
 
@@ -340,25 +314,16 @@ def export_safetensors(ckpt, out_path, dtype="fp32") -> str:
         raise ValueError(f"dtype {dtype!r} is not one of: {', '.join(EXPORT_DTYPES)}")
     if not str(out_path).endswith(".safetensors"):
         raise ValueError(f"output file {out_path} must end in .safetensors")
-    problem = _output_file_problem(out_path)
-    if problem:
-        raise ValueError(f"output file {out_path} {problem}")
+    check_output_file(out_path, "output file")
     ckpt = resolve_checkpoint(ckpt)
     step = read_trainer_state(ckpt, required=("step",))["step"]
     model, cfg = load_model(ckpt)
     model = model.to(EXPORT_DTYPES[dtype])
     metadata = {"format": "pt", "config": json.dumps(to_dict(cfg)), "step": str(step), "arch": cfg.model.arch}
-    tmp = f"{out_path}.tmp-{os.getpid()}"
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        save_model(model, tmp, metadata=metadata)
-        os.replace(tmp, out_path)       # no half-written file under the final name
+        return write_atomic(out_path, lambda tmp: save_model(model, tmp, metadata=metadata))
     except OSError as e:                # disk full, permissions changed, a directory appeared
         raise ValueError(f"cannot write {out_path}: {e.strerror or _first_line(e)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out_path
 
 
 def load_exported(path, device="cpu"):
@@ -387,15 +352,9 @@ def load_exported(path, device="cpu"):
     return model.to(device).eval(), cfg
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None):
-    parser = _ArgumentParser(prog="python -m checkpoint", description="Checkpoint tools.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    parser = OneLineArgumentParser(prog="python -m checkpoint", description="Checkpoint tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="write one consolidated safetensors file from a DCP checkpoint")
     export.add_argument("checkpoint", help="a step_N directory, a checkpoints/ root, or a training out_dir")
     export.add_argument("out", help="output file, e.g. model.safetensors")

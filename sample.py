@@ -9,41 +9,11 @@ Bad input (a flag's value, --device cuda without CUDA, a missing or damaged chec
 line "error: ..." on stderr and exit status 2, before anything is generated.
 """
 import argparse
-import math
 import sys
 
 import torch
 
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block): "error: argument --top-k: ..."."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _int_at_least(low: int, what: str):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected {what}; got {value}")
-        return value
-    parse.__name__ = what          # argparse names the type in its own messages
-    return parse
-
-
-def _temperature(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0; got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = greedy); got {text!r}")
-    return value
+from cli import OneLineArgumentParser, non_negative_float, non_negative_int, positive_int
 
 
 def _seed(text):
@@ -58,13 +28,13 @@ def _seed(text):
 
 
 def main(argv=None):
-    p = _ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint dir or a training out_dir")
     p.add_argument("--prompt", default="\n")
-    p.add_argument("--tokens", type=_int_at_least(0, "an integer >= 0"), default=100, help="new tokens per sample")
-    p.add_argument("--samples", type=_int_at_least(1, "a positive integer"), default=1)
-    p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=_int_at_least(0, "an integer >= 0"), default=50,
+    p.add_argument("--tokens", type=non_negative_int, default=100, help="new tokens per sample")
+    p.add_argument("--samples", type=positive_int, default=1)
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=non_negative_int, default=50,
                    help="sample among the k most likely tokens (0 = all of them)")
     p.add_argument("--seed", type=_seed, default=1337)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

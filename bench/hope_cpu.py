@@ -16,9 +16,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (ArgumentParser, add_model_shape_args, non_negative_int, positive_int,  # noqa: E402
-                          report_error, result_footer)
+from bench.common import add_model_shape_args, report_error, result_footer  # noqa: E402
 from bench.step import bench_step, build_train_step  # noqa: E402
+from cli import OneLineArgumentParser, non_negative_int, positive_int  # noqa: E402
 from config import load_config  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def profile_step(cfg, rows):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_shape_args(p, d_model=128, n_layer=4, n_head=4, vocab=50257)
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--batch-size", type=positive_int, default=16)

@@ -58,8 +58,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if not torch.cuda.is_available():                 # the Triton kernels run interpreted on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import kernels  # noqa: E402
-from bench.common import (ArgumentParser, machine, output_file_problem, positive_int,  # noqa: E402
-                          report_error, write_text_atomic)
+from bench.common import machine, report_error  # noqa: E402
+from cli import OneLineArgumentParser, output_file_problem, positive_int, write_atomic  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -365,7 +365,7 @@ def print_speedups(rows):
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny fp32 sizes (a smoke test; CPU ok)")
     p.add_argument("--B", type=positive_int, default=4)
     p.add_argument("--T", type=positive_int, nargs="+", default=[2048, 4096, 8192])
@@ -426,7 +426,7 @@ def _run(p, args, argv):
     print_speedups(rows)
     if args.json:
         try:
-            write_text_atomic(args.json, json.dumps({"device": name, "date": datetime.date.today().isoformat(),
+            write_atomic(args.json, json.dumps({"device": name, "date": datetime.date.today().isoformat(),
                                                      "rows": rows}, indent=1))
         except OSError as e:       # the path was checked first; it changed during the run
             return report_error(f"cannot write --json {args.json}: {e.strerror or e}")

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
-from bench.common import ArgumentParser, positive_int, result_footer  # noqa: E402
+from bench.common import result_footer  # noqa: E402
+from cli import OneLineArgumentParser, positive_int  # noqa: E402
 
 
 def make_inputs(op, B, T, H, d, seed=0):
@@ -64,7 +65,7 @@ def max_abs_err(a, b):
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--B", type=positive_int, default=1)
     p.add_argument("--T", type=positive_int, default=2048)
     p.add_argument("--H", type=positive_int, default=4)

@@ -22,7 +22,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from bench.common import ArgumentParser, positive_int, report_error, result_footer  # noqa: E402
+from bench.common import report_error, result_footer  # noqa: E402
+from cli import OneLineArgumentParser, positive_int  # noqa: E402
 from config import load_config  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def saved_bytes(cfg, T):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+")
     p.add_argument("--T", type=positive_int, nargs="+", default=[256, 512],
                    help="sequence lengths (at least two: the per-token figure is the growth)")

@@ -17,8 +17,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (ArgumentParser, non_negative_int, positive_int, report_error,  # noqa: E402
-                          resolve_device, result_footer)
+from bench.common import report_error, resolve_device, result_footer  # noqa: E402
+from cli import OneLineArgumentParser, non_negative_int, positive_int  # noqa: E402
 from config import load_config  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def bench_step(cfg, steps=5, warmup=2, device="cpu", compile=False, built=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default="configs/quickstart.yaml")
     p.add_argument("--steps", type=positive_int, default=5)
     p.add_argument("--warmup", type=non_negative_int, default=2)

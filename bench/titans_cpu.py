@@ -17,8 +17,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import ArgumentParser, add_model_shape_args, positive_int, report_error, result_footer  # noqa: E402
+from bench.common import add_model_shape_args, report_error, result_footer  # noqa: E402
 from bench.step import make_train_step, median_seconds  # noqa: E402
+from cli import OneLineArgumentParser, positive_int  # noqa: E402
 from model import build_model  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def step_times(model, batch, T, vocab, steps):
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=positive_int, default=1024)
     p.add_argument("--batch", type=positive_int, default=1)
     add_model_shape_args(p, d_model=256, n_layer=4, n_head=4, vocab=512)

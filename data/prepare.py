@@ -15,7 +15,6 @@ An existing <out> is replaced only when it is a cache of the same source (see
 _check_out_dir); any other non-empty folder is refused before anything is written.
 """
 
-import argparse
 import glob
 import hashlib
 import itertools
@@ -29,6 +28,7 @@ from collections import deque
 
 import numpy as np
 
+from cli import OneLineArgumentParser, int_at_least, non_negative_int, open_fraction, positive_int
 from data.builtin import iter_builtin_documents
 from data.meta import META_FORMAT_VERSION, META_NAME, check_shards, load_meta, read_meta_json
 from data.shards import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES, write_shard
@@ -402,49 +402,19 @@ def ensure_prepared(source: str, out_dir: str, tokenizer: str = "gpt2", **kwargs
 # CLI
 
 
-def _int_at_least(low: int, meaning: str = ""):
-    """argparse type: an integer >= low (argparse names the flag in its error)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}{meaning}, got {value}")
-        return value
-    return parse
-
-
-def _fraction(text):
-    """argparse type: a float strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
-    return value
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None):
-    parser = _ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0].strip())
+    parser = OneLineArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--source", required=True, help="builtin | files:<glob> | hf:<dataset>[:<config>]")
     parser.add_argument("--out", required=True, help="output folder, e.g. data/cache/builtin-gpt2")
     parser.add_argument("--tokenizer", default="gpt2", choices=TOKENIZER_NAMES)
-    parser.add_argument("--val-fraction", type=_fraction, default=DEFAULT_VAL_FRACTION,
+    parser.add_argument("--val-fraction", type=open_fraction, default=DEFAULT_VAL_FRACTION,
                         help="share of documents in the val split")
-    parser.add_argument("--workers", type=_int_at_least(0, " (0 = all cores)"), default=0,
+    parser.add_argument("--workers", type=non_negative_int, default=0,
                         help="tokenizer processes (0 = all cores)")
-    parser.add_argument("--shard-tokens", type=_int_at_least(1), default=100_000_000, help="tokens per shard file")
+    parser.add_argument("--shard-tokens", type=positive_int, default=100_000_000, help="tokens per shard file")
     parser.add_argument("--streaming", action="store_true", help="stream the HF dataset instead of downloading it")
-    parser.add_argument("--max-docs", type=_int_at_least(2, " (one train and one val document)"), default=None,
-                        help="stop after this many documents")
+    parser.add_argument("--max-docs", type=int_at_least(2), default=None,
+                        help="stop after this many documents (at least 2: one train and one val document)")
     parser.add_argument("--data-files", default=None, help="glob of local files for hf:json / hf:text / ...")
     parser.add_argument("--text-field", default="text", help="field holding the text in jsonl / HF rows")
     parser.add_argument("--split", default="train", help="HF split to read")

@@ -46,18 +46,17 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
+from cli import (OneLineArgumentParser, check_output_dir, check_output_file, non_negative_float, non_negative_int,
+                 positive_float, positive_int, write_atomic)
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
-from eval.common import (EvalArgumentParser, bf16_autocast, check_checkpoint_out, check_long_inputs, check_output_dir,
-                         check_output_file, context_handling, context_limit, continuation_logprob, default_data_dir,
-                         eval_mode, exit_on_error, fit_prompt, greedy_generate, holds_checkpoints, load_checkpoint,
-                         make_parent, mean_over_scored, model_device, non_negative_float, non_negative_int,
-                         positive_float, positive_int, prefill)
+from eval.common import (bf16_autocast, check_checkpoint_out, check_long_inputs, context_handling, context_limit,
+                         continuation_logprob, default_data_dir, eval_mode, exit_on_error, fit_prompt, greedy_generate,
+                         holds_checkpoints, load_checkpoint, mean_over_scored, model_device, prefill)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M")
@@ -834,11 +833,10 @@ def run_build(args) -> str:
     check_output_file(args.out)
     gpt2 = length_tokenizer(args.data_dir)
     n = 0
-    # into a temporary file, renamed at the end: a failed build leaves an existing --out as it was
-    folder = os.path.dirname(os.path.abspath(make_parent(args.out)))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(args.out)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
+
+    def write_samples(path):
+        nonlocal n
+        with open(path, "w") as f:
             for task in tasks:
                 for length in lengths:
                     for sample in build_babilong(task, length, args.samples, split=args.split,
@@ -846,11 +844,7 @@ def run_build(args) -> str:
                                                  data_dir=args.data_dir, gpt2=gpt2):
                         f.write(json.dumps(sample) + "\n")
                         n += 1
-        os.chmod(tmp, 0o644)                             # mkstemp's file is private
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(args.out, write_samples)                # a failed build leaves an existing --out as it was
     print(f"wrote {n} samples to {args.out}")
     return args.out
 
@@ -866,7 +860,7 @@ def _add_common(p, babi_default):
 
 
 def main(argv=None):
-    parser = EvalArgumentParser(prog="python -m eval.babilong", description="BABILong: build, evaluate, fine-tune.")
+    parser = OneLineArgumentParser(prog="python -m eval.babilong", description="BABILong: build, evaluate, fine-tune.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint; writes babilong.json + babilong_heatmap.png")

@@ -5,19 +5,19 @@ prompt longer than an attention model's context is read (eval.babilong, eval.nia
 model reads any length in segments with its state carried and scores or generates from
 there (those two, eval.continual, eval.lm_eval_adapter), and, for the CLIs, a checkpoint
 loaded with the tokenizer it was trained with, and their answer to bad input: one line
-"error: ...", exit status 2, no traceback, nothing lost (EvalArgumentParser and the flag
-types for bad flags, check_output_dir / check_output_file / check_checkpoint_out for output
-paths, checked before the long run, exit_on_error for the rest). torch is imported inside
+"error: ...", exit status 2, no traceback, nothing lost (cli.py's parser, flag types and
+output-path checks, check_checkpoint_out here for a folder that receives checkpoints,
+exit_on_error for the rest). torch is imported inside
 the functions that use it, so a CLI that only plans (eval.reproduce) starts without it.
 """
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import sys
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
+
+from cli import check_output_dir, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -213,10 +213,6 @@ def load_checkpoint(path: str, device: str = "auto") -> tuple:
     return model, cfg, get_tokenizer(cfg.data.tokenizer), device
 
 
-def _one_line(message) -> str:
-    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-
-
 @contextmanager
 def exit_on_error(*errors):
     """An eval CLI's answer to bad input: any of `errors` raised inside prints one line
@@ -224,116 +220,8 @@ def exit_on_error(*errors):
     try:
         yield
     except errors as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
-
-
-class EvalArgumentParser(argparse.ArgumentParser):
-    """The eval CLIs' argparse: a bad flag prints one line "error: argument --x: ..." on
-    stderr and exits with status 2, without the usage text (--help prints it as usual).
-    The subcommand parsers of add_subparsers are of this class too."""
-
-    def error(self, message):
-        print(f"error: {_one_line(message)}", file=sys.stderr)
-        sys.exit(2)
-
-
-# flag types: argparse names the flag in the error ("argument --max-len: must be >= 1, got 0")
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    parse.__name__ = f"int_at_least_{minimum}"
-    return parse
-
-
-positive_int = _int_at_least(1)
-non_negative_int = _int_at_least(0)
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def fraction_list(text: str) -> list[float]:
-    """'0,0.5,1' -> [0.0, 0.5, 1.0]: a comma list of at least one number in [0, 1]."""
-    values = []
-    for item in (t.strip() for t in text.split(",")):
-        if not item:
-            continue
-        try:
-            value = float(item)
-        except ValueError:
-            value = math.nan
-        if not 0 <= value <= 1:
-            raise argparse.ArgumentTypeError(f"expected numbers in [0, 1], got {item!r}")
-        values.append(value)
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected a comma list of numbers in [0, 1], got {text!r}")
-    return values
-
-
-# output paths, checked before the long run: a bad one is an error up front, not after hours
-
-def _check_can_create(folder: str, flag: str, path: str) -> None:
-    """`folder` is a writable folder, or its nearest existing ancestor is (makedirs will work)."""
-    probe = os.path.abspath(folder)
-    while not os.path.lexists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"{flag} {path}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: cannot write in {probe}")
-
-
-def check_output_dir(path: str, flag: str = "--out") -> str:
-    """An output folder: one that exists, or that os.makedirs can make -> path. ValueError
-    naming the flag otherwise (a file there, a file on the way, no write permission)."""
-    if os.path.lexists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a file, not a folder; give a folder")
-    _check_can_create(path, flag, path)
-    return path
-
-
-def check_output_file(path: str, flag: str = "--out") -> str:
-    """An output file: not a folder, and in a folder that exists or can be made -> path.
-    make_parent(path) makes that folder when the file is written."""
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder; give a file name")
-    _check_can_create(os.path.dirname(os.path.abspath(path)), flag, path)
-    return path
-
-
-def make_parent(path: str) -> str:
-    """Make the folder of an output file (checked by check_output_file) -> path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return path
 
 
 def holds_checkpoints(path: str) -> bool:

@@ -50,10 +50,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from cli import OneLineArgumentParser, check_output_dir, non_negative_int, positive_float, positive_int
 from eval.common import default_data_dir
-from eval.common import (EvalArgumentParser, check_output_dir, clone_state, continuation_logprob, eval_mode,
-                         exit_on_error, is_recurrent, load_checkpoint, model_device, non_negative_int, positive_float,
-                         positive_int, prefill)
+from eval.common import (clone_state, continuation_logprob, eval_mode, exit_on_error, is_recurrent, load_checkpoint,
+                         model_device, prefill)
 from eval.perplexity import encode_pair, loglikelihood_tokens
 
 ARMS = ("sequential", "icl", "in_context_memory", "joint")
@@ -636,7 +636,7 @@ def _parse_arms(text: str) -> list[str]:
 
 
 def main(argv=None):
-    parser = EvalArgumentParser(prog="python -m eval.continual", description="Continual-learning evals.")
+    parser = OneLineArgumentParser(prog="python -m eval.continual", description="Continual-learning evals.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("intents", help="class-incremental CLINC150 / Banking77")
     p.add_argument("--dataset", default="clinc", choices=INTENT_DATASETS)

@@ -36,7 +36,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import islice
 
-from eval.common import EvalArgumentParser, check_output_dir
+from cli import OneLineArgumentParser, check_output_dir
 from eval.reproduce import ABLATIONS, ReproduceError, Run, Step, babilong_steps, execute, run_dir
 
 # One recipe for every run (overrides on top of each tiny config): the model size, the data
@@ -224,7 +224,7 @@ def machine() -> str:
 
 
 def parse_args(argv=None):
-    p = EvalArgumentParser(prog="python -m eval.mini_repro", description=__doc__.split("\n\n")[1])
+    p = OneLineArgumentParser(prog="python -m eval.mini_repro", description=__doc__.split("\n\n")[1])
     p.add_argument("--out", default=os.path.join("out", "mini_repro"), help="results root")
     p.add_argument("--seeds", default="0,1", help="comma list of training seeds (at least 2 for a spread)")
     p.add_argument("--steps", type=int, default=150, help=f"training steps per run ({BATCH_SIZE} x {SEQ_LEN} bytes each)")

@@ -37,11 +37,11 @@ import uuid
 
 import torch
 
+from cli import OneLineArgumentParser, check_output_dir, fraction_list, non_negative_int, positive_int
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, split_sentences
-from eval.common import (EvalArgumentParser, bf16_autocast, check_long_inputs, check_output_dir, context_handling,
-                         context_limit, continuation_logprob, eval_mode, exit_on_error, fit_prompt, fraction_list,
-                         greedy_generate, is_recurrent, load_checkpoint, mean_over_scored, model_device,
-                         non_negative_int, positive_int, prefill)
+from eval.common import (bf16_autocast, check_long_inputs, context_handling, context_limit, continuation_logprob,
+                         eval_mode, exit_on_error, fit_prompt, greedy_generate, is_recurrent, load_checkpoint,
+                         mean_over_scored, model_device, prefill)
 
 # RULER scripts/data/synthetic/constants.py and niah.py
 NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
@@ -268,7 +268,7 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-    parser = EvalArgumentParser(prog="python -m eval.niah", description="RULER S-NIAH-1/2/3 accuracy.")
+    parser = OneLineArgumentParser(prog="python -m eval.niah", description="RULER S-NIAH-1/2/3 accuracy.")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--tasks", default="1,2,3", help="niah_single_1,niah_single_2,niah_single_3 or 1,2,3")
     parser.add_argument("--lengths", default="1k,2k,4k", help="GPT-2 tokens: 4k = 4096, or a number")

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.common import (EvalArgumentParser, check_output_file, eval_mode, exit_on_error, load_checkpoint, make_parent,
-                         model_device, positive_int)
+from cli import OneLineArgumentParser, check_output_file, positive_int, write_atomic
+from eval.common import eval_mode, exit_on_error, load_checkpoint, model_device
 
 LN2 = math.log(2.0)
 DATA_DIR_ENV = "NL_DATA_DIR"  # a copy of shared/data: <dir>/wikitext/wiki.test.raw, <dir>/lambada/...
@@ -427,8 +427,8 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-    parser = EvalArgumentParser(prog="python -m eval.perplexity",
-                                description="Val loss / bits per byte, WikiText word perplexity, LAMBADA.")
+    parser = OneLineArgumentParser(prog="python -m eval.perplexity",
+                                   description="Val loss / bits per byte, WikiText word perplexity, LAMBADA.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory written by train.py")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list from {','.join(TASKS)}")
     parser.add_argument("--wikitext", help=f"wiki.test.raw path or 'hf' (default: wikitext/wiki.test.raw in ${DATA_DIR_ENV} or ../shared/data)")
@@ -447,8 +447,7 @@ def main(argv=None):
         results = run(args)
     print(_format_table(results))
     if args.out:
-        with open(make_parent(args.out), "w") as f:
-            json.dump(results, f, indent=2)
+        write_atomic(args.out, json.dumps(results, indent=2))
         print(f"wrote {args.out}")
     return results
 

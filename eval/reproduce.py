@@ -40,7 +40,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from eval.common import EvalArgumentParser, check_output_dir, exit_on_error, positive_int
+from cli import OneLineArgumentParser, check_output_dir, positive_int
+from eval.common import exit_on_error
 from eval.paper_numbers import (ACCURACY_COLUMNS, FIGURE_ONLY, NL_TABLE1_SNIAH, NL_TABLE2, NL_TABLE6, TITANS_TABLE1,
                                 TITANS_TABLE2, average_accuracy)
 
@@ -525,8 +526,8 @@ def run_zero_shot(checkpoint: str, out_dir: str, device: str = "auto", limit: in
 # CLI
 
 def _zero_shot_main(argv):
-    parser = EvalArgumentParser(prog="python -m eval.reproduce zeroshot",
-                                description="Zero-shot accuracies of the papers' tables with lm-eval.")
+    parser = OneLineArgumentParser(prog="python -m eval.reproduce zeroshot",
+                                   description="Zero-shot accuracies of the papers' tables with lm-eval.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint dir or a training out_dir")
     parser.add_argument("--out", required=True, help="output folder (zeroshot.json)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -541,8 +542,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["zeroshot"]:
         return _zero_shot_main(argv[1:])
-    parser = EvalArgumentParser(prog="python -m eval.reproduce",
-                                description="Commands and side-by-side tables for the papers' results.")
+    parser = OneLineArgumentParser(prog="python -m eval.reproduce",
+                                   description="Commands and side-by-side tables for the papers' results.")
     parser.add_argument("table", help=" | ".join(TABLES) + " (or: zeroshot --checkpoint DIR --out DIR)")
     parser.add_argument("--run", action="store_true", help="execute the missing steps (default: print them)")
     parser.add_argument("--nproc", type=positive_int, default=1,

@@ -33,8 +33,8 @@ import json
 import os
 import time
 
-from eval.common import (EvalArgumentParser, check_output_dir, context_limit, exit_on_error, load_checkpoint,
-                         model_device)
+from cli import OneLineArgumentParser, check_output_dir
+from eval.common import context_limit, exit_on_error, load_checkpoint, model_device
 
 SECTIONS = ("perplexity", "babilong", "niah", "continual")
 
@@ -384,7 +384,7 @@ def run_during_training(model, tokenizer, names, device=None, seq_len: int = 256
 # CLI
 
 def main(argv=None):
-    parser = EvalArgumentParser(prog="python -m eval.run", description="Run the evaluation suite.")
+    parser = OneLineArgumentParser(prog="python -m eval.run", description="Run the evaluation suite.")
     parser.add_argument("--suite", default="quick", help="quick | paper")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint dir or a training out_dir")
     parser.add_argument("--out", required=True, help="output folder (results.json, results.md, plots)")

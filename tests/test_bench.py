@@ -19,18 +19,18 @@ def _kernels_main(argv):
 
 
 BAD_FLAGS = [
-    (step.main, ["--warmup", "-1"], "argument --warmup: expected an integer >= 0; got -1"),
-    (step.main, ["--steps", "0"], "argument --steps: expected a positive integer; got 0"),
-    (step.main, ["--steps", "two"], "argument --steps: expected a positive integer; got 'two'"),
-    (hope_cpu.main, ["--warmup", "-2"], "argument --warmup: expected an integer >= 0; got -2"),
-    (hope_cpu.main, ["--profile-rows", "-1"], "argument --profile-rows: expected an integer >= 0; got -1"),
-    (hope_cpu.main, ["--d-model", "0"], "argument --d-model: expected a positive integer; got 0"),
-    (titans_cpu.main, ["--chunk", "0"], "argument --chunk: expected a positive integer; got 0"),
-    (titans_cpu.main, ["--threads", "1.5"], "argument --threads: expected a positive integer; got '1.5'"),
-    (kernels_cpu.main, ["--ref-repeats", "0"], "argument --ref-repeats: expected a positive integer; got 0"),
-    (_kernels_main, ["--T", "16", "-3"], "argument --T: expected a positive integer; got -3"),
-    (_kernels_main, ["--mem-chunk", "0"], "argument --mem-chunk: expected a positive integer; got 0"),
-    (_kernels_main, ["--repeats", "x"], "argument --repeats: expected a positive integer; got 'x'"),
+    (step.main, ["--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
+    (step.main, ["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (step.main, ["--steps", "two"], "argument --steps: expected an integer >= 1, got 'two'"),
+    (hope_cpu.main, ["--warmup", "-2"], "argument --warmup: must be >= 0, got -2"),
+    (hope_cpu.main, ["--profile-rows", "-1"], "argument --profile-rows: must be >= 0, got -1"),
+    (hope_cpu.main, ["--d-model", "0"], "argument --d-model: must be >= 1, got 0"),
+    (titans_cpu.main, ["--chunk", "0"], "argument --chunk: must be >= 1, got 0"),
+    (titans_cpu.main, ["--threads", "1.5"], "argument --threads: expected an integer >= 1, got '1.5'"),
+    (kernels_cpu.main, ["--ref-repeats", "0"], "argument --ref-repeats: must be >= 1, got 0"),
+    (_kernels_main, ["--T", "16", "-3"], "argument --T: must be >= 1, got -3"),
+    (_kernels_main, ["--mem-chunk", "0"], "argument --mem-chunk: must be >= 1, got 0"),
+    (_kernels_main, ["--repeats", "x"], "argument --repeats: expected an integer >= 1, got 'x'"),
 ]
 
 
@@ -212,32 +212,15 @@ def test_step_bench_bad_model_values_are_one_line(flag, capsys):
     _one_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("where, problem", [("missing/k.json", "directory"), ("adir", "is a directory")])
+@pytest.mark.parametrize("where, problem", [("afile/k.json", "afile is not a folder"),
+                                            ("adir", "is a folder; give a file name")])
 def test_kernels_bench_json_path_is_checked_before_the_benchmark(where, problem, tmp_path, capsys):
     (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
     path = str(tmp_path / where)
     with pytest.raises(SystemExit) as exit_info:
         _kernels_main(["--quick", "--parts", "scans", "--json", path])
     captured = capsys.readouterr()
     assert exit_info.value.code == 2 and captured.out == ""           # nothing was measured
     _one_line(captured.err, f"argument --json: {path}", problem)
-    assert sorted(os.listdir(tmp_path)) == ["adir"] and not os.listdir(tmp_path / "adir")
-
-
-def test_output_file_checks_and_atomic_write(tmp_path, monkeypatch):
-    from bench import common
-    assert common.output_file_problem(str(tmp_path / "ok.json")) is None
-    assert common.output_file_problem(str(tmp_path)) == "is a directory"
-    assert "does not exist" in common.output_file_problem(str(tmp_path / "no" / "k.json"))
-    (tmp_path / "afile").write_text("x")
-    assert "does not exist" in common.output_file_problem(str(tmp_path / "afile" / "k.json"))
-    path = tmp_path / "k.json"
-    common.write_text_atomic(str(path), "new")
-    assert path.read_text() == "new"
-
-    def fail(src, dst):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(common.os, "replace", fail)
-    with pytest.raises(OSError):
-        common.write_text_atomic(str(path), "newer")
-    assert path.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["afile", "k.json"]
+    assert sorted(os.listdir(tmp_path)) == ["adir", "afile"] and not os.listdir(tmp_path / "adir")

@@ -1,7 +1,8 @@
 """Bad input to checkpoint.py (resume, load, `python -m checkpoint export`) and sample.py: one
 line "error: ..." naming what is wrong, exit status 2, no traceback, and nothing lost (no file
-written or left behind, the model untouched when a check fails before loading).
-(bench/ CLIs: tests/test_bench.py.)"""
+written or left behind, the model untouched when a check fails before loading); and cli.py,
+which every entry point builds on: its parser, flag types, output-path checks and atomic write.
+(bench/ CLIs: tests/test_bench.py; eval CLIs: tests/test_eval_common.py and each eval's tests.)"""
 import os
 import shutil
 import subprocess
@@ -220,7 +221,7 @@ def test_export_to_a_directory_fails_first_and_leaves_nothing(run, tmp_path, cap
     (target / "keep.txt").write_text("mine")
     code, err = _export([run, str(target)], capsys)
     assert code == 2
-    _one_line(err, str(target), "is a directory")
+    _one_line(err, str(target), "is a folder")
     assert _files(target) == ["keep.txt"] and (target / "keep.txt").read_text() == "mine"
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
 
@@ -229,7 +230,7 @@ def test_export_below_a_file_fails_first(run, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     code, err = _export([run, str(tmp_path / "afile" / "sub" / "m.safetensors")], capsys)
     assert code == 2
-    _one_line(err, "is a file, not a directory")
+    _one_line(err, "afile is not a folder")
     assert (tmp_path / "afile").read_text() == "x"
 
 
@@ -276,15 +277,15 @@ def test_export_cli_prints_no_traceback(run, tmp_path):
 # sample.py
 
 BAD_SAMPLE_FLAGS = [
-    (["--top-k", "-3"], "argument --top-k: expected an integer >= 0; got -3"),
-    (["--top-k", "two"], "argument --top-k: expected an integer >= 0; got 'two'"),
-    (["--temperature", "nan"], "argument --temperature: expected a finite number >= 0 (0 = greedy); got 'nan'"),
-    (["--temperature", "inf"], "argument --temperature: expected a finite number >= 0 (0 = greedy); got 'inf'"),
-    (["--temperature", "-0.5"], "argument --temperature: expected a finite number >= 0 (0 = greedy); got '-0.5'"),
-    (["--temperature", "hot"], "argument --temperature: expected a number >= 0; got 'hot'"),
-    (["--tokens", "-1"], "argument --tokens: expected an integer >= 0; got -1"),
-    (["--tokens", "1.5"], "argument --tokens: expected an integer >= 0; got '1.5'"),
-    (["--samples", "0"], "argument --samples: expected a positive integer; got 0"),
+    (["--top-k", "-3"], "argument --top-k: must be >= 0, got -3"),
+    (["--top-k", "two"], "argument --top-k: expected an integer >= 0, got 'two'"),
+    (["--temperature", "nan"], "argument --temperature: expected a finite number, got 'nan'"),
+    (["--temperature", "inf"], "argument --temperature: expected a finite number, got 'inf'"),
+    (["--temperature", "-0.5"], "argument --temperature: must be >= 0, got -0.5"),
+    (["--temperature", "hot"], "argument --temperature: expected a number, got 'hot'"),
+    (["--tokens", "-1"], "argument --tokens: must be >= 0, got -1"),
+    (["--tokens", "1.5"], "argument --tokens: expected an integer >= 0, got '1.5'"),
+    (["--samples", "0"], "argument --samples: must be >= 1, got 0"),
     (["--seed", "x"], "argument --seed: expected an integer; got 'x'"),
     (["--seed", str(2**64)], "argument --seed: expected an integer in [-2**63, 2**64)"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
@@ -334,3 +335,104 @@ def test_sample_of_a_damaged_checkpoint_is_one_line(run, capsys):
     _one_line(capsys.readouterr().err, shard, "truncated")
     assert sample.main(["--checkpoint", os.path.join(run, "nothing"), "--device", "cpu"]) == 2
     _one_line(capsys.readouterr().err, "no checkpoint found at")
+
+
+# ----------------------------------------------------------------------------------------
+# cli.py
+
+def _parser():
+    from cli import (OneLineArgumentParser, fraction_list, non_negative_float, non_negative_int, open_fraction,
+                     positive_float, positive_int)
+    parser = OneLineArgumentParser(prog="python -m eval.x")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("go")
+    p.add_argument("--max-len", type=positive_int)
+    p.add_argument("--distractors", type=non_negative_int, default=4)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    p.add_argument("--val-fraction", type=open_fraction, default=0.01)
+    p.add_argument("--depths", type=fraction_list, default="0,1")
+    p.add_argument("--overflow", choices=("truncate", "skip"), default="truncate")
+    p.add_argument("--out", required=True)
+    return parser
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["go", "--out", "o", "--max-len", "0"], "argument --max-len: must be >= 1, got 0"),
+    (["go", "--out", "o", "--max-len", "-5"], "argument --max-len: must be >= 1, got -5"),
+    (["go", "--out", "o", "--max-len", "4k"], "argument --max-len: expected an integer >= 1, got '4k'"),
+    (["go", "--out", "o", "--distractors", "-1"], "argument --distractors: must be >= 0, got -1"),
+    (["go", "--out", "o", "--lr", "0"], "argument --lr: must be > 0, got 0"),
+    (["go", "--out", "o", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+    (["go", "--out", "o", "--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
+    (["go", "--out", "o", "--weight-decay", "-0.1"], "argument --weight-decay: must be >= 0, got -0.1"),
+    (["go", "--out", "o", "--val-fraction", "1"], "argument --val-fraction: must lie in (0, 1), got 1"),
+    (["go", "--out", "o", "--val-fraction", "inf"], "argument --val-fraction: expected a finite number, got 'inf'"),
+    (["go", "--out", "o", "--depths", "x"], "argument --depths: expected numbers in [0, 1], got 'x'"),
+    (["go", "--out", "o", "--depths", "0,1.5"], "argument --depths: expected numbers in [0, 1], got '1.5'"),
+    (["go", "--out", "o", "--depths", ","], "argument --depths: expected a comma list"),
+    (["go", "--out", "o", "--overflow", "drop"], "argument --overflow: invalid choice: 'drop'"),
+    (["go"], "the following arguments are required: --out"),
+    (["go", "--out", "o", "--bogus"], "unrecognized arguments: --bogus"),
+    ([], "the following arguments are required: command"),
+])
+def test_parser_errors_are_one_line_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage" not in err
+    _one_line(err, message)
+
+
+def test_parser_values_and_help(capsys):
+    args = _parser().parse_args(["go", "--out", "o", "--max-len", "8", "--depths", "0.5, 1", "--lr", "3e-4",
+                                 "--val-fraction", "0.5"])
+    assert (args.max_len, args.depths, args.lr, args.distractors, args.val_fraction) == (8, [0.5, 1.0], 3e-4, 4, 0.5)
+    assert _parser().parse_args(["go", "--out", "o"]).depths == [0.0, 1.0]      # a string default is parsed
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(["go", "--help"])
+    assert exit_info.value.code == 0 and "usage: python -m eval.x go" in capsys.readouterr().out
+
+
+def test_output_paths_are_checked_not_made(tmp_path):
+    from cli import check_output_dir, check_output_file, output_dir_problem, output_file_problem
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    assert output_dir_problem(str(tmp_path)) is None and output_dir_problem(str(tmp_path / "new" / "deeper")) is None
+    assert output_file_problem(str(tmp_path / "new" / "r.json")) is None
+    assert output_file_problem(str(a_file)) is None                            # a results file may be replaced
+    assert not (tmp_path / "new").exists()                                    # checked, not made
+    assert output_dir_problem(str(a_file)) == "is a file, not a folder; give a folder"
+    assert output_file_problem(str(tmp_path)) == "is a folder; give a file name"
+    for problem in (output_dir_problem(str(a_file / "sub")), output_file_problem(str(a_file / "sub" / "r.json"))):
+        assert problem == f"cannot be created: {a_file} is not a folder"
+    assert check_output_dir(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(ValueError, match=r"^--results-root .*a_file/sub cannot be created: .*a_file is not a folder$"):
+        check_output_dir(str(a_file / "sub"), "--results-root")
+    with pytest.raises(ValueError, match=r"^--out .* is a folder; give a file name$"):
+        check_output_file(str(tmp_path))
+    assert a_file.read_text() == "keep me"
+
+
+def test_write_atomic_makes_folders_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import cli
+    out = tmp_path / "new" / "r.json"
+    assert cli.write_atomic(str(out), "first") == str(out) and out.read_text() == "first"
+
+    def write(path):
+        with open(path, "w") as f:
+            f.write("second")
+    cli.write_atomic(str(out), write)
+    assert out.read_text() == "second"
+
+    def no_space(*paths):
+        if paths[0].endswith(f".tmp-{os.getpid()}"):
+            with open(paths[0], "w") as f:
+                f.write("half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        cli.write_atomic(str(out), no_space)                  # the write fails
+    monkeypatch.setattr(cli.os, "replace", no_space)
+    with pytest.raises(OSError):
+        cli.write_atomic(str(out), "third")                   # the rename fails
+    assert out.read_text() == "second" and os.listdir(out.parent) == ["r.json"]   # no *.tmp-PID left

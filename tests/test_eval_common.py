@@ -8,11 +8,10 @@ import os
 import pytest
 import torch
 
-from eval.common import (EvalArgumentParser, bf16_autocast, check_checkpoint_out, check_long_inputs, check_output_dir,
-                         check_output_file, clone_state, context_handling, context_limit, continuation_logprob,
-                         eval_mode, exit_on_error, fit_prompt, fraction_list, greedy_generate, holds_checkpoints,
-                         is_recurrent, load_checkpoint, make_parent, mean_over_scored, model_device,
-                         non_negative_float, non_negative_int, positive_float, positive_int, prefill, resolve_device)
+from eval.common import (bf16_autocast, check_checkpoint_out, check_long_inputs, clone_state, context_handling,
+                         context_limit, continuation_logprob, eval_mode, exit_on_error, fit_prompt, greedy_generate,
+                         holds_checkpoints, is_recurrent, load_checkpoint, mean_over_scored, model_device, prefill,
+                         resolve_device)
 
 
 def test_resolve_device():
@@ -61,56 +60,8 @@ def test_exit_on_error_only_for_the_named_errors(capsys):
 
 
 # -----------------------------------------------------------------------------
-# the CLIs' flags: one line "error: argument --x: ...", exit 2, no usage text
-
-def _parser():
-    parser = EvalArgumentParser(prog="python -m eval.x")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("go")
-    p.add_argument("--max-len", type=positive_int)
-    p.add_argument("--distractors", type=non_negative_int, default=4)
-    p.add_argument("--lr", type=positive_float, default=1e-4)
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
-    p.add_argument("--depths", type=fraction_list, default="0,1")
-    p.add_argument("--overflow", choices=("truncate", "skip"), default="truncate")
-    p.add_argument("--out", required=True)
-    return parser
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["go", "--out", "o", "--max-len", "0"], "argument --max-len: must be >= 1, got 0"),
-    (["go", "--out", "o", "--max-len", "-5"], "argument --max-len: must be >= 1, got -5"),
-    (["go", "--out", "o", "--max-len", "4k"], "argument --max-len: expected an integer >= 1, got '4k'"),
-    (["go", "--out", "o", "--distractors", "-1"], "argument --distractors: must be >= 0, got -1"),
-    (["go", "--out", "o", "--lr", "0"], "argument --lr: must be > 0, got 0"),
-    (["go", "--out", "o", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
-    (["go", "--out", "o", "--weight-decay", "-0.1"], "argument --weight-decay: must be >= 0, got -0.1"),
-    (["go", "--out", "o", "--depths", "x"], "argument --depths: expected numbers in [0, 1], got 'x'"),
-    (["go", "--out", "o", "--depths", "0,1.5"], "argument --depths: expected numbers in [0, 1], got '1.5'"),
-    (["go", "--out", "o", "--depths", ","], "argument --depths: expected a comma list"),
-    (["go", "--out", "o", "--overflow", "drop"], "argument --overflow: invalid choice: 'drop'"),
-    (["go"], "the following arguments are required: --out"),
-    (["go", "--out", "o", "--bogus"], "unrecognized arguments: --bogus"),
-    ([], "the following arguments are required: command"),
-])
-def test_eval_argument_parser_errors_are_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        _parser().parse_args(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: ") and message in err
-    assert err.count("\n") == 1 and "usage" not in err
-
-
-def test_eval_argument_parser_values_and_help(capsys):
-    args = _parser().parse_args(["go", "--out", "o", "--max-len", "8", "--depths", "0.5, 1", "--lr", "3e-4"])
-    assert (args.max_len, args.depths, args.lr, args.distractors) == (8, [0.5, 1.0], 3e-4, 4)
-    assert _parser().parse_args(["go", "--out", "o"]).depths == [0.0, 1.0]      # a string default is parsed
-    with pytest.raises(SystemExit) as exit_info:
-        _parser().parse_args(["go", "--help"])
-    assert exit_info.value.code == 0 and "usage: python -m eval.x go" in capsys.readouterr().out
-
-
-# every eval CLI: a bad flag is one line naming it, exit 2 (nothing loaded, nothing written)
+# every eval CLI: a bad flag is one line "error: argument --x: ..." naming it, exit 2, no usage
+# text (nothing loaded, nothing written); cli.py's parser and flag types: tests/test_cli_inputs.py
 CLI_FLAG_ERRORS = [
     ("eval.perplexity", ["--checkpoint", "c", "--limit", "0"], "argument --limit: must be >= 1"),
     ("eval.perplexity", ["--checkpoint", "c", "--batch-size", "x"], "argument --batch-size: expected an integer"),
@@ -150,28 +101,7 @@ def test_every_eval_cli_reports_a_bad_flag_in_one_line(module, argv, message, ca
 
 
 # -----------------------------------------------------------------------------
-# output paths, checked before the long run
-
-def test_check_output_dir_and_file(tmp_path):
-    a_file = tmp_path / "a_file"
-    a_file.write_text("keep me")
-    assert check_output_dir(str(tmp_path)) == str(tmp_path)
-    assert check_output_dir(str(tmp_path / "new" / "deeper")) == str(tmp_path / "new" / "deeper")
-    assert not (tmp_path / "new").exists()                                    # checked, not made
-    with pytest.raises(ValueError, match=r"^--out .*a_file is a file, not a folder"):
-        check_output_dir(str(a_file))
-    with pytest.raises(ValueError, match=r"^--results-root .*a_file/sub: .*a_file is not a folder"):
-        check_output_dir(str(a_file / "sub"), "--results-root")
-    out = str(tmp_path / "new" / "r.json")
-    assert check_output_file(out) == out and not (tmp_path / "new").exists()
-    assert make_parent(out) == out and (tmp_path / "new").is_dir()
-    assert check_output_file(str(a_file)) == str(a_file)                      # a results file may be replaced
-    with pytest.raises(ValueError, match=r"^--out .* is a folder; give a file name"):
-        check_output_file(str(tmp_path))
-    with pytest.raises(ValueError, match=r"a_file is not a folder"):
-        check_output_file(str(a_file / "r.json"))
-    assert a_file.read_text() == "keep me"
-
+# an output folder for checkpoints, checked before the long run
 
 def test_check_checkpoint_out_refuses_folders_that_hold_checkpoints(tmp_path):
     from helpers import save_tiny_checkpoint

@@ -1,0 +1,165 @@
+"""What every command-line entry point shares for bad input: one-line errors naming what is
+wrong, flag types that name the flag, output paths checked before a long run and written so a
+failure leaves nothing half-written.
+
+    parser = OneLineArgumentParser(prog="python -m eval.niah")
+    parser.add_argument("--max-len", type=positive_int)  # error: argument --max-len: must be >= 1, got 0
+    check_output_file(args.out)                          # before the run: ValueError "--out x is a folder; ..."
+    write_atomic(args.out, json.dumps(results))          # after it
+"""
+import argparse
+import math
+import os
+import sys
+
+
+def one_line(message) -> str:
+    """A message as one line: its non-blank lines, stripped, joined by spaces."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line "error: argument --x: ..." on stderr and exit status 2,
+    without the usage block (--help prints it as usual). The subcommand parsers of
+    add_subparsers are of this class too."""
+
+    def error(self, message):
+        print(f"error: {one_line(message)}", file=sys.stderr)
+        sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# flag types: argparse puts the flag before their message ("argument --max-len: must be >= 1, got 0")
+
+def int_at_least(low: int):
+    """An integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def float_in(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """A finite number >= low (> low if low_open) and, if high is given, <= high (< high if
+    high_open). nan and inf are refused."""
+    if high is None:
+        bounds = f"be {'>' if low_open else '>='} {low:g}"
+    else:
+        bounds = f"lie in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        above_low = value > low if low_open else value >= low
+        below_high = high is None or (value < high if high_open else value <= high)
+        if not (above_low and below_high):
+            raise argparse.ArgumentTypeError(f"must {bounds}, got {text}")
+        return value
+    return parse
+
+
+positive_float = float_in(0, low_open=True)
+non_negative_float = float_in(0)
+open_fraction = float_in(0, 1, low_open=True, high_open=True)
+
+
+def fraction_list(text: str) -> list[float]:
+    """'0,0.5,1' -> [0.0, 0.5, 1.0]: a comma list of at least one number in [0, 1]."""
+    values = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            value = math.nan
+        if not 0 <= value <= 1:
+            raise argparse.ArgumentTypeError(f"expected numbers in [0, 1], got {item!r}")
+        values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers in [0, 1], got {text!r}")
+    return values
+
+
+# -----------------------------------------------------------------------------
+# output paths: checked before the long run, so that a bad one is an error up front, not after
+# hours; missing folders on the way are made when the output is written
+
+def _creation_problem(folder: str) -> str | None:
+    """Why `folder` cannot be written in, or made by os.makedirs (None when it can)."""
+    probe = os.path.abspath(folder)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"cannot be created: {probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"cannot be created: no write permission in {probe}"
+    return None
+
+
+def output_file_problem(path: str) -> str | None:
+    """Why a file cannot be written at `path` (None when it can), to follow the path in a
+    message: it is a folder, a read-only file, or its folder cannot be made or written in."""
+    if os.path.isdir(path):
+        return "is a folder; give a file name"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "exists and is not writable"
+    return _creation_problem(os.path.dirname(os.path.abspath(path)))
+
+
+def output_dir_problem(path: str) -> str | None:
+    """Why `path` cannot be an output folder (None when it can): it is a file, or it cannot be
+    made or written in."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return "is a file, not a folder; give a folder"
+    return _creation_problem(path)
+
+
+def check_output_file(path: str, flag: str = "--out") -> str:
+    """-> path, or ValueError "<flag> <path> <output_file_problem>"."""
+    problem = output_file_problem(path)
+    if problem:
+        raise ValueError(f"{flag} {path} {problem}")
+    return path
+
+
+def check_output_dir(path: str, flag: str = "--out") -> str:
+    """-> path, or ValueError "<flag> <path> <output_dir_problem>"."""
+    problem = output_dir_problem(path)
+    if problem:
+        raise ValueError(f"{flag} {path} {problem}")
+    return path
+
+
+def write_atomic(path: str, content) -> str:
+    """Write `content` (a str, or a function that writes the file at the path it is given) to
+    `path` through a temporary file beside it, synced and renamed over `path`: a failure leaves
+    the earlier file (or none) and no temporary file behind. Missing folders are made -> path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "w") as f:
+                f.write(content)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
