@@ -464,8 +464,24 @@ def _train(cfg: Config, env: DistEnv):
     return 0
 
 
+def usage() -> str:
+    """--help: this module's docstring, then every key an override can set, with config.py's
+    default (a config file sets its own on top)."""
+    def keys(section, prefix=""):
+        for key, value in section.items():
+            if isinstance(value, dict):
+                yield from keys(value, f"{prefix}{key}.")
+            else:
+                yield f"  --{prefix}{key}={value if isinstance(value, str) else json.dumps(value)}"
+    return (__doc__.strip() + "\n\nOverrides (--section.key=value; config.py's defaults):\n"
+            + "\n".join(keys(to_dict(Config()))))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
     path = DEFAULT_CONFIG
     if argv and not argv[0].startswith("--"):
         path, argv = argv[0], argv[1:]

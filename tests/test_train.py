@@ -199,3 +199,17 @@ def test_bad_out_dir_and_resume_lose_nothing(corpus, tmp_path, capsys):
     (out / "checkpoints" / "latest").unlink()
     fails([f"--train.out_dir={out}"], f"--train.resume={out / 'checkpoints' / 'step_000002'}")
     assert not (tmp_path / "long").exists()
+
+
+def test_help_lists_every_override(capsys):
+    """python train.py --help: the usage and every config key with its default, exit 0."""
+    import train as train_mod
+    from config import Config, to_dict
+    assert train_mod.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Pretrain a language model.") and "--train.lr=0.001" in out
+    n_keys = sum(1 for line in out.splitlines() if line.startswith("  --"))
+
+    def count(d):
+        return sum(count(v) if isinstance(v, dict) else 1 for v in d.values())
+    assert n_keys == count(to_dict(Config()))
