@@ -102,8 +102,10 @@ result_of() {
         *tests*) { grep -E '^=+ .* in [0-9.]+s( \([0-9:]+\))? =+$' "$2" | tail -n 1 | sed -E 's/^=+ | =+$//g' | grep . ||
                    echo "$(grep -c ' PASSED' "$2") passed, $(grep -c ' FAILED' "$2") failed before the cap"; } ;;
         kernels) grep -c -E '^(delta_rule|momentum_rule|memory/|cms/|hope/)' "$2" | sed 's/$/ rows (see kernels.log)/' ;;
-        # step.py's result line: arch | params | batch B x seq T [(AC)] | ms/step | tok/s | peak memory
-        step_*) grep -E ' tok/s \| ' "$2" | tail -n 1 | awk -F' [|] ' '{gsub(/^ +/, "", $5); print $5 ", " $3 ", " $6}' ;;
+        # step.py's result line: arch | params | batch B x seq T [(AC)] | ms/step | tok/s | peak memory,
+        # then its "kernels:" lines (model.kernel_report): how many memory parts ran fused
+        step_*) echo "$(grep -E ' tok/s \| ' "$2" | tail -n 1 | awk -F' [|] ' '{gsub(/^ +/, "", $5); print $5 ", " $3 ", " $6}')$(
+                  grep -q '| kernels: ' "$2" && echo ", fused $(grep -c 'kernels: .*fused Triton kernel' "$2")/$(grep -c '| kernels: ' "$2") memory parts")" ;;
         fsdp_*) "$PY" - "$WORK/runs/$1/metrics.jsonl" <<'PYEOF' 2>/dev/null
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]

@@ -114,6 +114,8 @@ def main(argv=None):
     print(f"{r['arch']:>15} | {r['params'] / 1e6:8.2f}M params | batch {cfg.train.batch_size} x seq "
           f"{cfg.train.seq_len}{ac} | {r['sec_per_step'] * 1e3:9.1f} ms/step | {r['tokens_per_s']:10,.0f} tok/s | "
           f"{mem_kind} {r['peak_mem_bytes'] / 2**20:,.0f} MiB")
+    for line in built[0].kernel_report(device):       # which memory parts ran fused (model.kernels)
+        print(f"{'':>15} | kernels: {line}")
     print(result_footer("step.py", argv))
     return 0
 

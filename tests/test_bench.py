@@ -59,6 +59,7 @@ def test_step_bench_tiny_run(capsys):
     line = out.splitlines()[0]
     assert line.split("|")[0].strip() == "hope" and "batch 2 x seq 24" in line, line
     assert float(re.search(r"([\d,]+) tok/s", line).group(1).replace(",", "")) > 0
+    assert "| kernels: HOPE M_mem x1: per-chunk path (backend 'auto' on cpu" in out   # model.kernel_report
     _footer_ok(out, "step.py", argv)
 
 
