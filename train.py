@@ -195,13 +195,27 @@ def _silent(*args, **kwargs):
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step. On resume, lines past the resumed
-    step are dropped, so a killed-and-resumed run logs exactly what an uninterrupted one does."""
+    step are dropped, so a killed-and-resumed run logs exactly what an uninterrupted one does.
+    A step's line is written before its checkpoint, so a last line cut short by a kill is
+    always past the resumed step: dropped too. Any other unreadable line is a one-line error
+    naming the file and line, before the file is rewritten."""
 
     def __init__(self, path, resume_step=None):
         self.path = path
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+                lines = [line for line in f if line.strip()]
+            keep = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    step = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError) as e:
+                    if number == len(lines):           # cut short by a kill: past the resume step
+                        break
+                    raise ValueError(f"{path} line {number} is not a metrics record ({type(e).__name__}: "
+                                     f"{e}); fix or remove it to resume") from None
+                if step <= resume_step:
+                    keep.append(line)
             with open(path, "w") as f:
                 f.writelines(keep)
         elif resume_step is None and os.path.exists(path):

@@ -213,3 +213,20 @@ def test_help_lists_every_override(capsys):
     def count(d):
         return sum(count(v) if isinstance(v, dict) else 1 for v in d.values())
     assert n_keys == count(to_dict(Config()))
+
+
+def test_metrics_log_on_resume_drops_a_cut_last_line_and_names_a_bad_one(tmp_path):
+    """MetricsLog(resume_step): lines past the step go; a last line cut short by a kill goes
+    too; an unreadable line elsewhere is a one-line error naming the file and line, with the
+    file left as it was."""
+    from train import MetricsLog
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)]
+    path.write_text("".join(rows) + '{"step": 4, "lo')
+    MetricsLog(str(path), resume_step=2)
+    assert path.read_text() == "".join(rows[:2])
+    bad = rows[0] + "not json\n" + rows[1]
+    path.write_text(bad)
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a metrics record .*fix or remove it"):
+        MetricsLog(str(path), resume_step=2)
+    assert path.read_text() == bad
