@@ -94,6 +94,19 @@ def fraction_list(text: str) -> list[float]:
     return values
 
 
+def resolve_device(name: str) -> str:
+    """--device auto|cpu|cuda[:N] -> the device to run on (auto: CUDA when it is there); a
+    ValueError naming the flag otherwise, e.g. cuda on a machine without it."""
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise ValueError(f"argument --device: must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"argument --device: {name} is not available on this machine (use --device cpu or auto)")
+    return name
+
+
 # -----------------------------------------------------------------------------
 # output paths: checked before the long run, so that a bad one is an error up front, not after
 # hours; missing folders on the way are made when the output is written

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from cli import OneLineArgumentParser, non_negative_float, non_negative_int, positive_int
+from cli import OneLineArgumentParser, non_negative_float, non_negative_int, positive_int, resolve_device
 
 
 def _seed(text):
@@ -39,12 +39,13 @@ def main(argv=None):
     p.add_argument("--seed", type=_seed, default=1337)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("argument --device: cuda is not available on this machine (use --device cpu or auto)")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
 
     from checkpoint import load_model
     from data.tokenizer import get_tokenizer
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         model, cfg = load_model(args.checkpoint, device)
         tokenizer = get_tokenizer(cfg.data.tokenizer)

@@ -3,7 +3,7 @@ the output-file checks): the model-shape flags, one-line errors for bad input fo
 parsing, the check of --device, and the machine / command / date lines that go with each
 result into BENCHMARKS.md.
 
-    from bench.common import add_model_shape_args, machine, report_error, resolve_device, result_footer
+    from bench.common import add_model_shape_args, machine, report_error, result_footer
 """
 import datetime
 import os
@@ -21,14 +21,6 @@ def report_error(error) -> int:
     text = str(error).strip().splitlines() or [type(error).__name__]
     print(f"error: {text[0]}", file=sys.stderr)
     return 2
-
-
-def resolve_device(device: str) -> str:
-    """--device auto|cpu|cuda -> the device to use; cuda without CUDA is a ValueError naming
-    the flag."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("argument --device: cuda is not available on this machine (use --device cpu or auto)")
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def add_model_shape_args(p, d_model: int, n_layer: int, n_head: int, vocab: int):

@@ -17,8 +17,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import report_error, resolve_device, result_footer  # noqa: E402
-from cli import OneLineArgumentParser, non_negative_int, positive_int  # noqa: E402
+from bench.common import report_error, result_footer  # noqa: E402
+from cli import OneLineArgumentParser, non_negative_int, positive_int, resolve_device  # noqa: E402
 from config import load_config  # noqa: E402
 
 

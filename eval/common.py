@@ -17,7 +17,7 @@ import sys
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
-from cli import check_output_dir, one_line
+from cli import check_output_dir, one_line, resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -54,18 +54,6 @@ def model_device(model) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def resolve_device(name: str) -> str:
-    """--device auto|cpu|cuda[:N] -> a device name; auto picks CUDA when it is there."""
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return name
 
 
 # -----------------------------------------------------------------------------

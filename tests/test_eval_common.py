@@ -10,17 +10,18 @@ import torch
 
 from eval.common import (bf16_autocast, check_checkpoint_out, check_long_inputs, clone_state, context_handling,
                          context_limit, continuation_logprob, eval_mode, exit_on_error, fit_prompt, greedy_generate,
-                         holds_checkpoints, is_recurrent, load_checkpoint, mean_over_scored, model_device, prefill,
-                         resolve_device)
+                         holds_checkpoints, is_recurrent, load_checkpoint, mean_over_scored, model_device, prefill)
 
 
 def test_resolve_device():
+    from cli import resolve_device
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ValueError, match="auto, cpu or cuda"):
-        resolve_device("mps")
+    for bad in ("mps", "cuda:x", "cudax"):
+        with pytest.raises(ValueError, match="argument --device: must be auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
+        with pytest.raises(ValueError, match="argument --device: cuda:0 is not available on this machine"):
             resolve_device("cuda:0")
 
 
