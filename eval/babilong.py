@@ -771,6 +771,7 @@ def run_eval(args) -> dict:
     check_output_dir(args.out)
     model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
     max_len = context_limit(model, args.max_len if args.max_len is not None else cfg.train.seq_len)
+    check_long_inputs(model, args.overflow, None, max_len, args.max_new_tokens)   # room for a prompt
     gpt2 = length_tokenizer(args.data_dir) if args.source == "local" else None
     per_cell, samples_out = {}, []
     for task in tasks:

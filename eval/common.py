@@ -59,16 +59,22 @@ def model_device(model) -> torch.device:
 # -----------------------------------------------------------------------------
 # long inputs: recurrent models stream every token, attention models read their context
 
-def check_long_inputs(model, overflow: str, streaming: bool | None, max_len: int | None) -> bool:
+def check_long_inputs(model, overflow: str, streaming: bool | None, max_len: int | None,
+                      max_new_tokens: int | None = None) -> bool:
     """The long-input arguments of eval.babilong.evaluate and eval.niah.evaluate_niah, checked
     -> whether the model streams (recurrent, or streaming=True: the whole input in segments,
-    state carried)."""
+    state carried). Given max_new_tokens (the niah / babilong CLIs), an attention model also
+    needs room in its max_len for a prompt before the answer (else every prompt would be cut
+    to one token); eval.run's suites keep fit_prompt's one-token floor."""
     if overflow not in ("truncate", "skip"):
         raise ValueError(f"overflow must be 'truncate' or 'skip', got {overflow!r}")
     streaming = is_recurrent(model) if streaming is None else streaming
     if not streaming and max_len is None:
         raise ValueError("an attention model needs max_len (its context, e.g. cfg.train.seq_len); "
                          "pass streaming=True to read any length with a growing KV cache")
+    if not streaming and max_new_tokens is not None and max_len <= max_new_tokens:
+        raise ValueError(f"an attention model reading max_len={max_len} tokens has no room for a prompt before "
+                         f"max_new_tokens={max_new_tokens} answer tokens: --max-len must exceed --max-new-tokens")
     return streaming
 
 

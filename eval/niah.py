@@ -234,6 +234,7 @@ def run(args) -> dict:
     check_output_dir(args.out)
     model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
     max_len = context_limit(model, args.max_len if args.max_len is not None else cfg.train.seq_len)
+    check_long_inputs(model, args.overflow, None, max_len, args.max_new_tokens)   # room for a prompt
     gpt2 = length_tokenizer(args.data_dir)
     results = {"benchmark": "s-niah (RULER niah_single_1/2/3)", "checkpoint": os.path.abspath(args.checkpoint),
                "arch": cfg.model.arch, "lengths_are": "GPT-2 tokens, prompt + 128 reserved for the answer",

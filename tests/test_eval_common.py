@@ -146,6 +146,10 @@ def test_check_long_inputs_and_mean_over_scored():
         check_long_inputs(model, "truncate", None, None)
     with pytest.raises(ValueError, match="overflow"):
         check_long_inputs(model, "drop", True, 8)
+    assert check_long_inputs(model, "truncate", None, 8, 7) is False
+    with pytest.raises(ValueError, match="max_len=8 tokens has no room for a prompt before max_new_tokens=8"):
+        check_long_inputs(model, "truncate", None, 8, 8)       # every prompt would be one token
+    assert check_long_inputs(model, "truncate", True, 8, 20) is True     # streaming: no limit
     assert mean_over_scored([{"ok": True}, {"ok": False}, {"ok": True}, {"ok": True}], "ok") == 0.75
     assert mean_over_scored([], "ok") is None
 

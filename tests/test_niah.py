@@ -88,6 +88,11 @@ def test_cli_writes_accuracy_json(tmp_path, monkeypatch, capsys):
         main(["--checkpoint", str(tmp_path / "ckpt"), "--depths", "1.5", "--out", out])
     assert exit_info.value.code == 2 and "error: argument --depths: expected numbers in [0, 1], got '1.5'" in \
         capsys.readouterr().err
+    # an attention model of context 256 has no room for a prompt before 256 answer tokens
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "ckpt"), "--max-new-tokens", "256", "--device", "cpu",
+              "--out", str(tmp_path / "no_room")])
+    assert exit_info.value.code == 2 and "--max-len must exceed --max-new-tokens" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
