@@ -102,8 +102,8 @@ def causal_attention(q, k, v, q_pos, k_pos, window=None, backend="auto"):
     if (backend in ("auto", "flash") and flash_attn_func is not None and q.is_cuda
             and plain_causal and q.dtype in (torch.float16, torch.bfloat16)):
         return flash_attn_func(q, k, v, causal=True)
-    if backend == "flash" and flash_attn_func is None:
-        raise RuntimeError("model.attention=flash but flash-attn is not installed")
+    if backend == "flash" and flash_attn_func is None:        # LanguageModel refuses it up front
+        raise ValueError("model.attention=flash but flash-attn is not installed")
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))                    # [B, H, T, D]
     if plain_causal:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -189,6 +189,9 @@ class LanguageModel(nn.Module):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be set (build_model fills it from the tokenizer)")
+        if cfg.attention == "flash" and flash_attn_func is None:
+            raise ValueError("model.attention=flash needs the flash-attn package (CUDA only: pip install "
+                             "flash-attn); use model.attention=auto or sdpa")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList([make_block(cfg, i) for i in range(cfg.n_layer)])

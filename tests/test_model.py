@@ -154,3 +154,13 @@ def test_kernel_report_names_each_memory_parts_path():
     assert tiny("hope", kernels="triton", hope={"adaptive_q": True}).kernel_report("cuda")[1].startswith(
         "HOPE stage 1 (projection memories) x2: per-chunk path (the fused stage 1 takes the projections")
     assert tiny("transformer").kernel_report("cuda") == []
+
+
+def test_flash_attention_without_flash_attn_is_refused_at_build():
+    """model.attention=flash where flash-attn is not installed: a one-line ValueError when the
+    model is built (train.py prints it), not a RuntimeError at the first forward."""
+    import model as model_mod
+    if model_mod.flash_attn_func is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ValueError, match="model.attention=flash needs the flash-attn package"):
+        tiny("transformer", attention="flash")
