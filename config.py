@@ -198,7 +198,9 @@ class ModelConfig:
     d_model: int = 128
     ffn_mult: float = 8 / 3          # SwiGLU hidden = ffn_mult * d_model, rounded to ffn_multiple_of
     ffn_multiple_of: int = 32
-    max_seq_len: int = 4096          # RoPE table length; KV caches may grow past it (RoPE extends)
+    max_seq_len: int = 4096          # the context the model is meant for, recorded with it; nothing is
+                                     # sized by it (RoPE angles are computed per position, so KV caches
+                                     # and streamed evals may go past it; the evals read train.seq_len)
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-6

@@ -110,7 +110,7 @@ def test_from_checkpoint_loads_model_tokenizer_and_context(tmp_path):
         LMAdapter.from_checkpoint(str(tmp_path / "none"))
     with pytest.raises(FileNotFoundError, match="no checkpoint found at"):
         LMAdapter.from_checkpoint(str(tmp_path))
-    with pytest.raises(ValueError, match="--device must be auto, cpu or cuda"):
+    with pytest.raises(ValueError, match="argument --device: must be auto, cpu, cuda or cuda:N"):
         LMAdapter.from_checkpoint(path, device="tpu")
 
 
