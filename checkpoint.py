@@ -117,8 +117,14 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
     return final
 
 
+def saved_steps(ckpt_root) -> list[str]:
+    """The step_N directories under a checkpoints/ root, oldest first ([] without the root)."""
+    names = os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else []
+    return sorted(d for d in names if d.startswith("step_"))
+
+
 def _prune(ckpt_root, keep, newest):
-    done = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
+    done = saved_steps(ckpt_root)
     for d in done[:-keep] if keep > 0 else []:
         if d != newest:
             shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)

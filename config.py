@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import yaml
 
+from cli import write_atomic
+
 
 class ConfigError(ValueError):
     """A bad config key or value. The message is one line, fit to print as `error: ...`."""
@@ -584,7 +586,4 @@ def validate(cfg: Config):
 
 
 def dump_yaml(cfg: Config, path: str):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

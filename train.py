@@ -26,7 +26,9 @@ import torch.nn.functional as F
 import yaml
 
 import distributed
-from checkpoint import RESUME_KEYS, find_checkpoint, load_training_state, resolve_checkpoint, save_checkpoint
+from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, load_training_state, resolve_checkpoint,
+                        save_checkpoint, saved_steps)
+from cli import check_output_dir
 from config import Config, ConfigError, dump_yaml, load_config, to_dict
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier, full_value, gradient_sync
 
@@ -105,14 +107,11 @@ def check_out_dir(t):
     an out_dir that holds checkpoints (it would overwrite them and the metrics); resume=auto
     on checkpoints without the `latest` file that names the one to resume (a run killed
     during its first save), where starting over would overwrite them."""
-    import re
-    from checkpoint import LATEST
     if not t.out_dir:
         raise ConfigError("train.out_dir must name a folder, got ''")
-    if os.path.exists(t.out_dir) and not os.path.isdir(t.out_dir):
-        raise ConfigError(f"train.out_dir {t.out_dir} is a file, not a folder")
+    check_output_dir(t.out_dir, "train.out_dir")          # not a file, can be made and written in
     root = os.path.join(t.out_dir, "checkpoints")
-    steps = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else []) if re.fullmatch(r"step_\d+", n))
+    steps = saved_steps(root)
     has_latest = os.path.isfile(os.path.join(root, LATEST))
     if t.resume == "never" and (steps or has_latest):
         raise ConfigError(f"train.out_dir {t.out_dir} already holds checkpoints ({', '.join(steps) or LATEST}); "

@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from cli import write_atomic
+
 SHARD_MAGIC = 20251231
 SHARD_VERSION = 1
 HEADER_INTS = 256
@@ -37,17 +39,11 @@ def write_shard(path: str, tokens, vocab_size: int) -> None:
             raise ValueError(f"token ids must lie in [0, {vocab_size}), got range [{low}, {high}]")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2], header[3] = SHARD_MAGIC, SHARD_VERSION, tokens.size, vocab_size
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
+    def write(tmp_path):
         with open(tmp_path, "wb") as f:
             f.write(header.tobytes())
             f.write(tokens.astype("<u2", copy=False).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    write_atomic(path, write)
 
 
 def read_shard_header(path: str) -> dict:
