@@ -123,6 +123,16 @@ def saved_steps(ckpt_root) -> list[str]:
     return sorted(d for d in names if d.startswith("step_"))
 
 
+def holds_checkpoints(path) -> bool:
+    """Whether `path` holds train.py checkpoints: it is a checkpoint (trainer_state.pt), a
+    checkpoints/ root or an out_dir with one (a `latest` file or step_* folders)."""
+    for root in (path, os.path.join(path, "checkpoints")):
+        if (os.path.lexists(os.path.join(root, TRAINER_STATE)) or os.path.lexists(os.path.join(root, LATEST))
+                or saved_steps(root)):
+            return True
+    return False
+
+
 def _prune(ckpt_root, keep, newest):
     done = saved_steps(ckpt_root)
     for d in done[:-keep] if keep > 0 else []:

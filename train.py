@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import yaml
 
 import distributed
-from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, load_training_state, resolve_checkpoint,
-                        save_checkpoint, saved_steps)
+from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints, load_training_state,
+                        resolve_checkpoint, save_checkpoint, saved_steps)
 from cli import check_output_dir
 from config import Config, ConfigError, dump_yaml, load_config, to_dict
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier, full_value, gradient_sync
@@ -112,11 +112,10 @@ def check_out_dir(t):
     check_output_dir(t.out_dir, "train.out_dir")          # not a file, can be made and written in
     root = os.path.join(t.out_dir, "checkpoints")
     steps = saved_steps(root)
-    has_latest = os.path.isfile(os.path.join(root, LATEST))
-    if t.resume == "never" and (steps or has_latest):
+    if t.resume == "never" and holds_checkpoints(t.out_dir):
         raise ConfigError(f"train.out_dir {t.out_dir} already holds checkpoints ({', '.join(steps) or LATEST}); "
                           "train.resume=never would overwrite them: choose another train.out_dir")
-    if t.resume == "auto" and steps and not has_latest:
+    if t.resume == "auto" and steps and not os.path.isfile(os.path.join(root, LATEST)):
         raise ConfigError(f"{root} holds {', '.join(steps)} but no '{LATEST}' file: pass "
                           f"--train.resume={os.path.join(root, steps[-1])} or choose another train.out_dir")
 

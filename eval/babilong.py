@@ -56,7 +56,7 @@ from cli import (OneLineArgumentParser, check_output_dir, check_output_file, non
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
 from eval.common import (bf16_autocast, check_checkpoint_out, check_long_inputs, context_handling, context_limit,
                          continuation_logprob, default_data_dir, eval_mode, exit_on_error, fit_prompt, greedy_generate,
-                         holds_checkpoints, load_checkpoint, mean_over_scored, model_device, prefill)
+                         load_checkpoint, mean_over_scored, model_device, prefill)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M")
@@ -698,7 +698,7 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
     """AdamW on bAbI-train facts in train-book background, lengths in increasing order;
     saves a checkpoint that checkpoint.load_model reads. Returns its directory. out_dir must
     hold no checkpoints (saving there would replace or prune them)."""
-    from checkpoint import save_checkpoint
+    from checkpoint import holds_checkpoints, save_checkpoint
     if steps < 1 or batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
     if os.path.isdir(out_dir) and holds_checkpoints(out_dir):

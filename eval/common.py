@@ -218,22 +218,11 @@ def exit_on_error(*errors):
         sys.exit(2)
 
 
-def holds_checkpoints(path: str) -> bool:
-    """Whether `path` holds train.py checkpoints: it is a checkpoint (trainer_state.pt), a
-    checkpoints/ root or an out_dir with one (a `latest` file or step_* folders)."""
-    from checkpoint import LATEST, TRAINER_STATE
-    for root in (path, os.path.join(path, "checkpoints")):
-        if os.path.lexists(os.path.join(root, TRAINER_STATE)) or os.path.lexists(os.path.join(root, LATEST)):
-            return True
-        if os.path.isdir(root) and any(name.startswith("step_") for name in os.listdir(root)):
-            return True
-    return False
-
-
 def check_checkpoint_out(out: str, checkpoint: str | None = None, flag: str = "--out") -> str:
     """The output folder of a command that saves checkpoints (eval.babilong finetune): a
     usable folder (check_output_dir) that holds no checkpoints and is not the --checkpoint
     folder, since saving there would replace or prune the checkpoints it holds -> out."""
+    from checkpoint import holds_checkpoints
     check_output_dir(out, flag)
     same = (checkpoint is not None and os.path.exists(out) and os.path.exists(checkpoint)
             and os.path.samefile(out, checkpoint))

@@ -10,7 +10,7 @@ import torch
 
 from eval.common import (bf16_autocast, check_checkpoint_out, check_long_inputs, clone_state, context_handling,
                          context_limit, continuation_logprob, eval_mode, exit_on_error, fit_prompt, greedy_generate,
-                         holds_checkpoints, is_recurrent, load_checkpoint, mean_over_scored, model_device, prefill)
+                         is_recurrent, load_checkpoint, mean_over_scored, model_device, prefill)
 
 
 def test_resolve_device():
@@ -105,6 +105,7 @@ def test_every_eval_cli_reports_a_bad_flag_in_one_line(module, argv, message, ca
 # an output folder for checkpoints, checked before the long run
 
 def test_check_checkpoint_out_refuses_folders_that_hold_checkpoints(tmp_path):
+    from checkpoint import holds_checkpoints
     from helpers import save_tiny_checkpoint
     base = save_tiny_checkpoint(tmp_path / "base")
     step = os.path.join(base, "checkpoints", "step_000000")
