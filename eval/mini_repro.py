@@ -36,7 +36,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import islice
 
-from cli import OneLineArgumentParser, check_output_dir
+from cli import OneLineArgumentParser, check_output_dir, non_negative_int, positive_int
 from eval.reproduce import ABLATIONS, ReproduceError, Run, Step, babilong_steps, execute, run_dir
 
 # One recipe for every run (overrides on top of each tiny config): the model size, the data
@@ -227,11 +227,11 @@ def parse_args(argv=None):
     p = OneLineArgumentParser(prog="python -m eval.mini_repro", description=__doc__.split("\n\n")[1])
     p.add_argument("--out", default=os.path.join("out", "mini_repro"), help="results root")
     p.add_argument("--seeds", default="0,1", help="comma list of training seeds (at least 2 for a spread)")
-    p.add_argument("--steps", type=int, default=150, help=f"training steps per run ({BATCH_SIZE} x {SEQ_LEN} bytes each)")
-    p.add_argument("--ft-steps", type=int, default=60, help="BABILong qa1 fine-tuning steps")
-    p.add_argument("--samples", type=int, default=25, help="BABILong samples per length")
-    p.add_argument("--domain-steps", type=int, default=30, help="forgetting protocol: steps per domain")
-    p.add_argument("--jobs", type=int, default=2, help="steps run at a time")
+    p.add_argument("--steps", type=positive_int, default=150, help=f"training steps per run ({BATCH_SIZE} x {SEQ_LEN} bytes each)")
+    p.add_argument("--ft-steps", type=positive_int, default=60, help="BABILong qa1 fine-tuning steps")
+    p.add_argument("--samples", type=positive_int, default=25, help="BABILong samples per length")
+    p.add_argument("--domain-steps", type=non_negative_int, default=30, help="forgetting protocol: steps per domain")
+    p.add_argument("--jobs", type=positive_int, default=2, help="steps run at a time")
     p.add_argument("--plan", action="store_true", help="print the commands and exit")
     p.add_argument("--report-only", action="store_true", help="only collect existing results into the report")
     args = p.parse_args(argv)
@@ -243,11 +243,6 @@ def parse_args(argv=None):
         p.error("--seeds: give at least one seed")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds {','.join(map(str, args.seeds))}: each seed at most once")
-    for key in ("steps", "ft_steps", "samples", "jobs"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.domain_steps < 0:
-        p.error(f"--domain-steps must be >= 0, got {args.domain_steps}")
     if args.report_only and not os.path.isdir(args.out):
         p.error(f"--report-only: results folder {args.out!r} does not exist")
     try:

@@ -84,8 +84,9 @@ CLI_FLAG_ERRORS = [
     ("eval.reproduce", ["nl_table2", "--nproc", "0"], "argument --nproc: must be >= 1"),
     ("eval.reproduce", ["zeroshot", "--checkpoint", "c", "--out", "o", "--limit", "0"],
      "argument --limit: must be >= 1"),
-    ("eval.mini_repro", ["--jobs", "x"], "argument --jobs: invalid int value: 'x'"),
-    ("eval.mini_repro", ["--steps", "0"], "--steps must be >= 1"),
+    ("eval.mini_repro", ["--jobs", "x"], "argument --jobs: expected an integer >= 1, got 'x'"),
+    ("eval.mini_repro", ["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    ("eval.mini_repro", ["--domain-steps", "-1"], "argument --domain-steps: must be >= 0, got -1"),
 ]
 
 
