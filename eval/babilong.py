@@ -51,12 +51,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cli import (OneLineArgumentParser, check_output_dir, check_output_file, non_negative_float, non_negative_int,
+from cli import (OneLineArgumentParser, check_output_file, non_negative_float, non_negative_int,
                  positive_float, positive_int, write_atomic)
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
 from eval.common import (bf16_autocast, check_checkpoint_out, check_long_inputs, context_handling, context_limit,
                          continuation_logprob, default_data_dir, eval_mode, exit_on_error, fit_prompt, greedy_generate,
-                         load_checkpoint, mean_over_scored, model_device, prefill)
+                         load_checkpoint, load_for_generation, mean_over_scored, model_device, prefill)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M")
@@ -766,12 +766,7 @@ def _get_samples(args, task, length, gpt2):
 
 def run_eval(args) -> dict:
     tasks, lengths = parse_list(args.tasks, "tasks"), parse_list(args.lengths, "lengths")
-    if args.samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    check_output_dir(args.out)
-    model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
-    max_len = context_limit(model, args.max_len if args.max_len is not None else cfg.train.seq_len)
-    check_long_inputs(model, args.overflow, None, max_len, args.max_new_tokens)   # room for a prompt
+    model, cfg, tokenizer, device, max_len = load_for_generation(args)
     gpt2 = length_tokenizer(args.data_dir) if args.source == "local" else None
     per_cell, samples_out = {}, []
     for task in tasks:

@@ -207,6 +207,21 @@ def load_checkpoint(path: str, device: str = "auto") -> tuple:
     return model, cfg, get_tokenizer(cfg.data.tokenizer), device
 
 
+
+def load_for_generation(args) -> tuple:
+    """The start of the generation eval CLIs (eval.niah, eval.babilong eval), in the order
+    that loses nothing: --samples and --out checked before the checkpoint loads, then the
+    context: (model, cfg, tokenizer, device, max_len), max_len None for a recurrent model (it
+    streams), else --max-len or the training seq_len, with room for a prompt before
+    --max-new-tokens (check_long_inputs)."""
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    check_output_dir(args.out)
+    model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
+    max_len = context_limit(model, args.max_len if args.max_len is not None else cfg.train.seq_len)
+    check_long_inputs(model, args.overflow, None, max_len, args.max_new_tokens)
+    return model, cfg, tokenizer, device, max_len
+
 @contextmanager
 def exit_on_error(*errors):
     """An eval CLI's answer to bad input: any of `errors` raised inside prints one line

@@ -37,10 +37,10 @@ import uuid
 
 import torch
 
-from cli import OneLineArgumentParser, check_output_dir, fraction_list, non_negative_int, positive_int
+from cli import OneLineArgumentParser, fraction_list, non_negative_int, positive_int
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, split_sentences
-from eval.common import (bf16_autocast, check_long_inputs, context_handling, context_limit, continuation_logprob,
-                         eval_mode, exit_on_error, fit_prompt, greedy_generate, is_recurrent, load_checkpoint,
+from eval.common import (bf16_autocast, check_long_inputs, context_handling, continuation_logprob, eval_mode,
+                         exit_on_error, fit_prompt, greedy_generate, is_recurrent, load_for_generation,
                          mean_over_scored, model_device, prefill)
 
 # RULER scripts/data/synthetic/constants.py and niah.py
@@ -229,12 +229,7 @@ def run(args) -> dict:
     depths = args.depths if isinstance(args.depths, list) else [float(d) for d in args.depths.split(",") if d.strip()]
     if not tasks or not lengths:
         raise ValueError("--tasks and --lengths must name at least one task and one length")
-    if args.samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    check_output_dir(args.out)
-    model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
-    max_len = context_limit(model, args.max_len if args.max_len is not None else cfg.train.seq_len)
-    check_long_inputs(model, args.overflow, None, max_len, args.max_new_tokens)   # room for a prompt
+    model, cfg, tokenizer, device, max_len = load_for_generation(args)
     gpt2 = length_tokenizer(args.data_dir)
     results = {"benchmark": "s-niah (RULER niah_single_1/2/3)", "checkpoint": os.path.abspath(args.checkpoint),
                "arch": cfg.model.arch, "lengths_are": "GPT-2 tokens, prompt + 128 reserved for the answer",

@@ -271,7 +271,9 @@ def test_cli_bad_numbers_name_their_flag(argv, message, tmp_path, capsys):
 def test_cli_checks_out_before_loading(tmp_path, monkeypatch, capsys):
     """A bad --out is found before the checkpoint is loaded (not after a long eval)."""
     import eval.babilong as babilong
-    monkeypatch.setattr(babilong, "load_checkpoint", lambda *a: pytest.fail("loaded before checking --out"))
+    import eval.common
+    for module in (babilong, eval.common):          # finetune loads here, eval through load_for_generation
+        monkeypatch.setattr(module, "load_checkpoint", lambda *a: pytest.fail("loaded before checking --out"))
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
     for argv, message in ((["eval", "--out", str(a_file)], "is a file, not a folder"),

@@ -113,8 +113,8 @@ def test_cli_bad_flags_are_one_line_errors_naming_the_flag(argv, message, tmp_pa
 
 
 def test_cli_checks_out_before_loading(tmp_path, monkeypatch, capsys):
-    import eval.niah as niah
-    monkeypatch.setattr(niah, "load_checkpoint", lambda *a: pytest.fail("loaded before checking --out"))
+    import eval.common
+    monkeypatch.setattr(eval.common, "load_checkpoint", lambda *a: pytest.fail("loaded before checking --out"))
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
     for out, message in ((a_file, "is a file, not a folder"), (a_file / "sub", "a_file is not a folder")):
