@@ -331,3 +331,48 @@ def test_memory_flops_match_the_counted_matmuls():
     extra = matmul_flops(fast, h) - matmul_flops(static, h) - B * T * targets
     updates = sum(3 * 4 * hidden * D // C for C in (4, 3))
     assert extra == B * T * (fast.memory_flops_per_token() - updates)
+
+
+def test_hidden_width_rounds_up_to_ffn_multiple_of():
+    """hidden = int(hidden_mult * d_model) rounded UP to model.ffn_multiple_of (CMSConfig,
+    model.hidden_width): 1.3 x 8 = 10.4 -> 12 with multiple 4 (rounding down would give 8);
+    1.5 x 8 = 12 stays.
+    Kills: math.floor in ContinuumMemory.__init__."""
+    for mult, hidden in ((1.3, 12), (1.5, 12)):
+        cfg = ModelConfig(d_model=D, ffn_multiple_of=4, cms=CMSConfig(chunk_sizes=[4, None], hidden_mult=mult))
+        cms = ContinuumMemory(cfg)
+        assert [tuple(level.w_in.weight.shape) for level in cms.levels] == [(hidden, D)] * 2, mult
+
+
+@torch.no_grad()
+def test_each_fast_level_steps_with_its_own_inner_lr():
+    """inner_lr given per level ([0, None, 0.1]) reaches each level: after one chunk (C = 3)
+    the first fast level still holds theta_0 and the third has taken one GD step of size 0.1,
+    theta_0 - 0.1 * grad, the gradient by autograd on its own inputs z = h + y_0 + y_1 (the
+    chain of NL Eq. 70, written out here with theta_0 for the chunk). The chain reference
+    above reads each level's lr from the module, so it cannot see a wrong assignment.
+    Kills: the levels' lrs taken from the wrong entry of level_lrs()."""
+    cms = make_cms([3, None, 3], inner_lr=[0.0, None, 0.1], dtype=torch.float64)
+    h = inputs(B=2, T=3, dtype=torch.float64)
+    _, state = cms(h)
+    first, static, third = cms.levels
+    for key in ("w_in", "w_out"):
+        torch.testing.assert_close(state["levels"][0][key], getattr(first, key).weight.expand(2, -1, -1),
+                                   rtol=0, atol=0)
+    z = h
+    for level in (first, static):
+        a = rms(z, level.norm.weight, level.norm.eps)
+        z = z + F.linear(F.gelu(F.linear(a, level.w_in.weight)), level.w_out.weight)
+    a = rms(z, third.norm.weight, third.norm.eps)
+    target = F.linear(a, third.w_target.weight)
+    for b in range(2):
+        w_in = third.w_in.weight.clone().requires_grad_()
+        w_out = third.w_out.weight.clone().requires_grad_()
+        with torch.enable_grad():
+            loss = (F.linear(F.gelu(F.linear(a[b], w_in)), w_out) - target[b]).pow(2).sum()
+            g_in, g_out = torch.autograd.grad(loss, (w_in, w_out))
+        torch.testing.assert_close(state["levels"][2]["w_in"][b], third.w_in.weight - 0.1 * g_in,
+                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(state["levels"][2]["w_out"][b], third.w_out.weight - 0.1 * g_out,
+                                   rtol=1e-10, atol=1e-12)
+        assert (g_in.abs().max() > 1e-3) and (g_out.abs().max() > 1e-3)

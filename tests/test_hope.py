@@ -368,3 +368,48 @@ def test_bf16_model_without_autocast_matches_float32(hope):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert len(grads) == sum(1 for p in model.parameters() if p.requires_grad)
     assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+
+
+def test_memory_settings_reach_both_memories():
+    """Every model.hope memory setting reaches both NeuralMemories, the stacked projection
+    memories (chunk C_other, n_memories x H heads) and M_mem (chunk C_mem): the oracle test
+    reads them back from the modules, so it cannot see a setting that is dropped. Kills:
+    detach_targets or detach_chunks_older_than (or any other) not passed on in
+    SelfModifyingTitans.__init__."""
+    mixer = make_mixer(chunk_other=3, chunk_mem=5, inner_opt="gd", activation="gelu", memory_expansion=2,
+                       max_grad_norm=0.7, detach_targets=True, detach_chunks_older_than=2)
+    assert mixer.projection_names == ("k", "v", "eta", "alpha")
+    for mem, chunk, heads in ((mixer.projections, 3, 4 * 2), (mixer.memory, 5, 2)):
+        got = (mem.n_head, mem.head_dim, mem.depth, mem.hidden_dim, mem.activation, mem.chunk_size,
+               mem.update_rule, mem.max_grad_norm, mem.detach_targets, mem.detach_chunks_older_than)
+        assert got == (heads, 4, 2, 8, "gelu", chunk, "gd", 0.7, True, 2)
+
+
+def test_initialisation_survives_build_model():
+    """hope.py's init after build_model (which draws every Linear from N(0, 0.02), then calls
+    reset_memory_parameters): W_in ~ N(0, 9 / D) so x~ has O(1) entries, W_g ~ N(0, 4 / D) (an
+    O(1) output gate), eta bias 0 (eta_t starts near eta_max / 2), alpha bias 4 (alpha_t near
+    sigmoid(4) = 0.982: slow forgetting), the gate vectors N(0, 1 / d). D = 64: 4096 samples
+    per matrix, a relative std error of ~1 %. Kills: a changed W_IN_STD, GATE_STD or
+    ALPHA_BIAS_INIT (each survives every other non-training test)."""
+    torch.manual_seed(0)
+    model = build_model({"arch": "hope", "vocab_size": 53, "n_layer": 1, "n_head": 2, "d_model": 64})
+    mixer = model.blocks[0].mixer
+    for weight, std in ((mixer.w_in.weight, 3.0 / 8), (mixer.w_gate.weight, 2.0 / 8)):
+        assert abs(weight.std().item() / std - 1) < 0.05 and abs(weight.mean().item()) < 0.1 * std
+    assert torch.equal(mixer.eta_bias, torch.zeros(2)) and torch.equal(mixer.alpha_bias, torch.full((2,), 4.0))
+    for vector in (mixer.eta_weight, mixer.alpha_weight):                    # [H, d], d = 32
+        assert abs(vector.std().item() * 32 ** 0.5 - 1) < 0.2
+
+
+def test_memory_flops_count_every_memory_read():
+    """memory_flops_per_token beyond the memories' own inner loops (NeuralMemory.flops_per_token)
+    is the reads, counted by hand: per token and head one M(x) is two d x E matmuls,
+    2 * 2 * d * E = 64 FLOPs at d = E = 4; M_mem reads its target M_mem,B(v) (1 read), and
+    each of the n = 4 projection memories reads x~ and its target M_B(v) (8 reads): 9 reads
+    x 2 heads x 64 = 1152 forward, x3 with the backward. Kills: a dropped read in the count."""
+    mixer = make_mixer()                                      # d_model 8, 2 heads, expansion 1
+    assert mixer.projection_names == ("k", "v", "eta", "alpha")
+    for backward, factor in ((True, 3), (False, 1)):
+        inner = mixer.memory.flops_per_token(backward) + mixer.projections.flops_per_token(backward)
+        assert mixer.memory_flops_per_token(64, backward) - inner == factor * 9 * 2 * 64

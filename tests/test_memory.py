@@ -359,3 +359,60 @@ def test_dgd_step_size_solves_the_proximal_problem(depth):
     for w_new, w_prox, w in zip(state["weights"], proximal, w_t):
         retained = w_prox - (1 - alpha[:, 0, :, None, None]) * w
         torch.testing.assert_close(w_new, retained, rtol=1e-12, atol=1e-12)
+
+
+def test_reads_in_segments_are_at_the_chunk_start_weights():
+    """scan(reads=(x,)) fed in segments that cut chunks mid-way ([3, 1, 5, 1], C = 4) returns
+    the token-by-token oracle's M_B(t)(x_t), read at the chunk-start weights, not at the
+    weights after the chunk's earlier tokens. In one call every chunk piece starts on a
+    chunk boundary, where the two coincide (test_reads_at_chunk_start cannot tell them
+    apart). Kills: _scan_pieces reading at state["weights"] instead of state["chunk_start"]."""
+    mem = make_memory("momentum", 2, 4)
+    x = make_inputs(10, "momentum", seed=4)
+    extra = torch.randn(B, 10, H, D, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    names = ("q", "k", "v", "lr", "alpha", "beta")
+    want = oracle(mem, *(x[n] for n in names), reads=(extra,))[3][0]
+    state, parts, lo = None, [], 0
+    for n in (3, 1, 5, 1):
+        out = mem.scan(*(x[name][:, lo:lo + n] for name in names), state=state, reads=(extra[:, lo:lo + n],))
+        parts.append(out.reads[0])
+        state, lo = out.state, lo + n
+    torch.testing.assert_close(torch.cat(parts, 1), want, rtol=1e-9, atol=1e-9)
+
+
+def test_state_after_a_fused_launch_continues_like_the_per_chunk_path():
+    """state_after_launch (the state the fused Triton kernels leave; pure Python, so checked
+    here on CPU) from a launch's final weights W_T and its last chunk's start weights W_B:
+    chunk_start must be W_T when T ends on a chunk boundary (the next chunk starts there)
+    and W_B otherwise. Built from the per-chunk path's own W_T, W_B and momenta after T = 6
+    and T = 8 tokens (C = 4), it equals that path's state, and continuing from it for the
+    remaining tokens equals one call over all 12. Kills: chunk_start = W_B also on a
+    boundary (the next chunk's gradients would be taken at a stale W_B)."""
+    mem = make_memory("momentum", 2, 4)
+    x = make_inputs(12, "momentum", seed=13)
+    names = ("q", "k", "v", "lr", "alpha", "beta")
+    with torch.no_grad():
+        y_full, _ = mem(*(x[n] for n in names))
+        for split in (6, 8):
+            _, ref = mem(*(x[n][:, :split] for n in names))
+            w_b = mem(*(x[n][:, :4] for n in names))[1]["weights"]         # start of chunk [4, 8)
+            state = mem.state_after_launch(ref["weights"], w_b, ref["momenta"], split)
+            assert state["pos"] == split
+            for a, b in zip(state["chunk_start"], ref["chunk_start"], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            y_rest, _ = mem(*(x[n][:, split:] for n in names), state=state)
+            torch.testing.assert_close(y_rest, y_full[:, split:], rtol=1e-10, atol=1e-10)
+
+
+def test_meta_init_weights_are_normal_with_variance_one_over_fan_in():
+    """reset_memory_parameters draws each layer [H, out, in] from N(0, 1/fan_in) (DESIGN
+    §3.3: variance-preserving random maps): W_in [E, d] with std d^-1/2 and W_out [d, E]
+    with std E^-1/2 (E = 2d, so std from the fan-out would be off by sqrt 2; 8192 samples
+    per layer give a relative std error of ~1 %). Kills: std from w.shape[-2]."""
+    torch.manual_seed(0)
+    for depth, fan_ins in ((2, (32, 64)), (1, (32,))):
+        mem = NeuralMemory(4, 32, depth=depth, expansion=2)
+        assert len(mem.init_weights) == len(fan_ins)
+        for w, fan_in in zip(mem.init_weights, fan_ins):
+            assert abs(w.std().item() * fan_in ** 0.5 - 1) < 0.05, (depth, w.shape)
+            assert abs(w.mean().item()) < 0.01

@@ -391,3 +391,69 @@ def test_associative_recall_needs_the_inner_learning_rate():
     learned, frozen = train_recall(None), train_recall(0.0)
     assert frozen < 0.4, frozen
     assert learned > 0.6 and learned > frozen + 0.3, (learned, frozen)
+
+
+def test_mac_segments_that_start_mid_chunk_match_the_reference():
+    """MAC with segments of 6 and memory chunks of 4 (model.titans allows any pair): segments
+    start at 6 (mid-chunk) and 12. Eq. 21 reads h with the memory as the previous segment
+    left it, M*_{t-1}, which mid-chunk is not the chunk-start weights W_B. The mixer equals
+    ref_mac (float64, T = 15), which reads the memory's current weights at each segment
+    start. Kills: h read at memory_state["chunk_start"] (the same weights whenever C_seg is
+    a multiple of C, as in test_mixers_match_a_float64_reference_of_the_equations)."""
+    mixer = tiny("mac", n_layer=1, theta_max=0.7, segment_size=6).blocks[0].mixer.double()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():   # O(1) activations, as in the reference test above
+        for name, p in mixer.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5, generator=g)
+            elif name.endswith("w_gates.bias"):
+                p.uniform_(-2.0, 2.0, generator=g)
+            elif p.dim() == 2 and "persistent" not in name:
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=g)
+        x = torch.randn(2, 15, 32, dtype=torch.float64, generator=g)
+        y, _ = mixer(x)
+        y_ref = ref_mac(mixer, x)
+    assert y_ref.abs().max() > 0.5
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_memory_settings_reach_the_memory_layer(variant):
+    """Every model.titans memory setting reaches the NeuralMemory that runs it (the float64
+    reference tests drive that layer directly, so they cannot see the wiring): non-default
+    depth, expansion, activation, chunk, clip and both detach flags, in all four variants
+    (MAL's memory sits in its LMM). Kills: any of them dropped in LongTermMemory.__init__
+    (detach_targets, detach_chunks_older_than, activation survive every other test)."""
+    settings = dict(memory_depth=2, memory_expansion=3, activation="gelu", chunk_size=5, max_grad_norm=0.7,
+                    detach_targets=True, detach_chunks_older_than=3)
+    mixer = tiny(variant, n_layer=1, **settings).blocks[0].mixer
+    mem = (mixer.lmm if variant == "mal" else mixer).memory.memory
+    got = (mem.depth, mem.hidden_dim, mem.activation, mem.chunk_size, mem.max_grad_norm,
+           mem.detach_targets, mem.detach_chunks_older_than, mem.update_rule)
+    assert got == (2, 3 * 16, "gelu", 5, 0.7, True, 3, "momentum")
+
+
+def test_initialisation_survives_build_model():
+    """titans.py's init after build_model (which first draws every Linear from N(0, 0.02) and
+    zeroes the biases, then calls each module's reset_memory_parameters): at x = 0 the gates
+    are their documented starting values, theta = theta_max sigmoid(-2) = 0.1192 theta_max,
+    beta = sigmoid(0) = 0.5, alpha = 1 - sigmoid(-4) = 0.9820 (computed here by hand); the
+    persistent tokens are N(0, 1) like the block's RMS-normalised inputs (512 samples: std
+    within 15 %). Kills: a changed GATE_BIAS entry or persistent std."""
+    mixer = tiny("mag", n_layer=1, theta_max=0.5, n_persistent=16).blocks[0].mixer
+    with torch.no_grad():
+        lr, alpha, beta = mixer.memory.gates(torch.zeros(1, 3, 32))
+    for got, want in ((lr, 0.5 * 0.11920292202211755), (beta, 0.5), (alpha, 1 - 0.01798620996209156)):
+        torch.testing.assert_close(got, torch.full_like(got, want), rtol=1e-6, atol=1e-7)
+    p = mixer.attn.persistent
+    assert p.shape == (16, 32) and abs(p.std().item() - 1) < 0.15 and abs(p.mean().item()) < 0.15
+
+
+def test_mac_without_state_must_start_a_segment():
+    """A MAC call without state starts a sequence; a pos inside a segment has no segment-start
+    weights to read h with: a one-line ValueError (not a TypeError from a None state)."""
+    mixer = tiny("mac", n_layer=1, segment_size=8).blocks[0].mixer
+    with pytest.raises(ValueError, match=r"^TitansMAC: .*multiple of 8\), got 3$"):
+        mixer(torch.randn(1, 5, 32), None, pos=3)
+    y, _ = mixer(torch.randn(1, 5, 32), None, pos=8)      # a segment start is fine
+    assert y.shape == (1, 5, 32)
