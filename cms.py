@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 import kernels
 from config import ModelConfig
-from model import RMSNorm
+from model import RMSNorm, hidden_width
 
 ACTIVATIONS = ("gelu", "silu")
 
@@ -231,8 +231,7 @@ class ContinuumMemory(nn.Module):
         cms = cfg.cms
         if cms.activation not in ACTIVATIONS:
             raise ValueError(f"model.cms.activation={cms.activation!r} is not one of: {', '.join(ACTIVATIONS)}")
-        hidden = int(cms.hidden_mult * cfg.d_model)
-        hidden = cfg.ffn_multiple_of * math.ceil(hidden / cfg.ffn_multiple_of)
+        hidden = hidden_width(cfg, cms.hidden_mult)
         self.levels = nn.ModuleList([
             CMSLevel(cfg.d_model, hidden, chunk, lr, cms.activation, cfg.norm_eps, backend=cfg.kernels)
             for chunk, lr in zip(cms.chunk_sizes, cms.level_lrs())])

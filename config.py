@@ -73,8 +73,8 @@ class CMSConfig:
     """Continuum Memory System (NL §7, Eq. 70-71; DESIGN §3.5), implemented in cms.py.
 
     A chain of levels, each z <- z + MLP_l(RMSNorm_l(z)) with the 2-layer MLP
-    MLP_l(a) = W_out act(W_in a) (hidden = hidden_mult * d_model, rounded up to
-    model.ffn_multiple_of). Level l is static when chunk_sizes[l] is null (a plain FFN,
+    MLP_l(a) = W_out act(W_in a) (hidden = int(hidden_mult * d_model), rounded up to
+    model.ffn_multiple_of, as the FFN's). Level l is static when chunk_sizes[l] is null (a plain FFN,
     trained by the outer optimiser only) and fast otherwise: per-sequence weights start from
     the outer-learned ones and take one GD step on ||MLP_l(a_t) - W_v,l a_t||^2, summed over
     the chunk, every chunk_sizes[l] tokens. The default (one fast level, one static level,

@@ -79,9 +79,15 @@ class SwiGLU(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)), None
 
 
-def ffn_hidden(cfg: ModelConfig):
-    hidden = int(cfg.ffn_mult * cfg.d_model)
-    return cfg.ffn_multiple_of * math.ceil(hidden / cfg.ffn_multiple_of)
+def hidden_width(cfg: ModelConfig, mult: float) -> int:
+    """An MLP's hidden width: int(mult * d_model) (truncated, as in Llama), rounded up to a
+    multiple of model.ffn_multiple_of. Serves the SwiGLU FFN (mult = ffn_mult) and every
+    CMS level (mult = cms.hidden_mult)."""
+    return cfg.ffn_multiple_of * math.ceil(int(mult * cfg.d_model) / cfg.ffn_multiple_of)
+
+
+def ffn_hidden(cfg: ModelConfig) -> int:
+    return hidden_width(cfg, cfg.ffn_mult)
 
 
 # ----------------------------------------------------------------------------------------
