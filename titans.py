@@ -352,6 +352,9 @@ class TitansMAC(nn.Module):
     def forward(self, x, state=None, pos=0):
         B = x.shape[0]
         if state is None:
+            if pos % self.segment_size:     # no segment-start weights to read h with
+                raise ValueError(f"TitansMAC: a call without state starts a sequence, so pos must "
+                                 f"start a segment (a multiple of {self.segment_size}), got {pos}")
             state = {"memory": self.memory.initial_state(B), "query_conv": None,
                      "segment_weights": None, "cache": None}
         memory_state, query_conv = state["memory"], state["query_conv"]
