@@ -1,6 +1,8 @@
 """Chunked PyTorch scans vs the sequential reference (DESIGN §3.2, §4): outputs, final
 states and gradients of every input, any T, any chunk size, edge-case gates, dispatch and
 input validation. Triton kernels are tested elsewhere."""
+import inspect
+
 import pytest
 import torch
 
@@ -260,3 +262,131 @@ def test_bad_chunk_size(chunk_size):
 def test_unknown_backend_lists_valid_ones():
     with pytest.raises(ValueError, match="backend must be one of auto, reference, torch, triton"):
         run("momentum", _bad("momentum"), "cuda")
+
+
+# ----------------------------------------------------------------------------------------
+# the reference itself against the equations, dtypes, and what the dispatcher forwards
+
+def _scan_by_equation(op, x):
+    """DESIGN §3.2 one (batch, head) and one token at a time in float64, in the matrix form
+    of the docstrings: delta S_t = S_{t-1} (alpha_t I - eta_t k_t k_t^T) + u_t k_t^T;
+    momentum Z_t = beta_t Z_{t-1} + u_t k_t^T, S_t = alpha_t S_{t-1} + Z_t; o_t = S_t q_t."""
+    d = {n: t.detach().double() for n, t in x.items()}
+    B, T, H, K = d["q"].shape
+    V = d["u"].shape[-1]
+    o = torch.zeros(B, T, H, V, dtype=torch.float64)
+    S_end, Z_end = torch.zeros(B, H, V, K, dtype=torch.float64), torch.zeros(B, H, V, K, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            S = d["initial_state"][b, h].clone() if "initial_state" in d else torch.zeros(V, K, dtype=torch.float64)
+            Z = d["initial_momentum"][b, h].clone() if "initial_momentum" in d else torch.zeros(V, K, dtype=torch.float64)
+            for t in range(T):
+                k, u, a = d["k"][b, t, h], d["u"][b, t, h], d["alpha"][b, t, h]
+                if op == "delta":
+                    S = S @ (a * torch.eye(K, dtype=torch.float64) - d["eta"][b, t, h] * torch.outer(k, k)) \
+                        + torch.outer(u, k)
+                else:
+                    Z = d["beta"][b, t, h] * Z + torch.outer(u, k)
+                    S = a * S + Z
+                o[b, t, h] = S @ d["q"][b, t, h]
+            S_end[b, h], Z_end[b, h] = S, Z
+    return o, S_end, Z_end
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("states", [True, False])
+def test_reference_follows_the_equation(op, states):
+    """The oracle of every other test, checked against the recurrence written directly from
+    DESIGN §3.2 (matrix form, per head, float64): outputs and final states. Guards against
+    the reference and the chunked path drifting from the equation together."""
+    x = make_inputs(op, B=2, T=6, H=2, K=3, V=2, seed=21, states=states)
+    o, S, Z = _scan_by_equation(op, x)
+    outs = run(op, x, "reference")
+    assert_close(outs[0], o, 1e-12, "o")
+    assert_close(outs[1], S, 1e-12, "S_T")
+    if op == "momentum":
+        assert_close(outs[2], Z, 1e-12, "Z_T")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_reference_computes_half_precision_in_fp32(op):
+    """bf16 inputs: the reference (the oracle) computes in float32 and returns its states in
+    float32 (module doc), so it agrees with the float64 equation on the same bf16 values to
+    fp32 accuracy; only o is rounded to bf16 on the way out. Kills a reference that computes
+    in the inputs' own dtype (bf16 states, errors growing along the recurrence)."""
+    x = {n: t.detach().to(torch.bfloat16) for n, t in make_inputs(op, T=12, seed=22).items()}
+    o, S, Z = _scan_by_equation(op, x)
+    outs = run(op, x, "reference")
+    assert outs[0].dtype == torch.bfloat16
+    assert all(s.dtype == torch.float32 for s in outs[1:]), [s.dtype for s in outs[1:]]
+    assert_close(outs[1], S, 1e-5, "S_T")
+    if op == "momentum":
+        assert_close(outs[2], Z, 1e-5, "Z_T")
+    # o: bf16 rounding of each entry (relative 2^-8) on top of fp32 accuracy
+    err = (outs[0].double() - o).abs()
+    assert (err <= 2 ** -8 * o.abs() + 1e-5 * o.abs().max()).all(), err.max()
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("T", [0, 5])
+def test_output_dtype_is_q_dtype_with_mixed_inputs(op, T):
+    """'o comes back in q's dtype' (kernels/chunked.py) also when u has another dtype, and for
+    T = 0 (the empty-sequence branch builds o itself); same as the reference."""
+    x = {n: t.detach() for n, t in make_inputs(op, T=T, seed=23).items()}
+    x["q"] = x["q"].float()
+    for backend in ("torch", "reference"):
+        outs = run(op, x, backend, chunk_size=4)
+        assert outs[0].dtype == torch.float32 and outs[0].shape == (2, T, 2, 3), (backend, outs[0].dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_chunked_functions_reject_chunk_size_zero(op):
+    """kernels.chunked is also called directly (memory.py, cms.py): chunk_size < 1 is a
+    ValueError there too, not a ZeroDivisionError from the chunk split."""
+    fn = chunked.delta_rule_chunked if op == "delta" else chunked.momentum_rule_chunked
+    with pytest.raises(ValueError, match="chunk_size must be >= 1; got 0"):
+        fn(**_bad(op), chunk_size=0)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_dispatch_forwards_every_argument(op, monkeypatch):
+    """kernels.delta_rule / momentum_rule hand every argument, as the parameter it is, to the backend they
+    pick: the chunked path (chunk_size included: it sets the speed, never the result, so only
+    a spy sees it) and the Triton entry points (a fake module stands in for them on CPU);
+    select_backend gets the key head dim (K > MAX_KEY_DIM must fall back to torch on CUDA)."""
+    x = {n: t.detach() for n, t in make_inputs(op, T=5, K=4, seed=24).items()}
+    calls = []
+
+    def recorder(tag):
+        def fn(*args, **kw):
+            calls.append((tag, args, kw))
+            return "sentinel"
+        return fn
+
+    fake = type("FakeTritonScans", (), {"delta_rule_triton": staticmethod(recorder("triton")),
+                                          "momentum_rule_triton": staticmethod(recorder("triton"))})
+    monkeypatch.setattr(kernels, "_triton_scans", lambda: fake)
+    chunked_name = "delta_rule_chunked" if op == "delta" else "momentum_rule_chunked"
+    # both backends share the chunked functions' signature (triton_scans.py)
+    signature = inspect.signature(getattr(chunked, chunked_name))
+    monkeypatch.setattr(chunked, chunked_name, recorder("torch"))
+    original_select = kernels.select_backend
+    selects = []
+
+    def select_spy(*args, **kw):
+        selects.append((args, kw))
+        return original_select(*args, **kw)
+
+    monkeypatch.setattr(kernels, "select_backend", select_spy)
+    for backend in ("torch", "triton"):
+        calls.clear()
+        assert run(op, x, backend, chunk_size=3) == "sentinel"
+        (tag, args, kw), = calls
+        assert tag == backend
+        passed = signature.bind(*args, **kw).arguments
+        for name, expected in x.items():
+            assert passed.get(name) is expected, f"{backend}: argument {name} not forwarded as {name}"
+        assert passed.get("chunk_size") == 3, f"{backend}: chunk_size not forwarded"
+    args, kw = selects[-1]
+    key_dim = kw.get("key_dim", args[3] if len(args) > 3 else None)
+    assert key_dim == 4, selects[-1]

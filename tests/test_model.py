@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -164,3 +165,184 @@ def test_flash_attention_without_flash_attn_is_refused_at_build():
         pytest.skip("flash-attn is installed here")
     with pytest.raises(ValueError, match="model.attention=flash needs the flash-attn package"):
         tiny("transformer", attention="flash")
+
+
+# ----------------------------------------------------------------------------------------
+# the Transformer++ against its equations; init, generation, counts
+
+def _rms_norm(x, weight, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+def _rotate(x, positions, theta):
+    """RoPE on [T, H, D] from its definition: the pair (x_i, x_{i+D/2}) is the complex number
+    x_i + i x_{i+D/2}, multiplied by exp(i p theta^(-2i/D)) at position p."""
+    D = x.shape[-1]
+    freq = theta ** (-torch.arange(0, D // 2, dtype=torch.float64) * 2 / D)
+    z = torch.complex(x[..., : D // 2], x[..., D // 2:]) * torch.polar(
+        torch.ones(len(positions), D // 2, dtype=torch.float64), positions[:, None].double() * freq)[:, None, :]
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def _transformer_by_equation(m, idx):
+    """model.py's docstring stack in float64, one sequence at a time, with explicit softmax:
+    x = E[idx]; per block x += W_o Attn(RoPE(q), RoPE(k), v) of RMSNorm(x) (causal, scale
+    1/sqrt(d_head)), x += W_down (SiLU(W_gate h) * W_up h) of h = RMSNorm(x); logits =
+    RMSNorm(x) E^T (tied head)."""
+    cfg = m.config
+    H, D = cfg.n_head, cfg.d_model // cfg.n_head
+    out = []
+    for seq in idx:
+        T = len(seq)
+        pos = torch.arange(T)
+        x = m.embed.weight[seq]
+        for block in m.blocks:
+            h = _rms_norm(x, block.mixer_norm.weight, cfg.norm_eps)
+            q, k, v = (h @ w.T for w in block.mixer.wqkv.weight.chunk(3, dim=0))
+            q, k, v = q.view(T, H, D), k.view(T, H, D), v.view(T, H, D)
+            q, k = _rotate(q, pos, cfg.rope_theta), _rotate(k, pos, cfg.rope_theta)
+            scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(D)
+            scores = scores.masked_fill(pos[None, :, None] < pos[None, None, :], float("-inf"))
+            y = torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(T, H * D)
+            x = x + y @ block.mixer.wo.weight.T
+            h = _rms_norm(x, block.ffn_norm.weight, cfg.norm_eps)
+            ffn = block.ffn
+            gate, up = h @ ffn.w_gate.weight.T, h @ ffn.w_up.weight.T
+            x = x + (gate * torch.sigmoid(gate) * up) @ ffn.w_down.weight.T
+        out.append(_rms_norm(x, m.norm.weight, cfg.norm_eps) @ m.embed.weight.T)
+    return torch.stack(out)
+
+
+def test_transformer_matches_a_float64_reference_of_the_equations():
+    """The whole Transformer++ forward (float64, O(1) weights so that attention is far from
+    uniform and every nonlinearity matters, norm gains random, eps large enough to see)
+    equals the equations written out above. Kills: RMSNorm eps outside the sqrt, RoPE's
+    inverse frequencies or rotation sign, SwiGLU's gate/up swapped, a missing pre-norm,
+    the final norm skipped, the attention mask/scale."""
+    m = tiny("transformer", norm_eps=0.05, rope_theta=50.0).double()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5, generator=g)
+            else:
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=g)
+    idx = torch.randint(0, 61, (2, 10), generator=g)
+    with torch.no_grad():
+        logits = m(idx)[0]
+        expected = _transformer_by_equation(m, idx)
+    assert expected.abs().max() > 1.0
+    torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_rms_norm_and_rope_by_hand():
+    """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g with eps inside the square root (a large
+    eps makes its placement visible), computed in float32 for half-precision inputs; RoPE tables cos/sin(p theta^(-2i/D)) and the rotation
+    of the pairs (x_i, x_{i+D/2}) by hand for D = 4, theta = 100 (frequencies 1 and 0.1)."""
+    from model import RMSNorm, apply_rope, rope_cos_sin
+    norm = RMSNorm(2, eps=0.5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([2.0, -1.0]))
+    x = torch.tensor([[3.0, 4.0]])                         # mean(x^2) = 12.5, + eps = 13
+    torch.testing.assert_close(norm(x), torch.tensor([[6.0, -4.0]]) / 13 ** 0.5)
+    # half precision is normalised in float32: 300^2 overflows float16 (max 65504)
+    half = RMSNorm(2, eps=1e-6).half()
+    torch.testing.assert_close(half(torch.tensor([[300.0, 400.0]], dtype=torch.float16)),
+                               torch.tensor([[0.6, 0.8]], dtype=torch.float16) * 2 ** 0.5)
+    positions = torch.tensor([0, 1, 5])
+    cos, sin = rope_cos_sin(positions, 4, 100.0, "cpu")
+    angles = torch.tensor([[0.0, 0.0], [1.0, 0.1], [5.0, 0.5]])
+    torch.testing.assert_close(cos, angles.cos())
+    torch.testing.assert_close(sin, angles.sin())
+    v = torch.tensor([1.0, 2.0, 3.0, 4.0]).expand(1, 3, 1, 4)     # pairs (1, 3) and (2, 4)
+    out = apply_rope(v, cos, sin)[0, :, 0]
+    c, s = angles.cos(), angles.sin()
+    expected = torch.stack([1 * c[:, 0] - 3 * s[:, 0], 2 * c[:, 1] - 4 * s[:, 1],
+                            1 * s[:, 0] + 3 * c[:, 0], 2 * s[:, 1] + 4 * c[:, 1]], dim=-1)
+    torch.testing.assert_close(out, expected)
+
+
+def test_init_std_and_residual_projection_scaling():
+    """GPT-2 init (model.py, DESIGN): every Linear and the embedding N(0, init_std), the
+    residual output projections (attention W_o, SwiGLU W_down) N(0, init_std / sqrt(2 L)),
+    norm gains 1. Empirical std over >= 4096 entries is within 5 % (sampling error ~1 %)."""
+    m = tiny("transformer", d_model=64, n_head=2, n_layer=3, init_std=0.05)
+    residual = 0.05 / (2 * 3) ** 0.5
+    for block in m.blocks:
+        for w, std in ((block.mixer.wqkv.weight, 0.05), (block.ffn.w_gate.weight, 0.05),
+                       (block.ffn.w_up.weight, 0.05), (block.mixer.wo.weight, residual),
+                       (block.ffn.w_down.weight, residual)):
+            assert abs(w.std().item() / std - 1) < 0.05, (tuple(w.shape), w.std().item(), std)
+            assert abs(w.mean().item()) < 0.1 * std
+        assert torch.equal(block.mixer_norm.weight, torch.ones(64))
+    assert abs(m.embed.weight.std().item() / 0.05 - 1) < 0.05
+
+
+def test_sampling_uses_temperature_and_top_k(monkeypatch):
+    """generate() with temperature > 0 samples from softmax(logits / temperature) restricted
+    to the top_k logits (renormalised). A spy on torch.multinomial records each distribution
+    and takes its most likely token; each is checked against the last logits of a full
+    forward over the tokens so far (temperature 0.5 and top_k 5; top_k 1 is greedy; a top_k
+    above the vocabulary size keeps every token)."""
+    m = tiny("transformer")
+    with torch.no_grad():                       # spread the logits so that temperature matters
+        m.embed.weight.mul_(20)
+    seen = []
+
+    def spy(probs, num_samples, generator=None):
+        seen.append(probs.clone())
+        return probs.argmax(-1, keepdim=True)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(1))
+    out = m.generate(prompt, 3, temperature=0.5, top_k=5)
+    assert len(seen) == 3
+    for i, probs in enumerate(seen):
+        logits = m(out[:, :5 + i])[0][:, -1].double() / 0.5
+        kth = logits.topk(5, dim=-1).values[:, -1:]
+        expected = torch.where(logits >= kth, logits, torch.tensor(float("-inf"))).softmax(-1)
+        assert ((probs > 0).sum(-1) == 5).all()
+        torch.testing.assert_close(probs.double(), expected, rtol=1e-4, atol=1e-6)
+    seen.clear()
+    greedy = m.generate(prompt, 3, temperature=0)
+    assert torch.equal(m.generate(prompt, 3, temperature=0.7, top_k=1), greedy)
+    assert all(((p > 0).sum(-1) == 1).all() for p in seen)
+    seen.clear()                                # top_k above the vocabulary: no restriction
+    m.generate(prompt, 1, temperature=1.0, top_k=1000)
+    torch.testing.assert_close(seen[0].double(), m(prompt)[0][:, -1].double().softmax(-1), rtol=1e-4, atol=1e-6)
+
+
+def test_loss_ignores_targets_of_minus_one():
+    """forward's loss is the mean cross entropy over the targets that are not -1 (padding)."""
+    m = tiny("transformer")
+    idx = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(2))
+    targets = idx.roll(-1, dims=1)
+    targets[0, -3:] = -1
+    targets[1, 0] = -1
+    logits, loss, _ = m(idx, targets=targets)
+    keep = targets != -1
+    nll = -logits.log_softmax(-1)[keep].gather(-1, targets[keep][:, None])
+    torch.testing.assert_close(loss, nll.mean())
+
+
+def test_ffn_hidden_rounds_up_to_the_multiple():
+    """SwiGLU hidden = ffn_mult * d_model rounded *up* to ffn_multiple_of: Llama-7B's 11008
+    for d 4096, 8/3, 256; the default d 128 -> 341.3 -> 352; the built layers use it."""
+    from config import ModelConfig
+    from model import ffn_hidden
+    assert ffn_hidden(ModelConfig(d_model=4096, ffn_mult=8 / 3, ffn_multiple_of=256)) == 11008
+    assert ffn_hidden(ModelConfig(d_model=128)) == 352
+    assert ffn_hidden(ModelConfig(d_model=64, ffn_mult=2.0, ffn_multiple_of=32)) == 128   # exact: no round-up
+    assert tiny("transformer").blocks[0].ffn.w_up.weight.shape == (96, 32)               # 85.3 -> 96
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_flops_per_token_is_the_palm_formula(tie):
+    """PaLM appendix B: 6 N + 12 L d T, N = non-embedding parameters plus the LM head, counted
+    here from the architecture: per layer 4 d^2 (qkv, o) + 3 d h (SwiGLU) + 2 d (norms), the
+    final norm d and the head V d. Tied or not, the head counts once and the input embedding not."""
+    V, d, L, T = 61, 32, 2, 64
+    m = tiny("transformer", tie_embeddings=tie)
+    h = m.blocks[0].ffn.w_up.weight.shape[0]
+    n = L * (4 * d * d + 3 * d * h + 2 * d) + d + V * d
+    assert m.flops_per_token(T) == 6 * n + 12 * L * d * T

@@ -589,3 +589,177 @@ def _dtensor_worker():
 
 if __name__ == "__main__":   # torchrun worker; the test sets PYTHONPATH to the repository root
     _dtensor_worker()
+
+
+# ----------------------------------------------------------------------------------------
+# more rules by hand (float64 oracles written from docs/OPTIMIZERS.md)
+
+def _quintic_ns(d, steps=5):
+    """docs/OPTIMIZERS.md's Newton-Schulz in float64, per matrix of a batch: Frobenius-normalise
+    the wide orientation, 5 x X <- a X + b (X X^T) X + c (X X^T)^2 X."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = d.shape[-2] > d.shape[-1]
+    x = d.double().mT if tall else d.double()
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + b * gram @ x + c * gram @ gram @ x
+    return x.mT if tall else x
+
+
+def test_muon_spectral_scale_plain_momentum_and_batches_by_hand():
+    """Muon with nesterov=False (direction = buf) and scale="spectral" (sqrt(max(1, rows /
+    cols)) per matrix), on a tall, a wide and a 3-D parameter that is a batch of two 5 x 3
+    matrices, each orthogonalised on its own (docs/OPTIMIZERS.md), with ns_steps=3 Newton-Schulz
+    iterations: three steps by hand."""
+    g = torch.Generator().manual_seed(8)
+    shapes = [(6, 4), (3, 5), (2, 5, 3)]
+    params = [nn.Parameter(torch.randn(*s, generator=g, dtype=torch.float64)) for s in shapes]
+    lr, wd, beta = 0.05, 0.1, 0.9
+    opt = Muon(params, lr=lr, weight_decay=wd, momentum=beta, nesterov=False, scale="spectral", ns_steps=3)
+    expected = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    for _ in range(3):
+        grads = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        opt.step()
+        for i, (shape, grad) in enumerate(zip(shapes, grads)):
+            bufs[i] = beta * bufs[i] + (1 - beta) * grad
+            scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
+            expected[i] = expected[i] * (1 - lr * wd) - lr * scale * _quintic_ns(bufs[i], steps=3)
+            torch.testing.assert_close(params[i].detach(), expected[i], rtol=1e-5, atol=1e-6)
+
+
+def test_m3_steps_by_hand():
+    """Six M3 steps (NL Algorithm 1 in docs/OPTIMIZERS.md's EMA form) with the slow level every
+    2 steps, alpha 0.5, beta3 0.8, ns_steps 4, weight decay and the default update RMS 0.2:
+    M1 <- b1 M1 + (1-b1) g; V <- b2 V + (1-b2) g^2; every f steps M2 <- b3 M2 + (1-b3) (sum of
+    the last f g), O2 = NS(M2); D = (NS(M1) + alpha O2) / (sqrt(V / (1 - b2^t)) + eps);
+    p <- p (1 - lr wd) - lr 0.2 D / RMS(D). Float64 parameters, NS in fp32 inside."""
+    g = torch.Generator().manual_seed(9)
+    p = nn.Parameter(torch.randn(5, 3, generator=g, dtype=torch.float64))
+    lr, wd, (b1, b2), b3, alpha, f, eps = 0.01, 0.1, (0.9, 0.95), 0.8, 0.5, 2, 1e-8
+    opt = M3([p], lr=lr, weight_decay=wd, betas=(b1, b2), eps=eps, beta3=b3, frequency=f, alpha=alpha, ns_steps=4)
+    expected = p.detach().clone()
+    m1, v, m2, grad_sum, o2 = (torch.zeros(5, 3, dtype=torch.float64) for _ in range(5))
+    for t in range(1, 7):
+        grad = torch.randn(5, 3, generator=g, dtype=torch.float64)
+        p.grad = grad
+        opt.step()
+        m1 = b1 * m1 + (1 - b1) * grad
+        v = b2 * v + (1 - b2) * grad ** 2
+        grad_sum = grad_sum + grad
+        if t % f == 0:
+            m2 = b3 * m2 + (1 - b3) * grad_sum
+            grad_sum = torch.zeros_like(grad_sum)
+            o2 = _quintic_ns(m2, steps=4)
+        d = (_quintic_ns(m1, steps=4) + alpha * o2) / ((v / (1 - b2 ** t)).sqrt() + eps)
+        d = 0.2 * d / d.square().mean().sqrt()
+        expected = expected * (1 - lr * wd) - lr * d
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7, msg=lambda m: f"step {t}: {m}")
+
+
+def test_dmgd_inner_step_matches_autograd():
+    """DMGD's analytic inner gradients (SiLU' included) against autograd on the objective of
+    docs/OPTIMIZERS.md, in float64, over 4 steps (w_out is 0 at step 1, so W_in and c first
+    move at step 2): u^ = g / RMS(g); b <- beta b - (1-beta) u^; z_j = (u^_j, b_j);
+    L2 = mean_j u^_j (b_j + w_out . SiLU(W_in z_j + c)); theta <- beta theta - inner_lr dL2/dtheta;
+    p <- p (1 - lr wd) + lr (b + w_out . SiLU(W_in z + c)) with the new theta.
+    W_in starts at the unit directions (cos, sin)(2 pi i / hidden), c = w_out = 0."""
+    g = torch.Generator().manual_seed(10)
+    p = nn.Parameter(torch.randn(4, 6, generator=g))
+    lr, wd, beta, hidden, inner_lr, eps = 0.1, 0.1, 0.9, 5, 0.5, 1e-8
+    opt = DMGD([p], lr=lr, weight_decay=wd, eps=eps, momentum=beta, hidden=hidden, inner_lr=inner_lr)
+    angle = torch.arange(hidden, dtype=torch.float64) * 2 * torch.pi / hidden
+    w_in, c, w_out = torch.stack([angle.cos(), angle.sin()], dim=1), torch.zeros(hidden, dtype=torch.float64), \
+        torch.zeros(hidden, dtype=torch.float64)
+    b, expected = torch.zeros(24, dtype=torch.float64), p.detach().double().clone()
+    for _ in range(4):
+        grad = torch.randn(4, 6, generator=g)
+        p.grad = grad
+        opt.step()
+        u = grad.double().flatten()
+        u = u / (u.square().mean().sqrt() + eps)
+        b = beta * b - (1 - beta) * u
+        z = torch.stack([u, b])
+        theta = [t.clone().requires_grad_() for t in (w_in, c, w_out)]
+        objective = (u * (b + theta[2] @ torch.nn.functional.silu(theta[0] @ z + theta[1][:, None]))).mean()
+        gi, gc, go = torch.autograd.grad(objective, theta)
+        w_in, c, w_out = beta * w_in - inner_lr * gi, beta * c - inner_lr * gc, beta * w_out - inner_lr * go
+        update = b + w_out @ torch.nn.functional.silu(w_in @ z + c[:, None])
+        expected = expected * (1 - lr * wd) + lr * update.view(4, 6)
+        state = opt.state[p]
+        for name, value in (("mlp_in", w_in), ("mlp_bias", c), ("mlp_out", w_out)):
+            torch.testing.assert_close(state[name].double(), value, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
+    assert w_in.sub(torch.stack([angle.cos(), angle.sin()], dim=1) * beta ** 4).abs().max() > 1e-3   # W_in learned
+
+
+def test_delta_momentum_with_adam_preconditioner_by_hand():
+    """DeltaMomentum's default P = Adam diagonal (v <- b2 v + (1-b2) g^2, P g = g / (sqrt(v /
+    (1 - b2^t)) + eps), eps large enough to matter), the erase step e = s / (1 + s ||g_i||_F^2)
+    per matrix of a 3-D batch, and the elementwise rule for a vector, with weight decay:
+    3 steps by hand (NL Eq. 48-49 in docs/OPTIMIZERS.md's EMA form)."""
+    g = torch.Generator().manual_seed(11)
+    batch, vector = nn.Parameter(torch.randn(2, 3, 4, generator=g)), nn.Parameter(torch.randn(5, generator=g))
+    lr, wd, beta, b2, s, eps = 0.1, 0.1, 0.8, 0.9, 0.5, 1e-2
+    opt = DeltaMomentum([batch, vector], lr=lr, weight_decay=wd, betas=(0.9, b2), eps=eps, momentum=beta,
+                        delta_strength=s)
+    expected = [batch.detach().double().clone(), vector.detach().double().clone()]
+    m = [torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)]
+    v = [torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)]
+    for t in range(1, 4):
+        grads = [torch.randn(2, 3, 4, generator=g) * torch.tensor([[[0.3]], [[3.0]]]), torch.randn(5, generator=g)]
+        batch.grad, vector.grad = grads
+        opt.step()
+        for i, grad in enumerate(grads):
+            grad = grad.double()
+            v[i] = b2 * v[i] + (1 - b2) * grad ** 2
+            write = grad / ((v[i] / (1 - b2 ** t)).sqrt() + eps)
+            if i == 0:
+                e = s / (1 + s * grad.square().sum(dim=(-2, -1), keepdim=True))
+                m[i] = m[i] @ (beta * torch.eye(4, dtype=torch.float64) - e * grad.mT @ grad) + (1 - beta) * write
+            else:
+                m[i] = m[i] * (beta - s * grad ** 2 / (1 + s * grad ** 2)) + (1 - beta) * write
+            expected[i] = expected[i] * (1 - lr * wd) - lr * m[i]
+    for p, e in zip((batch, vector), expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_split_param_groups_untied_head_and_decayed_embeddings():
+    """docs/OPTIMIZERS.md: the embedding *and the LM head* go to AdamW (an untied head is its
+    own matrix, not a hidden one) and both are decayed; only vectors are not decayed."""
+    from model import build_model
+    model = build_model({"arch": "transformer", "vocab_size": 64, "d_model": 32, "n_layer": 1, "n_head": 2,
+                         "tie_embeddings": False})
+    matrices, embeddings, vectors = split_param_groups(model, 0.1)
+    assert {id(p) for p in embeddings["params"]} == {id(model.embed.weight), id(model.head.weight)}
+    assert all(p is not model.head.weight for p in matrices["params"])
+    assert embeddings["weight_decay"] == matrices["weight_decay"] == 0.1 and vectors["weight_decay"] == 0.0
+    assert not embeddings["use_muon"] and not vectors["use_muon"] and matrices["use_muon"]
+
+
+# ----------------------------------------------------------------------------------------
+# the lr schedules (train.lr_at: config.py's optim.schedule, warmup_steps, min_lr_ratio)
+
+@pytest.mark.parametrize("schedule,expected", [
+    # linear warmup (step + 1) / warmup over steps 0..9, then the schedule from step 10 to max_steps 110
+    ("cosine", {0: 0.1, 4: 0.5, 9: 1.0, 10: 1.0, 35: 0.1 + 0.45 * (1 + 0.5 ** 0.5), 60: 0.55, 110: 0.1, 200: 0.1}),
+    # WSD, decay_fraction 0.2: stable until int(110 * 0.8) = 88, then linear to the floor at 110
+    ("wsd", {0: 0.1, 9: 1.0, 50: 1.0, 87: 1.0, 88: 1.0, 99: 0.55, 110: 0.1, 150: 0.1}),
+    ("constant", {0: 0.1, 4: 0.5, 10: 1.0, 110: 1.0, 500: 1.0}),
+])
+def test_lr_schedules_by_hand(schedule, expected):
+    """lr at chosen steps, by hand (lr 2, warmup 10, min_lr_ratio 0.1, max_steps 110):
+    warmup lr (step + 1) / warmup; cosine min + (lr - min)(1 + cos(pi frac)) / 2 with
+    frac = (step - warmup) / (max_steps - warmup) capped at 1; WSD lr until the last 20 %,
+    then linear to min; constant lr. Without warmup the schedule starts at the full lr."""
+    from config import Config, OptimConfig, TrainConfig
+    from train import lr_at
+    cfg = Config(optim=OptimConfig(schedule=schedule, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2),
+                 train=TrainConfig(lr=2.0, max_steps=110))
+    for step, value in expected.items():
+        assert lr_at(step, cfg) == pytest.approx(2.0 * value, rel=1e-12), (schedule, step)
+    cfg.optim.warmup_steps = 0
+    assert lr_at(0, cfg) == pytest.approx(2.0)
