@@ -80,7 +80,10 @@ def _check_square(R, what="R"):
 def continual_metrics(R, baseline=None) -> dict:
     """ACC, BWT, forgetting (and FWT when `baseline` b_j is given) of an accuracy matrix
     R[i][j] (score on task j after task i; None where task j is not seen yet). Scores are
-    higher-is-better. With T = 1, BWT and forgetting are None (nothing to forget)."""
+    higher-is-better. With T = 1, BWT and forgetting are None (nothing to forget).
+    Forgetting of task j is max_{j <= l < T-1} R[l][j] - R[T-1][j]: only stages from j on,
+    where the task has been learned (docs/CONTINUAL.md; the same as the max over all
+    earlier stages when R is class-incremental, i.e. None above the diagonal)."""
     T = _check_square(R)
     last = R[T - 1]
     if any(v is None for v in last):

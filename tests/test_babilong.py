@@ -343,3 +343,95 @@ def test_recurrent_models_stream_with_flat_state():
             _, _, state = model(torch.randint(0, 257, (1, length)))
             sizes.append(_state_numel(state))
     assert sizes[0] == sizes[1]
+
+
+# -----------------------------------------------------------------------------
+# mutation-audit tests: scores by hand, the official rule inside evaluate, construction details
+
+def test_label_logprobs_are_those_of_space_label_after_the_prompt():
+    """label_ranking scores log p(" " + label | prompt + "\\nAnswer:"), summed over its tokens.
+    RiggedByteModel(": kitchen.") puts logit 10 on one byte after each of its bytes, 0 on the
+    other 256: hi = 10 - log(e^10 + 256) for that byte, lo = -log(e^10 + 256) for another,
+    u = -log 257 after a byte it does not know. Kills scoring the label without its space."""
+    import math
+    from data.tokenizer import get_tokenizer
+    result = evaluate(RiggedByteModel(": kitchen."), get_tokenizer("bytes"), _samples()[:1], streaming=True,
+                      segment_len=16, max_new_tokens=3)
+    hi, lo, u = 10 - math.log(math.exp(10) + 256), -math.log(math.exp(10) + 256), -math.log(257)
+    scores = result["records"][0]["label_logprobs"]
+    assert scores["kitchen"] == pytest.approx(8 * hi, abs=1e-4)                    # ' ' k i t c h e n
+    # ' '|':' hi, 'o'|' ' lo, 'f'|'o' 'f'|'f' 'i'|'f' u, 'c'|'i' lo, 'e'|'c' lo
+    assert scores["office"] == pytest.approx(hi + 3 * lo + 3 * u, abs=1e-4)
+
+
+def test_official_score_in_evaluate_ignores_labels_named_in_the_question():
+    """evaluate passes the sample's question to compare_answers: a qa3 answer naming the
+    question's location ('kitchen') and the target ('garden') is correct. Kills scoring the
+    output without the question (both labels would count)."""
+    from data.tokenizer import get_tokenizer
+    sample = {"task": "qa3", "input": "Mary took the apple. Mary went to the garden. Mary went to the kitchen.",
+              "question": "Where was the apple before the kitchen?", "target": "garden"}
+    result = evaluate(RiggedByteModel(": kitchengarden"), get_tokenizer("bytes"), [sample], streaming=True,
+                      segment_len=64, max_new_tokens=14)
+    record = result["records"][0]
+    assert record["output"] == " kitchengarden" and record["official_correct"] and result["official"] == 1.0
+
+
+def test_compare_answers_cuts_where_a_new_context_starts():
+    """BABILong's preprocess_output also cuts at '<context>' (the model starting a new sample).
+    Kills dropping '<context>' from the markers."""
+    labels = ["bathroom", "bedroom", "garden", "hallway", "kitchen", "office"]
+    assert not compare_answers("kitchen", "<context> kitchen", "Where is Mary?", labels)
+    assert compare_answers("kitchen", "kitchen <context> office", "Where is Mary?", labels)
+
+
+def test_mean_over_tasks_averages_the_scored_tasks_of_each_length():
+    """The leaderboard row: per length, the mean over tasks with a score; a cell with nothing
+    scored (None, every input skipped) is left out, not counted as 0. Kills dividing by the
+    number of tasks."""
+    from eval.babilong import _summarise
+    counts = {"n": 2, "n_scored": 2, "n_truncated": 0, "n_skipped": 0, "mean_input_tokens": 10.0,
+              "peak_memory_mb": None, "seconds": 0.1}
+    per_cell = {("qa1", "0k"): {"official": 0.5, "label_ranking": 1.0, **counts},
+                ("qa2", "0k"): {"official": 0.0, "label_ranking": 0.5, **counts},
+                ("qa1", "1k"): {"official": 1.0, "label_ranking": 0.25, **counts},
+                ("qa2", "1k"): {"official": None, "label_ranking": None, **counts}}
+    table = _summarise(per_cell)
+    assert table["mean_over_tasks"] == {"official": {"0k": 0.25, "1k": 1.0}, "label_ranking": {"0k": 0.75, "1k": 0.25}}
+    assert table["official"] == {"qa1": {"0k": 0.5, "1k": 1.0}, "qa2": {"0k": 0.0, "1k": None}}
+
+
+def test_hide_facts_can_follow_the_last_background_sentence():
+    """Each fact goes to one of len(background) + 1 gaps, the last one after all the background
+    (NoiseInjectionDataset), facts in order. A stub rng that always draws the last gap puts
+    every fact at the end. Kills drawing among len(background) gaps only."""
+    from eval.babilong import hide_facts
+
+    class LastGap:
+        def randrange(self, n):
+            return n - 1
+
+    ids, gaps = hide_facts([[10], [11, 12]], [[1, 2], [3]], LastGap())
+    assert gaps == [2, 2] and ids == [1, 2, 3, 10, 11, 12]
+
+
+def test_make_sample_drops_questions_with_more_than_budget_over_8_facts():
+    """create_tasks.py keeps a question only if it has at most max_n_facts = message_length // 8
+    facts, message_length = length - 300 (1k: 700 // 8 = 87). Kills another cap (e.g. // 4)."""
+    import random
+
+    from data.tokenizer import get_tokenizer
+    from eval.babilong import make_sample
+    tok = get_tokenizer("bytes")                      # a stand-in for GPT-2: 3 tokens per fact
+
+    class Sampler:
+        used_books = set()
+
+        def sample(self, n_tokens):                   # one background piece of n_tokens
+            return [tok.encode("x" * n_tokens)]
+
+    def item(n_facts):
+        return {"question": "Where is Mary?", "answer": "garden", "facts": ["a."] * n_facts}
+    assert make_sample(item(88), "qa1", "1k", tok, Sampler(), random.Random(0), "test") is None
+    kept = make_sample(item(87), "qa1", "1k", tok, Sampler(), random.Random(0), "test")
+    assert kept is not None and kept["n_tokens"] == 700

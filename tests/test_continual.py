@@ -272,3 +272,123 @@ def test_settings_are_checked_by_the_library_functions_too():
         cl.run_intents(None, None, [], ["icl"], cl.IntentSettings(icl_shots=-1), log=None)
     with pytest.raises(ValueError, match="seq_len"):
         cl.run_domains(None, None, [{"name": "a"}], cl.DomainSettings(seq_len=0), device="cpu")
+
+
+# -----------------------------------------------------------------------------
+# mutation-audit tests: metrics by hand, held-out loss, class-incremental scoring, state copies
+
+def test_forgetting_is_negative_when_a_task_improves_later():
+    """forgetting_j = max over the stages j <= l before the last of R[l][j], minus R[T][j]
+    (Chaudhry et al., from the stage the task is learned); a task that improved later has negative forgetting (the final row is not
+    among the l). Kills taking the max over l up to T (which clips forgetting at 0)."""
+    m = cl.continual_metrics([[0.5, None], [0.8, 0.6]])
+    assert m["forgetting"] == pytest.approx(0.5 - 0.8)
+    assert m["BWT"] == pytest.approx(0.8 - 0.5)
+
+
+def test_forgetting_counts_only_stages_after_the_task_is_learned():
+    """With a full R (every task scored at every stage), forgetting_j's max runs over the
+    stages l >= j only: task 1 scored 0.9 at stage 0, before it was learned, and that is not
+    a score it could forget (docs/CONTINUAL.md). By hand: task 0: max(0.5, 0.6) - 0.5 = 0.1;
+    task 1: 0.4 - 0.3 = 0.1 (0.9 - 0.3 = 0.6 if stage 0 counted). Kills the max from l = 0."""
+    m = cl.continual_metrics([[0.5, 0.9, 0.1], [0.6, 0.4, 0.2], [0.5, 0.3, 0.8]])
+    assert m["forgetting"] == pytest.approx((0.1 + 0.1) / 2)
+
+
+def test_fwt_subtracts_each_tasks_own_baseline():
+    """FWT = mean over j >= 1 of R[j-1][j] - b_j, with b_j the starting model's score on task j
+    (distinct baselines here). Kills pairing R[j-1][j] with b_{j-1}."""
+    R = [[0.5, 0.2, 0.1],
+         [0.9, 0.6, 0.3],
+         [0.7, 0.5, 0.8]]
+    m = cl.continual_metrics(R, baseline=[0.05, 0.15, 0.4])
+    assert m["FWT"] == pytest.approx(((0.2 - 0.15) + (0.3 - 0.4)) / 2)
+
+
+def test_domain_metrics_on_three_hand_written_domains():
+    """L[i][j] = loss on domain j after stage i, P = exp(L): final mean loss and perplexity,
+    forgetting_j = P[T][j] - P[j][j], relative P[T][j] / P[j][j] - 1 and their means over
+    the T - 1 earlier domains, BWT in loss. Kills final_mean_loss from another row, means
+    divided by T, and a relative forgetting against row 0 instead of the diagonal."""
+    L = [[1.0, 3.0, 3.5],
+         [1.5, 0.5, 3.0],
+         [2.0, 1.0, 0.8]]
+    m = cl.domain_metrics(L)
+    e = math.exp
+    assert m["final_mean_loss"] == pytest.approx((2.0 + 1.0 + 0.8) / 3)
+    assert m["final_mean_perplexity"] == pytest.approx((e(2.0) + e(1.0) + e(0.8)) / 3)
+    assert m["forgetting"] == [pytest.approx(e(2.0) - e(1.0)), pytest.approx(e(1.0) - e(0.5))]
+    assert m["relative_forgetting"] == [pytest.approx(e(1.0) - 1), pytest.approx(e(0.5) - 1)]
+    assert m["mean_forgetting"] == pytest.approx((e(2.0) - e(1.0) + e(1.0) - e(0.5)) / 2)
+    assert m["mean_relative_forgetting"] == pytest.approx((e(1.0) - 1 + e(0.5) - 1) / 2)
+    assert m["BWT_loss"] == pytest.approx(((2.0 - 1.0) + (1.0 - 0.5)) / 2)
+
+
+class BigramTable(nn.Module):
+    """Stateless stub with p(next | current) = table[current][next]."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.log_table = nn.Parameter(torch.tensor(table).log(), requires_grad=False)
+
+    def forward(self, idx, targets=None, state=None):
+        return self.log_table[idx], None, state
+
+
+def test_held_out_loss_scores_each_token_of_consecutive_windows_once():
+    """held_out_loss: windows of seq_len + 1 tokens starting every seq_len tokens, so each
+    token after the first (up to the last full window) is a target exactly once; the mean
+    NLL by hand from the bigram table. 11 tokens, seq_len 4: targets are tokens 1..8. Kills
+    a stride of seq_len + 1 (tokens skipped)."""
+    table = [[0.7, 0.2, 0.1], [0.2, 0.3, 0.5], [0.1, 0.8, 0.1]]
+    ids = [0, 1, 2, 2, 1, 0, 0, 2, 1, 1, 0]
+    expected = -sum(math.log(table[a][b]) for a, b in zip(ids[:8], ids[1:9])) / 8
+    assert cl.held_out_loss(BigramTable(table), ids, 4, 1, "cpu") == pytest.approx(expected, rel=1e-6)
+
+
+def test_rows_score_every_seen_label_without_a_task_id():
+    """Class-incremental: after task i, the test queries of every task j <= i are ranked over
+    the labels of ALL tasks seen so far (no task id). With CopyModel a query 'aa' picks 'aaa'
+    over 'bbb', so task 1's query labelled 'bbb' is missed once 'aaa' is a candidate; no
+    training (0 steps), so R is fixed by the labels offered. Kills ranking over the current
+    task's labels only, or over task j's labels (task-incremental)."""
+    tasks = [{"name": "a", "labels": ["aaa"], "train": [("aa", "aaa")], "test": [("aa", "aaa")]},
+             {"name": "b", "labels": ["bbb"], "train": [("bb", "bbb")], "test": [("aa", "bbb"), ("bb", "bbb")]}]
+    r = cl.run_arm("sequential", CopyModel(), ByteTokenizer(), tasks, cl.IntentSettings(steps_per_task=0))
+    assert r["R"] == [[1.0, None], [1.0, 0.5]]
+
+
+class InPlaceCopyModel(CopyModel):
+    """CopyModel whose state tensor is updated in place (as a fused fast-weight kernel may do)."""
+
+    def forward(self, idx, targets=None, state=None):
+        logits, _, new_state = super().forward(idx, state=state)
+        if state is None:
+            return logits, None, new_state
+        state["counts"].copy_(new_state["counts"])
+        return logits, None, state
+
+
+def test_classify_from_a_state_leaves_that_state_unchanged():
+    """The icl / in_context_memory arms classify every query from one context state: each
+    query is read on a copy, so the state after classifying is the one before, even for a
+    model that updates its state in place. Kills prefill(..., state=state) without the copy."""
+    model, tok = InPlaceCopyModel(), ByteTokenizer()
+    _, state = cl.prefill(model, tok.encode("q" * 5), 16, torch.device("cpu"))
+    before = state["counts"].clone()
+    assert cl.classify(model, tok, ["x", "xxxxxxxxxxxx"], ["xxx", "qqq", "zzz"], state=state) == ["qqq", "xxx"]
+    assert torch.equal(state["counts"], before)
+
+
+@pytest.mark.parametrize("arm", ["icl", "in_context_memory"])
+def test_context_arms_carry_every_seen_task_into_the_state(arm):
+    """After task i the icl arm shows demonstrations of every label seen so far, and the
+    in_context_memory arm has streamed every task so far with the state carried. CopyModel
+    ranks by letter counts in its context: with task 0's 'aaaa' example still in it, the
+    neutral query 'x' goes to 'aaa' (a: 7 > b: 5), so R[1] = [1, 0]; a context of task 1
+    alone would flip it. Kills icl demonstrations of the current task only and a stream that
+    restarts from an empty state at each task."""
+    tasks = [{"name": "a", "labels": ["aaa"], "train": [("aaaa", "aaa")], "test": [("x", "aaa")]},
+             {"name": "b", "labels": ["bbb"], "train": [("bb", "bbb")], "test": [("x", "bbb")]}]
+    r = cl.run_arm(arm, CopyModel(), ByteTokenizer(), tasks, cl.IntentSettings(segment_len=16))
+    assert r["R"] == [[1.0, None], [1.0, 0.0]]

@@ -207,3 +207,71 @@ def test_greedy_generate_stops_after_max_new_tokens_or_when_told():
         assert greedy_generate(model, tok, last, state, 6, "cpu") == "bcd.ef"
         assert greedy_generate(model, tok, last, state, 3, "cpu") == "bcd"
         assert greedy_generate(model, tok, last, state, 6, "cpu", stop=lambda text: "." in text) == "bcd."
+
+
+# -----------------------------------------------------------------------------
+# mutation-audit tests: continuation log-likelihoods and generation against hand-set stub models
+
+class _BigramTableModel(torch.nn.Module):
+    """Stateless stub: the logits after token a are log P[a] for a hand-written table P, so
+    log p(b | ... a) = log P[a][b] whatever came before."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.log_table = torch.tensor(table, dtype=torch.float32).log()
+
+    def forward(self, idx, targets=None, state=None):
+        return self.log_table[idx], None, {"pos": (state or {"pos": 0})["pos"] + idx.shape[1]}
+
+
+def test_continuation_logprob_of_one_two_and_three_tokens_by_hand():
+    """log p(continuation | prefix) is the sum over every continuation token, for 1, 2 and 3
+    tokens (the first from the prefix's last logits, the rest from one call on the state);
+    kills `len(continuation) > 1` -> `> 2` (a 2-token continuation scored by its first token)."""
+    import math
+    P = [[0.5, 0.25, 0.25], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]
+    model = _BigramTableModel(P)
+    with torch.no_grad():
+        last, state = prefill(model, [2, 1, 0], 2, "cpu")
+        cases = {(1,): math.log(0.25), (1, 2): math.log(0.25) + math.log(0.3),
+                 (2, 2, 0): math.log(0.25) + math.log(0.6) + math.log(0.2), (0, 0): 2 * math.log(0.5)}
+        for continuation, expected in cases.items():
+            score = continuation_logprob(model, last, state, list(continuation), "cpu")
+            assert score == pytest.approx(expected, abs=1e-6), continuation
+
+
+class _InPlaceCountModel(torch.nn.Module):
+    """Stub whose state is updated in place (as a fused fast-weight kernel may do): the logit
+    of token v is how often v occurred so far, counts kept in state["counts"]."""
+
+    def forward(self, idx, targets=None, state=None):
+        state = state if state is not None else {"counts": torch.zeros(4)}
+        rows = []
+        for token in idx[0].tolist():
+            state["counts"][token] += 1                  # in place
+            rows.append(state["counts"].clone())
+        return torch.stack(rows)[None], None, state
+
+
+def test_continuation_logprob_leaves_the_prefix_state_as_it_was():
+    """eval.babilong / eval.niah score several continuations from one prefilled state: scoring
+    one must not change the state the next starts from, even for a model that updates its
+    state in place. Kills `model(idx, state=clone_state(state))` -> `state=state`."""
+    model = _InPlaceCountModel()
+    last, state = prefill(model, [0, 1, 1], 8, "cpu")
+    before = state["counts"].clone()
+    first = continuation_logprob(model, last, state, [3, 3, 3], "cpu")
+    assert torch.equal(state["counts"], before)
+    assert continuation_logprob(model, last, state, [3, 3, 3], "cpu") == first
+
+
+def test_greedy_generate_stops_at_end_of_text_and_leaves_it_out():
+    """Greedy decoding ends when the argmax is the end-of-text token, which is not part of the
+    text. Kills dropping the `token == tokenizer.eot_id: break` (generation would go on past it)."""
+    from data.tokenizer import get_tokenizer
+    from helpers import RiggedByteModel
+    tok = get_tokenizer("bytes")
+    model = RiggedByteModel("abc" + chr(tok.eot_id))      # after 'c' the argmax is token 256
+    with torch.no_grad():
+        last, state = prefill(model, tok.encode("xa"), 1, "cpu")
+        assert greedy_generate(model, tok, last, state, 6, "cpu") == "bc"

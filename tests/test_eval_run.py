@@ -116,3 +116,65 @@ def test_flag_errors_are_one_line(tmp_path, capsys, args, message):
         run.main(["--checkpoint", "ckpt", "--out", str(tmp_path / "out"), *args])
     assert exit_info.value.code == 2 and capsys.readouterr().err == message
     assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# mutation-audit tests: which number goes where (no checkpoint: the evals are stubbed)
+
+def test_niah_section_keeps_greedy_and_ranking_accuracy_apart(monkeypatch):
+    """niah_section files evaluate_niah's accuracy under "accuracy" and its ranking accuracy
+    under "ranking_accuracy", per task and length. Kills filing the ranking score as accuracy."""
+    import eval.niah as niah
+    from eval.run import niah_section
+    monkeypatch.setattr(niah, "build_niah", lambda *a, **kw: [])
+    monkeypatch.setattr(niah, "evaluate_niah", lambda *a, **kw: {
+        "accuracy": 0.25, "ranking_accuracy": 0.75, "n": 4, "n_scored": 4, "n_truncated": 1, "n_skipped": 0,
+        "seconds": 0.0})
+    settings = {"tasks": ["1"], "lengths": ["1k"], "samples": 4, "depths": [0.0], "max_new_tokens": 4,
+                "segment_len": 64}
+    out = niah_section(object(), None, settings, 64, "cpu", gpt2=object())
+    assert out["accuracy"] == {"niah_single_1": {"1k": 0.25}}
+    assert out["ranking_accuracy"] == {"niah_single_1": {"1k": 0.75}}
+    assert out["counts"]["niah_single_1"]["1k"]["n_truncated"] == 1
+
+
+def test_run_during_training_flattens_each_metric_under_its_own_name(monkeypatch):
+    """run_during_training's flat metrics are the sections' numbers under their names:
+    WikiText word ppl, LAMBADA ppl and accuracy, BABILong mean over tasks per score and length,
+    S-NIAH per score, task and length, continual ACC and BWT per arm. Kills a metric read from
+    the wrong field (e.g. continual ACC from average_incremental_accuracy, 1 - LAMBADA acc)."""
+    import eval.run as run
+    monkeypatch.setattr(run, "perplexity_section", lambda *a, **kw: {
+        "wikitext": {"word_perplexity": 31.0}, "lambada": {"perplexity": 12.0, "accuracy": 0.3}})
+    monkeypatch.setattr(run, "babilong_section", lambda *a, **kw: {
+        "mean_over_tasks": {"official": {"0k": 0.5, "1k": 0.25}, "label_ranking": {"0k": 0.75, "1k": 0.125}}})
+    monkeypatch.setattr(run, "niah_section", lambda *a, **kw: {
+        "accuracy": {"niah_single_1": {"1k": 0.5}}, "ranking_accuracy": {"niah_single_1": {"1k": 1.0}}})
+    monkeypatch.setattr(run, "continual_section", lambda *a, **kw: {"intents": {"clinc": {"arms": {
+        "icl": {"ACC": 0.4, "BWT": -0.1, "average_incremental_accuracy": 0.6}}}}})
+    metrics = run.run_during_training(object(), None, list(run.DURING_TRAINING), device="cpu", gpt2=object())
+    assert metrics == {"wikitext_word_ppl": 31.0, "lambada_ppl": 12.0, "lambada_acc": 0.3,
+                       "babilong_official_0k": 0.5, "babilong_official_1k": 0.25,
+                       "babilong_label_ranking_0k": 0.75, "babilong_label_ranking_1k": 0.125,
+                       "niah_accuracy_niah_single_1_1k": 0.5, "niah_ranking_accuracy_niah_single_1_1k": 1.0,
+                       "continual_icl_ACC": 0.4, "continual_icl_BWT": -0.1}
+
+
+def test_results_markdown_shows_accuracies_in_percent():
+    """results.md: accuracy grids, the continual metrics table and R matrices in % with one
+    decimal, perplexity metrics as is, n/a for a missing cell. Kills printing a fraction where
+    the heading says %."""
+    from eval.run import results_markdown
+    results = {"arch": "hope", "suite": "quick", "checkpoint": "c", "tokenizer": "bytes", "context": 64,
+               "niah": {"scores": {"accuracy": "greedy", "ranking_accuracy": "ranked"},
+                        "accuracy": {"niah_single_1": {"1k": 0.25, "2k": None}},
+                        "ranking_accuracy": {"niah_single_1": {"1k": 0.5, "2k": 1.0}}},
+               "perplexity": {"val": {"loss": 2.5}, "wikitext": {"word_perplexity": 31.25},
+                              "lambada": {"accuracy": 0.125}},
+               "continual": {"intents": {"clinc": {"tasks": ["a", "b"], "arms": {"icl": {
+                   "ACC": 0.5, "BWT": -0.25, "forgetting": 0.25, "average_incremental_accuracy": 0.75,
+                   "R": [[1.0, None], [0.5, 0.5]], "tasks": ["a", "b"]}}}}}}
+    md = results_markdown(results)
+    assert "| icl | 50.0 | -25.0 | 25.0 | 75.0 |" in md and "| after b | 50.0 | 50.0 |" in md
+    assert "| niah_single_1 | 25.0 | n/a |" in md and "| niah_single_1 | 50.0 | 100.0 |" in md
+    assert "| wikitext | word_perplexity | 31.2500 |" in md and "| lambada | accuracy | 0.1250 |" in md

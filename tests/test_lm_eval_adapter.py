@@ -153,3 +153,58 @@ def test_parity_with_lm_eval(tiny):
     total = lm.loglikelihood_rolling([instance(ppl.wikitext_detokenizer(doc))])[0]
     windows = ppl.rolling_windows(tok.encode(ppl.wikitext_detokenizer(doc)), tok.eot_id, 64)
     assert total == pytest.approx(math.fsum(ll for ll, _ in ppl.loglikelihood_tokens(model, windows, max_len=64)))
+
+
+# -----------------------------------------------------------------------------
+# mutation-audit tests: rolling totals per request, what generate_until reads
+
+class UniformLM(nn.Module):
+    """Every position predicts the uniform distribution over 257 tokens: log p = -ln 257."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, idx, targets=None, state=None):
+        return torch.zeros(*idx.shape, 257) + self.dummy, None, state
+
+
+def test_loglikelihood_rolling_gives_each_request_its_own_total():
+    """One total per request, in order, each the sum over its own windows: a uniform model
+    gives -n ln 257 for a text of n bytes (windows of 8: several per text). Kills crediting
+    every window to the first request."""
+    lm = LMAdapter(UniformLM(), ByteTokenizer(), max_len=8, batch_size=3)
+    texts = ["a" * 20, "bb", "c" * 13]
+    totals = lm.loglikelihood_rolling([instance(t) for t in texts])
+    assert totals == [pytest.approx(-len(t) * math.log(257), rel=1e-6) for t in texts]
+
+
+class RecordingLM(nn.Module):
+    """Records every input row; always predicts byte 'z'. With arch set, eval.common treats it
+    as a recurrent (state-carrying) model."""
+
+    def __init__(self, arch=None):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.config = SimpleNamespace(arch=arch)
+        self.rows = []
+
+    def forward(self, idx, targets=None, state=None):
+        self.rows += [row.tolist() for row in idx]
+        logits = torch.zeros(*idx.shape, 257)
+        logits[..., ord("z")] = 10.0
+        return logits + self.dummy, None, {"pos": (state or {"pos": 0})["pos"] + idx.shape[1]}
+
+
+def test_generate_until_reads_the_last_tokens_that_leave_room_for_the_answer():
+    """An attention model reads the last max_len - max_gen_toks context tokens (room for the
+    answer in its context); a recurrent model reads the whole context. Kills keeping the first
+    tokens, keeping max_len tokens (no room), and truncating recurrent models too."""
+    tok = ByteTokenizer()
+    attention = RecordingLM()
+    request = instance("abcdefghij", {"until": [], "max_gen_toks": 2})
+    out = LMAdapter(attention, tok, max_len=6).generate_until([request])
+    assert out == ["zz"] and attention.rows[0] == tok.encode("ghij")
+    recurrent = RecordingLM(arch="titans")
+    LMAdapter(recurrent, tok, max_len=6).generate_until([request])
+    assert recurrent.rows[0] == tok.encode("abcdefghij")

@@ -123,3 +123,84 @@ def test_cli_checks_out_before_loading(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.startswith(f"error: --out {out}") and message in err
     assert a_file.read_text() == "keep me"
+
+
+# -----------------------------------------------------------------------------
+# mutation-audit tests: needle placement, RULER's match, ranking, per-depth accuracy
+
+@needs_data
+def test_needle_goes_at_the_first_boundary_that_reaches_the_depth(gpt2):
+    """Depth 0 puts the needle before the whole haystack, depth 1 after it, and depth d at the
+    first sentence boundary where the GPT-2 tokens before it reach d x the haystack's tokens;
+    depth_actual is that fraction. Kills `cumulative >= target` -> `>` (depth 0 after the first
+    sentence), a default gap of len(haystack) - 1 (depth 1 before the last sentence), and a
+    depth_actual that just repeats the requested depth."""
+    samples = build_niah("niah_single_1", 600, 3, depths=[0.0, 1.0, 0.5], gpt2=gpt2)
+    for sample in samples:
+        text = sample["input"]
+        context = text[text.index("\n") + 1:text.rindex("\n")]
+        before, after = context.split(sample["needle"])
+        n_before = [len(gpt2.encode(" " + s)) for s in re.split(r"(?<=\.)\s+", before.strip()) if s]
+        n_after = [len(gpt2.encode(" " + s)) for s in re.split(r"(?<=\.)\s+", after.strip()) if s]
+        total = sum(n_before) + sum(n_after)
+        assert total > 300 and sample["depth_actual"] == pytest.approx(sum(n_before) / total)
+        if sample["depth"] == 0.0:
+            assert before == "" and sample["depth_actual"] == 0.0
+        elif sample["depth"] == 1.0:
+            assert after == "" and sample["depth_actual"] == 1.0
+        else:
+            assert sum(n_before) >= 0.5 * total > sum(n_before[:-1])
+
+
+def test_string_match_is_case_insensitive():
+    """RULER string_match_all lower-cases the reference and the prediction. Kills a
+    case-sensitive match."""
+    from eval.niah import string_match
+    assert string_match("9f1C-AB", "the value is 9F1c-ab.")
+    assert not string_match("9f1c-ab", "the value is 9f1c-a b")
+
+
+def _next_byte_logits(rules):
+    """A stateless byte stub: after byte a the logits are rules[a] (a dict {next char: logit},
+    0 for every other of the 257 tokens)."""
+    import torch
+
+    class NextByteLogits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.zeros(257, 257)
+            for a, nexts in rules.items():
+                for b, logit in nexts.items():
+                    self.table[ord(a), ord(b)] = logit
+
+        def forward(self, idx, targets=None, state=None):
+            return self.table[idx], None, {"pos": (state or {"pos": 0})["pos"] + idx.shape[1]}
+    return NextByteLogits()
+
+
+def test_ranking_scores_space_value_after_the_answer_prefix():
+    """ranking_correct compares log p(" " + value | prompt + answer prefix) with the same for
+    each distractor. The stub prefers ' ' after the prefix's last 'e', then '8' after ' ', so
+    " 8142" beats " 9142"; without the space '9' (logit 5 after 'e') would beat '8' (0).
+    Kills scoring the candidates without their leading space."""
+    from data.tokenizer import get_tokenizer
+    model = _next_byte_logits({"e": {" ": 10, "9": 5}, " ": {"8": 10}, "8": {"1": 10}, "9": {"1": 10},
+                              "1": {"4": 10}, "4": {"2": 10}})
+    sample = {"task": "niah_single_1", "length": 100, "depth": 0.5, "key": "calm-anchor", "value": "8142",
+              "distractors": ["9142"], "input": "One of the special magic numbers for calm-anchor is: 8142.",
+              "answer_prefix": " The special magic numbers for calm-anchor mentioned in the provided text are"}
+    result = evaluate_niah(model, get_tokenizer("bytes"), [sample], streaming=True, max_new_tokens=8)
+    record = result["records"][0]
+    assert record["output"] == " 8142" and record["correct"] and record["ranking_correct"]
+
+
+def test_by_depth_is_greedy_accuracy_per_depth_over_scored_samples():
+    """niah.json's by_depth: per needle depth (sorted), the mean greedy accuracy of the scored
+    samples (skipped ones left out). Kills averaging ranking_correct instead of correct."""
+    from eval.niah import _by_depth
+    records = [{"depth": 1.0, "correct": True, "ranking_correct": False},
+               {"depth": 0.0, "correct": True, "ranking_correct": False},
+               {"depth": 0.0, "correct": False, "ranking_correct": False},
+               {"depth": 0.5, "skipped": True}]
+    by_depth = _by_depth(records)
+    assert by_depth == {"0.0": 0.5, "1.0": 1.0} and list(by_depth) == ["0.0", "1.0"]

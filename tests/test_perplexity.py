@@ -500,3 +500,46 @@ def test_cli_flag_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         ppl.main((["--checkpoint", "ckpt"] if argv else []) + argv)
     assert exit_info.value.code == 2 and capsys.readouterr().err == message
+
+
+# -----------------------------------------------------------------------------
+# mutation-audit tests
+
+def test_encode_pair_takes_the_continuation_ids_from_the_whole_string():
+    """lm-eval's _encode_pair: the continuation's ids are enc(context + continuation) after
+    the first len(enc(context)) ids, so a merge across the boundary follows the whole string
+    ('a' + 'bc' -> 'ab' 'c': the continuation is scored as the single token 'c'). Kills
+    returning tokenizer.encode(continuation) on its own."""
+
+    class MergingTokenizer:
+        vocab = ["ab", "a", "b", "c"]
+        eot_id = 9
+
+        def encode(self, text):
+            ids = []
+            while text:
+                piece = max((v for v in self.vocab if text.startswith(v)), key=len)
+                ids.append(self.vocab.index(piece))
+                text = text[len(piece):]
+            return ids
+
+    assert ppl.encode_pair(MergingTokenizer(), "a", "bc") == ([1], [3])
+    assert ppl.encode_pair(MergingTokenizer(), "c", "ab") == ([3], [0])      # no merge: its own ids
+
+
+def test_loglikelihood_tokens_empty_continuation_is_zero_and_greedy():
+    """An empty continuation has log-likelihood 0 and is greedy (lm-eval: the sum and the
+    all() over no tokens). Kills (0.0, True) -> (0.0, False)."""
+    model = DecayingPrefixLM(vocab_size=7)
+    assert ppl.loglikelihood_tokens(model, [([1, 2], []), ([3], [4])])[0] == (0.0, True)
+
+
+def test_lambada_accuracy_is_the_mean_over_every_passage(tmp_path, byte_tok):
+    """Accuracy = mean(is_greedy) over all passages, the first included: here only the first
+    of three is greedy ("ab" -> " b" both preferred), so 1/3. Kills averaging over results[1:]."""
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["ab b", "ab ba", "a b"]))
+    result = ppl.lambada(BigramLM(_preferred_bigram_table()), byte_tok, str(path), batch_size=2)
+    hi, lo = math.log(0.5), math.log(0.5 / 256)
+    assert result["accuracy"] == pytest.approx(1 / 3)
+    assert result["perplexity"] == pytest.approx(math.exp(-((hi + hi) + (hi + hi + lo) + (lo + hi)) / 3), rel=1e-5)
