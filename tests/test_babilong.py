@@ -346,7 +346,7 @@ def test_recurrent_models_stream_with_flat_state():
 
 
 # -----------------------------------------------------------------------------
-# mutation-audit tests: scores by hand, the official rule inside evaluate, construction details
+# scores by hand, the official rule inside evaluate, construction details
 
 def test_label_logprobs_are_those_of_space_label_after_the_prompt():
     """label_ranking scores log p(" " + label | prompt + "\\nAnswer:"), summed over its tokens.

@@ -275,7 +275,7 @@ def test_settings_are_checked_by_the_library_functions_too():
 
 
 # -----------------------------------------------------------------------------
-# mutation-audit tests: metrics by hand, held-out loss, class-incremental scoring, state copies
+# metrics by hand, held-out loss, class-incremental scoring, state copies
 
 def test_forgetting_is_negative_when_a_task_improves_later():
     """forgetting_j = max over the stages j <= l before the last of R[l][j], minus R[T][j]

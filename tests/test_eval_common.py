@@ -210,7 +210,7 @@ def test_greedy_generate_stops_after_max_new_tokens_or_when_told():
 
 
 # -----------------------------------------------------------------------------
-# mutation-audit tests: continuation log-likelihoods and generation against hand-set stub models
+# continuation log-likelihoods and generation against hand-set stub models
 
 class _BigramTableModel(torch.nn.Module):
     """Stateless stub: the logits after token a are log P[a] for a hand-written table P, so

@@ -119,7 +119,7 @@ def test_flag_errors_are_one_line(tmp_path, capsys, args, message):
 
 
 # -----------------------------------------------------------------------------
-# mutation-audit tests: which number goes where (no checkpoint: the evals are stubbed)
+# which number goes where (no checkpoint: the evals are stubbed)
 
 def test_niah_section_keeps_greedy_and_ranking_accuracy_apart(monkeypatch):
     """niah_section files evaluate_niah's accuracy under "accuracy" and its ranking accuracy

@@ -156,7 +156,7 @@ def test_parity_with_lm_eval(tiny):
 
 
 # -----------------------------------------------------------------------------
-# mutation-audit tests: rolling totals per request, what generate_until reads
+# rolling totals per request, what generate_until reads
 
 class UniformLM(nn.Module):
     """Every position predicts the uniform distribution over 257 tokens: log p = -ln 257."""

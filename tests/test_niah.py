@@ -126,7 +126,7 @@ def test_cli_checks_out_before_loading(tmp_path, monkeypatch, capsys):
 
 
 # -----------------------------------------------------------------------------
-# mutation-audit tests: needle placement, RULER's match, ranking, per-depth accuracy
+# needle placement, RULER's match, ranking, per-depth accuracy
 
 @needs_data
 def test_needle_goes_at_the_first_boundary_that_reaches_the_depth(gpt2):

@@ -329,24 +329,27 @@ def test_wikitext_scores_each_token_with_its_lm_eval_context(tmp_path, byte_tok)
 # -----------------------------------------------------------------------------
 # LAMBADA
 
+class LongestMatchTokenizer:
+    """Longest match over a small vocabulary: merges across a context/continuation boundary
+    as a BPE tokenizer's do."""
+    eot_id = 99
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def encode(self, text):
+        ids = []
+        while text:
+            piece = max((v for v in self.vocab if text.startswith(v)), key=len)
+            ids.append(self.vocab.index(piece))
+            text = text[len(piece):]
+        return ids
+
+
 def test_lambada_context_target_and_encode_pair():
     assert ppl.lambada_context_target("He said to Bob") == ("He said to", " Bob")
     assert ppl.lambada_context_target("Bob") == ("", " Bob")
-
-    class GreedyVocabTokenizer:
-        """Longest match over a small vocabulary: ' world' is one token, 'hello ' is two."""
-        vocab = ["hello", " world", " ", "world", "x"]
-        eot_id = 99
-
-        def encode(self, text):
-            ids = []
-            while text:
-                piece = max((v for v in self.vocab if text.startswith(v)), key=len)
-                ids.append(self.vocab.index(piece))
-                text = text[len(piece):]
-            return ids
-
-    tok = GreedyVocabTokenizer()
+    tok = LongestMatchTokenizer(["hello", " world", " ", "world", "x"])   # ' world' one token, 'hello ' two
     # the trailing space moves to the continuation, which then encodes as the single " world"
     assert ppl.encode_pair(tok, "hello ", "world") == ([0], [1])
     assert ppl.encode_pair(tok, "hello", " world") == ([0], [1])
@@ -503,28 +506,16 @@ def test_cli_flag_errors_are_one_line(argv, message, capsys):
 
 
 # -----------------------------------------------------------------------------
-# mutation-audit tests
+# encode_pair across a merge, empty continuations, LAMBADA accuracy over passages
 
 def test_encode_pair_takes_the_continuation_ids_from_the_whole_string():
     """lm-eval's _encode_pair: the continuation's ids are enc(context + continuation) after
     the first len(enc(context)) ids, so a merge across the boundary follows the whole string
     ('a' + 'bc' -> 'ab' 'c': the continuation is scored as the single token 'c'). Kills
     returning tokenizer.encode(continuation) on its own."""
-
-    class MergingTokenizer:
-        vocab = ["ab", "a", "b", "c"]
-        eot_id = 9
-
-        def encode(self, text):
-            ids = []
-            while text:
-                piece = max((v for v in self.vocab if text.startswith(v)), key=len)
-                ids.append(self.vocab.index(piece))
-                text = text[len(piece):]
-            return ids
-
-    assert ppl.encode_pair(MergingTokenizer(), "a", "bc") == ([1], [3])
-    assert ppl.encode_pair(MergingTokenizer(), "c", "ab") == ([3], [0])      # no merge: its own ids
+    tok = LongestMatchTokenizer(["ab", "a", "b", "c"])
+    assert ppl.encode_pair(tok, "a", "bc") == ([1], [3])
+    assert ppl.encode_pair(tok, "c", "ab") == ([3], [0])      # no merge: its own ids
 
 
 def test_loglikelihood_tokens_empty_continuation_is_zero_and_greedy():
