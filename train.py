@@ -433,6 +433,7 @@ def _train(cfg: Config, env: DistEnv):
             say(line, flush=True)
             t_last, tokens_since = time.time(), 0
         if t.eval_every and (done % t.eval_every == 0 or done == t.max_steps):
+            t_paused = time.time()      # eval and checkpoint time is left out of tokens/s
             r = evaluate()
             record = record or {"step": done, "tokens": stats["tokens"], "loss": loss_sum, "lr": lr}
             record.update(val_loss=r["loss"], val_ppl=r["perplexity"], val_bpb=r["bits_per_byte"])
@@ -446,14 +447,15 @@ def _train(cfg: Config, env: DistEnv):
                 model.train()
                 record.update(extra)
                 say("eval step %d | %s" % (done, " | ".join(f"{k} {v:.4f}" for k, v in extra.items())), flush=True)
-            t_last = time.time()
+            t_last += time.time() - t_paused
         if record and metrics:
             metrics.write(record)
             if run:
                 run.log(record, step=done)
         if t.ckpt_every and (done % t.ckpt_every == 0 or done == t.max_steps):
+            t_paused = time.time()
             checkpoint(done)
-            t_last = time.time()
+            t_last += time.time() - t_paused
 
     if cfg.eval.final:
         r = evaluate()

@@ -1,6 +1,7 @@
 """End-to-end training on a tiny byte-level corpus: loss falls, exact resume after SIGKILL,
 NaN steps are skipped, metrics/config files are written."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -230,3 +231,297 @@ def test_metrics_log_on_resume_drops_a_cut_last_line_and_names_a_bad_one(tmp_pat
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a metrics record .*fix or remove it"):
         MetricsLog(str(path), resume_step=2)
     assert path.read_text() == bad
+
+
+# ----------------------------------------------------------------------------------------
+# what optimizer.step receives (lr, clipped gradient, the seeded batches in micro-batches),
+# grad accumulation, throughput, NaN steps, exact resume with RNG, the last step's
+# log/eval/checkpoint and pruning: each against an independent oracle (hand-computed values,
+# a fresh BatchSampler, a fake clock, an uninterrupted run)
+
+def _cfg(corpus, out_dir, *args):
+    """TINY in one process, logging every step, no evals, no checkpoints unless `args` say so."""
+    from config import load_config
+    return load_config(None, [*TINY, f"--data.dataset={corpus}", f"--train.out_dir={out_dir}", "--train.log_every=1",
+                              "--train.eval_every=0", "--train.ckpt_every=0", "--eval.final=false", *args])
+
+
+@pytest.fixture
+def probe(monkeypatch):
+    """At every optimizer.step of train.py: the lr of each param group and the total norm of the
+    gradients the optimiser is about to apply (not the lr-0 step with which DCP initialises
+    an empty optimiser's state on resume); and train.py's clock (time.time) is a fake one
+    that advances exactly 1 s per optimiser step."""
+    import train as train_mod
+    seen = {"lrs": [], "grad_norms": [], "clock": 1000.0}
+    real_make_optimizer = train_mod.make_optimizer
+
+    def make_optimizer(model, cfg, device_type):
+        opt = real_make_optimizer(model, cfg, device_type)
+
+        def before_step(optimizer, args, kwargs):
+            if all(g["lr"] == 0 for g in optimizer.param_groups):
+                return      # DCP's set_state_dict initialising the optimiser state on resume
+            seen["lrs"].append([g["lr"] for g in optimizer.param_groups])
+            grads = [p.grad.flatten() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            seen["grad_norms"].append(torch.cat(grads).double().norm().item())
+            seen["clock"] += 1.0
+        opt.register_step_pre_hook(before_step)
+        return opt
+
+    monkeypatch.setattr(train_mod, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(train_mod, "time", type("FakeTime", (), {"time": staticmethod(lambda: seen["clock"])}))
+    return seen
+
+
+def test_optimizer_applies_the_schedule_and_the_clipped_gradient(corpus, tmp_path, probe):
+    """What optimizer.step() actually receives, step by step: every param group at the
+    hand-computed warmup + cosine lr (lr 3e-3, 2 warmup steps, 6 steps, min 3e-4), and a
+    gradient of norm min(logged grad_norm, optim.grad_clip). Kills: the schedule computed and
+    logged but not written into the param groups; gradient clipping skipped."""
+    import train as train_mod
+    cfg = _cfg(corpus, tmp_path / "run", "--train.max_steps=6", "--optim.warmup_steps=2", "--optim.min_lr_ratio=0.1",
+               "--optim.grad_clip=0.05")
+    assert train_mod.train(cfg) == 0
+    cos = [1 + math.cos(math.pi * k / 4) for k in range(4)]       # cosine over steps 2..6
+    want = [1.5e-3, 3e-3] + [3e-4 + 0.5 * 2.7e-3 * v for v in cos]
+    assert len(probe["lrs"]) == 6
+    for lrs, lr in zip(probe["lrs"], want):
+        assert lrs == pytest.approx([lr] * len(lrs), rel=1e-12)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["lr"] for r in rows] == pytest.approx(want, rel=1e-12)
+    logged = [r["grad_norm"] for r in rows]
+    assert max(logged) > 0.05                                      # clipping is active
+    assert probe["grad_norms"] == pytest.approx([min(g, 0.05) for g in logged], rel=1e-4)
+
+
+def test_steps_read_the_seeded_stream_in_micro_batches(corpus, tmp_path, monkeypatch):
+    """train.seed=5, batch 4 in 2 micro-batches: the initial weights are those of build_model
+    after torch.manual_seed(5); step s's two forwards see the two halves of batch s of an
+    independent BatchSampler(seed=5), in order; the logged loss is the mean of the two
+    micro-batch losses. Kills: a fixed torch seed, a fixed sampler seed, wrong micro-batch
+    slices, the logged loss summed instead of averaged over micro-batches."""
+    import model as model_mod
+    import train as train_mod
+    from data.loader import BatchSampler, TokenDataset
+    seen = {"x": [], "y": [], "loss": [], "init": None}
+    real_forward = model_mod.LanguageModel.forward
+
+    def forward(self, idx, targets=None, state=None):
+        if seen["init"] is None:
+            seen["init"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        logits, loss, st = real_forward(self, idx, targets, state)
+        if targets is not None and self.training:
+            seen["x"].append(idx.clone())
+            seen["y"].append(targets.clone())
+            seen["loss"].append(loss.item())
+        return logits, loss, st
+
+    monkeypatch.setattr(model_mod.LanguageModel, "forward", forward)
+    cfg = _cfg(corpus, tmp_path / "run", "--train.max_steps=3", "--train.seed=5", "--train.grad_accum=2")
+    assert train_mod.train(cfg) == 0
+
+    torch.manual_seed(5)
+    fresh = model_mod.build_model(cfg.model).state_dict()
+    assert fresh.keys() == seen["init"].keys()
+    assert all(torch.equal(fresh[k], seen["init"][k]) for k in fresh)
+    sampler = BatchSampler(TokenDataset(corpus), "train", batch_size=4, seq_len=32, seed=5)
+    assert len(seen["x"]) == 6
+    for step in range(3):
+        x, y = sampler.next_batch()
+        assert torch.equal(torch.cat(seen["x"][2 * step:2 * step + 2]), x)
+        assert torch.equal(torch.cat(seen["y"][2 * step:2 * step + 2]), y)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["loss"] for r in rows] == pytest.approx(
+        [(seen["loss"][2 * s] + seen["loss"][2 * s + 1]) / 2 for s in range(3)], rel=1e-6)
+
+
+def test_grad_accum_matches_one_big_batch(corpus, tmp_path):
+    """The same global batch of 4 in 1 or in 4 micro-batches: the same logged loss and
+    gradient norm at every step, within float rounding. Kills: each micro-batch's backward not
+    divided by grad_accum (4x the gradient), the logged loss not divided (4x the loss)."""
+    import train as train_mod
+    for accum in (1, 4):
+        assert train_mod.train(_cfg(corpus, tmp_path / f"accum{accum}", "--train.max_steps=4",
+                                    f"--train.grad_accum={accum}")) == 0
+    one, four = read_metrics(tmp_path / "accum1"), read_metrics(tmp_path / "accum4")
+    assert [r["step"] for r in four] == [r["step"] for r in one] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "lr"):
+        assert [r[key] for r in four] == pytest.approx([r[key] for r in one], rel=1e-5), key
+
+
+def test_throughput_and_token_counts_against_a_fake_clock(corpus, tmp_path, probe):
+    """With a clock that advances 1 s per optimiser step, every logged interval (steps 1, 2,
+    4, 5 at log_every=2, max_steps=5) ran at batch_size * seq_len = 128 tokens/s, whatever its
+    length, and `tokens` is 128 per step so far. Kills: the token counter not reset after a log
+    line (tokens/s that grows with every interval), tokens/s over the wrong time span."""
+    import train as train_mod
+    assert train_mod.train(_cfg(corpus, tmp_path / "run", "--train.max_steps=5", "--train.log_every=2")) == 0
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 4, 5]
+    assert [r["tokens"] for r in rows] == [128 * r["step"] for r in rows]
+    assert [r["tokens_per_s"] for r in rows] == pytest.approx([128.0] * 4, rel=1e-9)
+    assert [r["tokens_per_s_per_device"] for r in rows] == pytest.approx([128.0] * 4, rel=1e-9)
+
+
+def test_isolated_nan_steps_are_counted_but_do_not_stop(corpus, tmp_path, monkeypatch):
+    """NaN losses at steps 2, 4 and 6 with max_bad_steps=2: never two in a row, so the run
+    finishes (exit 0) with skipped_steps=3, and only the 4 good steps count tokens. Kills: the
+    bad-step streak not reset by a good step (it would stop at step 4), skipped steps not
+    counted."""
+    import model as model_mod
+    import train as train_mod
+    real_forward = model_mod.LanguageModel.forward
+    calls = {"n": 0}
+
+    def flaky_forward(self, idx, targets=None, state=None):
+        logits, loss, st = real_forward(self, idx, targets, state)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] % 2 == 0:
+                loss = loss * float("nan")
+        return logits, loss, st
+
+    monkeypatch.setattr(model_mod.LanguageModel, "forward", flaky_forward)
+    assert train_mod.train(_cfg(corpus, tmp_path / "run", "--train.max_steps=7", "--train.max_bad_steps=2")) == 0
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 3, 5, 7]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 2, 3]
+    assert [r["tokens"] for r in rows] == [128, 256, 384, 512]
+
+
+def test_resume_restores_the_random_streams_exactly(corpus, tmp_path, monkeypatch, probe):
+    """A model whose training forward draws from torch's, numpy's and Python's global RNGs
+    (as dropout would): a run that crashes in step 5 (checkpoint at step 3) and is resumed
+    equals an uninterrupted run bit for bit (losses, gradient norms, the lrs the optimiser
+    applied, tokens, final weights). Kills: the RNG state saved but not restored on resume
+    (the streams would restart from the seed)."""
+    import random
+
+    import numpy as np
+
+    import model as model_mod
+    import train as train_mod
+    from checkpoint import load_model
+    real_forward = model_mod.LanguageModel.forward
+    calls = {"n": 0, "crash_at": None}
+
+    def noisy_forward(self, idx, targets=None, state=None):
+        logits, loss, st = real_forward(self, idx, targets, state)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == calls["crash_at"]:
+                raise RuntimeError("simulated crash")
+            loss = loss * (1 + 0.01 * (torch.rand(()) + random.random() + float(np.random.rand())))
+        return logits, loss, st
+
+    monkeypatch.setattr(model_mod.LanguageModel, "forward", noisy_forward)
+    args = ["--train.max_steps=6", "--train.ckpt_every=3", "--optim.warmup_steps=2"]
+    assert train_mod.train(_cfg(corpus, tmp_path / "ref", *args)) == 0
+    ref_lrs = probe["lrs"][:]
+    calls.update(n=0, crash_at=5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_mod.train(_cfg(corpus, tmp_path / "split", *args))
+    assert [r["step"] for r in read_metrics(tmp_path / "split")] == [1, 2, 3, 4]
+    calls.update(crash_at=None)
+    del probe["lrs"][:]
+    assert train_mod.train(_cfg(corpus, tmp_path / "split", *args)) == 0
+    assert probe["lrs"] == ref_lrs[3:]
+    ref, split = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "split")
+    for key in ("step", "loss", "grad_norm", "lr", "tokens"):
+        assert [r[key] for r in split] == [r[key] for r in ref], key
+    a = load_model(str(tmp_path / "ref"))[0].state_dict()
+    b = load_model(str(tmp_path / "split"))[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_last_step_off_the_cadence_is_logged_evaluated_and_checkpointed(corpus, tmp_path):
+    """max_steps=5 with log/eval/checkpoint every 2 steps: lines for steps 1, 2, 4, 5, evals
+    at 2, 4, 5, checkpoints step 2, 4, 5 (keep_checkpoints=0: all), `latest` at 5. The val
+    loss logged at step 5 and in final_eval.json is the hand-computed mean cross-entropy of the
+    step-5 weights on the first eval_batches (2) x batch 4 windows of 32 tokens of the val
+    split, and bits/byte is its NLL over those windows' share of the split's bytes. Kills: no
+    checkpoint/eval/log line at a max_steps off the cadence, a wrong number of eval batches."""
+    import torch.nn.functional as F
+
+    import train as train_mod
+    from checkpoint import load_model
+    from data.loader import TokenDataset
+    out = tmp_path / "run"
+    cfg = _cfg(corpus, out, "--train.max_steps=5", "--train.log_every=2", "--train.eval_every=2",
+               "--train.ckpt_every=2", "--train.keep_checkpoints=0", "--eval.final=true")
+    assert train_mod.train(cfg) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 4, 5]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4, 5]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_000002", "step_000004", "step_000005"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000005"
+
+    model = load_model(str(out / "checkpoints" / "step_000005"))[0]
+    dataset = TokenDataset(corpus)
+    tokens = torch.from_numpy(dataset.tokens("val", 0, 8 * 32 + 1).astype("int64"))
+    windows = torch.stack([tokens[j * 32:j * 32 + 33] for j in range(8)])
+    with torch.no_grad():
+        nll = F.cross_entropy(model(windows[:, :-1])[0].flatten(0, 1), windows[:, 1:].flatten(),
+                              reduction="sum").item()
+    split = dataset.meta["splits"]["val"]
+    bpb = nll / math.log(2) / (256 / split["tokens"] * split["bytes"])
+    assert rows[-1]["val_loss"] == pytest.approx(nll / 256, rel=1e-5)
+    assert rows[-1]["val_bpb"] == pytest.approx(bpb, rel=1e-5)
+    final = json.load(open(out / "final_eval.json"))
+    assert final["val_loss"] == pytest.approx(nll / 256, rel=1e-5) and final["val_bpb"] == pytest.approx(bpb, rel=1e-5)
+    assert final["tokens"] == 5 * 128 and final["skipped_steps"] == 0
+
+
+def test_save_checkpoint_keeps_the_newest_and_latest_names_one(tmp_path):
+    """save_checkpoint's pruning on a toy model: keep=2 over steps 1-4 leaves step 3 and 4 and
+    `latest` at 4, and clears a .tmp- folder left by a killed save; re-saving a step replaces
+    it; saving an older step than the newest with keep=1 keeps the one just saved (what
+    `latest` names); keep=0 keeps all. Kills: pruning one too many or too few, keep=0 pruning,
+    killed-save leftovers kept, a re-save failing on the existing folder, pruning the
+    checkpoint just saved."""
+    from checkpoint import find_checkpoint, read_trainer_state, save_checkpoint, saved_steps
+    from config import Config
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step_000099").mkdir(parents=True)
+
+    def save(step, keep, **extra):
+        save_checkpoint(str(root), step, model, opt, {"step": step, **extra}, Config(), keep=keep)
+
+    for step in range(1, 5):
+        save(step, keep=2)
+    assert sorted(os.listdir(root)) == ["latest", "step_000003", "step_000004"]
+    assert find_checkpoint(str(root)) == str(root / "step_000004")
+    save(4, keep=2, again=True)
+    assert saved_steps(str(root)) == ["step_000003", "step_000004"]
+    assert read_trainer_state(str(root / "step_000004"))["again"] is True
+    save(2, keep=1)
+    assert "step_000002" in saved_steps(str(root)) and "step_000003" not in saved_steps(str(root))
+    assert find_checkpoint(str(root)) == str(root / "step_000002")
+
+    root = tmp_path / "all"
+    for step in range(1, 4):
+        save(step, keep=0)
+    assert saved_steps(str(root)) == ["step_000001", "step_000002", "step_000003"]
+
+
+def test_throughput_leaves_out_checkpoint_and_eval_time_off_the_log_cadence(corpus, tmp_path, probe,
+                                                                           monkeypatch):
+    """Checkpoints every 2 steps, each taking 5 s on the fake clock, log lines at 1, 4, 8:
+    every step took 1 s for 128 tokens, so every line must say 128 tokens/s. Kills resetting
+    t_last after a checkpoint (192 at step 4: steps 2-4's tokens over the 2 s since the step-2
+    checkpoint) and counting the checkpoint time in (steps 2-4's 384 tokens over 3 + 5 s)."""
+    import train as train_mod
+    real_save = train_mod.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        probe["clock"] += 5.0
+        return real_save(*args, **kwargs)
+    monkeypatch.setattr(train_mod, "save_checkpoint", slow_save)
+    assert train_mod.train(_cfg(corpus, tmp_path / "run", "--train.max_steps=8", "--train.log_every=4",
+                                "--train.ckpt_every=2", "--train.eval_every=3")) == 0
+    rows = [r for r in read_metrics(tmp_path / "run") if "tokens_per_s" in r]
+    assert [r["step"] for r in rows] == [1, 4, 8]
+    assert [r["tokens_per_s"] for r in rows] == pytest.approx([128.0] * 3, rel=1e-9)
