@@ -550,3 +550,75 @@ def test_prepare_cli_default_split_is_the_trainers():
     from config import DataConfig
     from data import prepare as prepare_mod
     assert prepare_mod.DEFAULT_VAL_FRACTION == DataConfig().val_fraction
+
+
+# ----------------------------------------------------------------------------------------
+# the sampler's stream, against data whose every window is known; resuming another stream
+
+
+def _windows_dir(root, train_shards, seq_len):
+    """A prepared folder whose train shards hold distinct ascending token ids, so that a row's
+    first token names its window: -> (data_dir, {first token: the window's seq_len + 1 tokens})."""
+    splits, windows, next_id = {}, {}, 0
+    for name, sizes in (("train", train_shards), ("val", [seq_len + 1])):
+        names = []
+        for i, size in enumerate(sizes):
+            tokens = np.arange(next_id, next_id + size)
+            next_id += size
+            names.append(f"{name}_{i:06d}.bin")
+            write_shard(str(root / names[-1]), tokens, 257)
+            if name == "train":
+                windows.update({int(tokens[o]): tokens[o:o + seq_len + 1] for o in range(size - seq_len)})
+        splits[name] = {"tokens": int(sum(sizes)), "documents": 1, "bytes": 1, "shards": names}
+    meta = {"format_version": 1, "tokenizer": "bytes", "vocab_size": 257, "eot_id": 256, "source": "synthetic",
+            "splits": splits}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return str(root), windows
+
+
+def test_sampler_draws_every_window_uniformly_and_anew_each_step(tmp_path):
+    """Shards of exactly seq_len + 1 tokens (1 window), of 5 (none), of seq_len + 4 (4): over
+    300 steps of 10 rows every one of the 5 windows comes up about 600 times, each row is the
+    window its first token names, and no two steps draw the same batch. Kills: the same batch
+    at every step (the step left out of the seed), a shard's last window never drawn, a shard
+    of exactly seq_len + 1 tokens left out, rows cut from the wrong offset."""
+    data_dir, windows = _windows_dir(tmp_path, [9, 5, 12], seq_len=8)
+    assert len(windows) == 5
+    sampler = BatchSampler(TokenDataset(data_dir), "train", batch_size=10, seq_len=8, seed=0)
+    counts, batches = dict.fromkeys(windows, 0), set()
+    for _ in range(300):
+        x, y = sampler.next_batch()
+        batches.add(tuple(x[:, 0].tolist()))
+        for row_x, row_y in zip(x.numpy(), y.numpy()):
+            window = windows[int(row_x[0])]
+            assert np.array_equal(row_x, window[:-1]) and np.array_equal(row_y, window[1:])
+            counts[int(row_x[0])] += 1
+    assert all(500 < n < 700 for n in counts.values()), counts
+    assert len(batches) == 300
+
+
+def test_sampler_refuses_a_position_from_another_stream(tmp_path, token_dir):
+    """A saved data position resumes only a sampler of the same stream: another seq_len, or
+    other data (another window count), is a one-line error naming the key. Kills: those checks
+    left out (a resume that silently reads other batches)."""
+    state = BatchSampler(TokenDataset(token_dir), "train", batch_size=4, seq_len=8, seed=0).state_dict()
+    with pytest.raises(ValueError, match=r"saved with seq_len=8, this sampler has seq_len=16"):
+        BatchSampler(TokenDataset(token_dir), "train", batch_size=4, seq_len=16, seed=0).load_state_dict(state)
+    other, _ = _windows_dir(tmp_path, [40, 60], seq_len=8)
+    with pytest.raises(ValueError, match=r"saved with num_windows=\d+, this sampler has num_windows=84"):
+        BatchSampler(TokenDataset(other), "train", batch_size=4, seq_len=8, seed=0).load_state_dict(state)
+
+
+def test_shard_with_trailing_bytes_or_a_negative_count_is_refused(tmp_path):
+    """A shard longer than its header says, or with a negative token count, is a one-line
+    error. Kills: the trailing-bytes check left out (extra bytes read as tokens of nothing)."""
+    path = str(tmp_path / "s.bin")
+    write_shard(path, np.arange(10), vocab_size=257)
+    with open(path, "ab") as f:
+        f.write(b"\0\0\0")
+    with pytest.raises(ValueError, match=r"has 3 trailing bytes after its 10 tokens"):
+        read_shard(path)
+    write_shard(path, np.arange(10), vocab_size=257)
+    _corrupt_header(path, 2, -1)
+    with pytest.raises(ValueError, match=r"negative token count -1"):
+        read_shard(path)

@@ -222,3 +222,115 @@ def test_export_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         checkpoint.main(["export", str(tmp_path)])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: the following arguments are required")
+
+
+# ----------------------------------------------------------------------------------------
+# evals over ranks (perplexity, bits per byte, the rows of each batch), and the parallelism
+# switches that the losses alone do not show (FSDP2 parameter dtype, activation checkpointing)
+
+
+def test_two_ranks_report_the_same_perplexity_and_bits_per_byte(runs):
+    """The 2-rank evals (train.evaluate_sharded) log the val perplexity and bits per byte of
+    the 1-process evals (eval.perplexity.evaluate_split), not only the same loss. Kills: a
+    bits/byte formula in evaluate_sharded that differs from evaluate_split's (e.g. nats, not
+    bits)."""
+    ref, rows = metrics(runs["one"]), metrics(runs["two"])
+    for key in ("val_ppl", "val_bpb"):
+        want = [r[key] for r in ref if key in r]
+        assert len(want) == 2 and [r[key] for r in rows if key in r] == pytest.approx(want, rel=RTOL), key
+
+
+def test_evaluate_sharded_on_one_rank_is_evaluate_split(corpus):
+    """In one process (no process group), evaluate_sharded scores the windows evaluate_split
+    does and reports the same loss, perplexity, bits per byte and token count (seconds, no
+    torchrun). Kills: the same formula mutations as above, without the 2-rank runs."""
+    from config import ModelConfig
+    from data.loader import TokenDataset
+    from distributed import DistEnv
+    from eval.perplexity import evaluate_split
+    from model import build_model
+    from train import evaluate_sharded
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="transformer", vocab_size=257, n_layer=1, n_head=2, d_model=32)).eval()
+    dataset = TokenDataset(corpus)
+    got = evaluate_sharded(model, dataset, 3, 32, 2, DistEnv())
+    want = evaluate_split(model, dataset, "val", batch_size=3, seq_len=32, max_batches=2, device="cpu")
+    assert got["tokens"] == want["tokens"] == 2 * 3 * 32
+    for key in ("loss", "perplexity", "bits_per_byte"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key
+
+
+def test_evaluate_sharded_ranks_split_the_rows_of_every_batch(corpus):
+    """The whole val split (its last batch a single tail row) in batches of 3 rows, scored as
+    rank 0 and rank 1 of 2 one after the other (no process group: each returns its own part):
+    rank 0 scores rows 0-1 of each batch, rank 1 row 2 (nothing of the tail batch), and
+    together they score every val token once, with the total NLL of evaluate_split. Kills:
+    overlapping or missing row slices, the unscored forward of a rank without rows counted."""
+    from config import ModelConfig
+    from data.loader import TokenDataset
+    from distributed import DistEnv
+    from eval.perplexity import evaluate_split
+    from model import build_model
+    from train import evaluate_sharded
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="transformer", vocab_size=257, n_layer=1, n_head=2, d_model=32)).eval()
+    dataset = TokenDataset(corpus)
+    n = dataset.num_tokens("val")
+    rows, tail = (n - 1) // 256, (n - 1) % 256
+    assert tail > 0                                        # the last batch is one short row
+    sizes = [min(3, rows - first) for first in range(0, rows, 3)]          # rows per full-window batch
+    parts = [evaluate_sharded(model, dataset, 3, 256, None, DistEnv(rank=r, world_size=2)) for r in (0, 1)]
+    assert [p["tokens"] for p in parts] == [sum(min(k, 2) for k in sizes) * 256 + tail,
+                                            sum(max(k - 2, 0) for k in sizes) * 256]
+    want = evaluate_split(model, dataset, "val", batch_size=3, seq_len=256, device="cpu")
+    assert want["tokens"] == n - 1
+    nll = sum(p["loss"] * p["tokens"] for p in parts)
+    assert nll == pytest.approx(want["loss"] * want["tokens"], rel=1e-6)
+
+
+@pytest.mark.parametrize("choice, dtype, device_type, want", [
+    ("auto", "auto", "cuda", torch.bfloat16), ("auto", "auto", "cpu", torch.float32),
+    ("auto", "bfloat16", "cpu", torch.bfloat16), ("auto", "float32", "cuda", torch.float32),
+    ("bf16", "float32", "cpu", torch.bfloat16), ("fp32", "auto", "cuda", torch.float32)])
+def test_fsdp_param_dtype_follows_the_compute_dtype(choice, dtype, device_type, want):
+    """distributed.mixed_precision: auto gathers FSDP2 parameters in bf16 exactly when the run
+    computes in bf16 (train.dtype bfloat16, or auto on CUDA); bf16/fp32 force it. Needs no
+    GPU: only the choice is checked. Kills: auto always fp32 (bf16 runs gathering fp32
+    weights: twice the all-gather traffic), a forced choice ignored."""
+    from config import load_config
+    from distributed import DistEnv, mixed_precision_dtype
+    cfg = load_config(None, [f"--distributed.mixed_precision={choice}", f"--train.dtype={dtype}"])
+    assert mixed_precision_dtype(cfg, DistEnv(device_type=device_type)) == want
+
+
+def test_activation_checkpointing_recomputes_each_block_in_backward():
+    """distributed.activation_checkpointing=true: each block's forward runs again during
+    backward (its activations were not kept), parameter names are unchanged, and the gradients
+    equal those without it. Kills: activation checkpointing switched on but not applied."""
+    from config import load_config
+    from distributed import DistEnv, parallelize
+    from model import build_model
+    grads, calls = {}, {}
+    for ac in (False, True):
+        cfg = load_config(None, ["--model.n_layer=2", "--model.n_head=2", "--model.d_model=32",
+                                 "--model.vocab_size=257", f"--distributed.activation_checkpointing={str(ac).lower()}"])
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        names = [n for n, _ in model.named_parameters()]
+        calls[ac] = 0
+        for block in model.blocks:
+            inner = block.forward
+
+            def counted(*args, _inner=inner, **kwargs):
+                calls[ac] += 1
+                return _inner(*args, **kwargs)
+            block.forward = counted
+        model = parallelize(model, cfg, DistEnv())
+        assert [n for n, _ in model.named_parameters()] == names
+        idx = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
+        model(idx, idx)[1].backward()
+        grads[ac] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert calls == {False: 2, True: 4}
+    assert grads[True].keys() == grads[False].keys()
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-6, atol=1e-7)
