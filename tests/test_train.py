@@ -72,10 +72,9 @@ def test_sigkill_and_resume_is_bit_exact(corpus, tmp_path):
     assert [x["loss"] for x in resumed] == [x["loss"] for x in ref]       # bit-identical
 
 
-def test_nan_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch, capsys):
+def nan_losses_at(monkeypatch, is_bad):
+    """Training forwards (the n-th, from 1) whose loss is NaN where is_bad(n)."""
     import model as model_mod
-    import train as train_mod
-    from config import load_config
     real_forward = model_mod.LanguageModel.forward
     calls = {"n": 0}
 
@@ -83,11 +82,17 @@ def test_nan_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch, capsys):
         logits, loss, st = real_forward(self, idx, targets, state)
         if targets is not None and self.training:
             calls["n"] += 1
-            if calls["n"] in (3, 4) or calls["n"] >= 8:          # two isolated bad steps, then forever
+            if is_bad(calls["n"]):
                 loss = loss * float("nan")
         return logits, loss, st
 
     monkeypatch.setattr(model_mod.LanguageModel, "forward", flaky_forward)
+
+
+def test_nan_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch, capsys):
+    import train as train_mod
+    from config import load_config
+    nan_losses_at(monkeypatch, lambda n: n in (3, 4) or n >= 8)     # two isolated bad steps, then forever
     cfg = load_config(None, [*TINY, f"--data.dataset={corpus}", f"--train.out_dir={tmp_path}/nan",
                              "--train.max_steps=30", "--train.eval_every=0", "--train.ckpt_every=5",
                              "--train.log_every=1", "--train.max_bad_steps=3"])
@@ -369,20 +374,8 @@ def test_isolated_nan_steps_are_counted_but_do_not_stop(corpus, tmp_path, monkey
     finishes (exit 0) with skipped_steps=3, and only the 4 good steps count tokens. Kills: the
     bad-step streak not reset by a good step (it would stop at step 4), skipped steps not
     counted."""
-    import model as model_mod
     import train as train_mod
-    real_forward = model_mod.LanguageModel.forward
-    calls = {"n": 0}
-
-    def flaky_forward(self, idx, targets=None, state=None):
-        logits, loss, st = real_forward(self, idx, targets, state)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] % 2 == 0:
-                loss = loss * float("nan")
-        return logits, loss, st
-
-    monkeypatch.setattr(model_mod.LanguageModel, "forward", flaky_forward)
+    nan_losses_at(monkeypatch, lambda n: n % 2 == 0)
     assert train_mod.train(_cfg(corpus, tmp_path / "run", "--train.max_steps=7", "--train.max_bad_steps=2")) == 0
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 3, 5, 7]
