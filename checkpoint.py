@@ -109,8 +109,15 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
         torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
         dump_yaml(cfg, os.path.join(tmp, "config.yaml"))
         _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)     # re-saving the same step replaces it
+        # Re-saving the same step replaces it: the old folder is renamed aside, not deleted,
+        # before the new one is renamed in, so `latest` names a missing step only between two
+        # renames (not for a whole rmtree); a kill leaves the aside copy for _prune to clear.
+        aside = os.path.join(ckpt_root, f".tmp-old-{name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        if os.path.lexists(final):
+            os.replace(final, aside)
         os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
         write_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
         _prune(ckpt_root, keep, name)
     _barrier()
