@@ -207,7 +207,6 @@ def load_checkpoint(path: str, device: str = "auto") -> tuple:
     return model, cfg, get_tokenizer(cfg.data.tokenizer), device
 
 
-
 def load_for_generation(args) -> tuple:
     """The start of the generation eval CLIs (eval.niah, eval.babilong eval), in the order
     that loses nothing: --samples and --out checked before the checkpoint loads, then the
@@ -221,6 +220,7 @@ def load_for_generation(args) -> tuple:
     max_len = context_limit(model, args.max_len if args.max_len is not None else cfg.train.seq_len)
     check_long_inputs(model, args.overflow, None, max_len, args.max_new_tokens)
     return model, cfg, tokenizer, device, max_len
+
 
 @contextmanager
 def exit_on_error(*errors):
