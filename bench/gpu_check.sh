@@ -3,9 +3,11 @@
 # vs HOPE at 4K context (bench/step.py; Titans and HOPE with the fused Triton memory kernels,
 # model.kernels=triton, HOPE at batch 2 without and at batch 4 with activation checkpointing),
 # and the kernel bench (it times HOPE's fused stage 1 against the per-chunk path that
-# model.kernels=auto runs); optionally (GPU_CHECK_FSDP=1) a 1-GPU FSDP2 train.py run of
-# Transformer++ and HOPE on byte-tokenised synthetic text. Installs nothing; needs
-# torch, triton, numpy, pyyaml, pytest (the GPU image has them). Every stage has a time cap
+# model.kernels=auto runs), then our Triton delta_rule against fla's chunk_gated_delta_rule
+# where .fla/site holds fla (bash bench/fetch_fla.sh, sent with the device tool's
+# carry: [".fla"]; skipped without failing otherwise); optionally (GPU_CHECK_FSDP=1) a 1-GPU
+# FSDP2 train.py run of Transformer++ and HOPE on byte-tokenised synthetic text. Installs
+# nothing; needs torch, triton, numpy, pyyaml, pytest (the GPU image has them). Every stage has a time cap
 # inside a total budget (default 560 s, under 10 minutes on one H100); a failing or timed-out
 # stage is recorded and the script goes on. Ends with a summary table; the full logs are kept.
 # The order puts what was never run on a GPU first: the MLP-memory / CMS kernels' CUDA tests,
@@ -41,6 +43,7 @@ if [ "$DRY" = 1 ]; then
     KERNEL_ARGS="--quick --parts hope scans --ops momentum_rule --T 9"
     CAP_CUDA_TESTS=0; CAP_TEST=120; CAP_TEST_NEW=120; CAP_KERNELS=120; CAP_FSDP=120
     CAP_STEP_PLAIN=120; CAP_STEP_TITANS=120; CAP_STEP_HOPE=300; CAP_STEP_HOPE_AC=300
+    CAP_FLA=0             # fla's kernels do not run under the interpreter (its autotuner wants a driver)
     OLD_TESTS_K=""
     export TRITON_INTERPRET=1          # the step runs' model.kernels=triton: Triton's interpreter
 else
@@ -56,10 +59,14 @@ else
     # that the step runs then find in Triton's cache; HOPE's projection memories (C_other 16)
     # compile in their step run (the batch-4 AC run finds them cached). 200 + 30 + 60 + 100 +
     # 50 (steps) + 100 (bench) = 540 s of
-    # the 560 s budget; the older kernel files' CUDA cases and the new files' small cases run
-    # with what is left (GPU_CHECK_BUDGET=900 gives them room).
+    # the 560 s budget; fla's stage (cap 90 s), the older kernel files' CUDA cases and the new
+    # files' small cases run with what is left (GPU_CHECK_BUDGET=900 gives them room).
     CAP_CUDA_TESTS=200; CAP_STEP_PLAIN=30; CAP_STEP_TITANS=60; CAP_STEP_HOPE=100
-    CAP_STEP_HOPE_AC=50; CAP_KERNELS=100; CAP_TEST=120; CAP_TEST_NEW=60; CAP_FSDP=40
+    CAP_STEP_HOPE_AC=50; CAP_KERNELS=100; CAP_TEST=120; CAP_TEST_NEW=60; CAP_FSDP=40; CAP_FLA=90
+    # target: our Triton delta_rule fwd+bwd <= 1.0x the time of fla's chunk_gated_delta_rule
+    # at the issue's shapes (B 4, H 16, bf16) at 4K context; our scans' own rows at T 2K-16K
+    # are in BENCHMARKS.md already
+    FLA_ARGS="--json $OUT/kernels_fla.json --parts scans --ops delta_rule --T 4096 --d 64 128"
     OLD_TESTS_K="cuda or gpu"
 fi
 # step-bench runs: NAME:CAP:CONFIG[:OVERRIDES (space-separated, after the common ones, so they
@@ -101,6 +108,10 @@ result_of() {
         # pytest's final "=== 3 passed, 1 failed in 9.87s ===" line; cut by the cap: count the -v lines
         *tests*) { grep -E '^=+ .* in [0-9.]+s( \([0-9:]+\))? =+$' "$2" | tail -n 1 | sed -E 's/^=+ | =+$//g' | grep . ||
                    echo "$(grep -c ' PASSED' "$2") passed, $(grep -c ' FAILED' "$2") failed before the cap"; } ;;
+        # the "vs fla" speedups (fla's time / ours), or why fla did not run
+        kernels_fla) grep -E '^  delta_rule .*vs fla' "$2" |
+                     sed -E 's/^ +delta_rule +(T=[0-9]+) +(d=[0-9]+) *([a-z+]+) .*(vs fla [^,]+).*/\1 \2 \3 \4/' | paste -sd ';' | grep . ||
+                     grep -m 1 -E '^delta_rule +fla ' "$2" | sed -E 's/.*(nan|[0-9]) +//' ;;
         kernels) grep -c -E '^(delta_rule|momentum_rule|memory/|cms/|hope/)' "$2" | sed 's/$/ rows (see kernels.log)/' ;;
         # step.py's result line: arch | params | batch B x seq T [(AC)] | ms/step | tok/s | peak memory,
         # then its "kernels:" lines (model.kernel_report): how many memory parts ran fused
@@ -153,6 +164,16 @@ done 3<<< "$STEP_RUNS"
 # shellcheck disable=SC2086
 run kernels "$CAP_KERNELS" "$PY" bench/kernels.py $KERNEL_ARGS
 
+# 3b. our Triton delta_rule vs fla's chunk_gated_delta_rule, where .fla/site holds fla (the
+# image has none and the machine no network: bench/fetch_fla.sh unpacks it here, the device
+# tool carries it with `carry: [".fla"]`; nothing is installed)
+if [ "$CAP_FLA" -gt 0 ] && [ -d .fla/site ]; then
+    # shellcheck disable=SC2086
+    run kernels_fla "$CAP_FLA" env PYTHONPATH="$PWD/.fla/site${PYTHONPATH:+:$PYTHONPATH}" "$PY" bench/kernels.py $FLA_ARGS
+else
+    printf 'kernels_fla\tSKIPPED (no .fla/site, or the dry run)\t0\t\n' >> "$OUT/summary.tsv"
+fi
+
 # 4. the other kernel tests: the older kernel files' CUDA cases (the scan kernels
 # changed since their last GPU run), then the new files' small cases and the MLP memory's
 # widest head (d = E = 128)
@@ -192,5 +213,5 @@ while IFS=$'\t' read -r name status secs result; do
     printf '%-28s %-18s %6s  %s\n' "$name" "$status" "$secs" "$result"
 done < "$OUT/summary.tsv"
 echo "logs: $OUT/logs/"
-grep -q -v -P '\tok\t' "$OUT/summary.tsv" && exit 1
+grep -q -v -P '\t(ok|SKIPPED \(no \.fla/site, or the dry run\))\t' "$OUT/summary.tsv" && exit 1   # fla is optional
 exit 0
