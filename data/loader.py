@@ -56,16 +56,30 @@ class TokenDataset:
         self._split_shards(split)
         return int(self.meta["splits"][split]["bytes"])
 
+    def check_ids(self, split: str, shard: int, start: int, tokens: np.ndarray) -> np.ndarray:
+        """tokens (shard `shard` of split from offset start) -> tokens, or a one-line ValueError
+        naming the shard if an id is >= vocab_size. write_shard never writes one, but a damaged
+        shard can hold one: the model's embedding would fail with a traceback (a device-side
+        assert on CUDA) in the middle of training. Checked per batch, not per folder: a max over
+        a batch is cheap, a scan of every shard at start-up is not."""
+        if len(tokens) and int(tokens.max()) >= self.vocab_size:
+            position = int(np.argmax(tokens >= self.vocab_size))
+            name = self.meta["splits"][split]["shards"][shard]
+            raise ValueError(f"shard {os.path.join(self.data_dir, name)} holds token id {int(tokens[position])} "
+                             f"at token {start + position}, outside its vocab of {self.vocab_size}; "
+                             "prepare the data again")
+        return tokens
+
     def tokens(self, split: str, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the split seen as the concatenation of its shards."""
         total = self.num_tokens(split)
         if not 0 <= start <= stop <= total:
             raise ValueError(f"token range [{start}, {stop}) outside split {split!r} of {total} tokens")
         pieces, offset = [], 0
-        for array in self._split_shards(split):
+        for shard, array in enumerate(self._split_shards(split)):
             lo, hi = max(start - offset, 0), min(stop - offset, len(array))
             if lo < hi:
-                pieces.append(array[lo:hi])
+                pieces.append(self.check_ids(split, shard, lo, array[lo:hi]))
             offset += len(array)
         if not pieces:
             return np.zeros(0, dtype=np.uint16)
@@ -128,8 +142,11 @@ class BatchSampler:
         """This rank's (x, y), int64 [batch_size // world_size, seq_len]; advances the step."""
         starts = self.global_window_starts(self.step)
         b = self.local_batch_size
-        rows = np.stack([self.arrays[s][o: o + self.seq_len + 1]
-                         for s, o in starts[self.rank * b: (self.rank + 1) * b]])
+        mine = starts[self.rank * b: (self.rank + 1) * b]
+        rows = np.stack([self.arrays[s][o: o + self.seq_len + 1] for s, o in mine])
+        if int(rows.max()) >= self.dataset.vocab_size:  # one max per batch; the slow search only on damage
+            for (s, o), row in zip(mine, rows):
+                self.dataset.check_ids(self.split, s, o, row)
         self.step += 1
         x, y = _rows_to_tensors(rows)
         if device is not None and torch.device(device).type == "cuda":

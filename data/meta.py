@@ -8,6 +8,9 @@ import json
 import os
 
 from data.shards import MAX_VOCAB, read_shard_header
+from data.tokenizer import ByteTokenizer, GPT2Tokenizer
+
+KNOWN_TOKENIZERS = {cls.name: cls for cls in (GPT2Tokenizer, ByteTokenizer)}  # class attributes: no BPE files read
 
 META_NAME = "meta.json"
 META_FORMAT_VERSION = 1
@@ -69,6 +72,13 @@ def validate_meta(meta, meta_path: str) -> dict:
     eot_id = need(meta, "eot_id", "eot_id")
     if not _is_int(eot_id) or not 0 <= eot_id < vocab_size:
         bad("eot_id", f"is {eot_id!r}, expected an integer in [0, vocab_size={vocab_size})")
+    # the ids of a tokenizer this code knows: data of another vocabulary under its name would
+    # pass every other check and stop training at the embedding ("index out of range")
+    known = KNOWN_TOKENIZERS.get(tokenizer)
+    if known and vocab_size != known.vocab_size:
+        bad("vocab_size", f"is {vocab_size}, but tokenizer {tokenizer!r} has {known.vocab_size} ids")
+    if known and eot_id != known.eot_id:
+        bad("eot_id", f"is {eot_id}, but tokenizer {tokenizer!r} has end-of-text id {known.eot_id}")
     if "source" in meta and not isinstance(meta["source"], str):
         bad("source", f"is {_type_name(meta['source'])}, expected a string")
     splits = need(meta, "splits", "splits")

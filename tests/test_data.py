@@ -515,11 +515,17 @@ def _set(meta, *path_and_value):
                                                                           r"'\.\./val_000000\.bin', expected a file"),
     (lambda m: m["splits"]["train"]["shards"].append("train_000009.bin"),
      r": splits\.train\.shards\[3\] names train_000009\.bin, which is not a file in"),
-    (lambda m: _set(m, "vocab_size", 300), r": vocab_size is 300, but shard .*train_000000\.bin declares vocab 257"),
+    # a tokenizer this code does not know: vocab_size is checked against the shards only
+    (lambda m: m.update(tokenizer="custom", vocab_size=300),
+     r": vocab_size is 300, but shard .*train_000000\.bin declares vocab 257"),
+    # audit: data of another vocabulary under a known name trained into an embedding IndexError
+    (lambda m: _set(m, "vocab_size", 50257), r": vocab_size is 50257, but tokenizer 'bytes' has 257 ids"),
+    (lambda m: _set(m, "eot_id", 5), r": eot_id is 5, but tokenizer 'bytes' has end-of-text id 256"),
     (lambda m: _set(m, "splits", "val", "tokens", 5), r": splits\.val\.tokens is 5, but its shards hold 203 tokens"),
 ], ids=["no-tokenizer", "no-splits", "splits-string", "splits-empty", "tokenizer-int", "vocab-string", "eot-range",
         "format-version", "split-list", "tokens-negative", "no-bytes", "shards-string", "shard-none", "shard-path",
-        "shard-missing", "vocab-mismatch", "tokens-mismatch"])
+        "shard-missing", "vocab-mismatch", "vocab-of-another-tokenizer", "eot-of-another-tokenizer",
+        "tokens-mismatch"])
 def test_loader_rejects_malformed_meta_in_one_line(tmp_path, token_dir, edit, message):
     data_dir, meta = _copy_prepared(token_dir, tmp_path / "d")
     edit(meta)
@@ -607,6 +613,28 @@ def test_sampler_refuses_a_position_from_another_stream(tmp_path, token_dir):
     other, _ = _windows_dir(tmp_path, [40, 60], seq_len=8)
     with pytest.raises(ValueError, match=r"saved with num_windows=\d+, this sampler has num_windows=84"):
         BatchSampler(TokenDataset(other), "train", batch_size=4, seq_len=8, seed=0).load_state_dict(state)
+
+
+def test_loader_names_a_shard_with_ids_outside_its_vocab(tmp_path, token_dir):
+    """Audit: a damaged shard holding an id >= vocab_size (header and meta intact) stopped
+    training with a torch "IndexError: index out of range in self" traceback (a device-side
+    assert on CUDA). Now the batch that reads it is a one-line error naming shard and token."""
+    data_dir, _ = _copy_prepared(token_dir, tmp_path / "d")
+    for name, position in (("train_000000.bin", None), ("val_000000.bin", 50)):
+        tokens = np.memmap(os.path.join(data_dir, name), dtype="<u2", mode="r+", offset=HEADER_BYTES)
+        tokens[slice(None) if position is None else position] = 300
+        tokens.flush()
+    dataset = TokenDataset(data_dir)
+    sampler = BatchSampler(dataset, "train", batch_size=4, seq_len=8, seed=0)
+    with pytest.raises(ValueError) as excinfo:
+        for _ in range(20):
+            sampler.next_batch()
+    assert re.fullmatch(rf"shard {re.escape(data_dir)}/train_000000\.bin holds token id 300 at token \d+, "
+                        r"outside its vocab of 257; prepare the data again", _one_line(excinfo))
+    with pytest.raises(ValueError) as excinfo:
+        list(iter_eval_batches(dataset, "val", 2, 16))
+    assert _one_line(excinfo) == (f"shard {data_dir}/val_000000.bin holds token id 300 at token 50, outside its "
+                                  "vocab of 257; prepare the data again")
 
 
 def test_shard_with_trailing_bytes_or_a_negative_count_is_refused(tmp_path):
