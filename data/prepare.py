@@ -19,16 +19,19 @@ import glob
 import hashlib
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
 from collections import deque
 
 import numpy as np
 
-from cli import OneLineArgumentParser, int_at_least, non_negative_int, open_fraction, positive_int
+from cli import (OneLineArgumentParser, int_at_least, non_negative_int, one_line, open_fraction,
+                 output_dir_problem, positive_int)
 from data.builtin import iter_builtin_documents
 from data.meta import META_FORMAT_VERSION, META_NAME, check_shards, load_meta, read_meta_json
 from data.shards import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES, write_shard
@@ -47,6 +50,16 @@ def _expand_glob(pattern: str, what: str) -> list[str]:
     if not paths:
         raise FileNotFoundError(f"{what} {pattern!r} matches no files")
     return paths
+
+
+def _check_local_file_types(paths: list[str]):
+    """Before any file is read: an unsupported file late in the glob would otherwise stop the
+    run only after every file before it was tokenized."""
+    unsupported = [p for p in paths if not p.endswith((".txt", ".jsonl"))]
+    if unsupported:
+        raise ValueError(f"unsupported file {unsupported[0]}"
+                         + (f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else "")
+                         + ": files: sources take .txt (one document) or .jsonl (one per line)")
 
 
 def _iter_local_files(paths: list[str], text_field: str):
@@ -73,8 +86,6 @@ def _iter_local_files(paths: list[str], text_field: str):
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{line_number} is not valid JSON: {e.msg}") from None
                     yield _text_of_row(row, text_field, f"{path}:{line_number}")
-        else:
-            raise ValueError(f"unsupported file {path}: files: sources take .txt (one document) or .jsonl (one per line)")
 
 
 def _not_utf8(path: str) -> str:
@@ -96,12 +107,64 @@ def _text_of_row(row, text_field: str, where: str) -> str:
     text = row[text_field]
     if not isinstance(text, str):
         raise ValueError(f"{where} field {text_field!r} is {type(text).__name__}, expected a string")
+    try:  # a JSON escape like "\ud800" decodes to a lone surrogate, which no tokenizer can encode
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} field {text_field!r} is not valid Unicode (lone surrogate "
+                         f"U+{ord(text[e.start]):04X} at character {e.start}); fix the row or leave it out") from None
     return text
 
 
-def _iter_hf_rows(dataset, text_field: str):
-    for index, row in enumerate(dataset):
-        yield _text_of_row(row, text_field, f"row {index}")
+def _iter_hf_rows(dataset, text_field: str, what: str):
+    """The rows' texts; a streamed dataset reads its files only here, so a bad file fails here."""
+    rows = iter(dataset)
+    with _HeldErrorLogs() as held:
+        for index in itertools.count():
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise _hf_error(what, e, held) from None
+            yield _text_of_row(row, text_field, f"row {index}")
+
+
+class _HeldErrorLogs(logging.Filter):
+    """Within `with`: the ERROR records of the datasets library are kept in .messages instead
+    of printed, so that a failed load is one line (open_source puts them in its message); a
+    load that succeeds prints them as before."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+        self.handlers = logging.getLogger("datasets").handlers  # its child loggers propagate there
+
+    def filter(self, record):
+        if record.levelno < logging.ERROR:
+            return True
+        self.messages.append(record.getMessage())
+        return False
+
+    def __enter__(self):
+        for handler in self.handlers:
+            handler.addFilter(self)
+        return self
+
+    def __exit__(self, exc_type, *_):
+        for handler in self.handlers:
+            handler.removeFilter(self)
+        if exc_type is None:
+            for message in self.messages:
+                print(message, file=sys.stderr)
+
+
+def _hf_error(what: str, error: Exception, held: _HeldErrorLogs) -> ValueError:
+    """One line for a failed HF load: the hub raises many types. A failing builder logs what is
+    wrong ("Failed to load JSON from file 'x' ... in row 2") and raises an error that says only
+    that an error occurred: its logged message is the reason then."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    reason = one_line(held.messages[-1]) if held.messages else f"{type(error).__name__}: {first_line}"
+    return ValueError(f"could not load {what}: {reason}")
 
 
 def open_source(source: str, data_files=None, text_field="text", split="train", streaming=False, quiet=False):
@@ -110,6 +173,7 @@ def open_source(source: str, data_files=None, text_field="text", split="train", 
         return iter_builtin_documents(), None
     if source.startswith("files:"):
         paths = _expand_glob(source[len("files:"):], "files: glob")
+        _check_local_file_types(paths)
         return _iter_local_files(paths, text_field), None
     if source.startswith("hf:"):
         name, _, config = source[len("hf:"):].partition(":")
@@ -123,14 +187,16 @@ def open_source(source: str, data_files=None, text_field="text", split="train", 
         if quiet:
             datasets.disable_progress_bars()
 
+        what = f"HF dataset {name!r} (config {config or None!r}, split {split!r})"
+        held = _HeldErrorLogs()
         try:
-            dataset = datasets.load_dataset(name, config or None, split=split, data_files=files, streaming=streaming)
-        except Exception as e:  # the hub raises many types; keep the CLI's one-line error
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            raise ValueError(f"could not load HF dataset {name!r} (config {config or None!r}, split {split!r}): "
-                             f"{type(e).__name__}: {first_line}") from None
+            with held:
+                dataset = datasets.load_dataset(name, config or None, split=split, data_files=files,
+                                                streaming=streaming)
+        except Exception as e:
+            raise _hf_error(what, e, held) from None
         total = None if streaming else len(dataset)
-        return _iter_hf_rows(dataset, text_field), total
+        return _iter_hf_rows(dataset, text_field, what), total
     raise ValueError(f"unknown source {source!r}; valid: builtin, files:<glob>, hf:<dataset>[:<config>]")
 
 
@@ -143,6 +209,13 @@ _worker_tokenizer = None
 def _init_worker(tokenizer_name: str, bpe_dir):
     global _worker_tokenizer
     _worker_tokenizer = get_tokenizer(tokenizer_name, bpe_dir)
+
+
+def _init_pool_worker(tokenizer_name: str, bpe_dir):
+    # Ctrl-C signals the whole process group: the parent stops the pool and prints one line;
+    # a worker's own KeyboardInterrupt would print its traceback as well
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(tokenizer_name, bpe_dir)
 
 
 def _encode_documents(texts: list[str]) -> list[tuple[np.ndarray, int]]:
@@ -167,7 +240,7 @@ def _encoded_stream(documents, tokenizer_name: str, bpe_dir, num_workers: int):
         for chunk in chunks:
             yield from _encode_documents(chunk)
         return
-    with multiprocessing.get_context().Pool(num_workers, _init_worker, (tokenizer_name, bpe_dir)) as pool:
+    with multiprocessing.get_context().Pool(num_workers, _init_pool_worker, (tokenizer_name, bpe_dir)) as pool:
         pending = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_documents, (chunk,)))
@@ -234,6 +307,9 @@ def _check_out_dir(out_dir: str, source: str, data_files=None):
     source is derived data (a tokenizer or val_fraction change rebuilds it); a folder of
     another source, or one that is not ours, is someone's data: never replaced."""
     if not os.path.exists(out_dir):
+        problem = output_dir_problem(out_dir)  # e.g. under a file: the build folder could not be made
+        if problem:
+            raise ValueError(f"output {out_dir} {problem}")
         return
     if not os.path.isdir(out_dir):
         raise ValueError(f"output {out_dir} exists and is not a directory: refusing to overwrite it; {REFUSE_HINT}")
@@ -308,7 +384,8 @@ def prepare(source: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: fl
             else:  # an empty document would add a lone eot and nothing to learn
                 skipped_empty += 1
 
-    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
+    # absolute: for out_dir "." (or "..") the sibling "..tmp-<pid>" would land inside out_dir
+    tmp_dir = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
     try:
@@ -353,7 +430,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: fl
             f.flush()
             os.fsync(f.fileno())
         _check_out_dir(out_dir, source, data_files)  # again: out_dir may have changed while we tokenized
-        _swap_into_place(tmp_dir, out_dir)
+        _swap_into_place(tmp_dir, os.path.abspath(out_dir))  # "." cannot be renamed
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return meta

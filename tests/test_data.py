@@ -179,6 +179,26 @@ def test_prepare_from_hf_json_loader(tmp_path, monkeypatch):
         prepare("hf:json", str(tmp_path / "bad"), "bytes", quiet=True)
 
 
+def test_prepare_hf_json_names_a_bad_data_file_in_one_line(tmp_path, monkeypatch, capfd):
+    """Audit: a data file that is not JSON Lines gave two lines: datasets' log "Failed to load
+    JSON from file '<file>' ..." and "error: ... DatasetGenerationError: An error occurred while
+    generating the dataset", which names nothing. Now one line with the file and row, also
+    when streaming (where the file is read only while tokenizing)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": "b"}\nnot json\n')
+    for streaming in (False, True):
+        with pytest.raises(ValueError) as excinfo:
+            prepare("hf:json", str(tmp_path / "out"), "bytes", num_workers=1, data_files=str(bad),
+                    streaming=streaming, quiet=True)
+        message = _one_line(excinfo)
+        assert message.startswith(f"could not load HF dataset 'json' (config None, split 'train'): Failed to load "
+                                  f"JSON from file '{bad}'") and message.endswith("in row 2"), message
+        assert "Failed to load" not in capfd.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_builtin_gpt2_and_ensure_prepared(tmp_path):
     tok = get_tokenizer("gpt2")
     documents = []
@@ -349,6 +369,69 @@ def test_prepare_names_a_file_that_is_not_utf8(tmp_path):
         prepare(f"files:{jsonl}", str(tmp_path / "out"), "bytes", num_workers=1, quiet=True)
     assert _one_line(excinfo).startswith(f"{jsonl}:2 is not UTF-8 (byte 0xff)")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_prepare_refuses_an_unsupported_file_before_reading_any(tmp_path):
+    """Audit: a glob matching a .md after the .txt files tokenized all of them first, then
+    stopped. Now the file types are checked when the glob is expanded: the bad .txt sorted
+    before the .md is never read."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_bytes(b"\xff not UTF-8, never read")
+    (corpus / "z.md").write_text("readme")
+    with pytest.raises(ValueError) as excinfo:
+        prepare(f"files:{corpus}/*", str(tmp_path / "out"), "bytes", num_workers=1, quiet=True)
+    assert _one_line(excinfo) == (f"unsupported file {corpus / 'z.md'}: files: sources take .txt (one document) "
+                                  "or .jsonl (one per line)")
+
+
+def test_prepare_names_the_row_of_a_lone_surrogate(tmp_path):
+    """Audit: a JSON escape "\\ud800" (a lone surrogate) stopped preparation with Python's
+    "'utf-8' codec can't encode character" naming no file. Now: the file and line."""
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "fine"}\n{"text": "bad \\ud800 half"}\n{"text": "third"}\n')
+    for workers in (1, 2):
+        with pytest.raises(ValueError) as excinfo:
+            prepare(f"files:{jsonl}", str(tmp_path / "out"), "bytes", num_workers=workers, quiet=True)
+        assert _one_line(excinfo) == (f"{jsonl}:2 field 'text' is not valid Unicode (lone surrogate U+D800 at "
+                                      "character 4); fix the row or leave it out")
+    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl"]
+
+
+def test_prepare_out_under_a_file_or_the_current_folder(tmp_path, monkeypatch):
+    """Audit: --out under a file failed with "[Errno 20] Not a directory: '<out>.tmp-<pid>'";
+    --out . (an empty current folder) built "..tmp-<pid>" inside it, then refused it as "not
+    empty" after tokenizing everything. Now: a one-line error up front, and "." is prepared."""
+    source = _txt_corpus(tmp_path / "corpus", DOCS[:3])
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(ValueError) as excinfo:
+        prepare(source, str(tmp_path / "afile" / "sub"), "bytes", num_workers=1, quiet=True)
+    assert _one_line(excinfo) == (f"output {tmp_path / 'afile' / 'sub'} cannot be created: {tmp_path / 'afile'} "
+                                  "is not a folder")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    meta = prepare(source, ".", "bytes", val_fraction=0.25, num_workers=1, quiet=True)
+    assert sorted(os.listdir(here)) == ["meta.json", "train_000000.bin", "val_000000.bin"]
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["afile", "corpus", "here"]
+
+
+def test_prepare_pool_workers_leave_ctrl_c_to_the_parent():
+    """Audit: Ctrl-C (SIGINT to the whole process group) printed the pool workers' tracebacks
+    ("Process ForkPoolWorker-2: Traceback ...") besides "error: interrupted". Now the workers
+    ignore SIGINT: a worker signalled keeps running and the parent alone reports."""
+    import multiprocessing
+    import signal
+    import time
+
+    from data.prepare import _encode_documents, _init_pool_worker
+    with multiprocessing.get_context().Pool(1, _init_pool_worker, ("bytes", None)) as pool:
+        pid = pool.apply(os.getpid)
+        os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert pool.apply(os.getpid) == pid
+        assert pool.apply(_encode_documents, (["ab"],))[0][1] == 2
 
 
 @pytest.mark.parametrize("flag, value, message", [
