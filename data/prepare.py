@@ -499,6 +499,11 @@ def main(argv=None):
     parser.add_argument("--bpe-dir", default=None, help="folder with GPT-2 vocab.bpe and encoder.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
+    if not args.source.startswith("hf:"):   # they would do nothing: say so rather than ignore them
+        for flag, given in (("--streaming", args.streaming), ("--data-files", args.data_files is not None),
+                            ("--split", args.split != parser.get_default("split"))):
+            if given:
+                parser.error(f"argument {flag}: applies to hf: sources only, not to {args.source!r}")
     try:
         meta = prepare(args.source, args.out, args.tokenizer, val_fraction=args.val_fraction,
                        shard_tokens=args.shard_tokens, num_workers=args.workers, text_field=args.text_field,

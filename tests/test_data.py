@@ -452,6 +452,19 @@ def test_prepare_cli_rejects_bad_numbers_naming_the_flag(tmp_path, capsys, flag,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("source", ["builtin", "files:corpus/*.txt"])
+@pytest.mark.parametrize("flags", [["--streaming"], ["--data-files", "x/*.jsonl"], ["--split", "validation"]])
+def test_prepare_cli_refuses_hf_only_flags_for_other_sources(tmp_path, capsys, source, flags):
+    """Audit: --streaming, --data-files and --split did nothing for builtin / files: sources."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_main(["--source", source, "--out", str(out), "--tokenizer", "bytes", *flags])
+    assert excinfo.value.code == 2
+    assert capsys.readouterr().err == (f"error: argument {flags[0]}: applies to hf: sources only, "
+                                       f"not to {source!r}\n")
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------------------
 # loader
 
