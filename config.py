@@ -315,6 +315,12 @@ class TrainConfig:
         for key in ("eval_every", "ckpt_every", "keep_checkpoints", "sample_tokens"):
             _check_range(getattr(self, key), f"train.{key}", 0, integer=True)
         self.lr = _check_range(self.lr, "train.lr", 0, strict=True)
+        _check_range(self.seed, "train.seed", 0, integer=True, below=2**32)   # np.random.seed's range
+        if isinstance(self.sample_prompt, str):
+            try:        # argv bytes that are not UTF-8 arrive as lone surrogates: no tokenizer encodes them
+                self.sample_prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"train.sample_prompt is not UTF-8 text, got {self.sample_prompt!r}") from None
 
 
 @dataclass

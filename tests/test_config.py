@@ -159,6 +159,9 @@ INF, NAN = float("inf"), float("nan")
     ("train", "log_every", 0, "train.log_every must be an integer >= 1, got 0"),
     ("train", "max_bad_steps", 0, "train.max_bad_steps must be an integer >= 1, got 0"),
     ("train", "sample_tokens", -1, "train.sample_tokens must be an integer >= 0, got -1"),
+    ("train", "seed", -1, "train.seed must be an integer in [0, 4294967296), got -1"),
+    ("train", "seed", 2 ** 32, "train.seed must be an integer in [0, 4294967296), got 4294967296"),
+    ("train", "sample_prompt", "\udcff", "train.sample_prompt is not UTF-8 text, got '\\udcff'"),
     # optim
     ("optim", "warmup_steps", -1, "optim.warmup_steps must be an integer >= 0, got -1"),
     ("optim", "grad_clip", -1, "optim.grad_clip must be a finite number >= 0, got -1.0"),
