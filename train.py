@@ -101,20 +101,38 @@ def prepare_data(cfg: Config, data_dir):
                     streaming=d.hf_streaming, max_docs=d.max_docs, data_files=d.hf_data_files or None)
 
 
+# what a run writes in train.out_dir: name -> whether it is a folder
+OUT_DIR_ENTRIES = {"checkpoints": True, "config.yaml": False, "metrics.jsonl": False, "final_eval.json": False}
+
+
 def check_out_dir(t):
     """One-line ConfigErrors before anything is prepared, written or trained, so that a bad
-    train.out_dir / train.resume loses nothing: an out_dir that is a file; resume=never on
-    an out_dir that holds checkpoints (it would overwrite them and the metrics); resume=auto
-    on checkpoints without the `latest` file that names the one to resume (a run killed
-    during its first save), where starting over would overwrite them."""
+    train.out_dir / train.resume loses nothing: an out_dir that is a file, or holds a file
+    where the run writes a folder (or the reverse); resume=never, or resume=PATH of another
+    run's checkpoint, on an out_dir that holds checkpoints (it would overwrite them and the
+    metrics); resume=auto on checkpoints without the `latest` file that names the one to
+    resume (a run killed during its first save), where starting over would overwrite them."""
     if not t.out_dir:
         raise ConfigError("train.out_dir must name a folder, got ''")
+    if not t.resume:
+        raise ConfigError("train.resume must be auto, never or a checkpoint path, got ''")
     check_output_dir(t.out_dir, "train.out_dir")          # not a file, can be made and written in
+    for name, is_folder in OUT_DIR_ENTRIES.items():       # else the write fails: checkpoints/ after training
+        path = os.path.join(t.out_dir, name)
+        if os.path.lexists(path) and os.path.isdir(path) != is_folder:
+            raise ConfigError(f"train.out_dir {t.out_dir} holds a {'file' if is_folder else 'folder'} {name} "
+                              f"where the run writes its {name}: move it away or choose another train.out_dir")
     root = os.path.join(t.out_dir, "checkpoints")
     steps = saved_steps(root)
     if t.resume == "never" and holds_checkpoints(t.out_dir):
         raise ConfigError(f"train.out_dir {t.out_dir} already holds checkpoints ({', '.join(steps) or LATEST}); "
                           "train.resume=never would overwrite them: choose another train.out_dir")
+    if t.resume not in ("auto", "never") and holds_checkpoints(t.out_dir):
+        ckpt = resolve_checkpoint(t.resume)               # resuming its own earlier step is a rollback: allowed
+        if os.path.realpath(os.path.dirname(ckpt)) != os.path.realpath(root):
+            raise ConfigError(f"train.out_dir {t.out_dir} already holds checkpoints ({', '.join(steps) or LATEST}); "
+                              f"train.resume={t.resume} (another run's) would overwrite them: choose another "
+                              "train.out_dir")
     if t.resume == "auto" and steps and not os.path.isfile(os.path.join(root, LATEST)):
         raise ConfigError(f"{root} holds {', '.join(steps)} but no '{LATEST}' file: pass "
                           f"--train.resume={os.path.join(root, steps[-1])} or choose another train.out_dir")
@@ -277,6 +295,11 @@ def _train(cfg: Config, env: DistEnv):
         unknown = [n for n in cfg.eval.during_training if n not in DURING_TRAINING]
         if unknown:
             raise ConfigError(f"eval.during_training has unknown eval(s) {unknown}; valid: {', '.join(DURING_TRAINING)}")
+        from eval.common import default_data_dir
+        offline = [n for n in cfg.eval.during_training if n != "perplexity"]   # perplexity skips missing files
+        if offline and default_data_dir() is None:        # else they fail at the first eval, after training
+            raise ConfigError(f"eval.during_training {offline} needs the offline eval data: set $NL_DATA_DIR to a "
+                              "copy of shared/data, or leave them out")
     check_out_dir(t)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size == 0:
@@ -502,7 +525,7 @@ def main(argv=None):
     try:
         cfg = load_config(path, argv)
         return train(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, OSError, ValueError) as e:   # OSError: e.g. an out_dir name too long to make
         print(f"error: {e}", file=sys.stderr)
         return 2
 

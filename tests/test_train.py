@@ -173,6 +173,20 @@ def test_start_up_says_which_memory_parts_run_fused(corpus, tmp_path, capsys):
             "PyTorch path)") in capsys.readouterr().out.splitlines()
 
 
+def _snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _fails_and_keeps(root, argv, message, capsys):
+    """train.main(argv) exits 2 with one line "error: ..." holding `message`; no file under `root` changes."""
+    import train as train_mod
+    before = _snapshot(root)
+    assert train_mod.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert _snapshot(root) == before
+
+
 def test_bad_out_dir_and_resume_lose_nothing(corpus, tmp_path, capsys):
     """A finished run's out_dir under the settings that used to overwrite it: resume=never
     refuses; checkpoints without `latest` refuse resume=auto (naming the one to pass); a
@@ -186,15 +200,8 @@ def test_bad_out_dir_and_resume_lose_nothing(corpus, tmp_path, capsys):
     assert train_mod.main([*common, f"--train.out_dir={out}", "--train.max_steps=2"]) == 0
     capsys.readouterr()
 
-    def snapshot():
-        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-
     def fails(args, message):
-        before = snapshot()
-        assert train_mod.main([*common, *args]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and "\n" not in err and message in err, err
-        assert snapshot() == before
+        _fails_and_keeps(out, [*common, *args], message, capsys)
 
     fails([f"--train.out_dir={out}", "--train.resume=never"], "already holds checkpoints (step_000002)")
     fails([f"--train.out_dir={out}", "--model.d_model=64"], "does not match")
@@ -205,6 +212,45 @@ def test_bad_out_dir_and_resume_lose_nothing(corpus, tmp_path, capsys):
     (out / "checkpoints" / "latest").unlink()
     fails([f"--train.out_dir={out}"], f"--train.resume={out / 'checkpoints' / 'step_000002'}")
     assert not (tmp_path / "long").exists()
+
+
+def test_what_would_fail_after_training_or_overwrite_another_run_fails_first(corpus, tmp_path, capsys,
+                                                                               monkeypatch):
+    """Checked before step 1, each one line, exit 2, files untouched: a file where the run
+    writes checkpoints/ (it failed at the first save, after training) or a folder where it
+    writes a file (a traceback); train.resume=PATH of another run's checkpoint into an out_dir
+    with checkpoints of its own (it overwrote them and the metrics); train.resume=''; and
+    during-training evals that need the offline eval data when there is none (they failed at
+    the first eval); an out_dir name too long to make (a traceback). Resuming the out_dir's own earlier checkpoint is still allowed."""
+    import eval.common
+    import train as train_mod
+    out, other = tmp_path / "run", tmp_path / "other"
+    common = [*TINY, f"--data.dataset={corpus}", "--train.eval_every=0", "--train.ckpt_every=2",
+              "--eval.final=false"]
+    for run_dir in (out, other):
+        assert train_mod.main([*common, f"--train.out_dir={run_dir}", "--train.max_steps=2"]) == 0
+    capsys.readouterr()
+    foreign = other / "checkpoints" / "step_000002"
+    _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={out}", "--train.max_steps=4",
+                                f"--train.resume={foreign}"], f"train.resume={foreign} (another run's)", capsys)
+    _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={out}", "--train.resume="],
+                     "train.resume must be auto, never or a checkpoint path, got ''", capsys)
+    for name, make in (("checkpoints", "write_text"), ("metrics.jsonl", "mkdir"), ("config.yaml", "mkdir"),
+                       ("final_eval.json", "mkdir")):
+        way = tmp_path / f"way-{name}"
+        way.mkdir()
+        getattr(way / name, make)(*(["x"] if make == "write_text" else []))
+        _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={way}"],
+                         f"holds a {'file' if name == 'checkpoints' else 'folder'} {name} where the run writes", capsys)
+    _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={tmp_path / ('a' * 300)}"],   # an OSError: no traceback
+                     "File name too long", capsys)
+    monkeypatch.setattr(eval.common, "default_data_dir", lambda: None)
+    _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={tmp_path / 'evals'}", "--train.eval_every=1",
+                                "--eval.during_training=[perplexity, niah_quick]"],
+                     "eval.during_training ['niah_quick'] needs the offline eval data", capsys)
+    assert not (tmp_path / "evals").exists()
+    own = out / "checkpoints" / "step_000002"
+    assert train_mod.main([*common, f"--train.out_dir={out}", "--train.max_steps=3", f"--train.resume={own}"]) == 0
 
 
 def test_help_lists_every_override(capsys):
