@@ -242,6 +242,9 @@ def read_trainer_state(ckpt, required=("step",)) -> dict:
     missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"{path} has no {missing[0]!r} (it holds {', '.join(map(repr, state)) or 'nothing'})")
+    step = state.get("step", 0)         # else a TypeError later, or a negative step trained silently
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise ValueError(f"{path} has step {step!r}, not an integer >= 0")
     return state
 
 
@@ -332,6 +335,7 @@ def export_safetensors(ckpt, out_path, dtype="fp32") -> str:
     Bad input is a one-line ValueError (FileNotFoundError for a missing checkpoint) raised
     before anything is written: the output path is checked first, then the checkpoint is read
     in full; the file is written under a temporary name that is removed on any failure."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of: {', '.join(EXPORT_DTYPES)}")
@@ -345,8 +349,9 @@ def export_safetensors(ckpt, out_path, dtype="fp32") -> str:
     metadata = {"format": "pt", "config": json.dumps(to_dict(cfg)), "step": str(step), "arch": cfg.model.arch}
     try:
         return write_atomic(out_path, lambda tmp: save_model(model, tmp, metadata=metadata))
-    except OSError as e:                # disk full, permissions changed, a directory appeared
-        raise ValueError(f"cannot write {out_path}: {e.strerror or _first_line(e)}") from None
+    except (OSError, SafetensorError) as e:  # disk full, permissions changed, a directory appeared, a
+        # file name too long (safetensors reports its own I/O errors as SafetensorError)
+        raise ValueError(f"cannot write {out_path}: {getattr(e, 'strerror', None) or _first_line(e)}") from None
 
 
 def load_exported(path, device="cpu"):

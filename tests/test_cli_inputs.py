@@ -145,6 +145,21 @@ def test_trainer_state_without_step_or_not_a_dict(run, tmp_path, capsys):
         load_training_state(os.path.join(run, STEP), model, opt)
 
 
+@pytest.mark.parametrize("step", ["2", 2.5, None, -1, True])
+def test_trainer_state_with_a_step_that_is_not_a_count(run, step, tmp_path, capsys):
+    """A step of another type was a TypeError (resume) or went into the export; a negative
+    one resumed and trained from it."""
+    from checkpoint import RESUME_KEYS, load_training_state
+    path = _edit_trainer_state(run, lambda s: s.update(step=step))
+    model, opt = _fresh()
+    with pytest.raises(ValueError, match=f"^{path} has step {step!r}, not an integer >= 0$"):
+        load_training_state(os.path.join(run, STEP), model, opt, required=RESUME_KEYS)
+    code, err = _export([run, str(tmp_path / "m.safetensors")], capsys)
+    assert code == 2
+    _one_line(err, path, "not an integer >= 0")
+    assert os.listdir(tmp_path) == ["run"]
+
+
 def test_truncated_shard_is_named_not_a_mismatch(run, tmp_path, capsys):
     from checkpoint import load_model, load_training_state
     shard = _shard(run)
@@ -251,6 +266,15 @@ def test_export_write_failure_removes_the_temporary_file(run, tmp_path, monkeypa
     _one_line(err, f"cannot write {out}: No space left on device")
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors", "run"]
     assert out.read_bytes() == b"old export"
+
+
+def test_export_to_a_file_name_too_long_is_one_line(run, tmp_path, capsys):
+    """safetensors reports its own write errors as SafetensorError, not OSError: it was a traceback."""
+    out = tmp_path / ("m" * 300 + ".safetensors")
+    code, err = _export([run, str(out)], capsys)
+    assert code == 2
+    _one_line(err, f"cannot write {out}: ", "File name too long")
+    assert os.listdir(tmp_path) == ["run"]
 
 
 def test_load_exported_of_a_truncated_file_is_one_line(run, tmp_path, capsys):
