@@ -9,6 +9,7 @@ Bad input (a flag's value, --device cuda without CUDA, a missing or damaged chec
 line "error: ..." on stderr and exit status 2, before anything is generated.
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -27,13 +28,34 @@ def _seed(text):
     return value
 
 
+def _prompt(text):
+    """Text a tokenizer can encode: argv bytes that are not UTF-8 reach Python as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"is not UTF-8 text, got {text!r}") from None
+    return text
+
+
+MIN_TEMPERATURE = 1e-6
+
+
+def _temperature(text):
+    """0 (greedy) or >= MIN_TEMPERATURE: fp32 logits divided by a much smaller one overflow to
+    inf, and sampling from them fails."""
+    value = non_negative_float(text)
+    if 0 < value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {text}")
+    return value
+
+
 def main(argv=None):
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint dir or a training out_dir")
-    p.add_argument("--prompt", default="\n")
+    p.add_argument("--prompt", type=_prompt, default="\n")
     p.add_argument("--tokens", type=non_negative_int, default=100, help="new tokens per sample")
     p.add_argument("--samples", type=positive_int, default=1)
-    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=non_negative_int, default=50,
                    help="sample among the k most likely tokens (0 = all of them)")
     p.add_argument("--seed", type=_seed, default=1337)
@@ -44,11 +66,15 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
 
-    from checkpoint import load_model
+    from checkpoint import load_model, resolve_checkpoint
     from data.tokenizer import get_tokenizer
     try:
         model, cfg = load_model(args.checkpoint, device)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
+        if tokenizer.vocab_size > cfg.model.vocab_size:   # an edited config.yaml: ids past the embedding
+            config = os.path.join(resolve_checkpoint(args.checkpoint), "config.yaml")
+            raise ValueError(f"{config}: model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                             f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size}")
     except (FileNotFoundError, ValueError) as e:       # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -307,6 +307,8 @@ BAD_SAMPLE_FLAGS = [
     (["--temperature", "inf"], "argument --temperature: expected a finite number, got 'inf'"),
     (["--temperature", "-0.5"], "argument --temperature: must be >= 0, got -0.5"),
     (["--temperature", "hot"], "argument --temperature: expected a number, got 'hot'"),
+    (["--temperature", "1e-45"], "argument --temperature: must be 0 (greedy) or >= 1e-06, got 1e-45"),
+    (["--prompt", "\udcff"], "argument --prompt: is not UTF-8 text, got '\\udcff'"),
     (["--tokens", "-1"], "argument --tokens: must be >= 0, got -1"),
     (["--tokens", "1.5"], "argument --tokens: expected an integer >= 0, got '1.5'"),
     (["--samples", "0"], "argument --samples: must be >= 1, got 0"),
@@ -349,6 +351,24 @@ def test_sample_top_k_0_samples_from_the_whole_vocabulary(saved_run, capsys):
                         "--prompt", "ab"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("--- sample 0\nab")
+
+
+def test_sample_of_a_config_whose_tokenizer_outgrows_the_model_is_one_line(run, capsys):
+    """config.yaml edited to a tokenizer with more ids than the embedding has rows: the prompt's
+    ids were an IndexError traceback inside the model."""
+    import sample
+    from data.tokenizer import get_tokenizer
+    try:
+        get_tokenizer("gpt2")
+    except FileNotFoundError:
+        pytest.skip("no GPT-2 BPE files here")
+    path = os.path.join(run, STEP, "config.yaml")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("tokenizer: bytes", "tokenizer: gpt2"))
+    assert sample.main(["--checkpoint", run, "--tokens", "2", "--device", "cpu", "--prompt", "hello"]) == 2
+    _one_line(capsys.readouterr().err, f"{path}: model.vocab_size=257 is smaller than the gpt2 tokenizer's 50257")
 
 
 def test_sample_of_a_damaged_checkpoint_is_one_line(run, capsys):
