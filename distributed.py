@@ -67,6 +67,10 @@ def setup(cfg: Config) -> DistEnv:
     rank = _env_int("RANK", 0) if under_torchrun else 0
     world_size = _env_int("WORLD_SIZE", 1) if under_torchrun else 1
     local_rank = _env_int("LOCAL_RANK", 0) if under_torchrun else 0
+    if not (world_size >= 1 and 0 <= rank < world_size and local_rank >= 0):   # else a ZeroDivisionError or
+        # a rendezvous that waits for ranks that never come
+        raise ConfigError(f"environment variables RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world_size} "
+                          "need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0 (torchrun sets them)")
 
     if t.batch_size % (world_size * t.grad_accum):
         raise ConfigError(f"train.batch_size={t.batch_size} is the global batch: it must be divisible by "

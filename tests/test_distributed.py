@@ -212,6 +212,19 @@ def test_global_batch_not_divisible_by_ranks(monkeypatch):
         distributed.setup(cfg)
 
 
+@pytest.mark.parametrize("rank, local_rank, world_size", [("0", "0", "0"), ("2", "0", "2"), ("-1", "0", "2"),
+                                                         ("0", "-1", "1")])
+def test_rank_environment_out_of_range_is_named(monkeypatch, rank, local_rank, world_size):
+    """WORLD_SIZE=0 was a ZeroDivisionError; RANK >= WORLD_SIZE a rendezvous waiting for ranks."""
+    import distributed
+    from config import ConfigError, load_config
+    for name, value in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world_size)):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=rf"^environment variables RANK={rank}, LOCAL_RANK={local_rank}, "
+                                          rf"WORLD_SIZE={world_size} need 0 <= RANK < WORLD_SIZE"):
+        distributed.setup(load_config(None, []))
+
+
 def test_export_cli_errors(tmp_path, capsys):
     import checkpoint
     assert checkpoint.main(["export", str(tmp_path / "missing"), str(tmp_path / "m.safetensors")]) == 2
