@@ -221,7 +221,8 @@ def test_what_would_fail_after_training_or_overwrite_another_run_fails_first(cor
     writes a file (a traceback); train.resume=PATH of another run's checkpoint into an out_dir
     with checkpoints of its own (it overwrote them and the metrics); train.resume=''; and
     during-training evals that need the offline eval data when there is none (they failed at
-    the first eval); an out_dir name too long to make (a traceback). Resuming the out_dir's own earlier checkpoint is still allowed."""
+    the first eval); an out_dir name too long to make (a traceback). Resuming the out_dir's
+    own earlier checkpoint is still allowed."""
     import eval.common
     import train as train_mod
     out, other = tmp_path / "run", tmp_path / "other"
@@ -235,13 +236,15 @@ def test_what_would_fail_after_training_or_overwrite_another_run_fails_first(cor
                                 f"--train.resume={foreign}"], f"train.resume={foreign} (another run's)", capsys)
     _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={out}", "--train.resume="],
                      "train.resume must be auto, never or a checkpoint path, got ''", capsys)
-    for name, make in (("checkpoints", "write_text"), ("metrics.jsonl", "mkdir"), ("config.yaml", "mkdir"),
-                       ("final_eval.json", "mkdir")):
+    for name, is_folder in train_mod.OUT_DIR_ENTRIES.items():    # the other kind in the way
         way = tmp_path / f"way-{name}"
         way.mkdir()
-        getattr(way / name, make)(*(["x"] if make == "write_text" else []))
+        if is_folder:
+            (way / name).write_text("x")
+        else:
+            (way / name).mkdir()
         _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={way}"],
-                         f"holds a {'file' if name == 'checkpoints' else 'folder'} {name} where the run writes", capsys)
+                         f"holds a {'file' if is_folder else 'folder'} {name} where the run writes", capsys)
     _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={tmp_path / ('a' * 300)}"],   # an OSError: no traceback
                      "File name too long", capsys)
     monkeypatch.setattr(eval.common, "default_data_dir", lambda: None)
