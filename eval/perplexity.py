@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import OneLineArgumentParser, check_output_file, positive_int, write_atomic
-from eval.common import eval_mode, exit_on_error, load_checkpoint, model_device
+from eval.common import eval_mode, exit_on_error, load_checkpoint, model_device, read_text
 
 LN2 = math.log(2.0)
 DATA_DIR_ENV = "NL_DATA_DIR"  # a copy of shared/data: <dir>/wikitext/wiki.test.raw, <dir>/lambada/...
@@ -203,10 +203,19 @@ def split_wikitext_documents(raw_text: str) -> list:
 
 
 def _hf_column(dataset: tuple, column: str) -> list:
-    """One column of a (name, config, split) Hugging Face dataset, as a list."""
-    import datasets
+    """One column of a (name, config, split) Hugging Face dataset, as a list. Offline, or
+    without `datasets`, one clear line (as eval.babilong's Hub loaders), not a traceback."""
     name, config, split = dataset
-    return [row[column] for row in datasets.load_dataset(name, config, split=split)]
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"'hf' ({name}) needs the package 'datasets' (pip install datasets)") from None
+    try:
+        return [row[column] for row in datasets.load_dataset(name, config, split=split)]
+    except Exception as e:
+        raise ConnectionError(f"cannot load {name} ({config}, {split}) from the Hugging Face Hub: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                              "offline, pass the file's path instead of 'hf'") from None
 
 
 def _require_file(path: str, what: str, want: str):
@@ -219,8 +228,7 @@ def load_wikitext_documents(path: str) -> list:
     if path == "hf":
         return _hf_column(HF_WIKITEXT, "page")
     _require_file(path, "WikiText", "wiki.test.raw")
-    with open(path, encoding="utf-8") as f:
-        documents = split_wikitext_documents(f.read())
+    documents = split_wikitext_documents(read_text(path))
     if not documents:
         raise ValueError(f"WikiText file {path} has no article (no ' = Title = ' line)")
     return documents
@@ -301,14 +309,18 @@ def load_lambada_texts(path: str) -> list:
         return _hf_column(HF_LAMBADA, "text")
     _require_file(path, "LAMBADA", "lambada_test.jsonl")
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{line_number}: not a JSON object with a 'text' field") from None
+    for line_number, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            text = None
+        if not isinstance(text, str):               # a number or null would fail only when scored
+            raise ValueError(f"{path}:{line_number}: not a JSON object with a 'text' string")
+        texts.append(text)
+    if not texts:
+        raise ValueError(f"LAMBADA file {path} has no passage")
     return texts
 
 
@@ -400,9 +412,12 @@ def run(args) -> dict:
         raise ValueError(f"task wikitext needs --wikitext PATH|hf (no offline data folder: ${DATA_DIR_ENV} or ../shared/data)")
     if "lambada" in tasks and lambada_path is None:
         raise ValueError(f"task lambada needs --lambada PATH|hf (no offline data folder: ${DATA_DIR_ENV} or ../shared/data)")
-    for path in (wikitext_path if "wikitext" in tasks else None, lambada_path if "lambada" in tasks else None):
-        if path is not None and path != "hf" and not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found")
+    # read the data before the checkpoint loads and anything is scored: a missing, malformed or
+    # unreachable file is an error up front, not after the val split (read again when scored)
+    if "wikitext" in tasks:
+        load_wikitext_documents(wikitext_path)
+    if "lambada" in tasks:
+        load_lambada_texts(lambada_path)
     model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
     max_len = cfg.train.seq_len
     results = {}
@@ -439,7 +454,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out", help="write the results as JSON here (a file; its folder is made)")
     args = parser.parse_args(argv)
-    with exit_on_error(FileNotFoundError, ValueError):
+    with exit_on_error(FileNotFoundError, ValueError, ConnectionError, ImportError):
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.out:

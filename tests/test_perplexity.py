@@ -534,3 +534,40 @@ def test_lambada_accuracy_is_the_mean_over_every_passage(tmp_path, byte_tok):
     hi, lo = math.log(0.5), math.log(0.5 / 256)
     assert result["accuracy"] == pytest.approx(1 / 3)
     assert result["perplexity"] == pytest.approx(math.exp(-((hi + hi) + (hi + hi + lo) + (lo + hi)) / 3), rel=1e-5)
+
+
+@pytest.mark.parametrize("task, content, message", [
+    ("wikitext", b" = A = \n caf\xe9 \n", "{path} is not UTF-8 text (byte 0xe9 at offset 12)"),
+    ("lambada", b'{"text": "a b"}\n\xff\n', "{path} is not UTF-8 text (byte 0xff at offset 16)"),
+    ("lambada", b'{"text": "a b"}\n{"text": 123}\n', "{path}:2: not a JSON object with a 'text' string"),
+    ("lambada", b"\n", "LAMBADA file {path} has no passage"),
+])
+def test_cli_bad_data_files_are_one_line_errors_before_the_checkpoint_loads(task, content, message, tmp_path,
+                                                                            monkeypatch, capsys):
+    """A data file that is not UTF-8, has a line without a text string or no passage is named
+    in one line before the checkpoint loads (not a decoder message without the file, a
+    traceback, or an error after the val split is scored)."""
+    monkeypatch.setattr(ppl, "load_checkpoint", lambda *a: pytest.fail("loaded the checkpoint before the data"))
+    path = tmp_path / ("wiki.test.raw" if task == "wikitext" else "lambada.jsonl")
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        ppl.main(["--checkpoint", str(tmp_path), "--tasks", f"val,{task}", f"--{task}", str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == f"error: {message.format(path=path)}\n"
+
+
+@pytest.mark.parametrize("datasets_module, message", [
+    (None, "'hf' (EleutherAI/lambada_openai) needs the package 'datasets'"),
+    (types.SimpleNamespace(load_dataset=lambda *a, **k: (_ for _ in ()).throw(
+        ConnectionError("Couldn't reach 'EleutherAI/lambada_openai' on the Hub (OfflineModeIsEnabled)"))),
+     "cannot load EleutherAI/lambada_openai (default, test) from the Hugging Face Hub: Couldn't reach"),
+])
+def test_cli_hf_data_offline_is_one_line(datasets_module, message, monkeypatch, capsys):
+    """--lambada hf (or --wikitext hf) without `datasets` or without network: one line naming
+    the dataset before the checkpoint loads, not the hub client's traceback."""
+    monkeypatch.setitem(sys.modules, "datasets", datasets_module)
+    monkeypatch.setattr(ppl, "load_checkpoint", lambda *a: pytest.fail("loaded the checkpoint before the data"))
+    with pytest.raises(SystemExit) as exit_info:
+        ppl.main(["--checkpoint", "ckpt", "--tasks", "lambada", "--lambada", "hf"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
