@@ -26,6 +26,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from eval.common import read_text
+
 # -----------------------------------------------------------------------------
 # vocabulary (evals.md §1.8 "Common world")
 
@@ -121,8 +123,7 @@ def format_babi(stories) -> str:
 def read_babi(path: str) -> list[list[BabiLine]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"bAbI file {path} not found")
-    with open(path, encoding="utf-8") as f:
-        return parse_babi(f.read(), source=path)
+    return parse_babi(read_text(path), source=path)
 
 
 def babi_path(task, split: str, data_dir: str) -> str:

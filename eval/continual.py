@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import OneLineArgumentParser, check_output_dir, non_negative_int, positive_float, positive_int
-from eval.common import default_data_dir
+from eval.common import check_data_dir, default_data_dir, read_text
 from eval.common import (clone_state, continuation_logprob, eval_mode, exit_on_error, is_recurrent, load_checkpoint,
                          model_device, prefill)
 from eval.perplexity import encode_pair, loglikelihood_tokens
@@ -141,14 +141,31 @@ def _require_dir(data_dir: str | None, sub: str) -> str:
     return path
 
 
+def _read_json(path: str, expected: str, valid) -> object:
+    """A JSON data file, or a one-line ValueError naming it when it is not JSON or when
+    valid(data) is false (a damaged or foreign file: not a traceback from deep in a loader)."""
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    if not valid(data):
+        raise ValueError(f"{path} does not hold {expected}")
+    return data
+
+
+def _is_str_list(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
 def clinc_tasks(data_dir: str | None = None) -> list[dict]:
     """CLINC150 (data_full.json, in-scope only) as 10 tasks, one per domain of domains.json,
     in that file's order; each task has its 15 intents with their train and test examples."""
     root = _require_dir(data_dir, "clinc150")
-    with open(os.path.join(root, "domains.json")) as f:
-        domains = json.load(f)
-    with open(os.path.join(root, "data_full.json")) as f:
-        data = json.load(f)
+    domains = _read_json(os.path.join(root, "domains.json"), "{domain: [intent, ...]}",
+                         lambda d: isinstance(d, dict) and all(map(_is_str_list, d.values())))
+    data = _read_json(os.path.join(root, "data_full.json"), "{'train': [[text, intent], ...], 'test': [...]}",
+                      lambda d: isinstance(d, dict) and all(isinstance(d.get(split), list) and all(
+                          _is_str_list(row) and len(row) == 2 for row in d[split]) for split in ("train", "test")))
     by_intent = {}
     for split in ("train", "test"):
         for text, intent in data[split]:
@@ -166,16 +183,22 @@ def banking_tasks(data_dir: str | None = None, seed: int = BANKING_ORDER_SEED) -
     """Banking77 as 7 tasks x 11 intents: the 77 categories (categories.json order) shuffled
     by random.Random(seed), then cut in consecutive groups of 11."""
     root = _require_dir(data_dir, "banking77")
-    with open(os.path.join(root, "categories.json")) as f:
-        categories = json.load(f)
+    categories = _read_json(os.path.join(root, "categories.json"), "a list of category names", _is_str_list)
     by_intent = {c: {"train": [], "test": []} for c in categories}
     for split in ("train", "test"):
         # quoted texts contain line breaks: csv module, newline="" (MANIFEST.md)
-        with open(os.path.join(root, f"{split}.csv"), newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                if row["category"] not in by_intent:
-                    raise ValueError(f"banking77/{split}.csv: unknown category {row['category']!r}")
-                by_intent[row["category"]][split].append(row["text"].strip())
+        path = os.path.join(root, f"{split}.csv")
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if not {"text", "category"} <= set(reader.fieldnames or ()):
+                    raise ValueError(f"{path} has the columns {reader.fieldnames}, expected text,category")
+                for row in reader:
+                    if row["category"] not in by_intent:
+                        raise ValueError(f"banking77/{split}.csv: unknown category {row['category']!r}")
+                    by_intent[row["category"]][split].append(row["text"].strip())
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
     order = list(categories)
     random.Random(seed).shuffle(order)
     n = BANKING_INTENTS_PER_TASK
@@ -444,11 +467,7 @@ class DomainSettings:
 
 
 def _read(paths) -> str:
-    texts = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            texts.append(f.read().replace("\r\n", "\n"))
-    return "\n\n".join(texts)
+    return "\n\n".join(read_text(path) for path in paths)
 
 
 def domain_text(name: str, data_dir: str | None = None) -> tuple[str, str]:
@@ -477,11 +496,10 @@ def domain_text(name: str, data_dir: str | None = None) -> tuple[str, str]:
         def stories(split):
             lines = []
             for path in sorted(glob.glob(os.path.join(root, f"qa[1-5]_*_{split}.txt"))):
-                with open(path, encoding="utf-8") as f:
-                    for line in f:
-                        number, _, sentence = line.strip().partition(" ")
-                        if "\t" not in sentence:            # statements; questions carry tab fields
-                            lines.append(("\n" if number == "1" else "") + sentence)
+                for line in read_text(path).splitlines():
+                    number, _, sentence = line.strip().partition(" ")
+                    if "\t" not in sentence:                # statements; questions carry tab fields
+                        lines.append(("\n" if number == "1" else "") + sentence)
             return "\n".join(lines)
         return stories("train"), stories("test")
     raise ValueError(f"unknown domain {name!r}; choose from {', '.join(DOMAINS)} or pass files")
@@ -539,6 +557,9 @@ def run_domains(model, tokenizer, domains, settings: DomainSettings | None = Non
         train_ids.append(torch.tensor(ids, dtype=torch.long))
         # enough characters for eval_tokens of any tokenizer (>= 1 byte per token)
         eval_ids.append(tokenizer.encode(d["eval"][:8 * settings.eval_tokens])[:settings.eval_tokens + 1])
+        if len(eval_ids[-1]) < settings.seq_len + 1:     # named here, before the first score
+            raise ValueError(f"domain {d['name']}: {len(eval_ids[-1])} held-out tokens, fewer than seq_len + 1 = "
+                             f"{settings.seq_len + 1} (eval_tokens={settings.eval_tokens})")
     score = (lambda: [held_out_loss(model, ids, settings.seq_len, settings.batch_size, device) for ids in eval_ids])
     started = time.time()
     initial = score()
@@ -673,6 +694,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with exit_on_error(FileNotFoundError, ValueError, ImportError):
         check_output_dir(args.out)
+        check_data_dir(args.data_dir)
         if args.command == "intents":
             arms = _parse_arms(args.arms)
             tasks = shrink_tasks(intent_tasks(args.dataset, args.data_dir), args.tasks, args.labels_per_task,
@@ -686,6 +708,8 @@ def main(argv=None):
             plot = plot_intents
         else:
             names = [n.strip() for n in args.domains.split(",") if n.strip()]
+            if not names:
+                raise ValueError(f"--domains {args.domains!r} names no domain; choose from {','.join(DOMAINS)}")
             domains = load_domains(names, args.data_dir)
             model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
             settings = DomainSettings(steps_per_domain=args.steps, batch_size=args.batch_size,

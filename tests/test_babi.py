@@ -99,3 +99,10 @@ def test_generated_training_samples_mix_verbs():
     texts = " ".join(line.text for story in generate_babi(2, 30, seed=0) for line in story)
     for verb in ("journeyed", "travelled", "went back", "picked up", "put down"):
         assert verb in texts
+
+
+def test_read_babi_names_a_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "qa1_test.txt"
+    path.write_bytes(b"1 Mary moved to the bathroom.\n2 Where is Mary? \tbathr\xf6om\t1\n")
+    with pytest.raises(ValueError, match=rf"^{path} is not UTF-8 text \(byte 0xf6 at offset 53\)$"):
+        read_babi(str(path))

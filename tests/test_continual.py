@@ -392,3 +392,43 @@ def test_context_arms_carry_every_seen_task_into_the_state(arm):
              {"name": "b", "labels": ["bbb"], "train": [("bb", "bbb")], "test": [("x", "bbb")]}]
     r = cl.run_arm(arm, CopyModel(), ByteTokenizer(), tasks, cl.IntentSettings(segment_len=16))
     assert r["R"] == [[1.0, None], [1.0, 0.0]]
+
+
+@pytest.mark.parametrize("dataset, files, message", [
+    ("clinc", {"clinc150/domains.json": b"{", "clinc150/data_full.json": b"{}"},
+     "clinc150/domains.json is not valid JSON: Expecting property name enclosed in double quotes (line 1)"),
+    ("clinc", {"clinc150/domains.json": b'{"a": ["x"]}', "clinc150/data_full.json": b'{"train": 5, "test": []}'},
+     "clinc150/data_full.json does not hold {'train': [[text, intent], ...], 'test': [...]}"),
+    ("clinc", {"clinc150/domains.json": b'{"a": ["x"]}', "clinc150/data_full.json": b'{"train": [], "test": [\xff]}'},
+     "clinc150/data_full.json is not UTF-8 text (byte 0xff at offset 23)"),
+    ("banking", {"banking77/categories.json": b'["a"]', "banking77/train.csv": b"foo,bar\n1,2\n"},
+     "banking77/train.csv has the columns ['foo', 'bar'], expected text,category"),
+    ("banking", {"banking77/categories.json": b'{"a": 1}'}, "banking77/categories.json does not hold a list of category names"),
+])
+def test_cli_damaged_intent_data_is_one_line_naming_the_file(dataset, files, message, tmp_path, monkeypatch, capsys):
+    """A --data-dir whose CLINC150 / Banking77 files are not JSON, not UTF-8 or not shaped as
+    the loaders expect: one line naming the file, before the checkpoint loads."""
+    monkeypatch.setattr(cl, "load_checkpoint", lambda *a: pytest.fail("loaded the checkpoint before the data"))
+    for name, content in files.items():
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name).write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        cl.main(["intents", "--dataset", dataset, "--data-dir", str(tmp_path / "data"), "--checkpoint", "ckpt",
+                 "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path / 'data'}/{message}\n"
+
+
+def test_cli_domains_and_data_dir_are_checked_by_name(tmp_path, monkeypatch, capsys):
+    """An empty --domains and a --data-dir that is not a folder name their flag, before the
+    checkpoint loads; held-out text shorter than a window names its domain and eval_tokens."""
+    monkeypatch.setattr(cl, "load_checkpoint", lambda *a: pytest.fail("loaded the checkpoint"))
+    for extra, message in ((["--domains", ","], "--domains ',' names no domain; choose from "),
+                           (["--data-dir", str(tmp_path / "none")], f"--data-dir {tmp_path / 'none'} is not a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            cl.main(["domains", *extra, "--checkpoint", "ckpt", "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2 and capsys.readouterr().err.startswith(f"error: {message}")
+    model = build_model(TINY)
+    domains = [{"name": "tiny", "train": "x" * 100, "eval": "y" * 100}]
+    with pytest.raises(ValueError, match=r"^domain tiny: 6 held-out tokens, fewer than seq_len \+ 1 = 17 "
+                                         r"\(eval_tokens=5\)$"):
+        cl.run_domains(model, ByteTokenizer(), domains, cl.DomainSettings(seq_len=16, eval_tokens=5), "cpu", log=None)
