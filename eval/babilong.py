@@ -54,9 +54,10 @@ import torch.nn.functional as F
 from cli import (OneLineArgumentParser, check_output_file, non_negative_float, non_negative_int,
                  positive_float, positive_int, write_atomic)
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
-from eval.common import (bf16_autocast, check_checkpoint_out, check_long_inputs, context_handling, context_limit,
-                         continuation_logprob, default_data_dir, eval_mode, exit_on_error, fit_prompt, greedy_generate,
-                         load_checkpoint, load_for_generation, mean_over_scored, model_device, prefill)
+from eval.common import (bf16_autocast, check_checkpoint_out, check_data_dir, check_long_inputs, context_handling,
+                         context_limit, continuation_logprob, default_data_dir, eval_mode, exit_on_error, fit_prompt,
+                         greedy_generate, load_checkpoint, load_for_generation, mean_over_scored, model_device, prefill,
+                         read_text)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M")
@@ -285,8 +286,7 @@ def _austen_books(data_dir: str, split: str) -> tuple:
         path = os.path.join(data_dir, "austen", f"{name}.txt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Austen novel {path} not found (expected shared/data/austen/)")
-        with open(path, encoding="utf-8") as f:
-            books.append((name, f.read()))
+        books.append((name, read_text(path)))
     return tuple(books)
 
 
@@ -900,6 +900,7 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     with exit_on_error(FileNotFoundError, ValueError, ConnectionError, ImportError):
+        check_data_dir(args.data_dir)
         if args.command == "eval":
             return run_eval(args)
         if args.command == "finetune":

@@ -39,7 +39,7 @@ import torch
 
 from cli import OneLineArgumentParser, fraction_list, non_negative_int, positive_int
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, split_sentences
-from eval.common import (bf16_autocast, check_long_inputs, context_handling, continuation_logprob, eval_mode,
+from eval.common import (bf16_autocast, check_data_dir, check_long_inputs, context_handling, continuation_logprob, eval_mode,
                          exit_on_error, fit_prompt, greedy_generate, is_recurrent, load_for_generation,
                          mean_over_scored, model_device, prefill)
 
@@ -229,8 +229,15 @@ def run(args) -> dict:
     depths = args.depths if isinstance(args.depths, list) else [float(d) for d in args.depths.split(",") if d.strip()]
     if not tasks or not lengths:
         raise ValueError("--tasks and --lengths must name at least one task and one length")
+    check_data_dir(args.data_dir)
     model, cfg, tokenizer, device, max_len = load_for_generation(args)
     gpt2 = length_tokenizer(args.data_dir)
+    # every cell's samples before the first is scored: a length too short for the template
+    # fails here, not after the cells before it were evaluated
+    cells = {(task, length): build_niah(task, length, args.samples, depths=depths, background=args.background,
+                                        seed=args.seed, n_distractors=args.distractors, data_dir=args.data_dir,
+                                        gpt2=gpt2)
+             for task in tasks for length in lengths}
     results = {"benchmark": "s-niah (RULER niah_single_1/2/3)", "checkpoint": os.path.abspath(args.checkpoint),
                "arch": cfg.model.arch, "lengths_are": "GPT-2 tokens, prompt + 128 reserved for the answer",
                "background": args.background, "depths": depths,
@@ -240,21 +247,18 @@ def run(args) -> dict:
                "context_handling": context_handling(is_recurrent(model), max_len, args.segment_len, args.overflow,
                                                     args.max_new_tokens),
                "accuracy": {}, "ranking_accuracy": {}, "by_depth": {}, "counts": {}}
-    for task in tasks:
-        for length in lengths:
-            samples = build_niah(task, length, args.samples, depths=depths, background=args.background,
-                                 seed=args.seed, n_distractors=args.distractors, data_dir=args.data_dir, gpt2=gpt2)
-            r = evaluate_niah(model, tokenizer, samples, max_len=max_len, segment_len=args.segment_len, device=device,
-                              max_new_tokens=args.max_new_tokens, overflow=args.overflow)
-            key = str(length)
-            results["accuracy"].setdefault(task, {})[key] = r["accuracy"]
-            results["ranking_accuracy"].setdefault(task, {})[key] = r["ranking_accuracy"]
-            results["by_depth"].setdefault(task, {})[key] = _by_depth(r["records"])
-            results["counts"].setdefault(task, {})[key] = {k: r[k] for k in ("n", "n_scored", "n_truncated",
-                                                                             "n_skipped", "seconds")}
-            fmt = (lambda v: "  n/a" if v is None else f"{100 * v:5.1f}")
-            print(f"{task} {length:>6}  accuracy {fmt(r['accuracy'])}  ranking {fmt(r['ranking_accuracy'])}  "
-                  f"(n={r['n_scored']}, truncated {r['n_truncated']}, skipped {r['n_skipped']})")
+    for (task, length), samples in cells.items():
+        r = evaluate_niah(model, tokenizer, samples, max_len=max_len, segment_len=args.segment_len, device=device,
+                          max_new_tokens=args.max_new_tokens, overflow=args.overflow)
+        key = str(length)
+        results["accuracy"].setdefault(task, {})[key] = r["accuracy"]
+        results["ranking_accuracy"].setdefault(task, {})[key] = r["ranking_accuracy"]
+        results["by_depth"].setdefault(task, {})[key] = _by_depth(r["records"])
+        results["counts"].setdefault(task, {})[key] = {k: r[k] for k in ("n", "n_scored", "n_truncated",
+                                                                         "n_skipped", "seconds")}
+        fmt = (lambda v: "  n/a" if v is None else f"{100 * v:5.1f}")
+        print(f"{task} {length:>6}  accuracy {fmt(r['accuracy'])}  ranking {fmt(r['ranking_accuracy'])}  "
+              f"(n={r['n_scored']}, truncated {r['n_truncated']}, skipped {r['n_skipped']})")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "niah.json")
     with open(path, "w") as f:

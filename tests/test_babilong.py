@@ -435,3 +435,16 @@ def test_make_sample_drops_questions_with_more_than_budget_over_8_facts():
     assert make_sample(item(88), "qa1", "1k", tok, Sampler(), random.Random(0), "test") is None
     kept = make_sample(item(87), "qa1", "1k", tok, Sampler(), random.Random(0), "test")
     assert kept is not None and kept["n_tokens"] == 700
+
+
+@pytest.mark.parametrize("command", [["build"], ["eval", "--checkpoint", "ckpt"],
+                                     ["finetune", "--steps", "1", "--checkpoint", "ckpt"]])
+def test_cli_data_dir_that_is_no_folder_is_named(command, tmp_path, capsys):
+    """--data-dir /typo: one line naming it (not "needs the offline data folder: pass
+    --data-dir", nor silently falling back to $NL_DATA_DIR where a command needs no file)."""
+    out = tmp_path / ("b.jsonl" if command == ["build"] else "out")
+    with pytest.raises(SystemExit) as exit_info:
+        main(command + ["--data-dir", str(tmp_path / "typo"), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: --data-dir {tmp_path / 'typo'} is not a folder\n"
+    assert os.listdir(tmp_path) == []

@@ -204,3 +204,20 @@ def test_by_depth_is_greedy_accuracy_per_depth_over_scored_samples():
                {"depth": 0.5, "skipped": True}]
     by_depth = _by_depth(records)
     assert by_depth == {"0.0": 0.5, "1.0": 1.0} and list(by_depth) == ["0.0", "1.0"]
+
+
+def test_cli_checks_every_length_and_data_dir_before_scoring(tmp_path, monkeypatch, capsys):
+    """A length too short for the template fails before any cell is scored (not after the
+    cells listed before it), and a --data-dir that is no folder is named even for the
+    pass-key task, which reads no data file."""
+    import eval.niah as niah
+    save_tiny_checkpoint(tmp_path / "ckpt")
+    monkeypatch.setenv("NL_DATA_DIR", SHARED_DATA)
+    monkeypatch.setattr(niah, "evaluate_niah", lambda *a, **k: pytest.fail("scored a cell before checking them all"))
+    for extra, message in ((["--lengths", "512,200"], "length 200 is too short for the S-NIAH template"),
+                           (["--data-dir", str(tmp_path / "none")], f"--data-dir {tmp_path / 'none'} is not a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--checkpoint", str(tmp_path / "ckpt"), "--tasks", "1", "--lengths", "512", *extra,
+                  "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2 and capsys.readouterr().err.startswith(f"error: {message}")
+    assert not (tmp_path / "out").exists()
