@@ -326,10 +326,18 @@ def execute(steps: list[Step], runner=subprocess.run, log=print) -> int:
 # collecting our numbers
 
 def _load(path: str):
+    """A step's JSON, None before the step has run; a damaged one (an eval killed while writing
+    it, an edit) is a ReproduceError naming it, as its step counts as done while it exists."""
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    from eval.common import read_text
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ReproduceError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); "
+                             "delete it to run its step again") from None
+    except ValueError as e:                              # not UTF-8: read_text names the file
+        raise ReproduceError(f"{e}; delete it to run its step again") from None
 
 
 def _get(data, *keys):

@@ -339,3 +339,22 @@ def test_every_cell_matches_the_digest():
                   for m in re.finditer(r"([\w+*\- ]+?) ([\d.]+)/([\d.]+)/([\d.]+)", body)}
         assert {k.strip(): v for k, v in digest.items()} == rows, group
     assert set(PAPER) == {"nl_table2", "nl_table6", "titans_table1", "nl_table1_sniah", "titans_table2"}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"perplexity": {"wikitext": {"word_perplexity": 12.', "is not valid JSON (Expecting ',' delimiter, line 1)"),
+    (b"\xff", "is not UTF-8 text (byte 0xff at offset 0)"),
+])
+def test_cli_damaged_results_file_is_one_line_and_keeps_the_table(content, message, tmp_path, capsys):
+    """A results JSON cut short (an eval killed while writing it) or not UTF-8: one line naming
+    it (not a traceback), and the earlier TABLE.md stays as it was."""
+    path = tmp_path / "runs" / "transformer_340m" / rp.EVAL_FILES["perplexity"]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    (tmp_path / "titans_table1.md").write_text("earlier table")
+    with pytest.raises(SystemExit) as exit_info:
+        rp.main(["titans_table1", "--results-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {path} {message}") and err.count("\n") == 1
+    assert "delete it to run its step again" in err
+    assert (tmp_path / "titans_table1.md").read_text() == "earlier table"
