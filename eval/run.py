@@ -178,6 +178,35 @@ def _data_dir():
     return default_data_dir()
 
 
+def read_section_data(sections, settings, data_dir=None) -> None:
+    """Read the data files the sections will use, before the checkpoint loads: a damaged one
+    (not UTF-8, malformed) is a ValueError naming it up front, not after the sections before
+    it have run. A missing file or package is left to the section, which records it as skipped."""
+    from eval import babilong as bl
+    from eval import continual as cl
+    from eval import niah
+    from eval import perplexity as ppl
+    from eval.babi import babi_path, read_babi
+    root = data_dir or _data_dir()
+    reads = []
+    if "perplexity" in sections and root:
+        reads += [lambda: ppl.load_wikitext_documents(os.path.join(root, "wikitext", "wiki.test.raw")),
+                  lambda: ppl.load_lambada_texts(os.path.join(root, "lambada", "lambada_test.jsonl"))]
+    if "babilong" in sections and root:
+        reads += [lambda t=task: read_babi(babi_path(t, "test", root)) for task in settings["babilong"]["tasks"]]
+    if "babilong" in sections or ("niah" in sections and any(
+            niah.TASKS[niah.parse_task(t)]["haystack"] == "essay" for t in settings["niah"]["tasks"])):
+        reads.append(lambda: bl.load_books("austen", "test", data_dir))
+    if "continual" in sections:
+        reads += [lambda d=spec["dataset"]: cl.intent_tasks(d, data_dir) for spec in settings["continual"]["intents"]]
+        reads.append(lambda: cl.load_domains(settings["continual"].get("domains") or [], data_dir))
+    for read in reads:
+        try:
+            read()
+        except (FileNotFoundError, ImportError):
+            pass
+
+
 # -----------------------------------------------------------------------------
 # the suite
 
@@ -191,9 +220,10 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
     if data_dir is not None and not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data-dir {data_dir} is not a folder")
     check_output_dir(out_dir)
+    settings = SUITES[suite]
+    read_section_data(sections, settings, data_dir)
     model, cfg, tokenizer, device = load_checkpoint(checkpoint, device)
     seq_len = cfg.train.seq_len
-    settings = SUITES[suite]
     os.makedirs(out_dir, exist_ok=True)
     results = {"suite": suite, "checkpoint": os.path.abspath(checkpoint), "arch": cfg.model.arch,
                "tokenizer": cfg.data.tokenizer, "context": seq_len, "device": str(device),

@@ -178,3 +178,26 @@ def test_results_markdown_shows_accuracies_in_percent():
     assert "| icl | 50.0 | -25.0 | 25.0 | 75.0 |" in md and "| after b | 50.0 | 50.0 |" in md
     assert "| niah_single_1 | 25.0 | n/a |" in md and "| niah_single_1 | 50.0 | 100.0 |" in md
     assert "| wikitext | word_perplexity | 31.2500 |" in md and "| lambada | accuracy | 0.1250 |" in md
+
+
+@pytest.mark.parametrize("damaged, content, message", [
+    ("lambada/lambada_test.jsonl", b"\xff\n", "lambada_test.jsonl is not UTF-8 text (byte 0xff at offset 0)"),
+    ("clinc150/domains.json", b"{", "domains.json is not valid JSON"),
+])
+def test_damaged_data_is_named_before_any_section_runs(damaged, content, message, tmp_path, monkeypatch, capsys):
+    """A damaged file in --data-dir used by a later section is one line naming it before the
+    checkpoint loads, not an error that throws away the sections already run."""
+    import eval.run as run
+    data = tmp_path / "data"
+    for name in ("wikitext", "lambada", "babi", "austen", "tokenizers", "clinc150", "shakespeare"):
+        (data / name).mkdir(parents=True)
+        for f in os.listdir(os.path.join(SHARED_DATA, name)):
+            os.symlink(os.path.join(SHARED_DATA, name, f), data / name / f)
+    os.remove(data / damaged)
+    (data / damaged).write_bytes(content)
+    monkeypatch.setattr(run, "load_checkpoint", lambda *a: pytest.fail("loaded before reading the data"))
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--checkpoint", "ckpt", "--out", str(tmp_path / "out"), "--data-dir", str(data)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {data / damaged}") and message in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
