@@ -258,7 +258,7 @@ def bench_hope_stage1(args, device, rows):
     from config import HopeConfig, ModelConfig
     from hope import SelfModifyingTitans
     from kernels.triton_hope import fusable_projections
-    C = min(args.hope_chunk, 16)
+    C = args.hope_chunk
     for d in args.d:
         if not fusable_projections(d, 1, C):
             continue
@@ -386,6 +386,8 @@ def main(argv=None):
                    help="torch.set_float32_matmul_precision for the run: the fp32 memory-layer and "
                         "CMS kernels multiply in exact fp32 at highest, in tf32 at high (training)")
     args = p.parse_args(argv)
+    if args.hope_chunk > 16:     # the fused stage-1 launch's limit: not silently timed at 16 instead
+        p.error(f"argument --hope-chunk: must be <= 16, got {args.hope_chunk}")
     problem = args.json and output_file_problem(args.json)    # before the benchmark, not after it
     if problem:
         p.error(f"argument --json: {args.json} {problem}")

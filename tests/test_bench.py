@@ -31,6 +31,7 @@ BAD_FLAGS = [
     (_kernels_main, ["--T", "16", "-3"], "argument --T: must be >= 1, got -3"),
     (_kernels_main, ["--mem-chunk", "0"], "argument --mem-chunk: must be >= 1, got 0"),
     (_kernels_main, ["--repeats", "x"], "argument --repeats: expected an integer >= 1, got 'x'"),
+    (_kernels_main, ["--hope-chunk", "32"], "argument --hope-chunk: must be <= 16, got 32"),   # was timed at 16
 ]
 
 
