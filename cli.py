@@ -31,8 +31,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 # -----------------------------------------------------------------------------
 # flag types: argparse puts the flag before their message ("argument --max-len: must be >= 1, got 0")
 
-def int_at_least(low: int):
-    """An integer >= low."""
+def int_at_least(low: int, below: int | None = None):
+    """An integer >= low (and < below when given)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -40,12 +40,18 @@ def int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be < {below}, got {value}")
         return value
     return parse
 
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+# every --seed: train.seed's range, which is numpy's (np.random.seed); torch's is wider. A
+# seed outside it failed late, naming no flag ("Overflow when unpacking long long")
+SEED_RANGE = 2**32
+seed_int = int_at_least(0, below=SEED_RANGE)
 
 
 def float_in(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):

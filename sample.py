@@ -14,18 +14,7 @@ import sys
 
 import torch
 
-from cli import OneLineArgumentParser, non_negative_float, non_negative_int, positive_int, resolve_device
-
-
-def _seed(text):
-    """torch.Generator.manual_seed's range: -2**63 .. 2**64 - 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
-    if not -2**63 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64); got {value}")
-    return value
+from cli import OneLineArgumentParser, non_negative_float, non_negative_int, positive_int, resolve_device, seed_int
 
 
 def _prompt(text):
@@ -58,7 +47,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=non_negative_int, default=50,
                    help="sample among the k most likely tokens (0 = all of them)")
-    p.add_argument("--seed", type=_seed, default=1337)
+    p.add_argument("--seed", type=seed_int, default=1337)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
     try:

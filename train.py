@@ -95,6 +95,8 @@ def prepare_data(cfg: Config, data_dir):
     from data.prepare import ensure_prepared
     if os.path.isfile(os.path.join(data_dir, "meta.json")) and data_dir == cfg.data.dataset:
         return
+    if not os.path.isdir(data_dir):       # a file, or under one: name the key (an existing folder may be read-only)
+        check_output_dir(data_dir, "data.data_dir" if cfg.data.data_dir else "the data cache")
     d = cfg.data
     ensure_prepared(d.dataset, data_dir, tokenizer=d.tokenizer, val_fraction=d.val_fraction,
                     num_workers=d.num_workers, text_field=d.text_field, split=d.hf_split,

@@ -31,7 +31,7 @@ from collections import deque
 import numpy as np
 
 from cli import (OneLineArgumentParser, int_at_least, non_negative_int, one_line, open_fraction,
-                 output_dir_problem, positive_int)
+                 output_dir_problem, positive_int, seed_int)
 from data.builtin import iter_builtin_documents
 from data.meta import META_FORMAT_VERSION, META_NAME, check_shards, load_meta, read_meta_json
 from data.shards import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES, write_shard
@@ -495,7 +495,7 @@ def main(argv=None):
     parser.add_argument("--data-files", default=None, help="glob of local files for hf:json / hf:text / ...")
     parser.add_argument("--text-field", default="text", help="field holding the text in jsonl / HF rows")
     parser.add_argument("--split", default="train", help="HF split to read")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the per-document val split")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the per-document val split")
     parser.add_argument("--bpe-dir", default=None, help="folder with GPT-2 vocab.bpe and encoder.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import (OneLineArgumentParser, check_output_file, non_negative_float, non_negative_int,
-                 positive_float, positive_int, write_atomic)
+                 positive_float, positive_int, seed_int, write_atomic)
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
 from eval.common import (bf16_autocast, check_checkpoint_out, check_data_dir, check_long_inputs, context_handling,
                          context_limit, continuation_logprob, default_data_dir, eval_mode, exit_on_error, fit_prompt,
@@ -851,7 +851,7 @@ def _add_common(p, babi_default):
     p.add_argument("--background", default="austen", choices=BACKGROUNDS, help="background books")
     p.add_argument("--babi", default=babi_default, choices=("file", "generated"),
                    help="bAbI questions: the released en files or the generator")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
 
 

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from cli import OneLineArgumentParser, check_output_dir, non_negative_int, positive_float, positive_int
+from cli import OneLineArgumentParser, check_output_dir, non_negative_int, positive_float, positive_int, seed_int
 from eval.common import check_data_dir, default_data_dir, read_text
 from eval.common import (clone_state, continuation_logprob, eval_mode, exit_on_error, is_recurrent, load_checkpoint,
                          model_device, prefill)
@@ -688,7 +688,7 @@ def main(argv=None):
     for sp in (p, q):
         sp.add_argument("--checkpoint", required=True)
         sp.add_argument("--out", required=True, help="output folder")
-        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--seed", type=seed_int, default=0)
         sp.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
         sp.add_argument("--device", default="auto")
     args = parser.parse_args(argv)

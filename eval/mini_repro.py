@@ -25,6 +25,7 @@ command, date, machine and wall time.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -36,7 +37,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import islice
 
-from cli import OneLineArgumentParser, check_output_dir, non_negative_int, positive_int
+from cli import SEED_RANGE, OneLineArgumentParser, check_output_dir, non_negative_int, positive_int, seed_int
 from eval.reproduce import ABLATIONS, ReproduceError, Run, Step, babilong_steps, execute, run_dir
 
 # One recipe for every run (overrides on top of each tiny config): the model size, the data
@@ -236,9 +237,9 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true", help="only collect existing results into the report")
     args = p.parse_args(argv)
     try:
-        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        p.error(f"--seeds {args.seeds!r}: expected a comma list of integers")
+        args.seeds = [seed_int(s) for s in args.seeds.split(",") if s.strip()]
+    except (ValueError, argparse.ArgumentTypeError):
+        p.error(f"--seeds {args.seeds!r}: expected a comma list of integers in [0, {SEED_RANGE})")
     if not args.seeds:
         p.error("--seeds: give at least one seed")
     if len(set(args.seeds)) != len(args.seeds):

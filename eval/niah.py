@@ -37,7 +37,7 @@ import uuid
 
 import torch
 
-from cli import OneLineArgumentParser, fraction_list, non_negative_int, positive_int
+from cli import OneLineArgumentParser, fraction_list, non_negative_int, positive_int, seed_int
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, split_sentences
 from eval.common import (bf16_autocast, check_data_dir, check_long_inputs, context_handling, continuation_logprob, eval_mode,
                          exit_on_error, fit_prompt, greedy_generate, is_recurrent, load_for_generation,
@@ -282,7 +282,7 @@ def main(argv=None):
     parser.add_argument("--max-len", type=positive_int, help="attention models: context (default cfg.train.seq_len)")
     parser.add_argument("--overflow", default="truncate", choices=("truncate", "skip"))
     parser.add_argument("--max-new-tokens", type=positive_int, default=RULER_TOKENS_TO_GENERATE)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True, help="output folder (niah.json)")

@@ -34,7 +34,7 @@ import os
 import time
 
 from cli import OneLineArgumentParser, check_output_dir
-from eval.common import context_limit, exit_on_error, load_checkpoint, model_device
+from eval.common import check_data_dir, context_limit, exit_on_error, load_checkpoint, model_device
 
 SECTIONS = ("perplexity", "babilong", "niah", "continual")
 
@@ -217,8 +217,7 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
     bad = [s for s in sections if s not in SECTIONS]
     if bad or not sections:
         raise ValueError(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"--data-dir {data_dir} is not a folder")
+    check_data_dir(data_dir)
     check_output_dir(out_dir)
     settings = SUITES[suite]
     read_section_data(sections, settings, data_dir)

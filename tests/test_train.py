@@ -247,6 +247,9 @@ def test_what_would_fail_after_training_or_overwrite_another_run_fails_first(cor
                          f"holds a {'file' if is_folder else 'folder'} {name} where the run writes", capsys)
     _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={tmp_path / ('a' * 300)}"],   # an OSError: no traceback
                      "File name too long", capsys)
+    (tmp_path / "afile").write_text("x")          # a data cache under a file: named by its key
+    _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={tmp_path / 'cache'}", f"--data.data_dir={tmp_path}/afile/d"],
+                     f"data.data_dir {tmp_path}/afile/d cannot be created: {tmp_path}/afile is not a folder", capsys)
     monkeypatch.setattr(eval.common, "default_data_dir", lambda: None)
     _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={tmp_path / 'evals'}", "--train.eval_every=1",
                                 "--eval.during_training=[perplexity, niah_quick]"],
