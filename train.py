@@ -293,15 +293,11 @@ def _train(cfg: Config, env: DistEnv):
     np.random.seed(t.seed)
 
     if cfg.eval.during_training:
-        from eval.run import DURING_TRAINING
+        from eval.run import DURING_TRAINING, check_during_training
         unknown = [n for n in cfg.eval.during_training if n not in DURING_TRAINING]
         if unknown:
             raise ConfigError(f"eval.during_training has unknown eval(s) {unknown}; valid: {', '.join(DURING_TRAINING)}")
-        from eval.common import default_data_dir
-        offline = [n for n in cfg.eval.during_training if n != "perplexity"]   # perplexity skips missing files
-        if offline and default_data_dir() is None:        # else they fail at the first eval, after training
-            raise ConfigError(f"eval.during_training {offline} needs the offline eval data: set $NL_DATA_DIR to a "
-                              "copy of shared/data, or leave them out")
+        check_during_training(cfg.eval.during_training)   # else a missing file fails the first eval, after training
     check_out_dir(t)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size == 0:

@@ -178,10 +178,11 @@ def _data_dir():
     return default_data_dir()
 
 
-def read_section_data(sections, settings, data_dir=None) -> None:
+def read_section_data(sections, settings, data_dir=None, missing_ok=True) -> None:
     """Read the data files the sections will use, before the checkpoint loads: a damaged one
     (not UTF-8, malformed) is a ValueError naming it up front, not after the sections before
-    it have run. A missing file or package is left to the section, which records it as skipped."""
+    it have run. A missing file or package is left to the section, which records it as
+    skipped (missing_ok), or raised (FileNotFoundError / ImportError)."""
     from eval import babilong as bl
     from eval import continual as cl
     from eval import niah
@@ -204,7 +205,29 @@ def read_section_data(sections, settings, data_dir=None) -> None:
         try:
             read()
         except (FileNotFoundError, ImportError):
-            pass
+            if not missing_ok:
+                raise
+
+
+def check_during_training(names, data_dir=None) -> None:
+    """train.py's check before step 1: the data each during-training eval reads, read once, so
+    that a missing or damaged file is a one-line error now, not at the first eval step after
+    training (perplexity skips missing files: only damaged ones are named)."""
+    offline = [n for n in names if n != "perplexity"]
+    if offline and (data_dir or _data_dir()) is None:
+        raise FileNotFoundError(f"eval.during_training {offline} needs the offline eval data: set $NL_DATA_DIR "
+                                "to a copy of shared/data, or leave them out")
+    quick = SUITES["quick"]
+    settings = {**quick, "continual": {**quick["continual"], "domains": []}}    # continual_quick: CLINC only
+    try:
+        if "perplexity" in names:
+            read_section_data(["perplexity"], quick, data_dir)
+        read_section_data([n.removesuffix("_quick") for n in offline], settings, data_dir, missing_ok=False)
+        if "babilong_quick" in names or "niah_quick" in names:
+            from eval.babilong import length_tokenizer
+            length_tokenizer(data_dir)        # the GPT-2 BPE files: BABILong's unit of length
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        raise ValueError(f"eval.during_training {list(names)}: {e}") from None
 
 
 # -----------------------------------------------------------------------------

@@ -250,6 +250,12 @@ def test_what_would_fail_after_training_or_overwrite_another_run_fails_first(cor
     (tmp_path / "afile").write_text("x")          # a data cache under a file: named by its key
     _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={tmp_path / 'cache'}", f"--data.data_dir={tmp_path}/afile/d"],
                      f"data.data_dir {tmp_path}/afile/d cannot be created: {tmp_path}/afile is not a folder", capsys)
+    partial = tmp_path / "partial-data"                     # a data folder without the bAbI files
+    partial.mkdir()
+    monkeypatch.setenv("NL_DATA_DIR", str(partial))
+    _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={tmp_path / 'evals'}", "--train.eval_every=1",
+                                "--eval.during_training=[babilong_quick]"],
+                     f"eval.during_training ['babilong_quick']: bAbI file {partial}/babi/en/", capsys)
     monkeypatch.setattr(eval.common, "default_data_dir", lambda: None)
     _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={tmp_path / 'evals'}", "--train.eval_every=1",
                                 "--eval.during_training=[perplexity, niah_quick]"],
