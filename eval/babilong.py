@@ -390,24 +390,33 @@ def hide_facts(fact_ids: list[list[int]], background: list[list[int]], rng: rand
 # -----------------------------------------------------------------------------
 # samples: local construction and the Hub
 
+def _fact_ids(item: dict, length: str, gpt2) -> list | None:
+    """The GPT-2 ids of a question's facts when they fit in `length` with room for background
+    (create_tasks.py: at most length // 8 facts), else None; [] at "0k" (facts alone)."""
+    budget = length_tokens(length) - PROMPT_RESERVE if length_tokens(length) > 0 else 0
+    if budget == 0:
+        return []
+    if len(item["facts"]) > budget // 8:
+        return None
+    fact_ids = gpt2.encode_batch([" " + fact for fact in item["facts"]])
+    return fact_ids if sum(map(len, fact_ids)) < budget else None
+
+
 def make_sample(item: dict, task: str, length: str, gpt2, sampler, rng: random.Random, split: str) -> dict | None:
     """One bAbI question (facts, question, answer) -> a BABILong sample of `length`, or None
     when its facts do not fit. Keys: task, length, input (the context), question, target,
     facts, n_tokens (GPT-2 tokens of the context), books (background used), split."""
-    budget = length_tokens(length) - PROMPT_RESERVE if length_tokens(length) > 0 else 0
     sample = {"task": task, "length": length, "question": item["question"], "target": item["answer"],
               "facts": item["facts"], "split": split}
-    if budget == 0:                                  # "0k": the facts alone
+    if length_tokens(length) == 0:                   # "0k": the facts alone
         context = " ".join(item["facts"])
         return {**sample, "input": context, "n_tokens": len(gpt2.encode(context)), "books": []}
-    if len(item["facts"]) > budget // 8:             # create_tasks.py: max_n_facts = length // 8
-        return None
-    fact_ids = gpt2.encode_batch([" " + fact for fact in item["facts"]])
-    n_fact_tokens = sum(map(len, fact_ids))
-    if n_fact_tokens >= budget:
+    fact_ids = _fact_ids(item, length, gpt2)
+    if fact_ids is None:
         return None
     sampler.used_books = set()
-    ids, _ = hide_facts(fact_ids, sampler.sample(budget - n_fact_tokens), rng)
+    background = length_tokens(length) - PROMPT_RESERVE - sum(map(len, fact_ids))
+    ids, _ = hide_facts(fact_ids, sampler.sample(background), rng)
     return {**sample, "input": gpt2.decode(ids).strip(), "n_tokens": len(ids), "books": sorted(sampler.used_books)}
 
 
@@ -426,14 +435,7 @@ def build_babilong(task, length: str, n_samples: int, split: str = "test", backg
     if n_samples < 0:
         raise ValueError(f"n_samples must be >= 0, got {n_samples}")
     gpt2 = gpt2 or length_tokenizer(data_dir)
-    if babi == "file":
-        questions = babi_samples(read_babi(babi_path(task, split, _require_data_dir(data_dir, "the bAbI files"))))
-    elif babi == "generated":
-        # qa4 has one question per story, the others five; a few spare for those that do not fit
-        n_stories = n_samples if task == "qa4" else math.ceil(n_samples / 5)
-        questions = babi_samples(generate_babi(task, n_stories + 8, seed=seed + (10**6 if split == "test" else 0)))
-    else:
-        raise ValueError(f"unknown bAbI source {babi!r}; choose 'file' or 'generated'")
+    questions = _babi_questions(task, n_samples, split, babi, seed, data_dir)
     rng = random.Random(f"babilong-{task}-{length}-{split}-{background}-{seed}")
     sampler = BackgroundSampler(load_books(background, split, data_dir), gpt2, rng) if length_tokens(length) else None
     out = []
@@ -443,10 +445,40 @@ def build_babilong(task, length: str, n_samples: int, split: str = "test", backg
         sample = make_sample(item, task, length, gpt2, sampler, rng, split)
         if sample is not None:
             out.append(sample)
-    if len(out) < n_samples:
-        raise ValueError(f"only {len(out)} {task} questions of the bAbI {split} data fit in {length}; "
-                         f"asked for {n_samples}")
+    _check_enough(len(out), n_samples, task, split, length)
     return out
+
+
+def check_enough_questions(task, length: str, n_samples: int, split: str = "test", babi: str = "file",
+                           seed: int = 0, data_dir: str | None = None, gpt2=None) -> None:
+    """build_babilong's shortfall error, from the facts alone (no background is sampled): a
+    CLI checks every cell with it before the first is scored."""
+    task = parse_task(task)
+    _check_length(length)
+    gpt2 = gpt2 or length_tokenizer(data_dir)
+    fitting = 0
+    for item in _babi_questions(task, n_samples, split, babi, seed, data_dir):
+        if fitting == n_samples:
+            break
+        fitting += _fact_ids(item, length, gpt2) is not None
+    _check_enough(fitting, n_samples, task, split, length)
+
+
+def _check_enough(fitting: int, n_samples: int, task: str, split: str, length: str):
+    if fitting < n_samples:
+        raise ValueError(f"only {fitting} {task} questions of the bAbI {split} data fit in {length}; "
+                         f"asked for {n_samples}")
+
+
+def _babi_questions(task: str, n_samples: int, split: str, babi: str, seed: int, data_dir) -> list[dict]:
+    """The bAbI questions samples are drawn from, in order: the released file's, or generated."""
+    if babi == "file":
+        return babi_samples(read_babi(babi_path(task, split, _require_data_dir(data_dir, "the bAbI files"))))
+    if babi == "generated":
+        # qa4 has one question per story, the others five; a few spare for those that do not fit
+        n_stories = n_samples if task == "qa4" else math.ceil(n_samples / 5)
+        return babi_samples(generate_babi(task, n_stories + 8, seed=seed + (10**6 if split == "test" else 0)))
+    raise ValueError(f"unknown bAbI source {babi!r}; choose 'file' or 'generated'")
 
 
 def training_questions(task: str, babi: str, data_dir: str | None, seed: int):
@@ -766,8 +798,13 @@ def _get_samples(args, task, length, gpt2):
 
 def run_eval(args) -> dict:
     tasks, lengths = parse_list(args.tasks, "tasks"), parse_list(args.lengths, "lengths")
-    model, cfg, tokenizer, device, max_len = load_for_generation(args)
     gpt2 = length_tokenizer(args.data_dir) if args.source == "local" else None
+    if args.source == "local":          # every cell has its samples, before the first is scored
+        for task in tasks:
+            for length in lengths:
+                check_enough_questions(task, length, args.samples, split=args.split, babi=args.babi, seed=args.seed,
+                                       data_dir=args.data_dir, gpt2=gpt2)
+    model, cfg, tokenizer, device, max_len = load_for_generation(args)
     per_cell, samples_out = {}, []
     for task in tasks:
         for length in lengths:

@@ -448,3 +448,29 @@ def test_cli_data_dir_that_is_no_folder_is_named(command, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: --data-dir {tmp_path / 'typo'} is not a folder\n"
     assert os.listdir(tmp_path) == []
+
+
+def test_check_enough_questions_counts_what_build_babilong_keeps(gpt2):
+    """qa3's 1k cell: 137 of the 1000 test questions have too many facts (the 10th is the
+    first); the check, from the facts alone, allows what build_babilong builds and names the
+    shortfall as it would."""
+    from eval.babilong import _babi_questions, check_enough_questions
+    questions = _babi_questions("qa3", 10, "test", "file", 0, SHARED_DATA)
+    kept = build_babilong("qa3", "1k", 10, data_dir=SHARED_DATA, gpt2=gpt2)
+    assert [s["facts"] for s in kept] == [q["facts"] for q in questions[:9] + questions[10:11]]
+    check_enough_questions("qa3", "1k", 863, data_dir=SHARED_DATA, gpt2=gpt2)
+    with pytest.raises(ValueError) as e:
+        check_enough_questions("qa3", "1k", 864, data_dir=SHARED_DATA, gpt2=gpt2)
+    assert str(e.value) == "only 863 qa3 questions of the bAbI test data fit in 1k; asked for 864"
+
+
+def test_cli_eval_checks_every_cell_has_its_samples_before_loading(tmp_path, monkeypatch, capsys):
+    """Audit: a --samples beyond what a cell's bAbI data holds failed after the cells before it
+    were scored; now before the checkpoint loads."""
+    import eval.common
+    monkeypatch.setattr(eval.common, "load_checkpoint", lambda *a: pytest.fail("loaded before the cells were checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--checkpoint", "ckpt", "--tasks", "qa1", "--lengths", "0k", "--samples", "1001",
+              "--data-dir", SHARED_DATA, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: only 1000 qa1 questions of the bAbI test data fit in 0k; asked for 1001\n"
