@@ -19,7 +19,9 @@ fla mapping (DESIGN §3.2 reparameterisation). fla's gated delta rule is
 k_t^T) + u_t k_t^T, is that with b_t = eta_t / alpha_t and v_t = u_t / b_t = u_t alpha_t /
 eta_t, so we call chunk_gated_delta_rule(q, k, v=u*alpha/eta, g=log(alpha), beta=eta/alpha,
 scale=1, initial_state=S_0^T, output_final_state=True). The bench keeps eta >= 0.05 so v
-stays bounded; fla's error column checks the mapping.
+stays bounded; fla's error column checks the mapping on the GPU, tests/test_bench_fla.py on
+CPU. fla need not be installed: `bash bench/fetch_fla.sh` unpacks it into .fla/site, and
+`PYTHONPATH=.fla/site python bench/kernels.py ...` finds it (bench/gpu_check.sh does so).
 
 Part 2, the memory layer (memory.NeuralMemory, linear, C=64; 32 at d=128, the fused limit): backend "torch" (per-chunk
 PyTorch, the CPU path) vs "triton" (one fused kernel, kernels/triton_memory.py), for the DGD
