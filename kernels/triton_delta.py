@@ -98,6 +98,46 @@ def _reverse_cumsum(x, rows):
 
 
 @triton.jit
+def _sum_after(x, rows):
+    """y[s] = sum_{t > s} x[t] over the chunk."""
+    return tl.sum(tl.where(rows[None, :] > rows[:, None], x[None, :], 0.0), 1)
+
+
+@triton.jit
+def _sum_before(x, rows):
+    """y[s] = sum_{i < s} x[i] over the chunk."""
+    return tl.sum(tl.where(rows[None, :] < rows[:, None], x[None, :], 0.0), 1)
+
+
+# Gradients w.r.t. log gates. A decay e^{g_t - g_i} holds the gates s = i+1..t, so the
+# gradient of log gate s is the sum of e = (its gradient x itself) over the spans that hold
+# s. Summed as rowsum - colsum and then a cumsum, the O(1) terms of the spans without s
+# cancel and leave s's own terms, which carry the factor gate_s, at the cumsum's absolute
+# rounding error: the gate's gradient, that sum / gate_s, was then off by ~1e-7 / gate_s
+# (1e12 x too large at gate 1e-20). These helpers sum only the terms that hold s.
+
+@triton.jit
+def _span_grad(e, rows, L, STRICT: tl.constexpr):
+    """y[s] = sum of e[t, i] over i < s <= t <= L (s < t if STRICT): the log-gate gradient
+    from decays e^{g_t - g_i} (STRICT: e^{g_{t-1} - g_i}), e = their gradient x themselves."""
+    before = tl.where(rows[:, None] < rows[None, :], 1.0, 0.0)                 # [i, s]: i < s
+    spans = tl.dot(e, before, input_precision="ieee")      # [t, s]: sum_{i<s} e[t, i], exact 0/1
+    if STRICT:
+        holds = rows[:, None] > rows[None, :]
+    else:
+        holds = rows[:, None] >= rows[None, :]
+    return tl.sum(tl.where(holds & (rows[:, None] <= L), spans, 0.0), 0)
+
+
+@triton.jit
+def _gate_grad(dlog, gate):
+    """d/d gate from d/d log(gate). Where log(gate) is clamped at LOG_GATE_FLOOR (gate 0 or
+    below e^-69) the clamp's gradient, 0, as in kernels/chunked.py (dlog / 0 was NaN / inf)."""
+    in_range = tl.log(gate) > LOG_GATE_FLOOR
+    return tl.where(in_range, dlog / tl.where(in_range, gate, 1.0), 0.0)
+
+
+@triton.jit
 def _state_tile(K, V, v0, BK: tl.constexpr, BV: tl.constexpr):
     """Key indices [BK], value indices v0.. [BV] and the mask of a [BK, BV] state tile."""
     rk = tl.arange(0, BK)
@@ -228,13 +268,15 @@ def _delta_grads_tail(q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt
         d_mq = tl.where(rows[:, None] >= rows[None, :], d_mq, 0.0)
         dq = tl.exp(g)[:, None] * d_qh + tl.dot(d_mq * gamma, kc, input_precision=PREC)
         dk += tl.dot(tl.trans(d_mq * gamma), q, input_precision=PREC)
-        e_mq = d_mq * mq
-        dg = tl.sum(e_mq, 1) - tl.sum(e_mq, 0) + tl.exp(g) * tl.sum(q * d_qh, 1)
+        dlog_alpha = _span_grad(d_mq * mq, rows, L, False)                    # Gamma
+        dg = tl.exp(g) * tl.sum(q * d_qh, 1)                                  # d e^{g_t}, t <= L
     else:
         dq = 0.0
+        dlog_alpha = tl.zeros_like(g)
         dg = tl.zeros_like(g)
-    s_kt = kt_scale * tl.sum(kc * d_kt, 1)
-    dg += tl.where(rows == L, tl.sum(s_kt, 0) + tl.exp(g_last) * h_dh, 0.0) - s_kt
+    s_kt = kt_scale * tl.sum(kc * d_kt, 1)                  # e^{g_L - g_i} holds i < s <= L
+    dlog_alpha += tl.where(rows <= L, _sum_before(s_kt, rows), 0.0)
+    dg += tl.where(rows == L, tl.exp(g_last) * h_dh, 0.0)
     # W = Tm B, U' = Tm U, Tm = (I + A)^{-1}
     d_b = tl.dot(tl.trans(tm), d_w, input_precision=PREC)
     d_tm = dd_u + tl.dot(d_w, tl.trans(b_scale[:, None] * kc), input_precision=PREC)
@@ -248,15 +290,14 @@ def _delta_grads_tail(q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt
     # A_ti = eta_t e^{gp_t - g_i} k_t.k_i
     f = d_a * decay_a
     deta += tl.sum(f * kk, 1)
-    e_a = eta[:, None] * f * kk
-    dgp += tl.sum(e_a, 1)
-    dg -= tl.sum(e_a, 0)
+    dlog_alpha += _span_grad(eta[:, None] * f * kk, rows, L, True)
     f = eta[:, None] * f
     dk += tl.dot(f, kc, input_precision=PREC) + tl.dot(tl.trans(f), kc, input_precision=PREC)
-    # g_t = sum_{s<=t} log alpha_s and gp_t = g_t - log alpha_t (chunk-local)
+    # g_t = sum_{s<=t} log alpha_s and gp_t = g_t - log alpha_t (chunk-local); the spans of
+    # the decay matrices are summed above (_span_grad: no cancellation at tiny gates)
     dg = tl.where(rows <= L, dg, 0.0)
     dgp = tl.where(rows <= L, dgp, 0.0)
-    dlog_alpha = _reverse_cumsum(dg + dgp, rows) - dgp
+    dlog_alpha += _reverse_cumsum(dg, rows) + _sum_after(dgp, rows)
     return dq, dk, deta, dlog_alpha, r_b
 
 
@@ -434,7 +475,7 @@ def _delta_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, do_ptr, d_
     _store_gate(deta_ptr, g_base, t0, end, H, deta, BT)
     if MEMORY:
         _store_gate(dlw_ptr, g_base, t0, end, H, 2.0 * r_b + 2.0 * du_v, BT)
-    _store_gate(dalpha_ptr, g_base, t0, end, H, dlog_alpha / alpha, BT)
+    _store_gate(dalpha_ptr, g_base, t0, end, H, _gate_grad(dlog_alpha, alpha), BT)
 
 
 @triton.jit

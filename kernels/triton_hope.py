@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .checks import SUPPORTED_DTYPES, check_saved_chunks, check_tensors
 from .triton_cms import ACT_IDS
-from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _delta_chunk_gates,
+from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _delta_chunk_gates, _gate_grad,
                            _grad_or_zeros, _load_gate, _load_kv, _load_rows, _load_state,
                            _needs_grad, _program, _store_gate, _store_rows, _store_state,
                            dot_precision)
@@ -239,7 +239,7 @@ def _hope_projections_bwd_kernel(x_ptr, weta_ptr, beta_ptr, walpha_ptr, balpha_p
             dk += dk_m
             dv += dv_m
             deta += dlr_m
-            dalpha += dla_m / alpha
+            dalpha += _gate_grad(dla_m, alpha)
             if i_r == 0:                            # the returned W_B is this chunk's start
                 dh1 += _load_state(dwinB_ptr, base, D, E, 0, BD, BE)
                 dh2 += _load_state(dwoutB_ptr, base, E, D, 0, BE, BD)

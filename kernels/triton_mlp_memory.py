@@ -79,10 +79,10 @@ from torch import Tensor
 from .checks import SUPPORTED_DTYPES, check_saved_chunks, check_scan_inputs, check_tensors
 from .triton_cms import ACT_IDS, _act
 from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _decay, _delta_chunk_gates,
-                           _delta_grads_tail, _delta_ut_system, _grad_or_zeros, _load_gate,
-                           _load_kv, _load_qk, _load_rows, _load_state, _needs_grad, _pick,
-                           _program, _reverse_cumsum, _store_gate, _store_kv, _store_rows,
-                           _store_state, dot_precision)
+                           _delta_grads_tail, _delta_ut_system, _gate_grad, _grad_or_zeros,
+                           _load_gate, _load_kv, _load_qk, _load_rows, _load_state, _needs_grad,
+                           _pick, _program, _store_gate, _store_kv, _store_rows, _store_state,
+                           dot_precision)
 from .triton_momentum import (_momentum_chunk_bwd, _momentum_chunk_fwd, _momentum_chunk_gates,
                               _momentum_grads_tail)
 
@@ -440,8 +440,8 @@ def _chunk_momentum_bwd(sq, sk, su, sh, sz, sdo, sdh, sdz, dh, dz, p, r, w, a, b
                         PREC: tl.constexpr):
     """The chain rule of triton_momentum._momentum_chunk_fwd with all of V in registers,
     given the chunk-end (dh, dz) (registers) and the chunk's Q, K, U, dO, h, z in scratch
-    slots (sdh, sdz: slots for dh, dz): returns (dQ, dK, dU, dlog_alpha and dlog_beta before
-    their reverse cumsum, chunk-start dh, dz), from triton_momentum's step back
+    slots (sdh, sdz: slots for dh, dz): returns (dQ, dK, dU, dlog_alpha, dlog_beta,
+    chunk-start dh, dz), from triton_momentum's step back
     (_momentum_chunk_bwd) and chain rule (_momentum_grads_tail); operands as in
     `_chunk_delta_bwd`."""
     _spill(sdh, dh, BK, BV)
@@ -537,7 +537,7 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
         dh1, dh2 = _chunk_grads_out(dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dwinB_ptr, dwoutB_ptr,
                                     dq, dk, dv, dlr, dh1, dh2, i_r, bh64, g_base, t0, end,
                                     H, D, E, BT, BD, BE)
-        _store_gate(dalpha_ptr, g_base, t0, end, H, dla / alpha, BT)
+        _store_gate(dalpha_ptr, g_base, t0, end, H, _gate_grad(dla, alpha), BT)
     _store_state(dwin_ptr, bh64 * E * D, D, E, 0, dh1, BD, BE)
     _store_state(dwout_ptr, bh64 * D * E, E, D, 0, dh2, BE, BD)
 
@@ -654,8 +654,8 @@ def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
         dh1, dh2 = _chunk_grads_out(dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dwinB_ptr, dwoutB_ptr,
                                     dy + dq1, dk, dv, dlr, dh1, dh2, i_r, bh64, g_base, t0, end,
                                     H, D, E, BT, BD, BE)
-        _store_gate(dalpha_ptr, g_base, t0, end, H, _reverse_cumsum(dla + dla1, rows) / alpha, BT)
-        _store_gate(dbeta_ptr, g_base, t0, end, H, _reverse_cumsum(dlb + dlb1, rows) / beta, BT)
+        _store_gate(dalpha_ptr, g_base, t0, end, H, _gate_grad(dla + dla1, alpha), BT)
+        _store_gate(dbeta_ptr, g_base, t0, end, H, _gate_grad(dlb + dlb1, beta), BT)
     _store_state(dwin_ptr, bh64 * E * D, D, E, 0, dh1, BD, BE)
     _store_state(dwout_ptr, bh64 * D * E, E, D, 0, dh2, BE, BD)
     _store_state(dzin_ptr, bh64 * E * D, D, E, 0, dz1, BD, BE)

@@ -27,10 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _chunk_span, _decay, _launch_dims, _load_gate,
-                           _load_kv, _load_qk, _load_rows, _load_state, _load_state_or_zeros,
-                           _log_cumsum, _pick, _program, _reverse_cumsum, _scalar_zero, _store_gate,
-                           _store_kv, _store_rows, _store_state)
+from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _chunk_span, _decay, _gate_grad, _launch_dims,
+                           _load_gate, _load_kv, _load_qk, _load_rows, _load_state,
+                           _load_state_or_zeros, _log_cumsum, _pick, _program, _reverse_cumsum,
+                           _scalar_zero, _span_grad, _store_gate, _store_kv, _store_rows,
+                           _store_state)
 
 
 @triton.jit
@@ -94,8 +95,8 @@ def _momentum_grads_tail(q, kc, qk, p, r, w, a, b, c, w_last, r_last, rows, L, d
     """The chain rule of one chunk from the products that sum over V (d_wqk = dO U^T,
     do_h = dO h^T, do_z = dO z^T, u_dh = U dh_next^T, u_dz = U dz_next^T and the scalars
     <h, dh_next>, <z, dh_next>, <z, dz_next>) through O, z_next, h_next, then W = P R,
-    c = P b, a = e^{la}, b = e^{lb}: returns (dq, dk, d_la, d_lb), the log-gate gradients
-    before their reverse cumsum. qk = Q K^T."""
+    c = P b, a = e^{la}, b = e^{lb}: returns (dq, dk, d_la, d_lb), the gradients w.r.t. the
+    chunk's log alpha and log beta. qk = Q K^T."""
     incl = rows[:, None] >= rows[None, :]
     is_last = rows == L
     gw = d_wqk * w
@@ -113,8 +114,11 @@ def _momentum_grads_tail(q, kc, qk, p, r, w, a, b, c, w_last, r_last, rows, L, d
     d_r += tl.dot(tl.trans(p), d_w, input_precision=PREC)                      # W = P R
     e_p = tl.where(incl, d_p, 0.0) * p
     e_r = tl.where(incl, d_r, 0.0) * r
-    d_la = tl.where(rows <= L, a * d_a + tl.sum(e_p, 1) - tl.sum(e_p, 0), 0.0)
-    d_lb = tl.where(rows <= L, b * d_b + tl.sum(e_r, 1) - tl.sum(e_r, 0), 0.0)
+    # la_t, lb_t sum the log gates s <= t; the decays P, R hold s in (j, t] (_span_grad)
+    d_la = (_reverse_cumsum(tl.where(rows <= L, a * d_a, 0.0), rows)
+            + _span_grad(e_p, rows, L, False))
+    d_lb = (_reverse_cumsum(tl.where(rows <= L, b * d_b, 0.0), rows)
+            + _span_grad(e_r, rows, L, False))
     return dq, dk, d_la, d_lb
 
 
@@ -258,8 +262,8 @@ def _momentum_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr
         _store_gate(dlw_ptr, g_base, t0, end, H, 2.0 * du_e, BT)
     _store_rows(dq_ptr, g_base * K, t0, end, H * K, 0, K, dq, BT, BK)
     _store_rows(dk_ptr, g_base * K, t0, end, H * K, 0, K, dk, BT, BK)
-    _store_gate(dalpha_ptr, g_base, t0, end, H, _reverse_cumsum(d_la, rows) / alpha, BT)
-    _store_gate(dbeta_ptr, g_base, t0, end, H, _reverse_cumsum(d_lb, rows) / beta, BT)
+    _store_gate(dalpha_ptr, g_base, t0, end, H, _gate_grad(d_la, alpha), BT)
+    _store_gate(dbeta_ptr, g_base, t0, end, H, _gate_grad(d_lb, beta), BT)
 
 
 @triton.jit

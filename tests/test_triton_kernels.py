@@ -6,6 +6,8 @@ helpers.triton_kernels_or_skip), the interpreter computes bf16 wrongly, so those
 and tiny. With a GPU the same small cases run natively, plus realistic sizes in fp32 and bf16,
 a 16K-token run and torch.compile.
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,6 +116,55 @@ def test_matches_reference_small(op, case):
         op, make_inputs(op, B, T, H, K, V, states, gates), C)
     assert dtypes_ok, "o must come back in q's dtype, states in fp32, gradients in inputs' dtypes"
     assert_close(errors, 1e-4, f"{op} {small_id(case)}")
+
+
+def gate_pattern(values, T, device):
+    """[1, T, 1] gates cycling through `values`."""
+    return torch.tensor(values).repeat(T // len(values) + 1)[:T].view(1, T, 1).to(device)
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", OPS)
+def test_tiny_gates_get_accurate_gradients(op):
+    """Gates of 1e-6 and 1e-20 among larger ones: reachable (HOPE's alpha = sigmoid(.),
+    Titans' beta = sigmoid(.) and alpha = 1 - sigmoid(.), down to 6e-8). The log-gate
+    gradients were once cumsums of rowsum - colsum over the decay matrices, whose O(1)
+    terms cancel to an absolute error of ~1e-7 that the division by the gate made relative
+    errors of 0.1 at gates of 1e-6 and 1e12 at 1e-20."""
+    inputs = make_inputs(op, 1, 37, 1, 16, 16, True)
+    inputs["alpha"] = gate_pattern([1e-6, 1.0, 1e-20, 0.7], 37, DEVICE)
+    if op == "momentum":
+        inputs["beta"] = inputs["alpha"].roll(1, 1)
+    errors, _ = compare_with_reference(op, inputs, 32)
+    assert_close(errors, 1e-4, op)
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", OPS)
+def test_zero_gates_get_zero_gradients_not_nan(op):
+    """A gate of exactly 0 (Titans: alpha = 1 - sigmoid(.) once the forget logit is above
+    ~17, beta = 0 without momentum) gets the gradient of its clamped log, 0, as on the
+    chunked PyTorch path (kernels/chunked.py; test_kernels.py checks it against the
+    reference), which this compares with. It was dlog / 0 = NaN, which the sigmoid's zero
+    derivative upstream passes on as NaN."""
+    inputs = make_inputs(op, 1, 37, 1, 16, 16, True)
+    inputs["alpha"] = gate_pattern([0.0, 1.0, 0.5, 0.0, 0.9], 37, DEVICE)
+    if op == "momentum":
+        inputs["beta"] = inputs["alpha"].roll(2, 1)
+    torch_path = functools.partial(getattr(kernels, f"{op}_rule"), backend="torch")
+    grads = []
+    for fn in (OPS[op][0], torch_path):
+        leaves = {n: t.clone().requires_grad_() for n, t in inputs.items() if t is not None}
+        outs = run_op(op, fn, {**inputs, **leaves}, chunk_size=32)
+        gen = torch.Generator().manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o in outs)
+        grads.append(dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())))))
+    for name, ours in grads[0].items():
+        assert torch.isfinite(ours).all(), f"{op}: d{name} is not finite"
+        assert relative_error(ours, grads[1][name].double()) <= 1e-4, f"{op}: d{name}"
+    for name in ("alpha", "beta"):
+        if name in inputs:
+            assert torch.all(grads[0][name][inputs[name] == 0] == 0), f"{op}: d{name} at 0"
 
 
 @needs_kernels
