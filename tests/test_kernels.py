@@ -145,6 +145,27 @@ def test_gates_near_zero(op, dtype):
 
 
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("case", ["tiny_gates_alternating", "no_forgetting_strong_steps"])
+def test_extreme_reachable_gates_float32(op, case):
+    """fp32 at the ends of what memory.py produces: gates of 1e-20 alternating with 1
+    (sigmoid gates; their cumulative products span 1e-400), and alpha = beta = 1 for every
+    token with DGD steps eta |k|^2 = lr |k|^2 / (1 + lr |k|^2) near 1 (no forgetting, large
+    keys and rates), over several chunks with a ragged tail."""
+    x = make_inputs(op, T=150, seed=8, dtype=torch.float32)
+    with torch.no_grad():
+        gates = [x[n] for n in ("alpha", "beta") if n in x]
+        for i, gate in enumerate(gates):
+            if case == "tiny_gates_alternating":
+                gate.fill_(1.0)
+                gate[:, i::2] = 1e-20
+            else:
+                gate.fill_(1.0)
+        if op == "delta" and case == "no_forgetting_strong_steps":
+            x["eta"].copy_(1e3 / (1 + 1e3 * x["k"].pow(2).sum(-1)))
+    compare_with_reference(op, x, chunk_size=32, rel=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_gates_exactly_zero(op):
     """A gate of exactly 0 resets the memory: outputs, states and the gradients of every
     input match the reference, except the gradient w.r.t. the zero gates themselves,
