@@ -117,11 +117,14 @@ def _sum_before(x, rows):
 # (1e12 x too large at gate 1e-20). These helpers sum only the terms that hold s.
 
 @triton.jit
-def _span_grad(e, rows, L, STRICT: tl.constexpr):
+def _span_grad(e, rows, L, STRICT: tl.constexpr, PREC: tl.constexpr):
     """y[s] = sum of e[t, i] over i < s <= t <= L (s < t if STRICT): the log-gate gradient
-    from decays e^{g_t - g_i} (STRICT: e^{g_{t-1} - g_i}), e = their gradient x themselves."""
+    from decays e^{g_t - g_i} (STRICT: e^{g_{t-1} - g_i}), e = their gradient x themselves.
+    The prefix sum over i is a product with a 0/1 matrix, so only terms that hold s are added
+    (a cumsum minus e[t, s] would cancel against the O(1) e[t, s] again); in tf32 (PREC) each
+    term is rounded to ~1e-3, relative to s's own small terms, not to the O(1) ones."""
     before = tl.where(rows[:, None] < rows[None, :], 1.0, 0.0)                 # [i, s]: i < s
-    spans = tl.dot(e, before, input_precision="ieee")      # [t, s]: sum_{i<s} e[t, i], exact 0/1
+    spans = tl.dot(e, before, input_precision=PREC)        # [t, s]: sum_{i<s} e[t, i]
     if STRICT:
         holds = rows[:, None] > rows[None, :]
     else:
@@ -268,7 +271,7 @@ def _delta_grads_tail(q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt
         d_mq = tl.where(rows[:, None] >= rows[None, :], d_mq, 0.0)
         dq = tl.exp(g)[:, None] * d_qh + tl.dot(d_mq * gamma, kc, input_precision=PREC)
         dk += tl.dot(tl.trans(d_mq * gamma), q, input_precision=PREC)
-        dlog_alpha = _span_grad(d_mq * mq, rows, L, False)                    # Gamma
+        dlog_alpha = _span_grad(d_mq * mq, rows, L, False, PREC)                    # Gamma
         dg = tl.exp(g) * tl.sum(q * d_qh, 1)                                  # d e^{g_t}, t <= L
     else:
         dq = 0.0
@@ -290,7 +293,7 @@ def _delta_grads_tail(q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt
     # A_ti = eta_t e^{gp_t - g_i} k_t.k_i
     f = d_a * decay_a
     deta += tl.sum(f * kk, 1)
-    dlog_alpha += _span_grad(eta[:, None] * f * kk, rows, L, True)
+    dlog_alpha += _span_grad(eta[:, None] * f * kk, rows, L, True, PREC)
     f = eta[:, None] * f
     dk += tl.dot(f, kc, input_precision=PREC) + tl.dot(tl.trans(f), kc, input_precision=PREC)
     # g_t = sum_{s<=t} log alpha_s and gp_t = g_t - log alpha_t (chunk-local); the spans of

@@ -116,9 +116,9 @@ def _momentum_grads_tail(q, kc, qk, p, r, w, a, b, c, w_last, r_last, rows, L, d
     e_r = tl.where(incl, d_r, 0.0) * r
     # la_t, lb_t sum the log gates s <= t; the decays P, R hold s in (j, t] (_span_grad)
     d_la = (_reverse_cumsum(tl.where(rows <= L, a * d_a, 0.0), rows)
-            + _span_grad(e_p, rows, L, False))
+            + _span_grad(e_p, rows, L, False, PREC))
     d_lb = (_reverse_cumsum(tl.where(rows <= L, b * d_b, 0.0), rows)
-            + _span_grad(e_r, rows, L, False))
+            + _span_grad(e_r, rows, L, False, PREC))
     return dq, dk, d_la, d_lb
 
 
