@@ -59,11 +59,31 @@ def outputs_of(y, state):
     return outs
 
 
-def compare_with_torch_path(rule, B, T, H, d, C, segments=None):
+# Gates at the ends of what the models produce (test_extreme_gates_match_torch_path), as
+# values repeated along T: exactly 0 (Titans: alpha = 1 - sigmoid(.) is 0 in fp32 above a
+# forget logit of ~17) and tiny but nonzero (sigmoid gates: 1e-6, 1e-20) among larger ones.
+EXTREME_GATES = {"zero": [0.0, 1.0, 0.5, 0.0, 0.9], "tiny": [1e-6, 1.0, 1e-20, 0.7]}
+
+
+def with_gates(inputs, values):
+    """inputs with alpha = `values` repeated along T (and beta, if any, the same shifted by
+    one token, so that both gates take every value)."""
+    B, T, H = inputs["alpha"].shape
+    alpha = torch.tensor(values).repeat(T // len(values) + 1)[:T].view(1, T, 1).expand(B, T, H)
+    alpha = alpha.contiguous().to(inputs["alpha"].device)
+    return {**inputs, "alpha": alpha,
+            "beta": None if inputs["beta"] is None else alpha.roll(1, 1)}
+
+
+def compare_with_torch_path(rule, B, T, H, d, C, segments=None, gates=None):
     """Relative errors (max |diff| / max(1, max |ref|)) of every output and every gradient
-    (inputs and the meta-learned initial weights) for the loss sum <out, random cotangent>."""
+    (inputs and the meta-learned initial weights) for the loss sum <out, random cotangent>.
+    gates: values for alpha (and beta) instead of random ones (`with_gates`)."""
     segments = segments or [T]
-    return fused_vs_oracle_errors(make_memory(rule, H, d, C), make_inputs(rule, B, T, H, d), segments,
+    inputs = make_inputs(rule, B, T, H, d)
+    if gates is not None:
+        inputs = with_gates(inputs, gates)
+    return fused_vs_oracle_errors(make_memory(rule, H, d, C), inputs, segments,
                                   run_segments, outputs_of, ["init_weight"], DEVICE)
 
 
@@ -89,6 +109,20 @@ def test_segments_mid_chunk_match_one_call(rule):
     """Segments ending mid-chunk: the next call finishes the chunk on the torch path and the
     write point W_B (the kernel's returned chunk-start state) carries gradients across."""
     assert_close(compare_with_torch_path(rule, 1, 19, 1, 8, 4, segments=[6, 7, 6]), 2e-5, rule)
+
+
+@needs_kernels
+@pytest.mark.parametrize("gates", EXTREME_GATES)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")  # the interpreter's numpy log(0)
+def test_extreme_gates_match_torch_path(rule, gates):
+    """Gates of exactly 0 and of 1e-6 / 1e-20 (EXTREME_GATES): every output and gradient,
+    dalpha and dbeta included, within the usual tolerance of the float64 torch path. The
+    kernels' gate gradient is d/dlog(gate) / gate (_gate_grad): it was NaN at a gate of 0,
+    and off by up to 1e12 x at 1e-20 while d/dlog(gate) carried an absolute error. At a gate
+    of 0 both paths give 0, the gradient of the clamped log (kernels/chunked.py)."""
+    assert_close(compare_with_torch_path(rule, 1, 19, 1, 8, 4, gates=EXTREME_GATES[gates]), 2e-5,
+                 f"{rule} {gates} gates")
 
 
 @needs_kernels

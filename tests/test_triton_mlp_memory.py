@@ -20,7 +20,8 @@ needs_kernels = triton_kernels_or_skip()
 
 from kernels import triton_mlp_memory  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
-from test_triton_memory import assert_close, make_inputs, run_segments  # noqa: E402
+from test_triton_memory import (EXTREME_GATES, assert_close, make_inputs, run_segments,  # noqa: E402
+                                with_gates)
 
 
 def make_memory(rule, H, d, expansion, C, activation="silu", seed=0, **options):
@@ -38,15 +39,19 @@ def outputs_of(y, state):
 
 
 def compare_with_torch_path(rule, B, T, H, d, expansion, C, activation="silu", segments=None,
-                            self_target=False, **options):
+                            self_target=False, gates=None, **options):
     """Relative errors (max |diff| / max(1, max |ref|)) of every output and every gradient
     for the loss sum <out, random cotangent>, fused (fp32) vs the torch path (float64).
-    self_target: both run memory.scan(self_target=True) (HOPE's M_B(v) targets)."""
+    self_target: both run memory.scan(self_target=True) (HOPE's M_B(v) targets). gates:
+    values for alpha (and beta) instead of random ones (test_triton_memory.with_gates)."""
     segments = segments or [T]
     run = run_segments if not self_target else (
         lambda mem, *args: run_segments(functools.partial(mem, self_target=True), *args))
+    inputs = make_inputs(rule, B, T, H, d)
+    if gates is not None:
+        inputs = with_gates(inputs, gates)
     errors = fused_vs_oracle_errors(make_memory(rule, H, d, expansion, C, activation, **options),
-                                    make_inputs(rule, B, T, H, d), segments, run, outputs_of,
+                                    inputs, segments, run, outputs_of,
                                     ["init_w_in", "init_w_out"], DEVICE)
     assert set(errors) >= {"dq", "dk", "dv", "dlr", "dalpha", "dinit_w_in", "dinit_w_out"}
     assert rule != "momentum" or {"dbeta", "z_in", "z_out"} <= set(errors)
@@ -75,6 +80,22 @@ def test_wide_head_matches_torch_path(rule):
     options = dict(self_target=True) if rule == "dgd" else {}
     assert_close(compare_with_torch_path(rule, 1, 11, 1, 72, 1, 8, **options), 2e-5,
                  f"{rule} d=72")
+
+
+@needs_kernels
+@pytest.mark.parametrize("gates", EXTREME_GATES)
+@pytest.mark.parametrize("rule", triton_mlp_memory.FUSED_RULES)
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")  # the interpreter's numpy log(0)
+def test_extreme_gates_match_torch_path(rule, gates):
+    """Gates of exactly 0 and of 1e-6 / 1e-20 (test_triton_memory.EXTREME_GATES): every
+    output and gradient, dalpha and dbeta included, within the usual tolerance of the
+    float64 torch path; GD with self-generated targets (HOPE's memories, whose alpha is a
+    sigmoid). The kernels' gate gradient is d/dlog(gate) / gate (_gate_grad): it was NaN at
+    a gate of 0 and off by up to 1e12 x at 1e-20; at 0 both paths give 0 (the clamped log's
+    gradient, kernels/chunked.py)."""
+    options = dict(self_target=True) if rule == "gd" else {}
+    assert_close(compare_with_torch_path(rule, 1, 21, 1, 8, 2, 8, gates=EXTREME_GATES[gates],
+                                         **options), 2e-5, f"{rule} {gates} gates")
 
 
 @needs_kernels
