@@ -139,7 +139,9 @@ class LongTermMemory(nn.Module):
         if self.inner_lr_fixed is not None:
             theta = torch.full_like(theta, self.inner_lr_fixed)
         beta = torch.sigmoid(logits[:, :, 1]) if self.use_momentum else torch.zeros_like(theta)
-        alpha = 1 - torch.sigmoid(logits[:, :, 2]) if self.use_forget else torch.ones_like(theta)
+        # 1 - sigmoid(f), written sigmoid(-f): the difference rounds to multiples of ~6e-8 and is
+        # exactly 0 from f ~ 17, where sigmoid(-f) keeps its precision (to ~1e-38)
+        alpha = torch.sigmoid(-logits[:, :, 2]) if self.use_forget else torch.ones_like(theta)
         return theta, alpha, beta
 
     def forward(self, x, state=None):

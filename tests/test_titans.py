@@ -116,6 +116,18 @@ def test_gate_switches():
     assert lr.max() < 0.5 and 0 < alpha.min() and alpha.max() < 1 and 0 < beta.min()
 
 
+def test_forget_gate_keeps_its_precision_at_large_logits():
+    """alpha = 1 - sigmoid(f) as sigmoid(-f): at f = 20 and 30 it is e^-f to fp32 precision,
+    where 1 - sigmoid(f) rounds to exactly 0 (a gate the scan kernels can only clamp)."""
+    memory = tiny("lmm").blocks[0].mixer.memory
+    with torch.no_grad():
+        memory.w_gates.weight.zero_()
+        memory.w_gates.bias.view(3, -1)[2] = torch.tensor([20.0, 30.0]).repeat_interleave(memory.n_head // 2)
+    _, alpha, _ = memory.gates(torch.randn(1, 3, 32))
+    expected = torch.tensor([20.0, 30.0]).repeat_interleave(memory.n_head // 2).neg().exp()
+    torch.testing.assert_close(alpha, expected.expand_as(alpha), rtol=1e-5, atol=0)
+
+
 def test_bad_titans_settings_raise_clear_errors():
     with pytest.raises(ValueError, match="model.titans.chunk_size must be an integer >= 1, got 0"):
         tiny("lmm", chunk_size=0)
