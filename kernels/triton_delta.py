@@ -16,6 +16,12 @@ gp_t = g_{t-1}, and delta_t = u_t - eta_t S_{t-1} k_t (the write that actually l
 This is the WY/UT form of the gated delta rule (fla `gated_delta_rule`), written directly in
 (alpha, eta, u). Every exponent above is a sum of log-gates over a forward range, so it is
 <= 0 for 0 < alpha <= 1: no ratio can overflow, and masked entries are exp(-inf) = 0.
+Precision limit: an exponent is formed as the difference g_t - g_i of chunk-local cumsums,
+so after tiny or zero gates early in a chunk (|g| in the hundreds: each zero gate adds
+LOG_GATE_FLOOR) it carries ~ulp(|g|): relative errors up to ~1e-4 at C = 32-64 with 8-16
+such gates (chunked.py sums each span on its own and stays at ~1e-7). That is below tf32
+training precision; summing the spans in the kernels (a masked cumsum of a [BT, BT] tile)
+would remove it, at a register cost to be measured on a GPU.
 
 Kernels (all state math in fp32; grid axes: chunks or V-blocks x batch*heads):
     _delta_prep_kernel        parallel over chunks: Tm by forward substitution, W, U'
