@@ -46,7 +46,7 @@ class LMAdapter:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_len = max_len
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self._device = torch.device(device) if device is not None else next(model.parameters()).device
         self.batch_size = batch_size
         self.max_gen_toks = max_gen_toks
         self.segment_len = segment_len
@@ -60,6 +60,12 @@ class LMAdapter:
         return cls(model, tokenizer, cfg.train.seq_len, device=device, **kwargs)
 
     # lm-eval reads these
+    @property
+    def device(self):
+        """lm-eval's LM (0.4.13) has a read-only `device` property over `_device`: assigning
+        self.device would fail there, so this class keeps `_device` too."""
+        return self._device
+
     @property
     def eot_token_id(self):
         return self.tokenizer.eot_id

@@ -134,6 +134,41 @@ def test_our_lm_without_lm_eval_names_the_install_command():
     assert "pip install" in INSTALL_HINT
 
 
+class StandInLM:
+    """What OurLM inherits from lm-eval 0.4.13's lm_eval.api.model.LM: an __init__ that sets
+    _rank, _world_size, _device = None, and read-only properties over them."""
+
+    def __init__(self):
+        self._rank, self._world_size, self._device = 0, 1, None
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def rank(self):
+        return self._rank
+
+
+def test_our_lm_builds_on_lm_evals_read_only_device(tiny, tmp_path, monkeypatch):
+    """Audit: LMAdapter assigned self.device, which lm-eval's LM makes a read-only property, so
+    OurLM(...) and OurLM.from_checkpoint(...) raised AttributeError with the pinned lm-eval
+    (the parity test below needs lm-eval installed, which CI does not have)."""
+    import sys
+    import types
+    import eval.lm_eval_adapter as adapter
+    api = types.ModuleType("lm_eval.api")
+    api.model = types.SimpleNamespace(LM=StandInLM)
+    for name, module in {"lm_eval": types.ModuleType("lm_eval"), "lm_eval.api": api,
+                         "lm_eval.api.model": api.model}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(adapter, "_OUR_LM", None)
+    model, tok = tiny
+    lm = adapter.OurLM(model, tok, max_len=64, device="cpu")
+    assert isinstance(lm, StandInLM) and lm.device == torch.device("cpu") and lm.rank == 0
+    assert adapter.OurLM(model, tok, max_len=64).device == next(model.parameters()).device
+
+
 @pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval not installed (pip install -r requirements-eval.txt)")
 def test_parity_with_lm_eval(tiny):
     """lm-eval's own rolling windows give the same tokens as ours, and OurLM is an lm-eval LM
