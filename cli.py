@@ -114,6 +114,23 @@ def resolve_device(name: str) -> str:
 
 
 # -----------------------------------------------------------------------------
+# input files
+
+def read_text(path: str, hint: str = "") -> str:
+    """A UTF-8 text file, read as open() in text mode reads it (universal newlines); a file
+    that is not UTF-8 is a ValueError naming it and its first bad byte (the decoder's own
+    message names neither the file nor where), followed by "; <hint>" when given."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
+                         + (f"; {hint}" if hint else "")) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+# -----------------------------------------------------------------------------
 # output paths: checked before the long run, so that a bad one is an error up front, not after
 # hours; missing folders on the way are made when the output is written
 

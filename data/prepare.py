@@ -31,7 +31,7 @@ from collections import deque
 import numpy as np
 
 from cli import (OneLineArgumentParser, int_at_least, non_negative_int, one_line, open_fraction,
-                 output_dir_problem, positive_int, seed_int)
+                 output_dir_problem, positive_int, read_text, seed_int)
 from data.builtin import iter_builtin_documents
 from data.meta import META_FORMAT_VERSION, META_NAME, check_shards, load_meta, read_meta_json
 from data.shards import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES, write_shard
@@ -65,12 +65,7 @@ def _check_local_file_types(paths: list[str]):
 def _iter_local_files(paths: list[str], text_field: str):
     for path in paths:
         if path.endswith(".txt"):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            except UnicodeDecodeError:
-                raise ValueError(_not_utf8(path)) from None
-            yield text
+            yield read_text(path, hint="convert it to UTF-8 or leave it out of the glob")
         elif path.endswith(".jsonl"):
             with open(path, "rb") as f:  # bytes, so an undecodable line can be named
                 for line_number, raw in enumerate(f, 1):
@@ -86,18 +81,6 @@ def _iter_local_files(paths: list[str], text_field: str):
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{line_number} is not valid JSON: {e.msg}") from None
                     yield _text_of_row(row, text_field, f"{path}:{line_number}")
-
-
-def _not_utf8(path: str) -> str:
-    """One-line message for a .txt file that does not decode as UTF-8 (with the first bad byte)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        raw.decode("utf-8")
-        where = ""
-    except UnicodeDecodeError as e:
-        where = f" (byte 0x{raw[e.start]:02x} at offset {e.start})"
-    return f"{path} is not UTF-8 text{where}; convert it to UTF-8 or leave it out of the glob"
 
 
 def _text_of_row(row, text_field: str, where: str) -> str:

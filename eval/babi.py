@@ -26,7 +26,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from eval.common import read_text
+from cli import read_text
 
 # -----------------------------------------------------------------------------
 # vocabulary (evals.md §1.8 "Common world")

@@ -52,12 +52,11 @@ import torch
 import torch.nn.functional as F
 
 from cli import (OneLineArgumentParser, check_output_file, non_negative_float, non_negative_int,
-                 positive_float, positive_int, seed_int, write_atomic)
+                 positive_float, positive_int, read_text, seed_int, write_atomic)
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
 from eval.common import (bf16_autocast, check_checkpoint_out, check_data_dir, check_long_inputs, context_handling,
                          context_limit, continuation_logprob, default_data_dir, eval_mode, exit_on_error, fit_prompt,
-                         greedy_generate, load_checkpoint, load_for_generation, mean_over_scored, model_device, prefill,
-                         read_text)
+                         greedy_generate, load_checkpoint, load_for_generation, mean_over_scored, model_device, prefill)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M")

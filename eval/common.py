@@ -44,19 +44,6 @@ def check_data_dir(data_dir: str | None) -> str | None:
     return data_dir
 
 
-def read_text(path: str) -> str:
-    """A UTF-8 text file, read as open() in text mode reads it (universal newlines); a file
-    that is not UTF-8 is a ValueError naming it and its first bad byte (the decoder's own
-    message names neither the file nor where)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
 def is_recurrent(model) -> bool:
     """Constant-size state (fast weights, windowed caches): any length streams in flat memory."""
     config = getattr(model, "config", None)

@@ -50,8 +50,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from cli import OneLineArgumentParser, check_output_dir, non_negative_int, positive_float, positive_int, seed_int
-from eval.common import check_data_dir, default_data_dir, read_text
+from cli import (OneLineArgumentParser, check_output_dir, non_negative_int, positive_float, positive_int,
+                 read_text, seed_int)
+from eval.common import check_data_dir, default_data_dir
 from eval.common import (clone_state, continuation_logprob, eval_mode, exit_on_error, is_recurrent, load_checkpoint,
                          model_device, prefill)
 from eval.perplexity import encode_pair, loglikelihood_tokens

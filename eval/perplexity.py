@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import OneLineArgumentParser, check_output_file, positive_int, write_atomic
-from eval.common import eval_mode, exit_on_error, load_checkpoint, model_device, read_text
+from cli import OneLineArgumentParser, check_output_file, positive_int, read_text, write_atomic
+from eval.common import eval_mode, exit_on_error, load_checkpoint, model_device
 
 LN2 = math.log(2.0)
 DATA_DIR_ENV = "NL_DATA_DIR"  # a copy of shared/data: <dir>/wikitext/wiki.test.raw, <dir>/lambada/...

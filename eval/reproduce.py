@@ -330,7 +330,7 @@ def _load(path: str):
     it, an edit) is a ReproduceError naming it, as its step counts as done while it exists."""
     if not os.path.isfile(path):
         return None
-    from eval.common import read_text
+    from cli import read_text
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
