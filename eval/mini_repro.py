@@ -238,7 +238,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     try:
         args.seeds = [seed_int(s) for s in args.seeds.split(",") if s.strip()]
-    except (ValueError, argparse.ArgumentTypeError):
+    except argparse.ArgumentTypeError:          # seed_int: not an integer, or out of range
         p.error(f"--seeds {args.seeds!r}: expected a comma list of integers in [0, {SEED_RANGE})")
     if not args.seeds:
         p.error("--seeds: give at least one seed")
