@@ -341,12 +341,31 @@ def _load(path: str):
 
 
 def _get(data, *keys):
-    """data[k1][k2]...; None when any level is missing or was skipped."""
+    """data[k1][k2]...; None when any level is missing or was skipped. A leaf is a number (every
+    metric the tables read is one); anything else is a ReproduceError naming the keys."""
     for k in keys:
         if not isinstance(data, dict) or k not in data or (isinstance(data[k], dict) and "skipped" in data[k]):
             return None
         data = data[k]
-    return data
+    return data if isinstance(data, dict) else _number(data, "/".join(map(str, keys)))
+
+
+class _NotANumber(ReproduceError):
+    """A metric that is not a number; markdown() adds the run folder."""
+
+
+def _number(value, where: str):
+    """VALUE when it is None or a number: a results file edited by hand may hold text."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    raise _NotANumber(f"'{where}' is {value!r}, not a number")
+
+
+def _table(value, where: str) -> dict:
+    """VALUE when it is a dict ({} for None): per-length or per-task cells."""
+    if value is None or isinstance(value, dict):
+        return value or {}
+    raise _NotANumber(f"'{where}' is {value!r}, not a table")
 
 
 def _percent(v):
@@ -371,10 +390,10 @@ def lm_metrics(run_path: str) -> dict:
 
 def _niah_cell(accuracy: dict, task: int, length: str):
     """eval.run labels lengths '4k'; eval.niah writes token counts ('4096')."""
-    cells = (accuracy or {}).get(f"niah_single_{task}", {})
+    cells = _table(_table(accuracy, "accuracy").get(f"niah_single_{task}"), f"niah_single_{task}")
     tokens = str(int(length[:-1]) * 1024)
     value = cells.get(length, cells.get(tokens))
-    return _percent(value)
+    return _percent(_number(value, f"niah_single_{task}/{length}"))
 
 
 def niah_metrics(run_path: str, titans: bool) -> dict:
@@ -391,8 +410,10 @@ def niah_metrics(run_path: str, titans: bool) -> dict:
 
 def babilong_metrics(run_path: str) -> dict:
     """Official accuracy, mean over qa1-qa5, per length."""
-    means = _get(_load(os.path.join(run_path, EVAL_FILES["babilong"])), "mean_over_tasks", "official") or {}
-    return {length: _percent(means.get(length)) for length in BABILONG_EVAL_LENGTHS}
+    means = _table(_get(_load(os.path.join(run_path, EVAL_FILES["babilong"])), "mean_over_tasks", "official"),
+                   "mean_over_tasks/official")
+    return {length: _percent(_number(means.get(length), f"mean_over_tasks/official/{length}"))
+            for length in BABILONG_EVAL_LENGTHS}
 
 
 CONTINUAL_ARMS = ("sequential", "in_context_memory")
@@ -460,6 +481,14 @@ def layouts(table: str, ablation_base: str = "hope_1.3b") -> list[tuple[Layout, 
     return [(layout, rows)]
 
 
+def _metrics_of(layout: Layout, run_path: str) -> dict:
+    try:
+        return layout.metrics(run_path)
+    except _NotANumber as e:
+        raise ReproduceError(f"a results file under {run_path}: {e}; fix it, or delete it to run "
+                             "its step again") from None
+
+
 def _fmt(value, decimals) -> str:
     return "—" if value is None else f"{value:.{decimals}f}"
 
@@ -477,7 +506,7 @@ def markdown(table: str, root: str = DEFAULT_RESULTS_ROOT, ablation_base: str = 
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" * len(header))
         for r in rows:
-            ours = layout.metrics(run_dir(root, r.run)) if r.run else {}
+            ours = _metrics_of(layout, run_dir(root, r.run)) if r.run else {}
             paper = layout.paper.row(r.group, r.paper) if (layout.paper is not None and r.paper) else {}
             cells = []
             for key, _, decimals in layout.columns:

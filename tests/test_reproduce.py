@@ -358,3 +358,30 @@ def test_cli_damaged_results_file_is_one_line_and_keeps_the_table(content, messa
     assert exit_info.value.code == 2 and err.startswith(f"error: {path} {message}") and err.count("\n") == 1
     assert "delete it to run its step again" in err
     assert (tmp_path / "titans_table1.md").read_text() == "earlier table"
+
+
+@pytest.mark.parametrize("table, run, file, data, message", [
+    ("titans_table1", "transformer_340m", "perplexity",
+     {"perplexity": {"wikitext": {"word_perplexity": "12.5"}}}, "'perplexity/wikitext/word_perplexity' is '12.5'"),
+    ("titans_table1", "transformer_340m", "zeroshot", {"accuracy": {"piqa": True}}, "'accuracy/piqa' is True"),
+    ("nl_niah", "hope_760m-50b", "niah", {"niah": {"accuracy": {"niah_single_1": {"4k": "1.0"}}}},
+     "'niah_single_1/4k' is '1.0'"),
+    ("nl_niah", "hope_760m-50b", "niah", {"niah": {"accuracy": {"niah_single_1": 0.5}}},
+     "'niah_single_1' is 0.5, not a table"),
+    ("babilong", "hope_760m", "babilong", {"mean_over_tasks": {"official": {"4k": [0.5]}}},
+     "'mean_over_tasks/official/4k' is [0.5]"),
+    ("continual", "hope_760m", "continual", {"continual": {"domains": {"mean_forgetting": "n/a"}}},
+     "'domains/mean_forgetting' is 'n/a'"),
+])
+def test_cli_results_file_with_text_for_a_number_is_one_line(table, run, file, data, message, tmp_path, capsys):
+    """A results JSON edited by hand so a metric holds text (or a bool, a list): one line naming
+    the run folder and the metric's keys, not a format traceback; the earlier TABLE.md stays."""
+    run_path = tmp_path / "runs" / run
+    _write(str(run_path / rp.EVAL_FILES[file]), data)
+    (tmp_path / f"{table}.md").write_text("earlier table")
+    with pytest.raises(SystemExit) as exit_info:
+        rp.main([table, "--results-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: a results file under {run_path}: {message}"), err
+    assert (tmp_path / f"{table}.md").read_text() == "earlier table"
