@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from cli import OneLineArgumentParser, check_output_file, write_atomic
-from config import Config, ConfigError, config_from_dict, dump_yaml, read_yaml, to_dict
+from config import Config, ConfigError, check_vocab, config_from_dict, dump_yaml, read_yaml, to_dict
 
 # DCP warns on every single-process save/load that no process group exists: that is intended.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -299,7 +299,9 @@ def load_training_state(ckpt, model, optimizer, required=("step",)) -> dict:
 def load_config_of(ckpt) -> Config:
     path = os.path.join(ckpt, "config.yaml")
     try:
-        return config_from_dict(read_yaml(path))
+        cfg = config_from_dict(read_yaml(path))
+        check_vocab(cfg)                 # an edited tokenizer: sample and every eval tokenize
+        return cfg
     except ConfigError as e:
         raise ConfigError(str(e) if path in str(e) else f"{path}: {e}") from None
 

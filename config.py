@@ -591,5 +591,16 @@ def validate(cfg: Config):
         raise ConfigError(f"head dim d_model/n_head={m.d_model // m.n_head} must be even for RoPE")
 
 
+def check_vocab(cfg: Config):
+    """model.vocab_size (0 = the tokenizer's) holds every id of data.tokenizer: else the ids past
+    the embedding are an IndexError mid-run. For what tokenizes (train.py, a checkpoint's
+    config.yaml), not in validate: a model built alone may have any vocabulary."""
+    from data.tokenizer import VOCAB_SIZES       # light: the BPE files load only in get_tokenizer
+    ids = VOCAB_SIZES[cfg.data.tokenizer]
+    if cfg.model.vocab_size and cfg.model.vocab_size < ids:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                          f"{cfg.data.tokenizer} tokenizer's {ids}")
+
+
 def dump_yaml(cfg: Config, path: str):
     write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -185,7 +185,7 @@ class SelfModifyingTitans(nn.Module):
     def _projection_piece(self, features, state):
         """Stage 1 on one piece inside one C_other chunk: read k, v, q, eta, alpha at the
         chunk-start weights, then each projection memory learns its own target v^ = M_B(v)."""
-        H, d = self.n_head, self.head_dim
+        H = self.n_head
         reads = {}
         if self.projections is not None:
             n = len(self.projection_names)

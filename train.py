@@ -29,7 +29,7 @@ import distributed
 from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints, load_training_state,
                         resolve_checkpoint, save_checkpoint, saved_steps)
 from cli import check_output_dir
-from config import Config, ConfigError, dump_yaml, load_config, to_dict
+from config import Config, ConfigError, check_vocab, dump_yaml, load_config, to_dict
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier, full_value, gradient_sync
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.yaml")
@@ -299,12 +299,10 @@ def _train(cfg: Config, env: DistEnv):
             raise ConfigError(f"eval.during_training has unknown eval(s) {unknown}; valid: {', '.join(DURING_TRAINING)}")
         check_during_training(cfg.eval.during_training)   # else a missing file fails the first eval, after training
     check_out_dir(t)
+    check_vocab(cfg)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size
-    elif cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                          f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size}")
     data_dir = resolve_data_dir(cfg)
     if env.is_main:                   # one preparer: concurrent ones would race on the final rename
         prepare_data(cfg, data_dir)

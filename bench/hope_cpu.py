@@ -97,7 +97,7 @@ def main(argv=None):
         return report_error(e)
     results = {arch: bench_step(cfg, args.steps, args.warmup, "cpu", built=built.pop(arch))
                for arch, cfg in configs.items()}
-    print(f"| model | params | ms/step | tokens/s |\n|---|---:|---:|---:|")
+    print("| model | params | ms/step | tokens/s |\n|---|---:|---:|---:|")
     for arch, r in results.items():
         print(f"| {arch} | {r['params'] / 1e6:.2f}M | {r['sec_per_step'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} |")
     ratio = results["hope"]["sec_per_step"] / results["transformer"]["sec_per_step"]

@@ -89,6 +89,10 @@ class GPT2Tokenizer(Tokenizer):
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=max(1, num_workers))
 
 
+# ids per tokenizer, known without loading the BPE files (config.validate checks model.vocab_size)
+VOCAB_SIZES = {t.name: t.vocab_size for t in (GPT2Tokenizer, ByteTokenizer)}
+
+
 def _sha256_of_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from cli import OneLineArgumentParser, check_output_dir, positive_int
 from eval.common import exit_on_error
-from eval.paper_numbers import (ACCURACY_COLUMNS, FIGURE_ONLY, NL_TABLE1_SNIAH, NL_TABLE2, NL_TABLE6, TITANS_TABLE1,
+from eval.paper_numbers import (FIGURE_ONLY, NL_TABLE1_SNIAH, NL_TABLE2, NL_TABLE6, TITANS_TABLE1,
                                 TITANS_TABLE2, average_accuracy)
 
 TABLES = ("nl_table2", "nl_table6", "titans_table1", "nl_niah", "babilong", "continual")

@@ -353,22 +353,24 @@ def test_sample_top_k_0_samples_from_the_whole_vocabulary(saved_run, capsys):
     assert out.startswith("--- sample 0\nab")
 
 
-def test_sample_of_a_config_whose_tokenizer_outgrows_the_model_is_one_line(run, capsys):
+def test_sample_or_eval_of_a_config_whose_tokenizer_outgrows_the_model_is_one_line(run, capsys):
     """config.yaml edited to a tokenizer with more ids than the embedding has rows: the prompt's
-    ids were an IndexError traceback inside the model."""
+    ids were an IndexError traceback inside the model (config.validate now names it, before
+    the GPT-2 files or the weights load)."""
     import sample
-    from data.tokenizer import get_tokenizer
-    try:
-        get_tokenizer("gpt2")
-    except FileNotFoundError:
-        pytest.skip("no GPT-2 BPE files here")
+    from config import ConfigError
+    from eval.common import load_checkpoint
     path = os.path.join(run, STEP, "config.yaml")
     with open(path) as f:
         text = f.read()
     with open(path, "w") as f:
         f.write(text.replace("tokenizer: bytes", "tokenizer: gpt2"))
+    message = f"{path}: model.vocab_size=257 is smaller than the gpt2 tokenizer's 50257"
     assert sample.main(["--checkpoint", run, "--tokens", "2", "--device", "cpu", "--prompt", "hello"]) == 2
-    _one_line(capsys.readouterr().err, f"{path}: model.vocab_size=257 is smaller than the gpt2 tokenizer's 50257")
+    _one_line(capsys.readouterr().err, message)
+    with pytest.raises(ConfigError) as e:
+        load_checkpoint(run, "cpu")
+    assert str(e.value) == message
 
 
 def test_sample_of_a_damaged_checkpoint_is_one_line(run, capsys):

@@ -40,6 +40,19 @@ def test_bad_values_name_the_key(data, message):
     assert "\n" not in str(e.value)
 
 
+def test_check_vocab_names_ids_past_the_embedding():
+    """ids past the embedding were an IndexError in the first step (train) or the first
+    forward of an edited checkpoint (sample, every eval)."""
+    from config import check_vocab
+    for data, message in [({"model": {"vocab_size": 257}}, "model.vocab_size=257 is smaller than the gpt2 tokenizer's 50257"),
+                          ({"model": {"vocab_size": 256}, "data": {"tokenizer": "bytes"}},
+                           "model.vocab_size=256 is smaller than the bytes tokenizer's 257")]:
+        with pytest.raises(ConfigError, match=f"^{message}$"):
+            check_vocab(config_from_dict(data))
+    for vocab_size in (0, 257, 50304):
+        check_vocab(config_from_dict({"model": {"vocab_size": vocab_size}, "data": {"tokenizer": "bytes"}}))
+
+
 def test_override_parsing_errors():
     with pytest.raises(ConfigError, match="overrides look like --section.key=value"):
         parse_overrides(["train.lr=3"])

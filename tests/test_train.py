@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -113,6 +112,9 @@ def test_bad_resume_path_and_data_errors(corpus, tmp_path):
     r = run_train([*TINY, "--data.dataset=files:/nonexistent/*.txt", f"--train.out_dir={tmp_path}/y",
                    f"--data.data_dir={tmp_path}/y-data"])
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    r = run_train([*TINY, f"--data.dataset={corpus}", f"--train.out_dir={tmp_path}/z", "--model.vocab_size=200"])
+    assert r.returncode == 2 and r.stderr == "error: model.vocab_size=200 is smaller than the bytes tokenizer's 257\n"
+    assert not os.path.exists(f"{tmp_path}/z")
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "delta_momentum"])
