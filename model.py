@@ -114,11 +114,39 @@ def causal_attention(q, k, v, q_pos, k_pos, window=None, backend="auto"):
     if plain_causal:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
-        allowed = k_pos[None, :] <= q_pos[:, None]
-        if window is not None:
-            allowed &= k_pos[None, :] > q_pos[:, None] - window
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(q_pos, k_pos, window))
     return y.transpose(1, 2)
+
+
+def attention_mask(q_pos, k_pos, window=None):
+    """[Tq, Tk] bool: query i sees key j iff k_pos[j] <= q_pos[i] (and, with a sliding
+    `window`, k_pos[j] > q_pos[i] - window)."""
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    return allowed
+
+
+def project_qkv(wqkv: nn.Linear, x, pos, n_head, rope_theta):
+    """q, k, v [B, T, H, d] of the tokens x [B, T, D] at absolute positions pos.. from one
+    fused projection, RoPE on q and k."""
+    B, T, D = x.shape
+    q, k, v = wqkv(x).view(B, T, 3, n_head, D // n_head).unbind(2)
+    cos, sin = rope_cos_sin(torch.arange(pos, pos + T, device=x.device), D // n_head, rope_theta,
+                            x.device, x.dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def extend_kv_cache(cache, k, v, end, window=None):
+    """Prepend the cached keys and values (`cache` = {"k", "v"} or None) to this call's k, v
+    [B, T, H, d], whose last token is at position end - 1. Returns (k, v, k_pos: their
+    absolute positions, the new cache: every key, or with a sliding `window` only the last
+    window - 1, all that a later query can see)."""
+    if cache is not None:
+        k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)
+    k_pos = torch.arange(end - k.shape[1], end, device=k.device)
+    keep = k.shape[1] if window is None else min(k.shape[1], window - 1)
+    return k, v, k_pos, {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:]}
 
 
 class Attention(nn.Module):
@@ -138,17 +166,10 @@ class Attention(nn.Module):
 
     def forward(self, x, state=None, pos=0):
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        q, k, v = project_qkv(self.wqkv, x, pos, self.n_head, self.rope_theta)
+        k, v, k_pos, new_state = extend_kv_cache(state, k, v, pos + T, self.window)
         q_pos = torch.arange(pos, pos + T, device=x.device)
-        cos, sin = rope_cos_sin(q_pos, self.head_dim, self.rope_theta, x.device, x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if state is not None:
-            k = torch.cat([state["k"], k], dim=1)
-            v = torch.cat([state["v"], v], dim=1)
-        k_pos = torch.arange(pos + T - k.shape[1], pos + T, device=x.device)
         y = causal_attention(q, k, v, q_pos, k_pos, self.window, self.backend)
-        keep = k.shape[1] if self.window is None else min(k.shape[1], self.window - 1)
-        new_state = {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:]}
         return self.wo(y.reshape(B, T, -1)), new_state
 
 
@@ -173,7 +194,7 @@ class Block(nn.Module):
         return x + h, {"mixer": mixer_state, "ffn": ffn_state}
 
 
-def make_block(cfg: ModelConfig, layer: int) -> Block:
+def make_block(cfg: ModelConfig) -> Block:
     """model.arch -> (sequence mixer, channel mixer) of one block."""
     if cfg.arch == "transformer":
         return Block(cfg, Attention(cfg), SwiGLU(cfg.d_model, ffn_hidden(cfg)))
@@ -194,13 +215,13 @@ class LanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size < 1:
-            raise ValueError("model.vocab_size must be set (build_model fills it from the tokenizer)")
+            raise ValueError("model.vocab_size must be set (train.py takes it from the tokenizer when it is 0)")
         if cfg.attention == "flash" and flash_attn_func is None:
             raise ValueError("model.attention=flash needs the flash-attn package (CUDA only: pip install "
                              "flash-attn); use model.attention=auto or sdpa")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList([make_block(cfg, i) for i in range(cfg.n_layer)])
+        self.blocks = nn.ModuleList([make_block(cfg) for _ in range(cfg.n_layer)])
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from config import ModelConfig
 from memory import NeuralMemory, chunk_pieces
-from model import RMSNorm, apply_rope, at_least_fp32, causal_attention, rope_cos_sin
+from model import RMSNorm, at_least_fp32, attention_mask, causal_attention, extend_kv_cache, project_qkv
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
 
@@ -175,9 +175,7 @@ def prefix_attention(q, k, v, q_pos, k_pos, prefix_k=None, prefix_v=None, window
     if prefix_k is None:
         return causal_attention(q, k, v, q_pos, k_pos, window, backend)
     B = q.shape[0]
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    allowed = attention_mask(q_pos, k_pos, window)
     prefix_allowed = torch.ones(q.shape[1], prefix_k.shape[1], dtype=torch.bool, device=q.device)
     allowed = torch.cat([prefix_allowed, allowed], dim=1)
     k = torch.cat([prefix_k.expand(B, -1, -1, -1).to(k.dtype), k], dim=1)
@@ -206,11 +204,7 @@ class PersistentAttention(nn.Module):
 
     def project(self, x, pos):
         """q, k, v [B, T, H, d] of tokens at absolute positions pos.., RoPE on q and k."""
-        B, T, _ = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
-        cos, sin = rope_cos_sin(torch.arange(pos, pos + T, device=x.device), self.head_dim,
-                                self.rope_theta, x.device, x.dtype)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return project_qkv(self.wqkv, x, pos, self.n_head, self.rope_theta)
 
     def prefix(self, dtype):
         """Keys and values of the persistent tokens [1, N_p, H, d] (no RoPE: no position)."""
@@ -222,16 +216,13 @@ class PersistentAttention(nn.Module):
 
     def forward(self, x, state=None, pos=0):
         """Sliding-window (or full causal) attention over the stream: (y heads, cache)."""
-        q, k, v = self.project(x, pos)
-        if state is not None:
-            k, v = torch.cat([state["k"], k], 1), torch.cat([state["v"], v], 1)
         T = x.shape[1]
+        q, k, v = self.project(x, pos)
+        k, v, k_pos, new_state = extend_kv_cache(state, k, v, pos + T, self.window)
         q_pos = torch.arange(pos, pos + T, device=x.device)
-        k_pos = torch.arange(pos + T - k.shape[1], pos + T, device=x.device)
         prefix_k, prefix_v = self.prefix(q.dtype)
         y = prefix_attention(q, k, v, q_pos, k_pos, prefix_k, prefix_v, self.window, self.backend)
-        keep = k.shape[1] if self.window is None else min(k.shape[1], self.window - 1)
-        return y, {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:]}
+        return y, new_state
 
     def flops_per_token(self, context):
         """Forward + backward FLOPs of the score and value products per token for
