@@ -322,6 +322,11 @@ class TrainConfig:
             except UnicodeEncodeError:
                 raise ConfigError(f"train.sample_prompt is not UTF-8 text, got {self.sample_prompt!r}") from None
 
+    def computes_in_bf16(self, device_type: str) -> bool:
+        """Whether the run computes in bf16 (autocast): dtype bfloat16, or auto on CUDA. Read by
+        train.setup_precision and by distributed.mixed_precision_dtype (FSDP2's auto)."""
+        return self.dtype == "bfloat16" or (self.dtype == "auto" and device_type == "cuda")
+
 
 @dataclass
 class EvalConfig:

@@ -6,8 +6,9 @@ train.py calls, in this order:
 
     env = setup(cfg)                       # process group (nccl on CUDA, gloo on CPU), device
     model = build_model(...).to(env.device)
-    model = parallelize(model, cfg, env)   # AC -> compile -> FSDP2 / DDP, each block separately
-    ...                                    # the optimiser is built on the parallelised model
+    train_model = parallelize(model, cfg, env)   # AC -> compile -> FSDP2 / DDP, each block separately
+    ...                                          # the optimiser is built on `model` after this: FSDP2
+                                                 # shards its parameters in place
     teardown(env, clean=True)
 
 Every architecture is sharded the same way: `fully_shard` on each `Block` in
@@ -172,8 +173,7 @@ def mixed_precision_dtype(cfg: Config, env: DistEnv):
     """FSDP2 parameter dtype: distributed.mixed_precision, where auto follows train.dtype."""
     choice = cfg.distributed.mixed_precision
     if choice == "auto":
-        computes_bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and env.device_type == "cuda")
-        return torch.bfloat16 if computes_bf16 else torch.float32
+        return torch.bfloat16 if cfg.train.computes_in_bf16(env.device_type) else torch.float32
     return torch.bfloat16 if choice == "bf16" else torch.float32
 
 
@@ -181,8 +181,9 @@ def apply_fsdp(model, cfg: Config, env: DistEnv):
     """FSDP2: fully_shard every block, then the root (embedding, final norm, head).
 
     Parameters are sharded on dim 0 across ranks and gathered per block just in time;
-    MixedPrecisionPolicy gathers them in bf16 on CUDA (fp32 on CPU/gloo, where bf16 matmuls
-    are slow) and always reduce-scatters gradients in fp32. The last block is never
+    MixedPrecisionPolicy gathers them in `mixed_precision_dtype` (by default bf16 when the
+    run computes in bf16, as on CUDA; fp32 on CPU/gloo, where bf16 matmuls are slow) and
+    always reduce-scatters gradients in fp32. The last block is never
     resharded after forward: backward would gather it again at once (torchtitan)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -64,7 +64,7 @@ def setup_precision(t, device_type: str) -> bool:
     (torch.set_float32_matmul_precision("high"), as nanoGPT and torchtitan do): the memory
     layers keep fast weights and their inputs in fp32, and their Triton kernels follow this
     setting (kernels.triton_delta.dot_precision; "highest", PyTorch's default, is exact fp32)."""
-    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device_type == "cuda")
+    use_bf16 = t.computes_in_bf16(device_type)
     if use_bf16 and device_type == "cuda":
         torch.set_float32_matmul_precision("high")
     return use_bf16
