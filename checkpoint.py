@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from cli import OneLineArgumentParser, check_output_file, write_atomic
 from config import Config, ConfigError, check_vocab, config_from_dict, dump_yaml, read_yaml, to_dict
+from distributed import barrier
 
 # DCP warns on every single-process save/load that no process group exists: that is intended.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -78,11 +79,6 @@ def _rank0():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _fsync_tree(path):
     for root, _, files in os.walk(path):
         for name in files:
@@ -102,7 +98,7 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
     if _rank0():
         os.makedirs(ckpt_root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     if _rank0():
@@ -120,7 +116,7 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
         shutil.rmtree(aside, ignore_errors=True)
         write_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
         _prune(ckpt_root, keep, name)
-    _barrier()
+    barrier()
     return final
 
 
