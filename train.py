@@ -4,9 +4,9 @@
     python train.py configs/hope_tiny.yaml --train.max_steps=200 --model.d_model=256
     torchrun --standalone --nproc_per_node=8 train.py CONFIG   # FSDP2 over 8 GPUs (docs/DISTRIBUTED.md)
 
-Reads a YAML config (DESIGN §2), prepares token shards if needed, trains with AdamW and a
-warmup + cosine/WSD schedule, evaluates, checkpoints atomically and resumes exactly
-(`train.resume=auto`). Writes <out_dir>/config.yaml and <out_dir>/metrics.jsonl.
+Reads a YAML config (DESIGN §2), prepares token shards if needed, trains with AdamW (or a
+deep optimiser of optim.py) and a warmup + cosine/WSD/constant schedule, evaluates,
+checkpoints atomically and resumes exactly (`train.resume=auto`). Writes <out_dir>/config.yaml and <out_dir>/metrics.jsonl.
 Under torchrun every rank runs this file; rank 0 alone prints and writes logs, and
 `train.batch_size` stays the global batch, so N ranks reproduce the 1-process losses.
 """
@@ -18,7 +18,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -35,6 +35,14 @@ from distributed import DistEnv, all_reduce_max, all_reduce_mean, all_reduce_sum
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.yaml")
 # dense bf16 peak FLOP/s for MFU (H100/H200 SXM; A100); other GPUs report MFU as n/a
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device_type) -> float | None:
+    """This GPU's entry of PEAK_FLOPS; None off CUDA and on other GPUs (no MFU is logged)."""
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for gpu, flops in PEAK_FLOPS.items() if gpu in name), None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -153,6 +161,29 @@ def check_eval_split(cfg: Config, dataset, data_dir):
                           "(train.eval_every=0, eval.final=false)")
 
 
+def check_during_training_evals(cfg: Config):
+    """eval.during_training names evals of eval.run.DURING_TRAINING whose offline data is
+    there: checked before step 1, else a missing file fails the first eval, after training."""
+    if not cfg.eval.during_training:
+        return
+    from eval.run import DURING_TRAINING, check_during_training
+    unknown = [n for n in cfg.eval.during_training if n not in DURING_TRAINING]
+    if unknown:
+        raise ConfigError(f"eval.during_training has unknown eval(s) {unknown}; valid: {', '.join(DURING_TRAINING)}")
+    check_during_training(cfg.eval.during_training)
+
+
+def checkpoint_to_resume(t) -> str | None:
+    """train.resume -> the checkpoint to start from: auto = the out_dir's latest (None when
+    it has none), never = None, a PATH = its checkpoint (FileNotFoundError without one)."""
+    if t.resume == "never":
+        return None
+    if t.resume == "auto":
+        ckpt_root = os.path.join(t.out_dir, "checkpoints")
+        return find_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
+    return resolve_checkpoint(t.resume)
+
+
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -209,6 +240,33 @@ def evaluate_sharded(model, dataset, batch_size, seq_len, max_batches, env: Dist
 
 def _silent(*args, **kwargs):
     pass
+
+
+class Throughput:
+    """Tokens per second between two logged steps, with the time spent in evals and
+    checkpoints left out (`with throughput.paused():`)."""
+
+    def __init__(self):
+        self.t_last, self.tokens = time.time(), 0
+
+    def add(self, tokens):
+        self.tokens += tokens
+
+    @contextmanager
+    def paused(self):
+        t_paused = time.time()
+        try:
+            yield
+        finally:
+            self.t_last += time.time() - t_paused
+
+    def rate(self) -> float:
+        """Tokens/s since the last restart (or the start)."""
+        return self.tokens / max(time.time() - self.t_last, 1e-9)
+
+    def restart(self):
+        """Count anew from now (after a log line, whose own time is left out too)."""
+        self.t_last, self.tokens = time.time(), 0
 
 
 class MetricsLog:
@@ -292,12 +350,7 @@ def _train(cfg: Config, env: DistEnv):
     random.seed(t.seed)
     np.random.seed(t.seed)
 
-    if cfg.eval.during_training:
-        from eval.run import DURING_TRAINING, check_during_training
-        unknown = [n for n in cfg.eval.during_training if n not in DURING_TRAINING]
-        if unknown:
-            raise ConfigError(f"eval.during_training has unknown eval(s) {unknown}; valid: {', '.join(DURING_TRAINING)}")
-        check_during_training(cfg.eval.during_training)   # else a missing file fails the first eval, after training
+    check_during_training_evals(cfg)
     check_out_dir(t)
     check_vocab(cfg)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
@@ -320,8 +373,7 @@ def _train(cfg: Config, env: DistEnv):
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(t.seq_len)
     # Titans/HOPE memory updates (inner gradients, scans) are counted apart from the 6N rule
-    memory_flops_per_token = (model.memory_flops_per_token(t.seq_len)
-                              if hasattr(model, "memory_flops_per_token") else 0)
+    memory_flops_per_token = model.memory_flops_per_token(t.seq_len)
     say(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters "
         f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding)")
     for line in model.kernel_report(device):      # which memory parts run fused (model.kernels)
@@ -346,11 +398,8 @@ def _train(cfg: Config, env: DistEnv):
 
     # ---- resume (a checkpoint of any rank count: DCP reshards on load)
     ckpt_root = os.path.join(t.out_dir, "checkpoints")
-    start_step, stats, resume_from = 0, {"skipped_steps": 0, "tokens": 0}, None
-    if t.resume == "auto":
-        resume_from = find_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
-    elif t.resume != "never":
-        resume_from = resolve_checkpoint(t.resume)
+    start_step, stats = 0, {"skipped_steps": 0, "tokens": 0}
+    resume_from = checkpoint_to_resume(t)
     if resume_from:
         state = load_training_state(resume_from, model, optimizer, required=RESUME_KEYS)
         start_step, stats = state["step"], state["stats"]
@@ -388,34 +437,63 @@ def _train(cfg: Config, env: DistEnv):
         model.train()
         return r
 
-    peak = next((v for k, v in PEAK_FLOPS.items() if device_type == "cuda" and k in torch.cuda.get_device_name()), None)
-    model.train()
-    bad_in_a_row, t_last, tokens_since = 0, time.time(), 0
-    tokens_per_step = t.batch_size * t.seq_len
-    for step in range(start_step, t.max_steps):
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = sampler.next_batch()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    def forward_backward(x, y) -> float:
+        """The gradients of one optimiser step, summed over its micro-batches; returns the
+        step's loss (the mean over micro-batches and ranks)."""
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for micro in range(t.grad_accum):
-            xb = x[micro * micro_bs:(micro + 1) * micro_bs].to(device, non_blocking=True)
-            yb = y[micro * micro_bs:(micro + 1) * micro_bs].to(device, non_blocking=True)
+            rows = slice(micro * micro_bs, (micro + 1) * micro_bs)
+            xb, yb = x[rows].to(device, non_blocking=True), y[rows].to(device, non_blocking=True)
             # gradients cross ranks once per step, in the last micro-batch's backward
             with gradient_sync(train_model, env, sync=micro == t.grad_accum - 1):
                 with autocast:
                     _, loss, _ = train_model(xb, yb)
                 (loss / t.grad_accum).backward()
-            loss_sum += loss.detach().double() / t.grad_accum
-        loss_sum = all_reduce_mean(loss_sum).item()       # equal local batches: the global mean
+            step_loss += loss.detach().double() / t.grad_accum
+        return all_reduce_mean(step_loss).item()       # equal local batches: the global mean
+
+    peak = peak_flops(device_type)
+
+    def log_step(done, loss, lr, grad_norm) -> dict:
+        """The metrics record of a logged step (tokens/s since the last one, peak memory,
+        MFU on known GPUs), printed as one console line."""
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        tok_s = throughput.rate()
+        tok_s_device = tok_s / env.world_size
+        peak_mem = all_reduce_max(peak_memory_gib(device_type), device)   # the fullest rank
+        record = {"step": done, "tokens": stats["tokens"], "loss": loss, "lr": lr,
+                  "grad_norm": grad_norm, "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s_device,
+                  "peak_mem_gib": peak_mem, "skipped_steps": stats["skipped_steps"]}
+        line = (f"step {done}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
+                + (f" ({tok_s_device:,.0f}/device)" if env.world_size > 1 else "")
+                + f" | mem {peak_mem:.2f} GiB")
+        if peak:
+            record["mfu"] = tok_s_device * flops_per_token / peak
+            line += f" | mfu {100 * record['mfu']:.1f}%"
+            if memory_flops_per_token:
+                record["mfu_memory"] = tok_s_device * memory_flops_per_token / peak
+                line += f" (+{100 * record['mfu_memory']:.1f}% memory updates)"
+        say(line, flush=True)
+        throughput.restart()
+        return record
+
+    model.train()
+    bad_in_a_row, throughput = 0, Throughput()
+    tokens_per_step = t.batch_size * t.seq_len
+    for step in range(start_step, t.max_steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = forward_backward(*sampler.next_batch())
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)).item()  # total norm
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             # NaN/inf loss or gradient: skip the update, count it, stop if it persists
             optimizer.zero_grad(set_to_none=True)
             stats["skipped_steps"] += 1
             bad_in_a_row += 1
-            say(f"step {step + 1}: non-finite loss/grad ({loss_sum}, {grad_norm}), step skipped "
+            say(f"step {step + 1}: non-finite loss/grad ({loss}, {grad_norm}), step skipped "
                 f"({bad_in_a_row} in a row)")
             if bad_in_a_row >= t.max_bad_steps:
                 say(f"error: {bad_in_a_row} non-finite steps in a row; stopping. The last good checkpoint "
@@ -426,55 +504,34 @@ def _train(cfg: Config, env: DistEnv):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stats["tokens"] += tokens_per_step
-        tokens_since += tokens_per_step
+        throughput.add(tokens_per_step)
         done = step + 1
 
         record = None
         if done % t.log_every == 0 or done == t.max_steps or done == start_step + 1:
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t_last
-            tok_s = tokens_since / max(dt, 1e-9)
-            tok_s_device = tok_s / env.world_size
-            peak_mem = all_reduce_max(peak_memory_gib(device_type), device)   # the fullest rank
-            record = {"step": done, "tokens": stats["tokens"], "loss": loss_sum, "lr": lr,
-                      "grad_norm": grad_norm, "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s_device,
-                      "peak_mem_gib": peak_mem, "skipped_steps": stats["skipped_steps"]}
-            line = (f"step {done}/{t.max_steps} | loss {loss_sum:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
-                    + (f" ({tok_s_device:,.0f}/device)" if env.world_size > 1 else "")
-                    + f" | mem {peak_mem:.2f} GiB")
-            if peak:
-                record["mfu"] = tok_s_device * flops_per_token / peak
-                line += f" | mfu {100 * record['mfu']:.1f}%"
-                if memory_flops_per_token:
-                    record["mfu_memory"] = tok_s_device * memory_flops_per_token / peak
-                    line += f" (+{100 * record['mfu_memory']:.1f}% memory updates)"
-            say(line, flush=True)
-            t_last, tokens_since = time.time(), 0
+            record = log_step(done, loss, lr, grad_norm)
         if t.eval_every and (done % t.eval_every == 0 or done == t.max_steps):
-            t_paused = time.time()      # eval and checkpoint time is left out of tokens/s
-            r = evaluate()
-            record = record or {"step": done, "tokens": stats["tokens"], "loss": loss_sum, "lr": lr}
-            record.update(val_loss=r["loss"], val_ppl=r["perplexity"], val_bpb=r["bits_per_byte"])
-            say(f"eval step {done} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.2f} | "
-                f"bits/byte {r['bits_per_byte']:.4f}", flush=True)
-            if cfg.eval.during_training:   # collective under FSDP: every rank runs it
-                from eval.run import run_during_training
-                model.eval()
-                extra = run_during_training(model, tokenizer, cfg.eval.during_training, device,
-                                            seq_len=t.seq_len)   # offline eval data: $NL_DATA_DIR or ../shared/data
-                model.train()
-                record.update(extra)
-                say("eval step %d | %s" % (done, " | ".join(f"{k} {v:.4f}" for k, v in extra.items())), flush=True)
-            t_last += time.time() - t_paused
+            with throughput.paused():       # eval and checkpoint time is left out of tokens/s
+                r = evaluate()
+                record = record or {"step": done, "tokens": stats["tokens"], "loss": loss, "lr": lr}
+                record.update(val_loss=r["loss"], val_ppl=r["perplexity"], val_bpb=r["bits_per_byte"])
+                say(f"eval step {done} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.2f} | "
+                    f"bits/byte {r['bits_per_byte']:.4f}", flush=True)
+                if cfg.eval.during_training:   # collective under FSDP: every rank runs it
+                    from eval.run import run_during_training
+                    model.eval()
+                    extra = run_during_training(model, tokenizer, cfg.eval.during_training, device,
+                                                seq_len=t.seq_len)   # offline eval data: $NL_DATA_DIR or ../shared/data
+                    model.train()
+                    record.update(extra)
+                    say("eval step %d | %s" % (done, " | ".join(f"{k} {v:.4f}" for k, v in extra.items())), flush=True)
         if record and metrics:
             metrics.write(record)
             if run:
                 run.log(record, step=done)
         if t.ckpt_every and (done % t.ckpt_every == 0 or done == t.max_steps):
-            t_paused = time.time()
-            checkpoint(done)
-            t_last += time.time() - t_paused
+            with throughput.paused():
+                checkpoint(done)
 
     if cfg.eval.final:
         r = evaluate()
