@@ -299,7 +299,7 @@ class SelfModifyingTitans(nn.Module):
         targets, closed-form gradients and scans; the static projections are in the
         model's 6N). Independent of seq_len (a recurrence)."""
         total = self.memory.flops_per_token(backward)
-        reads = 2 * 2 * self.head_dim * self.memory.hidden_dim          # one M(x): two matmuls
+        reads = self.memory.read_flops()                                 # one M(x) per head
         total += (3 if backward else 1) * self.n_head * reads            # the target M_mem,B(v)
         if self.projections is not None:
             n = len(self.projection_names)

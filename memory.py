@@ -432,6 +432,11 @@ class NeuralMemory(nn.Module):
                 got = list(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
                 raise ValueError(f"memory gate {name} must be [B, T, H] = {list(q.shape[:3])}; got {got}")
 
+    def read_flops(self) -> int:
+        """Forward FLOPs of one read M(x) (`read`) per token and head: W x, or the MLP's two
+        matmuls."""
+        return 2 * 2 * self.head_dim * self.hidden_dim if self.depth == 2 else 2 * self.head_dim ** 2
+
     def flops_per_token(self, backward: bool = True) -> int:
         """Estimated FLOPs per token of the inner loop (all heads): closed-form writes at
         W_B, plus per layer (V x K) the chunked scan's work per token (kernels/chunked.py:

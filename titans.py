@@ -384,8 +384,7 @@ class TitansMAC(nn.Module):
 
     def memory_flops_per_token(self, seq_len):
         m = self.memory.memory
-        read = 2 * 2 * m.head_dim * m.hidden_dim if m.depth == 2 else 2 * m.head_dim ** 2
-        return self.memory.flops_per_token() + 3 * m.n_head * read      # + the h reads
+        return self.memory.flops_per_token() + 3 * m.n_head * m.read_flops()      # + the h reads
 
     def attention_flops_per_token(self, seq_len):
         return self.attn.flops_per_token(2 * min(seq_len, self.segment_size))   # h and S keys
