@@ -211,7 +211,8 @@ class ModelConfig:
     kernels: str = choice("auto", ["auto", "torch", "triton", "reference"])  # the memory layers' and
                                      # CMS fast levels' backend (kernels/__init__.py): auto = the Triton scans
                                      # and the fused linear-memory kernel on CUDA, else chunked torch; the
-                                     # fused MLP-memory and CMS kernels only with "triton" (not yet GPU-tested)
+                                     # fused MLP-memory, HOPE stage-1 and CMS kernels only with "triton"
+                                     # (not yet GPU-tested)
     titans: TitansConfig = field(default_factory=TitansConfig)
     hope: HopeConfig = field(default_factory=HopeConfig)
     cms: CMSConfig = field(default_factory=CMSConfig)

@@ -32,8 +32,9 @@ stages, each exact for any segment boundaries:
      the reads and gates in-kernel, with its backward; `_projection_stage`);
   2. M_mem over the whole segment in one `NeuralMemory.scan(..., self_target=True)` (chunk
      C_mem) with the keys, values and gates of stage 1: per chunk piece it reads the target
-     M_mem,B(v_t) at the chunk-start weights, then writes (the fused MLP kernel can take
-     the whole segment once it computes that target in-kernel: memory._use_fused_kernel).
+     M_mem,B(v_t) at the chunk-start weights, then writes (or the fused MLP kernel takes
+     the whole segment, that target computed in-kernel, where
+     memory.NeuralMemory.fused_kernel_blocker allows).
 The projection memories share keys, gates and chunk size and differ only in weights and
 targets, so they run as ONE NeuralMemory with n_memories * H heads (memory-major: head
 m*H + h is memory m's head h): one scan per layer instead of one per memory.

@@ -131,7 +131,7 @@ class NeuralMemory(nn.Module):
                        scans run in Triton ("triton", or "auto" on CUDA) a linear memory runs
                        as one fused kernel per layer (kernels/triton_memory.py); the MLP
                        memory's kernel (triton_mlp_memory.py) runs only with backend
-                       "triton", not yet with "auto" (`_use_fused_kernel`)
+                       "triton", not yet with "auto" (`fused_kernel_blocker`)
     """
 
     def __init__(self, n_head: int, head_dim: int, depth: int = 2, expansion: int = 2,

@@ -496,7 +496,7 @@ def split_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
     Embeddings and the output head are excluded from orthogonalisation (as in Muon): their
     rows are per-token and their gradients sparse in the vocabulary. Vectors (norm gains,
-    biases, gates) are not decayed, as in train.py's AdamW. Tied weights appear once.
+    biases, gates) are not decayed (the GPT-2/nanoGPT split). Tied weights appear once.
     """
     excluded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for head_name in ("head", "lm_head", "output"):
