@@ -38,8 +38,7 @@ API (all tensors per head; q, k, v [B, T, H, d]; gates lr, alpha, beta [B, T, H]
     mem = NeuralMemory(n_head, head_dim, depth=2, expansion=2, activation="silu",
                        chunk_size=16, update_rule="momentum")
     y, state = mem(q, k, v, lr, alpha, beta, state=None)       # beta only for "momentum"
-    out = mem.scan(q, k, v, lr, alpha, beta, state, reads=(x,))  # + reads M_B(x) at W_B
-    out.y, out.state, out.reads
+    out = mem.scan(q, k, v, lr, alpha, beta, state)            # out.y, out.state
     mem.scan(..., self_target=True)     # target M_B(t)(v_t) instead of v_t (NL Eq. 87, HOPE)
 
 State (a dict; `mem.initial_state(B)` builds a fresh one from the meta parameters):
@@ -106,7 +105,6 @@ def _activation(name):
 class MemoryOutput(NamedTuple):
     y: torch.Tensor          # [B, T, H, d] readouts after the write, M_t(q_t)
     state: dict              # the state after the last token
-    reads: list              # per requested input x: [B, T, H, d] reads M_B(t)(x_t) at W_B
 
 
 class NeuralMemory(nn.Module):
@@ -277,44 +275,37 @@ class NeuralMemory(nn.Module):
         return y, {"weights": new_weights, "chunk_start": list(chunk_start),
                    "momenta": new_momenta, "pos": new_pos}
 
-    def scan(self, q, k, v, lr, alpha, beta=None, state=None, reads=(), self_target=False) -> MemoryOutput:
+    def scan(self, q, k, v, lr, alpha, beta=None, state=None, self_target=False) -> MemoryOutput:
         """Run the chunked inner optimisation over T tokens (any T, any starting position).
-        `reads`: extra inputs x [B, T, H, d] to read at the chunk-start weights, M_B(t)(x_t)
-        (HOPE's k_t = M_k,B(x_t)). `self_target`: the memory generates its own target
-        (NL Eq. 87): token t learns l_t = ||M(k_t) - M_B(t)(v_t)||^2, its value read at the
-        chunk-start weights of its chunk, before the chunk's writes (HOPE's M_mem; outer
-        gradients flow through the read unless detach_targets). Returns
-        MemoryOutput(y, state, reads)."""
-        self._check_inputs(q, k, v, lr, alpha, beta, reads)
+        `self_target`: the memory generates its own target (NL Eq. 87): token t learns
+        l_t = ||M(k_t) - M_B(t)(v_t)||^2, its value read at the chunk-start weights of its
+        chunk, before the chunk's writes (HOPE's memories; outer gradients flow through the
+        read unless detach_targets). Returns MemoryOutput(y, state)."""
+        self._check_inputs(q, k, v, lr, alpha, beta)
         if not isinstance(self_target, bool):
             raise ValueError(f"memory self_target must be a bool; got {self_target!r}")
         B, T = q.shape[:2]
         state = self.initial_state(B) if state is None else state
-        if T > 0 and self._use_fused_kernel(q, reads, self_target):
+        if T > 0 and self._use_fused_kernel(q, self_target):
             return self._fused_scan(q, k, v, lr, alpha, beta, state, self_target)
-        return self._scan_pieces(q, k, v, lr, alpha, beta, state, reads, self_target)
+        return self._scan_pieces(q, k, v, lr, alpha, beta, state, self_target)
 
-    def _scan_pieces(self, q, k, v, lr, alpha, beta, state, reads, self_target) -> MemoryOutput:
+    def _scan_pieces(self, q, k, v, lr, alpha, beta, state, self_target) -> MemoryOutput:
         """scan() chunk piece by chunk piece with update_piece (the per-chunk path, the oracle)."""
-        ys, read_parts = [], [[] for _ in reads]
+        ys = []
         for lo, hi in chunk_pieces(state["pos"], q.shape[1], self.chunk_size):
-            for parts, x in zip(read_parts, reads):
-                parts.append(self.read(state["chunk_start"], x[:, lo:hi]))
             target = self.read(state["chunk_start"], v[:, lo:hi]) if self_target else v[:, lo:hi]
             y, state = self.update_piece(q[:, lo:hi], k[:, lo:hi], target, lr[:, lo:hi],
                                          alpha[:, lo:hi], None if beta is None else beta[:, lo:hi],
                                          state)
             ys.append(y)
-        dtype = self._dtype()
-        y = torch.cat(ys, 1) if ys else q.new_zeros(q.shape, dtype=dtype)
-        reads_out = [torch.cat(p, 1) if p else x.new_zeros(x.shape, dtype=dtype)
-                     for p, x in zip(read_parts, reads)]
-        return MemoryOutput(y, state, reads_out)
+        y = torch.cat(ys, 1) if ys else q.new_zeros(q.shape, dtype=self._dtype())
+        return MemoryOutput(y, state)
 
-    def _use_fused_kernel(self, q, reads, self_target=False) -> bool:
+    def _use_fused_kernel(self, q, self_target=False) -> bool:
         """scan() takes one fused Triton launch where `fused_kernel_blocker` finds nothing
-        in the way and no extra reads are asked for."""
-        return not reads and self.fused_kernel_blocker(q.device, self_target) is None
+        in the way."""
+        return self.fused_kernel_blocker(q.device, self_target) is None
 
     def fused_kernel_blocker(self, device, self_target=False) -> Optional[str]:
         """None where scan() on `device` runs the fused Triton layer; else why it takes the
@@ -362,9 +353,9 @@ class NeuralMemory(nn.Module):
         C, ys = self.chunk_size, []
         head = min((C - state["pos"] % C) % C, q.shape[1])
         if head:
-            y, state, _ = self._scan_pieces(q[:, :head], k[:, :head], v[:, :head], lr[:, :head],
-                                            alpha[:, :head], None if beta is None else beta[:, :head],
-                                            state, (), self_target)
+            y, state = self._scan_pieces(q[:, :head], k[:, :head], v[:, :head], lr[:, :head],
+                                         alpha[:, :head], None if beta is None else beta[:, :head],
+                                         state, self_target)
             ys.append(y)
             q, k, v, lr, alpha = (t[:, head:] for t in (q, k, v, lr, alpha))
             beta = None if beta is None else beta[:, head:]
@@ -398,7 +389,7 @@ class NeuralMemory(nn.Module):
                     weights, start = [weights], [start]
             ys.append(y)
             state = self.state_after_launch(weights, start, momenta, state["pos"] + q.shape[1])
-        return MemoryOutput(torch.cat(ys, 1), state, [])
+        return MemoryOutput(torch.cat(ys, 1), state)
 
     def state_after_launch(self, weights, start, momenta, pos):
         """The state a fused kernel leaves at position pos: its final weights (and momenta),
@@ -412,9 +403,9 @@ class NeuralMemory(nn.Module):
         out = self.scan(q, k, v, lr, alpha, beta, state, self_target=self_target)
         return out.y, out.state
 
-    def _check_inputs(self, q, k, v, lr, alpha, beta, reads):
+    def _check_inputs(self, q, k, v, lr, alpha, beta):
         shape = (self.n_head, self.head_dim)
-        for name, t in (("q", q), ("k", k), ("v", v)) + tuple((f"reads[{i}]", x) for i, x in enumerate(reads)):
+        for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[2:]) != shape:
                 got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"memory {name} must be [B, T, {shape[0]}, {shape[1]}]; got {got}")

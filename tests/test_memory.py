@@ -11,7 +11,7 @@ from memory import NeuralMemory, chunk_pieces
 B, H, D = 2, 2, 4
 
 
-def oracle(mem, q, k, v, lr, alpha, beta=None, reads=(), self_target=False):
+def oracle(mem, q, k, v, lr, alpha, beta=None, self_target=False):
     """Token by token: l_t = ||M_B(k_t) - v_t||^2 differentiated by autograd at W_B, then
     GD with momentum (Titans Eq. 13-14) / DGD (NL Eq. 57) / GD, then y_t = M_t(q_t).
     self_target: the target is the memory's own read M_B(v_t) (NL Eq. 87), held fixed in
@@ -20,12 +20,10 @@ def oracle(mem, q, k, v, lr, alpha, beta=None, reads=(), self_target=False):
     Bn, T = q.shape[:2]
     weights = [w.unsqueeze(0).expand(Bn, *w.shape) for w in mem.init_weights]
     momenta = [torch.zeros_like(w) for w in weights]
-    ys, read_outs = [], [[] for _ in reads]
+    ys = []
     for t in range(T):
         if t % mem.chunk_size == 0:
             start = list(weights)
-        for out, x in zip(read_outs, reads):
-            out.append(apply_memory(start, x[:, t], act))
         k_t, v_t, q_t = k[:, t], v[:, t], q[:, t]
         if self_target:
             v_t = apply_memory(start, v_t, act)
@@ -34,7 +32,7 @@ def oracle(mem, q, k, v, lr, alpha, beta=None, reads=(), self_target=False):
                                             None if beta is None else beta[:, t], momenta)
         momenta = new_momenta if new_momenta is not None else momenta
         ys.append(apply_memory(weights, q_t, act))
-    return torch.stack(ys, 1), weights, momenta, [torch.stack(r, 1) for r in read_outs]
+    return torch.stack(ys, 1), weights, momenta
 
 
 def make_inputs(T, rule, seed=0, dtype=torch.float64):
@@ -79,7 +77,7 @@ def test_chunked_memory_equals_token_by_token_oracle(rule, depth, chunk, self_ta
     # to 1e254 at C = 1), where agreeing to 1e-9 relative says nothing; the bound checks it
     gates = (x["lr"] * 0.5, x["alpha"], x["beta"])
     y, state = mem(x["q"], x["k"], x["v"], *gates, self_target=self_target)
-    y_ref, w_ref, z_ref, _ = oracle(mem, x["q"], x["k"], x["v"], *gates, self_target=self_target)
+    y_ref, w_ref, z_ref = oracle(mem, x["q"], x["k"], x["v"], *gates, self_target=self_target)
     assert y_ref.abs().max() < 10 and max(w.abs().max() for w in w_ref) < 10
     if self_target:                     # the first token's target M_0(v_0) is not v_0
         assert (y - mem(x["q"], x["k"], x["v"], *gates)[0])[:, 0].abs().max() > 1e-3
@@ -114,7 +112,7 @@ def test_max_grad_norm_equals_oracle(rule):
     x = make_inputs(8, rule, seed=6)
     gates = (x["lr"], x["alpha"], x["beta"])
     y, state = mem(x["q"], x["k"], x["v"], *gates)
-    y_ref, w_ref, _, _ = oracle(mem, x["q"], x["k"], x["v"], *gates)
+    y_ref, w_ref, _ = oracle(mem, x["q"], x["k"], x["v"], *gates)
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(state["weights"][1], w_ref[1], rtol=1e-9, atol=1e-9)
     g, g_ref = (torch.autograd.grad(out.sum(), [x["v"], x["lr"]]) for out in (y, y_ref))
@@ -132,20 +130,6 @@ def test_gelu_memory_equals_oracle():
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
     g, g_ref = (torch.autograd.grad(out.sum(), x["k"])[0] for out in (y, y_ref))
     torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-9)
-
-
-@pytest.mark.parametrize("rule", ["momentum", "dgd"])
-def test_reads_at_chunk_start(rule):
-    """scan(reads=(x,)) returns M_B(t)(x_t) at the chunk-start weights (HOPE's k_t)."""
-    mem = make_memory(rule, 2, 4)
-    x = make_inputs(10, rule, seed=4)
-    extra = torch.randn(B, 10, H, D, dtype=torch.float64)
-    out = mem.scan(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"], reads=(extra,))
-    ref = oracle(mem, x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"], reads=(extra,))
-    torch.testing.assert_close(out.reads[0], ref[3][0], rtol=1e-9, atol=1e-9)
-    # first chunk reads the meta init weights
-    init = mem.initial_state(B)["weights"]
-    torch.testing.assert_close(out.reads[0][:, :4], mem.read(init, extra[:, :4]))
 
 
 @pytest.mark.parametrize("rule", ["momentum", "dgd", "gd"])
@@ -229,7 +213,7 @@ def test_self_target_detach_targets_and_fused_dispatch():
     for options in (dict(depth=1, update_rule="dgd"), dict(depth=2, update_rule="momentum"),
                     dict(depth=2, update_rule="dgd", detach_targets=True)):
         mem = NeuralMemory(H, D, chunk_size=4, backend="triton", **options)
-        assert not mem._use_fused_kernel(x["q"], (), self_target=True), options
+        assert not mem._use_fused_kernel(x["q"], self_target=True), options
 
 
 def test_zero_lr_keeps_the_initial_memory():
@@ -359,25 +343,6 @@ def test_dgd_step_size_solves_the_proximal_problem(depth):
     for w_new, w_prox, w in zip(state["weights"], proximal, w_t):
         retained = w_prox - (1 - alpha[:, 0, :, None, None]) * w
         torch.testing.assert_close(w_new, retained, rtol=1e-12, atol=1e-12)
-
-
-def test_reads_in_segments_are_at_the_chunk_start_weights():
-    """scan(reads=(x,)) fed in segments that cut chunks mid-way ([3, 1, 5, 1], C = 4) returns
-    the token-by-token oracle's M_B(t)(x_t), read at the chunk-start weights, not at the
-    weights after the chunk's earlier tokens. In one call every chunk piece starts on a
-    chunk boundary, where the two coincide (test_reads_at_chunk_start cannot tell them
-    apart). Kills: _scan_pieces reading at state["weights"] instead of state["chunk_start"]."""
-    mem = make_memory("momentum", 2, 4)
-    x = make_inputs(10, "momentum", seed=4)
-    extra = torch.randn(B, 10, H, D, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
-    names = ("q", "k", "v", "lr", "alpha", "beta")
-    want = oracle(mem, *(x[n] for n in names), reads=(extra,))[3][0]
-    state, parts, lo = None, [], 0
-    for n in (3, 1, 5, 1):
-        out = mem.scan(*(x[name][:, lo:lo + n] for name in names), state=state, reads=(extra[:, lo:lo + n],))
-        parts.append(out.reads[0])
-        state, lo = out.state, lo + n
-    torch.testing.assert_close(torch.cat(parts, 1), want, rtol=1e-9, atol=1e-9)
 
 
 def test_state_after_a_fused_launch_continues_like_the_per_chunk_path():

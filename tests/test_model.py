@@ -148,7 +148,7 @@ def test_kernel_report_names_each_memory_parts_path():
     assert wide.kernel_report("cuda") == [
         "Titans memory x2: per-chunk path (the fused MLP memory kernel does not cover d=128, hidden 256, "
         "chunk 16, rule momentum (triton_mlp_memory.fusable_mlp))"]
-    assert not wide.blocks[0].mixer.memory.memory._use_fused_kernel(torch.zeros(1, 1, 1, 128, device="meta"), ())
+    assert not wide.blocks[0].mixer.memory.memory._use_fused_kernel(torch.zeros(1, 1, 1, 128, device="meta"))
     clipped = tiny("titans", kernels="triton", titans={"memory_depth": 1})        # clips by default
     assert clipped.kernel_report("cuda") == [
         "Titans memory x2: per-chunk path (the fused linear kernel does not clip (max_grad_norm))"]

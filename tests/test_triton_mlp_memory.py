@@ -204,7 +204,7 @@ def test_dispatch_uses_the_fused_kernel_only_where_it_applies(monkeypatch):
         assert len(calls) == 3, f"fused MLP kernel used with {changes}"
     # E = 256 > 128 (not run: the per-chunk Triton scans hold at most 128 either)
     assert not NeuralMemory(1, 8, depth=2, expansion=32, update_rule="dgd",
-                            backend="triton")._use_fused_kernel(args[0], ())
+                            backend="triton")._use_fused_kernel(args[0])
     if not CUDA:   # "auto" keeps the CPU on the torch path
         NeuralMemory(1, 8, depth=2, chunk_size=4, update_rule="dgd")(*args)
         assert len(calls) == 3
