@@ -44,29 +44,13 @@ lengths with the state carried.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
 from config import ModelConfig
+from memory import ACTIVATIONS, activation_fns
 from model import RMSNorm, hidden_width
-
-ACTIVATIONS = ("gelu", "silu")
-
-
-def activation_and_derivative(pre: torch.Tensor, name: str):
-    """act(pre) and act'(pre) for the closed-form inner gradient (exact erf GELU or SiLU)."""
-    if name == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(pre * (1.0 / math.sqrt(2.0))))
-        pdf = torch.exp(-0.5 * pre * pre) * (1.0 / math.sqrt(2.0 * math.pi))
-        return F.gelu(pre), cdf + pre * pdf
-    if name == "silu":
-        sig = torch.sigmoid(pre)
-        return F.silu(pre), sig * (1.0 + pre * (1.0 - sig))
-    raise ValueError(f"unknown CMS activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
 
 
 def local_objective_grads(a, target, w_in, w_out, activation="gelu"):
@@ -82,7 +66,8 @@ def local_objective_grads(a, target, w_in, w_out, activation="gelu"):
     """
     w_in, w_out = w_in.to(a.dtype), w_out.to(a.dtype)
     pre = torch.matmul(a, w_in.transpose(-1, -2))                 # [B, n, hidden]
-    hidden, act_grad = activation_and_derivative(pre, activation)
+    act, act_deriv = activation_fns(activation)
+    hidden, act_grad = act(pre), act_deriv(pre)
     y = torch.matmul(hidden, w_out.transpose(-1, -2))             # [B, n, D]
     err = 2.0 * (y - target)                                       # d l / d y
     grad_out = torch.matmul(err.transpose(-1, -2), hidden)         # [B, D, hidden]
@@ -201,8 +186,7 @@ class CMSLevel(nn.Module):
         """z [B, T, D] -> (MLP output [B, T, D] to add to z, new level state or None)."""
         a = self.norm(z)
         if not self.is_fast:
-            act = F.gelu if self.activation == "gelu" else F.silu
-            return self.w_out(act(self.w_in(a))), None
+            return self.w_out(activation_fns(self.activation)[0](self.w_in(a))), None
         B = z.shape[0]
         if state is None:
             state = self.initial_state(B)

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from config import ModelConfig
 from memory import NeuralMemory, chunk_pieces
-from model import RMSNorm
+from model import CausalDepthwiseConv, RMSNorm
 
 # Initialisation (the paper gives none). LanguageModel first draws every Linear from
 # N(0, 0.02) (GPT-2) and the memories from N(0, 1/fan_in) (memory.py), then calls
@@ -76,30 +76,6 @@ GATE_STD = 2.0                 # x 1/sqrt(d_model): SiLU(W_g x) starts as an O(1
                                # near-zero factor that multiplies the readout into silence
 ETA_BIAS_INIT = 0.0            # eta_t starts at eta_max * sigmoid(0) = eta_max / 2
 ALPHA_BIAS_INIT = 4.0          # alpha_t starts at sigmoid(4) = 0.982: slow forgetting (cf. GDN)
-
-
-class CausalDepthwiseConv(nn.Module):
-    """y_t = sum_{j<K} weight[K-1-j] * x_{t-j} per channel (Titans §4.4 / NL §8.3 "local
-    convolutions with window size of 4"). Streaming state: the last K-1 inputs."""
-
-    def __init__(self, channels: int, kernel_size: int):
-        super().__init__()
-        self.kernel_size = kernel_size
-        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
-        # nn.Conv1d's default init (uniform, fan_in = K), so the conv starts as a blur.
-        bound = kernel_size ** -0.5
-        nn.init.uniform_(self.weight, -bound, bound)
-
-    def forward(self, x, buffer=None):
-        """x [B, T, C] -> (y [B, T, C], the last K-1 inputs [B, K-1, C])."""
-        B, T, C = x.shape
-        if buffer is None:
-            buffer = x.new_zeros(B, self.kernel_size - 1, C)
-        elif tuple(buffer.shape) != (B, self.kernel_size - 1, C):
-            raise ValueError(f"HOPE conv state must be {[B, self.kernel_size - 1, C]}; got {list(buffer.shape)}")
-        padded = torch.cat([buffer.to(x.dtype), x], dim=1)                  # [B, K-1+T, C]
-        y = F.conv1d(padded.transpose(1, 2), self.weight.to(x.dtype), groups=C).transpose(1, 2)
-        return y, padded[:, padded.shape[1] - (self.kernel_size - 1):]
 
 
 class SelfModifyingTitans(nn.Module):

@@ -88,8 +88,9 @@ def chunk_pieces(pos: int, T: int, *chunk_sizes: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _activation(name):
-    """s and s' (closed-form derivative, for the inner gradient without autograd)."""
+def activation_fns(name):
+    """s and s' (closed-form derivative, for the inner gradients without autograd) of the
+    memories' and the CMS levels' MLPs: SiLU or exact (erf) GELU."""
     if name == "silu":
         def deriv(z):
             sig = torch.sigmoid(z)
@@ -153,7 +154,7 @@ class NeuralMemory(nn.Module):
         self.n_head, self.head_dim, self.depth = n_head, head_dim, depth
         self.hidden_dim = expansion * head_dim
         self.activation = activation
-        self.act, self.act_deriv = _activation(activation)
+        self.act, self.act_deriv = activation_fns(activation)
         self.chunk_size, self.update_rule, self.backend = chunk_size, update_rule, backend
         self.max_grad_norm, self.detach_targets = max_grad_norm, detach_targets
         self.detach_chunks_older_than = detach_chunks_older_than

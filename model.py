@@ -49,6 +49,39 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+class CausalDepthwiseConv(nn.Module):
+    """Per-channel causal conv of width w over time, the short conv before a memory's
+    projections (Titans §4.4; NL §8.3 "local convolutions with window size of 4"):
+    y_t = sum_j weight[:, j] x_{t-(w-1)+j}. Its state is the last w - 1 inputs, so a segment
+    continues exactly where the previous one stopped. width 0 = off (identity)."""
+
+    def __init__(self, channels, width):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.empty(channels, width)) if width else None
+        self.reset_memory_parameters()
+
+    def reset_memory_parameters(self):
+        if self.weight is not None:       # nn.Conv1d's default range for a depthwise kernel
+            nn.init.uniform_(self.weight, -self.width ** -0.5, self.width ** -0.5)
+
+    def forward(self, x, state=None):
+        """x [B, T, C] -> (y [B, T, C], state [B, w - 1, C])."""
+        if not self.width:
+            return x, None
+        B, T, C = x.shape
+        if state is None:
+            state = x.new_zeros(B, self.width - 1, C)
+        elif tuple(state.shape) != (B, self.width - 1, C):
+            raise ValueError(f"conv state must be {[B, self.width - 1, C]}; got {list(state.shape)}")
+        padded = torch.cat([state.to(x.dtype), x], dim=1)
+        weight = self.weight.to(x.dtype)
+        # w shifted products: for w = 4 much faster on CPU than F.conv1d's depthwise path,
+        # whose backward is slow
+        y = sum(padded[:, j:j + T] * weight[:, j] for j in range(self.width))
+        return y, padded[:, padded.shape[1] - (self.width - 1):]
+
+
 def rope_cos_sin(positions, head_dim, theta, device, dtype=torch.float32):
     """Rotary embedding tables for absolute `positions` (a 1-D int tensor), in float32 (or
     the wider `dtype` of a float64 model)."""

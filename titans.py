@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from config import ModelConfig
 from memory import NeuralMemory, chunk_pieces
-from model import RMSNorm, at_least_fp32, attention_mask, causal_attention, extend_kv_cache, project_qkv
+from model import CausalDepthwiseConv, RMSNorm, at_least_fp32, attention_mask, causal_attention, extend_kv_cache, project_qkv
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
 
@@ -54,35 +54,6 @@ def check_titans_config(cfg: ModelConfig):
 
 # ----------------------------------------------------------------------------------------
 # pieces of the memory branch
-
-class CausalDepthwiseConv(nn.Module):
-    """Per-channel causal conv of width w over time (Titans §4.4). The state is the last
-    w - 1 inputs, so a segment continues exactly where the previous one stopped.
-    width 0 = off (identity)."""
-
-    def __init__(self, channels, width):
-        super().__init__()
-        self.width = width
-        self.weight = nn.Parameter(torch.empty(channels, width)) if width else None
-        self.reset_memory_parameters()
-
-    def reset_memory_parameters(self):
-        if self.weight is not None:       # nn.Conv1d's default range for a depthwise kernel
-            nn.init.uniform_(self.weight, -self.width ** -0.5, self.width ** -0.5)
-
-    def forward(self, x, state=None):
-        """x [B, T, C] -> (y [B, T, C], state [B, w - 1, C])."""
-        if not self.width:
-            return x, None
-        if state is None:
-            state = x.new_zeros(x.shape[0], self.width - 1, x.shape[2])
-        padded = torch.cat([state.to(x.dtype), x], dim=1)
-        T, weight = x.shape[1], self.weight.to(x.dtype)
-        # y_t = sum_j weight[:, j] * x_{t - (w - 1) + j}: w shifted products (for w = 4 this
-        # is much faster on CPU than F.conv1d's depthwise path, whose backward is slow)
-        y = sum(padded[:, j:j + T] * weight[:, j] for j in range(self.width))
-        return y, padded[:, padded.shape[1] - (self.width - 1):]
-
 
 class LongTermMemory(nn.Module):
     """The neural long-term memory branch: x [B, T, D] -> readouts M_t(q_t) [B, T, H, d].

@@ -43,8 +43,8 @@ def oracle(mixer, x):
     outputs = []
     for t in range(T):
         if mixer.conv is not None:             # y_t = sum_j w[K-1-j] x_{t-j} (causal, window K)
-            K = mixer.conv.kernel_size
-            conv = sum(mixer.conv.weight[:, 0, K - 1 - j] * pre[:, t - j] for j in range(min(K, t + 1)))
+            K = mixer.conv.width
+            conv = sum(mixer.conv.weight[:, K - 1 - j] * pre[:, t - j] for j in range(min(K, t + 1)))
         else:
             conv = pre[:, t]
         feat = F.silu(conv).view(B, H, d)                                   # x~_t
