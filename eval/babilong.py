@@ -40,6 +40,7 @@ CLI (docs/BABILONG.md):
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -482,15 +483,25 @@ def _babi_questions(task: str, n_samples: int, split: str, babi: str, seed: int,
 
 def training_questions(task: str, babi: str, data_dir: str | None, seed: int):
     """Endless bAbI training questions of a task: the en train file reshuffled every pass,
-    or fresh generated stories (never the test split)."""
-    rng = random.Random(f"babilong-train-{task}-{seed}")
+    or fresh generated stories (never the test split). The file is read now, not at the
+    first question, so a missing or question-less one fails before fine-tuning starts."""
     if babi == "file":
-        pool = babi_samples(read_babi(babi_path(task, "train", _require_data_dir(data_dir, "the bAbI files"))))
-    elif babi != "generated":
+        path = babi_path(task, "train", _require_data_dir(data_dir, "the bAbI files"))
+        pool = babi_samples(read_babi(path))
+        if not pool:                      # its passes would spin forever without a question
+            raise ValueError(f"bAbI file {path} holds no questions")
+        pools = itertools.repeat(pool)
+    elif babi == "generated":
+        pools = (babi_samples(generate_babi(task, 50, seed=seed * 100_003 + round_index))
+                 for round_index in itertools.count())
+    else:
         raise ValueError(f"unknown bAbI source {babi!r}; choose 'file' or 'generated'")
-    for round_index in range(10**9):
-        if babi == "generated":
-            pool = babi_samples(generate_babi(task, 50, seed=seed * 100_003 + round_index))
+    return _shuffled_passes(pools, random.Random(f"babilong-train-{task}-{seed}"))
+
+
+def _shuffled_passes(pools, rng: random.Random):
+    """The questions of each pool in turn, each pool in a shuffled order."""
+    for pool in pools:
         order = list(range(len(pool)))
         rng.shuffle(order)
         for i in order:

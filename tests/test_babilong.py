@@ -205,6 +205,18 @@ def test_finetune_cli_runs_two_steps(tiny_checkpoint, tmp_path, monkeypatch):
     assert changed
 
 
+def test_finetune_on_a_babi_file_without_questions_is_an_error(tiny_checkpoint, tmp_path, capsys):
+    """Its endless passes used to spin (10**9 empty rounds) instead of yielding a question."""
+    data_dir = tmp_path / "data"
+    (data_dir / "babi" / "en").mkdir(parents=True)
+    (data_dir / "babi" / "en" / "qa1_single-supporting-fact_train.txt").write_text("1 Mary went to the office.\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--checkpoint", tiny_checkpoint, "--tasks", "qa1", "--lengths", "0k", "--steps", "1",
+              "--babi", "file", "--background", "builtin", "--data-dir", str(data_dir), "--out", str(tmp_path / "ft"), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "qa1_single-supporting-fact_train.txt holds no questions" in capsys.readouterr().err
+
+
 @needs_data
 def test_eval_cli_writes_json_and_heatmap(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NL_DATA_DIR", SHARED_DATA)
