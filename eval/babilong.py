@@ -46,7 +46,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 
 import torch
@@ -60,7 +59,6 @@ from eval.common import (bf16_autocast, check_checkpoint_out, check_data_dir, ch
                          greedy_generate, load_checkpoint, load_for_generation, mean_over_scored, model_device, prefill)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
-LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M")
 PROMPT_RESERVE = 300            # create_tasks.py: every length minus 300 tokens for the prompt
 MIN_SENTENCE_TOKENS = 10        # SentenceSampler(min_sentence_len=10)
 ANSWER_PREFIX = "\nAnswer:"
@@ -593,7 +591,7 @@ def compare_answers(target: str, output: str, question: str, task_labels) -> boo
 def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len: int = 2048, device=None,
              max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS, overflow: str = "truncate", instruction: bool = False,
              examples: bool = False, post_prompt: bool = False, answer_prefix: str = ANSWER_PREFIX,
-             streaming: bool | None = None, dtype: str = "auto", progress: bool = False) -> dict:
+             streaming: bool | None = None, dtype: str = "auto") -> dict:
     """Both scores on `samples` (dicts with task, input, question, target).
 
     Recurrent models (or streaming=True) read the whole input in segments of `segment_len`.
@@ -611,7 +609,7 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
         torch.cuda.reset_peak_memory_stats(device)
     started = time.time()
     with eval_mode(model):
-        for i, sample in enumerate(samples):
+        for sample in samples:
             task = parse_task(sample["task"])
             prompt = format_prompt(sample["input"], sample["question"], task, instruction, examples, post_prompt)
             ids = tokenizer.encode(prompt + answer_prefix)
@@ -638,8 +636,6 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
                            "label_ranking_prediction": ranked, "label_ranking_correct": ranked == sample["target"],
                            "label_logprobs": dict(zip(labels, scores))})
             records.append(record)
-            if progress and (i + 1) % 10 == 0:
-                print(f"  {i + 1}/{len(samples)} samples, {time.time() - started:.0f}s", file=sys.stderr)
     scored = [r for r in records if not r.get("skipped")]
     return {
         "official": mean_over_scored(scored, "official_correct"),
@@ -714,12 +710,12 @@ def _summarise(per_cell: dict) -> dict:
 # -----------------------------------------------------------------------------
 # fine-tuning with a length curriculum (BABILong protocol: small models are fine-tuned first)
 
-def training_example(tokenizer, sample: dict, max_len: int | None = None, instruction=False, examples=False,
-                     post_prompt=False, answer_prefix: str = ANSWER_PREFIX) -> tuple[list[int], list[int]]:
-    """(input ids, targets): prompt + ' ' + answer + end-of-text, loss only on the answer and
+def training_example(tokenizer, sample: dict, max_len: int | None = None) -> tuple[list[int], list[int]]:
+    """(input ids, targets): the default prompt (format_prompt with no instruction, examples or
+    post prompt) + ANSWER_PREFIX + ' ' + answer + end-of-text, loss only on the answer and
     end-of-text tokens (targets -1 elsewhere). Attention models keep the last max_len tokens."""
-    prompt = format_prompt(sample["input"], sample["question"], sample["task"], instruction, examples, post_prompt)
-    prompt_ids = tokenizer.encode(prompt + answer_prefix)
+    prompt = format_prompt(sample["input"], sample["question"], sample["task"])
+    prompt_ids = tokenizer.encode(prompt + ANSWER_PREFIX)
     answer_ids = tokenizer.encode(" " + sample["target"]) + [tokenizer.eot_id]
     ids = prompt_ids + answer_ids
     targets = [-1] * (len(prompt_ids) - 1) + answer_ids + [-1]    # position t predicts ids[t + 1]
