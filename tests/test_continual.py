@@ -423,6 +423,8 @@ def test_cli_domains_and_data_dir_are_checked_by_name(tmp_path, monkeypatch, cap
     checkpoint loads; held-out text shorter than a window names its domain and eval_tokens."""
     monkeypatch.setattr(cl, "load_checkpoint", lambda *a: pytest.fail("loaded the checkpoint"))
     for extra, message in ((["--domains", ","], "--domains ',' names no domain; choose from "),
+                           (["--domains", "nope"],
+                            "unknown domain 'nope'; choose from builtin, austen, shakespeare, babi\n"),
                            (["--data-dir", str(tmp_path / "none")], f"--data-dir {tmp_path / 'none'} is not a folder")):
         with pytest.raises(SystemExit) as exit_info:
             cl.main(["domains", *extra, "--checkpoint", "ckpt", "--out", str(tmp_path / "out")])
