@@ -2,6 +2,7 @@
 Perplexity evals (DESIGN §7; exact lm-eval definitions in reference/evals.md §3.2).
 
     evaluate_split            val loss, perplexity, bits per byte on a prepared split
+    unigram_baseline          the same numbers for a unigram model of the train split
     wikitext_word_perplexity  lm-eval `wikitext`: per-document rolling log-likelihood,
                               word perplexity, byte perplexity, bits per byte
     lambada                   lm-eval `lambada_openai`: log-likelihood of the last word,
@@ -30,7 +31,10 @@ from cli import OneLineArgumentParser, check_output_file, positive_int, read_tex
 from eval.common import eval_mode, exit_on_error, load_checkpoint, model_device
 
 LN2 = math.log(2.0)
-DATA_DIR_ENV = "NL_DATA_DIR"  # a copy of shared/data: <dir>/wikitext/wiki.test.raw, <dir>/lambada/...
+DATA_DIR_ENV = "NL_DATA_DIR"  # a copy of shared/data
+# the WikiText and LAMBADA test files in that folder (eval.run reads them there too)
+WIKITEXT_FILE = os.path.join("wikitext", "wiki.test.raw")
+LAMBADA_FILE = os.path.join("lambada", "lambada_test.jsonl")
 HF_WIKITEXT = ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test")
 HF_LAMBADA = ("EleutherAI/lambada_openai", "default", "test")
 
@@ -379,7 +383,7 @@ def _default_path(flag_value, relative_path):
     $NL_DATA_DIR, $NL_SHARED_DATA or ../shared/data), else None."""
     if flag_value:
         return flag_value
-    from eval.common import default_data_dir
+    from eval.common import default_data_dir  # looked up at each call, so that a test can replace it
     data_dir = default_data_dir()
     return os.path.join(data_dir, relative_path) if data_dir else None
 
@@ -404,10 +408,8 @@ def run(args) -> dict:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ValueError(f"--tasks {args.tasks!r}: unknown task(s) {unknown}; choose from {','.join(TASKS)}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    wikitext_path = _default_path(args.wikitext, os.path.join("wikitext", "wiki.test.raw"))
-    lambada_path = _default_path(args.lambada, os.path.join("lambada", "lambada_test.jsonl"))
+    wikitext_path = _default_path(args.wikitext, WIKITEXT_FILE)
+    lambada_path = _default_path(args.lambada, LAMBADA_FILE)
     if "wikitext" in tasks and wikitext_path is None:
         raise ValueError(f"task wikitext needs --wikitext PATH|hf (no offline data folder: ${DATA_DIR_ENV} or ../shared/data)")
     if "lambada" in tasks and lambada_path is None:
@@ -421,16 +423,15 @@ def run(args) -> dict:
     model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
     max_len = cfg.train.seq_len
     results = {}
-    if "val" in tasks:
+    if "val" in tasks or "unigram" in tasks:
         from data.loader import TokenDataset
         from train import resolve_data_dir  # the folder train.py prepared and validated on
         dataset = TokenDataset(resolve_data_dir(cfg))
+    if "val" in tasks:
         results["val"] = evaluate_split(model, dataset, "val", args.batch_size, max_len,
                                         max_batches=args.limit, device=device)
     if "unigram" in tasks:
-        from data.loader import TokenDataset
-        from train import resolve_data_dir
-        results["unigram_val"] = unigram_baseline(TokenDataset(resolve_data_dir(cfg)), "val")
+        results["unigram_val"] = unigram_baseline(dataset, "val")
     if "wikitext" in tasks:
         results["wikitext"] = wikitext_word_perplexity(model, tokenizer, wikitext_path, max_len, device=device,
                                                        limit_docs=args.limit, batch_size=args.batch_size,
@@ -455,8 +456,6 @@ def main(argv=None):
     parser.add_argument("--out", help="write the results as JSON here (a file; its folder is made)")
     args = parser.parse_args(argv)
     with exit_on_error(FileNotFoundError, ValueError, ConnectionError, ImportError):
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.out:
             check_output_file(args.out)                  # before the eval, not after it
         results = run(args)

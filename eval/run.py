@@ -76,7 +76,8 @@ SUITES = {
     },
 }
 
-# during-training evals: name -> (section, suite whose settings it uses)
+# the evals train.py may run at its eval steps (run_during_training): a section with the quick
+# suite's settings ("perplexity": with 50 LAMBADA passages)
 DURING_TRAINING = ("perplexity", "babilong_quick", "niah_quick", "continual_quick")
 
 
@@ -93,20 +94,20 @@ def perplexity_section(model, tokenizer, settings, seq_len, device, data_dir=Non
     else:
         out["val"] = {"skipped": "the training data of this checkpoint is not prepared here"}
     root = data_dir or _data_dir()
-    wikitext = os.path.join(root, "wikitext", "wiki.test.raw") if root else None
-    lambada_path = os.path.join(root, "lambada", "lambada_test.jsonl") if root else None
+    wikitext = os.path.join(root, ppl.WIKITEXT_FILE) if root else None
+    lambada_path = os.path.join(root, ppl.LAMBADA_FILE) if root else None
     if wikitext and os.path.isfile(wikitext):
         out["wikitext"] = ppl.wikitext_word_perplexity(model, tokenizer, wikitext, seq_len, device=device,
                                                        limit_docs=settings["wikitext_docs"],
                                                        batch_size=settings["batch_size"])
     else:
-        out["wikitext"] = {"skipped": "wikitext/wiki.test.raw not found in the data folder"}
+        out["wikitext"] = {"skipped": f"{ppl.WIKITEXT_FILE} not found in the data folder"}
     if lambada_path and os.path.isfile(lambada_path):
         out["lambada"] = ppl.lambada(model, tokenizer, lambada_path, device=device,
                                      limit=settings["lambada_passages"], max_len=seq_len,
                                      batch_size=settings["batch_size"])
     else:
-        out["lambada"] = {"skipped": "lambada/lambada_test.jsonl not found in the data folder"}
+        out["lambada"] = {"skipped": f"{ppl.LAMBADA_FILE} not found in the data folder"}
     return out
 
 
@@ -174,6 +175,7 @@ def continual_section(model, tokenizer, settings, seq_len, device, data_dir=None
 
 
 def _data_dir():
+    """eval.common.default_data_dir(), looked up at each call so that a test can replace it."""
     from eval.common import default_data_dir
     return default_data_dir()
 
@@ -191,8 +193,8 @@ def read_section_data(sections, settings, data_dir=None, missing_ok=True) -> Non
     root = data_dir or _data_dir()
     reads = []
     if "perplexity" in sections and root:
-        reads += [lambda: ppl.load_wikitext_documents(os.path.join(root, "wikitext", "wiki.test.raw")),
-                  lambda: ppl.load_lambada_texts(os.path.join(root, "lambada", "lambada_test.jsonl"))]
+        reads += [lambda: ppl.load_wikitext_documents(os.path.join(root, ppl.WIKITEXT_FILE)),
+                  lambda: ppl.load_lambada_texts(os.path.join(root, ppl.LAMBADA_FILE))]
     if "babilong" in sections and root:
         reads += [lambda t=task: read_babi(babi_path(t, "test", root)) for task in settings["babilong"]["tasks"]]
     if "babilong" in sections or ("niah" in sections and any(
