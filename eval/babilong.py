@@ -55,8 +55,9 @@ from cli import (OneLineArgumentParser, check_output_file, non_negative_float, n
                  positive_float, positive_int, read_text, seed_int, write_atomic)
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
 from eval.common import (bf16_autocast, check_checkpoint_out, check_data_dir, check_long_inputs, context_handling,
-                         context_limit, continuation_logprob, default_data_dir, eval_mode, exit_on_error, fit_prompt,
-                         greedy_generate, load_checkpoint, load_for_generation, mean_over_scored, model_device, prefill)
+                         context_limit, continuation_logprob, default_data_dir, eval_mode, exit_on_error, first_line,
+                         fit_prompt, greedy_generate, load_checkpoint, load_for_generation, mean_over_scored,
+                         model_device, prefill)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 PROMPT_RESERVE = 300            # create_tasks.py: every length minus 300 tokens for the prompt
@@ -319,8 +320,7 @@ def _pg19_books(split: str, n_books: int) -> tuple:
             if len(books) >= n_books:
                 break
     except Exception as e:  # offline, hub errors: one clear line
-        raise ConnectionError(f"cannot stream {PG19_HF} ({hf_split}) from the Hugging Face Hub: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+        raise ConnectionError(f"cannot stream {PG19_HF} ({hf_split}) from the Hugging Face Hub: {first_line(e)}; "
                               "offline, use --background austen or builtin") from None
     return tuple(books)
 
@@ -527,8 +527,7 @@ def load_babilong_hf(task, length: str, limit: int | None = None, dataset: str =
             rows.append(row)
     except Exception as e:
         raise ConnectionError(f"cannot load {name} (config {length}, split {task}, revision {revision}) from the "
-                              f"Hugging Face Hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                              "offline, use --source local") from None
+                              f"Hugging Face Hub: {first_line(e)}; offline, use --source local") from None
     if rows and not {"input", "question", "target"} <= set(rows[0]):
         raise ValueError(f"{name}@{revision} rows have fields {sorted(rows[0])}, expected input/question/target "
                          "(an old revision with config = task and split = length?)")

@@ -230,6 +230,13 @@ def load_for_generation(args) -> tuple:
     return model, cfg, tokenizer, device, max_len
 
 
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message, or its type's name when it has none: the
+    reason given in the one-line errors about a failed Hugging Face Hub load."""
+    message = str(error)
+    return message.splitlines()[0] if message else type(error).__name__
+
+
 @contextmanager
 def exit_on_error(*errors):
     """An eval CLI's answer to bad input: any of `errors` raised inside prints one line

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import OneLineArgumentParser, check_output_file, positive_int, read_text, write_atomic
-from eval.common import eval_mode, exit_on_error, load_checkpoint, model_device
+from eval.common import eval_mode, exit_on_error, first_line, load_checkpoint, model_device
 
 LN2 = math.log(2.0)
 DATA_DIR_ENV = "NL_DATA_DIR"  # a copy of shared/data
@@ -217,8 +217,7 @@ def _hf_column(dataset: tuple, column: str) -> list:
     try:
         return [row[column] for row in datasets.load_dataset(name, config, split=split)]
     except Exception as e:
-        raise ConnectionError(f"cannot load {name} ({config}, {split}) from the Hugging Face Hub: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+        raise ConnectionError(f"cannot load {name} ({config}, {split}) from the Hugging Face Hub: {first_line(e)}; "
                               "offline, pass the file's path instead of 'hf'") from None
 
 
