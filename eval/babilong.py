@@ -338,6 +338,15 @@ def load_books(background: str, split: str, data_dir: str | None = None, n_pg19_
     raise ValueError(f"unknown background {background!r}; choose from {', '.join(BACKGROUNDS)}")
 
 
+def window_sentences(books, rng: random.Random, n_tokens: int) -> tuple[str, list[str]]:
+    """(book name, sentences) of a window of a random book from a random place, of about 6
+    characters per token wanted (at least 4000: the caller drops short sentences); the window's
+    cut first and last sentences are left out, so the list may be empty. Shared with eval.niah."""
+    name, text = books[rng.randrange(len(books))]
+    start = rng.randrange(len(text))
+    return name, split_sentences(text[start:start + max(4000, 6 * n_tokens)])[1:-1]
+
+
 class BackgroundSampler:
     """BABILong's SentenceSampler: random book, random start, whole sentences of at least
     MIN_SENTENCE_TOKENS GPT-2 tokens, the last one cut so the total is exact."""
@@ -352,11 +361,7 @@ class BackgroundSampler:
         """Token lists of ' ' + sentence, n_tokens in total."""
         pieces, total = [], 0
         while total < n_tokens:
-            name, text = self.books[self.rng.randrange(len(self.books))]
-            # a window of about 6 characters per missing token (sentences dropped below included)
-            start = self.rng.randrange(len(text))
-            window = text[start:start + max(4000, 6 * (n_tokens - total))]
-            sentences = split_sentences(window)[1:-1]          # the cut first and last ones go
+            name, sentences = window_sentences(self.books, self.rng, n_tokens - total)
             if not sentences:
                 continue
             self.used_books.add(name)

@@ -38,7 +38,7 @@ import uuid
 import torch
 
 from cli import OneLineArgumentParser, fraction_list, non_negative_int, positive_int, seed_int
-from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, split_sentences
+from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, window_sentences
 from eval.common import (bf16_autocast, check_data_dir, check_long_inputs, context_handling, continuation_logprob, eval_mode,
                          exit_on_error, fit_prompt, greedy_generate, is_recurrent, load_for_generation,
                          mean_over_scored, model_device, prefill)
@@ -112,9 +112,7 @@ def _haystack_sentences(kind: str, books, rng: random.Random, gpt2, n_tokens: in
     out, total = [], 0
     while True:
         # contiguous text of a random book from a random place, like an essay
-        _, text = books[rng.randrange(len(books))]
-        start = rng.randrange(len(text))
-        sentences = split_sentences(text[start:start + max(4000, 6 * (n_tokens - total))])[1:-1]
+        _, sentences = window_sentences(books, rng, n_tokens - total)
         if not sentences:
             continue
         for sentence, ids in zip(sentences, gpt2.encode_batch([" " + s for s in sentences])):
