@@ -42,3 +42,13 @@ def iter_builtin_documents():
             verses.append(verse["text"])
     if verses:
         yield f"{current_key[0]} {current_key[1]}\n\n" + "\n".join(verses) + "\n"
+
+
+def old_and_new_testaments() -> tuple[list[str], list[str]]:
+    """The chapters of the Old Testament and those of the New, which starts at Matthew 1: the
+    disjoint train and held-out books of eval.babilong's and eval.continual's KJV text."""
+    chapters = list(iter_builtin_documents())
+    first_new = next((i for i, chapter in enumerate(chapters) if chapter.startswith("Matthew 1\n")), None)
+    if first_new is None:
+        raise ValueError("the built-in corpus has no book 'Matthew': cannot split Old/New Testament")
+    return chapters[:first_new], chapters[first_new:]

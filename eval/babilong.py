@@ -292,17 +292,13 @@ def _austen_books(data_dir: str, split: str) -> tuple:
 @functools.lru_cache(maxsize=4)
 def _kjv_books(split: str) -> tuple:
     """The built-in KJV corpus by biblical book: Old Testament = train, New Testament = test."""
-    from data.builtin import iter_builtin_documents
+    from data.builtin import old_and_new_testaments
+    old, new = old_and_new_testaments()
     books: dict[str, list[str]] = {}
-    for chapter in iter_builtin_documents():
-        title, _, verses = chapter.partition("\n\n")
+    for chapter in old if split == "train" else new:
+        title, _, verses = chapter.partition("\n\n")          # title "Book N"
         books.setdefault(title.rsplit(" ", 1)[0], []).append(verses)
-    names = list(books)
-    if "Matthew" not in names:
-        raise ValueError("the built-in corpus has no book 'Matthew': cannot split Old/New Testament")
-    first_new = names.index("Matthew")
-    chosen = names[:first_new] if split == "train" else names[first_new:]
-    return tuple((name, "\n".join(books[name])) for name in chosen)
+    return tuple((name, "\n".join(verses)) for name, verses in books.items())
 
 
 def _pg19_books(split: str, n_books: int) -> tuple:

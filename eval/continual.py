@@ -475,10 +475,9 @@ def domain_text(name: str, data_dir: str | None = None) -> tuple[str, str]:
     shakespeare: the first 90% / the last 10% of tiny-shakespeare; babi: the qa1-qa5
     train stories / test stories (statements only, one per line)."""
     if name == "builtin":
-        from data.builtin import iter_builtin_documents
-        docs = list(iter_builtin_documents())
-        split = next(i for i, d in enumerate(docs) if d.startswith("Matthew "))
-        return "\n".join(docs[:split]), "\n".join(docs[split:])
+        from data.builtin import old_and_new_testaments
+        old, new = old_and_new_testaments()
+        return "\n".join(old), "\n".join(new)
     if name == "austen":
         paths = sorted(glob.glob(os.path.join(_require_dir(data_dir, "austen"), "*.txt")))
         held = [p for p in paths if os.path.basename(p) == "persuasion.txt"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.builtin import iter_builtin_documents
+from data.builtin import iter_builtin_documents, old_and_new_testaments
 from data.loader import BatchSampler, TokenDataset, iter_eval_batches
 from data.prepare import ensure_prepared, is_val_document, prepare
 from data.prepare import main as prepare_main
@@ -197,6 +197,12 @@ def test_prepare_hf_json_names_a_bad_data_file_in_one_line(tmp_path, monkeypatch
                                   f"JSON from file '{bad}'") and message.endswith("in row 2"), message
         assert "Failed to load" not in capfd.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_testaments_split_the_builtin_chapters_at_matthew_1():
+    old, new = old_and_new_testaments()
+    assert (len(old), len(new)) == (929, 260) and old + new == list(iter_builtin_documents())
+    assert old[-1].startswith("Malachi 4\n\n") and new[0].startswith("Matthew 1\n\n")
 
 
 def test_prepare_builtin_gpt2_and_ensure_prepared(tmp_path):
