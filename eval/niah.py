@@ -60,6 +60,7 @@ TASKS = {
     "niah_single_3": {"haystack": "essay", "value": "uuids"},
 }
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_DISTRACTORS = 4         # random values the needle's is ranked against
 
 _ADJECTIVES = ("ancient", "bitter", "brave", "calm", "clever", "crooked", "curious", "damp", "eager", "faint",
                "fearless", "fierce", "gentle", "gleaming", "hollow", "humble", "icy", "jolly", "lively", "lonely",
@@ -123,7 +124,7 @@ def _haystack_sentences(kind: str, books, rng: random.Random, gpt2, n_tokens: in
 
 
 def build_niah(task, length, n_samples: int, depths=DEFAULT_DEPTHS, background: str = "austen", seed: int = 0,
-               n_distractors: int = 4, data_dir: str | None = None, gpt2=None) -> list[dict]:
+               n_distractors: int = DEFAULT_DISTRACTORS, data_dir: str | None = None, gpt2=None) -> list[dict]:
     """S-NIAH samples of `length` GPT-2 tokens (prompt + answer prefix + 128 reserved).
     Sample i puts its needle at depths[i % len(depths)]. Same arguments, same samples."""
     task = parse_task(task)
@@ -224,7 +225,6 @@ def _by_depth(records) -> dict:
 def run(args) -> dict:
     tasks = [parse_task(t) for t in args.tasks.split(",") if t.strip()]
     lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
-    depths = args.depths if isinstance(args.depths, list) else [float(d) for d in args.depths.split(",") if d.strip()]
     if not tasks or not lengths:
         raise ValueError("--tasks and --lengths must name at least one task and one length")
     check_data_dir(args.data_dir)
@@ -232,13 +232,13 @@ def run(args) -> dict:
     gpt2 = length_tokenizer(args.data_dir)
     # every cell's samples before the first is scored: a length too short for the template
     # fails here, not after the cells before it were evaluated
-    cells = {(task, length): build_niah(task, length, args.samples, depths=depths, background=args.background,
+    cells = {(task, length): build_niah(task, length, args.samples, depths=args.depths, background=args.background,
                                         seed=args.seed, n_distractors=args.distractors, data_dir=args.data_dir,
                                         gpt2=gpt2)
              for task in tasks for length in lengths}
     results = {"benchmark": "s-niah (RULER niah_single_1/2/3)", "checkpoint": os.path.abspath(args.checkpoint),
                "arch": cfg.model.arch, "lengths_are": "GPT-2 tokens, prompt + 128 reserved for the answer",
-               "background": args.background, "depths": depths,
+               "background": args.background, "depths": args.depths,
                "scores": {"accuracy": "greedy output contains the value (RULER string_match_all)",
                           "ranking_accuracy": f"value ranked first by log-likelihood among itself and "
                                               f"{args.distractors} random values"},
@@ -274,7 +274,7 @@ def main(argv=None):
     parser.add_argument("--depths", type=fraction_list, default=",".join(map(str, DEFAULT_DEPTHS)),
                         help="comma list of needle depths in [0, 1] (default %(default)s)")
     parser.add_argument("--background", default="austen", choices=BACKGROUNDS, help="essay haystack books")
-    parser.add_argument("--distractors", type=non_negative_int, default=4,
+    parser.add_argument("--distractors", type=non_negative_int, default=DEFAULT_DISTRACTORS,
                         help="random values ranked against the needle's")
     parser.add_argument("--segment-len", type=positive_int, default=2048)
     parser.add_argument("--max-len", type=positive_int, help="attention models: context (default cfg.train.seq_len)")
