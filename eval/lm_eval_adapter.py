@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from eval.common import greedy_generate, is_recurrent, load_checkpoint, prefill, prompt_room
+from eval.common import greedy_generate, is_recurrent, load_checkpoint, model_device, prefill, prompt_room
 from eval.perplexity import encode_pair, loglikelihood_tokens, rolling_windows
 
 INSTALL_HINT = "lm-eval is not installed: pip install -r requirements-eval.txt"
@@ -46,7 +46,7 @@ class LMAdapter:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_len = max_len
-        self._device = torch.device(device) if device is not None else next(model.parameters()).device
+        self._device = torch.device(device) if device is not None else model_device(model)
         self.batch_size = batch_size
         self.max_gen_toks = max_gen_toks
         self.segment_len = segment_len
