@@ -408,7 +408,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: fl
             "skipped_empty_documents": skipped_empty,
             "splits": {name: writer.summary() for name, writer in writers.items()},
         }
-        with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
+        with open(os.path.join(tmp_dir, META_NAME), "w") as f:
             json.dump(meta, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
