@@ -736,11 +736,10 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
     """AdamW on bAbI-train facts in train-book background, lengths in increasing order;
     saves a checkpoint that checkpoint.load_model reads. Returns its directory. out_dir must
     hold no checkpoints (saving there would replace or prune them)."""
-    from checkpoint import holds_checkpoints, save_checkpoint
+    from checkpoint import save_checkpoint
     if steps < 1 or batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
-    if os.path.isdir(out_dir) and holds_checkpoints(out_dir):
-        raise ValueError(f"--out {out_dir} already holds checkpoints; choose another folder")
+    check_checkpoint_out(out_dir)
     device = device or model_device(model)
     lengths = _length_order(lengths)
     for length in lengths:
@@ -854,8 +853,6 @@ def run_eval(args) -> dict:
 
 def run_finetune(args) -> str:
     tasks, lengths = parse_list(args.tasks, "tasks"), parse_list(args.lengths, "lengths")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
     check_checkpoint_out(args.out, args.checkpoint)          # before loading: never into checkpoints
     model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
     max_len = context_limit(model, args.max_len if args.max_len is not None else cfg.train.seq_len)
