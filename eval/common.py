@@ -217,12 +217,10 @@ def load_checkpoint(path: str, device: str = "auto") -> tuple:
 
 def load_for_generation(args) -> tuple:
     """The start of the generation eval CLIs (eval.niah, eval.babilong eval), in the order
-    that loses nothing: --samples and --out checked before the checkpoint loads, then the
-    context: (model, cfg, tokenizer, device, max_len), max_len None for a recurrent model (it
+    that loses nothing: --out checked before the checkpoint loads, then the context:
+    (model, cfg, tokenizer, device, max_len), max_len None for a recurrent model (it
     streams), else --max-len or the training seq_len, with room for a prompt before
-    --max-new-tokens (check_long_inputs)."""
-    if args.samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    --max-new-tokens (check_long_inputs). Their parsers have checked the numbers."""
     check_output_dir(args.out)
     model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
     max_len = context_limit(model, args.max_len if args.max_len is not None else cfg.train.seq_len)
