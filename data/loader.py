@@ -2,7 +2,7 @@
 Reading prepared data (data/prepare.py): random training windows and ordered eval windows.
 
     dataset = TokenDataset("data/cache/builtin-gpt2")
-    sampler = BatchSampler(dataset, "train", batch_size=32, seq_len=1024, seed=0, rank, world_size)
+    sampler = BatchSampler(dataset, "train", batch_size=32, seq_len=1024, seed=0, rank=rank, world_size=world_size)
     x, y = sampler.next_batch()              # [32 // world_size, 1024] int64, y = x shifted by one
     state = sampler.state_dict()             # saved with the checkpoint; load_state_dict resumes
     for x, y in iter_eval_batches(dataset, "val", 32, 1024): ...
@@ -138,8 +138,8 @@ class BatchSampler:
         first_window = np.concatenate([[0], self.window_ends[:-1]])
         return [(self.usable_shards[u], int(w - first_window[u])) for u, w in zip(usable, windows)]
 
-    def next_batch(self, device=None):
-        """This rank's (x, y), int64 [batch_size // world_size, seq_len]; advances the step."""
+    def next_batch(self):
+        """This rank's (x, y), int64 [batch_size // world_size, seq_len] on the CPU; advances the step."""
         starts = self.global_window_starts(self.step)
         b = self.local_batch_size
         mine = starts[self.rank * b: (self.rank + 1) * b]
@@ -148,12 +148,7 @@ class BatchSampler:
             for (s, o), row in zip(mine, rows):
                 self.dataset.check_ids(self.split, s, o, row)
         self.step += 1
-        x, y = _rows_to_tensors(rows)
-        if device is not None and torch.device(device).type == "cuda":
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        if device is not None:
-            return x.to(device), y.to(device)
-        return x, y
+        return _rows_to_tensors(rows)
 
     def state_dict(self) -> dict:
         # rank and world_size are left out on purpose: the global stream does not depend on them
@@ -169,27 +164,22 @@ class BatchSampler:
         self.seed = int(state["seed"])
 
 
-def iter_eval_batches(dataset: TokenDataset, split: str, batch_size: int, seq_len: int, max_batches=None,
-                      rank: int = 0, world_size: int = 1, drop_tail: bool = False):
+def iter_eval_batches(dataset: TokenDataset, split: str, batch_size: int, seq_len: int, max_batches=None):
     """Consecutive non-overlapping windows from the start of the split: row j holds tokens
     [j*seq_len, (j+1)*seq_len + 1), so every token after the first is a target exactly once.
-    The leftover tail (shorter than seq_len) comes last as a [1, tail] batch unless drop_tail.
-    With world_size > 1, rank r gets the batches j with j % world_size == r."""
+    The leftover tail (shorter than seq_len) comes last as a [1, tail] batch. Every rank of a
+    distributed run reads them all (train.evaluate_sharded spreads each batch's rows)."""
     n = _check_split_length(dataset, split, seq_len)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     num_rows = (n - 1) // seq_len
     batches = [(first, min(first + batch_size, num_rows)) for first in range(0, num_rows, batch_size)]
     tail_start = num_rows * seq_len
-    if not drop_tail and n - tail_start >= 2:
+    if n - tail_start >= 2:
         batches.append(None)  # marker for the tail batch
     if max_batches is not None:
         batches = batches[:max_batches]
-    for j, rows in enumerate(batches):
-        if j % world_size != rank:
-            continue
+    for rows in batches:
         if rows is None:
             yield _rows_to_tensors(dataset.tokens(split, tail_start, n)[None, :])
             continue
