@@ -14,7 +14,6 @@ import functools
 import hashlib
 import importlib.util
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 TOKENIZER_NAMES = ("gpt2", "bytes")
 
@@ -41,12 +40,8 @@ class Tokenizer:
     def decode(self, ids) -> str:
         raise NotImplementedError
 
-    def encode_batch(self, texts, num_workers: int = 1) -> list[list[int]]:
-        texts = list(texts)
-        if num_workers <= 1 or len(texts) < 2:
-            return [self.encode(t) for t in texts]
-        with ThreadPoolExecutor(num_workers) as pool:
-            return list(pool.map(self.encode, texts))
+    def encode_batch(self, texts) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
@@ -84,9 +79,9 @@ class GPT2Tokenizer(Tokenizer):
     def decode(self, ids) -> str:
         return self.encoding.decode([int(i) for i in ids])
 
-    def encode_batch(self, texts, num_workers: int = 1) -> list[list[int]]:
-        # tiktoken's Rust core releases the GIL, so threads scale
-        return self.encoding.encode_ordinary_batch(list(texts), num_threads=max(1, num_workers))
+    def encode_batch(self, texts) -> list[list[int]]:
+        # the whole list in one call into tiktoken's Rust core, on one thread
+        return self.encoding.encode_ordinary_batch(list(texts), num_threads=1)
 
 
 # ids per tokenizer, known without loading the BPE files (config.validate checks model.vocab_size)

@@ -85,7 +85,7 @@ def test_gpt2_known_ids_roundtrip_and_batch(bpe_dir):
     assert tok.encode("Hello world") == [15496, 995]
     for text in TEXTS:
         assert tok.decode(tok.encode(text)) == text
-    assert tok.encode_batch(TEXTS, num_workers=2) == [tok.encode(t) for t in TEXTS]
+    assert tok.encode_batch(TEXTS) == [tok.encode(t) for t in TEXTS]
     assert get_tokenizer("gpt2", bpe_dir) is not tok  # wrappers are cheap ...
     assert get_tokenizer("gpt2", bpe_dir).encoding is tok.encoding  # ... the encoding is cached
 
@@ -130,7 +130,7 @@ def test_bytes_tokenizer():
     assert tok.decode([104, 105, 256, 33]) == "hi!"  # eot is dropped
     cut = tok.encode("é")[:1]  # half of a two-byte character
     assert tok.decode(cut) == "\ufffd"
-    assert tok.encode_batch(["ab", "c"], num_workers=2) == [[97, 98], [99]]
+    assert tok.encode_batch(["ab", "c"]) == [[97, 98], [99]]
 
 
 def test_unknown_tokenizer():
