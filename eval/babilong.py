@@ -56,8 +56,8 @@ from cli import (OneLineArgumentParser, check_output_file, non_negative_float, n
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
 from eval.common import (bf16_autocast, check_checkpoint_out, check_data_dir, check_long_inputs, context_handling,
                          context_limit, continuation_logprob, default_data_dir, eval_mode, exit_on_error, first_line,
-                         fit_prompt, greedy_generate, load_checkpoint, load_for_generation, mean_over_scored,
-                         model_device, prefill)
+                         fit_prompt, format_accuracy, greedy_generate, load_checkpoint, load_for_generation,
+                         mean_over_scored, model_device, prefill)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 PROMPT_RESERVE = 300            # create_tasks.py: every length minus 300 tokens for the prompt
@@ -820,10 +820,9 @@ def run_eval(args) -> dict:
                               answer_prefix=args.answer_prefix)
             per_cell[(task, length)] = result
             samples_out += result["records"]
-            fmt = (lambda v: "  n/a" if v is None else f"{100 * v:5.1f}")
-            print(f"{task:>4} {length:>5}  official {fmt(result['official'])}  label-ranking "
-                  f"{fmt(result['label_ranking'])}  (n={result['n_scored']}, truncated {result['n_truncated']}, "
-                  f"skipped {result['n_skipped']})")
+            print(f"{task:>4} {length:>5}  official {format_accuracy(result['official'])}  "
+                  f"label-ranking {format_accuracy(result['label_ranking'])}  "
+                  f"(n={result['n_scored']}, truncated {result['n_truncated']}, skipped {result['n_skipped']})")
     source = ("local: bAbI " + ("en " + args.split + " files" if args.babi == "file" else "generator")
               + f" + {args.background} {args.split} books" if args.source == "local"
               else f"{HF_DATASETS[args.source]}@{args.revision or HF_REVISIONS[HF_DATASETS[args.source]]}")

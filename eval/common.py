@@ -126,6 +126,11 @@ def mean_over_scored(scored: list[dict], key: str) -> float | None:
     return sum(r[key] for r in scored) / len(scored) if scored else None
 
 
+def format_accuracy(accuracy: float | None) -> str:
+    """A mean_over_scored accuracy for a CLI's progress line: percent, 5 wide ('  n/a': none scored)."""
+    return "  n/a" if accuracy is None else f"{100 * accuracy:5.1f}"
+
+
 # -----------------------------------------------------------------------------
 # running a model on long inputs: `logits, loss, state = model(idx, state=state)` is exact when
 # a sequence is fed in segments with the state carried (DESIGN §3.6)

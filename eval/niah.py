@@ -39,9 +39,9 @@ import torch
 
 from cli import OneLineArgumentParser, fraction_list, non_negative_int, positive_int, seed_int
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, window_sentences
-from eval.common import (bf16_autocast, check_data_dir, check_long_inputs, context_handling, continuation_logprob, eval_mode,
-                         exit_on_error, fit_prompt, greedy_generate, is_recurrent, load_for_generation,
-                         mean_over_scored, model_device, prefill)
+from eval.common import (bf16_autocast, check_data_dir, check_long_inputs, context_handling, continuation_logprob,
+                         eval_mode, exit_on_error, fit_prompt, format_accuracy, greedy_generate, is_recurrent,
+                         load_for_generation, mean_over_scored, model_device, prefill)
 
 # RULER scripts/data/synthetic/constants.py and niah.py
 NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
@@ -254,8 +254,8 @@ def run(args) -> dict:
         results["by_depth"].setdefault(task, {})[key] = _by_depth(r["records"])
         results["counts"].setdefault(task, {})[key] = {k: r[k] for k in ("n", "n_scored", "n_truncated",
                                                                          "n_skipped", "seconds")}
-        fmt = (lambda v: "  n/a" if v is None else f"{100 * v:5.1f}")
-        print(f"{task} {length:>6}  accuracy {fmt(r['accuracy'])}  ranking {fmt(r['ranking_accuracy'])}  "
+        print(f"{task} {length:>6}  accuracy {format_accuracy(r['accuracy'])}  "
+              f"ranking {format_accuracy(r['ranking_accuracy'])}  "
               f"(n={r['n_scored']}, truncated {r['n_truncated']}, skipped {r['n_skipped']})")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "niah.json")

@@ -10,13 +10,18 @@ import torch
 
 from eval.common import (bf16_autocast, check_checkpoint_out, check_long_inputs, clone_state, context_handling,
                          context_limit, continuation_logprob, eval_mode, exit_on_error, first_line, fit_prompt,
-                         greedy_generate, is_recurrent, load_checkpoint, mean_over_scored, model_device, prefill)
+                         format_accuracy, greedy_generate, is_recurrent, load_checkpoint, mean_over_scored,
+                         model_device, prefill)
 
 
 def test_first_line_of_an_error_or_its_type():
     """The reason in the one-line Hub errors of eval.babilong and eval.perplexity."""
     assert first_line(ConnectionError("Couldn't reach the Hub\nTraceback ...")) == "Couldn't reach the Hub"
     assert first_line(TimeoutError()) == "TimeoutError"
+
+
+def test_format_accuracy_is_a_five_wide_percent_or_na():
+    assert [format_accuracy(v) for v in (None, 0.0, 0.5, 1.0)] == ["  n/a", "  0.0", " 50.0", "100.0"]
 
 
 def test_resolve_device():
