@@ -42,7 +42,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import MAX_KEY_DIM, check_saved_chunks, check_scan_inputs
-from .checks import SUPPORTED_DTYPES, interpreting as _interpreting  # noqa: F401  (importers' names)
 from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _contiguous, _delta_bwd_grads,
                            _delta_bwd_scan, _delta_fwd_scan, _delta_prep, _grad_or_zeros,
                            _launch_dims, _needs_grad)
