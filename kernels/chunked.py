@@ -58,7 +58,7 @@ def _split_into_chunks(x, chunk_size):
 
 def _prepare(q, k, u, gates, initial_states, chunk_size):
     """Upcast to the compute dtype, move heads before time ([B,T,H,..] -> [B,H,T,..]) and
-    cut into chunk groups. Returns compute dtype, the grouped tensors and the states."""
+    cut into chunk groups. Returns the grouped tensors and the states (in the compute dtype)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -70,12 +70,11 @@ def _prepare(q, k, u, gates, initial_states, chunk_size):
     grouped = [_split_into_chunks(t, chunk_size) for t in per_token]
     states = [q.new_zeros(B, H, V, K, dtype=dtype) if s is None else s.to(dtype)
               for s in initial_states]
-    return dtype, list(zip(*grouped)), states
+    return list(zip(*grouped)), states
 
 
 def _finish(outputs, q, u):
     """Concatenate per-group outputs [B,H,N,L,V] back to o [B,T,H,V] in q's dtype."""
-    B, T, H, _ = q.shape
     if not outputs:
         return u.new_zeros(u.shape, dtype=q.dtype)
     o = torch.cat([x.flatten(2, 3) for x in outputs], dim=2) if len(outputs) > 1 \
@@ -97,8 +96,8 @@ def momentum_rule_chunked(q, k, u, alpha, beta, initial_state=None, initial_mome
     Reading with the queries: O = diag(a) Q S_0^T + diag(c) Q Z_0^T + (W ∘ Q K^T) U.
     The state carry needs only the last row: S_L, Z_L from W[L,:], Bm[L,:].
     """
-    _, groups, (S, Z) = _prepare(q, k, u, (alpha, beta), (initial_state, initial_momentum),
-                                 chunk_size)
+    groups, (S, Z) = _prepare(q, k, u, (alpha, beta), (initial_state, initial_momentum),
+                              chunk_size)
     outputs = []
     for Q, Kc, U, alpha_c, beta_c in groups:                        # [B,H,N,L,...]
         A = _segment_products(alpha_c)                              # [B,H,N,L+1,L+1]
@@ -147,16 +146,17 @@ def delta_rule_chunked(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
         S_t = gamma_t S_0 + sum_{i<=t} D[t,i] r_i k_i^T.
     Substituting S_{t-1} into r_t gives a unit lower-triangular system for R = [r_t]:
         r_t + eta_t sum_{i<t} D[t-1,i] (k_t . k_i) r_i = u_t - eta_t gamma_{t-1} S_0 k_t
-        (I + L) R = U - diag(eta gamma_prev) K S_0^T,   L = tril(diag(eta) (D_prev ∘ K K^T), -1)
-    so with T = (I + L)^{-1} (a triangular solve, batched over all chunks):
-        R = U' - W S_0^T,    U' = T U,    W = T diag(eta gamma_prev) K.
+        (I + A) R = U - diag(eta gamma_prev) K S_0^T,   A = tril(diag(eta) (D_prev ∘ K K^T), -1)
+    (A is `lower` in the code; L stays the chunk length)
+    so with Tm = (I + A)^{-1} (a triangular solve, batched over all chunks):
+        R = U' - W S_0^T,    U' = Tm U,    W = Tm diag(eta gamma_prev) K.
     This is fla's WY/UT form of the gated delta rule (beta' = eta/alpha, v' = u alpha/eta
     folded back), written without any division, so eta = 0 (then r_t = u_t) and alpha = 0
     are exact. The state carry is S_L = gamma_L S_0 + R^T diag(D[L,:]) K, an affine map
     of S_0 (one matmul per chunk in the sequential pass); afterwards R and the readout
     O = diag(gamma) Q S_0^T + (D ∘ Q K^T) R are computed for all chunks at once.
     """
-    _, groups, (S,) = _prepare(q, k, u, (alpha, eta), (initial_state,), chunk_size)
+    groups, (S,) = _prepare(q, k, u, (alpha, eta), (initial_state,), chunk_size)
     outputs = []
     for Q, Kc, U, alpha_c, eta_c in groups:                         # [B,H,N,L,...]
         P = _segment_products(alpha_c)                              # [B,H,N,L+1,L+1]
