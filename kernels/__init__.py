@@ -9,7 +9,8 @@ Backends (fla's triad, DESIGN §4):
     "reference"  kernels/reference.py, sequential over tokens (the oracle)
     "torch"      kernels/chunked.py, chunked PyTorch (the CPU path)
     "triton"     kernels/triton_scans.py, fused Triton kernels (the CUDA path)
-    "auto"       triton when the inputs are on CUDA and Triton imports, else torch
+    "auto"       triton when the inputs are on CUDA, not float64, K <= checks.MAX_KEY_DIM
+                 and Triton imports; else torch (select_backend)
 """
 import importlib
 

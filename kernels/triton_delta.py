@@ -15,7 +15,8 @@ gp_t = g_{t-1}, and delta_t = u_t - eta_t S_{t-1} k_t (the write that actually l
 
 This is the WY/UT form of the gated delta rule (fla `gated_delta_rule`), written directly in
 (alpha, eta, u). Every exponent above is a sum of log-gates over a forward range, so it is
-<= 0 for 0 < alpha <= 1: no ratio can overflow, and masked entries are exp(-inf) = 0.
+<= 0 for 0 <= alpha <= 1 (log 0 is clamped at LOG_GATE_FLOOR): no ratio can overflow, and
+masked entries are exp(-inf) = 0.
 Precision limit: an exponent is formed as the difference g_t - g_i of chunk-local cumsums,
 so after tiny or zero gates early in a chunk (|g| in the hundreds: each zero gate adds
 LOG_GATE_FLOOR) it carries ~ulp(|g|): relative errors up to ~1e-4 at C = 32-64 with 8-16

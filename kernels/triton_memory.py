@@ -31,9 +31,9 @@ U~', Delta and U from them chunk by chunk.
                                  chunk_size) -> (y, W_T, Z_T, W_B of the last chunk)
 
 Gradients flow to every input (queries, keys, targets, gates, initial weights and momenta)
-and from every output. chunk_size C <= 64 (a chunk is one [BT, BT] tile, BT = max(16,
-next_pow2(C)); the rows past C are no-op padding); head dim <= 128. Outputs: y in q's dtype,
-states fp32 (C <= 32 when d > 64, see max_chunk). The 2-layer MLP memory is fused in
+and from every output. chunk_size C <= 64, or <= 32 when d > 64 (max_chunk; a chunk is one
+[BT, BT] tile, BT = max(16, next_pow2(C)); the rows past C are no-op padding); head dim
+<= 128. Outputs: y in q's dtype, states fp32. The 2-layer MLP memory is fused in
 triton_mlp_memory.py, the CMS fast levels in triton_cms.py.
 """
 import torch

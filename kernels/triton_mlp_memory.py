@@ -42,13 +42,13 @@ E = 128, C = 64, over an H100's 227 KiB. So the backward leaves each chunk's til
 writes, both layers' queries, inputs and states, Err, dO, dh, W, Delta, dDelta) in a per-
 program fp32 scratch buffer in global memory (DELTA_SLOTS / MOMENTUM_SLOTS padded tiles per
 (batch, head), L2-resident, `_scratch`) and re-reads them for each dot (`_reload`, `_reload_t`
-for a transposed operand straight from memory): each copy then dies at its dot, and the
-kernels take at most 192 KiB (`fusable_mlp` lists the measured bytes). Every scratch access
-sits behind a barrier (tl.debug_barrier), which also keeps the compiler from merging the
-re-reads into one load. The forwards do the same with fewer slots (DELTA_FWD_SLOTS /
-MOMENTUM_FWD_SLOTS: each chunk's start states, and the momentum forward's U2): the copies of
-the (h, z) states, live across the whole chunk, had taken the momentum forward to 224 KiB
-with tf32 products; now the forwards take at most 164,096 B.
+for a transposed operand straight from memory): each copy then dies at its dot, and at that
+shape the backwards take at most 192 KiB (`fusable_mlp` lists the measured bytes of every
+shape). Every scratch access sits behind a barrier (tl.debug_barrier), which also keeps the
+compiler from merging the re-reads into one load. The forwards do the same with fewer slots
+(DELTA_FWD_SLOTS / MOMENTUM_FWD_SLOTS: each chunk's start states, and the momentum forward's
+U2): the copies of the (h, z) states, live across the whole chunk, had taken the momentum
+forward to 224 KiB with tf32 products; now the forwards take at most 164,096 B there.
 
     fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation,
                            max_grad_norm, self_target)
@@ -258,7 +258,8 @@ def _chunk_delta_bwd(sq, sk, su, sh, sdo, sdh, sw, sd, sdd, dh, kk, decay_a, tm,
     deta, dlog_alpha, dh at the chunk start): the delta rule's backward scan step, then
     triton_delta._delta_grads_tail on the products that sum over V. (kk, decay_a, tm): the
     chunk's UT system. Every dot reads its operands from scratch unless they were formed
-    just before it, so no operand's shared-memory copy outlives its dot (DESIGN §4 (a)).
+    just before it, so no operand's shared-memory copy outlives its dot (module docstring,
+    "Shared memory").
     READOUT False: the readout was unused (dO = 0), so sq and sdo are not read, every dO
     product is skipped and dQ is 0."""
     _spill(sdh, dh, BK, BV)
@@ -476,10 +477,10 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
                         BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
                         PREC: tl.constexpr):
     """DGD / GD: the chunk loop of one (batch, head), (h1, h2) in registers (module
-    docstring 1-4). SAVE keeps each chunk's start (h1, h2) for the backward; SELF_TARGET
-    writes toward M_B(v) instead of v (`_self_target`). Each chunk's start states go to this
-    program's DELTA_FWD_SLOTS scratch slots of S floats, and every helper gets them as fresh
-    `_reload`s (module docstring, "Shared memory")."""
+    docstring 1-4). SAVE keeps every EVERY-th chunk's start (h1, h2) for the backward
+    (`_save_pair`); SELF_TARGET writes toward M_B(v) instead of v (`_self_target`). Each
+    chunk's start states go to this program's DELTA_FWD_SLOTS scratch slots of S floats, and
+    every helper gets them as fresh `_reload`s (module docstring, "Shared memory")."""
     i_unused, bh64, g_base = _program(T, H)
     rows = tl.arange(0, BT)
     slots = scr_ptr + bh64 * (DELTA_FWD_SLOTS * S)
@@ -755,7 +756,7 @@ def _launch_args(q, E, chunk_size, activation, max_grad_norm):
 
 
 def _scratch(q, E, chunk_size, n_slots):
-    """The backward's scratch (module docstring, "Shared memory"): n_slots slots per
+    """A kernel's scratch (module docstring, "Shared memory"): n_slots slots per
     (batch, head) program of S fp32 each, S = max(BT, BD) * max(BT, BD, BE) (room for the
     largest padded tile: [BT, BT|BD|BE], [BD, BE] or [BE, BD]). Returns (buffer, S)."""
     B, _, H, d = q.shape

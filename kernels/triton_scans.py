@@ -7,7 +7,9 @@
 shapes: q, k [B,T,H,K]; u [B,T,H,V]; alpha, eta, beta [B,T,H]; S, Z [B,H,V,K]; o [B,T,H,V].
 Inputs may be fp32, bf16 or fp16; the state is accumulated in fp32, `o` comes back in q's
 dtype and S_T, Z_T in fp32. Gradients flow to every input, initial states included.
-Gates are assumed in range: 0 < alpha, beta <= 1 and eta >= 0 (log-space ratios rely on it).
+Gates are assumed in range: 0 <= alpha, beta <= 1 and eta >= 0 (log-space ratios rely on it;
+a gate of exactly 0 has its log clamped at triton_delta.LOG_GATE_FLOOR and gets gradient 0,
+as in kernels/chunked.py).
 
 Each primitive is a pair of `torch.library` custom ops (forward, backward) joined by
 `register_autograd`, with fake implementations, so `torch.compile` traces through them
