@@ -49,8 +49,8 @@ from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _delta_chunk_g
                            _needs_grad, _program, _store_gate, _store_rows, _store_state,
                            dot_precision)
 from .triton_mlp_memory import (DELTA_SLOTS, _chunk_delta_fwd, _dgd_chunk_bwd, _inner_write,
-                                _save_chunk_start, _self_target, _self_target_bwd, _spill,
-                                _state_buffers, _tiles, backward_in_blocks, check_options,
+                                _save_chunk_start, _scratch, _self_target, _self_target_bwd,
+                                _spill, _state_buffers, _tiles, backward_in_blocks, check_options,
                                 fusable_mlp, resolve_state_every, saved_weights)
 
 __all__ = ["fused_hope_projections", "fusable_projections", "PROJECTIONS"]
@@ -351,9 +351,7 @@ def _hope_projections_bwd(x: Tensor, eta_weight: Tensor, eta_bias: Tensor, alpha
     dwin, dwout = x.new_empty(grad_win.shape), x.new_empty(grad_wout.shape)
     dweta, dwalpha = x.new_empty(B, H, d), x.new_empty(B, H, d)
     dbeta, dbalpha = x.new_empty(B, H), x.new_empty(B, H)
-    BT, BD, BE = consts["BT"], consts["BD"], consts["BE"]
-    S = max(BT, BD) * max(BT, BD, BE)
-    scratch = x.new_empty(B * H, BWD_SLOTS, S)
+    scratch, S = _scratch(x, E, chunk_size, BWD_SLOTS.value)
     _hope_projections_bwd_kernel[(1, B * H)](
         *tensors, dx, dwin, dwout, dweta, dbeta, dwalpha, dbalpha, scratch, T, H, d, E, chunk_size,
         NT, S, float(eta_max), **consts, num_warps=CHUNK_WARPS, num_stages=1)

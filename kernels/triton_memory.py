@@ -161,18 +161,23 @@ def fusable(d, chunk_size):
     return d <= MAX_HEAD_DIM and 1 <= chunk_size <= max_chunk(d)
 
 
-def _check_inputs(tensors, states, chunk_size):
+def _check_inputs(tensors, states, chunk_size, caller):
     """One-line ValueErrors naming what is wrong (kernels/checks.py, the check every scan
-    path shares). tensors: q, k, v [B,T,H,d] then gates [B,T,H] (by name); states [B,H,d,d]."""
+    path shares, then T >= 1). tensors: q, k, v [B,T,H,d] then gates [B,T,H] (by name);
+    states [B,H,d,d]."""
     gates = {n: t for n, t in tensors.items() if n not in ("q", "k", "v")}
     check_scan_inputs(tensors["q"], tensors["k"], tensors["v"], gates, states, chunk_size,
                       u_name="v", dims=("d", "d"), kernels="the fused memory kernels",
                       max_chunk=max_chunk, states_optional=False)
+    if tensors["q"].shape[1] == 0:
+        raise ValueError(f"{caller} needs T >= 1 tokens")
 
 
 def _launch_args(q, chunk_size):
-    B, T, H, d, _, NT, tiles, _ = _launch_dims(q, q, chunk_size, *_tiles(q.shape[-1], chunk_size))
-    return B, T, H, d, NT, tiles
+    """(B, T, H, d, NT, the tile constexprs, kwargs of an fp32 buffer on q's device)."""
+    B, T, H, d, _, NT, tiles, f32 = _launch_dims(q, q, chunk_size,
+                                                 *_tiles(q.shape[-1], chunk_size))
+    return B, T, H, d, NT, tiles, f32
 
 
 # DGD / GD -------------------------------------------------------------------------------
@@ -182,8 +187,7 @@ def _memory_delta_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tenso
                       lr_write: Tensor, initial_state: Tensor, chunk_size: int,
                       save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     q, k, v, alpha, eta, lr_write, s0 = _contiguous(q, k, v, alpha, eta, lr_write, initial_state)
-    B, T, H, d, NT, tiles = _launch_args(q, chunk_size)
-    f32 = dict(device=q.device, dtype=torch.float32)
+    B, T, H, d, NT, tiles, f32 = _launch_args(q, chunk_size)
     w = torch.empty(B * H, T, d, **f32)
     u2 = torch.empty(B * H, T, d, **f32)
     o = torch.empty(B, T, H, d, device=q.device, dtype=q.dtype)
@@ -214,8 +218,7 @@ def _memory_delta_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tenso
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v, alpha, eta, lr_write, grad_o, grad_state, grad_start = _contiguous(
         q, k, v, alpha, eta, lr_write, grad_o, grad_state, grad_start)
-    B, T, H, d, NT, tiles = _launch_args(q, chunk_size)
-    f32 = dict(device=q.device, dtype=torch.float32)
+    B, T, H, d, NT, tiles, f32 = _launch_args(q, chunk_size)
     w = torch.empty(B * H, T, d, **f32)
     dh_chunks = torch.empty(B * H, NT, d, d, **f32)
     dd = torch.empty(B * H, T, d, **f32)
@@ -272,9 +275,7 @@ def fused_linear_memory_delta(q, k, v, alpha, eta, lr_write, initial_state, chun
     t = 0, every chunk_size tokens. Returns (y [B,T,H,d] in q's dtype, W_T fp32, W_B of the
     last chunk fp32); W_B [B,H,d,d] is (out, in) like memory.py's weights."""
     _check_inputs({"q": q, "k": k, "v": v, "alpha": alpha, "eta": eta, "lr_write": lr_write},
-                  {"initial_state": initial_state}, chunk_size)
-    if q.shape[1] == 0:
-        raise ValueError("fused_linear_memory_delta needs T >= 1 tokens")
+                  {"initial_state": initial_state}, chunk_size, "fused_linear_memory_delta")
     save = _needs_grad(q, k, v, alpha, eta, lr_write, initial_state)
     o, s_final, s_start, _ = torch.ops.nested_learning.memory_linear_delta_fwd(
         q, k, v, alpha, eta, lr_write, initial_state, chunk_size, save)
@@ -290,8 +291,7 @@ def _memory_momentum_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: T
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v, alpha, beta, lr, s0, z0 = _contiguous(q, k, v, alpha, beta, lr, initial_state,
                                                    initial_momentum)
-    B, T, H, d, NT, tiles = _launch_args(q, chunk_size)
-    f32 = dict(device=q.device, dtype=torch.float32)
+    B, T, H, d, NT, tiles, f32 = _launch_args(q, chunk_size)
     o = torch.empty(B, T, H, d, device=q.device, dtype=q.dtype)
     h_chunks = torch.empty((B * H, NT, d, d) if save else (0,), **f32)
     z_chunks = torch.empty((B * H, NT, d, d) if save else (0,), **f32)
@@ -321,8 +321,7 @@ def _memory_momentum_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: T
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v, alpha, beta, lr, grad_o, grad_state, grad_momentum, grad_start = _contiguous(
         q, k, v, alpha, beta, lr, grad_o, grad_state, grad_momentum, grad_start)
-    B, T, H, d, NT, tiles = _launch_args(q, chunk_size)
-    f32 = dict(device=q.device, dtype=torch.float32)
+    B, T, H, d, NT, tiles, f32 = _launch_args(q, chunk_size)
     dh_chunks = torch.empty(B * H, NT, d, d, **f32)
     dz_chunks = torch.empty(B * H, NT, d, d, **f32)
     du = torch.empty(B, T, H, d, **f32)
@@ -382,9 +381,7 @@ def fused_linear_memory_momentum(q, k, v, alpha, beta, lr, initial_state, initia
     Returns (y [B,T,H,d] in q's dtype, W_T, Z_T, W_B of the last chunk; states fp32)."""
     _check_inputs({"q": q, "k": k, "v": v, "alpha": alpha, "beta": beta, "lr": lr},
                   {"initial_state": initial_state, "initial_momentum": initial_momentum},
-                  chunk_size)
-    if q.shape[1] == 0:
-        raise ValueError("fused_linear_memory_momentum needs T >= 1 tokens")
+                  chunk_size, "fused_linear_memory_momentum")
     save = _needs_grad(q, k, v, alpha, beta, lr, initial_state, initial_momentum)
     o, s_final, z_final, s_start, _, _ = torch.ops.nested_learning.memory_linear_momentum_fwd(
         q, k, v, alpha, beta, lr, initial_state, initial_momentum, chunk_size, save)
