@@ -93,12 +93,12 @@ def _copy_states(src_in_ptr, src_out_ptr, dst_in_ptr, dst_out_ptr, base0, step, 
 
 
 @triton.jit
-def _gate_params(weta_ptr, beta_ptr, walpha_ptr, balpha_ptr, i_h, cols, D):
+def _gate_params(w_eta_ptr, b_eta_ptr, w_alpha_ptr, b_alpha_ptr, i_h, cols, D):
     """Head i_h's gate parameters: (w_eta [BD], b_eta, w_alpha [BD], b_alpha), fp32."""
-    w_eta = tl.load(weta_ptr + i_h * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-    w_alpha = tl.load(walpha_ptr + i_h * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-    return (w_eta, tl.load(beta_ptr + i_h).to(tl.float32), w_alpha,
-            tl.load(balpha_ptr + i_h).to(tl.float32))
+    w_eta = tl.load(w_eta_ptr + i_h * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    w_alpha = tl.load(w_alpha_ptr + i_h * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    return (w_eta, tl.load(b_eta_ptr + i_h).to(tl.float32), w_alpha,
+            tl.load(b_alpha_ptr + i_h).to(tl.float32))
 
 
 @triton.jit
@@ -116,8 +116,8 @@ def _gate(r, w, b):
 
 
 @triton.jit
-def _hope_projections_fwd_kernel(x_ptr, win_ptr, wout_ptr, weta_ptr, beta_ptr, walpha_ptr,
-                                 balpha_ptr, k_ptr, v_ptr, eta_ptr, alpha_ptr, winT_ptr,
+def _hope_projections_fwd_kernel(x_ptr, win_ptr, wout_ptr, w_eta_ptr, b_eta_ptr, w_alpha_ptr,
+                                 b_alpha_ptr, k_ptr, v_ptr, eta_ptr, alpha_ptr, winT_ptr,
                                  woutT_ptr, winB_ptr, woutB_ptr, h1c_ptr, h2c_ptr, T, H, D, E,
                                  C, NT, EVERY, eta_max, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
                                  ACT: tl.constexpr, SAVE: tl.constexpr, BT: tl.constexpr,
@@ -132,8 +132,8 @@ def _hope_projections_fwd_kernel(x_ptr, win_ptr, wout_ptr, weta_ptr, beta_ptr, w
     base0 = (i_b * N_MEMORIES * H + i_h) * E * D     # memory m at base0 + m * H * E * D
     step = H * E * D
     _copy_states(win_ptr, wout_ptr, winT_ptr, woutT_ptr, base0, step, D, E, BD, BE)   # running
-    w_eta, b_eta, w_alpha, b_alpha = _gate_params(weta_ptr, beta_ptr, walpha_ptr, balpha_ptr, i_h,
-                                                  cols, D)
+    w_eta, b_eta, w_alpha, b_alpha = _gate_params(w_eta_ptr, b_eta_ptr, w_alpha_ptr,
+                                                  b_alpha_ptr, i_h, cols, D)
     for i_t in range(NT):
         t0, end, L = _chunk_span(i_t, C, T)
         x = _load_rows(x_ptr, g_base * D, t0, end, H * D, 0, D, BT, BD)
@@ -188,12 +188,12 @@ def _read_bwd(sx, sh1, sh2, dr, dst_in_ptr, dst_out_ptr, base, D, E, ACT: tl.con
 
 
 @triton.jit
-def _hope_projections_bwd_kernel(x_ptr, weta_ptr, beta_ptr, walpha_ptr, balpha_ptr, k_ptr, v_ptr,
-                                 eta_ptr, alpha_ptr, h1c_ptr, h2c_ptr, dk_ptr, dv_ptr, deta_ptr,
-                                 dalpha_ptr, dwinT_ptr, dwoutT_ptr, dwinB_ptr, dwoutB_ptr, dx_ptr,
-                                 dwin_ptr, dwout_ptr, dweta_ptr, dbeta_ptr, dwalpha_ptr,
-                                 dbalpha_ptr, scr_ptr, T, H, D, E, C, NT, S, eta_max, tau,
-                                 DGD: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr,
+def _hope_projections_bwd_kernel(x_ptr, w_eta_ptr, b_eta_ptr, w_alpha_ptr, b_alpha_ptr, k_ptr,
+                                 v_ptr, eta_ptr, alpha_ptr, h1c_ptr, h2c_ptr, dk_ptr, dv_ptr,
+                                 deta_ptr, dalpha_ptr, dwinT_ptr, dwoutT_ptr, dwinB_ptr,
+                                 dwoutB_ptr, dx_ptr, dwin_ptr, dwout_ptr, dw_eta_ptr, db_eta_ptr,
+                                 dw_alpha_ptr, db_alpha_ptr, scr_ptr, T, H, D, E, C, NT, S, eta_max,
+                                 tau, DGD: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr,
                                  BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
                                  PREC: tl.constexpr):
     """One (batch, head): the chunks in reverse (module docstring a-b). The memories' state
@@ -208,8 +208,8 @@ def _hope_projections_bwd_kernel(x_ptr, weta_ptr, beta_ptr, walpha_ptr, balpha_p
     base0 = (i_b * N_MEMORIES * H + i_h) * E * D
     step = H * E * D
     _copy_states(dwinT_ptr, dwoutT_ptr, dwin_ptr, dwout_ptr, base0, step, D, E, BD, BE)   # carried
-    w_eta, b_eta, w_alpha, b_alpha = _gate_params(weta_ptr, beta_ptr, walpha_ptr, balpha_ptr, i_h,
-                                                  cols, D)
+    w_eta, b_eta, w_alpha, b_alpha = _gate_params(w_eta_ptr, b_eta_ptr, w_alpha_ptr,
+                                                  b_alpha_ptr, i_h, cols, D)
     dw_eta = tl.zeros([BD], dtype=tl.float32)
     dw_alpha = tl.zeros([BD], dtype=tl.float32)
     db_eta = tl.sum(dw_eta, 0)
@@ -282,10 +282,10 @@ def _hope_projections_bwd_kernel(x_ptr, weta_ptr, beta_ptr, walpha_ptr, balpha_p
             dx += _read_bwd(sx, sh1, sh2, dr, dwin_ptr, dwout_ptr, base0 + m * step, D, E, ACT,
                             BT, BD, BE, PREC)
         _store_rows(dx_ptr, g_base * D, t0, end, H * D, 0, D, dx, BT, BD)
-    tl.store(dweta_ptr + bh64 * D + cols, dw_eta, mask=cols < D)
-    tl.store(dwalpha_ptr + bh64 * D + cols, dw_alpha, mask=cols < D)
-    tl.store(dbeta_ptr + bh64, db_eta)
-    tl.store(dbalpha_ptr + bh64, db_alpha)
+    tl.store(dw_eta_ptr + bh64 * D + cols, dw_eta, mask=cols < D)
+    tl.store(dw_alpha_ptr + bh64 * D + cols, dw_alpha, mask=cols < D)
+    tl.store(db_eta_ptr + bh64, db_eta)
+    tl.store(db_alpha_ptr + bh64, db_alpha)
 
 
 def _launch_args(x, w_in, chunk_size, activation, max_grad_norm, dgd):
@@ -349,13 +349,13 @@ def _hope_projections_bwd(x: Tensor, eta_weight: Tensor, eta_bias: Tensor, alpha
     # the kernel writes row-major: new buffers, not empty_like (which keeps an input's strides)
     dx = x.new_empty(x.shape)
     dwin, dwout = x.new_empty(grad_win.shape), x.new_empty(grad_wout.shape)
-    dweta, dwalpha = x.new_empty(B, H, d), x.new_empty(B, H, d)
-    dbeta, dbalpha = x.new_empty(B, H), x.new_empty(B, H)
+    dw_eta, dw_alpha = x.new_empty(B, H, d), x.new_empty(B, H, d)
+    db_eta, db_alpha = x.new_empty(B, H), x.new_empty(B, H)
     scratch, S = _scratch(x, E, chunk_size, BWD_SLOTS.value)
     _hope_projections_bwd_kernel[(1, B * H)](
-        *tensors, dx, dwin, dwout, dweta, dbeta, dwalpha, dbalpha, scratch, T, H, d, E, chunk_size,
-        NT, S, float(eta_max), **consts, num_warps=CHUNK_WARPS, num_stages=1)
-    return dx, dwin, dwout, dweta.sum(0), dbeta.sum(0), dwalpha.sum(0), dbalpha.sum(0)
+        *tensors, dx, dwin, dwout, dw_eta, db_eta, dw_alpha, db_alpha, scratch, T, H, d, E,
+        chunk_size, NT, S, float(eta_max), **consts, num_warps=CHUNK_WARPS, num_stages=1)
+    return dx, dwin, dwout, dw_eta.sum(0), db_eta.sum(0), dw_alpha.sum(0), db_alpha.sum(0)
 
 
 @_hope_projections_bwd.register_fake

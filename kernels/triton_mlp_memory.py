@@ -816,14 +816,14 @@ def backward_in_blocks(T, chunk_size, every, seq_grads, carried, start_grads, bl
     return carried
 
 
-def _state_buffers(B, H, d, E, NT, n_layers_states, save, device):
+def _state_buffers(B, H, d, E, NT, n_states, save, device):
     """Final/start state outputs (alternating [B,H,E,d] W_in-like and [B,H,d,E] W_out-like)
     and the per-chunk saved starts ([B*H, NT, d, E] and [B*H, NT, E, d] alternating)."""
     f32 = dict(device=device, dtype=torch.float32)
     outs = [torch.empty((B, H, E, d) if i % 2 == 0 else (B, H, d, E), **f32)
-            for i in range(n_layers_states)]
+            for i in range(n_states)]
     chunks = [torch.empty(((B * H, NT, d, E) if i % 2 == 0 else (B * H, NT, E, d)) if save else (0,),
-                          **f32) for i in range(n_layers_states)]
+                          **f32) for i in range(n_states)]
     return outs, chunks
 
 
