@@ -1,7 +1,8 @@
 """The one input check of the scan primitives (DESIGN §3.2 shapes), shared by the dispatcher
-(kernels/__init__.py) and the Triton entry points (triton_scans.py, triton_memory.py), so
-every path rejects the same bad input with the same one-line ValueError naming it.
-Imports no Triton: the CPU path uses it too."""
+(kernels/__init__.py) and the Triton entry points (triton_scans.py, triton_memory.py,
+triton_mlp_memory.py), so every path rejects the same bad input with the same one-line
+ValueError naming it; check_tensors (dtype, device) also serves triton_hope.py and
+triton_cms.py. Imports no Triton: the CPU path uses it too."""
 import os
 
 import torch

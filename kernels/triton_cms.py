@@ -252,7 +252,8 @@ def _cms_fwd(a: Tensor, target: Tensor, w_in: Tensor, w_out: Tensor, grad_in: Te
     w2s = a.new_empty(B, slots, D, H)
     w1s[:, 0].copy_(w_in)
     w2s[:, 0].copy_(w_out)
-    y, err = torch.empty_like(a), torch.empty_like(a) if save else a.new_empty(0)
+    y = torch.empty_like(a)
+    err = torch.empty_like(a) if save else a.new_empty(0)        # E, kept for the backward
     g1o, g2o = torch.zeros_like(grad_in), torch.zeros_like(grad_out)
     BT, BD, BH = _tiles(D, H, C)
     _cms_fwd_kernel[(B,)](a, target, w1s, w2s, grad_in, grad_out, y, err, g1o, g2o, T, D, H, C,
