@@ -29,8 +29,9 @@ Long inputs (eval.common, shared with eval.niah). The model interface
 `logits, loss, state = model(idx, state=state)` is exact when a sequence is fed in segments
 with the state carried. Recurrent models (Titans, HOPE) read any length that way, in
 segments of `segment_len` tokens with constant memory. Attention models (Transformer,
-HOPE-attention) keep a growing KV cache: inputs longer than `max_len` are truncated to
-their last tokens or skipped (`overflow`), and the result says which and how many.
+HOPE-attention) keep a growing KV cache and read at most `max_len` tokens, prompt and answer
+together: longer prompts are truncated to their last tokens or skipped (`overflow`), and the
+result says which and how many.
 
 CLI (docs/BABILONG.md):
     python -m eval.babilong eval --checkpoint DIR --tasks qa1,qa2 --lengths 0k,1k --samples N --out DIR
@@ -595,8 +596,9 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
     """Both scores on `samples` (dicts with task, input, question, target).
 
     Recurrent models (or streaming=True) read the whole input in segments of `segment_len`.
-    Attention models read at most `max_len` tokens: longer prompts are cut to their last
-    max_len - max_new_tokens tokens (overflow='truncate') or left out (overflow='skip').
+    Attention models read at most `max_len` tokens, prompt and answer together: prompts over
+    max_len - max_new_tokens tokens are cut to their last that many (overflow='truncate') or
+    left out (overflow='skip').
     Returns accuracies, counts, how long inputs were handled, and one record per sample.
     """
     streaming = check_long_inputs(model, overflow, streaming, max_len)

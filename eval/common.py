@@ -94,13 +94,17 @@ def prompt_room(max_len: int, max_new_tokens: int) -> int:
 
 def fit_prompt(ids: list[int], streaming: bool, max_len: int | None, max_new_tokens: int, overflow: str) -> tuple:
     """-> (the prompt ids the model reads, truncated?). A streaming model reads them all; an
-    attention model reads a prompt over max_len as its last prompt_room tokens (room for the
-    answer; overflow='truncate') or not at all (None; overflow='skip')."""
-    if streaming or len(ids) <= max_len:
+    attention model reads at most max_len tokens, prompt and answer together (as lm-eval's
+    generate_until and eval.lm_eval_adapter do), so a prompt over prompt_room tokens is cut to
+    its last prompt_room (overflow='truncate') or not read at all (None; overflow='skip')."""
+    if streaming:
+        return ids, False
+    room = prompt_room(max_len, max_new_tokens)
+    if len(ids) <= room:
         return ids, False
     if overflow == "skip":
         return None, False
-    return ids[-prompt_room(max_len, max_new_tokens):], True
+    return ids[-room:], True
 
 
 def context_handling(streaming: bool, max_len: int | None, segment_len: int, overflow: str,
@@ -108,9 +112,9 @@ def context_handling(streaming: bool, max_len: int | None, segment_len: int, ove
     """What fit_prompt does to long inputs, in words, for an eval's result file."""
     if streaming:
         return f"streamed: whole input in segments of {segment_len} tokens with the state carried"
-    if overflow == "truncate":
-        return f"attention: inputs over {max_len} tokens truncated to their last {prompt_room(max_len, max_new_tokens)}"
-    return f"attention: inputs over {max_len} tokens skipped"
+    room = prompt_room(max_len, max_new_tokens)
+    over = f"attention: inputs over {room} tokens (max_len {max_len}, less room for {max_new_tokens} answer tokens)"
+    return f"{over} truncated to their last {room}" if overflow == "truncate" else f"{over} skipped"
 
 
 def bf16_autocast(device, dtype: str = "auto"):

@@ -21,7 +21,8 @@ Scores, both labelled in the output:
   ranking_accuracy  the value has the highest log-likelihood after the answer prefix among
                     itself and `n_distractors` random values of the same kind.
 Long inputs are handled as in eval.babilong (eval.common.fit_prompt): recurrent models stream
-in segments with the state carried, attention models truncate or skip beyond max_len.
+in segments with the state carried; attention models truncate or skip a prompt that leaves
+no room for the answer within max_len.
 
 CLI:
     python -m eval.niah --checkpoint DIR --tasks 1,2,3 --lengths 1k,2k,4k --samples N --out DIR

@@ -145,7 +145,11 @@ def test_load_checkpoint_missing_path(tmp_path):
 def test_fit_prompt_truncates_or_skips_only_attention_models():
     ids = list(range(10))
     assert fit_prompt(ids, True, 4, 2, "skip") == (ids, False)                # streaming reads it all
-    assert fit_prompt(ids, False, 10, 2, "skip") == (ids, False)              # fits
+    assert fit_prompt(ids, False, 12, 2, "skip") == (ids, False)              # fits, with its answer
+    # a prompt of max_len tokens leaves no room for the answer: the model would read past its
+    # context (it was kept whole, while one token more was cut to max_len - max_new_tokens)
+    assert fit_prompt(ids, False, 10, 2, "truncate") == ([2, 3, 4, 5, 6, 7, 8, 9], True)
+    assert fit_prompt(ids, False, 11, 2, "skip") == (None, False)
     assert fit_prompt(ids, False, 6, 2, "truncate") == ([6, 7, 8, 9], True)   # room for 2 answer tokens
     assert fit_prompt(ids, False, 2, 5, "truncate") == ([9], True)            # at least one token
     assert fit_prompt(ids, False, 6, 2, "skip") == (None, False)
@@ -173,8 +177,9 @@ def test_context_handling_says_what_fit_prompt_does():
         "streamed: whole input in segments of 64 tokens with the state carried"
     kept = len(fit_prompt(ids, False, 6, 2, "truncate")[0])
     assert context_handling(False, 6, 64, "truncate", 2) == \
-        f"attention: inputs over 6 tokens truncated to their last {kept}"
-    assert context_handling(False, 6, 64, "skip", 2) == "attention: inputs over 6 tokens skipped"
+        f"attention: inputs over {kept} tokens (max_len 6, less room for 2 answer tokens) truncated to their last {kept}"
+    assert context_handling(False, 6, 64, "skip", 2) == \
+        "attention: inputs over 4 tokens (max_len 6, less room for 2 answer tokens) skipped"
 
 
 def test_bf16_autocast_only_on_cuda():

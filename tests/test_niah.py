@@ -83,7 +83,8 @@ def test_cli_writes_accuracy_json(tmp_path, monkeypatch, capsys):
     assert 0 <= results["ranking_accuracy"]["niah_single_3"]["512"] <= 1
     assert set(results["by_depth"]["niah_single_1"]["512"]) == {"0.0", "1.0"}
     assert results["counts"]["niah_single_1"]["512"]["n_truncated"] == 2     # 512 GPT-2 tokens > 256 bytes
-    assert results["context_handling"] == "attention: inputs over 256 tokens truncated to their last 252"
+    assert results["context_handling"] == \
+        "attention: inputs over 252 tokens (max_len 256, less room for 4 answer tokens) truncated to their last 252"
     with pytest.raises(SystemExit) as exit_info:
         main(["--checkpoint", str(tmp_path / "ckpt"), "--depths", "1.5", "--out", out])
     assert exit_info.value.code == 2 and "error: argument --depths: expected numbers in [0, 1], got '1.5'" in \
