@@ -22,7 +22,6 @@ from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
 import distributed
@@ -30,7 +29,7 @@ from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints,
                         resolve_checkpoint, save_checkpoint, saved_steps)
 from cli import check_output_dir
 from config import Config, ConfigError, check_vocab, dump_yaml, load_config, to_dict
-from distributed import DistEnv, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier, full_value, gradient_sync
+from distributed import DistEnv, all_reduce_max, all_reduce_mean, barrier, full_value, gradient_sync
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.yaml")
 # dense bf16 peak FLOP/s for MFU (H100/H200 SXM; A100); other GPUs report MFU as n/a
@@ -208,36 +207,6 @@ def peak_memory_gib(device_type) -> float:
 
 
 @torch.no_grad()
-def evaluate_sharded(model, dataset, batch_size, seq_len, max_batches, env: DistEnv) -> dict:
-    """eval.perplexity.evaluate_split on the same windows (batches of `batch_size` rows, at
-    most `max_batches`), each batch's rows spread over the ranks: the numbers do not depend
-    on the rank count. A rank left without rows (a short last batch) still runs a forward,
-    unscored, because FSDP2 needs every rank in each forward's all-gathers."""
-    from data.loader import iter_eval_batches
-    split = dataset.meta["splits"]["val"] if "val" in dataset.meta.get("splits", {}) else None
-    if not split or not split.get("tokens") or not split.get("bytes"):
-        raise ValueError(f"{dataset.data_dir} has no val split with token and byte counts in meta.json")
-    rows_per_rank = -(-batch_size // env.world_size)
-    nll = torch.zeros((), dtype=torch.float64, device=env.device)
-    tokens = torch.zeros((), dtype=torch.float64, device=env.device)
-    for x, y in iter_eval_batches(dataset, "val", batch_size, seq_len, max_batches=max_batches):
-        lo = env.rank * rows_per_rank
-        hi = min(lo + rows_per_rank, x.shape[0])
-        scored = hi > lo
-        xs, ys = (x[lo:hi], y[lo:hi]) if scored else (x[:1], y[:1])
-        logits = model(xs.to(env.device))[0]
-        if scored:
-            nll += F.cross_entropy(logits.float().flatten(0, 1), ys.to(env.device).flatten(), reduction="sum").double()
-            tokens += ys.numel()
-    nll, tokens = all_reduce_sum(torch.stack([nll, tokens])).tolist()
-    if tokens == 0:
-        raise ValueError(f"split 'val' has no full window of seq_len={seq_len} + 1 tokens to score")
-    loss = nll / tokens
-    bytes_scored = tokens / split["tokens"] * split["bytes"]   # as evaluate_split
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nll / math.log(2) / bytes_scored,
-            "tokens": int(tokens)}
-
-
 def _silent(*args, **kwargs):
     pass
 
@@ -427,15 +396,10 @@ def _train(cfg: Config, env: DistEnv):
     def evaluate():
         # the windows of a 1-process run (batches of batch_size / grad_accum rows), whatever
         # the rank count; with several ranks each scores its rows of every batch
-        model.eval()
         with autocast:
-            if env.world_size == 1:
-                r = evaluate_split(model, dataset, "val", batch_size=micro_bs, seq_len=t.seq_len,
-                                   max_batches=t.eval_batches, device=device)
-            else:
-                r = evaluate_sharded(model, dataset, micro_bs * env.world_size, t.seq_len, t.eval_batches, env)
-        model.train()
-        return r
+            return evaluate_split(model, dataset, "val", batch_size=micro_bs * env.world_size, seq_len=t.seq_len,
+                                  max_batches=t.eval_batches, device=device, rank=env.rank,
+                                  world_size=env.world_size)
 
     def forward_backward(x, y) -> float:
         """The gradients of one optimiser step, summed over its micro-batches; returns the

@@ -168,7 +168,7 @@ def iter_eval_batches(dataset: TokenDataset, split: str, batch_size: int, seq_le
     """Consecutive non-overlapping windows from the start of the split: row j holds tokens
     [j*seq_len, (j+1)*seq_len + 1), so every token after the first is a target exactly once.
     The leftover tail (shorter than seq_len) comes last as a [1, tail] batch. Every rank of a
-    distributed run reads them all (train.evaluate_sharded spreads each batch's rows)."""
+    distributed run reads them all (eval.perplexity.evaluate_split spreads each batch's rows)."""
     n = _check_split_length(dataset, split, seq_len)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

@@ -493,7 +493,7 @@ def main(argv=None):
                        split=args.split, streaming=args.streaming, max_docs=args.max_docs, seed=args.seed,
                        data_files=args.data_files, bpe_dir=args.bpe_dir, quiet=args.quiet)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)

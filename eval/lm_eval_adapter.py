@@ -52,7 +52,7 @@ class LMAdapter:
         self.segment_len = segment_len
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", **kwargs):
+    def from_checkpoint(cls, path, device="auto", **kwargs):
         """The adapter over a checkpoint dir or training out_dir, loaded as every eval CLI loads it
         (eval.common.load_checkpoint): its own tokenizer, device auto|cpu|cuda[:N], the same
         one-line errors for a missing checkpoint or a bad device."""

@@ -43,15 +43,22 @@ HF_LAMBADA = ("EleutherAI/lambada_openai", "default", "test")
 # 1. A prepared split: mean token NLL and bits per byte
 
 @torch.no_grad()
-def evaluate_split(model, dataset, split="val", batch_size=8, seq_len=256, max_batches=None, device=None) -> dict:
+def evaluate_split(model, dataset, split="val", batch_size=8, seq_len=256, max_batches=None, device=None,
+                   rank: int = 0, world_size: int = 1) -> dict:
     """Mean next-token NLL over the split's consecutive non-overlapping windows of seq_len.
 
     bits_per_byte = total NLL (nats) / ln 2 / bytes, where bytes is the split's UTF-8 byte
     count scaled to the tokens actually scored: tokens_scored / split_tokens * split_bytes
     (exact when the whole split is scored; with max_batches it assumes the scored prefix has
     the split's average bytes per token). Tokenizer-independent, so bytes and gpt2 runs compare.
+
+    Over ranks (train.py under torchrun): each of world_size ranks scores its rows of every
+    batch, the sums are all-reduced, and the numbers are those of one process. A rank left
+    without rows (a short last batch) still runs a forward, unscored, because FSDP2 needs
+    every rank in each forward's all-gathers.
     """
     from data.loader import iter_eval_batches  # lazy: keeps this module importable on its own
+    from distributed import all_reduce_sum     # a no-op without a process group
 
     splits = dataset.meta.get("splits", {})
     if split not in splits:
@@ -62,25 +69,28 @@ def evaluate_split(model, dataset, split="val", batch_size=8, seq_len=256, max_b
             raise ValueError(f"meta.json of split {split!r} has no positive {key!r} count")
     device = torch.device(device) if device is not None else model_device(model)
 
-    total_nll = torch.zeros((), dtype=torch.float64, device=device)
-    tokens_scored = 0
+    rows_per_rank = -(-batch_size // world_size)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)        # NLL (nats), tokens scored
     with eval_mode(model):
         for x, y in iter_eval_batches(dataset, split, batch_size, seq_len, max_batches=max_batches):
-            x, y = x.to(device), y.to(device)
-            logits = model(x)[0]
-            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-            total_nll += nll.double()
-            tokens_scored += y.numel()
+            lo = rank * rows_per_rank
+            hi = min(lo + rows_per_rank, x.shape[0])
+            rows = slice(lo, hi) if hi > lo else slice(0, 1)
+            logits = model(x[rows].to(device))[0]
+            if hi > lo:
+                targets = y[rows].to(device)
+                sums[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").double()
+                sums[1] += targets.numel()
+    total_nll, tokens_scored = all_reduce_sum(sums).tolist()
     if tokens_scored == 0:
         raise ValueError(f"split {split!r} has no full window of seq_len={seq_len} + 1 tokens to score")
-    total_nll = total_nll.item()
     loss = total_nll / tokens_scored
     bytes_scored = tokens_scored / split_meta["tokens"] * split_meta["bytes"]
     return {
         "loss": loss,
         "perplexity": math.exp(loss),
         "bits_per_byte": total_nll / LN2 / bytes_scored,
-        "tokens": tokens_scored,
+        "tokens": int(tokens_scored),
     }
 
 

@@ -243,48 +243,25 @@ def test_export_cli_errors(tmp_path, capsys):
 
 
 def test_two_ranks_report_the_same_perplexity_and_bits_per_byte(runs):
-    """The 2-rank evals (train.evaluate_sharded) log the val perplexity and bits per byte of
-    the 1-process evals (eval.perplexity.evaluate_split), not only the same loss. Kills: a
-    bits/byte formula in evaluate_sharded that differs from evaluate_split's (e.g. nats, not
-    bits)."""
+    """The 2-rank evals (evaluate_split with rank / world_size, all-reduced) log the val
+    perplexity and bits per byte of the 1-process evals, not only the same loss. Kills: a
+    rank's sums not reduced, or reduced twice."""
     ref, rows = metrics(runs["one"]), metrics(runs["two"])
     for key in ("val_ppl", "val_bpb"):
         want = [r[key] for r in ref if key in r]
         assert len(want) == 2 and [r[key] for r in rows if key in r] == pytest.approx(want, rel=RTOL), key
 
 
-def test_evaluate_sharded_on_one_rank_is_evaluate_split(corpus):
-    """In one process (no process group), evaluate_sharded scores the windows evaluate_split
-    does and reports the same loss, perplexity, bits per byte and token count (seconds, no
-    torchrun). Kills: the same formula mutations as above, without the 2-rank runs."""
-    from config import ModelConfig
-    from data.loader import TokenDataset
-    from distributed import DistEnv
-    from eval.perplexity import evaluate_split
-    from model import build_model
-    from train import evaluate_sharded
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="transformer", vocab_size=257, n_layer=1, n_head=2, d_model=32)).eval()
-    dataset = TokenDataset(corpus)
-    got = evaluate_sharded(model, dataset, 3, 32, 2, DistEnv())
-    want = evaluate_split(model, dataset, "val", batch_size=3, seq_len=32, max_batches=2, device="cpu")
-    assert got["tokens"] == want["tokens"] == 2 * 3 * 32
-    for key in ("loss", "perplexity", "bits_per_byte"):
-        assert got[key] == pytest.approx(want[key], rel=1e-6), key
-
-
-def test_evaluate_sharded_ranks_split_the_rows_of_every_batch(corpus):
+def test_evaluate_split_ranks_split_the_rows_of_every_batch(corpus):
     """The whole val split (its last batch a single tail row) in batches of 3 rows, scored as
     rank 0 and rank 1 of 2 one after the other (no process group: each returns its own part):
     rank 0 scores rows 0-1 of each batch, rank 1 row 2 (nothing of the tail batch), and
-    together they score every val token once, with the total NLL of evaluate_split. Kills:
+    together they score every val token once, with the total NLL of one process. Kills:
     overlapping or missing row slices, the unscored forward of a rank without rows counted."""
     from config import ModelConfig
     from data.loader import TokenDataset
-    from distributed import DistEnv
     from eval.perplexity import evaluate_split
     from model import build_model
-    from train import evaluate_sharded
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="transformer", vocab_size=257, n_layer=1, n_head=2, d_model=32)).eval()
     dataset = TokenDataset(corpus)
@@ -292,7 +269,8 @@ def test_evaluate_sharded_ranks_split_the_rows_of_every_batch(corpus):
     rows, tail = (n - 1) // 256, (n - 1) % 256
     assert tail > 0                                        # the last batch is one short row
     sizes = [min(3, rows - first) for first in range(0, rows, 3)]          # rows per full-window batch
-    parts = [evaluate_sharded(model, dataset, 3, 256, None, DistEnv(rank=r, world_size=2)) for r in (0, 1)]
+    parts = [evaluate_split(model, dataset, "val", batch_size=3, seq_len=256, device="cpu", rank=r, world_size=2)
+             for r in (0, 1)]
     assert [p["tokens"] for p in parts] == [sum(min(k, 2) for k in sizes) * 256 + tail,
                                             sum(max(k - 2, 0) for k in sizes) * 256]
     want = evaluate_split(model, dataset, "val", batch_size=3, seq_len=256, device="cpu")
