@@ -7,6 +7,7 @@ e.g. "data/cache/x/meta.json: splits.train.shards[1] is 3, expected a file name"
 import json
 import os
 
+from cli import read_text
 from data.shards import MAX_VOCAB, read_shard_header
 from data.tokenizer import ByteTokenizer, GPT2Tokenizer
 
@@ -28,14 +29,11 @@ def _type_name(value) -> str:
 def read_meta_json(meta_path: str):
     """The parsed JSON of meta_path (any JSON value); ValueError naming the file if unreadable."""
     try:
-        with open(meta_path, "rb") as f:
-            raw = f.read()
+        text = read_text(meta_path)              # not UTF-8: a ValueError naming the first bad byte
     except OSError as e:
         raise ValueError(f"{meta_path} cannot be read ({e.strerror or e})") from None
     try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{meta_path} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 

@@ -636,7 +636,7 @@ def test_loader_rejects_malformed_meta_in_one_line(tmp_path, token_dir, edit, me
 @pytest.mark.parametrize("content, message", [
     (b"{not json", r"meta\.json is not valid JSON \(Expecting property name enclosed in double quotes at line 1"),
     (b"[1, 2]", r"meta\.json holds a list, expected a JSON object; prepare the data again"),
-    (b'{"tokenizer": "\xff"}', r"meta\.json is not UTF-8 \(byte 0xff at offset 15\)"),
+    (b'{"tokenizer": "\xff"}', r"meta\.json is not UTF-8 text \(byte 0xff at offset 15\)"),
 ], ids=["not-json", "not-object", "not-utf8"])
 def test_loader_rejects_unparsable_meta(tmp_path, token_dir, content, message):
     data_dir, _ = _copy_prepared(token_dir, tmp_path / "d")
