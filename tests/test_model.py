@@ -346,3 +346,23 @@ def test_flops_per_token_is_the_palm_formula(tie):
     h = m.blocks[0].ffn.w_up.weight.shape[0]
     n = L * (4 * d * d + 3 * d * h + 2 * d) + d + V * d
     assert m.flops_per_token(T) == 6 * n + 12 * L * d * T
+
+
+@pytest.mark.parametrize("arch", ["transformer", "hope"])
+def test_generate_continues_from_a_passed_state(arch):
+    """generate(suffix, n, state=state after prefix) continues the sequence the state holds:
+    its new tokens are those of generate(prefix + suffix, n). Kills: generate ignoring the
+    `state` argument (the prompt read as a fresh sequence), and a decode loop that re-runs
+    only the tokens of this call without the state."""
+    # init_std 0.5: an untrained model whose greedy tokens depend on the context, not only
+    # on the last token (at 0.02 the Transformer++ repeats one token whatever came before)
+    m = tiny(arch, init_std=0.5, hope={"chunk_other": 3, "chunk_mem": 5},
+             cms={"chunk_sizes": [4, None], "inner_lr": 0.1})
+    idx = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(3))
+    prefix, suffix = idx[:, :7], idx[:, 7:]
+    with torch.no_grad():
+        _, _, state = m(prefix)
+    full = m.generate(idx, 6, temperature=0)
+    cont = m.generate(suffix, 6, temperature=0, state=state)
+    assert torch.equal(cont, full[:, 7:])
+    assert not torch.equal(m.generate(suffix, 6, temperature=0)[:, 4:], full[:, 11:])   # the state matters
