@@ -273,15 +273,12 @@ def ref_mac(mixer, x):
 REFERENCES = {"lmm": ref_lmm, "mac": ref_mac, "mag": ref_mag, "mal": ref_mal}
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_mixers_match_a_float64_reference_of_the_equations(variant):
-    """Each mixer (float64, B = 2, T = 11: chunks of 4, MAC segments of 8, window 6 all cut
-    mid-way) equals the reference above, which reads the module's parameters and shares
-    only the memory layer (NeuralMemory, tested against its own oracle in test_memory.py).
-    Tolerance 1e-12 on outputs of size ~2-4 (model.at_least_fp32 keeps a float64 module's
-    norms, RoPE and memory inputs in float64)."""
+def reference_test_mixer(variant):
+    """A float64 one-layer mixer with O(1) activations (not the 0.02-std init), so that every
+    nonlinearity matters: norm gains in [0.5, 1.5], gate biases in [-2, 2], weights with
+    std fan_in^-1/2."""
     mixer = tiny(variant, n_layer=1, theta_max=0.7).blocks[0].mixer.double()
-    with torch.no_grad():   # O(1) activations (not the 0.02-std init): every nonlinearity matters
+    with torch.no_grad():
         for name, p in mixer.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
@@ -289,12 +286,47 @@ def test_mixers_match_a_float64_reference_of_the_equations(variant):
                 p.uniform_(-2.0, 2.0)
             elif p.dim() == 2 and "persistent" not in name:
                 p.normal_(0.0, p.shape[1] ** -0.5)
+    return mixer
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_mixers_match_a_float64_reference_of_the_equations(variant):
+    """Each mixer (float64, B = 2, T = 11: chunks of 4, MAC segments of 8, window 6 all cut
+    mid-way) equals the reference above, which reads the module's parameters and shares
+    only the memory layer (NeuralMemory, tested against its own oracle in test_memory.py).
+    Tolerance 1e-12 on outputs of size ~2-4 (model.at_least_fp32 keeps a float64 module's
+    norms, RoPE and memory inputs in float64)."""
+    mixer = reference_test_mixer(variant)
     x = torch.randn(2, 11, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         y, _ = mixer(x)
         y_ref = REFERENCES[variant](mixer, x)
     assert y.dtype == torch.float64 and y_ref.abs().max() > 0.5
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_mixer_gradients_match_the_float64_reference(variant):
+    """The outer gradients (DESIGN §3.3: they flow through everything: gates, keys, values,
+    queries, the memory's writes and reads) of every parameter and of the input equal those
+    of the differentiable reference above, for the loss <y, probe>. The forward test above
+    runs without gradients, and test_shapes_loss_and_every_parameter_gets_gradient only asks
+    for a nonzero gradient, which a parameter keeps when one of its paths is cut. Kills: a
+    detach on one gate (theta or beta: w_gates still learns through the others), on MAC's
+    segment-start weights or read-queries for h, on the memory output entering MAL's
+    attention."""
+    mixer = reference_test_mixer(variant)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 11, 32, dtype=torch.float64, generator=g).requires_grad_()
+    probe = torch.randn(2, 11, 32, dtype=torch.float64, generator=g)
+    names, leaves = zip(*list(mixer.named_parameters()), ("x", x))
+    y, _ = mixer(x)
+    y_ref = REFERENCES[variant](mixer, x)
+    grads = torch.autograd.grad((y * probe).sum(), leaves)
+    grads_ref = torch.autograd.grad((y_ref * probe).sum(), leaves)
+    for name, got, want in zip(names, grads, grads_ref):
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
 
 
 @pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
