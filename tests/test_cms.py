@@ -218,6 +218,19 @@ def test_outer_gradients_flow_through_fast_updates():
     assert torch.autograd.grad(y[:, 3:].sum(), level.w_target.weight)[0].abs().max() > 0
 
 
+def test_outer_gradients_flow_through_the_chain():
+    """d(output)/d(h) of a fast, static, fast chain == finite differences (float64): every
+    level reads z_{l-1} = h + the outputs of the levels before it (NL Eq. 70), and the
+    gradient must pass through both the reads and the fast levels' updates. The token-by-
+    token reference above detaches between levels and test_outer_gradients_flow_through_
+    fast_updates has one level, so neither sees the chain's backward. Kills: z = z + y.detach()
+    (a level's output reaches the next levels' inputs without gradient) and a fast level
+    reading z.detach()."""
+    cms = make_cms([3, None, 4], inner_lr=[0.2, None, 0.1], dtype=torch.float64)
+    h = inputs(B=1, T=7, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda h_: cms(h_)[0], (h,), eps=1e-6, atol=1e-6)
+
+
 @torch.no_grad()
 def test_batch_has_per_sequence_fast_weights():
     cms = make_cms([4, None, 3], inner_lr=0.1)
