@@ -146,6 +146,28 @@ def test_dispatch_uses_the_fused_kernel_only_where_it_applies(monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rule", ("dgd", "momentum"))
+def test_detach_targets_on_the_fused_path(rule):
+    """detach_targets, which does not keep a memory off the fused kernel, holds there too:
+    the same outputs as without it and no outer gradient to the targets v (the torch path's
+    behaviour, tests/test_memory.py::test_detach_targets_blocks_outer_gradient_through_v).
+    Kills: memory._fused_scan handing the kernel v undetached."""
+    x = make_inputs(rule, 1, 6, 1, 8)
+    x["v"].requires_grad_()
+    args = [x[n] for n in ("q", "k", "v", "lr", "alpha", "beta")]
+    torch.manual_seed(0)
+    detached = NeuralMemory(1, 8, depth=1, chunk_size=4, update_rule=rule, backend="triton",
+                            detach_targets=True).to(DEVICE)
+    assert detached._use_fused_kernel(x["q"])
+    plain = make_memory(rule, 1, 8, 4)
+    y_det, y_plain = detached(*args)[0], plain(*args)[0]
+    torch.testing.assert_close(y_det, y_plain)
+    assert torch.autograd.grad(y_plain.sum(), x["v"])[0].abs().max() > 0
+    grad = torch.autograd.grad(y_det.sum(), x["v"], allow_unused=True)[0]
+    assert grad is None or grad.abs().max() == 0
+
+
+@needs_kernels
 def test_no_grad_forward_matches_and_saves_no_chunk_states():
     mem = make_memory("momentum", 1, 8, 4)
     inputs = make_inputs("momentum", 1, 9, 1, 8)
