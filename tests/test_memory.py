@@ -216,6 +216,19 @@ def test_self_target_detach_targets_and_fused_dispatch():
         assert not mem._use_fused_kernel(x["q"], self_target=True), options
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_float64_memory_keeps_the_per_chunk_path_with_triton_backend(depth):
+    """The fused kernels hold fp32 fast weights, so a float64 memory stays on the per-chunk
+    path even with backend "triton" (the fused tests' float64 oracles rely on it), and says
+    why. Kills: fused_kernel_blocker without its dtype check (a float64 memory silently
+    computed in fp32)."""
+    mem = NeuralMemory(H, D, depth=depth, chunk_size=4, update_rule="dgd", backend="triton").double()
+    for device in ("cpu", "cuda"):
+        why = mem.fused_kernel_blocker(device)
+        assert why is not None and "float64" in why, (device, why)
+    assert not mem._use_fused_kernel(torch.zeros(1, 1, H, D, dtype=torch.float64))
+
+
 def test_zero_lr_keeps_the_initial_memory():
     mem = make_memory("momentum", 2, 4)
     x = make_inputs(6, "momentum")
