@@ -128,6 +128,21 @@ def test_forget_gate_keeps_its_precision_at_large_logits():
     torch.testing.assert_close(alpha, expected.expand_as(alpha), rtol=1e-5, atol=0)
 
 
+def test_gates_of_a_bf16_model_are_float32():
+    """A bf16 model's gates are formed in float32 from its bf16 logits (the memory computes
+    in float32, titans.py): theta, alpha = sigmoid(-f) and beta equal the float32 sigmoids of
+    the same logits. In bf16, alpha at the init's forget rate 0.018 would round to a
+    multiple of 2^-8 near 1, off by ~10 % in 1 - alpha. Kills: gates without at_least_fp32."""
+    memory = tiny("lmm").to(torch.bfloat16).blocks[0].mixer.memory
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    theta, alpha, beta = memory.gates(x)
+    assert theta.dtype == alpha.dtype == beta.dtype == torch.float32
+    logits = memory.w_gates(x).float().view(2, 5, 3, memory.n_head)
+    torch.testing.assert_close(theta, memory.theta_max * torch.sigmoid(logits[:, :, 0]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(beta, torch.sigmoid(logits[:, :, 1]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(alpha, torch.sigmoid(-logits[:, :, 2]), rtol=1e-6, atol=0)
+
+
 def test_bad_titans_settings_raise_clear_errors():
     with pytest.raises(ValueError, match="model.titans.chunk_size must be an integer >= 1, got 0"):
         tiny("lmm", chunk_size=0)
