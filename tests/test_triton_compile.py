@@ -14,7 +14,10 @@ takes over 10 minutes in LLVM + ptxas): the flag combinations to TTIR, the other
 the bf16/tf32 path to TTGIR plus the shared-memory allocation, the small all-flags-on
 cases to LLIR / cubin. NL_COMPILE_FULL=1 takes every case to cubin (slow). As a script,
 `python tests/test_triton_compile.py --regs [KERNEL ...]` prints registers and spills at
-each file's largest shape (ptxas -v).
+each file's largest shape (ptxas -v). To check another Triton release (the GPU image runs
+3.6), put it first on PYTHONPATH: `python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install
+--no-deps triton==3.6.0`, then `PYTHONPATH=/tmp/t36/lib/python3.11/site-packages python -m
+pytest tests/test_triton_compile.py` (BENCHMARKS.md).
 """
 import functools
 import itertools
