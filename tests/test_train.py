@@ -403,8 +403,10 @@ def test_steps_read_the_seeded_stream_in_micro_batches(corpus, tmp_path, monkeyp
 
 def test_grad_accum_matches_one_big_batch(corpus, tmp_path):
     """The same global batch of 4 in 1 or in 4 micro-batches: the same logged loss and
-    gradient norm at every step, within float rounding. Kills: each micro-batch's backward not
-    divided by grad_accum (4x the gradient), the logged loss not divided (4x the loss)."""
+    gradient norm at every step, within float rounding, and the same token count (the global
+    batch's 128 per step). Kills: each micro-batch's backward not divided by grad_accum (4x the
+    gradient), the logged loss not divided (4x the loss), tokens counted per micro-batch
+    forward (grad_accum x the tokens)."""
     import train as train_mod
     for accum in (1, 4):
         assert train_mod.train(_cfg(corpus, tmp_path / f"accum{accum}", "--train.max_steps=4",
@@ -413,6 +415,7 @@ def test_grad_accum_matches_one_big_batch(corpus, tmp_path):
     assert [r["step"] for r in four] == [r["step"] for r in one] == [1, 2, 3, 4]
     for key in ("loss", "grad_norm", "lr"):
         assert [r[key] for r in four] == pytest.approx([r[key] for r in one], rel=1e-5), key
+    assert [r["tokens"] for r in four] == [r["tokens"] for r in one] == [128, 256, 384, 512]
 
 
 def test_throughput_and_token_counts_against_a_fake_clock(corpus, tmp_path, probe):
@@ -579,3 +582,32 @@ def test_throughput_leaves_out_checkpoint_and_eval_time_off_the_log_cadence(corp
     rows = [r for r in read_metrics(tmp_path / "run") if "tokens_per_s" in r]
     assert [r["step"] for r in rows] == [1, 4, 8]
     assert [r["tokens_per_s"] for r in rows] == pytest.approx([128.0] * 3, rel=1e-9)
+
+
+def test_rank_zero_of_two_logs_global_tokens_per_device_rate_and_mfu(corpus, tmp_path, probe, monkeypatch):
+    """Rank 0 of a 2-rank data-parallel job, faked in one process (the env of
+    distributed.setup with world_size 2, no process group, no wrapper: the collectives are
+    no-ops and this rank trains its 2 rows of every global batch of 4), on a GPU whose
+    peak is 1e6 FLOP/s, with a clock that advances 1 s per step: every line logs the global
+    tokens (128 per step, not this rank's 64), 128 tokens/s in all, 64 per device, and
+    mfu = tokens/s per device x model.flops_per_token(seq_len) / peak, and mfu_memory the same
+    with memory_flops_per_token (a Titans model: its memory updates are counted apart). Kills:
+    tokens counted per rank, tokens/s per device not divided by the rank count, MFU from the
+    all-rank rate, mfu_memory from the 6N flops."""
+    import distributed
+    import train as train_mod
+    from model import build_model
+    monkeypatch.setattr(train_mod.distributed, "setup", lambda cfg: distributed.DistEnv(world_size=2))
+    monkeypatch.setattr(train_mod, "peak_flops", lambda device_type: 1e6)
+    cfg = _cfg(corpus, tmp_path / "run", "--train.max_steps=3", "--model.arch=titans")
+    assert train_mod.train(cfg) == 0
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["tokens"] for r in rows] == [128, 256, 384]
+    assert [r["tokens_per_s"] for r in rows] == pytest.approx([128.0] * 3, rel=1e-9)
+    assert [r["tokens_per_s_per_device"] for r in rows] == pytest.approx([64.0] * 3, rel=1e-9)
+    model = build_model(cfg.model)
+    flops, memory_flops = model.flops_per_token(32), model.memory_flops_per_token(32)
+    assert flops > 0 and memory_flops > 0 and memory_flops != flops
+    assert [r["mfu"] for r in rows] == pytest.approx([64.0 * flops / 1e6] * 3, rel=1e-9)
+    assert [r["mfu_memory"] for r in rows] == pytest.approx([64.0 * memory_flops / 1e6] * 3, rel=1e-9)
