@@ -611,3 +611,73 @@ def test_rank_zero_of_two_logs_global_tokens_per_device_rate_and_mfu(corpus, tmp
     assert flops > 0 and memory_flops > 0 and memory_flops != flops
     assert [r["mfu"] for r in rows] == pytest.approx([64.0 * flops / 1e6] * 3, rel=1e-9)
     assert [r["mfu_memory"] for r in rows] == pytest.approx([64.0 * memory_flops / 1e6] * 3, rel=1e-9)
+
+
+def test_a_save_that_fails_before_its_rename_leaves_latest_on_the_previous_checkpoint(tmp_path, monkeypatch):
+    """save_checkpoint killed (here: an OSError) at the rename of its finished .tmp-step_N
+    folder, i.e. after DCP wrote every shard: `latest` still names the previous checkpoint,
+    which still loads, and no step_N folder exists; the next save of that step succeeds and
+    moves `latest`. Kills: `latest` rewritten before the checkpoint is complete and renamed
+    into place (a kill then resumes from a missing or partial checkpoint)."""
+    import checkpoint as ckpt_mod
+    from checkpoint import find_checkpoint, load_training_state, save_checkpoint, saved_steps
+    from config import Config
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    root = tmp_path / "checkpoints"
+    save_checkpoint(str(root), 1, model, opt, {"step": 1}, Config(), keep=2)
+    saved_weight = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    real_replace = os.replace
+
+    def failing_replace(src, dst, *args, **kwargs):
+        if os.path.basename(str(src)).startswith(".tmp-step_"):
+            raise OSError("simulated kill before the rename")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="simulated kill"):
+        save_checkpoint(str(root), 2, model, opt, {"step": 2}, Config(), keep=2)
+    monkeypatch.setattr(ckpt_mod.os, "replace", real_replace)
+    assert (root / "latest").read_text().strip() == "step_000001"
+    assert saved_steps(str(root)) == ["step_000001"]
+    fresh = torch.nn.Linear(3, 2)
+    state = load_training_state(find_checkpoint(str(root)), fresh, torch.optim.AdamW(fresh.parameters()))
+    assert state["step"] == 1 and torch.equal(fresh.weight, saved_weight)
+    save_checkpoint(str(root), 2, model, opt, {"step": 2}, Config(), keep=2)
+    assert find_checkpoint(str(root)) == str(root / "step_000002")
+    assert sorted(os.listdir(root)) == ["latest", "step_000001", "step_000002"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="maps file descriptors to paths through /proc")
+def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """When save_checkpoint renames its .tmp-step_N folder to step_N, every file in it (DCP
+    shards and index, trainer_state.pt, config.yaml) and the folder itself have been fsynced,
+    so after a power loss `latest` cannot name a checkpoint whose data never reached the disk.
+    Kills the fsync of the finished folder left out (renames alone are not durable)."""
+    import checkpoint as ckpt_mod
+    from checkpoint import save_checkpoint
+    from config import Config
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    synced, checked = set(), []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        synced.add(os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def checking_replace(src, dst, *args, **kwargs):
+        if os.path.basename(str(src)).startswith(".tmp-step_"):
+            files = {os.path.realpath(os.path.join(d, f)) for d, _, names in os.walk(src) for f in names}
+            assert {"trainer_state.pt", "config.yaml", ".metadata"} <= {os.path.basename(f) for f in files}
+            assert files | {os.path.realpath(src)} <= synced, sorted(files - synced)
+            checked.append(os.path.basename(str(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.os, "fsync", spy_fsync)
+    monkeypatch.setattr(ckpt_mod.os, "replace", checking_replace)
+    save_checkpoint(str(tmp_path / "checkpoints"), 1, model, opt, {"step": 1}, Config(), keep=2)
+    assert checked == ["step_000001"]
