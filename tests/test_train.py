@@ -681,3 +681,19 @@ def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, monke
     monkeypatch.setattr(ckpt_mod.os, "replace", checking_replace)
     save_checkpoint(str(tmp_path / "checkpoints"), 1, model, opt, {"step": 1}, Config(), keep=2)
     assert checked == ["step_000001"]
+
+
+def test_the_eval_split_check_needs_exactly_one_window(corpus):
+    """check_eval_split (run before step 1) accepts a val split of seq_len + 1 tokens, the one
+    window an eval scores, and refuses one of seq_len tokens, which would otherwise fail the
+    first eval after training. Kills the bound off by one (`n < seq_len`)."""
+    import train as train_mod
+    from config import ConfigError, load_config
+    from data.loader import TokenDataset
+    dataset = TokenDataset(corpus)
+    n = dataset.num_tokens("val")
+    fits = load_config(None, [*TINY, f"--train.seq_len={n - 1}", "--train.eval_every=10"])
+    train_mod.check_eval_split(fits, dataset, corpus)
+    short = load_config(None, [*TINY, f"--train.seq_len={n}", "--train.eval_every=10"])
+    with pytest.raises(ConfigError, match=rf"has {n} tokens, fewer than train.seq_len \+ 1 = {n + 1}"):
+        train_mod.check_eval_split(short, dataset, corpus)
