@@ -618,10 +618,16 @@ def _set(meta, *path_and_value):
     (lambda m: _set(m, "vocab_size", 50257), r": vocab_size is 50257, but tokenizer 'bytes' has 257 ids"),
     (lambda m: _set(m, "eot_id", 5), r": eot_id is 5, but tokenizer 'bytes' has end-of-text id 256"),
     (lambda m: _set(m, "splits", "val", "tokens", 5), r": splits\.val\.tokens is 5, but its shards hold 203 tokens"),
+    # boundaries: meta claiming more tokens than the shards hold (bits per byte scales by it),
+    # an eot_id equal to vocab_size (one past the last id) for a tokenizer this code does not
+    # know, a boolean count (JSON true is not a number of bytes)
+    (lambda m: _set(m, "splits", "val", "tokens", 300), r": splits\.val\.tokens is 300, but its shards hold 203"),
+    (lambda m: m.update(tokenizer="custom", eot_id=257), r": eot_id is 257, expected an integer in \[0, vocab_size=257\)"),
+    (lambda m: _set(m, "splits", "val", "bytes", True), r": splits\.val\.bytes is True, expected a non-negative integer"),
 ], ids=["no-tokenizer", "no-splits", "splits-string", "splits-empty", "tokenizer-int", "vocab-string", "eot-range",
         "format-version", "split-list", "tokens-negative", "no-bytes", "shards-string", "shard-none", "shard-path",
         "shard-missing", "vocab-mismatch", "vocab-of-another-tokenizer", "eot-of-another-tokenizer",
-        "tokens-mismatch"])
+        "tokens-mismatch", "tokens-more-than-held", "eot-equals-vocab", "bytes-boolean"])
 def test_loader_rejects_malformed_meta_in_one_line(tmp_path, token_dir, edit, message):
     data_dir, meta = _copy_prepared(token_dir, tmp_path / "d")
     edit(meta)
@@ -745,4 +751,74 @@ def test_shard_with_trailing_bytes_or_a_negative_count_is_refused(tmp_path):
     write_shard(path, np.arange(10), vocab_size=257)
     _corrupt_header(path, 2, -1)
     with pytest.raises(ValueError, match=r"negative token count -1"):
+        read_shard(path)
+
+
+def test_an_id_equal_to_the_vocab_size_is_outside_it(tmp_path, token_dir):
+    """Token id 257 in a vocab of 257 (one past the last id, the off-by-one a damaged shard
+    is most likely to hold) is named by both the training batch and the eval slice that read
+    it. Kills `>= vocab_size` -> `> vocab_size` in BatchSampler.next_batch and
+    TokenDataset.check_ids (id 300 alone does not)."""
+    data_dir, _ = _copy_prepared(token_dir, tmp_path / "d")
+    for name in ("train_000000.bin", "train_000001.bin", "train_000002.bin", "val_000000.bin"):
+        tokens = np.memmap(os.path.join(data_dir, name), dtype="<u2", mode="r+", offset=HEADER_BYTES)
+        tokens[:] = 257
+        tokens.flush()
+    dataset = TokenDataset(data_dir)
+    with pytest.raises(ValueError, match=r"holds token id 257 at token \d+, outside its vocab of 257"):
+        BatchSampler(dataset, "train", batch_size=2, seq_len=8, seed=0).next_batch()
+    with pytest.raises(ValueError, match=r"val_000000\.bin holds token id 257 at token 0, outside its vocab of 257"):
+        next(iter_eval_batches(dataset, "val", 2, 16))
+
+
+def test_eval_batches_score_a_tail_of_one_target(tmp_path):
+    """A split of 2 * 8 + 2 tokens in windows of 8: two full rows, then a tail of 2 tokens
+    (one target) that comes as a [1, 1] batch, so every token after the first is a target once.
+    Kills the tail kept only from 2 targets up (`> 2` for `>= 2`)."""
+    data_dir, _ = _windows_dir(tmp_path, [18], seq_len=8)
+    dataset = TokenDataset(data_dir)
+    tokens = torch.from_numpy(dataset.tokens("train", 0, 18).astype(np.int64))
+    batches = list(iter_eval_batches(dataset, "train", batch_size=4, seq_len=8))
+    assert [tuple(x.shape) for x, _ in batches] == [(2, 8), (1, 1)]
+    assert torch.equal(torch.cat([y.flatten() for _, y in batches]), tokens[1:])
+    assert torch.equal(batches[-1][0], tokens[16:17][None]) and torch.equal(batches[-1][1], tokens[17:18][None])
+
+
+def test_global_window_starts_names_the_rows_of_that_steps_batch(token_dir):
+    """global_window_starts(s) is the batch of step s whatever step the sampler is at: the
+    rows next_batch returns at step s start where it says. Kills drawing from the sampler's
+    current step instead of the `step` asked for."""
+    dataset = TokenDataset(token_dir)
+    sampler = BatchSampler(dataset, "train", batch_size=4, seq_len=16, seed=2)
+    planned = [sampler.global_window_starts(s) for s in range(3)]
+    for s in range(3):
+        x, y = sampler.next_batch()
+        for (shard, offset), row, target in zip(planned[s], x, y):
+            window = np.asarray(dataset.shards["train"][shard][offset:offset + 17]).astype(np.int64)
+            assert torch.equal(row, torch.from_numpy(window[:-1])) and torch.equal(target, torch.from_numpy(window[1:]))
+    assert sampler.global_window_starts(0) == planned[0]
+
+
+def test_the_val_split_depends_on_the_seed_and_holds_its_fraction():
+    """is_val_document over 4000 documents: about val_fraction of them (0.25 +- 0.03) are val,
+    for each seed, and seeds 0 and 1 pick different documents (prepare's --seed re-draws the
+    split). Kills the seed left out of the hash."""
+    picks = {seed: [i for i in range(4000) if is_val_document(i, seed, 0.25)] for seed in (0, 1)}
+    assert all(0.22 < len(p) / 4000 < 0.28 for p in picks.values()), {k: len(v) for k, v in picks.items()}
+    overlap = len(set(picks[0]) & set(picks[1])) / len(picks[0])
+    assert overlap < 0.4, overlap                         # independent draws share ~25 %
+
+
+def test_shard_vocab_bounds_are_inclusive_of_65536_and_exclusive_of_0(tmp_path):
+    """uint16 shards hold ids 0..65535, so a vocab of 65536 is written and read back, 65537 is
+    refused by write_shard, and a header declaring vocab 0 is refused by read_shard. Kills the
+    limits off by one (`> MAX_VOCAB + 1`, `0 <= vocab_size`)."""
+    path = str(tmp_path / "s.bin")
+    write_shard(path, [0, 65535], vocab_size=65536)
+    assert read_shard(path).tolist() == [0, 65535]
+    with pytest.raises(ValueError, match="vocab of 65537 does not fit uint16 shards"):
+        write_shard(path, [1, 2], vocab_size=65537)
+    write_shard(path, [1, 2], vocab_size=257)
+    _corrupt_header(path, 3, 0)
+    with pytest.raises(ValueError, match=r"declares vocab 0, outside 1\.\.65536"):
         read_shard(path)
