@@ -291,3 +291,26 @@ def test_greedy_generate_stops_at_end_of_text_and_leaves_it_out():
     with torch.no_grad():
         last, state = prefill(model, tok.encode("xa"), 1, "cpu")
         assert greedy_generate(model, tok, last, state, 6, "cpu") == "bc"
+
+
+def test_greedy_generate_leaves_out_an_end_of_text_its_tokenizer_would_print():
+    """With a tokenizer whose decode renders end-of-text (GPT-2 decodes 50256 to
+    "<|endoftext|>"; the bytes tokenizer drops it, so the test above cannot tell), the
+    generated text holds no end-of-text, and `stop` never sees it. Kills appending the token
+    before the end-of-text check."""
+    from data.tokenizer import get_tokenizer
+    from helpers import RiggedByteModel
+
+    class PrintsEot:
+        eot_id = 256
+        _bytes = get_tokenizer("bytes")
+
+        def decode(self, ids):
+            return "".join("<eot>" if i == self.eot_id else self._bytes.decode([i]) for i in ids)
+
+    tok, seen = PrintsEot(), []
+    model = RiggedByteModel("abc" + chr(256))
+    with torch.no_grad():
+        last, state = prefill(model, [ord("x"), ord("a")], 1, "cpu")
+        assert greedy_generate(model, tok, last, state, 6, "cpu", stop=lambda text: seen.append(text) or False) == "bc"
+    assert seen == ["b", "bc"]

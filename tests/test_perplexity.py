@@ -133,8 +133,19 @@ def test_evaluate_split_rejects_bad_split_and_short_data(fake_loader):
 
 
 def test_evaluate_split_restores_training_mode(fake_loader):
-    model = FixedDistributionLM([0.5, 0.5]).train()
+    """Every forward of the score runs in eval mode (a model with dropout would be scored
+    noisily in train mode), and the model's training mode is back afterwards. Kills the score
+    run without eval_mode (the mode would be right afterwards, wrong during)."""
+    modes = []
+
+    class ModeRecordingLM(FixedDistributionLM):
+        def forward(self, idx, targets=None, state=None):
+            modes.append(self.training)
+            return super().forward(idx, targets, state)
+
+    model = ModeRecordingLM([0.5, 0.5]).train()
     ppl.evaluate_split(model, FakeDataset([0, 1, 0, 1, 1], 5), "val", batch_size=1, seq_len=2)
+    assert modes == [False, False]
     assert model.training
 
 
