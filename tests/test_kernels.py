@@ -8,7 +8,6 @@ import torch
 
 import kernels
 from kernels import chunked
-from kernels.reference import delta_rule_reference, momentum_rule_reference
 
 OPS = ("delta", "momentum")
 
