@@ -601,8 +601,8 @@ def check_vocab(cfg: Config):
     """model.vocab_size (0 = the tokenizer's) holds every id of data.tokenizer: else the ids past
     the embedding are an IndexError mid-run. For what tokenizes (train.py, a checkpoint's
     config.yaml), not in validate: a model built alone may have any vocabulary."""
-    from data.tokenizer import VOCAB_SIZES       # light: the BPE files load only in get_tokenizer
-    ids = VOCAB_SIZES[cfg.data.tokenizer]
+    from data.tokenizer import TOKENIZER_CLASSES     # light: the BPE files load only in get_tokenizer
+    ids = TOKENIZER_CLASSES[cfg.data.tokenizer].vocab_size
     if cfg.model.vocab_size and cfg.model.vocab_size < ids:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                           f"{cfg.data.tokenizer} tokenizer's {ids}")

@@ -9,9 +9,7 @@ import os
 
 from cli import read_text
 from data.shards import MAX_VOCAB, read_shard_header
-from data.tokenizer import ByteTokenizer, GPT2Tokenizer
-
-KNOWN_TOKENIZERS = {cls.name: cls for cls in (GPT2Tokenizer, ByteTokenizer)}  # class attributes: no BPE files read
+from data.tokenizer import TOKENIZER_CLASSES
 
 META_NAME = "meta.json"
 META_FORMAT_VERSION = 1
@@ -72,7 +70,7 @@ def validate_meta(meta, meta_path: str) -> dict:
         bad("eot_id", f"is {eot_id!r}, expected an integer in [0, vocab_size={vocab_size})")
     # the ids of a tokenizer this code knows: data of another vocabulary under its name would
     # pass every other check and stop training at the embedding ("index out of range")
-    known = KNOWN_TOKENIZERS.get(tokenizer)
+    known = TOKENIZER_CLASSES.get(tokenizer)
     if known and vocab_size != known.vocab_size:
         bad("vocab_size", f"is {vocab_size}, but tokenizer {tokenizer!r} has {known.vocab_size} ids")
     if known and eot_id != known.eot_id:

@@ -84,8 +84,9 @@ class GPT2Tokenizer(Tokenizer):
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=1)
 
 
-# ids per tokenizer, known without loading the BPE files (config.validate checks model.vocab_size)
-VOCAB_SIZES = {t.name: t.vocab_size for t in (GPT2Tokenizer, ByteTokenizer)}
+# the tokenizer classes by name: their vocab_size and eot_id are class attributes, read without
+# loading the BPE files (config.check_vocab, data.meta's checks of meta.json)
+TOKENIZER_CLASSES = {cls.name: cls for cls in (GPT2Tokenizer, ByteTokenizer)}
 
 
 def _sha256_of_file(path: str) -> str:
