@@ -40,7 +40,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from cli import OneLineArgumentParser, check_output_dir, positive_int
+from cli import OneLineArgumentParser, check_output_dir, positive_int, read_text
 from eval.common import exit_on_error
 from eval.paper_numbers import (FIGURE_ONLY, NL_TABLE1_SNIAH, NL_TABLE2, NL_TABLE6, TITANS_TABLE1,
                                 TITANS_TABLE2, average_accuracy)
@@ -330,7 +330,6 @@ def _load(path: str):
     it, an edit) is a ReproduceError naming it, as its step counts as done while it exists."""
     if not os.path.isfile(path):
         return None
-    from cli import read_text
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
