@@ -329,12 +329,21 @@ class TrainConfig:
         return self.dtype == "bfloat16" or (self.dtype == "auto" and device_type == "cuda")
 
 
+DURING_TRAINING_EVALS = ("perplexity", "babilong_quick", "niah_quick", "continual_quick")
+
+
 @dataclass
 class EvalConfig:
     final: bool = True               # evaluate val loss / ppl / bits-per-byte after training
-    # evals run at every train.eval_every step and logged to metrics.jsonl / wandb, from
-    # eval.run.DURING_TRAINING: perplexity, babilong_quick, niah_quick, continual_quick
+    # evals run at every train.eval_every step and logged to metrics.jsonl / wandb
+    # (eval.run.run_during_training), any of DURING_TRAINING_EVALS
     during_training: list = field(default_factory=list)
+
+    def __post_init__(self):
+        unknown = [n for n in self.during_training if n not in DURING_TRAINING_EVALS]
+        if unknown:
+            raise ConfigError(f"eval.during_training has unknown eval(s) {unknown}; "
+                              f"valid: {', '.join(DURING_TRAINING_EVALS)}")
 
 
 @dataclass

@@ -160,18 +160,6 @@ def check_eval_split(cfg: Config, dataset, data_dir):
                           "(train.eval_every=0, eval.final=false)")
 
 
-def check_during_training_evals(cfg: Config):
-    """eval.during_training names evals of eval.run.DURING_TRAINING whose offline data is
-    there: checked before step 1, else a missing file fails the first eval, after training."""
-    if not cfg.eval.during_training:
-        return
-    from eval.run import DURING_TRAINING, check_during_training
-    unknown = [n for n in cfg.eval.during_training if n not in DURING_TRAINING]
-    if unknown:
-        raise ConfigError(f"eval.during_training has unknown eval(s) {unknown}; valid: {', '.join(DURING_TRAINING)}")
-    check_during_training(cfg.eval.during_training)
-
-
 def checkpoint_to_resume(t) -> str | None:
     """train.resume -> the checkpoint to start from: auto = the out_dir's latest (None when
     it has none), never = None, a PATH = its checkpoint (FileNotFoundError without one)."""
@@ -319,7 +307,9 @@ def _train(cfg: Config, env: DistEnv):
     random.seed(t.seed)
     np.random.seed(t.seed)
 
-    check_during_training_evals(cfg)
+    if cfg.eval.during_training:    # names checked by config.py; their data read now, not after training
+        from eval.run import check_during_training
+        check_during_training(cfg.eval.during_training)
     check_out_dir(t)
     check_vocab(cfg)
     tokenizer = get_tokenizer(cfg.data.tokenizer)

@@ -34,6 +34,7 @@ import os
 import time
 
 from cli import OneLineArgumentParser, check_output_dir
+from config import DURING_TRAINING_EVALS
 from eval.common import check_data_dir, context_limit, exit_on_error, load_checkpoint, model_device
 
 SECTIONS = ("perplexity", "babilong", "niah", "continual")
@@ -78,7 +79,7 @@ SUITES = {
 
 # the evals train.py may run at its eval steps (run_during_training): a section with the quick
 # suite's settings ("perplexity": with 50 LAMBADA passages)
-DURING_TRAINING = ("perplexity", "babilong_quick", "niah_quick", "continual_quick")
+DURING_TRAINING = DURING_TRAINING_EVALS    # config.py checks eval.during_training against it
 
 
 # -----------------------------------------------------------------------------

@@ -32,6 +32,8 @@ def test_int_accepted_for_float_and_nested_sections():
     ({"train": {"batch_size": 6, "grad_accum": 4}}, "not divisible by train.grad_accum"),
     ({"model": {"d_model": 100, "n_head": 3}}, "model.d_model=100 is not divisible by model.n_head=3"),
     ({"data": {"tokenizer": "llama"}}, "data.tokenizer='llama' is not one of: gpt2, bytes"),
+    ({"eval": {"during_training": ["perplexity", "bogus"]}},
+     "eval.during_training has unknown eval(s) ['bogus']; valid: perplexity, babilong_quick"),
 ])
 def test_bad_values_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:
