@@ -58,7 +58,7 @@ from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_
 from eval.common import (bf16_autocast, check_checkpoint_out, check_data_dir, check_long_inputs, context_handling,
                          context_limit, continuation_logprob, default_data_dir, eval_mode, exit_on_error, first_line,
                          fit_prompt, format_accuracy, greedy_generate, load_checkpoint, load_for_generation,
-                         mean_over_scored, model_device, prefill)
+                         mean_over_scored, model_device, prefill, require_data_dir)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 PROMPT_RESERVE = 300            # create_tasks.py: every length minus 300 tokens for the prompt
@@ -223,14 +223,6 @@ def parse_list(text: str, kind: str) -> list[str]:
     return items
 
 
-def _require_data_dir(data_dir: str | None, what: str) -> str:
-    data_dir = data_dir or default_data_dir()
-    if not data_dir or not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"{what} needs the offline data folder: pass --data-dir or set $NL_DATA_DIR "
-                                "to a copy of shared/data")
-    return data_dir
-
-
 def length_tokenizer(data_dir: str | None = None):
     """GPT-2 BPE, the unit of BABILong lengths, whatever the model's own tokenizer is."""
     from data.tokenizer import get_tokenizer
@@ -327,7 +319,7 @@ def load_books(background: str, split: str, data_dir: str | None = None, n_pg19_
     if split not in ("train", "test"):
         raise ValueError(f"background split must be 'train' or 'test', got {split!r}")
     if background == "austen":
-        return _austen_books(_require_data_dir(data_dir, "the austen background"), split)
+        return _austen_books(require_data_dir(data_dir, "the Austen background"), split)
     if background == "builtin":
         return _kjv_books(split)
     if background == "pg19":
@@ -473,7 +465,7 @@ def _check_enough(fitting: int, n_samples: int, task: str, split: str, length: s
 def _babi_questions(task: str, n_samples: int, split: str, babi: str, seed: int, data_dir) -> list[dict]:
     """The bAbI questions samples are drawn from, in order: the released file's, or generated."""
     if babi == "file":
-        return babi_samples(read_babi(babi_path(task, split, _require_data_dir(data_dir, "the bAbI files"))))
+        return babi_samples(read_babi(babi_path(task, split, require_data_dir(data_dir, "the bAbI files"))))
     if babi == "generated":
         # qa4 has one question per story, the others five; a few spare for those that do not fit
         n_stories = n_samples if task == "qa4" else math.ceil(n_samples / 5)
@@ -486,7 +478,7 @@ def training_questions(task: str, babi: str, data_dir: str | None, seed: int):
     or fresh generated stories (never the test split). The file is read now, not at the
     first question, so a missing or question-less one fails before fine-tuning starts."""
     if babi == "file":
-        path = babi_path(task, "train", _require_data_dir(data_dir, "the bAbI files"))
+        path = babi_path(task, "train", require_data_dir(data_dir, "the bAbI files"))
         pool = babi_samples(read_babi(path))
         if not pool:                      # its passes would spin forever without a question
             raise ValueError(f"bAbI file {path} holds no questions")

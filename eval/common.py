@@ -36,6 +36,21 @@ def default_data_dir() -> str | None:
     return None
 
 
+def require_data_dir(data_dir: str | None, what: str, sub: str | None = None) -> str:
+    """The offline data folder `what` reads (--data-dir, else default_data_dir()), or its
+    sub-folder `sub`; one FileNotFoundError naming what is missing otherwise."""
+    root = data_dir or default_data_dir()
+    if not root or not os.path.isdir(root):
+        raise FileNotFoundError(f"{what} needs the offline data folder: pass --data-dir or set $NL_DATA_DIR "
+                                "to a copy of shared/data")
+    if sub is None:
+        return root
+    path = os.path.join(root, sub)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} not found (a copy of shared/data has {sub}/)")
+    return path
+
+
 def check_data_dir(data_dir: str | None) -> str | None:
     """A --data-dir given on the command line must be a folder: checked up front, since a
     section or task that needs no data file would otherwise accept any value."""

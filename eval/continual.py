@@ -52,8 +52,8 @@ import torch.nn.functional as F
 
 from cli import (OneLineArgumentParser, check_output_dir, non_negative_int, positive_float, positive_int,
                  read_text, seed_int)
-from eval.common import (check_data_dir, clone_state, continuation_logprob, default_data_dir, eval_mode, exit_on_error,
-                         is_recurrent, load_checkpoint, model_device, prefill)
+from eval.common import (check_data_dir, clone_state, continuation_logprob, eval_mode, exit_on_error,
+                         is_recurrent, load_checkpoint, model_device, prefill, require_data_dir)
 from eval.perplexity import encode_pair, loglikelihood_tokens
 
 ARMS = ("sequential", "icl", "in_context_memory", "joint")
@@ -130,16 +130,6 @@ def label_name(intent: str) -> str:
     return intent.replace("_", " ")
 
 
-def _require_dir(data_dir: str | None, sub: str) -> str:
-    data_dir = data_dir or default_data_dir()
-    if not data_dir:
-        raise FileNotFoundError(f"no offline data folder for {sub}: pass --data-dir or set $NL_DATA_DIR")
-    path = os.path.join(data_dir, sub)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} not found (a copy of shared/data has {sub}/)")
-    return path
-
-
 def _read_json(path: str, expected: str, valid) -> object:
     """A JSON data file, or a one-line ValueError naming it when it is not JSON or when
     valid(data) is false (a damaged or foreign file: not a traceback from deep in a loader)."""
@@ -159,7 +149,7 @@ def _is_str_list(x) -> bool:
 def clinc_tasks(data_dir: str | None = None) -> list[dict]:
     """CLINC150 (data_full.json, in-scope only) as 10 tasks, one per domain of domains.json,
     in that file's order; each task has its 15 intents with their train and test examples."""
-    root = _require_dir(data_dir, "clinc150")
+    root = require_data_dir(data_dir, "CLINC150", "clinc150")
     domains = _read_json(os.path.join(root, "domains.json"), "{domain: [intent, ...]}",
                          lambda d: isinstance(d, dict) and all(map(_is_str_list, d.values())))
     data = _read_json(os.path.join(root, "data_full.json"), "{'train': [[text, intent], ...], 'test': [...]}",
@@ -181,7 +171,7 @@ def clinc_tasks(data_dir: str | None = None) -> list[dict]:
 def banking_tasks(data_dir: str | None = None, seed: int = BANKING_ORDER_SEED) -> list[dict]:
     """Banking77 as 7 tasks x 11 intents: the 77 categories (categories.json order) shuffled
     by random.Random(seed), then cut in consecutive groups of 11."""
-    root = _require_dir(data_dir, "banking77")
+    root = require_data_dir(data_dir, "Banking77", "banking77")
     categories = _read_json(os.path.join(root, "categories.json"), "a list of category names", _is_str_list)
     by_intent = {c: {"train": [], "test": []} for c in categories}
     for split in ("train", "test"):
@@ -479,17 +469,18 @@ def domain_text(name: str, data_dir: str | None = None) -> tuple[str, str]:
         old, new = old_and_new_testaments()
         return "\n".join(old), "\n".join(new)
     if name == "austen":
-        paths = sorted(glob.glob(os.path.join(_require_dir(data_dir, "austen"), "*.txt")))
+        paths = sorted(glob.glob(os.path.join(require_data_dir(data_dir, "the Austen domain", "austen"), "*.txt")))
         held = [p for p in paths if os.path.basename(p) == "persuasion.txt"]
         if not held:
             raise FileNotFoundError("austen/persuasion.txt not found (the held-out novel)")
         return _read([p for p in paths if p not in held]), _read(held)
     if name == "shakespeare":
-        text = _read([os.path.join(_require_dir(data_dir, "shakespeare"), "tinyshakespeare.txt")])
+        folder = require_data_dir(data_dir, "the Shakespeare domain", "shakespeare")
+        text = _read([os.path.join(folder, "tinyshakespeare.txt")])
         cut = int(0.9 * len(text))
         return text[:cut], text[cut:]
     if name == "babi":
-        root = os.path.join(_require_dir(data_dir, "babi"), "en")
+        root = os.path.join(require_data_dir(data_dir, "the bAbI domain", "babi"), "en")
 
         def stories(split):
             lines = []

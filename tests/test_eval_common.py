@@ -11,7 +11,7 @@ import torch
 from eval.common import (bf16_autocast, check_checkpoint_out, check_long_inputs, clone_state, context_handling,
                          context_limit, continuation_logprob, eval_mode, exit_on_error, first_line, fit_prompt,
                          format_accuracy, greedy_generate, is_recurrent, load_checkpoint, mean_over_scored,
-                         model_device, prefill)
+                         model_device, prefill, require_data_dir)
 
 
 def test_first_line_of_an_error_or_its_type():
@@ -140,6 +140,28 @@ def test_check_checkpoint_out_refuses_folders_that_hold_checkpoints(tmp_path):
 def test_load_checkpoint_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint .* not found"):
         load_checkpoint(str(tmp_path / "none"), "cpu")
+
+
+def test_require_data_dir_names_what_needs_it(tmp_path, monkeypatch):
+    """One message for every eval that reads shared/data: no folder at all (neither
+    --data-dir nor a default), or a copy without the sub-folder an eval reads."""
+    import eval.common
+    from eval.babilong import load_books
+    from eval.continual import clinc_tasks, domain_text
+    monkeypatch.setattr(eval.common, "default_data_dir", lambda: None)
+    no_folder = "needs the offline data folder: pass --data-dir or set $NL_DATA_DIR to a copy of shared/data"
+    for call, what in [(lambda: load_books("austen", "test"), "the Austen background"),
+                       (lambda: domain_text("shakespeare"), "the Shakespeare domain"),
+                       (clinc_tasks, "CLINC150")]:
+        with pytest.raises(FileNotFoundError) as error:
+            call()
+        assert str(error.value) == f"{what} {no_folder}"
+    assert require_data_dir(str(tmp_path), "x") == str(tmp_path)
+    with pytest.raises(FileNotFoundError) as error:
+        domain_text("babi", data_dir=str(tmp_path))
+    assert str(error.value) == f"{tmp_path / 'babi'} not found (a copy of shared/data has babi/)"
+    (tmp_path / "babi").mkdir()
+    assert require_data_dir(str(tmp_path), "x", "babi") == str(tmp_path / "babi")
 
 
 def test_fit_prompt_truncates_or_skips_only_attention_models():
