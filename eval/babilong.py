@@ -729,7 +729,8 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
              device=None, log_every: int = 1) -> str:
     """AdamW on bAbI-train facts in train-book background, lengths in increasing order;
     saves a checkpoint that checkpoint.load_model reads. Returns its directory. out_dir must
-    hold no checkpoints (saving there would replace or prune them)."""
+    hold no checkpoints (saving there would replace or prune them). A step whose loss or
+    gradient norm is not finite is skipped (not applied) and logged as such."""
     from checkpoint import save_checkpoint
     if steps < 1 or batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
@@ -748,6 +749,7 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
     sampler = BackgroundSampler(books, gpt2, rng)
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "finetune_log.jsonl")
+    skipped = 0
     with open(log_path, "w") as log:
         for step in range(steps):
             length = lengths[curriculum_stage(step, steps, len(lengths))]
@@ -770,17 +772,29 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
                 loss.backward()
                 total_loss += loss.item()
                 n_answer_tokens += sum(t != -1 for t in targets)
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            entry = {"step": step + 1, "length": length, "loss": total_loss, "answer_tokens": n_answer_tokens}
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                             grad_clip if grad_clip > 0 else math.inf))
+            # a non-finite loss or gradient (a long input can overflow a recurrent model's
+            # backward) is not applied, as train.py skips it: clipping by a NaN norm would make
+            # every weight NaN
+            skip = not (math.isfinite(total_loss) and math.isfinite(grad_norm))
+            if skip:
+                skipped += 1
+            else:
+                optimizer.step()
+            entry = {"step": step + 1, "length": length, "loss": total_loss, "answer_tokens": n_answer_tokens,
+                     "grad_norm": grad_norm, "skipped": skip}
             log.write(json.dumps(entry) + "\n")
             log.flush()
-            if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-                print(f"step {step + 1}/{steps}  length {length}  answer loss {total_loss:.4f}")
+            if log_every and ((step + 1) % log_every == 0 or step + 1 == steps or skip):
+                print(f"step {step + 1}/{steps}  length {length}  answer loss {total_loss:.4f}"
+                      + ("  skipped: non-finite loss or gradient" if skip else ""))
+    if skipped:
+        print(f"{skipped} of {steps} steps skipped (non-finite loss or gradient)")
     cfg.train.out_dir = out_dir
     trainer_state = {"step": steps, "finetune": {"tasks": list(tasks), "lengths": list(lengths), "lr": lr,
-                                                 "batch_size": batch_size, "babi": babi, "background": background}}
+                                                 "batch_size": batch_size, "babi": babi, "background": background,
+                                                 "skipped_steps": skipped}}
     model.eval()
     return save_checkpoint(os.path.join(out_dir, "checkpoints"), steps, model, optimizer, trainer_state, cfg)
 

@@ -1,5 +1,6 @@
 """BABILong: construction, official + label-ranking scores, streaming evaluation, CLI."""
 import json
+import math
 import os
 import re
 
@@ -486,3 +487,29 @@ def test_cli_eval_checks_every_cell_has_its_samples_before_loading(tmp_path, mon
               "--data-dir", SHARED_DATA, "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: only 1000 qa1 questions of the bAbI test data fit in 0k; asked for 1001\n"
+
+
+@needs_data
+def test_finetune_skips_a_step_whose_gradient_is_not_finite(tmp_path):
+    """A long BABILong example can overflow a recurrent model's backward (a 20-step quickstart
+    HOPE gave inf / NaN gradients at 1k-2k): its step was applied anyway, through the clip's
+    NaN factor, and the saved checkpoint held NaN weights. Such a step is skipped and logged,
+    as train.py skips one."""
+    from checkpoint import load_model
+    model, cfg = load_model(save_tiny_checkpoint(tmp_path / "base"))
+    from data.tokenizer import get_tokenizer
+    calls = []
+
+    def poison_second_step(grad):                  # the embedding's gradient of step 2 only
+        calls.append(1)
+        return torch.full_like(grad, float("nan")) if len(calls) == 2 else grad
+    model.embed.weight.register_hook(poison_second_step)
+    out = str(tmp_path / "ft")
+    finetune(model, cfg, get_tokenizer("bytes"), ["qa1"], ["0k"], 3, out, batch_size=1, background="builtin",
+             data_dir=SHARED_DATA, device="cpu")
+    after, _ = load_model(out)
+    assert all(torch.isfinite(p).all() for p in after.parameters())
+    with open(os.path.join(out, "finetune_log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    assert [entry["skipped"] for entry in log] == [False, True, False]
+    assert not math.isfinite(log[1]["grad_norm"]) and all(math.isfinite(log[i]["grad_norm"]) for i in (0, 2))
