@@ -233,16 +233,16 @@ def _cli(*args):
                           timeout=60)
 
 
-def test_cli_errors(tmp_path):
+def test_cli_errors(tmp_path, capsys):
     bad = _cli("nl_table99", "--results-root", str(tmp_path))
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown table 'nl_table99'")
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    for args, message in ((["--nproc", "0"], "--nproc must be >= 1"),
+    for args, message in ((["--nproc", "0"], "argument --nproc: must be >= 1"),
                           (["--train-args", "train.compile=true"], "--train-args must be overrides"),
                           (["--train-args", "--train.max_stepz=3"], "train.max_stepz")):
         with pytest.raises(SystemExit) as e:
             rp.main(["nl_table2", "--results-root", str(tmp_path), *args])
-        assert e.value.code == 2
+        assert e.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         rp.main(["zeroshot", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path)])
 
@@ -385,3 +385,16 @@ def test_cli_results_file_with_text_for_a_number_is_one_line(table, run, file, d
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: a results file under {run_path}: {message}"), err
     assert (tmp_path / f"{table}.md").read_text() == "earlier table"
+
+
+def test_train_args_takes_a_single_override(tmp_path, capsys):
+    """`--train-args "--train.compile=true"` (one override, the documented form) was read by
+    argparse as a flag, not as the value: "error: argument --train-args: expected one argument"."""
+    rp.main(["nl_table2", "--results-root", str(tmp_path), "--train-args", "--train.compile=true"])
+    out = capsys.readouterr().out
+    assert "configs/hope_760m.yaml --train.out_dir=" in out and "--train.compile=true" in out
+    with pytest.raises(SystemExit) as e:
+        rp.main(["nl_table2", "--results-root", str(tmp_path), "--train-args", "--train.max_stepz=3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "train.max_stepz" in err
+    assert len(err.strip().splitlines()) == 1
