@@ -513,3 +513,92 @@ def test_finetune_skips_a_step_whose_gradient_is_not_finite(tmp_path):
         log = [json.loads(line) for line in f]
     assert [entry["skipped"] for entry in log] == [False, True, False]
     assert not math.isfinite(log[1]["grad_norm"]) and all(math.isfinite(log[i]["grad_norm"]) for i in (0, 2))
+
+
+class _WordTokens:
+    """A stand-in for GPT-2 in construction tests: one token per space-separated word."""
+
+    def encode_batch(self, texts):
+        return [text.split() for text in texts]
+
+
+def test_background_sentences_have_at_least_10_tokens_and_are_whole():
+    """SentenceSampler(min_sentence_len=10) keeps a sentence of 10 tokens and leaves out one
+    of 9; only the last piece is cut (to hit the budget). A book of 9-, 10- and 11-word
+    sentences: every piece but the last is a whole 10- or 11-token sentence. Kills dropping
+    the length filter and dropping sentences of exactly 10 tokens."""
+    import random
+
+    from eval.babilong import BackgroundSampler
+    sentences = ["Nine" + " w" * 7 + " end.", "Ten" + " w" * 8 + " end.", "Eleven" + " w" * 9 + " end."]
+    book = " ".join(sentences * 200)
+    pieces = BackgroundSampler([("book", book)], _WordTokens(), random.Random(0)).sample(300)
+    assert sum(map(len, pieces)) == 300
+    assert {len(p) for p in pieces[:-1]} == {10, 11}
+    assert {" ".join(p) for p in pieces[:-1]} <= set(sentences)
+
+
+def test_background_window_leaves_out_its_cut_first_and_last_sentences():
+    """SentenceSampler with shuffle: a window from a random character offset, split into
+    sentences, its first and last (cut) sentences dropped: every sentence returned is a whole
+    sentence of the book. Kills keeping either cut end."""
+    import random
+
+    from eval.babilong import window_sentences
+    sentences = [f"Sentence number {i} ends here." for i in range(2000)]
+    whole = set(sentences)
+    for seed in range(5):
+        _, got = window_sentences([("book", " ".join(sentences))], random.Random(seed), 100)
+        assert got and set(got) <= whole
+
+
+def test_length_order_is_by_tokens_not_by_name():
+    """The curriculum goes shortest first and the tables list lengths in token order: '16k'
+    after '2k', '1M' last. Kills sorting the labels as strings."""
+    from eval.babilong import _length_order
+    assert _length_order(["16k", "2k", "1M", "128k", "0k", "1k"]) == ["0k", "1k", "2k", "16k", "128k", "1M"]
+
+
+def test_generated_test_questions_are_not_the_fine_tuning_ones():
+    """--babi generated: the test split comes from other seeds than the training stories
+    (training_questions, which fine-tuning reads), so a fine-tuned model is not scored on
+    stories it was trained on. Kills giving both splits the same seed."""
+    from eval.babilong import _babi_questions, training_questions
+    test = _babi_questions("qa2", 10, "test", "generated", 0, None)
+    training = training_questions("qa2", "generated", None, 0)
+    first_pass = [next(training) for _ in range(250)]          # the first 50 stories
+    key = (lambda q: (tuple(q["facts"]), q["question"]))
+    assert {key(q) for q in test if len(q["facts"]) >= 6}
+    assert not {key(q) for q in test} & {key(q) for q in first_pass}
+
+
+@needs_data
+def test_zero_k_n_tokens_counts_gpt2_tokens_of_the_facts(gpt2):
+    """At 0k the context is the facts alone and n_tokens is its GPT-2 token count, as at any
+    other length. Kills counting characters."""
+    sample = build_babilong("qa1", "0k", 1, data_dir=SHARED_DATA, gpt2=gpt2)[0]
+    assert sample["n_tokens"] == len(gpt2.encode(sample["input"])) < len(sample["input"])
+
+
+def test_compare_answers_keeps_the_official_question_marker_as_it_is():
+    """metrics.py lower-cases the output and then splits it on 'Question', which can no longer
+    match: an output that goes on with 'Question: ...' is scored on all of its first sentence.
+    Kept so the score stays the official one; kills 'fixing' the marker to 'question'."""
+    labels = ["bathroom", "bedroom", "garden", "hallway", "kitchen", "office"]
+    assert not compare_answers("kitchen", "kitchen Question: where is the office", "Where is Mary?", labels)
+    assert compare_answers("kitchen", "kitchen <example> where is the office", "Where is Mary?", labels)
+
+
+def test_eval_cli_builds_local_samples_from_the_split_it_is_given(monkeypatch):
+    """eval --split train scores samples of the bAbI train file in train books. Kills the
+    eval command building from the test split whatever --split says."""
+    import argparse
+
+    import eval.babilong as bl
+    seen = {}
+    monkeypatch.setattr(bl, "build_babilong", lambda *a, **kw: seen.update(kw) or [])
+    args = argparse.Namespace(source="local", samples=3, split="train", background="builtin", babi="generated",
+                              seed=5, data_dir=None)
+    bl._get_samples(args, "qa1", "1k", gpt2="gpt2")
+    assert seen == {"split": "train", "background": "builtin", "babi": "generated", "seed": 5, "data_dir": None,
+                    "gpt2": "gpt2"}
