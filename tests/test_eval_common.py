@@ -336,3 +336,18 @@ def test_greedy_generate_leaves_out_an_end_of_text_its_tokenizer_would_print():
         last, state = prefill(model, [ord("x"), ord("a")], 1, "cpu")
         assert greedy_generate(model, tok, last, state, 6, "cpu", stop=lambda text: seen.append(text) or False) == "bc"
     assert seen == ["b", "bc"]
+
+
+@pytest.mark.parametrize("arch,recurrent", [("titans", True), ("hope", True), ("hope_attention", False),
+                                            ("transformer", False)])
+def test_which_archs_stream_and_which_read_their_context(arch, recurrent):
+    """Titans and HOPE carry a constant-size state and stream any length (babilong / niah read
+    the whole input); HOPE-attention and the Transformer keep a KV cache and read at most
+    max_len tokens. Kills HOPE being truncated to its training context."""
+    class Config:
+        pass
+    model = torch.nn.Linear(2, 2)
+    model.config = Config()
+    model.config.arch = arch
+    assert is_recurrent(model) is recurrent
+    assert context_limit(model, 256) == (None if recurrent else 256)

@@ -582,3 +582,18 @@ def test_cli_hf_data_offline_is_one_line(datasets_module, message, monkeypatch, 
         ppl.main(["--checkpoint", "ckpt", "--tasks", "lambada", "--lambada", "hf"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_lambada_splits_on_single_spaces_only():
+    """lm-eval's lambada_openai: doc_to_text = text.split(' ')[:-1] joined by ' ', doc_to_target
+    = ' ' + text.split(' ')[-1]. Most OpenAI passages hold line breaks, which stay in the
+    context as they are (and in the last 'word' when they precede it). Kills splitting on any
+    whitespace, which turns every line break of the context into a space."""
+    assert ppl.lambada_context_target('said.\n\n"No  way" he told Bob') == ('said.\n\n"No  way" he told', " Bob")
+    assert ppl.lambada_context_target("He waved.\nBob") == ("He", " waved.\nBob")
+
+
+def test_wikitext_detokenizer_keeps_lm_evals_n_rule():
+    """lm-eval's detokenizer turns ' N ' into ' 1 ' (a quirk kept so the scored text is
+    lm-eval's). Kills dropping that rule."""
+    assert ppl.wikitext_detokenizer("a N m high") == "a 1 m high"
