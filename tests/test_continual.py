@@ -434,3 +434,46 @@ def test_cli_domains_and_data_dir_are_checked_by_name(tmp_path, monkeypatch, cap
     with pytest.raises(ValueError, match=r"^domain tiny: 6 held-out tokens, fewer than seq_len \+ 1 = 17 "
                                          r"\(eval_tokens=5\)$"):
         cl.run_domains(model, ByteTokenizer(), domains, cl.DomainSettings(seq_len=16, eval_tokens=5), "cpu", log=None)
+
+
+def test_held_out_loss_scores_a_last_window_that_ends_on_the_last_token():
+    """run_domains scores eval_tokens + 1 tokens, k x seq_len + 1 with the defaults (16,385 =
+    128 x 128 + 1), so the last window ends exactly on the last token and must be scored.
+    9 tokens, seq_len 4: targets are tokens 1..8. Kills a range that stops a window early."""
+    table = [[0.7, 0.2, 0.1], [0.2, 0.3, 0.5], [0.1, 0.8, 0.1]]
+    ids = [0, 1, 2, 2, 1, 0, 0, 2, 1]
+    expected = -sum(math.log(table[a][b]) for a, b in zip(ids[:8], ids[1:9])) / 8
+    assert cl.held_out_loss(BigramTable(table), ids, 4, 1, "cpu") == pytest.approx(expected, rel=1e-6)
+
+
+def test_classify_from_a_state_scores_space_label(monkeypatch):
+    """The icl / in_context_memory arms score " " + label name after 'Intent:', as the
+    stateless path does (encode_pair). Kills scoring the names without their space."""
+    model, tok = CopyModel(), ByteTokenizer()
+    _, state = cl.prefill(model, tok.encode("q"), 16, torch.device("cpu"))
+    scored = []
+    monkeypatch.setattr(cl, "continuation_logprob", lambda m, last, s, ids, device: scored.append(ids) or 0.0)
+    cl.classify(model, tok, ["x"], ["card arrival", "balance"], state=state)
+    assert scored == [tok.encode(" card arrival"), tok.encode(" balance")]
+
+
+def test_joint_arm_trains_steps_per_task_times_tasks_on_every_example(monkeypatch, tiny_tasks):
+    """joint, the upper bound: one fine-tuning on all tasks' examples with as many steps as
+    sequential takes over the whole stream (steps_per_task x T). Kills giving it the steps
+    of one task."""
+    calls = []
+    monkeypatch.setattr(cl, "finetune_on", lambda model, tok, examples, steps, *rest: calls.append(
+        (len(examples), steps)) or [])
+    cl.run_arm("joint", CopyModel(), ByteTokenizer(), tiny_tasks, cl.IntentSettings(steps_per_task=3))
+    assert calls == [(sum(len(t["train"]) for t in tiny_tasks), 3 * len(tiny_tasks))]
+
+
+def test_held_out_domain_texts_are_the_documented_parts():
+    """domain_text's held-out parts: austen holds out Persuasion (the other five novels
+    train), shakespeare the last 10% of tiny-shakespeare. Kills another book or cut."""
+    from cli import read_text
+    text = read_text(os.path.join(SHARED_DATA, "shakespeare", "tinyshakespeare.txt"))
+    train, held = cl.domain_text("shakespeare", SHARED_DATA)
+    assert train + held == text and len(held) == len(text) - int(0.9 * len(text))
+    _, held = cl.domain_text("austen", SHARED_DATA)
+    assert held == read_text(os.path.join(SHARED_DATA, "austen", "persuasion.txt"))
