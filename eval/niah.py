@@ -18,8 +18,8 @@ book (Austen or KJV test books, PG19 through the Hub), which the results record.
 Scores, both labelled in the output:
   accuracy          RULER's string_match_all for one needle: the value occurs in the greedy
                     output (case-insensitive);
-  ranking_accuracy  the value has the highest log-likelihood after the answer prefix among
-                    itself and `n_distractors` random values of the same kind.
+  ranking_accuracy  the value has a higher log-likelihood after the answer prefix than each
+                    of `n_distractors` random values of the same kind (a tie is wrong).
 Long inputs are handled as in eval.babilong (eval.common.fit_prompt): recurrent models stream
 in segments with the state carried; attention models truncate or skip a prompt that leaves
 no room for the answer within max_len.
@@ -205,8 +205,10 @@ def evaluate_niah(model, tokenizer, samples, max_len: int | None = None, segment
                 # once the value is out, more tokens cannot change string_match: stop there
                 output = greedy_generate(model, tokenizer, last_logits, state, max_new_tokens, device,
                                          stop=lambda text: string_match(value, text))
+            # the value must beat every distractor: a tie (a model that cannot tell them apart,
+            # e.g. uniform logits) is not a correct ranking
             record.update(output=output, correct=string_match(value, output),
-                          ranking_correct=max(range(len(scores)), key=scores.__getitem__) == 0)
+                          ranking_correct=all(scores[0] > s for s in scores[1:]))
             records.append(record)
     scored = [r for r in records if not r.get("skipped")]
     return {"accuracy": mean_over_scored(scored, "correct"),

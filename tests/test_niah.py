@@ -222,3 +222,47 @@ def test_cli_checks_every_length_and_data_dir_before_scoring(tmp_path, monkeypat
                   "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2 and capsys.readouterr().err.startswith(f"error: {message}")
     assert not (tmp_path / "out").exists()
+
+
+def _sample(value, distractors, text="One of the special magic numbers for calm-anchor is: 8142."):
+    return {"task": "niah_single_1", "length": 100, "depth": 0.5, "key": "calm-anchor", "value": value,
+            "distractors": distractors, "input": text,
+            "answer_prefix": " The special magic numbers for calm-anchor mentioned in the provided text are"}
+
+
+def test_ranking_needs_the_value_to_beat_every_distractor():
+    """ranking_accuracy counts a sample only when the value's log-likelihood is above every
+    distractor's: a model that cannot tell them apart (uniform logits: every 4-digit value
+    ties) scores 0, not 100% (the value is candidate 0, which an argmax picks on a tie)."""
+    from data.tokenizer import get_tokenizer
+    result = evaluate_niah(_next_byte_logits({}), get_tokenizer("bytes"), [_sample("8142", ["5555", "9090"])],
+                           streaming=True, max_new_tokens=2)
+    assert not result["records"][0]["ranking_correct"] and result["ranking_accuracy"] == 0.0
+
+
+def test_attention_model_skips_prompts_over_its_context_and_counts_them():
+    """overflow='skip': a prompt with no room for the answer within max_len is not scored;
+    n, n_scored and n_skipped say so and the accuracies are over the scored samples only.
+    Kills a skipped count of 0."""
+    from data.tokenizer import get_tokenizer
+    short = {**_sample("8142", ["5555"], text="8142."), "answer_prefix": " are"}
+    result = evaluate_niah(_next_byte_logits({}), get_tokenizer("bytes"), [_sample("8142", ["5555"]), short],
+                           max_len=16, max_new_tokens=4, overflow="skip")
+    assert (result["n"], result["n_scored"], result["n_skipped"], result["n_truncated"]) == (2, 1, 1, 0)
+    assert result["records"][0]["skipped"] and result["accuracy"] == 0.0
+
+
+def test_noise_haystack_fills_its_budget_exactly_when_sentences_allow():
+    """The noise haystack takes RULER's sentences in turn while they fit, up to and including
+    the token budget: a budget of exactly three sentences gets three. Kills stopping short of
+    a sentence that would end exactly on the budget."""
+    import random
+
+    from eval.niah import NOISE_SENTENCES, _haystack_sentences
+
+    class WordTokens:                   # one token per space-separated word, a GPT-2 stand-in
+        def encode(self, text):
+            return text.split()
+    lengths = [len(s.split()) for s in NOISE_SENTENCES[:3]]
+    haystack = _haystack_sentences("noise", None, random.Random(0), WordTokens(), sum(lengths))
+    assert haystack == list(zip(NOISE_SENTENCES[:3], lengths))
