@@ -243,8 +243,8 @@ def run(args) -> dict:
                "arch": cfg.model.arch, "lengths_are": "GPT-2 tokens, prompt + 128 reserved for the answer",
                "background": args.background, "depths": args.depths,
                "scores": {"accuracy": "greedy output contains the value (RULER string_match_all)",
-                          "ranking_accuracy": f"value ranked first by log-likelihood among itself and "
-                                              f"{args.distractors} random values"},
+                          "ranking_accuracy": f"value beats each of {args.distractors} random values by "
+                                              "log-likelihood (a tie is wrong)"},
                "context_handling": context_handling(is_recurrent(model), max_len, args.segment_len, args.overflow,
                                                     args.max_new_tokens),
                "accuracy": {}, "ranking_accuracy": {}, "by_depth": {}, "counts": {}}

@@ -137,7 +137,8 @@ def niah_section(model, tokenizer, settings, seq_len, device, data_dir=None, gpt
     from eval import niah
     gpt2 = gpt2 or bl.length_tokenizer(data_dir)
     out = {"scores": {"accuracy": "greedy output contains the value (RULER string_match_all)",
-                      "ranking_accuracy": f"value ranked first among itself and {niah.DEFAULT_DISTRACTORS} random values"},
+                      "ranking_accuracy": f"value beats each of {niah.DEFAULT_DISTRACTORS} random values by "
+                                          "log-likelihood (a tie is wrong)"},
            "accuracy": {}, "ranking_accuracy": {}, "counts": {}}
     for task in settings["tasks"]:
         for length in settings["lengths"]:
