@@ -602,3 +602,37 @@ def test_eval_cli_builds_local_samples_from_the_split_it_is_given(monkeypatch):
     bl._get_samples(args, "qa1", "1k", gpt2="gpt2")
     assert seen == {"split": "train", "background": "builtin", "babi": "generated", "seed": 5, "data_dir": None,
                     "gpt2": "gpt2"}
+
+
+def test_prompt_parts_and_budget_are_the_official_ones():
+    """Official prompts.py, character for character where the score depends on it: the parts
+    joined by blank lines (TASK_TEMPLATE + '\\n\\n' + USER_TEMPLATE), qa2's instruction without a
+    space after 'a question.', the curly quotes of qa1's post prompt; greedy generation of 20
+    new tokens (run_model_on_babilong.py). Kills single newlines, 'fixed' texts, another budget."""
+    import inspect
+
+    from eval.babilong import OFFICIAL_MAX_NEW_TOKENS, TASK_PROMPTS
+    qa1 = TASK_PROMPTS["qa1"]
+    assert format_prompt(" A. ", "Where is Mary?", "qa1", instruction=True, examples=True, post_prompt=True) == \
+        "\n\n".join([qa1["instruction"], qa1["examples"], qa1["post_prompt"], "<context>\nA.\n</context>",
+                     "Question: Where is Mary?"])
+    assert "hidden in some random text and a question.You need to answer" in TASK_PROMPTS["qa2"]["instruction"]
+    assert "The most recent location of \u2019person\u2019 is \u2019location\u2019." in qa1["post_prompt"]
+    assert OFFICIAL_MAX_NEW_TOKENS == inspect.signature(evaluate).parameters["max_new_tokens"].default == 20
+
+
+def test_attention_models_keep_room_for_the_answer_in_max_len():
+    """evaluate reads at most max_len tokens, prompt and answer together: a long prompt is cut
+    to its last max_len - max_new_tokens tokens. A recording stub shows what the model read
+    first. Kills evaluate not passing max_new_tokens to fit_prompt."""
+    from data.tokenizer import get_tokenizer
+    from helpers import RiggedByteModel
+
+    class Recording(RiggedByteModel):
+        def forward(self, idx, targets=None, state=None):
+            self.calls.append(idx.shape[1])
+            return super().forward(idx, targets, state)
+    model = Recording("kitchen.")
+    model.calls = []
+    result = evaluate(model, get_tokenizer("bytes"), _samples()[:1], max_len=40, max_new_tokens=4)
+    assert result["n_truncated"] == 1 and model.calls[0] == 36
