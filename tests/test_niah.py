@@ -266,3 +266,17 @@ def test_noise_haystack_fills_its_budget_exactly_when_sentences_allow():
     lengths = [len(s.split()) for s in NOISE_SENTENCES[:3]]
     haystack = _haystack_sentences("noise", None, random.Random(0), WordTokens(), sum(lengths))
     assert haystack == list(zip(NOISE_SENTENCES[:3], lengths))
+
+
+def test_prompt_answer_prefix_and_needle_are_rulers():
+    """RULER's niah template, answer prefix and needle (scripts/data/synthetic/constants.py),
+    word for word: the score depends on them. Kills an edit of any of them."""
+    from eval.niah import NIAH_ANSWER_PREFIX, NIAH_NEEDLE, NIAH_TEMPLATE
+    assert NIAH_TEMPLATE.format(type_needle_v="numbers", context="C", query="calm-anchor") == (
+        "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+        "I will quiz you about the numbers afterwards.\nC\n"
+        "What are all the special magic numbers for calm-anchor mentioned in the provided text?")
+    assert NIAH_ANSWER_PREFIX.format(type_needle_v="uuids", query="k") == \
+        " The special magic uuids for k mentioned in the provided text are"
+    assert NIAH_NEEDLE.format(type_needle_v="numbers", key="k", value="1234567") == \
+        "One of the special magic numbers for k is: 1234567."
