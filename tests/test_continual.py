@@ -477,3 +477,29 @@ def test_held_out_domain_texts_are_the_documented_parts():
     assert train + held == text and len(held) == len(text) - int(0.9 * len(text))
     _, held = cl.domain_text("austen", SHARED_DATA)
     assert held == read_text(os.path.join(SHARED_DATA, "austen", "persuasion.txt"))
+
+
+def test_icl_context_has_icl_shots_demonstrations_per_seen_label_after_end_of_text(monkeypatch, tiny_tasks):
+    """The icl arm's context: end-of-text, then icl_shots demonstrations of every label seen
+    so far. in_context_memory starts its stream with end-of-text once, then carries the state
+    (no end-of-text before the next task). Kills ignoring icl_shots and moving end-of-text."""
+    tok, read = ByteTokenizer(), []
+    monkeypatch.setattr(cl, "prefill", lambda model, ids, segment_len, device, state=None: read.append(ids) or
+                        (None, "state"))
+    settings = cl.IntentSettings(icl_shots=2, stream_per_label=1)
+    cl._icl_state(None, tok, tiny_tasks, settings, random.Random(0), "cpu")
+    n_labels = sum(len(t["labels"]) for t in tiny_tasks)
+    assert read[0][0] == tok.eot_id and tok.decode(read[0][1:]).count("\nIntent:") == 2 * n_labels
+    first = cl._stream(None, tok, tiny_tasks[0], settings, random.Random(0), "cpu", None)
+    cl._stream(None, tok, tiny_tasks[1], settings, random.Random(0), "cpu", first)
+    assert read[1][0] == tok.eot_id and read[2][0] != tok.eot_id
+
+
+def test_shrink_tasks_samples_examples_with_its_seed():
+    """--train-per-label / --test-per-label keep a seeded sample of each label's examples,
+    not its first ones: another seed, another sample. Kills taking the first examples."""
+    tasks = cl.clinc_tasks(SHARED_DATA)[:1]
+    first = cl.shrink_tasks(tasks, labels_per_task=2, train_per_label=3, seed=0)[0]["train"]
+    assert first != cl.shrink_tasks(tasks, labels_per_task=2, train_per_label=3, seed=1)[0]["train"]
+    assert first != [ex for ex in tasks[0]["train"] if ex[1] == tasks[0]["labels"][0]][:3] + \
+        [ex for ex in tasks[0]["train"] if ex[1] == tasks[0]["labels"][1]][:3]
