@@ -243,3 +243,20 @@ def test_generate_until_reads_the_last_tokens_that_leave_room_for_the_answer():
     recurrent = RecordingLM(arch="titans")
     LMAdapter(recurrent, tok, max_len=6).generate_until([request])
     assert recurrent.rows[0] == tok.encode("abcdefghij")
+
+
+def test_generate_until_an_empty_context_starts_from_end_of_text():
+    """lm-eval may send an empty context (an unconditional generation): the model reads the
+    end-of-text token, its prefix token. Kills reading nothing (an error)."""
+    tok, model = ByteTokenizer(), RecordingLM()
+    assert LMAdapter(model, tok, max_len=6).generate_until([instance("", {"until": [], "max_gen_toks": 2})]) == ["zz"]
+    assert model.rows[0] == [tok.eot_id]
+
+
+def test_generate_until_takes_a_single_stop_string_whole():
+    """`until` may be one string: it is one stop sequence, not a list of its characters (no 'P'
+    or 'x' alone stops this output). Kills list(until) on a string."""
+    tok = ByteTokenizer()
+    context = "Q: capital of France?\nA: "
+    lm = LMAdapter(FixedTextModel(len(tok.encode(context))), tok, max_len=256)
+    assert lm.generate_until([instance(context, {"until": "Px", "max_gen_toks": 10})]) == ["Paris. And"]
