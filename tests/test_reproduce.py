@@ -398,3 +398,25 @@ def test_train_args_takes_a_single_override(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and "train.max_stepz" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_zeroshot_writes_what_lm_metrics_reads(tmp_path, monkeypatch):
+    """`eval.reproduce zeroshot` runs lm-eval zero-shot on the seven tasks and writes
+    zeroshot.json; lm_metrics reads the tables' columns back from it (in %). lm-eval and the
+    checkpoint are stubbed. Kills another key in the file or a few-shot run."""
+    import eval.lm_eval_adapter as adapter
+    calls = []
+
+    def simple_evaluate(**kwargs):
+        calls.append(kwargs)
+        return {"results": {task: {f"{metric},none": 0.5 + 0.01 * i}
+                            for i, (task, (metric, _)) in enumerate(rp.ZERO_SHOT_TASKS.items())}}
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate,
+                                                                      __version__="stub"))
+    monkeypatch.setattr(adapter, "_OUR_LM", types.SimpleNamespace(from_checkpoint=lambda *a, **kw: "lm"))
+    os.makedirs(tmp_path / "ckpt")
+    run = tmp_path / "runs" / "r"
+    rp.run_zero_shot(str(tmp_path / "ckpt"), str(run / os.path.dirname(rp.EVAL_FILES["zeroshot"])))
+    assert calls == [{"model": "lm", "tasks": list(rp.ZERO_SHOT_TASKS), "num_fewshot": 0, "limit": None}]
+    row = rp.lm_metrics(str(run))
+    assert [row[column] for _, column in rp.ZERO_SHOT_TASKS.values()] == pytest.approx([50, 51, 52, 53, 54, 55, 56])
