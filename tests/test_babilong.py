@@ -636,3 +636,16 @@ def test_attention_models_keep_room_for_the_answer_in_max_len():
     model.calls = []
     result = evaluate(model, get_tokenizer("bytes"), _samples()[:1], max_len=40, max_new_tokens=4)
     assert result["n_truncated"] == 1 and model.calls[0] == 36
+
+
+def test_skipped_samples_are_left_out_of_the_accuracies():
+    """overflow='skip': the accuracies are over the scored samples; a skipped one counts
+    neither right nor wrong (result n_skipped). Kills dividing by every sample."""
+    from data.tokenizer import get_tokenizer
+    from helpers import RiggedByteModel
+    short = {"task": "qa1", "input": "Mary went to the kitchen.", "question": "Where is Mary?", "target": "kitchen"}
+    long = {**short, "input": "John went to the garden. " * 10 + short["input"]}
+    result = evaluate(RiggedByteModel(": kitchen."), get_tokenizer("bytes"), [short, long], max_len=100,
+                      max_new_tokens=10, overflow="skip")
+    assert (result["n_scored"], result["n_skipped"]) == (1, 1)
+    assert result["official"] == result["label_ranking"] == 1.0
