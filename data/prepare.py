@@ -477,21 +477,22 @@ def main(argv=None):
                         help="stop after this many documents (at least 2: one train and one val document)")
     parser.add_argument("--data-files", default=None, help="glob of local files for hf:json / hf:text / ...")
     parser.add_argument("--text-field", default="text", help="field holding the text in jsonl / HF rows")
-    parser.add_argument("--split", default="train", help="HF split to read")
+    parser.add_argument("--split", default=None, help="HF split to read (default: train)")
     parser.add_argument("--seed", type=seed_int, default=0, help="seed of the per-document val split")
     parser.add_argument("--bpe-dir", default=None, help="folder with GPT-2 vocab.bpe and encoder.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
     if not args.source.startswith("hf:"):   # they would do nothing: say so rather than ignore them
         for flag, given in (("--streaming", args.streaming), ("--data-files", args.data_files is not None),
-                            ("--split", args.split != parser.get_default("split"))):
+                            ("--split", args.split is not None)):
             if given:
                 parser.error(f"argument {flag}: applies to hf: sources only, not to {args.source!r}")
     try:
         meta = prepare(args.source, args.out, args.tokenizer, val_fraction=args.val_fraction,
                        shard_tokens=args.shard_tokens, num_workers=args.workers, text_field=args.text_field,
-                       split=args.split, streaming=args.streaming, max_docs=args.max_docs, seed=args.seed,
-                       data_files=args.data_files, bpe_dir=args.bpe_dir, quiet=args.quiet)
+                       split="train" if args.split is None else args.split, streaming=args.streaming,
+                       max_docs=args.max_docs, seed=args.seed, data_files=args.data_files, bpe_dir=args.bpe_dir,
+                       quiet=args.quiet)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)

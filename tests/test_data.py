@@ -459,9 +459,11 @@ def test_prepare_cli_rejects_bad_numbers_naming_the_flag(tmp_path, capsys, flag,
 
 
 @pytest.mark.parametrize("source", ["builtin", "files:corpus/*.txt"])
-@pytest.mark.parametrize("flags", [["--streaming"], ["--data-files", "x/*.jsonl"], ["--split", "validation"]])
+@pytest.mark.parametrize("flags", [["--streaming"], ["--data-files", "x/*.jsonl"], ["--split", "validation"],
+                                   ["--split", "train"]])
 def test_prepare_cli_refuses_hf_only_flags_for_other_sources(tmp_path, capsys, source, flags):
-    """Audit: --streaming, --data-files and --split did nothing for builtin / files: sources."""
+    """Audit: --streaming, --data-files and --split did nothing for builtin / files: sources
+    (docs/DATA.md: refused with them; `--split train`, the default's value, was let through)."""
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as excinfo:
         prepare_main(["--source", source, "--out", str(out), "--tokenizer", "bytes", *flags])
