@@ -118,6 +118,27 @@ def barrier():
         dist.barrier()
 
 
+def on_main(env: DistEnv, fn):
+    """fn() on rank 0 alone (data preparation, the files of out_dir), the other ranks waiting
+    -> its result on rank 0, None elsewhere. A one-line error of rank 0 (ConfigError, OSError,
+    ValueError) is raised on every rank with the same message: a rank left waiting in a
+    collective would die with a gloo/NCCL traceback printed above the real error."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except (ConfigError, OSError, ValueError) as e:
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0)       # also the barrier the other ranks wait at
+        if message[0] is not None and error is None:
+            error = ConfigError(message[0])
+    if error is not None:
+        raise error
+    return result
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (SUM / world: gloo has no ReduceOp.AVG)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

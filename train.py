@@ -29,7 +29,7 @@ from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints,
                         resolve_checkpoint, save_checkpoint, saved_steps)
 from cli import check_output_dir
 from config import Config, ConfigError, check_vocab, dump_yaml, load_config, to_dict
-from distributed import DistEnv, all_reduce_max, all_reduce_mean, barrier, full_value, gradient_sync
+from distributed import DistEnv, all_reduce_max, all_reduce_mean, full_value, gradient_sync
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.yaml")
 # dense bf16 peak FLOP/s for MFU (H100/H200 SXM; A100); other GPUs report MFU as n/a
@@ -316,9 +316,8 @@ def _train(cfg: Config, env: DistEnv):
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size
     data_dir = resolve_data_dir(cfg)
-    if env.is_main:                   # one preparer: concurrent ones would race on the final rename
-        prepare_data(cfg, data_dir)
-    barrier()
+    # one preparer: concurrent ones would race on the final rename
+    distributed.on_main(env, lambda: prepare_data(cfg, data_dir))
     dataset = TokenDataset(data_dir)
     if dataset.meta["tokenizer"] != cfg.data.tokenizer:
         raise ConfigError(f"{data_dir} was prepared with tokenizer {dataset.meta['tokenizer']!r}, "
@@ -370,13 +369,13 @@ def _train(cfg: Config, env: DistEnv):
                               "raise train.max_steps to train on")
         if start_step == t.max_steps:
             say(f"already at train.max_steps={t.max_steps}: nothing to train")
-    metrics, run = None, None
-    if env.is_main:     # written once the model, optimiser and resume checks have passed
+    def open_outputs():   # written once the model, optimiser and resume checks have passed
         os.makedirs(t.out_dir, exist_ok=True)
         dump_yaml(cfg, os.path.join(t.out_dir, "config.yaml"))
-        metrics = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"),
-                             resume_step=start_step if resume_from else None)
-        run = init_wandb(cfg)
+        return MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), resume_step=start_step if resume_from else None)
+
+    metrics = distributed.on_main(env, open_outputs)
+    run = init_wandb(cfg) if env.is_main else None
 
     def checkpoint(step):   # collective: every rank writes its shards
         trainer_state = {"step": step, "stats": stats, "sampler": sampler.state_dict(), "rng": rng_state()}

@@ -225,6 +225,33 @@ def test_rank_environment_out_of_range_is_named(monkeypatch, rank, local_rank, w
         distributed.setup(load_config(None, []))
 
 
+def _two_ranks_failing(args):
+    r = subprocess.run([*TWO_RANKS, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    return r.stdout + r.stderr
+
+
+def test_two_ranks_rank0_data_error_is_one_line_per_rank(tmp_path):
+    """Rank 0 alone prepares the data: its one-line error left rank 1 in the barrier, which
+    died with a gloo 'Connection closed by peer' traceback printed above the real error."""
+    out = _two_ranks_failing([*TINY, f"--data.dataset=files:{tmp_path}/none/*.txt", f"--train.out_dir={tmp_path}/o"])
+    assert "[rank1]: Traceback" not in out and "[rank0]: Traceback" not in out, out[-3000:]
+    assert out.count(f"error: files: glob '{tmp_path}/none/*.txt' matches no files\n") == 2, out[-3000:]
+
+
+def test_two_ranks_rank0_metrics_error_on_resume_is_one_line_per_rank(corpus, tmp_path):
+    """Rank 0 alone rewrites metrics.jsonl on resume: a damaged line stopped it with one line
+    while rank 1 went on into the first collective and died with a traceback."""
+    out_dir = tmp_path / "run"
+    args = [*TINY, f"--data.dataset={corpus}", f"--train.out_dir={out_dir}", "--train.eval_every=0"]
+    run(ONE_PROCESS, [*args, "--train.max_steps=2", "--train.ckpt_every=1"])
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    (out_dir / "metrics.jsonl").write_text("\n".join(["{not json", *lines[1:]]) + "\n")
+    out = _two_ranks_failing([*args, "--train.max_steps=4"])
+    assert "[rank1]: Traceback" not in out and "[rank0]: Traceback" not in out, out[-3000:]
+    assert out.count(f"error: {out_dir / 'metrics.jsonl'} line 1 is not a metrics record") == 2, out[-3000:]
+
+
 def test_export_cli_errors(tmp_path, capsys):
     import checkpoint
     assert checkpoint.main(["export", str(tmp_path / "missing"), str(tmp_path / "m.safetensors")]) == 2
