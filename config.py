@@ -170,7 +170,9 @@ class HopeConfig:
     max_grad_norm: Optional[float] = 3.0  # each token's inner gradient rescaled to norm <= this
                                      # (memory.py; null = the paper's update): with self-generated
                                      # targets M(v) unclipped writes can grow the memories
-                                     # super-exponentially across chunks (docs/FIDELITY.md)
+                                     # super-exponentially across chunks; at 3 the outer gradients
+                                     # explode past ~1K tokens, so the 4K paper configs set 1.0
+                                     # (docs/FIDELITY.md, HOPE choice 12)
     retention: bool = True           # False: alpha_t = 1 and no M_alpha ("w/o weight decay")
     adaptive_k: bool = True          # False: k = L2norm(W_k x~), a static projection ("w/o inner-projection k")
     adaptive_v: bool = True          # False: v = W_v x~
