@@ -532,7 +532,9 @@ def main(argv=None):
         cfg = load_config(path, argv)
         return train(cfg)
     except (ConfigError, OSError, ValueError) as e:   # OSError: e.g. an out_dir name too long to make
-        print(f"error: {e}", file=sys.stderr)
+        # one write: under torchrun every rank prints this line to the same stream, and print's
+        # separate write of the newline let two ranks' lines interleave
+        sys.stderr.write(f"error: {e}\n")
         return 2
 
 
