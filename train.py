@@ -171,6 +171,25 @@ def checkpoint_to_resume(t) -> str | None:
     return resolve_checkpoint(t.resume)
 
 
+# HOPE's inner-gradient clip above which its outer gradients were measured to blow up on
+# sequences past ~1K tokens (docs/FIDELITY.md, HOPE choice 12: tau 1.5 held, 2 did not)
+HOPE_LONG_CONTEXT_MAX_CLIP = 1.5
+HOPE_LONG_CONTEXT = 1024
+
+
+def long_context_warning(cfg: Config) -> str | None:
+    """A warning for a HOPE run whose sequences and inner clip are where its outer gradients
+    explode (every step then skipped as non-finite); None otherwise."""
+    hope = cfg.model.hope
+    if cfg.model.arch != "hope" or cfg.train.seq_len < HOPE_LONG_CONTEXT or hope.inner_lr_fixed == 0:
+        return None
+    if hope.max_grad_norm is not None and hope.max_grad_norm <= HOPE_LONG_CONTEXT_MAX_CLIP:
+        return None
+    return (f"warning: model.hope.max_grad_norm={hope.max_grad_norm} at train.seq_len={cfg.train.seq_len}: "
+            f"HOPE's outer gradients were measured to explode past ~{HOPE_LONG_CONTEXT} tokens above a clip of "
+            f"{HOPE_LONG_CONTEXT_MAX_CLIP} (the paper configs use 1.0; docs/FIDELITY.md, HOPE choice 12)")
+
+
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -336,6 +355,9 @@ def _train(cfg: Config, env: DistEnv):
         f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding)")
     for line in model.kernel_report(device):      # which memory parts run fused (model.kernels)
         say(f"kernels: {line}")
+    warning = long_context_warning(cfg)
+    if warning:
+        say(warning, file=sys.stderr)
     # `model` keeps its parameter names (checkpoints, eval, sampling); `train_model` is what
     # forward/backward run through: the FSDP2 model itself or a DDP wrapper
     train_model = distributed.parallelize(model, cfg, env)

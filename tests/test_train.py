@@ -189,6 +189,27 @@ def _fails_and_keeps(root, argv, message, capsys):
     assert _snapshot(root) == before
 
 
+def test_long_context_warning_for_a_hope_clip_that_explodes():
+    """HOPE above an inner clip of 1.5 on sequences of 1K+ tokens (docs/FIDELITY.md, HOPE
+    choice 12) gets one warning line at start-up; the paper configs (clip 1.0), the tiny
+    configs at their 128 tokens, a HOPE without writes and other archs get none."""
+    from config import load_config
+    from train import long_context_warning
+
+    def warning(config, *overrides):
+        return long_context_warning(load_config(os.path.join(REPO, "configs", config), list(overrides)))
+    assert warning("hope_760m.yaml") is None and warning("hope_tiny.yaml") is None
+    assert warning("hope_760m.yaml", "--model.hope.max_grad_norm=1.5") is None
+    assert warning("hope_760m.yaml", "--model.hope.max_grad_norm=3").startswith(
+        "warning: model.hope.max_grad_norm=3.0 at train.seq_len=4096: HOPE's outer gradients were measured")
+    long = ("--train.seq_len=1024", "--model.max_seq_len=1024")
+    assert warning("hope_tiny.yaml", *long) is not None
+    assert warning("hope_tiny.yaml", *long, "--model.hope.max_grad_norm=null") is not None
+    assert warning("hope_tiny.yaml", *long, "--model.hope.inner_lr_fixed=0") is None
+    assert warning("hope_tiny.yaml", "--train.seq_len=1023", "--model.max_seq_len=1023") is None
+    assert warning("transformer_tiny.yaml", *long) is None
+
+
 def test_bad_out_dir_and_resume_lose_nothing(corpus, tmp_path, capsys):
     """A finished run's out_dir under the settings that used to overwrite it: resume=never
     refuses; checkpoints without `latest` refuse resume=auto (naming the one to pass); a
