@@ -171,23 +171,29 @@ def checkpoint_to_resume(t) -> str | None:
     return resolve_checkpoint(t.resume)
 
 
-# HOPE's inner-gradient clip above which its outer gradients were measured to blow up on
-# sequences past ~1K tokens (docs/FIDELITY.md, HOPE choice 12: tau 1.5 held, 2 did not)
-HOPE_LONG_CONTEXT_MAX_CLIP = 1.5
-HOPE_LONG_CONTEXT = 1024
+# Sequences from this length on, with HOPE's inner-gradient clip above HOPE_MAX_LONG_CONTEXT_CLIP
+# (docs/FIDELITY.md, HOPE choice 12: tau 1.5 held, 2 did not) or Titans at head dim 64
+# (Titans choice 10), are where the memories' outer gradients were measured to explode
+LONG_CONTEXT = 1024
+HOPE_MAX_LONG_CONTEXT_CLIP = 1.5
 
 
 def long_context_warning(cfg: Config) -> str | None:
-    """A warning for a HOPE run whose sequences and inner clip are where its outer gradients
-    explode (every step then skipped as non-finite); None otherwise."""
-    hope = cfg.model.hope
-    if cfg.model.arch != "hope" or cfg.train.seq_len < HOPE_LONG_CONTEXT or hope.inner_lr_fixed == 0:
+    """A warning for a HOPE or Titans run whose sequences and settings are where their outer
+    gradients were measured to explode (every step then skipped as non-finite); None otherwise."""
+    m, seq_len = cfg.model, cfg.train.seq_len
+    if m.arch == "titans" and seq_len >= LONG_CONTEXT and m.d_model // m.n_head >= 64:
+        return (f"warning: Titans at head dim {m.d_model // m.n_head} and train.seq_len={seq_len}: the paper "
+                "configs' outer gradients were measured to explode at init (MAG and MAL from ~1K tokens, all four "
+                "variants at 4K), and no setting fixes it yet (docs/FIDELITY.md, Titans choice 10)")
+    hope = m.hope
+    if m.arch != "hope" or seq_len < LONG_CONTEXT or hope.inner_lr_fixed == 0:
         return None
-    if hope.max_grad_norm is not None and hope.max_grad_norm <= HOPE_LONG_CONTEXT_MAX_CLIP:
+    if hope.max_grad_norm is not None and hope.max_grad_norm <= HOPE_MAX_LONG_CONTEXT_CLIP:
         return None
     return (f"warning: model.hope.max_grad_norm={hope.max_grad_norm} at train.seq_len={cfg.train.seq_len}: "
-            f"HOPE's outer gradients were measured to explode past ~{HOPE_LONG_CONTEXT} tokens above a clip of "
-            f"{HOPE_LONG_CONTEXT_MAX_CLIP} (the paper configs use 1.0; docs/FIDELITY.md, HOPE choice 12)")
+            f"HOPE's outer gradients were measured to explode past ~{LONG_CONTEXT} tokens above a clip of "
+            f"{HOPE_MAX_LONG_CONTEXT_CLIP} (the paper configs use 1.0; docs/FIDELITY.md, HOPE choice 12)")
 
 
 def rng_state():

@@ -189,10 +189,11 @@ def _fails_and_keeps(root, argv, message, capsys):
     assert _snapshot(root) == before
 
 
-def test_long_context_warning_for_a_hope_clip_that_explodes():
+def test_long_context_warning_where_memories_explode():
     """HOPE above an inner clip of 1.5 on sequences of 1K+ tokens (docs/FIDELITY.md, HOPE
-    choice 12) gets one warning line at start-up; the paper configs (clip 1.0), the tiny
-    configs at their 128 tokens, a HOPE without writes and other archs get none."""
+    choice 12), and Titans at head dim 64 on 1K+ tokens (Titans choice 10, open), get one
+    warning line at start-up; HOPE's paper configs (clip 1.0), the tiny configs at their 128
+    tokens, a HOPE without writes and other archs get none."""
     from config import load_config
     from train import long_context_warning
 
@@ -208,6 +209,10 @@ def test_long_context_warning_for_a_hope_clip_that_explodes():
     assert warning("hope_tiny.yaml", *long, "--model.hope.inner_lr_fixed=0") is None
     assert warning("hope_tiny.yaml", "--train.seq_len=1023", "--model.max_seq_len=1023") is None
     assert warning("transformer_tiny.yaml", *long) is None
+    # Titans: measured at head dim 64 (open, FIDELITY Titans 10); the tiny head dim 32 held
+    assert warning("titans_mag_760m.yaml").startswith("warning: Titans at head dim 64 and train.seq_len=4096")
+    assert warning("titans_lmm_tiny.yaml", *long) is None
+    assert warning("titans_mal_760m.yaml", "--train.seq_len=512") is None
 
 
 def test_bad_out_dir_and_resume_lose_nothing(corpus, tmp_path, capsys):
