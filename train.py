@@ -182,18 +182,19 @@ def long_context_warning(cfg: Config) -> str | None:
     """A warning for a HOPE or Titans run whose sequences and settings are where their outer
     gradients were measured to explode (every step then skipped as non-finite); None otherwise."""
     m, seq_len = cfg.model, cfg.train.seq_len
-    if m.arch == "titans" and seq_len >= LONG_CONTEXT and m.d_model // m.n_head >= 64:
-        return (f"warning: Titans at head dim {m.d_model // m.n_head} and train.seq_len={seq_len}: the paper "
+    if seq_len < LONG_CONTEXT:
+        return None
+    head_dim = m.d_model // m.n_head
+    if m.arch == "titans" and head_dim >= 64:
+        return (f"warning: Titans at head dim {head_dim} and train.seq_len={seq_len}: the paper "
                 "configs' outer gradients were measured to explode at init (MAG and MAL from ~1K tokens, all four "
                 "variants at 4K), and no setting fixes it yet (docs/FIDELITY.md, Titans choice 10)")
-    hope = m.hope
-    if m.arch != "hope" or seq_len < LONG_CONTEXT or hope.inner_lr_fixed == 0:
-        return None
-    if hope.max_grad_norm is not None and hope.max_grad_norm <= HOPE_MAX_LONG_CONTEXT_CLIP:
-        return None
-    return (f"warning: model.hope.max_grad_norm={hope.max_grad_norm} at train.seq_len={cfg.train.seq_len}: "
-            f"HOPE's outer gradients were measured to explode past ~{LONG_CONTEXT} tokens above a clip of "
-            f"{HOPE_MAX_LONG_CONTEXT_CLIP} (the paper configs use 1.0; docs/FIDELITY.md, HOPE choice 12)")
+    clip = m.hope.max_grad_norm
+    if m.arch == "hope" and m.hope.inner_lr_fixed != 0 and (clip is None or clip > HOPE_MAX_LONG_CONTEXT_CLIP):
+        return (f"warning: model.hope.max_grad_norm={clip} at train.seq_len={seq_len}: "
+                f"HOPE's outer gradients were measured to explode past ~{LONG_CONTEXT} tokens above a clip of "
+                f"{HOPE_MAX_LONG_CONTEXT_CLIP} (the paper configs use 1.0; docs/FIDELITY.md, HOPE choice 12)")
+    return None
 
 
 def rng_state():
