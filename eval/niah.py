@@ -225,6 +225,13 @@ def _by_depth(records) -> dict:
     return {depth: sum(v) / len(v) for depth, v in sorted(groups.items(), key=lambda kv: float(kv[0]))}
 
 
+def score_descriptions(n_distractors: int) -> dict:
+    """What each score of a results file means (eval.niah's niah.json, eval.run's section)."""
+    return {"accuracy": "greedy output contains the value (RULER string_match_all)",
+            "ranking_accuracy": f"value beats each of {n_distractors} random values by log-likelihood "
+                                "(a tie is wrong)"}
+
+
 def run(args) -> dict:
     tasks = [parse_task(t) for t in args.tasks.split(",") if t.strip()]
     lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
@@ -242,9 +249,7 @@ def run(args) -> dict:
     results = {"benchmark": "s-niah (RULER niah_single_1/2/3)", "checkpoint": os.path.abspath(args.checkpoint),
                "arch": cfg.model.arch, "lengths_are": "GPT-2 tokens, prompt + 128 reserved for the answer",
                "background": args.background, "depths": args.depths,
-               "scores": {"accuracy": "greedy output contains the value (RULER string_match_all)",
-                          "ranking_accuracy": f"value beats each of {args.distractors} random values by "
-                                              "log-likelihood (a tie is wrong)"},
+               "scores": score_descriptions(args.distractors),
                "context_handling": context_handling(is_recurrent(model), max_len, args.segment_len, args.overflow,
                                                     args.max_new_tokens),
                "accuracy": {}, "ranking_accuracy": {}, "by_depth": {}, "counts": {}}

@@ -136,9 +136,7 @@ def niah_section(model, tokenizer, settings, seq_len, device, data_dir=None, gpt
     from eval import babilong as bl
     from eval import niah
     gpt2 = gpt2 or bl.length_tokenizer(data_dir)
-    out = {"scores": {"accuracy": "greedy output contains the value (RULER string_match_all)",
-                      "ranking_accuracy": f"value beats each of {niah.DEFAULT_DISTRACTORS} random values by "
-                                          "log-likelihood (a tie is wrong)"},
+    out = {"scores": niah.score_descriptions(niah.DEFAULT_DISTRACTORS),
            "accuracy": {}, "ranking_accuracy": {}, "counts": {}}
     for task in settings["tasks"]:
         for length in settings["lengths"]:
