@@ -53,6 +53,10 @@ class TitansConfig:
     detach_targets: bool = False     # stop outer gradients through the targets v of the inner loss
     detach_chunks_older_than: int = 0  # n > 0: detach the fast weights every n chunks (truncated
                                      # backprop through the inner loop); 0 = full backprop
+    step_budget: Optional[float] = None  # cap on a chunk's summed inner step along each of its keys
+                                     # (memory.chunk_step_budget; null = off, the paper's update);
+                                     # the paper-scale configs use 0.5 with max_grad_norm 1.0 so
+                                     # that 4K contexts train (docs/FIDELITY.md, Titans choice 14)
 
     def __post_init__(self):
         # titans.check_titans_config runs these again when a model is built
@@ -66,6 +70,7 @@ class TitansConfig:
         self.theta_max = _check_range(self.theta_max, "model.titans.theta_max", 0, strict=True)
         self.inner_lr_fixed = _check_range(self.inner_lr_fixed, "model.titans.inner_lr_fixed", 0, null=True)
         self.max_grad_norm = _check_range(self.max_grad_norm, "model.titans.max_grad_norm", 0, strict=True, null=True)
+        self.step_budget = _check_range(self.step_budget, "model.titans.step_budget", 0, strict=True, null=True)
 
 
 @dataclass

@@ -88,6 +88,63 @@ def chunk_pieces(pos: int, T: int, *chunk_sizes: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
+def chunk_step_budget(k, lr, keep, spent, pos: int, chunk_size: int, budget: float):
+    """Cap each token's inner learning rate by the step its chunk has left along its key
+    (our stabiliser for long sequences, `model.titans.step_budget`; docs/FIDELITY.md, Titans
+    choice 14).
+
+    Every write of a chunk is formed at the chunk-start weights W_B, so a key direction that
+    recurs in the chunk is corrected once per occurrence against the same stale error. The
+    inner loss ||M(k) - v||^2 has curvature 2 along a unit key: a step e along k scales the
+    error by (1 - 2e), so e = 0.5 solves it exactly and e >= 1 overshoots and grows. A chunk
+    of redundant keys (at 64 tokens: bytes, or the smooth output of an attention layer) adds
+    up to many such steps, and the chunk-to-chunk map then expands: outer gradients grow
+    exponentially with the sequence length. Token t's step is e_t = lr_t / keep_t (keep =
+    1 - beta: momentum repeats a write 1 / (1 - beta) times); P = sum e_s k_s k_s^T over the
+    earlier tokens of its chunk is what the chunk has spent, k_t^T P k_t of it along k_t:
+
+        e_t = min(lr_t / keep_t, max(0, budget - k_t^T P k_t)),   lr'_t = keep_t e_t,
+        P <- P + e_t k_t k_t^T                      (P = 0 at every chunk start)
+
+    So a chunk steps at most `budget` along each of its keys: one key repeated through the
+    chunk writes like a single token; orthogonal keys keep their own lr. Causal: lr'_t
+    depends on token t and the earlier tokens of its chunk only.
+
+    k [B, T, H, d] unit-norm keys; lr, keep [B, T, H]; `spent` [B, H, d, d] is P of the chunk
+    that position `pos` lies in (None = nothing spent yet). Returns (lr' [B, T, H], P after
+    the last token, None on a chunk boundary)."""
+    B, T, H, d = k.shape
+    if T == 0:
+        return lr, spent
+    C, head = chunk_size, pos % chunk_size
+    n = -(-(head + T) // C)
+    tail = n * C - head - T
+
+    def chunked(x):                        # [B, T, ...] -> [B, n, C, ...], aligned to chunks
+        pad = [0, 0] * (x.dim() - 2) + [head, tail]
+        return F.pad(x, pad).view(B, n, C, *x.shape[2:])
+
+    kc, lrc = chunked(k), chunked(lr)
+    keepc = chunked(keep.clamp(min=1e-6))          # > 0: 1 - sigmoid rounds to 0 at large logits
+    keepc = torch.where(keepc > 0, keepc, torch.ones_like(keepc))       # padding: keep 1, lr 0
+    overlap = torch.einsum("bnihd,bnjhd->bnhij", kc, kc).pow(2)        # (k_i . k_j)^2
+    used = lrc.new_zeros(B, n, H, C)                                   # k_j^T P k_j, j in the chunk
+    if spent is not None:
+        first = torch.einsum("bchi,bhij,bchj->bhc", kc[:, 0], spent, kc[:, 0])
+        used = torch.cat([first.unsqueeze(1), used[:, 1:]], 1)
+    steps = []
+    for j in range(C):
+        e = torch.minimum(lrc[:, :, j] / keepc[:, :, j], F.relu(budget - used[..., j]))
+        used = used + e.unsqueeze(-1) * overlap[..., j]
+        steps.append(e)
+    e = torch.stack(steps, 2)                                           # [B, n, C, H]
+    new_lr = (e * keepc).reshape(B, n * C, H)[:, head:head + T]
+    if (pos + T) % C == 0:
+        return new_lr, None
+    last = torch.einsum("bch,bchi,bchj->bhij", e[:, -1], kc[:, -1], kc[:, -1])
+    return new_lr, last if (n > 1 or spent is None) else spent + last
+
+
 def activation_fns(name):
     """s and s' (closed-form derivative, for the inner gradients without autograd) of the
     memories' and the CMS levels' MLPs: SiLU or exact (erf) GELU."""

@@ -14,7 +14,10 @@ The memory branch (`LongTermMemory`): q, k, v = SiLU(causal depthwise conv4(W x)
 head, q and k L2-normalised (Titans §4.4); per-token per-head gates from x:
 theta_t = theta_max * sigmoid(.) (inner lr), beta_t = sigmoid(.) (momentum, "eta_t" in
 Titans Eq. 14), forget_t = sigmoid(.) with alpha_t = 1 - forget_t (Eq. 13); then the
-chunked memory layer of `memory.py` with GD + momentum.
+chunked memory layer of `memory.py` with GD + momentum. With `model.titans.step_budget`
+theta_t is first capped by what its chunk has left to step along k_t
+(`memory.chunk_step_budget`, our stabiliser for long sequences; the chunk's spent matrix is
+carried in the state).
 
 Persistent memory (Titans §3.3): N_p learned tokens per attention layer, in the
 attention's input space, projected by its own W_k, W_v, without RoPE, and visible to every
@@ -37,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import ModelConfig
-from memory import NeuralMemory, chunk_pieces
+from memory import NeuralMemory, chunk_pieces, chunk_step_budget
 from model import CausalDepthwiseConv, RMSNorm, at_least_fp32, attention_mask, causal_attention, extend_kv_cache, project_qkv
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
@@ -60,7 +63,8 @@ class LongTermMemory(nn.Module):
 
     q, k, v = SiLU(conv(W x)) per head, q and k L2-normalised; gates per token and head;
     NeuralMemory (GD with momentum, Titans Eq. 13-14) updated with (k_t, v_t) and read
-    with q_t after the write. State: {"conv": [q, k, v conv buffers], "memory": ...}.
+    with q_t after the write. State: {"conv": [q, k, v conv buffers], "memory": ...,
+    "spent": the step budget's P of the current chunk, or None}.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -73,6 +77,7 @@ class LongTermMemory(nn.Module):
         self.w_gates = nn.Linear(D, 3 * cfg.n_head, bias=True)     # theta, beta, forget logits
         self.theta_max, self.inner_lr_fixed = t.theta_max, t.inner_lr_fixed
         self.use_momentum, self.use_forget = t.momentum, t.weight_decay
+        self.step_budget = t.step_budget
         self.memory = NeuralMemory(cfg.n_head, self.head_dim, depth=t.memory_depth,
                                    expansion=t.memory_expansion, activation=t.activation,
                                    chunk_size=t.chunk_size, update_rule="momentum",
@@ -92,7 +97,7 @@ class LongTermMemory(nn.Module):
                 bias[row].fill_(self.GATE_BIAS[name])
 
     def initial_state(self, batch_size):
-        return {"conv": [None, None, None], "memory": self.memory.initial_state(batch_size)}
+        return {"conv": [None, None, None], "memory": self.memory.initial_state(batch_size), "spent": None}
 
     def _heads(self, x):
         return x.view(*x.shape[:2], self.n_head, self.head_dim)
@@ -123,8 +128,12 @@ class LongTermMemory(nn.Module):
         k = F.normalize(at_least_fp32(self._heads(F.silu(k))), dim=-1)
         v = at_least_fp32(self._heads(F.silu(v)))
         lr, alpha, beta = self.gates(x)
+        spent = None
+        if self.step_budget is not None:        # our stabiliser (memory.chunk_step_budget)
+            lr, spent = chunk_step_budget(k, lr, 1 - beta, state["spent"], state["memory"]["pos"],
+                                          self.memory.chunk_size, self.step_budget)
         y, memory_state = self.memory(q, k, v, lr, alpha, beta, state["memory"])
-        return y, {"conv": [conv_q, conv_k, conv_v], "memory": memory_state}
+        return y, {"conv": [conv_q, conv_k, conv_v], "memory": memory_state, "spent": spent}
 
     def kernel_paths(self, device):
         """{part: None if it runs fused on `device`, else why not} (model.kernel_report)."""

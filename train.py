@@ -172,10 +172,13 @@ def checkpoint_to_resume(t) -> str | None:
 
 
 # Sequences from this length on, with HOPE's inner-gradient clip above HOPE_MAX_LONG_CONTEXT_CLIP
-# (docs/FIDELITY.md, HOPE choice 12: tau 1.5 held, 2 did not) or Titans at head dim 64
-# (Titans choice 10), are where the memories' outer gradients were measured to explode
+# (docs/FIDELITY.md, HOPE choice 12: tau 1.5 held, 2 did not), or Titans at head dim 64 without
+# a step budget <= TITANS_MAX_STEP_BUDGET and a clip <= TITANS_MAX_LONG_CONTEXT_CLIP (Titans
+# choice 14: 0.5 and 1 held; budget 1, or the clip 10, did not once training moved the weights),
+# are where the memories' outer gradients were measured to explode
 LONG_CONTEXT = 1024
 HOPE_MAX_LONG_CONTEXT_CLIP = 1.5
+TITANS_MAX_STEP_BUDGET, TITANS_MAX_LONG_CONTEXT_CLIP = 0.5, 1.0
 
 
 def long_context_warning(cfg: Config) -> str | None:
@@ -184,11 +187,14 @@ def long_context_warning(cfg: Config) -> str | None:
     m, seq_len = cfg.model, cfg.train.seq_len
     if seq_len < LONG_CONTEXT:
         return None
-    head_dim = m.d_model // m.n_head
-    if m.arch == "titans" and head_dim >= 64:
-        return (f"warning: Titans at head dim {head_dim} and train.seq_len={seq_len}: the paper "
-                "configs' outer gradients were measured to explode at init (MAG and MAL from ~1K tokens, all four "
-                "variants at 4K), and no setting fixes it yet (docs/FIDELITY.md, Titans choice 10)")
+    t = m.titans
+    if m.arch == "titans" and t.inner_lr_fixed != 0 and m.d_model // m.n_head >= 64 and (
+            t.step_budget is None or t.step_budget > TITANS_MAX_STEP_BUDGET
+            or t.max_grad_norm is None or t.max_grad_norm > TITANS_MAX_LONG_CONTEXT_CLIP):
+        return (f"warning: model.titans.step_budget={t.step_budget} and max_grad_norm={t.max_grad_norm} at "
+                f"train.seq_len={seq_len}: Titans' outer gradients were measured to explode at head dim 64 from "
+                f"~{LONG_CONTEXT} tokens unless step_budget <= {TITANS_MAX_STEP_BUDGET} and max_grad_norm <= "
+                f"{TITANS_MAX_LONG_CONTEXT_CLIP} (the paper configs' values; docs/FIDELITY.md, Titans choice 14)")
     clip = m.hope.max_grad_norm
     if m.arch == "hope" and m.hope.inner_lr_fixed != 0 and (clip is None or clip > HOPE_MAX_LONG_CONTEXT_CLIP):
         return (f"warning: model.hope.max_grad_norm={clip} at train.seq_len={seq_len}: "

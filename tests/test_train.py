@@ -191,9 +191,10 @@ def _fails_and_keeps(root, argv, message, capsys):
 
 def test_long_context_warning_where_memories_explode():
     """HOPE above an inner clip of 1.5 on sequences of 1K+ tokens (docs/FIDELITY.md, HOPE
-    choice 12), and Titans at head dim 64 on 1K+ tokens (Titans choice 10, open), get one
-    warning line at start-up; HOPE's paper configs (clip 1.0), the tiny configs at their 128
-    tokens, a HOPE without writes and other archs get none."""
+    choice 12), and Titans at head dim 64 on 1K+ tokens with a step budget above 0.5 or an
+    inner clip above 1 (or none; Titans choice 14), get one warning line at start-up; the
+    paper configs (HOPE clip 1.0, Titans budget 0.5 and clip 1.0), the tiny configs at their
+    128 tokens, memories without writes and other archs get none."""
     from config import load_config
     from train import long_context_warning
 
@@ -209,10 +210,18 @@ def test_long_context_warning_where_memories_explode():
     assert warning("hope_tiny.yaml", *long, "--model.hope.inner_lr_fixed=0") is None
     assert warning("hope_tiny.yaml", "--train.seq_len=1023", "--model.max_seq_len=1023") is None
     assert warning("transformer_tiny.yaml", *long) is None
-    # Titans: measured at head dim 64 (open, FIDELITY Titans 10); the tiny head dim 32 held
-    assert warning("titans_mag_760m.yaml").startswith("warning: Titans at head dim 64 and train.seq_len=4096")
+    # Titans: measured at head dim 64 (FIDELITY Titans 14); the tiny head dim 32 held
+    assert warning("titans_mag_760m.yaml") is None and warning("titans_lmm_1.3b.yaml") is None
+    assert warning("titans_mag_760m.yaml", "--model.titans.step_budget=1").startswith(
+        "warning: model.titans.step_budget=1.0 and max_grad_norm=1.0 at train.seq_len=4096: Titans' outer "
+        "gradients were measured")
+    assert warning("titans_mac_340m.yaml", "--model.titans.step_budget=null") is not None
+    assert warning("titans_mac_340m.yaml", "--model.titans.max_grad_norm=10") is not None
+    assert warning("titans_mac_340m.yaml", "--model.titans.max_grad_norm=null") is not None
+    assert warning("titans_mac_340m.yaml", "--model.titans.step_budget=0.25", "--model.titans.max_grad_norm=0.5") is None
+    assert warning("titans_mac_340m.yaml", "--model.titans.step_budget=null", "--model.titans.inner_lr_fixed=0") is None
     assert warning("titans_lmm_tiny.yaml", *long) is None
-    assert warning("titans_mal_760m.yaml", "--train.seq_len=512") is None
+    assert warning("titans_mal_760m.yaml", "--train.seq_len=512", "--model.titans.step_budget=null") is None
 
 
 def test_bad_out_dir_and_resume_lose_nothing(corpus, tmp_path, capsys):
