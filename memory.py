@@ -113,9 +113,14 @@ def chunk_step_budget(k, lr, keep, spent, pos: int, chunk_size: int, budget: flo
     k [B, T, H, d] unit-norm keys; lr, keep [B, T, H]; `spent` [B, H, d, d] is P of the chunk
     that position `pos` lies in (None = nothing spent yet). Returns (lr' [B, T, H], P after
     the last token, None on a chunk boundary)."""
-    B, T, H, d = k.shape
-    if T == 0:
+    if k.shape[1] == 0:
         return lr, spent
+    with _no_autocast(k):          # fp32 like the memory itself (a bf16 overlap would round the caps)
+        return _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget)
+
+
+def _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget):
+    B, T, H, d = k.shape
     C, head = chunk_size, pos % chunk_size
     n = -(-(head + T) // C)
     tail = n * C - head - T

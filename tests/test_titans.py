@@ -156,6 +156,9 @@ def test_bad_titans_settings_raise_clear_errors():
         tiny("mag", theta_max=0.0)
     with pytest.raises(ConfigError, match="variant"):
         load_config(None, ["--model.arch=titans", "--model.titans.variant=xyz"])
+    for bad in ("0", "-1", "abc"):
+        with pytest.raises(ConfigError, match="model.titans.step_budget must be"):
+            load_config(None, ["--model.arch=titans", f"--model.titans.step_budget={bad}"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -593,6 +596,18 @@ def test_step_budget_caps_a_repeated_key_and_keeps_distinct_ones():
     new, spent = chunk_step_budget(eye, small, keep[:, :16], None, 0, 16, 0.5)
     torch.testing.assert_close(new, small, rtol=0, atol=0)
 
+
+
+def test_step_budget_is_float32_under_bf16_autocast():
+    """Under bf16 autocast (train.py on CUDA) the caps are computed in float32, like the
+    memory: the same lr' as without autocast."""
+    from memory import chunk_step_budget
+    k, lr, keep = (t.float() for t in budget_inputs(37))
+    want, _ = chunk_step_budget(k, lr, keep, None, 0, 8, 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = chunk_step_budget(k, lr, keep, None, 0, 8, 0.5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_step_budget_keeps_streaming_exact_and_causal(variant):
