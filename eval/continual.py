@@ -302,12 +302,17 @@ def _adamw(model, settings):
     return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
 
 
-def _step(model, optimizer, loss):
-    """One optimiser step on `loss`, the gradient norm clipped to 1."""
+def _step(model, optimizer, loss) -> bool:
+    """One optimiser step on `loss`, the gradient norm clipped to 1. A non-finite loss or
+    gradient norm is not applied, as train.py and eval.babilong's fine-tune skip it (clipping
+    by a NaN norm would make every weight NaN). Returns whether the step was applied."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if not (torch.isfinite(loss) and torch.isfinite(norm)):
+        return False
     optimizer.step()
+    return True
 
 
 def _label_target_example(tokenizer, text, label):
@@ -318,15 +323,16 @@ def _label_target_example(tokenizer, text, label):
     return ids[:-1], targets
 
 
-def finetune_on(model, tokenizer, examples, steps: int, settings: IntentSettings, device, rng) -> list[float]:
-    """AdamW on `examples` (label-token loss), `steps` steps of batch_size sampled examples."""
+def finetune_on(model, tokenizer, examples, steps: int, settings: IntentSettings, device, rng) -> tuple:
+    """AdamW on `examples` (label-token loss), `steps` steps of batch_size sampled examples
+    -> (the steps' losses, how many steps were skipped as non-finite)."""
     if steps < 1:
-        return []
+        return [], 0
     if not examples:
         raise ValueError("no training examples")
     optimizer = _adamw(model, settings)
     model.train()
-    losses = []
+    losses, skipped = [], 0
     for _ in range(steps):
         batch = [_label_target_example(tokenizer, *rng.choice(examples)) for _ in range(settings.batch_size)]
         width = max(len(ids) for ids, _ in batch)
@@ -336,10 +342,10 @@ def finetune_on(model, tokenizer, examples, steps: int, settings: IntentSettings
             x[b, :len(ids)] = torch.tensor(ids)
             y[b, :len(targets)] = torch.tensor(targets)
         _, loss, _ = model(x.to(device), targets=y.to(device))
-        _step(model, optimizer, loss)
+        skipped += not _step(model, optimizer, loss)
         losses.append(loss.item())
     model.eval()
-    return losses
+    return losses, skipped
 
 
 def _seen_labels(tasks, i):
@@ -360,18 +366,20 @@ def run_arm(arm: str, model, tokenizer, tasks, settings: IntentSettings, device=
     R = [[None] * T for _ in range(T)]
     kw = {"batch_size": settings.eval_batch_size, "segment_len": settings.segment_len, "device": device}
     started = time.time()
-    train_losses = []
+    train_losses, skipped = [], 0
     if arm in ("sequential", "joint"):
         model = copy.deepcopy(model)
     if arm == "joint":
         everything = [ex for task in tasks for ex in task["train"]]
-        train_losses = finetune_on(model, tokenizer, everything, settings.steps_per_task * T, settings, device, rng)
+        train_losses, skipped = finetune_on(model, tokenizer, everything, settings.steps_per_task * T, settings,
+                                            device, rng)
     state = None
     with eval_mode(model):
         for i, task in enumerate(tasks):
             if arm == "sequential":
-                train_losses += finetune_on(model, tokenizer, task["train"], settings.steps_per_task, settings,
-                                            device, rng)
+                losses, n_skipped = finetune_on(model, tokenizer, task["train"], settings.steps_per_task, settings,
+                                                device, rng)
+                train_losses, skipped = train_losses + losses, skipped + n_skipped
             elif arm == "icl":
                 state = _icl_state(model, tokenizer, tasks[:i + 1], settings, rng, device)
             elif arm == "in_context_memory":
@@ -383,6 +391,7 @@ def run_arm(arm: str, model, tokenizer, tasks, settings: IntentSettings, device=
               "seconds": time.time() - started}
     if train_losses:
         result["train_loss_first"], result["train_loss_last"] = train_losses[0], train_losses[-1]
+        result["skipped_steps"] = skipped          # non-finite loss or gradient, not applied
     return result
 
 
@@ -546,7 +555,7 @@ def run_domains(model, tokenizer, domains, settings: DomainSettings | None = Non
     started = time.time()
     initial = score()
     optimizer = _adamw(model, settings)
-    L, train_loss = [], []
+    L, train_loss, skipped = [], [], 0
     for i, d in enumerate(domains):
         model.train()
         ids = train_ids[i]
@@ -554,7 +563,7 @@ def run_domains(model, tokenizer, domains, settings: DomainSettings | None = Non
             starts = [rng.randrange(len(ids) - settings.seq_len) for _ in range(settings.batch_size)]
             batch = torch.stack([ids[s:s + settings.seq_len + 1] for s in starts]).to(device)
             _, loss, _ = model(batch[:, :-1], targets=batch[:, 1:])
-            _step(model, optimizer, loss)
+            skipped += not _step(model, optimizer, loss)
         train_loss.append(loss.item() if settings.steps_per_domain else None)
         L.append(score())
         if log:
@@ -563,7 +572,8 @@ def run_domains(model, tokenizer, domains, settings: DomainSettings | None = Non
     return {"protocol": "sequential-domain language modelling", "domains": [d["name"] for d in domains],
             "settings": asdict(settings), "loss": L, "perplexity": [[math.exp(v) for v in row] for row in L],
             "initial_loss": initial, "initial_perplexity": [math.exp(v) for v in initial],
-            "final_train_loss": train_loss, **domain_metrics(L), "seconds": time.time() - started}
+            "final_train_loss": train_loss, "skipped_steps": skipped, **domain_metrics(L),
+            "seconds": time.time() - started}
 
 
 # -----------------------------------------------------------------------------

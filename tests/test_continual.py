@@ -158,8 +158,30 @@ def test_every_arm_runs_and_fills_the_lower_triangle(arch, arms, tiny_tasks):
         assert r["BWT"] == pytest.approx(R[1][0] - R[0][0])
     if "sequential" in arms:
         assert "train_loss_last" in results["arms"]["sequential"] and "train_loss_last" in results["arms"]["joint"]
+        assert results["arms"]["sequential"]["skipped_steps"] == results["arms"]["joint"]["skipped_steps"] == 0
     for k, v in model.state_dict().items():       # training arms work on a copy
         assert torch.equal(v, before[k]), k
+
+
+def test_non_finite_fine_tuning_steps_are_skipped_and_counted(tiny_tasks):
+    """Every second step's loss is NaN: those 2 of 4 steps are not applied and are counted
+    (as train.py and eval.babilong's fine-tune); the other 2 still train, and no weight turns
+    NaN. Kills stepping on a NaN gradient (clipping by a NaN norm makes every weight NaN)."""
+    torch.manual_seed(0)
+    model, tok = build_model({**TINY, "arch": "transformer"}), ByteTokenizer()
+    before = [p.detach().clone() for p in model.parameters()]
+    forward, calls = model.forward, []
+
+    def every_second_loss_nan(*args, **kwargs):
+        logits, loss, state = forward(*args, **kwargs)
+        calls.append(1)
+        return logits, loss * float("nan") if len(calls) % 2 == 0 else loss, state
+    model.forward = every_second_loss_nan
+    settings = cl.IntentSettings(steps_per_task=4, batch_size=2, lr=1e-3)
+    losses, skipped = cl.finetune_on(model, tok, tiny_tasks[0]["train"], 4, settings, "cpu", random.Random(0))
+    assert skipped == 2 and len(losses) == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_sequential_finetuning_learns_the_task():
@@ -196,6 +218,7 @@ def test_domains_protocol_shows_forgetting_on_tiny_texts():
     assert L[1][0] > L[0][0]                             # training on cd raised ab's loss
     assert r["BWT_loss"] > 0 and r["forgetting"][0] > 0
     assert r["perplexity"][1][1] == pytest.approx(math.exp(L[1][1]))
+    assert r["skipped_steps"] == 0
 
 
 @pytest.mark.parametrize("name", cl.DOMAINS)
@@ -463,7 +486,7 @@ def test_joint_arm_trains_steps_per_task_times_tasks_on_every_example(monkeypatc
     of one task."""
     calls = []
     monkeypatch.setattr(cl, "finetune_on", lambda model, tok, examples, steps, *rest: calls.append(
-        (len(examples), steps)) or [])
+        (len(examples), steps)) or ([], 0))
     cl.run_arm("joint", CopyModel(), ByteTokenizer(), tiny_tasks, cl.IntentSettings(steps_per_task=3))
     assert calls == [(sum(len(t["train"]) for t in tiny_tasks), 3 * len(tiny_tasks))]
 
