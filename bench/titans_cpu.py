@@ -2,7 +2,7 @@
 
     python bench/titans_cpu.py [--T 1024] [--batch 1] [--d-model 256] [--n-layer 4]
                                [--n-head 4] [--vocab 512] [--chunk 16] [--depth 2]
-                               [--steps 3] [--threads N]
+                               [--step-budget B] [--steps 3] [--threads N]
 
 One training step = forward + backward + AdamW on random tokens (fp32, eager). The
 Transformer++ gets the same d_model, heads and vocabulary, and as many layers as brings
@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import add_model_shape_args, report_error, result_footer  # noqa: E402
 from bench.step import make_train_step, median_seconds  # noqa: E402
-from cli import OneLineArgumentParser, positive_int  # noqa: E402
+from cli import OneLineArgumentParser, positive_float, positive_int  # noqa: E402
 from model import build_model  # noqa: E402
 
 
@@ -39,6 +39,8 @@ def main(argv=None):
     add_model_shape_args(p, d_model=256, n_layer=4, n_head=4, vocab=512)
     p.add_argument("--chunk", type=positive_int, default=16, help="Titans memory chunk size C")
     p.add_argument("--depth", type=int, choices=(1, 2), default=2, help="memory depth")
+    p.add_argument("--step-budget", type=positive_float, default=None,
+                   help="model.titans.step_budget (default: none, the paper's update)")
     p.add_argument("--steps", type=positive_int, default=3)
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
@@ -54,7 +56,7 @@ def main(argv=None):
     try:    # a shape the models cannot be built with: one line (ConfigError is a ValueError)
         titans = build_model({**common, "arch": "titans", "n_layer": args.n_layer,
                               "titans": {"variant": "lmm", "chunk_size": args.chunk,
-                                         "memory_depth": args.depth}})
+                                         "memory_depth": args.depth, "step_budget": args.step_budget}})
         candidates = [build_model({**common, "arch": "transformer", "n_layer": n})
                       for n in range(max(1, args.n_layer - 2), args.n_layer + 3)]
     except ValueError as e:
@@ -73,7 +75,8 @@ def main(argv=None):
     print(f"Titans-LMM / Transformer++ step time: {rows[1][3] / rows[0][3]:.2f}x")
     print(result_footer("titans_cpu.py", sys.argv[1:] if argv is None else argv))
     print(f"settings: T={args.T} batch={args.batch} d_model={args.d_model} heads={args.n_head} "
-          f"vocab={args.vocab} memory depth={args.depth} chunk={args.chunk}, fp32 eager")
+          f"vocab={args.vocab} memory depth={args.depth} chunk={args.chunk} step budget={args.step_budget}, "
+          "fp32 eager")
     return 0
 
 

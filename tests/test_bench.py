@@ -27,6 +27,7 @@ BAD_FLAGS = [
     (hope_cpu.main, ["--d-model", "0"], "argument --d-model: must be >= 1, got 0"),
     (titans_cpu.main, ["--chunk", "0"], "argument --chunk: must be >= 1, got 0"),
     (titans_cpu.main, ["--threads", "1.5"], "argument --threads: expected an integer >= 1, got '1.5'"),
+    (titans_cpu.main, ["--step-budget", "0"], "argument --step-budget: must be > 0, got 0"),
     (kernels_cpu.main, ["--ref-repeats", "0"], "argument --ref-repeats: must be >= 1, got 0"),
     (_kernels_main, ["--T", "16", "-3"], "argument --T: must be >= 1, got -3"),
     (_kernels_main, ["--mem-chunk", "0"], "argument --mem-chunk: must be >= 1, got 0"),
@@ -136,7 +137,7 @@ def test_titans_cpu_tiny_run(capsys):
     rows = [r.split() for r in out.splitlines() if r.startswith(("Transformer++ ", "Titans-LMM "))]
     assert [r[0] for r in rows[:2]] == ["Transformer++", "Titans-LMM"] and all(float(r[4]) > 0 for r in rows[:2])
     assert re.search(r"Titans-LMM / Transformer\+\+ step time: \d+\.\d\dx", out)
-    assert "settings: T=20 batch=1 d_model=32 heads=2 vocab=64 memory depth=1 chunk=8, fp32 eager" in out
+    assert "settings: T=20 batch=1 d_model=32 heads=2 vocab=64 memory depth=1 chunk=8 step budget=None, fp32 eager" in out
     _footer_ok(out, "titans_cpu.py", argv)
 
 
