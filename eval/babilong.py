@@ -55,10 +55,10 @@ import torch.nn.functional as F
 from cli import (OneLineArgumentParser, check_output_file, non_negative_float, non_negative_int,
                  positive_float, positive_int, read_text, seed_int, write_atomic)
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
-from eval.common import (bf16_autocast, check_checkpoint_out, check_data_dir, check_long_inputs, context_handling,
-                         context_limit, continuation_logprob, default_data_dir, eval_mode, exit_on_error, first_line,
-                         fit_prompt, format_accuracy, greedy_generate, load_checkpoint, load_for_generation,
-                         mean_over_scored, model_device, prefill, require_data_dir)
+from eval.common import (bf16_autocast, check_checkpoint_out, check_data_dir, check_long_inputs, clipped_step,
+                         context_handling, context_limit, continuation_logprob, default_data_dir, eval_mode,
+                         exit_on_error, first_line, fit_prompt, format_accuracy, greedy_generate, load_checkpoint,
+                         load_for_generation, mean_over_scored, model_device, prefill, require_data_dir)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 PROMPT_RESERVE = 300            # create_tasks.py: every length minus 300 tokens for the prompt
@@ -772,16 +772,9 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
                 loss.backward()
                 total_loss += loss.item()
                 n_answer_tokens += sum(t != -1 for t in targets)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                             grad_clip if grad_clip > 0 else math.inf))
-            # a non-finite loss or gradient (a long input can overflow a recurrent model's
-            # backward) is not applied, as train.py skips it: clipping by a NaN norm would make
-            # every weight NaN
-            skip = not (math.isfinite(total_loss) and math.isfinite(grad_norm))
-            if skip:
-                skipped += 1
-            else:
-                optimizer.step()
+            grad_norm, applied = clipped_step(model, optimizer, total_loss, grad_clip)
+            skip = not applied
+            skipped += skip
             entry = {"step": step + 1, "length": length, "loss": total_loss, "answer_tokens": n_answer_tokens,
                      "grad_norm": grad_norm, "skipped": skip}
             log.write(json.dumps(entry) + "\n")

@@ -12,6 +12,7 @@ the functions that use it, so a CLI that only plans (eval.reproduce) starts with
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -225,6 +226,19 @@ def eval_mode(model):
         yield model
     finally:
         model.train(was_training)
+
+
+def clipped_step(model, optimizer, loss: float, max_norm: float) -> tuple:
+    """The fine-tuning step of the evals: clip the gradient norm to max_norm (<= 0: no clip)
+    and step, unless the loss or the gradient norm is not finite. Such a step is not applied,
+    as train.py skips it: a long input can overflow a recurrent model's backward, and
+    clipping by a NaN norm would make every weight NaN. -> (gradient norm, whether applied)."""
+    import torch
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return grad_norm, False
+    optimizer.step()
+    return grad_norm, True
 
 
 def load_checkpoint(path: str, device: str = "auto") -> tuple:

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from cli import (OneLineArgumentParser, check_output_dir, non_negative_int, positive_float, positive_int,
                  read_text, seed_int)
-from eval.common import (check_data_dir, clone_state, continuation_logprob, eval_mode, exit_on_error,
+from eval.common import (check_data_dir, clipped_step, clone_state, continuation_logprob, eval_mode, exit_on_error,
                          is_recurrent, load_checkpoint, model_device, prefill, require_data_dir)
 from eval.perplexity import encode_pair, loglikelihood_tokens
 
@@ -303,16 +303,11 @@ def _adamw(model, settings):
 
 
 def _step(model, optimizer, loss) -> bool:
-    """One optimiser step on `loss`, the gradient norm clipped to 1. A non-finite loss or
-    gradient norm is not applied, as train.py and eval.babilong's fine-tune skip it (clipping
-    by a NaN norm would make every weight NaN). Returns whether the step was applied."""
+    """One optimiser step on `loss`, the gradient norm clipped to 1; a non-finite loss or
+    gradient norm is not applied (eval.common.clipped_step). Returns whether it was applied."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    if not (torch.isfinite(loss) and torch.isfinite(norm)):
-        return False
-    optimizer.step()
-    return True
+    return clipped_step(model, optimizer, loss.item(), 1.0)[1]
 
 
 def _label_target_example(tokenizer, text, label):
