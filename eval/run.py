@@ -25,7 +25,7 @@ Suites (every setting is in SUITES below and copied into results.json):
          (python -m eval.babilong finetune; evals.md §1.6).
 
 During training, `run_during_training(model, tokenizer, names, device, ...)` returns flat
-metrics (names from DURING_TRAINING) for metrics.jsonl / wandb.
+metrics (names from config.DURING_TRAINING_EVALS) for metrics.jsonl / wandb.
 """
 from __future__ import annotations
 
@@ -76,10 +76,6 @@ SUITES = {
         },
     },
 }
-
-# the evals train.py may run at its eval steps (run_during_training): a section with the quick
-# suite's settings ("perplexity": with 50 LAMBADA passages)
-DURING_TRAINING = DURING_TRAINING_EVALS    # config.py checks eval.during_training against it
 
 
 # -----------------------------------------------------------------------------
@@ -392,16 +388,17 @@ def run_during_training(model, tokenizer, names, device=None, seq_len: int = 256
                         gpt2=None) -> dict:
     """Cheap evals for train.py's eval steps -> flat {metric name: float} for metrics.jsonl.
 
-    names from DURING_TRAINING:
+    names from config.DURING_TRAINING_EVALS (config.py checks eval.during_training against it;
+    this check is for direct callers):
       perplexity       WikiText word ppl (1 article) and LAMBADA ppl/acc (50 passages)
       babilong_quick   BABILong qa1-qa2 at 0k/1k, 3 samples: mean official and label-ranking
                        accuracy per length
       niah_quick       S-NIAH pass-key at 1k, 2 samples: accuracy and ranking accuracy
       continual_quick  the icl and in_context_memory arms on CLINC 2 x 3 (no training): ACC, BWT
     The model's train/eval mode is restored; no parameter changes."""
-    bad = [n for n in names if n not in DURING_TRAINING]
+    bad = [n for n in names if n not in DURING_TRAINING_EVALS]
     if bad:
-        raise ValueError(f"unknown during-training eval(s) {bad}; choose from {', '.join(DURING_TRAINING)}")
+        raise ValueError(f"unknown during-training eval(s) {bad}; choose from {', '.join(DURING_TRAINING_EVALS)}")
     device = device or model_device(model)
     quick = SUITES["quick"]
     metrics = {}

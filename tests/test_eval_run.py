@@ -152,7 +152,7 @@ def test_run_during_training_flattens_each_metric_under_its_own_name(monkeypatch
         "accuracy": {"niah_single_1": {"1k": 0.5}}, "ranking_accuracy": {"niah_single_1": {"1k": 1.0}}})
     monkeypatch.setattr(run, "continual_section", lambda *a, **kw: {"intents": {"clinc": {"arms": {
         "icl": {"ACC": 0.4, "BWT": -0.1, "average_incremental_accuracy": 0.6}}}}})
-    metrics = run.run_during_training(object(), None, list(run.DURING_TRAINING), device="cpu", gpt2=object())
+    metrics = run.run_during_training(object(), None, list(run.DURING_TRAINING_EVALS), device="cpu", gpt2=object())
     assert metrics == {"wikitext_word_ppl": 31.0, "lambada_ppl": 12.0, "lambada_acc": 0.3,
                        "babilong_official_0k": 0.5, "babilong_official_1k": 0.25,
                        "babilong_label_ranking_0k": 0.75, "babilong_label_ranking_1k": 0.125,
