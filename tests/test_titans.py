@@ -612,11 +612,12 @@ def test_step_budget_is_float32_under_bf16_autocast():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_step_budget_keeps_streaming_exact_and_causal(variant):
     """With a budget that binds (0.05) the mixers stream exactly in segments that split
-    chunks (the spent matrix is carried in the state) and stay causal, and the budget
-    changes the outputs."""
+    chunks (the spent matrix is carried in the state), generate token by token as the full
+    forward does, and stay causal; and the budget changes the outputs."""
     m = tiny(variant, step_budget=0.05)
     idx = torch.randint(0, V, (2, 23), generator=torch.Generator().manual_seed(0))
     assert_streaming_matches(m, idx, [(0, 5), (5, 6), (6, 17), (17, 23)], 1e-5)
+    assert_cached_generation_matches(m, idx[:, :7], 11)
     other = idx.clone()
     other[:, 9] = (idx[:, 9] + 1) % V
     with torch.no_grad():
