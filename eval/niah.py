@@ -234,7 +234,9 @@ def score_descriptions(n_distractors: int) -> dict:
 
 def run(args) -> dict:
     tasks = [parse_task(t) for t in args.tasks.split(",") if t.strip()]
-    lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
+    lengths = [x.strip() for x in args.lengths.split(",") if x.strip()]    # results are keyed by
+    for label in lengths:                         # these labels, as in eval.run and eval.babilong
+        parse_length(label)
     if not tasks or not lengths:
         raise ValueError("--tasks and --lengths must name at least one task and one length")
     check_data_dir(args.data_dir)
@@ -256,12 +258,11 @@ def run(args) -> dict:
     for (task, length), samples in cells.items():
         r = evaluate_niah(model, tokenizer, samples, max_len=max_len, segment_len=args.segment_len, device=device,
                           max_new_tokens=args.max_new_tokens, overflow=args.overflow)
-        key = str(length)
-        results["accuracy"].setdefault(task, {})[key] = r["accuracy"]
-        results["ranking_accuracy"].setdefault(task, {})[key] = r["ranking_accuracy"]
-        results["by_depth"].setdefault(task, {})[key] = _by_depth(r["records"])
-        results["counts"].setdefault(task, {})[key] = {k: r[k] for k in ("n", "n_scored", "n_truncated",
-                                                                         "n_skipped", "seconds")}
+        results["accuracy"].setdefault(task, {})[length] = r["accuracy"]
+        results["ranking_accuracy"].setdefault(task, {})[length] = r["ranking_accuracy"]
+        results["by_depth"].setdefault(task, {})[length] = _by_depth(r["records"])
+        results["counts"].setdefault(task, {})[length] = {k: r[k] for k in ("n", "n_scored", "n_truncated",
+                                                                            "n_skipped", "seconds")}
         print(f"{task} {length:>6}  accuracy {format_accuracy(r['accuracy'])}  "
               f"ranking {format_accuracy(r['ranking_accuracy'])}  "
               f"(n={r['n_scored']}, truncated {r['n_truncated']}, skipped {r['n_skipped']})")

@@ -75,12 +75,13 @@ def test_cli_writes_accuracy_json(tmp_path, monkeypatch, capsys):
     save_tiny_checkpoint(tmp_path / "ckpt")
     monkeypatch.setenv("NL_DATA_DIR", SHARED_DATA)
     out = str(tmp_path / "niah")
-    main(["--checkpoint", str(tmp_path / "ckpt"), "--tasks", "1,3", "--lengths", "512", "--samples", "2",
+    main(["--checkpoint", str(tmp_path / "ckpt"), "--tasks", "1,3", "--lengths", "512,1k", "--samples", "2",
           "--depths", "0,1", "--max-new-tokens", "4", "--device", "cpu", "--out", out])
     with open(os.path.join(out, "niah.json")) as f:
         results = json.load(f)
     assert set(results["accuracy"]) == {"niah_single_1", "niah_single_3"}
-    assert 0 <= results["ranking_accuracy"]["niah_single_3"]["512"] <= 1
+    assert set(results["accuracy"]["niah_single_1"]) == {"512", "1k"}     # the labels, as eval.run keys them
+    assert 0 <= results["ranking_accuracy"]["niah_single_3"]["1k"] <= 1
     assert set(results["by_depth"]["niah_single_1"]["512"]) == {"0.0", "1.0"}
     assert results["counts"]["niah_single_1"]["512"]["n_truncated"] == 2     # 512 GPT-2 tokens > 256 bytes
     assert results["context_handling"] == \
