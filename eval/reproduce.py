@@ -388,7 +388,8 @@ def lm_metrics(run_path: str) -> dict:
 
 
 def _niah_cell(accuracy: dict, task: int, length: str):
-    """eval.run labels lengths '4k'; eval.niah writes token counts ('4096')."""
+    """Lengths are labelled '4k' (eval.run, and eval.niah since 2026-11-27); niah.json files
+    written before then keyed them by token count ('4096'), which is still read."""
     cells = _table(_table(accuracy, "accuracy").get(f"niah_single_{task}"), f"niah_single_{task}")
     tokens = str(int(length[:-1]) * 1024)
     value = cells.get(length, cells.get(tokens))

@@ -198,7 +198,7 @@ def test_markdown_niah_babilong_continual(tmp_path):
     _write(os.path.join(root, "runs", "hope_760m-50b", "eval", "niah", "results.json"),
            {"niah": {"accuracy": {"niah_single_1": {"4k": 1.0, "8k": 0.9}, "niah_single_3": {"16k": 0.25}}}})
     _write(os.path.join(root, "runs", "titans_mac_760m", "eval", "niah_titans", "niah.json"),
-           {"accuracy": {"niah_single_1": {"2048": 0.99}, "niah_single_2": {"16384": 0.5}}})
+           {"accuracy": {"niah_single_1": {"2k": 0.99}, "niah_single_2": {"16384": 0.5}}})   # label; old key
     md = rp.markdown("nl_niah", root)
     hope = _cells(md, "Hope", "50B tokens")
     assert hope[3:5] == ["100.0 / 100.0", "90.0 / 100.0"] and hope[11] == "25.0 / 24.8" and hope[6] == "— / 99.2"
