@@ -575,14 +575,22 @@ def _zero_shot_main(argv):
         return run_zero_shot(args.checkpoint, args.out, args.device, args.limit, args.batch_size)
 
 
+def _join_train_args(argv: list[str]) -> list[str]:
+    """`--train-args "--train.compile=true"` -> `--train-args=--train.compile=true`: argparse
+    takes a lone value that starts with "--" for a flag ("expected one argument"); joined to
+    its flag with "=" it is the value."""
+    joined, rest = [], iter(argv)
+    for arg in rest:
+        value = next(rest, None) if arg == "--train-args" else None
+        joined.append(arg if value is None else f"{arg}={value}")
+    return joined
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["zeroshot"]:
         return _zero_shot_main(argv[1:])
-    # `--train-args "--train.compile=true"`: argparse takes a lone value that starts with "--"
-    # for a flag ("expected one argument"); joined as --train-args=VALUE it is the value
-    argv = [f"{a}={argv[i + 1]}" if a == "--train-args" and i + 1 < len(argv) else a
-            for i, a in enumerate(argv) if not (i > 0 and argv[i - 1] == "--train-args")]
+    argv = _join_train_args(argv)
     parser = OneLineArgumentParser(prog="python -m eval.reproduce",
                                    description="Commands and side-by-side tables for the papers' results.")
     parser.add_argument("table", help=" | ".join(TABLES) + " (or: zeroshot --checkpoint DIR --out DIR)")
