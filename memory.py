@@ -137,9 +137,10 @@ def _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget):
     if spent is not None:
         first = torch.einsum("bchi,bhij,bchj->bhc", kc[:, 0], spent, kc[:, 0])
         used = torch.cat([first.unsqueeze(1), used[:, 1:]], 1)
+    wanted = lrc / keepc                                                # the uncapped steps
     steps = []
     for j in range(C):
-        e = torch.minimum(lrc[:, :, j] / keepc[:, :, j], F.relu(budget - used[..., j]))
+        e = torch.minimum(wanted[:, :, j], F.relu(budget - used[..., j]))
         used = used + e.unsqueeze(-1) * overlap[..., j]
         steps.append(e)
     e = torch.stack(steps, 2)                                           # [B, n, C, H]
