@@ -55,6 +55,8 @@ read at the chunk-start weights before any memory is updated, with different chu
     chunk_pieces(pos, T, *chunk_sizes)   split [0, T) at absolute chunk boundaries
     mem.read(weights, x)                 M(x) with given per-sequence weights
     mem.update_piece(q, k, v, lr, alpha, beta, state)   one piece inside one chunk
+and a gate transform for long sequences (Titans' `model.titans.step_budget`):
+    chunk_step_budget(k, lr, 1 - beta, spent, pos, C, budget)   cap each chunk's summed step per key
 """
 from __future__ import annotations
 
