@@ -183,7 +183,8 @@ class HopeConfig:
     adaptive_v: bool = True          # False: v = W_v x~
     adaptive_q: bool = False         # NL §8.1: "q_t = x_t W_q is the only non-adaptive projection";
                                      # True: q = L2norm(M_q(x~)), a memory too
-    conv_size: int = 4               # causal depthwise conv on W_in x (NL §8.3 "window size of 4"); 0 or 1 = off
+    conv_size: int = 4               # causal depthwise conv on W_in x (NL §8.3 "window size of 4"); 0 = off
+                                     # (1: a learned per-channel scale, as model.titans.conv_size)
     cms: bool = True                 # False: a SwiGLU FFN instead of the CMS chain ("w/o CMS")
     detach_targets: bool = False     # stop outer gradients through the self-generated targets
     detach_chunks_older_than: int = 0  # >0: truncated backprop through the inner loops (memory.py)

@@ -45,7 +45,7 @@ memory), adaptive_q, inner_lr_fixed (eta_t = constant, no M_eta; 0 = no writes, 
 retention the data-dependent decay alpha_t still passes context on: docs/FIDELITY.md).
 
 State (`None` = start of a sequence; fast weights are per sequence):
-    {"conv": [B, conv_size-1, D] last inputs of the conv (None if conv_size <= 1),
+    {"conv": [B, conv_size-1, D] last inputs of the conv (None if conv_size is 0),
      "projections": the stacked projection memories' state (None if there are none),
      "memory": M_mem's state, "pos": tokens consumed}
 """
@@ -101,7 +101,7 @@ class SelfModifyingTitans(nn.Module):
                                 detach_chunks_older_than=hc.detach_chunks_older_than, backend=cfg.kernels)
 
         self.w_in = nn.Linear(D, D, bias=False)
-        self.conv = CausalDepthwiseConv(D, hc.conv_size) if hc.conv_size > 1 else None
+        self.conv = CausalDepthwiseConv(D, hc.conv_size) if hc.conv_size else None   # width 1: a per-channel scale
         # The projection memories present in this configuration, in stacking order.
         names = []
         if self.adaptive_k:

@@ -176,6 +176,22 @@ def test_model_streaming_and_generation(arch):
     assert_cached_generation_matches(m, idx[:, :6], 9)
 
 
+def test_conv_size_has_the_titans_meaning():
+    """model.hope.conv_size and model.titans.conv_size mean the same: 0 = no conv, w >= 1 a
+    causal depthwise conv of width w (1: a learned per-channel scale, which still streams
+    exactly). Kills HOPE treating 1 as off, as it once did while Titans did not."""
+    for conv_size, width in ((0, None), (1, 1), (4, 4)):
+        hope_conv = tiny_model(conv_size=conv_size).blocks[0].mixer.conv
+        torch.manual_seed(0)
+        titans = build_model({"arch": "titans", "vocab_size": 53, "n_layer": 1, "n_head": 2, "d_model": 16,
+                              "titans": {"conv_size": conv_size}})
+        titans_width = titans.blocks[0].mixer.memory.conv_k.width
+        assert (None if hope_conv is None else hope_conv.width) == width == (titans_width or None)
+    m = tiny_model(conv_size=1)
+    idx = torch.randint(0, 53, (2, 19), generator=torch.Generator().manual_seed(5))
+    assert_streaming_matches(m, idx, [(0, 7), (7, 8), (8, 13), (13, 19)], 1e-5)
+
+
 def test_causality():
     """Changing token t leaves every earlier output unchanged and changes later ones."""
     mixer = make_mixer(chunk_other=3, chunk_mem=5, adaptive_q=True)
