@@ -127,13 +127,12 @@ def _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget):
     n = -(-(head + T) // C)
     tail = n * C - head - T
 
-    def chunked(x):                        # [B, T, ...] -> [B, n, C, ...], aligned to chunks
+    def chunked(x, fill=0.0):              # [B, T, ...] -> [B, n, C, ...], aligned to chunks
         pad = [0, 0] * (x.dim() - 2) + [head, tail]
-        return F.pad(x, pad).view(B, n, C, *x.shape[2:])
+        return F.pad(x, pad, value=fill).view(B, n, C, *x.shape[2:])
 
-    kc, lrc = chunked(k), chunked(lr)
-    keepc = chunked(keep.clamp(min=1e-6))          # > 0: 1 - sigmoid rounds to 0 at large logits
-    keepc = torch.where(keepc > 0, keepc, torch.ones_like(keepc))       # padding: keep 1, lr 0
+    kc, lrc = chunked(k), chunked(lr)                                   # padding: lr 0, keep 1
+    keepc = chunked(keep.clamp(min=1e-6), fill=1.0)   # > 0: 1 - sigmoid rounds to 0 at large logits
     overlap = torch.einsum("bnihd,bnjhd->bnhij", kc, kc).pow(2)        # (k_i . k_j)^2
     used = lrc.new_zeros(B, n, H, C)                                   # k_j^T P k_j, j in the chunk
     if spent is not None:
