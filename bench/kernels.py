@@ -268,7 +268,7 @@ def bench_hope_stage1(args, device, rows):
         cfg = ModelConfig(d_model=args.H * d, n_head=args.H, kernels="triton",
                           hope=HopeConfig(chunk_other=C, chunk_mem=64, memory_expansion=1))
         mixer = SelfModifyingTitans(cfg).to(device)
-        oracle = SelfModifyingTitans(cfg).double()
+        oracle = SelfModifyingTitans(cfg).to(device).double()   # beside the outputs it checks
         oracle.load_state_dict(mixer.state_dict())
         oracle.projections.backend = "torch"
 
@@ -279,10 +279,9 @@ def bench_hope_stage1(args, device, rows):
             return outputs
         for T in args.T:
             g = torch.Generator().manual_seed(3)
-            x = {"x": torch.nn.functional.silu(torch.randn(args.B, T, args.H, d, generator=g))}  # x~
+            x = {"x": torch.nn.functional.silu(torch.randn(args.B, T, args.H, d, generator=g)).to(device)}  # x~
             with torch.no_grad():
                 ref = stage(oracle, args.B)(x["x"].double())
-            x = {n: t.to(device) for n, t in x.items()}
             ref_grads = {}       # once: both implementations draw the same cotangent
 
             def run(impl, backward):
