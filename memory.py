@@ -72,6 +72,12 @@ import kernels
 UPDATE_RULES = ("momentum", "dgd", "gd")
 ACTIVATIONS = ("silu", "gelu")
 
+# Update rules whose fused memory kernels (linear and MLP) gave wrong outputs on a GPU: the
+# momentum kernels, on an H200 with triton 3.6 (BENCHMARKS.md, 2026-11-27; they pass in the
+# interpreter, also with tf32 products emulated there). On CUDA, scan() keeps the per-chunk
+# path for these rules; the CUDA tests and bench/kernels.py empty the set to run the kernels.
+FUSED_RULES_WRONG_ON_GPU = {"momentum"}
+
 
 def chunk_pieces(pos: int, T: int, *chunk_sizes: int) -> list[tuple[int, int]]:
     """Split the token range [0, T) that starts at absolute position `pos` into pieces
@@ -194,7 +200,9 @@ class NeuralMemory(nn.Module):
                        scans run in Triton ("triton", or "auto" on CUDA) a linear memory runs
                        as one fused kernel per layer (kernels/triton_memory.py); the MLP
                        memory's kernel (triton_mlp_memory.py) runs only with backend
-                       "triton", not yet with "auto" (`fused_kernel_blocker`)
+                       "triton", not yet with "auto"; neither fused kernel runs the
+                       momentum rule on CUDA (FUSED_RULES_WRONG_ON_GPU,
+                       `fused_kernel_blocker`)
     """
 
     def __init__(self, n_head: int, head_dim: int, depth: int = 2, expansion: int = 2,
@@ -378,9 +386,10 @@ class NeuralMemory(nn.Module):
         in Triton (backend "triton", or "auto" on CUDA), fp32 state, full backprop, and a
         linear memory with C <= 64, d <= 128 and no clipping (kernels/triton_memory.py) or an
         MLP memory that `fusable_mlp` takes, clipped or not (kernels/triton_mlp_memory.py).
-        The MLP kernel has not yet passed its tests on a GPU (BENCHMARKS.md), so only an
+        The MLP kernel has not yet passed all its tests on a GPU (BENCHMARKS.md), so only an
         explicit backend "triton" selects it; "auto" keeps the per-chunk path for MLP
-        memories. Self-generated targets (scan's self_target) are for the MLP kernel's DGD/GD
+        memories. The momentum kernels gave wrong outputs on a GPU, so on CUDA neither
+        backend runs them (FUSED_RULES_WRONG_ON_GPU). Self-generated targets (scan's self_target) are for the MLP kernel's DGD/GD
         rules only, and not with detach_targets (the in-kernel target would still pass
         gradients to W_B). train.py prints these reasons per model part at start-up
         (model.LanguageModel.kernel_report)."""
@@ -394,6 +403,9 @@ class NeuralMemory(nn.Module):
             return "self-generated targets are fused for MLP memories with DGD / GD, without detach_targets"
         if kernels.select_backend(self.backend, device, self._dtype()) != "triton":
             return f"backend {self.backend!r} on {torch.device(device).type} runs the chunked PyTorch path"
+        if self.update_rule in FUSED_RULES_WRONG_ON_GPU and torch.device(device).type == "cuda":
+            return (f"the fused {self.update_rule} kernels gave wrong outputs on an H200 with triton 3.6 "
+                    "(memory.FUSED_RULES_WRONG_ON_GPU, BENCHMARKS.md)")
         if self.depth == 2:
             if self.backend != "triton":                 # opt-in until validated on a GPU
                 return "the fused MLP memory kernel runs only with model.kernels=triton until GPU-tested"

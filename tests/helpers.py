@@ -145,6 +145,14 @@ def train_recall_accuracy(model, recall_batch, steps: int, batch_size: int, eval
     return (pred[asked] == labels[asked]).float().mean().item()
 
 
+@pytest.fixture
+def every_fused_kernel(monkeypatch):
+    """The fused memory kernels' tests run every kernel, also the ones scan() keeps off on
+    CUDA (memory.FUSED_RULES_WRONG_ON_GPU): those files mark every test with it (pytestmark)."""
+    import memory
+    monkeypatch.setattr(memory, "FUSED_RULES_WRONG_ON_GPU", set())
+
+
 def fused_vs_oracle_errors(fused, inputs, segments, run_segments, outputs_of, param_names, device) -> dict:
     """Relative errors (max |diff| / max(1, max |ref|)) of every output and of the gradient of
     every input and meta-learned initial weight, for the loss sum <out, random cotangent>:

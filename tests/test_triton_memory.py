@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import CUDA, DEVICE, fused_vs_oracle_errors, needs_cuda, triton_kernels_or_skip
+from helpers import CUDA, DEVICE, every_fused_kernel, fused_vs_oracle_errors, needs_cuda, triton_kernels_or_skip
 
 needs_kernels = triton_kernels_or_skip()
+pytestmark = pytest.mark.usefixtures(every_fused_kernel.__name__)
 
 from kernels import triton_memory  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
@@ -264,3 +265,26 @@ def test_kernel_bench_quick_mode_runs(capsys):
     assert first["hope/stage1/C4 "] < first["momentum_rule "] < first["cms/"]
     assert not any(line.startswith("memory/") for line in out)           # only the parts named
     assert any("vs triton/all" in line for line in out)
+
+
+@needs_kernels
+def test_kernel_bench_memory_rows_of_the_linear_memory(capsys, monkeypatch):
+    """bench/kernels.py --parts memory --depths 1: the linear memory's rows only, at fp32
+    error; its triton rows run the fused kernels of every rule, also those memory.py keeps off
+    on CUDA (every_fused_rule empties FUSED_RULES_WRONG_ON_GPU inside, and restores it)."""
+    import importlib.util
+
+    import memory
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(memory, "FUSED_RULES_WRONG_ON_GPU", {"momentum"})
+    with bench.every_fused_rule():
+        assert memory.FUSED_RULES_WRONG_ON_GPU == set()
+    assert memory.FUSED_RULES_WRONG_ON_GPU == {"momentum"}
+    assert bench.main(["--quick", "--parts", "memory", "--depths", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("memory/")]
+    assert sorted({(r[0], r[1]) for r in rows}) == [(f"memory/{rule}/C8", impl) for rule in ("dgd", "momentum")
+                                                    for impl in ("torch", "triton")]
+    assert all(float(r[8]) < 1e-5 for r in rows), rows
