@@ -13,11 +13,9 @@ import argparse
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import add_model_shape_args, report_error, result_footer  # noqa: E402
-from bench.step import bench_step, build_train_step  # noqa: E402
+from bench.step import bench_step, build_train_step, print_profile, profile_step  # noqa: E402
 from cli import OneLineArgumentParser, non_negative_int, positive_int  # noqa: E402
 from config import load_config  # noqa: E402
 
@@ -29,55 +27,6 @@ def make_config(arch, args):
     if arch == "hope":
         overrides += ["--model.cms.hidden_mult=1.75"]
     return load_config(None, overrides)
-
-
-def label_forwards(model):
-    """Wrap the forward of each block's mixer and ffn, the HOPE stages and the LM head in
-    profiler records, so the profile says which part of the model the time belongs to."""
-    from hope import SelfModifyingTitans
-    records = []
-
-    def wrap(module, name):
-        def enter(mod, inputs):
-            rec = torch.profiler.record_function(name)
-            rec.__enter__()
-            records.append(rec)
-
-        def leave(mod, inputs, output):
-            records.pop().__exit__(None, None, None)
-        module.register_forward_pre_hook(enter)
-        module.register_forward_hook(leave)
-
-    def wrap_method(obj, attr, name):
-        inner = getattr(obj, attr)
-
-        def labelled(*args, **kwargs):
-            with torch.profiler.record_function(name):
-                return inner(*args, **kwargs)
-        setattr(obj, attr, labelled)
-
-    for block in model.blocks:
-        wrap(block.mixer, "forward: mixer (" + type(block.mixer).__name__ + ")")
-        wrap(block.ffn, "forward: ffn (" + type(block.ffn).__name__ + ")")
-        if isinstance(block.mixer, SelfModifyingTitans):
-            wrap_method(block.mixer, "_projection_piece", "forward: mixer stage 1 (projection memories)")
-            wrap_method(block.mixer.memory, "update_piece", "forward: mixer stage 2 (M_mem scans)")
-    wrap(model.head, "forward: LM head")
-
-
-def profile_step(cfg, rows):
-    """One HOPE training step (bench/step.py's, after one warm-up) under torch.profiler ->
-    (the forward records of label_forwards, the step's total self CPU time, the op table)."""
-    model, step = build_train_step(cfg, "cpu")
-    step()                                                            # warm-up
-    label_forwards(model)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step()
-    table = prof.key_averages()
-    parts = sorted((e for e in table if e.key.startswith("forward:")), key=lambda e: -e.cpu_time_total)
-    total = sum(e.self_cpu_time_total for e in table)
-    ops = table.table(sort_by="self_cpu_time_total", row_limit=rows)
-    return parts, total, ops
 
 
 def main(argv=None):
@@ -103,13 +52,9 @@ def main(argv=None):
     ratio = results["hope"]["sec_per_step"] / results["transformer"]["sec_per_step"]
     print(f"HOPE / Transformer++ step time: {ratio:.2f}x (goal <= 2x)")
     if args.profile_rows:
-        parts, total, ops = profile_step(configs["hope"], args.profile_rows)
-        print(f"\nHOPE step, forward time by part (CPU total incl. children; whole step self time "
-              f"{total / 1e3:.0f} ms):")
-        for e in parts:
-            print(f"  {e.key:<60} {e.cpu_time_total / 1e3:8.1f} ms  ({e.count} calls)")
-        print("\nHOPE step, top ops by self CPU time (forward + backward + AdamW):")
-        print(ops)
+        model, step = build_train_step(configs["hope"], "cpu")
+        step()                                                        # warm-up
+        print_profile(*profile_step(model, step, args.profile_rows), "HOPE step")
     print(result_footer("hope_cpu.py", argv))
     return 0
 

@@ -28,6 +28,8 @@ PyTorch, the CPU path) vs "triton" (one fused kernel, kernels/triton_memory.py),
 and momentum rules, fp32 state; error of y and the final weights vs the float64 torch path.
 fp32 products follow --fp32-matmul-precision: high (the default, as train.py sets for bf16
 training on CUDA) = tf32 tensor cores, highest = exact fp32 (kernels.triton_delta.dot_precision).
+The triton rows run the momentum kernels too, which memory.py keeps off on CUDA
+(FUSED_RULES_WRONG_ON_GPU: wrong outputs on an H200, BENCHMARKS.md).
 Rows memory/mlp/*: the same for the 2-layer MLP memory (kernels/triton_mlp_memory.py), E = 2d
 at d <= 64 (Titans' memories), E = d at d = 128 (the widest hidden the fused kernel holds; op
 memory/mlp/x1/..., timed after part 3), at the largest chunk <= --mem-chunk the kernel takes
@@ -204,7 +206,7 @@ def bench_memory_layer(args, device, rows, wide=False):
     compiles are the longest). Each at the largest chunk <= --mem-chunk its kernel takes."""
     from kernels.triton_memory import max_chunk
     from kernels.triton_mlp_memory import fusable_mlp, max_mlp_chunk
-    for depth in ((2,) if wide else (1, 2)):
+    for depth in (d for d in args.depths if d == 2 or not wide):
         for rule in ("dgd", "momentum"):
             for d in args.d:
                 expansion = 2 if depth == 1 or fusable_mlp(d, 2, 1, rule) else 1
@@ -245,7 +247,8 @@ def bench_memory_case(args, device, rows, depth, kind, rule, d, T, C, expansion)
             y, state = mem(**kw)
             return (y, *state["weights"])
         def run(backward):
-            sec, outs, _, _ = measure(layer, x, backward, device, args.repeats)
+            with every_fused_rule():
+                sec, outs, _, _ = measure(layer, x, backward, device, args.repeats)
             return sec, relative_error(outs, [y64, *s64["weights"]])
         for backward in (False, True):
             add_row(rows, lambda: run(backward), part="memory", op=f"memory/{kind}{rule}/C{C}",
@@ -299,6 +302,20 @@ def bench_hope_stage1(args, device, rows):
                     add_row(rows, lambda: run(impl, backward), part="hope", op=f"hope/stage1/C{C}",
                             impl=impl, pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T,
                             H=args.H, d=d)
+
+
+@contextlib.contextmanager
+def every_fused_rule():
+    """Within: scan() runs the fused kernels for every update rule, also the ones memory.py
+    keeps off on CUDA (FUSED_RULES_WRONG_ON_GPU): the triton rows time the kernels, and their
+    error column is where a wrong kernel shows."""
+    import memory
+    kept_off = memory.FUSED_RULES_WRONG_ON_GPU
+    memory.FUSED_RULES_WRONG_ON_GPU = set()
+    try:
+        yield
+    finally:
+        memory.FUSED_RULES_WRONG_ON_GPU = kept_off
 
 
 @contextlib.contextmanager
@@ -377,6 +394,8 @@ def main(argv=None):
     p.add_argument("--mem-chunk", type=positive_int, default=64, help="memory layer chunk C")
     p.add_argument("--cms-chunk", type=positive_int, default=16, help="CMS fast level chunk C")
     p.add_argument("--hope-chunk", type=positive_int, default=16, help="HOPE stage 1's C_other (<= 16)")
+    p.add_argument("--depths", type=int, nargs="+", choices=(1, 2), default=[1, 2],
+                   help="the memory parts' memories: 1 = linear, 2 = MLP")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                    help="the parts to run, in this order")

@@ -5,7 +5,8 @@
     python bench/step.py configs/hope_760m.yaml --distributed.activation_checkpointing=true
 
 Uses synthetic random tokens (no data preparation, runs on a bare GPU image). Prints one
-result line plus the command, machine and date, ready to paste into BENCHMARKS.md.
+result line plus the command, machine and date, ready to paste into BENCHMARKS.md;
+--profile-rows N then profiles one more step (time per model part, top N ops).
 """
 import argparse
 import os
@@ -93,6 +94,72 @@ def bench_step(cfg, steps=5, warmup=2, device="cpu", compile=False, built=None):
             "flops_per_token": model.flops_per_token(t.seq_len)}
 
 
+def label_forwards(model):
+    """Wrap the forward of each block's mixer and ffn, HOPE's two stages and the LM head in
+    profiler records, so a profile says which part of the model the time belongs to. The
+    stages are wrapped where both paths pass (per-chunk and fused): stage 1 at
+    `_projection_stage`, M_mem at its `scan`."""
+    from hope import SelfModifyingTitans
+    records = []
+
+    def wrap(module, name):
+        def enter(mod, inputs):
+            rec = torch.profiler.record_function(name)
+            rec.__enter__()
+            records.append(rec)
+
+        def leave(mod, inputs, output):
+            records.pop().__exit__(None, None, None)
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+
+    def wrap_method(obj, attr, name):
+        inner = getattr(obj, attr)
+
+        def labelled(*args, **kwargs):
+            with torch.profiler.record_function(name):
+                return inner(*args, **kwargs)
+        setattr(obj, attr, labelled)
+
+    for block in model.blocks:
+        wrap(block.mixer, "forward: mixer (" + type(block.mixer).__name__ + ")")
+        wrap(block.ffn, "forward: ffn (" + type(block.ffn).__name__ + ")")
+        if isinstance(block.mixer, SelfModifyingTitans):
+            wrap_method(block.mixer, "_projection_stage", "forward: mixer stage 1 (projection memories)")
+            wrap_method(block.mixer.memory, "scan", "forward: mixer stage 2 (M_mem)")
+    wrap(model.head, "forward: LM head")
+
+
+def profile_step(model, step, rows, device="cpu"):
+    """One more step() under torch.profiler, its model's parts labelled (label_forwards) ->
+    (the forward records, slowest first, the step's total self time, the table of the `rows`
+    ops with the most self time). Times are the CPU's, or on CUDA the GPU's (kernel time),
+    in microseconds; the records' are inclusive (children counted)."""
+    from torch.profiler import ProfilerActivity
+    label_forwards(model)
+    cuda = device == "cuda"
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+    inclusive, self_time = ("device_time_total", "self_device_time_total") if cuda else \
+        ("cpu_time_total", "self_cpu_time_total")
+    parts = sorted((e for e in table if e.key.startswith("forward:")), key=lambda e: -getattr(e, inclusive))
+    parts = [(e.key, getattr(e, inclusive), e.count) for e in parts]
+    total = sum(getattr(e, self_time) for e in table)
+    return parts, total, table.table(sort_by=self_time, row_limit=rows)
+
+
+def print_profile(parts, total, ops, what):
+    """profile_step's result, as bench/step.py and bench/hope_cpu.py print it."""
+    print(f"\n{what}, forward time by part (incl. children; whole step self time {total / 1e3:.0f} ms):")
+    for key, micros, count in parts:
+        print(f"  {key:<60} {micros / 1e3:8.1f} ms  ({count} calls)")
+    print(f"\n{what}, top ops by self time (forward + backward + AdamW):")
+    print(ops)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,6 +168,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=non_negative_int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--profile-rows", type=non_negative_int, default=0,
+                   help="after timing, profile one more step: forward time per model part and this many "
+                        "top ops by self time (CUDA: GPU kernel time); 0 = no profile")
     args, overrides = p.parse_known_args(argv)
     try:    # --device cuda without CUDA, a bad config (ConfigError), a model it cannot build
         device = resolve_device(args.device)
@@ -116,6 +186,8 @@ def main(argv=None):
           f"{mem_kind} {r['peak_mem_bytes'] / 2**20:,.0f} MiB")
     for line in built[0].kernel_report(device):       # which memory parts ran fused (model.kernels)
         print(f"{'':>15} | kernels: {line}")
+    if args.profile_rows:
+        print_profile(*profile_step(built[0], built[1], args.profile_rows, device), f"{r['arch']} step")
     print(result_footer("step.py", argv))
     return 0
 

@@ -1,5 +1,7 @@
-"""Test environment: offline, no wandb, the Triton interpreter when there is no GPU; and the
-fixtures that several test files share (`corpus`)."""
+"""Test environment: offline, no wandb, the Triton interpreter when there is no GPU; the
+fixtures that several test files share (`corpus`); and, with PYTEST_REPORT_AT_ONCE=1
+(bench/gpu_check.sh), each test's outcome and time, and a failure's traceback, printed as
+the test ends, so a run cut short by a time limit still says why a test failed."""
 import os
 import sys
 
@@ -31,3 +33,15 @@ def corpus(tmp_path_factory):
     documents), made once per session: the training tests only read it."""
     from helpers import prepare_shakespeare
     return prepare_shakespeare(tmp_path_factory.mktemp("corpus"), 200_000, 400)
+
+
+def pytest_runtest_logreport(report):
+    """PYTEST_REPORT_AT_ONCE=1: one line per test as it ends (outcome, seconds), and a
+    failure's traceback at once instead of in the summary that a killed run never prints."""
+    if not os.environ.get("PYTEST_REPORT_AT_ONCE") or (report.when != "call" and report.passed):
+        return
+    if report.when == "call" or report.failed:
+        print(f"\n[at once] {report.nodeid} {report.when}: {report.outcome} in {report.duration:.1f} s",
+              flush=True)
+    if report.failed:
+        print(report.longreprtext, flush=True)

@@ -33,6 +33,7 @@ BAD_FLAGS = [
     (_kernels_main, ["--mem-chunk", "0"], "argument --mem-chunk: must be >= 1, got 0"),
     (_kernels_main, ["--repeats", "x"], "argument --repeats: expected an integer >= 1, got 'x'"),
     (_kernels_main, ["--hope-chunk", "32"], "argument --hope-chunk: must be <= 16, got 32"),   # was timed at 16
+    (_kernels_main, ["--depths", "3"], "argument --depths: invalid choice: 3 (choose from 1, 2)"),
 ]
 
 
@@ -62,6 +63,21 @@ def test_step_bench_tiny_run(capsys):
     assert line.split("|")[0].strip() == "hope" and "batch 2 x seq 24" in line, line
     assert float(re.search(r"([\d,]+) tok/s", line).group(1).replace(",", "")) > 0
     assert "| kernels: HOPE M_mem x1: per-chunk path (backend 'auto' on cpu" in out   # model.kernel_report
+    _footer_ok(out, "step.py", argv)
+
+
+def test_step_bench_profile_labels_the_parts(capsys):
+    """--profile-rows: one more step under torch.profiler, its forward time per part (HOPE's
+    two stages among them) and an op table of that many rows."""
+    argv = ["--steps", "1", "--warmup", "0", "--device", "cpu", "--model.arch=hope", "--model.d_model=32",
+            "--model.n_layer=1", "--model.n_head=2", "--model.vocab_size=64", "--train.batch_size=1",
+            "--train.seq_len=24", "--profile-rows", "4"]
+    assert step.main(argv) == 0
+    out = capsys.readouterr().out
+    for part in ("forward: mixer (SelfModifyingTitans)", "forward: mixer stage 1 (projection memories)",
+                 "forward: mixer stage 2 (M_mem)", "forward: ffn (ContinuumMemory)", "forward: LM head"):
+        assert re.search(re.escape(part) + r" +\d+\.\d ms  \(1 calls\)", out), part
+    assert "hope step, top ops by self time" in out and "Self CPU" in out
     _footer_ok(out, "step.py", argv)
 
 
