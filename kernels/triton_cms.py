@@ -58,7 +58,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import check_saved_chunks, check_tensors
-from .triton_delta import (_contiguous, _grad_or_zeros, _load_rows, _needs_grad, _store_rows,
+from .triton_delta import (_contiguous, _dot, _grad_or_zeros, _load_rows, _needs_grad, _store_rows,
                            dot_precision)
 
 __all__ = ["fused_fast_level", "fusable_cms", "MAX_DIM", "MAX_HIDDEN", "max_cms_chunk"]
@@ -112,8 +112,8 @@ def _cms_fwd_kernel(a_ptr, tg_ptr, w1_ptr, w2_ptr, g1c_ptr, g2c_ptr, y_ptr, e_pt
         for j0 in range(0, H, BH):                     # pass 1: Y = act(A W1^T) W2^T
             w1 = _load_rows(w1_ptr, src * hd, j0, H, D, 0, D, BH, BD)      # [BH, BD]
             w2 = _load_rows(w2_ptr, src * hd, 0, D, H, j0, H, BD, BH)      # [BD, BH]
-            h, s1, s2 = _act(tl.dot(a, tl.trans(w1), input_precision=PREC), ACT, 1)
-            y += tl.dot(h, tl.trans(w2), input_precision=PREC)
+            h, s1, s2 = _act(_dot(a, tl.trans(w1), PREC), ACT, 1)
+            y += _dot(h, tl.trans(w2), PREC)
         err = 2.0 * (y - tg)
         _store_rows(y_ptr, tok, s, e, D, 0, D, y, BT, BD)
         if SAVE:
@@ -122,10 +122,10 @@ def _cms_fwd_kernel(a_ptr, tg_ptr, w1_ptr, w2_ptr, g1c_ptr, g2c_ptr, y_ptr, e_pt
         for j0 in range(0, H, BH):                     # pass 2: G, and the step theta_{c+1}
             w1 = _load_rows(w1_ptr, src * hd, j0, H, D, 0, D, BH, BD)
             w2 = _load_rows(w2_ptr, src * hd, 0, D, H, j0, H, BD, BH)
-            h, s1, s2 = _act(tl.dot(a, tl.trans(w1), input_precision=PREC), ACT, 1)
-            g2 = tl.dot(tl.trans(err), h, input_precision=PREC)                      # [BD, BH]
-            gp = tl.dot(err, w2, input_precision=PREC) * s1                           # [BT, BH]
-            g1 = tl.dot(tl.trans(gp), a, input_precision=PREC)                        # [BH, BD]
+            h, s1, s2 = _act(_dot(a, tl.trans(w1), PREC), ACT, 1)
+            g2 = _dot(tl.trans(err), h, PREC)                      # [BD, BH]
+            gp = _dot(err, w2, PREC) * s1                           # [BT, BH]
+            g1 = _dot(tl.trans(gp), a, PREC)                        # [BH, BD]
             if i == 0:                                 # the chunk begun in an earlier segment
                 g1 += _load_rows(g1c_ptr, b * hd, j0, H, D, 0, D, BH, BD)
                 g2 += _load_rows(g2c_ptr, b * hd, 0, D, H, j0, H, BD, BH)
@@ -169,12 +169,12 @@ def _cms_bwd_kernel(a_ptr, w1_ptr, w2_ptr, e_ptr, dy_ptr, dg1f_ptr, dg2f_ptr, dw
             if i == 0:                                 # gradient of the carried grads
                 _store_rows(dg1c_ptr, b * hd, j0, H, D, 0, D, dg1, BH, BD)
                 _store_rows(dg2c_ptr, b * hd, 0, D, H, j0, H, dg2, BD, BH)
-            h, s1, s2 = _act(tl.dot(a, tl.trans(w1), input_precision=PREC), ACT, 1)
-            m = tl.dot(err, w2, input_precision=PREC)
-            dm = tl.dot(a, tl.trans(dg1), input_precision=PREC) * s1
-            de += (tl.dot(dm, tl.trans(w2), input_precision=PREC)
-                   + tl.dot(h, tl.trans(dg2), input_precision=PREC))
-            da += tl.dot(m * s1, dg1, input_precision=PREC)
+            h, s1, s2 = _act(_dot(a, tl.trans(w1), PREC), ACT, 1)
+            m = _dot(err, w2, PREC)
+            dm = _dot(a, tl.trans(dg1), PREC) * s1
+            de += (_dot(dm, tl.trans(w2), PREC)
+                   + _dot(h, tl.trans(dg2), PREC))
+            da += _dot(m * s1, dg1, PREC)
         dyt = _load_rows(dy_ptr, tok, s, e, D, 0, D, BT, BD) + 2.0 * de
         _store_rows(dtg_ptr, tok, s, e, D, 0, D, -2.0 * de, BT, BD)
         tl.debug_barrier()
@@ -188,16 +188,16 @@ def _cms_bwd_kernel(a_ptr, w1_ptr, w2_ptr, e_ptr, dy_ptr, dg1f_ptr, dg2f_ptr, dw
             else:
                 dg1 = _load_rows(dg1f_ptr, b * hd, j0, H, D, 0, D, BH, BD)
                 dg2 = _load_rows(dg2f_ptr, b * hd, 0, D, H, j0, H, BD, BH)
-            h, s1, s2 = _act(tl.dot(a, tl.trans(w1), input_precision=PREC), ACT, 2)
-            m = tl.dot(err, w2, input_precision=PREC)
-            dgp = tl.dot(a, tl.trans(dg1), input_precision=PREC)
-            dh = (tl.dot(dyt, w2, input_precision=PREC)
-                  + tl.dot(err, dg2, input_precision=PREC))
+            h, s1, s2 = _act(_dot(a, tl.trans(w1), PREC), ACT, 2)
+            m = _dot(err, w2, PREC)
+            dgp = _dot(a, tl.trans(dg1), PREC)
+            dh = (_dot(dyt, w2, PREC)
+                  + _dot(err, dg2, PREC))
             dp = dh * s1 + dgp * m * s2
-            da += tl.dot(dp, w1, input_precision=PREC)
-            dwn1 += tl.dot(tl.trans(dp), a, input_precision=PREC)
-            dwn2 += (tl.dot(tl.trans(err), dgp * s1, input_precision=PREC)
-                     + tl.dot(tl.trans(dyt), h, input_precision=PREC))
+            da += _dot(dp, w1, PREC)
+            dwn1 += _dot(tl.trans(dp), a, PREC)
+            dwn2 += (_dot(tl.trans(err), dgp * s1, PREC)
+                     + _dot(tl.trans(dyt), h, PREC))
             _store_rows(dw1_ptr, b * hd, j0, H, D, 0, D, dwn1, BH, BD)
             _store_rows(dw2_ptr, b * hd, 0, D, H, j0, H, dwn2, BD, BH)
         _store_rows(da_ptr, tok, s, e, D, 0, D, da, BT, BD)

@@ -81,6 +81,31 @@ def _store_gate(ptr, base, t0, T, stride_t, x, BT: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """tl.dot of two fp32 tiles in the kernels' product precision (dot_precision). For tf32,
+    each operand is rounded to the nearest tf32 first: NVIDIA's tf32 tensor cores read the
+    top 19 bits of an fp32 register, and Triton hands them the registers as they are, so
+    every product would be made of operands truncated toward zero, ~1e-3 too small on the
+    same side every time. A recurrence that integrates its writes adds that bias up: the
+    fused momentum memory was 0.12 off after 4K tokens on an H200 (BENCHMARKS.md), and an
+    interpreter whose products truncate the same way gives the same 0.12; rounded operands
+    leave unbiased errors (as cuBLAS's TF32, which rounds), 5e-3 there."""
+    if PREC == "tf32":
+        a = _round_to_tf32(a)
+        b = _round_to_tf32(b)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _round_to_tf32(x):
+    """x (fp32) rounded to the nearest tf32 value (10 mantissa bits; ties away from zero,
+    as cvt.rna.tf32.f32): add half of the lowest kept bit, clear the 13 bits tf32 drops.
+    Infinities and NaNs keep their exponent; no finite value below 3.4e38 overflows."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _log_cumsum(gate):
     """Chunk-local inclusive cumsum of log(gate). Padding rows carry gate 1, i.e. log 0."""
     return tl.cumsum(tl.maximum(tl.log(gate), LOG_GATE_FLOOR), 0)
@@ -131,7 +156,7 @@ def _span_grad(e, rows, L, STRICT: tl.constexpr, PREC: tl.constexpr):
     (a cumsum minus e[t, s] would cancel against the O(1) e[t, s] again); in tf32 (PREC) each
     term is rounded to ~1e-3, relative to s's own small terms, not to the O(1) ones."""
     before = tl.where(rows[:, None] < rows[None, :], 1.0, 0.0)                 # [i, s]: i < s
-    spans = tl.dot(e, before, input_precision=PREC)        # [t, s]: sum_{i<s} e[t, i]
+    spans = _dot(e, before, PREC)        # [t, s]: sum_{i<s} e[t, i]
     if STRICT:
         holds = rows[:, None] > rows[None, :]
     else:
@@ -253,7 +278,7 @@ def _delta_ut_system(kc, g, gp, eta, BT: tl.constexpr, PREC: tl.constexpr):
     """A (strictly lower), K K^T, the decay mask of A, and Tm = (I + A)^{-1}."""
     rows = tl.arange(0, BT)
     strict = rows[:, None] > rows[None, :]
-    kk = tl.dot(kc, tl.trans(kc), input_precision=PREC)                       # [BT, BT]
+    kk = _dot(kc, tl.trans(kc), PREC)                       # [BT, BT]
     decay_a = _decay(gp, g, strict)                                           # e^{gp_t - g_i}
     a = eta[:, None] * decay_a * kk
     return a, kk, decay_a, _ut_inverse(a, BT)
@@ -276,8 +301,8 @@ def _delta_grads_tail(q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt
     dk = kt_scale[:, None] * d_kt
     if READOUT:   # O = diag(e^g) Q h + (Gamma o Q K^T) Delta
         d_mq = tl.where(rows[:, None] >= rows[None, :], d_mq, 0.0)
-        dq = tl.exp(g)[:, None] * d_qh + tl.dot(d_mq * gamma, kc, input_precision=PREC)
-        dk += tl.dot(tl.trans(d_mq * gamma), q, input_precision=PREC)
+        dq = tl.exp(g)[:, None] * d_qh + _dot(d_mq * gamma, kc, PREC)
+        dk += _dot(tl.trans(d_mq * gamma), q, PREC)
         dlog_alpha = _span_grad(d_mq * mq, rows, L, False, PREC)                    # Gamma
         dg = tl.exp(g) * tl.sum(q * d_qh, 1)                                  # d e^{g_t}, t <= L
     else:
@@ -288,10 +313,9 @@ def _delta_grads_tail(q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt
     dlog_alpha += tl.where(rows <= L, _sum_before(s_kt, rows), 0.0)
     dg += tl.where(rows == L, tl.exp(g_last) * h_dh, 0.0)
     # W = Tm B, U' = Tm U, Tm = (I + A)^{-1}
-    d_b = tl.dot(tl.trans(tm), d_w, input_precision=PREC)
-    d_tm = dd_u + tl.dot(d_w, tl.trans(b_scale[:, None] * kc), input_precision=PREC)
-    d_a = -tl.dot(tl.dot(tl.trans(tm), d_tm, input_precision=PREC), tl.trans(tm),
-                  input_precision=PREC)
+    d_b = _dot(tl.trans(tm), d_w, PREC)
+    d_tm = dd_u + _dot(d_w, tl.trans(b_scale[:, None] * kc), PREC)
+    d_a = -_dot(_dot(tl.trans(tm), d_tm, PREC), tl.trans(tm), PREC)
     d_a = tl.where(strict, d_a, 0.0)
     dk += b_scale[:, None] * d_b
     r_b = tl.sum(kc * d_b, 1)                                                 # d b_scale
@@ -302,7 +326,7 @@ def _delta_grads_tail(q, kc, g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt
     deta += tl.sum(f * kk, 1)
     dlog_alpha += _span_grad(eta[:, None] * f * kk, rows, L, True, PREC)
     f = eta[:, None] * f
-    dk += tl.dot(f, kc, input_precision=PREC) + tl.dot(tl.trans(f), kc, input_precision=PREC)
+    dk += _dot(f, kc, PREC) + _dot(tl.trans(f), kc, PREC)
     # g_t = sum_{s<=t} log alpha_s and gp_t = g_t - log alpha_t (chunk-local); the spans of
     # the decay matrices are summed above (_span_grad: no cancellation at tiny gates)
     dg = tl.where(rows <= L, dg, 0.0)
@@ -332,14 +356,14 @@ def _delta_prep(k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, w_ptr, u2_ptr, T, H, K
     if MEMORY:
         lw2 = 2.0 * _load_gate(lw_ptr, g_base, t0, end, H, 0.0, BT)
         b_scale += lw2
-    w = tl.dot(tm, b_scale[:, None] * kc, input_precision=PREC)               # [BT, BK]
+    w = _dot(tm, b_scale[:, None] * kc, PREC)               # [BT, BK]
     _store_rows(w_ptr, bh64 * T * K, t0, end, K, 0, K, w, BT, BK)
     if WITH_U2:
         for v0 in range(0, V, BV):
             uc = _load_rows(u_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)  # [BT, BV]
             if MEMORY:
                 uc = lw2[:, None] * uc                                        # U~ = 2 diag(lw) V
-            u2 = tl.dot(tm, uc, input_precision=PREC)
+            u2 = _dot(tm, uc, PREC)
             _store_rows(u2_ptr, bh64 * T * V, t0, end, V, v0, V, u2, BT, BV)
 
 
@@ -369,15 +393,15 @@ def _delta_fwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_pt
         u2 = _load_rows(u2_ptr, bh64 * T * V, t0, end, V, v0, V, BT, BV)
         g = _log_cumsum(_load_gate(alpha_ptr, g_base, t0, end, H, 1.0, BT))
         g_last = _pick(g, rows, L)
-        d = u2 - tl.dot(w, h, input_precision=PREC)                           # Delta [BT, BV]
+        d = u2 - _dot(w, h, PREC)                           # Delta [BT, BV]
         if SAVE and not MEMORY:
             _store_rows(d_ptr, bh64 * T * V, t0, end, V, v0, V, d, BT, BV)
-        mq = _decay(g, g, incl) * tl.dot(q, tl.trans(kc), input_precision=PREC)
-        o = (tl.exp(g)[:, None] * tl.dot(q, h, input_precision=PREC)
-             + tl.dot(mq, d, input_precision=PREC))
+        mq = _decay(g, g, incl) * _dot(q, tl.trans(kc), PREC)
+        o = (tl.exp(g)[:, None] * _dot(q, h, PREC)
+             + _dot(mq, d, PREC))
         _store_rows(o_ptr, g_base * V, t0, end, H * V, v0, V, o, BT, BV)
         kt = tl.where(rows <= L, tl.exp(g_last - g), 0.0)[:, None] * kc
-        h = tl.exp(g_last) * h + tl.dot(tl.trans(kt), d, input_precision=PREC)
+        h = tl.exp(g_last) * h + _dot(tl.trans(kt), d, PREC)
     _store_state(sT_ptr, bh64 * V * K, K, V, v0, h, BK, BV)
 
 
@@ -406,14 +430,14 @@ def _delta_bwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dsB_ptr, dh
         do = _load_rows(do_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)
         g = _log_cumsum(_load_gate(alpha_ptr, g_base, t0, end, H, 1.0, BT))
         g_last = _pick(g, rows, L)
-        mq = _decay(g, g, incl) * tl.dot(q, tl.trans(kc), input_precision=PREC)
+        mq = _decay(g, g, incl) * _dot(q, tl.trans(kc), PREC)
         kt = tl.where(rows <= L, tl.exp(g_last - g), 0.0)[:, None] * kc
-        dd = (tl.dot(tl.trans(mq), do, input_precision=PREC)
-              + tl.dot(kt, dh, input_precision=PREC))                           # [BT, BV]
+        dd = (_dot(tl.trans(mq), do, PREC)
+              + _dot(kt, dh, PREC))                           # [BT, BV]
         _store_rows(dd_ptr, bh64 * T * V, t0, end, V, v0, V, dd, BT, BV)
         dh = (tl.exp(g_last) * dh
-              + tl.dot(tl.trans(q * tl.exp(g)[:, None]), do, input_precision=PREC)
-              - tl.dot(tl.trans(w), dd, input_precision=PREC))
+              + _dot(tl.trans(q * tl.exp(g)[:, None]), do, PREC)
+              - _dot(tl.trans(w), dd, PREC))
         if MEMORY and i_r == 0:      # the returned last chunk-start state is this chunk's start
             dh += dh_start
     _store_state(ds0_ptr, bh64 * V * K, K, V, v0, dh, BK, BV)
@@ -438,13 +462,13 @@ def _delta_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, do_ptr, d_
     g_last = _pick(g, rows, L)
     a, kk, decay_a, tm = _delta_ut_system(kc, g, gp, eta, BT, PREC)
     gamma = _decay(g, g, incl)
-    mq = gamma * tl.dot(q, tl.trans(kc), input_precision=PREC)
+    mq = gamma * _dot(q, tl.trans(kc), PREC)
     kt_scale = tl.where(rows <= L, tl.exp(g_last - g), 0.0)
     b_scale = eta * tl.exp(gp)                                                # B = diag(.) K
     if MEMORY:
         lw2 = 2.0 * _load_gate(lw_ptr, g_base, t0, end, H, 0.0, BT)
         b_scale += lw2                                                        # B~
-        w = tl.dot(tm, b_scale[:, None] * kc, input_precision=PREC)           # W~
+        w = _dot(tm, b_scale[:, None] * kc, PREC)           # W~
         du_v = tl.zeros([BT], dtype=tl.float32)     # rows of dU~ . V
 
     d_mq = tl.zeros([BT, BT], dtype=tl.float32)     # dO Delta^T
@@ -462,16 +486,16 @@ def _delta_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, do_ptr, d_
         if MEMORY:
             vc = uc
             uc = lw2[:, None] * vc                                            # U~
-            d = tl.dot(tm, uc, input_precision=PREC) - tl.dot(w, h, input_precision=PREC)
+            d = _dot(tm, uc, PREC) - _dot(w, h, PREC)
         else:
             d = _load_rows(d_ptr, bh64 * T * V, t0, end, V, v0, V, BT, BV)
-        d_mq += tl.dot(do, tl.trans(d), input_precision=PREC)
-        d_qh += tl.dot(do, tl.trans(h), input_precision=PREC)
-        d_w -= tl.dot(dd, tl.trans(h), input_precision=PREC)
-        d_kt += tl.dot(d, tl.trans(dh), input_precision=PREC)
-        dd_u += tl.dot(dd, tl.trans(uc), input_precision=PREC)
+        d_mq += _dot(do, tl.trans(d), PREC)
+        d_qh += _dot(do, tl.trans(h), PREC)
+        d_w -= _dot(dd, tl.trans(h), PREC)
+        d_kt += _dot(d, tl.trans(dh), PREC)
+        dd_u += _dot(dd, tl.trans(uc), PREC)
         h_dh += tl.sum(tl.sum(h * dh, 1), 0)
-        du = tl.dot(tl.trans(tm), dd, input_precision=PREC)                   # dU = Tm^T dU'
+        du = _dot(tl.trans(tm), dd, PREC)                   # dU = Tm^T dU'
         if MEMORY:
             du_v += tl.sum(du * vc, 1)
             du = lw2[:, None] * du                                            # dV

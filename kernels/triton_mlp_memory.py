@@ -78,7 +78,7 @@ from torch import Tensor
 
 from .checks import SUPPORTED_DTYPES, check_saved_chunks, check_scan_inputs, check_tensors
 from .triton_cms import ACT_IDS, _act
-from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _decay, _delta_chunk_gates,
+from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _decay, _delta_chunk_gates, _dot,
                            _delta_grads_tail, _delta_ut_system, _gate_grad, _grad_or_zeros,
                            _load_gate, _load_kv, _load_qk, _load_rows, _load_state, _needs_grad,
                            _pick, _program, _store_gate, _store_kv, _store_rows, _store_state,
@@ -176,8 +176,8 @@ def _save_chunk_start(h1c_ptr, h2c_ptr, winB_ptr, woutB_ptr, h1, h2, bh64, i_t, 
 def _self_target(vc, h1, h2, ACT: tl.constexpr, PREC: tl.constexpr):
     """HOPE's self-generated target (NL Eq. 87), v^_t = M_B(v_t) = v_t + W_out s(W_in v_t) at
     the chunk-start weights (row form: V + s(V h1) h2), before the chunk's writes."""
-    hv, ds_unused, dds_unused = _act(tl.dot(vc, h1, input_precision=PREC), ACT, 0)
-    return vc + tl.dot(hv, h2, input_precision=PREC)
+    hv, ds_unused, dds_unused = _act(_dot(vc, h1, PREC), ACT, 0)
+    return vc + _dot(hv, h2, PREC)
 
 
 @triton.jit
@@ -186,12 +186,11 @@ def _self_target_bwd(sv, sh1, sh2, dvt, dh1, dh2, ACT: tl.constexpr, BT: tl.cons
     """The chain rule of `_self_target`, given the target's gradient dvt: with A = V h1,
     dM = (dvt h2^T) o s'(A):  dV = dvt + dM h1^T,  dh1 += V^T dM,  dh2 += s(A)^T dvt.
     V, h1, h2 from their scratch slots. Returns (dV, dh1, dh2)."""
-    hv, ds, dds_unused = _act(tl.dot(_reload(sv, BT, BD), _reload(sh1, BD, BE),
-                                     input_precision=PREC), ACT, 1)
-    dm = tl.dot(dvt, _reload_t(sh2, BE, BD), input_precision=PREC) * ds
-    dh2 += tl.dot(tl.trans(hv), dvt, input_precision=PREC)
-    dh1 += tl.dot(_reload_t(sv, BT, BD), dm, input_precision=PREC)
-    return dvt + tl.dot(dm, _reload_t(sh1, BD, BE), input_precision=PREC), dh1, dh2
+    hv, ds, dds_unused = _act(_dot(_reload(sv, BT, BD), _reload(sh1, BD, BE), PREC), ACT, 1)
+    dm = _dot(dvt, _reload_t(sh2, BE, BD), PREC) * ds
+    dh2 += _dot(tl.trans(hv), dvt, PREC)
+    dh1 += _dot(_reload_t(sv, BT, BD), dm, PREC)
+    return dvt + _dot(dm, _reload_t(sh1, BD, BE), PREC), dh1, dh2
 
 
 @triton.jit
@@ -201,10 +200,10 @@ def _inner_write(kc, vc, lr, h1, h2, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
     forward, closed-form inner gradient, write rates and both layers' writes. CLIP: memory.py's
     max_grad_norm tau, each token's gradient (both layers together) scaled by
     c = tau / max(tau, ||dl/dW||), ||dl/dW||^2 = ||G1||^2 ||k||^2 + ||Err||^2 ||Hh||^2."""
-    z = tl.dot(kc, h1, input_precision=PREC)                                  # [BT, BE]
+    z = _dot(kc, h1, PREC)                                  # [BT, BE]
     hh, s1, s2 = _act(z, ACT, 2)                                              # s, s', s''
-    err = 2.0 * (kc + tl.dot(hh, h2, input_precision=PREC) - vc)              # [BT, BD]
-    m = tl.dot(err, tl.trans(h2), input_precision=PREC)                       # W_out^T e
+    err = 2.0 * (kc + _dot(hh, h2, PREC) - vc)              # [BT, BD]
+    m = _dot(err, tl.trans(h2), PREC)                       # W_out^T e
     g1 = m * s1
     if DGD:
         eta1 = lr / (1.0 + lr * tl.sum(kc * kc, 1))                           # eta' (NL Eq. 57)
@@ -233,18 +232,16 @@ def _chunk_delta_fwd(q, kc, u, eta, g, gp, h, rows, L, READOUT: tl.constexpr, BT
     q is not read), next chunk-start h. Also returns the UT system's K K^T, decay mask and Tm,
     which the backward reuses."""
     a, kk, decay_a, tm = _delta_ut_system(kc, g, gp, eta, BT, PREC)
-    kh = tl.dot(kc, h, input_precision=PREC)
-    d = tl.dot(tm, u - (eta * tl.exp(gp))[:, None] * kh, input_precision=PREC)
+    kh = _dot(kc, h, PREC)
+    d = _dot(tm, u - (eta * tl.exp(gp))[:, None] * kh, PREC)
     if READOUT:
-        mq = _decay(g, g, rows[:, None] >= rows[None, :]) * tl.dot(q, tl.trans(kc),
-                                                                   input_precision=PREC)
-        o = tl.exp(g)[:, None] * tl.dot(q, h, input_precision=PREC) + tl.dot(mq, d,
-                                                                             input_precision=PREC)
+        mq = _decay(g, g, rows[:, None] >= rows[None, :]) * _dot(q, tl.trans(kc), PREC)
+        o = tl.exp(g)[:, None] * _dot(q, h, PREC) + _dot(mq, d, PREC)
     else:
         o = 0.0
     g_last = _pick(g, rows, L)
     kt = tl.where(rows <= L, tl.exp(g_last - g), 0.0)[:, None] * kc
-    h_next = tl.exp(g_last) * h + tl.dot(tl.trans(kt), d, input_precision=PREC)
+    h_next = tl.exp(g_last) * h + _dot(tl.trans(kt), d, PREC)
     return o, h_next, kk, decay_a, tm
 
 
@@ -266,40 +263,38 @@ def _chunk_delta_bwd(sq, sk, su, sh, sdo, sdh, sw, sd, sdd, dh, kk, decay_a, tm,
     g_last = _pick(g, rows, L)
     if READOUT:
         gamma = _decay(g, g, rows[:, None] >= rows[None, :])
-        mq = gamma * tl.dot(_reload(sq, BT, BK), _reload_t(sk, BT, BK), input_precision=PREC)
+        mq = gamma * _dot(_reload(sq, BT, BK), _reload_t(sk, BT, BK), PREC)
     else:
         gamma, mq = 0.0, 0.0
     kt_scale = tl.where(rows <= L, tl.exp(g_last - g), 0.0)
     b_scale = eta * tl.exp(gp)                                               # B = diag(.) K
-    w = tl.dot(tm, b_scale[:, None] * _reload(sk, BT, BK), input_precision=PREC)   # W = Tm B
+    w = _dot(tm, b_scale[:, None] * _reload(sk, BT, BK), PREC)   # W = Tm B
     _spill(sw, w, BT, BK)
-    d = (tl.dot(tm, _reload(su, BT, BV), input_precision=PREC)
-         - tl.dot(w, _reload(sh, BK, BV), input_precision=PREC))
+    d = (_dot(tm, _reload(su, BT, BV), PREC)
+         - _dot(w, _reload(sh, BK, BV), PREC))
     _spill(sd, d, BT, BV)
-    dd = tl.dot(kt_scale[:, None] * _reload(sk, BT, BK), _reload(sdh, BK, BV),
-                input_precision=PREC)                                            # dDelta
+    dd = _dot(kt_scale[:, None] * _reload(sk, BT, BK), _reload(sdh, BK, BV), PREC)   # dDelta
     if READOUT:
-        dd += tl.dot(tl.trans(mq), _reload(sdo, BT, BV), input_precision=PREC)
+        dd += _dot(tl.trans(mq), _reload(sdo, BT, BV), PREC)
     _spill(sdd, dd, BT, BV)
-    dh_prev = tl.exp(g_last) * dh - tl.dot(_reload_t(sw, BT, BK), dd, input_precision=PREC)
+    dh_prev = tl.exp(g_last) * dh - _dot(_reload_t(sw, BT, BK), dd, PREC)
     if READOUT:
-        dh_prev += tl.dot(_reload_t(sq, BT, BK) * tl.exp(g)[None, :], _reload(sdo, BT, BV),
-                          input_precision=PREC)
+        dh_prev += _dot(_reload_t(sq, BT, BK) * tl.exp(g)[None, :], _reload(sdo, BT, BV), PREC)
         do = _reload(sdo, BT, BV)
-        d_mq = tl.dot(do, _reload_t(sd, BT, BV), input_precision=PREC)
-        d_qh = tl.dot(do, _reload_t(sh, BK, BV), input_precision=PREC)
+        d_mq = _dot(do, _reload_t(sd, BT, BV), PREC)
+        d_qh = _dot(do, _reload_t(sh, BK, BV), PREC)
         q = _reload(sq, BT, BK)
     else:
         d_mq, d_qh, q = 0.0, 0.0, 0.0
     dd_r = _reload(sdd, BT, BV)
-    d_w = -tl.dot(dd_r, _reload_t(sh, BK, BV), input_precision=PREC)
-    dd_u = tl.dot(dd_r, _reload_t(su, BT, BV), input_precision=PREC)
-    d_kt = tl.dot(_reload(sd, BT, BV), _reload_t(sdh, BK, BV), input_precision=PREC)
+    d_w = -_dot(dd_r, _reload_t(sh, BK, BV), PREC)
+    dd_u = _dot(dd_r, _reload_t(su, BT, BV), PREC)
+    d_kt = _dot(_reload(sd, BT, BV), _reload_t(sdh, BK, BV), PREC)
     h_dh = tl.sum(tl.sum(_reload(sh, BK, BV) * dh, 1), 0)
     dq, dk, deta, dlog_alpha, tail_unused = _delta_grads_tail(
         q, _reload(sk, BT, BK), g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt_scale,
         b_scale, d_mq, d_qh, d_w, d_kt, dd_u, h_dh, READOUT, PREC)
-    du = tl.dot(tl.trans(tm), _reload(sdd, BT, BV), input_precision=PREC)  # dU = Tm^T dU'
+    du = _dot(tl.trans(tm), _reload(sdd, BT, BV), PREC)  # dU = Tm^T dU'
     return dq, dk, du, deta, dlog_alpha, dh_prev
 
 
@@ -347,15 +342,15 @@ def _inner_write_bwd(sk, shh, serr, sh1, sh2, s1, s2, m, g1, lr, eta1, eta2, lw1
     # G1 = (Err h2^T) o s'(Z), Err = 2 (K + s(Z) h2 - V), Z = K h1
     dm = dg1 * s1
     dz = dg1 * m * s2
-    derr += tl.dot(dm, _reload(sh2, BE, BD), input_precision=PREC)
-    dh2 += tl.dot(tl.trans(dm), _reload(serr, BT, BD), input_precision=PREC)
+    derr += _dot(dm, _reload(sh2, BE, BD), PREC)
+    dh2 += _dot(tl.trans(dm), _reload(serr, BT, BD), PREC)
     dp = 2.0 * derr
     dk += dp
-    dhh += tl.dot(dp, _reload_t(sh2, BE, BD), input_precision=PREC)
-    dh2 += tl.dot(_reload_t(shh, BT, BE), dp, input_precision=PREC)
+    dhh += _dot(dp, _reload_t(sh2, BE, BD), PREC)
+    dh2 += _dot(_reload_t(shh, BT, BE), dp, PREC)
     dz += dhh * s1
-    dk += tl.dot(dz, _reload_t(sh1, BD, BE), input_precision=PREC)
-    dh1 += tl.dot(_reload_t(sk, BT, BD), dz, input_precision=PREC)
+    dk += _dot(dz, _reload_t(sh1, BD, BE), PREC)
+    dh1 += _dot(_reload_t(sk, BT, BD), dz, PREC)
     return dk, -dp, dlr, dh1, dh2
 
 
@@ -451,15 +446,15 @@ def _chunk_momentum_bwd(sq, sk, su, sh, sz, sdo, sdh, sdz, dh, dz, p, r, w, a, b
         _reload(sq, BT, BK), _reload(sk, BT, BK), _reload(sdo, BT, BV), _reload(sdh, BK, BV),
         _reload(sdz, BK, BV), w, a, b, c, w_last, r_last, rows, L, PREC)
     do = _reload(sdo, BT, BV)
-    d_wqk = tl.dot(do, _reload_t(su, BT, BV), input_precision=PREC)
-    do_h = tl.dot(do, _reload_t(sh, BK, BV), input_precision=PREC)
-    do_z = tl.dot(do, _reload_t(sz, BK, BV), input_precision=PREC)
+    d_wqk = _dot(do, _reload_t(su, BT, BV), PREC)
+    do_h = _dot(do, _reload_t(sh, BK, BV), PREC)
+    do_z = _dot(do, _reload_t(sz, BK, BV), PREC)
     u = _reload(su, BT, BV)
-    u_dh = tl.dot(u, _reload_t(sdh, BK, BV), input_precision=PREC)
-    u_dz = tl.dot(u, _reload_t(sdz, BK, BV), input_precision=PREC)
+    u_dh = _dot(u, _reload_t(sdh, BK, BV), PREC)
+    u_dz = _dot(u, _reload_t(sdz, BK, BV), PREC)
     h = _reload(sh, BK, BV)
     z = _reload(sz, BK, BV)
-    qk = tl.dot(_reload(sq, BT, BK), _reload_t(sk, BT, BK), input_precision=PREC)
+    qk = _dot(_reload(sq, BT, BK), _reload_t(sk, BT, BK), PREC)
     dq, dk, d_la, d_lb = _momentum_grads_tail(
         _reload(sq, BT, BK), _reload(sk, BT, BK), qk, p, r, w, a, b, c, w_last, r_last, rows,
         L, d_wqk, do_h, do_z, u_dh, u_dz, tl.sum(tl.sum(h * dh, 1), 0),

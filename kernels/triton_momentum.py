@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _chunk_span, _decay, _gate_grad, _launch_dims,
-                           _load_gate, _load_kv, _load_qk, _load_rows, _load_state,
+from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _chunk_span, _decay, _dot, _gate_grad,
+                           _launch_dims, _load_gate, _load_kv, _load_qk, _load_rows, _load_state,
                            _load_state_or_zeros, _log_cumsum, _pick, _program, _reverse_cumsum,
                            _scalar_zero, _span_grad, _store_gate, _store_kv, _store_rows,
                            _store_state)
@@ -47,7 +47,7 @@ def _momentum_chunk_gates(alpha_ptr, beta_ptr, g_base, t0, T, H, BT: tl.constexp
     L = tl.minimum(T - t0, BT) - 1
     p = _decay(la, la, incl)                                                  # [BT, BT]
     r = _decay(lb, lb, incl)
-    w = tl.dot(p, r, input_precision=PREC)
+    w = _dot(p, r, PREC)
     a = tl.exp(la)
     b = tl.exp(lb)
     c = tl.sum(p * b[None, :], 1)
@@ -60,14 +60,14 @@ def _momentum_chunk_gates(alpha_ptr, beta_ptr, g_base, t0, T, H, BT: tl.constexp
 def _momentum_chunk_fwd(q, kc, u, h, z, w, a, b, c, w_last, r_last, rows, L, PREC: tl.constexpr):
     """One chunk of the closed form above, given the writes U [BT, BV] and the chunk-start
     (h, z): the readout O and the next chunk-start (h, z)."""
-    wqk = w * tl.dot(q, tl.trans(kc), input_precision=PREC)
-    o = (a[:, None] * tl.dot(q, h, input_precision=PREC)
-         + c[:, None] * tl.dot(q, z, input_precision=PREC)
-         + tl.dot(wqk, u, input_precision=PREC))
+    wqk = w * _dot(q, tl.trans(kc), PREC)
+    o = (a[:, None] * _dot(q, h, PREC)
+         + c[:, None] * _dot(q, z, PREC)
+         + _dot(wqk, u, PREC))
     z_next = (_pick(b, rows, L) * z
-              + tl.dot(tl.trans(r_last[:, None] * kc), u, input_precision=PREC))
+              + _dot(tl.trans(r_last[:, None] * kc), u, PREC))
     h_next = (_pick(a, rows, L) * h + _pick(c, rows, L) * z
-              + tl.dot(tl.trans(w_last[:, None] * kc), u, input_precision=PREC))
+              + _dot(tl.trans(w_last[:, None] * kc), u, PREC))
     return o, h_next, z_next
 
 
@@ -78,14 +78,14 @@ def _momentum_chunk_bwd(q, kc, do, dh, dz, w, a, b, c, w_last, r_last, rows, L,
         dU  = (W o Q K^T)^T dO + diag(R_L.) K dz + diag(W_L.) K dh
         dh <- e^{la_L} dh + Q^T diag(e^{la}) dO ;  dz <- e^{lb_L} dz + c_L dh + Q^T diag(c) dO
     Returns (dU, chunk-start dh, chunk-start dz)."""
-    wqk = w * tl.dot(q, tl.trans(kc), input_precision=PREC)
-    du = (tl.dot(tl.trans(wqk), do, input_precision=PREC)
-          + tl.dot(r_last[:, None] * kc, dz, input_precision=PREC)
-          + tl.dot(w_last[:, None] * kc, dh, input_precision=PREC))
+    wqk = w * _dot(q, tl.trans(kc), PREC)
+    du = (_dot(tl.trans(wqk), do, PREC)
+          + _dot(r_last[:, None] * kc, dz, PREC)
+          + _dot(w_last[:, None] * kc, dh, PREC))
     dz_prev = (_pick(b, rows, L) * dz + _pick(c, rows, L) * dh
-               + tl.dot(tl.trans(q * c[:, None]), do, input_precision=PREC))
+               + _dot(tl.trans(q * c[:, None]), do, PREC))
     dh_prev = (_pick(a, rows, L) * dh
-               + tl.dot(tl.trans(q * a[:, None]), do, input_precision=PREC))
+               + _dot(tl.trans(q * a[:, None]), do, PREC))
     return du, dh_prev, dz_prev
 
 
@@ -100,8 +100,8 @@ def _momentum_grads_tail(q, kc, qk, p, r, w, a, b, c, w_last, r_last, rows, L, d
     incl = rows[:, None] >= rows[None, :]
     is_last = rows == L
     gw = d_wqk * w
-    dq = a[:, None] * do_h + c[:, None] * do_z + tl.dot(gw, kc, input_precision=PREC)
-    dk = (tl.dot(tl.trans(gw), q, input_precision=PREC)
+    dq = a[:, None] * do_h + c[:, None] * do_z + _dot(gw, kc, PREC)
+    dk = (_dot(tl.trans(gw), q, PREC)
           + w_last[:, None] * u_dh + r_last[:, None] * u_dz)
     # gradients of the gate quantities; the row-L ones come from h_next and z_next
     d_w = tl.where(incl, d_wqk * qk, 0.0) + tl.where(is_last[:, None],
@@ -110,8 +110,8 @@ def _momentum_grads_tail(q, kc, qk, p, r, w, a, b, c, w_last, r_last, rows, L, d
     d_a = tl.sum(q * do_h, 1) + tl.where(is_last, h_dh, 0.0)
     d_c = tl.sum(q * do_z, 1) + tl.where(is_last, z_dh, 0.0)
     d_b = tl.where(is_last, z_dz, 0.0) + tl.sum(p * d_c[:, None], 0)          # c = P b
-    d_p = tl.dot(d_w, tl.trans(r), input_precision=PREC) + d_c[:, None] * b[None, :]
-    d_r += tl.dot(tl.trans(p), d_w, input_precision=PREC)                      # W = P R
+    d_p = _dot(d_w, tl.trans(r), PREC) + d_c[:, None] * b[None, :]
+    d_r += _dot(tl.trans(p), d_w, PREC)                      # W = P R
     e_p = tl.where(incl, d_p, 0.0) * p
     e_r = tl.where(incl, d_r, 0.0) * r
     # la_t, lb_t sum the log gates s <= t; the decays P, R hold s in (j, t] (_span_grad)
@@ -154,7 +154,7 @@ def _momentum_fwd_scan(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, lw_ptr, s0_ptr,
         uc = _load_rows(u_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)
         if MEMORY:       # U = 2 diag(lw) (V - K h), V-local
             lw = _load_gate(lw_ptr, g_base, t0, end, H, 0.0, BT)
-            uc = (2.0 * lw)[:, None] * (uc - tl.dot(kc, h, input_precision=PREC))
+            uc = (2.0 * lw)[:, None] * (uc - _dot(kc, h, PREC))
         alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
             alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
         o, h, z = _momentum_chunk_fwd(q, kc, uc, h, z, w, a, b, c, w_last, r_last, rows, L, PREC)
@@ -196,7 +196,7 @@ def _momentum_bwd_scan(q_ptr, k_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr, dsT_pt
         if MEMORY:
             lw2 = 2.0 * _load_gate(lw_ptr, g_base, t0, end, H, 0.0, BT)
             _store_rows(dv_ptr, g_base * V, t0, end, H * V, v0, V, lw2[:, None] * du, BT, BV)
-            dh -= tl.dot(tl.trans(lw2[:, None] * kc), du, input_precision=PREC)
+            dh -= _dot(tl.trans(lw2[:, None] * kc), du, PREC)
             dh += tl.where(i_r == 0, 1.0, 0.0) * dh_start
     _store_state(ds0_ptr, bh64 * V * K, K, V, v0, dh, BK, BV)
     _store_state(dz0_ptr, bh64 * V * K, K, V, v0, dz, BK, BV)
@@ -218,7 +218,7 @@ def _momentum_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr
     q, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, K, BT, BK)
     alpha, beta, L, p, r, w, a, b, c, w_last, r_last = _momentum_chunk_gates(
         alpha_ptr, beta_ptr, g_base, t0, end, H, BT, PREC)
-    qk = tl.dot(q, tl.trans(kc), input_precision=PREC)
+    qk = _dot(q, tl.trans(kc), PREC)
     if MEMORY:
         lw2 = 2.0 * _load_gate(lw_ptr, g_base, t0, end, H, 0.0, BT)
         du_h = tl.zeros([BT, BK], dtype=tl.float32)     # dU h^T (the write's K h)
@@ -241,15 +241,15 @@ def _momentum_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr
         dz = _load_kv(dzc_ptr, kv_base, K, V, v0, BK, BV)
         if MEMORY:
             du = _load_rows(du_ptr, g_base * V, t0, end, H * V, v0, V, BT, BV)
-            resid = uc - tl.dot(kc, h, input_precision=PREC)
+            resid = uc - _dot(kc, h, PREC)
             uc = lw2[:, None] * resid
-            du_h += tl.dot(du, tl.trans(h), input_precision=PREC)
+            du_h += _dot(du, tl.trans(h), PREC)
             du_e += tl.sum(du * resid, 1)
-        d_wqk += tl.dot(do, tl.trans(uc), input_precision=PREC)
-        do_h += tl.dot(do, tl.trans(h), input_precision=PREC)
-        do_z += tl.dot(do, tl.trans(z), input_precision=PREC)
-        u_dh += tl.dot(uc, tl.trans(dh), input_precision=PREC)
-        u_dz += tl.dot(uc, tl.trans(dz), input_precision=PREC)
+        d_wqk += _dot(do, tl.trans(uc), PREC)
+        do_h += _dot(do, tl.trans(h), PREC)
+        do_z += _dot(do, tl.trans(z), PREC)
+        u_dh += _dot(uc, tl.trans(dh), PREC)
+        u_dz += _dot(uc, tl.trans(dz), PREC)
         h_dh += tl.sum(tl.sum(h * dh, 1), 0)
         z_dh += tl.sum(tl.sum(z * dh, 1), 0)
         z_dz += tl.sum(tl.sum(z * dz, 1), 0)

@@ -19,6 +19,9 @@ needs_kernels = triton_kernels_or_skip()
 import kernels  # noqa: E402
 from kernels import triton_scans  # noqa: E402
 from kernels.reference import delta_rule_reference, momentum_rule_reference  # noqa: E402
+from kernels.triton_delta import _round_to_tf32  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 OPS = {  # name -> (Triton function, reference, second gate, initial-state args, outputs)
     "delta": (triton_scans.delta_rule_triton, delta_rule_reference, "eta",
@@ -26,6 +29,40 @@ OPS = {  # name -> (Triton function, reference, second gate, initial-state args,
     "momentum": (triton_scans.momentum_rule_triton, momentum_rule_reference, "beta",
                  ("initial_state", "initial_momentum"), ("o", "S_T", "Z_T")),
 }
+
+
+@triton.jit
+def _round_to_tf32_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(y_ptr + i, _round_to_tf32(tl.load(x_ptr + i)))
+
+
+@needs_kernels
+def test_round_to_tf32_takes_the_nearest_tf32_value():
+    """triton_delta._round_to_tf32 (the operands of every tf32 product, triton_delta._dot):
+    of the two tf32 values around x (10 mantissa bits), the nearer one, ties away from zero
+    (as cvt.rna.tf32.f32), for both signs, zeros, subnormals, exact ties, values that round
+    up into the next binade or to infinity, infinities and NaN."""
+    import numpy as np
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.tensor([1.0, 1.0 + 2 ** -10, 3.0, 2.0 ** 127 * (2 - 2 ** -10)])      # tf32 values
+    special = torch.cat([grid + grid * 2 ** -11, -(grid + grid * 2 ** -11),          # exact ties
+                         torch.tensor([0.0, -0.0, 1e-40, -3e-39, 2 - 2 ** -12, 3.4e38, -3.4e38,
+                                       float("inf"), -float("inf"), float("nan")])])
+    x = torch.cat([special, torch.randn(1024 - len(special), generator=gen) *
+                   10.0 ** torch.randint(-30, 30, (1024 - len(special),), generator=gen)])
+    y = torch.empty_like(x)
+    _round_to_tf32_kernel[(1,)](x.to(DEVICE), y := y.to(DEVICE), N=1024)
+    bits = x.numpy().view(np.uint32)
+    xs = x.numpy().astype(np.float64)
+    finite = np.isfinite(xs)
+    kept = np.where(finite, bits & np.uint32(0xFFFFE000), 0).astype(np.uint32)
+    down = kept.view(np.float32).astype(np.float64)                                # toward zero
+    up = (kept + np.uint32(0x2000)).view(np.float32).astype(np.float64)           # away from it
+    up_at = np.where(np.isinf(up), np.sign(xs) * 2.0 ** 128, up)     # past the largest: overflow
+    expected = np.where(finite, np.where(np.abs(xs - down) < np.abs(up_at - xs), down, up), xs)
+    np.testing.assert_array_equal(y.cpu().numpy().astype(np.float64), expected)
+    assert torch.equal(torch.signbit(y.cpu()[:len(special)]), torch.signbit(x[:len(special)]))
 
 
 def make_inputs(op, B, T, H, K, V, with_states, gates="typical", dtype=torch.float32, seed=0):
@@ -173,8 +210,9 @@ def test_zero_gates_get_zero_gradients_not_nan(op):
 def test_fp32_products_follow_torch_matmul_precision(op):
     """fp32 inputs: exact products at PyTorch's default "highest", tf32 tensor cores at
     "high"/"medium" (what train.setup_precision sets for bf16 training on CUDA); 16-bit
-    inputs always tf32. The "high" run still matches the float64 reference (to tf32's
-    rounding on a GPU; the interpreter computes every product in fp32)."""
+    inputs always tf32. The "high" run still matches the float64 reference to tf32's
+    rounding (which the kernels apply to their operands themselves, triton_delta._dot, so
+    the interpreter shows it too)."""
     from kernels.triton_delta import dot_precision
     with fp32_matmul_precision("highest"):
         assert dot_precision(torch.float32) == "ieee" and dot_precision(torch.bfloat16) == "tf32"
