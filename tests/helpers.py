@@ -148,9 +148,10 @@ def train_recall_accuracy(model, recall_batch, steps: int, batch_size: int, eval
 @pytest.fixture
 def every_fused_kernel(monkeypatch):
     """The fused memory kernels' tests run every kernel, also the ones scan() keeps off on
-    CUDA (memory.FUSED_RULES_WRONG_ON_GPU): those files mark every test with it (pytestmark)."""
+    CUDA (memory.FUSED_RULES_AWAITING_GPU_CHECK): those files mark every test with it
+    (pytestmark)."""
     import memory
-    monkeypatch.setattr(memory, "FUSED_RULES_WRONG_ON_GPU", set())
+    monkeypatch.setattr(memory, "FUSED_RULES_AWAITING_GPU_CHECK", set())
 
 
 def fused_vs_oracle_errors(fused, inputs, segments, run_segments, outputs_of, param_names, device) -> dict:

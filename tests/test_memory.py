@@ -232,17 +232,18 @@ def test_float64_memory_keeps_the_per_chunk_path_with_triton_backend(depth):
 
 @pytest.mark.parametrize("depth", [1, 2])
 def test_momentum_keeps_the_per_chunk_path_on_cuda(depth, monkeypatch):
-    """The fused momentum kernels gave wrong outputs on an H200 (memory.FUSED_RULES_WRONG_ON_GPU):
-    on CUDA a momentum memory takes the per-chunk path, with backend "triton" too, and says
-    why; DGD and the CPU (the interpreter) still take the fused kernels, and an empty set
-    (the kernels' own tests, the kernel bench) lets momentum through again."""
+    """The fused momentum kernels wait for a GPU run to confirm their fix
+    (memory.FUSED_RULES_AWAITING_GPU_CHECK): on CUDA a momentum memory takes the per-chunk
+    path, with backend "triton" too, and says why; DGD and the CPU (the interpreter) still
+    take the fused kernels, and an empty set (the kernels' own tests, the kernel bench) lets
+    momentum through again."""
     momentum = NeuralMemory(H, D, depth=depth, chunk_size=4, update_rule="momentum", backend="triton")
     dgd = NeuralMemory(H, D, depth=depth, chunk_size=4, update_rule="dgd", backend="triton")
     why = momentum.fused_kernel_blocker("cuda")
-    assert why is not None and "momentum" in why and "FUSED_RULES_WRONG_ON_GPU" in why, why
+    assert why is not None and "momentum" in why and "FUSED_RULES_AWAITING_GPU_CHECK" in why, why
     assert momentum.fused_kernel_blocker("cpu") is None
     assert dgd.fused_kernel_blocker("cuda") is None
-    monkeypatch.setattr(memory, "FUSED_RULES_WRONG_ON_GPU", set())
+    monkeypatch.setattr(memory, "FUSED_RULES_AWAITING_GPU_CHECK", set())
     assert momentum.fused_kernel_blocker("cuda") is None
 
 

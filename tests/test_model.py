@@ -145,10 +145,10 @@ def test_kernel_report_names_each_memory_parts_path(monkeypatch):
     # Titans' memory runs the momentum rule (beta = 0 without momentum), kept off on CUDA ...
     linear = tiny("titans", kernels="triton", titans={"memory_depth": 1, "max_grad_norm": None})
     assert linear.kernel_report("cuda") == [
-        "Titans memory x2: per-chunk path (the fused momentum kernels gave wrong outputs on an H200 "
-        "with triton 3.6 (memory.FUSED_RULES_WRONG_ON_GPU, BENCHMARKS.md))"]
-    # ... unless memory.FUSED_RULES_WRONG_ON_GPU is emptied (the kernels' own tests)
-    monkeypatch.setattr(memory, "FUSED_RULES_WRONG_ON_GPU", set())
+        "Titans memory x2: per-chunk path (the fused momentum kernels are off on CUDA until a GPU run "
+        "confirms their tf32 fix (memory.FUSED_RULES_AWAITING_GPU_CHECK, BENCHMARKS.md))"]
+    # ... unless memory.FUSED_RULES_AWAITING_GPU_CHECK is emptied (the kernels' own tests)
+    monkeypatch.setattr(memory, "FUSED_RULES_AWAITING_GPU_CHECK", set())
     assert linear.kernel_report("cuda") == ["Titans memory x2: fused Triton kernel"]
     # head dim 128 with hidden 256: wider than the fused MLP kernel holds
     wide = tiny("titans", kernels="triton", n_head=1, d_model=128, titans={"memory_expansion": 2})
