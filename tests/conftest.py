@@ -35,6 +35,31 @@ def corpus(tmp_path_factory):
     return prepare_shakespeare(tmp_path_factory.mktemp("corpus"), 200_000, 400)
 
 
+@pytest.fixture
+def tensor_core_tf32(monkeypatch):
+    """tf32 products as NVIDIA's tensor cores make them: the low 13 mantissa bits of each fp32
+    operand dropped (truncated toward zero; Triton hands the registers over as they are). The
+    interpreter computes every tl.dot in fp32, so on CPU its dot is patched to do the same;
+    on a GPU the hardware does it."""
+    if torch.cuda.is_available():
+        return
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    exact_dot = interpreter.InterpreterBuilder.create_dot
+
+    def truncated(x):
+        return (x.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32) if x.dtype == np.float32 else x
+
+    def create_dot(self, a, b, acc, input_precision, max_num_imprecise_acc):
+        if input_precision == ir.INPUT_PRECISION.TF32:
+            a = interpreter.TensorHandle(truncated(a.data), a.dtype.scalar)
+            b = interpreter.TensorHandle(truncated(b.data), b.dtype.scalar)
+        return exact_dot(self, a, b, acc, input_precision, max_num_imprecise_acc)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
 def pytest_runtest_logreport(report):
     """PYTEST_REPORT_AT_ONCE=1: one line per test as it ends (outcome, seconds), and a
     failure's traceback at once instead of in the summary that a killed run never prints."""

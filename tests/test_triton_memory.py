@@ -226,33 +226,9 @@ def test_bad_inputs_raise_one_line_errors(change, message):
 
 # ----------------------------------------------------------------------------- tf32 products
 
-@pytest.fixture
-def tensor_core_tf32(monkeypatch):
-    """tf32 products as NVIDIA's tensor cores make them: the low 13 mantissa bits of each fp32
-    operand dropped (truncated toward zero; Triton hands the registers over as they are). The
-    interpreter computes every tl.dot in fp32, so on CPU its dot is patched to do the same;
-    on a GPU the hardware does it."""
-    if CUDA:
-        return
-    import numpy as np
-    from triton._C.libtriton import ir
-    from triton.runtime import interpreter
-
-    exact_dot = interpreter.InterpreterBuilder.create_dot
-
-    def truncated(x):
-        return (x.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32) if x.dtype == np.float32 else x
-
-    def create_dot(self, a, b, acc, input_precision, max_num_imprecise_acc):
-        if input_precision == ir.INPUT_PRECISION.TF32:
-            a = interpreter.TensorHandle(truncated(a.data), a.dtype.scalar)
-            b = interpreter.TensorHandle(truncated(b.data), b.dtype.scalar)
-        return exact_dot(self, a, b, acc, input_precision, max_num_imprecise_acc)
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
-
-
 @needs_kernels
-def test_tf32_products_carry_no_truncation_bias(tensor_core_tf32):
+@pytest.mark.usefixtures("tensor_core_tf32")
+def test_tf32_products_carry_no_truncation_bias():
     """The momentum memory integrates its writes, so a bias in every tf32 product adds up over
     the chunks: with truncated operands (tensor_core_tf32) and slow gates the fused layer was
     0.06 off at 2K tokens here, outputs, states and gradients alike (0.12 at 4K on an H200:
