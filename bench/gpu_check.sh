@@ -7,8 +7,8 @@
 # training throughput of Transformer++ vs Titans vs HOPE at 4K context (bench/step.py; Titans
 # and HOPE with their fused Triton kernels, model.kernels=triton, Titans' momentum kernels
 # included (--all-fused-kernels), HOPE at batch 2, profiled: GPU time per model part and the
-# top kernels), the kernel bench (HOPE's fused stage
-# 1 and the MLP memories against their per-chunk paths), then our Triton delta_rule against
+# top kernels), the kernel bench (HOPE's fused stage 1 and the memory layers against their
+# per-chunk paths), then our Triton delta_rule against
 # fla's chunk_gated_delta_rule where .fla/site holds fla (bash bench/fetch_fla.sh, sent with
 # the device tool's carry: [".fla"]; skipped without failing otherwise, and where fla refuses
 # its backward: triton 3.4-3.7.0 on Hopper); optionally (GPU_CHECK_FSDP=1) a 1-GPU FSDP2
