@@ -4,6 +4,7 @@
     python bench/kernels.py --quick         # tiny sizes, fp32: a smoke test (CPU: Triton interpreter)
     python bench/kernels.py --T 4096 --d 64 --ops delta_rule --json out.json
     python bench/kernels.py --parts hope memory --T 4096 --d 64    # parts in this order only
+    python bench/kernels.py --parts memory --depths 1 --fp32-matmul-precision highest   # linear memories, exact products
 
 Part 1, `kernels.delta_rule` and `kernels.momentum_rule`: forward and forward+backward time
 of backend "torch" (chunked PyTorch) and "triton", of backend "reference" (the sequential
