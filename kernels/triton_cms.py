@@ -123,9 +123,9 @@ def _cms_fwd_kernel(a_ptr, tg_ptr, w1_ptr, w2_ptr, g1c_ptr, g2c_ptr, y_ptr, e_pt
             w1 = _load_rows(w1_ptr, src * hd, j0, H, D, 0, D, BH, BD)
             w2 = _load_rows(w2_ptr, src * hd, 0, D, H, j0, H, BD, BH)
             h, s1, s2 = _act(_dot(a, tl.trans(w1), PREC), ACT, 1)
-            g2 = _dot(tl.trans(err), h, PREC)                      # [BD, BH]
-            gp = _dot(err, w2, PREC) * s1                           # [BT, BH]
-            g1 = _dot(tl.trans(gp), a, PREC)                        # [BH, BD]
+            g2 = _dot(tl.trans(err), h, PREC)                                        # [BD, BH]
+            gp = _dot(err, w2, PREC) * s1                                             # [BT, BH]
+            g1 = _dot(tl.trans(gp), a, PREC)                                          # [BH, BD]
             if i == 0:                                 # the chunk begun in an earlier segment
                 g1 += _load_rows(g1c_ptr, b * hd, j0, H, D, 0, D, BH, BD)
                 g2 += _load_rows(g2c_ptr, b * hd, 0, D, H, j0, H, BD, BH)

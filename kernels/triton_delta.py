@@ -156,7 +156,7 @@ def _span_grad(e, rows, L, STRICT: tl.constexpr, PREC: tl.constexpr):
     (a cumsum minus e[t, s] would cancel against the O(1) e[t, s] again); in tf32 (PREC) each
     term is rounded to ~1e-3, relative to s's own small terms, not to the O(1) ones."""
     before = tl.where(rows[:, None] < rows[None, :], 1.0, 0.0)                 # [i, s]: i < s
-    spans = _dot(e, before, PREC)        # [t, s]: sum_{i<s} e[t, i]
+    spans = _dot(e, before, PREC)                          # [t, s]: sum_{i<s} e[t, i]
     if STRICT:
         holds = rows[:, None] > rows[None, :]
     else:
@@ -278,7 +278,7 @@ def _delta_ut_system(kc, g, gp, eta, BT: tl.constexpr, PREC: tl.constexpr):
     """A (strictly lower), K K^T, the decay mask of A, and Tm = (I + A)^{-1}."""
     rows = tl.arange(0, BT)
     strict = rows[:, None] > rows[None, :]
-    kk = _dot(kc, tl.trans(kc), PREC)                       # [BT, BT]
+    kk = _dot(kc, tl.trans(kc), PREC)                                         # [BT, BT]
     decay_a = _decay(gp, g, strict)                                           # e^{gp_t - g_i}
     a = eta[:, None] * decay_a * kk
     return a, kk, decay_a, _ut_inverse(a, BT)
@@ -356,7 +356,7 @@ def _delta_prep(k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, w_ptr, u2_ptr, T, H, K
     if MEMORY:
         lw2 = 2.0 * _load_gate(lw_ptr, g_base, t0, end, H, 0.0, BT)
         b_scale += lw2
-    w = _dot(tm, b_scale[:, None] * kc, PREC)               # [BT, BK]
+    w = _dot(tm, b_scale[:, None] * kc, PREC)                                 # [BT, BK]
     _store_rows(w_ptr, bh64 * T * K, t0, end, K, 0, K, w, BT, BK)
     if WITH_U2:
         for v0 in range(0, V, BV):
@@ -393,7 +393,7 @@ def _delta_fwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_pt
         u2 = _load_rows(u2_ptr, bh64 * T * V, t0, end, V, v0, V, BT, BV)
         g = _log_cumsum(_load_gate(alpha_ptr, g_base, t0, end, H, 1.0, BT))
         g_last = _pick(g, rows, L)
-        d = u2 - _dot(w, h, PREC)                           # Delta [BT, BV]
+        d = u2 - _dot(w, h, PREC)                                             # Delta [BT, BV]
         if SAVE and not MEMORY:
             _store_rows(d_ptr, bh64 * T * V, t0, end, V, v0, V, d, BT, BV)
         mq = _decay(g, g, incl) * _dot(q, tl.trans(kc), PREC)
@@ -433,7 +433,7 @@ def _delta_bwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dsB_ptr, dh
         mq = _decay(g, g, incl) * _dot(q, tl.trans(kc), PREC)
         kt = tl.where(rows <= L, tl.exp(g_last - g), 0.0)[:, None] * kc
         dd = (_dot(tl.trans(mq), do, PREC)
-              + _dot(kt, dh, PREC))                           # [BT, BV]
+              + _dot(kt, dh, PREC))                                             # [BT, BV]
         _store_rows(dd_ptr, bh64 * T * V, t0, end, V, v0, V, dd, BT, BV)
         dh = (tl.exp(g_last) * dh
               + _dot(tl.trans(q * tl.exp(g)[:, None]), do, PREC)
@@ -468,7 +468,7 @@ def _delta_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, do_ptr, d_
     if MEMORY:
         lw2 = 2.0 * _load_gate(lw_ptr, g_base, t0, end, H, 0.0, BT)
         b_scale += lw2                                                        # B~
-        w = _dot(tm, b_scale[:, None] * kc, PREC)           # W~
+        w = _dot(tm, b_scale[:, None] * kc, PREC)                             # W~
         du_v = tl.zeros([BT], dtype=tl.float32)     # rows of dU~ . V
 
     d_mq = tl.zeros([BT, BT], dtype=tl.float32)     # dO Delta^T
@@ -495,7 +495,7 @@ def _delta_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, do_ptr, d_
         d_kt += _dot(d, tl.trans(dh), PREC)
         dd_u += _dot(dd, tl.trans(uc), PREC)
         h_dh += tl.sum(tl.sum(h * dh, 1), 0)
-        du = _dot(tl.trans(tm), dd, PREC)                   # dU = Tm^T dU'
+        du = _dot(tl.trans(tm), dd, PREC)                                     # dU = Tm^T dU'
         if MEMORY:
             du_v += tl.sum(du * vc, 1)
             du = lw2[:, None] * du                                            # dV

@@ -200,10 +200,10 @@ def _inner_write(kc, vc, lr, h1, h2, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
     forward, closed-form inner gradient, write rates and both layers' writes. CLIP: memory.py's
     max_grad_norm tau, each token's gradient (both layers together) scaled by
     c = tau / max(tau, ||dl/dW||), ||dl/dW||^2 = ||G1||^2 ||k||^2 + ||Err||^2 ||Hh||^2."""
-    z = _dot(kc, h1, PREC)                                  # [BT, BE]
+    z = _dot(kc, h1, PREC)                                                    # [BT, BE]
     hh, s1, s2 = _act(z, ACT, 2)                                              # s, s', s''
-    err = 2.0 * (kc + _dot(hh, h2, PREC) - vc)              # [BT, BD]
-    m = _dot(err, tl.trans(h2), PREC)                       # W_out^T e
+    err = 2.0 * (kc + _dot(hh, h2, PREC) - vc)                                # [BT, BD]
+    m = _dot(err, tl.trans(h2), PREC)                                         # W_out^T e
     g1 = m * s1
     if DGD:
         eta1 = lr / (1.0 + lr * tl.sum(kc * kc, 1))                           # eta' (NL Eq. 57)
@@ -268,7 +268,7 @@ def _chunk_delta_bwd(sq, sk, su, sh, sdo, sdh, sw, sd, sdd, dh, kk, decay_a, tm,
         gamma, mq = 0.0, 0.0
     kt_scale = tl.where(rows <= L, tl.exp(g_last - g), 0.0)
     b_scale = eta * tl.exp(gp)                                               # B = diag(.) K
-    w = _dot(tm, b_scale[:, None] * _reload(sk, BT, BK), PREC)   # W = Tm B
+    w = _dot(tm, b_scale[:, None] * _reload(sk, BT, BK), PREC)                     # W = Tm B
     _spill(sw, w, BT, BK)
     d = (_dot(tm, _reload(su, BT, BV), PREC)
          - _dot(w, _reload(sh, BK, BV), PREC))
@@ -294,7 +294,7 @@ def _chunk_delta_bwd(sq, sk, su, sh, sdo, sdh, sw, sd, sdd, dh, kk, decay_a, tm,
     dq, dk, deta, dlog_alpha, tail_unused = _delta_grads_tail(
         q, _reload(sk, BT, BK), g, gp, eta, rows, L, tm, kk, decay_a, gamma, mq, kt_scale,
         b_scale, d_mq, d_qh, d_w, d_kt, dd_u, h_dh, READOUT, PREC)
-    du = _dot(tl.trans(tm), _reload(sdd, BT, BV), PREC)  # dU = Tm^T dU'
+    du = _dot(tl.trans(tm), _reload(sdd, BT, BV), PREC)                    # dU = Tm^T dU'
     return dq, dk, du, deta, dlog_alpha, dh_prev
 
 

@@ -111,7 +111,7 @@ def _momentum_grads_tail(q, kc, qk, p, r, w, a, b, c, w_last, r_last, rows, L, d
     d_c = tl.sum(q * do_z, 1) + tl.where(is_last, z_dh, 0.0)
     d_b = tl.where(is_last, z_dz, 0.0) + tl.sum(p * d_c[:, None], 0)          # c = P b
     d_p = _dot(d_w, tl.trans(r), PREC) + d_c[:, None] * b[None, :]
-    d_r += _dot(tl.trans(p), d_w, PREC)                      # W = P R
+    d_r += _dot(tl.trans(p), d_w, PREC)                                        # W = P R
     e_p = tl.where(incl, d_p, 0.0) * p
     e_r = tl.where(incl, d_r, 0.0) * r
     # la_t, lb_t sum the log gates s <= t; the decays P, R hold s in (j, t] (_span_grad)
