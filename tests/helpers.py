@@ -160,12 +160,13 @@ def assert_torchrun_finished(result, success_lines):
 
 
 @pytest.fixture
-def every_fused_kernel(monkeypatch):
+def every_fused_kernel():
     """The fused memory kernels' tests run every kernel, also the ones scan() keeps off on
     CUDA (memory.FUSED_RULES_AWAITING_GPU_CHECK): those files mark every test with it
     (pytestmark)."""
-    import memory
-    monkeypatch.setattr(memory, "FUSED_RULES_AWAITING_GPU_CHECK", set())
+    from bench.common import every_fused_rule
+    with every_fused_rule():
+        yield
 
 
 def fused_vs_oracle_errors(fused, inputs, segments, run_segments, outputs_of, param_names, device) -> dict:

@@ -6,7 +6,6 @@ Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported): fp32, tiny sizes. With a GPU the same cases
 run natively, plus a realistic size.
 """
-import os
 
 import pytest
 import torch
@@ -262,11 +261,7 @@ def test_cuda_head_dim_128_chunk_16(rule):
 def test_kernel_bench_quick_mode_runs(capsys):
     """bench/kernels.py --quick at its smallest: every row measured, errors at fp32 level (exact
     products: --fp32-matmul-precision highest); --parts runs the parts in the order given."""
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "kernels.py")
-    spec = importlib.util.spec_from_file_location("bench_kernels", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from bench import kernels as bench
     before = torch.get_float32_matmul_precision()
     assert bench.main(["--quick", "--ops", "momentum_rule", "--T", "5", "--fp32-matmul-precision", "highest",
                        "--parts", "hope", "scans", "cms"]) == 0
@@ -292,13 +287,8 @@ def test_kernel_bench_memory_rows_of_the_linear_memory(capsys, monkeypatch):
     """bench/kernels.py --parts memory --depths 1: the linear memory's rows only, at fp32
     error; its triton rows run the fused kernels of every rule, also those memory.py keeps off
     on CUDA (every_fused_rule empties FUSED_RULES_AWAITING_GPU_CHECK inside, and restores it)."""
-    import importlib.util
-
     import memory
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "kernels.py")
-    spec = importlib.util.spec_from_file_location("bench_kernels", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from bench import kernels as bench
     monkeypatch.setattr(memory, "FUSED_RULES_AWAITING_GPU_CHECK", {"momentum"})
     with bench.every_fused_rule():
         assert memory.FUSED_RULES_AWAITING_GPU_CHECK == set()
