@@ -234,9 +234,8 @@ def score_descriptions(n_distractors: int) -> dict:
 
 def run(args) -> dict:
     tasks = [parse_task(t) for t in args.tasks.split(",") if t.strip()]
-    lengths = [x.strip() for x in args.lengths.split(",") if x.strip()]    # results are keyed by
-    for label in lengths:                         # these labels, as in eval.run and eval.babilong
-        parse_length(label)
+    # label -> tokens; results are keyed by the labels, as in eval.run and eval.babilong
+    lengths = {x.strip(): parse_length(x.strip()) for x in args.lengths.split(",") if x.strip()}
     if not tasks or not lengths:
         raise ValueError("--tasks and --lengths must name at least one task and one length")
     check_data_dir(args.data_dir)
@@ -244,10 +243,10 @@ def run(args) -> dict:
     gpt2 = length_tokenizer(args.data_dir)
     # every cell's samples before the first is scored: a length too short for the template
     # fails here, not after the cells before it were evaluated
-    cells = {(task, length): build_niah(task, length, args.samples, depths=args.depths, background=args.background,
-                                        seed=args.seed, n_distractors=args.distractors, data_dir=args.data_dir,
-                                        gpt2=gpt2)
-             for task in tasks for length in lengths}
+    cells = {(task, label): build_niah(task, tokens, args.samples, depths=args.depths, background=args.background,
+                                       seed=args.seed, n_distractors=args.distractors, data_dir=args.data_dir,
+                                       gpt2=gpt2)
+             for task in tasks for label, tokens in lengths.items()}
     results = {"benchmark": "s-niah (RULER niah_single_1/2/3)", "checkpoint": os.path.abspath(args.checkpoint),
                "arch": cfg.model.arch, "lengths_are": "GPT-2 tokens, prompt + 128 reserved for the answer",
                "background": args.background, "depths": args.depths,
