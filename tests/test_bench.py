@@ -22,6 +22,7 @@ BAD_FLAGS = [
     (step.main, ["--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
     (step.main, ["--steps", "0"], "argument --steps: must be >= 1, got 0"),
     (step.main, ["--steps", "two"], "argument --steps: expected an integer >= 1, got 'two'"),
+    (step.main, ["--profile-rows", "-1"], "argument --profile-rows: must be >= 0, got -1"),
     (hope_cpu.main, ["--warmup", "-2"], "argument --warmup: must be >= 0, got -2"),
     (hope_cpu.main, ["--profile-rows", "-1"], "argument --profile-rows: must be >= 0, got -1"),
     (hope_cpu.main, ["--d-model", "0"], "argument --d-model: must be >= 1, got 0"),
