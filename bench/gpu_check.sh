@@ -24,11 +24,13 @@
 #   bash bench/gpu_check.sh                    # on the GPU machine, from the repo root
 #   GPU_CHECK_DRY=1 bash bench/gpu_check.sh    # the same commands at tiny sizes on CPU
 #
-# Environment: GPU_CHECK_BUDGET (s, default 560; 900 for the dry run), GPU_CHECK_OUT (default /tmp/gpu_check: the
+# Environment: GPU_CHECK_STAGES (shell patterns of the stages to run, e.g. "diag_* step_titans_*";
+# default every stage: the summary's names), GPU_CHECK_BUDGET (s, default 560; 900 for the dry run), GPU_CHECK_OUT (default /tmp/gpu_check: the
 # summary, logs and kernels.json only, a handful of files), GPU_CHECK_WORK (default
 # /tmp/gpu_check_work: the FSDP runs' corpus, shards and checkpoints), GPU_CHECK_FSDP (1: also
 # the FSDP2 runs), PYTHON (default: .venv/bin/python if present, else python3), BATCH
-# (step.py sequences per step, default 4), HOPE_BATCH (the fused HOPE run's, default 2: HOPE-760M
+# (step.py sequences per step, default 4), TITANS_BATCH (the fused Titans run's, default 2: at 4 x 4K Titans-LMM-760M ran out of an
+# H100's 80 GB without activation checkpointing, 2026-11-27), HOPE_BATCH (the fused HOPE run's, default 2: HOPE-760M
 # keeps ~2x Transformer++'s activations per token, so 4 x 4K would not fit 80 GB without
 # activation checkpointing; BENCHMARKS.md), SEQ (context, default 4096), FSDP_STEPS (default 30).
 set -u
@@ -43,8 +45,10 @@ mkdir -p "$OUT/logs"
 : > "$OUT/summary.tsv"
 
 FSDP=${GPU_CHECK_FSDP:-0}
+STAGES=${GPU_CHECK_STAGES:-}
+set -f                                  # GPU_CHECK_STAGES' patterns are matched, not expanded
 if [ "$DRY" = 1 ]; then
-    DEVICE=cpu; BATCH=${BATCH:-1}; HOPE_BATCH=${HOPE_BATCH:-1}; SEQ=${SEQ:-16}; FSDP_STEPS=${FSDP_STEPS:-2}
+    DEVICE=cpu; BATCH=${BATCH:-1}; HOPE_BATCH=${HOPE_BATCH:-1}; TITANS_BATCH=${TITANS_BATCH:-1}; SEQ=${SEQ:-16}; FSDP_STEPS=${FSDP_STEPS:-2}
     SIZE=tiny
     PYTEST_K="dispatch or bad_inputs"
     KERNEL_ARGS="--quick --parts hope scans --ops momentum_rule --T 9"
@@ -55,7 +59,7 @@ if [ "$DRY" = 1 ]; then
     OLD_TESTS_K=""
     export TRITON_INTERPRET=1          # the step runs' model.kernels=triton: Triton's interpreter
 else
-    DEVICE=cuda; BATCH=${BATCH:-4}; HOPE_BATCH=${HOPE_BATCH:-2}; SEQ=${SEQ:-4096}; FSDP_STEPS=${FSDP_STEPS:-30}
+    DEVICE=cuda; BATCH=${BATCH:-4}; HOPE_BATCH=${HOPE_BATCH:-2}; TITANS_BATCH=${TITANS_BATCH:-2}; SEQ=${SEQ:-4096}; FSDP_STEPS=${FSDP_STEPS:-30}
     SIZE=760m
     PYTEST_K=""
     # The scans were measured on an H100 (BENCHMARKS.md): the bench times HOPE's stage 1
@@ -63,20 +67,24 @@ else
     # linear ones again: their tf32 operands are rounded since the H200 run, at a register
     # cost), at hope_760m's / Titans-760M's head.
     KERNEL_ARGS="--json $OUT/kernels.json --parts hope memory --T 4096 --d 64"
-    # The check: the linear memory (dgd and momentum) at a Titans-like shape, over one chunk
-    # and over many, T not a multiple of the chunk (a bias grows with the chunks); chunk and
-    # product precision are set per run below.
-    DIAG_ARGS="--parts memory --depths 1 --B 2 --T 64 1000 --H 4 --d 64"
+    # The check: the linear momentum memory at the shape that was 0.12 off on the H200 (B 4,
+    # T 4096, H 16, d 64) and at T not a multiple of the chunk (a bias grows with the chunks);
+    # the H100 run of 2026-11-27 passed DGD at every setting and momentum over one chunk, and
+    # spent its diag caps compiling.
+    DIAG_ARGS="--parts memory --depths 1 --rules momentum --B 4 --T 1000 4096 --H 16 --d 64"
     # Compiling dominates: one MLP-memory backward variant at the paper shapes takes ~80 s
     # (fwd ~12 s) on one core here. The 2026-11-27 run passed the Titans-DGD and HOPE-M_mem
     # tf32 cases, not rerun here (so the HOPE step finds nothing cached: its cap counts its
     # compiles); the Titans-momentum case runs first and leaves its kernels cached for the
     # Titans step. HOPE at batch 4 with activation checkpointing (3,021 tok/s) is not rerun.
-    # 100 (diag) + 150 + 30 + 80 + 100 (steps) + 100 (bench) = 560 s of the 560 s budget;
+    # 60 (diag) + 150 + 30 + 80 + 100 (steps) + 100 (bench) = 520 s of the 560 s budget;
     # fla's stage, the older kernel files' CUDA cases and the new files' small cases run with
     # what is left (GPU_CHECK_BUDGET=900 gives them room).
-    CAP_CUDA_TESTS=150; CAP_STEP_PLAIN=30; CAP_STEP_TITANS=80; CAP_STEP_HOPE=100
-    CAP_KERNELS=100; CAP_TEST=120; CAP_TEST_NEW=60; CAP_FSDP=40; CAP_FLA=90
+    # (each cap can be set from the environment, e.g. CAP_STEP_TITANS=150 for a rerun of one stage)
+    CAP_CUDA_TESTS=${CAP_CUDA_TESTS:-150}; CAP_STEP_PLAIN=${CAP_STEP_PLAIN:-30}
+    CAP_STEP_TITANS=${CAP_STEP_TITANS:-80}; CAP_STEP_HOPE=${CAP_STEP_HOPE:-100}
+    CAP_KERNELS=${CAP_KERNELS:-100}; CAP_TEST=${CAP_TEST:-120}; CAP_TEST_NEW=${CAP_TEST_NEW:-60}
+    CAP_FSDP=${CAP_FSDP:-40}; CAP_FLA=${CAP_FLA:-90}; CAP_DIAG=${CAP_DIAG:-60}
     # target: our Triton delta_rule fwd+bwd <= 1.0x the time of fla's chunk_gated_delta_rule
     # at the issue's shapes (B 4, H 16, bf16) at 4K context; our scans' own rows at T 2K-16K
     # are in BENCHMARKS.md already
@@ -91,14 +99,26 @@ fi
 # --all-fused-kernels runs them here.
 NO_AC=--distributed.activation_checkpointing=false
 STEP_RUNS="transformer_$SIZE:$CAP_STEP_PLAIN:configs/transformer_$SIZE.yaml:$NO_AC
-titans_lmm_${SIZE}_fused:$CAP_STEP_TITANS:configs/titans_lmm_$SIZE.yaml:--model.kernels=triton --all-fused-kernels $NO_AC
+titans_lmm_${SIZE}_fused:$CAP_STEP_TITANS:configs/titans_lmm_$SIZE.yaml:--model.kernels=triton --all-fused-kernels --train.batch_size=$TITANS_BATCH $NO_AC
 hope_${SIZE}_fused:$CAP_STEP_HOPE:configs/hope_$SIZE.yaml:--model.kernels=triton --train.batch_size=$HOPE_BATCH $NO_AC --profile-rows 25"
 FSDP_CONFIGS="configs/transformer_$SIZE.yaml configs/hope_$SIZE.yaml"
 START=$SECONDS
 
+# selected NAME: whether GPU_CHECK_STAGES (shell patterns; empty: every stage) names the stage.
+selected() {
+    [ -z "$STAGES" ] && return 0
+    local pattern
+    for pattern in $STAGES; do
+        # shellcheck disable=SC2053
+        [[ $1 == $pattern ]] && return 0
+    done
+    return 1
+}
+
 # run NAME CAP CMD...: run CMD with the smaller of CAP and the budget left; log + summary row.
 run() {
     local name=$1 cap=$2; shift 2
+    selected "$name" || return 0
     local left=$((BUDGET - (SECONDS - START)))
     [ "$left" -lt "$cap" ] && cap=$left
     if [ "$cap" -lt 5 ]; then
@@ -148,14 +168,13 @@ if [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_
     echo "error: no CUDA device (use GPU_CHECK_DRY=1 for the CPU dry run)" >&2; exit 2
 fi
 
-# 0. the check of the momentum kernels' fix: the fused linear memory (dgd, which passed,
-# beside momentum) against float64 with exact fp32 products, with tf32 products, and with
-# tf32 at chunk 32. The summary rows are each run's forward errors: on 2026-11-27 momentum
-# was 1.2e-1 off at tf32 (B 4, T 4096, H 16), dgd 1.9e-3.
-# (precision, chunk, cap: the first run compiles most, the dry run interprets everything)
-for diag in "highest 64 40" "high 64 30" "high 32 30"; do
-    read -r prec chunk cap <<< "$diag"
-    [ "$DRY" = 1 ] && cap=$CAP_DIAG
+# 0. the check of the momentum kernels' fix: the fused linear momentum memory against
+# float64 with tf32 products (training's setting). The summary rows are the forward errors:
+# on 2026-11-27 momentum was 1.2e-1 off on an H200 (B 4, T 4096, H 16), DGD 1.9e-3.
+# (precision and chunk: add "highest 64" or "high 32" for exact fp32 products or chunk 32)
+for diag in "high 64"; do
+    read -r prec chunk <<< "$diag"
+    cap=$CAP_DIAG
     # shellcheck disable=SC2086
     run "diag_${prec}_C$chunk" "$cap" "$PY" bench/kernels.py $DIAG_ARGS \
         --fp32-matmul-precision "$prec" --mem-chunk "$chunk"
@@ -204,7 +223,9 @@ fla_backward_refused() {
 v = tuple(int(x) for x in triton.__version__.split('+')[0].split('.')[:3])
 sys.exit(0 if torch.cuda.get_device_capability() == (9, 0) and (3, 4, 0) <= v < (3, 7, 1) else 1)"
 }
-if [ "$CAP_FLA" -gt 0 ] && [ -d .fla/site ] && fla_backward_refused; then
+if ! selected kernels_fla; then
+    :
+elif [ "$CAP_FLA" -gt 0 ] && [ -d .fla/site ] && fla_backward_refused; then
     printf 'kernels_fla\tSKIPPED (fla refuses its backward on Hopper with this triton)\t0\t\n' >> "$OUT/summary.tsv"
 elif [ "$CAP_FLA" -gt 0 ] && [ -d .fla/site ]; then
     # shellcheck disable=SC2086

@@ -275,6 +275,8 @@ def test_kernel_bench_quick_mode_runs(capsys):
     assert sorted((r[1], r[2]) for r in hope) == [(i, p) for i in ("torch", "triton") for p in ("fwd", "fwd+bwd")
                                                   ] + [("triton/all", "fwd+bwd")]
     assert all(float(r[8]) < 1e-5 for r in hope), hope
+    # the forward error over the first min(T, 256) tokens, where rounding is not yet amplified
+    assert all(r[9:12] == ["first", "5", "tokens:"] and float(r[12]) < 1e-5 for r in hope), hope
     first = {name: next(i for i, line in enumerate(out) if line.startswith(name))
              for name in ("hope/stage1/C4 ", "momentum_rule ", "cms/")}
     assert first["hope/stage1/C4 "] < first["momentum_rule "] < first["cms/"]
@@ -298,3 +300,8 @@ def test_kernel_bench_memory_rows_of_the_linear_memory(capsys, monkeypatch):
     assert sorted({(r[0], r[1]) for r in rows}) == [(f"memory/{rule}/C8", impl) for rule in ("dgd", "momentum")
                                                     for impl in ("torch", "triton")]
     assert all(float(r[8]) < 1e-5 for r in rows), rows
+    # --rules: the memory parts' update rules, here one
+    assert bench.main(["--quick", "--parts", "memory", "--depths", "1", "--rules", "momentum", "--T", "5",
+                       "--fp32-matmul-precision", "highest"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("memory/")]
+    assert sorted({(r[0], r[1]) for r in rows}) == [("memory/momentum/C8", impl) for impl in ("torch", "triton")]
