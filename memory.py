@@ -72,16 +72,6 @@ import kernels
 UPDATE_RULES = ("momentum", "dgd", "gd")
 ACTIVATIONS = ("silu", "gelu")
 
-# Update rules whose fused memory kernels (linear and MLP) stay off on CUDA until a GPU run
-# confirms a fix. The momentum kernels were 0.12 off on an H200 (BENCHMARKS.md, 2026-11-27):
-# tf32 tensor cores truncate fp32 operands, and the momentum rule adds the bias up; the
-# kernels now round their operands to nearest (kernels.triton_delta._dot), which removes it
-# in the interpreter with the same truncation emulated (tests/test_triton_memory.py). Until
-# then scan() takes the per-chunk path for these rules on CUDA; the CUDA tests,
-# bench/kernels.py and bench/gpu_check.sh empty the set to run the kernels.
-FUSED_RULES_AWAITING_GPU_CHECK = {"momentum"}
-
-
 def chunk_pieces(pos: int, T: int, *chunk_sizes: int) -> list[tuple[int, int]]:
     """Split the token range [0, T) that starts at absolute position `pos` into pieces
     that never cross a multiple of any of `chunk_sizes` (absolute chunk boundaries).
@@ -203,9 +193,7 @@ class NeuralMemory(nn.Module):
                        scans run in Triton ("triton", or "auto" on CUDA) a linear memory runs
                        as one fused kernel per layer (kernels/triton_memory.py); the MLP
                        memory's kernel (triton_mlp_memory.py) runs only with backend
-                       "triton", not yet with "auto"; neither fused kernel runs the
-                       momentum rule on CUDA yet (FUSED_RULES_AWAITING_GPU_CHECK,
-                       `fused_kernel_blocker`)
+                       "triton", not yet with "auto" (`fused_kernel_blocker`)
     """
 
     def __init__(self, n_head: int, head_dim: int, depth: int = 2, expansion: int = 2,
@@ -391,8 +379,7 @@ class NeuralMemory(nn.Module):
         MLP memory that `fusable_mlp` takes, clipped or not (kernels/triton_mlp_memory.py).
         The MLP kernel has not yet passed all its tests on a GPU (BENCHMARKS.md), so only an
         explicit backend "triton" selects it; "auto" keeps the per-chunk path for MLP
-        memories. The momentum kernels gave wrong outputs on a GPU, so on CUDA neither
-        backend runs them until a GPU run confirms their fix (FUSED_RULES_AWAITING_GPU_CHECK).
+        memories.
         Self-generated targets (scan's self_target) are for the MLP kernel's DGD/GD rules
         only, and not with detach_targets (the in-kernel target would still pass gradients to
         W_B). train.py prints these reasons per model part at start-up
@@ -407,9 +394,6 @@ class NeuralMemory(nn.Module):
             return "self-generated targets are fused for MLP memories with DGD / GD, without detach_targets"
         if kernels.select_backend(self.backend, device, self._dtype()) != "triton":
             return f"backend {self.backend!r} on {torch.device(device).type} runs the chunked PyTorch path"
-        if self.update_rule in FUSED_RULES_AWAITING_GPU_CHECK and torch.device(device).type == "cuda":
-            return (f"the fused {self.update_rule} kernels are off on CUDA until a GPU run confirms their "
-                    "tf32 fix (memory.FUSED_RULES_AWAITING_GPU_CHECK, BENCHMARKS.md)")
         if self.depth == 2:
             if self.backend != "triton":                 # opt-in until validated on a GPU
                 return "the fused MLP memory kernel runs only with model.kernels=triton until GPU-tested"

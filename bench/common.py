@@ -5,7 +5,6 @@ result into BENCHMARKS.md.
 
     from bench.common import add_model_shape_args, machine, report_error, result_footer
 """
-import contextlib
 import datetime
 import os
 import platform
@@ -22,23 +21,6 @@ def report_error(error) -> int:
     text = str(error).strip().splitlines() or [type(error).__name__]
     print(f"error: {text[0]}", file=sys.stderr)
     return 2
-
-
-@contextlib.contextmanager
-def every_fused_rule(on=True):
-    """Within (when on): memory.NeuralMemory.scan runs the fused kernels for every update
-    rule, also the ones it keeps off on CUDA until a GPU run confirms them
-    (memory.FUSED_RULES_AWAITING_GPU_CHECK): bench/kernels.py's triton rows time those kernels
-    and their error column shows whether they are right; bench/step.py --all-fused-kernels
-    times a model with them."""
-    import memory
-    kept_off = memory.FUSED_RULES_AWAITING_GPU_CHECK
-    if on:
-        memory.FUSED_RULES_AWAITING_GPU_CHECK = set()
-    try:
-        yield
-    finally:
-        memory.FUSED_RULES_AWAITING_GPU_CHECK = kept_off
 
 
 def add_model_shape_args(p, d_model: int, n_layer: int, n_head: int, vocab: int):

@@ -30,8 +30,6 @@ PyTorch, the CPU path) vs "triton" (one fused kernel, kernels/triton_memory.py),
 and momentum rules, fp32 state; error of y and the final weights vs the float64 torch path.
 fp32 products follow --fp32-matmul-precision: high (the default, as train.py sets for bf16
 training on CUDA) = tf32 tensor cores, highest = exact fp32 (kernels.triton_delta.dot_precision).
-The triton rows run the momentum kernels too, which memory.py keeps off on CUDA until a GPU
-run confirms their fix (FUSED_RULES_AWAITING_GPU_CHECK, BENCHMARKS.md).
 Rows memory/mlp/*: the same for the 2-layer MLP memory (kernels/triton_mlp_memory.py), E = 2d
 at d <= 64 (Titans' memories), E = d at d = 128 (the widest hidden the fused kernel holds; op
 memory/mlp/x1/..., timed after part 3), at the largest chunk <= --mem-chunk the kernel takes
@@ -67,7 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if not torch.cuda.is_available():                 # the Triton kernels run interpreted on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import kernels  # noqa: E402
-from bench.common import every_fused_rule, machine, report_error  # noqa: E402
+from bench.common import machine, report_error  # noqa: E402
 from cli import OneLineArgumentParser, output_file_problem, positive_int, write_atomic  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
 
@@ -252,8 +250,7 @@ def bench_memory_case(args, device, rows, depth, kind, rule, d, T, C, expansion)
             y, state = mem(**kw)
             return (y, *state["weights"])
         def run(backward):
-            with every_fused_rule():
-                sec, outs, _, _ = measure(layer, x, backward, device, args.repeats)
+            sec, outs, _, _ = measure(layer, x, backward, device, args.repeats)
             return sec, relative_error(outs, [y64, *s64["weights"]])
         for backward in (False, True):
             add_row(rows, lambda: run(backward), part="memory", op=f"memory/{kind}{rule}/C{C}",

@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import every_fused_rule, report_error, result_footer  # noqa: E402
+from bench.common import report_error, result_footer  # noqa: E402
 from cli import OneLineArgumentParser, non_negative_int, positive_int, resolve_device  # noqa: E402
 from config import load_config  # noqa: E402
 
@@ -168,15 +168,11 @@ def main(argv=None):
     p.add_argument("--warmup", type=non_negative_int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--all-fused-kernels", action="store_true",
-                   help="also run the fused memory kernels that memory.py keeps off on CUDA until a GPU "
-                        "run confirms them (memory.FUSED_RULES_AWAITING_GPU_CHECK): for that check")
     p.add_argument("--profile-rows", type=non_negative_int, default=0,
                    help="after timing, profile one more step: forward time per model part and this many "
                         "top ops by self time (CUDA: GPU kernel time); 0 = no profile")
     args, overrides = p.parse_known_args(argv)
-    with every_fused_rule(args.all_fused_kernels):
-        return _run(args, overrides, argv)
+    return _run(args, overrides, argv)
 
 
 def _run(args, overrides, argv):

@@ -159,16 +159,6 @@ def assert_torchrun_finished(result, success_lines):
     assert result.returncode == 0 or GLOO_EXIT_ABORT in result.stderr, log
 
 
-@pytest.fixture
-def every_fused_kernel():
-    """The fused memory kernels' tests run every kernel, also the ones scan() keeps off on
-    CUDA (memory.FUSED_RULES_AWAITING_GPU_CHECK): those files mark every test with it
-    (pytestmark)."""
-    from bench.common import every_fused_rule
-    with every_fused_rule():
-        yield
-
-
 def fused_vs_oracle_errors(fused, inputs, segments, run_segments, outputs_of, param_names, device) -> dict:
     """Relative errors (max |diff| / max(1, max |ref|)) of every output and of the gradient of
     every input and meta-learned initial weight, for the loss sum <out, random cotangent>:

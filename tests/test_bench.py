@@ -82,17 +82,6 @@ def test_step_bench_profile_labels_the_parts(capsys):
     _footer_ok(out, "step.py", argv)
 
 
-def test_step_bench_all_fused_kernels_lifts_the_gpu_hold(monkeypatch):
-    """--all-fused-kernels: the step runs with memory.FUSED_RULES_AWAITING_GPU_CHECK empty (the
-    momentum kernels fused on CUDA too), and the hold is back afterwards."""
-    import memory
-    seen = []
-    monkeypatch.setattr(memory, "FUSED_RULES_AWAITING_GPU_CHECK", {"momentum"})
-    monkeypatch.setattr(step, "_run", lambda *a: seen.append(set(memory.FUSED_RULES_AWAITING_GPU_CHECK)) or 0)
-    assert step.main(["--all-fused-kernels"]) == 0 and step.main([]) == 0
-    assert seen == [set(), {"momentum"}] and memory.FUSED_RULES_AWAITING_GPU_CHECK == {"momentum"}
-
-
 def test_step_bench_activation_checkpointing(capsys, monkeypatch):
     """distributed.activation_checkpointing=true: every block's forward runs under
     torch.utils.checkpoint, as in train.py, and the result line says so."""

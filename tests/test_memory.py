@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from helpers import apply_memory, oracle_write
-import memory
 from memory import NeuralMemory, chunk_pieces
 
 B, H, D = 2, 2, 4
@@ -228,23 +227,6 @@ def test_float64_memory_keeps_the_per_chunk_path_with_triton_backend(depth):
         why = mem.fused_kernel_blocker(device)
         assert why is not None and "float64" in why, (device, why)
     assert not mem._use_fused_kernel(torch.zeros(1, 1, H, D, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("depth", [1, 2])
-def test_momentum_keeps_the_per_chunk_path_on_cuda(depth, monkeypatch):
-    """The fused momentum kernels wait for a GPU run to confirm their fix
-    (memory.FUSED_RULES_AWAITING_GPU_CHECK): on CUDA a momentum memory takes the per-chunk
-    path, with backend "triton" too, and says why; DGD and the CPU (the interpreter) still
-    take the fused kernels, and an empty set (the kernels' own tests, the kernel bench) lets
-    momentum through again."""
-    momentum = NeuralMemory(H, D, depth=depth, chunk_size=4, update_rule="momentum", backend="triton")
-    dgd = NeuralMemory(H, D, depth=depth, chunk_size=4, update_rule="dgd", backend="triton")
-    why = momentum.fused_kernel_blocker("cuda")
-    assert why is not None and "momentum" in why and "FUSED_RULES_AWAITING_GPU_CHECK" in why, why
-    assert momentum.fused_kernel_blocker("cpu") is None
-    assert dgd.fused_kernel_blocker("cuda") is None
-    monkeypatch.setattr(memory, "FUSED_RULES_AWAITING_GPU_CHECK", set())
-    assert momentum.fused_kernel_blocker("cuda") is None
 
 
 def test_zero_lr_keeps_the_initial_memory():

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from helpers import assert_cached_generation_matches, assert_streaming_matches
-import memory
 from model import build_model
 
 ARCHS = ["transformer", "hope", "hope_attention"]
@@ -130,7 +129,7 @@ def test_memory_flops_count_every_block_and_its_cms():
     assert hope.memory_flops_per_token(64) == sum(b.mixer.memory_flops_per_token(64) for b in hope.blocks) + 2 * by_hand
 
 
-def test_kernel_report_names_each_memory_parts_path(monkeypatch):
+def test_kernel_report_names_each_memory_parts_path():
     """LanguageModel.kernel_report: one line per (part, path) with its layer count; the reason
     a part is not fused is the same function that routes scan() (fused_kernel_blocker)."""
     on_cpu = "per-chunk path (backend 'auto' on cpu runs the chunked PyTorch path)"
@@ -142,13 +141,8 @@ def test_kernel_report_names_each_memory_parts_path(monkeypatch):
     assert hope.kernel_report("cuda")[:2] == [f"HOPE M_mem x2: {opt_in}", f"HOPE stage 1 (projection memories) x2: {opt_in}"]
     fused = tiny("hope", kernels="triton").kernel_report("cuda")
     assert all(line.endswith(": fused Triton kernel") for line in fused) and len(fused) == 3
-    # Titans' memory runs the momentum rule (beta = 0 without momentum), kept off on CUDA ...
+    # Titans' memory runs the momentum rule (beta = 0 without momentum), fused on CUDA
     linear = tiny("titans", kernels="triton", titans={"memory_depth": 1, "max_grad_norm": None})
-    assert linear.kernel_report("cuda") == [
-        "Titans memory x2: per-chunk path (the fused momentum kernels are off on CUDA until a GPU run "
-        "confirms their tf32 fix (memory.FUSED_RULES_AWAITING_GPU_CHECK, BENCHMARKS.md))"]
-    # ... unless memory.FUSED_RULES_AWAITING_GPU_CHECK is emptied (the kernels' own tests)
-    monkeypatch.setattr(memory, "FUSED_RULES_AWAITING_GPU_CHECK", set())
     assert linear.kernel_report("cuda") == ["Titans memory x2: fused Triton kernel"]
     # head dim 128 with hidden 256: wider than the fused MLP kernel holds
     wide = tiny("titans", kernels="triton", n_head=1, d_model=128, titans={"memory_expansion": 2})

@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import (CUDA, DEVICE, every_fused_kernel, fp32_matmul_precision, fused_vs_oracle_errors, needs_cuda,
+from helpers import (CUDA, DEVICE, fp32_matmul_precision, fused_vs_oracle_errors, needs_cuda,
                      triton_kernels_or_skip)
 
 needs_kernels = triton_kernels_or_skip()
-pytestmark = pytest.mark.usefixtures(every_fused_kernel.__name__)
 
 from kernels import triton_memory  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
@@ -285,16 +284,10 @@ def test_kernel_bench_quick_mode_runs(capsys):
 
 
 @needs_kernels
-def test_kernel_bench_memory_rows_of_the_linear_memory(capsys, monkeypatch):
+def test_kernel_bench_memory_rows_of_the_linear_memory(capsys):
     """bench/kernels.py --parts memory --depths 1: the linear memory's rows only, at fp32
-    error; its triton rows run the fused kernels of every rule, also those memory.py keeps off
-    on CUDA (every_fused_rule empties FUSED_RULES_AWAITING_GPU_CHECK inside, and restores it)."""
-    import memory
+    error, for both update rules; --rules picks them."""
     from bench import kernels as bench
-    monkeypatch.setattr(memory, "FUSED_RULES_AWAITING_GPU_CHECK", {"momentum"})
-    with bench.every_fused_rule():
-        assert memory.FUSED_RULES_AWAITING_GPU_CHECK == set()
-    assert memory.FUSED_RULES_AWAITING_GPU_CHECK == {"momentum"}
     assert bench.main(["--quick", "--parts", "memory", "--depths", "1", "--fp32-matmul-precision", "highest"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("memory/")]
     assert sorted({(r[0], r[1]) for r in rows}) == [(f"memory/{rule}/C8", impl) for rule in ("dgd", "momentum")

@@ -13,11 +13,10 @@ import functools
 import pytest
 import torch
 
-from helpers import (CUDA, DEVICE, every_fused_kernel, fp32_matmul_precision, fused_vs_oracle_errors,
+from helpers import (CUDA, DEVICE, fp32_matmul_precision, fused_vs_oracle_errors,
                      needs_cuda, triton_kernels_or_skip)
 
 needs_kernels = triton_kernels_or_skip()
-pytestmark = pytest.mark.usefixtures(every_fused_kernel.__name__)
 
 from kernels import triton_mlp_memory  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
