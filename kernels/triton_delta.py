@@ -26,12 +26,15 @@ would remove it, at a register cost to be measured on a GPU.
 
 Kernels (all state math in fp32; grid axes: chunks or V-blocks x batch*heads):
     _delta_prep_kernel        parallel over chunks: Tm by forward substitution, W, U'
-    _delta_fwd_scan_kernel    sequential over chunks: Delta, O, h; saves chunk-start h, Delta
+    _delta_fwd_scan_kernel    sequential over chunks: Delta, h; saves chunk-start h, Delta
+    _delta_fwd_o_kernel       parallel over chunks: O from the saved h and Delta
     _delta_bwd_scan_kernel    sequential, reversed: dDelta and the carried dh (h's gradient)
     _delta_bwd_grads_kernel   parallel over chunks: dq, dk, du, dalpha, deta (reduces over V)
 Each kernel is a thin wrapper of one chunk-loop body (_delta_prep, _delta_fwd_scan,
 _delta_bwd_scan, _delta_bwd_grads) that triton_memory.py's linear memory layer runs too, in
-its MEMORY variant (chunk C <= BT, writes formed at the chunk-start state).
+its MEMORY variant (chunk C <= BT, writes formed at the chunk-start state; its scan computes
+the outputs in the loop, WITH_O). Taking O out of the delta rule's sequential scan leaves
+it two of its five products per chunk (fla splits its forward the same way).
 """
 import torch
 import triton
@@ -89,7 +92,8 @@ def _dot(a, b, PREC: tl.constexpr):
     same side every time. A recurrence that integrates its writes adds that bias up: the
     fused momentum memory was 0.12 off after 4K tokens on an H200 (BENCHMARKS.md), and an
     interpreter whose products truncate the same way gives the same 0.12; rounded operands
-    leave unbiased errors (as cuBLAS's TF32, which rounds), 5e-3 there."""
+    leave unbiased errors (as cuBLAS's TF32, which rounds), 5e-3 there; on an H100 the same
+    layer is 2.0e-3 off with them (DGD's level)."""
     if PREC == "tf32":
         a = _round_to_tf32(a)
         b = _round_to_tf32(b)
@@ -370,12 +374,15 @@ def _delta_prep(k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, w_ptr, u2_ptr, T, H, K
 @triton.jit
 def _delta_fwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_ptr, d_ptr,
                     sT_ptr, sB_ptr, T, H, K, V, C, NT, HAS_S0: tl.constexpr,
-                    SAVE: tl.constexpr, MEMORY: tl.constexpr, BT: tl.constexpr,
-                    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                    SAVE: tl.constexpr, MEMORY: tl.constexpr, WITH_O: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """One program per (V-block, batch*head): the chunks in order, h [BK, BV] in registers.
     V-columns of the state never mix in this recurrence, so V-blocks run independently.
     SAVE keeps each chunk's start h, and Delta unless MEMORY (whose backward recomputes it),
-    for the backward (skipped for inference); MEMORY also stores the last chunk-start h."""
+    for the backward (skipped for inference); MEMORY also stores the last chunk-start h.
+    WITH_O computes the outputs here; without it the scan keeps only the two products on its
+    sequential path (W h, K^T Delta) and _delta_fwd_o computes O from the saved h and Delta,
+    in parallel over chunks (as fla's chunk_fwd_o); it needs SAVE and not MEMORY."""
     i_v, bh64, g_base = _program(T, H)
     v0 = i_v * BV
     rows = tl.arange(0, BT)
@@ -388,7 +395,7 @@ def _delta_fwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_pt
         if MEMORY:
             if i_t == NT - 1:
                 _store_state(sB_ptr, bh64 * V * K, K, V, v0, h, BK, BV)
-        q, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, K, BT, BK)
+        kc = _load_rows(k_ptr, g_base * K, t0, end, H * K, 0, K, BT, BK)
         w = _load_rows(w_ptr, bh64 * T * K, t0, end, K, 0, K, BT, BK)
         u2 = _load_rows(u2_ptr, bh64 * T * V, t0, end, V, v0, V, BT, BV)
         g = _log_cumsum(_load_gate(alpha_ptr, g_base, t0, end, H, 1.0, BT))
@@ -396,13 +403,38 @@ def _delta_fwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_pt
         d = u2 - _dot(w, h, PREC)                                             # Delta [BT, BV]
         if SAVE and not MEMORY:
             _store_rows(d_ptr, bh64 * T * V, t0, end, V, v0, V, d, BT, BV)
-        mq = _decay(g, g, incl) * _dot(q, tl.trans(kc), PREC)
-        o = (tl.exp(g)[:, None] * _dot(q, h, PREC)
-             + _dot(mq, d, PREC))
-        _store_rows(o_ptr, g_base * V, t0, end, H * V, v0, V, o, BT, BV)
+        if WITH_O:
+            q = _load_rows(q_ptr, g_base * K, t0, end, H * K, 0, K, BT, BK)
+            o = _chunk_output(q, kc, g, incl, h, d, PREC)
+            _store_rows(o_ptr, g_base * V, t0, end, H * V, v0, V, o, BT, BV)
         kt = tl.where(rows <= L, tl.exp(g_last - g), 0.0)[:, None] * kc
         h = tl.exp(g_last) * h + _dot(tl.trans(kt), d, PREC)
     _store_state(sT_ptr, bh64 * V * K, K, V, v0, h, BK, BV)
+
+
+@triton.jit
+def _chunk_output(q, kc, g, incl, h, d, PREC: tl.constexpr):
+    """O = diag(e^g) Q h + (Gamma o Q K^T) Delta for one chunk from its start state h."""
+    mq = _decay(g, g, incl) * _dot(q, tl.trans(kc), PREC)
+    return tl.exp(g)[:, None] * _dot(q, h, PREC) + _dot(mq, d, PREC)
+
+
+@triton.jit
+def _delta_fwd_o(q_ptr, k_ptr, alpha_ptr, hc_ptr, d_ptr, o_ptr, T, H, K, V, NT,
+                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """One program per (chunk, batch*head): the chunk's outputs from its saved start h and
+    Delta (the scan run without WITH_O), every V-block; Q K^T once per chunk."""
+    i_t, bh64, g_base = _program(T, H)
+    t0, end, L = _chunk_span(i_t, BT, T)
+    rows = tl.arange(0, BT)
+    incl = rows[:, None] >= rows[None, :]
+    q, kc = _load_qk(q_ptr, k_ptr, g_base, t0, end, H, K, BT, BK)
+    g = _log_cumsum(_load_gate(alpha_ptr, g_base, t0, end, H, 1.0, BT))
+    for v0 in range(0, V, BV):
+        h = _load_kv(hc_ptr, (bh64 * NT + i_t) * K * V, K, V, v0, BK, BV)
+        d = _load_rows(d_ptr, bh64 * T * V, t0, end, V, v0, V, BT, BV)
+        o = _chunk_output(q, kc, g, incl, h, d, PREC)
+        _store_rows(o_ptr, g_base * V, t0, end, H * V, v0, V, o, BT, BV)
 
 
 @triton.jit
@@ -522,14 +554,21 @@ def _delta_prep_kernel(k_ptr, u_ptr, alpha_ptr, eta_ptr, w_ptr, u2_ptr, T, H, K,
 
 
 @triton.jit
-def _delta_fwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_ptr,
-                           d_ptr, sT_ptr, T, H, K, V, NT, HAS_S0: tl.constexpr,
-                           SAVE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           PREC: tl.constexpr):
-    """The delta rule's forward scan (_delta_fwd_scan with chunk BT): O, S_T, and with SAVE
-    each chunk's start h and Delta."""
-    _delta_fwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_ptr, d_ptr,
-                    sT_ptr, sT_ptr, T, H, K, V, BT, NT, HAS_S0, SAVE, False, BT, BK, BV, PREC)
+def _delta_fwd_scan_kernel(k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, hc_ptr, d_ptr, sT_ptr,
+                           T, H, K, V, NT, HAS_S0: tl.constexpr, BT: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """The delta rule's forward scan (_delta_fwd_scan with chunk BT, no outputs): S_T, each
+    chunk's start h and Delta, for _delta_fwd_o_kernel and the backward."""
+    _delta_fwd_scan(k_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, sT_ptr, hc_ptr, d_ptr,
+                    sT_ptr, sT_ptr, T, H, K, V, BT, NT, HAS_S0, True, False, False, BT, BK, BV,
+                    PREC)
+
+
+@triton.jit
+def _delta_fwd_o_kernel(q_ptr, k_ptr, alpha_ptr, hc_ptr, d_ptr, o_ptr, T, H, K, V, NT,
+                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """The delta rule's outputs (_delta_fwd_o), parallel over chunks."""
+    _delta_fwd_o(q_ptr, k_ptr, alpha_ptr, hc_ptr, d_ptr, o_ptr, T, H, K, V, NT, BT, BK, BV, PREC)
 
 
 @triton.jit
@@ -613,13 +652,19 @@ def delta_forward(q, k, u, alpha, eta, initial_state, save, BT, BK, BV):
         _delta_prep_kernel[(NT, B * H)](k, u, alpha, eta, w, u2, T, H, K, V, WITH_U2=True,
                                         **tiles, num_warps=CHUNK_WARPS, num_stages=1)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-    h_chunks = torch.empty((B * H, NT, K, V) if save else (0,), **f32)
-    d = torch.empty((B * H, T, V) if save else (0,), **f32)
+    # the chunk-start states and Delta feed the output kernel, and the backward (`save`)
+    h_chunks = torch.empty(B * H, NT, K, V, **f32)
+    d = torch.empty(B * H, T, V, **f32)
     s_final = torch.empty(B, H, V, K, **f32)
     has_s0 = initial_state is not None
     _delta_fwd_scan_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, alpha, w, u2, initial_state if has_s0 else s_final, o, h_chunks, d, s_final,
-        T, H, K, V, NT, HAS_S0=has_s0, SAVE=save, **tiles, num_warps=SCAN_WARPS)
+        k, alpha, w, u2, initial_state if has_s0 else s_final, h_chunks, d, s_final,
+        T, H, K, V, NT, HAS_S0=has_s0, **tiles, num_warps=SCAN_WARPS)
+    if NT > 0:
+        _delta_fwd_o_kernel[(NT, B * H)](q, k, alpha, h_chunks, d, o, T, H, K, V, NT, **tiles,
+                                         num_warps=SCAN_WARPS)
+    if not save:
+        h_chunks, d = h_chunks.new_empty(0), d.new_empty(0)
     return o, s_final, h_chunks, d
 
 
