@@ -6,6 +6,7 @@
     python bench/kernels.py --parts hope memory --T 4096 --d 64    # parts in this order only
     python bench/kernels.py --parts memory --depths 1 --fp32-matmul-precision highest   # linear memories, exact products
     python bench/kernels.py --parts memory --depths 1 --rules momentum --T 1000 4096     # one rule
+    python bench/kernels.py --parts scans --ops delta_rule --passes fwd                  # forwards only
 
 Part 1, `kernels.delta_rule` and `kernels.momentum_rule`: forward and forward+backward time
 of backend "torch" (chunked PyTorch) and "triton", of backend "reference" (the sequential
@@ -195,7 +196,7 @@ def bench_scans(args, device, dtype, fla_fn, rows):
                         ref.setdefault("grads", reference_grads(ref64, x, cot)[1])
                         err = max(err, relative_error(grads, ref["grads"]))
                     return sec, err
-                for backward in (False, True):
+                for backward in args.backward_passes:
                     for name, fn in fns.items():
                         add_row(rows, lambda: run(fn, backward), part="scan", op=op, impl=name,
                                 pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T, H=args.H, d=d)
@@ -252,7 +253,7 @@ def bench_memory_case(args, device, rows, depth, kind, rule, d, T, C, expansion)
         def run(backward):
             sec, outs, _, _ = measure(layer, x, backward, device, args.repeats)
             return sec, relative_error(outs, [y64, *s64["weights"]])
-        for backward in (False, True):
+        for backward in args.backward_passes:
             add_row(rows, lambda: run(backward), part="memory", op=f"memory/{kind}{rule}/C{C}",
                     impl=impl, pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=H, d=d)
 
@@ -307,7 +308,7 @@ def bench_hope_stage1(args, device, rows):
                     ref_grads.setdefault("x", reference_grads(stage(oracle, args.B), x, cot)[1])
                     err = max(err, relative_error(grads, ref_grads["x"]))
                 return sec, err, note
-            for backward in (False, True):
+            for backward in args.backward_passes:
                 for impl in ("torch", "triton") + (("triton/all",) if backward else ()):
                     add_row(rows, lambda: run(impl, backward), part="hope", op=f"hope/stage1/C{C}",
                             impl=impl, pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T,
@@ -351,7 +352,7 @@ def bench_cms_level(args, device, rows):
                 def run(backward):
                     sec, outs, _, _ = measure(level, x, backward, device, args.repeats)
                     return sec, relative_error(outs, ref)
-                for backward in (False, True):
+                for backward in args.backward_passes:
                     add_row(rows, lambda: run(backward), part="cms", op=f"cms/fast_level/C{C}",
                             impl=impl, pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=1, d=d)
 
@@ -397,6 +398,8 @@ def main(argv=None):
                    help="the memory parts' update rules")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                    help="the parts to run, in this order")
+    p.add_argument("--passes", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"],
+                   help="time the forward, forward+backward, or both")
     p.add_argument("--reference", action="store_true", help="also time the sequential reference")
     p.add_argument("--repeats", type=positive_int, default=3, help="CPU timing repeats")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
@@ -404,6 +407,7 @@ def main(argv=None):
                    help="torch.set_float32_matmul_precision for the run: the fp32 memory-layer and "
                         "CMS kernels multiply in exact fp32 at highest, in tf32 at high (training)")
     args = p.parse_args(argv)
+    args.backward_passes = [pass_ == "fwd+bwd" for pass_ in dict.fromkeys(args.passes)]
     if args.hope_chunk > 16:     # the fused stage-1 launch's limit: not silently timed at 16 instead
         p.error(f"argument --hope-chunk: must be <= 16, got {args.hope_chunk}")
     problem = args.json and output_file_problem(args.json)    # before the benchmark, not after it

@@ -260,3 +260,13 @@ def test_kernel_bench_exit_status_counts_failed_rows_not_notes(monkeypatch, caps
         assert kernels.main(["--quick", "--parts", "hope"]) == status
         row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("hope/stage1/C4"))
         assert row.endswith("first 5 tokens: 1.0e-07" if status == 0 else "RuntimeError: boom"), row
+
+
+@pytest.mark.parametrize("flag, value", [("--passes", "bwd"), ("--rules", "adam")])
+def test_kernel_bench_bad_choice_is_one_line(flag, value, capsys):
+    """bench/kernels.py --passes / --rules outside their choices: exit 2, one line naming both."""
+    with pytest.raises(SystemExit) as exit_info:
+        _kernels_main([flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: argument {flag}: invalid choice: '{value}'"), err

@@ -286,15 +286,16 @@ def test_kernel_bench_quick_mode_runs(capsys):
 @needs_kernels
 def test_kernel_bench_memory_rows_of_the_linear_memory(capsys):
     """bench/kernels.py --parts memory --depths 1: the linear memory's rows only, at fp32
-    error, for both update rules; --rules picks them."""
+    error, for both update rules; --rules picks them, --passes the forward and/or backward."""
     from bench import kernels as bench
     assert bench.main(["--quick", "--parts", "memory", "--depths", "1", "--fp32-matmul-precision", "highest"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("memory/")]
     assert sorted({(r[0], r[1]) for r in rows}) == [(f"memory/{rule}/C8", impl) for rule in ("dgd", "momentum")
                                                     for impl in ("torch", "triton")]
     assert all(float(r[8]) < 1e-5 for r in rows), rows
-    # --rules: the memory parts' update rules, here one
+    # --rules: the memory parts' update rules, here one; --passes: here the forwards only
     assert bench.main(["--quick", "--parts", "memory", "--depths", "1", "--rules", "momentum", "--T", "5",
-                       "--fp32-matmul-precision", "highest"]) == 0
+                       "--passes", "fwd", "--fp32-matmul-precision", "highest"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("memory/")]
-    assert sorted({(r[0], r[1]) for r in rows}) == [("memory/momentum/C8", impl) for impl in ("torch", "triton")]
+    assert sorted((r[0], r[1], r[2]) for r in rows) == [("memory/momentum/C8", impl, "fwd")
+                                                        for impl in ("torch", "triton")]
