@@ -274,8 +274,6 @@ def test_kernel_bench_quick_mode_runs(capsys):
     assert sorted((r[1], r[2]) for r in hope) == [(i, p) for i in ("torch", "triton") for p in ("fwd", "fwd+bwd")
                                                   ] + [("triton/all", "fwd+bwd")]
     assert all(float(r[8]) < 1e-5 for r in hope), hope
-    # the forward error over the first min(T, 256) tokens, where rounding is not yet amplified
-    assert all(r[9:12] == ["first", "5", "tokens:"] and float(r[12]) < 1e-5 for r in hope), hope
     first = {name: next(i for i, line in enumerate(out) if line.startswith(name))
              for name in ("hope/stage1/C4 ", "momentum_rule ", "cms/")}
     assert first["hope/stage1/C4 "] < first["momentum_rule "] < first["cms/"]
