@@ -662,7 +662,7 @@ def delta_forward(q, k, u, alpha, eta, initial_state, save, BT, BK, BV):
         T, H, K, V, NT, HAS_S0=has_s0, **tiles, num_warps=SCAN_WARPS)
     if NT > 0:
         _delta_fwd_o_kernel[(NT, B * H)](q, k, alpha, h_chunks, d, o, T, H, K, V, NT, **tiles,
-                                         num_warps=SCAN_WARPS)
+                                         num_warps=CHUNK_WARPS)
     if not save:
         h_chunks, d = h_chunks.new_empty(0), d.new_empty(0)
     return o, s_final, h_chunks, d

@@ -71,7 +71,7 @@ CASES = {
     "triton_delta": (SCAN_SHAPES, [
         ("_delta_prep_kernel", _flags(WITH_U2=BOOL), "chunk", 1),
         ("_delta_fwd_scan_kernel", _flags(HAS_S0=BOOL), "scan", None),
-        ("_delta_fwd_o_kernel", _flags(), "scan", None),
+        ("_delta_fwd_o_kernel", _flags(), "chunk", None),
         ("_delta_bwd_scan_kernel", _flags(), "scan", None),
         ("_delta_bwd_grads_kernel", _flags(), "chunk", 1),
     ]),
