@@ -72,6 +72,7 @@ import kernels
 UPDATE_RULES = ("momentum", "dgd", "gd")
 ACTIVATIONS = ("silu", "gelu")
 
+
 def chunk_pieces(pos: int, T: int, *chunk_sizes: int) -> list[tuple[int, int]]:
     """Split the token range [0, T) that starts at absolute position `pos` into pieces
     that never cross a multiple of any of `chunk_sizes` (absolute chunk boundaries).
