@@ -90,7 +90,8 @@ def chunk_pieces(pos: int, T: int, *chunk_sizes: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def chunk_step_budget(k, lr, keep, spent, pos: int, chunk_size: int, budget: float):
+def chunk_step_budget(k, lr, keep, spent, pos: int, chunk_size: int, budget: float,
+                      backend: str = "torch"):
     """Cap each token's inner learning rate by the step its chunk has left along its key
     (our stabiliser for long sequences, `model.titans.step_budget`; docs/FIDELITY.md, Titans
     choice 14).
@@ -114,14 +115,17 @@ def chunk_step_budget(k, lr, keep, spent, pos: int, chunk_size: int, budget: flo
 
     k [B, T, H, d] unit-norm keys; lr, keep [B, T, H]; `spent` [B, H, d, d] is P of the chunk
     that position `pos` lies in (None = nothing spent yet). Returns (lr' [B, T, H], P after
-    the last token, None on a chunk boundary)."""
+    the last token, None on a chunk boundary). `backend` "triton" (the memory's, resolved:
+    kernels.select_backend) runs the loop over each chunk's tokens as one Triton kernel,
+    forward and backward (kernels/triton_budget.py), for fp32 keys and chunks of at most
+    kernels.checks.MAX_BUDGET_CHUNK tokens; otherwise it is the PyTorch loop below, the reference."""
     if k.shape[1] == 0:
         return lr, spent
     with _no_autocast(k):          # fp32 like the memory itself (a bf16 overlap would round the caps)
-        return _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget)
+        return _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget, backend)
 
 
-def _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget):
+def _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget, backend):
     B, T, H, d = k.shape
     C, head = chunk_size, pos % chunk_size
     n = -(-(head + T) // C)
@@ -139,12 +143,16 @@ def _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget):
         first = torch.einsum("bchi,bhij,bchj->bhc", kc[:, 0], spent, kc[:, 0])
         used = torch.cat([first.unsqueeze(1), used[:, 1:]], 1)
     wanted = lrc / keepc                                                # the uncapped steps
-    steps = []
-    for j in range(C):
-        e = torch.minimum(wanted[:, :, j], F.relu(budget - used[..., j]))
-        used = used + e.unsqueeze(-1) * overlap[..., j]
-        steps.append(e)
-    e = torch.stack(steps, 2)                                           # [B, n, C, H]
+    if backend == "triton" and k.dtype == torch.float32 and C <= kernels.checks.MAX_BUDGET_CHUNK:
+        from kernels.triton_budget import capped_steps
+        e = capped_steps(wanted.transpose(2, 3), used, overlap, budget).transpose(2, 3)
+    else:
+        steps = []
+        for j in range(C):
+            e = torch.minimum(wanted[:, :, j], F.relu(budget - used[..., j]))
+            used = used + e.unsqueeze(-1) * overlap[..., j]
+            steps.append(e)
+        e = torch.stack(steps, 2)                                       # [B, n, C, H]
     new_lr = (e * keepc).reshape(B, n * C, H)[:, head:head + T]
     if (pos + T) % C == 0:
         return new_lr, None

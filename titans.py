@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from config import ModelConfig
 from memory import NeuralMemory, chunk_pieces, chunk_step_budget
 from model import CausalDepthwiseConv, RMSNorm, at_least_fp32, attention_mask, causal_attention, extend_kv_cache, project_qkv
@@ -131,7 +132,8 @@ class LongTermMemory(nn.Module):
         spent = None
         if self.step_budget is not None:        # our stabiliser (memory.chunk_step_budget)
             lr, spent = chunk_step_budget(k, lr, 1 - beta, state["spent"], state["memory"]["pos"],
-                                          self.memory.chunk_size, self.step_budget)
+                                          self.memory.chunk_size, self.step_budget,
+                                          kernels.select_backend(self.memory.backend, k.device, k.dtype))
         y, memory_state = self.memory(q, k, v, lr, alpha, beta, state["memory"])
         return y, {"conv": [conv_q, conv_k, conv_v], "memory": memory_state, "spent": spent}
 

@@ -48,7 +48,7 @@ if [ "$DRY" = 1 ]; then
     DEVICE=cpu; BATCH=${BATCH:-1}; HOPE_BATCH=${HOPE_BATCH:-1}; TITANS_BATCH=${TITANS_BATCH:-1}; SEQ=${SEQ:-16}; FSDP_STEPS=${FSDP_STEPS:-2}
     SIZE=tiny
     PYTEST_K="dispatch or bad_inputs"
-    KERNEL_ARGS="--quick --parts hope scans --ops momentum_rule --T 9"
+    KERNEL_ARGS="--quick --parts budget hope scans --ops momentum_rule --T 9"
     CAP_CUDA_TESTS=0; CAP_TEST=120; CAP_TEST_NEW=120; CAP_KERNELS=120; CAP_FSDP=120
     CAP_STEP_PLAIN=120; CAP_STEP_TITANS=120; CAP_STEP_HOPE=300
     CAP_FLA=0             # fla's kernels do not run under the interpreter (its autotuner wants a driver)
@@ -58,9 +58,10 @@ else
     DEVICE=cuda; BATCH=${BATCH:-4}; HOPE_BATCH=${HOPE_BATCH:-2}; TITANS_BATCH=${TITANS_BATCH:-2}; SEQ=${SEQ:-4096}; FSDP_STEPS=${FSDP_STEPS:-30}
     SIZE=760m
     PYTEST_K=""
-    # The bench times HOPE's stage 1 first (fused vs per-chunk, and the recompute's price),
-    # then the memory layers, at hope_760m's / Titans-760M's head.
-    KERNEL_ARGS="--json $OUT/kernels.json --parts hope memory --T 4096 --d 64"
+    # The bench times Titans' step budget first (its Triton loop is new, and compiles in
+    # seconds), then HOPE's stage 1 (fused vs per-chunk, and the recompute's price), then the
+    # memory layers, at hope_760m's / Titans-760M's head.
+    KERNEL_ARGS="--json $OUT/kernels.json --parts budget hope memory --T 4096 --d 64"
     # Compiling dominates: one MLP-memory backward variant at the paper shapes takes ~80 s
     # (fwd ~12 s). The 2026-11-27 runs passed the Titans-DGD, Titans-momentum, HOPE-M_mem, gelu
     # and CMS cases; the Titans-momentum case runs again first, as a check and to leave its

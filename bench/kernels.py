@@ -7,6 +7,7 @@
     python bench/kernels.py --parts memory --depths 1 --fp32-matmul-precision highest   # linear memories, exact products
     python bench/kernels.py --parts memory --depths 1 --rules momentum --T 1000 4096     # one rule
     python bench/kernels.py --parts scans --ops delta_rule --passes fwd                  # forwards only
+    python bench/kernels.py --parts budget --T 4096 --d 64                               # Titans' step budget
 
 Part 1, `kernels.delta_rule` and `kernels.momentum_rule`: forward and forward+backward time
 of backend "torch" (chunked PyTorch) and "triton", of backend "reference" (the sequential
@@ -49,6 +50,11 @@ clip their inner gradients at 1, as hope_760m: at HopeConfig's default 3 the sta
 rounding along the sequence (fp32 and float64 runs part ~10x per 100-200 tokens; BENCHMARKS.md,
 2026-11-27), and at T = 4096 both paths' errors were O(1).
 
+Part 5, Titans' step budget (op budget/C64; memory.chunk_step_budget, our stabiliser, not
+the papers': docs/FIDELITY.md Titans choice 14): its PyTorch loop over each chunk's tokens
+(a few small kernels per token) vs the Triton loop (kernels/triton_budget.py), at chunk
+--mem-chunk; error of the capped lr and the spent matrix (and the gradients) vs float64.
+
 Times: CUDA: triton.testing.do_bench (median, after warm-up); CPU: median wall time.
 """
 import contextlib
@@ -72,7 +78,7 @@ from memory import NeuralMemory  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPS = ("delta_rule", "momentum_rule")
-PARTS = ("scans", "memory", "cms", "hope", "wide")     # main's default order (module docstring)
+PARTS = ("scans", "memory", "cms", "hope", "wide", "budget")     # main's default order (module docstring)
 
 
 def load_fla():
@@ -321,6 +327,43 @@ def saving_every_chunk(on=True):
         triton_mlp_memory.MAX_SAVED_CHUNKS = limit
 
 
+def bench_step_budget(args, device, rows):
+    """Titans' step budget (memory.chunk_step_budget, budget 0.5, chunk --mem-chunk): the
+    PyTorch loop over each chunk's tokens vs the Triton loop (kernels/triton_budget.py);
+    error of the capped lr and the spent matrix (and of the gradients of the keys, lr and
+    keep) vs the float64 loop. Keys from 3 directions plus noise, so the budget binds."""
+    from memory import chunk_step_budget
+    C = min(args.mem_chunk, kernels.checks.MAX_BUDGET_CHUNK)
+    for d in args.d:
+        for T in args.T:
+            g = torch.Generator().manual_seed(4)
+            basis = torch.randn(3, args.H, d, generator=g)
+            noise = 0.3 * torch.randn(args.B, T, args.H, d, generator=g)
+            x = {"k": F.normalize(basis[torch.randint(0, 3, (args.B, T), generator=g)] + noise, dim=-1),
+                 "lr": 0.6 * torch.rand(args.B, T, args.H, generator=g),
+                 "keep": 0.2 + 0.8 * torch.rand(args.B, T, args.H, generator=g)}
+            x = {n: t.to(device) for n, t in x.items()}
+
+            def capped(impl):
+                def fn(k, lr, keep):
+                    return [t for t in chunk_step_budget(k, lr, keep, None, 0, C, 0.5, impl) if t is not None]
+                return fn
+            with torch.no_grad():
+                ref = capped("torch")(**{n: t.double() for n, t in x.items()})
+            ref_grads = {}
+            for impl in ("torch", "triton"):
+                def run(backward):
+                    sec, outs, grads, cot = measure(capped(impl), x, backward, device, args.repeats)
+                    err = relative_error(outs, ref)
+                    if backward:
+                        ref_grads.setdefault("g", reference_grads(capped("torch"), x, cot)[1])
+                        err = max(err, relative_error(grads, ref_grads["g"]))
+                    return sec, err
+                for backward in args.backward_passes:
+                    add_row(rows, lambda: run(backward), part="budget", op=f"budget/C{C}", impl=impl,
+                            pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T, H=args.H, d=d)
+
+
 def bench_cms_level(args, device, rows):
     """One CMS fast level (model dim d, hidden 4 d, chunk C): fast_level_scan (torch, per
     chunk) vs triton_cms.fused_fast_level (one launch per pass)."""
@@ -436,7 +479,8 @@ def _run(p, args, argv):
                 "memory": lambda: bench_memory_layer(args, device, rows),
                 "cms": lambda: bench_cms_level(args, device, rows),
                 "hope": lambda: bench_hope_stage1(args, device, rows),
-                "wide": lambda: bench_memory_layer(args, device, rows, wide=True)}
+                "wide": lambda: bench_memory_layer(args, device, rows, wide=True),
+                "budget": lambda: bench_step_budget(args, device, rows)}
     for part in args.parts:
         run_part[part]()
     print_speedups(rows)

@@ -9,6 +9,7 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # the Triton kernels' inputs
 MAX_KEY_DIM = 128      # the Triton kernels hold a state's whole key dimension in one tile
+MAX_BUDGET_CHUNK = 128  # the step budget's kernel holds a chunk's [C, C] key overlaps (64 KiB fp32)
 
 
 def interpreting():

@@ -49,6 +49,8 @@ CMS_SHAPES = {"small": dict(D=16, H=32, C=16), "mid": dict(D=64, H=256, C=64),
               "large": dict(D=128, H=512, C=32)}
 # HOPE stage 1 (triton_hope): "hope" is hope_760m's projection memories (C_other 16), "large"
 # the widest head at its largest chunk (triton_hope.fusable_projections).
+# The step budget's loop (triton_budget): Titans' memory chunk, up to the kernel's limit.
+BUDGET_SHAPES = {"small": dict(C=16), "mid": dict(C=64), "large": dict(C=128)}
 HOPE_SHAPES = {"small": dict(d=16, E=16, C=16), "hope": dict(d=64, E=64, C=16),
                "large": dict(d=128, E=128, C=16)}
 BOOL = (True, False)
@@ -101,17 +103,21 @@ CASES = {
         ("_cms_fwd_kernel", _flags(SAVE=BOOL, ACT=(0, 1)), "cms", None),
         ("_cms_bwd_kernel", _flags(ACT=(0, 1)), "cms", None),
     ]),
+    "triton_budget": (BUDGET_SHAPES, [
+        ("_budget_fwd_kernel", _flags(), "budget", None),
+        ("_budget_bwd_kernel", _flags(), "budget", None),
+    ]),
     "triton_hope": (HOPE_SHAPES, [
         ("_hope_projections_fwd_kernel", _flags(DGD=BOOL, CLIP=BOOL, ACT=(0, 1), SAVE=BOOL), "chunk",
          1),
         ("_hope_projections_bwd_kernel", _flags(DGD=BOOL, CLIP=BOOL, ACT=(0, 1)), "chunk", 1),
     ]),
 }
-FP32_ONLY = ("triton_cms", "triton_hope")     # their hosts take fp32 inputs only: no "tf32"
+FP32_ONLY = ("triton_cms", "triton_hope", "triton_budget")     # their hosts take fp32 inputs only: no "tf32"
 # Pointers that carry the caller's dtype (bf16 on the tf32 path); the rest are fp32 buffers.
 INPUT_DTYPE_PTRS = {f"{n}_ptr" for n in (
     "q k u v alpha eta beta lr lw o y do dy dq dk du dv dalpha deta dbeta dlr dlw".split())}
-FLOAT_ARGS = {"tau", "lr", "eta_max"}     # fp32 scalars; every other non-pointer argument is an i32
+FLOAT_ARGS = {"tau", "lr", "eta_max", "budget"}     # fp32 scalars; every other non-pointer argument is an i32
 
 
 def _cases(file):
@@ -144,8 +150,10 @@ def _cases(file):
 
 def _launch_config(file, kernel, shape, warps):
     """(tile constexprs, num_warps) exactly as the host launcher computes them."""
-    from kernels import triton_cms, triton_delta, triton_memory, triton_mlp_memory, triton_scans
+    from kernels import triton_budget, triton_cms, triton_delta, triton_memory, triton_mlp_memory, triton_scans
     s = shape
+    if file == "triton_budget":
+        return triton_budget._launch(s["C"])
     if file in ("triton_delta", "triton_momentum"):
         tiles = dict(zip(("BT", "BK", "BV"), triton_scans._tiles(s["K"], s["V"], s["C"])))
     elif file == "triton_memory":
@@ -179,7 +187,7 @@ def _compile_one(file, kernel, shape_name, flags, prec, stage, regs=False):
     tiles, n_warps = _launch_config(file, kernel, shapes[shape_name], warps)
     kern = getattr(importlib.import_module(f"kernels.{file}"), kernel)
     names = list(inspect.signature(kern.fn).parameters)
-    const = {**flags, **tiles, "PREC": prec.split("_")[0]}
+    const = {**flags, **tiles, **({"PREC": prec.split("_")[0]} if "PREC" in names else {})}   # no products: no PREC
     low = "*bf16" if prec == "tf32" else "*fp32"     # PRECISIONS
     sig = {n: "constexpr" if n in const else
            (low if n in INPUT_DTYPE_PTRS else "*fp32") if n.endswith("_ptr") else

@@ -1,0 +1,174 @@
+"""Triton forward+backward kernels for the loop of Titans' step budget
+(`memory.chunk_step_budget`, our stabiliser; docs/FIDELITY.md, Titans choice 14).
+
+Within one chunk of C tokens, with w_j the uncapped step of token j, u the amount the chunk
+has spent along each of its keys (u_i = k_i^T P k_i; at a segment's start, what the
+previous segment left) and O_ij = (k_i . k_j)^2:
+
+    e_j = min(w_j, relu(b - u_j)),    u <- u + e_j O[:, j]           (j = 0 .. C-1, in order)
+
+memory.py's PyTorch loop is the reference and the CPU path; on CUDA it launches a handful of
+small kernels per token of the chunk, forward and backward, in every layer. Here one program
+per (sequence, chunk, head) runs the whole loop with its O [C, C] in registers.
+
+Backward, the loop reversed, with du the gradient of u after step j (zero after the last):
+    de_j = g_j + du . O[:, j],    dO[:, j] = e_j du,
+    e_j = min(w_j, r_j), r_j = relu(b - u_j): de_j goes to the smaller of w_j and r_j (half
+    to each at a tie, as torch.minimum), and du_j -= (r_j's share) where b - u_j > 0 (relu'
+    is 0 at 0, as torch's).
+The forward saves u_j, the amount token j saw, for that.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .checks import MAX_BUDGET_CHUNK
+
+
+@triton.jit
+def _row_and_tiles(C, BC: tl.constexpr):
+    """This program's row (a (sequence, chunk, head)), the token indices and their mask."""
+    row = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, BC)
+    return row, idx, idx < C
+
+
+@triton.jit
+def _load_vec(ptr, row, idx, mask, C):
+    return tl.load(ptr + row * C + idx, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _at(x, idx, j):
+    """x[j] of a [BC] tile as a scalar."""
+    return tl.sum(tl.where(idx == j, x, 0.0), 0)
+
+
+@triton.jit
+def _budget_fwd_kernel(w_ptr, u0_ptr, o_ptr, e_ptr, seen_ptr, budget, C, BC: tl.constexpr):
+    """The loop forward: the capped steps e and the amount u_j each token saw."""
+    row, idx, mask = _row_and_tiles(C, BC)
+    w = _load_vec(w_ptr, row, idx, mask, C)
+    u = _load_vec(u0_ptr, row, idx, mask, C)
+    tile = row * C * C + idx[:, None] * C + idx[None, :]
+    overlap = tl.load(o_ptr + tile, mask=mask[:, None] & mask[None, :], other=0.0)
+    e = tl.zeros([BC], dtype=tl.float32)
+    seen = tl.zeros([BC], dtype=tl.float32)
+    for j in range(C):
+        u_j = _at(u, idx, j)
+        e_j = tl.minimum(_at(w, idx, j), tl.maximum(budget - u_j, 0.0))
+        u += e_j * tl.sum(tl.where(idx[None, :] == j, overlap, 0.0), 1)     # O[:, j]
+        e = tl.where(idx == j, e_j, e)
+        seen = tl.where(idx == j, u_j, seen)
+    tl.store(e_ptr + row * C + idx, e, mask=mask)
+    tl.store(seen_ptr + row * C + idx, seen, mask=mask)
+
+
+@triton.jit
+def _budget_bwd_kernel(w_ptr, o_ptr, e_ptr, seen_ptr, de_ptr, dw_ptr, du0_ptr, do_ptr, budget,
+                       C, BC: tl.constexpr):
+    """The loop reversed (module docstring): gradients of w, of the starting u and of O."""
+    row, idx, mask = _row_and_tiles(C, BC)
+    w = _load_vec(w_ptr, row, idx, mask, C)
+    e = _load_vec(e_ptr, row, idx, mask, C)
+    seen = _load_vec(seen_ptr, row, idx, mask, C)
+    g = _load_vec(de_ptr, row, idx, mask, C)
+    tile = row * C * C + idx[:, None] * C + idx[None, :]
+    tile_mask = mask[:, None] & mask[None, :]
+    overlap = tl.load(o_ptr + tile, mask=tile_mask, other=0.0)
+    du = tl.zeros([BC], dtype=tl.float32)
+    dw = tl.zeros([BC], dtype=tl.float32)
+    d_overlap = tl.zeros([BC, BC], dtype=tl.float32)
+    for step in range(C):
+        j = C - 1 - step
+        column = idx[None, :] == j
+        e_j = _at(e, idx, j)
+        de_j = _at(g, idx, j) + tl.sum(du * tl.sum(tl.where(column, overlap, 0.0), 1), 0)
+        d_overlap = tl.where(column, du[:, None] * e_j, d_overlap)
+        w_j = _at(w, idx, j)
+        slack = budget - _at(seen, idx, j)
+        r_j = tl.maximum(slack, 0.0)
+        to_w = tl.where(w_j < r_j, 1.0, tl.where(w_j > r_j, 0.0, 0.5))
+        dw = tl.where(idx == j, de_j * to_w, dw)
+        dr = tl.where(slack > 0.0, de_j * (1.0 - to_w), 0.0)                # relu' = 0 at 0
+        du = tl.where(idx == j, du - dr, du)
+    tl.store(dw_ptr + row * C + idx, dw, mask=mask)
+    tl.store(du0_ptr + row * C + idx, du, mask=mask)
+    tl.store(do_ptr + tile, d_overlap, mask=tile_mask)
+
+
+def _launch(C):
+    """(grid constexprs, warps): the token tile covers the chunk; more warps for O at C > 64."""
+    BC = max(16, triton.next_power_of_2(C))
+    return dict(BC=BC), 8 if BC > 64 else 4
+
+
+@torch.library.custom_op("nested_learning::step_budget_fwd", mutates_args=())
+def _step_budget_fwd(wanted: Tensor, used: Tensor, overlap: Tensor,
+                     budget: float) -> tuple[Tensor, Tensor]:
+    wanted, used, overlap = wanted.contiguous(), used.contiguous(), overlap.contiguous()
+    e, seen = torch.empty_like(wanted), torch.empty_like(wanted)
+    N, C = wanted.shape
+    if N and C:
+        consts, warps = _launch(C)
+        _budget_fwd_kernel[(N,)](wanted, used, overlap, e, seen, budget, C, **consts,
+                                 num_warps=warps)
+    return e, seen
+
+
+@_step_budget_fwd.register_fake
+def _(wanted, used, overlap, budget):
+    return torch.empty_like(wanted), torch.empty_like(wanted)
+
+
+@torch.library.custom_op("nested_learning::step_budget_bwd", mutates_args=())
+def _step_budget_bwd(wanted: Tensor, overlap: Tensor, e: Tensor, seen: Tensor, grad_e: Tensor,
+                     budget: float) -> tuple[Tensor, Tensor, Tensor]:
+    wanted, overlap, grad_e = wanted.contiguous(), overlap.contiguous(), grad_e.contiguous()
+    dw, du0, d_overlap = torch.empty_like(wanted), torch.empty_like(wanted), torch.empty_like(overlap)
+    N, C = wanted.shape
+    if N and C:
+        consts, warps = _launch(C)
+        _budget_bwd_kernel[(N,)](wanted, overlap, e, seen, grad_e, dw, du0, d_overlap, budget, C,
+                                 **consts, num_warps=warps)
+    return dw, du0, d_overlap
+
+
+@_step_budget_bwd.register_fake
+def _(wanted, overlap, e, seen, grad_e, budget):
+    return torch.empty_like(wanted), torch.empty_like(wanted), torch.empty_like(overlap)
+
+
+def _setup_context(ctx, inputs, output):
+    wanted, used, overlap, budget = inputs
+    ctx.save_for_backward(wanted, overlap, *output)
+    ctx.budget = budget
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_e, _grad_seen):
+    wanted, overlap, e, seen = ctx.saved_tensors
+    grad_e = torch.zeros_like(e) if grad_e is None else grad_e
+    dw, du0, d_overlap = torch.ops.nested_learning.step_budget_bwd(wanted, overlap, e, seen,
+                                                                    grad_e, ctx.budget)
+    return dw, du0, d_overlap, None
+
+
+_step_budget_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def capped_steps(wanted, used, overlap, budget):
+    """The budget loop over each chunk (module docstring): wanted, used [..., C] fp32 (the
+    uncapped steps, the amounts spent before the chunk's first token), overlap [..., C, C]
+    fp32 ((k_i . k_j)^2). Returns the capped steps e [..., C]."""
+    C = wanted.shape[-1]
+    if C > MAX_BUDGET_CHUNK:
+        raise ValueError(f"the step-budget kernel holds chunks of at most {MAX_BUDGET_CHUNK} tokens; got {C}")
+    for name, t in (("wanted", wanted), ("used", used), ("overlap", overlap)):
+        if t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 for the step-budget kernel; got {t.dtype}")
+    lead = wanted.shape[:-1]
+    e, _ = torch.ops.nested_learning.step_budget_fwd(
+        wanted.reshape(-1, C), used.reshape(-1, C), overlap.reshape(-1, C, C), float(budget))
+    return e.view(*lead, C)
