@@ -156,13 +156,13 @@ if [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_
 fi
 
 # 1. kernel tests, one test per log line (-v) so a stage cut by its cap still shows what
-# passed: first the CUDA cases of HOPE's fused stage 1 (never yet passed on a GPU) after the
-# MLP memory with momentum at Titans' shape (passed on 2026-11-27; it caches the Titans
-# step's kernels), the CMS level (passed, 4 s) and the step budget's loop (new, seconds); the Titans-DGD, HOPE M_mem and gelu cases
-# passed then and are not rerun; the older kernel files' CUDA cases and
-# the new files' small cases come after the bench (stage 4; compiling each parametrised
-# kernel takes most of these stages' time). In the dry run PYTEST_K narrows every stage and
-# the CUDA-only ones are skipped (cap 0 / no CUDA selection).
+# passed: the CUDA cases of the MLP memory with momentum at Titans' shape (passed on
+# 2026-11-27; it caches the Titans step's kernels), the CMS level (passed, 4 s), the step
+# budget's loop (new, seconds) and HOPE's fused stage 1 (never yet passed on a GPU); the
+# Titans-DGD, HOPE M_mem and gelu cases passed then and are not rerun. The older kernel
+# files' CUDA cases and the new files' small cases come after the bench (stage 4; compiling
+# each parametrised kernel takes most of these stages' time). In the dry run PYTEST_K
+# narrows every stage and the CUDA-only ones are skipped (cap 0 / no CUDA selection).
 NEW_KERNEL_TESTS="tests/test_triton_mlp_memory.py tests/test_triton_cms.py tests/test_triton_budget.py tests/test_triton_hope.py"
 OLD_KERNEL_TESTS="tests/test_triton_kernels.py tests/test_triton_memory.py tests/test_kernels.py"
 PYTEST=("$PY" -m pytest -v --tb=short -p no:cacheprovider)
