@@ -134,7 +134,7 @@ result_of() {
         kernels_fla) grep -E '^  delta_rule .*vs fla' "$2" |
                      sed -E 's/^ +delta_rule +(T=[0-9]+) +(d=[0-9]+) *([a-z+]+) .*(vs fla [^,]+).*/\1 \2 \3 \4/' | paste -sd ';' | grep . ||
                      grep -m 1 -E '^delta_rule +fla ' "$2" | sed -E 's/.*(nan|[0-9]) +//' ;;
-        kernels) grep -c -E '^(delta_rule|momentum_rule|memory/|cms/|hope/)' "$2" | sed 's/$/ rows (see kernels.log)/' ;;
+        kernels) grep -c -E '^(delta_rule|momentum_rule|memory/|cms/|hope/|budget/)' "$2" | sed 's/$/ rows (see kernels.log)/' ;;
         # step.py's result line: arch | params | batch B x seq T [(AC)] | ms/step | tok/s | peak memory,
         # then its "kernels:" lines (model.kernel_report): how many memory parts ran fused
         step_*) echo "$(grep -E ' tok/s \| ' "$2" | tail -n 1 | awk -F' [|] ' '{gsub(/^ +/, "", $5); print $5 ", " $3 ", " $6}')$(
