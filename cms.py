@@ -108,7 +108,7 @@ def fast_level_scan(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, 
 class CMSLevel(nn.Module):
     """One level: z -> z + MLP(RMSNorm(z)); static (chunk_size None) or fast (see module doc).
     `backend` picks the fast level's scan: "triton" runs the fused kernel where it applies
-    (uses_fused_kernel); "auto" never picks it yet (not GPU-validated) and, like "torch" and
+    (uses_fused_kernel); "auto" never picks it yet (no GPU run has timed it in a model) and, like "torch" and
     "reference", takes fast_level_scan."""
 
     def __init__(self, dim, hidden, chunk_size, inner_lr, activation, norm_eps, backend="auto"):
@@ -153,7 +153,7 @@ class CMSLevel(nn.Module):
         if weight.dtype != torch.float32:
             return f"the fused CMS kernel takes an fp32 model, this one is {str(weight.dtype).removeprefix('torch.')}"
         if self.backend != "triton":
-            return "the fused CMS kernel runs only with model.kernels=triton until GPU-tested"
+            return "the fused CMS kernel runs only with model.kernels=triton until a GPU has timed it in a model"
         from kernels import triton_cms
         hidden, D = weight.shape
         if not triton_cms.fusable_cms(D, hidden, self.chunk_size):

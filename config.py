@@ -220,7 +220,7 @@ class ModelConfig:
                                      # CMS fast levels' backend (kernels/__init__.py): auto = the Triton scans
                                      # and the fused linear-memory kernel on CUDA, else chunked torch; the
                                      # fused MLP-memory, HOPE stage-1 and CMS kernels only with "triton"
-                                     # (not yet GPU-tested at every shape)
+                                     # (until a GPU has timed them in a model)
     titans: TitansConfig = field(default_factory=TitansConfig)
     hope: HopeConfig = field(default_factory=HopeConfig)
     cms: CMSConfig = field(default_factory=CMSConfig)

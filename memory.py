@@ -386,9 +386,9 @@ class NeuralMemory(nn.Module):
         in Triton (backend "triton", or "auto" on CUDA), fp32 state, full backprop, and a
         linear memory with C <= 64, d <= 128 and no clipping (kernels/triton_memory.py) or an
         MLP memory that `fusable_mlp` takes, clipped or not (kernels/triton_mlp_memory.py).
-        The MLP kernel has not yet passed all its tests on a GPU (BENCHMARKS.md), so only an
-        explicit backend "triton" selects it; "auto" keeps the per-chunk path for MLP
-        memories.
+        The MLP kernel has passed its CUDA tests at the paper shapes, but no GPU run has yet
+        timed it inside a model (BENCHMARKS.md), so only an explicit backend "triton" selects
+        it; "auto" keeps the per-chunk path for MLP memories.
         Self-generated targets (scan's self_target) are for the MLP kernel's DGD/GD rules
         only, and not with detach_targets (the in-kernel target would still pass gradients to
         W_B). train.py prints these reasons per model part at start-up
@@ -404,8 +404,8 @@ class NeuralMemory(nn.Module):
         if kernels.select_backend(self.backend, device, self._dtype()) != "triton":
             return f"backend {self.backend!r} on {torch.device(device).type} runs the chunked PyTorch path"
         if self.depth == 2:
-            if self.backend != "triton":                 # opt-in until validated on a GPU
-                return "the fused MLP memory kernel runs only with model.kernels=triton until GPU-tested"
+            if self.backend != "triton":                 # opt-in until a GPU has timed it in a model
+                return "the fused MLP memory kernel runs only with model.kernels=triton until a GPU has timed it in a model"
             from kernels import triton_mlp_memory
             E = self.hidden_dim
             if not triton_mlp_memory.fusable_mlp(self.head_dim, E // self.head_dim, self.chunk_size,

@@ -133,11 +133,12 @@ def test_kernel_report_names_each_memory_parts_path():
     """LanguageModel.kernel_report: one line per (part, path) with its layer count; the reason
     a part is not fused is the same function that routes scan() (fused_kernel_blocker)."""
     on_cpu = "per-chunk path (backend 'auto' on cpu runs the chunked PyTorch path)"
-    opt_in = "per-chunk path (the fused MLP memory kernel runs only with model.kernels=triton until GPU-tested)"
+    opt_in = ("per-chunk path (the fused MLP memory kernel runs only with model.kernels=triton until a GPU has "
+              "timed it in a model)")
     hope = tiny("hope")
     assert hope.kernel_report("cpu") == [f"HOPE M_mem x2: {on_cpu}", f"HOPE stage 1 (projection memories) x2: {on_cpu}",
                                          "CMS fast level (chunk 16) x2: per-chunk path (the fused CMS kernel "
-                                         "runs only with model.kernels=triton until GPU-tested)"]
+                                         "runs only with model.kernels=triton until a GPU has timed it in a model)"]
     assert hope.kernel_report("cuda")[:2] == [f"HOPE M_mem x2: {opt_in}", f"HOPE stage 1 (projection memories) x2: {opt_in}"]
     fused = tiny("hope", kernels="triton").kernel_report("cuda")
     assert all(line.endswith(": fused Triton kernel") for line in fused) and len(fused) == 3

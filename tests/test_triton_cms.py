@@ -168,7 +168,7 @@ def test_cms_level_keeps_the_torch_path_where_the_kernel_does_not_apply():
     assert not CMSLevel(16, 32, None, 0.1, "gelu", 1e-6, backend="triton").uses_fused_kernel()   # static
     assert not CMSLevel(16, 32, 65, 0.1, "gelu", 1e-6, backend="triton").uses_fused_kernel()     # C > 64
     assert not CMSLevel(256, 32, 4, 0.1, "gelu", 1e-6, backend="triton").uses_fused_kernel()     # D > 128
-    assert not CMSLevel(16, 32, 4, 0.1, "gelu", 1e-6).uses_fused_kernel()   # "auto": opt-in until GPU-validated
+    assert not CMSLevel(16, 32, 4, 0.1, "gelu", 1e-6).uses_fused_kernel()   # "auto": opt-in until a GPU has timed it
     with pytest.raises(ValueError, match="CMS backend must be one of"):
         CMSLevel(16, 32, 4, 0.1, "gelu", 1e-6, backend="cuda")
 
