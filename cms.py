@@ -108,8 +108,8 @@ def fast_level_scan(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, 
 class CMSLevel(nn.Module):
     """One level: z -> z + MLP(RMSNorm(z)); static (chunk_size None) or fast (see module doc).
     `backend` picks the fast level's scan: "triton" runs the fused kernel where it applies
-    (uses_fused_kernel); "auto" never picks it yet (no GPU run has timed it in a model) and, like "torch" and
-    "reference", takes fast_level_scan."""
+    (uses_fused_kernel); "auto" never picks it yet (no GPU run has timed it in a model) and,
+    like "torch" and "reference", takes fast_level_scan."""
 
     def __init__(self, dim, hidden, chunk_size, inner_lr, activation, norm_eps, backend="auto"):
         super().__init__()
