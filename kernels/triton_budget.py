@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import MAX_BUDGET_CHUNK
+from .triton_delta import _pick
 
 
 @triton.jit
@@ -40,12 +41,6 @@ def _load_vec(ptr, row, idx, mask, C):
 
 
 @triton.jit
-def _at(x, idx, j):
-    """x[j] of a [BC] tile as a scalar."""
-    return tl.sum(tl.where(idx == j, x, 0.0), 0)
-
-
-@triton.jit
 def _budget_fwd_kernel(w_ptr, u0_ptr, o_ptr, e_ptr, seen_ptr, budget, C, BC: tl.constexpr):
     """The loop forward: the capped steps e and the amount u_j each token saw."""
     row, idx, mask = _row_and_tiles(C, BC)
@@ -56,8 +51,8 @@ def _budget_fwd_kernel(w_ptr, u0_ptr, o_ptr, e_ptr, seen_ptr, budget, C, BC: tl.
     e = tl.zeros([BC], dtype=tl.float32)
     seen = tl.zeros([BC], dtype=tl.float32)
     for j in range(C):
-        u_j = _at(u, idx, j)
-        e_j = tl.minimum(_at(w, idx, j), tl.maximum(budget - u_j, 0.0))
+        u_j = _pick(u, idx, j)
+        e_j = tl.minimum(_pick(w, idx, j), tl.maximum(budget - u_j, 0.0))
         u += e_j * tl.sum(tl.where(idx[None, :] == j, overlap, 0.0), 1)     # O[:, j]
         e = tl.where(idx == j, e_j, e)
         seen = tl.where(idx == j, u_j, seen)
@@ -83,11 +78,11 @@ def _budget_bwd_kernel(w_ptr, o_ptr, e_ptr, seen_ptr, de_ptr, dw_ptr, du0_ptr, d
     for step in range(C):
         j = C - 1 - step
         column = idx[None, :] == j
-        e_j = _at(e, idx, j)
-        de_j = _at(g, idx, j) + tl.sum(du * tl.sum(tl.where(column, overlap, 0.0), 1), 0)
+        e_j = _pick(e, idx, j)
+        de_j = _pick(g, idx, j) + tl.sum(du * tl.sum(tl.where(column, overlap, 0.0), 1), 0)
         d_overlap = tl.where(column, du[:, None] * e_j, d_overlap)
-        w_j = _at(w, idx, j)
-        slack = budget - _at(seen, idx, j)
+        w_j = _pick(w, idx, j)
+        slack = budget - _pick(seen, idx, j)
         r_j = tl.maximum(slack, 0.0)
         to_w = tl.where(w_j < r_j, 1.0, tl.where(w_j > r_j, 0.0, 0.5))
         dw = tl.where(idx == j, de_j * to_w, dw)
