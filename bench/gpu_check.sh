@@ -29,7 +29,14 @@
 # run's, default 2: at 4 x 4K Titans-LMM-760M ran out of an H100's 80 GB without activation
 # checkpointing, 2026-11-27), HOPE_BATCH (the fused HOPE run's, default 2: HOPE-760M keeps ~2x
 # Transformer++'s activations per token, so 4 x 4K would not fit 80 GB without activation
-# checkpointing; BENCHMARKS.md), SEQ (context, default 4096), FSDP_STEPS (default 30).
+# checkpointing; BENCHMARKS.md), SEQ (context, default 4096), FSDP_STEPS (default 30),
+# GPU_CHECK_CACHE_IN (a packed Triton cache to start from, default .triton_cache.tgz if
+# present), GPU_CHECK_CACHE_OUT (where to pack the cache at the end; default: not packed).
+#
+# With the device tool (one GPU, 15 minutes a session): the logs come back as one archive,
+# the cache as another, to be carried into the next call as .triton_cache.tgz:
+#   GPU_CHECK_OUT=/tmp/gc GPU_CHECK_CACHE_OUT=$OUT/triton_cache.tgz bash bench/gpu_check.sh \
+#       > /tmp/gc.out 2>&1; rc=$?; tail -c 9000 /tmp/gc.out; tar czf $OUT/gpu_check.tgz -C /tmp gc gc.out; exit $rc
 set -u
 cd "$(dirname "$0")/.."
 DRY=${GPU_CHECK_DRY:-0}
@@ -39,6 +46,19 @@ WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_work}
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 export WANDB_MODE=disabled HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTEST_REPORT_AT_ONCE=1
 mkdir -p "$OUT/logs"
+# Triton's compile cache: compiling dominates the check (~80 s for one MLP backward variant),
+# and every device machine starts bare. A cache packed by an earlier run (GPU_CHECK_CACHE_OUT)
+# and carried back as .triton_cache.tgz (GPU_CHECK_CACHE_IN) is unpacked first; kernels whose
+# source changed since compile again (Triton keys its cache on the source and the options).
+CACHE_IN=${GPU_CHECK_CACHE_IN:-.triton_cache.tgz}
+CACHE_OUT=${GPU_CHECK_CACHE_OUT:-}
+if [ -z "${TRITON_CACHE_DIR:-}" ]; then
+    export TRITON_CACHE_DIR="$WORK/triton_cache"
+    mkdir -p "$TRITON_CACHE_DIR"
+    if [ -f "$CACHE_IN" ] && tar xzf "$CACHE_IN" -C "$TRITON_CACHE_DIR"; then
+        echo "triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files from $CACHE_IN"
+    fi
+fi
 : > "$OUT/summary.tsv"
 
 FSDP=${GPU_CHECK_FSDP:-0}
@@ -250,5 +270,8 @@ while IFS=$'\t' read -r name status secs result; do
     printf '%-28s %-18s %6s  %s\n' "$name" "$status" "$secs" "$result"
 done < "$OUT/summary.tsv"
 echo "logs: $OUT/logs/"
+if [ -n "$CACHE_OUT" ]; then          # for the next run's GPU_CHECK_CACHE_IN
+    tar czf "$CACHE_OUT" -C "$TRITON_CACHE_DIR" . && echo "triton cache: $CACHE_OUT ($(du -h "$CACHE_OUT" | cut -f1))"
+fi
 grep -q -v -P '\t(ok|SKIPPED \(no fla\))\t' "$OUT/summary.tsv" && exit 1   # fla is optional
 exit 0
