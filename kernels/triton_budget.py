@@ -24,63 +24,57 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import MAX_BUDGET_CHUNK
-from .triton_delta import _pick
+from .triton_delta import _load_gate, _load_rows, _pick, _store_gate, _store_rows
 
 
 @triton.jit
-def _row_and_tiles(C, BC: tl.constexpr):
-    """This program's row (a (sequence, chunk, head)), the token indices and their mask."""
-    row = tl.program_id(0).to(tl.int64)
-    idx = tl.arange(0, BC)
-    return row, idx, idx < C
-
-
-@triton.jit
-def _load_vec(ptr, row, idx, mask, C):
-    return tl.load(ptr + row * C + idx, mask=mask, other=0.0).to(tl.float32)
+def _column(x, idx, j):
+    """x[:, j] of a [BC, BC] tile."""
+    return tl.sum(tl.where(idx[None, :] == j, x, 0.0), 1)
 
 
 @triton.jit
 def _budget_fwd_kernel(w_ptr, u0_ptr, o_ptr, e_ptr, seen_ptr, budget, C, BC: tl.constexpr):
-    """The loop forward: the capped steps e and the amount u_j each token saw."""
-    row, idx, mask = _row_and_tiles(C, BC)
-    w = _load_vec(w_ptr, row, idx, mask, C)
-    u = _load_vec(u0_ptr, row, idx, mask, C)
-    tile = row * C * C + idx[:, None] * C + idx[None, :]
-    overlap = tl.load(o_ptr + tile, mask=mask[:, None] & mask[None, :], other=0.0)
+    """The loop forward, one program per row (a sequence's chunk of one head): the capped
+    steps e and the amount u_j each token saw."""
+    vec = tl.program_id(0).to(tl.int64) * C            # this row's [C] vectors
+    tile = vec * C                                     # and its [C, C] overlaps
+    idx = tl.arange(0, BC)
+    w = _load_gate(w_ptr, vec, 0, C, 1, 0.0, BC)
+    u = _load_gate(u0_ptr, vec, 0, C, 1, 0.0, BC)
+    overlap = _load_rows(o_ptr, tile, 0, C, C, 0, C, BC, BC)
     e = tl.zeros([BC], dtype=tl.float32)
     seen = tl.zeros([BC], dtype=tl.float32)
     for j in range(C):
         u_j = _pick(u, idx, j)
         e_j = tl.minimum(_pick(w, idx, j), tl.maximum(budget - u_j, 0.0))
-        u += e_j * tl.sum(tl.where(idx[None, :] == j, overlap, 0.0), 1)     # O[:, j]
+        u += e_j * _column(overlap, idx, j)
         e = tl.where(idx == j, e_j, e)
         seen = tl.where(idx == j, u_j, seen)
-    tl.store(e_ptr + row * C + idx, e, mask=mask)
-    tl.store(seen_ptr + row * C + idx, seen, mask=mask)
+    _store_gate(e_ptr, vec, 0, C, 1, e, BC)
+    _store_gate(seen_ptr, vec, 0, C, 1, seen, BC)
 
 
 @triton.jit
 def _budget_bwd_kernel(w_ptr, o_ptr, e_ptr, seen_ptr, de_ptr, dw_ptr, du0_ptr, do_ptr, budget,
                        C, BC: tl.constexpr):
     """The loop reversed (module docstring): gradients of w, of the starting u and of O."""
-    row, idx, mask = _row_and_tiles(C, BC)
-    w = _load_vec(w_ptr, row, idx, mask, C)
-    e = _load_vec(e_ptr, row, idx, mask, C)
-    seen = _load_vec(seen_ptr, row, idx, mask, C)
-    g = _load_vec(de_ptr, row, idx, mask, C)
-    tile = row * C * C + idx[:, None] * C + idx[None, :]
-    tile_mask = mask[:, None] & mask[None, :]
-    overlap = tl.load(o_ptr + tile, mask=tile_mask, other=0.0)
+    vec = tl.program_id(0).to(tl.int64) * C            # this row's [C] vectors
+    tile = vec * C                                     # and its [C, C] overlaps
+    idx = tl.arange(0, BC)
+    w = _load_gate(w_ptr, vec, 0, C, 1, 0.0, BC)
+    e = _load_gate(e_ptr, vec, 0, C, 1, 0.0, BC)
+    seen = _load_gate(seen_ptr, vec, 0, C, 1, 0.0, BC)
+    g = _load_gate(de_ptr, vec, 0, C, 1, 0.0, BC)
+    overlap = _load_rows(o_ptr, tile, 0, C, C, 0, C, BC, BC)
     du = tl.zeros([BC], dtype=tl.float32)
     dw = tl.zeros([BC], dtype=tl.float32)
     d_overlap = tl.zeros([BC, BC], dtype=tl.float32)
     for step in range(C):
         j = C - 1 - step
-        column = idx[None, :] == j
         e_j = _pick(e, idx, j)
-        de_j = _pick(g, idx, j) + tl.sum(du * tl.sum(tl.where(column, overlap, 0.0), 1), 0)
-        d_overlap = tl.where(column, du[:, None] * e_j, d_overlap)
+        de_j = _pick(g, idx, j) + tl.sum(du * _column(overlap, idx, j), 0)
+        d_overlap = tl.where(idx[None, :] == j, du[:, None] * e_j, d_overlap)
         w_j = _pick(w, idx, j)
         slack = budget - _pick(seen, idx, j)
         r_j = tl.maximum(slack, 0.0)
@@ -88,9 +82,9 @@ def _budget_bwd_kernel(w_ptr, o_ptr, e_ptr, seen_ptr, de_ptr, dw_ptr, du0_ptr, d
         dw = tl.where(idx == j, de_j * to_w, dw)
         dr = tl.where(slack > 0.0, de_j * (1.0 - to_w), 0.0)                # relu' = 0 at 0
         du = tl.where(idx == j, du - dr, du)
-    tl.store(dw_ptr + row * C + idx, dw, mask=mask)
-    tl.store(du0_ptr + row * C + idx, du, mask=mask)
-    tl.store(do_ptr + tile, d_overlap, mask=tile_mask)
+    _store_gate(dw_ptr, vec, 0, C, 1, dw, BC)
+    _store_gate(du0_ptr, vec, 0, C, 1, du, BC)
+    _store_rows(do_ptr, tile, 0, C, C, 0, C, d_overlap, BC, BC)
 
 
 def _launch(C):

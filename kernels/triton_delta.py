@@ -33,7 +33,7 @@ Kernels (all state math in fp32; grid axes: chunks or V-blocks x batch*heads):
 Each kernel is a thin wrapper of one chunk-loop body (_delta_prep, _delta_fwd_scan,
 _delta_bwd_scan, _delta_bwd_grads) that triton_memory.py's linear memory layer runs too, in
 its MEMORY variant (chunk C <= BT, writes formed at the chunk-start state; its scan computes
-the outputs in the loop, WITH_O). Taking O out of the delta rule's sequential scan leaves
+the outputs in the loop). Taking O out of the delta rule's sequential scan leaves
 it two of its five products per chunk (fla splits its forward the same way).
 """
 import torch
@@ -374,15 +374,15 @@ def _delta_prep(k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, w_ptr, u2_ptr, T, H, K
 @triton.jit
 def _delta_fwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_ptr, d_ptr,
                     sT_ptr, sB_ptr, T, H, K, V, C, NT, HAS_S0: tl.constexpr,
-                    SAVE: tl.constexpr, MEMORY: tl.constexpr, WITH_O: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                    SAVE: tl.constexpr, MEMORY: tl.constexpr, BT: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """One program per (V-block, batch*head): the chunks in order, h [BK, BV] in registers.
     V-columns of the state never mix in this recurrence, so V-blocks run independently.
     SAVE keeps each chunk's start h, and Delta unless MEMORY (whose backward recomputes it),
-    for the backward (skipped for inference); MEMORY also stores the last chunk-start h.
-    WITH_O computes the outputs here; without it the scan keeps only the two products on its
-    sequential path (W h, K^T Delta) and _delta_fwd_o computes O from the saved h and Delta,
-    in parallel over chunks (as fla's chunk_fwd_o); it needs SAVE and not MEMORY."""
+    for the backward (skipped for inference); MEMORY also stores the last chunk-start h and
+    computes the outputs here. The delta rule's scan (not MEMORY, SAVE) keeps only the two
+    products on its sequential path (W h, K^T Delta); _delta_fwd_o computes O from the saved
+    h and Delta, in parallel over chunks (as fla's chunk_fwd_o)."""
     i_v, bh64, g_base = _program(T, H)
     v0 = i_v * BV
     rows = tl.arange(0, BT)
@@ -403,7 +403,7 @@ def _delta_fwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_pt
         d = u2 - _dot(w, h, PREC)                                             # Delta [BT, BV]
         if SAVE and not MEMORY:
             _store_rows(d_ptr, bh64 * T * V, t0, end, V, v0, V, d, BT, BV)
-        if WITH_O:
+        if MEMORY:
             q = _load_rows(q_ptr, g_base * K, t0, end, H * K, 0, K, BT, BK)
             o = _chunk_output(q, kc, g, incl, h, d, PREC)
             _store_rows(o_ptr, g_base * V, t0, end, H * V, v0, V, o, BT, BV)
@@ -423,7 +423,7 @@ def _chunk_output(q, kc, g, incl, h, d, PREC: tl.constexpr):
 def _delta_fwd_o(q_ptr, k_ptr, alpha_ptr, hc_ptr, d_ptr, o_ptr, T, H, K, V, NT,
                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """One program per (chunk, batch*head): the chunk's outputs from its saved start h and
-    Delta (the scan run without WITH_O), every V-block; Q K^T once per chunk."""
+    Delta (the delta rule's scan), every V-block; Q K^T once per chunk."""
     i_t, bh64, g_base = _program(T, H)
     t0, end, L = _chunk_span(i_t, BT, T)
     rows = tl.arange(0, BT)
@@ -559,9 +559,8 @@ def _delta_fwd_scan_kernel(k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, hc_ptr, d_pt
                            BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """The delta rule's forward scan (_delta_fwd_scan with chunk BT, no outputs): S_T, each
     chunk's start h and Delta, for _delta_fwd_o_kernel and the backward."""
-    _delta_fwd_scan(k_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, sT_ptr, hc_ptr, d_ptr,
-                    sT_ptr, sT_ptr, T, H, K, V, BT, NT, HAS_S0, True, False, False, BT, BK, BV,
-                    PREC)
+    _delta_fwd_scan(k_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, sT_ptr, hc_ptr, d_ptr,  # no q, o
+                    sT_ptr, sT_ptr, T, H, K, V, BT, NT, HAS_S0, True, False, BT, BK, BV, PREC)
 
 
 @triton.jit

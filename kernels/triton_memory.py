@@ -74,7 +74,7 @@ def _mem_delta_fwd_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr,
     """The chunk loop, one program per (V-block, batch*head), h [BK, BV] in registers:
     Delta = U~' - W~ h (write at W_B + DGD transition), readout O, next chunk-start h."""
     _delta_fwd_scan(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_ptr, hc_ptr,
-                    sT_ptr, sB_ptr, T, H, K, V, C, NT, True, SAVE, True, True, BT, BK, BV, PREC)
+                    sT_ptr, sB_ptr, T, H, K, V, C, NT, True, SAVE, True, BT, BK, BV, PREC)
 
 
 @triton.jit

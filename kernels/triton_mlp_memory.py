@@ -78,11 +78,11 @@ from torch import Tensor
 
 from .checks import SUPPORTED_DTYPES, check_saved_chunks, check_scan_inputs, check_tensors
 from .triton_cms import ACT_IDS, _act
-from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _decay, _delta_chunk_gates, _dot,
-                           _delta_grads_tail, _delta_ut_system, _gate_grad, _grad_or_zeros,
-                           _load_gate, _load_kv, _load_qk, _load_rows, _load_state, _needs_grad,
-                           _pick, _program, _store_gate, _store_kv, _store_rows, _store_state,
-                           dot_precision)
+from .triton_delta import (CHUNK_WARPS, _chunk_output, _chunk_span, _contiguous, _decay,
+                           _delta_chunk_gates, _delta_grads_tail, _delta_ut_system, _dot,
+                           _gate_grad, _grad_or_zeros, _load_gate, _load_kv, _load_qk, _load_rows,
+                           _load_state, _needs_grad, _pick, _program, _store_gate, _store_kv,
+                           _store_rows, _store_state, dot_precision)
 from .triton_momentum import (_momentum_chunk_bwd, _momentum_chunk_fwd, _momentum_chunk_gates,
                               _momentum_grads_tail)
 
@@ -235,8 +235,7 @@ def _chunk_delta_fwd(q, kc, u, eta, g, gp, h, rows, L, READOUT: tl.constexpr, BT
     kh = _dot(kc, h, PREC)
     d = _dot(tm, u - (eta * tl.exp(gp))[:, None] * kh, PREC)
     if READOUT:
-        mq = _decay(g, g, rows[:, None] >= rows[None, :]) * _dot(q, tl.trans(kc), PREC)
-        o = tl.exp(g)[:, None] * _dot(q, h, PREC) + _dot(mq, d, PREC)
+        o = _chunk_output(q, kc, g, rows[:, None] >= rows[None, :], h, d, PREC)
     else:
         o = 0.0
     g_last = _pick(g, rows, L)
