@@ -13,8 +13,8 @@ import functools
 import pytest
 import torch
 
-from helpers import (CUDA, DEVICE, fp32_matmul_precision, fused_vs_oracle_errors,
-                     needs_cuda, triton_kernels_or_skip)
+from helpers import (CUDA, DEVICE, fp32_matmul_precision, fused_vs_oracle_errors, needs_cuda,
+                     triton_kernels_or_skip)
 
 needs_kernels = triton_kernels_or_skip()
 
@@ -412,15 +412,19 @@ CUDA_SHAPES = {
 MOMENTUM_TF32_GRAD_TOL = 0.5
 
 
+def assert_outputs_and_grads(errors, grad_tol, label):
+    """Outputs and states (no "d" prefix) within 2e-2, gradients within grad_tol."""
+    assert_close({n: e for n, e in errors.items() if not n.startswith("d")}, 2e-2, label)
+    assert_close({n: e for n, e in errors.items() if n.startswith("d")}, grad_tol, label)
+
+
 @needs_cuda
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
 def test_cuda_shapes_match_torch_path_in_tf32(shape):
     rule, *case, options = CUDA_SHAPES[shape]
     with fp32_matmul_precision("high"):
         errors = compare_with_torch_path(rule, *case, **options)
-    grad_tol = MOMENTUM_TF32_GRAD_TOL if rule == "momentum" else 2e-2
-    assert_close({n: e for n, e in errors.items() if not n.startswith("d")}, 2e-2, shape)
-    assert_close({n: e for n, e in errors.items() if n.startswith("d")}, grad_tol, shape)
+    assert_outputs_and_grads(errors, MOMENTUM_TF32_GRAD_TOL if rule == "momentum" else 2e-2, shape)
 
 
 @needs_kernels
@@ -432,8 +436,7 @@ def test_tf32_momentum_outputs_carry_no_truncation_bias():
     operands). Its gradients: MOMENTUM_TF32_GRAD_TOL."""
     with fp32_matmul_precision("high"):
         errors = compare_with_torch_path("momentum", 1, 1000, 1, 64, 2, 64, max_grad_norm=10.0)
-    assert_close({n: e for n, e in errors.items() if not n.startswith("d")}, 2e-2, "momentum, tf32")
-    assert_close({n: e for n, e in errors.items() if n.startswith("d")}, MOMENTUM_TF32_GRAD_TOL, "momentum, tf32")
+    assert_outputs_and_grads(errors, MOMENTUM_TF32_GRAD_TOL, "momentum, tf32")
 
 
 @needs_cuda
