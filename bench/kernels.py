@@ -8,6 +8,7 @@
     python bench/kernels.py --parts memory --depths 1 --rules momentum --T 1000 4096     # one rule
     python bench/kernels.py --parts scans --ops delta_rule --passes fwd                  # forwards only
     python bench/kernels.py --parts budget --T 4096 --d 64                               # Titans' step budget
+    python bench/kernels.py --parts hope --impls triton --no-errors    # the fused rows only, no float64 runs
 
 Part 1, `kernels.delta_rule` and `kernels.momentum_rule`: forward and forward+backward time
 of backend "torch" (chunked PyTorch) and "triton", of backend "reference" (the sequential
@@ -54,6 +55,11 @@ Part 5, Titans' step budget (op budget/C64; memory.chunk_step_budget, our stabil
 the papers': docs/FIDELITY.md Titans choice 14): its PyTorch loop over each chunk's tokens
 (a few small kernels per token) vs the Triton loop (kernels/triton_budget.py), at chunk
 --mem-chunk; error of the capped lr and the spent matrix (and the gradients) vs float64.
+
+--impls picks the implementations timed (a name also selects its variants: triton/all with
+triton); --no-errors skips the float64 references (the error column reads nan), which on CPU
+at the GPU's shapes take minutes and most of the memory (bench/precompile.py runs the
+fused rows so).
 
 Times: CUDA: triton.testing.do_bench (median, after warm-up); CPU: median wall time.
 """
@@ -134,6 +140,9 @@ def fla_delta_rule(fla_fn):
 
 
 def relative_error(xs, refs):
+    """max over xs of |x - ref| / max(1, max |ref|); nan without references (--no-errors)."""
+    if refs is None:
+        return float("nan")
     return max(((x.double() - r).abs().max() / r.abs().max().clamp_min(1.0)).item()
                 for x, r in zip(xs, refs))
 
@@ -158,10 +167,13 @@ def measure(fn, x, backward, device, repeats, cotangent_seed=1):
     return seconds, state["outs"], state.get("grads"), state.get("cot")
 
 
-def add_row(rows, run, **where):
+def add_row(args, rows, run, **where):
     """Time one implementation, run() -> (seconds, relative error), and record and print its
-    row (where: part, op, impl, pass_, B, T, H, d). One failing implementation must not end
-    the bench: its row gets NaNs and the first line of its error."""
+    row (where: part, op, impl, pass_, B, T, H, d), if --impls selects the implementation.
+    One failing implementation must not end the bench: its row gets NaNs and the first line
+    of its error."""
+    if where["impl"].split("/")[0] not in args.impls:
+        return
     try:
         sec, err = run()
         note = ""
@@ -169,6 +181,15 @@ def add_row(rows, run, **where):
         sec, err, note = float("nan"), float("nan"), f"{type(e).__name__}: {e}".splitlines()[0][:80]
     rows.append(dict(**where, ms=sec * 1e3, rel_err=err, note=note))
     print_row(rows[-1])
+
+
+def reference_outputs(args, fn, x):
+    """fn's outputs on x in float64 without autograd: the error column's reference (None
+    with --no-errors)."""
+    if not args.errors:
+        return None
+    with torch.no_grad():
+        return fn(**{n: t.double() for n, t in x.items()})
 
 
 def reference_grads(fn, x, cot):
@@ -191,20 +212,19 @@ def bench_scans(args, device, dtype, fla_fn, rows):
                 if op == "delta_rule" and fla_fn is not None:
                     fns["fla"] = fla_delta_rule(fla_fn)
                 ref64 = lambda **kw: getattr(kernels, op)(**kw, chunk_size=args.chunk, backend="torch")  # noqa: E731
-                with torch.no_grad():
-                    ref_outs = ref64(**{n: t.double() for n, t in x.items()})
+                ref_outs = reference_outputs(args, ref64, x)
                 ref = {}             # the float64 gradients, once: every run draws the same cotangent
 
                 def run(fn, backward):
                     sec, outs, grads, cot = measure(fn, x, backward, device, args.repeats)
                     err = relative_error(outs, ref_outs)
-                    if backward:
+                    if backward and args.errors:
                         ref.setdefault("grads", reference_grads(ref64, x, cot)[1])
                         err = max(err, relative_error(grads, ref["grads"]))
                     return sec, err
                 for backward in args.backward_passes:
                     for name, fn in fns.items():
-                        add_row(rows, lambda: run(fn, backward), part="scan", op=op, impl=name,
+                        add_row(args, rows, lambda: run(fn, backward), part="scan", op=op, impl=name,
                                 pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T, H=args.H, d=d)
 
 
@@ -248,19 +268,21 @@ def bench_memory_case(args, device, rows, depth, kind, rule, d, T, C, expansion)
     mem = NeuralMemory(H, d, **options).to(device)
     oracle = NeuralMemory(H, d, backend="torch", **options).to(device).double()
     oracle.load_state_dict(mem.state_dict())
-    with torch.no_grad():
-        y64, s64 = oracle(**{n: t.double() for n, t in x.items()})
+
+    def outputs(model):             # y and the final weights
+        def layer(**kw):
+            y, state = model(**kw)
+            return (y, *state["weights"])
+        return layer
+    ref = reference_outputs(args, outputs(oracle), x)
     for impl in ("torch", "triton"):
         mem.backend = impl
 
-        def layer(**kw):
-            y, state = mem(**kw)
-            return (y, *state["weights"])
         def run(backward):
-            sec, outs, _, _ = measure(layer, x, backward, device, args.repeats)
-            return sec, relative_error(outs, [y64, *s64["weights"]])
+            sec, outs, _, _ = measure(outputs(mem), x, backward, device, args.repeats)
+            return sec, relative_error(outs, ref)
         for backward in args.backward_passes:
-            add_row(rows, lambda: run(backward), part="memory", op=f"memory/{kind}{rule}/C{C}",
+            add_row(args, rows, lambda: run(backward), part="memory", op=f"memory/{kind}{rule}/C{C}",
                     impl=impl, pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=H, d=d)
 
 
@@ -292,8 +314,7 @@ def bench_hope_stage1(args, device, rows):
         for T in args.T:
             g = torch.Generator().manual_seed(3)
             x = {"x": torch.nn.functional.silu(torch.randn(args.B, T, args.H, d, generator=g)).to(device)}  # x~
-            with torch.no_grad():
-                ref = stage(oracle, args.B)(x["x"].double())
+            ref = reference_outputs(args, stage(oracle, args.B), x)
             ref_grads = {}       # once: both implementations draw the same cotangent
 
             def run(impl, backward):
@@ -302,13 +323,13 @@ def bench_hope_stage1(args, device, rows):
                     sec, outs, grads, cot = measure(stage(mixer, args.B), x, backward, device,
                                                     args.repeats)
                 err = relative_error(outs, ref)
-                if backward:
+                if backward and args.errors:
                     ref_grads.setdefault("x", reference_grads(stage(oracle, args.B), x, cot)[1])
                     err = max(err, relative_error(grads, ref_grads["x"]))
                 return sec, err
             for backward in args.backward_passes:
                 for impl in ("torch", "triton") + (("triton/all",) if backward else ()):
-                    add_row(rows, lambda: run(impl, backward), part="hope", op=f"hope/stage1/C{C}",
+                    add_row(args, rows, lambda: run(impl, backward), part="hope", op=f"hope/stage1/C{C}",
                             impl=impl, pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T,
                             H=args.H, d=d)
 
@@ -348,19 +369,18 @@ def bench_step_budget(args, device, rows):
                 def fn(k, lr, keep):
                     return [t for t in chunk_step_budget(k, lr, keep, None, 0, C, 0.5, impl) if t is not None]
                 return fn
-            with torch.no_grad():
-                ref = capped("torch")(**{n: t.double() for n, t in x.items()})
+            ref = reference_outputs(args, capped("torch"), x)
             ref_grads = {}
             for impl in ("torch", "triton"):
                 def run(backward):
                     sec, outs, grads, cot = measure(capped(impl), x, backward, device, args.repeats)
                     err = relative_error(outs, ref)
-                    if backward:
+                    if backward and args.errors:
                         ref_grads.setdefault("g", reference_grads(capped("torch"), x, cot)[1])
                         err = max(err, relative_error(grads, ref_grads["g"]))
                     return sec, err
                 for backward in args.backward_passes:
-                    add_row(rows, lambda: run(backward), part="budget", op=f"budget/C{C}", impl=impl,
+                    add_row(args, rows, lambda: run(backward), part="budget", op=f"budget/C{C}", impl=impl,
                             pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T, H=args.H, d=d)
 
 
@@ -379,8 +399,8 @@ def bench_cms_level(args, device, rows):
                  "w_in": torch.randn(B, hidden, d, generator=g) / d ** 0.5,
                  "w_out": torch.randn(B, d, hidden, generator=g) / hidden ** 0.5}
             x = {n: t.to(device) for n, t in x.items()}
-            with torch.no_grad():
-                ref = fast_level_scan(*(t.double() for t in x.values()), None, None, 0, C, 1e-3)[:3]
+            ref = reference_outputs(args, lambda a, target, w_in, w_out: fast_level_scan(
+                a, target, w_in, w_out, None, None, 0, C, 1e-3)[:3], x)
             for impl, scan in (("torch", fast_level_scan), ("triton", triton_cms.fused_fast_level)):
                 def level(a, target, w_in, w_out):
                     return scan(a, target, w_in, w_out, None, None, 0, C, 1e-3)[:3]
@@ -388,7 +408,7 @@ def bench_cms_level(args, device, rows):
                     sec, outs, _, _ = measure(level, x, backward, device, args.repeats)
                     return sec, relative_error(outs, ref)
                 for backward in args.backward_passes:
-                    add_row(rows, lambda: run(backward), part="cms", op=f"cms/fast_level/C{C}",
+                    add_row(args, rows, lambda: run(backward), part="cms", op=f"cms/fast_level/C{C}",
                             impl=impl, pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=1, d=d)
 
 
@@ -436,6 +456,11 @@ def main(argv=None):
     p.add_argument("--passes", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"],
                    help="time the forward, forward+backward, or both")
     p.add_argument("--reference", action="store_true", help="also time the sequential reference")
+    p.add_argument("--impls", nargs="+", choices=("torch", "triton", "reference", "fla"),
+                   default=["torch", "triton", "reference", "fla"],
+                   help="implementations to time (reference: with --reference; fla: where it imports)")
+    p.add_argument("--no-errors", dest="errors", action="store_false",
+                   help="skip the float64 references (error column nan)")
     p.add_argument("--repeats", type=positive_int, default=3, help="CPU timing repeats")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     p.add_argument("--fp32-matmul-precision", choices=("highest", "high"), default="high",

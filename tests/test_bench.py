@@ -3,6 +3,7 @@
 cannot be written (checked before the benchmark runs); tiny real runs of the CPU benchmarks
 print their result tables and the command / machine / date lines.
 (bench/kernels.py --quick runs in tests/test_triton_memory.py.)"""
+import argparse
 import os
 import re
 
@@ -255,13 +256,30 @@ def test_kernel_bench_exits_1_when_a_row_failed(monkeypatch, capsys):
         raise RuntimeError("boom\nsecond line")
     for run, status in ((lambda: (1e-3, 1e-7), 0), (fails, 1)):
         monkeypatch.setattr(kernels, "bench_hope_stage1", lambda args, device, rows, run=run: kernels.add_row(
-            rows, run, part="hope", op="hope/stage1/C4", impl="torch", pass_="fwd", B=1, T=5, H=1, d=4))
+            args, rows, run, part="hope", op="hope/stage1/C4", impl="torch", pass_="fwd", B=1, T=5, H=1, d=4))
         assert kernels.main(["--quick", "--parts", "hope"]) == status
         row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("hope/stage1/C4"))
         assert row.endswith("RuntimeError: boom") == (status == 1), row
 
 
-@pytest.mark.parametrize("flag, value", [("--passes", "bwd"), ("--rules", "adam")])
+def test_kernel_bench_times_the_chosen_implementations(capsys):
+    """--impls keeps the rows of the implementations named (with their variants: triton/all
+    with triton); --no-errors skips the float64 references, so the error column reads nan."""
+    for extra, impl, errors in ((["--impls", "triton", "--no-errors"], "triton", False),
+                                (["--impls", "torch"], "torch", True)):
+        assert _kernels_main(["--quick", "--parts", "budget", *extra]) == 0
+        rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("budget/")]
+        assert [r[1:3] for r in rows] == [[impl, "fwd"], [impl, "fwd+bwd"]]
+        assert all((r[-1] != "nan") == errors for r in rows), rows
+    from bench import kernels
+    rows = []
+    for name in ("torch", "triton", "triton/all"):
+        kernels.add_row(argparse.Namespace(impls=["triton"]), rows, lambda: (1e-3, 0.0), part="hope", op="op",
+                        impl=name, pass_="fwd", B=1, T=1, H=1, d=1)
+    assert [r["impl"] for r in rows] == ["triton", "triton/all"]
+
+
+@pytest.mark.parametrize("flag, value", [("--passes", "bwd"), ("--rules", "adam"), ("--impls", "cuda")])
 def test_kernel_bench_bad_choice_is_one_line(flag, value, capsys):
     """bench/kernels.py --passes / --rules outside their choices: exit 2, one line naming both."""
     with pytest.raises(SystemExit) as exit_info:
