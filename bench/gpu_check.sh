@@ -18,6 +18,7 @@
 #
 #   bash bench/gpu_check.sh                    # on the GPU machine, from the repo root
 #   GPU_CHECK_DRY=1 bash bench/gpu_check.sh    # the same commands at tiny sizes on CPU
+#   GPU_CHECK_LIST=1 bash bench/gpu_check.sh   # print each stage's command (NAME<TAB>COMMAND), run none
 #
 # Environment: GPU_CHECK_STAGES (shell patterns of the stages to run, e.g.
 # "cuda_tests step_titans_*"; default every stage: the summary's names), GPU_CHECK_BUDGET (s,
@@ -31,7 +32,8 @@
 # Transformer++'s activations per token, so 4 x 4K would not fit 80 GB without activation
 # checkpointing; BENCHMARKS.md), SEQ (context, default 4096), FSDP_STEPS (default 30),
 # GPU_CHECK_CACHE_IN (a packed Triton cache to start from, default .triton_cache.tgz if
-# present), GPU_CHECK_CACHE_OUT (where to pack the cache at the end; default: not packed).
+# present; bench/precompile.py fills one on a machine without a GPU), GPU_CHECK_CACHE_OUT
+# (where to pack the cache at the end; default: not packed).
 #
 # With the device tool (one GPU, 15 minutes a session): the logs come back as one archive,
 # the cache as another, to be carried into the next call as .triton_cache.tgz:
@@ -40,25 +42,33 @@
 set -u
 cd "$(dirname "$0")/.."
 DRY=${GPU_CHECK_DRY:-0}
+LIST=${GPU_CHECK_LIST:-0}        # bench/precompile.py reads the commands from this listing
 BUDGET=${GPU_CHECK_BUDGET:-$([ "$DRY" = 1 ] && echo 900 || echo 470)}   # the dry run's interpreter is slow
 OUT=${GPU_CHECK_OUT:-/tmp/gpu_check}
+if [ "$LIST" = 1 ]; then OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT; fi     # writes nothing that stays
 WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_work}
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 export WANDB_MODE=disabled HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTEST_REPORT_AT_ONCE=1
 mkdir -p "$OUT/logs"
 # Triton's compile cache: compiling dominates the check (~80 s for one MLP backward variant),
 # and every device machine starts bare. A cache packed by an earlier run (GPU_CHECK_CACHE_OUT)
-# and carried back as .triton_cache.tgz (GPU_CHECK_CACHE_IN) is unpacked first; kernels whose
-# source changed since compile again (Triton keys its cache on the source and the options).
+# and carried back as .triton_cache.tgz (GPU_CHECK_CACHE_IN), or compiled without a GPU by
+# bench/precompile.py, is unpacked first; kernels whose source changed since compile again
+# (Triton keys its cache on the source, the specialisation and the options).
 CACHE_IN=${GPU_CHECK_CACHE_IN:-.triton_cache.tgz}
 CACHE_OUT=${GPU_CHECK_CACHE_OUT:-}
-if [ -z "${TRITON_CACHE_DIR:-}" ]; then
+# cached_kernels: how many compiled kernels the cache holds (one folder each).
+cached_kernels() { find "$TRITON_CACHE_DIR" -name '__grp__*.json' 2>/dev/null | wc -l; }
+if [ "$LIST" != 1 ] && [ -z "${TRITON_CACHE_DIR:-}" ]; then
     export TRITON_CACHE_DIR="$WORK/triton_cache"
     mkdir -p "$TRITON_CACHE_DIR"
-    if [ -f "$CACHE_IN" ] && tar xzf "$CACHE_IN" -C "$TRITON_CACHE_DIR"; then
-        echo "triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files from $CACHE_IN"
+    # unpack_cache also points each kernel's file list at this folder (Triton records absolute paths)
+    if [ -f "$CACHE_IN" ] && "$PY" -c "import sys; from bench.precompile import unpack_cache; unpack_cache(*sys.argv[1:])" \
+            "$CACHE_IN" "$TRITON_CACHE_DIR"; then
+        echo "triton cache: $(cached_kernels) kernels from $CACHE_IN"
     fi
 fi
+CACHED_AT_START=$([ "$LIST" = 1 ] || cached_kernels)
 : > "$OUT/summary.tsv"
 
 FSDP=${GPU_CHECK_FSDP:-0}
@@ -128,6 +138,7 @@ selected() {
 run() {
     local name=$1 cap=$2; shift 2
     selected "$name" || return 0
+    if [ "$LIST" = 1 ]; then printf '%s\t%s\n' "$name" "$*"; return 0; fi
     local left=$((BUDGET - (SECONDS - START)))
     [ "$left" -lt "$cap" ] && cap=$left
     if [ "$cap" -lt 5 ]; then
@@ -169,10 +180,15 @@ PYEOF
     esac
 }
 
+if [ "$LIST" = 1 ]; then
+    :
+else
 echo "gpu_check: dry=$DRY device=$DEVICE python=$PY out=$OUT budget=${BUDGET}s"
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+"$PY" -c "import sys, torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0], '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+env | grep '^TRITON_' | grep -v '^TRITON_CACHE_DIR=' | sed 's/^/environment: /'    # some enter Triton's cache keys
 if [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     echo "error: no CUDA device (use GPU_CHECK_DRY=1 for the CPU dry run)" >&2; exit 2
+fi
 fi
 
 # 1. kernel tests, one test per log line (-v) so a stage cut by its cap still shows what
@@ -213,7 +229,7 @@ done 3<<< "$STEP_RUNS"
 fla_backward_refused() {
     "$PY" -c "import sys, torch, triton
 v = tuple(int(x) for x in triton.__version__.split('+')[0].split('.')[:3])
-sys.exit(0 if torch.cuda.get_device_capability() == (9, 0) and (3, 4, 0) <= v < (3, 7, 1) else 1)"
+sys.exit(0 if torch.cuda.get_device_capability() == (9, 0) and (3, 4, 0) <= v < (3, 7, 1) else 1)" 2>/dev/null
 }
 if ! selected kernels_fla; then
     :
@@ -263,6 +279,7 @@ for cfg in $FSDP_CONFIGS; do
 done
 fi
 
+[ "$LIST" = 1 ] && exit 0
 echo
 echo "== gpu_check summary ($( [ "$DRY" = 1 ] && echo "DRY RUN, CPU" || "$PY" -c 'import torch; print(torch.cuda.get_device_name())'), $(date -u +%Y-%m-%d), $((SECONDS - START)) s of ${BUDGET} s)"
 printf '%-28s %-18s %6s  %s\n' stage status seconds result
@@ -270,6 +287,8 @@ while IFS=$'\t' read -r name status secs result; do
     printf '%-28s %-18s %6s  %s\n' "$name" "$status" "$secs" "$result"
 done < "$OUT/summary.tsv"
 echo "logs: $OUT/logs/"
+# whether a cache packed elsewhere (bench/precompile.py) matched: kernels it held vs compiled here
+echo "triton cache: $CACHED_AT_START kernels at the start, $(( $(cached_kernels) - CACHED_AT_START )) compiled by this run"
 if [ -n "$CACHE_OUT" ]; then          # for the next run's GPU_CHECK_CACHE_IN
     tar czf "$CACHE_OUT" -C "$TRITON_CACHE_DIR" . && echo "triton cache: $CACHE_OUT ($(du -h "$CACHE_OUT" | cut -f1))"
 fi

@@ -1,0 +1,132 @@
+"""bench/precompile.py: compiling gpu_check.sh's Triton kernels without a GPU into a packed
+cache that the check unpacks (BENCHMARKS.md). The compile runs in a subprocess without
+TRITON_INTERPRET (conftest.py sets it for the test session), on the step budget's small kernel."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import zipfile
+
+import pytest
+
+from bench import precompile
+from test_triton_compile import _backend_missing_cached
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_compile_runs_are_gpu_checks_own_commands():
+    stages = dict(precompile.gpu_check_commands())
+    assert {"step_titans_lmm_760m_fused", "step_hope_760m_fused", "kernels", "cuda_tests"} <= set(stages)
+    script, argv = precompile.compile_only_argv(stages["step_hope_760m_fused"])
+    assert script == "step" and argv[0] == "configs/hope_760m.yaml"
+    assert "--model.kernels=triton" in argv and argv[-len(precompile.STEP_OVERRIDES):] == precompile.STEP_OVERRIDES
+    script, argv = precompile.compile_only_argv(stages["kernels"])
+    assert script == "kernels" and "--json" not in argv and "--parts" in argv
+    assert precompile.compile_only_argv(stages["cuda_tests"]) == (None, "its cases need a CUDA device")
+    assert precompile.compile_only_argv(stages["kernels_fla"])[0] is None
+
+
+def test_unpacking_points_each_kernel_at_its_new_folder(tmp_path):
+    """Triton counts a hit only if the files its group file lists exist, by absolute path."""
+    packed = tmp_path / "src" / "ABC"
+    packed.mkdir(parents=True)
+    (packed / "k.cubin").write_bytes(b"\0")
+    (packed / "__grp__k.json").write_text(json.dumps(
+        {"child_paths": {"k.cubin": "/elsewhere/ABC/k.cubin"}}))
+    with tarfile.open(tmp_path / "cache.tgz", "w:gz") as tar:
+        tar.add(tmp_path / "src", arcname=".")
+    precompile.unpack_cache(str(tmp_path / "cache.tgz"), str(tmp_path / "dst"))
+    group = json.loads((tmp_path / "dst" / "ABC" / "__grp__k.json").read_text())
+    assert group["child_paths"] == {"k.cubin": str(tmp_path / "dst" / "ABC" / "k.cubin")}
+    with pytest.raises(ValueError, match="not a packed Triton cache"):
+        precompile.unpack_cache(str(packed / "k.cubin"), str(tmp_path / "other"))
+
+
+def _fake_wheel(path, version, module_text, lib=b"lib"):
+    import triton
+    local = os.path.join(os.path.dirname(triton.__file__), "runtime", "cache.py")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"triton-{version}.dist-info/METADATA", "")
+        z.writestr("triton/runtime/cache.py", module_text if module_text is not None else open(local).read())
+        z.writestr("triton/_C/libtriton.so", lib)
+    return str(path)
+
+
+def test_the_target_wheels_library_hash(tmp_path):
+    import hashlib
+
+    import triton
+    wheel = _fake_wheel(tmp_path / "ok.whl", triton.__version__, None)
+    assert precompile.wheel_libtriton_hash(wheel) == hashlib.sha256(b"lib").hexdigest()
+    for name, version, text, match in [("old.whl", "0.0.1", None, "is not triton"),
+                                       ("edited.whl", triton.__version__, "x = 1\n", "differs from")]:
+        with pytest.raises(ValueError, match=match):
+            precompile.wheel_libtriton_hash(_fake_wheel(tmp_path / name, version, text))
+    with pytest.raises(ValueError, match="not a readable wheel"):
+        precompile.wheel_libtriton_hash(str(tmp_path / "missing.whl"))
+
+
+@pytest.mark.parametrize("args, env, message", [
+    ([], {"TRITON_INTERPRET": "1"}, "TRITON_INTERPRET is set"),
+    (["--stages", "nothing*"], {}, "matches no gpu_check.sh stage"),
+    (["--target-wheel", "missing.whl"], {}, "not a readable wheel"),
+    (["--capability", "75"], {}, "argument --capability"),
+])
+def test_bad_input_is_one_line(tmp_path, args, env, message):
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env}
+    out = subprocess.run([sys.executable, "bench/precompile.py", "--out", str(tmp_path / "c.tgz"), *args],
+                         capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c.tgz").exists()
+
+
+def test_bad_existing_cache_is_one_line(tmp_path):
+    (tmp_path / "c.tgz").write_text("not a tarball")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "bench/precompile.py", "--out", str(tmp_path / "c.tgz"),
+                          "--stages", "kernels"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 2 and "--out" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "c.tgz").read_text() == "not a tarball"          # loses nothing
+
+
+COMPILE_AND_PACK = textwrap.dedent("""
+    import os, sys, tarfile, torch
+    sys.path.insert(0, os.getcwd())
+    from bench import precompile
+    archive, cache, libtriton_hash = sys.argv[1:]
+    os.environ["TRITON_CACHE_DIR"] = cache
+    if os.path.exists(archive):
+        precompile.unpack_cache(archive, cache)
+    with precompile.compiling_offline(90, libtriton_hash or None):
+        from kernels import triton_budget
+        w = torch.rand(3, 8)
+        e = triton_budget.capped_steps(w, torch.zeros(3, 8), torch.rand(3, 8, 8), 0.5)
+        assert e.shape == (3, 8)
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(cache, arcname=".")
+""")
+
+
+def test_compiles_for_the_gpu_and_a_packed_cache_hits_elsewhere(tmp_path):
+    """The first process compiles the kernel for sm_90 (a cubin in the cache) and runs
+    nothing; a second one, unpacking the archive into another folder, finds it cached; a
+    third, keyed with another libtriton.so's hash (--target-wheel), compiles it again."""
+    why = _backend_missing_cached()
+    if why:
+        pytest.skip(why)
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
+    archive = str(tmp_path / "cache.tgz")
+    logs = []
+    for run, libtriton_hash in (("first", ""), ("second", ""), ("third", "0" * 64)):
+        out = subprocess.run([sys.executable, "-c", COMPILE_AND_PACK, archive, str(tmp_path / run), libtriton_hash],
+                             capture_output=True, text=True, cwd=REPO, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        logs.append(out.stdout)
+    assert "_budget_fwd_kernel: compiled" in logs[0]
+    assert "_budget_fwd_kernel: cached" in logs[1]
+    assert "_budget_fwd_kernel: compiled" in logs[2]
+    with tarfile.open(archive) as tar:
+        assert any(n.endswith("_budget_fwd_kernel.cubin") for n in tar.getnames())
