@@ -27,6 +27,10 @@ scale=1, initial_state=S_0^T, output_final_state=True). The bench keeps eta >= 0
 stays bounded; fla's error column checks the mapping on the GPU, tests/test_bench_fla.py on
 CPU. fla need not be installed: `bash bench/fetch_fla.sh` unpacks it into .fla/site, and
 `PYTHONPATH=.fla/site python bench/kernels.py ...` finds it (bench/gpu_check.sh does so).
+Op delta_rule_ungated: delta_rule at alpha = 1 against fla's chunk_delta_rule, which has no
+gate (beta = eta, v = u / eta). Our kernels compute their gates all the same, fla's ungated
+kernels skip them, so our time over fla's there bounds the gated ratio from above; it is
+measurable where fla refuses its gated backward (triton 3.4-3.7.0 on Hopper, fla #640).
 
 Part 2, the memory layer (memory.NeuralMemory, linear, C=64; 32 at d=128, the fused limit): backend "torch" (per-chunk
 PyTorch, the CPU path) vs "triton" (one fused kernel, kernels/triton_memory.py), for the DGD
@@ -83,17 +87,21 @@ from cli import OneLineArgumentParser, output_file_problem, positive_int, write_
 from memory import NeuralMemory  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPS = ("delta_rule", "momentum_rule")
+OPS = ("delta_rule", "momentum_rule", "delta_rule_ungated")    # the last: delta_rule at alpha = 1
 PARTS = ("scans", "memory", "cms", "hope", "wide", "budget")     # main's default order (module docstring)
 
 
 def load_fla():
-    """fla's chunk_gated_delta_rule, or None (with the reason) when it does not import."""
+    """({op: fla's kernel on our op's signature}, "") for the ops fla computes (delta_rule:
+    chunk_gated_delta_rule; delta_rule_ungated: chunk_delta_rule), or ({}, why) when fla does
+    not import."""
     try:
+        from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-        return chunk_gated_delta_rule, ""
+        return {"delta_rule": fla_delta_rule(chunk_gated_delta_rule),
+                "delta_rule_ungated": fla_ungated_delta_rule(chunk_delta_rule)}, ""
     except Exception as e:        # ImportError, or a broken install (triton/torch mismatch)
-        return None, f"{type(e).__name__}: {e}".splitlines()[0][:120]
+        return {}, f"{type(e).__name__}: {e}".splitlines()[0][:120]
 
 
 def timer(fn, device, repeats):
@@ -116,7 +124,9 @@ def scan_inputs(op, B, T, H, d, device, dtype, seed=0):
     unit = lambda: F.normalize(torch.randn(B, T, H, d, generator=g), dim=-1)    # noqa: E731
     gate = lambda: 0.8 + 0.2 * torch.rand(B, T, H, generator=g)                  # noqa: E731
     x = {"q": unit(), "k": unit(), "u": torch.randn(B, T, H, d, generator=g), "alpha": gate()}
-    if op == "delta_rule":
+    if op == "delta_rule_ungated":
+        x["alpha"] = torch.ones_like(x["alpha"])
+    if op != "momentum_rule":
         x["eta"] = 0.05 + 0.45 * torch.rand(B, T, H, generator=g)
         x["initial_state"] = 0.1 * torch.randn(B, H, d, d, generator=g)
     else:
@@ -127,12 +137,23 @@ def scan_inputs(op, B, T, H, d, device, dtype, seed=0):
 
 
 def fla_delta_rule(fla_fn):
-    """Our delta_rule signature on top of fla (module docstring: the mapping)."""
+    """Our delta_rule signature on top of fla's gated delta rule (module docstring: the mapping)."""
     def run(q, k, u, alpha, eta, initial_state, chunk_size=64, backend=None):
         beta = eta / alpha
         v = u * (alpha / eta).unsqueeze(-1)
         g = torch.log(alpha.float())
         o, h_final = fla_fn(q, k, v, g, beta, scale=1.0,
+                            initial_state=initial_state.float().transpose(-1, -2).contiguous(),
+                            output_final_state=True)
+        return o, h_final.transpose(-1, -2)
+    return run
+
+
+def fla_ungated_delta_rule(fla_fn):
+    """Our delta_rule at alpha = 1 on top of fla's chunk_delta_rule (no gate): the mapping
+    above with g = 0, beta = eta, v = u / eta; alpha is not read."""
+    def run(q, k, u, alpha, eta, initial_state, chunk_size=64, backend=None):
+        o, h_final = fla_fn(q, k, u / eta.unsqueeze(-1), eta, scale=1.0,
                             initial_state=initial_state.float().transpose(-1, -2).contiguous(),
                             output_final_state=True)
         return o, h_final.transpose(-1, -2)
@@ -199,19 +220,20 @@ def reference_grads(fn, x, cot):
     return [o.detach() for o in outs], torch.autograd.grad(loss, list(leaves.values()))
 
 
-def bench_scans(args, device, dtype, fla_fn, rows):
+def bench_scans(args, device, dtype, fla_fns, rows):
     for op in args.ops:
+        scan = "delta_rule" if op == "delta_rule_ungated" else op       # kernels.<scan>
         for d in args.d:
             for T in args.T:
                 x = scan_inputs(op, args.B, T, args.H, d, device, dtype)
                 impls = {"torch": "torch", "triton": "triton"}
                 if args.reference:
                     impls["reference"] = "reference"
-                fns = {name: (lambda b: lambda **kw: getattr(kernels, op)(**kw, chunk_size=args.chunk, backend=b))(b)
+                fns = {name: (lambda b: lambda **kw: getattr(kernels, scan)(**kw, chunk_size=args.chunk, backend=b))(b)
                        for name, b in impls.items()}
-                if op == "delta_rule" and fla_fn is not None:
-                    fns["fla"] = fla_delta_rule(fla_fn)
-                ref64 = lambda **kw: getattr(kernels, op)(**kw, chunk_size=args.chunk, backend="torch")  # noqa: E731
+                if op in fla_fns:
+                    fns["fla"] = fla_fns[op]
+                ref64 = lambda **kw: getattr(kernels, scan)(**kw, chunk_size=args.chunk, backend="torch")  # noqa: E731
                 ref_outs = reference_outputs(args, ref64, x)
                 ref = {}             # the float64 gradients, once: every run draws the same cotangent
 
@@ -493,14 +515,14 @@ def _run(p, args, argv):
     dtype = DTYPES[args.dtype]
     if device == "cpu" and dtype != torch.float32:
         p.error(f"--dtype {args.dtype} needs a GPU (the Triton interpreter computes 16-bit wrongly); use --dtype fp32")
-    fla_fn, fla_why = load_fla()
+    fla_fns, fla_why = load_fla()
     name = machine() + ("" if device == "cuda" else " (Triton interpreter)")
     print(f"command: python bench/kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"device: {name}; torch {torch.__version__}; date {datetime.date.today().isoformat()}; "
-          f"dtype {args.dtype}; fp32 matmul precision {args.fp32_matmul_precision}; fla: {'yes' if fla_fn else 'not available (' + fla_why + ')'}")
+          f"dtype {args.dtype}; fp32 matmul precision {args.fp32_matmul_precision}; fla: {'yes' if fla_fns else 'not available (' + fla_why + ')'}")
     print(HEADER)
     rows = []
-    run_part = {"scans": lambda: bench_scans(args, device, dtype, fla_fn, rows),
+    run_part = {"scans": lambda: bench_scans(args, device, dtype, fla_fns, rows),
                 "memory": lambda: bench_memory_layer(args, device, rows),
                 "cms": lambda: bench_cms_level(args, device, rows),
                 "hope": lambda: bench_hope_stage1(args, device, rows),

@@ -13,10 +13,12 @@ compile options, the target (cuda, sm_90), ptxas' version and Triton's own files
 (triton_key). Here a stand-in driver answers for the GPU (OfflineCuda) and every launch is
 turned into a warm-up (compile, do not run), so gpu_check.sh's own commands (read from
 GPU_CHECK_LIST=1) run on CPU tensors and compile exactly the variants the GPU asks for: its
-step runs at one block (--model.n_layer=1: every block launches the same kernels) for one
-step, in bf16 autocast with TF32 fp32 matmuls as on the GPU (train.setup_precision), and its
-kernel bench once (--repeats 1). No kernel runs, so the printed numbers mean nothing; only
-the launches count. The pytest stages are not compiled (their cases need a CUDA device).
+step runs with model.kernels=triton, at one block (--model.n_layer=1: every block launches
+the same kernels) for one step, in bf16 autocast with TF32 fp32 matmuls as on the GPU
+(train.setup_precision); its kernel bench once, fused rows only (--repeats 1 --impls triton
+--no-errors). No kernel runs, so the printed numbers mean nothing; only the launches count.
+Not compiled: the pytest stages (their cases need a CUDA device), fla (it autotunes) and
+steps without model.kernels=triton ("auto" resolves to PyTorch on CPU).
 
 The cache matches the GPU's only for the same Triton release (the GPU image runs 3.6.0: put
 that release first on PYTHONPATH, e.g. pip install --no-deps --target /tmp/t36site
@@ -48,7 +50,8 @@ from cli import OneLineArgumentParser, check_output_file  # noqa: E402
 # What the compile-only runs add to gpu_check's commands (later flags win).
 STEP_OVERRIDES = ["--device", "cpu", "--steps", "1", "--warmup", "0", "--profile-rows", "0",
                   "--model.n_layer=1", "--train.dtype=bfloat16"]
-KERNEL_BENCH_OVERRIDES = ["--repeats", "1", "--dtype", "fp32", "--impls", "triton", "--no-errors"]   # fp32: read by the scans part only
+# --dtype: read by the scans part only, which is not compiled here (compile_only_argv)
+KERNEL_BENCH_OVERRIDES = ["--repeats", "1", "--dtype", "fp32", "--impls", "triton", "--no-errors"]
 
 
 def gpu_check_commands(env=None):
@@ -61,8 +64,11 @@ def gpu_check_commands(env=None):
 
 def compile_only_argv(argv):
     """(script, argv to run it with) for a stage whose kernels can be compiled here, else
-    (None, why not). The step runs and the kernel bench qualify; pytest and fla do not."""
+    (None, why not). The step runs with model.kernels=triton and the kernel bench qualify;
+    pytest and fla do not."""
     if "bench/step.py" in argv:
+        if "--model.kernels=triton" not in argv:   # "auto" resolves by device: per-chunk on CPU
+            return None, "without --model.kernels=triton its kernels would resolve to PyTorch on CPU"
         return "step", argv[argv.index("bench/step.py") + 1:] + STEP_OVERRIDES
     if "bench/kernels.py" in argv and not any(a.startswith("PYTHONPATH=") for a in argv):
         args = argv[argv.index("bench/kernels.py") + 1:]

@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 
-from bench.kernels import fla_delta_rule, scan_inputs
+from bench.kernels import fla_delta_rule, fla_ungated_delta_rule, scan_inputs
 from kernels import delta_rule_reference
 
 
@@ -34,6 +34,23 @@ def test_fla_mapping_gives_our_delta_rule(T):
     x = scan_inputs("delta_rule", 2, T, 3, 8, "cpu", torch.float64, seed=T)
     o_ref, S_ref = delta_rule_reference(**x)
     o, S = fla_delta_rule(gated_delta_rule_fla_convention)(**x)
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(S, S_ref, rtol=0, atol=1e-10)
+
+
+def delta_rule_fla_convention(q, k, v, beta, scale=None, initial_state=None, output_final_state=False):
+    """fla's (ungated) delta rule: the gated one at g = 0."""
+    return gated_delta_rule_fla_convention(q, k, v, torch.zeros_like(beta), beta, scale, initial_state,
+                                           output_final_state)
+
+
+@pytest.mark.parametrize("T", [1, 37])
+def test_fla_ungated_mapping_gives_our_delta_rule_at_alpha_1(T):
+    """bench op delta_rule_ungated: alpha = 1, and the mapped ungated call equals our rule."""
+    x = scan_inputs("delta_rule_ungated", 2, T, 3, 8, "cpu", torch.float64, seed=T)
+    assert bool((x["alpha"] == 1).all())
+    o_ref, S_ref = delta_rule_reference(**x)
+    o, S = fla_ungated_delta_rule(delta_rule_fla_convention)(**x)
     torch.testing.assert_close(o, o_ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(S, S_ref, rtol=0, atol=1e-10)
 

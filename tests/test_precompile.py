@@ -27,6 +27,7 @@ def test_the_compile_runs_are_gpu_checks_own_commands():
     assert script == "kernels" and "--json" not in argv and "--parts" in argv
     assert precompile.compile_only_argv(stages["cuda_tests"]) == (None, "its cases need a CUDA device")
     assert precompile.compile_only_argv(stages["kernels_fla"])[0] is None
+    assert precompile.compile_only_argv(stages["step_transformer_760m"])[0] is None     # no Triton kernels
 
 
 def test_unpacking_points_each_kernel_at_its_new_folder(tmp_path):
