@@ -67,3 +67,24 @@ def test_fla_mapping_against_fla_reference():
     o, S = fla_delta_rule(naive_chunk_gated_delta_rule)(**x)
     torch.testing.assert_close(o.double(), o_ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(S.double(), S_ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fla") is None,
+                    reason="fla is not importable (bench/fetch_fla.sh puts it in .fla/site)")
+@pytest.mark.filterwarnings("ignore:Triton is not supported on current platform")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fla_ungated_mapping_against_fla_reference():
+    """The ungated mapping against fla's own sequential delta rule (head-first layout; it
+    scales q by K^-1/2 itself, undone here to stand for scale = 1)."""
+    from fla.ops.delta_rule.naive import delta_rule_recurrence
+
+    def fla_ungated(q, k, v, beta, scale, initial_state, output_final_state):
+        heads_first = [t.transpose(1, 2) for t in (q * scale * q.shape[-1] ** 0.5, k, v, beta)]
+        o, h = delta_rule_recurrence(*heads_first, initial_state=initial_state,
+                                     output_final_state=output_final_state)
+        return o.transpose(1, 2), h
+    x = scan_inputs("delta_rule_ungated", 2, 50, 3, 16, "cpu", torch.float64)
+    o_ref, S_ref = delta_rule_reference(**x)
+    o, S = fla_ungated_delta_rule(fla_ungated)(**x)
+    torch.testing.assert_close(o.double(), o_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(S.double(), S_ref, rtol=0, atol=1e-5)
