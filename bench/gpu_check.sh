@@ -64,7 +64,9 @@ if [ "$LIST" != 1 ] && [ -z "${TRITON_CACHE_DIR:-}" ]; then
     export TRITON_CACHE_DIR="$WORK/triton_cache"
     mkdir -p "$TRITON_CACHE_DIR"
     # unpack_cache also points each kernel's file list at this folder (Triton records absolute paths)
-    if [ -f "$CACHE_IN" ] && "$PY" -c "import sys; from bench.precompile import unpack_cache; unpack_cache(*sys.argv[1:])" \
+    # and precompiled_note says whether a cache from bench/precompile.py was built for this Triton
+    if [ -f "$CACHE_IN" ] && "$PY" -c "import sys; from bench.precompile import unpack_cache, precompiled_note
+unpack_cache(*sys.argv[1:]); print(precompiled_note(sys.argv[2]) or 'not from bench/precompile.py')" \
             "$CACHE_IN" "$TRITON_CACHE_DIR"; then
         echo "triton cache: $(cached_kernels) kernels from $CACHE_IN"
     fi

@@ -109,6 +109,13 @@ def wheel_libtriton_hash(wheel):
             return _sha256(f)
 
 
+def local_libtriton_hash():
+    """sha256 of the imported Triton's libtriton.so (what its cache keys hash)."""
+    import triton
+    with open(os.path.join(os.path.dirname(triton.__file__), "_C", "libtriton.so"), "rb") as f:
+        return _sha256(f)
+
+
 def _sha256(f):
     h = hashlib.sha256()
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -177,9 +184,7 @@ def compiling_offline(capability=90, libtriton_hash=None, log=print):
         return kernel
 
     if libtriton_hash:
-        with open(os.path.join(os.path.dirname(triton_cache.__file__), "..", "_C",
-                               "libtriton.so"), "rb") as f:
-            local = _sha256(f)
+        local = local_libtriton_hash()
         if local not in key_fn():
             raise ValueError("this Triton's cache key does not hash its libtriton.so: "
                              "--target-wheel cannot stand in for it")
@@ -220,10 +225,46 @@ def unpack_cache(archive, cache_dir):
                 json.dump(group, f)
 
 
+RECORD = "PRECOMPILED.json"      # in the cache's root, beside the kernels' folders (Triton ignores it)
+
+
+def precompiled_note(cache_dir):
+    """One line on a cache that precompile packed (its RECORD): for which Triton and
+    libtriton.so, at which commit, and whether this machine's libtriton.so is that one (else
+    every kernel compiles again). "" for a cache without a record."""
+    path = os.path.join(cache_dir, RECORD)
+    if not os.path.exists(path):
+        return ""
+    import json
+
+    import triton
+    with open(path) as f:
+        r = json.load(f)
+    here = local_libtriton_hash()
+    same = (r["triton"], r["libtriton_sha256"]) == (triton.__version__, here)
+    return (f"precompiled at commit {r['commit'][:10]} on {r['date']} for triton {r['triton']} (libtriton "
+            f"sha256 {r['libtriton_sha256'][:12]}), sm_{r['capability']}: this machine's triton "
+            f"{triton.__version__} (libtriton {here[:12]}) "
+            + ("matches" if same else "DIFFERS: its kernels will compile again"))
+
+
 def cached_kernels():
     """How many compiled kernels TRITON_CACHE_DIR holds (one group file each)."""
     root = os.environ["TRITON_CACHE_DIR"]
     return sum(1 for _, _, files in os.walk(root) for f in files if f.startswith("__grp__"))
+
+
+def write_record(cache_dir, libtriton_hash, capability):
+    """RECORD: what the cache was compiled for (precompiled_note reads it on the GPU)."""
+    import datetime
+    import json
+
+    import triton
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    with open(os.path.join(cache_dir, RECORD), "w") as f:
+        json.dump({"triton": triton.__version__, "libtriton_sha256": libtriton_hash,
+                   "capability": capability, "commit": git.stdout.strip() if git.returncode == 0 else "",
+                   "date": datetime.date.today().isoformat()}, f)
 
 
 def main(argv=None):
@@ -281,6 +322,7 @@ def main(argv=None):
                 failed.append(name)
             print(f"{name}: {'done' if rc in (0, None) else f'FAILED ({rc})'} in {time.time() - t0:.0f} s")
         total = cached_kernels()
+        write_record(cache, libtriton_hash or local_libtriton_hash(), args.capability)
         with tarfile.open(out + ".tmp", "w:gz") as tar:
             tar.add(cache, arcname=".")
         os.replace(out + ".tmp", out)

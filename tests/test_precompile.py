@@ -131,3 +131,14 @@ def test_compiles_for_the_gpu_and_a_packed_cache_hits_elsewhere(tmp_path):
     assert "_budget_fwd_kernel: compiled" in logs[2]
     with tarfile.open(archive) as tar:
         assert any(n.endswith("_budget_fwd_kernel.cubin") for n in tar.getnames())
+
+
+def test_the_record_says_whether_this_triton_is_the_one_compiled_for(tmp_path):
+    """gpu_check.sh prints precompiled_note after unpacking: a mismatch shows before the compiles."""
+    assert precompile.precompiled_note(str(tmp_path)) == ""               # not from precompile.py
+    here = precompile.local_libtriton_hash()
+    precompile.write_record(str(tmp_path), here, 90)
+    note = precompile.precompiled_note(str(tmp_path))
+    assert note.endswith("matches") and "sm_90" in note, note
+    precompile.write_record(str(tmp_path), "0" * 64, 90)
+    assert "DIFFERS" in precompile.precompiled_note(str(tmp_path))
