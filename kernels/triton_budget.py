@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import MAX_BUDGET_CHUNK
-from .triton_delta import _load_gate, _load_rows, _pick, _store_gate, _store_rows
+from .triton_delta import _load_gate, _load_rows, _pick, _store_gate, _store_rows, jit_any_length
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def _column(x, idx, j):
     return tl.sum(tl.where(idx[None, :] == j, x, 0.0), 1)
 
 
-@triton.jit
+@jit_any_length
 def _budget_fwd_kernel(w_ptr, u0_ptr, o_ptr, e_ptr, seen_ptr, budget, C, BC: tl.constexpr):
     """The loop forward, one program per row (a sequence's chunk of one head): the capped
     steps e and the amount u_j each token saw."""
@@ -55,7 +55,7 @@ def _budget_fwd_kernel(w_ptr, u0_ptr, o_ptr, e_ptr, seen_ptr, budget, C, BC: tl.
     _store_gate(seen_ptr, vec, 0, C, 1, seen, BC)
 
 
-@triton.jit
+@jit_any_length
 def _budget_bwd_kernel(w_ptr, o_ptr, e_ptr, seen_ptr, de_ptr, dw_ptr, du0_ptr, do_ptr, budget,
                        C, BC: tl.constexpr):
     """The loop reversed (module docstring): gradients of w, of the starting u and of O."""

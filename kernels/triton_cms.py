@@ -59,7 +59,7 @@ from torch import Tensor
 
 from .checks import check_saved_chunks, check_tensors
 from .triton_delta import (_contiguous, _dot, _grad_or_zeros, _load_rows, _needs_grad, _store_rows,
-                           dot_precision)
+                           dot_precision, jit_any_length)
 
 __all__ = ["fused_fast_level", "fusable_cms", "MAX_DIM", "MAX_HIDDEN", "max_cms_chunk"]
 
@@ -92,7 +92,7 @@ def _piece(i, T, C, off):
     return s, e, (i + 1) * C - off <= T
 
 
-@triton.jit
+@jit_any_length
 def _cms_fwd_kernel(a_ptr, tg_ptr, w1_ptr, w2_ptr, g1c_ptr, g2c_ptr, y_ptr, e_ptr, g1o_ptr,
                     g2o_ptr, T, D, H, C, off, lr, NP, SLOTS, SAVE: tl.constexpr,
                     ACT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
@@ -138,7 +138,7 @@ def _cms_fwd_kernel(a_ptr, tg_ptr, w1_ptr, w2_ptr, g1c_ptr, g2c_ptr, y_ptr, e_pt
         tl.debug_barrier()
 
 
-@triton.jit
+@jit_any_length
 def _cms_bwd_kernel(a_ptr, w1_ptr, w2_ptr, e_ptr, dy_ptr, dg1f_ptr, dg2f_ptr, dw1_ptr, dw2_ptr,
                     da_ptr, dtg_ptr, dg1c_ptr, dg2c_ptr, T, D, H, C, off, lr, NP,
                     ACT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,

@@ -36,9 +36,21 @@ its MEMORY variant (chunk C <= BT, writes formed at the chunk-start state; its s
 the outputs in the loop). Taking O out of the delta rule's sequential scan leaves
 it two of its five products per chunk (fla splits its forward the same way).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+# The kernels' integer arguments that follow the sequence: its length T, the chunk count NT,
+# the interval EVERY between saved chunk starts, a CMS segment's offset and piece count (off,
+# NP, SLOTS). Triton would compile one variant per class of each ("equal to 1", "divisible by
+# 16", other: T = 1000 and T = 4096 are two); unspecialised, one compiled kernel serves every
+# length (fla does the same for T), and the CUDA tests at odd T reuse what the training steps
+# compiled (bench/precompile.py). Head and tile sizes stay specialised: their divisibility
+# lets Triton vectorise the loads.
+LENGTH_ARGS = ("T", "NT", "EVERY", "off", "NP", "SLOTS")
+jit_any_length = functools.partial(triton.jit, do_not_specialize=LENGTH_ARGS)   # for kernel entries
 
 # log(alpha) is clamped here so that alpha == 0 gives a huge negative number instead of -inf
 # (-inf - -inf = nan in the ratios); e^-69 is already far below fp32 resolution of a sum.
@@ -544,7 +556,7 @@ def _delta_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, lw_ptr, do_ptr, d_
     _store_gate(dalpha_ptr, g_base, t0, end, H, _gate_grad(dlog_alpha, alpha), BT)
 
 
-@triton.jit
+@jit_any_length
 def _delta_prep_kernel(k_ptr, u_ptr, alpha_ptr, eta_ptr, w_ptr, u2_ptr, T, H, K, V,
                        WITH_U2: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, PREC: tl.constexpr):
@@ -553,7 +565,7 @@ def _delta_prep_kernel(k_ptr, u_ptr, alpha_ptr, eta_ptr, w_ptr, u2_ptr, T, H, K,
                 WITH_U2, False, BT, BK, BV, PREC)
 
 
-@triton.jit
+@jit_any_length
 def _delta_fwd_scan_kernel(k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, hc_ptr, d_ptr, sT_ptr,
                            T, H, K, V, NT, HAS_S0: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
@@ -563,14 +575,14 @@ def _delta_fwd_scan_kernel(k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, hc_ptr, d_pt
                     sT_ptr, sT_ptr, T, H, K, V, BT, NT, HAS_S0, True, False, BT, BK, BV, PREC)
 
 
-@triton.jit
+@jit_any_length
 def _delta_fwd_o_kernel(q_ptr, k_ptr, alpha_ptr, hc_ptr, d_ptr, o_ptr, T, H, K, V, NT,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """The delta rule's outputs (_delta_fwd_o), parallel over chunks."""
     _delta_fwd_o(q_ptr, k_ptr, alpha_ptr, hc_ptr, d_ptr, o_ptr, T, H, K, V, NT, BT, BK, BV, PREC)
 
 
-@triton.jit
+@jit_any_length
 def _delta_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dhc_ptr, dd_ptr,
                            ds0_ptr, T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, PREC: tl.constexpr):
@@ -580,7 +592,7 @@ def _delta_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dhc_
                     ds0_ptr, T, H, K, V, BT, NT, False, BT, BK, BV, PREC)
 
 
-@triton.jit
+@jit_any_length
 def _delta_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, do_ptr, d_ptr, dd_ptr,
                             hc_ptr, dhc_ptr, dq_ptr, dk_ptr, du_ptr, dalpha_ptr, deta_ptr,
                             T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,

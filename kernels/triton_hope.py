@@ -47,7 +47,7 @@ from .triton_cms import ACT_IDS
 from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _delta_chunk_gates, _gate_grad,
                            _grad_or_zeros, _load_gate, _load_kv, _load_rows, _load_state,
                            _needs_grad, _program, _store_gate, _store_rows, _store_state,
-                           dot_precision)
+                           dot_precision, jit_any_length)
 from .triton_mlp_memory import (DELTA_SLOTS, _chunk_delta_fwd, _dgd_chunk_bwd, _inner_write,
                                 _save_chunk_start, _scratch, _self_target, _self_target_bwd,
                                 _spill, _state_buffers, _tiles, backward_in_blocks, check_options,
@@ -115,7 +115,7 @@ def _gate(r, w, b):
     return tl.sigmoid(tl.sum(r * w[None, :], 1) + b)
 
 
-@triton.jit
+@jit_any_length
 def _hope_projections_fwd_kernel(x_ptr, win_ptr, wout_ptr, w_eta_ptr, b_eta_ptr, w_alpha_ptr,
                                  b_alpha_ptr, k_ptr, v_ptr, eta_ptr, alpha_ptr, winT_ptr,
                                  woutT_ptr, winB_ptr, woutB_ptr, h1c_ptr, h2c_ptr, T, H, D, E,
@@ -187,7 +187,7 @@ def _read_bwd(sx, sh1, sh2, dr, dst_in_ptr, dst_out_ptr, base, D, E, ACT: tl.con
     return dx
 
 
-@triton.jit
+@jit_any_length
 def _hope_projections_bwd_kernel(x_ptr, w_eta_ptr, b_eta_ptr, w_alpha_ptr, b_alpha_ptr, k_ptr,
                                  v_ptr, eta_ptr, alpha_ptr, h1c_ptr, h2c_ptr, dk_ptr, dv_ptr,
                                  deta_ptr, dalpha_ptr, dwinT_ptr, dwoutT_ptr, dwinB_ptr,

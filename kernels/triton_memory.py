@@ -42,9 +42,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import MAX_KEY_DIM, check_saved_chunks, check_scan_inputs
-from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _contiguous, _delta_bwd_grads,
-                           _delta_bwd_scan, _delta_fwd_scan, _delta_prep, _grad_or_zeros,
-                           _launch_dims, _needs_grad)
+from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _contiguous, _delta_bwd_grads, _delta_bwd_scan,
+                           _delta_fwd_scan, _delta_prep, _grad_or_zeros, _launch_dims, _needs_grad,
+                           jit_any_length)
 from .triton_momentum import _momentum_bwd_grads, _momentum_bwd_scan, _momentum_fwd_scan
 
 __all__ = ["fused_linear_memory_delta", "fused_linear_memory_momentum", "MAX_CHUNK",
@@ -57,7 +57,7 @@ MAX_HEAD_DIM = MAX_KEY_DIM   # the whole key dimension of the state sits in one 
 # ----------------------------------------------------------------------------- DGD / GD
 # The kernels are the delta rule's chunk loops (triton_delta.py) in their MEMORY variant.
 
-@triton.jit
+@jit_any_length
 def _mem_delta_prep_kernel(k_ptr, v_ptr, alpha_ptr, eta_ptr, lw_ptr, w_ptr, u2_ptr,
                            T, H, K, V, C, WITH_U2: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
@@ -66,7 +66,7 @@ def _mem_delta_prep_kernel(k_ptr, v_ptr, alpha_ptr, eta_ptr, lw_ptr, w_ptr, u2_p
                 WITH_U2, True, BT, BK, BV, PREC)
 
 
-@triton.jit
+@jit_any_length
 def _mem_delta_fwd_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_ptr,
                           sT_ptr, sB_ptr, T, H, K, V, C, NT, SAVE: tl.constexpr,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -77,7 +77,7 @@ def _mem_delta_fwd_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr,
                     sT_ptr, sB_ptr, T, H, K, V, C, NT, True, SAVE, True, BT, BK, BV, PREC)
 
 
-@triton.jit
+@jit_any_length
 def _mem_delta_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dsB_ptr,
                                dhc_ptr, dd_ptr, ds0_ptr, T, H, K, V, C, NT, BT: tl.constexpr,
                                BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
@@ -88,7 +88,7 @@ def _mem_delta_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, 
                     ds0_ptr, T, H, K, V, C, NT, True, BT, BK, BV, PREC)
 
 
-@triton.jit
+@jit_any_length
 def _mem_delta_bwd_grads_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, eta_ptr, lw_ptr, do_ptr,
                                 dd_ptr, hc_ptr, dhc_ptr, dq_ptr, dk_ptr, dv_ptr, dalpha_ptr,
                                 deta_ptr, dlw_ptr, T, H, K, V, C, NT, BT: tl.constexpr,
@@ -104,7 +104,7 @@ def _mem_delta_bwd_grads_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, eta_ptr, lw_ptr,
 # ----------------------------------------------------------------------------- momentum
 # The kernels are the momentum rule's chunk loops (triton_momentum.py) in their MEMORY variant.
 
-@triton.jit
+@jit_any_length
 def _mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lw_ptr, s0_ptr, z0_ptr,
                              o_ptr, hc_ptr, zc_ptr, sT_ptr, zT_ptr, sB_ptr, T, H, K, V, C, NT,
                              SAVE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -116,7 +116,7 @@ def _mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lw_ptr, s
                        SAVE, True, BT, BK, BV, PREC)
 
 
-@triton.jit
+@jit_any_length
 def _mem_momentum_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr, dsT_ptr,
                                   dzT_ptr, dsB_ptr, dhc_ptr, dzc_ptr, du_ptr, dv_ptr, ds0_ptr,
                                   dz0_ptr, T, H, K, V, C, NT, BT: tl.constexpr,
@@ -129,7 +129,7 @@ def _mem_momentum_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, beta_ptr, lw_ptr, do_
                        C, NT, True, BT, BK, BV, PREC)
 
 
-@triton.jit
+@jit_any_length
 def _mem_momentum_bwd_grads_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr,
                                    du_ptr, hc_ptr, zc_ptr, dhc_ptr, dzc_ptr, dq_ptr, dk_ptr,
                                    dalpha_ptr, dbeta_ptr, dlw_ptr, T, H, K, V, C, NT,

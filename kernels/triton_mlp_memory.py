@@ -82,7 +82,7 @@ from .triton_delta import (CHUNK_WARPS, _chunk_output, _chunk_span, _contiguous,
                            _delta_chunk_gates, _delta_grads_tail, _delta_ut_system, _dot,
                            _gate_grad, _grad_or_zeros, _load_gate, _load_kv, _load_qk, _load_rows,
                            _load_state, _needs_grad, _pick, _program, _store_gate, _store_kv,
-                           _store_rows, _store_state, dot_precision)
+                           _store_rows, _store_state, dot_precision, jit_any_length)
 from .triton_momentum import (_momentum_chunk_bwd, _momentum_chunk_fwd, _momentum_chunk_gates,
                               _momentum_grads_tail)
 
@@ -463,7 +463,7 @@ def _chunk_momentum_bwd(sq, sk, su, sh, sz, sdo, sdh, sdz, dh, dz, p, r, w, a, b
 
 # ----------------------------------------------------------------------------- kernels
 
-@triton.jit
+@jit_any_length
 def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_ptr, y_ptr,
                         h1c_ptr, h2c_ptr, winT_ptr, woutT_ptr, winB_ptr, woutB_ptr, scr_ptr,
                         T, H, D, E, C, NT, EVERY, S, tau, DGD: tl.constexpr, CLIP: tl.constexpr,
@@ -503,7 +503,7 @@ def _mlp_mem_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, win_ptr, wout_pt
     _store_state(woutT_ptr, bh64 * D * E, E, D, 0, h2, BE, BD)
 
 
-@triton.jit
+@jit_any_length
 def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr, dy_ptr,
                         dwinT_ptr, dwoutT_ptr, dwinB_ptr, dwoutB_ptr, dq_ptr, dk_ptr, dv_ptr,
                         dalpha_ptr, dlr_ptr, dwin_ptr, dwout_ptr, scr_ptr, T, H, D, E, C, NT, S,
@@ -537,7 +537,7 @@ def _mlp_mem_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, lr_ptr, h1c_ptr, h2c_ptr
     _store_state(dwout_ptr, bh64 * D * E, E, D, 0, dh2, BE, BD)
 
 
-@triton.jit
+@jit_any_length
 def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_ptr, win_ptr,
                                  wout_ptr, zin_ptr, zout_ptr, y_ptr, h1c_ptr, h2c_ptr, z1c_ptr,
                                  z2c_ptr, winT_ptr, woutT_ptr, zinT_ptr, zoutT_ptr, winB_ptr,
@@ -588,7 +588,7 @@ def _mlp_mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_pt
     _store_state(zoutT_ptr, bh64 * D * E, E, D, 0, z2, BE, BD)
 
 
-@triton.jit
+@jit_any_length
 def _mlp_mem_momentum_bwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lr_ptr, h1c_ptr,
                                  h2c_ptr, z1c_ptr, z2c_ptr, dy_ptr, dwinT_ptr, dwoutT_ptr,
                                  dzinT_ptr, dzoutT_ptr, dwinB_ptr, dwoutB_ptr, dq_ptr, dk_ptr,

@@ -31,7 +31,7 @@ from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _chunk_span, _decay, _dot, _
                            _launch_dims, _load_gate, _load_kv, _load_qk, _load_rows, _load_state,
                            _load_state_or_zeros, _log_cumsum, _pick, _program, _reverse_cumsum,
                            _scalar_zero, _span_grad, _store_gate, _store_kv, _store_rows,
-                           _store_state)
+                           _store_state, jit_any_length)
 
 
 @triton.jit
@@ -266,7 +266,7 @@ def _momentum_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr
     _store_gate(dbeta_ptr, g_base, t0, end, H, _gate_grad(d_lb, beta), BT)
 
 
-@triton.jit
+@jit_any_length
 def _momentum_fwd_scan_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, s0_ptr, z0_ptr, o_ptr,
                               hc_ptr, zc_ptr, sT_ptr, zT_ptr, T, H, K, V, NT,
                               HAS_S0: tl.constexpr, HAS_Z0: tl.constexpr, SAVE: tl.constexpr,
@@ -279,7 +279,7 @@ def _momentum_fwd_scan_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, s0_ptr, 
                        HAS_S0, HAS_Z0, SAVE, False, BT, BK, BV, PREC)
 
 
-@triton.jit
+@jit_any_length
 def _momentum_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, beta_ptr, do_ptr, dsT_ptr, dzT_ptr,
                               dhc_ptr, dzc_ptr, du_ptr, ds0_ptr, dz0_ptr, T, H, K, V, NT,
                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -291,7 +291,7 @@ def _momentum_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, beta_ptr, do_ptr, dsT_ptr
                        BT, NT, False, BT, BK, BV, PREC)
 
 
-@triton.jit
+@jit_any_length
 def _momentum_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, do_ptr, hc_ptr, zc_ptr,
                                dhc_ptr, dzc_ptr, dq_ptr, dk_ptr, dalpha_ptr, dbeta_ptr,
                                T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,

@@ -142,3 +142,51 @@ def test_the_record_says_whether_this_triton_is_the_one_compiled_for(tmp_path):
     assert note.endswith("matches") and "sm_90" in note, note
     precompile.write_record(str(tmp_path), "0" * 64, 90)
     assert "DIFFERS" in precompile.precompiled_note(str(tmp_path))
+
+
+ANY_LENGTH = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, os.getcwd())
+    from bench import precompile
+    os.environ["TRITON_CACHE_DIR"] = sys.argv[1]
+    with precompile.compiling_offline(90):
+        import kernels
+        for T in (37, 64, 1000):
+            print(f"T={T}", flush=True)
+            q, k, u = (torch.rand(1, T, 2, 16) for _ in range(3))
+            kernels.delta_rule(q, k, u, torch.rand(1, T, 2), torch.rand(1, T, 2), chunk_size=16, backend="triton")
+""")
+
+
+def test_one_compiled_kernel_serves_every_length(tmp_path):
+    """kernels.triton_delta.LENGTH_ARGS are not specialised: T = 37, 64 (divisible by 16)
+    and 1000 launch the delta rule's forward kernels compiled for the first."""
+    why = _backend_missing_cached()
+    if why:
+        pytest.skip(why)
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", ANY_LENGTH, str(tmp_path)], capture_output=True,
+                         text=True, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, later = out.stdout.split("T=64")
+    assert first.count(": compiled") >= 2 and ": compiled" not in later, out.stdout
+
+
+def test_every_kernel_entry_takes_any_length():
+    """Every Triton kernel entry in kernels/ leaves its sequence-length arguments unspecialised."""
+    import importlib
+
+    import triton
+
+    from kernels.triton_delta import LENGTH_ARGS
+    seen = 0
+    for name in ("budget", "cms", "delta", "hope", "memory", "mlp_memory", "momentum"):
+        module = importlib.import_module(f"kernels.triton_{name}")
+        for attr, fn in vars(module).items():
+            if attr.endswith("_kernel") and isinstance(fn, triton.runtime.KernelInterface):
+                seen += 1
+                args = set(fn.arg_names) & set(LENGTH_ARGS)
+                unspecialised = (fn.kwargs["do_not_specialize"] if hasattr(fn, "kwargs")    # interpreter
+                                 else fn.do_not_specialize) or ()
+                assert args <= set(unspecialised), attr
+    assert seen == 25
