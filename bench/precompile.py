@@ -45,7 +45,7 @@ import zipfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from bench.common import report_error  # noqa: E402
-from cli import OneLineArgumentParser, check_output_file  # noqa: E402
+from cli import OneLineArgumentParser, check_output_file, write_atomic  # noqa: E402
 
 # What the compile-only runs add to gpu_check's commands (later flags win).
 STEP_OVERRIDES = ["--device", "cpu", "--steps", "1", "--warmup", "0", "--profile-rows", "0",
@@ -99,6 +99,8 @@ def wheel_libtriton_hash(wheel):
                              f"release imported here ({local})")
         for name in (n for n in names if n.startswith("triton/") and n.endswith(".py")):
             path = os.path.join(local, name[len("triton/"):])
+            if not os.path.exists(path):
+                raise ValueError(f"--target-wheel {wheel}: {name} has no counterpart {path}")
             with open(path, "rb") as f:
                 if f.read() != z.read(name):
                     raise ValueError(f"--target-wheel {wheel}: {name} differs from {path}")
@@ -283,8 +285,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return report_error("TRITON_INTERPRET is set: the interpreter compiles nothing; unset it")
-    out = check_output_file(args.out)
     try:
+        out = check_output_file(args.out)
         libtriton_hash = wheel_libtriton_hash(args.target_wheel) if args.target_wheel else None
     except ValueError as e:
         return report_error(e)
@@ -323,9 +325,10 @@ def main(argv=None):
             print(f"{name}: {'done' if rc in (0, None) else f'FAILED ({rc})'} in {time.time() - t0:.0f} s")
         total = cached_kernels()
         write_record(cache, libtriton_hash or local_libtriton_hash(), args.capability)
-        with tarfile.open(out + ".tmp", "w:gz") as tar:
-            tar.add(cache, arcname=".")
-        os.replace(out + ".tmp", out)
+        def pack(path):
+            with tarfile.open(path, "w:gz") as tar:
+                tar.add(cache, arcname=".")
+        write_atomic(out, pack)
     print(f"triton cache: {total} kernels ({total - start} new) -> {out}")
     return 1 if failed else 0
 

@@ -75,6 +75,7 @@ def test_the_target_wheels_library_hash(tmp_path):
     (["--stages", "nothing*"], {}, "matches no gpu_check.sh stage"),
     (["--target-wheel", "missing.whl"], {}, "not a readable wheel"),
     (["--capability", "75"], {}, "argument --capability"),
+    (["--out", "."], {}, "is a folder"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, env, message):
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env}
