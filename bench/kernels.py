@@ -16,7 +16,9 @@ loop; only with --reference: it is slow) and of fla's `chunk_gated_delta_rule` w
 imports. Error: max |x - ref| / max(1, max |ref|) over the outputs (o and the final states;
 fwd+bwd: also every input's gradient) against a float64 reference = the chunked path run in
 float64 on the same (rounded) inputs (tests/test_kernels.py checks it against the sequential
-oracle).
+oracle). Forward+backward also as impl "triton/stages2": the gradient kernels launched with
+two pipelining stages instead of one (kernels.triton_delta.GRADS_STAGES: at K = 128, ptxas
+gives them 32 registers at one stage and 255 at two).
 
 fla mapping (DESIGN §3.2 reparameterisation). fla's gated delta rule is
     S_t = S_{t-1} alpha_t (I - b_t k_t k_t^T) + b_t v_t k_t^T,   o_t = scale * S_t q_t
@@ -245,9 +247,10 @@ def bench_scans(args, device, dtype, fla_fns, rows):
                         err = max(err, relative_error(grads, ref["grads"]))
                     return sec, err
                 for backward in args.backward_passes:
-                    for name, fn in fns.items():
-                        add_row(args, rows, lambda: run(fn, backward), part="scan", op=op, impl=name,
-                                pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T, H=args.H, d=d)
+                    for name, fn in {**fns, **({"triton/stages2": fns["triton"]} if backward else {})}.items():
+                        with grads_stages(2 if name == "triton/stages2" else None):
+                            add_row(args, rows, lambda: run(fn, backward), part="scan", op=op, impl=name,
+                                    pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T, H=args.H, d=d)
 
 
 def bench_memory_layer(args, device, rows, wide=False):
@@ -357,6 +360,19 @@ def bench_hope_stage1(args, device, rows):
 
 
 @contextlib.contextmanager
+def grads_stages(stages=None):
+    """Within: the scans' gradient kernels launch with `stages` software-pipelining stages
+    (kernels.triton_delta.GRADS_STAGES; None: unchanged)."""
+    from kernels import triton_delta
+    default = triton_delta.GRADS_STAGES
+    triton_delta.GRADS_STAGES = stages or default
+    try:
+        yield
+    finally:
+        triton_delta.GRADS_STAGES = default
+
+
+@contextlib.contextmanager
 def saving_every_chunk(on=True):
     """Within: the fused forwards save every chunk start (save_interval returns 1), so their
     backwards recompute nothing."""
@@ -434,11 +450,11 @@ def bench_cms_level(args, device, rows):
                             impl=impl, pass_="fwd+bwd" if backward else "fwd", B=B, T=T, H=1, d=d)
 
 
-HEADER = f"{'op':<28}{'impl':<12}{'pass':<9}{'B':>3}{'T':>6}{'H':>4}{'d':>5}{'ms':>11}{'rel err':>10}  note"
+HEADER = f"{'op':<28}{'impl':<16}{'pass':<9}{'B':>3}{'T':>6}{'H':>4}{'d':>5}{'ms':>11}{'rel err':>10}  note"
 
 
 def print_row(r):
-    print(f"{r['op']:<28}{r['impl']:<12}{r['pass_']:<9}{r['B']:>3}{r['T']:>6}{r['H']:>4}{r['d']:>5}"
+    print(f"{r['op']:<28}{r['impl']:<16}{r['pass_']:<9}{r['B']:>3}{r['T']:>6}{r['H']:>4}{r['d']:>5}"
           f"{r['ms']:>11.3f}{r['rel_err']:>10.1e}  {r['note']}", flush=True)
 
 
@@ -451,7 +467,8 @@ def print_speedups(rows):
         by.setdefault(key(r), {})[r["impl"]] = r["ms"]
     for (op, T, d, p), t in by.items():
         if "triton" in t and t["triton"] == t["triton"]:
-            parts = [f"vs {o} {t[o] / t['triton']:.2f}x" for o in ("torch", "fla", "reference", "triton/all")
+            parts = [f"vs {o} {t[o] / t['triton']:.2f}x" for o in ("torch", "fla", "reference", "triton/all",
+                                                                   "triton/stages2")
                      if o in t]
             print(f"  {op:<28}T={T:<6}d={d:<4}{p:<8} " + ", ".join(parts))
 

@@ -613,6 +613,12 @@ def _delta_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, do_ptr, d_p
 # H100, which has 227 KiB).
 SCAN_WARPS = 4
 CHUNK_WARPS = 8
+# The scans' gradient kernels (_delta_bwd_grads_kernel, _momentum_bwd_grads_kernel) at K = 128
+# with tf32 products: at num_stages=1 ptxas (CUDA 12.8, -O3) gives them 32 registers and 13-20
+# KB of spills per thread; at 2, 255 registers and 1.7-4 KB (110-148 KiB of shared memory).
+# At K = 64 both are alike. Which runs faster is for a GPU to say (bench/kernels.py times both:
+# impl triton/stages2); read at each launch, so the bench can switch it.
+GRADS_STAGES = 1
 
 
 def dot_precision(dtype):
@@ -697,5 +703,5 @@ def delta_backward(q, k, u, alpha, eta, h_chunks, d, grad_o, grad_state, BT, BK,
     if NT > 0:
         _delta_bwd_grads_kernel[(NT, B * H)](
             q, k, u, alpha, eta, grad_o, d, dd, h_chunks, dh_chunks, dq, dk, du, dalpha, deta,
-            T, H, K, V, NT, **tiles, num_warps=CHUNK_WARPS, num_stages=1)
+            T, H, K, V, NT, **tiles, num_warps=CHUNK_WARPS, num_stages=GRADS_STAGES)
     return dq, dk, du, dalpha, deta, ds0

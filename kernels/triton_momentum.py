@@ -326,6 +326,7 @@ def momentum_forward(q, k, u, alpha, beta, initial_state, initial_momentum, save
 def momentum_backward(q, k, u, alpha, beta, h_chunks, z_chunks, grad_o, grad_state,
                       grad_momentum, BT, BK, BV):
     """Returns (dq, dk, du, dalpha, dbeta, dS_0 fp32, dZ_0 fp32)."""
+    from . import triton_delta      # GRADS_STAGES, read at each launch (the bench switches it)
     B, T, H, K, V, NT, tiles, f32 = _launch_dims(q, u, BT, BT, BK, BV)
     dh_chunks = torch.empty(B * H, NT, K, V, **f32)
     dz_chunks = torch.empty(B * H, NT, K, V, **f32)
@@ -339,5 +340,6 @@ def momentum_backward(q, k, u, alpha, beta, h_chunks, z_chunks, grad_o, grad_sta
     if NT > 0:
         _momentum_bwd_grads_kernel[(NT, B * H)](
             q, k, u, alpha, beta, grad_o, h_chunks, z_chunks, dh_chunks, dz_chunks, dq, dk,
-            dalpha, dbeta, T, H, K, V, NT, **tiles, num_warps=CHUNK_WARPS, num_stages=1)
+            dalpha, dbeta, T, H, K, V, NT, **tiles, num_warps=CHUNK_WARPS,
+            num_stages=triton_delta.GRADS_STAGES)
     return dq, dk, du, dalpha, dbeta, ds0, dz0
