@@ -615,7 +615,7 @@ SCAN_WARPS = 4
 CHUNK_WARPS = 8
 # The scans' gradient kernels (_delta_bwd_grads_kernel, _momentum_bwd_grads_kernel) at K = 128
 # with tf32 products: at num_stages=1 ptxas (CUDA 12.8, -O3) gives them 32 registers and 13-20
-# KB of spills per thread; at 2, 255 registers and 1.7-4 KB (110-148 KiB of shared memory).
+# KB of spills per thread; at 2, 255 registers and 1.7-4 KB (108-145 KiB of shared memory).
 # At K = 64 both are alike. Which runs faster is for a GPU to say (bench/kernels.py times both:
 # impl triton/stages2); read at each launch, so the bench can switch it.
 GRADS_STAGES = 1
