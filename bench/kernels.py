@@ -246,9 +246,10 @@ def bench_scans(args, device, dtype, fla_fns, rows):
                         ref.setdefault("grads", reference_grads(ref64, x, cot)[1])
                         err = max(err, relative_error(grads, ref["grads"]))
                     return sec, err
+                backward_only = {"triton/stages2": fns["triton"]}    # its stages matter to the backward
                 for backward in args.backward_passes:
-                    for name, fn in {**fns, **({"triton/stages2": fns["triton"]} if backward else {})}.items():
-                        with grads_stages(2 if name == "triton/stages2" else None):
+                    for name, fn in (fns | backward_only if backward else fns).items():
+                        with kernel_setting("triton_delta", "GRADS_STAGES", 2 if name == "triton/stages2" else None):
                             add_row(args, rows, lambda: run(fn, backward), part="scan", op=op, impl=name,
                                     pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T, H=args.H, d=d)
 
@@ -344,7 +345,8 @@ def bench_hope_stage1(args, device, rows):
 
             def run(impl, backward):
                 mixer.projections.backend = impl.split("/")[0]
-                with saving_every_chunk(impl == "triton/all"):
+                with kernel_setting("triton_mlp_memory", "MAX_SAVED_CHUNKS",
+                                    float("inf") if impl == "triton/all" else None):
                     sec, outs, grads, cot = measure(stage(mixer, args.B), x, backward, device,
                                                     args.repeats)
                 err = relative_error(outs, ref)
@@ -360,30 +362,21 @@ def bench_hope_stage1(args, device, rows):
 
 
 @contextlib.contextmanager
-def grads_stages(stages=None):
-    """Within: the scans' gradient kernels launch with `stages` software-pipelining stages
-    (kernels.triton_delta.GRADS_STAGES; None: unchanged)."""
-    from kernels import triton_delta
-    default = triton_delta.GRADS_STAGES
-    triton_delta.GRADS_STAGES = stages or default
+def kernel_setting(module, name, value):
+    """Within: kernels.<module>.<name> = value, restored after (value None: unchanged). The
+    variants the bench prices: triton_delta.GRADS_STAGES (impl triton/stages2: the scans'
+    gradient kernels' pipelining stages) and triton_mlp_memory.MAX_SAVED_CHUNKS (impl
+    triton/all, inf: the fused forwards save every chunk start, so their backwards recompute
+    nothing)."""
+    import importlib
+    target = importlib.import_module(f"kernels.{module}")
+    before = getattr(target, name)
+    if value is not None:
+        setattr(target, name, value)
     try:
         yield
     finally:
-        triton_delta.GRADS_STAGES = default
-
-
-@contextlib.contextmanager
-def saving_every_chunk(on=True):
-    """Within: the fused forwards save every chunk start (save_interval returns 1), so their
-    backwards recompute nothing."""
-    from kernels import triton_mlp_memory
-    limit = triton_mlp_memory.MAX_SAVED_CHUNKS
-    if on:
-        triton_mlp_memory.MAX_SAVED_CHUNKS = float("inf")
-    try:
-        yield
-    finally:
-        triton_mlp_memory.MAX_SAVED_CHUNKS = limit
+        setattr(target, name, before)
 
 
 def bench_step_budget(args, device, rows):
