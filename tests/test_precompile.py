@@ -15,6 +15,7 @@ from bench import precompile
 from test_triton_compile import _backend_missing_cached
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPILING_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # conftest sets it
 
 
 def test_the_compile_runs_are_gpu_checks_own_commands():
@@ -79,7 +80,7 @@ def test_the_target_wheels_library_hash(tmp_path):
     (["--out", "."], {}, "is a folder"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, env, message):
-    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env}
+    env = {**COMPILING_ENV, **env}
     out = subprocess.run([sys.executable, "bench/precompile.py", "--out", str(tmp_path / "c.tgz"), *args],
                          capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
@@ -88,7 +89,7 @@ def test_bad_input_is_one_line(tmp_path, args, env, message):
 
 def test_bad_existing_cache_is_one_line(tmp_path):
     (tmp_path / "c.tgz").write_text("not a tarball")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = COMPILING_ENV
     out = subprocess.run([sys.executable, "bench/precompile.py", "--out", str(tmp_path / "c.tgz"),
                           "--stages", "kernels"], capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 2 and "--out" in out.stderr and len(out.stderr.strip().splitlines()) == 1
@@ -120,7 +121,7 @@ def test_compiles_for_the_gpu_and_a_packed_cache_hits_elsewhere(tmp_path):
     why = _backend_missing_cached()
     if why:
         pytest.skip(why)
-    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
+    env = {**COMPILING_ENV, "OMP_NUM_THREADS": "1"}
     archive = str(tmp_path / "cache.tgz")
     logs = []
     for run, libtriton_hash in (("first", ""), ("second", ""), ("third", "0" * 64)):
@@ -166,7 +167,7 @@ def test_one_compiled_kernel_serves_every_length(tmp_path):
     why = _backend_missing_cached()
     if why:
         pytest.skip(why)
-    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
+    env = {**COMPILING_ENV, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", ANY_LENGTH, str(tmp_path)], capture_output=True,
                          text=True, cwd=REPO, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
