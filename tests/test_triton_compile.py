@@ -13,8 +13,8 @@ Depth per case (`_cases`), to fit the CPU budget (at d=64/E=128 one MLP-memory b
 takes over 10 minutes in LLVM + ptxas): the flag combinations to TTIR, the other shapes and
 the bf16/tf32 path to TTGIR plus the shared-memory allocation, the small all-flags-on
 cases to LLIR / cubin. NL_COMPILE_FULL=1 takes every case to cubin (slow). As a script,
-`python tests/test_triton_compile.py --regs [KERNEL ...]` prints registers and spills at
-each file's largest shape (ptxas -v). To check another Triton release (the GPU image runs
+`python tests/test_triton_compile.py --regs [--prec tf32_fp32] [--stages 2] [KERNEL ...]`
+prints registers and spills at each file's largest shape (ptxas -v). To check another Triton release (the GPU image runs
 3.6), put it first on PYTHONPATH: `python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install
 --no-deps triton==3.6.0`, then `PYTHONPATH=/tmp/t36/lib/python3.11/site-packages python -m
 pytest tests/test_triton_compile.py` (BENCHMARKS.md).
@@ -171,8 +171,9 @@ def _launch_config(file, kernel, shape, warps):
     return tiles, n_warps
 
 
-def _compile_one(file, kernel, shape_name, flags, prec, stage, regs=False):
-    """Compile one case up to `stage`; returns a dict of what came out (or the error)."""
+def _compile_one(file, kernel, shape_name, flags, prec, stage, regs=False, num_stages=None):
+    """Compile one case up to `stage` (num_stages: instead of the host's); returns a dict of
+    what came out (or the error)."""
     import importlib
     import inspect
     import time
@@ -184,6 +185,7 @@ def _compile_one(file, kernel, shape_name, flags, prec, stage, regs=False):
 
     shapes, table = CASES[file]
     warps, stages = next((w, st) for k, _, w, st in table if k == kernel)
+    stages = stages if num_stages is None else num_stages
     tiles, n_warps = _launch_config(file, kernel, shapes[shape_name], warps)
     kern = getattr(importlib.import_module(f"kernels.{file}"), kernel)
     names = list(inspect.signature(kern.fn).parameters)
@@ -346,15 +348,17 @@ def _backend_missing_cached():
     return _backend_missing()
 
 
-def _print_regs(only=()):
+def _print_regs(only=(), prec="ieee", num_stages=None):
     """Registers / spills of every kernel (or those named) at its file's largest shape, all
-    flags on, fp32 (ptxas -v on the PTX)."""
+    flags on, products `prec` (fp32 pointers but for "tf32"), the host's pipelining stages or
+    num_stages (ptxas -v on the PTX)."""
     print(f"{'kernel':34s} {'shape':6s} {'tiles':26s} warps regs spill_st spill_ld shared  s")
     for file, (shapes, table) in CASES.items():
         for kernel, combos, _, _ in table:
             if only and kernel not in only:
                 continue
-            r = _compile_one(file, kernel, "large", combos[0], "ieee", "ptx", regs=True)
+            r = _compile_one(file, kernel, "large", combos[0], prec, "ptx", regs=True,
+                             num_stages=num_stages)
             if not r["ok"]:
                 print(f"{kernel:34s} FAILED {r['error'][:300]}", flush=True)
                 continue
@@ -370,6 +374,11 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         _worker(sys.argv[2:])
     elif sys.argv[1:2] == ["--regs"]:
-        _print_regs(sys.argv[2:])
+        rest, options = sys.argv[2:], {"--prec": "ieee", "--stages": None}
+        while rest[:1] and rest[0] in options:
+            options[rest[0]], rest = rest[1], rest[2:]
+        stages = options["--stages"]
+        _print_regs(rest, options["--prec"], None if stages is None else int(stages))
     else:
-        sys.exit("usage: test_triton_compile.py --worker FILE ... | --regs [KERNEL ...]")
+        sys.exit("usage: test_triton_compile.py --worker FILE ... | "
+                 "--regs [--prec ieee|tf32|tf32_fp32] [--stages N] [KERNEL ...]")
