@@ -31,9 +31,11 @@ found cached and how many it compiled itself, so a key that still differs shows 
 """
 import argparse
 import contextlib
+import datetime
 import fnmatch
 import functools
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -210,7 +212,6 @@ def unpack_cache(archive, cache_dir):
     (__grp__NAME.json) lists its files by absolute path, which Triton checks before it
     counts a hit: they are rewritten to where the files now are, so a cache packed on
     another machine or under another folder still hits. One-line ValueError if unreadable."""
-    import json
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(cache_dir, filter="data")
@@ -237,8 +238,6 @@ def precompiled_note(cache_dir):
     path = os.path.join(cache_dir, RECORD)
     if not os.path.exists(path):
         return ""
-    import json
-
     import triton
     with open(path) as f:
         r = json.load(f)
@@ -258,9 +257,6 @@ def cached_kernels():
 
 def write_record(cache_dir, libtriton_hash, capability):
     """RECORD: what the cache was compiled for (precompiled_note reads it on the GPU)."""
-    import datetime
-    import json
-
     import triton
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
     with open(os.path.join(cache_dir, RECORD), "w") as f:
