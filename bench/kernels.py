@@ -18,7 +18,9 @@ fwd+bwd: also every input's gradient) against a float64 reference = the chunked 
 float64 on the same (rounded) inputs (tests/test_kernels.py checks it against the sequential
 oracle). Forward+backward also as impl "triton/stages2": the gradient kernels launched with
 two pipelining stages instead of one (kernels.triton_delta.GRADS_STAGES: at K = 128, ptxas
-gives them 32 registers at one stage and 255 at two).
+gives them 32 registers at one stage and 255 at two). On a GPU the sequential scans pick
+their V-block width and warps by timing (kernels.triton_delta.autotune_scan); after each
+part the bench prints what they chose, as `autotuned:` lines.
 
 fla mapping (DESIGN §3.2 reparameterisation). fla's gated delta rule is
     S_t = S_{t-1} alpha_t (I - b_t k_t k_t^T) + b_t v_t k_t^T,   o_t = scale * S_t q_t
@@ -86,6 +88,7 @@ if not torch.cuda.is_available():                 # the Triton kernels run inter
 import kernels  # noqa: E402
 from bench.common import machine, report_error  # noqa: E402
 from cli import OneLineArgumentParser, output_file_problem, positive_int, write_atomic  # noqa: E402
+from kernels.triton_delta import tuned_scan_configs  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -538,8 +541,13 @@ def _run(p, args, argv):
                 "hope": lambda: bench_hope_stage1(args, device, rows),
                 "wide": lambda: bench_memory_layer(args, device, rows, wide=True),
                 "budget": lambda: bench_step_budget(args, device, rows)}
+    printed = set()
     for part in args.parts:
         run_part[part]()
+        for line in tuned_scan_configs():        # on a GPU: what the scans' autotuner chose
+            if line not in printed:
+                print(f"autotuned: {line}")
+                printed.add(line)
     print_speedups(rows)
     if args.json:
         try:

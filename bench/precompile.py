@@ -11,7 +11,8 @@ How: Triton keys its on-disk cache on the kernel's source, its specialisation (a
 dtypes, 16-byte-aligned pointers, integers equal to 1 or divisible by 16), the constexprs, the
 compile options, the target (cuda, sm_90), ptxas' version and Triton's own files
 (triton_key). Here a stand-in driver answers for the GPU (OfflineCuda) and every launch is
-turned into a warm-up (compile, do not run), so gpu_check.sh's own commands (read from
+turned into a warm-up (compile, do not run; an autotuned launch compiles every config it
+would time), so gpu_check.sh's own commands (read from
 GPU_CHECK_LIST=1) run on CPU tensors and compile exactly the variants the GPU asks for: its
 step runs with model.kernels=triton, at one block (--model.n_layer=1: every block launches
 the same kernels) for one step, in bf16 autocast with TF32 fp32 matmuls as on the GPU
@@ -163,16 +164,23 @@ def compiling_offline(capability=90, libtriton_hash=None, log=print):
     import torch
     import triton.runtime.cache as triton_cache
     from triton.compiler import ASTSource
-    from triton.runtime import driver
+    from triton.runtime import Autotuner, driver
     from triton.runtime.jit import JITFunction
 
     import kernels.checks
     key_fn, run, do_compile = triton_cache.triton_key, JITFunction.run, JITFunction._do_compile
+    tune = Autotuner.run
     source_to_ir, active_driver = ASTSource.make_ir, driver._active
     precision, interpreting = torch.get_float32_matmul_precision(), kernels.checks.interpreting
 
     def warmup_run(self, *args, grid, warmup, **kw):
         return run(self, *args, grid=grid, warmup=True, **kw)
+
+    def compile_every_config(self, *args, **kw):
+        """An autotuned kernel (the scans: kernels.triton_delta.autotune_scan): every config
+        the GPU will time, compiled (Autotuner.warmup), none timed."""
+        kw.pop("warmup")         # the launch's warmup=False; Autotuner.warmup sets its own
+        return self.warmup(*args, **kw)
 
     lowered = []       # ASTSource.make_ir calls: Triton lowers a kernel's source only on a cache miss
 
@@ -196,13 +204,14 @@ def compiling_offline(capability=90, libtriton_hash=None, log=print):
         triton_cache.triton_key = functools.lru_cache()(lambda: target_key)
     driver.set_active(OfflineCuda(capability))
     JITFunction.run, JITFunction._do_compile, ASTSource.make_ir = warmup_run, timed_compile, make_ir
+    Autotuner.run = compile_every_config
     kernels.checks.interpreting = lambda: True
     torch.set_float32_matmul_precision("high")
     try:
         yield
     finally:
         triton_cache.triton_key, JITFunction.run, JITFunction._do_compile = key_fn, run, do_compile
-        ASTSource.make_ir, driver._active = source_to_ir, active_driver
+        ASTSource.make_ir, driver._active, Autotuner.run = source_to_ir, active_driver, tune
         kernels.checks.interpreting = interpreting
         torch.set_float32_matmul_precision(precision)
 

@@ -30,6 +30,8 @@ Kernels (all state math in fp32; grid axes: chunks or V-blocks x batch*heads):
     _delta_fwd_o_kernel       parallel over chunks: O from the saved h and Delta
     _delta_bwd_scan_kernel    sequential, reversed: dDelta and the carried dh (h's gradient)
     _delta_bwd_grads_kernel   parallel over chunks: dq, dk, du, dalpha, deta (reduces over V)
+The two sequential scans pick their V-block width and warps by timing on a GPU
+(autotune_scan), as do the momentum rule's and the linear memory layer's.
 Each kernel is a thin wrapper of one chunk-loop body (_delta_prep, _delta_fwd_scan,
 _delta_bwd_scan, _delta_bwd_grads) that triton_memory.py's linear memory layer runs too, in
 its MEMORY variant (chunk C <= BT, writes formed at the chunk-start state; its scan computes
@@ -37,6 +39,7 @@ the outputs in the loop). Taking O out of the delta rule's sequential scan leave
 it two of its five products per chunk (fla splits its forward the same way).
 """
 import functools
+import sys
 
 import torch
 import triton
@@ -49,8 +52,41 @@ import triton.language as tl
 # length (fla does the same for T), and the CUDA tests at odd T reuse what the training steps
 # compiled (bench/precompile.py). Head and tile sizes stay specialised: their divisibility
 # lets Triton vectorise the loads.
-LENGTH_ARGS = ("T", "NT", "EVERY", "off", "NP", "SLOTS")
+# NBH, the scans' batch x heads count (their program count per V-block), is read by their
+# autotuner only (autotune_scan).
+LENGTH_ARGS = ("T", "NT", "EVERY", "off", "NP", "SLOTS", "NBH")
 jit_any_length = functools.partial(triton.jit, do_not_specialize=LENGTH_ARGS)   # for kernel entries
+
+# The sequential scans (one program per (V-block, batch*head), walking every chunk) are
+# latency-bound and few: 64 programs at B 4, H 16, V 64 in 64-column blocks fill half of an
+# H100's 132 SMs, and ptxas spills 1-3 KB per thread of their fp32 tiles at 4 warps
+# (BENCHMARKS.md). Narrower V-blocks give more programs and less to hold per program, at the
+# price of re-reading the chunk's keys per block; more warps give fewer registers per thread.
+# Which wins depends on the GPU and the shape, so on a GPU the scans are autotuned over these
+# (fla autotunes its chunk_delta_h the same way, BV 32 / 64 x 2-4 warps), keyed on the shape
+# and the program count; the fixed choice they replace (BV 64, 4 warps) is among them. The
+# interpreter has no driver to time with: there the scans keep one config and take the
+# host's BV (launch_scan).
+SCAN_CONFIGS = tuple(triton.Config({"BV": bv}, num_warps=w) for bv in (64, 32, 16) for w in (4, 8))
+SCAN_WARPS = 4      # the interpreter's config; the compile tests' first case
+SCAN_TUNING_KEY = ["K", "V", "BT", "BK", "NBH", "SAVE"]
+
+
+def _scan_configs_for(configs, named_args, **kwargs):
+    """Autotuning candidates for one launch: V-blocks no wider than V needs."""
+    widest = max(16, triton.next_power_of_2(named_args["V"]))
+    return [c for c in configs if c.kwargs["BV"] <= widest]
+
+
+def autotune_scan(kernel):
+    """A sequential scan kernel entry, autotuned over SCAN_CONFIGS on a GPU; under the
+    interpreter (which made `kernel` an InterpretedFunction) one config, with BV from the
+    host (launch_scan)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    if isinstance(kernel, InterpretedFunction):
+        return triton.autotune(configs=[triton.Config({}, num_warps=SCAN_WARPS)], key=[])(kernel)
+    return triton.autotune(configs=list(SCAN_CONFIGS), key=SCAN_TUNING_KEY,
+                           prune_configs_by={"early_config_prune": _scan_configs_for})(kernel)
 
 # log(alpha) is clamped here so that alpha == 0 gives a huge negative number instead of -inf
 # (-inf - -inf = nan in the ratios); e^-69 is already far below fp32 resolution of a sum.
@@ -565,9 +601,10 @@ def _delta_prep_kernel(k_ptr, u_ptr, alpha_ptr, eta_ptr, w_ptr, u2_ptr, T, H, K,
                 WITH_U2, False, BT, BK, BV, PREC)
 
 
+@autotune_scan
 @jit_any_length
 def _delta_fwd_scan_kernel(k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, hc_ptr, d_ptr, sT_ptr,
-                           T, H, K, V, NT, HAS_S0: tl.constexpr, BT: tl.constexpr,
+                           T, H, K, V, NT, NBH, HAS_S0: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """The delta rule's forward scan (_delta_fwd_scan with chunk BT, no outputs): S_T, each
     chunk's start h and Delta, for _delta_fwd_o_kernel and the backward."""
@@ -582,9 +619,10 @@ def _delta_fwd_o_kernel(q_ptr, k_ptr, alpha_ptr, hc_ptr, d_ptr, o_ptr, T, H, K, 
     _delta_fwd_o(q_ptr, k_ptr, alpha_ptr, hc_ptr, d_ptr, o_ptr, T, H, K, V, NT, BT, BK, BV, PREC)
 
 
+@autotune_scan
 @jit_any_length
 def _delta_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dhc_ptr, dd_ptr,
-                           ds0_ptr, T, H, K, V, NT, BT: tl.constexpr, BK: tl.constexpr,
+                           ds0_ptr, T, H, K, V, NT, NBH, BT: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, PREC: tl.constexpr):
     """The delta rule's backward scan (_delta_bwd_scan with chunk BT): dDelta and dh per
     chunk, dS_0."""
@@ -606,12 +644,10 @@ def _delta_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, do_ptr, d_p
 
 # ----------------------------------------------------------------------------- host side
 
-# The sequential scans keep one state tile per program; the chunk-parallel kernels hold a
-# dozen [BT, BT] / [BT, BK] tiles, so they get more warps (fewer registers per thread) and
-# no software pipelining of their V-block loop (num_stages=1: with the default 3 stages the
+# The chunk-parallel kernels hold a dozen [BT, BT] / [BT, BK] tiles, so they get 8 warps
+# (fewer registers per thread; the scans: autotune_scan) and no software pipelining of their V-block loop (num_stages=1: with the default 3 stages the
 # prefetched fp32 tiles of the delta gradient kernel need 256 KiB of shared memory on an
 # H100, which has 227 KiB).
-SCAN_WARPS = 4
 CHUNK_WARPS = 8
 # The scans' gradient kernels (_delta_bwd_grads_kernel, _momentum_bwd_grads_kernel) at K = 128
 # with tf32 products: at num_stages=1 ptxas (CUDA 12.8, -O3) gives them 32 registers and 13-20
@@ -619,6 +655,31 @@ CHUNK_WARPS = 8
 # At K = 64 both are alike. Which runs faster is for a GPU to say (bench/kernels.py times both:
 # impl triton/stages2); read at each launch, so the bench can switch it.
 GRADS_STAGES = 1
+
+
+def launch_scan(kernel, V, NBH, *args, **consts):
+    """Launch an autotune_scan kernel on its grid (V-blocks, B*H = NBH); `consts` carry the
+    host's tiles, whose BV the kernel takes unless its config sets one (on a GPU)."""
+    if "BV" in kernel.configs[0].kwargs:
+        consts.pop("BV")
+    kernel[lambda meta: (triton.cdiv(V, meta["BV"]), NBH)](*args, NBH=NBH, **consts)
+
+
+def tuned_scan_configs():
+    """What the scans' autotuner chose so far: one line per (kernel, key)."""
+    from . import triton_memory, triton_momentum
+    lines = []
+    for module in (sys.modules[__name__], triton_momentum, triton_memory):
+        for name in sorted(vars(module)):
+            kernel = getattr(module, name)
+            for key, config in getattr(kernel, "cache", {}).items() if isinstance(
+                    kernel, triton.runtime.Autotuner) else ():
+                names = [n for n in SCAN_TUNING_KEY if n in kernel.arg_names]
+                dtypes = sorted({str(t).replace("torch.", "") for t in key[len(names):]})
+                shape = ", ".join(f"{n}={v}" for n, v in zip(names, key))
+                lines.append(f"{name} ({shape}, {'/'.join(dtypes)}): BV {config.kwargs['BV']}, "
+                             f"{config.num_warps} warps")
+    return lines
 
 
 def dot_precision(dtype):
@@ -674,9 +735,9 @@ def delta_forward(q, k, u, alpha, eta, initial_state, save, BT, BK, BV):
     d = torch.empty(B * H, T, V, **f32)
     s_final = torch.empty(B, H, V, K, **f32)
     has_s0 = initial_state is not None
-    _delta_fwd_scan_kernel[(triton.cdiv(V, BV), B * H)](
-        k, alpha, w, u2, initial_state if has_s0 else s_final, h_chunks, d, s_final,
-        T, H, K, V, NT, HAS_S0=has_s0, **tiles, num_warps=SCAN_WARPS)
+    launch_scan(_delta_fwd_scan_kernel, V, B * H,
+                k, alpha, w, u2, initial_state if has_s0 else s_final, h_chunks, d, s_final,
+                T, H, K, V, NT, HAS_S0=has_s0, **tiles)
     if NT > 0:
         _delta_fwd_o_kernel[(NT, B * H)](q, k, alpha, h_chunks, d, o, T, H, K, V, NT, **tiles,
                                          num_warps=CHUNK_WARPS)
@@ -697,9 +758,8 @@ def delta_backward(q, k, u, alpha, eta, h_chunks, d, grad_o, grad_state, BT, BK,
     if NT > 0:   # W again (cheaper than keeping it); U' is not needed
         _delta_prep_kernel[(NT, B * H)](k, u, alpha, eta, w, w, T, H, K, V, WITH_U2=False,
                                         **tiles, num_warps=CHUNK_WARPS, num_stages=1)
-    _delta_bwd_scan_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, alpha, w, grad_o, grad_state, dh_chunks, dd, ds0, T, H, K, V, NT,
-        **tiles, num_warps=SCAN_WARPS)
+    launch_scan(_delta_bwd_scan_kernel, V, B * H,
+                q, k, alpha, w, grad_o, grad_state, dh_chunks, dd, ds0, T, H, K, V, NT, **tiles)
     if NT > 0:
         _delta_bwd_grads_kernel[(NT, B * H)](
             q, k, u, alpha, eta, grad_o, d, dd, h_chunks, dh_chunks, dq, dk, du, dalpha, deta,

@@ -42,9 +42,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import MAX_KEY_DIM, check_saved_chunks, check_scan_inputs
-from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _contiguous, _delta_bwd_grads, _delta_bwd_scan,
+from .triton_delta import (CHUNK_WARPS, _contiguous, _delta_bwd_grads, _delta_bwd_scan,
                            _delta_fwd_scan, _delta_prep, _grad_or_zeros, _launch_dims, _needs_grad,
-                           jit_any_length)
+                           autotune_scan, jit_any_length, launch_scan)
 from .triton_momentum import _momentum_bwd_grads, _momentum_bwd_scan, _momentum_fwd_scan
 
 __all__ = ["fused_linear_memory_delta", "fused_linear_memory_momentum", "MAX_CHUNK",
@@ -66,9 +66,10 @@ def _mem_delta_prep_kernel(k_ptr, v_ptr, alpha_ptr, eta_ptr, lw_ptr, w_ptr, u2_p
                 WITH_U2, True, BT, BK, BV, PREC)
 
 
+@autotune_scan
 @jit_any_length
 def _mem_delta_fwd_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr, hc_ptr,
-                          sT_ptr, sB_ptr, T, H, K, V, C, NT, SAVE: tl.constexpr,
+                          sT_ptr, sB_ptr, T, H, K, V, C, NT, NBH, SAVE: tl.constexpr,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           PREC: tl.constexpr):
     """The chunk loop, one program per (V-block, batch*head), h [BK, BV] in registers:
@@ -77,9 +78,10 @@ def _mem_delta_fwd_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, u2_ptr, s0_ptr, o_ptr,
                     sT_ptr, sB_ptr, T, H, K, V, C, NT, True, SAVE, True, BT, BK, BV, PREC)
 
 
+@autotune_scan
 @jit_any_length
 def _mem_delta_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dsB_ptr,
-                               dhc_ptr, dd_ptr, ds0_ptr, T, H, K, V, C, NT, BT: tl.constexpr,
+                               dhc_ptr, dd_ptr, ds0_ptr, T, H, K, V, C, NT, NBH, BT: tl.constexpr,
                                BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Chunks in reverse, carrying dh = dL/dh_next: the delta rule's backward scan with W~
     (so dh also collects the writes' dependence on W_B), plus the gradient of the returned
@@ -104,9 +106,10 @@ def _mem_delta_bwd_grads_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, eta_ptr, lw_ptr,
 # ----------------------------------------------------------------------------- momentum
 # The kernels are the momentum rule's chunk loops (triton_momentum.py) in their MEMORY variant.
 
+@autotune_scan
 @jit_any_length
 def _mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lw_ptr, s0_ptr, z0_ptr,
-                             o_ptr, hc_ptr, zc_ptr, sT_ptr, zT_ptr, sB_ptr, T, H, K, V, C, NT,
+                             o_ptr, hc_ptr, zc_ptr, sT_ptr, zT_ptr, sB_ptr, T, H, K, V, C, NT, NBH,
                              SAVE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr, PREC: tl.constexpr):
     """The chunk loop with Titans' momentum: U = 2 diag(lw) (V - K h) at the chunk-start h
@@ -116,10 +119,11 @@ def _mem_momentum_fwd_kernel(q_ptr, k_ptr, v_ptr, alpha_ptr, beta_ptr, lw_ptr, s
                        SAVE, True, BT, BK, BV, PREC)
 
 
+@autotune_scan
 @jit_any_length
 def _mem_momentum_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr, dsT_ptr,
                                   dzT_ptr, dsB_ptr, dhc_ptr, dzc_ptr, du_ptr, dv_ptr, ds0_ptr,
-                                  dz0_ptr, T, H, K, V, C, NT, BT: tl.constexpr,
+                                  dz0_ptr, T, H, K, V, C, NT, NBH, BT: tl.constexpr,
                                   BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Chunks in reverse, carrying (dh, dz). Per chunk, the momentum rule's step back, then
     the writes' dependence on the chunk-start state: dh += -2 K^T diag(lw) dU; dV = 2 lw dU.
@@ -196,9 +200,9 @@ def _memory_delta_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tenso
     _mem_delta_prep_kernel[(NT, B * H)](k, v, alpha, eta, lr_write, w, u2, T, H, d, d,
                                         chunk_size, WITH_U2=True, **tiles,
                                         num_warps=CHUNK_WARPS, num_stages=1)
-    _mem_delta_fwd_kernel[(triton.cdiv(d, tiles["BV"]), B * H)](
-        q, k, alpha, w, u2, s0, o, h_chunks, s_final, s_start, T, H, d, d, chunk_size, NT,
-        SAVE=save, **tiles, num_warps=SCAN_WARPS)
+    launch_scan(_mem_delta_fwd_kernel, d, B * H,
+                q, k, alpha, w, u2, s0, o, h_chunks, s_final, s_start, T, H, d, d, chunk_size, NT,
+                SAVE=save, **tiles)
     return o, s_final, s_start, h_chunks
 
 
@@ -228,9 +232,9 @@ def _memory_delta_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tenso
     _mem_delta_prep_kernel[(NT, B * H)](k, v, alpha, eta, lr_write, w, w, T, H, d, d,
                                         chunk_size, WITH_U2=False, **tiles,
                                         num_warps=CHUNK_WARPS, num_stages=1)
-    _mem_delta_bwd_scan_kernel[(triton.cdiv(d, tiles["BV"]), B * H)](
-        q, k, alpha, w, grad_o, grad_state, grad_start, dh_chunks, dd, ds0, T, H, d, d,
-        chunk_size, NT, **tiles, num_warps=SCAN_WARPS)
+    launch_scan(_mem_delta_bwd_scan_kernel, d, B * H,
+                q, k, alpha, w, grad_o, grad_state, grad_start, dh_chunks, dd, ds0, T, H, d, d,
+                chunk_size, NT, **tiles)
     _mem_delta_bwd_grads_kernel[(NT, B * H)](
         q, k, v, alpha, eta, lr_write, grad_o, dd, h_chunks, dh_chunks, dq, dk, dv, dalpha,
         deta, dlw, T, H, d, d, chunk_size, NT, **tiles, num_warps=CHUNK_WARPS, num_stages=1)
@@ -296,9 +300,9 @@ def _memory_momentum_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: T
     h_chunks = torch.empty((B * H, NT, d, d) if save else (0,), **f32)
     z_chunks = torch.empty((B * H, NT, d, d) if save else (0,), **f32)
     s_final, z_final, s_start = (torch.empty(B, H, d, d, **f32) for _ in range(3))
-    _mem_momentum_fwd_kernel[(triton.cdiv(d, tiles["BV"]), B * H)](
-        q, k, v, alpha, beta, lr, s0, z0, o, h_chunks, z_chunks, s_final, z_final, s_start,
-        T, H, d, d, chunk_size, NT, SAVE=save, **tiles, num_warps=SCAN_WARPS)
+    launch_scan(_mem_momentum_fwd_kernel, d, B * H,
+                q, k, v, alpha, beta, lr, s0, z0, o, h_chunks, z_chunks, s_final, z_final,
+                s_start, T, H, d, d, chunk_size, NT, SAVE=save, **tiles)
     return o, s_final, z_final, s_start, h_chunks, z_chunks
 
 
@@ -328,9 +332,9 @@ def _memory_momentum_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: T
     ds0, dz0 = torch.empty(B, H, d, d, **f32), torch.empty(B, H, d, d, **f32)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dalpha, dbeta, dlr = torch.empty_like(alpha), torch.empty_like(beta), torch.empty_like(lr)
-    _mem_momentum_bwd_scan_kernel[(triton.cdiv(d, tiles["BV"]), B * H)](
-        q, k, alpha, beta, lr, grad_o, grad_state, grad_momentum, grad_start, dh_chunks,
-        dz_chunks, du, dv, ds0, dz0, T, H, d, d, chunk_size, NT, **tiles, num_warps=SCAN_WARPS)
+    launch_scan(_mem_momentum_bwd_scan_kernel, d, B * H,
+                q, k, alpha, beta, lr, grad_o, grad_state, grad_momentum, grad_start, dh_chunks,
+                dz_chunks, du, dv, ds0, dz0, T, H, d, d, chunk_size, NT, **tiles)
     _mem_momentum_bwd_grads_kernel[(NT, B * H)](
         q, k, v, alpha, beta, lr, grad_o, du, h_chunks, z_chunks, dh_chunks, dz_chunks, dq, dk,
         dalpha, dbeta, dlr, T, H, d, d, chunk_size, NT, **tiles, num_warps=CHUNK_WARPS,

@@ -27,11 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_delta import (CHUNK_WARPS, SCAN_WARPS, _chunk_span, _decay, _dot, _gate_grad,
+from .triton_delta import (CHUNK_WARPS, _chunk_span, _decay, _dot, _gate_grad,
                            _launch_dims, _load_gate, _load_kv, _load_qk, _load_rows, _load_state,
                            _load_state_or_zeros, _log_cumsum, _pick, _program, _reverse_cumsum,
                            _scalar_zero, _span_grad, _store_gate, _store_kv, _store_rows,
-                           _store_state, jit_any_length)
+                           _store_state, autotune_scan, jit_any_length, launch_scan)
 
 
 @triton.jit
@@ -266,9 +266,10 @@ def _momentum_bwd_grads(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, lw_ptr, do_ptr
     _store_gate(dbeta_ptr, g_base, t0, end, H, _gate_grad(d_lb, beta), BT)
 
 
+@autotune_scan
 @jit_any_length
 def _momentum_fwd_scan_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, s0_ptr, z0_ptr, o_ptr,
-                              hc_ptr, zc_ptr, sT_ptr, zT_ptr, T, H, K, V, NT,
+                              hc_ptr, zc_ptr, sT_ptr, zT_ptr, T, H, K, V, NT, NBH,
                               HAS_S0: tl.constexpr, HAS_Z0: tl.constexpr, SAVE: tl.constexpr,
                               BT: tl.constexpr,
                               BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
@@ -279,9 +280,10 @@ def _momentum_fwd_scan_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, s0_ptr, 
                        HAS_S0, HAS_Z0, SAVE, False, BT, BK, BV, PREC)
 
 
+@autotune_scan
 @jit_any_length
 def _momentum_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, beta_ptr, do_ptr, dsT_ptr, dzT_ptr,
-                              dhc_ptr, dzc_ptr, du_ptr, ds0_ptr, dz0_ptr, T, H, K, V, NT,
+                              dhc_ptr, dzc_ptr, du_ptr, ds0_ptr, dz0_ptr, T, H, K, V, NT, NBH,
                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                               PREC: tl.constexpr):
     """The momentum rule's backward scan (_momentum_bwd_scan with chunk BT): dU, (dh, dz)
@@ -315,11 +317,10 @@ def momentum_forward(q, k, u, alpha, beta, initial_state, initial_momentum, save
     s_final = torch.empty(B, H, V, K, **f32)
     z_final = torch.empty(B, H, V, K, **f32)
     has_s0, has_z0 = initial_state is not None, initial_momentum is not None
-    _momentum_fwd_scan_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, u, alpha, beta, initial_state if has_s0 else s_final,
-        initial_momentum if has_z0 else z_final, o, h_chunks, z_chunks, s_final, z_final,
-        T, H, K, V, NT, HAS_S0=has_s0, HAS_Z0=has_z0, SAVE=save, **tiles,
-        num_warps=SCAN_WARPS)
+    launch_scan(_momentum_fwd_scan_kernel, V, B * H,
+                q, k, u, alpha, beta, initial_state if has_s0 else s_final,
+                initial_momentum if has_z0 else z_final, o, h_chunks, z_chunks, s_final, z_final,
+                T, H, K, V, NT, HAS_S0=has_s0, HAS_Z0=has_z0, SAVE=save, **tiles)
     return o, s_final, z_final, h_chunks, z_chunks
 
 
@@ -334,9 +335,9 @@ def momentum_backward(q, k, u, alpha, beta, h_chunks, z_chunks, grad_o, grad_sta
     dz0 = torch.empty(B, H, V, K, **f32)
     dq, dk, du = torch.empty_like(q), torch.empty_like(k), torch.empty_like(u)
     dalpha, dbeta = torch.empty_like(alpha), torch.empty_like(beta)
-    _momentum_bwd_scan_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, alpha, beta, grad_o, grad_state, grad_momentum, dh_chunks, dz_chunks, du, ds0,
-        dz0, T, H, K, V, NT, **tiles, num_warps=SCAN_WARPS)
+    launch_scan(_momentum_bwd_scan_kernel, V, B * H,
+                q, k, alpha, beta, grad_o, grad_state, grad_momentum, dh_chunks, dz_chunks, du,
+                ds0, dz0, T, H, K, V, NT, **tiles)
     if NT > 0:
         _momentum_bwd_grads_kernel[(NT, B * H)](
             q, k, u, alpha, beta, grad_o, h_chunks, z_chunks, dh_chunks, dz_chunks, dq, dk,

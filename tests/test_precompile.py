@@ -156,14 +156,16 @@ ANY_LENGTH = textwrap.dedent("""
         import kernels
         for T in (37, 64, 1000):
             print(f"T={T}", flush=True)
-            q, k, u = (torch.rand(1, T, 2, 16) for _ in range(3))
+            q, k, u = torch.rand(1, T, 2, 16), torch.rand(1, T, 2, 16), torch.rand(1, T, 2, 32)
             kernels.delta_rule(q, k, u, torch.rand(1, T, 2), torch.rand(1, T, 2), chunk_size=16, backend="triton")
 """)
 
 
 def test_one_compiled_kernel_serves_every_length(tmp_path):
     """kernels.triton_delta.LENGTH_ARGS are not specialised: T = 37, 64 (divisible by 16)
-    and 1000 launch the delta rule's forward kernels compiled for the first."""
+    and 1000 launch the delta rule's forward kernels compiled for the first. The autotuned
+    scan compiles every config the GPU would time: at V = 32, V-blocks of 16 and 32 at 4
+    and 8 warps."""
     why = _backend_missing_cached()
     if why:
         pytest.skip(why)
@@ -173,6 +175,7 @@ def test_one_compiled_kernel_serves_every_length(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     first, later = out.stdout.split("T=64")
     assert first.count(": compiled") >= 2 and ": compiled" not in later, out.stdout
+    assert first.count("_delta_fwd_scan_kernel: compiled") == 4, out.stdout
 
 
 def test_every_kernel_entry_takes_any_length():
@@ -188,6 +191,8 @@ def test_every_kernel_entry_takes_any_length():
         for attr, fn in vars(module).items():
             if attr.endswith("_kernel") and isinstance(fn, triton.runtime.KernelInterface):
                 seen += 1
+                while isinstance(fn, triton.runtime.Autotuner):     # the scans (autotune_scan)
+                    fn = fn.fn
                 args = set(fn.arg_names) & set(LENGTH_ARGS)
                 unspecialised = (fn.kwargs["do_not_specialize"] if hasattr(fn, "kwargs")    # interpreter
                                  else fn.do_not_specialize) or ()

@@ -13,8 +13,9 @@ Depth per case (`_cases`), to fit the CPU budget (at d=64/E=128 one MLP-memory b
 takes over 10 minutes in LLVM + ptxas): the flag combinations to TTIR, the other shapes and
 the bf16/tf32 path to TTGIR plus the shared-memory allocation, the small all-flags-on
 cases to LLIR / cubin. NL_COMPILE_FULL=1 takes every case to cubin (slow). As a script,
-`python tests/test_triton_compile.py --regs [--prec tf32_fp32] [--stages 2] [KERNEL ...]`
-prints registers and spills at each file's largest shape (ptxas -v). To check another Triton release (the GPU image runs
+`python tests/test_triton_compile.py --regs [--prec tf32_fp32] [--stages 2] [--scan-config
+BV,WARPS] [--shape mid] [KERNEL ...]` prints registers and spills at each file's largest shape
+(ptxas -v). To check another Triton release (the GPU image runs
 3.6), put it first on PYTHONPATH: `python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install
 --no-deps triton==3.6.0`, then `PYTHONPATH=/tmp/t36/lib/python3.11/site-packages python -m
 pytest tests/test_triton_compile.py` (BENCHMARKS.md).
@@ -31,6 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)       # before triton is imported anywhere
+    sys.path.insert(0, REPO)                       # (_cases imports kernels/ at collection)
 SMEM_LIMIT = 232448            # H100: the most dynamic shared memory a block may opt into
 FULL = os.environ.get("NL_COMPILE_FULL", "0") not in ("", "0")
 
@@ -128,11 +132,16 @@ def _cases(file):
       * the all-flags-on combination to TTGIR at every other shape, in every precision (above;
         FP32_ONLY files take fp32 inputs only: no "tf32");
       * the all-flags-on small cases further: fp32 to cubin (ptxas), bf16 to LLIR (to TTGIR
-        for the MLP memory, whose bf16 LLVM lowering alone takes 5-13 s per kernel here)."""
+        for the MLP memory, whose bf16 LLVM lowering alone takes 5-13 s per kernel here);
+      * the scans' other autotuning configs (triton_delta.SCAN_CONFIGS: V-block width and
+        warps; the cases above take the first) at the large shape, in every precision, to
+        TTGIR plus the shared-memory allocation.
+    Each case: (case id, kernel, shape name, flags, prec, stage, scan config or None)."""
+    from kernels.triton_delta import SCAN_CONFIGS
     shapes, table = CASES[file]
     precs = ("ieee", "tf32_fp32") if file in FP32_ONLY else ("ieee", "tf32", "tf32_fp32")
     out = []
-    for kernel, combos, _, _ in table:
+    for kernel, combos, warps, _ in table:
         todo = [("small", flags, "ieee", "cubin" if flags == combos[0] else "ttir")
                 for flags in combos]
         small_bf16 = "ttgir" if file == "triton_mlp_memory" else "llir"
@@ -141,7 +150,12 @@ def _cases(file):
                  if shape != "small" or prec == "tf32"]
         for shape, flags, prec, stage in todo:
             cid = "-".join([kernel, shape, prec] + [f"{k}={int(v)}" for k, v in flags.items()])
-            out.append((cid, kernel, shape, flags, prec, "cubin" if FULL else stage))
+            out.append((cid, kernel, shape, flags, prec, "cubin" if FULL else stage, None))
+        for config in SCAN_CONFIGS[1:] if warps == "scan" else ():
+            for prec in precs:
+                tune = dict(BV=config.kwargs["BV"], num_warps=config.num_warps)
+                cid = "-".join([kernel, "large", prec, f"BV={tune['BV']}", f"w={tune['num_warps']}"])
+                out.append((cid, kernel, "large", combos[0], prec, "cubin" if FULL else "ttgir", tune))
     return out
 
 
@@ -171,9 +185,10 @@ def _launch_config(file, kernel, shape, warps):
     return tiles, n_warps
 
 
-def _compile_one(file, kernel, shape_name, flags, prec, stage, regs=False, num_stages=None):
-    """Compile one case up to `stage` (num_stages: instead of the host's); returns a dict of
-    what came out (or the error)."""
+def _compile_one(file, kernel, shape_name, flags, prec, stage, tune=None, regs=False,
+                 num_stages=None):
+    """Compile one case up to `stage` (tune: a scan's autotuning config, {BV, num_warps};
+    num_stages: instead of the host's); returns a dict of what came out (or the error)."""
     import importlib
     import inspect
     import time
@@ -182,12 +197,17 @@ def _compile_one(file, kernel, shape_name, flags, prec, stage, regs=False, num_s
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
     from triton._C.libtriton import ir
+    from triton.runtime.jit import JITFunction
 
     shapes, table = CASES[file]
     warps, stages = next((w, st) for k, _, w, st in table if k == kernel)
     stages = stages if num_stages is None else num_stages
     tiles, n_warps = _launch_config(file, kernel, shapes[shape_name], warps)
+    if tune:
+        tiles, n_warps = {**tiles, "BV": tune["BV"]}, tune["num_warps"]
     kern = getattr(importlib.import_module(f"kernels.{file}"), kernel)
+    while not isinstance(kern, JITFunction):       # the scans' autotuner wraps their kernel
+        kern = kern.fn
     names = list(inspect.signature(kern.fn).parameters)
     const = {**flags, **tiles, **({"PREC": prec.split("_")[0]} if "PREC" in names else {})}   # no products: no PREC
     low = "*bf16" if prec == "tf32" else "*fp32"     # PRECISIONS
@@ -271,8 +291,8 @@ def _ptxas_usage(ptx):
 def _worker(files):
     """Subprocess entry: compile every case of the files, one JSON line per case."""
     for file in files:
-        for cid, kernel, shape, flags, prec, stage in _cases(file):
-            res = _compile_one(file, kernel, shape, flags, prec, stage)
+        for cid, kernel, shape, flags, prec, stage, tune in _cases(file):
+            res = _compile_one(file, kernel, shape, flags, prec, stage, tune)
             print(json.dumps({"file": file, "id": cid, **res}), flush=True)
 
 
@@ -328,8 +348,8 @@ def _param(file, cid, *rest):
 _ALL = [_param(file, *case) for file in CASES for case in _cases(file)]
 
 
-@pytest.mark.parametrize("file,cid,kernel,shape,flags,prec,stage", _ALL)
-def test_kernel_compiles_for_sm90(file, cid, kernel, shape, flags, prec, stage):
+@pytest.mark.parametrize("file,cid,kernel,shape,flags,prec,stage,tune", _ALL)
+def test_kernel_compiles_for_sm90(file, cid, kernel, shape, flags, prec, stage, tune):
     """Each (kernel, flags, shape, precision) lowers for sm_90 up to its stage; cubin cases
     also fit the H100's shared memory."""
     why = _backend_missing_cached()
@@ -348,37 +368,42 @@ def _backend_missing_cached():
     return _backend_missing()
 
 
-def _print_regs(only=(), prec="ieee", num_stages=None):
-    """Registers / spills of every kernel (or those named) at its file's largest shape, all
-    flags on, products `prec` (fp32 pointers but for "tf32"), the host's pipelining stages or
-    num_stages (ptxas -v on the PTX)."""
+def _print_regs(only=(), prec="ieee", num_stages=None, tune=None, shape="large"):
+    """Registers / spills of every kernel (or those named) at its file's `shape` (default the
+    largest), all flags on, products `prec` (fp32 pointers but for "tf32"), the host's
+    pipelining stages or num_stages, the scans at a tune config {BV, num_warps} or
+    SCAN_CONFIGS' first (ptxas -v on the PTX)."""
     print(f"{'kernel':34s} {'shape':6s} {'tiles':26s} warps regs spill_st spill_ld shared  s")
     for file, (shapes, table) in CASES.items():
-        for kernel, combos, _, _ in table:
-            if only and kernel not in only:
+        for kernel, combos, warps, _ in table:
+            if only and kernel not in only or shape not in shapes:
                 continue
-            r = _compile_one(file, kernel, "large", combos[0], prec, "ptx", regs=True,
-                             num_stages=num_stages)
+            r = _compile_one(file, kernel, shape, combos[0], prec, "ptx",
+                             tune if warps == "scan" else None, regs=True, num_stages=num_stages)
             if not r["ok"]:
                 print(f"{kernel:34s} FAILED {r['error'][:300]}", flush=True)
                 continue
             tiles = ",".join(f"{k}={v}" for k, v in r["tiles"].items())
-            print(f"{kernel:34s} large  {tiles:26s} {r['num_warps']:5d} {r['n_regs']!s:4s} "
+            print(f"{kernel:34s} {shape:6s} {tiles:26s} {r['num_warps']:5d} {r['n_regs']!s:4s} "
                   f"{r['spill_stores']!s:8s} {r['spill_loads']!s:8s} {r.get('shared')!s:6s} "
                   f"{r['seconds']}", flush=True)
 
 
 if __name__ == "__main__":
-    os.environ.pop("TRITON_INTERPRET", None)       # before triton is imported anywhere
-    sys.path.insert(0, REPO)
     if sys.argv[1:2] == ["--worker"]:
         _worker(sys.argv[2:])
     elif sys.argv[1:2] == ["--regs"]:
-        rest, options = sys.argv[2:], {"--prec": "ieee", "--stages": None}
+        rest = sys.argv[2:]
+        options = {"--prec": "ieee", "--stages": None, "--scan-config": None, "--shape": "large"}
         while rest[:1] and rest[0] in options:
             options[rest[0]], rest = rest[1], rest[2:]
-        stages = options["--stages"]
-        _print_regs(rest, options["--prec"], None if stages is None else int(stages))
+        stages, tune = options["--stages"], options["--scan-config"]
+        if tune:
+            bv, warps = (int(x) for x in tune.split(","))
+            tune = dict(BV=bv, num_warps=warps)
+        _print_regs(rest, options["--prec"], None if stages is None else int(stages), tune,
+                    options["--shape"])
     else:
-        sys.exit("usage: test_triton_compile.py --worker FILE ... | "
-                 "--regs [--prec ieee|tf32|tf32_fp32] [--stages N] [KERNEL ...]")
+        sys.exit("usage: test_triton_compile.py --worker FILE ... | --regs [--prec "
+                 "ieee|tf32|tf32_fp32] [--stages N] [--scan-config BV,WARPS] [--shape NAME] "
+                 "[KERNEL ...]")

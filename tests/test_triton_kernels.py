@@ -155,6 +155,22 @@ def test_matches_reference_small(op, case):
     assert_close(errors, 1e-4, f"{op} {small_id(case)}")
 
 
+@needs_kernels
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("op", OPS)
+def test_every_autotuned_scan_width_matches_reference(op, block, monkeypatch):
+    """On a GPU the sequential scans pick their V-block width by timing
+    (kernels.triton_delta.SCAN_CONFIGS); each width gives the reference's outputs and
+    gradients, at V = 80 (a partial last block at every width) and with initial states."""
+    from kernels import triton_delta, triton_momentum
+    for kernel in (triton_delta._delta_fwd_scan_kernel, triton_delta._delta_bwd_scan_kernel,
+                   triton_momentum._momentum_fwd_scan_kernel,
+                   triton_momentum._momentum_bwd_scan_kernel):
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BV": block}, num_warps=4)])
+    errors, _ = compare_with_reference(op, make_inputs(op, 1, 19, 1, 16, 80, True), 16)
+    assert_close(errors, 1e-4, f"{op} BV {block}")
+
+
 def gate_pattern(values, T, device):
     """[1, T, 1] gates cycling through `values`."""
     return torch.tensor(values).repeat(T // len(values) + 1)[:T].view(1, T, 1).to(device)

@@ -104,6 +104,21 @@ def test_fused_layer_matches_torch_path(rule, case):
 
 
 @needs_kernels
+@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("rule", ("dgd", "momentum"))
+def test_every_autotuned_scan_width_matches_torch_path(rule, block, monkeypatch):
+    """On a GPU the layer's sequential kernels pick their V-block width by timing
+    (kernels.triton_delta.SCAN_CONFIGS); at d = 20 a width of 16 splits the state's columns
+    into a full and a partial block, 32 leaves one partial block."""
+    import triton
+    for name in ("_mem_delta_fwd_kernel", "_mem_delta_bwd_scan_kernel",
+                 "_mem_momentum_fwd_kernel", "_mem_momentum_bwd_scan_kernel"):
+        monkeypatch.setattr(getattr(triton_memory, name), "configs",
+                            [triton.Config({"BV": block}, num_warps=4)])
+    assert_close(compare_with_torch_path(rule, 1, 19, 1, 20, 8), 2e-5, f"{rule} BV {block}")
+
+
+@needs_kernels
 @pytest.mark.parametrize("rule", ("dgd", "momentum"))
 def test_segments_mid_chunk_match_one_call(rule):
     """Segments ending mid-chunk: the next call finishes the chunk on the torch path and the
