@@ -18,7 +18,8 @@ fwd+bwd: also every input's gradient) against a float64 reference = the chunked 
 float64 on the same (rounded) inputs (tests/test_kernels.py checks it against the sequential
 oracle). Forward+backward also as impl "triton/stages2": the gradient kernels launched with
 two pipelining stages instead of one (kernels.triton_delta.GRADS_STAGES: at K = 128, ptxas
-gives them 32 registers at one stage and 255 at two). On a GPU the sequential scans pick
+gives them 32 registers at one stage and 255 at two), and at d > 64 as impl "triton/chunk64":
+chunks of 64 tokens instead of 32 (kernels.triton_scans.WIDE_KEY_CHUNK; fla's chunk). On a GPU the sequential scans pick
 their V-block width and warps by timing (kernels.triton_delta.autotune_scan); after each
 part the bench prints what they chose, as `autotuned:` lines.
 
@@ -250,9 +251,12 @@ def bench_scans(args, device, dtype, fla_fns, rows):
                         err = max(err, relative_error(grads, ref["grads"]))
                     return sec, err
                 backward_only = {"triton/stages2": fns["triton"]}    # its stages matter to the backward
+                if d > 64:                      # the chunk at K > 64 (triton_scans.WIDE_KEY_CHUNK)
+                    fns["triton/chunk64"] = fns["triton"]
                 for backward in args.backward_passes:
                     for name, fn in (fns | backward_only if backward else fns).items():
-                        with kernel_setting("triton_delta", "GRADS_STAGES", 2 if name == "triton/stages2" else None):
+                        with kernel_setting("triton_delta", "GRADS_STAGES", 2 if name == "triton/stages2" else None), \
+                                kernel_setting("triton_scans", "WIDE_KEY_CHUNK", 64 if name == "triton/chunk64" else None):
                             add_row(args, rows, lambda: run(fn, backward), part="scan", op=op, impl=name,
                                     pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T, H=args.H, d=d)
 
@@ -368,7 +372,8 @@ def bench_hope_stage1(args, device, rows):
 def kernel_setting(module, name, value):
     """Within: kernels.<module>.<name> = value, restored after (value None: unchanged). The
     variants the bench prices: triton_delta.GRADS_STAGES (impl triton/stages2: the scans'
-    gradient kernels' pipelining stages) and triton_mlp_memory.MAX_SAVED_CHUNKS (impl
+    gradient kernels' pipelining stages), triton_scans.WIDE_KEY_CHUNK (impl triton/chunk64:
+    the scans' chunk at K > 64) and triton_mlp_memory.MAX_SAVED_CHUNKS (impl
     triton/all, inf: the fused forwards save every chunk start, so their backwards recompute
     nothing)."""
     import importlib
@@ -464,7 +469,7 @@ def print_speedups(rows):
     for (op, T, d, p), t in by.items():
         if "triton" in t and t["triton"] == t["triton"]:
             parts = [f"vs {o} {t[o] / t['triton']:.2f}x" for o in ("torch", "fla", "reference", "triton/all",
-                                                                   "triton/stages2")
+                                                                   "triton/stages2", "triton/chunk64")
                      if o in t]
             print(f"  {op:<28}T={T:<6}d={d:<4}{p:<8} " + ", ".join(parts))
 
@@ -526,7 +531,7 @@ def _run(p, args, argv):
                 setattr(args, name, value)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
-    if device == "cpu" and dtype != torch.float32:
+    if device == "cpu" and dtype != torch.float32 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         p.error(f"--dtype {args.dtype} needs a GPU (the Triton interpreter computes 16-bit wrongly); use --dtype fp32")
     fla_fns, fla_why = load_fla()
     name = machine() + ("" if device == "cuda" else " (Triton interpreter)")

@@ -18,8 +18,9 @@ step runs with model.kernels=triton, at one block (--model.n_layer=1: every bloc
 the same kernels) for one step, in bf16 autocast with TF32 fp32 matmuls as on the GPU
 (train.setup_precision); its kernel bench once, fused rows only (--repeats 1 --impls triton
 --no-errors). No kernel runs, so the printed numbers mean nothing; only the launches count.
-Not compiled: the pytest stages (their cases need a CUDA device), fla (it autotunes) and
-steps without model.kernels=triton ("auto" resolves to PyTorch on CPU).
+Not compiled: the pytest stages (their cases need a CUDA device), fla's own kernels (the fla
+stage compiles our rows only) and steps without model.kernels=triton ("auto" resolves to
+PyTorch on CPU).
 
 The cache matches the GPU's only for the same Triton release (the GPU image runs 3.6.0: put
 that release first on PYTHONPATH, e.g. pip install --no-deps --target /tmp/t36site
@@ -53,8 +54,8 @@ from cli import OneLineArgumentParser, check_output_file, write_atomic  # noqa: 
 # What the compile-only runs add to gpu_check's commands (later flags win).
 STEP_OVERRIDES = ["--device", "cpu", "--steps", "1", "--warmup", "0", "--profile-rows", "0",
                   "--model.n_layer=1", "--train.dtype=bfloat16"]
-# --dtype: read by the scans part only, which is not compiled here (compile_only_argv)
-KERNEL_BENCH_OVERRIDES = ["--repeats", "1", "--dtype", "fp32", "--impls", "triton", "--no-errors"]
+# (--dtype stays the stage's: the scans part's bf16 on the GPU; the other parts take fp32)
+KERNEL_BENCH_OVERRIDES = ["--repeats", "1", "--impls", "triton", "--no-errors"]
 
 
 def gpu_check_commands(env=None):
@@ -73,16 +74,14 @@ def compile_only_argv(argv):
         if "--model.kernels=triton" not in argv:   # "auto" resolves by device: per-chunk on CPU
             return None, "without --model.kernels=triton its kernels would resolve to PyTorch on CPU"
         return "step", argv[argv.index("bench/step.py") + 1:] + STEP_OVERRIDES
-    if "bench/kernels.py" in argv and not any(a.startswith("PYTHONPATH=") for a in argv):
+    if "bench/kernels.py" in argv:       # also the fla stage: its own rows (fla is not compiled)
         args = argv[argv.index("bench/kernels.py") + 1:]
         if "--json" in args:                         # gpu_check's output file: not written here
             i = args.index("--json")
             del args[i:i + 2]
-        if "scans" in args:     # --dtype bf16, which the bench refuses on CPU (its interpreter check)
-            return None, "the scans part's bf16 inputs are refused on CPU"
         return "kernels", args + KERNEL_BENCH_OVERRIDES
     return None, ("its cases need a CUDA device" if "pytest" in argv else
-                  "fla's kernels autotune, which needs a GPU")
+                  "neither a step with model.kernels=triton nor a kernel bench")
 
 
 def wheel_libtriton_hash(wheel):

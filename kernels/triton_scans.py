@@ -33,13 +33,22 @@ __all__ = ["delta_rule_triton", "momentum_rule_triton"]
 KERNELS = "the Triton kernels"     # how the input check's messages name them
 
 
+# The longest chunk at K > 64. 32 bounds the chunk-parallel kernels' tiles, at twice the
+# sequential steps of fla, whose chunk is 64 at every K. ptxas (sm_90a, K = V = 128, bf16
+# inputs) compiles every kernel at 64 too, within shared memory, and the gradient kernel spills
+# less there (4.6 KB per thread against 13 KB at 32, where it gets 32 registers). Which is
+# faster is for a GPU to say: bench/kernels.py times 64 as impl triton/chunk64.
+WIDE_KEY_CHUNK = 32
+
+
 def _tiles(K, V, chunk_size):
     """(BT, BK, BV). The chunk length BT is chunk_size rounded to a power of two in
-    [16, 64] (tl.dot needs >= 16; 32 when K > 64 to bound registers): like chunk_size itself it
-    changes speed, never the result. V is split into blocks of <= 64 columns."""
+    [16, 64] (tl.dot needs >= 16; WIDE_KEY_CHUNK when K > 64): like chunk_size itself it
+    changes speed, never the result. V is split into blocks of <= 64 columns (the
+    chunk-parallel kernels; the scans autotune theirs on a GPU)."""
     BK = max(16, triton.next_power_of_2(K))
     BV = min(64, max(16, triton.next_power_of_2(V)))
-    BT = min(64 if BK <= 64 else 32, max(16, triton.next_power_of_2(chunk_size)))
+    BT = min(64 if BK <= 64 else WIDE_KEY_CHUNK, max(16, triton.next_power_of_2(chunk_size)))
     return BT, BK, BV
 
 

@@ -36,7 +36,9 @@ BAD_FLAGS = [
     (_kernels_main, ["--repeats", "x"], "argument --repeats: expected an integer >= 1, got 'x'"),
     (_kernels_main, ["--hope-chunk", "32"], "argument --hope-chunk: must be <= 16, got 32"),   # was timed at 16
     (_kernels_main, ["--depths", "3"], "argument --depths: invalid choice: 3 (choose from 1, 2)"),
-]
+] + ([(_kernels_main, ["--dtype", "bf16"],     # the interpreter (conftest) computes 16-bit wrongly
+       "--dtype bf16 needs a GPU (the Triton interpreter computes 16-bit wrongly); use --dtype fp32")]
+     if not torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("main, argv, message", BAD_FLAGS, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
@@ -294,6 +296,24 @@ def test_kernel_bench_times_the_gradient_kernels_at_two_stages(monkeypatch, caps
     rows = [line.split()[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("delta_rule")]
     assert rows == [["triton", "fwd"], ["triton", "fwd+bwd"], ["triton/stages2", "fwd+bwd"]]
     assert 1 in seen and 2 in seen and triton_delta.GRADS_STAGES == 1
+
+
+def test_kernel_bench_times_wide_keys_at_chunk_64(monkeypatch, capsys):
+    """Scans at d > 64: impl triton/chunk64 runs the kernels at chunks of 64 tokens
+    (kernels.triton_scans.WIDE_KEY_CHUNK, which it restores) where impl triton runs 32."""
+    from kernels import triton_scans
+    seen, launch = [], triton_scans.delta_forward
+
+    def spy(*args, **kwargs):
+        seen.append(args[7])                    # BT
+        return launch(*args, **kwargs)
+    monkeypatch.setattr(triton_scans, "delta_forward", spy)
+    assert _kernels_main(["--parts", "scans", "--ops", "delta_rule", "--impls", "triton", "--no-errors",
+                          "--B", "1", "--H", "1", "--d", "72", "--T", "3", "--dtype", "fp32",
+                          "--repeats", "1", "--passes", "fwd"]) == 0        # the default chunk, 64
+    rows = [line.split()[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("delta_rule")]
+    assert rows == [["triton", "fwd"], ["triton/chunk64", "fwd"]]
+    assert set(seen) == {32, 64} and triton_scans.WIDE_KEY_CHUNK == 32
 
 
 @pytest.mark.parametrize("flag, value", [("--passes", "bwd"), ("--rules", "adam"), ("--impls", "cuda")])
