@@ -59,8 +59,8 @@ jit_any_length = functools.partial(triton.jit, do_not_specialize=LENGTH_ARGS)   
 
 # The sequential scans (one program per (V-block, batch*head), walking every chunk) are
 # latency-bound and few: 64 programs at B 4, H 16, V 64 in 64-column blocks fill half of an
-# H100's 132 SMs, and ptxas spills 1-3 KB per thread of their fp32 tiles at 4 warps
-# (BENCHMARKS.md). Narrower V-blocks give more programs and less to hold per program, at the
+# H100's 132 SMs, and ptxas spills 2-8 KB per thread of their fp32 tiles at 4 warps
+# (BENCHMARKS.md, fifteenth session). Narrower V-blocks give more programs and less to hold per program, at the
 # price of re-reading the chunk's keys per block; more warps give fewer registers per thread.
 # Which wins depends on the GPU and the shape, so on a GPU the scans are autotuned over these
 # (fla autotunes its chunk_delta_h the same way, BV 32 / 64 x 2-4 warps), keyed on the shape
@@ -645,9 +645,9 @@ def _delta_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, do_ptr, d_p
 # ----------------------------------------------------------------------------- host side
 
 # The chunk-parallel kernels hold a dozen [BT, BT] / [BT, BK] tiles, so they get 8 warps
-# (fewer registers per thread; the scans: autotune_scan) and no software pipelining of their V-block loop (num_stages=1: with the default 3 stages the
-# prefetched fp32 tiles of the delta gradient kernel need 256 KiB of shared memory on an
-# H100, which has 227 KiB).
+# (fewer registers per thread; the scans' warps: autotune_scan) and no software pipelining
+# of their V-block loop (num_stages=1: with the default 3 stages the prefetched fp32 tiles
+# of the delta gradient kernel need 256 KiB of shared memory on an H100, which has 227 KiB).
 CHUNK_WARPS = 8
 # The scans' gradient kernels (_delta_bwd_grads_kernel, _momentum_bwd_grads_kernel) at K = 128
 # with tf32 products: at num_stages=1 ptxas (CUDA 12.8, -O3) gives them 32 registers and 13-20
