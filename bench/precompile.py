@@ -13,7 +13,8 @@ compile options, the target (cuda, sm_90), ptxas' version and Triton's own files
 (triton_key). Here a stand-in driver answers for the GPU (OfflineCuda) and every launch is
 turned into a warm-up (compile, do not run; an autotuned launch compiles every config it
 would time), so gpu_check.sh's own commands (read from
-GPU_CHECK_LIST=1) run on CPU tensors and compile exactly the variants the GPU asks for: its
+GPU_CHECK_LIST=1) run on CPU tensors, each in a fresh process as on the GPU (run_stage says
+why), and compile exactly the variants the GPU asks for: its
 step runs with model.kernels=triton, at one block (--model.n_layer=1: every block launches
 the same kernels) for one step, in bf16 autocast with TF32 fp32 matmuls as on the GPU
 (train.setup_precision); its kernel bench once, fused rows only (--repeats 1 --impls triton
@@ -273,6 +274,38 @@ def write_record(cache_dir, libtriton_hash, capability):
                    "date": datetime.date.today().isoformat()}, f)
 
 
+STAGE = "import sys; from bench.precompile import run_stage; sys.exit(run_stage(sys.argv[1:]))"
+
+
+def run_stage(argv):
+    """One stage's compiles, in the process that runs it (precompile.main starts one per
+    stage): argv = [script ("step" or "kernels"), capability, libtriton hash or "", the
+    script's arguments...]. Its own output is muted, the compile log printed. Each stage
+    gets a fresh process because Triton 3.6's cache key of a kernel depends on the kernels
+    hashed before it in the same process: JITFunction.cache_key merges each callee's recorded
+    constexpr globals before hashing that callee (DependenciesFinder._update_hash), so a
+    helper first hashed inside another kernel adds them, and one hashed for the first time
+    does not. gpu_check.sh runs each stage in its own process, so the keys match only in the
+    same order from a fresh start (measured: _delta_prep_kernel's key differs after the
+    HOPE step's kernels were hashed)."""
+    script, capability, libtriton_hash, run_argv = argv[0], int(argv[1]), argv[2] or None, argv[3:]
+    log = functools.partial(print, file=sys.stdout, flush=True)   # bound before the run's output is muted
+    try:
+        with compiling_offline(capability, libtriton_hash, log), \
+                open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            if script == "step":       # imported here: bench/kernels.py sets TRITON_INTERPRET on CPU
+                from bench.step import main as run
+            else:
+                from bench.kernels import main as run
+            rc = run(run_argv)         # its numbers mean nothing
+    except (Exception, SystemExit) as e:     # noqa: BLE001  (reported; the other stages go on)
+        rc = f"{type(e).__name__}: {e}".splitlines()[0]
+    if rc not in (0, None):
+        print(f"  FAILED ({rc})", flush=True)
+        return 1
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -307,9 +340,6 @@ def main(argv=None):
                 return report_error(f"--out: {e}")
         start, failed = cached_kernels(), []
         print(f"triton cache: {start} kernels from {out}" if start else "triton cache: empty")
-        os.environ["TRITON_INTERPRET"] = "0"   # before bench/kernels.py, which sets it without CUDA
-        from bench import kernels as kernel_bench
-        from bench import step
         for name, cmd in stages:
             script, run_argv = compile_only_argv(cmd)
             if script is None:
@@ -317,16 +347,14 @@ def main(argv=None):
                 continue
             print(f"{name}: python bench/{script}.py {' '.join(run_argv)}", flush=True)
             t0 = time.time()
-            log = functools.partial(print, file=sys.stdout, flush=True)   # bound before the run's output is muted
-            try:
-                with compiling_offline(args.capability, libtriton_hash, log), \
-                        open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                    rc = (step if script == "step" else kernel_bench).main(run_argv)    # its numbers mean nothing
-            except (Exception, SystemExit) as e:     # noqa: BLE001  (reported; the other stages go on)
-                rc = f"{type(e).__name__}: {e}".splitlines()[0]
-            if rc not in (0, None):
+            # A fresh process per stage, as on the GPU: Triton's cache key of a kernel depends on
+            # which kernels this process hashed before it (run_stage).
+            env = dict(os.environ, TRITON_CACHE_DIR=cache, TRITON_INTERPRET="0")
+            rc = subprocess.run([sys.executable, "-c", STAGE, script, str(args.capability),
+                                 libtriton_hash or "", *run_argv], env=env, cwd=REPO).returncode
+            if rc != 0:
                 failed.append(name)
-            print(f"{name}: {'done' if rc in (0, None) else f'FAILED ({rc})'} in {time.time() - t0:.0f} s")
+            print(f"{name}: {'done' if rc == 0 else 'FAILED'} in {time.time() - t0:.0f} s")
         total = cached_kernels()
         write_record(cache, libtriton_hash or local_libtriton_hash(), args.capability)
         def pack(path):

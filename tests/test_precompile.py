@@ -96,6 +96,45 @@ def test_bad_existing_cache_is_one_line(tmp_path):
     assert (tmp_path / "c.tgz").read_text() == "not a tarball"          # loses nothing
 
 
+def test_each_stage_compiles_in_a_fresh_process(tmp_path, monkeypatch):
+    """As on the GPU, where gpu_check.sh runs each stage in its own process: Triton's cache
+    key of a kernel depends on the kernels hashed before it in the process (run_stage)."""
+    stages = [("kernels", ["python", "bench/kernels.py", "--parts", "budget"]),
+              ("tests", ["python", "-m", "pytest", "tests/test_x.py"]),
+              ("step_x", ["python", "bench/step.py", "configs/x.yaml", "--model.kernels=triton"])]
+    calls, real_run = [], subprocess.run
+
+    def run(argv, **kwargs):
+        if argv[:2] != [sys.executable, "-c"]:           # write_record's git
+            return real_run(argv, **kwargs)
+        calls.append((argv, kwargs["env"]))
+        return subprocess.CompletedProcess(argv, 0)
+    monkeypatch.setattr(precompile, "gpu_check_commands", lambda: stages)
+    monkeypatch.setattr(precompile.subprocess, "run", run)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert precompile.main(["--out", str(tmp_path / "c.tgz")]) == 0
+    assert [argv[:3] for argv, _ in calls] == [[sys.executable, "-c", precompile.STAGE]] * 2
+    assert [argv[3] for argv, _ in calls] == ["kernels", "step"]
+    assert calls[0][0][6:] == ["--parts", "budget"] + precompile.KERNEL_BENCH_OVERRIDES
+    assert all(env["TRITON_INTERPRET"] == "0" and env["TRITON_CACHE_DIR"] for _, env in calls)
+
+
+def test_a_stage_process_compiles_and_reports_failure(tmp_path):
+    """run_stage: the stage's own output muted, the compile log printed; a failing stage
+    says so and exits 1."""
+    why = _backend_missing_cached()
+    if why:
+        pytest.skip(why)
+    env = {**COMPILING_ENV, "OMP_NUM_THREADS": "1", "TRITON_CACHE_DIR": str(tmp_path)}
+    stage = [sys.executable, "-c", precompile.STAGE, "kernels", "90", ""]
+    out = subprocess.run(stage + ["--quick", "--parts", "budget"] + precompile.KERNEL_BENCH_OVERRIDES,
+                         capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "_budget_fwd_kernel: compiled" in out.stdout and "budget/" not in out.stdout
+    out = subprocess.run(stage + ["--parts", "nothing"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 1 and "FAILED (SystemExit: 2)" in out.stdout
+
+
 COMPILE_AND_PACK = textwrap.dedent("""
     import os, sys, tarfile, torch
     sys.path.insert(0, os.getcwd())
