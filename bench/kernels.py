@@ -16,12 +16,11 @@ loop; only with --reference: it is slow) and of fla's `chunk_gated_delta_rule` w
 imports. Error: max |x - ref| / max(1, max |ref|) over the outputs (o and the final states;
 fwd+bwd: also every input's gradient) against a float64 reference = the chunked path run in
 float64 on the same (rounded) inputs (tests/test_kernels.py checks it against the sequential
-oracle). Forward+backward also as impl "triton/stages2": the gradient kernels launched with
-two pipelining stages instead of one (kernels.triton_delta.GRADS_STAGES: at K = 128, ptxas
-gives them 32 registers at one stage and 255 at two), and at d > 64 as impl "triton/chunk64":
-chunks of 64 tokens instead of 32 (kernels.triton_scans.WIDE_KEY_CHUNK; fla's chunk). On a GPU the sequential scans pick
-their V-block width and warps by timing (kernels.triton_delta.autotune_scan); after each
-part the bench prints what they chose, as `autotuned:` lines.
+oracle). At d > 64 also as impl "triton/chunk64": chunks of 64 tokens instead of 32
+(kernels.triton_scans.WIDE_KEY_CHUNK; fla's chunk). On a GPU the sequential scans pick their
+V-block width and warps by timing (kernels.triton_delta.autotune_scan), the gradient kernels
+their pipelining stages (autotune_grads); after each part the bench prints what they chose,
+as `autotuned:` lines.
 
 fla mapping (DESIGN §3.2 reparameterisation). fla's gated delta rule is
     S_t = S_{t-1} alpha_t (I - b_t k_t k_t^T) + b_t v_t k_t^T,   o_t = scale * S_t q_t
@@ -89,7 +88,7 @@ if not torch.cuda.is_available():                 # the Triton kernels run inter
 import kernels  # noqa: E402
 from bench.common import machine, report_error  # noqa: E402
 from cli import OneLineArgumentParser, output_file_problem, positive_int, write_atomic  # noqa: E402
-from kernels.triton_delta import tuned_scan_configs  # noqa: E402
+from kernels.triton_delta import tuned_configs  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -250,13 +249,11 @@ def bench_scans(args, device, dtype, fla_fns, rows):
                         ref.setdefault("grads", reference_grads(ref64, x, cot)[1])
                         err = max(err, relative_error(grads, ref["grads"]))
                     return sec, err
-                backward_only = {"triton/stages2": fns["triton"]}    # its stages matter to the backward
                 if d > 64:                      # the chunk at K > 64 (triton_scans.WIDE_KEY_CHUNK)
                     fns["triton/chunk64"] = fns["triton"]
                 for backward in args.backward_passes:
-                    for name, fn in (fns | backward_only if backward else fns).items():
-                        with kernel_setting("triton_delta", "GRADS_STAGES", 2 if name == "triton/stages2" else None), \
-                                kernel_setting("triton_scans", "WIDE_KEY_CHUNK", 64 if name == "triton/chunk64" else None):
+                    for name, fn in fns.items():
+                        with kernel_setting("triton_scans", "WIDE_KEY_CHUNK", 64 if name == "triton/chunk64" else None):
                             add_row(args, rows, lambda: run(fn, backward), part="scan", op=op, impl=name,
                                     pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T, H=args.H, d=d)
 
@@ -371,9 +368,8 @@ def bench_hope_stage1(args, device, rows):
 @contextlib.contextmanager
 def kernel_setting(module, name, value):
     """Within: kernels.<module>.<name> = value, restored after (value None: unchanged). The
-    variants the bench prices: triton_delta.GRADS_STAGES (impl triton/stages2: the scans'
-    gradient kernels' pipelining stages), triton_scans.WIDE_KEY_CHUNK (impl triton/chunk64:
-    the scans' chunk at K > 64) and triton_mlp_memory.MAX_SAVED_CHUNKS (impl
+    variants the bench prices: triton_scans.WIDE_KEY_CHUNK (impl triton/chunk64: the scans'
+    chunk at K > 64) and triton_mlp_memory.MAX_SAVED_CHUNKS (impl
     triton/all, inf: the fused forwards save every chunk start, so their backwards recompute
     nothing)."""
     import importlib
@@ -469,7 +465,7 @@ def print_speedups(rows):
     for (op, T, d, p), t in by.items():
         if "triton" in t and t["triton"] == t["triton"]:
             parts = [f"vs {o} {t[o] / t['triton']:.2f}x" for o in ("torch", "fla", "reference", "triton/all",
-                                                                   "triton/stages2", "triton/chunk64")
+                                                                   "triton/chunk64")
                      if o in t]
             print(f"  {op:<28}T={T:<6}d={d:<4}{p:<8} " + ", ".join(parts))
 
@@ -549,7 +545,7 @@ def _run(p, args, argv):
     printed = set()
     for part in args.parts:
         run_part[part]()
-        for line in tuned_scan_configs():        # on a GPU: what the scans' autotuner chose
+        for line in tuned_configs():        # on a GPU: what the autotuned kernels chose
             if line not in printed:
                 print(f"autotuned: {line}")
                 printed.add(line)

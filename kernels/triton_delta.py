@@ -30,8 +30,9 @@ Kernels (all state math in fp32; grid axes: chunks or V-blocks x batch*heads):
     _delta_fwd_o_kernel       parallel over chunks: O from the saved h and Delta
     _delta_bwd_scan_kernel    sequential, reversed: dDelta and the carried dh (h's gradient)
     _delta_bwd_grads_kernel   parallel over chunks: dq, dk, du, dalpha, deta (reduces over V)
-The two sequential scans pick their V-block width and warps by timing on a GPU
-(autotune_scan), as do the momentum rule's and the linear memory layer's.
+On a GPU the two sequential scans pick their V-block width and warps by timing
+(autotune_scan), and the gradient kernel its pipelining stages (autotune_grads), as do the
+momentum rule's and the linear memory layer's scans.
 Each kernel is a thin wrapper of one chunk-loop body (_delta_prep, _delta_fwd_scan,
 _delta_bwd_scan, _delta_bwd_grads) that triton_memory.py's linear memory layer runs too, in
 its MEMORY variant (chunk C <= BT, writes formed at the chunk-start state; its scan computes
@@ -57,36 +58,57 @@ import triton.language as tl
 LENGTH_ARGS = ("T", "NT", "EVERY", "off", "NP", "SLOTS", "NBH")
 jit_any_length = functools.partial(triton.jit, do_not_specialize=LENGTH_ARGS)   # for kernel entries
 
+# Launch configs that only a GPU can choose between, so on a GPU those kernels autotune
+# (fla autotunes its kernels the same way); the interpreter has no driver to time with: there
+# each keeps its first config, and the host passes the tiles (launch_tuned).
+#
 # The sequential scans (one program per (V-block, batch*head), walking every chunk) are
 # latency-bound and few: 64 programs at B 4, H 16, V 64 in 64-column blocks fill half of an
 # H100's 132 SMs, and ptxas spills 2-8 KB per thread of their fp32 tiles at 4 warps
-# (BENCHMARKS.md, fifteenth session). Narrower V-blocks give more programs and less to hold per program, at the
-# price of re-reading the chunk's keys per block; more warps give fewer registers per thread.
-# Which wins depends on the GPU and the shape, so on a GPU the scans are autotuned over these
-# (fla autotunes its chunk_delta_h the same way, BV 32 / 64 x 2-4 warps), keyed on the shape
-# and the program count; the fixed choice they replace (BV 64, 4 warps) is among them. The
-# interpreter has no driver to time with: there the scans keep one config and take the
-# host's BV (launch_scan).
+# (BENCHMARKS.md, fifteenth session). Narrower V-blocks give more programs and less to hold
+# per program, at the price of re-reading the chunk's keys per block; more warps give fewer
+# registers per thread. fla's chunk_delta_h autotunes BV 32 / 64 x 2-4 warps. The key holds
+# the shape and the program count; the fixed choice the scans had (BV 64, 4 warps) comes first.
 SCAN_CONFIGS = tuple(triton.Config({"BV": bv}, num_warps=w) for bv in (64, 32, 16) for w in (4, 8))
-SCAN_WARPS = 4      # the interpreter's config; the compile tests' first case
 SCAN_TUNING_KEY = ["K", "V", "BT", "BK", "NBH", "SAVE"]
+# The chunk-parallel kernels hold a dozen [BT, BT] / [BT, BK] tiles, so they get 8 warps
+# (fewer registers per thread) and no software pipelining of their V-block loop by default
+# (num_stages=1: with the default 3 stages the prefetched fp32 tiles of the delta gradient
+# kernel need 256 KiB of shared memory on an H100, which has 227 KiB).
+CHUNK_WARPS = 8
+# The scans' gradient kernels (_delta_bwd_grads_kernel, _momentum_bwd_grads_kernel) at K = 128
+# with tf32 products: at one stage ptxas (CUDA 12.8, -O3) gives them 32 registers and 13-20 KB
+# of spills per thread; at two, 255 registers and 1.7-4 KB (108-145 KiB of shared memory),
+# but 8x fewer resident programs. At K = 64 both are alike.
+GRADS_CONFIGS = tuple(triton.Config({}, num_warps=CHUNK_WARPS, num_stages=s) for s in (1, 2))
+GRADS_TUNING_KEY = ["K", "V", "BT", "BK"]
 
 
 def _scan_configs_for(configs, named_args, **kwargs):
-    """Autotuning candidates for one launch: V-blocks no wider than V needs."""
+    """Autotuning candidates for one scan launch: V-blocks no wider than V needs."""
     widest = max(16, triton.next_power_of_2(named_args["V"]))
     return [c for c in configs if c.kwargs["BV"] <= widest]
 
 
-def autotune_scan(kernel):
-    """A sequential scan kernel entry, autotuned over SCAN_CONFIGS on a GPU; under the
-    interpreter (which made `kernel` an InterpretedFunction) one config, with BV from the
-    host (launch_scan)."""
+def _autotuned(kernel, configs, key, prune=None):
+    """`kernel` autotuned over `configs` on a GPU; under the interpreter (which made it an
+    InterpretedFunction) the first config's warps and stages, with the host's tiles."""
     from triton.runtime.interpreter import InterpretedFunction
     if isinstance(kernel, InterpretedFunction):
-        return triton.autotune(configs=[triton.Config({}, num_warps=SCAN_WARPS)], key=[])(kernel)
-    return triton.autotune(configs=list(SCAN_CONFIGS), key=SCAN_TUNING_KEY,
-                           prune_configs_by={"early_config_prune": _scan_configs_for})(kernel)
+        first = triton.Config({}, num_warps=configs[0].num_warps, num_stages=configs[0].num_stages)
+        return triton.autotune(configs=[first], key=[])(kernel)
+    return triton.autotune(configs=list(configs), key=key,
+                           prune_configs_by={"early_config_prune": prune} if prune else None)(kernel)
+
+
+def autotune_scan(kernel):
+    """A sequential scan kernel entry (grid: V-blocks x B*H), autotuned over SCAN_CONFIGS."""
+    return _autotuned(kernel, SCAN_CONFIGS, SCAN_TUNING_KEY, _scan_configs_for)
+
+
+def autotune_grads(kernel):
+    """A scan's chunk-parallel gradient kernel, autotuned over GRADS_CONFIGS (stages)."""
+    return _autotuned(kernel, GRADS_CONFIGS, GRADS_TUNING_KEY)
 
 # log(alpha) is clamped here so that alpha == 0 gives a huge negative number instead of -inf
 # (-inf - -inf = nan in the ratios); e^-69 is already far below fp32 resolution of a sum.
@@ -630,6 +652,7 @@ def _delta_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, w_ptr, do_ptr, dsT_ptr, dhc_
                     ds0_ptr, T, H, K, V, BT, NT, False, BT, BK, BV, PREC)
 
 
+@autotune_grads
 @jit_any_length
 def _delta_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, do_ptr, d_ptr, dd_ptr,
                             hc_ptr, dhc_ptr, dq_ptr, dk_ptr, du_ptr, dalpha_ptr, deta_ptr,
@@ -644,29 +667,22 @@ def _delta_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, eta_ptr, do_ptr, d_p
 
 # ----------------------------------------------------------------------------- host side
 
-# The chunk-parallel kernels hold a dozen [BT, BT] / [BT, BK] tiles, so they get 8 warps
-# (fewer registers per thread; the scans' warps: autotune_scan) and no software pipelining
-# of their V-block loop (num_stages=1: with the default 3 stages the prefetched fp32 tiles
-# of the delta gradient kernel need 256 KiB of shared memory on an H100, which has 227 KiB).
-CHUNK_WARPS = 8
-# The scans' gradient kernels (_delta_bwd_grads_kernel, _momentum_bwd_grads_kernel) at K = 128
-# with tf32 products: at num_stages=1 ptxas (CUDA 12.8, -O3) gives them 32 registers and 13-20
-# KB of spills per thread; at 2, 255 registers and 1.7-4 KB (108-145 KiB of shared memory).
-# At K = 64 both are alike. Which runs faster is for a GPU to say (bench/kernels.py times both:
-# impl triton/stages2); read at each launch, so the bench can switch it.
-GRADS_STAGES = 1
+def launch_tuned(kernel, grid, *args, **consts):
+    """Launch an autotuned kernel (_autotuned): on a GPU its config sets the warps and stages
+    (and a scan's BV); `consts` carry the host's tiles, whose BV it takes where the config
+    sets none."""
+    if "BV" in kernel.configs[0].kwargs:
+        consts.pop("BV")
+    kernel[grid](*args, **consts)
 
 
 def launch_scan(kernel, V, NBH, *args, **consts):
-    """Launch an autotune_scan kernel on its grid (V-blocks, B*H = NBH); `consts` carry the
-    host's tiles, whose BV the kernel takes unless its config sets one (on a GPU)."""
-    if "BV" in kernel.configs[0].kwargs:
-        consts.pop("BV")
-    kernel[lambda meta: (triton.cdiv(V, meta["BV"]), NBH)](*args, NBH=NBH, **consts)
+    """launch_tuned for an autotune_scan kernel, on its grid (V-blocks, B*H = NBH)."""
+    launch_tuned(kernel, lambda meta: (triton.cdiv(V, meta["BV"]), NBH), *args, NBH=NBH, **consts)
 
 
-def tuned_scan_configs():
-    """What the scans' autotuner chose so far: one line per (kernel, key)."""
+def tuned_configs():
+    """What the autotuned kernels chose so far on this GPU: one line per (kernel, key)."""
     from . import triton_memory, triton_momentum
     lines = []
     for module in (sys.modules[__name__], triton_momentum, triton_memory):
@@ -674,11 +690,12 @@ def tuned_scan_configs():
             kernel = getattr(module, name)
             for key, config in getattr(kernel, "cache", {}).items() if isinstance(
                     kernel, triton.runtime.Autotuner) else ():
-                names = [n for n in SCAN_TUNING_KEY if n in kernel.arg_names]
+                names = [n for n in kernel.keys if n in kernel.arg_names]
                 dtypes = sorted({str(t).replace("torch.", "") for t in key[len(names):]})
                 shape = ", ".join(f"{n}={v}" for n, v in zip(names, key))
-                lines.append(f"{name} ({shape}, {'/'.join(dtypes)}): BV {config.kwargs['BV']}, "
-                             f"{config.num_warps} warps")
+                chose = [f"BV {config.kwargs['BV']}"] if "BV" in config.kwargs else []
+                chose += [f"{config.num_warps} warps", f"{config.num_stages} stages"]
+                lines.append(f"{name} ({shape}, {'/'.join(dtypes)}): {', '.join(chose)}")
     return lines
 
 
@@ -761,7 +778,7 @@ def delta_backward(q, k, u, alpha, eta, h_chunks, d, grad_o, grad_state, BT, BK,
     launch_scan(_delta_bwd_scan_kernel, V, B * H,
                 q, k, alpha, w, grad_o, grad_state, dh_chunks, dd, ds0, T, H, K, V, NT, **tiles)
     if NT > 0:
-        _delta_bwd_grads_kernel[(NT, B * H)](
-            q, k, u, alpha, eta, grad_o, d, dd, h_chunks, dh_chunks, dq, dk, du, dalpha, deta,
-            T, H, K, V, NT, **tiles, num_warps=CHUNK_WARPS, num_stages=GRADS_STAGES)
+        launch_tuned(_delta_bwd_grads_kernel, (NT, B * H),
+                     q, k, u, alpha, eta, grad_o, d, dd, h_chunks, dh_chunks, dq, dk, du, dalpha,
+                     deta, T, H, K, V, NT, **tiles)
     return dq, dk, du, dalpha, deta, ds0

@@ -20,6 +20,7 @@ Kernels (grid axes: V-blocks or chunks x batch*heads; all state math in fp32):
     _momentum_fwd_scan_kernel    sequential over chunks: O, saves chunk-start (h, z)
     _momentum_bwd_scan_kernel    reversed: dU and the carried (dh, dz); saves them per chunk
     _momentum_bwd_grads_kernel   parallel over chunks: dq, dk, dalpha, dbeta (reduces over V)
+The scans and the gradient kernel autotune on a GPU (triton_delta.autotune_scan, autotune_grads).
 Each kernel is a thin wrapper of one chunk-loop body (_momentum_fwd_scan, _momentum_bwd_scan,
 _momentum_bwd_grads) that triton_memory.py's linear memory layer runs too (MEMORY variant).
 """
@@ -27,11 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_delta import (CHUNK_WARPS, _chunk_span, _decay, _dot, _gate_grad,
+from .triton_delta import (_chunk_span, _decay, _dot, _gate_grad,
                            _launch_dims, _load_gate, _load_kv, _load_qk, _load_rows, _load_state,
                            _load_state_or_zeros, _log_cumsum, _pick, _program, _reverse_cumsum,
                            _scalar_zero, _span_grad, _store_gate, _store_kv, _store_rows,
-                           _store_state, autotune_scan, jit_any_length, launch_scan)
+                           _store_state, autotune_grads, autotune_scan, jit_any_length,
+                           launch_scan, launch_tuned)
 
 
 @triton.jit
@@ -293,6 +295,7 @@ def _momentum_bwd_scan_kernel(q_ptr, k_ptr, alpha_ptr, beta_ptr, do_ptr, dsT_ptr
                        BT, NT, False, BT, BK, BV, PREC)
 
 
+@autotune_grads
 @jit_any_length
 def _momentum_bwd_grads_kernel(q_ptr, k_ptr, u_ptr, alpha_ptr, beta_ptr, do_ptr, hc_ptr, zc_ptr,
                                dhc_ptr, dzc_ptr, dq_ptr, dk_ptr, dalpha_ptr, dbeta_ptr,
@@ -327,7 +330,6 @@ def momentum_forward(q, k, u, alpha, beta, initial_state, initial_momentum, save
 def momentum_backward(q, k, u, alpha, beta, h_chunks, z_chunks, grad_o, grad_state,
                       grad_momentum, BT, BK, BV):
     """Returns (dq, dk, du, dalpha, dbeta, dS_0 fp32, dZ_0 fp32)."""
-    from . import triton_delta      # GRADS_STAGES, read at each launch (the bench switches it)
     B, T, H, K, V, NT, tiles, f32 = _launch_dims(q, u, BT, BT, BK, BV)
     dh_chunks = torch.empty(B * H, NT, K, V, **f32)
     dz_chunks = torch.empty(B * H, NT, K, V, **f32)
@@ -339,8 +341,7 @@ def momentum_backward(q, k, u, alpha, beta, h_chunks, z_chunks, grad_o, grad_sta
                 q, k, alpha, beta, grad_o, grad_state, grad_momentum, dh_chunks, dz_chunks, du,
                 ds0, dz0, T, H, K, V, NT, **tiles)
     if NT > 0:
-        _momentum_bwd_grads_kernel[(NT, B * H)](
-            q, k, u, alpha, beta, grad_o, h_chunks, z_chunks, dh_chunks, dz_chunks, dq, dk,
-            dalpha, dbeta, T, H, K, V, NT, **tiles, num_warps=CHUNK_WARPS,
-            num_stages=triton_delta.GRADS_STAGES)
+        launch_tuned(_momentum_bwd_grads_kernel, (NT, B * H),
+                     q, k, u, alpha, beta, grad_o, h_chunks, z_chunks, dh_chunks, dz_chunks, dq,
+                     dk, dalpha, dbeta, T, H, K, V, NT, **tiles)
     return dq, dk, du, dalpha, dbeta, ds0, dz0

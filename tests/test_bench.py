@@ -281,23 +281,6 @@ def test_kernel_bench_times_the_chosen_implementations(capsys):
     assert [r["impl"] for r in rows] == ["triton", "triton/all"]
 
 
-def test_kernel_bench_times_the_gradient_kernels_at_two_stages(monkeypatch, capsys):
-    """Scans, fwd+bwd: impl triton/stages2 runs with kernels.triton_delta.GRADS_STAGES = 2
-    (which it restores); the forward has no such row."""
-    from kernels import triton_delta, triton_scans
-    seen, launch = [], triton_scans.delta_backward
-
-    def spy(*args, **kwargs):
-        seen.append(triton_delta.GRADS_STAGES)
-        return launch(*args, **kwargs)
-    monkeypatch.setattr(triton_scans, "delta_backward", spy)
-    assert _kernels_main(["--quick", "--parts", "scans", "--ops", "delta_rule", "--impls", "triton",
-                          "--no-errors"]) == 0
-    rows = [line.split()[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("delta_rule")]
-    assert rows == [["triton", "fwd"], ["triton", "fwd+bwd"], ["triton/stages2", "fwd+bwd"]]
-    assert 1 in seen and 2 in seen and triton_delta.GRADS_STAGES == 1
-
-
 def test_kernel_bench_times_wide_keys_at_chunk_64(monkeypatch, capsys):
     """Scans at d > 64: impl triton/chunk64 runs the kernels at chunks of 64 tokens
     (kernels.triton_scans.WIDE_KEY_CHUNK, which it restores) where impl triton runs 32."""

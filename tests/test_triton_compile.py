@@ -72,19 +72,21 @@ def _flags(**choices):
 
 
 # One table per file: (kernel, flag combinations the host launches, warps, num_stages).
-# "chunk"/"scan" are triton_delta.CHUNK_WARPS / SCAN_WARPS; None = Triton's default stages.
+# "chunk" is triton_delta.CHUNK_WARPS; "scan" / "grads" kernels autotune on a GPU
+# (triton_delta.SCAN_CONFIGS / GRADS_CONFIGS: their first config here, the rest in _cases);
+# None = Triton's default stages.
 CASES = {
     "triton_delta": (SCAN_SHAPES, [
         ("_delta_prep_kernel", _flags(WITH_U2=BOOL), "chunk", 1),
         ("_delta_fwd_scan_kernel", _flags(HAS_S0=BOOL), "scan", None),
         ("_delta_fwd_o_kernel", _flags(), "chunk", None),
         ("_delta_bwd_scan_kernel", _flags(), "scan", None),
-        ("_delta_bwd_grads_kernel", _flags(), "chunk", 1),
+        ("_delta_bwd_grads_kernel", _flags(), "grads", 1),
     ]),
     "triton_momentum": (SCAN_SHAPES, [
         ("_momentum_fwd_scan_kernel", _flags(HAS_S0=BOOL, HAS_Z0=BOOL, SAVE=BOOL), "scan", None),
         ("_momentum_bwd_scan_kernel", _flags(), "scan", None),
-        ("_momentum_bwd_grads_kernel", _flags(), "chunk", 1),
+        ("_momentum_bwd_grads_kernel", _flags(), "grads", 1),
     ]),
     "triton_memory": (MEMORY_SHAPES, [
         ("_mem_delta_prep_kernel", _flags(WITH_U2=BOOL), "chunk", 1),
@@ -133,11 +135,13 @@ def _cases(file):
         FP32_ONLY files take fp32 inputs only: no "tf32");
       * the all-flags-on small cases further: fp32 to cubin (ptxas), bf16 to LLIR (to TTGIR
         for the MLP memory, whose bf16 LLVM lowering alone takes 5-13 s per kernel here);
-      * the scans' other autotuning configs (triton_delta.SCAN_CONFIGS: V-block width and
-        warps; the cases above take the first) at the large shape, in every precision, to
-        TTGIR plus the shared-memory allocation.
-    Each case: (case id, kernel, shape name, flags, prec, stage, scan config or None)."""
-    from kernels.triton_delta import SCAN_CONFIGS
+      * the other autotuning configs of the scans (triton_delta.SCAN_CONFIGS: V-block width
+        and warps) and of their gradient kernels (GRADS_CONFIGS: stages; the cases above
+        take the first) at the large shape, in every precision, to TTGIR plus the
+        shared-memory allocation.
+    Each case: (case id, kernel, shape name, flags, prec, stage, autotuning config or None)."""
+    from kernels.triton_delta import GRADS_CONFIGS, SCAN_CONFIGS
+    tuned = {"scan": SCAN_CONFIGS[1:], "grads": GRADS_CONFIGS[1:]}
     shapes, table = CASES[file]
     precs = ("ieee", "tf32_fp32") if file in FP32_ONLY else ("ieee", "tf32", "tf32_fp32")
     out = []
@@ -151,10 +155,10 @@ def _cases(file):
         for shape, flags, prec, stage in todo:
             cid = "-".join([kernel, shape, prec] + [f"{k}={int(v)}" for k, v in flags.items()])
             out.append((cid, kernel, shape, flags, prec, "cubin" if FULL else stage, None))
-        for config in SCAN_CONFIGS[1:] if warps == "scan" else ():
+        for config in tuned.get(warps, ()):
             for prec in precs:
-                tune = dict(BV=config.kwargs["BV"], num_warps=config.num_warps)
-                cid = "-".join([kernel, "large", prec, f"BV={tune['BV']}", f"w={tune['num_warps']}"])
+                tune = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+                cid = "-".join([kernel, "large", prec] + [f"{k}={v}" for k, v in tune.items()])
                 out.append((cid, kernel, "large", combos[0], prec, "cubin" if FULL else "ttgir", tune))
     return out
 
@@ -180,15 +184,17 @@ def _launch_config(file, kernel, shape, warps):
         tiles = dict(zip(("BT", "BD", "BE"), triton_mlp_memory._tiles(s["d"], s["E"], C)))
     else:
         tiles = dict(zip(("BT", "BD", "BH"), triton_cms._tiles(s["D"], s["H"], s["C"])))
-    n_warps = {"chunk": triton_delta.CHUNK_WARPS, "scan": triton_delta.SCAN_WARPS,
+    n_warps = {"chunk": triton_delta.CHUNK_WARPS, "scan": triton_delta.SCAN_CONFIGS[0].num_warps,
+               "grads": triton_delta.GRADS_CONFIGS[0].num_warps,
                "cms": triton_cms._warps(tiles.get("BD", 0))}[warps]
     return tiles, n_warps
 
 
 def _compile_one(file, kernel, shape_name, flags, prec, stage, tune=None, regs=False,
                  num_stages=None):
-    """Compile one case up to `stage` (tune: a scan's autotuning config, {BV, num_warps};
-    num_stages: instead of the host's); returns a dict of what came out (or the error)."""
+    """Compile one case up to `stage` (tune: an autotuning config, {num_warps, num_stages,
+    and a scan's BV}; num_stages: instead of the host's); returns a dict of what came out (or
+    the error)."""
     import importlib
     import inspect
     import time
@@ -204,7 +210,8 @@ def _compile_one(file, kernel, shape_name, flags, prec, stage, tune=None, regs=F
     stages = stages if num_stages is None else num_stages
     tiles, n_warps = _launch_config(file, kernel, shapes[shape_name], warps)
     if tune:
-        tiles, n_warps = {**tiles, "BV": tune["BV"]}, tune["num_warps"]
+        tiles, n_warps = {**tiles, **{k: v for k, v in tune.items() if k == "BV"}}, tune["num_warps"]
+        stages = tune.get("num_stages", stages) if num_stages is None else num_stages
     kern = getattr(importlib.import_module(f"kernels.{file}"), kernel)
     while not isinstance(kern, JITFunction):       # the scans' autotuner wraps their kernel
         kern = kern.fn
