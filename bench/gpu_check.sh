@@ -300,7 +300,7 @@ while IFS=$'\t' read -r name status secs result; do
     printf '%-28s %-18s %6s  %s\n' "$name" "$status" "$secs" "$result"
 done < "$OUT/summary.tsv"
 echo "logs: $OUT/logs/"
-# the sequential scans' autotuned V-block width and warps per shape (kernels.triton_delta.autotune_scan)
+# what the autotuned kernels chose per shape: the scans' V-block width and warps, their gradient kernels' stages
 grep -h 'autotuned: ' "$OUT"/logs/*.log 2>/dev/null | sed 's/.*autotuned: /autotuned: /' | sort -u | head -n 24
 # whether a cache packed elsewhere (bench/precompile.py) matched: kernels it held vs compiled here
 echo "triton cache: $CACHED_AT_START kernels at the start, $(( $(cached_kernels) - CACHED_AT_START )) compiled by this run"

@@ -177,8 +177,8 @@ def compiling_offline(capability=90, libtriton_hash=None, log=print):
         return run(self, *args, grid=grid, warmup=True, **kw)
 
     def compile_every_config(self, *args, **kw):
-        """An autotuned kernel (the scans: kernels.triton_delta.autotune_scan): every config
-        the GPU will time, compiled (Autotuner.warmup), none timed."""
+        """An autotuned kernel (kernels.triton_delta._autotuned: the scans and their gradient
+        kernels): every config the GPU will time, compiled (Autotuner.warmup), none timed."""
         kw.pop("warmup")         # the launch's warmup=False; Autotuner.warmup sets its own
         return self.warmup(*args, **kw)
 
