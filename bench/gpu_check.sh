@@ -31,7 +31,9 @@
 # run's, default 2: at 4 x 4K Titans-LMM-760M ran out of an H100's 80 GB without activation
 # checkpointing, 2026-11-27), HOPE_BATCH (the fused HOPE run's, default 2: HOPE-760M keeps ~2x
 # Transformer++'s activations per token, so 4 x 4K would not fit 80 GB without activation
-# checkpointing; BENCHMARKS.md), SEQ (context, default 4096), FSDP_STEPS (default 30),
+# checkpointing; BENCHMARKS.md), AC_BATCH (the Titans and HOPE runs with activation
+# checkpointing, after the kernel bench: default 8, their configs' micro-batch), SEQ
+# (context, default 4096), FSDP_STEPS (default 30),
 # GPU_CHECK_CACHE_IN (a packed Triton cache to start from, default .triton_cache.tgz if
 # present; bench/precompile.py fills one on a machine without a GPU), GPU_CHECK_CACHE_OUT
 # (where to pack the cache at the end; default: not packed).
@@ -78,17 +80,17 @@ FSDP=${GPU_CHECK_FSDP:-0}
 STAGES=${GPU_CHECK_STAGES:-}
 set -f                                  # GPU_CHECK_STAGES' patterns are matched, not expanded
 if [ "$DRY" = 1 ]; then
-    DEVICE=cpu; BATCH=${BATCH:-1}; HOPE_BATCH=${HOPE_BATCH:-1}; TITANS_BATCH=${TITANS_BATCH:-1}; SEQ=${SEQ:-16}; FSDP_STEPS=${FSDP_STEPS:-2}
+    DEVICE=cpu; BATCH=${BATCH:-1}; HOPE_BATCH=${HOPE_BATCH:-1}; TITANS_BATCH=${TITANS_BATCH:-1}; AC_BATCH=${AC_BATCH:-1}; SEQ=${SEQ:-16}; FSDP_STEPS=${FSDP_STEPS:-2}
     SIZE=tiny
     PYTEST_K="dispatch or bad_inputs"
     KERNEL_ARGS="--quick --parts budget hope scans --ops momentum_rule --T 9"
     CAP_CUDA_TESTS=0; CAP_TEST=120; CAP_TEST_NEW=120; CAP_KERNELS=120; CAP_FSDP=120
-    CAP_STEP_PLAIN=120; CAP_STEP_TITANS=120; CAP_STEP_HOPE=300
+    CAP_STEP_PLAIN=120; CAP_STEP_TITANS=120; CAP_STEP_HOPE=300; CAP_STEP_AC=300
     CAP_FLA=0             # fla's kernels do not run under the interpreter (its autotuner wants a driver)
     OLD_TESTS_K=""
     export TRITON_INTERPRET=1          # the step runs' model.kernels=triton: Triton's interpreter
 else
-    DEVICE=cuda; BATCH=${BATCH:-4}; HOPE_BATCH=${HOPE_BATCH:-2}; TITANS_BATCH=${TITANS_BATCH:-2}; SEQ=${SEQ:-4096}; FSDP_STEPS=${FSDP_STEPS:-30}
+    DEVICE=cuda; BATCH=${BATCH:-4}; HOPE_BATCH=${HOPE_BATCH:-2}; TITANS_BATCH=${TITANS_BATCH:-2}; AC_BATCH=${AC_BATCH:-8}; SEQ=${SEQ:-4096}; FSDP_STEPS=${FSDP_STEPS:-30}
     SIZE=760m
     PYTEST_K=""
     # The bench times the MLP memory layers first (their >= 10x target is unmeasured; the
@@ -102,15 +104,16 @@ else
     # kernels cached for the Titans step (which then reached its loss in 28 s; cold, it passed
     # its 150 s cap compiling), and HOPE's stage-1 case leaves its kernels for the HOPE step.
     # 170 (tests) + 30 + 60 + 120 (steps) + 2 x 60 (fla: where fla refuses its gated backward,
-    # the gated forwards and the ungated fwd+bwd) = 500 s at most; the kernel bench, the older
-    # kernel files' CUDA cases and the new files' small cases run with what the budget has left
+    # the gated forwards and the ungated fwd+bwd) = 500 s at most; the kernel bench, the
+    # Titans and HOPE runs with activation checkpointing, the older kernel files' CUDA cases
+    # and the new files' small cases run with what the budget has left
     # (470 s by default; GPU_CHECK_BUDGET=565 for more; the steps take far less than their caps
     # once bench/precompile.py's cache holds their kernels).
     # (each cap can be set from the environment, e.g. CAP_STEP_TITANS=150 for a rerun of one stage)
     CAP_CUDA_TESTS=${CAP_CUDA_TESTS:-170}; CAP_STEP_PLAIN=${CAP_STEP_PLAIN:-30}
     CAP_STEP_TITANS=${CAP_STEP_TITANS:-60}; CAP_STEP_HOPE=${CAP_STEP_HOPE:-120}
     CAP_KERNELS=${CAP_KERNELS:-90}; CAP_TEST=${CAP_TEST:-120}; CAP_TEST_NEW=${CAP_TEST_NEW:-60}
-    CAP_FSDP=${CAP_FSDP:-40}; CAP_FLA=${CAP_FLA:-60}
+    CAP_FSDP=${CAP_FSDP:-40}; CAP_FLA=${CAP_FLA:-60}; CAP_STEP_AC=${CAP_STEP_AC:-90}
     # target: our Triton delta_rule fwd+bwd <= 1.0x the time of fla's chunk_gated_delta_rule
     # at the issue's shapes (B 4, H 16, bf16) at 4K context; our scans' own rows at T 2K-16K
     # are in BENCHMARKS.md already
@@ -126,6 +129,12 @@ NO_AC=--distributed.activation_checkpointing=false
 STEP_RUNS="transformer_$SIZE:$CAP_STEP_PLAIN:configs/transformer_$SIZE.yaml:$NO_AC
 titans_lmm_${SIZE}_fused:$CAP_STEP_TITANS:configs/titans_lmm_$SIZE.yaml:--model.kernels=triton --train.batch_size=$TITANS_BATCH $NO_AC
 hope_${SIZE}_fused:$CAP_STEP_HOPE:configs/hope_$SIZE.yaml:--model.kernels=triton --train.batch_size=$HOPE_BATCH $NO_AC --profile-rows 25"
+# Titans and HOPE again as their configs train: 8 x 4K micro-batches with activation
+# checkpointing (AC_BATCH). Their memory kernels run one program per (sequence, head), so
+# batch 2 fills a quarter of the SMs; these are their throughput at the configs' own setting.
+# After the kernel bench: what the budget has left.
+STEP_RUNS_AC="titans_lmm_${SIZE}_fused_ac$AC_BATCH:$CAP_STEP_AC:configs/titans_lmm_$SIZE.yaml:--model.kernels=triton --train.batch_size=$AC_BATCH --distributed.activation_checkpointing=true
+hope_${SIZE}_fused_ac$AC_BATCH:$CAP_STEP_AC:configs/hope_$SIZE.yaml:--model.kernels=triton --train.batch_size=$AC_BATCH --distributed.activation_checkpointing=true"
 FSDP_CONFIGS="configs/transformer_$SIZE.yaml configs/hope_$SIZE.yaml"
 START=$SECONDS
 
@@ -218,11 +227,16 @@ pytest_stage() {
 pytest_stage cuda_tests "$CAP_CUDA_TESTS" "(cuda or gpu) and not wide and not titans-dgd and not hope-mem-self-target and not gelu" $NEW_KERNEL_TESTS
 
 # 2. training throughput: one optimiser step (fwd + bwd + AdamW) on synthetic tokens.
-while IFS=: read -r name cap cfg extra <&3; do
-    # shellcheck disable=SC2086
-    run "step_$name" "$cap" "$PY" bench/step.py "$cfg" --device "$DEVICE" --steps 3 --warmup 1 \
-        --train.batch_size="$BATCH" --train.grad_accum=1 --train.seq_len="$SEQ" $extra
-done 3<<< "$STEP_RUNS"
+# step_runs RUNS: one stage per line of RUNS (NAME:CAP:CONFIG[:OVERRIDES]).
+step_runs() {
+    local name cap cfg extra
+    while IFS=: read -r name cap cfg extra <&3; do
+        # shellcheck disable=SC2086
+        run "step_$name" "$cap" "$PY" bench/step.py "$cfg" --device "$DEVICE" --steps 3 --warmup 1 \
+            --train.batch_size="$BATCH" --train.grad_accum=1 --train.seq_len="$SEQ" $extra
+    done 3<<< "$1"
+}
+step_runs "$STEP_RUNS"
 
 # 3. our Triton delta_rule vs fla's chunk_gated_delta_rule, where .fla/site holds fla (the
 # image has none and the machine no network: bench/fetch_fla.sh unpacks it here, the device
@@ -259,6 +273,9 @@ fi
 # what the budget has left.
 # shellcheck disable=SC2086
 run kernels "$CAP_KERNELS" "$PY" bench/kernels.py $KERNEL_ARGS
+
+# 3c. Titans and HOPE at their configs' micro-batch with activation checkpointing
+step_runs "$STEP_RUNS_AC"
 
 # 4. the other kernel tests: the older kernel files' CUDA cases (the scan kernels
 # changed since their last GPU run), then the new files' small cases and the MLP memory's

@@ -20,7 +20,11 @@ COMPILING_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 def test_the_compile_runs_are_gpu_checks_own_commands():
     stages = dict(precompile.gpu_check_commands())
-    assert {"step_titans_lmm_760m_fused", "step_hope_760m_fused", "kernels", "cuda_tests"} <= set(stages)
+    assert {"step_titans_lmm_760m_fused", "step_hope_760m_fused", "kernels", "cuda_tests",
+            "step_titans_lmm_760m_fused_ac8", "step_hope_760m_fused_ac8"} <= set(stages)
+    script, argv = precompile.compile_only_argv(stages["step_hope_760m_fused_ac8"])   # the configs' own setting
+    assert script == "step" and "--train.batch_size=8" in argv
+    assert "--distributed.activation_checkpointing=true" in argv
     script, argv = precompile.compile_only_argv(stages["step_hope_760m_fused"])
     assert script == "step" and argv[0] == "configs/hope_760m.yaml"
     assert "--model.kernels=triton" in argv and argv[-len(precompile.STEP_OVERRIDES):] == precompile.STEP_OVERRIDES
