@@ -34,10 +34,12 @@ KERNELS = "the Triton kernels"     # how the input check's messages name them
 
 
 # The longest chunk at K > 64. 32 bounds the chunk-parallel kernels' tiles, at twice the
-# sequential steps of fla, whose chunk is 64 at every K. ptxas (sm_90a, K = V = 128, bf16
-# inputs) compiles every kernel at 64 too, within shared memory, and the gradient kernel spills
-# less there (4.6 KB per thread against 13 KB at 32, where it gets 32 registers). Which is
-# faster is for a GPU to say: bench/kernels.py times 64 as impl triton/chunk64.
+# sequential steps of fla, whose chunk is 64 at every K. With tf32 products (16-bit inputs, or
+# fp32 at matmul precision "high") ptxas (sm_90a, K = V = 128) compiles every kernel at 64
+# within shared memory, and the gradient kernel spills less there (4.7 KB per thread against
+# 13 KB at 32, where it gets 32 registers); with exact fp32 products two kernels overflow it
+# (tests/test_triton_compile.py, KNOWN_SMEM_OVERFLOW), so 64 could serve the tf32 path only.
+# Which is faster is for a GPU to say: bench/kernels.py times 64 as impl triton/chunk64.
 WIDE_KEY_CHUNK = 32
 
 
