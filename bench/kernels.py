@@ -16,8 +16,9 @@ loop; only with --reference: it is slow) and of fla's `chunk_gated_delta_rule` w
 imports. Error: max |x - ref| / max(1, max |ref|) over the outputs (o and the final states;
 fwd+bwd: also every input's gradient) against a float64 reference = the chunked path run in
 float64 on the same (rounded) inputs (tests/test_kernels.py checks it against the sequential
-oracle). At d > 64 also as impl "triton/chunk64": chunks of 64 tokens instead of 32
-(kernels.triton_scans.WIDE_KEY_CHUNK; fla's chunk). On a GPU the sequential scans pick their
+oracle). At d > 64 with tf32 products also as impl "triton/chunk64": chunks of 64 tokens
+instead of 32 (kernels.triton_scans.WIDE_KEY_CHUNK; fla's chunk; with exact fp32 products
+two kernels would overflow shared memory there). On a GPU the sequential scans pick their
 V-block width and warps by timing (kernels.triton_delta.autotune_scan), the gradient kernels
 their pipelining stages (autotune_grads); after each part the bench prints what they chose,
 as `autotuned:` lines.
@@ -88,7 +89,7 @@ if not torch.cuda.is_available():                 # the Triton kernels run inter
 import kernels  # noqa: E402
 from bench.common import machine, report_error  # noqa: E402
 from cli import OneLineArgumentParser, output_file_problem, positive_int, write_atomic  # noqa: E402
-from kernels.triton_delta import tuned_configs  # noqa: E402
+from kernels.triton_delta import dot_precision, tuned_configs  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -249,7 +250,8 @@ def bench_scans(args, device, dtype, fla_fns, rows):
                         ref.setdefault("grads", reference_grads(ref64, x, cot)[1])
                         err = max(err, relative_error(grads, ref["grads"]))
                     return sec, err
-                if d > 64:                      # the chunk at K > 64 (triton_scans.WIDE_KEY_CHUNK)
+                # the chunk at K > 64 (triton_scans.WIDE_KEY_CHUNK), where it fits: tf32 products
+                if d > 64 and dot_precision(dtype) == "tf32":
                     fns["triton/chunk64"] = fns["triton"]
                 for backward in args.backward_passes:
                     for name, fn in fns.items():

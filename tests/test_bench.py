@@ -283,7 +283,8 @@ def test_kernel_bench_times_the_chosen_implementations(capsys):
 
 def test_kernel_bench_times_wide_keys_at_chunk_64(monkeypatch, capsys):
     """Scans at d > 64: impl triton/chunk64 runs the kernels at chunks of 64 tokens
-    (kernels.triton_scans.WIDE_KEY_CHUNK, which it restores) where impl triton runs 32."""
+    (kernels.triton_scans.WIDE_KEY_CHUNK, which it restores) where impl triton runs 32; only
+    with tf32 products (exact fp32 ones overflow shared memory at chunk 64)."""
     from kernels import triton_scans
     seen, launch = [], triton_scans.delta_forward
 
@@ -297,6 +298,11 @@ def test_kernel_bench_times_wide_keys_at_chunk_64(monkeypatch, capsys):
     rows = [line.split()[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("delta_rule")]
     assert rows == [["triton", "fwd"], ["triton/chunk64", "fwd"]]
     assert set(seen) == {32, 64} and triton_scans.WIDE_KEY_CHUNK == 32
+    assert _kernels_main(["--parts", "scans", "--ops", "delta_rule", "--impls", "triton", "--no-errors",
+                          "--B", "1", "--H", "1", "--d", "72", "--T", "3", "--dtype", "fp32",
+                          "--repeats", "1", "--passes", "fwd", "--fp32-matmul-precision", "highest"]) == 0
+    rows = [line.split()[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("delta_rule")]
+    assert rows == [["triton", "fwd"]]          # exact fp32 products: chunk 64 would not fit
 
 
 @pytest.mark.parametrize("flag, value", [("--passes", "bwd"), ("--rules", "adam"), ("--impls", "cuda")])
