@@ -255,7 +255,8 @@ def bench_scans(args, device, dtype, fla_fns, rows):
                     fns["triton/chunk64"] = fns["triton"]
                 for backward in args.backward_passes:
                     for name, fn in fns.items():
-                        with kernel_setting("triton_scans", "WIDE_KEY_CHUNK", 64 if name == "triton/chunk64" else None):
+                        chunk = 64 if name == "triton/chunk64" else None
+                        with kernel_setting("triton_scans", "WIDE_KEY_CHUNK", chunk):
                             add_row(args, rows, lambda: run(fn, backward), part="scan", op=op, impl=name,
                                     pass_="fwd+bwd" if backward else "fwd", B=args.B, T=T, H=args.H, d=d)
 
@@ -529,7 +530,8 @@ def _run(p, args, argv):
                 setattr(args, name, value)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
-    if device == "cpu" and dtype != torch.float32 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")    # not bench/precompile.py
+    if device == "cpu" and dtype != torch.float32 and interpreter:
         p.error(f"--dtype {args.dtype} needs a GPU (the Triton interpreter computes 16-bit wrongly); use --dtype fp32")
     fla_fns, fla_why = load_fla()
     name = machine() + ("" if device == "cuda" else " (Triton interpreter)")

@@ -214,10 +214,11 @@ def _compile_one(file, kernel, shape_name, flags, prec, stage, tune=None, regs=F
     stages = stages if num_stages is None else num_stages
     tiles, n_warps = _launch_config(file, kernel, shapes[shape_name], warps)
     if tune:
-        tiles, n_warps = {**tiles, **{k: v for k, v in tune.items() if k == "BV"}}, tune["num_warps"]
+        tiles = {**tiles, "BV": tune["BV"]} if "BV" in tune else tiles
+        n_warps = tune["num_warps"]
         stages = tune.get("num_stages", stages) if num_stages is None else num_stages
     kern = getattr(importlib.import_module(f"kernels.{file}"), kernel)
-    while not isinstance(kern, JITFunction):       # the scans' autotuner wraps their kernel
+    while not isinstance(kern, JITFunction):       # an autotuned kernel's Autotuner wraps it
         kern = kern.fn
     names = list(inspect.signature(kern.fn).parameters)
     const = {**flags, **tiles, **({"PREC": prec.split("_")[0]} if "PREC" in names else {})}   # no products: no PREC
