@@ -413,7 +413,10 @@ if __name__ == "__main__":
             options[rest[0]], rest = rest[1], rest[2:]
         stages, tune = options["--stages"], options["--scan-config"]
         if tune:
-            bv, warps = (int(x) for x in tune.split(","))
+            try:
+                bv, warps = (int(x) for x in tune.split(","))
+            except ValueError:
+                sys.exit(f"error: --scan-config takes BV,WARPS (e.g. 32,8); got {tune!r}")
             tune = dict(BV=bv, num_warps=warps)
         _print_regs(rest, options["--prec"], None if stages is None else int(stages), tune,
                     options["--shape"])
