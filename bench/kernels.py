@@ -530,8 +530,7 @@ def _run(p, args, argv):
                 setattr(args, name, value)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
-    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")    # not bench/precompile.py
-    if device == "cpu" and dtype != torch.float32 and interpreter:
+    if device == "cpu" and dtype != torch.float32 and kernels.checks.interpreting():
         p.error(f"--dtype {args.dtype} needs a GPU (the Triton interpreter computes 16-bit wrongly); use --dtype fp32")
     fla_fns, fla_why = load_fla()
     name = machine() + ("" if device == "cuda" else " (Triton interpreter)")

@@ -158,7 +158,8 @@ def compiling_offline(capability=90, libtriton_hash=None, log=print):
     matmuls are "high" (TF32, as train.setup_precision sets on CUDA, which the kernels'
     tl.dot precision follows). With libtriton_hash, Triton's cache key takes that hash of
     libtriton.so instead of the local one's. Logs each kernel compiled (or found cached)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    import kernels.checks
+    if kernels.checks.interpreting():
         raise ValueError("unset TRITON_INTERPRET: the interpreter compiles nothing")
     os.environ["TRITON_INTERPRET"] = "0"      # bench/kernels.py would set it on a CPU machine
     import torch
@@ -167,11 +168,10 @@ def compiling_offline(capability=90, libtriton_hash=None, log=print):
     from triton.runtime import Autotuner, driver
     from triton.runtime.jit import JITFunction
 
-    import kernels.checks
     key_fn, run, do_compile = triton_cache.triton_key, JITFunction.run, JITFunction._do_compile
     tune = Autotuner.run
     source_to_ir, active_driver = ASTSource.make_ir, driver._active
-    precision, interpreting = torch.get_float32_matmul_precision(), kernels.checks.interpreting
+    precision = torch.get_float32_matmul_precision()
 
     def warmup_run(self, *args, grid, warmup, **kw):
         return run(self, *args, grid=grid, warmup=True, **kw)
@@ -205,14 +205,14 @@ def compiling_offline(capability=90, libtriton_hash=None, log=print):
     driver.set_active(OfflineCuda(capability))
     JITFunction.run, JITFunction._do_compile, ASTSource.make_ir = warmup_run, timed_compile, make_ir
     Autotuner.run = compile_every_config
-    kernels.checks.interpreting = lambda: True
+    kernels.checks.COMPILING_OFFLINE = True
     torch.set_float32_matmul_precision("high")
     try:
         yield
     finally:
         triton_cache.triton_key, JITFunction.run, JITFunction._do_compile = key_fn, run, do_compile
         ASTSource.make_ir, driver._active, Autotuner.run = source_to_ir, active_driver, tune
-        kernels.checks.interpreting = interpreting
+        kernels.checks.COMPILING_OFFLINE = False
         torch.set_float32_matmul_precision(precision)
 
 
@@ -320,7 +320,8 @@ def main(argv=None):
     p.add_argument("--capability", type=int, choices=(80, 90), default=90,
                    help="the GPU's compute capability (90: H100 and H200)")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from kernels.checks import interpreting
+    if interpreting():
         return report_error("TRITON_INTERPRET is set: the interpreter compiles nothing; unset it")
     try:
         out = check_output_file(args.out)

@@ -12,9 +12,20 @@ MAX_KEY_DIM = 128      # the Triton kernels hold a state's whole key dimension i
 MAX_BUDGET_CHUNK = 128  # the step budget's kernel holds a chunk's [C, C] key overlaps (64 KiB fp32)
 
 
+# Set by bench/precompile.compiling_offline while it compiles the kernels for a GPU on a CPU
+# machine: every launch there compiles and runs nothing, so the entries take CPU tensors.
+COMPILING_OFFLINE = False
+
+
 def interpreting():
     """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1, see PLATFORM.md)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def cpu_tensors_allowed():
+    """Whether the Triton entries take CPU tensors: under the interpreter, or while
+    bench/precompile.py compiles offline (COMPILING_OFFLINE)."""
+    return interpreting() or COMPILING_OFFLINE
 
 
 def _shape(t):
@@ -24,7 +35,7 @@ def _shape(t):
 def check_tensors(named, like, dtypes=None, kernels=None):
     """Every value of `named` (name -> tensor) is a tensor of one of `dtypes` (None: any
     floating dtype) on the device of named[like]; with `kernels` (their name in messages),
-    that device is CUDA or the interpreter runs. One-line ValueError naming the first bad one."""
+    that device is CUDA or cpu_tensors_allowed(). One-line ValueError naming the first bad one."""
     device = named[like].device if isinstance(named[like], torch.Tensor) else None
     names = [str(d).replace("torch.", "") for d in dtypes or ()]
     allowed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
@@ -37,7 +48,7 @@ def check_tensors(named, like, dtypes=None, kernels=None):
             raise ValueError(f"{name} must be {allowed} for {kernels}; got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{name} must be on {like}'s device {device}; got {t.device}")
-    if kernels is not None and device.type != "cuda" and not interpreting():
+    if kernels is not None and device.type != "cuda" and not cpu_tensors_allowed():
         raise ValueError(f"{kernels} need CUDA tensors (or TRITON_INTERPRET=1 set before "
                          f"importing triton); got device {device}")
 

@@ -241,3 +241,23 @@ def test_every_kernel_entry_takes_any_length():
                                  else fn.do_not_specialize) or ()
                 assert args <= set(unspecialised), attr
     assert seen == 25
+
+
+def test_cpu_tensors_pass_the_kernels_checks_only_interpreted_or_compiling_offline(monkeypatch):
+    """kernels.checks.interpreting() means the interpreter alone (bench/kernels.py refuses
+    16-bit inputs by it); precompile's compile-only launches take CPU tensors through
+    COMPILING_OFFLINE instead."""
+    import torch
+
+    from kernels import checks
+    x = {"q": torch.zeros(2)}
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not checks.interpreting() and not checks.cpu_tensors_allowed()
+    with pytest.raises(ValueError, match="the Triton kernels need CUDA tensors"):
+        checks.check_tensors(x, "q", kernels="the Triton kernels")
+    monkeypatch.setattr(checks, "COMPILING_OFFLINE", True)
+    checks.check_tensors(x, "q", kernels="the Triton kernels")
+    assert not checks.interpreting()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(checks, "COMPILING_OFFLINE", False)
+    assert checks.interpreting() and checks.cpu_tensors_allowed()
