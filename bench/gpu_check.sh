@@ -60,7 +60,8 @@ mkdir -p "$OUT/logs"
 # (Triton keys its cache on the source, the specialisation and the options).
 CACHE_IN=${GPU_CHECK_CACHE_IN:-.triton_cache.tgz}
 CACHE_OUT=${GPU_CHECK_CACHE_OUT:-}
-# cached_kernels: how many compiled kernels the cache holds (one folder each).
+# cached_kernels: how many compiled kernels the cache holds (one group file each; the same count
+# as bench/precompile.cached_kernels, which the precompile reports).
 cached_kernels() { find "$TRITON_CACHE_DIR" -name '__grp__*.json' 2>/dev/null | wc -l; }
 if [ "$LIST" != 1 ] && [ -z "${TRITON_CACHE_DIR:-}" ]; then
     export TRITON_CACHE_DIR="$WORK/triton_cache"

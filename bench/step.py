@@ -21,7 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import report_error, result_footer  # noqa: E402
 from cli import OneLineArgumentParser, non_negative_int, positive_int, resolve_device  # noqa: E402
 from config import load_config  # noqa: E402
-from kernels.triton_delta import tuned_configs  # noqa: E402
 
 
 def make_train_step(model, opt, x, grad_accum=1, device="cpu", bf16=False):
@@ -192,7 +191,8 @@ def _run(args, overrides, argv):
           f"{mem_kind} {r['peak_mem_bytes'] / 2**20:,.0f} MiB")
     for line in built[0].kernel_report(device):       # which memory parts ran fused (model.kernels)
         print(f"{'':>15} | kernels: {line}")
-    for line in tuned_configs():                  # on a GPU: the autotuned kernels' choices
+    triton_delta = sys.modules.get("kernels.triton_delta")     # imported once a Triton kernel ran
+    for line in triton_delta.tuned_configs() if triton_delta else ():   # a GPU's autotuned choices
         print(f"{'':>15} | autotuned: {line}")
     if args.profile_rows:
         print_profile(*profile_step(built[0], built[1], args.profile_rows, device), f"{r['arch']} step")
