@@ -350,10 +350,7 @@ def _train(cfg: Config, env: DistEnv):
     data_dir = resolve_data_dir(cfg)
     # one preparer: concurrent ones would race on the final rename
     distributed.on_main(env, lambda: prepare_data(cfg, data_dir))
-    dataset = TokenDataset(data_dir)
-    if dataset.meta["tokenizer"] != cfg.data.tokenizer:
-        raise ConfigError(f"{data_dir} was prepared with tokenizer {dataset.meta['tokenizer']!r}, "
-                          f"but data.tokenizer={cfg.data.tokenizer!r}")
+    dataset = TokenDataset(data_dir, cfg.data.tokenizer, cfg.data.dataset)
     check_eval_split(cfg, dataset, data_dir)
 
     if env.is_main:

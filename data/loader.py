@@ -24,14 +24,20 @@ from data.shards import read_shard
 class TokenDataset:
     """A prepared folder: meta.json plus the shards of each split (read-only memmaps)."""
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, tokenizer: str | None = None, source: str = "builtin"):
+        """tokenizer: the model's data.tokenizer; data prepared with another is refused (its ids
+        mean other tokens, or overflow the embedding). source: data.dataset, for the hint."""
         self.data_dir = data_dir
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.isdir(data_dir) or not os.path.isfile(meta_path):
             raise FileNotFoundError(
-                f"no prepared data in {data_dir}: run python -m data.prepare --source builtin --out {data_dir}"
+                f"no prepared data in {data_dir}: run python -m data.prepare --source {source} "
+                f"--tokenizer {tokenizer or 'gpt2'} --out {data_dir}"
             )
         self.meta = load_meta(data_dir)  # one-line ValueError naming meta.json and the field
+        if tokenizer is not None and self.meta["tokenizer"] != tokenizer:
+            raise ValueError(f"{data_dir} was prepared with tokenizer {self.meta['tokenizer']!r}, but "
+                             f"data.tokenizer={tokenizer!r}: prepare it again with --tokenizer {tokenizer}")
         self.vocab_size = self.meta["vocab_size"]
         self.eot_id = self.meta["eot_id"]
         self.tokenizer_name = self.meta["tokenizer"]

@@ -98,7 +98,8 @@ def check_long_inputs(model, overflow: str, streaming: bool | None, max_len: int
                          "pass streaming=True to read any length with a growing KV cache")
     if not streaming and max_new_tokens is not None and max_len <= max_new_tokens:
         raise ValueError(f"an attention model reading max_len={max_len} tokens has no room for a prompt before "
-                         f"max_new_tokens={max_new_tokens} answer tokens: --max-len must exceed --max-new-tokens")
+                         f"max_new_tokens={max_new_tokens} answer tokens: pass --max-new-tokens below {max_len} "
+                         f"(e.g. 32) or a larger --max-len")
     return streaming
 
 

@@ -216,6 +216,8 @@ def shrink_tasks(tasks, n_tasks=None, labels_per_task=None, train_per_label=None
                     ("train_per_label", train_per_label), ("test_per_label", test_per_label)):
         if v is not None and v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
+    if n_tasks is not None and n_tasks > len(tasks):     # else the results would name tasks never run
+        raise ValueError(f"n_tasks (--tasks) is {n_tasks}, but the dataset has {len(tasks)} tasks")
     rng = random.Random(f"continual-shrink-{seed}")
     out = []
     for task in tasks[:n_tasks]:

@@ -38,7 +38,7 @@ import uuid
 
 import torch
 
-from cli import OneLineArgumentParser, fraction_list, non_negative_int, positive_int, seed_int
+from cli import OneLineArgumentParser, fraction_list, positive_int, seed_int
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, window_sentences
 from eval.common import (bf16_autocast, check_data_dir, check_long_inputs, context_handling, continuation_logprob,
                          eval_mode, exit_on_error, fit_prompt, format_accuracy, greedy_generate, is_recurrent,
@@ -282,8 +282,8 @@ def main(argv=None):
     parser.add_argument("--depths", type=fraction_list, default=",".join(map(str, DEFAULT_DEPTHS)),
                         help="comma list of needle depths in [0, 1] (default %(default)s)")
     parser.add_argument("--background", default="austen", choices=BACKGROUNDS, help="essay haystack books")
-    parser.add_argument("--distractors", type=non_negative_int, default=DEFAULT_DISTRACTORS,
-                        help="random values ranked against the needle's")
+    parser.add_argument("--distractors", type=positive_int, default=DEFAULT_DISTRACTORS,
+                        help="random values ranked against the needle's (>= 1: with none, every ranking is right)")
     parser.add_argument("--segment-len", type=positive_int, default=2048)
     parser.add_argument("--max-len", type=positive_int, help="attention models: context (default cfg.train.seq_len)")
     parser.add_argument("--overflow", default="truncate", choices=("truncate", "skip"))

@@ -61,12 +61,13 @@ def evaluate_split(model, dataset, split="val", batch_size=8, seq_len=256, max_b
     from distributed import all_reduce_sum     # a no-op without a process group
 
     splits = dataset.meta.get("splits", {})
+    meta_json = os.path.join(getattr(dataset, "data_dir", ""), "meta.json")   # a TokenDataset's folder
     if split not in splits:
-        raise ValueError(f"split {split!r} not in the dataset's meta.json (has {sorted(splits)})")
+        raise ValueError(f"split {split!r} not in {meta_json} (has {sorted(splits)})")
     split_meta = splits[split]
     for key in ("tokens", "bytes"):
         if not split_meta.get(key):
-            raise ValueError(f"meta.json of split {split!r} has no positive {key!r} count")
+            raise ValueError(f"{meta_json}: split {split!r} has no positive {key!r} count")
     device = torch.device(device) if device is not None else model_device(model)
 
     rows_per_rank = -(-batch_size // world_size)
@@ -435,7 +436,7 @@ def run(args) -> dict:
     if "val" in tasks or "unigram" in tasks:
         from data.loader import TokenDataset
         from train import resolve_data_dir  # the folder train.py prepared and validated on
-        dataset = TokenDataset(resolve_data_dir(cfg))
+        dataset = TokenDataset(resolve_data_dir(cfg), cfg.data.tokenizer, cfg.data.dataset)
     if "val" in tasks:
         results["val"] = evaluate_split(model, dataset, "val", args.batch_size, max_len,
                                         max_batches=args.limit, device=device)

@@ -81,15 +81,17 @@ SUITES = {
 # -----------------------------------------------------------------------------
 # sections: each takes a model and returns a JSON-able dict (and writes its plots)
 
-def perplexity_section(model, tokenizer, settings, seq_len, device, data_dir=None, dataset_dir=None) -> dict:
+def perplexity_section(model, tokenizer, settings, seq_len, device, data_dir=None, dataset=None,
+                       why_no_dataset="no training data given") -> dict:
+    """dataset: the checkpoint's training data (a TokenDataset) for its val split, or None
+    (the val row then records why_no_dataset)."""
     from eval import perplexity as ppl
     out = {"window": seq_len}
-    if dataset_dir is not None:
-        from data.loader import TokenDataset
-        out["val"] = ppl.evaluate_split(model, TokenDataset(dataset_dir), "val", settings["batch_size"], seq_len,
+    if dataset is not None:
+        out["val"] = ppl.evaluate_split(model, dataset, "val", settings["batch_size"], seq_len,
                                         max_batches=settings["val_batches"], device=device)
     else:
-        out["val"] = {"skipped": "the training data of this checkpoint is not prepared here"}
+        out["val"] = {"skipped": why_no_dataset}
     root = data_dir or _data_dir()
     wikitext = os.path.join(root, ppl.WIKITEXT_FILE) if root else None
     lambada_path = os.path.join(root, ppl.LAMBADA_FILE) if root else None
@@ -254,7 +256,7 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
         try:
             if section == "perplexity":
                 results[section] = perplexity_section(model, tokenizer, settings[section], seq_len, device,
-                                                      data_dir, _dataset_dir(cfg))
+                                                      data_dir, *_training_data(cfg))
             elif section == "continual":
                 results[section] = continual_section(model, tokenizer, settings[section], seq_len, device, data_dir,
                                                      out_dir)
@@ -281,16 +283,18 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
     return results
 
 
-def _dataset_dir(cfg):
-    """The prepared data the checkpoint trained on, or None when it is not here."""
+def _training_data(cfg):
+    """(the prepared data the checkpoint trained on, None), or (None, why it cannot be read
+    here: not prepared, damaged, or prepared with another tokenizer)."""
+    from data.loader import TokenDataset
+    from train import resolve_data_dir
+    path = resolve_data_dir(cfg)
     try:
-        from data.loader import TokenDataset
-        from train import resolve_data_dir
-        path = resolve_data_dir(cfg)
-        TokenDataset(path)
-        return path
-    except (FileNotFoundError, ValueError, ImportError):
-        return None
+        return TokenDataset(path, cfg.data.tokenizer, cfg.data.dataset), None
+    except FileNotFoundError:
+        return None, f"the training data of this checkpoint is not prepared here ({path})"
+    except ValueError as e:
+        return None, str(e)
 
 
 # -----------------------------------------------------------------------------

@@ -100,6 +100,8 @@ def test_shrink_tasks_sizes():
                                    for t in small)
     with pytest.raises(ValueError, match="train_per_label"):
         cl.shrink_tasks(small, train_per_label=0)
+    with pytest.raises(ValueError, match="n_tasks .--tasks. is 4, but the dataset has 3 tasks"):
+        cl.shrink_tasks(small, n_tasks=4)
 
 
 # -----------------------------------------------------------------------------

@@ -564,6 +564,11 @@ def test_eval_batches_cover_split_once(token_dir):
 def test_loader_errors(tmp_path, token_dir):
     with pytest.raises(FileNotFoundError, match=r"no prepared data in .*: run python -m data.prepare"):
         TokenDataset(str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match=r"data.prepare --source files:a/\*.txt --tokenizer bytes --out"):
+        TokenDataset(str(tmp_path / "nothing"), "bytes", "files:a/*.txt")        # the model's own recipe
+    with pytest.raises(ValueError, match=r"prepared with tokenizer 'bytes', but data.tokenizer='gpt2'"):
+        TokenDataset(token_dir, tokenizer="gpt2")
+    assert TokenDataset(token_dir, tokenizer="bytes").tokenizer_name == "bytes"
     dataset = TokenDataset(token_dir)
     with pytest.raises(ValueError, match=r"split 'val' .* has 203 tokens, fewer than seq_len \+ 1 = 301"):
         BatchSampler(dataset, "val", batch_size=2, seq_len=300, seed=0)

@@ -201,3 +201,30 @@ def test_damaged_data_is_named_before_any_section_runs(damaged, content, message
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith(f"error: {data / damaged}") and message in err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_val_row_says_why_the_training_data_cannot_be_read(tmp_path):
+    """The suite's val perplexity reads the checkpoint's training data; when it cannot (not
+    prepared here, or prepared with another tokenizer) the row says which, not a guess."""
+    import types
+
+    from data.prepare import prepare
+    from eval import run
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"Line {i}."}) + "\n" for i in range(8)))
+    prepared = str(tmp_path / "prepared")
+    prepare(f"files:{tmp_path / 'docs.jsonl'}", prepared, tokenizer="bytes", val_fraction=0.4, num_workers=1,
+            quiet=True)
+
+    def data(tokenizer, data_dir):
+        return types.SimpleNamespace(data=types.SimpleNamespace(tokenizer=tokenizer, data_dir=data_dir,
+                                                                dataset="builtin"))
+    dataset, why = run._training_data(data("bytes", prepared))
+    assert why is None and dataset.num_tokens("val") > 0
+    dataset, why = run._training_data(data("gpt2", prepared))
+    assert dataset is None and "prepared with tokenizer 'bytes', but data.tokenizer='gpt2'" in why
+    dataset, why = run._training_data(data("bytes", str(tmp_path / "none")))
+    assert dataset is None and why.startswith("the training data of this checkpoint is not prepared here")
+    row = run.perplexity_section(None, None, {"val_batches": 1, "batch_size": 1, "wikitext_docs": 0,
+                                              "lambada_passages": 0}, 16, "cpu", str(tmp_path / "no_data"),
+                                 None, why)
+    assert row["val"] == {"skipped": why}

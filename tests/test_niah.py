@@ -94,7 +94,8 @@ def test_cli_writes_accuracy_json(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--checkpoint", str(tmp_path / "ckpt"), "--max-new-tokens", "256", "--device", "cpu",
               "--out", str(tmp_path / "no_room")])
-    assert exit_info.value.code == 2 and "--max-len must exceed --max-new-tokens" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "pass --max-new-tokens below 256 (e.g. 32) or a larger --max-len" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -103,7 +104,8 @@ def test_cli_writes_accuracy_json(tmp_path, monkeypatch, capsys):
     (["--depths", "x"], "argument --depths: expected numbers in [0, 1], got 'x'"),
     (["--depths", "0,nan"], "argument --depths: expected numbers in [0, 1], got 'nan'"),
     (["--samples", "0"], "argument --samples: must be >= 1, got 0"),
-    (["--distractors", "-1"], "argument --distractors: must be >= 0, got -1"),
+    (["--distractors", "-1"], "argument --distractors: must be >= 1, got -1"),
+    (["--distractors", "0"], "argument --distractors: must be >= 1, got 0"),
     (["--segment-len", "0"], "argument --segment-len: must be >= 1, got 0"),
     (["--max-new-tokens", "x"], "argument --max-new-tokens: expected an integer >= 1, got 'x'"),
 ])

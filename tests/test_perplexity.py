@@ -130,6 +130,13 @@ def test_evaluate_split_rejects_bad_split_and_short_data(fake_loader):
         ppl.evaluate_split(model, FakeDataset([0, 1, 0], 3), "test", batch_size=1, seq_len=2)
     with pytest.raises(ValueError, match="no full window"):
         ppl.evaluate_split(model, FakeDataset([0, 1, 0], 3), "val", batch_size=1, seq_len=8)
+    damaged = FakeDataset([0, 1, 0], 0)          # meta.json's val split without its byte count
+    damaged.data_dir = os.path.join("prepared", "here")
+    with pytest.raises(ValueError, match=re.escape(f"{os.path.join('prepared', 'here', 'meta.json')}: split 'val' "
+                                                   "has no positive 'bytes' count")):
+        ppl.evaluate_split(model, damaged, "val", batch_size=1, seq_len=2)
+    with pytest.raises(ValueError, match=r"split 'test' not in prepared.here.meta\.json"):
+        ppl.evaluate_split(model, damaged, "test", batch_size=1, seq_len=2)
 
 
 def test_evaluate_split_restores_training_mode(fake_loader):
@@ -483,6 +490,28 @@ def test_cli_end_to_end_with_a_stub_checkpoint_loader(tmp_path, monkeypatch, cap
     assert results["wikitext"] == pytest.approx(ppl.wikitext_word_perplexity(model, byte_tok, str(wiki), 16, limit_docs=2))
     assert results["lambada"] == pytest.approx(ppl.lambada(model, byte_tok, str(lam), limit=2, max_len=16))
     assert results["lambada"]["n"] == 2 and results["wikitext"]["docs"] == 2
+
+
+@pytest.mark.parametrize("tasks", ["val", "unigram"])
+def test_cli_refuses_data_of_another_tokenizer_in_one_line(tasks, tmp_path, monkeypatch, capsys):
+    """A checkpoint's val split read from a folder prepared with another tokenizer (a shared
+    data_dir prepared again) would score other tokens, or overflow the embedding: refused."""
+    import checkpoint
+    from data.prepare import prepare
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"Line {i}."}) + "\n" for i in range(8)))
+    prepare(f"files:{tmp_path / 'docs.jsonl'}", str(tmp_path / "prepared"), tokenizer="bytes", val_fraction=0.4,
+            num_workers=1, quiet=True)
+    cfg = types.SimpleNamespace(data=types.SimpleNamespace(tokenizer="gpt2", data_dir=str(tmp_path / "prepared"),
+                                                           dataset="builtin"),
+                                train=types.SimpleNamespace(seq_len=16))
+    monkeypatch.setattr(checkpoint, "load_model", lambda path, device: (FixedDistributionLM([0.5, 0.5]), cfg))
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        ppl.main(["--checkpoint", str(tmp_path / "ckpt"), "--tasks", tasks, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: ") and "prepared with tokenizer 'bytes', but data.tokenizer='gpt2'" in err
 
 
 def test_cli_checks_out_before_the_eval(tmp_path, monkeypatch, capsys):
