@@ -403,8 +403,10 @@ def _train(cfg: Config, env: DistEnv):
             say(f"already at train.max_steps={t.max_steps}: nothing to train")
     def open_outputs():   # written once the model, optimiser and resume checks have passed
         os.makedirs(t.out_dir, exist_ok=True)
+        # metrics.jsonl first: a damaged line stops the run before config.yaml is rewritten
+        log = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), resume_step=start_step if resume_from else None)
         dump_yaml(cfg, os.path.join(t.out_dir, "config.yaml"))
-        return MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), resume_step=start_step if resume_from else None)
+        return log
 
     metrics = distributed.on_main(env, open_outputs)
     run = init_wandb(cfg) if env.is_main else None
@@ -473,32 +475,35 @@ def _train(cfg: Config, env: DistEnv):
         loss = forward_backward(*sampler.next_batch())
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)).item()  # total norm
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            # NaN/inf loss or gradient: skip the update, count it, stop if it persists
-            optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        updated = math.isfinite(loss) and math.isfinite(grad_norm)
+        if updated:
+            bad_in_a_row = 0
+            optimizer.step()
+            stats["tokens"] += tokens_per_step
+            throughput.add(tokens_per_step)
+        else:
+            # NaN/inf loss or gradient: skip the update, count it, stop if it persists. The
+            # step still counts (its batch is consumed), so its eval and checkpoint still run.
             stats["skipped_steps"] += 1
             bad_in_a_row += 1
-            say(f"step {step + 1}: non-finite loss/grad ({loss}, {grad_norm}), step skipped "
+            say(f"step {done}: non-finite loss/grad ({loss}, {grad_norm}), step skipped "
                 f"({bad_in_a_row} in a row)")
             if bad_in_a_row >= t.max_bad_steps:
                 say(f"error: {bad_in_a_row} non-finite steps in a row; stopping. The last good checkpoint "
                     f"is kept in {ckpt_root}", file=sys.stderr)
                 return 1
-            continue
-        bad_in_a_row = 0
-        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stats["tokens"] += tokens_per_step
-        throughput.add(tokens_per_step)
-        done = step + 1
 
         record = None
-        if done % t.log_every == 0 or done == t.max_steps or done == start_step + 1:
+        # (the first step only of a fresh run: a resumed run logs what an uninterrupted one does)
+        if updated and (done % t.log_every == 0 or done == t.max_steps or done == 1):
             record = log_step(done, loss, lr, grad_norm)
         if t.eval_every and (done % t.eval_every == 0 or done == t.max_steps):
             with throughput.paused():       # eval and checkpoint time is left out of tokens/s
                 r = evaluate()
-                record = record or {"step": done, "tokens": stats["tokens"], "loss": loss, "lr": lr}
+                record = record or {"step": done, "tokens": stats["tokens"], "loss": loss if updated else None,
+                                    "lr": lr}
                 record.update(val_loss=r["loss"], val_ppl=r["perplexity"], val_bpb=r["bits_per_byte"])
                 say(f"eval step {done} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.2f} | "
                     f"bits/byte {r['bits_per_byte']:.4f}", flush=True)

@@ -481,6 +481,24 @@ def test_isolated_nan_steps_are_counted_but_do_not_stop(corpus, tmp_path, monkey
     assert [r["tokens"] for r in rows] == [128, 256, 384, 512]
 
 
+def test_a_skipped_step_on_the_cadence_still_evaluates_and_checkpoints(corpus, tmp_path, monkeypatch):
+    """The last step (4, on the checkpoint and eval cadence) is NaN: skipped, but the step
+    counts, so its checkpoint is written and `latest` names it (a rerun has nothing left to
+    train, instead of resuming at 3 and skipping step 4 forever), and its eval line has the
+    val numbers with no training loss. Kills: the skip bypassing the eval/checkpoint block."""
+    import train as train_mod
+    nan_losses_at(monkeypatch, lambda n: n == 4)
+    out = tmp_path / "run"
+    args = ("--train.max_steps=4", "--train.eval_every=2", "--train.ckpt_every=2", "--train.log_every=2")
+    assert train_mod.train(_cfg(corpus, out, *args)) == 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 4] and rows[-1]["loss"] is None
+    assert math.isfinite(rows[-1]["val_loss"]) and rows[-1]["tokens"] == 3 * 128
+    assert train_mod.train(_cfg(corpus, out, *args)) == 0          # resumed at 4: nothing to train
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 4]
+
+
 def test_resume_restores_the_random_streams_exactly(corpus, tmp_path, monkeypatch, probe):
     """A model whose training forward draws from torch's, numpy's and Python's global RNGs
     (as dropout would): a run that crashes in step 5 (checkpoint at step 3) and is resumed
