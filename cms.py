@@ -165,6 +165,13 @@ class CMSLevel(nn.Module):
         """{part: None if it runs fused, else why not} (model.kernel_report); {} if static."""
         return {f"CMS fast level (chunk {self.chunk_size})": self.fused_kernel_blocker()} if self.is_fast else {}
 
+    def idle_parameters(self, seq_len):
+        """The parameters no gradient reaches in a training sequence of seq_len tokens (from
+        position 0): W_v, when the level's first update lands at or past the sequence's end
+        (chunk_size >= seq_len), so no token reads an updated weight (LanguageModel.
+        idle_parameters)."""
+        return [self.w_target.weight] if self.is_fast and self.chunk_size >= seq_len else []
+
     def flops_per_token(self, backward=True):
         """Estimated FLOPs per token of the fast level's inner loop beyond the model's 6N; 0
         for a static level (a plain FFN, all in 6N). The reads MLP(a_t; theta_c) are in 6N

@@ -235,7 +235,10 @@ def parallelize(model, cfg: Config, env: DistEnv):
     if env.data_parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         device_ids = [env.local_rank] if env.device_type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        # Parameters that get no gradient (a CMS level's W_v at a chunk >= seq_len) must be
+        # announced to DDP, or it stops at the next step; FSDP2 needs nothing of the kind.
+        idle = bool(model.idle_parameters(cfg.train.seq_len))
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=idle)
     return model
 
 

@@ -323,6 +323,15 @@ class LanguageModel(nn.Module):
         return [f"{part} x{n}: " + ("fused Triton kernel" if why is None else f"per-chunk path ({why})")
                 for (part, why), n in paths.items()]
 
+    def idle_parameters(self, seq_len) -> list[str]:
+        """Names of the parameters that no gradient reaches in training on seq_len-token
+        sequences (a CMS fast level's W_v when its chunk is not shorter than the sequence:
+        cms.CMSLevel.idle_parameters); [] for most configs. They never train, and DDP must be
+        told to expect them (distributed.parallelize); train.py names them at start-up."""
+        idle = {id(p) for m in self.modules() if m is not self and hasattr(m, "idle_parameters")
+                for p in m.idle_parameters(seq_len)}
+        return [name for name, p in self.named_parameters() if id(p) in idle]
+
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:

@@ -368,6 +368,11 @@ def _train(cfg: Config, env: DistEnv):
     warning = long_context_warning(cfg)
     if warning:
         say(warning, file=sys.stderr)
+    idle = model.idle_parameters(t.seq_len)
+    if idle:
+        say(f"note: {len(idle)} parameter(s) get no gradient at train.seq_len={t.seq_len} and will not train "
+            f"(a CMS fast level's chunk is not shorter than the sequence): {', '.join(idle[:2])}"
+            + (", ..." if len(idle) > 2 else ""), file=sys.stderr)
     # `model` keeps its parameter names (checkpoints, eval, sampling); `train_model` is what
     # forward/backward run through: the FSDP2 model itself or a DDP wrapper
     train_model = distributed.parallelize(model, cfg, env)

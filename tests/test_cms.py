@@ -389,3 +389,18 @@ def test_each_fast_level_steps_with_its_own_inner_lr():
         torch.testing.assert_close(state["levels"][2]["w_out"][b], third.w_out.weight - 0.1 * g_out,
                                    rtol=1e-10, atol=1e-12)
         assert (g_in.abs().max() > 1e-3) and (g_out.abs().max() > 1e-3)
+
+
+@pytest.mark.parametrize("T", [5, 8, 9, 16, 17])
+def test_idle_parameters_are_exactly_those_no_gradient_reaches(T):
+    """A fast level's W_v gets a gradient only once a chunk completes before the sequence's
+    last token: idle_parameters (what DDP is told, and train.py names) lists exactly the
+    parameters whose .grad stays None after a training backward. Levels of chunk 8 and 16."""
+    from model import build_model
+    model = build_model({"arch": "hope", "vocab_size": 32, "n_layer": 1, "n_head": 2, "d_model": 16,
+                         "max_seq_len": 32, "cms": {"chunk_sizes": [8, 16, None]}})
+    x = torch.randint(0, 32, (2, T + 1))
+    model(x[:, :-1], x[:, 1:])[1].backward()
+    no_grad = [name for name, p in model.named_parameters() if p.grad is None]
+    assert model.idle_parameters(T) == no_grad
+    assert len(no_grad) == (T <= 8) + (T <= 16)

@@ -203,6 +203,20 @@ def test_two_ranks_ddp_match_one_process(runs):
     assert_same_losses(metrics(out), metrics(runs["one"]))
 
 
+def test_two_ranks_ddp_with_parameters_no_gradient_reaches(corpus, tmp_path):
+    """HOPE whose CMS fast level's chunk (32) is not shorter than seq_len (32): its W_v gets no
+    gradient (LanguageModel.idle_parameters), which DDP must be told of (else it stops at
+    step 2: "Expected to have finished reduction in the prior iteration"); the losses match
+    one process, and start-up names the parameters."""
+    args = [*TINY, "--model.arch=hope", "--model.cms.chunk_sizes=[32,null]", f"--data.dataset={corpus}",
+            "--train.max_steps=3", "--train.eval_every=0", "--train.ckpt_every=0"]
+    r = run(TWO_RANKS, [*args, f"--train.out_dir={tmp_path}/ddp", "--distributed.data_parallel=ddp"])
+    assert "note: 2 parameter(s) get no gradient at train.seq_len=32" in r.stderr
+    assert "blocks.0.ffn.levels.0.w_target.weight" in r.stderr
+    run(ONE_PROCESS, [*args, f"--train.out_dir={tmp_path}/one"])
+    assert_same_losses(metrics(f"{tmp_path}/ddp"), metrics(f"{tmp_path}/one"))
+
+
 def test_fsdp_on_one_device_without_torchrun(corpus, tmp_path):
     """distributed.data_parallel=fsdp in a plain process (1-GPU FSDP throughput checks)."""
     import torch.distributed as dist
