@@ -205,13 +205,17 @@ def apply_fsdp(model, cfg: Config, env: DistEnv):
     MixedPrecisionPolicy gathers them in `mixed_precision_dtype` (by default bf16 when the
     run computes in bf16, as on CUDA; fp32 on CPU/gloo, where bf16 matmuls are slow) and
     always reduce-scatters gradients in fp32. The last block is never
-    resharded after forward: backward would gather it again at once (torchtitan)."""
+    resharded after forward: backward would gather it again at once (torchtitan).
+    Forward inputs are not cast to the parameter dtype (cast_forward_inputs=False): they
+    carry the streaming state, whose fast weights must stay fp32 (docs/FIDELITY.md); bf16
+    parameters run under autocast instead (train.py)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(env.device_type, (env.world_size,))
     param_dtype = mixed_precision_dtype(cfg, env)
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     reshard = cfg.distributed.reshard_after_forward
     n = len(model.blocks)
     for i, block in enumerate(model.blocks):

@@ -330,10 +330,12 @@ def _train(cfg: Config, env: DistEnv):
     t = cfg.train
     device, device_type = env.device, env.device_type
     say = print if env.is_main else _silent          # rank 0 alone prints and writes files
-    use_bf16 = setup_precision(t, device_type)
-    # Autocast also under FSDP2 with bf16 parameters: the memory layers keep their fast weights
+    param_dtype = distributed.mixed_precision_dtype(cfg, env) if env.data_parallel == "fsdp" else None
+    # Autocast also wherever FSDP2 gathers bf16 parameters (distributed.mixed_precision=bf16
+    # computes in bf16 whatever train.dtype says): the memory layers keep their fast weights
     # and gates in fp32 (memory.py), and their outputs meet bf16 weights (measured on an H100:
     # without autocast HOPE stopped at "expected scalar type Float but found BFloat16").
+    use_bf16 = setup_precision(t, device_type) or param_dtype == torch.bfloat16
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     torch.manual_seed(t.seed)          # the same seed on every rank: identical initial weights
     random.seed(t.seed)
@@ -379,7 +381,6 @@ def _train(cfg: Config, env: DistEnv):
     optimizer = make_optimizer(model, cfg, device_type)
     local_bs = t.batch_size // env.world_size
     micro_bs = local_bs // t.grad_accum
-    param_dtype = distributed.mixed_precision_dtype(cfg, env) if env.data_parallel == "fsdp" else None
     say(f"parallel: {env.data_parallel if env.world_size > 1 or env.data_parallel == 'fsdp' else 'single process'}"
         f" on {env.world_size} rank(s), {device_type}"
         + (f", fsdp params {str(param_dtype).removeprefix('torch.')}" if param_dtype else "")
@@ -515,8 +516,9 @@ def _train(cfg: Config, env: DistEnv):
                 if cfg.eval.during_training:   # collective under FSDP: every rank runs it
                     from eval.run import run_during_training
                     model.eval()
-                    extra = run_during_training(model, tokenizer, cfg.eval.during_training, device,
-                                                seq_len=t.seq_len)   # offline eval data: $NL_DATA_DIR or ../shared/data
+                    with autocast:
+                        extra = run_during_training(model, tokenizer, cfg.eval.during_training, device,
+                                                    seq_len=t.seq_len)   # offline eval data: $NL_DATA_DIR or ../shared/data
                     model.train()
                     record.update(extra)
                     say("eval step %d | %s" % (done, " | ".join(f"{k} {v:.4f}" for k, v in extra.items())), flush=True)

@@ -196,7 +196,7 @@ def test_export_safetensors_of_sharded_checkpoint(runs):
 
 def test_two_ranks_ddp_match_one_process(runs):
     if runs["arch"] != "transformer":
-        pytest.skip("DDP is architecture-agnostic; checked once")
+        pytest.skip("checked once on the transformer (HOPE: test_two_ranks_ddp_with_parameters_no_gradient_reaches)")
     out = str(runs["root"] / "ddp")
     r = run(TWO_RANKS, [*runs["common"], f"--train.out_dir={out}", "--distributed.data_parallel=ddp"])
     assert "parallel: ddp on 2 rank(s)" in r.stdout
@@ -229,6 +229,27 @@ def test_fsdp_on_one_device_without_torchrun(corpus, tmp_path):
                                           "--distributed.data_parallel=fsdp"])) == 0
     assert not dist.is_initialized()                      # its 1-rank process group is gone again
     assert_same_losses(metrics(f"{tmp_path}/fsdp"), metrics(f"{tmp_path}/plain"))
+
+
+@pytest.mark.parametrize("precision", [["--train.dtype=bfloat16"], ["--distributed.mixed_precision=bf16"]])
+def test_fsdp_bf16_parameters_keep_the_streaming_fast_weights_fp32(precision, corpus, tmp_path, monkeypatch):
+    """Under FSDP2 with bf16 parameters the end-of-run sample streams HOPE token by token with
+    its state: the fast weights in it stay fp32 (FSDP2 would cast every forward input, the
+    state included, to bf16; the read then met fp32 inputs: "expected m1 and m2 to have the
+    same dtype"), also where only distributed.mixed_precision asks for bf16 (autocast on)."""
+    import memory
+    import train
+    from config import load_config
+    seen, real_read = set(), memory.NeuralMemory.read
+
+    def read(self, weights, x):
+        seen.update(w.dtype for w in weights)
+        return real_read(self, weights, x)
+    monkeypatch.setattr(memory.NeuralMemory, "read", read)
+    args = [*TINY, "--model.arch=hope", f"--data.dataset={corpus}", "--train.max_steps=1", "--train.eval_every=0",
+            "--train.ckpt_every=0", "--train.sample_tokens=3", "--distributed.data_parallel=fsdp", *precision]
+    assert train.train(load_config(None, [*args, f"--train.out_dir={tmp_path}/run"])) == 0
+    assert seen == {torch.float32}
 
 
 def test_global_batch_not_divisible_by_ranks(monkeypatch):
