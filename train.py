@@ -374,7 +374,7 @@ def _train(cfg: Config, env: DistEnv):
     if idle:
         say(f"note: {len(idle)} parameter(s) get no gradient at train.seq_len={t.seq_len} and will not train "
             f"(a CMS fast level's chunk is not shorter than the sequence): {', '.join(idle[:2])}"
-            + (", ..." if len(idle) > 2 else ""), file=sys.stderr)
+            + (", ..." if len(idle) > 2 else ""))
     # `model` keeps its parameter names (checkpoints, eval, sampling); `train_model` is what
     # forward/backward run through: the FSDP2 model itself or a DDP wrapper
     train_model = distributed.parallelize(model, cfg, env)

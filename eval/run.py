@@ -212,17 +212,14 @@ def read_section_data(sections, settings, data_dir=None, missing_ok=True) -> Non
 def check_during_training(names, data_dir=None) -> None:
     """train.py's check before step 1: the data each during-training eval reads, read once, so
     that a missing or damaged file is a one-line error now, not at the first eval step after
-    training (perplexity skips missing files: only damaged ones are named)."""
-    offline = [n for n in names if n != "perplexity"]
-    if offline and (data_dir or _data_dir()) is None:
-        raise FileNotFoundError(f"eval.during_training {offline} needs the offline eval data: set $NL_DATA_DIR "
-                                "to a copy of shared/data, or leave them out")
+    training (or, for perplexity, an eval line with no numbers)."""
+    if names and (data_dir or _data_dir()) is None:
+        raise FileNotFoundError(f"eval.during_training {list(names)} needs the offline eval data: set "
+                                "$NL_DATA_DIR to a copy of shared/data, or leave them out")
     quick = SUITES["quick"]
     settings = {**quick, "continual": {**quick["continual"], "domains": []}}    # continual_quick: CLINC only
     try:
-        if "perplexity" in names:
-            read_section_data(["perplexity"], quick, data_dir)
-        read_section_data([n.removesuffix("_quick") for n in offline], settings, data_dir, missing_ok=False)
+        read_section_data([n.removesuffix("_quick") for n in names], settings, data_dir, missing_ok=False)
         if "babilong_quick" in names or "niah_quick" in names:
             from eval.babilong import length_tokenizer
             length_tokenizer(data_dir)        # the GPT-2 BPE files: BABILong's unit of length

@@ -296,7 +296,11 @@ def test_what_would_fail_after_training_or_overwrite_another_run_fails_first(cor
     monkeypatch.setattr(eval.common, "default_data_dir", lambda: None)
     _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={tmp_path / 'evals'}", "--train.eval_every=1",
                                 "--eval.during_training=[perplexity, niah_quick]"],
-                     "eval.during_training ['niah_quick'] needs the offline eval data", capsys)
+                     "eval.during_training ['perplexity', 'niah_quick'] needs the offline eval data", capsys)
+    monkeypatch.setattr(eval.common, "default_data_dir", lambda: str(partial))   # perplexity reads WikiText
+    _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={tmp_path / 'evals'}", "--train.eval_every=1",
+                                "--eval.during_training=[perplexity]"],
+                     f"eval.during_training ['perplexity']: WikiText file {partial}/wikitext/wiki.test.raw not found", capsys)
     assert not (tmp_path / "evals").exists()
     own = out / "checkpoints" / "step_000002"
     assert train_mod.main([*common, f"--train.out_dir={out}", "--train.max_steps=3", f"--train.resume={own}"]) == 0
