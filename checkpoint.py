@@ -123,7 +123,13 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
 def saved_steps(ckpt_root) -> list[str]:
     """The step_N directories under a checkpoints/ root, oldest first ([] without the root)."""
     names = os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else []
-    return sorted(d for d in names if d.startswith("step_"))
+    return sorted((d for d in names if d.startswith("step_")), key=_step_of)
+
+
+def _step_of(name):
+    """step_000042 -> 42 (step order, also past 6 digits); a stray step_* name sorts first."""
+    digits = name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else -1
 
 
 def holds_checkpoints(path) -> bool:
@@ -137,7 +143,10 @@ def holds_checkpoints(path) -> bool:
 
 
 def _prune(ckpt_root, keep, newest):
-    done = saved_steps(ckpt_root)
+    """Keep the `keep` latest checkpoints up to `newest` (the one just written). Those past it
+    are the abandoned future of a rollback (train.resume=PATH of an earlier step of the same
+    run): neither counted nor deleted here; the run replaces each one when it gets there."""
+    done = [d for d in saved_steps(ckpt_root) if _step_of(d) <= _step_of(newest)]
     for d in done[:-keep] if keep > 0 else []:
         if d != newest:
             shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)

@@ -590,9 +590,11 @@ def test_save_checkpoint_keeps_the_newest_and_latest_names_one(tmp_path):
     """save_checkpoint's pruning on a toy model: keep=2 over steps 1-4 leaves step 3 and 4 and
     `latest` at 4, and clears a .tmp- folder left by a killed save; re-saving a step replaces
     it; saving an older step than the newest with keep=1 keeps the one just saved (what
-    `latest` names); keep=0 keeps all. Kills: pruning one too many or too few, keep=0 pruning,
-    killed-save leftovers kept, a re-save failing on the existing folder, pruning the
-    checkpoint just saved."""
+    `latest` names) and the later ones (a rollback's abandoned future, replaced when the run
+    gets there); keep=0 keeps all; steps past 6 digits sort as numbers. Kills: pruning one too
+    many or too few, keep=0 pruning, killed-save leftovers kept, a re-save failing on the
+    existing folder, pruning the checkpoint just saved or the one resumed from at a rollback,
+    name order past step 999999."""
     from checkpoint import find_checkpoint, read_trainer_state, save_checkpoint, saved_steps
     from config import Config
     model = torch.nn.Linear(3, 2)
@@ -611,14 +613,19 @@ def test_save_checkpoint_keeps_the_newest_and_latest_names_one(tmp_path):
     save(4, keep=2, again=True)
     assert sorted(os.listdir(root)) == ["latest", "step_000003", "step_000004"]   # no aside copy left
     assert read_trainer_state(str(root / "step_000004"))["again"] is True
-    save(2, keep=1)
-    assert "step_000002" in saved_steps(str(root)) and "step_000003" not in saved_steps(str(root))
+    save(2, keep=1)                  # a rollback to step 2: steps 3 and 4 are its abandoned future,
+    assert saved_steps(str(root)) == ["step_000002", "step_000003", "step_000004"]   # not pruned for it
     assert find_checkpoint(str(root)) == str(root / "step_000002")
+    save(3, keep=1, rerun=True)      # replaced when the run gets there; step 2 is then pruned
+    assert saved_steps(str(root)) == ["step_000003", "step_000004"]
+    assert read_trainer_state(str(root / "step_000003"))["rerun"] is True
 
     root = tmp_path / "all"
-    for step in range(1, 4):
+    for step in (1, 2, 999_999, 1_000_000):
         save(step, keep=0)
-    assert saved_steps(str(root)) == ["step_000001", "step_000002", "step_000003"]
+    assert saved_steps(str(root)) == ["step_000001", "step_000002", "step_999999", "step_1000000"]
+    save(1_000_001, keep=2)          # step order past 6 digits: the two latest stay
+    assert saved_steps(str(root)) == ["step_1000000", "step_1000001"]
 
 
 def test_throughput_leaves_out_checkpoint_and_eval_time_off_the_log_cadence(corpus, tmp_path, probe,
