@@ -210,7 +210,7 @@ def _read_metadata(ckpt):
 
 # What reading a damaged shard or torch.save file raises (a torch.save zip with a bad central
 # directory: RuntimeError "PytorchStreamReader failed ..."), as opposed to a template mismatch.
-_READ_ERRORS = (EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile)
+_READ_ERRORS = (EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError)   # flipped bytes
 
 
 def _is_read_error(e: BaseException) -> bool:

@@ -305,7 +305,7 @@ class TrainConfig:
     seed: int = 1337
     out_dir: str = "out"
     eval_every: int = 100            # 0 = no evals during training
-    eval_batches: int = 20
+    eval_batches: int = 20           # val batches of batch_size / grad_accum windows (a micro-batch's size)
     ckpt_every: int = 100            # 0 = no checkpoints
     keep_checkpoints: int = 2        # the newest n checkpoints are kept; 0 = keep all
     resume: str = "auto"             # auto | never | PATH to a checkpoint
@@ -548,6 +548,8 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def read_yaml(path: str) -> dict:
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a folder; give a .yaml file (e.g. configs/quickstart.yaml)")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:

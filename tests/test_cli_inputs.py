@@ -190,6 +190,8 @@ def test_missing_and_corrupt_shards(run):
     with pytest.raises(ValueError, match="has a corrupt shard") as e:
         load_training_state(os.path.join(run, STEP), model, opt)
     assert "\n" not in str(e.value) and "does not match" not in str(e.value)
+    from checkpoint import _is_read_error        # flipped bytes in a pickled shard entry's text
+    assert _is_read_error(UnicodeDecodeError("utf-8", b"\x8a", 0, 1, "invalid start byte"))
     os.remove(shard)
     with pytest.raises(ValueError, match=f"is incomplete: its shard {shard} is missing"):
         load_training_state(os.path.join(run, STEP), model, opt)

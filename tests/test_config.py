@@ -65,6 +65,8 @@ def test_override_parsing_errors():
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="is a folder; give a .yaml file"):
+        load_config(str(tmp_path))
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
