@@ -1,6 +1,6 @@
 """HOPE vs Transformer++ training-step time on CPU at (about) equal parameters.
 
-    python bench/hope_cpu.py                       # the quickstart shapes: d128, 4 layers, T128, batch 16
+    python bench/hope_cpu.py                       # quickstart's model shape (d128, 4 layers, T128) at batch 16
     python bench/hope_cpu.py --vocab 257 --profile-rows 20
 
 Both models have the same width, depth, vocabulary and batch; HOPE's CMS levels use

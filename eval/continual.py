@@ -6,7 +6,7 @@ Two protocols, one result shape: a matrix R with R[i][j] = score on task j after
 
     ACC         (1/T) sum_j R[T, j]                                   (GEM, arXiv 1706.08840)
     BWT         (1/(T-1)) sum_{j<T} (R[T, j] - R[j, j])  negative = forgetting
-    forgetting  (1/(T-1)) sum_{j<T} max_{l<T} (R[l, j] - R[T, j])     (Chaudhry et al., 1801.10112)
+    forgetting  (1/(T-1)) sum_{j<T} max_{j<=l<T} (R[l, j] - R[T, j]) (Chaudhry et al., 1801.10112; docs/CONTINUAL.md: from stage j on)
 
 1. Class-incremental intent classification (`intents`): CLINC150 as 10 tasks x 15 intents
    (one task per domain, domains.json order) or Banking77 as 7 tasks x 11 intents (a fixed
