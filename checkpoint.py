@@ -314,8 +314,11 @@ def load_config_of(ckpt) -> Config:
 def load_model(path, device="cpu"):
     """For inference and evals: (model in eval mode, full Config) from a checkpoint or out_dir."""
     from model import build_model
+    from kernels.checks import triton_blocker
     ckpt = resolve_checkpoint(path)
     cfg = load_config_of(ckpt)
+    if cfg.model.kernels == "triton" and triton_blocker(device):
+        cfg.model.kernels = "auto"   # a speed setting, not the math: a GPU run's checkpoint evaluates on CPU
     model = build_model(cfg.model)
     sd = get_model_state_dict(model, options=StateDictOptions())
     state = {"model": sd}

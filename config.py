@@ -612,7 +612,8 @@ def validate(cfg: Config):
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
-    if (m.d_model // m.n_head) % 2:
+    attends = m.arch in ("transformer", "hope_attention") or (m.arch == "titans" and m.titans.variant != "lmm")
+    if attends and (m.d_model // m.n_head) % 2:       # HOPE and Titans-LMM have no attention, no RoPE
         raise ConfigError(f"head dim d_model/n_head={m.d_model // m.n_head} must be even for RoPE")
 
 

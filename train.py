@@ -30,6 +30,7 @@ from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints,
 from cli import check_output_dir
 from config import Config, ConfigError, check_vocab, dump_yaml, load_config, to_dict
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, full_value, gradient_sync
+from kernels.checks import triton_blocker
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.yaml")
 # dense bf16 peak FLOP/s for MFU (H100/H200 SXM; A100); other GPUs report MFU as n/a
@@ -346,6 +347,8 @@ def _train(cfg: Config, env: DistEnv):
         check_during_training(cfg.eval.during_training)
     check_out_dir(t)
     check_vocab(cfg)
+    if cfg.model.kernels == "triton" and triton_blocker(device):     # else the first step fails
+        raise ConfigError(triton_blocker(device))
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size

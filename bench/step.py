@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import report_error, result_footer  # noqa: E402
 from cli import OneLineArgumentParser, non_negative_int, positive_int, resolve_device  # noqa: E402
 from config import load_config  # noqa: E402
+from kernels.checks import triton_blocker  # noqa: E402
 
 
 def make_train_step(model, opt, x, grad_accum=1, device="cpu", bf16=False):
@@ -180,6 +181,8 @@ def _run(args, overrides, argv):
     try:    # --device cuda without CUDA, a bad config (ConfigError), a model it cannot build
         device = resolve_device(args.device)
         cfg = load_config(args.config, overrides)
+        if cfg.model.kernels == "triton" and triton_blocker(device):
+            raise ValueError(triton_blocker(device))
         built = build_train_step(cfg, device, args.compile)
     except ValueError as e:
         return report_error(e)

@@ -28,6 +28,26 @@ def cpu_tensors_allowed():
     return interpreting() or COMPILING_OFFLINE
 
 
+def compute_dtype(*tensors):
+    """The scans' compute dtype: the widest dtype among the tensors given (None skipped), at
+    least float32 (bf16 / fp16 are upcast, float64 stays float64, also in only one input)."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def triton_blocker(device):
+    """None where the Triton kernels can run on `device` (CUDA, or CPU tensors allowed);
+    else why not, for model.kernels=triton (train.py and bench/step.py refuse the run; a
+    checkpoint loaded for evaluation takes "auto" instead: checkpoint.load_model)."""
+    if torch.device(device).type == "cuda" or cpu_tensors_allowed():
+        return None
+    return (f"model.kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, Triton's CPU "
+            f"interpreter); this run is on {torch.device(device).type}: use model.kernels=auto")
+
+
 def _shape(t):
     return list(t.shape)
 

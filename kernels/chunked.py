@@ -22,10 +22,13 @@ but zero gradient with respect to that gate (the reference's gradient there is t
 product of the other gates). Gates must be >= 0: the models' gates are sigmoids in
 (0, 1], and exactly 0 or 1 are fine; gates above 1 work while their products fit.
 
-Computation runs in float32 at least (bf16/fp16 are upcast, float64 stays float64);
+Computation runs in the widest input dtype, float32 at least (bf16/fp16 are upcast, float64
+stays float64: checks.compute_dtype);
 o comes back in q's dtype, the states in the compute dtype (as in the reference).
 """
 import torch
+
+from .checks import compute_dtype
 
 
 def _segment_products(gates):
@@ -61,7 +64,7 @@ def _prepare(q, k, u, gates, initial_states, chunk_size):
     cut into chunk groups. Returns the grouped tensors and the states (in the compute dtype)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    dtype = torch.promote_types(q.dtype, torch.float32)
+    dtype = compute_dtype(q, k, u, *gates, *initial_states)
     B, T, H, K = q.shape
     V = u.shape[-1]
     # One contiguous copy up front, instead of one hidden copy in every matmul that reads it.

@@ -6,13 +6,16 @@ They are slow (a Python loop over T) and exist to be read and to test the fast p
 Shapes (per batch b, head h; memories act on row vectors):
     q, k  [B, T, H, K]      u  [B, T, H, V]      alpha, eta, beta  [B, T, H]
     S, Z  [B, H, V, K]      o  [B, T, H, V]
-Computation happens in at least float32; outputs come back in the dtype of `q`.
+Computation happens in the widest input dtype, at least float32 (checks.compute_dtype);
+outputs come back in the dtype of `q`.
 """
 import torch
 
+from .checks import compute_dtype
 
-def _promote(*tensors):
-    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+
+def _promote(tensors, states):
+    dtype = compute_dtype(*tensors, *states)
     return [t.to(dtype) for t in tensors]
 
 
@@ -29,7 +32,7 @@ def delta_rule_reference(q, k, u, alpha, eta, initial_state=None):
     learning rate. Returns (o [B,T,H,V], S_T [B,H,V,K]).
     """
     out_dtype = q.dtype
-    q, k, u, alpha, eta = _promote(q, k, u, alpha, eta)
+    q, k, u, alpha, eta = _promote((q, k, u, alpha, eta), (initial_state,))
     S = _zeros_state(q, u) if initial_state is None else initial_state.to(q.dtype)
     outs = []
     for t in range(q.shape[1]):
@@ -50,7 +53,7 @@ def momentum_rule_reference(q, k, u, alpha, beta, initial_state=None, initial_mo
     write u_t = -theta_t * dl/d(S k_t). Returns (o [B,T,H,V], S_T, Z_T [B,H,V,K]).
     """
     out_dtype = q.dtype
-    q, k, u, alpha, beta = _promote(q, k, u, alpha, beta)
+    q, k, u, alpha, beta = _promote((q, k, u, alpha, beta), (initial_state, initial_momentum))
     S = _zeros_state(q, u) if initial_state is None else initial_state.to(q.dtype)
     Z = _zeros_state(q, u) if initial_momentum is None else initial_momentum.to(q.dtype)
     outs = []

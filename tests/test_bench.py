@@ -235,6 +235,15 @@ def test_step_bench_bad_model_values_are_one_line(flag, capsys):
     _one_line(capsys.readouterr().err)
 
 
+def test_step_bench_triton_kernels_without_cuda_or_interpreter_is_one_line(monkeypatch, capsys):
+    """model.kernels=triton on CPU without Triton's interpreter: one line naming the fix, before
+    the model is built (it was a traceback from the first step's kernel launch)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert step.main(["configs/titans_lmm_tiny.yaml", "--device", "cpu", "--model.kernels=triton",
+                      "--steps", "1", "--warmup", "0"]) == 2
+    _one_line(capsys.readouterr().err, "model.kernels=triton needs a CUDA device (or TRITON_INTERPRET=1")
+
+
 @pytest.mark.parametrize("where, problem", [("afile/k.json", "afile is not a folder"),
                                             ("adir", "is a folder; give a file name")])
 def test_kernels_bench_json_path_is_checked_before_the_benchmark(where, problem, tmp_path, capsys):

@@ -58,6 +58,26 @@ def _truncate(path, keep_fraction=0.5):
         f.truncate(int(os.path.getsize(path) * keep_fraction))
 
 
+def test_a_triton_kernels_checkpoint_evaluates_where_triton_cannot_run(run, monkeypatch):
+    """model.kernels is a speed setting: a checkpoint trained with model.kernels=triton (on a
+    GPU) loads for evaluation on CPU without Triton's interpreter with kernels "auto", instead
+    of failing at its first forward; under the interpreter it keeps "triton"."""
+    import yaml
+
+    from checkpoint import load_model
+    path = os.path.join(run, STEP, "config.yaml")
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    cfg["model"]["kernels"] = "triton"
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model, loaded = load_model(run)
+    assert loaded.model.kernels == "auto" and model(torch.randint(0, 257, (1, 5)))[0].shape == (1, 5, 257)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert load_model(run)[1].model.kernels == "triton"
+
+
 def _edit_trainer_state(run, edit):
     path = os.path.join(run, STEP, "trainer_state.pt")
     state = torch.load(path, weights_only=False)

@@ -31,6 +31,8 @@ def test_int_accepted_for_float_and_nested_sections():
     ({"model": {"arch": "rnn"}}, "model.arch='rnn' is not one of: transformer, titans, hope, hope_attention"),
     ({"train": {"batch_size": 6, "grad_accum": 4}}, "not divisible by train.grad_accum"),
     ({"model": {"d_model": 100, "n_head": 3}}, "model.d_model=100 is not divisible by model.n_head=3"),
+    ({"model": {"arch": "titans", "titans": {"variant": "mag"}, "d_model": 30, "n_head": 2}},
+     "head dim d_model/n_head=15 must be even for RoPE"),
     ({"data": {"tokenizer": "llama"}}, "data.tokenizer='llama' is not one of: gpt2, bytes"),
     ({"eval": {"during_training": ["perplexity", "bogus"]}},
      "eval.during_training has unknown eval(s) ['bogus']; valid: perplexity, babilong_quick"),
@@ -360,3 +362,9 @@ def test_non_mapping_section_message(value):
     with pytest.raises(ConfigError, match=r"^model.titans must be a mapping, got 3$"):
         config_from_dict({"model": {"titans": 3}})
     assert config_from_dict({"train": None}).train.max_steps == Config().train.max_steps
+
+
+def test_odd_head_dims_only_where_no_attention_uses_rope():
+    """HOPE and Titans-LMM have no attention (no RoPE): an odd head dim is theirs to use."""
+    for model in ({"arch": "hope"}, {"arch": "titans", "titans": {"variant": "lmm"}}):
+        assert config_from_dict({"model": {**model, "d_model": 30, "n_head": 2}}).model.n_head == 2

@@ -348,6 +348,22 @@ def test_reference_computes_half_precision_in_fp32(op):
 
 
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("wide", ["k", "u", "alpha", "initial_state"])
+def test_the_widest_input_dtype_is_the_compute_dtype(op, wide):
+    """An fp32 q with one float64 input computes in float64 (it computed in q's fp32): the
+    states come back float64 and equal the all-float64 run's; o in q's dtype, equal to it up
+    to fp32 rounding. Both PyTorch backends."""
+    x64 = {n: t.detach() for n, t in make_inputs(op, T=9, seed=5).items()}
+    x = {n: (t if n == wide else t.float()) for n, t in x64.items()}
+    for backend in ("torch", "reference"):
+        want, got = run(op, x64, backend, chunk_size=4), run(op, x, backend, chunk_size=4)
+        assert got[0].dtype == torch.float32 and all(s.dtype == torch.float64 for s in got[1:])
+        for name, a, e in zip(["S_T", "Z_T"], got[1:], want[1:]):    # inputs rounded to fp32: ~1e-7
+            assert_close(a, e, 1e-6, f"{backend} {name}")
+        assert_close(got[0], want[0], 1e-6, f"{backend} o")
+
+
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("T", [0, 5])
 def test_output_dtype_is_q_dtype_with_mixed_inputs(op, T):
     """'o comes back in q's dtype' (kernels/chunked.py) also when u has another dtype, and for

@@ -306,6 +306,16 @@ def test_what_would_fail_after_training_or_overwrite_another_run_fails_first(cor
     assert train_mod.main([*common, f"--train.out_dir={out}", "--train.max_steps=3", f"--train.resume={own}"]) == 0
 
 
+def test_triton_kernels_without_cuda_or_interpreter_fail_before_step_1(corpus, tmp_path, capsys, monkeypatch):
+    """model.kernels=triton on CPU without Triton's interpreter: one line naming the fix,
+    nothing written (it failed at the first step's kernel launch)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _fails_and_keeps(tmp_path, [*TINY, f"--data.dataset={corpus}", f"--train.out_dir={tmp_path / 'run'}",
+                                "--model.kernels=triton"],
+                     "model.kernels=triton needs a CUDA device (or TRITON_INTERPRET=1", capsys)
+    assert not (tmp_path / "run").exists()
+
+
 def test_help_lists_every_override(capsys):
     """python train.py --help: the usage and every config key with its default, exit 0."""
     import train as train_mod

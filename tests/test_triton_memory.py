@@ -297,6 +297,19 @@ def test_kernel_bench_quick_mode_runs(capsys):
 
 
 @needs_kernels
+def test_kernel_bench_mlp_momentum_rows_have_a_finite_error(capsys):
+    """The deep momentum memory's bench rows at --quick's 37 tokens: its inputs diverged
+    unclipped (float64 too: the error column was NaN and the run still passed); clipped at 1
+    as the titans_* configs, the error is at fp32 level, and a non-finite one fails the run."""
+    from bench import kernels as bench
+    argv = ["--quick", "--parts", "memory", "--depths", "2", "--rules", "momentum", "--passes", "fwd",
+            "--fp32-matmul-precision", "highest"]
+    assert bench.main(argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("memory/")]
+    assert len(rows) == 2 and all(float(r[8]) < 1e-5 for r in rows), rows
+
+
+@needs_kernels
 def test_kernel_bench_memory_rows_of_the_linear_memory(capsys):
     """bench/kernels.py --parts memory --depths 1: the linear memory's rows only, at fp32
     error, for both update rules; --rules picks them, --passes the forward and/or backward."""
