@@ -276,6 +276,11 @@ class LanguageModel(nn.Module):
 
     def forward(self, idx, targets=None, state=None):
         """idx [B, T] int64 -> (logits [B, T, vocab], loss or None, state)."""
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"the model reads idx [B, T] with T >= 1 tokens; got shape {list(idx.shape)}")
+        held = _batch_of(state)
+        if held is not None and held != idx.shape[0]:
+            raise ValueError(f"the state holds {held} sequences, but idx has batch size {idx.shape[0]}")
         pos = 0 if state is None else state["pos"]
         layer_states = [None] * len(self.blocks) if state is None else state["layers"]
         x = self.embed(idx)
@@ -291,7 +296,10 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None, generator=None):
-        """Sample `max_new_tokens` after `idx` [B, T], reusing the state (KV cache, fast weights)."""
+        """Sample `max_new_tokens` after `idx` [B, T], reusing the state (KV cache, fast weights).
+        temperature <= 0: greedy; top_k None or 0: the whole vocabulary."""
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be None or an integer >= 0 (0 = all tokens); got {top_k!r}")
         logits, _, state = self(idx, state=state)
         out = [idx]
         for _ in range(max_new_tokens):
@@ -300,7 +308,7 @@ class LanguageModel(nn.Module):
                 nxt = next_logits.argmax(-1, keepdim=True)
             else:
                 next_logits = next_logits / temperature
-                if top_k is not None:
+                if top_k:
                     v, _ = torch.topk(next_logits, min(top_k, next_logits.size(-1)))
                     next_logits[next_logits < v[:, [-1]]] = -float("inf")
                 probs = F.softmax(next_logits, dim=-1)
@@ -363,6 +371,19 @@ class LanguageModel(nn.Module):
         separately from `flops_per_token`. 0 without memories or fast levels."""
         return sum(part.memory_flops_per_token(seq_len) for b in self.blocks for part in (b.mixer, b.ffn)
                    if hasattr(part, "memory_flops_per_token"))
+
+
+def _batch_of(state):
+    """The batch size a model state was made for: the first dim of its first tensor (None
+    without a state, or a state that holds no tensor yet)."""
+    if isinstance(state, torch.Tensor):
+        return state.shape[0]
+    for value in (state.values() if isinstance(state, dict) else
+                  state if isinstance(state, (list, tuple)) else ()):
+        batch = _batch_of(value)
+        if batch is not None:
+            return batch
+    return None
 
 
 def build_model(cfg) -> LanguageModel:

@@ -368,3 +368,28 @@ def test_generate_continues_from_a_passed_state(arch):
     cont = m.generate(suffix, 6, temperature=0, state=state)
     assert torch.equal(cont, full[:, 7:])
     assert not torch.equal(m.generate(suffix, 6, temperature=0)[:, 4:], full[:, 11:])   # the state matters
+
+
+def test_generate_top_k_zero_samples_from_every_token_and_a_negative_one_is_refused():
+    """top_k 0 means the whole vocabulary, as sample.py's --top-k 0 (it was an IndexError);
+    a negative or non-integer top_k is a one-line ValueError (it was a RuntimeError)."""
+    m = tiny("transformer")
+    idx = torch.randint(0, 61, (1, 3))
+    runs = [m.generate(idx, 4, top_k=k, generator=torch.Generator().manual_seed(0)) for k in (0, None)]
+    assert torch.equal(*runs)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="top_k must be None or an integer >= 0"):
+            m.generate(idx, 2, top_k=bad)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "titans", "hope", "hope_attention"])
+def test_empty_input_and_a_state_of_another_batch_are_one_line_errors(arch):
+    """Every architecture answers the same: T = 0 tokens (a reshape RuntimeError in most, a
+    HOPE ValueError, logits of length 0 for MAC) and a state made for another batch size (a
+    raw torch.cat size error in some) are one-line ValueErrors."""
+    m = tiny(arch)
+    _, _, state = m(torch.randint(0, 61, (2, 5)))
+    with pytest.raises(ValueError, match=r"T >= 1 tokens; got shape \[2, 0\]"):
+        m(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="the state holds 2 sequences, but idx has batch size 1"):
+        m(torch.randint(0, 61, (1, 3)), state=state)
