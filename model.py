@@ -374,10 +374,10 @@ class LanguageModel(nn.Module):
 
 
 def _batch_of(state):
-    """The batch size a model state was made for: the first dim of its first tensor (None
-    without a state, or a state that holds no tensor yet)."""
+    """The batch size a model state was made for: the first dim of its first tensor of at
+    least one dim (None without a state, or a state that holds no such tensor yet)."""
     if isinstance(state, torch.Tensor):
-        return state.shape[0]
+        return state.shape[0] if state.dim() else None
     for value in (state.values() if isinstance(state, dict) else
                   state if isinstance(state, (list, tuple)) else ()):
         batch = _batch_of(value)
