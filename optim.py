@@ -296,9 +296,12 @@ class DMGD(_HybridOptimizer):
     elementwise. The internal objective is NL Eq. 33's dot-product objective with value u^,
         L2(m; u^) = mean_j <m(u^)_j, u^_j>,
     and every memory parameter takes one decayed GD step on it per outer step:
-        b <- momentum * b - (1 - momentum) u^        (GD on L2 wrt b: plain EMA momentum)
-        theta <- momentum * theta - inner_lr * dL2/dtheta   (theta = W_in, c, w_out)
-    w_out starts at 0, so step 1 is normalised momentum; inner_lr = 0 keeps it so forever.
+        b <- momentum * b - (1 - momentum) u^        (b's step: the EMA, the gradient's direct
+                                                      term; the part through the MLP is left out)
+        theta <- momentum * theta - inner_lr * dL2/dtheta   (theta = W_in, c, w_out; at the new b)
+    w_out starts at 0, but its inner step comes before the read-out, so step 1 already adds
+    a small MLP term to normalised momentum; inner_lr = 0 keeps the update plain normalised
+    momentum forever. The MLP's state stays fp32 whatever the parameter's dtype.
     """
 
     name = "DMGD"
@@ -311,6 +314,20 @@ class DMGD(_HybridOptimizer):
         _check(inner_lr >= 0, f"DMGD: inner_lr must be >= 0, got {inner_lr}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, momentum=momentum,
                                       hidden=hidden, inner_lr=inner_lr))
+
+    MLP_STATE = ("mlp_in", "mlp_bias", "mlp_out")
+
+    def load_state_dict(self, state_dict):
+        """torch's, but the MLP memory comes back as saved (fp32): torch casts every state
+        tensor to its parameter's dtype, which for a bf16 parameter rounded the MLP and then
+        failed the next step at a dtype mismatch."""
+        super().load_state_dict(state_dict)
+        saved = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for i, p in zip(saved, [p for group in self.param_groups for p in group["params"]]):
+            for key in self.MLP_STATE:
+                if key in state_dict["state"].get(i, {}):
+                    value = state_dict["state"][i][key]
+                    self.state[p][key] = value.to(device=_local(p).device, dtype=torch.float32, copy=True)
 
     def _deep_step(self, p, grad, state, group):
         beta, hidden = group["momentum"], group["hidden"]
@@ -492,7 +509,9 @@ def optimizer_options(name: str, optim_cfg) -> dict:
 
 
 def split_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Hidden matrices -> deep rule (use_muon); embeddings, LM head and vectors -> AdamW.
+    """Parameters of 2+ dims -> deep rule (use_muon): the hidden matrices, and also conv
+    kernels, per-head gate weights, persistent tokens and memory initial weights (a batch of
+    matrices over the leading dims); embeddings, LM head and vectors -> AdamW.
 
     Embeddings and the output head are excluded from orthogonalisation (as in Muon): their
     rows are per-token and their gradients sparse in the vocabulary. Vectors (norm gains,

@@ -202,6 +202,31 @@ def test_dmgd_memory_learns():
     assert not torch.allclose(p, q)
 
 
+def test_dmgd_resumes_with_bf16_parameters():
+    """torch's load_state_dict casts every state tensor to its parameter's dtype: with bf16
+    parameters the MLP memory came back bf16 and the next step stopped at a dtype mismatch.
+    It comes back fp32, as saved, and the resumed run equals the uninterrupted one."""
+    p, q = nn.Parameter(torch.randn(4, 6).bfloat16()), nn.Parameter(torch.zeros(4, 6).bfloat16())
+    q.data.copy_(p.data)
+    grads = [g.bfloat16() for g in _grads((4, 6), 4)]
+    straight = DMGD([p], lr=0.1, inner_lr=0.5)
+    for g in grads:
+        p.grad = g.clone()
+        straight.step()
+    first = DMGD([q], lr=0.1, inner_lr=0.5)
+    for g in grads[:2]:
+        q.grad = g.clone()
+        first.step()
+    resumed = DMGD([q], lr=0.1, inner_lr=0.5)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.state[q]["mlp_in"].dtype == torch.float32
+    for g in grads[2:]:
+        q.grad = g.clone()
+        resumed.step()
+    assert resumed.state[q]["mlp_in"].dtype == torch.float32
+    torch.testing.assert_close(q.detach(), p.detach())
+
+
 def test_m3_slow_level_updates_every_frequency_steps():
     p = nn.Parameter(torch.randn(6, 4))
     opt = M3([p], lr=1e-2, frequency=3)

@@ -117,7 +117,7 @@ def test_bad_resume_path_and_data_errors(corpus, tmp_path):
     assert not os.path.exists(f"{tmp_path}/z")
 
 
-@pytest.mark.parametrize("optimizer", ["muon", "delta_momentum"])
+@pytest.mark.parametrize("optimizer", ["muon", "delta_momentum", "dmgd"])
 def test_deep_optimiser_via_config_and_exact_resume(corpus, tmp_path, optimizer):
     """optim.name selects a deep optimiser; its state round-trips through the checkpoint."""
     common = [*TINY, f"--data.dataset={corpus}", f"--optim.name={optimizer}", "--train.max_steps=8",
