@@ -317,7 +317,7 @@ def load_model(path, device="cpu"):
     from kernels.checks import triton_blocker
     ckpt = resolve_checkpoint(path)
     cfg = load_config_of(ckpt)
-    if cfg.model.kernels == "triton" and triton_blocker(device):
+    if triton_blocker(cfg.model, device):
         cfg.model.kernels = "auto"   # a speed setting, not the math: a GPU run's checkpoint evaluates on CPU
     model = build_model(cfg.model)
     sd = get_model_state_dict(model, options=StateDictOptions())

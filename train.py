@@ -99,6 +99,14 @@ def resolve_data_dir(cfg: Config) -> str:
     return os.path.join("data", "cache", f"{slug}-{cfg.data.tokenizer}")
 
 
+def open_training_data(cfg: Config):
+    """The prepared folder `cfg` trains on (resolve_data_dir) as a TokenDataset; data prepared
+    with another tokenizer than data.tokenizer is a one-line ValueError (train.py, and the
+    evals of a checkpoint: eval.perplexity, eval.run)."""
+    from data.loader import TokenDataset
+    return TokenDataset(resolve_data_dir(cfg), cfg.data.tokenizer, cfg.data.dataset)
+
+
 def prepare_data(cfg: Config, data_dir):
     from data.prepare import ensure_prepared
     if os.path.isfile(os.path.join(data_dir, "meta.json")) and data_dir == cfg.data.dataset:
@@ -323,7 +331,7 @@ def train(cfg: Config):
 
 
 def _train(cfg: Config, env: DistEnv):
-    from data.loader import BatchSampler, TokenDataset
+    from data.loader import BatchSampler
     from data.tokenizer import get_tokenizer
     from eval.perplexity import evaluate_split
     from model import build_model
@@ -347,15 +355,16 @@ def _train(cfg: Config, env: DistEnv):
         check_during_training(cfg.eval.during_training)
     check_out_dir(t)
     check_vocab(cfg)
-    if cfg.model.kernels == "triton" and triton_blocker(device):     # else the first step fails
-        raise ConfigError(triton_blocker(device))
+    why = triton_blocker(cfg.model, device)          # else the first step fails
+    if why:
+        raise ConfigError(why)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size
     data_dir = resolve_data_dir(cfg)
     # one preparer: concurrent ones would race on the final rename
     distributed.on_main(env, lambda: prepare_data(cfg, data_dir))
-    dataset = TokenDataset(data_dir, cfg.data.tokenizer, cfg.data.dataset)
+    dataset = open_training_data(cfg)
     check_eval_split(cfg, dataset, data_dir)
 
     if env.is_main:

@@ -181,8 +181,9 @@ def _run(args, overrides, argv):
     try:    # --device cuda without CUDA, a bad config (ConfigError), a model it cannot build
         device = resolve_device(args.device)
         cfg = load_config(args.config, overrides)
-        if cfg.model.kernels == "triton" and triton_blocker(device):
-            raise ValueError(triton_blocker(device))
+        why = triton_blocker(cfg.model, device)
+        if why:
+            raise ValueError(why)
         built = build_train_step(cfg, device, args.compile)
     except ValueError as e:
         return report_error(e)

@@ -434,9 +434,8 @@ def run(args) -> dict:
     max_len = cfg.train.seq_len
     results = {}
     if "val" in tasks or "unigram" in tasks:
-        from data.loader import TokenDataset
-        from train import resolve_data_dir  # the folder train.py prepared and validated on
-        dataset = TokenDataset(resolve_data_dir(cfg), cfg.data.tokenizer, cfg.data.dataset)
+        from train import open_training_data  # the folder train.py prepared and validated on
+        dataset = open_training_data(cfg)
     if "val" in tasks:
         results["val"] = evaluate_split(model, dataset, "val", args.batch_size, max_len,
                                         max_batches=args.limit, device=device)

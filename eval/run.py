@@ -283,13 +283,11 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
 def _training_data(cfg):
     """(the prepared data the checkpoint trained on, None), or (None, why it cannot be read
     here: not prepared, damaged, or prepared with another tokenizer)."""
-    from data.loader import TokenDataset
-    from train import resolve_data_dir
-    path = resolve_data_dir(cfg)
+    from train import open_training_data, resolve_data_dir
     try:
-        return TokenDataset(path, cfg.data.tokenizer, cfg.data.dataset), None
+        return open_training_data(cfg), None
     except FileNotFoundError:
-        return None, f"the training data of this checkpoint is not prepared here ({path})"
+        return None, f"the training data of this checkpoint is not prepared here ({resolve_data_dir(cfg)})"
     except ValueError as e:
         return None, str(e)
 

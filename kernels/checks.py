@@ -38,11 +38,12 @@ def compute_dtype(*tensors):
     return dtype
 
 
-def triton_blocker(device):
-    """None where the Triton kernels can run on `device` (CUDA, or CPU tensors allowed);
-    else why not, for model.kernels=triton (train.py and bench/step.py refuse the run; a
-    checkpoint loaded for evaluation takes "auto" instead: checkpoint.load_model)."""
-    if torch.device(device).type == "cuda" or cpu_tensors_allowed():
+def triton_blocker(model_cfg, device):
+    """None unless model_cfg.kernels is "triton" and the Triton kernels cannot run on
+    `device` (not CUDA, and CPU tensors not allowed); then why not (train.py and bench/step.py
+    refuse the run; a checkpoint loaded for evaluation takes "auto" instead:
+    checkpoint.load_model)."""
+    if model_cfg.kernels != "triton" or torch.device(device).type == "cuda" or cpu_tensors_allowed():
         return None
     return (f"model.kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, Triton's CPU "
             f"interpreter); this run is on {torch.device(device).type}: use model.kernels=auto")
