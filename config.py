@@ -225,6 +225,12 @@ class ModelConfig:
     hope: HopeConfig = field(default_factory=HopeConfig)
     cms: CMSConfig = field(default_factory=CMSConfig)
 
+    @property
+    def uses_rope(self) -> bool:
+        """Whether the blocks have softmax attention with RoPE (model.Attention, titans.PersistentAttention):
+        HOPE and Titans-LMM have none. tests/test_config.py checks this against every built architecture."""
+        return self.arch in ("transformer", "hope_attention") or (self.arch == "titans" and self.titans.variant != "lmm")
+
     def __post_init__(self):
         # cross-field checks (d_model divisible by n_head, ...) are in validate()
         for key in ("n_layer", "n_head", "d_model", "ffn_multiple_of", "max_seq_len"):
@@ -612,8 +618,7 @@ def validate(cfg: Config):
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
-    attends = m.arch in ("transformer", "hope_attention") or (m.arch == "titans" and m.titans.variant != "lmm")
-    if attends and (m.d_model // m.n_head) % 2:       # HOPE and Titans-LMM have no attention, no RoPE
+    if m.uses_rope and (m.d_model // m.n_head) % 2:
         raise ConfigError(f"head dim d_model/n_head={m.d_model // m.n_head} must be even for RoPE")
 
 

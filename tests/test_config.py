@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from config import Config, ConfigError, config_from_dict, load_config, model_config_from, parse_overrides
+from config import (Config, ConfigError, ModelConfig, TitansConfig, config_from_dict, load_config, model_config_from,
+                    parse_overrides)
 from conftest import REPO
 
 
@@ -368,3 +369,18 @@ def test_odd_head_dims_only_where_no_attention_uses_rope():
     """HOPE and Titans-LMM have no attention (no RoPE): an odd head dim is theirs to use."""
     for model in ({"arch": "hope"}, {"arch": "titans", "titans": {"variant": "lmm"}}):
         assert config_from_dict({"model": {**model, "d_model": 30, "n_head": 2}}).model.n_head == 2
+
+
+@pytest.mark.parametrize("arch,variant", [(a, v) for a in ModelConfig.__dataclass_fields__["arch"].metadata["choices"]
+                                          for v in (TitansConfig.__dataclass_fields__["variant"].metadata["choices"]
+                                                    if a == "titans" else ["lmm"])])
+def test_uses_rope_says_which_built_models_rotate_attention(arch, variant):
+    """ModelConfig.uses_rope (validate's even-head-dim rule) matches the modules a model is built
+    from, for every architecture and variant config.py offers: a new attention block cannot be
+    left out of it."""
+    from model import Attention, LanguageModel
+    from titans import PersistentAttention
+    cfg = config_from_dict({"model": {"arch": arch, "titans": {"variant": variant}, "vocab_size": 16,
+                                      "n_layer": 1, "d_model": 16, "n_head": 2}}).model
+    model = LanguageModel(cfg)
+    assert cfg.uses_rope == any(isinstance(m, (Attention, PersistentAttention)) for m in model.modules())
