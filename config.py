@@ -311,7 +311,9 @@ class TrainConfig:
     seed: int = 1337
     out_dir: str = "out"
     eval_every: int = 100            # 0 = no evals during training
-    eval_batches: int = 20           # val batches of batch_size / grad_accum windows (a micro-batch's size)
+    eval_batches: int = 20           # val batches scored at each eval
+    eval_batch_size: int = 0         # windows per val batch (split over ranks); 0 = batch_size / grad_accum,
+                                     # a 1-process micro-batch: set it where grad_accum changes with the rank count
     ckpt_every: int = 100            # 0 = no checkpoints
     keep_checkpoints: int = 2        # the newest n checkpoints are kept; 0 = keep all
     resume: str = "auto"             # auto | never | PATH to a checkpoint
@@ -327,7 +329,7 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every",
                     "max_bad_steps"):
             _check_range(getattr(self, key), f"train.{key}", 1, integer=True)
-        for key in ("eval_every", "ckpt_every", "keep_checkpoints", "sample_tokens"):
+        for key in ("eval_every", "eval_batch_size", "ckpt_every", "keep_checkpoints", "sample_tokens"):
             _check_range(getattr(self, key), f"train.{key}", 0, integer=True)
         self.lr = _check_range(self.lr, "train.lr", 0, strict=True)
         _check_range(self.seed, "train.seed", 0, integer=True, below=2**32)   # np.random.seed's range

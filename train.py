@@ -435,10 +435,11 @@ def _train(cfg: Config, env: DistEnv):
         say(f"saved checkpoint {path}")
 
     def evaluate():
-        # the windows of a 1-process run (batches of batch_size / grad_accum rows), whatever
-        # the rank count; with several ranks each scores its rows of every batch
+        # the same windows whatever the rank count (train.eval_batch_size, else batch_size /
+        # grad_accum); with several ranks each scores its rows of every batch
         with autocast:
-            return evaluate_split(model, dataset, "val", batch_size=micro_bs * env.world_size, seq_len=t.seq_len,
+            return evaluate_split(model, dataset, "val", batch_size=t.eval_batch_size or micro_bs * env.world_size,
+                                  seq_len=t.seq_len,
                                   max_batches=t.eval_batches, device=device, rank=env.rank,
                                   world_size=env.world_size)
 

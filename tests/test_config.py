@@ -173,6 +173,7 @@ INF, NAN = float("inf"), float("nan")
     ("train", "lr", "-inf", "train.lr must be a finite number > 0, got -inf"),
     ("train", "lr", 10 ** 400, "train.lr must be a finite number, got 1000"),
     ("train", "eval_every", -1, "train.eval_every must be an integer >= 0, got -1"),
+    ("train", "eval_batch_size", -1, "train.eval_batch_size must be an integer >= 0, got -1"),
     ("train", "eval_batches", 0, "train.eval_batches must be an integer >= 1, got 0"),
     ("train", "ckpt_every", -5, "train.ckpt_every must be an integer >= 0, got -5"),
     ("train", "keep_checkpoints", -1, "train.keep_checkpoints must be an integer >= 0, got -1"),
@@ -257,7 +258,7 @@ def test_range_edges_and_off_values_pass():
     """The documented off values (0 = no evals / checkpoints / clipping / warmup / sample,
     keep all checkpoints) and the closed ends of [0, 1] pass."""
     cfg = config_from_dict({
-        "train": {"eval_every": 0, "ckpt_every": 0, "keep_checkpoints": 0, "sample_tokens": 0,
+        "train": {"eval_every": 0, "eval_batch_size": 0, "ckpt_every": 0, "keep_checkpoints": 0, "sample_tokens": 0,
                   "log_every": 1, "max_bad_steps": 1, "eval_batches": 1},
         "optim": {"grad_clip": 0, "warmup_steps": 0, "min_lr_ratio": 1, "decay_fraction": 0,
                   "beta1": 0, "weight_decay": 0, "momentum": 0.0, "m3_update_rms": 0},

@@ -558,13 +558,15 @@ def test_resume_restores_the_random_streams_exactly(corpus, tmp_path, monkeypatc
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_last_step_off_the_cadence_is_logged_evaluated_and_checkpointed(corpus, tmp_path):
+@pytest.mark.parametrize("accum", [[], ["--train.grad_accum=2", "--train.eval_batch_size=4"]])
+def test_last_step_off_the_cadence_is_logged_evaluated_and_checkpointed(corpus, tmp_path, accum):
     """max_steps=5 with log/eval/checkpoint every 2 steps: lines for steps 1, 2, 4, 5, evals
     at 2, 4, 5, checkpoints step 2, 4, 5 (keep_checkpoints=0: all), `latest` at 5. The val
     loss logged at step 5 and in final_eval.json is the hand-computed mean cross-entropy of the
     step-5 weights on the first eval_batches (2) x batch 4 windows of 32 tokens of the val
-    split, and bits/byte is its NLL over those windows' share of the split's bytes. Kills: no
-    checkpoint/eval/log line at a max_steps off the cadence, a wrong number of eval batches."""
+    split (batch_size / grad_accum, or train.eval_batch_size with grad_accum 2), and bits/byte
+    is its NLL over those windows' share of the split's bytes. Kills: no checkpoint/eval/log
+    line at a max_steps off the cadence, a wrong number or size of eval batches."""
     import torch.nn.functional as F
 
     import train as train_mod
@@ -572,7 +574,7 @@ def test_last_step_off_the_cadence_is_logged_evaluated_and_checkpointed(corpus, 
     from data.loader import TokenDataset
     out = tmp_path / "run"
     cfg = _cfg(corpus, out, "--train.max_steps=5", "--train.log_every=2", "--train.eval_every=2",
-               "--train.ckpt_every=2", "--train.keep_checkpoints=0", "--eval.final=true")
+               "--train.ckpt_every=2", "--train.keep_checkpoints=0", "--eval.final=true", *accum)
     assert train_mod.train(cfg) == 0
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 4, 5]
