@@ -232,12 +232,16 @@ class ModelConfig:
         return self.arch in ("transformer", "hope_attention") or (self.arch == "titans" and self.titans.variant != "lmm")
 
     def __post_init__(self):
-        # cross-field checks (d_model divisible by n_head, ...) are in validate()
+        # Checked here (not in validate) so that build_model(dict | path) is checked too.
         for key in ("n_layer", "n_head", "d_model", "ffn_multiple_of", "max_seq_len"):
             _check_range(getattr(self, key), f"model.{key}", 1, integer=True)
         _check_range(self.vocab_size, "model.vocab_size", 0, integer=True)
         for key in ("ffn_mult", "rope_theta", "norm_eps", "init_std"):
             setattr(self, key, _check_range(getattr(self, key), f"model.{key}", 0, strict=True))
+        if self.d_model % self.n_head:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
+        if self.uses_rope and (self.d_model // self.n_head) % 2:
+            raise ConfigError(f"head dim d_model/n_head={self.d_model // self.n_head} must be even for RoPE")
 
 
 @dataclass
@@ -615,13 +619,11 @@ def model_config_from(obj) -> ModelConfig:
 
 def validate(cfg: Config):
     """Cross-field checks that a type check cannot see."""
-    t, m = cfg.train, cfg.model      # single values are range-checked in each section's __post_init__
+    t = cfg.train        # single values, and the model's fields, are checked in each section's __post_init__
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-    if m.d_model % m.n_head:
-        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
-    if m.uses_rope and (m.d_model // m.n_head) % 2:
-        raise ConfigError(f"head dim d_model/n_head={m.d_model // m.n_head} must be even for RoPE")
+    if cfg.eval.during_training and not t.eval_every:
+        raise ConfigError(f"eval.during_training={cfg.eval.during_training} never runs with train.eval_every=0")
 
 
 def check_vocab(cfg: Config):

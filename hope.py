@@ -84,9 +84,7 @@ class SelfModifyingTitans(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hc = cfg.hope
-        D, H = cfg.d_model, cfg.n_head
-        if D % H:
-            raise ValueError(f"model.d_model={D} is not divisible by model.n_head={H}")
+        D, H = cfg.d_model, cfg.n_head       # ModelConfig checked that H divides D
         self.n_head, self.head_dim, self.d_model = H, D // H, D
         self.chunk_other, self.chunk_mem = hc.chunk_other, hc.chunk_mem
         self.eta_max, self.inner_lr_fixed = hc.eta_max, hc.inner_lr_fixed

@@ -37,12 +37,25 @@ def test_int_accepted_for_float_and_nested_sections():
     ({"data": {"tokenizer": "llama"}}, "data.tokenizer='llama' is not one of: gpt2, bytes"),
     ({"eval": {"during_training": ["perplexity", "bogus"]}},
      "eval.during_training has unknown eval(s) ['bogus']; valid: perplexity, babilong_quick"),
+    ({"eval": {"during_training": ["perplexity"]}, "train": {"eval_every": 0}},
+     "eval.during_training=['perplexity'] never runs with train.eval_every=0"),
 ])
 def test_bad_values_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:
         config_from_dict(data)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "titans", "hope"])
+def test_build_model_checks_the_head_split(arch):
+    """build_model(dict) checks what config files get checked: Transformer++ and Titans built
+    d_model 66 with 4 heads and failed at their first forward with a reshape error."""
+    from model import build_model
+    with pytest.raises(ConfigError, match=r"^model.d_model=66 is not divisible by model.n_head=4$"):
+        build_model({"arch": arch, "vocab_size": 16, "d_model": 66, "n_head": 4})
+    with pytest.raises(ConfigError, match=r"^head dim d_model/n_head=9 must be even for RoPE$"):
+        build_model({"arch": "transformer", "vocab_size": 16, "d_model": 18, "n_head": 2})
 
 
 def test_check_vocab_names_ids_past_the_embedding():
