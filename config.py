@@ -90,7 +90,8 @@ class CMSConfig:
     activation: str = choice("gelu", ["gelu", "silu"])
     inner_lr: Any = 1e-3             # lr_l: one number for all fast levels, or a list with one per level
                                      # (entries of static levels are ignored and may be null). The step
-                                     # sums the gradients of C_l tokens: larger chunks want smaller lr_l.
+                                     # sums the gradients of C_l tokens, so lr_l is a rate per token: a larger
+                                     # chunk at the same lr_l takes rarer, larger steps.
 
     def __post_init__(self):
         # Checked here (not in validate) so that a ModelConfig built anywhere is checked too.

@@ -387,6 +387,9 @@ def _train(cfg: Config, env: DistEnv):
         say(f"note: {len(idle)} parameter(s) get no gradient at train.seq_len={t.seq_len} and will not train "
             f"(a CMS fast level's chunk is not shorter than the sequence): {', '.join(idle[:2])}"
             + (", ..." if len(idle) > 2 else ""))
+    if cfg.optim.warmup_steps >= t.max_steps:
+        say(f"note: optim.warmup_steps={cfg.optim.warmup_steps} >= train.max_steps={t.max_steps}: the lr never "
+            f"leaves warm-up (it peaks at {lr_at(t.max_steps - 1, cfg):.3g}, train.lr={t.lr:.3g})")
     # `model` keeps its parameter names (checkpoints, eval, sampling); `train_model` is what
     # forward/backward run through: the FSDP2 model itself or a DDP wrapper
     train_model = distributed.parallelize(model, cfg, env)

@@ -171,8 +171,12 @@ def test_start_up_says_which_memory_parts_run_fused(corpus, tmp_path, capsys):
                              f"--train.out_dir={tmp_path}/titans", "--train.max_steps=1",
                              "--train.eval_every=0", "--train.ckpt_every=0"])
     assert train_mod.train(cfg) == 0
+    out = capsys.readouterr().out.splitlines()
     assert ("kernels: Titans memory x2: per-chunk path (backend 'auto' on cpu runs the chunked "
-            "PyTorch path)") in capsys.readouterr().out.splitlines()
+            "PyTorch path)") in out
+    # TINY warms up for 5 steps: a 1-step run never reaches train.lr (3e-3), and says so
+    assert ("note: optim.warmup_steps=5 >= train.max_steps=1: the lr never leaves warm-up (it peaks at "
+            "0.0006, train.lr=0.003)") in out
 
 
 def _snapshot(root):
