@@ -21,7 +21,10 @@ Two protocols, one result shape: a matrix R with R[i][j] = score on task j after
                         the model with the state carried across tasks, and queries are
                         classified from that state. HOPE / CMS / Titans adapt fast weights
                         in context (NL §7-8); for a Transformer the state is the KV cache,
-                        so this arm is ICL over the whole stream.
+                        so this arm is ICL over the stream. Attention models read at most
+                        max_len tokens (context, query and label): the icl demonstrations
+                        and the stream are cut to their last tokens that leave room for the
+                        longest query and label.
    R[i][j] for j > i is undefined (classes not yet seen) and stored as None.
 
 2. Sequential-domain language modelling (`domains`): train A -> B -> C ... and evaluate the
@@ -53,7 +56,7 @@ import torch.nn.functional as F
 from cli import (OneLineArgumentParser, check_output_dir, non_negative_int, positive_float, positive_int,
                  read_text, seed_int)
 from eval.common import (check_data_dir, clipped_step, clone_state, continuation_logprob, eval_mode, exit_on_error,
-                         is_recurrent, load_checkpoint, model_device, prefill, require_data_dir)
+                         context_limit, is_recurrent, load_checkpoint, model_device, prefill, require_data_dir)
 from eval.perplexity import encode_pair, loglikelihood_tokens
 
 ARMS = ("sequential", "icl", "in_context_memory", "joint")
@@ -293,6 +296,8 @@ class IntentSettings:
     weight_decay: float = 0.0
     icl_shots: int = 1                # icl: demonstrations per seen label
     stream_per_label: int | None = None  # in_context_memory: examples per label streamed (None = all train)
+    max_len: int | None = None       # attention models: tokens read at once (None = all; the CLI and eval.run
+                                     # pass the checkpoint's train.seq_len); recurrent models read everything
     segment_len: int = 2048
     eval_batch_size: int = 16
     seed: int = 0
@@ -370,7 +375,8 @@ def run_arm(arm: str, model, tokenizer, tasks, settings: IntentSettings, device=
         everything = [ex for task in tasks for ex in task["train"]]
         train_losses, skipped = finetune_on(model, tokenizer, everything, settings.steps_per_task * T, settings,
                                             device, rng)
-    state = None
+    state, room = None, context_room(model, tokenizer, tasks, settings.max_len)
+    stream = [tokenizer.eot_id]             # in_context_memory: every token streamed so far
     with eval_mode(model):
         for i, task in enumerate(tasks):
             if arm == "sequential":
@@ -378,9 +384,14 @@ def run_arm(arm: str, model, tokenizer, tasks, settings: IntentSettings, device=
                                                 device, rng)
                 train_losses, skipped = train_losses + losses, skipped + n_skipped
             elif arm == "icl":
-                state = _icl_state(model, tokenizer, tasks[:i + 1], settings, rng, device)
+                state = _icl_state(model, tokenizer, tasks[:i + 1], settings, rng, device, room)
             elif arm == "in_context_memory":
-                state = _stream(model, tokenizer, task, settings, rng, device, state)
+                new = _stream_ids(tokenizer, task, settings, rng)
+                if room is None:             # the state carries the stream: read only the new tokens
+                    state = prefill(model, new if state is not None else stream + new, settings.segment_len, device, state)[1]
+                else:                        # a KV cache: read the stream's last `room` tokens afresh
+                    stream = (stream + new)[-room:]
+                    state = prefill(model, stream, settings.segment_len, device)[1]
             labels = _seen_labels(tasks, i)
             for j in range(i + 1):
                 R[i][j] = accuracy(model, tokenizer, tasks[j]["test"], labels, state=state, **kw)
@@ -392,9 +403,24 @@ def run_arm(arm: str, model, tokenizer, tasks, settings: IntentSettings, device=
     return result
 
 
+def context_room(model, tokenizer, tasks, max_len: int | None) -> int | None:
+    """The most context tokens (demonstrations, stream) an attention model may read so that
+    the longest test query and label still fit in max_len; None where it reads everything
+    (a recurrent model, or max_len None)."""
+    max_len = context_limit(model, max_len)
+    if max_len is None:
+        return None
+    query = max((len(tokenizer.encode(PROMPT.format(text=text))) for t in tasks for text, _ in t["test"]), default=0)
+    label = max((len(tokenizer.encode(" " + name)) for t in tasks for name in t["labels"]), default=0)
+    if max_len <= query + label:
+        raise ValueError(f"max_len={max_len} leaves no context: the longest query and label take {query + label} tokens")
+    return max_len - query - label
+
+
 @torch.no_grad()
-def _icl_state(model, tokenizer, seen_tasks, settings, rng, device):
-    """The state after reading icl_shots demonstrations of every seen label, shuffled."""
+def _icl_state(model, tokenizer, seen_tasks, settings, rng, device, room=None):
+    """The state after reading icl_shots demonstrations of every seen label, shuffled (an
+    attention model: their last `room` tokens)."""
     demos = []
     for task in seen_tasks:
         for label in task["labels"]:
@@ -403,13 +429,12 @@ def _icl_state(model, tokenizer, seen_tasks, settings, rng, device):
     rng.shuffle(demos)
     if not demos:
         raise ValueError("icl: the seen tasks have no training examples to show")
-    text = "".join(demonstration(*ex) for ex in demos)
-    return prefill(model, [tokenizer.eot_id] + tokenizer.encode(text), settings.segment_len, device)[1]
+    ids = [tokenizer.eot_id] + tokenizer.encode("".join(demonstration(*ex) for ex in demos))
+    return prefill(model, ids if room is None else ids[-room:], settings.segment_len, device)[1]
 
 
-@torch.no_grad()
-def _stream(model, tokenizer, task, settings, rng, device, state):
-    """Carry the state through this task's examples (stream_per_label per label, shuffled)."""
+def _stream_ids(tokenizer, task, settings, rng) -> list[int]:
+    """This task's examples to stream (stream_per_label per label, shuffled), as tokens."""
     examples = []
     for label in task["labels"]:
         pool = [ex for ex in task["train"] if ex[1] == label]
@@ -418,10 +443,7 @@ def _stream(model, tokenizer, task, settings, rng, device, state):
     rng.shuffle(examples)
     if not examples:
         raise ValueError(f"in_context_memory: task {task['name']} has no training examples to stream")
-    ids = tokenizer.encode("".join(demonstration(*ex) for ex in examples))
-    if state is None:
-        ids = [tokenizer.eot_id] + ids
-    return prefill(model, ids, settings.segment_len, device, state=state)[1]
+    return tokenizer.encode("".join(demonstration(*ex) for ex in examples))
 
 
 def run_intents(model, tokenizer, tasks, arms=ARMS, settings: IntentSettings | None = None, device=None,
@@ -432,7 +454,9 @@ def run_intents(model, tokenizer, tasks, arms=ARMS, settings: IntentSettings | N
     results = {"protocol": "class-incremental intent classification (generative, no task id)",
                "prompt": PROMPT, "tasks": [{"name": t["name"], "labels": t["labels"], "n_train": len(t["train"]),
                                             "n_test": len(t["test"])} for t in tasks],
-               "settings": asdict(settings), "recurrent_state": is_recurrent(model), "arms": {}}
+               "settings": asdict(settings), "recurrent_state": is_recurrent(model),
+               # the icl / in_context_memory context an attention model reads (None = all of it)
+               "context_tokens": context_room(model, tokenizer, tasks, settings.max_len), "arms": {}}
     for arm in arms:
         r = run_arm(arm, model, tokenizer, tasks, settings, device=device)
         results["arms"][arm] = r
@@ -665,6 +689,9 @@ def main(argv=None):
     p.add_argument("--icl-shots", type=positive_int, default=defaults.icl_shots, help="icl: demonstrations per label")
     p.add_argument("--stream-per-label", type=positive_int,
                    help="in_context_memory: examples per label streamed (default all)")
+    p.add_argument("--max-len", type=positive_int,
+                   help="attention models: tokens read at once, context + query + label (default the checkpoint's "
+                        "train.seq_len)")
     q = sub.add_parser("domains", help="sequential-domain language modelling")
     q.add_argument("--domains", default=",".join(DOMAINS), help=f"comma list of {','.join(DOMAINS)}")
     dd = DomainSettings()
@@ -691,7 +718,7 @@ def main(argv=None):
             model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
             settings = IntentSettings(steps_per_task=args.steps, batch_size=args.batch_size, lr=args.lr,
                                       icl_shots=args.icl_shots, stream_per_label=args.stream_per_label,
-                                      seed=args.seed)
+                                      max_len=context_limit(model, args.max_len or cfg.train.seq_len), seed=args.seed)
             results = run_intents(model, tokenizer, tasks, arms, settings, device)
             results.update(dataset=args.dataset, arch=cfg.model.arch, checkpoint=os.path.abspath(args.checkpoint))
             plot = plot_intents

@@ -155,7 +155,7 @@ def continual_section(model, tokenizer, settings, seq_len, device, data_dir=None
                       domains=True) -> dict:
     from eval import continual as cl
     out = {"intents": {}}
-    intent_settings = cl.IntentSettings(**settings["intent_settings"])
+    intent_settings = cl.IntentSettings(**settings["intent_settings"], max_len=context_limit(model, seq_len))
     for spec in settings["intents"]:
         tasks = cl.shrink_tasks(cl.intent_tasks(spec["dataset"], data_dir), spec.get("tasks"),
                                 spec.get("labels_per_task"), spec.get("train_per_label"), spec.get("test_per_label"))

@@ -249,6 +249,9 @@ def test_cli_names_its_files_by_dataset(tmp_path, monkeypatch):
     class Cfg:
         class model:
             arch = "hope"
+
+        class train:
+            seq_len = 64
     monkeypatch.setattr(cl, "intent_tasks", lambda dataset, data_dir: [])
     monkeypatch.setattr(cl, "shrink_tasks", lambda tasks, *a, **kw: tasks)
     monkeypatch.setattr(cl, "load_checkpoint", lambda path, device: (None, Cfg, None, "cpu"))
@@ -267,6 +270,7 @@ def test_cli_names_its_files_by_dataset(tmp_path, monkeypatch):
     (["intents", "--icl-shots", "-1"], "argument --icl-shots: must be >= 1, got -1"),
     (["intents", "--icl-shots", "0"], "argument --icl-shots: must be >= 1, got 0"),
     (["intents", "--stream-per-label", "0"], "argument --stream-per-label: must be >= 1, got 0"),
+    (["intents", "--max-len", "0"], "argument --max-len: must be >= 1, got 0"),
     (["intents", "--tasks", "0"], "argument --tasks: must be >= 1, got 0"),
     (["intents", "--lr", "0"], "argument --lr: must be > 0, got 0"),
     (["intents", "--batch-size", "x"], "argument --batch-size: expected an integer >= 1, got 'x'"),
@@ -419,6 +423,29 @@ def test_context_arms_carry_every_seen_task_into_the_state(arm):
     assert r["R"] == [[1.0, None], [1.0, 0.0]]
 
 
+@pytest.mark.parametrize("arm", ["icl", "in_context_memory"])
+def test_attention_context_arms_read_at_most_max_len(arm, monkeypatch):
+    """An attention model (CopyModel has no recurrent config) reads its context cut to the
+    last max_len - (longest query + label) tokens: the query 'x' (16 bytes with the prompt)
+    and a 3-letter label leave 45 - 20 = 25 for the context, so after task 1 the stream's
+    last 25 bytes hold task 1's example and none of task 0's 'aaaa': 'x' goes to 'bbb' and
+    R[1] = [0, 1], the flip of the uncut test above. Every context read fits the room.
+    Kills an unbounded KV cache past the trained context (a Transformer read ~29K tokens
+    of CLINC stream at seq_len 4096)."""
+    tasks = [{"name": "a", "labels": ["aaa"], "train": [("aaaa", "aaa")], "test": [("x", "aaa")]},
+             {"name": "b", "labels": ["bbb"], "train": [("bb", "bbb")], "test": [("x", "bbb")]}]
+    read, prefill = [], cl.prefill
+    monkeypatch.setattr(cl, "prefill", lambda model, ids, *a, **kw: read.append(len(ids)) or prefill(model, ids, *a, **kw))
+    r = cl.run_arm(arm, CopyModel(), ByteTokenizer(), tasks, cl.IntentSettings(segment_len=16, max_len=45))
+    assert max(read) <= 25 and read
+    if arm == "in_context_memory":
+        assert r["R"] == [[1.0, None], [0.0, 1.0]]
+    with pytest.raises(ValueError, match=r"^max_len=20 leaves no context: the longest query and label take 20 tokens$"):
+        cl.run_arm(arm, CopyModel(), ByteTokenizer(), tasks, cl.IntentSettings(max_len=20))
+    # a recurrent model reads everything: its state is constant-size
+    assert cl.context_room(build_model({**TINY, "arch": "hope"}), ByteTokenizer(), tasks, 45) is None
+
+
 @pytest.mark.parametrize("dataset, files, message", [
     ("clinc", {"clinc150/domains.json": b"{", "clinc150/data_full.json": b"{}"},
      "clinc150/domains.json is not valid JSON: Expecting property name enclosed in double quotes (line 1)"),
@@ -515,8 +542,8 @@ def test_icl_context_has_icl_shots_demonstrations_per_seen_label_after_end_of_te
     cl._icl_state(None, tok, tiny_tasks, settings, random.Random(0), "cpu")
     n_labels = sum(len(t["labels"]) for t in tiny_tasks)
     assert read[0][0] == tok.eot_id and tok.decode(read[0][1:]).count("\nIntent:") == 2 * n_labels
-    first = cl._stream(None, tok, tiny_tasks[0], settings, random.Random(0), "cpu", None)
-    cl._stream(None, tok, tiny_tasks[1], settings, random.Random(0), "cpu", first)
+    monkeypatch.setattr(cl, "accuracy", lambda *a, **kw: 0.0)
+    cl.run_arm("in_context_memory", nn.Linear(1, 1), tok, tiny_tasks[:2], settings, device="cpu")
     assert read[1][0] == tok.eot_id and read[2][0] != tok.eot_id
 
 
