@@ -148,7 +148,9 @@ def _creation_problem(folder: str) -> str | None:
 
 def output_file_problem(path: str) -> str | None:
     """Why a file cannot be written at `path` (None when it can), to follow the path in a
-    message: it is a folder, a read-only file, or its folder cannot be made or written in."""
+    message: it is empty, a folder, a read-only file, or its folder cannot be made or written in."""
+    if not path:
+        return "is empty; give a file name"
     if os.path.isdir(path):
         return "is a folder; give a file name"
     if os.path.exists(path) and not os.access(path, os.W_OK):
@@ -157,8 +159,10 @@ def output_file_problem(path: str) -> str | None:
 
 
 def output_dir_problem(path: str) -> str | None:
-    """Why `path` cannot be an output folder (None when it can): it is a file, or it cannot be
-    made or written in."""
+    """Why `path` cannot be an output folder (None when it can): it is empty or a file, or it
+    cannot be made or written in."""
+    if not path:
+        return "is empty; give a folder"
     if os.path.lexists(path) and not os.path.isdir(path):
         return "is a file, not a folder; give a folder"
     return _creation_problem(path)
@@ -168,7 +172,7 @@ def check_output_file(path: str, flag: str = "--out") -> str:
     """-> path, or ValueError "<flag> <path> <output_file_problem>"."""
     problem = output_file_problem(path)
     if problem:
-        raise ValueError(f"{flag} {path} {problem}")
+        raise ValueError(f"{flag} {path or repr(path)} {problem}")
     return path
 
 
@@ -176,7 +180,7 @@ def check_output_dir(path: str, flag: str = "--out") -> str:
     """-> path, or ValueError "<flag> <path> <output_dir_problem>"."""
     problem = output_dir_problem(path)
     if problem:
-        raise ValueError(f"{flag} {path} {problem}")
+        raise ValueError(f"{flag} {path or repr(path)} {problem}")
     return path
 
 

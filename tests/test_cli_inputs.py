@@ -480,6 +480,12 @@ def test_output_paths_are_checked_not_made(tmp_path):
     with pytest.raises(ValueError, match=r"^--out .* is a folder; give a file name$"):
         check_output_file(str(tmp_path))
     assert a_file.read_text() == "keep me"
+    # an empty --out passed every check, and eval.continual / eval.mini_repro lost the whole run
+    # at os.makedirs('') after it
+    with pytest.raises(ValueError, match=r"^--out '' is empty; give a folder$"):
+        check_output_dir("")
+    with pytest.raises(ValueError, match=r"^--out '' is empty; give a file name$"):
+        check_output_file("")
 
 
 def test_write_atomic_makes_folders_and_leaves_nothing_half_written(tmp_path, monkeypatch):
