@@ -143,9 +143,9 @@ def holds_checkpoints(path) -> bool:
 
 
 def _prune(ckpt_root, keep, newest):
-    """Keep the `keep` latest checkpoints up to `newest` (the one just written). Those past it
-    are the abandoned future of a rollback (train.resume=PATH of an earlier step of the same
-    run): neither counted nor deleted here; the run replaces each one when it gets there."""
+    """Keep the `keep` latest checkpoints up to `newest` (the one just written). Steps past it
+    (train.py sets a rollback's aside first: set_aside_later_steps) are neither counted nor
+    deleted here."""
     done = [d for d in saved_steps(ckpt_root) if _step_of(d) <= _step_of(newest)]
     for d in done[:-keep] if keep > 0 else []:
         if d != newest:
@@ -153,6 +153,25 @@ def _prune(ckpt_root, keep, newest):
     for d in os.listdir(ckpt_root):                  # leftovers of killed saves
         if d.startswith(".tmp-") and d != f".tmp-{newest}":
             shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+
+
+def set_aside_later_steps(ckpt_root, step) -> list[str]:
+    """A rollback (train.resume=PATH of the run's own earlier step): the run's later
+    checkpoints are renamed abandoned-step_N (kept, but no longer resumed or pruned) and
+    `latest` names `step`, so a crash before the next save resumes the rollback, not the
+    abandoned run. Rank 0, once the resume has loaded. -> the new names."""
+    renamed = []
+    for d in saved_steps(ckpt_root):
+        if _step_of(d) > step:
+            new, n = f"abandoned-{d}", 1
+            while os.path.lexists(os.path.join(ckpt_root, new)):     # an earlier rollback's
+                n += 1
+                new = f"abandoned-{d}-{n}"
+            os.replace(os.path.join(ckpt_root, d), os.path.join(ckpt_root, new))
+            renamed.append(new)
+    if renamed:
+        write_atomic(os.path.join(ckpt_root, LATEST), f"step_{step:06d}\n")
+    return renamed
 
 
 def find_checkpoint(path) -> str | None:

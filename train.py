@@ -26,7 +26,7 @@ import yaml
 
 import distributed
 from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints, load_training_state,
-                        resolve_checkpoint, save_checkpoint, saved_steps)
+                        resolve_checkpoint, save_checkpoint, saved_steps, set_aside_later_steps)
 from cli import check_output_dir
 from config import Config, ConfigError, check_vocab, dump_yaml, load_config, to_dict
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, full_value, gradient_sync
@@ -424,8 +424,12 @@ def _train(cfg: Config, env: DistEnv):
             say(f"already at train.max_steps={t.max_steps}: nothing to train")
     def open_outputs():   # written once the model, optimiser and resume checks have passed
         os.makedirs(t.out_dir, exist_ok=True)
-        # metrics.jsonl first: a damaged line stops the run before config.yaml is rewritten
+        # metrics.jsonl first: a damaged line stops the run before anything else is rewritten
         log = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), resume_step=start_step if resume_from else None)
+        if resume_from and os.path.realpath(os.path.dirname(resume_from)) == os.path.realpath(ckpt_root):
+            abandoned = set_aside_later_steps(ckpt_root, start_step)      # a rollback
+            if abandoned:
+                say(f"rollback to step {start_step}: the later checkpoints are kept as {', '.join(abandoned)}")
         dump_yaml(cfg, os.path.join(t.out_dir, "config.yaml"))
         return log
 

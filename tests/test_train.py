@@ -644,6 +644,38 @@ def test_save_checkpoint_keeps_the_newest_and_latest_names_one(tmp_path):
     assert saved_steps(str(root)) == ["step_1000000", "step_1000001"]
 
 
+def test_a_rollback_sets_the_abandoned_checkpoints_aside(corpus, tmp_path, monkeypatch, capsys):
+    """train.resume=PATH of the run's own step 4 (of 2, 4, 6): step 6 becomes
+    abandoned-step_000006 (kept) and `latest` names step 4 at once. Before, a crash before
+    the rollback's first save resumed the abandoned step 6 under `auto`, and a rollback that
+    passed step 6 without saving it (ckpt_every 5) pruned its own step 5 and kept the
+    abandoned step 6."""
+    import train as train_mod
+    from checkpoint import saved_steps
+    out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=6", "--train.ckpt_every=2",
+                                "--train.keep_checkpoints=0")) == 0
+    real_save = train_mod.save_checkpoint
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash)
+    rollback = _cfg(corpus, out, "--train.max_steps=10", "--train.ckpt_every=5", "--train.keep_checkpoints=2",
+                    f"--train.resume={root / 'step_000004'}", "--train.lr=1e-2")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_mod.train(rollback)
+    assert "rollback to step 4: the later checkpoints are kept as abandoned-step_000006" in capsys.readouterr().out
+    assert (root / "latest").read_text().strip() == "step_000004"
+    assert saved_steps(str(root)) == ["step_000002", "step_000004"] and (root / "abandoned-step_000006").is_dir()
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=10", "--train.ckpt_every=5",
+                                "--train.keep_checkpoints=2", "--train.lr=1e-2")) == 0
+    assert "resumed from " + str(root / "step_000004") in capsys.readouterr().out
+    assert saved_steps(str(root)) == ["step_000005", "step_000010"]
+    assert (root / "abandoned-step_000006").is_dir()
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 11))
+
+
 def test_throughput_leaves_out_checkpoint_and_eval_time_off_the_log_cadence(corpus, tmp_path, probe,
                                                                            monkeypatch):
     """Checkpoints every 2 steps, each taking 5 s on the fake clock, log lines at 1, 4, 8:
