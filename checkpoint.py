@@ -315,8 +315,13 @@ def load_training_state(ckpt, model, optimizer, required=("step",)) -> dict:
     _dcp_load_checked(state, ckpt, "does not match this model/optimiser")
     # strict=False only lets the parameters dropped above stay without state: every entry of
     # both templates was loaded (dcp.load fails on anything the checkpoint lacks)
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
+    # the saved groups' settings (weight decay, betas, ...) came back with the state: the
+    # config's win, as config.yaml records (train.py sets lr every step anyway)
+    for group, setting in zip(optimizer.param_groups, settings):
+        group.update(setting)
     return trainer_state
 
 

@@ -676,6 +676,26 @@ def test_a_rollback_sets_the_abandoned_checkpoints_aside(corpus, tmp_path, monke
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 11))
 
 
+def test_resume_takes_the_optimiser_settings_of_the_config(tmp_path):
+    """Resuming loads the optimiser's state (moments, step) but keeps the settings of the
+    optimiser it loads into: set_state_dict brought the saved weight decay, betas and eps
+    back, while the resumed run's config.yaml recorded the new ones."""
+    from checkpoint import load_training_state, save_checkpoint
+    from config import Config
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    path = save_checkpoint(str(tmp_path), 1, model, opt, {"step": 1}, Config(), keep=0)
+    model.zero_grad()                # as in a fresh process (get_state_dict skips the state template else)
+    resumed = torch.optim.AdamW(model.parameters(), weight_decay=0.5, betas=(0.8, 0.9), eps=1e-5)
+    load_training_state(path, model, resumed)
+    group = resumed.param_groups[0]
+    assert (group["weight_decay"], group["betas"], group["eps"]) == (0.5, (0.8, 0.9), 1e-5)
+    assert torch.equal(resumed.state[model.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+
+
 def test_throughput_leaves_out_checkpoint_and_eval_time_off_the_log_cadence(corpus, tmp_path, probe,
                                                                            monkeypatch):
     """Checkpoints every 2 steps, each taking 5 s on the fake clock, log lines at 1, 4, 8:
