@@ -25,7 +25,7 @@ import torch
 import yaml
 
 import distributed
-from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints, load_training_state,
+from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints, load_config_of, load_training_state,
                         resolve_checkpoint, save_checkpoint, saved_steps, set_aside_later_steps)
 from cli import check_output_dir
 from config import Config, ConfigError, check_vocab, dump_yaml, load_config, to_dict
@@ -167,6 +167,36 @@ def check_eval_split(cfg: Config, dataset, data_dir):
         raise ConfigError(f"the val split of {data_dir} has {n} tokens, fewer than train.seq_len + 1 = "
                           f"{t.seq_len + 1}: lower train.seq_len, or turn the evals off "
                           "(train.eval_every=0, eval.final=false)")
+
+
+# model fields a resume may change: how the same math runs, a length recorded beside it, and
+# the inner-loop stabilisers a diverging run may need to change at a rollback
+RESUME_MAY_CHANGE = {"kernels", "attention", "max_seq_len", *(f"{part}.{key}" for part in ("titans", "hope")
+                     for key in ("max_grad_norm", "detach_targets", "detach_chunks_older_than")), "titans.step_budget"}
+ARCH_SECTIONS = {"transformer": (), "titans": ("titans",), "hope": ("hope", "cms"), "hope_attention": ("hope", "cms")}
+
+
+def check_resume_config(cfg: Config, ckpt: str):
+    """A resumed run is the checkpoint's model: a model field that would load into the same
+    shapes but compute something else (heads, RoPE theta, chunk sizes, ...; all but
+    RESUME_MAY_CHANGE, in the sections the architecture reads) or another tokenizer is a
+    one-line ConfigError. So is another train.seed: the resumed data stream is the checkpoint's."""
+    saved = load_config_of(ckpt)
+
+    def fields(model_cfg):
+        data = to_dict(model_cfg)
+        out = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        for part in ARCH_SECTIONS[model_cfg.arch]:
+            out.update({f"{part}.{k}": v for k, v in data[part].items()})
+        return out
+    ours, theirs = fields(cfg.model), fields(saved.model)
+    changed = [(f"model.{k}", v, ours.get(k)) for k, v in theirs.items() if k not in RESUME_MAY_CHANGE and ours.get(k) != v]
+    changed += [(key, a, b) for key, a, b in (("data.tokenizer", saved.data.tokenizer, cfg.data.tokenizer),
+                                              ("train.seed", saved.train.seed, cfg.train.seed)) if a != b]
+    if changed:
+        key, a, b = changed[0]
+        raise ConfigError(f"{ckpt} was trained with {key}={a!r}, this run has {b!r}: resume with the "
+                          "checkpoint's setting, or start a new train.out_dir")
 
 
 def checkpoint_to_resume(t) -> str | None:
@@ -412,6 +442,7 @@ def _train(cfg: Config, env: DistEnv):
     start_step, stats = 0, {"skipped_steps": 0, "tokens": 0}
     resume_from = checkpoint_to_resume(t)
     if resume_from:
+        check_resume_config(cfg, resume_from)
         state = load_training_state(resume_from, model, optimizer, required=RESUME_KEYS)
         start_step, stats = state["step"], state["stats"]
         sampler.load_state_dict(state["sampler"])

@@ -245,7 +245,7 @@ def test_bad_out_dir_and_resume_lose_nothing(corpus, tmp_path, capsys):
         _fails_and_keeps(out, [*common, *args], message, capsys)
 
     fails([f"--train.out_dir={out}", "--train.resume=never"], "already holds checkpoints (step_000002)")
-    fails([f"--train.out_dir={out}", "--model.d_model=64"], "does not match")
+    fails([f"--train.out_dir={out}", "--model.d_model=64"], "was trained with model.d_model=32, this run has 64")
     fails([f"--train.out_dir={out}", "--train.max_steps=1"], "at step 2, past train.max_steps=1")
     fails([f"--train.out_dir={out / 'metrics.jsonl'}"], "is a file, not a folder")
     fails(["--train.out_dir="], "train.out_dir must name a folder")
@@ -674,6 +674,30 @@ def test_a_rollback_sets_the_abandoned_checkpoints_aside(corpus, tmp_path, monke
     assert saved_steps(str(root)) == ["step_000005", "step_000010"]
     assert (root / "abandoned-step_000006").is_dir()
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 11))
+
+
+def test_resume_refuses_a_changed_model_tokenizer_or_seed(corpus, tmp_path):
+    """A change that keeps every shape loaded silently before: n_head 4 -> 2 resumed into
+    another model; a new train.seed was recorded but the data stream stayed the checkpoint's.
+    Speed settings (model.kernels) and the inner-loop stabilisers may change; so may sections
+    the architecture does not read. Nothing is written by a refused resume."""
+    import re
+
+    import train as train_mod
+    from config import ConfigError
+    out = tmp_path / "run"
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=2", "--train.ckpt_every=2")) == 0
+    ckpt = re.escape(str(out / "checkpoints" / "step_000002"))
+    before = _snapshot(out)
+    for flag, message in [("--model.n_head=4", "model.n_head=2, this run has 4"),
+                          ("--model.rope_theta=500000", "model.rope_theta=10000.0, this run has 500000.0"),
+                          ("--train.seed=7", "train.seed=1337, this run has 7")]:
+        with pytest.raises(ConfigError, match=f"^{ckpt} was trained with {re.escape(message)}: resume with the "
+                                              "checkpoint's setting, or start a new train.out_dir$"):
+            train_mod.train(_cfg(corpus, out, "--train.max_steps=3", flag))
+        assert _snapshot(out) == before
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=3", "--model.kernels=torch",
+                                "--model.hope.chunk_mem=8", "--model.titans.max_grad_norm=1.0")) == 0
 
 
 def test_resume_takes_the_optimiser_settings_of_the_config(tmp_path):
