@@ -275,28 +275,56 @@ def babilong_steps(run: Run, ckpt: str, out: str, tasks: str, finetune_lengths: 
                   "--lengths", eval_lengths, *evaluate, "--out", out], os.path.join(out, "babilong.json"), run)]
 
 
+def prepare_step(run: Run, train_args: tuple = ()) -> Step | None:
+    """data.prepare for a run's corpus (into the folder train.py reads), before any torchrun
+    launch: train.py would prepare it on rank 0 while the other ranks wait at a collective
+    bounded by distributed.timeout_s, far shorter than tokenizing sample-100BT. None when the
+    config names an already prepared folder."""
+    from config import load_config
+    from train import resolve_data_dir
+    cfg = load_config(run.config, list(run.overrides) + list(train_args))   # valid: train_step loaded it
+    d, out = cfg.data, resolve_data_dir(cfg)
+    if out == d.dataset:
+        return None
+    # the flags of data.prepare that give train.py's recipe (data.prepare.ensure_prepared)
+    argv = ["python", "-m", "data.prepare", "--source", d.dataset, "--tokenizer", d.tokenizer, "--out", out,
+            "--val-fraction", repr(d.val_fraction), "--text-field", d.text_field, "--workers", str(d.num_workers)]
+    if d.max_docs:
+        argv += ["--max-docs", str(d.max_docs)]
+    if d.dataset.startswith("hf:"):
+        argv += ["--split", d.hf_split] + (["--streaming"] if d.hf_streaming else [])
+        argv += ["--data-files", d.hf_data_files] if d.hf_data_files else []
+    return Step(f"prepare {d.dataset} ({d.tokenizer})", argv, os.path.join(out, "meta.json"))
+
+
 def plan(table: str, root: str = DEFAULT_RESULTS_ROOT, nproc: int = 1, train_args: tuple = (),
          ablation_base: str = "hope_1.3b") -> list[Step]:
-    """Training steps first (each run once), then the evaluations, in row order."""
+    """Data preparation first (each corpus once), then training (each run once), then the
+    evaluations, in row order."""
     if nproc < 1:
         raise ReproduceError(f"--nproc must be >= 1, got {nproc}")
     rows = [r for r in table_rows(table, ablation_base) if r.run is not None]
-    trains, evals, seen = [], [], set()
+    prepares, trains, evals, seen = {}, [], [], set()
     for row in rows:
         if row.run.name not in seen:
             trains.append(train_step(row.run, root, nproc, train_args))
+            prepare = prepare_step(row.run, train_args)
+            if prepare is not None:
+                prepares.setdefault(prepare.marker, prepare)
         for kind in eval_kinds(table, row):
             if (row.run.name, kind) not in seen:
                 evals += eval_steps(kind, row.run, root)
                 seen.add((row.run.name, kind))
         seen.add(row.run.name)
-    return trains + evals
+    return list(prepares.values()) + trains + evals
 
 
 def script(table: str, steps: list[Step], root: str) -> str:
     """The plan as a shell script; `python` stands for the interpreter running this."""
     runs = sum(s.title.startswith("train ") for s in steps)
-    lines = [f"# {table}: {runs} training runs, {len(steps) - runs} evaluation steps; results under {root}"]
+    prepares = sum(s.title.startswith("prepare ") for s in steps)
+    lines = [f"# {table}: {prepares} data preparation(s), {runs} training runs, {len(steps) - runs - prepares} "
+             f"evaluation steps; results under {root}"]
     for s in steps:
         lines.append(f"# [{'done' if os.path.exists(s.marker) else 'todo'}] {s.title}")
         lines.append(shlex.join(s.argv))

@@ -32,11 +32,33 @@ def _write(path, data):
 # commands
 
 @pytest.mark.parametrize("table", rp.TABLES)
-def test_every_table_plans_valid_commands(table, tmp_path):
+def test_every_table_plans_valid_commands(table, tmp_path, monkeypatch):
     steps = rp.plan(table, str(tmp_path))
     trains = [s for s in steps if s.argv[0] == "torchrun"]
-    evals = [s for s in steps if s.argv[0] == "python"]
-    assert trains and evals and len(trains) + len(evals) == len(steps)
+    prepares = [s for s in steps if s.argv[:3] == ["python", "-m", "data.prepare"]]
+    evals = [s for s in steps if s.argv[0] == "python" and s not in prepares]
+    assert trains and evals and len(prepares) + len(trains) + len(evals) == len(steps)
+    # the corpus is prepared once, before every launch, into the folder train.py reads with
+    # the recipe it checks (else rank 0 tokenizes sample-100BT while the others time out)
+    assert steps[:len(prepares)] == prepares and len(prepares) == 1
+    from data.prepare import main as prepare_main
+    from train import resolve_data_dir
+    cfg = load_config(trains[0].argv[4], [a for a in trains[0].argv[5:] if not a.startswith("--train.out_dir=")])
+    assert prepares[0].marker == os.path.join(resolve_data_dir(cfg), "meta.json")
+    argv = prepares[0].argv[3:]
+    assert argv[argv.index("--source") + 1] == cfg.data.dataset == "hf:HuggingFaceFW/fineweb-edu:sample-100BT"
+    assert "--streaming" in argv and argv[argv.index("--val-fraction") + 1] == repr(cfg.data.val_fraction)
+    import data.prepare
+    seen = {}
+    monkeypatch.setattr(data.prepare, "prepare", lambda source, out, tokenizer, **kw: seen.update(
+        kw, source=source, tokenizer=tokenizer) or {"splits": {}})
+    prepare_main([*argv, "--quiet"])                 # data.prepare parses them into train.py's recipe
+    d = cfg.data
+    assert {k: seen[k] for k in ("source", "tokenizer", "val_fraction", "text_field", "split", "streaming",
+                                 "max_docs", "data_files", "seed")} == {
+        "source": d.dataset, "tokenizer": d.tokenizer, "val_fraction": d.val_fraction, "text_field": d.text_field,
+        "split": d.hf_split, "streaming": d.hf_streaming, "max_docs": d.max_docs,
+        "data_files": d.hf_data_files or None, "seed": 0}
     out_dirs = set()
     for s in trains:
         config, overrides = s.argv[4], [a for a in s.argv[5:] if not a.startswith("--train.out_dir=")]
@@ -53,7 +75,8 @@ def test_every_table_plans_valid_commands(table, tmp_path):
         assert ckpt.split(os.sep + "babilong_ft")[0] in out_dirs
     assert len({s.marker for s in steps}) == len(steps)
     text = rp.script(table, steps, str(tmp_path))
-    assert text.count("# [todo]") == len(steps) and "torchrun --standalone --nproc_per_node=1 train.py" in text
+    assert text.count("# [todo]") == len(steps) - os.path.exists(prepares[0].marker)
+    assert "torchrun --standalone --nproc_per_node=1 train.py" in text
 
 
 def test_babilong_steps_evaluate_what_they_fine_tuned():
