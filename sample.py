@@ -3,7 +3,7 @@
     python sample.py --checkpoint out/quickstart --prompt "And God said" --tokens 100
 
 The prompt is encoded once; generation then feeds one token at a time with the carried
-state (KV cache / fast weights), as in DESIGN §3.6.
+state (KV cache / fast weights): one token costs one step, whatever the length so far.
 
 Bad input (a flag's value, --device cuda without CUDA, a missing or damaged checkpoint) is one
 line "error: ..." on stderr and exit status 2, before anything is generated.

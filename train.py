@@ -4,7 +4,7 @@
     python train.py configs/hope_tiny.yaml --train.max_steps=200 --model.d_model=256
     torchrun --standalone --nproc_per_node=8 train.py CONFIG   # FSDP2 over 8 GPUs (docs/DISTRIBUTED.md)
 
-Reads a YAML config (DESIGN §2), prepares token shards if needed, trains with AdamW (or a
+Reads a YAML config (config.py), prepares token shards if needed, trains with AdamW (or a
 deep optimiser of optim.py) and a warmup + cosine/WSD/constant schedule, evaluates,
 checkpoints atomically and resumes exactly (`train.resume=auto`). Writes <out_dir>/config.yaml and <out_dir>/metrics.jsonl.
 Under torchrun every rank runs this file; rank 0 alone prints and writes logs, and

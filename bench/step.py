@@ -163,8 +163,10 @@ def print_profile(parts, total, ops, what):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", default="configs/quickstart.yaml")
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              usage="%(prog)s [options] [config] [--section.key=value ...]")
+    p.add_argument("config", nargs="?", default="configs/quickstart.yaml",
+                   help="a train.py config; --section.key=value overrides follow, as in train.py")
     p.add_argument("--steps", type=positive_int, default=5)
     p.add_argument("--warmup", type=non_negative_int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -27,6 +27,10 @@ RECURRENT_ARCHS = ("titans", "hope")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# where the offline eval data is looked for, for --help texts (default_data_dir)
+DATA_DIR_HELP = "a copy of shared/data (default $NL_DATA_DIR, $NL_SHARED_DATA or ../shared/data)"
+
+
 def default_data_dir() -> str | None:
     """A copy of shared/data (the offline eval data): $NL_DATA_DIR, $NL_SHARED_DATA, or
     ../shared/data beside the repo; None if none of them is a folder."""

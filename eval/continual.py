@@ -55,8 +55,9 @@ import torch.nn.functional as F
 
 from cli import (OneLineArgumentParser, check_output_dir, non_negative_int, positive_float, positive_int,
                  read_text, seed_int)
-from eval.common import (check_data_dir, clipped_step, clone_state, continuation_logprob, eval_mode, exit_on_error,
-                         context_limit, is_recurrent, load_checkpoint, model_device, prefill, require_data_dir)
+from eval.common import (DATA_DIR_HELP, check_data_dir, clipped_step, clone_state, context_limit, continuation_logprob,
+                         eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device, prefill,
+                         require_data_dir)
 from eval.perplexity import encode_pair, loglikelihood_tokens
 
 ARMS = ("sequential", "icl", "in_context_memory", "joint")
@@ -705,7 +706,7 @@ def main(argv=None):
         sp.add_argument("--checkpoint", required=True)
         sp.add_argument("--out", required=True, help="output folder")
         sp.add_argument("--seed", type=seed_int, default=0)
-        sp.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
+        sp.add_argument("--data-dir", help=DATA_DIR_HELP)
         sp.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     with exit_on_error(FileNotFoundError, ValueError, ImportError):

@@ -40,9 +40,9 @@ import torch
 
 from cli import OneLineArgumentParser, fraction_list, positive_int, seed_int
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, window_sentences
-from eval.common import (bf16_autocast, check_data_dir, check_long_inputs, context_handling, continuation_logprob,
-                         eval_mode, exit_on_error, fit_prompt, format_accuracy, greedy_generate, is_recurrent,
-                         load_for_generation, mean_over_scored, model_device, prefill)
+from eval.common import (DATA_DIR_HELP, bf16_autocast, check_data_dir, check_long_inputs, context_handling,
+                         continuation_logprob, eval_mode, exit_on_error, fit_prompt, format_accuracy, greedy_generate,
+                         is_recurrent, load_for_generation, mean_over_scored, model_device, prefill)
 
 # RULER scripts/data/synthetic/constants.py and niah.py
 NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
@@ -289,7 +289,7 @@ def main(argv=None):
     parser.add_argument("--overflow", default="truncate", choices=("truncate", "skip"))
     parser.add_argument("--max-new-tokens", type=positive_int, default=RULER_TOKENS_TO_GENERATE)
     parser.add_argument("--seed", type=seed_int, default=0)
-    parser.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
+    parser.add_argument("--data-dir", help=DATA_DIR_HELP)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True, help="output folder (niah.json)")
     args = parser.parse_args(argv)

@@ -31,7 +31,7 @@ from cli import OneLineArgumentParser, check_output_file, positive_int, read_tex
 from eval.common import eval_mode, exit_on_error, first_line, load_checkpoint, model_device
 
 LN2 = math.log(2.0)
-DATA_DIR_ENV = "NL_DATA_DIR"  # a copy of shared/data
+NO_DATA_DIR = "no offline data folder: $NL_DATA_DIR, $NL_SHARED_DATA or ../shared/data"
 # the WikiText and LAMBADA test files in that folder (eval.run reads them there too)
 WIKITEXT_FILE = os.path.join("wikitext", "wiki.test.raw")
 LAMBADA_FILE = os.path.join("lambada", "lambada_test.jsonl")
@@ -421,9 +421,9 @@ def run(args) -> dict:
     wikitext_path = _default_path(args.wikitext, WIKITEXT_FILE)
     lambada_path = _default_path(args.lambada, LAMBADA_FILE)
     if "wikitext" in tasks and wikitext_path is None:
-        raise ValueError(f"task wikitext needs --wikitext PATH|hf (no offline data folder: ${DATA_DIR_ENV} or ../shared/data)")
+        raise ValueError(f"task wikitext needs --wikitext PATH|hf ({NO_DATA_DIR})")
     if "lambada" in tasks and lambada_path is None:
-        raise ValueError(f"task lambada needs --lambada PATH|hf (no offline data folder: ${DATA_DIR_ENV} or ../shared/data)")
+        raise ValueError(f"task lambada needs --lambada PATH|hf ({NO_DATA_DIR})")
     # read the data before the checkpoint loads and anything is scored: a missing, malformed or
     # unreachable file is an error up front, not after the val split (read again when scored)
     if "wikitext" in tasks:
@@ -454,10 +454,13 @@ def run(args) -> dict:
 def main(argv=None):
     parser = OneLineArgumentParser(prog="python -m eval.perplexity",
                                    description="Val loss / bits per byte, WikiText word perplexity, LAMBADA.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory written by train.py")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint directory written by train.py, or its out_dir (the latest checkpoint)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list from {','.join(TASKS)}")
-    parser.add_argument("--wikitext", help=f"wiki.test.raw path or 'hf' (default: wikitext/wiki.test.raw in ${DATA_DIR_ENV} or ../shared/data)")
-    parser.add_argument("--lambada", help=f"lambada_test.jsonl path or 'hf' (default: lambada/lambada_test.jsonl in ${DATA_DIR_ENV} or ../shared/data)")
+    parser.add_argument("--wikitext", help="wiki.test.raw path or 'hf' (default: wikitext/wiki.test.raw in the offline data folder: "
+                             "$NL_DATA_DIR, $NL_SHARED_DATA or ../shared/data)")
+    parser.add_argument("--lambada", help="lambada_test.jsonl path or 'hf' (default: lambada/lambada_test.jsonl in the offline data "
+                             "folder: $NL_DATA_DIR, $NL_SHARED_DATA or ../shared/data)")
     parser.add_argument("--limit", type=positive_int,
                         help="val batches / WikiText articles / LAMBADA passages to score")
     parser.add_argument("--batch-size", type=positive_int, default=8)

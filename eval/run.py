@@ -35,7 +35,7 @@ import time
 
 from cli import OneLineArgumentParser, check_output_dir
 from config import DURING_TRAINING_EVALS
-from eval.common import check_data_dir, context_limit, exit_on_error, load_checkpoint, model_device
+from eval.common import DATA_DIR_HELP, check_data_dir, context_limit, exit_on_error, load_checkpoint, model_device
 
 SECTIONS = ("perplexity", "babilong", "niah", "continual")
 
@@ -439,7 +439,7 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True, help="a checkpoint dir or a training out_dir")
     parser.add_argument("--out", required=True, help="output folder (results.json, results.md, plots)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
-    parser.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
+    parser.add_argument("--data-dir", help=DATA_DIR_HELP)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args(argv)
     with exit_on_error(FileNotFoundError, ValueError):
