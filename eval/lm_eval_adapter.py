@@ -17,10 +17,18 @@ WikiText / LAMBADA evaluator, so the numbers agree):
                          end-of-text token as the first token's context
   generate_until         (context, {"until", "max_gen_toks", ...}) -> greedy text, cut at
                          the first stop string; recurrent models read the whole context
-                         with the state carried, attention models its last tokens.
+                         with the state carried, attention models its last
+                         max_len - max_gen_toks tokens (max_gen_toks >= max_len is an error).
+                         As lm-eval 0.4.13 reads it: empty stop strings are skipped; the
+                         length is the first of max_gen_toks, max_new_tokens, max_tokens,
+                         max_completion_tokens that is set (else the adapter's max_gen_toks);
+                         do_sample=False with a temperature > 0 warns and stays greedy;
+                         sampling (do_sample=True, or a temperature > 0 alone) is an error.
 `LMAdapter` holds that logic without lm-eval (tests use it with Instance-like objects).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -29,6 +37,8 @@ from eval.perplexity import encode_pair, loglikelihood_tokens, rolling_windows
 
 INSTALL_HINT = "lm-eval is not installed: pip install -r requirements-eval.txt"
 DEFAULT_MAX_GEN_TOKS = 256
+# lm-eval 0.4.13's names for the answer length, the first one set wins
+MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 
 
 def _args(request):
@@ -102,17 +112,32 @@ class LMAdapter:
             totals[i] += ll
         return totals
 
+    def _generation_args(self, request) -> tuple:
+        """-> (context, stop strings, max new tokens) of one request, read as lm-eval 0.4.13's
+        normalize_gen_kwargs reads them; only greedy decoding is supported."""
+        context, gen_kwargs = _args(request)[:2]
+        gen_kwargs = dict(gen_kwargs or {})
+        until = gen_kwargs.get("until")
+        until = [until] if isinstance(until, str) else list(until or [])
+        until = [s for s in until if s]            # lm-eval skips '' (e.g. an end-of-text that decodes to '')
+        sizes = [gen_kwargs.get(k) for k in MAX_TOKEN_KEYS]
+        max_new = int(next((n for n in sizes if n is not None), self.max_gen_toks))
+        temperature = float(gen_kwargs.get("temperature") or 0.0)
+        do_sample = gen_kwargs.get("do_sample")
+        if do_sample or (do_sample is None and temperature > 0):
+            raise ValueError("generate_until: only greedy decoding is supported (do_sample=False, temperature=0)")
+        if temperature > 0:                        # do_sample=False wins, as in lm-eval
+            warnings.warn(f"generate_until: do_sample=False with temperature={temperature}: decoding greedily")
+        if not is_recurrent(self.model) and self.max_len <= max_new:
+            raise ValueError(f"generate_until: max_gen_toks {max_new} leaves no room for the prompt in the "
+                             f"model's context of {self.max_len} tokens; ask for fewer")
+        return context, until, max_new
+
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list:
+        jobs = [self._generation_args(request) for request in requests]   # bad arguments fail before any work
         outputs = []
-        for request in requests:
-            context, gen_kwargs = _args(request)[:2]
-            gen_kwargs = dict(gen_kwargs or {})
-            until = gen_kwargs.pop("until", None)
-            until = [until] if isinstance(until, str) else list(until or [])
-            max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
-            if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0:
-                raise ValueError("generate_until: only greedy decoding is supported (do_sample=False, temperature=0)")
+        for context, until, max_new in jobs:
             ids = self.tokenizer.encode(context) if context else []
             ids = ids or [self.tokenizer.eot_id]
             if not is_recurrent(self.model):       # attention: keep room for the answer in the context

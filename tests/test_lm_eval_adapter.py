@@ -260,3 +260,94 @@ def test_generate_until_takes_a_single_stop_string_whole():
     context = "Q: capital of France?\nA: "
     lm = LMAdapter(FixedTextModel(len(tok.encode(context))), tok, max_len=256)
     assert lm.generate_until([instance(context, {"until": "Px", "max_gen_toks": 10})]) == ["Paris. And"]
+
+
+# -----------------------------------------------------------------------------
+# lm-eval 0.4.13's conventions, checked without lm-eval installed
+
+def test_scoring_requests_are_lm_evals_tokens(monkeypatch):
+    """The token requests LMAdapter hands to loglikelihood_tokens are lm-eval's, written out
+    (the scoring tests above compare LMAdapter with the functions it calls, and the parity
+    test needs lm-eval). Expected lists: lm-eval 0.4.13's output for these inputs, from
+    lm_eval.utils.get_rolling_token_windows(context_len=1) + make_disjoint_window and
+    TemplateLM.loglikelihood (_encode_pair; prefix token for an empty context), ByteTokenizer
+    ids, end-of-text 256."""
+    import eval.lm_eval_adapter as adapter
+    seen = []
+
+    def record(model, requests, max_len, **kwargs):
+        seen.append((list(requests), max_len))
+        return [(0.0, True)] * len(requests)
+
+    monkeypatch.setattr(adapter, "loglikelihood_tokens", record)
+    lm = LMAdapter(UniformLM(), ByteTokenizer(), max_len=4)
+    lm.loglikelihood_rolling([instance("abcdefghij"), instance("hi")])
+    assert seen.pop() == ([([256], [97, 98, 99, 100]), ([100], [101, 102, 103, 104]),
+                           ([102, 103, 104], [105, 106]),
+                           ([256], [104, 105])], 4)
+    lm.loglikelihood([instance("Q: a", " b"), instance("the cat  ", "sat"), instance("", "hi"),
+                      instance("x \n", "y")])
+    assert seen.pop() == ([([81, 58, 32, 97], [32, 98]),                    # no trailing space
+                           ([116, 104, 101, 32, 99, 97, 116], [32, 32, 115, 97, 116]),  # both spaces move
+                           ([256], [104, 105]),                             # empty context: end-of-text
+                           ([120], [32, 10, 121])], 4)                      # " \n" moves too
+
+
+def test_generate_until_skips_empty_stop_strings():
+    """An empty stop string stops nothing (lm-eval 0.4.13's postprocess_generated_text skips
+    it; its eos stop string is '' for a tokenizer that decodes end-of-text to nothing). Kills
+    text.split('') (ValueError) and an early stop that '' in text makes always true."""
+    tok = ByteTokenizer()
+    context = "Q: capital of France?\nA: "
+    lm = LMAdapter(FixedTextModel(len(tok.encode(context))), tok, max_len=256)
+    out = lm.generate_until([instance(context, {"until": ["", "."], "max_gen_toks": 10}),
+                             instance(context, {"until": "", "max_gen_toks": 6})])
+    assert out == ["Paris", "Paris."]
+
+
+def test_generate_until_reads_lm_evals_max_token_aliases():
+    """lm-eval 0.4.13's normalize_gen_kwargs: the first of max_gen_toks > max_new_tokens >
+    max_tokens > max_completion_tokens that is not None, else the adapter's max_gen_toks.
+    Kills reading max_gen_toks only (the default 256 for the others)."""
+    tok = ByteTokenizer()
+    context = "Q: capital of France?\nA: "
+    lm = LMAdapter(FixedTextModel(len(tok.encode(context))), tok, max_len=256, max_gen_toks=5)
+    kwargs = [{"max_new_tokens": 4}, {"max_tokens": 3}, {"max_completion_tokens": 2},
+              {"max_gen_toks": 1, "max_new_tokens": 4}, {"max_tokens": 3, "max_new_tokens": 4},
+              {"max_gen_toks": None, "max_tokens": 3}, {}]
+    out = lm.generate_until([instance(context, {"until": [], **kw}) for kw in kwargs])
+    assert out == ["Pari", "Par", "Pa", "P", "Pari", "Par", "Paris"]
+
+
+def test_generate_until_with_do_sample_false_decodes_greedily():
+    """do_sample=False wins over a temperature > 0 (lm-eval 0.4.13 warns and decodes
+    greedily); sampling, asked for by do_sample=True or by a temperature > 0 without
+    do_sample, is still an error. Kills raising for every temperature > 0."""
+    tok = ByteTokenizer()
+    context = "Q: capital of France?\nA: "
+    lm = LMAdapter(FixedTextModel(len(tok.encode(context))), tok, max_len=256)
+    with pytest.warns(UserWarning, match="temperature"):
+        out = lm.generate_until([instance(context, {"until": ["."], "max_gen_toks": 10, "do_sample": False,
+                                                        "temperature": 0.7})])
+    assert out == ["Paris"]
+    for kwargs in ({"temperature": 0.5}, {"do_sample": True}):
+        with pytest.raises(ValueError, match="greedy"):
+            lm.generate_until([instance(context, kwargs)])
+
+
+def test_generate_until_without_room_for_the_prompt_is_an_error():
+    """An attention model whose context is <= max_gen_toks has no room for the prompt: a
+    one-line error before any generation (lm-eval 0.4.13 asserts max_length - max_gen_toks >
+    0), not a prompt cut to its last token. A recurrent model reads the whole prompt anyway.
+    Kills prompt_room's floor of one token."""
+    tok = ByteTokenizer()
+    attention = RecordingLM()
+    lm = LMAdapter(attention, tok, max_len=4)
+    for n in (4, 5):
+        requests = [instance("abc", {"until": [], "max_gen_toks": 1}), instance("abcdefghij", {"max_gen_toks": n})]
+        with pytest.raises(ValueError, match=f"max_gen_toks {n} leaves no room .* context of 4 tokens") as error:
+            lm.generate_until(requests)
+        assert "\n" not in str(error.value) and attention.rows == []
+    recurrent = RecordingLM(arch="titans")
+    assert LMAdapter(recurrent, tok, max_len=4).generate_until([requests[1]]) == ["zzzzz"]
+    assert recurrent.rows[0] == tok.encode("abcdefghij")
