@@ -18,10 +18,13 @@ in under an hour:
                        domain in turn; forgetting = perplexity on earlier domains going up)
 
 The same steps serve every seed; each step is skipped when its output exists, so an
-interrupted run continues where it stopped. `--jobs N` runs N steps at a time (each with
+interrupted run continues where it stopped. Those outputs are named by run and seed only, so
+the first run writes the settings that shape them (--steps, --ft-steps, --samples,
+--domain-steps) to <out>/manifest.json, and a later run into that --out with other settings
+is an error (--report-only takes them from there). `--jobs N` runs N steps at a time (each with
 cores / N torch threads). At the end <out>/mini_repro.json holds every number and
 <out>/MINI_REPRO.md the tables (mean over seeds with the min-max spread), headed by the
-command, date, machine and wall time.
+command, date, settings, machine and wall time.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import islice
 
-from cli import SEED_RANGE, OneLineArgumentParser, check_output_dir, non_negative_int, positive_int, seed_int
+from cli import (SEED_RANGE, OneLineArgumentParser, check_output_dir, non_negative_int, positive_int, seed_int,
+                 write_atomic)
 from eval.reproduce import ABLATIONS, ReproduceError, Run, Step, babilong_steps, execute, run_dir
 
 # One recipe for every run (overrides on top of each tiny config): the model size, the data
@@ -55,6 +59,9 @@ MODELS = (                     # (row label, run name, config)
     ("HOPE-attention", "hope_attention", "configs/hope_attention_tiny.yaml"),
 )
 BABILONG_LENGTHS = "0k,1k,2k"
+# Attention models' context in BABILong, for the fine-tune as for the eval: without it the
+# fine-tune cuts its examples to train.seq_len (128 bytes, shorter than most qa1 0k examples).
+BABILONG_MAX_LEN = 16384
 CONTINUAL_DOMAINS = "builtin,austen,shakespeare"
 
 
@@ -83,8 +90,8 @@ def eval_chain(root: str, run: Run, seed: int, ft_steps: int, samples: int, doma
     ckpt = run_dir(root, run)
     return babilong_steps(run, ckpt, os.path.join(ckpt, "babilong"), "qa1", "0k", BABILONG_LENGTHS,
                           finetune=("--steps", str(ft_steps), "--batch-size", "8", "--lr", "1e-3", "--seed", str(seed),
-                                    "--log-every", "25"),
-                          evaluate=("--samples", str(samples), "--seed", str(seed), "--max-len", "16384",
+                                    "--max-len", str(BABILONG_MAX_LEN), "--log-every", "25"),
+                          evaluate=("--samples", str(samples), "--seed", str(seed), "--max-len", str(BABILONG_MAX_LEN),
                                     "--segment-len", "1024")) + [
         Step(f"forgetting {run.name}",
              ["python", "-m", "eval.continual", "domains", "--checkpoint", ckpt, "--domains", CONTINUAL_DOMAINS,
@@ -93,6 +100,53 @@ def eval_chain(root: str, run: Run, seed: int, ft_steps: int, samples: int, doma
               "--out", os.path.join(ckpt, "continual")],
              os.path.join(ckpt, "continual", "continual_domains.json"), run),
     ]
+
+
+# -----------------------------------------------------------------------------
+# the manifest: the settings the results in --out were made with
+
+SETTINGS = {"steps": 150, "ft_steps": 60, "samples": 25, "domain_steps": 30}   # name -> default
+MANIFEST = "manifest.json"
+
+
+def settings(args) -> dict:
+    return {key: getattr(args, key) for key in SETTINGS}
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def flags(values: dict) -> str:
+    return " ".join(f"{flag(key)} {value}" for key, value in values.items())
+
+
+def check_manifest(args, given=()) -> None:
+    """ValueError when --out holds results made with other settings: their steps would count
+    as done under the new ones. --report-only takes the manifest's settings (those not `given`
+    on the command line), so that the report states what ran."""
+    path = os.path.join(args.out, MANIFEST)
+    if not os.path.exists(path):
+        if os.path.isdir(os.path.join(args.out, "runs")) and not args.report_only:
+            raise ValueError(f"--out {args.out} holds results but no {MANIFEST} (their settings are unknown): "
+                             "use another --out")
+        return
+    made = _load(path)
+    if not isinstance(made, dict) or set(made) != set(SETTINGS):
+        raise ValueError(f"{path} is not a mini_repro manifest of {', '.join(SETTINGS)}: use another --out")
+    for key, value in made.items():
+        if getattr(args, key) != value and (key in given or not args.report_only):
+            raise ValueError(f"{flag(key)} {getattr(args, key)} differs from the {flag(key)} {value} that the "
+                             f"results in {args.out} were made with ({MANIFEST}): "
+                             + (f"leave {flag(key)} out" if args.report_only else "use another --out"))
+        setattr(args, key, value)
+
+
+def write_manifest(args) -> None:
+    """The first run into --out records its settings; later runs have been checked against them."""
+    path = os.path.join(args.out, MANIFEST)
+    if not os.path.exists(path):
+        write_atomic(path, json.dumps(settings(args), indent=1) + "\n")
 
 
 def plan(args) -> list[list[Step]]:
@@ -176,6 +230,14 @@ def _column(cells: dict, key):
     return [c.get(key) for c in cells.values()]
 
 
+def paired_delta(cells: dict, base: dict, key="bits_per_byte") -> str:
+    """Mean over the seeds both have of (cell - base), with n: after a partial run the seed
+    sets differ, and a difference of means over different seeds would count seed noise as Δ."""
+    pairs = [(cell.get(key), base.get(seed, {}).get(key)) for seed, cell in cells.items()]
+    diffs = [a - b for a, b in pairs if a is not None and b is not None]
+    return f"{sum(diffs) / len(diffs):+.3f} (n={len(diffs)})" if diffs else "—"
+
+
 def markdown(results: dict, header: str = "") -> str:
     n_seeds = max((len(c) for t in results.values() for c in t.values()), default=0)
     lines = [header] if header else []
@@ -186,16 +248,12 @@ def markdown(results: dict, header: str = "") -> str:
         params = next((c["params"] for c in cells.values() if c.get("params")), None)
         lines.append(f"| {label} | {params / 1e6:.2f}M |" if params else f"| {label} | — |")
         lines[-1] += f" {spread(_column(cells, 'bits_per_byte'))} | {spread(_column(cells, 'perplexity'))} |"
-    hope = _column(results["models"].get("HOPE", {}), "bits_per_byte")
-    base = [v for v in hope if v is not None]
+    hope = results["models"].get("HOPE", {})
     lines += ["", "### NL Table 6 ablations (HOPE, validation bits/byte)", "",
-              "| model | bits/byte ↓ | Δ vs HOPE |", "|---|---:|---:|",
-              f"| HOPE | {spread(hope)} | — |"]
+              "| model | bits/byte ↓ | Δ vs HOPE (same seeds) |", "|---|---:|---:|",
+              f"| HOPE | {spread(_column(hope, 'bits_per_byte'))} | — |"]
     for label, cells in results["ablations"].items():
-        values = _column(cells, "bits_per_byte")
-        have = [v for v in values if v is not None]
-        delta = f"{sum(have) / len(have) - sum(base) / len(base):+.3f}" if have and base else "—"
-        lines.append(f"| {label} | {spread(values)} | {delta} |")
+        lines.append(f"| {label} | {spread(_column(cells, 'bits_per_byte'))} | {paired_delta(cells, hope)} |")
     lengths = BABILONG_LENGTHS.split(",")
     for score, title in (("label_ranking", "label ranking"), ("official", "official (greedy generation)")):
         lines += ["", f"### BABILong qa1 accuracy (%) vs context length, {title}", "",
@@ -228,14 +286,22 @@ def parse_args(argv=None):
     p = OneLineArgumentParser(prog="python -m eval.mini_repro", description=__doc__.split("\n\n")[1])
     p.add_argument("--out", default=os.path.join("out", "mini_repro"), help="results root")
     p.add_argument("--seeds", default="0,1", help="comma list of training seeds (at least 2 for a spread)")
-    p.add_argument("--steps", type=positive_int, default=150, help=f"training steps per run ({BATCH_SIZE} x {SEQ_LEN} bytes each)")
-    p.add_argument("--ft-steps", type=positive_int, default=60, help="BABILong qa1 fine-tuning steps")
-    p.add_argument("--samples", type=positive_int, default=25, help="BABILong samples per length")
-    p.add_argument("--domain-steps", type=non_negative_int, default=30, help="forgetting protocol: steps per domain")
+    # the settings default to None here, so that --report-only can tell them given from defaulted
+    p.add_argument("--steps", type=positive_int,
+                   help=f"training steps per run ({BATCH_SIZE} x {SEQ_LEN} bytes each; default {SETTINGS['steps']})")
+    p.add_argument("--ft-steps", type=positive_int,
+                   help=f"BABILong qa1 fine-tuning steps (default {SETTINGS['ft_steps']})")
+    p.add_argument("--samples", type=positive_int, help=f"BABILong samples per length (default {SETTINGS['samples']})")
+    p.add_argument("--domain-steps", type=non_negative_int,
+                   help=f"forgetting protocol: steps per domain (default {SETTINGS['domain_steps']})")
     p.add_argument("--jobs", type=positive_int, default=2, help="steps run at a time")
     p.add_argument("--plan", action="store_true", help="print the commands and exit")
     p.add_argument("--report-only", action="store_true", help="only collect existing results into the report")
     args = p.parse_args(argv)
+    given = {key for key in SETTINGS if getattr(args, key) is not None}
+    for key, default in SETTINGS.items():
+        if key not in given:
+            setattr(args, key, default)
     try:
         args.seeds = [seed_int(s) for s in args.seeds.split(",") if s.strip()]
     except argparse.ArgumentTypeError:          # seed_int: not an integer, or out of range
@@ -248,6 +314,7 @@ def parse_args(argv=None):
         p.error(f"--report-only: results folder {args.out!r} does not exist")
     try:
         check_output_dir(args.out)
+        check_manifest(args, given)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -265,6 +332,7 @@ def main(argv=None):
     started = time.time()
     if not args.report_only:
         os.makedirs(args.out, exist_ok=True)
+        write_manifest(args)
         try:
             for phase in groups:
                 run_groups(phase, args.jobs)
@@ -275,10 +343,10 @@ def main(argv=None):
     command = "python -m eval.mini_repro " + shlex.join(argv if argv is not None else sys.argv[1:])
     where = machine()
     header = (f"Command: `{command.strip()}`  \nDate: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
-              f"  \nMachine: {where}  \nWall time: {wall / 60:.1f} min"
+              f"  \nSettings: `{flags(settings(args))}`  \nMachine: {where}  \nWall time: {wall / 60:.1f} min"
               + (" (report only: the runs were timed when they ran)" if args.report_only else "") + "\n")
     results = collect(args.out, args.seeds, args.steps)
-    results["meta"] = {"command": command, "wall_seconds": wall, "machine": where, "steps": args.steps,
+    results["meta"] = {"command": command, "wall_seconds": wall, "machine": where, **settings(args),
                        "seeds": args.seeds, "tokens_per_run": args.steps * BATCH_SIZE * SEQ_LEN}
     with open(os.path.join(args.out, "mini_repro.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -40,6 +40,24 @@ def test_every_run_shares_data_steps_and_seed(tmp_path):
     assert forgetting.argv[2:4] == ["eval.continual", "domains"]
 
 
+def test_babilong_finetune_reads_the_context_it_is_evaluated_at(tmp_path):
+    """Without --max-len the fine-tune cuts attention models' examples to train.seq_len (128 bytes)."""
+    _, evals = mini_repro.plan(args_for(tmp_path))
+    for finetune, babilong, _ in evals:
+        lengths = [argv[argv.index("--max-len") + 1] for argv in (finetune.argv, babilong.argv)]
+        assert lengths == [str(mini_repro.BABILONG_MAX_LEN)] * 2, (finetune.argv, babilong.argv)
+
+
+def test_delta_vs_hope_pairs_seeds():
+    """Δ is the mean of per-seed differences over the seeds both rows have, not a difference of
+    means over different seed sets."""
+    hope = {0: {"bits_per_byte": 2.0}, 1: {"bits_per_byte": 3.0}}
+    assert mini_repro.paired_delta({1: {"bits_per_byte": 3.5}}, hope) == "+0.500 (n=1)"   # unpaired: +1.000
+    assert mini_repro.paired_delta({0: {"bits_per_byte": 2.25}, 1: {"bits_per_byte": 3.75}}, hope) == "+0.500 (n=2)"
+    assert mini_repro.paired_delta({2: {"bits_per_byte": 1.0}}, hope) == "—"
+    assert mini_repro.paired_delta({0: {"bits_per_byte": None}}, hope) == "—"
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--seeds", "a,b"], "--seeds"), (["--seeds", ","], "--seeds"), (["--steps", "0"], "--steps"),
     (["--jobs", "0"], "--jobs"), (["--domain-steps", "-1"], "--domain-steps"), (["--seeds", "0,0"], "--seeds 0,0"),
@@ -95,7 +113,7 @@ def test_report_means_ranges_and_missing_cells(tmp_path):
     assert text.startswith("header line")
     assert "| HOPE | 0.17M | 2.250 (2.000–2.500) | 4.500 (4.000–5.000) |" in text
     assert "| Transformer++ | — | — | — |" in text
-    assert "| w/o DGD (plain GD) | 2.500 | +0.250 |" in text
+    assert "| w/o DGD (plain GD) | 2.500 | +0.500 (n=1) |" in text  # seed 0 only: 2.5 - HOPE's 2.0
     assert "| HOPE | 55 (50–60) | 25 (25–25) | — |" in text        # label ranking, in %
     assert "| HOPE | 1.500 (1.500–1.500) | +10.0% (+10.0%–+10.0%) | 5.00 (5.00–5.00) |" in text
 
@@ -107,3 +125,47 @@ def test_report_only_writes_json_and_markdown(tmp_path, capsys):
     assert data["models"]["Transformer++"]["0"]["bits_per_byte"] == 3.0
     assert data["meta"]["seeds"] == [0]
     assert "Wall time" in (tmp_path / "MINI_REPRO.md").read_text()
+
+
+def test_results_folder_keeps_the_settings_it_was_made_with(tmp_path, monkeypatch, capsys):
+    """Step outputs are named by run and seed only: a second run with other settings would take
+    them as done. The first run writes them to manifest.json; another run with other settings is
+    a one-line error; --report-only reports with the manifest's settings. Nothing is deleted."""
+    monkeypatch.setattr(mini_repro, "run_groups", lambda *a, **k: None)   # the runs themselves: not here
+    out = str(tmp_path / "mini")
+    assert mini_repro.main(["--out", out, "--seeds", "0", "--steps", "7", "--ft-steps", "3"]) == 0
+    made = {"steps": 7, "ft_steps": 3, "samples": 25, "domain_steps": 30}
+    assert json.load(open(os.path.join(out, "manifest.json"))) == made
+    result = os.path.join(out, "runs", "hope-s0", "final_eval.json")
+    write_json(result, {"val_bpb": 2.0})
+    capsys.readouterr()
+    for argv, message in ((["--steps", "7"], "--ft-steps 60 differs from the --ft-steps 3"),   # the default
+                          (["--steps", "8", "--ft-steps", "3", "--plan"], "--steps 8 differs from the --steps 7"),
+                          (["--steps", "7", "--ft-steps", "3", "--samples", "5"], "--samples 5"),
+                          (["--report-only", "--domain-steps", "9"], "leave --domain-steps out")):
+        with pytest.raises(SystemExit):
+            mini_repro.main(["--out", out, "--seeds", "0", *argv])
+        err = capsys.readouterr().err
+        assert message in err and out in err and len(err.strip().splitlines()) == 1, err
+    assert mini_repro.parse_args(["--out", out, "--steps", "7", "--ft-steps", "3"]).samples == 25   # same: fine
+    assert mini_repro.main(["--out", out, "--seeds", "0", "--report-only"]) == 0
+    meta = json.load(open(os.path.join(out, "mini_repro.json")))["meta"]
+    assert {k: meta[k] for k in made} == made and meta["tokens_per_run"] == 7 * 8 * 128
+    assert "Settings: `--steps 7 --ft-steps 3 --samples 25 --domain-steps 30`" in open(
+        os.path.join(out, "MINI_REPRO.md")).read()
+    assert json.load(open(result)) == {"val_bpb": 2.0}
+    assert json.load(open(os.path.join(out, "manifest.json"))) == made
+
+
+def test_results_without_a_manifest_are_not_continued(tmp_path, capsys):
+    """A folder from before the manifest: its settings are unknown, so only --report-only reads it."""
+    write_json(os.path.join(tmp_path, "runs", "hope-s0", "final_eval.json"), {"val_bpb": 2.0})
+    with pytest.raises(SystemExit):
+        args_for(tmp_path, "--plan")
+    err = capsys.readouterr().err
+    assert "no manifest.json" in err and "another --out" in err
+    assert args_for(tmp_path, "--report-only").steps == 150
+    write_json(os.path.join(tmp_path, "manifest.json"), {"steps": 7})
+    with pytest.raises(SystemExit):
+        args_for(tmp_path)
+    assert "not a mini_repro manifest" in capsys.readouterr().err
