@@ -14,14 +14,17 @@ background comes from public-domain books with disjoint train/test books: Austen
 train, New Testament = test) or PG19 (HF streaming; its own train/test split). Lengths are
 GPT-2 tokens as in BABILong ("1k" = 1000 tokens, "1M" = 10^6), of which 300 are reserved
 for the prompt; "0k" is the facts alone. Sentences come from NLTK's untrained Punkt
-splitter when nltk is installed, else from the regex splitter below; each background
-sentence has >= 10 GPT-2 tokens and the last one is cut to hit the budget exactly.
+splitter when nltk is installed, else from the regex splitter below (the samples differ, so
+each records its `splitter`); each background sentence has >= 10 GPT-2 tokens and the last
+one is cut to hit the budget exactly. A question is kept when it has at most
+(length - 300) // 8 - 1 facts: get_dataset_df's max_n_facts counts the question's row too.
 
 Scores (§1.3), both reported and labelled:
   official       greedy generation, then BABILong's `compare_answers`: the target must be
                  the only task label in the first sentence of the output (labels named in
                  the question do not count);
-  label_ranking  argmax over the task's labels of log p(" " + label | prompt).
+  label_ranking  argmax of log p(" " + label | prompt) over the task's labels that the
+                 question does not name (the same rule: they are never the answer).
 The prompt is the official template (instruction / examples / post_prompt switchable) with
 ANSWER_PREFIX ("\\nAnswer:") appended, for both scores and for fine-tuning.
 
@@ -55,10 +58,11 @@ import torch.nn.functional as F
 from cli import (OneLineArgumentParser, check_output_file, non_negative_float, non_negative_int,
                  positive_float, positive_int, read_text, seed_int, write_atomic)
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
-from eval.common import (bf16_autocast, check_checkpoint_out, check_data_dir, check_long_inputs, clipped_step,
-                         context_handling, context_limit, continuation_logprob, default_data_dir, eval_mode,
-                         exit_on_error, first_line, fit_prompt, format_accuracy, greedy_generate, load_checkpoint,
-                         load_for_generation, mean_over_scored, model_device, prefill, require_data_dir)
+from eval.common import (DATA_DIR_HELP, bf16_autocast, check_checkpoint_out, check_data_dir, check_long_inputs,
+                         clipped_step, context_handling, context_limit, continuation_logprob, default_data_dir,
+                         eval_mode, exit_on_error, first_line, fit_prompt, format_accuracy, greedy_generate,
+                         load_checkpoint, load_for_generation, mean_over_scored, model_device, prefill,
+                         require_data_dir)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 PROMPT_RESERVE = 300            # create_tasks.py: every length minus 300 tokens for the prompt
@@ -239,12 +243,20 @@ def length_tokenizer(data_dir: str | None = None):
 # -----------------------------------------------------------------------------
 # background text
 
-def _nltk_punkt():
+def _nltk_punkt() -> tuple:
+    """(NLTK's Punkt splitter, its name), or (None, "regex") where nltk is not installed."""
     try:
         import nltk
     except ImportError:
-        return None
-    return nltk.PunktSentenceTokenizer()       # untrained, as BABILong: needs no nltk_data
+        return None, "regex"
+    # untrained, as BABILong: needs no nltk_data
+    return nltk.PunktSentenceTokenizer(), f"nltk-punkt {nltk.__version__}"
+
+
+def sentence_splitter() -> str:
+    """The name of the splitter split_sentences uses here ("nltk-punkt 3.9.1" or "regex"). The
+    two cut the background differently, so built samples and results record it."""
+    return _nltk_punkt()[1]
 
 
 # Fallback splitter: a sentence ends at . ! or ? (plus closing quotes/brackets) followed by
@@ -256,7 +268,7 @@ _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "col", "capt", "gen", "rev", "m
 
 def split_sentences(text: str) -> list[str]:
     text = re.sub(r"\s+", " ", text).strip()
-    punkt = _nltk_punkt()
+    punkt, _ = _nltk_punkt()
     if punkt is not None:
         return [s for s in punkt.tokenize(text) if s]
     sentences, start = [], 0
@@ -384,11 +396,13 @@ def hide_facts(fact_ids: list[list[int]], background: list[list[int]], rng: rand
 
 def _fact_ids(item: dict, length: str, gpt2) -> list | None:
     """The GPT-2 ids of a question's facts when they fit in `length` with room for background
-    (create_tasks.py: at most length // 8 facts), else None; [] at "0k" (facts alone)."""
+    (create_tasks.py: max_n_facts = budget // 8), else None; [] at "0k" (facts alone)."""
     budget = length_tokens(length) - PROMPT_RESERVE if length_tokens(length) > 0 else 0
     if budget == 0:
         return []
-    if len(item["facts"]) > budget // 8:
+    # get_dataset_df counts the question's row with its facts (slc.shape[0] <= max_n_facts),
+    # so at most budget // 8 - 1 facts are kept
+    if len(item["facts"]) + 1 > budget // 8:
         return None
     fact_ids = gpt2.encode_batch([" " + fact for fact in item["facts"]])
     return fact_ids if sum(map(len, fact_ids)) < budget else None
@@ -397,19 +411,21 @@ def _fact_ids(item: dict, length: str, gpt2) -> list | None:
 def make_sample(item: dict, task: str, length: str, gpt2, sampler, rng: random.Random, split: str) -> dict | None:
     """One bAbI question (facts, question, answer) -> a BABILong sample of `length`, or None
     when its facts do not fit. Keys: task, length, input (the context), question, target,
-    facts, n_tokens (GPT-2 tokens of the context), books (background used), split."""
+    facts, n_tokens (GPT-2 tokens of the context), books (background used), splitter (the
+    sentence splitter that cut the background, None at 0k), split."""
     sample = {"task": task, "length": length, "question": item["question"], "target": item["answer"],
               "facts": item["facts"], "split": split}
     if length_tokens(length) == 0:                   # "0k": the facts alone
         context = " ".join(item["facts"])
-        return {**sample, "input": context, "n_tokens": len(gpt2.encode(context)), "books": []}
+        return {**sample, "input": context, "n_tokens": len(gpt2.encode(context)), "books": [], "splitter": None}
     fact_ids = _fact_ids(item, length, gpt2)
     if fact_ids is None:
         return None
     sampler.used_books = set()
     background = length_tokens(length) - PROMPT_RESERVE - sum(map(len, fact_ids))
     ids, _ = hide_facts(fact_ids, sampler.sample(background), rng)
-    return {**sample, "input": gpt2.decode(ids).strip(), "n_tokens": len(ids), "books": sorted(sampler.used_books)}
+    return {**sample, "input": gpt2.decode(ids).strip(), "n_tokens": len(ids), "books": sorted(sampler.used_books),
+            "splitter": sentence_splitter()}
 
 
 def _check_length(length: str):
@@ -565,14 +581,22 @@ def first_sentence_done(text: str) -> bool:
     return "." in text
 
 
+LABEL_RANKING = "argmax over the TASK_LABELS not named in the question of log p(' ' + label | prompt)"
+
+
+def labels_in_question(question: str, task_labels) -> set:
+    """The task labels (lower-cased) that occur in the question: metrics.py's "mentions in
+    questions are never targets", shared by compare_answers and label ranking."""
+    return {label.lower() for label in task_labels if label.lower() in question.lower()}
+
+
 def compare_answers(target: str, output: str, question: str, task_labels) -> bool:
     """BABILong's official rule (metrics.py): correct iff the target is the only task label
     in the output's first sentence, ignoring labels that occur in the question. A target
     'a,b' (qa8) needs every part found and nothing else."""
     output = _preprocess_output(output)
     labels = {label.lower() for label in task_labels}
-    in_question = {label for label in labels if label in question.lower()}
-    found = {label for label in labels if label in output} - in_question
+    found = {label for label in labels if label in output} - labels_in_question(question, labels)
     targets = {t.strip() for t in target.lower().split(",")}
     return found == targets
 
@@ -615,20 +639,24 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
                 records.append({**record, "skipped": True})
                 continue
             n_truncated += record["truncated"]
+            labels = TASK_LABELS[task]
+            # ranked as compare_answers scores: a label the question names is never the answer
+            named = labels_in_question(sample["question"], labels)
+            candidates = [label for label in labels if label.lower() not in named]
             with bf16_autocast(device, dtype):
                 last_logits, state = prefill(model, ids, segment_len, device)
-                labels = TASK_LABELS[task]
-                if task not in label_ids_cache:
-                    label_ids_cache[task] = [tokenizer.encode(" " + label) for label in labels]
-                scores = [continuation_logprob(model, last_logits, state, label_ids, device)
-                          for label_ids in label_ids_cache[task]]
+                scores = {}
+                for label in candidates:
+                    if label not in label_ids_cache:
+                        label_ids_cache[label] = tokenizer.encode(" " + label)
+                    scores[label] = continuation_logprob(model, last_logits, state, label_ids_cache[label], device)
                 output = greedy_generate(model, tokenizer, last_logits, state, max_new_tokens, device,
                                          stop=first_sentence_done)
-            ranked = labels[max(range(len(labels)), key=scores.__getitem__)]
+            ranked = max(candidates, key=scores.__getitem__, default=None)
             record.update({"output": output, "official_correct": compare_answers(sample["target"], output,
                                                                                  sample["question"], labels),
                            "label_ranking_prediction": ranked, "label_ranking_correct": ranked == sample["target"],
-                           "label_logprobs": dict(zip(labels, scores))})
+                           "label_logprobs": scores})
             records.append(record)
     scored = [r for r in records if not r.get("skipped")]
     return {
@@ -718,6 +746,10 @@ def training_example(tokenizer, sample: dict, max_len: int | None = None) -> tup
     return ids, targets
 
 
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
 def curriculum_stage(step: int, total_steps: int, n_stages: int) -> int:
     """Equal shares of the steps per length, shortest first."""
     return min(n_stages - 1, step * n_stages // max(1, total_steps))
@@ -730,7 +762,8 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
     """AdamW on bAbI-train facts in train-book background, lengths in increasing order;
     saves a checkpoint that checkpoint.load_model reads. Returns its directory. out_dir must
     hold no checkpoints (saving there would replace or prune them). A step whose loss or
-    gradient norm is not finite is skipped (not applied) and logged as such."""
+    gradient norm is not finite is skipped (not applied) and logged as such, with null for
+    the non-finite values."""
     from checkpoint import save_checkpoint
     if steps < 1 or batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
@@ -775,9 +808,10 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
             grad_norm, applied = clipped_step(model, optimizer, total_loss, grad_clip)
             skip = not applied
             skipped += skip
-            entry = {"step": step + 1, "length": length, "loss": total_loss, "answer_tokens": n_answer_tokens,
-                     "grad_norm": grad_norm, "skipped": skip}
-            log.write(json.dumps(entry) + "\n")
+            # null for a non-finite loss or norm, as train.py's metrics.jsonl: NaN and Infinity are not JSON
+            entry = {"step": step + 1, "length": length, "loss": _finite_or_none(total_loss),
+                     "answer_tokens": n_answer_tokens, "grad_norm": _finite_or_none(grad_norm), "skipped": skip}
+            log.write(json.dumps(entry, allow_nan=False) + "\n")
             log.flush()
             if log_every and ((step + 1) % log_every == 0 or step + 1 == steps or skip):
                 print(f"step {step + 1}/{steps}  length {length}  answer loss {total_loss:.4f}"
@@ -787,7 +821,7 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
     cfg.train.out_dir = out_dir
     trainer_state = {"step": steps, "finetune": {"tasks": list(tasks), "lengths": list(lengths), "lr": lr,
                                                  "batch_size": batch_size, "babi": babi, "background": background,
-                                                 "skipped_steps": skipped}}
+                                                 "skipped_steps": skipped, "sentence_splitter": sentence_splitter()}}
     model.eval()
     return save_checkpoint(os.path.join(out_dir, "checkpoints"), steps, model, optimizer, trainer_state, cfg)
 
@@ -830,11 +864,12 @@ def run_eval(args) -> dict:
     results = {
         "benchmark": "babilong", "checkpoint": os.path.abspath(args.checkpoint), "arch": cfg.model.arch,
         "tokenizer": cfg.data.tokenizer, "source": source,
+        "sentence_splitter": sentence_splitter() if args.source == "local" else None,
         "lengths_are": "GPT-2 tokens of the context, 300 reserved for the prompt",
         "prompt": prompt_setting_name(args.instruction, args.examples, args.post_prompt),
         "answer_prefix": args.answer_prefix,
         "scores": {"official": "greedy generation (max_new_tokens=%d), BABILong compare_answers" % args.max_new_tokens,
-                   "label_ranking": "argmax over TASK_LABELS of log p(' ' + label | prompt)"},
+                   "label_ranking": LABEL_RANKING},
         "context_handling": next(iter(per_cell.values()))["context_handling"],
         **_summarise(per_cell),
     }
@@ -881,7 +916,7 @@ def run_build(args) -> str:
                         f.write(json.dumps(sample) + "\n")
                         n += 1
     write_atomic(args.out, write_samples)                # a failed build leaves an existing --out as it was
-    print(f"wrote {n} samples to {args.out}")
+    print(f"wrote {n} samples to {args.out} (background sentences split by {sentence_splitter()})")
     return args.out
 
 
@@ -892,7 +927,7 @@ def _add_common(p, babi_default):
     p.add_argument("--babi", default=babi_default, choices=("file", "generated"),
                    help="bAbI questions: the released en files or the generator")
     p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--data-dir", help="a copy of shared/data (default $NL_DATA_DIR or ../shared/data)")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
 
 
 def main(argv=None):

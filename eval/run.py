@@ -123,7 +123,7 @@ def babilong_section(model, tokenizer, settings, seq_len, device, data_dir=None,
                                                    max_new_tokens=settings["max_new_tokens"])
     result = {"source": "local: bAbI en test files + Austen test books",
               "scores": {"official": "greedy generation, BABILong compare_answers",
-                         "label_ranking": "argmax over the task labels of log p(' ' + label | prompt)"},
+                         "label_ranking": bl.LABEL_RANKING},
               "context_handling": next(iter(per_cell.values()))["context_handling"], **bl._summarise(per_cell)}
     if out_dir:
         result["plot"] = os.path.basename(bl.plot_heatmap(result, os.path.join(out_dir, "babilong_heatmap.png")))

@@ -9,8 +9,8 @@ import torch
 from conftest import SHARED_DATA
 
 from eval.babilong import (AUSTEN_BOOKS, PROMPT_RESERVE, build_babilong, compare_answers, evaluate, format_prompt,
-                           finetune, length_tokenizer, length_tokens, load_babilong_hf, load_books, main, plot_heatmap,
-                           split_sentences, training_example)
+                           finetune, labels_in_question, length_tokenizer, length_tokens, load_babilong_hf, load_books,
+                           main, plot_heatmap, sentence_splitter, split_sentences, training_example)
 from helpers import RiggedByteModel, needs_data, save_tiny_checkpoint
 
 
@@ -30,7 +30,11 @@ def test_length_labels():
             length_tokens(bad)
 
 
-def test_sentence_splitter_keeps_titles():
+def test_sentence_splitter_keeps_titles(monkeypatch):
+    """The regex splitter (the one used without nltk), chosen explicitly so the test passes
+    whether nltk is installed or not."""
+    import eval.babilong as babilong
+    monkeypatch.setattr(babilong, "_nltk_punkt", lambda: (None, "regex"))
     assert split_sentences('Mr. Darcy bowed.  "Indeed!" said\nshe. Was it so? yes.') == \
         ['Mr. Darcy bowed.', '"Indeed!" said she.', 'Was it so? yes.']
 
@@ -229,6 +233,8 @@ def test_eval_cli_writes_json_and_heatmap(tiny_checkpoint, tmp_path, monkeypatch
     assert set(results["official"]) == {"qa1", "qa4"} and set(results["official"]["qa1"]) == {"0k", "1k"}
     assert all(0 <= v <= 1 for cells in results["label_ranking"].values() for v in cells.values())
     assert results["counts"]["qa1"]["1k"]["n_truncated"] == 2             # 1k GPT-2 tokens > 256 bytes
+    assert results["sentence_splitter"] == sentence_splitter()
+    assert "not named in the question" in results["scores"]["label_ranking"]
     assert "truncated" in results["context_handling"]
     assert os.path.getsize(os.path.join(out, "babilong_heatmap.png")) > 1000
     with pytest.raises(SystemExit) as exit_info:
@@ -390,6 +396,48 @@ def test_official_score_in_evaluate_ignores_labels_named_in_the_question():
     assert record["output"] == " kitchengarden" and record["official_correct"] and result["official"] == 1.0
 
 
+def test_label_ranking_leaves_out_labels_named_in_the_question():
+    """metrics.py: "mentions in questions are never targets", so label ranking ranks only the
+    labels the question does not name (labels_in_question, compare_answers' rule). A rigged
+    model that likes 'kitchen' best, then 'garden', on a qa3 question naming the kitchen:
+    ranked 'garden', right (the official score finds only the named label: wrong). Kills
+    ranking over every task label."""
+    from data.tokenizer import get_tokenizer
+    sample = {"task": "qa3", "input": "Mary took the apple. Mary went to the garden. Mary went to the kitchen.",
+              "question": "Where was the apple before the kitchen?", "target": "garden"}
+    result = evaluate(RiggedByteModel(": kitchen.garden"), get_tokenizer("bytes"), [sample], streaming=True,
+                      segment_len=64, max_new_tokens=10)
+    record = result["records"][0]
+    assert record["output"] == " kitchen." and not record["official_correct"]
+    assert record["label_ranking_prediction"] == "garden" and result["label_ranking"] == 1.0
+    assert set(record["label_logprobs"]) == {"bathroom", "bedroom", "garden", "hallway", "office"}
+    qa5 = ["Bill", "Fred", "Jeff", "Mary", "apple", "football", "milk"]
+    assert labels_in_question("Who gave the football to Jeff?", qa5) == {"football", "jeff"}
+
+
+@needs_data
+def test_the_sentence_splitter_is_recorded(gpt2, tmp_path, monkeypatch, capsys):
+    """Punkt (nltk installed) and the regex splitter cut the background differently, so each
+    built sample (None at 0k: no background), the build output and babilong.json (the eval
+    CLI test) name the splitter. Kills leaving it unrecorded."""
+    import eval.babilong as babilong
+
+    class FakePunkt:
+        def tokenize(self, text):
+            return re.split(r"(?<=[.!?]) ", text)
+    monkeypatch.setattr(babilong, "_nltk_punkt", lambda: (FakePunkt(), "nltk-punkt 9.9"))
+    assert sentence_splitter() == "nltk-punkt 9.9"
+    zero_k, one_k = (build_babilong("qa1", length, 1, background="builtin", data_dir=SHARED_DATA, gpt2=gpt2)[0]
+                     for length in ("0k", "1k"))
+    assert (zero_k["splitter"], one_k["splitter"]) == (None, "nltk-punkt 9.9")
+    monkeypatch.setattr(babilong, "_nltk_punkt", lambda: (None, "regex"))
+    out = tmp_path / "s.jsonl"
+    main(["build", "--tasks", "qa1", "--lengths", "1k", "--samples", "1", "--background", "builtin",
+          "--data-dir", SHARED_DATA, "--out", str(out)])
+    assert capsys.readouterr().out == f"wrote 1 samples to {out} (background sentences split by regex)\n"
+    assert json.loads(out.read_text())["splitter"] == "regex"
+
+
 def test_compare_answers_cuts_where_a_new_context_starts():
     """BABILong's preprocess_output also cuts at '<context>' (the model starting a new sample).
     Kills dropping '<context>' from the markers."""
@@ -428,9 +476,11 @@ def test_hide_facts_can_follow_the_last_background_sentence():
     assert gaps == [2, 2] and ids == [1, 2, 3, 10, 11, 12]
 
 
-def test_make_sample_drops_questions_with_more_than_budget_over_8_facts():
-    """create_tasks.py keeps a question only if it has at most max_n_facts = message_length // 8
-    facts, message_length = length - 300 (1k: 700 // 8 = 87). Kills another cap (e.g. // 4)."""
+def test_make_sample_keeps_at_most_budget_over_8_minus_1_facts():
+    """create_tasks.py passes max_n_facts = message_length // 8, message_length = length - 300,
+    and get_dataset_df keeps a question when slc.shape[0] <= max_n_facts, its slice holding
+    the facts and the question's row: at most 1k: 700 // 8 - 1 = 86 facts. Kills another cap
+    (e.g. // 4) and counting the facts alone (87 kept)."""
     import random
 
     from data.tokenizer import get_tokenizer
@@ -445,8 +495,8 @@ def test_make_sample_drops_questions_with_more_than_budget_over_8_facts():
 
     def item(n_facts):
         return {"question": "Where is Mary?", "answer": "garden", "facts": ["a."] * n_facts}
-    assert make_sample(item(88), "qa1", "1k", tok, Sampler(), random.Random(0), "test") is None
-    kept = make_sample(item(87), "qa1", "1k", tok, Sampler(), random.Random(0), "test")
+    assert make_sample(item(87), "qa1", "1k", tok, Sampler(), random.Random(0), "test") is None
+    kept = make_sample(item(86), "qa1", "1k", tok, Sampler(), random.Random(0), "test")
     assert kept is not None and kept["n_tokens"] == 700
 
 
@@ -509,10 +559,11 @@ def test_finetune_skips_a_step_whose_gradient_is_not_finite(tmp_path):
              data_dir=SHARED_DATA, device="cpu")
     after, _ = load_model(out)
     assert all(torch.isfinite(p).all() for p in after.parameters())
-    with open(os.path.join(out, "finetune_log.jsonl")) as f:
-        log = [json.loads(line) for line in f]
+    with open(os.path.join(out, "finetune_log.jsonl")) as f:      # strict JSON: no NaN or Infinity
+        log = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the log")) for line in f]
     assert [entry["skipped"] for entry in log] == [False, True, False]
-    assert not math.isfinite(log[1]["grad_norm"]) and all(math.isfinite(log[i]["grad_norm"]) for i in (0, 2))
+    # null for the skipped step's norm, as train.py's metrics.jsonl writes non-finite values
+    assert log[1]["grad_norm"] is None and all(math.isfinite(log[i]["grad_norm"]) for i in (0, 2))
 
 
 class _WordTokens:
