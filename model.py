@@ -295,15 +295,17 @@ class LanguageModel(nn.Module):
         return logits, loss, {"pos": pos + idx.shape[1], "layers": new_layer_states}
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None, generator=None,
+                 vocab_size=None):
         """Sample `max_new_tokens` after `idx` [B, T], reusing the state (KV cache, fast weights).
-        temperature <= 0: greedy; top_k None or 0: the whole vocabulary."""
+        temperature <= 0: greedy; top_k None or 0: the whole vocabulary. vocab_size: sample only
+        ids below it (the tokenizer's, where model.vocab_size is padded, e.g. 50304 for GPT-2)."""
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
             raise ValueError(f"top_k must be None or an integer >= 0 (0 = all tokens); got {top_k!r}")
         logits, _, state = self(idx, state=state)
         out = [idx]
         for _ in range(max_new_tokens):
-            next_logits = logits[:, -1, :].float()
+            next_logits = logits[:, -1, :vocab_size].float()
             if temperature <= 0:
                 nxt = next_logits.argmax(-1, keepdim=True)
             else:

@@ -65,7 +65,8 @@ def main(argv=None):
     ids = tokenizer.encode(args.prompt) or [tokenizer.eot_id]
     idx = torch.tensor([ids] * args.samples, device=device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k or None, generator=g)
+    out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k or None, generator=g,
+                         vocab_size=tokenizer.vocab_size)
     for i, row in enumerate(out.tolist()):
         print(f"--- sample {i}\n{tokenizer.decode(row)}")
     return 0

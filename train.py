@@ -594,7 +594,8 @@ def _train(cfg: Config, env: DistEnv):
         ids = torch.tensor([tokenizer.encode(t.sample_prompt) or [tokenizer.eot_id]], device=device)
         g = torch.Generator(device=device).manual_seed(t.seed)
         with autocast:
-            out = model.generate(ids, t.sample_tokens, temperature=0.8, top_k=50, generator=g)
+            out = model.generate(ids, t.sample_tokens, temperature=0.8, top_k=50, generator=g,
+                                 vocab_size=tokenizer.vocab_size)
         say("sample:\n" + tokenizer.decode(out[0].tolist()))
     if run:
         run.finish()

@@ -207,7 +207,7 @@ def greedy_generate(model, tokenizer, last_logits, state, max_new_tokens: int, d
     out: list[int] = []
     logits = last_logits
     for _ in range(max_new_tokens):
-        token = int(logits.argmax())
+        token = int(logits[:tokenizer.vocab_size].argmax())   # a padded embedding's extra ids decode to nothing
         if token == tokenizer.eot_id:
             break
         out.append(token)

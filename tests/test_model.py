@@ -314,6 +314,31 @@ def test_sampling_uses_temperature_and_top_k(monkeypatch):
     torch.testing.assert_close(seen[0].double(), m(prompt)[0][:, -1].double().softmax(-1), rtol=1e-4, atol=1e-6)
 
 
+def test_generate_samples_only_the_tokenizers_ids():
+    """A padded embedding (model.vocab_size above the tokenizer's, e.g. 50304 for GPT-2) has
+    ids no tokenizer decodes: sample.py and train.py's end-of-run sample failed with a
+    KeyError once one was drawn. generate(vocab_size=n) and greedy_generate draw below n."""
+    from eval.common import greedy_generate
+    m = tiny("transformer")                     # vocabulary 61; the ids from 40 on the most likely by far
+    m.head.forward = lambda x: torch.cat([torch.zeros(*x.shape[:-1], 40), torch.full((*x.shape[:-1], 21), 30.0)], -1)
+    logits = m(torch.zeros(1, 1, dtype=torch.long))[0]
+    assert int(m.generate(torch.zeros(1, 1, dtype=torch.long), 1, temperature=0)[0, -1]) >= 40   # unlimited
+    prompt = torch.zeros(4, 3, dtype=torch.long)
+    for temperature in (0, 1.0):
+        out = m.generate(prompt, 20, temperature=temperature, vocab_size=40,
+                         generator=torch.Generator().manual_seed(0))
+        assert int(out[:, 3:].max()) < 40
+
+    class Tok:
+        vocab_size, eot_id = 40, 39
+
+        @staticmethod
+        def decode(ids):
+            assert max(ids, default=0) < 40
+            return "".join(chr(65 + i % 26) for i in ids)
+    assert greedy_generate(m, Tok(), logits[0, -1], None, 5, "cpu") == "AAAAA"
+
+
 def test_loss_ignores_targets_of_minus_one():
     """forward's loss is the mean cross entropy over the targets that are not -1 (padding)."""
     m = tiny("transformer")
