@@ -156,6 +156,20 @@ def check_out_dir(t):
                           f"--train.resume={os.path.join(root, steps[-1])} or choose another train.out_dir")
 
 
+def keep_aside(path) -> str | None:
+    """Rename a non-empty file that a fresh start would overwrite to <stem>.previous[-N]<ext>;
+    -> the new path, None when there was nothing to keep."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    stem, ext = os.path.splitext(path)
+    new, n = f"{stem}.previous{ext}", 1
+    while os.path.lexists(new):
+        n += 1
+        new = f"{stem}.previous-{n}{ext}"
+    os.replace(path, new)
+    return new
+
+
 def check_eval_split(cfg: Config, dataset, data_dir):
     """The evals (train.eval_every, eval.final) score windows of seq_len + 1 val tokens:
     checked before step 1, not after training."""
@@ -455,6 +469,11 @@ def _train(cfg: Config, env: DistEnv):
             say(f"already at train.max_steps={t.max_steps}: nothing to train")
     def open_outputs():   # written once the model, optimiser and resume checks have passed
         os.makedirs(t.out_dir, exist_ok=True)
+        if not resume_from:           # a run that saved no checkpoint, started over: keep its results
+            for name in ("metrics.jsonl", "final_eval.json"):
+                kept = keep_aside(os.path.join(t.out_dir, name))
+                if kept:
+                    say(f"starting over: the earlier {name} is kept as {kept}")
         # metrics.jsonl first: a damaged line stops the run before anything else is rewritten
         log = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), resume_step=start_step if resume_from else None)
         if resume_from and os.path.realpath(os.path.dirname(resume_from)) == os.path.realpath(ckpt_root):

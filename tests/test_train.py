@@ -676,6 +676,24 @@ def test_a_rollback_sets_the_abandoned_checkpoints_aside(corpus, tmp_path, monke
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 11))
 
 
+def test_starting_over_keeps_the_earlier_results(corpus, tmp_path, capsys):
+    """A run without checkpoints (ckpt_every 0) run again starts over: its metrics.jsonl and
+    final_eval.json were overwritten without a word; they are now kept as
+    metrics.previous.jsonl / final_eval.previous.json (then .previous-2, ...)."""
+    import train as train_mod
+    out = tmp_path / "run"
+    args = ("--train.ckpt_every=0", "--eval.final=true")
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=3", *args)) == 0
+    first = (out / "metrics.jsonl").read_text(), (out / "final_eval.json").read_text()
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=1", *args)) == 0
+    assert "starting over: the earlier metrics.jsonl is kept as " + str(out / "metrics.previous.jsonl") in \
+        capsys.readouterr().out
+    assert ((out / "metrics.previous.jsonl").read_text(), (out / "final_eval.previous.json").read_text()) == first
+    assert [r["step"] for r in read_metrics(out)] == [1]
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=2", *args)) == 0
+    assert [json.loads(line)["step"] for line in open(out / "metrics.previous-2.jsonl")] == [1]
+
+
 def test_resume_refuses_a_changed_model_tokenizer_or_seed(corpus, tmp_path):
     """A change that keeps every shape loaded silently before: n_head 4 -> 2 resumed into
     another model; a new train.seed was recorded but the data stream stayed the checkpoint's.
