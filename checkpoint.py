@@ -100,24 +100,49 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)   # raises on every rank
+    except DCP_ERRORS as e:
+        raise OSError(_save_failed(ckpt_root, tmp, final, e)) from None
+    error = None
     if _rank0():
-        torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
-        dump_yaml(cfg, os.path.join(tmp, "config.yaml"))
-        _fsync_tree(tmp)
-        # Re-saving the same step replaces it: the old folder is renamed aside, not deleted,
-        # before the new one is renamed in, so `latest` names a missing step only between two
-        # renames (not for a whole rmtree); a kill leaves the aside copy for _prune to clear.
-        aside = os.path.join(ckpt_root, f".tmp-old-{name}")
-        shutil.rmtree(aside, ignore_errors=True)
-        if os.path.lexists(final):
-            os.replace(final, aside)
-        os.replace(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
-        write_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
-        _prune(ckpt_root, keep, name)
-    barrier()
+        try:
+            torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
+            dump_yaml(cfg, os.path.join(tmp, "config.yaml"))
+            _fsync_tree(tmp)
+        except Exception as e:
+            error = _save_failed(ckpt_root, tmp, final, e)
+        else:
+            # Re-saving the same step replaces it: the old folder is renamed aside, not deleted,
+            # before the new one is renamed in, so `latest` names a missing step only between two
+            # renames (not for a whole rmtree); a kill leaves the aside copy for _prune to clear.
+            aside = os.path.join(ckpt_root, f".tmp-old-{name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            if os.path.lexists(final):
+                os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+            write_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
+            _prune(ckpt_root, keep, name)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        message = [error]
+        dist.broadcast_object_list(message, src=0)      # also the barrier: every rank stops on rank 0's error
+        error = message[0]
+    if error:
+        raise OSError(error)
     return final
+
+
+def _save_failed(ckpt_root, tmp, final, e) -> str:
+    """The one-line reason a save failed (DCP's own, e.g. "unexpected pos 704 vs 598" on a full
+    disk, does not say so: the free space does); its half-written folder is removed."""
+    if _rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        free = f"{shutil.disk_usage(ckpt_root).free / 2**30:.1f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    return f"could not write checkpoint {final} ({_first_line(e)}; {free}); the earlier checkpoints are untouched"
 
 
 def saved_steps(ckpt_root) -> list[str]:

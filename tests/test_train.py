@@ -3,6 +3,7 @@ NaN steps are skipped, metrics/config files are written."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -699,8 +700,6 @@ def test_resume_refuses_a_changed_model_tokenizer_or_seed(corpus, tmp_path):
     another model; a new train.seed was recorded but the data stream stayed the checkpoint's.
     Speed settings (model.kernels) and the inner-loop stabilisers may change; so may sections
     the architecture does not read. Nothing is written by a refused resume."""
-    import re
-
     import train as train_mod
     from config import ConfigError
     out = tmp_path / "run"
@@ -736,6 +735,31 @@ def test_resume_takes_the_optimiser_settings_of_the_config(tmp_path):
     group = resumed.param_groups[0]
     assert (group["weight_decay"], group["betas"], group["eps"]) == (0.5, (0.8, 0.9), 1e-5)
     assert torch.equal(resumed.state[model.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+
+
+@pytest.mark.parametrize("fails", ["dcp.save", "torch.save"])
+def test_a_failed_save_is_one_line_and_leaves_the_earlier_checkpoints(tmp_path, monkeypatch, fails):
+    """A save that fails (a full disk: DCP says "unexpected pos 704 vs 598", torch.save
+    errno 28) was a 57-line traceback that left a half-written .tmp- folder. It is one OSError
+    naming the checkpoint, the cause and the free space; the folder is removed and `latest`
+    still names the last good step."""
+    import checkpoint
+    from config import Config
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    root = tmp_path / "checkpoints"
+    checkpoint.save_checkpoint(str(root), 1, model, opt, {"step": 1}, Config())
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") \
+            if fails == "dcp.save" else OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint.dcp if fails == "dcp.save" else checkpoint.torch, "save", full)
+    with pytest.raises(OSError, match=rf"^could not write checkpoint {re.escape(str(root))}/step_000002 \(.*"
+                                      r"(unexpected pos 704 vs 598|No space left on device); [0-9.]+ GiB free there\); "
+                                      r"the earlier checkpoints are untouched$"):
+        checkpoint.save_checkpoint(str(root), 2, model, opt, {"step": 2}, Config())
+    assert sorted(os.listdir(root)) == ["latest", "step_000001"]
+    assert (root / "latest").read_text().strip() == "step_000001"
 
 
 def test_throughput_leaves_out_checkpoint_and_eval_time_off_the_log_cadence(corpus, tmp_path, probe,
