@@ -8,6 +8,7 @@ failure leaves nothing half-written.
     write_atomic(args.out, json.dumps(results))          # after it
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -146,13 +147,23 @@ def _creation_problem(folder: str) -> str | None:
     return None
 
 
+# files that mark a checkpoint folder or a checkpoints/ root: checkpoint.py's TRAINER_STATE and
+# LATEST, and DCP's index (tests/test_cli_inputs.py checks the names against checkpoint.py)
+CHECKPOINT_MARKERS = ("trainer_state.pt", ".metadata", "latest")
+
+
 def output_file_problem(path: str) -> str | None:
     """Why a file cannot be written at `path` (None when it can), to follow the path in a
-    message: it is empty, a folder, a read-only file, or its folder cannot be made or written in."""
+    message: it is empty, a folder, a read-only file, inside a checkpoint (a results file
+    replaces what it names there: `latest`, trainer_state.pt), or its folder cannot be made
+    or written in."""
     if not path:
         return "is empty; give a file name"
     if os.path.isdir(path):
         return "is a folder; give a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    if any(os.path.lexists(os.path.join(folder, name)) for name in CHECKPOINT_MARKERS):
+        return "is inside a checkpoint folder; write it elsewhere"
     if os.path.exists(path) and not os.access(path, os.W_OK):
         return "exists and is not writable"
     return _creation_problem(os.path.dirname(os.path.abspath(path)))
@@ -182,6 +193,11 @@ def check_output_dir(path: str, flag: str = "--out") -> str:
     if problem:
         raise ValueError(f"{flag} {path or repr(path)} {problem}")
     return path
+
+
+def write_json(path: str, data, indent=2) -> str:
+    """A results file, written atomically (write_atomic) -> path."""
+    return write_atomic(path, json.dumps(data, indent=indent) + "\n")
 
 
 def write_atomic(path: str, content) -> str:

@@ -204,7 +204,8 @@ def check_resume_config(cfg: Config, ckpt: str):
             out.update({f"{part}.{k}": v for k, v in data[part].items()})
         return out
     ours, theirs = fields(cfg.model), fields(saved.model)
-    changed = [(f"model.{k}", v, ours.get(k)) for k, v in theirs.items() if k not in RESUME_MAY_CHANGE and ours.get(k) != v]
+    changed = [(f"model.{k}", v, ours.get(k)) for k, v in theirs.items()
+               if k not in RESUME_MAY_CHANGE and ours.get(k) != v]
     changed += [(key, a, b) for key, a, b in (("data.tokenizer", saved.data.tokenizer, cfg.data.tokenizer),
                                               ("train.seed", saved.train.seed, cfg.train.seed)) if a != b]
     if changed:
@@ -646,10 +647,10 @@ def main(argv=None):
     try:
         cfg = load_config(path, argv)
         return train(cfg)
-    except (ConfigError, OSError, ValueError) as e:   # OSError: e.g. an out_dir name too long to make
+    except (ConfigError, OSError, ValueError, MemoryError) as e:   # OSError: e.g. an out_dir name too long
         # one write: under torchrun every rank prints this line to the same stream, and print's
         # separate write of the newline let two ranks' lines interleave
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {'out of memory: ' if isinstance(e, MemoryError) else ''}{e}\n")
         return 2
 
 

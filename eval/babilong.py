@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import (OneLineArgumentParser, check_output_file, non_negative_float, non_negative_int,
-                 positive_float, positive_int, read_text, seed_int, write_atomic)
+                 positive_float, positive_int, read_text, seed_int, write_atomic, write_json)
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
 from eval.common import (DATA_DIR_HELP, bf16_autocast, check_checkpoint_out, check_data_dir, check_long_inputs,
                          clipped_step, context_handling, context_limit, continuation_logprob, default_data_dir,
@@ -873,13 +873,9 @@ def run_eval(args) -> dict:
         "context_handling": next(iter(per_cell.values()))["context_handling"],
         **_summarise(per_cell),
     }
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, "babilong.json")
-    with open(json_path, "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(args.out, "babilong_samples.jsonl"), "w") as f:
-        for record in samples_out:
-            f.write(json.dumps(record) + "\n")
+    json_path = write_json(os.path.join(args.out, "babilong.json"), results)
+    write_atomic(os.path.join(args.out, "babilong_samples.jsonl"),
+                 "".join(json.dumps(record) + "\n" for record in samples_out))
     png = plot_heatmap(results, os.path.join(args.out, "babilong_heatmap.png"),
                        title=f"BABILong accuracy (%), {cfg.model.arch}")
     print(f"wrote {json_path} and {png}")
@@ -974,7 +970,7 @@ def main(argv=None):
     p_build.add_argument("--out", required=True, help="output .jsonl file")
 
     args = parser.parse_args(argv)
-    with exit_on_error(FileNotFoundError, ValueError, ConnectionError, ImportError):
+    with exit_on_error(OSError, ValueError, ImportError, MemoryError):
         check_data_dir(args.data_dir)
         if args.command == "eval":
             return run_eval(args)

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import (OneLineArgumentParser, check_output_dir, non_negative_int, positive_float, positive_int,
-                 read_text, seed_int)
+                 read_text, seed_int, write_json)
 from eval.common import (DATA_DIR_HELP, check_data_dir, clipped_step, clone_state, context_limit, continuation_logprob,
                          eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device, prefill,
                          require_data_dir)
@@ -389,7 +389,8 @@ def run_arm(arm: str, model, tokenizer, tasks, settings: IntentSettings, device=
             elif arm == "in_context_memory":
                 new = _stream_ids(tokenizer, task, settings, rng)
                 if room is None:             # the state carries the stream: read only the new tokens
-                    state = prefill(model, new if state is not None else stream + new, settings.segment_len, device, state)[1]
+                    ids = new if state is not None else stream + new
+                    state = prefill(model, ids, settings.segment_len, device, state)[1]
                 else:                        # a KV cache: read the stream's last `room` tokens afresh
                     stream = (stream + new)[-room:]
                     state = prefill(model, stream, settings.segment_len, device)[1]
@@ -414,7 +415,8 @@ def context_room(model, tokenizer, tasks, max_len: int | None) -> int | None:
     query = max((len(tokenizer.encode(PROMPT.format(text=text))) for t in tasks for text, _ in t["test"]), default=0)
     label = max((len(tokenizer.encode(" " + name)) for t in tasks for name in t["labels"]), default=0)
     if max_len <= query + label:
-        raise ValueError(f"max_len={max_len} leaves no context: the longest query and label take {query + label} tokens")
+        raise ValueError(f"max_len={max_len} leaves no context: the longest query and label take "
+                         f"{query + label} tokens")
     return max_len - query - label
 
 
@@ -709,7 +711,7 @@ def main(argv=None):
         sp.add_argument("--data-dir", help=DATA_DIR_HELP)
         sp.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    with exit_on_error(FileNotFoundError, ValueError, ImportError):
+    with exit_on_error(OSError, ValueError, ImportError, MemoryError):
         check_output_dir(args.out)
         check_data_dir(args.data_dir)
         if args.command == "intents":
@@ -736,12 +738,9 @@ def main(argv=None):
             results = run_domains(model, tokenizer, domains, settings, device)
             results.update(arch=cfg.model.arch, checkpoint=os.path.abspath(args.checkpoint))
             plot = plot_domains
-    os.makedirs(args.out, exist_ok=True)
-    name = f"continual_{args.dataset if args.command == 'intents' else 'domains'}"   # as eval.run names them
-    path = os.path.join(args.out, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    pngs = plot(results, args.out, name)
+        name = f"continual_{args.dataset if args.command == 'intents' else 'domains'}"   # as eval.run names them
+        path = write_json(os.path.join(args.out, f"{name}.json"), results)
+        pngs = plot(results, args.out, name)
     print(f"wrote {path} and {len(pngs)} plot(s)")
     return results
 

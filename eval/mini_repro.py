@@ -41,7 +41,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import islice
 
 from cli import (SEED_RANGE, OneLineArgumentParser, check_output_dir, non_negative_int, positive_int, seed_int,
-                 write_atomic)
+                 write_atomic, write_json)
 from eval.reproduce import ABLATIONS, ReproduceError, Run, Step, babilong_steps, execute, run_dir
 
 # One recipe for every run (overrides on top of each tiny config): the model size, the data
@@ -348,11 +348,9 @@ def main(argv=None):
     results = collect(args.out, args.seeds, args.steps)
     results["meta"] = {"command": command, "wall_seconds": wall, "machine": where, **settings(args),
                        "seeds": args.seeds, "tokens_per_run": args.steps * BATCH_SIZE * SEQ_LEN}
-    with open(os.path.join(args.out, "mini_repro.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(os.path.join(args.out, "mini_repro.json"), results, indent=1)
     table = markdown({k: results[k] for k in ("models", "ablations")}, header)
-    with open(os.path.join(args.out, "MINI_REPRO.md"), "w") as f:
-        f.write(table)
+    write_atomic(os.path.join(args.out, "MINI_REPRO.md"), table)
     print(table)
     return 0
 

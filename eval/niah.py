@@ -29,7 +29,6 @@ CLI:
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -38,7 +37,7 @@ import uuid
 
 import torch
 
-from cli import OneLineArgumentParser, fraction_list, positive_int, seed_int
+from cli import OneLineArgumentParser, fraction_list, positive_int, seed_int, write_json
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, window_sentences
 from eval.common import (DATA_DIR_HELP, bf16_autocast, check_data_dir, check_long_inputs, context_handling,
                          continuation_logprob, eval_mode, exit_on_error, fit_prompt, format_accuracy, greedy_generate,
@@ -265,10 +264,7 @@ def run(args) -> dict:
         print(f"{task} {length:>6}  accuracy {format_accuracy(r['accuracy'])}  "
               f"ranking {format_accuracy(r['ranking_accuracy'])}  "
               f"(n={r['n_scored']}, truncated {r['n_truncated']}, skipped {r['n_skipped']})")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "niah.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+    path = write_json(os.path.join(args.out, "niah.json"), results)
     print(f"wrote {path}")
     return results
 
@@ -293,7 +289,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True, help="output folder (niah.json)")
     args = parser.parse_args(argv)
-    with exit_on_error(FileNotFoundError, ValueError, ConnectionError, ImportError):
+    with exit_on_error(OSError, ValueError, ImportError, MemoryError):
         return run(args)
 
 

@@ -40,7 +40,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from cli import OneLineArgumentParser, check_output_dir, positive_int, read_text
+from cli import OneLineArgumentParser, check_output_dir, positive_int, read_text, write_atomic, write_json
 from eval.common import exit_on_error
 from eval.paper_numbers import (FIGURE_ONLY, NL_TABLE1_SNIAH, NL_TABLE2, NL_TABLE6, TITANS_TABLE1,
                                 TITANS_TABLE2, average_accuracy)
@@ -579,10 +579,7 @@ def run_zero_shot(checkpoint: str, out_dir: str, device: str = "auto", limit: in
     result = {"checkpoint": os.path.abspath(checkpoint), "num_fewshot": 0, "limit": limit,
               "metrics": {task: metric for task, (metric, _) in ZERO_SHOT_TASKS.items()},
               "lm_eval_version": getattr(lm_eval, "__version__", "unknown"), "accuracy": zero_shot_scores(raw)}
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "zeroshot.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    path = write_json(os.path.join(out_dir, "zeroshot.json"), result)
     print(f"wrote {path}")
     return result
 
@@ -599,7 +596,7 @@ def _zero_shot_main(argv):
     parser.add_argument("--limit", type=positive_int, help="examples per task (default all; for smoke tests)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     args = parser.parse_args(argv)
-    with exit_on_error(FileNotFoundError, ValueError, ImportError):
+    with exit_on_error(OSError, ValueError, ImportError, MemoryError):
         return run_zero_shot(args.checkpoint, args.out, args.device, args.limit, args.batch_size)
 
 
@@ -630,7 +627,7 @@ def main(argv=None):
     parser.add_argument("--train-args", default="", help="extra overrides for every training command, one string")
     parser.add_argument("--ablation-base", default="hope_1.3b", help="nl_table6: " + " | ".join(ABLATION_BASES))
     args = parser.parse_args(argv)
-    with exit_on_error(ReproduceError, RuntimeError, FileNotFoundError):
+    with exit_on_error(ReproduceError, RuntimeError, OSError):
         try:
             train_args = tuple(shlex.split(args.train_args))
         except ValueError as e:                          # an unclosed quote
@@ -650,10 +647,7 @@ def main(argv=None):
             print(script(args.table, steps, args.results_root))
         text = markdown(args.table, args.results_root, args.ablation_base)
     out_dir = args.out or args.results_root
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{args.table}.md")
-    with open(path, "w") as f:
-        f.write(text)
+    path = write_atomic(os.path.join(out_dir, f"{args.table}.md"), text)
     print(text)
     print(f"wrote {path}")
     return path

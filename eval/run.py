@@ -29,11 +29,10 @@ metrics (names from config.DURING_TRAINING_EVALS) for metrics.jsonl / wandb.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
-from cli import OneLineArgumentParser, check_output_dir
+from cli import OneLineArgumentParser, check_output_dir, write_atomic, write_json
 from config import DURING_TRAINING_EVALS
 from eval.common import DATA_DIR_HELP, check_data_dir, context_limit, exit_on_error, load_checkpoint, model_device
 
@@ -273,10 +272,8 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
         if log:
             state = "skipped: " + results[section]["skipped"] if "skipped" in results[section] else "done"
             log(f"{section}: {state} ({results['seconds'][section]:.0f}s)")
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(results_markdown(results))
+    write_json(os.path.join(out_dir, "results.json"), results)
+    write_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
     return results
 
 
@@ -442,7 +439,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", help=DATA_DIR_HELP)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args(argv)
-    with exit_on_error(FileNotFoundError, ValueError):
+    with exit_on_error(OSError, ValueError, MemoryError):
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]
         results = run_suite(args.checkpoint, args.suite, args.out, args.device, args.data_dir, sections)
     print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")

@@ -488,6 +488,21 @@ def test_output_paths_are_checked_not_made(tmp_path):
         check_output_file("")
 
 
+def test_no_output_file_inside_a_checkpoint(tmp_path):
+    """eval.perplexity --out .../step_N/trainer_state.pt (or checkpoints/latest) replaced the
+    checkpoint's file and exited 0; every output-file flag now refuses a checkpoint folder."""
+    import checkpoint
+    from cli import CHECKPOINT_MARKERS, output_file_problem
+    assert set(CHECKPOINT_MARKERS) == {checkpoint.TRAINER_STATE, checkpoint.LATEST, ".metadata"}
+    for marker in CHECKPOINT_MARKERS:
+        folder = tmp_path / marker.strip(".")
+        folder.mkdir()
+        (folder / marker).write_text("keep me")
+        for name in (marker, "results.json"):
+            assert output_file_problem(str(folder / name)) == "is inside a checkpoint folder; write it elsewhere"
+        assert (folder / marker).read_text() == "keep me"
+
+
 def test_write_atomic_makes_folders_and_leaves_nothing_half_written(tmp_path, monkeypatch):
     import cli
     out = tmp_path / "new" / "r.json"

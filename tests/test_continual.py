@@ -243,7 +243,7 @@ def test_cli_bad_arm_exits_2():
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
 
 
-def test_cli_names_its_files_by_dataset(tmp_path, monkeypatch):
+def test_cli_names_its_files_by_dataset(tmp_path, monkeypatch, capsys):
     """The intents CLI writes continual_<dataset>.json and continual_<dataset>_*.png (as
     eval.run does), so a clinc and a banking run into one --out keep both."""
     class Cfg:
@@ -260,6 +260,11 @@ def test_cli_names_its_files_by_dataset(tmp_path, monkeypatch):
         cl.main(["intents", "--checkpoint", "ckpt", "--dataset", dataset, "--arms", "icl", "--out", str(tmp_path)])
     assert sorted(os.listdir(tmp_path)) == sorted(f"continual_{d}{end}" for d in ("clinc", "banking")
                                                   for end in (".json", "_accuracy.png", "_R_icl.png"))
+    # a folder where the results file goes: one line (it was an IsADirectoryError traceback)
+    (tmp_path / "taken" / "continual_clinc.json").mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        cl.main(["intents", "--checkpoint", "ckpt", "--arms", "icl", "--out", str(tmp_path / "taken")])
+    assert e.value.code == 2 and "Is a directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
