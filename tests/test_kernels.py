@@ -189,13 +189,18 @@ def test_gates_exactly_zero(op):
 
 @pytest.mark.parametrize("op", OPS)
 def test_half_precision_inputs_upcast(op):
+    """bf16 inputs: the chunked path computes in fp32 (as the reference does,
+    test_reference_computes_half_precision_in_fp32), so its fp32 states agree with the
+    reference's to fp32 accuracy; only o is rounded to bf16 on the way out. Kills a chunked
+    path that computes in bf16 and casts its states up at the end (errors of ~1e-2)."""
     x = {n: t.detach().to(torch.bfloat16) for n, t in make_inputs(op, T=10, seed=2).items()}
     outs = run(op, x, "torch", chunk_size=4)
     ref = run(op, x, "reference")
     assert outs[0].dtype == torch.bfloat16, "o must come back in q's dtype"
     assert all(s.dtype == torch.float32 for s in outs[1:]), "states are computed in fp32"
-    for a, e in zip(outs, ref):
-        assert_close(a.float(), e.float(), 2e-2, "bf16")
+    assert_close(outs[0].float(), ref[0].float(), 2e-2, "bf16 o")
+    for name, a, e in zip(["S_T", "Z_T"], outs[1:], ref[1:]):
+        assert_close(a, e, 1e-5, name)
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -117,6 +117,16 @@ def test_two_heads_and_a_batch(kernel_calls):
 
 
 @needs_kernels
+def test_head_dim_not_a_power_of_two(kernel_calls):
+    """Head dim 12 (d_model 24, 2 heads): [., 16] tiles whose last 4 columns are masked
+    (cols < D) and per-head offsets in units of D, not of the tile width BD (they coincide
+    at the other tests' head dim 16). Kills e.g. the forward reading head h's rows of x at
+    offset h * BD (the B = H = 2 test at head dim 16 passes it)."""
+    compare([11], d_model=24, n_head=2)
+    assert kernel_calls == [11]
+
+
+@needs_kernels
 def test_other_projection_sets_keep_the_per_chunk_path(kernel_calls):
     for changes in (dict(adaptive_q=True), dict(retention=False), dict(inner_lr_fixed=0.1),
                     dict(detach_targets=True)):

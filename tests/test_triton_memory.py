@@ -6,6 +6,7 @@ Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported): fp32, tiny sizes. With a GPU the same cases
 run natively, plus a realistic size.
 """
+import copy
 
 import pytest
 import torch
@@ -124,6 +125,46 @@ def test_segments_mid_chunk_match_one_call(rule):
     """Segments ending mid-chunk: the next call finishes the chunk on the torch path and the
     write point W_B (the kernel's returned chunk-start state) carries gradients across."""
     assert_close(compare_with_torch_path(rule, 1, 19, 1, 8, 4, segments=[6, 7, 6]), 2e-5, rule)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rule", ("dgd", "momentum"))
+def test_random_per_sequence_initial_state(rule):
+    """Per-sequence initial weights (and momenta) that differ across batch and heads, as
+    leaves: outputs, final states and their gradients vs the float64 torch path (the
+    kernels' per-(batch, head) state offsets, and the gradient to the initial momenta; the
+    other tests start from zero momenta and shared initial weights). The linear memory's port of
+    test_triton_mlp_memory's test of that name. Kills a wrong dz0 (e.g. negated) in
+    triton_memory._memory_momentum_backward (test_segments_mid_chunk_match_one_call, whose
+    later segments start from carried momenta, sees that one too) and initial states read
+    per head only (offset (bh % H) for bh), which B = 1 and shared initial weights hide."""
+    B, T, H, d, C = 2, 11, 2, 8, 4
+    fused = make_memory(rule, H, d, C)
+    oracle = copy.deepcopy(fused).double()
+    oracle.backend = "torch"
+    inputs = make_inputs(rule, B, T, H, d)
+    gen = torch.Generator().manual_seed(5)
+    init = [(0.3 * torch.randn(B, H, d, d, generator=gen, dtype=torch.float64)).to(DEVICE)
+            for _ in range(2 if rule == "momentum" else 1)]
+    results = []
+    for mem, dtype in ((oracle, torch.float64), (fused, torch.float32)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in init]
+        x = {n: t.to(dtype).requires_grad_() for n, t in inputs.items() if t is not None}
+        state = {"weights": leaves[:1], "chunk_start": leaves[:1], "momenta": leaves[1:] or None,
+                 "pos": 0}
+        y, state = mem(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x.get("beta"), state)
+        outs = outputs_of(y, state)
+        cot = torch.Generator().manual_seed(6)
+        loss = sum((o.double() * torch.randn(o.shape, generator=cot, dtype=torch.float64).to(DEVICE)).sum()
+                   for o in outs.values())
+        names = ["d" + n for n in x] + ["dW0", "dZ0"][:len(leaves)]
+        results.append((outs, dict(zip(names, torch.autograd.grad(loss, list(x.values()) + leaves)))))
+    (ref_out, ref_grads), (tri_out, tri_grads) = results
+    assert ("dZ0" in tri_grads) == (rule == "momentum") and "dW0" in tri_grads
+    err = lambda x, ref: ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()  # noqa: E731
+    errors = {n: err(tri_out[n], ref_out[n]) for n in ref_out}
+    errors.update({n: err(tri_grads[n], ref_grads[n]) for n in ref_grads})
+    assert_close(errors, 2e-5, f"{rule} random initial state")
 
 
 @needs_kernels
@@ -254,6 +295,26 @@ def test_tf32_products_carry_no_truncation_bias():
         errors = fused_vs_oracle_errors(make_memory("momentum", 2, 64, 64), inputs, [2048], run_segments,
                                         outputs_of, ["init_weight"], DEVICE)
     assert_close(errors, 1e-2, "momentum, tf32")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rule", ("dgd", "momentum"))
+def test_matmul_precision_high_takes_tf32_products(rule):
+    """fp32 matmul precision "high" (bf16 training, train.setup_precision) gives the fused
+    layer tf32 products, "highest" exact ones (triton_delta.dot_precision): every output and
+    gradient of the "high" run is measurably further from the float64 torch path (~4e-4 vs
+    ~1e-7; the interpreter shows it because triton_delta._dot rounds the operands to tf32
+    itself) and still within tf32's rounding of it. Kills launchers that pass PREC="ieee"
+    whatever dot_precision says (triton_delta._launch_dims, triton_memory._launch_args),
+    which test_tf32_products_carry_no_truncation_bias's upper bound cannot see."""
+    errors = {}
+    for setting in ("highest", "high"):
+        with fp32_matmul_precision(setting):
+            errors[setting] = compare_with_torch_path(rule, 1, 19, 1, 8, 4)
+    assert_close(errors["high"], 1e-2, f"{rule}, tf32")
+    exact = {n: f"{e:.1e} (highest: {errors['highest'][n]:.1e})" for n, e in errors["high"].items()
+             if not e > 20 * errors["highest"][n]}
+    assert not exact, f"{rule}: no tf32 rounding at matmul precision high: {exact}"
 
 
 # ----------------------------------------------------------------------------- CUDA only
