@@ -45,6 +45,9 @@ TRAINER_STATE = "trainer_state.pt"
 # load_training_state(required=RESUME_KEYS) before anything is loaded. Other callers (export,
 # a bAbI fine-tune's checkpoints, which have no sampler or RNG state) need `step` only.
 RESUME_KEYS = ("step", "stats", "sampler", "rng")
+# what those entries hold (train.py reads these fields): a damaged or foreign trainer state is
+# named here, not a KeyError or TypeError after the model has loaded
+RESUME_FIELDS = {"stats": ("skipped_steps", "tokens"), "sampler": ("step", "seed"), "rng": ("python", "numpy", "torch")}
 
 # What DCP raises for a missing, truncated or mismatched checkpoint: CheckpointException is a
 # BaseException (it wraps the per-rank failures), so `except Exception` alone lets it escape.
@@ -294,6 +297,12 @@ def read_trainer_state(ckpt, required=("step",)) -> dict:
     step = state.get("step", 0)         # else a TypeError later, or a negative step trained silently
     if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
         raise ValueError(f"{path} has step {step!r}, not an integer >= 0")
+    for key in required:
+        fields = RESUME_FIELDS.get(key, ())
+        if fields and not (isinstance(state[key], dict) and all(f in state[key] for f in fields)):
+            raise ValueError(f"{path} has a damaged {key!r} entry: expected a dict with {', '.join(fields)}, "
+                             f"got {type(state[key]).__name__}"
+                             + (f" with {', '.join(map(str, state[key]))}" if isinstance(state[key], dict) else ""))
     return state
 
 

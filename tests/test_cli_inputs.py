@@ -4,6 +4,7 @@ written or left behind, the model untouched when a check fails before loading); 
 which every entry point builds on: its parser, flag types, output-path checks and atomic write.
 (bench/ CLIs: tests/test_bench.py; eval CLIs: tests/test_eval_common.py and each eval's tests.)"""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def saved_run(tmp_path_factory):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randint(0, 257, (1, 9)))[0].float().square().mean().backward()
     opt.step()
-    state = {"step": 2, "stats": {"skipped_steps": 0, "tokens": 16}, "sampler": {"pos": 0}, "rng": {}}
+    state = {"step": 2, "stats": {"skipped_steps": 0, "tokens": 16}, "sampler": {"step": 2, "seed": 0},
+             "rng": {"python": None, "numpy": None, "torch": None}}
     assert set(state) == set(RESUME_KEYS)
     save_checkpoint(os.path.join(str(out), "checkpoints"), 2, model, opt, state, cfg)
     return str(out)
@@ -149,6 +151,21 @@ def test_trainer_state_without_a_resume_key_names_it(run, key, capsys):
     with pytest.raises(ValueError, match=f"{path} has no '{key}'"):
         load_training_state(os.path.join(run, STEP), model, opt, required=RESUME_KEYS)
     assert load_training_state(os.path.join(run, STEP), model, opt)["step"] == 2   # export's check
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rng", {"torch": 1}, "a damaged 'rng' entry: expected a dict with python, numpy, torch, got dict with torch"),
+    ("sampler", {"x": 1}, "a damaged 'sampler' entry: expected a dict with step, seed, got dict with x"),
+    ("stats", None, "a damaged 'stats' entry: expected a dict with skipped_steps, tokens, got NoneType")])
+def test_trainer_state_with_a_damaged_resume_entry_names_it(run, key, value, message):
+    """The keys present but their contents wrong were a KeyError / TypeError traceback on
+    resume, after the model had loaded (and, for stats, after a step and open_outputs)."""
+    from checkpoint import RESUME_KEYS, load_training_state
+    path = _edit_trainer_state(run, lambda s: s.update({key: value}))
+    model, opt = _fresh()
+    with pytest.raises(ValueError, match=f"^{path} has {re.escape(message)}$"):
+        load_training_state(os.path.join(run, STEP), model, opt, required=RESUME_KEYS)
+    assert not opt.state                                            # nothing loaded
 
 
 def test_trainer_state_without_step_or_not_a_dict(run, tmp_path, capsys):
