@@ -482,6 +482,8 @@ def main(argv=None):
     parser.add_argument("--bpe-dir", default=None, help="folder with GPT-2 vocab.bpe and encoder.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
+    if not args.out:
+        parser.error("argument --out: is empty; give a folder")
     if not args.source.startswith("hf:"):   # they would do nothing: say so rather than ignore them
         for flag, given in (("--streaming", args.streaming), ("--data-files", args.data_files is not None),
                             ("--split", args.split is not None)):

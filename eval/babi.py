@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 
 from cli import read_text
@@ -605,3 +606,9 @@ def generate_babi(task, n_stories: int, seed: int = 0) -> list[list[BabiLine]]:
     number = task_number(task)
     rng = random.Random(f"babi-qa{number}-seed{seed}")
     return [generate_story(number, rng) for _ in range(n_stories)]
+
+
+if __name__ == "__main__":          # a library: say so rather than exit 0 having done nothing
+    print("error: eval.babi has no command line; BABILong's samples come from "
+          "python -m eval.babilong build (docs/BABILONG.md)", file=sys.stderr)
+    sys.exit(2)

@@ -58,11 +58,11 @@ import torch.nn.functional as F
 from cli import (OneLineArgumentParser, check_output_file, non_negative_float, non_negative_int,
                  positive_float, positive_int, read_text, seed_int, write_atomic, write_json)
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
-from eval.common import (DATA_DIR_HELP, bf16_autocast, check_checkpoint_out, check_data_dir, check_long_inputs,
-                         clipped_step, context_handling, context_limit, continuation_logprob, default_data_dir,
-                         eval_mode, exit_on_error, first_line, fit_prompt, format_accuracy, greedy_generate,
-                         load_checkpoint, load_for_generation, mean_over_scored, model_device, prefill,
-                         require_data_dir)
+from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check_checkpoint_out, check_data_dir,
+                         check_long_inputs, clipped_step, context_handling, context_limit, continuation_logprob,
+                         default_data_dir, eval_mode, exit_on_error, first_line, fit_prompt, format_accuracy,
+                         greedy_generate, load_checkpoint, load_for_generation, mean_over_scored, model_device,
+                         prefill, require_data_dir)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 PROMPT_RESERVE = 300            # create_tasks.py: every length minus 300 tokens for the prompt
@@ -213,7 +213,10 @@ def length_tokens(label: str) -> int:
     match = re.fullmatch(r"(\d+)([kKM])", str(label).strip())
     if not match:
         raise ValueError(f"bad BABILong length {label!r}; use e.g. 0k, 1k, 4k, 128k, 1M")
-    return int(match.group(1)) * (1_000_000 if match.group(2) == "M" else 1000)
+    tokens = int(match.group(1)) * (1_000_000 if match.group(2) == "M" else 1000)
+    if tokens > MAX_CONTEXT_TOKENS:
+        raise ValueError(f"BABILong length {label!r} is past the {MAX_CONTEXT_TOKENS // 1_000_000}M tokens allowed")
+    return tokens
 
 
 def parse_list(text: str, kind: str) -> list[str]:

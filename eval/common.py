@@ -27,6 +27,10 @@ RECURRENT_ARCHS = ("titans", "hope")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The longest context a length flag may ask for: ten times the papers' longest (BABILong's 10M);
+# past it, building one sample alone would exhaust memory before anything is said.
+MAX_CONTEXT_TOKENS = 100_000_000
+
 # where the offline eval data is looked for, for --help texts (default_data_dir)
 DATA_DIR_HELP = "a copy of shared/data (default $NL_DATA_DIR, $NL_SHARED_DATA or ../shared/data)"
 
@@ -102,8 +106,8 @@ def check_long_inputs(model, overflow: str, streaming: bool | None, max_len: int
                          "pass streaming=True to read any length with a growing KV cache")
     if not streaming and max_new_tokens is not None and max_len <= max_new_tokens:
         raise ValueError(f"an attention model reading max_len={max_len} tokens has no room for a prompt before "
-                         f"max_new_tokens={max_new_tokens} answer tokens: pass --max-new-tokens below {max_len} "
-                         f"(e.g. 32) or a larger --max-len")
+                         f"max_new_tokens={max_new_tokens} answer tokens: pass --max-new-tokens below {max_len}"
+                         + (" (e.g. 32)" if max_len > 64 else "") + " or a larger --max-len")
     return streaming
 
 

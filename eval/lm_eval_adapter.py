@@ -178,3 +178,10 @@ def __getattr__(name):
             _OUR_LM = _make_our_lm()
         return _OUR_LM
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":          # a library: say so rather than exit 0 having done nothing
+    import sys
+    print("error: eval.lm_eval_adapter has no command line; the zero-shot tasks run with "
+          "python -m eval.reproduce zeroshot --checkpoint RUN --out DIR (docs/REPRODUCE.md)", file=sys.stderr)
+    sys.exit(2)

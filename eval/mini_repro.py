@@ -310,8 +310,8 @@ def parse_args(argv=None):
         p.error("--seeds: give at least one seed")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds {','.join(map(str, args.seeds))}: each seed at most once")
-    if args.report_only and not os.path.isdir(args.out):
-        p.error(f"--report-only: results folder {args.out!r} does not exist")
+    if args.report_only and not os.path.isdir(os.path.join(args.out, "runs")):   # an all-"—" report, exit 0
+        p.error(f"--report-only: {args.out!r} holds no runs (no {os.path.join(args.out, 'runs')} folder)")
     try:
         check_output_dir(args.out)
         check_manifest(args, given)

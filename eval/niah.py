@@ -39,9 +39,10 @@ import torch
 
 from cli import OneLineArgumentParser, fraction_list, positive_int, seed_int, write_json
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, window_sentences
-from eval.common import (DATA_DIR_HELP, bf16_autocast, check_data_dir, check_long_inputs, context_handling,
-                         continuation_logprob, eval_mode, exit_on_error, fit_prompt, format_accuracy, greedy_generate,
-                         is_recurrent, load_for_generation, mean_over_scored, model_device, prefill)
+from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check_data_dir, check_long_inputs,
+                         context_handling, continuation_logprob, eval_mode, exit_on_error, fit_prompt,
+                         format_accuracy, greedy_generate, is_recurrent, load_for_generation, mean_over_scored,
+                         model_device, prefill)
 
 # RULER scripts/data/synthetic/constants.py and niah.py
 NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
@@ -87,7 +88,10 @@ def parse_length(label) -> int:
     match = re.fullmatch(r"(\d+)([kK]?)", text)
     if not match or int(match.group(1)) == 0:
         raise ValueError(f"bad S-NIAH length {label!r}; use e.g. 1k, 4k, 16k or a token count")
-    return int(match.group(1)) * (1024 if match.group(2) else 1)
+    tokens = int(match.group(1)) * (1024 if match.group(2) else 1)
+    if tokens > MAX_CONTEXT_TOKENS:
+        raise ValueError(f"S-NIAH length {label!r} is past the {MAX_CONTEXT_TOKENS:,} tokens allowed")
+    return tokens
 
 
 def _random_value(kind: str, rng: random.Random) -> str:

@@ -28,6 +28,10 @@ def test_length_labels():
     for bad in ("4", "k4", "4g", ""):
         with pytest.raises(ValueError, match="bad BABILong length"):
             length_tokens(bad)
+    # past 100M tokens building a sample exhausted memory without a word (9999999999k hung)
+    assert length_tokens("100M") == 100_000_000
+    with pytest.raises(ValueError, match=r"^BABILong length '9999999999k' is past the 100M tokens allowed$"):
+        length_tokens("9999999999k")
 
 
 def test_sentence_splitter_keeps_titles(monkeypatch):

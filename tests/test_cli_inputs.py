@@ -520,6 +520,17 @@ def test_no_output_file_inside_a_checkpoint(tmp_path):
         assert (folder / marker).read_text() == "keep me"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["-m", "eval.babi"], "error: eval.babi has no command line"),
+    (["-m", "eval.lm_eval_adapter"], "error: eval.lm_eval_adapter has no command line"),
+    (["-m", "data.prepare", "--source", "builtin", "--out", ""], "error: argument --out: is empty; give a folder")])
+def test_commands_that_did_nothing_say_so(argv, message):
+    """python -m eval.babi / eval.lm_eval_adapter exited 0 having done nothing; data.prepare
+    --out '' named the folder '.'."""
+    r = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+
+
 def test_write_atomic_makes_folders_and_leaves_nothing_half_written(tmp_path, monkeypatch):
     import cli
     out = tmp_path / "new" / "r.json"

@@ -61,7 +61,8 @@ def test_delta_vs_hope_pairs_seeds():
 @pytest.mark.parametrize("argv,message", [
     (["--seeds", "a,b"], "--seeds"), (["--seeds", ","], "--seeds"), (["--steps", "0"], "--steps"),
     (["--jobs", "0"], "--jobs"), (["--domain-steps", "-1"], "--domain-steps"), (["--seeds", "0,0"], "--seeds 0,0"),
-    (["--report-only", "--out", "/nonexistent/mini"], "/nonexistent/mini")])
+    (["--report-only", "--out", "/nonexistent/mini"], "/nonexistent/mini"),
+    (["--report-only", "--out", "/tmp"], "'/tmp' holds no runs")])      # an all-"—" report, exit 0
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         mini_repro.parse_args(argv)

@@ -27,6 +27,8 @@ def test_names_and_lengths():
             parse_task(bad)
     with pytest.raises(ValueError, match="bad S-NIAH length"):
         parse_length("4M")
+    with pytest.raises(ValueError, match=r"^S-NIAH length '9999999999k' is past the 100,000,000 tokens allowed$"):
+        parse_length("9999999999k")
 
 
 @needs_data
