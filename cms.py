@@ -49,7 +49,7 @@ import torch.nn as nn
 
 import kernels
 from config import ModelConfig
-from memory import ACTIVATIONS, activation_fns
+from memory import ACTIVATIONS, FWD_BWD, activation_fns, chunk_pieces
 from model import RMSNorm, hidden_width
 
 
@@ -86,17 +86,14 @@ def fast_level_scan(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, 
     The Python loop is over chunk pieces only: a piece is the rest of a partial chunk, a full
     chunk, or the start of the last chunk.
     """
-    T = a.shape[1]
-    outputs, start = [], 0
-    while start < T:
-        end = min(T, start + chunk_size - pos % chunk_size)
-        y, g_in, g_out = local_objective_grads(a[:, start:end], target[:, start:end], w_in, w_out, activation)
+    outputs, start_pos = [], pos
+    for lo, hi in chunk_pieces(start_pos, a.shape[1], chunk_size):
+        y, g_in, g_out = local_objective_grads(a[:, lo:hi], target[:, lo:hi], w_in, w_out, activation)
         g_in, g_out = g_in.to(w_in.dtype), g_out.to(w_out.dtype)   # sums and steps at the state's precision
         outputs.append(y)
         grad_in = g_in if grad_in is None else grad_in + g_in
         grad_out = g_out if grad_out is None else grad_out + g_out
-        pos += end - start
-        start = end
+        pos = start_pos + hi
         if pos % chunk_size == 0:                                  # chunk complete: theta_{c+1}
             w_in = w_in - lr * grad_in
             w_out = w_out - lr * grad_out
@@ -187,7 +184,7 @@ class CMSLevel(nn.Module):
         C = self.chunk_size
         gradient = 3 * 2 * C * D * hidden                                  # per chunk
         update = 2 * 2 * hidden * D                                        # per chunk
-        return (3 if backward else 1) * (gradient + update) // C
+        return (FWD_BWD if backward else 1) * (gradient + update) // C
 
     def forward(self, z, state=None):
         """z [B, T, D] -> (MLP output [B, T, D] to add to z, new level state or None)."""

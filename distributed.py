@@ -141,11 +141,7 @@ def on_main(env: DistEnv, fn):
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (SUM / world: gloo has no ReduceOp.AVG)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value
+    return all_reduce_sum(value) / (dist.get_world_size() if dist.is_initialized() else 1)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import ModelConfig
-from memory import NeuralMemory, chunk_pieces
+from memory import FWD_BWD, NeuralMemory, chunk_pieces
 from model import CausalDepthwiseConv, RMSNorm
 
 # Initialisation (the paper gives none). LanguageModel first draws every Linear from
@@ -275,9 +275,9 @@ class SelfModifyingTitans(nn.Module):
         model's 6N). Independent of seq_len (a recurrence)."""
         total = self.memory.flops_per_token(backward)
         reads = self.memory.read_flops()                                 # one M(x) per head
-        total += (3 if backward else 1) * self.n_head * reads            # the target M_mem,B(v)
+        total += (FWD_BWD if backward else 1) * self.n_head * reads      # the target M_mem,B(v)
         if self.projections is not None:
             n = len(self.projection_names)
             total += self.projections.flops_per_token(backward)
-            total += (3 if backward else 1) * 2 * n * self.n_head * reads  # read x~ and v
+            total += (FWD_BWD if backward else 1) * 2 * n * self.n_head * reads  # read x~ and v
         return total

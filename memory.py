@@ -70,6 +70,7 @@ import torch.nn.functional as F
 import kernels
 
 UPDATE_RULES = ("momentum", "dgd", "gd")
+FWD_BWD = 3          # FLOPs of forward + backward over the forward's (the backward costs about two)
 ACTIVATIONS = ("silu", "gelu")
 
 
@@ -384,7 +385,8 @@ class NeuralMemory(nn.Module):
         """None where scan() on `device` runs the fused Triton layer; else why it takes the
         per-chunk path above (the oracle, and the CPU path). The fused layer needs the scans
         in Triton (backend "triton", or "auto" on CUDA), fp32 state, full backprop, and a
-        linear memory with C <= 64, d <= 128 and no clipping (kernels/triton_memory.py) or an
+        linear memory with C <= triton_memory.max_chunk(d) (64, or 32 above d 64), d <= 128 and
+        no clipping (kernels/triton_memory.py) or an
         MLP memory that `fusable_mlp` takes, clipped or not (kernels/triton_mlp_memory.py).
         The MLP kernel has passed its CUDA tests at the paper shapes, but no GPU run has yet
         timed it inside a model (BENCHMARKS.md), so only an explicit backend "triton" selects
@@ -513,7 +515,7 @@ class NeuralMemory(nn.Module):
         for V, K in layers:
             scans += 2 * C * (K + V) + 2 * C * C + 8 * V * K                 # intra, A@B, S/Z reads+writes
         per_head = writes + scans
-        return (3 if backward else 1) * self.n_head * per_head
+        return (FWD_BWD if backward else 1) * self.n_head * per_head
 
 
 class _no_autocast:

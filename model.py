@@ -241,7 +241,7 @@ def make_block(cfg: ModelConfig) -> Block:
         # HOPE block (NL Eq. 94-97) / HOPE-attention: the CMS chain replaces the FFN.
         ffn = ContinuumMemory(cfg) if cfg.hope.cms else SwiGLU(cfg.d_model, ffn_hidden(cfg))
         return Block(cfg, mixer, ffn)
-    raise NotImplementedError(f"model.arch={cfg.arch!r} is not implemented yet")
+    raise ValueError(f"unknown model.arch={cfg.arch!r}")       # config.py's choices stop it first
 
 
 class LanguageModel(nn.Module):

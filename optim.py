@@ -518,10 +518,9 @@ def split_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     biases, gates) are not decayed (the GPT-2/nanoGPT split). Tied weights appear once.
     """
     excluded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for head_name in ("head", "lm_head", "output"):
-        head = getattr(model, head_name, None)
-        if isinstance(head, nn.Linear):
-            excluded.add(id(head.weight))
+    head = getattr(model, "head", None)              # LanguageModel's output head
+    if isinstance(head, nn.Linear):
+        excluded.add(id(head.weight))
     hidden_matrices, embeddings, vectors, seen = [], [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:

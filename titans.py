@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import kernels
 from config import ModelConfig
-from memory import NeuralMemory, chunk_pieces, chunk_step_budget
+from memory import FWD_BWD, NeuralMemory, chunk_pieces, chunk_step_budget
 from model import CausalDepthwiseConv, RMSNorm, at_least_fp32, attention_mask, causal_attention, extend_kv_cache, project_qkv
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
@@ -366,7 +366,7 @@ class TitansMAC(nn.Module):
 
     def memory_flops_per_token(self, seq_len):
         m = self.memory.memory
-        return self.memory.flops_per_token() + 3 * m.n_head * m.read_flops()      # + the h reads
+        return self.memory.flops_per_token() + FWD_BWD * m.n_head * m.read_flops()    # + the h reads
 
     def attention_flops_per_token(self, seq_len):
         return self.attn.flops_per_token(2 * min(seq_len, self.segment_size))   # h and S keys

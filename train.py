@@ -280,7 +280,6 @@ def peak_memory_gib(device_type) -> float:
     return rss / 2**30 if sys.platform == "darwin" else rss / 2**20   # bytes on macOS, KiB on Linux
 
 
-@torch.no_grad()
 def _silent(*args, **kwargs):
     pass
 

@@ -3,7 +3,8 @@
 These are the oracles: one token at a time, straight from the recurrences, no tricks.
 They are slow (a Python loop over T) and exist to be read and to test the fast paths.
 
-Shapes (per batch b, head h; memories act on row vectors):
+Shapes (per batch b, head h; S maps a key to a value, o_t = S_t q_t with S [V, K]: DESIGN's
+row-vector form, transposed):
     q, k  [B, T, H, K]      u  [B, T, H, V]      alpha, eta, beta  [B, T, H]
     S, Z  [B, H, V, K]      o  [B, T, H, V]
 Computation happens in the widest input dtype, at least float32 (checks.compute_dtype);

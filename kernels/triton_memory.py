@@ -155,8 +155,8 @@ def _tiles(d, chunk_size):
 
 
 def max_chunk(d):
-    """Largest chunk C the fused kernels take at head dim d: 64, or 32 when d > 64 (as in
-    triton_scans._tiles: a [64, 128] fp32 tile set would overflow registers/shared memory)."""
+    """Largest chunk C the fused kernels take at head dim d: 64, or 32 when d > 64, the rule of
+    the scans at K > 64 (triton_scans.WIDE_KEY_CHUNK, where its reasons are measured)."""
     return MAX_CHUNK if d <= 64 else MAX_CHUNK // 2
 
 
