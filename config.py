@@ -257,6 +257,9 @@ class DataConfig:
     hf_data_files: str = ""
     text_field: str = "text"
     max_docs: Optional[int] = None   # null = all; else >= 2 (one train and one val document)
+    sampling: str = choice("random", ["random", "shuffled"])   # training windows (data/loader.py):
+                                     # random = drawn anywhere with replacement (nanoGPT); shuffled =
+                                     # non-overlapping, each once per epoch in a seeded order (one pass)
 
     def __post_init__(self):
         self.val_fraction = _check_range(self.val_fraction, "data.val_fraction", 0, strict=True, below=1)

@@ -449,7 +449,10 @@ def _train(cfg: Config, env: DistEnv):
         f"x {t.grad_accum} micro-batch(es) x {micro_bs} sequences of {t.seq_len}")
     # every rank reads its slice of the same global batch (data/loader.py)
     sampler = BatchSampler(dataset, "train", t.batch_size, t.seq_len, seed=t.seed,
-                           rank=env.rank, world_size=env.world_size)
+                           rank=env.rank, world_size=env.world_size, sampling=cfg.data.sampling)
+    split_tokens = dataset.meta["splits"]["train"]["tokens"]
+    say(f"data: {cfg.data.sampling} windows of {t.seq_len + 1} tokens; {t.max_steps} steps read "
+        f"{t.max_steps * t.batch_size * t.seq_len / split_tokens:.3g}x the train split's {split_tokens:,} tokens")
 
     # ---- resume (a checkpoint of any rank count: DCP reshards on load)
     ckpt_root = os.path.join(t.out_dir, "checkpoints")

@@ -9,7 +9,11 @@ Reading prepared data (data/prepare.py): random training windows and ordered eva
 
 The global batch at step s is a pure function of (seed, s), and rank r takes rows
 [r*b, (r+1)*b): one process and N processes see the same global batches, and a resumed
-run (on any world size) continues the exact stream.
+run (on any world size) continues the exact stream. Two samplings (data.sampling):
+  random    every row a window starting anywhere, drawn uniformly with replacement (nanoGPT);
+  shuffled  the split cut into non-overlapping windows, each read once per epoch in an order
+            that a seeded bijection gives per epoch (one pass over the data, as a paper's
+            "trained on N tokens" means; the order is computed, not stored).
 """
 
 import os
@@ -105,20 +109,51 @@ def _rows_to_tensors(rows: np.ndarray):
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
+SAMPLINGS = ("random", "shuffled")
+
+
+def permute(index: np.ndarray, n: int, key) -> np.ndarray:
+    """A pseudo-random bijection of [0, n) applied to `index`, chosen by `key` (4 uint64): a
+    4-round Feistel network on the smallest even power of two >= n, walked round its cycles
+    until the value falls back in [0, n) (a bijection of [0, n) again). Stateless: the
+    shuffled sampler's epoch order without storing a permutation of every window."""
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    keys = np.asarray(key, dtype=np.uint64)
+
+    def rounds(x):
+        left, right = x >> np.uint64(half), x & mask
+        for k in keys:
+            h = (right ^ k) * np.uint64(0x9E3779B97F4A7C15)     # a multiply-xorshift mix (splitmix64's)
+            h ^= h >> np.uint64(29)
+            left, right = right, left ^ (h & mask)
+        return (left << np.uint64(half)) | right
+
+    x = np.asarray(index, dtype=np.uint64).copy()
+    outside = np.ones(x.shape, dtype=bool)
+    while outside.any():
+        x[outside] = rounds(x[outside])
+        outside = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
 class BatchSampler:
-    """Random windows of seq_len + 1 tokens, drawn uniformly from every window that lies
-    inside one shard (windows do not straddle shard files, so reads stay one slice)."""
+    """Windows of seq_len + 1 tokens that lie inside one shard (windows do not straddle shard
+    files, so reads stay one slice): `random` draws each from every such window, uniformly;
+    `shuffled` reads the non-overlapping ones (starts seq_len apart) once per epoch."""
 
     def __init__(self, dataset: TokenDataset, split: str, batch_size: int, seq_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, sampling: str = "random"):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
         _check_split_length(dataset, split, seq_len)
-        self.dataset, self.split = dataset, split
+        self.dataset, self.split, self.sampling = dataset, split, sampling
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
         self.local_batch_size = batch_size // world_size
@@ -128,7 +163,11 @@ class BatchSampler:
         if not self.usable_shards:
             raise ValueError(f"no shard of split {split!r} holds seq_len + 1 = {seq_len + 1} tokens; "
                              "prepare with a larger --shard-tokens")
-        windows_per_shard = np.array([len(self.arrays[i]) - seq_len for i in self.usable_shards], dtype=np.int64)
+        # a window is seq_len + 1 tokens; `random` may start one at any token, `shuffled` every
+        # seq_len tokens (consecutive windows share one boundary token, as iter_eval_batches')
+        self.stride = 1 if sampling == "random" else seq_len
+        windows_per_shard = np.array([(len(self.arrays[i]) - 1 - seq_len) // self.stride + 1
+                                      for i in self.usable_shards], dtype=np.int64)
         self.window_ends = np.cumsum(windows_per_shard)  # global window index -> shard via searchsorted
         self.step = 0
 
@@ -138,11 +177,19 @@ class BatchSampler:
 
     def global_window_starts(self, step: int) -> list[tuple[int, int]]:
         """(shard index, start offset) of every row of the global batch at `step`."""
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step])))
-        windows = rng.integers(0, self.num_windows, size=self.batch_size)
+        if self.sampling == "random":
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step])))
+            windows = rng.integers(0, self.num_windows, size=self.batch_size)
+        else:                          # rows n of the whole stream: epoch n // N, place n % N in it
+            rows = step * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+            epochs, places = rows // self.num_windows, rows % self.num_windows
+            windows = np.empty_like(rows)
+            for epoch in np.unique(epochs):                 # one epoch, or two where a batch ends it
+                key = np.random.SeedSequence([self.seed, int(epoch)]).generate_state(4, np.uint64)
+                windows[epochs == epoch] = permute(places[epochs == epoch], self.num_windows, key)
         usable = np.searchsorted(self.window_ends, windows, side="right")
         first_window = np.concatenate([[0], self.window_ends[:-1]])
-        return [(self.usable_shards[u], int(w - first_window[u])) for u, w in zip(usable, windows)]
+        return [(self.usable_shards[u], int(w - first_window[u]) * self.stride) for u, w in zip(usable, windows)]
 
     def next_batch(self):
         """This rank's (x, y), int64 [batch_size // world_size, seq_len] on the CPU; advances the step."""
@@ -159,10 +206,11 @@ class BatchSampler:
     def state_dict(self) -> dict:
         # rank and world_size are left out on purpose: the global stream does not depend on them
         return {"step": self.step, "seed": self.seed, "split": self.split, "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "num_windows": self.num_windows}
+                "seq_len": self.seq_len, "sampling": self.sampling, "num_windows": self.num_windows}
 
     def load_state_dict(self, state: dict):
-        for key in ("batch_size", "seq_len", "num_windows"):
+        state = {"sampling": "random", **state}         # saved before the shuffled sampling existed
+        for key in ("batch_size", "seq_len", "sampling", "num_windows"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"data position was saved with {key}={state[key]}, this sampler has "
                                  f"{key}={getattr(self, key)}: the batch stream would differ")

@@ -535,6 +535,56 @@ def test_sampler_resume_exact(token_dir):
         wrong.load_state_dict(state)
 
 
+def test_permute_is_a_seeded_bijection():
+    from data.loader import permute
+    key = np.random.SeedSequence([0, 1]).generate_state(4, np.uint64)
+    other = np.random.SeedSequence([0, 2]).generate_state(4, np.uint64)
+    for n in (1, 2, 3, 17, 64, 1000, 4097):
+        order = permute(np.arange(n), n, key)
+        assert sorted(order.tolist()) == list(range(n))
+        assert np.array_equal(permute(np.arange(n)[::-1], n, key), order[::-1])   # elementwise, any batch
+    assert not np.array_equal(permute(np.arange(1000), 1000, key), permute(np.arange(1000), 1000, other))
+    assert not np.array_equal(permute(np.arange(1000), 1000, key), np.arange(1000))
+
+
+def test_shuffled_sampling_reads_every_window_once_per_epoch(token_dir):
+    """data.sampling=shuffled: the non-overlapping windows (starts seq_len apart, inside one
+    shard) each once per epoch, batches crossing an epoch boundary included, another order
+    the next epoch; ranks slice the same global batch and a resume continues it exactly.
+    Kills sampling with replacement (a repeat inside an epoch) and an order that ignores the
+    epoch."""
+    dataset = TokenDataset(token_dir)
+    sampler = BatchSampler(dataset, "train", batch_size=4, seq_len=50, seed=3, sampling="shuffled")
+    windows = [(s, o) for s, n in ((0, 300), (2, 500)) for o in range(0, n - 50, 50)]   # the 40-token shard has none
+    assert sampler.num_windows == len(windows) == 5 + 9
+    starts = [w for step in range(7) for w in sampler.global_window_starts(step)]      # 28 rows: 2 epochs
+    first, second = starts[:14], starts[14:]
+    assert sorted(first) == sorted(second) == sorted(windows) and first != second
+    x, y = sampler.next_batch()
+    flat = [np.asarray(s) for s in dataset.shards["train"]]
+    (s, o), row = first[0], np.concatenate([x[0].numpy(), y[0, -1:].numpy()])
+    assert np.array_equal(flat[s][o:o + 51], row)
+    state = sampler.state_dict()
+    assert state["sampling"] == "shuffled"
+    resumed = BatchSampler(dataset, "train", batch_size=4, seq_len=50, seed=0, sampling="shuffled")
+    resumed.load_state_dict(state)
+    ranks = [BatchSampler(dataset, "train", batch_size=4, seq_len=50, seed=3, rank=r, world_size=2,
+                          sampling="shuffled") for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(state)
+    for _ in range(4):
+        x, y = sampler.next_batch()
+        assert torch.equal(resumed.next_batch()[0], x)
+        assert torch.equal(torch.cat([r.next_batch()[0] for r in ranks]), x)
+    with pytest.raises(ValueError, match="data position was saved with sampling=shuffled, this sampler has "
+                                         "sampling=random"):
+        BatchSampler(dataset, "train", batch_size=4, seq_len=50, seed=3).load_state_dict(state)
+    old = {k: v for k, v in BatchSampler(dataset, "train", 4, 50, seed=3).state_dict().items() if k != "sampling"}
+    BatchSampler(dataset, "train", 4, 50, seed=3).load_state_dict(old)      # saved before `sampling` existed
+    with pytest.raises(ValueError, match="sampling must be one of random, shuffled"):
+        BatchSampler(dataset, "train", 4, 50, seed=3, sampling="epoch")
+
+
 def test_ranks_slice_the_same_global_batch(token_dir):
     dataset = TokenDataset(token_dir)
     single = BatchSampler(dataset, "train", batch_size=6, seq_len=16, seed=1)

@@ -87,6 +87,7 @@ def test_recipe_fields(path):
     assert o.weight_decay == pytest.approx(0.1), f"{name}: weight decay 0.1"
     assert t.max_steps == round(TOKENS[_size_of(path)] / BATCH_TOKENS), f"{name}: training tokens"
     assert d.dataset.startswith("hf:HuggingFaceFW/fineweb-edu") and d.hf_streaming, f"{name}: FineWeb-Edu"
+    assert d.sampling == "shuffled", f"{name}: one pass over the data (trained on N tokens), not with replacement"
     assert d.tokenizer == "gpt2"
     assert os.path.basename(t.out_dir.rstrip("/")) == name[:-len(".yaml")]
 
