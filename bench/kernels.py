@@ -1,7 +1,8 @@
 """Kernel benchmark (issue 5 item 5): the scan primitives and the fused memory layer.
 
     python bench/kernels.py                 # GPU: B=4, T in {2048,4096,8192}, H=16, d in {64,128}, bf16
-    python bench/kernels.py --quick         # tiny sizes, fp32: a smoke test (CPU: Triton interpreter)
+    python bench/kernels.py --quick         # tiny sizes, fp32: a smoke test (CPU: the Triton interpreter,
+                                            # several minutes on 2 cores; --parts scans for one part)
     python bench/kernels.py --T 4096 --d 64 --ops delta_rule --json out.json
     python bench/kernels.py --parts hope memory --T 4096 --d 64    # parts in this order only
     python bench/kernels.py --parts memory --depths 1 --fp32-matmul-precision highest   # linear memories, exact products
