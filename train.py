@@ -214,6 +214,20 @@ def check_resume_config(cfg: Config, ckpt: str):
                           "checkpoint's setting, or start a new train.out_dir")
 
 
+def earlier_checkpoint_hint(t, ckpt_root) -> str:
+    """For an error about the checkpoint train.resume=auto picked: the step before it, which
+    the run kept ('' where there is none, or the resume was explicit)."""
+    steps = saved_steps(ckpt_root) if t.resume == "auto" else []
+    try:
+        latest = open(os.path.join(ckpt_root, LATEST)).read().strip()
+    except (OSError, UnicodeDecodeError):
+        latest = None
+    earlier = [s for s in steps if s != latest]
+    if not earlier:
+        return ""
+    return f"; the earlier {earlier[-1]} is kept: --train.resume={os.path.join(ckpt_root, earlier[-1])} resumes it"
+
+
 def checkpoint_to_resume(t) -> str | None:
     """train.resume -> the checkpoint to start from: auto = the out_dir's latest (None when
     it has none), never = None, a PATH = its checkpoint (FileNotFoundError without one)."""
@@ -457,10 +471,16 @@ def _train(cfg: Config, env: DistEnv):
     # ---- resume (a checkpoint of any rank count: DCP reshards on load)
     ckpt_root = os.path.join(t.out_dir, "checkpoints")
     start_step, stats = 0, {"skipped_steps": 0, "tokens": 0}
-    resume_from = checkpoint_to_resume(t)
+    try:
+        resume_from = checkpoint_to_resume(t)
+        if resume_from:
+            check_resume_config(cfg, resume_from)
+            state = load_training_state(resume_from, model, optimizer, required=RESUME_KEYS)
+    except ConfigError:
+        raise
+    except ValueError as e:          # a damaged latest checkpoint: name the one kept before it
+        raise ValueError(f"{e}{earlier_checkpoint_hint(t, ckpt_root)}") from None
     if resume_from:
-        check_resume_config(cfg, resume_from)
-        state = load_training_state(resume_from, model, optimizer, required=RESUME_KEYS)
         start_step, stats = state["step"], state["stats"]
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])

@@ -678,6 +678,24 @@ def test_a_rollback_sets_the_abandoned_checkpoints_aside(corpus, tmp_path, monke
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 11))
 
 
+def test_a_damaged_latest_checkpoint_names_the_one_before_it(corpus, tmp_path, capsys):
+    """resume=auto on a latest checkpoint with a truncated shard: the one-line error says
+    which earlier checkpoint the run kept and how to resume it (it said only what was wrong)."""
+    import train as train_mod
+    out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    common = [*TINY, f"--data.dataset={corpus}", "--train.eval_every=0", "--train.ckpt_every=2",
+              f"--train.out_dir={out}"]
+    assert train_mod.main([*common, "--train.max_steps=4"]) == 0
+    (shard,) = [p for p in (root / "step_000004").iterdir() if p.suffix == ".distcp"]
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    assert train_mod.main([*common, "--train.max_steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step_000004 is truncated" in err
+    assert err.rstrip().endswith(f"; the earlier step_000002 is kept: --train.resume={root / 'step_000002'} resumes it")
+    assert train_mod.main([*common, "--train.max_steps=6", f"--train.resume={root / 'step_000002'}"]) == 0
+
+
 def test_starting_over_keeps_the_earlier_results(corpus, tmp_path, capsys):
     """A run without checkpoints (ckpt_every 0) run again starts over: its metrics.jsonl and
     final_eval.json were overwritten without a word; they are now kept as
