@@ -324,7 +324,7 @@ def test_greedy_generate_leaves_out_an_end_of_text_its_tokenizer_would_print():
     from helpers import RiggedByteModel
 
     class PrintsEot:
-        eot_id = 256
+        eot_id, vocab_size = 256, 257
         _bytes = get_tokenizer("bytes")
 
         def decode(self, ids):
