@@ -113,9 +113,6 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
             torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
             dump_yaml(cfg, os.path.join(tmp, "config.yaml"))
             _fsync_tree(tmp)
-        except Exception as e:
-            error = _save_failed(ckpt_root, tmp, final, e)
-        else:
             # Re-saving the same step replaces it: the old folder is renamed aside, not deleted,
             # before the new one is renamed in, so `latest` names a missing step only between two
             # renames (not for a whole rmtree); a kill leaves the aside copy for _prune to clear.
@@ -127,6 +124,8 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
             shutil.rmtree(aside, ignore_errors=True)
             write_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
             _prune(ckpt_root, keep, name)
+        except Exception as e:       # every rank hears of it below, rather than wait in a collective
+            error = _save_failed(ckpt_root, tmp, final, e)
     if dist.is_initialized() and dist.get_world_size() > 1:
         message = [error]
         dist.broadcast_object_list(message, src=0)      # also the barrier: every rank stops on rank 0's error
@@ -151,10 +150,10 @@ def _save_failed(ckpt_root, tmp, final, e) -> str:
 def saved_steps(ckpt_root) -> list[str]:
     """The step_N directories under a checkpoints/ root, oldest first ([] without the root)."""
     names = os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else []
-    return sorted((d for d in names if d.startswith("step_")), key=_step_of)
+    return sorted((d for d in names if d.startswith("step_")), key=step_number)
 
 
-def _step_of(name):
+def step_number(name):
     """step_000042 -> 42 (step order, also past 6 digits); a stray step_* name sorts first."""
     digits = name.removeprefix("step_")
     return int(digits) if digits.isdigit() else -1
@@ -174,7 +173,7 @@ def _prune(ckpt_root, keep, newest):
     """Keep the `keep` latest checkpoints up to `newest` (the one just written). Steps past it
     (train.py sets a rollback's aside first: set_aside_later_steps) are neither counted nor
     deleted here."""
-    done = [d for d in saved_steps(ckpt_root) if _step_of(d) <= _step_of(newest)]
+    done = [d for d in saved_steps(ckpt_root) if step_number(d) <= step_number(newest)]
     for d in done[:-keep] if keep > 0 else []:
         if d != newest:
             shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
@@ -190,7 +189,7 @@ def set_aside_later_steps(ckpt_root, step) -> list[str]:
     abandoned run. Rank 0, once the resume has loaded. -> the new names."""
     renamed = []
     for d in saved_steps(ckpt_root):
-        if _step_of(d) > step:
+        if step_number(d) > step:
             new, n = f"abandoned-{d}", 1
             while os.path.lexists(os.path.join(ckpt_root, new)):     # an earlier rollback's
                 n += 1

@@ -147,9 +147,18 @@ def _creation_problem(folder: str) -> str | None:
     return None
 
 
-# files that mark a checkpoint folder or a checkpoints/ root: checkpoint.py's TRAINER_STATE and
-# LATEST, and DCP's index (tests/test_cli_inputs.py checks the names against checkpoint.py)
-CHECKPOINT_MARKERS = ("trainer_state.pt", ".metadata", "latest")
+# what marks a checkpoint folder (checkpoint.py's TRAINER_STATE, or DCP's index beside its
+# shards) or a checkpoints/ root (checkpoint.py's LATEST beside step_* folders);
+# tests/test_cli_inputs.py checks the names against checkpoint.py
+TRAINER_STATE, DCP_INDEX, LATEST = "trainer_state.pt", ".metadata", "latest"
+
+
+def inside_checkpoint(folder: str) -> bool:
+    def has(name):
+        return os.path.lexists(os.path.join(folder, name))
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return (has(TRAINER_STATE) or (has(DCP_INDEX) and any(n.endswith(".distcp") for n in names))
+            or (has(LATEST) and any(n.startswith("step_") for n in names)))
 
 
 def output_file_problem(path: str) -> str | None:
@@ -161,8 +170,7 @@ def output_file_problem(path: str) -> str | None:
         return "is empty; give a file name"
     if os.path.isdir(path):
         return "is a folder; give a file name"
-    folder = os.path.dirname(os.path.abspath(path))
-    if any(os.path.lexists(os.path.join(folder, name)) for name in CHECKPOINT_MARKERS):
+    if inside_checkpoint(os.path.dirname(os.path.abspath(path))):
         return "is inside a checkpoint folder; write it elsewhere"
     if os.path.exists(path) and not os.access(path, os.W_OK):
         return "exists and is not writable"

@@ -626,8 +626,6 @@ def validate(cfg: Config):
     t = cfg.train        # single values, and the model's fields, are checked in each section's __post_init__
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-    if cfg.eval.during_training and not t.eval_every:
-        raise ConfigError(f"eval.during_training={cfg.eval.during_training} never runs with train.eval_every=0")
 
 
 def check_vocab(cfg: Config):

@@ -26,7 +26,7 @@ import yaml
 
 import distributed
 from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints, load_config_of, load_training_state,
-                        resolve_checkpoint, save_checkpoint, saved_steps, set_aside_later_steps)
+                        resolve_checkpoint, save_checkpoint, saved_steps, set_aside_later_steps, step_number)
 from cli import check_output_dir
 from config import Config, ConfigError, check_vocab, dump_yaml, load_config, to_dict
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, full_value, gradient_sync
@@ -147,7 +147,7 @@ def check_out_dir(t):
                           "train.resume=never would overwrite them: choose another train.out_dir")
     if t.resume not in ("auto", "never") and holds_checkpoints(t.out_dir):
         ckpt = resolve_checkpoint(t.resume)               # resuming its own earlier step is a rollback: allowed
-        if os.path.realpath(os.path.dirname(ckpt)) != os.path.realpath(root):
+        if os.path.realpath(os.path.dirname(os.path.normpath(ckpt))) != os.path.realpath(root):
             raise ConfigError(f"train.out_dir {t.out_dir} already holds checkpoints ({', '.join(steps) or LATEST}); "
                               f"train.resume={t.resume} (another run's) would overwrite them: choose another "
                               "train.out_dir")
@@ -187,26 +187,32 @@ def check_eval_split(cfg: Config, dataset, data_dir):
 # the inner-loop stabilisers a diverging run may need to change at a rollback
 RESUME_MAY_CHANGE = {"kernels", "attention", "max_seq_len", *(f"{part}.{key}" for part in ("titans", "hope")
                      for key in ("max_grad_norm", "detach_targets", "detach_chunks_older_than")), "titans.step_budget"}
-ARCH_SECTIONS = {"transformer": (), "titans": ("titans",), "hope": ("hope", "cms"), "hope_attention": ("hope", "cms")}
+# the model sections (or single fields) each architecture reads
+ARCH_SECTIONS = {"transformer": (), "titans": ("titans",), "hope": ("hope", "cms"),
+                 "hope_attention": ("hope.cms", "cms")}
 
 
 def check_resume_config(cfg: Config, ckpt: str):
     """A resumed run is the checkpoint's model: a model field that would load into the same
     shapes but compute something else (heads, RoPE theta, chunk sizes, ...; all but
     RESUME_MAY_CHANGE, in the sections the architecture reads) or another tokenizer is a
-    one-line ConfigError. So is another train.seed: the resumed data stream is the checkpoint's."""
+    one-line ConfigError. So are another train.seed or data.sampling: the resumed data stream
+    is the checkpoint's (a run begun before the paper configs took data.sampling=shuffled
+    resumes with --data.sampling=random)."""
     saved = load_config_of(ckpt)
 
     def fields(model_cfg):
         data = to_dict(model_cfg)
         out = {k: v for k, v in data.items() if not isinstance(v, dict)}
         for part in ARCH_SECTIONS[model_cfg.arch]:
-            out.update({f"{part}.{k}": v for k, v in data[part].items()})
+            section, _, key = part.partition(".")
+            out.update({f"{section}.{k}": v for k, v in data[section].items() if k == key or not key})
         return out
     ours, theirs = fields(cfg.model), fields(saved.model)
     changed = [(f"model.{k}", v, ours.get(k)) for k, v in theirs.items()
                if k not in RESUME_MAY_CHANGE and ours.get(k) != v]
     changed += [(key, a, b) for key, a, b in (("data.tokenizer", saved.data.tokenizer, cfg.data.tokenizer),
+                                              ("data.sampling", saved.data.sampling, cfg.data.sampling),
                                               ("train.seed", saved.train.seed, cfg.train.seed)) if a != b]
     if changed:
         key, a, b = changed[0]
@@ -222,7 +228,7 @@ def earlier_checkpoint_hint(t, ckpt_root) -> str:
         latest = open(os.path.join(ckpt_root, LATEST)).read().strip()
     except (OSError, UnicodeDecodeError):
         latest = None
-    earlier = [s for s in steps if s != latest]
+    earlier = [s for s in steps if latest and step_number(s) < step_number(latest)]
     if not earlier:
         return ""
     return f"; the earlier {earlier[-1]} is kept: --train.resume={os.path.join(ckpt_root, earlier[-1])} resumes it"
@@ -408,6 +414,8 @@ def _train(cfg: Config, env: DistEnv):
     random.seed(t.seed)
     np.random.seed(t.seed)
 
+    if cfg.eval.during_training and not t.eval_every:   # here, not in config.validate: saved configs load
+        raise ConfigError(f"eval.during_training={cfg.eval.during_training} never runs with train.eval_every=0")
     if cfg.eval.during_training:    # names checked by config.py; their data read now, not after training
         from eval.run import check_during_training
         check_during_training(cfg.eval.during_training)
@@ -445,8 +453,8 @@ def _train(cfg: Config, env: DistEnv):
         say(f"note: {len(idle)} parameter(s) get no gradient at train.seq_len={t.seq_len} and will not train "
             f"(a CMS fast level's chunk is not shorter than the sequence): {', '.join(idle[:2])}"
             + (", ..." if len(idle) > 2 else ""))
-    if cfg.optim.warmup_steps >= t.max_steps:
-        say(f"note: optim.warmup_steps={cfg.optim.warmup_steps} >= train.max_steps={t.max_steps}: the lr never "
+    if cfg.optim.warmup_steps > t.max_steps:
+        say(f"note: optim.warmup_steps={cfg.optim.warmup_steps} > train.max_steps={t.max_steps}: the lr never "
             f"leaves warm-up (it peaks at {lr_at(t.max_steps - 1, cfg):.3g}, train.lr={t.lr:.3g})")
     # `model` keeps its parameter names (checkpoints, eval, sampling); `train_model` is what
     # forward/backward run through: the FSDP2 model itself or a DDP wrapper
@@ -499,8 +507,9 @@ def _train(cfg: Config, env: DistEnv):
                     say(f"starting over: the earlier {name} is kept as {kept}")
         # metrics.jsonl first: a damaged line stops the run before anything else is rewritten
         log = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), resume_step=start_step if resume_from else None)
-        if resume_from and os.path.realpath(os.path.dirname(resume_from)) == os.path.realpath(ckpt_root):
-            abandoned = set_aside_later_steps(ckpt_root, start_step)      # a rollback
+        if (resume_from and t.resume != "auto"                            # a rollback
+                and os.path.realpath(os.path.dirname(os.path.normpath(resume_from))) == os.path.realpath(ckpt_root)):
+            abandoned = set_aside_later_steps(ckpt_root, start_step)
             if abandoned:
                 say(f"rollback to step {start_step}: the later checkpoints are kept as {', '.join(abandoned)}")
         dump_yaml(cfg, os.path.join(t.out_dir, "config.yaml"))

@@ -126,8 +126,9 @@ def check_manifest(args, given=()) -> None:
     as done under the new ones. --report-only takes the manifest's settings (those not `given`
     on the command line), so that the report states what ran."""
     path = os.path.join(args.out, MANIFEST)
+    args.settings_known = os.path.exists(path) or not os.path.isdir(os.path.join(args.out, "runs"))
     if not os.path.exists(path):
-        if os.path.isdir(os.path.join(args.out, "runs")) and not args.report_only:
+        if not args.settings_known and not args.report_only:
             raise ValueError(f"--out {args.out} holds results but no {MANIFEST} (their settings are unknown): "
                              "use another --out")
         return
@@ -343,7 +344,9 @@ def main(argv=None):
     command = "python -m eval.mini_repro " + shlex.join(argv if argv is not None else sys.argv[1:])
     where = machine()
     header = (f"Command: `{command.strip()}`  \nDate: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
-              f"  \nSettings: `{flags(settings(args))}`  \nMachine: {where}  \nWall time: {wall / 60:.1f} min"
+              f"  \nSettings: `{flags(settings(args))}`"
+              + ("" if args.settings_known else f" (assumed: the results predate {MANIFEST})")
+              + f"  \nMachine: {where}  \nWall time: {wall / 60:.1f} min"
               + (" (report only: the runs were timed when they ran)" if args.report_only else "") + "\n")
     results = collect(args.out, args.seeds, args.steps)
     results["meta"] = {"command": command, "wall_seconds": wall, "machine": where, **settings(args),

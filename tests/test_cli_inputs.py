@@ -509,12 +509,16 @@ def test_no_output_file_inside_a_checkpoint(tmp_path):
     """eval.perplexity --out .../step_N/trainer_state.pt (or checkpoints/latest) replaced the
     checkpoint's file and exited 0; every output-file flag now refuses a checkpoint folder."""
     import checkpoint
-    from cli import CHECKPOINT_MARKERS, output_file_problem
-    assert set(CHECKPOINT_MARKERS) == {checkpoint.TRAINER_STATE, checkpoint.LATEST, ".metadata"}
-    for marker in CHECKPOINT_MARKERS:
+    import cli
+    from cli import output_file_problem
+    assert (cli.TRAINER_STATE, cli.LATEST) == (checkpoint.TRAINER_STATE, checkpoint.LATEST)
+    for marker, beside in (("trainer_state.pt", None), (".metadata", "__0_0.distcp"), ("latest", "step_000002")):
         folder = tmp_path / marker.strip(".")
         folder.mkdir()
         (folder / marker).write_text("keep me")
+        assert output_file_problem(str(folder / "results.json")) is None or beside is None   # a lone `latest` is no checkpoint
+        if beside:
+            (folder / beside).mkdir()
         for name in (marker, "results.json"):
             assert output_file_problem(str(folder / name)) == "is inside a checkpoint folder; write it elsewhere"
         assert (folder / marker).read_text() == "keep me"

@@ -166,6 +166,8 @@ def test_results_without_a_manifest_are_not_continued(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no manifest.json" in err and "another --out" in err
     assert args_for(tmp_path, "--report-only").steps == 150
+    assert mini_repro.main(["--out", str(tmp_path), "--seeds", "0", "--report-only"]) == 0
+    assert "(assumed: the results predate manifest.json)" in (tmp_path / "MINI_REPRO.md").read_text()
     write_json(os.path.join(tmp_path, "manifest.json"), {"steps": 7})
     with pytest.raises(SystemExit):
         args_for(tmp_path)

@@ -177,7 +177,7 @@ def test_start_up_says_which_memory_parts_run_fused(corpus, tmp_path, capsys):
             "PyTorch path)") in out
     assert any(line.startswith("data: random windows of 33 tokens; 1 steps read ") for line in out)
     # TINY warms up for 5 steps: a 1-step run never reaches train.lr (3e-3), and says so
-    assert ("note: optim.warmup_steps=5 >= train.max_steps=1: the lr never leaves warm-up (it peaks at "
+    assert ("note: optim.warmup_steps=5 > train.max_steps=1: the lr never leaves warm-up (it peaks at "
             "0.0006, train.lr=0.003)") in out
 
 
@@ -228,6 +228,19 @@ def test_long_context_warning_where_memories_explode():
     assert warning("titans_mac_340m.yaml", "--model.titans.step_budget=null", "--model.titans.inner_lr_fixed=0") is None
     assert warning("titans_lmm_tiny.yaml", *long) is None
     assert warning("titans_mal_760m.yaml", "--train.seq_len=512", "--model.titans.step_budget=null") is None
+
+
+def test_during_training_evals_without_an_eval_cadence_are_refused(corpus, tmp_path):
+    """eval.during_training with train.eval_every=0 never ran; train.py refuses it before step 1
+    (not config.validate: a checkpoint saved with it before must still load for sampling and evals)."""
+    import train as train_mod
+    from config import ConfigError, config_from_dict
+    cfg = _cfg(corpus, tmp_path / "run", "--eval.during_training=[perplexity]")      # _cfg: eval_every 0
+    with pytest.raises(ConfigError, match=r"^eval.during_training=\['perplexity'\] never runs with "
+                                          r"train.eval_every=0$"):
+        train_mod.train(cfg)
+    assert not (tmp_path / "run").exists()
+    assert config_from_dict({"eval": {"during_training": ["perplexity"]}, "train": {"eval_every": 0}})
 
 
 def test_bad_out_dir_and_resume_lose_nothing(corpus, tmp_path, capsys):
@@ -663,7 +676,7 @@ def test_a_rollback_sets_the_abandoned_checkpoints_aside(corpus, tmp_path, monke
         raise RuntimeError("simulated crash")
     monkeypatch.setattr(train_mod, "save_checkpoint", crash)
     rollback = _cfg(corpus, out, "--train.max_steps=10", "--train.ckpt_every=5", "--train.keep_checkpoints=2",
-                    f"--train.resume={root / 'step_000004'}", "--train.lr=1e-2")
+                    f"--train.resume={root / 'step_000004'}{os.sep}", "--train.lr=1e-2")   # a shell's trailing /
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_mod.train(rollback)
     assert "rollback to step 4: the later checkpoints are kept as abandoned-step_000006" in capsys.readouterr().out
@@ -727,7 +740,8 @@ def test_resume_refuses_a_changed_model_tokenizer_or_seed(corpus, tmp_path):
     before = _snapshot(out)
     for flag, message in [("--model.n_head=4", "model.n_head=2, this run has 4"),
                           ("--model.rope_theta=500000", "model.rope_theta=10000.0, this run has 500000.0"),
-                          ("--train.seed=7", "train.seed=1337, this run has 7")]:
+                          ("--train.seed=7", "train.seed=1337, this run has 7"),
+                          ("--data.sampling=shuffled", "data.sampling='random', this run has 'shuffled'")]:
         with pytest.raises(ConfigError, match=f"^{ckpt} was trained with {re.escape(message)}: resume with the "
                                               "checkpoint's setting, or start a new train.out_dir$"):
             train_mod.train(_cfg(corpus, out, "--train.max_steps=3", flag))
@@ -756,7 +770,7 @@ def test_resume_takes_the_optimiser_settings_of_the_config(tmp_path):
     assert torch.equal(resumed.state[model.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
 
 
-@pytest.mark.parametrize("fails", ["dcp.save", "torch.save"])
+@pytest.mark.parametrize("fails", ["dcp.save", "torch.save", "write_atomic"])
 def test_a_failed_save_is_one_line_and_leaves_the_earlier_checkpoints(tmp_path, monkeypatch, fails):
     """A save that fails (a full disk: DCP says "unexpected pos 704 vs 598", torch.save
     errno 28) was a 57-line traceback that left a half-written .tmp- folder. It is one OSError
@@ -772,12 +786,15 @@ def test_a_failed_save_is_one_line_and_leaves_the_earlier_checkpoints(tmp_path, 
     def full(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") \
             if fails == "dcp.save" else OSError(28, "No space left on device")
-    monkeypatch.setattr(checkpoint.dcp if fails == "dcp.save" else checkpoint.torch, "save", full)
+    if fails == "write_atomic":      # the `latest` file, after the step folder is in place
+        monkeypatch.setattr(checkpoint, "write_atomic", full)
+    else:
+        monkeypatch.setattr(checkpoint.dcp if fails == "dcp.save" else checkpoint.torch, "save", full)
     with pytest.raises(OSError, match=rf"^could not write checkpoint {re.escape(str(root))}/step_000002 \(.*"
                                       r"(unexpected pos 704 vs 598|No space left on device); [0-9.]+ GiB free there\); "
                                       r"the earlier checkpoints are untouched$"):
         checkpoint.save_checkpoint(str(root), 2, model, opt, {"step": 2}, Config())
-    assert sorted(os.listdir(root)) == ["latest", "step_000001"]
+    assert sorted(os.listdir(root)) == ["latest", "step_000001"] + (["step_000002"] if fails == "write_atomic" else [])
     assert (root / "latest").read_text().strip() == "step_000001"
 
 
