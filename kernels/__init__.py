@@ -5,6 +5,11 @@
 
 shapes: q, k [B,T,H,K]; u [B,T,H,V]; alpha, eta, beta [B,T,H]; S, Z [B,H,V,K]; o [B,T,H,V].
 
+Names: here (and in every kernel file) eta is the erase strength of the delta rule, NL's
+eta' = lr / (1 + lr ||k||^2) of DGD (0 for plain GD; memory.py computes it), not the inner learning
+rate, which hope.py and titans.py call eta / theta and memory.py `lr`; u is the write
+(lr-scaled target) that memory.py hands over.
+
 Backends (fla's triad, DESIGN §4):
     "reference"  kernels/reference.py, sequential over tokens (the oracle)
     "torch"      kernels/chunked.py, chunked PyTorch (the CPU path)
