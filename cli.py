@@ -203,6 +203,17 @@ def check_output_dir(path: str, flag: str = "--out") -> str:
     return path
 
 
+def check_unique(flag: str, items: list, keys: list | None = None) -> list:
+    """-> items, or ValueError "<flag> names X twice" (a task or length listed twice ran twice;
+    keys: what makes two items the same, e.g. '300' and '0300' are one length)."""
+    seen = {}
+    for item, key in zip(items, items if keys is None else keys):
+        if key in seen:
+            raise ValueError(f"{flag} names {seen[key]!r} twice" + (f" (as {item!r})" if item != seen[key] else ""))
+        seen[key] = item
+    return items
+
+
 def write_json(path: str, data, indent=2) -> str:
     """A results file, written atomically (write_atomic) -> path."""
     return write_atomic(path, json.dumps(data, indent=indent) + "\n")

@@ -55,7 +55,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cli import (OneLineArgumentParser, check_output_file, non_negative_float, non_negative_int,
+from cli import (OneLineArgumentParser, check_output_file, check_unique, non_negative_float, non_negative_int,
                  positive_float, positive_int, read_text, seed_int, write_atomic, write_json)
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
 from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check_checkpoint_out, check_data_dir,
@@ -224,10 +224,8 @@ def parse_list(text: str, kind: str) -> list[str]:
     if not items:
         raise ValueError(f"--{kind} is empty")
     if kind == "tasks":
-        return [parse_task(x) for x in items]
-    for x in items:
-        length_tokens(x)
-    return items
+        return check_unique("--tasks", [parse_task(x) for x in items])
+    return check_unique("--lengths", items, [length_tokens(x) for x in items])
 
 
 def length_tokenizer(data_dir: str | None = None):

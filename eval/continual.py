@@ -53,8 +53,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from cli import (OneLineArgumentParser, check_output_dir, non_negative_int, positive_float, positive_int,
-                 read_text, seed_int, write_json)
+from cli import (OneLineArgumentParser, check_output_dir, check_unique, non_negative_int, positive_float,
+                 positive_int, read_text, seed_int, write_json)
 from eval.common import (DATA_DIR_HELP, check_data_dir, clipped_step, clone_state, context_limit, continuation_logprob,
                          eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device, prefill,
                          require_data_dir)
@@ -672,7 +672,7 @@ def _parse_arms(text: str) -> list[str]:
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise ValueError(f"--arms {text!r}: unknown arm(s) {bad}; choose from {','.join(ARMS)}")
-    return arms
+    return check_unique("--arms", arms)
 
 
 def main(argv=None):
@@ -726,7 +726,7 @@ def main(argv=None):
             results.update(dataset=args.dataset, arch=cfg.model.arch, checkpoint=os.path.abspath(args.checkpoint))
             plot = plot_intents
         else:
-            names = [n.strip() for n in args.domains.split(",") if n.strip()]
+            names = check_unique("--domains", [n.strip() for n in args.domains.split(",") if n.strip()])
             if not names:
                 raise ValueError(f"--domains {args.domains!r} names no domain; choose from {','.join(DOMAINS)}")
             domains = load_domains(names, args.data_dir)

@@ -37,7 +37,7 @@ import uuid
 
 import torch
 
-from cli import OneLineArgumentParser, fraction_list, positive_int, seed_int, write_json
+from cli import OneLineArgumentParser, check_unique, fraction_list, positive_int, seed_int, write_json
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, window_sentences
 from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check_data_dir, check_long_inputs,
                          context_handling, continuation_logprob, eval_mode, exit_on_error, fit_prompt,
@@ -236,9 +236,10 @@ def score_descriptions(n_distractors: int) -> dict:
 
 
 def run(args) -> dict:
-    tasks = [parse_task(t) for t in args.tasks.split(",") if t.strip()]
+    tasks = check_unique("--tasks", [parse_task(t) for t in args.tasks.split(",") if t.strip()])
     # label -> tokens; results are keyed by the labels, as in eval.run and eval.babilong
-    lengths = {x.strip(): parse_length(x.strip()) for x in args.lengths.split(",") if x.strip()}
+    labels = [x.strip() for x in args.lengths.split(",") if x.strip()]
+    lengths = dict(zip(labels, check_unique("--lengths", [parse_length(x) for x in labels])))
     if not tasks or not lengths:
         raise ValueError("--tasks and --lengths must name at least one task and one length")
     check_data_dir(args.data_dir)

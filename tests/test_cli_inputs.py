@@ -535,6 +535,17 @@ def test_commands_that_did_nothing_say_so(argv, message):
     assert r.returncode == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_a_list_flag_naming_an_item_twice_is_refused():
+    """--tasks qa1,qa1 (or qa1,1, or --lengths 300,0300) ran the same cell twice."""
+    from eval import babilong, continual
+    for call, message in [(lambda: babilong.parse_list("qa1,1", "tasks"), "--tasks names 'qa1' twice"),
+                          (lambda: babilong.parse_list("1k,01k", "lengths"), "--lengths names '1k' twice (as '01k')"),
+                          (lambda: continual._parse_arms("icl,icl"), "--arms names 'icl' twice")]:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            call()
+    assert babilong.parse_list("qa1,qa2", "tasks") == ["qa1", "qa2"]
+
+
 def test_write_atomic_makes_folders_and_leaves_nothing_half_written(tmp_path, monkeypatch):
     import cli
     out = tmp_path / "new" / "r.json"
