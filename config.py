@@ -230,7 +230,8 @@ class ModelConfig:
     def uses_rope(self) -> bool:
         """Whether the blocks have softmax attention with RoPE (model.Attention, titans.PersistentAttention):
         HOPE and Titans-LMM have none. tests/test_config.py checks this against every built architecture."""
-        return self.arch in ("transformer", "hope_attention") or (self.arch == "titans" and self.titans.variant != "lmm")
+        return self.arch in ("transformer", "hope_attention") or (self.arch == "titans"
+                                                                  and self.titans.variant != "lmm")
 
     def __post_init__(self):
         # Checked here (not in validate) so that build_model(dict | path) is checked too.
@@ -600,10 +601,33 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+def config_data(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> dict:
+    """The config file's mapping with the overrides merged in: what the user set."""
     data = read_yaml(path) if path else {}
-    data = _merge(data, parse_overrides(overrides or []))
-    return config_from_dict(data)
+    return _merge(data, parse_overrides(overrides or []))
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    return config_from_dict(config_data(path, overrides))
+
+
+# The model sections (or single fields of one) each architecture reads; the others are kept
+# in every config (and checkpoint) but change nothing.
+ARCH_SECTIONS = {"transformer": (), "titans": ("titans",), "hope": ("hope", "cms"),
+                 "hope_attention": ("hope.cms", "cms")}
+
+
+def reads(arch: str, section: str, key: str) -> bool:
+    """Whether model.arch reads model.<section>.<key>."""
+    return any(part in (section, f"{section}.{key}") for part in ARCH_SECTIONS[arch])
+
+
+def unread_settings(data: dict, arch: str) -> list[str]:
+    """The model.<section>.<key> set in `data` (config_data) that `arch` does not read: a
+    setting that silently changed nothing."""
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    return [f"model.{section}.{key}" for section in ("titans", "hope", "cms")
+            if isinstance(model.get(section), dict) for key in model[section] if not reads(arch, section, key)]
 
 
 def model_config_from(obj) -> ModelConfig:

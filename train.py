@@ -28,7 +28,8 @@ import distributed
 from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints, load_config_of, load_training_state,
                         resolve_checkpoint, save_checkpoint, saved_steps, set_aside_later_steps, step_number)
 from cli import check_output_dir
-from config import Config, ConfigError, check_vocab, dump_yaml, load_config, to_dict
+from config import (Config, ConfigError, check_vocab, config_data, config_from_dict, dump_yaml, reads,
+                    to_dict, unread_settings)
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, full_value, gradient_sync
 from kernels.checks import triton_blocker
 
@@ -187,9 +188,6 @@ def check_eval_split(cfg: Config, dataset, data_dir):
 # the inner-loop stabilisers a diverging run may need to change at a rollback
 RESUME_MAY_CHANGE = {"kernels", "attention", "max_seq_len", *(f"{part}.{key}" for part in ("titans", "hope")
                      for key in ("max_grad_norm", "detach_targets", "detach_chunks_older_than")), "titans.step_budget"}
-# the model sections (or single fields) each architecture reads
-ARCH_SECTIONS = {"transformer": (), "titans": ("titans",), "hope": ("hope", "cms"),
-                 "hope_attention": ("hope.cms", "cms")}
 
 
 def check_resume_config(cfg: Config, ckpt: str):
@@ -204,9 +202,8 @@ def check_resume_config(cfg: Config, ckpt: str):
     def fields(model_cfg):
         data = to_dict(model_cfg)
         out = {k: v for k, v in data.items() if not isinstance(v, dict)}
-        for part in ARCH_SECTIONS[model_cfg.arch]:
-            section, _, key = part.partition(".")
-            out.update({f"{section}.{k}": v for k, v in data[section].items() if k == key or not key})
+        for section in ("titans", "hope", "cms"):
+            out.update({f"{section}.{k}": v for k, v in data[section].items() if reads(model_cfg.arch, section, k)})
         return out
     ours, theirs = fields(cfg.model), fields(saved.model)
     changed = [(f"model.{k}", v, ours.get(k)) for k, v in theirs.items()
@@ -676,7 +673,11 @@ def main(argv=None):
     if argv and not argv[0].startswith("--"):
         path, argv = argv[0], argv[1:]
     try:
-        cfg = load_config(path, argv)
+        data = config_data(path, argv)
+        cfg = config_from_dict(data)
+        if int(os.environ.get("RANK", "0")) == 0:
+            for key in unread_settings(data, cfg.model.arch):
+                print(f"note: {key} is set, but model.arch={cfg.model.arch} does not read it")
         return train(cfg)
     except (ConfigError, OSError, ValueError, MemoryError) as e:   # OSError: e.g. an out_dir name too long
         # one write: under torchrun every rank prints this line to the same stream, and print's

@@ -377,6 +377,21 @@ def test_non_mapping_section_message(value):
     assert config_from_dict({"train": None}).train.max_steps == Config().train.max_steps
 
 
+def test_settings_the_architecture_does_not_read_are_named(tmp_path):
+    """--model.cms.chunk_sizes on a Transformer++ config loaded and changed nothing;
+    unread_settings names such keys (train.py prints a note), per architecture: HOPE-attention
+    reads model.cms and model.hope.cms only, HOPE reads hope and cms, Titans titans."""
+    from config import config_data, unread_settings
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  arch: transformer\n  titans:\n    chunk_size: 8\n")
+    data = config_data(str(path), ["--model.cms.chunk_sizes=[16,null]"])
+    assert unread_settings(data, "transformer") == ["model.titans.chunk_size", "model.cms.chunk_sizes"]
+    assert unread_settings(data, "titans") == ["model.cms.chunk_sizes"]
+    data = config_data(None, ["--model.hope.chunk_mem=8", "--model.hope.cms=false", "--model.cms.inner_lr=0.1"])
+    assert unread_settings(data, "hope_attention") == ["model.hope.chunk_mem"]
+    assert unread_settings(data, "hope") == []
+
+
 def test_odd_head_dims_only_where_no_attention_uses_rope():
     """HOPE and Titans-LMM have no attention (no RoPE): an odd head dim is theirs to use."""
     for model in ({"arch": "hope"}, {"arch": "titans", "titans": {"variant": "lmm"}}):

@@ -230,6 +230,15 @@ def test_long_context_warning_where_memories_explode():
     assert warning("titans_mal_760m.yaml", "--train.seq_len=512", "--model.titans.step_budget=null") is None
 
 
+def test_train_notes_settings_its_architecture_does_not_read(corpus, tmp_path, capsys):
+    import train as train_mod
+    assert train_mod.main([*TINY, f"--data.dataset={corpus}", f"--train.out_dir={tmp_path}/run", "--train.max_steps=1",
+                           "--train.eval_every=0", "--train.ckpt_every=0", "--model.arch=transformer",
+                           "--model.cms.chunk_sizes=[16,null]"]) == 0
+    assert ("note: model.cms.chunk_sizes is set, but model.arch=transformer does not read it"
+            in capsys.readouterr().out.splitlines())
+
+
 def test_during_training_evals_without_an_eval_cadence_are_refused(corpus, tmp_path):
     """eval.during_training with train.eval_every=0 never ran; train.py refuses it before step 1
     (not config.validate: a checkpoint saved with it before must still load for sampling and evals)."""
