@@ -16,6 +16,7 @@ For inference and sharing, export one consolidated safetensors file (one process
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -32,15 +33,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from cli import OneLineArgumentParser, check_output_file, write_atomic
+from cli import LATEST, TRAINER_STATE, OneLineArgumentParser, check_output_file, first_free_path, write_atomic
 from config import Config, ConfigError, check_vocab, config_from_dict, dump_yaml, read_yaml, to_dict
 from distributed import barrier
 
 # DCP warns on every single-process save/load that no process group exists: that is intended.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-LATEST = "latest"
-TRAINER_STATE = "trainer_state.pt"
 # What train.py reads back on resume (its checkpoint() writes them), checked by
 # load_training_state(required=RESUME_KEYS) before anything is loaded. Other callers (export,
 # a bAbI fine-tune's checkpoints, which have no sampler or RNG state) need `step` only.
@@ -190,12 +189,10 @@ def set_aside_later_steps(ckpt_root, step) -> list[str]:
     renamed = []
     for d in saved_steps(ckpt_root):
         if step_number(d) > step:
-            new, n = f"abandoned-{d}", 1
-            while os.path.lexists(os.path.join(ckpt_root, new)):     # an earlier rollback's
-                n += 1
-                new = f"abandoned-{d}-{n}"
-            os.replace(os.path.join(ckpt_root, d), os.path.join(ckpt_root, new))
-            renamed.append(new)
+            new = first_free_path(os.path.join(ckpt_root, f"abandoned-{d}" + (f"-{n}" if n > 1 else ""))
+                                  for n in itertools.count(1))            # -2, ...: after an earlier rollback
+            os.replace(os.path.join(ckpt_root, d), new)
+            renamed.append(os.path.basename(new))
     if renamed:
         write_atomic(os.path.join(ckpt_root, LATEST), f"step_{step:06d}\n")
     return renamed

@@ -147,9 +147,8 @@ def _creation_problem(folder: str) -> str | None:
     return None
 
 
-# what marks a checkpoint folder (checkpoint.py's TRAINER_STATE, or DCP's index beside its
-# shards) or a checkpoints/ root (checkpoint.py's LATEST beside step_* folders);
-# tests/test_cli_inputs.py checks the names against checkpoint.py
+# A checkpoint folder holds TRAINER_STATE (or DCP's index beside its shards); a checkpoints/
+# root holds LATEST, naming one of its step_* folders. checkpoint.py writes them under these names.
 TRAINER_STATE, DCP_INDEX, LATEST = "trainer_state.pt", ".metadata", "latest"
 
 
@@ -201,6 +200,11 @@ def check_output_dir(path: str, flag: str = "--out") -> str:
     if problem:
         raise ValueError(f"{flag} {path or repr(path)} {problem}")
     return path
+
+
+def first_free_path(candidates) -> str:
+    """The first of `candidates` (an iterable of paths) where nothing exists yet."""
+    return next(path for path in candidates if not os.path.lexists(path))
 
 
 def check_unique(flag: str, items: list, keys: list | None = None) -> list:

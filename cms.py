@@ -143,8 +143,8 @@ class CMSLevel(nn.Module):
         DESIGN §4 (b)); else why it takes fast_level_scan (the oracle). The kernel covers the
         shapes `fusable_cms` takes in an fp32 model (a bf16 model keeps the torch path,
         whose output is bf16) with backend "triton". It has passed its CUDA tests
-        (BENCHMARKS.md), but no GPU run has timed it inside a model, so "auto" does not pick it yet. The input's device is not
-        consulted: an explicit "triton" off CUDA (and outside Triton's interpreter) gets the
+        (BENCHMARKS.md), but no GPU run has timed it inside a model, so "auto" does not pick
+        it yet. The input's device is not consulted: an explicit "triton" off CUDA (and outside Triton's interpreter) gets the
         kernel's own one-line device error rather than a silent fall-back to the slow path."""
         weight = self.w_in.weight
         if weight.dtype != torch.float32:

@@ -613,6 +613,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 # The model sections (or single fields of one) each architecture reads; the others are kept
 # in every config (and checkpoint) but change nothing.
+MODEL_SECTIONS = ("titans", "hope", "cms")
 ARCH_SECTIONS = {"transformer": (), "titans": ("titans",), "hope": ("hope", "cms"),
                  "hope_attention": ("hope.cms", "cms")}
 
@@ -626,7 +627,7 @@ def unread_settings(data: dict, arch: str) -> list[str]:
     """The model.<section>.<key> set in `data` (config_data) that `arch` does not read: a
     setting that silently changed nothing."""
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
-    return [f"model.{section}.{key}" for section in ("titans", "hope", "cms")
+    return [f"model.{section}.{key}" for section in MODEL_SECTIONS
             if isinstance(model.get(section), dict) for key in model[section] if not reads(arch, section, key)]
 
 

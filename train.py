@@ -12,6 +12,7 @@ Under torchrun every rank runs this file; rank 0 alone prints and writes logs, a
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -27,9 +28,9 @@ import yaml
 import distributed
 from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints, load_config_of, load_training_state,
                         resolve_checkpoint, save_checkpoint, saved_steps, set_aside_later_steps, step_number)
-from cli import check_output_dir
-from config import (Config, ConfigError, check_vocab, config_data, config_from_dict, dump_yaml, reads,
-                    to_dict, unread_settings)
+from cli import check_output_dir, first_free_path
+from config import (MODEL_SECTIONS, Config, ConfigError, check_vocab, config_data, config_from_dict, dump_yaml,
+                    reads, to_dict, unread_settings)
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, full_value, gradient_sync
 from kernels.checks import triton_blocker
 
@@ -147,8 +148,8 @@ def check_out_dir(t):
         raise ConfigError(f"train.out_dir {t.out_dir} already holds checkpoints ({', '.join(steps) or LATEST}); "
                           "train.resume=never would overwrite them: choose another train.out_dir")
     if t.resume not in ("auto", "never") and holds_checkpoints(t.out_dir):
-        ckpt = resolve_checkpoint(t.resume)               # resuming its own earlier step is a rollback: allowed
-        if os.path.realpath(os.path.dirname(os.path.normpath(ckpt))) != os.path.realpath(root):
+        # resuming its own earlier step is a rollback: allowed
+        if not is_under(resolve_checkpoint(t.resume), root):
             raise ConfigError(f"train.out_dir {t.out_dir} already holds checkpoints ({', '.join(steps) or LATEST}); "
                               f"train.resume={t.resume} (another run's) would overwrite them: choose another "
                               "train.out_dir")
@@ -157,16 +158,18 @@ def check_out_dir(t):
                           f"--train.resume={os.path.join(root, steps[-1])} or choose another train.out_dir")
 
 
+def is_under(ckpt, ckpt_root) -> bool:
+    """Whether checkpoint folder `ckpt` is one of ckpt_root's (a trailing / and links allowed)."""
+    return os.path.realpath(os.path.dirname(os.path.normpath(ckpt))) == os.path.realpath(ckpt_root)
+
+
 def keep_aside(path) -> str | None:
     """Rename a non-empty file that a fresh start would overwrite to <stem>.previous[-N]<ext>;
     -> the new path, None when there was nothing to keep."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return None
     stem, ext = os.path.splitext(path)
-    new, n = f"{stem}.previous{ext}", 1
-    while os.path.lexists(new):
-        n += 1
-        new = f"{stem}.previous-{n}{ext}"
+    new = first_free_path(f"{stem}.previous{f'-{n}' if n > 1 else ''}{ext}" for n in itertools.count(1))
     os.replace(path, new)
     return new
 
@@ -202,7 +205,7 @@ def check_resume_config(cfg: Config, ckpt: str):
     def fields(model_cfg):
         data = to_dict(model_cfg)
         out = {k: v for k, v in data.items() if not isinstance(v, dict)}
-        for section in ("titans", "hope", "cms"):
+        for section in MODEL_SECTIONS:
             out.update({f"{section}.{k}": v for k, v in data[section].items() if reads(model_cfg.arch, section, k)})
         return out
     ours, theirs = fields(cfg.model), fields(saved.model)
@@ -504,8 +507,7 @@ def _train(cfg: Config, env: DistEnv):
                     say(f"starting over: the earlier {name} is kept as {kept}")
         # metrics.jsonl first: a damaged line stops the run before anything else is rewritten
         log = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), resume_step=start_step if resume_from else None)
-        if (resume_from and t.resume != "auto"                            # a rollback
-                and os.path.realpath(os.path.dirname(os.path.normpath(resume_from))) == os.path.realpath(ckpt_root)):
+        if resume_from and t.resume != "auto" and is_under(resume_from, ckpt_root):   # a rollback
             abandoned = set_aside_later_steps(ckpt_root, start_step)
             if abandoned:
                 say(f"rollback to step {start_step}: the later checkpoints are kept as {', '.join(abandoned)}")

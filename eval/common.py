@@ -31,8 +31,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # past it, building one sample alone would exhaust memory before anything is said.
 MAX_CONTEXT_TOKENS = 100_000_000
 
-# where the offline eval data is looked for, for --help texts (default_data_dir)
-DATA_DIR_HELP = "a copy of shared/data (default $NL_DATA_DIR, $NL_SHARED_DATA or ../shared/data)"
+# where default_data_dir looks for the offline eval data, for --help texts and errors
+DATA_DIR_LOOKUP = "$NL_DATA_DIR, $NL_SHARED_DATA or ../shared/data"
+DATA_DIR_HELP = f"a copy of shared/data (default {DATA_DIR_LOOKUP})"
 
 
 def default_data_dir() -> str | None:

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from cli import OneLineArgumentParser, check_output_file, positive_int, read_text, write_atomic
-from eval.common import eval_mode, exit_on_error, first_line, load_checkpoint, model_device
+from eval.common import DATA_DIR_LOOKUP, eval_mode, exit_on_error, first_line, load_checkpoint, model_device
 
 LN2 = math.log(2.0)
-NO_DATA_DIR = "no offline data folder: $NL_DATA_DIR, $NL_SHARED_DATA or ../shared/data"
+NO_DATA_DIR = f"no offline data folder: {DATA_DIR_LOOKUP}"
 # the WikiText and LAMBADA test files in that folder (eval.run reads them there too)
 WIKITEXT_FILE = os.path.join("wikitext", "wiki.test.raw")
 LAMBADA_FILE = os.path.join("lambada", "lambada_test.jsonl")
@@ -457,10 +457,10 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint directory written by train.py, or its out_dir (the latest checkpoint)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list from {','.join(TASKS)}")
-    parser.add_argument("--wikitext", help="wiki.test.raw path or 'hf' (default: wikitext/wiki.test.raw in the offline data folder: "
-                             "$NL_DATA_DIR, $NL_SHARED_DATA or ../shared/data)")
-    parser.add_argument("--lambada", help="lambada_test.jsonl path or 'hf' (default: lambada/lambada_test.jsonl in the offline data "
-                             "folder: $NL_DATA_DIR, $NL_SHARED_DATA or ../shared/data)")
+    parser.add_argument("--wikitext", help=f"wiki.test.raw path or 'hf' (default: wikitext/wiki.test.raw in the "
+                                           f"offline data folder: {DATA_DIR_LOOKUP})")
+    parser.add_argument("--lambada", help=f"lambada_test.jsonl path or 'hf' (default: lambada/lambada_test.jsonl in "
+                                          f"the offline data folder: {DATA_DIR_LOOKUP})")
     parser.add_argument("--limit", type=positive_int,
                         help="val batches / WikiText articles / LAMBADA passages to score")
     parser.add_argument("--batch-size", type=positive_int, default=8)
