@@ -209,18 +209,23 @@ def run_dir(root: str, run: Run) -> str:
     return os.path.join(root, "runs", run.name)
 
 
-def train_step(run: Run, root: str, nproc: int = 1, train_args: tuple = ()) -> Step:
-    """torchrun command for a run. The global batch stays 128 x 4096; with N ranks the
-    micro-batch per rank stays the config's (batch_size / grad_accum sequences, sized for
-    one GPU) and grad_accum shrinks by N (docs/DISTRIBUTED.md)."""
+def run_config(run: Run, train_args: tuple = ()):
+    """The run's config with its overrides and `train_args`, checked as train.py would."""
     from config import ConfigError, load_config
     if not os.path.isfile(run.config):
         raise ReproduceError(f"config {run.config} not found (run from the repository root)")
     try:
-        cfg = load_config(run.config, list(run.overrides) + list(train_args))
+        return load_config(run.config, list(run.overrides) + list(train_args))
     except ConfigError as e:
         raise ReproduceError(f"{run.name}: {e}") from None
-    t = cfg.train
+
+
+def train_step(run: Run, root: str, nproc: int = 1, train_args: tuple = (), cfg=None) -> Step:
+    """torchrun command for a run. The global batch stays 128 x 4096; with N ranks the
+    micro-batch per rank stays the config's (batch_size / grad_accum sequences, sized for
+    one GPU) and grad_accum shrinks by N (docs/DISTRIBUTED.md). `cfg`: the run's
+    `run_config`, when the caller has it."""
+    t = (cfg or run_config(run, train_args)).train
     micro = t.batch_size // t.grad_accum
     if t.batch_size % nproc:
         raise ReproduceError(f"--nproc {nproc} does not divide {run.name}'s train.batch_size={t.batch_size}")
@@ -275,14 +280,12 @@ def babilong_steps(run: Run, ckpt: str, out: str, tasks: str, finetune_lengths: 
                   "--lengths", eval_lengths, *evaluate, "--out", out], os.path.join(out, "babilong.json"), run)]
 
 
-def prepare_step(run: Run, train_args: tuple = ()) -> Step | None:
+def prepare_step(cfg) -> Step | None:
     """data.prepare for a run's corpus (into the folder train.py reads), before any torchrun
     launch: train.py would prepare it on rank 0 while the other ranks wait at a collective
     bounded by distributed.timeout_s, far shorter than tokenizing sample-100BT. None when the
-    config names an already prepared folder."""
-    from config import load_config
+    config (a run's `run_config`) names an already prepared folder."""
     from train import resolve_data_dir
-    cfg = load_config(run.config, list(run.overrides) + list(train_args))   # valid: train_step loaded it
     d, out = cfg.data, resolve_data_dir(cfg)
     if out == d.dataset:
         return None
@@ -307,8 +310,9 @@ def plan(table: str, root: str = DEFAULT_RESULTS_ROOT, nproc: int = 1, train_arg
     prepares, trains, evals, seen = {}, [], [], set()
     for row in rows:
         if row.run.name not in seen:
-            trains.append(train_step(row.run, root, nproc, train_args))
-            prepare = prepare_step(row.run, train_args)
+            cfg = run_config(row.run, train_args)
+            trains.append(train_step(row.run, root, nproc, train_args, cfg))
+            prepare = prepare_step(cfg)
             if prepare is not None:
                 prepares.setdefault(prepare.marker, prepare)
         for kind in eval_kinds(table, row):
