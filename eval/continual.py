@@ -376,7 +376,9 @@ def run_arm(arm: str, model, tokenizer, tasks, settings: IntentSettings, device=
         everything = [ex for task in tasks for ex in task["train"]]
         train_losses, skipped = finetune_on(model, tokenizer, everything, settings.steps_per_task * T, settings,
                                             device, rng)
-    state, room = None, context_room(model, tokenizer, tasks, settings.max_len)
+    # only the context arms read a context; the others need not tokenize every test query
+    room = context_room(model, tokenizer, tasks, settings.max_len) if arm in ("icl", "in_context_memory") else None
+    state = None
     stream = [tokenizer.eot_id]             # in_context_memory: every token streamed so far
     with eval_mode(model):
         for i, task in enumerate(tasks):
