@@ -971,7 +971,7 @@ def main(argv=None):
     p_build.add_argument("--out", required=True, help="output .jsonl file")
 
     args = parser.parse_args(argv)
-    with exit_on_error(OSError, ValueError, ImportError, MemoryError):
+    with exit_on_error():
         check_data_dir(args.data_dir)
         if args.command == "eval":
             return run_eval(args)

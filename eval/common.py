@@ -283,10 +283,16 @@ def first_line(error: Exception) -> str:
     return message.splitlines()[0] if message else type(error).__name__
 
 
+# what an eval CLI reports in one line: bad files, values and folders, a missing optional
+# package, and a size that does not fit in memory
+BAD_INPUT = (OSError, ValueError, ImportError, MemoryError)
+
+
 @contextmanager
 def exit_on_error(*errors):
-    """An eval CLI's answer to bad input: any of `errors` raised inside prints one line
-    "error: ..." on stderr and exits with status 2 (no traceback)."""
+    """An eval CLI's answer to bad input: any of `errors` (default BAD_INPUT) raised inside
+    prints one line "error: ..." on stderr and exits with status 2 (no traceback)."""
+    errors = errors or BAD_INPUT
     try:
         yield
     except errors as e:

@@ -713,7 +713,7 @@ def main(argv=None):
         sp.add_argument("--data-dir", help=DATA_DIR_HELP)
         sp.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    with exit_on_error(OSError, ValueError, ImportError, MemoryError):
+    with exit_on_error():
         check_output_dir(args.out)
         check_data_dir(args.data_dir)
         if args.command == "intents":

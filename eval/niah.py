@@ -294,7 +294,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True, help="output folder (niah.json)")
     args = parser.parse_args(argv)
-    with exit_on_error(OSError, ValueError, ImportError, MemoryError):
+    with exit_on_error():
         return run(args)
 
 

@@ -467,7 +467,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out", help="write the results as JSON here (a file; its folder is made)")
     args = parser.parse_args(argv)
-    with exit_on_error(OSError, ValueError, ImportError, MemoryError):
+    with exit_on_error():
         if args.out:
             check_output_file(args.out)                  # before the eval, not after it
         results = run(args)

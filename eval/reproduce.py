@@ -600,7 +600,7 @@ def _zero_shot_main(argv):
     parser.add_argument("--limit", type=positive_int, help="examples per task (default all; for smoke tests)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     args = parser.parse_args(argv)
-    with exit_on_error(OSError, ValueError, ImportError, MemoryError):
+    with exit_on_error():
         return run_zero_shot(args.checkpoint, args.out, args.device, args.limit, args.batch_size)
 
 

@@ -439,7 +439,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", help=DATA_DIR_HELP)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args(argv)
-    with exit_on_error(OSError, ValueError, MemoryError):
+    with exit_on_error():
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]
         results = run_suite(args.checkpoint, args.suite, args.out, args.device, args.data_dir, sections)
     print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")

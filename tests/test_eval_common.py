@@ -69,6 +69,14 @@ def test_exit_on_error_only_for_the_named_errors(capsys):
         with exit_on_error(ValueError):
             raise ValueError("first line\n  second line\n")
     assert capsys.readouterr().err == "error: first line second line\n"
+    for bad in (MemoryError("cannot allocate"), ImportError("no module named lm_eval"), OSError("disk full")):
+        with pytest.raises(SystemExit):
+            with exit_on_error():                   # the default: BAD_INPUT
+                raise bad
+        assert capsys.readouterr().err == f"error: {bad}\n"
+    with pytest.raises(RuntimeError):
+        with exit_on_error():
+            raise RuntimeError("a bug is not bad input")
 
 
 # -----------------------------------------------------------------------------
