@@ -200,6 +200,13 @@ class HopeConfig:
         self.max_grad_norm = _check_range(self.max_grad_norm, "model.hope.max_grad_norm", 0, strict=True, null=True)
 
 
+# From this many tokens on, memories with the settings ModelConfig.long_context_risk names
+# were measured to diverge; below these inner clips and step budget they held
+LONG_CONTEXT = 1024
+HOPE_MAX_LONG_CONTEXT_CLIP = 1.5
+TITANS_MAX_STEP_BUDGET, TITANS_MAX_LONG_CONTEXT_CLIP = 0.5, 1.0
+
+
 @dataclass
 class ModelConfig:
     arch: str = choice("transformer", ["transformer", "titans", "hope", "hope_attention"])
@@ -232,6 +239,27 @@ class ModelConfig:
         HOPE and Titans-LMM have none. tests/test_config.py checks this against every built architecture."""
         return self.arch in ("transformer", "hope_attention") or (self.arch == "titans"
                                                                   and self.titans.variant != "lmm")
+
+    def long_context_risk(self) -> str | None:
+        """Why this model's memories may not hold from ~LONG_CONTEXT tokens on, or None. The
+        settings named here were measured to make the chunk-to-chunk maps of the memories
+        expanding (docs/FIDELITY.md, Titans choice 14, HOPE choice 12): in training the outer
+        gradients explode; in a streamed eval the outputs amplify rounding, so fp32 and fp64,
+        other segment lengths or kernels give different tokens. Titans' MAC and MAG explode at
+        head dim 32 as at 64; LMM and MAL held at 32, but not at 64."""
+        t, clip = self.titans, self.hope.max_grad_norm
+        if self.arch == "titans" and t.inner_lr_fixed != 0 and (
+                t.step_budget is None or t.step_budget > TITANS_MAX_STEP_BUDGET
+                or t.max_grad_norm is None or t.max_grad_norm > TITANS_MAX_LONG_CONTEXT_CLIP):
+            return (f"model.titans.step_budget={t.step_budget} and max_grad_norm={t.max_grad_norm}: Titans' "
+                    f"memories can diverge from ~{LONG_CONTEXT} tokens unless step_budget <= {TITANS_MAX_STEP_BUDGET} "
+                    f"and max_grad_norm <= {TITANS_MAX_LONG_CONTEXT_CLIP} (the paper configs' values; "
+                    f"docs/FIDELITY.md, Titans choice 14)")
+        if self.arch == "hope" and self.hope.inner_lr_fixed != 0 and (clip is None or clip > HOPE_MAX_LONG_CONTEXT_CLIP):
+            return (f"model.hope.max_grad_norm={clip}: HOPE's memories diverge from ~{LONG_CONTEXT} tokens above "
+                    f"a clip of {HOPE_MAX_LONG_CONTEXT_CLIP} (the paper configs use 1.0; docs/FIDELITY.md, "
+                    f"HOPE choice 12)")
+        return None
 
     def __post_init__(self):
         # Checked here (not in validate) so that build_model(dict | path) is checked too.

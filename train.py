@@ -29,7 +29,7 @@ import distributed
 from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints, load_config_of, load_training_state,
                         resolve_checkpoint, save_checkpoint, saved_steps, set_aside_later_steps, step_number)
 from cli import check_output_dir, first_free_path
-from config import (MODEL_SECTIONS, Config, ConfigError, check_vocab, config_data, config_from_dict, dump_yaml,
+from config import (LONG_CONTEXT, MODEL_SECTIONS, Config, ConfigError, check_vocab, config_data, config_from_dict, dump_yaml,
                     reads, to_dict, unread_settings)
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, full_value, gradient_sync
 from kernels.checks import triton_blocker
@@ -245,36 +245,14 @@ def checkpoint_to_resume(t) -> str | None:
     return resolve_checkpoint(t.resume)
 
 
-# Sequences from this length on, with HOPE's inner-gradient clip above HOPE_MAX_LONG_CONTEXT_CLIP
-# (docs/FIDELITY.md, HOPE choice 12: tau 1.5 held, 2 did not), or Titans at head dim 64 without
-# a step budget <= TITANS_MAX_STEP_BUDGET and a clip <= TITANS_MAX_LONG_CONTEXT_CLIP (Titans
-# choice 14: 0.5 and 1 held; budget 1, or the clip 10, did not once training moved the weights),
-# are where the memories' outer gradients were measured to explode
-LONG_CONTEXT = 1024
-HOPE_MAX_LONG_CONTEXT_CLIP = 1.5
-TITANS_MAX_STEP_BUDGET, TITANS_MAX_LONG_CONTEXT_CLIP = 0.5, 1.0
-
-
 def long_context_warning(cfg: Config) -> str | None:
     """A warning for a HOPE or Titans run whose sequences and settings are where their outer
     gradients were measured to explode (every step then skipped as non-finite); None otherwise."""
-    m, seq_len = cfg.model, cfg.train.seq_len
-    if seq_len < LONG_CONTEXT:
+    risk = cfg.model.long_context_risk()
+    if cfg.train.seq_len < LONG_CONTEXT or risk is None:
         return None
-    t = m.titans
-    if m.arch == "titans" and t.inner_lr_fixed != 0 and m.d_model // m.n_head >= 64 and (
-            t.step_budget is None or t.step_budget > TITANS_MAX_STEP_BUDGET
-            or t.max_grad_norm is None or t.max_grad_norm > TITANS_MAX_LONG_CONTEXT_CLIP):
-        return (f"warning: model.titans.step_budget={t.step_budget} and max_grad_norm={t.max_grad_norm} at "
-                f"train.seq_len={seq_len}: Titans' outer gradients were measured to explode at head dim 64 from "
-                f"~{LONG_CONTEXT} tokens unless step_budget <= {TITANS_MAX_STEP_BUDGET} and max_grad_norm <= "
-                f"{TITANS_MAX_LONG_CONTEXT_CLIP} (the paper configs' values; docs/FIDELITY.md, Titans choice 14)")
-    clip = m.hope.max_grad_norm
-    if m.arch == "hope" and m.hope.inner_lr_fixed != 0 and (clip is None or clip > HOPE_MAX_LONG_CONTEXT_CLIP):
-        return (f"warning: model.hope.max_grad_norm={clip} at train.seq_len={seq_len}: "
-                f"HOPE's outer gradients were measured to explode past ~{LONG_CONTEXT} tokens above a clip of "
-                f"{HOPE_MAX_LONG_CONTEXT_CLIP} (the paper configs use 1.0; docs/FIDELITY.md, HOPE choice 12)")
-    return None
+    return (f"warning: train.seq_len={cfg.train.seq_len} with {risk}; there the outer gradients explode and "
+            f"train.py skips the steps")
 
 
 def rng_state():

@@ -61,8 +61,8 @@ from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_
 from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check_checkpoint_out, check_data_dir,
                          check_long_inputs, clipped_step, context_handling, context_limit, continuation_logprob,
                          default_data_dir, eval_mode, exit_on_error, first_line, fit_prompt, format_accuracy,
-                         greedy_generate, load_checkpoint, load_for_generation, mean_over_scored, model_device,
-                         prefill, require_data_dir)
+                         greedy_generate, load_checkpoint, load_for_generation, long_stream_note, mean_over_scored,
+                         model_device, notes_of, prefill, require_data_dir)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 PROMPT_RESERVE = 300            # create_tasks.py: every length minus 300 tokens for the prompt
@@ -669,6 +669,7 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
         "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                            if torch.device(device).type == "cuda" else None),
         "seconds": time.time() - started, "records": records,
+        "note": long_stream_note(model, max((r["n_input_tokens"] for r in scored), default=0)),
     }
 
 
@@ -727,6 +728,7 @@ def _summarise(per_cell: dict) -> dict:
             values = [cells[length] for cells in table[score].values() if cells.get(length) is not None]
             means[length] = sum(values) / len(values) if values else None
         table["mean_over_tasks"][score] = means
+    table["notes"] = notes_of(per_cell.values())
     return table
 
 
@@ -874,6 +876,8 @@ def run_eval(args) -> dict:
         "context_handling": next(iter(per_cell.values()))["context_handling"],
         **_summarise(per_cell),
     }
+    for note in results["notes"]:
+        print(f"note: {note}")
     json_path = write_json(os.path.join(args.out, "babilong.json"), results)
     write_atomic(os.path.join(args.out, "babilong_samples.jsonl"),
                  "".join(json.dumps(record) + "\n" for record in samples_out))

@@ -75,6 +75,24 @@ def is_recurrent(model) -> bool:
     return getattr(config, "arch", None) in RECURRENT_ARCHS
 
 
+def long_stream_note(model, n_tokens: int) -> str | None:
+    """A note for results that streamed `model` over inputs of up to n_tokens, where its
+    memory settings amplify rounding past config.LONG_CONTEXT tokens
+    (ModelConfig.long_context_risk; docs/EVAL.md), or None."""
+    from config import LONG_CONTEXT, ModelConfig
+    config = getattr(model, "config", None)
+    risk = config.long_context_risk() if isinstance(config, ModelConfig) else None
+    if risk is None or n_tokens < LONG_CONTEXT:
+        return None
+    return (f"inputs of up to {n_tokens} tokens with {risk}; there a streamed model amplifies rounding, so "
+            f"per-token results past ~{LONG_CONTEXT} tokens can change with the dtype, --segment-len or model.kernels")
+
+
+def notes_of(results) -> list[str]:
+    """The distinct long_stream_note lines of several evaluate() results, in order."""
+    return list(dict.fromkeys(r["note"] for r in results if r.get("note")))
+
+
 def context_limit(model, max_len: int | None) -> int | None:
     """The most tokens `model` reads at once: None for a recurrent model (it streams any
     length with its state carried), else max_len (an attention model's context)."""

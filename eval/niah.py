@@ -41,8 +41,8 @@ from cli import OneLineArgumentParser, check_unique, fraction_list, positive_int
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, window_sentences
 from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check_data_dir, check_long_inputs,
                          context_handling, continuation_logprob, eval_mode, exit_on_error, fit_prompt,
-                         format_accuracy, greedy_generate, is_recurrent, load_for_generation, mean_over_scored,
-                         model_device, prefill)
+                         format_accuracy, greedy_generate, is_recurrent, load_for_generation, long_stream_note,
+                         mean_over_scored, model_device, notes_of, prefill)
 
 # RULER scripts/data/synthetic/constants.py and niah.py
 NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
@@ -217,7 +217,8 @@ def evaluate_niah(model, tokenizer, samples, max_len: int | None = None, segment
     return {"accuracy": mean_over_scored(scored, "correct"),
             "ranking_accuracy": mean_over_scored(scored, "ranking_correct"), "n": len(records),
             "n_scored": len(scored), "n_truncated": sum(r["truncated"] for r in records),
-            "n_skipped": len(records) - len(scored), "seconds": time.time() - started, "records": records}
+            "n_skipped": len(records) - len(scored), "seconds": time.time() - started, "records": records,
+            "note": long_stream_note(model, max((r["n_input_tokens"] for r in scored), default=0))}
 
 
 def _by_depth(records) -> dict:
@@ -258,9 +259,11 @@ def run(args) -> dict:
                "context_handling": context_handling(is_recurrent(model), max_len, args.segment_len, args.overflow,
                                                     args.max_new_tokens),
                "accuracy": {}, "ranking_accuracy": {}, "by_depth": {}, "counts": {}}
+    per_cell = []
     for (task, length), samples in cells.items():
         r = evaluate_niah(model, tokenizer, samples, max_len=max_len, segment_len=args.segment_len, device=device,
                           max_new_tokens=args.max_new_tokens, overflow=args.overflow)
+        per_cell.append(r)
         results["accuracy"].setdefault(task, {})[length] = r["accuracy"]
         results["ranking_accuracy"].setdefault(task, {})[length] = r["ranking_accuracy"]
         results["by_depth"].setdefault(task, {})[length] = _by_depth(r["records"])
@@ -269,6 +272,9 @@ def run(args) -> dict:
         print(f"{task} {length:>6}  accuracy {format_accuracy(r['accuracy'])}  "
               f"ranking {format_accuracy(r['ranking_accuracy'])}  "
               f"(n={r['n_scored']}, truncated {r['n_truncated']}, skipped {r['n_skipped']})")
+    results["notes"] = notes_of(per_cell)
+    for note in results["notes"]:
+        print(f"note: {note}")
     path = write_json(os.path.join(args.out, "niah.json"), results)
     print(f"wrote {path}")
     return results

@@ -34,7 +34,8 @@ import time
 
 from cli import OneLineArgumentParser, check_output_dir, write_atomic, write_json
 from config import DURING_TRAINING_EVALS
-from eval.common import DATA_DIR_HELP, check_data_dir, context_limit, exit_on_error, load_checkpoint, model_device
+from eval.common import (DATA_DIR_HELP, check_data_dir, context_limit, exit_on_error, load_checkpoint, model_device,
+                         notes_of)
 
 SECTIONS = ("perplexity", "babilong", "niah", "continual")
 
@@ -135,6 +136,7 @@ def niah_section(model, tokenizer, settings, seq_len, device, data_dir=None, gpt
     gpt2 = gpt2 or bl.length_tokenizer(data_dir)
     out = {"scores": niah.score_descriptions(niah.DEFAULT_DISTRACTORS),
            "accuracy": {}, "ranking_accuracy": {}, "counts": {}}
+    per_cell = []
     for task in settings["tasks"]:
         for length in settings["lengths"]:
             samples = niah.build_niah(task, length, settings["samples"], depths=settings["depths"],
@@ -142,11 +144,13 @@ def niah_section(model, tokenizer, settings, seq_len, device, data_dir=None, gpt
             r = niah.evaluate_niah(model, tokenizer, samples, max_len=context_limit(model, seq_len),
                                    segment_len=settings["segment_len"], device=device,
                                    max_new_tokens=settings["max_new_tokens"])
+            per_cell.append(r)
             task_name = niah.parse_task(task)
             out["accuracy"].setdefault(task_name, {})[length] = r["accuracy"]
             out["ranking_accuracy"].setdefault(task_name, {})[length] = r["ranking_accuracy"]
             out["counts"].setdefault(task_name, {})[length] = {k: r[k] for k in ("n", "n_scored", "n_truncated",
                                                                                  "n_skipped", "seconds")}
+    out["notes"] = notes_of(per_cell)
     return out
 
 
@@ -272,6 +276,8 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
         if log:
             state = "skipped: " + results[section]["skipped"] if "skipped" in results[section] else "done"
             log(f"{section}: {state} ({results['seconds'][section]:.0f}s)")
+            for note in results[section].get("notes", []):
+                log(f"note: {note}")
     write_json(os.path.join(out_dir, "results.json"), results)
     write_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
     return results

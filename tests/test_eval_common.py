@@ -359,3 +359,40 @@ def test_which_archs_stream_and_which_read_their_context(arch, recurrent):
     model.config.arch = arch
     assert is_recurrent(model) is recurrent
     assert context_limit(model, 256) == (None if recurrent else 256)
+
+
+def test_long_stream_note_where_the_memories_amplify_rounding():
+    """Results of a Titans or HOPE model streamed over 1024+ tokens with settings outside the
+    measured stable region (ModelConfig.long_context_risk) carry a note; the stabilised ones,
+    shorter inputs, attention models and models without a config carry none. The evals hand
+    it on: eval.babilong.evaluate and eval.niah.evaluate_niah per cell, _summarise (and so
+    babilong.json and eval.run) once."""
+    from eval import babilong as bl
+    from eval import niah
+    from eval.common import long_stream_note, notes_of
+    from model import build_model
+    small = {"vocab_size": 256, "n_layer": 1, "n_head": 2, "d_model": 16}
+    hope = build_model({**small, "arch": "hope"})                      # max_grad_norm 3 (default)
+    note = long_stream_note(hope, 1024)
+    assert note.startswith("inputs of up to 1024 tokens with model.hope.max_grad_norm=3.0: HOPE's memories") and \
+        note.endswith("can change with the dtype, --segment-len or model.kernels")
+    assert long_stream_note(hope, 1023) is None
+    assert long_stream_note(build_model({**small, "arch": "hope", "hope": {"max_grad_norm": 1.0}}), 4096) is None
+    mag = {**small, "arch": "titans", "titans": {"variant": "mag"}}
+    assert long_stream_note(build_model(mag), 4096) is not None
+    assert long_stream_note(build_model({**mag, "titans": {"variant": "mag", "step_budget": 0.5,
+                                                           "max_grad_norm": 1.0}}), 4096) is None
+    assert long_stream_note(build_model({**small, "arch": "hope_attention"}), 4096) is None
+    assert long_stream_note(torch.nn.Linear(1, 1), 4096) is None
+    assert notes_of([{"note": "a"}, {"note": None}, {"note": "a"}, {}]) == ["a"]
+
+    from data.tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    sample = {"task": "qa1", "length": "1k", "input": "Mary went to the kitchen. " * 40,
+              "question": "Where is Mary?", "target": "kitchen"}
+    cell = bl.evaluate(hope, tok, [sample], max_new_tokens=1, segment_len=512)
+    assert cell["note"].startswith("inputs of up to ") and bl._summarise({("qa1", "1k"): cell})["notes"] == [cell["note"]]
+    assert bl.evaluate(hope, tok, [{**sample, "input": "Mary went to the kitchen."}], max_new_tokens=1)["note"] is None
+    needle = {"task": "niah_single_1", "length": 1024, "depth": 0.0, "key": "k", "value": "7",
+              "input": "x" * 1100, "answer_prefix": " The number is"}
+    assert niah.evaluate_niah(hope, tok, [needle], max_new_tokens=1, segment_len=512)["note"] is not None
