@@ -281,6 +281,10 @@ class LanguageModel(nn.Module):
         held = _batch_of(state)
         if held is not None and held != idx.shape[0]:
             raise ValueError(f"the state holds {held} sequences, but idx has batch size {idx.shape[0]}")
+        held, made = _precision_of(state), torch.promote_types(self.embed.weight.dtype, torch.float32)
+        if held is not None and held != made:
+            raise ValueError(f"the state holds {held} tensors, but this model's states are {made}: cast the "
+                             f"state's tensors, or pass the model of that precision")
         pos = 0 if state is None else state["pos"]
         layer_states = [None] * len(self.blocks) if state is None else state["layers"]
         x = self.embed(idx)
@@ -385,6 +389,20 @@ def _batch_of(state):
         batch = _batch_of(value)
         if batch is not None:
             return batch
+    return None
+
+
+def _precision_of(state):
+    """The precision of a model state: the dtype of its first fp32 or fp64 tensor (fast
+    weights are kept in the wider of the parameters' dtype and fp32; bf16 KV caches and conv
+    buffers, made under autocast, do not tell), or None."""
+    if isinstance(state, torch.Tensor):
+        return state.dtype if state.dtype in (torch.float32, torch.float64) else None
+    for value in (state.values() if isinstance(state, dict) else
+                  state if isinstance(state, (list, tuple)) else ()):
+        dtype = _precision_of(value)
+        if dtype is not None:
+            return dtype
     return None
 
 

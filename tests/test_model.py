@@ -418,3 +418,25 @@ def test_empty_input_and_a_state_of_another_batch_are_one_line_errors(arch):
         m(torch.zeros(2, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="the state holds 2 sequences, but idx has batch size 1"):
         m(torch.randint(0, 61, (1, 3)), state=state)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "titans", "hope", "hope_attention"])
+def test_a_state_of_another_precision_is_a_one_line_error(arch):
+    """An fp32 model's state fed to its float64 copy (or back) was "expected scalar type Float
+    but found Double" deep in Titans and HOPE, and silently promoted elsewhere. A bf16 model
+    and autocast keep fp32 fast weights beside bf16 caches: those states still stream."""
+    import copy
+    m = tiny(arch)
+    idx = torch.randint(0, 61, (2, 8))
+    state = m(idx[:, :5])[2]
+    wide = copy.deepcopy(m).double()
+    with pytest.raises(ValueError, match=r"^the state holds torch.float32 tensors, but this model's states are "
+                                         r"torch.float64: cast the state's tensors"):
+        wide(idx[:, 5:], state=state)
+    with pytest.raises(ValueError, match="the state holds torch.float64 tensors, but this model's states are "
+                                         "torch.float32"):
+        m(idx[:, 5:], state=wide(idx[:, :5])[2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(idx[:, 5:], state=m(idx[:, :5])[2])
+    m.to(torch.bfloat16)
+    m(idx[:, 5:], state=m(idx[:, :5])[2])
