@@ -188,7 +188,9 @@ class HopeConfig:
                                      # (1: a learned per-channel scale, as model.titans.conv_size)
     cms: bool = True                 # False: a SwiGLU FFN instead of the CMS chain ("w/o CMS")
     detach_targets: bool = False     # stop outer gradients through the self-generated targets
-    detach_chunks_older_than: int = 0  # >0: truncated backprop through the inner loops (memory.py)
+    detach_chunks_older_than: int = 0  # >0: truncated backprop through the memories' inner loops
+                                     # (memory.py); the CMS fast levels still backprop through the
+                                     # whole sequence
 
     def __post_init__(self):
         for key in ("chunk_mem", "chunk_other", "memory_expansion"):
