@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -30,6 +31,11 @@ def choice(default, choices, help=""):
 
 # ----------------------------------------------------------------------------------------
 # sections
+
+# The largest inner clip or fixed inner lr: the memories compute in fp32, where the clip's
+# square (and a tensor of the lr) would overflow from about 1.8e19 (null turns the clip off)
+MAX_INNER_SETTING = 1e18
+
 
 @dataclass
 class TitansConfig:
@@ -68,8 +74,10 @@ class TitansConfig:
         for key in ("conv_size", "n_persistent", "detach_chunks_older_than"):
             _check_range(getattr(self, key), f"model.titans.{key}", 0, integer=True)
         self.theta_max = _check_range(self.theta_max, "model.titans.theta_max", 0, strict=True)
-        self.inner_lr_fixed = _check_range(self.inner_lr_fixed, "model.titans.inner_lr_fixed", 0, null=True)
-        self.max_grad_norm = _check_range(self.max_grad_norm, "model.titans.max_grad_norm", 0, strict=True, null=True)
+        self.inner_lr_fixed = _check_range(self.inner_lr_fixed, "model.titans.inner_lr_fixed", 0, null=True,
+                                           high=MAX_INNER_SETTING)
+        self.max_grad_norm = _check_range(self.max_grad_norm, "model.titans.max_grad_norm", 0, strict=True, null=True,
+                                          high=MAX_INNER_SETTING)
         self.step_budget = _check_range(self.step_budget, "model.titans.step_budget", 0, strict=True, null=True)
 
 
@@ -198,8 +206,10 @@ class HopeConfig:
         for key in ("conv_size", "detach_chunks_older_than"):
             _check_range(getattr(self, key), f"model.hope.{key}", 0, integer=True)
         self.eta_max = _check_range(self.eta_max, "model.hope.eta_max", 0, strict=True)
-        self.inner_lr_fixed = _check_range(self.inner_lr_fixed, "model.hope.inner_lr_fixed", 0, null=True)
-        self.max_grad_norm = _check_range(self.max_grad_norm, "model.hope.max_grad_norm", 0, strict=True, null=True)
+        self.inner_lr_fixed = _check_range(self.inner_lr_fixed, "model.hope.inner_lr_fixed", 0, null=True,
+                                           high=MAX_INNER_SETTING)
+        self.max_grad_norm = _check_range(self.max_grad_norm, "model.hope.max_grad_norm", 0, strict=True, null=True,
+                                          high=MAX_INNER_SETTING)
 
 
 # From this many tokens on, memories with the settings ModelConfig.long_context_risk names
@@ -280,7 +290,8 @@ class ModelConfig:
 class DataConfig:
     dataset: str = "builtin"         # builtin | files:GLOB | hf:NAME[:CONFIG] | a prepared dir
     tokenizer: str = choice("gpt2", ["gpt2", "bytes"])
-    data_dir: str = ""               # where shards live; "" = data/cache/<dataset>-<tokenizer>
+    data_dir: str = ""               # where shards live; "" = data/cache/<dataset>-<tokenizer>[-<key><value>
+                                     # for each recipe setting off its default] (train.resolve_data_dir)
     val_fraction: float = 0.01       # in (0, 1): every split needs documents
     num_workers: int = 0             # tokenization processes; 0 = all cores
     hf_split: str = "train"
@@ -295,7 +306,7 @@ class DataConfig:
     def __post_init__(self):
         self.val_fraction = _check_range(self.val_fraction, "data.val_fraction", 0, strict=True, below=1)
         _check_range(self.num_workers, "data.num_workers", 0, integer=True)
-        _check_range(self.max_docs, "data.max_docs", 2, integer=True, null=True)
+        _check_range(self.max_docs, "data.max_docs", 2, integer=True, null=True, below=2**63)
 
 
 @dataclass
@@ -423,7 +434,7 @@ class DistributedConfig:
     timeout_s: int = 1800            # collective timeout before a stuck rank aborts the job
 
     def __post_init__(self):
-        _check_range(self.timeout_s, "distributed.timeout_s", 1, integer=True)
+        _check_range(self.timeout_s, "distributed.timeout_s", 1, integer=True, high=10**9)   # timedelta's range
 
 
 @dataclass
@@ -539,7 +550,7 @@ def parse_overrides(args: list[str]) -> dict:
         if "=" in body:
             key, raw = body.split("=", 1)
         else:
-            if i + 1 >= len(args):
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise ConfigError(f"override '{arg}' has no value; use --{body}=VALUE")
             key, raw = body, args[i + 1]
             i += 1
@@ -548,7 +559,7 @@ def parse_overrides(args: list[str]) -> dict:
             value = raw
         else:
             try:
-                value = yaml.safe_load(raw) if raw != "" else ""
+                value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else ""
             except yaml.YAMLError:
                 value = raw
             if isinstance(value, (dict,)):
@@ -594,7 +605,27 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Integers as YAML 1.2 reads them: YAML 1.1 (PyYAML) reads 010 as 8 (octal) and 1:30 as 90
+# (base 60), so `--train.seed=010` trained with seed 8. Decimal (with _ separators), 0o and 0x.
+_INT = "tag:yaml.org,2002:int"
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+(?:_[0-9]+)*|[-+]?0o[0-7]+|[-+]?0x[0-9a-fA-F]+)$"),
+                                    list("-+0123456789"))
+
+
+def _construct_int(loader, node):
+    text = loader.construct_scalar(node)
+    return int(text, 0 if text.lstrip("+-")[:2].lower() in ("0o", "0x") else 10)
+
+
+_StrictLoader.add_constructor(_INT, _construct_int)
+
+
 def read_yaml(path: str) -> dict:
+    if not path:
+        raise ConfigError("the config file path is empty")
     if os.path.isdir(path):
         raise ConfigError(f"config file {path} is a folder; give a .yaml file (e.g. configs/quickstart.yaml)")
     if not os.path.isfile(path):
@@ -633,7 +664,7 @@ def config_from_dict(data: dict) -> Config:
 
 def config_data(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> dict:
     """The config file's mapping with the overrides merged in: what the user set."""
-    data = read_yaml(path) if path else {}
+    data = read_yaml(path) if path is not None else {}
     return _merge(data, parse_overrides(overrides or []))
 
 
@@ -676,11 +707,18 @@ def model_config_from(obj) -> ModelConfig:
     raise ConfigError(f"cannot build a model config from {type(obj).__name__}")
 
 
+# tokens of one global batch: 2^31, about 500x a paper run's 128 x 4096
+MAX_BATCH_TOKENS = 2**31
+
+
 def validate(cfg: Config):
     """Cross-field checks that a type check cannot see."""
     t = cfg.train        # single values, and the model's fields, are checked in each section's __post_init__
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    if t.batch_size * (t.seq_len + 1) > MAX_BATCH_TOKENS:      # else numpy fails (or hangs) at the first batch
+        raise ConfigError(f"train.batch_size={t.batch_size} sequences of train.seq_len={t.seq_len} are "
+                          f"{t.batch_size * (t.seq_len + 1):.3g} tokens a step; at most {MAX_BATCH_TOKENS:.3g}")
 
 
 def check_vocab(cfg: Config):

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from config import (Config, ConfigError, ModelConfig, TitansConfig, config_from_dict, load_config, model_config_from,
-                    parse_overrides)
+                    parse_overrides, read_yaml)
 from conftest import REPO
 
 
@@ -74,6 +74,10 @@ def test_override_parsing_errors():
         parse_overrides(["train.lr=3"])
     with pytest.raises(ConfigError, match="has no value"):
         parse_overrides(["--train.lr"])
+    # a value left out before the next override: out_dir became the folder '--train.max_steps=1'
+    with pytest.raises(ConfigError, match=r"^override '--train.out_dir' has no value; use --train.out_dir=VALUE$"):
+        parse_overrides(["--train.out_dir", "--train.max_steps=1"])
+    assert parse_overrides(["--train.lr", "-1"]) == {"train": {"lr": -1}}    # a negative value is a value
 
 
 def test_missing_and_invalid_files(tmp_path):
@@ -81,6 +85,8 @@ def test_missing_and_invalid_files(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="is a folder; give a .yaml file"):
         load_config(str(tmp_path))
+    with pytest.raises(ConfigError, match="^the config file path is empty$"):   # train.py "$CFG", CFG unset
+        load_config("")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
@@ -129,7 +135,7 @@ def test_model_kernels_reaches_every_memory_and_cms_level(arch):
     ({"model": {"n_head": -2}}, "model.n_head must be an integer >= 1, got -2"),
     ({"train": {"lr": 0}}, "train.lr must be a finite number > 0, got 0"),
     ({"train": {"lr": float("nan")}}, "train.lr must be a finite number > 0, got nan"),
-    ({"distributed": {"timeout_s": 0}}, "distributed.timeout_s must be an integer >= 1, got 0"),
+    ({"distributed": {"timeout_s": 0}}, "distributed.timeout_s must be an integer in [1, 1000000000], got 0"),
     ({"data": {"val_fraction": 1.0}}, "data.val_fraction must be a finite number in (0, 1), got 1.0"),
     ({"data": {"val_fraction": -0.1}}, "data.val_fraction must be a finite number in (0, 1), got -0.1"),
     ({"data": {"val_fraction": 0}}, "data.val_fraction must be a finite number in (0, 1), got 0.0"),
@@ -137,8 +143,8 @@ def test_model_kernels_reaches_every_memory_and_cms_level(arch):
     ({"model": {"hope": {"memory_expansion": True}}}, "model.hope.memory_expansion must be int, got True"),
     ({"model": {"hope": {"conv_size": -1}}}, "model.hope.conv_size must be an integer >= 0, got -1"),
     ({"model": {"hope": {"eta_max": 0}}}, "model.hope.eta_max must be a finite number > 0, got 0.0"),
-    ({"model": {"hope": {"inner_lr_fixed": -1}}}, "model.hope.inner_lr_fixed must be a finite number >= 0 or null, got -1.0"),
-    ({"model": {"hope": {"max_grad_norm": 0}}}, "model.hope.max_grad_norm must be a finite number > 0 or null, got 0.0"),
+    ({"model": {"hope": {"inner_lr_fixed": -1}}}, "model.hope.inner_lr_fixed must be a finite number in [0, 1e+18] or null, got -1.0"),
+    ({"model": {"hope": {"max_grad_norm": 0}}}, "model.hope.max_grad_norm must be a finite number in (0, 1e+18] or null, got 0.0"),
     ({"model": {"cms": {"chunk_sizes": [8, 0]}}}, "model.cms.chunk_sizes[1] must be an integer >= 1 or null, got 0"),
     ({"model": {"cms": {"chunk_sizes": [2.5]}}}, "model.cms.chunk_sizes[0] must be an integer >= 1 or null, got 2.5"),
     ({"model": {"cms": {"chunk_sizes": []}}}, "model.cms.chunk_sizes must be a non-empty list"),
@@ -235,23 +241,31 @@ INF, NAN = float("inf"), float("nan")
     ("model.titans", "theta_max", NAN, "model.titans.theta_max must be a finite number > 0, got nan"),
     ("model.titans", "theta_max", INF, "model.titans.theta_max must be a finite number > 0, got inf"),
     ("model.titans", "theta_max", 0, "model.titans.theta_max must be a finite number > 0, got 0.0"),
-    ("model.titans", "max_grad_norm", NAN, "model.titans.max_grad_norm must be a finite number > 0 or null, got nan"),
-    ("model.titans", "inner_lr_fixed", INF, "model.titans.inner_lr_fixed must be a finite number >= 0 or null, got inf"),
+    ("model.titans", "max_grad_norm", NAN, "model.titans.max_grad_norm must be a finite number in (0, 1e+18] or null, got nan"),
+    ("model.titans", "inner_lr_fixed", INF, "model.titans.inner_lr_fixed must be a finite number in [0, 1e+18] or null, got inf"),
     ("model.titans", "memory_depth", 3, "model.titans.memory_depth must be 1 or 2, got 3"),
     ("model.titans", "chunk_size", 0, "model.titans.chunk_size must be an integer >= 1, got 0"),
     ("model.titans", "window_size", 0, "model.titans.window_size must be an integer >= 1, got 0"),
     ("model.titans", "n_persistent", -1, "model.titans.n_persistent must be an integer >= 0, got -1"),
     # model.hope, model.cms
     ("model.hope", "eta_max", INF, "model.hope.eta_max must be a finite number > 0, got inf"),
-    ("model.hope", "max_grad_norm", NAN, "model.hope.max_grad_norm must be a finite number > 0 or null, got nan"),
-    ("model.hope", "inner_lr_fixed", INF, "model.hope.inner_lr_fixed must be a finite number >= 0 or null, got inf"),
+    ("model.hope", "max_grad_norm", NAN, "model.hope.max_grad_norm must be a finite number in (0, 1e+18] or null, got nan"),
+    ("model.hope", "inner_lr_fixed", INF, "model.hope.inner_lr_fixed must be a finite number in [0, 1e+18] or null, got inf"),
     ("model.cms", "inner_lr", INF, "model.cms.inner_lr must be a finite number >= 0, got inf"),
     ("model.cms", "inner_lr", [NAN, None], "model.cms.inner_lr[0] must be a finite number >= 0, got nan"),
     ("model.cms", "hidden_mult", INF, "model.cms.hidden_mult must be a finite number > 0, got inf"),
     # data
-    ("data", "max_docs", 1, "data.max_docs must be an integer >= 2 or null, got 1"),
+    ("data", "max_docs", 1, "data.max_docs must be an integer in [2, 9223372036854775808) or null, got 1"),
     ("data", "num_workers", -1, "data.num_workers must be an integer >= 0, got -1"),
     ("data", "val_fraction", NAN, "data.val_fraction must be a finite number in (0, 1), got nan"),
+    ("data", "max_docs", 2**63, "data.max_docs must be an integer in [2, 9223372036854775808) or null"),
+    # past these an fp32 square, a tensor or a timedelta overflows (tracebacks at step 1)
+    ("model.titans", "max_grad_norm", 1e30, "model.titans.max_grad_norm must be a finite number in (0, 1e+18] or null"),
+    ("model.hope", "max_grad_norm", 1e30, "model.hope.max_grad_norm must be a finite number in (0, 1e+18] or null"),
+    ("model.hope", "inner_lr_fixed", 1e308, "model.hope.inner_lr_fixed must be a finite number in [0, 1e+18] or null"),
+    ("distributed", "timeout_s", 10**14, "distributed.timeout_s must be an integer in [1, 1000000000]"),
+    ("train", "batch_size", 2**62, "train.batch_size=4611686018427387904 sequences of train.seq_len=256 are 1.19e+21 "
+                                   "tokens a step; at most 2.15e+09"),
 ])
 def test_every_range_is_checked_at_load(section, key, value, message):
     """Each value outside its range fails at config load with one line naming key, range and value."""
@@ -317,7 +331,7 @@ def test_str_overrides_keep_the_text_as_typed(override, section, key, expected):
 def test_non_str_overrides_still_parse_as_yaml():
     cfg = load_config(None, ["--train.max_steps=010", "--optim.grad_clip=0.5", "--model.cms.chunk_sizes=[8, null]",
                              "--model.titans.max_grad_norm=null", "--train.compile=yes", "--logging.run-name", "007"])
-    assert cfg.train.max_steps == 8 and cfg.optim.grad_clip == 0.5 and cfg.model.cms.chunk_sizes == [8, None]
+    assert cfg.train.max_steps == 10 and cfg.optim.grad_clip == 0.5 and cfg.model.cms.chunk_sizes == [8, None]
     assert cfg.model.titans.max_grad_norm is None and cfg.train.compile is True
     assert cfg.logging.run_name == "007"
     with pytest.raises(ConfigError, match="unknown config key 'train.nope'"):
@@ -325,11 +339,24 @@ def test_non_str_overrides_still_parse_as_yaml():
 
 
 def test_yaml_str_fields_unchanged(tmp_path):
-    """YAML files keep their YAML meaning: an unquoted 010 is the int 8, written as '8'."""
+    """YAML files keep their YAML meaning: an unquoted 010 is the int 10, written as '10'."""
     path = tmp_path / "c.yaml"
     path.write_text("logging:\n  run_name: 010\ntrain:\n  out_dir: '2024_01'\n")
     cfg = load_config(str(path))
-    assert cfg.logging.run_name == "8" and cfg.train.out_dir == "2024_01"
+    assert cfg.logging.run_name == "10" and cfg.train.out_dir == "2024_01"
+
+
+@pytest.mark.parametrize("text, value", [("010", 10), ("007", 7), ("10_000", 10000), ("0o17", 15), ("0x1F", 31),
+                                         ("-0x10", -16), ("+7", 7), ("-5", -5)])
+def test_integers_read_as_yaml_1_2_reads_them(tmp_path, text, value):
+    """PyYAML (YAML 1.1) read 010 as the octal 8 and 1:30 as 90 (base 60): --train.seed=010
+    trained with seed 8. Files and overrides read integers as YAML 1.2 does."""
+    assert parse_overrides([f"--train.seed={text}"]) == {"train": {"seed": value}}
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  seed: {text}\n")
+    assert read_yaml(str(path)) == {"train": {"seed": value}}
+    with pytest.raises(ConfigError, match=r"^train.max_steps must be int, got '1:30'$"):
+        load_config(None, ["--train.max_steps=1:30"])
 
 
 @pytest.mark.parametrize("text, message", [
