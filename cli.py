@@ -152,9 +152,24 @@ def _creation_problem(folder: str) -> str | None:
 TRAINER_STATE, DCP_INDEX, LATEST = "trainer_state.pt", ".metadata", "latest"
 
 
+def enclosing_checkpoint(path: str) -> str | None:
+    """The checkpoint folder or checkpoints/ root that `path` is, or lies inside, or None:
+    anything written there replaces or mixes with what the checkpoint names."""
+    probe = os.path.abspath(path)
+    while True:
+        if inside_checkpoint(probe):
+            return probe
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return None
+        probe = parent
+
+
 def inside_checkpoint(folder: str) -> bool:
-    def has(name):
-        return os.path.lexists(os.path.join(folder, name))
+    """Whether `folder` itself is a checkpoint folder or a checkpoints/ root."""
+    def has(name):                  # a file (or link) of that name: a folder so named is no checkpoint's
+        path = os.path.join(folder, name)
+        return os.path.isfile(path) or os.path.islink(path)
     names = os.listdir(folder) if os.path.isdir(folder) else []
     return (has(TRAINER_STATE) or (has(DCP_INDEX) and any(n.endswith(".distcp") for n in names))
             or (has(LATEST) and any(n.startswith("step_") for n in names)))
@@ -169,7 +184,7 @@ def output_file_problem(path: str) -> str | None:
         return "is empty; give a file name"
     if os.path.isdir(path):
         return "is a folder; give a file name"
-    if inside_checkpoint(os.path.dirname(os.path.abspath(path))):
+    if enclosing_checkpoint(os.path.dirname(os.path.abspath(path))):
         return "is inside a checkpoint folder; write it elsewhere"
     if os.path.exists(path) and not os.access(path, os.W_OK):
         return "exists and is not writable"

@@ -28,9 +28,9 @@ import yaml
 import distributed
 from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints, load_config_of, load_training_state,
                         resolve_checkpoint, save_checkpoint, saved_steps, set_aside_later_steps, step_number)
-from cli import check_output_dir, first_free_path
-from config import (LONG_CONTEXT, MODEL_SECTIONS, Config, ConfigError, check_vocab, config_data, config_from_dict, dump_yaml,
-                    reads, to_dict, unread_settings)
+from cli import check_output_dir, enclosing_checkpoint, first_free_path, one_line
+from config import (LONG_CONTEXT, MODEL_SECTIONS, Config, ConfigError, DataConfig, check_vocab, config_data,
+                    config_from_dict, dump_yaml, reads, to_dict, unread_settings)
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, full_value, gradient_sync
 from kernels.checks import triton_blocker
 
@@ -92,13 +92,23 @@ def make_optimizer(model, cfg: Config, device_type):
                            weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps, **options)
 
 
+# the data settings besides dataset and tokenizer that change what data.prepare writes
+CACHE_RECIPE_KEYS = ("val_fraction", "max_docs", "text_field", "hf_split", "hf_data_files")
+
+
 def resolve_data_dir(cfg: Config) -> str:
     if cfg.data.data_dir:
         return cfg.data.data_dir
     if os.path.isfile(os.path.join(cfg.data.dataset, "meta.json")):
         return cfg.data.dataset                       # an already prepared directory
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.data.dataset)
-    return os.path.join("data", "cache", f"{slug}-{cfg.data.tokenizer}")
+    def slug(text):
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
+    # a recipe other than the defaults gets a folder of its own: else two configs of one corpus
+    # (another val_fraction, ...) would rebuild one cache folder in turn under each other's runs
+    d, default = cfg.data, DataConfig()
+    recipe = "".join(f"-{key}{slug(getattr(d, key))}" for key in CACHE_RECIPE_KEYS
+                     if getattr(d, key) != getattr(default, key))
+    return os.path.join("data", "cache", f"{slug(d.dataset)}-{d.tokenizer}{recipe}")
 
 
 def open_training_data(cfg: Config):
@@ -137,6 +147,9 @@ def check_out_dir(t):
     if not t.resume:
         raise ConfigError("train.resume must be auto, never or a checkpoint path, got ''")
     check_output_dir(t.out_dir, "train.out_dir")          # not a file, can be made and written in
+    inside = enclosing_checkpoint(t.out_dir)
+    if inside:                      # its config.yaml and metrics would land in the checkpoint
+        raise ConfigError(f"train.out_dir {t.out_dir} is inside the checkpoint {inside}: choose another folder")
     for name, is_folder in OUT_DIR_ENTRIES.items():       # else the write fails: checkpoints/ after training
         path = os.path.join(t.out_dir, name)
         if os.path.lexists(path) and os.path.isdir(path) != is_folder:
@@ -346,7 +359,10 @@ def init_wandb(cfg: Config):
     mode = cfg.logging.wandb
     if mode == "disabled":
         return None
-    import wandb  # imported lazily: not installed on every GPU image
+    try:
+        import wandb  # imported lazily: not installed on every GPU image
+    except ImportError:
+        raise ConfigError(f"logging.wandb={mode} needs the wandb package: pip install wandb") from None
     if mode == "online":
         import socket
         try:   # online mode without network hangs for ~100 s: check first, fall back to offline
@@ -354,8 +370,12 @@ def init_wandb(cfg: Config):
         except OSError:
             print("wandb: no network, logging offline instead (wandb sync later)")
             mode = "offline"
-    return wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.run_name or None, mode=mode,
-                      config=to_dict(cfg), dir=cfg.train.out_dir)
+    os.makedirs(cfg.train.out_dir, exist_ok=True)
+    try:
+        return wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.run_name or None, mode=mode,
+                          config=to_dict(cfg), dir=cfg.train.out_dir)
+    except Exception as e:          # wandb's own errors (a bad project name, ...): one line
+        raise ConfigError(f"logging.wandb={mode}: wandb.init failed: {one_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -414,7 +434,14 @@ def _train(cfg: Config, env: DistEnv):
     if env.is_main:
         print("config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
 
-    model = build_model(cfg.model).to(device)
+    try:
+        model = build_model(cfg.model).to(device)
+    except (RuntimeError, OverflowError, MemoryError, TypeError) as e:    # sizes past memory or past int64
+        if isinstance(e, TypeError) and "Overflow" not in str(e):
+            raise
+        m, why = cfg.model, (str(e).strip().splitlines() or [type(e).__name__])[0]   # not torch's C++ frames
+        raise ConfigError(f"cannot build the model (model.n_layer={m.n_layer}, d_model={m.d_model}, "
+                          f"vocab_size={m.vocab_size}) on {device}: {why}") from None
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(t.seq_len)
     # Titans/HOPE memory updates (inner gradients, scans) are counted apart from the 6N rule
@@ -492,8 +519,10 @@ def _train(cfg: Config, env: DistEnv):
         dump_yaml(cfg, os.path.join(t.out_dir, "config.yaml"))
         return log
 
-    metrics = distributed.on_main(env, open_outputs)
-    run = init_wandb(cfg) if env.is_main else None
+    def start_logging():    # wandb first: its errors (a bad project name) come before any rewrite
+        run = init_wandb(cfg)
+        return open_outputs(), run
+    metrics, run = distributed.on_main(env, start_logging) or (None, None)
 
     def checkpoint(step):   # collective: every rank writes its shards
         trainer_state = {"step": step, "stats": stats, "sampler": sampler.state_dict(), "rng": rng_state()}

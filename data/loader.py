@@ -203,13 +203,24 @@ class BatchSampler:
         self.step += 1
         return _rows_to_tensors(rows)
 
+    @property
+    def recipe(self) -> dict | None:
+        """How the data was prepared (source, tokenizer, split choice: meta.json's recipe)."""
+        return self.dataset.meta.get("recipe")
+
     def state_dict(self) -> dict:
         # rank and world_size are left out on purpose: the global stream does not depend on them
         return {"step": self.step, "seed": self.seed, "split": self.split, "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "sampling": self.sampling, "num_windows": self.num_windows}
+                "seq_len": self.seq_len, "sampling": self.sampling, "num_windows": self.num_windows,
+                "recipe": self.recipe}
 
     def load_state_dict(self, state: dict):
         state = {"sampling": "random", **state}         # saved before the shuffled sampling existed
+        if state.get("recipe") is not None and self.recipe is not None and state["recipe"] != self.recipe:
+            theirs, ours = state["recipe"], self.recipe
+            key = next(k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
+            raise ValueError(f"data position was saved on data prepared with {key}={theirs.get(key)!r}, this run "
+                             f"reads data prepared with {key}={ours.get(key)!r}: the batch stream would differ")
         for key in ("batch_size", "seq_len", "sampling", "num_windows"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"data position was saved with {key}={state[key]}, this sampler has "

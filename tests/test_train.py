@@ -279,6 +279,19 @@ def test_bad_out_dir_and_resume_lose_nothing(corpus, tmp_path, capsys):
     fails([f"--train.out_dir={out / 'metrics.jsonl'}"], "is a file, not a folder")
     fails(["--train.out_dir="], "train.out_dir must name a folder")
     fails([f"--train.out_dir={tmp_path / 'long'}", "--train.seq_len=100000"], "fewer than train.seq_len + 1")
+    # an out_dir in a checkpoint (its config.yaml replaced the checkpoint's, exit 0), or in checkpoints/
+    ckpt = out / "checkpoints" / "step_000002"
+    for inside in (ckpt, ckpt / "sub", out / "checkpoints"):
+        fails([f"--train.out_dir={inside}"], f"train.out_dir {inside} is inside the checkpoint "
+                                             f"{ckpt if inside != out / 'checkpoints' else inside}: choose another")
+    # resumed on data of another recipe (it trained on without a word)
+    from data.prepare import prepare
+    other = str(tmp_path / "other-data")
+    prepare(f"files:{os.path.dirname(corpus)}/*.txt", other, tokenizer="bytes", val_fraction=0.2, num_workers=1,
+            quiet=True)
+    fails([f"--train.out_dir={out}", "--train.max_steps=3", f"--data.dataset={other}"],
+          "data position was saved on data prepared with val_fraction=0.1, this run reads data prepared with "
+          "val_fraction=0.2: the batch stream would differ")
     (out / "checkpoints" / "latest").unlink()
     fails([f"--train.out_dir={out}"], f"--train.resume={out / 'checkpoints' / 'step_000002'}")
     assert not (tmp_path / "long").exists()
@@ -335,6 +348,20 @@ def test_what_would_fail_after_training_or_overwrite_another_run_fails_first(cor
                                 "--eval.during_training=[perplexity]"],
                      f"eval.during_training ['perplexity']: WikiText file {partial}/wikitext/wiki.test.raw not found", capsys)
     assert not (tmp_path / "evals").exists()
+    # sizes past memory or int64: one line naming the sizes (a TypeError / RuntimeError traceback)
+    _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={out}", "--train.max_steps=4", "--model.d_model=2**62"],
+                     "model.d_model must be", capsys)
+    _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={tmp_path / 'huge'}", f"--model.d_model={2**62}"],
+                     f"cannot build the model (model.n_layer=2, d_model={2**62}, vocab_size=257) on cpu: ", capsys)
+    # wandb: missing, or refusing its settings, before the out_dir's files are rewritten
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={out}", "--train.max_steps=4", "--logging.wandb=offline"],
+                     "logging.wandb=offline needs the wandb package: pip install wandb", capsys)
+    monkeypatch.setitem(sys.modules, "wandb", type(sys)("wandb"))
+    sys.modules["wandb"].init = lambda **kw: (_ for _ in ()).throw(RuntimeError("Invalid project name 'a/b'\nmore"))
+    _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={out}", "--train.max_steps=4", "--logging.wandb=offline"],
+                     "logging.wandb=offline: wandb.init failed: Invalid project name 'a/b' more", capsys)
+    monkeypatch.delitem(sys.modules, "wandb")
     own = out / "checkpoints" / "step_000002"
     assert train_mod.main([*common, f"--train.out_dir={out}", "--train.max_steps=3", f"--train.resume={own}"]) == 0
 
