@@ -12,7 +12,10 @@ be loaded on any number of ranks.
 For inference and sharing, export one consolidated safetensors file (one process):
 
     python -m checkpoint export out/run/checkpoints/step_001000 model.safetensors [--dtype bf16]
-    model, cfg = load_exported("model.safetensors")   # or build_model + safetensors.torch.load_model
+    model, cfg = load_model("model.safetensors")      # or build_model + safetensors.torch.load_model
+
+load_model (so sample.py and every eval) reads such a file as it reads a checkpoint; a resume
+or another export, which need the optimiser and trainer state, refuse it (resolve_checkpoint).
 """
 from __future__ import annotations
 
@@ -220,6 +223,12 @@ def find_checkpoint(path) -> str | None:
 
 
 def resolve_checkpoint(path) -> str:
+    """A checkpoint dir, a checkpoints/ root or an out_dir -> the DCP checkpoint dir, for what
+    needs its training state (a resume, an export); anything else is a one-line error."""
+    if os.path.isfile(path):        # most likely an export: load_model reads it, nothing here can
+        raise ValueError(f"{path} is a file, not a checkpoint directory: an exported .safetensors holds the "
+                         "weights and config only, without the optimiser and trainer state needed here; "
+                         "pass a step_N directory or an out_dir")
     ckpt = find_checkpoint(path) if os.path.exists(path) else None
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint found at {path} (expected a step_N directory or an out_dir "
@@ -365,14 +374,23 @@ def load_config_of(ckpt) -> Config:
         raise ConfigError(str(e) if path in str(e) else f"{path}: {e}") from None
 
 
-def load_model(path, device="cpu"):
-    """For inference and evals: (model in eval mode, full Config) from a checkpoint or out_dir."""
-    from model import build_model
+def _for_device(cfg: Config, device) -> Config:
+    """A checkpoint's config, made to run on `device`: Triton kernels become "auto" where they
+    cannot run (a speed setting, not the math: a GPU run's checkpoint evaluates on CPU)."""
     from kernels.checks import triton_blocker
-    ckpt = resolve_checkpoint(path)
-    cfg = load_config_of(ckpt)
     if triton_blocker(cfg.model, device):
-        cfg.model.kernels = "auto"   # a speed setting, not the math: a GPU run's checkpoint evaluates on CPU
+        cfg.model.kernels = "auto"
+    return cfg
+
+
+def load_model(path, device="cpu"):
+    """For inference and evals: (model in eval mode, full Config) from a checkpoint, an out_dir,
+    or a consolidated file written by export_safetensors."""
+    from model import build_model
+    if os.path.isfile(path):        # a DCP checkpoint is always a folder: a file can only be an export
+        return load_exported(path, device)
+    ckpt = resolve_checkpoint(path)
+    cfg = _for_device(load_config_of(ckpt), device)
     model = build_model(cfg.model)
     sd = get_model_state_dict(model, options=StateDictOptions())
     state = {"model": sd}
@@ -393,8 +411,10 @@ def export_safetensors(ckpt, out_path, dtype="fp32") -> str:
 
     Tensors are named as in `build_model(cfg.model).state_dict()`; a tied head weight is
     stored once (under embed.weight), which `safetensors.torch.load_model` restores. The
-    file's metadata holds the full training config (JSON) and the step, so the file alone
-    rebuilds the model (`load_exported`). Run it in one process, not under torchrun.
+    file's metadata holds the full training config (JSON: the model, its tokenizer's name,
+    train.seq_len, ...) and the step, so the file alone rebuilds the model (`load_model`,
+    `load_exported`). Run it in one process, not under torchrun. The file's mode follows the
+    umask, as every other output (safetensors itself creates it 0600).
 
     Bad input is a one-line ValueError (FileNotFoundError for a missing checkpoint) raised
     before anything is written: the output path is checked first, then the checkpoint is read
@@ -411,15 +431,28 @@ def export_safetensors(ckpt, out_path, dtype="fp32") -> str:
     model, cfg = load_model(ckpt)
     model = model.to(EXPORT_DTYPES[dtype])
     metadata = {"format": "pt", "config": json.dumps(to_dict(cfg)), "step": str(step), "arch": cfg.model.arch}
+
+    def write(tmp):
+        save_model(model, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
     try:
-        return write_atomic(out_path, lambda tmp: save_model(model, tmp, metadata=metadata))
+        return write_atomic(out_path, write)
     except (OSError, SafetensorError) as e:  # disk full, permissions changed, a directory appeared, a
         # file name too long (safetensors reports its own I/O errors as SafetensorError)
         raise ValueError(f"cannot write {out_path}: {getattr(e, 'strerror', None) or _first_line(e)}") from None
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put straight back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def load_exported(path, device="cpu"):
-    """(model in eval mode, Config) from a file written by export_safetensors."""
+    """(model in eval mode, Config) from a file written by export_safetensors (load_model
+    comes here for a file). The parameters are fp32 whatever the export's dtype (a bf16
+    export's values, rounded to bf16): the evals run on them as on a checkpoint's."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model as load_safetensors_into
     from model import build_model
@@ -429,13 +462,22 @@ def load_exported(path, device="cpu"):
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:          # truncated, or not a safetensors file
-        raise ValueError(f"{path} is not a readable safetensors file: {_first_line(e)}") from None
-    if "config" not in metadata:
-        raise ValueError(f"{path} has no config in its metadata: not written by export_safetensors")
+        raise ValueError(f"{path} is not a readable safetensors file ({_first_line(e)}): expected a checkpoint "
+                         "directory, an out_dir or a file from `python -m checkpoint export`") from None
+    if "config" not in metadata:                     # someone else's safetensors file
+        raise ValueError(f"{path} has no config in its metadata: not written by `python -m checkpoint export`")
     try:
-        cfg = config_from_dict(json.loads(metadata["config"]))
+        data = json.loads(metadata["config"])
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} has a config in its metadata that is not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} has a config in its metadata that is a {type(data).__name__}, not a mapping")
+    try:
+        cfg = config_from_dict(data)
+        check_vocab(cfg)                 # as load_config_of: sample and every eval tokenize
+    except ConfigError as e:
+        raise ConfigError(f"{path}: config in its metadata: {e}") from None
+    cfg = _for_device(cfg, device)
     model = build_model(cfg.model)
     try:
         load_safetensors_into(model, path, device=str(device))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from helpers import assert_torchrun_finished
+from helpers import assert_torchrun_finished, save_tiny_checkpoint
 
 TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.d_model=32", "--data.tokenizer=bytes",
         "--train.batch_size=4", "--train.grad_accum=2", "--train.seq_len=32", "--train.lr=3e-3",
@@ -192,6 +192,96 @@ def test_export_safetensors_of_sharded_checkpoint(runs):
         want = reference(idx)[0]
         assert torch.equal(model.eval()(idx)[0], want)
         assert torch.equal(load_exported(path)[0](idx)[0], want)
+        assert torch.equal(load_model(path)[0](idx)[0], want)       # what sample.py and the evals call
+
+
+# ----------------------------------------------------------------------------------------
+# what reads an exported file: load_model (so sample.py and every eval), not a resume or export
+
+
+@pytest.fixture
+def exported(tmp_path):
+    """A tiny 1-process checkpoint (out_dir) and its export -> (out_dir, file)."""
+    import checkpoint
+    run_dir = save_tiny_checkpoint(tmp_path / "run")
+    path = str(tmp_path / "model.safetensors")
+    checkpoint.export_safetensors(run_dir, path)
+    return run_dir, path
+
+
+def _one_line_error(err, *parts):
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    for part in parts:
+        assert part in err, err
+
+
+def test_load_model_reads_an_exported_file_as_its_checkpoint(exported):
+    from checkpoint import load_model
+    from config import to_dict
+    run_dir, path = exported
+    model, cfg = load_model(path)
+    reference, want_cfg = load_model(run_dir)
+    assert to_dict(cfg) == to_dict(want_cfg) and not model.training
+    assert cfg.train.seq_len == 256 and cfg.data.tokenizer == "bytes"     # what the evals read
+    idx = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], reference(idx)[0])
+
+
+def test_sample_and_the_eval_loader_run_on_an_exported_file(exported, capsys):
+    import sample
+    from data.tokenizer import ByteTokenizer
+    from eval.common import load_checkpoint
+    _, path = exported
+    assert sample.main(["--checkpoint", path, "--tokens", "3", "--device", "cpu", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("--- sample 0\n")
+    model, cfg, tokenizer, device = load_checkpoint(path, "cpu")
+    assert isinstance(tokenizer, ByteTokenizer) and str(device) == "cpu" and cfg.train.seq_len == 256
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_export_file_mode_follows_the_umask(tmp_path, umask, mode):
+    """safetensors creates its file 0600; the export is 0666 & ~umask like every other output."""
+    from checkpoint import export_safetensors
+    run_dir = save_tiny_checkpoint(tmp_path / "run")
+    previous = os.umask(umask)
+    try:
+        path = export_safetensors(run_dir, str(tmp_path / "model.safetensors"))
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == mode
+
+
+def test_a_safetensors_file_not_ours_is_one_line(tmp_path, capsys):
+    import sample
+    from safetensors.torch import save_file
+
+    from checkpoint import load_model
+    foreign = str(tmp_path / "foreign.safetensors")
+    save_file({"weight": torch.zeros(3)}, foreign)
+    with pytest.raises(ValueError, match="has no config in its metadata: not written by"):
+        load_model(foreign)
+    assert sample.main(["--checkpoint", foreign, "--device", "cpu"]) == 2
+    _one_line_error(capsys.readouterr().err, foreign, "has no config in its metadata")
+    save_file({"weight": torch.zeros(3)}, foreign, metadata={"config": "[1, 2]"})
+    with pytest.raises(ValueError, match="config in its metadata that is a list, not a mapping"):
+        load_model(foreign)
+    text = str(tmp_path / "notes.txt")
+    with open(text, "w") as f:
+        f.write("not a model\n")
+    assert sample.main(["--checkpoint", text, "--device", "cpu"]) == 2
+    _one_line_error(capsys.readouterr().err, text, "is not a readable safetensors file")
+
+
+def test_what_needs_training_state_refuses_an_exported_file(exported, capsys):
+    """Another export or a resume needs the trainer state (and a resume the optimiser): one
+    line saying the file holds neither, not "no checkpoint found" for a file that exists."""
+    import checkpoint
+    _, path = exported
+    with pytest.raises(ValueError, match="is a file, not a checkpoint directory: an exported"):
+        checkpoint.resolve_checkpoint(path)         # train.py's train.resume=PATH goes through it
+    assert checkpoint.main(["export", path, path.replace("model", "again")]) == 2
+    _one_line_error(capsys.readouterr().err, path, "without the optimiser and trainer state")
 
 
 def test_two_ranks_ddp_match_one_process(runs):
