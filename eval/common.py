@@ -37,18 +37,25 @@ DATA_DIR_HELP = f"a copy of shared/data (default {DATA_DIR_LOOKUP})"
 
 
 def default_data_dir() -> str | None:
-    """A copy of shared/data (the offline eval data): $NL_DATA_DIR, $NL_SHARED_DATA, or
-    ../shared/data beside the repo; None if none of them is a folder."""
-    for candidate in (os.environ.get("NL_DATA_DIR"), os.environ.get("NL_SHARED_DATA"),
-                      os.path.join(os.path.dirname(REPO), "shared", "data")):
-        if candidate and os.path.isdir(candidate):
-            return candidate
-    return None
+    """A copy of shared/data (the offline eval data): $NL_DATA_DIR, else $NL_SHARED_DATA, else
+    ../shared/data beside the repo if it is a folder, else None. The first variable that is
+    set (non-empty) must name a folder: a ValueError naming it otherwise, since skipping a
+    mistyped path would score another copy of the data (or skip the evals) without a word.
+    A ValueError, not FileNotFoundError: eval.run records the latter as a skipped section."""
+    for variable in ("NL_DATA_DIR", "NL_SHARED_DATA"):
+        path = os.environ.get(variable)
+        if path:
+            if not os.path.isdir(path):
+                raise ValueError(f"${variable}={path} is not a folder: set it to a copy of shared/data, or unset it")
+            return path
+    beside_repo = os.path.join(os.path.dirname(REPO), "shared", "data")
+    return beside_repo if os.path.isdir(beside_repo) else None
 
 
 def require_data_dir(data_dir: str | None, what: str, sub: str | None = None) -> str:
     """The offline data folder `what` reads (--data-dir, else default_data_dir()), or its
-    sub-folder `sub`; one FileNotFoundError naming what is missing otherwise."""
+    sub-folder `sub`; one FileNotFoundError naming what is missing otherwise (and
+    default_data_dir's ValueError for a $NL_DATA_DIR / $NL_SHARED_DATA that is not a folder)."""
     root = data_dir or default_data_dir()
     if not root or not os.path.isdir(root):
         raise FileNotFoundError(f"{what} needs the offline data folder: pass --data-dir or set $NL_DATA_DIR "

@@ -7,7 +7,10 @@ The whole evaluation suite in one command (DESIGN §7):
 writes <out>/results.json (sections `perplexity`, `babilong`, `niah`, `continual`, plus the
 suite's settings), <out>/results.md (the tables) and the plots (BABILong heatmap, continual
 R matrices, accuracy over tasks, domain perplexity matrix). A section whose offline data
-is missing is recorded as {"skipped": reason} and the command still finishes.
+is missing is recorded as {"skipped": reason} and the command still finishes. Run again
+into the same <out> for the same checkpoint and suite, --sections replaces those sections
+and keeps the others in results.json / results.md; an <out> holding another checkpoint's or
+suite's results is refused (choose another --out).
 
 Suites (every setting is in SUITES below and copied into results.json):
   quick  minutes on a CPU for a tiny model: a few val batches, 1 WikiText article, 20
@@ -29,10 +32,11 @@ metrics (names from config.DURING_TRAINING_EVALS) for metrics.jsonl / wandb.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
-from cli import OneLineArgumentParser, check_output_dir, write_atomic, write_json
+from cli import OneLineArgumentParser, check_output_dir, one_line, write_atomic, write_json
 from config import DURING_TRAINING_EVALS
 from eval.common import (DATA_DIR_HELP, check_data_dir, context_limit, exit_on_error, load_checkpoint, model_device,
                          notes_of)
@@ -216,7 +220,13 @@ def check_during_training(names, data_dir=None) -> None:
     """train.py's check before step 1: the data each during-training eval reads, read once, so
     that a missing or damaged file is a one-line error now, not at the first eval step after
     training (or, for perplexity, an eval line with no numbers)."""
-    if names and (data_dir or _data_dir()) is None:
+    if not names:
+        return
+    try:
+        root = data_dir or _data_dir()
+    except ValueError as e:           # $NL_DATA_DIR names no folder: said now, not at the first eval step
+        raise ValueError(f"eval.during_training {list(names)}: {e}") from None
+    if root is None:
         raise FileNotFoundError(f"eval.during_training {list(names)} needs the offline eval data: set "
                                 "$NL_DATA_DIR to a copy of shared/data, or leave them out")
     quick = SUITES["quick"]
@@ -235,6 +245,10 @@ def check_during_training(names, data_dir=None) -> None:
 
 def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", data_dir: str | None = None,
               sections=SECTIONS, log=print) -> dict:
+    """Run `sections` of `suite` on the checkpoint and write out_dir/results.json, results.md and
+    the plots -> the results. An out_dir that already holds the results of this checkpoint and
+    suite (an earlier run of other sections) keeps them: the sections run now replace theirs
+    and the others stay (merge_results). One of another checkpoint or suite is refused."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
     bad = [s for s in sections if s not in SECTIONS]
@@ -242,6 +256,7 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
         raise ValueError(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
     check_data_dir(data_dir)
     check_output_dir(out_dir)
+    earlier = earlier_results(out_dir, checkpoint, suite)    # refused now, before anything is computed
     settings = SUITES[suite]
     read_section_data(sections, settings, data_dir)
     model, cfg, tokenizer, device = load_checkpoint(checkpoint, device)
@@ -278,9 +293,64 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
             log(f"{section}: {state} ({results['seconds'][section]:.0f}s)")
             for note in results[section].get("notes", []):
                 log(f"note: {note}")
+    if earlier is not None:
+        results = merge_results(earlier, results, sections)
+        kept = [s for s in SECTIONS if s in earlier and s not in sections]
+        if log and kept:
+            log(f"kept from the earlier run in {out_dir}: {', '.join(kept)}")
     write_json(os.path.join(out_dir, "results.json"), results)
     write_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
     return results
+
+
+def earlier_results(out_dir: str, checkpoint: str, suite: str) -> dict | None:
+    """The results.json that an earlier run_suite wrote in out_dir, for this run's sections to
+    be added to (merge_results), or None when there is none. One that cannot be read, or that
+    holds another checkpoint's or suite's numbers, is a ValueError: the two cannot be merged,
+    and overwriting it would lose them."""
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.lexists(path):
+        return None
+    another_out = "choose another --out"
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError) as e:        # ValueError: not JSON, not UTF-8
+        raise ValueError(f"--out {out_dir} holds a results.json that cannot be read ({one_line(e)}): "
+                         f"{another_out}") from None
+    not_ours = ValueError(f"--out {out_dir} holds a results.json that eval.run did not write: {another_out}")
+    if not isinstance(earlier, dict):
+        raise not_ours
+    this_run = {"checkpoint": os.path.abspath(checkpoint), "suite": suite}
+    for key, value in this_run.items():
+        if earlier.get(key) != value:
+            raise ValueError(f"--out {out_dir} holds the results of {key} {earlier.get(key)}, not {value}: "
+                             f"{another_out}")
+    # what merge_results reads, and the kept sections' tables for results.md: checked now, since
+    # failing on them after the sections have run would lose the new numbers
+    try:
+        if not (isinstance(earlier.get("settings"), dict) and isinstance(earlier.get("seconds"), dict)):
+            raise TypeError("no settings / seconds")
+        results_markdown(earlier)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        raise not_ours from None
+    return earlier
+
+
+def merge_results(earlier: dict, new: dict, sections) -> dict:
+    """new's sections (those run now) replace earlier's; earlier's other sections are kept with
+    their settings and seconds. The rest (arch, device, ...) is new's."""
+    merged = {key: value for key, value in new.items() if key not in SECTIONS}
+    merged["settings"], merged["seconds"] = {}, {}
+    for section in SECTIONS:          # in the suite's order, whichever run wrote them
+        source = new if section in sections else earlier
+        if section not in source:
+            continue
+        merged[section] = source[section]
+        for key in ("settings", "seconds"):
+            if section in source[key]:
+                merged[key][section] = source[key][section]
+    return merged
 
 
 def _training_data(cfg):

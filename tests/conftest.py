@@ -13,8 +13,11 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Offline data for tests and evals (CI lays shared/ beside the checkout).
-SHARED_DATA = os.environ.setdefault("NL_SHARED_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
+# Offline data for tests and evals (CI lays shared/ beside the checkout). Exported only where
+# it is a folder: eval.common.default_data_dir refuses a variable that names none.
+SHARED_DATA = os.environ.get("NL_SHARED_DATA") or os.path.join(os.path.dirname(REPO), "shared", "data")
+if os.path.isdir(SHARED_DATA):
+    os.environ.setdefault("NL_SHARED_DATA", SHARED_DATA)
 
 import torch  # noqa: E402  (torch does not import triton at import time)
 

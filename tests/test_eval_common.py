@@ -172,6 +172,61 @@ def test_require_data_dir_names_what_needs_it(tmp_path, monkeypatch):
     assert require_data_dir(str(tmp_path), "x", "babi") == str(tmp_path / "babi")
 
 
+def test_a_data_dir_variable_naming_no_folder_is_an_error_not_skipped(tmp_path, monkeypatch):
+    """$NL_DATA_DIR (else $NL_SHARED_DATA) set to a path that is not a folder is a ValueError
+    naming the variable and the path, not a silent fall back to the next candidate (which
+    scored ../shared/data under a mistyped $NL_DATA_DIR). Empty means unset."""
+    import eval.common
+    from eval.common import default_data_dir
+    typo = str(tmp_path / "typo_dir")
+    monkeypatch.setattr(eval.common, "REPO", str(tmp_path / "repo"))      # no ../shared/data beside it
+    monkeypatch.setenv("NL_DATA_DIR", typo)
+    monkeypatch.setenv("NL_SHARED_DATA", str(tmp_path))
+    with pytest.raises(ValueError) as error:
+        default_data_dir()
+    assert str(error.value) == f"$NL_DATA_DIR={typo} is not a folder: set it to a copy of shared/data, or unset it"
+    with pytest.raises(ValueError, match=r"^\$NL_DATA_DIR="):              # as the evals that read it see it
+        require_data_dir(None, "CLINC150", "clinc150")
+    assert require_data_dir(str(tmp_path), "x") == str(tmp_path)         # --data-dir wins: the variable is unread
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setenv("NL_DATA_DIR", str(tmp_path / "a_file"))
+    with pytest.raises(ValueError, match="a_file is not a folder"):
+        default_data_dir()
+    monkeypatch.setenv("NL_DATA_DIR", "")
+    assert default_data_dir() == str(tmp_path)
+    monkeypatch.setenv("NL_SHARED_DATA", typo)
+    with pytest.raises(ValueError, match=r"^\$NL_SHARED_DATA="):
+        default_data_dir()
+    monkeypatch.delenv("NL_SHARED_DATA")
+    assert default_data_dir() is None
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    assert default_data_dir() == str(tmp_path / "shared" / "data")
+
+
+def test_a_data_dir_variable_naming_no_folder_stops_the_clis_and_training(tmp_path, monkeypatch, capsys):
+    """The mistyped $NL_DATA_DIR of eval.perplexity (it scored ../shared/data and exited 0),
+    eval.run and train.py's during-training evals: one line "error: ..." naming it, exit
+    status 2, before the checkpoint loads or step 1 runs."""
+    import eval.run as run
+    import train as train_mod
+    from eval import perplexity as ppl
+    typo = str(tmp_path / "typo_dir")
+    monkeypatch.setenv("NL_DATA_DIR", typo)
+    message = f"$NL_DATA_DIR={typo} is not a folder"
+    for main, argv in ((ppl.main, ["--tasks", "lambada", "--limit", "2"]),
+                       (run.main, ["--suite", "quick", "--out", str(tmp_path / "eval")])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--checkpoint", str(tmp_path / "no_checkpoint"), *argv])  # "not found" if it got that far
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert train_mod.main(["--model.n_layer=1", "--model.d_model=16", "--model.n_head=1", "--data.tokenizer=bytes",
+                           f"--train.out_dir={tmp_path / 'train'}", "--train.eval_every=1",
+                           "--logging.wandb=disabled", "--eval.during_training=[perplexity]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: eval.during_training ['perplexity']: {message}") and err.count("\n") == 1, err
+    assert not os.listdir(tmp_path)
+
+
 def test_fit_prompt_truncates_or_skips_only_attention_models():
     ids = list(range(10))
     assert fit_prompt(ids, True, 4, 2, "skip") == (ids, False)                # streaming reads it all

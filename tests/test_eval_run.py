@@ -228,3 +228,92 @@ def test_val_row_says_why_the_training_data_cannot_be_read(tmp_path):
                                               "lambada_passages": 0}, 16, "cpu", str(tmp_path / "no_data"),
                                  None, why)
     assert row["val"] == {"skipped": why}
+
+
+# -----------------------------------------------------------------------------
+# --sections into an --out that already holds results (the sections are stubbed)
+
+def _stub_suite(monkeypatch, tag):
+    """run_suite with a stub checkpoint and sections whose numbers carry `tag`, so a test sees
+    which run wrote each section."""
+    import types
+
+    import eval.babilong as bl
+    import eval.run as run
+    cfg = types.SimpleNamespace(train=types.SimpleNamespace(seq_len=64), model=types.SimpleNamespace(arch="hope"),
+                                data=types.SimpleNamespace(tokenizer="bytes"))
+    monkeypatch.setattr(run, "read_section_data", lambda *a, **kw: None)
+    monkeypatch.setattr(run, "load_checkpoint", lambda *a: (object(), cfg, None, "cpu"))
+    monkeypatch.setattr(run, "_training_data", lambda cfg: (None, "stub"))
+    monkeypatch.setattr(bl, "length_tokenizer", lambda *a: object())
+    monkeypatch.setattr(run, "perplexity_section", lambda *a, **kw: {
+        "val": {"loss": tag}, "wikitext": {"word_perplexity": tag}, "lambada": {"accuracy": tag}})
+    monkeypatch.setattr(run, "babilong_section", lambda *a, **kw: {
+        "source": f"run {tag}", "context_handling": "streamed", "scores": {"official": "o", "label_ranking": "l"},
+        "official": {"qa1": {"0k": tag}}, "label_ranking": {"qa1": {"0k": tag}}})
+    monkeypatch.setattr(run, "niah_section", lambda *a, **kw: {
+        "scores": {"accuracy": "a", "ranking_accuracy": "r"}, "accuracy": {"niah_single_1": {"1k": tag}},
+        "ranking_accuracy": {"niah_single_1": {"1k": tag}}})
+    monkeypatch.setattr(run, "continual_section", lambda *a, **kw: {"intents": {}, "tag": tag})
+    return run
+
+
+def test_sections_run_again_replace_theirs_and_keep_the_others(tmp_path, monkeypatch):
+    """--sections perplexity into the --out of an earlier full run of the same checkpoint and
+    suite: perplexity is the new one, babilong / niah / continual (numbers, settings, seconds)
+    stay in results.json and results.md. Kills results holding only the last run's sections."""
+    out = str(tmp_path / "eval")
+    run = _stub_suite(monkeypatch, 0.25)
+    run.main(["--checkpoint", "ckpt", "--out", out, "--device", "cpu"])
+    first = json.load(open(os.path.join(out, "results.json")))
+    run = _stub_suite(monkeypatch, 0.5)
+    run.main(["--checkpoint", "ckpt", "--out", out, "--device", "cpu", "--sections", "perplexity"])
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["perplexity"]["val"]["loss"] == 0.5
+    for section in ("babilong", "niah", "continual"):
+        assert results[section] == first[section]
+        assert results["settings"][section] == first["settings"][section]
+        assert results["seconds"][section] == first["seconds"][section]
+    assert list(results["settings"]) == list(results["seconds"]) == list(run.SECTIONS)
+    assert results["checkpoint"] == os.path.abspath("ckpt") and results["suite"] == "quick"
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| val | loss | 0.5000 |" in md and "| qa1 | 25.0 |" in md and "| niah_single_1 | 25.0 |" in md
+    assert "## Continual learning" in md
+    run = _stub_suite(monkeypatch, 0.75)                   # and back: the others again, perplexity kept
+    run.main(["--checkpoint", "ckpt", "--out", out, "--device", "cpu", "--sections", "niah,babilong"])
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["perplexity"]["val"]["loss"] == 0.5 and results["niah"]["accuracy"]["niah_single_1"]["1k"] == 0.75
+    assert results["babilong"]["source"] == "run 0.75" and results["continual"]["tag"] == 0.25
+
+
+@pytest.mark.parametrize("earlier, message", [
+    ({"checkpoint": "OTHER", "suite": "quick"}, "holds the results of checkpoint OTHER, not CKPT"),
+    ({"checkpoint": "CKPT", "suite": "paper"}, "holds the results of suite paper, not quick"),
+    ("{not json", "holds a results.json that cannot be read (Expecting property name"),
+    ([1, 2], "holds a results.json that eval.run did not write"),
+    ({"checkpoint": "CKPT", "suite": "quick", "niah": {"accuracy": 0.5}}, "eval.run did not write"),  # no table
+])
+def test_results_of_another_run_are_refused_before_anything_runs(earlier, message, tmp_path, monkeypatch, capsys):
+    """An --out whose results.json is of another checkpoint or suite, or unreadable, cannot
+    be merged: one line saying to choose another --out, before the checkpoint loads, and the
+    file is left as it was (it used to be overwritten)."""
+    import eval.run as run
+    out = tmp_path / "eval"
+    out.mkdir()
+    checkpoint = str(tmp_path / "ckpt")
+    if isinstance(earlier, dict):
+        earlier = json.dumps({"arch": "hope", "tokenizer": "bytes", "context": 64, "settings": {}, "seconds": {},
+                              "perplexity": {"skipped": "x"}, **earlier,
+                              "checkpoint": earlier["checkpoint"].replace("CKPT", checkpoint)})
+    else:
+        earlier = earlier if isinstance(earlier, str) else json.dumps(earlier)
+    (out / "results.json").write_text(earlier)
+    monkeypatch.setattr(run, "read_section_data", lambda *a, **kw: pytest.fail("read data before refusing"))
+    monkeypatch.setattr(run, "load_checkpoint", lambda *a: pytest.fail("loaded before refusing"))
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--checkpoint", checkpoint, "--out", str(out), "--sections", "perplexity"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --out {out} ") and message.replace("CKPT", checkpoint) in err
+    assert err.rstrip().endswith(": choose another --out")
+    assert (out / "results.json").read_text() == earlier and os.listdir(out) == ["results.json"]
