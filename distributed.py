@@ -181,9 +181,20 @@ def apply_compile(model):
     """torch.compile each block's forward separately (after AC, so the compiler sees the
     checkpointed region): blocks share one structure, so compile time stays about that of
     one block, and the FSDP2 hooks around each block stay outside the compiled graph.
-    Parameter names are unchanged."""
+    Parameter names are unchanged. Only training forwards (grad enabled) run compiled: the
+    streaming ones (sampling, evals) feed a new position every call, and the memories' chunk
+    boundaries depend on it (pos % C), so the compiler would specialise again each time (51
+    recompiles and 4 minutes for a 16-token sample before it gave up at its limit)."""
     for block in model.blocks:
-        block.forward = torch.compile(block.forward)
+        block.forward = _compiled_for_training(block.forward)
+
+
+def _compiled_for_training(forward):
+    compiled = torch.compile(forward)
+
+    def forward_compiled_when_training(*args, **kwargs):
+        return (compiled if torch.is_grad_enabled() else forward)(*args, **kwargs)
+    return forward_compiled_when_training
 
 
 def mixed_precision_dtype(cfg: Config, env: DistEnv):

@@ -518,16 +518,9 @@ class NeuralMemory(nn.Module):
         return (FWD_BWD if backward else 1) * self.n_head * per_head
 
 
-class _no_autocast:
+def _no_autocast(like):
     """Fast-weight math runs in float32 (at least) even under bf16 autocast: the inner
-    loop accumulates many small writes into the same weights."""
-
-    def __init__(self, like):
-        self.device_type = like.device.type if like.device.type in ("cuda", "cpu") else "cpu"
-
-    def __enter__(self):
-        self.ctx = torch.autocast(self.device_type, enabled=False)
-        return self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc)
+    loop accumulates many small writes into the same weights. A plain torch.autocast
+    context: torch.compile traces it (a wrapper calling __enter__ by hand broke every
+    Titans/HOPE block into 10-24 graphs and sent the chunk loop back to eager)."""
+    return torch.autocast(like.device.type if like.device.type in ("cuda", "cpu") else "cpu", enabled=False)

@@ -45,9 +45,10 @@ def build_train_step(cfg, device="cpu", compile=False):
     """(model, step) for `cfg`: its model (seed 0) and optimiser (train.make_optimizer) on
     `device`, and step() = one training step (make_train_step) on a fixed batch of
     train.batch_size random sequences of train.seq_len + 1 tokens, with per-block activation
-    checkpointing when distributed.activation_checkpointing is on (as train.py). Sets
-    model.vocab_size from the tokenizer when it is 0."""
-    from distributed import apply_activation_checkpointing
+    checkpointing when distributed.activation_checkpointing is on and per-block compile when
+    `compile` or train.compile is (as train.py). Sets model.vocab_size from the tokenizer
+    when it is 0."""
+    from distributed import apply_activation_checkpointing, apply_compile
     from model import build_model
     from train import make_optimizer, setup_precision
     t = cfg.train
@@ -57,11 +58,12 @@ def build_train_step(cfg, device="cpu", compile=False):
     model = build_model(cfg.model).to(device)
     if cfg.distributed.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if compile or t.compile:
+        apply_compile(model)
     opt = make_optimizer(model, cfg, device)
-    step_model = torch.compile(model) if compile else model
     x = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
     bf16 = setup_precision(t, device)            # as train.py: bf16 autocast, TF32 on CUDA
-    return model, make_train_step(step_model, opt, x, t.grad_accum, device, bf16)
+    return model, make_train_step(model, opt, x, t.grad_accum, device, bf16)
 
 
 def median_seconds(step, steps, warmup, device="cpu"):
@@ -170,7 +172,7 @@ def main(argv=None):
     p.add_argument("--steps", type=positive_int, default=5)
     p.add_argument("--warmup", type=non_negative_int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block, as --train.compile=true")
     p.add_argument("--profile-rows", type=non_negative_int, default=0,
                    help="after timing, profile one more step: forward time per model part and this many "
                         "top ops by self time (CUDA: GPU kernel time); 0 = no profile")

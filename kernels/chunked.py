@@ -49,7 +49,7 @@ def _split_into_chunks(x, chunk_size):
     """x [B,H,T,...] -> list of (group [B,H,N,L,...]) covering T in order: the full
     chunks of length chunk_size, then the short tail chunk if T is not a multiple."""
     B, H, T = x.shape[:3]
-    n_full, tail = divmod(T, chunk_size)
+    n_full, tail = T // chunk_size, T % chunk_size      # not divmod: torch.compile cannot trace it on a symbolic T
     groups = []
     if n_full:
         head = x[:, :, : n_full * chunk_size]

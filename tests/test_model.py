@@ -440,3 +440,40 @@ def test_a_state_of_another_precision_is_a_one_line_error(arch):
         m(idx[:, 5:], state=m(idx[:, :5])[2])
     m.to(torch.bfloat16)
     m(idx[:, 5:], state=m(idx[:, :5])[2])
+
+
+@pytest.mark.parametrize("arch, variant", [("transformer", None), ("titans", "lmm"), ("titans", "mac"),
+                                           ("titans", "mag"), ("titans", "mal"), ("hope", None),
+                                           ("hope_attention", None)])
+def test_every_block_compiles_as_one_graph(arch, variant):
+    """train.compile compiles each block: a graph break inside it splits the block and can send
+    the memory's chunk loop back to eager (a hand-called autocast __enter__ in memory.py broke
+    every Titans and HOPE block into 10-24 graphs; divmod on a symbolic length dropped whole
+    functions). torch._dynamo.explain traces without compiling."""
+    import torch._dynamo as dynamo
+    cfg = {"vocab_size": 61, "n_layer": 1, "n_head": 2, "d_model": 16, "arch": arch}
+    if variant:
+        cfg["titans"] = {"variant": variant}
+    m = build_model(cfg)
+    x = m.embed(torch.randint(0, 61, (2, 40))).detach()
+    dynamo.reset()
+    explained = dynamo.explain(m.blocks[0].forward)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
+        [r.reason.splitlines()[0] for r in explained.break_reasons]
+
+
+def test_compiled_blocks_stream_uncompiled(monkeypatch):
+    """distributed.apply_compile: training forwards (grad enabled) run the compiled block,
+    streaming ones (sampling, evals: no grad) the block itself, whose chunk boundaries move
+    with every position (51 recompiles for a 16-token sample before)."""
+    import distributed
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn: lambda *a, **k: calls.append("compiled") or fn(*a, **k))
+    m = tiny("hope")
+    distributed.apply_compile(m)
+    idx = torch.randint(0, 61, (1, 6))
+    m(idx, targets=idx)
+    assert calls == ["compiled"] * len(m.blocks)
+    with torch.no_grad():
+        m.generate(idx, 3)
+    assert calls == ["compiled"] * len(m.blocks)
