@@ -271,17 +271,22 @@ def _is_read_error(e: BaseException) -> bool:
     return isinstance(e, _READ_ERRORS) or "PytorchStreamReader" in str(e)
 
 
+class CheckpointMismatch(ValueError):
+    """A readable checkpoint of another model or optimiser: not damage (an earlier step of
+    the same run would not match either)."""
+
+
 def _dcp_load_checked(state, ckpt, mismatch: str):
     """_dcp_load, with its failures as one-line ValueErrors: a shard that cannot be read is
-    "corrupt" (naming the checkpoint), anything else is `mismatch` (what the template and the
-    checkpoint disagree on)."""
+    "corrupt" (naming the checkpoint), anything else is a CheckpointMismatch saying `mismatch`
+    (what the template and the checkpoint disagree on)."""
     try:
         _dcp_load(state, ckpt)
     except DCP_ERRORS as e:
         if _is_read_error(e):
             raise ValueError(f"checkpoint {ckpt} has a corrupt shard (cannot be read: "
                              f"{_first_line(e)})") from None
-        raise ValueError(f"checkpoint {ckpt} {mismatch}: {_first_line(e)}") from None
+        raise CheckpointMismatch(f"checkpoint {ckpt} {mismatch}: {_first_line(e)}") from None
 
 
 def read_trainer_state(ckpt, required=("step",)) -> dict:

@@ -26,8 +26,9 @@ import torch
 import yaml
 
 import distributed
-from checkpoint import (LATEST, RESUME_KEYS, find_checkpoint, holds_checkpoints, load_config_of, load_training_state,
-                        resolve_checkpoint, save_checkpoint, saved_steps, set_aside_later_steps, step_number)
+from checkpoint import (LATEST, RESUME_KEYS, CheckpointMismatch, find_checkpoint, holds_checkpoints, load_config_of,
+                        load_training_state, resolve_checkpoint, save_checkpoint, saved_steps, set_aside_later_steps,
+                        step_number)
 from cli import check_output_dir, enclosing_checkpoint, first_free_path, one_line
 from config import (LONG_CONTEXT, MODEL_SECTIONS, Config, ConfigError, DataConfig, check_vocab, config_data,
                     config_from_dict, dump_yaml, reads, to_dict, unread_settings)
@@ -212,7 +213,8 @@ def check_resume_config(cfg: Config, ckpt: str):
     RESUME_MAY_CHANGE, in the sections the architecture reads) or another tokenizer is a
     one-line ConfigError. So are another train.seed or data.sampling: the resumed data stream
     is the checkpoint's (a run begun before the paper configs took data.sampling=shuffled
-    resumes with --data.sampling=random)."""
+    resumes with --data.sampling=random); and another optimiser (optimiser_state_settings),
+    whose state would not load. -> the checkpoint's config."""
     saved = load_config_of(ckpt)
 
     def fields(model_cfg):
@@ -226,11 +228,22 @@ def check_resume_config(cfg: Config, ckpt: str):
                if k not in RESUME_MAY_CHANGE and ours.get(k) != v]
     changed += [(key, a, b) for key, a, b in (("data.tokenizer", saved.data.tokenizer, cfg.data.tokenizer),
                                               ("data.sampling", saved.data.sampling, cfg.data.sampling),
-                                              ("train.seed", saved.train.seed, cfg.train.seed)) if a != b]
+                                              ("train.seed", saved.train.seed, cfg.train.seed),
+                                              *optimiser_state_settings(saved.optim, cfg.optim)) if a != b]
     if changed:
         key, a, b = changed[0]
         raise ConfigError(f"{ckpt} was trained with {key}={a!r}, this run has {b!r}: resume with the "
                           "checkpoint's setting, or start a new train.out_dir")
+    return saved
+
+
+def optimiser_state_settings(saved, ours):
+    """(key, saved, ours) of the optim settings that shape the optimiser state a resume loads:
+    the rule, and DMGD's memory width / delta momentum's preconditioner where they are read
+    (the others, lr, betas, weight decay, ..., may change: the config's win)."""
+    keys = ["name"] + (["dmgd_hidden"] if ours.name == saved.name == "dmgd" else []) + \
+        (["delta_preconditioner"] if ours.name == saved.name == "delta_momentum" else [])
+    return [(f"optim.{key}", getattr(saved, key), getattr(ours, key)) for key in keys]
 
 
 def earlier_checkpoint_hint(t, ckpt_root) -> str:
@@ -487,9 +500,9 @@ def _train(cfg: Config, env: DistEnv):
     try:
         resume_from = checkpoint_to_resume(t)
         if resume_from:
-            check_resume_config(cfg, resume_from)
+            saved_cfg = check_resume_config(cfg, resume_from)
             state = load_training_state(resume_from, model, optimizer, required=RESUME_KEYS)
-    except ConfigError:
+    except (ConfigError, CheckpointMismatch):       # not damage: an earlier step would not fit either
         raise
     except ValueError as e:          # a damaged latest checkpoint: name the one kept before it
         raise ValueError(f"{e}{earlier_checkpoint_hint(t, ckpt_root)}") from None
@@ -498,6 +511,10 @@ def _train(cfg: Config, env: DistEnv):
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         say(f"resumed from {resume_from} at step {start_step}")
+        if saved_cfg.train.max_steps != t.max_steps and start_step < t.max_steps:
+            say(f"note: train.max_steps={t.max_steps}, the checkpoint's run had {saved_cfg.train.max_steps}: the lr "
+                f"schedule now ends at step {t.max_steps}, so from step {start_step + 1} on the lr is not the one the "
+                f"checkpoint's run would have used")
         if start_step > t.max_steps:
             raise ConfigError(f"{resume_from} is at step {start_step}, past train.max_steps={t.max_steps}: "
                               "raise train.max_steps to train on")

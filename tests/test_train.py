@@ -768,7 +768,7 @@ def test_starting_over_keeps_the_earlier_results(corpus, tmp_path, capsys):
     assert [json.loads(line)["step"] for line in open(out / "metrics.previous-2.jsonl")] == [1]
 
 
-def test_resume_refuses_a_changed_model_tokenizer_or_seed(corpus, tmp_path):
+def test_resume_refuses_a_changed_model_tokenizer_or_seed(corpus, tmp_path, capsys):
     """A change that keeps every shape loaded silently before: n_head 4 -> 2 resumed into
     another model; a new train.seed was recorded but the data stream stayed the checkpoint's.
     Speed settings (model.kernels) and the inner-loop stabilisers may change; so may sections
@@ -782,13 +782,20 @@ def test_resume_refuses_a_changed_model_tokenizer_or_seed(corpus, tmp_path):
     for flag, message in [("--model.n_head=4", "model.n_head=2, this run has 4"),
                           ("--model.rope_theta=500000", "model.rope_theta=10000.0, this run has 500000.0"),
                           ("--train.seed=7", "train.seed=1337, this run has 7"),
-                          ("--data.sampling=shuffled", "data.sampling='random', this run has 'shuffled'")]:
+                          ("--data.sampling=shuffled", "data.sampling='random', this run has 'shuffled'"),
+                          # its state would not load: a DCP metadata error named the earlier checkpoint
+                          # as if this one were damaged
+                          ("--optim.name=m3", "optim.name='adamw', this run has 'm3'")]:
         with pytest.raises(ConfigError, match=f"^{ckpt} was trained with {re.escape(message)}: resume with the "
                                               "checkpoint's setting, or start a new train.out_dir$"):
             train_mod.train(_cfg(corpus, out, "--train.max_steps=3", flag))
         assert _snapshot(out) == before
+    capsys.readouterr()
     assert train_mod.train(_cfg(corpus, out, "--train.max_steps=3", "--model.kernels=torch",
                                 "--model.hope.chunk_mem=8", "--model.titans.max_grad_norm=1.0")) == 0
+    # a longer run stretches the schedule: said, since the resumed lr is not the first run's
+    assert ("note: train.max_steps=3, the checkpoint's run had 2: the lr schedule now ends at step 3, so from "
+            "step 3 on the lr is not the one the checkpoint's run would have used") in capsys.readouterr().out
 
 
 def test_resume_takes_the_optimiser_settings_of_the_config(tmp_path):
