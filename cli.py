@@ -11,7 +11,9 @@ import argparse
 import json
 import math
 import os
+import socket
 import sys
+from urllib.parse import urlparse
 
 
 def one_line(message) -> str:
@@ -257,3 +259,23 @@ def write_atomic(path: str, content) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached now, or None (also with HF_HUB_OFFLINE set:
+    the libraries then read their local cache and never ask; and behind a proxy, which a
+    direct connection does not test). Checked before a Hub load, which offline retries for
+    ~30 s and prints ten lines before its own error."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return (f"{host} cannot be reached ({e.strerror or type(e).__name__}); with the data in the local Hugging "
+                "Face cache, set HF_HUB_OFFLINE=1")

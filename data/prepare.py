@@ -30,7 +30,7 @@ from collections import deque
 
 import numpy as np
 
-from cli import (OneLineArgumentParser, int_at_least, non_negative_int, one_line, open_fraction,
+from cli import (OneLineArgumentParser, hub_unreachable, int_at_least, non_negative_int, one_line, open_fraction,
                  output_dir_problem, positive_int, read_text, seed_int)
 from data.builtin import iter_builtin_documents
 from data.meta import META_FORMAT_VERSION, META_NAME, check_shards, load_meta, read_meta_json
@@ -165,12 +165,15 @@ def open_source(source: str, data_files=None, text_field="text", split="train", 
         if name in ("json", "text", "csv", "parquet") and not data_files:
             raise ValueError(f"source hf:{name} reads local files: pass --data-files GLOB")
         files = _expand_glob(data_files, "--data-files glob") if data_files else None
+        what = f"HF dataset {name!r} (config {config or None!r}, split {split!r})"
+        unreachable = None if files else hub_unreachable()      # local files need no network
+        if unreachable:
+            raise ValueError(f"could not load {what}: {unreachable}")
         import datasets  # lazy: heavy, and absent on the GPU machines
 
         if quiet:
             datasets.disable_progress_bars()
 
-        what = f"HF dataset {name!r} (config {config or None!r}, split {split!r})"
         held = _HeldErrorLogs()
         try:
             with held:

@@ -600,3 +600,45 @@ def test_mini_repro_seeds_take_train_seeds_range(capsys):
             mini_repro.parse_args(["--seeds", seeds])
         assert e.value.code == 2
         _one_line(capsys.readouterr().err, f"--seeds '{seeds}': expected a comma list of integers in [0, 4294967296)")
+
+
+def test_an_unreachable_hub_is_one_line_at_once(monkeypatch, tmp_path, capsys):
+    """Without network a Hub load retried for ~30 s and printed ten 'Retrying in 8s' lines
+    before its error: cli.hub_unreachable asks huggingface.co (3 s) first, and data.prepare,
+    eval.perplexity and eval.babilong's Hub loaders stop in one line. HF_HUB_OFFLINE (the
+    local cache) and a proxy skip the check; local files (hf:json) never ask."""
+    import socket
+
+    import cli
+    from data.prepare import main as prepare_main
+    from eval import babilong, perplexity
+    asked = []
+
+    def no_network(address, timeout=None):
+        asked.append(address)
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                 "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    why = ("huggingface.co cannot be reached (Name or service not known); with the data in the local Hugging Face "
+           "cache, set HF_HUB_OFFLINE=1")
+    assert cli.hub_unreachable() == why and asked == [("huggingface.co", 443)]
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_main(["--source", "hf:wikitext:wikitext-2-raw-v1", "--out", str(tmp_path / "d")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"error: could not load HF dataset 'wikitext' (config 'wikitext-2-raw-v1', split 'train'): {why}\n")
+    pytest.importorskip("datasets")
+    with pytest.raises(ConnectionError, match=r"^cannot load EleutherAI/lambada_openai .*: huggingface.co cannot be "
+                                              r"reached .*; offline, pass the file's path instead of 'hf'$"):
+        perplexity._hf_column(("EleutherAI/lambada_openai", "default", "test"), "text")
+    with pytest.raises(ConnectionError, match=r"huggingface.co cannot be reached.*use --source local$"):
+        babilong.load_babilong_hf("qa1", "0k", limit=1)
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example:8080")
+    assert cli.hub_unreachable().startswith("mirror.example cannot be reached") and asked[-1] == ("mirror.example", 8080)
+    count = len(asked)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert cli.hub_unreachable() is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.hub_unreachable() is None and len(asked) == count
