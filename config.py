@@ -368,7 +368,9 @@ class TrainConfig:
     keep_checkpoints: int = 2        # the newest n checkpoints are kept; 0 = keep all
     resume: str = "auto"             # auto | never | PATH to a checkpoint
     device: str = choice("auto", ["auto", "cpu", "cuda"])
-    dtype: str = choice("auto", ["auto", "float32", "bfloat16"])  # auto: bf16 autocast on CUDA
+    dtype: str = choice("auto", ["auto", "float32", "bfloat16", "fp32", "bf16"])  # auto: bf16 autocast on
+                                     # CUDA; fp32 / bf16 are read as float32 / bfloat16 (the spelling of
+                                     # distributed.mixed_precision and checkpoint export)
     compile: bool = False
     log_every: int = 10
     max_bad_steps: int = 5           # consecutive NaN/inf steps before stopping
@@ -383,6 +385,7 @@ class TrainConfig:
             _check_range(getattr(self, key), f"train.{key}", 0, integer=True)
         self.lr = _check_range(self.lr, "train.lr", 0, strict=True)
         _check_range(self.seed, "train.seed", 0, integer=True, below=2**32)   # np.random.seed's range
+        self.dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(self.dtype, self.dtype)
         if isinstance(self.sample_prompt, str):
             try:        # argv bytes that are not UTF-8 arrive as lone surrogates: no tokenizer encodes them
                 self.sample_prompt.encode("utf-8")

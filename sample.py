@@ -39,7 +39,7 @@ def _temperature(text):
 
 def main(argv=None):
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint dir or a training out_dir")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint dir, a training out_dir or an exported .safetensors")
     p.add_argument("--prompt", type=_prompt, default="\n")
     p.add_argument("--tokens", type=non_negative_int, default=100, help="new tokens per sample")
     p.add_argument("--samples", type=positive_int, default=1)

@@ -277,8 +277,9 @@ def clipped_step(model, optimizer, loss: float, max_norm: float) -> tuple:
 
 
 def load_checkpoint(path: str, device: str = "auto") -> tuple:
-    """An eval CLI's model: (model, cfg, tokenizer, device) for a checkpoint dir or a training
-    out_dir, loaded on resolve_device(device), with the tokenizer named in its config."""
+    """An eval CLI's model: (model, cfg, tokenizer, device) for a checkpoint dir, a training
+    out_dir or an exported .safetensors (checkpoint.load_model), loaded on
+    resolve_device(device), with the tokenizer named in its config."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     from checkpoint import load_model

@@ -458,7 +458,8 @@ def main(argv=None):
     parser = OneLineArgumentParser(prog="python -m eval.perplexity",
                                    description="Val loss / bits per byte, WikiText word perplexity, LAMBADA.")
     parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint directory written by train.py, or its out_dir (the latest checkpoint)")
+                        help="a checkpoint directory written by train.py, its out_dir (the latest checkpoint) or an exported "
+                             ".safetensors")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list from {','.join(TASKS)}")
     parser.add_argument("--wikitext", help=f"wiki.test.raw path or 'hf' (default: wikitext/wiki.test.raw in the "
                                            f"offline data folder: {DATA_DIR_LOOKUP})")

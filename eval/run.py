@@ -509,7 +509,7 @@ def run_during_training(model, tokenizer, names, device=None, seq_len: int = 256
 def main(argv=None):
     parser = OneLineArgumentParser(prog="python -m eval.run", description="Run the evaluation suite.")
     parser.add_argument("--suite", default="quick", help="quick | paper")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint dir or a training out_dir")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint dir, a training out_dir or an exported .safetensors")
     parser.add_argument("--out", required=True, help="output folder (results.json, results.md, plots)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
     parser.add_argument("--data-dir", help=DATA_DIR_HELP)

@@ -438,3 +438,13 @@ def test_uses_rope_says_which_built_models_rotate_attention(arch, variant):
                                       "n_layer": 1, "d_model": 16, "n_head": 2}}).model
     model = LanguageModel(cfg)
     assert cfg.uses_rope == any(isinstance(m, (Attention, PersistentAttention)) for m in model.modules())
+
+
+def test_train_dtype_takes_the_short_spellings_too():
+    """distributed.mixed_precision and checkpoint export spell bf16 / fp32; train.dtype=bf16
+    was refused ('not one of: auto, float32, bfloat16'). Both spellings now read the same."""
+    assert load_config(None, ["--train.dtype=bf16"]).train.dtype == "bfloat16"
+    assert load_config(None, ["--train.dtype=fp32"]).train.dtype == "float32"
+    assert load_config(None, ["--train.dtype=bfloat16"]).train.computes_in_bf16("cpu")
+    with pytest.raises(ConfigError, match="train.dtype='half' is not one of"):
+        load_config(None, ["--train.dtype=half"])
