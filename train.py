@@ -93,8 +93,18 @@ def make_optimizer(model, cfg: Config, device_type):
                            weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps, **options)
 
 
-# the data settings besides dataset and tokenizer that change what data.prepare writes
-CACHE_RECIPE_KEYS = ("val_fraction", "max_docs", "text_field", "hf_split", "hf_data_files")
+def source_settings(d: DataConfig) -> dict:
+    """data.prepare's keyword -> the data.* setting it reads for data.dataset's kind of source:
+    the text field not for builtin, the split, streaming and data files for hf: only. The other
+    settings change nothing (a start-up note names them); an already prepared folder reads none."""
+    if os.path.isfile(os.path.join(d.dataset, "meta.json")):
+        return {}
+    keys = {"val_fraction": "val_fraction", "max_docs": "max_docs"}
+    if d.dataset != "builtin":
+        keys["text_field"] = "text_field"
+    if d.dataset.startswith("hf:"):
+        keys.update(split="hf_split", streaming="hf_streaming", data_files="hf_data_files")
+    return keys
 
 
 def resolve_data_dir(cfg: Config) -> str:
@@ -107,8 +117,8 @@ def resolve_data_dir(cfg: Config) -> str:
     # a recipe other than the defaults gets a folder of its own: else two configs of one corpus
     # (another val_fraction, ...) would rebuild one cache folder in turn under each other's runs
     d, default = cfg.data, DataConfig()
-    recipe = "".join(f"-{key}{slug(getattr(d, key))}" for key in CACHE_RECIPE_KEYS
-                     if getattr(d, key) != getattr(default, key))
+    recipe = "".join(f"-{key}{slug(getattr(d, key))}" for key in source_settings(d).values()
+                     if key != "hf_streaming" and getattr(d, key) != getattr(default, key))
     return os.path.join("data", "cache", f"{slug(d.dataset)}-{d.tokenizer}{recipe}")
 
 
@@ -127,9 +137,10 @@ def prepare_data(cfg: Config, data_dir):
     if not os.path.isdir(data_dir):       # a file, or under one: name the key (an existing folder may be read-only)
         check_output_dir(data_dir, "data.data_dir" if cfg.data.data_dir else "the data cache")
     d = cfg.data
-    ensure_prepared(d.dataset, data_dir, tokenizer=d.tokenizer, val_fraction=d.val_fraction,
-                    num_workers=d.num_workers, text_field=d.text_field, split=d.hf_split,
-                    streaming=d.hf_streaming, max_docs=d.max_docs, data_files=d.hf_data_files or None)
+    read = {keyword: getattr(d, key) for keyword, key in source_settings(d).items()}
+    if "data_files" in read:
+        read["data_files"] = read["data_files"] or None
+    ensure_prepared(d.dataset, data_dir, tokenizer=d.tokenizer, num_workers=d.num_workers, **read)
 
 
 # what a run writes in train.out_dir: name -> whether it is a folder
@@ -235,6 +246,28 @@ def check_resume_config(cfg: Config, ckpt: str):
         raise ConfigError(f"{ckpt} was trained with {key}={a!r}, this run has {b!r}: resume with the "
                           "checkpoint's setting, or start a new train.out_dir")
     return saved
+
+
+# optim.* that every rule reads (AdamW's betas and eps also serve the embeddings and vectors)
+OPTIM_SHARED = ("name", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "schedule", "warmup_steps")
+
+
+def unread_run_settings(data: dict, cfg: Config) -> list[str]:
+    """Notes for the optim.* and data.* settings set in `data` (config_data) that this run
+    does not read: another rule's options, a schedule's, hf:-only data settings (as
+    config.unread_settings for the model sections)."""
+    from optim import CONFIG_FIELDS
+    optim, d = data.get("optim"), data.get("data")
+    read = set(OPTIM_SHARED) | set(CONFIG_FIELDS[cfg.optim.name].values())
+    read |= {"min_lr_ratio"} if cfg.optim.schedule != "constant" else set()
+    read |= {"decay_fraction"} if cfg.optim.schedule == "wsd" else set()
+    notes = [f"optim.{key} is set, but optim.name={cfg.optim.name} with schedule={cfg.optim.schedule} does not "
+             f"read it" for key in (optim if isinstance(optim, dict) else {}) if key not in read]
+    source_only = ("text_field", "hf_split", "hf_streaming", "hf_data_files")
+    notes += [f"data.{key} is set, but data.dataset={cfg.data.dataset} does not read it"
+              for key in (d if isinstance(d, dict) else {})
+              if key in source_only and key not in source_settings(cfg.data).values()]
+    return notes
 
 
 def optimiser_state_settings(saved, ours):
@@ -704,6 +737,8 @@ def main(argv=None):
         if int(os.environ.get("RANK", "0")) == 0:
             for key in unread_settings(data, cfg.model.arch):
                 print(f"note: {key} is set, but model.arch={cfg.model.arch} does not read it")
+            for note in unread_run_settings(data, cfg):
+                print(f"note: {note}")
         return train(cfg)
     except (ConfigError, OSError, ValueError, MemoryError) as e:   # OSError: e.g. an out_dir name too long
         # one write: under torchrun every rank prints this line to the same stream, and print's

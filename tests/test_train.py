@@ -242,6 +242,33 @@ def test_train_notes_settings_its_architecture_does_not_read(corpus, tmp_path, c
                            "--model.cms.chunk_sizes=[16,null]"]) == 0
     assert ("note: model.cms.chunk_sizes is set, but model.arch=transformer does not read it"
             in capsys.readouterr().out.splitlines())
+    # the same for another rule's options, a schedule's, and settings of another kind of source
+    assert train_mod.main([*TINY, f"--data.dataset={corpus}", f"--train.out_dir={tmp_path}/run2", "--train.max_steps=1",
+                           "--train.eval_every=0", "--train.ckpt_every=0", "--optim.m3_frequency=3",
+                           "--optim.decay_fraction=0.5", "--data.hf_split=validation"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for key in ("optim.m3_frequency", "optim.decay_fraction"):
+        assert f"note: {key} is set, but optim.name=adamw with schedule=cosine does not read it" in out
+    assert f"note: data.hf_split is set, but data.dataset={corpus} does not read it" in out
+
+
+def test_the_data_cache_folder_names_the_settings_its_source_reads():
+    """data.val_fraction etc. off their defaults get their own data/cache folder (two configs
+    of one corpus rebuilt one folder in turn); settings the source does not read (hf: only,
+    the text field of builtin) change neither the folder nor what data.prepare is asked."""
+    from config import load_config
+    from train import resolve_data_dir, source_settings
+
+    def folder(*overrides):
+        return resolve_data_dir(load_config(None, list(overrides)))
+    assert folder() == os.path.join("data", "cache", "builtin-gpt2")
+    assert folder("--data.val_fraction=0.2") == os.path.join("data", "cache", "builtin-gpt2-val_fraction0.2")
+    assert folder("--data.hf_split=validation", "--data.text_field=body") == folder()
+    assert folder("--data.dataset=hf:org/set:cfg", "--data.hf_split=validation", "--data.hf_streaming=true") == \
+        os.path.join("data", "cache", "hf_org_set_cfg-gpt2-hf_splitvalidation")
+    assert folder("--data.dataset=files:c/*.jsonl", "--data.text_field=body") == \
+        os.path.join("data", "cache", "files_c__.jsonl-gpt2-text_fieldbody")
+    assert set(source_settings(load_config(None, []).data)) == {"val_fraction", "max_docs"}
 
 
 def test_during_training_evals_without_an_eval_cadence_are_refused(corpus, tmp_path):
