@@ -639,6 +639,10 @@ def main(argv=None):
         bad = [a for a in train_args if not a.startswith("--")]
         if bad:
             raise ReproduceError(f"--train-args must be overrides like --train.compile=true, got {bad[0]!r}")
+        own = [a for a in train_args if a.replace("-", "_").split("=")[0] in ("__train.out_dir", "__train.resume")]
+        if own:          # every run trains into its own runs/<name> under --results-root
+            raise ReproduceError(f"--train-args may not set {own[0].split('=')[0]}: each run has its own folder "
+                                 "under --results-root")
         steps = plan(args.table, args.results_root, args.nproc, train_args, args.ablation_base)
         flag, folder = ("--out", args.out) if args.out else ("--results-root", args.results_root)
         try:                                             # before --run's steps, not after them

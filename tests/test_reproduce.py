@@ -262,7 +262,10 @@ def test_cli_errors(tmp_path, capsys):
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     for args, message in ((["--nproc", "0"], "argument --nproc: must be >= 1"),
                           (["--train-args", "train.compile=true"], "--train-args must be overrides"),
-                          (["--train-args", "--train.max_stepz=3"], "train.max_stepz")):
+                          (["--train-args", "--train.max_stepz=3"], "train.max_stepz"),
+                          # every run of the table trained into that one folder
+                          (["--train-args=--train.out_dir=x"], "--train-args may not set --train.out_dir: each run"),
+                          (["--train-args", "--train.resume=never"], "--train-args may not set --train.resume")):
         with pytest.raises(SystemExit) as e:
             rp.main(["nl_table2", "--results-root", str(tmp_path), *args])
         assert e.value.code == 2 and message in capsys.readouterr().err
