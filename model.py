@@ -379,31 +379,30 @@ class LanguageModel(nn.Module):
                    if hasattr(part, "memory_flops_per_token"))
 
 
+def _first_in_state(state, fact):
+    """fact(tensor) of the first tensor of a model state (nested dicts and lists) for which it
+    is not None; None without a state or such a tensor."""
+    if isinstance(state, torch.Tensor):
+        return fact(state)
+    for value in (state.values() if isinstance(state, dict) else
+                  state if isinstance(state, (list, tuple)) else ()):
+        found = _first_in_state(value, fact)
+        if found is not None:
+            return found
+    return None
+
+
 def _batch_of(state):
     """The batch size a model state was made for: the first dim of its first tensor of at
     least one dim (None without a state, or a state that holds no such tensor yet)."""
-    if isinstance(state, torch.Tensor):
-        return state.shape[0] if state.dim() else None
-    for value in (state.values() if isinstance(state, dict) else
-                  state if isinstance(state, (list, tuple)) else ()):
-        batch = _batch_of(value)
-        if batch is not None:
-            return batch
-    return None
+    return _first_in_state(state, lambda t: t.shape[0] if t.dim() else None)
 
 
 def _precision_of(state):
     """The precision of a model state: the dtype of its first fp32 or fp64 tensor (fast
     weights are kept in the wider of the parameters' dtype and fp32; bf16 KV caches and conv
     buffers, made under autocast, do not tell), or None."""
-    if isinstance(state, torch.Tensor):
-        return state.dtype if state.dtype in (torch.float32, torch.float64) else None
-    for value in (state.values() if isinstance(state, dict) else
-                  state if isinstance(state, (list, tuple)) else ()):
-        dtype = _precision_of(value)
-        if dtype is not None:
-            return dtype
-    return None
+    return _first_in_state(state, lambda t: t.dtype if t.dtype in (torch.float32, torch.float64) else None)
 
 
 def build_model(cfg) -> LanguageModel:
