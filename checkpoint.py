@@ -225,10 +225,11 @@ def find_checkpoint(path) -> str | None:
 def resolve_checkpoint(path) -> str:
     """A checkpoint dir, a checkpoints/ root or an out_dir -> the DCP checkpoint dir, for what
     needs its training state (a resume, an export); anything else is a one-line error."""
-    if os.path.isfile(path):        # most likely an export: load_model reads it, nothing here can
-        raise ValueError(f"{path} is a file, not a checkpoint directory: an exported .safetensors holds the "
-                         "weights and config only, without the optimiser and trainer state needed here; "
-                         "pass a step_N directory or an out_dir")
+    if os.path.isfile(path):
+        export = (" (an exported .safetensors holds the weights and config only, without the optimiser and "
+                  "trainer state needed here)" if path.endswith(".safetensors") else "")
+        raise ValueError(f"{path} is a file, not a checkpoint directory{export}: pass a step_N directory or an "
+                         "out_dir")
     ckpt = find_checkpoint(path) if os.path.exists(path) else None
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint found at {path} (expected a step_N directory or an out_dir "

@@ -172,9 +172,12 @@ def inside_checkpoint(folder: str) -> bool:
     def has(name):                  # a file (or link) of that name: a folder so named is no checkpoint's
         path = os.path.join(folder, name)
         return os.path.isfile(path) or os.path.islink(path)
-    names = os.listdir(folder) if os.path.isdir(folder) else []
+    try:
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+    except OSError:                 # a parent we may pass through but not list (mode 711)
+        names = []
     return (has(TRAINER_STATE) or (has(DCP_INDEX) and any(n.endswith(".distcp") for n in names))
-            or (has(LATEST) and any(n.startswith("step_") for n in names)))
+            or (has(LATEST) and any(n.startswith("step_") and n[5:].isdigit() for n in names)))
 
 
 def output_file_problem(path: str) -> str | None:
@@ -261,12 +264,14 @@ def write_atomic(path: str, content) -> str:
     return path
 
 
-def hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the Hugging Face Hub cannot be reached now, or None (also with HF_HUB_OFFLINE set:
-    the libraries then read their local cache and never ask; and behind a proxy, which a
-    direct connection does not test). Checked before a Hub load, which offline retries for
-    ~30 s and prints ten lines before its own error."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+def hub_unreachable(streaming: bool = False, timeout: float = 3.0) -> str | None:
+    """Why a Hugging Face Hub load cannot reach the Hub now, or None (also in the libraries'
+    offline mode, HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE: they then read
+    their local cache and never ask; and behind a proxy, which a direct connection does not
+    test). Checked before a Hub load, which offline retries for ~30 s and prints ten lines
+    before its own error. A streamed load reads no cache: it needs the network."""
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return None
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
                                        "all_proxy")):
@@ -277,5 +282,6 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
         socket.create_connection((host, port), timeout=timeout).close()
         return None
     except OSError as e:
-        return (f"{host} cannot be reached ({e.strerror or type(e).__name__}); with the data in the local Hugging "
-                "Face cache, set HF_HUB_OFFLINE=1")
+        fix = ("a streamed load needs the network" if streaming else
+               "with the data in the local Hugging Face cache, set HF_HUB_OFFLINE=1")
+        return f"{host} cannot be reached ({e.strerror or type(e).__name__}); {fix}"

@@ -224,8 +224,9 @@ def check_resume_config(cfg: Config, ckpt: str):
     RESUME_MAY_CHANGE, in the sections the architecture reads) or another tokenizer is a
     one-line ConfigError. So are another train.seed or data.sampling: the resumed data stream
     is the checkpoint's (a run begun before the paper configs took data.sampling=shuffled
-    resumes with --data.sampling=random); and another optimiser (optimiser_state_settings),
-    whose state would not load. -> the checkpoint's config."""
+    resumes with --data.sampling=random), and so is another corpus or data recipe
+    (data_recipe_settings: checked before data.prepare would tokenize it); and another
+    optimiser (optimiser_state_settings), whose state would not load. -> the checkpoint's config."""
     saved = load_config_of(ckpt)
 
     def fields(model_cfg):
@@ -239,6 +240,7 @@ def check_resume_config(cfg: Config, ckpt: str):
                if k not in RESUME_MAY_CHANGE and ours.get(k) != v]
     changed += [(key, a, b) for key, a, b in (("data.tokenizer", saved.data.tokenizer, cfg.data.tokenizer),
                                               ("data.sampling", saved.data.sampling, cfg.data.sampling),
+                                              *data_recipe_settings(saved.data, cfg.data),
                                               ("train.seed", saved.train.seed, cfg.train.seed),
                                               *optimiser_state_settings(saved.optim, cfg.optim)) if a != b]
     if changed:
@@ -263,11 +265,19 @@ def unread_run_settings(data: dict, cfg: Config) -> list[str]:
     read |= {"decay_fraction"} if cfg.optim.schedule == "wsd" else set()
     notes = [f"optim.{key} is set, but optim.name={cfg.optim.name} with schedule={cfg.optim.schedule} does not "
              f"read it" for key in (optim if isinstance(optim, dict) else {}) if key not in read]
-    source_only = ("text_field", "hf_split", "hf_streaming", "hf_data_files")
+    recipe = ("val_fraction", "max_docs", "text_field", "hf_split", "hf_streaming", "hf_data_files")
     notes += [f"data.{key} is set, but data.dataset={cfg.data.dataset} does not read it"
               for key in (d if isinstance(d, dict) else {})
-              if key in source_only and key not in source_settings(cfg.data).values()]
+              if key in recipe and key not in source_settings(cfg.data).values()]
     return notes
+
+
+def data_recipe_settings(saved: DataConfig, ours: DataConfig):
+    """(key, saved, ours) of the data settings data.prepare would read for this run's source
+    (the corpus and its recipe; none for an already prepared folder, whose recipe the sampler
+    checks when it loads its position)."""
+    keys = [key for key in source_settings(ours).values() if key != "hf_streaming"]
+    return [(f"data.{key}", getattr(saved, key), getattr(ours, key)) for key in (["dataset"] + keys if keys else [])]
 
 
 def optimiser_state_settings(saved, ours):
@@ -471,6 +481,16 @@ def _train(cfg: Config, env: DistEnv):
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size
+    # the checkpoint to resume, and its config checked against this one, before the data is
+    # prepared: a changed data recipe would otherwise tokenize (or rebuild) a corpus first
+    ckpt_root = os.path.join(t.out_dir, "checkpoints")
+    try:
+        resume_from = checkpoint_to_resume(t)
+        saved_cfg = check_resume_config(cfg, resume_from) if resume_from else None
+    except ConfigError:
+        raise
+    except ValueError as e:          # a damaged latest checkpoint: name the one kept before it
+        raise ValueError(f"{e}{earlier_checkpoint_hint(t, ckpt_root)}") from None
     data_dir = resolve_data_dir(cfg)
     # one preparer: concurrent ones would race on the final rename
     distributed.on_main(env, lambda: prepare_data(cfg, data_dir))
@@ -483,8 +503,9 @@ def _train(cfg: Config, env: DistEnv):
     try:
         model = build_model(cfg.model).to(device)
     except (RuntimeError, OverflowError, MemoryError, TypeError) as e:    # sizes past memory or past int64
-        if isinstance(e, TypeError) and "Overflow" not in str(e):
-            raise
+        if isinstance(e, (RuntimeError, TypeError)) and not any(
+                words in str(e) for words in ("Overflow", "overflow", "allocate", "out of memory")):
+            raise                   # a bug, not a size: keep its traceback
         m, why = cfg.model, (str(e).strip().splitlines() or [type(e).__name__])[0]   # not torch's C++ frames
         raise ConfigError(f"cannot build the model (model.n_layer={m.n_layer}, d_model={m.d_model}, "
                           f"vocab_size={m.vocab_size}) on {device}: {why}") from None
@@ -528,14 +549,11 @@ def _train(cfg: Config, env: DistEnv):
         f"{t.max_steps * t.batch_size * t.seq_len / split_tokens:.3g}x the train split's {split_tokens:,} tokens")
 
     # ---- resume (a checkpoint of any rank count: DCP reshards on load)
-    ckpt_root = os.path.join(t.out_dir, "checkpoints")
     start_step, stats = 0, {"skipped_steps": 0, "tokens": 0}
     try:
-        resume_from = checkpoint_to_resume(t)
         if resume_from:
-            saved_cfg = check_resume_config(cfg, resume_from)
             state = load_training_state(resume_from, model, optimizer, required=RESUME_KEYS)
-    except (ConfigError, CheckpointMismatch):       # not damage: an earlier step would not fit either
+    except CheckpointMismatch:       # not damage: an earlier step would not fit either
         raise
     except ValueError as e:          # a damaged latest checkpoint: name the one kept before it
         raise ValueError(f"{e}{earlier_checkpoint_hint(t, ckpt_root)}") from None
@@ -571,7 +589,12 @@ def _train(cfg: Config, env: DistEnv):
 
     def start_logging():    # wandb first: its errors (a bad project name) come before any rewrite
         run = init_wandb(cfg)
-        return open_outputs(), run
+        try:
+            return open_outputs(), run
+        except BaseException:
+            if run:
+                run.finish(exit_code=1)     # else a crashed run is left in the project
+            raise
     metrics, run = distributed.on_main(env, start_logging) or (None, None)
 
     def checkpoint(step):   # collective: every rank writes its shards

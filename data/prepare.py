@@ -166,7 +166,7 @@ def open_source(source: str, data_files=None, text_field="text", split="train", 
             raise ValueError(f"source hf:{name} reads local files: pass --data-files GLOB")
         files = _expand_glob(data_files, "--data-files glob") if data_files else None
         what = f"HF dataset {name!r} (config {config or None!r}, split {split!r})"
-        unreachable = None if files else hub_unreachable()      # local files need no network
+        unreachable = None if files else hub_unreachable(streaming)      # local files need no network
         if unreachable:
             raise ValueError(f"could not load {what}: {unreachable}")
         import datasets  # lazy: heavy, and absent on the GPU machines

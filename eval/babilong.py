@@ -315,7 +315,7 @@ def _pg19_books(split: str, n_books: int) -> tuple:
         raise ImportError("the pg19 background needs the package 'datasets' (pip install datasets)") from None
     hf_split = {"train": "train", "test": "test"}[split]
     try:
-        unreachable = hub_unreachable()
+        unreachable = hub_unreachable(streaming=True)
         if unreachable:
             raise ConnectionError(unreachable)
         stream = datasets.load_dataset(PG19_HF, split=hf_split, streaming=True)
@@ -532,7 +532,7 @@ def load_babilong_hf(task, length: str, limit: int | None = None, dataset: str =
     except ImportError:
         raise ImportError("loading BABILong from the Hub needs the package 'datasets' (pip install datasets)") from None
     try:
-        unreachable = hub_unreachable()
+        unreachable = hub_unreachable(streaming=True)
         if unreachable:
             raise ConnectionError(unreachable)
         # streaming: the 1M configs hold ~4 MB per sample, so read only what is asked for

@@ -421,8 +421,9 @@ def run(args) -> dict:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ValueError(f"--tasks {args.tasks!r}: unknown task(s) {unknown}; choose from {','.join(TASKS)}")
-    wikitext_path = _default_path(args.wikitext, WIKITEXT_FILE)
-    lambada_path = _default_path(args.lambada, LAMBADA_FILE)
+    # looked up only for the tasks asked for: a bad $NL_DATA_DIR does not stop --tasks val
+    wikitext_path = _default_path(args.wikitext, WIKITEXT_FILE) if "wikitext" in tasks else None
+    lambada_path = _default_path(args.lambada, LAMBADA_FILE) if "lambada" in tasks else None
     if "wikitext" in tasks and wikitext_path is None:
         raise ValueError(f"task wikitext needs --wikitext PATH|hf ({NO_DATA_DIR})")
     if "lambada" in tasks and lambada_path is None:

@@ -285,18 +285,20 @@ def prepare_step(cfg) -> Step | None:
     launch: train.py would prepare it on rank 0 while the other ranks wait at a collective
     bounded by distributed.timeout_s, far shorter than tokenizing sample-100BT. None when the
     config (a run's `run_config`) names an already prepared folder."""
-    from train import resolve_data_dir
+    from train import resolve_data_dir, source_settings
     d, out = cfg.data, resolve_data_dir(cfg)
     if out == d.dataset:
         return None
-    # the flags of data.prepare that give train.py's recipe (data.prepare.ensure_prepared)
+    # the data.prepare flags of the settings train.py passes for this source (train.prepare_data)
     argv = ["python", "-m", "data.prepare", "--source", d.dataset, "--tokenizer", d.tokenizer, "--out", out,
-            "--val-fraction", repr(d.val_fraction), "--text-field", d.text_field, "--workers", str(d.num_workers)]
-    if d.max_docs:
-        argv += ["--max-docs", str(d.max_docs)]
-    if d.dataset.startswith("hf:"):
-        argv += ["--split", d.hf_split] + (["--streaming"] if d.hf_streaming else [])
-        argv += ["--data-files", d.hf_data_files] if d.hf_data_files else []
+            "--workers", str(d.num_workers)]
+    for key in source_settings(d).values():
+        value = getattr(d, key)
+        if key == "hf_streaming":
+            argv += ["--streaming"] if value else []
+        elif value not in (None, ""):
+            flag = {"hf_split": "--split", "hf_data_files": "--data-files"}.get(key, "--" + key.replace("_", "-"))
+            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
     return Step(f"prepare {d.dataset} ({d.tokenizer})", argv, os.path.join(out, "meta.json"))
 
 
@@ -640,9 +642,9 @@ def main(argv=None):
         if bad:
             raise ReproduceError(f"--train-args must be overrides like --train.compile=true, got {bad[0]!r}")
         own = [a for a in train_args if a.replace("-", "_").split("=")[0] in ("__train.out_dir", "__train.resume")]
-        if own:          # every run trains into its own runs/<name> under --results-root
-            raise ReproduceError(f"--train-args may not set {own[0].split('=')[0]}: each run has its own folder "
-                                 "under --results-root")
+        if own:          # every run trains into its own runs/<name> under --results-root, resuming it
+            raise ReproduceError(f"--train-args may not set {own[0].split('=')[0]}: each run trains into, and "
+                                 "resumes from, its own folder under --results-root")
         steps = plan(args.table, args.results_root, args.nproc, train_args, args.ablation_base)
         flag, folder = ("--out", args.out) if args.out else ("--results-root", args.results_root)
         try:                                             # before --run's steps, not after them

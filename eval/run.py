@@ -262,7 +262,8 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
     model, cfg, tokenizer, device = load_checkpoint(checkpoint, device)
     seq_len = cfg.train.seq_len
     os.makedirs(out_dir, exist_ok=True)
-    results = {"suite": suite, "checkpoint": os.path.abspath(checkpoint), "arch": cfg.model.arch,
+    results = {"suite": suite, "checkpoint": os.path.abspath(checkpoint),
+               "checkpoint_dir": checkpoint_dir(checkpoint), "arch": cfg.model.arch,
                "tokenizer": cfg.data.tokenizer, "context": seq_len, "device": str(device),
                "settings": {s: settings[s] for s in sections}, "seconds": {}}
     gpt2 = None
@@ -303,6 +304,16 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
     return results
 
 
+def checkpoint_dir(checkpoint: str) -> str:
+    """The checkpoint a --checkpoint names now: its step folder (an out_dir names its latest),
+    or the exported file (as given where it names none: loading it then says why)."""
+    from checkpoint import resolve_checkpoint
+    try:
+        return os.path.abspath(checkpoint if os.path.isfile(checkpoint) else resolve_checkpoint(checkpoint))
+    except (OSError, ValueError):
+        return os.path.abspath(checkpoint)
+
+
 def earlier_results(out_dir: str, checkpoint: str, suite: str) -> dict | None:
     """The results.json that an earlier run_suite wrote in out_dir, for this run's sections to
     be added to (merge_results), or None when there is none. One that cannot be read, or that
@@ -322,6 +333,8 @@ def earlier_results(out_dir: str, checkpoint: str, suite: str) -> dict | None:
     if not isinstance(earlier, dict):
         raise not_ours
     this_run = {"checkpoint": os.path.abspath(checkpoint), "suite": suite}
+    if "checkpoint_dir" in earlier:     # an out_dir names its latest step: training may have moved on
+        this_run["checkpoint_dir"] = checkpoint_dir(checkpoint)
     for key, value in this_run.items():
         if earlier.get(key) != value:
             raise ValueError(f"--out {out_dir} holds the results of {key} {earlier.get(key)}, not {value}: "

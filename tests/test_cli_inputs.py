@@ -522,6 +522,25 @@ def test_no_output_file_inside_a_checkpoint(tmp_path):
         for name in (marker, "results.json"):
             assert output_file_problem(str(folder / name)) == "is inside a checkpoint folder; write it elsewhere"
         assert (folder / marker).read_text() == "keep me"
+    # every parent is asked: a `latest` beside notes is no checkpoints/ root, and a parent that
+    # may be passed through but not listed (mode 711: PermissionError) is no checkpoint either
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "latest").write_text("x")
+    (notes / "step_notes.md").write_text("x")
+    assert cli.enclosing_checkpoint(str(notes / "sub" / "out")) is None
+    real_listdir = os.listdir
+
+    def unlistable(path):
+        if os.path.abspath(path) == str(notes):
+            raise PermissionError(13, "Permission denied", path)
+        return real_listdir(path)
+    (notes / "step_000001").mkdir()
+    assert cli.enclosing_checkpoint(str(notes / "sub")) == str(notes)
+    import unittest.mock
+    with unittest.mock.patch("os.listdir", unlistable):
+        assert cli.enclosing_checkpoint(str(notes / "sub")) is None
+        assert output_file_problem(str(notes / "sub" / "x.json")) is None
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -618,8 +637,8 @@ def test_an_unreachable_hub_is_one_line_at_once(monkeypatch, tmp_path, capsys):
         asked.append(address)
         raise socket.gaierror(-2, "Name or service not known")
     monkeypatch.setattr(socket, "create_connection", no_network)
-    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
-                 "HF_ENDPOINT"):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy",
+                 "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
     why = ("huggingface.co cannot be reached (Name or service not known); with the data in the local Hugging Face "
            "cache, set HF_HUB_OFFLINE=1")
@@ -632,13 +651,16 @@ def test_an_unreachable_hub_is_one_line_at_once(monkeypatch, tmp_path, capsys):
     with pytest.raises(ConnectionError, match=r"^cannot load EleutherAI/lambada_openai .*: huggingface.co cannot be "
                                               r"reached .*; offline, pass the file's path instead of 'hf'$"):
         perplexity._hf_column(("EleutherAI/lambada_openai", "default", "test"), "text")
-    with pytest.raises(ConnectionError, match=r"huggingface.co cannot be reached.*use --source local$"):
-        babilong.load_babilong_hf("qa1", "0k", limit=1)
+    with pytest.raises(ConnectionError, match=r"huggingface.co cannot be reached \(Name or service not known\); a "
+                                              r"streamed load needs the network; offline, use --source local$"):
+        babilong.load_babilong_hf("qa1", "0k", limit=1)       # streamed: no cache to fall back on
     monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example:8080")
     assert cli.hub_unreachable().startswith("mirror.example cannot be reached") and asked[-1] == ("mirror.example", 8080)
     count = len(asked)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
     assert cli.hub_unreachable() is None
     monkeypatch.delenv("HTTPS_PROXY")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert cli.hub_unreachable() is None and len(asked) == count
+    for offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):    # the libraries' offline modes
+        monkeypatch.setenv(offline, "1")
+        assert cli.hub_unreachable() is None and len(asked) == count
+        monkeypatch.delenv(offline)

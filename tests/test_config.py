@@ -255,10 +255,10 @@ INF, NAN = float("inf"), float("nan")
     ("model.cms", "inner_lr", [NAN, None], "model.cms.inner_lr[0] must be a finite number >= 0, got nan"),
     ("model.cms", "hidden_mult", INF, "model.cms.hidden_mult must be a finite number > 0, got inf"),
     # data
-    ("data", "max_docs", 1, "data.max_docs must be an integer in [2, 9223372036854775808) or null, got 1"),
+    ("data", "max_docs", 1, "data.max_docs must be an integer in [2, 1000000000000000000] or null, got 1"),
     ("data", "num_workers", -1, "data.num_workers must be an integer >= 0, got -1"),
     ("data", "val_fraction", NAN, "data.val_fraction must be a finite number in (0, 1), got nan"),
-    ("data", "max_docs", 2**63, "data.max_docs must be an integer in [2, 9223372036854775808) or null"),
+    ("data", "max_docs", 2**63, "data.max_docs must be an integer in [2, 1000000000000000000] or null"),
     # past these an fp32 square, a tensor or a timedelta overflows (tracebacks at step 1)
     ("model.titans", "max_grad_norm", 1e30, "model.titans.max_grad_norm must be a finite number in (0, 1e+18] or null"),
     ("model.hope", "max_grad_norm", 1e30, "model.hope.max_grad_norm must be a finite number in (0, 1e+18] or null"),
@@ -448,3 +448,14 @@ def test_train_dtype_takes_the_short_spellings_too():
     assert load_config(None, ["--train.dtype=bfloat16"]).train.computes_in_bf16("cpu")
     with pytest.raises(ConfigError, match="train.dtype='half' is not one of"):
         load_config(None, ["--train.dtype=half"])
+
+
+def test_text_that_reads_as_an_integer_is_quoted_in_a_saved_config(tmp_path):
+    """dump_yaml writes with the loader's YAML 1.2 integers: a run_name of '0o17' (or '1_000')
+    came back from a checkpoint's config.yaml as 15 (1000)."""
+    from config import dump_yaml
+    cfg = load_config(None, ["--logging.run_name=0o17", "--train.out_dir=1_000"])
+    path = str(tmp_path / "config.yaml")
+    dump_yaml(cfg, path)
+    again = load_config(path)
+    assert (again.logging.run_name, again.train.out_dir) == ("0o17", "1_000")

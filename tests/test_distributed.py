@@ -278,8 +278,13 @@ def test_what_needs_training_state_refuses_an_exported_file(exported, capsys):
     line saying the file holds neither, not "no checkpoint found" for a file that exists."""
     import checkpoint
     _, path = exported
-    with pytest.raises(ValueError, match="is a file, not a checkpoint directory: an exported"):
+    with pytest.raises(ValueError, match=r"is a file, not a checkpoint directory \(an exported"):
         checkpoint.resolve_checkpoint(path)         # train.py's train.resume=PATH goes through it
+    latest = os.path.join(os.path.dirname(path), "latest")      # a file, but no export
+    with open(latest, "w") as f:
+        f.write("step_000001\n")
+    with pytest.raises(ValueError, match=r"latest is a file, not a checkpoint directory: pass a step_N directory"):
+        checkpoint.resolve_checkpoint(latest)
     assert checkpoint.main(["export", path, path.replace("model", "again")]) == 2
     _one_line_error(capsys.readouterr().err, path, "without the optimiser and trainer state")
 

@@ -284,6 +284,12 @@ def test_sections_run_again_replace_theirs_and_keep_the_others(tmp_path, monkeyp
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["perplexity"]["val"]["loss"] == 0.5 and results["niah"]["accuracy"]["niah_single_1"]["1k"] == 0.75
     assert results["babilong"]["source"] == "run 0.75" and results["continual"]["tag"] == 0.25
+    # an out_dir as --checkpoint names its latest step: once training has moved on, its results
+    # are another checkpoint's (they were merged with the older step's)
+    monkeypatch.setattr(run, "checkpoint_dir", lambda checkpoint: "/runs/x/checkpoints/step_000200")
+    with pytest.raises(SystemExit):
+        run.main(["--checkpoint", "ckpt", "--out", out, "--device", "cpu", "--sections", "niah"])
+    assert json.load(open(os.path.join(out, "results.json"))) == results
 
 
 @pytest.mark.parametrize("earlier, message", [

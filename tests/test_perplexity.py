@@ -626,3 +626,16 @@ def test_wikitext_detokenizer_keeps_lm_evals_n_rule():
     """lm-eval's detokenizer turns ' N ' into ' 1 ' (a quirk kept so the scored text is
     lm-eval's). Kills dropping that rule."""
     assert ppl.wikitext_detokenizer("a N m high") == "a 1 m high"
+
+
+def test_val_alone_does_not_look_up_the_offline_data(monkeypatch, capsys):
+    """A bad $NL_DATA_DIR is an error where the offline data is read (eval.common), but
+    --tasks val reads none of it: it got as far as loading the checkpoint before."""
+    monkeypatch.setenv("NL_DATA_DIR", "/nonexistent/data")
+    monkeypatch.setattr(ppl, "load_checkpoint", lambda *a: (_ for _ in ()).throw(FileNotFoundError("checkpoint x")))
+    with pytest.raises(SystemExit):
+        ppl.main(["--checkpoint", "x", "--tasks", "val"])
+    assert capsys.readouterr().err == "error: checkpoint x\n"
+    with pytest.raises(SystemExit):
+        ppl.main(["--checkpoint", "x", "--tasks", "lambada"])
+    assert "$NL_DATA_DIR=/nonexistent/data is not a folder" in capsys.readouterr().err

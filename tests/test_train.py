@@ -198,8 +198,9 @@ def _fails_and_keeps(root, argv, message, capsys):
 def test_long_context_warning_where_memories_explode():
     """HOPE above an inner clip of 1.5 on sequences of 1K+ tokens (docs/FIDELITY.md, HOPE
     choice 12), and Titans on 1K+ tokens with a step budget above 0.5 or an inner clip above
-    1 (or none; Titans choice 14), get one warning line at start-up, at any head dim (the
-    tiny MAC and MAG, head dim 32, explode at 1024 tokens); the paper configs (HOPE clip 1.0,
+    1 (or none; Titans choice 14), get one warning line at start-up: MAC and MAG at any head
+    dim (head dim 32 explodes from 256 tokens), LMM and MAL from head dim 64 (32 held); the
+    paper configs (HOPE clip 1.0,
     Titans budget 0.5 and clip 1.0), the tiny configs at their 128 tokens, memories without
     writes and other archs get none."""
     from config import load_config
@@ -228,6 +229,7 @@ def test_long_context_warning_where_memories_explode():
     assert warning("titans_mac_340m.yaml", "--model.titans.max_grad_norm=null") is not None
     assert warning("titans_mac_340m.yaml", "--model.titans.step_budget=0.25", "--model.titans.max_grad_norm=0.5") is None
     assert warning("titans_mac_340m.yaml", "--model.titans.step_budget=null", "--model.titans.inner_lr_fixed=0") is None
+    assert warning("titans_lmm_tiny.yaml", *long) is None and warning("titans_mal_tiny.yaml", *long) is None  # held
     for variant in ("mac", "mag"):      # head dim 32: their tiny configs set the two
         assert warning(f"titans_{variant}_tiny.yaml", *long) is None
         assert warning(f"titans_{variant}_tiny.yaml", *long, "--model.titans.step_budget=null",
@@ -250,6 +252,10 @@ def test_train_notes_settings_its_architecture_does_not_read(corpus, tmp_path, c
     for key in ("optim.m3_frequency", "optim.decay_fraction"):
         assert f"note: {key} is set, but optim.name=adamw with schedule=cosine does not read it" in out
     assert f"note: data.hf_split is set, but data.dataset={corpus} does not read it" in out
+    assert train_mod.main([*TINY, f"--data.dataset={corpus}", f"--train.out_dir={tmp_path}/run3", "--train.max_steps=1",
+                           "--train.eval_every=0", "--train.ckpt_every=0", "--data.val_fraction=0.5"]) == 0
+    assert (f"note: data.val_fraction is set, but data.dataset={corpus} does not read it"      # prepared already
+            in capsys.readouterr().out.splitlines())
 
 
 def test_the_data_cache_folder_names_the_settings_its_source_reads():
@@ -311,6 +317,14 @@ def test_bad_out_dir_and_resume_lose_nothing(corpus, tmp_path, capsys):
     for inside in (ckpt, ckpt / "sub", out / "checkpoints"):
         fails([f"--train.out_dir={inside}"], f"train.out_dir {inside} is inside the checkpoint "
                                              f"{ckpt if inside != out / 'checkpoints' else inside}: choose another")
+    # a corpus prepared by train.py, resumed with another recipe: refused before it is tokenized
+    # again (it rebuilt data.data_dir in place, then the resume failed)
+    files = [f"--data.dataset=files:{os.path.dirname(corpus)}/*.txt", f"--data.data_dir={tmp_path / 'fdata'}",
+             "--data.val_fraction=0.1"]
+    assert train_mod.main([*common, *files, f"--train.out_dir={tmp_path / 'frun'}", "--train.max_steps=2"]) == 0
+    capsys.readouterr()
+    _fails_and_keeps(tmp_path, [*common, *files[:2], "--data.val_fraction=0.2", f"--train.out_dir={tmp_path / 'frun'}",
+                                "--train.max_steps=3"], "was trained with data.val_fraction=0.1, this run has 0.2", capsys)
     # resumed on data of another recipe (it trained on without a word)
     from data.prepare import prepare
     other = str(tmp_path / "other-data")
@@ -388,6 +402,17 @@ def test_what_would_fail_after_training_or_overwrite_another_run_fails_first(cor
     sys.modules["wandb"].init = lambda **kw: (_ for _ in ()).throw(RuntimeError("Invalid project name 'a/b'\nmore"))
     _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={out}", "--train.max_steps=4", "--logging.wandb=offline"],
                      "logging.wandb=offline: wandb.init failed: Invalid project name 'a/b' more", capsys)
+    # a wandb run started, then the outputs refused (a damaged metrics.jsonl): the run is finished
+    import types
+    finished = []
+    sys.modules["wandb"].init = lambda **kw: types.SimpleNamespace(finish=lambda exit_code=0: finished.append(exit_code))
+    metrics = out / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text("not json\n" + good)
+    _fails_and_keeps(tmp_path, [*common, f"--train.out_dir={out}", "--train.max_steps=4", "--logging.wandb=offline"],
+                     "metrics.jsonl line 1 is not a metrics record", capsys)
+    assert finished == [1]
+    metrics.write_text(good)
     monkeypatch.delitem(sys.modules, "wandb")
     own = out / "checkpoints" / "step_000002"
     assert train_mod.main([*common, f"--train.out_dir={out}", "--train.max_steps=3", f"--train.resume={own}"]) == 0
