@@ -553,7 +553,7 @@ def _train(cfg: Config, env: DistEnv):
     try:
         if resume_from:
             state = load_training_state(resume_from, model, optimizer, required=RESUME_KEYS)
-    except CheckpointMismatch:       # not damage: an earlier step would not fit either
+    except (ConfigError, CheckpointMismatch):       # not damage: an earlier step would not fit either
         raise
     except ValueError as e:          # a damaged latest checkpoint: name the one kept before it
         raise ValueError(f"{e}{earlier_checkpoint_hint(t, ckpt_root)}") from None
