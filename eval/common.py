@@ -85,7 +85,7 @@ def is_recurrent(model) -> bool:
 def long_stream_note(model, n_tokens: int) -> str | None:
     """A note for results that streamed `model` over inputs of up to n_tokens, where its
     memory settings amplify rounding past config.LONG_CONTEXT tokens
-    (ModelConfig.long_context_risk; docs/EVAL.md), or None."""
+    (ModelConfig.long_context_risk; docs/BABILONG.md, "Long inputs"), or None."""
     from config import LONG_CONTEXT, ModelConfig
     config = getattr(model, "config", None)
     risk = config.long_context_risk() if isinstance(config, ModelConfig) else None

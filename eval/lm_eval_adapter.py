@@ -63,9 +63,9 @@ class LMAdapter:
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", **kwargs):
-        """The adapter over a checkpoint dir or training out_dir, loaded as every eval CLI loads it
-        (eval.common.load_checkpoint): its own tokenizer, device auto|cpu|cuda[:N], the same
-        one-line errors for a missing checkpoint or a bad device."""
+        """The adapter over a checkpoint dir, training out_dir or exported .safetensors, loaded
+        as every eval CLI loads it (eval.common.load_checkpoint): its own tokenizer, device
+        auto|cpu|cuda[:N], the same one-line errors for a missing checkpoint or a bad device."""
         model, cfg, tokenizer, device = load_checkpoint(path, str(device))
         return cls(model, tokenizer, cfg.train.seq_len, device=device, **kwargs)
 

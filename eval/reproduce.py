@@ -596,7 +596,8 @@ def run_zero_shot(checkpoint: str, out_dir: str, device: str = "auto", limit: in
 def _zero_shot_main(argv):
     parser = OneLineArgumentParser(prog="python -m eval.reproduce zeroshot",
                                    description="Zero-shot accuracies of the papers' tables with lm-eval.")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint dir or a training out_dir")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint dir, a training out_dir or an exported .safetensors")
     parser.add_argument("--out", required=True, help="output folder (zeroshot.json)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--limit", type=positive_int, help="examples per task (default all; for smoke tests)")
