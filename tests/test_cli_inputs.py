@@ -519,7 +519,7 @@ def test_no_output_file_inside_a_checkpoint(tmp_path):
         assert output_file_problem(str(folder / "results.json")) is None or beside is None   # a lone `latest` is no checkpoint
         if beside:
             (folder / beside).mkdir()
-        for name in (marker, "results.json"):
+        for name in (marker, "results.json", os.path.join("sub", "r.json")):    # a subfolder of it too
             assert output_file_problem(str(folder / name)) == "is inside a checkpoint folder; write it elsewhere"
         assert (folder / marker).read_text() == "keep me"
     # every parent is asked: a `latest` beside notes is no checkpoints/ root, and a parent that

@@ -498,3 +498,30 @@ def test_activation_checkpointing_recomputes_each_block_in_backward():
     assert grads[True].keys() == grads[False].keys()
     for name in grads[False]:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-6, atol=1e-7)
+
+
+def test_an_exported_config_is_checked_and_fitted_to_the_device_as_a_checkpoints(exported, monkeypatch):
+    """load_exported treats the config in the file as load_model treats a checkpoint's: a GPU
+    run's model.kernels=triton becomes auto where Triton cannot run (it failed at the first
+    forward), and a vocabulary smaller than its tokenizer's is a one-line error."""
+    import json
+
+    import checkpoint
+    import kernels.checks
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    _, path = exported
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+
+    def export_with(**model):
+        config = json.loads(metadata["config"])
+        config["model"].update(model)
+        changed = path.replace("model", "changed")
+        save_file(tensors, changed, metadata={**metadata, "config": json.dumps(config)})
+        return changed
+    monkeypatch.setattr(kernels.checks, "cpu_tensors_allowed", lambda: False)      # no interpreter
+    assert checkpoint.load_model(export_with(kernels="triton"), "cpu")[1].model.kernels == "auto"
+    with pytest.raises(ValueError, match=r"changed.safetensors: config in its metadata: .*vocab"):
+        checkpoint.load_model(export_with(vocab_size=100), "cpu")

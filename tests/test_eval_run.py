@@ -323,3 +323,18 @@ def test_results_of_another_run_are_refused_before_anything_runs(earlier, messag
     assert err.startswith(f"error: --out {out} ") and message.replace("CKPT", checkpoint) in err
     assert err.rstrip().endswith(": choose another --out")
     assert (out / "results.json").read_text() == earlier and os.listdir(out) == ["results.json"]
+
+
+def test_niah_section_hands_on_the_long_stream_notes(monkeypatch):
+    """eval.run's S-NIAH section records the notes of its cells once (eval.common.notes_of),
+    as the BABILong section does through _summarise."""
+    import eval.run as run
+    from eval import niah
+    monkeypatch.setattr(niah, "build_niah", lambda *a, **k: ["sample"])
+    monkeypatch.setattr(niah, "evaluate_niah", lambda *a, **k: {
+        "accuracy": 0.5, "ranking_accuracy": 0.5, "n": 1, "n_scored": 1, "n_truncated": 0, "n_skipped": 0,
+        "seconds": 0.0, "note": "inputs of up to 2048 tokens with ..."})
+    out = run.niah_section(None, None, {"tasks": ["niah_single_1", "niah_single_2"], "lengths": ["1k"], "samples": 1,
+                                        "depths": [0.0], "segment_len": 64, "max_new_tokens": 4}, 128, "cpu",
+                           gpt2=object())
+    assert out["notes"] == ["inputs of up to 2048 tokens with ..."]

@@ -477,3 +477,14 @@ def test_compiled_blocks_stream_uncompiled(monkeypatch):
     with torch.no_grad():
         m.generate(idx, 3)
     assert calls == ["compiled"] * len(m.blocks)
+
+
+def test_chunk_split_traces_a_symbolic_length():
+    """kernels.chunked._split_into_chunks under torch.compile's dynamic shapes: divmod on a
+    symbolic T made dynamo drop the whole function to eager."""
+    import torch._dynamo as dynamo
+    from kernels.chunked import _split_into_chunks
+    x = torch.randn(2, 2, 37, 4)
+    dynamo.reset()
+    dynamo.mark_dynamic(x, 2)
+    assert dynamo.explain(_split_into_chunks)(x, 8).graph_count == 1

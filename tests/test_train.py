@@ -802,6 +802,30 @@ def test_a_damaged_latest_checkpoint_names_the_one_before_it(corpus, tmp_path, c
     assert train_mod.main([*common, "--train.max_steps=6", f"--train.resume={root / 'step_000002'}"]) == 0
 
 
+def test_a_checkpoint_that_does_not_fit_gets_no_earlier_checkpoint_hint(corpus, tmp_path, capsys, monkeypatch):
+    """A readable checkpoint of another model or optimiser (CheckpointMismatch) or a config
+    refusal is not damage: the earlier step would not fit either, so the error names no
+    earlier checkpoint to resume (it told a user who changed optim.name to roll back). And a
+    model build that fails for a bug, not a size, keeps its traceback."""
+    import checkpoint
+    import train as train_mod
+    from config import ConfigError
+    out = tmp_path / "run"
+    common = [*TINY, f"--data.dataset={corpus}", "--train.eval_every=0", "--train.ckpt_every=2",
+              f"--train.out_dir={out}"]
+    assert train_mod.main([*common, "--train.max_steps=4"]) == 0
+    for error in (checkpoint.CheckpointMismatch("checkpoint X does not match this model/optimiser: why"),
+                  ConfigError("checkpoint X: a config refusal")):
+        monkeypatch.setattr(train_mod, "load_training_state", lambda *a, error=error, **k: (_ for _ in ()).throw(error))
+        capsys.readouterr()
+        assert train_mod.main([*common, "--train.max_steps=6"]) == 2
+        assert capsys.readouterr().err == f"error: {error}\n"
+    import model as model_mod                       # train.py imports build_model from it at run time
+    monkeypatch.setattr(model_mod, "build_model", lambda cfg: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        train_mod.main([*common, "--train.max_steps=6", f"--train.out_dir={tmp_path / 'other'}"])
+
+
 def test_starting_over_keeps_the_earlier_results(corpus, tmp_path, capsys):
     """A run without checkpoints (ckpt_every 0) run again starts over: its metrics.jsonl and
     final_eval.json were overwritten without a word; they are now kept as
