@@ -285,3 +285,10 @@ def hub_unreachable(streaming: bool = False, timeout: float = 3.0) -> str | None
         fix = ("a streamed load needs the network" if streaming else
                "with the data in the local Hugging Face cache, set HF_HUB_OFFLINE=1")
         return f"{host} cannot be reached ({e.strerror or type(e).__name__}); {fix}"
+
+
+def check_hub(streaming: bool = False):
+    """hub_unreachable's reason as a ConnectionError, for the eval loaders' one-line Hub errors."""
+    unreachable = hub_unreachable(streaming)
+    if unreachable:
+        raise ConnectionError(unreachable)

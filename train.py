@@ -255,16 +255,18 @@ OPTIM_SHARED = ("name", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "s
 
 
 def unread_run_settings(data: dict, cfg: Config) -> list[str]:
-    """Notes for the optim.* and data.* settings set in `data` (config_data) that this run
-    does not read: another rule's options, a schedule's, hf:-only data settings (as
-    config.unread_settings for the model sections)."""
+    """Notes for the settings set in `data` (config_data) that this run does not read: model
+    sections of another architecture (config.unread_settings), another rule's or schedule's
+    optim.* options, data.* settings the source does not read."""
     from optim import CONFIG_FIELDS
+    notes = [f"{key} is set, but model.arch={cfg.model.arch} does not read it"
+             for key in unread_settings(data, cfg.model.arch)]
     optim, d = data.get("optim"), data.get("data")
     read = set(OPTIM_SHARED) | set(CONFIG_FIELDS[cfg.optim.name].values())
     read |= {"min_lr_ratio"} if cfg.optim.schedule != "constant" else set()
     read |= {"decay_fraction"} if cfg.optim.schedule == "wsd" else set()
-    notes = [f"optim.{key} is set, but optim.name={cfg.optim.name} with schedule={cfg.optim.schedule} does not "
-             f"read it" for key in (optim if isinstance(optim, dict) else {}) if key not in read]
+    notes += [f"optim.{key} is set, but optim.name={cfg.optim.name} with schedule={cfg.optim.schedule} does not "
+              f"read it" for key in (optim if isinstance(optim, dict) else {}) if key not in read]
     recipe = ("val_fraction", "max_docs", "text_field", "hf_split", "hf_streaming", "hf_data_files")
     notes += [f"data.{key} is set, but data.dataset={cfg.data.dataset} does not read it"
               for key in (d if isinstance(d, dict) else {})
@@ -758,8 +760,6 @@ def main(argv=None):
         data = config_data(path, argv)
         cfg = config_from_dict(data)
         if int(os.environ.get("RANK", "0")) == 0:
-            for key in unread_settings(data, cfg.model.arch):
-                print(f"note: {key} is set, but model.arch={cfg.model.arch} does not read it")
             for note in unread_run_settings(data, cfg):
                 print(f"note: {note}")
         return train(cfg)

@@ -55,7 +55,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cli import (OneLineArgumentParser, check_output_file, check_unique, hub_unreachable, non_negative_float,
+from cli import (OneLineArgumentParser, check_hub, check_output_file, check_unique, non_negative_float,
                  non_negative_int, positive_float, positive_int, read_text, seed_int, write_atomic, write_json)
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
 from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check_checkpoint_out, check_data_dir,
@@ -315,9 +315,7 @@ def _pg19_books(split: str, n_books: int) -> tuple:
         raise ImportError("the pg19 background needs the package 'datasets' (pip install datasets)") from None
     hf_split = {"train": "train", "test": "test"}[split]
     try:
-        unreachable = hub_unreachable(streaming=True)
-        if unreachable:
-            raise ConnectionError(unreachable)
+        check_hub(streaming=True)
         stream = datasets.load_dataset(PG19_HF, split=hf_split, streaming=True)
         books = []
         for row in stream:
@@ -532,9 +530,7 @@ def load_babilong_hf(task, length: str, limit: int | None = None, dataset: str =
     except ImportError:
         raise ImportError("loading BABILong from the Hub needs the package 'datasets' (pip install datasets)") from None
     try:
-        unreachable = hub_unreachable(streaming=True)
-        if unreachable:
-            raise ConnectionError(unreachable)
+        check_hub(streaming=True)
         # streaming: the 1M configs hold ~4 MB per sample, so read only what is asked for
         stream = datasets.load_dataset(name, length, split=task, revision=revision, streaming=True)
         rows = []

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import OneLineArgumentParser, check_output_file, hub_unreachable, positive_int, read_text, write_atomic
+from cli import OneLineArgumentParser, check_hub, check_output_file, positive_int, read_text, write_atomic
 from eval.common import DATA_DIR_LOOKUP, eval_mode, exit_on_error, first_line, load_checkpoint, model_device
 
 LN2 = math.log(2.0)
@@ -226,9 +226,7 @@ def _hf_column(dataset: tuple, column: str) -> list:
     except ImportError:
         raise ImportError(f"'hf' ({name}) needs the package 'datasets' (pip install datasets)") from None
     try:
-        unreachable = hub_unreachable()
-        if unreachable:
-            raise ConnectionError(unreachable)
+        check_hub()
         return [row[column] for row in datasets.load_dataset(name, config, split=split)]
     except Exception as e:
         raise ConnectionError(f"cannot load {name} ({config}, {split}) from the Hugging Face Hub: {first_line(e)}; "
