@@ -438,6 +438,112 @@ def init_wandb(cfg: Config):
 
 # ----------------------------------------------------------------------------------------
 
+def check_run(cfg: Config, device) -> None:
+    """The checks of the config against the out_dir and this machine that can refuse the run
+    before a tokenizer, corpus or model is loaded."""
+    t = cfg.train
+    if cfg.eval.during_training and not t.eval_every:   # here, not in config.validate: saved configs load
+        raise ConfigError(f"eval.during_training={cfg.eval.during_training} never runs with train.eval_every=0")
+    if cfg.eval.during_training:    # names checked by config.py; their data read now, not after training
+        from eval.run import check_during_training
+        check_during_training(cfg.eval.during_training)
+    check_out_dir(t)
+    check_vocab(cfg)
+    why = triton_blocker(cfg.model, device)          # else the first step fails
+    if why:
+        raise ConfigError(why)
+
+
+def run_to_resume(cfg: Config, ckpt_root) -> tuple[str | None, Config | None]:
+    """The checkpoint to resume (None: a fresh run) and its saved config, checked against this
+    one. Called before the data is prepared: a changed data recipe would otherwise tokenize
+    (or rebuild) a corpus first."""
+    try:
+        resume_from = checkpoint_to_resume(cfg.train)
+        return resume_from, (check_resume_config(cfg, resume_from) if resume_from else None)
+    except ConfigError:
+        raise
+    except ValueError as e:          # a damaged latest checkpoint: name the one kept before it
+        raise ValueError(f"{e}{earlier_checkpoint_hint(cfg.train, ckpt_root)}") from None
+
+
+def build_checked(model_cfg, device):
+    """build_model on `device`; a model too large to build (past memory or int64) is a
+    one-line ConfigError, any other error keeps its traceback."""
+    from model import build_model
+    try:
+        return build_model(model_cfg).to(device)
+    except (RuntimeError, OverflowError, MemoryError, TypeError) as e:
+        if isinstance(e, (RuntimeError, TypeError)) and not any(
+                words in str(e) for words in ("Overflow", "overflow", "allocate", "out of memory")):
+            raise                   # a bug, not a size: keep its traceback
+        m, why = model_cfg, (str(e).strip().splitlines() or [type(e).__name__])[0]   # not torch's C++ frames
+        raise ConfigError(f"cannot build the model (model.n_layer={m.n_layer}, d_model={m.d_model}, "
+                          f"vocab_size={m.vocab_size}) on {device}: {why}") from None
+
+
+def report_model(model, cfg: Config, device, say) -> None:
+    """The start-up lines about the model: its size, which memory parts run fused, and the
+    settings measured or known not to train (long contexts, idle CMS levels, endless warm-up)."""
+    t = cfg.train
+    say(f"model: {cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters "
+        f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding)")
+    for line in model.kernel_report(device):      # which memory parts run fused (model.kernels)
+        say(f"kernels: {line}")
+    warning = long_context_warning(cfg)
+    if warning:
+        say(warning, file=sys.stderr)
+    idle = model.idle_parameters(t.seq_len)
+    if idle:
+        say(f"note: {len(idle)} parameter(s) get no gradient at train.seq_len={t.seq_len} and will not train "
+            f"(a CMS fast level's chunk is not shorter than the sequence): {', '.join(idle[:2])}"
+            + (", ..." if len(idle) > 2 else ""))
+    if cfg.optim.warmup_steps > t.max_steps:
+        say(f"note: optim.warmup_steps={cfg.optim.warmup_steps} > train.max_steps={t.max_steps}: the lr never "
+            f"leaves warm-up (it peaks at {lr_at(t.max_steps - 1, cfg):.3g}, train.lr={t.lr:.3g})")
+
+
+def resume_training(resume_from, saved_cfg, model, optimizer, sampler, cfg: Config, say) -> tuple[int, dict]:
+    """Load a checkpoint's weights, optimiser, sampler and RNG states (of any rank count: DCP
+    reshards on load); returns the step to start from and the run's stats (tokens, skipped
+    steps). A fresh run (`resume_from` None) starts at step 0."""
+    t = cfg.train
+    if not resume_from:
+        return 0, {"skipped_steps": 0, "tokens": 0}
+    try:
+        state = load_training_state(resume_from, model, optimizer, required=RESUME_KEYS)
+    except (ConfigError, CheckpointMismatch):       # not damage: an earlier step would not fit either
+        raise
+    except ValueError as e:          # a damaged latest checkpoint: name the one kept before it
+        raise ValueError(f"{e}{earlier_checkpoint_hint(t, os.path.join(t.out_dir, 'checkpoints'))}") from None
+    start_step = state["step"]
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"])
+    say(f"resumed from {resume_from} at step {start_step}")
+    if saved_cfg.train.max_steps != t.max_steps and start_step < t.max_steps:
+        say(f"note: train.max_steps={t.max_steps}, the checkpoint's run had {saved_cfg.train.max_steps}: the lr "
+            f"schedule now ends at step {t.max_steps}, so from step {start_step + 1} on the lr is not the one the "
+            f"checkpoint's run would have used")
+    if start_step > t.max_steps:
+        raise ConfigError(f"{resume_from} is at step {start_step}, past train.max_steps={t.max_steps}: "
+                          "raise train.max_steps to train on")
+    if start_step == t.max_steps:
+        say(f"already at train.max_steps={t.max_steps}: nothing to train")
+    return start_step, state["stats"]
+
+
+def sample_after_training(model, tokenizer, t, device, autocast) -> str:
+    """The text of `train.sample_tokens` tokens sampled after `train.sample_prompt` (seeded by
+    train.seed: the same run samples the same text)."""
+    model.eval()
+    ids = torch.tensor([tokenizer.encode(t.sample_prompt) or [tokenizer.eot_id]], device=device)
+    g = torch.Generator(device=device).manual_seed(t.seed)
+    with autocast:
+        out = model.generate(ids, t.sample_tokens, temperature=0.8, top_k=50, generator=g,
+                             vocab_size=tokenizer.vocab_size)
+    return tokenizer.decode(out[0].tolist())
+
+
 def train(cfg: Config):
     """Train per `cfg`; under torchrun every rank calls this. Returns the exit code."""
     env = distributed.setup(cfg)
@@ -451,10 +557,12 @@ def train(cfg: Config):
 
 
 def _train(cfg: Config, env: DistEnv):
+    """One rank's run, in order: check the run (refusing before anything is loaded or
+    written), prepare the data, build and report the model, resume, open the outputs, the
+    training loop (log, eval, checkpoint), then the final eval and sample."""
     from data.loader import BatchSampler
     from data.tokenizer import get_tokenizer
     from eval.perplexity import evaluate_split
-    from model import build_model
 
     t = cfg.train
     device, device_type = env.device, env.device_type
@@ -470,29 +578,12 @@ def _train(cfg: Config, env: DistEnv):
     random.seed(t.seed)
     np.random.seed(t.seed)
 
-    if cfg.eval.during_training and not t.eval_every:   # here, not in config.validate: saved configs load
-        raise ConfigError(f"eval.during_training={cfg.eval.during_training} never runs with train.eval_every=0")
-    if cfg.eval.during_training:    # names checked by config.py; their data read now, not after training
-        from eval.run import check_during_training
-        check_during_training(cfg.eval.during_training)
-    check_out_dir(t)
-    check_vocab(cfg)
-    why = triton_blocker(cfg.model, device)          # else the first step fails
-    if why:
-        raise ConfigError(why)
+    check_run(cfg, device)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size
-    # the checkpoint to resume, and its config checked against this one, before the data is
-    # prepared: a changed data recipe would otherwise tokenize (or rebuild) a corpus first
     ckpt_root = os.path.join(t.out_dir, "checkpoints")
-    try:
-        resume_from = checkpoint_to_resume(t)
-        saved_cfg = check_resume_config(cfg, resume_from) if resume_from else None
-    except ConfigError:
-        raise
-    except ValueError as e:          # a damaged latest checkpoint: name the one kept before it
-        raise ValueError(f"{e}{earlier_checkpoint_hint(t, ckpt_root)}") from None
+    resume_from, saved_cfg = run_to_resume(cfg, ckpt_root)
     data_dir = resolve_data_dir(cfg)
     # one preparer: concurrent ones would race on the final rename
     distributed.on_main(env, lambda: prepare_data(cfg, data_dir))
@@ -502,34 +593,12 @@ def _train(cfg: Config, env: DistEnv):
     if env.is_main:
         print("config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
 
-    try:
-        model = build_model(cfg.model).to(device)
-    except (RuntimeError, OverflowError, MemoryError, TypeError) as e:    # sizes past memory or past int64
-        if isinstance(e, (RuntimeError, TypeError)) and not any(
-                words in str(e) for words in ("Overflow", "overflow", "allocate", "out of memory")):
-            raise                   # a bug, not a size: keep its traceback
-        m, why = cfg.model, (str(e).strip().splitlines() or [type(e).__name__])[0]   # not torch's C++ frames
-        raise ConfigError(f"cannot build the model (model.n_layer={m.n_layer}, d_model={m.d_model}, "
-                          f"vocab_size={m.vocab_size}) on {device}: {why}") from None
+    model = build_checked(cfg.model, device)
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(t.seq_len)
     # Titans/HOPE memory updates (inner gradients, scans) are counted apart from the 6N rule
     memory_flops_per_token = model.memory_flops_per_token(t.seq_len)
-    say(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters "
-        f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding)")
-    for line in model.kernel_report(device):      # which memory parts run fused (model.kernels)
-        say(f"kernels: {line}")
-    warning = long_context_warning(cfg)
-    if warning:
-        say(warning, file=sys.stderr)
-    idle = model.idle_parameters(t.seq_len)
-    if idle:
-        say(f"note: {len(idle)} parameter(s) get no gradient at train.seq_len={t.seq_len} and will not train "
-            f"(a CMS fast level's chunk is not shorter than the sequence): {', '.join(idle[:2])}"
-            + (", ..." if len(idle) > 2 else ""))
-    if cfg.optim.warmup_steps > t.max_steps:
-        say(f"note: optim.warmup_steps={cfg.optim.warmup_steps} > train.max_steps={t.max_steps}: the lr never "
-            f"leaves warm-up (it peaks at {lr_at(t.max_steps - 1, cfg):.3g}, train.lr={t.lr:.3g})")
+    report_model(model, cfg, device, say)
     # `model` keeps its parameter names (checkpoints, eval, sampling); `train_model` is what
     # forward/backward run through: the FSDP2 model itself or a DDP wrapper
     train_model = distributed.parallelize(model, cfg, env)
@@ -550,29 +619,8 @@ def _train(cfg: Config, env: DistEnv):
     say(f"data: {cfg.data.sampling} windows of {t.seq_len + 1} tokens; {t.max_steps} steps read "
         f"{t.max_steps * t.batch_size * t.seq_len / split_tokens:.3g}x the train split's {split_tokens:,} tokens")
 
-    # ---- resume (a checkpoint of any rank count: DCP reshards on load)
-    start_step, stats = 0, {"skipped_steps": 0, "tokens": 0}
-    try:
-        if resume_from:
-            state = load_training_state(resume_from, model, optimizer, required=RESUME_KEYS)
-    except (ConfigError, CheckpointMismatch):       # not damage: an earlier step would not fit either
-        raise
-    except ValueError as e:          # a damaged latest checkpoint: name the one kept before it
-        raise ValueError(f"{e}{earlier_checkpoint_hint(t, ckpt_root)}") from None
-    if resume_from:
-        start_step, stats = state["step"], state["stats"]
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
-        say(f"resumed from {resume_from} at step {start_step}")
-        if saved_cfg.train.max_steps != t.max_steps and start_step < t.max_steps:
-            say(f"note: train.max_steps={t.max_steps}, the checkpoint's run had {saved_cfg.train.max_steps}: the lr "
-                f"schedule now ends at step {t.max_steps}, so from step {start_step + 1} on the lr is not the one the "
-                f"checkpoint's run would have used")
-        if start_step > t.max_steps:
-            raise ConfigError(f"{resume_from} is at step {start_step}, past train.max_steps={t.max_steps}: "
-                              "raise train.max_steps to train on")
-        if start_step == t.max_steps:
-            say(f"already at train.max_steps={t.max_steps}: nothing to train")
+    start_step, stats = resume_training(resume_from, saved_cfg, model, optimizer, sampler, cfg, say)
+
     def open_outputs():   # written once the model, optimiser and resume checks have passed
         os.makedirs(t.out_dir, exist_ok=True)
         if not resume_from:           # a run that saved no checkpoint, started over: keep its results
@@ -722,13 +770,7 @@ def _train(cfg: Config, env: DistEnv):
                 json.dump(summary, f, indent=1)
         say(f"final: val loss {r['loss']:.4f} | ppl {r['perplexity']:.2f} | bits/byte {r['bits_per_byte']:.4f}")
     if t.sample_tokens and (env.is_main or env.data_parallel == "fsdp"):   # FSDP2: all ranks run the forwards
-        model.eval()
-        ids = torch.tensor([tokenizer.encode(t.sample_prompt) or [tokenizer.eot_id]], device=device)
-        g = torch.Generator(device=device).manual_seed(t.seed)
-        with autocast:
-            out = model.generate(ids, t.sample_tokens, temperature=0.8, top_k=50, generator=g,
-                                 vocab_size=tokenizer.vocab_size)
-        say("sample:\n" + tokenizer.decode(out[0].tolist()))
+        say("sample:\n" + sample_after_training(model, tokenizer, t, device, autocast))
     if run:
         run.finish()
     say("training done")
