@@ -93,18 +93,21 @@ def make_optimizer(model, cfg: Config, device_type):
                            weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps, **options)
 
 
+# data.prepare's keyword -> the data.* setting: a corpus's recipe
+DATA_RECIPE = {"val_fraction": "val_fraction", "max_docs": "max_docs", "text_field": "text_field",
+               "split": "hf_split", "streaming": "hf_streaming", "data_files": "hf_data_files"}
+
+
 def source_settings(d: DataConfig) -> dict:
-    """data.prepare's keyword -> the data.* setting it reads for data.dataset's kind of source:
-    the text field not for builtin, the split, streaming and data files for hf: only. The other
-    settings change nothing (a start-up note names them); an already prepared folder reads none."""
+    """The part of DATA_RECIPE that data.dataset's kind of source reads: the text field not for
+    builtin, the split, streaming and data files for hf: only. The other settings change
+    nothing (a start-up note names them); an already prepared folder reads none."""
     if os.path.isfile(os.path.join(d.dataset, "meta.json")):
         return {}
-    keys = {"val_fraction": "val_fraction", "max_docs": "max_docs"}
-    if d.dataset != "builtin":
-        keys["text_field"] = "text_field"
-    if d.dataset.startswith("hf:"):
-        keys.update(split="hf_split", streaming="hf_streaming", data_files="hf_data_files")
-    return keys
+    unread = set() if d.dataset.startswith("hf:") else {"split", "streaming", "data_files"}
+    if d.dataset == "builtin":
+        unread.add("text_field")
+    return {keyword: key for keyword, key in DATA_RECIPE.items() if keyword not in unread}
 
 
 def resolve_data_dir(cfg: Config) -> str:
@@ -267,10 +270,9 @@ def unread_run_settings(data: dict, cfg: Config) -> list[str]:
     read |= {"decay_fraction"} if cfg.optim.schedule == "wsd" else set()
     notes += [f"optim.{key} is set, but optim.name={cfg.optim.name} with schedule={cfg.optim.schedule} does not "
               f"read it" for key in (optim if isinstance(optim, dict) else {}) if key not in read]
-    recipe = ("val_fraction", "max_docs", "text_field", "hf_split", "hf_streaming", "hf_data_files")
     notes += [f"data.{key} is set, but data.dataset={cfg.data.dataset} does not read it"
               for key in (d if isinstance(d, dict) else {})
-              if key in recipe and key not in source_settings(cfg.data).values()]
+              if key in DATA_RECIPE.values() and key not in source_settings(cfg.data).values()]
     return notes
 
 
