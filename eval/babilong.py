@@ -61,7 +61,7 @@ from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_
 from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check_checkpoint_out, check_data_dir,
                          check_long_inputs, clipped_step, context_handling, context_limit, continuation_logprob,
                          default_data_dir, eval_mode, exit_on_error, first_line, fit_prompt, format_accuracy,
-                         greedy_generate, load_checkpoint, load_for_generation, long_stream_note, mean_over_scored,
+                         greedy_generate, load_checkpoint, load_for_generation, longest_input_note, mean_over_scored,
                          model_device, notes_of, prefill, require_data_dir)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
@@ -205,6 +205,7 @@ TASK_PROMPTS = {
 # names, lengths, paths
 
 def parse_task(task) -> str:
+    """'qa3' | 3 | '3' -> 'qa3'."""
     return f"qa{task_number(task)}"
 
 
@@ -625,7 +626,7 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
         raise ValueError("segment_len and max_new_tokens must be >= 1")
     device = device or model_device(model)
     label_ids_cache: dict = {}
-    records, n_truncated, n_skipped = [], 0, 0
+    records = []
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.time()
@@ -638,10 +639,8 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
                       "target": sample["target"], "n_input_tokens": len(ids)}
             ids, record["truncated"] = fit_prompt(ids, streaming, max_len, max_new_tokens, overflow)
             if ids is None:
-                n_skipped += 1
                 records.append({**record, "skipped": True})
                 continue
-            n_truncated += record["truncated"]
             labels = TASK_LABELS[task]
             # ranked as compare_answers scores: a label the question names is never the answer
             named = labels_in_question(sample["question"], labels)
@@ -665,13 +664,14 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
     return {
         "official": mean_over_scored(scored, "official_correct"),
         "label_ranking": mean_over_scored(scored, "label_ranking_correct"),
-        "n": len(records), "n_scored": len(scored), "n_truncated": n_truncated, "n_skipped": n_skipped,
+        "n": len(records), "n_scored": len(scored), "n_truncated": sum(r["truncated"] for r in records),
+        "n_skipped": len(records) - len(scored),
         "context_handling": context_handling(streaming, max_len, segment_len, overflow, max_new_tokens),
         "mean_input_tokens": sum(r["n_input_tokens"] for r in records) / len(records) if records else 0,
         "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                            if torch.device(device).type == "cuda" else None),
         "seconds": time.time() - started, "records": records,
-        "note": long_stream_note(model, max((r["n_input_tokens"] for r in scored), default=0)),
+        "note": longest_input_note(model, scored),
     }
 
 
@@ -873,7 +873,7 @@ def run_eval(args) -> dict:
         "lengths_are": "GPT-2 tokens of the context, 300 reserved for the prompt",
         "prompt": prompt_setting_name(args.instruction, args.examples, args.post_prompt),
         "answer_prefix": args.answer_prefix,
-        "scores": {"official": "greedy generation (max_new_tokens=%d), BABILong compare_answers" % args.max_new_tokens,
+        "scores": {"official": f"greedy generation (max_new_tokens={args.max_new_tokens}), BABILong compare_answers",
                    "label_ranking": LABEL_RANKING},
         "context_handling": next(iter(per_cell.values()))["context_handling"],
         **_summarise(per_cell),

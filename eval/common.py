@@ -7,8 +7,8 @@ there (those two, eval.continual, eval.lm_eval_adapter), and, for the CLIs, a ch
 loaded with the tokenizer it was trained with, and their answer to bad input: one line
 "error: ...", exit status 2, no traceback, nothing lost (cli.py's parser, flag types and
 output-path checks, check_checkpoint_out here for a folder that receives checkpoints,
-exit_on_error for the rest). torch is imported inside
-the functions that use it, so a CLI that only plans (eval.reproduce) starts without it.
+exit_on_error for the rest). torch is imported inside the functions that use it, so a CLI
+that only plans (eval.reproduce) starts without it.
 """
 from __future__ import annotations
 
@@ -93,6 +93,12 @@ def long_stream_note(model, n_tokens: int) -> str | None:
         return None
     return (f"inputs of up to {n_tokens} tokens with {risk}; there a streamed model amplifies rounding, so "
             f"per-token results past ~{LONG_CONTEXT} tokens can change with the dtype, --segment-len or model.kernels")
+
+
+def longest_input_note(model, scored: list[dict]) -> str | None:
+    """long_stream_note for the longest input the model read: the most n_input_tokens (before
+    any truncation) of an eval's scored records; skipped records were never read."""
+    return long_stream_note(model, max((r["n_input_tokens"] for r in scored), default=0))
 
 
 def notes_of(results) -> list[str]:

@@ -29,6 +29,7 @@ CLI:
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -41,7 +42,7 @@ from cli import OneLineArgumentParser, check_unique, fraction_list, positive_int
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, window_sentences
 from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check_data_dir, check_long_inputs,
                          context_handling, continuation_logprob, eval_mode, exit_on_error, fit_prompt,
-                         format_accuracy, greedy_generate, is_recurrent, load_for_generation, long_stream_note,
+                         format_accuracy, greedy_generate, is_recurrent, load_for_generation, longest_input_note,
                          mean_over_scored, model_device, notes_of, prefill)
 
 # RULER scripts/data/synthetic/constants.py and niah.py
@@ -106,17 +107,14 @@ def _random_key(rng: random.Random) -> str:
 
 def _haystack_sentences(kind: str, books, rng: random.Random, gpt2, n_tokens: int) -> list[tuple[str, int]]:
     """(sentence, GPT-2 tokens of ' ' + sentence) until n_tokens are filled (never more)."""
-    if kind == "noise":
-        cycle = [(s, len(gpt2.encode(" " + s))) for s in NOISE_SENTENCES]
-        out, total, i = [], 0, 0
-        while total + cycle[i % len(cycle)][1] <= n_tokens:
-            out.append(cycle[i % len(cycle)])
-            total += cycle[i % len(cycle)][1]
-            i += 1
-        return out
     out, total = [], 0
-    while True:
-        # contiguous text of a random book from a random place, like an essay
+    if kind == "noise":         # RULER's noise sentences in turn, endlessly: returns when the next would not fit
+        for sentence, n in itertools.cycle([(s, len(gpt2.encode(" " + s))) for s in NOISE_SENTENCES]):
+            if total + n > n_tokens:
+                return out
+            out.append((sentence, n))
+            total += n
+    while True:                 # an essay: contiguous text of a random book from a random place
         _, sentences = window_sentences(books, rng, n_tokens - total)
         if not sentences:
             continue
@@ -154,7 +152,8 @@ def build_niah(task, length, n_samples: int, depths=DEFAULT_DEPTHS, background: 
         haystack = _haystack_sentences(spec["haystack"], books, rng, gpt2, budget)
         # the needle goes at the sentence boundary where the token fraction first reaches the depth
         depth = depths[i % len(depths)]
-        target, cumulative, gap = depth * sum(n for _, n in haystack), 0, len(haystack)
+        haystack_tokens = sum(n for _, n in haystack)
+        target, cumulative, gap = depth * haystack_tokens, 0, len(haystack)
         for j, (_, n) in enumerate(haystack):
             if cumulative >= target:
                 gap = j
@@ -169,7 +168,7 @@ def build_niah(task, length, n_samples: int, depths=DEFAULT_DEPTHS, background: 
                 distractors.append(candidate)
         samples.append({
             "task": task, "length": total, "depth": depth,
-            "depth_actual": cumulative / max(1, sum(n for _, n in haystack)),
+            "depth_actual": cumulative / max(1, haystack_tokens),
             "input": NIAH_TEMPLATE.format(type_needle_v=spec["value"], context=context, query=key),
             "answer_prefix": answer_prefix, "needle": needle, "key": key, "value": value,
             "distractors": distractors, "haystack": spec["haystack"] if books is None else background,
@@ -218,7 +217,7 @@ def evaluate_niah(model, tokenizer, samples, max_len: int | None = None, segment
             "ranking_accuracy": mean_over_scored(scored, "ranking_correct"), "n": len(records),
             "n_scored": len(scored), "n_truncated": sum(r["truncated"] for r in records),
             "n_skipped": len(records) - len(scored), "seconds": time.time() - started, "records": records,
-            "note": long_stream_note(model, max((r["n_input_tokens"] for r in scored), default=0))}
+            "note": longest_input_note(model, scored)}
 
 
 def _by_depth(records) -> dict:
@@ -227,6 +226,15 @@ def _by_depth(records) -> dict:
         if not r.get("skipped"):
             groups.setdefault(str(r["depth"]), []).append(r["correct"])
     return {depth: sum(v) / len(v) for depth, v in sorted(groups.items(), key=lambda kv: float(kv[0]))}
+
+
+def tabulate_cell(tables: dict, task: str, length: str, r: dict) -> None:
+    """Put one evaluate_niah result `r` in a results file's accuracy, ranking_accuracy and
+    counts tables, under its task and length label (eval.niah's niah.json, eval.run's section)."""
+    tables["accuracy"].setdefault(task, {})[length] = r["accuracy"]
+    tables["ranking_accuracy"].setdefault(task, {})[length] = r["ranking_accuracy"]
+    tables["counts"].setdefault(task, {})[length] = {k: r[k] for k in ("n", "n_scored", "n_truncated", "n_skipped",
+                                                                       "seconds")}
 
 
 def score_descriptions(n_distractors: int) -> dict:
@@ -264,11 +272,8 @@ def run(args) -> dict:
         r = evaluate_niah(model, tokenizer, samples, max_len=max_len, segment_len=args.segment_len, device=device,
                           max_new_tokens=args.max_new_tokens, overflow=args.overflow)
         per_cell.append(r)
-        results["accuracy"].setdefault(task, {})[length] = r["accuracy"]
-        results["ranking_accuracy"].setdefault(task, {})[length] = r["ranking_accuracy"]
+        tabulate_cell(results, task, length, r)
         results["by_depth"].setdefault(task, {})[length] = _by_depth(r["records"])
-        results["counts"].setdefault(task, {})[length] = {k: r[k] for k in ("n", "n_scored", "n_truncated",
-                                                                            "n_skipped", "seconds")}
         print(f"{task} {length:>6}  accuracy {format_accuracy(r['accuracy'])}  "
               f"ranking {format_accuracy(r['ranking_accuracy'])}  "
               f"(n={r['n_scored']}, truncated {r['n_truncated']}, skipped {r['n_skipped']})")

@@ -97,10 +97,10 @@ def perplexity_section(model, tokenizer, settings, seq_len, device, data_dir=Non
     else:
         out["val"] = {"skipped": why_no_dataset}
     root = data_dir or _data_dir()
-    wikitext = os.path.join(root, ppl.WIKITEXT_FILE) if root else None
+    wikitext_path = os.path.join(root, ppl.WIKITEXT_FILE) if root else None
     lambada_path = os.path.join(root, ppl.LAMBADA_FILE) if root else None
-    if wikitext and os.path.isfile(wikitext):
-        out["wikitext"] = ppl.wikitext_word_perplexity(model, tokenizer, wikitext, seq_len, device=device,
+    if wikitext_path and os.path.isfile(wikitext_path):
+        out["wikitext"] = ppl.wikitext_word_perplexity(model, tokenizer, wikitext_path, seq_len, device=device,
                                                        limit_docs=settings["wikitext_docs"],
                                                        batch_size=settings["batch_size"])
     else:
@@ -149,11 +149,7 @@ def niah_section(model, tokenizer, settings, seq_len, device, data_dir=None, gpt
                                    segment_len=settings["segment_len"], device=device,
                                    max_new_tokens=settings["max_new_tokens"])
             per_cell.append(r)
-            task_name = niah.parse_task(task)
-            out["accuracy"].setdefault(task_name, {})[length] = r["accuracy"]
-            out["ranking_accuracy"].setdefault(task_name, {})[length] = r["ranking_accuracy"]
-            out["counts"].setdefault(task_name, {})[length] = {k: r[k] for k in ("n", "n_scored", "n_truncated",
-                                                                                 "n_skipped", "seconds")}
+            niah.tabulate_cell(out, niah.parse_task(task), length, r)
     out["notes"] = notes_of(per_cell)
     return out
 
@@ -256,17 +252,20 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
         raise ValueError(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
     check_data_dir(data_dir)
     check_output_dir(out_dir)
-    earlier = earlier_results(out_dir, checkpoint, suite)    # refused now, before anything is computed
+    # resolved once: an out_dir names its latest step, which training may move on, so the step
+    # compared with the earlier results, loaded and recorded is one and the same
+    resolved = resolve_checkpoint_arg(checkpoint)
+    earlier = earlier_results(out_dir, checkpoint, suite, resolved)    # refused now, before anything is computed
     settings = SUITES[suite]
     read_section_data(sections, settings, data_dir)
-    model, cfg, tokenizer, device = load_checkpoint(checkpoint, device)
+    model, cfg, tokenizer, device = load_checkpoint(resolved, device)
     seq_len = cfg.train.seq_len
     os.makedirs(out_dir, exist_ok=True)
     results = {"suite": suite, "checkpoint": os.path.abspath(checkpoint),
-               "checkpoint_dir": checkpoint_dir(checkpoint), "arch": cfg.model.arch,
+               "checkpoint_dir": os.path.abspath(resolved), "arch": cfg.model.arch,
                "tokenizer": cfg.data.tokenizer, "context": seq_len, "device": str(device),
                "settings": {s: settings[s] for s in sections}, "seconds": {}}
-    gpt2 = None
+    gpt2 = None         # GPT-2 BPE, the unit of BABILong and S-NIAH lengths: loaded once, by the first of them
     for section in sections:
         started = time.time()
         try:
@@ -290,8 +289,8 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
             results[section] = {"skipped": str(e)}
         results["seconds"][section] = time.time() - started
         if log:
-            state = "skipped: " + results[section]["skipped"] if "skipped" in results[section] else "done"
-            log(f"{section}: {state} ({results['seconds'][section]:.0f}s)")
+            outcome = "skipped: " + results[section]["skipped"] if "skipped" in results[section] else "done"
+            log(f"{section}: {outcome} ({results['seconds'][section]:.0f}s)")
             for note in results[section].get("notes", []):
                 log(f"note: {note}")
     if earlier is not None:
@@ -304,21 +303,25 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
     return results
 
 
-def checkpoint_dir(checkpoint: str) -> str:
-    """The checkpoint a --checkpoint names now: its step folder (an out_dir names its latest),
-    or the exported file (as given where it names none: loading it then says why)."""
+def resolve_checkpoint_arg(checkpoint: str) -> str:
+    """The checkpoint a --checkpoint names now: its step folder (an out_dir names its latest)
+    or the exported file; the path as given where it names none, so that loading it fails
+    with the error that names what was typed."""
     from checkpoint import resolve_checkpoint
+    if os.path.isfile(checkpoint):
+        return checkpoint
     try:
-        return os.path.abspath(checkpoint if os.path.isfile(checkpoint) else resolve_checkpoint(checkpoint))
+        return resolve_checkpoint(checkpoint)
     except (OSError, ValueError):
-        return os.path.abspath(checkpoint)
+        return checkpoint
 
 
-def earlier_results(out_dir: str, checkpoint: str, suite: str) -> dict | None:
+def earlier_results(out_dir: str, checkpoint: str, suite: str, resolved: str) -> dict | None:
     """The results.json that an earlier run_suite wrote in out_dir, for this run's sections to
-    be added to (merge_results), or None when there is none. One that cannot be read, or that
-    holds another checkpoint's or suite's numbers, is a ValueError: the two cannot be merged,
-    and overwriting it would lose them."""
+    be added to (merge_results), or None when there is none. `resolved` is
+    resolve_checkpoint_arg(checkpoint). One that cannot be read, or that holds another
+    checkpoint's or suite's numbers, is a ValueError: the two cannot be merged, and
+    overwriting it would lose them."""
     path = os.path.join(out_dir, "results.json")
     if not os.path.lexists(path):
         return None
@@ -334,7 +337,7 @@ def earlier_results(out_dir: str, checkpoint: str, suite: str) -> dict | None:
         raise not_ours
     this_run = {"checkpoint": os.path.abspath(checkpoint), "suite": suite}
     if "checkpoint_dir" in earlier:     # an out_dir names its latest step: training may have moved on
-        this_run["checkpoint_dir"] = checkpoint_dir(checkpoint)
+        this_run["checkpoint_dir"] = os.path.abspath(resolved)
     for key, value in this_run.items():
         if earlier.get(key) != value:
             raise ValueError(f"--out {out_dir} holds the results of {key} {earlier.get(key)}, not {value}: "

@@ -451,3 +451,26 @@ def test_long_stream_note_where_the_memories_amplify_rounding():
     needle = {"task": "niah_single_1", "length": 1024, "depth": 0.0, "key": "k", "value": "7",
               "input": "x" * 1100, "answer_prefix": " The number is"}
     assert niah.evaluate_niah(hope, tok, [needle], max_new_tokens=1, segment_len=512)["note"] is not None
+
+
+def test_the_note_names_the_longest_input_read():
+    """eval.babilong.evaluate and eval.niah.evaluate_niah note the longest input they read
+    (eval.common.longest_input_note): the most n_input_tokens of the scored records, in any
+    order, and none when nothing was read; an input skipped as too long for max_len does not
+    count. Kills a note from the first or last record's length, or from a skipped one."""
+    from data.tokenizer import ByteTokenizer
+    from eval import niah
+    from eval.common import longest_input_note
+    from model import build_model
+    hope = build_model({"vocab_size": 256, "n_layer": 1, "n_head": 2, "d_model": 16, "arch": "hope"})
+    records = [{"n_input_tokens": 1100}, {"n_input_tokens": 2000}, {"n_input_tokens": 1500}]
+    assert longest_input_note(hope, records).startswith("inputs of up to 2000 tokens with ")
+    assert longest_input_note(hope, []) is None
+    tok = ByteTokenizer()
+    needle = {"task": "niah_single_1", "length": 1024, "depth": 0.0, "key": "k", "value": "7",
+              "answer_prefix": " The number is"}
+    long, read = {**needle, "input": "x" * 1100}, {**needle, "input": "x" * 1030}
+    n_read = len(tok.encode(read["input"] + read["answer_prefix"]))
+    r = niah.evaluate_niah(hope, tok, [long, read], max_len=n_read + 1, max_new_tokens=1, segment_len=512,
+                           overflow="skip", streaming=False)
+    assert r["n_skipped"] == 1 and r["note"].startswith(f"inputs of up to {n_read} tokens with ")

@@ -286,10 +286,53 @@ def test_sections_run_again_replace_theirs_and_keep_the_others(tmp_path, monkeyp
     assert results["babilong"]["source"] == "run 0.75" and results["continual"]["tag"] == 0.25
     # an out_dir as --checkpoint names its latest step: once training has moved on, its results
     # are another checkpoint's (they were merged with the older step's)
-    monkeypatch.setattr(run, "checkpoint_dir", lambda checkpoint: "/runs/x/checkpoints/step_000200")
+    monkeypatch.setattr(run, "resolve_checkpoint_arg", lambda checkpoint: "/runs/x/checkpoints/step_000200")
     with pytest.raises(SystemExit):
         run.main(["--checkpoint", "ckpt", "--out", out, "--device", "cpu", "--sections", "niah"])
     assert json.load(open(os.path.join(out, "results.json"))) == results
+
+
+def test_the_step_loaded_is_the_step_recorded(tmp_path, monkeypatch):
+    """An out_dir as --checkpoint is resolved to its latest step once: that step is loaded and
+    recorded as checkpoint_dir, even when training saves a newer one while the suite loads.
+    Kills resolving the out_dir again after loading (results naming a step never scored)."""
+    import checkpoint
+    from cli import LATEST, TRAINER_STATE
+    run = _stub_suite(monkeypatch, 0.25)
+    root = tmp_path / "train" / "checkpoints"
+    for step in ("step_000002", "step_000004"):
+        (root / step).mkdir(parents=True)
+        (root / step / TRAINER_STATE).write_text("")
+    (root / LATEST).write_text("step_000002\n")
+    stub_model, cfg, _, _ = run.load_checkpoint("stub")
+    loaded, resolutions = [], []
+
+    def load_while_training_saves(path, device):
+        loaded.append(path)
+        (root / LATEST).write_text("step_000004\n")       # training moves on meanwhile
+        return stub_model, cfg, None, "cpu"
+
+    def counted(path, resolve=checkpoint.resolve_checkpoint):
+        resolutions.append(path)
+        return resolve(path)
+    monkeypatch.setattr(run, "load_checkpoint", load_while_training_saves)
+    monkeypatch.setattr(checkpoint, "resolve_checkpoint", counted)
+    results = run.run_suite(str(tmp_path / "train"), "quick", str(tmp_path / "eval"), sections=["perplexity"],
+                            log=None)
+    assert loaded == [str(root / "step_000002")] and resolutions == [str(tmp_path / "train")]
+    assert results["checkpoint_dir"] == str(root / "step_000002")
+    assert results["checkpoint"] == str(tmp_path / "train")
+
+
+def test_a_checkpoint_that_names_none_is_loaded_as_given(tmp_path, monkeypatch, capsys):
+    """A --checkpoint that resolves to no checkpoint is handed to load_checkpoint as given, so
+    its error names the path as typed (a relative one stays relative)."""
+    import eval.run as run
+    monkeypatch.setattr(run, "read_section_data", lambda *a, **kw: None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--checkpoint", "no_such_ckpt", "--out", "eval"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: checkpoint no_such_ckpt not found\n"
 
 
 @pytest.mark.parametrize("earlier, message", [

@@ -258,9 +258,10 @@ def test_attention_model_skips_prompts_over_its_context_and_counts_them():
 
 
 def test_noise_haystack_fills_its_budget_exactly_when_sentences_allow():
-    """The noise haystack takes RULER's sentences in turn while they fit, up to and including
-    the token budget: a budget of exactly three sentences gets three. Kills stopping short of
-    a sentence that would end exactly on the budget."""
+    """The noise haystack takes RULER's sentences in turn, from the first again after the last,
+    while they fit, up to and including the token budget: a budget of exactly three sentences
+    gets three. Kills stopping short of a sentence that would end exactly on the budget, or
+    not starting the sentences over."""
     import random
 
     from eval.niah import NOISE_SENTENCES, _haystack_sentences
@@ -271,6 +272,13 @@ def test_noise_haystack_fills_its_budget_exactly_when_sentences_allow():
     lengths = [len(s.split()) for s in NOISE_SENTENCES[:3]]
     haystack = _haystack_sentences("noise", None, random.Random(0), WordTokens(), sum(lengths))
     assert haystack == list(zip(NOISE_SENTENCES[:3], lengths))
+    # past the last sentence it starts again from the first, and one token short of a whole
+    # sentence leaves it out
+    lengths = [len(s.split()) for s in NOISE_SENTENCES + NOISE_SENTENCES[:2]]
+    haystack = _haystack_sentences("noise", None, random.Random(0), WordTokens(),
+                                   sum(lengths) + len(NOISE_SENTENCES[2].split()) - 1)
+    assert haystack == list(zip(NOISE_SENTENCES + NOISE_SENTENCES[:2], lengths))
+    assert _haystack_sentences("noise", None, random.Random(0), WordTokens(), lengths[0] - 1) == []
 
 
 def test_prompt_answer_prefix_and_needle_are_rulers():
