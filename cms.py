@@ -126,14 +126,14 @@ class CMSLevel(nn.Module):
     def is_fast(self):
         return self.chunk_size is not None
 
-    def initial_state(self, batch_size):
+    def initial_state(self, batch_size, pos=0):
         """Fast weights at the start of a sequence: theta_0 for every sequence (differentiable).
         They are float32 at least, also in a bf16 model (docs/FIDELITY.md "Fast weights in
         float32"): an update lr_l * G is far below bf16's resolution of the weights."""
         dtype = torch.promote_types(self.w_in.weight.dtype, torch.float32)
         return {"w_in": self.w_in.weight.to(dtype).expand(batch_size, -1, -1),
                 "w_out": self.w_out.weight.to(dtype).expand(batch_size, -1, -1),
-                "grad_in": None, "grad_out": None, "pos": 0}
+                "grad_in": None, "grad_out": None, "pos": pos}
 
     def uses_fused_kernel(self):
         return self.is_fast and self.fused_kernel_blocker() is None
@@ -186,14 +186,14 @@ class CMSLevel(nn.Module):
         update = 2 * 2 * hidden * D                                        # per chunk
         return (FWD_BWD if backward else 1) * (gradient + update) // C
 
-    def forward(self, z, state=None):
+    def forward(self, z, state=None, pos=0):
         """z [B, T, D] -> (MLP output [B, T, D] to add to z, new level state or None)."""
         a = self.norm(z)
         if not self.is_fast:
             return self.w_out(activation_fns(self.activation)[0](self.w_in(a))), None
         B = z.shape[0]
         if state is None:
-            state = self.initial_state(B)
+            state = self.initial_state(B, pos)
         elif state["w_in"].shape[0] != B:
             raise ValueError(f"CMS state holds fast weights for batch size {state['w_in'].shape[0]}, "
                              f"but the input has batch size {B}")
@@ -232,8 +232,10 @@ class ContinuumMemory(nn.Module):
         way as its sequence mixer."""
         return sum(level.flops_per_token(backward) for level in self.levels)
 
-    def forward(self, h, state=None):
-        """h [B, T, D] (already normed by the block) -> (z_k - h [B, T, D], new state)."""
+    def forward(self, h, state=None, pos=0):
+        """h [B, T, D] (already normed by the block) -> (z_k - h [B, T, D], new state). `pos`
+        is the first token's absolute position, read only without a state (a fresh one's
+        chunks align to absolute positions); a state carries its own."""
         if h.dim() != 3:
             raise ValueError(f"ContinuumMemory expects [B, T, D] inputs, got shape {tuple(h.shape)}")
         level_states = [None] * len(self.levels) if state is None else state["levels"]
@@ -243,7 +245,7 @@ class ContinuumMemory(nn.Module):
         # lose the small outputs to rounding in bf16.
         z, out, new_states = h, None, []
         for level, level_state in zip(self.levels, level_states):
-            y, level_state = level(z, level_state)
+            y, level_state = level(z, level_state, pos)
             z = z + y                                              # NL Eq. 70: the next level reads this one
             out = y if out is None else out + y
             new_states.append(level_state)

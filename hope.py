@@ -241,10 +241,10 @@ class SelfModifyingTitans(nn.Module):
         B, T, _ = x.shape
         if T == 0:
             raise ValueError("SelfModifyingTitans needs at least one token")
-        if state is None:
+        if state is None:           # fresh memories whose chunks align to absolute positions from pos
             state = {"conv": None, "pos": pos,
-                     "projections": None if self.projections is None else self.projections.initial_state(B),
-                     "memory": self.memory.initial_state(B)}
+                     "projections": None if self.projections is None else self.projections.initial_state(B, pos),
+                     "memory": self.memory.initial_state(B, pos)}
         elif state["pos"] != pos:
             raise ValueError(f"HOPE state is at position {state['pos']} but the input starts at {pos}")
         elif state["memory"]["weights"][0].shape[0] != B:

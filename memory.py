@@ -29,9 +29,11 @@ chunks of C tokens, and for each token t of the chunk that starts at B(t) = C*fl
                     = kernels.delta_rule with eta = 0
   3. readout after the write, per token: y_t = M_t(q_t), layer by layer from the scans'
      outputs (the W_in scan reads q_t, the W_out scan reads s(W_in,t q_t); then + q_t).
-The scans' final states are the next chunk's W_B. With C = 1 this is the exact online
-learner; a larger C only moves the point where gradients are taken. Outer gradients flow
-through everything: writes, gates, targets and the meta-learned initial weights.
+The scans' final states are the next chunk's W_B. With C = 1 this is the online learner
+that reads after its write (Titans' convention; NL's HOPE equations read before it:
+docs/FIDELITY.md HOPE choice 7); a larger C only moves the point where gradients are
+taken. Outer gradients flow through everything: writes, gates, targets and the
+meta-learned initial weights.
 
 API (all tensors per head; q, k, v [B, T, H, d]; gates lr, alpha, beta [B, T, H]):
 
@@ -254,14 +256,15 @@ class NeuralMemory(nn.Module):
     def _dtype(self):
         return torch.promote_types(self.init_weights[0].dtype, torch.float32)
 
-    def initial_state(self, batch_size: int) -> dict:
-        """Fresh per-sequence state: every sequence's fast weights = the meta parameters."""
+    def initial_state(self, batch_size: int, pos: int = 0) -> dict:
+        """Fresh per-sequence state: every sequence's fast weights = the meta parameters, the
+        first token at absolute position `pos` (chunks align to absolute positions)."""
         dtype = self._dtype()
         weights = [w.to(dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.init_weights]
         momenta = None
         if self.update_rule == "momentum":
             momenta = [w.new_zeros(w.shape) for w in weights]
-        return {"weights": weights, "chunk_start": list(weights), "momenta": momenta, "pos": 0}
+        return {"weights": weights, "chunk_start": list(weights), "momenta": momenta, "pos": pos}
 
     # ------------------------------------------------------------------------------------
     # the memory as a function of given weights

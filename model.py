@@ -108,7 +108,7 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(hidden, dim, bias=False)
         self.w_down.is_residual_proj = True
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, pos=0):        # stateless: (y, None) at any position
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)), None
 
 
@@ -223,7 +223,7 @@ class Block(nn.Module):
         state = state or {}
         h, mixer_state = self.mixer(self.mixer_norm(x), state.get("mixer"), pos=pos)
         x = x + h
-        h, ffn_state = self.ffn(self.ffn_norm(x), state.get("ffn"))
+        h, ffn_state = self.ffn(self.ffn_norm(x), state.get("ffn"), pos=pos)
         return x + h, {"mixer": mixer_state, "ffn": ffn_state}
 
 

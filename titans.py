@@ -97,8 +97,8 @@ class LongTermMemory(nn.Module):
             for row, name in enumerate(("theta", "beta", "forget")):
                 bias[row].fill_(self.GATE_BIAS[name])
 
-    def initial_state(self, batch_size):
-        return {"conv": [None, None, None], "memory": self.memory.initial_state(batch_size), "spent": None}
+    def initial_state(self, batch_size, pos=0):
+        return {"conv": [None, None, None], "memory": self.memory.initial_state(batch_size, pos), "spent": None}
 
     def _heads(self, x):
         return x.view(*x.shape[:2], self.n_head, self.head_dim)
@@ -121,8 +121,8 @@ class LongTermMemory(nn.Module):
         alpha = torch.sigmoid(-logits[:, :, 2]) if self.use_forget else torch.ones_like(theta)
         return theta, alpha, beta
 
-    def forward(self, x, state=None):
-        state = self.initial_state(x.shape[0]) if state is None else state
+    def forward(self, x, state=None, pos=0):
+        state = self.initial_state(x.shape[0], pos) if state is None else state
         q, conv_q = self.queries(x, state["conv"][0])
         k, conv_k = self.conv_k(self.wk(x), state["conv"][1])
         v, conv_v = self.conv_v(self.wv(x), state["conv"][2])
@@ -232,7 +232,7 @@ class TitansLMM(nn.Module):
         self.wo.is_residual_proj = True
 
     def forward(self, x, state=None, pos=0):
-        y, state = self.memory(x, state)
+        y, state = self.memory(x, state, pos)
         return self.wo(_flat(self.out_norm(y.to(x.dtype))) * F.silu(self.w_gate(x))), state
 
     def memory_flops_per_token(self, seq_len):
@@ -262,7 +262,7 @@ class TitansMAG(nn.Module):
     def forward(self, x, state=None, pos=0):
         state = state or {"attn": None, "memory": None}
         a, attn_state = self.attn(x, state["attn"], pos)
-        m, memory_state = self.memory(x, state["memory"])
+        m, memory_state = self.memory(x, state["memory"], pos)
         o = self.attn_norm(a) * torch.sigmoid(self.memory_norm(m.to(a.dtype)))
         return self.wo(_flat(o)), {"attn": attn_state, "memory": memory_state}
 
@@ -330,7 +330,7 @@ class TitansMAC(nn.Module):
             if pos % self.segment_size:     # no segment-start weights to read h with
                 raise ValueError(f"TitansMAC: a call without state starts a sequence, so pos must "
                                  f"start a segment (a multiple of {self.segment_size}), got {pos}")
-            state = {"memory": self.memory.initial_state(B), "query_conv": None,
+            state = {"memory": self.memory.initial_state(B, pos), "query_conv": None,
                      "segment_weights": None, "cache": None}
         memory_state, query_conv = state["memory"], state["query_conv"]
         segment_weights, cache = state["segment_weights"], state["cache"]

@@ -25,6 +25,20 @@ def make_cms(chunk_sizes, inner_lr=0.05, activation="gelu", seed=0, dtype=torch.
     return cms
 
 
+def test_call_without_state_starts_fresh_levels_at_pos():
+    """A call without state starts fresh fast weights whose chunks align to absolute
+    positions from `pos` (model.Block passes its pos): at a multiple of every level's chunk
+    the output equals the call at 0, one token off it does not; the state continues there."""
+    cms = make_cms([4, 2, None], dtype=torch.float64)
+    z = inputs(T=9, dtype=torch.float64)
+    y0, _ = cms(z, None, pos=0)
+    y8, state = cms(z, None, pos=8)
+    y1, _ = cms(z, None, pos=1)
+    torch.testing.assert_close(y8, y0, rtol=1e-12, atol=1e-12)
+    assert (y1 - y0).abs().max() > 1e-6
+    assert [s["pos"] for s in state["levels"] if s] == [17, 17]
+
+
 def inputs(B=2, T=23, seed=1, dtype=torch.float32):
     torch.manual_seed(seed)
     return torch.randn(B, T, D, dtype=dtype)

@@ -257,6 +257,29 @@ def test_cms_switch_and_hope_attention_blocks():
     assert m.memory_flops_per_token(64) > attention.memory_flops_per_token(64) > 0
 
 
+def test_hope_block_is_mixer_then_cms_with_pre_norm_residuals():
+    """NL Eq. 94-97 as one block, in float64: Block(x) = h + CMS(RMSNorm_2 h) with
+    h = x + SMT(RMSNorm_1 x), the norms written out here (x / sqrt(mean x^2 + eps) * g, with
+    random gains), SMT the token-by-token oracle above and CMS the block's own ffn. T = 13
+    crosses every chunk (C_other 3, C_mem 5, CMS 4). Kills: post-norm, a missing residual,
+    the CMS reading x instead of h, or swapped norms."""
+    block = tiny_model().blocks[0].double()
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for norm in (block.mixer_norm, block.ffn_norm):
+            norm.weight.copy_(0.5 + torch.rand(16, generator=g, dtype=torch.float64))
+    x = torch.randn(2, 13, 16, generator=g, dtype=torch.float64)
+
+    def rms_norm(z, norm):
+        return z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+    y, _ = block(x)                                  # (the oracle's inner gradients use autograd)
+    h = x + oracle(block.mixer, rms_norm(x, block.mixer_norm))
+    expected = h + block.ffn(rms_norm(h, block.ffn_norm))[0]
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    assert (expected - h).abs().max() > 1e-3 and (h - x).abs().max() > 1e-3      # both terms count
+
+
 # ----------------------------------------------------------------------------------------
 # configs and errors
 
@@ -285,6 +308,21 @@ def test_bad_config_and_inputs_raise_clear_errors():
         mixer(torch.zeros(2, 1, 8, dtype=torch.float64), state, pos=3)
     with pytest.raises(ValueError, match="batch size"):
         mixer(torch.zeros(3, 1, 8, dtype=torch.float64), state, pos=5)
+
+
+def test_call_without_state_starts_fresh_memories_at_pos():
+    """A call without state starts fresh memories whose chunks align to absolute positions
+    from `pos`: at a common multiple of C_other and C_mem (here 4) the output equals the call
+    at 0 (HOPE has no positional encoding), one token off a boundary it does not, and the
+    state continues from pos + T."""
+    mixer = make_mixer(chunk_other=2, chunk_mem=4)
+    x = torch.randn(1, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y0, _ = mixer(x, None, pos=0)
+    y8, state = mixer(x, None, pos=8)
+    y1, _ = mixer(x, None, pos=1)
+    torch.testing.assert_close(y8, y0, rtol=1e-12, atol=1e-12)
+    assert (y1 - y0).abs().max() > 1e-6
+    assert state["pos"] == state["memory"]["pos"] == state["projections"]["pos"] == 15
 
 
 # ----------------------------------------------------------------------------------------

@@ -404,3 +404,33 @@ def test_meta_init_weights_are_normal_with_variance_one_over_fan_in():
         for w, fan_in in zip(mem.init_weights, fan_ins):
             assert abs(w.std().item() * fan_in ** 0.5 - 1) < 0.05, (depth, w.shape)
             assert abs(w.mean().item()) < 0.01
+
+
+@pytest.mark.parametrize("rule", ["dgd", "gd"])
+def test_one_linear_write_moves_the_key_read_by_the_closed_form(rule):
+    """docs/FIDELITY.md HOPE choice 4: one write of (k, v) on a linear memory (l = ||W k - v||^2,
+    gradient not halved) gives, read at the same key,
+        DGD: M'(k) = (alpha - 3c) M(k) + 2c v,   c = eta' ||k||^2, eta' = lr / (1 + lr ||k||^2)
+        GD:  M'(k) = (alpha - 2c) M(k) + 2c v,   c = lr ||k||^2   (the "w/o DGD" ablation)
+    Keys of norm 1.3 and lr up to 1 keep eta' apart from lr / (1 + lr) and lr. Both the
+    readout after the write (q = k) and the final weights are checked. Kills: a halved
+    gradient (2c -> c), eta' = lr in DGD, a missing or doubled erase term, retention on
+    the write."""
+    mem = make_memory(rule, 1, 1)
+    g = torch.Generator().manual_seed(5)
+    k = 1.3 * F.normalize(torch.randn(B, 1, H, D, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, 1, H, D, generator=g, dtype=torch.float64)
+    lr = 0.2 + 0.8 * torch.rand(B, 1, H, generator=g, dtype=torch.float64)
+    alpha = 0.6 + 0.4 * torch.rand(B, 1, H, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = mem(k, k, v, lr, alpha)
+        before = torch.einsum("hoi,bhi->bho", mem.init_weights[0], k[:, 0])          # M(k)
+    norm2 = k[:, 0].pow(2).sum(-1)                                                    # [B, H]
+    step = lr[:, 0] / (1 + lr[:, 0] * norm2) if rule == "dgd" else lr[:, 0]
+    c = (step * norm2).unsqueeze(-1)
+    erase = 3 if rule == "dgd" else 2
+    expected = (alpha[:, 0].unsqueeze(-1) - erase * c) * before + 2 * c * v[:, 0]
+    torch.testing.assert_close(y[:, 0], expected, rtol=1e-12, atol=1e-12)
+    after = torch.einsum("bhoi,bhi->bho", state["weights"][0], k[:, 0])
+    torch.testing.assert_close(after, expected, rtol=1e-12, atol=1e-12)
+    assert (expected - before).abs().max() > 0.1                                      # a real step

@@ -161,6 +161,26 @@ def test_bad_titans_settings_raise_clear_errors():
             load_config(None, ["--model.arch=titans", f"--model.titans.step_budget={bad}"])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_call_without_state_starts_a_fresh_memory_at_pos(variant):
+    """A call without state starts a fresh memory whose chunks align to absolute positions
+    from `pos` (MAC: pos must start a segment): the long-term memory's readouts at a chunk
+    multiple (8, chunk 4) equal those at 0, one token off they do not (the memory branch has
+    no positional encoding; the attention's RoPE does move); the state continues at pos + T."""
+    mixer = tiny(variant).blocks[0].mixer
+    x = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(2))
+    if variant == "mac":
+        with pytest.raises(ValueError, match="must start a segment"):
+            mixer(x, None, pos=3)
+    memory = mixer.lmm.memory if variant == "mal" else mixer.memory
+    reads = {pos: memory(x, None, pos)[0] for pos in (0, 1, 8)}
+    torch.testing.assert_close(reads[8], reads[0])
+    assert (reads[1] - reads[0]).abs().max() > 1e-6
+    _, state = mixer(x, None, pos=8)
+    memory_state = {"lmm": lambda: state, "mal": lambda: state["lmm"]}.get(variant, lambda: state["memory"])()
+    assert memory_state["memory"]["pos"] == 13
+
+
 # ----------------------------------------------------------------------------------------
 # a float64 reference of the mixers, written from the equations (Titans §3-4, docs/FIDELITY.md)
 
