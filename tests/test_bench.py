@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from bench import hope_cpu, kernels_cpu, step, titans_cpu
+from bench import hope_cpu, init_grads, kernels_cpu, step, titans_cpu
 from bench.common import machine
 
 
@@ -31,6 +31,16 @@ BAD_FLAGS = [
     (titans_cpu.main, ["--threads", "1.5"], "argument --threads: expected an integer >= 1, got '1.5'"),
     (titans_cpu.main, ["--step-budget", "0"], "argument --step-budget: must be > 0, got 0"),
     (kernels_cpu.main, ["--ref-repeats", "0"], "argument --ref-repeats: must be >= 1, got 0"),
+    (init_grads.main, ["configs/transformer_tiny.yaml", "--seq-lens", "128,0"],
+     "argument --seq-lens: expected a comma list of integers >= 1, got '128,0'"),
+    (init_grads.main, ["configs/transformer_tiny.yaml", "--seq-lens", "8,x"],
+     "argument --seq-lens: expected a comma list of integers >= 1, got '8,x'"),
+    (init_grads.main, ["configs/transformer_tiny.yaml", "--seq-lens", ","],
+     "argument --seq-lens: expected a comma list of integers >= 1, got ','"),
+    (init_grads.main, ["configs/transformer_tiny.yaml", "--vocab", "-1"], "argument --vocab: must be >= 0, got -1"),
+    (init_grads.main, ["configs/transformer_tiny.yaml", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (init_grads.main, ["configs/transformer_tiny.yaml", "--dtype", "bf16"],
+     "argument --dtype: invalid choice: 'bf16' (choose from 'fp32', 'fp64')"),
     (_kernels_main, ["--T", "16", "-3"], "argument --T: must be >= 1, got -3"),
     (_kernels_main, ["--mem-chunk", "0"], "argument --mem-chunk: must be >= 1, got 0"),
     (_kernels_main, ["--repeats", "x"], "argument --repeats: expected an integer >= 1, got 'x'"),
@@ -161,6 +171,24 @@ def test_titans_cpu_tiny_run(capsys):
     _footer_ok(out, "titans_cpu.py", argv)
 
 
+def test_init_grads_tiny_run(capsys):
+    """bench/init_grads.py: a row per config and length (loss, gradient norm, the three largest
+    parameters), then the footer; the numbers repeat with the same seed."""
+    argv = ["configs/titans_lmm_tiny.yaml", "configs/transformer_tiny.yaml", "--seq-lens", "8", "--vocab", "61"]
+    assert init_grads.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^(\w+)\.yaml +8 +([\d.]+) +([\d.]+)  (\S+ [\d.]+), (\S+ [\d.]+), (\S+ [\d.]+)$", out, re.M)
+    assert [r[0] for r in rows] == ["titans_lmm_tiny", "transformer_tiny"], out
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows), rows
+    _footer_ok(out, "init_grads.py", argv)
+    assert "settings: seed 0, vocabulary 61, fp32 eager" in out
+    from config import load_config
+    cfg = load_config("configs/transformer_tiny.yaml", ["--model.vocab_size=61"])
+    loss, total, norms = init_grads.init_grads(cfg, 8)
+    assert f"{loss:.3f}" == rows[1][1] and f"{total:.3g}" == rows[1][2]
+    assert abs(total - sum(v * v for v in norms.values()) ** 0.5) < 1e-9
+
+
 def test_kernels_cpu_tiny_run(capsys):
     """T = 11 is not a multiple of the chunk (4): the chunked scans still match the reference."""
     argv = ["--T", "11", "--H", "1", "--d", "4", "--chunk", "4", "--repeats", "1", "--ref-repeats", "1"]
@@ -191,6 +219,18 @@ def test_step_bench_device_cuda_without_cuda_is_one_line(capsys):
     assert captured.out == ""
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["configs/transformer_tiny.yaml", "configs/no_such.yaml"], "config file not found: configs/no_such.yaml"),
+    (["configs/transformer_tiny.yaml", "--model.d_modl=8"], "unknown config key 'model.d_modl'"),
+])
+def test_init_grads_bad_config_is_one_line(argv, message, capsys):
+    """Every config is read before any is measured: nothing printed but the one line."""
+    assert init_grads.main(argv + ["--seq-lens", "8"]) == 2
+    captured = capsys.readouterr()
+    _one_line(captured.err, message)
+    assert captured.out == ""
+
+
 @pytest.fixture
 def unbuildable(monkeypatch):
     """model.build_model raising the ValueError of a config it cannot build (as the memory
@@ -215,6 +255,13 @@ def test_saved_memory_bench_model_construction_error_names_the_config(unbuildabl
     captured = capsys.readouterr()
     _one_line(captured.err, "configs/transformer_tiny.yaml: memory chunk sizes")
     assert captured.out == ""                       # no config measured before the check
+
+
+def test_init_grads_model_construction_error_names_the_config(unbuildable, capsys):
+    assert init_grads.main(["configs/transformer_tiny.yaml", "configs/hope_tiny.yaml", "--seq-lens", "8"]) == 2
+    captured = capsys.readouterr()
+    _one_line(captured.err, "configs/transformer_tiny.yaml: memory chunk sizes")
+    assert captured.out == ""
 
 
 def test_hope_and_titans_cpu_model_construction_errors_are_one_line(monkeypatch, unbuildable, capsys):
