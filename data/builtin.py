@@ -46,9 +46,30 @@ def iter_builtin_documents():
 
 def old_and_new_testaments() -> tuple[list[str], list[str]]:
     """The chapters of the Old Testament and those of the New, which starts at Matthew 1: the
-    disjoint train and held-out books of eval.babilong's and eval.continual's KJV text."""
+    disjoint train and held-out books of eval.babilong's KJV backgrounds."""
     chapters = list(iter_builtin_documents())
     first_new = next((i for i, chapter in enumerate(chapters) if chapter.startswith("Matthew 1\n")), None)
     if first_new is None:
         raise ValueError("the built-in corpus has no book 'Matthew': cannot split Old/New Testament")
     return chapters[:first_new], chapters[first_new:]
+
+
+def train_and_validation_chapters(val_fraction: float | None = None, seed: int = 0) -> tuple[list[str], list[str]]:
+    """The chapters that `data.prepare` puts in the train split of the built-in corpus and
+    those it puts in the val split, for val_fraction (None = data.prepare.DEFAULT_VAL_FRACTION,
+    config.py's data.val_fraction) and seed (0: the trainer's recipe). The rule is
+    data.prepare.is_val_document on the index of each non-empty document in reading order,
+    as prepare() numbers them; prepare()'s fallback when no document hashes to val (the last
+    document becomes the val split) is followed too. The defaults give 8 validation chapters
+    (~29.6K characters: Exodus 24, 1 Chronicles 16, Psalms 78, Isaiah 10, Matthew 7,
+    Ephesians 5, Hebrews 5, Revelation 19): the held-out text of eval.continual's builtin
+    domain, never seen in training by a model trained on `dataset: builtin` with the
+    default data.val_fraction."""
+    from data.prepare import DEFAULT_VAL_FRACTION, is_val_document   # lazy: data.prepare imports this module
+    val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+    train, val = [], []
+    for index, chapter in enumerate(c for c in iter_builtin_documents() if c):   # prepare() skips empty documents
+        (val if is_val_document(index, seed, val_fraction) else train).append(chapter)
+    if not val and train:                                                       # prepare()'s held-back document
+        val.append(train.pop())
+    return train, val

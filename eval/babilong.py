@@ -605,6 +605,12 @@ def compare_answers(target: str, output: str, question: str, task_labels) -> boo
     return found == targets
 
 
+def same_answer(label: str | None, target: str) -> bool:
+    """label_ranking's rule: the ranked label is the target, ignoring case and surrounding
+    spaces as compare_answers does (None: no candidate was ranked)."""
+    return label is not None and label.strip().lower() == target.strip().lower()
+
+
 # -----------------------------------------------------------------------------
 # evaluating a model (long inputs: eval.common)
 
@@ -657,7 +663,7 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
             ranked = max(candidates, key=scores.__getitem__, default=None)
             record.update({"output": output, "official_correct": compare_answers(sample["target"], output,
                                                                                  sample["question"], labels),
-                           "label_ranking_prediction": ranked, "label_ranking_correct": ranked == sample["target"],
+                           "label_ranking_prediction": ranked, "label_ranking_correct": same_answer(ranked, sample["target"]),
                            "label_logprobs": scores})
             records.append(record)
     scored = [r for r in records if not r.get("skipped")]
@@ -722,15 +728,25 @@ def _summarise(per_cell: dict) -> dict:
             k: r[k] for k in ("n", "n_scored", "n_truncated", "n_skipped", "mean_input_tokens", "peak_memory_mb",
                               "seconds")}
     lengths = _length_order({length for _, length in per_cell})
-    # the leaderboard number: mean over tasks (qa1-qa5) per length
-    table["mean_over_tasks"] = {}
+    # the leaderboard number: mean over tasks (qa1-qa5) per length, over the tasks with a score
+    # there (a cell with nothing scored, every input skipped, is left out, not counted as 0);
+    # n_tasks_in_mean says how many, and a note names a mean over fewer than all the tasks
+    table["mean_over_tasks"], table["n_tasks_in_mean"] = {}, {}
+    incomplete = []
     for score in ("official", "label_ranking"):
-        means = {}
+        means, counts = {}, {}
         for length in lengths:
             values = [cells[length] for cells in table[score].values() if cells.get(length) is not None]
             means[length] = sum(values) / len(values) if values else None
+            counts[length] = len(values)
+            if len(values) < len(table[score]):
+                incomplete.append(f"{score} {length}: {len(values)} of {len(table[score])}")
         table["mean_over_tasks"][score] = means
+        table["n_tasks_in_mean"][score] = counts
     table["notes"] = notes_of(per_cell.values())
+    if incomplete:
+        table["notes"].append("mean_over_tasks averages only the tasks with a scored sample (the others had every "
+                              "input skipped): " + "; ".join(incomplete))
     return table
 
 

@@ -496,13 +496,17 @@ def _read(paths) -> str:
 
 def domain_text(name: str, data_dir: str | None = None) -> tuple[str, str]:
     """(train text, held-out text) of a built-in domain. Held-out text is disjoint:
-    builtin: KJV Old Testament / New Testament; austen: five novels / Persuasion;
-    shakespeare: the first 90% / the last 10% of tiny-shakespeare; babi: the qa1-qa5
-    train stories / test stories (statements only, one per line)."""
+    builtin: the KJV chapters of the built-in corpus's train split / those of its validation
+    split, as data.prepare makes them with the default recipe (data.val_fraction 0.01, seed 0;
+    data.builtin.train_and_validation_chapters: 8 chapters, ~29.6K characters, ~7.3K GPT-2
+    tokens), so a model trained on `dataset: builtin` is scored on text it never trained on;
+    austen: five novels / Persuasion; shakespeare: the first 90% / the last 10% of
+    tiny-shakespeare; babi: the qa1-qa5 train stories / test stories (statements only, one
+    per line)."""
     if name == "builtin":
-        from data.builtin import old_and_new_testaments
-        old, new = old_and_new_testaments()
-        return "\n".join(old), "\n".join(new)
+        from data.builtin import train_and_validation_chapters
+        train, val = train_and_validation_chapters()
+        return "\n".join(train), "\n".join(val)
     if name == "austen":
         paths = sorted(glob.glob(os.path.join(require_data_dir(data_dir, "the Austen domain", "austen"), "*.txt")))
         held = [p for p in paths if os.path.basename(p) == "persuasion.txt"]
@@ -527,6 +531,24 @@ def domain_text(name: str, data_dir: str | None = None) -> tuple[str, str]:
             return "\n".join(lines)
         return stories("train"), stories("test")
     raise ValueError(f"unknown domain {name!r}; choose from {', '.join(DOMAINS)}")
+
+
+def builtin_overlap_note(cfg, names) -> str | None:
+    """A line for a checkpoint whose config trained on the built-in corpus with another
+    data.val_fraction than the default: the builtin domain's held-out chapters (the default
+    recipe's validation split) may then be in its training split. None when the builtin
+    domain is not run, the checkpoint trained on other data, or with the default fraction."""
+    from data.builtin import train_and_validation_chapters
+    from data.prepare import DEFAULT_VAL_FRACTION
+    data = getattr(cfg, "data", None)
+    if "builtin" not in names or data is None or data.dataset != "builtin" or \
+            data.val_fraction == DEFAULT_VAL_FRACTION:
+        return None
+    held = train_and_validation_chapters()[1]
+    trained = set(train_and_validation_chapters(data.val_fraction)[0])
+    return (f"the checkpoint trained on the built-in corpus with data.val_fraction={data.val_fraction}, not "
+            f"{DEFAULT_VAL_FRACTION}: {sum(c in trained for c in held)} of the builtin domain's {len(held)} "
+            f"held-out chapters (the default recipe's validation split) are in its training split")
 
 
 def load_domains(names, data_dir: str | None = None) -> list[dict]:
@@ -577,6 +599,11 @@ def run_domains(model, tokenizer, domains, settings: DomainSettings | None = Non
         if len(eval_ids[-1]) < settings.seq_len + 1:     # named here, before the first score
             raise ValueError(f"domain {d['name']}: {len(eval_ids[-1])} held-out tokens, fewer than seq_len + 1 = "
                              f"{settings.seq_len + 1} (eval_tokens={settings.eval_tokens})")
+    # held_out_loss scores every token of a domain's ids but the first: eval_tokens, or fewer
+    # when the held-out text is shorter (builtin with GPT-2 tokens: ~7.3K)
+    held_out_tokens = [len(ids) - 1 for ids in eval_ids]
+    notes = [f"domain {d['name']}: its held-out text has {n} tokens, fewer than eval_tokens={settings.eval_tokens}: "
+             f"all of them are scored" for d, n in zip(domains, held_out_tokens) if n < settings.eval_tokens]
     score = (lambda: [held_out_loss(model, ids, settings.seq_len, settings.batch_size, device) for ids in eval_ids])
     started = time.time()
     initial = score()
@@ -596,7 +623,8 @@ def run_domains(model, tokenizer, domains, settings: DomainSettings | None = Non
             log(f"after {d['name']:>12}: " + "  ".join(f"{dd['name']} ppl {math.exp(v):.2f}"
                                                        for dd, v in zip(domains, L[-1])))
     return {"protocol": "sequential-domain language modelling", "domains": [d["name"] for d in domains],
-            "settings": asdict(settings), "loss": L, "perplexity": [[math.exp(v) for v in row] for row in L],
+            "settings": asdict(settings), "held_out_tokens": held_out_tokens, "notes": notes, "loss": L,
+            "perplexity": [[math.exp(v) for v in row] for row in L],
             "initial_loss": initial, "initial_perplexity": [math.exp(v) for v in initial],
             "final_train_loss": train_loss, "skipped_steps": skipped, **domain_metrics(L),
             "seconds": time.time() - started}
@@ -738,7 +766,11 @@ def main(argv=None):
                                       lr=args.lr, train_chars=args.train_chars, eval_tokens=args.eval_tokens,
                                       seed=args.seed)
             results = run_domains(model, tokenizer, domains, settings, device)
+            overlap = builtin_overlap_note(cfg, names)
+            results["notes"] = ([overlap] if overlap else []) + results["notes"]
             results.update(arch=cfg.model.arch, checkpoint=os.path.abspath(args.checkpoint))
+            for note in results["notes"]:
+                print(f"note: {note}")
             plot = plot_domains
         name = f"continual_{args.dataset if args.command == 'intents' else 'domains'}"   # as eval.run names them
         path = write_json(os.path.join(args.out, f"{name}.json"), results)

@@ -155,9 +155,11 @@ def niah_section(model, tokenizer, settings, seq_len, device, data_dir=None, gpt
 
 
 def continual_section(model, tokenizer, settings, seq_len, device, data_dir=None, out_dir=None, arms=None,
-                      domains=True) -> dict:
+                      domains=True, cfg=None) -> dict:
+    """The continual-learning protocols of eval.continual; `cfg` (the checkpoint's config)
+    lets the domains protocol note held-out text the checkpoint may have trained on."""
     from eval import continual as cl
-    out = {"intents": {}}
+    out = {"intents": {}, "notes": []}
     intent_settings = cl.IntentSettings(**settings["intent_settings"], max_len=context_limit(model, seq_len))
     for spec in settings["intents"]:
         tasks = cl.shrink_tasks(cl.intent_tasks(spec["dataset"], data_dir), spec.get("tasks"),
@@ -169,6 +171,9 @@ def continual_section(model, tokenizer, settings, seq_len, device, data_dir=None
     if domains and settings.get("domains"):
         ds = cl.DomainSettings(seq_len=seq_len, **settings["domain_settings"])
         r = cl.run_domains(model, tokenizer, cl.load_domains(settings["domains"], data_dir), ds, device, log=None)
+        overlap = cl.builtin_overlap_note(cfg, settings["domains"]) if cfg is not None else None
+        r["notes"] = ([overlap] if overlap else []) + r["notes"]
+        out["notes"] = r["notes"]                # printed by run_suite, like the other sections' notes
         if out_dir:
             r["plots"] = [os.path.basename(p) for p in cl.plot_domains(r, out_dir)]
         out["domains"] = r
@@ -274,7 +279,7 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
                                                       data_dir, *_training_data(cfg))
             elif section == "continual":
                 results[section] = continual_section(model, tokenizer, settings[section], seq_len, device, data_dir,
-                                                     out_dir)
+                                                     out_dir, cfg=cfg)
             else:
                 if gpt2 is None:
                     from eval.babilong import length_tokenizer

@@ -466,6 +466,40 @@ def test_mean_over_tasks_averages_the_scored_tasks_of_each_length():
     assert table["official"] == {"qa1": {"0k": 0.5, "1k": 1.0}, "qa2": {"0k": 0.0, "1k": None}}
 
 
+def test_mean_over_tasks_says_how_many_tasks_it_averages():
+    """A mean over fewer than all tasks is not silent: n_tasks_in_mean counts the tasks in
+    each mean, and a note names the lengths whose mean leaves tasks out. Kills a 1k mean of
+    one task read as the mean over qa1-qa2."""
+    from eval.babilong import _summarise
+    counts = {"n": 2, "n_scored": 2, "n_truncated": 0, "n_skipped": 0, "mean_input_tokens": 10.0,
+              "peak_memory_mb": None, "seconds": 0.1}
+    per_cell = {("qa1", "0k"): {"official": 0.5, "label_ranking": 1.0, **counts},
+                ("qa2", "0k"): {"official": 0.0, "label_ranking": 0.5, **counts},
+                ("qa1", "1k"): {"official": 1.0, "label_ranking": 0.25, **counts},
+                ("qa2", "1k"): {"official": None, "label_ranking": None, **counts}}
+    table = _summarise(per_cell)
+    assert table["n_tasks_in_mean"] == {"official": {"0k": 2, "1k": 1}, "label_ranking": {"0k": 2, "1k": 1}}
+    assert table["notes"] == ["mean_over_tasks averages only the tasks with a scored sample (the others had every "
+                              "input skipped): official 1k: 1 of 2; label_ranking 1k: 1 of 2"]
+    complete = _summarise({key: r for key, r in per_cell.items() if key[1] == "0k"})
+    assert complete["n_tasks_in_mean"]["official"] == {"0k": 2} and complete["notes"] == []
+
+
+def test_label_ranking_compares_with_the_target_ignoring_case_and_spaces():
+    """The ranked label (TASK_LABELS, lower case) against a target written 'Garden ': right,
+    as compare_answers would judge it. Kills a case-sensitive comparison."""
+    from data.tokenizer import get_tokenizer
+    from eval.babilong import same_answer
+    sample = {"task": "qa3", "input": "Mary took the apple. Mary went to the garden. Mary went to the kitchen.",
+              "question": "Where was the apple before the kitchen?", "target": "Garden "}
+    result = evaluate(RiggedByteModel(": kitchen.garden"), get_tokenizer("bytes"), [sample], streaming=True,
+                      segment_len=64, max_new_tokens=10)
+    record = result["records"][0]
+    assert record["label_ranking_prediction"] == "garden" and record["label_ranking_correct"]
+    assert result["label_ranking"] == 1.0
+    assert not same_answer(None, "garden") and not same_answer("kitchen", "Garden")
+
+
 def test_hide_facts_can_follow_the_last_background_sentence():
     """Each fact goes to one of len(background) + 1 gaps, the last one after all the background
     (NoiseInjectionDataset), facts in order. A stub rng that always draws the last gap puts

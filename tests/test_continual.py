@@ -230,6 +230,67 @@ def test_builtin_domains_have_disjoint_train_and_held_out_text(name):
     assert held[:2000] not in train
 
 
+def test_builtin_domain_holds_out_the_builtin_corpus_validation_chapters():
+    """The builtin domain's held-out text is the built-in corpus's default validation split
+    (data.prepare: is_val_document(index, 0, 0.01)), its train text every other chapter: a
+    model trained on `dataset: builtin` never trained on it. Kills the old New Testament
+    hold-out, which every default training run had trained on."""
+    from data.builtin import iter_builtin_documents
+    from data.prepare import DEFAULT_VAL_FRACTION, is_val_document
+    chapters = list(iter_builtin_documents())
+    expected = [c for i, c in enumerate(chapters) if is_val_document(i, 0, DEFAULT_VAL_FRACTION)]
+    train, held = cl.domain_text("builtin")
+    assert len(expected) == 8 and held == "\n".join(expected)
+    assert train == "\n".join(c for c in chapters if c not in expected)
+    assert not any(c in train for c in expected)
+    assert "Matthew 1\n\n" in train                                     # the New Testament trains too
+
+
+def test_builtin_overlap_note_names_a_checkpoint_trained_with_another_val_fraction():
+    """A checkpoint trained on builtin with a smaller data.val_fraction trained on some of the
+    held-out chapters: a note says how many; the default fraction, other data or no builtin
+    domain: no note. Kills scoring training text silently."""
+    from config import Config, DataConfig
+    assert cl.builtin_overlap_note(Config(), ["builtin", "austen"]) is None
+    assert cl.builtin_overlap_note(Config(data=DataConfig(val_fraction=0.001)), ["austen"]) is None
+    assert cl.builtin_overlap_note(Config(data=DataConfig(dataset="files:x/*.txt", val_fraction=0.001)),
+                                   ["builtin"]) is None
+    note = cl.builtin_overlap_note(Config(data=DataConfig(val_fraction=0.001)), ["builtin"])
+    assert note.startswith("the checkpoint trained on the built-in corpus with data.val_fraction=0.001, not 0.01: ")
+    assert "of the builtin domain's 8 held-out chapters" in note and not note.split(": ")[1].startswith("0 ")
+    assert ": 0 of the builtin domain's 8" in cl.builtin_overlap_note(Config(data=DataConfig(val_fraction=0.05)),
+                                                                      ["builtin"])
+
+
+def test_domains_cli_notes_a_checkpoint_trained_on_builtin_with_another_val_fraction(tmp_path, monkeypatch, capsys):
+    """The CLI prints the overlap note as `note: ...` and records it in the results' notes;
+    it still runs. Kills a note computed but never shown."""
+    from config import Config, DataConfig
+    cfg = Config(data=DataConfig(val_fraction=0.001, tokenizer="bytes"))
+    monkeypatch.setattr(cl, "load_checkpoint", lambda *a: (build_model(TINY), cfg, ByteTokenizer(), "cpu"))
+    out = tmp_path / "out"
+    results = cl.main(["domains", "--domains", "builtin", "--checkpoint", "ckpt", "--out", str(out), "--steps", "0",
+                       "--seq-len", "16", "--eval-tokens", "64", "--train-chars", "2000"])
+    note = cl.builtin_overlap_note(cfg, ["builtin"])
+    assert results["notes"] == [note] and f"note: {note}\n" in capsys.readouterr().out
+    assert json.loads((out / "continual_domains.json").read_text())["notes"] == [note]
+    assert results["held_out_tokens"] == [64]
+
+
+def test_domains_record_held_out_tokens_and_note_a_short_held_out_text():
+    """run_domains records the tokens scored per domain and a note for a held-out text
+    shorter than eval_tokens (builtin with GPT-2: ~7.3K < 16,384)."""
+    rng = random.Random(0)
+    domains = [{"name": "long", "train": "ab" * 200, "eval": "".join(rng.choice("ab") for _ in range(300))},
+               {"name": "short", "train": "cd" * 200, "eval": "cd" * 50}]
+    model = build_model(TINY)
+    r = cl.run_domains(model, ByteTokenizer(), domains, cl.DomainSettings(steps_per_domain=0, seq_len=16,
+                                                                          eval_tokens=200), "cpu", log=None)
+    assert r["held_out_tokens"] == [200, 99]
+    assert r["notes"] == ["domain short: its held-out text has 99 tokens, fewer than eval_tokens=200: "
+                          "all of them are scored"]
+
+
 def test_plots_are_written(tmp_path, tiny_tasks):
     results = {"arms": {"icl": {"R": [[0.5, None], [0.25, 1.0]], "tasks": ["a", "b"]}}}
     paths = cl.plot_intents(results, str(tmp_path))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.builtin import iter_builtin_documents, old_and_new_testaments
+from data.builtin import iter_builtin_documents, old_and_new_testaments, train_and_validation_chapters
 from data.loader import BatchSampler, TokenDataset, iter_eval_batches
 from data.prepare import ensure_prepared, is_val_document, prepare
 from data.prepare import main as prepare_main
@@ -203,6 +203,25 @@ def test_testaments_split_the_builtin_chapters_at_matthew_1():
     old, new = old_and_new_testaments()
     assert (len(old), len(new)) == (929, 260) and old + new == list(iter_builtin_documents())
     assert old[-1].startswith("Malachi 4\n\n") and new[0].startswith("Matthew 1\n\n")
+
+
+def test_train_and_validation_chapters_are_the_prepared_builtin_splits(tmp_path):
+    """eval.continual's builtin domain holds out the chapters that data.prepare puts in the
+    built-in corpus's val split with the trainer's default recipe (val_fraction 0.01, seed 0),
+    and trains on the rest. Kills the old New Testament hold-out (in every default training
+    run) and an index that drifts from prepare()'s numbering of documents."""
+    out = str(tmp_path / "kjv")
+    prepare("builtin", out, "bytes", num_workers=1, quiet=True)       # the default recipe
+    train, val = train_and_validation_chapters()
+    tok = get_tokenizer("bytes")
+    assert _decoded_documents(out, "val", tok) == val and _decoded_documents(out, "train", tok) == train
+    assert [c.split("\n")[0] for c in val] == ["Exodus 24", "1 Chronicles 16", "Psalms 78", "Isaiah 10",
+                                                "Matthew 7", "Ephesians 5", "Hebrews 5", "Revelation 19"]
+    assert not set(train) & set(val) and len(train) + len(val) == 1189
+    # another fraction: prepare's rule on the same index (a larger fraction keeps these 8 in val)
+    train_2, val_2 = train_and_validation_chapters(0.02)
+    chapters = list(iter_builtin_documents())
+    assert val_2 == [c for i, c in enumerate(chapters) if is_val_document(i, 0, 0.02)] and set(val) <= set(val_2)
 
 
 def test_prepare_builtin_gpt2_and_ensure_prepared(tmp_path):

@@ -381,3 +381,22 @@ def test_niah_section_hands_on_the_long_stream_notes(monkeypatch):
                                         "depths": [0.0], "segment_len": 64, "max_new_tokens": 4}, 128, "cpu",
                            gpt2=object())
     assert out["notes"] == ["inputs of up to 2048 tokens with ..."]
+
+
+def test_continual_section_notes_held_out_text_the_checkpoint_trained_on(monkeypatch):
+    """eval.run's continual section carries the domains protocol's notes, and with the
+    checkpoint's config, eval.continual's note for a builtin run of another data.val_fraction
+    (whose training split may hold the builtin domain's held-out chapters)."""
+    import eval.run as run
+    from config import Config, DataConfig
+    from eval import continual as cl
+    from model import build_model
+    monkeypatch.setattr(cl, "load_domains", lambda names, data_dir=None: [{"name": n} for n in names])
+    monkeypatch.setattr(cl, "run_domains", lambda *a, **kw: {"notes": ["domain builtin: short"]})
+    model = build_model({"n_layer": 1, "n_head": 1, "d_model": 8, "vocab_size": 11})
+    settings = {"intents": [], "intent_settings": {}, "domains": ["builtin"], "domain_settings": {}}
+    cfg = Config(data=DataConfig(val_fraction=0.05))
+    out = run.continual_section(model, None, settings, 16, "cpu", cfg=cfg)
+    assert out["notes"] == [cl.builtin_overlap_note(cfg, ["builtin"]), "domain builtin: short"]
+    assert out["notes"][0].startswith("the checkpoint trained on the built-in corpus with data.val_fraction=0.05")
+    assert run.continual_section(model, None, settings, 16, "cpu")["notes"] == ["domain builtin: short"]
