@@ -28,6 +28,7 @@ def _tiny_model():
 def saved_run(tmp_path_factory):
     """A training out_dir as train.py leaves it: a 1-layer byte Transformer after one AdamW
     step (so the optimiser has state), saved at step 2 with train.py's trainer-state keys."""
+    import train
     from checkpoint import RESUME_KEYS, save_checkpoint
     from config import Config, DataConfig, ModelConfig
     out = tmp_path_factory.mktemp("cli_inputs") / "run"
@@ -38,7 +39,7 @@ def saved_run(tmp_path_factory):
     model(torch.randint(0, 257, (1, 9)))[0].float().square().mean().backward()
     opt.step()
     state = {"step": 2, "stats": {"skipped_steps": 0, "tokens": 16}, "sampler": {"step": 2, "seed": 0},
-             "rng": {"python": None, "numpy": None, "torch": None}}
+             "rng": train.rng_state()}
     assert set(state) == set(RESUME_KEYS)
     save_checkpoint(os.path.join(str(out), "checkpoints"), 2, model, opt, state, cfg)
     return str(out)
