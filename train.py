@@ -26,10 +26,10 @@ import torch
 import yaml
 
 import distributed
-from checkpoint import (LATEST, RESUME_KEYS, CheckpointMismatch, find_checkpoint, holds_checkpoints, load_config_of,
-                        load_training_state, resolve_checkpoint, save_checkpoint, saved_steps, set_aside_later_steps,
-                        step_number)
-from cli import check_output_dir, enclosing_checkpoint, first_free_path, one_line
+from checkpoint import (LATEST, RESUME_KEYS, CheckpointMismatch, find_checkpoint, first_non_finite, holds_checkpoints,
+                        load_config_of, load_training_state, resolve_checkpoint, save_checkpoint, saved_steps,
+                        set_aside_later_steps, step_number)
+from cli import check_output_dir, enclosing_checkpoint, first_free_path, one_line, write_atomic
 from config import (LONG_CONTEXT, MODEL_SECTIONS, Config, ConfigError, DataConfig, check_vocab, config_data,
                     config_from_dict, dump_yaml, reads, to_dict, unread_settings)
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, full_value, gradient_sync
@@ -147,7 +147,46 @@ def prepare_data(cfg: Config, data_dir):
 
 
 # what a run writes in train.out_dir: name -> whether it is a folder
-OUT_DIR_ENTRIES = {"checkpoints": True, "config.yaml": False, "metrics.jsonl": False, "final_eval.json": False}
+OUT_DIR_ENTRIES = {"checkpoints": True, "config.yaml": False, "metrics.jsonl": False, "final_eval.json": False,
+                   ".lock": False}
+# out_dir -> the open .lock file of this process's run (an flock lasts while its file is open)
+_out_dir_locks = {}
+
+
+def lock_out_dir(out_dir) -> None:
+    """Take <out_dir>/.lock for this run (rank 0), until release_out_dir: a second run on the
+    same out_dir (say a requeued job while the first still runs) would delete the first's
+    checkpoint in progress and interleave their metrics. Refused in one line naming the pid
+    that holds it. The lock is the kernel's (flock): it ends with its process, however that
+    ends. Without fcntl (not POSIX), or on a filesystem without locks, no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ConfigError(f"train.out_dir {out_dir} is in use by another run (pid {holder}): wait for it to end "
+                          "or choose another train.out_dir") from None
+    except OSError:         # a filesystem without locks (Lustre mounted without flock): run unlocked
+        f.close()
+        return
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _out_dir_locks[os.path.realpath(out_dir)] = f
+
+
+def release_out_dir(out_dir) -> None:
+    f = _out_dir_locks.pop(os.path.realpath(out_dir), None)
+    if f:
+        f.close()
 
 
 def check_out_dir(t):
@@ -384,31 +423,54 @@ class Throughput:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step. On resume, lines past the resumed
-    step are dropped, so a killed-and-resumed run logs exactly what an uninterrupted one does.
-    A step's line is written before its checkpoint, so a last line cut short by a kill is
-    always past the resumed step: dropped too. Any other unreadable line is a one-line error
-    naming the file and line, before the file is rewritten."""
+    step are dropped, so a killed-and-resumed run logs exactly what an uninterrupted one does;
+    a rollback's are an abandoned run's, kept aside (`keep_dropped`). A step's line is written
+    before its checkpoint, so a last line cut short by a kill is always past the resumed step:
+    dropped too. Any other unreadable line is a one-line error naming the file and line.
+    Reading (here) and rewriting (`start`, atomic) are apart, so that a caller can check the
+    file, then change other outputs, then rewrite it."""
 
     def __init__(self, path, resume_step=None):
-        self.path = path
-        if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                lines = [line for line in f if line.strip()]
-            keep = []
-            for number, line in enumerate(lines, 1):
-                try:
-                    step = json.loads(line)["step"]
-                except (ValueError, KeyError, TypeError) as e:
-                    if number == len(lines):           # cut short by a kill: past the resume step
-                        break
-                    raise ValueError(f"{path} line {number} is not a metrics record ({type(e).__name__}: "
-                                     f"{e}); fix or remove it to resume") from None
-                if step <= resume_step:
-                    keep.append(line)
-            with open(path, "w") as f:
-                f.writelines(keep)
-        elif resume_step is None and os.path.exists(path):
-            os.remove(path)
+        self.path, self.resume_step, self.keep, self.dropped = path, resume_step, [], []
+        if resume_step is None or not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        for number, line in enumerate(lines, 1):
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError) as e:
+                if number == len(lines):           # cut short by a kill: past the resume step
+                    break
+                raise ValueError(f"{path} line {number} is not a metrics record ({type(e).__name__}: "
+                                 f"{e}); fix or remove it to resume") from None
+            (self.keep if step <= resume_step else self.dropped).append(line)
+
+    def keep_dropped(self) -> str | None:
+        """Copy the records past the resumed step (an abandoned run's, in a rollback) to
+        metrics.abandoned[-N].jsonl, atomically -> that path (None when there are none)."""
+        if not self.dropped:
+            return None
+        stem, ext = os.path.splitext(self.path)
+        kept = first_free_path(f"{stem}.abandoned{f'-{n}' if n > 1 else ''}{ext}" for n in itertools.count(1))
+        self._write(kept, "".join(self.dropped))
+        return kept
+
+    def start(self):
+        """Rewrite the file for this run: the records up to the resumed step (atomically: a
+        kill or a full disk leaves the earlier file), or none for a fresh run."""
+        if self.resume_step is None:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+        elif os.path.exists(self.path):
+            self._write(self.path, "".join(self.keep))
+
+    @staticmethod
+    def _write(path, text):
+        try:
+            write_atomic(path, text)
+        except OSError as e:
+            raise OSError(f"cannot write {path}: {e.strerror or e}") from None
 
     def write(self, record):
         with open(self.path, "a") as f:
@@ -555,6 +617,7 @@ def train(cfg: Config):
         finished = True      # also code 1 (NaN stop): every rank decides it on the same global numbers
         return code
     finally:
+        release_out_dir(cfg.train.out_dir)
         distributed.teardown(env, clean=finished)
 
 
@@ -630,16 +693,22 @@ def _train(cfg: Config, env: DistEnv):
                 kept = keep_aside(os.path.join(t.out_dir, name))
                 if kept:
                     say(f"starting over: the earlier {name} is kept as {kept}")
-        # metrics.jsonl first: a damaged line stops the run before anything else is rewritten
+        # metrics.jsonl read first: a damaged line stops the run before anything is rewritten
         log = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), resume_step=start_step if resume_from else None)
         if resume_from and t.resume != "auto" and is_under(resume_from, ckpt_root):   # a rollback
+            # in this order, a kill at any point loses nothing: the abandoned run's records are
+            # copied aside, then `latest` names the rollback's step, then metrics.jsonl is cut
+            kept = log.keep_dropped()
             abandoned = set_aside_later_steps(ckpt_root, start_step)
-            if abandoned:
-                say(f"rollback to step {start_step}: the later checkpoints are kept as {', '.join(abandoned)}")
+            if abandoned or kept:
+                say(f"rollback to step {start_step}: the later checkpoints are kept as "
+                    f"{', '.join(abandoned) or '(none)'}, their metrics in {kept or '(none)'}")
+        log.start()
         dump_yaml(cfg, os.path.join(t.out_dir, "config.yaml"))
         return log
 
     def start_logging():    # wandb first: its errors (a bad project name) come before any rewrite
+        lock_out_dir(t.out_dir)       # held to the end of the process: one run per out_dir
         run = init_wandb(cfg)
         try:
             return open_outputs(), run
@@ -650,6 +719,11 @@ def _train(cfg: Config, env: DistEnv):
     metrics, run = distributed.on_main(env, start_logging) or (None, None)
 
     def checkpoint(step):   # collective: every rank writes its shards
+        bad = first_non_finite(model)     # a save would prune good checkpoints for NaN weights
+        if bad:
+            say(f"step {step}: no checkpoint: the weights hold a NaN or inf ({bad}); the earlier checkpoints "
+                "are kept", file=sys.stderr)
+            return
         trainer_state = {"step": step, "stats": stats, "sampler": sampler.state_dict(), "rng": rng_state()}
         path = save_checkpoint(ckpt_root, step, model, optimizer, trainer_state, cfg, keep=t.keep_checkpoints)
         say(f"saved checkpoint {path}")
@@ -768,8 +842,7 @@ def _train(cfg: Config, env: DistEnv):
         summary = {"val_loss": r["loss"], "val_ppl": r["perplexity"], "val_bpb": r["bits_per_byte"],
                    "tokens": stats["tokens"], "skipped_steps": stats["skipped_steps"], "params": n_params}
         if env.is_main:
-            with open(os.path.join(t.out_dir, "final_eval.json"), "w") as f:
-                json.dump(summary, f, indent=1)
+            write_atomic(os.path.join(t.out_dir, "final_eval.json"), json.dumps(summary, indent=1))
         say(f"final: val loss {r['loss']:.4f} | ppl {r['perplexity']:.2f} | bits/byte {r['bits_per_byte']:.4f}")
     if t.sample_tokens and (env.is_main or env.data_parallel == "fsdp"):   # FSDP2: all ranks run the forwards
         say("sample:\n" + sample_after_training(model, tokenizer, t, device, autocast))
@@ -812,7 +885,19 @@ def main(argv=None):
         # separate write of the newline let two ranks' lines interleave
         sys.stderr.write(f"error: {'out of memory: ' if isinstance(e, MemoryError) else ''}{e}\n")
         return 2
+    except KeyboardInterrupt:       # Ctrl-C: a traceback would add nothing
+        sys.stderr.write("interrupted: checkpoints are written atomically, so train.resume=auto continues from "
+                         "the last one\n")
+        return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun: leave without the interpreter's teardown, where gloo's threads sometimes
+        # aborted a finished rank ("terminate called without an active exception" after
+        # 'training done': exit -6, so torchrun failed the job; 2 of 24 CPU runs)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -450,8 +450,13 @@ def test_metrics_log_on_resume_drops_a_cut_last_line_and_names_a_bad_one(tmp_pat
     path = tmp_path / "metrics.jsonl"
     rows = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)]
     path.write_text("".join(rows) + '{"step": 4, "lo')
-    MetricsLog(str(path), resume_step=2)
+    MetricsLog(str(path), resume_step=2).start()
     assert path.read_text() == "".join(rows[:2])
+    path.write_text("".join(rows))                 # a rollback keeps the later steps' records
+    log = MetricsLog(str(path), resume_step=1)
+    assert log.keep_dropped() == str(tmp_path / "metrics.abandoned.jsonl")
+    log.start()
+    assert path.read_text() == rows[0] and (tmp_path / "metrics.abandoned.jsonl").read_text() == "".join(rows[1:])
     bad = rows[0] + "not json\n" + rows[1]
     path.write_text(bad)
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a metrics record .*fix or remove it"):
@@ -772,7 +777,10 @@ def test_a_rollback_sets_the_abandoned_checkpoints_aside(corpus, tmp_path, monke
                     f"--train.resume={root / 'step_000004'}{os.sep}", "--train.lr=1e-2")   # a shell's trailing /
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_mod.train(rollback)
-    assert "rollback to step 4: the later checkpoints are kept as abandoned-step_000006" in capsys.readouterr().out
+    assert ("rollback to step 4: the later checkpoints are kept as abandoned-step_000006, their metrics in "
+            f"{out / 'metrics.abandoned.jsonl'}") in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]     # 5: the rollback's, before its crash
+    assert [json.loads(line)["step"] for line in open(out / "metrics.abandoned.jsonl")] == [5, 6]
     assert (root / "latest").read_text().strip() == "step_000004"
     assert saved_steps(str(root)) == ["step_000002", "step_000004"] and (root / "abandoned-step_000006").is_dir()
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
@@ -1055,3 +1063,126 @@ def test_the_eval_split_check_needs_exactly_one_window(corpus):
     short = load_config(None, [*TINY, f"--train.seq_len={n}", "--train.eval_every=10"])
     with pytest.raises(ConfigError, match=rf"has {n} tokens, fewer than train.seq_len \+ 1 = {n + 1}"):
         train_mod.check_eval_split(short, dataset, corpus)
+
+
+def test_a_rollback_killed_before_its_metrics_rewrite_loses_no_records(corpus, tmp_path, monkeypatch):
+    """A kill after the rollback set the later checkpoints aside but before metrics.jsonl is
+    cut: `latest` already names the rollback's step, so the next auto resume continues the
+    rollback with every step logged once, and the abandoned run's records are in
+    metrics.abandoned.jsonl. Before, metrics.jsonl was cut first: a kill then resumed the
+    abandoned step 6 with the records of steps 5-6 gone for good."""
+    import train as train_mod
+    out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=6", "--train.ckpt_every=2")) == 0
+    first = read_metrics(out)
+
+    def killed(self):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(train_mod.MetricsLog, "start", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train_mod.train(_cfg(corpus, out, "--train.max_steps=6", "--train.ckpt_every=2",
+                                 f"--train.resume={root / 'step_000004'}"))
+    assert (root / "latest").read_text().strip() == "step_000004" and read_metrics(out) == first
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=6", "--train.ckpt_every=2")) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(line) for line in open(out / "metrics.abandoned.jsonl")] == first[4:]
+
+
+def test_a_failed_metrics_rewrite_is_one_line_and_keeps_the_file(corpus, tmp_path, monkeypatch, capsys):
+    """Resuming rewrites metrics.jsonl atomically: a full disk is one line naming the file and
+    leaves every record (before, open(path, 'w') had emptied it first)."""
+    import train as train_mod
+    out = tmp_path / "run"
+    common = [*TINY, f"--data.dataset={corpus}", "--train.eval_every=0", "--train.ckpt_every=2",
+              f"--train.out_dir={out}"]
+    assert train_mod.main([*common, "--train.max_steps=3", "--train.log_every=1"]) == 0
+    before = (out / "metrics.jsonl").read_text()
+
+    def full_disk(path, content):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train_mod, "write_atomic", full_disk)
+    capsys.readouterr()
+    assert train_mod.main([*common, "--train.max_steps=4", "--train.log_every=1"]) == 2
+    assert capsys.readouterr().err == f"error: cannot write {out / 'metrics.jsonl'}: No space left on device\n"
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_a_second_run_on_a_busy_out_dir_is_refused(corpus, tmp_path, capsys):
+    """One run per out_dir: while another process holds <out_dir>/.lock, train.py stops in
+    one line naming its pid, before writing anything; once it has ended, the run proceeds.
+    Before, two runs deleted each other's checkpoint in progress and interleaved metrics."""
+    import subprocess
+    import sys
+    import train as train_mod
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(out / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "f.write('4242'); f.flush(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        args = [*TINY, f"--data.dataset={corpus}", f"--train.out_dir={out}", "--train.max_steps=2"]
+        assert train_mod.main(args) == 2
+        assert capsys.readouterr().err == (f"error: train.out_dir {out} is in use by another run (pid 4242): wait for "
+                                           "it to end or choose another train.out_dir\n")
+        assert sorted(os.listdir(out)) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train_mod.main(args) == 0
+    assert (out / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_interrupt_and_unlockable_out_dir(corpus, tmp_path, monkeypatch, capsys):
+    """Ctrl-C is one line (exit 130), no traceback. A filesystem without locks (flock raising
+    ENOSYS, as on Lustre mounted without flock) runs unlocked rather than calling the out_dir
+    busy."""
+    import errno
+    import fcntl
+    import train as train_mod
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "train", interrupted)
+        assert train_mod.main([*TINY, f"--train.out_dir={tmp_path / 'a'}"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: ") and err.count("\n") == 1
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert train_mod.main([*TINY, f"--data.dataset={corpus}", f"--train.out_dir={tmp_path / 'b'}",
+                           "--train.max_steps=1"]) == 0
+
+
+def test_no_checkpoint_of_non_finite_weights(corpus, tmp_path, monkeypatch, capsys):
+    """Weights that turn NaN (here after step 3) are never checkpointed: the save at step 4 is
+    skipped with a line naming the parameter, so keep_checkpoints=1 does not prune step 2, the
+    last good one, which the stop message then truthfully names. Before, step 4's NaN weights
+    were saved and step 2 pruned."""
+    import train as train_mod
+    real_make_optimizer = train_mod.make_optimizer
+
+    def poisoning_optimizer(model, cfg, device_type):
+        opt = real_make_optimizer(model, cfg, device_type)
+        real_step, calls = opt.step, {"n": 0}
+
+        def step(*a, **kw):
+            out = real_step(*a, **kw)
+            calls["n"] += 1
+            if calls["n"] == 3:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
+            return out
+        opt.step = step
+        return opt
+    monkeypatch.setattr(train_mod, "make_optimizer", poisoning_optimizer)
+    out = tmp_path / "run"
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=8", "--train.ckpt_every=2",
+                                "--train.keep_checkpoints=1", "--train.max_bad_steps=3")) == 1
+    err = capsys.readouterr().err
+    assert "step 4: no checkpoint: the weights hold a NaN or inf (" in err
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_000002"]
