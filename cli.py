@@ -145,6 +145,8 @@ def _creation_problem(folder: str) -> str | None:
     if not os.path.isdir(probe):
         return f"cannot be created: {probe} is not a folder"
     if not os.access(probe, os.W_OK | os.X_OK):
+        if probe == os.path.abspath(folder):            # it exists: written in, not created
+            return f"cannot be written in: no write permission in {probe}"
         return f"cannot be created: no write permission in {probe}"
     return None
 

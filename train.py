@@ -527,8 +527,9 @@ def run_to_resume(cfg: Config, ckpt_root) -> tuple[str | None, Config | None]:
         return resume_from, (check_resume_config(cfg, resume_from) if resume_from else None)
     except ConfigError:
         raise
-    except ValueError as e:          # a damaged latest checkpoint: name the one kept before it
-        raise ValueError(f"{e}{earlier_checkpoint_hint(cfg.train, ckpt_root)}") from None
+    except (ValueError, FileNotFoundError) as e:     # a damaged or missing latest: name the one kept before it
+        kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+        raise kind(f"{e}{earlier_checkpoint_hint(cfg.train, ckpt_root)}") from None
 
 
 def build_checked(model_cfg, device):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1186,3 +1187,31 @@ def test_no_checkpoint_of_non_finite_weights(corpus, tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert "step 4: no checkpoint: the weights hold a NaN or inf (" in err
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_000002"]
+
+
+def test_a_latest_naming_a_missing_step_names_the_one_before_it(corpus, tmp_path, capsys):
+    """`latest` names a step folder that is gone: the one-line error also names the earlier
+    checkpoint the run kept (it did for a damaged step, not for a missing one)."""
+    import train as train_mod
+    out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    common = [*TINY, f"--data.dataset={corpus}", "--train.eval_every=0", "--train.ckpt_every=2",
+              f"--train.out_dir={out}"]
+    assert train_mod.main([*common, "--train.max_steps=4"]) == 0
+    shutil.rmtree(root / "step_000004")
+    capsys.readouterr()
+    assert train_mod.main([*common, "--train.max_steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step_000004" in err
+    assert err.rstrip().endswith(f"the earlier step_000002 is kept: --train.resume={root / 'step_000002'} resumes it")
+
+
+def test_a_read_only_out_dir_is_not_called_uncreatable(tmp_path, monkeypatch):
+    """An existing folder without write permission 'cannot be written in'; a missing one
+    under it 'cannot be created' (the tests run as root, so os.access says no here)."""
+    import cli
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    assert cli.output_dir_problem(str(tmp_path / "ro")) == \
+        f"cannot be written in: no write permission in {tmp_path / 'ro'}"
+    assert cli.output_dir_problem(str(tmp_path / "ro" / "x")) == \
+        f"cannot be created: no write permission in {tmp_path / 'ro'}"
