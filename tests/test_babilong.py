@@ -450,10 +450,12 @@ def test_compare_answers_cuts_where_a_new_context_starts():
     assert compare_answers("kitchen", "kitchen <context> office", "Where is Mary?", labels)
 
 
-def test_mean_over_tasks_averages_the_scored_tasks_of_each_length():
+def test_mean_over_tasks_averages_the_scored_tasks_of_each_length_and_says_how_many():
     """The leaderboard row: per length, the mean over tasks with a score; a cell with nothing
-    scored (None, every input skipped) is left out, not counted as 0. Kills dividing by the
-    number of tasks."""
+    scored (None, every input skipped) is left out, not counted as 0, and not silently:
+    n_tasks_in_mean counts the tasks in each mean, and a note names the lengths whose mean
+    leaves tasks out. Kills dividing by the number of tasks, and a 1k mean of one task read
+    as the mean over qa1-qa2."""
     from eval.babilong import _summarise
     counts = {"n": 2, "n_scored": 2, "n_truncated": 0, "n_skipped": 0, "mean_input_tokens": 10.0,
               "peak_memory_mb": None, "seconds": 0.1}
@@ -464,20 +466,6 @@ def test_mean_over_tasks_averages_the_scored_tasks_of_each_length():
     table = _summarise(per_cell)
     assert table["mean_over_tasks"] == {"official": {"0k": 0.25, "1k": 1.0}, "label_ranking": {"0k": 0.75, "1k": 0.25}}
     assert table["official"] == {"qa1": {"0k": 0.5, "1k": 1.0}, "qa2": {"0k": 0.0, "1k": None}}
-
-
-def test_mean_over_tasks_says_how_many_tasks_it_averages():
-    """A mean over fewer than all tasks is not silent: n_tasks_in_mean counts the tasks in
-    each mean, and a note names the lengths whose mean leaves tasks out. Kills a 1k mean of
-    one task read as the mean over qa1-qa2."""
-    from eval.babilong import _summarise
-    counts = {"n": 2, "n_scored": 2, "n_truncated": 0, "n_skipped": 0, "mean_input_tokens": 10.0,
-              "peak_memory_mb": None, "seconds": 0.1}
-    per_cell = {("qa1", "0k"): {"official": 0.5, "label_ranking": 1.0, **counts},
-                ("qa2", "0k"): {"official": 0.0, "label_ranking": 0.5, **counts},
-                ("qa1", "1k"): {"official": 1.0, "label_ranking": 0.25, **counts},
-                ("qa2", "1k"): {"official": None, "label_ranking": None, **counts}}
-    table = _summarise(per_cell)
     assert table["n_tasks_in_mean"] == {"official": {"0k": 2, "1k": 1}, "label_ranking": {"0k": 2, "1k": 1}}
     assert table["notes"] == ["mean_over_tasks averages only the tasks with a scored sample (the others had every "
                               "input skipped): official 1k: 1 of 2; label_ranking 1k: 1 of 2"]
