@@ -34,7 +34,7 @@ State (what a later segment needs; `None` = start of a sequence, fast weights re
         "w_out":    [B, D, hidden]  fast W_out at the start of the current chunk
         "grad_in":  [B, hidden, D]  sum of grad l over the tokens seen so far of the current
         "grad_out": [B, D, hidden]  chunk (None while that partial chunk is empty)
-        "pos":      int             tokens seen since the sequence start (chunk offset = pos % C)
+        "pos":      int             absolute position of the next token (chunk offset = pos % C)
     }
 The four tensors are float32 at least, also in a bf16 model (`CMSLevel.initial_state`).
 
@@ -208,7 +208,7 @@ class CMSLevel(nn.Module):
 
 
 class ContinuumMemory(nn.Module):
-    """The CMS chain as a block's channel mixer: forward(h, state=None) -> (y, new_state).
+    """The CMS chain as a block's channel mixer: forward(h, state=None, pos=0) -> (y, new_state).
 
     Reads cfg.cms (levels, see CMSConfig) and cfg.d_model. Depends on nothing but RMSNorm, so
     any block (HOPE, HOPE-attention, Titans) can use it in place of the FFN.

@@ -47,7 +47,8 @@ State (a dict; `mem.initial_state(B)` builds a fresh one from the meta parameter
     "weights"      list per layer [B, H, out, in]: the current fast weights W_t
     "chunk_start"  list per layer: W_B of the chunk the next token belongs to
     "momenta"      list per layer: Z_t ("momentum" rule), else None
-    "pos"          int, tokens consumed; chunks are aligned to multiples of C from 0
+    "pos"          int, the absolute position of the next token (`initial_state(B, pos)`
+                   starts a fresh memory there); chunks are aligned to multiples of C from 0
 Because a token's write depends only on W_B and its own inputs, the state after any
 prefix is exact (mid-chunk included): feeding a sequence in one call or in any segments,
 down to single tokens, gives the same outputs and final state (no buffering needed).

@@ -6,7 +6,8 @@
 
 Reads a YAML config (config.py), prepares token shards if needed, trains with AdamW (or a
 deep optimiser of optim.py) and a warmup + cosine/WSD/constant schedule, evaluates,
-checkpoints atomically and resumes exactly (`train.resume=auto`). Writes <out_dir>/config.yaml and <out_dir>/metrics.jsonl.
+checkpoints atomically and resumes exactly (`train.resume=auto`). Writes in <out_dir>:
+config.yaml, metrics.jsonl, checkpoints/, final_eval.json and .lock (held while it runs).
 Under torchrun every rank runs this file; rank 0 alone prints and writes logs, and
 `train.batch_size` stays the global batch, so N ranks reproduce the 1-process losses.
 """
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import random
+import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -156,9 +158,11 @@ _out_dir_locks = {}
 def lock_out_dir(out_dir) -> None:
     """Take <out_dir>/.lock for this run (rank 0), until release_out_dir: a second run on the
     same out_dir (say a requeued job while the first still runs) would delete the first's
-    checkpoint in progress and interleave their metrics. Refused in one line naming the pid
+    checkpoint in progress and interleave their metrics. Refused in one line naming the host:pid
     that holds it. The lock is the kernel's (flock): it ends with its process, however that
     ends. Without fcntl (not POSIX), or on a filesystem without locks, no lock is taken."""
+    if os.path.realpath(out_dir) in _out_dir_locks:
+        return
     try:
         import fcntl
     except ImportError:
@@ -171,14 +175,16 @@ def lock_out_dir(out_dir) -> None:
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise ConfigError(f"train.out_dir {out_dir} is in use by another run (pid {holder}): wait for it to end "
+        raise ConfigError(f"train.out_dir {out_dir} is in use by another run ({holder}): wait for it to end "
                           "or choose another train.out_dir") from None
-    except OSError:         # a filesystem without locks (Lustre mounted without flock): run unlocked
+    except OSError as e:    # a filesystem without locks (Lustre mounted without flock): run unlocked
         f.close()
+        print(f"note: train.out_dir {out_dir} cannot be locked ({e.strerror or e}): nothing stops a second run "
+              "on it")
         return
     f.seek(0)
     f.truncate()
-    f.write(f"{os.getpid()}\n")
+    f.write(f"{socket.gethostname()}:{os.getpid()}\n")      # the host too: out_dirs are shared across nodes
     f.flush()
     _out_dir_locks[os.path.realpath(out_dir)] = f
 
@@ -644,6 +650,8 @@ def _train(cfg: Config, env: DistEnv):
     random.seed(t.seed)
     np.random.seed(t.seed)
 
+    if os.path.isfile(os.path.join(t.out_dir, ".lock")):     # a run may hold it: refuse before its files are read
+        distributed.on_main(env, lambda: lock_out_dir(t.out_dir))
     check_run(cfg, device)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size == 0:
@@ -696,7 +704,8 @@ def _train(cfg: Config, env: DistEnv):
                     say(f"starting over: the earlier {name} is kept as {kept}")
         # metrics.jsonl read first: a damaged line stops the run before anything is rewritten
         log = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), resume_step=start_step if resume_from else None)
-        if resume_from and t.resume != "auto" and is_under(resume_from, ckpt_root):   # a rollback
+        if resume_from and t.resume != "auto" and is_under(resume_from, ckpt_root) and any(
+                step_number(d) > start_step for d in saved_steps(ckpt_root)):   # a rollback
             # in this order, a kill at any point loses nothing: the abandoned run's records are
             # copied aside, then `latest` names the rollback's step, then metrics.jsonl is cut
             kept = log.keep_dropped()
@@ -894,10 +903,10 @@ def main(argv=None):
 
 if __name__ == "__main__":
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # torchrun: leave without the interpreter's teardown, where gloo's threads sometimes
-        # aborted a finished rank ("terminate called without an active exception" after
-        # 'training done': exit -6, so torchrun failed the job; 2 of 24 CPU runs)
+    if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun: a finished run leaves without the interpreter's teardown, where gloo's
+        # threads sometimes aborted a rank ("terminate called without an active exception"
+        # after 'training done': exit -6, so torchrun failed the job; 2 of 24 CPU runs)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -120,3 +120,43 @@ def test_check_finite_screens_by_sums_but_decides_by_elements():
             model[1].bias[2] = bad
         with pytest.raises(ValueError, match=r"^m holds non-finite weights \(1\.bias\): it is damaged$"):
             check_finite(model, "m")
+
+
+@pytest.mark.slow
+def test_non_finite_weights_are_agreed_on_across_fsdp2_ranks():
+    """first_non_finite under FSDP2 on 2 gloo ranks: a NaN in rank 1's shard only and an inf
+    in rank 0's shard of a later parameter give both ranks the same first bad parameter (the
+    smallest index over ranks), and clean shards give None on both. Kills a max over ranks
+    (rank 0 would name the later parameter, and each rank decide apart whether to save)."""
+    import subprocess
+    import sys
+    from helpers import assert_torchrun_finished
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.abspath(__file__)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert_torchrun_finished(result, [f"rank {r}: clean None, poisoned 1.weight" for r in (0, 1)])
+
+
+def _non_finite_worker():
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from checkpoint import first_non_finite
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+    fully_shard(model)
+    clean = first_non_finite(model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        if rank == 1:
+            params["1.weight"].to_local().fill_(float("nan"))
+        else:
+            params["2.weight"].to_local().fill_(float("inf"))
+    print(f"rank {rank}: clean {clean}, poisoned {first_non_finite(model)}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":   # torchrun worker; the test sets PYTHONPATH to the repository root
+    _non_finite_worker()

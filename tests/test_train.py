@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -50,6 +51,7 @@ def test_tiny_run_loss_falls_and_writes_files(corpus, tmp_path):
     assert final["val_bpb"] < 8.0 and final["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_exact(corpus, tmp_path):
     common = [*TINY, f"--data.dataset={corpus}", "--train.max_steps=40", "--train.eval_every=0",
               "--train.ckpt_every=5", "--train.log_every=1", "--eval.final=false"]
@@ -120,6 +122,7 @@ def test_bad_resume_path_and_data_errors(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "delta_momentum", "dmgd"])
+@pytest.mark.slow
 def test_deep_optimiser_via_config_and_exact_resume(corpus, tmp_path, optimizer):
     """optim.name selects a deep optimiser; its state round-trips through the checkpoint."""
     common = [*TINY, f"--data.dataset={corpus}", f"--optim.name={optimizer}", "--train.max_steps=8",
@@ -1116,24 +1119,31 @@ def test_a_second_run_on_a_busy_out_dir_is_refused(corpus, tmp_path, capsys):
     import subprocess
     import sys
     import train as train_mod
+    done = tmp_path / "done"                      # a checkpoint the busy out_dir will hold
+    assert train_mod.main([*TINY, f"--data.dataset={corpus}", f"--train.out_dir={done}", "--train.max_steps=2"]) == 0
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
                                f"f = open({str(out / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-                               "f.write('4242'); f.flush(); print('held', flush=True); time.sleep(60)"],
+                               "f.write('node7:4242'); f.flush(); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         args = [*TINY, f"--data.dataset={corpus}", f"--train.out_dir={out}", "--train.max_steps=2"]
         assert train_mod.main(args) == 2
-        assert capsys.readouterr().err == (f"error: train.out_dir {out} is in use by another run (pid 4242): wait for "
-                                           "it to end or choose another train.out_dir\n")
+        assert capsys.readouterr().err == (f"error: train.out_dir {out} is in use by another run (node7:4242): wait "
+                                           "for it to end or choose another train.out_dir\n")
         assert sorted(os.listdir(out)) == [".lock"]
+        # with the other run's checkpoint there: refused before reading it (not "resumed from")
+        shutil.copytree(done / "checkpoints", out / "checkpoints")
+        assert train_mod.main(args) == 2
+        printed = capsys.readouterr()
+        assert "in use by another run" in printed.err and "resumed from" not in printed.out
     finally:
         holder.kill()
         holder.wait()
-    assert train_mod.main(args) == 0
-    assert (out / ".lock").read_text() == f"{os.getpid()}\n"
+    assert train_mod.main([*args, "--train.max_steps=4"]) == 0
+    assert (out / ".lock").read_text() == f"{socket.gethostname()}:{os.getpid()}\n"
 
 
 def test_interrupt_and_unlockable_out_dir(corpus, tmp_path, monkeypatch, capsys):
@@ -1157,6 +1167,7 @@ def test_interrupt_and_unlockable_out_dir(corpus, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(fcntl, "flock", no_locks)
     assert train_mod.main([*TINY, f"--data.dataset={corpus}", f"--train.out_dir={tmp_path / 'b'}",
                            "--train.max_steps=1"]) == 0
+    assert f"note: train.out_dir {tmp_path / 'b'} cannot be locked (Function not implemented)" in capsys.readouterr().out
 
 
 def test_no_checkpoint_of_non_finite_weights(corpus, tmp_path, monkeypatch, capsys):
@@ -1215,3 +1226,43 @@ def test_a_read_only_out_dir_is_not_called_uncreatable(tmp_path, monkeypatch):
         f"cannot be written in: no write permission in {tmp_path / 'ro'}"
     assert cli.output_dir_problem(str(tmp_path / "ro" / "x")) == \
         f"cannot be created: no write permission in {tmp_path / 'ro'}"
+
+
+def test_a_rollback_killed_after_setting_checkpoints_aside_keeps_the_abandoned_records(corpus, tmp_path, monkeypatch):
+    """The rollback's order: the abandoned run's records are copied aside before `latest`
+    moves, so a kill right after the checkpoints were set aside (the next auto resume then
+    cuts metrics.jsonl back to the rollback's step) loses none of them. Kills swapping the
+    two steps."""
+    import train as train_mod
+    out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=6", "--train.ckpt_every=2")) == 0
+    first = read_metrics(out)
+    real_set_aside = train_mod.set_aside_later_steps
+
+    def set_aside_then_killed(*a, **kw):
+        real_set_aside(*a, **kw)
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "set_aside_later_steps", set_aside_then_killed)
+        with pytest.raises(KeyboardInterrupt):
+            train_mod.train(_cfg(corpus, out, "--train.max_steps=6", "--train.ckpt_every=2",
+                                 f"--train.resume={root / 'step_000004'}"))
+    assert [json.loads(line) for line in open(out / "metrics.abandoned.jsonl")] == first[4:]
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=6", "--train.ckpt_every=2")) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_explicit_resume_of_the_latest_step_is_not_a_rollback(corpus, tmp_path, capsys):
+    """--train.resume=<out_dir> names its latest step: nothing later to set aside, so it
+    resumes as auto does (a killed run's record past the step is dropped, to be logged
+    again), without a rollback message or an abandoned-metrics file."""
+    import train as train_mod
+    out = tmp_path / "run"
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=4", "--train.ckpt_every=2")) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    capsys.readouterr()
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=6", "--train.ckpt_every=2",
+                                f"--train.resume={out}")) == 0
+    assert "rollback" not in capsys.readouterr().out and not (out / "metrics.abandoned.jsonl").exists()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
