@@ -139,6 +139,7 @@ def runs(request, corpus, tmp_path_factory):
             "latest_at_kill": latest_at_kill, "resumed_stdout": resumed.stdout}
 
 
+@pytest.mark.slow
 def test_two_ranks_fsdp_match_one_process(runs):
     assert "parallel: fsdp on 2 rank(s)" in runs["resumed_stdout"]
     ref, rows = metrics(runs["one"]), metrics(runs["two"])
@@ -162,6 +163,7 @@ def test_two_ranks_sigkill_and_resume_is_exact(runs):
     assert_same_losses(after[:len(before)], before, exact=True)
 
 
+@pytest.mark.slow
 def test_two_rank_checkpoint_resumes_on_one_rank(runs):
     out = str(runs["root"] / "one-from-two")
     ckpt = os.path.join(runs["two"], "checkpoints", "step_000004")
@@ -289,6 +291,7 @@ def test_what_needs_training_state_refuses_an_exported_file(exported, capsys):
     _one_line_error(capsys.readouterr().err, path, "without the optimiser and trainer state")
 
 
+@pytest.mark.slow
 def test_two_ranks_ddp_match_one_process(runs):
     if runs["arch"] != "transformer":
         pytest.skip("checked once on the transformer (HOPE: test_two_ranks_ddp_with_parameters_no_gradient_reaches)")
@@ -298,6 +301,7 @@ def test_two_ranks_ddp_match_one_process(runs):
     assert_same_losses(metrics(out), metrics(runs["one"]))
 
 
+@pytest.mark.slow
 def test_two_ranks_ddp_with_parameters_no_gradient_reaches(corpus, tmp_path):
     """HOPE whose CMS fast level's chunk (32) is not shorter than seq_len (32): its W_v gets no
     gradient (LanguageModel.idle_parameters), which DDP must be told of (else it stops at
@@ -377,6 +381,7 @@ def _two_ranks_failing(args):
     return r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_two_ranks_rank0_data_error_is_one_line_per_rank(tmp_path):
     """Rank 0 alone prepares the data: its one-line error left rank 1 in the barrier, which
     died with a gloo 'Connection closed by peer' traceback printed above the real error."""
@@ -385,6 +390,7 @@ def test_two_ranks_rank0_data_error_is_one_line_per_rank(tmp_path):
     assert out.count(f"error: files: glob '{tmp_path}/none/*.txt' matches no files\n") == 2, out[-3000:]
 
 
+@pytest.mark.slow
 def test_two_ranks_rank0_metrics_error_on_resume_is_one_line_per_rank(corpus, tmp_path):
     """Rank 0 alone rewrites metrics.jsonl on resume: a damaged line stopped it with one line
     while rank 1 went on into the first collective and died with a traceback."""

@@ -29,6 +29,7 @@ def checkpoint(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_quick_suite_writes_all_sections(checkpoint, tmp_path):
     out = str(tmp_path / "eval")
     env = dict(os.environ, NL_DATA_DIR=SHARED_DATA)

@@ -378,6 +378,7 @@ def test_frozen_recall_model_cannot_see_the_pairs():
         assert (diff == 0) if frozen else (diff > 1e-4), (frozen, diff)
 
 
+@pytest.mark.slow
 def test_in_context_recall_needs_the_inner_learning():
     """Tiny HOPE learns to recall values stored 3-8 tokens before the query: 500 AdamW steps
     (3e-3, clipping 1.0, as train.py) of 32 sequences: 99.5 % here, 64-100 % over seeds 0-5
@@ -389,6 +390,7 @@ def test_in_context_recall_needs_the_inner_learning():
 
 
 @pytest.mark.parametrize("config", ["hope_340m", "hope_760m", "hope_1.3b"])
+@pytest.mark.slow
 def test_outer_gradients_stay_finite_over_long_sequences(config):
     """The paper configs' memories (chunks 16 / 64, CMS 512; width cut to 2 layers of 2 heads
     of 64) at init on 2048 random tokens: with their clip of every write's inner gradient

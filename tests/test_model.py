@@ -445,6 +445,7 @@ def test_a_state_of_another_precision_is_a_one_line_error(arch):
 @pytest.mark.parametrize("arch, variant", [("transformer", None), ("titans", "lmm"), ("titans", "mac"),
                                            ("titans", "mag"), ("titans", "mal"), ("hope", None),
                                            ("hope_attention", None)])
+@pytest.mark.slow
 def test_every_block_compiles_as_one_graph(arch, variant):
     """train.compile compiles each block: a graph break inside it splits the block and can send
     the memory's chunk loop back to eager (a hand-called autocast __enter__ in memory.py broke

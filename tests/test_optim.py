@@ -532,6 +532,7 @@ def test_errors_name_what_is_wrong():
 # ----------------------------------------------------------------------------------------
 # DTensor shards and FSDP2: 2 gloo ranks vs one process
 
+@pytest.mark.slow
 def test_dtensor_shards_match_single_process():
     from helpers import assert_torchrun_finished     # here: torchrun runs this file as its worker too
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))

@@ -83,6 +83,7 @@ def test_the_target_wheels_library_hash(tmp_path):
     (["--capability", "75"], {}, "argument --capability"),
     (["--out", "."], {}, "is a folder"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line(tmp_path, args, env, message):
     env = {**COMPILING_ENV, **env}
     out = subprocess.run([sys.executable, "bench/precompile.py", "--out", str(tmp_path / "c.tgz"), *args],
@@ -123,6 +124,7 @@ def test_each_stage_compiles_in_a_fresh_process(tmp_path, monkeypatch):
     assert all(env["TRITON_INTERPRET"] == "0" and env["TRITON_CACHE_DIR"] for _, env in calls)
 
 
+@pytest.mark.slow
 def test_a_stage_process_compiles_and_reports_failure(tmp_path):
     """run_stage: the stage's own output muted, the compile log printed; a failing stage
     says so and exits 1."""
@@ -157,6 +159,7 @@ COMPILE_AND_PACK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_compiles_for_the_gpu_and_a_packed_cache_hits_elsewhere(tmp_path):
     """The first process compiles the kernel for sm_90 (a cubin in the cache) and runs
     nothing; a second one, unpacking the archive into another folder, finds it cached; a
@@ -204,6 +207,7 @@ ANY_LENGTH = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_one_compiled_kernel_serves_every_length(tmp_path):
     """kernels.triton_delta.LENGTH_ARGS are not specialised: T = 37, 64 (divisible by 16)
     and 1000 launch the delta rule's forward kernels compiled for the first. The autotuned

@@ -466,6 +466,7 @@ def train_recall(inner_lr_fixed, steps=200):
     return train_recall_accuracy(m, recall_batch, steps, batch_size=64, eval_size=256)
 
 
+@pytest.mark.slow
 def test_associative_recall_needs_the_inner_learning_rate():
     """The tiny LMM learns in context to recall values of keys seen up to 22 tokens
     earlier (~95 % after 200 steps); with theta fixed at 0 (memory frozen at its meta
@@ -657,6 +658,7 @@ def kjv_bytes():
 
 
 @pytest.mark.parametrize("config", TITANS_PAPER_CONFIGS)
+@pytest.mark.slow
 def test_paper_configs_outer_gradients_stay_finite_at_4k(config, kjv_bytes):
     """Each paper config's memory settings (width cut to 2 layers of 2 heads of 64) at init on
     4096 bytes of text: with their step budget (0.5) and inner clip (1.0) the outer gradient

@@ -363,6 +363,7 @@ _ALL = [_param(file, *case) for file in CASES for case in _cases(file)]
 
 
 @pytest.mark.parametrize("file,cid,kernel,shape,flags,prec,stage,tune", _ALL)
+@pytest.mark.slow
 def test_kernel_compiles_for_sm90(file, cid, kernel, shape, flags, prec, stage, tune):
     """Each (kernel, flags, shape, precision) lowers for sm_90 up to its stage; cubin cases
     also fit the H100's shared memory."""

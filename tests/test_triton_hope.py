@@ -94,6 +94,7 @@ def memory_kernel_calls(monkeypatch):
     ([5, 9], dict(inner_opt="gd", activation="gelu")),
     ([13], dict(max_grad_norm=0.5, eta_max=0.3)),            # the clip bites (tau small)
 ], ids=["whole", "segments", "gd-gelu", "clip"])
+@pytest.mark.slow
 def test_fused_stage1_matches_per_chunk_path(kernel_calls, memory_kernel_calls, segments, options):
     compare(segments, **options)
     # M_mem (stage 2) took the fused MLP kernel with in-kernel self-generated targets; the
@@ -110,6 +111,7 @@ def test_fused_stage1_matches_per_chunk_path(kernel_calls, memory_kernel_calls, 
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_two_heads_and_a_batch(kernel_calls):
     """Per-(batch, head) offsets of the stacked memories (head m*H + h)."""
     compare([11], B=2, d_model=32, n_head=2)
@@ -117,6 +119,7 @@ def test_two_heads_and_a_batch(kernel_calls):
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_head_dim_not_a_power_of_two(kernel_calls):
     """Head dim 12 (d_model 24, 2 heads): [., 16] tiles whose last 4 columns are masked
     (cols < D) and per-head offsets in units of D, not of the tile width BD (they coincide
@@ -127,6 +130,7 @@ def test_head_dim_not_a_power_of_two(kernel_calls):
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_other_projection_sets_keep_the_per_chunk_path(kernel_calls):
     for changes in (dict(adaptive_q=True), dict(retention=False), dict(inner_lr_fixed=0.1),
                     dict(detach_targets=True)):
@@ -158,6 +162,7 @@ def test_no_grad_forward_matches_and_saves_no_chunk_states():
 
 @needs_kernels
 @pytest.mark.parametrize("save_every", (1, 2))
+@pytest.mark.slow
 def test_custom_ops_pass_opcheck(save_every):
     """Schema, fake implementations, autograd registration: what torch.compile relies on (with
     save_every 2, the backward's per-block recompute too)."""
@@ -185,6 +190,7 @@ def recompute_blocks(monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_mixer_with_recomputed_chunk_starts_matches_per_chunk_path(kernel_calls, recompute_blocks):
     """Stage 1 (C_other 4: chunks [0,4) .. [16,19), blocks of 2) and M_mem (C_mem 8: three
     chunks) through the backward's per-block recompute, against the float64 per-chunk path."""
@@ -197,6 +203,7 @@ def test_mixer_with_recomputed_chunk_starts_matches_per_chunk_path(kernel_calls,
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_recomputed_chunk_starts_match_saving_every_chunk():
     """fused_hope_projections with state_every 2 (3 chunks, the last ragged: blocks of 2 and
     1): outputs and every gradient equal state_every 1's."""

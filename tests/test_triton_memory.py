@@ -282,6 +282,7 @@ def test_bad_inputs_raise_one_line_errors(change, message):
 
 @needs_kernels
 @pytest.mark.usefixtures("tensor_core_tf32")
+@pytest.mark.slow
 def test_tf32_products_carry_no_truncation_bias():
     """The momentum memory integrates its writes, so a bias in every tf32 product adds up over
     the chunks: with truncated operands (tensor_core_tf32) and slow gates the fused layer was
@@ -333,6 +334,7 @@ def test_cuda_head_dim_128_chunk_16(rule):
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_kernel_bench_quick_mode_runs(capsys):
     """bench/kernels.py --quick at its smallest: every row measured, errors at fp32 level (exact
     products: --fp32-matmul-precision highest); --parts runs the parts in the order given."""
@@ -371,6 +373,7 @@ def test_kernel_bench_mlp_momentum_rows_have_a_finite_error(capsys):
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_kernel_bench_memory_rows_of_the_linear_memory(capsys):
     """bench/kernels.py --parts memory --depths 1: the linear memory's rows only, at fp32
     error, for both update rules; --rules picks them, --passes the forward and/or backward."""

@@ -68,6 +68,7 @@ SMALL_CASES = [(1, 21, 2, 16, 2, 8, "silu"), (1, 21, 2, 16, 2, 8, "gelu"),
 @needs_kernels
 @pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: "B{}-T{}-H{}-d{}-x{}-C{}-{}".format(*c))
 @pytest.mark.parametrize("rule", triton_mlp_memory.FUSED_RULES)
+@pytest.mark.slow
 def test_fused_mlp_layer_matches_torch_path(rule, case):
     assert_close(compare_with_torch_path(rule, *case), 2e-5, f"{rule} {case}")
 
@@ -169,6 +170,7 @@ def test_inner_gradient_clip_matches_torch_path(rule):
     ("dgd", (1, 19, 1, 8, 2, 4, "silu"), [6, 7, 6], {}),
     ("dgd", (1, 21, 2, 16, 2, 8, "gelu"), None, dict(max_grad_norm=7.5)),
 ], ids=["dgd", "gd-gelu", "dgd-segments", "dgd-clip"])
+@pytest.mark.slow
 def test_self_target_matches_torch_path(monkeypatch, rule, case, segments, options):
     """HOPE's self-generated target (NL Eq. 87): fused_mlp_memory_delta(self_target=True)
     against memory.py's per-chunk path, which per chunk piece reads the target
@@ -270,6 +272,7 @@ def _momentum_args(T=5):
 @needs_kernels
 @pytest.mark.parametrize("save_every", (1, 2))
 @pytest.mark.parametrize("op", ("delta", "momentum"))
+@pytest.mark.slow
 def test_custom_ops_pass_opcheck(op, save_every):
     """Schema, fake implementation, autograd registration: what torch.compile relies on (with
     save_every 2, the backward's per-block recompute too)."""
@@ -288,6 +291,7 @@ def test_custom_ops_pass_opcheck(op, save_every):
     (4, [(16, 23), (0, 16)]),              # a short last block
 ])
 @pytest.mark.parametrize("rule", ("dgd", "momentum"))
+@pytest.mark.slow
 def test_recomputed_chunk_starts_match_saving_every_chunk(monkeypatch, rule, state_every, blocks):
     """state_every R > 1 (save_interval): the forward keeps every R-th chunk start and the
     backward re-runs each block of R chunks from its saved start, last block first. Outputs
