@@ -729,6 +729,9 @@ def _train(cfg: Config, env: DistEnv):
     metrics, run = distributed.on_main(env, start_logging) or (None, None)
 
     def checkpoint(step):   # collective: every rank writes its shards
+        if not optimizer.state:           # (all steps so far skipped) DCP would make up a state: a
+            say(f"step {step}: no checkpoint before the first optimiser step")   # resume then differs
+            return
         bad = first_non_finite(model)     # a save would prune good checkpoints for NaN weights
         if bad:
             say(f"step {step}: no checkpoint: the weights hold a NaN or inf ({bad}); the earlier checkpoints "

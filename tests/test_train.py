@@ -1266,3 +1266,15 @@ def test_an_explicit_resume_of_the_latest_step_is_not_a_rollback(corpus, tmp_pat
                                 f"--train.resume={out}")) == 0
     assert "rollback" not in capsys.readouterr().out and not (out / "metrics.abandoned.jsonl").exists()
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_no_checkpoint_before_the_first_optimiser_step(corpus, tmp_path, monkeypatch, capsys):
+    """Step 1 is NaN (skipped) with ckpt_every=1: no checkpoint at step 1, whose optimiser has
+    no state yet (DCP's get_state_dict would make one up: a zero step, so a resume's Adam
+    step counters would run one ahead of the uninterrupted run's); step 2 is saved."""
+    import train as train_mod
+    nan_losses_at(monkeypatch, lambda n: n == 1)
+    out = tmp_path / "run"
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=2", "--train.ckpt_every=1")) == 0
+    assert "step 1: no checkpoint before the first optimiser step" in capsys.readouterr().out
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_000002"]
