@@ -39,7 +39,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from cli import LATEST, TRAINER_STATE, OneLineArgumentParser, check_output_file, first_free_path, write_atomic
+from cli import (LATEST, TRAINER_STATE, OneLineArgumentParser, check_output_file, first_free_path, keep_aside,
+                 write_atomic)
 from config import Config, ConfigError, check_vocab, config_from_dict, dump_yaml, read_yaml, to_dict
 from distributed import all_reduce_max, barrier
 
@@ -496,7 +497,7 @@ def load_model(path, device="cpu"):
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def export_safetensors(ckpt, out_path, dtype="fp32") -> str:
+def export_safetensors(ckpt, out_path, dtype="fp32", log=None) -> str:
     """Gather a (possibly sharded, any rank count) DCP checkpoint into one safetensors file.
 
     Tensors are named as in `build_model(cfg.model).state_dict()`; a tied head weight is
@@ -508,7 +509,9 @@ def export_safetensors(ckpt, out_path, dtype="fp32") -> str:
 
     Bad input is a one-line ValueError (FileNotFoundError for a missing checkpoint) raised
     before anything is written: the output path is checked first, then the checkpoint is read
-    in full; the file is written under a temporary name that is removed on any failure."""
+    in full; the file is written under a temporary name that is removed on any failure. An
+    earlier file at out_path is kept as <name>.previous[-N].safetensors (said through `log`)
+    once the new one is written, just before it takes the name."""
     from safetensors import SafetensorError
     from safetensors.torch import save_model
     if dtype not in EXPORT_DTYPES:
@@ -525,6 +528,9 @@ def export_safetensors(ckpt, out_path, dtype="fp32") -> str:
     def write(tmp):
         save_model(model, tmp, metadata=metadata)
         os.chmod(tmp, 0o666 & ~_umask())
+        kept = keep_aside(out_path)         # an earlier export: moved, not overwritten
+        if kept and log:
+            log(f"the earlier {out_path} is kept as {kept}")
     try:
         return write_atomic(out_path, write)
     except (OSError, SafetensorError) as e:  # disk full, permissions changed, a directory appeared, a
@@ -586,7 +592,7 @@ def main(argv=None):
     export.add_argument("--dtype", default="fp32", choices=sorted(EXPORT_DTYPES))
     args = parser.parse_args(argv)
     try:
-        path = export_safetensors(args.checkpoint, args.out, dtype=args.dtype)
+        path = export_safetensors(args.checkpoint, args.out, dtype=args.dtype, log=print)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

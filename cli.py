@@ -8,6 +8,7 @@ failure leaves nothing half-written.
     write_atomic(args.out, json.dumps(results))          # after it
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -227,6 +228,24 @@ def check_output_dir(path: str, flag: str = "--out") -> str:
 def first_free_path(candidates) -> str:
     """The first of `candidates` (an iterable of paths) where nothing exists yet."""
     return next(path for path in candidates if not os.path.lexists(path))
+
+
+def keep_aside(path) -> str | None:
+    """Rename a non-empty file that an output would overwrite to <stem>.previous[-N]<ext>
+    (train.py's results on a fresh start, an export) -> the new path, None when there was
+    nothing to keep."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    new = aside_name(path, "previous")
+    os.replace(path, new)
+    return new
+
+
+def aside_name(path, tag) -> str:
+    """The first free <stem>.<tag>[-N]<ext> beside `path` (metrics.previous.jsonl, then
+    metrics.previous-2.jsonl, ...): where an output is kept instead of overwritten."""
+    stem, ext = os.path.splitext(path)
+    return first_free_path(f"{stem}.{tag}{f'-{n}' if n > 1 else ''}{ext}" for n in itertools.count(1))
 
 
 def check_unique(flag: str, items: list, keys: list | None = None) -> list:

@@ -13,7 +13,6 @@ Under torchrun every rank runs this file; rank 0 alone prints and writes logs, a
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import distributed
 from checkpoint import (LATEST, RESUME_KEYS, CheckpointMismatch, find_checkpoint, first_non_finite, holds_checkpoints,
                         load_config_of, load_training_state, resolve_checkpoint, save_checkpoint, saved_steps,
                         set_aside_later_steps, step_number)
-from cli import check_output_dir, enclosing_checkpoint, first_free_path, one_line, write_atomic
+from cli import aside_name, check_output_dir, enclosing_checkpoint, keep_aside, one_line, write_atomic
 from config import (LONG_CONTEXT, MODEL_SECTIONS, Config, ConfigError, DataConfig, check_vocab, config_data,
                     config_from_dict, dump_yaml, reads, to_dict, unread_settings)
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, full_value, gradient_sync
@@ -234,17 +233,6 @@ def check_out_dir(t):
 def is_under(ckpt, ckpt_root) -> bool:
     """Whether checkpoint folder `ckpt` is one of ckpt_root's (a trailing / and links allowed)."""
     return os.path.realpath(os.path.dirname(os.path.normpath(ckpt))) == os.path.realpath(ckpt_root)
-
-
-def keep_aside(path) -> str | None:
-    """Rename a non-empty file that a fresh start would overwrite to <stem>.previous[-N]<ext>;
-    -> the new path, None when there was nothing to keep."""
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        return None
-    stem, ext = os.path.splitext(path)
-    new = first_free_path(f"{stem}.previous{f'-{n}' if n > 1 else ''}{ext}" for n in itertools.count(1))
-    os.replace(path, new)
-    return new
 
 
 def check_eval_split(cfg: Config, dataset, data_dir):
@@ -457,8 +445,7 @@ class MetricsLog:
         metrics.abandoned[-N].jsonl, atomically -> that path (None when there are none)."""
         if not self.dropped:
             return None
-        stem, ext = os.path.splitext(self.path)
-        kept = first_free_path(f"{stem}.abandoned{f'-{n}' if n > 1 else ''}{ext}" for n in itertools.count(1))
+        kept = aside_name(self.path, "abandoned")
         self._write(kept, "".join(self.dropped))
         return kept
 

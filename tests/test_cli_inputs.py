@@ -123,6 +123,13 @@ def test_a_good_checkpoint_resumes_and_exports(run, tmp_path, capsys):
     code, err = _export([run, str(tmp_path / "m.safetensors")], capsys)
     assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors", "run"]        # no *.tmp-PID left
+    first = (tmp_path / "m.safetensors").read_bytes()        # exported again: the earlier file is kept
+    import checkpoint
+    assert checkpoint.main(["export", run, str(tmp_path / "m.safetensors"), "--dtype", "bf16"]) == 0
+    assert f"the earlier {tmp_path / 'm.safetensors'} is kept as {tmp_path / 'm.previous.safetensors'}" in \
+        capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["m.previous.safetensors", "m.safetensors", "run"]
+    assert (tmp_path / "m.previous.safetensors").read_bytes() == first != (tmp_path / "m.safetensors").read_bytes()
 
 
 def test_truncated_trainer_state_is_one_line_and_touches_nothing(run, tmp_path, capsys):
