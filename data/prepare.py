@@ -15,6 +15,7 @@ An existing <out> is replaced only when it is a cache of the same source (see
 _check_out_dir); any other non-empty folder is refused before anything is written.
 """
 
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -30,8 +31,8 @@ from collections import deque
 
 import numpy as np
 
-from cli import (OneLineArgumentParser, hub_unreachable, int_at_least, non_negative_int, one_line, open_fraction,
-                 output_dir_problem, positive_int, read_text, seed_int)
+from cli import (OneLineArgumentParser, check_output_dir, hub_unreachable, int_at_least, non_negative_int, one_line,
+                 open_fraction, output_dir_problem, positive_int, read_text, seed_int)
 from data.builtin import iter_builtin_documents
 from data.meta import META_FORMAT_VERSION, META_NAME, check_shards, load_meta, read_meta_json
 from data.shards import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES, write_shard
@@ -46,9 +47,10 @@ DEFAULT_VAL_FRACTION = 0.01  # = config.py's data.val_fraction (the trainer's re
 
 
 def _expand_glob(pattern: str, what: str) -> list[str]:
-    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+    paths = sorted(p for p in matches if os.path.isfile(p))
     if not paths:
-        raise FileNotFoundError(f"{what} {pattern!r} matches no files")
+        raise FileNotFoundError(f"{what} {pattern!r} matches " + ("only folders" if matches else "no files"))
     return paths
 
 
@@ -109,7 +111,7 @@ def _iter_hf_rows(dataset, text_field: str, what: str):
                 return
             except Exception as e:
                 raise _hf_error(what, e, held) from None
-            yield _text_of_row(row, text_field, f"row {index}")
+            yield _text_of_row(row, text_field, f"{what} row {index}")
 
 
 class _HeldErrorLogs(logging.Filter):
@@ -328,6 +330,12 @@ def _check_out_dir(out_dir: str, source: str, data_files=None):
         raise refuse(f"holds files data.prepare did not write ({shown})")
 
 
+def _target(out_dir: str) -> str:
+    """The path to check as the output folder: the target of a dangling symlink (the folder is
+    made there, the link kept), else out_dir itself."""
+    return os.path.realpath(out_dir) if os.path.islink(out_dir) and not os.path.exists(out_dir) else out_dir
+
+
 def _progress(total, quiet: bool):
     from tqdm import tqdm
 
@@ -351,7 +359,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: fl
         raise ValueError(f"num_workers must be >= 0 (0 = all cores), got {num_workers}")
     num_workers = num_workers or os.cpu_count() or 1
     out_dir = os.path.normpath(out_dir)
-    _check_out_dir(out_dir, source, data_files)  # before anything is read, written or deleted
+    _check_out_dir(_target(out_dir), source, data_files)  # before anything is read, written or deleted
     tok = get_tokenizer(tokenizer, bpe_dir)  # fail fast on missing BPE files, before reading data
     if tok.vocab_size > MAX_VOCAB:
         raise ValueError(f"vocab of {tok.vocab_size} does not fit uint16 shards")
@@ -370,10 +378,16 @@ def prepare(source: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: fl
             else:  # an empty document would add a lone eot and nothing to learn
                 skipped_empty += 1
 
-    # absolute: for out_dir "." (or "..") the sibling "..tmp-<pid>" would land inside out_dir
-    tmp_dir = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
+    # absolute: for out_dir "." (or "..") the sibling "..tmp-<pid>" would land inside out_dir;
+    # resolved: for an out_dir that is a symlink, the folder is built and swapped beside its
+    # target, so that the link stays a link to the rebuilt data
+    real_dir = os.path.realpath(out_dir)
+    tmp_dir = f"{real_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    os.makedirs(tmp_dir)
+    try:
+        os.makedirs(tmp_dir)
+    except OSError as e:  # e.g. under /proc: name the output, not the temporary folder
+        raise ValueError(f"output {out_dir} cannot be created: {e.strerror or e}") from None
     try:
         writers = {name: _SplitWriter(tmp_dir, name, shard_tokens, tok.vocab_size) for name in ("train", "val")}
         # The latest train document is held back one step: if no document hashed to val,
@@ -415,8 +429,8 @@ def prepare(source: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: fl
             json.dump(meta, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _check_out_dir(out_dir, source, data_files)  # again: out_dir may have changed while we tokenized
-        _swap_into_place(tmp_dir, os.path.abspath(out_dir))  # "." cannot be renamed
+        _check_out_dir(_target(out_dir), source, data_files)  # again: out_dir may have changed while we tokenized
+        _swap_into_place(tmp_dir, real_dir)  # "." cannot be renamed
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return meta
@@ -445,20 +459,70 @@ def ensure_prepared(source: str, out_dir: str, tokenizer: str = "gpt2", **kwargs
     """Return out_dir's meta when it was prepared from the same recipe (source, tokenizer,
     split choice, ...) and its meta.json and shards are intact; otherwise prepare it. A folder
     of the same source is rebuilt in place; one of another source, or not data.prepare's,
-    is refused with a ValueError before anything is deleted (_check_out_dir). Under torchrun,
-    call it on one rank and barrier: concurrent preparers would race on the final rename."""
+    is refused with a ValueError before anything is deleted (_check_out_dir). Preparers of one
+    out_dir take turns (_out_dir_lock): a second one waits for the first, then reuses its folder."""
     recipe = _recipe(source, tokenizer, kwargs.get("data_files"), kwargs.get("text_field", "text"),
                      kwargs.get("split", "train"), kwargs.get("max_docs"),
                      kwargs.get("val_fraction", DEFAULT_VAL_FRACTION), kwargs.get("seed", 0))
-    if os.path.isfile(os.path.join(out_dir, META_NAME)):
+    with _out_dir_lock(out_dir):
+        if os.path.isfile(os.path.join(out_dir, META_NAME)):
+            try:
+                meta = load_meta(out_dir)
+                if meta.get("format_version") == META_FORMAT_VERSION and meta.get("recipe") == recipe:
+                    check_shards(out_dir, meta)
+                    return meta
+            except (ValueError, OSError):
+                pass  # damaged: prepare() rebuilds it when it is this source's folder, refuses otherwise
+        return prepare(source, out_dir, tokenizer, **kwargs)
+
+
+@contextlib.contextmanager
+def _out_dir_lock(out_dir: str):
+    """Hold an exclusive flock on <out_dir>.lock (beside the resolved folder) while preparing it:
+    two preparers at once (two runs sharing data/cache/...) would otherwise race on the
+    check-then-rename swap. The holder removes the file when done; a waiter that then finds it
+    locked a removed file locks the new one. Without fcntl, or where the lock file cannot be
+    made or locked (a filesystem without flock), it proceeds unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = f"{os.path.realpath(out_dir)}.lock"
+    lock = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError:
+        pass  # open() fails below; prepare() names the problem
+    while True:
         try:
-            meta = load_meta(out_dir)
-            if meta.get("format_version") == META_FORMAT_VERSION and meta.get("recipe") == recipe:
-                check_shards(out_dir, meta)
-                return meta
-        except (ValueError, OSError):
-            pass  # damaged: prepare() rebuilds it when it is this source's folder, refuses otherwise
-    return prepare(source, out_dir, tokenizer, **kwargs)
+            lock = open(path, "a")
+        except OSError:
+            break
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:  # removed by the holder we waited for: lock the new one
+            pass
+        except OSError:  # e.g. a filesystem without flock
+            lock.close()
+            lock = None
+            break
+        except BaseException:
+            lock.close()
+            raise
+        lock.close()
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            try:
+                os.remove(path)  # while still held: a waiter rechecks the path after locking
+            except OSError:
+                pass
+            lock.close()
 
 
 # ----------------------------------------------------------------------------------------
@@ -479,7 +543,7 @@ def main(argv=None):
     parser.add_argument("--max-docs", type=int_at_least(2), default=None,
                         help="stop after this many documents (at least 2: one train and one val document)")
     parser.add_argument("--data-files", default=None, help="glob of local files for hf:json / hf:text / ...")
-    parser.add_argument("--text-field", default="text", help="field holding the text in jsonl / HF rows")
+    parser.add_argument("--text-field", default=None, help="field holding the text in jsonl / HF rows (default: text)")
     parser.add_argument("--split", default=None, help="HF split to read (default: train)")
     parser.add_argument("--seed", type=seed_int, default=0, help="seed of the per-document val split")
     parser.add_argument("--bpe-dir", default=None, help="folder with GPT-2 vocab.bpe and encoder.json")
@@ -492,12 +556,17 @@ def main(argv=None):
                             ("--split", args.split is not None)):
             if given:
                 parser.error(f"argument {flag}: applies to hf: sources only, not to {args.source!r}")
+    if args.source == "builtin" and args.text_field is not None:
+        parser.error(f"argument --text-field: applies to files: and hf: sources only, not to {args.source!r}")
     try:
-        meta = prepare(args.source, args.out, args.tokenizer, val_fraction=args.val_fraction,
-                       shard_tokens=args.shard_tokens, num_workers=args.workers, text_field=args.text_field,
-                       split="train" if args.split is None else args.split, streaming=args.streaming,
-                       max_docs=args.max_docs, seed=args.seed, data_files=args.data_files, bpe_dir=args.bpe_dir,
-                       quiet=args.quiet)
+        check_output_dir(_target(args.out))  # up front, naming --out (not the temporary build folder)
+        with _out_dir_lock(args.out):
+            meta = prepare(args.source, args.out, args.tokenizer, val_fraction=args.val_fraction,
+                           shard_tokens=args.shard_tokens, num_workers=args.workers,
+                           text_field="text" if args.text_field is None else args.text_field,
+                           split="train" if args.split is None else args.split, streaming=args.streaming,
+                           max_docs=args.max_docs, seed=args.seed, data_files=args.data_files,
+                           bpe_dir=args.bpe_dir, quiet=args.quiet)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)

@@ -492,6 +492,134 @@ def test_prepare_cli_refuses_hf_only_flags_for_other_sources(tmp_path, capsys, s
     assert not out.exists()
 
 
+def test_prepare_cli_refuses_text_field_for_builtin(tmp_path, capsys):
+    """Review: --text-field with --source builtin was accepted and written into the recipe, whose
+    trainer counterpart for builtin has the default: the folder was then rebuilt. Now refused
+    like the hf:-only flags; files: sources still take it."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_main(["--source", "builtin", "--out", str(out), "--tokenizer", "bytes", "--text-field", "body"])
+    assert excinfo.value.code == 2
+    assert capsys.readouterr().err == ("error: argument --text-field: applies to files: and hf: sources only, "
+                                       "not to 'builtin'\n")
+    assert not out.exists()
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS[:4]), encoding="utf-8")
+    prepare_main(["--source", f"files:{jsonl}", "--out", str(out), "--tokenizer", "bytes", "--text-field", "body",
+                  "--val-fraction", "0.25", "--workers", "1", "--quiet"])
+    assert json.load(open(out / "meta.json"))["recipe"]["text_field"] == "body"
+
+
+def test_prepare_cli_names_out_when_it_cannot_be_made(tmp_path, capsys):
+    """Review: --out /proc/foo failed naming the temporary folder ('/proc/foo.tmp-<pid>'), and
+    --out under a file was "output ...", not the flag. Now both name the --out path."""
+    (tmp_path / "afile").write_text("keep me")
+    bad = tmp_path / "afile" / "sub"
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_main(["--source", "builtin", "--out", str(bad), "--tokenizer", "bytes", "--quiet"])
+    assert excinfo.value.code == 2
+    assert capsys.readouterr().err == f"error: --out {bad} cannot be created: {tmp_path / 'afile'} is not a folder\n"
+    if os.path.isdir("/proc/self"):  # Linux: nothing can be made in /proc, whoever runs the test
+        out = f"/proc/prepare-test-{os.getpid()}"
+        with pytest.raises(SystemExit) as excinfo:
+            prepare_main(["--source", "builtin", "--out", out, "--tokenizer", "bytes", "--max-docs", "2",
+                          "--workers", "1", "--quiet"])
+        err = capsys.readouterr().err
+        assert err.startswith(("error: --out /proc/prepare-test-", f"error: output {out} cannot be created")), err
+        assert ".tmp-" not in err and err.count("\n") == 1
+
+
+def test_prepare_files_glob_of_folders_only_says_so(tmp_path):
+    (tmp_path / "a.txt").mkdir()  # a folder named like a document
+    with pytest.raises(FileNotFoundError) as excinfo:
+        prepare(f"files:{tmp_path}/*.txt", str(tmp_path / "out"), "bytes", quiet=True)
+    assert _one_line(excinfo) == f"files: glob '{tmp_path}/*.txt' matches only folders"
+    with pytest.raises(FileNotFoundError, match="matches no files$"):
+        prepare(f"files:{tmp_path}/*.md", str(tmp_path / "out"), "bytes", quiet=True)
+
+
+def test_prepare_hf_row_error_names_the_dataset(tmp_path, monkeypatch):
+    """Review: a row without the text field was "row 0 has no field 'body'": which dataset?"""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:3]))
+    with pytest.raises(ValueError) as excinfo:
+        prepare("hf:json", str(tmp_path / "out"), "bytes", num_workers=1, data_files=str(rows), text_field="body",
+                quiet=True)
+    assert _one_line(excinfo) == ("HF dataset 'json' (config None, split 'train') row 0 has no field 'body' "
+                                  "(has: ['text']); set --text-field")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_rebuilds_through_a_symlinked_out_dir(tmp_path):
+    """Review: a rebuild through a symlinked --out (a data/cache entry pointing at a big disk)
+    renamed the link aside (left as <link>.old-<pid>) and put a real folder in its place. Now
+    the folder is built and swapped beside the link's target; the link stays."""
+    source = _txt_corpus(tmp_path / "corpus", DOCS[:4])
+    real = tmp_path / "big" / "real"
+    real.parent.mkdir()
+    prepare(source, str(real), "bytes", val_fraction=0.25, num_workers=1, quiet=True)
+    link = tmp_path / "lnk"
+    link.symlink_to(real)
+    for call in (lambda: ensure_prepared(source, str(link), "bytes", val_fraction=0.5, num_workers=1, quiet=True),
+                 lambda: prepare_main(["--source", source, "--out", str(link), "--tokenizer", "bytes",
+                                       "--val-fraction", "0.4", "--workers", "1", "--quiet"])):
+        call()  # another recipe of the same source: rebuilt
+        assert link.is_symlink() and os.readlink(link) == str(real)
+        assert sorted(os.listdir(tmp_path)) == ["big", "corpus", "lnk"]  # no .old-* / .tmp-* / .lock left
+        assert sorted(os.listdir(tmp_path / "big")) == ["real"]
+    assert json.load(open(real / "meta.json"))["recipe"]["val_fraction"] == 0.4
+    assert TokenDataset(str(link)).vocab_size == 257
+    dangling = tmp_path / "dangling"  # a link to a folder not made yet: made there
+    dangling.symlink_to(tmp_path / "big" / "new")
+    prepare_main(["--source", source, "--out", str(dangling), "--tokenizer", "bytes", "--workers", "1", "--quiet"])
+    assert dangling.is_symlink() and sorted(os.listdir(tmp_path / "big")) == ["new", "real"]
+
+
+def test_concurrent_preparers_of_one_folder_take_turns(tmp_path, monkeypatch):
+    """Review: two runs preparing one folder at once (sharing data/cache/...): the loser failed
+    with "[Errno 39] Directory not empty: '<out>.tmp-<pid>' -> '<out>'" or left <out>.old-<pid>.
+    Now the second waits for the first (a lock beside the folder) and reuses its result."""
+    import threading
+    import time
+
+    import data.prepare as prepare_module
+
+    source = _txt_corpus(tmp_path / "corpus", DOCS[:4])
+    out = str(tmp_path / "shared")
+    real_replace, real_prepare = os.replace, prepare_module.prepare
+    calls = []
+
+    def slow_replace(a, b):  # widens the window between the reuse check and the swap
+        time.sleep(0.5)
+        return real_replace(a, b)
+
+    def counting_prepare(*args, **kwargs):
+        calls.append(args)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", slow_replace)
+    monkeypatch.setattr(prepare_module, "prepare", counting_prepare)
+    start = threading.Barrier(2)
+    results, errors = [], []
+
+    def run():
+        start.wait()
+        try:
+            results.append(ensure_prepared(source, out, "bytes", val_fraction=0.25, num_workers=1, quiet=True))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "shared"]  # no .tmp- / .old- / .lock left
+
 # ----------------------------------------------------------------------------------------
 # loader
 
