@@ -206,7 +206,10 @@ class NeuralMemory(nn.Module):
                        scans run in Triton ("triton", or "auto" on CUDA) a linear memory runs
                        as one fused kernel per layer (kernels/triton_memory.py); the MLP
                        memory's kernel (triton_mlp_memory.py) runs only with backend
-                       "triton", not yet with "auto" (`fused_kernel_blocker`)
+                       "triton", not yet with "auto" (`fused_kernel_blocker`). On the
+                       per-chunk path a layer whose key dim (d, or an MLP's hidden width E)
+                       exceeds kernels.checks.MAX_KEY_DIM scans in PyTorch ("torch") under
+                       "triton" as under "auto" (`_scan_backend`)
     """
 
     def __init__(self, n_head: int, head_dim: int, depth: int = 2, expansion: int = 2,
@@ -324,20 +327,20 @@ class NeuralMemory(nn.Module):
             new_weights, new_momenta = [], ([] if self.update_rule == "momentum" else None)
             query = q
             for layer, (a, g) in enumerate(zip(inputs, grads)):
-                W = state["weights"][layer]
+                W, backend = state["weights"][layer], self._scan_backend(a.shape[-1])
                 if self.update_rule == "momentum":
                     out, W, Z = kernels.momentum_rule(
                         query, a, -lr.unsqueeze(-1) * g, alpha, beta, W, state["momenta"][layer],
-                        chunk_size=C, backend=self.backend)
+                        chunk_size=C, backend=backend)
                     new_momenta.append(Z)
                 elif self.update_rule == "dgd":
                     eta = lr / (1 + lr * a.pow(2).sum(-1))                 # eta' (NL Eq. 57)
                     out, W = kernels.delta_rule(query, a, -eta.unsqueeze(-1) * g, alpha, eta, W,
-                                                chunk_size=C, backend=self.backend)
+                                                chunk_size=C, backend=backend)
                 else:                                                      # "gd"
                     out, W = kernels.delta_rule(query, a, -lr.unsqueeze(-1) * g, alpha,
                                                 torch.zeros_like(lr), W, chunk_size=C,
-                                                backend=self.backend)
+                                                backend=backend)
                 new_weights.append(W)
                 if layer + 1 < len(inputs):
                     query = self.act(out)                  # W_out reads s(W_in,t q_t)
@@ -352,6 +355,15 @@ class NeuralMemory(nn.Module):
             chunk_start = new_weights
         return y, {"weights": new_weights, "chunk_start": list(chunk_start),
                    "momenta": new_momenta, "pos": new_pos}
+
+    def _scan_backend(self, key_dim) -> str:
+        """The scan backend of one layer on the per-chunk path: the memory's, except that
+        under "triton" a layer whose key dim (its input width: d, or the hidden width E of an
+        MLP's second layer) exceeds kernels.checks.MAX_KEY_DIM, which the Triton scans do not
+        hold, takes the chunked PyTorch scan, as "auto" does (kernels.select_backend)."""
+        if self.backend == "triton" and key_dim > kernels.checks.MAX_KEY_DIM:
+            return "torch"
+        return self.backend
 
     def scan(self, q, k, v, lr, alpha, beta=None, state=None, self_target=False) -> MemoryOutput:
         """Run the chunked inner optimisation over T tokens (any T, any starting position).

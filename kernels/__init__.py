@@ -14,7 +14,7 @@ Backends (fla's triad, DESIGN §4):
     "reference"  kernels/reference.py, sequential over tokens (the oracle)
     "torch"      kernels/chunked.py, chunked PyTorch (the CPU path)
     "triton"     kernels/triton_scans.py, fused Triton kernels (the CUDA path)
-    "auto"       triton when the inputs are on CUDA, not float64, K <= checks.MAX_KEY_DIM
+    "auto"       triton when the inputs are on CUDA, none float64, K <= checks.MAX_KEY_DIM
                  and Triton imports; else torch (select_backend)
 """
 import importlib
@@ -22,7 +22,7 @@ import importlib
 import torch
 
 from . import chunked
-from .checks import MAX_KEY_DIM, check_scan_inputs
+from .checks import MAX_KEY_DIM, SUPPORTED_DTYPES, check_scan_inputs
 from .reference import delta_rule_reference, momentum_rule_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -45,13 +45,16 @@ def _triton_scans_or_error():
 
 def select_backend(backend, device, dtype=torch.float32, key_dim=None):
     """Resolve `backend` ("auto" included) to the concrete backend used for `device`.
+    `dtype`: the inputs' dtype, or a sequence of every input's dtype (None entries skipped).
     "auto" takes the chunked PyTorch path where the Triton kernels do not apply: off CUDA,
-    float64 (they are fp32/bf16/fp16) and key dims above checks.MAX_KEY_DIM."""
+    any input outside checks.SUPPORTED_DTYPES (float64: they are fp32/bf16/fp16) and key
+    dims above checks.MAX_KEY_DIM."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend != "auto":
         return backend
-    if torch.device(device).type != "cuda" or dtype == torch.float64:
+    dtypes = [dtype] if isinstance(dtype, torch.dtype) else [d for d in dtype if d is not None]
+    if torch.device(device).type != "cuda" or any(d not in SUPPORTED_DTYPES for d in dtypes):
         return "torch"
     if key_dim is not None and key_dim > MAX_KEY_DIM:
         return "torch"
@@ -62,12 +65,18 @@ def select_backend(backend, device, dtype=torch.float32, key_dim=None):
     return "triton"
 
 
+def _dtypes(*tensors):
+    """Every given tensor's dtype (None for an absent one): what select_backend weighs."""
+    return [None if t is None else t.dtype for t in tensors]
+
+
 def delta_rule(q, k, u, alpha, eta, initial_state=None, chunk_size=64, backend="auto"):
     """Gated delta rule / DGD step (NL Eq. 57/88). Returns (o [B,T,H,V], S_T [B,H,V,K]).
     `chunk_size` changes speed, never the result (beyond float rounding)."""
     check_scan_inputs(q, k, u, {"alpha": alpha, "eta": eta}, {"initial_state": initial_state},
                       chunk_size)
-    backend = select_backend(backend, q.device, q.dtype, q.shape[-1])
+    backend = select_backend(backend, q.device, _dtypes(q, k, u, alpha, eta, initial_state),
+                             q.shape[-1])
     if backend == "reference":
         return delta_rule_reference(q, k, u, alpha, eta, initial_state)
     if backend == "torch":
@@ -83,7 +92,8 @@ def momentum_rule(q, k, u, alpha, beta, initial_state=None, initial_momentum=Non
     check_scan_inputs(q, k, u, {"alpha": alpha, "beta": beta},
                       {"initial_state": initial_state, "initial_momentum": initial_momentum},
                       chunk_size)
-    backend = select_backend(backend, q.device, q.dtype, q.shape[-1])
+    backend = select_backend(backend, q.device, _dtypes(q, k, u, alpha, beta, initial_state,
+                                                        initial_momentum), q.shape[-1])
     if backend == "reference":
         return momentum_rule_reference(q, k, u, alpha, beta, initial_state, initial_momentum)
     if backend == "torch":

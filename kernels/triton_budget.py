@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import MAX_BUDGET_CHUNK
+from .checks import MAX_BUDGET_CHUNK, check_tensors
 from .triton_delta import _load_gate, _load_rows, _pick, _store_gate, _store_rows, jit_any_length
 
 
@@ -108,7 +108,8 @@ def _step_budget_fwd(wanted: Tensor, used: Tensor, overlap: Tensor,
 
 @_step_budget_fwd.register_fake
 def _(wanted, used, overlap, budget):
-    return torch.empty_like(wanted), torch.empty_like(wanted)
+    # row-major like the op's outputs (it makes its inputs contiguous first)
+    return wanted.new_empty(wanted.shape), wanted.new_empty(wanted.shape)
 
 
 @torch.library.custom_op("nested_learning::step_budget_bwd", mutates_args=())
@@ -126,7 +127,7 @@ def _step_budget_bwd(wanted: Tensor, overlap: Tensor, e: Tensor, seen: Tensor, g
 
 @_step_budget_bwd.register_fake
 def _(wanted, overlap, e, seen, grad_e, budget):
-    return torch.empty_like(wanted), torch.empty_like(wanted), torch.empty_like(overlap)
+    return wanted.new_empty(wanted.shape), wanted.new_empty(wanted.shape), overlap.new_empty(overlap.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -157,6 +158,9 @@ def capped_steps(wanted, used, overlap, budget):
     for name, t in (("wanted", wanted), ("used", used), ("overlap", overlap)):
         if t.dtype != torch.float32:
             raise ValueError(f"{name} must be float32 for the step-budget kernel; got {t.dtype}")
+    # one device, and CUDA (or the interpreter): the one-line message of the other entries
+    check_tensors({"wanted": wanted, "used": used, "overlap": overlap}, "wanted",
+                  kernels="the step-budget kernels")
     lead = wanted.shape[:-1]
     e, _ = torch.ops.nested_learning.step_budget_fwd(
         wanted.reshape(-1, C), used.reshape(-1, C), overlap.reshape(-1, C, C), float(budget))

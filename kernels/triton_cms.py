@@ -272,7 +272,7 @@ def _(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, lr, activation
     B, T, D = a.shape
     H = w_in.shape[1]
     slots = _pieces(T, pos, chunk_size) + 1
-    return (torch.empty_like(a), a.new_empty(B, H, D), a.new_empty(B, D, H), a.new_empty(B, H, D),
+    return (a.new_empty(a.shape), a.new_empty(B, H, D), a.new_empty(B, D, H), a.new_empty(B, H, D),
             a.new_empty(B, D, H), a.new_empty((B, slots, H, D) if save else (0,)),
             a.new_empty((B, slots, D, H) if save else (0,)), a.new_empty(a.shape if save else (0,)))
 
@@ -300,8 +300,9 @@ def _cms_bwd(a: Tensor, w1s: Tensor, w2s: Tensor, err: Tensor, grad_y: Tensor,
 @_cms_bwd.register_fake
 def _(a, w1s, w2s, err, grad_y, grad_w_in, grad_w_out, grad_g_in, grad_g_out, pos, chunk_size,
       lr, activation):
-    return (torch.empty_like(a), torch.empty_like(a), torch.empty_like(grad_w_in),
-            torch.empty_like(grad_w_out), torch.empty_like(grad_g_in), torch.empty_like(grad_g_out))
+    # the op makes its inputs contiguous first: new row-major buffers, not empty_like (which
+    # keeps a permuted input's strides)
+    return tuple(t.new_empty(t.shape) for t in (a, a, grad_w_in, grad_w_out, grad_w_in, grad_w_out))
 
 
 def _cms_setup_context(ctx, inputs, output):

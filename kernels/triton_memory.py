@@ -243,9 +243,10 @@ def _memory_delta_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tenso
 
 @_memory_delta_bwd.register_fake
 def _(q, k, v, alpha, eta, lr_write, h_chunks, grad_o, grad_state, grad_start, chunk_size):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(alpha), torch.empty_like(eta), torch.empty_like(lr_write),
-            torch.empty_like(grad_state, dtype=torch.float32))
+    # the op makes its inputs contiguous first: new row-major buffers, not empty_like (which
+    # keeps a permuted input's strides)
+    return (*(t.new_empty(t.shape) for t in (q, k, v, alpha, eta, lr_write)),
+            grad_state.new_empty(grad_state.shape, dtype=torch.float32))
 
 
 def _memory_delta_setup_context(ctx, inputs, output):
@@ -345,10 +346,9 @@ def _memory_momentum_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: T
 @_memory_momentum_bwd.register_fake
 def _(q, k, v, alpha, beta, lr, h_chunks, z_chunks, grad_o, grad_state, grad_momentum,
       grad_start, chunk_size):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(alpha), torch.empty_like(beta), torch.empty_like(lr),
-            torch.empty_like(grad_state, dtype=torch.float32),
-            torch.empty_like(grad_momentum, dtype=torch.float32))
+    # row-major like the op's (contiguous-input) outputs, whatever the inputs' strides
+    return (*(t.new_empty(t.shape) for t in (q, k, v, alpha, beta, lr)),
+            *(g.new_empty(g.shape, dtype=torch.float32) for g in (grad_state, grad_momentum)))
 
 
 def _memory_momentum_setup_context(ctx, inputs, output):

@@ -886,10 +886,10 @@ def _memory_mlp_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, 
 @_memory_mlp_bwd.register_fake
 def _(q, k, v, alpha, lr, h1c, h2c, grad_y, grad_win, grad_wout, grad_win_start,
       grad_wout_start, chunk_size, dgd, activation, max_grad_norm, self_target):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(alpha), torch.empty_like(lr),
-            torch.empty_like(grad_win, dtype=torch.float32),
-            torch.empty_like(grad_wout, dtype=torch.float32))
+    # the op makes its inputs contiguous first: new row-major buffers, not empty_like (which
+    # keeps a permuted input's strides)
+    return (*(t.new_empty(t.shape) for t in (q, k, v, alpha, lr)),
+            *(g.new_empty(g.shape, dtype=torch.float32) for g in (grad_win, grad_wout)))
 
 
 def _memory_mlp_setup_context(ctx, inputs, output):
@@ -1028,11 +1028,10 @@ def _memory_mlp_momentum_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bet
 @_memory_mlp_momentum_bwd.register_fake
 def _(q, k, v, alpha, beta, lr, h1c, h2c, z1c, z2c, grad_y, grad_win, grad_wout, grad_zin,
       grad_zout, grad_win_start, grad_wout_start, chunk_size, activation, max_grad_norm):
-    f32 = dict(dtype=torch.float32)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(alpha), torch.empty_like(beta), torch.empty_like(lr),
-            torch.empty_like(grad_win, **f32), torch.empty_like(grad_wout, **f32),
-            torch.empty_like(grad_zin, **f32), torch.empty_like(grad_zout, **f32))
+    # row-major like the op's (contiguous-input) outputs, whatever the inputs' strides
+    return (*(t.new_empty(t.shape) for t in (q, k, v, alpha, beta, lr)),
+            *(g.new_empty(g.shape, dtype=torch.float32)
+              for g in (grad_win, grad_wout, grad_zin, grad_zout)))
 
 
 def _memory_mlp_momentum_setup_context(ctx, inputs, output):

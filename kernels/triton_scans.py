@@ -96,9 +96,10 @@ def _delta_rule_bwd(q: Tensor, k: Tensor, u: Tensor, alpha: Tensor, eta: Tensor,
 
 @_delta_rule_bwd.register_fake
 def _(q, k, u, alpha, eta, h_chunks, delta, grad_o, grad_state, chunk_size):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(u),
-            torch.empty_like(alpha), torch.empty_like(eta),
-            torch.empty_like(grad_state, dtype=torch.float32))
+    # the op makes its inputs contiguous first: new row-major buffers, not empty_like (which
+    # keeps a permuted input's strides)
+    return (*(t.new_empty(t.shape) for t in (q, k, u, alpha, eta)),
+            grad_state.new_empty(grad_state.shape, dtype=torch.float32))
 
 
 def _delta_setup_context(ctx, inputs, output):
@@ -172,10 +173,9 @@ def _momentum_rule_bwd(q: Tensor, k: Tensor, u: Tensor, alpha: Tensor, beta: Ten
 
 @_momentum_rule_bwd.register_fake
 def _(q, k, u, alpha, beta, h_chunks, z_chunks, grad_o, grad_state, grad_momentum, chunk_size):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(u),
-            torch.empty_like(alpha), torch.empty_like(beta),
-            torch.empty_like(grad_state, dtype=torch.float32),
-            torch.empty_like(grad_momentum, dtype=torch.float32))
+    # row-major like the op's (contiguous-input) outputs, whatever the inputs' strides
+    return (*(t.new_empty(t.shape) for t in (q, k, u, alpha, beta)),
+            *(g.new_empty(g.shape, dtype=torch.float32) for g in (grad_state, grad_momentum)))
 
 
 def _momentum_setup_context(ctx, inputs, output):

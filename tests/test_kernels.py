@@ -431,3 +431,22 @@ def test_dispatch_forwards_every_argument(op, monkeypatch):
     args, kw = selects[-1]
     key_dim = kw.get("key_dim", args[3] if len(args) > 3 else None)
     assert key_dim == 4, selects[-1]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("wide", ["k", "u", "alpha", "state"])
+def test_auto_backend_weighs_every_input_dtype(op, wide, monkeypatch):
+    """select_backend("auto") on CUDA takes torch when any input is float64, not only q: an
+    fp32 q with a float64 k, write, gate or state would pick Triton, which refuses float64.
+    Resolution only (no GPU needed): the dispatcher's choice is recorded, not run."""
+    monkeypatch.setattr(kernels, "_triton_scans", lambda: None)
+    assert kernels.select_backend("auto", "cuda", [torch.float32, None, torch.float64]) == "torch"
+    assert kernels.select_backend("auto", "cuda", [torch.float32, None, torch.bfloat16]) == "triton"
+    x = {n: t.detach().float() for n, t in make_inputs(op, T=5, K=4, seed=3).items()}
+    name = {"state": "initial_state"}.get(wide, wide)
+    x[name] = x[name].double()
+    original, chosen = kernels.select_backend, []
+    monkeypatch.setattr(kernels, "select_backend",
+                        lambda *a, **kw: chosen.append(original(a[0], "cuda", *a[2:], **kw)) or "torch")
+    run(op, x, "auto", 4)
+    assert chosen == ["torch"]

@@ -434,3 +434,19 @@ def test_one_linear_write_moves_the_key_read_by_the_closed_form(rule):
     after = torch.einsum("bhoi,bhi->bho", state["weights"][0], k[:, 0])
     torch.testing.assert_close(after, expected, rtol=1e-12, atol=1e-12)
     assert (expected - before).abs().max() > 0.1                                      # a real step
+
+
+def test_per_chunk_layers_wider_than_the_triton_scans_take_the_torch_scan():
+    """An MLP memory with a hidden width over kernels.checks.MAX_KEY_DIM is not fused, and on
+    the per-chunk path its second layer (key dim E) scans in PyTorch under backend "triton"
+    as under "auto", while the first (key dim d) keeps the requested backend. Kills: the
+    per-chunk path handing the memory's backend to every layer (a Triton scan then refuses
+    K = 144 after fused_kernel_blocker had reported the per-chunk path)."""
+    import kernels.checks
+    wide = NeuralMemory(1, 16, depth=2, expansion=9, backend="triton")
+    assert wide._scan_backend(16) == "triton"
+    assert wide._scan_backend(16 * 9) == "torch" and 16 * 9 > kernels.checks.MAX_KEY_DIM
+    assert wide._scan_backend(kernels.checks.MAX_KEY_DIM) == "triton"
+    assert NeuralMemory(1, 16, depth=2, expansion=9, backend="auto")._scan_backend(144) == "auto"
+    assert NeuralMemory(1, 16, depth=2, expansion=9, backend="reference")._scan_backend(144) == "reference"
+    assert "fusable_mlp" in wide.fused_kernel_blocker("cuda")

@@ -144,3 +144,31 @@ def test_cuda_titans_like_shape():
     for g, w in zip(grads, want_grads):
         assert_close(g, w, 1e-3)
     assert CUDA
+
+
+def test_fake_implementations_match_strides_of_permuted_inputs():
+    """The ops make their inputs contiguous, so their outputs are row-major whatever the
+    inputs' strides: the fake implementations must say the same, the backward op's included."""
+    g = torch.Generator().manual_seed(0)
+    wanted, used = (torch.rand(5, 3, generator=g).to(DEVICE).t() for _ in range(2))
+    overlap = torch.rand(5, 5, 3, generator=g).to(DEVICE).permute(2, 0, 1)
+    fake_only = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.nested_learning.step_budget_fwd.default,
+                          (wanted, used, overlap, 0.5), test_utils=fake_only)
+    e, seen = torch.ops.nested_learning.step_budget_fwd(wanted, used, overlap, 0.5)
+    grad_e = torch.rand(5, 3, generator=g).to(DEVICE).t()
+    torch.library.opcheck(torch.ops.nested_learning.step_budget_bwd.default,
+                          (wanted, overlap, e, seen, grad_e, 0.5), test_utils=fake_only)
+
+
+def test_cpu_tensors_without_the_interpreter_raise_one_line(monkeypatch):
+    """Like the other Triton entries: CPU tensors with no interpreter get one line naming
+    the kernels, not Triton's driver error from the launch."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.zeros(2, 8)
+    with pytest.raises(ValueError) as e:
+        triton_budget.capped_steps(x, x, torch.zeros(2, 8, 8), 0.5)
+    assert str(e.value) == ("the step-budget kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
+                            "before importing triton); got device cpu")
+    with pytest.raises(ValueError, match="used must be on wanted's device"):
+        triton_budget.capped_steps(x.to("meta"), x, torch.zeros(2, 8, 8, device="meta"), 0.5)

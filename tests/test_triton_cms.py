@@ -216,3 +216,22 @@ def test_compiles_without_graph_breaks():
         results.append([value, *torch.autograd.grad(value, leaves)])
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_fake_implementations_match_strides_of_permuted_inputs():
+    """The ops make their inputs contiguous, so every output is row-major whatever the
+    inputs' strides: the fake implementations must say the same, the backward op's included."""
+    def transposed(t):
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    x = make_inputs(1, 7, 16, 16, carry=True)
+    args = [transposed(x[n].float()) for n in ("a", "target") + STATE]
+    fake_only = ("test_schema", "test_faketensor")
+    fwd = torch.ops.nested_learning.cms_fast_level_fwd.default
+    options = (3, 4, 0.02, "silu")
+    torch.library.opcheck(fwd, (*args, *options, False), test_utils=fake_only)
+    with torch.no_grad():
+        y, w1f, w2f, g1o, g2o, w1s, w2s, err = fwd(*args, *options, True)
+    grads = [transposed(torch.randn_like(t)) for t in (y, w1f, w2f, g1o, g2o)]
+    torch.library.opcheck(torch.ops.nested_learning.cms_fast_level_bwd.default,
+                          (args[0], w1s, w2s, err, *grads, *options), test_utils=fake_only)

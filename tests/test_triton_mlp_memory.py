@@ -448,3 +448,61 @@ def test_cuda_gelu_mid_chunk_segments_in_tf32():
     with fp32_matmul_precision("high"):
         errors = compare_with_torch_path("dgd", 1, 300, 2, 32, 4, 16, "gelu", segments=[37, 200, 63])
     assert_close(errors, 2e-2, "gelu")
+
+
+def _stored_transposed(t, dims=(1, 2)):
+    """Same values stored with `dims` swapped: a dense view with permuted strides."""
+    return t.transpose(*dims).contiguous().transpose(*dims)
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", ("delta", "momentum"))
+def test_fake_implementations_match_strides_of_permuted_inputs(op):
+    """The ops make their inputs contiguous, so every output is row-major whatever the
+    inputs' strides: the fake implementations must say the same, the backward op's included.
+    Permuted inputs, three chunks."""
+    if op == "delta":
+        args, options, n_states = _kernel_args(T=9), (4, True, "silu", None, False), 4
+    else:
+        args, options, n_states = _momentum_args(T=9), (4, "silu", None), 6
+    args = [_stored_transposed(t) for t in args]
+    fake_only = ("test_schema", "test_faketensor")
+    fwd = getattr(torch.ops.nested_learning, f"memory_mlp_{op}_fwd").default
+    torch.library.opcheck(fwd, (*args, *options, 0), test_utils=fake_only)
+    with torch.no_grad():
+        out = fwd(*args, *options, 1)
+    chunks = out[1 + n_states:]
+    grads = [_stored_transposed(torch.randn_like(out[0]))]
+    grads += [_stored_transposed(torch.randn_like(s), (-1, -2)) for s in out[1:1 + n_states]]
+    gates = 2 if op == "delta" else 3
+    bwd = getattr(torch.ops.nested_learning, f"memory_mlp_{op}_bwd").default
+    torch.library.opcheck(bwd, (*args[:3 + gates], *chunks, *grads, *options),
+                          test_utils=fake_only)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rule", ("momentum", "dgd"))
+def test_hidden_width_over_the_scans_limit_runs_per_chunk(rule, monkeypatch):
+    """hidden 144 > kernels.checks.MAX_KEY_DIM: fused_kernel_blocker reports the per-chunk
+    path, and that path runs (layer 1 in the Triton scans, layer 2, key dim 144, in the
+    chunked PyTorch scan) and matches backend "torch"."""
+    from kernels import triton_scans
+    calls = []
+    for name in ("delta_rule_triton", "momentum_rule_triton"):
+        real = getattr(triton_scans, name)
+        monkeypatch.setattr(triton_scans, name,
+                            lambda *a, _real=real, **kw: calls.append(a[1].shape[-1]) or _real(*a, **kw))
+    inputs = make_inputs(rule, 1, 6, 1, 16)
+    outs = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        mem = NeuralMemory(1, 16, depth=2, expansion=9, chunk_size=4, update_rule=rule,
+                           backend=backend).to(DEVICE)
+        if backend == "triton":
+            assert "fusable_mlp" in mem.fused_kernel_blocker(DEVICE)
+        outs[backend] = mem(inputs["q"], inputs["k"], inputs["v"], inputs["lr"], inputs["alpha"],
+                            inputs["beta"])
+    assert calls and set(calls) == {16}
+    torch.testing.assert_close(outs["triton"][0], outs["torch"][0], rtol=1e-4, atol=1e-4)
+    for w, r in zip(outs["triton"][1]["weights"], outs["torch"][1]["weights"]):
+        torch.testing.assert_close(w, r, rtol=1e-4, atol=1e-4)
