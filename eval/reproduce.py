@@ -40,7 +40,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from cli import OneLineArgumentParser, check_output_dir, positive_int, read_text, write_atomic, write_json
+from cli import (OneLineArgumentParser, check_output_dir, keep_aside, one_line, positive_int, read_text, write_atomic,
+                 write_json)
 from eval.common import exit_on_error
 from eval.paper_numbers import (FIGURE_ONLY, NL_TABLE1_SNIAH, NL_TABLE2, NL_TABLE6, TITANS_TABLE1,
                                 TITANS_TABLE2, average_accuracy)
@@ -100,6 +101,7 @@ class Row:
     run: Run | None = None             # None: the paper's row only (a model this repo lacks)
     paper: str | None = None           # the paper's row name in that group (None: our extra row)
     note: str = ""
+    paper_group: str | None = None     # the paper's group, where it is not `group` (nl_table6 at 760M / 340M)
 
 
 def _run(config: str, suffix: str = "", *overrides: str) -> Run:
@@ -135,21 +137,30 @@ def table_rows(table: str, ablation_base: str = "hope_1.3b") -> list[Row]:
     if table == "nl_table6":
         if ablation_base not in ABLATION_BASES:
             raise ReproduceError(f"unknown --ablation-base {ablation_base!r}; choose from {', '.join(ABLATION_BASES)}")
-        group = next(iter(NL_TABLE6.groups))
+        paper_group = next(iter(NL_TABLE6.groups))
         base = _run(ablation_base)
-        by_label = {label: (Row(label, group, _run(ablation_base, suffix, *overrides), label, note))
-                    for label, suffix, overrides, note in ABLATIONS}
+        group, scale_note = paper_group, ""
+        if ablation_base != "hope_1.3b":    # our runs are at the base's scale, the paper's numbers at 1.3B
+            tokens = run_config(base).train.max_steps * BATCH_TOKENS / 1e9
+            group = f"{ablation_base.split('_', 1)[1].upper()} / {tokens:.0f}B"
+            scale_note = f"paper's numbers: {paper_group}, not {group}"
+
+        def row(label, run, paper, note=""):
+            note = "; ".join(n for n in (note, scale_note if paper else "") if n)
+            return Row(label, group, run, paper, note, paper_group if group != paper_group else None)
         rows = []
-        for label in NL_TABLE6.groups[group]:
+        by_label = {label: (suffix, overrides, note) for label, suffix, overrides, note in ABLATIONS}
+        for label in NL_TABLE6.groups[paper_group]:
             if label == "Hope":
-                rows.append(Row(label, group, base, label))
+                rows.append(row(label, base, label))
             elif label == "w/o Momentum":
-                rows.append(Row(label, group, None, label, "our Hope has no inner momentum to remove (DESIGN §3.5)"))
+                rows.append(row(label, None, label, "our Hope has no inner momentum to remove (DESIGN §3.5)"))
             elif label == "w/o inner-projection q":
-                rows.append(Row(label, group, base, label, "= our Hope: q is static by default (NL §8.1)"))
+                rows.append(row(label, base, label, "= our Hope: q is static by default (NL §8.1)"))
             else:
-                rows.append(by_label[label])
-        rows.append(Row("Hope + adaptive q (ours)", group, _run(ablation_base, "adaptiveq", "--model.hope.adaptive_q=true"),
+                suffix, overrides, note = by_label[label]
+                rows.append(row(label, _run(ablation_base, suffix, *overrides), label, note))
+        rows.append(row("Hope + adaptive q (ours)", _run(ablation_base, "adaptiveq", "--model.hope.adaptive_q=true"),
                         None, "q made a memory too: the inverse of the q row"))
         return rows
     if table == "titans_table1":
@@ -198,11 +209,44 @@ def eval_kinds(table: str, row: Row) -> tuple:
 
 @dataclass
 class Step:
-    """One command and the file whose existence means it is done."""
+    """One command and the file whose existence means it is done (step_status). For an
+    evaluation, that JSON must also record `source` as its checkpoint (not one of an earlier,
+    shorter training into the same folder) and hold no skipped section among `needs` (key
+    paths, e.g. ("perplexity", "wikitext"): eval.run records missing data as {"skipped": why})."""
     title: str
     argv: list
     marker: str
     run: Run | None = field(default=None, compare=False)
+    source: str | None = field(default=None, compare=False)
+    needs: tuple = field(default=(), compare=False)
+
+
+def _same_path(a, b) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b) or os.path.realpath(a) == os.path.realpath(b)
+
+
+def step_status(s: Step) -> tuple[bool, str | None]:
+    """(done?, why not, where its output exists but does not count)."""
+    if not os.path.exists(s.marker):
+        return False, None
+    if s.source is None and not s.needs:
+        return True, None
+    data = _load(s.marker)
+    if not isinstance(data, dict):
+        return False, f"{s.marker} is not a results object"
+    if s.source is not None:
+        # eval.run records the step folder it resolved as checkpoint_dir; the other evals the path given
+        recorded = data.get("checkpoint_dir") or data.get("checkpoint")
+        if not isinstance(recorded, str) or not _same_path(recorded, s.source):
+            return False, f"{s.marker} scored the checkpoint {recorded}, not the run's final {s.source}"
+    for keys in s.needs:
+        section = data
+        for depth, key in enumerate(keys):
+            section = section.get(key) if isinstance(section, dict) else None
+            if isinstance(section, dict) and "skipped" in section:
+                return False, (f"{s.marker}: section {'/'.join(keys[:depth + 1])} was skipped: "
+                               f"{one_line(section['skipped'])}")
+    return True, None
 
 
 def run_dir(root: str, run: Run) -> str:
@@ -220,8 +264,24 @@ def run_config(run: Run, train_args: tuple = ()):
         raise ReproduceError(f"{run.name}: {e}") from None
 
 
+def _without_override(args, key) -> list:
+    """`args` (config overrides) without those setting `key`, in either form: --key=VALUE or
+    --key VALUE (config.parse_overrides)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        name = a[2:].split("=", 1)[0].replace("-", "_") if a.startswith("--") else None
+        if name == key:
+            skip = "=" not in a            # the value is the next argument
+            continue
+        out.append(a)
+    return out
+
+
 def train_step(run: Run, root: str, nproc: int = 1, train_args: tuple = (), cfg=None) -> Step:
-    """torchrun command for a run. The global batch stays 128 x 4096; with N ranks the
+    """torchrun command (python -m torch.distributed.run) for a run. The global batch stays 128 x 4096; with N ranks the
     micro-batch per rank stays the config's (batch_size / grad_accum sequences, sized for
     one GPU) and grad_accum shrinks by N (docs/DISTRIBUTED.md). `cfg`: the run's
     `run_config`, when the caller has it."""
@@ -234,50 +294,62 @@ def train_step(run: Run, root: str, nproc: int = 1, train_args: tuple = (), cfg=
     while per_rank % accum:
         accum -= 1
     out = run_dir(root, run)
-    argv = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "train.py", run.config,
-            f"--train.out_dir={out}", *run.overrides]
-    if accum != t.grad_accum:
+    # torchrun through this interpreter (execute swaps "python" for sys.executable): no torchrun on PATH needed
+    argv = ["python", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+            run.config, f"--train.out_dir={out}", *run.overrides]
+    if accum != t.grad_accum:           # replaces a --train.grad_accum of train_args (the one per rank)
         argv.append(f"--train.grad_accum={accum}")
+        train_args = _without_override(train_args, "train.grad_accum")
     argv += list(train_args)
     from checkpoint import TRAINER_STATE
     marker = os.path.join(out, "checkpoints", f"step_{t.max_steps:06d}", TRAINER_STATE)
     return Step(f"train {run.name}", argv, marker, run)
 
 
-def eval_steps(kind: str, run: Run, root: str) -> list[Step]:
+# eval.run section -> the parts of it the tables read: a skipped one leaves its step to do
+NEEDED_SECTIONS = {"perplexity": (("perplexity", "wikitext"), ("perplexity", "lambada")),
+                   "niah": (("niah",),), "continual": (("continual", "intents"), ("continual", "domains"))}
+
+
+def eval_steps(kind: str, run: Run, root: str, final: str) -> list[Step]:
     """The steps of one evaluation `kind` of a run: runs/<run>/eval/<kind>/, marked done by
-    its EVAL_FILES entry."""
-    ckpt = run_dir(root, run)
-    out = os.path.join(ckpt, os.path.dirname(EVAL_FILES[kind]))
-    marker = os.path.join(ckpt, EVAL_FILES[kind])
+    its EVAL_FILES entry once that records the checkpoint `final` (the folder of the run's last
+    step, which each eval is given) and skipped none of the NEEDED_SECTIONS."""
+    rundir = run_dir(root, run)
+    out = os.path.join(rundir, os.path.dirname(EVAL_FILES[kind]))
+    marker = os.path.join(rundir, EVAL_FILES[kind])
     title = f"{kind} {run.name}"
     if kind in ("perplexity", "niah", "continual"):
         return [Step(title, ["python", "-m", "eval.run", "--suite", "paper", "--sections", kind,
-                             "--checkpoint", ckpt, "--out", out], marker, run)]
+                             "--checkpoint", final, "--out", out], marker, run, final, NEEDED_SECTIONS[kind])]
     if kind == "zeroshot":
-        return [Step(title, ["python", "-m", "eval.reproduce", "zeroshot", "--checkpoint", ckpt, "--out", out],
-                     marker, run)]
+        return [Step(title, ["python", "-m", "eval.reproduce", "zeroshot", "--checkpoint", final, "--out", out],
+                     marker, run, final)]
     if kind == "niah_titans":          # Titans Table 2: pass-key and number at 2K-16K (no word-needle task here)
-        return [Step(title, ["python", "-m", "eval.niah", "--checkpoint", ckpt, "--tasks", "1,2",
-                             "--lengths", "2k,4k,8k,16k", "--samples", "100", "--out", out], marker, run)]
-    return babilong_steps(run, ckpt, out, BABILONG_TASKS, BABILONG_FINETUNE_LENGTHS, ",".join(BABILONG_EVAL_LENGTHS),
+        return [Step(title, ["python", "-m", "eval.niah", "--checkpoint", final, "--tasks", "1,2",
+                             "--lengths", "2k,4k,8k,16k", "--samples", "100", "--out", out], marker, run, final)]
+    # one fine-tuned folder per source step: a shorter run's fine-tune is never taken for the final one's
+    return babilong_steps(run, final, out, BABILONG_TASKS, BABILONG_FINETUNE_LENGTHS, ",".join(BABILONG_EVAL_LENGTHS),
                           finetune=("--steps", "2000", "--batch-size", "8", "--lr", "1e-4"),
-                          evaluate=("--samples", "100"))
+                          evaluate=("--samples", "100"),
+                          finetuned=os.path.join(rundir, "babilong_ft", os.path.basename(final)))
 
 
 def babilong_steps(run: Run, ckpt: str, out: str, tasks: str, finetune_lengths: str, eval_lengths: str,
-                   finetune: tuple = (), evaluate: tuple = ()) -> list[Step]:
+                   finetune: tuple = (), evaluate: tuple = (), finetuned: str | None = None) -> list[Step]:
     """BABILong's protocol (evals.md §1.6) as two steps: fine-tune the checkpoint `ckpt` on
-    `tasks` over `finetune_lengths` into ckpt/babilong_ft, then evaluate that at `eval_lengths`
-    into out/babilong.json. `finetune` and `evaluate` are each command's further options."""
-    finetuned = os.path.join(ckpt, "babilong_ft")
+    `tasks` over `finetune_lengths` into `finetuned` (default ckpt/babilong_ft), then evaluate
+    that at `eval_lengths` into out/babilong.json, which must record it. `finetune` and
+    `evaluate` are each command's further options."""
+    finetuned = finetuned or os.path.join(ckpt, "babilong_ft")
     return [Step(f"babilong fine-tune {run.name}",
                  ["python", "-m", "eval.babilong", "finetune", "--checkpoint", ckpt, "--tasks", tasks,
                   "--lengths", finetune_lengths, *finetune, "--out", finetuned],
                  os.path.join(finetuned, "checkpoints", "latest"), run),
             Step(f"babilong {run.name}",
                  ["python", "-m", "eval.babilong", "eval", "--checkpoint", finetuned, "--tasks", tasks,
-                  "--lengths", eval_lengths, *evaluate, "--out", out], os.path.join(out, "babilong.json"), run)]
+                  "--lengths", eval_lengths, *evaluate, "--out", out], os.path.join(out, "babilong.json"), run,
+                 finetuned)]
 
 
 def prepare_step(cfg) -> Step | None:
@@ -309,17 +381,18 @@ def plan(table: str, root: str = DEFAULT_RESULTS_ROOT, nproc: int = 1, train_arg
     if nproc < 1:
         raise ReproduceError(f"--nproc must be >= 1, got {nproc}")
     rows = [r for r in table_rows(table, ablation_base) if r.run is not None]
-    prepares, trains, evals, seen = {}, [], [], set()
+    prepares, trains, evals, seen, final = {}, [], [], set(), {}
     for row in rows:
         if row.run.name not in seen:
             cfg = run_config(row.run, train_args)
             trains.append(train_step(row.run, root, nproc, train_args, cfg))
+            final[row.run.name] = os.path.dirname(trains[-1].marker)
             prepare = prepare_step(cfg)
             if prepare is not None:
                 prepares.setdefault(prepare.marker, prepare)
         for kind in eval_kinds(table, row):
             if (row.run.name, kind) not in seen:
-                evals += eval_steps(kind, row.run, root)
+                evals += eval_steps(kind, row.run, root, final[row.run.name])
                 seen.add((row.run.name, kind))
         seen.add(row.run.name)
     return list(prepares.values()) + trains + evals
@@ -332,19 +405,24 @@ def script(table: str, steps: list[Step], root: str) -> str:
     lines = [f"# {table}: {prepares} data preparation(s), {runs} training runs, {len(steps) - runs - prepares} "
              f"evaluation steps; results under {root}"]
     for s in steps:
-        lines.append(f"# [{'done' if os.path.exists(s.marker) else 'todo'}] {s.title}")
+        done, why = step_status(s)
+        lines.append(f"# [{'done' if done else 'todo'}] {s.title}" + (f" ({why}; --run keeps it aside)" if why else ""))
         lines.append(shlex.join(s.argv))
     return "\n".join(lines) + "\n"
 
 
 def execute(steps: list[Step], runner=subprocess.run, log=print) -> int:
-    """Run every step whose marker is missing, in order; stop at the first failure.
-    Returns the number of steps run."""
+    """Run every step that is not done (step_status), in order; stop at the first failure. An
+    output that does not count (another checkpoint's numbers, a skipped section) is kept aside
+    as <stem>.previous<ext> first. Returns the number of steps run."""
     ran = 0
     for s in steps:
-        if os.path.exists(s.marker):
+        done, why = step_status(s)
+        if done:
             log(f"skip (done): {s.title}")
             continue
+        if why:
+            log(f"redo {s.title}: {why}; kept aside as {keep_aside(s.marker)}")
         argv = [sys.executable if a == "python" and i == 0 else a for i, a in enumerate(s.argv)]
         log(f"run: {shlex.join(s.argv)}")
         code = runner(argv).returncode
@@ -352,6 +430,9 @@ def execute(steps: list[Step], runner=subprocess.run, log=print) -> int:
             raise RuntimeError(f"step '{s.title}' failed with exit code {code}: {shlex.join(s.argv)}")
         if not os.path.exists(s.marker):
             raise RuntimeError(f"step '{s.title}' finished but did not write {s.marker}")
+        done, why = step_status(s)
+        if not done:
+            raise RuntimeError(f"step '{s.title}' finished but does not count as done: {why}")
         ran += 1
     return ran
 
@@ -541,7 +622,8 @@ def markdown(table: str, root: str = DEFAULT_RESULTS_ROOT, ablation_base: str = 
         out.append("|" + "---|" * len(header))
         for r in rows:
             ours = _metrics_of(layout, run_dir(root, r.run)) if r.run else {}
-            paper = layout.paper.row(r.group, r.paper) if (layout.paper is not None and r.paper) else {}
+            paper = (layout.paper.row(r.paper_group or r.group, r.paper)
+                     if (layout.paper is not None and r.paper) else {})
             cells = []
             for key, _, decimals in layout.columns:
                 mine = _fmt(ours.get(key), decimals)

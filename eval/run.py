@@ -21,8 +21,9 @@ Suites (every setting is in SUITES below and copied into results.json):
          windows of the training context) and LAMBADA (5,153 passages) as lm-eval
          (Titans Table 1, NL Table 2); BABILong qa1-qa5, 100 samples per cell (the size of
          RMT-team/babilong), 0k..128k locally (longer lengths: python -m eval.babilong);
-         S-NIAH 1-3 at 4k/8k/16k (NL Table 1) with 100 samples; CLINC150 10 x 15 and Banking77
-         7 x 11 with every arm (all train/test examples, 200 steps per task, 1 shot per label,
+         S-NIAH 1-3 at 4k/8k/16k (NL Table 1) with 100 samples, attention models reading
+         the whole input (max_len 16384, the longest length, not their training context);
+         CLINC150 10 x 15 and Banking77 7 x 11 with every arm (all train/test examples, 200 steps per task, 1 shot per label,
          10 streamed examples per label); domains KJV -> Austen -> Shakespeare -> bAbI,
          1000 steps each. BABILong results are only meaningful after fine-tuning
          (python -m eval.babilong finetune; evals.md §1.6).
@@ -38,8 +39,8 @@ import time
 
 from cli import OneLineArgumentParser, check_output_dir, one_line, write_atomic, write_json
 from config import DURING_TRAINING_EVALS
-from eval.common import (DATA_DIR_HELP, check_data_dir, context_limit, exit_on_error, load_checkpoint, model_device,
-                         notes_of)
+from eval.common import (DATA_DIR_HELP, check_data_dir, context_handling, context_limit, exit_on_error, load_checkpoint,
+                         model_device, notes_of)
 
 SECTIONS = ("perplexity", "babilong", "niah", "continual")
 
@@ -68,7 +69,7 @@ SUITES = {
                      "max_new_tokens": 20, "segment_len": 2048},
         "niah": {"tasks": ["niah_single_1", "niah_single_2", "niah_single_3"], "lengths": ["4k", "8k", "16k"],
                  "samples": 100, "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "max_new_tokens": 128,
-                 "segment_len": 2048},
+                 "segment_len": 2048, "max_len": 16384},
         "continual": {
             "intents": [{"dataset": "clinc"}, {"dataset": "banking"}],
             "arms": ["sequential", "icl", "in_context_memory", "joint"],
@@ -135,17 +136,23 @@ def babilong_section(model, tokenizer, settings, seq_len, device, data_dir=None,
 
 
 def niah_section(model, tokenizer, settings, seq_len, device, data_dir=None, gpt2=None) -> dict:
+    """S-NIAH cells. An attention model reads up to settings["max_len"] tokens where that is
+    longer than its training context seq_len (the paper suite: 16384, its longest length, so
+    that no needle is cut off, as the papers report full-length results)."""
     from eval import babilong as bl
     from eval import niah
     gpt2 = gpt2 or bl.length_tokenizer(data_dir)
+    max_len = context_limit(model, max(seq_len, settings.get("max_len") or seq_len))
     out = {"scores": niah.score_descriptions(niah.DEFAULT_DISTRACTORS),
+           "context_handling": context_handling(max_len is None, max_len, settings["segment_len"], "truncate",
+                                                settings["max_new_tokens"]),
            "accuracy": {}, "ranking_accuracy": {}, "counts": {}}
     per_cell = []
     for task in settings["tasks"]:
         for length in settings["lengths"]:
             samples = niah.build_niah(task, length, settings["samples"], depths=settings["depths"],
                                       background="austen", data_dir=data_dir, gpt2=gpt2)
-            r = niah.evaluate_niah(model, tokenizer, samples, max_len=context_limit(model, seq_len),
+            r = niah.evaluate_niah(model, tokenizer, samples, max_len=max_len,
                                    segment_len=settings["segment_len"], device=device,
                                    max_new_tokens=settings["max_new_tokens"])
             per_cell.append(r)
@@ -427,7 +434,8 @@ def _babilong_md(b) -> list:
 
 
 def _niah_md(n) -> list:
-    return _scores_md(n, ("accuracy", "ranking_accuracy"))
+    handling = [f"{n['context_handling']}\n"] if n.get("context_handling") else []    # not in older results
+    return handling + _scores_md(n, ("accuracy", "ranking_accuracy"))
 
 
 def _continual_md(c) -> list:

@@ -401,3 +401,27 @@ def test_continual_section_notes_held_out_text_the_checkpoint_trained_on(monkeyp
     assert out["notes"] == [cl.builtin_overlap_note(cfg, ["builtin"]), "domain builtin: short"]
     assert out["notes"][0].startswith("the checkpoint trained on the built-in corpus with data.val_fraction=0.05")
     assert run.continual_section(model, None, settings, 16, "cpu")["notes"] == ["domain builtin: short"]
+
+
+def test_niah_section_lets_attention_models_read_the_whole_input(monkeypatch):
+    """The paper suite's S-NIAH: an attention model reads up to its max_len (16384, the longest
+    length), not just its training context (seq_len 64 here), which would cut most needles at
+    8K / 16K; the results say so (context_handling). A recurrent model streams as before."""
+    import eval.niah as niah
+    from eval.run import SUITES, niah_section
+    seen = []
+    monkeypatch.setattr(niah, "build_niah", lambda *a, **kw: [])
+    monkeypatch.setattr(niah, "evaluate_niah", lambda *a, **kw: seen.append(kw["max_len"]) or {
+        "accuracy": 1.0, "ranking_accuracy": 1.0, "n": 1, "n_scored": 1, "n_truncated": 0, "n_skipped": 0,
+        "seconds": 0.0})
+    paper = SUITES["paper"]["niah"]
+    assert paper["max_len"] == 16384 == max(int(x[:-1]) * 1024 for x in paper["lengths"])
+    out = niah_section(object(), None, {**paper, "tasks": ["1"], "lengths": ["16k"]}, 64, "cpu", gpt2=object())
+    assert seen == [16384] and "max_len 16384" in out["context_handling"]
+    out = niah_section(object(), None, {**paper, "tasks": ["1"], "lengths": ["16k"], "max_len": None}, 64, "cpu",
+                       gpt2=object())                                                  # the quick suite's way
+    assert seen[-1] == 64 and "max_len 64" in out["context_handling"]
+    import eval.common
+    monkeypatch.setattr(eval.common, "is_recurrent", lambda model: True)
+    out = niah_section(object(), None, {**paper, "tasks": ["1"], "lengths": ["16k"]}, 64, "cpu", gpt2=object())
+    assert seen[-1] is None and out["context_handling"].startswith("streamed")

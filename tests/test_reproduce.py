@@ -3,6 +3,7 @@ numbers) and eval.paper_numbers (the tables as transcribed from paper-digest §5
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import types
@@ -13,6 +14,7 @@ from config import load_config
 from eval import reproduce as rp
 from eval.paper_numbers import NL_TABLE1_SNIAH, NL_TABLE2, NL_TABLE6, PAPER, TITANS_TABLE1, TITANS_TABLE2
 
+TORCHRUN = ["python", "-m", "torch.distributed.run"]     # torchrun through the interpreter: none on PATH needed
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGEST = os.path.join(os.path.dirname(REPO), "shared", "reference", "paper-digest.md")
 
@@ -34,16 +36,16 @@ def _write(path, data):
 @pytest.mark.parametrize("table", rp.TABLES)
 def test_every_table_plans_valid_commands(table, tmp_path, monkeypatch):
     steps = rp.plan(table, str(tmp_path))
-    trains = [s for s in steps if s.argv[0] == "torchrun"]
+    trains = [s for s in steps if s.argv[:3] == ["python", "-m", "torch.distributed.run"]]
     prepares = [s for s in steps if s.argv[:3] == ["python", "-m", "data.prepare"]]
-    evals = [s for s in steps if s.argv[0] == "python" and s not in prepares]
+    evals = [s for s in steps if s.argv[0] == "python" and s not in prepares + trains]
     assert trains and evals and len(prepares) + len(trains) + len(evals) == len(steps)
     # the corpus is prepared once, before every launch, into the folder train.py reads with
     # the recipe it checks (else rank 0 tokenizes sample-100BT while the others time out)
     assert steps[:len(prepares)] == prepares and len(prepares) == 1
     from data.prepare import main as prepare_main
     from train import resolve_data_dir
-    cfg = load_config(trains[0].argv[4], [a for a in trains[0].argv[5:] if not a.startswith("--train.out_dir=")])
+    cfg = load_config(trains[0].argv[6], [a for a in trains[0].argv[7:] if not a.startswith("--train.out_dir=")])
     assert prepares[0].marker == os.path.join(resolve_data_dir(cfg), "meta.json")
     argv = prepares[0].argv[3:]
     assert argv[argv.index("--source") + 1] == cfg.data.dataset == "hf:HuggingFaceFW/fineweb-edu:sample-100BT"
@@ -61,7 +63,7 @@ def test_every_table_plans_valid_commands(table, tmp_path, monkeypatch):
         "data_files": d.hf_data_files or None, "seed": 0}
     out_dirs = set()
     for s in trains:
-        config, overrides = s.argv[4], [a for a in s.argv[5:] if not a.startswith("--train.out_dir=")]
+        config, overrides = s.argv[6], [a for a in s.argv[7:] if not a.startswith("--train.out_dir=")]
         assert os.path.isfile(config), config
         cfg = load_config(config, overrides)           # every override is a valid config key and value
         out_dir = next(a.split("=", 1)[1] for a in s.argv if a.startswith("--train.out_dir="))
@@ -69,14 +71,17 @@ def test_every_table_plans_valid_commands(table, tmp_path, monkeypatch):
         assert s.marker.endswith(os.path.join(f"step_{cfg.train.max_steps:06d}", "trainer_state.pt"))
         out_dirs.add(out_dir)
     assert len(out_dirs) == len(trains), "a run is trained twice"
-    for s in evals:                                    # every eval reads a run this plan trains
+    finals = {os.path.dirname(s.marker) for s in trains}
+    for s in evals:                # every eval reads the last step of a run this plan trains, and records it
         assert s.argv[1] == "-m" and s.argv[2].startswith("eval.")
         ckpt = s.argv[s.argv.index("--checkpoint") + 1]
-        assert ckpt.split(os.sep + "babilong_ft")[0] in out_dirs
+        assert ckpt in finals or (os.path.dirname(os.path.dirname(ckpt)) in out_dirs
+                                  and os.path.basename(os.path.dirname(ckpt)) == "babilong_ft"), ckpt
+        assert s.source == ckpt or s.title.startswith("babilong fine-tune")
     assert len({s.marker for s in steps}) == len(steps)
     text = rp.script(table, steps, str(tmp_path))
     assert text.count("# [todo]") == len(steps) - os.path.exists(prepares[0].marker)
-    assert "torchrun --standalone --nproc_per_node=1 train.py" in text
+    assert f"{shlex.join(TORCHRUN)} --standalone --nproc_per_node=1 train.py" in text
 
 
 def test_babilong_steps_evaluate_what_they_fine_tuned():
@@ -246,7 +251,7 @@ def test_cli_prints_commands_and_writes_the_table(tmp_path, capsys):
     path = rp.main(["titans_table1", "--results-root", root, "--out", str(tmp_path / "tables"), "--nproc", "4"])
     out = capsys.readouterr().out
     assert path == str(tmp_path / "tables" / "titans_table1.md") and os.path.isfile(path)
-    assert "torchrun --standalone --nproc_per_node=4 train.py configs/titans_mag_340m.yaml" in out
+    assert "torch.distributed.run --standalone --nproc_per_node=4 train.py configs/titans_mag_340m.yaml" in out
     assert "python -m eval.run --suite paper --sections perplexity" in out
     assert "| 400M / 15B | MAG |" in open(path).read()
 
@@ -446,3 +451,112 @@ def test_zeroshot_writes_what_lm_metrics_reads(tmp_path, monkeypatch):
     assert calls == [{"model": "lm", "tasks": list(rp.ZERO_SHOT_TASKS), "num_fewshot": 0, "limit": None}]
     row = rp.lm_metrics(str(run))
     assert [row[column] for _, column in rp.ZERO_SHOT_TASKS.values()] == pytest.approx([50, 51, 52, 53, 54, 55, 56])
+
+
+# -----------------------------------------------------------------------------
+# what counts as done; launches
+
+def _step(steps, title):
+    return next(s for s in steps if s.title == title)
+
+
+def test_an_eval_of_an_earlier_checkpoint_is_redone_and_kept_aside(tmp_path):
+    """A smoke run (--train.max_steps=4) then the full run into the same results root: the
+    step-4 eval JSON exists but scored step_000004, so the full plan's eval is todo (the plan
+    says why) and --run keeps the old file aside before rerunning (eval.run refuses an --out
+    holding another checkpoint's results). Kills 'done when its JSON exists'."""
+    root = str(tmp_path)
+    smoke = _step(rp.plan("titans_table1", root, train_args=("--train.max_steps=4",)), "perplexity transformer_340m")
+    assert smoke.source.endswith(os.path.join("checkpoints", "step_000004"))
+    assert smoke.argv[smoke.argv.index("--checkpoint") + 1] == smoke.source
+    old = {"checkpoint": smoke.source, "checkpoint_dir": smoke.source,
+           "perplexity": {"wikitext": {"word_perplexity": 900.0}, "lambada": {"perplexity": 9e3, "accuracy": 0.0}}}
+    _write(smoke.marker, old)
+    assert rp.step_status(smoke) == (True, None)
+    steps = rp.plan("titans_table1", root)
+    full = _step(steps, "perplexity transformer_340m")
+    assert full.marker == smoke.marker and full.source.endswith("step_028610")
+    done, why = rp.step_status(full)
+    assert not done and "step_000004" in why and "step_028610" in why
+    text = rp.script("titans_table1", steps, root)
+    assert re.search(r"# \[todo\] perplexity transformer_340m \(.*scored the checkpoint .*step_000004", text)
+    zeroshot = _step(steps, "zeroshot transformer_340m")       # zeroshot.json records the path it was given
+    _write(zeroshot.marker, {"checkpoint": smoke.source, "accuracy": ZS})
+    assert not rp.step_status(zeroshot)[0]
+
+    def runner(argv):
+        assert not os.path.exists(full.marker)                 # kept aside before the eval runs
+        _write(full.marker, {**old, "checkpoint": full.source, "checkpoint_dir": full.source})
+        return types.SimpleNamespace(returncode=0)
+    logs = []
+    assert rp.execute([full], runner, log=logs.append) == 1
+    aside = os.path.join(os.path.dirname(full.marker), "results.previous.json")
+    assert json.load(open(aside)) == old and any("kept aside" in line and "step_000004" in line for line in logs)
+    assert rp.step_status(full) == (True, None)
+
+
+@pytest.mark.parametrize("kind, data, section", [
+    ("perplexity", {"perplexity": {"val": {"skipped": "not prepared"}, "wikitext": {"skipped": "wiki.txt not found"},
+                                   "lambada": {"perplexity": 9.0, "accuracy": 0.5}}}, "perplexity/wikitext"),
+    ("niah", {"niah": {"skipped": "no Austen books\nin the data folder"}}, "niah"),
+    ("continual", {"continual": {"skipped": "clinc150.json not found"}}, "continual"),
+])
+def test_a_skipped_section_is_not_done(kind, data, section, tmp_path):
+    """eval.run records missing data as {"skipped": why} and exits 0: that step is todo in the
+    plan, and after --run it is a one-line error naming the section and the reason. A skipped
+    val split (not a table column) is fine. Kills [done] with a dash in the table forever."""
+    run = rp._run("hope_760m")
+    step = rp.eval_steps(kind, run, str(tmp_path), os.path.join(str(tmp_path), "final"))[0]
+    _write(step.marker, {"checkpoint_dir": step.source, **data})
+    done, why = rp.step_status(step)
+    assert not done and f"section {section} was skipped" in why
+    with pytest.raises(RuntimeError, match=f"does not count as done: .*section {section} was skipped") as e:
+        rp.execute([step], lambda argv: _write(step.marker, {"checkpoint_dir": step.source, **data})
+                   or types.SimpleNamespace(returncode=0), log=lambda *_: None)     # the data is still missing
+    assert "\n" not in str(e.value) and os.path.isfile(step.marker.replace(".json", ".previous.json"))
+    if kind == "perplexity":
+        data["perplexity"]["wikitext"] = {"word_perplexity": 20.0}
+        _write(step.marker, {"checkpoint_dir": step.source, **data})
+        assert rp.step_status(step) == (True, None)
+
+
+def test_user_grad_accum_with_nproc_launches(tmp_path, capsys):
+    """--train-args "--train.grad_accum=4" with --nproc 2: the printed launch passes the per-rank
+    grad_accum only (the user's value appended last made torchrun fail "must be divisible by 2
+    ranks x train.grad_accum=4"); the micro-batch stays the user's 128 / 4 = 32 sequences."""
+    rp.main(["nl_table2", "--results-root", str(tmp_path), "--nproc", "2", "--train-args", "--train.grad_accum=4"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if "configs/hope_760m.yaml" in l and "train.py" in l)
+    argv = shlex.split(line)
+    assert argv[:3] == TORCHRUN and sum(a.startswith("--train.grad_accum") for a in argv) == 1
+    cfg = load_config(argv[6], [a for a in argv[7:] if not a.startswith("--train.out_dir=")])
+    assert cfg.train.grad_accum == 2
+    assert cfg.train.batch_size % (2 * cfg.train.grad_accum) == 0        # distributed.setup's check
+    assert cfg.train.batch_size // (2 * cfg.train.grad_accum) == 32
+    assert rp._without_override(["--train.grad_accum", "4", "--train.lr=1e-3", "--train.grad-accum=2"],
+                                "train.grad_accum") == ["--train.lr=1e-3"]     # either form, either spelling
+
+
+def test_training_launches_through_this_interpreter(tmp_path):
+    """No torchrun on PATH needed: the launch is `python -m torch.distributed.run`, run with
+    sys.executable."""
+    step = rp.train_step(rp._run("hope_760m"), str(tmp_path), nproc=2)
+    calls = []
+    with pytest.raises(RuntimeError, match="did not write"):
+        rp.execute([step], lambda argv: calls.append(argv) or types.SimpleNamespace(returncode=0),
+                   log=lambda *_: None)
+    assert calls[0][:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.mark.parametrize("base, group", [("hope_760m", "760M / 30B"), ("hope_340m", "340M / 15B")])
+def test_table6_at_a_smaller_base_says_so(base, group, tmp_path):
+    """--ablation-base hope_760m / hope_340m: the group is the base's scale and each paper row
+    notes that the paper's numbers are at 1.3B, which they are still compared with."""
+    rows = rp.table_rows("nl_table6", base)
+    assert {r.group for r in rows} == {group}
+    assert all("1.3B / 100B" in r.note for r in rows if r.paper)
+    _fake_lm_results(str(tmp_path), base, 15.0, 11.0, 0.5, ZS)
+    md = rp.markdown("nl_table6", str(tmp_path), base)
+    hope = _cells(md, "Hope", group)
+    assert hope[2] == f"`{base}`" and hope[3] == "13.00 / 12.24" and "paper's numbers: 1.3B / 100B" in hope[-1]
+    assert "1.3B" not in "".join(r.group for r in rows)
+    assert {r.group for r in rp.table_rows("nl_table6")} == {"1.3B / 100B (inferred)"}
