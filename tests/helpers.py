@@ -225,3 +225,10 @@ def oracle_write(weights, start, key, target, lr, alpha, rule, act, max_grad_nor
         else:
             new.append(alpha * w - lr * grad)
     return new, new_momenta
+
+
+def stored_transposed(t, dims=(1, 2)):
+    """Same values stored with `dims` swapped: a dense view with permuted strides, as the
+    einsums in memory.py leave `hidden` for the per-chunk scans (the kernels' fake
+    implementations must give the real ops' contiguous outputs for it)."""
+    return t.transpose(*dims).contiguous().transpose(*dims)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DEVICE, fp32_matmul_precision, needs_cuda, triton_kernels_or_skip
+from helpers import DEVICE, fp32_matmul_precision, needs_cuda, stored_transposed, triton_kernels_or_skip
 
 needs_kernels = triton_kernels_or_skip()
 
@@ -394,12 +394,6 @@ def test_cuda_torch_compile_fullgraph_matches_eager(op):
         assert torch.allclose(eager_in[n].grad, compiled_in[n].grad, rtol=1e-4, atol=1e-5), n
 
 
-def _stored_transposed(t, dims=(1, 2)):
-    """Same values stored with `dims` swapped: a dense view with permuted strides, as the
-    einsums in memory.py leave `hidden` for the per-chunk scans."""
-    return t.transpose(*dims).contiguous().transpose(*dims)
-
-
 @needs_kernels
 @pytest.mark.parametrize("op", OPS)
 def test_fake_implementations_match_strides_of_permuted_inputs(op):
@@ -408,14 +402,14 @@ def test_fake_implementations_match_strides_of_permuted_inputs(op):
     the same. Permuted inputs, two chunks; the backward op too (what opcheck on the forward
     alone never calls with permuted tensors)."""
     inputs = make_inputs(op, 1, 20, 2, 16, 16, True)
-    args = [_stored_transposed(inputs[n]) for n in ("q", "k", "u", "alpha", OPS[op][2])]
-    states = [_stored_transposed(inputs[n], (-1, -2)) for n in OPS[op][3]]
+    args = [stored_transposed(inputs[n]) for n in ("q", "k", "u", "alpha", OPS[op][2])]
+    states = [stored_transposed(inputs[n], (-1, -2)) for n in OPS[op][3]]
     fake_only = ("test_schema", "test_faketensor")
     fwd = getattr(torch.ops.nested_learning, f"{op}_rule_fwd").default
     torch.library.opcheck(fwd, (*args, *states, 16, False), test_utils=fake_only)
     with torch.no_grad():
         out = fwd(*args, *states, 16, True)
-    grads = [_stored_transposed(torch.randn_like(out[0]))]
-    grads += [_stored_transposed(torch.randn_like(s), (-1, -2)) for s in out[1:1 + len(states)]]
+    grads = [stored_transposed(torch.randn_like(out[0]))]
+    grads += [stored_transposed(torch.randn_like(s), (-1, -2)) for s in out[1:1 + len(states)]]
     bwd = getattr(torch.ops.nested_learning, f"{op}_rule_bwd").default
     torch.library.opcheck(bwd, (*args, *out[-2:], *grads, 16), test_utils=fake_only)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import (CUDA, DEVICE, fp32_matmul_precision, fused_vs_oracle_errors, needs_cuda,
-                     triton_kernels_or_skip)
+                     stored_transposed, triton_kernels_or_skip)
 
 needs_kernels = triton_kernels_or_skip()
 
@@ -391,11 +391,6 @@ def test_kernel_bench_memory_rows_of_the_linear_memory(capsys):
                                                         for impl in ("torch", "triton")]
 
 
-def _stored_transposed(t, dims=(1, 2)):
-    """Same values stored with `dims` swapped: a dense view with permuted strides."""
-    return t.transpose(*dims).contiguous().transpose(*dims)
-
-
 @needs_kernels
 @pytest.mark.parametrize("op", ("delta", "momentum"))
 def test_fake_implementations_match_strides_of_permuted_inputs(op):
@@ -404,9 +399,9 @@ def test_fake_implementations_match_strides_of_permuted_inputs(op):
     Permuted inputs, three chunks."""
     inputs = make_inputs("momentum", 1, 9, 2, 8)
     gates = [inputs["alpha"], inputs["beta"], inputs["lr"]]
-    args = [_stored_transposed(t) for t in [inputs["q"], inputs["k"], inputs["v"], *gates]]
+    args = [stored_transposed(t) for t in [inputs["q"], inputs["k"], inputs["v"], *gates]]
     n_states = 2 if op == "momentum" else 1
-    states = [_stored_transposed(torch.randn(1, 2, 8, 8, device=DEVICE), (-1, -2))
+    states = [stored_transposed(torch.randn(1, 2, 8, 8, device=DEVICE), (-1, -2))
               for _ in range(n_states)]
     fake_only = ("test_schema", "test_faketensor")
     fwd = getattr(torch.ops.nested_learning, f"memory_linear_{op}_fwd").default
@@ -414,7 +409,7 @@ def test_fake_implementations_match_strides_of_permuted_inputs(op):
     with torch.no_grad():
         out = fwd(*args, *states, 4, True)
     chunks = out[2 + n_states:]                       # h_chunks (and z_chunks)
-    grads = [_stored_transposed(torch.randn_like(out[0]))]
-    grads += [_stored_transposed(torch.randn_like(s), (-1, -2)) for s in out[1:2 + n_states]]
+    grads = [stored_transposed(torch.randn_like(out[0]))]
+    grads += [stored_transposed(torch.randn_like(s), (-1, -2)) for s in out[1:2 + n_states]]
     bwd = getattr(torch.ops.nested_learning, f"memory_linear_{op}_bwd").default
     torch.library.opcheck(bwd, (*args, *chunks, *grads, 4), test_utils=fake_only)

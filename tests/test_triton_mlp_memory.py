@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import (CUDA, DEVICE, fp32_matmul_precision, fused_vs_oracle_errors, needs_cuda,
-                     triton_kernels_or_skip)
+                     stored_transposed, triton_kernels_or_skip)
 
 needs_kernels = triton_kernels_or_skip()
 
@@ -450,11 +450,6 @@ def test_cuda_gelu_mid_chunk_segments_in_tf32():
     assert_close(errors, 2e-2, "gelu")
 
 
-def _stored_transposed(t, dims=(1, 2)):
-    """Same values stored with `dims` swapped: a dense view with permuted strides."""
-    return t.transpose(*dims).contiguous().transpose(*dims)
-
-
 @needs_kernels
 @pytest.mark.parametrize("op", ("delta", "momentum"))
 def test_fake_implementations_match_strides_of_permuted_inputs(op):
@@ -465,15 +460,15 @@ def test_fake_implementations_match_strides_of_permuted_inputs(op):
         args, options, n_states = _kernel_args(T=9), (4, True, "silu", None, False), 4
     else:
         args, options, n_states = _momentum_args(T=9), (4, "silu", None), 6
-    args = [_stored_transposed(t) for t in args]
+    args = [stored_transposed(t) for t in args]
     fake_only = ("test_schema", "test_faketensor")
     fwd = getattr(torch.ops.nested_learning, f"memory_mlp_{op}_fwd").default
     torch.library.opcheck(fwd, (*args, *options, 0), test_utils=fake_only)
     with torch.no_grad():
         out = fwd(*args, *options, 1)
     chunks = out[1 + n_states:]
-    grads = [_stored_transposed(torch.randn_like(out[0]))]
-    grads += [_stored_transposed(torch.randn_like(s), (-1, -2)) for s in out[1:1 + n_states]]
+    grads = [stored_transposed(torch.randn_like(out[0]))]
+    grads += [stored_transposed(torch.randn_like(s), (-1, -2)) for s in out[1:1 + n_states]]
     gates = 2 if op == "delta" else 3
     bwd = getattr(torch.ops.nested_learning, f"memory_mlp_{op}_bwd").default
     torch.library.opcheck(bwd, (*args[:3 + gates], *chunks, *grads, *options),
