@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from cli import (LATEST, TRAINER_STATE, OneLineArgumentParser, check_output_file, first_free_path, keep_aside,
+from cli import (LATEST, TRAINER_STATE, OneLineArgumentParser, check_output_file, first_free_path, keep_copy,
                  write_atomic)
 from config import Config, ConfigError, check_vocab, config_from_dict, dump_yaml, read_yaml, to_dict
 from distributed import all_reduce_max, barrier
@@ -511,7 +511,8 @@ def export_safetensors(ckpt, out_path, dtype="fp32", log=None) -> str:
     before anything is written: the output path is checked first, then the checkpoint is read
     in full; the file is written under a temporary name that is removed on any failure. An
     earlier file at out_path is kept as <name>.previous[-N].safetensors (said through `log`)
-    once the new one is written, just before it takes the name."""
+    once the new one is written (a hard link or copy: the earlier file keeps its name until the
+    new one's atomic rename, so a failure or kill at any point leaves it there)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_model
     if dtype not in EXPORT_DTYPES:
@@ -528,7 +529,7 @@ def export_safetensors(ckpt, out_path, dtype="fp32", log=None) -> str:
     def write(tmp):
         save_model(model, tmp, metadata=metadata)
         os.chmod(tmp, 0o666 & ~_umask())
-        kept = keep_aside(out_path)         # an earlier export: moved, not overwritten
+        kept = keep_copy(out_path)          # an earlier export: kept, while it still holds the name
         if kept and log:
             log(f"the earlier {out_path} is kept as {kept}")
     try:

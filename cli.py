@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 from urllib.parse import urlparse
@@ -238,6 +239,19 @@ def keep_aside(path) -> str | None:
         return None
     new = aside_name(path, "previous")
     os.replace(path, new)
+    return new
+
+
+def keep_copy(path) -> str | None:
+    """Like keep_aside, but `path` keeps its file too (a hard link, else a copy) until the
+    caller's atomic rename replaces it -> the kept path, None when there was nothing to keep."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    new = aside_name(path, "previous")
+    try:
+        os.link(path, new)
+    except OSError:                 # a filesystem without hard links
+        shutil.copy2(path, new)
     return new
 
 

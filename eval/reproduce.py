@@ -219,10 +219,16 @@ class Step:
     run: Run | None = field(default=None, compare=False)
     source: str | None = field(default=None, compare=False)
     needs: tuple = field(default=(), compare=False)
+    settings: dict = field(default_factory=dict, compare=False)     # "a/b" key path -> the value it must hold
 
 
-def _same_path(a, b) -> bool:
-    return os.path.abspath(a) == os.path.abspath(b) or os.path.realpath(a) == os.path.realpath(b)
+def _same_checkpoint(recorded, expected) -> bool:
+    """Whether a recorded checkpoint path is the expected one: their last three parts
+    (<run>/checkpoints/step_N, <run>/babilong_ft/step_N) agree, so a results root moved or
+    copied elsewhere keeps its finished evals."""
+    def tail(path):
+        return os.path.normpath(os.path.abspath(path)).split(os.sep)[-3:]
+    return tail(recorded) == tail(expected)
 
 
 def step_status(s: Step) -> tuple[bool, str | None]:
@@ -237,8 +243,14 @@ def step_status(s: Step) -> tuple[bool, str | None]:
     if s.source is not None:
         # eval.run records the step folder it resolved as checkpoint_dir; the other evals the path given
         recorded = data.get("checkpoint_dir") or data.get("checkpoint")
-        if not isinstance(recorded, str) or not _same_path(recorded, s.source):
+        if not isinstance(recorded, str) or not _same_checkpoint(recorded, s.source):
             return False, f"{s.marker} scored the checkpoint {recorded}, not the run's final {s.source}"
+    for key, wanted in s.settings.items():      # e.g. eval.run's suite settings, zeroshot's limit
+        made = data
+        for part in key.split("/"):
+            made = made.get(part, "(none)") if isinstance(made, dict) else "(none)"
+        if made != wanted:
+            return False, f"{s.marker} was made with other settings ({key}: {one_line(repr(made))[:80]})"
     for keys in s.needs:
         section = data
         for depth, key in enumerate(keys):
@@ -320,11 +332,13 @@ def eval_steps(kind: str, run: Run, root: str, final: str) -> list[Step]:
     marker = os.path.join(rundir, EVAL_FILES[kind])
     title = f"{kind} {run.name}"
     if kind in ("perplexity", "niah", "continual"):
+        from eval.run import SUITES            # results of other settings (an earlier 4K-cut NIAH) do not count
         return [Step(title, ["python", "-m", "eval.run", "--suite", "paper", "--sections", kind,
-                             "--checkpoint", final, "--out", out], marker, run, final, NEEDED_SECTIONS[kind])]
+                             "--checkpoint", final, "--out", out], marker, run, final, NEEDED_SECTIONS[kind],
+                     {f"settings/{kind}": SUITES["paper"][kind]})]
     if kind == "zeroshot":
         return [Step(title, ["python", "-m", "eval.reproduce", "zeroshot", "--checkpoint", final, "--out", out],
-                     marker, run, final)]
+                     marker, run, final, settings={"limit": None})]
     if kind == "niah_titans":          # Titans Table 2: pass-key and number at 2K-16K (no word-needle task here)
         return [Step(title, ["python", "-m", "eval.niah", "--checkpoint", final, "--tasks", "1,2",
                              "--lengths", "2k,4k,8k,16k", "--samples", "100", "--out", out], marker, run, final)]
@@ -608,8 +622,16 @@ def _fmt(value, decimals) -> str:
     return "—" if value is None else f"{value:.{decimals}f}"
 
 
-def markdown(table: str, root: str = DEFAULT_RESULTS_ROOT, ablation_base: str = "hope_1.3b") -> str:
-    """Our numbers next to the paper's for every row; '—' where we have none."""
+def markdown(table: str, root: str = DEFAULT_RESULTS_ROOT, ablation_base: str = "hope_1.3b",
+             steps: list | None = None) -> str:
+    """Our numbers next to the paper's for every row; '—' where we have none. With the
+    table's `steps` (plan), a run with an eval output that does not count (step_status: an
+    earlier checkpoint's, other settings, a skipped section) shows '—' and says why."""
+    stale = {}
+    for s in steps or []:
+        done, why = step_status(s)
+        if why and s.run is not None:
+            stale.setdefault(s.run.name, why)
     out = [f"# {table}: ours vs the paper\n",
            f"Results under `{root}`. Each cell: ours / paper; — = no number "
            "(not run yet, or a model this repository does not implement).\n"]
@@ -621,7 +643,9 @@ def markdown(table: str, root: str = DEFAULT_RESULTS_ROOT, ablation_base: str = 
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" * len(header))
         for r in rows:
-            ours = _metrics_of(layout, run_dir(root, r.run)) if r.run else {}
+            ours = _metrics_of(layout, run_dir(root, r.run)) if r.run and r.run.name not in stale else {}
+            note = "; ".join(n for n in (r.note, f"not counted: {stale[r.run.name]} (--run redoes it)"
+                                          if r.run and r.run.name in stale else "") if n)
             paper = (layout.paper.row(r.paper_group or r.group, r.paper)
                      if (layout.paper is not None and r.paper) else {})
             cells = []
@@ -629,7 +653,7 @@ def markdown(table: str, root: str = DEFAULT_RESULTS_ROOT, ablation_base: str = 
                 mine = _fmt(ours.get(key), decimals)
                 cells.append(f"{mine} / {_fmt(paper.get(key), decimals)}" if layout.paper is not None else mine)
             run_name = f"`{r.run.name}`" if r.run else "—"
-            out.append("| " + " | ".join([r.group, r.label, run_name] + cells + [r.note]) + " |")
+            out.append("| " + " | ".join([r.group, r.label, run_name] + cells + [note]) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -738,7 +762,7 @@ def main(argv=None):
             execute(steps)
         else:
             print(script(args.table, steps, args.results_root))
-        text = markdown(args.table, args.results_root, args.ablation_base)
+        text = markdown(args.table, args.results_root, args.ablation_base, steps)
     out_dir = args.out or args.results_root
     path = write_atomic(os.path.join(out_dir, f"{args.table}.md"), text)
     print(text)

@@ -296,6 +296,24 @@ def test_export_below_a_file_fails_first(run, tmp_path, capsys):
     assert (tmp_path / "afile").read_text() == "x"
 
 
+def test_export_that_fails_at_its_rename_leaves_the_earlier_file_in_place(run, tmp_path, monkeypatch, capsys):
+    """The earlier export is kept as m.previous.safetensors by a link, not moved: when the new
+    file's rename fails (a full disk at the last moment, a kill), m.safetensors still holds
+    the earlier export. Kills moving it aside before the rename."""
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"old export")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst) == str(out):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    code, err = _export([run, str(out)], capsys)
+    assert code == 2
+    assert out.read_bytes() == b"old export" == (tmp_path / "m.previous.safetensors").read_bytes()
+
+
 def test_export_write_failure_removes_the_temporary_file(run, tmp_path, monkeypatch, capsys):
     """Disk full (or any OSError) while writing: one line, no *.tmp-PID and no output file;
     a file already at the output path is kept as it was."""

@@ -391,6 +391,21 @@ def test_cli_damaged_results_file_is_one_line_and_keeps_the_table(content, messa
     assert (tmp_path / "titans_table1.md").read_text() == "earlier table"
 
 
+def _write_counted(steps, marker, data):
+    """`data` written as its eval step's output that counts (step_status): it records the
+    run's final checkpoint and the step's settings."""
+    step = next(st for st in steps if st.marker == marker)
+    data = {**data, "checkpoint": step.source, "checkpoint_dir": step.source}
+    for key, wanted in step.settings.items():
+        *parents, leaf = key.split("/")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = wanted
+    _write(marker, data)
+    assert rp.step_status(step) == (True, None)
+
+
 @pytest.mark.parametrize("table, run, file, data, message", [
     ("titans_table1", "transformer_340m", "perplexity",
      {"perplexity": {"wikitext": {"word_perplexity": "12.5"}}}, "'perplexity/wikitext/word_perplexity' is '12.5'"),
@@ -408,7 +423,7 @@ def test_cli_results_file_with_text_for_a_number_is_one_line(table, run, file, d
     """A results JSON edited by hand so a metric holds text (or a bool, a list): one line naming
     the run folder and the metric's keys, not a format traceback; the earlier TABLE.md stays."""
     run_path = tmp_path / "runs" / run
-    _write(str(run_path / rp.EVAL_FILES[file]), data)
+    _write_counted(rp.plan(table, str(tmp_path)), str(run_path / rp.EVAL_FILES[file]), data)
     (tmp_path / f"{table}.md").write_text("earlier table")
     with pytest.raises(SystemExit) as exit_info:
         rp.main([table, "--results-root", str(tmp_path)])
@@ -469,7 +484,8 @@ def test_an_eval_of_an_earlier_checkpoint_is_redone_and_kept_aside(tmp_path):
     smoke = _step(rp.plan("titans_table1", root, train_args=("--train.max_steps=4",)), "perplexity transformer_340m")
     assert smoke.source.endswith(os.path.join("checkpoints", "step_000004"))
     assert smoke.argv[smoke.argv.index("--checkpoint") + 1] == smoke.source
-    old = {"checkpoint": smoke.source, "checkpoint_dir": smoke.source,
+    old = {"checkpoint": smoke.source, "checkpoint_dir": smoke.source, "settings": smoke.settings and
+           {"perplexity": smoke.settings["settings/perplexity"]},
            "perplexity": {"wikitext": {"word_perplexity": 900.0}, "lambada": {"perplexity": 9e3, "accuracy": 0.0}}}
     _write(smoke.marker, old)
     assert rp.step_status(smoke) == (True, None)
@@ -507,16 +523,17 @@ def test_a_skipped_section_is_not_done(kind, data, section, tmp_path):
     val split (not a table column) is fine. Kills [done] with a dash in the table forever."""
     run = rp._run("hope_760m")
     step = rp.eval_steps(kind, run, str(tmp_path), os.path.join(str(tmp_path), "final"))[0]
-    _write(step.marker, {"checkpoint_dir": step.source, **data})
+    made = {"checkpoint_dir": step.source, "settings": {kind: step.settings[f"settings/{kind}"]}}
+    _write(step.marker, {**made, **data})
     done, why = rp.step_status(step)
     assert not done and f"section {section} was skipped" in why
     with pytest.raises(RuntimeError, match=f"does not count as done: .*section {section} was skipped") as e:
-        rp.execute([step], lambda argv: _write(step.marker, {"checkpoint_dir": step.source, **data})
+        rp.execute([step], lambda argv: _write(step.marker, {**made, **data})
                    or types.SimpleNamespace(returncode=0), log=lambda *_: None)     # the data is still missing
     assert "\n" not in str(e.value) and os.path.isfile(step.marker.replace(".json", ".previous.json"))
     if kind == "perplexity":
         data["perplexity"]["wikitext"] = {"word_perplexity": 20.0}
-        _write(step.marker, {"checkpoint_dir": step.source, **data})
+        _write(step.marker, {**made, **data})
         assert rp.step_status(step) == (True, None)
 
 
@@ -560,3 +577,27 @@ def test_table6_at_a_smaller_base_says_so(base, group, tmp_path):
     assert hope[2] == f"`{base}`" and hope[3] == "13.00 / 12.24" and "paper's numbers: 1.3B / 100B" in hope[-1]
     assert "1.3B" not in "".join(r.group for r in rows)
     assert {r.group for r in rp.table_rows("nl_table6")} == {"1.3B / 100B (inferred)"}
+
+
+def test_tables_leave_out_outputs_that_do_not_count_and_a_moved_root_keeps_them(tmp_path):
+    """TABLE.md shows '—' and says why for a run whose eval output does not count (here made
+    with other settings: an earlier NIAH cut to 4K), not its numbers; a results root moved
+    elsewhere keeps its finished evals (the recorded checkpoint's last parts are compared,
+    not its absolute path)."""
+    import shutil
+    root = tmp_path / "a"
+    steps = rp.plan("titans_table1", str(root))
+    step = _step(steps, "perplexity transformer_340m")
+    data = {"perplexity": {"wikitext": {"word_perplexity": 12.5}, "lambada": {"perplexity": 9.0, "accuracy": 0.5}}}
+    _write_counted(steps, step.marker, data)
+    assert "12.50" in rp.markdown("titans_table1", str(root), steps=steps)
+    shutil.copytree(root, tmp_path / "b")
+    moved = _step(rp.plan("titans_table1", str(tmp_path / "b")), "perplexity transformer_340m")
+    assert rp.step_status(moved) == (True, None)
+    stale = json.load(open(step.marker))
+    stale["settings"]["perplexity"] = {**stale["settings"]["perplexity"], "wikitext_docs": 1}
+    _write(step.marker, stale)
+    done, why = rp.step_status(step)
+    assert not done and "made with other settings (settings/perplexity" in why
+    text = rp.markdown("titans_table1", str(root), steps=steps)
+    assert "12.50" not in text and "not counted: " in text and "(--run redoes it)" in text
