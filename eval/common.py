@@ -285,13 +285,19 @@ def clipped_step(model, optimizer, loss: float, max_norm: float) -> tuple:
 def load_checkpoint(path: str, device: str = "auto") -> tuple:
     """An eval CLI's model: (model, cfg, tokenizer, device) for a checkpoint dir, a training
     out_dir or an exported .safetensors (checkpoint.load_model), loaded on
-    resolve_device(device), with the tokenizer named in its config."""
+    resolve_device(device), with the tokenizer named in its config. A config that trained
+    with distributed.activation_checkpointing gets it here too: the evals that train (the
+    BABILong fine-tune, the continual arms) backpropagate through sequences at least as long
+    as training's; forwards without gradients run as before."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     from checkpoint import load_model
     from data.tokenizer import get_tokenizer
     device = resolve_device(device)
     model, cfg = load_model(path, device)
+    if cfg.distributed.activation_checkpointing:
+        from distributed import apply_activation_checkpointing
+        apply_activation_checkpointing(model)
     return model, cfg, get_tokenizer(cfg.data.tokenizer), device
 
 

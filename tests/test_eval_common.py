@@ -474,3 +474,43 @@ def test_the_note_names_the_longest_input_read():
     r = niah.evaluate_niah(hope, tok, [long, read], max_len=n_read + 1, max_new_tokens=1, segment_len=512,
                            overflow="skip", streaming=False)
     assert r["n_skipped"] == 1 and r["note"].startswith(f"inputs of up to {n_read} tokens with ")
+
+
+def test_an_activation_checkpointed_run_is_evaluated_and_fine_tuned_with_it(tmp_path):
+    """load_checkpoint applies distributed.activation_checkpointing when the checkpoint's run
+    trained with it (the BABILong fine-tune and the continual arms backpropagate through
+    sequences as long as training's: without it a paper-size model's fine-tune needs several
+    times the memory): the blocks recompute, and the loss, its gradients and a streamed
+    no-grad forward equal the model's without it."""
+    import torch
+    from checkpoint import save_checkpoint
+    from config import Config, DataConfig, DistributedConfig, ModelConfig, TrainConfig
+    from eval.common import load_checkpoint
+    from model import build_model
+    paths = {}
+    for ac in (False, True):
+        cfg = Config(model=ModelConfig(arch="hope", vocab_size=257, d_model=32, n_layer=2, n_head=2),
+                     data=DataConfig(tokenizer="bytes"), train=TrainConfig(seq_len=64),
+                     distributed=DistributedConfig(activation_checkpointing=ac))
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        paths[ac] = str(tmp_path / f"ac{ac}")
+        save_checkpoint(os.path.join(paths[ac], "checkpoints"), 0, model, torch.optim.AdamW(model.parameters()),
+                        {"step": 0}, cfg)
+    plain, checkpointed = (load_checkpoint(paths[ac], "cpu")[0] for ac in (False, True))
+    assert checkpointed.blocks[0].forward.__name__ == "checkpointed_forward"
+    assert plain.blocks[0].forward.__name__ != "checkpointed_forward"
+    x = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for m in (plain, checkpointed):
+        m.train()
+        _, loss, _ = m(x[:, :-1], x[:, 1:])
+        loss.backward()
+        losses.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    torch.testing.assert_close(losses[0][0], losses[1][0])
+    for a, b in zip(losses[0][1], losses[1][1]):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        plain.eval(), checkpointed.eval()
+        ys = [torch.cat([m(x[:, :20])[0], m(x[:, 20:], state=m(x[:, :20])[2])[0]], 1) for m in (plain, checkpointed)]
+    torch.testing.assert_close(ys[0], ys[1])

@@ -477,7 +477,8 @@ def test_cli_end_to_end_with_a_stub_checkpoint_loader(tmp_path, monkeypatch, cap
     model = BigramLM(_preferred_bigram_table())
     cfg = types.SimpleNamespace(data=types.SimpleNamespace(tokenizer="bytes", data_dir=str(tmp_path / "prepared"),
                                                            dataset="unused"),
-                                train=types.SimpleNamespace(seq_len=16))
+                                train=types.SimpleNamespace(seq_len=16),
+                                distributed=types.SimpleNamespace(activation_checkpointing=False))
     monkeypatch.setattr(checkpoint, "load_model", lambda path, device: (model, cfg))
     (tmp_path / "ckpt").mkdir()
     out = tmp_path / "results.json"
@@ -504,7 +505,8 @@ def test_cli_refuses_data_of_another_tokenizer_in_one_line(tasks, tmp_path, monk
             num_workers=1, quiet=True)
     cfg = types.SimpleNamespace(data=types.SimpleNamespace(tokenizer="gpt2", data_dir=str(tmp_path / "prepared"),
                                                            dataset="builtin"),
-                                train=types.SimpleNamespace(seq_len=16))
+                                train=types.SimpleNamespace(seq_len=16),
+                                distributed=types.SimpleNamespace(activation_checkpointing=False))
     monkeypatch.setattr(checkpoint, "load_model", lambda path, device: (FixedDistributionLM([0.5, 0.5]), cfg))
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(SystemExit) as exit_info:
