@@ -637,7 +637,8 @@ def _train(cfg: Config, env: DistEnv):
     random.seed(t.seed)
     np.random.seed(t.seed)
 
-    if os.path.isfile(os.path.join(t.out_dir, ".lock")):     # a run may hold it: refuse before its files are read
+    # another run may hold the out_dir: refused before its files are read (check_run names an empty out_dir)
+    if t.out_dir and os.path.isfile(os.path.join(t.out_dir, ".lock")):
         distributed.on_main(env, lambda: lock_out_dir(t.out_dir))
     check_run(cfg, device)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
