@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from cli import (LATEST, TRAINER_STATE, OneLineArgumentParser, check_output_file, first_free_path, keep_copy,
+from cli import (LATEST, TRAINER_STATE, OneLineArgumentParser, check_output_file, first_free_path, keep_aside,
                  write_atomic)
 from config import Config, ConfigError, check_vocab, config_from_dict, dump_yaml, read_yaml, to_dict
 from distributed import all_reduce_max, barrier
@@ -430,9 +430,10 @@ def first_non_finite(model) -> str | None:
     """The name of the first parameter holding a NaN or inf, None if there is none. Under
     FSDP2 each rank checks its local shards and the first bad parameter (by index) is agreed
     on across ranks, so every rank gets the same answer (a collective: all ranks call it).
-    A NaN or inf makes a parameter's sum non-finite, so the sums screen them (0.05 s for 340M
-    parameters on one CPU thread, one device sync; torch.isfinite(p).all() took 0.9 s); a
-    non-finite sum is confirmed element-wise (finite weights whose sum overflows pass)."""
+    A NaN or inf makes a parameter's sum non-finite, so the sums screen them (one device sync;
+    ~16x cheaper than torch.isfinite(p).all() per parameter on CPU: bench/checks_cpu.py,
+    BENCHMARKS.md); a non-finite sum is confirmed element-wise (finite weights whose sum
+    overflows pass)."""
     params = list(model.named_parameters())
     if not params:
         return None
@@ -529,7 +530,7 @@ def export_safetensors(ckpt, out_path, dtype="fp32", log=None) -> str:
     def write(tmp):
         save_model(model, tmp, metadata=metadata)
         os.chmod(tmp, 0o666 & ~_umask())
-        kept = keep_copy(out_path)          # an earlier export: kept, while it still holds the name
+        kept = keep_aside(out_path, copy=True)     # an earlier export: kept, while it still holds the name
         if kept and log:
             log(f"the earlier {out_path} is kept as {kept}")
     try:

@@ -231,27 +231,21 @@ def first_free_path(candidates) -> str:
     return next(path for path in candidates if not os.path.lexists(path))
 
 
-def keep_aside(path) -> str | None:
-    """Rename a non-empty file that an output would overwrite to <stem>.previous[-N]<ext>
-    (train.py's results on a fresh start, an export) -> the new path, None when there was
-    nothing to keep."""
+def keep_aside(path, copy=False) -> str | None:
+    """Keep a non-empty file that an output would overwrite as <stem>.previous[-N]<ext>
+    (train.py's results on a fresh start, an export) -> the kept path, None when there was
+    nothing to keep. copy=True leaves `path` its file too (a hard link, else a copy) until the
+    caller's atomic rename replaces it."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return None
     new = aside_name(path, "previous")
-    os.replace(path, new)
-    return new
-
-
-def keep_copy(path) -> str | None:
-    """Like keep_aside, but `path` keeps its file too (a hard link, else a copy) until the
-    caller's atomic rename replaces it -> the kept path, None when there was nothing to keep."""
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        return None
-    new = aside_name(path, "previous")
-    try:
-        os.link(path, new)
-    except OSError:                 # a filesystem without hard links
-        shutil.copy2(path, new)
+    if not copy:
+        os.replace(path, new)
+    else:
+        try:
+            os.link(path, new)
+        except OSError:             # a filesystem without hard links
+            shutil.copy2(path, new)
     return new
 
 

@@ -30,7 +30,7 @@ import distributed
 from checkpoint import (LATEST, RESUME_KEYS, CheckpointMismatch, find_checkpoint, first_non_finite, holds_checkpoints,
                         load_config_of, load_training_state, resolve_checkpoint, save_checkpoint, saved_steps,
                         set_aside_later_steps, step_number)
-from cli import aside_name, check_output_dir, enclosing_checkpoint, keep_aside, one_line, write_atomic
+from cli import aside_name, check_output_dir, enclosing_checkpoint, keep_aside, one_line, write_atomic, write_json
 from config import (LONG_CONTEXT, MODEL_SECTIONS, Config, ConfigError, DataConfig, check_vocab, config_data,
                     config_from_dict, dump_yaml, reads, to_dict, unread_settings)
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, full_value, gradient_sync
@@ -340,6 +340,13 @@ def earlier_checkpoint_hint(t, ckpt_root) -> str:
     return f"; the earlier {earlier[-1]} is kept: --train.resume={os.path.join(ckpt_root, earlier[-1])} resumes it"
 
 
+def with_earlier_hint(error, t, ckpt_root) -> Exception:
+    """A damaged or missing latest checkpoint's error (ValueError or FileNotFoundError) with
+    earlier_checkpoint_hint appended: the one-line error names what to resume instead."""
+    kind = FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError
+    return kind(f"{error}{earlier_checkpoint_hint(t, ckpt_root)}")
+
+
 def checkpoint_to_resume(t) -> str | None:
     """train.resume -> the checkpoint to start from: auto = the out_dir's latest (None when
     it has none), never = None, a PATH = its checkpoint (FileNotFoundError without one)."""
@@ -521,8 +528,7 @@ def run_to_resume(cfg: Config, ckpt_root) -> tuple[str | None, Config | None]:
     except ConfigError:
         raise
     except (ValueError, FileNotFoundError) as e:     # a damaged or missing latest: name the one kept before it
-        kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
-        raise kind(f"{e}{earlier_checkpoint_hint(cfg.train, ckpt_root)}") from None
+        raise with_earlier_hint(e, cfg.train, ckpt_root) from None
 
 
 def build_checked(model_cfg, device):
@@ -561,7 +567,7 @@ def report_model(model, cfg: Config, device, say) -> None:
             f"leaves warm-up (it peaks at {lr_at(t.max_steps - 1, cfg):.3g}, train.lr={t.lr:.3g})")
 
 
-def resume_training(resume_from, saved_cfg, model, optimizer, sampler, cfg: Config, say) -> tuple[int, dict]:
+def resume_training(resume_from, saved_cfg, model, optimizer, sampler, cfg: Config, ckpt_root, say) -> tuple[int, dict]:
     """Load a checkpoint's weights, optimiser, sampler and RNG states (of any rank count: DCP
     reshards on load); returns the step to start from and the run's stats (tokens, skipped
     steps). A fresh run (`resume_from` None) starts at step 0."""
@@ -573,7 +579,7 @@ def resume_training(resume_from, saved_cfg, model, optimizer, sampler, cfg: Conf
     except (ConfigError, CheckpointMismatch):       # not damage: an earlier step would not fit either
         raise
     except ValueError as e:          # a damaged latest checkpoint: name the one kept before it
-        raise ValueError(f"{e}{earlier_checkpoint_hint(t, os.path.join(t.out_dir, 'checkpoints'))}") from None
+        raise with_earlier_hint(e, t, ckpt_root) from None
     start_step = state["step"]
     sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"])
@@ -681,7 +687,7 @@ def _train(cfg: Config, env: DistEnv):
     say(f"data: {cfg.data.sampling} windows of {t.seq_len + 1} tokens; {t.max_steps} steps read "
         f"{t.max_steps * t.batch_size * t.seq_len / split_tokens:.3g}x the train split's {split_tokens:,} tokens")
 
-    start_step, stats = resume_training(resume_from, saved_cfg, model, optimizer, sampler, cfg, say)
+    start_step, stats = resume_training(resume_from, saved_cfg, model, optimizer, sampler, cfg, ckpt_root, say)
 
     def open_outputs():   # written once the model, optimiser and resume checks have passed
         os.makedirs(t.out_dir, exist_ok=True)
@@ -843,7 +849,7 @@ def _train(cfg: Config, env: DistEnv):
         summary = {"val_loss": r["loss"], "val_ppl": r["perplexity"], "val_bpb": r["bits_per_byte"],
                    "tokens": stats["tokens"], "skipped_steps": stats["skipped_steps"], "params": n_params}
         if env.is_main:
-            write_atomic(os.path.join(t.out_dir, "final_eval.json"), json.dumps(summary, indent=1))
+            write_json(os.path.join(t.out_dir, "final_eval.json"), summary, indent=1)
         say(f"final: val loss {r['loss']:.4f} | ppl {r['perplexity']:.2f} | bits/byte {r['bits_per_byte']:.4f}")
     if t.sample_tokens and (env.is_main or env.data_parallel == "fsdp"):   # FSDP2: all ranks run the forwards
         say("sample:\n" + sample_after_training(model, tokenizer, t, device, autocast))

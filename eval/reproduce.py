@@ -246,19 +246,22 @@ def step_status(s: Step) -> tuple[bool, str | None]:
         if not isinstance(recorded, str) or not _same_checkpoint(recorded, s.source):
             return False, f"{s.marker} scored the checkpoint {recorded}, not the run's final {s.source}"
     for key, wanted in s.settings.items():      # e.g. eval.run's suite settings, zeroshot's limit
-        made = data
-        for part in key.split("/"):
-            made = made.get(part, "(none)") if isinstance(made, dict) else "(none)"
+        made = list(_levels(data, key.split("/")))[-1]
         if made != wanted:
             return False, f"{s.marker} was made with other settings ({key}: {one_line(repr(made))[:80]})"
     for keys in s.needs:
-        section = data
-        for depth, key in enumerate(keys):
-            section = section.get(key) if isinstance(section, dict) else None
+        for depth, section in enumerate(_levels(data, keys)):
             if isinstance(section, dict) and "skipped" in section:
                 return False, (f"{s.marker}: section {'/'.join(keys[:depth + 1])} was skipped: "
                                f"{one_line(section['skipped'])}")
     return True, None
+
+
+def _levels(data, keys):
+    """data[k1], data[k1][k2], ...: each level along a key path ("(none)" from a missing one on)."""
+    for key in keys:
+        data = data.get(key, "(none)") if isinstance(data, dict) else "(none)"
+        yield data
 
 
 def run_dir(root: str, run: Run) -> str:
@@ -442,11 +445,10 @@ def execute(steps: list[Step], runner=subprocess.run, log=print) -> int:
         code = runner(argv).returncode
         if code != 0:
             raise RuntimeError(f"step '{s.title}' failed with exit code {code}: {shlex.join(s.argv)}")
-        if not os.path.exists(s.marker):
-            raise RuntimeError(f"step '{s.title}' finished but did not write {s.marker}")
         done, why = step_status(s)
         if not done:
-            raise RuntimeError(f"step '{s.title}' finished but does not count as done: {why}")
+            raise RuntimeError(f"step '{s.title}' finished but " + (f"did not write {s.marker}" if why is None
+                                                                     else f"does not count as done: {why}"))
         ran += 1
     return ran
 
