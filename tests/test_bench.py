@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from bench import hope_cpu, init_grads, kernels_cpu, step, titans_cpu
+from bench import checks_cpu, hope_cpu, init_grads, kernels_cpu, step, titans_cpu
 from bench.common import machine
 
 
@@ -187,6 +187,22 @@ def test_init_grads_tiny_run(capsys):
     loss, total, norms = init_grads.init_grads(cfg, 8)
     assert f"{loss:.3f}" == rows[1][1] and f"{total:.3g}" == rows[1][2]
     assert abs(total - sum(v * v for v in norms.values()) ** 0.5) < 1e-9
+
+
+def test_checks_cpu_tiny_run(capsys):
+    """bench/checks_cpu.py: the non-finite screen and the element-wise check timed on a tiny
+    config, data.prepare's peak with and without a 1 MB document (bytes), then the footer."""
+    argv = ["configs/transformer_tiny.yaml", "--vocab", "61", "--repeats", "1", "--doc-mb", "1",
+            "--tokenizer", "bytes"]
+    assert checks_cpu.main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^transformer_tiny\.yaml: \d+M parameters, non-finite screen [\d.]+ s, "
+                     r"isfinite\(p\)\.all\(\) per parameter [\d.]+ s$", out, re.M), out
+    base, peak = map(float, re.search(r"peak (\d+) MB on small documents, (\d+) MB with one 1 MB", out).groups())
+    assert peak >= base > 0
+    _footer_ok(out, "checks_cpu.py", argv)
+    assert checks_cpu.main(["configs/missing.yaml"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_kernels_cpu_tiny_run(capsys):
