@@ -410,7 +410,23 @@ class NeuralMemory(nn.Module):
         Self-generated targets (scan's self_target) are for the MLP kernel's DGD/GD rules
         only, and not with detach_targets (the in-kernel target would still pass gradients to
         W_B). train.py prints these reasons per model part at start-up
-        (model.LanguageModel.kernel_report)."""
+        (model.LanguageModel.kernel_report). A reason for the per-chunk path also says which
+        layers scan in PyTorch there though the scans are Triton's (`_scan_backend`)."""
+        why = self._fused_blocker(device, self_target)
+        wide = [w for w in self._layer_key_dims()
+                if w > kernels.checks.MAX_KEY_DIM] if why is not None else []
+        if wide and kernels.select_backend(self.backend, device, self._dtype()) == "triton":
+            why += (f"; its layers of key dim {', '.join(map(str, wide))} (above "
+                    f"{kernels.checks.MAX_KEY_DIM}) scan in PyTorch")
+        return why
+
+    def _layer_key_dims(self) -> list[int]:
+        """Each layer's key dim on the per-chunk path (its input width): d, and the hidden
+        width E of an MLP's second layer."""
+        return [self.head_dim] if self.depth == 1 else [self.head_dim, self.hidden_dim]
+
+    def _fused_blocker(self, device, self_target) -> Optional[str]:
+        """fused_kernel_blocker's reason, before the note on wide layers."""
         if self.detach_chunks_older_than:
             return "truncated backprop (detach_chunks_older_than) runs per chunk"
         if self._dtype() != torch.float32:

@@ -149,7 +149,11 @@ def test_kernel_report_names_each_memory_parts_path():
     wide = tiny("titans", kernels="triton", n_head=1, d_model=128, titans={"memory_expansion": 2})
     assert wide.kernel_report("cuda") == [
         "Titans memory x2: per-chunk path (the fused MLP memory kernel does not cover d=128, hidden 256, "
-        "chunk 16, rule momentum (triton_mlp_memory.fusable_mlp))"]
+        "chunk 16, rule momentum (triton_mlp_memory.fusable_mlp); its layers of key dim 256 (above 128) "
+        "scan in PyTorch)"]
+    # under "auto" on the CPU the scans are PyTorch's anyway: nothing to add
+    assert tiny("titans", n_head=1, d_model=128, titans={"memory_expansion": 2}).kernel_report("cpu") == [
+        "Titans memory x2: per-chunk path (backend 'auto' on cpu runs the chunked PyTorch path)"]
     assert not wide.blocks[0].mixer.memory.memory._use_fused_kernel(torch.zeros(1, 1, 1, 128, device="meta"))
     clipped = tiny("titans", kernels="triton", titans={"memory_depth": 1})        # clips by default
     assert clipped.kernel_report("cuda") == [
