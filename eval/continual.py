@@ -575,10 +575,12 @@ def held_out_loss(model, eval_ids, seq_len: int, batch_size: int, device) -> flo
     return total / count
 
 
-def run_domains(model, tokenizer, domains, settings: DomainSettings | None = None, device=None, log=print) -> dict:
+def run_domains(model, tokenizer, domains, settings: DomainSettings | None = None, device=None, log=print,
+                cfg=None) -> dict:
     """Train a copy of `model` on each domain in turn; after each stage score every domain.
     Returns the loss and perplexity matrices (rows: stages, columns: domains), the starting
-    model's row, and domain_metrics."""
+    model's row, domain_metrics and notes (with `cfg`, the checkpoint's config, the first
+    is builtin_overlap_note's where it has one)."""
     settings = settings or DomainSettings()
     if len(domains) < 1:
         raise ValueError("no domains")
@@ -602,8 +604,10 @@ def run_domains(model, tokenizer, domains, settings: DomainSettings | None = Non
     # held_out_loss scores every token of a domain's ids but the first: eval_tokens, or fewer
     # when the held-out text is shorter (builtin with GPT-2 tokens: ~7.3K)
     held_out_tokens = [len(ids) - 1 for ids in eval_ids]
-    notes = [f"domain {d['name']}: its held-out text has {n} tokens, fewer than eval_tokens={settings.eval_tokens}: "
-             f"all of them are scored" for d, n in zip(domains, held_out_tokens) if n < settings.eval_tokens]
+    overlap = builtin_overlap_note(cfg, [d["name"] for d in domains])
+    notes = [overlap] if overlap else []
+    notes += [f"domain {d['name']}: its held-out text has {n} tokens, fewer than eval_tokens={settings.eval_tokens}: "
+              f"all of them are scored" for d, n in zip(domains, held_out_tokens) if n < settings.eval_tokens]
     score = (lambda: [held_out_loss(model, ids, settings.seq_len, settings.batch_size, device) for ids in eval_ids])
     started = time.time()
     initial = score()
@@ -765,9 +769,7 @@ def main(argv=None):
                                       seq_len=args.seq_len if args.seq_len is not None else cfg.train.seq_len,
                                       lr=args.lr, train_chars=args.train_chars, eval_tokens=args.eval_tokens,
                                       seed=args.seed)
-            results = run_domains(model, tokenizer, domains, settings, device)
-            overlap = builtin_overlap_note(cfg, names)
-            results["notes"] = ([overlap] if overlap else []) + results["notes"]
+            results = run_domains(model, tokenizer, domains, settings, device, cfg=cfg)
             results.update(arch=cfg.model.arch, checkpoint=os.path.abspath(args.checkpoint))
             for note in results["notes"]:
                 print(f"note: {note}")

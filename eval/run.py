@@ -177,9 +177,8 @@ def continual_section(model, tokenizer, settings, seq_len, device, data_dir=None
         out["intents"][spec["dataset"]] = r
     if domains and settings.get("domains"):
         ds = cl.DomainSettings(seq_len=seq_len, **settings["domain_settings"])
-        r = cl.run_domains(model, tokenizer, cl.load_domains(settings["domains"], data_dir), ds, device, log=None)
-        overlap = cl.builtin_overlap_note(cfg, settings["domains"]) if cfg is not None else None
-        r["notes"] = ([overlap] if overlap else []) + r["notes"]
+        r = cl.run_domains(model, tokenizer, cl.load_domains(settings["domains"], data_dir), ds, device, log=None,
+                           cfg=cfg)
         out["notes"] = r["notes"]                # printed by run_suite, like the other sections' notes
         if out_dir:
             r["plots"] = [os.path.basename(p) for p in cl.plot_domains(r, out_dir)]

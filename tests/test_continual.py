@@ -289,6 +289,13 @@ def test_domains_record_held_out_tokens_and_note_a_short_held_out_text():
     assert r["held_out_tokens"] == [200, 99]
     assert r["notes"] == ["domain short: its held-out text has 99 tokens, fewer than eval_tokens=200: "
                           "all of them are scored"]
+    # the checkpoint's config of another val_fraction on a builtin domain: its overlap note first
+    from config import Config, DataConfig
+    cfg = Config(data=DataConfig(val_fraction=0.05))
+    domains[0]["name"] = "builtin"
+    r = cl.run_domains(model, ByteTokenizer(), domains, cl.DomainSettings(steps_per_domain=0, seq_len=16,
+                                                                          eval_tokens=200), "cpu", log=None, cfg=cfg)
+    assert r["notes"][0] == cl.builtin_overlap_note(cfg, ["builtin", "short"]) and len(r["notes"]) == 2
 
 
 def test_plots_are_written(tmp_path, tiny_tasks):

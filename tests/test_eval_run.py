@@ -385,15 +385,19 @@ def test_niah_section_hands_on_the_long_stream_notes(monkeypatch):
 
 
 def test_continual_section_notes_held_out_text_the_checkpoint_trained_on(monkeypatch):
-    """eval.run's continual section carries the domains protocol's notes, and with the
-    checkpoint's config, eval.continual's note for a builtin run of another data.val_fraction
-    (whose training split may hold the builtin domain's held-out chapters)."""
+    """eval.run's continual section carries the domains protocol's notes, and hands it the
+    checkpoint's config, from which run_domains notes a builtin run of another
+    data.val_fraction (whose training split may hold the builtin domain's held-out chapters)."""
     import eval.run as run
     from config import Config, DataConfig
     from eval import continual as cl
     from model import build_model
     monkeypatch.setattr(cl, "load_domains", lambda names, data_dir=None: [{"name": n} for n in names])
-    monkeypatch.setattr(cl, "run_domains", lambda *a, **kw: {"notes": ["domain builtin: short"]})
+
+    def run_domains(*args, cfg=None, **kwargs):
+        overlap = cl.builtin_overlap_note(cfg, ["builtin"]) if cfg is not None else None
+        return {"notes": ([overlap] if overlap else []) + ["domain builtin: short"]}
+    monkeypatch.setattr(cl, "run_domains", run_domains)
     model = build_model({"n_layer": 1, "n_head": 1, "d_model": 8, "vocab_size": 11})
     settings = {"intents": [], "intent_settings": {}, "domains": ["builtin"], "domain_settings": {}}
     cfg = Config(data=DataConfig(val_fraction=0.05))
