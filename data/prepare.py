@@ -16,6 +16,7 @@ _check_out_dir); any other non-empty folder is refused before anything is writte
 """
 
 import contextlib
+import functools
 import glob
 import hashlib
 import itertools
@@ -27,6 +28,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 from collections import deque
 
 import numpy as np
@@ -342,11 +344,23 @@ def _progress(total, quiet: bool):
     return tqdm(total=total, unit="doc", desc="tokenizing", disable=quiet or not sys.stderr.isatty())
 
 
+def _taking_turns(prepare_fn):
+    """Run a preparation of out_dir under _out_dir_lock(out_dir), so that every caller of
+    prepare(), not only ensure_prepared and the CLI, takes turns with other preparers."""
+    @functools.wraps(prepare_fn)
+    def locked(source, out_dir, *args, **kwargs):
+        with _out_dir_lock(out_dir):
+            return prepare_fn(source, out_dir, *args, **kwargs)
+    return locked
+
+
+@_taking_turns
 def prepare(source: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: float = DEFAULT_VAL_FRACTION,
             shard_tokens: int = 100_000_000, num_workers: int = 0, text_field: str = "text", split: str = "train",
             streaming: bool = False, max_docs=None, seed: int = 0, data_files=None, bpe_dir=None,
             quiet: bool = False) -> dict:
-    """Tokenize a source into train/val shards under out_dir; return the meta dict."""
+    """Tokenize a source into train/val shards under out_dir; return the meta dict. Holds
+    out_dir's lock (_out_dir_lock) throughout."""
     if tokenizer not in TOKENIZER_NAMES:
         raise ValueError(f"unknown tokenizer {tokenizer!r}; valid names: {', '.join(TOKENIZER_NAMES)}")
     if not 0.0 < val_fraction < 1.0:
@@ -476,19 +490,27 @@ def ensure_prepared(source: str, out_dir: str, tokenizer: str = "gpt2", **kwargs
         return prepare(source, out_dir, tokenizer, **kwargs)
 
 
+_HELD_LOCKS = set()   # (lock path, thread id) that _out_dir_lock holds in this process
+
+
 @contextlib.contextmanager
 def _out_dir_lock(out_dir: str):
     """Hold an exclusive flock on <out_dir>.lock (beside the resolved folder) while preparing it:
     two preparers at once (two runs sharing data/cache/...) would otherwise race on the
     check-then-rename swap. The holder removes the file when done; a waiter that then finds it
     locked a removed file locks the new one. Without fcntl, or where the lock file cannot be
-    made or locked (a filesystem without flock), it proceeds unlocked."""
+    made or locked (a filesystem without flock), it proceeds unlocked. Reentrant in a thread:
+    ensure_prepared and the CLI hold it across their checks and prepare() takes it again."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         yield
         return
     path = f"{os.path.realpath(out_dir)}.lock"
+    held = (path, threading.get_ident())
+    if held in _HELD_LOCKS:
+        yield
+        return
     lock = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -514,9 +536,11 @@ def _out_dir_lock(out_dir: str):
             raise
         lock.close()
         lock = None
+    _HELD_LOCKS.add(held)
     try:
         yield
     finally:
+        _HELD_LOCKS.discard(held)
         if lock is not None:
             try:
                 os.remove(path)  # while still held: a waiter rechecks the path after locking

@@ -620,6 +620,42 @@ def test_concurrent_preparers_of_one_folder_take_turns(tmp_path, monkeypatch):
     assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
     assert sorted(os.listdir(tmp_path)) == ["corpus", "shared"]  # no .tmp- / .old- / .lock left
 
+
+def test_direct_prepare_calls_of_one_folder_take_turns(tmp_path, monkeypatch):
+    """prepare() called directly (a script of its own, not ensure_prepared or the CLI) holds the
+    folder's lock too: two at once rebuild it one after the other. Without it the second's
+    swap raced the first's ("Directory not empty" or a left <out>.old-<pid>)."""
+    import threading
+    import time
+
+    source = _txt_corpus(tmp_path / "corpus", DOCS[:4])
+    out = str(tmp_path / "shared")
+    real_replace = os.replace
+
+    def slow_replace(a, b):  # widens the window between the check and the swap
+        time.sleep(0.5)
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", slow_replace)
+    start = threading.Barrier(2)
+    results, errors = [], []
+
+    def run():
+        start.wait()
+        try:
+            results.append(prepare(source, out, "bytes", val_fraction=0.25, num_workers=1, quiet=True))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert len(results) == 2 and results[0]["splits"] == results[1]["splits"]
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "shared"]  # no .tmp- / .old- / .lock left
+
 # ----------------------------------------------------------------------------------------
 # loader
 
