@@ -32,8 +32,10 @@ def choice(default, choices, help=""):
 # ----------------------------------------------------------------------------------------
 # sections
 
-# The largest inner clip or fixed inner lr: the memories compute in fp32, where the clip's
-# square (and a tensor of the lr) would overflow from about 1.8e19 (null turns the clip off)
+# The largest scale setting (inner clip, fixed inner lr, gate maxima, learning rates, init
+# std): each becomes or multiplies an fp32 tensor, which overflows from ~3.4e38 (a clip's
+# square from ~1.8e19; null turns the clip off). The cap guards representability, not
+# stability: far smaller values still diverge (inner_lr_fixed 1e18 is NaN at step 1).
 MAX_INNER_SETTING = 1e18
 
 
@@ -73,7 +75,8 @@ class TitansConfig:
             _check_range(getattr(self, key), f"model.titans.{key}", 1, integer=True)
         for key in ("conv_size", "n_persistent", "detach_chunks_older_than"):
             _check_range(getattr(self, key), f"model.titans.{key}", 0, integer=True)
-        self.theta_max = _check_range(self.theta_max, "model.titans.theta_max", 0, strict=True)
+        self.theta_max = _check_range(self.theta_max, "model.titans.theta_max", 0, strict=True,
+                                      high=MAX_INNER_SETTING)
         self.inner_lr_fixed = _check_range(self.inner_lr_fixed, "model.titans.inner_lr_fixed", 0, null=True,
                                            high=MAX_INNER_SETTING)
         self.max_grad_norm = _check_range(self.max_grad_norm, "model.titans.max_grad_norm", 0, strict=True, null=True,
@@ -113,10 +116,10 @@ class CMSConfig:
             if len(self.inner_lr) != len(self.chunk_sizes):
                 raise ConfigError(f"model.cms.inner_lr has {len(self.inner_lr)} entries but "
                                   f"model.cms.chunk_sizes has {len(self.chunk_sizes)} levels")
-            self.inner_lr = [_check_range(lr, f"model.cms.inner_lr[{i}]", 0, null=c is None)
+            self.inner_lr = [_check_range(lr, f"model.cms.inner_lr[{i}]", 0, null=c is None, high=MAX_INNER_SETTING)
                              for i, (lr, c) in enumerate(zip(self.inner_lr, self.chunk_sizes))]
         else:
-            self.inner_lr = _check_range(self.inner_lr, "model.cms.inner_lr", 0)
+            self.inner_lr = _check_range(self.inner_lr, "model.cms.inner_lr", 0, high=MAX_INNER_SETTING)
 
     def level_lrs(self) -> list:
         """The inner learning rate of every level (None for static levels)."""
@@ -205,7 +208,7 @@ class HopeConfig:
             _check_range(getattr(self, key), f"model.hope.{key}", 1, integer=True)
         for key in ("conv_size", "detach_chunks_older_than"):
             _check_range(getattr(self, key), f"model.hope.{key}", 0, integer=True)
-        self.eta_max = _check_range(self.eta_max, "model.hope.eta_max", 0, strict=True)
+        self.eta_max = _check_range(self.eta_max, "model.hope.eta_max", 0, strict=True, high=MAX_INNER_SETTING)
         self.inner_lr_fixed = _check_range(self.inner_lr_fixed, "model.hope.inner_lr_fixed", 0, null=True,
                                            high=MAX_INNER_SETTING)
         self.max_grad_norm = _check_range(self.max_grad_norm, "model.hope.max_grad_norm", 0, strict=True, null=True,
@@ -279,8 +282,12 @@ class ModelConfig:
         for key in ("n_layer", "n_head", "d_model", "ffn_multiple_of", "max_seq_len"):
             _check_range(getattr(self, key), f"model.{key}", 1, integer=True)
         _check_range(self.vocab_size, "model.vocab_size", 0, integer=True)
-        for key in ("ffn_mult", "rope_theta", "norm_eps", "init_std"):
+        for key in ("ffn_mult", "norm_eps"):
             setattr(self, key, _check_range(getattr(self, key), f"model.{key}", 0, strict=True))
+        self.init_std = _check_range(self.init_std, "model.init_std", 0, strict=True, high=MAX_INNER_SETTING)
+        # RoPE's frequencies are rope_theta^(-2i/d): a base below 1 makes them grow past 1 rad
+        # per token (and 1e-300 overflows them to inf)
+        self.rope_theta = _check_range(self.rope_theta, "model.rope_theta", 1)
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
         if self.uses_rope and (self.d_model // self.n_head) % 2:
@@ -347,8 +354,9 @@ class OptimConfig:
         self.momentum = _check_range(self.momentum, "optim.momentum", 0, below=1, null=True)
         for key in ("min_lr_ratio", "decay_fraction"):
             setattr(self, key, _check_range(getattr(self, key), f"optim.{key}", 0, high=1))
-        for key in ("weight_decay", "grad_clip", "m3_alpha", "m3_update_rms", "dmgd_inner_lr", "delta_strength"):
-            setattr(self, key, _check_range(getattr(self, key), f"optim.{key}", 0))
+        self.grad_clip = _check_range(self.grad_clip, "optim.grad_clip", 0)   # a threshold: any size holds
+        for key in ("weight_decay", "m3_alpha", "m3_update_rms", "dmgd_inner_lr", "delta_strength"):
+            setattr(self, key, _check_range(getattr(self, key), f"optim.{key}", 0, high=MAX_INNER_SETTING))
         self.eps = _check_range(self.eps, "optim.eps", 0, strict=True)
 
 
@@ -384,7 +392,7 @@ class TrainConfig:
             _check_range(getattr(self, key), f"train.{key}", 1, integer=True)
         for key in ("eval_every", "eval_batch_size", "ckpt_every", "keep_checkpoints", "sample_tokens"):
             _check_range(getattr(self, key), f"train.{key}", 0, integer=True)
-        self.lr = _check_range(self.lr, "train.lr", 0, strict=True)
+        self.lr = _check_range(self.lr, "train.lr", 0, strict=True, high=MAX_INNER_SETTING)
         _check_range(self.seed, "train.seed", 0, integer=True, below=2**32)   # np.random.seed's range
         self.dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(self.dtype, self.dtype)
         if isinstance(self.sample_prompt, str):
@@ -560,6 +568,9 @@ def parse_overrides(args: list[str]) -> dict:
             key, raw = body, args[i + 1]
             i += 1
         key = key.replace("-", "_")
+        if dataclasses.is_dataclass(_declared_type(key)):     # --model.titans=null reset it silently
+            raise ConfigError(f"override '{arg}' sets the whole section {key}; set its keys, "
+                              f"e.g. --{key}.KEY=VALUE")
         if _declared_type(key) is str:
             value = raw
         else:
@@ -703,6 +714,33 @@ def unread_settings(data: dict, arch: str) -> list[str]:
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
     return [f"model.{section}.{key}" for section in MODEL_SECTIONS
             if isinstance(model.get(section), dict) for key in model[section] if not reads(arch, section, key)]
+
+
+def unread_by_choice(m: "ModelConfig") -> dict[str, str]:
+    """{<key> under model.: the choice that leaves it unread} for the settings model.arch reads
+    in general but this config's variant or switches do not (train.unread_run_settings notes
+    the ones a config sets): e.g. titans.window_size under variant mac."""
+    off = {}
+    if m.arch == "titans":
+        t, variant = m.titans, f"model.titans.variant={m.titans.variant}"
+        if t.variant != "mac":
+            off["titans.segment_size"] = variant
+        if t.variant not in ("mag", "mal"):
+            off["titans.window_size"] = variant
+        if t.variant == "lmm":
+            off["titans.n_persistent"] = variant
+        if t.memory_depth == 1:                                   # a linear memory W x
+            off.update(dict.fromkeys(("titans.memory_expansion", "titans.activation"), "model.titans.memory_depth=1"))
+        if t.inner_lr_fixed is not None:
+            off["titans.theta_max"] = "model.titans.inner_lr_fixed set"
+    if m.arch in ("hope", "hope_attention"):
+        if m.arch == "hope" and m.hope.inner_lr_fixed is not None:
+            off["hope.eta_max"] = "model.hope.inner_lr_fixed set"
+        if m.hope.cms:                                             # the CMS chain replaces the FFN
+            off["ffn_mult"] = "model.hope.cms=true (the CMS chain replaces the FFN)"
+        else:
+            off.update({f"cms.{f.name}": "model.hope.cms=false" for f in dataclasses.fields(CMSConfig)})
+    return off
 
 
 def model_config_from(obj) -> ModelConfig:

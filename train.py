@@ -32,7 +32,8 @@ from checkpoint import (LATEST, RESUME_KEYS, CheckpointMismatch, find_checkpoint
                         set_aside_later_steps, step_number)
 from cli import aside_name, check_output_dir, enclosing_checkpoint, keep_aside, one_line, write_atomic, write_json
 from config import (LONG_CONTEXT, MODEL_SECTIONS, Config, ConfigError, DataConfig, check_vocab, config_data,
-                    config_from_dict, dump_yaml, reads, to_dict, unread_settings)
+                    config_from_dict, dump_yaml, reads, to_dict, unread_by_choice,
+                    unread_settings)
 from distributed import DistEnv, all_reduce_max, all_reduce_mean, full_value, gradient_sync
 from kernels.checks import triton_blocker
 
@@ -297,6 +298,11 @@ def unread_run_settings(data: dict, cfg: Config) -> list[str]:
     from optim import CONFIG_FIELDS
     notes = [f"{key} is set, but model.arch={cfg.model.arch} does not read it"
              for key in unread_settings(data, cfg.model.arch)]
+    model_keys = set()                                   # the model.* keys `data` sets, e.g. "titans.window_size"
+    for key, value in (data["model"] if isinstance(data.get("model"), dict) else {}).items():
+        model_keys |= {f"{key}.{k}" for k in value} if isinstance(value, dict) else {key}
+    notes += [f"model.{key} is set, but is not read with {why}"
+              for key, why in unread_by_choice(cfg.model).items() if key in model_keys]
     optim, d = data.get("optim"), data.get("data")
     read = set(OPTIM_SHARED) | set(CONFIG_FIELDS[cfg.optim.name].values())
     read |= {"min_lr_ratio"} if cfg.optim.schedule != "constant" else set()
