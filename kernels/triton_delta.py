@@ -736,10 +736,25 @@ def _launch_dims(q, u, C, BT, BK, BV):
             dict(device=q.device, dtype=torch.float32))
 
 
+# A forward that saves nothing for a backward runs a longer input in segments of this many
+# tokens (a multiple of every BT), each starting from the last one's S_T: its four fp32 work
+# buffers of ~T x d per head (W, U', the chunk-start states and Delta) then stay those of one
+# segment (4 GiB at B 8, H 32, d 64) instead of the whole input's (32 GiB at T 128K). Chunks
+# start at the same tokens either way, so the result is the same (tested bit for bit).
+NO_GRAD_SEGMENT = 16384
+
+
 def delta_forward(q, k, u, alpha, eta, initial_state, save, BT, BK, BV):
     """Launch the forward kernels on contiguous inputs. Returns (o, S_T fp32, h per chunk
     start [B*H, NT, K, V] fp32, Delta [B*H, T, V] fp32); the last two feed the backward and
     are empty unless `save`."""
+    T = q.shape[1]
+    if not save and T > NO_GRAD_SEGMENT:
+        o, state = torch.empty(*u.shape, device=q.device, dtype=q.dtype), initial_state
+        for lo in range(0, T, NO_GRAD_SEGMENT):
+            piece = [t[:, lo:lo + NO_GRAD_SEGMENT].contiguous() for t in (q, k, u, alpha, eta)]
+            o[:, lo:lo + NO_GRAD_SEGMENT], state, _, _ = delta_forward(*piece, state, False, BT, BK, BV)
+        return o, state, state.new_empty(0), state.new_empty(0)
     B, T, H, K, V, NT, tiles, f32 = _launch_dims(q, u, BT, BT, BK, BV)
     w = torch.empty(B * H, T, K, **f32)
     u2 = torch.empty(B * H, T, V, **f32)

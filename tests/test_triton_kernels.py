@@ -19,7 +19,7 @@ needs_kernels = triton_kernels_or_skip()
 import kernels  # noqa: E402
 from kernels import triton_scans  # noqa: E402
 from kernels.reference import delta_rule_reference, momentum_rule_reference  # noqa: E402
-from kernels.triton_delta import _round_to_tf32  # noqa: E402
+from kernels.triton_delta import _launch_dims, _round_to_tf32  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -277,6 +277,27 @@ def test_no_grad_forward_matches_and_saves_nothing(op):
     for a, b in zip(with_grad, without_grad):
         assert torch.equal(a.detach(), b)
     assert not any(t.requires_grad for t in without_grad)
+
+
+@needs_kernels
+@pytest.mark.parametrize("with_state", [False, True])
+def test_no_grad_delta_forward_in_segments_matches_one_pass(monkeypatch, with_state):
+    """A delta-rule forward without grad runs a long input in segments of NO_GRAD_SEGMENT
+    tokens, each from the last one's S_T (its fp32 work buffers are then one segment's): the
+    outputs and final state equal one pass's, with or without an initial state, at a length
+    that is not a multiple of the segment or the chunk."""
+    from kernels import triton_delta
+    inputs = make_inputs("delta", 2, 83, 2, 16, 16, with_state)
+    with torch.no_grad():
+        whole = run_op("delta", triton_scans.delta_rule_triton, inputs, chunk_size=16)
+        monkeypatch.setattr(triton_delta, "NO_GRAD_SEGMENT", 32)
+        calls = []
+        monkeypatch.setattr(triton_delta, "_launch_dims", lambda q, *a: calls.append(q.shape[1]) or
+                            _launch_dims(q, *a))
+        pieces = run_op("delta", triton_scans.delta_rule_triton, inputs, chunk_size=16)
+    assert calls == [32, 32, 19]
+    for a, b in zip(whole, pieces):
+        assert torch.equal(a, b)
 
 
 @needs_kernels
