@@ -17,14 +17,16 @@ in under an hour:
   forgetting           the sequential-domain protocol of eval/continual.py (train on each
                        domain in turn; forgetting = perplexity on earlier domains going up)
 
-The same steps serve every seed; each step is skipped when its output exists, so an
-interrupted run continues where it stopped. Those outputs are named by run and seed only, so
+The same steps serve every seed; each step is skipped when its output counts as done
+(eval.reproduce.step_status, which --plan shows too), so an interrupted run (Ctrl-C: one line,
+exit 130) continues where it stopped; a damaged result file, which would count as done for
+ever, is a one-line error naming it. Those outputs are named by run and seed only, so
 the first run writes the settings that shape them (--steps, --ft-steps, --samples,
 --domain-steps) to <out>/manifest.json, and a later run into that --out with other settings
 is an error (--report-only takes them from there). `--jobs N` runs N steps at a time (each with
 cores / N torch threads). At the end <out>/mini_repro.json holds every number and
-<out>/MINI_REPRO.md the tables (mean over seeds with the min-max spread), headed by the
-command, date, settings, machine and wall time.
+<out>/MINI_REPRO.md the tables (mean over the seeds that have results, with the min-max
+spread), headed by the command, date, settings, machine and wall time (of that invocation).
 """
 from __future__ import annotations
 
@@ -36,13 +38,15 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import islice
 
 from cli import (SEED_RANGE, OneLineArgumentParser, check_output_dir, non_negative_int, positive_int, seed_int,
                  write_atomic, write_json)
-from eval.reproduce import ABLATIONS, ReproduceError, Run, Step, babilong_steps, execute, run_dir
+from eval.reproduce import (ABLATIONS, ReproduceError, Run, Step, babilong_steps, execute, load_result, result_at,
+                            run_dir, step_status)
 
 # One recipe for every run (overrides on top of each tiny config): the model size, the data
 # and the token budget are the same; each architecture keeps its own chunk sizes.
@@ -132,7 +136,10 @@ def check_manifest(args, given=()) -> None:
             raise ValueError(f"--out {args.out} holds results but no {MANIFEST} (their settings are unknown): "
                              "use another --out")
         return
-    made = _load(path)
+    try:
+        made = load_result(path)
+    except ReproduceError:          # damaged: load_result's "delete it to run its step again" fits no manifest
+        made = None
     if not isinstance(made, dict) or set(made) != set(SETTINGS):
         raise ValueError(f"{path} is not a mini_repro manifest of {', '.join(SETTINGS)}: use another --out")
     for key, value in made.items():
@@ -163,11 +170,15 @@ def plan(args) -> list[list[Step]]:
 
 def run_groups(groups: list[list[Step]], jobs: int, log=print) -> None:
     """Run groups of steps, `jobs` groups at a time, each process with cores / jobs threads.
-    The first failure is re-raised as soon as it happens; the groups not yet started never start."""
+    The first failure is re-raised as soon as it happens; the groups not yet started never start.
+    Ctrl-C (KeyboardInterrupt) is re-raised once the running steps end: they got the same Ctrl-C."""
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     env = dict(os.environ, OMP_NUM_THREADS=threads, WANDB_MODE="disabled")
+    interrupted = threading.Event()
 
     def runner(argv):
+        if interrupted.is_set():           # a group between two steps at Ctrl-C starts no more of them
+            raise RuntimeError("interrupted")
         started = time.time()
         done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail = "\n".join(done.stdout.strip().splitlines()[-3:])
@@ -178,23 +189,38 @@ def run_groups(groups: list[list[Step]], jobs: int, log=print) -> None:
     # (with all groups submitted up front, a free worker could start the next before we see it).
     queued = iter(groups)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        running = {pool.submit(execute, group, runner, log) for group in islice(queued, jobs)}
-        while running:
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                future.result()                    # re-raise the first failure (the running groups finish)
-                running |= {pool.submit(execute, group, runner, log) for group in islice(queued, 1)}
+        try:
+            running = {pool.submit(execute, group, runner, log) for group in islice(queued, jobs)}
+            while running:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()                # re-raise the first failure (the running groups finish)
+                    running |= {pool.submit(execute, group, runner, log) for group in islice(queued, 1)}
+        except KeyboardInterrupt:
+            interrupted.set()                      # the pool's exit waits for the running steps alone
+            raise
 
 
 # -----------------------------------------------------------------------------
 # the report
 
-def _load(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+class ResultsFile:
+    """One step's JSON, read as eval.reproduce reads it: None-valued before the step has run; a
+    damaged file (an empty one, a run killed while writing it, an edit) is a ReproduceError
+    naming it, because its step counts as done while it exists (step_status) and would never
+    be redone: the report would show "—" forever."""
+
+    def __init__(self, path: str):
+        self.path, self.data = path, load_result(path)
+        if self.data is not None and not isinstance(self.data, dict):
+            raise ReproduceError(f"{path} is not a results object; delete it to run its step again")
+
+    def get(self, *keys):
+        """The number at a key path (None where missing); text where a number belongs is named."""
+        try:
+            return result_at(self.data or {}, *keys)
+        except ReproduceError as e:
+            raise ReproduceError(f"{self.path}: {e}; fix it, or delete it to run its step again") from None
 
 
 def collect(root: str, seeds, steps: int) -> dict:
@@ -202,15 +228,15 @@ def collect(root: str, seeds, steps: int) -> dict:
     results: dict = {"models": {}, "ablations": {}}
     for table, label, seed, run in runs(seeds, steps):
         d = run_dir(root, run)
-        final = _load(os.path.join(d, "final_eval.json")) or {}
+        final = ResultsFile(os.path.join(d, "final_eval.json"))
         cell = {"loss": final.get("val_loss"), "perplexity": final.get("val_ppl"),
                 "bits_per_byte": final.get("val_bpb"), "params": final.get("params")}
         if table == "models":
-            babilong = _load(os.path.join(d, "babilong", "babilong.json")) or {}
+            babilong = ResultsFile(os.path.join(d, "babilong", "babilong.json"))
             for score in ("label_ranking", "official"):
-                for length, acc in (babilong.get(score, {}).get("qa1") or {}).items():
-                    cell[f"qa1_{score}_{length}"] = acc
-            domains = _load(os.path.join(d, "continual", "continual_domains.json")) or {}
+                for length in BABILONG_LENGTHS.split(","):
+                    cell[f"qa1_{score}_{length}"] = babilong.get(score, "qa1", length)
+            domains = ResultsFile(os.path.join(d, "continual", "continual_domains.json"))
             cell["forgetting"] = domains.get("mean_forgetting")
             cell["relative_forgetting"] = domains.get("mean_relative_forgetting")
             cell["final_mean_ppl"] = domains.get("final_mean_perplexity")
@@ -218,17 +244,22 @@ def collect(root: str, seeds, steps: int) -> dict:
     return results
 
 
-def spread(values, fmt="{:.3f}", scale=1.0) -> str:
-    """'mean (min-max)' over seeds; '—' when no seed has the number."""
+def seeds_with_results(results: dict) -> list[int]:
+    """The seeds that have any number in any table (the others were asked for but not run)."""
+    return sorted({seed for table in results.values() for cells in table.values()
+                   for seed, cell in cells.items() if any(v is not None for v in cell.values())})
+
+
+def spread(values, fmt="{:.3f}", scale=1.0, seeds=0) -> str:
+    """'mean (min-max)' over seeds; '—' when no seed has the number; n=K where only K of the
+    `seeds` that have results have this number (a partial run), so no mean passes for all."""
     values = [v * scale for v in values if v is not None]
     if not values:
         return "—"
     mean = fmt.format(sum(values) / len(values))
-    return mean if len(values) == 1 else f"{mean} ({fmt.format(min(values))}–{fmt.format(max(values))})"
-
-
-def _column(cells: dict, key):
-    return [c.get(key) for c in cells.values()]
+    notes = ([] if len(values) == 1 else [f"{fmt.format(min(values))}–{fmt.format(max(values))}"]) + \
+            ([f"n={len(values)}"] if len(values) < seeds else [])
+    return f"{mean} ({', '.join(notes)})" if notes else mean
 
 
 def paired_delta(cells: dict, base: dict, key="bits_per_byte") -> str:
@@ -240,35 +271,40 @@ def paired_delta(cells: dict, base: dict, key="bits_per_byte") -> str:
 
 
 def markdown(results: dict, header: str = "") -> str:
-    n_seeds = max((len(c) for t in results.values() for c in t.values()), default=0)
+    seeds = seeds_with_results(results)     # not the seeds asked for: those not run have no numbers
+
+    def cell(cells: dict, key: str, fmt="{:.3f}", scale=1.0) -> str:
+        return spread([c.get(key) for c in cells.values()], fmt, scale, len(seeds))
+
     lines = [header] if header else []
-    lines += [f"Each cell: mean over {n_seeds} seed(s), with the min–max range across seeds in brackets.", "",
+    lines += [f"Each cell: mean over the {len(seeds)} seed(s) with results ({', '.join(map(str, seeds)) or 'none'}), "
+              "with the min–max range across seeds in brackets; n=K marks a cell that only K of them have.", "",
               "### Language modelling (validation, built-in corpus, bytes)", "",
-              "| model | params | bits/byte ↓ | perplexity/byte ↓ |", "|---|---:|---:|---:|"]
+              # val_ppl is exp(loss per token), the tokens being bytes plus end-of-text: not 2^bits/byte
+              "| model | params | bits/byte ↓ | perplexity/token ↓ |", "|---|---:|---:|---:|"]
     for label, cells in results["models"].items():
         params = next((c["params"] for c in cells.values() if c.get("params")), None)
         lines.append(f"| {label} | {params / 1e6:.2f}M |" if params else f"| {label} | — |")
-        lines[-1] += f" {spread(_column(cells, 'bits_per_byte'))} | {spread(_column(cells, 'perplexity'))} |"
+        lines[-1] += f" {cell(cells, 'bits_per_byte')} | {cell(cells, 'perplexity')} |"
     hope = results["models"].get("HOPE", {})
     lines += ["", "### NL Table 6 ablations (HOPE, validation bits/byte)", "",
               "| model | bits/byte ↓ | Δ vs HOPE (same seeds) |", "|---|---:|---:|",
-              f"| HOPE | {spread(_column(hope, 'bits_per_byte'))} | — |"]
+              f"| HOPE | {cell(hope, 'bits_per_byte')} | — |"]
     for label, cells in results["ablations"].items():
-        lines.append(f"| {label} | {spread(_column(cells, 'bits_per_byte'))} | {paired_delta(cells, hope)} |")
+        lines.append(f"| {label} | {cell(cells, 'bits_per_byte')} | {paired_delta(cells, hope)} |")
     lengths = BABILONG_LENGTHS.split(",")
     for score, title in (("label_ranking", "label ranking"), ("official", "official (greedy generation)")):
         lines += ["", f"### BABILong qa1 accuracy (%) vs context length, {title}", "",
                   "| model | " + " | ".join(lengths) + " |", "|---|" + "---:|" * len(lengths)]
         for label, cells in results["models"].items():
-            lines.append(f"| {label} | " + " | ".join(spread(_column(cells, f"qa1_{score}_{n}"), "{:.0f}", 100)
+            lines.append(f"| {label} | " + " | ".join(cell(cells, f"qa1_{score}_{n}", "{:.0f}", 100)
                                                      for n in lengths) + " |")
     lines += ["", f"### Forgetting, sequential domains ({CONTINUAL_DOMAINS.replace(',', ' → ')})", "",
               "| model | mean forgetting (ppl ↑ on earlier domains) ↓ | relative ↓ | final mean ppl ↓ |",
               "|---|---:|---:|---:|"]
     for label, cells in results["models"].items():
-        lines.append(f"| {label} | {spread(_column(cells, 'forgetting'), '{:.3f}')} | "
-                     f"{spread(_column(cells, 'relative_forgetting'), '{:+.1f}%', 100)} | "
-                     f"{spread(_column(cells, 'final_mean_ppl'), '{:.2f}')} |")
+        lines.append(f"| {label} | {cell(cells, 'forgetting')} | {cell(cells, 'relative_forgetting', '{:+.1f}%', 100)}"
+                     f" | {cell(cells, 'final_mean_ppl', '{:.2f}')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -316,8 +352,13 @@ def parse_args(argv=None):
     try:
         check_output_dir(args.out)
         check_manifest(args, given)
-    except ValueError as e:
+        # up front, --plan too: a damaged result file is named now, not after an hour of runs
+        have = seeds_with_results(collect(args.out, args.seeds, args.steps))
+    except ValueError as e:                     # ReproduceError is one
         p.error(str(e))
+    if args.report_only and not have:           # as without runs/: an all-"—" report, exit 0
+        p.error(f"--report-only: no results for --seeds {','.join(map(str, args.seeds))} in "
+                f"{os.path.join(args.out, 'runs')}")
     return args
 
 
@@ -327,9 +368,13 @@ def main(argv=None):
     if args.plan:
         for phase in groups:
             for group in phase:
-                for s in group:
-                    print(f"# [{'done' if os.path.exists(s.marker) else 'todo'}] {s.title}\n{shlex.join(s.argv)}")
+                for s in group:                 # the run's own test (execute), not just "the file exists"
+                    done, why = step_status(s)
+                    print(f"# [{'done' if done else 'todo'}] {s.title}" + (f" ({why}; the run keeps it aside)"
+                                                                           if why else "") + f"\n{shlex.join(s.argv)}")
         return 0
+    steps = [s for phase in groups for group in phase for s in group]
+    done_before = sum(step_status(s)[0] for s in steps)    # their time is not in this run's wall time
     started = time.time()
     if not args.report_only:
         os.makedirs(args.out, exist_ok=True)
@@ -340,6 +385,9 @@ def main(argv=None):
         except (RuntimeError, ReproduceError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:               # the steps print their own line; a traceback adds nothing
+            print("error: interrupted; rerun the same command to continue", file=sys.stderr)
+            return 130
     wall = time.time() - started
     command = "python -m eval.mini_repro " + shlex.join(argv if argv is not None else sys.argv[1:])
     where = machine()
@@ -347,10 +395,17 @@ def main(argv=None):
               f"  \nSettings: `{flags(settings(args))}`"
               + ("" if args.settings_known else f" (assumed: the results predate {MANIFEST})")
               + f"  \nMachine: {where}  \nWall time: {wall / 60:.1f} min"
-              + (" (report only: the runs were timed when they ran)" if args.report_only else "") + "\n")
-    results = collect(args.out, args.seeds, args.steps)
+              + (" (report only: the runs were timed when they ran)" if args.report_only else
+                 f" (this invocation only: {done_before} of the {len(steps)} steps were done before it)"
+                 if done_before else "") + "\n")
+    try:
+        results = collect(args.out, args.seeds, args.steps)
+    except ReproduceError as e:                 # a step that wrote a damaged file (parse_args checked the rest)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     results["meta"] = {"command": command, "wall_seconds": wall, "machine": where, **settings(args),
-                       "seeds": args.seeds, "tokens_per_run": args.steps * BATCH_SIZE * SEQ_LEN}
+                       "seeds": args.seeds, "seeds_with_results": seeds_with_results(results),
+                       "tokens_per_run": args.steps * BATCH_SIZE * SEQ_LEN}
     write_json(os.path.join(args.out, "mini_repro.json"), results, indent=1)
     table = markdown({k: results[k] for k in ("models", "ablations")}, header)
     write_atomic(os.path.join(args.out, "MINI_REPRO.md"), table)

@@ -237,7 +237,7 @@ def step_status(s: Step) -> tuple[bool, str | None]:
         return False, None
     if s.source is None and not s.needs:
         return True, None
-    data = _load(s.marker)
+    data = load_result(s.marker)
     if not isinstance(data, dict):
         return False, f"{s.marker} is not a results object"
     if s.source is not None:
@@ -456,7 +456,7 @@ def execute(steps: list[Step], runner=subprocess.run, log=print) -> int:
 # -----------------------------------------------------------------------------
 # collecting our numbers
 
-def _load(path: str):
+def load_result(path: str):
     """A step's JSON, None before the step has run; a damaged one (an eval killed while writing
     it, an edit) is a ReproduceError naming it, as its step counts as done while it exists."""
     if not os.path.isfile(path):
@@ -470,7 +470,7 @@ def _load(path: str):
         raise ReproduceError(f"{e}; delete it to run its step again") from None
 
 
-def _get(data, *keys):
+def result_at(data, *keys):
     """data[k1][k2]...; None when any level is missing or was skipped. A leaf is a number (every
     metric the tables read is one); anything else is a ReproduceError naming the keys."""
     for k in keys:
@@ -504,13 +504,13 @@ def _percent(v):
 
 def lm_metrics(run_path: str) -> dict:
     """NL Table 2 / Titans Table 1 columns from eval.run (WikiText, LAMBADA) and zeroshot.json."""
-    res = _load(os.path.join(run_path, EVAL_FILES["perplexity"]))
-    zs = _load(os.path.join(run_path, EVAL_FILES["zeroshot"]))
-    row = {"wiki_ppl": _get(res, "perplexity", "wikitext", "word_perplexity"),
-           "lmb_ppl": _get(res, "perplexity", "lambada", "perplexity"),
-           "lmb_acc": _percent(_get(res, "perplexity", "lambada", "accuracy"))}
+    res = load_result(os.path.join(run_path, EVAL_FILES["perplexity"]))
+    zs = load_result(os.path.join(run_path, EVAL_FILES["zeroshot"]))
+    row = {"wiki_ppl": result_at(res, "perplexity", "wikitext", "word_perplexity"),
+           "lmb_ppl": result_at(res, "perplexity", "lambada", "perplexity"),
+           "lmb_acc": _percent(result_at(res, "perplexity", "lambada", "accuracy"))}
     for task, (_, column) in ZERO_SHOT_TASKS.items():
-        row[column] = _percent(_get(zs, "accuracy", task))
+        row[column] = _percent(result_at(zs, "accuracy", task))
     row["avg"] = average_accuracy(row)
     # NL Table 6: ppl = mean(Wiki, LMB) and acc = Avg (paper-digest §5.7)
     row["ppl"] = None if None in (row["wiki_ppl"], row["lmb_ppl"]) else (row["wiki_ppl"] + row["lmb_ppl"]) / 2
@@ -529,19 +529,19 @@ def _niah_cell(accuracy: dict, task: int, length: str):
 
 def niah_metrics(run_path: str, titans: bool) -> dict:
     if titans:
-        acc = _get(_load(os.path.join(run_path, EVAL_FILES["niah_titans"])), "accuracy")
+        acc = result_at(load_result(os.path.join(run_path, EVAL_FILES["niah_titans"])), "accuracy")
         row = {f"{name}_{length}": _niah_cell(acc, task, length)
                for task, name in ((1, "pk"), (2, "n")) for length in ("2k", "4k", "8k", "16k")}
         row.update({f"w_{length}": None for length in ("2k", "4k", "8k", "16k")})   # no word-needle task
         return row
-    acc = _get(_load(os.path.join(run_path, EVAL_FILES["niah"])), "niah", "accuracy")
+    acc = result_at(load_result(os.path.join(run_path, EVAL_FILES["niah"])), "niah", "accuracy")
     return {f"s_niah_{task}_{length}": _niah_cell(acc, task, length)
             for task in (1, 2, 3) for length in ("4k", "8k", "16k")}
 
 
 def babilong_metrics(run_path: str) -> dict:
     """Official accuracy, mean over qa1-qa5, per length."""
-    means = _table(_get(_load(os.path.join(run_path, EVAL_FILES["babilong"])), "mean_over_tasks", "official"),
+    means = _table(result_at(load_result(os.path.join(run_path, EVAL_FILES["babilong"])), "mean_over_tasks", "official"),
                    "mean_over_tasks/official")
     return {length: _percent(_number(means.get(length), f"mean_over_tasks/official/{length}"))
             for length in BABILONG_EVAL_LENGTHS}
@@ -551,14 +551,14 @@ CONTINUAL_ARMS = ("sequential", "in_context_memory")
 
 
 def continual_metrics(run_path: str) -> dict:
-    res = _get(_load(os.path.join(run_path, EVAL_FILES["continual"])), "continual")
+    res = result_at(load_result(os.path.join(run_path, EVAL_FILES["continual"])), "continual")
     row = {}
     for dataset in ("clinc", "banking"):
         for arm in CONTINUAL_ARMS:
-            arm_result = _get(res, "intents", dataset, "arms", arm)
-            row[f"{dataset}_{arm}_acc"] = _percent(_get(arm_result, "ACC"))
-            row[f"{dataset}_{arm}_bwt"] = _percent(_get(arm_result, "BWT"))
-    row["domains_forgetting"] = _get(res, "domains", "mean_forgetting")
+            arm_result = result_at(res, "intents", dataset, "arms", arm)
+            row[f"{dataset}_{arm}_acc"] = _percent(result_at(arm_result, "ACC"))
+            row[f"{dataset}_{arm}_bwt"] = _percent(result_at(arm_result, "BWT"))
+    row["domains_forgetting"] = result_at(res, "domains", "mean_forgetting")
     return row
 
 
