@@ -25,8 +25,12 @@ def one_line(message) -> str:
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line "error: argument --x: ..." on stderr and exit status 2,
-    without the usage block (--help prints it as usual). The subcommand parsers of
-    add_subparsers are of this class too."""
+    without the usage block (--help prints it as usual), and which takes no abbreviated flags
+    (argparse's default read `eval.reproduce --ru` as --run and started the plan). The
+    subcommand parsers of add_subparsers are of this class too."""
+
+    def __init__(self, *args, allow_abbrev=False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message):
         print(f"error: {one_line(message)}", file=sys.stderr)

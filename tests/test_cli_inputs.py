@@ -690,3 +690,21 @@ def test_an_unreachable_hub_is_one_line_at_once(monkeypatch, tmp_path, capsys):
         monkeypatch.setenv(offline, "1")
         assert cli.hub_unreachable() is None and len(asked) == count
         monkeypatch.delenv(offline)
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    """Walkthrough: argparse's prefix matching read `eval.reproduce nl_table2 --ru` as --run and
+    started the plan, `sample.py --dtyp` as --dtype. OneLineArgumentParser takes no
+    abbreviation, in subcommands too: one line naming the flag."""
+    from cli import OneLineArgumentParser
+    parser = OneLineArgumentParser(prog="x")
+    parser.add_argument("--run", action="store_true")
+    sub = parser.add_subparsers(dest="command").add_parser("go")
+    sub.add_argument("--steps", type=int)
+    assert parser.parse_args(["--run"]).run
+    for argv in (["--ru"], ["go", "--step", "3"]):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: unrecognized arguments: --") and err.count("\n") == 1
