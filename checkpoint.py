@@ -153,6 +153,10 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
     try:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)   # raises on every rank
     except DCP_ERRORS as e:
+        stop = _stop_request(e)
+        if stop is not None:             # Ctrl-C or SIGTERM mid-save: a stop, not a failed save
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise stop from None
         raise OSError(_save_failed(ckpt_root, tmp, final, e)) from None
     error = None
     if _rank0():
@@ -180,6 +184,15 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
     if error:
         raise OSError(error)
     return final
+
+
+def _stop_request(e):
+    """The KeyboardInterrupt (or train.Terminated: any BaseException that is no Exception) that
+    DCP wrapped in a CheckpointException, for the caller to re-raise; None for a real error."""
+    for exc, _ in getattr(e, "failures", {}).values():
+        if not isinstance(exc, Exception):
+            return exc
+    return None
 
 
 def _save_failed(ckpt_root, tmp, final, e) -> str:

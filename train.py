@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -358,10 +359,16 @@ def checkpoint_to_resume(t) -> str | None:
     it has none), never = None, a PATH = its checkpoint (FileNotFoundError without one)."""
     if t.resume == "never":
         return None
+    ckpt_root = os.path.join(t.out_dir, "checkpoints")
     if t.resume == "auto":
-        ckpt_root = os.path.join(t.out_dir, "checkpoints")
         return find_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
-    return resolve_checkpoint(t.resume)
+    ckpt = resolve_checkpoint(t.resume)
+    if is_under(ckpt, ckpt_root) and os.path.basename(os.path.normpath(ckpt)).startswith("abandoned-"):
+        # a rollback's set-aside branch: resumed here, its steps would follow the live branch's
+        # in metrics.jsonl and its checkpoints mix with that branch's (a walkthrough found both)
+        raise ConfigError(f"train.resume={t.resume} is a checkpoint this out_dir abandoned in a rollback; "
+                          "to continue that branch, resume it into another train.out_dir")
+    return ckpt
 
 
 def long_context_warning(cfg: Config) -> str | None:
@@ -902,9 +909,25 @@ def main(argv=None):
         sys.stderr.write("interrupted: checkpoints are written atomically, so train.resume=auto continues from "
                          "the last one\n")
         return 130
+    except Terminated:
+        sys.stderr.write("terminated (SIGTERM): checkpoints are written atomically, so train.resume=auto continues "
+                         "from the last one\n")
+        return 143
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's stop: SLURM preemption, `scancel`, a job's time limit) raised
+    where the run is, as Ctrl-C raises KeyboardInterrupt: the run unwinds (its out_dir lock
+    and files closed) and says so in one line. A BaseException, as KeyboardInterrupt is, so
+    that no `except Exception` on the way swallows it."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, raise_terminated)    # silent exit 143 before
     code = main()
     if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun: a finished run leaves without the interpreter's teardown, where gloo's

@@ -794,6 +794,16 @@ def test_a_rollback_sets_the_abandoned_checkpoints_aside(corpus, tmp_path, monke
     assert saved_steps(str(root)) == ["step_000005", "step_000010"]
     assert (root / "abandoned-step_000006").is_dir()
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 11))
+    # the abandoned branch resumed here would interleave with the live one (metrics, pruning):
+    # refused before anything is read; into another out_dir it is an ordinary checkpoint
+    abandoned = f"--train.resume={root / 'abandoned-step_000006'}"
+    from config import ConfigError
+    with pytest.raises(ConfigError, match=r"^train.resume=.*abandoned-step_000006 is a checkpoint this out_dir "
+                                          r"abandoned in a rollback; to continue that branch, resume it into another"):
+        train_mod.train(_cfg(corpus, out, "--train.max_steps=12", abandoned))
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 11))
+    other = _cfg(corpus, tmp_path / "branch", "--train.max_steps=12", abandoned)
+    assert train_mod.checkpoint_to_resume(other.train) == str(root / "abandoned-step_000006")
 
 
 def test_a_damaged_latest_checkpoint_names_the_one_before_it(corpus, tmp_path, capsys):
@@ -932,6 +942,29 @@ def test_a_failed_save_is_one_line_and_leaves_the_earlier_checkpoints(tmp_path, 
         checkpoint.save_checkpoint(str(root), 2, model, opt, {"step": 2}, Config())
     assert sorted(os.listdir(root)) == ["latest", "step_000001"] + (["step_000002"] if fails == "write_atomic" else [])
     assert (root / "latest").read_text().strip() == "step_000001"
+
+
+@pytest.mark.parametrize("stop", ["KeyboardInterrupt", "Terminated"])
+def test_a_stop_during_a_save_is_a_stop_not_a_failed_save(tmp_path, monkeypatch, stop):
+    """Ctrl-C or SIGTERM while DCP writes arrives wrapped in DCP's CheckpointException: it was
+    reported as "could not write checkpoint ... (Terminated; ...)", exit 2. Now the stop itself
+    is re-raised (train.main's one line, 130 / 143), the half-written folder removed."""
+    import checkpoint
+    import train as train_mod
+    from config import Config
+    from torch.distributed.checkpoint.api import CheckpointException
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    root = tmp_path / "checkpoints"
+    checkpoint.save_checkpoint(str(root), 1, model, opt, {"step": 1}, Config())
+    error = {"KeyboardInterrupt": KeyboardInterrupt, "Terminated": train_mod.Terminated}[stop]
+
+    def stopped(*args, **kwargs):
+        raise CheckpointException("save failed", {0: (error(), None)})
+    monkeypatch.setattr(checkpoint.dcp, "save", stopped)
+    with pytest.raises(error):
+        checkpoint.save_checkpoint(str(root), 2, model, opt, {"step": 2}, Config())
+    assert sorted(os.listdir(root)) == ["latest", "step_000001"]
 
 
 def test_throughput_leaves_out_checkpoint_and_eval_time_off_the_log_cadence(corpus, tmp_path, probe,
@@ -1144,6 +1177,29 @@ def test_a_second_run_on_a_busy_out_dir_is_refused(corpus, tmp_path, capsys):
         holder.wait()
     assert train_mod.main([*args, "--train.max_steps=4"]) == 0
     assert (out / ".lock").read_text() == f"{socket.gethostname()}:{os.getpid()}\n"
+
+
+def test_sigterm_is_one_line_and_the_run_resumes(corpus, tmp_path):
+    """Walkthrough: SIGTERM (SLURM preemption, scancel) ended train.py silently with 143. Now
+    one line, exit 143, as Ctrl-C's 130; the checkpoints saved so far resume."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    args = [*TINY, f"--data.dataset={corpus}", f"--train.out_dir={out}", "--train.max_steps=100000",
+            "--train.ckpt_every=2", "--train.eval_every=0", "--eval.final=false", "--train.log_every=1"]
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "latest").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err
+    assert err.startswith("terminated (SIGTERM): ") and err.count("\n") == 1
+    r = run_train([*args[:-4], "--train.max_steps=" + str(read_metrics(out)[-1]["step"] + 1), "--train.eval_every=0",
+                   "--eval.final=false"])
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
 
 
 def test_interrupt_and_unlockable_out_dir(corpus, tmp_path, monkeypatch, capsys):
