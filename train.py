@@ -362,6 +362,9 @@ def checkpoint_to_resume(t) -> str | None:
     ckpt_root = os.path.join(t.out_dir, "checkpoints")
     if t.resume == "auto":
         return find_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
+    if not os.path.lexists(t.resume):        # a typo (`nevr`) reads as a path otherwise
+        raise FileNotFoundError(f"no checkpoint found at {t.resume}: no such file or folder (train.resume "
+                                "takes auto, never or the path of a checkpoint)")
     ckpt = resolve_checkpoint(t.resume)
     if is_under(ckpt, ckpt_root) and os.path.basename(os.path.normpath(ckpt)).startswith("abandoned-"):
         # a rollback's set-aside branch: resumed here, its steps would follow the live branch's
@@ -594,6 +597,9 @@ def resume_training(resume_from, saved_cfg, model, optimizer, sampler, cfg: Conf
     except ValueError as e:          # a damaged latest checkpoint: name the one kept before it
         raise with_earlier_hint(e, t, ckpt_root) from None
     start_step = state["step"]
+    if start_step > t.max_steps:     # before "resumed from": the run does not resume
+        raise ConfigError(f"{resume_from} is at step {start_step}, past train.max_steps={t.max_steps}: "
+                          "raise train.max_steps to train on")
     sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"])
     say(f"resumed from {resume_from} at step {start_step}")
@@ -601,9 +607,6 @@ def resume_training(resume_from, saved_cfg, model, optimizer, sampler, cfg: Conf
         say(f"note: train.max_steps={t.max_steps}, the checkpoint's run had {saved_cfg.train.max_steps}: the lr "
             f"schedule now ends at step {t.max_steps}, so from step {start_step + 1} on the lr is not the one the "
             f"checkpoint's run would have used")
-    if start_step > t.max_steps:
-        raise ConfigError(f"{resume_from} is at step {start_step}, past train.max_steps={t.max_steps}: "
-                          "raise train.max_steps to train on")
     if start_step == t.max_steps:
         say(f"already at train.max_steps={t.max_steps}: nothing to train")
     return start_step, state["stats"]

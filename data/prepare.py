@@ -187,7 +187,11 @@ def open_source(source: str, data_files=None, text_field="text", split="train", 
             raise _hf_error(what, e, held) from None
         total = None if streaming else len(dataset)
         return _iter_hf_rows(dataset, text_field, what), total
-    raise ValueError(f"unknown source {source!r}; valid: builtin, files:<glob>, hf:<dataset>[:<config>]")
+    # train.py's data.dataset may also name a prepared folder: a mistyped one lands here
+    where = (f": {source} is a folder without meta.json, not one data.prepare made" if os.path.isdir(source) else
+             f": there is no folder {source}" if os.sep in source or source.startswith(".") else "")
+    raise ValueError(f"unknown source {source!r}{where}; valid: builtin, files:<glob>, hf:<dataset>[:<config>], "
+                     "or (data.dataset) a folder data.prepare made")
 
 
 # ----------------------------------------------------------------------------------------

@@ -249,6 +249,13 @@ def test_prepare_refuses_foreign_directory_and_bad_args(tmp_path):
     with pytest.raises(ValueError, match="refusing to overwrite"):
         prepare("builtin", str(tmp_path), "bytes", max_docs=2, quiet=True)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+    # a mistyped prepared folder (train.py's data.dataset) says what is there
+    with pytest.raises(ValueError, match=rf"^unknown source '{tmp_path}/nope': there is no folder {tmp_path}/nope; "
+                                         r"valid: builtin, .*, or \(data.dataset\) a folder data.prepare made$"):
+        prepare(str(tmp_path / "nope"), str(tmp_path / "y"), "bytes", quiet=True)
+    with pytest.raises(ValueError, match=rf"^unknown source '{tmp_path}': {tmp_path} is a folder without "
+                                         r"meta.json, not one data.prepare made; valid"):
+        prepare(str(tmp_path), str(tmp_path / "y"), "bytes", quiet=True)
     with pytest.raises(ValueError, match="unknown source 'nope'"):
         prepare("nope", str(tmp_path / "x"), "bytes", quiet=True)
     with pytest.raises(ValueError, match="val_fraction"):

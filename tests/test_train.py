@@ -113,6 +113,7 @@ def test_bad_resume_path_and_data_errors(corpus, tmp_path):
     r = run_train([*TINY, f"--data.dataset={corpus}", f"--train.out_dir={tmp_path}/x",
                    f"--train.resume={tmp_path}/missing"])
     assert r.returncode == 2 and r.stderr.startswith("error: no checkpoint found at")
+    assert "no such file or folder (train.resume takes auto, never or the path of a checkpoint)" in r.stderr
     r = run_train([*TINY, "--data.dataset=files:/nonexistent/*.txt", f"--train.out_dir={tmp_path}/y",
                    f"--data.data_dir={tmp_path}/y-data"])
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
@@ -194,9 +195,11 @@ def _fails_and_keeps(root, argv, message, capsys):
     import train as train_mod
     before = _snapshot(root)
     assert train_mod.main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    out, err = capsys.readouterr()
+    err = err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert _snapshot(root) == before
+    return out
 
 
 def test_long_context_warning_where_memories_explode():
@@ -308,11 +311,13 @@ def test_bad_out_dir_and_resume_lose_nothing(corpus, tmp_path, capsys):
     capsys.readouterr()
 
     def fails(args, message):
-        _fails_and_keeps(out, [*common, *args], message, capsys)
+        return _fails_and_keeps(out, [*common, *args], message, capsys)
 
     fails([f"--train.out_dir={out}", "--train.resume=never"], "already holds checkpoints (step_000002)")
     fails([f"--train.out_dir={out}", "--model.d_model=64"], "was trained with model.d_model=32, this run has 64")
-    fails([f"--train.out_dir={out}", "--train.max_steps=1"], "at step 2, past train.max_steps=1")
+    # refused before "resumed from" (the walkthrough read both lines, the first untrue)
+    assert "resumed from" not in fails([f"--train.out_dir={out}", "--train.max_steps=1"],
+                                       "at step 2, past train.max_steps=1")
     fails([f"--train.out_dir={out / 'metrics.jsonl'}"], "is a file, not a folder")
     fails(["--train.out_dir="], "train.out_dir must name a folder")
     fails([f"--train.out_dir={tmp_path / 'long'}", "--train.seq_len=100000"], "fewer than train.seq_len + 1")
