@@ -48,8 +48,13 @@ def default_data_dir() -> str | None:
             if not os.path.isdir(path):
                 raise ValueError(f"${variable}={path} is not a folder: set it to a copy of shared/data, or unset it")
             return path
-    beside_repo = os.path.join(os.path.dirname(REPO), "shared", "data")
+    beside_repo = _beside_repo_data()
     return beside_repo if os.path.isdir(beside_repo) else None
+
+
+def _beside_repo_data() -> str:
+    """../shared/data beside the checkout, the last place default_data_dir looks."""
+    return os.path.join(os.path.dirname(REPO), "shared", "data")
 
 
 def require_data_dir(data_dir: str | None, what: str, sub: str | None = None) -> str:
@@ -58,8 +63,12 @@ def require_data_dir(data_dir: str | None, what: str, sub: str | None = None) ->
     default_data_dir's ValueError for a $NL_DATA_DIR / $NL_SHARED_DATA that is not a folder)."""
     root = data_dir or default_data_dir()
     if not root or not os.path.isdir(root):
-        raise FileNotFoundError(f"{what} needs the offline data folder: pass --data-dir or set $NL_DATA_DIR "
-                                "to a copy of shared/data")
+        # where it looked, so a user sees that ../shared/data is not where they keep it
+        tried = (f"--data-dir {data_dir} is not a folder" if data_dir else
+                 f"--data-dir not given, $NL_DATA_DIR and $NL_SHARED_DATA unset, and {_beside_repo_data()} "
+                 "is not a folder")
+        raise FileNotFoundError(f"no offline data folder for {what} ({tried}): pass --data-dir or set "
+                                "$NL_DATA_DIR to a copy of shared/data")
     if sub is None:
         return root
     path = os.path.join(root, sub)

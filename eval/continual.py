@@ -702,10 +702,12 @@ def plot_domains(results: dict, out_dir: str, prefix: str = "continual_domains")
 # CLI
 
 def _parse_arms(text: str) -> list[str]:
+    """'icl,joint' -> ['icl', 'joint']; a ValueError "--arms names ..." otherwise (main puts it
+    in argparse's form, "argument --arms: names ...")."""
     arms = [a.strip() for a in text.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
-        raise ValueError(f"--arms {text!r}: unknown arm(s) {bad}; choose from {','.join(ARMS)}")
+        raise ValueError(f"--arms names {f'unknown arm(s) {bad}' if bad else 'no arm'}; choose from {','.join(ARMS)}")
     return check_unique("--arms", arms)
 
 
@@ -745,11 +747,15 @@ def main(argv=None):
         sp.add_argument("--data-dir", help=DATA_DIR_HELP)
         sp.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    if args.command == "intents":
+        try:
+            arms = _parse_arms(args.arms)
+        except ValueError as e:        # a flag's value: said as argparse says the others (docs/EVAL.md)
+            p.error(f"argument --arms: {str(e).removeprefix('--arms ')}")
     with exit_on_error():
         check_output_dir(args.out)
         check_data_dir(args.data_dir)
         if args.command == "intents":
-            arms = _parse_arms(args.arms)
             tasks = shrink_tasks(intent_tasks(args.dataset, args.data_dir), args.tasks, args.labels_per_task,
                                  args.train_per_label, args.test_per_label, seed=args.seed)
             model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)

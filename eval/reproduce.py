@@ -33,6 +33,7 @@ which follows lm-eval's definitions) and writes <out>/zeroshot.json.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shlex
@@ -220,6 +221,7 @@ class Step:
     source: str | None = field(default=None, compare=False)
     needs: tuple = field(default=(), compare=False)
     settings: dict = field(default_factory=dict, compare=False)     # "a/b" key path -> the value it must hold
+    cfg: object = field(default=None, compare=False)                # a training step: the run's config (resume_note)
 
 
 def _same_checkpoint(recorded, expected) -> bool:
@@ -255,6 +257,33 @@ def step_status(s: Step) -> tuple[bool, str | None]:
                 return False, (f"{s.marker}: section {'/'.join(keys[:depth + 1])} was skipped: "
                                f"{one_line(section['skipped'])}")
     return True, None
+
+
+def resume_note(s: Step) -> str | None:
+    """For a training step not yet done, what train.py (train.resume=auto) will do with the
+    checkpoints a shorter run left in its folder, e.g. a smoke run with --train.max_steps=2
+    into the same results root: resume from them, or refuse them as another model's
+    (check_resume_config). One line, None where the folder holds none."""
+    if s.cfg is None or os.path.exists(s.marker):
+        return None
+    from checkpoint import find_checkpoint, step_number
+    from data.tokenizer import TOKENIZER_CLASSES
+    from train import check_resume_config
+    ckpt_root = os.path.dirname(os.path.dirname(s.marker))
+    out_dir = os.path.dirname(ckpt_root)
+    cfg = copy.deepcopy(s.cfg)
+    if cfg.model.vocab_size == 0:                  # 0 = the tokenizer's, filled in by train.py before its check
+        cfg.model.vocab_size = TOKENIZER_CLASSES[cfg.data.tokenizer].vocab_size
+    try:
+        ckpt = find_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
+        if ckpt is None:
+            return None
+        check_resume_config(cfg, ckpt)
+    except (OSError, ValueError) as e:             # ValueError: ConfigError, an unreadable `latest`
+        return (f"{out_dir} holds checkpoints that train.py will refuse to resume ({one_line(e)}): move it aside "
+                "first; smoke runs belong under another --results-root")
+    return (f"{out_dir} holds checkpoints up to step {step_number(os.path.basename(ckpt))} of "
+            f"{s.cfg.train.max_steps}: training resumes from them; move it aside first to train from scratch")
 
 
 def _levels(data, keys):
@@ -300,7 +329,8 @@ def train_step(run: Run, root: str, nproc: int = 1, train_args: tuple = (), cfg=
     micro-batch per rank stays the config's (batch_size / grad_accum sequences, sized for
     one GPU) and grad_accum shrinks by N (docs/DISTRIBUTED.md). `cfg`: the run's
     `run_config`, when the caller has it."""
-    t = (cfg or run_config(run, train_args)).train
+    cfg = cfg or run_config(run, train_args)
+    t = cfg.train
     micro = t.batch_size // t.grad_accum
     if t.batch_size % nproc:
         raise ReproduceError(f"--nproc {nproc} does not divide {run.name}'s train.batch_size={t.batch_size}")
@@ -318,7 +348,7 @@ def train_step(run: Run, root: str, nproc: int = 1, train_args: tuple = (), cfg=
     argv += list(train_args)
     from checkpoint import TRAINER_STATE
     marker = os.path.join(out, "checkpoints", f"step_{t.max_steps:06d}", TRAINER_STATE)
-    return Step(f"train {run.name}", argv, marker, run)
+    return Step(f"train {run.name}", argv, marker, run, cfg=cfg)
 
 
 # eval.run section -> the parts of it the tables read: a skipped one leaves its step to do
@@ -423,7 +453,8 @@ def script(table: str, steps: list[Step], root: str) -> str:
              f"evaluation steps; results under {root}"]
     for s in steps:
         done, why = step_status(s)
-        lines.append(f"# [{'done' if done else 'todo'}] {s.title}" + (f" ({why}; --run keeps it aside)" if why else ""))
+        note = f"{why}; --run keeps it aside" if why else resume_note(s)
+        lines.append(f"# [{'done' if done else 'todo'}] {s.title}" + (f" ({note})" if note else ""))
         lines.append(shlex.join(s.argv))
     return "\n".join(lines) + "\n"
 
@@ -431,7 +462,9 @@ def script(table: str, steps: list[Step], root: str) -> str:
 def execute(steps: list[Step], runner=subprocess.run, log=print) -> int:
     """Run every step that is not done (step_status), in order; stop at the first failure. An
     output that does not count (another checkpoint's numbers, a skipped section) is kept aside
-    as <stem>.previous<ext> first. Returns the number of steps run."""
+    as <stem>.previous<ext> first, with the <stem>.md written beside it (eval.run's results.md:
+    an interrupted redo would leave the old one describing no results.json, or the new one).
+    Returns the number of steps run."""
     ran = 0
     for s in steps:
         done, why = step_status(s)
@@ -439,7 +472,10 @@ def execute(steps: list[Step], runner=subprocess.run, log=print) -> int:
             log(f"skip (done): {s.title}")
             continue
         if why:
-            log(f"redo {s.title}: {why}; kept aside as {keep_aside(s.marker)}")
+            kept = [keep_aside(path) for path in (s.marker, os.path.splitext(s.marker)[0] + ".md")]
+            log(f"redo {s.title}: {why}; kept aside as {' and '.join(k for k in kept if k)}")
+        elif note := resume_note(s):
+            log(f"note: {note}")
         argv = [sys.executable if a == "python" and i == 0 else a for i, a in enumerate(s.argv)]
         log(f"run: {shlex.join(s.argv)}")
         code = runner(argv).returncode

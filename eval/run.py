@@ -10,7 +10,9 @@ R matrices, accuracy over tasks, domain perplexity matrix). A section whose offl
 is missing is recorded as {"skipped": reason} and the command still finishes. Run again
 into the same <out> for the same checkpoint and suite, --sections replaces those sections
 and keeps the others in results.json / results.md; an <out> holding another checkpoint's or
-suite's results is refused (choose another --out).
+suite's results is refused (choose another --out). results.json records the checkpoint's step
+(checkpoint_step); for an exported .safetensors, that step and its config's hash, read from
+the file, are what is compared, since a later export to the same path is another checkpoint.
 
 Suites (every setting is in SUITES below and copied into results.json):
   quick  minutes on a CPU for a tiny model: a few val batches, 1 WikiText article, 20
@@ -33,6 +35,7 @@ metrics (names from config.DURING_TRAINING_EVALS) for metrics.jsonl / wandb.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -266,14 +269,15 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
     # resolved once: an out_dir names its latest step, which training may move on, so the step
     # compared with the earlier results, loaded and recorded is one and the same
     resolved = resolve_checkpoint_arg(checkpoint)
-    earlier = earlier_results(out_dir, checkpoint, suite, resolved)    # refused now, before anything is computed
+    identity = checkpoint_identity(resolved)
+    earlier = earlier_results(out_dir, checkpoint, suite, resolved, identity)   # refused now, before anything runs
     settings = SUITES[suite]
     read_section_data(sections, settings, data_dir)
     model, cfg, tokenizer, device = load_checkpoint(resolved, device)
     seq_len = cfg.train.seq_len
     os.makedirs(out_dir, exist_ok=True)
     results = {"suite": suite, "checkpoint": os.path.abspath(checkpoint),
-               "checkpoint_dir": os.path.abspath(resolved), "arch": cfg.model.arch,
+               "checkpoint_dir": os.path.abspath(resolved), **identity, "arch": cfg.model.arch,
                "tokenizer": cfg.data.tokenizer, "context": seq_len, "device": str(device),
                "settings": {s: settings[s] for s in sections}, "seconds": {}}
     gpt2 = None         # GPT-2 BPE, the unit of BABILong and S-NIAH lengths: loaded once, by the first of them
@@ -327,12 +331,37 @@ def resolve_checkpoint_arg(checkpoint: str) -> str:
         return checkpoint
 
 
-def earlier_results(out_dir: str, checkpoint: str, suite: str, resolved: str) -> dict | None:
+def checkpoint_identity(resolved: str) -> dict:
+    """What results.json records of the checkpoint `resolved` (resolve_checkpoint_arg) besides
+    its path: checkpoint_step, and for an exported file checkpoint_config_sha256 (of the
+    config in its metadata). Exporting another step, or another run's, to the same path keeps
+    the name but not the weights, so for a file these, not the path, say whose results an
+    --out holds. {} where they cannot be read: loading the checkpoint then fails with the
+    error that says why."""
+    from checkpoint import step_number
+    if not os.path.isfile(resolved):            # a step folder: its name is its step
+        step = step_number(os.path.basename(os.path.normpath(resolved)))
+        return {"checkpoint_step": step} if step >= 0 else {}
+    from safetensors import SafetensorError, safe_open
+    try:                                        # the metadata export_safetensors writes: the header only
+        with safe_open(resolved, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return {}
+    if not (str(metadata.get("step", "")).isdigit() and isinstance(metadata.get("config"), str)):
+        return {}
+    return {"checkpoint_step": int(metadata["step"]),
+            "checkpoint_config_sha256": hashlib.sha256(metadata["config"].encode()).hexdigest()[:16]}
+
+
+def earlier_results(out_dir: str, checkpoint: str, suite: str, resolved: str, identity: dict | None = None
+                    ) -> dict | None:
     """The results.json that an earlier run_suite wrote in out_dir, for this run's sections to
     be added to (merge_results), or None when there is none. `resolved` is
-    resolve_checkpoint_arg(checkpoint). One that cannot be read, or that holds another
-    checkpoint's or suite's numbers, is a ValueError: the two cannot be merged, and
-    overwriting it would lose them."""
+    resolve_checkpoint_arg(checkpoint), `identity` its checkpoint_identity. One that cannot be
+    read, or that holds another checkpoint's (for an exported file: another step's or
+    config's) or suite's numbers, is a ValueError: the two cannot be merged, and overwriting
+    it would lose them."""
     path = os.path.join(out_dir, "results.json")
     if not os.path.lexists(path):
         return None
@@ -349,7 +378,12 @@ def earlier_results(out_dir: str, checkpoint: str, suite: str, resolved: str) ->
     this_run = {"checkpoint": os.path.abspath(checkpoint), "suite": suite}
     if "checkpoint_dir" in earlier:     # an out_dir names its latest step: training may have moved on
         this_run["checkpoint_dir"] = os.path.abspath(resolved)
+    if os.path.isfile(resolved):        # an exported file: the same path may now hold another export
+        this_run.update(identity or {})
     for key, value in this_run.items():
+        if key not in earlier:          # results written before eval.run recorded it
+            raise ValueError(f"--out {out_dir} holds results that record no {key}, so whether they are of "
+                             f"this {checkpoint} ({key} {value}) cannot be told: {another_out}")
         if earlier.get(key) != value:
             raise ValueError(f"--out {out_dir} holds the results of {key} {earlier.get(key)}, not {value}: "
                              f"{another_out}")

@@ -311,6 +311,19 @@ def test_cli_bad_arm_exits_2():
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("arms, message", [
+    ("seq", "names unknown arm(s) ['seq']; choose from sequential,icl,in_context_memory,joint"),
+    (",", "names no arm; choose from sequential,icl,in_context_memory,joint"),
+    ("icl,icl", "names 'icl' twice")])
+def test_cli_bad_arms_are_said_in_argparse_form(arms, message, tmp_path, monkeypatch, capsys):
+    """--arms is said as argparse says every other flag ("error: argument --arms: ...",
+    docs/EVAL.md), before the data or the checkpoint is read; it was "error: --arms 'seq': ..."."""
+    monkeypatch.setattr(cl, "intent_tasks", lambda *a: pytest.fail("read the data"))
+    with pytest.raises(SystemExit) as exit_info:
+        cl.main(["intents", "--checkpoint", "ckpt", "--arms", arms, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: argument --arms: {message}\n"
+
+
 def test_cli_names_its_files_by_dataset(tmp_path, monkeypatch, capsys):
     """The intents CLI writes continual_<dataset>.json and continual_<dataset>_*.png (as
     eval.run does), so a clinc and a banking run into one --out keep both."""

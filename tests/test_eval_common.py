@@ -152,18 +152,24 @@ def test_load_checkpoint_missing_path(tmp_path):
 
 def test_require_data_dir_names_what_needs_it(tmp_path, monkeypatch):
     """One message for every eval that reads shared/data: no folder at all (neither
-    --data-dir nor a default), or a copy without the sub-folder an eval reads."""
+    --data-dir nor a default; it names the ../shared/data it looked for, so a user knows to
+    set $NL_DATA_DIR, and reads right for a plural: it said "the bAbI files needs"), or a
+    copy without the sub-folder an eval reads."""
     import eval.common
     from eval.babilong import load_books
     from eval.continual import clinc_tasks, domain_text
-    monkeypatch.setattr(eval.common, "default_data_dir", lambda: None)
-    no_folder = "needs the offline data folder: pass --data-dir or set $NL_DATA_DIR to a copy of shared/data"
+    monkeypatch.setattr(eval.common, "REPO", str(tmp_path / "repo"))      # no ../shared/data beside it
+    monkeypatch.delenv("NL_DATA_DIR", raising=False)
+    monkeypatch.delenv("NL_SHARED_DATA", raising=False)
+    tried = (f"--data-dir not given, $NL_DATA_DIR and $NL_SHARED_DATA unset, and {tmp_path / 'shared' / 'data'} "
+             "is not a folder")
     for call, what in [(lambda: load_books("austen", "test"), "the Austen background"),
                        (lambda: domain_text("shakespeare"), "the Shakespeare domain"),
-                       (clinc_tasks, "CLINC150")]:
+                       (clinc_tasks, "CLINC150"), (lambda: require_data_dir(None, "the bAbI files"), "the bAbI files")]:
         with pytest.raises(FileNotFoundError) as error:
             call()
-        assert str(error.value) == f"{what} {no_folder}"
+        assert str(error.value) == (f"no offline data folder for {what} ({tried}): pass --data-dir or set "
+                                    "$NL_DATA_DIR to a copy of shared/data")
     assert require_data_dir(str(tmp_path), "x") == str(tmp_path)
     with pytest.raises(FileNotFoundError) as error:
         domain_text("babi", data_dir=str(tmp_path))

@@ -321,8 +321,44 @@ def test_the_step_loaded_is_the_step_recorded(tmp_path, monkeypatch):
     results = run.run_suite(str(tmp_path / "train"), "quick", str(tmp_path / "eval"), sections=["perplexity"],
                             log=None)
     assert loaded == [str(root / "step_000002")] and resolutions == [str(tmp_path / "train")]
-    assert results["checkpoint_dir"] == str(root / "step_000002")
+    assert results["checkpoint_dir"] == str(root / "step_000002") and results["checkpoint_step"] == 2
     assert results["checkpoint"] == str(tmp_path / "train")
+
+
+def test_a_later_export_to_the_same_file_is_another_checkpoint(tmp_path, monkeypatch, capsys):
+    """Step 50 exported to e.safetensors and scored (--sections perplexity), then step 60
+    exported to the same path and --sections niah into the same --out: refused, since the
+    path alone merged step 50's perplexity with step 60's NIAH. results.json records the
+    step and the config hash read from the file's metadata (what export_safetensors writes);
+    the same export again still merges. Kills comparing an exported file by its path."""
+    import torch
+    from safetensors.torch import save_file
+
+    def export(step, config='{"model": {}}'):
+        save_file({"w": torch.zeros(1)}, str(tmp_path / "e.safetensors"),
+                  metadata={"format": "pt", "config": config, "step": str(step), "arch": "hope"})
+    out = str(tmp_path / "eval")
+    export(50)
+    run = _stub_suite(monkeypatch, 0.25)
+    first = run.run_suite(str(tmp_path / "e.safetensors"), "quick", out, sections=["perplexity"], log=None)
+    assert first["checkpoint_step"] == 50 and len(first["checkpoint_config_sha256"]) == 16
+    assert run.run_suite(str(tmp_path / "e.safetensors"), "quick", out, sections=["niah"],
+                         log=None)["perplexity"] == first["perplexity"]           # the same export: merged
+    kept = open(os.path.join(out, "results.json")).read()
+    for step, config, message in ((60, '{"model": {}}', "holds the results of checkpoint_step 50, not 60"),
+                                  (50, '{"model": {"n_layer": 2}}', "holds the results of checkpoint_config_sha256")):
+        export(step, config)
+        with pytest.raises(SystemExit) as exit_info:
+            run.main(["--checkpoint", str(tmp_path / "e.safetensors"), "--out", out, "--sections", "niah"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
+        assert open(os.path.join(out, "results.json")).read() == kept
+    legacy = json.loads(kept)                  # written before eval.run recorded the step: cannot be told
+    del legacy["checkpoint_step"]
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(legacy))
+    with pytest.raises(SystemExit):
+        run.main(["--checkpoint", str(tmp_path / "e.safetensors"), "--out", out, "--sections", "niah"])
+    assert "holds results that record no checkpoint_step" in capsys.readouterr().err
 
 
 def test_a_checkpoint_that_names_none_is_loaded_as_given(tmp_path, monkeypatch, capsys):

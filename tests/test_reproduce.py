@@ -488,6 +488,9 @@ def test_an_eval_of_an_earlier_checkpoint_is_redone_and_kept_aside(tmp_path):
            {"perplexity": smoke.settings["settings/perplexity"]},
            "perplexity": {"wikitext": {"word_perplexity": 900.0}, "lambada": {"perplexity": 9e3, "accuracy": 0.0}}}
     _write(smoke.marker, old)
+    old_md = os.path.join(os.path.dirname(smoke.marker), "results.md")      # eval.run writes it beside
+    with open(old_md, "w") as f:
+        f.write("# step 4's tables")
     assert rp.step_status(smoke) == (True, None)
     steps = rp.plan("titans_table1", root)
     full = _step(steps, "perplexity transformer_340m")
@@ -501,14 +504,51 @@ def test_an_eval_of_an_earlier_checkpoint_is_redone_and_kept_aside(tmp_path):
     assert not rp.step_status(zeroshot)[0]
 
     def runner(argv):
-        assert not os.path.exists(full.marker)                 # kept aside before the eval runs
+        # kept aside before the eval runs, results.md with it: an interrupted redo left step 4's
+        # tables beside no results.json
+        assert not os.path.exists(full.marker) and not os.path.exists(old_md)
         _write(full.marker, {**old, "checkpoint": full.source, "checkpoint_dir": full.source})
         return types.SimpleNamespace(returncode=0)
     logs = []
     assert rp.execute([full], runner, log=logs.append) == 1
     aside = os.path.join(os.path.dirname(full.marker), "results.previous.json")
     assert json.load(open(aside)) == old and any("kept aside" in line and "step_000004" in line for line in logs)
+    assert open(aside.replace(".json", ".md")).read() == "# step 4's tables"
     assert rp.step_status(full) == (True, None)
+
+
+def test_a_shorter_runs_checkpoints_are_named_in_the_plan(tmp_path):
+    """After a smoke run (--train.max_steps=2) into the same results root, the full run's
+    training step was '[todo]' with no reason, and --run resumed from the smoke run's step 2
+    without a word; a smoke run of another model made train.py refuse. The plan and --run say
+    which, and the model-mismatch case says to move the folder aside."""
+    from checkpoint import TRAINER_STATE
+    from cli import LATEST
+    from config import dump_yaml
+    root = str(tmp_path)
+    full = _step(rp.plan("titans_table1", root), "train transformer_340m")
+    assert rp.resume_note(full) is None                     # nothing there yet
+    ckpt = os.path.join(os.path.dirname(os.path.dirname(full.marker)), "step_000002")
+    os.makedirs(ckpt)
+    open(os.path.join(ckpt, TRAINER_STATE), "w").close()
+    with open(os.path.join(os.path.dirname(ckpt), LATEST), "w") as f:
+        f.write("step_000002\n")
+    run_path = rp.run_dir(root, full.run)
+    for smoke_args, said in (
+            (("--train.max_steps=2",),
+             f"{run_path} holds checkpoints up to step 2 of 28610: training resumes from them"),
+            (("--train.max_steps=2", "--model.n_head=4"),
+             f"{run_path} holds checkpoints that train.py will refuse to resume (")):
+        dump_yaml(rp.run_config(full.run, smoke_args), os.path.join(ckpt, "config.yaml"))
+        steps = rp.plan("titans_table1", root)
+        text = rp.script("titans_table1", steps, root)
+        assert f"# [todo] train transformer_340m ({said}" in text, text
+        logs = []
+        with pytest.raises(RuntimeError, match="did not write"):
+            rp.execute([_step(steps, "train transformer_340m")], lambda argv: types.SimpleNamespace(returncode=0),
+                       log=logs.append)
+        assert logs[0].startswith(f"note: {said}")
+    assert "model.n_head=4" in text and "smoke runs belong under another --results-root" in text
 
 
 @pytest.mark.parametrize("kind, data, section", [
