@@ -584,10 +584,12 @@ def test_prepare_rebuilds_through_a_symlinked_out_dir(tmp_path):
     assert dangling.is_symlink() and sorted(os.listdir(tmp_path / "big")) == ["new", "real"]
 
 
-def test_concurrent_preparers_of_one_folder_take_turns(tmp_path, monkeypatch):
+@pytest.mark.parametrize("entry", ["ensure_prepared", "prepare"])
+def test_concurrent_preparers_of_one_folder_take_turns(tmp_path, monkeypatch, entry):
     """Review: two runs preparing one folder at once (sharing data/cache/...): the loser failed
     with "[Errno 39] Directory not empty: '<out>.tmp-<pid>' -> '<out>'" or left <out>.old-<pid>.
-    Now the second waits for the first (a lock beside the folder) and reuses its result."""
+    Now the second waits for the first (a lock beside the folder): ensure_prepared then reuses
+    its result, and prepare() called directly (a script of its own) rebuilds it after it."""
     import threading
     import time
 
@@ -614,7 +616,8 @@ def test_concurrent_preparers_of_one_folder_take_turns(tmp_path, monkeypatch):
     def run():
         start.wait()
         try:
-            results.append(ensure_prepared(source, out, "bytes", val_fraction=0.25, num_workers=1, quiet=True))
+            results.append(getattr(prepare_module, entry)(source, out, "bytes", val_fraction=0.25, num_workers=1,
+                                                          quiet=True))
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -624,43 +627,8 @@ def test_concurrent_preparers_of_one_folder_take_turns(tmp_path, monkeypatch):
     for thread in threads:
         thread.join(60)
     assert not errors, errors
-    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
-    assert sorted(os.listdir(tmp_path)) == ["corpus", "shared"]  # no .tmp- / .old- / .lock left
-
-
-def test_direct_prepare_calls_of_one_folder_take_turns(tmp_path, monkeypatch):
-    """prepare() called directly (a script of its own, not ensure_prepared or the CLI) holds the
-    folder's lock too: two at once rebuild it one after the other. Without it the second's
-    swap raced the first's ("Directory not empty" or a left <out>.old-<pid>)."""
-    import threading
-    import time
-
-    source = _txt_corpus(tmp_path / "corpus", DOCS[:4])
-    out = str(tmp_path / "shared")
-    real_replace = os.replace
-
-    def slow_replace(a, b):  # widens the window between the check and the swap
-        time.sleep(0.5)
-        return real_replace(a, b)
-
-    monkeypatch.setattr(os, "replace", slow_replace)
-    start = threading.Barrier(2)
-    results, errors = [], []
-
-    def run():
-        start.wait()
-        try:
-            results.append(prepare(source, out, "bytes", val_fraction=0.25, num_workers=1, quiet=True))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
-    assert len(results) == 2 and results[0]["splits"] == results[1]["splits"]
+    assert len(calls) == (1 if entry == "ensure_prepared" else 2) and len(results) == 2
+    assert results[0]["splits"] == results[1]["splits"]
     assert sorted(os.listdir(tmp_path)) == ["corpus", "shared"]  # no .tmp- / .old- / .lock left
 
 # ----------------------------------------------------------------------------------------
