@@ -290,9 +290,21 @@ def resolve_checkpoint(path) -> str:
                          "out_dir")
     ckpt = find_checkpoint(path) if os.path.exists(path) else None
     if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint found at {path} (expected a step_N directory or an out_dir "
-                                "with checkpoints/latest)")
+        # an empty or space-padded path would be invisible in the message
+        shown = path if path and path == path.strip() else repr(path)
+        raise FileNotFoundError(f"no checkpoint found at {shown} ({_complete_step_hint(path)})")
     return ckpt
+
+
+def _complete_step_hint(path) -> str:
+    """What to pass instead of `path`, which holds no `latest` (a save killed before writing
+    it, or a copied folder): its newest complete step_N directory, else what is expected."""
+    for root in (path, os.path.join(path, "checkpoints")) if os.path.isdir(path) else ():
+        complete = [d for d in saved_steps(root) if os.path.isfile(os.path.join(root, d, TRAINER_STATE))]
+        if complete:
+            return (f"it has no {LATEST} file, but {os.path.join(root, complete[-1])} is a complete checkpoint: "
+                    "pass that")
+    return "expected a step_N directory or an out_dir with checkpoints/latest"
 
 
 def _read_metadata(ckpt):
@@ -472,18 +484,23 @@ def load_config_of(ckpt) -> Config:
     path = os.path.join(ckpt, "config.yaml")
     try:
         cfg = config_from_dict(read_yaml(path))
-        check_vocab(cfg)                 # an edited tokenizer: sample and every eval tokenize
+        check_vocab(cfg)                 # an edited tokenizer, or vocab_size 0: sample and every eval tokenize
         return cfg
     except ConfigError as e:
         raise ConfigError(str(e) if path in str(e) else f"{path}: {e}") from None
 
 
 def _for_device(cfg: Config, device) -> Config:
-    """A checkpoint's config, made to run on `device`: Triton kernels become "auto" where they
-    cannot run (a speed setting, not the math: a GPU run's checkpoint evaluates on CPU)."""
+    """A checkpoint's config, made to run on `device`: Triton kernels and flash-attn become
+    "auto" where they cannot run (speed settings, not the math: a GPU run's checkpoint
+    evaluates on CPU, or on a GPU without flash-attn; "auto" is flash-attn wherever it runs,
+    model.causal_attention)."""
     from kernels.checks import triton_blocker
+    from model import flash_attn_func
     if triton_blocker(cfg.model, device):
         cfg.model.kernels = "auto"
+    if cfg.model.attention == "flash" and (flash_attn_func is None or torch.device(device).type != "cuda"):
+        cfg.model.attention = "auto"
     return cfg
 
 

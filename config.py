@@ -773,14 +773,16 @@ def validate(cfg: Config):
 
 
 def check_vocab(cfg: Config):
-    """model.vocab_size (0 = the tokenizer's) holds every id of data.tokenizer: else the ids past
-    the embedding are an IndexError mid-run. For what tokenizes (train.py, a checkpoint's
-    config.yaml), not in validate: a model built alone may have any vocabulary."""
+    """model.vocab_size holds every id of data.tokenizer: else the ids past the embedding are an
+    IndexError mid-run; 0 (the default) becomes the tokenizer's, as the model is built with it.
+    For what tokenizes (train.py, a checkpoint's config.yaml, also one written by hand), not in
+    validate: a model built alone may have any vocabulary."""
     from data.tokenizer import TOKENIZER_CLASSES     # light: the BPE files load only in get_tokenizer
     ids = TOKENIZER_CLASSES[cfg.data.tokenizer].vocab_size
     if cfg.model.vocab_size and cfg.model.vocab_size < ids:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                           f"{cfg.data.tokenizer} tokenizer's {ids}")
+    cfg.model.vocab_size = cfg.model.vocab_size or ids
 
 
 def dump_yaml(cfg: Config, path: str):

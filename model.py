@@ -24,6 +24,10 @@ import torch.nn.functional as F
 
 from config import ModelConfig, model_config_from
 
+# The smallest sampling temperature above 0 (greedy): fp32 logits divided by a much smaller one
+# overflow to inf, and sampling from them fails (generate; sample.py's --temperature)
+MIN_TEMPERATURE = 1e-6
+
 try:  # flash-attn is optional and CUDA-only; SDPA is the fallback everywhere
     from flash_attn import flash_attn_func
 except Exception:  # ImportError, or a broken CUDA build
@@ -302,14 +306,32 @@ class LanguageModel(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None, generator=None,
                  vocab_size=None):
         """Sample `max_new_tokens` after `idx` [B, T], reusing the state (KV cache, fast weights).
-        temperature <= 0: greedy; top_k None or 0: the whole vocabulary. vocab_size: sample only
-        ids below it (the tokenizer's, where model.vocab_size is padded, e.g. 50304 for GPT-2)."""
+        temperature 0 (or below): greedy; top_k None or 0: the whole vocabulary. vocab_size: sample
+        only ids below it (the tokenizer's, where model.vocab_size is padded, e.g. 50304 for GPT-2).
+        Bad arguments, and logits that are not finite (a model diverged on a long stream), are
+        one-line ValueErrors."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
+        # a NaN temperature makes every probability NaN (MIN_TEMPERATURE: the overflow)
+        try:
+            value = float(temperature)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value) or 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be a finite number, 0 (greedy) or >= {MIN_TEMPERATURE:g}; "
+                             f"got {temperature!r}")
+        temperature = value
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
             raise ValueError(f"top_k must be None or an integer >= 0 (0 = all tokens); got {top_k!r}")
         logits, _, state = self(idx, state=state)
         out = [idx]
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             next_logits = logits[:, -1, :vocab_size].float()
+            # NaN/inf logits would make argmax pick garbage silently and multinomial fail with a
+            # RuntimeError (a device-side assert on CUDA): one check per token, named
+            if not torch.isfinite(next_logits).all():
+                raise ValueError(f"the model's logits are not finite (NaN or inf) at new token {step + 1} of "
+                                 f"{max_new_tokens} (stream position {state['pos']}): it has diverged")
             if temperature <= 0:
                 nxt = next_logits.argmax(-1, keepdim=True)
             else:
@@ -320,7 +342,8 @@ class LanguageModel(nn.Module):
                 probs = F.softmax(next_logits, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)
             out.append(nxt)
-            logits, _, state = self(nxt, state=state)
+            if step + 1 < max_new_tokens:       # the last token's logits would be thrown away
+                logits, _, state = self(nxt, state=state)
         return torch.cat(out, dim=1)
 
     def kernel_report(self, device) -> list[str]:

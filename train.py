@@ -614,14 +614,18 @@ def resume_training(resume_from, saved_cfg, model, optimizer, sampler, cfg: Conf
 
 def sample_after_training(model, tokenizer, t, device, autocast) -> str:
     """The text of `train.sample_tokens` tokens sampled after `train.sample_prompt` (seeded by
-    train.seed: the same run samples the same text)."""
+    train.seed: the same run samples the same text; sample.py's sample 0 on CPU). A model whose
+    logits went non-finite gets a line saying so: its checkpoints and evals are written."""
     model.eval()
-    ids = torch.tensor([tokenizer.encode(t.sample_prompt) or [tokenizer.eot_id]], device=device)
+    ids, start = tokenizer.encode_prompt(t.sample_prompt)
     g = torch.Generator(device=device).manual_seed(t.seed)
-    with autocast:
-        out = model.generate(ids, t.sample_tokens, temperature=0.8, top_k=50, generator=g,
-                             vocab_size=tokenizer.vocab_size)
-    return tokenizer.decode(out[0].tolist())
+    try:
+        with autocast:
+            out = model.generate(torch.tensor([ids], device=device), t.sample_tokens, temperature=0.8, top_k=50,
+                                 generator=g, vocab_size=tokenizer.vocab_size)
+    except ValueError as e:          # generate's non-finite logits: the run is not an error
+        return f"(none: {e})"
+    return tokenizer.decode(out[0, start:].tolist())
 
 
 def train(cfg: Config):
@@ -663,9 +667,7 @@ def _train(cfg: Config, env: DistEnv):
     if t.out_dir and os.path.isfile(os.path.join(t.out_dir, ".lock")):
         distributed.on_main(env, lambda: lock_out_dir(t.out_dir))
     check_run(cfg, device)
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tokenizer.vocab_size
+    tokenizer = get_tokenizer(cfg.data.tokenizer)      # check_run set a vocab_size of 0 to its own
     ckpt_root = os.path.join(t.out_dir, "checkpoints")
     resume_from, saved_cfg = run_to_resume(cfg, ckpt_root)
     data_dir = resolve_data_dir(cfg)

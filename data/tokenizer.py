@@ -43,6 +43,14 @@ class Tokenizer:
     def encode_batch(self, texts) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_prompt(self, text: str) -> tuple[list[int], int]:
+        """A sampling prompt's ids, and how many lead them without being its text (sample.py,
+        train.py's end-of-training sample): an empty prompt starts after the end-of-text token,
+        as a document does in training; that token is input, not text to print (GPT-2 would
+        decode it to "<|endoftext|>")."""
+        ids = self.encode(text)
+        return (ids, 0) if ids else ([self.eot_id], 1)
+
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
 

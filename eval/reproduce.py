@@ -267,13 +267,12 @@ def resume_note(s: Step) -> str | None:
     if s.cfg is None or os.path.exists(s.marker):
         return None
     from checkpoint import find_checkpoint, step_number
-    from data.tokenizer import TOKENIZER_CLASSES
+    from config import check_vocab
     from train import check_resume_config
     ckpt_root = os.path.dirname(os.path.dirname(s.marker))
     out_dir = os.path.dirname(ckpt_root)
     cfg = copy.deepcopy(s.cfg)
-    if cfg.model.vocab_size == 0:                  # 0 = the tokenizer's, filled in by train.py before its check
-        cfg.model.vocab_size = TOKENIZER_CLASSES[cfg.data.tokenizer].vocab_size
+    check_vocab(cfg)                               # vocab_size 0 = the tokenizer's, as train.py checks it
     try:
         ckpt = find_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
         if ckpt is None:

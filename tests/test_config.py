@@ -65,8 +65,10 @@ def test_check_vocab_names_ids_past_the_embedding():
                            "model.vocab_size=256 is smaller than the bytes tokenizer's 257")]:
         with pytest.raises(ConfigError, match=f"^{message}$"):
             check_vocab(config_from_dict(data))
-    for vocab_size in (0, 257, 50304):
-        check_vocab(config_from_dict({"model": {"vocab_size": vocab_size}, "data": {"tokenizer": "bytes"}}))
+    for vocab_size, kept in ((0, 257), (257, 257), (50304, 50304)):      # 0: the tokenizer's, as train.py builds it
+        cfg = config_from_dict({"model": {"vocab_size": vocab_size}, "data": {"tokenizer": "bytes"}})
+        check_vocab(cfg)
+        assert cfg.model.vocab_size == kept
 
 
 def test_override_parsing_errors():

@@ -388,7 +388,7 @@ def test_generate_continues_from_a_passed_state(arch):
     # init_std 0.5: an untrained model whose greedy tokens depend on the context, not only
     # on the last token (at 0.02 the Transformer++ repeats one token whatever came before)
     m = tiny(arch, init_std=0.5, hope={"chunk_other": 3, "chunk_mem": 5},
-             cms={"chunk_sizes": [4, None], "inner_lr": 0.1})
+             cms={"chunk_sizes": [4, None], "inner_lr": 0.01})
     idx = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(3))
     prefix, suffix = idx[:, :7], idx[:, 7:]
     with torch.no_grad():

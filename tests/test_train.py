@@ -1339,3 +1339,27 @@ def test_no_checkpoint_before_the_first_optimiser_step(corpus, tmp_path, monkeyp
     assert train_mod.train(_cfg(corpus, out, "--train.max_steps=2", "--train.ckpt_every=1")) == 0
     assert "step 1: no checkpoint before the first optimiser step" in capsys.readouterr().out
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_000002"]
+
+
+def test_end_of_training_sample_prints_no_substituted_eot_and_survives_nan_logits(monkeypatch):
+    """train.py's sample after training: an empty train.sample_prompt starts after the
+    end-of-text token, which is not text (GPT-2 printed "<|endoftext|>" first); a model whose
+    logits went non-finite gets "(none: ...)" rather than failing the finished run (generate
+    raises on them now)."""
+    from contextlib import nullcontext
+
+    import train as train_mod
+    from config import TrainConfig
+    from data.tokenizer import get_tokenizer
+    from model import build_model
+    tok = get_tokenizer("bytes")
+    m = build_model({"vocab_size": tok.vocab_size, "n_layer": 1, "n_head": 2, "d_model": 32})
+    t = TrainConfig(sample_prompt="", sample_tokens=4, seed=3)
+    text = train_mod.sample_after_training(m, tok, t, "cpu", nullcontext())
+    again = m.generate(torch.tensor([[tok.eot_id]]), 4, temperature=0.8, top_k=50,
+                       generator=torch.Generator().manual_seed(3), vocab_size=tok.vocab_size)
+    assert text == tok.decode(again[0, 1:].tolist())
+    assert tok.encode_prompt("") == ([tok.eot_id], 1) and tok.encode_prompt("ab") == ([97, 98], 0)
+    monkeypatch.setattr(m.head, "forward", lambda x: torch.full((*x.shape[:-1], tok.vocab_size), float("nan")))
+    assert train_mod.sample_after_training(m, tok, t, "cpu", nullcontext()).startswith(
+        "(none: the model's logits are not finite (NaN or inf) at new token 1 of 4")
