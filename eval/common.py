@@ -299,7 +299,8 @@ def load_checkpoint(path: str, device: str = "auto") -> tuple:
     BABILong fine-tune, the continual arms) backpropagate through sequences at least as long
     as training's; forwards without gradients run as before."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        shown = path if path and path == path.strip() else repr(path)     # '' would be invisible
+        raise FileNotFoundError(f"checkpoint {shown} not found")
     from checkpoint import load_model
     from data.tokenizer import get_tokenizer
     device = resolve_device(device)

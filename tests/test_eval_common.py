@@ -148,6 +148,8 @@ def test_check_checkpoint_out_refuses_folders_that_hold_checkpoints(tmp_path):
 def test_load_checkpoint_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint .* not found"):
         load_checkpoint(str(tmp_path / "none"), "cpu")
+    with pytest.raises(FileNotFoundError, match="^checkpoint '' not found$"):     # an empty one shown as such
+        load_checkpoint("", "cpu")
 
 
 def test_require_data_dir_names_what_needs_it(tmp_path, monkeypatch):
