@@ -577,21 +577,29 @@ def _umask() -> int:
     return umask
 
 
+def export_metadata(path) -> dict:
+    """The metadata (str -> str) of a safetensors file, from its header alone: export_safetensors
+    writes the config (JSON) and the step there. A file that is not one (truncated, another
+    format) is a one-line ValueError."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({_first_line(e)}): expected a checkpoint "
+                         "directory, an out_dir or a file from `python -m checkpoint export`") from None
+
+
 def load_exported(path, device="cpu"):
     """(model in eval mode, Config) from a file written by export_safetensors (load_model
     comes here for a file). The parameters are fp32 whatever the export's dtype (a bf16
     export's values, rounded to bf16): the evals run on them as on a checkpoint's."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
     from safetensors.torch import load_model as load_safetensors_into
     from model import build_model
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no exported model at {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as e:          # truncated, or not a safetensors file
-        raise ValueError(f"{path} is not a readable safetensors file ({_first_line(e)}): expected a checkpoint "
-                         "directory, an out_dir or a file from `python -m checkpoint export`") from None
+    metadata = export_metadata(path)
     if "config" not in metadata:                     # someone else's safetensors file
         raise ValueError(f"{path} has no config in its metadata: not written by `python -m checkpoint export`")
     try:

@@ -338,15 +338,13 @@ def checkpoint_identity(resolved: str) -> dict:
     the name but not the weights, so for a file these, not the path, say whose results an
     --out holds. {} where they cannot be read: loading the checkpoint then fails with the
     error that says why."""
-    from checkpoint import step_number
+    from checkpoint import export_metadata, step_number
     if not os.path.isfile(resolved):            # a step folder: its name is its step
         step = step_number(os.path.basename(os.path.normpath(resolved)))
         return {"checkpoint_step": step} if step >= 0 else {}
-    from safetensors import SafetensorError, safe_open
-    try:                                        # the metadata export_safetensors writes: the header only
-        with safe_open(resolved, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError):
+    try:
+        metadata = export_metadata(resolved)
+    except ValueError:
         return {}
     if not (str(metadata.get("step", "")).isdigit() and isinstance(metadata.get("config"), str)):
         return {}
