@@ -210,8 +210,11 @@ class CMSLevel(nn.Module):
 class ContinuumMemory(nn.Module):
     """The CMS chain as a block's channel mixer: forward(h, state=None, pos=0) -> (y, new_state).
 
-    Reads cfg.cms (levels, see CMSConfig) and cfg.d_model. Depends on nothing but RMSNorm, so
-    any block (HOPE, HOPE-attention, Titans) can use it in place of the FFN.
+    Reads cfg.cms (the levels, see CMSConfig), cfg.d_model, cfg.norm_eps, cfg.ffn_multiple_of
+    (the levels' hidden width, model.hidden_width) and cfg.kernels (the fast levels' backend).
+    model.make_block puts it in place of the FFN in HOPE and HOPE-attention blocks while
+    model.hope.cms is on (else they keep the SwiGLU FFN); Titans and Transformer++ blocks
+    always have the FFN.
     """
 
     def __init__(self, cfg: ModelConfig):

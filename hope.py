@@ -28,8 +28,9 @@ stages, each exact for any segment boundaries:
   1. the projection memories, chunk piece by chunk piece (C_other): read k, v, eta, alpha
      at the chunk-start weights, then one `scan(..., self_target=True)` of the piece
      generates the targets and writes (one DGD scan per layer, or one fused launch). With
-     model.kernels=triton the whole stage is one launch per segment (kernels/triton_hope.py:
-     the reads and gates in-kernel, with its backward; `_projection_stage`);
+     model.kernels=triton and the default projection set, the stage is one launch per
+     segment (kernels/triton_hope.py: the reads and gates in-kernel, with its backward;
+     `_projection_stage`), after the pieces that finish a chunk begun in an earlier call;
   2. M_mem over the whole segment in one `NeuralMemory.scan(..., self_target=True)` (chunk
      C_mem) with the keys, values and gates of stage 1: per chunk piece it reads the target
      M_mem,B(v_t) at the chunk-start weights, then writes (or the fused MLP kernel takes
@@ -58,12 +59,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import ModelConfig
-from memory import FWD_BWD, NeuralMemory, chunk_pieces
+from memory import FWD_BWD, NeuralMemory, chunk_pieces, tokens_to_boundary
 from model import CausalDepthwiseConv, RMSNorm
+from titans import gated_output
 
 # Initialisation (the paper gives none). LanguageModel first draws every Linear from
 # N(0, 0.02) (GPT-2) and the memories from N(0, 1/fan_in) (memory.py), then calls
-# `reset_memory_parameters`, which rescales the two projections around the memories. With
+# `reset_memory_parameters`, which rescales the two projections around the memories (W_in,
+# W_gate) and draws the eta / alpha gates' weights, N(0, 1/d), and biases (below). With
 # N(0, 0.02) for them the tiny HOPE of the in-context recall test (tests/test_hope.py)
 # recalled 37 % after 250 steps at seed 0; with these, 37-96 % over seeds 0-5 at 250 steps
 # and 64-100 % at 500 (docs/FIDELITY.md, HOPE choice 11: that does not show this init is
@@ -99,7 +102,7 @@ class SelfModifyingTitans(nn.Module):
                                 detach_chunks_older_than=hc.detach_chunks_older_than, backend=cfg.kernels)
 
         self.w_in = nn.Linear(D, D, bias=False)
-        self.conv = CausalDepthwiseConv(D, hc.conv_size) if hc.conv_size else None   # width 1: a per-channel scale
+        self.conv = CausalDepthwiseConv(D, hc.conv_size)    # width 0: identity, 1: a per-channel scale
         # The projection memories present in this configuration, in stacking order.
         names = []
         if self.adaptive_k:
@@ -128,6 +131,7 @@ class SelfModifyingTitans(nn.Module):
             self.alpha_bias = nn.Parameter(torch.empty(H))
         self.out_norm = RMSNorm(self.head_dim, cfg.norm_eps)               # per head
         self.w_gate = nn.Linear(D, D, bias=False)
+        # w_out: the output projection W_o (not an MLP's second layer, as W_out is in memory.py, cms.py)
         self.w_out = nn.Linear(D, D, bias=False)
         self.w_out.is_residual_proj = True
         self.reset_memory_parameters()
@@ -152,8 +156,9 @@ class SelfModifyingTitans(nn.Module):
 
     @staticmethod
     def _gate(read, weight, bias):
-        """sigmoid(w . M_B(x~) + b), one scalar per head, in the memory read's dtype (fp32:
-        a bf16 model's weights are cast up, so no autocast is needed)."""
+        """sigmoid(w . M_B(x~) + b), one scalar per head. w and b are cast to the read's dtype
+        (fp32 at least, also in a bf16 model), so the gate is fp32; under bf16 autocast the
+        einsum itself runs in bf16, and adding the fp32 bias promotes its result back to fp32."""
         logit = torch.einsum("bthd,hd->bth", read, weight.to(read.dtype)) + bias.to(read.dtype)
         return torch.sigmoid(logit)
 
@@ -188,34 +193,13 @@ class SelfModifyingTitans(nn.Module):
                                           alpha.repeat(1, 1, n), state=state, self_target=True).state
         return k, v, q, eta, alpha, state
 
-    def projections_blocker(self, device) -> Optional[str]:
-        """None where stage 1 runs as one launch per segment on `device` (kernels/
-        triton_hope.py): the default projection set, a shape `fusable_projections` takes, and
-        the settings in which the fused MLP memory kernel would take the projection memories
-        (memory.NeuralMemory.fused_kernel_blocker); else why stage 1 runs piece by piece."""
-        from kernels.triton_hope import PROJECTIONS, fusable_projections
-        mem = self.projections
-        if self.projection_names != PROJECTIONS:
-            return f"the fused stage 1 takes the projections {PROJECTIONS}, not {self.projection_names}"
-        if not fusable_projections(mem.head_dim, mem.hidden_dim // mem.head_dim, mem.chunk_size):
-            return (f"the fused stage 1 does not cover d={mem.head_dim}, hidden {mem.hidden_dim}, "
-                    f"chunk_other {mem.chunk_size} (triton_hope.fusable_projections)")
-        return mem.fused_kernel_blocker(device, self_target=True)
-
-    def kernel_paths(self, device) -> dict:
-        """{part: None if it runs fused on `device`, else why not} (model.kernel_report)."""
-        paths = {"HOPE M_mem": self.memory.fused_kernel_blocker(device, self_target=True)}
-        if self.projections is not None:
-            paths["HOPE stage 1 (projection memories)"] = self.projections_blocker(device)
-        return paths
-
     def _projection_stage(self, features, proj_state, pos):
         """Stage 1 over the segment: (k, v, q or None, eta, alpha, new projections state).
         Piece by piece; or, where projections_blocker finds nothing, piece by piece only up to the first
         chunk boundary, then everything after it in one fused launch."""
         T, C = features.shape[1], self.chunk_other
         proj_pos = pos if proj_state is None else proj_state["pos"]
-        fused_from = (C - proj_pos % C) % C if self.projections_blocker(features.device) is None else T
+        fused_from = tokens_to_boundary(proj_pos, C) if self.projections_blocker(features.device) is None else T
         parts = []
         for lo, hi in chunk_pieces(proj_pos, min(fused_from, T), C):
             *outs, proj_state = self._projection_piece(features[:, lo:hi], proj_state)
@@ -250,10 +234,7 @@ class SelfModifyingTitans(nn.Module):
         elif state["memory"]["weights"][0].shape[0] != B:
             raise ValueError(f"HOPE state holds fast weights for batch size "
                              f"{state['memory']['weights'][0].shape[0]}; the input has batch size {B}")
-        features = self.w_in(x)
-        conv_state = None
-        if self.conv is not None:
-            features, conv_state = self.conv(features, state["conv"])
+        features, conv_state = self.conv(self.w_in(x), state["conv"])
         features = self._heads(F.silu(features))                                # x~ [B, T, H, d]
 
         # Stage 1: projection memories (chunk C_other).
@@ -263,11 +244,32 @@ class SelfModifyingTitans(nn.Module):
 
         # Stage 2: M_mem (chunk C_mem) learns its own target M_mem,B(v_t) (NL Eq. 87) and is
         # read after the write; one scan (the fused kernel where it applies, memory.py).
-        mem = self.memory.scan(q, k, v, eta, alpha, state=state["memory"], self_target=True)
-        o, mem_state = mem.y.to(x.dtype), mem.state               # fp32 memory -> the model's dtype
-        y = self.out_norm(o).flatten(2) * F.silu(self.w_gate(x))
-        new_state = {"conv": conv_state, "projections": proj_state, "memory": mem_state, "pos": pos + T}
-        return self.w_out(y), new_state
+        out = self.memory.scan(q, k, v, eta, alpha, state=state["memory"], self_target=True)
+        y = gated_output(self.w_out, self.out_norm, self.w_gate, out.y, x)    # Titans §4.4 output
+        new_state = {"conv": conv_state, "projections": proj_state, "memory": out.state, "pos": pos + T}
+        return y, new_state
+
+    def projections_blocker(self, device) -> Optional[str]:
+        """None where stage 1 runs as one launch per segment on `device` (kernels/
+        triton_hope.py; after the pieces that finish a chunk begun in an earlier call,
+        `_projection_stage`): the default projection set, a shape `fusable_projections` takes, and
+        the settings in which the fused MLP memory kernel would take the projection memories
+        (memory.NeuralMemory.fused_kernel_blocker); else why stage 1 runs piece by piece."""
+        from kernels.triton_hope import PROJECTIONS, fusable_projections
+        mem = self.projections
+        if self.projection_names != PROJECTIONS:
+            return f"the fused stage 1 takes the projections {PROJECTIONS}, not {self.projection_names}"
+        if not fusable_projections(mem.head_dim, mem.hidden_dim // mem.head_dim, mem.chunk_size):
+            return (f"the fused stage 1 does not cover d={mem.head_dim}, hidden {mem.hidden_dim}, "
+                    f"chunk_other {mem.chunk_size} (triton_hope.fusable_projections)")
+        return mem.fused_kernel_blocker(device, self_target=True)
+
+    def kernel_paths(self, device) -> dict:
+        """{part: None if it runs fused on `device`, else why not} (model.kernel_report)."""
+        paths = {"HOPE M_mem": self.memory.fused_kernel_blocker(device, self_target=True)}
+        if self.projections is not None:
+            paths["HOPE stage 1 (projection memories)"] = self.projections_blocker(device)
+        return paths
 
     def memory_flops_per_token(self, seq_len: int = 0, backward: bool = True) -> int:
         """Estimated training FLOPs per token of the inner loops (the memories' reads,

@@ -56,9 +56,11 @@ down to single tokens, gives the same outputs and final state (no buffering need
 Building blocks for layers that interleave several memories (HOPE: k_t = M_k,B(x_t) is
 read at the chunk-start weights before any memory is updated, with different chunk sizes):
     chunk_pieces(pos, T, *chunk_sizes)   split [0, T) at absolute chunk boundaries
-    mem.read(weights, x)                 M(x) with given per-sequence weights
-    mem.update_piece(q, k, v, lr, alpha, beta, state)   one piece inside one chunk
-and a gate transform for long sequences (Titans' `model.titans.step_budget`):
+    tokens_to_boundary(pos, C)           tokens from pos to the next chunk boundary
+    mem.read(state["chunk_start"], x)    M_B(x) with given per-sequence weights
+    mem.scan(..., self_target=True)      writes toward the memory's own targets M_B(v_t)
+(scan consumes each chunk piece with `update_piece`), and a gate transform for long
+sequences (Titans' `model.titans.step_budget`):
     chunk_step_budget(k, lr, 1 - beta, spent, pos, C, budget)   cap each chunk's summed step per key
 """
 from __future__ import annotations
@@ -88,80 +90,15 @@ def chunk_pieces(pos: int, T: int, *chunk_sizes: int) -> list[tuple[int, int]]:
             raise ValueError(f"chunk sizes must be integers >= 1; got {c!r}")
     cuts = {0, T}
     for c in chunk_sizes:
-        first = (c - pos % c) % c                 # offset of the first boundary after pos
-        cuts.update(range(first, T, c))
+        cuts.update(range(tokens_to_boundary(pos, c), T, c))
     cuts = sorted(x for x in cuts if 0 <= x <= T)
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def chunk_step_budget(k, lr, keep, spent, pos: int, chunk_size: int, budget: float,
-                      backend: str = "torch"):
-    """Cap each token's inner learning rate by the step its chunk has left along its key
-    (our stabiliser for long sequences, `model.titans.step_budget`; docs/FIDELITY.md, Titans
-    choice 14).
-
-    Every write of a chunk is formed at the chunk-start weights W_B, so a key direction that
-    recurs in the chunk is corrected once per occurrence against the same stale error. The
-    inner loss ||M(k) - v||^2 has curvature 2 along a unit key: a step e along k scales the
-    error by (1 - 2e), so e = 0.5 solves it exactly and e >= 1 overshoots and grows. A chunk
-    of redundant keys (at 64 tokens: bytes, or the smooth output of an attention layer) adds
-    up to many such steps, and the chunk-to-chunk map then expands: outer gradients grow
-    exponentially with the sequence length. Token t's step is e_t = lr_t / keep_t (keep =
-    1 - beta: momentum repeats a write 1 / (1 - beta) times); P = sum e_s k_s k_s^T over the
-    earlier tokens of its chunk is what the chunk has spent, k_t^T P k_t of it along k_t:
-
-        e_t = min(lr_t / keep_t, max(0, budget - k_t^T P k_t)),   lr'_t = keep_t e_t,
-        P <- P + e_t k_t k_t^T                      (P = 0 at every chunk start)
-
-    So a chunk steps at most `budget` along each of its keys: one key repeated through the
-    chunk writes like a single token; orthogonal keys keep their own lr. Causal: lr'_t
-    depends on token t and the earlier tokens of its chunk only.
-
-    k [B, T, H, d] unit-norm keys; lr, keep [B, T, H]; `spent` [B, H, d, d] is P of the chunk
-    that position `pos` lies in (None = nothing spent yet). Returns (lr' [B, T, H], P after
-    the last token, None on a chunk boundary). `backend` "triton" (the memory's, resolved:
-    kernels.select_backend) runs the loop over each chunk's tokens as one Triton kernel,
-    forward and backward (kernels/triton_budget.py), for fp32 keys and chunks of at most
-    kernels.checks.MAX_BUDGET_CHUNK tokens; otherwise it is the PyTorch loop below, the reference."""
-    if k.shape[1] == 0:
-        return lr, spent
-    with _no_autocast(k):          # fp32 like the memory itself (a bf16 overlap would round the caps)
-        return _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget, backend)
-
-
-def _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget, backend):
-    B, T, H, d = k.shape
-    C, head = chunk_size, pos % chunk_size
-    n = -(-(head + T) // C)
-    tail = n * C - head - T
-
-    def chunked(x, fill=0.0):              # [B, T, ...] -> [B, n, C, ...], aligned to chunks
-        pad = [0, 0] * (x.dim() - 2) + [head, tail]
-        return F.pad(x, pad, value=fill).view(B, n, C, *x.shape[2:])
-
-    kc, lrc = chunked(k), chunked(lr)                                   # padding: lr 0, keep 1
-    keepc = chunked(keep.clamp(min=1e-6), fill=1.0)   # > 0: 1 - sigmoid rounds to 0 at large logits
-    overlap = torch.einsum("bnihd,bnjhd->bnhij", kc, kc).pow(2)        # (k_i . k_j)^2
-    used = lrc.new_zeros(B, n, H, C)                                   # k_j^T P k_j, j in the chunk
-    if spent is not None:
-        first = torch.einsum("bchi,bhij,bchj->bhc", kc[:, 0], spent, kc[:, 0])
-        used = torch.cat([first.unsqueeze(1), used[:, 1:]], 1)
-    wanted = lrc / keepc                                                # the uncapped steps
-    if backend == "triton" and k.dtype == torch.float32 and C <= kernels.checks.MAX_BUDGET_CHUNK:
-        from kernels.triton_budget import capped_steps
-        e = capped_steps(wanted.transpose(2, 3), used, overlap, budget).transpose(2, 3)
-    else:
-        steps = []
-        for j in range(C):
-            e = torch.minimum(wanted[:, :, j], F.relu(budget - used[..., j]))
-            used = used + e.unsqueeze(-1) * overlap[..., j]
-            steps.append(e)
-        e = torch.stack(steps, 2)                                       # [B, n, C, H]
-    new_lr = (e * keepc).reshape(B, n * C, H)[:, head:head + T]
-    if (pos + T) % C == 0:
-        return new_lr, None
-    last = torch.einsum("bch,bchi,bchj->bhij", e[:, -1], kc[:, -1], kc[:, -1])
-    return new_lr, last if (n > 1 or spent is None) else spent + last
+def tokens_to_boundary(pos: int, chunk_size: int) -> int:
+    """The number of tokens from absolute position `pos` to the next multiple of
+    `chunk_size` (0 when pos is one): the offset of the first chunk boundary at or after pos."""
+    return (chunk_size - pos % chunk_size) % chunk_size
 
 
 def activation_fns(name):
@@ -177,6 +114,17 @@ def activation_fns(name):
             return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
         return F.gelu, deriv
     raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
+
+
+def delta_step_sizes(update_rule, lr, a):
+    """(erase, write) step sizes of the "dgd" and "gd" transitions
+    W_t = W_{t-1} (alpha_t I - erase_t a_t a_t^T) - write_t g_t a_t^T (kernels.delta_rule):
+    DGD's exact proximal step eta'_t = lr_t / (1 + lr_t ||a_t||^2) for both (NL Eq. 57);
+    GD erases nothing and writes with lr_t. lr [B, T, H], a [B, T, H, K] the layer's inputs."""
+    if update_rule == "dgd":
+        eta = lr / (1 + lr * a.pow(2).sum(-1))                 # eta' (NL Eq. 57)
+        return eta, eta
+    return torch.zeros_like(lr), lr
 
 
 class MemoryOutput(NamedTuple):
@@ -299,9 +247,10 @@ class NeuralMemory(nn.Module):
     # ------------------------------------------------------------------------------------
     # the inner optimisation
 
-    def update_piece(self, q, k, v, lr, alpha, beta=None, state=None):
+    def update_piece(self, q, k, target, lr, alpha, beta=None, state=None):
         """Consume L tokens that lie inside one chunk (pos % C + L <= C): writes at the
-        chunk-start weights, per-token transitions, readout after the write.
+        chunk-start weights toward `target` (the inner loss ||M(k_t) - target_t||^2: v_t, or
+        M_B(v_t) for scan's self_target), per-token transitions, readout after the write.
         Returns (y [B, L, H, d], new state)."""
         B, L = q.shape[:2]
         state = self.initial_state(B) if state is None else state
@@ -313,11 +262,11 @@ class NeuralMemory(nn.Module):
         if L == 0:
             return q.new_zeros(q.shape, dtype=dtype), state
         with _no_autocast(q):
-            q, k, v, lr, alpha = (t.to(dtype) for t in (q, k, v, lr, alpha))
+            q, k, target, lr, alpha = (t.to(dtype) for t in (q, k, target, lr, alpha))
             beta = beta.to(dtype) if beta is not None else None
             if self.detach_targets:
-                v = v.detach()
-            inputs, grads = self._inputs_and_gradients(state["chunk_start"], k, v)
+                target = target.detach()
+            inputs, grads = self._inputs_and_gradients(state["chunk_start"], k, target)
             if self.max_grad_norm is not None:        # ||g a^T||_F = ||g|| ||a||, summed over layers
                 squared = sum(g.pow(2).sum(-1) * a.pow(2).sum(-1) for a, g in zip(inputs, grads))
                 # tau / max(tau, norm), clamped before the root: sqrt's backward at a zero
@@ -333,14 +282,10 @@ class NeuralMemory(nn.Module):
                         query, a, -lr.unsqueeze(-1) * g, alpha, beta, W, state["momenta"][layer],
                         chunk_size=C, backend=backend)
                     new_momenta.append(Z)
-                elif self.update_rule == "dgd":
-                    eta = lr / (1 + lr * a.pow(2).sum(-1))                 # eta' (NL Eq. 57)
-                    out, W = kernels.delta_rule(query, a, -eta.unsqueeze(-1) * g, alpha, eta, W,
+                else:                                                      # "dgd" | "gd"
+                    erase, write = delta_step_sizes(self.update_rule, lr, a)
+                    out, W = kernels.delta_rule(query, a, -write.unsqueeze(-1) * g, alpha, erase, W,
                                                 chunk_size=C, backend=backend)
-                else:                                                      # "gd"
-                    out, W = kernels.delta_rule(query, a, -lr.unsqueeze(-1) * g, alpha,
-                                                torch.zeros_like(lr), W, chunk_size=C,
-                                                backend=backend)
                 new_weights.append(W)
                 if layer + 1 < len(inputs):
                     query = self.act(out)                  # W_out reads s(W_in,t q_t)
@@ -459,7 +404,7 @@ class NeuralMemory(nn.Module):
         launch."""
         from kernels import triton_memory, triton_mlp_memory
         C, ys = self.chunk_size, []
-        head = min((C - state["pos"] % C) % C, q.shape[1])
+        head = min(tokens_to_boundary(state["pos"], C), q.shape[1])
         if head:
             y, state = self._scan_pieces(q[:, :head], k[:, :head], v[:, :head], lr[:, :head],
                                          alpha[:, :head], None if beta is None else beta[:, :head],
@@ -471,7 +416,7 @@ class NeuralMemory(nn.Module):
             with _no_autocast(q):
                 q, k, v, lr, alpha = (t.float() for t in (q, k, v, lr, alpha))
                 v = v.detach() if self.detach_targets else v
-                weights, momenta = state["weights"][0], None
+                momenta = None
                 if self.depth == 2 and self.update_rule == "momentum":
                     y, weights, momenta, start = triton_mlp_memory.fused_mlp_memory_momentum(
                         q, k, v, alpha, beta.float(), lr, *state["weights"], *state["momenta"], C,
@@ -482,19 +427,15 @@ class NeuralMemory(nn.Module):
                         q, k, v, alpha, lr, *state["weights"], C, dgd=self.update_rule == "dgd",
                         activation=self.activation, max_grad_norm=self.max_grad_norm,
                         self_target=self_target)
-                elif self.update_rule == "momentum":
-                    y, weights, z, start = triton_memory.fused_linear_memory_momentum(
-                        q, k, v, alpha, beta.float(), lr, weights, state["momenta"][0], C)
-                    momenta = [z]
-                    weights, start = [weights], [start]
+                elif self.update_rule == "momentum":               # linear: one layer, input k
+                    y, w, z, w_start = triton_memory.fused_linear_memory_momentum(
+                        q, k, v, alpha, beta.float(), lr, state["weights"][0], state["momenta"][0], C)
+                    weights, start, momenta = [w], [w_start], [z]
                 else:
-                    if self.update_rule == "dgd":
-                        eta = write_lr = lr / (1 + lr * k.pow(2).sum(-1))    # eta' (NL Eq. 57)
-                    else:
-                        eta, write_lr = torch.zeros_like(lr), lr
-                    y, weights, start = triton_memory.fused_linear_memory_delta(
-                        q, k, v, alpha, eta, write_lr, weights, C)
-                    weights, start = [weights], [start]
+                    erase, write = delta_step_sizes(self.update_rule, lr, k)
+                    y, w, w_start = triton_memory.fused_linear_memory_delta(
+                        q, k, v, alpha, erase, write, state["weights"][0], C)
+                    weights, start = [w], [w_start]
             ys.append(y)
             state = self.state_after_launch(weights, start, momenta, state["pos"] + q.shape[1])
         return MemoryOutput(torch.cat(ys, 1), state)
@@ -545,9 +486,84 @@ class NeuralMemory(nn.Module):
         writes = 2 * d * d if self.depth == 1 else 3 * 2 * d * E            # z, pred, W_out^T e
         scans = 0
         for V, K in layers:
-            scans += 2 * C * (K + V) + 2 * C * C + 8 * V * K                 # intra, A@B, S/Z reads+writes
+            # 2C(K + V): the intra-chunk Q K^T and its product with the writes; 2C^2: the C x C
+            # gate products (A @ B); 8 V K: four products per token with a V x K-sized state at
+            # 2 FLOPs per multiply-add, two reading the states a chunk starts from (momentum:
+            # Q S_0^T, Q Z_0^T; delta: Q S_0^T, W S_0^T) and two building the chunk-end states
+            # (momentum: the writes to S and Z; delta: U'^T K_d and W^T K_d)
+            scans += 2 * C * (K + V) + 2 * C * C + 8 * V * K
         per_head = writes + scans
         return (FWD_BWD if backward else 1) * self.n_head * per_head
+
+
+def chunk_step_budget(k, lr, keep, spent, pos: int, chunk_size: int, budget: float,
+                      backend: str = "torch"):
+    """Cap each token's inner learning rate by the step its chunk has left along its key
+    (our stabiliser for long sequences, `model.titans.step_budget`; docs/FIDELITY.md, Titans
+    choice 14).
+
+    Every write of a chunk is formed at the chunk-start weights W_B, so a key direction that
+    recurs in the chunk is corrected once per occurrence against the same stale error. The
+    inner loss ||M(k) - v||^2 has curvature 2 along a unit key: a step e along k scales the
+    error by (1 - 2e), so e = 0.5 solves it exactly and e >= 1 overshoots and grows. A chunk
+    of redundant keys (at 64 tokens: bytes, or the smooth output of an attention layer) adds
+    up to many such steps, and the chunk-to-chunk map then expands: outer gradients grow
+    exponentially with the sequence length. Token t's step is e_t = lr_t / keep_t (keep =
+    1 - beta: momentum repeats a write 1 / (1 - beta) times); P = sum e_s k_s k_s^T over the
+    earlier tokens of its chunk is what the chunk has spent, k_t^T P k_t of it along k_t:
+
+        e_t = min(lr_t / keep_t, max(0, budget - k_t^T P k_t)),   lr'_t = keep_t e_t,
+        P <- P + e_t k_t k_t^T                      (P = 0 at every chunk start)
+
+    So a chunk steps at most `budget` along each of its keys: one key repeated through the
+    chunk writes like a single token; orthogonal keys keep their own lr. Causal: lr'_t
+    depends on token t and the earlier tokens of its chunk only.
+
+    k [B, T, H, d] unit-norm keys; lr, keep [B, T, H]; `spent` [B, H, d, d] is P of the chunk
+    that position `pos` lies in (None = nothing spent yet). Returns (lr' [B, T, H], P after
+    the last token, None on a chunk boundary). `backend` "triton" (the memory's, resolved:
+    kernels.select_backend) runs the loop over each chunk's tokens as one Triton kernel,
+    forward and backward (kernels/triton_budget.py), for fp32 keys and chunks of at most
+    kernels.checks.MAX_BUDGET_CHUNK tokens; otherwise it is the PyTorch loop below, the reference."""
+    if k.shape[1] == 0:
+        return lr, spent
+    with _no_autocast(k):          # fp32 like the memory itself (a bf16 overlap would round the caps)
+        return _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget, backend)
+
+
+def _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget, backend):
+    B, T, H, d = k.shape
+    C, head = chunk_size, pos % chunk_size
+    n = -(-(head + T) // C)
+    tail = n * C - head - T
+
+    def chunked(x, fill=0.0):              # [B, T, ...] -> [B, n, C, ...], aligned to chunks
+        pad = [0, 0] * (x.dim() - 2) + [head, tail]
+        return F.pad(x, pad, value=fill).view(B, n, C, *x.shape[2:])
+
+    kc, lrc = chunked(k), chunked(lr)                                   # padding: lr 0, keep 1
+    keepc = chunked(keep.clamp(min=1e-6), fill=1.0)   # > 0: 1 - sigmoid rounds to 0 at large logits
+    overlap = torch.einsum("bnihd,bnjhd->bnhij", kc, kc).pow(2)        # (k_i . k_j)^2
+    used = lrc.new_zeros(B, n, H, C)                                   # k_j^T P k_j, j in the chunk
+    if spent is not None:
+        first = torch.einsum("bchi,bhij,bchj->bhc", kc[:, 0], spent, kc[:, 0])
+        used = torch.cat([first.unsqueeze(1), used[:, 1:]], 1)
+    wanted = lrc / keepc                                                # the uncapped steps
+    if backend == "triton" and k.dtype == torch.float32 and C <= kernels.checks.MAX_BUDGET_CHUNK:
+        from kernels.triton_budget import capped_steps
+        e = capped_steps(wanted.transpose(2, 3), used, overlap, budget).transpose(2, 3)
+    else:
+        steps = []
+        for j in range(C):
+            e = torch.minimum(wanted[:, :, j], F.relu(budget - used[..., j]))
+            used = used + e.unsqueeze(-1) * overlap[..., j]
+            steps.append(e)
+        e = torch.stack(steps, 2)                                       # [B, n, C, H]
+    new_lr = (e * keepc).reshape(B, n * C, H)[:, head:head + T]
+    if (pos + T) % C == 0:
+        return new_lr, None
+    last = torch.einsum("bch,bchi,bchj->bhij", e[:, -1], kc[:, -1], kc[:, -1])
+    return new_lr, last if (n > 1 or spent is None) else spent + last
 
 
 def _no_autocast(like):

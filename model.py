@@ -2,7 +2,8 @@
 
 Every architecture is the same stack, chosen by `model.arch`:
 
-    tokens -> embedding -> n_layer x Block -> RMSNorm -> LM head (tied to the embedding)
+    tokens -> embedding -> n_layer x Block -> RMSNorm -> LM head (tied to the embedding
+                                                           unless model.tie_embeddings=false)
     Block(x) = x + mixer(RMSNorm(x));  x + ffn(RMSNorm(x))
 
 and differs only in the block's sequence mixer (softmax attention, a Titans memory, a
@@ -186,8 +187,10 @@ def extend_kv_cache(cache, k, v, end, window=None):
     return k, v, k_pos, {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:]}
 
 
-class Attention(nn.Module):
-    """Causal multi-head attention with RoPE and a KV cache (`state = {"k", "v"}`).
+class AttentionHeads(nn.Module):
+    """Causal multi-head attention with RoPE and a KV cache (`state = {"k", "v"}`), up to
+    the per-head outputs [B, T, H, d]: no output projection (`Attention` adds one; Titans'
+    `PersistentAttention` adds a persistent prefix and leaves the projection to its caller).
 
     With `window` set it is sliding-window attention and the cache keeps only the last
     `window - 1` keys, so memory stays flat while streaming (Titans MAG/MAL).
@@ -196,18 +199,38 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, window=None):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
-        self.rope_theta, self.window, self.backend = cfg.rope_theta, window, cfg.attention
+        self.rope_theta, self.window, self.attention_backend = cfg.rope_theta, window, cfg.attention
         self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+
+    def project(self, x, pos):
+        """q, k, v [B, T, H, d] of tokens at absolute positions pos.., RoPE on q and k."""
+        return project_qkv(self.wqkv, x, pos, self.n_head, self.rope_theta)
+
+    def attend(self, q, k, v, q_pos, k_pos):
+        """The heads' outputs [B, Tq, H, d] of queries at q_pos over keys at k_pos."""
+        return causal_attention(q, k, v, q_pos, k_pos, self.window, self.attention_backend)
+
+    def forward(self, x, state=None, pos=0):
+        """x [B, T, D] -> (per-head outputs [B, T, H, d], new KV cache)."""
+        T = x.shape[1]
+        q, k, v = self.project(x, pos)
+        k, v, k_pos, new_state = extend_kv_cache(state, k, v, pos + T, self.window)
+        q_pos = torch.arange(pos, pos + T, device=x.device)
+        return self.attend(q, k, v, q_pos, k_pos), new_state
+
+
+class Attention(AttentionHeads):
+    """The attention sequence mixer (Transformer++, HOPE-attention): AttentionHeads, then
+    the output projection W_o of the concatenated heads."""
+
+    def __init__(self, cfg: ModelConfig, window=None):
+        super().__init__(cfg, window)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.wo.is_residual_proj = True
 
     def forward(self, x, state=None, pos=0):
-        B, T, _ = x.shape
-        q, k, v = project_qkv(self.wqkv, x, pos, self.n_head, self.rope_theta)
-        k, v, k_pos, new_state = extend_kv_cache(state, k, v, pos + T, self.window)
-        q_pos = torch.arange(pos, pos + T, device=x.device)
-        y = causal_attention(q, k, v, q_pos, k_pos, self.window, self.backend)
-        return self.wo(y.reshape(B, T, -1)), new_state
+        y, new_state = super().forward(x, state, pos)
+        return self.wo(y.reshape(*x.shape[:2], -1)), new_state
 
 
 # ----------------------------------------------------------------------------------------
@@ -275,7 +298,10 @@ class LanguageModel(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-        if hasattr(module, "reset_memory_parameters"):    # memories own their init
+        # Then a module's own init (`apply` visits children first, so this runs after the
+        # generic init of its Linears): memories' initial fast weights, convs, persistent
+        # tokens, Titans' gate biases, HOPE's rescaled projections and gate parameters.
+        if hasattr(module, "reset_memory_parameters"):
             module.reset_memory_parameters()
 
     def forward(self, idx, targets=None, state=None):

@@ -8,7 +8,7 @@
                                       readout h | segment], memory updated with the
                                       attention output y, o = y (x) M_t(y)   (Titans Eq. 21-25)
     mag   memory as gate              W_o(RMSNorm(SWA(x)) * sigmoid(RMSNorm(M_t(q_t))))
-    mal   memory as layer             u = x + LMM(x);  o = LMM(x) + SWA(RMSNorm(u))
+    mal   memory as layer             u = x + LMM(x);  o = LMM(x) + W_o SWA(RMSNorm(u))
 
 The memory branch (`LongTermMemory`): q, k, v = SiLU(causal depthwise conv4(W x)) per
 head, q and k L2-normalised (Titans §4.4); per-token per-head gates from x:
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import kernels
 from config import ModelConfig
 from memory import FWD_BWD, NeuralMemory, chunk_pieces, chunk_step_budget
-from model import CausalDepthwiseConv, RMSNorm, at_least_fp32, attention_mask, causal_attention, extend_kv_cache, project_qkv
+from model import AttentionHeads, CausalDepthwiseConv, RMSNorm, at_least_fp32, attention_mask, causal_attention
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
 
@@ -58,6 +58,11 @@ def check_titans_config(cfg: ModelConfig):
 
 # ----------------------------------------------------------------------------------------
 # pieces of the memory branch
+
+# Gate biases at init (the paper gives none): theta = 0.12 theta_max, momentum 0.5,
+# forget 0.018 (a memory horizon of ~50 tokens that the outer loop can lengthen).
+GATE_BIAS = {"theta": -2.0, "beta": 0.0, "forget": -4.0}
+
 
 class LongTermMemory(nn.Module):
     """The neural long-term memory branch: x [B, T, D] -> readouts M_t(q_t) [B, T, H, d].
@@ -87,15 +92,11 @@ class LongTermMemory(nn.Module):
                                    backend=cfg.kernels)
         self.reset_memory_parameters()
 
-    # Gate biases at init (the paper gives none): theta = 0.12 theta_max, momentum 0.5,
-    # forget 0.018 (a memory horizon of ~50 tokens that the outer loop can lengthen).
-    GATE_BIAS = {"theta": -2.0, "beta": 0.0, "forget": -4.0}
-
     def reset_memory_parameters(self):
         with torch.no_grad():
             bias = self.w_gates.bias.view(3, self.n_head)
             for row, name in enumerate(("theta", "beta", "forget")):
-                bias[row].fill_(self.GATE_BIAS[name])
+                bias[row].fill_(GATE_BIAS[name])
 
     def initial_state(self, batch_size, pos=0):
         return {"conv": [None, None, None], "memory": self.memory.initial_state(batch_size, pos), "spent": None}
@@ -167,26 +168,19 @@ def prefix_attention(q, k, v, q_pos, k_pos, prefix_k=None, prefix_v=None, window
     return y.transpose(1, 2)
 
 
-class PersistentAttention(nn.Module):
-    """Multi-head attention with RoPE, an optional sliding window and N_p persistent tokens
-    as an always-visible prefix. Returns per-head outputs [B, T, H, d] (the caller owns
-    the output projection). The KV cache keeps the last window - 1 keys."""
+class PersistentAttention(AttentionHeads):
+    """model.AttentionHeads (multi-head attention with RoPE, an optional sliding window and
+    a KV cache of the last window - 1 keys) with N_p persistent tokens as an always-visible
+    prefix. Returns per-head outputs [B, T, H, d] (the caller owns the output projection)."""
 
     def __init__(self, cfg: ModelConfig, window=None, n_persistent=0):
-        super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
-        self.rope_theta, self.window, self.backend = cfg.rope_theta, window, cfg.attention
-        self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        super().__init__(cfg, window)
         self.persistent = nn.Parameter(torch.empty(n_persistent, cfg.d_model)) if n_persistent else None
         self.reset_memory_parameters()
 
     def reset_memory_parameters(self):
         if self.persistent is not None:     # like the block's RMS-normalised inputs
             nn.init.normal_(self.persistent, mean=0.0, std=1.0)
-
-    def project(self, x, pos):
-        """q, k, v [B, T, H, d] of tokens at absolute positions pos.., RoPE on q and k."""
-        return project_qkv(self.wqkv, x, pos, self.n_head, self.rope_theta)
 
     def prefix(self, dtype):
         """Keys and values of the persistent tokens [1, N_p, H, d] (no RoPE: no position)."""
@@ -196,15 +190,11 @@ class PersistentAttention(nn.Module):
         k, v = kv.view(1, -1, 2, self.n_head, self.head_dim).unbind(2)
         return k, v
 
-    def forward(self, x, state=None, pos=0):
-        """Sliding-window (or full causal) attention over the stream: (y heads, cache)."""
-        T = x.shape[1]
-        q, k, v = self.project(x, pos)
-        k, v, k_pos, new_state = extend_kv_cache(state, k, v, pos + T, self.window)
-        q_pos = torch.arange(pos, pos + T, device=x.device)
+    def attend(self, q, k, v, q_pos, k_pos):
+        """AttentionHeads.attend with the persistent tokens' keys and values as a prefix
+        that every query sees."""
         prefix_k, prefix_v = self.prefix(q.dtype)
-        y = prefix_attention(q, k, v, q_pos, k_pos, prefix_k, prefix_v, self.window, self.backend)
-        return y, new_state
+        return prefix_attention(q, k, v, q_pos, k_pos, prefix_k, prefix_v, self.window, self.attention_backend)
 
     def flops_per_token(self, context):
         """Forward + backward FLOPs of the score and value products per token for
@@ -214,6 +204,20 @@ class PersistentAttention(nn.Module):
 
 def _flat(x):
     return x.reshape(*x.shape[:2], -1)
+
+
+def gated_output(w_out, out_norm, w_gate, o, x):
+    """Titans §4.4's output of a memory readout o [B, T, H, d] for the mixer input x
+    [B, T, D]: W_out(RMSNorm(o) * SiLU(W_gate x)), normalised per head (out_norm of width d),
+    o cast to x's dtype first (the memory computes in fp32). The modules are the caller's, so
+    its parameter names stay its own (TitansLMM, hope.SelfModifyingTitans)."""
+    return w_out(_flat(out_norm(o.to(x.dtype))) * F.silu(w_gate(x)))
+
+
+def memory_gate(attn_norm, memory_norm, y, r):
+    """The MAG/MAC combination of attention heads y and memory readouts r [B, T, H, d]:
+    RMSNorm(y) * sigmoid(RMSNorm(r)), per head, r cast to y's dtype (before the caller's W_o)."""
+    return attn_norm(y) * torch.sigmoid(memory_norm(r.to(y.dtype)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -233,7 +237,7 @@ class TitansLMM(nn.Module):
 
     def forward(self, x, state=None, pos=0):
         y, state = self.memory(x, state, pos)
-        return self.wo(_flat(self.out_norm(y.to(x.dtype))) * F.silu(self.w_gate(x))), state
+        return gated_output(self.wo, self.out_norm, self.w_gate, y, x), state
 
     def memory_flops_per_token(self, seq_len):
         return self.memory.flops_per_token()
@@ -263,7 +267,7 @@ class TitansMAG(nn.Module):
         state = state or {"attn": None, "memory": None}
         a, attn_state = self.attn(x, state["attn"], pos)
         m, memory_state = self.memory(x, state["memory"], pos)
-        o = self.attn_norm(a) * torch.sigmoid(self.memory_norm(m.to(a.dtype)))
+        o = memory_gate(self.attn_norm, self.memory_norm, a, m)
         return self.wo(_flat(o)), {"attn": attn_state, "memory": memory_state}
 
     def memory_flops_per_token(self, seq_len):
@@ -355,10 +359,10 @@ class TitansMAC(nn.Module):
             seen = torch.arange(seg_start, pos + hi, device=x.device)
             y = prefix_attention(q, torch.cat([k_h, k_x], 1), torch.cat([v_h, v_x], 1),
                                  torch.arange(start, pos + hi, device=x.device),
-                                 torch.cat([seen, seen]), prefix_k, prefix_v, None, self.attn.backend)
+                                 torch.cat([seen, seen]), prefix_k, prefix_v, None, self.attn.attention_backend)
             # (24) write y into the memory, (25) gate y with the read after the write
             r, memory_state = self.memory(self.y_norm(_flat(y)), memory_state)
-            o = self.attn_norm(y) * torch.sigmoid(self.memory_norm(r.to(y.dtype)))
+            o = memory_gate(self.attn_norm, self.memory_norm, y, r)
             outputs.append(self.wo(_flat(o)))
         y = torch.cat(outputs, 1) if outputs else x.new_zeros(x.shape)
         return y, {"memory": memory_state, "query_conv": query_conv,

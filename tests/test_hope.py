@@ -42,7 +42,7 @@ def oracle(mixer, x):
     start = {}
     outputs = []
     for t in range(T):
-        if mixer.conv is not None:             # y_t = sum_j w[K-1-j] x_{t-j} (causal, window K)
+        if mixer.conv.width:                   # y_t = sum_j w[K-1-j] x_{t-j} (causal, window K)
             K = mixer.conv.width
             conv = sum(mixer.conv.weight[:, K - 1 - j] * pre[:, t - j] for j in range(min(K, t + 1)))
         else:
@@ -186,7 +186,7 @@ def test_conv_size_has_the_titans_meaning():
         titans = build_model({"arch": "titans", "vocab_size": 53, "n_layer": 1, "n_head": 2, "d_model": 16,
                               "titans": {"conv_size": conv_size}})
         titans_width = titans.blocks[0].mixer.memory.conv_k.width
-        assert (None if hope_conv is None else hope_conv.width) == width == (titans_width or None)
+        assert (hope_conv.width or None) == width == (titans_width or None)
     m = tiny_model(conv_size=1)
     idx = torch.randint(0, 53, (2, 19), generator=torch.Generator().manual_seed(5))
     assert_streaming_matches(m, idx, [(0, 7), (7, 8), (8, 13), (13, 19)], 1e-5)
