@@ -5,7 +5,7 @@ large document (docs/DATA.md, "Memory").
     python bench/checks_cpu.py configs/transformer_340m.yaml configs/hope_340m.yaml --doc-mb 64
 
 The screen is timed on the config's model (GPT-2 vocabulary, fp32) against an element-wise
-torch.isfinite(p).all() per parameter (median of --repeats after a warm-up, bench/kernels.timer). The preparation runs
+torch.isfinite(p).all() per parameter (median of --repeats after a warm-up, bench.common.timer). The preparation runs
 `python -m data.prepare` (--tokenizer, one worker) in child processes on small documents,
 then with one generated .txt document of --doc-mb MB more, and reports their peak resident
 memory (ru_maxrss) and the growth per MB of the large document. Prints the
@@ -22,8 +22,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from bench.common import report_error, result_footer  # noqa: E402
-from bench.kernels import timer  # noqa: E402
+from bench.common import report_error, result_footer, timer  # noqa: E402
 from cli import OneLineArgumentParser, positive_float, positive_int  # noqa: E402
 from config import load_config  # noqa: E402
 

@@ -3,12 +3,14 @@ the output-file checks): the model-shape flags, one-line errors for bad input fo
 parsing, the check of --device, and the machine / command / date lines that go with each
 result into BENCHMARKS.md.
 
-    from bench.common import add_model_shape_args, machine, report_error, result_footer
+    from bench.common import add_model_shape_args, machine, report_error, result_footer, timer
 """
 import datetime
 import os
 import platform
+import statistics
 import sys
+import time
 
 import torch
 
@@ -21,6 +23,20 @@ def report_error(error) -> int:
     text = str(error).strip().splitlines() or [type(error).__name__]
     print(f"error: {text[0]}", file=sys.stderr)
     return 2
+
+
+def timer(fn, device, repeats):
+    """Median seconds of fn() (fn runs to completion; CUDA: do_bench synchronises)."""
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    fn()                                                   # warm-up (and interpreter tracing)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def add_model_shape_args(p, d_model: int, n_layer: int, n_head: int, vocab: int):

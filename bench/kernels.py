@@ -78,9 +78,7 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +87,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if not torch.cuda.is_available():                 # the Triton kernels run interpreted on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import kernels  # noqa: E402
-from bench.common import machine, report_error  # noqa: E402
+from bench.common import machine, report_error, timer  # noqa: E402
 from cli import OneLineArgumentParser, output_file_problem, positive_int, write_atomic  # noqa: E402
 from kernels.triton_delta import dot_precision, tuned_configs  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
@@ -110,20 +108,6 @@ def load_fla():
                 "delta_rule_ungated": fla_ungated_delta_rule(chunk_delta_rule)}, ""
     except Exception as e:        # ImportError, or a broken install (triton/torch mismatch)
         return {}, f"{type(e).__name__}: {e}".splitlines()[0][:120]
-
-
-def timer(fn, device, repeats):
-    """Median seconds of fn() (fn runs to completion; CUDA: do_bench synchronises)."""
-    if device == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-    fn()                                                   # warm-up (and interpreter tracing)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def scan_inputs(op, B, T, H, d, device, dtype, seed=0):

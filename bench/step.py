@@ -24,16 +24,22 @@ from config import load_config  # noqa: E402
 from kernels.checks import triton_blocker  # noqa: E402
 
 
+def device_type(device) -> str:
+    """"cpu" or "cuda" for a device name ("cuda:0" included) or torch.device."""
+    return torch.device(device).type
+
+
 def make_train_step(model, opt, x, grad_accum=1, device="cpu", bf16=False):
     """A closure running one training step on the tokens x (B, T + 1), as train.py does:
     grad_accum micro-batches of forward (bf16 autocast when bf16) and backward of
     loss / grad_accum, then opt.step() and zero_grad."""
     micro = x.shape[0] // grad_accum
+    kind = device_type(device)         # autocast takes the device's type, not "cuda:0"
 
     def step():
         for m in range(grad_accum):
             xb = x[m * micro:(m + 1) * micro]
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
                 _, loss, _ = model(xb[:, :-1], xb[:, 1:])
             (loss / grad_accum).backward()
         opt.step()
@@ -60,22 +66,22 @@ def build_train_step(cfg, device="cpu", compile=False):
         apply_activation_checkpointing(model)
     if compile or t.compile:
         apply_compile(model)
-    opt = make_optimizer(model, cfg, device)
+    opt = make_optimizer(model, cfg, device_type(device))
     x = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
-    bf16 = setup_precision(t, device)            # as train.py: bf16 autocast, TF32 on CUDA
+    bf16 = setup_precision(t, device_type(device))     # as train.py: bf16 autocast, TF32 on CUDA
     return model, make_train_step(model, opt, x, t.grad_accum, device, bf16)
 
 
 def median_seconds(step, steps, warmup, device="cpu"):
     """Median wall seconds of `steps` calls of step() after `warmup` untimed ones (CUDA:
     synchronised before and after each call)."""
-    times = []
+    times, cuda = [], device_type(device) == "cuda"
     for i in range(warmup + steps):
-        if device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         step()
-        if device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -87,10 +93,11 @@ def bench_step(cfg, steps=5, warmup=2, device="cpu", compile=False, built=None):
     built = build_train_step's (model, step) when the caller built them already."""
     t = cfg.train
     model, step = built or build_train_step(cfg, device, compile)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    cuda = device_type(device) == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     sec = median_seconds(step, steps, warmup, device)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
+    peak = torch.cuda.max_memory_allocated(device) if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"arch": cfg.model.arch, "params": model.num_params(), "sec_per_step": sec,
             "tokens_per_s": t.batch_size * t.seq_len / sec, "peak_mem_bytes": peak,
@@ -140,7 +147,7 @@ def profile_step(model, step, rows, device="cpu"):
     in microseconds; the records' are inclusive (children counted)."""
     from torch.profiler import ProfilerActivity
     label_forwards(model)
-    cuda = device == "cuda"
+    cuda = device_type(device) == "cuda"
     with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         step()
         if cuda:
@@ -150,8 +157,21 @@ def profile_step(model, step, rows, device="cpu"):
         ("cpu_time_total", "self_cpu_time_total")
     parts = sorted((e for e in table if e.key.startswith("forward:")), key=lambda e: -getattr(e, inclusive))
     parts = [(e.key, getattr(e, inclusive), e.count) for e in parts]
-    total = sum(getattr(e, self_time) for e in table)
-    return parts, total, table.table(sort_by=self_time, row_limit=rows)
+    return parts, step_self_time(table, cuda), table.table(sort_by=self_time, row_limit=rows)
+
+
+def step_self_time(events, cuda):
+    """The profiled step's whole self time (microseconds) from its events (key_averages()):
+    on CPU the sum of every event's self CPU time; on CUDA the sum of the GPU events' self
+    time only (device_type CUDA, not the profiler's GPU-side user annotations), as torch's own
+    table totals it. Kineto also counts a kernel's time as the self device time of the CPU op
+    that launched it, so summing every event's self_device_time_total counts each kernel
+    twice."""
+    if not cuda:
+        return sum(e.self_cpu_time_total for e in events)
+    from torch.autograd import DeviceType
+    return sum(e.self_device_time_total for e in events
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
 
 
 def print_profile(parts, total, ops, what):
@@ -171,7 +191,7 @@ def main(argv=None):
                    help="a train.py config; --section.key=value overrides follow, as in train.py")
     p.add_argument("--steps", type=positive_int, default=5)
     p.add_argument("--warmup", type=non_negative_int, default=2)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when present)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block, as --train.compile=true")
     p.add_argument("--profile-rows", type=non_negative_int, default=0,
                    help="after timing, profile one more step: forward time per model part and this many "
@@ -192,7 +212,7 @@ def _run(args, overrides, argv):
     except ValueError as e:
         return report_error(e)
     r = bench_step(cfg, args.steps, args.warmup, device, args.compile, built)
-    mem_kind = "peak CUDA allocated" if device == "cuda" else "peak process RSS"
+    mem_kind = "peak CUDA allocated" if device_type(device) == "cuda" else "peak process RSS"
     ac = " (AC)" if cfg.distributed.activation_checkpointing else ""
     print(f"{r['arch']:>15} | {r['params'] / 1e6:8.2f}M params | batch {cfg.train.batch_size} x seq "
           f"{cfg.train.seq_len}{ac} | {r['sec_per_step'] * 1e3:9.1f} ms/step | {r['tokens_per_s']:10,.0f} tok/s | "

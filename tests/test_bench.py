@@ -4,8 +4,12 @@ cannot be written (checked before the benchmark runs); tiny real runs of the CPU
 print their result tables and the command / machine / date lines.
 (bench/kernels.py --quick runs in tests/test_triton_memory.py.)"""
 import argparse
+import io
 import os
 import re
+import subprocess
+import sys
+import tarfile
 
 import pytest
 import torch
@@ -385,3 +389,136 @@ def test_kernel_bench_bad_choice_is_one_line(flag, value, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: argument {flag}: invalid choice: '{value}'"), err
+
+
+# ----------------------------------------------------------------------------- bench/step.py's device handling
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("device, message", [
+    ("cuda:0", "argument --device: cuda:0 is not available"),
+    ("gpu", "argument --device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+])
+def test_step_bench_device_names_are_checked_in_one_line(device, message, capsys):
+    assert step.main(["--device", device, "--model.d_model=32", "--model.n_layer=1"]) == 2
+    _one_line(capsys.readouterr().err, message)
+
+
+def test_step_device_type_takes_indexed_devices():
+    assert step.device_type("cuda:0") == "cuda" and step.device_type("cpu") == "cpu"
+    assert step.device_type(torch.device("cuda", 1)) == "cuda"
+
+
+def test_profiled_step_total_counts_each_cuda_kernel_once():
+    """Kineto reports a kernel as its own CUDA event and also as the self device time of the
+    CPU op that launched it; the whole-step total sums the CUDA events only (as torch's own
+    table does), not the GPU-side user annotations, and on CPU every event's self CPU time."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(kind, self_device, self_cpu=0, annotation=False):
+        return SimpleNamespace(device_type=kind, self_device_time_total=self_device,
+                               self_cpu_time_total=self_cpu, is_user_annotation=annotation)
+    events = [event(DeviceType.CPU, 300, self_cpu=50),          # aten::mm: its kernel's 300 us
+              event(DeviceType.CUDA, 300),                      # the kernel itself
+              event(DeviceType.CPU, 20, self_cpu=10),           # aten::add
+              event(DeviceType.CUDA, 20),
+              event(DeviceType.CUDA, 320, annotation=True)]     # "forward: mixer" on the GPU timeline
+    assert step.step_self_time(events, cuda=True) == 320
+    assert step.step_self_time(events, cuda=False) == 60
+
+
+def test_profiled_step_total_on_cpu_matches_the_events(capsys):
+    """On CPU, step_self_time over a real profile equals the sum of the events' self CPU time."""
+    cfg = step.load_config("configs/transformer_tiny.yaml", ["--model.d_model=32", "--model.n_layer=1",
+                                                               "--train.batch_size=1", "--train.seq_len=8"])
+    model, train_step = step.build_train_step(cfg, "cpu")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train_step()
+    table = prof.key_averages()
+    assert step.step_self_time(table, cuda=False) == sum(e.self_cpu_time_total for e in table) > 0
+
+
+# ----------------------------------------------------------------------------- the GPU check's shell scripts
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["bench/gpu_check.sh", "bench/device_run.sh", "bench/prepare_gpu_run.sh", "bench/fetch_fla.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shell_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", os.path.join(REPO, script)]).returncode == 0
+
+
+def _script_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "CAP_", "DEVICE_RUN_"))
+           and k not in ("OUT", "TRITON_CACHE_DIR")}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def test_device_run_without_out_is_one_line():
+    r = subprocess.run(["bash", os.path.join(REPO, "bench/device_run.sh")], env=_script_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    _one_line(r.stderr, "OUT is not set")
+
+
+def test_gpu_check_lists_unique_stages_with_the_fsdp_runs_fused():
+    out = subprocess.run(["bash", os.path.join(REPO, "bench/gpu_check.sh")], capture_output=True, text=True,
+                         env=_script_env(GPU_CHECK_LIST="1", GPU_CHECK_FSDP="1"), check=True).stdout
+    stages = [line.split("\t", 1) for line in out.splitlines()]
+    names = [name for name, _ in stages]
+    assert len(names) == len(set(names)) and names[-2:] == ["fsdp_transformer_760m", "fsdp_hope_760m"]
+    hope = dict(stages)["fsdp_hope_760m"].split()
+    assert "--model.kernels=triton" in hope and "--train.log_every=1" in hope
+    assert "--train.max_steps=4" in hope
+    tests = dict(stages)["tests"].split()             # node ids, cheapest first
+    assert tests.index("tests/test_kernels.py::test_auto_backend_on_cuda_picks_triton_when_it_imports") < \
+        tests.index("tests/test_triton_kernels.py::test_cuda_torch_compile_fullgraph_matches_eager")
+    assert "wide and cuda_shapes" in dict(stages)["tests_new"]
+
+
+@pytest.mark.slow
+def test_device_run_sends_few_files_and_packs_after_a_timeout(tmp_path):
+    """A dry run stopped by device_run.sh's timeout: the running stage is recorded as CUT, the
+    summary printed, the logs packed, and the cache split into <= 15 MiB parts: at most 8
+    files under $OUT, the device tool's limit."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "blob.bin").write_bytes(os.urandom(20 * 2**20))      # incompressible: two parts
+    (tmp_path / "packed.tgz").write_bytes(b"")
+    out = tmp_path / "out"
+    env = _script_env(OUT=str(out), GPU_CHECK_DRY="1", GPU_CHECK_STAGES="tests tests_new",
+                      DEVICE_RUN_TIMEOUT="15", DEVICE_RUN_CACHE="1", TRITON_CACHE_DIR=str(cache),
+                      GPU_CHECK_CACHE_IN=str(tmp_path / "packed.tgz"),
+                      GPU_CHECK_OUT=str(tmp_path / "gc"), GPU_CHECK_WORK=str(tmp_path / "work"))
+    r = subprocess.run(["bash", os.path.join(REPO, "bench/device_run.sh")], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 124, r.stdout[-2000:] + r.stderr[-2000:]
+    files = sorted(os.listdir(out))
+    assert files == ["device_run.log", "gpu_check.tgz", "triton_cache.tgz.part-aa", "triton_cache.tgz.part-ab"]
+    assert len(files) <= 8 and all(os.path.getsize(out / f) <= 15 * 2**20 for f in files)
+    log = (out / "device_run.log").read_text()
+    assert "CUT (check stopped)" in log and "== gpu_check summary" in log
+    assert "TRITON_CACHE_DIR is set" in log           # the packed cache was not unpacked over it
+    with tarfile.open(out / "gpu_check.tgz") as tar:
+        assert "./summary.tsv" in tar.getnames()
+    joined = b"".join((out / f).read_bytes() for f in files if f.startswith("triton_cache"))
+    with tarfile.open(fileobj=io.BytesIO(joined)) as tar:
+        assert "./blob.bin" in tar.getnames()
+
+
+def test_gpu_check_fsdp_result_takes_the_last_finite_loss(tmp_path):
+    """The FSDP stages' summary: median tokens/s of the last half, and the last finite loss (a
+    last row may log "loss": null), or a note when no row has tokens/s."""
+    text = open(os.path.join(REPO, "bench/gpu_check.sh")).read()
+    code = text[text.index("import json, math, sys"):text.index("PYEOF", text.index("import json, math, sys"))]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 5.5, "tokens_per_s": 100}\n{"step": 2, "loss": 5.1, "tokens_per_s": 300}\n'
+                       '{"step": 3, "loss": null, "tokens_per_s": 310}\n')
+    run = lambda: subprocess.run([sys.executable, "-c", code, str(metrics)], capture_output=True, text=True,  # noqa: E731
+                                 check=True).stdout.strip()
+    assert run() == "310 tok/s (median of the last half of 3 rows), loss 5.100 at step 2"
+    metrics.write_text("")
+    assert run() == "no metrics row with tokens/s"
