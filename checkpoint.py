@@ -188,7 +188,8 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
 
 def _stop_request(e):
     """The KeyboardInterrupt (or train.Terminated: any BaseException that is no Exception) that
-    DCP wrapped in a CheckpointException, for the caller to re-raise; None for a real error."""
+    DCP wrapped in a CheckpointException during a save or load, for the caller to re-raise;
+    None for a real error."""
     for exc, _ in getattr(e, "failures", {}).values():
         if not isinstance(exc, Exception):
             return exc
@@ -354,6 +355,9 @@ def _dcp_load_checked(state, ckpt, mismatch: str):
     try:
         _dcp_load(state, ckpt)
     except DCP_ERRORS as e:
+        stop = _stop_request(e)
+        if stop is not None:             # Ctrl-C or SIGTERM mid-load: a stop, not a mismatch or damage
+            raise stop from None
         if _is_read_error(e):
             raise ValueError(f"checkpoint {ckpt} has a corrupt shard (cannot be read: "
                              f"{_first_line(e)})") from None
@@ -555,7 +559,8 @@ def export_safetensors(ckpt, out_path, dtype="fp32", log=None) -> str:
     step = read_trainer_state(ckpt, required=("step",))["step"]
     model, cfg = load_model(ckpt)
     model = model.to(EXPORT_DTYPES[dtype])
-    metadata = {"format": "pt", "config": json.dumps(to_dict(cfg)), "step": str(step), "arch": cfg.model.arch}
+    metadata = {"format": "pt", "config": json.dumps(to_dict(cfg)), "step": str(step), "arch": cfg.model.arch,
+                "dtype": dtype}
 
     def write(tmp):
         save_model(model, tmp, metadata=metadata)

@@ -120,7 +120,8 @@ def _load(args, device):
     ids, start = tokenizer.encode_prompt(args.prompt)
     n = len(ids) + args.tokens
     # a sample's tokens (and an attention model's KV cache) are held at once: the evals' bound on
-    # one input; all samples together, the one on a training batch (gigabytes of text past it)
+    # one input. Samples are drawn one at a time, so all of them together bound only the output:
+    # the training batch's bound (past it, gigabytes of text)
     if n > MAX_CONTEXT_TOKENS:
         raise ValueError(f"--prompt ({len(ids)} tokens) + --tokens {args.tokens} is {n:,} tokens a sample; at most "
                          f"{MAX_CONTEXT_TOKENS:,}")

@@ -207,8 +207,11 @@ def _init_worker(tokenizer_name: str, bpe_dir):
 
 def _init_pool_worker(tokenizer_name: str, bpe_dir):
     # Ctrl-C signals the whole process group: the parent stops the pool and prints one line;
-    # a worker's own KeyboardInterrupt would print its traceback as well
+    # a worker's own KeyboardInterrupt would print its traceback as well. SIGTERM takes its
+    # default again: a forked worker inherits train.py's handler (train.raise_terminated), and
+    # the pool stops its workers with SIGTERM when it closes, which printed their tracebacks
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _init_worker(tokenizer_name, bpe_dir)
 
 

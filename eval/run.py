@@ -334,7 +334,8 @@ def resolve_checkpoint_arg(checkpoint: str) -> str:
 def checkpoint_identity(resolved: str) -> dict:
     """What results.json records of the checkpoint `resolved` (resolve_checkpoint_arg) besides
     its path: checkpoint_step, and for an exported file checkpoint_config_sha256 (of the
-    config in its metadata). Exporting another step, or another run's, to the same path keeps
+    config in its metadata) and checkpoint_dtype (its weights' precision, in exports since it
+    was recorded). Exporting another step, or another run's, to the same path keeps
     the name but not the weights, so for a file these, not the path, say whose results an
     --out holds. {} where they cannot be read: loading the checkpoint then fails with the
     error that says why."""
@@ -348,8 +349,11 @@ def checkpoint_identity(resolved: str) -> dict:
         return {}
     if not (str(metadata.get("step", "")).isdigit() and isinstance(metadata.get("config"), str)):
         return {}
-    return {"checkpoint_step": int(metadata["step"]),
-            "checkpoint_config_sha256": hashlib.sha256(metadata["config"].encode()).hexdigest()[:16]}
+    identity = {"checkpoint_step": int(metadata["step"]),
+                "checkpoint_config_sha256": hashlib.sha256(metadata["config"].encode()).hexdigest()[:16]}
+    if "dtype" in metadata:                     # fp32 and bf16 exports of one step score differently
+        identity["checkpoint_dtype"] = metadata["dtype"]
+    return identity
 
 
 def earlier_results(out_dir: str, checkpoint: str, suite: str, resolved: str, identity: dict | None = None

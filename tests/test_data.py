@@ -466,6 +466,24 @@ def test_prepare_pool_workers_leave_ctrl_c_to_the_parent():
         assert pool.apply(_encode_documents, (["ab"],))[0][1] == 2
 
 
+def test_prepare_pool_workers_end_quietly_under_train_pys_sigterm_handler():
+    """Final review: forked workers inherited train.py's SIGTERM handler (raise Terminated), and
+    the pool stops its workers with SIGTERM as it closes: "Process ForkPoolWorker-2:
+    Traceback ... raise Terminated" on stderr of a successful run, in ~1 of 3. The workers take
+    SIGTERM's default again."""
+    import multiprocessing
+    import signal
+
+    import train
+    from data.prepare import _init_pool_worker
+    previous = signal.signal(signal.SIGTERM, train.raise_terminated)
+    try:
+        with multiprocessing.get_context("fork").Pool(1, _init_pool_worker, ("bytes", None)) as pool:
+            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--max-docs", "-5", "must be >= 2, got -5"),
     ("--max-docs", "1", "must be >= 2, got 1"),

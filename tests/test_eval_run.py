@@ -334,9 +334,9 @@ def test_a_later_export_to_the_same_file_is_another_checkpoint(tmp_path, monkeyp
     import torch
     from safetensors.torch import save_file
 
-    def export(step, config='{"model": {}}'):
+    def export(step, config='{"model": {}}', dtype="fp32"):
         save_file({"w": torch.zeros(1)}, str(tmp_path / "e.safetensors"),
-                  metadata={"format": "pt", "config": config, "step": str(step), "arch": "hope"})
+                  metadata={"format": "pt", "config": config, "step": str(step), "arch": "hope", "dtype": dtype})
     out = str(tmp_path / "eval")
     export(50)
     run = _stub_suite(monkeypatch, 0.25)
@@ -345,9 +345,11 @@ def test_a_later_export_to_the_same_file_is_another_checkpoint(tmp_path, monkeyp
     assert run.run_suite(str(tmp_path / "e.safetensors"), "quick", out, sections=["niah"],
                          log=None)["perplexity"] == first["perplexity"]           # the same export: merged
     kept = open(os.path.join(out, "results.json")).read()
-    for step, config, message in ((60, '{"model": {}}', "holds the results of checkpoint_step 50, not 60"),
-                                  (50, '{"model": {"n_layer": 2}}', "holds the results of checkpoint_config_sha256")):
-        export(step, config)
+    for step, config, dtype, message in (
+            (60, '{"model": {}}', "fp32", "holds the results of checkpoint_step 50, not 60"),
+            (50, '{"model": {"n_layer": 2}}', "fp32", "holds the results of checkpoint_config_sha256"),
+            (50, '{"model": {}}', "bf16", "holds the results of checkpoint_dtype fp32, not bf16")):
+        export(step, config, dtype)
         with pytest.raises(SystemExit) as exit_info:
             run.main(["--checkpoint", str(tmp_path / "e.safetensors"), "--out", out, "--sections", "niah"])
         err = capsys.readouterr().err

@@ -953,7 +953,8 @@ def test_a_failed_save_is_one_line_and_leaves_the_earlier_checkpoints(tmp_path, 
 def test_a_stop_during_a_save_is_a_stop_not_a_failed_save(tmp_path, monkeypatch, stop):
     """Ctrl-C or SIGTERM while DCP writes arrives wrapped in DCP's CheckpointException: it was
     reported as "could not write checkpoint ... (Terminated; ...)", exit 2. Now the stop itself
-    is re-raised (train.main's one line, 130 / 143), the half-written folder removed."""
+    is re-raised (train.main's one line, 130 / 143), the half-written folder removed; the same
+    while DCP reads a checkpoint to resume."""
     import checkpoint
     import train as train_mod
     from config import Config
@@ -970,6 +971,11 @@ def test_a_stop_during_a_save_is_a_stop_not_a_failed_save(tmp_path, monkeypatch,
     with pytest.raises(error):
         checkpoint.save_checkpoint(str(root), 2, model, opt, {"step": 2}, Config())
     assert sorted(os.listdir(root)) == ["latest", "step_000001"]
+    # and while a resume loads (it was "does not match this model: Terminated", exit 2, with a
+    # hint to resume an earlier checkpoint)
+    monkeypatch.setattr(checkpoint.dcp, "load", stopped)
+    with pytest.raises(error):
+        checkpoint.load_training_state(str(root / "step_000001"), model, opt)
 
 
 def test_throughput_leaves_out_checkpoint_and_eval_time_off_the_log_cadence(corpus, tmp_path, probe,
