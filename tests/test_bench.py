@@ -489,8 +489,10 @@ def test_device_run_sends_few_files_and_packs_after_a_timeout(tmp_path):
     (cache / "blob.bin").write_bytes(os.urandom(20 * 2**20))      # incompressible: two parts
     (tmp_path / "packed.tgz").write_bytes(b"")
     out = tmp_path / "out"
-    env = _script_env(OUT=str(out), GPU_CHECK_DRY="1", GPU_CHECK_STAGES="tests tests_new",
-                      DEVICE_RUN_TIMEOUT="15", DEVICE_RUN_CACHE="1", TRITON_CACHE_DIR=str(cache),
+    # a stage that always outlasts the timeout (the dry HOPE step runs in Triton's interpreter:
+    # minutes); the pytest stages finished inside 15 s on an idle machine, so no cut came
+    env = _script_env(OUT=str(out), GPU_CHECK_DRY="1", GPU_CHECK_STAGES="step_hope_tiny_fused",
+                      DEVICE_RUN_TIMEOUT="20", DEVICE_RUN_CACHE="1", TRITON_CACHE_DIR=str(cache),
                       GPU_CHECK_CACHE_IN=str(tmp_path / "packed.tgz"),
                       GPU_CHECK_OUT=str(tmp_path / "gc"), GPU_CHECK_WORK=str(tmp_path / "work"))
     r = subprocess.run(["bash", os.path.join(REPO, "bench/device_run.sh")], env=env, capture_output=True,
