@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from cli import (LATEST, TRAINER_STATE, OneLineArgumentParser, check_output_file, first_free_path, keep_aside,
-                 write_atomic)
+                 shown_path, write_atomic)
 from config import Config, ConfigError, check_vocab, config_from_dict, dump_yaml, read_yaml, to_dict
 from distributed import all_reduce_max, barrier
 
@@ -291,20 +291,25 @@ def resolve_checkpoint(path) -> str:
                          "out_dir")
     ckpt = find_checkpoint(path) if os.path.exists(path) else None
     if ckpt is None:
-        # an empty or space-padded path would be invisible in the message
-        shown = path if path and path == path.strip() else repr(path)
-        raise FileNotFoundError(f"no checkpoint found at {shown} ({_complete_step_hint(path)})")
+        raise FileNotFoundError(f"no checkpoint found at {shown_path(path)} ({_complete_step_hint(path)})")
     return ckpt
 
 
+def newest_complete_step(root) -> str | None:
+    """The path of the newest step_N directory under a checkpoints/ root that holds its trainer
+    state (what to resume where `latest` is missing: a save killed before writing it, or a
+    copied folder); None without one."""
+    complete = [d for d in saved_steps(root) if os.path.isfile(os.path.join(root, d, TRAINER_STATE))]
+    return os.path.join(root, complete[-1]) if complete else None
+
+
 def _complete_step_hint(path) -> str:
-    """What to pass instead of `path`, which holds no `latest` (a save killed before writing
-    it, or a copied folder): its newest complete step_N directory, else what is expected."""
+    """What to pass instead of `path`, which holds no `latest`: its newest complete step_N
+    directory, else what is expected."""
     for root in (path, os.path.join(path, "checkpoints")) if os.path.isdir(path) else ():
-        complete = [d for d in saved_steps(root) if os.path.isfile(os.path.join(root, d, TRAINER_STATE))]
-        if complete:
-            return (f"it has no {LATEST} file, but {os.path.join(root, complete[-1])} is a complete checkpoint: "
-                    "pass that")
+        step = newest_complete_step(root)
+        if step:
+            return f"it has no {LATEST} file, but {step} is a complete checkpoint: pass that"
     return "expected a step_N directory or an out_dir with checkpoints/latest"
 
 

@@ -23,6 +23,12 @@ def one_line(message) -> str:
     return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
+def shown_path(path) -> str:
+    """A path as an error message shows it: quoted where it would be invisible or misread (an
+    empty path, or one with leading or trailing spaces)."""
+    return path if path and path == path.strip() else repr(path)
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line "error: argument --x: ..." on stderr and exit status 2,
     without the usage block (--help prints it as usual), and which takes no abbreviated flags

@@ -29,8 +29,8 @@ import yaml
 
 import distributed
 from checkpoint import (LATEST, RESUME_KEYS, CheckpointMismatch, find_checkpoint, first_non_finite, holds_checkpoints,
-                        load_config_of, load_training_state, resolve_checkpoint, save_checkpoint, saved_steps,
-                        set_aside_later_steps, step_number)
+                        load_config_of, load_training_state, newest_complete_step, resolve_checkpoint, save_checkpoint,
+                        saved_steps, set_aside_later_steps, step_number)
 from cli import aside_name, check_output_dir, enclosing_checkpoint, keep_aside, one_line, write_atomic, write_json
 from config import (LONG_CONTEXT, MODEL_SECTIONS, Config, ConfigError, DataConfig, check_vocab, config_data,
                     config_from_dict, dump_yaml, reads, to_dict, unread_by_choice,
@@ -228,8 +228,9 @@ def check_out_dir(t):
                               f"train.resume={t.resume} (another run's) would overwrite them: choose another "
                               "train.out_dir")
     if t.resume == "auto" and steps and not os.path.isfile(os.path.join(root, LATEST)):
+        step = newest_complete_step(root) or os.path.join(root, steps[-1])
         raise ConfigError(f"{root} holds {', '.join(steps)} but no '{LATEST}' file: pass "
-                          f"--train.resume={os.path.join(root, steps[-1])} or choose another train.out_dir")
+                          f"--train.resume={step} or choose another train.out_dir")
 
 
 def is_under(ckpt, ckpt_root) -> bool:

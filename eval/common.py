@@ -18,7 +18,7 @@ import sys
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
-from cli import check_output_dir, one_line, resolve_device
+from cli import check_output_dir, one_line, resolve_device, shown_path
 
 if TYPE_CHECKING:
     import torch
@@ -299,8 +299,7 @@ def load_checkpoint(path: str, device: str = "auto") -> tuple:
     BABILong fine-tune, the continual arms) backpropagate through sequences at least as long
     as training's; forwards without gradients run as before."""
     if not os.path.exists(path):
-        shown = path if path and path == path.strip() else repr(path)     # '' would be invisible
-        raise FileNotFoundError(f"checkpoint {shown} not found")
+        raise FileNotFoundError(f"checkpoint {shown_path(path)} not found")
     from checkpoint import load_model
     from data.tokenizer import get_tokenizer
     device = resolve_device(device)
