@@ -271,6 +271,23 @@ def make_block(cfg: ModelConfig) -> Block:
     raise ValueError(f"unknown model.arch={cfg.arch!r}")       # config.py's choices stop it first
 
 
+def check_sampling(max_new_tokens, temperature, top_k) -> float:
+    """generate's arguments checked (one-line ValueErrors): the temperature as a float."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
+    # a NaN temperature makes every probability NaN (MIN_TEMPERATURE: the overflow)
+    try:
+        value = float(temperature)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be a finite number, 0 (greedy) or >= {MIN_TEMPERATURE:g}; "
+                         f"got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be None or an integer >= 0 (0 = all tokens); got {top_k!r}")
+    return value
+
+
 class LanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -331,30 +348,30 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None, generator=None,
                  vocab_size=None):
-        """Sample `max_new_tokens` after `idx` [B, T], reusing the state (KV cache, fast weights).
-        temperature 0 (or below): greedy; top_k None or 0: the whole vocabulary. vocab_size: sample
-        only ids below it (the tokenizer's, where model.vocab_size is padded, e.g. 50304 for GPT-2).
-        Bad arguments, and logits that are not finite (a model diverged on a long stream), are
-        one-line ValueErrors."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
-        # a NaN temperature makes every probability NaN (MIN_TEMPERATURE: the overflow)
-        try:
-            value = float(temperature)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value) or 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"temperature must be a finite number, 0 (greedy) or >= {MIN_TEMPERATURE:g}; "
-                             f"got {temperature!r}")
-        temperature = value
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-            raise ValueError(f"top_k must be None or an integer >= 0 (0 = all tokens); got {top_k!r}")
+        """Sample `max_new_tokens` after `idx` [B, T], reusing the state (KV cache, fast weights):
+        idx followed by the new tokens, [B, T + max_new_tokens]. temperature 0 (or below):
+        greedy; top_k None or 0: the whole vocabulary. vocab_size: sample only ids below it (the
+        tokenizer's, where model.vocab_size is padded, e.g. 50304 for GPT-2). Bad arguments, and
+        logits that are not finite (a model diverged on a long stream), are one-line ValueErrors."""
+        check_sampling(max_new_tokens, temperature, top_k)
         logits, _, state = self(idx, state=state)
-        out = [idx]
+        return torch.cat([idx, self.generate_from(logits[:, -1], state, max_new_tokens, temperature, top_k,
+                                                  generator, vocab_size)], dim=1)
+
+    @torch.no_grad()
+    def generate_from(self, last_logits, state, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+                      vocab_size=None):
+        """The new tokens [B, max_new_tokens] of `generate`, after a forward that returned
+        `state` and `last_logits` [B, vocab] (its last position's). A forward returns a new state
+        and leaves the one it was passed as it was, so one prompt's forward serves any number of
+        samples (sample.py)."""
+        temperature = check_sampling(max_new_tokens, temperature, top_k)
+        logits, out = last_logits, []
         for step in range(max_new_tokens):
-            next_logits = logits[:, -1, :vocab_size].float()
+            next_logits = logits[:, :vocab_size].float()
             # NaN/inf logits would make argmax pick garbage silently and multinomial fail with a
-            # RuntimeError (a device-side assert on CUDA): one check per token, named
+            # RuntimeError (a device-side assert on CUDA, which no later call survives), so the
+            # check comes before the draw: one host sync per token, named
             if not torch.isfinite(next_logits).all():
                 raise ValueError(f"the model's logits are not finite (NaN or inf) at new token {step + 1} of "
                                  f"{max_new_tokens} (stream position {state['pos']}): it has diverged")
@@ -370,7 +387,8 @@ class LanguageModel(nn.Module):
             out.append(nxt)
             if step + 1 < max_new_tokens:       # the last token's logits would be thrown away
                 logits, _, state = self(nxt, state=state)
-        return torch.cat(out, dim=1)
+                logits = logits[:, -1]
+        return torch.cat(out, dim=1) if out else last_logits.new_zeros(last_logits.shape[0], 0, dtype=torch.long)
 
     def kernel_report(self, device) -> list[str]:
         """Which path each memory part's inner loop takes on `device`: one line per distinct

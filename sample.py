@@ -2,8 +2,9 @@
 
     python sample.py --checkpoint out/quickstart --prompt "And God said" --tokens 100
 
-The prompt is encoded once; generation then feeds one token at a time with the carried
-state. A recurrent model's state (Titans, HOPE: fast weights, windowed caches) has a fixed
+The prompt is encoded and read once: its state serves every sample (a forward returns a new
+state and leaves the one it was passed as it was). Generation then feeds one token at a time
+with the carried state. A recurrent model's state (Titans, HOPE: fast weights, windowed caches) has a fixed
 size, so each token costs the same; an attention model's KV cache grows by one entry per
 token, so each token costs more than the one before. A note on stderr says when prompt +
 --tokens goes past what the model trained on (an attention model's train.seq_len) or where
@@ -82,10 +83,17 @@ def main(argv=None):
         except (MemoryError, torch.OutOfMemoryError):
             print(f"error: out of memory loading {args.checkpoint} on {device}", file=sys.stderr)
             return 2
+        try:
+            with torch.no_grad():
+                logits, _, state = model(torch.tensor([ids], device=device))
+        except (MemoryError, torch.OutOfMemoryError):
+            print(f"error: out of memory reading the prompt ({len(ids)} tokens) on {device}: shorten --prompt",
+                  file=sys.stderr)
+            return 2
         for i in range(args.samples):
             try:
-                row = model.generate(torch.tensor([ids], device=device), args.tokens, temperature=args.temperature,
-                                     top_k=args.top_k or None, generator=g, vocab_size=tokenizer.vocab_size)[0]
+                new = model.generate_from(logits[:, -1], state, args.tokens, temperature=args.temperature,
+                                          top_k=args.top_k or None, generator=g, vocab_size=tokenizer.vocab_size)[0]
             except (MemoryError, torch.OutOfMemoryError):
                 print(f"error: out of memory drawing sample {i} ({len(ids)} prompt + {args.tokens} new tokens) on "
                       f"{device}: lower --tokens", file=sys.stderr)
@@ -93,7 +101,7 @@ def main(argv=None):
             except ValueError as e:                          # the model's logits went non-finite
                 print(f"error: sample {i}: {one_line(e)}", file=sys.stderr)
                 return 2
-            print(f"--- sample {i}\n{tokenizer.decode(row[start:].tolist())}", flush=True)
+            print(f"--- sample {i}\n{tokenizer.decode(ids[start:] + new.tolist())}", flush=True)
             done += 1
     except KeyboardInterrupt:       # a traceback would add nothing; what was printed stays
         print(f"interrupted after {done} of {args.samples} samples", file=sys.stderr)

@@ -449,6 +449,42 @@ def test_a_state_of_another_precision_is_a_one_line_error(arch):
 @pytest.mark.parametrize("arch, variant", [("transformer", None), ("titans", "lmm"), ("titans", "mac"),
                                            ("titans", "mag"), ("titans", "mal"), ("hope", None),
                                            ("hope_attention", None)])
+def test_a_forward_leaves_the_state_it_was_passed_unchanged(arch, variant):
+    """sample.py reads the prompt once and starts every sample from its state
+    (LanguageModel.generate_from): that holds only if no forward writes into the state it is
+    passed (a KV cache or fast weight updated in place would leak one sample into the next).
+    Chunk-sized steps and single tokens, as training streams and generation feed them."""
+    cfg = {"vocab_size": 61, "n_layer": 2, "n_head": 2, "d_model": 16, "arch": arch}
+    if variant:
+        cfg["titans"] = {"variant": variant}
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    idx = torch.randint(0, 61, (2, 40))
+    with torch.no_grad():
+        state = m(idx[:, :21])[2]
+        before = [t.clone() for t in _tensors(state)]
+        for step in (idx[:, 21:22], idx[:, 21:]):
+            first = m(step, state=state)[0]
+            assert all(torch.equal(a, b) for a, b in zip(before, _tensors(state), strict=True))
+            assert torch.equal(m(step, state=state)[0], first)          # the same state, the same answer
+    out = m.generate_from(m(idx[:, :21])[0][:, -1], state, 5, temperature=0)
+    assert torch.equal(out, m.generate(idx[:, :21], 5, temperature=0)[:, 21:])
+
+
+def _tensors(tree):
+    """Every tensor of a nested state (dicts, lists, tuples), in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for key in sorted(tree, key=str) for t in _tensors(tree[key])]
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in _tensors(item)]
+    return []
+
+
+@pytest.mark.parametrize("arch, variant", [("transformer", None), ("titans", "lmm"), ("titans", "mac"),
+                                           ("titans", "mag"), ("titans", "mal"), ("hope", None),
+                                           ("hope_attention", None)])
 @pytest.mark.slow
 def test_every_block_compiles_as_one_graph(arch, variant):
     """train.compile compiles each block: a graph break inside it splits the block and can send

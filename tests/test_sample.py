@@ -135,14 +135,14 @@ def test_ctrl_c_is_one_line_and_keeps_the_samples_printed(tiny_run, capsys, monk
     """Ctrl-C printed a ~40-line traceback and nothing of what was generated: each sample is
     printed as it completes, and Ctrl-C is one line, exit status 130."""
     from model import LanguageModel
-    generate, calls = LanguageModel.generate, []
+    generate_from, calls = LanguageModel.generate_from, []
 
     def interrupted_second(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return generate(self, *args, **kwargs)
-    monkeypatch.setattr(LanguageModel, "generate", interrupted_second)
+        return generate_from(self, *args, **kwargs)
+    monkeypatch.setattr(LanguageModel, "generate_from", interrupted_second)
     code, out, err = _sample(capsys, "--checkpoint", tiny_run, "--tokens", "3", "--samples", "3", "--prompt", "ab")
     assert code == 130 and out.startswith("--- sample 0\nab") and len(_samples(out)) == 1
     _one_line(err, "interrupted after 1 of 3 samples")
@@ -232,20 +232,30 @@ def test_too_many_tokens_are_one_line_before_anything_is_generated(tiny_run, cap
 
 
 def test_out_of_memory_is_one_line_and_keeps_the_samples_printed(tiny_run, capsys, monkeypatch):
-    """A sample too long for the device (a KV cache), or a model too large for it: one line."""
+    """A sample too long for the device (a KV cache), a prompt too long, or a model too large
+    for it: one line."""
     import checkpoint
     from model import LanguageModel
-    generate, calls = LanguageModel.generate, []
+    generate_from, forward, calls = LanguageModel.generate_from, LanguageModel.forward, []
 
     def oom_second(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore")
-        return generate(self, *args, **kwargs)
-    monkeypatch.setattr(LanguageModel, "generate", oom_second)
+        return generate_from(self, *args, **kwargs)
+    monkeypatch.setattr(LanguageModel, "generate_from", oom_second)
     code, out, err = _sample(capsys, "--checkpoint", tiny_run, "--tokens", "3", "--samples", "3")
     assert code == 2 and len(_samples(out)) == 1
     _one_line(err, "error: out of memory drawing sample 1 (1 prompt + 3 new tokens) on cpu: lower --tokens")
+
+    def oom_prompt(self, idx, *args, **kwargs):
+        if idx.shape[1] > 1:                                # the prompt's forward, not a new token's
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore")
+        return forward(self, idx, *args, **kwargs)
+    monkeypatch.setattr(LanguageModel, "forward", oom_prompt)
+    code, out, err = _sample(capsys, "--checkpoint", tiny_run, "--tokens", "3", "--prompt", "abc")
+    assert code == 2 and out == ""
+    _one_line(err, "error: out of memory reading the prompt (3 tokens) on cpu: shorten --prompt")
 
     def oom(path, device):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore")
