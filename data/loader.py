@@ -17,6 +17,7 @@ run (on any world size) continues the exact stream. Two samplings (data.sampling
 """
 
 import os
+import shlex
 
 import numpy as np
 import torch
@@ -34,9 +35,10 @@ class TokenDataset:
         self.data_dir = data_dir
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.isdir(data_dir) or not os.path.isfile(meta_path):
+            # quoted: a files: glob or a folder with a space must reach data.prepare as typed
             raise FileNotFoundError(
-                f"no prepared data in {data_dir}: run python -m data.prepare --source {source} "
-                f"--tokenizer {tokenizer or 'gpt2'} --out {data_dir}"
+                f"no prepared data in {data_dir}: run python -m data.prepare --source {shlex.quote(source)} "
+                f"--tokenizer {tokenizer or 'gpt2'} --out {shlex.quote(data_dir)}"
             )
         self.meta = load_meta(data_dir)  # one-line ValueError naming meta.json and the field
         if tokenizer is not None and self.meta["tokenizer"] != tokenizer:
@@ -45,6 +47,7 @@ class TokenDataset:
         self.vocab_size = self.meta["vocab_size"]
         self.eot_id = self.meta["eot_id"]
         self.tokenizer_name = self.meta["tokenizer"]
+        _allow_open_files(data_dir, sum(len(info["shards"]) for info in self.meta["splits"].values()))
         self.shards = {}  # split -> list of uint16 arrays
         for split, info in self.meta["splits"].items():
             for index in range(len(info["shards"])):
@@ -94,6 +97,33 @@ class TokenDataset:
         if not pieces:
             return np.zeros(0, dtype=np.uint16)
         return np.concatenate(pieces) if len(pieces) > 1 else np.asarray(pieces[0])
+
+
+OTHER_OPEN_FILES = 256  # what the rest of a training process keeps open: torch, checkpoints, logs
+
+
+def _allow_open_files(data_dir: str, num_shards: int):
+    """Every shard's memmap keeps a file open (Python's mmap holds a duplicate descriptor), so
+    100B tokens in the default 100M-token shards exceed the common soft limit of 1,024 open
+    files ("Too many open files" on the next open, anywhere). Raise the soft limit to the hard
+    one (no privileges needed; all of it, as a second dataset in the process needs as many);
+    a one-line error where even that is too low."""
+    try:
+        import resource
+    except ImportError:                  # not a Unix: no such per-process limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = num_shards + OTHER_OPEN_FILES
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    too_few = (f"{data_dir} has {num_shards} shards, each kept open, but this process may open at most "
+               f"{{}} files (ulimit -Hn): raise the limit, or prepare the data again with a larger --shard-tokens")
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        raise ValueError(too_few.format(hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else hard, hard))
+    except (ValueError, OSError):        # macOS: an unlimited hard limit, but a soft one capped lower
+        raise ValueError(too_few.format(soft)) from None
 
 
 def _check_split_length(dataset: TokenDataset, split: str, seq_len: int) -> int:
@@ -234,9 +264,11 @@ def iter_eval_batches(dataset: TokenDataset, split: str, batch_size: int, seq_le
     [j*seq_len, (j+1)*seq_len + 1), so every token after the first is a target exactly once.
     The leftover tail (shorter than seq_len) comes last as a [1, tail] batch. Every rank of a
     distributed run reads them all (eval.perplexity.evaluate_split spreads each batch's rows)."""
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
     n = _check_split_length(dataset, split, seq_len)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if max_batches is not None and max_batches < 1:     # a negative one would drop batches from the end
+        raise ValueError(f"max_batches must be positive (or None for the whole split), got {max_batches}")
     num_rows = (n - 1) // seq_len
     batches = [(first, min(first + batch_size, num_rows)) for first in range(0, num_rows, batch_size)]
     tail_start = num_rows * seq_len

@@ -34,10 +34,10 @@ from collections import deque
 import numpy as np
 
 from cli import (OneLineArgumentParser, check_output_dir, hub_unreachable, int_at_least, non_negative_int, one_line,
-                 open_fraction, output_dir_problem, positive_int, read_text, seed_int)
+                 open_fraction, output_dir_problem, read_text, seed_int)
 from data.builtin import iter_builtin_documents
 from data.meta import META_FORMAT_VERSION, META_NAME, check_shards, load_meta, read_meta_json
-from data.shards import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES, write_shard
+from data.shards import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES, MAX_SHARD_TOKENS, write_shard
 from data.tokenizer import TOKENIZER_NAMES, get_tokenizer
 
 DOCS_PER_TASK = 64  # documents a pool worker encodes per task (amortises pickling)
@@ -372,8 +372,8 @@ def prepare(source: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: fl
         raise ValueError(f"unknown tokenizer {tokenizer!r}; valid names: {', '.join(TOKENIZER_NAMES)}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:     # a header's int32 count (data/shards.py)
+        raise ValueError(f"shard_tokens must lie in 1..{MAX_SHARD_TOKENS}, got {shard_tokens}")
     if max_docs is not None and max_docs < 2:
         raise ValueError(f"max_docs must be at least 2 (one train and one val document), got {max_docs}")
     if num_workers < 0:
@@ -569,7 +569,7 @@ def main(argv=None):
                         help="share of documents in the val split")
     parser.add_argument("--workers", type=non_negative_int, default=0,
                         help="tokenizer processes (0 = all cores)")
-    parser.add_argument("--shard-tokens", type=positive_int, default=100_000_000, help="tokens per shard file")
+    parser.add_argument("--shard-tokens", type=int_at_least(1, below=MAX_SHARD_TOKENS + 1), default=100_000_000, help="tokens per shard file")
     parser.add_argument("--streaming", action="store_true", help="stream the HF dataset instead of downloading it")
     parser.add_argument("--max-docs", type=int_at_least(2), default=None,
                         help="stop after this many documents (at least 2: one train and one val document)")

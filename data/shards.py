@@ -20,6 +20,7 @@ SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MAX_VOCAB = 1 << 16  # uint16 holds ids 0..65535
+MAX_SHARD_TOKENS = (1 << 31) - 1  # the header's int32 token count
 
 
 def write_shard(path: str, tokens, vocab_size: int) -> None:
@@ -31,6 +32,9 @@ def write_shard(path: str, tokens, vocab_size: int) -> None:
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.size > MAX_SHARD_TOKENS:   # before the range scan: numpy's OverflowError came after it
+        raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS} tokens (its header's int32 count), "
+                         f"got {tokens.size}: use a smaller --shard-tokens")
     if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
     if tokens.size:
@@ -42,7 +46,8 @@ def write_shard(path: str, tokens, vocab_size: int) -> None:
     def write(tmp_path):
         with open(tmp_path, "wb") as f:
             f.write(header.tobytes())
-            f.write(tokens.astype("<u2", copy=False).tobytes())
+            # the array's own buffer: .tobytes() would copy a 100M-token shard (200 MB) first
+            f.write(memoryview(np.ascontiguousarray(tokens, dtype="<u2")))
     write_atomic(path, write)
 
 

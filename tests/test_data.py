@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -489,6 +490,7 @@ def test_prepare_pool_workers_end_quietly_under_train_pys_sigterm_handler():
     ("--max-docs", "1", "must be >= 2, got 1"),
     ("--workers", "-1", "must be >= 0, got -1"),
     ("--shard-tokens", "0", "must be >= 1, got 0"),
+    ("--shard-tokens", "2147483648", "must be < 2147483648, got 2147483648"),      # a header's int32 count
     ("--val-fraction", "1.5", "must lie in (0, 1), got 1.5"),
     ("--val-fraction", "nan", "expected a finite number, got 'nan'"),
     ("--workers", "two", "expected an integer >= 0, got 'two'"),
@@ -790,8 +792,14 @@ def test_eval_batches_cover_split_once(token_dir):
 def test_loader_errors(tmp_path, token_dir):
     with pytest.raises(FileNotFoundError, match=r"no prepared data in .*: run python -m data.prepare"):
         TokenDataset(str(tmp_path / "nothing"))
-    with pytest.raises(FileNotFoundError, match=r"data.prepare --source files:a/\*.txt --tokenizer bytes --out"):
-        TokenDataset(str(tmp_path / "nothing"), "bytes", "files:a/*.txt")        # the model's own recipe
+    # the model's own recipe, quoted: pasted into a shell (zsh refuses an unmatched glob) the
+    # command gets the glob and a folder with a space as one argument each
+    missing = str(tmp_path / "no data")
+    with pytest.raises(FileNotFoundError) as excinfo:
+        TokenDataset(missing, "bytes", "files:a/*.txt")
+    command = shlex.split(_one_line(excinfo).split(": run ", 1)[1])
+    assert command == ["python", "-m", "data.prepare", "--source", "files:a/*.txt", "--tokenizer", "bytes",
+                       "--out", missing]
     with pytest.raises(ValueError, match=r"prepared with tokenizer 'bytes', but data.tokenizer='gpt2'"):
         TokenDataset(token_dir, tokenizer="gpt2")
     assert TokenDataset(token_dir, tokenizer="bytes").tokenizer_name == "bytes"
@@ -1055,3 +1063,74 @@ def test_shard_vocab_bounds_are_inclusive_of_65536_and_exclusive_of_0(tmp_path):
     _corrupt_header(path, 3, 0)
     with pytest.raises(ValueError, match=r"declares vocab 0, outside 1\.\.65536"):
         read_shard(path)
+
+
+def test_write_shard_refuses_more_tokens_than_its_header_can_count(tmp_path):
+    """The header counts tokens in an int32: a shard of 2**31 tokens (--shard-tokens 3e9) was
+    an OverflowError from numpy after the whole range scan, hours into a preparation. Now a
+    one-line ValueError before any scan (the zero-stride array costs no memory)."""
+    from data.shards import MAX_SHARD_TOKENS
+    assert MAX_SHARD_TOKENS == 2**31 - 1
+    with pytest.raises(ValueError, match=r"a shard holds at most 2147483647 tokens \(its header's int32 count\), "
+                                         r"got 2147483648: use a smaller --shard-tokens"):
+        write_shard(str(tmp_path / "s.bin"), np.broadcast_to(np.uint16(0), (2**31,)), vocab_size=257)
+    assert os.listdir(tmp_path) == []
+
+
+def test_eval_batches_refuse_a_max_batches_below_one(token_dir):
+    """max_batches=-1 silently dropped the last batch (a list slice), 0 scored nothing, and
+    seq_len=0 was a ZeroDivisionError. Kills the checks left out."""
+    dataset = TokenDataset(token_dir)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=rf"max_batches must be positive \(or None for the whole split\), "
+                                             rf"got {bad}"):
+            list(iter_eval_batches(dataset, "train", 4, 32, max_batches=bad))
+    with pytest.raises(ValueError, match=r"batch_size and seq_len must be positive, got 4 and 0"):
+        list(iter_eval_batches(dataset, "train", 4, 0))     # was a ZeroDivisionError
+    assert len(list(iter_eval_batches(dataset, "train", 4, 32, max_batches=10**6))) == 8   # more than there are
+
+
+OPEN_FILES_CHILD = """
+import resource, sys
+soft, hard = int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard if hard > 0 else resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from data.loader import BatchSampler, TokenDataset
+try:
+    dataset = TokenDataset(sys.argv[1])
+except ValueError as e:
+    print("error:", e)
+    sys.exit(0)
+BatchSampler(dataset, "train", 8, 16, seed=0).next_batch()
+open(sys.argv[1] + "/meta.json").close()              # a file opened after the dataset
+print("soft limit", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+def test_a_dataset_of_more_shards_than_the_open_file_limit_opens(tmp_path):
+    """Each shard's memmap keeps a file descriptor open: 100 shards under a soft limit of 64
+    open files was "OSError: [Errno 24] Too many open files" (at the defaults: 1,000 shards of
+    100M tokens under 1,024). TokenDataset now raises the soft limit as the hard one allows,
+    and names the shard count and `ulimit -Hn` when the hard one is too low. Kills the limit
+    left alone."""
+    resource = pytest.importorskip("resource")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 400:
+        pytest.skip(f"hard open-file limit {hard} is too low for this test")
+    names = [f"train_{i:06d}.bin" for i in range(100)]
+    for name in names + ["val_000000.bin"]:
+        write_shard(str(tmp_path / name), np.arange(20), 257)
+    meta = {"format_version": 1, "tokenizer": "bytes", "vocab_size": 257, "eot_id": 256, "source": "synthetic",
+            "splits": {"train": {"tokens": 2000, "bytes": 1, "shards": names},
+                       "val": {"tokens": 20, "bytes": 1, "shards": ["val_000000.bin"]}}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+
+    def child(soft, hard):
+        result = subprocess.run([sys.executable, "-c", OPEN_FILES_CHILD, str(tmp_path), str(soft), str(hard)],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.strip().splitlines()[-1]
+
+    assert child(64, 400) == "soft limit 400"                  # the hard limit: 101 shards + 256 fit
+    assert child(64, 64) == (f"error: {tmp_path} has 101 shards, each kept open, but this process may open at "
+                             "most 64 files (ulimit -Hn): raise the limit, or prepare the data again with a "
+                             "larger --shard-tokens")
