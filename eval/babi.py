@@ -599,12 +599,18 @@ def generate_story(task, rng: random.Random) -> list[BabiLine]:
             return story
 
 
-def generate_babi(task, n_stories: int, seed: int = 0) -> list[list[BabiLine]]:
-    """`n_stories` new stories of task qa1-qa5, the same for the same (task, seed)."""
+def generate_babi(task, n_stories: int, seed: int = 0, split: str = "train") -> list[list[BabiLine]]:
+    """`n_stories` new stories of task qa1-qa5, the same for the same (task, seed, split).
+    The two splits draw from disjoint random streams: no seed of one gives the stories of
+    the other (an arithmetic offset such as test = train seed + 10**6 let a training seed
+    reproduce a test set)."""
     if n_stories < 0:
         raise ValueError(f"n_stories must be >= 0, got {n_stories}")
+    if split not in ("train", "test"):
+        raise ValueError(f"bAbI split must be 'train' or 'test', got {split!r}")
     number = task_number(task)
-    rng = random.Random(f"babi-qa{number}-seed{seed}")
+    # "train" keeps the original stream name, so training stories are those of earlier runs
+    rng = random.Random(f"babi-qa{number}-seed{seed}" if split == "train" else f"babi-qa{number}-test-seed{seed}")
     return [generate_story(number, rng) for _ in range(n_stories)]
 
 

@@ -67,6 +67,7 @@ from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 PROMPT_RESERVE = 300            # create_tasks.py: every length minus 300 tokens for the prompt
 MIN_SENTENCE_TOKENS = 10        # SentenceSampler(min_sentence_len=10)
+MAX_BARREN_WINDOWS = 100        # background windows in a row without a usable sentence before giving up
 ANSWER_PREFIX = "\nAnswer:"
 OFFICIAL_MAX_NEW_TOKENS = 20    # run_model_on_babilong.py: greedy, max_new_tokens=20
 
@@ -292,7 +293,10 @@ def _austen_books(data_dir: str, split: str) -> tuple:
         path = os.path.join(data_dir, "austen", f"{name}.txt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Austen novel {path} not found (expected shared/data/austen/)")
-        books.append((name, read_text(path)))
+        text = read_text(path)
+        if not text.strip():            # window_sentences would fail on it with "empty range for randrange()"
+            raise ValueError(f"Austen novel {path} is empty")
+        books.append((name, text))
     return tuple(books)
 
 
@@ -363,18 +367,23 @@ class BackgroundSampler:
 
     def sample(self, n_tokens: int) -> list[list[int]]:
         """Token lists of ' ' + sentence, n_tokens in total."""
-        pieces, total = [], 0
+        pieces, total, barren = [], 0, 0
         while total < n_tokens:
+            # books with no sentence of MIN_SENTENCE_TOKENS (a damaged file) would loop forever;
+            # real prose gives dozens per window, so this many empty windows in a row means none
+            if barren == MAX_BARREN_WINDOWS:
+                raise ValueError(f"no background sentence of at least {MIN_SENTENCE_TOKENS} GPT-2 tokens in "
+                                 f"{barren} random windows of the books {', '.join(n for n, _ in self.books)}")
             name, sentences = window_sentences(self.books, self.rng, n_tokens - total)
-            if not sentences:
-                continue
-            self.used_books.add(name)
+            barren += 1
             for ids in self.gpt2.encode_batch([" " + s for s in sentences]):
                 if len(ids) < MIN_SENTENCE_TOKENS:
                     continue
                 take = min(len(ids), n_tokens - total)
                 pieces.append(ids[:take])
+                self.used_books.add(name)
                 total += take
+                barren = 0
                 if total == n_tokens:
                     break
         return pieces
@@ -488,7 +497,7 @@ def _babi_questions(task: str, n_samples: int, split: str, babi: str, seed: int,
     if babi == "generated":
         # qa4 has one question per story, the others five; a few spare for those that do not fit
         n_stories = n_samples if task == "qa4" else math.ceil(n_samples / 5)
-        return babi_samples(generate_babi(task, n_stories + 8, seed=seed + (10**6 if split == "test" else 0)))
+        return babi_samples(generate_babi(task, n_stories + 8, seed=seed, split=split))
     raise ValueError(f"unknown bAbI source {babi!r}; choose 'file' or 'generated'")
 
 
@@ -532,13 +541,10 @@ def load_babilong_hf(task, length: str, limit: int | None = None, dataset: str =
         raise ImportError("loading BABILong from the Hub needs the package 'datasets' (pip install datasets)") from None
     try:
         check_hub(streaming=True)
-        # streaming: the 1M configs hold ~4 MB per sample, so read only what is asked for
+        # streaming: the 1M configs hold ~4 MB per sample, so read only what is asked for (not
+        # one row more: a loop that stops when it sees row limit + 1 has already fetched it)
         stream = datasets.load_dataset(name, length, split=task, revision=revision, streaming=True)
-        rows = []
-        for row in stream:
-            if limit is not None and len(rows) >= limit:
-                break
-            rows.append(row)
+        rows = list(itertools.islice(stream, limit))
     except Exception as e:
         raise ConnectionError(f"cannot load {name} (config {length}, split {task}, revision {revision}) from the "
                               f"Hugging Face Hub: {first_line(e)}; offline, use --source local") from None
@@ -788,6 +794,8 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
     from checkpoint import save_checkpoint
     if steps < 1 or batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
+    if max_len is not None and max_len < 2:      # the kept tokens would hold no answer target: every loss 0/0
+        raise ValueError(f"--max-len must be >= 2 to keep an answer token to train on, got {max_len}")
     check_checkpoint_out(out_dir)
     device = device or model_device(model)
     lengths = _length_order(lengths)
@@ -808,7 +816,7 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
         for step in range(steps):
             length = lengths[curriculum_stage(step, steps, len(lengths))]
             optimizer.zero_grad(set_to_none=True)
-            total_loss, n_answer_tokens = 0.0, 0
+            total_loss = 0.0
             batch = []
             while len(batch) < batch_size:
                 task = rng.choice(tasks)
@@ -818,20 +826,21 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
             batch_answer_tokens = sum(sum(t != -1 for t in targets) for _, targets in batch)
             for ids, targets in batch:
                 idx = torch.tensor([ids], dtype=torch.long, device=device)
-                tgt = torch.tensor([targets], dtype=torch.long, device=device)
+                tgt = torch.tensor(targets, dtype=torch.long, device=device)
                 logits, _, _ = model(idx)
-                # sum over this example's answer tokens, normalised by the whole batch's count
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.view(-1), ignore_index=-1,
-                                       reduction="sum") / batch_answer_tokens
+                # sum over this example's answer tokens, normalised by the whole batch's count; only
+                # the answer rows go through the fp32 log-softmax (over every row it held two more
+                # [T, vocab] tensors: 1.5 of 6.1 GB peak at 8k tokens and GPT-2's vocabulary)
+                answer = tgt != -1
+                loss = F.cross_entropy(logits[0, answer].float(), tgt[answer], reduction="sum") / batch_answer_tokens
                 loss.backward()
                 total_loss += loss.item()
-                n_answer_tokens += sum(t != -1 for t in targets)
             grad_norm, applied = clipped_step(model, optimizer, total_loss, grad_clip)
             skip = not applied
             skipped += skip
             # null for a non-finite loss or norm, as train.py's metrics.jsonl: NaN and Infinity are not JSON
             entry = {"step": step + 1, "length": length, "loss": _finite_or_none(total_loss),
-                     "answer_tokens": n_answer_tokens, "grad_norm": _finite_or_none(grad_norm), "skipped": skip}
+                     "answer_tokens": batch_answer_tokens, "grad_norm": _finite_or_none(grad_norm), "skipped": skip}
             log.write(json.dumps(entry, allow_nan=False) + "\n")
             log.flush()
             if log_every and ((step + 1) % log_every == 0 or step + 1 == steps or skip):

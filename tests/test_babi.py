@@ -95,6 +95,16 @@ def test_generator_is_deterministic_and_follows_the_rules(task):
             assert len(story) == 15
 
 
+def test_generated_splits_share_no_seed():
+    """split='test' draws from its own stream: no seed's train stories are another seed's
+    test stories (the training seeds fine-tuning walks through cover every integer)."""
+    test = {format_babi([story]) for story in generate_babi(2, 20, seed=0, split="test")}
+    for seed in range(0, 3):
+        assert not test & {format_babi([story]) for story in generate_babi(2, 20, seed=seed)}
+    assert format_babi(generate_babi(2, 3, seed=5)) == format_babi(generate_babi(2, 3, seed=5, split="train"))
+    with pytest.raises(ValueError, match="^bAbI split must be 'train' or 'test', got 'dev'$"):
+        generate_babi(2, 1, split="dev")
+
 def test_generated_training_samples_mix_verbs():
     texts = " ".join(line.text for story in generate_babi(2, 30, seed=0) for line in story)
     for verb in ("journeyed", "travelled", "went back", "picked up", "put down"):

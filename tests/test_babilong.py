@@ -177,6 +177,22 @@ def test_hub_loader_fails_clearly_offline(monkeypatch):
         load_babilong_hf("qa9x", "0k")
 
 
+def test_hub_loader_reads_no_row_past_the_limit(monkeypatch):
+    """A 1M row is ~4 MB: the loader pulled row limit + 1 from the stream before stopping."""
+    datasets = pytest.importorskip("datasets")
+    import eval.babilong as bl
+    pulled = []
+
+    def rows(*args, **kwargs):
+        for i in range(10):
+            pulled.append(i)
+            yield {"input": f"context {i}", "question": "Where is Mary?", "target": "kitchen"}
+    monkeypatch.setattr(datasets, "load_dataset", rows)
+    monkeypatch.setattr(bl, "check_hub", lambda streaming=False: None)
+    assert [s["input"] for s in load_babilong_hf("qa1", "1M", limit=3)] == ["context 0", "context 1", "context 2"]
+    assert pulled == [0, 1, 2]
+    assert len(load_babilong_hf("qa1", "1M")) == 10
+
 def test_training_example_puts_loss_on_the_answer_only():
     from data.tokenizer import get_tokenizer
     tok = get_tokenizer("bytes")
@@ -270,6 +286,9 @@ def test_finetune_refuses_an_out_that_holds_checkpoints(tmp_path, capsys):
     assert _tree(base) == before
     with pytest.raises(ValueError, match="already holds checkpoints"):            # the library function too
         finetune(None, None, None, ["qa1"], ["0k"], 2, base)
+    # --max-len 1 kept no answer target: every step's loss was 0/0, skipped as "non-finite"
+    with pytest.raises(ValueError, match=r"^--max-len must be >= 2 to keep an answer token to train on, got 1$"):
+        finetune(None, None, None, ["qa1"], ["0k"], 2, str(tmp_path / "new"), max_len=1)
     assert _tree(base) == before
 
 
@@ -592,6 +611,28 @@ def test_finetune_skips_a_step_whose_gradient_is_not_finite(tmp_path):
     assert log[1]["grad_norm"] is None and all(math.isfinite(log[i]["grad_norm"]) for i in (0, 2))
 
 
+@needs_data
+def test_finetune_log_softmax_reads_only_the_answer_rows(tmp_path, monkeypatch):
+    """The loss took the log-softmax of every position ([T, vocab] in fp32, with its gradient)
+    to keep only the answer's few: the cross-entropy now sees just the answer rows."""
+    from checkpoint import load_model
+    from data.tokenizer import get_tokenizer
+    import eval.babilong as bl
+    model, cfg = load_model(save_tiny_checkpoint(tmp_path / "base"))
+    seen, real = [], bl.F.cross_entropy
+
+    def recording(input, target, **kwargs):
+        seen.append((input.shape[0], int((target != -1).sum())))
+        return real(input, target, **kwargs)
+    monkeypatch.setattr(bl.F, "cross_entropy", recording)
+    tok = get_tokenizer("bytes")
+    finetune(model, cfg, tok, ["qa1"], ["0k"], 1, str(tmp_path / "ft"), batch_size=2, background="builtin",
+             data_dir=SHARED_DATA, device="cpu")
+    assert len(seen) == 2 and all(rows == answer for rows, answer in seen)
+    with open(tmp_path / "ft" / "finetune_log.jsonl") as f:
+        entry = json.loads(f.readline())
+    assert entry["answer_tokens"] == sum(rows for rows, _ in seen)
+
 class _WordTokens:
     """A stand-in for GPT-2 in construction tests: one token per space-separated word."""
 
@@ -614,6 +655,25 @@ def test_background_sentences_have_at_least_10_tokens_and_are_whole():
     assert {len(p) for p in pieces[:-1]} == {10, 11}
     assert {" ".join(p) for p in pieces[:-1]} <= set(sentences)
 
+
+def test_books_without_a_long_enough_sentence_are_an_error_not_a_hang():
+    """A damaged background (no sentence of 10 tokens) made BackgroundSampler.sample loop
+    forever; an empty Austen file failed with "empty range for randrange()"."""
+    import random
+
+    from eval.babilong import BackgroundSampler
+    short = " ".join(["Too short to keep."] * 2000)
+    with pytest.raises(ValueError, match=r"^no background sentence of at least 10 GPT-2 tokens in 100 random "
+                                         r"windows of the books a, b$"):
+        BackgroundSampler([("a", short), ("b", short)], _WordTokens(), random.Random(0)).sample(50)
+
+
+def test_an_empty_austen_novel_is_named(tmp_path):
+    (tmp_path / "austen").mkdir()
+    for name in AUSTEN_BOOKS["test"]:
+        (tmp_path / "austen" / f"{name}.txt").write_text("Some text." if name != "sensesensibility" else "\n")
+    with pytest.raises(ValueError, match=rf"^Austen novel {tmp_path}/austen/sensesensibility.txt is empty$"):
+        load_books("austen", "test", str(tmp_path))
 
 def test_background_window_leaves_out_its_cut_first_and_last_sentences():
     """SentenceSampler with shuffle: a window from a random character offset, split into
@@ -648,6 +708,19 @@ def test_generated_test_questions_are_not_the_fine_tuning_ones():
     assert {key(q) for q in test if len(q["facts"]) >= 6}
     assert not {key(q) for q in test} & {key(q) for q in first_pass}
 
+
+
+def test_no_fine_tuning_seed_gives_the_generated_test_questions_of_another_seed():
+    """The test split used seed + 10**6 and fine-tuning round r of seed s used s * 100003 + r:
+    `finetune --seed 10` trained on exactly the stories `eval --babi generated --seed 30`
+    scored (all 50 questions). The splits now draw from disjoint streams."""
+    from eval.babilong import _babi_questions, training_questions
+    key = (lambda q: (tuple(q["facts"]), q["question"]))
+    test = {key(q) for q in _babi_questions("qa2", 10, "test", "generated", 30, None)}
+    training = training_questions("qa2", "generated", None, 10)
+    assert not test & {key(next(training)) for _ in range(250)}
+    train_split = {key(q) for q in _babi_questions("qa2", 10, "train", "generated", 10**6, None)}
+    assert not {key(q) for q in _babi_questions("qa2", 10, "test", "generated", 0, None)} & train_split
 
 @needs_data
 def test_zero_k_n_tokens_counts_gpt2_tokens_of_the_facts(gpt2):
