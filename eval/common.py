@@ -85,6 +85,15 @@ def check_data_dir(data_dir: str | None) -> str | None:
     return data_dir
 
 
+def exp_or_inf(x: float) -> float:
+    """exp(x), inf past the float range: a diverged model (a mean NLL over ~709 nats) gets
+    perplexity inf, not an OverflowError after its whole eval (json writes it as Infinity)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def is_recurrent(model) -> bool:
     """Constant-size state (fast weights, windowed caches): any length streams in flat memory."""
     config = getattr(model, "config", None)

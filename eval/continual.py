@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from cli import (OneLineArgumentParser, check_output_dir, check_unique, non_negative_int, positive_float,
                  positive_int, read_text, seed_int, write_json)
 from eval.common import (DATA_DIR_HELP, check_data_dir, clipped_step, clone_state, context_limit, continuation_logprob,
-                         eval_mode, exit_on_error, is_recurrent, load_checkpoint, model_device, prefill,
+                         eval_mode, exit_on_error, exp_or_inf, is_recurrent, load_checkpoint, model_device, prefill,
                          require_data_dir)
 from eval.perplexity import encode_pair, loglikelihood_tokens
 
@@ -112,7 +112,7 @@ def domain_metrics(L) -> dict:
     stage i): final mean perplexity, forgetting_j = P[T, j] - P[j, j] and its relative form
     P[T, j] / P[j, j] - 1, and BWT in loss (positive = forgetting: loss went up)."""
     T = _check_square(L, "L")
-    P = [[math.exp(v) for v in row] for row in L]
+    P = [[exp_or_inf(v) for v in row] for row in L]
     last = P[T - 1]
     result = {"final_mean_perplexity": sum(last) / T, "final_mean_loss": sum(L[T - 1]) / T,
               "forgetting": {}, "relative_forgetting": {}, "BWT_loss": None, "mean_forgetting": None,
@@ -624,12 +624,12 @@ def run_domains(model, tokenizer, domains, settings: DomainSettings | None = Non
         train_loss.append(loss.item() if settings.steps_per_domain else None)
         L.append(score())
         if log:
-            log(f"after {d['name']:>12}: " + "  ".join(f"{dd['name']} ppl {math.exp(v):.2f}"
+            log(f"after {d['name']:>12}: " + "  ".join(f"{dd['name']} ppl {exp_or_inf(v):.2f}"
                                                        for dd, v in zip(domains, L[-1])))
     return {"protocol": "sequential-domain language modelling", "domains": [d["name"] for d in domains],
             "settings": asdict(settings), "held_out_tokens": held_out_tokens, "notes": notes, "loss": L,
-            "perplexity": [[math.exp(v) for v in row] for row in L],
-            "initial_loss": initial, "initial_perplexity": [math.exp(v) for v in initial],
+            "perplexity": [[exp_or_inf(v) for v in row] for row in L],
+            "initial_loss": initial, "initial_perplexity": [exp_or_inf(v) for v in initial],
             "final_train_loss": train_loss, "skipped_steps": skipped, **domain_metrics(L),
             "seconds": time.time() - started}
 

@@ -39,7 +39,7 @@ import uuid
 import torch
 
 from cli import OneLineArgumentParser, check_unique, fraction_list, positive_int, seed_int, write_json
-from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, window_sentences
+from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, sentence_splitter, window_sentences
 from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check_data_dir, check_long_inputs,
                          context_handling, continuation_logprob, eval_mode, exit_on_error, fit_prompt,
                          format_accuracy, greedy_generate, is_recurrent, load_for_generation, longest_input_note,
@@ -63,6 +63,7 @@ TASKS = {
 }
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_DISTRACTORS = 4         # random values the needle's is ranked against
+MAX_EMPTY_WINDOWS = 1000        # book windows without a whole sentence before the books are refused
 
 _ADJECTIVES = ("ancient", "bitter", "brave", "calm", "clever", "crooked", "curious", "damp", "eager", "faint",
                "fearless", "fierce", "gentle", "gleaming", "hollow", "humble", "icy", "jolly", "lively", "lonely",
@@ -106,7 +107,8 @@ def _random_key(rng: random.Random) -> str:
 
 
 def _haystack_sentences(kind: str, books, rng: random.Random, gpt2, n_tokens: int) -> list[tuple[str, int]]:
-    """(sentence, GPT-2 tokens of ' ' + sentence) until n_tokens are filled (never more)."""
+    """(sentence, GPT-2 tokens of ' ' + sentence) until n_tokens are filled (never more); an
+    essay's last sentence is cut at a word to fill them."""
     out, total = [], 0
     if kind == "noise":         # RULER's noise sentences in turn, endlessly: returns when the next would not fit
         for sentence, n in itertools.cycle([(s, len(gpt2.encode(" " + s))) for s in NOISE_SENTENCES]):
@@ -114,15 +116,41 @@ def _haystack_sentences(kind: str, books, rng: random.Random, gpt2, n_tokens: in
                 return out
             out.append((sentence, n))
             total += n
+
+    def count(text):
+        # ' ' + text, except that the prompt's first sentence has no space before it ("Colonel"
+        # is 2 tokens, " Colonel" 1): the first one counts the longer, so no prompt is a token over
+        n = len(gpt2.encode(" " + text))
+        return n if out else max(n, len(gpt2.encode(text)))
+
+    empty_windows = 0
     while True:                 # an essay: contiguous text of a random book from a random place
         _, sentences = window_sentences(books, rng, n_tokens - total)
         if not sentences:
+            # a window of a real book is empty only when it starts in the book's last two
+            # sentences; books of a sentence or two (damaged files) would loop here for ever
+            empty_windows += 1
+            if empty_windows == MAX_EMPTY_WINDOWS:
+                raise ValueError(f"the essay haystack's books ({', '.join(name for name, _ in books)}) gave no whole "
+                                 f"sentence in {MAX_EMPTY_WINDOWS} random windows: too little text (damaged files?)")
             continue
+        empty_windows = 0
         for sentence, ids in zip(sentences, gpt2.encode_batch([" " + s for s in sentences])):
-            if total + len(ids) > n_tokens:
+            n = len(ids) if out else count(sentence)
+            if total + n > n_tokens:
+                # the words of this sentence that fit end the haystack (RULER cuts its essays at
+                # a word too): stopping at the whole sentence left a 1k haystack up to 13% short
+                words = sentence.split(" ")
+                lo, hi = 0, len(words) - 1              # binary search for the most words that fit
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if total + count(" ".join(words[:mid])) <= n_tokens else (lo, mid - 1)
+                if lo:
+                    part = " ".join(words[:lo])
+                    out.append((part, count(part)))
                 return out
-            out.append((sentence, len(ids)))
-            total += len(ids)
+            out.append((sentence, n))
+            total += n
 
 
 def build_niah(task, length, n_samples: int, depths=DEFAULT_DEPTHS, background: str = "austen", seed: int = 0,
@@ -263,6 +291,9 @@ def run(args) -> dict:
     results = {"benchmark": "s-niah (RULER niah_single_1/2/3)", "checkpoint": os.path.abspath(args.checkpoint),
                "arch": cfg.model.arch, "lengths_are": "GPT-2 tokens, prompt + 128 reserved for the answer",
                "background": args.background, "depths": args.depths,
+               # nltk's Punkt or the regex splitter cut the essay haystacks: the samples differ with it
+               "sentence_splitter": (sentence_splitter() if any(TASKS[t]["haystack"] == "essay" for t in tasks)
+                                     else None),
                "scores": score_descriptions(args.distractors),
                "context_handling": context_handling(is_recurrent(model), max_len, args.segment_len, args.overflow,
                                                     args.max_new_tokens),

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from cli import OneLineArgumentParser, check_hub, check_output_file, positive_int, read_text, write_atomic
-from eval.common import DATA_DIR_LOOKUP, eval_mode, exit_on_error, first_line, load_checkpoint, model_device
+from eval.common import (DATA_DIR_LOOKUP, eval_mode, exit_on_error, exp_or_inf, first_line, load_checkpoint,
+                         model_device)
 
 LN2 = math.log(2.0)
 NO_DATA_DIR = f"no offline data folder: {DATA_DIR_LOOKUP}"
@@ -89,7 +90,7 @@ def evaluate_split(model, dataset, split="val", batch_size=8, seq_len=256, max_b
     bytes_scored = tokens_scored / split_meta["tokens"] * split_meta["bytes"]
     return {
         "loss": loss,
-        "perplexity": math.exp(loss),
+        "perplexity": exp_or_inf(loss),
         "bits_per_byte": total_nll / LN2 / bytes_scored,
         "tokens": int(tokens_scored),
     }
@@ -108,7 +109,7 @@ def unigram_baseline(dataset, split="val", smoothing=1.0) -> dict:
     total_nll = float(-log_p[targets].sum())
     bytes_scored = len(targets) / n * dataset.num_bytes(split)
     loss = total_nll / len(targets)
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total_nll / LN2 / bytes_scored,
+    return {"loss": loss, "perplexity": exp_or_inf(loss), "bits_per_byte": total_nll / LN2 / bytes_scored,
             "tokens": len(targets)}
 
 
@@ -305,8 +306,8 @@ def wikitext_word_perplexity(model, tokenizer, path, max_len, device=None, limit
                                    batch_size=batch_size, progress=progress)
     total_ll = math.fsum(ll for ll, _ in results)
     return {
-        "word_perplexity": math.exp(-total_ll / words),
-        "byte_perplexity": math.exp(-total_ll / n_bytes),
+        "word_perplexity": exp_or_inf(-total_ll / words),
+        "byte_perplexity": exp_or_inf(-total_ll / n_bytes),
         "bits_per_byte": -total_ll / n_bytes / LN2,
         "docs": len(documents),
         "words": words,
@@ -380,7 +381,7 @@ def lambada(model, tokenizer, path, device=None, limit=None, max_len=None, batch
                                    batch_size=batch_size, progress=progress)
     mean_ll = math.fsum(ll for ll, _ in results) / len(results)
     return {
-        "perplexity": math.exp(-mean_ll),
+        "perplexity": exp_or_inf(-mean_ll),
         "accuracy": sum(greedy for _, greedy in results) / len(results),
         "n": len(results),
     }
@@ -417,7 +418,9 @@ TASKS = ("val", "unigram", "wikitext", "lambada")
 def run(args) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
+    if not tasks:
+        raise ValueError(f"--tasks {args.tasks!r} names no task; choose from {','.join(TASKS)}")
+    if unknown:
         raise ValueError(f"--tasks {args.tasks!r}: unknown task(s) {unknown}; choose from {','.join(TASKS)}")
     # looked up only for the tasks asked for: a bad $NL_DATA_DIR does not stop --tasks val
     wikitext_path = _default_path(args.wikitext, WIKITEXT_FILE) if "wikitext" in tasks else None

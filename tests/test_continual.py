@@ -439,6 +439,14 @@ def test_domain_metrics_on_three_hand_written_domains():
     assert m["BWT_loss"] == pytest.approx(((2.0 - 1.0) + (1.0 - 0.5)) / 2)
 
 
+def test_domain_metrics_of_a_diverged_stage_are_infinite_not_an_overflow_error():
+    """A stage that sends a domain's loss past ~709 nats (a diverged fine-tune) raised
+    math.exp's OverflowError after the whole protocol had run: its perplexity is inf."""
+    m = cl.domain_metrics([[1.0, 2.0], [1000.0, 0.5]])
+    assert m["forgetting"] == [math.inf] and m["final_mean_perplexity"] == math.inf
+    assert m["BWT_loss"] == pytest.approx(999.0)
+
+
 class BigramTable(nn.Module):
     """Stateless stub with p(next | current) = table[current][next]."""
 

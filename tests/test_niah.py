@@ -85,6 +85,8 @@ def test_cli_writes_accuracy_json(tmp_path, monkeypatch, capsys):
     assert set(results["accuracy"]["niah_single_1"]) == {"512", "1k"}     # the labels, as eval.run keys them
     assert 0 <= results["ranking_accuracy"]["niah_single_3"]["1k"] <= 1
     assert set(results["by_depth"]["niah_single_1"]["512"]) == {"0.0", "1.0"}
+    from eval.babilong import sentence_splitter
+    assert results["sentence_splitter"] == sentence_splitter()        # niah_single_3's essay was cut by it
     assert results["counts"]["niah_single_1"]["512"]["n_truncated"] == 2     # 512 GPT-2 tokens > 256 bytes
     assert results["context_handling"] == \
         "attention: inputs over 252 tokens (max_len 256, less room for 4 answer tokens) truncated to their last 252"
@@ -293,3 +295,41 @@ def test_prompt_answer_prefix_and_needle_are_rulers():
         " The special magic uuids for k mentioned in the provided text are"
     assert NIAH_NEEDLE.format(type_needle_v="numbers", key="k", value="1234567") == \
         "One of the special magic numbers for k is: 1234567."
+
+
+def test_essay_books_without_whole_sentences_are_an_error_not_an_endless_loop(monkeypatch):
+    """A book window keeps its whole sentences only (its cut first and last are dropped), so
+    books of one or two sentences (damaged files) give none, ever: the essay haystack refuses
+    them after MAX_EMPTY_WINDOWS tries, naming the books. Kills retrying for ever (the stub
+    fails the test where the loop would have hung)."""
+    import random
+
+    import eval.niah as niah
+    calls = []
+    real_window_sentences = niah.window_sentences
+
+    def counted(*args):
+        calls.append(1)
+        if len(calls) > 2 * niah.MAX_EMPTY_WINDOWS:
+            pytest.fail("still drawing windows: an endless loop")
+        return real_window_sentences(*args)
+    monkeypatch.setattr(niah, "window_sentences", counted)
+    books = (("tiny", "Chapter one. It is a truth."), ("short", "Nothing here."))
+    with pytest.raises(ValueError, match=r"^the essay haystack's books \(tiny, short\) gave no whole sentence in 1000 "
+                                         r"random windows: too little text \(damaged files\?\)$"):
+        niah._haystack_sentences("essay", books, random.Random(0), None, 500)
+    assert len(calls) == niah.MAX_EMPTY_WINDOWS
+
+
+@needs_data
+@pytest.mark.parametrize("task, length", [("niah_single_2", 1024), ("niah_single_3", 300)])
+def test_essay_prompts_fill_their_length_to_within_a_few_tokens_and_never_past_it(gpt2, task, length):
+    """An essay haystack ends with the words of its next sentence that fit, and its first
+    sentence (no space before it in the prompt) is counted the longer way: every prompt is
+    within a few GPT-2 tokens of length - 128, never over. Kills stopping at the last whole
+    sentence (seed 1's niah_single_2 at 1k was 661 tokens of 896) and counting the first
+    sentence with its space (niah_single_3 at 300: a prompt of 173 > 172)."""
+    samples = build_niah(task, length, 10, seed=1, data_dir=SHARED_DATA, gpt2=gpt2)
+    room = length - RULER_TOKENS_TO_GENERATE
+    n_tokens = [len(gpt2.encode(s["input"] + s["answer_prefix"])) for s in samples]
+    assert all(room - 6 <= n <= room for n in n_tokens), n_tokens

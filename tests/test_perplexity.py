@@ -423,6 +423,7 @@ def test_lambada_bad_file(tmp_path, byte_tok):
 
 @pytest.mark.parametrize("argv, message", [
     (["--checkpoint", "/nonexistent/ckpt", "--tasks", "val,piqa"], "unknown task"),
+    (["--checkpoint", "/nonexistent/ckpt", "--tasks", " , "], "--tasks ' , ' names no task; choose from val,"),
     (["--checkpoint", "/nonexistent/ckpt", "--tasks", "wikitext", "--wikitext", "/nonexistent/wiki.raw"], "not found"),
     (["--checkpoint", "/nonexistent/ckpt", "--tasks", "lambada", "--lambada", "/nonexistent/l.jsonl"], "not found"),
     (["--checkpoint", "/nonexistent/ckpt", "--tasks", "val"], "checkpoint /nonexistent/ckpt not found"),
@@ -641,3 +642,21 @@ def test_val_alone_does_not_look_up_the_offline_data(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         ppl.main(["--checkpoint", "x", "--tasks", "lambada"])
     assert "$NL_DATA_DIR=/nonexistent/data is not a folder" in capsys.readouterr().err
+
+
+def test_a_diverged_model_gets_infinite_perplexity_not_an_overflow_error(tmp_path, byte_tok, fake_loader):
+    """A model that puts all its mass on a wrong token costs ~1000 nats per token: every
+    perplexity is past the float range. Each score returns inf (and the finite loss / bits per
+    byte) instead of math.exp's OverflowError after the whole eval (in train.py, the run's)."""
+    model = FixedDistributionLM(torch.ones(257))
+    model.log_probs[0] = 1000.0                     # logits: token 0 at 1000, every other at 0
+    val = ppl.evaluate_split(model, FakeDataset([5, 6, 7, 8, 9], 5), "val", batch_size=1, seq_len=2)
+    assert val["perplexity"] == math.inf and val["loss"] == pytest.approx(1000.0, rel=1e-3)
+    lam = tmp_path / "lambada.jsonl"
+    lam.write_text(json.dumps({"text": "the end"}) + "\n")
+    assert ppl.lambada(model, byte_tok, str(lam), max_len=16)["perplexity"] == math.inf
+    wiki = tmp_path / "wiki.test.raw"
+    wiki.write_text(" = A = \n Some text , here . \n")
+    result = ppl.wikitext_word_perplexity(model, byte_tok, str(wiki), 16)
+    assert result["word_perplexity"] == result["byte_perplexity"] == math.inf
+    assert math.isfinite(result["bits_per_byte"]) and result["bits_per_byte"] > 1000
