@@ -63,7 +63,9 @@ def lr_at(step, cfg: Config):
     if o.schedule == "constant":
         return base
     if o.schedule == "wsd":
-        decay_start = int(total * (1 - o.decay_fraction))
+        # the decay starts after the warmup at the latest: a warmup longer than the stable
+        # phase would otherwise drop from the full lr to the decay's middle in one step
+        decay_start = max(o.warmup_steps, int(total * (1 - o.decay_fraction)))
         if step < decay_start:
             return base
         frac = (step - decay_start) / max(1, total - decay_start)

@@ -73,8 +73,10 @@ def metrics(out_dir):
 
 
 def assert_same_losses(rows, ref, exact=False):
+    """Same steps, losses and pre-clip gradient norms (under FSDP2 the norm of the sharded
+    gradients, summed over ranks: a rank's own shards alone would be ~1/sqrt(2) of it)."""
     assert [r["step"] for r in rows] == [r["step"] for r in ref]
-    for key in ("loss", "val_loss"):
+    for key in ("loss", "val_loss", "grad_norm"):
         got = [r[key] for r in rows if key in r]
         want = [r[key] for r in ref if key in r]
         assert len(got) == len(want)

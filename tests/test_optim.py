@@ -787,3 +787,17 @@ def test_lr_schedules_by_hand(schedule, expected):
         assert lr_at(step, cfg) == pytest.approx(2.0 * value, rel=1e-12), (schedule, step)
     cfg.optim.warmup_steps = 0
     assert lr_at(0, cfg) == pytest.approx(2.0)
+
+
+def test_wsd_decays_after_a_warmup_longer_than_its_stable_phase():
+    """warmup 100 of max_steps 110 with the last 20 % decaying (from step 88): the lr went from
+    the full lr at step 99 to about half at step 100. The decay now starts after the warmup and
+    falls linearly to the floor at max_steps."""
+    from config import Config, OptimConfig, TrainConfig
+    from train import lr_at
+    cfg = Config(optim=OptimConfig(schedule="wsd", warmup_steps=100, min_lr_ratio=0.1, decay_fraction=0.2),
+                 train=TrainConfig(lr=1.0, max_steps=110))
+    lrs = [lr_at(step, cfg) for step in range(98, 112)]
+    assert lrs[1] == pytest.approx(1.0) and lrs[2] == pytest.approx(1.0)           # steps 99 and 100
+    assert lrs[3] == pytest.approx(1.0 - 0.9 / 10) and lrs[12] == pytest.approx(0.1)  # 101, 110
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))                          # no rise after the warmup
