@@ -4,16 +4,16 @@ large document (docs/DATA.md, "Memory").
 
     python bench/checks_cpu.py configs/transformer_340m.yaml configs/hope_340m.yaml --doc-mb 64
 
-The screen is timed on the config's model (GPT-2 vocabulary, fp32) against an element-wise
-torch.isfinite(p).all() per parameter (median of --repeats after a warm-up, bench.common.timer). The preparation runs
+The screen is timed on the config's model (--vocab, GPT-2's by default; fp32, one torch thread)
+against an element-wise torch.isfinite(p).all() per parameter (median of --repeats after a
+warm-up, bench.common.timer). The preparation runs
 `python -m data.prepare` (--tokenizer, one worker) in child processes on small documents,
 then with one generated .txt document of --doc-mb MB more, and reports their peak resident
-memory (ru_maxrss) and the growth per MB of the large document. Prints the
+memory (each child's own: VmHWM, Linux) and the growth per MB of the large document. Prints the
 rows plus the command, machine and date, ready for BENCHMARKS.md.
 """
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,6 +38,37 @@ def screen_seconds(cfg, repeats: int) -> tuple[int, float, float]:
     return model.num_params(), screen, elementwise
 
 
+# data.prepare in a child that writes its own peak resident KB to argv[1]: VmHWM, the high-water
+# mark of the memory mapped since exec. Not ru_maxrss (getrusage, wait4): Linux carries the
+# parent's peak (this process, torch imported: ~220 MB) into the child's across fork + exec, so
+# data.prepare's own ~35 MB base read as the parent's and hid most of the growth.
+PREPARE_WITH_PEAK = """
+import sys
+from data.prepare import main
+try:
+    main(sys.argv[2:])
+finally:
+    with open("/proc/self/status") as f:
+        peak_kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(sys.argv[1], "w") as f:
+        f.write(peak_kb)
+"""
+
+
+def prepare_child_peak_mb(prepare_args) -> float:
+    """Peak resident MB of `python -m data.prepare <prepare_args>` run in a child process (Linux:
+    /proc). A failure is a RuntimeError with the last line of its output."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = os.path.join(tmp, "peak_kb")
+        r = subprocess.run([sys.executable, "-c", PREPARE_WITH_PEAK, peak_file, *prepare_args], cwd=REPO,
+                           capture_output=True, text=True)
+        if r.returncode:
+            last = ((r.stdout + r.stderr).strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"data.prepare failed (exit {r.returncode}): {last}")
+        with open(peak_file) as f:
+            return int(f.read()) / 1024
+
+
 def prepare_peak_mb(doc_mb: float, tokenizer: str) -> tuple[float, float]:
     """(peak resident MB of `python -m data.prepare` on 20 one-line documents, the same with one
     more .txt document of doc_mb MB): their difference is what the large document costs."""
@@ -47,14 +78,13 @@ def prepare_peak_mb(doc_mb: float, tokenizer: str) -> tuple[float, float]:
         for i in range(20):                        # small documents, also for the val split
             with open(os.path.join(tmp, f"small{i}.txt"), "w") as f:
                 f.write(line)
-        for big in (False, True):                  # ru_maxrss of children: the largest so far, so small first
+        for big in (False, True):
             if big:
                 with open(os.path.join(tmp, "big.txt"), "w") as f:
                     f.write(line * int(doc_mb * 2**20 / len(line)))
-            subprocess.run([sys.executable, "-m", "data.prepare", "--source", f"files:{tmp}/*.txt", "--tokenizer",
-                            tokenizer, "--workers", "1", "--val-fraction", "0.2", "--out",
-                            os.path.join(tmp, f"out{int(big)}"), "--quiet"], cwd=REPO, check=True, capture_output=True)
-            peaks.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+            peaks.append(prepare_child_peak_mb(["--source", f"files:{tmp}/*.txt", "--tokenizer", tokenizer,
+                                                "--workers", "1", "--val-fraction", "0.2",
+                                                "--out", os.path.join(tmp, f"out{int(big)}"), "--quiet"]))
     return peaks[0], peaks[1]
 
 
@@ -68,18 +98,24 @@ def main(argv=None):
                    help="size of the one document data.prepare reads (default: not measured)")
     p.add_argument("--tokenizer", default="gpt2", choices=("gpt2", "bytes"), help="data.prepare's --tokenizer")
     args = p.parse_args(argv)
+    if not args.configs and not args.doc_mb:
+        p.error("nothing to measure: give configs (the non-finite screen), --doc-mb (data.prepare's memory) or both")
     torch.set_num_threads(1)
     try:
-        if args.doc_mb:      # first: a child forked from a process holding models starts that large
+        # every config read before anything is measured: a bad one costs no data.prepare run
+        cfgs = [(path, load_config(path, [f"--model.vocab_size={args.vocab}"])) for path in args.configs]
+        if args.doc_mb:
             base, peak = prepare_peak_mb(args.doc_mb, args.tokenizer)
             print(f"data.prepare ({args.tokenizer}, 1 worker): peak {base:.0f} MB on small documents, {peak:.0f} MB with one "
                   f"{args.doc_mb:g} MB document: {(peak - base) / args.doc_mb:.1f} MB per MB of it")
-        cfgs = [(path, load_config(path, [f"--model.vocab_size={args.vocab}"])) for path in args.configs]
         for path, cfg in cfgs:
-            n, screen, elementwise = screen_seconds(cfg, args.repeats)
+            try:
+                n, screen, elementwise = screen_seconds(cfg, args.repeats)
+            except ValueError as e:       # a model config.py accepts but cannot be built: which config
+                raise ValueError(f"{path}: {e}") from e
             print(f"{os.path.basename(path)}: {n / 1e6:.0f}M parameters, non-finite screen {screen:.3f} s, "
                   f"isfinite(p).all() per parameter {elementwise:.3f} s")
-    except (ValueError, OSError, RuntimeError, subprocess.CalledProcessError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         return report_error(e)
     print(result_footer("checks_cpu.py", argv))
     return 0

@@ -6,8 +6,8 @@
 
 One training step = forward + backward + AdamW on random tokens (fp32, eager). The
 Transformer++ gets the same d_model, heads and vocabulary, and as many layers as brings
-its parameter count closest to the Titans model's (a Titans-LMM block has ~13 d^2
-parameters, a Transformer++ block ~12 d^2). A small vocabulary keeps the LM head from
+its parameter count closest to the Titans model's (a Titans-LMM block has ~14.4 d^2
+parameters with a depth-2 memory, ~13.6 d^2 with depth 1; a Transformer++ block ~12.3 d^2). A small vocabulary keeps the LM head from
 dominating. Prints a table with the median of --steps timed steps (after one warm-up)
 plus the command, machine and date, ready for BENCHMARKS.md.
 """

@@ -35,6 +35,8 @@ BAD_FLAGS = [
     (titans_cpu.main, ["--threads", "1.5"], "argument --threads: expected an integer >= 1, got '1.5'"),
     (titans_cpu.main, ["--step-budget", "0"], "argument --step-budget: must be > 0, got 0"),
     (kernels_cpu.main, ["--ref-repeats", "0"], "argument --ref-repeats: must be >= 1, got 0"),
+    (checks_cpu.main, [], "nothing to measure: give configs (the non-finite screen), --doc-mb (data.prepare's "
+                          "memory) or both"),
     (init_grads.main, ["configs/transformer_tiny.yaml", "--seq-lens", "128,0"],
      "argument --seq-lens: expected a comma list of integers >= 1, got '128,0'"),
     (init_grads.main, ["configs/transformer_tiny.yaml", "--seq-lens", "8,x"],
@@ -166,7 +168,7 @@ def test_hope_cpu_tiny_run_with_profile(capsys):
 def test_titans_cpu_tiny_run(capsys):
     argv = ["--T", "20", "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "64", "--chunk", "8",
             "--depth", "1", "--steps", "1"]
-    titans_cpu.main(argv)
+    assert titans_cpu.main(argv) == 0
     out = capsys.readouterr().out
     rows = [r.split() for r in out.splitlines() if r.startswith(("Transformer++ ", "Titans-LMM "))]
     assert [r[0] for r in rows[:2]] == ["Transformer++", "Titans-LMM"] and all(float(r[4]) > 0 for r in rows[:2])
@@ -207,6 +209,60 @@ def test_checks_cpu_tiny_run(capsys):
     _footer_ok(out, "checks_cpu.py", argv)
     assert checks_cpu.main(["configs/missing.yaml"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_checks_cpu_reads_every_config_before_measuring(monkeypatch, capsys):
+    """A config that cannot be read stops checks_cpu before data.prepare's measurement (minutes
+    at --doc-mb 32): nothing printed but the one line."""
+    monkeypatch.setattr(checks_cpu, "prepare_peak_mb", lambda *a: pytest.fail("measured before reading the configs"))
+    assert checks_cpu.main(["configs/transformer_tiny.yaml", "configs/missing.yaml", "--doc-mb", "1"]) == 2
+    captured = capsys.readouterr()
+    _one_line(captured.err, "config file not found: configs/missing.yaml")
+    assert captured.out == ""
+
+
+def test_checks_cpu_model_construction_error_names_the_config(unbuildable, capsys):
+    assert checks_cpu.main(["configs/transformer_tiny.yaml", "--vocab", "61", "--repeats", "1"]) == 2
+    _one_line(capsys.readouterr().err, "configs/transformer_tiny.yaml: memory chunk sizes")
+
+
+def test_checks_cpu_prepare_peak_is_the_childs_own():
+    """data.prepare's peak is its own: ru_maxrss carried this process's peak (torch imported,
+    hundreds of MB) into the child's, so both runs read the same and a 2 MB document cost 0."""
+    import resource
+    base, peak = checks_cpu.prepare_peak_mb(2, "bytes")
+    assert 0 < base < resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 2, base
+    assert peak - base > 2 * 2, (base, peak)           # a list of token ids alone is 8 bytes per byte
+
+
+def test_checks_cpu_failed_prepare_is_one_line_with_its_error(tmp_path):
+    with pytest.raises(RuntimeError, match=r"^data\.prepare failed \(exit 2\): error: .*nothing"):
+        checks_cpu.prepare_child_peak_mb(["--source", f"files:{tmp_path}/nothing*.txt", "--tokenizer", "bytes",
+                                          "--out", str(tmp_path / "out"), "--quiet"])
+
+
+def test_timer_takes_the_median_after_one_untimed_warm_up(monkeypatch):
+    """bench.common.timer on CPU: one warm-up call, not timed, then the median of `repeats`."""
+    from bench import common
+    now, durations = [0.0], iter([100.0, 1.0, 5.0, 3.0])          # the warm-up is the slow one
+
+    def fn():
+        now[0] += next(durations)
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    assert common.timer(fn, "cpu", 3) == 3.0
+
+
+def test_kernels_cpu_times_the_scan_not_the_loss_weights(monkeypatch):
+    """run_once's timed region holds the scan and its backward: the test loss's weights are made
+    once per shape, by the warm-up (they cost 1-3 % of a chunked fwd+bwd at the default shape)."""
+    made = []
+    cos = torch.cos
+    monkeypatch.setattr(torch, "cos", lambda *a, **kw: made.append(1) or cos(*a, **kw))
+    for op in ("delta_rule", "momentum_rule"):
+        x = kernels_cpu.make_inputs(op, 1, 5, 1, 4)
+        kernels_cpu.run_once(op, x, "torch", 4, True)                     # the warm-up
+        seconds, _, grads = kernels_cpu.run_once(op, x, "reference", 4, True, clock=lambda: float(len(made)))
+        assert seconds == 0 and len(grads) == len(x)                      # no weights made while timed
 
 
 def test_kernels_cpu_tiny_run(capsys):
