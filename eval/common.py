@@ -167,14 +167,18 @@ def prompt_room(max_len: int, max_new_tokens: int) -> int:
     return max(1, max_len - max_new_tokens)
 
 
-def fit_prompt(ids: list[int], streaming: bool, max_len: int | None, max_new_tokens: int, overflow: str) -> tuple:
+def fit_prompt(ids: list[int], streaming: bool, max_len: int | None, max_new_tokens: int, overflow: str,
+               candidates=()) -> tuple:
     """-> (the prompt ids the model reads, truncated?). A streaming model reads them all; an
     attention model reads at most max_len tokens, prompt and answer together (as lm-eval's
     generate_until and eval.lm_eval_adapter do), so a prompt over prompt_room tokens is cut to
-    its last prompt_room (overflow='truncate') or not read at all (None; overflow='skip')."""
+    its last prompt_room (overflow='truncate') or not read at all (None; overflow='skip').
+    `candidates` (token id lists) are the answers ranked by continuation_logprob after the
+    prompt: the answer's room is the longest of them where that is over max_new_tokens, or a
+    UUID of 37 byte tokens after --max-new-tokens 4 would be read past max_len."""
     if streaming:
         return ids, False
-    room = prompt_room(max_len, max_new_tokens)
+    room = prompt_room(max_len, max([max_new_tokens, *map(len, candidates)]))
     if len(ids) <= room:
         return ids, False
     if overflow == "skip":
@@ -188,7 +192,8 @@ def context_handling(streaming: bool, max_len: int | None, segment_len: int, ove
     if streaming:
         return f"streamed: whole input in segments of {segment_len} tokens with the state carried"
     room = prompt_room(max_len, max_new_tokens)
-    over = f"attention: inputs over {room} tokens (max_len {max_len}, less room for {max_new_tokens} answer tokens)"
+    over = (f"attention: inputs over {room} tokens (max_len {max_len}, less room for {max_new_tokens} answer tokens, "
+            "or for a longer ranked candidate)")
     return f"{over} truncated to their last {room}" if overflow == "truncate" else f"{over} skipped"
 
 

@@ -153,10 +153,42 @@ def _haystack_sentences(kind: str, books, rng: random.Random, gpt2, n_tokens: in
             total += n
 
 
+def _sample_rng(task: str, total: int, background: str, seed: int) -> random.Random:
+    """The random stream of one S-NIAH cell's keys, values and haystacks."""
+    return random.Random(f"niah-{task}-{total}-{background}-{seed}")
+
+
+def _needle_and_budget(kind: str, key: str, value: str, length, total: int, gpt2) -> tuple:
+    """-> (needle, answer prefix, GPT-2 tokens left for the haystack); a ValueError where the
+    template, needle and the 128 answer tokens do not fit in `total`."""
+    needle = NIAH_NEEDLE.format(type_needle_v=kind, key=key, value=value)
+    answer_prefix = NIAH_ANSWER_PREFIX.format(type_needle_v=kind, query=key)
+    frame = NIAH_TEMPLATE.format(type_needle_v=kind, context="", query=key) + answer_prefix
+    budget = total - RULER_TOKENS_TO_GENERATE - len(gpt2.encode(frame)) - len(gpt2.encode(" " + needle))
+    if budget < 0:
+        raise ValueError(f"length {length} is too short for the S-NIAH template and the 128 answer tokens")
+    return needle, answer_prefix, budget
+
+
+def check_niah_length(task, length: int, background: str = "austen", seed: int = 0, gpt2=None,
+                      data_dir: str | None = None) -> None:
+    """build_niah's ValueError for a length too short for its first sample's template, without
+    building a haystack: eval.niah's CLI checks every cell so before scoring the first (a later
+    sample's longer key can still fail a length within a few tokens of that, when it is built)."""
+    task = parse_task(task)
+    rng = _sample_rng(task, length, background, seed)
+    kind = TASKS[task]["value"]
+    key, value = _random_key(rng), _random_value(kind, rng)      # sample 0's, drawn first as in build_niah
+    _needle_and_budget(kind, key, value, length, length, gpt2 or length_tokenizer(data_dir))
+
+
 def build_niah(task, length, n_samples: int, depths=DEFAULT_DEPTHS, background: str = "austen", seed: int = 0,
-               n_distractors: int = DEFAULT_DISTRACTORS, data_dir: str | None = None, gpt2=None) -> list[dict]:
+               n_distractors: int = DEFAULT_DISTRACTORS, data_dir: str | None = None, gpt2=None,
+               books=None) -> list[dict]:
     """S-NIAH samples of `length` GPT-2 tokens (prompt + answer prefix + 128 reserved).
-    Sample i puts its needle at depths[i % len(depths)]. Same arguments, same samples."""
+    Sample i puts its needle at depths[i % len(depths)]. Same arguments, same samples; the
+    distractors come from a stream of their own per sample, so n_distractors changes no
+    key, value or haystack. `books`: load_books(background, "test") where the caller has them."""
     task = parse_task(task)
     total = parse_length(length) if not isinstance(length, int) else length
     if n_samples < 0:
@@ -166,17 +198,12 @@ def build_niah(task, length, n_samples: int, depths=DEFAULT_DEPTHS, background: 
         raise ValueError(f"depths must be in [0, 1], got {depths}")
     spec = TASKS[task]
     gpt2 = gpt2 or length_tokenizer(data_dir)
-    books = load_books(background, "test", data_dir) if spec["haystack"] == "essay" else None
-    rng = random.Random(f"niah-{task}-{total}-{background}-{seed}")
+    books = (books or load_books(background, "test", data_dir)) if spec["haystack"] == "essay" else None
+    rng = _sample_rng(task, total, background, seed)
     samples = []
     for i in range(n_samples):
         key, value = _random_key(rng), _random_value(spec["value"], rng)
-        needle = NIAH_NEEDLE.format(type_needle_v=spec["value"], key=key, value=value)
-        answer_prefix = NIAH_ANSWER_PREFIX.format(type_needle_v=spec["value"], query=key)
-        frame = NIAH_TEMPLATE.format(type_needle_v=spec["value"], context="", query=key) + answer_prefix
-        budget = total - RULER_TOKENS_TO_GENERATE - len(gpt2.encode(frame)) - len(gpt2.encode(" " + needle))
-        if budget < 0:
-            raise ValueError(f"length {length} is too short for the S-NIAH template and the 128 answer tokens")
+        needle, answer_prefix, budget = _needle_and_budget(spec["value"], key, value, length, total, gpt2)
         haystack = _haystack_sentences(spec["haystack"], books, rng, gpt2, budget)
         # the needle goes at the sentence boundary where the token fraction first reaches the depth
         depth = depths[i % len(depths)]
@@ -189,9 +216,9 @@ def build_niah(task, length, n_samples: int, depths=DEFAULT_DEPTHS, background: 
             cumulative += n
         sentences = [s for s, _ in haystack]
         context = " ".join(sentences[:gap] + [needle] + sentences[gap:])
-        distractors = []
+        distractors, distractor_rng = [], random.Random(f"niah-distractors-{task}-{total}-{seed}-{i}")
         while len(distractors) < n_distractors:
-            candidate = _random_value(spec["value"], rng)
+            candidate = _random_value(spec["value"], distractor_rng)
             if candidate != value and candidate not in distractors:
                 distractors.append(candidate)
         samples.append({
@@ -222,16 +249,15 @@ def evaluate_niah(model, tokenizer, samples, max_len: int | None = None, segment
             ids = tokenizer.encode(sample["input"] + sample["answer_prefix"])
             record = {k: sample[k] for k in ("task", "length", "depth", "key", "value")}
             record["n_input_tokens"] = len(ids)
-            ids, record["truncated"] = fit_prompt(ids, streaming, max_len, max_new_tokens, overflow)
+            value = sample["value"]
+            candidates = [tokenizer.encode(" " + c) for c in [value] + list(sample.get("distractors", []))]
+            ids, record["truncated"] = fit_prompt(ids, streaming, max_len, max_new_tokens, overflow, candidates)
             if ids is None:
                 records.append({**record, "skipped": True})
                 continue
-            value = sample["value"]
             with bf16_autocast(device, dtype):
                 last_logits, state = prefill(model, ids, segment_len, device)
-                candidates = [value] + list(sample.get("distractors", []))
-                scores = [continuation_logprob(model, last_logits, state, tokenizer.encode(" " + c), device)
-                          for c in candidates]
+                scores = [continuation_logprob(model, last_logits, state, c, device) for c in candidates]
                 # once the value is out, more tokens cannot change string_match: stop there
                 output = greedy_generate(model, tokenizer, last_logits, state, max_new_tokens, device,
                                          stop=lambda text: string_match(value, text))
@@ -282,12 +308,15 @@ def run(args) -> dict:
     check_data_dir(args.data_dir)
     model, cfg, tokenizer, device, max_len = load_for_generation(args)
     gpt2 = length_tokenizer(args.data_dir)
-    # every cell's samples before the first is scored: a length too short for the template
-    # fails here, not after the cells before it were evaluated
-    cells = {(task, label): build_niah(task, tokens, args.samples, depths=args.depths, background=args.background,
-                                       seed=args.seed, n_distractors=args.distractors, data_dir=args.data_dir,
-                                       gpt2=gpt2)
-             for task in tasks for label, tokens in lengths.items()}
+    # a length too short for the template fails here, not after the cells before it were
+    # evaluated; each cell's samples are built just before it is scored (at 1M tokens one
+    # cell's samples hold hundreds of MB)
+    for task in tasks:
+        for tokens in lengths.values():
+            check_niah_length(task, tokens, args.background, args.seed, gpt2)
+    # the essay books once (pg19 streams from the Hub), and missing ones before anything is scored
+    books = (load_books(args.background, "test", args.data_dir)
+             if any(TASKS[t]["haystack"] == "essay" for t in tasks) else None)
     results = {"benchmark": "s-niah (RULER niah_single_1/2/3)", "checkpoint": os.path.abspath(args.checkpoint),
                "arch": cfg.model.arch, "lengths_are": "GPT-2 tokens, prompt + 128 reserved for the answer",
                "background": args.background, "depths": args.depths,
@@ -299,7 +328,10 @@ def run(args) -> dict:
                                                     args.max_new_tokens),
                "accuracy": {}, "ranking_accuracy": {}, "by_depth": {}, "counts": {}}
     per_cell = []
-    for (task, length), samples in cells.items():
+    for task, (length, tokens) in itertools.product(tasks, lengths.items()):
+        samples = build_niah(task, tokens, args.samples, depths=args.depths, background=args.background,
+                             seed=args.seed, n_distractors=args.distractors, data_dir=args.data_dir, gpt2=gpt2,
+                             books=books)
         r = evaluate_niah(model, tokenizer, samples, max_len=max_len, segment_len=args.segment_len, device=device,
                           max_new_tokens=args.max_new_tokens, overflow=args.overflow)
         per_cell.append(r)

@@ -248,6 +248,19 @@ def test_fit_prompt_truncates_or_skips_only_attention_models():
     assert fit_prompt(ids, False, 6, 2, "skip") == (None, False)
 
 
+def test_fit_prompt_keeps_room_for_the_longest_ranked_candidate():
+    """A candidate ranked by its log-likelihood after the prompt is read after it too: an
+    attention model keeps room for the longest candidate where it is longer than
+    max_new_tokens (a UUID is 37 byte tokens, the CLI's --max-new-tokens may be 4). Kills
+    reserving max_new_tokens alone, which reads prompt + candidate past max_len."""
+    ids = list(range(10))
+    assert fit_prompt(ids, False, 8, 2, "truncate", [[1], [1, 2, 3, 4, 5]]) == ([7, 8, 9], True)
+    assert fit_prompt(ids, False, 8, 2, "truncate", [[1]]) == ([4, 5, 6, 7, 8, 9], True)   # max_new_tokens rules
+    assert fit_prompt(ids, False, 15, 2, "skip", [[1] * 6]) == (None, False)
+    assert fit_prompt(ids, False, 16, 2, "skip", [[1] * 6]) == (ids, False)
+    assert fit_prompt(ids, True, 4, 2, "skip", [[1] * 6]) == (ids, False)                  # streaming reads it all
+
+
 def test_check_long_inputs_and_mean_over_scored():
     model = torch.nn.Linear(2, 2)
     assert check_long_inputs(model, "truncate", None, 8) is False
@@ -270,9 +283,11 @@ def test_context_handling_says_what_fit_prompt_does():
         "streamed: whole input in segments of 64 tokens with the state carried"
     kept = len(fit_prompt(ids, False, 6, 2, "truncate")[0])
     assert context_handling(False, 6, 64, "truncate", 2) == \
-        f"attention: inputs over {kept} tokens (max_len 6, less room for 2 answer tokens) truncated to their last {kept}"
+        f"attention: inputs over {kept} tokens (max_len 6, less room for 2 answer tokens, or for a longer ranked " \
+        f"candidate) truncated to their last {kept}"
     assert context_handling(False, 6, 64, "skip", 2) == \
-        "attention: inputs over 4 tokens (max_len 6, less room for 2 answer tokens) skipped"
+        "attention: inputs over 4 tokens (max_len 6, less room for 2 answer tokens, or for a longer ranked candidate) " \
+        "skipped"
 
 
 def test_bf16_autocast_only_on_cuda():
@@ -479,7 +494,8 @@ def test_the_note_names_the_longest_input_read():
               "answer_prefix": " The number is"}
     long, read = {**needle, "input": "x" * 1100}, {**needle, "input": "x" * 1030}
     n_read = len(tok.encode(read["input"] + read["answer_prefix"]))
-    r = niah.evaluate_niah(hope, tok, [long, read], max_len=n_read + 1, max_new_tokens=1, segment_len=512,
+    # room for the answer: the ranked " 7", two tokens
+    r = niah.evaluate_niah(hope, tok, [long, read], max_len=n_read + 2, max_new_tokens=1, segment_len=512,
                            overflow="skip", streaming=False)
     assert r["n_skipped"] == 1 and r["note"].startswith(f"inputs of up to {n_read} tokens with ")
 

@@ -89,7 +89,8 @@ def test_cli_writes_accuracy_json(tmp_path, monkeypatch, capsys):
     assert results["sentence_splitter"] == sentence_splitter()        # niah_single_3's essay was cut by it
     assert results["counts"]["niah_single_1"]["512"]["n_truncated"] == 2     # 512 GPT-2 tokens > 256 bytes
     assert results["context_handling"] == \
-        "attention: inputs over 252 tokens (max_len 256, less room for 4 answer tokens) truncated to their last 252"
+        "attention: inputs over 252 tokens (max_len 256, less room for 4 answer tokens, or for a longer ranked " \
+        "candidate) truncated to their last 252"
     with pytest.raises(SystemExit) as exit_info:
         main(["--checkpoint", str(tmp_path / "ckpt"), "--depths", "1.5", "--out", out])
     assert exit_info.value.code == 2 and "error: argument --depths: expected numbers in [0, 1], got '1.5'" in \
@@ -216,12 +217,13 @@ def test_by_depth_is_greedy_accuracy_per_depth_over_scored_samples():
 
 def test_cli_checks_every_length_and_data_dir_before_scoring(tmp_path, monkeypatch, capsys):
     """A length too short for the template fails before any cell is scored (not after the
-    cells listed before it), and a --data-dir that is no folder is named even for the
-    pass-key task, which reads no data file."""
+    cells listed before it) or built (its samples are built just before it is scored), and a
+    --data-dir that is no folder is named even for the pass-key task, which reads no data file."""
     import eval.niah as niah
     save_tiny_checkpoint(tmp_path / "ckpt")
     monkeypatch.setenv("NL_DATA_DIR", SHARED_DATA)
     monkeypatch.setattr(niah, "evaluate_niah", lambda *a, **k: pytest.fail("scored a cell before checking them all"))
+    monkeypatch.setattr(niah, "build_niah", lambda *a, **k: pytest.fail("built a cell before checking them all"))
     for extra, message in ((["--lengths", "512,200"], "length 200 is too short for the S-NIAH template"),
                            (["--data-dir", str(tmp_path / "none")], f"--data-dir {tmp_path / 'none'} is not a folder")):
         with pytest.raises(SystemExit) as exit_info:
@@ -229,6 +231,39 @@ def test_cli_checks_every_length_and_data_dir_before_scoring(tmp_path, monkeypat
                   "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2 and capsys.readouterr().err.startswith(f"error: {message}")
     assert not (tmp_path / "out").exists()
+
+
+@needs_data
+def test_cli_builds_each_cell_just_before_scoring_it_with_build_niahs_samples(tmp_path, monkeypatch, gpt2):
+    """eval.niah's CLI builds a cell's samples just before it scores that cell (one cell's
+    samples in memory at a time: hundreds of MB at 1M tokens), and they are build_niah's for
+    the same arguments, cells in task then length order. Kills building every cell up front."""
+    import eval.niah as niah
+    save_tiny_checkpoint(tmp_path / "ckpt")
+    monkeypatch.setenv("NL_DATA_DIR", SHARED_DATA)
+    events, real_build, real_evaluate = [], niah.build_niah, niah.evaluate_niah
+    monkeypatch.setattr(niah, "build_niah", lambda *a, **k: events.append(("build", a[:2])) or real_build(*a, **k))
+    monkeypatch.setattr(niah, "evaluate_niah", lambda m, t, samples, **k: events.append(("score", samples))
+                        or real_evaluate(m, t, samples, **k))
+    main(["--checkpoint", str(tmp_path / "ckpt"), "--tasks", "1,3", "--lengths", "300,400", "--samples", "2",
+          "--distractors", "2", "--seed", "5", "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "o")])
+    cells = [("niah_single_1", 300), ("niah_single_1", 400), ("niah_single_3", 300), ("niah_single_3", 400)]
+    assert [e[0] for e in events] == ["build", "score"] * len(cells)
+    assert [e[1] for e in events[::2]] == cells
+    for (task, length), (_, scored) in zip(cells, events[1::2]):
+        assert scored == real_build(task, length, 2, seed=5, n_distractors=2, data_dir=SHARED_DATA, gpt2=gpt2)
+
+
+@needs_data
+def test_distractors_change_no_key_value_or_haystack(gpt2):
+    """The distractors come from a stream of their own per sample: --distractors 1 and 4 give
+    the same keys, values and prompts, and the first distractor of each sample is the same.
+    Kills drawing them from the samples' stream (sample 1 on had another key and haystack)."""
+    one, four = (build_niah("niah_single_3", 400, 3, n_distractors=n, data_dir=SHARED_DATA, gpt2=gpt2)
+                 for n in (1, 4))
+    assert [{**s, "distractors": None} for s in one] == [{**s, "distractors": None} for s in four]
+    assert [s["distractors"] for s in one] == [s["distractors"][:1] for s in four]
+    assert all(len(set(s["distractors"] + [s["value"]])) == 5 for s in four)
 
 
 def _sample(value, distractors, text="One of the special magic numbers for calm-anchor is: 8142."):
@@ -257,6 +292,26 @@ def test_attention_model_skips_prompts_over_its_context_and_counts_them():
                            max_len=16, max_new_tokens=4, overflow="skip")
     assert (result["n"], result["n_scored"], result["n_skipped"], result["n_truncated"]) == (2, 1, 1, 0)
     assert result["records"][0]["skipped"] and result["accuracy"] == 0.0
+
+
+def test_attention_model_reads_prompt_and_each_ranked_uuid_within_max_len():
+    """An attention model reads the truncated prompt and then each candidate after it: with a
+    UUID (37 byte tokens) longer than max_new_tokens, the prompt keeps room for the UUID, so no
+    token is read past max_len (the stub's state counts the positions read). Kills cutting the
+    prompt to max_len - max_new_tokens alone (it read 96 positions of 64)."""
+    import torch
+
+    from data.tokenizer import get_tokenizer
+    positions = []
+
+    class Positions(torch.nn.Module):
+        def forward(self, idx, targets=None, state=None):
+            positions.append((state or {"pos": 0})["pos"] + idx.shape[1])
+            return torch.zeros(*idx.shape, 257), None, {"pos": positions[-1]}
+    value = "0b6c1c9e-2f7e-4b5e-9a3f-1c2d3e4f5a6b"
+    sample = {**_sample(value, [value[::-1]], text="x" * 300), "task": "niah_single_3"}
+    result = evaluate_niah(Positions(), get_tokenizer("bytes"), [sample], max_len=64, max_new_tokens=4)
+    assert result["n_truncated"] == 1 and max(positions) == 64 - 1       # the last UUID byte is predicted, not read
 
 
 def test_noise_haystack_fills_its_budget_exactly_when_sentences_allow():
