@@ -61,8 +61,8 @@ from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_
 from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check_checkpoint_out, check_data_dir,
                          check_long_inputs, clipped_step, context_handling, context_limit, continuation_logprob,
                          default_data_dir, eval_mode, exit_on_error, first_line, fit_prompt, format_accuracy,
-                         greedy_generate, load_checkpoint, load_for_generation, longest_input_note, mean_over_scored,
-                         model_device, notes_of, prefill, require_data_dir)
+                         greedy_generate, load_checkpoint, load_for_generation, longest_input_note,
+                         mean_over_scored, model_device, notes_of, prefill, require_data_dir)
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 PROMPT_RESERVE = 300            # create_tasks.py: every length minus 300 tokens for the prompt
@@ -72,6 +72,11 @@ ANSWER_PREFIX = "\nAnswer:"
 OFFICIAL_MAX_NEW_TOKENS = 20    # run_model_on_babilong.py: greedy, max_new_tokens=20
 
 HF_DATASETS = {"hf": "RMT-team/babilong", "hf-1k": "RMT-team/babilong-1k-samples"}
+# The Hub's config names, exactly: length_tokens also reads "1K" or "01k" (as 1000 tokens),
+# which the Hub does not have. 10M exists for qa1-qa5 only.
+_HUB_LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k")
+HF_LENGTHS = {"RMT-team/babilong": _HUB_LENGTHS + ("256k", "512k", "1M", "10M"),
+              "RMT-team/babilong-1k-samples": _HUB_LENGTHS}
 # The Hub repos changed layout once (an early revision had config = task, split = length), so
 # a revision is passed explicitly and the loaded schema is checked. The commit hashes could
 # not be looked up offline: "main" is used until they are filled in, and every result
@@ -228,6 +233,14 @@ def parse_list(text: str, kind: str) -> list[str]:
     if kind == "tasks":
         return check_unique("--tasks", [parse_task(x) for x in items])
     return check_unique("--lengths", items, [length_tokens(x) for x in items])
+
+
+def check_hf_lengths(lengths, name: str):
+    """Lengths that are configs of the Hub dataset `name` (HF_LENGTHS; another repo: any)."""
+    accepted = HF_LENGTHS.get(name)
+    for length in lengths:
+        if accepted and length not in accepted:
+            raise ValueError(f"{name} has no length {length!r}; its lengths are {', '.join(accepted)}")
 
 
 def length_tokenizer(data_dir: str | None = None):
@@ -534,6 +547,7 @@ def load_babilong_hf(task, length: str, limit: int | None = None, dataset: str =
     task = parse_task(task)
     length_tokens(length)
     name = HF_DATASETS.get(dataset, dataset)
+    check_hf_lengths([length], name)
     revision = revision or HF_REVISIONS.get(name, "main")
     try:
         import datasets
@@ -649,21 +663,24 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
             ids = tokenizer.encode(prompt + answer_prefix)
             record = {"task": task, "length": sample.get("length"), "question": sample["question"],
                       "target": sample["target"], "n_input_tokens": len(ids)}
-            ids, record["truncated"] = fit_prompt(ids, streaming, max_len, max_new_tokens, overflow)
-            if ids is None:
-                records.append({**record, "skipped": True})
-                continue
             labels = TASK_LABELS[task]
             # ranked as compare_answers scores: a label the question names is never the answer
             named = labels_in_question(sample["question"], labels)
             candidates = [label for label in labels if label.lower() not in named]
+            for label in candidates:
+                if label not in label_ids_cache:
+                    label_ids_cache[label] = tokenizer.encode(" " + label)
+            # the prompt keeps room for the longest label too: " bathroom" is 9 byte tokens, so
+            # after --max-new-tokens 4 its score read past max_len
+            ids, record["truncated"] = fit_prompt(ids, streaming, max_len, max_new_tokens, overflow,
+                                                  [label_ids_cache[label] for label in candidates])
+            if ids is None:
+                records.append({**record, "skipped": True})
+                continue
             with bf16_autocast(device, dtype):
                 last_logits, state = prefill(model, ids, segment_len, device)
-                scores = {}
-                for label in candidates:
-                    if label not in label_ids_cache:
-                        label_ids_cache[label] = tokenizer.encode(" " + label)
-                    scores[label] = continuation_logprob(model, last_logits, state, label_ids_cache[label], device)
+                scores = {label: continuation_logprob(model, last_logits, state, label_ids_cache[label], device)
+                          for label in candidates}
                 output = greedy_generate(model, tokenizer, last_logits, state, max_new_tokens, device,
                                          stop=first_sentence_done)
             ranked = max(candidates, key=scores.__getitem__, default=None)
@@ -794,6 +811,8 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
     from checkpoint import save_checkpoint
     if steps < 1 or batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
+    if steps < len(lengths):        # curriculum_stage would give some lengths no step at all
+        raise ValueError(f"--steps {steps} is fewer than the {len(lengths)} --lengths: each length needs a step")
     if max_len is not None and max_len < 2:      # the kept tokens would hold no answer target: every loss 0/0
         raise ValueError(f"--max-len must be >= 2 to keep an answer token to train on, got {max_len}")
     check_checkpoint_out(out_dir)
@@ -802,6 +821,9 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
     for length in lengths:
         _check_length(length)
     gpt2 = length_tokenizer(data_dir)
+    # the precision training ran at (train.setup_precision): bf16 autocast on CUDA unless the
+    # config trained in float32; fp32 on CPU
+    autocast = functools.partial(bf16_autocast, device, cfg.train.dtype)
     torch.manual_seed(seed)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
@@ -827,7 +849,8 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
             for ids, targets in batch:
                 idx = torch.tensor([ids], dtype=torch.long, device=device)
                 tgt = torch.tensor(targets, dtype=torch.long, device=device)
-                logits, _, _ = model(idx)
+                with autocast():
+                    logits, _, _ = model(idx)
                 # sum over this example's answer tokens, normalised by the whole batch's count; only
                 # the answer rows go through the fp32 log-softmax (over every row it held two more
                 # [T, vocab] tensors: 1.5 of 6.1 GB peak at 8k tokens and GPT-2's vocabulary)
@@ -851,7 +874,9 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
     cfg.train.out_dir = out_dir
     trainer_state = {"step": steps, "finetune": {"tasks": list(tasks), "lengths": list(lengths), "lr": lr,
                                                  "batch_size": batch_size, "babi": babi, "background": background,
-                                                 "skipped_steps": skipped, "sentence_splitter": sentence_splitter()}}
+                                                 "skipped_steps": skipped, "sentence_splitter": sentence_splitter(),
+                                                 "compute": "bf16" if isinstance(autocast(), torch.autocast)
+                                                 else "fp32"}}
     model.eval()
     return save_checkpoint(os.path.join(out_dir, "checkpoints"), steps, model, optimizer, trainer_state, cfg)
 
@@ -866,8 +891,31 @@ def _get_samples(args, task, length, gpt2):
     return load_babilong_hf(task, length, limit=args.samples, dataset=args.source, revision=args.revision)
 
 
+# eval's flags that shape only the local construction, with their defaults: they default to None
+# in the parser, so --source hf can refuse the ones given
+EVAL_LOCAL_DEFAULTS = {"split": "test", "background": "austen", "babi": "file", "seed": 0}
+
+
+def _check_source_flags(args, lengths):
+    """--source local builds the samples, hf / hf-1k reads the Hub's: a flag of the other
+    source would change nothing, so one given is an error. Fills the local defaults."""
+    if args.source == "local":
+        if args.revision is not None:
+            raise ValueError("--revision applies to --source hf and hf-1k only")
+        for key, default in EVAL_LOCAL_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, default)
+        return
+    given = ["--" + key.replace("_", "-") for key in (*EVAL_LOCAL_DEFAULTS, "data_dir")
+             if getattr(args, key) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --source local only")
+    check_hf_lengths(lengths, HF_DATASETS[args.source])
+
+
 def run_eval(args) -> dict:
     tasks, lengths = parse_list(args.tasks, "tasks"), parse_list(args.lengths, "lengths")
+    _check_source_flags(args, lengths)
     gpt2 = length_tokenizer(args.data_dir) if args.source == "local" else None
     if args.source == "local":          # every cell has its samples, before the first is scored
         for task in tasks:
@@ -951,10 +999,10 @@ def run_build(args) -> str:
 def _add_common(p, babi_default):
     p.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="comma list of qa1..qa5")
     p.add_argument("--lengths", default="0k,1k,2k,4k", help="comma list, e.g. 0k,1k,4k,128k,1M (GPT-2 tokens)")
-    p.add_argument("--background", default="austen", choices=BACKGROUNDS, help="background books")
+    p.add_argument("--background", default="austen", choices=BACKGROUNDS, help="background books (default austen)")
     p.add_argument("--babi", default=babi_default, choices=("file", "generated"),
-                   help="bAbI questions: the released en files or the generator")
-    p.add_argument("--seed", type=seed_int, default=0)
+                   help=f"bAbI questions: the released en files or the generator (default {babi_default})")
+    p.add_argument("--seed", type=seed_int, default=0, help="(default 0)")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
 
 
@@ -964,13 +1012,13 @@ def main(argv=None):
 
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint; writes babilong.json + babilong_heatmap.png")
     p_eval.add_argument("--checkpoint", required=True)
-    _add_common(p_eval, babi_default="file")
+    _add_common(p_eval, babi_default=EVAL_LOCAL_DEFAULTS["babi"])
     p_eval.add_argument("--samples", type=positive_int, default=100, help="samples per task and length")
     p_eval.add_argument("--out", required=True, help="output folder")
     p_eval.add_argument("--source", default="local", choices=("local",) + tuple(HF_DATASETS),
                         help="local construction, or RMT-team/babilong (hf) / babilong-1k-samples (hf-1k)")
     p_eval.add_argument("--revision", help="Hub revision (default: HF_REVISIONS in eval/babilong.py)")
-    p_eval.add_argument("--split", default="test", choices=("train", "test"), help="local: bAbI and book split")
+    p_eval.add_argument("--split", choices=("train", "test"), help="local: bAbI and book split (default test)")
     p_eval.add_argument("--segment-len", type=positive_int, default=2048, help="tokens per streamed segment")
     p_eval.add_argument("--max-len", type=positive_int, help="attention models: context (default cfg.train.seq_len)")
     p_eval.add_argument("--overflow", default="truncate", choices=("truncate", "skip"),
@@ -981,6 +1029,8 @@ def main(argv=None):
     p_eval.add_argument("--post-prompt", action="store_true", help="official prompt: include the post prompt")
     p_eval.add_argument("--answer-prefix", default=ANSWER_PREFIX, help="text after the prompt (default '\\nAnswer:')")
     p_eval.add_argument("--device", default="auto")
+    # the construction flags default to None here: run_eval refuses them with --source hf
+    p_eval.set_defaults(**dict.fromkeys(EVAL_LOCAL_DEFAULTS))
 
     p_ft = sub.add_parser("finetune", help="fine-tune with a length curriculum; saves a checkpoint")
     p_ft.add_argument("--checkpoint", required=True)

@@ -773,8 +773,9 @@ def test_prompt_parts_and_budget_are_the_official_ones():
 
 def test_attention_models_keep_room_for_the_answer_in_max_len():
     """evaluate reads at most max_len tokens, prompt and answer together: a long prompt is cut
-    to its last max_len - max_new_tokens tokens. A recording stub shows what the model read
-    first. Kills evaluate not passing max_new_tokens to fit_prompt."""
+    to its last max_len - max(max_new_tokens, the longest ranked label) tokens. A recording
+    stub shows what the model read first. Kills evaluate not passing max_new_tokens to
+    fit_prompt, and ranking " bathroom" (9 byte tokens) after a prompt that left room for 4."""
     from data.tokenizer import get_tokenizer
     from helpers import RiggedByteModel
 
@@ -784,8 +785,11 @@ def test_attention_models_keep_room_for_the_answer_in_max_len():
             return super().forward(idx, targets, state)
     model = Recording("kitchen.")
     model.calls = []
+    result = evaluate(model, get_tokenizer("bytes"), _samples()[:1], max_len=40, max_new_tokens=12)
+    assert result["n_truncated"] == 1 and model.calls[0] == 40 - 12
+    model.calls = []
     result = evaluate(model, get_tokenizer("bytes"), _samples()[:1], max_len=40, max_new_tokens=4)
-    assert result["n_truncated"] == 1 and model.calls[0] == 36
+    assert result["n_truncated"] == 1 and model.calls[0] == 40 - len(" bathroom")
 
 
 def test_skipped_samples_are_left_out_of_the_accuracies():
@@ -799,3 +803,112 @@ def test_skipped_samples_are_left_out_of_the_accuracies():
                       max_new_tokens=10, overflow="skip")
     assert (result["n_scored"], result["n_skipped"]) == (1, 1)
     assert result["official"] == result["label_ranking"] == 1.0
+
+
+@pytest.mark.parametrize("flags, named", [(["--babi", "file"], "--babi applies"),
+                                          (["--split", "test"], "--split applies"),
+                                          (["--background", "austen"], "--background applies"),
+                                          (["--seed", "0"], "--seed applies"),
+                                          (["--data-dir", SHARED_DATA], "--data-dir applies"),
+                                          (["--seed", "1", "--babi", "generated"], "--babi, --seed apply")])
+def test_eval_from_the_hub_refuses_the_flags_of_local_construction(tmp_path, capsys, flags, named):
+    """--source hf read the Hub's samples and silently ignored --split, --background, --babi,
+    --seed (and --data-dir): they now default to None and a given one is an error, before the
+    checkpoint (here missing) is looked at. Even a flag given at its local default."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--checkpoint", str(tmp_path / "none"), "--source", "hf", "--tasks", "qa1", "--lengths", "0k",
+              "--out", str(tmp_path / "out"), *flags])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {named} to --source local only\n"
+
+
+def test_eval_source_flags_refuse_only_what_was_given(tmp_path, capsys):
+    """--source hf alone passes the flag check (the error is the missing checkpoint); --source
+    local gets the construction defaults; --revision is the Hub's flag, refused locally."""
+    import argparse
+
+    from eval.babilong import _check_source_flags
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", str(tmp_path / "none"), "--source", "hf", "--tasks", "qa1", "--lengths", "0k",
+              "--out", str(tmp_path / "out")])
+    assert capsys.readouterr().err.startswith("error: checkpoint ")
+    local = argparse.Namespace(source="local", revision=None, split=None, background=None, babi=None, seed=None,
+                               data_dir=None)
+    _check_source_flags(local, ["0k"])
+    assert (local.split, local.background, local.babi, local.seed) == ("test", "austen", "file", 0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--checkpoint", str(tmp_path / "none"), "--revision", "main", "--tasks", "qa1", "--lengths",
+              "0k", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: --revision applies to --source hf and hf-1k only\n"
+
+
+def test_hub_lengths_are_the_hub_config_names(tmp_path, capsys):
+    """'1K', '01k' and '1000k' read as 1000 tokens but are no config of the Hub datasets (the
+    Hub answered with its own error after the checkpoint had loaded); 256k is not in the
+    1k-samples set. Refused in one line naming the accepted labels; local construction
+    still reads any of them."""
+    from eval.babilong import HF_LENGTHS, parse_list
+    for label in ("1K", "01k", "1000k", "3k"):
+        with pytest.raises(ValueError, match=rf"^RMT-team/babilong has no length '{label}'; its lengths are "
+                                             r"0k, 1k, 2k, 4k, 8k, 16k, 32k, 64k, 128k, 256k, 512k, 1M, 10M$"):
+            load_babilong_hf("qa1", label)
+        assert parse_list(label, "lengths") == [label]
+    assert "256k" not in HF_LENGTHS["RMT-team/babilong-1k-samples"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--checkpoint", str(tmp_path / "none"), "--source", "hf-1k", "--tasks", "qa1", "--lengths",
+              "0k,256k", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("error: RMT-team/babilong-1k-samples has no length '256k'; its lengths are "
+                                       "0k, 1k, 2k, 4k, 8k, 16k, 32k, 64k, 128k\n")
+
+
+def test_finetune_needs_a_step_per_length(tiny_checkpoint, tmp_path):
+    """--steps 2 with three --lengths trained 0k and 1k and never 2k, without a word
+    (curriculum_stage gives each length steps * 1/3 of a step)."""
+    from eval.common import load_checkpoint
+    model, cfg, tokenizer, _ = load_checkpoint(tiny_checkpoint, "cpu")
+    with pytest.raises(ValueError, match=r"^--steps 2 is fewer than the 3 --lengths: each length needs a step$"):
+        finetune(model, cfg, tokenizer, ["qa1"], ["0k", "1k", "2k"], 2, str(tmp_path / "ft"), background="builtin",
+                 device="cpu")
+    assert not (tmp_path / "ft").exists()
+
+
+@needs_data
+def test_finetune_computes_under_the_training_precision(tiny_checkpoint, tmp_path, monkeypatch):
+    """The fine-tune ran in fp32 while evaluate (and train.py on CUDA) compute under bf16
+    autocast. Each forward now runs inside bf16_autocast(device, cfg.train.dtype), which is
+    bf16 autocast on CUDA (unless the config trained in float32) and nothing on CPU."""
+    import contextlib
+    import warnings
+
+    import eval.babilong as bl
+    from eval.common import bf16_autocast, load_checkpoint
+    from data.tokenizer import get_tokenizer
+    model, cfg, _, _ = load_checkpoint(tiny_checkpoint, "cpu")
+    calls, inside = [], []
+
+    @contextlib.contextmanager
+    def entered():
+        inside.append(True)
+        yield
+        inside.append(False)
+
+    def recording(device, dtype):
+        calls.append((torch.device(device).type, dtype))
+        return entered()
+    monkeypatch.setattr(bl, "bf16_autocast", recording)
+    forward = model.forward
+    in_forward = []
+    monkeypatch.setattr(model, "forward",
+                        lambda *a, **kw: in_forward.append(inside[-1:] == [True]) or forward(*a, **kw))
+    finetune(model, cfg, get_tokenizer("bytes"), ["qa1"], ["0k"], 1, str(tmp_path / "ft"), batch_size=2,
+             background="builtin", device="cpu", log_every=0)
+    assert in_forward == [True, True] and ("cpu", cfg.train.dtype) in calls
+    # what the context is: autocast only on CUDA, as training computes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # torch warns that this machine may have no CUDA
+        cuda = bf16_autocast("cuda", "auto")
+    assert isinstance(cuda, torch.autocast) and cuda.fast_dtype == torch.bfloat16
+    assert not isinstance(bf16_autocast(torch.device("cpu"), "auto"), torch.autocast)
+    assert not isinstance(bf16_autocast("cuda", "float32"), torch.autocast)
