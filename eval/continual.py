@@ -61,6 +61,7 @@ from eval.common import (DATA_DIR_HELP, check_data_dir, clipped_step, clone_stat
 from eval.perplexity import encode_pair, loglikelihood_tokens
 
 ARMS = ("sequential", "icl", "in_context_memory", "joint")
+CONTEXT_ARMS = ("icl", "in_context_memory")     # the arms that read a context (max_len limits them)
 INTENT_DATASETS = ("clinc", "banking")
 DOMAINS = ("builtin", "austen", "shakespeare", "babi")
 BANKING_INTENTS_PER_TASK = 11  # Banking77's 77 categories as 7 tasks
@@ -377,7 +378,7 @@ def run_arm(arm: str, model, tokenizer, tasks, settings: IntentSettings, device=
         train_losses, skipped = finetune_on(model, tokenizer, everything, settings.steps_per_task * T, settings,
                                             device, rng)
     # only the context arms read a context; the others need not tokenize every test query
-    room = context_room(model, tokenizer, tasks, settings.max_len) if arm in ("icl", "in_context_memory") else None
+    room = context_room(model, tokenizer, tasks, settings.max_len) if arm in CONTEXT_ARMS else None
     state = None
     stream = [tokenizer.eot_id]             # in_context_memory: every token streamed so far
     with eval_mode(model):
@@ -459,9 +460,10 @@ def run_intents(model, tokenizer, tasks, arms=ARMS, settings: IntentSettings | N
     results = {"protocol": "class-incremental intent classification (generative, no task id)",
                "prompt": PROMPT, "tasks": [{"name": t["name"], "labels": t["labels"], "n_train": len(t["train"]),
                                             "n_test": len(t["test"])} for t in tasks],
-               "settings": asdict(settings), "recurrent_state": is_recurrent(model),
-               # the icl / in_context_memory context an attention model reads (None = all of it)
-               "context_tokens": context_room(model, tokenizer, tasks, settings.max_len), "arms": {}}
+               "settings": asdict(settings), "recurrent_state": is_recurrent(model), "arms": {}}
+    if any(arm in CONTEXT_ARMS for arm in arms):   # the others read no context: max_len does not limit them
+        # the icl / in_context_memory context an attention model reads (None = all of it)
+        results["context_tokens"] = context_room(model, tokenizer, tasks, settings.max_len)
     for arm in arms:
         r = run_arm(arm, model, tokenizer, tasks, settings, device=device)
         results["arms"][arm] = r
@@ -561,14 +563,22 @@ def load_domains(names, data_dir: str | None = None) -> list[dict]:
 
 @torch.no_grad()
 def held_out_loss(model, eval_ids, seq_len: int, batch_size: int, device) -> float:
-    """Mean next-token NLL over consecutive windows of seq_len + 1 tokens (fresh state each)."""
-    windows = [eval_ids[s:s + seq_len + 1] for s in range(0, len(eval_ids) - seq_len, seq_len)]
-    if not windows:
+    """Mean next-token NLL over consecutive windows of seq_len + 1 tokens (fresh state each),
+    so every token but the first is a target exactly once: the tokens after the last full
+    window are scored in one shorter window (a held-out text shorter than eval_tokens, e.g.
+    builtin's ~7.3K GPT-2 tokens at seq_len 4096, would otherwise lose up to seq_len - 1)."""
+    if len(eval_ids) < seq_len + 1:
         raise ValueError(f"held-out text has {len(eval_ids)} tokens: fewer than seq_len + 1 = {seq_len + 1}")
+    n_full = (len(eval_ids) - 1) // seq_len
+    windows = [eval_ids[s:s + seq_len + 1] for s in range(0, n_full * seq_len, seq_len)]
+    batches = [windows[start:start + batch_size] for start in range(0, n_full, batch_size)]
+    tail = eval_ids[n_full * seq_len:]       # the last window's last token and those after it
+    if len(tail) > 1:
+        batches.append([tail])
     total, count = 0.0, 0
     with eval_mode(model):
-        for start in range(0, len(windows), batch_size):
-            chunk = torch.tensor(windows[start:start + batch_size], dtype=torch.long, device=device)
+        for batch in batches:
+            chunk = torch.tensor(batch, dtype=torch.long, device=device)
             logits = model(chunk[:, :-1])[0]
             total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
             count += chunk[:, 1:].numel()

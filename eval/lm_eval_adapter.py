@@ -21,7 +21,8 @@ WikiText / LAMBADA evaluator, so the numbers agree):
                          max_len - max_gen_toks tokens (max_gen_toks >= max_len is an error).
                          As lm-eval 0.4.13 reads it: empty stop strings are skipped; the
                          length is the first of max_gen_toks, max_new_tokens, max_tokens,
-                         max_completion_tokens that is set (else the adapter's max_gen_toks);
+                         max_completion_tokens that is set (else the adapter's max_gen_toks),
+                         a whole number >= 0 (else an error naming the key);
                          do_sample=False with a temperature > 0 warns and stays greedy;
                          sampling (do_sample=True, or a temperature > 0 alone) is an error.
 `LMAdapter` holds that logic without lm-eval (tests use it with Instance-like objects).
@@ -120,8 +121,14 @@ class LMAdapter:
         until = gen_kwargs.get("until")
         until = [until] if isinstance(until, str) else list(until or [])
         until = [s for s in until if s]            # lm-eval skips '' (e.g. an end-of-text that decodes to '')
-        sizes = [gen_kwargs.get(k) for k in MAX_TOKEN_KEYS]
-        max_new = int(next((n for n in sizes if n is not None), self.max_gen_toks))
+        key, size = next(((k, gen_kwargs[k]) for k in MAX_TOKEN_KEYS if gen_kwargs.get(k) is not None),
+                         ("max_gen_toks", self.max_gen_toks))
+        try:
+            max_new = int(size)
+        except (TypeError, ValueError):
+            max_new = -1
+        if max_new < 0:     # a negative length would widen an attention model's prompt past max_len
+            raise ValueError(f"generate_until: {key} must be a whole number >= 0, got {size!r}")
         temperature = float(gen_kwargs.get("temperature") or 0.0)
         do_sample = gen_kwargs.get("do_sample")
         if do_sample or (do_sample is None and temperature > 0):

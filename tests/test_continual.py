@@ -459,14 +459,33 @@ class BigramTable(nn.Module):
 
 
 def test_held_out_loss_scores_each_token_of_consecutive_windows_once():
-    """held_out_loss: windows of seq_len + 1 tokens starting every seq_len tokens, so each
-    token after the first (up to the last full window) is a target exactly once; the mean
-    NLL by hand from the bigram table. 11 tokens, seq_len 4: targets are tokens 1..8. Kills
-    a stride of seq_len + 1 (tokens skipped)."""
+    """held_out_loss: windows of seq_len + 1 tokens starting every seq_len tokens, then one
+    shorter window for the rest, so each token after the first is a target exactly once; the
+    mean NLL by hand from the bigram table. 11 tokens, seq_len 4: targets are tokens 1..10
+    (two full windows, then a window of 3 tokens). Kills a stride of seq_len + 1 (tokens
+    skipped) and dropping the tokens after the last full window, which run_domains counted
+    in held_out_tokens as scored (builtin's ~7.3K GPT-2 tokens at seq_len 4096: 4,096 scored)."""
     table = [[0.7, 0.2, 0.1], [0.2, 0.3, 0.5], [0.1, 0.8, 0.1]]
     ids = [0, 1, 2, 2, 1, 0, 0, 2, 1, 1, 0]
-    expected = -sum(math.log(table[a][b]) for a, b in zip(ids[:8], ids[1:9])) / 8
-    assert cl.held_out_loss(BigramTable(table), ids, 4, 1, "cpu") == pytest.approx(expected, rel=1e-6)
+    expected = -sum(math.log(table[a][b]) for a, b in zip(ids[:10], ids[1:11])) / 10
+    for batch_size in (1, 2, 8):           # the short window is batched on its own
+        assert cl.held_out_loss(BigramTable(table), ids, 4, batch_size, "cpu") == pytest.approx(expected, rel=1e-6)
+
+
+def test_run_domains_scores_as_many_tokens_as_held_out_tokens_says():
+    """held_out_tokens is the number of targets the model is scored on, not more: 300
+    held-out tokens at seq_len 128 are 2 full windows and a window of the last 45 targets."""
+    seen = []
+
+    class Counting(BigramTable):
+        def forward(self, idx, targets=None, state=None):
+            seen.append(idx.numel())
+            return super().forward(idx, targets, state)
+    model = Counting([[1 / 257] * 257] * 257)
+    domains = [{"name": "d", "train": "ab" * 200, "eval": "abc" * 200}]
+    r = cl.run_domains(model, ByteTokenizer(), domains, cl.DomainSettings(steps_per_domain=0, seq_len=128,
+                                                                          eval_tokens=300), "cpu", log=None)
+    assert r["held_out_tokens"] == [300] and sum(seen) == 2 * 300     # the initial row and stage 1
 
 
 def test_rows_score_every_seen_label_without_a_task_id():
@@ -515,6 +534,21 @@ def test_context_arms_carry_every_seen_task_into_the_state(arm):
              {"name": "b", "labels": ["bbb"], "train": [("bb", "bbb")], "test": [("x", "bbb")]}]
     r = cl.run_arm(arm, CopyModel(), ByteTokenizer(), tasks, cl.IntentSettings(segment_len=16))
     assert r["R"] == [[1.0, None], [1.0, 0.0]]
+
+
+def test_max_len_limits_only_the_arms_that_read_a_context():
+    """max_len (--max-len, default the checkpoint's seq_len) bounds the icl / in_context_memory
+    context; the sequential and joint arms read no context and ran into context_room's "leaves
+    no context" error all the same (a byte-level model at seq_len 128 on CLINC, whose longest
+    query and label take 166 bytes, could run no arm). context_tokens is recorded only with a
+    context arm."""
+    tasks = [{"name": "a", "labels": ["aaa"], "train": [("aaaa", "aaa")], "test": [("x" * 40, "aaa")]},
+             {"name": "b", "labels": ["bbb"], "train": [("bb", "bbb")], "test": [("x", "bbb")]}]
+    settings = cl.IntentSettings(steps_per_task=0, max_len=40, segment_len=16)
+    r = cl.run_intents(CopyModel(), ByteTokenizer(), tasks, ("sequential", "joint"), settings, device="cpu", log=None)
+    assert list(r["arms"]) == ["sequential", "joint"] and "context_tokens" not in r
+    with pytest.raises(ValueError, match=r"^max_len=40 leaves no context: the longest query and label take 59 tokens$"):
+        cl.run_intents(CopyModel(), ByteTokenizer(), tasks, ("sequential", "icl"), settings, device="cpu", log=None)
 
 
 @pytest.mark.parametrize("arm", ["icl", "in_context_memory"])

@@ -351,3 +351,19 @@ def test_generate_until_without_room_for_the_prompt_is_an_error():
     recurrent = RecordingLM(arch="titans")
     assert LMAdapter(recurrent, tok, max_len=4).generate_until([requests[1]]) == ["zzzzz"]
     assert recurrent.rows[0] == tok.encode("abcdefghij")
+
+
+def test_generate_until_a_negative_or_non_numeric_length_is_a_one_line_error_naming_its_key():
+    """A negative max_gen_toks widened an attention model's prompt to max_len - max_gen_toks
+    tokens, past its context (max_len 4, -5: 9 tokens read), and 'abc' raised int()'s message
+    without the key. Both are one-line errors before any work; 0 generates nothing."""
+    tok = ByteTokenizer()
+    attention = RecordingLM()
+    lm = LMAdapter(attention, tok, max_len=4)
+    for kwargs, message in (({"max_gen_toks": -5}, "max_gen_toks must be a whole number >= 0, got -5"),
+                            ({"max_new_tokens": "abc"}, "max_new_tokens must be a whole number >= 0, got 'abc'")):
+        with pytest.raises(ValueError, match=f"^generate_until: {message}$"):
+            lm.generate_until([instance("abc", {"until": [], "max_gen_toks": 1}), instance("abcdefghij", kwargs)])
+        assert attention.rows == []
+    assert lm.generate_until([instance("abcdefghij", {"max_gen_toks": 0})]) == [""]
+    assert attention.rows == [tok.encode("ghij")]
