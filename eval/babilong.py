@@ -930,7 +930,7 @@ def run_eval(args) -> dict:
             result = evaluate(model, tokenizer, samples, max_len=max_len, segment_len=args.segment_len, device=device,
                               max_new_tokens=args.max_new_tokens, overflow=args.overflow,
                               instruction=args.instruction, examples=args.examples, post_prompt=args.post_prompt,
-                              answer_prefix=args.answer_prefix)
+                              answer_prefix=args.answer_prefix, dtype=cfg.train.dtype)
             per_cell[(task, length)] = result
             samples_out += result["records"]
             print(f"{task:>4} {length:>5}  official {format_accuracy(result['official'])}  "

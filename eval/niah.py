@@ -333,7 +333,7 @@ def run(args) -> dict:
                              seed=args.seed, n_distractors=args.distractors, data_dir=args.data_dir, gpt2=gpt2,
                              books=books)
         r = evaluate_niah(model, tokenizer, samples, max_len=max_len, segment_len=args.segment_len, device=device,
-                          max_new_tokens=args.max_new_tokens, overflow=args.overflow)
+                          max_new_tokens=args.max_new_tokens, overflow=args.overflow, dtype=cfg.train.dtype)
         per_cell.append(r)
         tabulate_cell(results, task, length, r)
         results["by_depth"].setdefault(task, {})[length] = _by_depth(r["records"])

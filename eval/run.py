@@ -118,7 +118,8 @@ def perplexity_section(model, tokenizer, settings, seq_len, device, data_dir=Non
     return out
 
 
-def babilong_section(model, tokenizer, settings, seq_len, device, data_dir=None, out_dir=None, gpt2=None) -> dict:
+def babilong_section(model, tokenizer, settings, seq_len, device, data_dir=None, out_dir=None, gpt2=None,
+                     dtype="auto") -> dict:
     from eval import babilong as bl
     gpt2 = gpt2 or bl.length_tokenizer(data_dir)
     per_cell = {}
@@ -128,7 +129,7 @@ def babilong_section(model, tokenizer, settings, seq_len, device, data_dir=None,
                                         babi="file", data_dir=data_dir, gpt2=gpt2)
             per_cell[(task, length)] = bl.evaluate(model, tokenizer, samples, max_len=context_limit(model, seq_len),
                                                    segment_len=settings["segment_len"], device=device,
-                                                   max_new_tokens=settings["max_new_tokens"])
+                                                   max_new_tokens=settings["max_new_tokens"], dtype=dtype)
     result = {"source": "local: bAbI en test files + Austen test books",
               "scores": {"official": "greedy generation, BABILong compare_answers",
                          "label_ranking": bl.LABEL_RANKING},
@@ -138,7 +139,7 @@ def babilong_section(model, tokenizer, settings, seq_len, device, data_dir=None,
     return result
 
 
-def niah_section(model, tokenizer, settings, seq_len, device, data_dir=None, gpt2=None) -> dict:
+def niah_section(model, tokenizer, settings, seq_len, device, data_dir=None, gpt2=None, dtype="auto") -> dict:
     """S-NIAH cells. An attention model reads up to settings["max_len"] tokens where that is
     longer than its training context seq_len (the paper suite: 16384, its longest length, so
     that no needle is cut off, as the papers report full-length results)."""
@@ -157,7 +158,7 @@ def niah_section(model, tokenizer, settings, seq_len, device, data_dir=None, gpt
                                       background="austen", data_dir=data_dir, gpt2=gpt2)
             r = niah.evaluate_niah(model, tokenizer, samples, max_len=max_len,
                                    segment_len=settings["segment_len"], device=device,
-                                   max_new_tokens=settings["max_new_tokens"])
+                                   max_new_tokens=settings["max_new_tokens"], dtype=dtype)
             per_cell.append(r)
             niah.tabulate_cell(out, niah.parse_task(task), length, r)
     out["notes"] = notes_of(per_cell)
@@ -295,11 +296,12 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
                     from eval.babilong import length_tokenizer
                     gpt2 = length_tokenizer(data_dir)
                 if section == "babilong":
+                    # at the precision the run trained in (bf16 autocast on CUDA unless float32)
                     results[section] = babilong_section(model, tokenizer, settings[section], seq_len, device,
-                                                        data_dir, out_dir, gpt2)
+                                                        data_dir, out_dir, gpt2, dtype=cfg.train.dtype)
                 else:
                     results[section] = niah_section(model, tokenizer, settings[section], seq_len, device, data_dir,
-                                                    gpt2)
+                                                    gpt2, dtype=cfg.train.dtype)
         except (FileNotFoundError, ImportError) as e:     # offline data or optional package missing
             results[section] = {"skipped": str(e)}
         results["seconds"][section] = time.time() - started

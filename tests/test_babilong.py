@@ -230,6 +230,39 @@ def test_finetune_cli_runs_two_steps(tiny_checkpoint, tmp_path, monkeypatch):
     assert changed
 
 
+@needs_data
+def test_eval_and_niah_score_at_the_precision_the_run_trained_in(tiny_checkpoint, tmp_path, monkeypatch):
+    """The fine-tune computes as train.py trained (train.dtype), but eval.babilong and eval.niah
+    scored in bf16 on CUDA whatever the config: a float32 run's scores were bf16's. Both CLIs
+    (and eval.run's sections) now pass the checkpoint's train.dtype to the scorer."""
+    import shutil
+
+    import eval.babilong as bl
+    import eval.niah as niah
+    run = shutil.copytree(tiny_checkpoint, str(tmp_path / "run"))
+    path = os.path.join(run, "checkpoints", "step_000000", "config.yaml")
+    with open(path) as f:
+        text = f.read()
+    assert "dtype: auto" in text
+    with open(path, "w") as f:
+        f.write(text.replace("dtype: auto", "dtype: float32"))
+    monkeypatch.setenv("NL_DATA_DIR", SHARED_DATA)
+    seen = []
+
+    def scorer(*args, dtype="auto", **kwargs):
+        seen.append(dtype)
+        raise KeyboardInterrupt                 # the dtype is all this test needs
+    monkeypatch.setattr(bl, "evaluate", scorer)
+    monkeypatch.setattr(niah, "evaluate_niah", scorer)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        main(["eval", "--checkpoint", run, "--tasks", "qa1", "--lengths", "0k", "--samples", "1",
+              "--out", str(tmp_path / "bl"), "--device", "cpu"])
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        niah.main(["--checkpoint", run, "--tasks", "1", "--lengths", "512", "--samples", "1", "--max-new-tokens", "4",
+                   "--device", "cpu", "--out", str(tmp_path / "niah")])
+    assert seen == ["float32", "float32"]
+
+
 def test_finetune_on_a_babi_file_without_questions_is_an_error(tiny_checkpoint, tmp_path, capsys):
     """Its endless passes used to spin (10**9 empty rounds) instead of yielding a question."""
     data_dir = tmp_path / "data"

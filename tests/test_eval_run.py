@@ -241,8 +241,8 @@ def _stub_suite(monkeypatch, tag):
 
     import eval.babilong as bl
     import eval.run as run
-    cfg = types.SimpleNamespace(train=types.SimpleNamespace(seq_len=64), model=types.SimpleNamespace(arch="hope"),
-                                data=types.SimpleNamespace(tokenizer="bytes"))
+    cfg = types.SimpleNamespace(train=types.SimpleNamespace(seq_len=64, dtype="auto"),
+                                model=types.SimpleNamespace(arch="hope"), data=types.SimpleNamespace(tokenizer="bytes"))
     monkeypatch.setattr(run, "read_section_data", lambda *a, **kw: None)
     monkeypatch.setattr(run, "load_checkpoint", lambda *a: (object(), cfg, None, "cpu"))
     monkeypatch.setattr(run, "_training_data", lambda cfg: (None, "stub"))
