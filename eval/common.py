@@ -352,10 +352,16 @@ BAD_INPUT = (OSError, ValueError, ImportError, MemoryError)
 @contextmanager
 def exit_on_error(*errors):
     """An eval CLI's answer to bad input: any of `errors` (default BAD_INPUT) raised inside
-    prints one line "error: ..." on stderr and exits with status 2 (no traceback)."""
+    prints one line "error: ..." on stderr and exits with status 2 (no traceback). A reader
+    that stops early (`| head`) ends it quietly, with status 1 as sample.py."""
     errors = errors or BAD_INPUT
     try:
         yield
+    except BrokenPipeError:
+        # nothing to say to a reader that has gone; the interpreter's own flush of stdout at exit
+        # would raise again, so stdout is pointed at devnull (the Python docs' "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except errors as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)

@@ -403,6 +403,8 @@ def _default_path(flag_value, relative_path):
 def _format_table(results: dict) -> str:
     lines = [f"{'task':<10} {'metric':<16} {'value':>12}", "-" * 40]
     for task, metrics in results.items():
+        if task == "settings":              # what was scored, in the JSON; the command line says it here
+            continue
         for metric, value in metrics.items():
             if isinstance(value, float):  # an untrained model's perplexities are huge
                 shown = f"{value:.4f}" if abs(value) < 1e7 else f"{value:.4e}"
@@ -435,9 +437,17 @@ def run(args) -> dict:
         load_wikitext_documents(wikitext_path)
     if "lambada" in tasks:
         load_lambada_texts(lambada_path)
-    model, cfg, tokenizer, device = load_checkpoint(args.checkpoint, args.device)
+    # resolved once, as eval.run does: an out_dir names its latest step, which training may move
+    # on, so the step loaded and the step recorded are one and the same
+    from eval.run import checkpoint_identity, resolve_checkpoint_arg
+    resolved = resolve_checkpoint_arg(args.checkpoint)
+    model, cfg, tokenizer, device = load_checkpoint(resolved, args.device)
     max_len = cfg.train.seq_len
-    results = {}
+    # what the numbers are of, for a results file read without the command line that made it
+    results = {"settings": {"checkpoint": os.path.abspath(args.checkpoint), "checkpoint_dir": os.path.abspath(resolved),
+                            **checkpoint_identity(resolved), "tasks": tasks, "limit": args.limit,
+                            "batch_size": args.batch_size, "max_len": max_len, "wikitext": wikitext_path,
+                            "lambada": lambada_path, "device": str(device)}}
     if "val" in tasks or "unigram" in tasks:
         from train import open_training_data  # the folder train.py prepared and validated on
         dataset = open_training_data(cfg)

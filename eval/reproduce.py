@@ -423,7 +423,7 @@ def prepare_step(cfg) -> Step | None:
 def plan(table: str, root: str = DEFAULT_RESULTS_ROOT, nproc: int = 1, train_args: tuple = (),
          ablation_base: str = "hope_1.3b") -> list[Step]:
     """Data preparation first (each corpus once), then training (each run once), then the
-    evaluations, in row order."""
+    evaluations, in row order, the zero-shot ones last."""
     if nproc < 1:
         raise ReproduceError(f"--nproc must be >= 1, got {nproc}")
     rows = [r for r in table_rows(table, ablation_base) if r.run is not None]
@@ -441,6 +441,9 @@ def plan(table: str, root: str = DEFAULT_RESULTS_ROOT, nproc: int = 1, train_arg
                 evals += eval_steps(kind, row.run, root, final[row.run.name])
                 seen.add((row.run.name, kind))
         seen.add(row.run.name)
+    # the zero-shot steps last: they need lm-eval and the Hub, so where those are missing --run
+    # stops at the first of them after every local evaluation has run, not after one run's
+    evals.sort(key=lambda s: s.title.startswith("zeroshot "))
     return list(prepares.values()) + trains + evals
 
 
@@ -655,6 +658,13 @@ def _metrics_of(layout: Layout, run_path: str) -> dict:
                              "its step again") from None
 
 
+# what our perplexity columns are: the same definitions as the paper's (lm-eval's), not the same text or tokens
+OUR_PERPLEXITY_NOTE = ("Our Wiki ppl is eval.run's WikiText-2 word perplexity on the offline copy in the data folder, "
+                       "which has no blank lines: close to lm-eval's, not identical (docs/EVAL.md, \"Offline data "
+                       "caveat\"); ours are GPT-2 BPE models, the paper's Llama-2 tokenizer ones (docs/REPRODUCE.md, "
+                       "\"What differs from the papers\").")
+
+
 def _fmt(value, decimals) -> str:
     return "—" if value is None else f"{value:.{decimals}f}"
 
@@ -676,6 +686,8 @@ def markdown(table: str, root: str = DEFAULT_RESULTS_ROOT, ablation_base: str = 
         out.append(f"## {layout.title}\n")
         if layout.paper is not None and layout.paper.note:
             out.append(f"{layout.paper.note}\n")
+        if any(key in ("wiki_ppl", "ppl") for key, _, _ in layout.columns):
+            out.append(f"{OUR_PERPLEXITY_NOTE}\n")
         header = ["group", "model", "run"] + [h for _, h, _ in layout.columns] + ["note"]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" * len(header))
@@ -795,15 +807,20 @@ def main(argv=None):
             check_output_dir(folder, flag)
         except ValueError as e:
             raise ReproduceError(str(e)) from None
+        failed = None
         if args.run:
-            execute(steps)
+            try:
+                execute(steps)
+            except RuntimeError as e:        # the table still gets the numbers of the steps that finished
+                failed = e
         else:
             print(script(args.table, steps, args.results_root))
         text = markdown(args.table, args.results_root, args.ablation_base, steps)
-    out_dir = args.out or args.results_root
-    path = write_atomic(os.path.join(out_dir, f"{args.table}.md"), text)
-    print(text)
-    print(f"wrote {path}")
+        path = write_atomic(os.path.join(args.out or args.results_root, f"{args.table}.md"), text)
+        print(text)
+        print(f"wrote {path}")
+        if failed is not None:
+            raise failed
     return path
 
 

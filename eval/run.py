@@ -90,9 +90,10 @@ SUITES = {
 # sections: each takes a model and returns a JSON-able dict (and writes its plots)
 
 def perplexity_section(model, tokenizer, settings, seq_len, device, data_dir=None, dataset=None,
-                       why_no_dataset="no training data given") -> dict:
+                       why_no_dataset="no training data given", progress=False) -> dict:
     """dataset: the checkpoint's training data (a TokenDataset) for its val split, or None
-    (the val row then records why_no_dataset)."""
+    (the val row then records why_no_dataset). progress: a bar on stderr for WikiText and
+    LAMBADA (the paper suite's take minutes)."""
     from eval import perplexity as ppl
     out = {"window": seq_len}
     if dataset is not None:
@@ -106,13 +107,13 @@ def perplexity_section(model, tokenizer, settings, seq_len, device, data_dir=Non
     if wikitext_path and os.path.isfile(wikitext_path):
         out["wikitext"] = ppl.wikitext_word_perplexity(model, tokenizer, wikitext_path, seq_len, device=device,
                                                        limit_docs=settings["wikitext_docs"],
-                                                       batch_size=settings["batch_size"])
+                                                       batch_size=settings["batch_size"], progress=progress)
     else:
         out["wikitext"] = {"skipped": f"{ppl.WIKITEXT_FILE} not found in the data folder"}
     if lambada_path and os.path.isfile(lambada_path):
         out["lambada"] = ppl.lambada(model, tokenizer, lambada_path, device=device,
                                      limit=settings["lambada_passages"], max_len=seq_len,
-                                     batch_size=settings["batch_size"])
+                                     batch_size=settings["batch_size"], progress=progress)
     else:
         out["lambada"] = {"skipped": f"{ppl.LAMBADA_FILE} not found in the data folder"}
     return out
@@ -255,7 +256,7 @@ def check_during_training(names, data_dir=None) -> None:
 # the suite
 
 def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", data_dir: str | None = None,
-              sections=SECTIONS, log=print) -> dict:
+              sections=SECTIONS, log=print, progress=False) -> dict:
     """Run `sections` of `suite` on the checkpoint and write out_dir/results.json, results.md and
     the plots -> the results. An out_dir that already holds the results of this checkpoint and
     suite (an earlier run of other sections) keeps them: the sections run now replace theirs
@@ -264,7 +265,8 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
         raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
     bad = [s for s in sections if s not in SECTIONS]
     if bad or not sections:
-        raise ValueError(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
+        raise ValueError(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}" if bad else
+                         f"no section given; choose from {', '.join(SECTIONS)}")
     check_data_dir(data_dir)
     check_output_dir(out_dir)
     # resolved once: an out_dir names its latest step, which training may move on, so the step
@@ -280,6 +282,7 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
     results = {"suite": suite, "checkpoint": os.path.abspath(checkpoint),
                "checkpoint_dir": os.path.abspath(resolved), **identity, "arch": cfg.model.arch,
                "tokenizer": cfg.data.tokenizer, "context": seq_len, "device": str(device),
+               "data_dir": os.path.abspath(root) if (root := data_dir or _data_dir()) else None,  # what was read
                "settings": {s: settings[s] for s in sections}, "seconds": {}}
     gpt2 = None         # GPT-2 BPE, the unit of BABILong and S-NIAH lengths: loaded once, by the first of them
     for section in sections:
@@ -287,7 +290,7 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
         try:
             if section == "perplexity":
                 results[section] = perplexity_section(model, tokenizer, settings[section], seq_len, device,
-                                                      data_dir, *_training_data(cfg))
+                                                      data_dir, *_training_data(cfg), progress=progress)
             elif section == "continual":
                 results[section] = continual_section(model, tokenizer, settings[section], seq_len, device, data_dir,
                                                      out_dir, cfg=cfg)
@@ -456,9 +459,27 @@ def _grid(title, table: dict, percent=True) -> str:
     return f"{title}\n\n" + _table([""] + cols, rows)
 
 
+PERPLEXITY_UNITS = ("loss: mean next-token NLL in nats per token of the checkpoint's tokenizer, perplexity = "
+                    "exp(loss); wikitext word_perplexity per whitespace word, bits_per_byte per UTF-8 byte; lambada "
+                    "perplexity per passage (its last word), accuracy a fraction (1.0 = all)")
+
+
 def _perplexity_md(p) -> list:
     rows = [[task, metric, value] for task in ("val", "wikitext", "lambada") for metric, value in p[task].items()]
-    return [_table(["task", "metric", "value"], rows)]
+    return [f"{PERPLEXITY_UNITS}\n", _table(["task", "metric", "value"], rows)]
+
+
+def _setting(value) -> str:
+    # None is the paper suite's "no limit" (val_batches, wikitext_docs, lambada_passages)
+    if value is None:
+        return "all"
+    return json.dumps(value, separators=(", ", ": ")) if isinstance(value, (dict, list)) else str(value)
+
+
+def _settings_md(settings) -> str:
+    """One line naming what a section scored: the quick suite scores a small part of each
+    data set, which the numbers alone do not show."""
+    return "settings: " + "; ".join(f"{key} {_setting(value)}" for key, value in settings.items()) + "\n"
 
 
 def _scores_md(r, scores) -> list:
@@ -466,8 +487,13 @@ def _scores_md(r, scores) -> list:
     return [_grid(f"**{score}**: {r['scores'][score]}", r[score]) for score in scores]
 
 
+BABILONG_UNTUNED = ("The checkpoint as given: the BABILong protocol fine-tunes on bAbI first (python -m "
+                    "eval.babilong finetune; eval.reproduce does both), so these are not the paper's kind of score.")
+
+
 def _babilong_md(b) -> list:
-    return [f"{b['source']}; {b['context_handling']}\n"] + _scores_md(b, ("official", "label_ranking"))
+    return [f"{b['source']}; {b['context_handling']}\n", f"{BABILONG_UNTUNED}\n"] + _scores_md(
+        b, ("official", "label_ranking"))
 
 
 def _niah_md(n) -> list:
@@ -509,12 +535,18 @@ SECTION_MARKDOWN = {
 
 
 def results_markdown(results: dict) -> str:
+    # the step scored: an out_dir as --checkpoint names its latest, which training moves on
+    step = f" (step {results['checkpoint_step']})" if "checkpoint_step" in results else ""
     md = [f"# Evaluation: {results['arch']} ({results['suite']} suite)\n",
-          f"checkpoint `{results['checkpoint']}`, tokenizer {results['tokenizer']}, context {results['context']}\n"]
+          f"checkpoint `{results['checkpoint']}`{step}, tokenizer {results['tokenizer']}, "
+          f"context {results['context']}" + (f", offline data `{results['data_dir']}`" if results.get("data_dir") else "")
+          + "\n"]
     for section, (heading, body) in SECTION_MARKDOWN.items():
         r = results.get(section)
         if r is not None:
             md.append(heading)
+            if section in results.get("settings", {}):
+                md.append(_settings_md(results["settings"][section]))
             md += [f"skipped: {r['skipped']}\n"] if "skipped" in r else body(r)
     return "\n".join(md)
 
@@ -583,7 +615,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with exit_on_error():
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-        results = run_suite(args.checkpoint, args.suite, args.out, args.device, args.data_dir, sections)
+        if not sections:
+            raise ValueError(f"--sections {args.sections!r} names no section; choose from {', '.join(SECTIONS)}")
+        results = run_suite(args.checkpoint, args.suite, args.out, args.device, args.data_dir, sections,
+                            progress=True)
     print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")
     return results
 

@@ -57,6 +57,22 @@ def test_model_kind_and_device():
     assert is_recurrent(model) and context_limit(model, 256) is None        # recurrent: streams
 
 
+def test_a_reader_that_stops_early_ends_an_eval_cli_quietly(monkeypatch, capsys):
+    """`python -m eval.reproduce nl_table2 | head` ended with "error: [Errno 32] Broken pipe"
+    and status 2, as if the input were bad: it now ends quietly with status 1, as sample.py.
+    stdout here is a pipe whose reader is already gone (the test's own, not fd 1)."""
+    import sys
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w") as broken:
+        monkeypatch.setattr(sys, "stdout", broken)
+        with pytest.raises(SystemExit) as exit_info:
+            with exit_on_error():
+                print("| table |", flush=True)
+        monkeypatch.undo()
+    assert exit_info.value.code == 1 and capsys.readouterr().err == ""
+
+
 def test_exit_on_error_only_for_the_named_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         with exit_on_error(FileNotFoundError, ValueError):

@@ -110,6 +110,9 @@ def test_out_is_checked_before_loading(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--bogus"], "error: unrecognized arguments: --bogus\n"),
     (["--device"], "error: argument --device: expected one argument\n"),
+    # it said "unknown section(s) []"
+    (["--sections", ","], "error: --sections ',' names no section; choose from perplexity, babilong, niah, "
+                          "continual\n"),
 ])
 def test_flag_errors_are_one_line(tmp_path, capsys, args, message):
     import eval.run as run
@@ -179,6 +182,45 @@ def test_results_markdown_shows_accuracies_in_percent():
     assert "| icl | 50.0 | -25.0 | 25.0 | 75.0 |" in md and "| after b | 50.0 | 50.0 |" in md
     assert "| niah_single_1 | 25.0 | n/a |" in md and "| niah_single_1 | 50.0 | 100.0 |" in md
     assert "| wikitext | word_perplexity | 31.2500 |" in md and "| lambada | accuracy | 0.1250 |" in md
+
+
+def test_results_markdown_names_the_step_the_settings_and_the_units():
+    """results.md of an out_dir as --checkpoint: the step scored, what each section scored
+    (the quick suite: 4 val batches, 1 WikiText article, 20 LAMBADA passages; the paper
+    suite: all of them) and the perplexity units. Kills a results.md whose quick-suite numbers
+    read like full-data ones, of a step it does not name."""
+    from eval.run import SUITES, results_markdown
+    results = {"arch": "hope", "suite": "quick", "checkpoint": "/runs/x", "checkpoint_step": 20, "tokenizer": "gpt2",
+               "context": 128, "data_dir": "/data", "settings": {"perplexity": SUITES["quick"]["perplexity"]},
+               "perplexity": {"val": {"loss": 2.5}, "wikitext": {"word_perplexity": 31.25},
+                              "lambada": {"accuracy": 0.125}}}
+    md = results_markdown(results)
+    assert "checkpoint `/runs/x` (step 20), tokenizer gpt2, context 128, offline data `/data`" in md
+    assert "settings: val_batches 4; wikitext_docs 1; lambada_passages 20; batch_size 8\n" in md
+    assert "nats per token" in md and "accuracy a fraction" in md
+    results["settings"]["perplexity"] = SUITES["paper"]["perplexity"]
+    assert "settings: val_batches all; wikitext_docs all; lambada_passages all" in results_markdown(results)
+    # BABILong's section says that it scored the checkpoint as given, not fine-tuned first
+    results["babilong"] = {"source": "local", "context_handling": "streamed", "official": {}, "label_ranking": {},
+                           "scores": {"official": "greedy", "label_ranking": "ranking"}}
+    assert "The checkpoint as given: the BABILong protocol fine-tunes on bAbI first" in results_markdown(results)
+
+
+def test_the_cli_shows_progress_of_wikitext_and_lambada(tmp_path, monkeypatch):
+    """The paper suite's perplexity section ran ~200 s without a word, where eval.perplexity
+    shows a bar: `python -m eval.run` passes progress to both scorers (the bar is on stderr)."""
+    import eval.perplexity as ppl
+    from eval.run import perplexity_section
+    for path in (ppl.WIKITEXT_FILE, ppl.LAMBADA_FILE):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("")
+    seen = []
+    monkeypatch.setattr(ppl, "wikitext_word_perplexity", lambda *a, progress=False, **k: seen.append(progress) or {})
+    monkeypatch.setattr(ppl, "lambada", lambda *a, progress=False, **k: seen.append(progress) or {})
+    settings = {"batch_size": 8, "val_batches": 1, "wikitext_docs": 1, "lambada_passages": 1}
+    perplexity_section(None, None, settings, 16, "cpu", str(tmp_path), progress=True)
+    perplexity_section(None, None, settings, 16, "cpu", str(tmp_path))
+    assert seen == [True, True, False, False]
 
 
 @pytest.mark.parametrize("damaged, content, message", [

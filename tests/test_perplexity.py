@@ -486,7 +486,12 @@ def test_cli_end_to_end_with_a_stub_checkpoint_loader(tmp_path, monkeypatch, cap
     ppl.main(["--checkpoint", str(tmp_path / "ckpt"), "--wikitext", str(wiki), "--lambada", str(lam),
               "--limit", "2", "--device", "cpu", "--out", str(out)])
     results = json.loads(out.read_text())
-    assert "word_perplexity" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "word_perplexity" in printed and "settings" not in printed
+    # the JSON says what it is of: the checkpoint, --limit and the files (it said only the numbers)
+    assert results["settings"] == {"checkpoint": str(tmp_path / "ckpt"), "checkpoint_dir": str(tmp_path / "ckpt"),
+                                   "tasks": ["val", "unigram", "wikitext", "lambada"], "limit": 2, "batch_size": 8,
+                                   "max_len": 16, "wikitext": str(wiki), "lambada": str(lam), "device": "cpu"}
     dataset = TokenDataset(str(tmp_path / "prepared"))
     assert results["val"] == pytest.approx(ppl.evaluate_split(model, dataset, "val", 8, 16, max_batches=2))
     assert results["wikitext"] == pytest.approx(ppl.wikitext_word_perplexity(model, byte_tok, str(wiki), 16, limit_docs=2))
