@@ -558,6 +558,9 @@ def parse_overrides(args: list[str]) -> dict:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or arg == "--":
+            if arg.endswith((".yaml", ".yml")):     # torchtitan-style `--overrides CONFIG` order
+                raise ConfigError(f"unexpected argument '{arg}': the config file comes first, before the "
+                                  "--section.key=value overrides")
             raise ConfigError(f"unexpected argument '{arg}'; overrides look like --section.key=value")
         body = arg[2:]
         if "=" in body:

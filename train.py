@@ -13,6 +13,7 @@ Under torchrun every rank runs this file; rank 0 alone prints and writes logs, a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -263,9 +264,10 @@ def check_resume_config(cfg: Config, ckpt: str):
     """A resumed run is the checkpoint's model: a model field that would load into the same
     shapes but compute something else (heads, RoPE theta, chunk sizes, ...; all but
     RESUME_MAY_CHANGE, in the sections the architecture reads) or another tokenizer is a
-    one-line ConfigError. So are another train.seed or data.sampling: the resumed data stream
-    is the checkpoint's (a run begun before the paper configs took data.sampling=shuffled
-    resumes with --data.sampling=random), and so is another corpus or data recipe
+    one-line ConfigError. So are another train.seed, train.batch_size, train.seq_len or
+    data.sampling: the resumed data stream is the checkpoint's (a run begun before the paper
+    configs took data.sampling=shuffled resumes with --data.sampling=random), and so is
+    another corpus or data recipe
     (data_recipe_settings: checked before data.prepare would tokenize it); and another
     optimiser (optimiser_state_settings), whose state would not load. -> the checkpoint's config."""
     saved = load_config_of(ckpt)
@@ -283,6 +285,10 @@ def check_resume_config(cfg: Config, ckpt: str):
                                               ("data.sampling", saved.data.sampling, cfg.data.sampling),
                                               *data_recipe_settings(saved.data, cfg.data),
                                               ("train.seed", saved.train.seed, cfg.train.seed),
+                                              # the data position is one of these windows: the
+                                              # sampler refuses another only after the model is built
+                                              ("train.batch_size", saved.train.batch_size, cfg.train.batch_size),
+                                              ("train.seq_len", saved.train.seq_len, cfg.train.seq_len),
                                               *optimiser_state_settings(saved.optim, cfg.optim)) if a != b]
     if changed:
         key, a, b = changed[0]
@@ -606,13 +612,36 @@ def resume_training(resume_from, saved_cfg, model, optimizer, sampler, cfg: Conf
     sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"])
     say(f"resumed from {resume_from} at step {start_step}")
-    if saved_cfg.train.max_steps != t.max_steps and start_step < t.max_steps:
-        say(f"note: train.max_steps={t.max_steps}, the checkpoint's run had {saved_cfg.train.max_steps}: the lr "
-            f"schedule now ends at step {t.max_steps}, so from step {start_step + 1} on the lr is not the one the "
-            f"checkpoint's run would have used")
+    note = schedule_change_note(cfg, saved_cfg.train.max_steps, start_step)
+    if note:
+        say(note)
     if start_step == t.max_steps:
         say(f"already at train.max_steps={t.max_steps}: nothing to train")
     return start_step, state["stats"]
+
+
+def schedule_change_note(cfg: Config, saved_max_steps: int, start_step: int) -> str | None:
+    """The start-up note of a run resumed at `start_step` under another train.max_steps than
+    the checkpoint's run had, or None where that changes no step's lr. A warmup, a constant
+    schedule and WSD's stable phase do not depend on max_steps: the note said the lr changed
+    from the resumed step on even then. Going on past the checkpoint's run's end, the note
+    gives the lr there, which a finished cosine run takes from its floor back up."""
+    new_max = cfg.train.max_steps
+    if saved_max_steps == new_max or start_step >= new_max:
+        return None
+    saved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=saved_max_steps))
+    head = (f"note: train.max_steps={new_max}, the checkpoint's run had {saved_max_steps}: the lr schedule now "
+            f"ends at step {new_max}")
+    # (lr_at is a few float ops: scanning every shared step costs well under a second at 1M steps)
+    changed = next((s for s in range(start_step, min(saved_max_steps, new_max))
+                    if lr_at(s, cfg) != lr_at(s, saved)), None)
+    if changed is not None:
+        return (f"{head}, so from step {changed + 1} on the lr is not the one the checkpoint's run would have "
+                f"used (step {changed + 1}: {lr_at(changed, cfg):.3g}, not {lr_at(changed, saved):.3g})")
+    if new_max > saved_max_steps:
+        return (f"{head}; the steps after {saved_max_steps}, its last, go on at lr {lr_at(saved_max_steps, cfg):.3g} "
+                f"(step {saved_max_steps} had {lr_at(saved_max_steps - 1, saved):.3g})")
+    return None
 
 
 def sample_after_training(model, tokenizer, t, device, autocast) -> str:
@@ -808,6 +837,7 @@ def _train(cfg: Config, env: DistEnv):
 
     model.train()
     bad_in_a_row, throughput = 0, Throughput()
+    last_eval = None        # (step, result): the final eval reuses the last step's
     tokens_per_step = t.batch_size * t.seq_len
     for step in range(start_step, t.max_steps):
         lr = lr_at(step, cfg)
@@ -843,6 +873,7 @@ def _train(cfg: Config, env: DistEnv):
         if t.eval_every and (done % t.eval_every == 0 or done == t.max_steps):
             with throughput.paused():       # eval and checkpoint time is left out of tokens/s
                 r = evaluate()
+                last_eval = (done, r)
                 record = record or {"step": done, "tokens": stats["tokens"], "loss": loss if updated else None,
                                     "lr": lr}
                 record.update(val_loss=r["loss"], val_ppl=r["perplexity"], val_bpb=r["bits_per_byte"])
@@ -866,7 +897,9 @@ def _train(cfg: Config, env: DistEnv):
                 checkpoint(done)
 
     if cfg.eval.final:
-        r = evaluate()
+        # the last step's eval scored these weights on the same batches: running it again doubled
+        # the final eval's time for the same numbers
+        r = last_eval[1] if last_eval and last_eval[0] == t.max_steps else evaluate()
         summary = {"val_loss": r["loss"], "val_ppl": r["perplexity"], "val_bpb": r["bits_per_byte"],
                    "tokens": stats["tokens"], "skipped_steps": stats["skipped_steps"], "params": n_params}
         if env.is_main:
@@ -901,6 +934,7 @@ def main(argv=None):
     path = DEFAULT_CONFIG
     if argv and not argv[0].startswith("--"):
         path, argv = argv[0], argv[1:]
+    cfg = None
     try:
         data = config_data(path, argv)
         cfg = config_from_dict(data)
@@ -914,13 +948,28 @@ def main(argv=None):
         sys.stderr.write(f"error: {'out of memory: ' if isinstance(e, MemoryError) else ''}{e}\n")
         return 2
     except KeyboardInterrupt:       # Ctrl-C: a traceback would add nothing
-        sys.stderr.write("interrupted: checkpoints are written atomically, so train.resume=auto continues from "
-                         "the last one\n")
+        sys.stderr.write(f"interrupted: {rerun_hint(cfg)}\n")
         return 130
     except Terminated:
-        sys.stderr.write("terminated (SIGTERM): checkpoints are written atomically, so train.resume=auto continues "
-                         "from the last one\n")
+        sys.stderr.write(f"terminated (SIGTERM): {rerun_hint(cfg)}\n")
         return 143
+
+
+def rerun_hint(cfg: Config | None) -> str:
+    """What running the same command again does after a stop. It said the run continues from
+    the last checkpoint also when none had been saved yet (stopped before train.ckpt_every),
+    where a rerun starts over."""
+    saved = "checkpoints are written atomically, so train.resume=auto continues from the last one"
+    if cfg is None:                 # stopped while reading the config
+        return saved
+    try:
+        latest = find_checkpoint(os.path.join(cfg.train.out_dir, "checkpoints"))
+    except (OSError, ValueError):   # a damaged `latest`: the rerun's resume names it
+        return saved
+    if latest:
+        return f"{saved} ({latest})"
+    return (f"no checkpoint of this run was saved yet (train.ckpt_every={cfg.train.ckpt_every}): the same command "
+            "starts it again")
 
 
 class Terminated(BaseException):

@@ -251,10 +251,12 @@ class BatchSampler:
             key = next(k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
             raise ValueError(f"data position was saved on data prepared with {key}={theirs.get(key)!r}, this run "
                              f"reads data prepared with {key}={ours.get(key)!r}: the batch stream would differ")
-        for key in ("batch_size", "seq_len", "sampling", "num_windows"):
+        # named as the config names them (num_windows: a count of the prepared data's windows)
+        for key, name in (("batch_size", "train.batch_size"), ("seq_len", "train.seq_len"),
+                          ("sampling", "data.sampling"), ("num_windows", "num_windows")):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"data position was saved with {key}={state[key]}, this sampler has "
-                                 f"{key}={getattr(self, key)}: the batch stream would differ")
+                raise ValueError(f"data position was saved with {name}={state[key]}, this sampler has "
+                                 f"{name}={getattr(self, key)}: the batch stream would differ")
         self.step = int(state["step"])
         self.seed = int(state["seed"])
 

@@ -426,8 +426,9 @@ def prepare(source: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: fl
                 num_documents += 1
                 bar.update(1)
         if num_documents < 2:
-            raise ValueError(f"source {source!r} gave {num_documents} non-empty document(s); "
-                             "need at least 2 for train and val")
+            raise ValueError(f"source {source!r} gave {num_documents} non-empty document(s); need at least 2 for "
+                             "train and val (each .txt file, .jsonl line or hf: row is one document: split a "
+                             "single file into several)")
         if held_train is None:
             raise ValueError(f"all {num_documents} documents fell into val: lower val_fraction ({val_fraction})")
         writers["val" if writers["val"].documents == 0 else "train"].add(*held_train)

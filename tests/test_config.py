@@ -80,6 +80,10 @@ def test_override_parsing_errors():
     with pytest.raises(ConfigError, match=r"^override '--train.out_dir' has no value; use --train.out_dir=VALUE$"):
         parse_overrides(["--train.out_dir", "--train.max_steps=1"])
     assert parse_overrides(["--train.lr", "-1"]) == {"train": {"lr": -1}}    # a negative value is a value
+    # a config file after the overrides (torchtitan's order) was told to look like an override
+    with pytest.raises(ConfigError, match=r"^unexpected argument 'configs/hope_tiny.yaml': the config file comes "
+                                          r"first, before the --section.key=value overrides$"):
+        parse_overrides(["--train.max_steps=1", "configs/hope_tiny.yaml"])
 
 
 def test_missing_and_invalid_files(tmp_path):

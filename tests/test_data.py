@@ -485,6 +485,15 @@ def test_prepare_pool_workers_end_quietly_under_train_pys_sigterm_handler():
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_single_document_is_refused_with_the_way_out(tmp_path):
+    """One .txt file is one document, too few for a train and a val split: the error said
+    only "need at least 2", and a researcher with one corpus file was stuck."""
+    (tmp_path / "corpus.txt").write_text("In the beginning. " * 50)
+    with pytest.raises(ValueError, match=r"gave 1 non-empty document\(s\); need at least 2 for train and val "
+                                         r"\(each \.txt file, .* split a single file into several\)"):
+        prepare(f"files:{tmp_path}/*.txt", str(tmp_path / "out"), "bytes", num_workers=1, quiet=True)
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--max-docs", "-5", "must be >= 2, got -5"),
     ("--max-docs", "1", "must be >= 2, got 1"),
@@ -754,8 +763,8 @@ def test_shuffled_sampling_reads_every_window_once_per_epoch(token_dir):
         x, y = sampler.next_batch()
         assert torch.equal(resumed.next_batch()[0], x)
         assert torch.equal(torch.cat([r.next_batch()[0] for r in ranks]), x)
-    with pytest.raises(ValueError, match="data position was saved with sampling=shuffled, this sampler has "
-                                         "sampling=random"):
+    with pytest.raises(ValueError, match="data position was saved with data.sampling=shuffled, this sampler has "
+                                         "data.sampling=random"):
         BatchSampler(dataset, "train", batch_size=4, seq_len=50, seed=3).load_state_dict(state)
     old = {k: v for k, v in BatchSampler(dataset, "train", 4, 50, seed=3).state_dict().items() if k != "sampling"}
     BatchSampler(dataset, "train", 4, 50, seed=3).load_state_dict(old)      # saved before `sampling` existed
@@ -951,7 +960,7 @@ def test_sampler_refuses_a_position_from_another_stream(tmp_path, token_dir):
     other data (another window count), is a one-line error naming the key. Kills: those checks
     left out (a resume that silently reads other batches)."""
     state = BatchSampler(TokenDataset(token_dir), "train", batch_size=4, seq_len=8, seed=0).state_dict()
-    with pytest.raises(ValueError, match=r"saved with seq_len=8, this sampler has seq_len=16"):
+    with pytest.raises(ValueError, match=r"saved with train.seq_len=8, this sampler has train.seq_len=16"):
         BatchSampler(TokenDataset(token_dir), "train", batch_size=4, seq_len=16, seed=0).load_state_dict(state)
     other, _ = _windows_dir(tmp_path, [40, 60], seq_len=8)
     with pytest.raises(ValueError, match=r"saved with num_windows=\d+, this sampler has num_windows=84"):

@@ -724,6 +724,52 @@ def test_last_step_off_the_cadence_is_logged_evaluated_and_checkpointed(corpus, 
     assert final["tokens"] == 5 * 128 and final["skipped_steps"] == 0
 
 
+def test_final_eval_reuses_the_last_steps_eval(corpus, tmp_path, monkeypatch):
+    """The last step's eval (train.eval_every, which always runs at max_steps) scores the same
+    weights on the same batches as the final eval: it ran twice, doubling the end-of-run eval
+    time for the same numbers. Without an eval at the last step the final eval still runs."""
+    import eval.perplexity
+    import train as train_mod
+    calls = []
+    real = eval.perplexity.evaluate_split
+    monkeypatch.setattr(eval.perplexity, "evaluate_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "run"
+    assert train_mod.train(_cfg(corpus, out, "--train.max_steps=3", "--train.eval_every=2", "--eval.final=true")) == 0
+    assert len(calls) == 2          # steps 2 and 3; the final eval is step 3's
+    final = json.load(open(out / "final_eval.json"))
+    assert final["val_loss"] == read_metrics(out)[-1]["val_loss"]
+    calls.clear()
+    assert train_mod.train(_cfg(corpus, tmp_path / "run2", "--train.max_steps=2", "--eval.final=true")) == 0
+    assert len(calls) == 1          # train.eval_every=0: the final eval alone
+
+
+def test_schedule_change_note_says_only_what_changes(tmp_path):
+    """A resume under another train.max_steps: the note claimed the lr changed from the resumed
+    step on even where max_steps changes no step's lr (a warmup, a constant schedule, WSD's
+    stable phase). Now it names the first step whose lr differs from the checkpoint's run's,
+    and past that run's end the lr the run goes on at (a finished cosine jumps back up)."""
+    from config import load_config
+    from train import lr_at, schedule_change_note
+
+    def cfg(*args):
+        return load_config(None, ["--train.lr=1e-3", "--optim.min_lr_ratio=0.1", f"--train.out_dir={tmp_path}", *args])
+    warmup = cfg("--train.max_steps=9", "--optim.warmup_steps=40")
+    assert schedule_change_note(warmup, 20, 4) is None          # steps 5-9 keep their warmup lr
+    assert schedule_change_note(cfg("--train.max_steps=50", "--optim.schedule=constant"), 100, 10) is None
+    wsd = cfg("--train.max_steps=10", "--optim.schedule=wsd", "--optim.warmup_steps=2")
+    assert "so from step 10 on the lr is not" in schedule_change_note(wsd, 20, 3)    # steps 4-9: stable in both
+    assert schedule_change_note(warmup, 9, 4) is None            # the same max_steps
+    cosine = cfg("--train.max_steps=200", "--optim.warmup_steps=10")
+    assert schedule_change_note(cosine, 100, 50) == (
+        "note: train.max_steps=200, the checkpoint's run had 100: the lr schedule now ends at step 200, so from "
+        "step 51 on the lr is not the one the checkpoint's run would have used (step 51: 0.000905, not 0.000628)")
+    assert schedule_change_note(cosine, 5, 5) == (     # the warmup is shared: past the run's end
+        "note: train.max_steps=200, the checkpoint's run had 5: the lr schedule now ends at step 200; the steps "
+        "after 5, its last, go on at lr 0.0006 (step 5 had 0.0005)")
+    note = schedule_change_note(cosine, 100, 100)      # a finished cosine: from its floor back up
+    assert note.endswith(f"go on at lr {lr_at(100, cosine):.3g} (step 100 had 0.0001)") and lr_at(100, cosine) > 5e-4
+
+
 def test_save_checkpoint_keeps_the_newest_and_latest_names_one(tmp_path):
     """save_checkpoint's pruning on a toy model: keep=2 over steps 1-4 leaves step 3 and 4 and
     `latest` at 4, and clears a .tmp- folder left by a killed save; re-saving a step replaces
@@ -885,6 +931,9 @@ def test_resume_refuses_a_changed_model_tokenizer_or_seed(corpus, tmp_path, caps
     for flag, message in [("--model.n_head=4", "model.n_head=2, this run has 4"),
                           ("--model.rope_theta=500000", "model.rope_theta=10000.0, this run has 500000.0"),
                           ("--train.seed=7", "train.seed=1337, this run has 7"),
+                          # refused by the data sampler after the model was built, naming no key
+                          ("--train.batch_size=2", "train.batch_size=4, this run has 2"),
+                          ("--train.seq_len=16", "train.seq_len=32, this run has 16"),
                           ("--data.sampling=shuffled", "data.sampling='random', this run has 'shuffled'"),
                           # its state would not load: a DCP metadata error named the earlier checkpoint
                           # as if this one were damaged
@@ -897,8 +946,8 @@ def test_resume_refuses_a_changed_model_tokenizer_or_seed(corpus, tmp_path, caps
     assert train_mod.train(_cfg(corpus, out, "--train.max_steps=3", "--model.kernels=torch",
                                 "--model.hope.chunk_mem=8", "--model.titans.max_grad_norm=1.0")) == 0
     # a longer run stretches the schedule: said, since the resumed lr is not the first run's
-    assert ("note: train.max_steps=3, the checkpoint's run had 2: the lr schedule now ends at step 3, so from "
-            "step 3 on the lr is not the one the checkpoint's run would have used") in capsys.readouterr().out
+    assert "note: train.max_steps=3, the checkpoint's run had 2: the lr schedule now ends at step 3; the steps after " \
+           "2, its last, go on at lr" in capsys.readouterr().out
 
 
 def test_resume_takes_the_optimiser_settings_of_the_config(tmp_path):
@@ -1207,7 +1256,8 @@ def test_sigterm_is_one_line_and_the_run_resumes(corpus, tmp_path):
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143, err
-    assert err.startswith("terminated (SIGTERM): ") and err.count("\n") == 1
+    assert err.startswith("terminated (SIGTERM): checkpoints are written atomically, so train.resume=auto continues "
+                          f"from the last one ({out / 'checkpoints' / 'step_'}") and err.count("\n") == 1
     r = run_train([*args[:-4], "--train.max_steps=" + str(read_metrics(out)[-1]["step"] + 1), "--train.eval_every=0",
                    "--eval.final=false"])
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
@@ -1225,9 +1275,12 @@ def test_interrupt_and_unlockable_out_dir(corpus, tmp_path, monkeypatch, capsys)
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
         m.setattr(train_mod, "train", interrupted)
-        assert train_mod.main([*TINY, f"--train.out_dir={tmp_path / 'a'}"]) == 130
+        assert train_mod.main([*TINY, f"--train.out_dir={tmp_path / 'a'}", "--train.ckpt_every=5"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted: ") and err.count("\n") == 1
+    # it said the rerun continues from the last checkpoint also where none had been saved
+    assert err == ("interrupted: no checkpoint of this run was saved yet (train.ckpt_every=5): the same command "
+                   "starts it again\n")
 
     def no_locks(f, how):
         raise OSError(errno.ENOSYS, "Function not implemented")
