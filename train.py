@@ -18,6 +18,8 @@ import json
 import math
 import os
 import random
+import re
+import secrets
 import signal
 import socket
 import sys
@@ -153,8 +155,9 @@ def prepare_data(cfg: Config, data_dir):
 
 
 # what a run writes in train.out_dir: name -> whether it is a folder
+WANDB_ID = "wandb_run_id"      # <out_dir>/wandb_run_id: the W&B run a resume of this out_dir continues
 OUT_DIR_ENTRIES = {"checkpoints": True, "config.yaml": False, "metrics.jsonl": False, "final_eval.json": False,
-                   ".lock": False}
+                   ".lock": False, WANDB_ID: False}
 # out_dir -> the open .lock file of this process's run (an flock lasts while its file is open)
 _out_dir_locks = {}
 
@@ -502,7 +505,25 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def init_wandb(cfg: Config):
+def wandb_run_id(cfg: Config, continues: bool) -> tuple[str, bool]:
+    """(the W&B run id of this training run, whether it continues a recorded one). A run that
+    resumes a checkpoint of its own out_dir (`continues`) logs into the W&B run recorded in
+    <out_dir>/wandb_run_id; a fresh run, or one resumed from elsewhere, gets a new id, which
+    start_logging records once the outputs are open. After a rollback W&B keeps the steps it
+    has and drops the re-logged ones up to its last (metrics.jsonl holds the rollback's)."""
+    path = os.path.join(cfg.train.out_dir, WANDB_ID)
+    if cfg.logging.wandb == "disabled" or not (continues and os.path.isfile(path)):
+        return secrets.token_hex(4), False
+    with open(path, errors="replace") as f:
+        run_id = f.read().strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+        raise ConfigError(f"{path} holds no W&B run id (got {run_id[:40]!r}): delete it to log this resumed run as "
+                          "a new W&B run")
+    return run_id, True
+
+
+def init_wandb(cfg: Config, run_id: str | None = None, resume: bool = False):
+    """The W&B run (id `run_id`, continued where `resume`), or None for logging.wandb=disabled."""
     mode = cfg.logging.wandb
     if mode == "disabled":
         return None
@@ -520,7 +541,7 @@ def init_wandb(cfg: Config):
     os.makedirs(cfg.train.out_dir, exist_ok=True)
     try:
         return wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.run_name or None, mode=mode,
-                          config=to_dict(cfg), dir=cfg.train.out_dir)
+                          config=to_dict(cfg), dir=cfg.train.out_dir, id=run_id, resume="allow" if resume else None)
     except Exception as e:          # wandb's own errors (a bad project name, ...): one line
         raise ConfigError(f"logging.wandb={mode}: wandb.init failed: {one_line(e)}") from None
 
@@ -763,13 +784,17 @@ def _train(cfg: Config, env: DistEnv):
 
     def start_logging():    # wandb first: its errors (a bad project name) come before any rewrite
         lock_out_dir(t.out_dir)       # held to the end of the process: one run per out_dir
-        run = init_wandb(cfg)
+        run_id, continued = wandb_run_id(cfg, continues=bool(resume_from) and is_under(resume_from, ckpt_root))
+        run = init_wandb(cfg, run_id, continued)
         try:
-            return open_outputs(), run
+            outputs = open_outputs()
         except BaseException:
             if run:
                 run.finish(exit_code=1)     # else a crashed run is left in the project
             raise
+        if run and not continued:
+            write_atomic(os.path.join(t.out_dir, WANDB_ID), f"{run_id}\n")
+        return outputs, run
     metrics, run = distributed.on_main(env, start_logging) or (None, None)
 
     def checkpoint(step):   # collective: every rank writes its shards

@@ -190,6 +190,38 @@ def _snapshot(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def test_a_resumed_run_logs_into_the_same_wandb_run(corpus, tmp_path, monkeypatch, capsys):
+    """Every resume opened a new W&B run, so a preempted job's curve was split over several.
+    A run records its W&B id in <out_dir>/wandb_run_id and a resume of that out_dir continues
+    it (resume="allow"); a run started over, or resumed from another out_dir, is a new one;
+    a damaged id file is a one-line error naming it. wandb is a stub here (offline, fast)."""
+    import types
+
+    import train as train_mod
+    inits = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: inits.append(kw) or types.SimpleNamespace(log=lambda *a, **k: None,
+                                                                        finish=lambda exit_code=0: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    base = [*TINY, f"--data.dataset={corpus}", "--train.ckpt_every=2", "--eval.final=false", "--logging.wandb=offline"]
+    argv = [*base, f"--train.out_dir={out}"]
+    assert train_mod.main([*argv, "--train.max_steps=2"]) == 0
+    first = (out / "wandb_run_id").read_text().strip()
+    assert inits[0]["id"] == first and inits[0]["resume"] is None
+    assert train_mod.main([*argv, "--train.max_steps=4"]) == 0                   # resumed at step 2
+    assert (inits[1]["id"], inits[1]["resume"]) == (first, "allow")
+    other = tmp_path / "branch"          # resumed from this run's checkpoint into another out_dir
+    assert train_mod.main([*base, f"--train.out_dir={other}", f"--train.resume={out}/checkpoints/step_000002",
+                           "--train.max_steps=3"]) == 0
+    assert inits[2]["resume"] is None and inits[2]["id"] not in (first, None)
+    assert (other / "wandb_run_id").read_text().strip() == inits[2]["id"]
+    capsys.readouterr()
+    (out / "wandb_run_id").write_text("not an id!\n")
+    _fails_and_keeps(tmp_path / "run", [*argv, "--train.max_steps=5"],
+                     f"{out / 'wandb_run_id'} holds no W&B run id (got 'not an id!'): delete it", capsys)
+
+
 def _fails_and_keeps(root, argv, message, capsys):
     """train.main(argv) exits 2 with one line "error: ..." holding `message`; no file under `root` changes."""
     import train as train_mod
