@@ -755,7 +755,8 @@ def _train(cfg: Config, env: DistEnv):
     sampler = BatchSampler(dataset, "train", t.batch_size, t.seq_len, seed=t.seed,
                            rank=env.rank, world_size=env.world_size, sampling=cfg.data.sampling)
     split_tokens = dataset.meta["splits"]["train"]["tokens"]
-    say(f"data: {cfg.data.sampling} windows of {t.seq_len + 1} tokens; {t.max_steps} steps read "
+    steps = f"{t.max_steps} step" + ("" if t.max_steps == 1 else "s")
+    say(f"data: {cfg.data.sampling} windows of {t.seq_len + 1} tokens; {steps} read "
         f"{t.max_steps * t.batch_size * t.seq_len / split_tokens:.3g}x the train split's {split_tokens:,} tokens")
 
     start_step, stats = resume_training(resume_from, saved_cfg, model, optimizer, sampler, cfg, ckpt_root, say)

@@ -180,7 +180,7 @@ def test_start_up_says_which_memory_parts_run_fused(corpus, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert ("kernels: Titans memory x2: per-chunk path (backend 'auto' on cpu runs the chunked "
             "PyTorch path)") in out
-    assert any(line.startswith("data: random windows of 33 tokens; 1 steps read ") for line in out)
+    assert any(line.startswith("data: random windows of 33 tokens; 1 step read ") for line in out)
     # TINY warms up for 5 steps: a 1-step run never reaches train.lr (3e-3), and says so
     assert ("note: optim.warmup_steps=5 > train.max_steps=1: the lr never leaves warm-up (it peaks at "
             "0.0006, train.lr=0.003)") in out
