@@ -7,7 +7,8 @@
 Reads a YAML config (config.py), prepares token shards if needed, trains with AdamW (or a
 deep optimiser of optim.py) and a warmup + cosine/WSD/constant schedule, evaluates,
 checkpoints atomically and resumes exactly (`train.resume=auto`). Writes in <out_dir>:
-config.yaml, metrics.jsonl, checkpoints/, final_eval.json and .lock (held while it runs).
+config.yaml, metrics.jsonl, checkpoints/, final_eval.json, .lock (held while it runs) and
+wandb_run_id (logging.wandb on).
 Under torchrun every rank runs this file; rank 0 alone prints and writes logs, and
 `train.batch_size` stays the global batch, so N ranks reproduce the 1-process losses.
 """
