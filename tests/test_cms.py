@@ -148,18 +148,21 @@ def test_updates_happen_exactly_at_chunk_boundaries():
 
 @torch.no_grad()
 def test_chain_equals_token_by_token_definition():
-    """Three levels (fast, static, fast), T = 23 not a multiple of C, batch of 2."""
-    cms = make_cms([4, None, 3], inner_lr=[0.05, None, 0.08])
-    h = inputs(T=23)
+    """Three levels (fast, static, fast), T = 23 not a multiple of C, batch of 2, in float64
+    so that 1e-10 separates a wrong equation from rounding (in float32 at 1e-4 the levels'
+    RMSNorm with eps outside the square root passed)."""
+    cms = make_cms([4, None, 3], inner_lr=[0.05, None, 0.08], dtype=torch.float64)
+    h = inputs(T=23, dtype=torch.float64)
     y, state = cms(h)
     y_ref, final_ref = reference_chain(cms, h)
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    assert all(s["w_in"].dtype == torch.float64 for s in state["levels"] if s)    # no float32 detour
     for b in range(h.shape[0]):
         for fast_index, level_index in enumerate([0, 2]):
             s = state["levels"][level_index]
             # The state holds theta_c of the current (partial) chunk: T=23 -> 5 updates for C=4, 7 for C=3.
-            torch.testing.assert_close(s["w_in"][b], final_ref[b][fast_index][0], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(s["w_out"][b], final_ref[b][fast_index][1], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(s["w_in"][b], final_ref[b][fast_index][0], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(s["w_out"][b], final_ref[b][fast_index][1], rtol=1e-10, atol=1e-10)
 
 
 @torch.no_grad()

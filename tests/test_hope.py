@@ -248,9 +248,29 @@ def test_ablation_switches_build_and_change_the_output(name):
 def test_cms_switch_and_hope_attention_blocks():
     from cms import ContinuumMemory
     from model import Attention, SwiGLU
+    from test_model import _rms_norm
     m = tiny_model()
     assert isinstance(m.blocks[0].mixer, SelfModifyingTitans) and isinstance(m.blocks[0].ffn, ContinuumMemory)
     assert isinstance(tiny_model(cms=False).blocks[0].ffn, SwiGLU)
+    # Table 6 "w/o CMS", in float64: Block(x) = h + W_down (SiLU(W_gate a) * W_up a), a =
+    # RMSNorm_2 h, with h = x + SMT(RMSNorm_1 x) from the block's own mixer (the mixer is
+    # checked by equation above). Random norm gains and O(1) FFN weights, so that a swapped
+    # gate/up, a missing norm or residual, or the FFN reading x shows.
+    block = tiny_model(cms=False).blocks[0].double()
+    g = torch.Generator().manual_seed(10)
+    with torch.no_grad():
+        for norm in (block.mixer_norm, block.ffn_norm):
+            norm.weight.uniform_(0.5, 1.5, generator=g)
+        for w in (block.ffn.w_gate.weight, block.ffn.w_up.weight, block.ffn.w_down.weight):
+            w.normal_(0.0, w.shape[1] ** -0.5, generator=g)
+        x = torch.randn(2, 13, 16, generator=g, dtype=torch.float64)
+        y, _ = block(x)
+        h = x + block.mixer(_rms_norm(x, block.mixer_norm.weight, block.mixer_norm.eps))[0]
+        a = _rms_norm(h, block.ffn_norm.weight, block.ffn_norm.eps)
+        gate, up = a @ block.ffn.w_gate.weight.T, a @ block.ffn.w_up.weight.T
+        expected = h + (gate * torch.sigmoid(gate) * up) @ block.ffn.w_down.weight.T
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    assert (expected - h).norm() > 1e-3 and (h - x).norm() > 1e-3                 # both terms count
     attention = tiny_model("hope_attention")
     assert isinstance(attention.blocks[0].mixer, Attention) and isinstance(attention.blocks[0].ffn, ContinuumMemory)
     # HOPE-attention counts only its CMS fast level (model.py sums mixers and CMS)
@@ -278,6 +298,47 @@ def test_hope_block_is_mixer_then_cms_with_pre_norm_residuals():
     expected = h + block.ffn(rms_norm(h, block.ffn_norm))[0]
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
     assert (expected - h).abs().max() > 1e-3 and (h - x).abs().max() > 1e-3      # both terms count
+
+
+def test_hope_attention_block_is_attention_then_cms_with_pre_norm_residuals():
+    """§8.3's HOPE-attention block in float64, all written out: Block(x) = h + CMS(RMSNorm_2 h)
+    with h = x + W_o softmax(RoPE(q) RoPE(k)^T / sqrt(d) + causal mask) v, (q, k, v) = W_qkv
+    RMSNorm_1 x; the norms and RoPE as in tests/test_model.py's Transformer++ equations
+    and the CMS chain as tests/test_cms.py's token-by-token definition. O(1) attention
+    weights (attention far from uniform), random norm gains, eps and RoPE base large enough
+    to see; T = 13 crosses the CMS fast level's chunks (4). Kills: post-norm, a missing
+    residual, the CMS reading x instead of h, swapped norms, RoPE or the mask left out."""
+    from test_cms import reference_chain
+    from test_model import _rms_norm, _rotate
+    torch.manual_seed(0)
+    m = build_model({"arch": "hope_attention", "vocab_size": 53, "n_layer": 1, "n_head": 2, "d_model": 16,
+                     "norm_eps": 0.05, "rope_theta": 50.0, "cms": {"chunk_sizes": [4, None], "inner_lr": 0.1}})
+    block = m.blocks[0].double()
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for norm in (block.mixer_norm, block.ffn_norm):
+            norm.weight.uniform_(0.5, 1.5, generator=g)
+        for w in (block.mixer.wqkv.weight, block.mixer.wo.weight):
+            w.normal_(0.0, w.shape[1] ** -0.5, generator=g)
+    x = torch.randn(2, 13, 16, generator=g, dtype=torch.float64)
+    T, H, D = 13, 2, 8
+    pos = torch.arange(T)
+    with torch.no_grad():
+        y, _ = block(x)
+        attention = []
+        for seq in x:
+            q, k, v = (_rms_norm(seq, block.mixer_norm.weight, 0.05) @ w.T
+                       for w in block.mixer.wqkv.weight.chunk(3, dim=0))
+            q, k, v = q.view(T, H, D), k.view(T, H, D), v.view(T, H, D)
+            q, k = _rotate(q, pos, 50.0), _rotate(k, pos, 50.0)
+            scores = torch.einsum("thd,shd->hts", q, k) / D ** 0.5
+            scores = scores.masked_fill(pos[None, :, None] < pos[None, None, :], float("-inf"))
+            heads = torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(T, H * D)
+            attention.append(heads @ block.mixer.wo.weight.T)
+    h = x + torch.stack(attention)
+    expected = h + reference_chain(block.ffn, _rms_norm(h, block.ffn_norm.weight, 0.05))[0]
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    assert (expected - h).norm() > 1e-3 and (h - x).norm() > 1e-3                 # both terms count
 
 
 # ----------------------------------------------------------------------------------------
