@@ -15,6 +15,8 @@ import hashlib
 import importlib.util
 import os
 
+import numpy as np
+
 TOKENIZER_NAMES = ("gpt2", "bytes")
 
 # tiktoken pins these sha256 sums for OpenAI's GPT-2 files; the same bytes ship in the
@@ -28,7 +30,7 @@ GPT2_EOT_TOKEN = "<|endoftext|>"
 
 
 class Tokenizer:
-    """Common interface: name, vocab_size, eot_id, encode, decode, encode_batch."""
+    """Common interface: name, vocab_size, eot_id, encode, encode_array, decode, encode_batch."""
 
     name: str
     vocab_size: int
@@ -42,6 +44,11 @@ class Tokenizer:
 
     def encode_batch(self, texts) -> list[list[int]]:
         return [self.encode(t) for t in texts]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode's ids as a 1-D integer array, for data.prepare: a Python list costs 8-36 bytes
+        an id (the pointer and, past 256, the int object), most of preparation's memory."""
+        return np.asarray(self.encode(text), dtype=np.int64)
 
     def encode_prompt(self, text: str) -> tuple[list[int], int]:
         """A sampling prompt's ids, and how many lead them without being its text (sample.py,
@@ -65,6 +72,9 @@ class ByteTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
     def decode(self, ids) -> str:
         # the separator has no bytes; a window cut mid-character decodes to U+FFFD
         data = bytes(int(i) for i in ids if int(i) != self.eot_id)
@@ -83,6 +93,11 @@ class GPT2Tokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        # tiktoken's own buffer (uint32), no list; disallowed_special=() reads "<|endoftext|>"
+        # in the text as text, as encode_ordinary does
+        return self.encoding.encode_to_numpy(text, disallowed_special=())
 
     def decode(self, ids) -> str:
         return self.encoding.decode([int(i) for i in ids])

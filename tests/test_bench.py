@@ -232,7 +232,7 @@ def test_checks_cpu_prepare_peak_is_the_childs_own():
     import resource
     base, peak = checks_cpu.prepare_peak_mb(2, "bytes")
     assert 0 < base < resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 2, base
-    assert peak - base > 2 * 2, (base, peak)           # a list of token ids alone is 8 bytes per byte
+    assert peak - base > 2 * 2, (base, peak)           # the text, its bytes and uint16 tokens: 4+ bytes a byte
 
 
 def test_checks_cpu_failed_prepare_is_one_line_with_its_error(tmp_path):

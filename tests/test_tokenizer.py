@@ -133,6 +133,16 @@ def test_bytes_tokenizer():
     assert tok.encode_batch(["ab", "c"]) == [[97, 98], [99]]
 
 
+@pytest.mark.parametrize("name", ["bytes", "gpt2"])
+def test_encode_array_is_encode_as_an_array(name, bpe_dir):
+    """data.prepare tokenizes into arrays (a list of ids held 8-36 bytes an id: most of its
+    memory): the same ids as encode, "<|endoftext|>" in the text read as text, "" empty."""
+    tok = get_tokenizer(name, bpe_dir if name == "gpt2" else None)
+    for text in [*TEXTS, "", "a <|endoftext|> b", "\u6771\u4eac " * 300]:
+        ids = tok.encode_array(text)
+        assert ids.ndim == 1 and ids.tolist() == tok.encode(text), text[:40]
+
+
 def test_unknown_tokenizer():
     with pytest.raises(ValueError, match="unknown tokenizer 'cl100k'.*gpt2, bytes"):
         get_tokenizer("cl100k")
