@@ -23,6 +23,14 @@ def one_line(message) -> str:
     return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
+def reader_gone() -> int:
+    """After a BrokenPipeError on stdout (the reader stopped early: `| head`): point stdout at
+    devnull, since the interpreter's own flush at exit would raise again (the Python docs'
+    recipe, "Note on SIGPIPE") -> the exit status, 1 as there. A CLI then ends quietly."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
+
+
 def shown_path(path) -> str:
     """A path as an error message shows it: quoted where it would be invisible or misread (an
     empty path, or one with leading or trailing spaces)."""

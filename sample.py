@@ -21,13 +21,12 @@ sampling, the samples printed so far kept. Ctrl-C is one line and exit status 13
 samples printed so far kept; a reader that stops early (`| head`) ends it quietly.
 """
 import argparse
-import os
 import sys
 
 import torch
 
-from cli import (OneLineArgumentParser, non_negative_float, non_negative_int, one_line, positive_int, resolve_device,
-                 seed_int)
+from cli import (OneLineArgumentParser, non_negative_float, non_negative_int, one_line, positive_int, reader_gone,
+                 resolve_device, seed_int)
 
 
 def _prompt(text):
@@ -107,11 +106,7 @@ def main(argv=None):
         print(f"interrupted after {done} of {args.samples} samples", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # the reader has gone (`| head`): nothing to say, and the interpreter's own flush of
-        # stdout at exit would raise again, so stdout is pointed at devnull (the Python docs'
-        # recipe, "Note on SIGPIPE", exit status 1 as there)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return reader_gone()          # the reader has gone (`| head`): nothing to say
     return 0
 
 

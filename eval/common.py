@@ -12,13 +12,14 @@ that only plans (eval.reproduce) starts without it.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
-from cli import check_output_dir, one_line, resolve_device, shown_path
+from cli import check_output_dir, one_line, reader_gone, resolve_device, shown_path
 
 if TYPE_CHECKING:
     import torch
@@ -357,14 +358,49 @@ def exit_on_error(*errors):
     errors = errors or BAD_INPUT
     try:
         yield
-    except BrokenPipeError:
-        # nothing to say to a reader that has gone; the interpreter's own flush of stdout at exit
-        # would raise again, so stdout is pointed at devnull (the Python docs' "Note on SIGPIPE")
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    except BrokenPipeError:         # nothing to say to a reader that has gone
+        sys.exit(reader_gone())
     except errors as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def resolve_checkpoint_arg(checkpoint: str) -> str:
+    """The checkpoint a --checkpoint names now: its step folder (an out_dir names its latest)
+    or the exported file; the path as given where it names none, so that loading it fails
+    with the error that names what was typed."""
+    from checkpoint import resolve_checkpoint
+    if os.path.isfile(checkpoint):
+        return checkpoint
+    try:
+        return resolve_checkpoint(checkpoint)
+    except (OSError, ValueError):
+        return checkpoint
+
+
+def checkpoint_identity(resolved: str) -> dict:
+    """What results.json records of the checkpoint `resolved` (resolve_checkpoint_arg) besides
+    its path: checkpoint_step, and for an exported file checkpoint_config_sha256 (of the
+    config in its metadata) and checkpoint_dtype (its weights' precision, in exports since it
+    was recorded). Exporting another step, or another run's, to the same path keeps
+    the name but not the weights, so for a file these, not the path, say whose results an
+    --out holds. {} where they cannot be read: loading the checkpoint then fails with the
+    error that says why."""
+    from checkpoint import export_metadata, step_number
+    if not os.path.isfile(resolved):            # a step folder: its name is its step
+        step = step_number(os.path.basename(os.path.normpath(resolved)))
+        return {"checkpoint_step": step} if step >= 0 else {}
+    try:
+        metadata = export_metadata(resolved)
+    except ValueError:
+        return {}
+    if not (str(metadata.get("step", "")).isdigit() and isinstance(metadata.get("config"), str)):
+        return {}
+    identity = {"checkpoint_step": int(metadata["step"]),
+                "checkpoint_config_sha256": hashlib.sha256(metadata["config"].encode()).hexdigest()[:16]}
+    if "dtype" in metadata:                     # fp32 and bf16 exports of one step score differently
+        identity["checkpoint_dtype"] = metadata["dtype"]
+    return identity
 
 
 def check_checkpoint_out(out: str, checkpoint: str | None = None, flag: str = "--out") -> str:

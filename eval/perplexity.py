@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from cli import OneLineArgumentParser, check_hub, check_output_file, positive_int, read_text, write_atomic
-from eval.common import (DATA_DIR_LOOKUP, eval_mode, exit_on_error, exp_or_inf, first_line, load_checkpoint,
-                         model_device)
+from eval.common import (DATA_DIR_LOOKUP, checkpoint_identity, eval_mode, exit_on_error, exp_or_inf, first_line,
+                         load_checkpoint, model_device, resolve_checkpoint_arg)
 
 LN2 = math.log(2.0)
 NO_DATA_DIR = f"no offline data folder: {DATA_DIR_LOOKUP}"
@@ -439,7 +439,6 @@ def run(args) -> dict:
         load_lambada_texts(lambada_path)
     # resolved once, as eval.run does: an out_dir names its latest step, which training may move
     # on, so the step loaded and the step recorded are one and the same
-    from eval.run import checkpoint_identity, resolve_checkpoint_arg
     resolved = resolve_checkpoint_arg(args.checkpoint)
     model, cfg, tokenizer, device = load_checkpoint(resolved, args.device)
     max_len = cfg.train.seq_len

@@ -35,15 +35,14 @@ metrics (names from config.DURING_TRAINING_EVALS) for metrics.jsonl / wandb.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 
 from cli import OneLineArgumentParser, check_output_dir, one_line, write_atomic, write_json
 from config import DURING_TRAINING_EVALS
-from eval.common import (DATA_DIR_HELP, check_data_dir, context_handling, context_limit, exit_on_error, load_checkpoint,
-                         model_device, notes_of)
+from eval.common import (DATA_DIR_HELP, check_data_dir, checkpoint_identity, context_handling, context_limit,
+                         exit_on_error, load_checkpoint, model_device, notes_of, resolve_checkpoint_arg)
 
 SECTIONS = ("perplexity", "babilong", "niah", "continual")
 
@@ -321,44 +320,6 @@ def run_suite(checkpoint: str, suite: str, out_dir: str, device: str = "auto", d
     write_json(os.path.join(out_dir, "results.json"), results)
     write_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
     return results
-
-
-def resolve_checkpoint_arg(checkpoint: str) -> str:
-    """The checkpoint a --checkpoint names now: its step folder (an out_dir names its latest)
-    or the exported file; the path as given where it names none, so that loading it fails
-    with the error that names what was typed."""
-    from checkpoint import resolve_checkpoint
-    if os.path.isfile(checkpoint):
-        return checkpoint
-    try:
-        return resolve_checkpoint(checkpoint)
-    except (OSError, ValueError):
-        return checkpoint
-
-
-def checkpoint_identity(resolved: str) -> dict:
-    """What results.json records of the checkpoint `resolved` (resolve_checkpoint_arg) besides
-    its path: checkpoint_step, and for an exported file checkpoint_config_sha256 (of the
-    config in its metadata) and checkpoint_dtype (its weights' precision, in exports since it
-    was recorded). Exporting another step, or another run's, to the same path keeps
-    the name but not the weights, so for a file these, not the path, say whose results an
-    --out holds. {} where they cannot be read: loading the checkpoint then fails with the
-    error that says why."""
-    from checkpoint import export_metadata, step_number
-    if not os.path.isfile(resolved):            # a step folder: its name is its step
-        step = step_number(os.path.basename(os.path.normpath(resolved)))
-        return {"checkpoint_step": step} if step >= 0 else {}
-    try:
-        metadata = export_metadata(resolved)
-    except ValueError:
-        return {}
-    if not (str(metadata.get("step", "")).isdigit() and isinstance(metadata.get("config"), str)):
-        return {}
-    identity = {"checkpoint_step": int(metadata["step"]),
-                "checkpoint_config_sha256": hashlib.sha256(metadata["config"].encode()).hexdigest()[:16]}
-    if "dtype" in metadata:                     # fp32 and bf16 exports of one step score differently
-        identity["checkpoint_dtype"] = metadata["dtype"]
-    return identity
 
 
 def earlier_results(out_dir: str, checkpoint: str, suite: str, resolved: str, identity: dict | None = None
