@@ -853,7 +853,7 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
                     logits, _, _ = model(idx)
                 # sum over this example's answer tokens, normalised by the whole batch's count; only
                 # the answer rows go through the fp32 log-softmax (over every row it held two more
-                # [T, vocab] tensors: 1.5 of 6.1 GB peak at 8k tokens and GPT-2's vocabulary)
+                # fp32 [T, vocab] tensors: 8K tokens x GPT-2's vocabulary are 1.6 GB each)
                 answer = tgt != -1
                 loss = F.cross_entropy(logits[0, answer].float(), tgt[answer], reduction="sum") / batch_answer_tokens
                 loss.backward()
