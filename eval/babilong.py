@@ -59,7 +59,7 @@ from cli import (OneLineArgumentParser, check_hub, check_output_file, check_uniq
                  non_negative_int, positive_float, positive_int, read_text, seed_int, write_atomic, write_json)
 from eval.babi import TASK_LABELS, babi_path, babi_samples, generate_babi, read_babi, task_number
 from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check_checkpoint_out, check_data_dir,
-                         check_long_inputs, clipped_step, context_handling, context_limit, continuation_logprob,
+                         check_long_inputs, clipped_step, context_handling, context_limit, continuation_logprobs,
                          default_data_dir, eval_mode, exit_on_error, first_line, fit_prompt, format_accuracy,
                          greedy_generate, load_checkpoint, load_for_generation, longest_input_note,
                          mean_over_scored, model_device, notes_of, prefill, require_data_dir)
@@ -679,8 +679,8 @@ def evaluate(model, tokenizer, samples, max_len: int | None = None, segment_len:
                 continue
             with bf16_autocast(device, dtype):
                 last_logits, state = prefill(model, ids, segment_len, device)
-                scores = {label: continuation_logprob(model, last_logits, state, label_ids_cache[label], device)
-                          for label in candidates}
+                scores = dict(zip(candidates, continuation_logprobs(
+                    model, last_logits, state, [label_ids_cache[label] for label in candidates], device)))
                 output = greedy_generate(model, tokenizer, last_logits, state, max_new_tokens, device,
                                          stop=first_sentence_done)
             ranked = max(candidates, key=scores.__getitem__, default=None)

@@ -174,7 +174,7 @@ def fit_prompt(ids: list[int], streaming: bool, max_len: int | None, max_new_tok
     attention model reads at most max_len tokens, prompt and answer together (as lm-eval's
     generate_until and eval.lm_eval_adapter do), so a prompt over prompt_room tokens is cut to
     its last prompt_room (overflow='truncate') or not read at all (None; overflow='skip').
-    `candidates` (token id lists) are the answers ranked by continuation_logprob after the
+    `candidates` (token id lists) are the answers ranked by continuation_logprobs after the
     prompt: the answer's room is the longest of them where that is over max_new_tokens, or a
     UUID of 37 byte tokens after --max-new-tokens 4 would be read past max_len."""
     if streaming:
@@ -220,16 +220,28 @@ def format_accuracy(accuracy: float | None) -> str:
 # running a model on long inputs: `logits, loss, state = model(idx, state=state)` is exact when
 # a sequence is fed in segments with the state carried (DESIGN §3.6)
 
-def clone_state(state):
-    """A copy of a state tree, so several continuations can start from one prefix."""
+def expand_state(state, n: int):
+    """A batch-1 state seen as n sequences: every tensor of at least one dim expanded along its
+    batch dim, as views (no copy). That is safe because a forward never writes into the state
+    it is passed; it returns new tensors (tests/test_model.py checks it for every architecture,
+    and sample.py relies on it too)."""
     import torch
     if torch.is_tensor(state):
-        return state.clone()
+        return state.expand(n, *state.shape[1:]) if state.dim() else state
     if isinstance(state, dict):
-        return {k: clone_state(v) for k, v in state.items()}
+        return {k: expand_state(v, n) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(clone_state(v) for v in state)
+        return type(state)(expand_state(v, n) for v in state)
     return state
+
+
+def state_bytes(state) -> int:
+    """The bytes held by a state's tensors (nested dicts, lists and tuples)."""
+    import torch
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else ()
+    return sum(state_bytes(v) for v in values)
 
 
 def prefill(model, ids: list[int], segment_len: int, device, state=None) -> tuple:
@@ -247,16 +259,49 @@ def prefill(model, ids: list[int], segment_len: int, device, state=None) -> tupl
     return last, state
 
 
-def continuation_logprob(model, last_logits, state, continuation: list[int], device) -> float:
-    """log p(continuation | prefix) from the prefix's last logits and state (not modified)."""
+# A group of continuations is scored on the prefix's state expanded to the group; the forward
+# makes each row its own new state (fast weights, a KV cache with the new tokens appended), so a
+# group holds at most this many bytes' worth of states: all of HOPE-760M's candidates at once
+# would be 150 x ~0.9 GiB (a CLINC label set), a Transformer's long BABILong cache tens of GiB
+# each (a group of one then, as before).
+SCORING_STATE_BUDGET = 4 * 2**30
+
+
+def continuation_logprobs(model, last_logits, state, continuations: list[list[int]], device,
+                          batch_size: int = 16, state_budget: int = SCORING_STATE_BUDGET) -> list[float]:
+    """log p(c | prefix) for each continuation c (token id lists), from the prefix's last logits
+    [V] and its batch-1 state, which is left as it was. A continuation's first token is scored
+    from last_logits, the rest from a forward over its tokens but the last. Those forwards run
+    batch_size continuations at a time (fewer when their states would pass state_budget bytes),
+    right-padded to the group's longest (the models are causal: padding after a row's tokens
+    changes none of its scored logits), on the state expanded to the group (expand_state): one
+    forward per group, not one per candidate with a copy of the state each, and one host sync."""
     import torch
-    logprob = torch.log_softmax(last_logits, -1)[continuation[0]].item()
-    if len(continuation) > 1:
-        idx = torch.tensor([continuation[:-1]], dtype=torch.long, device=device)
-        logits, _, _ = model(idx, state=clone_state(state))
-        logprobs = torch.log_softmax(logits[0].float(), -1)
-        logprob += logprobs.gather(-1, torch.tensor(continuation[1:], device=device)[:, None]).sum().item()
-    return logprob
+    if not continuations or not all(continuations):
+        raise ValueError("continuation_logprobs needs at least one continuation, each of at least one token")
+    first = torch.log_softmax(last_logits.float(), -1)
+    scores = [first[c[0]] for c in continuations]
+    # by length, so that a group pads little
+    longer = sorted((i for i, c in enumerate(continuations) if len(c) > 1), key=lambda i: len(continuations[i]))
+    group = max(1, min(batch_size, state_budget // max(1, state_bytes(state))))
+    for start in range(0, len(longer), group):
+        rows = longer[start:start + group]
+        width = max(len(continuations[i]) for i in rows) - 1
+        inputs = torch.zeros(len(rows), width, dtype=torch.long)
+        targets = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width)
+        for r, i in enumerate(rows):
+            c = continuations[i]
+            inputs[r, :len(c) - 1] = torch.tensor(c[:-1])
+            targets[r, :len(c) - 1] = torch.tensor(c[1:])
+            mask[r, :len(c) - 1] = 1
+        logits, _, _ = model(inputs.to(device), state=expand_state(state, len(rows)))
+        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, targets.to(device)[..., None])[..., 0]
+        row_sums = (logprobs * mask.to(device)).sum(-1)
+        del logits, logprobs
+        for r, i in enumerate(rows):
+            scores[i] = scores[i] + row_sums[r]
+    return torch.stack(scores).tolist()
 
 
 def greedy_generate(model, tokenizer, last_logits, state, max_new_tokens: int, device, stop=None) -> str:

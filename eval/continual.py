@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from cli import (OneLineArgumentParser, check_output_dir, check_unique, non_negative_int, positive_float,
                  positive_int, read_text, seed_int, write_json)
-from eval.common import (DATA_DIR_HELP, check_data_dir, clipped_step, clone_state, context_limit, continuation_logprob,
+from eval.common import (DATA_DIR_HELP, check_data_dir, clipped_step, context_limit, continuation_logprobs,
                          eval_mode, exit_on_error, exp_or_inf, is_recurrent, load_checkpoint, model_device, prefill,
                          require_data_dir)
 from eval.perplexity import encode_pair, loglikelihood_tokens
@@ -258,8 +258,9 @@ def classify(model, tokenizer, queries, label_names, state=None, batch_size: int
 
     Without a state every (query, label) pair is one request of eval.perplexity's batched
     loglikelihood_tokens (lm-eval semantics). With a state (the icl / in_context_memory
-    arms), each query is read on top of a copy of that state and the labels are scored
-    from there (eval.common.continuation_logprob), so the context is read once."""
+    arms), each query is read on top of that state (a forward leaves the state it is passed
+    as it was) and the labels are scored from there, batch_size at a time
+    (eval.common.continuation_logprobs), so the context is read once."""
     if not label_names:
         raise ValueError("classify needs at least one candidate label")
     device = device or model_device(model)
@@ -274,8 +275,8 @@ def classify(model, tokenizer, queries, label_names, state=None, batch_size: int
         predictions = []
         for q in queries:
             last, query_state = prefill(model, tokenizer.encode(PROMPT.format(text=q)), segment_len, device,
-                                        state=clone_state(state))
-            scores = [continuation_logprob(model, last, query_state, ids, device) for ids in label_ids]
+                                        state=state)
+            scores = continuation_logprobs(model, last, query_state, label_ids, device, batch_size=batch_size)
             predictions.append(label_names[max(range(len(scores)), key=scores.__getitem__)])
         return predictions
 

@@ -41,7 +41,7 @@ import torch
 from cli import OneLineArgumentParser, check_unique, fraction_list, positive_int, seed_int, write_json
 from eval.babilong import BACKGROUNDS, length_tokenizer, load_books, sentence_splitter, window_sentences
 from eval.common import (DATA_DIR_HELP, MAX_CONTEXT_TOKENS, bf16_autocast, check_data_dir, check_long_inputs,
-                         context_handling, continuation_logprob, eval_mode, exit_on_error, fit_prompt,
+                         context_handling, continuation_logprobs, eval_mode, exit_on_error, fit_prompt,
                          format_accuracy, greedy_generate, is_recurrent, load_for_generation, longest_input_note,
                          mean_over_scored, model_device, notes_of, prefill)
 
@@ -257,7 +257,7 @@ def evaluate_niah(model, tokenizer, samples, max_len: int | None = None, segment
                 continue
             with bf16_autocast(device, dtype):
                 last_logits, state = prefill(model, ids, segment_len, device)
-                scores = [continuation_logprob(model, last_logits, state, c, device) for c in candidates]
+                scores = continuation_logprobs(model, last_logits, state, candidates, device)
                 # once the value is out, more tokens cannot change string_match: stop there
                 output = greedy_generate(model, tokenizer, last_logits, state, max_new_tokens, device,
                                          stop=lambda text: string_match(value, text))

@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 
-from eval.common import (bf16_autocast, check_checkpoint_out, check_long_inputs, clone_state, context_handling,
-                         context_limit, continuation_logprob, eval_mode, exit_on_error, first_line, fit_prompt,
+from eval.common import (bf16_autocast, check_checkpoint_out, check_long_inputs, context_handling, context_limit,
+                         continuation_logprobs, eval_mode, exit_on_error, expand_state, first_line, fit_prompt,
                          format_accuracy, greedy_generate, is_recurrent, load_checkpoint, mean_over_scored,
-                         model_device, prefill, require_data_dir)
+                         model_device, prefill, require_data_dir, state_bytes)
+from helpers import state_tensors
 
 
 def test_first_line_of_an_error_or_its_type():
@@ -316,26 +317,60 @@ def test_bf16_autocast_only_on_cuda():
             assert not torch.is_autocast_enabled("cuda")
 
 
-def test_prefill_and_continuation_logprob_equal_one_forward_pass():
-    """Prefix fed in segments (11 tokens, segments of 4), then a 3-token continuation scored from
-    the carried state: the same log-likelihood as one pass over prefix + continuation, and the
-    state is left as it was (a second continuation from it scores the same)."""
+def test_prefill_and_continuation_logprobs_equal_one_forward_pass():
+    """Prefix fed in segments (11 tokens, segments of 4), then continuations of 1-4 tokens scored
+    from the carried state: the same log-likelihoods as one pass over prefix + continuation."""
     from model import build_model
     torch.manual_seed(0)
     model = build_model({"arch": "transformer", "vocab_size": 257, "d_model": 32, "n_layer": 2, "n_head": 2}).eval()
-    prefix, continuation = torch.randint(0, 257, (11,)).tolist(), [5, 77, 200]
+    prefix = torch.randint(0, 257, (11,)).tolist()
+    continuations = [[5, 77, 200], [9], [1, 2, 3, 4], [200, 5]]
     with torch.no_grad():
         last, state = prefill(model, prefix, 4, "cpu")
-        logits, _, _ = model(torch.tensor([prefix + continuation]))
-        logprobs = torch.log_softmax(logits[0].float(), -1)
-        expected = sum(logprobs[len(prefix) - 1 + i, t].item() for i, t in enumerate(continuation))
+        expected = []
+        for continuation in continuations:
+            logits, _, _ = model(torch.tensor([prefix + continuation]))
+            logprobs = torch.log_softmax(logits[0].float(), -1)
+            expected.append(sum(logprobs[len(prefix) - 1 + i, t].item() for i, t in enumerate(continuation)))
         assert torch.allclose(last, logits[0, len(prefix) - 1].float(), atol=1e-5)
-        for _ in range(2):
-            assert continuation_logprob(model, last, state, continuation, "cpu") == pytest.approx(expected, abs=1e-4)
-    copy = clone_state({"a": [torch.ones(2)], "b": 3})
-    assert torch.equal(copy["a"][0], torch.ones(2)) and copy["b"] == 3
+        assert continuation_logprobs(model, last, state, continuations, "cpu") == pytest.approx(expected, abs=1e-4)
     with pytest.raises(ValueError, match="empty input"):
         prefill(model, [], 4, "cpu")
+    with pytest.raises(ValueError, match="at least one token"):
+        continuation_logprobs(model, last, state, [[1], []], "cpu")
+
+
+def test_expand_state_is_views_of_every_batch_dim():
+    state = {"pos": 3, "layers": [{"k": torch.randn(1, 2, 5)}, (torch.ones(1), torch.tensor(2.0))]}
+    wide = expand_state(state, 4)
+    assert wide["pos"] == 3 and wide["layers"][0]["k"].shape == (4, 2, 5) and wide["layers"][1][0].shape == (4,)
+    assert wide["layers"][0]["k"].data_ptr() == state["layers"][0]["k"].data_ptr()     # no copy
+    assert torch.equal(wide["layers"][0]["k"][3], state["layers"][0]["k"][0]) and wide["layers"][1][1].dim() == 0
+    assert state_bytes(state) == 10 * 4 + 4 + 4
+
+
+@pytest.mark.parametrize("arch, variant", [("transformer", None), ("titans", "mac"), ("hope", None)])
+def test_grouped_continuation_scores_match_one_by_one_and_leave_the_state(arch, variant):
+    """The batched scorer: continuations of mixed lengths in groups of 1, 3 and all (and of one,
+    forced by a state budget of one byte) give the scores each gets alone on the prefix's
+    state, which stays as it was. Kills a padding mask that counts pad tokens, a group that
+    scores another row's targets, and an expansion that writes into the prefix's state."""
+    from model import build_model
+    cfg = {"arch": arch, "vocab_size": 61, "d_model": 16, "n_layer": 2, "n_head": 2}
+    if variant:
+        cfg["titans"] = {"variant": variant}
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    continuations = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 1, 6, 2, 5, 1, 4)]
+    with torch.no_grad():
+        last, state = prefill(model, torch.randint(0, 61, (37,), generator=g).tolist(), 16, "cpu")
+        before = [t.clone() for t in state_tensors(state)]
+        alone = [continuation_logprobs(model, last, state, [c], "cpu")[0] for c in continuations]
+        for kw in ({"batch_size": 1}, {"batch_size": 3}, {}, {"state_budget": 1}):
+            assert continuation_logprobs(model, last, state, continuations, "cpu", **kw) == \
+                pytest.approx(alone, abs=1e-5), kw
+        assert all(torch.equal(a, b) for a, b in zip(before, state_tensors(state), strict=True))
 
 
 def test_greedy_generate_stops_after_max_new_tokens_or_when_told():
@@ -364,10 +399,10 @@ class _BigramTableModel(torch.nn.Module):
         return self.log_table[idx], None, {"pos": (state or {"pos": 0})["pos"] + idx.shape[1]}
 
 
-def test_continuation_logprob_of_one_two_and_three_tokens_by_hand():
+def test_continuation_logprobs_of_one_two_and_three_tokens_by_hand():
     """log p(continuation | prefix) is the sum over every continuation token, for 1, 2 and 3
-    tokens (the first from the prefix's last logits, the rest from one call on the state);
-    kills `len(continuation) > 1` -> `> 2` (a 2-token continuation scored by its first token)."""
+    tokens (the first from the prefix's last logits, the rest from one call on the state),
+    scored together; kills scoring a 2-token continuation by its first token."""
     import math
     P = [[0.5, 0.25, 0.25], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]
     model = _BigramTableModel(P)
@@ -375,34 +410,8 @@ def test_continuation_logprob_of_one_two_and_three_tokens_by_hand():
         last, state = prefill(model, [2, 1, 0], 2, "cpu")
         cases = {(1,): math.log(0.25), (1, 2): math.log(0.25) + math.log(0.3),
                  (2, 2, 0): math.log(0.25) + math.log(0.6) + math.log(0.2), (0, 0): 2 * math.log(0.5)}
-        for continuation, expected in cases.items():
-            score = continuation_logprob(model, last, state, list(continuation), "cpu")
-            assert score == pytest.approx(expected, abs=1e-6), continuation
-
-
-class _InPlaceCountModel(torch.nn.Module):
-    """Stub whose state is updated in place (as a fused fast-weight kernel may do): the logit
-    of token v is how often v occurred so far, counts kept in state["counts"]."""
-
-    def forward(self, idx, targets=None, state=None):
-        state = state if state is not None else {"counts": torch.zeros(4)}
-        rows = []
-        for token in idx[0].tolist():
-            state["counts"][token] += 1                  # in place
-            rows.append(state["counts"].clone())
-        return torch.stack(rows)[None], None, state
-
-
-def test_continuation_logprob_leaves_the_prefix_state_as_it_was():
-    """eval.babilong / eval.niah score several continuations from one prefilled state: scoring
-    one must not change the state the next starts from, even for a model that updates its
-    state in place. Kills `model(idx, state=clone_state(state))` -> `state=state`."""
-    model = _InPlaceCountModel()
-    last, state = prefill(model, [0, 1, 1], 8, "cpu")
-    before = state["counts"].clone()
-    first = continuation_logprob(model, last, state, [3, 3, 3], "cpu")
-    assert torch.equal(state["counts"], before)
-    assert continuation_logprob(model, last, state, [3, 3, 3], "cpu") == first
+        scores = continuation_logprobs(model, last, state, [list(c) for c in cases], "cpu")
+        assert scores == pytest.approx(list(cases.values()), abs=1e-6)
 
 
 def test_greedy_generate_stops_at_end_of_text_and_leaves_it_out():
