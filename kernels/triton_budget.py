@@ -24,7 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import MAX_BUDGET_CHUNK, check_tensors
-from .triton_delta import _load_gate, _load_rows, _pick, _store_gate, _store_rows, jit_any_length
+from .triton_delta import (_load_gate, _load_rows, _pick, _store_gate, _store_rows, jit_any_length,
+                           on_input_device)
 
 
 @triton.jit
@@ -94,6 +95,7 @@ def _launch(C):
 
 
 @torch.library.custom_op("nested_learning::step_budget_fwd", mutates_args=())
+@on_input_device
 def _step_budget_fwd(wanted: Tensor, used: Tensor, overlap: Tensor,
                      budget: float) -> tuple[Tensor, Tensor]:
     wanted, used, overlap = wanted.contiguous(), used.contiguous(), overlap.contiguous()
@@ -113,6 +115,7 @@ def _(wanted, used, overlap, budget):
 
 
 @torch.library.custom_op("nested_learning::step_budget_bwd", mutates_args=())
+@on_input_device
 def _step_budget_bwd(wanted: Tensor, overlap: Tensor, e: Tensor, seen: Tensor, grad_e: Tensor,
                      budget: float) -> tuple[Tensor, Tensor, Tensor]:
     wanted, overlap, grad_e = wanted.contiguous(), overlap.contiguous(), grad_e.contiguous()
@@ -161,6 +164,12 @@ def capped_steps(wanted, used, overlap, budget):
     # one device, and CUDA (or the interpreter): the one-line message of the other entries
     check_tensors({"wanted": wanted, "used": used, "overlap": overlap}, "wanted",
                   kernels="the step-budget kernels")
+    # the kernels index all three by wanted's rows: a smaller used / overlap would be read
+    # past its end (reshape(-1, C) below accepts any tensor whose size C divides)
+    for name, t, shape in (("used", used, [*wanted.shape]), ("overlap", overlap, [*wanted.shape, C])):
+        if list(t.shape) != shape:
+            raise ValueError(f"{name} must be {shape} to match wanted {list(wanted.shape)}; "
+                             f"got {list(t.shape)}")
     lead = wanted.shape[:-1]
     e, _ = torch.ops.nested_learning.step_budget_fwd(
         wanted.reshape(-1, C), used.reshape(-1, C), overlap.reshape(-1, C, C), float(budget))

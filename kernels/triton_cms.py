@@ -59,7 +59,7 @@ from torch import Tensor
 
 from .checks import check_saved_chunks, check_tensors
 from .triton_delta import (_contiguous, _dot, _grad_or_zeros, _load_rows, _needs_grad, _store_rows,
-                           dot_precision, jit_any_length)
+                           dot_precision, jit_any_length, on_input_device)
 
 __all__ = ["fused_fast_level", "fusable_cms", "MAX_DIM", "MAX_HIDDEN", "max_cms_chunk"]
 
@@ -240,6 +240,7 @@ def _completes(T, pos, C):
 
 
 @torch.library.custom_op("nested_learning::cms_fast_level_fwd", mutates_args=())
+@on_input_device
 def _cms_fwd(a: Tensor, target: Tensor, w_in: Tensor, w_out: Tensor, grad_in: Tensor,
              grad_out: Tensor, pos: int, chunk_size: int, lr: float, activation: str,
              save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -278,6 +279,7 @@ def _(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, lr, activation
 
 
 @torch.library.custom_op("nested_learning::cms_fast_level_bwd", mutates_args=())
+@on_input_device
 def _cms_bwd(a: Tensor, w1s: Tensor, w2s: Tensor, err: Tensor, grad_y: Tensor,
              grad_w_in: Tensor, grad_w_out: Tensor, grad_g_in: Tensor, grad_g_out: Tensor,
              pos: int, chunk_size: int, lr: float, activation: str

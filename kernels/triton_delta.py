@@ -713,6 +713,21 @@ def dot_precision(dtype):
 
 # Entry-point glue shared by triton_scans.py and triton_memory.py (absent states are None).
 
+def on_input_device(op):
+    """Run a custom op's launches on the CUDA device of its first (tensor) argument. Triton
+    launches on the *current* device and its stream, not on the tensors' device: a model on
+    cuda:1 (eval's --device cuda:1) would run its kernels on cuda:0 against cuda:1 memory (an
+    illegal access, or with peer access an unsynchronised read). fla's input_guard does the
+    same. Goes below @torch.library.custom_op, which reads the wrapped signature."""
+    @functools.wraps(op)
+    def guarded(first, *args, **kwargs):
+        if first.device.type != "cuda":
+            return op(first, *args, **kwargs)
+        with torch.cuda.device(first.device):
+            return op(first, *args, **kwargs)
+    return guarded
+
+
 def _needs_grad(*tensors):
     """Whether the forward must save what the backward needs."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

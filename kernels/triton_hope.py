@@ -37,6 +37,8 @@ Outputs: k, v [B,T,H,d], eta, alpha [B,T,H] (stage 2's inputs), the stacked weig
 last token and at the last chunk's start. Covered: the default projection set (k, v, eta,
 alpha), DGD or GD, the shapes `fusable_projections` takes; fp32 inputs.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -47,7 +49,7 @@ from .triton_cms import ACT_IDS
 from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _delta_chunk_gates, _gate_grad,
                            _grad_or_zeros, _load_gate, _load_kv, _load_rows, _load_state,
                            _needs_grad, _program, _store_gate, _store_rows, _store_state,
-                           dot_precision, jit_any_length)
+                           dot_precision, jit_any_length, on_input_device)
 from .triton_mlp_memory import (DELTA_SLOTS, _chunk_delta_fwd, _dgd_chunk_bwd, _inner_write,
                                 _save_chunk_start, _scratch, _self_target, _self_target_bwd,
                                 _spill, _state_buffers, _tiles, backward_in_blocks, check_options,
@@ -299,6 +301,7 @@ def _launch_args(x, w_in, chunk_size, activation, max_grad_norm, dgd):
 
 
 @torch.library.custom_op("nested_learning::hope_projections_fwd", mutates_args=())
+@on_input_device
 def _hope_projections_fwd(x: Tensor, w_in: Tensor, w_out: Tensor, eta_weight: Tensor,
                           eta_bias: Tensor, alpha_weight: Tensor, alpha_bias: Tensor,
                           eta_max: float, chunk_size: int, dgd: bool, activation: str,
@@ -334,6 +337,7 @@ def _(x, w_in, w_out, eta_weight, eta_bias, alpha_weight, alpha_bias, eta_max, c
 
 
 @torch.library.custom_op("nested_learning::hope_projections_bwd", mutates_args=())
+@on_input_device
 def _hope_projections_bwd(x: Tensor, eta_weight: Tensor, eta_bias: Tensor, alpha_weight: Tensor,
                           alpha_bias: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor,
                           h1c: Tensor, h2c: Tensor, grad_k: Tensor, grad_v: Tensor,
@@ -448,6 +452,9 @@ def fused_hope_projections(x, w_in, w_out, eta_weight, eta_bias, alpha_weight, a
         raise ValueError(f"head dim {d}, hidden {E}, chunk_size {chunk_size!r}: not a shape the "
                          f"fused stage 1 takes (fusable_projections)")
     check_options(activation, max_grad_norm)
+    # the op takes a float: a tensor's gradient would be dropped without a word
+    if isinstance(eta_max, bool) or not isinstance(eta_max, (int, float)) or not 0 < eta_max < math.inf:
+        raise ValueError(f"eta_max must be a finite number > 0 (a constant, not a tensor); got {eta_max!r}")
     every = resolve_state_every(T, chunk_size, state_every)
     k, v, eta, alpha, win_T, wout_T, win_B, wout_B, *_ = torch.ops.nested_learning.hope_projections_fwd(
         x, w_in, w_out, eta_weight, eta_bias, alpha_weight, alpha_bias, float(eta_max), chunk_size,

@@ -44,7 +44,7 @@ from torch import Tensor
 from .checks import MAX_KEY_DIM, check_saved_chunks, check_scan_inputs
 from .triton_delta import (CHUNK_WARPS, _contiguous, _delta_bwd_grads, _delta_bwd_scan,
                            _delta_fwd_scan, _delta_prep, _grad_or_zeros, _launch_dims, _needs_grad,
-                           autotune_scan, jit_any_length, launch_scan)
+                           autotune_scan, jit_any_length, launch_scan, on_input_device)
 from .triton_momentum import _momentum_bwd_grads, _momentum_bwd_scan, _momentum_fwd_scan
 
 __all__ = ["fused_linear_memory_delta", "fused_linear_memory_momentum", "MAX_CHUNK",
@@ -187,6 +187,7 @@ def _launch_args(q, chunk_size):
 # DGD / GD -------------------------------------------------------------------------------
 
 @torch.library.custom_op("nested_learning::memory_linear_delta_fwd", mutates_args=())
+@on_input_device
 def _memory_delta_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor,
                       lr_write: Tensor, initial_state: Tensor, chunk_size: int,
                       save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -216,6 +217,7 @@ def _(q, k, v, alpha, eta, lr_write, initial_state, chunk_size, save):
 
 
 @torch.library.custom_op("nested_learning::memory_linear_delta_bwd", mutates_args=())
+@on_input_device
 def _memory_delta_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor,
                       lr_write: Tensor, h_chunks: Tensor, grad_o: Tensor, grad_state: Tensor,
                       grad_start: Tensor, chunk_size: int
@@ -290,6 +292,7 @@ def fused_linear_memory_delta(q, k, v, alpha, eta, lr_write, initial_state, chun
 # momentum -------------------------------------------------------------------------------
 
 @torch.library.custom_op("nested_learning::memory_linear_momentum_fwd", mutates_args=())
+@on_input_device
 def _memory_momentum_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
                          lr: Tensor, initial_state: Tensor, initial_momentum: Tensor,
                          chunk_size: int, save: bool
@@ -319,6 +322,7 @@ def _(q, k, v, alpha, beta, lr, initial_state, initial_momentum, chunk_size, sav
 
 
 @torch.library.custom_op("nested_learning::memory_linear_momentum_bwd", mutates_args=())
+@on_input_device
 def _memory_momentum_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
                          lr: Tensor, h_chunks: Tensor, z_chunks: Tensor, grad_o: Tensor,
                          grad_state: Tensor, grad_momentum: Tensor, grad_start: Tensor,

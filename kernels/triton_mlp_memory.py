@@ -82,7 +82,8 @@ from .triton_delta import (CHUNK_WARPS, _chunk_output, _chunk_span, _contiguous,
                            _delta_chunk_gates, _delta_grads_tail, _delta_ut_system, _dot,
                            _gate_grad, _grad_or_zeros, _load_gate, _load_kv, _load_qk, _load_rows,
                            _load_state, _needs_grad, _pick, _program, _store_gate, _store_kv,
-                           _store_rows, _store_state, dot_precision, jit_any_length)
+                           _store_rows, _store_state, dot_precision, jit_any_length,
+                           on_input_device)
 from .triton_momentum import (_momentum_chunk_bwd, _momentum_chunk_fwd, _momentum_chunk_gates,
                               _momentum_grads_tail)
 
@@ -824,6 +825,7 @@ def _state_buffers(B, H, d, E, NT, n_states, save, device):
 # DGD / GD -------------------------------------------------------------------------------
 
 @torch.library.custom_op("nested_learning::memory_mlp_delta_fwd", mutates_args=())
+@on_input_device
 def _memory_mlp_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, w_in: Tensor,
                     w_out: Tensor, chunk_size: int, dgd: bool, activation: str,
                     max_grad_norm: Optional[float], self_target: bool, save_every: int
@@ -862,6 +864,7 @@ def _(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd, activation, max_grad_nor
 
 
 @torch.library.custom_op("nested_learning::memory_mlp_delta_bwd", mutates_args=())
+@on_input_device
 def _memory_mlp_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, lr: Tensor, h1c: Tensor,
                     h2c: Tensor, grad_y: Tensor, grad_win: Tensor, grad_wout: Tensor,
                     grad_win_start: Tensor, grad_wout_start: Tensor, chunk_size: int, dgd: bool,
@@ -969,6 +972,7 @@ def fused_mlp_memory_delta(q, k, v, alpha, lr, w_in, w_out, chunk_size, dgd=True
 # momentum -------------------------------------------------------------------------------
 
 @torch.library.custom_op("nested_learning::memory_mlp_momentum_fwd", mutates_args=())
+@on_input_device
 def _memory_mlp_momentum_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
                              lr: Tensor, w_in: Tensor, w_out: Tensor, z_in: Tensor, z_out: Tensor,
                              chunk_size: int, activation: str, max_grad_norm: Optional[float],
@@ -1000,6 +1004,7 @@ def _(q, k, v, alpha, beta, lr, w_in, w_out, z_in, z_out, chunk_size, activation
 
 
 @torch.library.custom_op("nested_learning::memory_mlp_momentum_bwd", mutates_args=())
+@on_input_device
 def _memory_mlp_momentum_bwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
                              lr: Tensor, h1c: Tensor, h2c: Tensor, z1c: Tensor, z2c: Tensor,
                              grad_y: Tensor, grad_win: Tensor, grad_wout: Tensor,

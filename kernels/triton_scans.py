@@ -25,7 +25,8 @@ import triton
 from torch import Tensor
 
 from .checks import check_saved_chunks, check_scan_inputs
-from .triton_delta import _contiguous, _grad_or_zeros, _needs_grad, delta_backward, delta_forward
+from .triton_delta import (_contiguous, _grad_or_zeros, _needs_grad, delta_backward, delta_forward,
+                           on_input_device)
 from .triton_momentum import momentum_backward, momentum_forward
 
 __all__ = ["delta_rule_triton", "momentum_rule_triton"]
@@ -67,6 +68,7 @@ def _saved_shapes(q, u, chunk_size, save):
 # ----------------------------------------------------------------------------- delta rule
 
 @torch.library.custom_op("nested_learning::delta_rule_fwd", mutates_args=())
+@on_input_device
 def _delta_rule_fwd(q: Tensor, k: Tensor, u: Tensor, alpha: Tensor, eta: Tensor,
                     initial_state: Optional[Tensor], chunk_size: int,
                     save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -86,6 +88,7 @@ def _(q, k, u, alpha, eta, initial_state, chunk_size, save):
 
 
 @torch.library.custom_op("nested_learning::delta_rule_bwd", mutates_args=())
+@on_input_device
 def _delta_rule_bwd(q: Tensor, k: Tensor, u: Tensor, alpha: Tensor, eta: Tensor,
                     h_chunks: Tensor, delta: Tensor, grad_o: Tensor, grad_state: Tensor,
                     chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -139,6 +142,7 @@ def delta_rule_triton(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
 # ----------------------------------------------------------------------------- momentum rule
 
 @torch.library.custom_op("nested_learning::momentum_rule_fwd", mutates_args=())
+@on_input_device
 def _momentum_rule_fwd(q: Tensor, k: Tensor, u: Tensor, alpha: Tensor, beta: Tensor,
                        initial_state: Optional[Tensor], initial_momentum: Optional[Tensor],
                        chunk_size: int,
@@ -161,6 +165,7 @@ def _(q, k, u, alpha, beta, initial_state, initial_momentum, chunk_size, save):
 
 
 @torch.library.custom_op("nested_learning::momentum_rule_bwd", mutates_args=())
+@on_input_device
 def _momentum_rule_bwd(q: Tensor, k: Tensor, u: Tensor, alpha: Tensor, beta: Tensor,
                        h_chunks: Tensor, z_chunks: Tensor, grad_o: Tensor, grad_state: Tensor,
                        grad_momentum: Tensor, chunk_size: int

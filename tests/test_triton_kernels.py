@@ -364,6 +364,73 @@ def test_dispatcher_and_triton_entry_share_one_input_check(change):
     assert messages[0] == messages[1] and "\n" not in messages[0]
 
 
+@needs_kernels
+def test_every_custom_op_launches_on_its_inputs_device(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': every nested_learning
+    op (all kernel files) runs under triton_delta.on_input_device, which makes its first
+    tensor's device current, so a model on cuda:1 does not launch on cuda:0 against cuda:1
+    memory. The device switch is recorded here with a stand-in for torch.cuda.device (one
+    GPU, or none, cannot show it)."""
+    from types import SimpleNamespace
+    from torch._library.custom_ops import OPDEFS
+    from kernels import triton_budget, triton_cms, triton_delta, triton_hope, triton_memory  # noqa: F401
+    from kernels import triton_mlp_memory  # noqa: F401
+    guarded_code = triton_delta.on_input_device(lambda first: None).__code__
+    ops = {name: op for name, op in OPDEFS.items() if name.startswith("nested_learning::")}
+    assert len(ops) >= 18                          # the six kernel files register 18
+    unguarded = [name for name, op in ops.items() if op._init_fn.__code__ is not guarded_code]
+    assert not unguarded, f"ops that launch on the current device, not their inputs': {unguarded}"
+
+    current = ["cuda:0"]
+
+    class Device:                                      # torch.cuda.device's context protocol
+        def __init__(self, device):
+            self.device, self.before = str(device), None
+
+        def __enter__(self):
+            self.before, current[0] = current[0], self.device
+
+        def __exit__(self, *exc):
+            current[0] = self.before
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    launch = triton_delta.on_input_device(lambda first, *rest, **kw: (current[0], rest, kw))
+    assert launch(SimpleNamespace(device=torch.device("cuda:1")), 2, x=3) == ("cuda:1", (2,), {"x": 3})
+    assert current == ["cuda:0"]
+    assert launch(torch.zeros(1))[0] == "cuda:0"      # CPU tensors (the interpreter): no switch
+
+
+@needs_kernels
+@pytest.mark.parametrize("used, overlap, message", [
+    ((1, 16), (4, 16, 16), "used must be [4, 16] to match wanted [4, 16]; got [1, 16]"),
+    ((4, 16), (2, 16, 16), "overlap must be [4, 16, 16] to match wanted [4, 16]; got [2, 16, 16]"),
+])
+def test_step_budget_rejects_shapes_it_would_read_past(used, overlap, message):
+    """capped_steps' kernels read used and overlap at wanted's rows, after a reshape(-1, C)
+    that any tensor whose size C divides passes: fewer rows were read past their end without
+    an error (garbage caps). Now one line naming the tensor."""
+    from kernels import triton_budget
+    with pytest.raises(ValueError) as e:
+        triton_budget.capped_steps(torch.zeros(4, 16, device=DEVICE), torch.zeros(used, device=DEVICE),
+                                   torch.zeros(overlap, device=DEVICE), 0.5)
+    assert str(e.value) == message
+
+
+@needs_kernels
+@pytest.mark.parametrize("eta_max", [torch.tensor(1.0, requires_grad=True), 0.0, float("nan"), True])
+def test_hope_projections_reject_eta_max_they_cannot_take(eta_max):
+    """The fused stage 1 takes eta_max as a float constant (like the CMS kernel's lr): a
+    tensor's gradient would be dropped without a word, and eta_max <= 0 or NaN makes no
+    learning rate (hope.py's config asks for > 0)."""
+    from kernels import triton_hope
+    H, d = 1, 16
+    x = torch.zeros(1, 4, H, d, device=DEVICE)
+    w = torch.zeros(1, 4 * H, d, d, device=DEVICE)
+    gate_w, gate_b = torch.zeros(H, d, device=DEVICE), torch.zeros(H, device=DEVICE)
+    with pytest.raises(ValueError, match="eta_max must be a finite number > 0"):
+        triton_hope.fused_hope_projections(x, w, w, gate_w, gate_b, gate_w, gate_b, eta_max, 16)
+
+
 # ----------------------------------------------------------------------------- CUDA only
 
 @needs_cuda
