@@ -240,9 +240,15 @@ class BatchSampler:
 
     def state_dict(self) -> dict:
         # rank and world_size are left out on purpose: the global stream does not depend on them
+        # shard_lengths: a window index names a (shard, offset) through them, so the same corpus
+        # and recipe cut at another --shard-tokens (which can keep num_windows) is another stream
         return {"step": self.step, "seed": self.seed, "split": self.split, "batch_size": self.batch_size,
                 "seq_len": self.seq_len, "sampling": self.sampling, "num_windows": self.num_windows,
-                "recipe": self.recipe}
+                "shard_lengths": self.shard_lengths, "recipe": self.recipe}
+
+    @property
+    def shard_lengths(self) -> list[int]:
+        return [len(a) for a in self.arrays]
 
     def load_state_dict(self, state: dict):
         state = {"sampling": "random", **state}         # saved before the shuffled sampling existed
@@ -257,6 +263,13 @@ class BatchSampler:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"data position was saved with {name}={state[key]}, this sampler has "
                                  f"{name}={getattr(self, key)}: the batch stream would differ")
+        saved = state.get("shard_lengths")              # absent in positions saved before it was recorded
+        if saved is not None and list(saved) != self.shard_lengths:
+            ours = self.shard_lengths
+            i = next((i for i, (a, b) in enumerate(zip(saved, ours)) if a != b), min(len(saved), len(ours)))
+            then, now = (f"{lengths[i]} tokens" if i < len(lengths) else "no shard" for lengths in (saved, ours))
+            raise ValueError(f"data position was saved on {self.split} shards of other lengths (shard {i}: {then} "
+                             f"then, {now} now; prepared with another --shard-tokens?): the batch stream would differ")
         self.step = int(state["step"])
         self.seed = int(state["seed"])
 

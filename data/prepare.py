@@ -150,7 +150,12 @@ def _hf_error(what: str, error: Exception, held: _HeldErrorLogs) -> ValueError:
     wrong ("Failed to load JSON from file 'x' ... in row 2") and raises an error that says only
     that an error occurred: its logged message is the reason then."""
     first_line = (str(error).strip().splitlines() or [""])[0]
-    reason = one_line(held.messages[-1]) if held.messages else f"{type(error).__name__}: {first_line}"
+    if held.messages:
+        reason = one_line(held.messages[-1])
+    elif isinstance(error, StopIteration):  # the json builder reads a first row to infer the columns
+        reason = "found no rows (StopIteration: are the data files empty?)"
+    else:
+        reason = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
     return ValueError(f"could not load {what}: {reason}")
 
 
@@ -170,7 +175,10 @@ def open_source(source: str, data_files=None, text_field="text", split="train", 
             raise ValueError(f"source hf:{name} reads local files: pass --data-files GLOB")
         files = _expand_glob(data_files, "--data-files glob") if data_files else None
         what = f"HF dataset {name!r} (config {config or None!r}, split {split!r})"
-        unreachable = None if files else hub_unreachable(streaming)      # local files need no network
+        # local files need no network, nor does a local folder of data files (load_dataset
+        # reads a folder before it asks the Hub): offline, the check would refuse it
+        local = files or os.path.isdir(name)
+        unreachable = None if local else hub_unreachable(streaming)
         if unreachable:
             raise ValueError(f"could not load {what}: {unreachable}")
         import datasets  # lazy: heavy, and absent on the GPU machines
@@ -273,10 +281,15 @@ class _SplitWriter:
         self.tokens += len(tokens)
         self.documents += 1
         self.bytes += n_bytes
-        while self.pending_tokens >= self.shard_tokens:
+        if self.pending_tokens >= self.shard_tokens:
+            # one concatenation, then every whole shard in it: cutting a shard at a time re-copied
+            # the rest each time, quadratic in a document many shards long (20M tokens into
+            # 10K-token shards: 13 s); the rest is copied so the joined array is freed
             joined = np.concatenate(self.pending)
-            self._write(joined[: self.shard_tokens])
-            rest = joined[self.shard_tokens:]
+            whole = len(joined) - len(joined) % self.shard_tokens
+            for start in range(0, whole, self.shard_tokens):
+                self._write(joined[start: start + self.shard_tokens])
+            rest = joined[whole:].copy()
             self.pending, self.pending_tokens = [rest], len(rest)
 
     def close(self):

@@ -134,6 +134,25 @@ def _check_prepared(out_dir, meta, documents, tok, val_fraction=0.25, seed=0):
         assert _decoded_documents(out_dir, split, tok) == docs
 
 
+def test_split_writer_cuts_a_long_document_in_one_pass(tmp_path, monkeypatch):
+    """Review: a document many shards long was cut one shard at a time, each cut re-copying
+    all the rest (20M tokens into 10K-token shards took 13 s). Now one concatenation an add;
+    the shards hold the same tokens, the last one the partial rest."""
+    from data.prepare import _SplitWriter
+    real, calls = np.concatenate, []
+    monkeypatch.setattr(np, "concatenate", lambda arrays, *args, **kwargs: calls.append(1) or real(arrays, *args,
+                                                                                                   **kwargs))
+    documents = [np.arange(3, dtype=np.uint16), np.arange(100, 195, dtype=np.uint16)]
+    writer = _SplitWriter(str(tmp_path), "train", 10, 257)
+    for tokens in documents:
+        writer.add(tokens, len(tokens))
+    writer.close()
+    assert len(calls) == 2          # the long add's and close's; one per cut: 9 + 1
+    shards = [read_shard(str(tmp_path / name)) for name in writer.shards]
+    assert [len(shard) for shard in shards] == [10] * 9 + [8]
+    assert np.array_equal(real(shards), real(documents))
+
+
 def test_prepare_from_txt_and_jsonl_files(tmp_path):
     tok = get_tokenizer("bytes")
     txt_dir = tmp_path / "txt"
@@ -588,6 +607,39 @@ def test_prepare_hf_row_error_names_the_dataset(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_prepare_hf_local_folder_needs_no_hub(tmp_path, monkeypatch):
+    """Review: hf:<local folder> (load_dataset reads a folder of data files before it asks the
+    Hub) was refused offline as "huggingface.co cannot be reached ...; set HF_HUB_OFFLINE=1":
+    the Hub check ran for every hf: source without --data-files. A Hub name is still checked."""
+    datasets = pytest.importorskip("datasets")
+    import data.prepare as prepare_module
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(prepare_module, "hub_unreachable", lambda streaming=False: "huggingface.co cannot be reached")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "part0.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS), encoding="utf-8")
+    for streaming in (False, True):
+        out = str(tmp_path / f"out{streaming}")
+        meta = prepare(f"hf:{folder}", out, "bytes", val_fraction=0.25, num_workers=1, streaming=streaming, quiet=True)
+        _check_prepared(out, meta, DOCS, get_tokenizer("bytes"))
+    with pytest.raises(ValueError, match=r"^could not load HF dataset 'someone/corpus' .*: huggingface.co cannot"):
+        prepare("hf:someone/corpus", str(tmp_path / "hub"), "bytes", num_workers=1, quiet=True)
+
+
+def test_prepare_hf_data_files_without_rows_say_so(tmp_path, monkeypatch):
+    """Review: empty --data-files were "could not load HF dataset 'json' (...): StopIteration:"
+    (the json builder's first-row read finds none), which does not say what is wrong."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    (tmp_path / "empty.jsonl").write_text("")
+    for streaming in (False, True):
+        with pytest.raises(ValueError) as excinfo:
+            prepare("hf:json", str(tmp_path / "out"), "bytes", num_workers=1, data_files=str(tmp_path / "empty.jsonl"),
+                    streaming=streaming, quiet=True)
+        assert _one_line(excinfo) == ("could not load HF dataset 'json' (config None, split 'train'): found no rows "
+                                      "(StopIteration: are the data files empty?)")
+
+
 def test_prepare_rebuilds_through_a_symlinked_out_dir(tmp_path):
     """Review: a rebuild through a symlinked --out (a data/cache entry pointing at a big disk)
     renamed the link aside (left as <link>.old-<pid>) and put a real folder in its place. Now
@@ -965,6 +1017,26 @@ def test_sampler_refuses_a_position_from_another_stream(tmp_path, token_dir):
     other, _ = _windows_dir(tmp_path, [40, 60], seq_len=8)
     with pytest.raises(ValueError, match=r"saved with num_windows=\d+, this sampler has num_windows=84"):
         BatchSampler(TokenDataset(other), "train", batch_size=4, seq_len=8, seed=0).load_state_dict(state)
+
+
+def test_sampler_refuses_a_position_on_shards_cut_elsewhere(tmp_path):
+    """Review: one corpus and recipe prepared again with another --shard-tokens can keep the
+    window count (here 32 + 32 + 12 = 37 + 37 + 2 windows of 9 tokens) while every window index
+    names another (shard, offset): the resume checks passed and the stream silently changed."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    saved_dir, _ = _windows_dir(tmp_path / "a", [40, 40, 20], seq_len=8)
+    other_dir, _ = _windows_dir(tmp_path / "b", [45, 45, 10], seq_len=8)
+    saved = BatchSampler(TokenDataset(saved_dir), "train", batch_size=4, seq_len=8, seed=0)
+    saved.next_batch()
+    other = BatchSampler(TokenDataset(other_dir), "train", batch_size=4, seq_len=8, seed=0)
+    assert saved.num_windows == other.num_windows == 76
+    with pytest.raises(ValueError, match=r"^data position was saved on train shards of other lengths \(shard 0: "
+                                         r"40 tokens then, 45 tokens now; .*\): the batch stream would differ$"):
+        other.load_state_dict(saved.state_dict())
+    again = BatchSampler(TokenDataset(saved_dir), "train", batch_size=4, seq_len=8, seed=0)
+    again.load_state_dict(json.loads(json.dumps(saved.state_dict())))     # the same shards resume
+    assert torch.equal(again.next_batch()[0], saved.next_batch()[0])
 
 
 def test_loader_names_a_shard_with_ids_outside_its_vocab(tmp_path, token_dir):
