@@ -18,9 +18,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import report_error, result_footer  # noqa: E402
+from bench.common import report_error, result_footer, split_overrides  # noqa: E402
 from cli import OneLineArgumentParser, non_negative_int, positive_int, seed_int  # noqa: E402
 from config import load_config  # noqa: E402
+from kernels.checks import triton_blocker  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
@@ -62,7 +63,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
-    args, overrides = p.parse_known_args(argv)
+    own, overrides = split_overrides(argv)
+    args = p.parse_args(own)
     if args.threads:
         torch.set_num_threads(args.threads)
     from data.tokenizer import TOKENIZER_CLASSES
@@ -74,10 +76,13 @@ def main(argv=None):
         except ValueError as e:  # ConfigError: a missing file or a bad key, named
             return report_error(e)
         cfg.model.vocab_size = args.vocab or TOKENIZER_CLASSES[cfg.data.tokenizer].vocab_size
-        try:
+        try:   # the forwards run on CPU: without the interpreter, a traceback at the first fused launch
+            why = triton_blocker(cfg.model, "cpu")
+            if why:
+                raise ValueError(why)
             with torch.device("meta"):    # construction's checks without its memory or time
                 build_model(cfg.model)
-        except ValueError as e:  # a model this config cannot build
+        except ValueError as e:  # a model this config cannot build or run here
             return report_error(f"{path}: {e}")
         cfgs.append(cfg)
 

@@ -87,7 +87,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if not torch.cuda.is_available():                 # the Triton kernels run interpreted on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import kernels  # noqa: E402
-from bench.common import machine, report_error, timer  # noqa: E402
+from bench.common import machine, report_error, timer, versions  # noqa: E402
 from cli import OneLineArgumentParser, output_file_problem, positive_int, write_atomic  # noqa: E402
 from kernels.triton_delta import dot_precision, tuned_configs  # noqa: E402
 from memory import NeuralMemory  # noqa: E402
@@ -143,26 +143,33 @@ def fla_delta_rule(fla_fn):
 
 def fla_ungated_delta_rule(fla_fn):
     """Our delta_rule at alpha = 1 on top of fla's chunk_delta_rule (no gate): the mapping
-    above with g = 0, beta = eta, v = u / eta; alpha is not read."""
+    above with g = 0, beta = eta, v = u / eta; alpha is not read (run.unread, for measure)."""
     def run(q, k, u, alpha, eta, initial_state, chunk_size=64, backend=None):
         o, h_final = fla_fn(q, k, u / eta.unsqueeze(-1), eta, scale=1.0,
                             initial_state=initial_state.float().transpose(-1, -2).contiguous(),
                             output_final_state=True)
         return o, h_final.transpose(-1, -2)
+    run.unread = ("alpha",)
     return run
 
 
 def relative_error(xs, refs):
-    """max over xs of |x - ref| / max(1, max |ref|); nan without references (--no-errors)."""
+    """max over xs of |x - ref| / max(1, max |ref|); nan without references (--no-errors).
+    An x of None (the gradient of an input fn does not read, measure) is skipped."""
     if refs is None:
         return float("nan")
     return max(((x.double() - r).abs().max() / r.abs().max().clamp_min(1.0)).item()
-                for x, r in zip(xs, refs))
+                for x, r in zip(xs, refs) if x is not None)
 
 
 def measure(fn, x, backward, device, repeats, cotangent_seed=1):
-    """(seconds, outputs, grads) of fn(**x) [+ backward of sum <out, fixed random c>]."""
+    """(seconds, outputs, grads) of fn(**x) [+ backward of sum <out, fixed random c>]. The
+    inputs fn names in fn.unread get the gradient None: fla's ungated delta rule takes no
+    alpha (op delta_rule_ungated), and autograd.grad refused the whole row for it. Any other
+    input without a gradient still fails the row."""
     leaves = {n: t.detach().requires_grad_(backward) for n, t in x.items()}
+    read = [n for n in leaves if n not in getattr(fn, "unread", ())]
+    wrt = [leaves[n] for n in read]
     gen = torch.Generator().manual_seed(cotangent_seed)
     state = {}
 
@@ -173,7 +180,8 @@ def measure(fn, x, backward, device, repeats, cotangent_seed=1):
                 if "cot" not in state:
                     state["cot"] = [torch.randn(o.shape, generator=gen).to(o.device) for o in outs]
                 loss = sum((o.float() * c).sum() for o, c in zip(outs, state["cot"]))
-                state["grads"] = torch.autograd.grad(loss, list(leaves.values()))
+                grads = dict(zip(read, torch.autograd.grad(loss, wrt)))
+                state["grads"] = [grads.get(n) for n in leaves]
             state["outs"] = [o.detach() for o in outs]
 
     seconds = timer(once, device, repeats)
@@ -469,7 +477,8 @@ def main(argv=None):
     p.add_argument("--T", type=positive_int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--H", type=positive_int, default=16)
     p.add_argument("--d", type=positive_int, nargs="+", default=[64, 128])
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                   help="the scans' inputs (part scans; the other parts run fp32)")
     p.add_argument("--chunk", type=positive_int, default=64, help="scan chunk_size")
     p.add_argument("--mem-chunk", type=positive_int, default=64, help="memory layer chunk C")
     p.add_argument("--cms-chunk", type=positive_int, default=16, help="CMS fast level chunk C")
@@ -519,13 +528,16 @@ def _run(p, args, argv):
                 setattr(args, name, value)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
-    if device == "cpu" and dtype != torch.float32 and kernels.checks.interpreting():
+    # only the scans take --dtype: on CPU `--parts memory` needs no --dtype fp32
+    if device == "cpu" and dtype != torch.float32 and kernels.checks.interpreting() and "scans" in args.parts:
         p.error(f"--dtype {args.dtype} needs a GPU (the Triton interpreter computes 16-bit wrongly); use --dtype fp32")
     fla_fns, fla_why = load_fla()
     name = machine() + ("" if device == "cuda" else " (Triton interpreter)")
-    print(f"command: python bench/kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}")
-    print(f"device: {name}; torch {torch.__version__}; date {datetime.date.today().isoformat()}; "
-          f"dtype {args.dtype}; fp32 matmul precision {args.fp32_matmul_precision}; fla: {'yes' if fla_fns else 'not available (' + fla_why + ')'}")
+    command = f"python bench/kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}"
+    print(f"command: {command}")
+    print(f"device: {name}; {versions()}; date {datetime.date.today().isoformat()}; "
+          f"scans' dtype {args.dtype}; fp32 matmul precision {args.fp32_matmul_precision}; "
+          f"fla: {'yes' if fla_fns else 'not available (' + fla_why + ')'}")
     print(HEADER)
     rows = []
     run_part = {"scans": lambda: bench_scans(args, device, dtype, fla_fns, rows),
@@ -541,11 +553,18 @@ def _run(p, args, argv):
             if line not in printed:
                 print(f"autotuned: {line}")
                 printed.add(line)
+    if not rows:            # e.g. --impls reference without --reference: not a passed run
+        return report_error(f"nothing was timed: --impls {' '.join(args.impls)} has no rows in --parts "
+                            f"{' '.join(args.parts)} at these shapes (reference: with --reference; fla: where it "
+                            "imports; both in part scans only)")
     print_speedups(rows)
     if args.json:
         try:
-            write_atomic(args.json, json.dumps({"device": name, "date": datetime.date.today().isoformat(),
-                                                     "rows": rows}, indent=1))
+            # what the header prints: the rows alone do not say their dtype, precision or release
+            write_atomic(args.json, json.dumps({"command": command, "device": name, "versions": versions(),
+                                                "date": datetime.date.today().isoformat(), "scans_dtype": args.dtype,
+                                                "fp32_matmul_precision": args.fp32_matmul_precision,
+                                                "rows": rows}, indent=1))
         except OSError as e:       # the path was checked first; it changed during the run
             return report_error(f"cannot write --json {args.json}: {e.strerror or e}")
     # NaN time: add_row caught its error; a NaN / inf error column: wrong or diverged outputs

@@ -22,9 +22,10 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from bench.common import report_error, result_footer  # noqa: E402
+from bench.common import report_error, result_footer, split_overrides  # noqa: E402
 from cli import OneLineArgumentParser, positive_int  # noqa: E402
 from config import load_config  # noqa: E402
+from kernels.checks import triton_blocker  # noqa: E402
 
 
 def saved_bytes(cfg, T):
@@ -60,7 +61,8 @@ def main(argv=None):
     p.add_argument("--T", type=positive_int, nargs="+", default=[256, 512],
                    help="sequence lengths (at least two: the per-token figure is the growth)")
     p.add_argument("--top", type=positive_int, default=5, help="places listed per config")
-    args, overrides = p.parse_known_args(argv)
+    own, overrides = split_overrides(argv)
+    args = p.parse_args(own)
     if len(set(args.T)) < 2:
         p.error("--T needs at least two different lengths")
     lengths = sorted(set(args.T))
@@ -71,9 +73,12 @@ def main(argv=None):
             cfgs.append(load_config(path, ["--model.n_layer=1", "--model.vocab_size=256", *overrides]))
         except ValueError as e:  # ConfigError: names the file or the key
             return report_error(e)
-        try:
+        try:   # the forwards run on CPU: without the interpreter, a traceback at the first fused launch
+            why = triton_blocker(cfgs[-1].model, "cpu")
+            if why:
+                raise ValueError(why)
             build_model(cfgs[-1].model)
-        except ValueError as e:  # a model this config cannot build
+        except ValueError as e:  # a model this config cannot build or run here
             return report_error(f"{path}: {e}")
     for path, cfg in zip(args.configs, cfgs):
         runs = {T: saved_bytes(cfg, T) for T in lengths}

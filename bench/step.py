@@ -1,4 +1,5 @@
-"""Tokens/s and peak memory of one training step (forward + backward + AdamW) for any config.
+"""Tokens/s, FLOP/s (MFU on a known GPU) and peak memory of one training step (forward +
+backward + AdamW) for any config.
 
     python bench/step.py configs/quickstart.yaml --train.batch_size=8 --train.seq_len=256
     python bench/step.py configs/hope_tiny.yaml --steps 10 --device cuda
@@ -18,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import report_error, result_footer  # noqa: E402
+from bench.common import report_error, result_footer, split_overrides  # noqa: E402
 from cli import OneLineArgumentParser, non_negative_int, positive_int, resolve_device  # noqa: E402
 from config import load_config  # noqa: E402
 from kernels.checks import triton_blocker  # noqa: E402
@@ -29,10 +30,11 @@ def device_type(device) -> str:
     return torch.device(device).type
 
 
-def make_train_step(model, opt, x, grad_accum=1, device="cpu", bf16=False):
+def make_train_step(model, opt, x, grad_accum=1, device="cpu", bf16=False, grad_clip=1.0):
     """A closure running one training step on the tokens x (B, T + 1), as train.py does:
     grad_accum micro-batches of forward (bf16 autocast when bf16) and backward of
-    loss / grad_accum, then opt.step() and zero_grad."""
+    loss / grad_accum, the global gradient norm clipped at grad_clip (optim.grad_clip; 0: only
+    measured, as train.py logs it), then opt.step() and zero_grad."""
     micro = x.shape[0] // grad_accum
     kind = device_type(device)         # autocast takes the device's type, not "cuda:0"
 
@@ -42,6 +44,7 @@ def make_train_step(model, opt, x, grad_accum=1, device="cpu", bf16=False):
             with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
                 _, loss, _ = model(xb[:, :-1], xb[:, 1:])
             (loss / grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -69,20 +72,21 @@ def build_train_step(cfg, device="cpu", compile=False):
     opt = make_optimizer(model, cfg, device_type(device))
     x = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
     bf16 = setup_precision(t, device_type(device))     # as train.py: bf16 autocast, TF32 on CUDA
-    return model, make_train_step(model, opt, x, t.grad_accum, device, bf16)
+    return model, make_train_step(model, opt, x, t.grad_accum, device, bf16, cfg.optim.grad_clip)
 
 
 def median_seconds(step, steps, warmup, device="cpu"):
     """Median wall seconds of `steps` calls of step() after `warmup` untimed ones (CUDA:
-    synchronised before and after each call)."""
+    `device` synchronised before and after each call; the current device's synchronize alone
+    would time only the launches of a step on --device cuda:1)."""
     times, cuda = [], device_type(device) == "cuda"
     for i in range(warmup + steps):
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         step()
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -101,7 +105,27 @@ def bench_step(cfg, steps=5, warmup=2, device="cpu", compile=False, built=None):
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"arch": cfg.model.arch, "params": model.num_params(), "sec_per_step": sec,
             "tokens_per_s": t.batch_size * t.seq_len / sec, "peak_mem_bytes": peak,
-            "flops_per_token": model.flops_per_token(t.seq_len)}
+            "flops_per_token": model.flops_per_token(t.seq_len),
+            "memory_flops_per_token": model.memory_flops_per_token(t.seq_len)}
+
+
+def flops_report(r, device) -> str:
+    """bench_step's result r in FLOPs, counted as train.py counts them for its MFU: the model's
+    6N + attention per token (model.flops_per_token, PaLM appendix B), the rate that makes,
+    and its MFU where train.PEAK_FLOPS knows the GPU (bf16 dense peak). The memories' and CMS
+    levels' inner loops (model.memory_flops_per_token: writes, scans, reads), which 6N does
+    not see, come apart, outside the MFU, as train.py logs them."""
+    from train import PEAK_FLOPS, peak_flops
+    peak = peak_flops(device_type(device))
+    rate, memory_rate = (r["tokens_per_s"] * r[k] for k in ("flops_per_token", "memory_flops_per_token"))
+    line = f"model FLOPs (6N + attention): {r['flops_per_token'] / 1e9:.3g} G/token, {rate / 1e12:.3g} TFLOP/s"
+    line += (f", MFU {100 * rate / peak:.1f}%" if peak else
+             f" (no MFU: train.PEAK_FLOPS knows {'/'.join(PEAK_FLOPS)} only)")
+    if memory_rate:
+        line += (f"; memory inner loops {r['memory_flops_per_token'] / 1e9:.3g} G/token more, "
+                 f"{memory_rate / 1e12:.3g} TFLOP/s" + (f" (+{100 * memory_rate / peak:.1f}% of peak)" if peak else "")
+                 + ", not in the MFU")
+    return line
 
 
 def label_forwards(model):
@@ -151,7 +175,7 @@ def profile_step(model, step, rows, device="cpu"):
     with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         step()
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
     table = prof.key_averages()
     inclusive, self_time = ("device_time_total", "self_device_time_total") if cuda else \
         ("cpu_time_total", "self_cpu_time_total")
@@ -196,8 +220,8 @@ def main(argv=None):
     p.add_argument("--profile-rows", type=non_negative_int, default=0,
                    help="after timing, profile one more step: forward time per model part and this many "
                         "top ops by self time (CUDA: GPU kernel time); 0 = no profile")
-    args, overrides = p.parse_known_args(argv)
-    return _run(args, overrides, argv)
+    own, overrides = split_overrides(argv)
+    return _run(p.parse_args(own), overrides, argv)
 
 
 def _run(args, overrides, argv):
@@ -217,6 +241,7 @@ def _run(args, overrides, argv):
     print(f"{r['arch']:>15} | {r['params'] / 1e6:8.2f}M params | batch {cfg.train.batch_size} x seq "
           f"{cfg.train.seq_len}{ac} | {r['sec_per_step'] * 1e3:9.1f} ms/step | {r['tokens_per_s']:10,.0f} tok/s | "
           f"{mem_kind} {r['peak_mem_bytes'] / 2**20:,.0f} MiB")
+    print(f"{'':>15} | {flops_report(r, device)}")
     for line in built[0].kernel_report(device):       # which memory parts ran fused (model.kernels)
         print(f"{'':>15} | kernels: {line}")
     triton_delta = sys.modules.get("kernels.triton_delta")     # imported once a Triton kernel ran

@@ -9,7 +9,9 @@ Transformer++ gets the same d_model, heads and vocabulary, and as many layers as
 its parameter count closest to the Titans model's (a Titans-LMM block has ~14.4 d^2
 parameters with a depth-2 memory, ~13.6 d^2 with depth 1; a Transformer++ block ~12.3 d^2). A small vocabulary keeps the LM head from
 dominating. Prints a table with the median of --steps timed steps (after one warm-up)
-plus the command, machine and date, ready for BENCHMARKS.md.
+plus the command, machine and date, ready for BENCHMARKS.md. Its "mem GFLOP/tok" column is
+the memory's inner loop per token, forward + backward (model.memory_flops_per_token: writes,
+scans, reads), which the 6N of the parameters does not count.
 """
 import os
 import sys

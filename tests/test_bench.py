@@ -69,8 +69,13 @@ def test_bad_count_flags_give_one_line_error(main, argv, message, capsys):
 
 
 def _footer_ok(out, script, argv):
+    """The command, machine, date and versions under a result (Triton's too: the same kernels
+    spilled and ran differently under two releases, and no footer said which)."""
+    import triton
     assert f"command: python bench/{script} {' '.join(argv)}" in out
-    assert f"machine: {machine()}\n" in out and re.search(r"date: \d{4}-\d\d-\d\d, torch ", out)
+    assert f"machine: {machine()}\n" in out
+    assert re.search(rf"date: \d{{4}}-\d\d-\d\d, torch {re.escape(torch.__version__)}, "
+                     rf"triton {re.escape(triton.__version__)}\n", out), out
 
 
 def test_step_bench_tiny_run(capsys):
@@ -83,7 +88,23 @@ def test_step_bench_tiny_run(capsys):
     assert line.split("|")[0].strip() == "hope" and "batch 2 x seq 24" in line, line
     assert float(re.search(r"([\d,]+) tok/s", line).group(1).replace(",", "")) > 0
     assert "| kernels: HOPE M_mem x1: per-chunk path (backend 'auto' on cpu" in out   # model.kernel_report
+    assert "| model FLOPs (6N + attention): " in out and "memory inner loops" in out    # flops_report
     _footer_ok(out, "step.py", argv)
+
+
+def test_step_bench_reports_flops_and_mfu_as_train_py(monkeypatch):
+    """The step's FLOPs line: model.flops_per_token (6N + attention) x tokens/s, its MFU against
+    train.peak_flops where that knows the GPU, and the memories' inner loops apart, outside the
+    MFU, as train.py logs them (bench_step counted the FLOPs and printed none)."""
+    import train
+    r = {"tokens_per_s": 1000.0, "flops_per_token": 2e9, "memory_flops_per_token": 5e8}
+    monkeypatch.setattr(train, "peak_flops", lambda device_type: 1e13)
+    assert step.flops_report(r, "cuda") == ("model FLOPs (6N + attention): 2 G/token, 2 TFLOP/s, MFU 20.0%; memory "
+                                           "inner loops 0.5 G/token more, 0.5 TFLOP/s (+5.0% of peak), not in the MFU")
+    monkeypatch.setattr(train, "peak_flops", lambda device_type: None)
+    r["memory_flops_per_token"] = 0                  # a Transformer++: no inner loops to report
+    assert step.flops_report(r, "cpu") == ("model FLOPs (6N + attention): 2 G/token, 2 TFLOP/s (no MFU: "
+                                          f"train.PEAK_FLOPS knows {'/'.join(train.PEAK_FLOPS)} only)")
 
 
 def test_step_bench_profile_labels_the_parts(capsys):
@@ -142,6 +163,27 @@ def test_saved_memory_bench_bad_inputs_are_one_line(capsys):
     assert capsys.readouterr().err.strip().endswith("--T needs at least two different lengths")
     assert saved_memory.main(["configs/hope_tiny.yaml", "--model.d_modl=8"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown config key 'model.d_modl'")
+
+
+def test_overrides_with_spaced_values_are_not_config_paths(capsys):
+    """--section.key value (config.parse_overrides' other form, as train.py takes it) is an
+    override: parse_known_args took "hope" in `step.py --model.arch hope` for the config path,
+    and a mistyped option's value too (`--warm 1`: "config file not found: 1")."""
+    from bench.common import split_overrides
+    assert split_overrides(["c.yaml", "--model.arch", "hope", "--steps", "2", "--train.lr=1", "--model.x", "--y"]) == \
+        (["c.yaml", "--steps", "2", "--y"], ["--model.arch", "hope", "--train.lr=1", "--model.x"])
+    argv = ["--model.arch", "hope", "--steps", "1", "--warmup", "0", "--device", "cpu", "--model.d_model", "32",
+            "--model.n_layer=1", "--model.n_head=2", "--model.vocab_size=64", "--train.batch_size=1",
+            "--train.seq_len=8"]
+    assert step.main(argv) == 0                                       # the default config, arch hope
+    assert capsys.readouterr().out.split("|")[0].strip() == "hope"
+    with pytest.raises(SystemExit) as exit_info:
+        step.main(["--warm", "1"])
+    assert exit_info.value.code == 2
+    _one_line(capsys.readouterr().err, "unrecognized arguments: --warm")
+    with pytest.raises(SystemExit):
+        init_grads.main(["--model.d_model", "32", "configs/transformer_tiny.yaml", "--seq-lenz", "8"])
+    _one_line(capsys.readouterr().err, "unrecognized arguments: --seq-lenz 8")    # not "config file not found: 32"
 
 
 def test_step_bench_bad_config_is_one_line(capsys):
@@ -367,6 +409,21 @@ def test_step_bench_triton_kernels_without_cuda_or_interpreter_is_one_line(monke
     _one_line(capsys.readouterr().err, "model.kernels=triton needs a CUDA device (or TRITON_INTERPRET=1")
 
 
+@pytest.mark.parametrize("script", ["saved_memory", "init_grads"])
+def test_cpu_benches_refuse_triton_kernels_without_the_interpreter_in_one_line(script, monkeypatch, capsys):
+    """saved_memory and init_grads run their forwards on CPU: model.kernels=triton there without
+    Triton's interpreter is one line naming the config and the fix, before anything is measured
+    (it was a traceback from the first fused launch)."""
+    import importlib
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    main = importlib.import_module(f"bench.{script}").main
+    assert main(["configs/hope_tiny.yaml", "--T" if script == "saved_memory" else "--seq-lens", "8",
+                 *(["16"] if script == "saved_memory" else []), "--model.kernels=triton"]) == 2
+    captured = capsys.readouterr()
+    _one_line(captured.err, "configs/hope_tiny.yaml: model.kernels=triton needs a CUDA device (or TRITON_INTERPRET=1")
+    assert captured.out == ""
+
+
 @pytest.mark.parametrize("where, problem", [("afile/k.json", "afile is not a folder"),
                                             ("adir", "is a folder; give a file name")])
 def test_kernels_bench_json_path_is_checked_before_the_benchmark(where, problem, tmp_path, capsys):
@@ -437,6 +494,67 @@ def test_kernel_bench_times_wide_keys_at_chunk_64(monkeypatch, capsys):
     assert rows == [["triton", "fwd"]]          # exact fp32 products: chunk 64 would not fit
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's refusal of 16-bit scans")
+def test_kernel_bench_dtype_is_the_scans_own(capsys):
+    """--dtype sets the scans' inputs only (the other parts run fp32), so under the interpreter
+    only the scans refuse bf16: `--parts budget` ran nothing at the default --dtype bf16."""
+    argv = ["--B", "1", "--T", "5", "--H", "1", "--d", "4", "--mem-chunk", "4", "--repeats", "1", "--impls", "torch"]
+    assert _kernels_main(["--parts", "budget", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "scans' dtype bf16;" in out and len([line for line in out.splitlines() if line.startswith("budget/")]) == 2
+    import triton
+    assert f"; torch {torch.__version__}, triton {triton.__version__}; date " in out     # the header's versions
+    with pytest.raises(SystemExit):
+        _kernels_main(["--parts", "budget", "scans", *argv])
+    _one_line(capsys.readouterr().err, "--dtype bf16 needs a GPU")
+
+
+def test_kernel_bench_json_says_how_its_rows_were_measured(tmp_path):
+    """--json holds what the header prints beside the rows: the command, versions, the scans'
+    dtype and the fp32 product precision (it held the device, date and rows only)."""
+    import json
+    import triton
+    path = tmp_path / "k.json"
+    argv = ["--parts", "budget", "--B", "1", "--T", "5", "--H", "1", "--d", "4", "--mem-chunk", "4", "--repeats", "1",
+            "--impls", "torch", "--fp32-matmul-precision", "highest", "--json", str(path)]
+    assert _kernels_main(argv) == 0
+    got = json.loads(path.read_text())
+    assert got["command"] == "python bench/kernels.py " + " ".join(argv) and got["scans_dtype"] == "bf16"
+    assert got["fp32_matmul_precision"] == "highest" and got["versions"].endswith(f"triton {triton.__version__}")
+    assert got["date"] and got["device"] and [r["impl"] for r in got["rows"]] == ["torch", "torch"]
+
+
+def test_kernel_bench_that_times_nothing_fails(capsys):
+    """A run without rows is an error, not a pass (exit 0 with an empty table): --impls
+    reference times only with --reference, and only the scans."""
+    argv = ["--parts", "budget", "--impls", "reference", "--reference", "--B", "1", "--T", "5", "--H", "1",
+            "--d", "4", "--mem-chunk", "4", "--repeats", "1", "--dtype", "fp32"]
+    assert _kernels_main(argv) == 2
+    _one_line(capsys.readouterr().err, "nothing was timed: --impls reference has no rows in --parts budget")
+
+
+def test_kernel_bench_times_fla_ungated_backward(monkeypatch, capsys):
+    """Op delta_rule_ungated, fwd+bwd, against fla's chunk_delta_rule (here a stand-in with fla's
+    conventions: h = S^T, v = u / eta, beta = eta): fla reads no alpha, so its alpha gradient is
+    None. autograd.grad refused the whole row for that (NaN, exit 1): the one fla backward
+    measurable on triton 3.6 never came back. The error column covers the gradients fla has."""
+    import kernels
+    from bench import kernels as kernel_bench
+
+    def chunk_delta_rule(q, k, v, beta, scale, initial_state, output_final_state):
+        o, S = kernels.delta_rule(q, k, v * beta[..., None], torch.ones_like(beta), beta,
+                                  initial_state.transpose(-1, -2), backend="torch")
+        return scale * o, S.transpose(-1, -2)
+    monkeypatch.setattr(kernel_bench, "load_fla", lambda: (
+        {"delta_rule_ungated": kernel_bench.fla_ungated_delta_rule(chunk_delta_rule)}, ""))
+    assert kernel_bench.main(["--parts", "scans", "--ops", "delta_rule_ungated", "--impls", "torch", "fla",
+                              "--B", "1", "--H", "1", "--d", "4", "--T", "9", "--chunk", "4", "--dtype", "fp32",
+                              "--repeats", "1", "--passes", "fwd+bwd"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("delta_rule_ungated")]
+    assert [r[1:3] for r in rows] == [["torch", "fwd+bwd"], ["fla", "fwd+bwd"]], rows
+    assert all(float(r[-2]) > 0 and float(r[-1]) < 1e-5 for r in rows), rows       # ms, rel err
+
+
 @pytest.mark.parametrize("flag, value", [("--passes", "bwd"), ("--rules", "adam"), ("--impls", "cuda")])
 def test_kernel_bench_bad_choice_is_one_line(flag, value, capsys):
     """bench/kernels.py --passes / --rules outside their choices: exit 2, one line naming both."""
@@ -462,6 +580,32 @@ def test_step_bench_device_names_are_checked_in_one_line(device, message, capsys
 def test_step_device_type_takes_indexed_devices():
     assert step.device_type("cuda:0") == "cuda" and step.device_type("cpu") == "cpu"
     assert step.device_type(torch.device("cuda", 1)) == "cuda"
+
+
+@pytest.mark.parametrize("clip, max_norm", [(0.5, 0.5), (0, float("inf"))])
+def test_step_clips_the_gradients_as_train_py(monkeypatch, clip, max_norm):
+    """The timed step clips the global gradient norm at optim.grad_clip between the backward and
+    AdamW, as train.py's step does (0: the norm is still computed, for its log); it did not."""
+    from config import load_config
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm_: seen.append(max_norm_) or real(params, max_norm_))
+    cfg = load_config(None, ["--model.arch=transformer", "--model.d_model=16", "--model.n_layer=1",
+                             "--model.n_head=1", "--model.vocab_size=32", "--train.batch_size=1",
+                             "--train.seq_len=4", f"--optim.grad_clip={clip}"])
+    model, train_step = step.build_train_step(cfg)
+    train_step()
+    assert seen == [max_norm]
+
+
+def test_step_timing_synchronises_the_benched_device(monkeypatch):
+    """median_seconds waits for the step's own GPU: torch.cuda.synchronize() without a device
+    waits for the current one (cuda:0), so a step on --device cuda:1 was timed at its launches."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    step.median_seconds(lambda: None, steps=2, warmup=1, device="cuda:1")
+    assert synced == ["cuda:1"] * 6
 
 
 def test_profiled_step_total_counts_each_cuda_kernel_once():
