@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from cli import (LATEST, TRAINER_STATE, OneLineArgumentParser, check_output_file, first_free_path, keep_aside,
                  shown_path, write_atomic)
 from config import Config, ConfigError, check_vocab, config_from_dict, dump_yaml, read_yaml, to_dict
-from distributed import all_reduce_max, barrier
+from distributed import all_reduce_max
 
 # DCP warns on every single-process save/load that no process group exists: that is intended.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -80,7 +80,9 @@ RESUME_FIELD_TYPES = {
     "sampler": {"step": _COUNT, "seed": _COUNT, "split": _STR, "sampling": _STR, "batch_size": _SIZE,
                 "seq_len": _SIZE, "num_windows": _SIZE,
                 "recipe": (lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
-                           "None or a dict")},
+                           "None or a dict"),
+                "shard_lengths": (lambda v: isinstance(v, (list, tuple)) and all(_COUNT[0](n) for n in v),
+                                  "a list of token counts")},
     "rng": {"python": (_restores(lambda v: random.Random().setstate(v)), "a state random.setstate accepts"),
             "numpy": (_restores(lambda v: np.random.RandomState().set_state(v)),
                       "a state numpy.random.set_state accepts"),
@@ -145,10 +147,11 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
     """Collective under torchrun: every rank calls it. Returns the checkpoint directory."""
     name = f"step_{step:06d}"
     final, tmp = os.path.join(ckpt_root, name), os.path.join(ckpt_root, f".tmp-{name}")
-    if _rank0():
+
+    def prepare():
         os.makedirs(ckpt_root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
+    _on_rank0(prepare, ckpt_root, tmp, final)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     try:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)   # raises on every rank
@@ -158,24 +161,36 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
             shutil.rmtree(tmp, ignore_errors=True)
             raise stop from None
         raise OSError(_save_failed(ckpt_root, tmp, final, e)) from None
+
+    def finish():
+        torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
+        dump_yaml(cfg, os.path.join(tmp, "config.yaml"))
+        _fsync_tree(tmp)
+        # Re-saving the same step replaces it: the old folder is renamed aside, not deleted,
+        # before the new one is renamed in, so `latest` names a missing step only between two
+        # renames (not for a whole rmtree); a kill leaves the aside copy for _prune to clear.
+        aside = os.path.join(ckpt_root, f".tmp-old-{name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        if os.path.lexists(final):
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+        write_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
+        _prune(ckpt_root, keep, name)
+    _on_rank0(finish, ckpt_root, tmp, final)
+    return final
+
+
+def _on_rank0(fn, ckpt_root, tmp, final):
+    """fn() on rank 0 alone (the checkpoint's folders and files), the other ranks waiting. Its
+    failure is the OSError of _save_failed on every rank: raised on rank 0 alone, the others
+    went on into the next collective and died there with a gloo/NCCL traceback printed above
+    rank 0's line (it was so for the folder made before the shards are written)."""
     error = None
     if _rank0():
         try:
-            torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
-            dump_yaml(cfg, os.path.join(tmp, "config.yaml"))
-            _fsync_tree(tmp)
-            # Re-saving the same step replaces it: the old folder is renamed aside, not deleted,
-            # before the new one is renamed in, so `latest` names a missing step only between two
-            # renames (not for a whole rmtree); a kill leaves the aside copy for _prune to clear.
-            aside = os.path.join(ckpt_root, f".tmp-old-{name}")
-            shutil.rmtree(aside, ignore_errors=True)
-            if os.path.lexists(final):
-                os.replace(final, aside)
-            os.replace(tmp, final)
-            shutil.rmtree(aside, ignore_errors=True)
-            write_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
-            _prune(ckpt_root, keep, name)
-        except Exception as e:       # every rank hears of it below, rather than wait in a collective
+            fn()
+        except Exception as e:
             error = _save_failed(ckpt_root, tmp, final, e)
     if dist.is_initialized() and dist.get_world_size() > 1:
         message = [error]
@@ -183,7 +198,6 @@ def save_checkpoint(ckpt_root, step, model, optimizer, trainer_state: dict, cfg:
         error = message[0]
     if error:
         raise OSError(error)
-    return final
 
 
 def _stop_request(e):
@@ -233,8 +247,9 @@ def holds_checkpoints(path) -> bool:
 def _prune(ckpt_root, keep, newest):
     """Keep the `keep` latest checkpoints up to `newest` (the one just written). Steps past it
     (train.py sets a rollback's aside first: set_aside_later_steps) are neither counted nor
-    deleted here."""
-    done = [d for d in saved_steps(ckpt_root) if step_number(d) <= step_number(newest)]
+    deleted here, nor are folders named step_<not a number> (a copy kept by hand, e.g.
+    step_000100-good: the oldest in step order, it was the first deleted)."""
+    done = [d for d in saved_steps(ckpt_root) if 0 <= step_number(d) <= step_number(newest)]
     for d in done[:-keep] if keep > 0 else []:
         if d != newest:
             shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
@@ -306,6 +321,9 @@ def newest_complete_step(root) -> str | None:
 def _complete_step_hint(path) -> str:
     """What to pass instead of `path`, which holds no `latest`: its newest complete step_N
     directory, else what is expected."""
+    if os.path.isfile(os.path.join(path, ".metadata")):     # DCP's index: "expected a step_N directory" misled
+        return (f"it is a DCP checkpoint without {TRAINER_STATE}: a save cut short (.tmp-step_N), or one not "
+                "written by train.py")
     for root in (path, os.path.join(path, "checkpoints")) if os.path.isdir(path) else ():
         step = newest_complete_step(root)
         if step:
@@ -353,10 +371,20 @@ class CheckpointMismatch(ValueError):
     the same run would not match either)."""
 
 
-def _dcp_load_checked(state, ckpt, mismatch: str):
+def _dcp_load_checked(state, ckpt, mismatch: str, metadata):
     """_dcp_load, with its failures as one-line ValueErrors: a shard that cannot be read is
     "corrupt" (naming the checkpoint), anything else is a CheckpointMismatch saying `mismatch`
-    (what the template and the checkpoint disagree on)."""
+    (what the template and the checkpoint disagree on). `metadata`: the checkpoint's DCP index."""
+    # dcp.load fills the template's entries and ignores the checkpoint's others, so a
+    # checkpoint with weights this model lacks (more layers than its config.yaml says, a
+    # parameter a later model.py dropped) would load as a part of itself, silently (an
+    # exported file is refused then: safetensors loads strictly)
+    ours = {f"model.{name}" for name in state["model"]}
+    extra = [k for k in metadata.state_dict_metadata if k.startswith("model.") and k not in ours]
+    if extra:
+        raise CheckpointMismatch(f"checkpoint {ckpt} {mismatch}: it holds {extra[0].removeprefix('model.')}"
+                                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                                 + ", which this model lacks")
     try:
         _dcp_load(state, ckpt)
     except DCP_ERRORS as e:
@@ -441,7 +469,7 @@ def load_training_state(ckpt, model, optimizer, required=("step",)) -> dict:
     state = {"model": model_sd, "optim": optim_sd}
     _drop_unsaved_param_states(optim_sd, _saved_state_fqns(metadata, optim_sd.get("state", {})))
     # shape/key mismatch: a checkpoint of another model
-    _dcp_load_checked(state, ckpt, "does not match this model/optimiser")
+    _dcp_load_checked(state, ckpt, "does not match this model/optimiser", metadata)
     # strict=False only lets the parameters dropped above stay without state: every entry of
     # both templates was loaded (dcp.load fails on anything the checkpoint lacks)
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
@@ -524,8 +552,8 @@ def load_model(path, device="cpu"):
     model = build_model(cfg.model)
     sd = get_model_state_dict(model, options=StateDictOptions())
     state = {"model": sd}
-    _read_metadata(ckpt)                # unreadable index, missing or truncated shard: named
-    _dcp_load_checked(state, ckpt, "is unreadable or does not match its config")
+    metadata = _read_metadata(ckpt)     # unreadable index, missing or truncated shard: named
+    _dcp_load_checked(state, ckpt, "is unreadable or does not match its config", metadata)
     model.load_state_dict(state["model"])
     check_finite(model, f"checkpoint {ckpt}")
     return model.to(device).eval(), cfg
@@ -562,8 +590,10 @@ def export_safetensors(ckpt, out_path, dtype="fp32", log=None) -> str:
     check_output_file(out_path, "output file")
     ckpt = resolve_checkpoint(ckpt)
     step = read_trainer_state(ckpt, required=("step",))["step"]
-    model, cfg = load_model(ckpt)
-    model = model.to(EXPORT_DTYPES[dtype])
+    model = load_model(ckpt)[0].to(EXPORT_DTYPES[dtype])
+    # the checkpoint's config as saved, not load_model's copy fitted to this CPU (a GPU run's
+    # model.kernels=triton or attention=flash read "auto" there): the file is the checkpoint
+    cfg = load_config_of(ckpt)
     metadata = {"format": "pt", "config": json.dumps(to_dict(cfg)), "step": str(step), "arch": cfg.model.arch,
                 "dtype": dtype}
 

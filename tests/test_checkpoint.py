@@ -2,7 +2,9 @@
 wrong type or value, and weights that hold a NaN or inf (DCP keeps no checksum). Each is a
 one-line error naming the file and what is wrong, before anything is written (train.py's
 resume, sample.py and the evals through checkpoint.load_model). Other damage (a truncated
-or missing file, a missing key): tests/test_cli_inputs.py."""
+or missing file, a missing key): tests/test_cli_inputs.py. Also: shards holding weights the
+model lacks (DCP ignores them), a DCP folder without trainer state, a hand-kept step copy
+that pruning must leave, and a save that fails on rank 0 of 2."""
 import os
 import random
 import re
@@ -49,6 +51,7 @@ def _resume_fails(run, corpus, message, capsys):
     ("sampler", "batch_size", 0, "0, not an integer >= 1"),
     ("sampler", "sampling", 3, "3, not a string"),
     ("sampler", "recipe", "x", "'x', not None or a dict"),
+    ("sampler", "shard_lengths", 7, "7, not a list of token counts"),
     ("rng", "python", (3, (1, 2), None), "a tuple, not a state random.setstate accepts"),
     ("rng", "numpy", "x", "'x', not a state numpy.random.set_state accepts"),
     ("rng", "torch", torch.zeros(3, dtype=torch.uint8), "a Tensor, not a state torch.set_rng_state accepts"),
@@ -122,20 +125,99 @@ def test_check_finite_screens_by_sums_but_decides_by_elements():
             check_finite(model, "m")
 
 
+def _save(root, step, n_layer, keep=2):
+    """A byte Transformer (d 32) of `n_layer` layers saved at `step` under `root` -> its folder."""
+    from checkpoint import save_checkpoint
+    from config import Config, DataConfig, ModelConfig
+    from model import build_model
+    cfg = Config(model=ModelConfig(arch="transformer", vocab_size=257, d_model=32, n_layer=n_layer, n_head=2),
+                 data=DataConfig(tokenizer="bytes"))
+    model = build_model(cfg.model)
+    return save_checkpoint(str(root), step, model, torch.optim.AdamW(model.parameters()), {"step": step}, cfg, keep)
+
+
+def test_a_checkpoint_holding_weights_the_model_lacks_is_refused(tmp_path):
+    """dcp.load fills the template and ignores the checkpoint's other entries: a 2-layer
+    checkpoint whose config.yaml says 1 layer (or a parameter a later model.py dropped) loaded
+    as its first layer, silently, in load_model and in a resume. One line naming the first
+    weight the model lacks (an exported file was refused already: safetensors is strict)."""
+    import yaml
+
+    from checkpoint import CheckpointMismatch, load_config_of, load_model, load_training_state
+    from model import build_model
+    ckpt = _save(tmp_path / "checkpoints", 1, n_layer=2)
+    path = os.path.join(ckpt, "config.yaml")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    data["model"]["n_layer"] = 1
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f)
+    message = (f"checkpoint {ckpt} is unreadable or does not match its config: it holds "
+               "blocks.1.mixer_norm.weight (and 6 more), which this model lacks")
+    with pytest.raises(CheckpointMismatch, match=f"^{re.escape(message)}$"):
+        load_model(ckpt)
+    model = build_model(load_config_of(ckpt).model)
+    with pytest.raises(CheckpointMismatch, match=r"does not match this model/optimiser: it holds blocks\.1\."):
+        load_training_state(ckpt, model, torch.optim.AdamW(model.parameters()))
+
+
+def test_a_dcp_folder_without_trainer_state_is_named_as_such(tmp_path):
+    """A save cut short before trainer_state.pt (its .tmp-step_N), or a DCP checkpoint of
+    another trainer, passed to load_model or export: it said "expected a step_N directory" of
+    the step_N directory given."""
+    from checkpoint import load_model, resolve_checkpoint
+    ckpt = _save(tmp_path / "checkpoints", 1, n_layer=1)
+    cut = shutil.copytree(ckpt, tmp_path / "checkpoints" / ".tmp-step_000002")
+    os.remove(cut / "trainer_state.pt")
+    message = (f"no checkpoint found at {cut} (it is a DCP checkpoint without trainer_state.pt: a save cut short "
+               "(.tmp-step_N), or one not written by train.py)")
+    for read in (load_model, resolve_checkpoint):
+        with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+            read(str(cut))
+
+
+def test_pruning_keeps_a_step_folder_that_is_no_step(tmp_path):
+    """keep=2 prunes the oldest steps, but not a copy kept by hand beside them
+    (step_000001-good: step_number -1 sorted it first, so it was the first deleted)."""
+    root = tmp_path / "checkpoints"
+    _save(root, 1, n_layer=1)
+    shutil.copytree(root / "step_000001", root / "step_000001-good")
+    for step in (2, 3):
+        _save(root, step, n_layer=1)
+    assert sorted(os.listdir(root)) == ["latest", "step_000001-good", "step_000002", "step_000003"]
+
+
 @pytest.mark.slow
 def test_non_finite_weights_are_agreed_on_across_fsdp2_ranks():
     """first_non_finite under FSDP2 on 2 gloo ranks: a NaN in rank 1's shard only and an inf
     in rank 0's shard of a later parameter give both ranks the same first bad parameter (the
     smallest index over ranks), and clean shards give None on both. Kills a max over ranks
     (rank 0 would name the later parameter, and each rank decide apart whether to save)."""
+    from helpers import assert_torchrun_finished
+    assert_torchrun_finished(_two_ranks("non_finite"), [f"rank {r}: clean None, poisoned 1.weight" for r in (0, 1)])
+
+
+def _two_ranks(*args):
+    """This file run by torchrun on 2 gloo ranks with `args` (a worker below) -> its result."""
     import subprocess
     import sys
-    from helpers import assert_torchrun_finished
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.abspath(__file__)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert_torchrun_finished(result, [f"rank {r}: clean None, poisoned 1.weight" for r in (0, 1)])
+           os.path.abspath(__file__), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_a_save_failing_on_rank_0_before_the_shards_is_one_line_on_every_rank(tmp_path):
+    """Rank 0 alone makes the checkpoints folder before the ranks write their shards: where
+    that failed (here its parent is a file) rank 0 raised alone, and rank 1, waiting at a
+    barrier, died with a gloo traceback. Every rank now raises rank 0's one line."""
+    from helpers import assert_torchrun_finished
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = _two_ranks("save_fails", str(blocker / "checkpoints"))
+    assert_torchrun_finished(result, [f"rank {r}: could not write checkpoint {blocker}/checkpoints/step_000001 "
+                                      f"([Errno 20] Not a directory: '{blocker}/checkpoints'" for r in (0, 1)])
 
 
 def _non_finite_worker():
@@ -158,5 +240,21 @@ def _non_finite_worker():
     dist.destroy_process_group()
 
 
+def _save_fails_worker(root):
+    import datetime
+
+    import torch.distributed as dist
+    from checkpoint import save_checkpoint
+    from config import Config
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))     # not 30 minutes on a bug
+    model = torch.nn.Linear(4, 4)
+    try:
+        save_checkpoint(root, 1, model, torch.optim.AdamW(model.parameters()), {"step": 1}, Config())
+    except OSError as e:
+        print(f"rank {dist.get_rank()}: {e}", flush=True)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":   # torchrun worker; the test sets PYTHONPATH to the repository root
-    _non_finite_worker()
+    import sys
+    {"non_finite": _non_finite_worker, "save_fails": _save_fails_worker}[sys.argv[1]](*sys.argv[2:])

@@ -176,6 +176,20 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs):
     assert_same_losses(rows, metrics(runs["two"])[4:])
 
 
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_on_two_ranks(runs):
+    """Resharding the other way (a requeue on more GPUs): the 1-process run's checkpoint at
+    step 4, whole tensors, loads into 2 FSDP2 ranks' shards of the weights and the AdamW
+    moments, and steps 5-8 give the 1-process run's losses."""
+    out = str(runs["root"] / "two-from-one")
+    ckpt = os.path.join(runs["one"], "checkpoints", "step_000004")
+    r = run(TWO_RANKS, [*runs["common"], f"--train.out_dir={out}", f"--train.resume={ckpt}"])
+    assert f"resumed from {ckpt} at step 4" in r.stdout and "parallel: fsdp on 2 rank(s)" in r.stdout
+    rows = metrics(out)
+    assert [x["step"] for x in rows] == [5, 6, 7, 8]
+    assert_same_losses(rows, metrics(runs["one"])[4:])
+
+
 def test_export_safetensors_of_sharded_checkpoint(runs):
     from safetensors import safe_open
     from safetensors.torch import load_model as load_safetensors_into
@@ -533,3 +547,29 @@ def test_an_exported_config_is_checked_and_fitted_to_the_device_as_a_checkpoints
     assert checkpoint.load_model(export_with(kernels="triton"), "cpu")[1].model.kernels == "auto"
     with pytest.raises(ValueError, match=r"changed.safetensors: config in its metadata: .*vocab"):
         checkpoint.load_model(export_with(vocab_size=100), "cpu")
+
+
+def test_an_export_keeps_the_checkpoints_config_as_saved(tmp_path, monkeypatch):
+    """The export runs on a CPU, where load_model fits a GPU run's config to the device
+    (model.kernels=triton and attention=flash become auto): the file's metadata held that
+    fitted copy, so the export evaluated on a GPU without the fused kernels it was trained
+    with. It holds the checkpoint's config.yaml as saved; loading it on CPU still fits it."""
+    import yaml
+
+    import checkpoint
+    import kernels.checks
+    from config import to_dict
+    run_dir = save_tiny_checkpoint(tmp_path / "run")
+    path = os.path.join(run_dir, "checkpoints", "step_000000", "config.yaml")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    data["model"].update(kernels="triton", attention="flash")
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f)
+    monkeypatch.setattr(kernels.checks, "cpu_tensors_allowed", lambda: False)      # no interpreter
+    out = checkpoint.export_safetensors(run_dir, str(tmp_path / "model.safetensors"))
+    saved = json.loads(checkpoint.export_metadata(out)["config"])
+    assert saved == to_dict(checkpoint.load_config_of(os.path.dirname(path)))
+    assert (saved["model"]["kernels"], saved["model"]["attention"]) == ("triton", "flash")
+    model_cfg = checkpoint.load_model(out, "cpu")[1].model
+    assert (model_cfg.kernels, model_cfg.attention) == ("auto", "auto")
