@@ -177,7 +177,8 @@ class SelfModifyingTitans(nn.Module):
         if self.inner_lr_fixed is None:
             eta = self.eta_max * self._gate(reads["eta"], self.eta_weight, self.eta_bias)
         else:
-            eta = k.new_full(k.shape[:3], self.inner_lr_fixed)
+            # in k's dtype at least fp32: a static k of a bf16 model would round the constant (0.3 -> 0.30078)
+            eta = k.new_full(k.shape[:3], self.inner_lr_fixed, dtype=torch.promote_types(k.dtype, torch.float32))
         if self.retention:
             alpha = self._gate(reads["alpha"], self.alpha_weight, self.alpha_bias)
         else:

@@ -84,7 +84,9 @@ class CausalDepthwiseConv(nn.Module):
         # w shifted products: for w = 4 much faster on CPU than F.conv1d's depthwise path,
         # whose backward is slow
         y = sum(padded[:, j:j + T] * weight[:, j] for j in range(self.width))
-        return y, padded[:, padded.shape[1] - (self.width - 1):]
+        # a copy, not a view: a view of `padded` would keep the whole segment's inputs alive
+        # in the state between calls (a streamed eval holds every layer's state)
+        return y, padded[:, padded.shape[1] - (self.width - 1):].clone()
 
 
 def rope_cos_sin(positions, head_dim, theta, device, dtype=torch.float32):
@@ -183,8 +185,12 @@ def extend_kv_cache(cache, k, v, end, window=None):
     if cache is not None:
         k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)
     k_pos = torch.arange(end - k.shape[1], end, device=k.device)
-    keep = k.shape[1] if window is None else min(k.shape[1], window - 1)
-    return k, v, k_pos, {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:]}
+    if window is None or k.shape[1] < window:
+        return k, v, k_pos, {"k": k, "v": v}
+    # The last window - 1 keys as copies: views would keep all of this call's keys and values
+    # (and, through v, the fused q/k/v projection) alive in the state between calls
+    keep = window - 1
+    return k, v, k_pos, {"k": k[:, k.shape[1] - keep:].clone(), "v": v[:, v.shape[1] - keep:].clone()}
 
 
 class AttentionHeads(nn.Module):
@@ -246,12 +252,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x, state=None, pos=0):
+    def forward(self, x, state=None, pos=0, return_state=True):
+        """-> (x [B, T, D], the block's state after x; None with return_state=False)."""
         state = state or {}
         h, mixer_state = self.mixer(self.mixer_norm(x), state.get("mixer"), pos=pos)
         x = x + h
         h, ffn_state = self.ffn(self.ffn_norm(x), state.get("ffn"), pos=pos)
-        return x + h, {"mixer": mixer_state, "ffn": ffn_state}
+        return x + h, ({"mixer": mixer_state, "ffn": ffn_state} if return_state else None)
 
 
 def make_block(cfg: ModelConfig) -> Block:
@@ -271,7 +278,7 @@ def make_block(cfg: ModelConfig) -> Block:
     raise ValueError(f"unknown model.arch={cfg.arch!r}")       # config.py's choices stop it first
 
 
-def check_sampling(max_new_tokens, temperature, top_k) -> float:
+def check_sampling(max_new_tokens, temperature, top_k, vocab_size=None) -> float:
     """generate's arguments checked (one-line ValueErrors): the temperature as a float."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
@@ -285,6 +292,9 @@ def check_sampling(max_new_tokens, temperature, top_k) -> float:
                          f"got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
         raise ValueError(f"top_k must be None or an integer >= 0 (0 = all tokens); got {top_k!r}")
+    # logits[:, :vocab_size]: 0 left nothing to draw from, and a negative one silently cut ids off the end
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+        raise ValueError(f"vocab_size must be None or an integer >= 1; got {vocab_size!r}")
     return value
 
 
@@ -321,8 +331,16 @@ class LanguageModel(nn.Module):
         if hasattr(module, "reset_memory_parameters"):
             module.reset_memory_parameters()
 
-    def forward(self, idx, targets=None, state=None):
-        """idx [B, T] int64 -> (logits [B, T, vocab], loss or None, state)."""
+    def forward(self, idx, targets=None, state=None, return_state=True):
+        """idx [B, T] int64 -> (logits [B, T, vocab], loss or None, state).
+
+        return_state=False (a training forward, whose state nobody reads): the state is None
+        and no block hands its end state back (KV caches, fast weights, CMS levels), so each
+        one is freed when its block finishes. Under activation checkpointing the returned
+        states were the only references left to them, held through the whole forward: every
+        layer's KV cache (which also pins the fused q/k/v projection; ~10 GB for a
+        Transformer++-760M micro-batch of 8 x 4K in bf16) or CMS fast weights (~6 GB for
+        HOPE-760M's)."""
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"the model reads idx [B, T] with T >= 1 tokens; got shape {list(idx.shape)}")
         held = _batch_of(state)
@@ -334,16 +352,18 @@ class LanguageModel(nn.Module):
                              f"state's tensors, or pass the model of that precision")
         pos = 0 if state is None else state["pos"]
         layer_states = [None] * len(self.blocks) if state is None else state["layers"]
+        if len(layer_states) != len(self.blocks):     # zip below would skip the blocks past the shorter
+            raise ValueError(f"the state holds {len(layer_states)} layers, but this model has {len(self.blocks)}")
         x = self.embed(idx)
         new_layer_states = []
         for block, layer_state in zip(self.blocks, layer_states):
-            x, layer_state = block(x, layer_state, pos=pos)
+            x, layer_state = block(x, layer_state, pos=pos, return_state=return_state)
             new_layer_states.append(layer_state)
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss, {"pos": pos + idx.shape[1], "layers": new_layer_states}
+        return logits, loss, ({"pos": pos + idx.shape[1], "layers": new_layer_states} if return_state else None)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None, generator=None,
@@ -353,7 +373,7 @@ class LanguageModel(nn.Module):
         greedy; top_k None or 0: the whole vocabulary. vocab_size: sample only ids below it (the
         tokenizer's, where model.vocab_size is padded, e.g. 50304 for GPT-2). Bad arguments, and
         logits that are not finite (a model diverged on a long stream), are one-line ValueErrors."""
-        check_sampling(max_new_tokens, temperature, top_k)
+        check_sampling(max_new_tokens, temperature, top_k, vocab_size)
         logits, _, state = self(idx, state=state)
         return torch.cat([idx, self.generate_from(logits[:, -1], state, max_new_tokens, temperature, top_k,
                                                   generator, vocab_size)], dim=1)
@@ -365,7 +385,7 @@ class LanguageModel(nn.Module):
         `state` and `last_logits` [B, vocab] (its last position's). A forward returns a new state
         and leaves the one it was passed as it was, so one prompt's forward serves any number of
         samples (sample.py)."""
-        temperature = check_sampling(max_new_tokens, temperature, top_k)
+        temperature = check_sampling(max_new_tokens, temperature, top_k, vocab_size)
         logits, out = last_logits, []
         for step in range(max_new_tokens):
             next_logits = logits[:, :vocab_size].float()
@@ -407,8 +427,10 @@ class LanguageModel(nn.Module):
     def idle_parameters(self, seq_len) -> list[str]:
         """Names of the parameters that no gradient reaches in training on seq_len-token
         sequences (a CMS fast level's W_v when its chunk is not shorter than the sequence:
-        cms.CMSLevel.idle_parameters); [] for most configs. They never train, and DDP must be
-        told to expect them (distributed.parallelize); train.py names them at start-up."""
+        cms.CMSLevel.idle_parameters; a Titans memory's gate projection when every gate is a
+        constant: titans.LongTermMemory.idle_parameters); [] for most configs. They never
+        train, and DDP must be told to expect them (distributed.parallelize); train.py names
+        them at start-up."""
         idle = {id(p) for m in self.modules() if m is not self and hasattr(m, "idle_parameters")
                 for p in m.idle_parameters(seq_len)}
         return [name for name, p in self.named_parameters() if id(p) in idle]
@@ -422,17 +444,22 @@ class LanguageModel(nn.Module):
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T.
 
-        N counts non-embedding parameters plus the LM head; the attention term uses the
-        full context (causal masking is not discounted, as in nanoGPT/PaLM). The inner loops
-        of Titans/HOPE memories and CMS fast levels are counted by `memory_flops_per_token`,
-        reported apart.
+        N counts non-embedding parameters plus the LM head, less the memories' meta-learned
+        initial fast weights (memory.NeuralMemory.init_weights): no token is multiplied by
+        them as by a layer's weights; the reads and writes of the fast weights they start
+        are the inner loops of Titans/HOPE memories that `memory_flops_per_token` counts
+        (with the CMS fast levels' updates), reported apart. The attention term uses the
+        full context (causal masking is not discounted, as in nanoGPT/PaLM).
         """
+        from memory import NeuralMemory
         cfg = self.config
         n = self.num_params(non_embedding=True)
         if cfg.tie_embeddings:
             n += self.head.weight.numel()
+        n -= sum(p.numel() for m in self.modules() if isinstance(m, NeuralMemory) for p in m.init_weights)
         attn_layers = sum(isinstance(b.mixer, Attention) for b in self.blocks)
-        # mixers with their own attention (Titans MAC/MAG/MAL: windows, segments, prefixes)
+        # mixers with their own attention (Titans MAC/MAG/MAL: windows, segments, prefixes;
+        # MAC also applies W_qkv to its memory tokens h)
         mixer_attention = sum(b.mixer.attention_flops_per_token(seq_len) for b in self.blocks
                               if hasattr(b.mixer, "attention_flops_per_token"))
         return 6 * n + 12 * attn_layers * cfg.d_model * seq_len + mixer_attention

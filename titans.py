@@ -142,6 +142,14 @@ class LongTermMemory(nn.Module):
         """{part: None if it runs fused on `device`, else why not} (model.kernel_report)."""
         return {"Titans memory": self.memory.fused_kernel_blocker(device)}
 
+    def idle_parameters(self, seq_len):
+        """The gate projection when no gate reads it (a fixed inner lr, no momentum, no weight
+        decay: `gates` returns constants), so that DDP expects it to get no gradient
+        (model.LanguageModel.idle_parameters); else []."""
+        if self.inner_lr_fixed is not None and not self.use_momentum and not self.use_forget:
+            return list(self.w_gates.parameters())
+        return []
+
     def flops_per_token(self):
         """Inner-loop FLOPs (forward + backward) of the memory, beyond the 6N of the
         projections; the conv and gates are negligible."""
@@ -368,12 +376,21 @@ class TitansMAC(nn.Module):
         return y, {"memory": memory_state, "query_conv": query_conv,
                    "segment_weights": segment_weights, "cache": cache}
 
+    # MAC applies some weights to every token twice, where the model's 6N counts them once: the
+    # memory's query projection and conv (read-queries for h from x, the memory's own from y)
+    # and the attention's W_qkv (on x and on h). A second pass costs 2 FLOPs per weight entry
+    # forward, FWD_BWD times that with the backward.
+
     def memory_flops_per_token(self, seq_len):
-        m = self.memory.memory
-        return self.memory.flops_per_token() + FWD_BWD * m.n_head * m.read_flops()    # + the h reads
+        """The memory's inner loop, plus the h reads: M*(q) and its queries' second pass."""
+        m, queries = self.memory.memory, [self.memory.wq.weight, *self.memory.conv_q.parameters()]
+        return (self.memory.flops_per_token() + FWD_BWD * m.n_head * m.read_flops()
+                + FWD_BWD * 2 * sum(p.numel() for p in queries))
 
     def attention_flops_per_token(self, seq_len):
-        return self.attn.flops_per_token(2 * min(seq_len, self.segment_size))   # h and S keys
+        """Scores and values over the h and S keys, plus W_qkv's second pass (on h)."""
+        return (self.attn.flops_per_token(2 * min(seq_len, self.segment_size))
+                + FWD_BWD * 2 * self.attn.wqkv.weight.numel())
 
 
 MIXERS = {"lmm": TitansLMM, "mac": TitansMAC, "mag": TitansMAG, "mal": TitansMAL}

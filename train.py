@@ -607,7 +607,8 @@ def report_model(model, cfg: Config, device, say) -> None:
     idle = model.idle_parameters(t.seq_len)
     if idle:
         say(f"note: {len(idle)} parameter(s) get no gradient at train.seq_len={t.seq_len} and will not train "
-            f"(a CMS fast level's chunk is not shorter than the sequence): {', '.join(idle[:2])}"
+            f"(a CMS fast level whose chunk is not shorter than the sequence, or a Titans gate projection "
+            f"that no gate reads): {', '.join(idle[:2])}"
             + (", ..." if len(idle) > 2 else ""))
     if cfg.optim.warmup_steps > t.max_steps:
         say(f"note: optim.warmup_steps={cfg.optim.warmup_steps} > train.max_steps={t.max_steps}: the lr never "
@@ -831,7 +832,7 @@ def _train(cfg: Config, env: DistEnv):
             # gradients cross ranks once per step, in the last micro-batch's backward
             with gradient_sync(train_model, env, sync=micro == t.grad_accum - 1):
                 with autocast:
-                    _, loss, _ = train_model(xb, yb)
+                    _, loss, _ = train_model(xb, yb, return_state=False)    # frees each block's state
                 (loss / t.grad_accum).backward()
             step_loss += loss.detach().double() / t.grad_accum
         return all_reduce_mean(step_loss).item()       # equal local batches: the global mean

@@ -850,7 +850,7 @@ def finetune(model, cfg, tokenizer, tasks, lengths, steps: int, out_dir: str, lr
                 idx = torch.tensor([ids], dtype=torch.long, device=device)
                 tgt = torch.tensor(targets, dtype=torch.long, device=device)
                 with autocast():
-                    logits, _, _ = model(idx)
+                    logits, _, _ = model(idx, return_state=False)
                 # sum over this example's answer tokens, normalised by the whole batch's count; only
                 # the answer rows go through the fp32 log-softmax (over every row it held two more
                 # fp32 [T, vocab] tensors: 8K tokens x GPT-2's vocabulary are 1.6 GB each)

@@ -346,7 +346,7 @@ def finetune_on(model, tokenizer, examples, steps: int, settings: IntentSettings
         for b, (ids, targets) in enumerate(batch):       # right padding sits after every target
             x[b, :len(ids)] = torch.tensor(ids)
             y[b, :len(targets)] = torch.tensor(targets)
-        _, loss, _ = model(x.to(device), targets=y.to(device))
+        _, loss, _ = model(x.to(device), targets=y.to(device), return_state=False)
         skipped += not _step(model, optimizer, loss)
         losses.append(loss.item())
     model.eval()
@@ -630,7 +630,7 @@ def run_domains(model, tokenizer, domains, settings: DomainSettings | None = Non
         for _ in range(settings.steps_per_domain):
             starts = [rng.randrange(len(ids) - settings.seq_len) for _ in range(settings.batch_size)]
             batch = torch.stack([ids[s:s + settings.seq_len + 1] for s in starts]).to(device)
-            _, loss, _ = model(batch[:, :-1], targets=batch[:, 1:])
+            _, loss, _ = model(batch[:, :-1], targets=batch[:, 1:], return_state=False)
             skipped += not _step(model, optimizer, loss)
         train_loss.append(loss.item() if settings.steps_per_domain else None)
         L.append(score())

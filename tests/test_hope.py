@@ -508,6 +508,16 @@ def test_bf16_model_without_autocast_matches_float32(hope):
     assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
 
 
+def test_a_fixed_inner_lr_reaches_the_memories_unrounded_in_a_bf16_model():
+    """inner_lr_fixed with a static k (adaptive_k: false) in a bf16 model: eta was made in k's
+    dtype, so the constant 0.3 reached every memory as bf16's 0.30078."""
+    mixer = make_mixer(dtype=torch.bfloat16, chunk_other=3, chunk_mem=5, adaptive_k=False, inner_lr_fixed=0.3)
+    seen, scan = [], mixer.memory.scan
+    mixer.memory.scan = lambda q, k, v, lr, *a, **kw: seen.append(lr) or scan(q, k, v, lr, *a, **kw)
+    mixer(torch.randn(1, 4, 8, dtype=torch.bfloat16))
+    assert seen[0].dtype == torch.float32 and torch.all(seen[0] == 0.3)
+
+
 def test_memory_settings_reach_both_memories():
     """Every model.hope memory setting reaches both NeuralMemories, the stacked projection
     memories (chunk C_other, n_memories x H heads) and M_mem (chunk C_mem): the oracle test

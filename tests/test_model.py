@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from helpers import assert_cached_generation_matches, assert_streaming_matches
+from helpers import assert_cached_generation_matches, assert_streaming_matches, state_tensors
 from model import build_model
 
 ARCHS = ["transformer", "hope", "hope_attention"]
@@ -411,6 +411,18 @@ def test_generate_top_k_zero_samples_from_every_token_and_a_negative_one_is_refu
             m.generate(idx, 2, top_k=bad)
 
 
+def test_generate_refuses_a_vocab_size_below_one():
+    """vocab_size 0 left no id to draw (a RuntimeError in argmax or multinomial); a negative one
+    sliced logits[:, :-n] and silently never drew the last n ids."""
+    m = tiny("transformer")
+    idx = torch.randint(0, 61, (1, 3))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"^vocab_size must be None or an integer >= 1; got {bad!r}$"):
+            m.generate(idx, 2, temperature=0, vocab_size=bad)
+        with pytest.raises(ValueError, match="vocab_size must be None"):
+            m.generate_from(m(idx)[0][:, -1], m(idx)[2], 2, vocab_size=bad)
+
+
 @pytest.mark.parametrize("arch", ["transformer", "titans", "hope", "hope_attention"])
 def test_empty_input_and_a_state_of_another_batch_are_one_line_errors(arch):
     """Every architecture answers the same: T = 0 tokens (a reshape RuntimeError in most, a
@@ -446,6 +458,64 @@ def test_a_state_of_another_precision_is_a_one_line_error(arch):
     m(idx[:, 5:], state=m(idx[:, :5])[2])
 
 
+@pytest.mark.parametrize("arch", ["transformer", "hope"])
+def test_a_training_forward_without_state_frees_each_blocks_state(arch):
+    """forward(return_state=False) gives the same logits, loss and gradients, bitwise, and no
+    state. Under activation checkpointing (distributed.apply_activation_checkpointing) the
+    returned states were the only references left to each layer's KV cache, whose v pinned
+    the fused q/k/v projection, and CMS fast weights: held until the forward returned. Kills:
+    a block still handing its state back (block 0's state tensors alive at the final norm)."""
+    import gc
+    import weakref
+    import distributed
+    idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for return_state in (True, False):
+        m = tiny(arch, cms={"chunk_sizes": [4, None]})
+        distributed.apply_activation_checkpointing(m)
+        made, alive = [], []    # block 0's parts' end states; which of them live on past the blocks
+        for part in (m.blocks[0].mixer, m.blocks[0].ffn):
+            part.register_forward_hook(lambda mod, inp, out: made.extend(map(weakref.ref, state_tensors(out[1]))))
+
+        def check_alive(mod, inp, out, made=made, alive=alive):
+            gc.collect()
+            alive.extend(r() is not None for r in made)
+        m.norm.register_forward_hook(check_alive)
+        logits, loss, state = m(idx, targets=idx, return_state=return_state)
+        assert made and alive == [return_state] * len(made)
+        assert (state is not None) == return_state
+        loss.backward()
+        runs.append((logits, loss, [p.grad for p in m.parameters()]))
+    (l1, loss1, g1), (l2, loss2, g2) = runs
+    assert torch.equal(l1, l2) and torch.equal(loss1, loss2) and all(map(torch.equal, g1, g2))
+
+
+def test_a_state_of_another_depth_is_a_one_line_error():
+    """A state made by a model with another number of layers: the blocks were zipped with its
+    layers, so a deeper model silently skipped the blocks past them (logits from 2 of 3 blocks)."""
+    idx = torch.randint(0, 61, (2, 5))
+    state = tiny("transformer")(idx)[2]
+    with pytest.raises(ValueError, match="^the state holds 2 layers, but this model has 3$"):
+        tiny("transformer", n_layer=3)(idx, state=state)
+
+
+@pytest.mark.parametrize("arch, variant", [("titans", "lmm"), ("titans", "mag"), ("titans", "mal"), ("hope", None)])
+def test_a_state_holds_only_what_later_calls_read(arch, variant):
+    """Every tensor of the state owns its storage: conv buffers hold the last w - 1 inputs and
+    sliding-window KV caches the last window - 1 keys. As views they kept the call's whole
+    inputs, keys and values (v: the fused q/k/v projection) alive between calls, in every layer:
+    a streamed eval held O(segment) per layer, not O(window) (here 200 tokens, window 8: MAG's
+    state held 7x its size). The Transformer's full cache (every key is read later) and MAC's
+    segment cache (reset every segment) are not checked."""
+    cfg = {"vocab_size": 61, "n_layer": 1, "n_head": 2, "d_model": 32, "arch": arch,
+           "titans": {"variant": variant or "lmm", "window_size": 8}}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        state = build_model(cfg)(torch.randint(0, 61, (1, 200)))[2]
+    for t in state_tensors(state):
+        assert t.untyped_storage().nbytes() <= t.numel() * t.element_size(), tuple(t.shape)
+
+
 @pytest.mark.parametrize("arch, variant", [("transformer", None), ("titans", "lmm"), ("titans", "mac"),
                                            ("titans", "mag"), ("titans", "mal"), ("hope", None),
                                            ("hope_attention", None)])
@@ -462,24 +532,13 @@ def test_a_forward_leaves_the_state_it_was_passed_unchanged(arch, variant):
     idx = torch.randint(0, 61, (2, 40))
     with torch.no_grad():
         state = m(idx[:, :21])[2]
-        before = [t.clone() for t in _tensors(state)]
+        before = [t.clone() for t in state_tensors(state)]
         for step in (idx[:, 21:22], idx[:, 21:]):
             first = m(step, state=state)[0]
-            assert all(torch.equal(a, b) for a, b in zip(before, _tensors(state), strict=True))
+            assert all(torch.equal(a, b) for a, b in zip(before, state_tensors(state), strict=True))
             assert torch.equal(m(step, state=state)[0], first)          # the same state, the same answer
     out = m.generate_from(m(idx[:, :21])[0][:, -1], state, 5, temperature=0)
     assert torch.equal(out, m.generate(idx[:, :21], 5, temperature=0)[:, 21:])
-
-
-def _tensors(tree):
-    """Every tensor of a nested state (dicts, lists, tuples), in a fixed order."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for key in sorted(tree, key=str) for t in _tensors(tree[key])]
-    if isinstance(tree, (list, tuple)):
-        return [t for item in tree for t in _tensors(item)]
-    return []
 
 
 @pytest.mark.parametrize("arch, variant", [("transformer", None), ("titans", "lmm"), ("titans", "mac"),

@@ -94,16 +94,43 @@ def test_mac_attention_is_segment_local():
 
 
 def test_titans_flops_and_memory_flops():
+    """flops_per_token = 6 N + attention (PaLM), N the non-embedding parameters plus the head
+    less the memories' initial fast weights (2 layers x 2 heads x (E d + d E), E = 2 d = 32:
+    no token is multiplied by them; their reads and writes are memory_flops_per_token's). MAC
+    applies W_qkv to the readout tokens h too (counted with its attention) and the memory's
+    W_Q and conv to x too, for h's read queries (counted with the h reads). Kills: the initial
+    fast weights counted in 6 N as well, MAC's second passes left out (~21 % of a MAC-340M's
+    dense FLOPs)."""
     lmm, mag, mac = tiny("lmm"), tiny("mag"), tiny("mac")
     transformer = build_model({"arch": "transformer", "vocab_size": V, "n_layer": 2, "n_head": 2, "d_model": 32})
     assert transformer.memory_flops_per_token(64) == 0
     assert lmm.memory_flops_per_token(64) > 0
-    n = lmm.num_params(non_embedding=True) + V * 32
+    fast = 2 * 2 * (32 * 16 + 16 * 32)
+    n = lmm.num_params(non_embedding=True) + V * 32 - fast
     assert lmm.flops_per_token(64) == 6 * n                       # no attention
     # windowed attention: per layer 12 * D * (window + N_p), independent of seq_len past the window
-    n = mag.num_params(non_embedding=True) + V * 32
+    n = mag.num_params(non_embedding=True) + V * 32 - fast
     assert mag.flops_per_token(64) == 6 * n + 2 * 12 * 32 * (6 + 2)
-    assert mac.flops_per_token(64) == 6 * (mac.num_params(non_embedding=True) + V * 32) + 2 * 12 * 32 * (16 + 2)
+    n = mac.num_params(non_embedding=True) + V * 32 - fast
+    assert mac.flops_per_token(64) == 6 * n + 2 * (12 * 32 * (16 + 2) + 6 * 3 * 32 * 32)
+    read = 2 * 2 * 16 * 32                                        # one M(x) per head: two d x E matmuls
+    h_reads = 3 * 2 * read + 6 * (32 * 32 + 32 * 4)               # M*(q) per head; W_Q x and the width-4 conv
+    assert mac.memory_flops_per_token(64) == mag.memory_flops_per_token(64) + 2 * h_reads
+
+
+def test_a_gate_projection_no_gate_reads_is_an_idle_parameter():
+    """With a fixed inner lr, no momentum and no weight decay every gate is a constant, so
+    w_gates gets no gradient: LanguageModel.idle_parameters names it (DDP must be told to
+    expect it, distributed.parallelize; it raised at the second step), and only then.
+    Kills: idle_parameters missing it (it returned [] for all of these)."""
+    idx = torch.randint(0, V, (2, 13), generator=torch.Generator().manual_seed(0))
+    for variant in VARIANTS:
+        m = tiny(variant, n_layer=1, inner_lr_fixed=0.1, momentum=False, weight_decay=False).train()
+        m(idx, targets=idx)[1].backward()
+        silent = [n for n, p in m.named_parameters() if p.grad is None]
+        assert silent and m.idle_parameters(13) == silent, variant
+    for gates in ({"inner_lr_fixed": 0.1, "momentum": False}, {"momentum": False, "weight_decay": False}, {}):
+        assert tiny("lmm", n_layer=1, **gates).idle_parameters(13) == []
 
 
 def test_gate_switches():
