@@ -68,9 +68,12 @@ jit_any_length = functools.partial(triton.jit, do_not_specialize=LENGTH_ARGS)   
 # (BENCHMARKS.md, fifteenth session). Narrower V-blocks give more programs and less to hold
 # per program, at the price of re-reading the chunk's keys per block; more warps give fewer
 # registers per thread. fla's chunk_delta_h autotunes BV 32 / 64 x 2-4 warps. The key holds
-# the shape and the program count; the fixed choice the scans had (BV 64, 4 warps) comes first.
+# the shape, the program count and the product precision PREC (exact fp32 products hold more
+# in shared memory than tf32 ones at one shape: a choice made under one precision, e.g. by a
+# test under "high", may not launch under the other); the fixed choice the scans had (BV 64,
+# 4 warps) comes first.
 SCAN_CONFIGS = tuple(triton.Config({"BV": bv}, num_warps=w) for bv in (64, 32, 16) for w in (4, 8))
-SCAN_TUNING_KEY = ["K", "V", "BT", "BK", "NBH", "SAVE"]
+SCAN_TUNING_KEY = ["K", "V", "BT", "BK", "NBH", "SAVE", "PREC"]
 # The chunk-parallel kernels hold a dozen [BT, BT] / [BT, BK] tiles, so they get 8 warps
 # (fewer registers per thread) and no software pipelining of their V-block loop by default
 # (num_stages=1: with the default 3 stages the prefetched fp32 tiles of the delta gradient
@@ -81,7 +84,7 @@ CHUNK_WARPS = 8
 # of spills per thread; at two, 255 registers and 1.7-4 KB (108-145 KiB of shared memory),
 # but 8x fewer resident programs. At K = 64 both are alike.
 GRADS_CONFIGS = tuple(triton.Config({}, num_warps=CHUNK_WARPS, num_stages=s) for s in (1, 2))
-GRADS_TUNING_KEY = ["K", "V", "BT", "BK"]
+GRADS_TUNING_KEY = ["K", "V", "BT", "BK", "PREC"]
 
 
 def _scan_configs_for(configs, named_args, **kwargs):

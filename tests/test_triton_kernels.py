@@ -7,11 +7,13 @@ and tiny. With a GPU the same small cases run natively, plus realistic sizes in 
 a 16K-token run and torch.compile.
 """
 import functools
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import REPO
 from helpers import DEVICE, fp32_matmul_precision, needs_cuda, stored_transposed, triton_kernels_or_skip
 
 needs_kernels = triton_kernels_or_skip()
@@ -174,6 +176,25 @@ def test_every_autotuned_scan_width_matches_reference(op, block, monkeypatch):
         monkeypatch.setattr(kernel, "configs", [triton.Config({"BV": block}, num_warps=4)])
     errors, _ = compare_with_reference(op, make_inputs(op, 1, 19, 1, 16, 80, True), 16)
     assert_close(errors, 1e-4, f"{op} BV {block}")
+
+
+def test_every_autotuned_kernel_is_tuned_per_product_precision():
+    """On a GPU a config chosen under tf32 products may not launch with exact fp32 ones at the
+    same shape (more shared memory: KNOWN_SMEM_OVERFLOW), and a test or bench can switch
+    torch's matmul precision within one process: so the product precision PREC is in both
+    autotuning keys, and every autotuned kernel takes it (triton.autotune silently skips a
+    key that is not one of the kernel's arguments, and the interpreter tunes nothing)."""
+    import glob
+    import re
+    from kernels import triton_delta
+    assert "PREC" in triton_delta.SCAN_TUNING_KEY and "PREC" in triton_delta.GRADS_TUNING_KEY
+    found = 0
+    for path in glob.glob(os.path.join(REPO, "kernels", "*.py")):
+        source = open(path).read()
+        for name, args in re.findall(r"@autotune_(?:scan|grads)\n(?:@[^\n]*\n)*def (\w+)\((.*?)\):", source, re.S):
+            assert "PREC" in {a.split(":")[0].strip() for a in args.split(",")}, name
+            found += 1
+    assert found >= 10                     # the delta, momentum and linear-memory scans
 
 
 def gate_pattern(values, T, device):
