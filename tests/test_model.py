@@ -268,6 +268,22 @@ def test_rms_norm_and_rope_by_hand():
     torch.testing.assert_close(out, expected)
 
 
+def test_rope_rotates_by_the_distance_alone_at_ten_million_tokens():
+    """RoPE's score between a query at p and a key at p - 3 depends on the distance only, also
+    at the positions a streamed 10M-token BABILong input reaches: float32 angles rotated the
+    pair 0.4 rad wrong there (head dim 64, theta 10^4, its fastest frequencies)."""
+    from model import apply_rope, rope_cos_sin
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
+
+    def score(p):
+        cos, sin = rope_cos_sin(torch.tensor([p, p - 3]), 64, 10_000.0, "cpu")
+        return (apply_rope(q, cos[:1], sin[:1]) * apply_rope(k, cos[1:], sin[1:])).sum().item()
+    near = score(3)
+    for p in (1_000_003, 9_999_997):
+        assert score(p) == pytest.approx(near, abs=1e-4), p
+
+
 def test_init_std_and_residual_projection_scaling():
     """GPT-2 init (model.py, DESIGN): every Linear and the embedding N(0, init_std), the
     residual output projections (attention W_o, SwiGLU W_down) N(0, init_std / sqrt(2 L)),
