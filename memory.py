@@ -218,6 +218,17 @@ class NeuralMemory(nn.Module):
             momenta = [w.new_zeros(w.shape) for w in weights]
         return {"weights": weights, "chunk_start": list(weights), "momenta": momenta, "pos": pos}
 
+    def _state_for(self, batch_size: int, state: Optional[dict]) -> dict:
+        """`state`, or a fresh one at position 0; a state made for another batch size is a
+        one-line error (the einsums and scans would name only a mismatched dimension)."""
+        if state is None:
+            return self.initial_state(batch_size)
+        held = state["weights"][0].shape[0]
+        if held != batch_size:
+            raise ValueError(f"memory state holds fast weights for batch size {held}, but the "
+                             f"input has batch size {batch_size}")
+        return state
+
     # ------------------------------------------------------------------------------------
     # the memory as a function of given weights
 
@@ -253,7 +264,7 @@ class NeuralMemory(nn.Module):
         M_B(v_t) for scan's self_target), per-token transitions, readout after the write.
         Returns (y [B, L, H, d], new state)."""
         B, L = q.shape[:2]
-        state = self.initial_state(B) if state is None else state
+        state = self._state_for(B, state)
         C, pos = self.chunk_size, state["pos"]
         if pos % C + L > C:
             raise ValueError(f"update_piece got {L} tokens at position {pos}, crossing the "
@@ -320,7 +331,7 @@ class NeuralMemory(nn.Module):
         if not isinstance(self_target, bool):
             raise ValueError(f"memory self_target must be a bool; got {self_target!r}")
         B, T = q.shape[:2]
-        state = self.initial_state(B) if state is None else state
+        state = self._state_for(B, state)
         if T > 0 and self._use_fused_kernel(q, self_target):
             return self._fused_scan(q, k, v, lr, alpha, beta, state, self_target)
         return self._scan_pieces(q, k, v, lr, alpha, beta, state, self_target)

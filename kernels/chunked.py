@@ -16,11 +16,14 @@ that the chunked forms need. A quotient of cumulative products overflows once ga
 small (a_j underflows), so P is built in log space as exp of the segment sums
 sum_{s=j+1..t} log g_s, each summed only over its own segment (a masked cumsum), so no
 large cumulative logs are subtracted and nothing cancels, overflows or becomes NaN
-(fla builds the same matrix from chunk-local cumulative log gates). log g is clamped
-at log(float tiny): a gate of exactly 0 gives exactly 0 products, like the reference,
-but zero gradient with respect to that gate (the reference's gradient there is the
-product of the other gates). Gates must be >= 0: the models' gates are sigmoids in
-(0, 1], and exactly 0 or 1 are fine; gates above 1 work while their products fit.
+(fla builds the same matrix from chunk-local cumulative log gates). A gate of exactly 0
+(or below float tiny) has log g = -inf: its segments' products are exactly 0, like the
+reference, and its gradient is 0 (the reference's is the product of the other gates).
+Clamping log g at log(tiny) instead left products of tiny * alpha, subnormal numbers that
+made the CPU path 2.5x slower forward and 4-5x backward wherever a gate is 0 (Titans
+without momentum: beta = 0).
+Gates must be >= 0: the models' gates are sigmoids in (0, 1], and exactly 0 or 1 are
+fine; gates above 1 work while their products fit.
 
 Computation runs in the widest input dtype, float32 at least (bf16/fp16 are upcast, float64
 stays float64: checks.compute_dtype);
@@ -35,13 +38,17 @@ def _segment_products(gates):
     """gates [..., L] -> P [..., L+1, L+1] with P[t, j] = prod_{s=j+1..t} gates_s (gate
     index s = 1..L), 1 on the diagonal and 0 above it. O(L^2) per chunk."""
     L = gates.shape[-1]
-    log_gates = torch.log(gates.clamp_min(torch.finfo(gates.dtype).tiny))
+    tiny = torch.finfo(gates.dtype).tiny
+    # -inf where g < tiny: exactly-0 products, no subnormals (module doc). The clamp keeps
+    # the masked gradient finite: 0 * d log(g)/dg at g = 0 would be 0 * inf = NaN.
+    log_gates = torch.log(gates.clamp_min(tiny)).masked_fill(gates < tiny, -torch.inf)
     log_gates = torch.nn.functional.pad(log_gates, (1, 0))        # index 0 is never used
     upper = torch.ones(L + 1, L + 1, dtype=gates.dtype, device=gates.device).triu()
-    strictly_upper = upper - torch.eye(L + 1, dtype=gates.dtype, device=gates.device)
+    strictly_upper = torch.ones(L + 1, L + 1, dtype=torch.bool, device=gates.device).triu(1)
     # Built transposed, P^T[j, t], so the cumsum runs along the contiguous last dim:
     # cols[j, t] = log g_t kept where t > j; the cumsum along t gives sum_{s=j+1..t} log g_s.
-    cols = log_gates.unsqueeze(-2) * strictly_upper
+    # A select, not a product with a 0/1 mask: -inf * 0 is NaN.
+    cols = torch.where(strictly_upper, log_gates.unsqueeze(-2), 0.0)
     return (torch.exp(torch.cumsum(cols, dim=-1)) * upper).transpose(-1, -2)
 
 
@@ -57,6 +64,14 @@ def _split_into_chunks(x, chunk_size):
     if tail:
         groups.append(x[:, :, n_full * chunk_size:].unsqueeze(2))
     return groups
+
+
+def _stack_starts(starts):
+    """The states entering each chunk, [B*H, N, ...] from N tensors [B*H, ...]. One chunk
+    (memory.py's per-chunk path hands the scans one chunk per call) takes a view: a stack
+    would copy the state and keep the copy for the backward beside the original, which the
+    sequential step keeps too."""
+    return starts[0].unsqueeze(1) if len(starts) == 1 else torch.stack(starts, dim=1)
 
 
 def _prepare(q, k, u, gates, initial_states, chunk_size):
@@ -132,7 +147,7 @@ def momentum_rule_chunked(q, k, u, alpha, beta, initial_state=None, initial_mome
             X_starts.append(X)
             X = torch.baddbmm(write[:, n], mixing[:, n], X)          # write + M X
         S, Z = (x.contiguous() for x in X.view(B, H, 2, V, K).unbind(2))
-        X0 = torch.stack(X_starts, dim=1).view(B, H, N, 2 * V, K)   # [S_0; Z_0] per chunk
+        X0 = _stack_starts(X_starts).view(B, H, N, 2 * V, K)         # [S_0; Z_0] per chunk
         QS0, QZ0 = (Q @ X0.transpose(-1, -2)).split(V, dim=-1)      # Q S_0^T, Q Z_0^T
         outputs.append(torch.addcmul(torch.addcmul(intra, a.unsqueeze(-1), QS0),
                                      c.unsqueeze(-1), QZ0))
@@ -189,7 +204,7 @@ def delta_rule_chunked(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
         for n in range(N):
             S_starts.append(S)
             S = torch.baddbmm(write[n], S, transition[n])          # write + S @ transition
-        S0 = torch.stack(S_starts, dim=1).view(B, H, N, V, K)
+        S0 = _stack_starts(S_starts).view(B, H, N, V, K)
         S = S.view(B, H, V, K)
         R = U_prime - W @ S0.transpose(-1, -2)                      # [B,H,N,L,V]
         readout = (Q @ Kc.transpose(-1, -2)) * D

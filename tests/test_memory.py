@@ -309,6 +309,10 @@ def test_bad_inputs_raise_clear_errors():
         mem(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"], self_target="yes")
     with pytest.raises(ValueError, match="takes no momentum gate"):
         make_memory("dgd", 1, 4)(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"])
+    _, state = mem(x["q"], x["k"], x["v"], x["lr"], x["alpha"], x["beta"])
+    for call in (mem.scan, mem.update_piece):        # the einsums named only a dimension
+        with pytest.raises(ValueError, match="state holds fast weights for batch size 2, but the input has batch size 1"):
+            call(*(x[n][:1, :1] for n in ("q", "k", "v", "lr", "alpha", "beta")), state=state)
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -450,3 +454,64 @@ def test_per_chunk_layers_wider_than_the_triton_scans_take_the_torch_scan():
     assert NeuralMemory(1, 16, depth=2, expansion=9, backend="auto")._scan_backend(144) == "auto"
     assert NeuralMemory(1, 16, depth=2, expansion=9, backend="reference")._scan_backend(144) == "reference"
     assert "fusable_mlp" in wide.fused_kernel_blocker("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_gates_give_exact_zero_products_not_subnormals(dtype):
+    """Titans without momentum (model.titans.momentum false) runs the momentum scan with
+    beta = 0 exactly, and then Z_t = u_t k_t^T: the same update as the "gd" rule. The chunked
+    scan's segment products prod_{s=j+1..t} g_s across a zero gate must be exactly 0 and
+    never subnormal (kernels/chunked.py): clamping log g at log(tiny) left tiny * alpha
+    there, subnormal numbers that made the fp32 CPU path slow (momentum scan alone 13.1 vs
+    5.0 ms; a depth-2 memory's forward + backward 514 vs 181 ms at B 16, T 128, H 4, d 32,
+    chunk 16). The zero gates' own gradient is 0, every other one finite; the memory with
+    beta = 0 equals the "gd" rule. Kills: the log(tiny) clamp; -inf times a 0/1 mask (NaN)."""
+    from kernels.chunked import _segment_products
+    gates = torch.tensor([0.9, 0.0, 0.5, 0.0, 0.0, 1.0, 0.7], dtype=dtype, requires_grad=True)
+    P = _segment_products(gates)
+    L, tiny = gates.shape[0], torch.finfo(dtype).tiny
+    for t in range(L + 1):
+        for j in range(L + 1):
+            want = torch.prod(gates[j:t]) if j <= t else torch.zeros((), dtype=dtype)
+            assert P[t, j] == want if want == 0 else abs(P[t, j] - want) < 1e-6, (t, j)
+    assert torch.all((P == 0) | (P.abs() >= tiny))
+    grad = torch.autograd.grad(P.sum(), gates)[0]
+    assert torch.isfinite(grad).all() and torch.all(grad[gates == 0] == 0) and grad[0] > 0
+
+    torch.manual_seed(1)
+    momentum = NeuralMemory(H, D, depth=2, chunk_size=4, update_rule="momentum").to(dtype)
+    gd = NeuralMemory(H, D, depth=2, chunk_size=4, update_rule="gd").to(dtype)
+    gd.load_state_dict(momentum.state_dict())
+    x = make_inputs(9, "momentum", dtype=dtype)
+    y_gd, _ = gd(x["q"], x["k"], x["v"], x["lr"], x["alpha"])
+    y_m, state = momentum(x["q"], x["k"], x["v"], x["lr"], x["alpha"], torch.zeros_like(x["alpha"]))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(y_m, y_gd, rtol=tol, atol=tol)
+    g_m, g_gd = (torch.autograd.grad(y.sum(), [x["k"], x["lr"]]) for y in (y_m, y_gd))
+    for a, b in zip(g_m, g_gd):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("rule", ["momentum", "dgd"])
+def test_bf16_autocast_leaves_the_fast_weight_math_in_float32(rule):
+    """Under bf16 autocast (the CUDA training setting; CPU autocast here) every inner-loop
+    product stays float32 (memory._no_autocast, docs/FIDELITY.md "Fast weights in float32"):
+    given the bf16 q, k, v an autocast model hands over, outputs, fp32 state and the
+    gradients are bitwise those of the same call without autocast, also with self-generated
+    targets (read at W_B) and clipping. Kills: a fast-weight einsum or scan left to autocast
+    (bf16 products, errors ~1e-2)."""
+    torch.manual_seed(0)
+    mem = NeuralMemory(H, D, depth=2, chunk_size=4, update_rule=rule, max_grad_norm=1.0)
+    x = {n: (t.detach().float() if t is not None else None) for n, t in make_inputs(9, rule).items()}
+    for n in ("q", "k", "v"):
+        x[n] = x[n].bfloat16().requires_grad_()
+    args = [x[n] for n in ("q", "k", "v", "lr", "alpha", "beta")]
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            y, state = mem(*args, self_target=True)
+        grads = torch.autograd.grad(y.sum(), [x["q"], x["k"], x["v"], *mem.init_weights])
+        results.append([y] + state["weights"] + (state["momenta"] or []) + list(grads))
+    assert all(t.dtype == torch.float32 for t in results[1][1:3])
+    for plain, autocast in zip(*results, strict=True):
+        assert torch.equal(plain, autocast)
