@@ -724,3 +724,24 @@ def test_gpu_check_fsdp_result_takes_the_last_finite_loss(tmp_path):
     assert run() == "310 tok/s (median of the last half of 3 rows), loss 5.100 at step 2"
     metrics.write_text("")
     assert run() == "no metrics row with tokens/s"
+
+
+def test_label_scoring_groups_give_the_one_at_a_time_scores(tmp_path, capsys):
+    """bench/label_scoring.py at a tiny HOPE: CLINC's 150 labels one per forward and all in one
+    group score alike (the grouped scorer, eval.common.continuation_logprobs), a row per batch
+    size and the footer; a bad --batch-sizes is one line naming the flag."""
+    from bench import label_scoring
+    from conftest import SHARED_DATA
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model:\n  arch: hope\n  d_model: 16\n  n_layer: 1\n  n_head: 2\ntrain:\n  seq_len: 32\n")
+    argv = [str(config), "--device", "cpu", "--batch-sizes", "1,150", "--prefix-tokens", "40", "--repeats", "1",
+            "--data-dir", SHARED_DATA]
+    assert label_scoring.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "150 labels of 1-" in out
+    rows = {int(r[1]): float(r[4]) for r in (line.split("|") for line in out.splitlines())
+            if len(r) == 6 and r[1].strip().isdigit()}
+    assert set(rows) == {1, 150} and rows[150] < 1e-4
+    _footer_ok(out, "label_scoring.py", argv)
+    assert label_scoring.main(["--batch-sizes", "4,0"]) == 2
+    assert capsys.readouterr().err == "error: --batch-sizes '4,0': must be >= 1, got 0\n"

@@ -81,8 +81,8 @@ def nan_losses_at(monkeypatch, is_bad):
     real_forward = model_mod.LanguageModel.forward
     calls = {"n": 0}
 
-    def flaky_forward(self, idx, targets=None, state=None):
-        logits, loss, st = real_forward(self, idx, targets, state)
+    def flaky_forward(self, idx, targets=None, state=None, return_state=True):
+        logits, loss, st = real_forward(self, idx, targets, state, return_state)
         if targets is not None and self.training:
             calls["n"] += 1
             if is_bad(calls["n"]):
@@ -579,10 +579,10 @@ def test_steps_read_the_seeded_stream_in_micro_batches(corpus, tmp_path, monkeyp
     seen = {"x": [], "y": [], "loss": [], "init": None}
     real_forward = model_mod.LanguageModel.forward
 
-    def forward(self, idx, targets=None, state=None):
+    def forward(self, idx, targets=None, state=None, return_state=True):
         if seen["init"] is None:
             seen["init"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
-        logits, loss, st = real_forward(self, idx, targets, state)
+        logits, loss, st = real_forward(self, idx, targets, state, return_state)
         if targets is not None and self.training:
             seen["x"].append(idx.clone())
             seen["y"].append(targets.clone())
@@ -687,8 +687,8 @@ def test_resume_restores_the_random_streams_exactly(corpus, tmp_path, monkeypatc
     real_forward = model_mod.LanguageModel.forward
     calls = {"n": 0, "crash_at": None}
 
-    def noisy_forward(self, idx, targets=None, state=None):
-        logits, loss, st = real_forward(self, idx, targets, state)
+    def noisy_forward(self, idx, targets=None, state=None, return_state=True):
+        logits, loss, st = real_forward(self, idx, targets, state, return_state)
         if targets is not None and self.training:
             calls["n"] += 1
             if calls["n"] == calls["crash_at"]:
