@@ -542,6 +542,20 @@ def chunk_step_budget(k, lr, keep, spent, pos: int, chunk_size: int, budget: flo
         return _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget, backend)
 
 
+def budget_kernel_blocker(backend: str, device, chunk_size: int, dtype=torch.float32) -> Optional[str]:
+    """None where chunk_step_budget runs its Triton kernel for `backend` on `device` (fp32
+    keys, chunks of at most kernels.checks.MAX_BUDGET_CHUNK); else why it takes the PyTorch
+    loop over each chunk's tokens (model.LanguageModel.kernel_report prints it)."""
+    if kernels.select_backend(backend, device, dtype) != "triton":
+        return f"backend {backend!r} on {torch.device(device).type} runs the PyTorch loop"
+    if dtype != torch.float32:
+        return f"the step-budget kernel takes fp32 keys, these are {str(dtype).removeprefix('torch.')}"
+    if chunk_size > kernels.checks.MAX_BUDGET_CHUNK:
+        return (f"the step-budget kernel holds chunks of at most {kernels.checks.MAX_BUDGET_CHUNK} tokens, "
+                f"not {chunk_size}")
+    return None
+
+
 def _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget, backend):
     B, T, H, d = k.shape
     C, head = chunk_size, pos % chunk_size
@@ -560,7 +574,7 @@ def _chunk_step_budget(k, lr, keep, spent, pos, chunk_size, budget, backend):
         first = torch.einsum("bchi,bhij,bchj->bhc", kc[:, 0], spent, kc[:, 0])
         used = torch.cat([first.unsqueeze(1), used[:, 1:]], 1)
     wanted = lrc / keepc                                                # the uncapped steps
-    if backend == "triton" and k.dtype == torch.float32 and C <= kernels.checks.MAX_BUDGET_CHUNK:
+    if budget_kernel_blocker(backend, k.device, C, k.dtype) is None:
         from kernels.triton_budget import capped_steps
         e = capped_steps(wanted.transpose(2, 3), used, overlap, budget).transpose(2, 3)
     else:

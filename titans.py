@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import kernels
 from config import ModelConfig
-from memory import FWD_BWD, NeuralMemory, chunk_pieces, chunk_step_budget
+from memory import FWD_BWD, NeuralMemory, budget_kernel_blocker, chunk_pieces, chunk_step_budget
 from model import AttentionHeads, CausalDepthwiseConv, RMSNorm, at_least_fp32, attention_mask, causal_attention
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
@@ -140,7 +140,10 @@ class LongTermMemory(nn.Module):
 
     def kernel_paths(self, device):
         """{part: None if it runs fused on `device`, else why not} (model.kernel_report)."""
-        return {"Titans memory": self.memory.fused_kernel_blocker(device)}
+        paths = {"Titans memory": self.memory.fused_kernel_blocker(device)}
+        if self.step_budget is not None:        # keys are fp32 here (forward: at_least_fp32)
+            paths["Titans step budget"] = budget_kernel_blocker(self.memory.backend, device, self.memory.chunk_size)
+        return paths
 
     def idle_parameters(self, seq_len):
         """The gate projection when no gate reads it (a fixed inner lr, no momentum, no weight

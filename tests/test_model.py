@@ -160,6 +160,14 @@ def test_kernel_report_names_each_memory_parts_path():
         "Titans memory x2: per-chunk path (the fused linear kernel does not clip (max_grad_norm))"]
     assert tiny("hope", kernels="triton", hope={"adaptive_q": True}).kernel_report("cuda")[1].startswith(
         "HOPE stage 1 (projection memories) x2: per-chunk path (the fused stage 1 takes the projections")
+    # the step budget's loop (memory.chunk_step_budget): a kernel up to 128-token chunks
+    budgeted = {"memory_depth": 1, "max_grad_norm": None, "step_budget": 0.5}
+    assert tiny("titans", kernels="triton", titans=budgeted).kernel_report("cuda") == [
+        "Titans memory x2: fused Triton kernel", "Titans step budget x2: fused Triton kernel"]
+    assert tiny("titans", kernels="triton", titans={**budgeted, "chunk_size": 256}).kernel_report("cuda")[1] == (
+        "Titans step budget x2: per-chunk path (the step-budget kernel holds chunks of at most 128 tokens, not 256)")
+    assert tiny("titans", titans=budgeted).kernel_report("cpu")[1] == (
+        "Titans step budget x2: per-chunk path (backend 'auto' on cpu runs the PyTorch loop)")
     assert tiny("transformer").kernel_report("cuda") == []
 
 
