@@ -385,15 +385,17 @@ class TitansMAC(nn.Module):
     # forward, FWD_BWD times that with the backward.
 
     def memory_flops_per_token(self, seq_len):
-        """The memory's inner loop, plus the h reads: M*(q) and its queries' second pass."""
-        m, queries = self.memory.memory, [self.memory.wq.weight, *self.memory.conv_q.parameters()]
-        return (self.memory.flops_per_token() + FWD_BWD * m.n_head * m.read_flops()
-                + FWD_BWD * 2 * sum(p.numel() for p in queries))
+        """The memory's inner loop, plus the h reads M*(q)."""
+        m = self.memory.memory
+        return self.memory.flops_per_token() + FWD_BWD * m.n_head * m.read_flops()
 
     def attention_flops_per_token(self, seq_len):
-        """Scores and values over the h and S keys, plus W_qkv's second pass (on h)."""
+        """Scores and values over the h and S keys, plus the dense second passes (inside the
+        model's 6N + attention, so in the MFU): W_qkv on h, and the memory's W_Q and conv on
+        x for h's read queries."""
+        second = [self.attn.wqkv.weight, self.memory.wq.weight, *self.memory.conv_q.parameters()]
         return (self.attn.flops_per_token(2 * min(seq_len, self.segment_size))
-                + FWD_BWD * 2 * self.attn.wqkv.weight.numel())
+                + FWD_BWD * 2 * sum(p.numel() for p in second))
 
 
 MIXERS = {"lmm": TitansLMM, "mac": TitansMAC, "mag": TitansMAG, "mal": TitansMAL}

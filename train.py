@@ -47,11 +47,12 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def peak_flops(device_type) -> float | None:
-    """This GPU's entry of PEAK_FLOPS; None off CUDA and on other GPUs (no MFU is logged)."""
-    if device_type != "cuda":
+def peak_flops(device) -> float | None:
+    """The entry of PEAK_FLOPS of the GPU `device` names ("cuda", "cuda:1": that GPU's name, not
+    the current one's); None off CUDA and on other GPUs (no MFU is logged)."""
+    if torch.device(device).type != "cuda":
         return None
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name(device)
     return next((flops for gpu, flops in PEAK_FLOPS.items() if gpu in name), None)
 
 
@@ -837,7 +838,7 @@ def _train(cfg: Config, env: DistEnv):
             step_loss += loss.detach().double() / t.grad_accum
         return all_reduce_mean(step_loss).item()       # equal local batches: the global mean
 
-    peak = peak_flops(device_type)
+    peak = peak_flops(device)
 
     def log_step(done, loss, lr, grad_norm) -> dict:
         """The metrics record of a logged step (tokens/s since the last one, peak memory,

@@ -116,7 +116,7 @@ def flops_report(r, device) -> str:
     levels' inner loops (model.memory_flops_per_token: writes, scans, reads), which 6N does
     not see, come apart, outside the MFU, as train.py logs them."""
     from train import PEAK_FLOPS, peak_flops
-    peak = peak_flops(device_type(device))
+    peak = peak_flops(device)
     rate, memory_rate = (r["tokens_per_s"] * r[k] for k in ("flops_per_token", "memory_flops_per_token"))
     line = f"model FLOPs (6N + attention): {r['flops_per_token'] / 1e9:.3g} G/token, {rate / 1e12:.3g} TFLOP/s"
     line += (f", MFU {100 * rate / peak:.1f}%" if peak else

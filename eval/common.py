@@ -277,8 +277,10 @@ def continuation_logprobs(model, last_logits, state, continuations: list[list[in
     changes none of its scored logits), on the state expanded to the group (expand_state): one
     forward per group, not one per candidate with a copy of the state each, and one host sync."""
     import torch
-    if not continuations or not all(continuations):
-        raise ValueError("continuation_logprobs needs at least one continuation, each of at least one token")
+    if not all(continuations):
+        raise ValueError("continuation_logprobs needs continuations of at least one token each")
+    if not continuations:           # eval.babilong: a question can name every label, ranking none
+        return []
     first = torch.log_softmax(last_logits.float(), -1)
     scores = [first[c[0]] for c in continuations]
     # by length, so that a group pads little
@@ -289,15 +291,17 @@ def continuation_logprobs(model, last_logits, state, continuations: list[list[in
         width = max(len(continuations[i]) for i in rows) - 1
         inputs = torch.zeros(len(rows), width, dtype=torch.long)
         targets = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
         for r, i in enumerate(rows):
             c = continuations[i]
             inputs[r, :len(c) - 1] = torch.tensor(c[:-1])
             targets[r, :len(c) - 1] = torch.tensor(c[1:])
-            mask[r, :len(c) - 1] = 1
+            mask[r, :len(c) - 1] = True
         logits, _, _ = model(inputs.to(device), state=expand_state(state, len(rows)))
         logprobs = torch.log_softmax(logits.float(), -1).gather(-1, targets.to(device)[..., None])[..., 0]
-        row_sums = (logprobs * mask.to(device)).sum(-1)
+        # a select, not a product with the mask: a non-finite log-prob past a row's end (a diverged
+        # model reading the padding) times 0 would be NaN in that row's score
+        row_sums = torch.where(mask.to(device), logprobs, 0.0).sum(-1)
         del logits, logprobs
         for r, i in enumerate(rows):
             scores[i] = scores[i] + row_sums[r]

@@ -338,6 +338,7 @@ def test_prefill_and_continuation_logprobs_equal_one_forward_pass():
         prefill(model, [], 4, "cpu")
     with pytest.raises(ValueError, match="at least one token"):
         continuation_logprobs(model, last, state, [[1], []], "cpu")
+    assert continuation_logprobs(model, last, state, [], "cpu") == []     # a BABILong question naming every label
 
 
 def test_expand_state_is_views_of_every_batch_dim():

@@ -1454,3 +1454,13 @@ def test_end_of_training_sample_prints_no_substituted_eot_and_survives_nan_logit
     monkeypatch.setattr(m.head, "forward", lambda x: torch.full((*x.shape[:-1], tok.vocab_size), float("nan")))
     assert train_mod.sample_after_training(m, tok, t, "cpu", nullcontext()).startswith(
         "(none: the model's logits are not finite (NaN or inf) at new token 1 of 4")
+
+
+def test_peak_flops_is_the_named_gpus(monkeypatch):
+    """The MFU's peak is that of the GPU the run uses (`cuda:1`: that GPU's name, not the
+    current device's, cuda:0 unless set); None off CUDA. Kills get_device_name() without it."""
+    import train as train_mod
+    names = {"cuda:0": "Tesla T4", "cuda:1": "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names[str(device or "cuda:0")])
+    assert train_mod.peak_flops("cuda:1") == train_mod.PEAK_FLOPS["H100"]
+    assert train_mod.peak_flops("cuda:0") is None and train_mod.peak_flops("cpu") is None
