@@ -188,10 +188,12 @@ class SelfModifyingTitans(nn.Module):
             keys = k.repeat(1, 1, n, 1)
             # Each memory learns its own target M_B(v) (NL Eq. 87: scan's self_target). The
             # readouts of the projection memories are not used (they are read at chunk
-            # starts); the keys stand in as queries. One piece lies inside one chunk, so on
-            # the fused path this is one kernel launch (memory._use_fused_kernel).
+            # starts), so the scans skip them (readout=False); the keys stand in as queries.
+            # One piece lies inside one chunk, so on the fused path this is one kernel launch
+            # (memory._use_fused_kernel).
             state = self.projections.scan(keys, keys, v.repeat(1, 1, n, 1), eta.repeat(1, 1, n),
-                                          alpha.repeat(1, 1, n), state=state, self_target=True).state
+                                          alpha.repeat(1, 1, n), state=state, self_target=True,
+                                          readout=False).state
         return k, v, q, eta, alpha, state
 
     def _projection_stage(self, features, proj_state, pos):

@@ -258,11 +258,12 @@ class NeuralMemory(nn.Module):
     # ------------------------------------------------------------------------------------
     # the inner optimisation
 
-    def update_piece(self, q, k, target, lr, alpha, beta=None, state=None):
+    def update_piece(self, q, k, target, lr, alpha, beta=None, state=None, readout=True):
         """Consume L tokens that lie inside one chunk (pos % C + L <= C): writes at the
         chunk-start weights toward `target` (the inner loss ||M(k_t) - target_t||^2: v_t, or
         M_B(v_t) for scan's self_target), per-token transitions, readout after the write.
-        Returns (y [B, L, H, d], new state)."""
+        Returns (y [B, L, H, d], new state); y is None with readout=False (the scans then
+        skip their readouts: HOPE's projection memories keep only their states)."""
         B, L = q.shape[:2]
         state = self._state_for(B, state)
         C, pos = self.chunk_size, state["pos"]
@@ -271,7 +272,7 @@ class NeuralMemory(nn.Module):
                              f"chunk boundary at {pos + C - pos % C} (chunk_size={C}); use chunk_pieces")
         dtype = self._dtype()
         if L == 0:
-            return q.new_zeros(q.shape, dtype=dtype), state
+            return (q.new_zeros(q.shape, dtype=dtype) if readout else None), state
         with _no_autocast(q):
             q, k, target, lr, alpha = (t.to(dtype) for t in (q, k, target, lr, alpha))
             beta = beta.to(dtype) if beta is not None else None
@@ -288,19 +289,21 @@ class NeuralMemory(nn.Module):
             query = q
             for layer, (a, g) in enumerate(zip(inputs, grads)):
                 W, backend = state["weights"][layer], self._scan_backend(a.shape[-1])
+                if not readout:                 # nothing is read: the keys stand in (shapes match)
+                    query = a
                 if self.update_rule == "momentum":
                     out, W, Z = kernels.momentum_rule(
                         query, a, -lr.unsqueeze(-1) * g, alpha, beta, W, state["momenta"][layer],
-                        chunk_size=C, backend=backend)
+                        chunk_size=C, backend=backend, output=readout)
                     new_momenta.append(Z)
                 else:                                                      # "dgd" | "gd"
                     erase, write = delta_step_sizes(self.update_rule, lr, a)
                     out, W = kernels.delta_rule(query, a, -write.unsqueeze(-1) * g, alpha, erase, W,
-                                                chunk_size=C, backend=backend)
+                                                chunk_size=C, backend=backend, output=readout)
                 new_weights.append(W)
-                if layer + 1 < len(inputs):
+                if layer + 1 < len(inputs) and readout:
                     query = self.act(out)                  # W_out reads s(W_in,t q_t)
-            y = out + q if self.depth == 2 else out
+            y = None if not readout else out + q if self.depth == 2 else out
         new_pos = pos + L
         chunk_start = state["chunk_start"]
         if new_pos % C == 0:                     # the chunk is complete: new W_B
@@ -321,12 +324,13 @@ class NeuralMemory(nn.Module):
             return "torch"
         return self.backend
 
-    def scan(self, q, k, v, lr, alpha, beta=None, state=None, self_target=False) -> MemoryOutput:
+    def scan(self, q, k, v, lr, alpha, beta=None, state=None, self_target=False, readout=True) -> MemoryOutput:
         """Run the chunked inner optimisation over T tokens (any T, any starting position).
         `self_target`: the memory generates its own target (NL Eq. 87): token t learns
         l_t = ||M(k_t) - M_B(t)(v_t)||^2, its value read at the chunk-start weights of its
         chunk, before the chunk's writes (HOPE's memories; outer gradients flow through the
-        read unless detach_targets). Returns MemoryOutput(y, state)."""
+        read unless detach_targets). Returns MemoryOutput(y, state); readout=False: y is None
+        where the per-chunk path runs (it skips the readouts), the fused layer computes it."""
         self._check_inputs(q, k, v, lr, alpha, beta)
         if not isinstance(self_target, bool):
             raise ValueError(f"memory self_target must be a bool; got {self_target!r}")
@@ -334,17 +338,19 @@ class NeuralMemory(nn.Module):
         state = self._state_for(B, state)
         if T > 0 and self._use_fused_kernel(q, self_target):
             return self._fused_scan(q, k, v, lr, alpha, beta, state, self_target)
-        return self._scan_pieces(q, k, v, lr, alpha, beta, state, self_target)
+        return self._scan_pieces(q, k, v, lr, alpha, beta, state, self_target, readout)
 
-    def _scan_pieces(self, q, k, v, lr, alpha, beta, state, self_target) -> MemoryOutput:
+    def _scan_pieces(self, q, k, v, lr, alpha, beta, state, self_target, readout=True) -> MemoryOutput:
         """scan() chunk piece by chunk piece with update_piece (the per-chunk path, the oracle)."""
         ys = []
         for lo, hi in chunk_pieces(state["pos"], q.shape[1], self.chunk_size):
             target = self.read(state["chunk_start"], v[:, lo:hi]) if self_target else v[:, lo:hi]
             y, state = self.update_piece(q[:, lo:hi], k[:, lo:hi], target, lr[:, lo:hi],
                                          alpha[:, lo:hi], None if beta is None else beta[:, lo:hi],
-                                         state)
+                                         state, readout)
             ys.append(y)
+        if not readout:
+            return MemoryOutput(None, state)
         y = torch.cat(ys, 1) if ys else q.new_zeros(q.shape, dtype=self._dtype())
         return MemoryOutput(y, state)
 

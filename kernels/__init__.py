@@ -70,34 +70,40 @@ def _dtypes(*tensors):
     return [None if t is None else t.dtype for t in tensors]
 
 
-def delta_rule(q, k, u, alpha, eta, initial_state=None, chunk_size=64, backend="auto"):
+def delta_rule(q, k, u, alpha, eta, initial_state=None, chunk_size=64, backend="auto", output=True):
     """Gated delta rule / DGD step (NL Eq. 57/88). Returns (o [B,T,H,V], S_T [B,H,V,K]).
-    `chunk_size` changes speed, never the result (beyond float rounding)."""
+    `chunk_size` changes speed, never the result (beyond float rounding). output=False: o is
+    None, and the chunked PyTorch path skips the readout (HOPE's projection memories keep
+    only their states); the other backends compute it and drop it."""
     check_scan_inputs(q, k, u, {"alpha": alpha, "eta": eta}, {"initial_state": initial_state},
                       chunk_size)
     backend = select_backend(backend, q.device, _dtypes(q, k, u, alpha, eta, initial_state),
                              q.shape[-1])
-    if backend == "reference":
-        return delta_rule_reference(q, k, u, alpha, eta, initial_state)
     if backend == "torch":
-        return chunked.delta_rule_chunked(q, k, u, alpha, eta, initial_state, chunk_size)
-    return _triton_scans_or_error().delta_rule_triton(q, k, u, alpha, eta, initial_state,
-                                                      chunk_size)
+        return chunked.delta_rule_chunked(q, k, u, alpha, eta, initial_state, chunk_size, output)
+    if backend == "reference":
+        o, S = delta_rule_reference(q, k, u, alpha, eta, initial_state)
+    else:
+        o, S = _triton_scans_or_error().delta_rule_triton(q, k, u, alpha, eta, initial_state, chunk_size)
+    return (o if output else None), S
 
 
 def momentum_rule(q, k, u, alpha, beta, initial_state=None, initial_momentum=None,
-                  chunk_size=64, backend="auto"):
+                  chunk_size=64, backend="auto", output=True):
     """GD with momentum (Titans Eq. 13-14). Returns (o [B,T,H,V], S_T, Z_T [B,H,V,K]).
-    `chunk_size` changes speed, never the result (beyond float rounding)."""
+    `chunk_size` changes speed, never the result (beyond float rounding). output=False: o is
+    None (as for delta_rule)."""
     check_scan_inputs(q, k, u, {"alpha": alpha, "beta": beta},
                       {"initial_state": initial_state, "initial_momentum": initial_momentum},
                       chunk_size)
     backend = select_backend(backend, q.device, _dtypes(q, k, u, alpha, beta, initial_state,
                                                         initial_momentum), q.shape[-1])
-    if backend == "reference":
-        return momentum_rule_reference(q, k, u, alpha, beta, initial_state, initial_momentum)
     if backend == "torch":
         return chunked.momentum_rule_chunked(q, k, u, alpha, beta, initial_state,
-                                             initial_momentum, chunk_size)
-    return _triton_scans_or_error().momentum_rule_triton(q, k, u, alpha, beta, initial_state,
-                                                         initial_momentum, chunk_size)
+                                             initial_momentum, chunk_size, output)
+    if backend == "reference":
+        o, S, Z = momentum_rule_reference(q, k, u, alpha, beta, initial_state, initial_momentum)
+    else:
+        o, S, Z = _triton_scans_or_error().momentum_rule_triton(q, k, u, alpha, beta, initial_state,
+                                                                initial_momentum, chunk_size)
+    return (o if output else None), S, Z

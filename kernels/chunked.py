@@ -101,7 +101,7 @@ def _finish(outputs, q, u):
 
 
 def momentum_rule_chunked(q, k, u, alpha, beta, initial_state=None, initial_momentum=None,
-                          chunk_size=64):
+                          chunk_size=64, output=True):
     """Z_t = beta_t Z_{t-1} + u_t k_t^T ; S_t = alpha_t S_{t-1} + Z_t ; o_t = S_t q_t
     (Titans Eq. 13-14), chunked. Returns (o [B,T,H,V], S_T, Z_T [B,H,V,K]).
 
@@ -113,6 +113,7 @@ def momentum_rule_chunked(q, k, u, alpha, beta, initial_state=None, initial_mome
     c = A b and W = A Bm (both lower-triangular products, O(L^3) per chunk, tiny).
     Reading with the queries: O = diag(a) Q S_0^T + diag(c) Q Z_0^T + (W ∘ Q K^T) U.
     The state carry needs only the last row: S_L, Z_L from W[L,:], Bm[L,:].
+    output=False: the state alone (o is None), without the readout's matmuls.
     """
     groups, (S, Z) = _prepare(q, k, u, (alpha, beta), (initial_state, initial_momentum),
                               chunk_size)
@@ -125,7 +126,7 @@ def momentum_rule_chunked(q, k, u, alpha, beta, initial_state=None, initial_mome
         W = A @ Bm
         c = (A @ b.unsqueeze(-1)).squeeze(-1)
         # Everything that does not involve the incoming states, for all chunks at once.
-        intra = ((Q @ Kc.transpose(-1, -2)) * W) @ U                # [B,H,N,L,V]
+        intra = ((Q @ Kc.transpose(-1, -2)) * W) @ U if output else None   # [B,H,N,L,V]
         # Chunk-end update of the stacked state X = [S; Z]:
         #   S_L = a_L S_0 + c_L Z_0 + sum_i W[L,i] u_i k_i^T
         #   Z_L = b_L Z_0 + sum_i Bm[L,i] u_i k_i^T
@@ -147,14 +148,16 @@ def momentum_rule_chunked(q, k, u, alpha, beta, initial_state=None, initial_mome
             X_starts.append(X)
             X = torch.baddbmm(write[:, n], mixing[:, n], X)          # write + M X
         S, Z = (x.contiguous() for x in X.view(B, H, 2, V, K).unbind(2))
+        if not output:
+            continue
         X0 = _stack_starts(X_starts).view(B, H, N, 2 * V, K)         # [S_0; Z_0] per chunk
         QS0, QZ0 = (Q @ X0.transpose(-1, -2)).split(V, dim=-1)      # Q S_0^T, Q Z_0^T
         outputs.append(torch.addcmul(torch.addcmul(intra, a.unsqueeze(-1), QS0),
                                      c.unsqueeze(-1), QZ0))
-    return _finish(outputs, q, u), S, Z
+    return (_finish(outputs, q, u) if output else None), S, Z
 
 
-def delta_rule_chunked(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
+def delta_rule_chunked(q, k, u, alpha, eta, initial_state=None, chunk_size=64, output=True):
     """S_t = S_{t-1} (alpha_t I - eta_t k_t k_t^T) + u_t k_t^T ; o_t = S_t q_t
     (DGD, NL Eq. 57/88), chunked with the WY/UT form. Returns (o [B,T,H,V], S_T).
 
@@ -173,12 +176,13 @@ def delta_rule_chunked(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
     are exact. The state carry is S_L = gamma_L S_0 + R^T diag(D[L,:]) K, an affine map
     of S_0 (one matmul per chunk in the sequential pass); afterwards R and the readout
     O = diag(gamma) Q S_0^T + (D ∘ Q K^T) R are computed for all chunks at once.
+    output=False: the state alone (o is None), without R and the readout's matmuls.
     """
     groups, (S,) = _prepare(q, k, u, (alpha, eta), (initial_state,), chunk_size)
     outputs = []
     for Q, Kc, U, alpha_c, eta_c in groups:                         # [B,H,N,L,...]
         P = _segment_products(alpha_c)                              # [B,H,N,L+1,L+1]
-        L = Q.shape[3]
+        L = Kc.shape[3]
         gamma, gamma_prev = P[..., 1:, 0], P[..., :-1, 0]           # gamma_t, gamma_{t-1}
         D, D_prev = P[..., 1:, 1:], P[..., :-1, 1:]                 # D[t,i], D[t-1,i]
         # D_prev is zero on and above the diagonal, so this is already strictly lower.
@@ -204,10 +208,12 @@ def delta_rule_chunked(q, k, u, alpha, eta, initial_state=None, chunk_size=64):
         for n in range(N):
             S_starts.append(S)
             S = torch.baddbmm(write[n], S, transition[n])          # write + S @ transition
-        S0 = _stack_starts(S_starts).view(B, H, N, V, K)
         S = S.view(B, H, V, K)
+        if not output:
+            continue
+        S0 = _stack_starts(S_starts).view(B, H, N, V, K)
         R = U_prime - W @ S0.transpose(-1, -2)                      # [B,H,N,L,V]
         readout = (Q @ Kc.transpose(-1, -2)) * D
         outputs.append(torch.addcmul(readout @ R, gamma.unsqueeze(-1),
                                      Q @ S0.transpose(-1, -2)))
-    return _finish(outputs, q, u), S
+    return (_finish(outputs, q, u) if output else None), S

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 from helpers import apply_memory, oracle_write
 from memory import NeuralMemory, chunk_pieces
 
@@ -515,3 +516,31 @@ def test_bf16_autocast_leaves_the_fast_weight_math_in_float32(rule):
     assert all(t.dtype == torch.float32 for t in results[1][1:3])
     for plain, autocast in zip(*results, strict=True):
         assert torch.equal(plain, autocast)
+
+
+@pytest.mark.parametrize("rule", ["dgd", "gd", "momentum"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_scan_without_readout_gives_the_same_state_and_gradients(rule, depth):
+    """scan(readout=False), HOPE stage 1's call (its projection memories keep only their
+    states): y is None, the scans skip their readouts (kernels' output=False), and the state
+    and its gradients are those of the full scan, bit for bit, with self-generated targets,
+    across chunk pieces. Kills a write-only path that changes the state, or one that still
+    reads out."""
+    mem = make_memory(rule, depth, 4)
+    x = make_inputs(11, rule)
+    args = [x[n] for n in ("q", "k", "v", "lr", "alpha", "beta")]
+    results = []
+    for readout in (True, False):
+        out = mem.scan(*args, self_target=True, readout=readout)
+        assert (out.y is None) == (not readout)
+        final = out.state["weights"] + (out.state["momenta"] or [])
+        grads = torch.autograd.grad(sum(w.sum() for w in final), [x["k"], x["v"], x["lr"], *mem.init_weights])
+        results.append(final + list(grads))
+    for full, write_only in zip(*results, strict=True):
+        assert torch.equal(full, write_only)
+    for backend in ("torch", "reference"):
+        scan = kernels.momentum_rule if rule == "momentum" else kernels.delta_rule
+        gates = (x["alpha"], x["beta"]) if rule == "momentum" else (x["alpha"], x["lr"])
+        whole = scan(x["q"], x["k"], x["v"], *gates, chunk_size=4, backend=backend)
+        alone = scan(x["q"], x["k"], x["v"], *gates, chunk_size=4, backend=backend, output=False)
+        assert alone[0] is None and all(torch.equal(a, b) for a, b in zip(whole[1:], alone[1:], strict=True))
