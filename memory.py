@@ -303,7 +303,7 @@ class NeuralMemory(nn.Module):
                 new_weights.append(W)
                 if layer + 1 < len(inputs) and readout:
                     query = self.act(out)                  # W_out reads s(W_in,t q_t)
-            y = None if not readout else out + q if self.depth == 2 else out
+            y = (out + q if self.depth == 2 else out) if readout else None
         new_pos = pos + L
         chunk_start = state["chunk_start"]
         if new_pos % C == 0:                     # the chunk is complete: new W_B

@@ -477,17 +477,18 @@ class LanguageModel(nn.Module):
                    if hasattr(part, "memory_flops_per_token"))
 
 
-def _first_in_state(state, fact):
-    """fact(tensor) of the first tensor of a model state (nested dicts and lists) for which it
-    is not None; None without a state or such a tensor."""
+def state_tensors(state) -> list:
+    """Every tensor of a model state (nested dicts, lists and tuples), in a fixed order."""
     if isinstance(state, torch.Tensor):
-        return fact(state)
-    for value in (state.values() if isinstance(state, dict) else
-                  state if isinstance(state, (list, tuple)) else ()):
-        found = _first_in_state(value, fact)
-        if found is not None:
-            return found
-    return None
+        return [state]
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else ()
+    return [t for value in values for t in state_tensors(value)]
+
+
+def _first_in_state(state, fact):
+    """fact(tensor) of the first tensor of a model state for which it is not None; None
+    without a state or such a tensor."""
+    return next((found for t in state_tensors(state) if (found := fact(t)) is not None), None)
 
 
 def _batch_of(state):

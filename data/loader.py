@@ -263,9 +263,8 @@ class BatchSampler:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"data position was saved with {name}={state[key]}, this sampler has "
                                  f"{name}={getattr(self, key)}: the batch stream would differ")
-        saved = state.get("shard_lengths")              # absent in positions saved before it was recorded
-        if saved is not None and list(saved) != self.shard_lengths:
-            ours = self.shard_lengths
+        saved, ours = state.get("shard_lengths"), self.shard_lengths    # saved: absent in older positions
+        if saved is not None and list(saved) != ours:
             i = next((i for i, (a, b) in enumerate(zip(saved, ours)) if a != b), min(len(saved), len(ours)))
             then, now = (f"{lengths[i]} tokens" if i < len(lengths) else "no shard" for lengths in (saved, ours))
             raise ValueError(f"data position was saved on {self.split} shards of other lengths (shard {i}: {then} "

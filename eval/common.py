@@ -237,11 +237,8 @@ def expand_state(state, n: int):
 
 def state_bytes(state) -> int:
     """The bytes held by a state's tensors (nested dicts, lists and tuples)."""
-    import torch
-    if torch.is_tensor(state):
-        return state.numel() * state.element_size()
-    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else ()
-    return sum(state_bytes(v) for v in values)
+    from model import state_tensors
+    return sum(t.numel() * t.element_size() for t in state_tensors(state))
 
 
 def prefill(model, ids: list[int], segment_len: int, device, state=None) -> tuple:

@@ -3,6 +3,7 @@
 triton_mlp_memory.py), so every path rejects the same bad input with the same one-line
 ValueError naming it; check_tensors (dtype, device) also serves triton_hope.py and
 triton_cms.py. Imports no Triton: the CPU path uses it too."""
+import math
 import os
 
 import torch
@@ -47,6 +48,18 @@ def triton_blocker(model_cfg, device):
         return None
     return (f"model.kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, Triton's CPU "
             f"interpreter); this run is on {torch.device(device).type}: use model.kernels=auto")
+
+
+def check_constant(name: str, value, positive: bool = False, optional: bool = False):
+    """A kernel option passed as a Python number (a constant of the launch: a tensor's gradient
+    would be dropped without a word): a one-line ValueError unless it is a finite int or float,
+    > 0 where `positive`, or None where `optional`."""
+    if optional and value is None:
+        return
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (positive and value <= 0)):
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}a finite number"
+                         f"{' > 0' if positive else ''} (a constant, not a tensor); got {value!r}")
 
 
 def _shape(t):

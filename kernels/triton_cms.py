@@ -50,14 +50,12 @@ fp32 only (the state is fp32; callers cast); products as triton_delta.dot_precis
 (exact fp32 at PyTorch's default matmul precision, tf32 at "high"). D <= 128,
 hidden <= 4096, C <= 64 (C <= 32 when D > 64): a piece is one [BT, BD] tile of rows.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import check_saved_chunks, check_tensors
+from .checks import check_constant, check_saved_chunks, check_tensors
 from .triton_delta import (_contiguous, _dot, _grad_or_zeros, _load_rows, _needs_grad, _store_rows,
                            dot_precision, jit_any_length, on_input_device)
 
@@ -357,8 +355,7 @@ def _check(a, target, w_in, w_out, grad_in, grad_out, pos, chunk_size, lr, activ
                          f"C <= {max_cms_chunk(D)}; got D={D}, hidden={H}, C={chunk_size}")
     if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
         raise ValueError(f"pos must be an int >= 0; got {pos!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
-        raise ValueError(f"lr must be a finite number (a constant, not a tensor); got {lr!r}")
+    check_constant("lr", lr)
     if activation not in ACT_IDS:
         raise ValueError(f"activation must be one of {', '.join(ACT_IDS)}; got {activation!r}")
 

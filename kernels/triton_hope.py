@@ -37,14 +37,12 @@ Outputs: k, v [B,T,H,d], eta, alpha [B,T,H] (stage 2's inputs), the stacked weig
 last token and at the last chunk's start. Covered: the default projection set (k, v, eta,
 alpha), DGD or GD, the shapes `fusable_projections` takes; fp32 inputs.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import SUPPORTED_DTYPES, check_saved_chunks, check_tensors
+from .checks import SUPPORTED_DTYPES, check_constant, check_saved_chunks, check_tensors
 from .triton_cms import ACT_IDS
 from .triton_delta import (CHUNK_WARPS, _chunk_span, _contiguous, _delta_chunk_gates, _gate_grad,
                            _grad_or_zeros, _load_gate, _load_kv, _load_rows, _load_state,
@@ -452,9 +450,7 @@ def fused_hope_projections(x, w_in, w_out, eta_weight, eta_bias, alpha_weight, a
         raise ValueError(f"head dim {d}, hidden {E}, chunk_size {chunk_size!r}: not a shape the "
                          f"fused stage 1 takes (fusable_projections)")
     check_options(activation, max_grad_norm)
-    # the op takes a float: a tensor's gradient would be dropped without a word
-    if isinstance(eta_max, bool) or not isinstance(eta_max, (int, float)) or not 0 < eta_max < math.inf:
-        raise ValueError(f"eta_max must be a finite number > 0 (a constant, not a tensor); got {eta_max!r}")
+    check_constant("eta_max", eta_max, positive=True)
     every = resolve_state_every(T, chunk_size, state_every)
     k, v, eta, alpha, win_T, wout_T, win_B, wout_B, *_ = torch.ops.nested_learning.hope_projections_fwd(
         x, w_in, w_out, eta_weight, eta_bias, alpha_weight, alpha_bias, float(eta_max), chunk_size,

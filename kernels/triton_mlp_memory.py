@@ -76,7 +76,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import SUPPORTED_DTYPES, check_saved_chunks, check_scan_inputs, check_tensors
+from .checks import SUPPORTED_DTYPES, check_constant, check_saved_chunks, check_scan_inputs, check_tensors
 from .triton_cms import ACT_IDS, _act
 from .triton_delta import (CHUNK_WARPS, _chunk_output, _chunk_span, _contiguous, _decay,
                            _delta_chunk_gates, _delta_grads_tail, _delta_ut_system, _dot,
@@ -734,10 +734,7 @@ def check_options(activation, max_grad_norm):
     """One-line ValueErrors for the inner loop's options (shared with triton_hope.py)."""
     if activation not in ACT_IDS:
         raise ValueError(f"activation must be one of {', '.join(ACT_IDS)}; got {activation!r}")
-    if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
-                                      or not isinstance(max_grad_norm, (int, float))
-                                      or not 0 < max_grad_norm < math.inf):
-        raise ValueError(f"max_grad_norm must be None or a finite number > 0; got {max_grad_norm!r}")
+    check_constant("max_grad_norm", max_grad_norm, positive=True, optional=True)
 
 
 def _launch_args(q, E, chunk_size, activation, max_grad_norm):

@@ -102,17 +102,6 @@ class RiggedByteModel(torch.nn.Module):
         return logits, None, {"pos": (state or {"pos": 0})["pos"] + idx.shape[1]}
 
 
-def state_tensors(tree) -> list:
-    """Every tensor of a nested model state (dicts, lists, tuples), in a fixed order."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for key in sorted(tree, key=str) for t in state_tensors(tree[key])]
-    if isinstance(tree, (list, tuple)):
-        return [t for item in tree for t in state_tensors(item)]
-    return []
-
-
 def assert_streaming_matches(model, idx, bounds, tol: float):
     """The logits of idx[:, lo:hi] for (lo, hi) in `bounds`, with the state carried from one
     segment to the next, equal one call on the whole of idx (rtol = atol = tol)."""

@@ -12,10 +12,9 @@ import torch
 import torch.nn as nn
 
 from conftest import REPO, SHARED_DATA
-from helpers import state_tensors
 from data.tokenizer import ByteTokenizer
 from eval import continual as cl
-from model import build_model
+from model import build_model, state_tensors
 
 TINY = {"n_layer": 2, "n_head": 2, "d_model": 32, "vocab_size": 257}
 

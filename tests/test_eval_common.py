@@ -12,7 +12,7 @@ from eval.common import (bf16_autocast, check_checkpoint_out, check_long_inputs,
                          continuation_logprobs, eval_mode, exit_on_error, expand_state, first_line, fit_prompt,
                          format_accuracy, greedy_generate, is_recurrent, load_checkpoint, mean_over_scored,
                          model_device, prefill, require_data_dir, state_bytes)
-from helpers import state_tensors
+from model import state_tensors
 
 
 def test_first_line_of_an_error_or_its_type():

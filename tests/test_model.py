@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from helpers import assert_cached_generation_matches, assert_streaming_matches, state_tensors
-from model import build_model
+from helpers import assert_cached_generation_matches, assert_streaming_matches
+from model import build_model, state_tensors
 
 ARCHS = ["transformer", "hope", "hope_attention"]
 # Streaming and cached generation of the memory archs run in their own files with chunk sizes
