@@ -283,8 +283,8 @@ class _SplitWriter:
         self.bytes += n_bytes
         if self.pending_tokens >= self.shard_tokens:
             # one concatenation, then every whole shard in it: cutting a shard at a time re-copied
-            # the rest each time, quadratic in a document many shards long (20M tokens into
-            # 10K-token shards: 13 s); the rest is copied so the joined array is freed
+            # the rest each time, quadratic in a document many shards long; the rest is copied
+            # so the joined array is freed
             joined = np.concatenate(self.pending)
             whole = len(joined) - len(joined) % self.shard_tokens
             for start in range(0, whole, self.shard_tokens):

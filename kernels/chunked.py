@@ -19,9 +19,8 @@ large cumulative logs are subtracted and nothing cancels, overflows or becomes N
 (fla builds the same matrix from chunk-local cumulative log gates). A gate of exactly 0
 (or below float tiny) has log g = -inf: its segments' products are exactly 0, like the
 reference, and its gradient is 0 (the reference's is the product of the other gates).
-Clamping log g at log(tiny) instead left products of tiny * alpha, subnormal numbers that
-made the CPU path 2.5x slower forward and 4-5x backward wherever a gate is 0 (Titans
-without momentum: beta = 0).
+Clamping log g at log(tiny) instead left products of tiny * alpha, subnormal numbers, which
+CPUs compute several times slower, wherever a gate is 0 (Titans without momentum: beta = 0).
 Gates must be >= 0: the models' gates are sigmoids in (0, 1], and exactly 0 or 1 are
 fine; gates above 1 work while their products fit.
 

@@ -136,7 +136,7 @@ def _check_prepared(out_dir, meta, documents, tok, val_fraction=0.25, seed=0):
 
 def test_split_writer_cuts_a_long_document_in_one_pass(tmp_path, monkeypatch):
     """Review: a document many shards long was cut one shard at a time, each cut re-copying
-    all the rest (20M tokens into 10K-token shards took 13 s). Now one concatenation an add;
+    all the rest: quadratic in the document's length. Now one concatenation an add;
     the shards hold the same tokens, the last one the partial rest."""
     from data.prepare import _SplitWriter
     real, calls = np.concatenate, []
